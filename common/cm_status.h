@@ -1,0 +1,40 @@
+/* cm_status.h - status codes shared by every module.
+ * SPDX-License-Identifier: MIT
+ *
+ * Fallible functions return CM_OK (0) or a negative CM_E* code from the one
+ * table below; cm_strerror() names a code. CM_EAGAIN means "not yet", not a
+ * failure.
+ */
+#ifndef CM_STATUS_H
+#define CM_STATUS_H
+#include <stddef.h>
+
+#define CM_STATUS_MAP(XX)                                         \
+    XX(OK, 0, "ok")                                               \
+    XX(EINVAL, -1, "invalid argument")                            \
+    XX(ENOMEM, -2, "out of memory")                               \
+    XX(EIO, -3, "input/output error")                             \
+    XX(ECORRUPT, -4, "corrupt or truncated data")                 \
+    XX(ENOTFOUND, -5, "not found")                                \
+    XX(EAGAIN, -6, "not ready yet")                               \
+    XX(ETIMEDOUT, -7, "timed out")                                \
+    XX(EUNAVAIL, -8, "peer unavailable")                          \
+    XX(EBUSY, -9, "busy")                                         \
+    XX(ESHUTDOWN, -10, "shut down")                               \
+    XX(EUNSUPPORTED, -11, "not supported")
+
+enum {
+#define XX(name, code, text) CM_##name = (code),
+    CM_STATUS_MAP(XX)
+#undef XX
+};
+
+/* A static string naming 'status'; never NULL. */
+const char *cm_strerror(int status);
+
+/* Format a message into a caller's error buffer: the convention of
+ * functions that take (char *err, size_t errlen). err may be NULL. */
+void cm_seterr(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif /* CM_STATUS_H */
