@@ -1,0 +1,186 @@
+/* test_mlp.c - MLP gradients against finite differences; D local replicas.
+ * SPDX-License-Identifier: MIT
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/cm_model.h"
+#include "common/cm_rng.h"
+#include "common/cm_status.h"
+#include "ps/ps_optim.h"
+#include "worker/device/wk_device.h"
+#include "worker/model/wk_mlp.h"
+#include "worker/wk_replicas.h"
+
+static double norm_rel(const float *a, const float *b, size_t n) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num) / sqrt(den);
+}
+
+static void random_batch(uint64_t seed, int n, int dim, int classes, float *x, int32_t *y) {
+    cm_rng r;
+    cm_rng_init(&r, seed);
+    for (int i = 0; i < n * dim; i++) x[i] = cm_rng_uniform(&r);
+    for (int i = 0; i < n; i++) y[i] = (int32_t)cm_rng_below(&r, (uint64_t)classes);
+}
+
+static double mean_loss(wk_mlp *net, const float *p, const float *x, const int32_t *y, int n) {
+    double loss = 0.0;
+    assert_int_equal(wk_mlp_evaluate(net, p, x, y, n, &loss, NULL), CM_OK);
+    return loss / n;
+}
+
+/* Central differences in double over every parameter of a small MLP. */
+static void test_gradient_matches_finite_differences(void **state) {
+    (void)state;
+    int sizes[] = {9, 7, 6, 4};
+    const int n = 5;
+    cm_model *m;
+    assert_int_equal(cm_model_create_mlp(sizes, 4, &m), CM_OK);
+    wk_device *dev = wk_device_cpu_create(0);
+    wk_mlp *net;
+    assert_int_equal(wk_mlp_create(m, dev, n, &net), CM_OK);
+    float *p = malloc(m->numel * sizeof(float)), *g = malloc(m->numel * sizeof(float));
+    float *fd = malloc(m->numel * sizeof(float));
+    cm_model_init(m, 7, p);
+    /* Non-zero biases so every ReLU path is exercised away from its kink. */
+    cm_rng r;
+    cm_rng_init(&r, 5);
+    for (size_t i = 0; i < m->numel; i++) p[i] += 0.1f * (cm_rng_uniform(&r) - 0.5f);
+    float x[5 * 9];
+    int32_t y[5];
+    random_batch(11, n, 9, 4, x, y);
+    double loss = 0.0;
+    int64_t correct = 0;
+    assert_int_equal(wk_mlp_gradient(net, p, x, y, n, g, &loss, &correct), CM_OK);
+    assert_true(fabs(loss / n - mean_loss(net, p, x, y, n)) < 1e-6);
+    assert_true(correct >= 0 && correct <= n);
+    const float eps = 1e-2f;
+    for (size_t i = 0; i < m->numel; i++) {
+        float keep = p[i];
+        p[i] = keep + eps;
+        double up = mean_loss(net, p, x, y, n);
+        p[i] = keep - eps;
+        double down = mean_loss(net, p, x, y, n);
+        p[i] = keep;
+        fd[i] = (float)((up - down) / (2.0 * eps));
+    }
+    double err = norm_rel(g, fd, m->numel);
+    print_message("gradient vs finite differences: normwise relative error %.2e\n", err);
+    assert_true(err < 1e-3);
+    /* The check can fail: a gradient missing one layer's bias is caught. */
+    memset(g + m->vars[3].offset, 0, m->vars[3].numel * sizeof(float));
+    assert_true(norm_rel(g, fd, m->numel) > 1e-3);
+    free(p);
+    free(g);
+    free(fd);
+    wk_mlp_destroy(net);
+    wk_device_destroy(dev);
+    cm_model_destroy(m);
+}
+
+/* One optimizer step of a batch of 10 on D = 1 and on D = 3 replicas (slices
+ * of 4, 3 and 3) gives the same update. */
+static void test_three_replicas_equal_one(void **state) {
+    (void)state;
+    int sizes[] = {20, 16, 12, 5};
+    const int n = 10;
+    cm_model *m;
+    assert_int_equal(cm_model_create_mlp(sizes, 4, &m), CM_OK);
+    float x[10 * 20];
+    int32_t y[10];
+    random_batch(3, n, 20, 5, x, y);
+    float *p0 = malloc(m->numel * sizeof(float));
+    cm_model_init(m, 9, p0);
+    float *delta[2];
+    for (int run = 0; run < 2; run++) {
+        int D = run == 0 ? 1 : 3;
+        wk_device *devs[3];
+        for (int d = 0; d < D; d++) devs[d] = wk_device_cpu_create(d);
+        wk_replicas *rs;
+        assert_int_equal(wk_replicas_create(m, devs, D, n, &rs), CM_OK);
+        assert_int_equal(wk_replicas_count(rs), D);
+        float *p = malloc(m->numel * sizeof(float)), *g = malloc(m->numel * sizeof(float));
+        float *slots = calloc(2 * m->numel, sizeof(float));
+        memcpy(p, p0, m->numel * sizeof(float));
+        assert_int_equal(wk_replicas_set_params(rs, p), CM_OK);
+        double loss = 0.0;
+        wk_phase_times t;
+        assert_int_equal(wk_replicas_gradient(rs, x, y, n, g, &loss, NULL, &t), CM_OK);
+        assert_true(loss > 0.0);
+        ps_optim_cfg c = ps_optim_defaults(PS_OPTIM_SGD, 0.1f);
+        ps_optim_apply(&c, 1, p, g, slots, m->numel);
+        delta[run] = malloc(m->numel * sizeof(float));
+        for (size_t i = 0; i < m->numel; i++) delta[run][i] = p[i] - p0[i];
+        free(p);
+        free(g);
+        free(slots);
+        wk_replicas_destroy(rs);
+        for (int d = 0; d < D; d++) wk_device_destroy(devs[d]);
+    }
+    double err = norm_rel(delta[1], delta[0], m->numel);
+    print_message("D=3 vs D=1 update: normwise relative difference %.2e\n", err);
+    assert_true(err <= 1e-5);
+
+    /* Negative control: averaging the three slice gradients without weighting
+     * by example count is a different update, and the bound catches it. */
+    wk_device *dev = wk_device_cpu_create(0);
+    wk_mlp *net;
+    assert_int_equal(wk_mlp_create(m, dev, n, &net), CM_OK);
+    float *g = malloc(m->numel * sizeof(float)), *sum = calloc(m->numel, sizeof(float));
+    int lo[] = {0, 4, 7}, hi[] = {4, 7, 10};
+    for (int d = 0; d < 3; d++) {
+        assert_int_equal(wk_mlp_gradient(net, p0, x + lo[d] * 20, y + lo[d], hi[d] - lo[d], g,
+                                         NULL, NULL),
+                         CM_OK);
+        for (size_t i = 0; i < m->numel; i++) sum[i] += -0.1f * g[i] / 3.0f;
+    }
+    assert_true(norm_rel(sum, delta[0], m->numel) > 1e-5);
+    free(g);
+    free(sum);
+    wk_mlp_destroy(net);
+    wk_device_destroy(dev);
+    free(delta[0]);
+    free(delta[1]);
+    free(p0);
+    cm_model_destroy(m);
+}
+
+static void test_bad_batch_sizes(void **state) {
+    (void)state;
+    int sizes[] = {4, 3, 2};
+    cm_model *m;
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &m), CM_OK);
+    wk_device *dev = wk_device_cpu_create(0);
+    wk_mlp *net = (wk_mlp *)1;
+    assert_int_equal(wk_mlp_create(m, dev, 0, &net), CM_EINVAL);
+    assert_null(net);
+    assert_int_equal(wk_mlp_create(m, dev, 2, &net), CM_OK);
+    float p[4 * 3 + 3 + 3 * 2 + 2] = {0}, g[sizeof p / sizeof p[0]], x[12] = {0};
+    int32_t y[3] = {0, 1, 0};
+    assert_int_equal(wk_mlp_gradient(net, p, x, y, 0, g, NULL, NULL), CM_EINVAL);
+    assert_int_equal(wk_mlp_gradient(net, p, x, y, 3, g, NULL, NULL), CM_EINVAL);
+    wk_mlp_destroy(net);
+    wk_device_destroy(dev);
+    cm_model_destroy(m);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_gradient_matches_finite_differences),
+        cmocka_unit_test(test_three_replicas_equal_one),
+        cmocka_unit_test(test_bad_batch_sizes),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,82 @@
+/* wk_device.h - the compute interface every model is written against.
+ * SPDX-License-Identifier: MIT
+ *
+ * A device owns memory and runs the few operations the models need: GEMM,
+ * bias add, ReLU, softmax cross-entropy, column sums and a weighted sum. The
+ * CPU backend (wk_device_cpu.c, OpenBLAS) is always built; a CUDA backend
+ * plugs in behind the same table. Matrices are row-major float32.
+ *
+ * Conventions:
+ *  - Pointers passed to the ops are device pointers from wk_device_alloc()
+ *    unless the op says "host". On a device with host_visible set (the CPU),
+ *    device pointers are ordinary host pointers and host memory may be
+ *    passed wherever device memory is expected.
+ *  - Ops are asynchronous on devices that can be; wk_device_sync() waits for
+ *    them and returns the first error (CM_OK or a negative CM_E*).
+ *  - A device is used by one thread at a time.
+ */
+#ifndef WK_DEVICE_H
+#define WK_DEVICE_H
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct wk_device wk_device;
+
+typedef struct wk_device_ops {
+    const char *name;
+    void *(*alloc)(wk_device *d, size_t bytes);
+    void (*free)(wk_device *d, void *p);
+    void (*upload)(wk_device *d, void *dst, const void *host_src, size_t bytes);
+    void (*download)(wk_device *d, void *host_dst, const void *src, size_t bytes);
+    /* C = alpha * op(A) * op(B) + beta * C, op(X) = X or X^T; C is m x n,
+     * op(A) m x k, op(B) k x n; lda/ldb/ldc are row strides. */
+    void (*gemm)(wk_device *d, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                 const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
+    /* x[r][c] += bias[c] for an rows x cols matrix. */
+    void (*bias_add)(wk_device *d, int rows, int cols, float *x, const float *bias);
+    /* y = max(x, 0) (in place allowed). */
+    void (*relu)(wk_device *d, size_t n, const float *x, float *y);
+    /* dx = dy where y > 0, else 0 (in place on dy allowed). */
+    void (*relu_backward)(wk_device *d, size_t n, const float *y, const float *dy, float *dx);
+    /* Softmax cross-entropy of rows x classes logits against labels. Writes
+     * dlogits = (softmax - onehot) * scale (dlogits may alias logits) and
+     * adds to the host doubles *loss_sum the summed loss over rows and to
+     * *correct the number of rows whose argmax is the label. Either host
+     * pointer may be NULL. Labels out of range are a caller bug. */
+    void (*softmax_xent)(wk_device *d, int rows, int classes, float *logits,
+                         const int32_t *labels, float scale, float *dlogits, double *loss_sum,
+                         int64_t *correct);
+    /* out[c] = sum over r of x[r][c]. */
+    void (*col_sum)(wk_device *d, int rows, int cols, const float *x, float *out);
+    /* y = alpha * x + beta * y over n floats. */
+    void (*axpby)(wk_device *d, size_t n, float alpha, const float *x, float beta, float *y);
+    int (*sync)(wk_device *d);
+    void (*destroy)(wk_device *d);
+} wk_device_ops;
+
+struct wk_device {
+    const wk_device_ops *ops; /* read-only */
+    int host_visible;         /* read-only: device pointers are host pointers */
+    int index;                /* read-only: device ordinal within its kind */
+    void *impl;               /* private to the backend */
+};
+
+/* Create the CPU device. Never fails (aborts on OOM). Release with
+ * wk_device_destroy(). */
+wk_device *wk_device_cpu_create(int index);
+
+/* BLAS threads for every CPU device of this process (OpenBLAS's pool is
+ * process-wide). n < 1 means 1. */
+void wk_device_cpu_set_threads(int n);
+int wk_device_cpu_threads(void);
+
+static inline void wk_device_destroy(wk_device *d) {
+    if (d) d->ops->destroy(d);
+}
+static inline void *wk_device_alloc(wk_device *d, size_t bytes) { return d->ops->alloc(d, bytes); }
+static inline void wk_device_free(wk_device *d, void *p) {
+    if (p) d->ops->free(d, p);
+}
+static inline int wk_device_sync(wk_device *d) { return d->ops->sync(d); }
+
+#endif /* WK_DEVICE_H */

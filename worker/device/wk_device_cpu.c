@@ -1,0 +1,143 @@
+/* wk_device_cpu.c - the CPU backend of wk_device: OpenBLAS plus plain loops.
+ * SPDX-License-Identifier: MIT
+ *
+ * Memory is ordinary 64-byte aligned host memory, so host_visible is set and
+ * upload/download are memcpy. Loops are written for gcc to vectorise.
+ */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/cm_mem.h"
+#include "common/cm_status.h"
+#include "worker/device/wk_device.h"
+
+static void *cpu_alloc(wk_device *d, size_t bytes) {
+    (void)d;
+    return cm_alloc_aligned(bytes);
+}
+
+static void cpu_free(wk_device *d, void *p) {
+    (void)d;
+    free(p);
+}
+
+static void cpu_copy(wk_device *d, void *dst, const void *src, size_t bytes) {
+    (void)d;
+    if (dst != src && bytes) memcpy(dst, src, bytes);
+}
+
+static void cpu_gemm(wk_device *d, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                     const float *a, int lda, const float *b, int ldb, float beta, float *c,
+                     int ldc) {
+    (void)d;
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c,
+                ldc);
+}
+
+static void cpu_bias_add(wk_device *d, int rows, int cols, float *x, const float *bias) {
+    (void)d;
+    for (int r = 0; r < rows; r++) {
+        float *restrict row = x + (size_t)r * (size_t)cols;
+        for (int c = 0; c < cols; c++) row[c] += bias[c];
+    }
+}
+
+static void cpu_relu(wk_device *d, size_t n, const float *x, float *y) {
+    (void)d;
+    for (size_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+
+static void cpu_relu_backward(wk_device *d, size_t n, const float *y, const float *dy,
+                              float *dx) {
+    (void)d;
+    for (size_t i = 0; i < n; i++) dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+}
+
+static void cpu_softmax_xent(wk_device *d, int rows, int classes, float *logits,
+                             const int32_t *labels, float scale, float *dlogits,
+                             double *loss_sum, int64_t *correct) {
+    (void)d;
+    double loss = 0.0;
+    int64_t right = 0;
+    for (int r = 0; r < rows; r++) {
+        const float *z = logits + (size_t)r * (size_t)classes;
+        float *dz = dlogits + (size_t)r * (size_t)classes;
+        int label = labels[r];
+        int best = 0;
+        float mx = z[0];
+        for (int c = 1; c < classes; c++)
+            if (z[c] > mx) {
+                mx = z[c];
+                best = c;
+            }
+        double sum = 0.0;
+        for (int c = 0; c < classes; c++) sum += exp((double)(z[c] - mx));
+        double log_sum = log(sum);
+        loss += log_sum - (double)(z[label] - mx);
+        right += best == label;
+        for (int c = 0; c < classes; c++) {
+            double p = exp((double)(z[c] - mx) - log_sum);
+            dz[c] = (float)(p - (c == label ? 1.0 : 0.0)) * scale;
+        }
+    }
+    if (loss_sum) *loss_sum += loss;
+    if (correct) *correct += right;
+}
+
+static void cpu_col_sum(wk_device *d, int rows, int cols, const float *x, float *out) {
+    (void)d;
+    memset(out, 0, (size_t)cols * sizeof *out);
+    for (int r = 0; r < rows; r++) {
+        const float *restrict row = x + (size_t)r * (size_t)cols;
+        for (int c = 0; c < cols; c++) out[c] += row[c];
+    }
+}
+
+static void cpu_axpby(wk_device *d, size_t n, float alpha, const float *x, float beta,
+                      float *y) {
+    (void)d;
+    if (beta == 0.0f) {
+        for (size_t i = 0; i < n; i++) y[i] = alpha * x[i];
+    } else {
+        for (size_t i = 0; i < n; i++) y[i] = alpha * x[i] + beta * y[i];
+    }
+}
+
+static int cpu_sync(wk_device *d) {
+    (void)d;
+    return CM_OK;
+}
+
+static void cpu_destroy(wk_device *d) { free(d); }
+
+static const wk_device_ops cpu_ops = {
+    .name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .gemm = cpu_gemm,
+    .bias_add = cpu_bias_add,
+    .relu = cpu_relu,
+    .relu_backward = cpu_relu_backward,
+    .softmax_xent = cpu_softmax_xent,
+    .col_sum = cpu_col_sum,
+    .axpby = cpu_axpby,
+    .sync = cpu_sync,
+    .destroy = cpu_destroy,
+};
+
+wk_device *wk_device_cpu_create(int index) {
+    wk_device *d = cm_calloc(1, sizeof *d);
+    d->ops = &cpu_ops;
+    d->host_visible = 1;
+    d->index = index;
+    return d;
+}
+
+void wk_device_cpu_set_threads(int n) { openblas_set_num_threads(n < 1 ? 1 : n); }
+
+int wk_device_cpu_threads(void) { return openblas_get_num_threads(); }

@@ -1,0 +1,128 @@
+/* wk_mlp.c - forward and backward of an MLP against the wk_device interface.
+ * SPDX-License-Identifier: MIT
+ *
+ * Layer i (0-based, L layers): z_i = a_i W_i + b_i, a_{i+1} = relu(z_i) for
+ * i < L-1; z_{L-1} are the logits. Backward, with dz_{L-1} from the softmax:
+ *   dW_i = a_i^T dz_i,  db_i = colsum(dz_i),  dz_{i-1} = relu'(a_i) * (dz_i W_i^T).
+ * The first layer's input gradient is never computed.
+ */
+#include "worker/model/wk_mlp.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/cm_mem.h"
+#include "common/cm_status.h"
+
+struct wk_mlp {
+    const cm_model *model;
+    wk_device *dev;
+    int max_batch;
+    int nlayers;
+    float *act[CM_MLP_MAX_SIZES]; /* act[i], i >= 1: output of layer i-1. */
+    float *delta[2];              /* Ping-pong buffers for dz. */
+};
+
+int wk_mlp_create(const cm_model *model, wk_device *dev, int max_batch, wk_mlp **out) {
+    *out = NULL;
+    if (strcmp(model->kind, "mlp") != 0 || max_batch < 1 || model->nsizes < 2)
+        return CM_EINVAL;
+    wk_mlp *net = cm_calloc(1, sizeof *net);
+    net->model = model;
+    net->dev = dev;
+    net->max_batch = max_batch;
+    net->nlayers = model->nsizes - 1;
+    int widest = 0;
+    for (int i = 1; i < model->nsizes; i++) {
+        if (model->sizes[i] > widest) widest = model->sizes[i];
+        net->act[i] = wk_device_alloc(dev, (size_t)max_batch * (size_t)model->sizes[i] *
+                                               sizeof(float));
+        if (!net->act[i]) goto fail;
+    }
+    for (int k = 0; k < 2; k++) {
+        net->delta[k] = wk_device_alloc(dev, (size_t)max_batch * (size_t)widest * sizeof(float));
+        if (!net->delta[k]) goto fail;
+    }
+    *out = net;
+    return CM_OK;
+fail:
+    wk_mlp_destroy(net);
+    return CM_ENOMEM;
+}
+
+void wk_mlp_destroy(wk_mlp *net) {
+    if (!net) return;
+    for (int i = 1; i < CM_MLP_MAX_SIZES; i++) wk_device_free(net->dev, net->act[i]);
+    for (int k = 0; k < 2; k++) wk_device_free(net->dev, net->delta[k]);
+    free(net);
+}
+
+/* Layer i's kernel and bias inside the flat vector. */
+static const float *kernel_of(const wk_mlp *net, const float *params, int i) {
+    return params + net->model->vars[2 * i].offset;
+}
+static const float *bias_of(const wk_mlp *net, const float *params, int i) {
+    return params + net->model->vars[2 * i + 1].offset;
+}
+
+/* Forward to the logits (left in act[nlayers]). */
+static void forward(wk_mlp *net, const float *params, const float *x, int n) {
+    const wk_device_ops *o = net->dev->ops;
+    const int *s = net->model->sizes;
+    const float *in = x;
+    for (int i = 0; i < net->nlayers; i++) {
+        float *z = net->act[i + 1];
+        o->gemm(net->dev, 0, 0, n, s[i + 1], s[i], 1.0f, in, s[i], kernel_of(net, params, i),
+                s[i + 1], 0.0f, z, s[i + 1]);
+        o->bias_add(net->dev, n, s[i + 1], z, bias_of(net, params, i));
+        if (i + 1 < net->nlayers) o->relu(net->dev, (size_t)n * (size_t)s[i + 1], z, z);
+        in = z;
+    }
+}
+
+int wk_mlp_gradient(wk_mlp *net, const float *params, const float *x, const int32_t *y, int n,
+                    float *grad, double *loss_sum, int64_t *correct) {
+    if (n < 1 || n > net->max_batch) return CM_EINVAL;
+    const wk_device_ops *o = net->dev->ops;
+    const int *s = net->model->sizes;
+    const int L = net->nlayers;
+    forward(net, params, x, n);
+    float *dz = net->delta[0];
+    o->softmax_xent(net->dev, n, s[L], net->act[L], y, 1.0f / (float)n, dz, loss_sum, correct);
+    for (int i = L - 1; i >= 0; i--) {
+        const float *a_in = i == 0 ? x : net->act[i];
+        float *dw = grad + net->model->vars[2 * i].offset;
+        float *db = grad + net->model->vars[2 * i + 1].offset;
+        /* dW = a_in^T dz: [s_i, n] x [n, s_{i+1}]. */
+        o->gemm(net->dev, 1, 0, s[i], s[i + 1], n, 1.0f, a_in, s[i], dz, s[i + 1], 0.0f, dw,
+                s[i + 1]);
+        o->col_sum(net->dev, n, s[i + 1], dz, db);
+        if (i == 0) break;
+        /* da = dz W^T: [n, s_{i+1}] x [s_{i+1}, s_i], then through the ReLU. */
+        float *da = net->delta[(L - i) & 1];
+        o->gemm(net->dev, 0, 1, n, s[i], s[i + 1], 1.0f, dz, s[i + 1],
+                kernel_of(net, params, i), s[i + 1], 0.0f, da, s[i]);
+        o->relu_backward(net->dev, (size_t)n * (size_t)s[i], net->act[i], da, da);
+        dz = da;
+    }
+    return wk_device_sync(net->dev);
+}
+
+int wk_mlp_evaluate(wk_mlp *net, const float *params, const float *x, const int32_t *y, int n,
+                    double *loss_sum, int64_t *correct) {
+    if (n < 1 || n > net->max_batch) return CM_EINVAL;
+    const int L = net->nlayers;
+    forward(net, params, x, n);
+    net->dev->ops->softmax_xent(net->dev, n, net->model->sizes[L], net->act[L], y, 0.0f,
+                                net->delta[0], loss_sum, correct);
+    return wk_device_sync(net->dev);
+}
+
+double wk_mlp_gemm_flops(const cm_model *model, int n) {
+    double f = 0.0;
+    for (int i = 0; i + 1 < model->nsizes; i++) {
+        double layer = 2.0 * n * model->sizes[i] * model->sizes[i + 1];
+        f += layer * (i == 0 ? 2.0 : 3.0); /* forward, dW, and dX except layer 0 */
+    }
+    return f;
+}

@@ -1,0 +1,301 @@
+/* wk_replicas.c - local replicas, their threads, and the local reduce.
+ * SPDX-License-Identifier: MIT
+ *
+ * Threads: replica 0 runs on the caller's thread; replicas 1..D-1 each have a
+ * helper thread that sleeps on 'cv' until 'generation' moves, runs its slice,
+ * and counts itself in 'done'. The caller waits for done == D - 1.
+ */
+#include "worker/wk_replicas.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/cm_mem.h"
+#include "common/cm_status.h"
+#include "common/cm_time.h"
+#include "worker/input/wk_order.h"
+#include "worker/model/wk_mlp.h"
+
+typedef struct replica {
+    struct wk_replicas *set;
+    int index;
+    wk_device *dev;
+    wk_mlp *net;
+    const float *params; /* Device copy, or the host params on host-visible. */
+    float *params_copy;  /* Owned device copy (NULL on host-visible). */
+    float *grad;         /* Device gradient of this slice. */
+    float *out;          /* Where this job writes its gradient: grad, or the
+                          * caller's buffer when one host replica needs no
+                          * reduce. */
+    float *x_dev;        /* Device input staging (NULL on host-visible). */
+    int32_t *y_dev;
+    /* Inputs and outputs of the current job. */
+    const float *x;
+    const int32_t *y;
+    int n;
+    double loss;
+    int64_t correct;
+    double seconds;
+    int status;
+    pthread_t thread;
+} replica;
+
+struct wk_replicas {
+    const cm_model *model;
+    int ndevs;
+    int max_batch;
+    replica *reps;
+    float *host_scratch; /* Download buffer for non-host-visible devices. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;      /* Signals a new generation or shutdown. */
+    pthread_cond_t done_cv; /* Signals 'done' moved. */
+    /* Protected by mu. */
+    uint64_t generation;
+    int done;
+    int stopping;
+    int threads_started;
+};
+
+static void run_slice(replica *r) {
+    double t0 = cm_now();
+    r->loss = 0.0;
+    r->correct = 0;
+    r->status = CM_OK;
+    if (r->n > 0) {
+        const float *x = r->x;
+        const int32_t *y = r->y;
+        if (!r->dev->host_visible) {
+            size_t dim = (size_t)r->set->model->sizes[0];
+            r->dev->ops->upload(r->dev, r->x_dev, x, (size_t)r->n * dim * sizeof(float));
+            r->dev->ops->upload(r->dev, r->y_dev, y, (size_t)r->n * sizeof(int32_t));
+            x = r->x_dev;
+            y = r->y_dev;
+        }
+        r->status = wk_mlp_gradient(r->net, r->params, x, y, r->n, r->out, &r->loss,
+                                    &r->correct);
+    }
+    r->seconds = cm_now() - t0;
+}
+
+static void *replica_main(void *arg) {
+    replica *r = arg;
+    wk_replicas *rs = r->set;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&rs->mu);
+    for (;;) {
+        while (!rs->stopping && rs->generation == seen) pthread_cond_wait(&rs->cv, &rs->mu);
+        if (rs->stopping) break;
+        seen = rs->generation;
+        pthread_mutex_unlock(&rs->mu);
+        run_slice(r);
+        pthread_mutex_lock(&rs->mu);
+        rs->done++;
+        pthread_cond_signal(&rs->done_cv);
+    }
+    pthread_mutex_unlock(&rs->mu);
+    return NULL;
+}
+
+int wk_replicas_create(const cm_model *model, wk_device **devs, int ndevs, int max_batch,
+                       wk_replicas **out) {
+    *out = NULL;
+    if (ndevs < 1 || max_batch < 1) return CM_EINVAL;
+    wk_replicas *rs = cm_calloc(1, sizeof *rs);
+    int status = CM_ENOMEM;
+    rs->model = model;
+    rs->ndevs = ndevs;
+    rs->max_batch = max_batch;
+    rs->reps = cm_calloc((size_t)ndevs, sizeof *rs->reps);
+    pthread_mutex_init(&rs->mu, NULL);
+    pthread_cond_init(&rs->cv, NULL);
+    pthread_cond_init(&rs->done_cv, NULL);
+    size_t pbytes = model->numel * sizeof(float);
+    int slice_max = (max_batch + ndevs - 1) / ndevs;
+    for (int d = 0; d < ndevs; d++) {
+        replica *r = &rs->reps[d];
+        r->set = rs;
+        r->index = d;
+        r->dev = devs[d];
+        if ((status = wk_mlp_create(model, r->dev, slice_max, &r->net)) != CM_OK) goto fail;
+        status = CM_ENOMEM;
+        if (!(r->grad = wk_device_alloc(r->dev, pbytes))) goto fail;
+        if (!r->dev->host_visible) {
+            if (!(r->params_copy = wk_device_alloc(r->dev, pbytes))) goto fail;
+            r->params = r->params_copy;
+            r->x_dev = wk_device_alloc(r->dev, (size_t)slice_max * (size_t)model->sizes[0] *
+                                                   sizeof(float));
+            r->y_dev = wk_device_alloc(r->dev, (size_t)slice_max * sizeof(int32_t));
+            if (!r->x_dev || !r->y_dev) goto fail;
+            if (!rs->host_scratch && !(rs->host_scratch = cm_alloc_aligned(pbytes))) goto fail;
+        }
+    }
+    for (int d = 1; d < ndevs; d++) {
+        if (pthread_create(&rs->reps[d].thread, NULL, replica_main, &rs->reps[d]) != 0) {
+            status = CM_ENOMEM;
+            goto fail;
+        }
+        rs->threads_started = d;
+    }
+    *out = rs;
+    return CM_OK;
+fail:
+    wk_replicas_destroy(rs);
+    return status;
+}
+
+void wk_replicas_destroy(wk_replicas *rs) {
+    if (!rs) return;
+    pthread_mutex_lock(&rs->mu);
+    rs->stopping = 1;
+    pthread_cond_broadcast(&rs->cv);
+    pthread_mutex_unlock(&rs->mu);
+    for (int d = 1; d <= rs->threads_started; d++) pthread_join(rs->reps[d].thread, NULL);
+    for (int d = 0; d < rs->ndevs; d++) {
+        replica *r = &rs->reps[d];
+        if (!r->dev) continue;
+        wk_mlp_destroy(r->net);
+        wk_device_free(r->dev, r->grad);
+        wk_device_free(r->dev, r->params_copy);
+        wk_device_free(r->dev, r->x_dev);
+        wk_device_free(r->dev, r->y_dev);
+    }
+    free(rs->host_scratch);
+    pthread_cond_destroy(&rs->done_cv);
+    pthread_cond_destroy(&rs->cv);
+    pthread_mutex_destroy(&rs->mu);
+    free(rs->reps);
+    free(rs);
+}
+
+int wk_replicas_count(const wk_replicas *rs) { return rs->ndevs; }
+
+int wk_replicas_set_params(wk_replicas *rs, const float *params) {
+    size_t pbytes = rs->model->numel * sizeof(float);
+    for (int d = 0; d < rs->ndevs; d++) {
+        replica *r = &rs->reps[d];
+        if (r->dev->host_visible) {
+            r->params = params;
+        } else {
+            r->dev->ops->upload(r->dev, r->params_copy, params, pbytes);
+            int status = wk_device_sync(r->dev);
+            if (status != CM_OK) return status;
+        }
+    }
+    return CM_OK;
+}
+
+/* grad = sum_d (n_d / n) g_d, on the host. */
+static int local_reduce(wk_replicas *rs, int n, float *grad) {
+    size_t numel = rs->model->numel;
+    int first = 1;
+    for (int d = 0; d < rs->ndevs; d++) {
+        replica *r = &rs->reps[d];
+        if (r->n == 0) continue;
+        float w = (float)r->n / (float)n;
+        const float *g = r->grad;
+        if (!r->dev->host_visible) {
+            r->dev->ops->download(r->dev, rs->host_scratch, r->grad, numel * sizeof(float));
+            int status = wk_device_sync(r->dev);
+            if (status != CM_OK) return status;
+            g = rs->host_scratch;
+        }
+        float *restrict out = grad;
+        const float *restrict in = g;
+        if (first) {
+            if (w == 1.0f)
+                memcpy(out, in, numel * sizeof(float));
+            else
+                for (size_t i = 0; i < numel; i++) out[i] = w * in[i];
+            first = 0;
+        } else {
+            for (size_t i = 0; i < numel; i++) out[i] += w * in[i];
+        }
+    }
+    return CM_OK;
+}
+
+int wk_replicas_gradient(wk_replicas *rs, const float *x, const int32_t *y, int n, float *grad,
+                         double *loss_sum, int64_t *correct, wk_phase_times *times) {
+    if (n < 1 || n > rs->max_batch) return CM_EINVAL;
+    size_t dim = (size_t)rs->model->sizes[0];
+    for (int d = 0; d < rs->ndevs; d++) {
+        size_t lo, hi;
+        wk_order_slice((size_t)n, d, rs->ndevs, &lo, &hi);
+        replica *r = &rs->reps[d];
+        r->x = x + lo * dim;
+        r->y = y + lo;
+        r->n = (int)(hi - lo);
+        r->out = r->grad;
+    }
+    /* One host replica: no reduce, the gradient goes straight to the caller. */
+    int direct = rs->ndevs == 1 && rs->reps[0].dev->host_visible;
+    if (direct) rs->reps[0].out = grad;
+    double t0 = cm_now();
+    if (rs->ndevs > 1) {
+        pthread_mutex_lock(&rs->mu);
+        rs->done = 0;
+        rs->generation++;
+        pthread_cond_broadcast(&rs->cv);
+        pthread_mutex_unlock(&rs->mu);
+    }
+    run_slice(&rs->reps[0]);
+    if (rs->ndevs > 1) {
+        pthread_mutex_lock(&rs->mu);
+        while (rs->done < rs->ndevs - 1) pthread_cond_wait(&rs->done_cv, &rs->mu);
+        pthread_mutex_unlock(&rs->mu);
+    }
+    double t1 = cm_now();
+    int status = CM_OK;
+    for (int d = 0; d < rs->ndevs; d++) {
+        replica *r = &rs->reps[d];
+        if (r->status != CM_OK && status == CM_OK) status = r->status;
+        if (loss_sum) *loss_sum += r->loss;
+        if (correct) *correct += r->correct;
+    }
+    if (status == CM_OK && !direct) status = local_reduce(rs, n, grad);
+    if (times) {
+        times->compute = t1 - t0;
+        times->local_reduce = cm_now() - t1;
+    }
+    return status;
+}
+
+int wk_replicas_evaluate(wk_replicas *rs, const wk_dataset *data, double *accuracy,
+                         double *mean_loss) {
+    replica *r = &rs->reps[0];
+    size_t dim = data->dim;
+    if (dim != (size_t)rs->model->sizes[0] || data->n == 0) return CM_EINVAL;
+    size_t batch = (size_t)(rs->max_batch + rs->ndevs - 1) / (size_t)rs->ndevs;
+    float *x = cm_alloc_aligned(batch * dim * sizeof(float));
+    int32_t *y = cm_alloc_aligned(batch * sizeof(int32_t));
+    uint32_t *idx = cm_alloc_aligned(batch * sizeof(uint32_t));
+    int status = CM_ENOMEM;
+    double loss = 0.0;
+    int64_t right = 0;
+    if (!x || !y || !idx) goto out;
+    status = CM_OK;
+    for (size_t at = 0; at < data->n && status == CM_OK; at += batch) {
+        size_t n = data->n - at < batch ? data->n - at : batch;
+        for (size_t i = 0; i < n; i++) idx[i] = (uint32_t)(at + i);
+        wk_dataset_gather(data, idx, n, x, y);
+        const float *xd = x;
+        const int32_t *yd = y;
+        if (!r->dev->host_visible) {
+            r->dev->ops->upload(r->dev, r->x_dev, x, n * dim * sizeof(float));
+            r->dev->ops->upload(r->dev, r->y_dev, y, n * sizeof(int32_t));
+            xd = r->x_dev;
+            yd = r->y_dev;
+        }
+        status = wk_mlp_evaluate(r->net, r->params, xd, yd, (int)n, &loss, &right);
+    }
+    if (status == CM_OK) {
+        *accuracy = (double)right / (double)data->n;
+        *mean_loss = loss / (double)data->n;
+    }
+out:
+    free(x);
+    free(y);
+    free(idx);
+    return status;
+}

@@ -1,0 +1,59 @@
+/* wk_replicas.h - D local replicas of the model, one per local device.
+ * SPDX-License-Identifier: MIT
+ *
+ * A worker process drives D devices (CPU replicas, or GPUs). For one batch,
+ * each replica computes the mean gradient of its contiguous slice
+ * (wk_order_slice) in its own thread; the local reduce then averages the D
+ * gradients weighted by example count, so the result is the mean gradient of
+ * the whole batch whatever D is: D never changes the effective learning
+ * rate. Every mode (local, PS, allreduce) calls this, then synchronises the
+ * reduced gradient its own way.
+ *
+ * Not thread-safe: one caller thread drives a wk_replicas.
+ */
+#ifndef WK_REPLICAS_H
+#define WK_REPLICAS_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/cm_model.h"
+#include "worker/device/wk_device.h"
+#include "worker/input/wk_dataset.h"
+
+typedef struct wk_replicas wk_replicas;
+
+/* Seconds spent in the phases of one wk_replicas_gradient call. */
+typedef struct wk_phase_times {
+    double compute;      /* Slowest replica's forward + backward. */
+    double local_reduce; /* Averaging the D gradients into one. */
+} wk_phase_times;
+
+/* One replica per device in devs[0..ndevs) (borrowed; they must outlive the
+ * set), each sized for batches of up to max_batch examples in all. Starts
+ * ndevs - 1 helper threads. Returns CM_EINVAL, CM_ENOMEM; *out NULL on
+ * error. Release with wk_replicas_destroy() (joins the threads). */
+int wk_replicas_create(const cm_model *model, wk_device **devs, int ndevs, int max_batch,
+                       wk_replicas **out);
+void wk_replicas_destroy(wk_replicas *rs);
+
+int wk_replicas_count(const wk_replicas *rs);
+
+/* Make params (host, model->numel floats) the parameters of every replica.
+ * On host-visible devices the replicas read 'params' in place, so it must
+ * stay valid and unchanged until the next gradient call returns; other
+ * devices receive a copy. */
+int wk_replicas_set_params(wk_replicas *rs, const float *params);
+
+/* Mean gradient of the batch (x: n rows of host floats, y: n labels, with
+ * 1 <= n <= max_batch) into grad (host, model->numel floats). Adds the
+ * summed loss and correct count to *loss_sum / *correct (either may be
+ * NULL) and fills *times if not NULL. */
+int wk_replicas_gradient(wk_replicas *rs, const float *x, const int32_t *y, int n, float *grad,
+                         double *loss_sum, int64_t *correct, wk_phase_times *times);
+
+/* Accuracy and mean loss over all of 'data' with the current parameters,
+ * using replica 0 in batches of up to max_batch. */
+int wk_replicas_evaluate(wk_replicas *rs, const wk_dataset *data, double *accuracy,
+                         double *mean_loss);
+
+#endif /* WK_REPLICAS_H */

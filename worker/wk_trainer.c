@@ -1,0 +1,290 @@
+/* wk_trainer.c - the training loop of local mode, with progress and logs.
+ * SPDX-License-Identifier: MIT
+ */
+#include "worker/wk_trainer.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/cm_log.h"
+#include "common/cm_mem.h"
+#include "common/cm_status.h"
+#include "common/cm_time.h"
+#include "ps/ps_optim.h"
+#include "worker/device/wk_device.h"
+#include "worker/input/wk_dataset.h"
+#include "worker/input/wk_order.h"
+#include "worker/input/wk_prefetch.h"
+#include "worker/wk_replicas.h"
+
+void wk_train_cfg_defaults(wk_train_cfg *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    cfg->mode = "local";
+    cfg->epochs = 10;
+    cfg->batch_size = 128;
+    cfg->lr = 0.0f; /* Chosen by optimizer in wk_train_run. */
+    cfg->optimizer = PS_OPTIM_ADAM;
+    cfg->seed = 1;
+    cfg->local_devices = 1;
+    cfg->nsizes = 4;
+    cfg->sizes[0] = 784;
+    cfg->sizes[1] = 256;
+    cfg->sizes[2] = 128;
+    cfg->sizes[3] = 10;
+    cfg->progress_every = 2.0;
+}
+
+static void fmt_duration(double s, char *buf, size_t len) {
+    if (s < 0 || s > 1e7) {
+        snprintf(buf, len, "?");
+        return;
+    }
+    long t = (long)(s + 0.5);
+    if (t >= 3600)
+        snprintf(buf, len, "%ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
+    else
+        snprintf(buf, len, "%ld:%02ld", t / 60, t % 60);
+}
+
+static int write_summary(const char *path, const wk_train_cfg *cfg, float lr,
+                         const wk_train_result *r) {
+    json_t *o = json_pack("{s:s, s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:s, s:f, s:I,"
+                          " s:i, s:i, s:f}",
+                          "mode", cfg->mode, "test_accuracy", r->test_accuracy, "test_loss",
+                          r->test_loss, "steps", (json_int_t)r->steps, "examples_per_sec",
+                          r->examples_per_sec, "seconds", r->seconds, "final_train_loss",
+                          r->final_train_loss, "workers", 1, "ps", 0, "local_devices",
+                          cfg->local_devices, "batch_size", cfg->batch_size, "optimizer",
+                          ps_optim_name(cfg->optimizer), "lr", (double)lr, "seed",
+                          (json_int_t)cfg->seed, "epochs", cfg->epochs, "threads",
+                          wk_device_cpu_threads(), "steady_examples_per_sec",
+                          r->steady_examples_per_sec);
+    if (!o) return CM_ENOMEM;
+    int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;
+    json_decref(o);
+    if (rc != CM_OK) cm_error("cannot write summary %s: %s", path, strerror(errno));
+    return rc;
+}
+
+static int write_params(const char *path, const float *p, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        cm_error("cannot write parameters to %s: %s", path, strerror(errno));
+        return CM_EIO;
+    }
+    size_t w = fwrite(p, sizeof *p, n, f);
+    int bad = fclose(f) != 0 || w != n;
+    if (bad) cm_error("short write of parameters to %s", path);
+    return bad ? CM_EIO : CM_OK;
+}
+
+static int check_cfg(const wk_train_cfg *cfg) {
+    if (strcmp(cfg->mode, "local") != 0) {
+        cm_error("--mode %s is not available yet: this build trains in --mode local only",
+                 cfg->mode);
+        return CM_EUNSUPPORTED;
+    }
+    if (cfg->epochs < 1) return cm_error("--epochs must be >= 1"), CM_EINVAL;
+    if (cfg->batch_size < 1) return cm_error("--batch-size must be >= 1"), CM_EINVAL;
+    if (cfg->local_devices < 1 || cfg->local_devices > 64)
+        return cm_error("--local-devices must be in 1..64"), CM_EINVAL;
+    if (cfg->local_devices > cfg->batch_size)
+        return cm_error("--local-devices (%d) exceeds --batch-size (%d)", cfg->local_devices,
+                        cfg->batch_size),
+               CM_EINVAL;
+    if (cfg->lr < 0.0f) return cm_error("--lr must be > 0"), CM_EINVAL;
+    if (cfg->threads < 0) return cm_error("--threads must be >= 1"), CM_EINVAL;
+    return CM_OK;
+}
+
+int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
+    int status = check_cfg(cfg);
+    if (status != CM_OK) return status;
+    memset(result, 0, sizeof *result);
+    const char *dir = cfg->data_dir ? cfg->data_dir : wk_dataset_default_dir();
+    wk_dataset train = {0}, test = {0};
+    cm_model *model = NULL;
+    wk_device *devs[64] = {0};
+    wk_replicas *reps = NULL;
+    wk_prefetch *pf = NULL;
+    float *params = NULL, *grad = NULL, *slots = NULL;
+    FILE *log = NULL;
+    char err[512];
+    const int D = cfg->local_devices;
+
+    float lr = cfg->lr > 0.0f ? cfg->lr : (cfg->optimizer == PS_OPTIM_ADAM ? 1e-3f : 0.05f);
+    ps_optim_cfg opt = ps_optim_defaults(cfg->optimizer, lr);
+    int threads = cfg->threads > 0 ? cfg->threads : (D == 1 ? (int)sysconf(_SC_NPROCESSORS_ONLN) : 1);
+    wk_device_cpu_set_threads(threads);
+
+    double t_load = cm_now();
+    if ((status = wk_dataset_load(dir, "train", cfg->train_limit, &train, err, sizeof err)) !=
+            CM_OK ||
+        (status = wk_dataset_load(dir, "t10k", cfg->test_limit, &test, err, sizeof err)) !=
+            CM_OK) {
+        cm_error("%s", err);
+        goto out;
+    }
+    if ((status = cm_model_create_mlp(cfg->sizes, cfg->nsizes, &model)) != CM_OK) {
+        cm_error("bad layer sizes");
+        goto out;
+    }
+    if (train.dim != (size_t)model->sizes[0] || test.dim != train.dim ||
+        train.nclasses > model->sizes[model->nsizes - 1] ||
+        test.nclasses > model->sizes[model->nsizes - 1]) {
+        cm_error("data (%zu inputs, %d classes) does not fit the model (%d inputs, %d classes)",
+                 train.dim, train.nclasses, model->sizes[0], model->sizes[model->nsizes - 1]);
+        status = CM_EINVAL;
+        goto out;
+    }
+    size_t spe = wk_order_steps_per_epoch(train.n, (size_t)cfg->batch_size);
+    if (spe == 0) {
+        cm_error("--batch-size %d exceeds the %zu training examples", cfg->batch_size, train.n);
+        status = CM_EINVAL;
+        goto out;
+    }
+    int64_t total = (int64_t)spe * cfg->epochs;
+    if (cfg->max_steps > 0 && cfg->max_steps < total) total = cfg->max_steps;
+    cm_info("loaded %zu training and %zu test examples from %s in %.2f s", train.n, test.n, dir,
+            cm_now() - t_load);
+
+    status = CM_ENOMEM;
+    size_t numel = model->numel;
+    int nslots = ps_optim_nslots(opt.kind);
+    params = cm_alloc_aligned(numel * sizeof(float));
+    grad = cm_alloc_aligned(numel * sizeof(float));
+    slots = cm_alloc_aligned((size_t)(nslots ? nslots : 1) * numel * sizeof(float));
+    if (!params || !grad || !slots) goto out;
+    memset(slots, 0, (size_t)(nslots ? nslots : 1) * numel * sizeof(float));
+    cm_model_init(model, cfg->seed, params);
+    if (cfg->init_out && (status = write_params(cfg->init_out, params, numel)) != CM_OK) goto out;
+    status = CM_ENOMEM;
+    for (int d = 0; d < D; d++) devs[d] = wk_device_cpu_create(d);
+    if ((status = wk_replicas_create(model, devs, D, cfg->batch_size, &reps)) != CM_OK) goto out;
+    if ((status = wk_replicas_set_params(reps, params)) != CM_OK) goto out;
+    wk_prefetch_cfg pcfg = {.data = &train, .seed = cfg->seed,
+                            .global_batch = (size_t)cfg->batch_size, .rank = 0, .nranks = 1,
+                            .first_step = 0, .nsteps = total, .depth = 4};
+    if ((status = wk_prefetch_start(&pcfg, &pf)) != CM_OK) goto out;
+    if (cfg->log_path && !(log = fopen(cfg->log_path, "w"))) {
+        cm_error("cannot open --log %s: %s", cfg->log_path, strerror(errno));
+        status = CM_EIO;
+        goto out;
+    }
+    cm_info("training %s: %zu parameters, %s lr %g, batch %d on %d cpu replica%s, %d BLAS "
+            "thread%s, %lld steps (%zu per epoch)",
+            cfg->mode, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, D,
+            D == 1 ? "" : "s", threads, threads == 1 ? "" : "s", (long long)total, spe);
+
+    double t_start = cm_now(), t_print = t_start;
+    double window_loss = 0.0, epoch_loss = 0.0;
+    int64_t window_n = 0, epoch_n = 0, epoch_correct = 0;
+    int64_t step = 0;
+    double eval_seconds = 0.0;
+    int64_t warm_steps = total / 20 < 50 ? total / 20 : 50;
+    double t_warm = t_start, eval_warm = 0.0;
+    while (step < total) {
+        double t0 = cm_now();
+        wk_batch *b = NULL;
+        status = wk_prefetch_next(pf, &b);
+        if (status != CM_OK) {
+            cm_error("input pipeline ended early at step %lld: %s", (long long)step,
+                     cm_strerror(status));
+            goto out;
+        }
+        double t1 = cm_now();
+        double loss = 0.0;
+        int64_t correct = 0;
+        wk_phase_times pt = {0};
+        status = wk_replicas_gradient(reps, b->x, b->y, (int)b->n, grad, &loss, &correct, &pt);
+        int64_t epoch = b->epoch;
+        size_t n = b->n;
+        wk_prefetch_release(pf, b);
+        if (status != CM_OK) {
+            cm_error("gradient computation failed at step %lld: %s", (long long)step,
+                     cm_strerror(status));
+            goto out;
+        }
+        double t2 = cm_now();
+        ps_optim_apply(&opt, step + 1, params, grad, slots, numel);
+        double t3 = cm_now();
+        step++;
+        if (step == warm_steps) {
+            t_warm = t3;
+            eval_warm = eval_seconds;
+        }
+        window_loss += loss;
+        window_n += (int64_t)n;
+        epoch_loss += loss;
+        epoch_n += (int64_t)n;
+        epoch_correct += correct;
+        if (log)
+            fprintf(log,
+                    "{\"step\":%lld,\"epoch\":%lld,\"examples\":%zu,\"loss\":%.6f,"
+                    "\"data_wait_ms\":%.4f,\"compute_ms\":%.4f,\"local_reduce_ms\":%.4f,"
+                    "\"comm_ms\":0,\"apply_ms\":%.4f,\"step_ms\":%.4f}\n",
+                    (long long)step, (long long)epoch, n, loss / (double)n, (t1 - t0) * 1e3,
+                    pt.compute * 1e3, pt.local_reduce * 1e3, (t3 - t2) * 1e3,
+                    (t3 - t0) * 1e3);
+        int epoch_end = step % (int64_t)spe == 0 || step == total;
+        if (epoch_end) {
+            double te = cm_now(), acc = 0.0, tl = 0.0;
+            status = wk_replicas_evaluate(reps, &test, &acc, &tl);
+            if (status != CM_OK) goto out;
+            eval_seconds += cm_now() - te;
+            result->final_train_loss = epoch_loss / (double)epoch_n;
+            result->test_accuracy = acc;
+            result->test_loss = tl;
+            if (cfg->progress_every >= 0)
+                cm_info("epoch %lld/%d done: train loss %.4f acc %.4f | test loss %.4f acc %.4f",
+                        (long long)epoch + 1, cfg->epochs, epoch_loss / (double)epoch_n,
+                        (double)epoch_correct / (double)epoch_n, tl, acc);
+            epoch_loss = 0.0;
+            epoch_n = epoch_correct = 0;
+        }
+        double now = cm_now();
+        if (cfg->progress_every >= 0 && (now - t_print >= cfg->progress_every || step == total) &&
+            window_n > 0) {
+            double train_s = now - t_start - eval_seconds;
+            double eps = (double)step * cfg->batch_size / train_s;
+            char el[32], left[32];
+            fmt_duration(now - t_start, el, sizeof el);
+            fmt_duration((double)(total - step) * (train_s / (double)step), left, sizeof left);
+            cm_info("step %lld/%lld epoch %lld/%d loss %.4f | %.0f ex/s | elapsed %s left %s",
+                    (long long)step, (long long)total, (long long)epoch + 1, cfg->epochs,
+                    window_loss / (double)window_n, eps, el, left);
+            window_loss = 0.0;
+            window_n = 0;
+            t_print = now;
+        }
+    }
+    result->steps = step;
+    result->seconds = cm_now() - t_start - eval_seconds;
+    result->examples_per_sec = (double)step * cfg->batch_size / result->seconds;
+    result->steady_examples_per_sec =
+        (double)(step - warm_steps) * cfg->batch_size /
+        (cm_now() - t_warm - (eval_seconds - eval_warm));
+    result->test_examples = test.n;
+    status = CM_OK;
+    if (cfg->summary_path) status = write_summary(cfg->summary_path, cfg, lr, result);
+    if (status == CM_OK && cfg->params_out) status = write_params(cfg->params_out, params, numel);
+out:
+    if (log && fclose(log) != 0 && status == CM_OK) {
+        cm_error("error writing --log %s", cfg->log_path);
+        status = CM_EIO;
+    }
+    wk_prefetch_stop(pf);
+    wk_replicas_destroy(reps);
+    for (int d = 0; d < D; d++) wk_device_destroy(devs[d]);
+    free(params);
+    free(grad);
+    free(slots);
+    cm_model_destroy(model);
+    wk_dataset_free(&train);
+    wk_dataset_free(&test);
+    return status;
+}

@@ -1,0 +1,59 @@
+/* wk_trainer.h - the training loop: options, the run, and its results.
+ * SPDX-License-Identifier: MIT
+ *
+ * wk_train_run() loads the data, starts the prefetch thread, builds the local
+ * replicas, and runs steps of: next batch -> gradients on D replicas ->
+ * local reduce -> synchronise (nothing in local mode) -> apply the optimizer.
+ * It prints progress, writes the per-step JSON log and the summary, and
+ * evaluates on the test set at the end of every epoch.
+ */
+#ifndef WK_TRAINER_H
+#define WK_TRAINER_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/cm_model.h"
+
+typedef struct wk_train_cfg {
+    const char *mode;        /* "local" (PS and allreduce modes come later). */
+    int epochs;              /* Passes over the training set (default 10). */
+    int batch_size;          /* Examples per step (default 128). */
+    float lr;                /* Learning rate (default: 1e-3 adam, 0.05 otherwise). */
+    int optimizer;           /* enum ps_optim_kind (default adam). */
+    uint64_t seed;           /* Initialisation and data order (default 1). */
+    int threads;             /* BLAS threads; 0 = cores when D = 1, else 1. */
+    int local_devices;       /* D CPU replicas (default 1). */
+    int nsizes;              /* Layer widths (default 784,256,128,10). */
+    int sizes[CM_MLP_MAX_SIZES];
+    const char *data_dir;    /* NULL = wk_dataset_default_dir(). */
+    size_t train_limit;      /* Use only the first N training examples (0 = all). */
+    size_t test_limit;       /* Evaluate on the first N test examples (0 = all). */
+    int64_t max_steps;       /* Stop after this many steps (0 = all epochs). */
+    double progress_every;   /* Seconds between progress lines (default 2; <0 quiet). */
+    const char *summary_path; /* JSON summary (NULL = none). */
+    const char *log_path;     /* JSON lines, one per step (NULL = none). */
+    const char *params_out;   /* Final parameters, raw little-endian float32. */
+    const char *init_out;     /* Initial parameters, same format. */
+} wk_train_cfg;
+
+typedef struct wk_train_result {
+    int64_t steps;
+    double seconds;          /* Training loop wall time, evaluation excluded. */
+    double examples_per_sec;
+    double steady_examples_per_sec; /* Same, without the first warm-up steps
+                                     * (5% of the run, at most 50). */
+    size_t test_examples;
+    double final_train_loss; /* Mean loss over the last epoch's steps. */
+    double test_accuracy;
+    double test_loss;
+} wk_train_result;
+
+/* Fill *cfg with the defaults above. */
+void wk_train_cfg_defaults(wk_train_cfg *cfg);
+
+/* Run training as configured. Returns CM_OK, or an error after logging a
+ * message that says what failed (bad option values give CM_EINVAL, a missing
+ * or broken data set the reader's code). */
+int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result);
+
+#endif /* WK_TRAINER_H */
