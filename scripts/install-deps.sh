@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install the Debian 12 packages the project needs to build, test and run.
+# Installs only what is missing; safe to run again. Needs root (or sudo) when
+# something is missing.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake pkg-config   # toolchain
+  libopenblas-dev                    # CPU GEMM (worker device backend)
+  libjansson-dev                     # JSON: summaries, TF_CONFIG
+  zlib1g-dev                         # gzip'd IDX files
+  libcmocka-dev                      # unit tests
+  python3                            # integration test drivers, experiment scripts
+  dataset-fashion-mnist              # the training data
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
+    missing+=("$p")
+  fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "install-deps: run as root: apt-get install ${missing[*]}" >&2; exit 1; }
+  SUDO=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -qq
+"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

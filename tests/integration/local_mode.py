@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Integration scenarios of local mode, run against the real pstrain binary.
+
+  local_mode.py BIN learns      a short run on a 10k subset learns
+  local_mode.py BIN devices     D=1 and D=3 replicas train to the same weights
+  local_mode.py BIN bad-input   bad options and broken data give clear errors
+Each scenario is bounded in time and exits non-zero on failure.
+"""
+import gzip
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+
+TIMEOUT = 240
+DATA_DIR = os.environ.get("PS_DATA_DIR", "/usr/share/datasets/fashion-mnist")
+
+
+def run(bin_, *args, expect_ok=True):
+    p = subprocess.run([bin_, *args], capture_output=True, text=True, timeout=TIMEOUT)
+    if expect_ok and p.returncode != 0:
+        sys.exit(f"pstrain {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def check(cond, msg):
+    if not cond:
+        sys.exit("FAIL: " + msg)
+    print("ok:", msg)
+
+
+def learns(bin_, tmp):
+    summary, log = os.path.join(tmp, "s.json"), os.path.join(tmp, "l.jsonl")
+    p = run(bin_, "--train-limit", "10000", "--epochs", "1", "--batch-size", "128",
+            "--threads", "1", "--seed", "3", "--summary", summary, "--log", log)
+    s = json.load(open(summary))
+    for key in ("test_accuracy", "steps", "examples_per_sec", "seconds", "mode",
+                "workers", "ps"):
+        check(key in s, f"summary has {key}")
+    check(s["mode"] == "local" and s["workers"] == 1 and s["ps"] == 0, "summary names local mode")
+    check(s["steps"] == 10000 // 128, f"steps = 10000 // 128 (remainder dropped): {s['steps']}")
+    check(s["test_accuracy"] > 0.6, f"learns: test accuracy {s['test_accuracy']:.4f} > 0.6 "
+          "(chance is 0.1)")
+    check("test accuracy" in p.stdout, "prints the final test accuracy")
+    lines = [json.loads(l) for l in open(log)]
+    check(len(lines) == s["steps"], f"one log line per step ({len(lines)})")
+    for key in ("data_wait_ms", "compute_ms", "local_reduce_ms", "comm_ms", "apply_ms"):
+        check(all(key in l and l[key] >= 0 for l in lines), f"log lines have {key}")
+    check(lines[-1]["loss"] < lines[0]["loss"], "loss falls over the run")
+
+
+def read_params(path):
+    data = open(path, "rb").read()
+    return struct.unpack(f"<{len(data) // 4}f", data)
+
+
+def devices(bin_, tmp):
+    init = os.path.join(tmp, "p0.bin")
+    common = ["--train-limit", "2000", "--test-limit", "500", "--optimizer", "sgd", "--lr",
+              "0.1", "--batch-size", "100", "--threads", "1", "--quiet"]
+    outs = {}
+    for d in (1, 3):
+        outs[d] = os.path.join(tmp, f"p{d}.bin")
+        run(bin_, *common, "--max-steps", "5", "--local-devices", str(d),
+            "--params-out", outs[d], "--init-out", init)
+    p0, p1, p3 = read_params(init), read_params(outs[1]), read_params(outs[3])
+    d1 = [b - a for a, b in zip(p0, p1)]
+    d3 = [b - a for a, b in zip(p0, p3)]
+    num = math.sqrt(sum((x - y) ** 2 for x, y in zip(d1, d3)))
+    den = math.sqrt(sum(x * x for x in d1))
+    check(den > 0, "the parameters moved")
+    check(num <= 1e-5 * den, f"D=3 and D=1 change the parameters alike: "
+          f"|d3-d1|/|d1| = {num / den:.2e} <= 1e-5")
+
+
+def bad_input(bin_, tmp):
+    p = run(bin_, "--data-dir", os.path.join(tmp, "nowhere"), expect_ok=False)
+    check(p.returncode != 0 and "dataset-fashion-mnist" in p.stderr,
+          "a missing data directory is an error that names the package")
+    broken = os.path.join(tmp, "broken")
+    os.mkdir(broken)
+    for name in os.listdir(DATA_DIR):
+        shutil.copy(os.path.join(DATA_DIR, name), broken)
+    raw = gzip.open(os.path.join(DATA_DIR, "train-images-idx3-ubyte.gz")).read()
+    with gzip.open(os.path.join(broken, "train-images-idx3-ubyte.gz"), "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    p = run(bin_, "--data-dir", broken, expect_ok=False)
+    check(p.returncode != 0 and "truncated" in p.stderr, "a truncated image file is refused")
+    with open(os.path.join(broken, "train-images-idx3-ubyte.gz"), "wb") as f:
+        f.write(b"\x00\x00\x09\x03" + raw[4:64])
+    p = run(bin_, "--data-dir", broken, expect_ok=False)
+    check(p.returncode != 0 and "train-images" in p.stderr, "a file with a bad magic is refused")
+    for args, what in ((["--epochs", "0"], "--epochs 0"), (["--optimizer", "rmsprop"], "an unknown optimizer"),
+                       (["--batch-size", "x"], "a non-numeric batch size"), (["--bogus"], "an unknown flag"),
+                       (["--layers", "784"], "a one-layer model"),
+                       (["--layers", "100,10"], "a model whose input does not match the data")):
+        p = run(bin_, *args, "--train-limit", "1000", "--test-limit", "100", expect_ok=False)
+        check(p.returncode != 0 and p.stderr.strip(), f"{what} is refused with a message")
+    p = run(bin_, "--help")
+    check("--local-devices" in p.stdout, "--help lists the options")
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    bin_, scenario = sys.argv[1], sys.argv[2]
+    tmp = tempfile.mkdtemp(prefix="pstest-")
+    try:
+        {"learns": learns, "devices": devices, "bad-input": bad_input}[scenario](bin_, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("PASS", scenario)
+
+
+if __name__ == "__main__":
+    main()
