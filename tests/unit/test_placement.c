@@ -1,0 +1,374 @@
+/* test_placement.c - variable partitioning and shard assignment.
+ * SPDX-License-Identifier: MIT
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/cm_model.h"
+#include "common/cm_placement.h"
+#include "common/cm_status.h"
+
+/* A model built by hand: shapes[i] has ndims[i] dimensions (0 for a
+ * scalar). Allocated the way cm_model_destroy() releases it. */
+static cm_model *make_model(int nvars, const int *ndims, const int64_t (*shapes)[CM_VAR_MAX_DIMS]) {
+    cm_model *m = calloc(1, sizeof *m);
+    assert_non_null(m);
+    snprintf(m->kind, sizeof m->kind, "test");
+    m->vars = calloc((size_t)nvars, sizeof *m->vars);
+    assert_non_null(m->vars);
+    m->nvars = nvars;
+    for (int i = 0; i < nvars; i++) {
+        cm_var *v = &m->vars[i];
+        snprintf(v->name, sizeof v->name, "v%d", i);
+        v->ndims = ndims[i];
+        v->numel = 1;
+        for (int d = 0; d < ndims[i]; d++) {
+            v->dims[d] = shapes[i][d];
+            v->numel *= (size_t)shapes[i][d];
+        }
+        v->offset = m->numel;
+        m->numel += v->numel;
+    }
+    return m;
+}
+
+/* nvars copies of one shape. */
+static cm_model *make_uniform(int nvars, int ndims, int64_t d0, int64_t d1) {
+    int nd[64];
+    int64_t shapes[64][CM_VAR_MAX_DIMS];
+    assert_true(nvars <= 64);
+    for (int i = 0; i < nvars; i++) {
+        nd[i] = ndims;
+        shapes[i][0] = d0;
+        shapes[i][1] = d1;
+    }
+    return make_model(nvars, nd, shapes);
+}
+
+static cm_model *make_mlp(void) {
+    int sizes[] = {784, 256, 128, 10};
+    cm_model *m;
+    assert_int_equal(cm_model_create_mlp(sizes, 4, &m), CM_OK);
+    return m;
+}
+
+static size_t var_rows(const cm_var *v) { return v->ndims >= 1 ? (size_t)v->dims[0] : 1; }
+
+/* Checks every structural property of p against m: partitions in
+ * (var, index) order, split along dim 0 into near-equal row counts as the
+ * header's formula says, every element owned exactly once, consistent
+ * offsets, and per-shard totals that match the partitions. */
+static void check_placement(const cm_model *m, const cm_placement *p) {
+    assert_true(p->nparts >= m->nvars);
+    unsigned char *owned = calloc(m->numel ? m->numel : 1, 1);
+    assert_non_null(owned);
+    size_t *bytes = calloc((size_t)p->nshards, sizeof *bytes);
+    int *nparts = calloc((size_t)p->nshards, sizeof *nparts);
+    assert_non_null(bytes);
+    assert_non_null(nparts);
+
+    int k = 0;
+    for (int v = 0; v < m->nvars; v++) {
+        const cm_var *var = &m->vars[v];
+        size_t rows = var_rows(var), row_size = var->numel / rows;
+        /* The header's formula, computed independently. */
+        size_t expect_np = var->numel * sizeof(float) / p->min_part_bytes;
+        size_t cap = rows < (size_t)p->nshards ? rows : (size_t)p->nshards;
+        if (expect_np > cap) expect_np = cap;
+        if (expect_np < 1) expect_np = 1;
+        size_t row = 0, min_rows = (size_t)-1, max_rows = 0;
+        for (size_t i = 0; i < expect_np; i++, k++) {
+            assert_true(k < p->nparts);
+            const cm_partition *part = &p->parts[k];
+            assert_int_equal(part->var, v);
+            assert_int_equal(part->index, (int)i);
+            assert_true(part->shard >= 0 && part->shard < p->nshards);
+            assert_int_equal(part->row_begin, row);
+            assert_true(part->row_end > part->row_begin);
+            size_t nrows = part->row_end - part->row_begin;
+            /* The first rows % p partitions get the extra row. */
+            assert_int_equal(nrows, rows / expect_np + (i < rows % expect_np ? 1 : 0));
+            if (nrows < min_rows) min_rows = nrows;
+            if (nrows > max_rows) max_rows = nrows;
+            assert_int_equal(part->begin, part->row_begin * row_size);
+            assert_int_equal(part->count, nrows * row_size);
+            assert_int_equal(part->offset, var->offset + part->begin);
+            for (size_t e = 0; e < part->count; e++) owned[part->offset + e]++;
+            bytes[part->shard] += part->count * sizeof(float);
+            nparts[part->shard]++;
+            row = part->row_end;
+        }
+        assert_int_equal(row, rows);
+        assert_true(max_rows - min_rows <= 1);
+    }
+    assert_int_equal(k, p->nparts);
+    for (size_t e = 0; e < m->numel; e++)
+        if (owned[e] != 1) fail_msg("element %zu owned %d times", e, owned[e]);
+
+    size_t total_bytes = 0;
+    int total_parts = 0;
+    for (int s = 0; s < p->nshards; s++) {
+        assert_int_equal(p->shard_bytes[s], bytes[s]);
+        assert_int_equal(p->shard_nparts[s], nparts[s]);
+        total_bytes += p->shard_bytes[s];
+        total_parts += p->shard_nparts[s];
+    }
+    assert_int_equal(total_bytes, m->numel * sizeof(float));
+    assert_int_equal(total_parts, p->nparts);
+    free(owned);
+    free(bytes);
+    free(nparts);
+}
+
+static void test_deterministic(void **state) {
+    (void)state;
+    cm_model *m = make_mlp();
+    cm_placement *a, *b, *c;
+    assert_int_equal(cm_placement_create(m, 3, CM_PLACEMENT_MIN_PART_BYTES, &a), CM_OK);
+    assert_int_equal(cm_placement_create(m, 3, CM_PLACEMENT_MIN_PART_BYTES, &b), CM_OK);
+    assert_int_equal(a->nparts, b->nparts);
+    assert_memory_equal(a->parts, b->parts, (size_t)a->nparts * sizeof *a->parts);
+    assert_memory_equal(a->shard_bytes, b->shard_bytes, 3 * sizeof *a->shard_bytes);
+    assert_memory_equal(a->shard_nparts, b->shard_nparts, 3 * sizeof *a->shard_nparts);
+    assert_true(a->fingerprint == b->fingerprint);
+    assert_true(a->fingerprint != 0);
+
+    /* A different shard count changes the fingerprint. */
+    assert_int_equal(cm_placement_create(m, 2, CM_PLACEMENT_MIN_PART_BYTES, &c), CM_OK);
+    assert_true(c->fingerprint != a->fingerprint);
+    cm_placement_destroy(c);
+
+    /* So does a different minimum size, even when the map is the same:
+     * dense0/kernel (784 KiB) splits into min(3, 2) partitions at 256 KiB
+     * and into min(2, 2) at 300 KiB. */
+    cm_placement *d, *e;
+    assert_int_equal(cm_placement_create(m, 2, CM_PLACEMENT_MIN_PART_BYTES, &d), CM_OK);
+    assert_int_equal(cm_placement_create(m, 2, 300 << 10, &e), CM_OK);
+    assert_int_equal(d->nparts, e->nparts);
+    assert_memory_equal(d->parts, e->parts, (size_t)d->nparts * sizeof *d->parts);
+    assert_true(d->fingerprint != e->fingerprint);
+    cm_placement_destroy(d);
+    cm_placement_destroy(e);
+
+    /* And a different model with the same shard count. */
+    int sizes[] = {784, 128, 10};
+    cm_model *m2;
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &m2), CM_OK);
+    assert_int_equal(cm_placement_create(m2, 3, CM_PLACEMENT_MIN_PART_BYTES, &c), CM_OK);
+    assert_true(c->fingerprint != a->fingerprint);
+    cm_placement_destroy(c);
+    cm_model_destroy(m2);
+
+    cm_placement_destroy(a);
+    cm_placement_destroy(b);
+    cm_model_destroy(m);
+}
+
+/* Many shapes, shard counts and minimum sizes: every element exactly once. */
+static void test_every_element_owned_once(void **state) {
+    (void)state;
+    int nd[] = {2, 1, 2, 1, 0, 3, 2, 1};
+    int64_t shapes[][CM_VAR_MAX_DIMS] = {{10, 3}, {7}, {1, 40}, {1},
+                                         {0}, {6, 2, 5}, {33, 17}, {100}};
+    cm_model *hand = make_model(8, nd, shapes);
+    cm_model *mlp = make_mlp();
+    cm_model *models[] = {hand, mlp};
+    size_t mins[] = {1, 4, 64, 1000, 4096, CM_PLACEMENT_MIN_PART_BYTES, (size_t)1 << 40};
+    for (size_t mi = 0; mi < 2; mi++) {
+        for (int nshards = 1; nshards <= 9; nshards++) {
+            for (size_t k = 0; k < sizeof mins / sizeof mins[0]; k++) {
+                cm_placement *p = NULL;
+                assert_int_equal(cm_placement_create(models[mi], nshards, mins[k], &p), CM_OK);
+                assert_int_equal(p->nshards, nshards);
+                assert_int_equal(p->min_part_bytes, mins[k]);
+                check_placement(models[mi], p);
+                cm_placement_destroy(p);
+            }
+        }
+    }
+    /* Spot checks of the split on the hand-built model with 4 shards and a
+     * 1-byte minimum: 10 rows -> 3,3,2,2 rows of 3 elements. */
+    cm_placement *p;
+    assert_int_equal(cm_placement_create(hand, 4, 1, &p), CM_OK);
+    assert_int_equal(p->parts[0].row_end - p->parts[0].row_begin, 3);
+    assert_int_equal(p->parts[1].row_begin, 3);
+    assert_int_equal(p->parts[1].begin, 9);
+    assert_int_equal(p->parts[2].row_begin, 6);
+    assert_int_equal(p->parts[2].count, 6);
+    assert_int_equal(p->parts[3].row_begin, 8);
+    assert_int_equal(p->parts[3].begin, 24);
+    assert_int_equal(p->parts[3].offset, 24);
+    /* v1 (7 elements, 1-D): 2,2,2,1 elements starting at flat offset 30. */
+    assert_int_equal(p->parts[4].var, 1);
+    assert_int_equal(p->parts[4].offset, 30);
+    assert_int_equal(p->parts[7].count, 1);
+    assert_int_equal(p->parts[7].offset, 36);
+    /* v2 has one row and v3, v4 are single elements: one partition each. */
+    assert_int_equal(p->parts[8].var, 2);
+    assert_int_equal(p->parts[8].count, 40);
+    assert_int_equal(p->parts[9].var, 3);
+    assert_int_equal(p->parts[10].var, 4);
+    assert_int_equal(p->parts[11].var, 5);
+    cm_placement_destroy(p);
+    cm_model_destroy(hand);
+    cm_model_destroy(mlp);
+}
+
+static void test_balanced_mlp(void **state) {
+    (void)state;
+    cm_model *m = make_mlp();
+    cm_placement *p;
+    assert_int_equal(cm_placement_create(m, 2, CM_PLACEMENT_MIN_PART_BYTES, &p), CM_OK);
+    check_placement(m, p);
+    /* dense0/kernel (802816 bytes) splits in two 392-row halves, one per
+     * shard; dense1/kernel (131072) goes to shard 0 on the tie, and every
+     * smaller variable to the lighter shard 1. */
+    assert_int_equal(p->nparts, 7);
+    assert_int_equal(p->parts[0].shard, 0);
+    assert_int_equal(p->parts[1].shard, 1);
+    assert_int_equal(p->parts[0].row_end, 392);
+    assert_int_equal(p->parts[3].var, 2);
+    assert_int_equal(p->parts[3].shard, 0);
+    assert_int_equal(p->shard_bytes[0], 532480);
+    assert_int_equal(p->shard_bytes[1], 408104);
+    assert_int_equal(p->shard_nparts[0], 2);
+    assert_int_equal(p->shard_nparts[1], 5);
+    double ratio = (double)p->shard_bytes[0] / (double)p->shard_bytes[1];
+    printf("MLP 784,256,128,10 on 2 shards: %zu / %zu bytes, imbalance %.3f\n",
+           p->shard_bytes[0], p->shard_bytes[1], ratio);
+    assert_true(ratio < 1.5);
+    cm_placement_destroy(p);
+    cm_model_destroy(m);
+}
+
+static void test_balanced_equal_variables(void **state) {
+    (void)state;
+    /* 12 small variables of 4000 bytes on 4 shards: 3 each, round robin. */
+    cm_model *m = make_uniform(12, 2, 100, 10);
+    cm_placement *p;
+    assert_int_equal(cm_placement_create(m, 4, CM_PLACEMENT_MIN_PART_BYTES, &p), CM_OK);
+    check_placement(m, p);
+    assert_int_equal(p->nparts, 12);
+    for (int s = 0; s < 4; s++) {
+        assert_int_equal(p->shard_bytes[s], 12000);
+        assert_int_equal(p->shard_nparts[s], 3);
+    }
+    for (int i = 0; i < 12; i++) assert_int_equal(p->parts[i].shard, i % 4);
+    cm_placement_destroy(p);
+    cm_model_destroy(m);
+
+    /* 4 variables of 1 MiB split 4 ways each: 16 equal partitions. */
+    m = make_uniform(4, 2, 1024, 256);
+    assert_int_equal(cm_placement_create(m, 4, CM_PLACEMENT_MIN_PART_BYTES, &p), CM_OK);
+    check_placement(m, p);
+    assert_int_equal(p->nparts, 16);
+    for (int s = 0; s < 4; s++) {
+        assert_int_equal(p->shard_bytes[s], (size_t)1 << 20);
+        assert_int_equal(p->shard_nparts[s], 4);
+    }
+    cm_placement_destroy(p);
+    cm_model_destroy(m);
+}
+
+static void test_variables_smaller_than_shards(void **state) {
+    (void)state;
+    cm_placement *p;
+    /* A bias of 3 elements with 8 shards: far below the minimum size. */
+    cm_model *m = make_uniform(1, 1, 3, 0);
+    assert_int_equal(cm_placement_create(m, 8, CM_PLACEMENT_MIN_PART_BYTES, &p), CM_OK);
+    check_placement(m, p);
+    assert_int_equal(p->nparts, 1);
+    assert_int_equal(p->parts[0].count, 3);
+    assert_int_equal(p->parts[0].shard, 0);
+    assert_int_equal(p->shard_bytes[0], 12);
+    for (int s = 1; s < 8; s++) {
+        assert_int_equal(p->shard_bytes[s], 0);
+        assert_int_equal(p->shard_nparts[s], 0);
+    }
+    cm_placement_destroy(p);
+    /* With a 1-byte minimum it splits once per row, never more. */
+    assert_int_equal(cm_placement_create(m, 8, 1, &p), CM_OK);
+    check_placement(m, p);
+    assert_int_equal(p->nparts, 3);
+    cm_placement_destroy(p);
+    cm_model_destroy(m);
+
+    /* A 5-row variable, 1-byte minimum, 8 shards: 5 one-row partitions on
+     * shards 0..4. */
+    m = make_uniform(1, 2, 5, 6);
+    assert_int_equal(cm_placement_create(m, 8, 1, &p), CM_OK);
+    check_placement(m, p);
+    assert_int_equal(p->nparts, 5);
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(p->parts[i].row_begin, (size_t)i);
+        assert_int_equal(p->parts[i].row_end, (size_t)i + 1);
+        assert_int_equal(p->parts[i].begin, (size_t)i * 6);
+        assert_int_equal(p->parts[i].count, 6);
+        assert_int_equal(p->parts[i].shard, i);
+    }
+    cm_placement_destroy(p);
+    cm_model_destroy(m);
+}
+
+static void test_one_shard(void **state) {
+    (void)state;
+    cm_model *m = make_mlp();
+    size_t mins[] = {1, CM_PLACEMENT_MIN_PART_BYTES};
+    for (size_t k = 0; k < 2; k++) {
+        cm_placement *p;
+        assert_int_equal(cm_placement_create(m, 1, mins[k], &p), CM_OK);
+        check_placement(m, p);
+        assert_int_equal(p->nparts, m->nvars);
+        for (int i = 0; i < p->nparts; i++) {
+            assert_int_equal(p->parts[i].var, i);
+            assert_int_equal(p->parts[i].index, 0);
+            assert_int_equal(p->parts[i].shard, 0);
+            assert_int_equal(p->parts[i].begin, 0);
+            assert_int_equal(p->parts[i].count, m->vars[i].numel);
+            assert_int_equal(p->parts[i].offset, m->vars[i].offset);
+        }
+        assert_int_equal(p->shard_bytes[0], m->numel * sizeof(float));
+        assert_int_equal(p->shard_nparts[0], m->nvars);
+        cm_placement_destroy(p);
+    }
+    cm_model_destroy(m);
+}
+
+static void test_bad_args(void **state) {
+    (void)state;
+    cm_model *m = make_mlp();
+    cm_placement *p = (cm_placement *)1;
+    assert_int_equal(cm_placement_create(m, 0, CM_PLACEMENT_MIN_PART_BYTES, &p), CM_EINVAL);
+    assert_null(p);
+    p = (cm_placement *)1;
+    assert_int_equal(cm_placement_create(m, -3, CM_PLACEMENT_MIN_PART_BYTES, &p), CM_EINVAL);
+    assert_null(p);
+    p = (cm_placement *)1;
+    assert_int_equal(cm_placement_create(m, 2, 0, &p), CM_EINVAL);
+    assert_null(p);
+    p = (cm_placement *)1;
+    assert_int_equal(cm_placement_create(NULL, 2, CM_PLACEMENT_MIN_PART_BYTES, &p), CM_EINVAL);
+    assert_null(p);
+    cm_placement_destroy(NULL);
+    cm_model_destroy(m);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_deterministic),
+        cmocka_unit_test(test_every_element_owned_once),
+        cmocka_unit_test(test_balanced_mlp),
+        cmocka_unit_test(test_balanced_equal_variables),
+        cmocka_unit_test(test_variables_smaller_than_shards),
+        cmocka_unit_test(test_one_shard),
+        cmocka_unit_test(test_bad_args),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
