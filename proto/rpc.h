@@ -1,0 +1,197 @@
+/* rpc.h - the project's one thin layer over the gRPC C core API.
+ * SPDX-License-Identifier: MIT
+ *
+ * Unary calls only. Messages are opaque bytes here (the PS packs them with
+ * protobuf-c, proto/ps.proto); this layer moves them, with these rules:
+ *
+ *  - Payloads are sent as a list of segments (rpc_seg). A segment with a
+ *    'release' callback is sent zero-copy, straight from the caller's memory
+ *    (grpc_slice_new_with_user_data); release(ud) runs once gRPC no longer
+ *    needs the memory, on any thread. A segment without one is copied.
+ *  - Every client call has a deadline. Received messages are handed over as
+ *    one contiguous buffer that is valid only during the callback.
+ *  - Status codes are gRPC's own numbers (RPC_OK, RPC_INVALID_ARGUMENT, ...),
+ *    so this header does not pull in <grpc/grpc.h>.
+ *  - The message size limit is set on both the server and the channels
+ *    (send and receive); an oversized message fails with
+ *    RPC_RESOURCE_EXHAUSTED on the side that sees it.
+ *  - Servers refuse to share a port (SO_REUSEPORT off): binding a port that
+ *    is taken fails with CM_EBUSY instead of silently splitting traffic.
+ *
+ * Threads: a server runs 'threads' completion-queue threads that call the
+ * handlers; a client runs one completion-queue thread that calls the 'done'
+ * callbacks. Handlers and callbacks must not block for long, and must not
+ * call rpc_call_sync, rpc_server_shutdown/destroy or rpc_client_destroy
+ * (each waits for the thread it would be running on).
+ *
+ * Lifecycle:
+ *   rpc_server_create -> rpc_server_add_method* -> rpc_server_start
+ *     -> rpc_server_shutdown -> rpc_server_destroy
+ *   rpc_client_create -> rpc_channel_open* -> rpc_call_start*
+ *     -> rpc_channel_close* -> rpc_client_destroy
+ * rpc_init()/rpc_shutdown() wrap grpc_init/grpc_shutdown (refcounted);
+ * create/destroy call them, so users rarely need to. gRPC stays
+ * initialised from the first rpc_init() until exit.
+ */
+#ifndef RPC_H
+#define RPC_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* gRPC status codes (same numbers as grpc_status_code). */
+enum {
+    RPC_OK = 0,
+    RPC_CANCELLED = 1,
+    RPC_UNKNOWN = 2,
+    RPC_INVALID_ARGUMENT = 3,
+    RPC_DEADLINE_EXCEEDED = 4,
+    RPC_NOT_FOUND = 5,
+    RPC_ALREADY_EXISTS = 6,
+    RPC_PERMISSION_DENIED = 7,
+    RPC_RESOURCE_EXHAUSTED = 8,
+    RPC_FAILED_PRECONDITION = 9,
+    RPC_ABORTED = 10,
+    RPC_OUT_OF_RANGE = 11,
+    RPC_UNIMPLEMENTED = 12,
+    RPC_INTERNAL = 13,
+    RPC_UNAVAILABLE = 14,
+    RPC_DATA_LOSS = 15,
+    RPC_UNAUTHENTICATED = 16
+};
+
+/* "OK", "INVALID_ARGUMENT", ...; never NULL. */
+const char *rpc_status_name(int code);
+
+/* The CM_* code that best describes a gRPC status (CM_OK for RPC_OK); the
+ * table is in rpc.c. */
+int rpc_status_to_cm(int code);
+
+/* grpc_init()/grpc_shutdown(): refcounted, any thread; create/destroy call
+ * them. The first rpc_init() also pins gRPC until the process exits (the
+ * final grpc_shutdown can block for 10 s, see rpc.c), so rpc_shutdown()
+ * never tears the library down. */
+void rpc_init(void);
+void rpc_shutdown(void);
+
+/* One piece of a message to send. */
+typedef struct rpc_seg {
+    const void *data;
+    size_t len;
+    /* NULL: the bytes are copied before rpc_call_start/rpc_reply returns.
+     * Otherwise they are sent in place and release(ud) is called exactly
+     * once when gRPC is done with them (also on every error path). */
+    void (*release)(void *ud);
+    void *ud;
+} rpc_seg;
+
+/* Default message size limit (both directions, both sides): 64 MiB. */
+#define RPC_DEFAULT_MAX_MESSAGE (64 << 20)
+
+/* ------------------------------------------------------------------ */
+/* Server                                                             */
+/* ------------------------------------------------------------------ */
+
+typedef struct rpc_server rpc_server;
+typedef struct rpc_call rpc_call; /* One incoming call. */
+
+/* Called on a server thread for each call of a registered method. 'req'
+ * (len bytes) is valid only until the handler returns. The handler, or any
+ * thread later, must finish the call exactly once with rpc_reply() or
+ * rpc_fail(); until then the call stays open (a Pull may wait for a version
+ * this way without holding a thread). */
+typedef void (*rpc_handler)(void *ctx, rpc_call *call, const uint8_t *req, size_t len);
+
+typedef struct rpc_server_opts {
+    int threads;         /* Completion-queue threads (default 2). */
+    int max_message;     /* Bytes; 0 = RPC_DEFAULT_MAX_MESSAGE. */
+} rpc_server_opts;
+
+/* Create a server (not yet listening). opts may be NULL. *out NULL on
+ * error. */
+int rpc_server_create(const rpc_server_opts *opts, rpc_server **out);
+
+/* Register 'method' (full name, e.g. "/psrpc.Ps/Push"; copied). Calls to
+ * any other method are answered RPC_UNIMPLEMENTED. Before start only. */
+int rpc_server_add_method(rpc_server *s, const char *method, rpc_handler fn, void *ctx);
+
+/* Listen on 'addr' ("127.0.0.1:0" picks a free port) and start the threads.
+ * *port receives the bound port. Returns CM_EBUSY if the address cannot be
+ * bound (e.g. the port is taken), CM_EINVAL for a bad address. */
+int rpc_server_start(rpc_server *s, const char *addr, int *port);
+
+/* Stop accepting calls, let calls that are being answered finish for up to
+ * grace_ms, then cancel the rest. Calls the application still holds (not
+ * yet finished with rpc_reply/rpc_fail) must be finished by the
+ * application; rpc_server_shutdown waits until they are, so another thread
+ * must finish them (their clients already got RPC_UNAVAILABLE "Cancelling
+ * all calls"; rpc_reply still releases its segments). Handlers may still
+ * run during the grace period. Idempotent; concurrent callers all wait. */
+void rpc_server_shutdown(rpc_server *s, int grace_ms);
+
+/* Free the server (shuts it down first if needed). NULL is a no-op. */
+void rpc_server_destroy(rpc_server *s);
+
+/* Finish 'call' with RPC_OK and the concatenation of segs as the reply.
+ * Takes ownership of zero-copy segments (their release runs even if the
+ * call was cancelled). After this, 'call' must not be used. Thread-safe. */
+void rpc_reply(rpc_call *call, const rpc_seg *segs, int nsegs);
+
+/* Finish 'call' with a non-OK status and a message (copied). */
+void rpc_fail(rpc_call *call, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* The peer's address ("ipv4:127.0.0.1:53412"); valid until the call is
+ * finished. */
+const char *rpc_call_peer(rpc_call *call);
+
+/* ------------------------------------------------------------------ */
+/* Client                                                             */
+/* ------------------------------------------------------------------ */
+
+typedef struct rpc_client rpc_client;
+typedef struct rpc_channel rpc_channel;
+
+/* Called once per call on the client thread. On RPC_OK, reply holds the
+ * reply message (len bytes, valid only during the callback); otherwise
+ * 'message' says why (never NULL). */
+typedef void (*rpc_done)(void *ud, int code, const char *message, const uint8_t *reply,
+                         size_t len);
+
+typedef struct rpc_client_opts {
+    int max_message; /* Bytes; 0 = RPC_DEFAULT_MAX_MESSAGE. */
+} rpc_client_opts;
+
+int rpc_client_create(const rpc_client_opts *opts, rpc_client **out);
+
+/* Destroy the client: every channel must be closed and every call done
+ * (calls still in flight are waited for, and logged as a bug). */
+void rpc_client_destroy(rpc_client *c);
+
+/* A channel to 'target' ("host:port"). Connecting is lazy. */
+int rpc_channel_open(rpc_client *c, const char *target, rpc_channel **out);
+void rpc_channel_close(rpc_channel *ch);
+const char *rpc_channel_target(const rpc_channel *ch);
+
+/* Flags for rpc_call_start. */
+enum {
+    /* Wait (up to the deadline) for the server to come up instead of
+     * failing at once with RPC_UNAVAILABLE. */
+    RPC_WAIT_FOR_READY = 1
+};
+
+/* Start a unary call of 'method' with the concatenation of segs as the
+ * request; 'done' runs exactly once, on the client thread, even when the
+ * call cannot start (then with RPC_INTERNAL, e.g. for deadline_ms <= 0; a
+ * NULL channel, which has no thread, runs it at once on the caller's).
+ * Takes ownership of zero-copy segments. deadline_ms > 0. Thread-safe. */
+void rpc_call_start(rpc_channel *ch, const char *method, const rpc_seg *segs, int nsegs,
+                    int64_t deadline_ms, int flags, rpc_done done, void *ud);
+
+/* A blocking unary call, for tools and tests: returns the gRPC status and
+ * fills *reply (malloc'd, free() it) and *len on RPC_OK, or msg (errlen
+ * bytes, may be NULL) otherwise. */
+int rpc_call_sync(rpc_channel *ch, const char *method, const void *req, size_t req_len,
+                  int64_t deadline_ms, int flags, uint8_t **reply, size_t *len, char *msg,
+                  size_t msglen);
+
+#endif /* RPC_H */
