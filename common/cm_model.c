@@ -52,6 +52,20 @@ int cm_model_create_mlp(const int *sizes, int nsizes, cm_model **out) {
     return CM_OK;
 }
 
+int cm_model_create_vector(size_t n, cm_model **out) {
+    *out = NULL;
+    if (n < 1) return CM_EINVAL;
+    cm_model *m = cm_calloc(1, sizeof *m);
+    snprintf(m->kind, sizeof m->kind, "vector");
+    m->nsizes = 1;
+    m->sizes[0] = n > 0x7fffffff ? 0x7fffffff : (int)n;
+    m->vars = cm_calloc(1, sizeof *m->vars);
+    int64_t dims[1] = {(int64_t)n};
+    add_var(m, "bench/data", 1, dims, CM_INIT_ZERO, 1, 1);
+    *out = m;
+    return CM_OK;
+}
+
 void cm_model_destroy(cm_model *m) {
     if (!m) return;
     free(m->vars);

@@ -35,7 +35,7 @@ typedef struct cm_var {
 } cm_var;
 
 typedef struct cm_model {
-    char kind[16]; /* "mlp" */
+    char kind[16]; /* "mlp" or "vector" */
     int nsizes;    /* Layer widths, input first: 784,256,128,10. */
     int sizes[CM_MLP_MAX_SIZES];
     int nvars;
@@ -50,6 +50,10 @@ typedef struct cm_model {
  * with cm_model_destroy() (NULL is a no-op). */
 int cm_model_create_mlp(const int *sizes, int nsizes, cm_model **out);
 void cm_model_destroy(cm_model *m);
+
+/* A model of one 1-D variable "bench/data" of n floats, zero-initialised
+ * (kind "vector"): the workload of the push/pull benchmarks. */
+int cm_model_create_vector(size_t n, cm_model **out);
 
 /* Parse "784,256,128,10" into sizes; returns the count or CM_EINVAL. */
 int cm_parse_sizes(const char *s, int *sizes, int max);

@@ -19,6 +19,7 @@ int ps_optim_parse(const char *name) {
     if (!strcmp(name, "sgd")) return PS_OPTIM_SGD;
     if (!strcmp(name, "momentum")) return PS_OPTIM_MOMENTUM;
     if (!strcmp(name, "adam")) return PS_OPTIM_ADAM;
+    if (!strcmp(name, "add")) return PS_OPTIM_ADD;
     return -1;
 }
 
@@ -27,6 +28,7 @@ const char *ps_optim_name(int kind) {
     case PS_OPTIM_SGD: return "sgd";
     case PS_OPTIM_MOMENTUM: return "momentum";
     case PS_OPTIM_ADAM: return "adam";
+    case PS_OPTIM_ADD: return "add";
     }
     return "unknown";
 }
@@ -41,6 +43,10 @@ int ps_optim_nslots(int kind) {
 
 static void sgd(float lr, float *restrict w, const float *restrict g, size_t n) {
     for (size_t i = 0; i < n; i++) w[i] -= lr * g[i];
+}
+
+static void add(float *restrict w, const float *restrict g, size_t n) {
+    for (size_t i = 0; i < n; i++) w[i] += g[i];
 }
 
 static void momentum(float lr, float mu, float *restrict w, const float *restrict g,
@@ -70,5 +76,6 @@ void ps_optim_apply(const ps_optim_cfg *cfg, int64_t t, float *w, const float *g
     case PS_OPTIM_SGD: sgd(cfg->lr, w, g, n); break;
     case PS_OPTIM_MOMENTUM: momentum(cfg->lr, cfg->momentum, w, g, slots, n); break;
     case PS_OPTIM_ADAM: adam(cfg, t < 1 ? 1 : t, w, g, slots, slots + n, n); break;
+    case PS_OPTIM_ADD: add(w, g, n); break;
     }
 }

@@ -17,7 +17,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum ps_optim_kind { PS_OPTIM_SGD = 0, PS_OPTIM_MOMENTUM = 1, PS_OPTIM_ADAM = 2 };
+enum ps_optim_kind {
+    PS_OPTIM_SGD = 0,
+    PS_OPTIM_MOMENTUM = 1,
+    PS_OPTIM_ADAM = 2,
+    PS_OPTIM_ADD = 3 /* w += g: no learning rate; benchmarks and tests. */
+};
 
 typedef struct ps_optim_cfg {
     int kind;         /* enum ps_optim_kind */
@@ -31,7 +36,7 @@ typedef struct ps_optim_cfg {
 /* Defaults for 'kind' with learning rate 'lr'. */
 ps_optim_cfg ps_optim_defaults(int kind, float lr);
 
-/* "sgd" | "momentum" | "adam" -> kind, or -1. */
+/* "sgd" | "momentum" | "adam" | "add" -> kind, or -1. */
 int ps_optim_parse(const char *name);
 const char *ps_optim_name(int kind);
 

@@ -1,0 +1,86 @@
+/* ps_client.h - the PS client library: push gradients, pull parameters.
+ * SPDX-License-Identifier: MIT
+ *
+ * What workers, benchmarks and users' own training loops link to talk to
+ * the PS shards of a cluster, as ps-lite's KVWorker is. Vectors are the
+ * model's flat parameter layout (cm_model); the client splits them by the
+ * placement and talks to every shard in parallel.
+ *
+ * Conventions:
+ *  - ps_client_push/pull start the calls and return a ticket at once; wait
+ *    for it with ps_ticket_wait(), which frees it. Until then the buffers
+ *    passed in must stay valid and unchanged (pushes are sent zero-copy from
+ *    them; pulls are written into them).
+ *  - Every call has a deadline (cfg.deadline_ms). UNAVAILABLE is retried
+ *    with exponential backoff until cfg.connect_timeout_ms has passed, then
+ *    the error names the PS that could not be reached. Retried pushes are
+ *    safe: a shard counts each (worker, step) once.
+ *  - Errors return a negative CM_E* and put a message in err.
+ * A ps_client is used by one thread at a time.
+ */
+#ifndef PS_CLIENT_H
+#define PS_CLIENT_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/cm_model.h"
+#include "common/cm_placement.h"
+#include "ps/ps_optim.h"
+
+typedef struct ps_client ps_client;
+typedef struct ps_ticket ps_ticket;
+
+typedef struct ps_client_cfg {
+    const cm_model *model;         /* Borrowed; outlives the client. */
+    const cm_placement *placement; /* Borrowed; outlives the client. */
+    const char *const *ps_addrs;   /* placement->nshards "host:port" strings. */
+    int rank;                      /* This caller's training rank. */
+    int64_t deadline_ms;           /* Per call (0 = 60000). */
+    int64_t connect_timeout_ms;    /* Retrying UNAVAILABLE (0 = 30000). */
+    int max_message;               /* Bytes (0 = the rpc default, 64 MiB). */
+} ps_client_cfg;
+
+/* What the chief initialises the shards with (psrpc.InitRequest). */
+typedef struct ps_init_cfg {
+    ps_optim_cfg optim;
+    uint64_t seed;
+    int num_workers;
+    int async;     /* 0 = synchronous steps, 1 = apply every push at once. */
+    int sum;       /* 0 = average the workers' gradients, 1 = sum them. */
+    int zero_init; /* Start at zeros (benchmarks). */
+} ps_init_cfg;
+
+int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen);
+void ps_client_close(ps_client *c);
+
+/* Initialise every shard (idempotent for the same config). Blocking. */
+int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errlen);
+
+/* Push 'grad' (model->numel floats) as this rank's gradient for 'step'. */
+int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **t);
+
+/* Pull every partition at version >= min_version into params. */
+int ps_client_pull(ps_client *c, int64_t min_version, float *params, ps_ticket **t);
+
+/* Push 'grad' for 'step' and, in the same call, pull the parameters that
+ * result into params: version step + 1 in sync mode, the newest in async
+ * mode. One round trip per shard instead of two. grad and params must not
+ * overlap. */
+int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *params,
+                        ps_ticket **t);
+
+/* Wait for a ticket and free it. *version (may be NULL) gets the smallest
+ * shard version seen. Returns CM_OK or the first error, with a message. */
+int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen);
+
+/* Ask every shard to shut down (the chief, at the end). Blocking. */
+int ps_client_shutdown_servers(ps_client *c, const char *reason, char *err, size_t errlen);
+
+/* Per-shard counters (psrpc.StatsReply), summed over shards. */
+typedef struct ps_client_stats {
+    int64_t min_version;
+    uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
+} ps_client_stats;
+int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen);
+
+#endif /* PS_CLIENT_H */

@@ -1,0 +1,161 @@
+/* ps_main.c - the psserver command: one PS shard as a process.
+ * SPDX-License-Identifier: MIT
+ *
+ * Reads its task from TF_CONFIG (type "ps"), or from flags, builds the
+ * model's variable list and the placement exactly as the workers do, serves
+ * until the chief sends Shutdown (or SIGINT/SIGTERM), then exits 0.
+ * Exit status: 0 after a shutdown, 1 on errors, 3 if the address could not
+ * be bound (so a launcher can pick another port and retry).
+ */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/cm_cluster.h"
+#include "common/cm_log.h"
+#include "common/cm_model.h"
+#include "common/cm_placement.h"
+#include "common/cm_status.h"
+#include "ps/ps_server.h"
+
+static volatile sig_atomic_t got_signal;
+
+static void on_signal(int sig) { got_signal = sig; }
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: psserver [options]\n"
+            "Serve one parameter-server shard over gRPC.\n\n"
+            "The task comes from TF_CONFIG ({\"cluster\":{\"ps\":[...],\"worker\":[...]},\n"
+            "\"task\":{\"type\":\"ps\",\"index\":I}}); flags override it.\n\n"
+            "  --ps-hosts H:P,...         the PS list (overrides TF_CONFIG's)\n"
+            "  --worker-hosts H:P,...     the worker list\n"
+            "  --task-index I             this shard's index in the PS list\n"
+            "  --listen ADDR              bind here instead of the PS list's address\n"
+            "                             (e.g. 0.0.0.0:5000)\n"
+            "  --layers W,W,...           model layer widths (default 784,256,128,10);\n"
+            "                             must match the workers'\n"
+            "  --min-partition-bytes N    placement's minimum partition (default 262144)\n"
+            "  --vector N                 serve a single vector of N floats instead of the\n"
+            "                             MLP (the push/pull benchmark's model)\n"
+            "  --threads N                gRPC threads (default 2)\n"
+            "  --max-message-mb N         gRPC message limit (default 64)\n"
+            "  -h, --help                 this text\n");
+}
+
+int main(int argc, char **argv) {
+    static const struct option opts[] = {{"ps-hosts", required_argument, 0, 'p'},
+                                         {"worker-hosts", required_argument, 0, 'w'},
+                                         {"task-index", required_argument, 0, 'i'},
+                                         {"listen", required_argument, 0, 'l'},
+                                         {"layers", required_argument, 0, 'L'},
+                                         {"min-partition-bytes", required_argument, 0, 'm'},
+                                         {"vector", required_argument, 0, 'V'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"max-message-mb", required_argument, 0, 'M'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL;
+    int task_index = -1, threads = 2, max_mb = 64, nsizes = 4;
+    int sizes[CM_MLP_MAX_SIZES] = {784, 256, 128, 10};
+    long min_part = (long)CM_PLACEMENT_MIN_PART_BYTES, vector = 0;
+    int c;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'p': ps_hosts = optarg; break;
+        case 'w': worker_hosts = optarg; break;
+        case 'i': task_index = atoi(optarg); break;
+        case 'l': listen = optarg; break;
+        case 'L':
+            if ((nsizes = cm_parse_sizes(optarg, sizes, CM_MLP_MAX_SIZES)) < 0) {
+                fprintf(stderr, "psserver: bad --layers '%s'\n", optarg);
+                return 1;
+            }
+            break;
+        case 'm': min_part = atol(optarg); break;
+        case 'V': vector = atol(optarg); break;
+        case 't': threads = atoi(optarg); break;
+        case 'M': max_mb = atoi(optarg); break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 1;
+        }
+    }
+    if (optind < argc || min_part < 1 || threads < 1 || threads > 64 || max_mb < 1 ||
+        max_mb > 2047) {
+        fprintf(stderr, "psserver: bad arguments (see --help)\n");
+        return 1;
+    }
+    char err[512];
+    cm_cluster *cl = NULL;
+    int rc = cm_cluster_from_env(&cl, err, sizeof err);
+    if (rc != CM_OK && rc != CM_ENOTFOUND) {
+        fprintf(stderr, "psserver: %s\n", err);
+        return 1;
+    }
+    if ((ps_hosts && cm_cluster_set_list(cl, CM_TASK_PS, ps_hosts, err, sizeof err)) ||
+        (worker_hosts && cm_cluster_set_list(cl, CM_TASK_WORKER, worker_hosts, err, sizeof err))) {
+        fprintf(stderr, "psserver: %s\n", err);
+        cm_cluster_destroy(cl);
+        return 1;
+    }
+    if (task_index >= 0) cm_cluster_set_task(cl, CM_TASK_PS, task_index);
+    if (cm_cluster_validate(cl, err, sizeof err) != CM_OK) {
+        fprintf(stderr, "psserver: %s\n", err);
+        cm_cluster_destroy(cl);
+        return 1;
+    }
+    if (cl->task_type != CM_TASK_PS) {
+        fprintf(stderr, "psserver: this task is %s:%d, not a ps task\n",
+                cm_task_type_name(cl->task_type), cl->task_index);
+        cm_cluster_destroy(cl);
+        return 1;
+    }
+    char tag[32];
+    snprintf(tag, sizeof tag, "ps %d", cl->task_index);
+    cm_log_set_tag(tag);
+
+    cm_model *model = NULL;
+    cm_placement *pl = NULL;
+    ps_server *srv = NULL;
+    int status = 1;
+    if ((vector > 0 ? cm_model_create_vector((size_t)vector, &model)
+                    : cm_model_create_mlp(sizes, nsizes, &model)) != CM_OK ||
+        cm_placement_create(model, cl->n[CM_TASK_PS], (size_t)min_part, &pl) != CM_OK) {
+        cm_error("cannot build the model or its placement");
+        goto out;
+    }
+    ps_server_cfg cfg = {.model = model, .placement = pl, .shard = cl->task_index,
+                         .threads = threads, .max_message = max_mb << 20};
+    if (ps_server_create(&cfg, &srv) != CM_OK) {
+        cm_error("cannot create the server");
+        goto out;
+    }
+    const char *addr = listen ? listen : cm_cluster_self(cl);
+    int port = 0;
+    rc = ps_server_start(srv, addr, &port);
+    if (rc != CM_OK) {
+        cm_error("cannot listen on %s: %s", addr, cm_strerror(rc));
+        status = rc == CM_EBUSY ? 3 : 1;
+        goto out;
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    cm_info("serving shard %d of %d (%d partitions, %zu bytes) on %s, port %d", cl->task_index,
+            pl->nshards, pl->shard_nparts[cl->task_index], pl->shard_bytes[cl->task_index], addr,
+            port);
+    while (!ps_server_wait(srv, 200))
+        if (got_signal) ps_server_request_stop(srv, got_signal == SIGINT ? "SIGINT" : "SIGTERM");
+    cm_info("stopping: %s", ps_server_stop_reason(srv));
+    status = 0;
+out:
+    ps_server_destroy(srv, 2000);
+    cm_placement_destroy(pl);
+    cm_model_destroy(model);
+    cm_cluster_destroy(cl);
+    return status;
+}

@@ -1,0 +1,50 @@
+/* ps_server.h - a PS process's service: one shard behind the gRPC methods.
+ * SPDX-License-Identifier: MIT
+ *
+ * Methods of service psrpc.Ps (proto/ps.proto): Init, Push, Pull, Stats,
+ * Shutdown. Every request's cluster fingerprint is checked first. Bad
+ * requests get INVALID_ARGUMENT, a wrong cluster or a push out of step
+ * FAILED_PRECONDITION, oversized messages RESOURCE_EXHAUSTED (gRPC), other
+ * methods UNIMPLEMENTED; none of them changes the shard.
+ *
+ *   ps_server_create -> ps_server_start -> ps_server_wait -> ps_server_destroy
+ */
+#ifndef PS_SERVER_H
+#define PS_SERVER_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/cm_model.h"
+#include "common/cm_placement.h"
+
+typedef struct ps_server ps_server;
+
+typedef struct ps_server_cfg {
+    const cm_model *model;        /* Borrowed; outlives the server. */
+    const cm_placement *placement; /* Borrowed; outlives the server. */
+    int shard;                    /* This process's shard index. */
+    int threads;                  /* gRPC threads (0 = 2). */
+    int max_message;              /* Bytes (0 = RPC_DEFAULT_MAX_MESSAGE). */
+} ps_server_cfg;
+
+int ps_server_create(const ps_server_cfg *cfg, ps_server **out);
+
+/* Listen on addr ("host:port"; port 0 picks one) and serve. *port gets the
+ * bound port. CM_EBUSY if the address cannot be bound. */
+int ps_server_start(ps_server *s, const char *addr, int *port);
+
+/* Wait until a Shutdown request arrives, ps_server_request_stop() is
+ * called, or timeout_ms passes (< 0: forever). Returns 1 if stopping. */
+int ps_server_wait(ps_server *s, int timeout_ms);
+
+/* Ask the server to stop (thread-safe; not async-signal-safe). */
+void ps_server_request_stop(ps_server *s, const char *reason);
+
+/* Why it stopped ("" if it did not). */
+const char *ps_server_stop_reason(ps_server *s);
+
+/* Fail waiting pulls, let replies in flight finish (up to grace_ms), stop
+ * and free. NULL is a no-op. */
+void ps_server_destroy(ps_server *s, int grace_ms);
+
+#endif /* PS_SERVER_H */

@@ -1,0 +1,132 @@
+/* ps_shard.h - one PS shard: its partitions, versions and synchronisation.
+ * SPDX-License-Identifier: MIT
+ *
+ * Pure state, no I/O: the server (ps_server.c) decodes requests and calls
+ * in here; tests drive it directly. Thread-safe: every function may be
+ * called from any thread.
+ *
+ * Versions. After init the shard is at version 0 (the initial values). In
+ * sync mode, step t's gradients are expected at version t; once all W
+ * workers have pushed step t, their gradients are averaged (or summed),
+ * the optimizer runs once, and the version becomes t + 1. In async mode
+ * every push is applied at once and bumps the version.
+ *
+ * Pushes in sync mode, from worker w for step t at version v:
+ *   t == v, w not yet counted     accepted (the apply may happen now)
+ *   t == v, w already counted     duplicate: OK, not counted again
+ *   t <  v, t == w's last push    duplicate (a retry after a lost reply): OK
+ *   t <  v otherwise              stale: refused, counted
+ *   t >  v                        early: refused, counted
+ * In async mode a push is applied at once unless its step is not above the
+ * worker's last one (a retry: duplicate). Steps below 0 are invalid.
+ * Pulls: answered with the newest snapshot once version >= min_version.
+ * A snapshot is an immutable copy of all the shard's partitions at one
+ * version; replies reference it (zero-copy) and release it when sent, so a
+ * reply never reads the array being updated. Snapshot buffers are recycled.
+ */
+#ifndef PS_SHARD_H
+#define PS_SHARD_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/cm_model.h"
+#include "common/cm_placement.h"
+#include "ps/ps_optim.h"
+
+typedef struct ps_shard ps_shard;
+
+enum ps_sync_mode { PS_SYNC = 1, PS_ASYNC = 2 };
+enum ps_aggregate { PS_AGG_MEAN = 0, PS_AGG_SUM = 1 };
+
+typedef struct ps_shard_config {
+    ps_optim_cfg optim;
+    uint64_t seed;
+    int num_workers;
+    int sync;      /* enum ps_sync_mode */
+    int aggregate; /* enum ps_aggregate */
+    int zero_init; /* Start at zeros instead of cm_var_init. */
+} ps_shard_config;
+
+/* One gradient of a push: partition id (placement) and its values. */
+typedef struct ps_grad {
+    uint32_t part;
+    int dtype_ok;          /* 1 if the sender said float32. */
+    int nshape;
+    const uint64_t *shape; /* As sent. */
+    const uint8_t *data;   /* Raw little-endian float32, maybe unaligned. */
+    size_t len;            /* Bytes. */
+} ps_grad;
+
+/* An immutable copy of the shard's partitions at one version. */
+typedef struct ps_snapshot ps_snapshot;
+int64_t ps_snapshot_version(const ps_snapshot *s);
+/* The values of the i-th partition this shard owns (see ps_shard_parts). */
+const float *ps_snapshot_part(const ps_snapshot *s, int i);
+void ps_snapshot_ref(ps_snapshot *s);
+void ps_snapshot_unref(ps_snapshot *s);
+
+/* Results of ps_shard_push besides CM_OK. */
+enum {
+    PS_PUSH_OK = 0,
+    PS_PUSH_DUPLICATE = 1,  /* OK on the wire, not counted again. */
+    PS_PUSH_STALE = -100,   /* FAILED_PRECONDITION */
+    PS_PUSH_EARLY = -101,   /* FAILED_PRECONDITION */
+    PS_PUSH_INVALID = -102, /* INVALID_ARGUMENT: shape, dtype, partition */
+    PS_PUSH_NOT_READY = -103 /* FAILED_PRECONDITION: not initialised */
+};
+
+typedef struct ps_shard_stats {
+    int64_t version;
+    uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
+    int nparts;
+    size_t bytes;
+} ps_shard_stats;
+
+/* The shard 'index' of 'placement' for 'model' (both borrowed; they must
+ * outlive the shard). Not initialised yet: pushes are refused and pulls
+ * wait. Returns CM_EINVAL, CM_ENOMEM; *out NULL on error. */
+int ps_shard_create(const cm_model *model, const cm_placement *placement, int index,
+                    ps_shard **out);
+
+/* Fail every waiting pull (callback with NULL) and free. NULL is a no-op.
+ * The caller must ensure no other call is in progress. */
+void ps_shard_destroy(ps_shard *s);
+
+/* Partitions this shard owns: placement partition ids, ascending. */
+const uint32_t *ps_shard_parts(const ps_shard *s, int *nparts);
+
+/* Initialise (values from cfg->seed) or, if already initialised with the
+ * same config, do nothing. A different config is refused: CM_EBUSY with a
+ * message naming both. *version receives the current version. */
+int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, char *err,
+                  size_t errlen);
+
+/* Push worker 'worker's gradients for 'step'. In sync mode the request
+ * must carry each of the shard's partitions exactly once. Everything is
+ * validated before anything changes: on error the shard is unchanged.
+ * Returns PS_PUSH_OK or PS_PUSH_DUPLICATE (with *version set), or a
+ * negative PS_PUSH_* with a message in err. */
+int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
+                  int64_t *version, char *err, size_t errlen);
+
+/* Called with a snapshot reference the callee owns (unref when done), or
+ * with NULL when the shard shuts down before the version exists. */
+typedef void (*ps_pull_cb)(void *ud, ps_snapshot *snap);
+
+/* Ask for a snapshot of version >= min_version: cb runs now, on this
+ * thread, if it exists, else later on the thread whose push creates it
+ * (never with the shard's lock held). */
+void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud);
+
+/* Answer every waiting pull with NULL, and every later one too (shutdown). */
+void ps_shard_abort_waiters(ps_shard *s);
+
+/* 1 if initialised in async mode. */
+int ps_shard_is_async(ps_shard *s);
+
+/* Count a request that was refused before reaching the shard. */
+void ps_shard_count_bad(ps_shard *s);
+
+void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out);
+
+#endif /* PS_SHARD_H */

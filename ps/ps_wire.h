@@ -1,0 +1,94 @@
+/* ps_wire.h - protobuf messages with tensor payloads that are not copied.
+ * SPDX-License-Identifier: MIT
+ *
+ * protobuf-c copies every `bytes` field on pack and unpack. For tensors that
+ * is one or two extra copies of every gradient and parameter, so messages
+ * that carry tensors (PushRequest.grads, PullReply.params) are written and
+ * read here instead, as valid protobuf on the wire:
+ *
+ *  - Writing: the small fields are packed by protobuf-c; each tensor is the
+ *    field's tag and length, its small fields packed by protobuf-c, then the
+ *    data field's tag and length and the data itself as a zero-copy segment
+ *    (rpc_seg with a release callback) pointing into the sender's memory.
+ *  - Reading: the top-level fields are split; everything but the tensor
+ *    field is unpacked by protobuf-c, each tensor's small fields are
+ *    unpacked by protobuf-c, and its data is returned as a pointer into the
+ *    received buffer. Data pointers may be unaligned: read them with
+ *    memcpy (ps_wire_load_add and friends do).
+ * Any malformed input is refused with CM_EINVAL and a message.
+ */
+#ifndef PS_WIRE_H
+#define PS_WIRE_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/cm_model.h"
+#include "common/cm_placement.h"
+#include "proto/ps.pb-c.h"
+#include "proto/rpc.h"
+
+/* ------------------------------------------------------------ writing */
+
+typedef struct ps_wire_writer {
+    rpc_seg *segs; /* Output segments; small ones point into 'small'. */
+    int nsegs, cap;
+    uint8_t *small; /* Packed small fields and tensor framing. */
+    size_t small_len, small_cap;
+    size_t *small_off; /* Per segment: offset into small, or SIZE_MAX. */
+} ps_wire_writer;
+
+void ps_wire_writer_init(ps_wire_writer *w);
+
+/* Append a whole message packed by protobuf-c (its tensor fields must be
+ * empty; tensors are appended with ps_wire_put_tensor). */
+void ps_wire_put_message(ps_wire_writer *w, const ProtobufCMessage *m);
+
+/* Append one Tensor as top-level field 'field': 'meta' (data left empty)
+ * plus 'len' bytes at 'data', sent in place. 'release(ud)' (may be NULL for
+ * memory that outlives the call) runs when gRPC is done with the bytes. */
+void ps_wire_put_tensor(ps_wire_writer *w, uint32_t field, const Psrpc__Tensor *meta,
+                        const void *data, size_t len, void (*release)(void *), void *ud);
+
+/* The segments to hand to rpc_call_start/rpc_reply; valid until the writer
+ * is reset or freed. */
+const rpc_seg *ps_wire_segs(ps_wire_writer *w, int *nsegs);
+
+/* Total bytes written so far. */
+size_t ps_wire_size(const ps_wire_writer *w);
+
+/* Free the writer's buffers (not the zero-copy data). Call after the
+ * segments were handed over (rpc copies the small ones). If they never
+ * were, pass run_releases = 1 so zero-copy segments are released. */
+void ps_wire_writer_free(ps_wire_writer *w, int run_releases);
+
+/* ------------------------------------------------------------ reading */
+
+typedef struct ps_wire_tensor {
+    Psrpc__Tensor *meta; /* Small fields (data empty). */
+    const uint8_t *data; /* Into the received buffer; may be unaligned. */
+    size_t len;
+} ps_wire_tensor;
+
+typedef struct ps_wire_msg {
+    ProtobufCMessage *msg; /* Everything but the tensors. */
+    int ntensors;
+    ps_wire_tensor *tensors;
+} ps_wire_msg;
+
+/* Decode 'buf' as a message of type 'desc' whose repeated Tensor field is
+ * number 'tensor_field'. Returns CM_OK or CM_EINVAL (message in err). The
+ * result borrows 'buf' for the data pointers; free with ps_wire_msg_free. */
+int ps_wire_decode(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
+                   const uint8_t *buf, size_t len, ps_wire_msg *out, char *err, size_t errlen);
+void ps_wire_msg_free(ps_wire_msg *m);
+
+/* The identity every request carries: a fingerprint of the model, the
+ * number of PS and the placement (placement->fingerprint covers all three)
+ * and the same in words, e.g. "mlp 784,256,128,10 on 2 PS (min partition
+ * 262144 B)", written to desc. */
+uint64_t ps_wire_identity(const cm_model *m, const cm_placement *pl, char *desc, size_t len);
+
+/* dst[i] += value i of src (n floats, src possibly unaligned). */
+void ps_wire_load_add(float *dst, const uint8_t *src, size_t n);
+
+#endif /* PS_WIRE_H */

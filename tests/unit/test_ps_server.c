@@ -1,0 +1,1030 @@
+/* test_ps_server.c - unit tests for the PS gRPC service (ps/ps_server.c).
+ * SPDX-License-Identifier: MIT
+ *
+ * Each test starts the two shards of an MLP 784,64,10 placed on 2 PS (64 KiB
+ * minimum partition, so the first kernel is split) as two in-process
+ * servers on 127.0.0.1:0. The happy path goes through ps_client; bad input
+ * is hand-built with protobuf-c and sent with rpc_call_sync to shard 0.
+ * After every refused request the server must still answer and hold the
+ * values it held before, compared bit for bit. Every wait is bounded.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/cm_model.h"
+#include "common/cm_placement.h"
+#include "common/cm_status.h"
+#include "proto/ps.pb-c.h"
+#include "proto/rpc.h"
+#include "ps/ps_client.h"
+#include "ps/ps_optim.h"
+#include "ps/ps_server.h"
+#include "ps/ps_wire.h"
+
+/* ===== Helpers ===== */
+
+#define CHECK(x)                                                                  \
+    do {                                                                          \
+        if (!(x)) {                                                               \
+            fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #x); \
+            abort();                                                              \
+        }                                                                         \
+    } while (0)
+
+#define SEED 7
+#define LR 0.5f
+#define MIN_PART (64u << 10)
+#define DEADLINE 5000
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Turns a hang into a failure: abort() with a message if not disarmed in
+ * time (a stuck destroy would otherwise wait for ctest's timeout). */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int armed;
+    const char *what;
+} dog = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL};
+
+static void *dog_main(void *arg) {
+    int64_t ms = (int64_t)(intptr_t)arg;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += ms / 1000;
+    until.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&dog.mu);
+    while (dog.armed)
+        if (pthread_cond_timedwait(&dog.cv, &dog.mu, &until) != 0 && dog.armed) {
+            fprintf(stderr, "watchdog: %s did not return within %lld ms\n", dog.what,
+                    (long long)ms);
+            abort();
+        }
+    pthread_mutex_unlock(&dog.mu);
+    return NULL;
+}
+
+static pthread_t dog_arm(const char *what, int ms) {
+    pthread_t t;
+    pthread_mutex_lock(&dog.mu);
+    dog.armed = 1;
+    dog.what = what;
+    pthread_mutex_unlock(&dog.mu);
+    CHECK(pthread_create(&t, NULL, dog_main, (void *)(intptr_t)ms) == 0);
+    return t;
+}
+
+static void dog_disarm(pthread_t t) {
+    pthread_mutex_lock(&dog.mu);
+    dog.armed = 0;
+    pthread_cond_broadcast(&dog.cv);
+    pthread_mutex_unlock(&dog.mu);
+    pthread_join(t, NULL);
+}
+
+/* Destroy a server, which must return promptly. */
+static void destroy_promptly(ps_server *s) {
+    int64_t t0 = now_ms();
+    pthread_t dt = dog_arm("ps_server_destroy", 10000);
+    ps_server_destroy(s, 100);
+    dog_disarm(dt);
+    assert_true(now_ms() - t0 < 5000); /* Generous: CI machines are slow. */
+}
+
+typedef struct fixture {
+    cm_model *m;
+    cm_placement *pl;
+    ps_server *srv[2];
+    char addr[2][32];
+    const char *addrs[2];
+    ps_client *cli[2]; /* Ranks 0 and 1. */
+    rpc_client *raw;
+    rpc_channel *ch; /* Raw calls to shard 0. */
+    uint64_t fp;
+    char desc[256];
+    float *init; /* The initial values of the whole model. */
+} fixture;
+
+static fixture F;
+
+static void fx_start(int max_message) {
+    static const int sizes[] = {784, 64, 10};
+    fixture *f = &F;
+    memset(f, 0, sizeof *f);
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &f->m), CM_OK);
+    assert_int_equal(cm_placement_create(f->m, 2, MIN_PART, &f->pl), CM_OK);
+    f->fp = ps_wire_identity(f->m, f->pl, f->desc, sizeof f->desc);
+    for (int i = 0; i < 2; i++) {
+        ps_server_cfg sc = {.model = f->m, .placement = f->pl, .shard = i,
+                            .max_message = max_message};
+        assert_int_equal(ps_server_create(&sc, &f->srv[i]), CM_OK);
+        int port = 0;
+        assert_int_equal(ps_server_start(f->srv[i], "127.0.0.1:0", &port), CM_OK);
+        assert_true(port > 0);
+        snprintf(f->addr[i], sizeof f->addr[i], "127.0.0.1:%d", port);
+        f->addrs[i] = f->addr[i];
+    }
+    for (int r = 0; r < 2; r++) {
+        ps_client_cfg cc = {.model = f->m, .placement = f->pl, .ps_addrs = f->addrs, .rank = r,
+                            .deadline_ms = DEADLINE, .connect_timeout_ms = 2000};
+        char err[256] = "";
+        if (ps_client_open(&cc, &f->cli[r], err, sizeof err) != CM_OK) fail_msg("%s", err);
+    }
+    rpc_client_opts ro = {.max_message = 8 << 20};
+    assert_int_equal(rpc_client_create(&ro, &f->raw), CM_OK);
+    assert_int_equal(rpc_channel_open(f->raw, f->addr[0], &f->ch), CM_OK);
+    f->init = malloc(f->m->numel * sizeof(float));
+    assert_non_null(f->init);
+    cm_model_init(f->m, SEED, f->init);
+}
+
+/* Stop everything; the servers must go away promptly. */
+static void fx_stop(void) {
+    fixture *f = &F;
+    rpc_channel_close(f->ch);
+    rpc_client_destroy(f->raw);
+    ps_client_close(f->cli[0]);
+    ps_client_close(f->cli[1]);
+    for (int i = 0; i < 2; i++) destroy_promptly(f->srv[i]);
+    free(f->init);
+    cm_placement_destroy(f->pl);
+    cm_model_destroy(f->m);
+    memset(f, 0, sizeof *f);
+}
+
+static ps_init_cfg init_cfg(void) {
+    ps_init_cfg c = {.optim = ps_optim_defaults(PS_OPTIM_SGD, LR), .seed = SEED,
+                     .num_workers = 2};
+    return c;
+}
+
+static void init_ok(void) {
+    ps_init_cfg c = init_cfg();
+    char err[512] = "";
+    if (ps_client_init(F.cli[0], &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
+}
+
+/* Multiples of 1/32 in [-0.5, 0.5]: means and LR * mean are exact. */
+static void grad_fill(float *g, size_t n, int worker, int64_t step) {
+    for (size_t i = 0; i < n; i++)
+        g[i] = (float)((int)((i * 7 + (size_t)worker * 13 + (size_t)step * 5) % 33) - 16) /
+               32.0f;
+}
+
+/* ref -= LR * mean over both workers' gradients of 'step'. */
+static void ref_step(float *ref, int64_t step) {
+    size_t n = F.m->numel;
+    float *g0 = malloc(n * sizeof *g0), *g1 = malloc(n * sizeof *g1);
+    assert_true(g0 && g1);
+    grad_fill(g0, n, 0, step);
+    grad_fill(g1, n, 1, step);
+    for (size_t i = 0; i < n; i++) ref[i] = ref[i] - LR * ((g0[i] + g1[i]) / 2.0f);
+    free(g0);
+    free(g1);
+}
+
+static void expect_same(const float *want, const float *got, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (memcmp(&want[i], &got[i], sizeof(float)) != 0) {
+            fprintf(stderr, "element %zu: want %.9g got %.9g\n", i, (double)want[i],
+                    (double)got[i]);
+            fail();
+        }
+    }
+}
+
+/* Push rank r's deterministic gradient for 'step' through ps_client. */
+static int client_push(int r, int64_t step, int64_t *version, char *err, size_t errlen) {
+    float *g = malloc(F.m->numel * sizeof *g);
+    assert_non_null(g);
+    grad_fill(g, F.m->numel, r, step);
+    ps_ticket *t = NULL;
+    assert_int_equal(ps_client_push(F.cli[r], step, g, &t), CM_OK);
+    int rc = ps_ticket_wait(t, version, err, errlen);
+    free(g);
+    return rc;
+}
+
+static void client_push_ok(int r, int64_t step, int64_t want_version) {
+    char err[512] = "";
+    int64_t v = -1;
+    if (client_push(r, step, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(v, want_version);
+}
+
+/* Pull everything at version >= min_version and compare with want. */
+static void expect_values(int64_t min_version, int64_t want_version, const float *want) {
+    float *got = malloc(F.m->numel * sizeof *got);
+    assert_non_null(got);
+    memset(got, 0xff, F.m->numel * sizeof *got);
+    ps_ticket *t = NULL;
+    assert_int_equal(ps_client_pull(F.cli[0], min_version, got, &t), CM_OK);
+    char err[512] = "";
+    int64_t v = -1;
+    if (ps_ticket_wait(t, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(v, want_version);
+    expect_same(want, got, F.m->numel);
+    free(got);
+}
+
+static ps_client_stats stats(void) {
+    ps_client_stats st;
+    char err[512] = "";
+    if (ps_client_stats_get(F.cli[0], &st, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    return st;
+}
+
+/* A raw call to shard 0; returns the gRPC code, the message in msg. */
+static int raw_bytes(const char *method, const void *req, size_t len, int64_t deadline_ms,
+                     char *msg, size_t msglen, uint8_t **reply, size_t *rlen) {
+    uint8_t *r = NULL;
+    size_t n = 0;
+    int code = rpc_call_sync(F.ch, method, req, len, deadline_ms, 0, &r, &n, msg, msglen);
+    if (reply) {
+        *reply = r;
+        *rlen = n;
+    } else {
+        free(r);
+    }
+    return code;
+}
+
+static int raw_msg(const char *method, const ProtobufCMessage *m, int64_t deadline_ms,
+                   char *msg, size_t msglen, uint8_t **reply, size_t *rlen) {
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = malloc(n ? n : 1);
+    assert_non_null(buf);
+    protobuf_c_message_pack(m, buf);
+    int code = raw_bytes(method, buf, n, deadline_ms, msg, msglen, reply, rlen);
+    free(buf);
+    return code;
+}
+
+/* Expect 'code' and every one of the NULL-terminated substrings. */
+static void expect_fail(int got, const char *msg, int want, ...) {
+    if (got != want) fail_msg("got %s '%s', want %s", rpc_status_name(got), msg,
+                              rpc_status_name(want));
+    va_list ap;
+    va_start(ap, want);
+    for (const char *s = va_arg(ap, const char *); s; s = va_arg(ap, const char *))
+        if (!strstr(msg, s)) {
+            va_end(ap);
+            fail_msg("message '%s' lacks '%s'", msg, s);
+        }
+    va_end(ap);
+}
+
+/* A PushRequest for shard 0 built by protobuf-c (not ps_wire), from a
+ * whole-model gradient. Mutate the fields, then send with raw_msg. */
+typedef struct raw_push {
+    Psrpc__Cluster cl;
+    Psrpc__PushRequest req;
+    Psrpc__Tensor t[8];
+    Psrpc__Tensor *tp[8];
+    uint64_t shape[8][CM_VAR_MAX_DIMS];
+    int kern; /* Index of a 2-D partition in t. */
+} raw_push;
+
+static void raw_push_make(raw_push *rp, uint32_t rank, int64_t step, const float *full) {
+    memset(rp, 0, sizeof *rp);
+    psrpc__cluster__init(&rp->cl);
+    rp->cl.fingerprint = F.fp;
+    rp->cl.description = F.desc;
+    rp->cl.rank = rank;
+    psrpc__push_request__init(&rp->req);
+    rp->req.cluster = &rp->cl;
+    rp->req.step = step;
+    rp->req.grads = rp->tp;
+    rp->kern = -1;
+    for (int i = 0; i < F.pl->nparts; i++) {
+        const cm_partition *p = &F.pl->parts[i];
+        if (p->shard != 0) continue;
+        const cm_var *v = &F.m->vars[p->var];
+        size_t k = rp->req.n_grads++;
+        CHECK(k < 8);
+        Psrpc__Tensor *t = &rp->t[k];
+        psrpc__tensor__init(t);
+        t->part = (uint32_t)i;
+        t->dtype = PSRPC__DTYPE__DTYPE_FLOAT32;
+        rp->shape[k][0] = p->row_end - p->row_begin;
+        for (int d = 1; d < v->ndims; d++) rp->shape[k][d] = (uint64_t)v->dims[d];
+        t->n_shape = (size_t)v->ndims;
+        t->shape = rp->shape[k];
+        t->data.len = p->count * sizeof(float);
+        t->data.data = (uint8_t *)(full + p->offset);
+        rp->tp[k] = t;
+        if (v->ndims == 2 && rp->kern < 0) rp->kern = (int)k;
+    }
+    CHECK(rp->kern >= 0 && rp->req.n_grads >= 2);
+}
+
+static Psrpc__Cluster good_cluster(void) {
+    Psrpc__Cluster c = PSRPC__CLUSTER__INIT;
+    c.fingerprint = F.fp;
+    c.description = F.desc;
+    return c;
+}
+
+/* Stats of shard 0 alone, over a raw call. */
+static Psrpc__StatsReply *raw_stats(void) {
+    Psrpc__Cluster cl = good_cluster();
+    Psrpc__StatsRequest req = PSRPC__STATS_REQUEST__INIT;
+    req.cluster = &cl;
+    char msg[512];
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    int code = raw_msg("/psrpc.Ps/Stats", &req.base, DEADLINE, msg, sizeof msg, &reply, &len);
+    if (code != RPC_OK) fail_msg("Stats: %s %s", rpc_status_name(code), msg);
+    Psrpc__StatsReply *r = psrpc__stats_reply__unpack(NULL, len, reply);
+    free(reply);
+    assert_non_null(r);
+    return r;
+}
+
+/* The server answers and holds version 'v' with values 'want'. */
+static void expect_unchanged(int64_t v, const float *want) {
+    Psrpc__StatsReply *st = raw_stats();
+    assert_int_equal(st->version, v);
+    psrpc__stats_reply__free_unpacked(st, NULL);
+    expect_values(0, v, want);
+}
+
+/* ===== Lifecycle ===== */
+
+static void test_create_and_start_errors(void **state) {
+    (void)state;
+    static const int sizes[] = {784, 64, 10};
+    cm_model *m = NULL;
+    cm_placement *pl = NULL;
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &m), CM_OK);
+    assert_int_equal(cm_placement_create(m, 2, MIN_PART, &pl), CM_OK);
+    ps_server_cfg sc = {.model = m, .placement = pl, .shard = 2};
+    ps_server *s = (ps_server *)1;
+    assert_int_equal(ps_server_create(&sc, &s), CM_EINVAL);
+    assert_null(s);
+
+    sc.shard = 0;
+    assert_int_equal(ps_server_create(&sc, &s), CM_OK);
+    int port = 0;
+    assert_int_equal(ps_server_start(s, "127.0.0.1:0", &port), CM_OK);
+    ps_server *s2 = NULL;
+    assert_int_equal(ps_server_create(&sc, &s2), CM_OK);
+    char addr[32];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+    int port2 = 0;
+    assert_int_equal(ps_server_start(s2, addr, &port2), CM_EBUSY);
+    ps_server_destroy(s2, 0);
+
+    /* Not stopping: wait times out; request_stop wakes it with the reason. */
+    assert_int_equal(ps_server_wait(s, 0), 0);
+    int64_t t0 = now_ms();
+    assert_int_equal(ps_server_wait(s, 50), 0);
+    assert_true(now_ms() - t0 >= 40);
+    assert_string_equal(ps_server_stop_reason(s), "");
+    ps_server_request_stop(s, "signal 15");
+    assert_int_equal(ps_server_wait(s, 2000), 1);
+    assert_int_equal(ps_server_wait(s, -1), 1);
+    ps_server_request_stop(s, "later"); /* The first reason stays. */
+    assert_string_equal(ps_server_stop_reason(s), "signal 15");
+    ps_server_destroy(s, 0);
+    ps_server_destroy(NULL, 0);
+    cm_placement_destroy(pl);
+    cm_model_destroy(m);
+}
+
+/* ===== Happy path through ps_client ===== */
+
+static void test_client_happy_path(void **state) {
+    (void)state;
+    fx_start(0);
+    size_t n = F.m->numel;
+    float *ref = malloc(n * sizeof *ref);
+    assert_non_null(ref);
+    memcpy(ref, F.init, n * sizeof *ref);
+
+    init_ok();
+    /* The other worker's init with the same config is a no-op. */
+    ps_init_cfg c = init_cfg();
+    char err[512] = "";
+    if (ps_client_init(F.cli[1], &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    expect_values(0, 0, ref);
+
+    /* A pull for version 1 waits on both shards until step 0 applies. */
+    float *pulled = malloc(n * sizeof *pulled);
+    assert_non_null(pulled);
+    ps_ticket *pt = NULL;
+    assert_int_equal(ps_client_pull(F.cli[1], 1, pulled, &pt), CM_OK);
+
+    client_push_ok(0, 0, 0);
+    client_push_ok(1, 0, 1);
+    ref_step(ref, 0);
+    int64_t v = -1;
+    if (ps_ticket_wait(pt, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(v, 1);
+    expect_same(ref, pulled, n);
+    expect_values(1, 1, ref);
+
+    /* A retried push (a lost reply) is OK and not counted again. */
+    client_push_ok(0, 0, 1);
+    expect_values(0, 1, ref);
+
+    client_push_ok(1, 1, 1);
+    client_push_ok(0, 1, 2);
+    ref_step(ref, 1);
+    expect_values(2, 2, ref);
+
+    ps_client_stats st = stats();
+    assert_int_equal(st.min_version, 2);
+    assert_int_equal(st.pushes, 8);           /* 4 pushes x 2 shards. */
+    assert_int_equal(st.duplicate_pushes, 2); /* 1 retry x 2 shards. */
+    assert_int_equal(st.stale_pushes, 0);
+    assert_int_equal(st.early_pushes, 0);
+    assert_int_equal(st.bad_requests, 0);
+    assert_int_equal(st.pulls, 2 * 5); /* 5 pulls x 2 shards. */
+
+    /* Init with another config: FAILED_PRECONDITION naming both. */
+    c.optim.lr = 0.25f;
+    assert_int_equal(ps_client_init(F.cli[0], &c, err, sizeof err), CM_EINVAL);
+    assert_non_null(strstr(err, "FAILED_PRECONDITION"));
+    assert_non_null(strstr(err, "already initialised"));
+    assert_non_null(strstr(err, "sgd lr=0.5 seed=7 workers=2 sync mean"));
+    assert_non_null(strstr(err, "sgd lr=0.25 seed=7 workers=2 sync mean"));
+    expect_values(0, 2, ref);
+
+    /* The raw pull reply is plain protobuf: protobuf-c reads ps_wire's
+     * zero-copy framing. */
+    Psrpc__Cluster cl = good_cluster();
+    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+    pr.cluster = &cl;
+    pr.min_version = 2;
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    char msg[512];
+    assert_int_equal(raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, &reply, &len),
+                     RPC_OK);
+    Psrpc__PullReply *rep = psrpc__pull_reply__unpack(NULL, len, reply);
+    free(reply);
+    assert_non_null(rep);
+    assert_int_equal(rep->version, 2);
+    assert_int_equal(rep->n_params, (size_t)F.pl->shard_nparts[0]);
+    for (size_t i = 0; i < rep->n_params; i++) {
+        const Psrpc__Tensor *t = rep->params[i];
+        assert_true(t->part < (uint32_t)F.pl->nparts);
+        const cm_partition *p = &F.pl->parts[t->part];
+        const cm_var *var = &F.m->vars[p->var];
+        assert_int_equal(p->shard, 0);
+        assert_int_equal(t->dtype, PSRPC__DTYPE__DTYPE_FLOAT32);
+        assert_int_equal(t->n_shape, (size_t)var->ndims);
+        assert_int_equal(t->shape[0], p->row_end - p->row_begin);
+        assert_int_equal(t->data.len, p->count * sizeof(float));
+        assert_memory_equal(t->data.data, ref + p->offset, t->data.len);
+    }
+    psrpc__pull_reply__free_unpacked(rep, NULL);
+    free(pulled);
+    free(ref);
+    fx_stop();
+}
+
+/* ===== Bad input over raw gRPC ===== */
+
+static void test_malformed_bytes(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    static const uint8_t junk[][6] = {
+        {0x0a, 0x05, 0x01},             /* Field 1, 5 bytes announced, 1 sent. */
+        {0xff, 0xff, 0xff, 0xff, 0xff}, /* A key that never ends. */
+        {0x1a, 0x09, 0x08, 0x01},       /* Field 3, 9 bytes announced, 2 sent. */
+    };
+    static const size_t junk_len[] = {3, 5, 4};
+    static const char *const methods[] = {"/psrpc.Ps/Initialize", "/psrpc.Ps/Push",
+                                          "/psrpc.Ps/Pull", "/psrpc.Ps/Stats",
+                                          "/psrpc.Ps/Shutdown"};
+    static const char *const names[] = {"InitRequest", "PushRequest", "PullRequest",
+                                        "StatsRequest", "ShutdownRequest"};
+    for (size_t j = 0; j < 3; j++) {
+        for (int k = 0; k < 5; k++) {
+            char msg[512] = "";
+            int code = raw_bytes(methods[k], junk[j], junk_len[j], DEADLINE, msg, sizeof msg,
+                                 NULL, NULL);
+            expect_fail(code, msg, RPC_INVALID_ARGUMENT, "malformed", names[k], NULL);
+        }
+        expect_unchanged(0, F.init);
+    }
+    assert_int_equal(ps_server_wait(F.srv[0], 0), 0);
+
+    /* Push only: a well-framed Tensor whose data field is cut short, and a
+     * Tensor field with the wrong wire type. */
+    static const uint8_t bad_tensor[] = {0x1a, 0x02, 0x7a, 0x05};
+    static const uint8_t bad_wiretype[] = {0x18, 0x01};
+    char msg[512] = "";
+    int code = raw_bytes("/psrpc.Ps/Push", bad_tensor, sizeof bad_tensor, DEADLINE, msg,
+                         sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "malformed PushRequest", "tensor", NULL);
+    code = raw_bytes("/psrpc.Ps/Push", bad_wiretype, sizeof bad_wiretype, DEADLINE, msg,
+                     sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "malformed PushRequest", "wire type", NULL);
+    expect_unchanged(0, F.init);
+
+    /* An empty message parses (every field at its default) but has no
+     * cluster. */
+    code = raw_bytes("/psrpc.Ps/Push", NULL, 0, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "no cluster fingerprint", F.desc, NULL);
+    expect_unchanged(0, F.init);
+    fx_stop();
+}
+
+static void test_bad_push_contents(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    size_t n = F.m->numel;
+    float *g = malloc(n * sizeof *g);
+    assert_non_null(g);
+    grad_fill(g, n, 1, 0);
+    /* Rank 0 has pushed step 0 (to both shards): every bad push from rank 1
+     * must leave that pending contribution and the values alone. */
+    client_push_ok(0, 0, 0);
+
+    raw_push rp;
+    char msg[512];
+    int code;
+    uint32_t other = 0;
+    for (int i = 0; i < F.pl->nparts; i++)
+        if (F.pl->parts[i].shard == 1) other = (uint32_t)i;
+
+    raw_push_make(&rp, 1, 0, g);
+    const cm_partition *kp = &F.pl->parts[rp.t[rp.kern].part];
+    const char *kname = F.m->vars[kp->var].name;
+    char want[128];
+
+    /* Wrong shape. */
+    rp.shape[rp.kern][0]++;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    snprintf(want, sizeof want, "shape must be [%zu,64]", kp->row_end - kp->row_begin);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, want, NULL);
+    expect_unchanged(0, F.init);
+
+    /* dtype DTYPE_INVALID. */
+    raw_push_make(&rp, 1, 0, g);
+    rp.t[rp.kern].dtype = PSRPC__DTYPE__DTYPE_INVALID;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, "DTYPE_FLOAT32", NULL);
+    expect_unchanged(0, F.init);
+
+    /* Unknown partition id. */
+    raw_push_make(&rp, 1, 0, g);
+    rp.t[0].part = 1000;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "unknown partition 1000", NULL);
+    expect_unchanged(0, F.init);
+
+    /* A partition of the other shard. */
+    raw_push_make(&rp, 1, 0, g);
+    rp.t[0].part = other;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    snprintf(want, sizeof want, "partition %u (", other);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, want, "belongs to shard 1", NULL);
+    expect_unchanged(0, F.init);
+
+    /* Data of the wrong length, and no data at all. */
+    raw_push_make(&rp, 1, 0, g);
+    rp.t[rp.kern].data.len -= 4;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, "data bytes, expected", NULL);
+    raw_push_make(&rp, 1, 0, g);
+    rp.t[rp.kern].data.len = 0;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, "0 data bytes", NULL);
+    expect_unchanged(0, F.init);
+
+    /* A missing partition, and the same one twice. */
+    raw_push_make(&rp, 1, 0, g);
+    rp.req.n_grads--;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "partitions, got", NULL);
+    raw_push_make(&rp, 1, 0, g);
+    rp.tp[1] = rp.tp[0];
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "appears twice", NULL);
+    expect_unchanged(0, F.init);
+
+    /* A rank the shard was not told about. */
+    raw_push_make(&rp, 7, 0, g);
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "worker rank 7 out of range", NULL);
+    raw_push_make(&rp, 0x80000000u, 0, g);
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "out of range", NULL);
+    expect_unchanged(0, F.init);
+
+    /* Unknown method. */
+    raw_push_make(&rp, 1, 0, g);
+    code = raw_msg("/psrpc.Ps/Nope", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_UNIMPLEMENTED, "/psrpc.Ps/Nope", NULL);
+    expect_unchanged(0, F.init);
+
+    Psrpc__StatsReply *st = raw_stats();
+    assert_int_equal(st->bad_requests, 10);
+    assert_int_equal(st->pushes, 1);
+    psrpc__stats_reply__free_unpacked(st, NULL);
+
+    /* Rank 1 was never counted: its good push completes step 0 with
+     * exactly the mean of the two good gradients. */
+    raw_push_make(&rp, 1, 0, g);
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, &reply, &len);
+    assert_int_equal(code, RPC_OK);
+    Psrpc__PushReply *pr = psrpc__push_reply__unpack(NULL, len, reply);
+    free(reply);
+    assert_non_null(pr);
+    assert_int_equal(pr->version, 1);
+    assert_false(pr->duplicate);
+    psrpc__push_reply__free_unpacked(pr, NULL);
+    /* Retried by hand: a duplicate, said so in the reply. */
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, &reply, &len);
+    assert_int_equal(code, RPC_OK);
+    pr = psrpc__push_reply__unpack(NULL, len, reply);
+    free(reply);
+    assert_non_null(pr);
+    assert_int_equal(pr->version, 1);
+    assert_true(pr->duplicate);
+    psrpc__push_reply__free_unpacked(pr, NULL);
+    client_push_ok(1, 0, 1); /* Shard 1 gets rank 1 too (shard 0: duplicate). */
+
+    float *ref = malloc(n * sizeof *ref);
+    assert_non_null(ref);
+    memcpy(ref, F.init, n * sizeof *ref);
+    ref_step(ref, 0);
+    expect_values(1, 1, ref);
+    free(ref);
+    free(g);
+    fx_stop();
+}
+
+static void test_wrong_cluster(void **state) {
+    (void)state;
+    fx_start(0);
+    char msg[1024];
+    int code;
+
+    /* Init without a cluster, or another one: nothing initialised. */
+    Psrpc__OptimizerConfig oc = PSRPC__OPTIMIZER_CONFIG__INIT;
+    oc.kind = "sgd";
+    oc.lr = LR;
+    Psrpc__InitRequest ir = PSRPC__INIT_REQUEST__INIT;
+    ir.optimizer = &oc;
+    ir.seed = SEED;
+    ir.num_workers = 2;
+    ir.sync = PSRPC__SYNC_MODE__SYNC_SYNC;
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "no cluster fingerprint", F.desc, NULL);
+    Psrpc__Cluster other = good_cluster();
+    other.fingerprint ^= 1;
+    other.description = "mlp 784,64,10 on 3 PS (somebody else's)";
+    other.rank = 1;
+    ir.cluster = &other;
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "cluster mismatch", F.desc,
+                "mlp 784,64,10 on 3 PS (somebody else's)", "rank 1", NULL);
+
+    /* Bad init configs with the right cluster. */
+    Psrpc__Cluster good = good_cluster();
+    ir.cluster = &good;
+    oc.kind = "rmsprop";
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "rmsprop", NULL);
+    oc.kind = "sgd";
+    ir.sync = PSRPC__SYNC_MODE__SYNC_INVALID;
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "invalid init config", NULL);
+    ir.sync = PSRPC__SYNC_MODE__SYNC_SYNC;
+    ir.num_workers = 0;
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "invalid init config", NULL);
+
+    /* Before init a push is refused, and a pull waits (up to its deadline). */
+    size_t n = F.m->numel;
+    float *g = malloc(n * sizeof *g);
+    assert_non_null(g);
+    grad_fill(g, n, 0, 0);
+    raw_push rp;
+    raw_push_make(&rp, 0, 0, g);
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "not initialised", NULL);
+    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+    pr.cluster = &good;
+    code = raw_msg("/psrpc.Ps/Pull", &pr.base, 200, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_DEADLINE_EXCEEDED, NULL);
+
+    init_ok();
+    /* Every method checks the cluster. */
+    rp.req.cluster = NULL;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "no cluster fingerprint", F.desc, NULL);
+    rp.req.cluster = &other;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "cluster mismatch", F.desc,
+                "somebody else's", NULL);
+    other.description = "";
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, F.desc, "(no description)", NULL);
+    other.description = "theirs";
+
+    pr.cluster = &other;
+    code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, F.desc, "theirs", NULL);
+    pr.cluster = NULL;
+    code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, F.desc, NULL);
+    Psrpc__StatsRequest sr = PSRPC__STATS_REQUEST__INIT;
+    sr.cluster = &other;
+    code = raw_msg("/psrpc.Ps/Stats", &sr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, F.desc, "theirs", NULL);
+    Psrpc__ShutdownRequest shr = PSRPC__SHUTDOWN_REQUEST__INIT;
+    shr.cluster = &other;
+    shr.reason = "not yours to stop";
+    code = raw_msg("/psrpc.Ps/Shutdown", &shr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, F.desc, "theirs", NULL);
+    assert_int_equal(ps_server_wait(F.srv[0], 0), 0);
+
+    expect_unchanged(0, F.init);
+    Psrpc__StatsReply *st = raw_stats();
+    assert_int_equal(st->pushes, 0);
+    assert_int_equal(st->bad_requests, 12);
+    psrpc__stats_reply__free_unpacked(st, NULL);
+    free(g);
+    fx_stop();
+}
+
+static void test_oversized_push(void **state) {
+    (void)state;
+    fx_start(1 << 20);
+    init_ok();
+    /* A 2 MiB tensor: over the server's 1 MiB, under the raw client's 8. */
+    size_t nbig = (2u << 20) / sizeof(float);
+    float *big = calloc(nbig, sizeof *big);
+    assert_non_null(big);
+    raw_push rp;
+    raw_push_make(&rp, 0, 0, big); /* Only the first partition's bytes matter. */
+    rp.t[0].data.len = nbig * sizeof(float);
+    char msg[512];
+    int code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_RESOURCE_EXHAUSTED, NULL);
+    expect_unchanged(0, F.init);
+
+    /* Normal traffic (a few hundred KiB per shard) still fits. */
+    client_push_ok(0, 0, 0);
+    client_push_ok(1, 0, 1);
+    float *ref = malloc(F.m->numel * sizeof *ref);
+    assert_non_null(ref);
+    memcpy(ref, F.init, F.m->numel * sizeof *ref);
+    ref_step(ref, 0);
+    expect_values(1, 1, ref);
+    free(ref);
+    free(big);
+    fx_stop();
+}
+
+static void test_out_of_step_pushes(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    size_t n = F.m->numel;
+    float *g = malloc(n * sizeof *g), *ref = malloc(n * sizeof *ref);
+    assert_true(g && ref);
+    memcpy(ref, F.init, n * sizeof *ref);
+    raw_push rp;
+    char msg[512];
+
+    /* Early: step 3 at version 0. */
+    grad_fill(g, n, 0, 3);
+    raw_push_make(&rp, 0, 3, g);
+    int code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "early push: step 3 from worker 0",
+                "version 0", NULL);
+    expect_unchanged(0, ref);
+
+    for (int64_t t = 0; t < 2; t++) {
+        client_push_ok(0, t, t);
+        client_push_ok(1, t, t + 1);
+        ref_step(ref, t);
+    }
+    /* Stale: rank 0's step 0 at version 2 (its last push was step 1). */
+    grad_fill(g, n, 0, 0);
+    raw_push_make(&rp, 0, 0, g);
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "stale push: step 0 from worker 0",
+                "version 2", NULL);
+    expect_unchanged(2, ref);
+
+    /* Through ps_client, out-of-step pushes are errors with the reason. */
+    char err[512] = "";
+    int64_t v = -1;
+    assert_int_equal(client_push(1, 5, &v, err, sizeof err), CM_EINVAL);
+    assert_non_null(strstr(err, "FAILED_PRECONDITION"));
+    assert_non_null(strstr(err, "early push"));
+    expect_unchanged(2, ref);
+
+    ps_client_stats st = stats();
+    assert_int_equal(st.stale_pushes, 1);
+    assert_int_equal(st.early_pushes, 1 + 2);
+    assert_int_equal(st.pushes, 8);
+    free(g);
+    free(ref);
+    fx_stop();
+}
+
+/* ===== Deadlines, shutdown, destroy ===== */
+
+static void test_pull_deadline_then_clean_shutdown(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    Psrpc__Cluster cl = good_cluster();
+    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+    pr.cluster = &cl;
+    pr.min_version = 1;
+    char msg[512];
+    int64_t t0 = now_ms();
+    int code = raw_msg("/psrpc.Ps/Pull", &pr.base, 300, msg, sizeof msg, NULL, NULL);
+    int64_t took = now_ms() - t0;
+    expect_fail(code, msg, RPC_DEADLINE_EXCEEDED, NULL);
+    if (took < 250 || took >= 5000) fail_msg("DEADLINE_EXCEEDED after %lld ms", (long long)took);
+
+    /* The server still answers, and when version 1 appears the abandoned
+     * pull is answered into a dead call without harm. */
+    expect_unchanged(0, F.init);
+    pr.min_version = 2;
+    code = raw_msg("/psrpc.Ps/Pull", &pr.base, 300, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_DEADLINE_EXCEEDED, NULL);
+    client_push_ok(0, 0, 0);
+    client_push_ok(1, 0, 1);
+    float *ref = malloc(F.m->numel * sizeof *ref);
+    assert_non_null(ref);
+    memcpy(ref, F.init, F.m->numel * sizeof *ref);
+    ref_step(ref, 0);
+    expect_unchanged(1, ref);
+    free(ref);
+    /* The pull for version 2 is still registered; fx_stop must still
+     * return promptly. */
+    fx_stop();
+}
+
+typedef struct waiter {
+    ps_server *s;
+    int rc;
+    int64_t returned_ms;
+} waiter;
+
+static void *wait_main(void *p) {
+    waiter *w = p;
+    w->rc = ps_server_wait(w->s, 5000);
+    w->returned_ms = now_ms();
+    return NULL;
+}
+
+static void test_shutdown_request(void **state) {
+    (void)state;
+    fx_start(0);
+    assert_int_equal(ps_server_wait(F.srv[0], 0), 0);
+    assert_int_equal(ps_server_wait(F.srv[1], 0), 0);
+    /* A thread blocked in ps_server_wait (as ps_main is) wakes up. */
+    waiter w = {.s = F.srv[0], .rc = -1};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, wait_main, &w), 0);
+    sleep_ms(50);
+    char err[512] = "";
+    int64_t t0 = now_ms();
+    if (ps_client_shutdown_servers(F.cli[0], "training done", err, sizeof err) != CM_OK)
+        fail_msg("%s", err);
+    pthread_join(th, NULL);
+    assert_int_equal(w.rc, 1);
+    assert_true(w.returned_ms - t0 < 5000);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(ps_server_wait(F.srv[i], 2000), 1);
+        const char *why = ps_server_stop_reason(F.srv[i]);
+        assert_non_null(strstr(why, "shutdown requested by rank 0"));
+        assert_non_null(strstr(why, "training done"));
+    }
+    /* Stopping does not stop serving until destroy. */
+    Psrpc__StatsReply *st = raw_stats();
+    psrpc__stats_reply__free_unpacked(st, NULL);
+    fx_stop();
+}
+
+typedef struct result {
+    pthread_mutex_t mu;
+    int finished;
+    int code;
+    char msg[256];
+} result;
+
+static void on_done(void *ud, int code, const char *message, const uint8_t *reply, size_t len) {
+    (void)reply;
+    (void)len;
+    result *r = ud;
+    pthread_mutex_lock(&r->mu);
+    r->code = code;
+    snprintf(r->msg, sizeof r->msg, "%s", message);
+    r->finished++;
+    pthread_mutex_unlock(&r->mu);
+}
+
+static int result_wait(result *r, int ms) {
+    int64_t end = now_ms() + ms;
+    for (;;) {
+        pthread_mutex_lock(&r->mu);
+        int fin = r->finished, code = r->code;
+        pthread_mutex_unlock(&r->mu);
+        if (fin) return code;
+        if (now_ms() >= end) return -1;
+        sleep_ms(2);
+    }
+}
+
+static void test_destroy_with_waiting_pull(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    Psrpc__Cluster cl = good_cluster();
+    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+    pr.cluster = &cl;
+    pr.min_version = 5;
+    uint8_t buf[512];
+    size_t len = protobuf_c_message_get_packed_size(&pr.base);
+    assert_true(len <= sizeof buf);
+    protobuf_c_message_pack(&pr.base, buf);
+    result r;
+    memset(&r, 0, sizeof r);
+    pthread_mutex_init(&r.mu, NULL);
+    rpc_seg seg = {buf, len, NULL, NULL};
+    rpc_call_start(F.ch, "/psrpc.Ps/Pull", &seg, 1, 20000, 0, on_done, &r);
+
+    /* Wait until the shard has registered it. */
+    int64_t end = now_ms() + 3000;
+    uint64_t pulls = 0;
+    while (now_ms() < end) {
+        Psrpc__StatsReply *st = raw_stats();
+        pulls = st->pulls;
+        psrpc__stats_reply__free_unpacked(st, NULL);
+        if (pulls >= 1) break;
+        sleep_ms(5);
+    }
+    assert_int_equal(pulls, 1);
+    assert_int_equal(result_wait(&r, 0), -1);
+
+    destroy_promptly(F.srv[0]);
+    F.srv[0] = NULL;
+    int code = result_wait(&r, 3000);
+    if (code != RPC_UNAVAILABLE && code != RPC_CANCELLED)
+        fail_msg("pull finished with %s '%s'", rpc_status_name(code), r.msg);
+    pthread_mutex_destroy(&r.mu);
+
+    /* Shard 0 is gone for good. */
+    Psrpc__StatsRequest sr = PSRPC__STATS_REQUEST__INIT;
+    sr.cluster = &cl;
+    char msg[256];
+    code = raw_msg("/psrpc.Ps/Stats", &sr.base, 1000, msg, sizeof msg, NULL, NULL);
+    assert_true(code == RPC_UNAVAILABLE || code == RPC_DEADLINE_EXCEEDED);
+    fx_stop();
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_create_and_start_errors),
+        cmocka_unit_test(test_client_happy_path),
+        cmocka_unit_test(test_malformed_bytes),
+        cmocka_unit_test(test_bad_push_contents),
+        cmocka_unit_test(test_wrong_cluster),
+        cmocka_unit_test(test_oversized_push),
+        cmocka_unit_test(test_out_of_step_pushes),
+        cmocka_unit_test(test_pull_deadline_then_clean_shutdown),
+        cmocka_unit_test(test_shutdown_request),
+        cmocka_unit_test(test_destroy_with_waiting_pull),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,1149 @@
+/* test_ps_shard.c - unit tests for one PS shard (ps/ps_shard.c), no network.
+ * SPDX-License-Identifier: MIT
+ *
+ * The shard is driven directly with an MLP 6,5,3 placed on 2 shards with a
+ * 16-byte minimum partition, so both kernels are split across the shards.
+ * Gradients are multiples of 1/32 in [-0.5, 0.5] and the learning rate is a
+ * power of two, so sums, means and lr * mean are exact in float and every
+ * expected value is computed here, element by element, and compared bit for
+ * bit. Pull callbacks may run on other threads: they use CHECK, not cmocka.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/cm_model.h"
+#include "common/cm_placement.h"
+#include "common/cm_status.h"
+#include "ps/ps_optim.h"
+#include "ps/ps_shard.h"
+
+/* ===== Helpers ===== */
+
+/* For callbacks: cmocka's asserts only work on the test thread. */
+#define CHECK(x)                                                                  \
+    do {                                                                          \
+        if (!(x)) {                                                               \
+            fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #x); \
+            abort();                                                              \
+        }                                                                         \
+    } while (0)
+
+#define MAXP 16     /* Partitions per shard, at most, in these tests. */
+#define MAXN 256    /* Model elements, at most. */
+#define SEED 42
+#define LR 0.5f
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+typedef struct fixture {
+    cm_model *m;
+    cm_placement *pl;
+    ps_shard *s; /* Shard 0. */
+    int nparts;
+    const uint32_t *parts;
+} fixture;
+
+static int fx_setup(void **state) {
+    static const int sizes[] = {6, 5, 3};
+    fixture *f = calloc(1, sizeof *f);
+    assert_non_null(f);
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &f->m), CM_OK);
+    assert_true(f->m->numel <= MAXN);
+    assert_int_equal(cm_placement_create(f->m, 2, 16, &f->pl), CM_OK);
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &f->s), CM_OK);
+    f->parts = ps_shard_parts(f->s, &f->nparts);
+    assert_true(f->nparts >= 2 && f->nparts <= MAXP);
+    *state = f;
+    return 0;
+}
+
+static int fx_teardown(void **state) {
+    fixture *f = *state;
+    ps_shard_destroy(f->s);
+    cm_placement_destroy(f->pl);
+    cm_model_destroy(f->m);
+    free(f);
+    return 0;
+}
+
+static ps_shard_config cfg_make(int kind, int workers, int sync, int aggregate) {
+    ps_shard_config c = {.optim = ps_optim_defaults(kind, LR),
+                         .seed = SEED,
+                         .num_workers = workers,
+                         .sync = sync,
+                         .aggregate = aggregate};
+    return c;
+}
+
+static void init_ok(fixture *f, const ps_shard_config *c) {
+    char err[256] = "";
+    int64_t v = -1;
+    assert_int_equal(ps_shard_init(f->s, c, &v, err, sizeof err), CM_OK);
+    assert_int_equal(v, 0);
+}
+
+/* The deterministic gradient of 'worker' at 'step' over the whole model:
+ * multiples of 1/32 in [-0.5, 0.5]. */
+static void grad_fill(float *full, size_t n, int worker, int64_t step) {
+    for (size_t i = 0; i < n; i++)
+        full[i] = (float)((int)((i * 7 + (size_t)worker * 13 + (size_t)step * 5) % 33) - 16) /
+                  32.0f;
+}
+
+/* A push of every partition shard 'f->s' owns, taken from a whole-model
+ * vector. The data is copied one byte past an aligned address so the shard
+ * reads unaligned floats, as it does from the wire. */
+typedef struct push_buf {
+    ps_grad g[MAXP + 1];
+    uint64_t shape[MAXP + 1][CM_VAR_MAX_DIMS];
+    uint8_t raw[1 + 4 * MAXN + 64];
+    int n;
+} push_buf;
+
+static void push_make(const fixture *f, const float *full, push_buf *pb) {
+    memset(pb, 0, sizeof *pb);
+    size_t off = 1;
+    for (int i = 0; i < f->nparts; i++) {
+        const cm_partition *p = &f->pl->parts[f->parts[i]];
+        const cm_var *v = &f->m->vars[p->var];
+        pb->shape[i][0] = p->row_end - p->row_begin;
+        for (int d = 1; d < v->ndims; d++) pb->shape[i][d] = (uint64_t)v->dims[d];
+        memcpy(pb->raw + off, full + p->offset, p->count * sizeof(float));
+        pb->g[i] = (ps_grad){.part = f->parts[i],
+                             .dtype_ok = 1,
+                             .nshape = v->ndims,
+                             .shape = pb->shape[i],
+                             .data = pb->raw + off,
+                             .len = p->count * sizeof(float)};
+        off += p->count * sizeof(float);
+    }
+    pb->n = f->nparts;
+}
+
+/* Push the deterministic gradient of (worker, step); returns the result. */
+static int push_step(fixture *f, int worker, int64_t step, int64_t *version) {
+    float g[MAXN];
+    push_buf pb;
+    char err[256] = "";
+    grad_fill(g, f->m->numel, worker, step);
+    push_make(f, g, &pb);
+    return ps_shard_push(f->s, worker, step, pb.g, pb.n, version, err, sizeof err);
+}
+
+/* Records every answer of one pull; keeps the first snapshot. */
+typedef struct catcher {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int calls;
+    int nulls;
+    ps_snapshot *snap;
+    ps_shard *shard;    /* If set, the callback reads the shard's stats. */
+    int64_t seen_version; /* ... and stores the version it saw. */
+} catcher;
+
+static void catcher_init(catcher *c) {
+    memset(c, 0, sizeof *c);
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->cv, NULL);
+    c->seen_version = -1;
+}
+
+static void catcher_deinit(catcher *c) {
+    ps_snapshot_unref(c->snap);
+    pthread_cond_destroy(&c->cv);
+    pthread_mutex_destroy(&c->mu);
+}
+
+static void catch_cb(void *ud, ps_snapshot *snap) {
+    catcher *c = ud;
+    int64_t seen = -1;
+    if (c->shard) {
+        /* Deadlocks if the shard called us with its lock held. */
+        ps_shard_stats st;
+        ps_shard_stats_get(c->shard, &st);
+        seen = st.version;
+    }
+    pthread_mutex_lock(&c->mu);
+    c->calls++;
+    if (!snap) c->nulls++;
+    if (!c->snap && snap) {
+        c->snap = snap;
+        snap = NULL;
+    }
+    c->seen_version = seen;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    ps_snapshot_unref(snap);
+}
+
+static int catcher_calls(catcher *c) {
+    pthread_mutex_lock(&c->mu);
+    int n = c->calls;
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}
+
+/* A pull that must be answered at once (on this thread). */
+static ps_snapshot *pull_now(ps_shard *s, int64_t min_version) {
+    catcher c;
+    catcher_init(&c);
+    ps_shard_pull(s, min_version, catch_cb, &c);
+    assert_int_equal(c.calls, 1);
+    ps_snapshot *snap = c.snap;
+    c.snap = NULL;
+    catcher_deinit(&c);
+    assert_non_null(snap);
+    return snap;
+}
+
+/* A snapshot of shard 0's values, written at their places in a whole-model
+ * vector (the other shard's places are left at 0). */
+static void values_of(const fixture *f, const ps_snapshot *snap, float *full) {
+    memset(full, 0, f->m->numel * sizeof *full);
+    for (int i = 0; i < f->nparts; i++) {
+        const cm_partition *p = &f->pl->parts[f->parts[i]];
+        memcpy(full + p->offset, ps_snapshot_part(snap, i), p->count * sizeof(float));
+    }
+}
+
+/* The shard's current values (as values_of). Returns the version. */
+static int64_t values(fixture *f, float *full) {
+    ps_snapshot *snap = pull_now(f->s, 0);
+    values_of(f, snap, full);
+    int64_t v = ps_snapshot_version(snap);
+    ps_snapshot_unref(snap);
+    return v;
+}
+
+/* Only the shard's own places of a whole-model vector (others zeroed). */
+static void own_only(const fixture *f, float *full) {
+    float tmp[MAXN];
+    memcpy(tmp, full, f->m->numel * sizeof *tmp);
+    memset(full, 0, f->m->numel * sizeof *full);
+    for (int i = 0; i < f->nparts; i++) {
+        const cm_partition *p = &f->pl->parts[f->parts[i]];
+        memcpy(full + p->offset, tmp + p->offset, p->count * sizeof(float));
+    }
+}
+
+/* Bit-for-bit comparison, reporting the first difference. */
+static void expect_same(const float *want, const float *got, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (memcmp(&want[i], &got[i], sizeof(float)) != 0) {
+            fprintf(stderr, "element %zu: want %.9g got %.9g\n", i, (double)want[i],
+                    (double)got[i]);
+            fail();
+        }
+    }
+}
+
+/* The model's initial values on shard 0's places. */
+static void initial(const fixture *f, float *full) {
+    cm_model_init(f->m, SEED, full);
+    own_only(f, full);
+}
+
+/* ref -= LR * mean of the workers' gradients at 'step' (SGD, mean). */
+static void ref_sgd_mean(const fixture *f, float *ref, int workers, int64_t step) {
+    float g[MAXN], sum[MAXN];
+    for (size_t i = 0; i < f->m->numel; i++) sum[i] = 0.0f;
+    for (int w = 0; w < workers; w++) {
+        grad_fill(g, f->m->numel, w, step);
+        for (size_t i = 0; i < f->m->numel; i++) sum[i] += g[i];
+    }
+    for (size_t i = 0; i < f->m->numel; i++) {
+        float mean = sum[i] / (float)workers;
+        ref[i] = ref[i] - LR * mean;
+    }
+    own_only(f, ref);
+}
+
+static void expect_stats(ps_shard *s, int64_t version, uint64_t pushes, uint64_t dup,
+                         uint64_t stale, uint64_t early, uint64_t bad) {
+    ps_shard_stats st;
+    ps_shard_stats_get(s, &st);
+    assert_int_equal(st.version, version);
+    assert_int_equal(st.pushes, pushes);
+    assert_int_equal(st.duplicate_pushes, dup);
+    assert_int_equal(st.stale_pushes, stale);
+    assert_int_equal(st.early_pushes, early);
+    assert_int_equal(st.bad_requests, bad);
+}
+
+/* ===== Layout ===== */
+
+static void test_layout_splits_kernels(void **state) {
+    fixture *f = *state;
+    /* Both kernels are split in two, and the shards share the partitions. */
+    int nsplit = 0;
+    for (int i = 0; i < f->pl->nparts; i++)
+        if (f->pl->parts[i].index > 0) nsplit++;
+    assert_int_equal(nsplit, 2);
+    ps_shard *s1 = NULL;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 1, &s1), CM_OK);
+    int n1 = 0;
+    const uint32_t *p1 = ps_shard_parts(s1, &n1);
+    assert_int_equal(f->nparts + n1, f->pl->nparts);
+    for (int i = 0; i < f->nparts; i++) {
+        assert_int_equal(f->pl->parts[f->parts[i]].shard, 0);
+        if (i) assert_true(f->parts[i] > f->parts[i - 1]);
+    }
+    for (int i = 0; i < n1; i++) assert_int_equal(f->pl->parts[p1[i]].shard, 1);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.nparts, f->nparts);
+    assert_int_equal(st.bytes, f->pl->shard_bytes[0]);
+    ps_shard_destroy(s1);
+
+    ps_shard *bad = (ps_shard *)1;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 2, &bad), CM_EINVAL);
+    assert_null(bad);
+    assert_int_equal(ps_shard_create(f->m, f->pl, -1, &bad), CM_EINVAL);
+    ps_shard_destroy(NULL);
+}
+
+/* ===== Before init ===== */
+
+static void test_push_refused_before_init(void **state) {
+    fixture *f = *state;
+    char err[256] = "";
+    float g[MAXN];
+    push_buf pb;
+    grad_fill(g, f->m->numel, 0, 0);
+    push_make(f, g, &pb);
+    int64_t v = -1;
+    assert_int_equal(ps_shard_push(f->s, 0, 0, pb.g, pb.n, &v, err, sizeof err),
+                     PS_PUSH_NOT_READY);
+    assert_non_null(strstr(err, "not initialised"));
+    assert_int_equal(v, 0);
+    expect_stats(f->s, 0, 0, 0, 0, 0, 0);
+
+    /* After init the same push is accepted, and the refused one left no
+     * trace: worker 0 is not counted yet. */
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    assert_int_equal(ps_shard_push(f->s, 0, 0, pb.g, pb.n, &v, err, sizeof err), PS_PUSH_OK);
+    expect_stats(f->s, 0, 1, 0, 0, 0, 0);
+}
+
+static void test_pull_waits_until_init(void **state) {
+    fixture *f = *state;
+    catcher c0, c1;
+    catcher_init(&c0);
+    catcher_init(&c1);
+    c0.shard = f->s;
+    ps_shard_pull(f->s, 0, catch_cb, &c0);
+    ps_shard_pull(f->s, 1, catch_cb, &c1);
+    sleep_ms(20);
+    assert_int_equal(catcher_calls(&c0), 0);
+    assert_int_equal(catcher_calls(&c1), 0);
+
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    /* Version 0 exists now: the first pull is answered, once, without the
+     * shard's lock held (its callback read the stats); the second waits. */
+    assert_int_equal(catcher_calls(&c0), 1);
+    assert_int_equal(c0.nulls, 0);
+    assert_int_equal(ps_snapshot_version(c0.snap), 0);
+    assert_int_equal(c0.seen_version, 0);
+    assert_int_equal(catcher_calls(&c1), 0);
+
+    float want[MAXN], got[MAXN];
+    initial(f, want);
+    values_of(f, c0.snap, got);
+    expect_same(want, got, f->m->numel);
+
+    int64_t v;
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    assert_int_equal(catcher_calls(&c1), 0);
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    assert_int_equal(catcher_calls(&c1), 1);
+    assert_int_equal(ps_snapshot_version(c1.snap), 1);
+    assert_int_equal(catcher_calls(&c0), 1);
+    catcher_deinit(&c0);
+    catcher_deinit(&c1);
+}
+
+/* ===== Init ===== */
+
+static void test_init_idempotent_and_conflict(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    int64_t v;
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    float before[MAXN], after[MAXN];
+    assert_int_equal(values(f, before), 1);
+
+    /* The same config again: OK, the current version, nothing reset. */
+    char err[512] = "";
+    ps_shard_config same = c;
+    v = -1;
+    assert_int_equal(ps_shard_init(f->s, &same, &v, err, sizeof err), CM_OK);
+    assert_int_equal(v, 1);
+    assert_int_equal(values(f, after), 1);
+    expect_same(before, after, f->m->numel);
+
+    /* A different one: CM_EBUSY naming both configs. */
+    ps_shard_config other = c;
+    other.optim.lr = 0.25f;
+    v = -1;
+    assert_int_equal(ps_shard_init(f->s, &other, &v, err, sizeof err), CM_EBUSY);
+    assert_int_equal(v, 1);
+    assert_non_null(strstr(err, "already initialised"));
+    assert_non_null(strstr(err, "sgd lr=0.5 seed=42 workers=2 sync mean"));
+    assert_non_null(strstr(err, "sgd lr=0.25 seed=42 workers=2 sync mean"));
+
+    other = c;
+    other.num_workers = 3;
+    other.sync = PS_ASYNC;
+    assert_int_equal(ps_shard_init(f->s, &other, &v, err, sizeof err), CM_EBUSY);
+    assert_non_null(strstr(err, "workers=2 sync"));
+    assert_non_null(strstr(err, "workers=3 async"));
+
+    other = c;
+    other.seed = 43;
+    assert_int_equal(ps_shard_init(f->s, &other, &v, err, sizeof err), CM_EBUSY);
+    other = c;
+    other.optim = ps_optim_defaults(PS_OPTIM_ADAM, LR);
+    assert_int_equal(ps_shard_init(f->s, &other, &v, err, sizeof err), CM_EBUSY);
+    assert_non_null(strstr(err, "adam lr=0.5"));
+
+    /* An invalid config is refused as such, initialised or not. */
+    other = c;
+    other.num_workers = 0;
+    assert_int_equal(ps_shard_init(f->s, &other, &v, err, sizeof err), CM_EINVAL);
+    other = c;
+    other.sync = 0;
+    assert_int_equal(ps_shard_init(f->s, &other, &v, err, sizeof err), CM_EINVAL);
+    other = c;
+    other.optim.kind = 7;
+    assert_int_equal(ps_shard_init(f->s, &other, &v, err, sizeof err), CM_EINVAL);
+
+    assert_int_equal(values(f, after), 1);
+    expect_same(before, after, f->m->numel);
+}
+
+static void test_initial_values(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 1, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    ps_snapshot *snap = pull_now(f->s, 0);
+    assert_int_equal(ps_snapshot_version(snap), 0);
+    int nonzero = 0;
+    for (int i = 0; i < f->nparts; i++) {
+        const cm_partition *p = &f->pl->parts[f->parts[i]];
+        float want[MAXN];
+        cm_var_init(&f->m->vars[p->var], SEED, p->begin, p->count, want);
+        expect_same(want, ps_snapshot_part(snap, i), p->count);
+        for (size_t k = 0; k < p->count; k++) nonzero += want[k] != 0.0f;
+    }
+    assert_true(nonzero > 0); /* Glorot kernels, not just zero biases. */
+    ps_snapshot_unref(snap);
+
+    /* Shard 1 with zero_init: zeros everywhere. */
+    ps_shard *s1 = NULL;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 1, &s1), CM_OK);
+    c.zero_init = 1;
+    char err[256];
+    int64_t v;
+    assert_int_equal(ps_shard_init(s1, &c, &v, err, sizeof err), CM_OK);
+    int n1;
+    ps_shard_parts(s1, &n1);
+    snap = pull_now(s1, 0);
+    for (int i = 0; i < n1; i++) {
+        const cm_partition *p = &f->pl->parts[ps_shard_parts(s1, &n1)[i]];
+        const float *x = ps_snapshot_part(snap, i);
+        for (size_t k = 0; k < p->count; k++) assert_true(x[k] == 0.0f);
+    }
+    ps_snapshot_unref(snap);
+    ps_shard_destroy(s1);
+}
+
+/* ===== Sync mode ===== */
+
+static void test_sync_mean_sgd_exact(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    float ref[MAXN], got[MAXN];
+    initial(f, ref);
+
+    int64_t v = -1;
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    assert_int_equal(v, 0);
+    /* Not applied until worker 1 pushes. */
+    assert_int_equal(values(f, got), 0);
+    expect_same(ref, got, f->m->numel);
+
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    ref_sgd_mean(f, ref, 2, 0);
+    assert_int_equal(values(f, got), 1);
+    expect_same(ref, got, f->m->numel);
+
+    /* Step 1, workers in the other order. */
+    assert_int_equal(push_step(f, 1, 1, &v), PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    assert_int_equal(push_step(f, 0, 1, &v), PS_PUSH_OK);
+    assert_int_equal(v, 2);
+    ref_sgd_mean(f, ref, 2, 1);
+    assert_int_equal(values(f, got), 2);
+    expect_same(ref, got, f->m->numel);
+    expect_stats(f->s, 2, 4, 0, 0, 0, 0);
+}
+
+static void test_duplicate_push_not_counted(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    float ref[MAXN], got[MAXN], other[MAXN];
+    initial(f, ref);
+    char err[256];
+    push_buf pb;
+    int64_t v = -1;
+
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    /* The same (worker, step) before the apply, even with other values: a
+     * duplicate, not added to the sum. */
+    grad_fill(other, f->m->numel, 5, 9);
+    push_make(f, other, &pb);
+    assert_int_equal(ps_shard_push(f->s, 0, 0, pb.g, pb.n, &v, err, sizeof err),
+                     PS_PUSH_DUPLICATE);
+    assert_int_equal(v, 0);
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_DUPLICATE);
+    expect_stats(f->s, 0, 1, 2, 0, 0, 0);
+
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    ref_sgd_mean(f, ref, 2, 0);
+    assert_int_equal(values(f, got), 1);
+    expect_same(ref, got, f->m->numel);
+
+    /* After the apply: a retry of either worker's last push. */
+    assert_int_equal(ps_shard_push(f->s, 0, 0, pb.g, pb.n, &v, err, sizeof err),
+                     PS_PUSH_DUPLICATE);
+    assert_int_equal(v, 1);
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_DUPLICATE);
+    assert_int_equal(values(f, got), 1);
+    expect_same(ref, got, f->m->numel);
+    expect_stats(f->s, 1, 2, 4, 0, 0, 0);
+
+    /* Worker 0 counted at step 1, retried: still one contribution, so the
+     * step applies only when worker 1 pushes. */
+    assert_int_equal(push_step(f, 0, 1, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 0, 1, &v), PS_PUSH_DUPLICATE);
+    assert_int_equal(v, 1);
+    assert_int_equal(push_step(f, 1, 1, &v), PS_PUSH_OK);
+    assert_int_equal(v, 2);
+    ref_sgd_mean(f, ref, 2, 1);
+    assert_int_equal(values(f, got), 2);
+    expect_same(ref, got, f->m->numel);
+    expect_stats(f->s, 2, 4, 5, 0, 0, 0);
+}
+
+static void test_stale_and_early_counted(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    float ref[MAXN], got[MAXN];
+    initial(f, ref);
+    char err[256];
+    float g[MAXN];
+    push_buf pb;
+    int64_t v = -1;
+
+    /* Early: step 1 at version 0. */
+    grad_fill(g, f->m->numel, 0, 1);
+    push_make(f, g, &pb);
+    assert_int_equal(ps_shard_push(f->s, 0, 1, pb.g, pb.n, &v, err, sizeof err), PS_PUSH_EARLY);
+    assert_int_equal(v, 0);
+    assert_non_null(strstr(err, "early push: step 1 from worker 0"));
+    assert_non_null(strstr(err, "version 0"));
+    expect_stats(f->s, 0, 0, 0, 0, 1, 0);
+
+    for (int64_t t = 0; t < 2; t++) {
+        assert_int_equal(push_step(f, 0, t, &v), PS_PUSH_OK);
+        assert_int_equal(push_step(f, 1, t, &v), PS_PUSH_OK);
+        ref_sgd_mean(f, ref, 2, t);
+    }
+    assert_int_equal(v, 2);
+
+    /* Stale: step 0 at version 2 is not worker 0's last push (step 1). */
+    grad_fill(g, f->m->numel, 0, 0);
+    push_make(f, g, &pb);
+    err[0] = 0;
+    assert_int_equal(ps_shard_push(f->s, 0, 0, pb.g, pb.n, &v, err, sizeof err), PS_PUSH_STALE);
+    assert_int_equal(v, 2);
+    assert_non_null(strstr(err, "stale push: step 0 from worker 0"));
+    assert_non_null(strstr(err, "version 2"));
+    /* Early again, and a far-future step. */
+    assert_int_equal(ps_shard_push(f->s, 1, 3, pb.g, pb.n, &v, err, sizeof err), PS_PUSH_EARLY);
+    assert_int_equal(ps_shard_push(f->s, 1, INT64_MAX, pb.g, pb.n, &v, err, sizeof err),
+                     PS_PUSH_EARLY);
+    /* A negative step is invalid, not a duplicate of "never pushed". */
+    assert_int_equal(ps_shard_push(f->s, 1, -1, pb.g, pb.n, &v, err, sizeof err),
+                     PS_PUSH_INVALID);
+    assert_non_null(strstr(err, "step must be >= 0"));
+    expect_stats(f->s, 2, 4, 0, 1, 3, 1);
+
+    /* None of them changed anything; step 2 still works. */
+    assert_int_equal(values(f, got), 2);
+    expect_same(ref, got, f->m->numel);
+    assert_int_equal(push_step(f, 1, 2, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 0, 2, &v), PS_PUSH_OK);
+    assert_int_equal(v, 3);
+    ref_sgd_mean(f, ref, 2, 2);
+    assert_int_equal(values(f, got), 3);
+    expect_same(ref, got, f->m->numel);
+}
+
+/* A worker that has not pushed yet has no "last push": a push of step -1 at
+ * version 0 is out of step (stale or invalid), not an accepted retry. */
+static void test_negative_step_before_any_push(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    int64_t v;
+    int rc = push_step(f, 0, -1, &v);
+    if (rc != PS_PUSH_STALE && rc != PS_PUSH_INVALID) {
+        fprintf(stderr, "push of step -1 at version 0 by a fresh worker: %d, want %d or %d\n",
+                rc, PS_PUSH_STALE, PS_PUSH_INVALID);
+        fail();
+    }
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.duplicate_pushes, 0);
+    assert_int_equal(st.pushes, 0);
+}
+
+static void test_stats_counters(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    int64_t v;
+    char err[256];
+    float g[MAXN];
+    push_buf pb;
+    grad_fill(g, f->m->numel, 0, 0);
+    push_make(f, g, &pb);
+
+    uint64_t pushes = 0, dup = 0, stale = 0, early = 0, bad = 0, pulls = 0;
+    for (int64_t t = 0; t < 5; t++) {
+        assert_int_equal(push_step(f, 0, t, &v), PS_PUSH_OK);
+        pushes++;
+        assert_int_equal(push_step(f, 0, t, &v), PS_PUSH_DUPLICATE);
+        dup++;
+        assert_int_equal(push_step(f, 1, t + 1, &v), PS_PUSH_EARLY);
+        early++;
+        assert_int_equal(ps_shard_push(f->s, 1, t, pb.g, pb.n - 1, &v, err, sizeof err),
+                         PS_PUSH_INVALID);
+        bad++;
+        assert_int_equal(push_step(f, 1, t, &v), PS_PUSH_OK);
+        pushes++;
+        if (t >= 2) {
+            assert_int_equal(push_step(f, 1, t - 2, &v), PS_PUSH_STALE);
+            stale++;
+        }
+        ps_shard_count_bad(f->s);
+        bad++;
+        ps_snapshot_unref(pull_now(f->s, t));
+        pulls++;
+    }
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.version, 5);
+    assert_int_equal(st.pushes, pushes);
+    assert_int_equal(st.duplicate_pushes, dup);
+    assert_int_equal(st.stale_pushes, stale);
+    assert_int_equal(st.early_pushes, early);
+    assert_int_equal(st.bad_requests, bad);
+    assert_int_equal(st.pulls, pulls);
+    assert_int_equal(st.nparts, f->nparts);
+    assert_int_equal(st.bytes, f->pl->shard_bytes[0]);
+}
+
+/* ===== Pulls and snapshots ===== */
+
+static void test_pull_answered_once_when_version_applies(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    catcher c1, c2;
+    catcher_init(&c1);
+    catcher_init(&c2);
+    c1.shard = f->s;
+    ps_shard_pull(f->s, 1, catch_cb, &c1);
+    ps_shard_pull(f->s, 2, catch_cb, &c2);
+    int64_t v;
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_DUPLICATE);
+    assert_int_equal(push_step(f, 1, 1, &v), PS_PUSH_EARLY);
+    assert_int_equal(catcher_calls(&c1), 0);
+
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    assert_int_equal(catcher_calls(&c1), 1);
+    assert_int_equal(c1.nulls, 0);
+    assert_int_equal(ps_snapshot_version(c1.snap), 1);
+    assert_int_equal(c1.seen_version, 1); /* Called without the lock held. */
+    assert_int_equal(catcher_calls(&c2), 0);
+
+    float ref[MAXN], got[MAXN];
+    initial(f, ref);
+    ref_sgd_mean(f, ref, 2, 0);
+    values_of(f, c1.snap, got);
+    expect_same(ref, got, f->m->numel);
+
+    /* Later versions do not answer it again. */
+    for (int64_t t = 1; t < 4; t++) {
+        assert_int_equal(push_step(f, 0, t, &v), PS_PUSH_OK);
+        assert_int_equal(push_step(f, 1, t, &v), PS_PUSH_OK);
+    }
+    assert_int_equal(catcher_calls(&c1), 1);
+    assert_int_equal(catcher_calls(&c2), 1);
+    assert_int_equal(ps_snapshot_version(c2.snap), 2);
+
+    /* A pull for an old version gets the newest one. */
+    ps_snapshot *snap = pull_now(f->s, 0);
+    assert_int_equal(ps_snapshot_version(snap), 4);
+    ps_snapshot_unref(snap);
+    catcher_deinit(&c1);
+    catcher_deinit(&c2);
+}
+
+static void test_snapshot_immutable(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    int64_t v;
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    ps_snapshot *v1 = pull_now(f->s, 1);
+    ps_snapshot *v1b = pull_now(f->s, 1);
+    assert_ptr_equal(v1, v1b); /* The same immutable snapshot, shared. */
+    ps_snapshot_unref(v1b);
+    assert_int_equal(ps_snapshot_version(v1), 1);
+    float copy[MAXN];
+    values_of(f, v1, copy);
+
+    /* Many more versions, so recycled snapshot buffers come around. */
+    for (int64_t t = 1; t < 12; t++) {
+        assert_int_equal(push_step(f, 0, t, &v), PS_PUSH_OK);
+        assert_int_equal(push_step(f, 1, t, &v), PS_PUSH_OK);
+        ps_snapshot *cur = pull_now(f->s, t + 1);
+        assert_int_equal(ps_snapshot_version(cur), t + 1);
+        float now[MAXN];
+        values_of(f, cur, now);
+        assert_true(memcmp(now, copy, f->m->numel * sizeof(float)) != 0);
+        ps_snapshot_unref(cur);
+    }
+    float later[MAXN];
+    assert_int_equal(ps_snapshot_version(v1), 1);
+    values_of(f, v1, later);
+    expect_same(copy, later, f->m->numel);
+    ps_snapshot_unref(v1);
+}
+
+/* ===== Invalid pushes ===== */
+
+typedef enum {
+    BAD_UNKNOWN_PART,
+    BAD_OTHER_SHARD,
+    BAD_SHAPE_ROWS,
+    BAD_SHAPE_COLS,
+    BAD_SHAPE_NDIMS,
+    BAD_LEN_SHORT,
+    BAD_LEN_LONG,
+    BAD_DTYPE,
+    BAD_DUP_PART,
+    BAD_MISSING_PART,
+    BAD_EXTRA_PART,
+    BAD_NO_PARTS,
+    BAD_WORKER_HIGH,
+    BAD_WORKER_NEG,
+    BAD_COUNT
+} bad_kind;
+
+/* Corrupt a valid push; returns the worker rank to use and writes the part
+ * of the message that must appear into want. */
+static int corrupt(const fixture *f, push_buf *pb, bad_kind k, char *want, size_t wlen) {
+    uint32_t other = 0;
+    for (int i = 0; i < f->pl->nparts; i++)
+        if (f->pl->parts[i].shard == 1) other = (uint32_t)i;
+    /* A partition of a 2-D kernel, to change its columns. */
+    int kern = -1;
+    for (int i = 0; i < pb->n; i++)
+        if (pb->g[i].nshape == 2) kern = i;
+    assert_true(kern >= 0);
+    const cm_partition *kp = &f->pl->parts[pb->g[kern].part];
+    const char *kname = f->m->vars[kp->var].name;
+    int worker = 1;
+    switch (k) {
+    case BAD_UNKNOWN_PART:
+        pb->g[0].part = (uint32_t)f->pl->nparts + 3;
+        snprintf(want, wlen, "unknown partition %d (the model has %d)", f->pl->nparts + 3,
+                 f->pl->nparts);
+        break;
+    case BAD_OTHER_SHARD:
+        pb->g[0].part = other;
+        snprintf(want, wlen, "partition %u (%s part %d) belongs to shard 1, not shard 0", other,
+                 f->m->vars[f->pl->parts[other].var].name, f->pl->parts[other].index);
+        break;
+    case BAD_SHAPE_ROWS:
+        pb->shape[kern][0]++;
+        snprintf(want, wlen, "partition %u (%s part %d): shape must be [%zu,%lld]",
+                 pb->g[kern].part, kname, kp->index, kp->row_end - kp->row_begin,
+                 (long long)f->m->vars[kp->var].dims[1]);
+        break;
+    case BAD_SHAPE_COLS:
+        pb->shape[kern][1]--;
+        snprintf(want, wlen, "(%s part %d): shape must be", kname, kp->index);
+        break;
+    case BAD_SHAPE_NDIMS:
+        pb->g[kern].nshape = 1;
+        snprintf(want, wlen, "(%s part %d): shape must be", kname, kp->index);
+        break;
+    case BAD_LEN_SHORT:
+        pb->g[kern].len -= 4;
+        snprintf(want, wlen, "(%s part %d): %zu data bytes, expected %zu", kname, kp->index,
+                 kp->count * 4 - 4, kp->count * 4);
+        break;
+    case BAD_LEN_LONG:
+        pb->g[kern].len += 1;
+        snprintf(want, wlen, "%zu data bytes, expected %zu", kp->count * 4 + 1, kp->count * 4);
+        break;
+    case BAD_DTYPE:
+        pb->g[kern].dtype_ok = 0;
+        snprintf(want, wlen, "partition %u (%s): dtype must be DTYPE_FLOAT32", pb->g[kern].part,
+                 kname);
+        break;
+    case BAD_DUP_PART:
+        pb->g[1] = pb->g[0];
+        snprintf(want, wlen, "partition %u appears twice in one push", pb->g[0].part);
+        break;
+    case BAD_MISSING_PART:
+        pb->n--;
+        snprintf(want, wlen, "must carry its %d partitions, got %d", f->nparts, f->nparts - 1);
+        break;
+    case BAD_EXTRA_PART:
+        pb->g[pb->n] = pb->g[0];
+        pb->n++;
+        snprintf(want, wlen, "must carry its %d partitions, got %d", f->nparts, f->nparts + 1);
+        break;
+    case BAD_NO_PARTS:
+        pb->n = 0;
+        snprintf(want, wlen, "must carry its %d partitions, got 0", f->nparts);
+        break;
+    case BAD_WORKER_HIGH:
+        worker = 2;
+        snprintf(want, wlen, "worker rank 2 out of range: the shard expects 2 workers");
+        break;
+    case BAD_WORKER_NEG:
+        worker = -1;
+        snprintf(want, wlen, "worker rank -1 out of range");
+        break;
+    case BAD_COUNT: break;
+    }
+    return worker;
+}
+
+static void test_invalid_pushes_leave_state_unchanged(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    int64_t v;
+    /* Worker 0 has contributed to step 0: the pending sum must survive
+     * every bad push from worker 1 untouched. */
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    float before[MAXN], after[MAXN], g[MAXN];
+    assert_int_equal(values(f, before), 0);
+    grad_fill(g, f->m->numel, 1, 0);
+    for (int k = 0; k < BAD_COUNT; k++) {
+        push_buf pb;
+        push_make(f, g, &pb);
+        char want[256], err[512];
+        int worker = corrupt(f, &pb, (bad_kind)k, want, sizeof want);
+        snprintf(err, sizeof err, "(unset)");
+        v = -1;
+        int rc = ps_shard_push(f->s, worker, 0, pb.g, pb.n, &v, err, sizeof err);
+        if (rc != PS_PUSH_INVALID || !strstr(err, want)) {
+            fprintf(stderr, "case %d: rc %d, message '%s', want '%s'\n", k, rc, err, want);
+            fail();
+        }
+        assert_int_equal(v, 0);
+        assert_int_equal(values(f, after), 0);
+        expect_same(before, after, f->m->numel);
+        expect_stats(f->s, 0, 1, 0, 0, 0, (uint64_t)k + 1);
+    }
+    /* Worker 1 was never counted: its good push is accepted and applies
+     * exactly the mean of the two good gradients. */
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    float ref[MAXN];
+    initial(f, ref);
+    ref_sgd_mean(f, ref, 2, 0);
+    assert_int_equal(values(f, after), 1);
+    expect_same(ref, after, f->m->numel);
+    expect_stats(f->s, 1, 2, 0, 0, 0, BAD_COUNT);
+}
+
+/* ===== Async mode and aggregates ===== */
+
+static void test_async_applies_each_push(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_ASYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    float ref[MAXN], got[MAXN], g[MAXN];
+    initial(f, ref);
+    catcher w;
+    catcher_init(&w);
+    ps_shard_pull(f->s, 3, catch_cb, &w);
+    /* Each worker's steps only grow; every new push is one update of lr * g,
+     * whatever the other workers are doing. */
+    const struct { int worker; int64_t step; } seq[] = {{0, 0}, {1, 0}, {1, 5}, {0, 1}};
+    for (int k = 0; k < 4; k++) {
+        int64_t v = -1;
+        assert_int_equal(push_step(f, seq[k].worker, seq[k].step, &v), PS_PUSH_OK);
+        assert_int_equal(v, k + 1);
+        assert_int_equal(catcher_calls(&w), k + 1 >= 3 ? 1 : 0);
+        grad_fill(g, f->m->numel, seq[k].worker, seq[k].step);
+        for (size_t i = 0; i < f->m->numel; i++) ref[i] = ref[i] - LR * g[i];
+        own_only(f, ref);
+        assert_int_equal(values(f, got), k + 1);
+        expect_same(ref, got, f->m->numel);
+    }
+    assert_int_equal(ps_snapshot_version(w.snap), 3);
+    /* A retry of a push already applied (a step not above the worker's last)
+     * is acknowledged and not applied twice. */
+    int64_t v = -1;
+    assert_int_equal(push_step(f, 1, 5, &v), PS_PUSH_DUPLICATE);
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_DUPLICATE);
+    assert_int_equal(v, 4);
+    assert_int_equal(values(f, got), 4);
+    expect_same(ref, got, f->m->numel);
+    expect_stats(f->s, 4, 4, 2, 0, 0, 0);
+    catcher_deinit(&w);
+}
+
+static void test_sum_add_exact(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_ADD, 3, PS_SYNC, PS_AGG_SUM);
+    c.zero_init = 1;
+    init_ok(f, &c);
+    /* Integer gradients: worker w, step t, element i -> (i + 1) * (w + 1) +
+     * 100 * t. */
+    float want[MAXN] = {0}, got[MAXN];
+    for (int64_t t = 0; t < 3; t++) {
+        for (int w = 0; w < 3; w++) {
+            float g[MAXN];
+            for (size_t i = 0; i < f->m->numel; i++)
+                g[i] = (float)((i + 1) * (size_t)(w + 1) + 100 * (size_t)t);
+            push_buf pb;
+            char err[256];
+            int64_t v;
+            push_make(f, g, &pb);
+            assert_int_equal(ps_shard_push(f->s, w, t, pb.g, pb.n, &v, err, sizeof err),
+                             PS_PUSH_OK);
+            assert_int_equal(v, w == 2 ? t + 1 : t);
+        }
+        for (size_t i = 0; i < f->m->numel; i++)
+            want[i] += (float)((i + 1) * 6 + 300 * (size_t)t);
+    }
+    own_only(f, want);
+    assert_int_equal(values(f, got), 3);
+    expect_same(want, got, f->m->numel);
+}
+
+/* ===== Shutdown ===== */
+
+static void test_abort_waiters(void **state) {
+    fixture *f = *state;
+    catcher before_init, later, after;
+    catcher_init(&before_init);
+    catcher_init(&later);
+    catcher_init(&after);
+    ps_shard_pull(f->s, 0, catch_cb, &before_init);
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    assert_int_equal(catcher_calls(&before_init), 1);
+    ps_shard_pull(f->s, 5, catch_cb, &later);
+    ps_shard_pull(f->s, 9, catch_cb, &after);
+    assert_int_equal(catcher_calls(&later), 0);
+
+    ps_shard_abort_waiters(f->s);
+    assert_int_equal(catcher_calls(&later), 1);
+    assert_int_equal(later.nulls, 1);
+    assert_int_equal(catcher_calls(&after), 1);
+    assert_int_equal(after.nulls, 1);
+
+    /* Later pulls fail at once, even for a version that exists. */
+    catcher now;
+    catcher_init(&now);
+    ps_shard_pull(f->s, 0, catch_cb, &now);
+    assert_int_equal(catcher_calls(&now), 1);
+    assert_int_equal(now.nulls, 1);
+    ps_shard_pull(f->s, 100, catch_cb, &now);
+    assert_int_equal(catcher_calls(&now), 2);
+    assert_int_equal(now.nulls, 2);
+
+    /* Pushes that create versions do not answer anyone twice. */
+    int64_t v;
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    assert_int_equal(catcher_calls(&later), 1);
+    assert_int_equal(catcher_calls(&before_init), 1);
+    ps_shard_abort_waiters(f->s); /* Idempotent. */
+    assert_int_equal(catcher_calls(&after), 1);
+    catcher_deinit(&before_init);
+    catcher_deinit(&later);
+    catcher_deinit(&after);
+    catcher_deinit(&now);
+}
+
+static void test_destroy_answers_waiters(void **state) {
+    fixture *f = *state;
+    ps_shard *s = NULL;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 1, &s), CM_OK);
+    catcher a, b;
+    catcher_init(&a);
+    catcher_init(&b);
+    ps_shard_pull(s, 0, catch_cb, &a); /* Not initialised: waits. */
+    ps_shard_pull(s, 3, catch_cb, &b);
+    ps_shard_destroy(s);
+    assert_int_equal(catcher_calls(&a), 1);
+    assert_int_equal(a.nulls, 1);
+    assert_int_equal(catcher_calls(&b), 1);
+    assert_int_equal(b.nulls, 1);
+    catcher_deinit(&a);
+    catcher_deinit(&b);
+}
+
+/* ps_shard.c keeps snapshot buffers in a pool that "outlives the shard if
+ * replies still reference snapshots when the shard is destroyed": a
+ * snapshot held past ps_shard_destroy must stay readable. */
+static void test_snapshot_outlives_shard(void **state) {
+    fixture *f = *state;
+    ps_shard *s = NULL;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &s), CM_OK);
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 1, PS_SYNC, PS_AGG_MEAN);
+    char err[256];
+    int64_t v;
+    assert_int_equal(ps_shard_init(s, &c, &v, err, sizeof err), CM_OK);
+    ps_snapshot *snap = pull_now(s, 0);
+    float want[MAXN];
+    initial(f, want);
+    ps_shard_destroy(s);
+    assert_int_equal(ps_snapshot_version(snap), 0);
+    for (int i = 0; i < f->nparts; i++) {
+        const cm_partition *p = &f->pl->parts[f->parts[i]];
+        expect_same(want + p->offset, ps_snapshot_part(snap, i), p->count);
+    }
+    ps_snapshot_unref(snap);
+}
+
+/* ===== Concurrency ===== */
+
+#define NTHREADS 4
+#define NSTEPS 300
+
+typedef struct worker_arg {
+    fixture *f;
+    int rank;
+    int failures;
+} worker_arg;
+
+static void *worker_main(void *p) {
+    worker_arg *a = p;
+    for (int64_t t = 0; t < NSTEPS; t++) {
+        /* Wait for version t (pulls answered from other threads). */
+        catcher c;
+        catcher_init(&c);
+        ps_shard_pull(a->f->s, t, catch_cb, &c);
+        pthread_mutex_lock(&c.mu);
+        while (c.calls == 0) pthread_cond_wait(&c.cv, &c.mu);
+        pthread_mutex_unlock(&c.mu);
+        CHECK(c.nulls == 0 && ps_snapshot_version(c.snap) >= t);
+        catcher_deinit(&c);
+        int64_t v;
+        int rc = push_step(a->f, a->rank, t, &v);
+        if (rc != PS_PUSH_OK) a->failures++;
+        /* A retry is always a duplicate, never a second contribution. */
+        if (t % 7 == a->rank && push_step(a->f, a->rank, t, &v) != PS_PUSH_DUPLICATE)
+            a->failures++;
+    }
+    return NULL;
+}
+
+static void test_concurrent_sync_pushes(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, NTHREADS, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    pthread_t th[NTHREADS];
+    worker_arg args[NTHREADS];
+    for (int i = 0; i < NTHREADS; i++) {
+        args[i] = (worker_arg){.f = f, .rank = i};
+        assert_int_equal(pthread_create(&th[i], NULL, worker_main, &args[i]), 0);
+    }
+    for (int i = 0; i < NTHREADS; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(args[i].failures, 0);
+    }
+
+    float ref[MAXN], got[MAXN];
+    initial(f, ref);
+    for (int64_t t = 0; t < NSTEPS; t++) ref_sgd_mean(f, ref, NTHREADS, t);
+    assert_int_equal(values(f, got), NSTEPS);
+    expect_same(ref, got, f->m->numel);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.version, NSTEPS);
+    assert_int_equal(st.pushes, (uint64_t)NTHREADS * NSTEPS);
+    assert_int_equal(st.stale_pushes, 0);
+    assert_int_equal(st.early_pushes, 0);
+    assert_int_equal(st.bad_requests, 0);
+    uint64_t dups = 0;
+    for (int64_t t = 0; t < NSTEPS; t++) dups += t % 7 < NTHREADS;
+    assert_int_equal(st.duplicate_pushes, dups);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+#define T(fn) cmocka_unit_test_setup_teardown(fn, fx_setup, fx_teardown)
+        T(test_layout_splits_kernels),
+        T(test_push_refused_before_init),
+        T(test_pull_waits_until_init),
+        T(test_init_idempotent_and_conflict),
+        T(test_initial_values),
+        T(test_sync_mean_sgd_exact),
+        T(test_duplicate_push_not_counted),
+        T(test_stale_and_early_counted),
+        T(test_negative_step_before_any_push),
+        T(test_stats_counters),
+        T(test_pull_answered_once_when_version_applies),
+        T(test_snapshot_immutable),
+        T(test_invalid_pushes_leave_state_unchanged),
+        T(test_async_applies_each_push),
+        T(test_sum_add_exact),
+        T(test_abort_waiters),
+        T(test_destroy_answers_waiters),
+        T(test_concurrent_sync_pushes),
+        /* Last: under ASan a failure here ends the process. */
+        T(test_snapshot_outlives_shard),
+#undef T
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
