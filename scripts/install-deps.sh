@@ -10,6 +10,8 @@ PACKAGES=(
   libjansson-dev                     # JSON: summaries, TF_CONFIG
   zlib1g-dev                         # gzip'd IDX files
   libcmocka-dev                      # unit tests
+  libgrpc-dev                        # gRPC C core: PS <-> worker RPC (proto/rpc.c)
+  libprotobuf-c-dev protobuf-c-compiler  # proto/ps.proto messages (protoc-c at build time)
   python3                            # integration test drivers, experiment scripts
   dataset-fashion-mnist              # the training data
 )

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cm_cluster.h"
 #include "common/cm_log.h"
 #include "common/cm_status.h"
 #include "ps/ps_optim.h"
@@ -16,9 +17,11 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: pstrain [options]\n"
             "Train an MLP classifier on Fashion-MNIST.\n\n"
-            "  --mode local              train in this process (default: local)\n"
+            "  --mode local|ps           local: train in this process; ps: a worker of a PS\n"
+            "                            cluster (default: ps when TF_CONFIG or --ps-hosts\n"
+            "                            is given, else local)\n"
             "  --epochs N                passes over the training set (default 10)\n"
-            "  --batch-size N            examples per step (default 128)\n"
+            "  --batch-size N            examples per step and worker (default 128)\n"
             "  --lr X                    learning rate (default 0.001 adam, 0.05 sgd/momentum)\n"
             "  --optimizer NAME          sgd | momentum | adam (default adam)\n"
             "  --seed N                  initialisation and data order (default 1)\n"
@@ -37,6 +40,21 @@ static void usage(FILE *f) {
             "  --log FILE                write one JSON line per step with its time split\n"
             "  --params-out FILE         write the final parameters (raw float32)\n"
             "  --init-out FILE           write the initial parameters (raw float32)\n"
+            "\nPS mode (the cluster comes from TF_CONFIG; these flags override it):\n"
+            "  --ps-hosts H:P,...        PS addresses\n"
+            "  --worker-hosts H:P,...    worker addresses\n"
+            "  --chief-host H:P          the chief's address (trains as rank 0)\n"
+            "  --task-type chief|worker  this task's type\n"
+            "  --task-index I            this task's index\n"
+            "  --sync sync|async         apply steps when all workers pushed (default),\n"
+            "                            or every push at once\n"
+            "  --min-partition-bytes N   placement's minimum partition (default 262144)\n"
+            "  --rpc-timeout-ms N        deadline of every call (default 60000)\n"
+            "  --connect-timeout-ms N    how long to retry an unreachable PS (default 30000)\n"
+            "  --separate-pull           Push, wait, then Pull (two round trips a step)\n"
+            "                            instead of one PushPull call per shard\n"
+            "  --fault zero-gradient     test hook: push zeros instead of the gradient\n"
+            "  --fault-rank R            ...on rank R only (default: every rank)\n"
             "  -h, --help                this text\n");
 }
 
@@ -68,7 +86,8 @@ int main(int argc, char **argv) {
     enum {
         O_MODE = 256, O_EPOCHS, O_BATCH, O_LR, O_OPT, O_SEED, O_THREADS, O_DEVICES, O_LAYERS,
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
-        O_PARAMS_OUT, O_INIT_OUT
+        O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
+        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -90,6 +109,18 @@ int main(int argc, char **argv) {
         {"log", required_argument, 0, O_LOG},
         {"params-out", required_argument, 0, O_PARAMS_OUT},
         {"init-out", required_argument, 0, O_INIT_OUT},
+        {"ps-hosts", required_argument, 0, O_PS_HOSTS},
+        {"worker-hosts", required_argument, 0, O_WORKER_HOSTS},
+        {"chief-host", required_argument, 0, O_CHIEF_HOST},
+        {"task-type", required_argument, 0, O_TASK_TYPE},
+        {"task-index", required_argument, 0, O_TASK_INDEX},
+        {"sync", required_argument, 0, O_SYNC},
+        {"min-partition-bytes", required_argument, 0, O_MIN_PART},
+        {"rpc-timeout-ms", required_argument, 0, O_RPC_TIMEOUT},
+        {"connect-timeout-ms", required_argument, 0, O_CONNECT_TIMEOUT},
+        {"fault", required_argument, 0, O_FAULT},
+        {"fault-rank", required_argument, 0, O_FAULT_RANK},
+        {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -98,6 +129,8 @@ int main(int argc, char **argv) {
     int c;
     long v;
     double dv;
+    const char *lists[CM_TASK_NTYPES] = {0};
+    int task_type = -1, task_index = -1, mode_given = 0;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
         case O_MODE:
@@ -107,6 +140,7 @@ int main(int argc, char **argv) {
                 return 2;
             }
             cfg.mode = optarg;
+            mode_given = 1;
             break;
         case O_EPOCHS:
             if (parse_long("--epochs", optarg, 1, 100000, &v)) return 2;
@@ -173,6 +207,52 @@ int main(int argc, char **argv) {
         case O_LOG: cfg.log_path = optarg; break;
         case O_PARAMS_OUT: cfg.params_out = optarg; break;
         case O_INIT_OUT: cfg.init_out = optarg; break;
+        case O_PS_HOSTS: lists[CM_TASK_PS] = optarg; break;
+        case O_WORKER_HOSTS: lists[CM_TASK_WORKER] = optarg; break;
+        case O_CHIEF_HOST: lists[CM_TASK_CHIEF] = optarg; break;
+        case O_TASK_TYPE:
+            task_type = cm_task_type_parse(optarg);
+            if (task_type != CM_TASK_CHIEF && task_type != CM_TASK_WORKER) {
+                fprintf(stderr, "pstrain: --task-type must be chief or worker, got '%s'\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        case O_TASK_INDEX:
+            if (parse_long("--task-index", optarg, 0, 1 << 20, &v)) return 2;
+            task_index = (int)v;
+            break;
+        case O_SYNC:
+            if (strcmp(optarg, "sync") && strcmp(optarg, "async")) {
+                fprintf(stderr, "pstrain: --sync must be sync or async, got '%s'\n", optarg);
+                return 2;
+            }
+            cfg.async = !strcmp(optarg, "async");
+            break;
+        case O_MIN_PART:
+            if (parse_long("--min-partition-bytes", optarg, 1, 1L << 40, &v)) return 2;
+            cfg.min_part_bytes = (size_t)v;
+            break;
+        case O_RPC_TIMEOUT:
+            if (parse_long("--rpc-timeout-ms", optarg, 1, 1L << 40, &v)) return 2;
+            cfg.deadline_ms = v;
+            break;
+        case O_CONNECT_TIMEOUT:
+            if (parse_long("--connect-timeout-ms", optarg, 1, 1L << 40, &v)) return 2;
+            cfg.connect_timeout_ms = v;
+            break;
+        case O_FAULT:
+            if (strcmp(optarg, "zero-gradient")) {
+                fprintf(stderr, "pstrain: --fault must be zero-gradient, got '%s'\n", optarg);
+                return 2;
+            }
+            cfg.fault_zero_gradient = 1;
+            break;
+        case O_SEPARATE_PULL: cfg.separate_pull = 1; break;
+        case O_FAULT_RANK:
+            if (parse_long("--fault-rank", optarg, 0, 1 << 20, &v)) return 2;
+            cfg.fault_rank = (int)v;
+            break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -181,11 +261,54 @@ int main(int argc, char **argv) {
         fprintf(stderr, "pstrain: unexpected argument '%s' (see --help)\n", argv[optind]);
         return 2;
     }
+    if (cfg.optimizer == PS_OPTIM_ADD) {
+        fprintf(stderr, "pstrain: --optimizer must be sgd, momentum or adam\n");
+        return 2;
+    }
+    /* The cluster: TF_CONFIG, then flags on top. */
+    char err[512];
+    cm_cluster *cluster = NULL;
+    int rc = cm_cluster_from_env(&cluster, err, sizeof err);
+    int have_cluster = rc == CM_OK || lists[CM_TASK_PS];
+    if (rc != CM_OK && rc != CM_ENOTFOUND) {
+        fprintf(stderr, "pstrain: %s\n", err);
+        cm_cluster_destroy(cluster);
+        return 2;
+    }
+    for (int t = 0; t < CM_TASK_NTYPES; t++)
+        if (lists[t] && cm_cluster_set_list(cluster, t, lists[t], err, sizeof err) != CM_OK) {
+            fprintf(stderr, "pstrain: %s\n", err);
+            cm_cluster_destroy(cluster);
+            return 2;
+        }
+    if (task_type >= 0 || task_index >= 0)
+        cm_cluster_set_task(cluster, task_type >= 0 ? task_type : cluster->task_type,
+                            task_index >= 0 ? task_index : 0);
+    if (!mode_given && have_cluster) cfg.mode = "ps";
+    if (!strcmp(cfg.mode, "ps")) {
+        if (cluster->task_type < 0) cm_cluster_set_task(cluster, CM_TASK_WORKER, 0);
+        if (cm_cluster_validate(cluster, err, sizeof err) != CM_OK) {
+            fprintf(stderr, "pstrain: %s\n", err);
+            cm_cluster_destroy(cluster);
+            return 2;
+        }
+        char tag[32];
+        snprintf(tag, sizeof tag, "%s %d", cm_task_type_name(cluster->task_type),
+                 cluster->task_index);
+        cm_log_set_tag(tag);
+        cfg.cluster = cluster;
+    }
     wk_train_result r;
     int status = wk_train_run(&cfg, &r);
+    cm_cluster_destroy(cluster);
     if (status != CM_OK) {
         fprintf(stderr, "pstrain: failed: %s\n", cm_strerror(status));
         return 1;
+    }
+    if (!r.is_chief) {
+        printf("worker rank %d of %d finished %lld steps in %.1f s (%.0f examples/s overall)\n",
+               r.rank, r.workers, (long long)r.steps, r.seconds, r.examples_per_sec);
+        return 0;
     }
     printf("test accuracy %.4f (loss %.4f) on %zu test images after %lld steps in %.1f s "
            "(%.0f examples/s)\n",

@@ -12,6 +12,7 @@
 
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
+#include "common/cm_placement.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
 #include "ps/ps_optim.h"
@@ -19,6 +20,7 @@
 #include "worker/input/wk_dataset.h"
 #include "worker/input/wk_order.h"
 #include "worker/input/wk_prefetch.h"
+#include "worker/sync/wk_sync.h"
 #include "worker/wk_replicas.h"
 
 void wk_train_cfg_defaults(wk_train_cfg *cfg) {
@@ -36,6 +38,7 @@ void wk_train_cfg_defaults(wk_train_cfg *cfg) {
     cfg->sizes[2] = 128;
     cfg->sizes[3] = 10;
     cfg->progress_every = 2.0;
+    cfg->fault_rank = -1;
 }
 
 static void fmt_duration(double s, char *buf, size_t len) {
@@ -50,19 +53,20 @@ static void fmt_duration(double s, char *buf, size_t len) {
         snprintf(buf, len, "%ld:%02ld", t / 60, t % 60);
 }
 
-static int write_summary(const char *path, const wk_train_cfg *cfg, float lr,
+static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, int nps,
                          const wk_train_result *r) {
     json_t *o = json_pack("{s:s, s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:s, s:f, s:I,"
-                          " s:i, s:i, s:f}",
+                          " s:i, s:i, s:f, s:i, s:s}",
                           "mode", cfg->mode, "test_accuracy", r->test_accuracy, "test_loss",
                           r->test_loss, "steps", (json_int_t)r->steps, "examples_per_sec",
                           r->examples_per_sec, "seconds", r->seconds, "final_train_loss",
-                          r->final_train_loss, "workers", 1, "ps", 0, "local_devices",
+                          r->final_train_loss, "workers", r->workers, "ps", nps, "local_devices",
                           cfg->local_devices, "batch_size", cfg->batch_size, "optimizer",
                           ps_optim_name(cfg->optimizer), "lr", (double)lr, "seed",
                           (json_int_t)cfg->seed, "epochs", cfg->epochs, "threads",
                           wk_device_cpu_threads(), "steady_examples_per_sec",
-                          r->steady_examples_per_sec);
+                          r->steady_examples_per_sec, "rank", r->rank, "sync",
+                          cfg->async ? "async" : "sync");
     if (!o) return CM_ENOMEM;
     int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;
     json_decref(o);
@@ -83,10 +87,23 @@ static int write_params(const char *path, const float *p, size_t n) {
 }
 
 static int check_cfg(const wk_train_cfg *cfg) {
-    if (strcmp(cfg->mode, "local") != 0) {
-        cm_error("--mode %s is not available yet: this build trains in --mode local only",
+    if (strcmp(cfg->mode, "local") != 0 && strcmp(cfg->mode, "ps") != 0) {
+        cm_error("--mode %s is not available yet: this build trains in --mode local or ps",
                  cfg->mode);
         return CM_EUNSUPPORTED;
+    }
+    if (!strcmp(cfg->mode, "ps")) {
+        const cm_cluster *c = cfg->cluster;
+        if (!c || c->n[CM_TASK_PS] < 1) {
+            cm_error("--mode ps needs PS addresses (TF_CONFIG or --ps-hosts)");
+            return CM_EINVAL;
+        }
+        if (cm_cluster_rank(c) < 0) {
+            cm_error("this task is %s:%d; pstrain runs chief and worker tasks (start a ps task "
+                     "with psserver)",
+                     cm_task_type_name(c->task_type), c->task_index);
+            return CM_EUNSUPPORTED;
+        }
     }
     if (cfg->epochs < 1) return cm_error("--epochs must be >= 1"), CM_EINVAL;
     if (cfg->batch_size < 1) return cm_error("--batch-size must be >= 1"), CM_EINVAL;
@@ -105,20 +122,32 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     int status = check_cfg(cfg);
     if (status != CM_OK) return status;
     memset(result, 0, sizeof *result);
+    const int is_ps = !strcmp(cfg->mode, "ps");
+    const int W = is_ps ? cm_cluster_num_trainers(cfg->cluster) : 1;
+    const int rank = is_ps ? cm_cluster_rank(cfg->cluster) : 0;
+    const int is_chief = is_ps ? cm_cluster_is_chief(cfg->cluster) : 1;
+    const int nps = is_ps ? cfg->cluster->n[CM_TASK_PS] : 0;
+    const size_t B = (size_t)cfg->batch_size * (size_t)W; /* Global batch. */
+    result->is_chief = is_chief;
+    result->rank = rank;
+    result->workers = W;
     const char *dir = cfg->data_dir ? cfg->data_dir : wk_dataset_default_dir();
     wk_dataset train = {0}, test = {0};
     cm_model *model = NULL;
     wk_device *devs[64] = {0};
     wk_replicas *reps = NULL;
     wk_prefetch *pf = NULL;
-    float *params = NULL, *grad = NULL, *slots = NULL;
+    wk_sync *sync = NULL;
+    float *params = NULL, *grad = NULL;
     FILE *log = NULL;
     char err[512];
     const int D = cfg->local_devices;
+    int began = 0;
 
     float lr = cfg->lr > 0.0f ? cfg->lr : (cfg->optimizer == PS_OPTIM_ADAM ? 1e-3f : 0.05f);
     ps_optim_cfg opt = ps_optim_defaults(cfg->optimizer, lr);
-    int threads = cfg->threads > 0 ? cfg->threads : (D == 1 ? (int)sysconf(_SC_NPROCESSORS_ONLN) : 1);
+    int threads = cfg->threads > 0 ? cfg->threads
+                                   : (D == 1 && !is_ps ? (int)sysconf(_SC_NPROCESSORS_ONLN) : 1);
     wk_device_cpu_set_threads(threads);
 
     double t_load = cm_now();
@@ -141,9 +170,10 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         status = CM_EINVAL;
         goto out;
     }
-    size_t spe = wk_order_steps_per_epoch(train.n, (size_t)cfg->batch_size);
+    size_t spe = wk_order_steps_per_epoch(train.n, B);
     if (spe == 0) {
-        cm_error("--batch-size %d exceeds the %zu training examples", cfg->batch_size, train.n);
+        cm_error("the global batch (%zu = %d workers x %d) exceeds the %zu training examples", B,
+                 W, cfg->batch_size, train.n);
         status = CM_EINVAL;
         goto out;
     }
@@ -152,33 +182,73 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     cm_info("loaded %zu training and %zu test examples from %s in %.2f s", train.n, test.n, dir,
             cm_now() - t_load);
 
+    size_t lo, hi;
+    wk_order_slice(B, rank, W, &lo, &hi);
+    const int slice = (int)(hi - lo);
+    /* Pushed gradients are means over each worker's slice; weighting them by
+     * slice size keeps the PS's plain average equal to the global batch's
+     * mean gradient when B is not a multiple of W. */
+    const float grad_scale = (float)((double)slice * W / (double)B);
+
     status = CM_ENOMEM;
     size_t numel = model->numel;
-    int nslots = ps_optim_nslots(opt.kind);
     params = cm_alloc_aligned(numel * sizeof(float));
     grad = cm_alloc_aligned(numel * sizeof(float));
-    slots = cm_alloc_aligned((size_t)(nslots ? nslots : 1) * numel * sizeof(float));
-    if (!params || !grad || !slots) goto out;
-    memset(slots, 0, (size_t)(nslots ? nslots : 1) * numel * sizeof(float));
-    cm_model_init(model, cfg->seed, params);
-    if (cfg->init_out && (status = write_params(cfg->init_out, params, numel)) != CM_OK) goto out;
-    status = CM_ENOMEM;
+    if (!params || !grad) goto out;
+    if (is_ps) {
+        wk_sync_ps_cfg pc = {
+            .model = model,
+            .min_part_bytes = cfg->min_part_bytes ? cfg->min_part_bytes
+                                                  : CM_PLACEMENT_MIN_PART_BYTES,
+            .ps_addrs = (const char *const *)cfg->cluster->addrs[CM_TASK_PS],
+            .nps = nps,
+            .rank = rank,
+            .nworkers = W,
+            .is_chief = is_chief,
+            .optim = opt,
+            .seed = cfg->seed,
+            .async = cfg->async,
+            .deadline_ms = cfg->deadline_ms ? cfg->deadline_ms : 60000,
+            .connect_timeout_ms = cfg->connect_timeout_ms ? cfg->connect_timeout_ms : 30000,
+            .separate_pull = cfg->separate_pull,
+            .fault_zero_gradient = cfg->fault_zero_gradient &&
+                                   (cfg->fault_rank < 0 || cfg->fault_rank == rank)};
+        if ((status = wk_sync_ps_create(&pc, &sync, err, sizeof err)) != CM_OK) {
+            cm_error("%s", err);
+            goto out;
+        }
+    } else {
+        sync = wk_sync_local_create(model, &opt, cfg->seed);
+    }
+    if ((status = sync->ops->begin(sync, params)) != CM_OK) {
+        cm_error("cannot get the initial parameters: %s", sync->err);
+        goto out;
+    }
+    began = 1;
+    if (is_chief && cfg->init_out && (status = write_params(cfg->init_out, params, numel)) != CM_OK)
+        goto out;
     for (int d = 0; d < D; d++) devs[d] = wk_device_cpu_create(d);
-    if ((status = wk_replicas_create(model, devs, D, cfg->batch_size, &reps)) != CM_OK) goto out;
+    if ((status = wk_replicas_create(model, devs, D, slice, &reps)) != CM_OK) goto out;
     if ((status = wk_replicas_set_params(reps, params)) != CM_OK) goto out;
-    wk_prefetch_cfg pcfg = {.data = &train, .seed = cfg->seed,
-                            .global_batch = (size_t)cfg->batch_size, .rank = 0, .nranks = 1,
-                            .first_step = 0, .nsteps = total, .depth = 4};
+    wk_prefetch_cfg pcfg = {.data = &train, .seed = cfg->seed, .global_batch = B, .rank = rank,
+                            .nranks = W, .first_step = 0, .nsteps = total, .depth = 4};
     if ((status = wk_prefetch_start(&pcfg, &pf)) != CM_OK) goto out;
     if (cfg->log_path && !(log = fopen(cfg->log_path, "w"))) {
         cm_error("cannot open --log %s: %s", cfg->log_path, strerror(errno));
         status = CM_EIO;
         goto out;
     }
-    cm_info("training %s: %zu parameters, %s lr %g, batch %d on %d cpu replica%s, %d BLAS "
-            "thread%s, %lld steps (%zu per epoch)",
-            cfg->mode, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, D,
-            D == 1 ? "" : "s", threads, threads == 1 ? "" : "s", (long long)total, spe);
+    if (is_ps)
+        cm_info("training %s (%s): rank %d of %d workers%s, %d PS, %zu parameters, %s lr %g, "
+                "batch %d per worker (%zu global), %d BLAS thread%s, %lld steps",
+                cfg->mode, cfg->async ? "async" : "sync", rank, W, is_chief ? " (chief)" : "",
+                nps, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, B, threads,
+                threads == 1 ? "" : "s", (long long)total);
+    else
+        cm_info("training %s: %zu parameters, %s lr %g, batch %d on %d cpu replica%s, %d BLAS "
+                "thread%s, %lld steps (%zu per epoch)",
+                cfg->mode, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, D,
+                D == 1 ? "" : "s", threads, threads == 1 ? "" : "s", (long long)total, spe);
 
     double t_start = cm_now(), t_print = t_start;
     double window_loss = 0.0, epoch_loss = 0.0;
@@ -209,8 +279,14 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
                      cm_strerror(status));
             goto out;
         }
-        double t2 = cm_now();
-        ps_optim_apply(&opt, step + 1, params, grad, slots, numel);
+        if (grad_scale != 1.0f)
+            for (size_t i = 0; i < numel; i++) grad[i] *= grad_scale;
+        wk_sync_times st = {0};
+        status = sync->ops->step(sync, step, grad, params, &st);
+        if (status != CM_OK) {
+            cm_error("step %lld failed: %s", (long long)step, sync->err);
+            goto out;
+        }
         double t3 = cm_now();
         step++;
         if (step == warm_steps) {
@@ -226,23 +302,28 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             fprintf(log,
                     "{\"step\":%lld,\"epoch\":%lld,\"examples\":%zu,\"loss\":%.6f,"
                     "\"data_wait_ms\":%.4f,\"compute_ms\":%.4f,\"local_reduce_ms\":%.4f,"
-                    "\"comm_ms\":0,\"apply_ms\":%.4f,\"step_ms\":%.4f}\n",
+                    "\"comm_ms\":%.4f,\"push_ms\":%.4f,\"pull_ms\":%.4f,\"apply_ms\":%.4f,"
+                    "\"step_ms\":%.4f}\n",
                     (long long)step, (long long)epoch, n, loss / (double)n, (t1 - t0) * 1e3,
-                    pt.compute * 1e3, pt.local_reduce * 1e3, (t3 - t2) * 1e3,
-                    (t3 - t0) * 1e3);
+                    pt.compute * 1e3, pt.local_reduce * 1e3, (st.push + st.pull) * 1e3,
+                    st.push * 1e3, st.pull * 1e3, st.apply * 1e3, (t3 - t0) * 1e3);
         int epoch_end = step % (int64_t)spe == 0 || step == total;
         if (epoch_end) {
             double te = cm_now(), acc = 0.0, tl = 0.0;
-            status = wk_replicas_evaluate(reps, &test, &acc, &tl);
-            if (status != CM_OK) goto out;
-            eval_seconds += cm_now() - te;
             result->final_train_loss = epoch_loss / (double)epoch_n;
-            result->test_accuracy = acc;
-            result->test_loss = tl;
-            if (cfg->progress_every >= 0)
-                cm_info("epoch %lld/%d done: train loss %.4f acc %.4f | test loss %.4f acc %.4f",
-                        (long long)epoch + 1, cfg->epochs, epoch_loss / (double)epoch_n,
-                        (double)epoch_correct / (double)epoch_n, tl, acc);
+            if (is_chief && (!cfg->async || step < total)) {
+                /* In async mode the final evaluation waits for all workers. */
+                status = wk_replicas_evaluate(reps, &test, &acc, &tl);
+                if (status != CM_OK) goto out;
+                result->test_accuracy = acc;
+                result->test_loss = tl;
+                if (cfg->progress_every >= 0)
+                    cm_info("epoch %lld/%d done: train loss %.4f acc %.4f | test loss %.4f acc "
+                            "%.4f",
+                            (long long)epoch + 1, cfg->epochs, epoch_loss / (double)epoch_n,
+                            (double)epoch_correct / (double)epoch_n, tl, acc);
+            }
+            eval_seconds += cm_now() - te;
             epoch_loss = 0.0;
             epoch_n = epoch_correct = 0;
         }
@@ -250,7 +331,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         if (cfg->progress_every >= 0 && (now - t_print >= cfg->progress_every || step == total) &&
             window_n > 0) {
             double train_s = now - t_start - eval_seconds;
-            double eps = (double)step * cfg->batch_size / train_s;
+            double eps = (double)step * (double)B / train_s;
             char el[32], left[32];
             fmt_duration(now - t_start, el, sizeof el);
             fmt_duration((double)(total - step) * (train_s / (double)step), left, sizeof left);
@@ -264,15 +345,35 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     }
     result->steps = step;
     result->seconds = cm_now() - t_start - eval_seconds;
-    result->examples_per_sec = (double)step * cfg->batch_size / result->seconds;
+    result->examples_per_sec = (double)step * (double)B / result->seconds;
     result->steady_examples_per_sec =
-        (double)(step - warm_steps) * cfg->batch_size /
+        (double)(step - warm_steps) * (double)B /
         (cm_now() - t_warm - (eval_seconds - eval_warm));
     result->test_examples = test.n;
+    if ((status = sync->ops->end(sync, step, params)) != CM_OK) {
+        cm_error("cannot get the final parameters: %s", sync->err);
+        goto out;
+    }
+    if (is_chief && is_ps && cfg->async) {
+        if ((status = wk_replicas_set_params(reps, params)) != CM_OK ||
+            (status = wk_replicas_evaluate(reps, &test, &result->test_accuracy,
+                                           &result->test_loss)) != CM_OK)
+            goto out;
+    }
     status = CM_OK;
-    if (cfg->summary_path) status = write_summary(cfg->summary_path, cfg, lr, result);
-    if (status == CM_OK && cfg->params_out) status = write_params(cfg->params_out, params, numel);
+    /* Only the chief reports: in PS mode every worker gets the same flags. */
+    if (is_chief && cfg->summary_path)
+        status = write_summary(cfg->summary_path, cfg, lr, nps, result);
+    if (is_chief && status == CM_OK && cfg->params_out)
+        status = write_params(cfg->params_out, params, numel);
 out:
+    if (sync && began) {
+        int rc = sync->ops->finish(sync, status == CM_OK);
+        if (rc != CM_OK) {
+            cm_error("%s", sync->err);
+            if (status == CM_OK) status = rc;
+        }
+    }
     if (log && fclose(log) != 0 && status == CM_OK) {
         cm_error("error writing --log %s", cfg->log_path);
         status = CM_EIO;
@@ -280,9 +381,9 @@ out:
     wk_prefetch_stop(pf);
     wk_replicas_destroy(reps);
     for (int d = 0; d < D; d++) wk_device_destroy(devs[d]);
+    wk_sync_destroy(sync);
     free(params);
     free(grad);
-    free(slots);
     cm_model_destroy(model);
     wk_dataset_free(&train);
     wk_dataset_free(&test);

@@ -12,12 +12,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/cm_cluster.h"
 #include "common/cm_model.h"
 
 typedef struct wk_train_cfg {
-    const char *mode;        /* "local" (PS and allreduce modes come later). */
+    const char *mode;        /* "local" or "ps" ("allreduce" comes later). */
     int epochs;              /* Passes over the training set (default 10). */
-    int batch_size;          /* Examples per step (default 128). */
+    int batch_size;          /* Examples per step and worker (default 128). */
     float lr;                /* Learning rate (default: 1e-3 adam, 0.05 otherwise). */
     int optimizer;           /* enum ps_optim_kind (default adam). */
     uint64_t seed;           /* Initialisation and data order (default 1). */
@@ -34,9 +35,20 @@ typedef struct wk_train_cfg {
     const char *log_path;     /* JSON lines, one per step (NULL = none). */
     const char *params_out;   /* Final parameters, raw little-endian float32. */
     const char *init_out;     /* Initial parameters, same format. */
+    /* PS mode. */
+    const cm_cluster *cluster; /* Borrowed: the cluster and this task. */
+    int async;                 /* Apply every push at once (default sync). */
+    size_t min_part_bytes;     /* Placement (0 = CM_PLACEMENT_MIN_PART_BYTES). */
+    int64_t deadline_ms;       /* Per RPC (0 = 60000). */
+    int64_t connect_timeout_ms; /* Retrying an unreachable PS (0 = 30000). */
+    int fault_zero_gradient;   /* Test hook: push zeros (negative controls)... */
+    int fault_rank;            /* ...on this rank only (-1 = every rank). */
+    int separate_pull;         /* Push then Pull instead of one PushPull. */
 } wk_train_cfg;
 
 typedef struct wk_train_result {
+    int is_chief;            /* Only the chief evaluates. */
+    int rank, workers;
     int64_t steps;
     double seconds;          /* Training loop wall time, evaluation excluded. */
     double examples_per_sec;

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Integration scenarios of PS mode: real psserver and pstrain processes.
+
+  ps_mode.py BIN_DIR equivalence   sync PS (2 PS, 2 workers) == local mode, with a
+                                   negative control that must fail the bound
+  ps_mode.py BIN_DIR learns        a short sync run and a short async run learn
+  ps_mode.py BIN_DIR bad-input     bad TF_CONFIG, unreachable PS, wrong model,
+                                   a failing process under the launcher
+Every process listens on 127.0.0.1, runs under a timeout, and is stopped by PID.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAUNCH = os.path.join(HERE, "..", "..", "scripts", "launch.py")
+TIMEOUT = 240
+
+
+def check(cond, msg):
+    if not cond:
+        sys.exit("FAIL: " + msg)
+    print("ok:", msg, flush=True)
+
+
+def run(argv, env=None, expect_ok=True, timeout=TIMEOUT):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, **(env or {})))
+    if expect_ok and p.returncode != 0:
+        sys.exit(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def launch(bin_dir, *args, expect_ok=True):
+    return run([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "200", *args],
+               expect_ok=expect_ok)
+
+
+def params(path):
+    data = open(path, "rb").read()
+    return struct.unpack(f"<{len(data) // 4}f", data)
+
+
+def rel_diff(p0, a, b):
+    da = [x - y for x, y in zip(a, p0)]
+    db = [x - y for x, y in zip(b, p0)]
+    num = math.sqrt(sum((x - y) ** 2 for x, y in zip(da, db)))
+    return num / math.sqrt(sum(x * x for x in db))
+
+
+def equivalence(bin_dir, tmp):
+    common = ["--optimizer", "sgd", "--lr", "0.1", "--max-steps", "6", "--train-limit", "3000",
+              "--test-limit", "500", "--seed", "5", "--threads", "1", "--quiet"]
+    init, ref = os.path.join(tmp, "init.bin"), os.path.join(tmp, "local.bin")
+    run([os.path.join(bin_dir, "pstrain"), "--mode", "local", "--batch-size", "128", *common,
+         "--init-out", init, "--params-out", ref])
+    ps_out, bad_out = os.path.join(tmp, "ps.bin"), os.path.join(tmp, "bad.bin")
+    launch(bin_dir, "--ps", "2", "--workers", "2", "--batch-size", "64", *common,
+           "--params-out", ps_out, "--min-partition-bytes", "65536")
+    p0, pref, pps = params(init), params(ref), params(ps_out)
+    check(len(pps) == len(pref) == len(p0), "same parameter count in both modes")
+    d = rel_diff(p0, pps, pref)
+    check(d <= 1e-4, f"6 sync PS steps (2 PS x 2 workers x 64) change the parameters as 6 "
+          f"local steps of 128 do: |d-dref|/|dref| = {d:.2e} <= 1e-4")
+    # Negative control: worker 1's gradient is left out (it pushes zeros).
+    launch(bin_dir, "--ps", "2", "--workers", "2", "--batch-size", "64", *common,
+           "--params-out", bad_out, "--fault", "zero-gradient", "--fault-rank", "1")
+    d = rel_diff(p0, params(bad_out), pref)
+    check(d > 1e-4, f"negative control: without worker 1's gradient the bound fails "
+          f"({d:.2e} > 1e-4)")
+
+
+def learns(bin_dir, tmp):
+    for mode in ("sync", "async"):
+        s = os.path.join(tmp, f"{mode}.json")
+        launch(bin_dir, "--ps", "2", "--workers", "2", "--sync", mode, "--train-limit", "10000",
+               "--epochs", "1", "--batch-size", "64", "--threads", "1", "--summary", s)
+        j = json.load(open(s))
+        check(j["mode"] == "ps" and j["workers"] == 2 and j["ps"] == 2 and j["sync"] == mode,
+              f"{mode}: the summary names PS mode, 2 workers, 2 PS")
+        check(j["steps"] == 10000 // 128, f"{mode}: steps = 10000 // (2 x 64) = {j['steps']}")
+        check(j["test_accuracy"] > 0.6, f"{mode}: learns, test accuracy {j['test_accuracy']:.4f}"
+              " > 0.6")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def bad_input(bin_dir, tmp):
+    pstrain, psserver = os.path.join(bin_dir, "pstrain"), os.path.join(bin_dir, "psserver")
+    p = run([pstrain, "--max-steps", "1"], env={"TF_CONFIG": '{"cluster": {"ps": ['},
+            expect_ok=False)
+    check(p.returncode != 0 and "TF_CONFIG" in p.stderr and "line" in p.stderr,
+          "malformed TF_CONFIG is refused with its position")
+    bad = json.dumps({"cluster": {"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
+                      "task": {"type": "worker", "index": 3}})
+    p = run([pstrain, "--max-steps", "1"], env={"TF_CONFIG": bad}, expect_ok=False)
+    check(p.returncode != 0 and "out of range" in p.stderr, "a task index out of range is refused")
+    # A PS that is not there: bounded retries, then an error naming it.
+    port = free_port()
+    t0 = time.monotonic()
+    p = run([pstrain, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
+             "--task-index", "0", "--connect-timeout-ms", "1500", "--train-limit", "1000",
+             "--test-limit", "100"], expect_ok=False)
+    took = time.monotonic() - t0
+    check(p.returncode != 0 and f"127.0.0.1:{port}" in p.stderr and "UNAVAILABLE" in p.stderr,
+          f"an unreachable PS is an error naming it, after bounded retries ({took:.1f} s)")
+    check(took < 30, "...within a bounded time")
+    # Missing data set files in PS mode.
+    p = run([pstrain, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
+             "--data-dir", os.path.join(tmp, "none")], expect_ok=False)
+    check(p.returncode != 0 and "dataset-fashion-mnist" in p.stderr,
+          "missing data files are an error in PS mode too")
+    # A PS built for another model refuses the worker, naming both sides.
+    port = free_port()
+    ps = subprocess.Popen([psserver, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts",
+                           "127.0.0.1:1", "--task-index", "0", "--layers", "784,64,10"],
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        p = run([pstrain, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
+                 "--task-index", "0", "--train-limit", "1000", "--test-limit", "100",
+                 "--connect-timeout-ms", "10000"], expect_ok=False)
+        check(p.returncode != 0 and "FAILED_PRECONDITION" in p.stderr and
+              "784,64,10" in p.stderr and "784,256,128,10" in p.stderr,
+              "a worker of another model is refused with both sides named")
+        check(ps.poll() is None, "the PS stays up after refusing it")
+    finally:
+        ps.send_signal(signal.SIGTERM)
+        ps.wait(timeout=20)
+    check(ps.returncode == 0, "the PS exits 0 on SIGTERM")
+    # Under the launcher, a failing worker stops the whole cluster.
+    p = launch(bin_dir, "--ps", "2", "--workers", "2", "--train-limit", "1000", "--test-limit",
+               "100", "--layers", "784,64,10", "--data-dir", os.path.join(tmp, "none"),
+               expect_ok=False)
+    check(p.returncode != 0 and "worker" in p.stderr and "stopping the cluster" in p.stderr,
+          "the launcher names the failed process and stops the cluster")
+    pids = [int(x.split(":")[1]) for x in
+            p.stderr.split("(pids ", 1)[1].split(")", 1)[0].split(", ")]
+    time.sleep(0.2)
+    alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and
+             open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    check(len(pids) == 4 and not alive, f"no process is left behind (pids {pids})")
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    bin_dir, scenario = sys.argv[1], sys.argv[2]
+    tmp = tempfile.mkdtemp(prefix="pstest-")
+    try:
+        {"equivalence": equivalence, "learns": learns, "bad-input": bad_input}[scenario](
+            bin_dir, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("PASS", scenario)
+
+
+if __name__ == "__main__":
+    main()

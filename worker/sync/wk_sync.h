@@ -1,0 +1,70 @@
+/* wk_sync.h - how a worker turns its gradient into the next parameters.
+ * SPDX-License-Identifier: MIT
+ *
+ * The switchable part of the training loop, one implementation per mode:
+ *   local      apply the optimizer here (wk_sync_local.c)
+ *   ps         push to the PS shards, pull the new version (wk_sync_ps.c)
+ * The trainer calls begin() once for the initial parameters, step() once
+ * per step with this worker's reduced gradient, end() for the parameters
+ * the chief evaluates, and finish() after the evaluation (the chief shuts
+ * the PS processes down there). Used by one thread.
+ */
+#ifndef WK_SYNC_H
+#define WK_SYNC_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/cm_model.h"
+#include "ps/ps_optim.h"
+
+typedef struct wk_sync wk_sync;
+
+typedef struct wk_sync_times {
+    double push, pull; /* Seconds in communication (ps mode). */
+    double apply;      /* Seconds applying the optimizer locally. */
+} wk_sync_times;
+
+typedef struct wk_sync_ops {
+    const char *name;
+    /* Initial parameters into params (model->numel floats). */
+    int (*begin)(wk_sync *s, float *params);
+    /* grad: this worker's gradient for 'step' (may be modified); params:
+     * out, the parameters for step + 1. */
+    int (*step)(wk_sync *s, int64_t step, float *grad, float *params, wk_sync_times *t);
+    /* Final parameters after 'steps' steps of every worker. */
+    int (*end)(wk_sync *s, int64_t steps, float *params);
+    /* After evaluation; ok = 0 when the run failed. */
+    int (*finish)(wk_sync *s, int ok);
+    void (*destroy)(wk_sync *s);
+} wk_sync_ops;
+
+struct wk_sync {
+    const wk_sync_ops *ops;
+    char err[512]; /* Message of the last failure. */
+};
+
+/* Local mode: the optimizer runs here. */
+wk_sync *wk_sync_local_create(const cm_model *m, const ps_optim_cfg *opt, uint64_t seed);
+
+/* PS mode (see wk_sync_ps.c). */
+typedef struct wk_sync_ps_cfg {
+    const cm_model *model;
+    size_t min_part_bytes;
+    const char *const *ps_addrs;
+    int nps;
+    int rank, nworkers, is_chief;
+    ps_optim_cfg optim;
+    uint64_t seed;
+    int async;
+    int64_t deadline_ms, connect_timeout_ms;
+    int fault_zero_gradient; /* Test hook: push zeros (negative controls). */
+    int separate_pull;       /* Push, wait, then Pull (two round trips) instead
+                              * of one PushPull call per shard. */
+} wk_sync_ps_cfg;
+int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
+
+static inline void wk_sync_destroy(wk_sync *s) {
+    if (s) s->ops->destroy(s);
+}
+
+#endif /* WK_SYNC_H */
