@@ -3,6 +3,7 @@
  */
 #include "common/cm_mem.h"
 
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,4 +37,9 @@ void *cm_alloc_aligned(size_t n) {
     size_t rounded = (n + 63) & ~(size_t)63;
     if (posix_memalign(&p, 64, rounded ? rounded : 64) != 0) return NULL;
     return p;
+}
+
+void cm_mem_keep_freed(void) {
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }

@@ -15,6 +15,7 @@
 
 #include "common/cm_cluster.h"
 #include "common/cm_log.h"
+#include "common/cm_mem.h"
 #include "common/cm_model.h"
 #include "common/cm_placement.h"
 #include "common/cm_status.h"
@@ -87,6 +88,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "psserver: bad arguments (see --help)\n");
         return 1;
     }
+    cm_mem_keep_freed();
     char err[512];
     cm_cluster *cl = NULL;
     int rc = cm_cluster_from_env(&cl, err, sizeof err);

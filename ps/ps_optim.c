@@ -41,24 +41,26 @@ int ps_optim_nslots(int kind) {
     }
 }
 
-static void sgd(float lr, float *restrict w, const float *restrict g, size_t n) {
-    for (size_t i = 0; i < n; i++) w[i] -= lr * g[i];
+/* Kernels read w_in and write w_out, which are the same array or do not
+ * overlap (gcc checks at run time and vectorises both cases). */
+static void sgd(float lr, const float *wi, float *wo, const float *restrict g, size_t n) {
+    for (size_t i = 0; i < n; i++) wo[i] = wi[i] - lr * g[i];
 }
 
-static void add(float *restrict w, const float *restrict g, size_t n) {
-    for (size_t i = 0; i < n; i++) w[i] += g[i];
+static void add(const float *wi, float *wo, const float *restrict g, size_t n) {
+    for (size_t i = 0; i < n; i++) wo[i] = wi[i] + g[i];
 }
 
-static void momentum(float lr, float mu, float *restrict w, const float *restrict g,
+static void momentum(float lr, float mu, const float *wi, float *wo, const float *restrict g,
                      float *restrict a, size_t n) {
     for (size_t i = 0; i < n; i++) {
         a[i] = mu * a[i] + g[i];
-        w[i] -= lr * a[i];
+        wo[i] = wi[i] - lr * a[i];
     }
 }
 
-static void adam(const ps_optim_cfg *c, int64_t t, float *restrict w, const float *restrict g,
-                 float *restrict m, float *restrict v, size_t n) {
+static void adam(const ps_optim_cfg *c, int64_t t, const float *wi, float *wo,
+                 const float *restrict g, float *restrict m, float *restrict v, size_t n) {
     /* Bias corrections in double: b^t for large t underflows gracefully. */
     const float c1 = (float)(1.0 / (1.0 - pow((double)c->beta1, (double)t)));
     const float c2 = (float)(1.0 / (1.0 - pow((double)c->beta2, (double)t)));
@@ -66,16 +68,21 @@ static void adam(const ps_optim_cfg *c, int64_t t, float *restrict w, const floa
     for (size_t i = 0; i < n; i++) {
         m[i] = b1 * m[i] + (1.0f - b1) * g[i];
         v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
-        w[i] -= lr * (m[i] * c1) / (sqrtf(v[i] * c2) + eps);
+        wo[i] = wi[i] - lr * (m[i] * c1) / (sqrtf(v[i] * c2) + eps);
+    }
+}
+
+void ps_optim_apply_to(const ps_optim_cfg *cfg, int64_t t, const float *w_in, float *w_out,
+                       const float *g, float *slots, size_t n) {
+    switch (cfg->kind) {
+    case PS_OPTIM_SGD: sgd(cfg->lr, w_in, w_out, g, n); break;
+    case PS_OPTIM_MOMENTUM: momentum(cfg->lr, cfg->momentum, w_in, w_out, g, slots, n); break;
+    case PS_OPTIM_ADAM: adam(cfg, t < 1 ? 1 : t, w_in, w_out, g, slots, slots + n, n); break;
+    case PS_OPTIM_ADD: add(w_in, w_out, g, n); break;
     }
 }
 
 void ps_optim_apply(const ps_optim_cfg *cfg, int64_t t, float *w, const float *g, float *slots,
                     size_t n) {
-    switch (cfg->kind) {
-    case PS_OPTIM_SGD: sgd(cfg->lr, w, g, n); break;
-    case PS_OPTIM_MOMENTUM: momentum(cfg->lr, cfg->momentum, w, g, slots, n); break;
-    case PS_OPTIM_ADAM: adam(cfg, t < 1 ? 1 : t, w, g, slots, slots + n, n); break;
-    case PS_OPTIM_ADD: add(w, g, n); break;
-    }
+    ps_optim_apply_to(cfg, t, w, w, g, slots, n);
 }

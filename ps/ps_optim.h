@@ -51,4 +51,11 @@ int ps_optim_nslots(int kind);
 void ps_optim_apply(const ps_optim_cfg *cfg, int64_t t, float *w, const float *g, float *slots,
                     size_t n);
 
+/* The same update written elsewhere: w_out = update(w_in). w_in and w_out
+ * are the same array or do not overlap; the result is bit-for-bit that of
+ * ps_optim_apply. Lets a PS write the next version straight into a new
+ * snapshot buffer instead of updating in place and copying. */
+void ps_optim_apply_to(const ps_optim_cfg *cfg, int64_t t, const float *w_in, float *w_out,
+                       const float *g, float *slots, size_t n);
+
 #endif /* PS_OPTIM_H */

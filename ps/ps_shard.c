@@ -4,9 +4,10 @@
  * States: UNINITIALISED --ps_shard_init--> SERVING (version 0)
  *         SERVING --ps_shard_push (last contribution / async)--> SERVING (v+1)
  * Invariants, under mu:
- *  - 'current' is the snapshot of 'params' at 'version' (never NULL once
- *    initialised); params only change inside apply(), which publishes a new
- *    snapshot before mu is released.
+ *  - 'current' is the snapshot of the parameters at 'version' (never NULL
+ *    once initialised) and the only copy of them: apply() writes the next
+ *    version out of place into a new buffer and publishes it before mu is
+ *    released, so no snapshot is ever written after it was published.
  *  - ncontrib == number of set entries in contributed[]; acc holds their sum
  *    (the first contribution is copied, later ones added).
  *  - Every waiter has min_version > version.
@@ -107,7 +108,7 @@ struct ps_shard {
     /* Protected by mu. */
     int inited;
     ps_shard_config cfg;
-    float *params, *acc, *slots;
+    float *acc, *slots;
     int64_t version;
     int ncontrib;
     uint8_t *contributed;
@@ -156,7 +157,6 @@ void ps_shard_destroy(ps_shard *s) {
     if (!s) return;
     ps_shard_abort_waiters(s);
     ps_snapshot_unref(s->current);
-    free(s->params);
     free(s->acc);
     free(s->slots);
     free(s->contributed);
@@ -175,13 +175,12 @@ const uint32_t *ps_shard_parts(const ps_shard *s, int *nparts) {
     return s->parts;
 }
 
-/* A new snapshot of params at version; mu held. Returns the old one for
- * the caller to unref after unlocking. */
-static ps_snapshot *publish(ps_shard *s) {
+/* Publish 'data' (a pool buffer holding the parameters at s->version) as
+ * the current snapshot; mu held. Returns the old one for the caller to
+ * unref after unlocking. */
+static ps_snapshot *publish(ps_shard *s, float *data) {
     ps_snapshot *snap = cm_calloc(1, sizeof *snap);
-    snap->data = pool_get(s->pool);
-    if (!snap->data) abort(); /* A PS that cannot hold its state cannot go on. */
-    memcpy(snap->data, s->params, s->numel * sizeof(float));
+    snap->data = data;
     snap->version = s->version;
     snap->part_off = s->pool->part_off;
     snap->pool = s->pool;
@@ -190,6 +189,14 @@ static ps_snapshot *publish(ps_shard *s) {
     ps_snapshot *old = s->current;
     s->current = snap;
     return old;
+}
+
+/* A buffer for the next version. A PS that cannot hold its state cannot go
+ * on, so running out of memory here aborts. */
+static float *new_buffer(ps_shard *s) {
+    float *b = pool_get(s->pool);
+    if (!b) abort();
+    return b;
 }
 
 /* Move the waiters that 'version' satisfies into *ready (mu held). */
@@ -260,14 +267,14 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
     }
     size_t n = s->numel ? s->numel : 1;
     int nslots = ps_optim_nslots(cfg->optim.kind);
-    s->params = cm_alloc_aligned(n * sizeof(float));
+    float *params = new_buffer(s);
     s->acc = cm_alloc_aligned(n * sizeof(float));
     s->slots = nslots ? cm_alloc_aligned((size_t)nslots * n * sizeof(float)) : NULL;
-    if (!s->params || !s->acc || (nslots && !s->slots)) abort();
+    if (!s->acc || (nslots && !s->slots)) abort();
     if (nslots) memset(s->slots, 0, (size_t)nslots * n * sizeof(float));
     for (int i = 0; i < s->nparts; i++) {
         const cm_partition *p = &s->pl->parts[s->parts[i]];
-        float *dst = s->params + s->part_off[i];
+        float *dst = params + s->part_off[i];
         if (cfg->zero_init)
             memset(dst, 0, p->count * sizeof(float));
         else
@@ -279,7 +286,7 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
     s->cfg = *cfg;
     s->version = 0;
     s->ncontrib = 0;
-    ps_snapshot *old = publish(s);
+    ps_snapshot *old = publish(s, params);
     s->inited = 1;
     *version = 0;
     waiter *ready;
@@ -361,9 +368,11 @@ static ps_snapshot *apply(ps_shard *s, int contributions) {
         float *restrict a = s->acc;
         for (size_t i = 0; i < s->numel; i++) a[i] *= scale;
     }
-    ps_optim_apply(&s->cfg.optim, s->version + 1, s->params, s->acc, s->slots, s->numel);
+    float *next = new_buffer(s);
+    ps_optim_apply_to(&s->cfg.optim, s->version + 1, s->current->data, next, s->acc, s->slots,
+                      s->numel);
     s->version++;
-    return publish(s);
+    return publish(s, next);
 }
 
 int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,

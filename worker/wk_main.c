@@ -9,6 +9,7 @@
 
 #include "common/cm_cluster.h"
 #include "common/cm_log.h"
+#include "common/cm_mem.h"
 #include "common/cm_status.h"
 #include "ps/ps_optim.h"
 #include "worker/wk_trainer.h"
@@ -124,6 +125,7 @@ int main(int argc, char **argv) {
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
+    cm_mem_keep_freed();
     wk_train_cfg cfg;
     wk_train_cfg_defaults(&cfg);
     int c;

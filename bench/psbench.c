@@ -1,0 +1,1268 @@
+/* psbench.c - the dense push-then-pull benchmark of the PS, against plain TCP.
+ * SPDX-License-Identifier: MIT
+ *
+ * ps-lite's reference workload (shared/docs/BENCHMARKS.md): S psserver and W
+ * worker processes on 127.0.0.1; each worker pushes B bytes of 1.0 over the
+ * shards, waits, pulls them back, one request in flight. The same shape then
+ * moves the same bytes over plain TCP, the reference the result is stated
+ * against. One binary, four roles, re-executed with posix_spawn (never
+ * forked: GRPC_LEVELDB_FACTS G8): driver, worker, tcp-server, tcp-worker.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common/cm_mem.h"
+#include "common/cm_model.h"
+#include "common/cm_placement.h"
+#include "common/cm_status.h"
+#include "common/cm_time.h"
+#include "ps/ps_client.h"
+#include "ps/ps_optim.h"
+
+extern char **environ;
+
+#define MAX_PROCS 16 /* Servers or workers of one configuration. */
+#define MAX_KIDS (2 * MAX_PROCS)
+#define MAX_LIST 16  /* Entries of --sizes, --shapes, --modes. */
+#define MAX_REPEATS 15
+#define PORT_TAKEN 3 /* psserver's exit status when it cannot bind. */
+
+/* Set by the driver's signal handler; every wait of the driver checks it. */
+static volatile sig_atomic_t got_signal;
+
+static void on_signal(int sig) { got_signal = sig; }
+
+/* Options of every role; the driver passes the role ones to its children. */
+typedef struct opts {
+    const char *role; /* NULL for the driver. */
+    /* Driver. */
+    const char *sizes, *shapes, *modes, *bin_dir;
+    int quick, repeats, warmup, iters;
+    double timeout_s;
+    /* Worker and server roles. */
+    int rank, workers, sync;
+    size_t elems;
+    const char *ps_addrs, *tcp_ports;
+} opts;
+
+/* One timed phase (PS or TCP) of one configuration, over all workers. */
+typedef struct phase_result {
+    double window_s; /* The slowest worker's timed window. */
+    double push_ms;  /* Mean over workers of the mean push time. */
+    double pull_ms;
+} phase_result;
+
+/* ps-lite's figures from the reference table (GB/s, push + pull). */
+static const struct {
+    int servers, workers, sync;
+    size_t bytes;
+    double gbps;
+} pslite_ref[] = {
+    {1, 1, 0, 4096, 0.021},          {1, 1, 0, 1 << 20, 1.20}, {1, 1, 0, 16 << 20, 1.12},
+    {1, 1, 1, 16 << 20, 1.09},       {2, 2, 0, 1 << 20, 1.48}, {2, 2, 0, 16 << 20, 1.85},
+    {2, 2, 1, 16 << 20, 1.78},
+};
+
+/* ================================================== sockets and lines */
+
+static int send_all(int fd, const void *p, size_t n, int flags) {
+    const char *c = p;
+    while (n > 0) {
+        ssize_t k = send(fd, c, n, flags | MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return -1;
+        c += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static int recv_all(int fd, void *p, size_t n) {
+    char *c = p;
+    while (n > 0) {
+        ssize_t k = recv(fd, c, n, MSG_WAITALL);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return -1;
+        c += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Read one line from stdin (the driver's commands); 0 on success. */
+static int read_command(const char *want) {
+    char line[64];
+    if (!fgets(line, sizeof line, stdin)) return -1;
+    line[strcspn(line, "\n")] = 0;
+    return strcmp(line, want) ? -1 : 0;
+}
+
+/* The first element of a[0..n) that differs from 'want', or n. */
+static size_t find_mismatch(const float *a, size_t n, float want) {
+    for (size_t i = 0; i < n; i++)
+        if (a[i] != want) return i;
+    return n;
+}
+
+/* Split "a,b,c" (copied into 'copy', which the caller frees) into at most
+ * max pieces; returns the count, or -1 if there are more. */
+static int split_list(const char *csv, char **copy, char **out, int max) {
+    *copy = cm_strdup(csv);
+    int n = 0;
+    char *save = NULL;
+    for (char *t = strtok_r(*copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        if (n == max) return -1;
+        out[n++] = t;
+    }
+    return n;
+}
+
+/* The element range [off[i], off[i + 1]) of slice i of n elements cut into
+ * s contiguous slices, the first n % s of them one longer: the same split
+ * as cm_placement's for a 1-D variable. */
+static size_t slice_begin(size_t n, int s, int i) {
+    size_t q = n / (size_t)s, r = n % (size_t)s;
+    return (size_t)i * q + ((size_t)i < r ? (size_t)i : r);
+}
+
+/* ================================================== role: PS worker */
+
+/* Announce, wait for the driver's "go", run warm-up and timed iterations
+ * through ps_client, report; worker 0 then checks the final vector after the
+ * driver's "check" (every worker has finished by then) and stops the PS. */
+static int ps_worker_main(const opts *o) {
+    int status = 1, nps = 0;
+    char err[512] = "", *copy = NULL, *addrs[MAX_PROCS];
+    cm_model *model = NULL;
+    cm_placement *pl = NULL;
+    ps_client *c = NULL;
+    ps_ticket *t = NULL;
+    float *ones = NULL, *buf = NULL;
+    size_t n = o->elems;
+    int total = o->warmup + o->iters;
+    int64_t version = 0;
+    if ((nps = split_list(o->ps_addrs ? o->ps_addrs : "", &copy, addrs, MAX_PROCS)) < 1) {
+        snprintf(err, sizeof err, "bad --ps-addrs");
+        goto fail;
+    }
+    if (cm_model_create_vector(n, &model) != CM_OK ||
+        cm_placement_create(model, nps, 4, &pl) != CM_OK) {
+        snprintf(err, sizeof err, "cannot build the model of %zu floats on %d PS", n, nps);
+        goto fail;
+    }
+    ps_client_cfg cfg = {.model = model, .placement = pl, .ps_addrs = (const char *const *)addrs,
+                         .rank = o->rank, .deadline_ms = 60000, .connect_timeout_ms = 30000};
+    if (ps_client_open(&cfg, &c, err, sizeof err) != CM_OK) goto fail;
+    if (o->rank == 0) {
+        ps_init_cfg init = {.optim = ps_optim_defaults(PS_OPTIM_ADD, 0.0f), .seed = 1,
+                            .num_workers = o->workers, .async = !o->sync, .sum = 1,
+                            .zero_init = 1};
+        if (ps_client_init(c, &init, err, sizeof err) != CM_OK) goto fail;
+    }
+    ones = cm_alloc_aligned(n * sizeof(float));
+    buf = cm_alloc_aligned(n * sizeof(float));
+    if (!ones || !buf) {
+        snprintf(err, sizeof err, "out of memory for %zu floats", n);
+        goto fail;
+    }
+    for (size_t i = 0; i < n; i++) ones[i] = 1.0f;
+    memset(buf, 0, n * sizeof(float)); /* Touch the pages before timing. */
+    /* A pull at version 0 waits until the chief's Init reached every shard. */
+    ps_client_pull(c, 0, buf, &t);
+    if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) goto fail;
+    printf("{\"ready\":%d}\n", o->rank);
+    fflush(stdout);
+    if (read_command("go")) {
+        snprintf(err, sizeof err, "no \"go\" from the driver");
+        goto fail;
+    }
+    double tprev = cm_now(), tstart = tprev, push_s = 0.0, pull_s = 0.0;
+    for (int it = 0; it < total; it++) {
+        if (it == o->warmup) tstart = tprev;
+        ps_client_push(c, it, ones, &t);
+        if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) goto fail;
+        double t1 = cm_now();
+        ps_client_pull(c, o->sync ? it + 1 : 0, buf, &t);
+        if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) goto fail;
+        double t2 = cm_now();
+        if (it >= o->warmup) {
+            push_s += t1 - tprev;
+            pull_s += t2 - t1;
+        }
+        tprev = t2;
+        /* In sync mode every round is complete when its pull returns. */
+        float want = (float)o->workers * (float)(it + 1);
+        if (o->sync && (buf[0] != want || buf[n - 1] != want)) {
+            snprintf(err, sizeof err, "round %d: pulled %g .. %g, expected %g", it,
+                     (double)buf[0], (double)buf[n - 1], (double)want);
+            goto fail;
+        }
+    }
+    int timed = o->iters > 0 ? o->iters : 1;
+    printf("{\"rank\":%d,\"window_s\":%.9f,\"push_ms\":%.6f,\"pull_ms\":%.6f}\n", o->rank,
+           tprev - tstart, push_s * 1e3 / timed, pull_s * 1e3 / timed);
+    fflush(stdout);
+    if (o->rank == 0) {
+        if (read_command("check")) {
+            snprintf(err, sizeof err, "no \"check\" from the driver");
+            goto fail;
+        }
+        memset(buf, 0, n * sizeof(float));
+        ps_client_pull(c, 0, buf, &t);
+        if (ps_ticket_wait(t, &version, err, sizeof err) != CM_OK) goto fail;
+        float want = (float)o->workers * (float)total;
+        int64_t want_version = o->sync ? total : (int64_t)o->workers * total;
+        size_t bad = find_mismatch(buf, n, want);
+        if (bad < n || version != want_version)
+            printf("{\"check\":\"bad\",\"index\":%zu,\"value\":%g,\"expected\":%g,"
+                   "\"version\":%lld,\"expected_version\":%lld}\n",
+                   bad, bad < n ? (double)buf[bad] : (double)want, (double)want,
+                   (long long)version, (long long)want_version);
+        else
+            printf("{\"check\":\"ok\",\"version\":%lld}\n", (long long)version);
+        fflush(stdout);
+        if (ps_client_shutdown_servers(c, "psbench done", err, sizeof err) != CM_OK) goto fail;
+    }
+    status = 0;
+fail:
+    if (status) fprintf(stderr, "psbench worker %d: %s\n", o->rank, err);
+    ps_client_close(c);
+    free(ones);
+    free(buf);
+    cm_placement_destroy(pl);
+    cm_model_destroy(model);
+    free(copy);
+    return status;
+}
+
+/* ================================================== role: TCP server */
+
+/* One server's slice. Pushes add under the write lock, pulls send under the
+ * read lock, so several workers' pulls proceed together. */
+typedef struct tcp_store {
+    float *v;
+    size_t n;
+    pthread_rwlock_t lock;
+    int listen_fd;
+} tcp_store;
+
+/* One accepted connection and its thread; the main thread closes fd after
+ * joining the thread. */
+typedef struct tcp_conn {
+    tcp_store *st;
+    int fd;
+    pthread_t th;
+} tcp_conn;
+
+#define MAX_CONNS 64
+
+static void add_into(float *restrict dst, const float *restrict src, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
+/* Serve one connection: 'P' + slice -> add, answer 'A'; 'L' -> the slice;
+ * 'Q' -> answer 'A' and stop the server. */
+static void *tcp_conn_run(void *arg) {
+    tcp_conn *cn = arg;
+    tcp_store *st = cn->st;
+    size_t bytes = st->n * sizeof(float);
+    float *in = cm_alloc_aligned(bytes);
+    if (in) memset(in, 0, bytes);
+    const char ack = 'A';
+    char op;
+    while (in && recv_all(cn->fd, &op, 1) == 0) {
+        if (op == 'P') {
+            if (recv_all(cn->fd, in, bytes)) break;
+            pthread_rwlock_wrlock(&st->lock);
+            add_into(st->v, in, st->n);
+            pthread_rwlock_unlock(&st->lock);
+            if (send_all(cn->fd, &ack, 1, 0)) break;
+        } else if (op == 'L') {
+            pthread_rwlock_rdlock(&st->lock);
+            int rc = send_all(cn->fd, st->v, bytes, 0);
+            pthread_rwlock_unlock(&st->lock);
+            if (rc) break;
+        } else {
+            /* 'Q' (or garbage): wake the accept loop, which ends the server. */
+            if (op == 'Q') send_all(cn->fd, &ack, 1, 0);
+            shutdown(st->listen_fd, SHUT_RDWR);
+            break;
+        }
+    }
+    free(in);
+    return NULL;
+}
+
+static int tcp_server_main(const opts *o) {
+    int status = 1, nconns = 0;
+    tcp_conn conns[MAX_CONNS];
+    tcp_store st = {.n = o->elems, .listen_fd = -1};
+    pthread_rwlock_init(&st.lock, NULL);
+    st.v = cm_alloc_aligned(st.n * sizeof(float));
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof a;
+    if (!st.v) goto fail;
+    memset(st.v, 0, st.n * sizeof(float));
+    if ((st.listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0 ||
+        bind(st.listen_fd, (struct sockaddr *)&a, sizeof a) ||
+        listen(st.listen_fd, 64) ||
+        getsockname(st.listen_fd, (struct sockaddr *)&a, &alen)) {
+        perror("psbench tcp-server");
+        goto fail;
+    }
+    printf("{\"port\":%d}\n", ntohs(a.sin_port));
+    fflush(stdout);
+    while (nconns < MAX_CONNS) {
+        int fd = accept4(st.listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0 && errno == EINTR) continue;
+        if (fd < 0) break; /* Shut down by a 'Q'. */
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        tcp_conn *cn = &conns[nconns];
+        *cn = (tcp_conn){.st = &st, .fd = fd};
+        if (pthread_create(&cn->th, NULL, tcp_conn_run, cn)) {
+            close(fd);
+            continue;
+        }
+        nconns++;
+    }
+    status = 0;
+fail:
+    /* Wake connections still open (their workers are done) and wait. */
+    for (int i = 0; i < nconns; i++) {
+        shutdown(conns[i].fd, SHUT_RDWR);
+        pthread_join(conns[i].th, NULL);
+        close(conns[i].fd);
+    }
+    if (st.listen_fd >= 0) close(st.listen_fd);
+    pthread_rwlock_destroy(&st.lock);
+    free(st.v);
+    return status;
+}
+
+/* ================================================== role: TCP worker */
+
+/* The worker's link to one server, run by its own thread when S > 1. */
+typedef struct tcp_link {
+    int fd;
+    const float *src; /* This server's slice of the pushed vector. */
+    float *dst;       /* This server's slice of the pull buffer. */
+    size_t n;
+    int total;
+    pthread_barrier_t *bar;
+    int failed;
+    pthread_t th;
+} tcp_link;
+
+static int tcp_push(tcp_link *l) {
+    const char op = 'P';
+    char ack = 0;
+    if (send_all(l->fd, &op, 1, MSG_MORE) || send_all(l->fd, l->src, l->n * sizeof(float), 0) ||
+        recv_all(l->fd, &ack, 1) || ack != 'A')
+        return -1;
+    return 0;
+}
+
+static int tcp_pull(tcp_link *l) {
+    const char op = 'L';
+    if (send_all(l->fd, &op, 1, 0) || recv_all(l->fd, l->dst, l->n * sizeof(float))) return -1;
+    return 0;
+}
+
+/* Push, barrier, pull, barrier, 'total' times; the main thread is the
+ * barrier's last party and takes the times. */
+static void *tcp_link_run(void *arg) {
+    tcp_link *l = arg;
+    for (int it = 0; it < l->total; it++) {
+        if (!l->failed && tcp_push(l)) l->failed = 1;
+        pthread_barrier_wait(l->bar);
+        if (!l->failed && tcp_pull(l)) l->failed = 1;
+        pthread_barrier_wait(l->bar);
+    }
+    return NULL;
+}
+
+static int tcp_connect(int port) {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    for (int attempt = 0; attempt < 100; attempt++) {
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) return -1;
+        if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            return fd;
+        }
+        close(fd);
+        usleep(20000);
+    }
+    return -1;
+}
+
+static int tcp_worker_main(const opts *o) {
+    int status = 1, ns = 0, nthreads = 0, barrier_up = 0;
+    char err[256] = "", *copy = NULL, *ports[MAX_PROCS];
+    tcp_link links[MAX_PROCS];
+    pthread_barrier_t bar;
+    size_t n = o->elems;
+    int total = o->warmup + o->iters;
+    float *ones = cm_alloc_aligned(n * sizeof(float)), *buf = cm_alloc_aligned(n * sizeof(float));
+    memset(links, 0, sizeof links);
+    for (int i = 0; i < MAX_PROCS; i++) links[i].fd = -1;
+    if (!ones || !buf) {
+        snprintf(err, sizeof err, "out of memory for %zu floats", n);
+        goto fail;
+    }
+    for (size_t i = 0; i < n; i++) ones[i] = 1.0f;
+    memset(buf, 0, n * sizeof(float));
+    if ((ns = split_list(o->tcp_ports ? o->tcp_ports : "", &copy, ports, MAX_PROCS)) < 1) {
+        snprintf(err, sizeof err, "bad --tcp-ports");
+        goto fail;
+    }
+    for (int i = 0; i < ns; i++) {
+        size_t b = slice_begin(n, ns, i), e = slice_begin(n, ns, i + 1);
+        links[i] = (tcp_link){.fd = tcp_connect(atoi(ports[i])), .src = ones + b, .dst = buf + b,
+                              .n = e - b, .total = total, .bar = &bar};
+        if (links[i].fd < 0) {
+            snprintf(err, sizeof err, "cannot connect to 127.0.0.1:%s", ports[i]);
+            goto fail;
+        }
+    }
+    printf("{\"ready\":%d}\n", o->rank);
+    fflush(stdout);
+    if (read_command("go")) {
+        snprintf(err, sizeof err, "no \"go\" from the driver");
+        goto fail;
+    }
+    if (ns > 1) {
+        pthread_barrier_init(&bar, NULL, (unsigned)ns + 1);
+        barrier_up = 1;
+        for (; nthreads < ns; nthreads++)
+            if (pthread_create(&links[nthreads].th, NULL, tcp_link_run, &links[nthreads])) {
+                /* The threads already started would wait at the barrier for
+                 * ever: end the process, the driver reports it. */
+                fprintf(stderr, "psbench tcp-worker %d: cannot start a thread\n", o->rank);
+                exit(1);
+            }
+    }
+    double tprev = cm_now(), tstart = tprev, push_s = 0.0, pull_s = 0.0;
+    for (int it = 0; it < total; it++) {
+        if (it == o->warmup) tstart = tprev;
+        if (ns == 1 && tcp_push(&links[0])) links[0].failed = 1;
+        if (ns > 1) pthread_barrier_wait(&bar);
+        double t1 = cm_now();
+        if (ns == 1 && !links[0].failed && tcp_pull(&links[0])) links[0].failed = 1;
+        if (ns > 1) pthread_barrier_wait(&bar);
+        double t2 = cm_now();
+        if (it >= o->warmup) {
+            push_s += t1 - tprev;
+            pull_s += t2 - t1;
+        }
+        tprev = t2;
+    }
+    for (; nthreads > 0; nthreads--) pthread_join(links[nthreads - 1].th, NULL);
+    for (int i = 0; i < ns; i++)
+        if (links[i].failed) {
+            snprintf(err, sizeof err, "I/O error with the server on port %s", ports[i]);
+            goto fail;
+        }
+    int timed = o->iters > 0 ? o->iters : 1;
+    printf("{\"rank\":%d,\"window_s\":%.9f,\"push_ms\":%.6f,\"pull_ms\":%.6f}\n", o->rank,
+           tprev - tstart, push_s * 1e3 / timed, pull_s * 1e3 / timed);
+    fflush(stdout);
+    if (o->rank == 0) {
+        if (read_command("check")) {
+            snprintf(err, sizeof err, "no \"check\" from the driver");
+            goto fail;
+        }
+        memset(buf, 0, n * sizeof(float));
+        for (int i = 0; i < ns; i++)
+            if (tcp_pull(&links[i])) {
+                snprintf(err, sizeof err, "final pull from port %s failed", ports[i]);
+                goto fail;
+            }
+        float want = (float)o->workers * (float)total;
+        size_t bad = find_mismatch(buf, n, want);
+        if (bad < n)
+            printf("{\"check\":\"bad\",\"index\":%zu,\"value\":%g,\"expected\":%g}\n", bad,
+                   (double)buf[bad], (double)want);
+        else
+            printf("{\"check\":\"ok\"}\n");
+        fflush(stdout);
+        for (int i = 0; i < ns; i++) {
+            const char op = 'Q';
+            char ack = 0;
+            if (send_all(links[i].fd, &op, 1, 0) || recv_all(links[i].fd, &ack, 1)) {
+                snprintf(err, sizeof err, "cannot stop the server on port %s", ports[i]);
+                goto fail;
+            }
+        }
+    }
+    status = 0;
+fail:
+    if (status) fprintf(stderr, "psbench tcp-worker %d: %s\n", o->rank, err);
+    /* On failure, closing the sockets ends the link threads' I/O. */
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (links[i].fd >= 0) shutdown(links[i].fd, SHUT_RDWR);
+    for (; nthreads > 0; nthreads--) pthread_join(links[nthreads - 1].th, NULL);
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (links[i].fd >= 0) close(links[i].fd);
+    if (barrier_up) pthread_barrier_destroy(&bar);
+    free(copy);
+    free(ones);
+    free(buf);
+    return status;
+}
+
+/* ================================================== driver: processes */
+
+/* A child process and the driver's ends of its pipes. */
+typedef struct child {
+    char name[32];  /* "ps 0", "worker 1", for messages. */
+    pid_t pid;      /* 0 once reaped. */
+    int in_fd;      /* Its stdin, or -1. */
+    int out_fd;     /* Its stdout, or -1. */
+    int watch;      /* A server: its exit before the end is a failure. */
+    int status;     /* waitpid() status once reaped. */
+    char buf[1024]; /* Output not yet split into lines. */
+    size_t len;
+} child;
+
+/* The driver's state: used by one thread. */
+typedef struct driver {
+    char exe[PATH_MAX];      /* This binary, re-executed for the roles. */
+    char psserver[PATH_MAX]; /* The PS binary. */
+    double deadline;         /* cm_now() by which the whole run must end. */
+    child kids[MAX_KIDS];    /* The current phase's processes. */
+    int nkids;
+} driver;
+
+static void describe_status(int status, char *buf, size_t len) {
+    if (WIFEXITED(status))
+        snprintf(buf, len, "exit status %d", WEXITSTATUS(status));
+    else if (WIFSIGNALED(status))
+        snprintf(buf, len, "killed by signal %d", WTERMSIG(status));
+    else
+        snprintf(buf, len, "status %#x", status);
+}
+
+/* Start argv[0] with stdin and/or stdout piped to the driver. Returns the
+ * new child, or NULL with a message in err. */
+static child *spawn(driver *d, const char *name, char *const argv[], int pipe_in, int pipe_out,
+                    char *err, size_t errlen) {
+    int in[2] = {-1, -1}, out[2] = {-1, -1};
+    child *k = NULL;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    if (d->nkids == MAX_KIDS) {
+        cm_seterr(err, errlen, "too many processes");
+        goto fail;
+    }
+    if ((pipe_in && pipe2(in, O_CLOEXEC)) || (pipe_out && pipe2(out, O_CLOEXEC))) {
+        cm_seterr(err, errlen, "pipe: %s", strerror(errno));
+        goto fail;
+    }
+    if (pipe_in) posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+    if (pipe_out) posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    k = &d->kids[d->nkids];
+    memset(k, 0, sizeof *k);
+    snprintf(k->name, sizeof k->name, "%s", name);
+    k->in_fd = k->out_fd = -1;
+    int rc = posix_spawn(&k->pid, argv[0], &fa, NULL, argv, environ);
+    if (rc) {
+        cm_seterr(err, errlen, "cannot start %s (%s): %s", name, argv[0], strerror(rc));
+        k = NULL;
+        goto fail;
+    }
+    d->nkids++;
+    if (pipe_in) {
+        close(in[0]);
+        k->in_fd = in[1];
+    }
+    if (pipe_out) {
+        close(out[1]);
+        k->out_fd = out[0];
+    }
+    posix_spawn_file_actions_destroy(&fa);
+    return k;
+fail:
+    for (int i = 0; i < 2; i++) {
+        if (in[i] >= 0) close(in[i]);
+        if (out[i] >= 0) close(out[i]);
+    }
+    posix_spawn_file_actions_destroy(&fa);
+    return NULL;
+}
+
+/* Reap k if it has exited by 'until' (a cm_now() value). 1 if reaped. */
+static int reap_by(child *k, double until) {
+    for (;;) {
+        if (k->pid <= 0) return 1;
+        pid_t r = waitpid(k->pid, &k->status, WNOHANG);
+        if (r == k->pid || (r < 0 && errno != EINTR)) {
+            k->pid = 0;
+            return 1;
+        }
+        if (cm_now() >= until) return 0;
+        usleep(2000);
+    }
+}
+
+/* Stop every child of the phase by its PID (SIGTERM, then SIGKILL after
+ * two seconds), reap them all and close their pipes. */
+static void stop_all(driver *d) {
+    for (int i = 0; i < d->nkids; i++)
+        if (d->kids[i].pid > 0) kill(d->kids[i].pid, SIGTERM);
+    double until = cm_now() + 2.0;
+    for (int i = 0; i < d->nkids; i++) {
+        child *k = &d->kids[i];
+        if (!reap_by(k, until)) {
+            kill(k->pid, SIGKILL);
+            while (waitpid(k->pid, &k->status, 0) < 0 && errno == EINTR) {
+            }
+            k->pid = 0;
+        }
+    }
+    for (int i = 0; i < d->nkids; i++) {
+        if (d->kids[i].in_fd >= 0) close(d->kids[i].in_fd);
+        if (d->kids[i].out_fd >= 0) close(d->kids[i].out_fd);
+    }
+    d->nkids = 0;
+}
+
+/* Wait up to timeout_s (and the run's deadline) for k to exit with status
+ * 0. Returns CM_OK, or an error with a message. */
+static int expect_exit(driver *d, child *k, double timeout_s, char *err, size_t errlen) {
+    double until = cm_now() + timeout_s;
+    if (until > d->deadline) until = d->deadline;
+    if (!reap_by(k, until)) {
+        cm_seterr(err, errlen, "%s did not exit", k->name);
+        return CM_ETIMEDOUT;
+    }
+    if (!WIFEXITED(k->status) || WEXITSTATUS(k->status) != 0) {
+        char why[64];
+        describe_status(k->status, why, sizeof why);
+        cm_seterr(err, errlen, "%s failed (%s)", k->name, why);
+        return CM_EIO;
+    }
+    return CM_OK;
+}
+
+/* A watched child (a server) that exited early is a failure. */
+static int check_watched(driver *d, char *err, size_t errlen) {
+    for (int i = 0; i < d->nkids; i++) {
+        child *k = &d->kids[i];
+        if (!k->watch || k->pid <= 0 || !reap_by(k, 0.0)) continue;
+        char why[64];
+        describe_status(k->status, why, sizeof why);
+        cm_seterr(err, errlen, "%s exited early (%s)", k->name, why);
+        return CM_EIO;
+    }
+    return CM_OK;
+}
+
+/* The next complete stdout line of any of ks[0..n), into line. Returns the
+ * index in ks, or -1 with a message (timeout, signal, a child that closed
+ * its output, a watched child that exited). */
+static int next_line(driver *d, child **ks, int n, char *line, size_t cap, char *err,
+                     size_t errlen) {
+    for (;;) {
+        for (int i = 0; i < n; i++) {
+            child *k = ks[i];
+            char *nl = memchr(k->buf, '\n', k->len);
+            if (!nl) continue;
+            size_t m = (size_t)(nl - k->buf);
+            snprintf(line, cap, "%.*s", (int)m, k->buf);
+            k->len -= m + 1;
+            memmove(k->buf, nl + 1, k->len);
+            return i;
+        }
+        double left = d->deadline - cm_now();
+        if (got_signal) {
+            cm_seterr(err, errlen, "interrupted by signal %d", (int)got_signal);
+            return -1;
+        }
+        if (left <= 0) {
+            cm_seterr(err, errlen, "the run passed its --timeout");
+            return -1;
+        }
+        if (check_watched(d, err, errlen)) return -1;
+        struct pollfd pf[MAX_KIDS];
+        for (int i = 0; i < n; i++) pf[i] = (struct pollfd){.fd = ks[i]->out_fd, .events = POLLIN};
+        int r = poll(pf, (nfds_t)n, left < 0.1 ? (int)(left * 1e3) + 1 : 100);
+        if (r < 0 && errno != EINTR) {
+            cm_seterr(err, errlen, "poll: %s", strerror(errno));
+            return -1;
+        }
+        for (int i = 0; r > 0 && i < n; i++) {
+            if (!pf[i].revents) continue;
+            child *k = ks[i];
+            ssize_t got = read(k->out_fd, k->buf + k->len, sizeof k->buf - k->len);
+            if (got > 0) {
+                k->len += (size_t)got;
+                if (k->len == sizeof k->buf && !memchr(k->buf, '\n', k->len)) {
+                    cm_seterr(err, errlen, "%s wrote a line that is too long", k->name);
+                    return -1;
+                }
+            } else if (got == 0 || errno != EINTR) {
+                char why[64] = "still running";
+                if (reap_by(k, cm_now() + 1.0)) describe_status(k->status, why, sizeof why);
+                cm_seterr(err, errlen, "%s stopped answering (%s)", k->name, why);
+                return -1;
+            }
+        }
+    }
+}
+
+static int send_command(child *k, const char *cmd, char *err, size_t errlen) {
+    if (write(k->in_fd, cmd, strlen(cmd)) != (ssize_t)strlen(cmd)) {
+        cm_seterr(err, errlen, "cannot write to %s: %s", k->name, strerror(errno));
+        return CM_EIO;
+    }
+    return CM_OK;
+}
+
+/* The worker protocol: W "ready" lines, "go" to all, W timing lines, then
+ * "check" to worker 0 and its verdict; then every worker must exit 0. */
+static int run_workers(driver *d, child **w, int nw, phase_result *res, char *err,
+                       size_t errlen) {
+    child *pending[MAX_PROCS];
+    char line[1024];
+    int npending = nw, rank, rc = CM_EIO;
+    memcpy(pending, w, (size_t)nw * sizeof *w);
+    for (int got = 0; got < nw; got++) {
+        int i = next_line(d, pending, npending, line, sizeof line, err, errlen);
+        if (i < 0) goto fail;
+        if (sscanf(line, "{\"ready\":%d}", &rank) != 1) {
+            cm_seterr(err, errlen, "%s said '%s' instead of ready", pending[i]->name, line);
+            goto fail;
+        }
+    }
+    for (int i = 0; i < nw; i++)
+        if ((rc = send_command(w[i], "go\n", err, errlen)) != CM_OK) goto fail;
+    rc = CM_EIO;
+    *res = (phase_result){0};
+    while (npending > 0) {
+        int i = next_line(d, pending, npending, line, sizeof line, err, errlen);
+        double win, push, pull;
+        if (i < 0) goto fail;
+        if (sscanf(line, "{\"rank\":%d,\"window_s\":%lf,\"push_ms\":%lf,\"pull_ms\":%lf}", &rank,
+                   &win, &push, &pull) != 4) {
+            cm_seterr(err, errlen, "%s said '%s' instead of its timings", pending[i]->name, line);
+            goto fail;
+        }
+        if (win > res->window_s) res->window_s = win;
+        res->push_ms += push / nw;
+        res->pull_ms += pull / nw;
+        pending[i] = pending[--npending];
+    }
+    if ((rc = send_command(w[0], "check\n", err, errlen)) != CM_OK) goto fail;
+    rc = CM_EIO;
+    if (next_line(d, w, 1, line, sizeof line, err, errlen) < 0) goto fail;
+    if (strncmp(line, "{\"check\":\"ok\"", 13)) {
+        cm_seterr(err, errlen, "result check failed: %s", line);
+        rc = CM_ECORRUPT;
+        goto fail;
+    }
+    for (int i = 0; i < nw; i++)
+        if ((rc = expect_exit(d, w[i], 30.0, err, errlen)) != CM_OK) goto fail;
+    return CM_OK;
+fail:
+    return rc;
+}
+
+/* n distinct ports on 127.0.0.1 that were free a moment ago. */
+static int free_ports(int *ports, int n) {
+    int fds[MAX_KIDS], nfds = 0, rc = CM_OK;
+    for (; nfds < n; nfds++) {
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t alen = sizeof a;
+        fds[nfds] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fds[nfds] < 0) {
+            rc = CM_EIO;
+            break;
+        }
+        if (bind(fds[nfds], (struct sockaddr *)&a, sizeof a) ||
+            getsockname(fds[nfds], (struct sockaddr *)&a, &alen)) {
+            rc = CM_EIO;
+            nfds++;
+            break;
+        }
+        ports[nfds] = ntohs(a.sin_port);
+    }
+    for (int i = 0; i < nfds; i++) close(fds[i]);
+    return rc;
+}
+
+static int port_accepts(int port) {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return 0;
+    int ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
+/* Wait until every PS accepts connections. CM_EBUSY if one could not bind
+ * its port (exit status 3: pick new ports and start again). */
+static int wait_listening(driver *d, child **srv, const int *ports, int n, char *err,
+                          size_t errlen) {
+    int up[MAX_PROCS] = {0}, nup = 0;
+    double until = cm_now() + 30.0;
+    while (nup < n) {
+        for (int i = 0; i < n; i++) {
+            if (!reap_by(srv[i], 0.0)) continue;
+            if (WIFEXITED(srv[i]->status) && WEXITSTATUS(srv[i]->status) == PORT_TAKEN)
+                return CM_EBUSY;
+            char why[64];
+            describe_status(srv[i]->status, why, sizeof why);
+            cm_seterr(err, errlen, "%s failed to start (%s)", srv[i]->name, why);
+            return CM_EIO;
+        }
+        for (int i = 0; i < n; i++)
+            if (!up[i] && port_accepts(ports[i])) {
+                up[i] = 1;
+                nup++;
+            }
+        if (nup == n) break;
+        if (got_signal || cm_now() > until || cm_now() > d->deadline) {
+            cm_seterr(err, errlen, "the PS did not start listening");
+            return CM_ETIMEDOUT;
+        }
+        usleep(5000);
+    }
+    return CM_OK;
+}
+
+/* ================================================== driver: phases */
+
+typedef struct bench_cfg {
+    int servers, workers, sync;
+    size_t bytes;
+    int warmup, iters;
+} bench_cfg;
+
+/* Arguments common to both kinds of worker, into argv from index at. */
+static int worker_args(const bench_cfg *b, int rank, char nums[][24], char **argv, int at) {
+    snprintf(nums[0], 24, "%d", rank);
+    snprintf(nums[1], 24, "%d", b->workers);
+    snprintf(nums[2], 24, "%zu", b->bytes / sizeof(float));
+    snprintf(nums[3], 24, "%d", b->warmup);
+    snprintf(nums[4], 24, "%d", b->iters);
+    const char *fixed[] = {"--rank", nums[0], "--workers", nums[1], "--elems", nums[2],
+                           "--warmup", nums[3], "--iters", nums[4], "--mode",
+                           b->sync ? "sync" : "async"};
+    for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++) argv[at++] = (char *)fixed[i];
+    return at;
+}
+
+/* 1 if a PS of this attempt exited with PORT_TAKEN (waiting up to half a
+ * second for it: it exits right after its bind fails). */
+static int port_was_taken(child **srv, int n) {
+    double until = cm_now() + 0.5;
+    for (int i = 0; i < n; i++)
+        if (reap_by(srv[i], until) && WIFEXITED(srv[i]->status) &&
+            WEXITSTATUS(srv[i]->status) == PORT_TAKEN)
+            return 1;
+    return 0;
+}
+
+/* One attempt of the PS phase on fresh ports: S psserver processes, then W
+ * workers over ps_client. Returns CM_EBUSY if a PS found its port taken (a
+ * connect to the port may have reached the other listener first, so this
+ * is checked after any failure, not only while waiting for the PS). */
+static int ps_attempt(driver *d, const bench_cfg *b, phase_result *res, char *err,
+                      size_t errlen) {
+    child *srv[MAX_PROCS], *w[MAX_PROCS];
+    char ps_hosts[MAX_PROCS * 24], worker_hosts[MAX_PROCS * 24], elems[24], name[32];
+    int rc = CM_EIO, ports[MAX_KIDS], nsrv = 0;
+    size_t lp = 0, lw = 0;
+    snprintf(elems, sizeof elems, "%zu", b->bytes / sizeof(float));
+    if (free_ports(ports, b->servers + b->workers) != CM_OK) {
+        cm_seterr(err, errlen, "cannot find free ports: %s", strerror(errno));
+        goto fail;
+    }
+    for (int i = 0; i < b->servers; i++)
+        lp += (size_t)snprintf(ps_hosts + lp, sizeof ps_hosts - lp, "%s127.0.0.1:%d",
+                               i ? "," : "", ports[i]);
+    for (int i = 0; i < b->workers; i++)
+        lw += (size_t)snprintf(worker_hosts + lw, sizeof worker_hosts - lw, "%s127.0.0.1:%d",
+                               i ? "," : "", ports[b->servers + i]);
+    for (; nsrv < b->servers; nsrv++) {
+        char idx[24];
+        snprintf(idx, sizeof idx, "%d", nsrv);
+        snprintf(name, sizeof name, "psserver %d", nsrv);
+        char *argv[] = {d->psserver, "--vector", elems, "--min-partition-bytes", "4",
+                        "--ps-hosts", ps_hosts, "--worker-hosts", worker_hosts,
+                        "--task-index", idx, NULL};
+        if (!(srv[nsrv] = spawn(d, name, argv, 0, 0, err, errlen))) goto fail;
+        srv[nsrv]->watch = 1;
+    }
+    if ((rc = wait_listening(d, srv, ports, b->servers, err, errlen)) != CM_OK) goto fail;
+    rc = CM_EIO;
+    for (int r = 0; r < b->workers; r++) {
+        char nums[5][24], *argv[24];
+        int at = 0;
+        argv[at++] = d->exe;
+        argv[at++] = "--role";
+        argv[at++] = "worker";
+        at = worker_args(b, r, nums, argv, at);
+        argv[at++] = "--ps-addrs";
+        argv[at++] = ps_hosts;
+        argv[at] = NULL;
+        snprintf(name, sizeof name, "worker %d", r);
+        if (!(w[r] = spawn(d, name, argv, 1, 1, err, errlen))) goto fail;
+    }
+    if ((rc = run_workers(d, w, b->workers, res, err, errlen)) != CM_OK) goto fail;
+    /* Worker 0 asked every PS to shut down. */
+    for (int i = 0; i < b->servers; i++) {
+        srv[i]->watch = 0;
+        if ((rc = expect_exit(d, srv[i], 30.0, err, errlen)) != CM_OK) goto fail;
+    }
+    stop_all(d);
+    return CM_OK;
+fail:
+    if (rc != CM_EBUSY && !got_signal && port_was_taken(srv, nsrv)) rc = CM_EBUSY;
+    stop_all(d);
+    return rc;
+}
+
+/* The PS phase, on new ports while a PS finds its port taken (5 tries). */
+static int run_ps(driver *d, const bench_cfg *b, phase_result *res, char *err, size_t errlen) {
+    for (int attempt = 1;; attempt++) {
+        int rc = ps_attempt(d, b, res, err, errlen);
+        if (rc != CM_EBUSY) return rc;
+        fprintf(stderr, "psbench: a PS port was taken; starting again on new ports\n");
+        if (attempt == 5) {
+            cm_seterr(err, errlen, "a PS found its port taken 5 times in a row");
+            return CM_EBUSY;
+        }
+    }
+}
+
+/* The plain-TCP phase: S tcp-server processes, W tcp-worker processes. */
+static int run_tcp(driver *d, const bench_cfg *b, phase_result *res, char *err, size_t errlen) {
+    child *srv[MAX_PROCS], *w[MAX_PROCS];
+    char tcp_ports[MAX_PROCS * 8] = "", line[256], name[32];
+    size_t n = b->bytes / sizeof(float), lp = 0;
+    int rc = CM_EIO;
+    for (int i = 0; i < b->servers; i++) {
+        char elems[24];
+        int port;
+        snprintf(elems, sizeof elems, "%zu",
+                 slice_begin(n, b->servers, i + 1) - slice_begin(n, b->servers, i));
+        snprintf(name, sizeof name, "tcp-server %d", i);
+        char *argv[] = {d->exe, "--role", "tcp-server", "--elems", elems, NULL};
+        if (!(srv[i] = spawn(d, name, argv, 0, 1, err, errlen))) goto fail;
+        srv[i]->watch = 1;
+        if (next_line(d, &srv[i], 1, line, sizeof line, err, errlen) < 0) goto fail;
+        if (sscanf(line, "{\"port\":%d}", &port) != 1) {
+            cm_seterr(err, errlen, "%s said '%s' instead of its port", name, line);
+            goto fail;
+        }
+        lp += (size_t)snprintf(tcp_ports + lp, sizeof tcp_ports - lp, "%s%d", i ? "," : "", port);
+    }
+    for (int r = 0; r < b->workers; r++) {
+        char nums[5][24], *argv[24];
+        int at = 0;
+        argv[at++] = d->exe;
+        argv[at++] = "--role";
+        argv[at++] = "tcp-worker";
+        at = worker_args(b, r, nums, argv, at);
+        argv[at++] = "--tcp-ports";
+        argv[at++] = tcp_ports;
+        argv[at] = NULL;
+        snprintf(name, sizeof name, "tcp-worker %d", r);
+        if (!(w[r] = spawn(d, name, argv, 1, 1, err, errlen))) goto fail;
+    }
+    if ((rc = run_workers(d, w, b->workers, res, err, errlen)) != CM_OK) goto fail;
+    /* Worker 0 sent every server its 'Q'. */
+    for (int i = 0; i < b->servers; i++) {
+        srv[i]->watch = 0;
+        if ((rc = expect_exit(d, srv[i], 30.0, err, errlen)) != CM_OK) goto fail;
+    }
+    stop_all(d);
+    return CM_OK;
+fail:
+    stop_all(d);
+    return rc;
+}
+
+/* ================================================== driver: report */
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(const double *v, int n) {
+    double s[MAX_REPEATS];
+    memcpy(s, v, (size_t)n * sizeof *v);
+    qsort(s, (size_t)n, sizeof *s, cmp_double);
+    return n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+}
+
+static double gbps_of(const bench_cfg *b, const phase_result *r) {
+    return (double)b->workers * b->iters * 2.0 * (double)b->bytes / r->window_s * 1e-9;
+}
+
+static double pslite_gbps(const bench_cfg *b) {
+    for (size_t i = 0; i < sizeof pslite_ref / sizeof *pslite_ref; i++)
+        if (pslite_ref[i].servers == b->servers && pslite_ref[i].workers == b->workers &&
+            pslite_ref[i].sync == b->sync && pslite_ref[i].bytes == b->bytes)
+            return pslite_ref[i].gbps;
+    return 0.0;
+}
+
+/* Print the JSON line of one configuration from its nrep runs: medians,
+ * and the ratio to TCP as the median of the runs' own ratios (each run's two
+ * phases are seconds apart, so a burst of load on a shared machine mostly
+ * cancels out of its ratio). */
+static void report(const bench_cfg *b, const phase_result *ps, const phase_result *tcp, int nrep,
+                   const char *check) {
+    double g[MAX_REPEATS], tg[MAX_REPEATS], ratio[MAX_REPEATS], push[MAX_REPEATS],
+        pull[MAX_REPEATS], tpush[MAX_REPEATS], tpull[MAX_REPEATS];
+    printf("{\"bench\":\"psbench\",\"servers\":%d,\"workers\":%d,\"mode\":\"%s\","
+           "\"bytes\":%zu,\"warmup\":%d,\"iters\":%d,\"runs\":%d",
+           b->servers, b->workers, b->sync ? "sync" : "async", b->bytes, b->warmup, b->iters,
+           nrep);
+    if (nrep > 0) {
+        for (int i = 0; i < nrep; i++) {
+            g[i] = gbps_of(b, &ps[i]);
+            tg[i] = gbps_of(b, &tcp[i]);
+            push[i] = ps[i].push_ms;
+            pull[i] = ps[i].pull_ms;
+            tpush[i] = tcp[i].push_ms;
+            tpull[i] = tcp[i].pull_ms;
+            ratio[i] = g[i] / tg[i];
+        }
+        double gm = median(g, nrep), tgm = median(tg, nrep), ref = pslite_gbps(b);
+        double ops = gm * 1e9 / (double)b->bytes; /* Pushes + pulls per second. */
+        qsort(g, (size_t)nrep, sizeof *g, cmp_double);
+        qsort(tg, (size_t)nrep, sizeof *tg, cmp_double);
+        printf(",\"gbps\":%.4f,\"gbps_min\":%.4f,\"gbps_max\":%.4f,\"ops_per_sec\":%.1f,"
+               "\"push_ms\":%.4f,\"pull_ms\":%.4f,\"tcp_gbps\":%.4f,\"tcp_gbps_min\":%.4f,"
+               "\"tcp_gbps_max\":%.4f,\"tcp_push_ms\":%.4f,\"tcp_pull_ms\":%.4f,"
+               "\"tcp_semantics\":\"async (store += pushed) in both modes\","
+               "\"ratio_to_tcp\":%.3f",
+               gm, g[0], g[nrep - 1], ops, median(push, nrep), median(pull, nrep), tgm, tg[0],
+               tg[nrep - 1], median(tpush, nrep), median(tpull, nrep), median(ratio, nrep));
+        if (ref > 0)
+            printf(",\"pslite_gbps\":%.3f,\"ratio_to_pslite\":%.3f", ref, gm / ref);
+        else
+            printf(",\"pslite_gbps\":null,\"ratio_to_pslite\":null");
+    }
+    /* The verdict is "ok" or an error message, made safe for a JSON string. */
+    printf(",\"check\":\"");
+    for (const char *p = check; *p; p++)
+        putchar(*p == '"' ? '\'' : *p == '\\' || (unsigned char)*p < 0x20 ? ' ' : *p);
+    printf("\"}\n");
+    fflush(stdout);
+}
+
+/* ================================================== driver: main */
+
+static int parse_size(const char *s, size_t *out) {
+    char *end;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (end == s) return -1;
+    if (*end == 'K' || *end == 'k') v <<= 10, end++;
+    else if (*end == 'M' || *end == 'm') v <<= 20, end++;
+    if (*end == 'i' || *end == 'B') end++;
+    if (*end == 'B') end++;
+    if (*end || v < 4 || v % 4 || v > ((unsigned long long)1 << 30)) return -1;
+    *out = (size_t)v;
+    return 0;
+}
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: psbench [options]\n"
+            "The dense push-then-pull workload (S PS x W workers on 127.0.0.1) through\n"
+            "psserver + ps_client, and the same bytes over plain TCP in the same run.\n"
+            "Prints one JSON line per configuration; exits 1 if any check failed.\n\n"
+            "  --shapes SxW,...     servers x workers (default 1x1,2x2)\n"
+            "  --modes M,...        async, sync (default both)\n"
+            "  --sizes B,...        bytes per request: 4K, 1M, 16M (default all three)\n"
+            "  --repeats N          runs per configuration; medians are reported (default 1)\n"
+            "  --quick              a tenth of the timed iterations (smoke runs)\n"
+            "  --warmup N, --iters N  override the warm-up and timed iterations\n"
+            "  --timeout S          bound on the whole run, seconds (default 1800)\n"
+            "  --bin-dir DIR        where psserver is (default <this binary's dir>/../bin)\n"
+            "  -h, --help           this text\n");
+}
+
+/* One configuration from its three list entries, with the reference's
+ * iteration counts for its size class. Returns 0, or -1 if it is invalid. */
+static int parse_cfg(const opts *o, const char *shape, const char *mode, const char *size,
+                     bench_cfg *b) {
+    *b = (bench_cfg){0};
+    if (sscanf(shape, "%dx%d", &b->servers, &b->workers) != 2 || b->servers < 1 ||
+        b->workers < 1 || b->servers > MAX_PROCS || b->workers > MAX_PROCS ||
+        (strcmp(mode, "sync") && strcmp(mode, "async")) || parse_size(size, &b->bytes) ||
+        b->bytes / sizeof(float) < (size_t)b->servers) {
+        fprintf(stderr, "psbench: bad configuration %s %s %s\n", shape, mode, size);
+        return -1;
+    }
+    b->sync = !strcmp(mode, "sync");
+    /* The 4 KiB, 1 MiB and 16 MiB classes of the reference. */
+    b->warmup = b->bytes <= (64 << 10) ? 300 : b->bytes <= (4 << 20) ? 30 : 5;
+    b->iters = b->bytes <= (64 << 10) ? 3000 : b->bytes <= (4 << 20) ? 300 : 40;
+    if (o->quick) b->iters /= 10;
+    if (o->warmup >= 0) b->warmup = o->warmup;
+    if (o->iters > 0) b->iters = o->iters;
+    return 0;
+}
+
+/* Run one configuration o->repeats times (PS phase, then TCP phase) and
+ * print its line. Returns 0, or -1 if a run failed or its check did. */
+static int run_config(driver *d, const opts *o, const bench_cfg *b) {
+    phase_result ps[MAX_REPEATS], tcp[MAX_REPEATS];
+    char err[512] = "ok";
+    const char *mode = b->sync ? "sync" : "async";
+    int nrep = 0;
+    for (; nrep < o->repeats; nrep++) {
+        if (run_ps(d, b, &ps[nrep], err, sizeof err) != CM_OK ||
+            run_tcp(d, b, &tcp[nrep], err, sizeof err) != CM_OK)
+            break;
+        fprintf(stderr, "psbench: %dx%d %s %zu B run %d/%d: PS %.3f GB/s, TCP %.3f GB/s\n",
+                b->servers, b->workers, mode, b->bytes, nrep + 1, o->repeats,
+                gbps_of(b, &ps[nrep]), gbps_of(b, &tcp[nrep]));
+    }
+    int failed = nrep < o->repeats;
+    if (failed)
+        fprintf(stderr, "psbench: %dx%d %s %zu B: %s\n", b->servers, b->workers, mode, b->bytes,
+                err);
+    report(b, ps, tcp, failed ? 0 : nrep, err);
+    return failed ? -1 : 0;
+}
+
+static int driver_main(const opts *o) {
+    driver *d = cm_calloc(1, sizeof *d);
+    char *copies[3] = {NULL, NULL, NULL}, *shapes[MAX_LIST], *modes[MAX_LIST], *sizes[MAX_LIST];
+    bench_cfg *cfgs = NULL;
+    int status = 1, ncfgs = 0, failures = 0;
+    ssize_t len = readlink("/proc/self/exe", d->exe, sizeof d->exe - 1);
+    if (len <= 0) {
+        perror("psbench: /proc/self/exe");
+        goto fail;
+    }
+    d->exe[len] = 0;
+    if (o->bin_dir) {
+        snprintf(d->psserver, sizeof d->psserver, "%s/psserver", o->bin_dir);
+    } else {
+        /* The build puts bench/psbench beside bin/psserver. */
+        int dirlen = (int)(strrchr(d->exe, '/') - d->exe);
+        if (dirlen > PATH_MAX - 32) dirlen = PATH_MAX - 32;
+        snprintf(d->psserver, sizeof d->psserver, "%.*s/../bin/psserver", dirlen, d->exe);
+    }
+    if (access(d->psserver, X_OK)) {
+        fprintf(stderr, "psbench: %s: %s (see --bin-dir)\n", d->psserver, strerror(errno));
+        goto fail;
+    }
+    int nshapes = split_list(o->shapes ? o->shapes : "1x1,2x2", &copies[0], shapes, MAX_LIST);
+    int nmodes = split_list(o->modes ? o->modes : "async,sync", &copies[1], modes, MAX_LIST);
+    int nsizes = split_list(o->sizes ? o->sizes : "4K,1M,16M", &copies[2], sizes, MAX_LIST);
+    if (nshapes < 1 || nmodes < 1 || nsizes < 1) {
+        fprintf(stderr, "psbench: empty or too long --shapes, --modes or --sizes\n");
+        goto fail;
+    }
+    /* Every configuration is checked before the first one runs. */
+    cfgs = cm_calloc((size_t)(nshapes * nmodes * nsizes), sizeof *cfgs);
+    for (int si = 0; si < nshapes; si++)
+        for (int mi = 0; mi < nmodes; mi++)
+            for (int zi = 0; zi < nsizes; zi++)
+                if (parse_cfg(o, shapes[si], modes[mi], sizes[zi], &cfgs[ncfgs++])) goto fail;
+    /* Children log only warnings unless the caller asked otherwise. */
+    setenv("PS_LOG_LEVEL", "warn", 0);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    d->deadline = cm_now() + o->timeout_s;
+    for (int i = 0; i < ncfgs && !got_signal && cm_now() < d->deadline; i++)
+        if (run_config(d, o, &cfgs[i])) failures++;
+    status = failures || got_signal || cm_now() >= d->deadline ? 1 : 0;
+fail:
+    stop_all(d);
+    for (int i = 0; i < 3; i++) free(copies[i]);
+    free(cfgs);
+    free(d);
+    return status;
+}
+
+int main(int argc, char **argv) {
+    static const struct option longopts[] = {
+        {"role", required_argument, 0, 'r'},     {"sizes", required_argument, 0, 'z'},
+        {"shapes", required_argument, 0, 's'},   {"modes", required_argument, 0, 'm'},
+        {"bin-dir", required_argument, 0, 'b'},  {"quick", no_argument, 0, 'q'},
+        {"repeats", required_argument, 0, 'R'},  {"warmup", required_argument, 0, 'W'},
+        {"iters", required_argument, 0, 'I'},    {"timeout", required_argument, 0, 'T'},
+        {"rank", required_argument, 0, 'k'},     {"workers", required_argument, 0, 'w'},
+        {"mode", required_argument, 0, 'M'},     {"elems", required_argument, 0, 'e'},
+        {"ps-addrs", required_argument, 0, 'p'}, {"tcp-ports", required_argument, 0, 't'},
+        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+    opts o = {.repeats = 1, .warmup = -1, .timeout_s = 1800.0, .workers = 1};
+    cm_mem_keep_freed(); /* As psserver and pstrain do. */
+    int c;
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'r': o.role = optarg; break;
+        case 'z': o.sizes = optarg; break;
+        case 's': o.shapes = optarg; break;
+        case 'm': o.modes = optarg; break;
+        case 'b': o.bin_dir = optarg; break;
+        case 'q': o.quick = 1; break;
+        case 'R': o.repeats = atoi(optarg); break;
+        case 'W': o.warmup = atoi(optarg); break;
+        case 'I': o.iters = atoi(optarg); break;
+        case 'T': o.timeout_s = atof(optarg); break;
+        case 'k': o.rank = atoi(optarg); break;
+        case 'w': o.workers = atoi(optarg); break;
+        case 'M': o.sync = !strcmp(optarg, "sync"); break;
+        case 'e': o.elems = (size_t)strtoull(optarg, NULL, 10); break;
+        case 'p': o.ps_addrs = optarg; break;
+        case 't': o.tcp_ports = optarg; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc || o.repeats < 1 || o.repeats > MAX_REPEATS || o.timeout_s <= 0) {
+        usage(stderr);
+        return 2;
+    }
+    if (!o.role) return driver_main(&o);
+    /* A role process dies with the driver, so nothing outlives a killed run. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() == 1) return 1;
+    int is_server = !strcmp(o.role, "tcp-server");
+    if (o.elems < 1 || (!is_server && (o.workers < 1 || o.rank < 0 || o.rank >= o.workers ||
+                                       o.warmup < 0 || o.iters < 1))) {
+        fprintf(stderr, "psbench: bad arguments for --role %s\n", o.role);
+        return 2;
+    }
+    if (!strcmp(o.role, "worker")) return ps_worker_main(&o);
+    if (is_server) return tcp_server_main(&o);
+    if (!strcmp(o.role, "tcp-worker")) return tcp_worker_main(&o);
+    fprintf(stderr, "psbench: unknown --role %s\n", o.role);
+    return 2;
+}
