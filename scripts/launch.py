@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Start a local training cluster on 127.0.0.1 and supervise it.
 
-  launch.py [--mode ps|local] [--ps N] [--workers N] [--bin-dir DIR]
-            [--timeout S] [pstrain options...]
+  launch.py [--mode ps|local] [--ps N] [--workers N] [--evaluator] [--bin-dir DIR]
+            [--timeout S] [--verbose] [pstrain options...]
 
 PS mode starts N psserver processes and N pstrain workers, each with its own
 TF_CONFIG (worker 0 is the chief). Ports are picked free; if a PS finds its
@@ -72,6 +72,10 @@ class Cluster:
         for name, p in self.procs:
             if p.poll() == PORT_TAKEN:
                 return False
+        if a.evaluator:
+            self.spawn("evaluator", [os.path.join(a.bin_dir, "pstrain"), "--mode", "ps"]
+                       + self.extra, {"cluster": cluster, "task": {"type": "evaluator",
+                                                                   "index": 0}})
         for i in range(a.workers):
             wargs = ["--mode", "ps"] + self.extra
             if i > 0 and not a.verbose:
@@ -139,6 +143,8 @@ def main():
                                                       "bin"))
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--verbose", action="store_true", help="progress lines from every worker")
+    ap.add_argument("--evaluator", action="store_true",
+                    help="also start an evaluator task (pulls and evaluates, never pushes)")
     ap.add_argument("--launcher-help", action="store_true")
     args, extra = ap.parse_known_args()
     if args.launcher_help:

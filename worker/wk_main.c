@@ -45,7 +45,10 @@ static void usage(FILE *f) {
             "  --ps-hosts H:P,...        PS addresses\n"
             "  --worker-hosts H:P,...    worker addresses\n"
             "  --chief-host H:P          the chief's address (trains as rank 0)\n"
-            "  --task-type chief|worker  this task's type\n"
+            "  --task-type chief|worker|evaluator  this task's type (an evaluator pulls\n"
+            "                            and evaluates every --eval-every versions,\n"
+            "                            never pushes, and ends with the PS)\n"
+            "  --eval-every N            evaluator: versions between evaluations (500)\n"
             "  --task-index I            this task's index\n"
             "  --sync sync|async         apply steps when all workers pushed (default),\n"
             "                            or every push at once\n"
@@ -88,7 +91,7 @@ int main(int argc, char **argv) {
         O_MODE = 256, O_EPOCHS, O_BATCH, O_LR, O_OPT, O_SEED, O_THREADS, O_DEVICES, O_LAYERS,
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
-        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL
+        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_EVAL_EVERY
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -122,6 +125,7 @@ int main(int argc, char **argv) {
         {"fault", required_argument, 0, O_FAULT},
         {"fault-rank", required_argument, 0, O_FAULT_RANK},
         {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
+        {"eval-every", required_argument, 0, O_EVAL_EVERY},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -214,8 +218,10 @@ int main(int argc, char **argv) {
         case O_CHIEF_HOST: lists[CM_TASK_CHIEF] = optarg; break;
         case O_TASK_TYPE:
             task_type = cm_task_type_parse(optarg);
-            if (task_type != CM_TASK_CHIEF && task_type != CM_TASK_WORKER) {
-                fprintf(stderr, "pstrain: --task-type must be chief or worker, got '%s'\n",
+            if (task_type != CM_TASK_CHIEF && task_type != CM_TASK_WORKER &&
+                task_type != CM_TASK_EVALUATOR) {
+                fprintf(stderr,
+                        "pstrain: --task-type must be chief, worker or evaluator, got '%s'\n",
                         optarg);
                 return 2;
             }
@@ -251,6 +257,10 @@ int main(int argc, char **argv) {
             cfg.fault_zero_gradient = 1;
             break;
         case O_SEPARATE_PULL: cfg.separate_pull = 1; break;
+        case O_EVAL_EVERY:
+            if (parse_long("--eval-every", optarg, 1, 1L << 40, &v)) return 2;
+            cfg.eval_every = v;
+            break;
         case O_FAULT_RANK:
             if (parse_long("--fault-rank", optarg, 0, 1 << 20, &v)) return 2;
             cfg.fault_rank = (int)v;
@@ -306,6 +316,12 @@ int main(int argc, char **argv) {
     if (status != CM_OK) {
         fprintf(stderr, "pstrain: failed: %s\n", cm_strerror(status));
         return 1;
+    }
+    if (r.rank < 0) {
+        printf("evaluator: last evaluation at version %lld: test accuracy %.4f (loss %.4f) on %zu "
+               "test images\n",
+               (long long)r.steps, r.test_accuracy, r.test_loss, r.test_examples);
+        return 0;
     }
     if (!r.is_chief) {
         printf("worker rank %d of %d finished %lld steps in %.1f s (%.0f examples/s overall)\n",

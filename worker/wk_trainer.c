@@ -98,7 +98,7 @@ static int check_cfg(const wk_train_cfg *cfg) {
             cm_error("--mode ps needs PS addresses (TF_CONFIG or --ps-hosts)");
             return CM_EINVAL;
         }
-        if (cm_cluster_rank(c) < 0) {
+        if (cm_cluster_rank(c) < 0 && c->task_type != CM_TASK_EVALUATOR) {
             cm_error("this task is %s:%d; pstrain runs chief and worker tasks (start a ps task "
                      "with psserver)",
                      cm_task_type_name(c->task_type), c->task_index);
@@ -118,9 +118,104 @@ static int check_cfg(const wk_train_cfg *cfg) {
     return CM_OK;
 }
 
+/* An evaluator task: never pushes; pulls the parameters every
+ * cfg->eval_every versions, evaluates them on the test set and reports,
+ * until the PS processes go away at the end of training. */
+static int evaluate_run(const wk_train_cfg *cfg, wk_train_result *result) {
+    const cm_cluster *c = cfg->cluster;
+    const char *dir = cfg->data_dir ? cfg->data_dir : wk_dataset_default_dir();
+    wk_dataset test = {0};
+    cm_model *model = NULL;
+    wk_device *dev = NULL;
+    wk_replicas *reps = NULL;
+    wk_sync *sync = NULL;
+    float *params = NULL;
+    FILE *log = NULL;
+    char err[512];
+    int status = wk_dataset_load(dir, "t10k", cfg->test_limit, &test, err, sizeof err);
+    if (status != CM_OK) {
+        cm_error("%s", err);
+        goto out;
+    }
+    if ((status = cm_model_create_mlp(cfg->sizes, cfg->nsizes, &model)) != CM_OK) goto out;
+    status = CM_ENOMEM;
+    if (!(params = cm_alloc_aligned(model->numel * sizeof(float)))) goto out;
+    wk_device_cpu_set_threads(cfg->threads > 0 ? cfg->threads : 1);
+    dev = wk_device_cpu_create(0);
+    if ((status = wk_replicas_create(model, &dev, 1, cfg->batch_size, &reps)) != CM_OK) goto out;
+    const int W = cm_cluster_num_trainers(c);
+    wk_sync_ps_cfg pc = {
+        .model = model,
+        .min_part_bytes = cfg->min_part_bytes ? cfg->min_part_bytes : CM_PLACEMENT_MIN_PART_BYTES,
+        .ps_addrs = (const char *const *)c->addrs[CM_TASK_PS],
+        .nps = c->n[CM_TASK_PS],
+        .rank = W, /* Not a training rank: a shard refuses its pushes. */
+        .nworkers = W,
+        .deadline_ms = cfg->deadline_ms ? cfg->deadline_ms : 60000,
+        /* Short: the PS going away is how training's end shows here. */
+        .connect_timeout_ms = cfg->connect_timeout_ms ? cfg->connect_timeout_ms : 5000};
+    if ((status = wk_sync_ps_create(&pc, &sync, err, sizeof err)) != CM_OK) {
+        cm_error("%s", err);
+        goto out;
+    }
+    if (cfg->log_path && !(log = fopen(cfg->log_path, "w"))) {
+        cm_error("cannot open --log %s: %s", cfg->log_path, strerror(errno));
+        status = CM_EIO;
+        goto out;
+    }
+    const int64_t every = cfg->eval_every > 0 ? cfg->eval_every : 500;
+    cm_info("evaluating every %lld versions on %zu test images", (long long)every, test.n);
+    int64_t want = 0;
+    int evaluated = 0;
+    for (;;) {
+        int64_t version = 0;
+        status = wk_sync_ps_pull(sync, want, params, &version);
+        if (status != CM_OK) {
+            if (evaluated) {
+                cm_info("the PS went away after version %lld: training is over (%s)",
+                        (long long)result->steps, sync->err);
+                status = CM_OK;
+            } else {
+                cm_error("%s", sync->err);
+            }
+            break;
+        }
+        double acc = 0.0, loss = 0.0;
+        if ((status = wk_replicas_set_params(reps, params)) != CM_OK ||
+            (status = wk_replicas_evaluate(reps, &test, &acc, &loss)) != CM_OK)
+            break;
+        evaluated++;
+        result->steps = version;
+        result->test_accuracy = acc;
+        result->test_loss = loss;
+        cm_info("version %lld: test loss %.4f acc %.4f", (long long)version, loss, acc);
+        if (log) {
+            fprintf(log, "{\"version\":%lld,\"test_accuracy\":%.6f,\"test_loss\":%.6f}\n",
+                    (long long)version, acc, loss);
+            fflush(log);
+        }
+        want = version + every;
+    }
+    result->test_examples = test.n;
+out:
+    if (log) fclose(log);
+    wk_sync_destroy(sync);
+    wk_replicas_destroy(reps);
+    wk_device_destroy(dev);
+    free(params);
+    cm_model_destroy(model);
+    wk_dataset_free(&test);
+    return status;
+}
+
 int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     int status = check_cfg(cfg);
     if (status != CM_OK) return status;
+    if (!strcmp(cfg->mode, "ps") && cfg->cluster->task_type == CM_TASK_EVALUATOR) {
+        memset(result, 0, sizeof *result);
+        result->rank = -1;
+        return evaluate_run(cfg, result);
+    }
     memset(result, 0, sizeof *result);
     const int is_ps = !strcmp(cfg->mode, "ps");
     const int W = is_ps ? cm_cluster_num_trainers(cfg->cluster) : 1;

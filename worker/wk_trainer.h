@@ -44,10 +44,13 @@ typedef struct wk_train_cfg {
     int fault_zero_gradient;   /* Test hook: push zeros (negative controls)... */
     int fault_rank;            /* ...on this rank only (-1 = every rank). */
     int separate_pull;         /* Push then Pull instead of one PushPull. */
+    int64_t eval_every;        /* Evaluator task: versions between evaluations
+                                * (0 = 500). */
 } wk_train_cfg;
 
 typedef struct wk_train_result {
-    int is_chief;            /* Only the chief evaluates. */
+    int is_chief;            /* Only the chief evaluates (and evaluator tasks,
+                              * whose rank is -1). */
     int rank, workers;
     int64_t steps;
     double seconds;          /* Training loop wall time, evaluation excluded. */

@@ -81,14 +81,18 @@ def equivalence(bin_dir, tmp):
 def learns(bin_dir, tmp):
     for mode in ("sync", "async"):
         s = os.path.join(tmp, f"{mode}.json")
-        launch(bin_dir, "--ps", "2", "--workers", "2", "--sync", mode, "--train-limit", "10000",
-               "--epochs", "1", "--batch-size", "64", "--threads", "1", "--summary", s)
+        p = launch(bin_dir, "--ps", "2", "--workers", "2", "--sync", mode, "--train-limit",
+                   "10000", "--epochs", "1", "--batch-size", "64", "--threads", "1",
+                   "--summary", s, "--evaluator", "--eval-every", "20", "--test-limit", "2000")
         j = json.load(open(s))
         check(j["mode"] == "ps" and j["workers"] == 2 and j["ps"] == 2 and j["sync"] == mode,
               f"{mode}: the summary names PS mode, 2 workers, 2 PS")
         check(j["steps"] == 10000 // 128, f"{mode}: steps = 10000 // (2 x 64) = {j['steps']}")
         check(j["test_accuracy"] > 0.6, f"{mode}: learns, test accuracy {j['test_accuracy']:.4f}"
               " > 0.6")
+        evals = [l for l in p.stderr.splitlines() if "evaluator 0 info: version" in l]
+        check(len(evals) >= 2 and "evaluator: last evaluation at version" in p.stdout,
+              f"{mode}: the evaluator task evaluated {len(evals)} versions and exited 0")
 
 
 def free_port():

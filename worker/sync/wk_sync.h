@@ -63,6 +63,10 @@ typedef struct wk_sync_ps_cfg {
 } wk_sync_ps_cfg;
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 
+/* PS mode only: pull version >= min_version into params (an evaluator's
+ * read); *version gets the version pulled. */
+int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *version);
+
 static inline void wk_sync_destroy(wk_sync *s) {
     if (s) s->ops->destroy(s);
 }

@@ -112,6 +112,13 @@ static void ps_destroy(wk_sync *s) {
     free(p);
 }
 
+int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *version) {
+    psync *p = (psync *)s;
+    ps_ticket *tk;
+    ps_client_pull(p->client, min_version, params, &tk);
+    return ps_ticket_wait(tk, version, s->err, sizeof s->err);
+}
+
 static const wk_sync_ops ps_ops = {"ps", ps_begin, ps_step, ps_end, ps_finish, ps_destroy};
 
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen) {
