@@ -145,6 +145,44 @@ def bad_input(bin_dir, tmp):
         ps.send_signal(signal.SIGTERM)
         ps.wait(timeout=20)
     check(ps.returncode == 0, "the PS exits 0 on SIGTERM")
+    # A taken port: psserver exits 3, which the launcher answers with new ports.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        p = run([psserver, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
+                 "--task-index", "0"], expect_ok=False, timeout=30)
+    finally:
+        holder.close()
+    check(p.returncode == 3 and f"127.0.0.1:{port}" in p.stderr,
+          "a PS whose port is taken exits with status 3, naming the address")
+    # A worker killed mid-run: the launcher names it and stops the rest.
+    proc = subprocess.Popen([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "120",
+                             "--epochs", "5", "--quiet", "--train-limit", "20000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pids = None
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "(pids " in line:
+            pids = dict(x.split(": ") for x in line.split("(pids ", 1)[1].rsplit(")", 1)[0]
+                        .split(", "))
+            break
+    check(pids is not None and "worker 1" in pids, "the launcher reports its PIDs")
+    time.sleep(1.5)
+    os.kill(int(pids["worker 1"]), signal.SIGKILL)
+    t0 = time.monotonic()
+    _, rest = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    check(proc.returncode != 0 and "worker 1" in rest and "signal 9" in rest,
+          f"a worker killed mid-run is named, the launcher exits non-zero ({took:.1f} s)")
+    time.sleep(0.2)
+    alive = [pid for pid in map(int, pids.values()) if os.path.exists(f"/proc/{pid}") and
+             open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    check(not alive, "...and no process of that cluster is left")
     # Under the launcher, a failing worker stops the whole cluster.
     p = launch(bin_dir, "--ps", "2", "--workers", "2", "--train-limit", "1000", "--test-limit",
                "100", "--layers", "784,64,10", "--data-dir", os.path.join(tmp, "none"),
