@@ -10,6 +10,8 @@ PACKAGES=(
   libjansson-dev                     # JSON: summaries, TF_CONFIG
   zlib1g-dev                         # gzip'd IDX files
   libcmocka-dev                      # unit tests
+  libxxhash-dev                      # checkpoint checksums (XXH64)
+  libleveldb-dev                     # checkpoint store (storage/st_store.c)
   libgrpc-dev                        # gRPC C core: PS <-> worker RPC (proto/rpc.c)
   libprotobuf-c-dev protobuf-c-compiler  # proto/ps.proto messages (protoc-c at build time)
   python3                            # integration test drivers, experiment scripts
