@@ -262,6 +262,8 @@ static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t l
     pc->parts = parts;
     if (ps_shard_is_async(s->shard))
         ps_shard_pull(s->shard, 0, answer_pull, pc);
+    else if (nparts == 0) /* A shard that owns nothing. */
+        ps_shard_pull(s->shard, step + 1, answer_pull, pc);
     else if (ps_shard_pull_parts(s->shard, step, parts, nparts, answer_pull, pc) != CM_OK)
         answer_pull(pc, NULL); /* Cannot happen: the push validated them. */
 }

@@ -341,7 +341,7 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
 /* Check a push's tensors against the placement (no lock needed: the layout
  * is immutable). */
 static int validate(const ps_shard *s, const ps_grad *g, int ng, char *err, size_t errlen) {
-    if (ng < 1 || ng > s->nparts) {
+    if ((ng < 1 && s->nparts > 0) || ng > s->nparts) {
         cm_seterr(err, errlen, "a push to shard %d must carry 1 to %d of its partitions, got %d",
                   s->index, s->nparts, ng);
         return PS_PUSH_INVALID;
@@ -498,8 +498,9 @@ int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, i
         rc = PS_PUSH_EARLY;
         goto done;
     }
-    uint8_t *mine = s->contrib + (size_t)worker * (size_t)s->nparts;
+    uint8_t *mine = s->contrib + (size_t)worker * (size_t)(s->nparts ? s->nparts : 1);
     int fresh = 0;
+    if (step == s->version && s->nparts == 0) fresh = !mine[0];
     if (step == s->version)
         for (int i = 0; i < ngrads; i++) fresh += !mine[s->local_of[grads[i].part]];
     if ((step == s->version && !fresh) || (step < s->version && step == s->last_step[worker])) {
@@ -529,6 +530,16 @@ int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, i
             ps_wire_load_add(dst, grads[i].data, n);
         mine[li] = 1;
         if (++s->pcount[li] == s->cfg.num_workers) old = finish_part(s, li);
+    }
+    if (s->nparts == 0) {
+        /* A shard that owns nothing still counts its workers' steps. */
+        mine[0] = 1;
+        if (++s->pcount[0] == s->cfg.num_workers) {
+            s->version++;
+            old = publish(s, snap_new(s, new_buffer(s), s->version));
+            s->pcount[0] = 0;
+            memset(s->contrib, 0, (size_t)s->cfg.num_workers);
+        }
     }
     nready = take_ready(s, &ready);
 done:
