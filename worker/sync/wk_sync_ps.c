@@ -12,7 +12,9 @@
  * row pieces that match its partitions. The hook scales each announced
  * range, gathers the partitions it completes, and once OVERLAP_FLUSH_BYTES
  * are gathered sends them in one ps_client_push_pull_parts; step() sends the
- * rest and waits for every ticket. The shards apply each partition as soon
+ * rest and waits for every ticket. Starting a call costs ~0.09 ms on the
+ * computing thread; handing the calls to a sender thread instead measured
+ * worse on 2 cores (the early calls then went out late). The shards apply each partition as soon
  * as all workers gave it and answer with its new values, so the push, the
  * apply and the reply of early partitions hide behind the remaining compute.
  */
