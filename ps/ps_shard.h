@@ -28,9 +28,11 @@
  * partitions of version step + 1 are final, possibly before the version is
  * published (the reply then references the snapshot being built; only the
  * asked partitions of it may be read).
- * A snapshot is an immutable copy of all the shard's partitions at one
- * version; replies reference it (zero-copy) and release it when sent, so a
- * reply never reads the array being updated. Snapshot buffers are recycled.
+ * A snapshot is a copy of all the shard's partitions at one version whose
+ * partitions are each written once (all before it is published, or one by
+ * one while it is pending) and never again; replies reference it
+ * (zero-copy) and release it when sent, so a reply never reads values being
+ * written. Snapshot buffers are recycled.
  */
 #ifndef PS_SHARD_H
 #define PS_SHARD_H
