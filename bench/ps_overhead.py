@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Distributed overhead of PS mode at batch 128, against plain TCP, in one run.
 
-  bench/ps_overhead.py [--build DIR] [--steps N] [--repeats R] [--ps N]
+  bench/ps_overhead.py [--build DIR] [--steps N] [--repeats R] [--ps N] [--extra ARGS]
 
 Runs, R times interleaved: local mode (1 process) and sync PS mode (1 worker,
 --ps N shards) on the MLP at batch 128 with one BLAS thread, taking the median
 step time of each run's per-step log (warm-up steps dropped); and psbench's
 1xN push+pull of the model's bytes (940,584 B) over gRPC and over plain TCP.
+--extra adds pstrain flags to the PS runs (e.g. --extra=--no-overlap).
 Prints one JSON line:
   overhead_ms = PS step - local step, tcp_ms = plain-TCP push+pull of the
   model's bytes, ratio = overhead_ms / tcp_ms (target: <= 1.5).
@@ -34,7 +35,10 @@ def main():
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ps", type=int, default=1)
+    ap.add_argument("--extra", default="", help="more pstrain flags for the PS runs "
+                    "(space-separated; write --extra=--no-overlap)")
     a = ap.parse_args()
+    extra = a.extra.split()
     bin_dir = os.path.join(a.build, "bin")
     common = ["--batch-size", "128", "--threads", "1", "--max-steps", str(a.steps), "--quiet"]
     local, ps, tcp, grpc = [], [], [], []
@@ -46,7 +50,7 @@ def main():
             local.append(median_step(log))
             subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "launch.py"),
                             "--bin-dir", bin_dir, "--ps", str(a.ps), "--workers", "1",
-                            "--timeout", "600", *common, "--log", log],
+                            "--timeout", "600", *common, *extra, "--log", log],
                            check=True, capture_output=True, timeout=600)
             ps.append(median_step(log))
             out = subprocess.run([os.path.join(a.build, "bench", "psbench"), "--sizes",
@@ -60,7 +64,7 @@ def main():
     tcp_ms = st.median(tcp)
     over = pss - loc
     print(json.dumps({
-        "bench": "ps_overhead", "batch": 128, "ps": a.ps, "workers": 1, "threads": 1,
+        "bench": "ps_overhead", "extra": a.extra, "batch": 128, "ps": a.ps, "workers": 1, "threads": 1,
         "repeats": a.repeats, "local_step_ms": round(loc, 4), "ps_step_ms": round(pss, 4),
         "ps_compute_ms": round(st.median(r["compute_ms"] for r in ps), 4),
         "ps_comm_ms": round(st.median(r["comm_ms"] for r in ps), 4),

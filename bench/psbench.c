@@ -160,9 +160,14 @@ static int ps_worker_main(const opts *o) {
         snprintf(err, sizeof err, "bad --ps-addrs");
         goto fail;
     }
+    /* One partition per PS: a minimum of bytes / nps splits the vector in
+     * nps (placement no longer caps the split at the shard count). */
+    size_t min_part = n * sizeof(float) / (size_t)nps;
     if (cm_model_create_vector(n, &model) != CM_OK ||
-        cm_placement_create(model, nps, 4, &pl) != CM_OK) {
-        snprintf(err, sizeof err, "cannot build the model of %zu floats on %d PS", n, nps);
+        cm_placement_create(model, nps, min_part ? min_part : 1, &pl) != CM_OK ||
+        pl->nparts != nps) {
+        snprintf(err, sizeof err, "cannot build the model of %zu floats on %d PS, one "
+                 "partition each", n, nps);
         goto fail;
     }
     ps_client_cfg cfg = {.model = model, .placement = pl, .ps_addrs = (const char *const *)addrs,
@@ -894,6 +899,10 @@ static int ps_attempt(driver *d, const bench_cfg *b, phase_result *res, char *er
     int rc = CM_EIO, ports[MAX_KIDS], nsrv = 0;
     size_t lp = 0, lw = 0;
     snprintf(elems, sizeof elems, "%zu", b->bytes / sizeof(float));
+    /* One partition per PS (as the workers compute it). */
+    char minp[24];
+    size_t mp = b->bytes / sizeof(float) * sizeof(float) / (size_t)b->servers;
+    snprintf(minp, sizeof minp, "%zu", mp ? mp : 1);
     if (free_ports(ports, b->servers + b->workers) != CM_OK) {
         cm_seterr(err, errlen, "cannot find free ports: %s", strerror(errno));
         goto fail;
@@ -908,7 +917,7 @@ static int ps_attempt(driver *d, const bench_cfg *b, phase_result *res, char *er
         char idx[24];
         snprintf(idx, sizeof idx, "%d", nsrv);
         snprintf(name, sizeof name, "psserver %d", nsrv);
-        char *argv[] = {d->psserver, "--vector", elems, "--min-partition-bytes", "4",
+        char *argv[] = {d->psserver, "--vector", elems, "--min-partition-bytes", minp,
                         "--ps-hosts", ps_hosts, "--worker-hosts", worker_hosts,
                         "--task-index", idx, NULL};
         if (!(srv[nsrv] = spawn(d, name, argv, 0, 0, err, errlen))) goto fail;

@@ -29,14 +29,15 @@ static void var_rows(const cm_var *v, size_t *rows, size_t *row_size) {
     *row_size = v->numel / *rows;
 }
 
-/* Number of partitions of a variable:
- * clamp(bytes / min_part_bytes, 1, min(nshards, rows)). */
-static size_t var_nparts(const cm_var *v, int nshards, size_t min_part_bytes) {
+/* Number of partitions of a variable: clamp(bytes / min_part_bytes, 1, rows).
+ * Not capped by the shard count: a shard may own several partitions of one
+ * variable, which lets a worker send a large variable's gradient in pieces
+ * while the rest of it is still being computed. */
+static size_t var_nparts(const cm_var *v, size_t min_part_bytes) {
     size_t rows, row_size;
     var_rows(v, &rows, &row_size);
     size_t p = v->numel * sizeof(float) / min_part_bytes;
-    size_t max = rows < (size_t)nshards ? rows : (size_t)nshards;
-    if (p > max) p = max;
+    if (p > rows) p = rows;
     if (p < 1) p = 1;
     return p;
 }
@@ -61,7 +62,7 @@ int cm_placement_create(const cm_model *m, int nshards, size_t min_part_bytes,
 
     /* Step 1: the partitioner. Count first so that parts is one array. */
     size_t total = 0;
-    for (int v = 0; v < m->nvars; v++) total += var_nparts(&m->vars[v], nshards, min_part_bytes);
+    for (int v = 0; v < m->nvars; v++) total += var_nparts(&m->vars[v], min_part_bytes);
     /* Partition ids travel as int; a model this large is a caller bug. */
     if (total > (size_t)0x7fffffff) goto fail;
 
@@ -78,7 +79,7 @@ int cm_placement_create(const cm_model *m, int nshards, size_t min_part_bytes,
         const cm_var *var = &m->vars[v];
         size_t rows, row_size;
         var_rows(var, &rows, &row_size);
-        size_t np = var_nparts(var, nshards, min_part_bytes);
+        size_t np = var_nparts(var, min_part_bytes);
         /* The first rows % np partitions get one extra row. */
         size_t base = rows / np, extra = rows % np, row = 0;
         for (size_t i = 0; i < np; i++) {

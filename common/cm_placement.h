@@ -5,10 +5,12 @@
  * every process computes the same map, so nothing needs coordinating.
  *
  *  1. Each variable is split along its first dimension into
- *     p = clamp(bytes / min_part_bytes, 1, min(nshards, rows)) partitions of
- *     near-equal row counts (the first rows % p partitions get one more row),
- *     as TensorFlow's min_max_variable_partitioner does. A 1-D variable has
- *     numel rows of one element.
+ *     p = clamp(bytes / min_part_bytes, 1, rows) partitions of near-equal
+ *     row counts (the first rows % p partitions get one more row), as
+ *     TensorFlow's min_max_variable_partitioner does, but not capped by the
+ *     shard count: a shard may own several partitions of one variable, so a
+ *     worker can send a large gradient in pieces as they are computed. A 1-D
+ *     variable has numel rows of one element.
  *  2. Partitions are assigned greedily by bytes: largest first (ties by
  *     variable then partition index), each to the shard holding the fewest
  *     bytes so far (ties to the lowest shard index).

@@ -39,6 +39,9 @@ struct ps_client {
 typedef struct sub {
     struct ps_ticket *t;
     int shard;
+    int nparts;            /* Partitions this sub-call pushes / expects. */
+    const uint32_t *parts; /* Placement ids: the client's list for the
+                            * whole shard, or the ticket's 'own'. */
     int attempts;
     int code; /* gRPC status of the last attempt. */
     int cm;   /* CM status after decoding. */
@@ -56,7 +59,9 @@ struct ps_ticket {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int pending; /* Protected by mu. */
+    int nsubs;
     sub *subs;
+    uint32_t *own; /* Partition lists of a partial push-pull. */
 };
 
 static void ticket_dec(ps_ticket *t) {
@@ -75,15 +80,15 @@ static void fill_cluster(ps_client *c, Psrpc__Cluster *cl) {
 }
 
 /* Copy a pull reply from shard sh into params; CM_OK or CM_EINVAL. */
-static int take_pull_reply(ps_client *c, int sh, const uint8_t *buf, size_t len, float *params,
-                           int64_t *version, char *err, size_t errlen) {
+static int take_pull_reply(ps_client *c, int sh, int nexpect, const uint8_t *buf, size_t len,
+                           float *params, int64_t *version, char *err, size_t errlen) {
     ps_wire_msg m;
     if (ps_wire_decode(&psrpc__pull_reply__descriptor, 2, buf, len, &m, err, errlen))
         return CM_EINVAL;
     int rc = CM_OK;
-    if (m.ntensors != c->nparts[sh]) {
+    if (m.ntensors != nexpect) {
         cm_seterr(err, errlen, "pull reply has %d partitions, expected %d", m.ntensors,
-                  c->nparts[sh]);
+                  nexpect);
         rc = CM_EINVAL;
     }
     for (int i = 0; i < m.ntensors && rc == CM_OK; i++) {
@@ -111,8 +116,9 @@ static void on_done(void *ud, int code, const char *message, const uint8_t *repl
     if (code != RPC_OK) {
         snprintf(s->msg, sizeof s->msg, "%s: %s", rpc_status_name(code), message);
     } else if (t->op == OP_PULL || t->op == OP_PUSH_PULL) {
-        s->cm = take_pull_reply(t->c, s->shard, reply, len, t->params, &s->version, s->msg,
-                                sizeof s->msg);
+        int nexpect = t->op == OP_PULL ? t->c->nparts[s->shard] : s->nparts;
+        s->cm = take_pull_reply(t->c, s->shard, nexpect, reply, len, t->params, &s->version,
+                                s->msg, sizeof s->msg);
     } else {
         Psrpc__PushReply *r = psrpc__push_reply__unpack(NULL, len, reply);
         if (r) {
@@ -145,16 +151,16 @@ static void issue(ps_ticket *t, sub *s) {
         req.step = t->step;
         ps_wire_put_message(&w, &req.base);
         pthread_mutex_lock(&t->mu);
-        t->pending += 1 + c->nparts[sh];
+        t->pending += 1 + s->nparts;
         pthread_mutex_unlock(&t->mu);
-        for (int i = 0; i < c->nparts[sh]; i++) {
-            const cm_partition *p = &c->cfg.placement->parts[c->parts[sh][i]];
+        for (int i = 0; i < s->nparts; i++) {
+            const cm_partition *p = &c->cfg.placement->parts[s->parts[i]];
             const cm_var *v = &c->cfg.model->vars[p->var];
             uint64_t shape[CM_VAR_MAX_DIMS];
             shape[0] = p->row_end - p->row_begin;
             for (int d = 1; d < v->ndims; d++) shape[d] = (uint64_t)v->dims[d];
             Psrpc__Tensor tm = PSRPC__TENSOR__INIT;
-            tm.part = c->parts[sh][i];
+            tm.part = s->parts[i];
             tm.dtype = PSRPC__DTYPE__DTYPE_FLOAT32;
             tm.n_shape = (size_t)v->ndims;
             tm.shape = shape;
@@ -185,10 +191,13 @@ static ps_ticket *ticket_new(ps_client *c, int op, int64_t step) {
     t->start = cm_now();
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->cv, NULL);
+    t->nsubs = c->nshards;
     t->subs = cm_calloc((size_t)c->nshards, sizeof *t->subs);
     for (int i = 0; i < c->nshards; i++) {
         t->subs[i].t = t;
         t->subs[i].shard = i;
+        t->subs[i].nparts = c->nparts[i];
+        t->subs[i].parts = c->parts[i];
     }
     return t;
 }
@@ -211,6 +220,47 @@ int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *pa
     return CM_OK;
 }
 
+int ps_client_push_pull_parts(ps_client *c, int64_t step, const float *grad, float *params,
+                              const uint32_t *parts, int nparts, ps_ticket **out) {
+    *out = NULL;
+    const cm_placement *pl = c->cfg.placement;
+    if (nparts < 1 || nparts > pl->nparts) return CM_EINVAL;
+    /* Group the partitions by shard, in each shard's (ascending) order;
+     * the same id twice is refused. */
+    uint8_t *seen = cm_calloc((size_t)pl->nparts, 1);
+    for (int i = 0; i < nparts; i++) {
+        if (parts[i] >= (uint32_t)pl->nparts || seen[parts[i]]) {
+            free(seen);
+            return CM_EINVAL;
+        }
+        seen[parts[i]] = 1;
+    }
+    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step);
+    t->grad = grad;
+    t->params = params;
+    t->own = cm_malloc((size_t)nparts * sizeof *t->own);
+    int k = 0, at = 0;
+    for (int sh = 0; sh < c->nshards; sh++) {
+        sub *s = NULL;
+        for (int i = 0; i < c->nparts[sh]; i++) {
+            if (!seen[c->parts[sh][i]]) continue;
+            if (!s) {
+                s = &t->subs[k++];
+                s->shard = sh;
+                s->nparts = 0;
+                s->parts = t->own + at;
+            }
+            t->own[at++] = c->parts[sh][i];
+            s->nparts++;
+        }
+    }
+    t->nsubs = k;
+    free(seen);
+    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
+    *out = t;
+    return CM_OK;
+}
+
 int ps_client_pull(ps_client *c, int64_t min_version, float *params, ps_ticket **out) {
     ps_ticket *t = ticket_new(c, OP_PULL, min_version);
     t->params = params;
@@ -223,6 +273,7 @@ static void ticket_free(ps_ticket *t) {
     pthread_cond_destroy(&t->cv);
     pthread_mutex_destroy(&t->mu);
     free(t->subs);
+    free(t->own);
     free(t);
 }
 
@@ -234,7 +285,7 @@ int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen) {
         while (t->pending > 0) pthread_cond_wait(&t->cv, &t->mu);
         pthread_mutex_unlock(&t->mu);
         int retry = 0, attempts = 0;
-        for (int i = 0; i < c->nshards; i++)
+        for (int i = 0; i < t->nsubs; i++)
             if (t->subs[i].code == RPC_UNAVAILABLE) {
                 retry = 1;
                 if (t->subs[i].attempts > attempts) attempts = t->subs[i].attempts;
@@ -243,17 +294,17 @@ int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen) {
         if (!retry || elapsed_ms >= (double)c->cfg.connect_timeout_ms) break;
         int backoff = 50 << (attempts < 5 ? attempts : 5); /* 100 ms .. 1.6 s */
         usleep((useconds_t)backoff * 1000);
-        for (int i = 0; i < c->nshards; i++)
+        for (int i = 0; i < t->nsubs; i++)
             if (t->subs[i].code == RPC_UNAVAILABLE) issue(t, &t->subs[i]);
     }
     int64_t vmin = INT64_MAX;
-    for (int i = 0; i < c->nshards; i++) {
+    for (int i = 0; i < t->nsubs; i++) {
         sub *s = &t->subs[i];
         if (s->cm != CM_OK && rc == CM_OK) {
             rc = s->cm;
             cm_seterr(err, errlen, "%s to PS %d (%s) failed after %d attempt%s: %s",
-                      t->op == OP_PUSH ? "push" : t->op == OP_PULL ? "pull" : "push-pull", i,
-                      c->addrs[i], s->attempts,
+                      t->op == OP_PUSH ? "push" : t->op == OP_PULL ? "pull" : "push-pull",
+                      s->shard, c->addrs[s->shard], s->attempts,
                       s->attempts == 1 ? "" : "s", s->msg);
         }
         if (s->version < vmin) vmin = s->version;

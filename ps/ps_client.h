@@ -69,6 +69,18 @@ int ps_client_pull(ps_client *c, int64_t min_version, float *params, ps_ticket *
 int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *params,
                         ps_ticket **t);
 
+/* Push-pull of some partitions only: push parts[0..nparts) (placement ids,
+ * each once, any order) of 'grad' for 'step', and write those partitions'
+ * resulting values into params (the same places; nothing else of params is
+ * written). Only the shards that own some of them are called, each with its
+ * subset; in sync mode a shard answers as soon as those partitions have
+ * every worker's contribution, so a worker can send the parts of its
+ * gradient that are final while it computes the rest, and wait for all its
+ * tickets at the end of the step. Returns CM_EINVAL (no ticket) for an
+ * unknown or repeated id or nparts < 1. */
+int ps_client_push_pull_parts(ps_client *c, int64_t step, const float *grad, float *params,
+                              const uint32_t *parts, int nparts, ps_ticket **t);
+
 /* Wait for a ticket and free it. *version (may be NULL) gets the smallest
  * shard version seen. Returns CM_OK or the first error, with a message. */
 int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen);

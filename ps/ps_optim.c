@@ -72,14 +72,21 @@ static void adam(const ps_optim_cfg *c, int64_t t, const float *wi, float *wo,
     }
 }
 
-void ps_optim_apply_to(const ps_optim_cfg *cfg, int64_t t, const float *w_in, float *w_out,
-                       const float *g, float *slots, size_t n) {
+void ps_optim_apply_strided(const ps_optim_cfg *cfg, int64_t t, const float *w_in, float *w_out,
+                            const float *g, float *slots, size_t slot_stride, size_t n) {
     switch (cfg->kind) {
     case PS_OPTIM_SGD: sgd(cfg->lr, w_in, w_out, g, n); break;
     case PS_OPTIM_MOMENTUM: momentum(cfg->lr, cfg->momentum, w_in, w_out, g, slots, n); break;
-    case PS_OPTIM_ADAM: adam(cfg, t < 1 ? 1 : t, w_in, w_out, g, slots, slots + n, n); break;
+    case PS_OPTIM_ADAM:
+        adam(cfg, t < 1 ? 1 : t, w_in, w_out, g, slots, slots + slot_stride, n);
+        break;
     case PS_OPTIM_ADD: add(w_in, w_out, g, n); break;
     }
+}
+
+void ps_optim_apply_to(const ps_optim_cfg *cfg, int64_t t, const float *w_in, float *w_out,
+                       const float *g, float *slots, size_t n) {
+    ps_optim_apply_strided(cfg, t, w_in, w_out, g, slots, n, n);
 }
 
 void ps_optim_apply(const ps_optim_cfg *cfg, int64_t t, float *w, const float *g, float *slots,

@@ -58,4 +58,11 @@ void ps_optim_apply(const ps_optim_cfg *cfg, int64_t t, float *w, const float *g
 void ps_optim_apply_to(const ps_optim_cfg *cfg, int64_t t, const float *w_in, float *w_out,
                        const float *g, float *slots, size_t n);
 
+/* ps_optim_apply_to over a sub-range whose slots are strided: slot k of
+ * element i is slots[k * slot_stride + i]. Lets a PS update one partition of
+ * its flat arrays (slots laid out as nslots arrays of the shard's size) while
+ * the others wait; bit-for-bit the same as the whole-array update there. */
+void ps_optim_apply_strided(const ps_optim_cfg *cfg, int64_t t, const float *w_in, float *w_out,
+                            const float *g, float *slots, size_t slot_stride, size_t n);
+
 #endif /* PS_OPTIM_H */

@@ -4,7 +4,8 @@
  * Handlers run on the rpc layer's threads. Push is answered before the
  * handler returns; Pull registers with the shard and is answered from
  * whichever thread publishes the version it waits for, so no thread blocks
- * while a pull waits. Pull replies point into the snapshot (zero-copy); each
+ * while a pull waits. PushPull answers with the pushed partitions only, as
+ * soon as they are final (ps_shard_pull_parts). Pull replies point into the snapshot (zero-copy); each
  * tensor segment holds a snapshot reference that gRPC releases once sent.
  */
 #include "ps/ps_server.h"
@@ -116,7 +117,7 @@ out:
 /* Decode and apply a push. Returns 1 with *step and *version set when it
  * was accepted (or a duplicate); otherwise the call has been failed. */
 static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len, int64_t *step,
-                   int64_t *version, int *duplicate) {
+                   int64_t *version, int *duplicate, uint32_t **parts, int *nparts) {
     ps_wire_msg m;
     char err[512];
     if (ps_wire_decode(&psrpc__push_request__descriptor, 3, req, len, &m, err, sizeof err)) {
@@ -139,6 +140,11 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
                          .len = t->len};
     }
     *step = r->step;
+    if (parts) {
+        *nparts = m.ntensors;
+        *parts = cm_malloc(((size_t)m.ntensors + 1) * sizeof **parts);
+        for (int i = 0; i < m.ntensors; i++) (*parts)[i] = g[i].part;
+    }
     int rc = ps_shard_push(s->shard, (int)r->cluster->rank, r->step, g, m.ntensors, version, err,
                            sizeof err);
     if (g != small) free(g);
@@ -148,6 +154,10 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
     } else {
         rpc_fail(call, rc == PS_PUSH_INVALID ? RPC_INVALID_ARGUMENT : RPC_FAILED_PRECONDITION,
                  "%s", err);
+        if (parts) {
+            free(*parts);
+            *parts = NULL;
+        }
     }
 out:
     ps_wire_msg_free(&m);
@@ -158,7 +168,7 @@ static void on_push(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     int64_t step = 0, version = 0;
     int duplicate = 0;
-    if (!do_push(s, call, req, len, &step, &version, &duplicate)) return;
+    if (!do_push(s, call, req, len, &step, &version, &duplicate, NULL, NULL)) return;
     Psrpc__PushReply rep = PSRPC__PUSH_REPLY__INIT;
     rep.version = version;
     rep.duplicate = duplicate;
@@ -172,19 +182,23 @@ static void release_snapshot(void *ud) { ps_snapshot_unref(ud); }
 typedef struct pull_ctx {
     ps_server *s;
     rpc_call *call;
+    int nparts;      /* 0: every partition of the shard. */
+    uint32_t *parts; /* Placement ids to answer with (PushPull), owned. */
 } pull_ctx;
 
 static void answer_pull(void *ud, ps_snapshot *snap) {
     pull_ctx *pc = ud;
     ps_server *s = pc->s;
     rpc_call *call = pc->call;
-    free(pc);
     if (!snap) {
+        free(pc->parts);
+        free(pc);
         rpc_fail(call, RPC_UNAVAILABLE, "PS shard %d is shutting down", s->cfg.shard);
         return;
     }
-    int nparts;
-    const uint32_t *parts = ps_shard_parts(s->shard, &nparts);
+    int nparts = pc->nparts;
+    const uint32_t *parts = pc->parts;
+    if (!nparts) parts = ps_shard_parts(s->shard, &nparts);
     ps_wire_writer w;
     ps_wire_writer_init(&w);
     Psrpc__PullReply rep = PSRPC__PULL_REPLY__INIT;
@@ -202,14 +216,17 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
         t.n_shape = (size_t)v->ndims;
         t.shape = shape;
         ps_snapshot_ref(snap);
-        ps_wire_put_tensor(&w, 2, &t, ps_snapshot_part(snap, i), p->count * sizeof(float),
-                           release_snapshot, snap);
+        ps_wire_put_tensor(&w, 2, &t,
+                           ps_snapshot_part(snap, ps_shard_local_index(s->shard, parts[i])),
+                           p->count * sizeof(float), release_snapshot, snap);
     }
     int nsegs;
     const rpc_seg *segs = ps_wire_segs(&w, &nsegs);
     rpc_reply(call, segs, nsegs);
     ps_wire_writer_free(&w, 0);
     ps_snapshot_unref(snap);
+    free(pc->parts);
+    free(pc);
 }
 
 static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
@@ -221,7 +238,7 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         return;
     }
     if (check_cluster(s, call, r->cluster)) {
-        pull_ctx *pc = cm_malloc(sizeof *pc);
+        pull_ctx *pc = cm_calloc(1, sizeof *pc);
         pc->s = s;
         pc->call = call;
         ps_shard_pull(s->shard, r->min_version, answer_pull, pc);
@@ -232,12 +249,23 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
 static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     int64_t step = 0, version = 0;
-    int duplicate = 0;
-    if (!do_push(s, call, req, len, &step, &version, &duplicate)) return;
-    pull_ctx *pc = cm_malloc(sizeof *pc);
+    int duplicate = 0, nparts = 0;
+    uint32_t *parts = NULL;
+    if (!do_push(s, call, req, len, &step, &version, &duplicate, &parts, &nparts)) return;
+    /* The reply carries the pushed partitions: in sync mode as soon as they
+     * are final for step + 1 (maybe before the rest of the shard), in async
+     * mode at once, from the newest version. */
+    pull_ctx *pc = cm_calloc(1, sizeof *pc);
     pc->s = s;
     pc->call = call;
-    ps_shard_pull(s->shard, ps_shard_is_async(s->shard) ? 0 : step + 1, answer_pull, pc);
+    pc->nparts = nparts;
+    pc->parts = parts;
+    if (ps_shard_is_async(s->shard))
+        ps_shard_pull(s->shard, 0, answer_pull, pc);
+    else if (nparts == 0) /* A shard that owns nothing. */
+        ps_shard_pull(s->shard, step + 1, answer_pull, pc);
+    else if (ps_shard_pull_parts(s->shard, step, parts, nparts, answer_pull, pc) != CM_OK)
+        answer_pull(pc, NULL); /* Cannot happen: the push validated them. */
 }
 
 /* ------------------------------------------------------------ Stats, Shutdown */

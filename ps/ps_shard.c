@@ -2,15 +2,23 @@
  * SPDX-License-Identifier: MIT
  *
  * States: UNINITIALISED --ps_shard_init--> SERVING (version 0)
- *         SERVING --ps_shard_push (last contribution / async)--> SERVING (v+1)
+ *         SERVING --ps_shard_push (a partition's last contribution)-->
+ *             that partition applied into 'pending' (version + 1)
+ *         ... --(the last partition)--> SERVING (v+1): pending published
+ *         SERVING --ps_shard_push (async)--> SERVING (v+1)
  * Invariants, under mu:
  *  - 'current' is the snapshot of the parameters at 'version' (never NULL
- *    once initialised) and the only copy of them: apply() writes the next
- *    version out of place into a new buffer and publishes it before mu is
- *    released, so no snapshot is ever written after it was published.
- *  - ncontrib == number of set entries in contributed[]; acc holds their sum
- *    (the first contribution is copied, later ones added).
- *  - Every waiter has min_version > version.
+ *    once initialised). The optimizer writes the next version out of place,
+ *    partition by partition, into 'pending' (sync) or a new buffer (async);
+ *    a partition of pending is written once, when its W-th contribution
+ *    arrives, and never again, so replies may reference finished partitions
+ *    of pending before it is published.
+ *  - pcount[i] == number of workers w with contrib[w * nparts + i] set;
+ *    acc's partition i holds their sum (the first is copied, later added).
+ *  - pdone[i] iff partition i is final in pending; ndone counts them;
+ *    pending is NULL iff ndone == 0.
+ *  - Every whole-shard waiter has min_version > version; every partition
+ *    waiter has min_version == version + 1 and some partition not done.
  * Snapshot buffers come from a pool that outlives the shard if replies
  * still reference snapshots when the shard is destroyed.
  */
@@ -91,6 +99,9 @@ typedef struct waiter {
     int64_t min_version;
     ps_pull_cb cb;
     void *ud;
+    int nparts;    /* 0: the whole shard; else wait for these partitions. */
+    int *parts;    /* Local indices, owned. */
+    ps_snapshot *snap; /* Set when taken as ready: the reply's reference. */
 } waiter;
 
 struct ps_shard {
@@ -110,10 +121,13 @@ struct ps_shard {
     ps_shard_config cfg;
     float *acc, *slots;
     int64_t version;
-    int ncontrib;
-    uint8_t *contributed;
+    uint8_t *contrib; /* [worker * nparts + i]: contributed to this step. */
+    int *pcount;      /* Per partition: contributions this step. */
+    uint8_t *pdone;   /* Per partition: applied into pending. */
+    int ndone;
     int64_t *last_step;
     ps_snapshot *current;
+    ps_snapshot *pending; /* Version + 1 being built (sync), or NULL. */
     waiter *waiters;
     int nwaiters, capwaiters;
     int closed; /* Set by ps_shard_abort_waiters: pulls fail at once. */
@@ -157,9 +171,12 @@ void ps_shard_destroy(ps_shard *s) {
     if (!s) return;
     ps_shard_abort_waiters(s);
     ps_snapshot_unref(s->current);
+    ps_snapshot_unref(s->pending);
     free(s->acc);
     free(s->slots);
-    free(s->contributed);
+    free(s->contrib);
+    free(s->pcount);
+    free(s->pdone);
     free(s->last_step);
     free(s->waiters);
     pthread_mutex_destroy(&s->mu);
@@ -175,17 +192,21 @@ const uint32_t *ps_shard_parts(const ps_shard *s, int *nparts) {
     return s->parts;
 }
 
-/* Publish 'data' (a pool buffer holding the parameters at s->version) as
- * the current snapshot; mu held. Returns the old one for the caller to
- * unref after unlocking. */
-static ps_snapshot *publish(ps_shard *s, float *data) {
+/* A snapshot of 'version' around 'data' (a pool buffer), one reference. */
+static ps_snapshot *snap_new(ps_shard *s, float *data, int64_t version) {
     ps_snapshot *snap = cm_calloc(1, sizeof *snap);
     snap->data = data;
-    snap->version = s->version;
+    snap->version = version;
     snap->part_off = s->pool->part_off;
     snap->pool = s->pool;
     atomic_fetch_add(&s->pool->refs, 1);
     atomic_init(&snap->refs, 1);
+    return snap;
+}
+
+/* Make 'snap' (its reference moves to the shard) the current snapshot;
+ * mu held. Returns the old one for the caller to unref after unlocking. */
+static ps_snapshot *publish(ps_shard *s, ps_snapshot *snap) {
     ps_snapshot *old = s->current;
     s->current = snap;
     return old;
@@ -199,30 +220,48 @@ static float *new_buffer(ps_shard *s) {
     return b;
 }
 
-/* Move the waiters that 'version' satisfies into *ready (mu held). */
+/* Whether waiter w can be answered now, and with which snapshot (mu
+ * held): the current one once version >= min_version, or pending when all
+ * the partitions a partition waiter wants are final there. */
+static ps_snapshot *satisfies(const ps_shard *s, const waiter *w) {
+    if (!s->inited) return NULL;
+    if (s->version >= w->min_version) return s->current;
+    if (w->nparts == 0 || !s->pending || w->min_version != s->version + 1) return NULL;
+    for (int i = 0; i < w->nparts; i++)
+        if (!s->pdone[w->parts[i]]) return NULL;
+    return s->pending;
+}
+
+/* Move the waiters that can be answered into *ready, each holding a
+ * reference to its snapshot (mu held). */
 static int take_ready(ps_shard *s, waiter **ready) {
     int n = 0;
     *ready = NULL;
     for (int i = 0; i < s->nwaiters; i++)
-        if (s->waiters[i].min_version <= s->version) n++;
+        if (satisfies(s, &s->waiters[i])) n++;
     if (n == 0) return 0;
     *ready = cm_malloc((size_t)n * sizeof **ready);
     int k = 0, keep = 0;
     for (int i = 0; i < s->nwaiters; i++) {
-        if (s->waiters[i].min_version <= s->version)
-            (*ready)[k++] = s->waiters[i];
-        else
+        ps_snapshot *snap = satisfies(s, &s->waiters[i]);
+        if (snap) {
+            ps_snapshot_ref(snap);
+            (*ready)[k] = s->waiters[i];
+            (*ready)[k++].snap = snap;
+        } else {
             s->waiters[keep++] = s->waiters[i];
+        }
     }
     s->nwaiters = keep;
     return n;
 }
 
-/* Answer ready waiters with 'snap' (one ref each), outside mu. */
-static void answer(waiter *ready, int n, ps_snapshot *snap) {
+/* Answer ready waiters, outside mu: each callback gets the waiter's
+ * reference (NULL on shutdown). */
+static void answer(waiter *ready, int n) {
     for (int i = 0; i < n; i++) {
-        if (snap) ps_snapshot_ref(snap);
-        ready[i].cb(ready[i].ud, snap);
+        free(ready[i].parts);
+        ready[i].cb(ready[i].ud, ready[i].snap);
     }
     free(ready);
 }
@@ -280,22 +319,21 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
         else
             cm_var_init(&s->model->vars[p->var], cfg->seed, p->begin, p->count, dst);
     }
-    s->contributed = cm_calloc((size_t)cfg->num_workers, 1);
+    s->contrib = cm_calloc((size_t)cfg->num_workers * (size_t)(s->nparts ? s->nparts : 1), 1);
+    s->pcount = cm_calloc((size_t)s->nparts + 1, sizeof *s->pcount);
+    s->pdone = cm_calloc((size_t)s->nparts + 1, 1);
+    s->ndone = 0;
     s->last_step = cm_malloc((size_t)cfg->num_workers * sizeof *s->last_step);
     for (int w = 0; w < cfg->num_workers; w++) s->last_step[w] = -1;
     s->cfg = *cfg;
     s->version = 0;
-    s->ncontrib = 0;
-    ps_snapshot *old = publish(s, params);
+    ps_snapshot *old = publish(s, snap_new(s, params, 0));
     s->inited = 1;
     *version = 0;
     waiter *ready;
     int nready = take_ready(s, &ready);
-    ps_snapshot *snap = s->current;
-    ps_snapshot_ref(snap);
     pthread_mutex_unlock(&s->mu);
-    answer(ready, nready, snap);
-    ps_snapshot_unref(snap);
+    answer(ready, nready);
     ps_snapshot_unref(old);
     return CM_OK;
 }
@@ -303,8 +341,8 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
 /* Check a push's tensors against the placement (no lock needed: the layout
  * is immutable). */
 static int validate(const ps_shard *s, const ps_grad *g, int ng, char *err, size_t errlen) {
-    if (ng != s->nparts) {
-        cm_seterr(err, errlen, "a push to shard %d must carry its %d partitions, got %d",
+    if ((ng < 1 && s->nparts > 0) || ng > s->nparts) {
+        cm_seterr(err, errlen, "a push to shard %d must carry 1 to %d of its partitions, got %d",
                   s->index, s->nparts, ng);
         return PS_PUSH_INVALID;
     }
@@ -361,24 +399,64 @@ static int validate(const ps_shard *s, const ps_grad *g, int ng, char *err, size
     return rc;
 }
 
-/* Apply the accumulated gradient and publish version + 1 (mu held). */
-static ps_snapshot *apply(ps_shard *s, int contributions) {
+/* Average partition li's accumulated gradient over 'contributions' (mean
+ * mode) and write its version + 1 values into 'next' (mu held). */
+static void apply_part(ps_shard *s, int li, int contributions, float *next) {
+    size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
+    float *restrict a = s->acc + off;
     if (s->cfg.aggregate == PS_AGG_MEAN && contributions > 1) {
         float scale = 1.0f / (float)contributions;
-        float *restrict a = s->acc;
-        for (size_t i = 0; i < s->numel; i++) a[i] *= scale;
+        for (size_t i = 0; i < n; i++) a[i] *= scale;
     }
-    float *next = new_buffer(s);
-    ps_optim_apply_to(&s->cfg.optim, s->version + 1, s->current->data, next, s->acc, s->slots,
-                      s->numel);
+    ps_optim_apply_strided(&s->cfg.optim, s->version + 1, s->current->data + off, next + off, a,
+                           s->slots ? s->slots + off : NULL, s->numel, n);
+}
+
+/* Sync: partition li has all W contributions. Apply it into pending and,
+ * when it was the last, publish version + 1 (mu held). Returns the old
+ * snapshot to unref after unlocking, or NULL. */
+static ps_snapshot *finish_part(ps_shard *s, int li) {
+    if (!s->pending) s->pending = snap_new(s, new_buffer(s), s->version + 1);
+    apply_part(s, li, s->cfg.num_workers, s->pending->data);
+    s->pdone[li] = 1;
+    if (++s->ndone < s->nparts) return NULL;
     s->version++;
-    return publish(s, next);
+    ps_snapshot *old = publish(s, s->pending);
+    s->pending = NULL;
+    s->ndone = 0;
+    memset(s->pdone, 0, (size_t)s->nparts);
+    memset(s->pcount, 0, (size_t)s->nparts * sizeof *s->pcount);
+    memset(s->contrib, 0, (size_t)s->cfg.num_workers * (size_t)s->nparts);
+    return old;
+}
+
+/* Async: apply the pushed partitions at once and publish version + 1; the
+ * others carry over unchanged (mu held). Returns the old snapshot. */
+static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
+    float *next = new_buffer(s);
+    uint8_t small[256];
+    uint8_t *pushed = s->nparts <= 256 ? small : cm_malloc((size_t)s->nparts);
+    memset(pushed, 0, (size_t)s->nparts);
+    for (int i = 0; i < ngrads; i++) {
+        int li = s->local_of[grads[i].part];
+        size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
+        memcpy(s->acc + off, grads[i].data, n * sizeof(float));
+        apply_part(s, li, 1, next);
+        pushed[li] = 1;
+    }
+    for (int li = 0; li < s->nparts; li++)
+        if (!pushed[li])
+            memcpy(next + s->part_off[li], s->current->data + s->part_off[li],
+                   (s->part_off[li + 1] - s->part_off[li]) * sizeof(float));
+    if (pushed != small) free(pushed);
+    s->version++;
+    return publish(s, snap_new(s, next, s->version));
 }
 
 int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
                   int64_t *version, char *err, size_t errlen) {
     int rc = validate(s, grads, ngrads, err, errlen);
-    ps_snapshot *old = NULL, *snap = NULL;
+    ps_snapshot *old = NULL;
     waiter *ready = NULL;
     int nready = 0;
     pthread_mutex_lock(&s->mu);
@@ -400,88 +478,89 @@ int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, i
         rc = PS_PUSH_INVALID;
         goto done;
     }
-    int is_sync = s->cfg.sync == PS_SYNC;
-    if (!is_sync && step <= s->last_step[worker]) {
-        /* A worker's steps only grow: this is a retry of a push applied. */
-        s->st.duplicate_pushes++;
-        rc = PS_PUSH_DUPLICATE;
-        goto done;
-    }
-    if (is_sync) {
-        if (step > s->version) {
-            cm_seterr(err, errlen, "early push: step %lld from worker %d, shard %d is at version "
-                      "%lld", (long long)step, worker, s->index, (long long)s->version);
-            s->st.early_pushes++;
-            rc = PS_PUSH_EARLY;
-            goto done;
-        }
-        if ((step == s->version && s->contributed[worker]) ||
-            (step < s->version && step == s->last_step[worker])) {
+    if (s->cfg.sync != PS_SYNC) {
+        if (step <= s->last_step[worker]) {
+            /* A worker's steps only grow: this is a retry of a push applied. */
             s->st.duplicate_pushes++;
             rc = PS_PUSH_DUPLICATE;
             goto done;
         }
-        if (step < s->version) {
-            cm_seterr(err, errlen, "stale push: step %lld from worker %d, shard %d is at version "
-                      "%lld", (long long)step, worker, s->index, (long long)s->version);
-            s->st.stale_pushes++;
-            rc = PS_PUSH_STALE;
-            goto done;
-        }
+        s->st.pushes++;
+        s->last_step[worker] = step;
+        old = apply_async(s, grads, ngrads);
+        nready = take_ready(s, &ready);
+        goto done;
     }
-    int first = !is_sync || s->ncontrib == 0;
-    for (int i = 0; i < ngrads; i++) {
+    if (step > s->version) {
+        cm_seterr(err, errlen, "early push: step %lld from worker %d, shard %d is at version "
+                  "%lld", (long long)step, worker, s->index, (long long)s->version);
+        s->st.early_pushes++;
+        rc = PS_PUSH_EARLY;
+        goto done;
+    }
+    uint8_t *mine = s->contrib + (size_t)worker * (size_t)(s->nparts ? s->nparts : 1);
+    int fresh = 0;
+    if (step == s->version && s->nparts == 0) fresh = !mine[0];
+    if (step == s->version)
+        for (int i = 0; i < ngrads; i++) fresh += !mine[s->local_of[grads[i].part]];
+    if ((step == s->version && !fresh) || (step < s->version && step == s->last_step[worker])) {
+        s->st.duplicate_pushes++;
+        rc = PS_PUSH_DUPLICATE;
+        goto done;
+    }
+    if (step < s->version) {
+        cm_seterr(err, errlen, "stale push: step %lld from worker %d, shard %d is at version "
+                  "%lld", (long long)step, worker, s->index, (long long)s->version);
+        s->st.stale_pushes++;
+        rc = PS_PUSH_STALE;
+        goto done;
+    }
+    /* Partitions this worker already gave for this step are not counted
+     * again; the others are added, and each that is now complete applied. */
+    s->st.pushes++;
+    s->last_step[worker] = step;
+    for (int i = 0; i < ngrads && !old; i++) {
         int li = s->local_of[grads[i].part];
+        if (mine[li]) continue;
         float *dst = s->acc + s->part_off[li];
         size_t n = s->part_off[li + 1] - s->part_off[li];
-        if (first)
+        if (s->pcount[li] == 0)
             memcpy(dst, grads[i].data, n * sizeof(float));
         else
             ps_wire_load_add(dst, grads[i].data, n);
+        mine[li] = 1;
+        if (++s->pcount[li] == s->cfg.num_workers) old = finish_part(s, li);
     }
-    s->st.pushes++;
-    if (is_sync) {
-        s->contributed[worker] = 1;
-        s->last_step[worker] = step;
-        if (++s->ncontrib == s->cfg.num_workers) {
-            old = apply(s, s->ncontrib);
-            memset(s->contributed, 0, (size_t)s->cfg.num_workers);
-            s->ncontrib = 0;
+    if (s->nparts == 0) {
+        /* A shard that owns nothing still counts its workers' steps. */
+        mine[0] = 1;
+        if (++s->pcount[0] == s->cfg.num_workers) {
+            s->version++;
+            old = publish(s, snap_new(s, new_buffer(s), s->version));
+            s->pcount[0] = 0;
+            memset(s->contrib, 0, (size_t)s->cfg.num_workers);
         }
-    } else {
-        s->last_step[worker] = step;
-        old = apply(s, 1);
     }
-    if (old) {
-        nready = take_ready(s, &ready);
-        snap = s->current;
-        ps_snapshot_ref(snap);
-    }
+    nready = take_ready(s, &ready);
 done:
     if (rc == PS_PUSH_INVALID) s->st.bad_requests++;
     *version = s->version;
     pthread_mutex_unlock(&s->mu);
-    if (snap) {
-        answer(ready, nready, snap);
-        ps_snapshot_unref(snap);
-    }
+    answer(ready, nready);
     ps_snapshot_unref(old);
     return rc;
 }
 
-void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud) {
-    pthread_mutex_lock(&s->mu);
+/* Answer w now if it can be, else queue it (mu held on entry, released
+ * on return). Takes ownership of w->parts. */
+static void wait_or_answer(ps_shard *s, waiter w) {
     s->st.pulls++;
-    if (s->closed) {
+    ps_snapshot *snap = s->closed ? NULL : satisfies(s, &w);
+    if (s->closed || snap) {
+        if (snap) ps_snapshot_ref(snap);
         pthread_mutex_unlock(&s->mu);
-        cb(ud, NULL);
-        return;
-    }
-    if (s->inited && s->version >= min_version) {
-        ps_snapshot *snap = s->current;
-        ps_snapshot_ref(snap);
-        pthread_mutex_unlock(&s->mu);
-        cb(ud, snap);
+        free(w.parts);
+        w.cb(w.ud, snap);
         return;
     }
     if (s->nwaiters == s->capwaiters) {
@@ -489,8 +568,34 @@ void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud) {
         s->waiters = realloc(s->waiters, (size_t)s->capwaiters * sizeof *s->waiters);
         if (!s->waiters) abort();
     }
-    s->waiters[s->nwaiters++] = (waiter){.min_version = min_version, .cb = cb, .ud = ud};
+    s->waiters[s->nwaiters++] = w;
     pthread_mutex_unlock(&s->mu);
+}
+
+void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud) {
+    pthread_mutex_lock(&s->mu);
+    wait_or_answer(s, (waiter){.min_version = min_version, .cb = cb, .ud = ud});
+}
+
+int ps_shard_pull_parts(ps_shard *s, int64_t step, const uint32_t *parts, int nparts,
+                        ps_pull_cb cb, void *ud) {
+    if (step < 0 || nparts < 1 || nparts > s->nparts) return CM_EINVAL;
+    int *local = cm_malloc((size_t)nparts * sizeof *local);
+    for (int i = 0; i < nparts; i++) {
+        if (parts[i] >= (uint32_t)s->pl->nparts || s->local_of[parts[i]] < 0) {
+            free(local);
+            return CM_EINVAL;
+        }
+        local[i] = s->local_of[parts[i]];
+    }
+    pthread_mutex_lock(&s->mu);
+    wait_or_answer(s, (waiter){.min_version = step + 1, .cb = cb, .ud = ud, .nparts = nparts,
+                               .parts = local});
+    return CM_OK;
+}
+
+int ps_shard_local_index(const ps_shard *s, uint32_t part) {
+    return part < (uint32_t)s->pl->nparts ? s->local_of[part] : -1;
 }
 
 void ps_shard_abort_waiters(ps_shard *s) {
@@ -501,7 +606,8 @@ void ps_shard_abort_waiters(ps_shard *s) {
     s->nwaiters = s->capwaiters = 0;
     s->closed = 1;
     pthread_mutex_unlock(&s->mu);
-    answer(w, n, NULL);
+    for (int i = 0; i < n; i++) w[i].snap = NULL;
+    answer(w, n);
 }
 
 int ps_shard_is_async(ps_shard *s) {

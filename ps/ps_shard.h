@@ -6,23 +6,33 @@
  * called from any thread.
  *
  * Versions. After init the shard is at version 0 (the initial values). In
- * sync mode, step t's gradients are expected at version t; once all W
- * workers have pushed step t, their gradients are averaged (or summed),
- * the optimizer runs once, and the version becomes t + 1. In async mode
- * every push is applied at once and bumps the version.
+ * sync mode, step t's gradients are expected at version t. A push carries
+ * any non-empty subset of the shard's partitions; once all W workers have
+ * given partition i for step t, their gradients for it are averaged (or
+ * summed) and the optimizer writes that partition of version t + 1 at once
+ * (a partition reply can be sent then); when every partition is done the
+ * version becomes t + 1. In async mode every push is applied at once (its
+ * partitions; the others are unchanged) and bumps the version.
  *
  * Pushes in sync mode, from worker w for step t at version v:
- *   t == v, w not yet counted     accepted (the apply may happen now)
- *   t == v, w already counted     duplicate: OK, not counted again
+ *   t == v, some partition new    accepted: the new partitions are counted,
+ *                                 ones w already gave for t are not
+ *   t == v, no partition new      duplicate: OK, not counted again
  *   t <  v, t == w's last push    duplicate (a retry after a lost reply): OK
  *   t <  v otherwise              stale: refused, counted
  *   t >  v                        early: refused, counted
  * In async mode a push is applied at once unless its step is not above the
  * worker's last one (a retry: duplicate). Steps below 0 are invalid.
  * Pulls: answered with the newest snapshot once version >= min_version.
- * A snapshot is an immutable copy of all the shard's partitions at one
- * version; replies reference it (zero-copy) and release it when sent, so a
- * reply never reads the array being updated. Snapshot buffers are recycled.
+ * Partition pulls (ps_shard_pull_parts): answered as soon as the given
+ * partitions of version step + 1 are final, possibly before the version is
+ * published (the reply then references the snapshot being built; only the
+ * asked partitions of it may be read).
+ * A snapshot is a copy of all the shard's partitions at one version whose
+ * partitions are each written once (all before it is published, or one by
+ * one while it is pending) and never again; replies reference it
+ * (zero-copy) and release it when sent, so a reply never reads values being
+ * written. Snapshot buffers are recycled.
  */
 #ifndef PS_SHARD_H
 #define PS_SHARD_H
@@ -101,8 +111,8 @@ const uint32_t *ps_shard_parts(const ps_shard *s, int *nparts);
 int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, char *err,
                   size_t errlen);
 
-/* Push worker 'worker's gradients for 'step'. In sync mode the request
- * must carry each of the shard's partitions exactly once. Everything is
+/* Push worker 'worker's gradients for 'step': 1 to nparts of the shard's
+ * partitions, each at most once in a request. Everything is
  * validated before anything changes: on error the shard is unchanged.
  * Returns PS_PUSH_OK or PS_PUSH_DUPLICATE (with *version set), or a
  * negative PS_PUSH_* with a message in err. */
@@ -117,6 +127,18 @@ typedef void (*ps_pull_cb)(void *ud, ps_snapshot *snap);
  * thread, if it exists, else later on the thread whose push creates it
  * (never with the shard's lock held). */
 void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud);
+
+/* Ask for the values of 'parts' (placement ids, owned by this shard) at
+ * version step + 1: cb runs as ps_shard_pull's, as soon as those partitions
+ * are final (in sync mode that may be before version step + 1 is published;
+ * the snapshot passed may then be read at those partitions only). Returns
+ * CM_EINVAL (cb never runs) for a partition this shard does not own. */
+int ps_shard_pull_parts(ps_shard *s, int64_t step, const uint32_t *parts, int nparts,
+                        ps_pull_cb cb, void *ud);
+
+/* The local index (for ps_snapshot_part) of placement partition 'part', or
+ * -1 if this shard does not own it. */
+int ps_shard_local_index(const ps_shard *s, uint32_t part);
 
 /* Answer every waiting pull with NULL, and every later one too (shutdown). */
 void ps_shard_abort_waiters(ps_shard *s);

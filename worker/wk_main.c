@@ -57,6 +57,9 @@ static void usage(FILE *f) {
             "  --connect-timeout-ms N    how long to retry an unreachable PS (default 30000)\n"
             "  --separate-pull           Push, wait, then Pull (two round trips a step)\n"
             "                            instead of one PushPull call per shard\n"
+            "  --no-overlap              sync PS mode: push the whole gradient after the\n"
+            "                            backward pass instead of each partition as soon\n"
+            "                            as it is computed\n"
             "  --fault zero-gradient     test hook: push zeros instead of the gradient\n"
             "  --fault-rank R            ...on rank R only (default: every rank)\n"
             "  -h, --help                this text\n");
@@ -91,7 +94,7 @@ int main(int argc, char **argv) {
         O_MODE = 256, O_EPOCHS, O_BATCH, O_LR, O_OPT, O_SEED, O_THREADS, O_DEVICES, O_LAYERS,
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
-        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_EVAL_EVERY
+        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_EVAL_EVERY
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -125,6 +128,7 @@ int main(int argc, char **argv) {
         {"fault", required_argument, 0, O_FAULT},
         {"fault-rank", required_argument, 0, O_FAULT_RANK},
         {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
+        {"no-overlap", no_argument, 0, O_NO_OVERLAP},
         {"eval-every", required_argument, 0, O_EVAL_EVERY},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
@@ -257,6 +261,7 @@ int main(int argc, char **argv) {
             cfg.fault_zero_gradient = 1;
             break;
         case O_SEPARATE_PULL: cfg.separate_pull = 1; break;
+        case O_NO_OVERLAP: cfg.no_overlap = 1; break;
         case O_EVAL_EVERY:
             if (parse_long("--eval-every", optarg, 1, 1L << 40, &v)) return 2;
             cfg.eval_every = v;

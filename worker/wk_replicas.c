@@ -30,6 +30,7 @@ typedef struct replica {
                           * reduce. */
     float *x_dev;        /* Device input staging (NULL on host-visible). */
     int32_t *y_dev;
+    const wk_grad_hook *hook; /* Of the current job, or NULL. */
     /* Inputs and outputs of the current job. */
     const float *x;
     const int32_t *y;
@@ -45,6 +46,7 @@ struct wk_replicas {
     const cm_model *model;
     int ndevs;
     int max_batch;
+    const wk_grad_hook *hook; /* For replica 0 when it writes directly. */
     replica *reps;
     float *host_scratch; /* Download buffer for non-host-visible devices. */
     pthread_mutex_t mu;
@@ -73,7 +75,7 @@ static void run_slice(replica *r) {
             y = r->y_dev;
         }
         r->status = wk_mlp_gradient(r->net, r->params, x, y, r->n, r->out, &r->loss,
-                                    &r->correct);
+                                    &r->correct, r->hook);
     }
     r->seconds = cm_now() - t0;
 }
@@ -170,6 +172,12 @@ void wk_replicas_destroy(wk_replicas *rs) {
 
 int wk_replicas_count(const wk_replicas *rs) { return rs->ndevs; }
 
+int wk_replicas_can_hook(const wk_replicas *rs) {
+    return rs->ndevs == 1 && rs->reps[0].dev->host_visible;
+}
+
+void wk_replicas_set_hook(wk_replicas *rs, const wk_grad_hook *hook) { rs->hook = hook; }
+
 int wk_replicas_set_params(wk_replicas *rs, const float *params) {
     size_t pbytes = rs->model->numel * sizeof(float);
     for (int d = 0; d < rs->ndevs; d++) {
@@ -227,10 +235,15 @@ int wk_replicas_gradient(wk_replicas *rs, const float *x, const int32_t *y, int 
         r->y = y + lo;
         r->n = (int)(hi - lo);
         r->out = r->grad;
+        r->hook = NULL;
     }
-    /* One host replica: no reduce, the gradient goes straight to the caller. */
-    int direct = rs->ndevs == 1 && rs->reps[0].dev->host_visible;
-    if (direct) rs->reps[0].out = grad;
+    /* One host replica: no reduce, the gradient goes straight to the caller
+     * (and a hook hears of it as it is computed). */
+    int direct = wk_replicas_can_hook(rs);
+    if (direct) {
+        rs->reps[0].out = grad;
+        rs->reps[0].hook = rs->hook;
+    }
     double t0 = cm_now();
     if (rs->ndevs > 1) {
         pthread_mutex_lock(&rs->mu);

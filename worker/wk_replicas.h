@@ -19,6 +19,7 @@
 #include "common/cm_model.h"
 #include "worker/device/wk_device.h"
 #include "worker/input/wk_dataset.h"
+#include "worker/model/wk_mlp.h"
 
 typedef struct wk_replicas wk_replicas;
 
@@ -50,6 +51,16 @@ int wk_replicas_set_params(wk_replicas *rs, const float *params);
  * NULL) and fills *times if not NULL. */
 int wk_replicas_gradient(wk_replicas *rs, const float *x, const int32_t *y, int n, float *grad,
                          double *loss_sum, int64_t *correct, wk_phase_times *times);
+
+/* 1 if a gradient hook can be used: one replica on a host-visible device,
+ * whose gradient goes straight to the caller's buffer. With several
+ * replicas a gradient is final only after the local reduce. */
+int wk_replicas_can_hook(const wk_replicas *rs);
+
+/* Use 'hook' (borrowed, NULL for none) in the following gradient calls,
+ * when wk_replicas_can_hook; ignored otherwise. Its ranges refer to the
+ * caller's grad buffer. */
+void wk_replicas_set_hook(wk_replicas *rs, const wk_grad_hook *hook);
 
 /* Accuracy and mean loss over all of 'data' with the current parameters,
  * using replica 0 in batches of up to max_batch. */

@@ -306,6 +306,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             .deadline_ms = cfg->deadline_ms ? cfg->deadline_ms : 60000,
             .connect_timeout_ms = cfg->connect_timeout_ms ? cfg->connect_timeout_ms : 30000,
             .separate_pull = cfg->separate_pull,
+            .overlap = !cfg->no_overlap && !cfg->async && !cfg->separate_pull,
             .fault_zero_gradient = cfg->fault_zero_gradient &&
                                    (cfg->fault_rank < 0 || cfg->fault_rank == rank)};
         if ((status = wk_sync_ps_create(&pc, &sync, err, sizeof err)) != CM_OK) {
@@ -365,6 +366,12 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         double loss = 0.0;
         int64_t correct = 0;
         wk_phase_times pt = {0};
+        /* Overlap: the mode may send parts of the gradient as the backward
+         * pass finishes them; it then applies grad_scale itself. */
+        const wk_grad_hook *hook = NULL;
+        if (sync->ops->overlap && wk_replicas_can_hook(reps))
+            hook = sync->ops->overlap(sync, step, grad, params, grad_scale);
+        wk_replicas_set_hook(reps, hook);
         status = wk_replicas_gradient(reps, b->x, b->y, (int)b->n, grad, &loss, &correct, &pt);
         int64_t epoch = b->epoch;
         size_t n = b->n;
@@ -374,7 +381,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
                      cm_strerror(status));
             goto out;
         }
-        if (grad_scale != 1.0f)
+        if (!hook && grad_scale != 1.0f)
             for (size_t i = 0; i < numel; i++) grad[i] *= grad_scale;
         wk_sync_times st = {0};
         status = sync->ops->step(sync, step, grad, params, &st);

@@ -44,6 +44,8 @@ typedef struct wk_train_cfg {
     int fault_zero_gradient;   /* Test hook: push zeros (negative controls)... */
     int fault_rank;            /* ...on this rank only (-1 = every rank). */
     int separate_pull;         /* Push then Pull instead of one PushPull. */
+    int no_overlap;            /* Sync PS: push after the backward pass, not
+                                * each partition as soon as it is final. */
     int64_t eval_every;        /* Evaluator task: versions between evaluations
                                 * (0 = 500). */
 } wk_train_cfg;

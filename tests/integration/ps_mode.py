@@ -70,6 +70,15 @@ def equivalence(bin_dir, tmp):
     d = rel_diff(p0, pps, pref)
     check(d <= 1e-4, f"6 sync PS steps (2 PS x 2 workers x 64) change the parameters as 6 "
           f"local steps of 128 do: |d-dref|/|dref| = {d:.2e} <= 1e-4")
+    # Overlap (the default: partitions pushed during the backward pass) and
+    # --no-overlap (one push after it) compute the same steps.
+    flat_out = os.path.join(tmp, "flat.bin")
+    launch(bin_dir, "--ps", "2", "--workers", "2", "--batch-size", "64", *common,
+           "--params-out", flat_out, "--min-partition-bytes", "65536", "--no-overlap")
+    d = rel_diff(p0, params(flat_out), pref)
+    check(d <= 1e-4, f"the same with --no-overlap: {d:.2e} <= 1e-4")
+    d = rel_diff(p0, pps, params(flat_out))
+    check(d <= 1e-5, f"overlap vs --no-overlap: {d:.2e} <= 1e-5")
     # Negative control: worker 1's gradient is left out (it pushes zeros).
     launch(bin_dir, "--ps", "2", "--workers", "2", "--batch-size", "64", *common,
            "--params-out", bad_out, "--fault", "zero-gradient", "--fault-rank", "1")

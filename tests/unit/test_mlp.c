@@ -63,7 +63,7 @@ static void test_gradient_matches_finite_differences(void **state) {
     random_batch(11, n, 9, 4, x, y);
     double loss = 0.0;
     int64_t correct = 0;
-    assert_int_equal(wk_mlp_gradient(net, p, x, y, n, g, &loss, &correct), CM_OK);
+    assert_int_equal(wk_mlp_gradient(net, p, x, y, n, g, &loss, &correct, NULL), CM_OK);
     assert_true(fabs(loss / n - mean_loss(net, p, x, y, n)) < 1e-6);
     assert_true(correct >= 0 && correct <= n);
     const float eps = 1e-2f;
@@ -142,7 +142,7 @@ static void test_three_replicas_equal_one(void **state) {
     int lo[] = {0, 4, 7}, hi[] = {4, 7, 10};
     for (int d = 0; d < 3; d++) {
         assert_int_equal(wk_mlp_gradient(net, p0, x + lo[d] * 20, y + lo[d], hi[d] - lo[d], g,
-                                         NULL, NULL),
+                                         NULL, NULL, NULL),
                          CM_OK);
         for (size_t i = 0; i < m->numel; i++) sum[i] += -0.1f * g[i] / 3.0f;
     }
@@ -169,8 +169,76 @@ static void test_bad_batch_sizes(void **state) {
     assert_int_equal(wk_mlp_create(m, dev, 2, &net), CM_OK);
     float p[4 * 3 + 3 + 3 * 2 + 2] = {0}, g[sizeof p / sizeof p[0]], x[12] = {0};
     int32_t y[3] = {0, 1, 0};
-    assert_int_equal(wk_mlp_gradient(net, p, x, y, 0, g, NULL, NULL), CM_EINVAL);
-    assert_int_equal(wk_mlp_gradient(net, p, x, y, 3, g, NULL, NULL), CM_EINVAL);
+    assert_int_equal(wk_mlp_gradient(net, p, x, y, 0, g, NULL, NULL, NULL), CM_EINVAL);
+    assert_int_equal(wk_mlp_gradient(net, p, x, y, 3, g, NULL, NULL, NULL), CM_EINVAL);
+    wk_mlp_destroy(net);
+    wk_device_destroy(dev);
+    cm_model_destroy(m);
+}
+
+/* Records the hook's announcements: every row once, in an order where no
+ * variable is announced before its gradient is written, and the values at
+ * announcement time are final. */
+typedef struct hook_log {
+    const cm_model *m;
+    const float *grad;
+    float *seen; /* Copy of each range when announced. */
+    int *count;  /* Per element: times announced. */
+    int calls, kernel0_pieces;
+} hook_log;
+
+static void on_ready(void *ud, int var, size_t rb, size_t re) {
+    hook_log *h = ud;
+    const cm_var *v = &h->m->vars[var];
+    size_t rows = v->ndims >= 1 ? (size_t)v->dims[0] : 1, row = v->numel / rows;
+    assert_true(rb < re && re <= rows);
+    size_t a = v->offset + rb * row, b = v->offset + re * row;
+    for (size_t i = a; i < b; i++) {
+        h->count[i]++;
+        h->seen[i] = h->grad[i];
+    }
+    h->calls++;
+    if (var == 0) h->kernel0_pieces++;
+}
+
+/* With a hook that splits the first kernel into 3 row pieces, the gradient
+ * equals the unsplit one (within float rounding of the GEMM blocking), every
+ * element is announced exactly once, and its value never changes after. */
+static void test_gradient_hook_pieces(void **state) {
+    (void)state;
+    int sizes[] = {11, 7, 6, 4};
+    const int n = 5;
+    cm_model *m;
+    assert_int_equal(cm_model_create_mlp(sizes, 4, &m), CM_OK);
+    wk_device *dev = wk_device_cpu_create(0);
+    wk_mlp *net;
+    assert_int_equal(wk_mlp_create(m, dev, n, &net), CM_OK);
+    float *p = malloc(m->numel * sizeof(float)), *g = malloc(m->numel * sizeof(float));
+    float *g2 = malloc(m->numel * sizeof(float)), *seen = malloc(m->numel * sizeof(float));
+    int *count = calloc(m->numel, sizeof(int));
+    cm_model_init(m, 7, p);
+    float x[5 * 11];
+    int32_t y[5];
+    random_batch(13, n, 11, 4, x, y);
+    assert_int_equal(wk_mlp_gradient(net, p, x, y, n, g, NULL, NULL, NULL), CM_OK);
+    size_t sp0[] = {0, 4, 8, 11};
+    const size_t *splits[6] = {sp0};
+    int nsplits[6] = {4};
+    hook_log h = {.m = m, .grad = g2, .seen = seen, .count = count};
+    wk_grad_hook hook = {.ready = on_ready, .ud = &h, .splits = splits, .nsplits = nsplits};
+    assert_int_equal(wk_mlp_gradient(net, p, x, y, n, g2, NULL, NULL, &hook), CM_OK);
+    assert_int_equal(h.kernel0_pieces, 3);
+    assert_int_equal(h.calls, 3 + 5);
+    for (size_t i = 0; i < m->numel; i++) {
+        assert_int_equal(count[i], 1);
+        assert_memory_equal(&seen[i], &g2[i], sizeof(float));
+    }
+    assert_true(norm_rel(g2, g, m->numel) < 1e-6);
+    free(p);
+    free(g);
+    free(g2);
+    free(seen);
+    free(count);
     wk_mlp_destroy(net);
     wk_device_destroy(dev);
     cm_model_destroy(m);
@@ -181,6 +249,7 @@ int main(void) {
         cmocka_unit_test(test_gradient_matches_finite_differences),
         cmocka_unit_test(test_three_replicas_equal_one),
         cmocka_unit_test(test_bad_batch_sizes),
+        cmocka_unit_test(test_gradient_hook_pieces),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -80,8 +80,7 @@ static void check_placement(const cm_model *m, const cm_placement *p) {
         size_t rows = var_rows(var), row_size = var->numel / rows;
         /* The header's formula, computed independently. */
         size_t expect_np = var->numel * sizeof(float) / p->min_part_bytes;
-        size_t cap = rows < (size_t)p->nshards ? rows : (size_t)p->nshards;
-        if (expect_np > cap) expect_np = cap;
+        if (expect_np > rows) expect_np = rows;
         if (expect_np < 1) expect_np = 1;
         size_t row = 0, min_rows = (size_t)-1, max_rows = 0;
         for (size_t i = 0; i < expect_np; i++, k++) {
@@ -146,10 +145,10 @@ static void test_deterministic(void **state) {
     cm_placement_destroy(c);
 
     /* So does a different minimum size, even when the map is the same:
-     * dense0/kernel (784 KiB) splits into min(3, 2) partitions at 256 KiB
-     * and into min(2, 2) at 300 KiB. */
+     * dense0/kernel (784 KiB) splits into 2 partitions at 280 KiB and at
+     * 300 KiB. */
     cm_placement *d, *e;
-    assert_int_equal(cm_placement_create(m, 2, CM_PLACEMENT_MIN_PART_BYTES, &d), CM_OK);
+    assert_int_equal(cm_placement_create(m, 2, 280 << 10, &d), CM_OK);
     assert_int_equal(cm_placement_create(m, 2, 300 << 10, &e), CM_OK);
     assert_int_equal(d->nparts, e->nparts);
     assert_memory_equal(d->parts, e->parts, (size_t)d->nparts * sizeof *d->parts);
@@ -194,9 +193,10 @@ static void test_every_element_owned_once(void **state) {
         }
     }
     /* Spot checks of the split on the hand-built model with 4 shards and a
-     * 1-byte minimum: 10 rows -> 3,3,2,2 rows of 3 elements. */
+     * 30-byte minimum: v0 (120 B, 10 rows) -> 4 partitions of 3,3,2,2 rows
+     * of 3 elements; v1 (28 B) stays whole. */
     cm_placement *p;
-    assert_int_equal(cm_placement_create(hand, 4, 1, &p), CM_OK);
+    assert_int_equal(cm_placement_create(hand, 4, 30, &p), CM_OK);
     assert_int_equal(p->parts[0].row_end - p->parts[0].row_begin, 3);
     assert_int_equal(p->parts[1].row_begin, 3);
     assert_int_equal(p->parts[1].begin, 9);
@@ -205,17 +205,18 @@ static void test_every_element_owned_once(void **state) {
     assert_int_equal(p->parts[3].row_begin, 8);
     assert_int_equal(p->parts[3].begin, 24);
     assert_int_equal(p->parts[3].offset, 24);
-    /* v1 (7 elements, 1-D): 2,2,2,1 elements starting at flat offset 30. */
     assert_int_equal(p->parts[4].var, 1);
     assert_int_equal(p->parts[4].offset, 30);
-    assert_int_equal(p->parts[7].count, 1);
-    assert_int_equal(p->parts[7].offset, 36);
-    /* v2 has one row and v3, v4 are single elements: one partition each. */
-    assert_int_equal(p->parts[8].var, 2);
-    assert_int_equal(p->parts[8].count, 40);
-    assert_int_equal(p->parts[9].var, 3);
-    assert_int_equal(p->parts[10].var, 4);
-    assert_int_equal(p->parts[11].var, 5);
+    assert_int_equal(p->parts[4].count, 7);
+    /* v2 has one row and v3, v4 are single elements: one partition each;
+     * v5 (240 B, 6 rows) is capped by its rows, not by the 4 shards. */
+    assert_int_equal(p->parts[5].var, 2);
+    assert_int_equal(p->parts[5].count, 40);
+    assert_int_equal(p->parts[6].var, 3);
+    assert_int_equal(p->parts[7].var, 4);
+    assert_int_equal(p->parts[8].var, 5);
+    assert_int_equal(p->parts[13].var, 5);
+    assert_int_equal(p->parts[13].count, 10);
     cm_placement_destroy(p);
     cm_model_destroy(hand);
     cm_model_destroy(mlp);
@@ -227,19 +228,22 @@ static void test_balanced_mlp(void **state) {
     cm_placement *p;
     assert_int_equal(cm_placement_create(m, 2, CM_PLACEMENT_MIN_PART_BYTES, &p), CM_OK);
     check_placement(m, p);
-    /* dense0/kernel (802816 bytes) splits in two 392-row halves, one per
-     * shard; dense1/kernel (131072) goes to shard 0 on the tie, and every
-     * smaller variable to the lighter shard 1. */
-    assert_int_equal(p->nparts, 7);
+    /* dense0/kernel (802816 bytes) splits in three (262, 261, 261 rows)
+     * whatever the shard count: part 0 to shard 0, parts 1 and 2 to the
+     * lighter shard 1; dense1/kernel (131072) and every smaller variable
+     * then go to shard 0. */
+    assert_int_equal(p->nparts, 8);
     assert_int_equal(p->parts[0].shard, 0);
     assert_int_equal(p->parts[1].shard, 1);
-    assert_int_equal(p->parts[0].row_end, 392);
-    assert_int_equal(p->parts[3].var, 2);
-    assert_int_equal(p->parts[3].shard, 0);
-    assert_int_equal(p->shard_bytes[0], 532480);
-    assert_int_equal(p->shard_bytes[1], 408104);
-    assert_int_equal(p->shard_nparts[0], 2);
-    assert_int_equal(p->shard_nparts[1], 5);
+    assert_int_equal(p->parts[2].shard, 1);
+    assert_int_equal(p->parts[0].row_end, 262);
+    assert_int_equal(p->parts[2].row_begin, 523);
+    assert_int_equal(p->parts[4].var, 2);
+    assert_int_equal(p->parts[4].shard, 0);
+    assert_int_equal(p->shard_bytes[0], 406056);
+    assert_int_equal(p->shard_bytes[1], 534528);
+    assert_int_equal(p->shard_nparts[0], 6);
+    assert_int_equal(p->shard_nparts[1], 2);
     double ratio = (double)p->shard_bytes[0] / (double)p->shard_bytes[1];
     printf("MLP 784,256,128,10 on 2 shards: %zu / %zu bytes, imbalance %.3f\n",
            p->shard_bytes[0], p->shard_bytes[1], ratio);
@@ -320,24 +324,31 @@ static void test_variables_smaller_than_shards(void **state) {
 static void test_one_shard(void **state) {
     (void)state;
     cm_model *m = make_mlp();
-    size_t mins[] = {1, CM_PLACEMENT_MIN_PART_BYTES};
-    for (size_t k = 0; k < 2; k++) {
-        cm_placement *p;
-        assert_int_equal(cm_placement_create(m, 1, mins[k], &p), CM_OK);
-        check_placement(m, p);
-        assert_int_equal(p->nparts, m->nvars);
-        for (int i = 0; i < p->nparts; i++) {
-            assert_int_equal(p->parts[i].var, i);
-            assert_int_equal(p->parts[i].index, 0);
-            assert_int_equal(p->parts[i].shard, 0);
-            assert_int_equal(p->parts[i].begin, 0);
-            assert_int_equal(p->parts[i].count, m->vars[i].numel);
-            assert_int_equal(p->parts[i].offset, m->vars[i].offset);
-        }
-        assert_int_equal(p->shard_bytes[0], m->numel * sizeof(float));
-        assert_int_equal(p->shard_nparts[0], m->nvars);
-        cm_placement_destroy(p);
+    /* With a minimum above every variable's size, one shard holds each
+     * variable whole. */
+    cm_placement *p;
+    assert_int_equal(cm_placement_create(m, 1, (size_t)1 << 20, &p), CM_OK);
+    check_placement(m, p);
+    assert_int_equal(p->nparts, m->nvars);
+    for (int i = 0; i < p->nparts; i++) {
+        assert_int_equal(p->parts[i].var, i);
+        assert_int_equal(p->parts[i].index, 0);
+        assert_int_equal(p->parts[i].shard, 0);
+        assert_int_equal(p->parts[i].begin, 0);
+        assert_int_equal(p->parts[i].count, m->vars[i].numel);
+        assert_int_equal(p->parts[i].offset, m->vars[i].offset);
     }
+    assert_int_equal(p->shard_bytes[0], m->numel * sizeof(float));
+    assert_int_equal(p->shard_nparts[0], m->nvars);
+    cm_placement_destroy(p);
+    /* The shard count does not cap the split: at the default minimum
+     * dense0/kernel is 3 partitions even on one shard. */
+    assert_int_equal(cm_placement_create(m, 1, CM_PLACEMENT_MIN_PART_BYTES, &p), CM_OK);
+    check_placement(m, p);
+    assert_int_equal(p->nparts, m->nvars + 2);
+    assert_int_equal(p->shard_nparts[0], m->nvars + 2);
+    for (int i = 0; i < 3; i++) assert_int_equal(p->parts[i].var, 0);
+    cm_placement_destroy(p);
     cm_model_destroy(m);
 }
 

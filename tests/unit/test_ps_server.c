@@ -507,6 +507,89 @@ static void test_client_happy_path(void **state) {
     fx_stop();
 }
 
+/* ===== Partial push-pull (overlap) ===== */
+
+/* Worker 0 sends each step in two partial push-pulls (the first partition,
+ * then the rest, spanning both shards), worker 1 one whole push-pull: both
+ * get exactly the parameters of the whole step, and worker 0's first
+ * reply writes only its partition. */
+static void test_client_push_pull_parts(void **state) {
+    (void)state;
+    fx_start(0);
+    size_t n = F.m->numel;
+    float *ref = malloc(n * sizeof *ref), *g0 = malloc(n * sizeof *g0),
+          *g1 = malloc(n * sizeof *g1), *p0 = malloc(n * sizeof *p0),
+          *p1 = malloc(n * sizeof *p1);
+    assert_true(ref && g0 && g1 && p0 && p1);
+    memcpy(ref, F.init, n * sizeof *ref);
+    init_ok();
+    int np = F.pl->nparts;
+    uint32_t *rest = malloc((size_t)np * sizeof *rest);
+    assert_non_null(rest);
+    for (int i = 1; i < np; i++) rest[np - 1 - i] = (uint32_t)i; /* Any order. */
+    uint32_t first = 0;
+    char err[512] = "";
+    for (int64_t step = 0; step < 3; step++) {
+        grad_fill(g0, n, 0, step);
+        grad_fill(g1, n, 1, step);
+        memset(p0, 0xff, n * sizeof *p0);
+        ps_ticket *a = NULL, *b = NULL, *w1 = NULL;
+        assert_int_equal(ps_client_push_pull_parts(F.cli[0], step, g0, p0, &first, 1, &a), CM_OK);
+        assert_int_equal(ps_client_push_pull_parts(F.cli[0], step, g0, p0, rest, np - 1, &b),
+                         CM_OK);
+        assert_int_equal(ps_client_push_pull(F.cli[1], step, g1, p1, &w1), CM_OK);
+        int64_t va = -1, vb = -1, v1 = -1;
+        if (ps_ticket_wait(a, &va, err, sizeof err) != CM_OK) fail_msg("%s", err);
+        if (ps_ticket_wait(b, &vb, err, sizeof err) != CM_OK) fail_msg("%s", err);
+        if (ps_ticket_wait(w1, &v1, err, sizeof err) != CM_OK) fail_msg("%s", err);
+        ref_step(ref, step);
+        assert_int_equal(va, step + 1);
+        assert_int_equal(vb, step + 1);
+        assert_int_equal(v1, step + 1);
+        expect_same(ref, p0, n);
+        expect_same(ref, p1, n);
+        expect_values(step + 1, step + 1, ref);
+    }
+    /* A partial reply writes its partitions and nothing else. */
+    memset(p0, 0xff, n * sizeof *p0);
+    ps_ticket *t = NULL;
+    grad_fill(g0, n, 0, 3);
+    grad_fill(g1, n, 1, 3);
+    assert_int_equal(ps_client_push_pull_parts(F.cli[0], 3, g0, p0, &first, 1, &t), CM_OK);
+    ps_ticket *w1 = NULL;
+    assert_int_equal(ps_client_push_pull(F.cli[1], 3, g1, p1, &w1), CM_OK);
+    if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ref_step(ref, 3);
+    const cm_partition *fp = &F.pl->parts[0];
+    for (size_t i = 0; i < n; i++) {
+        int inside = i >= fp->offset && i < fp->offset + fp->count;
+        uint32_t bits;
+        memcpy(&bits, &p0[i], sizeof bits);
+        if (inside)
+            expect_same(&ref[i], &p0[i], 1);
+        else if (bits != 0xffffffffu)
+            fail_msg("element %zu outside the partition was written", i);
+    }
+    assert_int_equal(ps_client_push_pull_parts(F.cli[0], 3, g0, p0, rest, np - 1, &t), CM_OK);
+    if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    if (ps_ticket_wait(w1, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    expect_same(ref, p0, n);
+    /* Bad lists: no ticket. */
+    uint32_t twice[2] = {0, 0}, unknown = (uint32_t)np;
+    t = (ps_ticket *)1;
+    assert_int_equal(ps_client_push_pull_parts(F.cli[0], 4, g0, p0, twice, 2, &t), CM_EINVAL);
+    assert_null(t);
+    assert_int_equal(ps_client_push_pull_parts(F.cli[0], 4, g0, p0, &unknown, 1, &t), CM_EINVAL);
+    assert_int_equal(ps_client_push_pull_parts(F.cli[0], 4, g0, p0, rest, 0, &t), CM_EINVAL);
+    free(rest);
+    free(ref);
+    free(g0);
+    free(g1);
+    free(p0);
+    free(p1);
+    fx_stop();
+}
+
 /* ===== Bad input over raw gRPC ===== */
 
 static void test_malformed_bytes(void **state) {
@@ -620,11 +703,11 @@ static void test_bad_push_contents(void **state) {
     expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, "0 data bytes", NULL);
     expect_unchanged(0, F.init);
 
-    /* A missing partition, and the same one twice. */
+    /* No partition at all, and the same one twice. */
     raw_push_make(&rp, 1, 0, g);
-    rp.req.n_grads--;
+    rp.req.n_grads = 0;
     code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
-    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "partitions, got", NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "partitions, got 0", NULL);
     raw_push_make(&rp, 1, 0, g);
     rp.tp[1] = rp.tp[0];
     code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
@@ -1017,6 +1100,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_create_and_start_errors),
         cmocka_unit_test(test_client_happy_path),
+        cmocka_unit_test(test_client_push_pull_parts),
         cmocka_unit_test(test_malformed_bytes),
         cmocka_unit_test(test_bad_push_contents),
         cmocka_unit_test(test_wrong_cluster),

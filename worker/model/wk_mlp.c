@@ -4,7 +4,10 @@
  * Layer i (0-based, L layers): z_i = a_i W_i + b_i, a_{i+1} = relu(z_i) for
  * i < L-1; z_{L-1} are the logits. Backward, with dz_{L-1} from the softmax:
  *   dW_i = a_i^T dz_i,  db_i = colsum(dz_i),  dz_{i-1} = relu'(a_i) * (dz_i W_i^T).
- * The first layer's input gradient is never computed.
+ * The first layer's input gradient is never computed. With a hook, layer i's
+ * gradients are announced once dz_{i-1} (which reads W_i) is computed, and
+ * the first layer's kernel, computed last, may be computed in row pieces
+ * dW_0[a:b) = x[:, a:b)^T dz_0, each announced at once.
  */
 #include "worker/model/wk_mlp.h"
 
@@ -80,8 +83,14 @@ static void forward(wk_mlp *net, const float *params, const float *x, int n) {
     }
 }
 
+static void announce(const wk_grad_hook *hook, const cm_model *m, int var) {
+    const cm_var *v = &m->vars[var];
+    size_t rows = v->ndims >= 1 && v->dims[0] >= 1 ? (size_t)v->dims[0] : 1;
+    if (hook) hook->ready(hook->ud, var, 0, rows);
+}
+
 int wk_mlp_gradient(wk_mlp *net, const float *params, const float *x, const int32_t *y, int n,
-                    float *grad, double *loss_sum, int64_t *correct) {
+                    float *grad, double *loss_sum, int64_t *correct, const wk_grad_hook *hook) {
     if (n < 1 || n > net->max_batch) return CM_EINVAL;
     const wk_device_ops *o = net->dev->ops;
     const int *s = net->model->sizes;
@@ -93,17 +102,33 @@ int wk_mlp_gradient(wk_mlp *net, const float *params, const float *x, const int3
         const float *a_in = i == 0 ? x : net->act[i];
         float *dw = grad + net->model->vars[2 * i].offset;
         float *db = grad + net->model->vars[2 * i + 1].offset;
+        o->col_sum(net->dev, n, s[i + 1], dz, db);
+        int np = hook && hook->splits && hook->nsplits ? hook->nsplits[2 * i] : 0;
+        if (i == 0 && np >= 3) {
+            /* In pieces: dW[a:b) = a_in[:, a:b)^T dz, [b-a, n] x [n, s_1]. */
+            announce(hook, net->model, 1);
+            const size_t *sp = hook->splits[0];
+            for (int k = 0; k + 1 < np; k++) {
+                int a = (int)sp[k], b = (int)sp[k + 1];
+                o->gemm(net->dev, 1, 0, b - a, s[1], n, 1.0f, a_in + a, s[0], dz, s[1], 0.0f,
+                        dw + (size_t)a * (size_t)s[1], s[1]);
+                hook->ready(hook->ud, 0, (size_t)a, (size_t)b);
+            }
+            break;
+        }
         /* dW = a_in^T dz: [s_i, n] x [n, s_{i+1}]. */
         o->gemm(net->dev, 1, 0, s[i], s[i + 1], n, 1.0f, a_in, s[i], dz, s[i + 1], 0.0f, dw,
                 s[i + 1]);
-        o->col_sum(net->dev, n, s[i + 1], dz, db);
-        if (i == 0) break;
-        /* da = dz W^T: [n, s_{i+1}] x [s_{i+1}, s_i], then through the ReLU. */
-        float *da = net->delta[(L - i) & 1];
-        o->gemm(net->dev, 0, 1, n, s[i], s[i + 1], 1.0f, dz, s[i + 1],
-                kernel_of(net, params, i), s[i + 1], 0.0f, da, s[i]);
-        o->relu_backward(net->dev, (size_t)n * (size_t)s[i], net->act[i], da, da);
-        dz = da;
+        if (i > 0) {
+            /* da = dz W^T: [n, s_{i+1}] x [s_{i+1}, s_i], then through the ReLU. */
+            float *da = net->delta[(L - i) & 1];
+            o->gemm(net->dev, 0, 1, n, s[i], s[i + 1], 1.0f, dz, s[i + 1],
+                    kernel_of(net, params, i), s[i + 1], 0.0f, da, s[i]);
+            o->relu_backward(net->dev, (size_t)n * (size_t)s[i], net->act[i], da, da);
+            dz = da;
+        }
+        announce(hook, net->model, 2 * i);
+        announce(hook, net->model, 2 * i + 1);
     }
     return wk_device_sync(net->dev);
 }

@@ -16,6 +16,7 @@
 
 #include "common/cm_model.h"
 #include "ps/ps_optim.h"
+#include "worker/model/wk_mlp.h"
 
 typedef struct wk_sync wk_sync;
 
@@ -36,6 +37,18 @@ typedef struct wk_sync_ops {
     /* After evaluation; ok = 0 when the run failed. */
     int (*finish)(wk_sync *s, int ok);
     void (*destroy)(wk_sync *s);
+    /* Optional (NULL where the mode cannot overlap): called before the
+     * gradient of 'step' is computed into grad, with the buffers step()
+     * will get. Returns a hook for the backward pass (wk_grad_hook) that
+     * sends each part of the gradient as it becomes final, or NULL. With a
+     * hook the mode multiplies the gradient by 'scale' itself, part by part
+     * (the caller must not), and step() sends what the hook did not, then
+     * waits for everything. Parts of params are written by replies before
+     * step() returns, so nothing may read params from the first announced
+     * part until step() returns (the backward pass does not: see
+     * wk_grad_hook). */
+    const wk_grad_hook *(*overlap)(wk_sync *s, int64_t step, float *grad, float *params,
+                                   float scale);
 } wk_sync_ops;
 
 struct wk_sync {
@@ -60,6 +73,9 @@ typedef struct wk_sync_ps_cfg {
     int fault_zero_gradient; /* Test hook: push zeros (negative controls). */
     int separate_pull;       /* Push, wait, then Pull (two round trips) instead
                               * of one PushPull call per shard. */
+    int overlap;             /* Sync: push each partition as soon as the
+                              * backward pass has computed it (the overlap
+                              * op), one PushPull per group of partitions. */
 } wk_sync_ps_cfg;
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 
