@@ -418,7 +418,7 @@ static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslo
     s->job.cfg = *cfg;
     ps_snapshot_ref(snap);
     s->job.snap = snap;
-    pthread_cond_signal(&s->ck_cv);
+    pthread_cond_broadcast(&s->ck_cv);
     pthread_mutex_unlock(&s->ck_mu);
 }
 
@@ -472,9 +472,16 @@ static void *writer_main(void *arg) {
         ps_snapshot_unref(j.snap);
         pthread_mutex_lock(&s->ck_mu);
         s->job.snap = NULL;
+        pthread_cond_broadcast(&s->ck_cv); /* ps_server_checkpoint_wait */
     }
     pthread_mutex_unlock(&s->ck_mu);
     return NULL;
+}
+
+void ps_server_checkpoint_wait(ps_server *s) {
+    pthread_mutex_lock(&s->ck_mu);
+    while (s->job.snap) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
+    pthread_mutex_unlock(&s->ck_mu);
 }
 
 /* Gathers a generation's blobs into flat arrays laid out as the shard's. */
@@ -642,7 +649,7 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     if (s->writer_started) {
         pthread_mutex_lock(&s->ck_mu);
         s->ck_stop = 1;
-        pthread_cond_signal(&s->ck_cv);
+        pthread_cond_broadcast(&s->ck_cv);
         pthread_mutex_unlock(&s->ck_mu);
         pthread_join(s->writer, NULL);
     }

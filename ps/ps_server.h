@@ -56,6 +56,10 @@ void ps_server_request_stop(ps_server *s, const char *reason);
 /* Why it stopped ("" if it did not). */
 const char *ps_server_stop_reason(ps_server *s);
 
+/* Wait until no checkpoint is being written (returns at once without
+ * checkpoints). One that comes due meanwhile is waited for too. */
+void ps_server_checkpoint_wait(ps_server *s);
+
 /* Fail waiting pulls, let replies in flight finish (up to grace_ms), finish
  * a checkpoint being written, stop and free. NULL is a no-op. */
 void ps_server_destroy(ps_server *s, int grace_ms);
