@@ -381,8 +381,8 @@ static void cfg_encode(const ps_shard_config *c, uint8_t out[CFG_LEN]) {
 static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
     if (len != CFG_LEN || memcmp(buf, CFG_MAGIC, 8) != 0) return CM_ECORRUPT;
     const uint8_t *p = (const uint8_t *)buf + 8;
-    uint32_t v[13];
-    for (int i = 0; i < 13; i++) p = get32(p, &v[i]);
+    uint32_t v[12];
+    for (int i = 0; i < 12; i++) p = get32(p, &v[i]);
     *c = (ps_shard_config){.optim = {.kind = (int)v[0], .lr = bitsf(v[1]),
                                      .momentum = bitsf(v[2]), .beta1 = bitsf(v[3]),
                                      .beta2 = bitsf(v[4]), .epsilon = bitsf(v[5])},
