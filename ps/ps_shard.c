@@ -2,6 +2,7 @@
  * SPDX-License-Identifier: MIT
  *
  * States: UNINITIALISED --ps_shard_init--> SERVING (version 0)
+ *         UNINITIALISED --ps_shard_restore--> SERVING (the checkpoint's version)
  *         SERVING --ps_shard_push (a partition's last contribution)-->
  *             that partition applied into 'pending' (version + 1)
  *         ... --(the last partition)--> SERVING (v+1): pending published
@@ -19,6 +20,8 @@
  *    pending is NULL iff ndone == 0.
  *  - Every whole-shard waiter has min_version > version; every partition
  *    waiter has min_version == version + 1 and some partition not done.
+ * The publish hook (checkpoints) runs inside publish(), mu held, for the
+ * versions computed here (not for init's or restore's).
  * Snapshot buffers come from a pool that outlives the shard if replies
  * still reference snapshots when the shard is destroyed.
  */
