@@ -29,6 +29,7 @@
 #include "ps/ps_optim.h"
 #include "ps/ps_server.h"
 #include "ps/ps_wire.h"
+#include "storage/st_store.h"
 
 /* ===== Helpers ===== */
 
@@ -1105,17 +1106,18 @@ static void test_destroy_with_waiting_pull(void **state) {
 
 /* ===== Checkpoints ===== */
 
-/* Momentum (one slot) on both shards, checkpointed every 2 versions: after
- * 5 steps the servers are restarted on the same directories and must come
+/* Momentum (one slot) on both shards, checkpointed every version: after
+ * 4 steps the servers are restarted on the same directories and must come
  * back at version 4 with the parameters bit for bit, and with the slots too
- * (step 4 then gives the reference's version 5 bit for bit). A directory of
- * another model or shard is refused. */
+ * (step 4 then gives the reference's version 5 bit for bit). Only the two
+ * newest generations are kept. A directory of another model or shard is
+ * refused. */
 static void test_checkpoint_restore(void **state) {
     (void)state;
     char dir[] = "/tmp/test_ps_server_ckpt.XXXXXX";
     assert_non_null(mkdtemp(dir));
     fx_data_dir = dir;
-    fx_every = 2;
+    fx_every = 1;
     fx_start(0);
     size_t n = F.m->numel;
     ps_init_cfg ic = init_cfg();
@@ -1174,6 +1176,17 @@ static void test_checkpoint_restore(void **state) {
     assert_int_equal(cm_placement_create(m, 2, MIN_PART, &pl), CM_OK);
     sc = (ps_server_cfg){.model = m, .placement = pl, .shard = 1, .data_dir = sdir};
     assert_int_equal(ps_server_create(&sc, &s), CM_EINVAL);
+    /* Versions 1 to 5 were checkpointed; 4 and 5 are kept. */
+    char desc[256];
+    st_identity id = {.fingerprint = ps_wire_identity(m, pl, desc, sizeof desc),
+                      .description = desc, .shard = 0};
+    st_store *st = NULL;
+    if (st_store_open(NULL, sdir, &id, &st, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    int64_t kept[4] = {0};
+    assert_int_equal(st_store_committed(st, kept, 4, err, sizeof err), 2);
+    assert_int_equal(kept[0], 5);
+    assert_int_equal(kept[1], 4);
+    st_store_close(st);
     cm_placement_destroy(pl);
     cm_model_destroy(m);
 
