@@ -7,11 +7,13 @@
  * Exit status: 0 after a shutdown, 1 on errors, 3 if the address could not
  * be bound (so a launcher can pick another port and retry).
  */
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "common/cm_cluster.h"
 #include "common/cm_log.h"
@@ -43,6 +45,9 @@ static void usage(FILE *f) {
             "                             MLP (the push/pull benchmark's model)\n"
             "  --threads N                gRPC threads (default 2)\n"
             "  --max-message-mb N         gRPC message limit (default 64)\n"
+            "  --data-dir DIR             keep this shard's checkpoints in DIR/shard-<i>\n"
+            "                             and restore the newest one on start\n"
+            "  --checkpoint-every K       checkpoint every K versions (default 0: never)\n"
             "  -h, --help                 this text\n");
 }
 
@@ -56,9 +61,12 @@ int main(int argc, char **argv) {
                                          {"vector", required_argument, 0, 'V'},
                                          {"threads", required_argument, 0, 't'},
                                          {"max-message-mb", required_argument, 0, 'M'},
+                                         {"data-dir", required_argument, 0, 'd'},
+                                         {"checkpoint-every", required_argument, 0, 'k'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
-    const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL;
+    const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
+    long long ckpt_every = 0;
     int task_index = -1, threads = 2, max_mb = 64, nsizes = 4;
     int sizes[CM_MLP_MAX_SIZES] = {784, 256, 128, 10};
     long min_part = (long)CM_PLACEMENT_MIN_PART_BYTES, vector = 0;
@@ -79,12 +87,14 @@ int main(int argc, char **argv) {
         case 'V': vector = atol(optarg); break;
         case 't': threads = atoi(optarg); break;
         case 'M': max_mb = atoi(optarg); break;
+        case 'd': data_dir = optarg; break;
+        case 'k': ckpt_every = atoll(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 1;
         }
     }
     if (optind < argc || min_part < 1 || threads < 1 || threads > 64 || max_mb < 1 ||
-        max_mb > 2047) {
+        max_mb > 2047 || ckpt_every < 0 || (ckpt_every > 0 && !data_dir)) {
         fprintf(stderr, "psserver: bad arguments (see --help)\n");
         return 1;
     }
@@ -128,12 +138,19 @@ int main(int argc, char **argv) {
         cm_error("cannot build the model or its placement");
         goto out;
     }
-    ps_server_cfg cfg = {.model = model, .placement = pl, .shard = cl->task_index,
-                         .threads = threads, .max_message = max_mb << 20};
-    if (ps_server_create(&cfg, &srv) != CM_OK) {
-        cm_error("cannot create the server");
-        goto out;
+    char shard_dir[4096];
+    if (data_dir) {
+        snprintf(shard_dir, sizeof shard_dir, "%s/shard-%d", data_dir, cl->task_index);
+        if (mkdir(data_dir, 0777) != 0 && errno != EEXIST) {
+            cm_error("cannot create %s: %s", data_dir, strerror(errno));
+            goto out;
+        }
     }
+    ps_server_cfg cfg = {.model = model, .placement = pl, .shard = cl->task_index,
+                         .threads = threads, .max_message = max_mb << 20,
+                         .data_dir = data_dir ? shard_dir : NULL,
+                         .checkpoint_every = ckpt_every};
+    if (ps_server_create(&cfg, &srv) != CM_OK) goto out; /* Logged there. */
     const char *addr = listen ? listen : cm_cluster_self(cl);
     int port = 0;
     rc = ps_server_start(srv, addr, &port);

@@ -20,9 +20,21 @@
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
+#include "common/cm_time.h"
 #include "proto/rpc.h"
 #include "ps/ps_shard.h"
 #include "ps/ps_wire.h"
+#include "storage/st_store.h"
+
+/* A checkpoint handed to the writer thread: the snapshot of 'version'
+ * (a reference) and a copy of the slots at that version. */
+typedef struct ckpt_job {
+    ps_snapshot *snap; /* NULL: no job. */
+    float *slots;      /* Reused copy buffer (nslots * numel floats). */
+    size_t slots_cap;  /* Floats it holds. */
+    int nslots;
+    ps_shard_config cfg;
+} ckpt_job;
 
 struct ps_server {
     ps_server_cfg cfg;
@@ -35,6 +47,14 @@ struct ps_server {
     /* Protected by mu. */
     int stopping;
     char reason[256];
+    /* Checkpoints. */
+    st_store *store;
+    pthread_t writer;
+    int writer_started;
+    pthread_mutex_t ck_mu; /* Taken inside the shard's lock (the hook). */
+    pthread_cond_t ck_cv;
+    ckpt_job job;          /* Protected by ck_mu; busy while job.snap. */
+    int ck_stop;           /* Protected by ck_mu. */
 };
 
 static int check_cluster(ps_server *s, rpc_call *call, const Psrpc__Cluster *c) {
@@ -315,6 +335,235 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
     psrpc__shutdown_request__free_unpacked(r, NULL);
 }
 
+/* ------------------------------------------------------------ checkpoints */
+
+/* The extra record: the shard's config, little-endian. */
+#define CFG_MAGIC "pscfg1\0\0"
+#define CFG_LEN (8 + 4 + 5 * 4 + 8 + 4 * 4)
+
+static uint8_t *put32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) *p++ = (uint8_t)(v >> (8 * i));
+    return p;
+}
+static const uint8_t *get32(const uint8_t *p, uint32_t *v) {
+    *v = 0;
+    for (int i = 0; i < 4; i++) *v |= (uint32_t)p[i] << (8 * i);
+    return p + 4;
+}
+static uint32_t fbits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+static float bitsf(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void cfg_encode(const ps_shard_config *c, uint8_t out[CFG_LEN]) {
+    uint8_t *p = out;
+    memcpy(p, CFG_MAGIC, 8);
+    p = put32(p + 8, (uint32_t)c->optim.kind);
+    p = put32(p, fbits(c->optim.lr));
+    p = put32(p, fbits(c->optim.momentum));
+    p = put32(p, fbits(c->optim.beta1));
+    p = put32(p, fbits(c->optim.beta2));
+    p = put32(p, fbits(c->optim.epsilon));
+    p = put32(p, (uint32_t)c->seed);
+    p = put32(p, (uint32_t)(c->seed >> 32));
+    p = put32(p, (uint32_t)c->num_workers);
+    p = put32(p, (uint32_t)c->sync);
+    p = put32(p, (uint32_t)c->aggregate);
+    put32(p, (uint32_t)c->zero_init);
+}
+
+static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
+    if (len != CFG_LEN || memcmp(buf, CFG_MAGIC, 8) != 0) return CM_ECORRUPT;
+    const uint8_t *p = (const uint8_t *)buf + 8;
+    uint32_t v[12];
+    for (int i = 0; i < 12; i++) p = get32(p, &v[i]);
+    *c = (ps_shard_config){.optim = {.kind = (int)v[0], .lr = bitsf(v[1]),
+                                     .momentum = bitsf(v[2]), .beta1 = bitsf(v[3]),
+                                     .beta2 = bitsf(v[4]), .epsilon = bitsf(v[5])},
+                           .seed = (uint64_t)v[6] | (uint64_t)v[7] << 32,
+                           .num_workers = (int)v[8],
+                           .sync = (int)v[9],
+                           .aggregate = (int)v[10],
+                           .zero_init = (int)v[11]};
+    return CM_OK;
+}
+
+/* The publish hook (the shard's lock held): hand the version to the writer
+ * unless it is still busy with the last one. */
+static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+                       const ps_shard_config *cfg) {
+    ps_server *s = ud;
+    pthread_mutex_lock(&s->ck_mu);
+    if (s->job.snap || s->ck_stop) {
+        cm_debug("checkpoint of version %lld skipped: the last one is still being written",
+                 (long long)ps_snapshot_version(snap));
+        pthread_mutex_unlock(&s->ck_mu);
+        return;
+    }
+    size_t n = (size_t)nslots * ps_shard_numel(s->shard);
+    if (n > s->job.slots_cap) {
+        free(s->job.slots);
+        s->job.slots = cm_alloc_aligned(n * sizeof(float));
+        if (!s->job.slots) abort();
+        s->job.slots_cap = n;
+    }
+    if (n && slots) memcpy(s->job.slots, slots, n * sizeof(float));
+    s->job.nslots = slots ? nslots : 0;
+    s->job.cfg = *cfg;
+    ps_snapshot_ref(snap);
+    s->job.snap = snap;
+    pthread_cond_broadcast(&s->ck_cv);
+    pthread_mutex_unlock(&s->ck_mu);
+}
+
+/* Write one job (ck_mu not held: the job is the writer's while snap is
+ * set). Errors are logged; training goes on. */
+static void write_job(ps_server *s, const ckpt_job *j) {
+    int nparts;
+    ps_shard_parts(s->shard, &nparts);
+    size_t numel = ps_shard_numel(s->shard);
+    int nblobs = nparts * (1 + j->nslots);
+    st_blob *b = cm_malloc((size_t)(nblobs ? nblobs : 1) * sizeof *b);
+    const uint32_t *parts = ps_shard_parts(s->shard, &nparts);
+    int k = 0;
+    for (int i = 0; i < nparts; i++) {
+        size_t off = ps_shard_part_offset(s->shard, i);
+        size_t len = (ps_shard_part_offset(s->shard, i + 1) - off) * sizeof(float);
+        b[k++] = (st_blob){.part = parts[i], .kind = ST_KIND_PARAMS,
+                           .data = ps_snapshot_part(j->snap, i), .len = len};
+        for (int sl = 0; sl < j->nslots; sl++)
+            b[k++] = (st_blob){.part = parts[i], .kind = (uint32_t)sl + 1,
+                               .data = j->slots + (size_t)sl * numel + off, .len = len};
+    }
+    uint8_t extra[CFG_LEN];
+    cfg_encode(&j->cfg, extra);
+    int64_t v = ps_snapshot_version(j->snap);
+    char err[512];
+    double t0 = cm_now();
+    int rc = st_store_checkpoint(s->store, v, b, nblobs, extra, sizeof extra, err, sizeof err);
+    free(b);
+    if (rc != CM_OK) {
+        cm_error("checkpoint of version %lld failed: %s", (long long)v, err);
+        return;
+    }
+    int64_t committed[2];
+    int n = st_store_committed(s->store, committed, 2, err, sizeof err);
+    if (n >= 2 && st_store_drop_older(s->store, committed[1], err, sizeof err) != CM_OK)
+        cm_warn("cannot drop checkpoints older than %lld: %s", (long long)committed[1], err);
+    cm_info("checkpoint of version %lld committed in %.0f ms", (long long)v,
+            (cm_now() - t0) * 1e3);
+}
+
+static void *writer_main(void *arg) {
+    ps_server *s = arg;
+    pthread_mutex_lock(&s->ck_mu);
+    for (;;) {
+        while (!s->job.snap && !s->ck_stop) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
+        if (!s->job.snap) break;
+        ckpt_job j = s->job;
+        pthread_mutex_unlock(&s->ck_mu);
+        write_job(s, &j);
+        ps_snapshot_unref(j.snap);
+        pthread_mutex_lock(&s->ck_mu);
+        s->job.snap = NULL;
+        pthread_cond_broadcast(&s->ck_cv); /* ps_server_checkpoint_wait */
+    }
+    pthread_mutex_unlock(&s->ck_mu);
+    return NULL;
+}
+
+void ps_server_checkpoint_wait(ps_server *s) {
+    pthread_mutex_lock(&s->ck_mu);
+    while (s->job.snap) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
+    pthread_mutex_unlock(&s->ck_mu);
+}
+
+/* Gathers a generation's blobs into flat arrays laid out as the shard's. */
+typedef struct restore_ctx {
+    ps_shard *shard;
+    float *params, *slots;
+    int nslots;
+    size_t numel;
+    int nseen;
+} restore_ctx;
+
+static int on_blob(void *ud, uint32_t part, uint32_t kind, const void *data, size_t len) {
+    restore_ctx *c = ud;
+    int li = ps_shard_local_index(c->shard, part);
+    if (li < 0 || kind > (uint32_t)c->nslots) return CM_ECORRUPT;
+    size_t off = ps_shard_part_offset(c->shard, li);
+    if (len != (ps_shard_part_offset(c->shard, li + 1) - off) * sizeof(float))
+        return CM_ECORRUPT;
+    float *dst = kind == ST_KIND_PARAMS ? c->params : c->slots + (size_t)(kind - 1) * c->numel;
+    memcpy(dst + off, data, len);
+    c->nseen++;
+    return CM_OK;
+}
+
+/* Open the store and restore its newest generation, if any. */
+static int open_store(ps_server *s) {
+    const ps_server_cfg *cfg = &s->cfg;
+    char err[768];
+    st_identity id = {.fingerprint = s->fingerprint, .description = s->identity,
+                      .shard = cfg->shard};
+    int rc = st_store_open(NULL, cfg->data_dir, &id, &s->store, err, sizeof err);
+    if (rc != CM_OK) {
+        cm_error("cannot open the checkpoint store %s: %s", cfg->data_dir, err);
+        return rc;
+    }
+    int64_t v;
+    rc = st_store_latest(s->store, &v, err, sizeof err);
+    if (rc == CM_ENOTFOUND) {
+        cm_info("no checkpoint in %s yet", cfg->data_dir);
+        return CM_OK;
+    }
+    if (rc != CM_OK) {
+        cm_error("cannot read the checkpoints in %s: %s", cfg->data_dir, err);
+        return rc;
+    }
+    int nparts;
+    ps_shard_parts(s->shard, &nparts);
+    restore_ctx c = {.shard = s->shard, .numel = ps_shard_numel(s->shard)};
+    size_t n = c.numel ? c.numel : 1;
+    void *extra = NULL;
+    size_t extra_len = 0;
+    ps_shard_config sc;
+    /* The config (and so the slot count) is in the extra record: read it
+     * with a first load that stops at once. */
+    c.params = cm_alloc_aligned(n * sizeof(float));
+    c.slots = cm_alloc_aligned(2 * n * sizeof(float)); /* The most any optimizer keeps. */
+    if (!c.params || !c.slots) abort();
+    c.nslots = 2;
+    rc = st_store_load(s->store, v, on_blob, &c, &extra, &extra_len, err, sizeof err);
+    if (rc == CM_OK && cfg_decode(extra, extra_len, &sc) != CM_OK) {
+        snprintf(err, sizeof err, "its config record is not one this server wrote");
+        rc = CM_ECORRUPT;
+    }
+    if (rc == CM_OK && c.nseen != nparts * (1 + ps_optim_nslots(sc.optim.kind))) {
+        snprintf(err, sizeof err, "%d blobs, expected %d for %s", c.nseen,
+                 nparts * (1 + ps_optim_nslots(sc.optim.kind)), ps_optim_name(sc.optim.kind));
+        rc = CM_ECORRUPT;
+    }
+    if (rc == CM_OK)
+        rc = ps_shard_restore(s->shard, &sc, v, c.params, ps_optim_nslots(sc.optim.kind) ?
+                              c.slots : NULL, err, sizeof err);
+    free(extra);
+    free(c.params);
+    free(c.slots);
+    if (rc != CM_OK) {
+        cm_error("cannot restore version %lld from %s: %s", (long long)v, cfg->data_dir, err);
+        return rc;
+    }
+    cm_info("restored version %lld from %s", (long long)v, cfg->data_dir);
+    return CM_OK;
+}
+
 /* ------------------------------------------------------------ lifecycle */
 
 int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
@@ -323,9 +572,20 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     s->cfg = *cfg;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    pthread_mutex_init(&s->ck_mu, NULL);
+    pthread_cond_init(&s->ck_cv, NULL);
     s->fingerprint = ps_wire_identity(cfg->model, cfg->placement, s->identity, sizeof s->identity);
     int rc = ps_shard_create(cfg->model, cfg->placement, cfg->shard, &s->shard);
     if (rc != CM_OK) goto fail;
+    if (cfg->data_dir && (rc = open_store(s)) != CM_OK) goto fail;
+    if (cfg->data_dir && cfg->checkpoint_every > 0) {
+        if (pthread_create(&s->writer, NULL, writer_main, s) != 0) {
+            rc = CM_ENOMEM;
+            goto fail;
+        }
+        s->writer_started = 1;
+        ps_shard_set_publish_hook(s->shard, cfg->checkpoint_every, on_publish, s);
+    }
     rpc_server_opts o = {.threads = cfg->threads > 0 ? cfg->threads : 2,
                          .max_message = cfg->max_message};
     if ((rc = rpc_server_create(&o, &s->rpc)) != CM_OK) goto fail;
@@ -386,7 +646,19 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
         rpc_server_shutdown(s->rpc, grace_ms);
         rpc_server_destroy(s->rpc);
     }
+    if (s->writer_started) {
+        pthread_mutex_lock(&s->ck_mu);
+        s->ck_stop = 1;
+        pthread_cond_broadcast(&s->ck_cv);
+        pthread_mutex_unlock(&s->ck_mu);
+        pthread_join(s->writer, NULL);
+    }
+    ps_snapshot_unref(s->job.snap);
+    free(s->job.slots);
+    st_store_close(s->store);
     ps_shard_destroy(s->shard);
+    pthread_cond_destroy(&s->ck_cv);
+    pthread_mutex_destroy(&s->ck_mu);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
     free(s);

@@ -25,8 +25,21 @@ typedef struct ps_server_cfg {
     int shard;                    /* This process's shard index. */
     int threads;                  /* gRPC threads (0 = 2). */
     int max_message;              /* Bytes (0 = RPC_DEFAULT_MAX_MESSAGE). */
+    /* Checkpoints: this shard's store directory (NULL: none; its parent
+     * must exist) and how often (every checkpoint_every versions; 0: never,
+     * but a directory given is still restored from). */
+    const char *data_dir;
+    int64_t checkpoint_every;
 } ps_server_cfg;
 
+/* With a data_dir, open the shard's store there (identity: the model and
+ * placement fingerprint and the shard index) and, if it holds a committed
+ * generation, restore the newest one into the shard (logged as "restored
+ * version V from DIR"). Checkpoints are then written by one background
+ * thread from the published snapshot and a copy of the slots taken at
+ * publication; one that comes due while the last is still being written is
+ * skipped. Errors are logged here: CM_EINVAL (e.g. a directory of another
+ * model or shard), CM_EIO, CM_ECORRUPT, CM_ENOMEM. */
 int ps_server_create(const ps_server_cfg *cfg, ps_server **out);
 
 /* Listen on addr ("host:port"; port 0 picks one) and serve. *port gets the
@@ -43,8 +56,12 @@ void ps_server_request_stop(ps_server *s, const char *reason);
 /* Why it stopped ("" if it did not). */
 const char *ps_server_stop_reason(ps_server *s);
 
-/* Fail waiting pulls, let replies in flight finish (up to grace_ms), stop
- * and free. NULL is a no-op. */
+/* Wait until no checkpoint is being written (returns at once without
+ * checkpoints). One that comes due meanwhile is waited for too. */
+void ps_server_checkpoint_wait(ps_server *s);
+
+/* Fail waiting pulls, let replies in flight finish (up to grace_ms), finish
+ * a checkpoint being written, stop and free. NULL is a no-op. */
 void ps_server_destroy(ps_server *s, int grace_ms);
 
 #endif /* PS_SERVER_H */

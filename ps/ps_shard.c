@@ -2,6 +2,7 @@
  * SPDX-License-Identifier: MIT
  *
  * States: UNINITIALISED --ps_shard_init--> SERVING (version 0)
+ *         UNINITIALISED --ps_shard_restore--> SERVING (the checkpoint's version)
  *         SERVING --ps_shard_push (a partition's last contribution)-->
  *             that partition applied into 'pending' (version + 1)
  *         ... --(the last partition)--> SERVING (v+1): pending published
@@ -19,6 +20,8 @@
  *    pending is NULL iff ndone == 0.
  *  - Every whole-shard waiter has min_version > version; every partition
  *    waiter has min_version == version + 1 and some partition not done.
+ * The publish hook (checkpoints) runs inside publish(), mu held, for the
+ * versions computed here (not for init's or restore's).
  * Snapshot buffers come from a pool that outlives the shard if replies
  * still reference snapshots when the shard is destroyed.
  */
@@ -132,6 +135,10 @@ struct ps_shard {
     int nwaiters, capwaiters;
     int closed; /* Set by ps_shard_abort_waiters: pulls fail at once. */
     ps_shard_stats st;
+    /* Set before serving, then read-only. */
+    ps_publish_fn hook;
+    void *hook_ud;
+    int64_t hook_every;
 };
 
 int ps_shard_create(const cm_model *model, const cm_placement *pl, int index, ps_shard **out) {
@@ -209,6 +216,8 @@ static ps_snapshot *snap_new(ps_shard *s, float *data, int64_t version) {
 static ps_snapshot *publish(ps_shard *s, ps_snapshot *snap) {
     ps_snapshot *old = s->current;
     s->current = snap;
+    if (s->hook && snap->version > 0 && snap->version % s->hook_every == 0)
+        s->hook(s->hook_ud, snap, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg);
     return old;
 }
 
@@ -281,15 +290,58 @@ static void describe(const ps_shard_config *c, char *buf, size_t len) {
              c->zero_init ? " zero-init" : "");
 }
 
-int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, char *err,
-                  size_t errlen) {
+/* Allocate the state for cfg and make 'version' current: its values from
+ * 'params' and the slots from 'slots' when given (a restore), else from
+ * cfg->seed and zeros (mu held, not initialised). */
+static void setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const float *params,
+                  const float *slots) {
+    size_t n = s->numel ? s->numel : 1;
+    int nslots = ps_optim_nslots(cfg->optim.kind);
+    float *cur = new_buffer(s);
+    s->acc = cm_alloc_aligned(n * sizeof(float));
+    s->slots = nslots ? cm_alloc_aligned((size_t)nslots * n * sizeof(float)) : NULL;
+    if (!s->acc || (nslots && !s->slots)) abort();
+    if (nslots && slots)
+        memcpy(s->slots, slots, (size_t)nslots * n * sizeof(float));
+    else if (nslots)
+        memset(s->slots, 0, (size_t)nslots * n * sizeof(float));
+    for (int i = 0; i < s->nparts; i++) {
+        const cm_partition *p = &s->pl->parts[s->parts[i]];
+        float *dst = cur + s->part_off[i];
+        if (params)
+            memcpy(dst, params + s->part_off[i], p->count * sizeof(float));
+        else if (cfg->zero_init)
+            memset(dst, 0, p->count * sizeof(float));
+        else
+            cm_var_init(&s->model->vars[p->var], cfg->seed, p->begin, p->count, dst);
+    }
+    s->contrib = cm_calloc((size_t)cfg->num_workers * (size_t)(s->nparts ? s->nparts : 1), 1);
+    s->pcount = cm_calloc((size_t)s->nparts + 1, sizeof *s->pcount);
+    s->pdone = cm_calloc((size_t)s->nparts + 1, 1);
+    s->ndone = 0;
+    s->last_step = cm_malloc((size_t)cfg->num_workers * sizeof *s->last_step);
+    for (int w = 0; w < cfg->num_workers; w++) s->last_step[w] = -1;
+    s->cfg = *cfg;
+    s->version = version;
+    /* Not publish(): the hook is for versions computed here. */
+    s->current = snap_new(s, cur, version);
+    s->inited = 1;
+}
+
+static int config_ok(const ps_shard_config *cfg, char *err, size_t errlen) {
     if (cfg->num_workers < 1 || cfg->num_workers > 65536 ||
         (cfg->sync != PS_SYNC && cfg->sync != PS_ASYNC) ||
         (cfg->aggregate != PS_AGG_MEAN && cfg->aggregate != PS_AGG_SUM) || cfg->optim.kind < 0 ||
         cfg->optim.kind > PS_OPTIM_ADD) {
         cm_seterr(err, errlen, "invalid init config");
-        return CM_EINVAL;
+        return 0;
     }
+    return 1;
+}
+
+int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, char *err,
+                  size_t errlen) {
+    if (!config_ok(cfg, err, errlen)) return CM_EINVAL;
     pthread_mutex_lock(&s->mu);
     if (s->inited) {
         int same = same_config(&s->cfg, cfg);
@@ -304,37 +356,12 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
         pthread_mutex_unlock(&s->mu);
         return same ? CM_OK : CM_EBUSY;
     }
-    size_t n = s->numel ? s->numel : 1;
-    int nslots = ps_optim_nslots(cfg->optim.kind);
-    float *params = new_buffer(s);
-    s->acc = cm_alloc_aligned(n * sizeof(float));
-    s->slots = nslots ? cm_alloc_aligned((size_t)nslots * n * sizeof(float)) : NULL;
-    if (!s->acc || (nslots && !s->slots)) abort();
-    if (nslots) memset(s->slots, 0, (size_t)nslots * n * sizeof(float));
-    for (int i = 0; i < s->nparts; i++) {
-        const cm_partition *p = &s->pl->parts[s->parts[i]];
-        float *dst = params + s->part_off[i];
-        if (cfg->zero_init)
-            memset(dst, 0, p->count * sizeof(float));
-        else
-            cm_var_init(&s->model->vars[p->var], cfg->seed, p->begin, p->count, dst);
-    }
-    s->contrib = cm_calloc((size_t)cfg->num_workers * (size_t)(s->nparts ? s->nparts : 1), 1);
-    s->pcount = cm_calloc((size_t)s->nparts + 1, sizeof *s->pcount);
-    s->pdone = cm_calloc((size_t)s->nparts + 1, 1);
-    s->ndone = 0;
-    s->last_step = cm_malloc((size_t)cfg->num_workers * sizeof *s->last_step);
-    for (int w = 0; w < cfg->num_workers; w++) s->last_step[w] = -1;
-    s->cfg = *cfg;
-    s->version = 0;
-    ps_snapshot *old = publish(s, snap_new(s, params, 0));
-    s->inited = 1;
+    setup(s, cfg, 0, NULL, NULL);
     *version = 0;
     waiter *ready;
     int nready = take_ready(s, &ready);
     pthread_mutex_unlock(&s->mu);
     answer(ready, nready);
-    ps_snapshot_unref(old);
     return CM_OK;
 }
 
@@ -628,4 +655,37 @@ void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     *out = s->st;
     out->version = s->version;
     pthread_mutex_unlock(&s->mu);
+}
+
+size_t ps_shard_numel(const ps_shard *s) { return s->numel; }
+
+size_t ps_shard_part_offset(const ps_shard *s, int i) { return s->part_off[i]; }
+
+void ps_shard_set_publish_hook(ps_shard *s, int64_t every, ps_publish_fn fn, void *ud) {
+    pthread_mutex_lock(&s->mu);
+    s->hook = every > 0 ? fn : NULL;
+    s->hook_every = every;
+    s->hook_ud = ud;
+    pthread_mutex_unlock(&s->mu);
+}
+
+int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
+                     const float *params, const float *slots, char *err, size_t errlen) {
+    if (!config_ok(cfg, err, errlen)) return CM_EINVAL;
+    if (version < 0) {
+        cm_seterr(err, errlen, "cannot restore version %lld", (long long)version);
+        return CM_EINVAL;
+    }
+    pthread_mutex_lock(&s->mu);
+    if (s->inited) {
+        pthread_mutex_unlock(&s->mu);
+        cm_seterr(err, errlen, "shard %d is already initialised", s->index);
+        return CM_EBUSY;
+    }
+    setup(s, cfg, version, params, slots);
+    waiter *ready;
+    int nready = take_ready(s, &ready);
+    pthread_mutex_unlock(&s->mu);
+    answer(ready, nready);
+    return CM_OK;
 }

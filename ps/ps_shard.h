@@ -151,4 +151,36 @@ void ps_shard_count_bad(ps_shard *s);
 
 void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out);
 
+/* ------------------------------------------------------------ checkpoints */
+
+/* Floats in the shard's flat arrays (the sum of its partitions' sizes). */
+size_t ps_shard_numel(const ps_shard *s);
+
+/* Offset of local partition i in the flat arrays; i == nparts gives numel. */
+size_t ps_shard_part_offset(const ps_shard *s, int i);
+
+/* Called when version v > 0 with v % every == 0 is published, WITH THE
+ * SHARD'S LOCK HELD (keep it short; call nothing of this shard): 'snap' is
+ * the new current snapshot (borrowed: ps_snapshot_ref it to keep it), 'slots'
+ * the optimizer slots at v (nslots arrays of ps_shard_numel floats, slot k
+ * of local partition i at slots[k * numel + offset(i)]; NULL when there are
+ * none), valid only during the call since the optimizer updates them in
+ * place, and 'cfg' the shard's config. */
+typedef void (*ps_publish_fn)(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+                              const ps_shard_config *cfg);
+
+/* Install the hook (every > 0) or remove it (fn NULL). Set it before the
+ * shard serves. */
+void ps_shard_set_publish_hook(ps_shard *s, int64_t every, ps_publish_fn fn, void *ud);
+
+/* Initialise from a checkpoint instead of cfg->seed: version 'version',
+ * parameters 'params' and slots 'slots' (flat, laid out as the hook gets
+ * them; slots may be NULL when cfg's optimizer has none). Both are copied.
+ * The shard then counts as initialised with cfg (ps_shard_init with the
+ * same config is OK, another CM_EBUSY). The hook is not called for this
+ * version. CM_EBUSY if already initialised, CM_EINVAL for a bad config or
+ * version; on error the shard is unchanged. */
+int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
+                     const float *params, const float *slots, char *err, size_t errlen);
+
 #endif /* PS_SHARD_H */

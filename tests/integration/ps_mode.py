@@ -6,6 +6,9 @@
   ps_mode.py BIN_DIR learns        a short sync run and a short async run learn
   ps_mode.py BIN_DIR bad-input     bad TF_CONFIG, unreachable PS, wrong model,
                                    a failing process under the launcher
+  ps_mode.py BIN_DIR restart       a PS with --data-dir checkpoints while a worker
+                                   trains, restores its newest checkpoint when started
+                                   again, and refuses the directory for another model
 Every process listens on 127.0.0.1, runs under a timeout, and is stopped by PID.
 """
 import json
@@ -206,13 +209,77 @@ def bad_input(bin_dir, tmp):
     check(len(pids) == 4 and not alive, f"no process is left behind (pids {pids})")
 
 
+def wait_for_line(path, pattern, proc, timeout=60):
+    """The first line of file 'path' containing 'pattern', or None when proc
+    exits or the time is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in open(path).read().splitlines():
+            if pattern in line:
+                return line
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.1)
+    return None
+
+
+def restart(bin_dir, tmp):
+    pstrain, psserver = os.path.join(bin_dir, "pstrain"), os.path.join(bin_dir, "psserver")
+    data = os.path.join(tmp, "ckpt")
+    hosts = ["--ps-hosts", f"127.0.0.1:{free_port()}", "--worker-hosts",
+             f"127.0.0.1:{free_port()}", "--task-index", "0"]
+    log1 = os.path.join(tmp, "ps1.log")
+    with open(log1, "w") as f:
+        ps = subprocess.Popen([psserver, *hosts, "--data-dir", data, "--checkpoint-every", "5"],
+                              stderr=f)
+    try:
+        run([pstrain, *hosts, "--max-steps", "20", "--train-limit", "3000", "--test-limit",
+             "500", "--threads", "1", "--quiet", "--connect-timeout-ms", "20000"], timeout=120)
+        ps.wait(timeout=30)
+    finally:
+        if ps.poll() is None:
+            ps.kill()
+            ps.wait()
+    out = open(log1).read()
+    check(ps.returncode == 0, "the PS exits 0 after 20 steps with checkpoints" +
+          ("" if ps.returncode == 0 else f":\n{out}"))
+    done = [int(l.split("checkpoint of version ")[1].split()[0]) for l in out.splitlines()
+            if "checkpoint of version " in l and "committed" in l]
+    check(done and done[-1] in (15, 20) and all(v % 5 == 0 for v in done),
+          f"checkpoints every 5 versions were committed: {done}")
+    # Started again on the directory: the newest checkpoint comes back.
+    log2 = os.path.join(tmp, "ps2.log")
+    with open(log2, "w") as f:
+        ps = subprocess.Popen([psserver, *hosts, "--data-dir", data, "--checkpoint-every", "5"],
+                              stderr=f)
+    try:
+        line = wait_for_line(log2, "restored version", ps)
+        check(line is not None and f"restored version {done[-1]} from {data}/shard-0" in line,
+              f"a PS started again restores version {done[-1]}: {line}")
+        check(ps.poll() is None, "...and serves")
+    finally:
+        ps.send_signal(signal.SIGTERM)
+        try:
+            ps.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            ps.kill()
+            ps.wait()
+    check(ps.returncode == 0, "the restored PS exits 0 on SIGTERM")
+    # Another model on that directory is refused, naming both.
+    p = run([psserver, *hosts, "--data-dir", data, "--layers", "784,64,10"], expect_ok=False,
+            timeout=30)
+    check(p.returncode != 0 and "784,64,10" in p.stderr and "784,256,128,10" in p.stderr,
+          f"a PS of another model refuses the directory, naming both: {p.stderr.strip()}")
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     bin_dir, scenario = sys.argv[1], sys.argv[2]
     tmp = tempfile.mkdtemp(prefix="pstest-")
     try:
-        {"equivalence": equivalence, "learns": learns, "bad-input": bad_input}[scenario](
+        {"equivalence": equivalence, "learns": learns, "bad-input": bad_input,
+         "restart": restart}[scenario](
             bin_dir, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

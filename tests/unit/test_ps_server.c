@@ -29,6 +29,7 @@
 #include "ps/ps_optim.h"
 #include "ps/ps_server.h"
 #include "ps/ps_wire.h"
+#include "storage/st_store.h"
 
 /* ===== Helpers ===== */
 
@@ -128,6 +129,9 @@ typedef struct fixture {
 } fixture;
 
 static fixture F;
+/* Checkpoints for fx_start's servers: DIR/shard-<i> (NULL: none). */
+static const char *fx_data_dir;
+static int64_t fx_every;
 
 static void fx_start(int max_message) {
     static const int sizes[] = {784, 64, 10};
@@ -137,8 +141,11 @@ static void fx_start(int max_message) {
     assert_int_equal(cm_placement_create(f->m, 2, MIN_PART, &f->pl), CM_OK);
     f->fp = ps_wire_identity(f->m, f->pl, f->desc, sizeof f->desc);
     for (int i = 0; i < 2; i++) {
+        char dir[512];
+        if (fx_data_dir) snprintf(dir, sizeof dir, "%s/shard-%d", fx_data_dir, i);
         ps_server_cfg sc = {.model = f->m, .placement = f->pl, .shard = i,
-                            .max_message = max_message};
+                            .max_message = max_message, .data_dir = fx_data_dir ? dir : NULL,
+                            .checkpoint_every = fx_every};
         assert_int_equal(ps_server_create(&sc, &f->srv[i]), CM_OK);
         int port = 0;
         assert_int_equal(ps_server_start(f->srv[i], "127.0.0.1:0", &port), CM_OK);
@@ -1096,6 +1103,102 @@ static void test_destroy_with_waiting_pull(void **state) {
     fx_stop();
 }
 
+
+/* ===== Checkpoints ===== */
+
+/* Momentum (one slot) on both shards, checkpointed every version: after
+ * 4 steps the servers are restarted on the same directories and must come
+ * back at version 4 with the parameters bit for bit, and with the slots too
+ * (step 4 then gives the reference's version 5 bit for bit). Only the two
+ * newest generations are kept. A directory of another model or shard is
+ * refused. */
+static void test_checkpoint_restore(void **state) {
+    (void)state;
+    char dir[] = "/tmp/test_ps_server_ckpt.XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    fx_data_dir = dir;
+    fx_every = 1;
+    fx_start(0);
+    size_t n = F.m->numel;
+    ps_init_cfg ic = init_cfg();
+    ic.optim = ps_optim_defaults(PS_OPTIM_MOMENTUM, LR);
+    char err[512] = "";
+    if (ps_client_init(F.cli[0], &ic, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    float *ref[6], *a = calloc(n, sizeof(float)), *g0 = malloc(n * 4), *g1 = malloc(n * 4);
+    assert_true(a && g0 && g1);
+    for (int v = 0; v < 6; v++) assert_non_null(ref[v] = malloc(n * sizeof(float)));
+    memcpy(ref[0], F.init, n * sizeof(float));
+    for (int64_t t = 0; t < 5; t++) {
+        memcpy(ref[t + 1], ref[t], n * sizeof(float));
+        grad_fill(g0, n, 0, t);
+        grad_fill(g1, n, 1, t);
+        for (size_t i = 0; i < n; i++) g0[i] = (g0[i] + g1[i]) * 0.5f;
+        ps_optim_apply(&ic.optim, t + 1, ref[t + 1], g0, a, n);
+        if (t == 4) break; /* Version 5 is computed again after the restart. */
+        client_push_ok(0, t, t);
+        client_push_ok(1, t, t + 1);
+        ps_server_checkpoint_wait(F.srv[0]);
+        ps_server_checkpoint_wait(F.srv[1]);
+    }
+    expect_values(4, 4, ref[4]);
+    fx_stop();
+
+    fx_start(0);
+    expect_values(0, 4, ref[4]);
+    /* Initialised by the restore: the same config is OK, another is not. */
+    if (ps_client_init(F.cli[0], &ic, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ps_init_cfg other = init_cfg();
+    assert_int_not_equal(ps_client_init(F.cli[0], &other, err, sizeof err), CM_OK);
+    assert_non_null(strstr(err, "already initialised"));
+    client_push_ok(0, 4, 4);
+    client_push_ok(1, 4, 5);
+    expect_values(5, 5, ref[5]);
+    fx_stop();
+    fx_data_dir = NULL;
+    fx_every = 0;
+
+    /* Another model, or another shard, on these directories is refused. */
+    static const int sizes[] = {784, 32, 10};
+    cm_model *m = NULL;
+    cm_placement *pl = NULL;
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &m), CM_OK);
+    assert_int_equal(cm_placement_create(m, 2, MIN_PART, &pl), CM_OK);
+    char sdir[512];
+    snprintf(sdir, sizeof sdir, "%s/shard-0", dir);
+    ps_server_cfg sc = {.model = m, .placement = pl, .shard = 0, .data_dir = sdir};
+    ps_server *s = (ps_server *)1;
+    assert_int_equal(ps_server_create(&sc, &s), CM_EINVAL);
+    assert_null(s);
+    cm_placement_destroy(pl);
+    cm_model_destroy(m);
+    static const int same[] = {784, 64, 10};
+    assert_int_equal(cm_model_create_mlp(same, 3, &m), CM_OK);
+    assert_int_equal(cm_placement_create(m, 2, MIN_PART, &pl), CM_OK);
+    sc = (ps_server_cfg){.model = m, .placement = pl, .shard = 1, .data_dir = sdir};
+    assert_int_equal(ps_server_create(&sc, &s), CM_EINVAL);
+    /* Versions 1 to 5 were checkpointed; 4 and 5 are kept. */
+    char desc[256];
+    st_identity id = {.fingerprint = ps_wire_identity(m, pl, desc, sizeof desc),
+                      .description = desc, .shard = 0};
+    st_store *st = NULL;
+    if (st_store_open(NULL, sdir, &id, &st, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    int64_t kept[4] = {0};
+    assert_int_equal(st_store_committed(st, kept, 4, err, sizeof err), 2);
+    assert_int_equal(kept[0], 5);
+    assert_int_equal(kept[1], 4);
+    st_store_close(st);
+    cm_placement_destroy(pl);
+    cm_model_destroy(m);
+
+    for (int v = 0; v < 6; v++) free(ref[v]);
+    free(a);
+    free(g0);
+    free(g1);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_create_and_start_errors),
@@ -1108,6 +1211,7 @@ int main(void) {
         cmocka_unit_test(test_out_of_step_pushes),
         cmocka_unit_test(test_pull_deadline_then_clean_shutdown),
         cmocka_unit_test(test_shutdown_request),
+        cmocka_unit_test(test_checkpoint_restore),
         cmocka_unit_test(test_destroy_with_waiting_pull),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1261,6 +1261,96 @@ static void test_partial_push_async(void **state) {
     }
 }
 
+
+/* ===== Checkpoint hook and restore ===== */
+
+/* What the publish hook saw last: a snapshot reference and a slots copy. */
+typedef struct hook_rec {
+    int calls;
+    int64_t versions[8];
+    ps_snapshot *snap;
+    float slots[2 * MAXN];
+    int nslots;
+    size_t numel; /* Set before: the slots' stride. */
+    ps_shard_config cfg;
+} hook_rec;
+
+static void rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+                     const ps_shard_config *cfg) {
+    hook_rec *r = ud;
+    CHECK(r->calls < 8);
+    r->versions[r->calls++] = ps_snapshot_version(snap);
+    ps_snapshot_unref(r->snap);
+    ps_snapshot_ref(snap);
+    r->snap = snap;
+    r->nslots = nslots;
+    r->cfg = *cfg;
+    CHECK(slots != NULL && nslots == 2);
+    memcpy(r->slots, slots, (size_t)nslots * r->numel * sizeof(float));
+}
+
+static void test_checkpoint_hook_and_restore(void **state) {
+    fixture *f = *state;
+    static hook_rec r;
+    memset(&r, 0, sizeof r);
+    r.numel = ps_shard_numel(f->s);
+    ps_shard_set_publish_hook(f->s, 2, rec_hook, &r);
+    ps_shard_config c = cfg_make(PS_OPTIM_ADAM, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    assert_int_equal(r.calls, 0); /* Not for version 0. */
+    int64_t v = -1;
+    for (int64_t t = 0; t < 5; t++) {
+        assert_int_equal(push_step(f, 0, t, &v), PS_PUSH_OK);
+        assert_int_equal(push_step(f, 1, t, &v), PS_PUSH_OK);
+    }
+    assert_int_equal(v, 5);
+    assert_int_equal(r.calls, 2);
+    assert_int_equal(r.versions[0], 2);
+    assert_int_equal(r.versions[1], 4);
+    assert_int_equal(ps_snapshot_version(r.snap), 4);
+
+    /* A fresh shard restored from version 4, and the original shard rolled
+     * forward the same way: both must then compute version 5 bit for bit. */
+    size_t numel = ps_shard_numel(f->s);
+    float params[MAXN];
+    for (int i = 0; i < f->nparts; i++)
+        memcpy(params + ps_shard_part_offset(f->s, i), ps_snapshot_part(r.snap, i),
+               (ps_shard_part_offset(f->s, i + 1) - ps_shard_part_offset(f->s, i)) *
+                   sizeof(float));
+    ps_shard *orig = f->s;
+    ps_shard *fresh = NULL;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &fresh), CM_OK);
+    assert_int_equal(ps_shard_numel(fresh), numel);
+    char err[256] = "";
+    ps_shard_config bad = c;
+    bad.num_workers = 0;
+    assert_int_equal(ps_shard_restore(fresh, &bad, 4, params, r.slots, err, sizeof err),
+                     CM_EINVAL);
+    assert_int_equal(ps_shard_restore(fresh, &r.cfg, 4, params, r.slots, err, sizeof err), CM_OK);
+    assert_int_equal(ps_shard_restore(fresh, &r.cfg, 4, params, r.slots, err, sizeof err),
+                     CM_EBUSY);
+    /* Restored: initialised with that config at version 4. */
+    assert_int_equal(ps_shard_init(fresh, &c, &v, err, sizeof err), CM_OK);
+    assert_int_equal(v, 4);
+    ps_shard_config other = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    assert_int_equal(ps_shard_init(fresh, &other, &v, err, sizeof err), CM_EBUSY);
+    float want[MAXN], got[MAXN];
+    f->s = fresh;
+    assert_int_equal(values(f, got), 4);
+    values_of(f, r.snap, want);
+    expect_same(want, got, f->m->numel);
+    /* Step 4 on the restored shard gives the original's version 5. */
+    assert_int_equal(push_step(f, 0, 4, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 1, 4, &v), PS_PUSH_OK);
+    assert_int_equal(v, 5);
+    assert_int_equal(values(f, got), 5);
+    f->s = orig;
+    assert_int_equal(values(f, want), 5);
+    expect_same(want, got, f->m->numel);
+    ps_snapshot_unref(r.snap);
+    ps_shard_destroy(fresh);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, fx_setup, fx_teardown)
@@ -1285,6 +1375,7 @@ int main(void) {
         T(test_partial_pushes_sync),
         T(test_partial_waiter_aborted),
         T(test_partial_push_async),
+        T(test_checkpoint_hook_and_restore),
         /* Last: under ASan a failure here ends the process. */
         T(test_snapshot_outlives_shard),
 #undef T
