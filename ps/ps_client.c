@@ -155,17 +155,8 @@ static void issue(ps_ticket *t, sub *s) {
         pthread_mutex_unlock(&t->mu);
         for (int i = 0; i < s->nparts; i++) {
             const cm_partition *p = &c->cfg.placement->parts[s->parts[i]];
-            const cm_var *v = &c->cfg.model->vars[p->var];
-            uint64_t shape[CM_VAR_MAX_DIMS];
-            shape[0] = p->row_end - p->row_begin;
-            for (int d = 1; d < v->ndims; d++) shape[d] = (uint64_t)v->dims[d];
-            Psrpc__Tensor tm = PSRPC__TENSOR__INIT;
-            tm.part = s->parts[i];
-            tm.dtype = PSRPC__DTYPE__DTYPE_FLOAT32;
-            tm.n_shape = (size_t)v->ndims;
-            tm.shape = shape;
-            ps_wire_put_tensor(&w, 3, &tm, t->grad + p->offset, p->count * sizeof(float),
-                               release_seg, t);
+            ps_wire_put_part(&w, 3, c->cfg.model, c->cfg.placement, s->parts[i],
+                             t->grad + p->offset, release_seg, t);
         }
     } else {
         method = "/psrpc.Ps/Pull";
@@ -315,9 +306,9 @@ int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen) {
 }
 
 /* A blocking call to one shard, retrying UNAVAILABLE until the connect
- * timeout. Returns the gRPC code; reply/len as rpc_call_sync. */
+ * timeout if 'retry' is set. Returns the gRPC code; reply/len as rpc_call_sync. */
 static int call_shard(ps_client *c, int sh, const char *method, const ProtobufCMessage *req,
-                      uint8_t **reply, size_t *len, char *msg, size_t msglen) {
+                      int retry, uint8_t **reply, size_t *len, char *msg, size_t msglen) {
     size_t n = protobuf_c_message_get_packed_size(req);
     uint8_t *buf = cm_malloc(n);
     protobuf_c_message_pack(req, buf);
@@ -326,7 +317,7 @@ static int call_shard(ps_client *c, int sh, const char *method, const ProtobufCM
     for (int attempt = 0;; attempt++) {
         code = rpc_call_sync(c->ch[sh], method, buf, n, c->cfg.deadline_ms, 0, reply, len, msg,
                              msglen);
-        if (code != RPC_UNAVAILABLE ||
+        if (!retry || code != RPC_UNAVAILABLE ||
             (cm_now() - start) * 1e3 >= (double)c->cfg.connect_timeout_ms)
             break;
         usleep((useconds_t)(50 << (attempt < 5 ? attempt + 1 : 5)) * 1000);
@@ -357,7 +348,7 @@ int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errl
         uint8_t *reply = NULL;
         size_t len = 0;
         char msg[512];
-        int code = call_shard(c, i, "/psrpc.Ps/Initialize", &req.base, &reply, &len, msg, sizeof msg);
+        int code = call_shard(c, i, "/psrpc.Ps/Initialize", &req.base, 1, &reply, &len, msg, sizeof msg);
         free(reply);
         if (code != RPC_OK) {
             cm_seterr(err, errlen, "init of PS %d (%s) failed: %s: %s", i, c->addrs[i],
@@ -379,12 +370,9 @@ int ps_client_shutdown_servers(ps_client *c, const char *reason, char *err, size
         uint8_t *reply = NULL;
         size_t len = 0;
         char msg[512];
-        size_t n = protobuf_c_message_get_packed_size(&req.base);
-        uint8_t *buf = cm_malloc(n);
-        protobuf_c_message_pack(&req.base, buf);
-        int code = rpc_call_sync(c->ch[i], "/psrpc.Ps/Shutdown", buf, n, c->cfg.deadline_ms, 0,
-                             &reply, &len, msg, sizeof msg);
-        free(buf);
+        /* No retries: a PS that is already gone needs no shutdown. */
+        int code = call_shard(c, i, "/psrpc.Ps/Shutdown", &req.base, 0, &reply, &len, msg,
+                              sizeof msg);
         free(reply);
         if (code != RPC_OK && rc == CM_OK) {
             rc = rpc_status_to_cm(code);
@@ -406,7 +394,7 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
         uint8_t *reply = NULL;
         size_t len = 0;
         char msg[512];
-        int code = call_shard(c, i, "/psrpc.Ps/Stats", &req.base, &reply, &len, msg, sizeof msg);
+        int code = call_shard(c, i, "/psrpc.Ps/Stats", &req.base, 1, &reply, &len, msg, sizeof msg);
         if (code != RPC_OK) {
             free(reply);
             cm_seterr(err, errlen, "stats of PS %d (%s) failed: %s: %s", i, c->addrs[i],

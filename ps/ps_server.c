@@ -225,20 +225,10 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
     rep.version = ps_snapshot_version(snap);
     ps_wire_put_message(&w, &rep.base);
     for (int i = 0; i < nparts; i++) {
-        const cm_partition *p = &s->cfg.placement->parts[parts[i]];
-        const cm_var *v = &s->cfg.model->vars[p->var];
-        uint64_t shape[CM_VAR_MAX_DIMS];
-        shape[0] = p->row_end - p->row_begin;
-        for (int d = 1; d < v->ndims; d++) shape[d] = (uint64_t)v->dims[d];
-        Psrpc__Tensor t = PSRPC__TENSOR__INIT;
-        t.part = parts[i];
-        t.dtype = PSRPC__DTYPE__DTYPE_FLOAT32;
-        t.n_shape = (size_t)v->ndims;
-        t.shape = shape;
         ps_snapshot_ref(snap);
-        ps_wire_put_tensor(&w, 2, &t,
-                           ps_snapshot_part(snap, ps_shard_local_index(s->shard, parts[i])),
-                           p->count * sizeof(float), release_snapshot, snap);
+        ps_wire_put_part(&w, 2, s->cfg.model, s->cfg.placement, parts[i],
+                         ps_snapshot_part(snap, ps_shard_local_index(s->shard, parts[i])),
+                         release_snapshot, snap);
     }
     int nsegs;
     const rpc_seg *segs = ps_wire_segs(&w, &nsegs);

@@ -49,6 +49,14 @@ void ps_wire_put_message(ps_wire_writer *w, const ProtobufCMessage *m);
 void ps_wire_put_tensor(ps_wire_writer *w, uint32_t field, const Psrpc__Tensor *meta,
                         const void *data, size_t len, void (*release)(void *), void *ud);
 
+/* Append partition 'part' of the placement as a float32 Tensor of its
+ * shape (rows of the partition, then the variable's other dimensions), with
+ * 'data' (the partition's count floats) sent in place as in
+ * ps_wire_put_tensor. */
+void ps_wire_put_part(ps_wire_writer *w, uint32_t field, const cm_model *m,
+                      const cm_placement *pl, uint32_t part, const float *data,
+                      void (*release)(void *), void *ud);
+
 /* The segments to hand to rpc_call_start/rpc_reply; valid until the writer
  * is reset or freed. */
 const rpc_seg *ps_wire_segs(ps_wire_writer *w, int *nsegs);
