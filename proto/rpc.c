@@ -117,7 +117,7 @@ const char *rpc_status_name(int code) {
  *   DEADLINE_EXCEEDED                       CM_ETIMEDOUT
  *   UNAVAILABLE, CANCELLED                  CM_EUNAVAIL
  *   RESOURCE_EXHAUSTED                      CM_ENOMEM
- *   ABORTED                                 CM_EBUSY
+ *   ABORTED                                 CM_EABORTED
  *   UNIMPLEMENTED                           CM_EUNSUPPORTED
  *   DATA_LOSS                               CM_ECORRUPT
  *   anything else (UNKNOWN, INTERNAL, ...)  CM_EIO */
@@ -132,7 +132,7 @@ int rpc_status_to_cm(int code) {
     case RPC_UNAVAILABLE:
     case RPC_CANCELLED: return CM_EUNAVAIL;
     case RPC_RESOURCE_EXHAUSTED: return CM_ENOMEM;
-    case RPC_ABORTED: return CM_EBUSY;
+    case RPC_ABORTED: return CM_EABORTED;
     case RPC_UNIMPLEMENTED: return CM_EUNSUPPORTED;
     case RPC_DATA_LOSS: return CM_ECORRUPT;
     default: return CM_EIO;

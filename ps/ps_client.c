@@ -1,11 +1,20 @@
 /* ps_client.c - push and pull to all shards in parallel, with retries.
  * SPDX-License-Identifier: MIT
  *
- * A ticket has one sub-call per shard. 'pending' counts what the ticket
- * still waits for: each sub-call's completion and each zero-copy segment's
- * release (so the caller's buffer is free when the ticket is). Completions
- * run on the rpc client thread; retries are issued by the waiting thread,
- * after a backoff, so the client thread never sleeps.
+ * A ticket has one sub-call per shard. It counts its calls in flight and
+ * its zero-copy segments not yet released (the caller's buffer is free
+ * once both are 0). Completions run on the rpc client thread; retries are
+ * issued by the waiting thread, after a backoff, so the client thread never
+ * sleeps. Every ticket of a client shares the client's lock and condition,
+ * so one thread can wait for several tickets at once (ps_tickets_wait) and
+ * retry each sub-call on its own schedule.
+ *
+ * Rollback: when a shard answers ABORTED (the cluster is rolling back, or
+ * rolled back), waiting for the other calls could take until their
+ * deadlines (a shard waits for the pushes of workers that are recovering
+ * too), so the waiter abandons them: it waits until their segments are
+ * released, marks the ticket an orphan, whose late replies are dropped
+ * without touching the caller's buffers, and the last completion frees it.
  */
 #include "ps/ps_client.h"
 
@@ -34,6 +43,10 @@ struct ps_client {
     char identity[256];
     int *nparts;      /* Per shard. */
     uint32_t **parts; /* Per shard: placement ids. */
+    uint64_t epoch;   /* Sent with every request (0 = not tracked). */
+    pthread_mutex_t mu; /* Every ticket's state. */
+    pthread_cond_t cv;  /* Broadcast on every completion and release. */
+    int orphans;        /* Abandoned tickets with calls in flight. */
 };
 
 typedef struct sub {
@@ -43,7 +56,8 @@ typedef struct sub {
     const uint32_t *parts; /* Placement ids: the client's list for the
                             * whole shard, or the ticket's 'own'. */
     int attempts;
-    int code; /* gRPC status of the last attempt. */
+    double retry_at; /* When to retry an UNAVAILABLE attempt (0: not yet set). */
+    int code; /* gRPC status of the last attempt; -1 while in flight. */
     int cm;   /* CM status after decoding. */
     int64_t version;
     char msg[384];
@@ -56,27 +70,47 @@ struct ps_ticket {
     const float *grad;
     float *params;
     double start;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int pending; /* Protected by mu. */
+    /* Protected by the client's mu. */
+    int calls;  /* Sub-calls in flight. */
+    int segs;   /* Zero-copy segments not yet released. */
+    int orphan; /* Abandoned: drop replies, free on the last completion. */
     int nsubs;
     sub *subs;
     uint32_t *own; /* Partition lists of a partial push-pull. */
 };
 
-static void ticket_dec(ps_ticket *t) {
-    pthread_mutex_lock(&t->mu);
-    if (--t->pending == 0) pthread_cond_broadcast(&t->cv);
-    pthread_mutex_unlock(&t->mu);
+static void ticket_free(ps_ticket *t) {
+    free(t->subs);
+    free(t->own);
+    free(t);
 }
 
-static void release_seg(void *ud) { ticket_dec(ud); }
+/* After a completion or release (mu held): wake the waiter; returns 1 if
+ * the caller must free the orphan t (after unlocking). */
+static int ticket_settle(ps_ticket *t) {
+    ps_client *c = t->c;
+    pthread_cond_broadcast(&c->cv);
+    if (!t->orphan || t->calls || t->segs) return 0;
+    c->orphans--;
+    return 1;
+}
+
+static void release_seg(void *ud) {
+    ps_ticket *t = ud;
+    ps_client *c = t->c;
+    pthread_mutex_lock(&c->mu);
+    t->segs--;
+    int done = ticket_settle(t);
+    pthread_mutex_unlock(&c->mu);
+    if (done) ticket_free(t);
+}
 
 static void fill_cluster(ps_client *c, Psrpc__Cluster *cl) {
     psrpc__cluster__init(cl);
     cl->fingerprint = c->fingerprint;
     cl->description = c->identity;
     cl->rank = (uint32_t)c->cfg.rank;
+    cl->epoch = c->epoch;
 }
 
 /* Copy a pull reply from shard sh into params; CM_OK or CM_EINVAL. */
@@ -111,9 +145,12 @@ static int take_pull_reply(ps_client *c, int sh, int nexpect, const uint8_t *buf
 static void on_done(void *ud, int code, const char *message, const uint8_t *reply, size_t len) {
     sub *s = ud;
     ps_ticket *t = s->t;
-    s->code = code;
+    ps_client *c = t->c;
+    pthread_mutex_lock(&c->mu);
     s->cm = rpc_status_to_cm(code);
-    if (code != RPC_OK) {
+    if (t->orphan) {
+        /* Nobody waits: the caller's buffers are not ours any more. */
+    } else if (code != RPC_OK) {
         snprintf(s->msg, sizeof s->msg, "%s: %s", rpc_status_name(code), message);
     } else if (t->op == OP_PULL || t->op == OP_PUSH_PULL) {
         int nexpect = t->op == OP_PULL ? t->c->nparts[s->shard] : s->nparts;
@@ -129,16 +166,25 @@ static void on_done(void *ud, int code, const char *message, const uint8_t *repl
             snprintf(s->msg, sizeof s->msg, "malformed PushReply");
         }
     }
-    ticket_dec(t);
+    s->code = code;
+    t->calls--;
+    int done = ticket_settle(t);
+    pthread_mutex_unlock(&c->mu);
+    if (done) ticket_free(t);
 }
 
 static void issue(ps_ticket *t, sub *s) {
     ps_client *c = t->c;
     int sh = s->shard;
+    pthread_mutex_lock(&c->mu);
     s->attempts++;
+    s->retry_at = 0.0;
     s->code = -1;
     s->cm = CM_OK;
     s->msg[0] = 0;
+    t->calls++;
+    if (t->op == OP_PUSH || t->op == OP_PUSH_PULL) t->segs += s->nparts;
+    pthread_mutex_unlock(&c->mu);
     ps_wire_writer w;
     ps_wire_writer_init(&w);
     Psrpc__Cluster cl;
@@ -150,9 +196,6 @@ static void issue(ps_ticket *t, sub *s) {
         req.cluster = &cl;
         req.step = t->step;
         ps_wire_put_message(&w, &req.base);
-        pthread_mutex_lock(&t->mu);
-        t->pending += 1 + s->nparts;
-        pthread_mutex_unlock(&t->mu);
         for (int i = 0; i < s->nparts; i++) {
             const cm_partition *p = &c->cfg.placement->parts[s->parts[i]];
             ps_wire_put_part(&w, 3, c->cfg.model, c->cfg.placement, s->parts[i],
@@ -164,9 +207,6 @@ static void issue(ps_ticket *t, sub *s) {
         req.cluster = &cl;
         req.min_version = t->step;
         ps_wire_put_message(&w, &req.base);
-        pthread_mutex_lock(&t->mu);
-        t->pending += 1;
-        pthread_mutex_unlock(&t->mu);
     }
     int nsegs;
     const rpc_seg *segs = ps_wire_segs(&w, &nsegs);
@@ -180,8 +220,6 @@ static ps_ticket *ticket_new(ps_client *c, int op, int64_t step) {
     t->op = op;
     t->step = step;
     t->start = cm_now();
-    pthread_mutex_init(&t->mu, NULL);
-    pthread_cond_init(&t->cv, NULL);
     t->nsubs = c->nshards;
     t->subs = cm_calloc((size_t)c->nshards, sizeof *t->subs);
     for (int i = 0; i < c->nshards; i++) {
@@ -260,49 +298,106 @@ int ps_client_pull(ps_client *c, int64_t min_version, float *params, ps_ticket *
     return CM_OK;
 }
 
-static void ticket_free(ps_ticket *t) {
-    pthread_cond_destroy(&t->cv);
-    pthread_mutex_destroy(&t->mu);
-    free(t->subs);
-    free(t->own);
-    free(t);
+static const char *op_name(int op) {
+    return op == OP_PUSH ? "push" : op == OP_PULL ? "pull" : "push-pull";
+}
+
+static void sub_error(const ps_ticket *t, const sub *s, char *err, size_t errlen) {
+    cm_seterr(err, errlen, "%s to PS %d (%s) failed after %d attempt%s: %s", op_name(t->op),
+              s->shard, t->c->addrs[s->shard], s->attempts, s->attempts == 1 ? "" : "s",
+              s->msg);
+}
+
+int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, size_t errlen) {
+    if (n <= 0) return CM_OK;
+    ps_client *c = tickets[0]->c;
+    const sub *aborted = NULL;
+    const ps_ticket *aborted_t = NULL;
+    sub **again = cm_malloc((size_t)n * (size_t)c->nshards * sizeof *again);
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        double now = cm_now(), wake = now + 1.0;
+        int busy = 0, nagain = 0;
+        for (int k = 0; k < n && !aborted; k++) {
+            ps_ticket *t = tickets[k];
+            int may_retry = (now - t->start) * 1e3 < (double)c->cfg.connect_timeout_ms;
+            if (t->segs) busy = 1;
+            for (int i = 0; i < t->nsubs; i++) {
+                sub *s = &t->subs[i];
+                if (s->code == -1) {
+                    busy = 1;
+                } else if (s->code == RPC_ABORTED) {
+                    aborted = s;
+                    aborted_t = t;
+                    break;
+                } else if (s->code == RPC_UNAVAILABLE && may_retry) {
+                    busy = 1;
+                    if (s->retry_at == 0.0) {
+                        int a = s->attempts - 1;
+                        s->retry_at = now + 1e-3 * (double)(100 << (a < 4 ? a : 4)); /* 0.1..1.6 s */
+                    }
+                    if (now >= s->retry_at)
+                        again[nagain++] = s;
+                    else if (s->retry_at < wake)
+                        wake = s->retry_at;
+                }
+            }
+        }
+        if (aborted || !busy) break;
+        if (nagain) {
+            pthread_mutex_unlock(&c->mu);
+            for (int i = 0; i < nagain; i++) issue(again[i]->t, again[i]);
+            pthread_mutex_lock(&c->mu);
+            continue;
+        }
+        struct timespec ts; /* c->cv waits on the monotonic clock, as cm_now. */
+        double until = wake;
+        ts.tv_sec = (time_t)until;
+        ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
+        pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+    }
+    free(again);
+    int rc = CM_OK;
+    if (aborted) {
+        rc = CM_EABORTED;
+        sub_error(aborted_t, aborted, err, errlen);
+        /* The buffers are the caller's again once no segment is in use;
+         * calls still waiting become orphans. */
+        for (int k = 0; k < n; k++)
+            while (tickets[k]->segs) pthread_cond_wait(&c->cv, &c->mu);
+        for (int k = 0; k < n; k++) {
+            ps_ticket *t = tickets[k];
+            if (t->calls) {
+                t->orphan = 1;
+                c->orphans++;
+                tickets[k] = NULL;
+            }
+        }
+        pthread_mutex_unlock(&c->mu);
+        for (int k = 0; k < n; k++)
+            if (tickets[k]) ticket_free(tickets[k]);
+        return rc;
+    }
+    pthread_mutex_unlock(&c->mu);
+    int64_t vmin = INT64_MAX;
+    for (int k = 0; k < n; k++) {
+        ps_ticket *t = tickets[k];
+        for (int i = 0; i < t->nsubs; i++) {
+            sub *s = &t->subs[i];
+            if (s->cm != CM_OK && rc == CM_OK) {
+                rc = s->cm;
+                sub_error(t, s, err, errlen);
+            }
+            if (s->version < vmin) vmin = s->version;
+        }
+        ticket_free(t);
+    }
+    if (version) *version = vmin;
+    return rc;
 }
 
 int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen) {
-    ps_client *c = t->c;
-    int rc = CM_OK;
-    for (;;) {
-        pthread_mutex_lock(&t->mu);
-        while (t->pending > 0) pthread_cond_wait(&t->cv, &t->mu);
-        pthread_mutex_unlock(&t->mu);
-        int retry = 0, attempts = 0;
-        for (int i = 0; i < t->nsubs; i++)
-            if (t->subs[i].code == RPC_UNAVAILABLE) {
-                retry = 1;
-                if (t->subs[i].attempts > attempts) attempts = t->subs[i].attempts;
-            }
-        double elapsed_ms = (cm_now() - t->start) * 1e3;
-        if (!retry || elapsed_ms >= (double)c->cfg.connect_timeout_ms) break;
-        int backoff = 50 << (attempts < 5 ? attempts : 5); /* 100 ms .. 1.6 s */
-        usleep((useconds_t)backoff * 1000);
-        for (int i = 0; i < t->nsubs; i++)
-            if (t->subs[i].code == RPC_UNAVAILABLE) issue(t, &t->subs[i]);
-    }
-    int64_t vmin = INT64_MAX;
-    for (int i = 0; i < t->nsubs; i++) {
-        sub *s = &t->subs[i];
-        if (s->cm != CM_OK && rc == CM_OK) {
-            rc = s->cm;
-            cm_seterr(err, errlen, "%s to PS %d (%s) failed after %d attempt%s: %s",
-                      t->op == OP_PUSH ? "push" : t->op == OP_PULL ? "pull" : "push-pull",
-                      s->shard, c->addrs[s->shard], s->attempts,
-                      s->attempts == 1 ? "" : "s", s->msg);
-        }
-        if (s->version < vmin) vmin = s->version;
-    }
-    if (version) *version = vmin;
-    ticket_free(t);
-    return rc;
+    return ps_tickets_wait(&t, 1, version, err, errlen);
 }
 
 /* A blocking call to one shard, retrying UNAVAILABLE until the connect
@@ -326,6 +421,33 @@ static int call_shard(ps_client *c, int sh, const char *method, const ProtobufCM
     return code;
 }
 
+/* call_shard (retrying) and unpack the reply as 'desc'. Returns the reply
+ * (free with protobuf_c_message_free_unpacked) or NULL with *rc set and a
+ * message naming the PS and 'what' in err. */
+static ProtobufCMessage *call_unpack(ps_client *c, int sh, const char *method,
+                                     const ProtobufCMessage *req,
+                                     const ProtobufCMessageDescriptor *desc, const char *what,
+                                     int *rc, char *err, size_t errlen) {
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    char msg[768];
+    int code = call_shard(c, sh, method, req, 1, &reply, &len, msg, sizeof msg);
+    if (code != RPC_OK) {
+        free(reply);
+        cm_seterr(err, errlen, "%s of PS %d (%s) failed: %s: %s", what, sh, c->addrs[sh],
+                  rpc_status_name(code), msg);
+        *rc = rpc_status_to_cm(code);
+        return NULL;
+    }
+    ProtobufCMessage *r = protobuf_c_message_unpack(desc, NULL, len, reply);
+    free(reply);
+    if (!r) {
+        cm_seterr(err, errlen, "malformed %s reply from PS %d (%s)", what, sh, c->addrs[sh]);
+        *rc = CM_EINVAL;
+    }
+    return r;
+}
+
 int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errlen) {
     Psrpc__Cluster cl;
     fill_cluster(c, &cl);
@@ -344,17 +466,17 @@ int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errl
     req.sync = init->async ? PSRPC__SYNC_MODE__SYNC_ASYNC : PSRPC__SYNC_MODE__SYNC_SYNC;
     req.aggregate = init->sum ? PSRPC__AGGREGATE__AGGREGATE_SUM : PSRPC__AGGREGATE__AGGREGATE_MEAN;
     req.zero_init = init->zero_init;
+    req.global_batch = init->global_batch;
+    req.steps_per_epoch = init->steps_per_epoch;
     for (int i = 0; i < c->nshards; i++) {
-        uint8_t *reply = NULL;
-        size_t len = 0;
-        char msg[512];
-        int code = call_shard(c, i, "/psrpc.Ps/Initialize", &req.base, 1, &reply, &len, msg, sizeof msg);
-        free(reply);
-        if (code != RPC_OK) {
-            cm_seterr(err, errlen, "init of PS %d (%s) failed: %s: %s", i, c->addrs[i],
-                      rpc_status_name(code), msg);
-            return rpc_status_to_cm(code);
-        }
+        int rc;
+        Psrpc__InitReply *r = (Psrpc__InitReply *)call_unpack(
+            c, i, "/psrpc.Ps/Initialize", &req.base, &psrpc__init_reply__descriptor, "init", &rc,
+            err, errlen);
+        if (!r) return rc;
+        /* Fresh shards all start in epoch 1; restored ones report 0. */
+        if (r->epoch > c->epoch && !r->recovering) c->epoch = r->epoch;
+        psrpc__init_reply__free_unpacked(r, NULL);
     }
     return CM_OK;
 }
@@ -391,22 +513,11 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
     Psrpc__StatsRequest req = PSRPC__STATS_REQUEST__INIT;
     req.cluster = &cl;
     for (int i = 0; i < c->nshards; i++) {
-        uint8_t *reply = NULL;
-        size_t len = 0;
-        char msg[512];
-        int code = call_shard(c, i, "/psrpc.Ps/Stats", &req.base, 1, &reply, &len, msg, sizeof msg);
-        if (code != RPC_OK) {
-            free(reply);
-            cm_seterr(err, errlen, "stats of PS %d (%s) failed: %s: %s", i, c->addrs[i],
-                      rpc_status_name(code), msg);
-            return rpc_status_to_cm(code);
-        }
-        Psrpc__StatsReply *r = psrpc__stats_reply__unpack(NULL, len, reply);
-        free(reply);
-        if (!r) {
-            cm_seterr(err, errlen, "malformed StatsReply from PS %d", i);
-            return CM_EINVAL;
-        }
+        int rc;
+        Psrpc__StatsReply *r = (Psrpc__StatsReply *)call_unpack(
+            c, i, "/psrpc.Ps/Stats", &req.base, &psrpc__stats_reply__descriptor, "stats", &rc,
+            err, errlen);
+        if (!r) return rc;
         if (r->version < out->min_version) out->min_version = r->version;
         out->pushes += r->pushes;
         out->duplicate_pushes += r->duplicate_pushes;
@@ -424,6 +535,12 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
     const cm_placement *pl = cfg->placement;
     ps_client *c = cm_calloc(1, sizeof *c);
     c->cfg = *cfg;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->cv, &ca);
+    pthread_condattr_destroy(&ca);
     if (!c->cfg.deadline_ms) c->cfg.deadline_ms = 60000;
     if (!c->cfg.connect_timeout_ms) c->cfg.connect_timeout_ms = 30000;
     c->nshards = pl->nshards;
@@ -463,6 +580,10 @@ fail:
 
 void ps_client_close(ps_client *c) {
     if (!c) return;
+    /* Abandoned calls end by their deadline at the latest. */
+    pthread_mutex_lock(&c->mu);
+    while (c->orphans) pthread_cond_wait(&c->cv, &c->mu);
+    pthread_mutex_unlock(&c->mu);
     for (int s = 0; s < c->nshards; s++) {
         if (c->ch[s]) rpc_channel_close(c->ch[s]);
         free(c->addrs[s]);
@@ -473,5 +594,58 @@ void ps_client_close(ps_client *c) {
     free(c->addrs);
     free(c->parts);
     free(c->nparts);
+    pthread_cond_destroy(&c->cv);
+    pthread_mutex_destroy(&c->mu);
     free(c);
+}
+
+void ps_client_set_epoch(ps_client *c, uint64_t epoch) { c->epoch = epoch; }
+uint64_t ps_client_epoch(const ps_client *c) { return c->epoch; }
+
+int ps_client_checkpoints(ps_client *c, int64_t keep_from, ps_shard_checkpoints *out,
+                          char *err, size_t errlen) {
+    Psrpc__Cluster cl;
+    fill_cluster(c, &cl);
+    Psrpc__CheckpointsRequest req = PSRPC__CHECKPOINTS_REQUEST__INIT;
+    req.cluster = &cl;
+    req.keep_from = keep_from;
+    for (int i = 0; i < c->nshards; i++) {
+        int rc;
+        Psrpc__CheckpointsReply *r = (Psrpc__CheckpointsReply *)call_unpack(
+            c, i, "/psrpc.Ps/Checkpoints", &req.base, &psrpc__checkpoints_reply__descriptor,
+            "checkpoints", &rc, err, errlen);
+        if (!r) return rc;
+        ps_shard_checkpoints *o = &out[i];
+        memset(o, 0, sizeof *o);
+        o->version = r->version;
+        o->epoch = r->epoch;
+        o->recovering = r->recovering;
+        o->initialised = r->initialised;
+        o->durable = r->durable;
+        o->ncommitted = r->n_committed < PS_MAX_COMMITTED ? (int)r->n_committed
+                                                           : PS_MAX_COMMITTED;
+        for (int k = 0; k < o->ncommitted; k++) o->committed[k] = r->committed[k];
+        psrpc__checkpoints_reply__free_unpacked(r, NULL);
+    }
+    return CM_OK;
+}
+
+int ps_client_rollback(ps_client *c, int64_t version, uint64_t epoch, char *err,
+                       size_t errlen) {
+    Psrpc__Cluster cl;
+    fill_cluster(c, &cl);
+    Psrpc__RollbackRequest req = PSRPC__ROLLBACK_REQUEST__INIT;
+    req.cluster = &cl;
+    req.version = version;
+    req.epoch = epoch;
+    for (int i = 0; i < c->nshards; i++) {
+        int rc;
+        ProtobufCMessage *r = call_unpack(c, i, "/psrpc.Ps/Rollback", &req.base,
+                                          &psrpc__rollback_reply__descriptor, "rollback", &rc,
+                                          err, errlen);
+        if (!r) return rc;
+        protobuf_c_message_free_unpacked(r, NULL);
+    }
+    c->epoch = epoch;
+    return CM_OK;
 }

@@ -48,12 +48,17 @@ typedef struct ps_init_cfg {
     int async;     /* 0 = synchronous steps, 1 = apply every push at once. */
     int sum;       /* 0 = average the workers' gradients, 1 = sum them. */
     int zero_init; /* Start at zeros (benchmarks). */
+    /* Where the data stands at a version (kept in checkpoints so that a
+     * resumed run must use the same; 0 = not given). */
+    unsigned global_batch;
+    uint64_t steps_per_epoch;
 } ps_init_cfg;
 
 int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen);
 void ps_client_close(ps_client *c);
 
-/* Initialise every shard (idempotent for the same config). Blocking. */
+/* Initialise every shard (idempotent for the same config). Blocking.
+ * Adopts the shards' recovery epoch (1 for fresh shards). */
 int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errlen);
 
 /* Push 'grad' (model->numel floats) as this rank's gradient for 'step'. */
@@ -84,6 +89,39 @@ int ps_client_push_pull_parts(ps_client *c, int64_t step, const float *grad, flo
 /* Wait for a ticket and free it. *version (may be NULL) gets the smallest
  * shard version seen. Returns CM_OK or the first error, with a message. */
 int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen);
+
+/* Wait for n tickets together (retrying each shard's UNAVAILABLE calls on
+ * its own backoff) and free them all. When a shard answers ABORTED (the
+ * cluster is rolling back) this returns CM_EABORTED at once, without
+ * waiting for the other calls: they are abandoned, and their replies are
+ * dropped. Either way the buffers are the caller's again on return. */
+int ps_tickets_wait(ps_ticket **t, int n, int64_t *version, char *err, size_t errlen);
+
+/* Recovery epoch sent with every request (see proto/ps.proto, Cluster);
+ * 0, the default, means not tracked. */
+void ps_client_set_epoch(ps_client *c, uint64_t epoch);
+uint64_t ps_client_epoch(const ps_client *c);
+
+/* One shard's checkpoint state (psrpc.CheckpointsReply). */
+#define PS_MAX_COMMITTED 16
+typedef struct ps_shard_checkpoints {
+    int64_t version;
+    uint64_t epoch;
+    int recovering, initialised, durable;
+    int ncommitted;
+    int64_t committed[PS_MAX_COMMITTED]; /* Newest first. */
+} ps_shard_checkpoints;
+
+/* Ask every shard (out: placement->nshards entries) for its checkpoints;
+ * keep_from >= 0 tells them every shard has committed that version, so
+ * older generations may go. Blocking, retries unreachable shards. */
+int ps_client_checkpoints(ps_client *c, int64_t keep_from, ps_shard_checkpoints *out,
+                          char *err, size_t errlen);
+
+/* Roll every shard back to committed 'version' (0: the initial values) in
+ * recovery epoch 'epoch' (> every shard's), then use that epoch. */
+int ps_client_rollback(ps_client *c, int64_t version, uint64_t epoch, char *err,
+                       size_t errlen);
 
 /* Ask every shard to shut down (the chief, at the end). Blocking. */
 int ps_client_shutdown_servers(ps_client *c, const char *reason, char *err, size_t errlen);

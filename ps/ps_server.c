@@ -55,6 +55,16 @@ struct ps_server {
     pthread_cond_t ck_cv;
     ckpt_job job;          /* Protected by ck_mu; busy while job.snap. */
     int ck_stop;           /* Protected by ck_mu. */
+    int64_t gc_floor;      /* Protected by ck_mu: every shard has committed
+                            * this version (the chief says so), -1 unknown. */
+    int gc_pending;        /* Protected by ck_mu: the floor rose; collect. */
+    /* Recovery. Push, PushPull and Pull handlers hold 'gate' shared from
+     * their epoch check until they are registered with the shard; Rollback
+     * holds it exclusively, so no request of an old epoch reaches the new
+     * state. epoch and recovering are protected by mu. */
+    pthread_rwlock_t gate;
+    uint64_t epoch;        /* 0 until initialised; then >= 1. */
+    int recovering;        /* Restored from disk, waiting for a Rollback. */
 };
 
 static int check_cluster(ps_server *s, rpc_call *call, const Psrpc__Cluster *c) {
@@ -71,6 +81,30 @@ static int check_cluster(ps_server *s, rpc_call *call, const Psrpc__Cluster *c) 
                  s->cfg.shard, s->identity, (unsigned long long)s->fingerprint, c->rank,
                  c->description && c->description[0] ? c->description : "(no description)",
                  (unsigned long long)c->fingerprint);
+    return 0;
+}
+
+/* Refuse a request of another recovery epoch, or any while the shard
+ * waits for the chief's Rollback (ABORTED: the caller must resynchronise).
+ * Called with the gate held shared. */
+static int check_epoch(ps_server *s, rpc_call *call, const Psrpc__Cluster *c) {
+    pthread_mutex_lock(&s->mu);
+    int recovering = s->recovering;
+    uint64_t epoch = s->epoch;
+    pthread_mutex_unlock(&s->mu);
+    if (!recovering && (c->epoch == 0 || c->epoch == epoch)) return 1;
+    ps_shard_stats st;
+    ps_shard_stats_get(s->shard, &st);
+    if (recovering)
+        rpc_fail(call, RPC_ABORTED,
+                 "PS shard %d restarted from its checkpoint of version %lld and waits for the "
+                 "chief to roll the cluster back",
+                 s->cfg.shard, (long long)st.version);
+    else
+        rpc_fail(call, RPC_ABORTED,
+                 "epoch %llu is over: PS shard %d is at version %lld of epoch %llu (rolled back)",
+                 (unsigned long long)c->epoch, s->cfg.shard, (long long)st.version,
+                 (unsigned long long)epoch);
     return 0;
 }
 
@@ -113,8 +147,10 @@ static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
                                                           : 0,
         .aggregate = r->aggregate == PSRPC__AGGREGATE__AGGREGATE_SUM ? PS_AGG_SUM : PS_AGG_MEAN,
         .zero_init = r->zero_init,
+        .global_batch = r->global_batch,
+        .steps_per_epoch = r->steps_per_epoch,
     };
-    char err[512];
+    char err[640];
     int64_t version = 0;
     int rc = ps_shard_init(s->shard, &cfg, &version, err, sizeof err);
     if (rc == CM_EBUSY) {
@@ -126,6 +162,11 @@ static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         cm_debug("shard %d initialised by rank %u", s->cfg.shard, r->cluster->rank);
         Psrpc__InitReply rep = PSRPC__INIT_REPLY__INIT;
         rep.version = version;
+        pthread_mutex_lock(&s->mu);
+        if (s->epoch == 0 && !s->recovering) s->epoch = 1;
+        rep.epoch = s->epoch;
+        rep.recovering = s->recovering;
+        pthread_mutex_unlock(&s->mu);
         reply_packed(call, &rep.base);
     }
 out:
@@ -147,7 +188,7 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
     }
     Psrpc__PushRequest *r = (Psrpc__PushRequest *)m.msg;
     int ok = 0;
-    if (!check_cluster(s, call, r->cluster)) goto out;
+    if (!check_cluster(s, call, r->cluster) || !check_epoch(s, call, r->cluster)) goto out;
     ps_grad small[16];
     ps_grad *g = m.ntensors <= 16 ? small : cm_malloc((size_t)m.ntensors * sizeof *g);
     for (int i = 0; i < m.ntensors; i++) {
@@ -188,7 +229,10 @@ static void on_push(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     int64_t step = 0, version = 0;
     int duplicate = 0;
-    if (!do_push(s, call, req, len, &step, &version, &duplicate, NULL, NULL)) return;
+    pthread_rwlock_rdlock(&s->gate);
+    int ok = do_push(s, call, req, len, &step, &version, &duplicate, NULL, NULL);
+    pthread_rwlock_unlock(&s->gate);
+    if (!ok) return;
     Psrpc__PushReply rep = PSRPC__PUSH_REPLY__INIT;
     rep.version = version;
     rep.duplicate = duplicate;
@@ -213,7 +257,14 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
     if (!snap) {
         free(pc->parts);
         free(pc);
-        rpc_fail(call, RPC_UNAVAILABLE, "PS shard %d is shutting down", s->cfg.shard);
+        pthread_mutex_lock(&s->mu);
+        int stopping = s->stopping;
+        pthread_mutex_unlock(&s->mu);
+        if (stopping)
+            rpc_fail(call, RPC_UNAVAILABLE, "PS shard %d is shutting down", s->cfg.shard);
+        else
+            rpc_fail(call, RPC_ABORTED, "PS shard %d rolled back while this call waited",
+                     s->cfg.shard);
         return;
     }
     int nparts = pc->nparts;
@@ -247,12 +298,14 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed PullRequest");
         return;
     }
-    if (check_cluster(s, call, r->cluster)) {
+    pthread_rwlock_rdlock(&s->gate);
+    if (check_cluster(s, call, r->cluster) && check_epoch(s, call, r->cluster)) {
         pull_ctx *pc = cm_calloc(1, sizeof *pc);
         pc->s = s;
         pc->call = call;
         ps_shard_pull(s->shard, r->min_version, answer_pull, pc);
     }
+    pthread_rwlock_unlock(&s->gate);
     psrpc__pull_request__free_unpacked(r, NULL);
 }
 
@@ -261,7 +314,11 @@ static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t l
     int64_t step = 0, version = 0;
     int duplicate = 0, nparts = 0;
     uint32_t *parts = NULL;
-    if (!do_push(s, call, req, len, &step, &version, &duplicate, &parts, &nparts)) return;
+    pthread_rwlock_rdlock(&s->gate);
+    if (!do_push(s, call, req, len, &step, &version, &duplicate, &parts, &nparts)) {
+        pthread_rwlock_unlock(&s->gate);
+        return;
+    }
     /* The reply carries the pushed partitions: in sync mode as soon as they
      * are final for step + 1 (maybe before the rest of the shard), in async
      * mode at once, from the newest version. */
@@ -276,6 +333,7 @@ static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t l
         ps_shard_pull(s->shard, step + 1, answer_pull, pc);
     else if (ps_shard_pull_parts(s->shard, step, parts, nparts, answer_pull, pc) != CM_OK)
         answer_pull(pc, NULL); /* Cannot happen: the push validated them. */
+    pthread_rwlock_unlock(&s->gate);
 }
 
 /* ------------------------------------------------------------ Stats, Shutdown */
@@ -328,8 +386,8 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
 /* ------------------------------------------------------------ checkpoints */
 
 /* The extra record: the shard's config, little-endian. */
-#define CFG_MAGIC "pscfg1\0\0"
-#define CFG_LEN (8 + 4 + 5 * 4 + 8 + 4 * 4)
+#define CFG_MAGIC "pscfg2\0\0"
+#define CFG_LEN (8 + 4 + 5 * 4 + 8 + 4 * 4 + 4 + 8)
 
 static uint8_t *put32(uint8_t *p, uint32_t v) {
     for (int i = 0; i < 4; i++) *p++ = (uint8_t)(v >> (8 * i));
@@ -365,14 +423,17 @@ static void cfg_encode(const ps_shard_config *c, uint8_t out[CFG_LEN]) {
     p = put32(p, (uint32_t)c->num_workers);
     p = put32(p, (uint32_t)c->sync);
     p = put32(p, (uint32_t)c->aggregate);
-    put32(p, (uint32_t)c->zero_init);
+    p = put32(p, (uint32_t)c->zero_init);
+    p = put32(p, c->global_batch);
+    p = put32(p, (uint32_t)c->steps_per_epoch);
+    put32(p, (uint32_t)(c->steps_per_epoch >> 32));
 }
 
 static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
     if (len != CFG_LEN || memcmp(buf, CFG_MAGIC, 8) != 0) return CM_ECORRUPT;
     const uint8_t *p = (const uint8_t *)buf + 8;
-    uint32_t v[12];
-    for (int i = 0; i < 12; i++) p = get32(p, &v[i]);
+    uint32_t v[15];
+    for (int i = 0; i < 15; i++) p = get32(p, &v[i]);
     *c = (ps_shard_config){.optim = {.kind = (int)v[0], .lr = bitsf(v[1]),
                                      .momentum = bitsf(v[2]), .beta1 = bitsf(v[3]),
                                      .beta2 = bitsf(v[4]), .epsilon = bitsf(v[5])},
@@ -380,7 +441,9 @@ static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
                            .num_workers = (int)v[8],
                            .sync = (int)v[9],
                            .aggregate = (int)v[10],
-                           .zero_init = (int)v[11]};
+                           .zero_init = (int)v[11],
+                           .global_batch = v[12],
+                           .steps_per_epoch = (uint64_t)v[13] | (uint64_t)v[14] << 32};
     return CM_OK;
 }
 
@@ -412,6 +475,26 @@ static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslo
     pthread_mutex_unlock(&s->ck_mu);
 }
 
+/* Drop the generations every shard has superseded: those older than the
+ * newest version the chief saw committed everywhere (gc_floor), and beyond
+ * GC_KEEP_MAX generations the oldest, so that a cluster whose chief never
+ * says does not fill the disk. */
+#define GC_KEEP_MAX 8
+static void gc(ps_server *s) {
+    char err[512];
+    pthread_mutex_lock(&s->ck_mu);
+    int64_t floor = s->gc_floor;
+    pthread_mutex_unlock(&s->ck_mu);
+    int64_t committed[GC_KEEP_MAX];
+    int n = st_store_committed(s->store, committed, GC_KEEP_MAX, err, sizeof err);
+    if (n < 1) return;
+    int64_t keep = floor;
+    if (keep > committed[0]) keep = committed[0];
+    if (n > GC_KEEP_MAX && committed[GC_KEEP_MAX - 1] > keep) keep = committed[GC_KEEP_MAX - 1];
+    if (keep > 0 && st_store_drop_older(s->store, keep, err, sizeof err) != CM_OK)
+        cm_warn("cannot drop checkpoints older than %lld: %s", (long long)keep, err);
+}
+
 /* Write one job (ck_mu not held: the job is the writer's while snap is
  * set). Errors are logged; training goes on. */
 static void write_job(ps_server *s, const ckpt_job *j) {
@@ -435,6 +518,11 @@ static void write_job(ps_server *s, const ckpt_job *j) {
     cfg_encode(&j->cfg, extra);
     int64_t v = ps_snapshot_version(j->snap);
     char err[512];
+    int64_t newest;
+    if (st_store_latest(s->store, &newest, err, sizeof err) == CM_OK && newest >= v) {
+        free(b); /* Already there (a final checkpoint of a checkpointed version). */
+        return;
+    }
     double t0 = cm_now();
     int rc = st_store_checkpoint(s->store, v, b, nblobs, extra, sizeof extra, err, sizeof err);
     free(b);
@@ -442,10 +530,7 @@ static void write_job(ps_server *s, const ckpt_job *j) {
         cm_error("checkpoint of version %lld failed: %s", (long long)v, err);
         return;
     }
-    int64_t committed[2];
-    int n = st_store_committed(s->store, committed, 2, err, sizeof err);
-    if (n >= 2 && st_store_drop_older(s->store, committed[1], err, sizeof err) != CM_OK)
-        cm_warn("cannot drop checkpoints older than %lld: %s", (long long)committed[1], err);
+    gc(s);
     cm_info("checkpoint of version %lld committed in %.0f ms", (long long)v,
             (cm_now() - t0) * 1e3);
 }
@@ -454,7 +539,16 @@ static void *writer_main(void *arg) {
     ps_server *s = arg;
     pthread_mutex_lock(&s->ck_mu);
     for (;;) {
-        while (!s->job.snap && !s->ck_stop) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
+        while (!s->job.snap && !s->gc_pending && !s->ck_stop)
+            pthread_cond_wait(&s->ck_cv, &s->ck_mu);
+        if (!s->job.snap && s->gc_pending) {
+            pthread_mutex_unlock(&s->ck_mu);
+            gc(s);
+            pthread_mutex_lock(&s->ck_mu);
+            s->gc_pending = 0;
+            pthread_cond_broadcast(&s->ck_cv);
+            continue;
+        }
         if (!s->job.snap) break;
         ckpt_job j = s->job;
         pthread_mutex_unlock(&s->ck_mu);
@@ -470,7 +564,8 @@ static void *writer_main(void *arg) {
 
 void ps_server_checkpoint_wait(ps_server *s) {
     pthread_mutex_lock(&s->ck_mu);
-    while (s->job.snap) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
+    while (s->job.snap || (s->gc_pending && s->writer_started))
+        pthread_cond_wait(&s->ck_cv, &s->ck_mu);
     pthread_mutex_unlock(&s->ck_mu);
 }
 
@@ -496,12 +591,46 @@ static int on_blob(void *ud, uint32_t part, uint32_t kind, const void *data, siz
     return CM_OK;
 }
 
-/* Open the store and restore its newest generation, if any. */
+/* Read committed generation v into params and slots (ps_shard_numel floats,
+ * and 2 * that: the most any optimizer keeps) and its config into *sc. */
+static int load_generation(ps_server *s, int64_t v, ps_shard_config *sc, float *params,
+                           float *slots, char *err, size_t errlen) {
+    int nparts;
+    ps_shard_parts(s->shard, &nparts);
+    restore_ctx c = {.shard = s->shard, .numel = ps_shard_numel(s->shard), .params = params,
+                     .slots = slots, .nslots = 2};
+    void *extra = NULL;
+    size_t extra_len = 0;
+    int rc = st_store_load(s->store, v, on_blob, &c, &extra, &extra_len, err, errlen);
+    if (rc == CM_OK && cfg_decode(extra, extra_len, sc) != CM_OK) {
+        cm_seterr(err, errlen, "its config record is not one this server wrote");
+        rc = CM_ECORRUPT;
+    }
+    if (rc == CM_OK && c.nseen != nparts * (1 + ps_optim_nslots(sc->optim.kind))) {
+        cm_seterr(err, errlen, "%d blobs, expected %d for %s", c.nseen,
+                  nparts * (1 + ps_optim_nslots(sc->optim.kind)), ps_optim_name(sc->optim.kind));
+        rc = CM_ECORRUPT;
+    }
+    free(extra);
+    return rc;
+}
+
+static float *state_buffer(ps_server *s, int nslots) {
+    size_t n = ps_shard_numel(s->shard);
+    float *b = cm_alloc_aligned((n ? n : 1) * (size_t)nslots * sizeof(float));
+    if (!b) abort(); /* A PS that cannot hold its state cannot go on. */
+    return b;
+}
+
+/* Open the store and restore its newest generation, if any. A restored
+ * shard then waits for the chief's Rollback (recovering): the other shards
+ * may hold another version. */
 static int open_store(ps_server *s) {
     const ps_server_cfg *cfg = &s->cfg;
     char err[768];
     st_identity id = {.fingerprint = s->fingerprint, .description = s->identity,
                       .shard = cfg->shard};
+    double t0 = cm_now();
     int rc = st_store_open(NULL, cfg->data_dir, &id, &s->store, err, sizeof err);
     if (rc != CM_OK) {
         cm_error("cannot open the checkpoint store %s: %s", cfg->data_dir, err);
@@ -517,41 +646,171 @@ static int open_store(ps_server *s) {
         cm_error("cannot read the checkpoints in %s: %s", cfg->data_dir, err);
         return rc;
     }
-    int nparts;
-    ps_shard_parts(s->shard, &nparts);
-    restore_ctx c = {.shard = s->shard, .numel = ps_shard_numel(s->shard)};
-    size_t n = c.numel ? c.numel : 1;
-    void *extra = NULL;
-    size_t extra_len = 0;
+    double t1 = cm_now();
+    float *params = state_buffer(s, 1), *slots = state_buffer(s, 2);
     ps_shard_config sc;
-    /* The config (and so the slot count) is in the extra record: read it
-     * with a first load that stops at once. */
-    c.params = cm_alloc_aligned(n * sizeof(float));
-    c.slots = cm_alloc_aligned(2 * n * sizeof(float)); /* The most any optimizer keeps. */
-    if (!c.params || !c.slots) abort();
-    c.nslots = 2;
-    rc = st_store_load(s->store, v, on_blob, &c, &extra, &extra_len, err, sizeof err);
-    if (rc == CM_OK && cfg_decode(extra, extra_len, &sc) != CM_OK) {
-        snprintf(err, sizeof err, "its config record is not one this server wrote");
-        rc = CM_ECORRUPT;
-    }
-    if (rc == CM_OK && c.nseen != nparts * (1 + ps_optim_nslots(sc.optim.kind))) {
-        snprintf(err, sizeof err, "%d blobs, expected %d for %s", c.nseen,
-                 nparts * (1 + ps_optim_nslots(sc.optim.kind)), ps_optim_name(sc.optim.kind));
-        rc = CM_ECORRUPT;
-    }
+    rc = load_generation(s, v, &sc, params, slots, err, sizeof err);
     if (rc == CM_OK)
-        rc = ps_shard_restore(s->shard, &sc, v, c.params, ps_optim_nslots(sc.optim.kind) ?
-                              c.slots : NULL, err, sizeof err);
-    free(extra);
-    free(c.params);
-    free(c.slots);
+        rc = ps_shard_restore(s->shard, &sc, v, params, ps_optim_nslots(sc.optim.kind) ?
+                              slots : NULL, err, sizeof err);
+    free(params);
+    free(slots);
     if (rc != CM_OK) {
         cm_error("cannot restore version %lld from %s: %s", (long long)v, cfg->data_dir, err);
         return rc;
     }
-    cm_info("restored version %lld from %s", (long long)v, cfg->data_dir);
+    s->recovering = 1;
+    cm_info("restored version %lld from %s (open %.0f ms, load %.0f ms); waiting for the "
+            "chief's rollback",
+            (long long)v, cfg->data_dir, (t1 - t0) * 1e3, (cm_now() - t1) * 1e3);
     return CM_OK;
+}
+
+/* ------------------------------------------------------------ recovery */
+
+static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
+    ps_server *s = ctx;
+    Psrpc__CheckpointsRequest *r = psrpc__checkpoints_request__unpack(NULL, len, req);
+    if (!r) {
+        ps_shard_count_bad(s->shard);
+        rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed CheckpointsRequest");
+        return;
+    }
+    if (!check_cluster(s, call, r->cluster)) goto out;
+    int64_t committed[16];
+    int n = 0;
+    if (s->store) {
+        char err[512];
+        n = st_store_committed(s->store, committed, 16, err, sizeof err);
+        if (n < 0) {
+            rpc_fail(call, RPC_INTERNAL, "PS shard %d cannot list its checkpoints: %s",
+                     s->cfg.shard, err);
+            goto out;
+        }
+        if (n > 16) n = 16;
+        if (r->keep_from >= 0) {
+            pthread_mutex_lock(&s->ck_mu);
+            if (r->keep_from > s->gc_floor) {
+                s->gc_floor = r->keep_from;
+                s->gc_pending = s->writer_started;
+                pthread_cond_broadcast(&s->ck_cv);
+            }
+            pthread_mutex_unlock(&s->ck_mu);
+        }
+    }
+    ps_shard_stats st;
+    ps_shard_stats_get(s->shard, &st);
+    ps_shard_config sc;
+    Psrpc__CheckpointsReply rep = PSRPC__CHECKPOINTS_REPLY__INIT;
+    rep.version = st.version;
+    rep.n_committed = (size_t)n;
+    rep.committed = committed;
+    rep.initialised = ps_shard_config_get(s->shard, &sc);
+    rep.durable = s->store != NULL;
+    pthread_mutex_lock(&s->mu);
+    rep.epoch = s->epoch;
+    rep.recovering = s->recovering;
+    pthread_mutex_unlock(&s->mu);
+    reply_packed(call, &rep.base);
+out:
+    psrpc__checkpoints_request__free_unpacked(r, NULL);
+}
+
+/* Roll the shard back to version v (see RollbackRequest). Holds the gate
+ * exclusively, and waits for a checkpoint being written, so that neither
+ * a request of the old epoch nor the old history's checkpoint outlives it. */
+static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t errlen) {
+    ps_shard_config have;
+    if (!ps_shard_config_get(s->shard, &have)) {
+        cm_seterr(err, errlen, "PS shard %d is not initialised", s->cfg.shard);
+        return CM_EINVAL;
+    }
+    if (v > 0 && !s->store) {
+        cm_seterr(err, errlen, "PS shard %d keeps no checkpoints (no --data-dir)", s->cfg.shard);
+        return CM_EINVAL;
+    }
+    pthread_rwlock_wrlock(&s->gate);
+    ps_server_checkpoint_wait(s);
+    float *params = NULL, *slots = NULL;
+    int rc = CM_OK;
+    if (v > 0) {
+        ps_shard_config sc;
+        params = state_buffer(s, 1);
+        slots = state_buffer(s, 2);
+        rc = load_generation(s, v, &sc, params, slots, err, errlen);
+        if (rc == CM_ENOTFOUND)
+            cm_seterr(err, errlen, "PS shard %d has no committed checkpoint of version %lld",
+                      s->cfg.shard, (long long)v);
+        if (rc == CM_OK && sc.optim.kind != have.optim.kind) {
+            cm_seterr(err, errlen, "checkpoint %lld of PS shard %d was written for %s, not %s",
+                      (long long)v, s->cfg.shard, ps_optim_name(sc.optim.kind),
+                      ps_optim_name(have.optim.kind));
+            rc = CM_ECORRUPT;
+        }
+    }
+    if (rc == CM_OK && s->store) rc = st_store_drop_newer(s->store, v, err, errlen);
+    if (rc == CM_OK)
+        rc = ps_shard_rollback(s->shard, v, params,
+                               ps_optim_nslots(have.optim.kind) && v > 0 ? slots : NULL, err,
+                               errlen);
+    if (rc == CM_OK) {
+        pthread_mutex_lock(&s->mu);
+        s->epoch = epoch;
+        s->recovering = 0;
+        pthread_mutex_unlock(&s->mu);
+    }
+    pthread_rwlock_unlock(&s->gate);
+    free(params);
+    free(slots);
+    return rc;
+}
+
+static void on_rollback(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
+    ps_server *s = ctx;
+    Psrpc__RollbackRequest *r = psrpc__rollback_request__unpack(NULL, len, req);
+    if (!r) {
+        ps_shard_count_bad(s->shard);
+        rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed RollbackRequest");
+        return;
+    }
+    if (!check_cluster(s, call, r->cluster)) goto out;
+    if (r->version < 0 || r->epoch == 0) {
+        ps_shard_count_bad(s->shard);
+        rpc_fail(call, RPC_INVALID_ARGUMENT, "rollback to version %lld in epoch %llu",
+                 (long long)r->version, (unsigned long long)r->epoch);
+        goto out;
+    }
+    pthread_mutex_lock(&s->mu);
+    int same = s->epoch == r->epoch && !s->recovering;
+    pthread_mutex_unlock(&s->mu);
+    char err[768];
+    ps_shard_stats st;
+    int rc = CM_OK;
+    if (!same) {
+        double t0 = cm_now();
+        rc = rollback(s, r->version, r->epoch, err, sizeof err);
+        if (rc == CM_OK)
+            cm_info("rolled back to version %lld in epoch %llu (rank %u asked; %.0f ms)",
+                    (long long)r->version, (unsigned long long)r->epoch, r->cluster->rank,
+                    (cm_now() - t0) * 1e3);
+    }
+    ps_shard_stats_get(s->shard, &st);
+    if (rc == CM_OK && same && st.version != r->version) {
+        cm_seterr(err, sizeof err, "epoch %llu already rolled back to version %lld",
+                  (unsigned long long)r->epoch, (long long)st.version);
+        rc = CM_EINVAL;
+    }
+    if (rc != CM_OK) {
+        cm_error("rollback to version %lld refused: %s", (long long)r->version, err);
+        rpc_fail(call, RPC_FAILED_PRECONDITION, "%s", err);
+    } else {
+        Psrpc__RollbackReply rep = PSRPC__ROLLBACK_REPLY__INIT;
+        rep.version = st.version;
+        rep.epoch = r->epoch;
+        reply_packed(call, &rep.base);
+    }
+out:
+    psrpc__rollback_request__free_unpacked(r, NULL);
 }
 
 /* ------------------------------------------------------------ lifecycle */
@@ -564,6 +823,13 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     pthread_cond_init(&s->cv, NULL);
     pthread_mutex_init(&s->ck_mu, NULL);
     pthread_cond_init(&s->ck_cv, NULL);
+    pthread_rwlockattr_t ga;
+    pthread_rwlockattr_init(&ga);
+    /* A Rollback must not wait behind an endless stream of pushes. */
+    pthread_rwlockattr_setkind_np(&ga, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&s->gate, &ga);
+    pthread_rwlockattr_destroy(&ga);
+    s->gc_floor = -1;
     s->fingerprint = ps_wire_identity(cfg->model, cfg->placement, s->identity, sizeof s->identity);
     int rc = ps_shard_create(cfg->model, cfg->placement, cfg->shard, &s->shard);
     if (rc != CM_OK) goto fail;
@@ -584,6 +850,8 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Pull", on_pull, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/PushPull", on_push_pull, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Stats", on_stats, s);
+    rpc_server_add_method(s->rpc, "/psrpc.Ps/Checkpoints", on_checkpoints, s);
+    rpc_server_add_method(s->rpc, "/psrpc.Ps/Rollback", on_rollback, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Shutdown", on_shutdown, s);
     *out = s;
     return CM_OK;
@@ -631,12 +899,23 @@ const char *ps_server_stop_reason(ps_server *s) { return s->reason; }
 
 void ps_server_destroy(ps_server *s, int grace_ms) {
     if (!s) return;
+    ps_server_request_stop(s, "server destroyed"); /* Waiting pulls: UNAVAILABLE. */
     if (s->shard) ps_shard_abort_waiters(s->shard);
     if (s->rpc) {
         rpc_server_shutdown(s->rpc, grace_ms);
         rpc_server_destroy(s->rpc);
     }
     if (s->writer_started) {
+        /* A last checkpoint of the final version, so that a run started
+         * again on this directory loses nothing. Not while recovering: that
+         * state is not agreed on. */
+        pthread_mutex_lock(&s->mu);
+        int recovering = s->recovering;
+        pthread_mutex_unlock(&s->mu);
+        if (!recovering) {
+            ps_server_checkpoint_wait(s);
+            if (ps_shard_publish_now(s->shard)) ps_server_checkpoint_wait(s);
+        }
         pthread_mutex_lock(&s->ck_mu);
         s->ck_stop = 1;
         pthread_cond_broadcast(&s->ck_cv);
@@ -649,6 +928,7 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     ps_shard_destroy(s->shard);
     pthread_cond_destroy(&s->ck_cv);
     pthread_mutex_destroy(&s->ck_mu);
+    pthread_rwlock_destroy(&s->gate);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
     free(s);

@@ -174,17 +174,22 @@ int ps_shard_create(const cm_model *model, const cm_placement *pl, int index, ps
     return CM_OK;
 }
 
-void ps_shard_destroy(ps_shard *s) {
-    if (!s) return;
-    ps_shard_abort_waiters(s);
-    ps_snapshot_unref(s->current);
-    ps_snapshot_unref(s->pending);
+/* Free what setup() allocated (not the snapshots). */
+static void free_state(ps_shard *s) {
     free(s->acc);
     free(s->slots);
     free(s->contrib);
     free(s->pcount);
     free(s->pdone);
     free(s->last_step);
+}
+
+void ps_shard_destroy(ps_shard *s) {
+    if (!s) return;
+    ps_shard_abort_waiters(s);
+    ps_snapshot_unref(s->current);
+    ps_snapshot_unref(s->pending);
+    free_state(s);
     free(s->waiters);
     pthread_mutex_destroy(&s->mu);
     pool_unref(s->pool);
@@ -280,14 +285,16 @@ static int same_config(const ps_shard_config *a, const ps_shard_config *b) {
            a->optim.momentum == b->optim.momentum && a->optim.beta1 == b->optim.beta1 &&
            a->optim.beta2 == b->optim.beta2 && a->optim.epsilon == b->optim.epsilon &&
            a->seed == b->seed && a->num_workers == b->num_workers && a->sync == b->sync &&
-           a->aggregate == b->aggregate && a->zero_init == b->zero_init;
+           a->aggregate == b->aggregate && a->zero_init == b->zero_init &&
+           a->global_batch == b->global_batch && a->steps_per_epoch == b->steps_per_epoch;
 }
 
 static void describe(const ps_shard_config *c, char *buf, size_t len) {
-    snprintf(buf, len, "%s lr=%g seed=%llu workers=%d %s %s%s", ps_optim_name(c->optim.kind),
-             (double)c->optim.lr, (unsigned long long)c->seed, c->num_workers,
-             c->sync == PS_SYNC ? "sync" : "async", c->aggregate == PS_AGG_SUM ? "sum" : "mean",
-             c->zero_init ? " zero-init" : "");
+    snprintf(buf, len, "%s lr=%g seed=%llu workers=%d %s %s%s global batch %u (%llu steps/epoch)",
+             ps_optim_name(c->optim.kind), (double)c->optim.lr, (unsigned long long)c->seed,
+             c->num_workers, c->sync == PS_SYNC ? "sync" : "async",
+             c->aggregate == PS_AGG_SUM ? "sum" : "mean", c->zero_init ? " zero-init" : "",
+             c->global_batch, (unsigned long long)c->steps_per_epoch);
 }
 
 /* Allocate the state for cfg and make 'version' current: its values from
@@ -688,4 +695,52 @@ int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
     pthread_mutex_unlock(&s->mu);
     answer(ready, nready);
     return CM_OK;
+}
+
+int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const float *slots,
+                      char *err, size_t errlen) {
+    if (version < 0 || (version > 0 && !params)) {
+        cm_seterr(err, errlen, "cannot roll back to version %lld without its values",
+                  (long long)version);
+        return CM_EINVAL;
+    }
+    pthread_mutex_lock(&s->mu);
+    if (!s->inited) {
+        pthread_mutex_unlock(&s->mu);
+        cm_seterr(err, errlen, "shard %d is not initialised", s->index);
+        return CM_EINVAL;
+    }
+    waiter *w = s->waiters;
+    int nw = s->nwaiters;
+    s->waiters = NULL;
+    s->nwaiters = s->capwaiters = 0;
+    ps_snapshot *old_cur = s->current, *old_pending = s->pending;
+    s->current = s->pending = NULL;
+    free_state(s);
+    ps_shard_config cfg = s->cfg;
+    s->inited = 0;
+    setup(s, &cfg, version, params, slots);
+    pthread_mutex_unlock(&s->mu);
+    ps_snapshot_unref(old_cur);
+    ps_snapshot_unref(old_pending);
+    for (int i = 0; i < nw; i++) w[i].snap = NULL;
+    answer(w, nw);
+    return CM_OK;
+}
+
+int ps_shard_config_get(ps_shard *s, ps_shard_config *cfg) {
+    pthread_mutex_lock(&s->mu);
+    int ok = s->inited;
+    if (ok) *cfg = s->cfg;
+    pthread_mutex_unlock(&s->mu);
+    return ok;
+}
+
+int ps_shard_publish_now(ps_shard *s) {
+    pthread_mutex_lock(&s->mu);
+    int ok = s->inited && s->hook && !s->pending;
+    if (ok)
+        s->hook(s->hook_ud, s->current, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg);
+    pthread_mutex_unlock(&s->mu);
+    return ok;
 }

@@ -55,6 +55,10 @@ typedef struct ps_shard_config {
     int sync;      /* enum ps_sync_mode */
     int aggregate; /* enum ps_aggregate */
     int zero_init; /* Start at zeros instead of cm_var_init. */
+    /* Where the data stands at a version (the trainer's, kept in every
+     * checkpoint so a resumed run uses the same): 0 when not given. */
+    uint32_t global_batch;
+    uint64_t steps_per_epoch;
 } ps_shard_config;
 
 /* One gradient of a push: partition id (placement) and its values. */
@@ -182,5 +186,23 @@ void ps_shard_set_publish_hook(ps_shard *s, int64_t every, ps_publish_fn fn, voi
  * version; on error the shard is unchanged. */
 int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
                      const float *params, const float *slots, char *err, size_t errlen);
+
+/* Roll an initialised shard back to 'version' with 'params' and 'slots'
+ * (as for ps_shard_restore; params NULL with version 0 means the initial
+ * values of its config again). Every waiting pull is answered with NULL
+ * (the server fails them with ABORTED), contributions of the step in
+ * progress are dropped, and the per-worker push history is reset. The
+ * config stays. CM_EINVAL if not initialised or for a bad version. */
+int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const float *slots,
+                      char *err, size_t errlen);
+
+/* Call the publish hook now with the current version (a final checkpoint
+ * at shutdown), if there is a hook, the shard is initialised and no step
+ * is half applied (the slots then belong to the current version). Returns
+ * 1 if it called the hook. */
+int ps_shard_publish_now(ps_shard *s);
+
+/* The config, if initialised: returns 1 and fills *cfg, else 0. */
+int ps_shard_config_get(ps_shard *s, ps_shard_config *cfg);
 
 #endif /* PS_SHARD_H */

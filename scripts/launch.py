@@ -2,23 +2,35 @@
 """Start a local training cluster on 127.0.0.1 and supervise it.
 
   launch.py [--mode ps|local] [--ps N] [--workers N] [--evaluator] [--bin-dir DIR]
+            [--checkpoint-dir DIR] [--checkpoint-every K] [--max-ps-restarts N]
+            [--chaos-kill-ps STEP [--chaos-seed S]]
             [--timeout S] [--verbose] [pstrain options...]
 
 PS mode starts N psserver processes and N pstrain workers, each with its own
 TF_CONFIG (worker 0 is the chief). Ports are picked free; if a PS finds its
 port taken meanwhile (exit status 3) the whole cluster is restarted on new
-ports. When any process fails, the launcher names it, stops the others by PID
-and exits non-zero; it never leaves a process behind. Options it does not
+ports. The PS processes checkpoint every K versions into DIR/shard-<i> (a
+temporary directory, removed at the end, when --checkpoint-dir is not given). A PS
+that dies is started again on the same port and directory (up to
+--max-ps-restarts times each); it restores its newest checkpoint, the chief
+rolls every shard back to the newest version they all have, and training
+goes on. When a worker fails, or a PS for good, the launcher names it, stops
+the others by PID and exits non-zero; it never leaves a process behind.
+--chaos-kill-ps STEP kills one PS (chosen by --chaos-seed) with SIGKILL once
+the chief has logged step STEP, to test exactly that. Options it does not
 know go to pstrain (and the model options --layers / --min-partition-bytes
-to psserver too).
+to psserver too); --log FILE gives worker i > 0 FILE.worker<i>.
 """
 import argparse
 import json
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 PORT_TAKEN = 3  # psserver's exit status when it cannot bind
@@ -39,6 +51,19 @@ def free_ports(n):
     return ports
 
 
+def own_log(extra, i):
+    """pstrain options for worker i: its own --log file (FILE.worker<i>)."""
+    out = list(extra)
+    for k, x in enumerate(out):
+        if i == 0:
+            break
+        if x == "--log" and k + 1 < len(out):
+            out[k + 1] += f".worker{i}"
+        elif x.startswith("--log="):
+            out[k] = f"{x}.worker{i}"
+    return out
+
+
 def say(msg):
     print(f"launcher: {msg}", file=sys.stderr, flush=True)
 
@@ -47,6 +72,10 @@ class Cluster:
     def __init__(self, args, extra):
         self.args, self.extra = args, extra
         self.procs = []  # (name, Popen)
+        self.spec = {}  # name -> (argv, tf_config), to start a PS again
+        self.restarts = {}  # PS name -> times started again
+        self.chief_log = None
+        self.chaos_done = False
 
     def start(self):
         a = self.args
@@ -60,8 +89,9 @@ class Cluster:
             key = x.split("=")[0]
             if key in ("--layers", "--min-partition-bytes"):
                 model_args += [x] if "=" in x else [x, next(it, "")]
+        ps_args = ["--data-dir", a.checkpoint_dir, "--checkpoint-every", str(a.checkpoint_every)]
         for i in range(a.ps):
-            self.spawn(f"ps {i}", [os.path.join(a.bin_dir, "psserver")] + model_args,
+            self.spawn(f"ps {i}", [os.path.join(a.bin_dir, "psserver")] + model_args + ps_args,
                        {"cluster": cluster, "task": {"type": "ps", "index": i}})
         # A PS that cannot bind exits at once: give them a moment to say so.
         deadline = time.monotonic() + 1.0
@@ -76,8 +106,19 @@ class Cluster:
             self.spawn("evaluator", [os.path.join(a.bin_dir, "pstrain"), "--mode", "ps"]
                        + self.extra, {"cluster": cluster, "task": {"type": "evaluator",
                                                                    "index": 0}})
+        log = None
+        extra = list(self.extra)
+        for k, x in enumerate(extra):
+            if x == "--log" and k + 1 < len(extra):
+                log = extra[k + 1]
+            elif x.startswith("--log="):
+                log = x.split("=", 1)[1]
+        if log is None and a.chaos_kill_ps is not None:
+            log = os.path.join(a.checkpoint_dir, "chief-log.jsonl")
+            extra += ["--log", log]
+        self.chief_log = log
         for i in range(a.workers):
-            wargs = ["--mode", "ps"] + self.extra
+            wargs = ["--mode", "ps"] + own_log(extra, i)
             if i > 0 and not a.verbose:
                 wargs.append("--quiet")
             self.spawn(f"worker {i}", [os.path.join(a.bin_dir, "pstrain")] + wargs,
@@ -86,7 +127,56 @@ class Cluster:
 
     def spawn(self, name, argv, tf_config):
         env = dict(os.environ, TF_CONFIG=json.dumps(tf_config))
+        self.spec[name] = (argv, tf_config)
         self.procs.append((name, subprocess.Popen(argv, env=env)))
+
+    def respawn(self, k):
+        """Start process k (a PS that died) again, same port and directory."""
+        name, old = self.procs[k]
+        argv, tf_config = self.spec[name]
+        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config))
+        for attempt in range(20):  # its port may take a moment to be free
+            p = subprocess.Popen(argv, env=env)
+            try:
+                rc = p.wait(timeout=0.3)
+            except subprocess.TimeoutExpired:
+                rc = None
+            if rc != PORT_TAKEN:
+                break
+            time.sleep(0.25)
+        self.procs[k] = (name, p)
+        return p
+
+    def chief_step(self):
+        """The last step the chief logged, or -1."""
+        try:
+            with open(self.chief_log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            for line in reversed(lines):
+                try:
+                    return int(json.loads(line)["step"])
+                except (ValueError, KeyError):
+                    continue
+        except OSError:
+            pass
+        return -1
+
+    def chaos(self):
+        a = self.args
+        if a.chaos_kill_ps is None or self.chaos_done:
+            return
+        step = self.chief_step()
+        if step < a.chaos_kill_ps:
+            return
+        i = random.Random(a.chaos_seed).randrange(a.ps)
+        for name, p in self.procs:
+            if name == f"ps {i}" and p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                say(f"chaos: killed ps {i} (pid {p.pid}) with SIGKILL after the chief's "
+                    f"step {step}")
+        self.chaos_done = True
 
     def stop(self, grace=5.0):
         for _, p in self.procs:
@@ -107,9 +197,18 @@ class Cluster:
         chief_done = None
         while True:
             running = 0
-            for name, p in self.procs:
+            self.chaos()
+            for k, (name, p) in enumerate(self.procs):
                 rc = p.poll()
                 if rc is None:
+                    running += 1
+                elif (rc != 0 and name.startswith("ps ") and chief_done is None
+                      and self.restarts.get(name, 0) < self.args.max_ps_restarts):
+                    what = f"signal {-rc}" if rc < 0 else f"status {rc}"
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    p = self.respawn(k)
+                    say(f"{name} exited with {what}; started it again (pid {p.pid}, restart "
+                        f"{self.restarts[name]} of {self.args.max_ps_restarts})")
                     running += 1
                 elif rc != 0:
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
@@ -145,6 +244,14 @@ def main():
     ap.add_argument("--verbose", action="store_true", help="progress lines from every worker")
     ap.add_argument("--evaluator", action="store_true",
                     help="also start an evaluator task (pulls and evaluates, never pushes)")
+    ap.add_argument("--checkpoint-dir", help="PS checkpoints (default: a temporary directory)")
+    ap.add_argument("--checkpoint-every", type=int, default=100,
+                    help="PS versions between checkpoints (default 100)")
+    ap.add_argument("--max-ps-restarts", type=int, default=3,
+                    help="times a dead PS is started again (default 3)")
+    ap.add_argument("--chaos-kill-ps", type=int, metavar="STEP",
+                    help="SIGKILL one PS once the chief has logged this step")
+    ap.add_argument("--chaos-seed", type=int, default=1, help="which PS --chaos-kill-ps kills")
     ap.add_argument("--launcher-help", action="store_true")
     args, extra = ap.parse_known_args()
     if args.launcher_help:
@@ -159,6 +266,19 @@ def main():
         return subprocess.call([os.path.join(args.bin_dir, "pstrain"), "--mode", "local"] + extra)
     if args.ps < 1 or args.workers < 1:
         ap.error("--ps and --workers must be >= 1")
+    if args.checkpoint_every < 1:
+        ap.error("--checkpoint-every must be >= 1")
+    tmp = None
+    if args.checkpoint_dir is None:
+        tmp = args.checkpoint_dir = tempfile.mkdtemp(prefix="pstrain-ps-")
+    try:
+        return run(args, extra)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, extra):
     cluster = Cluster(args, extra)
 
     def on_signal(sig, frame):

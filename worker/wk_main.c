@@ -55,6 +55,8 @@ static void usage(FILE *f) {
             "  --min-partition-bytes N   placement's minimum partition (default 262144)\n"
             "  --rpc-timeout-ms N        deadline of every call (default 60000)\n"
             "  --connect-timeout-ms N    how long to retry an unreachable PS (default 30000)\n"
+            "  --recovery-timeout-ms N   how long to wait for the cluster to roll back after a\n"
+            "                            PS restarted from its checkpoint (default 120000)\n"
             "  --separate-pull           Push, wait, then Pull (two round trips a step)\n"
             "                            instead of one PushPull call per shard\n"
             "  --no-overlap              sync PS mode: push the whole gradient after the\n"
@@ -94,7 +96,8 @@ int main(int argc, char **argv) {
         O_MODE = 256, O_EPOCHS, O_BATCH, O_LR, O_OPT, O_SEED, O_THREADS, O_DEVICES, O_LAYERS,
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
-        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_EVAL_EVERY
+        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_EVAL_EVERY,
+        O_RECOVERY_TIMEOUT
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -125,6 +128,7 @@ int main(int argc, char **argv) {
         {"min-partition-bytes", required_argument, 0, O_MIN_PART},
         {"rpc-timeout-ms", required_argument, 0, O_RPC_TIMEOUT},
         {"connect-timeout-ms", required_argument, 0, O_CONNECT_TIMEOUT},
+        {"recovery-timeout-ms", required_argument, 0, O_RECOVERY_TIMEOUT},
         {"fault", required_argument, 0, O_FAULT},
         {"fault-rank", required_argument, 0, O_FAULT_RANK},
         {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
@@ -252,6 +256,10 @@ int main(int argc, char **argv) {
         case O_CONNECT_TIMEOUT:
             if (parse_long("--connect-timeout-ms", optarg, 1, 1L << 40, &v)) return 2;
             cfg.connect_timeout_ms = v;
+            break;
+        case O_RECOVERY_TIMEOUT:
+            if (parse_long("--recovery-timeout-ms", optarg, 1, 1L << 40, &v)) return 2;
+            cfg.recovery_timeout_ms = v;
             break;
         case O_FAULT:
             if (strcmp(optarg, "zero-gradient")) {

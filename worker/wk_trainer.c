@@ -56,7 +56,7 @@ static void fmt_duration(double s, char *buf, size_t len) {
 static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, int nps,
                          const wk_train_result *r) {
     json_t *o = json_pack("{s:s, s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:s, s:f, s:I,"
-                          " s:i, s:i, s:f, s:i, s:s}",
+                          " s:i, s:i, s:f, s:i, s:s, s:i, s:I}",
                           "mode", cfg->mode, "test_accuracy", r->test_accuracy, "test_loss",
                           r->test_loss, "steps", (json_int_t)r->steps, "examples_per_sec",
                           r->examples_per_sec, "seconds", r->seconds, "final_train_loss",
@@ -66,7 +66,8 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
                           (json_int_t)cfg->seed, "epochs", cfg->epochs, "threads",
                           wk_device_cpu_threads(), "steady_examples_per_sec",
                           r->steady_examples_per_sec, "rank", r->rank, "sync",
-                          cfg->async ? "async" : "sync");
+                          cfg->async ? "async" : "sync", "rollbacks", r->rollbacks,
+                          "steps_redone", (json_int_t)r->steps_redone);
     if (!o) return CM_ENOMEM;
     int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;
     json_decref(o);
@@ -167,9 +168,21 @@ static int evaluate_run(const wk_train_cfg *cfg, wk_train_result *result) {
     cm_info("evaluating every %lld versions on %zu test images", (long long)every, test.n);
     int64_t want = 0;
     int evaluated = 0;
+    double aborted_since = 0.0;
     for (;;) {
         int64_t version = 0;
         status = wk_sync_ps_pull(sync, want, params, &version);
+        if (status == CM_EABORTED) { /* The cluster rolls back: wait for it. */
+            if (aborted_since == 0.0) aborted_since = cm_now();
+            if ((cm_now() - aborted_since) * 1e3 < (double)(cfg->recovery_timeout_ms > 0
+                                                                ? cfg->recovery_timeout_ms
+                                                                : 120000)) {
+                usleep(200000);
+                want = 0;
+                continue;
+            }
+        }
+        aborted_since = 0.0;
         if (status != CM_OK) {
             if (evaluated) {
                 cm_info("the PS went away after version %lld: training is over (%s)",
@@ -308,7 +321,10 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             .separate_pull = cfg->separate_pull,
             .overlap = !cfg->no_overlap && !cfg->async && !cfg->separate_pull,
             .fault_zero_gradient = cfg->fault_zero_gradient &&
-                                   (cfg->fault_rank < 0 || cfg->fault_rank == rank)};
+                                   (cfg->fault_rank < 0 || cfg->fault_rank == rank),
+            .global_batch = (unsigned)B,
+            .steps_per_epoch = spe,
+            .recovery_timeout_ms = cfg->recovery_timeout_ms};
         if ((status = wk_sync_ps_create(&pc, &sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             goto out;
@@ -316,8 +332,16 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     } else {
         sync = wk_sync_local_create(model, &opt, cfg->seed);
     }
-    if ((status = sync->ops->begin(sync, params)) != CM_OK) {
+    int64_t first_step = 0;
+    if ((status = sync->ops->begin(sync, params, &first_step)) != CM_OK) {
         cm_error("cannot get the initial parameters: %s", sync->err);
+        goto out;
+    }
+    if (first_step >= total) {
+        cm_error("the PS shards are at step %lld, past the %lld steps of this run: nothing to "
+                 "do (start on fresh --data-dir directories for a new run)",
+                 (long long)first_step, (long long)total);
+        status = CM_EINVAL;
         goto out;
     }
     began = 1;
@@ -327,7 +351,8 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     if ((status = wk_replicas_create(model, devs, D, slice, &reps)) != CM_OK) goto out;
     if ((status = wk_replicas_set_params(reps, params)) != CM_OK) goto out;
     wk_prefetch_cfg pcfg = {.data = &train, .seed = cfg->seed, .global_batch = B, .rank = rank,
-                            .nranks = W, .first_step = 0, .nsteps = total, .depth = 4};
+                            .nranks = W, .first_step = first_step,
+                            .nsteps = total - first_step, .depth = 4};
     if ((status = wk_prefetch_start(&pcfg, &pf)) != CM_OK) goto out;
     if (cfg->log_path && !(log = fopen(cfg->log_path, "w"))) {
         cm_error("cannot open --log %s: %s", cfg->log_path, strerror(errno));
@@ -349,7 +374,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     double t_start = cm_now(), t_print = t_start;
     double window_loss = 0.0, epoch_loss = 0.0;
     int64_t window_n = 0, epoch_n = 0, epoch_correct = 0;
-    int64_t step = 0;
+    int64_t step = first_step;
     double eval_seconds = 0.0;
     int64_t warm_steps = total / 20 < 50 ? total / 20 : 50;
     double t_warm = t_start, eval_warm = 0.0;
@@ -385,6 +410,30 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             for (size_t i = 0; i < numel; i++) grad[i] *= grad_scale;
         wk_sync_times st = {0};
         status = sync->ops->step(sync, step, grad, params, &st);
+        if (status == CM_EABORTED && sync->ops->recover) {
+            /* The cluster rolls back (a PS restarted from its checkpoint):
+             * resume where every shard agrees, with the data of that step. */
+            int64_t resume = step;
+            if ((status = sync->ops->recover(sync, step, &resume, params)) != CM_OK) {
+                cm_error("step %lld: recovery failed: %s", (long long)step, sync->err);
+                goto out;
+            }
+            cm_warn("step %lld: the cluster rolled back; resuming at step %lld (%lld step%s "
+                    "redone)",
+                    (long long)step, (long long)resume, (long long)(step - resume),
+                    step - resume == 1 ? "" : "s");
+            result->rollbacks++;
+            result->steps_redone += step - resume;
+            wk_prefetch_stop(pf);
+            pf = NULL;
+            pcfg.first_step = resume;
+            pcfg.nsteps = total - resume;
+            if ((status = wk_prefetch_start(&pcfg, &pf)) != CM_OK ||
+                (status = wk_replicas_set_params(reps, params)) != CM_OK)
+                goto out;
+            step = resume;
+            continue;
+        }
         if (status != CM_OK) {
             cm_error("step %lld failed: %s", (long long)step, sync->err);
             goto out;

@@ -48,6 +48,8 @@ typedef struct wk_train_cfg {
                                 * each partition as soon as it is final. */
     int64_t eval_every;        /* Evaluator task: versions between evaluations
                                 * (0 = 500). */
+    int64_t recovery_timeout_ms; /* Waiting for the cluster to agree after a
+                                  * PS restart (0 = 120000). */
 } wk_train_cfg;
 
 typedef struct wk_train_result {
@@ -63,6 +65,8 @@ typedef struct wk_train_result {
     double final_train_loss; /* Mean loss over the last epoch's steps. */
     double test_accuracy;
     double test_loss;
+    int rollbacks;           /* Times the cluster rolled back (PS restarts). */
+    int64_t steps_redone;    /* Steps computed again because of them. */
 } wk_train_result;
 
 /* Fill *cfg with the defaults above. */

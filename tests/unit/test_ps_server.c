@@ -1144,15 +1144,69 @@ static void test_checkpoint_restore(void **state) {
     fx_stop();
 
     fx_start(0);
-    expect_values(0, 4, ref[4]);
+    /* Restored, but serving nothing until the chief's rollback. */
+    float *got = malloc(n * sizeof *got);
+    assert_non_null(got);
+    ps_ticket *t = NULL;
+    ps_client_pull(F.cli[0], 0, got, &t);
+    assert_int_equal(ps_ticket_wait(t, NULL, err, sizeof err), CM_EABORTED);
+    assert_non_null(strstr(err, "waits for the chief to roll the cluster back"));
     /* Initialised by the restore: the same config is OK, another is not. */
     if (ps_client_init(F.cli[0], &ic, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(ps_client_epoch(F.cli[0]), 0); /* Restored shards have none yet. */
     ps_init_cfg other = init_cfg();
     assert_int_not_equal(ps_client_init(F.cli[0], &other, err, sizeof err), CM_OK);
     assert_non_null(strstr(err, "already initialised"));
+    ps_shard_checkpoints ck[2];
+    if (ps_client_checkpoints(F.cli[0], -1, ck, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    for (int i = 0; i < 2; i++) {
+        assert_true(ck[i].recovering && ck[i].initialised && ck[i].durable);
+        assert_int_equal(ck[i].version, 4);
+        assert_int_equal(ck[i].ncommitted, 4); /* 4, 3, 2, 1: nobody said to drop any. */
+        assert_int_equal(ck[i].committed[0], 4);
+        assert_int_equal(ck[i].committed[1], 3);
+    }
+    /* Roll back to 3, an older generation (momentum slots included), in
+     * epoch 2; version 4 is then computed again and must match. */
+    if (ps_client_rollback(F.cli[0], 3, 2, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    if (ps_client_rollback(F.cli[0], 3, 2, err, sizeof err) != CM_OK) /* Idempotent. */
+        fail_msg("%s", err);
+    assert_int_equal(ps_client_rollback(F.cli[0], 2, 2, err, sizeof err), CM_EINVAL);
+    assert_non_null(strstr(err, "already rolled back to version 3"));
+    if (ps_client_checkpoints(F.cli[0], 3, ck, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_false(ck[0].recovering);
+    assert_int_equal(ck[0].epoch, 2);
+    assert_int_equal(ck[0].committed[0], 3); /* 4 belonged to the abandoned history. */
+    /* Rank 1 still in the old epoch (0 = untracked is accepted); a stale
+     * epoch is refused. */
+    ps_client_set_epoch(F.cli[1], 1);
+    assert_int_equal(client_push(1, 3, NULL, err, sizeof err), CM_EABORTED);
+    assert_non_null(strstr(err, "epoch 1 is over"));
+    ps_client_set_epoch(F.cli[1], 2);
+    expect_values(0, 3, ref[3]);
+    client_push_ok(0, 3, 3);
+    client_push_ok(1, 3, 4);
+    expect_values(4, 4, ref[4]);
+    /* A pull waiting for a version the rollback abandons fails ABORTED. */
+    ps_client_pull(F.cli[0], 5, got, &t);
+    sleep_ms(100);
+    if (ps_client_rollback(F.cli[1], 3, 3, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(ps_ticket_wait(t, NULL, err, sizeof err), CM_EABORTED);
+    assert_non_null(strstr(err, "rolled back"));
+    ps_client_set_epoch(F.cli[0], 3);
+    client_push_ok(0, 3, 3);
+    client_push_ok(1, 3, 4);
+    ps_server_checkpoint_wait(F.srv[0]); /* Else 5's would be skipped. */
+    ps_server_checkpoint_wait(F.srv[1]);
     client_push_ok(0, 4, 4);
     client_push_ok(1, 4, 5);
     expect_values(5, 5, ref[5]);
+    /* The chief says 5 is everywhere: older generations go at the next
+     * checkpoint. */
+    ps_server_checkpoint_wait(F.srv[0]);
+    if (ps_client_checkpoints(F.cli[0], 5, ck, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ps_server_checkpoint_wait(F.srv[0]);
+    free(got);
     fx_stop();
     fx_data_dir = NULL;
     fx_every = 0;
@@ -1176,16 +1230,16 @@ static void test_checkpoint_restore(void **state) {
     assert_int_equal(cm_placement_create(m, 2, MIN_PART, &pl), CM_OK);
     sc = (ps_server_cfg){.model = m, .placement = pl, .shard = 1, .data_dir = sdir};
     assert_int_equal(ps_server_create(&sc, &s), CM_EINVAL);
-    /* Versions 1 to 5 were checkpointed; 4 and 5 are kept. */
+    /* Versions 1 to 5 were checkpointed; 4 was rolled back and written
+     * again; with 5 everywhere, only 5 is kept. */
     char desc[256];
     st_identity id = {.fingerprint = ps_wire_identity(m, pl, desc, sizeof desc),
                       .description = desc, .shard = 0};
     st_store *st = NULL;
     if (st_store_open(NULL, sdir, &id, &st, err, sizeof err) != CM_OK) fail_msg("%s", err);
     int64_t kept[4] = {0};
-    assert_int_equal(st_store_committed(st, kept, 4, err, sizeof err), 2);
+    assert_int_equal(st_store_committed(st, kept, 4, err, sizeof err), 1);
     assert_int_equal(kept[0], 5);
-    assert_int_equal(kept[1], 4);
     st_store_close(st);
     cm_placement_destroy(pl);
     cm_model_destroy(m);

@@ -242,7 +242,7 @@ static void test_status_table(void **state) {
     assert_int_equal(rpc_status_to_cm(RPC_UNAVAILABLE), CM_EUNAVAIL);
     assert_int_equal(rpc_status_to_cm(RPC_CANCELLED), CM_EUNAVAIL);
     assert_int_equal(rpc_status_to_cm(RPC_RESOURCE_EXHAUSTED), CM_ENOMEM);
-    assert_int_equal(rpc_status_to_cm(RPC_ABORTED), CM_EBUSY);
+    assert_int_equal(rpc_status_to_cm(RPC_ABORTED), CM_EABORTED);
     assert_int_equal(rpc_status_to_cm(RPC_UNIMPLEMENTED), CM_EUNSUPPORTED);
     assert_int_equal(rpc_status_to_cm(RPC_INTERNAL), CM_EIO);
     assert_int_equal(rpc_status_to_cm(77), CM_EIO);

@@ -27,8 +27,9 @@ typedef struct wk_sync_times {
 
 typedef struct wk_sync_ops {
     const char *name;
-    /* Initial parameters into params (model->numel floats). */
-    int (*begin)(wk_sync *s, float *params);
+    /* Initial parameters into params (model->numel floats), and the step
+     * training starts at (0, or where a resumed run stands). */
+    int (*begin)(wk_sync *s, float *params, int64_t *first_step);
     /* grad: this worker's gradient for 'step' (may be modified); params:
      * out, the parameters for step + 1. */
     int (*step)(wk_sync *s, int64_t step, float *grad, float *params, wk_sync_times *t);
@@ -49,6 +50,11 @@ typedef struct wk_sync_ops {
      * wk_grad_hook). */
     const wk_grad_hook *(*overlap)(wk_sync *s, int64_t step, float *grad, float *params,
                                    float scale);
+    /* Optional: after step() failed with CM_EABORTED (the cluster rolls
+     * back, e.g. a PS restarted from its checkpoint), agree with the
+     * cluster on where training resumes: *resume_step, and params are the
+     * parameters for it. Bounded in time; an error ends the run. */
+    int (*recover)(wk_sync *s, int64_t failed_step, int64_t *resume_step, float *params);
 } wk_sync_ops;
 
 struct wk_sync {
@@ -76,6 +82,11 @@ typedef struct wk_sync_ps_cfg {
     int overlap;             /* Sync: push each partition as soon as the
                               * backward pass has computed it (the overlap
                               * op), one PushPull per group of partitions. */
+    /* Where the data stands at a step (kept by the shards, so a resumed run
+     * must use the same). */
+    unsigned global_batch;
+    uint64_t steps_per_epoch;
+    int64_t recovery_timeout_ms; /* Waiting for the cluster to agree (0 = 120000). */
 } wk_sync_ps_cfg;
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 

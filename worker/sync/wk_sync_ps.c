@@ -56,6 +56,8 @@ typedef struct psync {
     size_t ready_bytes;
     ps_ticket **tickets;
     int ntickets;
+    ps_shard_checkpoints *ck; /* Per shard: the last Checkpoints answer. */
+    double last_gc;           /* Chief: when it last told the shards to GC. */
 } psync;
 
 /* ------------------------------------------------------------ overlap */
@@ -114,17 +116,10 @@ static const wk_grad_hook *ps_overlap(wk_sync *s, int64_t step, float *grad, flo
     return &p->hook;
 }
 
-/* Wait for every ticket of the step; the first error wins. */
+/* Wait for every ticket of the step together (a rollback seen on any of
+ * them ends the wait for all); the first error wins. */
 static int wait_tickets(psync *p) {
-    int rc = CM_OK;
-    for (int i = 0; i < p->ntickets; i++) {
-        char err[sizeof p->base.err];
-        int r = ps_ticket_wait(p->tickets[i], NULL, err, sizeof err);
-        if (r != CM_OK && rc == CM_OK) {
-            rc = r;
-            memcpy(p->base.err, err, sizeof err);
-        }
-    }
+    int rc = ps_tickets_wait(p->tickets, p->ntickets, NULL, p->base.err, sizeof p->base.err);
     p->ntickets = 0;
     p->active = 0;
     return rc;
@@ -140,27 +135,185 @@ static int overlap_finish(psync *p, wk_sync_times *t) {
     return rc;
 }
 
-static int ps_begin(wk_sync *s, float *params) {
+/* ------------------------------------------------------------ recovery */
+
+static int64_t recovery_timeout_ms(const psync *p) {
+    return p->cfg.recovery_timeout_ms > 0 ? p->cfg.recovery_timeout_ms : 120000;
+}
+
+static ps_init_cfg init_cfg(const psync *p) {
+    return (ps_init_cfg){.optim = p->cfg.optim, .seed = p->cfg.seed,
+                         .num_workers = p->cfg.nworkers, .async = p->cfg.async,
+                         .global_batch = p->cfg.global_batch,
+                         .steps_per_epoch = p->cfg.steps_per_epoch};
+}
+
+/* The newest version every shard has committed, or 0 (the initial values,
+ * which every shard can recompute from the seed). */
+static int64_t newest_common(const psync *p) {
+    const ps_shard_checkpoints *ck = p->ck;
+    for (int k = 0; k < ck[0].ncommitted; k++) {
+        int64_t v = ck[0].committed[k];
+        int everywhere = 1;
+        for (int i = 1; i < p->cfg.nps && everywhere; i++) {
+            int found = 0;
+            for (int j = 0; j < ck[i].ncommitted && !found; j++) found = ck[i].committed[j] == v;
+            everywhere = found;
+        }
+        if (everywhere) return v; /* committed[] is newest first. */
+    }
+    return 0;
+}
+
+/* 1 if every shard serves the same version in the same epoch. */
+static int consistent(const psync *p, int64_t *version, uint64_t *epoch) {
+    const ps_shard_checkpoints *ck = p->ck;
+    for (int i = 0; i < p->cfg.nps; i++)
+        if (!ck[i].initialised || ck[i].recovering || ck[i].epoch == 0 ||
+            ck[i].epoch != ck[0].epoch || (!p->cfg.async && ck[i].version != ck[0].version))
+            return 0;
+    *version = ck[0].version;
+    *epoch = ck[0].epoch;
+    return 1;
+}
+
+static int pull_version(psync *p, int64_t version, float *params) {
+    ps_ticket *t;
+    ps_client_pull(p->client, version, params, &t);
+    return ps_ticket_wait(t, NULL, p->base.err, sizeof p->base.err);
+}
+
+/* The chief: find where the cluster stands and, unless every shard serves
+ * the same version in one epoch, roll every shard back to the newest
+ * version they all committed, in a new epoch. *version: where training
+ * goes on (sync: that step). */
+static int chief_sync(psync *p, int64_t *version) {
+    int rc = ps_client_checkpoints(p->client, -1, p->ck, p->base.err, sizeof p->base.err);
+    if (rc != CM_OK) return rc;
+    int fresh = 0;
+    for (int i = 0; i < p->cfg.nps; i++) fresh |= !p->ck[i].initialised;
+    if (fresh) {
+        /* A PS restarted without a checkpoint to load (no --data-dir, or
+         * none written yet): initialise it; the rollback below then takes
+         * every shard to a version it can have, the initial values at
+         * worst. */
+        ps_init_cfg init = init_cfg(p);
+        uint64_t keep = ps_client_epoch(p->client);
+        rc = ps_client_init(p->client, &init, p->base.err, sizeof p->base.err);
+        ps_client_set_epoch(p->client, keep);
+        if (rc == CM_OK)
+            rc = ps_client_checkpoints(p->client, -1, p->ck, p->base.err, sizeof p->base.err);
+        if (rc != CM_OK) return rc;
+    }
+    uint64_t epoch = 0;
+    if (consistent(p, version, &epoch)) {
+        ps_client_set_epoch(p->client, epoch);
+        return CM_OK;
+    }
+    int64_t v = newest_common(p);
+    for (int i = 0; i < p->cfg.nps; i++)
+        if (p->ck[i].epoch > epoch) epoch = p->ck[i].epoch;
+    if (ps_client_epoch(p->client) > epoch) epoch = ps_client_epoch(p->client);
+    epoch++;
+    for (int i = 0; i < p->cfg.nps; i++)
+        cm_info("PS %d: %s version %lld, epoch %llu, newest checkpoint %lld", i,
+                p->ck[i].recovering ? "restarted at" : "at", (long long)p->ck[i].version,
+                (unsigned long long)p->ck[i].epoch,
+                p->ck[i].ncommitted ? (long long)p->ck[i].committed[0] : -1LL);
+    cm_warn("rolling the cluster back to version %lld (epoch %llu)", (long long)v,
+            (unsigned long long)epoch);
+    rc = ps_client_rollback(p->client, v, epoch, p->base.err, sizeof p->base.err);
+    if (rc != CM_OK) return rc;
+    *version = v;
+    return CM_OK;
+}
+
+/* A worker that is not the chief: wait until the chief has made the
+ * cluster consistent (bounded), then adopt its epoch and version. */
+static int worker_sync(psync *p, uint64_t old_epoch, int64_t *version) {
+    double start = cm_now(), said = start;
+    for (;;) {
+        int rc = ps_client_checkpoints(p->client, -1, p->ck, p->base.err, sizeof p->base.err);
+        if (rc != CM_OK) return rc;
+        uint64_t epoch = 0;
+        if (consistent(p, version, &epoch) && (epoch != old_epoch || old_epoch == 0)) {
+            ps_client_set_epoch(p->client, epoch);
+            return CM_OK;
+        }
+        double now = cm_now();
+        if ((now - start) * 1e3 > (double)recovery_timeout_ms(p)) {
+            snprintf(p->base.err, sizeof p->base.err,
+                     "the PS shards did not agree on a version within %lld ms (is the chief "
+                     "running?)",
+                     (long long)recovery_timeout_ms(p));
+            return CM_ETIMEDOUT;
+        }
+        if (now - said > 10.0) {
+            cm_info("waiting for the chief to initialise or roll back the PS shards");
+            said = now;
+        }
+        usleep(50000);
+    }
+}
+
+static int ps_begin(wk_sync *s, float *params, int64_t *first_step) {
     psync *p = (psync *)s;
     int rc;
+    int64_t v = 0;
+    *first_step = 0;
     if (p->cfg.is_chief) {
-        ps_init_cfg init = {.optim = p->cfg.optim, .seed = p->cfg.seed,
-                            .num_workers = p->cfg.nworkers, .async = p->cfg.async};
+        ps_init_cfg init = init_cfg(p);
         rc = ps_client_init(p->client, &init, s->err, sizeof s->err);
         if (rc != CM_OK) return rc;
         cm_info("initialised %d PS shard%s", p->cfg.nps, p->cfg.nps == 1 ? "" : "s");
+        rc = chief_sync(p, &v);
+        p->last_gc = cm_now();
+    } else {
+        rc = worker_sync(p, 0, &v);
     }
-    ps_ticket *t;
-    ps_client_pull(p->client, 0, params, &t);
-    rc = ps_ticket_wait(t, NULL, s->err, sizeof s->err);
+    if (rc == CM_OK) rc = pull_version(p, v, params);
+    if (rc == CM_OK && v > 0) {
+        cm_info("resuming at step %lld (epoch %lld of the data)", (long long)v,
+                p->cfg.steps_per_epoch ? (long long)(v / (int64_t)p->cfg.steps_per_epoch) + 1
+                                       : 0LL);
+        if (!p->cfg.async) *first_step = v;
+    }
     p->initialised = rc == CM_OK;
     return rc;
 }
 
+static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, float *params) {
+    psync *p = (psync *)s;
+    if (p->active) wait_tickets(p);
+    cm_warn("step %lld: %s", (long long)failed_step, s->err);
+    uint64_t old = ps_client_epoch(p->client);
+    int64_t v = 0;
+    int rc = p->cfg.is_chief ? chief_sync(p, &v) : worker_sync(p, old, &v);
+    if (rc == CM_OK) rc = pull_version(p, v, params);
+    if (rc != CM_OK) return rc;
+    /* Async steps are each worker's own: carry on from the failed one. */
+    *resume_step = p->cfg.async ? failed_step : v;
+    return CM_OK;
+}
+
+/* The chief, now and then: tell the shards which generations every shard
+ * has committed, so older ones can go (a shard alone cannot know). */
+static void maybe_gc(psync *p) {
+    if (!p->cfg.is_chief || cm_now() - p->last_gc < 5.0) return;
+    p->last_gc = cm_now();
+    char err[256];
+    if (ps_client_checkpoints(p->client, -1, p->ck, err, sizeof err) != CM_OK) return;
+    int64_t v = newest_common(p);
+    if (v > 0) ps_client_checkpoints(p->client, v, p->ck, err, sizeof err);
+}
+
 static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync_times *t) {
     psync *p = (psync *)s;
-    if (p->active && p->step == step && p->grad == grad && p->params == params)
-        return overlap_finish(p, t);
+    if (p->active && p->step == step && p->grad == grad && p->params == params) {
+        int rc = overlap_finish(p, t);
+        if (rc == CM_OK) maybe_gc(p);
+        return rc;
+    }
     if (p->active) wait_tickets(p); /* Cannot happen with the trainer. */
     if (p->cfg.fault_zero_gradient) memset(grad, 0, p->cfg.model->numel * sizeof(float));
     double t0 = cm_now();
@@ -181,6 +334,7 @@ static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync
     int rc = ps_ticket_wait(tk, NULL, s->err, sizeof s->err);
     t->push = cm_now() - t0;
     t->pull = 0.0;
+    if (rc == CM_OK) maybe_gc(p);
     return rc;
 }
 
@@ -236,6 +390,7 @@ static void ps_destroy(wk_sync *s) {
     free(p->sent);
     free(p->ready);
     free(p->tickets);
+    free(p->ck);
     cm_placement_destroy(p->pl);
     free(p);
 }
@@ -247,8 +402,8 @@ int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *ver
     return ps_ticket_wait(tk, version, s->err, sizeof s->err);
 }
 
-static const wk_sync_ops ps_ops = {"ps", ps_begin, ps_step, ps_end, ps_finish, ps_destroy,
-                                   ps_overlap};
+static const wk_sync_ops ps_ops = {"ps",       ps_begin,   ps_step,   ps_end,
+                                   ps_finish,  ps_destroy, ps_overlap, ps_recover};
 
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen) {
     *out = NULL;
@@ -295,6 +450,7 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
     p->sent = cm_calloc((size_t)np, 1);
     p->ready = cm_calloc((size_t)np, sizeof *p->ready);
     p->tickets = cm_calloc((size_t)np, sizeof *p->tickets);
+    p->ck = cm_calloc((size_t)cfg->nps, sizeof *p->ck);
     *out = &p->base;
     return CM_OK;
 }

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Crash recovery of PS mode, end to end (real psserver and pstrain processes).
+
+  ps_recovery.py BIN_DIR kill     SIGKILL one PS at a seeded random step of a real run
+                                  (the launcher's chaos option); the run must finish by
+                                  itself, redo at most the checkpoint interval (plus
+                                  the steps of one checkpoint in flight), and end with
+                                  the accuracy of an undisturbed run with the same seed
+                                  (sync mode is deterministic: with bit-identical
+                                  parameters, in fact)
+  ps_recovery.py BIN_DIR resume   a run stopped after some steps and started again on
+                                  the same directories resumes at that step and data
+                                  position and ends where an uninterrupted run does; a
+                                  restart with another batch size or model is refused
+Every process listens on 127.0.0.1, runs under a timeout, and is stopped by PID.
+"""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAUNCH = os.path.join(HERE, "..", "..", "scripts", "launch.py")
+TIMEOUT = 240
+K = 20  # checkpoint interval
+# Steps that may pass while one checkpoint is being written (a few ms for
+# this model, at ~5-10 ms per step): a PS killed then has the previous one.
+IN_FLIGHT = 8
+COMMON = ["--ps", "2", "--workers", "2", "--checkpoint-every", str(K), "--train-limit", "12000",
+          "--test-limit", "2000", "--epochs", "1", "--batch-size", "64", "--seed", "7"]
+STEPS = 12000 // 128
+
+
+def check(cond, msg):
+    if not cond:
+        sys.exit("FAIL: " + msg)
+    print("ok:", msg, flush=True)
+
+
+def launch(bin_dir, *args, expect_ok=True):
+    argv = [sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "200", *args]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+    if expect_ok and p.returncode != 0:
+        sys.exit(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def summary(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def same_bytes(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+def reference(bin_dir, tmp):
+    """An undisturbed run: its summary and final parameters."""
+    d = os.path.join(tmp, "ref")
+    launch(bin_dir, *COMMON, "--checkpoint-dir", d, "--summary", d + ".json", "--params-out",
+           d + ".params")
+    return summary(d + ".json"), d + ".params"
+
+
+def kill(bin_dir, tmp):
+    ref, ref_params = reference(bin_dir, tmp)
+    seed = int(os.environ.get("PS_CHAOS_SEED", "20261128"))
+    rng = random.Random(seed)
+    at = rng.randrange(K + 5, STEPS - 15)
+    d = os.path.join(tmp, "chaos")
+    p = launch(bin_dir, *COMMON, "--checkpoint-dir", d, "--chaos-kill-ps", str(at), "--chaos-seed",
+               str(seed), "--summary", d + ".json", "--params-out", d + ".params")
+    out = p.stdout + p.stderr
+    check("chaos: killed ps" in out, f"the launcher killed a PS after step {at} (seed {seed})")
+    check("started it again" in out and "restored version" in out,
+          "the launcher started it again and it restored its checkpoint")
+    s = summary(d + ".json")
+    check(s["steps"] == STEPS, f"the run finished all {STEPS} steps by itself")
+    check(s["rollbacks"] >= 1, f"the cluster rolled back ({s['rollbacks']} time(s))")
+    check(s["steps_redone"] <= K + IN_FLIGHT,
+          f"{s['steps_redone']} steps redone <= interval {K} + {IN_FLIGHT} in flight")
+    diff = abs(s["test_accuracy"] - ref["test_accuracy"])
+    check(diff <= 0.005, f"accuracy {s['test_accuracy']:.4f} vs undisturbed "
+          f"{ref['test_accuracy']:.4f} (within 0.5 points)")
+    check(same_bytes(d + ".params", ref_params),
+          "final parameters are bit-identical to the undisturbed run's")
+
+
+def resume(bin_dir, tmp):
+    ref, ref_params = reference(bin_dir, tmp)
+    d = os.path.join(tmp, "resume")
+    stop_at = 50  # not a multiple of K: the final checkpoint at shutdown counts
+    launch(bin_dir, *COMMON, "--checkpoint-dir", d, "--max-steps", str(stop_at))
+    p = launch(bin_dir, *COMMON, "--checkpoint-dir", d, "--summary", d + ".json", "--params-out",
+               d + ".params")
+    out = p.stdout + p.stderr
+    check(f"resuming at step {stop_at}" in out, f"the second run resumed at step {stop_at}")
+    s = summary(d + ".json")
+    check(s["steps"] == STEPS, "and ran to the end")
+    check(same_bytes(d + ".params", ref_params),
+          "its final parameters equal an uninterrupted run's (same data position)")
+    check(abs(s["test_accuracy"] - ref["test_accuracy"]) <= 1e-9, "and so does its accuracy")
+    # The shards remember the run: another global batch is refused.
+    args = [a if a != "64" else "32" for a in COMMON]
+    p = launch(bin_dir, *args, "--checkpoint-dir", d, expect_ok=False)
+    out = p.stdout + p.stderr
+    check(p.returncode != 0 and "already initialised" in out and "global batch 128" in out,
+          "a restart with another batch size is refused, naming both configs")
+    p = launch(bin_dir, *COMMON, "--layers", "784,64,10", "--checkpoint-dir", d, expect_ok=False)
+    out = p.stdout + p.stderr
+    check(p.returncode != 0 and "was written for" in out,
+          "a restart with another model is refused, naming what the directory holds")
+
+
+def main():
+    if len(sys.argv) != 3 or sys.argv[2] not in ("kill", "resume"):
+        sys.exit(__doc__)
+    bin_dir = sys.argv[1]
+    tmp = tempfile.mkdtemp(prefix="ps_recovery.")
+    try:
+        {"kill": kill, "resume": resume}[sys.argv[2]](bin_dir, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("PASS")
+
+
+if __name__ == "__main__":
+    main()
