@@ -21,6 +21,7 @@
 #include "worker/input/wk_order.h"
 #include "worker/input/wk_prefetch.h"
 #include "worker/sync/wk_sync.h"
+#include "worker/wk_export.h"
 #include "worker/wk_replicas.h"
 
 void wk_train_cfg_defaults(wk_train_cfg *cfg) {
@@ -115,6 +116,10 @@ static int check_cfg(const wk_train_cfg *cfg) {
                CM_EINVAL;
     if (cfg->lr < 0.0f) return cm_error("--lr must be > 0"), CM_EINVAL;
     if (cfg->threads < 0) return cm_error("--threads must be >= 1"), CM_EINVAL;
+    if (cfg->init_from && strcmp(cfg->mode, "local") != 0)
+        return cm_error("--init-from is not supported yet in --mode %s (local mode only)",
+                        cfg->mode),
+               CM_EUNSUPPORTED;
     return CM_OK;
 }
 
@@ -209,6 +214,7 @@ out:
 }
 
 int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
+    if (cfg->eval_only) return wk_export_eval_run(cfg, result);
     int status = check_cfg(cfg);
     if (status != CM_OK) return status;
     if (!strcmp(cfg->mode, "ps") && cfg->cluster->task_type == CM_TASK_EVALUATOR) {
@@ -321,6 +327,8 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         goto out;
     }
     began = 1;
+    if (cfg->init_from && (status = wk_export_load_init(cfg->init_from, model, params)) != CM_OK)
+        goto out;
     if (is_chief && cfg->init_out && (status = write_params(cfg->init_out, params, numel)) != CM_OK)
         goto out;
     for (int d = 0; d < D; d++) devs[d] = wk_device_cpu_create(d);
@@ -468,6 +476,8 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         status = write_summary(cfg->summary_path, cfg, lr, nps, result);
     if (is_chief && status == CM_OK && cfg->params_out)
         status = write_params(cfg->params_out, params, numel);
+    if (is_chief && status == CM_OK && cfg->export_path)
+        status = wk_export_save_run(cfg->export_path, cfg, model, params, result);
 out:
     if (sync && began) {
         int rc = sync->ops->finish(sync, status == CM_OK);
