@@ -348,8 +348,25 @@ int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errl
         uint8_t *reply = NULL;
         size_t len = 0;
         char msg[512];
+        /* --init-from: the shard's partitions of init->values. */
+        int nv = init->values ? c->nparts[i] : 0;
+        Psrpc__Tensor *vals = nv ? cm_calloc((size_t)nv, sizeof *vals) : NULL;
+        Psrpc__Tensor **vptrs = nv ? cm_calloc((size_t)nv, sizeof *vptrs) : NULL;
+        uint64_t(*shapes)[CM_VAR_MAX_DIMS] = nv ? cm_calloc((size_t)nv, sizeof *shapes) : NULL;
+        for (int k = 0; k < nv; k++) {
+            const cm_partition *p = &c->cfg.placement->parts[c->parts[i][k]];
+            ps_wire_part_meta(c->cfg.model, c->cfg.placement, c->parts[i][k], shapes[k], &vals[k]);
+            vals[k].data.data = (uint8_t *)(init->values + p->offset);
+            vals[k].data.len = p->count * sizeof(float);
+            vptrs[k] = &vals[k];
+        }
+        req.n_values = (size_t)nv;
+        req.values = vptrs;
         int code = call_shard(c, i, "/psrpc.Ps/Initialize", &req.base, 1, &reply, &len, msg, sizeof msg);
         free(reply);
+        free(vals);
+        free(vptrs);
+        free(shapes);
         if (code != RPC_OK) {
             cm_seterr(err, errlen, "init of PS %d (%s) failed: %s: %s", i, c->addrs[i],
                       rpc_status_name(code), msg);

@@ -48,6 +48,8 @@ typedef struct ps_init_cfg {
     int async;     /* 0 = synchronous steps, 1 = apply every push at once. */
     int sum;       /* 0 = average the workers' gradients, 1 = sum them. */
     int zero_init; /* Start at zeros (benchmarks). */
+    const float *values; /* Or start from these (model->numel floats in the
+                          * flat layout; borrowed); NULL = from seed. */
 } ps_init_cfg;
 
 int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen);

@@ -280,14 +280,18 @@ static int same_config(const ps_shard_config *a, const ps_shard_config *b) {
            a->optim.momentum == b->optim.momentum && a->optim.beta1 == b->optim.beta1 &&
            a->optim.beta2 == b->optim.beta2 && a->optim.epsilon == b->optim.epsilon &&
            a->seed == b->seed && a->num_workers == b->num_workers && a->sync == b->sync &&
-           a->aggregate == b->aggregate && a->zero_init == b->zero_init;
+           a->aggregate == b->aggregate && a->zero_init == b->zero_init &&
+           a->init_hash == b->init_hash;
 }
 
 static void describe(const ps_shard_config *c, char *buf, size_t len) {
-    snprintf(buf, len, "%s lr=%g seed=%llu workers=%d %s %s%s", ps_optim_name(c->optim.kind),
+    char from[40] = "";
+    if (c->init_hash)
+        snprintf(from, sizeof from, " from-values=%016llx", (unsigned long long)c->init_hash);
+    snprintf(buf, len, "%s lr=%g seed=%llu workers=%d %s %s%s%s", ps_optim_name(c->optim.kind),
              (double)c->optim.lr, (unsigned long long)c->seed, c->num_workers,
              c->sync == PS_SYNC ? "sync" : "async", c->aggregate == PS_AGG_SUM ? "sum" : "mean",
-             c->zero_init ? " zero-init" : "");
+             c->zero_init ? " zero-init" : "", from);
 }
 
 /* Allocate the state for cfg and make 'version' current: its values from

@@ -55,6 +55,8 @@ typedef struct ps_shard_config {
     int sync;      /* enum ps_sync_mode */
     int aggregate; /* enum ps_aggregate */
     int zero_init; /* Start at zeros instead of cm_var_init. */
+    uint64_t init_hash; /* Nonzero: started from given values (restored
+                         * as version 0), this is their XXH64. */
 } ps_shard_config;
 
 /* One gradient of a push: partition id (placement) and its values. */

@@ -116,10 +116,6 @@ static int check_cfg(const wk_train_cfg *cfg) {
                CM_EINVAL;
     if (cfg->lr < 0.0f) return cm_error("--lr must be > 0"), CM_EINVAL;
     if (cfg->threads < 0) return cm_error("--threads must be >= 1"), CM_EINVAL;
-    if (cfg->init_from && strcmp(cfg->mode, "local") != 0)
-        return cm_error("--init-from is not supported yet in --mode %s (local mode only)",
-                        cfg->mode),
-               CM_EUNSUPPORTED;
     return CM_OK;
 }
 
@@ -296,6 +292,10 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     params = cm_alloc_aligned(numel * sizeof(float));
     grad = cm_alloc_aligned(numel * sizeof(float));
     if (!params || !grad) goto out;
+    /* --init-from: the file's values, staged in grad until the first step. */
+    if (cfg->init_from && (status = wk_export_load_init(cfg->init_from, model, grad)) != CM_OK)
+        goto out;
+    const float *init_values = cfg->init_from ? grad : NULL;
     if (is_ps) {
         wk_sync_ps_cfg pc = {
             .model = model,
@@ -314,7 +314,8 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             .separate_pull = cfg->separate_pull,
             .overlap = !cfg->no_overlap && !cfg->async && !cfg->separate_pull,
             .fault_zero_gradient = cfg->fault_zero_gradient &&
-                                   (cfg->fault_rank < 0 || cfg->fault_rank == rank)};
+                                   (cfg->fault_rank < 0 || cfg->fault_rank == rank),
+            .init_values = init_values};
         if ((status = wk_sync_ps_create(&pc, &sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             goto out;
@@ -327,8 +328,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         goto out;
     }
     began = 1;
-    if (cfg->init_from && (status = wk_export_load_init(cfg->init_from, model, params)) != CM_OK)
-        goto out;
+    if (init_values && !is_ps) memcpy(params, init_values, numel * sizeof(float));
     if (is_chief && cfg->init_out && (status = write_params(cfg->init_out, params, numel)) != CM_OK)
         goto out;
     for (int d = 0; d < D; d++) devs[d] = wk_device_cpu_create(d);

@@ -76,6 +76,9 @@ typedef struct wk_sync_ps_cfg {
     int overlap;             /* Sync: push each partition as soon as the
                               * backward pass has computed it (the overlap
                               * op), one PushPull per group of partitions. */
+    const float *init_values; /* The chief: initialise the shards with these
+                               * (model->numel floats, borrowed until
+                               * begin() returns) instead of from seed. */
 } wk_sync_ps_cfg;
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 

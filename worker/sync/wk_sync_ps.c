@@ -145,7 +145,8 @@ static int ps_begin(wk_sync *s, float *params) {
     int rc;
     if (p->cfg.is_chief) {
         ps_init_cfg init = {.optim = p->cfg.optim, .seed = p->cfg.seed,
-                            .num_workers = p->cfg.nworkers, .async = p->cfg.async};
+                            .num_workers = p->cfg.nworkers, .async = p->cfg.async,
+                            .values = p->cfg.init_values};
         rc = ps_client_init(p->client, &init, s->err, sizeof s->err);
         if (rc != CM_OK) return rc;
         cm_info("initialised %d PS shard%s", p->cfg.nps, p->cfg.nps == 1 ? "" : "s");
