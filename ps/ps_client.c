@@ -469,10 +469,27 @@ int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errl
     req.global_batch = init->global_batch;
     req.steps_per_epoch = init->steps_per_epoch;
     for (int i = 0; i < c->nshards; i++) {
+        /* --init-from: the shard's partitions of init->values. */
+        int nv = init->values ? c->nparts[i] : 0;
+        Psrpc__Tensor *vals = nv ? cm_calloc((size_t)nv, sizeof *vals) : NULL;
+        Psrpc__Tensor **vptrs = nv ? cm_calloc((size_t)nv, sizeof *vptrs) : NULL;
+        uint64_t(*shapes)[CM_VAR_MAX_DIMS] = nv ? cm_calloc((size_t)nv, sizeof *shapes) : NULL;
+        for (int k = 0; k < nv; k++) {
+            const cm_partition *p = &c->cfg.placement->parts[c->parts[i][k]];
+            ps_wire_part_meta(c->cfg.model, c->cfg.placement, c->parts[i][k], shapes[k], &vals[k]);
+            vals[k].data.data = (uint8_t *)(init->values + p->offset);
+            vals[k].data.len = p->count * sizeof(float);
+            vptrs[k] = &vals[k];
+        }
+        req.n_values = (size_t)nv;
+        req.values = vptrs;
         int rc;
         Psrpc__InitReply *r = (Psrpc__InitReply *)call_unpack(
             c, i, "/psrpc.Ps/Initialize", &req.base, &psrpc__init_reply__descriptor, "init", &rc,
             err, errlen);
+        free(vals);
+        free(vptrs);
+        free(shapes);
         if (!r) return rc;
         /* Fresh shards all start in epoch 1; restored ones report 0. */
         if (r->epoch > c->epoch && !r->recovering) c->epoch = r->epoch;

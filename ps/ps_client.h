@@ -52,6 +52,8 @@ typedef struct ps_init_cfg {
      * resumed run must use the same; 0 = not given). */
     unsigned global_batch;
     uint64_t steps_per_epoch;
+    const float *values; /* Or start from these (model->numel floats in the
+                          * flat layout; borrowed); NULL = from seed. */
 } ps_init_cfg;
 
 int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen);

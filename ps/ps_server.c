@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <xxhash.h>
 
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
@@ -120,6 +121,55 @@ static void reply_packed(rpc_call *call, const ProtobufCMessage *m) {
 
 /* ------------------------------------------------------------ Init */
 
+/* An Init's values (--init-from) as the shard's flat array: every owned
+ * partition exactly once, float32 of its size. *out: cm_alloc_aligned,
+ * free(); CM_EINVAL with a message otherwise. */
+static int init_values(ps_server *s, const Psrpc__InitRequest *r, float **out, char *err,
+                       size_t errlen) {
+    int nparts;
+    ps_shard_parts(s->shard, &nparts);
+    size_t n = ps_shard_numel(s->shard);
+    float *vals = cm_alloc_aligned((n ? n : 1) * sizeof(float));
+    uint8_t *seen = cm_calloc((size_t)nparts + 1, 1);
+    int rc = CM_EINVAL;
+    if (!vals) abort();
+    if (r->zero_init) {
+        cm_seterr(err, errlen, "an Init with values cannot also ask for zero_init");
+        goto fail;
+    }
+    for (size_t k = 0; k < r->n_values; k++) {
+        const Psrpc__Tensor *t = r->values[k];
+        int li = ps_shard_local_index(s->shard, t->part);
+        size_t off = li < 0 ? 0 : ps_shard_part_offset(s->shard, li);
+        size_t count = li < 0 ? 0 : ps_shard_part_offset(s->shard, li + 1) - off;
+        if (li < 0 || seen[li] || t->dtype != PSRPC__DTYPE__DTYPE_FLOAT32 ||
+            t->data.len != count * sizeof(float)) {
+            cm_seterr(err, errlen,
+                      "Init value %zu: partition %u %s (shard %d)", k, t->part,
+                      li < 0      ? "is not on this shard"
+                      : seen[li]  ? "is given twice"
+                      : t->dtype != PSRPC__DTYPE__DTYPE_FLOAT32 ? "is not float32"
+                                  : "has the wrong size",
+                      s->cfg.shard);
+            goto fail;
+        }
+        seen[li] = 1;
+        memcpy(vals + off, t->data.data, t->data.len);
+    }
+    for (int i = 0; i < nparts; i++)
+        if (!seen[i]) {
+            cm_seterr(err, errlen, "Init values lack this shard's local partition %d", i);
+            goto fail;
+        }
+    *out = vals;
+    vals = NULL;
+    rc = CM_OK;
+fail:
+    free(vals);
+    free(seen);
+    return rc;
+}
+
 static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     Psrpc__InitRequest *r = psrpc__init_request__unpack(NULL, len, req);
@@ -152,7 +202,23 @@ static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     };
     char err[640];
     int64_t version = 0;
-    int rc = ps_shard_init(s->shard, &cfg, &version, err, sizeof err);
+    float *vals = NULL;
+    int rc;
+    if (!r->n_values) {
+        rc = ps_shard_init(s->shard, &cfg, &version, err, sizeof err);
+    } else if ((rc = init_values(s, r, &vals, err, sizeof err)) == CM_OK) {
+        /* Version 0 from the given values; a shard already initialised
+         * (a retry, or restored from a checkpoint) takes the same config
+         * only, and the values' hash is part of it. */
+        cfg.init_hash = XXH64(vals, ps_shard_numel(s->shard) * sizeof(float), 0);
+        rc = ps_shard_restore(s->shard, &cfg, 0, vals, NULL, err, sizeof err);
+        free(vals);
+        /* The seed cannot bring these values back: checkpoint version 0
+         * now, so that a rollback to it finds them. */
+        if (rc == CM_OK && s->writer_started && ps_shard_publish_now(s->shard))
+            ps_server_checkpoint_wait(s);
+        if (rc == CM_EBUSY) rc = ps_shard_init(s->shard, &cfg, &version, err, sizeof err);
+    }
     if (rc == CM_EBUSY) {
         rpc_fail(call, RPC_FAILED_PRECONDITION, "%s", err);
     } else if (rc != CM_OK) {
@@ -387,7 +453,9 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
 
 /* The extra record: the shard's config, little-endian. */
 #define CFG_MAGIC "pscfg2\0\0"
-#define CFG_LEN (8 + 4 + 5 * 4 + 8 + 4 * 4 + 4 + 8)
+#define CFG_LEN (8 + 4 + 5 * 4 + 8 + 4 * 4 + 8 + 4 + 8) /* v2: + init_hash, data layout */
+#define CFG_MAGIC_V1 "pscfg1\0\0"
+#define CFG_LEN_V1 (8 + 4 + 5 * 4 + 8 + 4 * 4)
 
 static uint8_t *put32(uint8_t *p, uint32_t v) {
     for (int i = 0; i < 4; i++) *p++ = (uint8_t)(v >> (8 * i));
@@ -424,16 +492,19 @@ static void cfg_encode(const ps_shard_config *c, uint8_t out[CFG_LEN]) {
     p = put32(p, (uint32_t)c->sync);
     p = put32(p, (uint32_t)c->aggregate);
     p = put32(p, (uint32_t)c->zero_init);
+    p = put32(p, (uint32_t)c->init_hash);
+    p = put32(p, (uint32_t)(c->init_hash >> 32));
     p = put32(p, c->global_batch);
     p = put32(p, (uint32_t)c->steps_per_epoch);
     put32(p, (uint32_t)(c->steps_per_epoch >> 32));
 }
 
 static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
-    if (len != CFG_LEN || memcmp(buf, CFG_MAGIC, 8) != 0) return CM_ECORRUPT;
+    int v1 = len == CFG_LEN_V1 && memcmp(buf, CFG_MAGIC_V1, 8) == 0;
+    if (!v1 && (len != CFG_LEN || memcmp(buf, CFG_MAGIC, 8) != 0)) return CM_ECORRUPT;
     const uint8_t *p = (const uint8_t *)buf + 8;
-    uint32_t v[15];
-    for (int i = 0; i < 15; i++) p = get32(p, &v[i]);
+    uint32_t v[17] = {0};
+    for (int i = 0; i < (v1 ? 12 : 17); i++) p = get32(p, &v[i]);
     *c = (ps_shard_config){.optim = {.kind = (int)v[0], .lr = bitsf(v[1]),
                                      .momentum = bitsf(v[2]), .beta1 = bitsf(v[3]),
                                      .beta2 = bitsf(v[4]), .epsilon = bitsf(v[5])},
@@ -442,8 +513,9 @@ static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
                            .sync = (int)v[9],
                            .aggregate = (int)v[10],
                            .zero_init = (int)v[11],
-                           .global_batch = v[12],
-                           .steps_per_epoch = (uint64_t)v[13] | (uint64_t)v[14] << 32};
+                           .init_hash = (uint64_t)v[12] | (uint64_t)v[13] << 32,
+                           .global_batch = v[14],
+                           .steps_per_epoch = (uint64_t)v[15] | (uint64_t)v[16] << 32};
     return CM_OK;
 }
 
@@ -725,7 +797,9 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
         cm_seterr(err, errlen, "PS shard %d is not initialised", s->cfg.shard);
         return CM_EINVAL;
     }
-    if (v > 0 && !s->store) {
+    /* Version 0 is the seed's unless the run started from given values. */
+    int load = v > 0 || have.init_hash;
+    if (load && !s->store) {
         cm_seterr(err, errlen, "PS shard %d keeps no checkpoints (no --data-dir)", s->cfg.shard);
         return CM_EINVAL;
     }
@@ -733,7 +807,7 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
     ps_server_checkpoint_wait(s);
     float *params = NULL, *slots = NULL;
     int rc = CM_OK;
-    if (v > 0) {
+    if (load) {
         ps_shard_config sc;
         params = state_buffer(s, 1);
         slots = state_buffer(s, 2);
@@ -751,7 +825,7 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
     if (rc == CM_OK && s->store) rc = st_store_drop_newer(s->store, v, err, errlen);
     if (rc == CM_OK)
         rc = ps_shard_rollback(s->shard, v, params,
-                               ps_optim_nslots(have.optim.kind) && v > 0 ? slots : NULL, err,
+                               ps_optim_nslots(have.optim.kind) && load ? slots : NULL, err,
                                errlen);
     if (rc == CM_OK) {
         pthread_mutex_lock(&s->mu);

@@ -286,14 +286,18 @@ static int same_config(const ps_shard_config *a, const ps_shard_config *b) {
            a->optim.beta2 == b->optim.beta2 && a->optim.epsilon == b->optim.epsilon &&
            a->seed == b->seed && a->num_workers == b->num_workers && a->sync == b->sync &&
            a->aggregate == b->aggregate && a->zero_init == b->zero_init &&
-           a->global_batch == b->global_batch && a->steps_per_epoch == b->steps_per_epoch;
+           a->global_batch == b->global_batch && a->steps_per_epoch == b->steps_per_epoch &&
+           a->init_hash == b->init_hash;
 }
 
 static void describe(const ps_shard_config *c, char *buf, size_t len) {
-    snprintf(buf, len, "%s lr=%g seed=%llu workers=%d %s %s%s global batch %u (%llu steps/epoch)",
+    char from[40] = "";
+    if (c->init_hash)
+        snprintf(from, sizeof from, " from-values=%016llx", (unsigned long long)c->init_hash);
+    snprintf(buf, len, "%s lr=%g seed=%llu workers=%d %s %s%s%s global batch %u (%llu steps/epoch)",
              ps_optim_name(c->optim.kind), (double)c->optim.lr, (unsigned long long)c->seed,
              c->num_workers, c->sync == PS_SYNC ? "sync" : "async",
-             c->aggregate == PS_AGG_SUM ? "sum" : "mean", c->zero_init ? " zero-init" : "",
+             c->aggregate == PS_AGG_SUM ? "sum" : "mean", c->zero_init ? " zero-init" : "", from,
              c->global_batch, (unsigned long long)c->steps_per_epoch);
 }
 

@@ -59,6 +59,8 @@ typedef struct ps_shard_config {
      * checkpoint so a resumed run uses the same): 0 when not given. */
     uint32_t global_batch;
     uint64_t steps_per_epoch;
+    uint64_t init_hash; /* Nonzero: started from given values (restored
+                         * as version 0), this is their XXH64. */
 } ps_shard_config;
 
 /* One gradient of a push: partition id (placement) and its values. */

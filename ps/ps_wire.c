@@ -106,20 +106,26 @@ void ps_wire_put_tensor(ps_wire_writer *w, uint32_t field, const Psrpc__Tensor *
         release(ud);
 }
 
+void ps_wire_part_meta(const cm_model *m, const cm_placement *pl, uint32_t part,
+                       uint64_t shape[CM_VAR_MAX_DIMS], Psrpc__Tensor *t) {
+    const cm_partition *p = &pl->parts[part];
+    const cm_var *v = &m->vars[p->var];
+    shape[0] = p->row_end - p->row_begin;
+    for (int d = 1; d < v->ndims; d++) shape[d] = (uint64_t)v->dims[d];
+    *t = (Psrpc__Tensor)PSRPC__TENSOR__INIT;
+    t->part = part;
+    t->dtype = PSRPC__DTYPE__DTYPE_FLOAT32;
+    t->n_shape = (size_t)v->ndims;
+    t->shape = shape;
+}
+
 void ps_wire_put_part(ps_wire_writer *w, uint32_t field, const cm_model *m,
                       const cm_placement *pl, uint32_t part, const float *data,
                       void (*release)(void *), void *ud) {
-    const cm_partition *p = &pl->parts[part];
-    const cm_var *v = &m->vars[p->var];
     uint64_t shape[CM_VAR_MAX_DIMS];
-    shape[0] = p->row_end - p->row_begin;
-    for (int d = 1; d < v->ndims; d++) shape[d] = (uint64_t)v->dims[d];
-    Psrpc__Tensor t = PSRPC__TENSOR__INIT;
-    t.part = part;
-    t.dtype = PSRPC__DTYPE__DTYPE_FLOAT32;
-    t.n_shape = (size_t)v->ndims;
-    t.shape = shape;
-    ps_wire_put_tensor(w, field, &t, data, p->count * sizeof(float), release, ud);
+    Psrpc__Tensor t;
+    ps_wire_part_meta(m, pl, part, shape, &t);
+    ps_wire_put_tensor(w, field, &t, data, pl->parts[part].count * sizeof(float), release, ud);
 }
 
 const rpc_seg *ps_wire_segs(ps_wire_writer *w, int *nsegs) {

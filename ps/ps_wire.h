@@ -49,6 +49,12 @@ void ps_wire_put_message(ps_wire_writer *w, const ProtobufCMessage *m);
 void ps_wire_put_tensor(ps_wire_writer *w, uint32_t field, const Psrpc__Tensor *meta,
                         const void *data, size_t len, void (*release)(void *), void *ud);
 
+/* Fill *t (data left empty) as the float32 Tensor of partition 'part':
+ * its id and shape (rows of the partition, then the variable's other
+ * dimensions), written into 'shape', which t->shape then points to. */
+void ps_wire_part_meta(const cm_model *m, const cm_placement *pl, uint32_t part,
+                       uint64_t shape[CM_VAR_MAX_DIMS], Psrpc__Tensor *t);
+
 /* Append partition 'part' of the placement as a float32 Tensor of its
  * shape (rows of the partition, then the variable's other dimensions), with
  * 'data' (the partition's count floats) sent in place as in

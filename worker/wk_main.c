@@ -41,6 +41,14 @@ static void usage(FILE *f) {
             "  --log FILE                write one JSON line per step with its time split\n"
             "  --params-out FILE         write the final parameters (raw float32)\n"
             "  --init-out FILE           write the initial parameters (raw float32)\n"
+            "  --export FILE             the chief writes the trained model to FILE (the\n"
+            "                            model file format of docs/ARCHITECTURE.md)\n"
+            "  --init-from FILE          start from the parameters in an exported model\n"
+            "                            file instead of the seeded initialisation (its\n"
+            "                            layers must match --layers; in PS mode the chief\n"
+            "                            initialises the shards with them)\n"
+            "  --eval-only               evaluate --init-from FILE on the test set and\n"
+            "                            exit: no training, no PS (--summary: mode eval)\n"
             "\nPS mode (the cluster comes from TF_CONFIG; these flags override it):\n"
             "  --ps-hosts H:P,...        PS addresses\n"
             "  --worker-hosts H:P,...    worker addresses\n"
@@ -97,7 +105,7 @@ int main(int argc, char **argv) {
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_EVAL_EVERY,
-        O_RECOVERY_TIMEOUT
+        O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -134,6 +142,9 @@ int main(int argc, char **argv) {
         {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
         {"no-overlap", no_argument, 0, O_NO_OVERLAP},
         {"eval-every", required_argument, 0, O_EVAL_EVERY},
+        {"export", required_argument, 0, O_EXPORT},
+        {"init-from", required_argument, 0, O_INIT_FROM},
+        {"eval-only", no_argument, 0, O_EVAL_ONLY},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -221,6 +232,9 @@ int main(int argc, char **argv) {
         case O_LOG: cfg.log_path = optarg; break;
         case O_PARAMS_OUT: cfg.params_out = optarg; break;
         case O_INIT_OUT: cfg.init_out = optarg; break;
+        case O_EXPORT: cfg.export_path = optarg; break;
+        case O_INIT_FROM: cfg.init_from = optarg; break;
+        case O_EVAL_ONLY: cfg.eval_only = 1; break;
         case O_PS_HOSTS: lists[CM_TASK_PS] = optarg; break;
         case O_WORKER_HOSTS: lists[CM_TASK_WORKER] = optarg; break;
         case O_CHIEF_HOST: lists[CM_TASK_CHIEF] = optarg; break;
@@ -290,6 +304,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "pstrain: --optimizer must be sgd, momentum or adam\n");
         return 2;
     }
+    if (cfg.eval_only && !cfg.init_from) {
+        fprintf(stderr, "pstrain: --eval-only needs --init-from FILE\n");
+        return 2;
+    }
     /* The cluster: TF_CONFIG, then flags on top. */
     char err[512];
     cm_cluster *cluster = NULL;
@@ -310,7 +328,7 @@ int main(int argc, char **argv) {
         cm_cluster_set_task(cluster, task_type >= 0 ? task_type : cluster->task_type,
                             task_index >= 0 ? task_index : 0);
     if (!mode_given && have_cluster) cfg.mode = "ps";
-    if (!strcmp(cfg.mode, "ps")) {
+    if (!strcmp(cfg.mode, "ps") && !cfg.eval_only) {
         if (cluster->task_type < 0) cm_cluster_set_task(cluster, CM_TASK_WORKER, 0);
         if (cm_cluster_validate(cluster, err, sizeof err) != CM_OK) {
             fprintf(stderr, "pstrain: %s\n", err);
@@ -329,6 +347,12 @@ int main(int argc, char **argv) {
     if (status != CM_OK) {
         fprintf(stderr, "pstrain: failed: %s\n", cm_strerror(status));
         return 1;
+    }
+    if (cfg.eval_only) {
+        printf("test accuracy %.4f (loss %.4f) on %zu test images of the model in %s (%lld "
+               "steps)\n",
+               r.test_accuracy, r.test_loss, r.test_examples, cfg.init_from, (long long)r.steps);
+        return 0;
     }
     if (r.rank < 0) {
         printf("evaluator: last evaluation at version %lld: test accuracy %.4f (loss %.4f) on %zu "

@@ -21,6 +21,7 @@
 #include "worker/input/wk_order.h"
 #include "worker/input/wk_prefetch.h"
 #include "worker/sync/wk_sync.h"
+#include "worker/wk_export.h"
 #include "worker/wk_replicas.h"
 
 void wk_train_cfg_defaults(wk_train_cfg *cfg) {
@@ -222,6 +223,7 @@ out:
 }
 
 int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
+    if (cfg->eval_only) return wk_export_eval_run(cfg, result);
     int status = check_cfg(cfg);
     if (status != CM_OK) return status;
     if (!strcmp(cfg->mode, "ps") && cfg->cluster->task_type == CM_TASK_EVALUATOR) {
@@ -303,6 +305,10 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     params = cm_alloc_aligned(numel * sizeof(float));
     grad = cm_alloc_aligned(numel * sizeof(float));
     if (!params || !grad) goto out;
+    /* --init-from: the file's values, staged in grad until the first step. */
+    if (cfg->init_from && (status = wk_export_load_init(cfg->init_from, model, grad)) != CM_OK)
+        goto out;
+    const float *init_values = cfg->init_from ? grad : NULL;
     if (is_ps) {
         wk_sync_ps_cfg pc = {
             .model = model,
@@ -324,7 +330,8 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
                                    (cfg->fault_rank < 0 || cfg->fault_rank == rank),
             .global_batch = (unsigned)B,
             .steps_per_epoch = spe,
-            .recovery_timeout_ms = cfg->recovery_timeout_ms};
+            .recovery_timeout_ms = cfg->recovery_timeout_ms,
+            .init_values = init_values};
         if ((status = wk_sync_ps_create(&pc, &sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             goto out;
@@ -345,6 +352,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         goto out;
     }
     began = 1;
+    if (init_values && !is_ps) memcpy(params, init_values, numel * sizeof(float));
     if (is_chief && cfg->init_out && (status = write_params(cfg->init_out, params, numel)) != CM_OK)
         goto out;
     for (int d = 0; d < D; d++) devs[d] = wk_device_cpu_create(d);
@@ -517,6 +525,8 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         status = write_summary(cfg->summary_path, cfg, lr, nps, result);
     if (is_chief && status == CM_OK && cfg->params_out)
         status = write_params(cfg->params_out, params, numel);
+    if (is_chief && status == CM_OK && cfg->export_path)
+        status = wk_export_save_run(cfg->export_path, cfg, model, params, result);
 out:
     if (sync && began) {
         int rc = sync->ops->finish(sync, status == CM_OK);

@@ -35,6 +35,9 @@ typedef struct wk_train_cfg {
     const char *log_path;     /* JSON lines, one per step (NULL = none). */
     const char *params_out;   /* Final parameters, raw little-endian float32. */
     const char *init_out;     /* Initial parameters, same format. */
+    const char *export_path;  /* The chief's final model, wk_export format. */
+    const char *init_from;    /* Start from this wk_export file. */
+    int eval_only;            /* Only evaluate init_from on the test set. */
     /* PS mode. */
     const cm_cluster *cluster; /* Borrowed: the cluster and this task. */
     int async;                 /* Apply every push at once (default sync). */

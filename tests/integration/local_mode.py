@@ -4,6 +4,7 @@
   local_mode.py BIN learns      a short run on a 10k subset learns
   local_mode.py BIN devices     D=1 and D=3 replicas train to the same weights
   local_mode.py BIN bad-input   bad options and broken data give clear errors
+  local_mode.py BIN export      --export, then --eval-only and --init-from use the file
 Each scenario is bounded in time and exits non-zero on failure.
 """
 import gzip
@@ -104,13 +105,74 @@ def bad_input(bin_, tmp):
     check("--local-devices" in p.stdout, "--help lists the options")
 
 
+def export(bin_, tmp):
+    model, summary = os.path.join(tmp, "m.pst"), os.path.join(tmp, "s.json")
+    final = os.path.join(tmp, "final.bin")
+    common = ["--train-limit", "3000", "--test-limit", "1000", "--batch-size", "100",
+              "--threads", "1", "--quiet"]
+    p = run(bin_, *common, "--epochs", "1", "--seed", "5", "--export", model,
+            "--summary", summary, "--params-out", final)
+    check(model in p.stderr, "the chief logs the export path")
+    raw = open(model, "rb").read()
+    check(raw[:8] == b"PSTMODEL" and struct.unpack("<I", raw[8:12])[0] == 1,
+          "the file starts with the magic and format version 1")
+    hlen = struct.unpack("<I", raw[12:16])[0]
+    header = json.loads(raw[16:16 + hlen])
+    off = (16 + hlen + 63) // 64 * 64
+    s = json.load(open(summary))
+    check(header["sizes"] == [784, 256, 128, 10] and header["numel"] == 235146 and
+          header["steps"] == s["steps"] and header["mode"] == "local",
+          f"the header describes the model and the run: {header}")
+    data = raw[off:-8]
+    check(data == open(final, "rb").read(), "the file holds the final parameters (= --params-out)")
+    check(not os.path.exists(model + ".tmp"), "no temporary file is left")
+
+    ev = os.path.join(tmp, "e.json")
+    p = run(bin_, "--eval-only", "--init-from", model, "--test-limit", "1000",
+            "--batch-size", "100", "--summary", ev)
+    e = json.load(open(ev))
+    check(e["mode"] == "eval" and e["test_accuracy"] == s["test_accuracy"],
+          f"--eval-only reproduces the run's test accuracy {s['test_accuracy']:.4f}")
+    check(abs(e["test_loss"] - s["test_loss"]) <= 1e-6 * abs(s["test_loss"]),
+          "and its test loss")
+    check("test accuracy" in p.stdout, "--eval-only prints the test accuracy")
+
+    init = os.path.join(tmp, "init.bin")
+    run(bin_, *common, "--max-steps", "1", "--init-from", model, "--init-out", init)
+    check(open(init, "rb").read() == data, "--init-from starts from the file's parameters")
+    log = os.path.join(tmp, "l.jsonl")
+    first = {}
+    for name, extra in (("fresh", []), ("from file", ["--init-from", model])):
+        run(bin_, *common, "--max-steps", "1", "--log", log, *extra)
+        first[name] = json.loads(open(log).readline())["loss"]
+    check(first["from file"] < 0.5 * first["fresh"],
+          f"training from the file goes on from the trained loss: {first}")
+
+    p = run(bin_, *common, "--max-steps", "1", "--layers", "784,64,10", "--init-from", model,
+            expect_ok=False)
+    check(p.returncode != 0 and "784,256,128,10" in p.stderr and "784,64,10" in p.stderr,
+          "a file of another model is refused with a message naming both")
+    bad = os.path.join(tmp, "bad.pst")
+    with open(bad, "wb") as f:
+        f.write(raw[:-9] + bytes([raw[-9] ^ 1]) + raw[-8:])
+    p = run(bin_, "--eval-only", "--init-from", bad, expect_ok=False)
+    check(p.returncode != 0 and "checksum" in p.stderr, "a corrupt file is refused")
+    with open(bad, "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    p = run(bin_, *common, "--init-from", bad, expect_ok=False)
+    check(p.returncode != 0 and "truncated" in p.stderr, "a truncated file is refused")
+    p = run(bin_, "--eval-only", expect_ok=False)
+    check(p.returncode != 0 and "--init-from" in p.stderr, "--eval-only needs --init-from")
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     bin_, scenario = sys.argv[1], sys.argv[2]
     tmp = tempfile.mkdtemp(prefix="pstest-")
     try:
-        {"learns": learns, "devices": devices, "bad-input": bad_input}[scenario](bin_, tmp)
+        {"learns": learns, "devices": devices, "bad-input": bad_input,
+         "export": export}[scenario](bin_, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("PASS", scenario)

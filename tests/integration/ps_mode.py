@@ -9,6 +9,8 @@
   ps_mode.py BIN_DIR restart       a PS with --data-dir checkpoints while a worker
                                    trains, restores its newest checkpoint when started
                                    again, and refuses the directory for another model
+  ps_mode.py BIN_DIR init-from     a PS run starts from an exported model file
+                                   (--init-from) and exports its own (--export)
 Every process listens on 127.0.0.1, runs under a timeout, and is stopped by PID.
 """
 import json
@@ -274,6 +276,35 @@ def restart(bin_dir, tmp):
           f"a PS of another model refuses the directory, naming both: {p.stderr.strip()}")
 
 
+def model_data(path):
+    raw = open(path, "rb").read()
+    hlen = struct.unpack("<I", raw[12:16])[0]
+    off = (16 + hlen + 63) // 64 * 64
+    return json.loads(raw[16:16 + hlen]), raw[off:-8]
+
+
+def init_from(bin_dir, tmp):
+    pstrain = os.path.join(bin_dir, "pstrain")
+    common = ["--train-limit", "3000", "--test-limit", "500", "--threads", "1", "--quiet"]
+    model = os.path.join(tmp, "local.pst")
+    run([pstrain, "--mode", "local", *common, "--max-steps", "20", "--export", model])
+    _, data = model_data(model)
+    init, out = os.path.join(tmp, "init.bin"), os.path.join(tmp, "ps.pst")
+    final = os.path.join(tmp, "final.bin")
+    launch(bin_dir, "--ps", "2", "--workers", "2", "--batch-size", "64", *common,
+           "--max-steps", "3", "--min-partition-bytes", "65536", "--init-from", model,
+           "--init-out", init, "--export", out, "--params-out", final)
+    check(open(init, "rb").read() == data,
+          "a PS run's initial parameters (pulled from 2 shards) are the file's")
+    header, ps_data = model_data(out)
+    check(header["mode"] == "ps" and header["steps"] == 3 and ps_data == open(final, "rb").read(),
+          f"the PS chief exports its final parameters: {header['mode']}, {header['steps']} steps")
+    p = launch(bin_dir, "--ps", "1", "--workers", "1", *common, "--max-steps", "1",
+               "--layers", "784,64,10", "--init-from", model, expect_ok=False)
+    check(p.returncode != 0 and "784,64,10" in p.stderr and "784,256,128,10" in p.stderr,
+          "a file of another model is refused in PS mode too")
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
@@ -281,7 +312,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="pstest-")
     try:
         {"equivalence": equivalence, "learns": learns, "bad-input": bad_input,
-         "restart": restart}[scenario](
+         "restart": restart, "init-from": init_from}[scenario](
             bin_dir, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1253,6 +1253,84 @@ static void test_checkpoint_restore(void **state) {
     assert_int_equal(system(cmd), 0);
 }
 
+/* --init-from: an Init with values starts every shard from them at version
+ * 0; it is idempotent, a seeded Init or other values are refused, also after
+ * a restart from a checkpoint; malformed values are INVALID_ARGUMENT. */
+static void test_init_from_values(void **state) {
+    (void)state;
+    char dir[] = "/tmp/test_ps_server_initv.XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    fx_data_dir = dir;
+    fx_every = 1;
+    fx_start(0);
+    size_t n = F.m->numel;
+    float *vals = malloc(n * sizeof *vals), *other = malloc(n * sizeof *other);
+    assert_true(vals && other);
+    for (size_t i = 0; i < n; i++) vals[i] = (float)((int)(i % 61) - 30) / 64.0f;
+    memcpy(other, vals, n * sizeof *other);
+    other[n - 1] += 1.0f;
+    char msg[1024], err[512] = "";
+
+    /* Malformed values, sent raw to shard 0: nothing initialised. */
+    raw_push rp;
+    raw_push_make(&rp, 0, 0, vals);
+    Psrpc__OptimizerConfig oc = PSRPC__OPTIMIZER_CONFIG__INIT;
+    oc.kind = "sgd";
+    oc.lr = LR;
+    Psrpc__InitRequest ir = PSRPC__INIT_REQUEST__INIT;
+    Psrpc__Cluster cl = good_cluster();
+    ir.cluster = &cl;
+    ir.optimizer = &oc;
+    ir.seed = SEED;
+    ir.num_workers = 2;
+    ir.sync = PSRPC__SYNC_MODE__SYNC_SYNC;
+    ir.values = rp.tp;
+    ir.n_values = rp.req.n_grads - 1;
+    int code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "lack", NULL);
+    ir.n_values = rp.req.n_grads;
+    Psrpc__Tensor *keep = rp.tp[1];
+    rp.tp[1] = rp.tp[0];
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "given twice", NULL);
+    rp.tp[1] = keep;
+    rp.tp[0]->data.len -= 4;
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "wrong size", NULL);
+    rp.tp[0]->data.len += 4;
+
+    ps_init_cfg ic = init_cfg();
+    ic.values = vals;
+    if (ps_client_init(F.cli[0], &ic, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    expect_values(0, 0, vals);
+    if (ps_client_init(F.cli[0], &ic, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ps_init_cfg seeded = init_cfg();
+    assert_int_not_equal(ps_client_init(F.cli[0], &seeded, err, sizeof err), CM_OK);
+    assert_non_null(strstr(err, "from-values="));
+    ps_init_cfg changed = ic;
+    changed.values = other;
+    assert_int_not_equal(ps_client_init(F.cli[0], &changed, err, sizeof err), CM_OK);
+    client_push_ok(0, 0, 0);
+    client_push_ok(1, 0, 1);
+    ps_server_checkpoint_wait(F.srv[0]);
+    ps_server_checkpoint_wait(F.srv[1]);
+    fx_stop();
+
+    /* Restored from the checkpoint: the config still has the values' hash. */
+    fx_start(0);
+    if (ps_client_init(F.cli[0], &ic, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_not_equal(ps_client_init(F.cli[0], &seeded, err, sizeof err), CM_OK);
+    assert_non_null(strstr(err, "from-values="));
+    fx_stop();
+    fx_data_dir = NULL;
+    fx_every = 0;
+    free(vals);
+    free(other);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_create_and_start_errors),
@@ -1266,6 +1344,7 @@ int main(void) {
         cmocka_unit_test(test_pull_deadline_then_clean_shutdown),
         cmocka_unit_test(test_shutdown_request),
         cmocka_unit_test(test_checkpoint_restore),
+        cmocka_unit_test(test_init_from_values),
         cmocka_unit_test(test_destroy_with_waiting_pull),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -440,6 +440,37 @@ static void test_init_idempotent_and_conflict(void **state) {
     expect_same(before, after, f->m->numel);
 }
 
+/* --init-from: version 0 restored from given values; their hash is part of
+ * the config, so an Init from the seed (or from another file) is refused. */
+static void test_init_from_values_is_its_own_config(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 1, PS_SYNC, PS_AGG_MEAN);
+    c.init_hash = 0x1234abcd5678ef00ULL;
+    float given[MAXN], got[MAXN];
+    size_t n = ps_shard_numel(f->s);
+    for (size_t i = 0; i < n; i++) given[i] = (float)i * 0.25f - 3.0f;
+    char err[512] = "";
+    assert_int_equal(ps_shard_restore(f->s, &c, 0, given, NULL, err, sizeof err), CM_OK);
+    ps_snapshot *snap = pull_now(f->s, 0);
+    assert_int_equal(ps_snapshot_version(snap), 0);
+    for (int i = 0; i < f->nparts; i++) {
+        size_t off = ps_shard_part_offset(f->s, i), cnt = ps_shard_part_offset(f->s, i + 1) - off;
+        memcpy(got + off, ps_snapshot_part(snap, i), cnt * sizeof(float));
+    }
+    ps_snapshot_unref(snap);
+    assert_memory_equal(given, got, n * sizeof(float));
+    int64_t v = -1;
+    assert_int_equal(ps_shard_init(f->s, &c, &v, err, sizeof err), CM_OK); /* A retry. */
+    assert_int_equal(v, 0);
+    ps_shard_config seeded = c;
+    seeded.init_hash = 0;
+    assert_int_equal(ps_shard_init(f->s, &seeded, &v, err, sizeof err), CM_EBUSY);
+    assert_non_null(strstr(err, "from-values=1234abcd5678ef00"));
+    ps_shard_config other = c;
+    other.init_hash = 1;
+    assert_int_equal(ps_shard_init(f->s, &other, &v, err, sizeof err), CM_EBUSY);
+}
+
 static void test_initial_values(void **state) {
     fixture *f = *state;
     ps_shard_config c = cfg_make(PS_OPTIM_SGD, 1, PS_SYNC, PS_AGG_MEAN);
@@ -1359,6 +1390,7 @@ int main(void) {
         T(test_pull_waits_until_init),
         T(test_init_idempotent_and_conflict),
         T(test_initial_values),
+        T(test_init_from_values_is_its_own_config),
         T(test_sync_mean_sgd_exact),
         T(test_duplicate_push_not_counted),
         T(test_stale_and_early_counted),

@@ -87,6 +87,9 @@ typedef struct wk_sync_ps_cfg {
     unsigned global_batch;
     uint64_t steps_per_epoch;
     int64_t recovery_timeout_ms; /* Waiting for the cluster to agree (0 = 120000). */
+    const float *init_values; /* The chief: initialise the shards with these
+                               * (model->numel floats, copied) instead of
+                               * from seed. */
 } wk_sync_ps_cfg;
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 

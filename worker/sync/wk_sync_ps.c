@@ -57,6 +57,9 @@ typedef struct psync {
     ps_ticket **tickets;
     int ntickets;
     ps_shard_checkpoints *ck; /* Per shard: the last Checkpoints answer. */
+    float *init_values;       /* The chief's copy of --init-from's values: a
+                               * PS restarted without a checkpoint needs them
+                               * again. */
     double last_gc;           /* Chief: when it last told the shards to GC. */
 } psync;
 
@@ -145,7 +148,8 @@ static ps_init_cfg init_cfg(const psync *p) {
     return (ps_init_cfg){.optim = p->cfg.optim, .seed = p->cfg.seed,
                          .num_workers = p->cfg.nworkers, .async = p->cfg.async,
                          .global_batch = p->cfg.global_batch,
-                         .steps_per_epoch = p->cfg.steps_per_epoch};
+                         .steps_per_epoch = p->cfg.steps_per_epoch,
+                         .values = p->cfg.init_values};
 }
 
 /* The newest version every shard has committed, or 0 (the initial values,
@@ -391,6 +395,7 @@ static void ps_destroy(wk_sync *s) {
     free(p->ready);
     free(p->tickets);
     free(p->ck);
+    free(p->init_values);
     cm_placement_destroy(p->pl);
     free(p);
 }
@@ -451,6 +456,13 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
     p->ready = cm_calloc((size_t)np, sizeof *p->ready);
     p->tickets = cm_calloc((size_t)np, sizeof *p->tickets);
     p->ck = cm_calloc((size_t)cfg->nps, sizeof *p->ck);
+    if (cfg->init_values && cfg->is_chief) {
+        p->init_values = cm_malloc(m->numel * sizeof(float));
+        memcpy(p->init_values, cfg->init_values, m->numel * sizeof(float));
+        p->cfg.init_values = p->init_values;
+    } else {
+        p->cfg.init_values = NULL;
+    }
     *out = &p->base;
     return CM_OK;
 }
