@@ -29,6 +29,7 @@
 #include "common/cm_status.h"
 #include "common/cm_time.h"
 #include "ps/ps_client.h"
+#include "storage/st_store.h"
 #include "worker/sync/wk_sync.h"
 
 /* Gathered partitions are sent once this many bytes are ready: fewer calls
@@ -152,21 +153,19 @@ static ps_init_cfg init_cfg(const psync *p) {
                          .values = p->cfg.init_values};
 }
 
-/* The newest version every shard has committed, or 0 (the initial values,
- * which every shard can recompute from the seed). */
+/* The newest version every shard has committed (st_newest_common, the
+ * rule the unit tests of storage check), or 0: the initial values, which
+ * every shard can have again (from the seed, or the checkpoint of version
+ * 0 written at an --init-from start). */
 static int64_t newest_common(const psync *p) {
-    const ps_shard_checkpoints *ck = p->ck;
-    for (int k = 0; k < ck[0].ncommitted; k++) {
-        int64_t v = ck[0].committed[k];
-        int everywhere = 1;
-        for (int i = 1; i < p->cfg.nps && everywhere; i++) {
-            int found = 0;
-            for (int j = 0; j < ck[i].ncommitted && !found; j++) found = ck[i].committed[j] == v;
-            everywhere = found;
-        }
-        if (everywhere) return v; /* committed[] is newest first. */
+    const int64_t *lists[p->cfg.nps];
+    int counts[p->cfg.nps];
+    for (int i = 0; i < p->cfg.nps; i++) {
+        lists[i] = p->ck[i].committed;
+        counts[i] = p->ck[i].ncommitted;
     }
-    return 0;
+    int64_t v = st_newest_common(lists, counts, p->cfg.nps);
+    return v > 0 ? v : 0;
 }
 
 /* 1 if every shard serves the same version in the same epoch. */
