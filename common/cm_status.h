@@ -21,7 +21,8 @@
     XX(EUNAVAIL, -8, "peer unavailable")                          \
     XX(EBUSY, -9, "busy")                                         \
     XX(ESHUTDOWN, -10, "shut down")                               \
-    XX(EUNSUPPORTED, -11, "not supported")
+    XX(EUNSUPPORTED, -11, "not supported")                        \
+    XX(EPROTO, -12, "protocol error")
 
 enum {
 #define XX(name, code, text) CM_##name = (code),
