@@ -40,7 +40,8 @@ typedef struct opts {
 static void usage(FILE *f) {
     fprintf(f,
             "usage: allreduce [--ranks 2,3,4] [--sizes %s] [--repeats 3]\n"
-            "                 [--chunk-bytes 262144] [--sock-buf BYTES] [--timeout-s 300]\n"
+            "                 [--chunk-bytes 262144] [--sock-buf BYTES] [--spin-us 0]\n"
+            "                 [--timeout-s 300]\n"
             "One JSON line per (ranks, size) on stdout.\n",
             ar_default_sizes);
 }
@@ -49,6 +50,7 @@ static int parse(int argc, char **argv, opts *o) {
     static const struct option lo[] = {{"ranks", 1, 0, 'r'},       {"sizes", 1, 0, 's'},
                                        {"repeats", 1, 0, 'R'},     {"chunk-bytes", 1, 0, 'c'},
                                        {"sock-buf", 1, 0, 'b'},    {"timeout-s", 1, 0, 't'},
+                                       {"spin-us", 1, 0, 'S'},
                                        {"help", 0, 0, 'h'},        {0, 0, 0, 0}};
     const char *ranks = "2,3,4", *sizes = ar_default_sizes;
     wk_ring_opts_default(&o->ring);
@@ -64,6 +66,7 @@ static int parse(int argc, char **argv, opts *o) {
         case 'c': o->ring.chunk_bytes = strtoull(optarg, NULL, 10); break;
         case 'b': o->ring.sock_buf_bytes = atoi(optarg); break;
         case 't': o->timeout_s = atoi(optarg); break;
+        case 'S': o->ring.spin_us = atoi(optarg); break;
         case 'h': usage(stdout); exit(0);
         default: return CM_EINVAL;
         }
@@ -118,9 +121,9 @@ static int run_size(wk_ring *ring, const opts *o, float *buf, size_t bytes) {
             if ((rc = wk_ring_allreduce(ring, buf, count, next_step++, 0)) != CM_OK) return rc;
         if ((rc = slowest(ring, (cm_now() - t0) / iters, &t[w])) != CM_OK) return rc;
     }
-    char extra[96];
-    snprintf(extra, sizeof extra, ",\"chunk_bytes\":%zu,\"sock_buf\":%d", o->ring.chunk_bytes,
-             o->ring.sock_buf_bytes);
+    char extra[128];
+    snprintf(extra, sizeof extra, ",\"chunk_bytes\":%zu,\"sock_buf\":%d,\"spin_us\":%d",
+             o->ring.chunk_bytes, o->ring.sock_buf_bytes, o->ring.spin_us);
     if (rank == 0)
         ar_print("ring", "tcp", n, bytes, iters, o->repeats, ar_median(t, o->repeats), ok,
                  extra);

@@ -186,6 +186,7 @@ static void check_random(int average) {
     wk_ring_opts o;
     small_timeouts(&o);
     o.chunk_bytes = 16 << 10;
+    o.spin_us = average ? 20 : 0; /* Both ways of waiting. */
     rank_ctx ctx[MAX_N];
     for (int n = 2; n <= MAX_N; n++) {
         rnd_job j = {.average = average};

@@ -105,7 +105,8 @@ void wk_ring_opts_default(wk_ring_opts *o) {
                         .timeout_ms = 30000,
                         .connect_timeout_ms = 30000,
                         .chunk_bytes = 256 << 10,
-                        .sock_buf_bytes = 0};
+                        .sock_buf_bytes = 0,
+                        .spin_us = 0};
 }
 
 /* ===================================================== wire format */
@@ -471,7 +472,7 @@ int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const
     }
     if (nranks < 1 || nranks > MAX_RANKS || rank < 0 || rank >= nranks ||
         (nranks > 1 && (!l || !addrs)) || o.timeout_ms <= 0 || o.connect_timeout_ms <= 0 ||
-        o.chunk_bytes > (1u << 30) || o.sock_buf_bytes < 0) {
+        o.chunk_bytes > (1u << 30) || o.sock_buf_bytes < 0 || o.spin_us < 0) {
         cm_seterr(err, errlen, "wk_ring_connect: bad arguments (rank %d of %d)", rank, nranks);
         return CM_EINVAL;
     }
@@ -678,13 +679,18 @@ static int pump_recv(run *x, int *progress) {
 /* Run the plan in r->sends / r->recvs until both sides are done. */
 static int run_plan(run *x) {
     wk_ring *r = x->r;
+    double spin = r->opts.spin_us * 1e-6, last = spin > 0 ? cm_now() : 0;
     for (;;) {
         int progress = 0, rc;
         if ((rc = pump_recv(x, &progress)) != CM_OK || (rc = pump_send(x, &progress)) != CM_OK)
             return rc;
         int recv_done = x->rk == x->nrecv, send_done = x->sk == x->nsend;
         if (recv_done && send_done) return CM_OK;
-        if (progress) continue;
+        if (progress) {
+            if (spin > 0) last = cm_now();
+            continue;
+        }
+        if (spin > 0 && cm_now() - last < spin) continue;
         struct pollfd pf[2];
         int np = 0;
         if (!recv_done) pf[np++] = (struct pollfd){.fd = r->recv_fd, .events = POLLIN};

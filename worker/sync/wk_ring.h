@@ -49,6 +49,10 @@ typedef struct wk_ring_opts {
     /* SO_SNDBUF / SO_RCVBUF of the ring's sockets; 0 keeps the kernel's
      * autotuning. */
     int sock_buf_bytes;
+    /* When neither socket can move, keep retrying this long (µs) before
+     * sleeping in poll(): saves a wake-up per chunk on small messages, costs
+     * CPU when ranks outnumber cores. 0: always sleep. */
+    int spin_us;
 } wk_ring_opts;
 
 /* Defaults: job_id 0, timeout 30 s, connect timeout 30 s, chunk 256 KiB,
