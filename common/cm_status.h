@@ -22,7 +22,8 @@
     XX(EBUSY, -9, "busy")                                         \
     XX(ESHUTDOWN, -10, "shut down")                               \
     XX(EUNSUPPORTED, -11, "not supported")                        \
-    XX(EABORTED, -12, "aborted: the cluster rolled back")
+    XX(EABORTED, -12, "aborted: the cluster rolled back")         \
+    XX(EPROTO, -13, "protocol error")
 
 enum {
 #define XX(name, code, text) CM_##name = (code),

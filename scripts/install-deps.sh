@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install the Debian 12 packages the project needs to build, test and run.
-# Installs only what is missing; safe to run again. Needs root (or sudo) when
-# something is missing.
+# Install the Debian 12 packages the project needs to build, test and run
+# (or, given package names, those instead: bench/allreduce.sh asks for Open
+# MPI). Installs only what is missing; safe to run again. Needs root (or
+# sudo) when something is missing.
 set -euo pipefail
 
 PACKAGES=(
@@ -17,6 +18,7 @@ PACKAGES=(
   python3                            # integration test drivers, experiment scripts
   dataset-fashion-mnist              # the training data
 )
+[ $# -gt 0 ] && PACKAGES=("$@")
 
 missing=()
 for p in "${PACKAGES[@]}"; do

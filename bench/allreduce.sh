@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Ring AllReduce (bench/allreduce, wk_ring over TCP) against Open MPI's
+# MPI_Allreduce on the same machine in the same run: MPI over TCP on
+# loopback (the like-for-like reference) and over its default shared-memory
+# transport (vader). Prints every measurement as a JSON line, then one line
+# per (n, size) with the ratio of our bus bandwidth to MPI-TCP's, then a
+# summary line for the target: with 2 ranks at >= 1 MiB, ours >= MPI TCP.
+#
+#   bench/allreduce.sh [BUILD_DIR] [--ranks 2,3,4] [--sizes 4K,...,64M]
+#                      [--repeats 3] [--launches 3] [--chunk-bytes B] [--sock-buf B]
+#
+# Each launch runs, for every n, ours, MPI-TCP and MPI-shm back to back (so
+# the three see the same load on a shared machine); each program reports the
+# median of --repeats timed windows, and the comparison takes the median
+# over --launches.
+#
+# Installs openmpi-bin and libopenmpi-dev if missing (apt-get, as root or
+# with sudo), builds the MPI reference with mpicc into BUILD_DIR/bench (the
+# CMake build never needs MPI) and bench/allreduce with cmake.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=build
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then build=$1; shift; fi
+ranks=2,3,4
+sizes=4K,16K,64K,256K,1M,4M,16M,64M
+repeats=3
+launches=3
+ring_args=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --ranks) ranks=$2; shift 2 ;;
+    --sizes) sizes=$2; shift 2 ;;
+    --repeats) repeats=$2; shift 2 ;;
+    --launches) launches=$2; shift 2 ;;
+    --chunk-bytes|--sock-buf) ring_args+=("$1" "$2"); shift 2 ;;
+    *) echo "usage: $0 [BUILD_DIR] [--ranks L] [--sizes L] [--repeats N] [--launches N]" \
+            "[--chunk-bytes B] [--sock-buf B]" >&2; exit 2 ;;
+  esac
+done
+
+# Open MPI from Debian, only if missing.
+./scripts/install-deps.sh openmpi-bin libopenmpi-dev
+
+[ -f "$build/CMakeCache.txt" ] || ./scripts/build.sh "$build" -DCMAKE_BUILD_TYPE=Release
+cmake --build "$build" -j 2 --target allreduce >/dev/null
+mkdir -p "$build/bench"
+# The same optimisation as the CMake Release build (-O3, no -march=native).
+mpicc -O3 -DNDEBUG -std=c11 -D_GNU_SOURCE -Wall -Wextra -I. bench/allreduce_mpi.c \
+      -o "$build/bench/allreduce_mpi"
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+mpi=(mpirun --allow-run-as-root --oversubscribe)
+for launch in $(seq "$launches"); do
+  for n in ${ranks//,/ }; do
+    "$build/bench/allreduce" --ranks "$n" --sizes "$sizes" --repeats "$repeats" \
+      ${ring_args[@]+"${ring_args[@]}"} | tee -a "$out/ring"
+    OMPI_MCA_pml=ob1 "${mpi[@]}" -np "$n" --mca btl tcp,self --mca btl_tcp_if_include lo \
+      "$build/bench/allreduce_mpi" --transport tcp --sizes "$sizes" --repeats "$repeats" \
+      | tee -a "$out/mpi_tcp"
+    "${mpi[@]}" -np "$n" --mca btl vader,self \
+      "$build/bench/allreduce_mpi" --transport shm --sizes "$sizes" --repeats "$repeats" \
+      | tee -a "$out/mpi_shm"
+  done
+done
+
+python3 - "$out" <<'EOF'
+import json, sys, os
+d = sys.argv[1]
+def load(name):
+    """Median over launches of each (n, bytes): the launch with the median busbw."""
+    runs = {}
+    for line in open(os.path.join(d, name)):
+        if line.startswith("{"):
+            r = json.loads(line)
+            runs.setdefault((r["n"], r["bytes"]), []).append(r)
+    rows = {}
+    for key, rs in runs.items():
+        rs.sort(key=lambda r: r["busbw_gbs"])
+        rows[key] = dict(rs[len(rs) // 2], launches=len(rs),
+                         busbw_min=rs[0]["busbw_gbs"], busbw_max=rs[-1]["busbw_gbs"],
+                         check="ok" if all(r["check"] == "ok" for r in rs) else "bad")
+    return rows
+ring, tcp, shm = load("ring"), load("mpi_tcp"), load("mpi_shm")
+target = []
+for key in sorted(ring):
+    n, b = key
+    r, t, s = ring[key], tcp.get(key), shm.get(key)
+    row = {"compare": "allreduce", "n": n, "bytes": b, "ours_busbw_gbs": r["busbw_gbs"],
+           "mpi_tcp_busbw_gbs": t and t["busbw_gbs"], "mpi_shm_busbw_gbs": s and s["busbw_gbs"],
+           "ratio_vs_mpi_tcp": t and round(r["busbw_gbs"] / t["busbw_gbs"], 3),
+           "ratio_vs_mpi_shm": s and round(r["busbw_gbs"] / s["busbw_gbs"], 3),
+           "ours_range": [r["busbw_min"], r["busbw_max"]],
+           "mpi_tcp_range": t and [t["busbw_min"], t["busbw_max"]],
+           "launches": r["launches"], "oversubscribed": r["oversubscribed"]}
+    print(json.dumps(row))
+    if n == 2 and b >= 1 << 20 and t:
+        target.append(row["ratio_vs_mpi_tcp"])
+checks = [r["check"] for rows in (ring, tcp, shm) for r in rows.values()]
+print(json.dumps({"summary": "allreduce", "target": "n=2, >= 1 MiB: ours busbw >= MPI TCP busbw",
+                  "met": bool(target) and min(target) >= 1.0,
+                  "min_ratio": min(target) if target else None, "sizes_checked": len(target),
+                  "all_results_checked_ok": all(c == "ok" for c in checks)}))
+EOF

@@ -1,0 +1,113 @@
+/* wk_ring.h - ring AllReduce over plain TCP: the CPU data plane of
+ * collective mode.
+ * SPDX-License-Identifier: MIT
+ *
+ * N ranks form a ring: rank r sends to r+1 and receives from r-1 (mod N),
+ * one TCP connection per direction. Bringing a ring up takes two calls, so
+ * that a rendezvous can hand out addresses in between:
+ *
+ *     wk_ring_listen("127.0.0.1", 0, &l, err, sizeof err);   // every rank
+ *     ... publish host:wk_ring_listener_port(l), learn everyone's ...
+ *     wk_ring_connect(l, rank, nranks, addrs, &opts, &ring, err, sizeof err);
+ *     wk_ring_listener_destroy(l);
+ *     wk_ring_allreduce(ring, grad, n, step, 1);            // every step
+ *     wk_ring_destroy(ring);
+ *
+ * Conventions: functions return CM_OK or a negative CM_E*; objects come back
+ * through an out-parameter that is NULL on failure; destroy(NULL) is a no-op.
+ * Every wait is bounded (wk_ring_opts). A ring is used by one thread at a
+ * time; different rings may be used from different threads.
+ *
+ * Errors are sticky: after a failed collective (a dead or misbehaving peer,
+ * a timeout) the ring returns the same status from every later call, and
+ * wk_ring_error() says what happened, naming the peer's rank and address.
+ * The contents of the data buffer after a failure are unspecified.
+ */
+#ifndef WK_RING_H
+#define WK_RING_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/cm_status.h"
+
+typedef struct wk_ring_listener wk_ring_listener;
+typedef struct wk_ring wk_ring;
+
+typedef struct wk_ring_opts {
+    /* Identifies the job (and session): peers with another id are refused
+     * in the handshake. Every rank must use the same value. */
+    uint64_t job_id;
+    /* Longest wait for a peer to make progress (bytes moved) during a
+     * collective, and for a handshake reply; ms. */
+    int timeout_ms;
+    /* How long wk_ring_connect keeps retrying the connection to the next
+     * rank and waiting for the previous one; ms. */
+    int connect_timeout_ms;
+    /* Pipelining unit: each segment of the buffer travels in chunks of at
+     * most this many bytes (rounded down to whole floats, at least one). */
+    size_t chunk_bytes;
+    /* SO_SNDBUF / SO_RCVBUF of the ring's sockets; 0 keeps the kernel's
+     * autotuning. */
+    int sock_buf_bytes;
+    /* When neither socket can move, keep retrying this long (µs) before
+     * sleeping in poll(): saves a wake-up per chunk on small messages, costs
+     * CPU when ranks outnumber cores. 0: always sleep. */
+    int spin_us;
+} wk_ring_opts;
+
+/* Defaults: job_id 0, timeout 30 s, connect timeout 30 s, chunk 256 KiB,
+ * kernel socket buffers. */
+void wk_ring_opts_default(wk_ring_opts *o);
+
+/* ===== Listener ===== */
+
+/* Listen on host:port (port 0: a free port, see wk_ring_listener_port).
+ * On error *out is NULL and err says why. Release with
+ * wk_ring_listener_destroy. */
+int wk_ring_listen(const char *host, int port, wk_ring_listener **out, char *err,
+                   size_t errlen);
+/* The port actually bound. */
+int wk_ring_listener_port(const wk_ring_listener *l);
+void wk_ring_listener_destroy(wk_ring_listener *l);
+
+/* ===== Ring ===== */
+
+/* Join the ring as 'rank' of 'nranks': connect to addrs[(rank+1) % nranks]
+ * (retrying with backoff for opts->connect_timeout_ms) and accept the
+ * connection of rank-1 on 'l'. addrs holds "host:port" of every rank in
+ * ring order (addrs[rank] is this rank's own listener). Both connections
+ * start with a handshake (magic, protocol version, job id, nranks, rank); a
+ * connection from anything but rank-1 of the same job is refused (logged)
+ * and the wait goes on; a next rank that is not rank+1 of the same job is
+ * an error naming both sides. With nranks == 1 no socket is used and l and
+ * addrs may be NULL. l is borrowed (it may be destroyed afterwards); opts
+ * may be NULL for the defaults. On success *out owns the ring; release
+ * with wk_ring_destroy. */
+int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const *addrs,
+                    const wk_ring_opts *opts, wk_ring **out, char *err, size_t errlen);
+
+/* In place: data[0..n) becomes the element-wise sum over all ranks (the
+ * mean when 'average' is non-zero). Every rank must call it with the same
+ * n, step and average; 'step' (e.g. the training step) is carried in every
+ * chunk and checked. The result is bit-identical on every rank. The
+ * buffer is cut into nranks segments and each segment into chunks;
+ * reduce-scatter, then all-gather, pipelined chunk by chunk over
+ * non-blocking sockets. n == 0 and nranks == 1 return at once. */
+int wk_ring_allreduce(wk_ring *r, float *data, size_t n, int64_t step, int average);
+
+/* In place: every rank ends with root's data[0..n), sent around the ring
+ * in chunks (e.g. the chief's initial parameters). Same rules as
+ * wk_ring_allreduce. */
+int wk_ring_broadcast(wk_ring *r, float *data, size_t n, int64_t step, int root);
+
+int wk_ring_rank(const wk_ring *r);
+int wk_ring_size(const wk_ring *r);
+/* CM_OK, or the sticky status of the first failure. */
+int wk_ring_status(const wk_ring *r);
+/* The message of the first failure ("" when none); owned by the ring. */
+const char *wk_ring_error(const wk_ring *r);
+
+/* Close the connections and free the ring; NULL is a no-op. */
+void wk_ring_destroy(wk_ring *r);
+
+#endif /* WK_RING_H */

@@ -1,0 +1,52 @@
+/* wk_ring_int.h - wk_ring's wire format, shared by wk_ring.c and its tests
+ * (which play a misbehaving peer with raw bytes).
+ * SPDX-License-Identifier: MIT
+ *
+ * All integers little-endian (the project targets little-endian hosts, as
+ * the float payloads do).
+ *
+ * Hello, 24 bytes, sent by both ends of a new connection (connector first):
+ *   u32 magic "WRH1" | u32 version | u64 job_id | u32 nranks | u32 rank
+ *
+ * Chunk header, 40 bytes, before every chunk's payload:
+ *   u32 magic "WRC1" | u16 op | u16 ring step k | i64 step |
+ *   u64 count (floats in the whole buffer) | u64 offset (first float) |
+ *   u32 length (payload bytes) | u32 zero
+ */
+#ifndef WK_RING_INT_H
+#define WK_RING_INT_H
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "wk_ring's wire format assumes a little-endian host"
+#endif
+
+#define WK_RING__HELLO_MAGIC 0x31485257u /* "WRH1" */
+#define WK_RING__CHUNK_MAGIC 0x31435257u /* "WRC1" */
+#define WK_RING__VERSION 1u
+#define WK_RING__HELLO_BYTES 24
+#define WK_RING__HDR_BYTES 40
+
+enum { WK_RING__OP_ALLREDUCE = 1, WK_RING__OP_BROADCAST = 2 };
+
+typedef struct wk_ring__hello {
+    uint32_t magic, version;
+    uint64_t job_id;
+    uint32_t nranks, rank;
+} wk_ring__hello;
+
+typedef struct wk_ring__hdr {
+    uint32_t magic;
+    uint16_t op, k;
+    int64_t step;
+    uint64_t count, offset;
+    uint32_t len, zero;
+} wk_ring__hdr;
+
+void wk_ring__hello_pack(const wk_ring__hello *h, unsigned char out[WK_RING__HELLO_BYTES]);
+void wk_ring__hello_unpack(const unsigned char in[WK_RING__HELLO_BYTES], wk_ring__hello *h);
+void wk_ring__hdr_pack(const wk_ring__hdr *h, unsigned char out[WK_RING__HDR_BYTES]);
+void wk_ring__hdr_unpack(const unsigned char in[WK_RING__HDR_BYTES], wk_ring__hdr *h);
+
+#endif /* WK_RING_INT_H */
