@@ -79,10 +79,12 @@ class Cluster:
 
     def start(self):
         a = self.args
+        if a.mode == "allreduce":
+            a.ps = 0  # no PS: the workers reduce among themselves
         ports = free_ports(a.ps + a.workers)
         ps = [f"127.0.0.1:{p}" for p in ports[: a.ps]]
         workers = [f"127.0.0.1:{p}" for p in ports[a.ps:]]
-        cluster = {"ps": ps, "worker": workers}
+        cluster = {"ps": ps, "worker": workers} if ps else {"worker": workers}
         model_args = []
         it = iter(self.extra)
         for x in it:  # pass model options to the PS too
@@ -117,8 +119,12 @@ class Cluster:
             log = os.path.join(a.checkpoint_dir, "chief-log.jsonl")
             extra += ["--log", log]
         self.chief_log = log
+        if a.mode == "allreduce" and a.user_checkpoint_dir:
+            # The chief checkpoints its replica; a run started again resumes.
+            extra += ["--checkpoint-dir", os.path.join(a.checkpoint_dir, "allreduce-chief"),
+                      "--checkpoint-every", str(a.checkpoint_every)]
         for i in range(a.workers):
-            wargs = ["--mode", "ps"] + own_log(extra, i)
+            wargs = ["--mode", a.mode] + own_log(extra, i)
             if i > 0 and not a.verbose:
                 wargs.append("--quiet")
             self.spawn(f"worker {i}", [os.path.join(a.bin_dir, "pstrain")] + wargs,
@@ -235,7 +241,7 @@ class Cluster:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
-    ap.add_argument("--mode", default="ps", choices=["ps", "local"])
+    ap.add_argument("--mode", default="ps", choices=["ps", "allreduce", "local"])
     ap.add_argument("--ps", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--bin-dir", default=os.path.join(os.path.dirname(__file__), "..", "build",
@@ -269,6 +275,7 @@ def main():
     if args.checkpoint_every < 1:
         ap.error("--checkpoint-every must be >= 1")
     tmp = None
+    args.user_checkpoint_dir = args.checkpoint_dir is not None
     if args.checkpoint_dir is None:
         tmp = args.checkpoint_dir = tempfile.mkdtemp(prefix="pstrain-ps-")
     try:
@@ -296,7 +303,7 @@ def run(args, extra):
     else:
         say("could not bind the PS ports after 5 attempts")
         return 1
-    say(f"started {args.ps} PS and {args.workers} workers on 127.0.0.1 (pids "
+    say(f"started {args.ps} PS and {args.workers} workers ({args.mode}) on 127.0.0.1 (pids "
         + ", ".join(f"{n}: {p.pid}" for n, p in cluster.procs) + ")")
     return cluster.supervise(args.timeout)
 

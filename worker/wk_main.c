@@ -18,9 +18,10 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: pstrain [options]\n"
             "Train an MLP classifier on Fashion-MNIST.\n\n"
-            "  --mode local|ps           local: train in this process; ps: a worker of a PS\n"
-            "                            cluster (default: ps when TF_CONFIG or --ps-hosts\n"
-            "                            is given, else local)\n"
+            "  --mode local|ps|allreduce local: train in this process; ps: a worker of a PS\n"
+            "                            cluster; allreduce: a worker of a ring AllReduce\n"
+            "                            (no PS; every worker keeps a replica) (default: ps\n"
+            "                            when TF_CONFIG or --ps-hosts is given, else local)\n"
             "  --epochs N                passes over the training set (default 10)\n"
             "  --batch-size N            examples per step and worker (default 128)\n"
             "  --lr X                    learning rate (default 0.001 adam, 0.05 sgd/momentum)\n"
@@ -49,7 +50,8 @@ static void usage(FILE *f) {
             "                            initialises the shards with them)\n"
             "  --eval-only               evaluate --init-from FILE on the test set and\n"
             "                            exit: no training, no PS (--summary: mode eval)\n"
-            "\nPS mode (the cluster comes from TF_CONFIG; these flags override it):\n"
+            "\nPS and allreduce modes (the cluster comes from TF_CONFIG; these flags\n"
+            "override it; allreduce: the chief serves the rendezvous at its address):\n"
             "  --ps-hosts H:P,...        PS addresses\n"
             "  --worker-hosts H:P,...    worker addresses\n"
             "  --chief-host H:P          the chief's address (trains as rank 0)\n"
@@ -63,6 +65,10 @@ static void usage(FILE *f) {
             "  --min-partition-bytes N   placement's minimum partition (default 262144)\n"
             "  --rpc-timeout-ms N        deadline of every call (default 60000)\n"
             "  --connect-timeout-ms N    how long to retry an unreachable PS (default 30000)\n"
+            "  --checkpoint-dir DIR      allreduce: the chief checkpoints its replica there\n"
+            "                            and a run started again on it resumes\n"
+            "  --checkpoint-every N      allreduce: steps between checkpoints (default: only\n"
+            "                            the final one)\n"
             "  --recovery-timeout-ms N   how long to wait for the cluster to roll back after a\n"
             "                            PS restarted from its checkpoint (default 120000)\n"
             "  --separate-pull           Push, wait, then Pull (two round trips a step)\n"
@@ -105,10 +111,12 @@ int main(int argc, char **argv) {
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_EVAL_EVERY,
-        O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY
+        O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
+        {"checkpoint-dir", required_argument, 0, O_CKPT_DIR},
+        {"checkpoint-every", required_argument, 0, O_CKPT_EVERY},
         {"epochs", required_argument, 0, O_EPOCHS},
         {"batch-size", required_argument, 0, O_BATCH},
         {"lr", required_argument, 0, O_LR},
@@ -275,6 +283,11 @@ int main(int argc, char **argv) {
             if (parse_long("--recovery-timeout-ms", optarg, 1, 1L << 40, &v)) return 2;
             cfg.recovery_timeout_ms = v;
             break;
+        case O_CKPT_DIR: cfg.checkpoint_dir = optarg; break;
+        case O_CKPT_EVERY:
+            if (parse_long("--checkpoint-every", optarg, 0, 1L << 40, &v)) return 2;
+            cfg.checkpoint_every = v;
+            break;
         case O_FAULT:
             if (strcmp(optarg, "zero-gradient")) {
                 fprintf(stderr, "pstrain: --fault must be zero-gradient, got '%s'\n", optarg);
@@ -328,8 +341,10 @@ int main(int argc, char **argv) {
         cm_cluster_set_task(cluster, task_type >= 0 ? task_type : cluster->task_type,
                             task_index >= 0 ? task_index : 0);
     if (!mode_given && have_cluster) cfg.mode = "ps";
-    if (!strcmp(cfg.mode, "ps") && !cfg.eval_only) {
-        if (cluster->task_type < 0) cm_cluster_set_task(cluster, CM_TASK_WORKER, 0);
+    if ((!strcmp(cfg.mode, "ps") || !strcmp(cfg.mode, "allreduce")) && !cfg.eval_only) {
+        if (cluster->task_type < 0) /* --task-index alone: a worker. */
+            cm_cluster_set_task(cluster, CM_TASK_WORKER,
+                                cluster->task_index >= 0 ? cluster->task_index : 0);
         if (cm_cluster_validate(cluster, err, sizeof err) != CM_OK) {
             fprintf(stderr, "pstrain: %s\n", err);
             cm_cluster_destroy(cluster);
@@ -360,6 +375,9 @@ int main(int argc, char **argv) {
                (long long)r.steps, r.test_accuracy, r.test_loss, r.test_examples);
         return 0;
     }
+    if (!strcmp(cfg.mode, "allreduce")) /* Every replica says what it holds. */
+        printf("replica of rank %d: parameters checksum %016llx\n", r.rank,
+               (unsigned long long)r.params_checksum);
     if (!r.is_chief) {
         printf("worker rank %d of %d finished %lld steps in %.1f s (%.0f examples/s overall)\n",
                r.rank, r.workers, (long long)r.steps, r.seconds, r.examples_per_sec);

@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <xxhash.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,10 +90,24 @@ static int write_params(const char *path, const float *p, size_t n) {
 }
 
 static int check_cfg(const wk_train_cfg *cfg) {
-    if (strcmp(cfg->mode, "local") != 0 && strcmp(cfg->mode, "ps") != 0) {
-        cm_error("--mode %s is not available yet: this build trains in --mode local or ps",
-                 cfg->mode);
-        return CM_EUNSUPPORTED;
+    if (strcmp(cfg->mode, "local") != 0 && strcmp(cfg->mode, "ps") != 0 &&
+        strcmp(cfg->mode, "allreduce") != 0) {
+        cm_error("--mode must be local, ps or allreduce, not %s", cfg->mode);
+        return CM_EINVAL;
+    }
+    if (!strcmp(cfg->mode, "allreduce")) {
+        const cm_cluster *c = cfg->cluster;
+        if (!c || cm_cluster_num_trainers(c) < 1) {
+            cm_error("--mode allreduce needs the workers' addresses (TF_CONFIG or "
+                     "--worker-hosts)");
+            return CM_EINVAL;
+        }
+        if (cm_cluster_rank(c) < 0) {
+            cm_error("this task is %s:%d; --mode allreduce runs chief and worker tasks only "
+                     "(no PS, no evaluator)",
+                     cm_task_type_name(c->task_type), c->task_index);
+            return CM_EUNSUPPORTED;
+        }
     }
     if (!strcmp(cfg->mode, "ps")) {
         const cm_cluster *c = cfg->cluster;
@@ -233,9 +248,11 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     }
     memset(result, 0, sizeof *result);
     const int is_ps = !strcmp(cfg->mode, "ps");
-    const int W = is_ps ? cm_cluster_num_trainers(cfg->cluster) : 1;
-    const int rank = is_ps ? cm_cluster_rank(cfg->cluster) : 0;
-    const int is_chief = is_ps ? cm_cluster_is_chief(cfg->cluster) : 1;
+    const int is_ar = !strcmp(cfg->mode, "allreduce");
+    const int dist = is_ps || is_ar; /* Several worker processes. */
+    const int W = dist ? cm_cluster_num_trainers(cfg->cluster) : 1;
+    const int rank = dist ? cm_cluster_rank(cfg->cluster) : 0;
+    const int is_chief = dist ? cm_cluster_is_chief(cfg->cluster) : 1;
     const int nps = is_ps ? cfg->cluster->n[CM_TASK_PS] : 0;
     const size_t B = (size_t)cfg->batch_size * (size_t)W; /* Global batch. */
     result->is_chief = is_chief;
@@ -249,6 +266,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     wk_prefetch *pf = NULL;
     wk_sync *sync = NULL;
     float *params = NULL, *grad = NULL;
+    const char **ar_addrs = NULL; /* Allreduce: the workers' addresses by rank. */
     FILE *log = NULL;
     char err[512];
     const int D = cfg->local_devices;
@@ -257,7 +275,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     float lr = cfg->lr > 0.0f ? cfg->lr : (cfg->optimizer == PS_OPTIM_ADAM ? 1e-3f : 0.05f);
     ps_optim_cfg opt = ps_optim_defaults(cfg->optimizer, lr);
     int threads = cfg->threads > 0 ? cfg->threads
-                                   : (D == 1 && !is_ps ? (int)sysconf(_SC_NPROCESSORS_ONLN) : 1);
+                                   : (D == 1 && !dist ? (int)sysconf(_SC_NPROCESSORS_ONLN) : 1);
     wk_device_cpu_set_threads(threads);
 
     double t_load = cm_now();
@@ -336,6 +354,29 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             cm_error("%s", err);
             goto out;
         }
+    } else if (is_ar) {
+        ar_addrs = cm_calloc((size_t)W, sizeof *ar_addrs);
+        for (int r = 0; r < W; r++) ar_addrs[r] = cm_cluster_trainer_addr(cfg->cluster, r);
+        wk_sync_ar_cfg ac = {
+            .model = model,
+            .worker_addrs = ar_addrs,
+            .rank = rank,
+            .nworkers = W,
+            .is_chief = is_chief,
+            .optim = opt,
+            .seed = cfg->seed,
+            .global_batch = (unsigned)B,
+            .timeout_ms = cfg->deadline_ms,
+            .connect_timeout_ms = cfg->connect_timeout_ms,
+            .fault_zero_gradient = cfg->fault_zero_gradient &&
+                                   (cfg->fault_rank < 0 || cfg->fault_rank == rank),
+            .init_values = init_values,
+            .checkpoint_dir = cfg->checkpoint_dir,
+            .checkpoint_every = cfg->checkpoint_every};
+        if ((status = wk_sync_allreduce_create(&ac, &sync, err, sizeof err)) != CM_OK) {
+            cm_error("%s", err);
+            goto out;
+        }
     } else {
         sync = wk_sync_local_create(model, &opt, cfg->seed);
     }
@@ -345,14 +386,14 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         goto out;
     }
     if (first_step >= total) {
-        cm_error("the PS shards are at step %lld, past the %lld steps of this run: nothing to "
-                 "do (start on fresh --data-dir directories for a new run)",
+        cm_error("the checkpoint is at step %lld, past the %lld steps of this run: nothing to "
+                 "do (start on fresh checkpoint directories for a new run)",
                  (long long)first_step, (long long)total);
         status = CM_EINVAL;
         goto out;
     }
     began = 1;
-    if (init_values && !is_ps) memcpy(params, init_values, numel * sizeof(float));
+    if (init_values && !dist) memcpy(params, init_values, numel * sizeof(float));
     if (is_chief && cfg->init_out && (status = write_params(cfg->init_out, params, numel)) != CM_OK)
         goto out;
     for (int d = 0; d < D; d++) devs[d] = wk_device_cpu_create(d);
@@ -367,7 +408,12 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         status = CM_EIO;
         goto out;
     }
-    if (is_ps)
+    if (is_ar)
+        cm_info("training allreduce: rank %d of %d workers%s, %zu parameters, %s lr %g, batch %d "
+                "per worker (%zu global), %d BLAS thread%s, %lld steps",
+                rank, W, is_chief ? " (chief)" : "", numel, ps_optim_name(opt.kind), (double)lr,
+                cfg->batch_size, B, threads, threads == 1 ? "" : "s", (long long)total);
+    else if (is_ps)
         cm_info("training %s (%s): rank %d of %d workers%s, %d PS, %zu parameters, %s lr %g, "
                 "batch %d per worker (%zu global), %d BLAS thread%s, %lld steps",
                 cfg->mode, cfg->async ? "async" : "sync", rank, W, is_chief ? " (chief)" : "",
@@ -513,6 +559,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         cm_error("cannot get the final parameters: %s", sync->err);
         goto out;
     }
+    result->params_checksum = XXH64(params, numel * sizeof(float), 0);
     if (is_chief && is_ps && cfg->async) {
         if ((status = wk_replicas_set_params(reps, params)) != CM_OK ||
             (status = wk_replicas_evaluate(reps, &test, &result->test_accuracy,
@@ -543,6 +590,7 @@ out:
     wk_replicas_destroy(reps);
     for (int d = 0; d < D; d++) wk_device_destroy(devs[d]);
     wk_sync_destroy(sync);
+    free(ar_addrs);
     free(params);
     free(grad);
     cm_model_destroy(model);

@@ -53,6 +53,9 @@ typedef struct wk_train_cfg {
                                 * (0 = 500). */
     int64_t recovery_timeout_ms; /* Waiting for the cluster to agree after a
                                   * PS restart (0 = 120000). */
+    /* Allreduce mode: the chief's checkpoints (NULL: none). */
+    const char *checkpoint_dir;
+    int64_t checkpoint_every;  /* Steps between them (0: only the final one). */
 } wk_train_cfg;
 
 typedef struct wk_train_result {
@@ -70,6 +73,8 @@ typedef struct wk_train_result {
     double test_loss;
     int rollbacks;           /* Times the cluster rolled back (PS restarts). */
     int64_t steps_redone;    /* Steps computed again because of them. */
+    uint64_t params_checksum; /* XXH64 of the final parameters (replicas of
+                               * allreduce mode must agree). */
 } wk_train_result;
 
 /* Fill *cfg with the defaults above. */

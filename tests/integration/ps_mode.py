@@ -25,40 +25,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-LAUNCH = os.path.join(HERE, "..", "..", "scripts", "launch.py")
-TIMEOUT = 240
-
-
-def check(cond, msg):
-    if not cond:
-        sys.exit("FAIL: " + msg)
-    print("ok:", msg, flush=True)
-
-
-def run(argv, env=None, expect_ok=True, timeout=TIMEOUT):
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                       env=dict(os.environ, **(env or {})))
-    if expect_ok and p.returncode != 0:
-        sys.exit(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def launch(bin_dir, *args, expect_ok=True):
-    return run([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "200", *args],
-               expect_ok=expect_ok)
-
-
-def params(path):
-    data = open(path, "rb").read()
-    return struct.unpack(f"<{len(data) // 4}f", data)
-
-
-def rel_diff(p0, a, b):
-    da = [x - y for x, y in zip(a, p0)]
-    db = [x - y for x, y in zip(b, p0)]
-    num = math.sqrt(sum((x - y) ** 2 for x, y in zip(da, db)))
-    return num / math.sqrt(sum(x * x for x in db))
+from itest import LAUNCH, TIMEOUT, check, launch, params, rel_diff, run  # noqa: F401
 
 
 def equivalence(bin_dir, tmp):

@@ -17,14 +17,9 @@ Every process listens on 127.0.0.1, runs under a timeout, and is stopped by PID.
 import json
 import os
 import random
-import shutil
-import subprocess
-import sys
-import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-LAUNCH = os.path.join(HERE, "..", "..", "scripts", "launch.py")
-TIMEOUT = 240
+from itest import check, launch, main
+
 K = 20  # checkpoint interval
 # Steps that may pass while one checkpoint is being written (a few ms for
 # this model, at ~5-10 ms per step): a PS killed then has the previous one.
@@ -32,20 +27,6 @@ IN_FLIGHT = 8
 COMMON = ["--ps", "2", "--workers", "2", "--checkpoint-every", str(K), "--train-limit", "12000",
           "--test-limit", "2000", "--epochs", "1", "--batch-size", "64", "--seed", "7"]
 STEPS = 12000 // 128
-
-
-def check(cond, msg):
-    if not cond:
-        sys.exit("FAIL: " + msg)
-    print("ok:", msg, flush=True)
-
-
-def launch(bin_dir, *args, expect_ok=True):
-    argv = [sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "200", *args]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
-    if expect_ok and p.returncode != 0:
-        sys.exit(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 def summary(path):
@@ -116,17 +97,5 @@ def resume(bin_dir, tmp):
           "a restart with another model is refused, naming what the directory holds")
 
 
-def main():
-    if len(sys.argv) != 3 or sys.argv[2] not in ("kill", "resume"):
-        sys.exit(__doc__)
-    bin_dir = sys.argv[1]
-    tmp = tempfile.mkdtemp(prefix="ps_recovery.")
-    try:
-        {"kill": kill, "resume": resume}[sys.argv[2]](bin_dir, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print("PASS")
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, {"kill": kill, "resume": resume}, "ps_recovery.")

@@ -101,4 +101,24 @@ static inline void wk_sync_destroy(wk_sync *s) {
     if (s) s->ops->destroy(s);
 }
 
+/* Collective mode (see wk_sync_allreduce.c): a ring AllReduce over TCP
+ * between the workers, the optimizer applied on every replica. */
+typedef struct wk_sync_ar_cfg {
+    const cm_model *model;
+    const char *const *worker_addrs; /* By rank: task addresses; the chief's
+                                      * serves the rendezvous. */
+    int rank, nworkers, is_chief;
+    ps_optim_cfg optim;
+    uint64_t seed;
+    unsigned global_batch;
+    int64_t timeout_ms;         /* A peer making no progress (0 = 60000). */
+    int64_t connect_timeout_ms; /* Rendezvous and ring set-up (0 = 60000). */
+    int fault_zero_gradient;    /* Test hook: reduce zeros (negative controls). */
+    const float *init_values;   /* Start from these (copied at begin), else seed. */
+    const char *checkpoint_dir; /* The chief's durable store (NULL: none). */
+    int64_t checkpoint_every;   /* Steps between checkpoints (0: only at the end). */
+} wk_sync_ar_cfg;
+int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
+                             size_t errlen);
+
 #endif /* WK_SYNC_H */

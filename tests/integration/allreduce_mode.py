@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Integration scenarios of collective mode (--mode allreduce): real pstrain processes.
+
+  allreduce_mode.py BIN_DIR equivalence  3 workers: allreduce and sync PS change the parameters
+                                         alike over k steps (and as local mode with the same
+                                         global batch), every replica ends bit-identical; a
+                                         negative control (worker 1 reduces zeros) must fail
+  allreduce_mode.py BIN_DIR learns       a short run learns; a run stopped and started again
+                                         on the chief's checkpoint directory resumes and ends
+                                         where an uninterrupted run does
+  allreduce_mode.py BIN_DIR bad-input    a worker that never joins, a worker killed mid-run:
+                                         the others fail with a clear error in bounded time
+Every process listens on 127.0.0.1, runs under a timeout, and is stopped by PID.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+from itest import TIMEOUT, check, free_ports, launch, main, params, rel_diff
+
+
+def checksums(out):
+    return dict(re.findall(r"replica of rank (\d+): parameters checksum ([0-9a-f]{16})", out))
+
+
+COMMON = ["--optimizer", "sgd", "--lr", "0.1", "--max-steps", "6", "--train-limit", "3000",
+          "--test-limit", "500", "--seed", "5", "--threads", "1", "--quiet"]
+
+
+def equivalence(bin_dir, tmp):
+    f = lambda name: os.path.join(tmp, name)
+    p = launch(bin_dir, "--mode", "allreduce", "--workers", "3", "--batch-size", "64", *COMMON,
+               "--init-out", f("init.bin"), "--params-out", f("ar.bin"))
+    sums = checksums(p.stdout)
+    check(len(sums) == 3 and len(set(sums.values())) == 1,
+          f"all 3 replicas hold bit-identical parameters: {sums}")
+    launch(bin_dir, "--mode", "ps", "--ps", "2", "--workers", "3", "--batch-size", "64", *COMMON,
+           "--params-out", f("ps.bin"))
+    subprocess.run([os.path.join(bin_dir, "pstrain"), "--mode", "local", "--batch-size", "192",
+                    *COMMON, "--params-out", f("local.bin")], check=True, timeout=TIMEOUT,
+                   capture_output=True)
+    p0, ar, ps, local = (params(f(n)) for n in ("init.bin", "ar.bin", "ps.bin", "local.bin"))
+    d = rel_diff(p0, ar, ps)
+    check(d <= 1e-4, f"6 allreduce steps (3 workers x 64) change the parameters as 6 sync PS "
+          f"steps do: |d-dref|/|dref| = {d:.2e} <= 1e-4")
+    d = rel_diff(p0, ar, local)
+    check(d <= 1e-4, f"...and as 6 local steps of 192: {d:.2e} <= 1e-4")
+    launch(bin_dir, "--mode", "allreduce", "--workers", "3", "--batch-size", "64", *COMMON,
+           "--params-out", f("bad.bin"), "--fault", "zero-gradient", "--fault-rank", "1")
+    d = rel_diff(p0, params(f("bad.bin")), ps)
+    check(d > 1e-4, f"negative control: without worker 1's gradient the bound fails "
+          f"({d:.2e} > 1e-4)")
+
+
+def learns(bin_dir, tmp):
+    f = lambda name: os.path.join(tmp, name)
+    args = ["--mode", "allreduce", "--workers", "2", "--train-limit", "10000", "--epochs", "1",
+            "--batch-size", "64", "--threads", "1", "--test-limit", "2000", "--seed", "3"]
+    launch(bin_dir, *args, "--summary", f("s.json"), "--params-out", f("ref.bin"))
+    j = json.load(open(f("s.json")))
+    check(j["mode"] == "allreduce" and j["workers"] == 2 and j["steps"] == 10000 // 128,
+          f"the summary names allreduce, 2 workers, {j['steps']} steps")
+    check(j["test_accuracy"] > 0.6, f"learns: test accuracy {j['test_accuracy']:.4f} > 0.6")
+    ck = f("ckpt")
+    launch(bin_dir, *args, "--checkpoint-dir", ck, "--checkpoint-every", "10", "--max-steps",
+           "35")
+    p = launch(bin_dir, *args, "--checkpoint-dir", ck, "--checkpoint-every", "10",
+               "--params-out", f("resumed.bin"))
+    out = p.stdout + p.stderr
+    check("resuming at step 35" in out, "started again on the chief's checkpoint, it resumes "
+          "at step 35 (the final checkpoint of the first run)")
+    check(open(f("resumed.bin"), "rb").read() == open(f("ref.bin"), "rb").read(),
+          "and ends with the parameters of the uninterrupted run, bit for bit")
+
+
+def start_workers(bin_dir, n, ranks, extra):
+    hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(n))
+    procs = []
+    for r in ranks:
+        procs.append(subprocess.Popen(
+            [os.path.join(bin_dir, "pstrain"), "--mode", "allreduce", "--worker-hosts", hosts,
+             "--task-index", str(r), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True))
+    return procs
+
+
+def finish(procs, timeout):
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        outs.append((p.returncode, out + err))
+    return outs
+
+
+def bad_input(bin_dir, tmp):
+    # Rank 2 of 3 never starts: the rendezvous fails in bounded time, saying so.
+    t0 = time.monotonic()
+    procs = start_workers(bin_dir, 3, [0, 1], ["--connect-timeout-ms", "3000", "--max-steps",
+                                               "5", "--train-limit", "1000", "--quiet"])
+    outs = finish(procs, 60)
+    took = time.monotonic() - t0
+    check(all(rc != 0 for rc, _ in outs) and all("rendezvous" in o for _, o in outs),
+          f"a worker that never joins: the others fail, naming the rendezvous ({took:.1f} s)")
+    check(all("not every worker joined" in o for _, o in outs),
+          "...and saying not every worker joined" + "".join(f"\n{o}" for _, o in outs
+                                                             if "joined" not in o))
+    # Rank 2 is killed mid-run: the others fail within the ring's timeout.
+    procs = start_workers(bin_dir, 3, [0, 1, 2], ["--rpc-timeout-ms", "3000", "--epochs", "50",
+                                                  "--train-limit", "3000", "--quiet"])
+    time.sleep(4.0)
+    alive = procs[2].poll() is None
+    procs[2].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    outs = finish(procs[:2], 60)
+    procs[2].wait()
+    took = time.monotonic() - t0
+    check(alive and all(rc != 0 for rc, _ in outs),
+          f"a worker killed mid-run: the others exit non-zero ({took:.1f} s after the kill)")
+    check(took < 30, "...within a bounded time")
+    check(any("rank 2" in o or "rank 1" in o for _, o in outs) and
+          all("failed" in o for _, o in outs), "...with an error naming the peer")
+
+
+if __name__ == "__main__":
+    main(__doc__, {"equivalence": equivalence, "learns": learns, "bad-input": bad_input},
+         "allreduce_mode.")

@@ -1,0 +1,47 @@
+/* wk_rendezvous.h - how the ranks of collective mode find each other.
+ * SPDX-License-Identifier: MIT
+ *
+ * Over the project's gRPC layer (proto/ps.proto, service Rendezvous): the
+ * chief serves Join at its task address; every rank, the chief included,
+ * calls Join with its ring listener's address, and every call is answered
+ * once all ranks have joined, with every rank's address (the ring order is
+ * rank order), the job id the ring's handshakes check, and the step the run
+ * starts at. A rank that joins for another model or number of workers is
+ * refused (FAILED_PRECONDITION naming both); a rank that never comes makes
+ * the others' Join fail at its deadline, naming how many joined.
+ */
+#ifndef WK_RENDEZVOUS_H
+#define WK_RENDEZVOUS_H
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct wk_rdv_server wk_rdv_server;
+
+/* What every rank learns. */
+typedef struct wk_rdv_result {
+    char **ring_addrs; /* nranks "host:port", owned: wk_rdv_result_free. */
+    int nranks;
+    uint64_t job_id;
+    int64_t start_step;
+} wk_rdv_result;
+
+/* The chief: serve Join on listen_addr ("host:port") for nranks ranks of a
+ * job whose fingerprint/description are given. Returns CM_EBUSY if the
+ * address cannot be bound. Release with wk_rdv_server_destroy (which fails
+ * calls still waiting). */
+int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprint,
+                        const char *description, uint64_t job_id, int64_t start_step,
+                        wk_rdv_server **out, char *err, size_t errlen);
+void wk_rdv_server_destroy(wk_rdv_server *s);
+
+/* "k of n workers joined; missing ranks ..." into buf; returns k. */
+int wk_rdv_server_describe(wk_rdv_server *s, char *buf, size_t len);
+
+/* Any rank: join at chief_addr (retried until it is up) and wait, at most
+ * timeout_ms in all, until every rank has joined. */
+int wk_rdv_join(const char *chief_addr, int rank, int nranks, uint64_t fingerprint,
+                const char *description, const char *ring_addr, int64_t timeout_ms,
+                wk_rdv_result *out, char *err, size_t errlen);
+void wk_rdv_result_free(wk_rdv_result *r);
+
+#endif /* WK_RENDEZVOUS_H */

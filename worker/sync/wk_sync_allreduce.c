@@ -1,0 +1,377 @@
+/* wk_sync_allreduce.c - collective mode: a ring AllReduce, no PS.
+ * SPDX-License-Identifier: MIT
+ *
+ * Every worker keeps a full replica. begin() runs the rendezvous (the chief
+ * serves it at its task address), joins the TCP ring (wk_ring) and
+ * broadcasts the chief's parameters, so every replica starts identical.
+ * step() averages the workers' gradients with the ring (each worker's
+ * gradient is already weighted by its share of the global batch, so the
+ * average is the global batch's mean gradient) and applies the optimizer
+ * locally, as local mode does: the replicas stay bit-identical, because the
+ * ring's result is.
+ *
+ * Checkpoints (the chief, with a checkpoint directory): every K steps a copy
+ * of the parameters and optimizer slots goes to a writer thread that stores
+ * it as a generation of a durable store (storage/st_store) whose extra
+ * record holds the step and the run's config. A run started again on the
+ * directory resumes at the newest generation: the rendezvous hands out its
+ * step and the ring broadcasts its parameters and slots.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/cm_log.h"
+#include "common/cm_mem.h"
+#include "common/cm_status.h"
+#include "common/cm_time.h"
+#include "storage/st_store.h"
+#include "worker/sync/wk_rendezvous.h"
+#include "worker/sync/wk_ring.h"
+#include "worker/sync/wk_sync.h"
+
+typedef struct arsync {
+    wk_sync base;
+    wk_sync_ar_cfg cfg;
+    size_t n;
+    int nslots;
+    float *slots;
+    uint64_t fingerprint;
+    char description[256];
+    wk_rdv_server *rdv;
+    wk_ring *ring;
+    /* Checkpoints (chief). */
+    st_store *store;
+    pthread_t writer;
+    int writer_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int busy, stop;  /* Protected by mu: a job is being written; shut down. */
+    int64_t job_step;
+    float *job;      /* Params then slots: (1 + nslots) * n floats. */
+} arsync;
+
+/* The extra record of a generation: what must match to resume. */
+typedef struct ar_extra {
+    char magic[8]; /* "arckpt1" */
+    int64_t step;
+    uint64_t seed;
+    uint32_t global_batch, nworkers;
+    int32_t optim_kind;
+    float lr;
+} ar_extra;
+
+static void fill_extra(const arsync *a, int64_t step, ar_extra *e) {
+    memset(e, 0, sizeof *e);
+    memcpy(e->magic, "arckpt1", 8);
+    e->step = step;
+    e->seed = a->cfg.seed;
+    e->global_batch = a->cfg.global_batch;
+    e->nworkers = (uint32_t)a->cfg.nworkers;
+    e->optim_kind = a->cfg.optim.kind;
+    e->lr = a->cfg.optim.lr;
+}
+
+static int write_generation(arsync *a, int64_t step, const float *params, const float *slots) {
+    st_blob b[3];
+    int nb = 0;
+    b[nb++] = (st_blob){.part = 0, .kind = ST_KIND_PARAMS, .data = params,
+                        .len = a->n * sizeof(float)};
+    for (int k = 0; k < a->nslots; k++)
+        b[nb++] = (st_blob){.part = 0, .kind = (uint32_t)k + 1, .data = slots + (size_t)k * a->n,
+                            .len = a->n * sizeof(float)};
+    ar_extra e;
+    fill_extra(a, step, &e);
+    char err[512];
+    double t0 = cm_now();
+    int rc = st_store_checkpoint(a->store, step, b, nb, &e, sizeof e, err, sizeof err);
+    if (rc != CM_OK) {
+        cm_error("checkpoint of step %lld failed: %s", (long long)step, err);
+        return rc;
+    }
+    int64_t keep[2];
+    if (st_store_committed(a->store, keep, 2, err, sizeof err) >= 2)
+        st_store_drop_older(a->store, keep[0], err, sizeof err); /* One store: no one to wait for. */
+    cm_info("checkpoint of step %lld committed in %.0f ms", (long long)step,
+            (cm_now() - t0) * 1e3);
+    return CM_OK;
+}
+
+static void *writer_main(void *arg) {
+    arsync *a = arg;
+    pthread_mutex_lock(&a->mu);
+    for (;;) {
+        while (!a->busy && !a->stop) pthread_cond_wait(&a->cv, &a->mu);
+        if (!a->busy) break;
+        pthread_mutex_unlock(&a->mu);
+        write_generation(a, a->job_step, a->job, a->job + a->n);
+        pthread_mutex_lock(&a->mu);
+        a->busy = 0;
+        pthread_cond_broadcast(&a->cv);
+    }
+    pthread_mutex_unlock(&a->mu);
+    return NULL;
+}
+
+/* Hand step's state to the writer unless it is still busy (then skip). */
+static void checkpoint_async(arsync *a, int64_t step, const float *params) {
+    pthread_mutex_lock(&a->mu);
+    if (!a->busy) {
+        memcpy(a->job, params, a->n * sizeof(float));
+        if (a->nslots) memcpy(a->job + a->n, a->slots, (size_t)a->nslots * a->n * sizeof(float));
+        a->job_step = step;
+        a->busy = 1;
+        pthread_cond_broadcast(&a->cv);
+    } else {
+        cm_debug("checkpoint of step %lld skipped: the last one is still being written",
+                 (long long)step);
+    }
+    pthread_mutex_unlock(&a->mu);
+}
+
+static void checkpoint_wait(arsync *a) {
+    pthread_mutex_lock(&a->mu);
+    while (a->busy) pthread_cond_wait(&a->cv, &a->mu);
+    pthread_mutex_unlock(&a->mu);
+}
+
+/* Load blobs into params / slots. */
+typedef struct load_ctx {
+    arsync *a;
+    float *params;
+} load_ctx;
+
+static int on_blob(void *ud, uint32_t part, uint32_t kind, const void *data, size_t len) {
+    load_ctx *c = ud;
+    if (part != 0 || kind > (uint32_t)c->a->nslots || len != c->a->n * sizeof(float))
+        return CM_ECORRUPT;
+    memcpy(kind == 0 ? c->params : c->a->slots + (size_t)(kind - 1) * c->a->n, data, len);
+    return CM_OK;
+}
+
+/* mkdir -p of the directories above path (LevelDB makes the last one). */
+static void make_parents(const char *path) {
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        mkdir(buf, 0777); /* EEXIST is fine; other errors show at open. */
+        *p = '/';
+    }
+}
+
+/* The chief: open the store and load its newest generation, if any. */
+static int open_store(arsync *a, float *params, int64_t *step) {
+    char err[768];
+    make_parents(a->cfg.checkpoint_dir);
+    st_identity id = {.fingerprint = a->fingerprint, .description = a->description, .shard = 0};
+    int rc = st_store_open(NULL, a->cfg.checkpoint_dir, &id, &a->store, err, sizeof err);
+    if (rc != CM_OK) {
+        cm_seterr(a->base.err, sizeof a->base.err, "checkpoint store %s: %s",
+                 a->cfg.checkpoint_dir, err);
+        return rc;
+    }
+    int64_t v;
+    rc = st_store_latest(a->store, &v, err, sizeof err);
+    if (rc == CM_ENOTFOUND) return CM_OK;
+    void *extra = NULL;
+    size_t elen = 0;
+    load_ctx c = {.a = a, .params = params};
+    if (rc == CM_OK) rc = st_store_load(a->store, v, on_blob, &c, &extra, &elen, err, sizeof err);
+    if (rc == CM_OK) {
+        ar_extra want, *e = extra;
+        fill_extra(a, v, &want);
+        if (elen != sizeof want || memcmp(e->magic, want.magic, 8) != 0) {
+            snprintf(err, sizeof err, "its extra record is not one this program wrote");
+            rc = CM_ECORRUPT;
+        } else if (e->seed != want.seed || e->global_batch != want.global_batch ||
+                   e->optim_kind != want.optim_kind || e->lr != want.lr) {
+            snprintf(err, sizeof err,
+                     "it was written by a run with seed %llu, global batch %u, optimizer %d, "
+                     "lr %g; this run has seed %llu, global batch %u, optimizer %d, lr %g",
+                     (unsigned long long)e->seed, e->global_batch, e->optim_kind, (double)e->lr,
+                     (unsigned long long)want.seed, want.global_batch, want.optim_kind,
+                     (double)want.lr);
+            rc = CM_EINVAL;
+        }
+    }
+    free(extra);
+    if (rc != CM_OK) {
+        cm_seterr(a->base.err, sizeof a->base.err, "cannot resume from %s: %s",
+                 a->cfg.checkpoint_dir, err);
+        return rc;
+    }
+    *step = v;
+    cm_info("loaded the checkpoint of step %lld from %s", (long long)v, a->cfg.checkpoint_dir);
+    return CM_OK;
+}
+
+/* host part of "host:port" (brackets of IPv6 kept). */
+static void host_of(const char *addr, char *host, size_t len) {
+    const char *colon = strrchr(addr, ':');
+    size_t n = colon ? (size_t)(colon - addr) : strlen(addr);
+    if (n >= len) n = len - 1;
+    memcpy(host, addr, n);
+    host[n] = 0;
+}
+
+static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
+    arsync *a = (arsync *)s;
+    const wk_sync_ar_cfg *c = &a->cfg;
+    int64_t start = 0;
+    *first_step = 0;
+    if (c->init_values)
+        memcpy(params, c->init_values, a->n * sizeof(float));
+    else
+        cm_model_init(c->model, c->seed, params);
+    int rc;
+    if (c->is_chief && c->checkpoint_dir && (rc = open_store(a, params, &start)) != CM_OK)
+        return rc;
+    if (c->is_chief) {
+        uint64_t job = a->fingerprint ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(cm_now() * 1e6);
+        rc = wk_rdv_server_start(c->worker_addrs[0], c->nworkers, a->fingerprint,
+                                 a->description, job, start, &a->rdv, s->err, sizeof s->err);
+        if (rc != CM_OK) return rc;
+    }
+    char host[256], ring_addr[300];
+    host_of(c->worker_addrs[c->rank], host, sizeof host);
+    wk_ring_listener *l = NULL;
+    rc = wk_ring_listen(host, 0, &l, s->err, sizeof s->err);
+    if (rc != CM_OK) return rc;
+    snprintf(ring_addr, sizeof ring_addr, "%s:%d", host, wk_ring_listener_port(l));
+    wk_rdv_result rr;
+    rc = wk_rdv_join(c->worker_addrs[0], c->rank, c->nworkers, a->fingerprint, a->description,
+                     ring_addr, c->connect_timeout_ms, &rr, s->err, sizeof s->err);
+    if (rc == CM_OK) {
+        wk_ring_opts o;
+        wk_ring_opts_default(&o);
+        o.job_id = rr.job_id;
+        o.timeout_ms = (int)c->timeout_ms;
+        o.connect_timeout_ms = (int)c->connect_timeout_ms;
+        rc = wk_ring_connect(l, c->rank, c->nworkers, (const char *const *)rr.ring_addrs, &o,
+                             &a->ring, s->err, sizeof s->err);
+        start = rr.start_step;
+        wk_rdv_result_free(&rr);
+    } else if (a->rdv) {
+        char m[300];
+        wk_rdv_server_describe(a->rdv, m, sizeof m);
+        size_t at = strlen(s->err);
+        snprintf(s->err + at, sizeof s->err - at, ": %s", m);
+    }
+    wk_ring_listener_destroy(l);
+    if (rc != CM_OK) return rc;
+    /* The chief's replica (and, when resuming, its optimizer state) for all. */
+    rc = wk_ring_broadcast(a->ring, params, a->n, -1, 0);
+    if (rc == CM_OK && start > 0 && a->nslots)
+        rc = wk_ring_broadcast(a->ring, a->slots, (size_t)a->nslots * a->n, -2, 0);
+    if (rc != CM_OK) {
+        snprintf(s->err, sizeof s->err, "%s", wk_ring_error(a->ring));
+        return rc;
+    }
+    cm_info("ring of %d workers up%s", c->nworkers,
+            start > 0 ? "; resuming from the chief's checkpoint" : "");
+    if (start > 0) cm_info("resuming at step %lld", (long long)start);
+    *first_step = start;
+    return CM_OK;
+}
+
+static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync_times *t) {
+    arsync *a = (arsync *)s;
+    if (a->cfg.fault_zero_gradient) memset(grad, 0, a->n * sizeof(float));
+    double t0 = cm_now();
+    int rc = wk_ring_allreduce(a->ring, grad, a->n, step, 1);
+    double t1 = cm_now();
+    if (rc != CM_OK) {
+        snprintf(s->err, sizeof s->err, "allreduce of step %lld: %s", (long long)step,
+                 wk_ring_error(a->ring));
+        return rc;
+    }
+    ps_optim_apply(&a->cfg.optim, step + 1, params, grad, a->slots, a->n);
+    t->push = t1 - t0;
+    t->apply = cm_now() - t1;
+    if (a->writer_started && (step + 1) % a->cfg.checkpoint_every == 0)
+        checkpoint_async(a, step + 1, params);
+    return CM_OK;
+}
+
+static int ar_end(wk_sync *s, int64_t steps, float *params) {
+    arsync *a = (arsync *)s;
+    if (a->store) { /* The final state, so a run started again loses nothing. */
+        if (a->writer_started) checkpoint_wait(a);
+        int64_t newest;
+        char err[256];
+        if (st_store_latest(a->store, &newest, err, sizeof err) != CM_OK || newest < steps)
+            write_generation(a, steps, params, a->slots);
+    }
+    return CM_OK;
+}
+
+static int ar_finish(wk_sync *s, int ok) {
+    (void)s;
+    (void)ok;
+    return CM_OK;
+}
+
+static void ar_destroy(wk_sync *s) {
+    arsync *a = (arsync *)s;
+    if (a->writer_started) {
+        pthread_mutex_lock(&a->mu);
+        a->stop = 1;
+        pthread_cond_broadcast(&a->cv);
+        pthread_mutex_unlock(&a->mu);
+        pthread_join(a->writer, NULL);
+    }
+    wk_ring_destroy(a->ring);
+    wk_rdv_server_destroy(a->rdv);
+    st_store_close(a->store);
+    pthread_cond_destroy(&a->cv);
+    pthread_mutex_destroy(&a->mu);
+    free(a->job);
+    free(a->slots);
+    free(a);
+}
+
+static const wk_sync_ops ar_ops = {"allreduce", ar_begin, ar_step, ar_end, ar_finish,
+                                   ar_destroy,  NULL,     NULL};
+
+int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
+                             size_t errlen) {
+    *out = NULL;
+    if (cfg->nworkers < 1 || cfg->rank < 0 || cfg->rank >= cfg->nworkers || !cfg->worker_addrs) {
+        cm_seterr(err, errlen, "allreduce: rank %d of %d workers", cfg->rank, cfg->nworkers);
+        return CM_EINVAL;
+    }
+    arsync *a = cm_calloc(1, sizeof *a);
+    a->base.ops = &ar_ops;
+    a->cfg = *cfg;
+    if (a->cfg.timeout_ms <= 0) a->cfg.timeout_ms = 60000;
+    if (a->cfg.connect_timeout_ms <= 0) a->cfg.connect_timeout_ms = 60000;
+    a->n = cfg->model->numel;
+    a->nslots = ps_optim_nslots(cfg->optim.kind);
+    if (a->nslots) a->slots = cm_calloc((size_t)a->nslots * a->n, sizeof(float));
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_cond_init(&a->cv, NULL);
+    a->fingerprint = cm_model_fingerprint(cfg->model) ^ (0x9e3779b97f4a7c15ull * (uint64_t)cfg->nworkers);
+    char layers[160] = "";
+    for (int i = 0; i < cfg->model->nsizes; i++)
+        snprintf(layers + strlen(layers), sizeof layers - strlen(layers), "%s%d", i ? "," : "",
+                 cfg->model->sizes[i]);
+    snprintf(a->description, sizeof a->description, "mlp %s, allreduce over %d workers", layers,
+             cfg->nworkers);
+    if (cfg->is_chief && cfg->checkpoint_dir && cfg->checkpoint_every > 0) {
+        a->job = cm_alloc_aligned((1 + (size_t)a->nslots) * a->n * sizeof(float));
+        if (!a->job || pthread_create(&a->writer, NULL, writer_main, a) != 0) {
+            cm_seterr(err, errlen, "cannot start the checkpoint writer");
+            ar_destroy(&a->base);
+            return CM_ENOMEM;
+        }
+        a->writer_started = 1;
+    }
+    if (!cfg->is_chief) a->cfg.checkpoint_dir = NULL;
+    *out = &a->base;
+    return CM_OK;
+}
