@@ -3,8 +3,9 @@
  *
  * A device owns memory and runs the few operations the models need: GEMM,
  * bias add, ReLU, softmax cross-entropy, column sums and a weighted sum. The
- * CPU backend (wk_device_cpu.c, OpenBLAS) is always built; a CUDA backend
- * plugs in behind the same table. Matrices are row-major float32.
+ * CPU backend (wk_device_cpu.c, OpenBLAS) is always built; the CUDA backend
+ * (wk_device_cuda.h) plugs in behind the same table. Matrices are row-major
+ * float32.
  *
  * Conventions:
  *  - Pointers passed to the ops are device pointers from wk_device_alloc()
@@ -69,6 +70,10 @@ wk_device *wk_device_cpu_create(int index);
  * process-wide). n < 1 means 1. */
 void wk_device_cpu_set_threads(int n);
 int wk_device_cpu_threads(void);
+
+/* What the CPU device's GEMM is: "openblas", or "naive" (a plain loop, in
+ * the GPU-only build that has no OpenBLAS). */
+const char *wk_device_cpu_gemm_name(void);
 
 static inline void wk_device_destroy(wk_device *d) {
     if (d) d->ops->destroy(d);
