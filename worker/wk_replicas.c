@@ -222,6 +222,7 @@ int wk_replicas_can_hook(const wk_replicas *rs) {
 
 void wk_replicas_set_hook(wk_replicas *rs, const wk_grad_hook *hook) { rs->hook = hook; }
 
+#ifdef WK_HAVE_NCCL
 /* Wait for every device; the first error. */
 static int sync_all(wk_replicas *rs) {
     int status = CM_OK;
@@ -231,6 +232,7 @@ static int sync_all(wk_replicas *rs) {
     }
     return status;
 }
+#endif
 
 int wk_replicas_set_params(wk_replicas *rs, const float *params) {
     size_t pbytes = rs->model->numel * sizeof(float);
