@@ -18,7 +18,7 @@ static const char *TEST = "test_nccl";
 
 int main(void) {
 #ifndef WK_HAVE_NCCL
-    printf("%s: SKIP: this build has no NCCL (CMake found no nccl.h/libnccl; set NCCL_ROOT)\n",
+    printf("%s: SKIP: this build has no NCCL (not found: set NCCL_ROOT; or PS_WITH_NCCL=OFF)\n",
            TEST);
     return GPU_TEST_SKIP;
 #else
