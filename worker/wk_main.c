@@ -65,6 +65,8 @@ static void usage(FILE *f) {
             "  --no-overlap              sync PS mode: push the whole gradient after the\n"
             "                            backward pass instead of each partition as soon\n"
             "                            as it is computed\n"
+            "  --devices staged          test hook: --local-devices CPU replicas driven as\n"
+            "                            GPUs are (uploads, downloads, host reduce)\n"
             "  --fault zero-gradient     test hook: push zeros instead of the gradient\n"
             "  --fault-rank R            ...on rank R only (default: every rank)\n"
             "  -h, --help                this text\n");

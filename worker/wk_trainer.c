@@ -227,8 +227,9 @@ static int parse_indices(const char *s, int *idx, int max) {
     }
 }
 
-/* The worker's devices from --devices (auto | all | cpu | 0,1,...) and
- * --precision: GPUs, or cfg->local_devices CPU replicas. On success devs[0..
+/* The worker's devices from --devices (auto | all | cpu | staged | 0,1,...)
+ * and --precision: GPUs, or cfg->local_devices CPU replicas (staged: CPU
+ * devices that are used like GPUs, a test hook). On success devs[0..
  * *ndevs) are created (the caller destroys them); on error, after logging,
  * none is left. */
 static int open_devices(const wk_train_cfg *cfg, wk_device **devs, int *ndevs, int *on_gpu) {
@@ -237,7 +238,8 @@ static int open_devices(const wk_train_cfg *cfg, wk_device **devs, int *ndevs, i
     int idx[64], n = 0;
     *ndevs = 0;
     *on_gpu = 0;
-    if (strcmp(spec, "cpu") != 0) {
+    int staged = !strcmp(spec, "staged");
+    if (strcmp(spec, "cpu") != 0 && !staged) {
         int ngpu = wk_device_cuda_count(why, sizeof why);
         if (!strcmp(spec, "auto") || !strcmp(spec, "all")) {
             if (ngpu == 0 && !strcmp(spec, "all")) {
@@ -269,7 +271,8 @@ static int open_devices(const wk_train_cfg *cfg, wk_device **devs, int *ndevs, i
                      wk_precision_name(cfg->precision));
             return CM_EUNSUPPORTED;
         }
-        for (int d = 0; d < cfg->local_devices; d++) devs[d] = wk_device_cpu_create(d);
+        for (int d = 0; d < cfg->local_devices; d++)
+            devs[d] = staged ? wk_device_cpu_staged_create(d) : wk_device_cpu_create(d);
         *ndevs = cfg->local_devices;
         return CM_OK;
     }
@@ -480,6 +483,14 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         status = sync->ops->step(sync, step, grad, params, &st);
         if (status != CM_OK) {
             cm_error("step %lld failed: %s", (long long)step, sync->err);
+            goto out;
+        }
+        /* The new parameters reach the replicas: nothing to do on the CPU
+         * (they read 'params' in place), an upload (and a broadcast) on
+         * GPUs. */
+        if ((status = wk_replicas_set_params(reps, params)) != CM_OK) {
+            cm_error("step %lld: cannot copy the parameters to the devices: %s", (long long)step,
+                     cm_strerror(status));
             goto out;
         }
         double t3 = cm_now();

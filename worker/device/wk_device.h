@@ -66,6 +66,13 @@ struct wk_device {
  * wk_device_destroy(). */
 wk_device *wk_device_cpu_create(int index);
 
+/* A CPU device that callers must treat as a discrete one: host_visible is
+ * 0, so parameters are uploaded, batches staged and gradients downloaded
+ * exactly as for a GPU, but every op runs on the CPU at once. For tests of
+ * the GPU data paths on machines without a GPU (pstrain --devices staged).
+ * Never fails (aborts on OOM). */
+wk_device *wk_device_cpu_staged_create(int index);
+
 /* BLAS threads for every CPU device of this process (OpenBLAS's pool is
  * process-wide). n < 1 means 1. */
 void wk_device_cpu_set_threads(int n);

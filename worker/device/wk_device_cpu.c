@@ -150,12 +150,19 @@ static const wk_device_ops cpu_ops = {
     .destroy = cpu_destroy,
 };
 
-wk_device *wk_device_cpu_create(int index) {
+static wk_device *cpu_device(const wk_device_ops *ops, int host_visible, int index) {
     wk_device *d = cm_calloc(1, sizeof *d);
-    d->ops = &cpu_ops;
-    d->host_visible = 1;
+    d->ops = ops;
+    d->host_visible = host_visible;
     d->index = index;
     return d;
+}
+
+wk_device *wk_device_cpu_create(int index) { return cpu_device(&cpu_ops, 1, index); }
+
+wk_device *wk_device_cpu_staged_create(int index) {
+    /* The same operations: only host_visible differs, and callers go by it. */
+    return cpu_device(&cpu_ops, 0, index);
 }
 
 #ifdef WK_NAIVE_GEMM
