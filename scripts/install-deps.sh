@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian 12 packages the project needs to build, test and run.
 # Installs only what is missing; safe to run again. Needs root (or sudo) when
-# something is missing.
+# something is missing. Not installed here: the CUDA toolkit (nvcc, cuBLAS,
+# NCCL) of the GPU backend; CMake builds it whenever nvcc is on the PATH or
+# CUDACXX names it (PS_WITH_CUDA=AUTO), and the build works without it.
 set -euo pipefail
 
 PACKAGES=(
