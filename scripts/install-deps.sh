@@ -2,7 +2,10 @@
 # Install the Debian 12 packages the project needs to build, test and run
 # (or, given package names, those instead: bench/allreduce.sh asks for Open
 # MPI). Installs only what is missing; safe to run again. Needs root (or
-# sudo) when something is missing.
+# sudo) when something is missing. Not installed here: the CUDA toolkit
+# (nvcc, cuBLAS, NCCL) of the GPU backend; CMake builds it whenever nvcc is
+# on the PATH or CUDACXX names it (PS_WITH_CUDA=AUTO), and the build works
+# without it.
 set -euo pipefail
 
 PACKAGES=(

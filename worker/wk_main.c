@@ -12,6 +12,7 @@
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
 #include "ps/ps_optim.h"
+#include "worker/device/wk_device_cuda.h"
 #include "worker/wk_trainer.h"
 
 static void usage(FILE *f) {
@@ -30,6 +31,10 @@ static void usage(FILE *f) {
             "  --threads N               BLAS threads (default: all cores with one local\n"
             "                            device, else 1)\n"
             "  --local-devices D         CPU replicas sharing each batch (default 1)\n"
+            "  --devices auto|all|cpu|0,1,...  GPUs this worker drives, one replica each\n"
+            "                            (default auto: every usable GPU, else the CPU)\n"
+            "  --precision fp32|bf16     GPU compute: bf16 GEMM operands, fp32 weights and\n"
+            "                            accumulation (default fp32; GPUs only)\n"
             "  --layers W,W,...          layer widths, input first (default 784,256,128,10)\n"
             "  --data-dir DIR            IDX files (default: $PS_DATA_DIR or\n"
             "                            /usr/share/datasets/fashion-mnist)\n"
@@ -76,6 +81,8 @@ static void usage(FILE *f) {
             "  --no-overlap              sync PS mode: push the whole gradient after the\n"
             "                            backward pass instead of each partition as soon\n"
             "                            as it is computed\n"
+            "  --devices staged          test hook: --local-devices CPU replicas driven as\n"
+            "                            GPUs are (uploads, downloads, host reduce)\n"
             "  --fault zero-gradient     test hook: push zeros instead of the gradient\n"
             "  --fault-rank R            ...on rank R only (default: every rank)\n"
             "  -h, --help                this text\n");
@@ -111,7 +118,8 @@ int main(int argc, char **argv) {
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_EVAL_EVERY,
-        O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY
+        O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
+        O_GPU_DEVICES, O_PRECISION
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -153,6 +161,8 @@ int main(int argc, char **argv) {
         {"export", required_argument, 0, O_EXPORT},
         {"init-from", required_argument, 0, O_INIT_FROM},
         {"eval-only", no_argument, 0, O_EVAL_ONLY},
+        {"devices", required_argument, 0, O_GPU_DEVICES},
+        {"precision", required_argument, 0, O_PRECISION},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -304,6 +314,13 @@ int main(int argc, char **argv) {
         case O_FAULT_RANK:
             if (parse_long("--fault-rank", optarg, 0, 1 << 20, &v)) return 2;
             cfg.fault_rank = (int)v;
+            break;
+        case O_GPU_DEVICES: cfg.devices = optarg; break;
+        case O_PRECISION:
+            if ((cfg.precision = wk_precision_parse(optarg)) < 0) {
+                fprintf(stderr, "pstrain: --precision must be fp32 or bf16, got '%s'\n", optarg);
+                return 2;
+            }
             break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;

@@ -4,6 +4,13 @@
  * Threads: replica 0 runs on the caller's thread; replicas 1..D-1 each have a
  * helper thread that sleeps on 'cv' until 'generation' moves, runs its slice,
  * and counts itself in 'done'. The caller waits for done == D - 1.
+ *
+ * The local reduce: on host-visible devices a weighted sum on the host. On
+ * several CUDA devices with NCCL, each device scales its gradient by its
+ * example share (axpby), ncclReduce sums them on device 0, and one download
+ * brings the result to the host; set_params uploads to device 0 and
+ * ncclBroadcast copies it to the others. Without NCCL (or if its
+ * communicator cannot be created) GPUs fall back to the host reduce.
  */
 #include "worker/wk_replicas.h"
 
@@ -14,8 +21,13 @@
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
+#include "common/cm_log.h"
+#include "worker/device/wk_device_cuda.h"
 #include "worker/input/wk_order.h"
 #include "worker/model/wk_mlp.h"
+#ifdef WK_HAVE_NCCL
+#include "worker/device/wk_nccl.h"
+#endif
 
 typedef struct replica {
     struct wk_replicas *set;
@@ -48,7 +60,14 @@ struct wk_replicas {
     int max_batch;
     const wk_grad_hook *hook; /* For replica 0 when it writes directly. */
     replica *reps;
-    float *host_scratch; /* Download buffer for non-host-visible devices. */
+    float *host_scratch; /* Download buffer for non-host-visible devices
+                          * (wk_cuda_host_alloc: pinned when it can be). */
+#ifdef WK_HAVE_NCCL
+    struct wk_nccl *nccl; /* Several CUDA devices: the NCCL reduce. */
+    float **grads;        /* reps[d].grad, for wk_nccl calls. */
+    float **params;       /* reps[d].params_copy. */
+    float *zeros;         /* numel host zeros, for empty slices. */
+#endif
     pthread_mutex_t mu;
     pthread_cond_t cv;      /* Signals a new generation or shutdown. */
     pthread_cond_t done_cv; /* Signals 'done' moved. */
@@ -129,9 +148,28 @@ int wk_replicas_create(const cm_model *model, wk_device **devs, int ndevs, int m
                                                    sizeof(float));
             r->y_dev = wk_device_alloc(r->dev, (size_t)slice_max * sizeof(int32_t));
             if (!r->x_dev || !r->y_dev) goto fail;
-            if (!rs->host_scratch && !(rs->host_scratch = cm_alloc_aligned(pbytes))) goto fail;
+            if (!rs->host_scratch && !(rs->host_scratch = wk_cuda_host_alloc(pbytes))) goto fail;
         }
     }
+#ifdef WK_HAVE_NCCL
+    int all_cuda = ndevs > 1;
+    for (int d = 0; d < ndevs; d++) all_cuda &= wk_device_is_cuda(devs[d]);
+    if (all_cuda) {
+        if (wk_nccl_create(devs, ndevs, &rs->nccl) == CM_OK) {
+            rs->grads = cm_calloc((size_t)ndevs, sizeof *rs->grads);
+            rs->params = cm_calloc((size_t)ndevs, sizeof *rs->params);
+            rs->zeros = cm_calloc(model->numel, sizeof(float));
+            for (int d = 0; d < ndevs; d++) {
+                rs->grads[d] = rs->reps[d].grad;
+                rs->params[d] = rs->reps[d].params_copy;
+            }
+            cm_info("local reduce: NCCL over %d GPUs", ndevs);
+        } else {
+            cm_warn("local reduce: NCCL unavailable, reducing %d GPUs' gradients on the host",
+                    ndevs);
+        }
+    }
+#endif
     for (int d = 1; d < ndevs; d++) {
         if (pthread_create(&rs->reps[d].thread, NULL, replica_main, &rs->reps[d]) != 0) {
             status = CM_ENOMEM;
@@ -162,7 +200,13 @@ void wk_replicas_destroy(wk_replicas *rs) {
         wk_device_free(r->dev, r->x_dev);
         wk_device_free(r->dev, r->y_dev);
     }
-    free(rs->host_scratch);
+#ifdef WK_HAVE_NCCL
+    wk_nccl_destroy(rs->nccl);
+    free(rs->grads);
+    free(rs->params);
+    free(rs->zeros);
+#endif
+    wk_cuda_host_free(rs->host_scratch);
     pthread_cond_destroy(&rs->done_cv);
     pthread_cond_destroy(&rs->cv);
     pthread_mutex_destroy(&rs->mu);
@@ -178,8 +222,30 @@ int wk_replicas_can_hook(const wk_replicas *rs) {
 
 void wk_replicas_set_hook(wk_replicas *rs, const wk_grad_hook *hook) { rs->hook = hook; }
 
+#ifdef WK_HAVE_NCCL
+/* Wait for every device; the first error. */
+static int sync_all(wk_replicas *rs) {
+    int status = CM_OK;
+    for (int d = 0; d < rs->ndevs; d++) {
+        int st = wk_device_sync(rs->reps[d].dev);
+        if (status == CM_OK) status = st;
+    }
+    return status;
+}
+#endif
+
 int wk_replicas_set_params(wk_replicas *rs, const float *params) {
     size_t pbytes = rs->model->numel * sizeof(float);
+#ifdef WK_HAVE_NCCL
+    if (rs->nccl) {
+        wk_device *d0 = rs->reps[0].dev;
+        d0->ops->upload(d0, rs->params[0], params, pbytes);
+        int status = wk_device_sync(d0);
+        if (status == CM_OK) status = wk_nccl_broadcast(rs->nccl, rs->params, rs->model->numel);
+        int st = sync_all(rs);
+        return status != CM_OK ? status : st;
+    }
+#endif
     for (int d = 0; d < rs->ndevs; d++) {
         replica *r = &rs->reps[d];
         if (r->dev->host_visible) {
@@ -193,9 +259,39 @@ int wk_replicas_set_params(wk_replicas *rs, const float *params) {
     return CM_OK;
 }
 
+#ifdef WK_HAVE_NCCL
+/* grad = sum_d (n_d / n) g_d: scaled on each GPU, summed on GPU 0 by NCCL,
+ * downloaded once. */
+static int nccl_reduce(wk_replicas *rs, int n, float *grad) {
+    size_t numel = rs->model->numel;
+    for (int d = 0; d < rs->ndevs; d++) {
+        replica *r = &rs->reps[d];
+        if (r->n == 0)
+            r->dev->ops->upload(r->dev, r->grad, rs->zeros, numel * sizeof(float));
+        else if (r->n != n)
+            r->dev->ops->axpby(r->dev, numel, (float)r->n / (float)n, r->grad, 0.0f, r->grad);
+    }
+    int status = wk_nccl_reduce_sum(rs->nccl, rs->grads, numel);
+    if (status == CM_OK)
+        rs->reps[0].dev->ops->download(rs->reps[0].dev, grad, rs->grads[0],
+                                       numel * sizeof(float));
+    int st = sync_all(rs);
+    return status != CM_OK ? status : st;
+}
+#endif
+
 /* grad = sum_d (n_d / n) g_d, on the host. */
 static int local_reduce(wk_replicas *rs, int n, float *grad) {
     size_t numel = rs->model->numel;
+#ifdef WK_HAVE_NCCL
+    if (rs->nccl) return nccl_reduce(rs, n, grad);
+#endif
+    if (rs->ndevs == 1 && !rs->reps[0].dev->host_visible) {
+        /* One GPU: its gradient is the batch's; straight into grad. */
+        wk_device *d = rs->reps[0].dev;
+        d->ops->download(d, grad, rs->reps[0].grad, numel * sizeof(float));
+        return wk_device_sync(d);
+    }
     int first = 1;
     for (int d = 0; d < rs->ndevs; d++) {
         replica *r = &rs->reps[d];

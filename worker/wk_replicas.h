@@ -6,7 +6,9 @@
  * (wk_order_slice) in its own thread; the local reduce then averages the D
  * gradients weighted by example count, so the result is the mean gradient of
  * the whole batch whatever D is: D never changes the effective learning
- * rate. Every mode (local, PS, allreduce) calls this, then synchronises the
+ * rate. On host-visible devices the reduce is a host sum; on several CUDA
+ * devices it is an NCCL reduce to device 0 (when the build has NCCL), and
+ * new parameters reach the GPUs by one upload and an NCCL broadcast. Every mode (local, PS, allreduce) calls this, then synchronises the
  * reduced gradient its own way.
  *
  * Not thread-safe: one caller thread drives a wk_replicas.

@@ -18,6 +18,7 @@
 #include "common/cm_time.h"
 #include "ps/ps_optim.h"
 #include "worker/device/wk_device.h"
+#include "worker/device/wk_device_cuda.h"
 #include "worker/input/wk_dataset.h"
 #include "worker/input/wk_order.h"
 #include "worker/input/wk_prefetch.h"
@@ -34,6 +35,7 @@ void wk_train_cfg_defaults(wk_train_cfg *cfg) {
     cfg->optimizer = PS_OPTIM_ADAM;
     cfg->seed = 1;
     cfg->local_devices = 1;
+    cfg->devices = "auto";
     cfg->nsizes = 4;
     cfg->sizes[0] = 784;
     cfg->sizes[1] = 256;
@@ -56,9 +58,9 @@ static void fmt_duration(double s, char *buf, size_t len) {
 }
 
 static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, int nps,
-                         const wk_train_result *r) {
+                         const wk_train_result *r, int ndevs, int on_gpu) {
     json_t *o = json_pack("{s:s, s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:s, s:f, s:I,"
-                          " s:i, s:i, s:f, s:i, s:s, s:i, s:I}",
+                          " s:i, s:i, s:f, s:i, s:s, s:i, s:I, s:s, s:i, s:s}",
                           "mode", cfg->mode, "test_accuracy", r->test_accuracy, "test_loss",
                           r->test_loss, "steps", (json_int_t)r->steps, "examples_per_sec",
                           r->examples_per_sec, "seconds", r->seconds, "final_train_loss",
@@ -69,7 +71,9 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
                           wk_device_cpu_threads(), "steady_examples_per_sec",
                           r->steady_examples_per_sec, "rank", r->rank, "sync",
                           cfg->async ? "async" : "sync", "rollbacks", r->rollbacks,
-                          "steps_redone", (json_int_t)r->steps_redone);
+                          "steps_redone", (json_int_t)r->steps_redone, "device",
+                          on_gpu ? "cuda" : "cpu", "devices", ndevs, "precision",
+                          wk_precision_name(cfg->precision));
     if (!o) return CM_ENOMEM;
     int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;
     json_decref(o);
@@ -237,6 +241,91 @@ out:
     return status;
 }
 
+/* "0,1,3" -> idx[0..n), n returned; -1 unless 1..max comma-separated
+ * decimal numbers below 1024. */
+static int parse_indices(const char *s, int *idx, int max) {
+    int n = 0;
+    for (const char *p = s;;) {
+        if (*p < '0' || *p > '9' || n >= max) return -1;
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (v >= 1024) return -1;
+        idx[n++] = (int)v;
+        if (*end == '\0') return n;
+        if (*end != ',') return -1;
+        p = end + 1;
+    }
+}
+
+/* The worker's devices from --devices (auto | all | cpu | staged | 0,1,...)
+ * and --precision: GPUs, or cfg->local_devices CPU replicas (staged: CPU
+ * devices that are used like GPUs, a test hook). On success devs[0..
+ * *ndevs) are created (the caller destroys them); on error, after logging,
+ * none is left. */
+static int open_devices(const wk_train_cfg *cfg, wk_device **devs, int *ndevs, int *on_gpu) {
+    const char *spec = cfg->devices ? cfg->devices : "auto";
+    char why[512];
+    int idx[64], n = 0;
+    *ndevs = 0;
+    *on_gpu = 0;
+    int staged = !strcmp(spec, "staged");
+    if (strcmp(spec, "cpu") != 0 && !staged) {
+        int ngpu = wk_device_cuda_count(why, sizeof why);
+        if (!strcmp(spec, "auto") || !strcmp(spec, "all")) {
+            if (ngpu == 0 && !strcmp(spec, "all")) {
+                cm_error("--devices all: no usable GPU (%s)", why);
+                return CM_EUNSUPPORTED;
+            }
+            if (ngpu == 0) cm_debug("--devices auto: training on the CPU: %s", why);
+            /* auto with --local-devices D > 1 asks for CPU replicas. */
+            if (!strcmp(spec, "auto") && cfg->local_devices > 1) ngpu = 0;
+            for (int g = 0; g < ngpu && g < 64; g++) idx[n++] = g;
+        } else {
+            n = parse_indices(spec, idx, 64);
+            if (n < 0) {
+                cm_error("--devices must be auto, all, cpu or GPU indices like 0,1; got '%s'",
+                         spec);
+                return CM_EINVAL;
+            }
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < i; j++)
+                    if (idx[i] == idx[j]) {
+                        cm_error("--devices lists GPU %d twice (one replica per GPU)", idx[i]);
+                        return CM_EINVAL;
+                    }
+        }
+    }
+    if (n == 0) {
+        if (cfg->precision != WK_PRECISION_FP32) {
+            cm_error("--precision %s needs GPU devices: the CPU backend computes in fp32",
+                     wk_precision_name(cfg->precision));
+            return CM_EUNSUPPORTED;
+        }
+        for (int d = 0; d < cfg->local_devices; d++)
+            devs[d] = staged ? wk_device_cpu_staged_create(d) : wk_device_cpu_create(d);
+        *ndevs = cfg->local_devices;
+        return CM_OK;
+    }
+    if (cfg->local_devices > 1) {
+        cm_error("--local-devices sets CPU replicas; with GPUs (--devices %s) each GPU is a "
+                 "replica: add --devices cpu, or drop --local-devices",
+                 spec);
+        return CM_EINVAL;
+    }
+    for (int i = 0; i < n; i++) {
+        /* Indices from the list are checked here (0 <= idx < GPUs). */
+        int status = wk_device_cuda_create(idx[i], cfg->precision, &devs[i]);
+        if (status != CM_OK) {
+            for (int j = 0; j < i; j++) wk_device_destroy(devs[j]);
+            memset(devs, 0, (size_t)n * sizeof *devs);
+            return status;
+        }
+    }
+    *ndevs = n;
+    *on_gpu = 1;
+    return CM_OK;
+}
+
 int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     if (cfg->eval_only) return wk_export_eval_run(cfg, result);
     int status = check_cfg(cfg);
@@ -269,8 +358,14 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     const char **ar_addrs = NULL; /* Allreduce: the workers' addresses by rank. */
     FILE *log = NULL;
     char err[512];
-    const int D = cfg->local_devices;
+    int D = 0, on_gpu = 0;
     int began = 0;
+    if ((status = open_devices(cfg, devs, &D, &on_gpu)) != CM_OK) return status;
+    if (D > cfg->batch_size) {
+        cm_error("%d devices exceed the batch of %d examples per worker", D, cfg->batch_size);
+        status = CM_EINVAL;
+        goto out;
+    }
 
     float lr = cfg->lr > 0.0f ? cfg->lr : (cfg->optimizer == PS_OPTIM_ADAM ? 1e-3f : 0.05f);
     ps_optim_cfg opt = ps_optim_defaults(cfg->optimizer, lr);
@@ -396,7 +491,6 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     if (init_values && !dist) memcpy(params, init_values, numel * sizeof(float));
     if (is_chief && cfg->init_out && (status = write_params(cfg->init_out, params, numel)) != CM_OK)
         goto out;
-    for (int d = 0; d < D; d++) devs[d] = wk_device_cpu_create(d);
     if ((status = wk_replicas_create(model, devs, D, slice, &reps)) != CM_OK) goto out;
     if ((status = wk_replicas_set_params(reps, params)) != CM_OK) goto out;
     wk_prefetch_cfg pcfg = {.data = &train, .seed = cfg->seed, .global_batch = B, .rank = rank,
@@ -415,14 +509,17 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
                 cfg->batch_size, B, threads, threads == 1 ? "" : "s", (long long)total);
     else if (is_ps)
         cm_info("training %s (%s): rank %d of %d workers%s, %d PS, %zu parameters, %s lr %g, "
-                "batch %d per worker (%zu global), %d BLAS thread%s, %lld steps",
+                "batch %d per worker (%zu global) on %d %s device%s, %d BLAS thread%s, %lld "
+                "steps",
                 cfg->mode, cfg->async ? "async" : "sync", rank, W, is_chief ? " (chief)" : "",
-                nps, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, B, threads,
-                threads == 1 ? "" : "s", (long long)total);
+                nps, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, B, D,
+                on_gpu ? (cfg->precision == WK_PRECISION_BF16 ? "gpu (bf16)" : "gpu") : "cpu",
+                D == 1 ? "" : "s", threads, threads == 1 ? "" : "s", (long long)total);
     else
-        cm_info("training %s: %zu parameters, %s lr %g, batch %d on %d cpu replica%s, %d BLAS "
+        cm_info("training %s: %zu parameters, %s lr %g, batch %d on %d %s replica%s, %d BLAS "
                 "thread%s, %lld steps (%zu per epoch)",
                 cfg->mode, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, D,
+                on_gpu ? (cfg->precision == WK_PRECISION_BF16 ? "gpu (bf16)" : "gpu") : "cpu",
                 D == 1 ? "" : "s", threads, threads == 1 ? "" : "s", (long long)total, spe);
 
     double t_start = cm_now(), t_print = t_start;
@@ -490,6 +587,14 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         }
         if (status != CM_OK) {
             cm_error("step %lld failed: %s", (long long)step, sync->err);
+            goto out;
+        }
+        /* The new parameters reach the replicas: nothing to do on the CPU
+         * (they read 'params' in place), an upload (and a broadcast) on
+         * GPUs. */
+        if ((status = wk_replicas_set_params(reps, params)) != CM_OK) {
+            cm_error("step %lld: cannot copy the parameters to the devices: %s", (long long)step,
+                     cm_strerror(status));
             goto out;
         }
         double t3 = cm_now();
@@ -569,7 +674,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     status = CM_OK;
     /* Only the chief reports: in PS mode every worker gets the same flags. */
     if (is_chief && cfg->summary_path)
-        status = write_summary(cfg->summary_path, cfg, lr, nps, result);
+        status = write_summary(cfg->summary_path, cfg, lr, nps, result, D, on_gpu);
     if (is_chief && status == CM_OK && cfg->params_out)
         status = write_params(cfg->params_out, params, numel);
     if (is_chief && status == CM_OK && cfg->export_path)

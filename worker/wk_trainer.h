@@ -24,6 +24,14 @@ typedef struct wk_train_cfg {
     uint64_t seed;           /* Initialisation and data order (default 1). */
     int threads;             /* BLAS threads; 0 = cores when D = 1, else 1. */
     int local_devices;       /* D CPU replicas (default 1). */
+    const char *devices;     /* "auto" (default, NULL too): every usable GPU,
+                              * else (or with local_devices > 1) the CPU;
+                              * "all": every GPU (an error without one);
+                              * "cpu"; or GPU indices "0,1". Test hook:
+                              * "staged", local_devices CPU devices used
+                              * as GPUs are (wk_device_cpu_staged_create). */
+    int precision;           /* WK_PRECISION_FP32 (default) or _BF16 (GPUs
+                              * only; see wk_device_cuda.h). */
     int nsizes;              /* Layer widths (default 784,256,128,10). */
     int sizes[CM_MLP_MAX_SIZES];
     const char *data_dir;    /* NULL = wk_dataset_default_dir(). */

@@ -5,6 +5,8 @@
   local_mode.py BIN devices     D=1 and D=3 replicas train to the same weights
   local_mode.py BIN bad-input   bad options and broken data give clear errors
   local_mode.py BIN export      --export, then --eval-only and --init-from use the file
+  local_mode.py BIN staged      CPU devices driven as GPUs are (--devices staged: uploads,
+                                downloads, host reduce) train to the same weights, bit for bit
 Each scenario is bounded in time and exits non-zero on failure.
 """
 import gzip
@@ -78,6 +80,27 @@ def devices(bin_, tmp):
           f"|d3-d1|/|d1| = {num / den:.2e} <= 1e-5")
 
 
+def staged(bin_, tmp):
+    common = ["--train-limit", "2000", "--test-limit", "500", "--optimizer", "sgd", "--lr",
+              "0.1", "--batch-size", "100", "--threads", "1", "--quiet", "--max-steps", "5"]
+    init = os.path.join(tmp, "p0.bin")
+    for d in (1, 2):
+        out = {}
+        acc = {}
+        for dev in ("cpu", "staged"):
+            out[dev] = os.path.join(tmp, f"{dev}{d}.bin")
+            summary = os.path.join(tmp, f"{dev}{d}.json")
+            run(bin_, *common, "--local-devices", str(d), "--devices", dev, "--params-out",
+                out[dev], "--init-out", init, "--summary", summary)
+            acc[dev] = json.load(open(summary))["test_accuracy"]
+        p0, pc, ps = read_params(init), read_params(out["cpu"]), read_params(out["staged"])
+        check(pc != p0, f"D={d}: the parameters moved")
+        check(pc == ps, f"D={d}: staged devices (uploads, downloads, host reduce) give the "
+              "CPU replicas' parameters bit for bit")
+        check(acc["cpu"] == acc["staged"], f"D={d}: and the same test accuracy "
+              f"({acc['staged']:.4f})")
+
+
 def bad_input(bin_, tmp):
     p = run(bin_, "--data-dir", os.path.join(tmp, "nowhere"), expect_ok=False)
     check(p.returncode != 0 and "dataset-fashion-mnist" in p.stderr,
@@ -101,8 +124,18 @@ def bad_input(bin_, tmp):
                        (["--layers", "100,10"], "a model whose input does not match the data")):
         p = run(bin_, *args, "--train-limit", "1000", "--test-limit", "100", expect_ok=False)
         check(p.returncode != 0 and p.stderr.strip(), f"{what} is refused with a message")
+    small = ["--train-limit", "1000", "--test-limit", "100"]
+    p = run(bin_, "--devices", "999", *small, expect_ok=False)
+    check(p.returncode != 0 and "cuda device 999" in p.stderr,
+          "a GPU that is not there is refused with a message naming it")
+    p = run(bin_, "--devices", "cpu", "--precision", "bf16", *small, expect_ok=False)
+    check(p.returncode != 0 and "bf16 needs GPU" in p.stderr, "bf16 on the CPU is refused")
+    for bad in ("cpu,1", "-1", "0,0", "gpu"):
+        p = run(bin_, "--devices", bad, *small, expect_ok=False)
+        check(p.returncode != 0 and "--devices" in p.stderr, f"--devices {bad} is refused")
     p = run(bin_, "--help")
-    check("--local-devices" in p.stdout, "--help lists the options")
+    check("--local-devices" in p.stdout and "--devices" in p.stdout and "--precision" in p.stdout,
+          "--help lists the options")
 
 
 def export(bin_, tmp):
@@ -172,7 +205,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="pstest-")
     try:
         {"learns": learns, "devices": devices, "bad-input": bad_input,
-         "export": export}[scenario](bin_, tmp)
+         "export": export, "staged": staged}[scenario](bin_, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("PASS", scenario)

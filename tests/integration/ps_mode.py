@@ -51,6 +51,15 @@ def equivalence(bin_dir, tmp):
     check(d <= 1e-4, f"the same with --no-overlap: {d:.2e} <= 1e-4")
     d = rel_diff(p0, pps, params(flat_out))
     check(d <= 1e-5, f"overlap vs --no-overlap: {d:.2e} <= 1e-5")
+    # Workers driving devices as GPUs are (uploads, downloads, host reduce of
+    # 2 staged replicas each; no overlap) compute the same steps.
+    staged_out = os.path.join(tmp, "staged.bin")
+    launch(bin_dir, "--ps", "2", "--workers", "2", "--batch-size", "64", *common,
+           "--params-out", staged_out, "--min-partition-bytes", "65536", "--devices", "staged",
+           "--local-devices", "2")
+    d = rel_diff(p0, params(staged_out), pref)
+    check(d <= 1e-4, f"the same with 2 staged devices per worker (--devices staged): "
+          f"{d:.2e} <= 1e-4")
     # Negative control: worker 1's gradient is left out (it pushes zeros).
     launch(bin_dir, "--ps", "2", "--workers", "2", "--batch-size", "64", *common,
            "--params-out", bad_out, "--fault", "zero-gradient", "--fault-rank", "1")

@@ -3,8 +3,9 @@
  *
  * A device owns memory and runs the few operations the models need: GEMM,
  * bias add, ReLU, softmax cross-entropy, column sums and a weighted sum. The
- * CPU backend (wk_device_cpu.c, OpenBLAS) is always built; a CUDA backend
- * plugs in behind the same table. Matrices are row-major float32.
+ * CPU backend (wk_device_cpu.c, OpenBLAS) is always built; the CUDA backend
+ * (wk_device_cuda.h) plugs in behind the same table. Matrices are row-major
+ * float32.
  *
  * Conventions:
  *  - Pointers passed to the ops are device pointers from wk_device_alloc()
@@ -65,10 +66,21 @@ struct wk_device {
  * wk_device_destroy(). */
 wk_device *wk_device_cpu_create(int index);
 
+/* A CPU device that callers must treat as a discrete one: host_visible is
+ * 0, so parameters are uploaded, batches staged and gradients downloaded
+ * exactly as for a GPU, but every op runs on the CPU at once. For tests of
+ * the GPU data paths on machines without a GPU (pstrain --devices staged).
+ * Never fails (aborts on OOM). */
+wk_device *wk_device_cpu_staged_create(int index);
+
 /* BLAS threads for every CPU device of this process (OpenBLAS's pool is
  * process-wide). n < 1 means 1. */
 void wk_device_cpu_set_threads(int n);
 int wk_device_cpu_threads(void);
+
+/* What the CPU device's GEMM is: "openblas", or "naive" (a plain loop, in
+ * the GPU-only build that has no OpenBLAS). */
+const char *wk_device_cpu_gemm_name(void);
 
 static inline void wk_device_destroy(wk_device *d) {
     if (d) d->ops->destroy(d);

@@ -3,8 +3,13 @@
  *
  * Memory is ordinary 64-byte aligned host memory, so host_visible is set and
  * upload/download are memcpy. Loops are written for gcc to vectorise.
+ * Built with WK_NAIVE_GEMM (the GPU-only build, for machines without
+ * OpenBLAS) the GEMM is a plain loop: correct, single-threaded and slow, a
+ * reference for the GPU tests, not a CPU path to measure.
  */
+#ifndef WK_NAIVE_GEMM
 #include <cblas.h>
+#endif
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +17,7 @@
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
 #include "worker/device/wk_device.h"
+#include "worker/device/wk_softmax_row.h"
 
 static void *cpu_alloc(wk_device *d, size_t bytes) {
     (void)d;
@@ -28,13 +34,37 @@ static void cpu_copy(wk_device *d, void *dst, const void *src, size_t bytes) {
     if (dst != src && bytes) memcpy(dst, src, bytes);
 }
 
+#ifdef WK_NAIVE_GEMM
+/* Row-major C = alpha op(A) op(B) + beta C, row by row (i, p, j order). */
+static void naive_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
+                        const float *a, int lda, const float *b, int ldb, float beta, float *c,
+                        int ldc) {
+    for (int i = 0; i < m; i++) {
+        float *restrict ci = c + (size_t)i * (size_t)ldc;
+        for (int j = 0; j < n; j++) ci[j] = beta == 0.0f ? 0.0f : beta * ci[j];
+        for (int p = 0; p < k; p++) {
+            float aip = alpha * (trans_a ? a[(size_t)p * (size_t)lda + (size_t)i]
+                                         : a[(size_t)i * (size_t)lda + (size_t)p]);
+            if (trans_b)
+                for (int j = 0; j < n; j++) ci[j] += aip * b[(size_t)j * (size_t)ldb + (size_t)p];
+            else
+                for (int j = 0; j < n; j++) ci[j] += aip * b[(size_t)p * (size_t)ldb + (size_t)j];
+        }
+    }
+}
+#endif
+
 static void cpu_gemm(wk_device *d, int trans_a, int trans_b, int m, int n, int k, float alpha,
                      const float *a, int lda, const float *b, int ldb, float beta, float *c,
                      int ldc) {
     (void)d;
+#ifdef WK_NAIVE_GEMM
+    naive_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#else
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
                 trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c,
                 ldc);
+#endif
 }
 
 static void cpu_bias_add(wk_device *d, int rows, int cols, float *x, const float *bias) {
@@ -68,25 +98,10 @@ static void cpu_softmax_xent(wk_device *d, int rows, int classes, float *logits,
     double loss = 0.0;
     int64_t right = 0;
     for (int r = 0; r < rows; r++) {
-        const float *z = logits + (size_t)r * (size_t)classes;
-        float *dz = dlogits + (size_t)r * (size_t)classes;
-        int label = labels[r];
-        int best = 0;
-        float mx = z[0];
-        for (int c = 1; c < classes; c++)
-            if (z[c] > mx) {
-                mx = z[c];
-                best = c;
-            }
-        double sum = 0.0;
-        for (int c = 0; c < classes; c++) sum += exp((double)(z[c] - mx));
-        double log_sum = log(sum);
-        loss += log_sum - (double)(z[label] - mx);
-        right += best == label;
-        for (int c = 0; c < classes; c++) {
-            double p = exp((double)(z[c] - mx) - log_sum);
-            dz[c] = (float)(p - (c == label ? 1.0 : 0.0)) * scale;
-        }
+        int ok;
+        loss += wk__softmax_xent_row(classes, logits + (size_t)r * (size_t)classes, labels[r],
+                                     scale, dlogits + (size_t)r * (size_t)classes, &ok);
+        right += ok;
     }
     if (loss_sum) *loss_sum += loss;
     if (correct) *correct += right;
@@ -135,14 +150,35 @@ static const wk_device_ops cpu_ops = {
     .destroy = cpu_destroy,
 };
 
-wk_device *wk_device_cpu_create(int index) {
+static wk_device *cpu_device(const wk_device_ops *ops, int host_visible, int index) {
     wk_device *d = cm_calloc(1, sizeof *d);
-    d->ops = &cpu_ops;
-    d->host_visible = 1;
+    d->ops = ops;
+    d->host_visible = host_visible;
     d->index = index;
     return d;
 }
 
+wk_device *wk_device_cpu_create(int index) { return cpu_device(&cpu_ops, 1, index); }
+
+wk_device *wk_device_cpu_staged_create(int index) {
+    /* The same operations: only host_visible differs, and callers go by it. */
+    return cpu_device(&cpu_ops, 0, index);
+}
+
+#ifdef WK_NAIVE_GEMM
+void wk_device_cpu_set_threads(int n) { (void)n; }
+
+int wk_device_cpu_threads(void) { return 1; }
+#else
 void wk_device_cpu_set_threads(int n) { openblas_set_num_threads(n < 1 ? 1 : n); }
 
 int wk_device_cpu_threads(void) { return openblas_get_num_threads(); }
+#endif
+
+const char *wk_device_cpu_gemm_name(void) {
+#ifdef WK_NAIVE_GEMM
+    return "naive";
+#else
+    return "openblas";
+#endif
+}

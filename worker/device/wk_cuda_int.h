@@ -1,0 +1,41 @@
+/* wk_cuda_int.h - the kernels of the CUDA device (wk_cuda_kernels.cu), as
+ * launchers callable from C (wk_device_cuda.c).
+ * SPDX-License-Identifier: MIT
+ *
+ * Internal to worker/device. Each launcher queues one kernel on 'stream' and
+ * returns cudaGetLastError() (launch errors only; execution errors surface
+ * at the stream's next synchronisation). Semantics are those of the ops of
+ * the same name in wk_device.h; pointers are device pointers.
+ */
+#ifndef WK_CUDA_INT_H
+#define WK_CUDA_INT_H
+#include <cuda_runtime_api.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+cudaError_t wk__cuda_bias_add(cudaStream_t s, int rows, int cols, float *x, const float *bias);
+cudaError_t wk__cuda_relu(cudaStream_t s, size_t n, const float *x, float *y);
+cudaError_t wk__cuda_relu_backward(cudaStream_t s, size_t n, const float *y, const float *dy,
+                                   float *dx);
+/* acc: device [0] summed loss (double), [1] correct count (as an unsigned
+ * long long stored in the same 8 bytes). Either may be skipped with
+ * want_acc = 0. */
+cudaError_t wk__cuda_softmax_xent(cudaStream_t s, int rows, int classes, const float *logits,
+                                  const int32_t *labels, float scale, float *dlogits,
+                                  double *loss_acc, unsigned long long *correct_acc);
+cudaError_t wk__cuda_col_sum(cudaStream_t s, int rows, int cols, const float *x, float *out);
+cudaError_t wk__cuda_axpby(cudaStream_t s, size_t n, float alpha, const float *x, float beta,
+                           float *y);
+/* dst (rows x cols, row stride cols) = bf16(src (rows x cols, row stride
+ * ld)); dst is __nv_bfloat16, passed as void. */
+cudaError_t wk__cuda_to_bf16(cudaStream_t s, int rows, int cols, const float *src, int ld,
+                             void *dst);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* WK_CUDA_INT_H */
