@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/cm_rng.h"
@@ -65,6 +66,13 @@ static void *rank_main(void *p) {
     return NULL;
 }
 
+/* Listen on 127.0.0.1:port (0: a free one) and write "127.0.0.1:P" to addr. */
+static void listen_at(int port, wk_ring_listener **l, char addr[64]) {
+    char err[256];
+    assert_int_equal(wk_ring_listen("127.0.0.1", port, l, err, sizeof err), CM_OK);
+    snprintf(addr, 64, "127.0.0.1:%d", wk_ring_listener_port(*l));
+}
+
 /* Listen for every rank, then run work on each in its own thread. */
 static void run_ranks(int n, const wk_ring_opts *opts, ring_work work, void *arg,
                       rank_ctx *ctx) {
@@ -72,10 +80,8 @@ static void run_ranks(int n, const wk_ring_opts *opts, ring_work work, void *arg
     char addr_buf[MAX_N][64];
     const char *addrs[MAX_N];
     pthread_t th[MAX_N];
-    char err[256];
     for (int i = 0; i < n; i++) {
-        assert_int_equal(wk_ring_listen("127.0.0.1", 0, &ls[i], err, sizeof err), CM_OK);
-        snprintf(addr_buf[i], sizeof addr_buf[i], "127.0.0.1:%d", wk_ring_listener_port(ls[i]));
+        listen_at(0, &ls[i], addr_buf[i]);
         addrs[i] = addr_buf[i];
     }
     for (int i = 0; i < n; i++) {
@@ -307,14 +313,11 @@ static void test_wrong_job_refused(void **state) {
     o.connect_timeout_ms = 3000;
     job_ids ids = {{0x1111, 0x2222}};
     wk_ring_listener *ls[2];
-    char a[2][64], err[256];
+    char a[2][64];
     const char *addrs[2] = {a[0], a[1]};
     rank_ctx ctx[2];
     pthread_t th[2];
-    for (int i = 0; i < 2; i++) {
-        assert_int_equal(wk_ring_listen("127.0.0.1", 0, &ls[i], err, sizeof err), CM_OK);
-        snprintf(a[i], sizeof a[i], "127.0.0.1:%d", wk_ring_listener_port(ls[i]));
-    }
+    for (int i = 0; i < 2; i++) listen_at(0, &ls[i], a[i]);
     double t0 = cm_now();
     for (int i = 0; i < 2; i++) {
         ctx[i] = (rank_ctx){.rank = i, .nranks = 2, .l = ls[i], .addrs = addrs, .opts = &o,
@@ -328,6 +331,90 @@ static void test_wrong_job_refused(void **state) {
         assert_non_null(strstr(ctx[i].err, "job"));
     }
     assert_true(cm_now() - t0 < 2.5); /* Refused, not timed out. */
+}
+
+/* Ranks that disagree on 'average' fail instead of mixing sums and means. */
+static void mixed_average_work(rank_ctx *c, wk_ring *ring) {
+    float x[4] = {1, 2, 3, 4};
+    c->rc = wk_ring_allreduce(ring, x, 4, 0, c->rank == 0);
+}
+
+static void test_mismatched_average_refused(void **state) {
+    (void)state;
+    wk_ring_opts o;
+    small_timeouts(&o);
+    rank_ctx ctx[2];
+    run_ranks(2, &o, mixed_average_work, NULL, ctx);
+    /* The first to read a chunk refuses it and hangs up; the other may see
+     * either the chunk or the hang-up first. */
+    int refused = 0;
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(ctx[i].connect_rc, CM_OK);
+        assert_true(ctx[i].rc == CM_EPROTO || ctx[i].rc == CM_EUNAVAIL);
+        refused += ctx[i].rc == CM_EPROTO && strstr(ctx[i].err, "(average 1)") != NULL;
+    }
+    assert_true(refused >= 1);
+}
+
+static void sum3_work(rank_ctx *c, wk_ring *ring) {
+    float x[3] = {1, 2, 3};
+    c->rc = wk_ring_allreduce(ring, x, 3, 0, 0);
+    c->bad += x[0] != 2 || x[1] != 4 || x[2] != 6;
+}
+
+/* A port nothing listens on (bound, then closed). */
+static int free_port(void) {
+    wk_ring_listener *l;
+    char addr[64];
+    listen_at(0, &l, addr);
+    int port = wk_ring_listener_port(l);
+    wk_ring_listener_destroy(l);
+    return port;
+}
+
+static void test_connect_gives_up_naming_the_peer(void **state) {
+    (void)state;
+    wk_ring_opts o;
+    small_timeouts(&o);
+    o.connect_timeout_ms = 500;
+    char a[2][64];
+    const char *addrs[2] = {a[0], a[1]};
+    rank_ctx c = {.rank = 0, .nranks = 2, .addrs = addrs, .opts = &o, .work = sum3_work};
+    listen_at(0, &c.l, a[0]);
+    snprintf(a[1], sizeof a[1], "127.0.0.1:%d", free_port());
+    double t0 = cm_now();
+    rank_main(&c);
+    double t = cm_now() - t0;
+    wk_ring_listener_destroy(c.l);
+    assert_int_equal(c.connect_rc, CM_EUNAVAIL);
+    assert_non_null(strstr(c.err, "cannot connect to rank 1 at 127.0.0.1:"));
+    assert_true(t >= 0.45 && t < 3.0);
+}
+
+/* Rank 1 starts listening 300 ms after rank 0 began to connect. */
+static void test_connect_retries_until_peer_listens(void **state) {
+    (void)state;
+    wk_ring_opts o;
+    small_timeouts(&o);
+    o.connect_timeout_ms = 5000;
+    char a[2][64];
+    const char *addrs[2] = {a[0], a[1]};
+    rank_ctx ctx[2];
+    pthread_t th[2];
+    int port1 = free_port();
+    for (int i = 0; i < 2; i++)
+        ctx[i] = (rank_ctx){.rank = i, .nranks = 2, .addrs = addrs, .opts = &o,
+                            .work = sum3_work, .connect_rc = CM_EAGAIN};
+    listen_at(0, &ctx[0].l, a[0]);
+    snprintf(a[1], sizeof a[1], "127.0.0.1:%d", port1);
+    assert_int_equal(pthread_create(&th[0], NULL, rank_main, &ctx[0]), 0);
+    struct timespec pause = {0, 300 * 1000000L};
+    nanosleep(&pause, NULL);
+    listen_at(port1, &ctx[1].l, a[1]);
+    assert_int_equal(pthread_create(&th[1], NULL, rank_main, &ctx[1]), 0);
+    for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < 2; i++) wk_ring_listener_destroy(ctx[i].l);
+    expect_all_ok(ctx, 2);
 }
 
 /* ===== A fake rank 1 of 2, speaking raw bytes ===== */
@@ -417,10 +504,8 @@ static void solo_work(rank_ctx *c, wk_ring *ring) {
 
 /* Start the real rank 0 against fake rank 1 and do the handshake. */
 static void solo_start(solo *s, fake_peer *f, const wk_ring_opts *o, pthread_t *th) {
-    char err[256];
     fake_listen(f);
-    assert_int_equal(wk_ring_listen("127.0.0.1", 0, &s->l, err, sizeof err), CM_OK);
-    snprintf(s->a[0], sizeof s->a[0], "127.0.0.1:%d", wk_ring_listener_port(s->l));
+    listen_at(0, &s->l, s->a[0]);
     snprintf(s->a[1], sizeof s->a[1], "127.0.0.1:%d", f->port);
     s->addrs[0] = s->a[0];
     s->addrs[1] = s->a[1];
@@ -522,6 +607,9 @@ int main(void) {
         cmocka_unit_test(test_random_mean_close_and_identical),
         cmocka_unit_test(test_broadcast),
         cmocka_unit_test(test_wrong_job_refused),
+        cmocka_unit_test(test_mismatched_average_refused),
+        cmocka_unit_test(test_connect_gives_up_naming_the_peer),
+        cmocka_unit_test(test_connect_retries_until_peer_listens),
         cmocka_unit_test(test_chunk_wrong_length),
         cmocka_unit_test(test_chunk_wrong_step),
         cmocka_unit_test(test_chunk_wrong_offset),

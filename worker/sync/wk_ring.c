@@ -90,6 +90,7 @@ typedef struct run {
     size_t n;
     int64_t step;
     int op, nsend, nrecv;
+    uint32_t arg; /* Carried in every header: average (allreduce), root (broadcast). */
     /* Send side: step, position in it, bytes of the current chunk sent. */
     int sk;
     size_t spos, sbytes;
@@ -147,7 +148,7 @@ void wk_ring__hdr_pack(const wk_ring__hdr *h, unsigned char out[WK_RING__HDR_BYT
     put64(out + 16, h->count);
     put64(out + 24, h->offset);
     put32(out + 32, h->len);
-    put32(out + 36, h->zero);
+    put32(out + 36, h->arg);
 }
 
 void wk_ring__hdr_unpack(const unsigned char in[WK_RING__HDR_BYTES], wk_ring__hdr *h) {
@@ -159,7 +160,7 @@ void wk_ring__hdr_unpack(const unsigned char in[WK_RING__HDR_BYTES], wk_ring__hd
     h->count = get64(in + 16);
     h->offset = get64(in + 24);
     h->len = get32(in + 32);
-    h->zero = get32(in + 36);
+    h->arg = get32(in + 36);
 }
 
 /* ===================================================== sockets */
@@ -531,7 +532,12 @@ static int fail(wk_ring *r, int status, const char *fmt, ...) {
     return status;
 }
 
-static const char *op_name(int op) { return op == WK_RING__OP_ALLREDUCE ? "allreduce" : "broadcast"; }
+static const char *op_name(int op) {
+    return op == WK_RING__OP_ALLREDUCE ? "allreduce" : op == WK_RING__OP_BROADCAST ? "broadcast"
+                                                                                : "unknown op";
+}
+
+static const char *arg_name(int op) { return op == WK_RING__OP_BROADCAST ? "root" : "average"; }
 
 static int prev_rank(const wk_ring *r) { return (r->rank + r->nranks - 1) % r->nranks; }
 static int next_rank(const wk_ring *r) { return (r->rank + 1) % r->nranks; }
@@ -587,7 +593,7 @@ static int pump_send(run *x, int *progress) {
         if (x->sbytes == 0) {
             if (!send_ready(x, clen)) return CM_OK;
             wk_ring__hdr h = {WK_RING__CHUNK_MAGIC, (uint16_t)x->op, (uint16_t)x->sk,
-                              x->step, x->n, s->off + x->spos, (uint32_t)plen, 0};
+                              x->step, x->n, s->off + x->spos, (uint32_t)plen, x->arg};
             wk_ring__hdr_pack(&h, x->shdr);
         }
         struct iovec iov[2];
@@ -614,11 +620,12 @@ static int check_hdr(run *x, const ring_step *s, size_t clen) {
     wk_ring__hdr h;
     wk_ring__hdr_unpack(x->rhdr, &h);
     const char *what = NULL;
-    if (h.magic != WK_RING__CHUNK_MAGIC || h.zero != 0) {
+    if (h.magic != WK_RING__CHUNK_MAGIC) {
         what = "not a chunk header";
-    } else if (h.op != x->op) {
-        return fail(r, CM_EPROTO, "rank %d (%s) sent a %s chunk during a %s", prev_rank(r),
-                    r->prev_addr, op_name(h.op), op_name(x->op));
+    } else if (h.op != x->op || h.arg != x->arg) {
+        return fail(r, CM_EPROTO, "rank %d (%s) sent a chunk of %s (%s %u) during %s (%s %u)",
+                    prev_rank(r), r->prev_addr, op_name(h.op), arg_name(h.op), h.arg,
+                    op_name(x->op), arg_name(x->op), x->arg);
     } else if (h.step != x->step) {
         return fail(r, CM_EPROTO, "rank %d (%s) sent a chunk of step %lld during step %lld",
                     prev_rank(r), r->prev_addr, (long long)h.step, (long long)x->step);
@@ -720,8 +727,8 @@ static void segment(size_t n, int nranks, int s, size_t *off, size_t *len) {
     *len = base + (us < rem ? 1 : 0);
 }
 
-static int start(wk_ring *r, run *x, float *data, size_t n, int64_t step, int op) {
-    *x = (run){.r = r, .data = data, .n = n, .step = step, .op = op};
+static int start(wk_ring *r, run *x, float *data, size_t n, int64_t step, int op, int arg) {
+    *x = (run){.r = r, .data = data, .n = n, .step = step, .op = op, .arg = (uint32_t)arg};
     if (!r) return CM_EINVAL;
     if (r->status != CM_OK) return r->status;
     if (n > 0 && !data) return CM_EINVAL;
@@ -730,7 +737,7 @@ static int start(wk_ring *r, run *x, float *data, size_t n, int64_t step, int op
 
 int wk_ring_allreduce(wk_ring *r, float *data, size_t n, int64_t step, int average) {
     run x;
-    int rc = start(r, &x, data, n, step, WK_RING__OP_ALLREDUCE);
+    int rc = start(r, &x, data, n, step, WK_RING__OP_ALLREDUCE, average != 0);
     if (rc != CM_OK || r->nranks == 1 || n == 0) return rc;
     int N = r->nranks;
     x.nsend = x.nrecv = 2 * (N - 1);
@@ -747,7 +754,7 @@ int wk_ring_allreduce(wk_ring *r, float *data, size_t n, int64_t step, int avera
 
 int wk_ring_broadcast(wk_ring *r, float *data, size_t n, int64_t step, int root) {
     run x;
-    int rc = start(r, &x, data, n, step, WK_RING__OP_BROADCAST);
+    int rc = start(r, &x, data, n, step, WK_RING__OP_BROADCAST, root);
     if (rc != CM_OK) return rc;
     if (root < 0 || root >= r->nranks) return CM_EINVAL;
     if (r->nranks == 1 || n == 0) return CM_OK;

@@ -11,7 +11,8 @@
  * Chunk header, 40 bytes, before every chunk's payload:
  *   u32 magic "WRC1" | u16 op | u16 ring step k | i64 step |
  *   u64 count (floats in the whole buffer) | u64 offset (first float) |
- *   u32 length (payload bytes) | u32 zero
+ *   u32 length (payload bytes) | u32 arg (allreduce: average 0/1;
+ *   broadcast: the root)
  */
 #ifndef WK_RING_INT_H
 #define WK_RING_INT_H
@@ -41,7 +42,7 @@ typedef struct wk_ring__hdr {
     uint16_t op, k;
     int64_t step;
     uint64_t count, offset;
-    uint32_t len, zero;
+    uint32_t len, arg;
 } wk_ring__hdr;
 
 void wk_ring__hello_pack(const wk_ring__hello *h, unsigned char out[WK_RING__HELLO_BYTES]);
