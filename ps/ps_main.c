@@ -150,6 +150,13 @@ int main(int argc, char **argv) {
                          .threads = threads, .max_message = max_mb << 20,
                          .data_dir = data_dir ? shard_dir : NULL,
                          .checkpoint_every = ckpt_every};
+    /* Before the restore, which logs "restored version": a SIGTERM from then
+     * on is a clean stop, not a death by signal. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
     if (ps_server_create(&cfg, &srv) != CM_OK) goto out; /* Logged there. */
     const char *addr = listen ? listen : cm_cluster_self(cl);
     int port = 0;
@@ -159,11 +166,6 @@ int main(int argc, char **argv) {
         status = rc == CM_EBUSY ? 3 : 1;
         goto out;
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
     cm_info("serving shard %d of %d (%d partitions, %zu bytes) on %s, port %d", cl->task_index,
             pl->nshards, pl->shard_nparts[cl->task_index], pl->shard_bytes[cl->task_index], addr,
             port);
