@@ -536,6 +536,8 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
             err, errlen);
         if (!r) return rc;
         if (r->version < out->min_version) out->min_version = r->version;
+        if (i == 0 || r->min_worker_step < out->min_worker_step)
+            out->min_worker_step = r->min_worker_step;
         out->pushes += r->pushes;
         out->duplicate_pushes += r->duplicate_pushes;
         out->stale_pushes += r->stale_pushes;

@@ -131,6 +131,7 @@ int ps_client_shutdown_servers(ps_client *c, const char *reason, char *err, size
 /* Per-shard counters (psrpc.StatsReply), summed over shards. */
 typedef struct ps_client_stats {
     int64_t min_version;
+    int64_t min_worker_step; /* Over shards and workers (-1: one has not pushed). */
     uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
 } ps_client_stats;
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen);

@@ -425,6 +425,7 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.bad_requests = st.bad_requests;
         rep.num_parts = (uint32_t)st.nparts;
         rep.bytes = st.bytes;
+        rep.min_worker_step = st.min_worker_step;
         reply_packed(call, &rep.base);
     }
     psrpc__stats_request__free_unpacked(r, NULL);

@@ -665,6 +665,12 @@ void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     pthread_mutex_lock(&s->mu);
     *out = s->st;
     out->version = s->version;
+    out->min_worker_step = -1;
+    if (s->inited && s->cfg.num_workers > 0) {
+        out->min_worker_step = s->last_step[0];
+        for (int w = 1; w < s->cfg.num_workers; w++)
+            if (s->last_step[w] < out->min_worker_step) out->min_worker_step = s->last_step[w];
+    }
     pthread_mutex_unlock(&s->mu);
 }
 

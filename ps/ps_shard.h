@@ -96,6 +96,8 @@ typedef struct ps_shard_stats {
     uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
     int nparts;
     size_t bytes;
+    int64_t min_worker_step; /* Lowest last pushed step over workers (-1: some
+                              * worker has not pushed since init or restart). */
 } ps_shard_stats;
 
 /* The shard 'index' of 'placement' for 'model' (both borrowed; they must

@@ -275,7 +275,7 @@ static int ps_begin(wk_sync *s, float *params, int64_t *first_step) {
         rc = worker_sync(p, 0, &v);
     }
     if (rc == CM_OK) rc = pull_version(p, v, params);
-    if (rc == CM_OK && v > 0) {
+    if (rc == CM_OK && v > 0 && !p->cfg.async) {
         cm_info("resuming at step %lld (epoch %lld of the data)", (long long)v,
                 p->cfg.steps_per_epoch ? (long long)(v / (int64_t)p->cfg.steps_per_epoch) + 1
                                        : 0LL);
@@ -344,19 +344,20 @@ static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync
 static int ps_end(wk_sync *s, int64_t steps, float *params) {
     psync *p = (psync *)s;
     if (!p->cfg.is_chief || !p->cfg.async) return CM_OK;
-    /* Async: wait until every worker's last push is in, then take the
-     * final parameters. Bounded by the call deadline. */
-    uint64_t want = (uint64_t)p->cfg.nps * (uint64_t)p->cfg.nworkers * (uint64_t)steps;
+    /* Async: wait until every worker's last push (step steps - 1) is in on
+     * every shard, then take the final parameters. Bounded by the call
+     * deadline. (Per-worker steps, not push counts: a restarted shard's
+     * counters start again at 0.) */
     double start = cm_now();
     for (;;) {
         ps_client_stats st;
         int rc = ps_client_stats_get(p->client, &st, s->err, sizeof s->err);
         if (rc != CM_OK) return rc;
-        if (st.pushes + st.duplicate_pushes >= want) break;
+        if (st.min_worker_step >= steps - 1) break;
         if ((cm_now() - start) * 1e3 > (double)p->cfg.deadline_ms) {
             snprintf(s->err, sizeof s->err,
-                     "async: only %llu of %llu pushes arrived within %lld ms",
-                     (unsigned long long)st.pushes, (unsigned long long)want,
+                     "async: a worker's last push is step %lld, not %lld, after %lld ms",
+                     (long long)st.min_worker_step, (long long)(steps - 1),
                      (long long)p->cfg.deadline_ms);
             return CM_ETIMEDOUT;
         }
