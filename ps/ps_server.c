@@ -502,6 +502,7 @@ static int open_store(ps_server *s) {
     char err[768];
     st_identity id = {.fingerprint = s->fingerprint, .description = s->identity,
                       .shard = cfg->shard};
+    double t0 = cm_now();
     int rc = st_store_open(NULL, cfg->data_dir, &id, &s->store, err, sizeof err);
     if (rc != CM_OK) {
         cm_error("cannot open the checkpoint store %s: %s", cfg->data_dir, err);
@@ -530,6 +531,7 @@ static int open_store(ps_server *s) {
     c.slots = cm_alloc_aligned(2 * n * sizeof(float)); /* The most any optimizer keeps. */
     if (!c.params || !c.slots) abort();
     c.nslots = 2;
+    double t1 = cm_now();
     rc = st_store_load(s->store, v, on_blob, &c, &extra, &extra_len, err, sizeof err);
     if (rc == CM_OK && cfg_decode(extra, extra_len, &sc) != CM_OK) {
         snprintf(err, sizeof err, "its config record is not one this server wrote");
@@ -540,6 +542,7 @@ static int open_store(ps_server *s) {
                  nparts * (1 + ps_optim_nslots(sc.optim.kind)), ps_optim_name(sc.optim.kind));
         rc = CM_ECORRUPT;
     }
+    double t2 = cm_now();
     if (rc == CM_OK)
         rc = ps_shard_restore(s->shard, &sc, v, c.params, ps_optim_nslots(sc.optim.kind) ?
                               c.slots : NULL, err, sizeof err);
@@ -550,7 +553,10 @@ static int open_store(ps_server *s) {
         cm_error("cannot restore version %lld from %s: %s", (long long)v, cfg->data_dir, err);
         return rc;
     }
-    cm_info("restored version %lld from %s", (long long)v, cfg->data_dir);
+    double t3 = cm_now();
+    cm_info("restored version %lld from %s in %.1f ms (open %.1f ms, load %.1f ms, restore "
+            "%.1f ms)", (long long)v, cfg->data_dir, (t3 - t0) * 1e3, (t1 - t0) * 1e3,
+            (t2 - t1) * 1e3, (t3 - t2) * 1e3);
     return CM_OK;
 }
 
