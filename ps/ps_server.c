@@ -544,8 +544,9 @@ static int open_store(ps_server *s) {
     }
     double t2 = cm_now();
     if (rc == CM_OK)
-        rc = ps_shard_restore(s->shard, &sc, v, c.params, ps_optim_nslots(sc.optim.kind) ?
-                              c.slots : NULL, err, sizeof err);
+        rc = ps_shard_restore_owned(s->shard, &sc, v, c.params, c.slots, err, sizeof err);
+    if (rc == CM_OK)
+        c.params = c.slots = NULL; /* The shard's now. */
     free(extra);
     free(c.params);
     free(c.slots);

@@ -183,4 +183,13 @@ void ps_shard_set_publish_hook(ps_shard *s, int64_t every, ps_publish_fn fn, voi
 int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
                      const float *params, const float *slots, char *err, size_t errlen);
 
+/* The same, taking ownership instead of copying: 'params' (numel floats)
+ * and 'slots' (NULL, or room for the optimizer's slots laid out as above)
+ * come from cm_alloc_aligned and belong to the shard once this returns
+ * CM_OK (slots are freed at once if cfg's optimizer keeps none); on error
+ * they are still the caller's. A restore of a large shard then touches its
+ * memory once instead of twice. */
+int ps_shard_restore_owned(ps_shard *s, const ps_shard_config *cfg, int64_t version,
+                           float *params, float *slots, char *err, size_t errlen);
+
 #endif /* PS_SHARD_H */
