@@ -15,7 +15,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
@@ -452,6 +454,11 @@ static void write_job(ps_server *s, const ckpt_job *j) {
 
 static void *writer_main(void *arg) {
     ps_server *s = arg;
+    /* Nice values are per thread on Linux. */
+    if (s->cfg.checkpoint_nice > 0 &&
+        setpriority(PRIO_PROCESS, (id_t)gettid(), s->cfg.checkpoint_nice) != 0)
+        cm_warn("checkpoint writer: setpriority(%d): %s", s->cfg.checkpoint_nice,
+                strerror(errno));
     pthread_mutex_lock(&s->ck_mu);
     for (;;) {
         while (!s->job.snap && !s->ck_stop) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
@@ -525,10 +532,11 @@ static int open_store(ps_server *s) {
     void *extra = NULL;
     size_t extra_len = 0;
     ps_shard_config sc;
-    /* The config (and so the slot count) is in the extra record: read it
-     * with a first load that stops at once. */
+    /* The slot count comes with the config, in the extra record: make room
+     * for the most any optimizer keeps. The buffers become the shard's
+     * (ps_shard_restore_owned). */
     c.params = cm_alloc_aligned(n * sizeof(float));
-    c.slots = cm_alloc_aligned(2 * n * sizeof(float)); /* The most any optimizer keeps. */
+    c.slots = cm_alloc_aligned(2 * n * sizeof(float));
     if (!c.params || !c.slots) abort();
     c.nslots = 2;
     double t1 = cm_now();
