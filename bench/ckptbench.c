@@ -346,7 +346,10 @@ static int server_wait_listening(bench *b, server *s, double timeout_s, char *er
     for (;;) {
         if (bu_port_accepts(s->port)) return CM_OK;
         if (server_reap_by(s, 0.0)) {
-            if (WIFEXITED(s->status) && WEXITSTATUS(s->status) == PORT_TAKEN) return CM_EBUSY;
+            if (WIFEXITED(s->status) && WEXITSTATUS(s->status) == PORT_TAKEN) {
+                cm_seterr(err, errlen, "psserver could not bind port %d", s->port);
+                return CM_EBUSY;
+            }
             cm_seterr(err, errlen, "psserver exited during start (status %#x)", s->status);
             return CM_EIO;
         }
@@ -435,8 +438,14 @@ static int push_pull(client *c, int64_t step, const float *grad, float *params, 
 static int phase_begin(bench *b, server *s, client *c, size_t elems, char *const *more,
                        char *err, size_t errlen) {
     memset(c, 0, sizeof *c);
-    int rc = server_start(b, s, elems, more, err, errlen);
-    if (rc == CM_OK) rc = server_wait_listening(b, s, 30.0, err, errlen);
+    int rc;
+    for (int attempt = 1;; attempt++) { /* New ports while the chosen one was taken. */
+        rc = server_start(b, s, elems, more, err, errlen);
+        if (rc == CM_OK) rc = server_wait_listening(b, s, 30.0, err, errlen);
+        if (rc != CM_EBUSY || attempt == 5) break;
+        server_stop(s, 0.0);
+    }
+    if (rc == CM_EBUSY) cm_seterr(err, errlen, "psserver found its port taken 5 times");
     if (rc == CM_OK) rc = client_open(c, elems, s->port, 60000, err, errlen);
     if (rc == CM_OK) rc = client_init(c, err, errlen);
     return rc;
