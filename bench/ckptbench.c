@@ -56,7 +56,7 @@
 #define MAX_EVENTS 256
 #define WRITE_BLOBS 64 /* The checkpoint's partitions: 64 x (W / 64) MiB. */
 #define PORT_TAKEN 3   /* psserver's exit status when it cannot bind. */
-#define PSSERVER_NICE 0 /* psserver's default --checkpoint-nice. */
+#define PSSERVER_NICE 10 /* psserver's default --checkpoint-nice. */
 #define MAX_MESSAGE_MB "1024" /* A whole model per message, both sides. */
 
 static volatile sig_atomic_t got_signal;
@@ -777,7 +777,7 @@ static void usage(FILE *f) {
             "Issue 4's durable-shard benchmarks; one JSON line per measurement.\n\n"
             "  --only LIST          write,step,recovery (default: all three)\n"
             "  --repeats N          write and recovery repeats (default 5)\n"
-            "  --step-repeats N     step-time repeats (default 3)\n"
+            "  --step-repeats N     step-time repeats (default 5)\n"
             "  --write-mib N        checkpoint size for 'write' (default 256)\n"
             "  --step-mib N         model size for 'step' (default 64)\n"
             "  --steps N            timed steps per phase (default 60)\n"
@@ -807,7 +807,7 @@ int main(int argc, char **argv) {
         {"bin-dir", required_argument, 0, 'b'},      {"timeout", required_argument, 0, 'T'},
         {"checkpoint-nice", required_argument, 0, 'N'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
-    opts o = {.repeats = 5, .step_repeats = 3, .steps = 60, .warmup = -1, .ckpt_every = 15,
+    opts o = {.repeats = 5, .step_repeats = 5, .steps = 60, .warmup = -1, .ckpt_every = 15,
               .ckpt_nice = -1,
               .write_mib = 256, .step_mib = 64, .recovery_mb = 100, .timeout_s = 900.0};
     int c;

@@ -49,8 +49,8 @@ static void usage(FILE *f) {
             "                             and restore the newest one on start\n"
             "  --checkpoint-every K       checkpoint every K versions (default 0: never)\n"
             "  --checkpoint-nice N        nice value of the checkpoint writer thread, 0-19\n"
-            "                             (default 0; 19: it takes the CPU the handlers\n"
-            "                             leave, and checkpoints lag where they are busy)\n"
+            "                             (default 10: the handlers keep the cores they\n"
+            "                             need; checkpoints take longer where they are busy)\n"
             "  -h, --help                 this text\n");
 }
 
@@ -71,7 +71,7 @@ int main(int argc, char **argv) {
                                          {0, 0, 0, 0}};
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
     long long ckpt_every = 0;
-    int ckpt_nice = 0;
+    int ckpt_nice = 10;
     int task_index = -1, threads = 2, max_mb = 64, nsizes = 4;
     int sizes[CM_MLP_MAX_SIZES] = {784, 256, 128, 10};
     long min_part = (long)CM_PLACEMENT_MIN_PART_BYTES, vector = 0;
