@@ -26,6 +26,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bench/bench_util.h"
 #include "common/cm_mem.h"
 #include "common/cm_model.h"
 #include "common/cm_placement.h"
@@ -615,18 +616,7 @@ fail:
 }
 
 /* Reap k if it has exited by 'until' (a cm_now() value). 1 if reaped. */
-static int reap_by(child *k, double until) {
-    for (;;) {
-        if (k->pid <= 0) return 1;
-        pid_t r = waitpid(k->pid, &k->status, WNOHANG);
-        if (r == k->pid || (r < 0 && errno != EINTR)) {
-            k->pid = 0;
-            return 1;
-        }
-        if (cm_now() >= until) return 0;
-        usleep(2000);
-    }
-}
+static int reap_by(child *k, double until) { return bu_reap_by(&k->pid, &k->status, until); }
 
 /* Stop every child of the phase by its PID (SIGTERM, then SIGKILL after
  * two seconds), reap them all and close their pipes. */
@@ -791,39 +781,6 @@ fail:
     return rc;
 }
 
-/* n distinct ports on 127.0.0.1 that were free a moment ago. */
-static int free_ports(int *ports, int n) {
-    int fds[MAX_KIDS], nfds = 0, rc = CM_OK;
-    for (; nfds < n; nfds++) {
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        socklen_t alen = sizeof a;
-        fds[nfds] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fds[nfds] < 0) {
-            rc = CM_EIO;
-            break;
-        }
-        if (bind(fds[nfds], (struct sockaddr *)&a, sizeof a) ||
-            getsockname(fds[nfds], (struct sockaddr *)&a, &alen)) {
-            rc = CM_EIO;
-            nfds++;
-            break;
-        }
-        ports[nfds] = ntohs(a.sin_port);
-    }
-    for (int i = 0; i < nfds; i++) close(fds[i]);
-    return rc;
-}
-
-static int port_accepts(int port) {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return 0;
-    int ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
-    close(fd);
-    return ok;
-}
-
 /* Wait until every PS accepts connections. CM_EBUSY if one could not bind
  * its port (exit status 3: pick new ports and start again). */
 static int wait_listening(driver *d, child **srv, const int *ports, int n, char *err,
@@ -841,7 +798,7 @@ static int wait_listening(driver *d, child **srv, const int *ports, int n, char 
             return CM_EIO;
         }
         for (int i = 0; i < n; i++)
-            if (!up[i] && port_accepts(ports[i])) {
+            if (!up[i] && bu_port_accepts(ports[i])) {
                 up[i] = 1;
                 nup++;
             }
@@ -903,7 +860,7 @@ static int ps_attempt(driver *d, const bench_cfg *b, phase_result *res, char *er
     char minp[24];
     size_t mp = b->bytes / sizeof(float) * sizeof(float) / (size_t)b->servers;
     snprintf(minp, sizeof minp, "%zu", mp ? mp : 1);
-    if (free_ports(ports, b->servers + b->workers) != CM_OK) {
+    if (bu_free_ports(ports, b->servers + b->workers) != CM_OK) {
         cm_seterr(err, errlen, "cannot find free ports: %s", strerror(errno));
         goto fail;
     }
@@ -1015,18 +972,6 @@ fail:
 
 /* ================================================== driver: report */
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(const double *v, int n) {
-    double s[MAX_REPEATS];
-    memcpy(s, v, (size_t)n * sizeof *v);
-    qsort(s, (size_t)n, sizeof *s, cmp_double);
-    return n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
-}
-
 static double gbps_of(const bench_cfg *b, const phase_result *r) {
     return (double)b->workers * b->iters * 2.0 * (double)b->bytes / r->window_s * 1e-9;
 }
@@ -1061,17 +1006,17 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
             tpull[i] = tcp[i].pull_ms;
             ratio[i] = g[i] / tg[i];
         }
-        double gm = median(g, nrep), tgm = median(tg, nrep), ref = pslite_gbps(b);
+        double gm = bu_median(g, nrep), tgm = bu_median(tg, nrep), ref = pslite_gbps(b);
         double ops = gm * 1e9 / (double)b->bytes; /* Pushes + pulls per second. */
-        qsort(g, (size_t)nrep, sizeof *g, cmp_double);
-        qsort(tg, (size_t)nrep, sizeof *tg, cmp_double);
+        qsort(g, (size_t)nrep, sizeof *g, bu_cmp_double);
+        qsort(tg, (size_t)nrep, sizeof *tg, bu_cmp_double);
         printf(",\"gbps\":%.4f,\"gbps_min\":%.4f,\"gbps_max\":%.4f,\"ops_per_sec\":%.1f,"
                "\"push_ms\":%.4f,\"pull_ms\":%.4f,\"tcp_gbps\":%.4f,\"tcp_gbps_min\":%.4f,"
                "\"tcp_gbps_max\":%.4f,\"tcp_push_ms\":%.4f,\"tcp_pull_ms\":%.4f,"
                "\"tcp_semantics\":\"async (store += pushed) in both modes\","
                "\"ratio_to_tcp\":%.3f",
-               gm, g[0], g[nrep - 1], ops, median(push, nrep), median(pull, nrep), tgm, tg[0],
-               tg[nrep - 1], median(tpush, nrep), median(tpull, nrep), median(ratio, nrep));
+               gm, g[0], g[nrep - 1], ops, bu_median(push, nrep), bu_median(pull, nrep), tgm, tg[0],
+               tg[nrep - 1], bu_median(tpush, nrep), bu_median(tpull, nrep), bu_median(ratio, nrep));
         if (ref > 0)
             printf(",\"pslite_gbps\":%.3f,\"ratio_to_pslite\":%.3f", ref, gm / ref);
         else
@@ -1200,13 +1145,7 @@ static int driver_main(const opts *o) {
                 if (parse_cfg(o, shapes[si], modes[mi], sizes[zi], &cfgs[ncfgs++])) goto fail;
     /* Children log only warnings unless the caller asked otherwise. */
     setenv("PS_LOG_LEVEL", "warn", 0);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGHUP, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    bu_catch_signals(on_signal);
     d->deadline = cm_now() + o->timeout_s;
     for (int i = 0; i < ncfgs && !got_signal && cm_now() < d->deadline; i++)
         if (run_config(d, o, &cfgs[i])) failures++;

@@ -48,6 +48,9 @@ static void usage(FILE *f) {
             "  --data-dir DIR             keep this shard's checkpoints in DIR/shard-<i>\n"
             "                             and restore the newest one on start\n"
             "  --checkpoint-every K       checkpoint every K versions (default 0: never)\n"
+            "  --checkpoint-nice N        nice value of the checkpoint writer thread, 0-19\n"
+            "                             (default 10: the handlers keep the cores they\n"
+            "                             need; checkpoints take longer where they are busy)\n"
             "  -h, --help                 this text\n");
 }
 
@@ -63,10 +66,12 @@ int main(int argc, char **argv) {
                                          {"max-message-mb", required_argument, 0, 'M'},
                                          {"data-dir", required_argument, 0, 'd'},
                                          {"checkpoint-every", required_argument, 0, 'k'},
+                                         {"checkpoint-nice", required_argument, 0, 'n'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
     long long ckpt_every = 0;
+    int ckpt_nice = 10;
     int task_index = -1, threads = 2, max_mb = 64, nsizes = 4;
     int sizes[CM_MLP_MAX_SIZES] = {784, 256, 128, 10};
     long min_part = (long)CM_PLACEMENT_MIN_PART_BYTES, vector = 0;
@@ -89,12 +94,14 @@ int main(int argc, char **argv) {
         case 'M': max_mb = atoi(optarg); break;
         case 'd': data_dir = optarg; break;
         case 'k': ckpt_every = atoll(optarg); break;
+        case 'n': ckpt_nice = atoi(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 1;
         }
     }
     if (optind < argc || min_part < 1 || threads < 1 || threads > 64 || max_mb < 1 ||
-        max_mb > 2047 || ckpt_every < 0 || (ckpt_every > 0 && !data_dir)) {
+        max_mb > 2047 || ckpt_every < 0 || (ckpt_every > 0 && !data_dir) || ckpt_nice < 0 ||
+        ckpt_nice > 19) {
         fprintf(stderr, "psserver: bad arguments (see --help)\n");
         return 1;
     }
@@ -149,7 +156,7 @@ int main(int argc, char **argv) {
     ps_server_cfg cfg = {.model = model, .placement = pl, .shard = cl->task_index,
                          .threads = threads, .max_message = max_mb << 20,
                          .data_dir = data_dir ? shard_dir : NULL,
-                         .checkpoint_every = ckpt_every};
+                         .checkpoint_every = ckpt_every, .checkpoint_nice = ckpt_nice};
     /* Before the restore, which logs "restored version": a SIGTERM from then
      * on is a clean stop, not a death by signal. */
     struct sigaction sa;

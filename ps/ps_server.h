@@ -30,6 +30,12 @@ typedef struct ps_server_cfg {
      * but a directory given is still restored from). */
     const char *data_dir;
     int64_t checkpoint_every;
+    /* The checkpoint writer thread's nice value (0..19; 0 leaves it as
+     * is). LevelDB's compaction thread inherits it when the writer's
+     * writes start it. With a high value the handlers keep the cores they
+     * need and checkpoints take longer (and are skipped more often) where
+     * the cores are busy. */
+    int checkpoint_nice;
 } ps_server_cfg;
 
 /* With a data_dir, open the shard's store there (identity: the model and

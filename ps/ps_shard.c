@@ -304,19 +304,25 @@ static void describe(const ps_shard_config *c, char *buf, size_t len) {
 /* Allocate the state for cfg and make 'version' current: its values from
  * 'params' and the slots from 'slots' when given (a restore), else from
  * cfg->seed and zeros (mu held, not initialised). */
+/* Initial state: 'params' and 'slots' (or the config's initialisers when
+ * NULL) are copied, unless 'owned' is set: then they are cm_alloc_aligned
+ * buffers that become the first snapshot's buffer and the slots as they are
+ * (a restore of a large shard then touches its memory once, not twice). */
 static void setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const float *params,
-                  const float *slots) {
+                  const float *slots, float *owned_params, float *owned_slots) {
     size_t n = s->numel ? s->numel : 1;
     int nslots = ps_optim_nslots(cfg->optim.kind);
-    float *cur = new_buffer(s);
+    float *cur = owned_params ? owned_params : new_buffer(s);
     s->acc = cm_alloc_aligned(n * sizeof(float));
-    s->slots = nslots ? cm_alloc_aligned((size_t)nslots * n * sizeof(float)) : NULL;
+    s->slots = !nslots ? NULL
+               : owned_slots ? owned_slots
+                             : cm_alloc_aligned((size_t)nslots * n * sizeof(float));
     if (!s->acc || (nslots && !s->slots)) abort();
     if (nslots && slots)
         memcpy(s->slots, slots, (size_t)nslots * n * sizeof(float));
-    else if (nslots)
+    else if (nslots && !owned_slots)
         memset(s->slots, 0, (size_t)nslots * n * sizeof(float));
-    for (int i = 0; i < s->nparts; i++) {
+    for (int i = 0; i < s->nparts && !owned_params; i++) {
         const cm_partition *p = &s->pl->parts[s->parts[i]];
         float *dst = cur + s->part_off[i];
         if (params)
@@ -367,7 +373,7 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
         pthread_mutex_unlock(&s->mu);
         return same ? CM_OK : CM_EBUSY;
     }
-    setup(s, cfg, 0, NULL, NULL);
+    setup(s, cfg, 0, NULL, NULL, NULL, NULL);
     *version = 0;
     waiter *ready;
     int nready = take_ready(s, &ready);
@@ -686,8 +692,9 @@ void ps_shard_set_publish_hook(ps_shard *s, int64_t every, ps_publish_fn fn, voi
     pthread_mutex_unlock(&s->mu);
 }
 
-int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
-                     const float *params, const float *slots, char *err, size_t errlen) {
+static int restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
+                   const float *params, const float *slots, float *owned_params,
+                   float *owned_slots, char *err, size_t errlen) {
     if (!config_ok(cfg, err, errlen)) return CM_EINVAL;
     if (version < 0) {
         cm_seterr(err, errlen, "cannot restore version %lld", (long long)version);
@@ -699,12 +706,28 @@ int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
         cm_seterr(err, errlen, "shard %d is already initialised", s->index);
         return CM_EBUSY;
     }
-    setup(s, cfg, version, params, slots);
+    setup(s, cfg, version, params, slots, owned_params, owned_slots);
     waiter *ready;
     int nready = take_ready(s, &ready);
     pthread_mutex_unlock(&s->mu);
     answer(ready, nready);
     return CM_OK;
+}
+
+int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
+                     const float *params, const float *slots, char *err, size_t errlen) {
+    return restore(s, cfg, version, params, slots, NULL, NULL, err, errlen);
+}
+
+int ps_shard_restore_owned(ps_shard *s, const ps_shard_config *cfg, int64_t version,
+                           float *params, float *slots, char *err, size_t errlen) {
+    if (!params) {
+        cm_seterr(err, errlen, "ps_shard_restore_owned: no parameters");
+        return CM_EINVAL;
+    }
+    int rc = restore(s, cfg, version, NULL, NULL, params, slots, err, errlen);
+    if (rc == CM_OK && !ps_optim_nslots(cfg->optim.kind)) free(slots);
+    return rc;
 }
 
 int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const float *slots,
@@ -729,7 +752,7 @@ int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const f
     free_state(s);
     ps_shard_config cfg = s->cfg;
     s->inited = 0;
-    setup(s, &cfg, version, params, slots);
+    setup(s, &cfg, version, params, slots, NULL, NULL);
     pthread_mutex_unlock(&s->mu);
     ps_snapshot_unref(old_cur);
     ps_snapshot_unref(old_pending);

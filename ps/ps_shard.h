@@ -208,5 +208,13 @@ int ps_shard_publish_now(ps_shard *s);
 
 /* The config, if initialised: returns 1 and fills *cfg, else 0. */
 int ps_shard_config_get(ps_shard *s, ps_shard_config *cfg);
+/* The same, taking ownership instead of copying: 'params' (numel floats)
+ * and 'slots' (NULL, or room for the optimizer's slots laid out as above)
+ * come from cm_alloc_aligned and belong to the shard once this returns
+ * CM_OK (slots are freed at once if cfg's optimizer keeps none); on error
+ * they are still the caller's. A restore of a large shard then touches its
+ * memory once instead of twice. */
+int ps_shard_restore_owned(ps_shard *s, const ps_shard_config *cfg, int64_t version,
+                           float *params, float *slots, char *err, size_t errlen);
 
 #endif /* PS_SHARD_H */

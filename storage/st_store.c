@@ -555,10 +555,18 @@ fail:
 
 /* Write every chunk of the planned blobs in synced batches of about
  * s->batch_bytes, and replace each plan entry's index with the blob's
- * hash. */
+ * hash. The hash is computed chunk by chunk just before the chunk is
+ * copied into the batch (streaming XXH64 gives the same value as one
+ * pass), so the copy reads the chunk from the cache, not from memory
+ * again. */
 static int checkpoint_blobs(st_store *s, int64_t version, const st_blob *blobs, blob_meta *plan,
                             int nblobs, char *err, size_t errlen) {
     int rc = CM_OK;
+    XXH64_state_t *h = XXH64_createState();
+    if (!h) {
+        cm_seterr(err, errlen, "store %s: no memory for a hash state", s->dir);
+        return CM_ENOMEM;
+    }
     leveldb_writebatch_t *b = leveldb_writebatch_create();
     size_t pending = 0;
     int dirty = 0;
@@ -566,7 +574,7 @@ static int checkpoint_blobs(st_store *s, int64_t version, const st_blob *blobs, 
     for (int i = 0; i < nblobs; i++) {
         const st_blob *blob = &blobs[plan[i].hash];
         const uint8_t *data = blob->data;
-        plan[i].hash = xxh64(data, blob->len, HASH_SEED);
+        XXH64_reset(h, HASH_SEED);
         /* An empty blob is one empty chunk, so that it exists on disk. */
         size_t off = 0;
         uint32_t c = 0;
@@ -574,6 +582,8 @@ static int checkpoint_blobs(st_store *s, int64_t version, const st_blob *blobs, 
             size_t n = blob->len - off < CHUNK ? blob->len - off : CHUNK;
             gen_key(k, version, blob->part, blob->kind, c);
             const char *v = n ? (const char *)data + off : "";
+            XXH64_update(h, v, n);
+            if (off + n == blob->len) plan[i].hash = (uint64_t)XXH64_digest(h);
             leveldb_writebatch_put(b, (const char *)k, sizeof k, v, n);
             dirty = 1;
             pending += n + sizeof k;
@@ -591,6 +601,7 @@ static int checkpoint_blobs(st_store *s, int64_t version, const st_blob *blobs, 
     if (dirty) rc = db_write(s, b, 1, "checkpoint write failed", err, errlen);
 fail:
     leveldb_writebatch_destroy(b);
+    XXH64_freeState(h);
     return rc;
 }
 

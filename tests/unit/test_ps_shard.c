@@ -20,6 +20,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/cm_mem.h"
 #include "common/cm_model.h"
 #include "common/cm_placement.h"
 #include "common/cm_status.h"
@@ -1378,6 +1379,27 @@ static void test_checkpoint_hook_and_restore(void **state) {
     f->s = orig;
     assert_int_equal(values(f, want), 5);
     expect_same(want, got, f->m->numel);
+
+    /* The same restore with buffers handed over instead of copied. */
+    ps_shard *adopted = NULL;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &adopted), CM_OK);
+    float *own_p = cm_alloc_aligned(numel * sizeof(float));
+    float *own_s = cm_alloc_aligned(2 * numel * sizeof(float));
+    assert_non_null(own_p);
+    assert_non_null(own_s);
+    memcpy(own_p, params, numel * sizeof(float));
+    memcpy(own_s, r.slots, 2 * numel * sizeof(float));
+    assert_int_equal(ps_shard_restore_owned(adopted, &bad, 4, own_p, own_s, err, sizeof err),
+                     CM_EINVAL); /* Still ours. */
+    assert_int_equal(ps_shard_restore_owned(adopted, &r.cfg, 4, own_p, own_s, err, sizeof err),
+                     CM_OK);
+    f->s = adopted;
+    assert_int_equal(push_step(f, 0, 4, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 1, 4, &v), PS_PUSH_OK);
+    assert_int_equal(values(f, got), 5);
+    expect_same(want, got, f->m->numel);
+    f->s = orig;
+    ps_shard_destroy(adopted);
     ps_snapshot_unref(r.snap);
     ps_shard_destroy(fresh);
 }
