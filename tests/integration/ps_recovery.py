@@ -3,8 +3,8 @@
 
   ps_recovery.py BIN_DIR kill     SIGKILL one PS at a seeded random step of a real run
                                   (the launcher's chaos option); the run must finish by
-                                  itself, redo at most the checkpoint interval (plus
-                                  the steps of one checkpoint in flight), and end with
+                                  itself, redo at most about two checkpoint intervals
+                                  (see MAX_REDONE), and end with
                                   the accuracy of an undisturbed run with the same seed
                                   (sync mode is deterministic: with bit-identical
                                   parameters, in fact)
@@ -21,9 +21,13 @@ import random
 from itest import check, launch, main
 
 K = 20  # checkpoint interval
-# Steps that may pass while one checkpoint is being written (a few ms for
-# this model, at ~5-10 ms per step): a PS killed then has the previous one.
-IN_FLIGHT = 8
+# What a kill can cost: the steps since the newest checkpoint every shard
+# committed. That is < K, plus K more when the kill lands while that
+# checkpoint is still being written (or when it was skipped because the
+# writer was busy: the writer runs at low priority and the machine may be
+# loaded), plus the steps the workers run between the launcher's look at
+# the log and the kill taking effect.
+MAX_REDONE = 2 * K + 8
 COMMON = ["--ps", "2", "--workers", "2", "--checkpoint-every", str(K), "--train-limit", "12000",
           "--test-limit", "2000", "--epochs", "1", "--batch-size", "64", "--seed", "7"]
 STEPS = 12000 // 128
@@ -62,8 +66,8 @@ def kill(bin_dir, tmp):
     s = summary(d + ".json")
     check(s["steps"] == STEPS, f"the run finished all {STEPS} steps by itself")
     check(s["rollbacks"] >= 1, f"the cluster rolled back ({s['rollbacks']} time(s))")
-    check(s["steps_redone"] <= K + IN_FLIGHT,
-          f"{s['steps_redone']} steps redone <= interval {K} + {IN_FLIGHT} in flight")
+    check(s["steps_redone"] <= MAX_REDONE,
+          f"{s['steps_redone']} steps redone (interval {K}; at most {MAX_REDONE})")
     diff = abs(s["test_accuracy"] - ref["test_accuracy"])
     check(diff <= 0.005, f"accuracy {s['test_accuracy']:.4f} vs undisturbed "
           f"{ref['test_accuracy']:.4f} (within 0.5 points)")
