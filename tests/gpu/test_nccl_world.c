@@ -40,7 +40,7 @@ int main(void) {
     CHECK(st == CM_OK, "wk_nccl_world_id: %s", err);
     if (st == CM_OK) {
         double t0 = cm_now();
-        st = wk_nccl_world_create(id, 1, 0, 0, 300, &w, err, sizeof err);
+        st = wk_nccl_world_create(id, 1, 0, 0, 60000, &w, err, sizeof err);
         CHECK(st == CM_OK, "wk_nccl_world_create: %s", err);
         printf("%s: one-rank world on GPU 0 in %.0f ms\n", TEST, (cm_now() - t0) * 1e3);
     }
@@ -66,6 +66,7 @@ int main(void) {
     }
     if (st == CM_OK) {
         /* The watchdog: 3 s of a stalled stream against a 300 ms timeout. */
+        wk_nccl_world_set_timeout(w, 300);
         double t0 = cm_now();
         st = wk_nccl_world_test_stall(w, 3000);
         double ms = (cm_now() - t0) * 1e3;

@@ -227,6 +227,10 @@ int wk_nccl_world_allreduce_host(wk_nccl_world *w, float *host, size_t n, int av
     return CM_OK;
 }
 
+void wk_nccl_world_set_timeout(wk_nccl_world *w, int timeout_ms) {
+    w->timeout_ms = timeout_ms > 0 ? timeout_ms : 60000;
+}
+
 const char *wk_nccl_world_error(const wk_nccl_world *w) { return w->err; }
 
 int wk_nccl_world_aborted(const wk_nccl_world *w) { return w->aborted; }
@@ -240,6 +244,12 @@ int wk_nccl_world_test_stall(wk_nccl_world *w, int spin_ms) {
         return CM_EIO;
     }
     return watch(w, w->stream, cm_now() + w->timeout_ms / 1e3, "stall test");
+}
+
+void wk_nccl_world_abort(wk_nccl_world *w) {
+    if (!w || !w->comm) return;
+    cudaSetDevice(w->device);
+    abort_comm(w);
 }
 
 void wk_nccl_world_destroy(wk_nccl_world *w) {

@@ -41,8 +41,8 @@ int wk_nccl_world_id(uint8_t out[WK_NCCL_ID_BYTES], char *err, size_t errlen);
 
 /* Join the communicator of 'nranks' ranks named by id as 'rank', on CUDA
  * device 'device' (ordinal), with a stream of its own. Waits until every
- * rank has joined, at most timeout_ms (which also bounds every later
- * collective; <= 0: 60000). CM_OK, CM_ETIMEDOUT (not every rank came; the
+ * rank has joined, at most timeout_ms (which also bounds the later waits
+ * unless wk_nccl_world_set_timeout changes it; <= 0: 60000). CM_OK, CM_ETIMEDOUT (not every rank came; the
  * communicator is aborted), CM_EINVAL, CM_EIO (NCCL or CUDA failed, e.g. two
  * ranks on one GPU), CM_EUNSUPPORTED (no NCCL); *out is NULL on error and
  * err says why. Release with wk_nccl_world_destroy (NULL is a no-op). */
@@ -64,6 +64,10 @@ int wk_nccl_world_allreduce(wk_nccl_world *w, float *devbuf, size_t n, int avera
 int wk_nccl_world_allreduce_host(wk_nccl_world *w, float *host, size_t n, int average,
                                  int64_t step);
 
+/* Bound later waits (collectives, finalisation) by timeout_ms instead of
+ * the creation's (<= 0: 60000). */
+void wk_nccl_world_set_timeout(wk_nccl_world *w, int timeout_ms);
+
 /* The message of the last failure ("" if none). */
 const char *wk_nccl_world_error(const wk_nccl_world *w);
 
@@ -76,6 +80,10 @@ int wk_nccl_world_aborted(const wk_nccl_world *w);
  * about timeout_ms (plus the abort, which may wait for the spinning kernel)
  * and leave the world aborted. */
 int wk_nccl_world_test_stall(wk_nccl_world *w, int spin_ms);
+
+/* Abort the communicator now (a run that failed: its peers may be gone, so
+ * there is nothing to finalise with). Later calls fail with CM_EIO. */
+void wk_nccl_world_abort(wk_nccl_world *w);
 
 /* ncclCommFinalize (bounded by timeout_ms) and ncclCommDestroy, or
  * ncclCommAbort when the communicator failed or does not finalise in time. */

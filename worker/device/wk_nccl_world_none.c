@@ -49,6 +49,11 @@ int wk_nccl_world_allreduce_host(wk_nccl_world *w, float *host, size_t n, int av
     return wk_nccl_world_allreduce(w, host, n, average, NULL, step);
 }
 
+void wk_nccl_world_set_timeout(wk_nccl_world *w, int timeout_ms) {
+    (void)w;
+    (void)timeout_ms;
+}
+
 const char *wk_nccl_world_error(const wk_nccl_world *w) {
     (void)w;
     return NO_NCCL;
@@ -63,5 +68,7 @@ int wk_nccl_world_test_stall(wk_nccl_world *w, int spin_ms) {
     (void)spin_ms;
     return wk_nccl_world_allreduce(w, NULL, 0, 0, NULL, 0);
 }
+
+void wk_nccl_world_abort(wk_nccl_world *w) { (void)w; }
 
 void wk_nccl_world_destroy(wk_nccl_world *w) { (void)w; }
