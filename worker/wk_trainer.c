@@ -468,7 +468,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             .init_values = init_values,
             .checkpoint_dir = cfg->checkpoint_dir,
             .checkpoint_every = cfg->checkpoint_every,
-            .gpu = on_gpu ? devs[0] : NULL};
+            .gpu = on_gpu && !cfg->no_nccl ? devs[0] : NULL};
         if ((status = wk_sync_allreduce_create(&ac, &sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             goto out;
