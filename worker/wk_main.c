@@ -81,6 +81,9 @@ static void usage(FILE *f) {
             "  --no-overlap              sync PS mode: push the whole gradient after the\n"
             "                            backward pass instead of each partition as soon\n"
             "                            as it is computed\n"
+            "  --no-nccl                 allreduce mode on GPUs: average over the TCP ring,\n"
+            "                            not NCCL (e.g. workers sharing one GPU, which\n"
+            "                            NCCL refuses); every worker must agree\n"
             "  --devices staged          test hook: --local-devices CPU replicas driven as\n"
             "                            GPUs are (uploads, downloads, host reduce)\n"
             "  --fault zero-gradient     test hook: push zeros instead of the gradient\n"
@@ -119,7 +122,7 @@ int main(int argc, char **argv) {
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
-        O_GPU_DEVICES, O_PRECISION
+        O_GPU_DEVICES, O_PRECISION, O_NO_NCCL
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -157,6 +160,7 @@ int main(int argc, char **argv) {
         {"fault-rank", required_argument, 0, O_FAULT_RANK},
         {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
         {"no-overlap", no_argument, 0, O_NO_OVERLAP},
+        {"no-nccl", no_argument, 0, O_NO_NCCL},
         {"eval-every", required_argument, 0, O_EVAL_EVERY},
         {"export", required_argument, 0, O_EXPORT},
         {"init-from", required_argument, 0, O_INIT_FROM},
@@ -307,6 +311,7 @@ int main(int argc, char **argv) {
             break;
         case O_SEPARATE_PULL: cfg.separate_pull = 1; break;
         case O_NO_OVERLAP: cfg.no_overlap = 1; break;
+        case O_NO_NCCL: cfg.no_nccl = 1; break;
         case O_EVAL_EVERY:
             if (parse_long("--eval-every", optarg, 1, 1L << 40, &v)) return 2;
             cfg.eval_every = v;

@@ -467,7 +467,8 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
                                    (cfg->fault_rank < 0 || cfg->fault_rank == rank),
             .init_values = init_values,
             .checkpoint_dir = cfg->checkpoint_dir,
-            .checkpoint_every = cfg->checkpoint_every};
+            .checkpoint_every = cfg->checkpoint_every,
+            .gpu = on_gpu && !cfg->no_nccl ? devs[0] : NULL};
         if ((status = wk_sync_allreduce_create(&ac, &sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             goto out;

@@ -57,6 +57,7 @@ typedef struct wk_train_cfg {
     int separate_pull;         /* Push then Pull instead of one PushPull. */
     int no_overlap;            /* Sync PS: push after the backward pass, not
                                 * each partition as soon as it is final. */
+    int no_nccl;               /* Allreduce on GPUs: the TCP ring, not NCCL. */
     int64_t eval_every;        /* Evaluator task: versions between evaluations
                                 * (0 = 500). */
     int64_t recovery_timeout_ms; /* Waiting for the cluster to agree after a

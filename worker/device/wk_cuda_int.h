@@ -34,6 +34,9 @@ cudaError_t wk__cuda_axpby(cudaStream_t s, size_t n, float alpha, const float *x
  * ld)); dst is __nv_bfloat16, passed as void. */
 cudaError_t wk__cuda_to_bf16(cudaStream_t s, int rows, int cols, const float *src, int ld,
                              void *dst);
+/* A one-thread kernel that busy-waits for ms milliseconds (GPU time): a
+ * stalled stream for the NCCL watchdog's test (wk_nccl_world_test_stall). */
+cudaError_t wk__cuda_spin(cudaStream_t s, int ms);
 
 #ifdef __cplusplus
 }

@@ -69,6 +69,15 @@ __global__ void axpby_kernel(size_t n, float alpha, const float *x, float beta, 
         y[i] = beta == 0.0f ? alpha * x[i] : alpha * x[i] + beta * y[i];
 }
 
+/* One thread spins until 'ns' nanoseconds of the GPU's global timer pass. */
+__global__ void spin_kernel(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+
 __global__ void to_bf16_kernel(size_t n, int cols, const float *src, int ld,
                                __nv_bfloat16 *dst) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
@@ -130,6 +139,12 @@ cudaError_t wk__cuda_to_bf16(cudaStream_t s, int rows, int cols, const float *sr
     if (n == 0) return cudaSuccess;
     to_bf16_kernel<<<blocks_for(n), kThreads, 0, s>>>(n, cols, src, ld,
                                                       static_cast<__nv_bfloat16 *>(dst));
+    return cudaGetLastError();
+}
+
+cudaError_t wk__cuda_spin(cudaStream_t s, int ms) {
+    if (ms <= 0) return cudaSuccess;
+    spin_kernel<<<1, 1, 0, s>>>((unsigned long long)ms * 1000000ull);
     return cudaGetLastError();
 }
 

@@ -23,6 +23,8 @@ struct wk_rdv_server {
     uint64_t fingerprint, job_id;
     int64_t start_step;
     char description[256];
+    uint8_t nccl_id[WK_RDV_NCCL_ID_MAX];
+    size_t nccl_id_len;
     pthread_mutex_t mu;
     /* Protected by mu. */
     char **addrs;     /* Per rank: joined address, or NULL. */
@@ -38,6 +40,8 @@ static void answer_all(wk_rdv_server *s) {
     rep.ring_addrs = s->addrs;
     rep.job_id = s->job_id;
     rep.start_step = s->start_step;
+    rep.nccl_id.data = s->nccl_id;
+    rep.nccl_id.len = s->nccl_id_len;
     size_t n = protobuf_c_message_get_packed_size(&rep.base);
     uint8_t *buf = cm_malloc(n ? n : 1);
     protobuf_c_message_pack(&rep.base, buf);
@@ -96,10 +100,12 @@ static void on_join(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
 
 int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprint,
                         const char *description, uint64_t job_id, int64_t start_step,
-                        wk_rdv_server **out, char *err, size_t errlen) {
+                        const uint8_t *nccl_id, size_t nccl_id_len, wk_rdv_server **out,
+                        char *err, size_t errlen) {
     *out = NULL;
-    if (nranks < 1) {
-        cm_seterr(err, errlen, "rendezvous of %d ranks", nranks);
+    if (nranks < 1 || nccl_id_len > WK_RDV_NCCL_ID_MAX || (nccl_id_len && !nccl_id)) {
+        cm_seterr(err, errlen, "rendezvous of %d ranks, NCCL id of %zu bytes", nranks,
+                  nccl_id_len);
         return CM_EINVAL;
     }
     wk_rdv_server *s = cm_calloc(1, sizeof *s);
@@ -107,6 +113,8 @@ int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprin
     s->fingerprint = fingerprint;
     s->job_id = job_id;
     s->start_step = start_step;
+    if (nccl_id_len) memcpy(s->nccl_id, nccl_id, nccl_id_len);
+    s->nccl_id_len = nccl_id_len;
     snprintf(s->description, sizeof s->description, "%s", description ? description : "");
     pthread_mutex_init(&s->mu, NULL);
     s->addrs = cm_calloc((size_t)nranks, sizeof *s->addrs);
@@ -205,7 +213,7 @@ int wk_rdv_join(const char *chief_addr, int rank, int nranks, uint64_t fingerpri
     }
     Psrpc__JoinReply *r = psrpc__join_reply__unpack(NULL, rlen, reply);
     free(reply);
-    if (!r || (int)r->n_ring_addrs != nranks) {
+    if (!r || (int)r->n_ring_addrs != nranks || r->nccl_id.len > WK_RDV_NCCL_ID_MAX) {
         cm_seterr(err, errlen, "rendezvous: malformed JoinReply from %s", chief_addr);
         if (r) psrpc__join_reply__free_unpacked(r, NULL);
         rc = CM_EPROTO;
@@ -216,6 +224,8 @@ int wk_rdv_join(const char *chief_addr, int rank, int nranks, uint64_t fingerpri
     for (int i = 0; i < nranks; i++) out->ring_addrs[i] = cm_strdup(r->ring_addrs[i]);
     out->job_id = r->job_id;
     out->start_step = r->start_step;
+    if (r->nccl_id.len) memcpy(out->nccl_id, r->nccl_id.data, r->nccl_id.len);
+    out->nccl_id_len = r->nccl_id.len;
     psrpc__join_reply__free_unpacked(r, NULL);
 out:
     if (ch) rpc_channel_close(ch);

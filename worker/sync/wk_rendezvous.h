@@ -17,21 +17,27 @@
 
 typedef struct wk_rdv_server wk_rdv_server;
 
+#define WK_RDV_NCCL_ID_MAX 128 /* WK_NCCL_ID_BYTES */
+
 /* What every rank learns. */
 typedef struct wk_rdv_result {
     char **ring_addrs; /* nranks "host:port", owned: wk_rdv_result_free. */
     int nranks;
     uint64_t job_id;
     int64_t start_step;
+    uint8_t nccl_id[WK_RDV_NCCL_ID_MAX]; /* The chief's NCCL unique id, */
+    size_t nccl_id_len;                  /* or 0 bytes when it sent none. */
 } wk_rdv_result;
 
 /* The chief: serve Join on listen_addr ("host:port") for nranks ranks of a
- * job whose fingerprint/description are given. Returns CM_EBUSY if the
+ * job whose fingerprint/description are given; nccl_id (nccl_id_len <=
+ * WK_RDV_NCCL_ID_MAX bytes, copied; NULL/0 for none) goes to every rank.
+ * Returns CM_EBUSY if the
  * address cannot be bound. Release with wk_rdv_server_destroy (which fails
  * calls still waiting). */
 int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprint,
                         const char *description, uint64_t job_id, int64_t start_step,
-                        wk_rdv_server **out, char *err, size_t errlen);
+                        const uint8_t *nccl_id, size_t nccl_id_len, wk_rdv_server **out, char *err, size_t errlen);
 void wk_rdv_server_destroy(wk_rdv_server *s);
 
 /* "k of n workers joined; missing ranks ..." into buf; returns k. */

@@ -102,7 +102,8 @@ static inline void wk_sync_destroy(wk_sync *s) {
 }
 
 /* Collective mode (see wk_sync_allreduce.c): a ring AllReduce over TCP
- * between the workers, the optimizer applied on every replica. */
+ * between the workers (NCCL between their GPUs), the optimizer applied on
+ * every replica. */
 typedef struct wk_sync_ar_cfg {
     const cm_model *model;
     const char *const *worker_addrs; /* By rank: task addresses; the chief's
@@ -117,6 +118,11 @@ typedef struct wk_sync_ar_cfg {
     const float *init_values;   /* Start from these (copied at begin), else seed. */
     const char *checkpoint_dir; /* The chief's durable store (NULL: none). */
     int64_t checkpoint_every;   /* Steps between checkpoints (0: only at the end). */
+    wk_device *gpu;             /* The worker's first CUDA device (borrowed), or
+                                 * NULL on CPUs. With a GPU and NCCL in the build,
+                                 * the gradient is averaged by one NCCL
+                                 * communicator over every worker's GPU
+                                 * (wk_nccl_world), not by the TCP ring. */
 } wk_sync_ar_cfg;
 int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
                              size_t errlen);

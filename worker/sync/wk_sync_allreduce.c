@@ -10,6 +10,17 @@
  * locally, as local mode does: the replicas stay bit-identical, because the
  * ring's result is.
  *
+ * GPU workers (cfg.gpu, a build with NCCL): the chief makes an NCCL unique
+ * id before it serves the rendezvous, which hands it to every rank; after
+ * the ring is up (it still carries the initial broadcast) each rank joins
+ * one NCCL communicator (wk_nccl_world: rank = its rank, its first GPU),
+ * and step() averages the gradient there instead of on the ring: the
+ * gradient (already reduced over the worker's own GPUs to the host) is
+ * uploaded to that GPU, allreduced (ncclAvg) under the watchdog and
+ * downloaded. NCCL's result is the same on every rank, so the replicas
+ * stay identical. GPU and CPU workers cannot mix: the rendezvous
+ * fingerprint differs.
+ *
  * Checkpoints (the chief, with a checkpoint directory): every K steps a copy
  * of the parameters and optimizer slots goes to a writer thread that stores
  * it as a generation of a durable store (storage/st_store) whose extra
@@ -29,6 +40,8 @@
 #include "common/cm_status.h"
 #include "common/cm_time.h"
 #include "storage/st_store.h"
+#include "worker/device/wk_device_cuda.h"
+#include "worker/device/wk_nccl_world.h"
 #include "worker/sync/wk_rendezvous.h"
 #include "worker/sync/wk_ring.h"
 #include "worker/sync/wk_sync.h"
@@ -43,6 +56,8 @@ typedef struct arsync {
     char description[256];
     wk_rdv_server *rdv;
     wk_ring *ring;
+    int use_nccl;          /* GPU workers with NCCL: the gradient goes there. */
+    wk_nccl_world *world;  /* Set up by begin() when use_nccl. */
     /* Checkpoints (chief). */
     st_store *store;
     pthread_t writer;
@@ -231,10 +246,17 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
     int rc;
     if (c->is_chief && c->checkpoint_dir && (rc = open_store(a, params, &start)) != CM_OK)
         return rc;
+    uint8_t nccl_id[WK_NCCL_ID_BYTES];
+    size_t nccl_id_len = 0;
     if (c->is_chief) {
+        if (a->use_nccl) {
+            if ((rc = wk_nccl_world_id(nccl_id, s->err, sizeof s->err)) != CM_OK) return rc;
+            nccl_id_len = sizeof nccl_id;
+        }
         uint64_t job = a->fingerprint ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(cm_now() * 1e6);
         rc = wk_rdv_server_start(c->worker_addrs[0], c->nworkers, a->fingerprint,
-                                 a->description, job, start, &a->rdv, s->err, sizeof s->err);
+                                 a->description, job, start, nccl_id, nccl_id_len, &a->rdv,
+                                 s->err, sizeof s->err);
         if (rc != CM_OK) return rc;
     }
     char host[256], ring_addr[300];
@@ -255,6 +277,8 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
         rc = wk_ring_connect(l, c->rank, c->nworkers, (const char *const *)rr.ring_addrs, &o,
                              &a->ring, s->err, sizeof s->err);
         start = rr.start_step;
+        nccl_id_len = rr.nccl_id_len;
+        if (nccl_id_len == sizeof nccl_id) memcpy(nccl_id, rr.nccl_id, nccl_id_len);
         wk_rdv_result_free(&rr);
     } else if (a->rdv) {
         char m[300];
@@ -272,6 +296,20 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
         snprintf(s->err, sizeof s->err, "%s", wk_ring_error(a->ring));
         return rc;
     }
+    if (a->use_nccl) {
+        if (nccl_id_len != sizeof nccl_id) {
+            snprintf(s->err, sizeof s->err, "rendezvous: the chief sent no NCCL id");
+            return CM_EPROTO;
+        }
+        int gpu = wk_device_cuda_ordinal(c->gpu);
+        double t0 = cm_now();
+        rc = wk_nccl_world_create(nccl_id, c->nworkers, c->rank, gpu,
+                                  (int)c->connect_timeout_ms, &a->world, s->err, sizeof s->err);
+        if (rc != CM_OK) return rc;
+        wk_nccl_world_set_timeout(a->world, (int)c->timeout_ms);
+        cm_info("NCCL communicator of %d ranks up in %.0f ms (this rank on GPU %d)",
+                c->nworkers, (cm_now() - t0) * 1e3, gpu);
+    }
     cm_info("ring of %d workers up%s", c->nworkers,
             start > 0 ? "; resuming from the chief's checkpoint" : "");
     if (start > 0) cm_info("resuming at step %lld", (long long)start);
@@ -283,13 +321,18 @@ static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync
     arsync *a = (arsync *)s;
     if (a->cfg.fault_zero_gradient) memset(grad, 0, a->n * sizeof(float));
     double t0 = cm_now();
-    int rc = wk_ring_allreduce(a->ring, grad, a->n, step, 1);
-    double t1 = cm_now();
-    if (rc != CM_OK) {
-        snprintf(s->err, sizeof s->err, "allreduce of step %lld: %s", (long long)step,
-                 wk_ring_error(a->ring));
-        return rc;
+    int rc;
+    if (a->world) {
+        rc = wk_nccl_world_allreduce_host(a->world, grad, a->n, 1, step);
+        if (rc != CM_OK) snprintf(s->err, sizeof s->err, "%s", wk_nccl_world_error(a->world));
+    } else {
+        rc = wk_ring_allreduce(a->ring, grad, a->n, step, 1);
+        if (rc != CM_OK)
+            snprintf(s->err, sizeof s->err, "allreduce of step %lld: %s", (long long)step,
+                     wk_ring_error(a->ring));
     }
+    double t1 = cm_now();
+    if (rc != CM_OK) return rc;
     ps_optim_apply(&a->cfg.optim, step + 1, params, grad, a->slots, a->n);
     t->push = t1 - t0;
     t->apply = cm_now() - t1;
@@ -310,9 +353,14 @@ static int ar_end(wk_sync *s, int64_t steps, float *params) {
     return CM_OK;
 }
 
+/* The communicator goes before the trainer destroys its devices: finalised
+ * with the others after a good run, aborted after a failed one (its peers
+ * may be gone). */
 static int ar_finish(wk_sync *s, int ok) {
-    (void)s;
-    (void)ok;
+    arsync *a = (arsync *)s;
+    if (!ok) wk_nccl_world_abort(a->world);
+    wk_nccl_world_destroy(a->world);
+    a->world = NULL;
     return CM_OK;
 }
 
@@ -325,6 +373,7 @@ static void ar_destroy(wk_sync *s) {
         pthread_mutex_unlock(&a->mu);
         pthread_join(a->writer, NULL);
     }
+    wk_nccl_world_destroy(a->world);
     wk_ring_destroy(a->ring);
     wk_rdv_server_destroy(a->rdv);
     st_store_close(a->store);
@@ -355,13 +404,17 @@ int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err
     if (a->nslots) a->slots = cm_calloc((size_t)a->nslots * a->n, sizeof(float));
     pthread_mutex_init(&a->mu, NULL);
     pthread_cond_init(&a->cv, NULL);
+    a->use_nccl = cfg->gpu && wk_device_cuda_ordinal(cfg->gpu) >= 0 && wk_nccl_world_available();
+    if (cfg->gpu && !a->use_nccl)
+        cm_info("allreduce: this build has no NCCL; the GPUs' gradient goes over the TCP ring");
     a->fingerprint = cm_model_fingerprint(cfg->model) ^ (0x9e3779b97f4a7c15ull * (uint64_t)cfg->nworkers);
+    if (a->use_nccl) a->fingerprint ^= 0x6e63636c00000000ull; /* "nccl": no CPU peers. */
     char layers[160] = "";
     for (int i = 0; i < cfg->model->nsizes; i++)
         snprintf(layers + strlen(layers), sizeof layers - strlen(layers), "%s%d", i ? "," : "",
                  cfg->model->sizes[i]);
-    snprintf(a->description, sizeof a->description, "mlp %s, allreduce over %d workers", layers,
-             cfg->nworkers);
+    snprintf(a->description, sizeof a->description, "mlp %s, allreduce over %d workers%s", layers,
+             cfg->nworkers, a->use_nccl ? " (NCCL on GPUs)" : "");
     if (cfg->is_chief && cfg->checkpoint_dir && cfg->checkpoint_every > 0) {
         a->job = cm_alloc_aligned((1 + (size_t)a->nslots) * a->n * sizeof(float));
         if (!a->job || pthread_create(&a->writer, NULL, writer_main, a) != 0) {

@@ -1,0 +1,114 @@
+/* test_rendezvous.c - unit tests for the rendezvous (worker/sync/wk_rendezvous.c).
+ * SPDX-License-Identifier: MIT
+ *
+ * The chief's server on 127.0.0.1 and two ranks as threads: both get the
+ * table, the job id, the start step and the NCCL id the chief passed
+ * (byte for byte), or no id when it passed none. Every wait is bounded by
+ * the Join deadline.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "common/cm_status.h"
+#include "worker/sync/wk_rendezvous.h"
+#include "worker/sync/wk_ring.h"
+
+#define FP 0x1234567890abcdefull
+
+typedef struct joiner {
+    pthread_t t;
+    const char *chief;
+    int rank;
+    int rc;
+    wk_rdv_result r;
+    char err[512];
+} joiner;
+
+static void *join_main(void *arg) {
+    joiner *j = arg;
+    char me[64];
+    snprintf(me, sizeof me, "127.0.0.1:%d", 40000 + j->rank);
+    j->rc = wk_rdv_join(j->chief, j->rank, 2, FP, "test", me, 10000, &j->r, j->err,
+                        sizeof j->err);
+    return NULL;
+}
+
+/* A local address nothing listens on (bound, then closed). */
+static void free_addr(char *addr, size_t len) {
+    wk_ring_listener *l = NULL;
+    char err[256];
+    assert_int_equal(wk_ring_listen("127.0.0.1", 0, &l, err, sizeof err), CM_OK);
+    snprintf(addr, len, "127.0.0.1:%d", wk_ring_listener_port(l));
+    wk_ring_listener_destroy(l);
+}
+
+/* Two ranks join a chief that passes id (len bytes, may be 0). */
+static void run(const uint8_t *id, size_t len) {
+    char chief[64], err[512];
+    free_addr(chief, sizeof chief);
+    wk_rdv_server *s = NULL;
+    assert_int_equal(wk_rdv_server_start(chief, 2, FP, "test", 77, 5, id, len, &s, err,
+                                         sizeof err),
+                     CM_OK);
+    joiner j[2];
+    memset(j, 0, sizeof j);
+    for (int r = 0; r < 2; r++) {
+        j[r].chief = chief;
+        j[r].rank = r;
+        assert_int_equal(pthread_create(&j[r].t, NULL, join_main, &j[r]), 0);
+    }
+    for (int r = 0; r < 2; r++) pthread_join(j[r].t, NULL);
+    for (int r = 0; r < 2; r++) {
+        assert_int_equal(j[r].rc, CM_OK);
+        assert_int_equal(j[r].r.nranks, 2);
+        assert_string_equal(j[r].r.ring_addrs[1], "127.0.0.1:40001");
+        assert_int_equal(j[r].r.job_id, 77);
+        assert_int_equal(j[r].r.start_step, 5);
+        assert_int_equal(j[r].r.nccl_id_len, len);
+        if (len) assert_memory_equal(j[r].r.nccl_id, id, len);
+        wk_rdv_result_free(&j[r].r);
+    }
+    wk_rdv_server_destroy(s);
+}
+
+static void test_nccl_id_reaches_every_rank(void **state) {
+    (void)state;
+    uint8_t id[WK_RDV_NCCL_ID_MAX];
+    for (size_t i = 0; i < sizeof id; i++) id[i] = (uint8_t)(i * 7 + 1);
+    id[3] = 0; /* Bytes, not a string. */
+    run(id, sizeof id);
+}
+
+static void test_no_nccl_id(void **state) {
+    (void)state;
+    run(NULL, 0);
+}
+
+static void test_oversized_nccl_id_refused(void **state) {
+    (void)state;
+    uint8_t id[WK_RDV_NCCL_ID_MAX + 1] = {0};
+    char chief[64], err[512] = "";
+    free_addr(chief, sizeof chief);
+    wk_rdv_server *s = NULL;
+    assert_int_equal(wk_rdv_server_start(chief, 2, FP, "test", 1, 0, id, sizeof id, &s, err,
+                                         sizeof err),
+                     CM_EINVAL);
+    assert_null(s);
+    assert_non_null(strstr(err, "NCCL id of 129 bytes"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_nccl_id_reaches_every_rank),
+        cmocka_unit_test(test_no_nccl_id),
+        cmocka_unit_test(test_oversized_nccl_id_refused),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
