@@ -18,7 +18,11 @@ step split into
   update         apply_ms: the optimizer on the worker (allreduce only; 0 in PS
                  mode, where the PS applies it)
   data wait      data_wait_ms: waiting for the prefetched batch
-  other          step_ms minus the above (gradient scaling, parameter hand-over)
+  other          step_ms minus the above: time no phase measures (gradient
+                 scaling, handing the batch back to the prefetch thread, the chief's
+                 checkpoint bookkeeping) and, on an oversubscribed machine, the
+                 preemptions that fall there; typically 0.1 ms a step, more when
+                 3-4 workers share 2 cores
 
 Writes OUT/results.csv (one row per run), OUT/results.md (a Markdown table) and
 OUT/results.png (matplotlib, Agg; skipped with a note when it cannot be
@@ -128,12 +132,14 @@ def step_means(logs):
 
 
 def tail(path, n=600):
+    """The launcher's and the error lines of a run's output (else its last lines)."""
     try:
         with open(path, errors="replace") as f:
-            text = f.read()
+            lines = f.read().strip().splitlines()
     except OSError:
         return ""
-    return " | ".join(text[-n:].strip().splitlines())
+    said = [x for x in lines if "launcher:" in x or "error" in x.lower()]
+    return " | ".join(said[-4:] or lines[-4:])[-n:]
 
 
 def run_one(a, mode, w):
