@@ -3,7 +3,8 @@
 
   compare.py [--workers 1,2,3,4] [--modes ps-sync,ps-async,allreduce] [--ps N]
              [--epochs E] [--train-limit N] [--batch-size B] [--seed S]
-             [--run-timeout S] [--bin-dir DIR] [--out DIR] [--quick] [--no-plot]
+             [--repeats R] [--run-timeout S] [--bin-dir DIR] [--out DIR] [--quick]
+             [--no-plot]
 
 Every run is scripts/launch.py with the same seed, the same per-worker batch size
 and the same data, with --summary and --log into OUT/runs/<mode>-w<W>/. From the
@@ -23,6 +24,11 @@ step split into
                  checkpoint bookkeeping) and, on an oversubscribed machine, the
                  preemptions that fall there; typically 0.1 ms a step, more when
                  3-4 workers share 2 cores
+
+With --repeats R every (mode, W) runs R times, the repeats interleaved (all
+configurations once, then again) so that a change of load hits every one; the
+table and the plot show, per (mode, W), the run with the median examples/s
+(its time split and accuracy) and the range of examples/s over the repeats.
 
 Writes OUT/results.csv (one row per run), OUT/results.md (a Markdown table) and
 OUT/results.png (matplotlib, Agg; skipped with a note when it cannot be
@@ -49,7 +55,7 @@ MODES = {  # name -> launcher options
     "allreduce": ["--mode", "allreduce"],
 }
 PARTS = ["compute_ms", "comm_ms", "update_ms", "data_wait_ms", "other_ms"]
-FIELDS = (["mode", "workers", "ps", "batch_size", "global_batch", "epochs", "train_limit",
+FIELDS = (["mode", "workers", "repeat", "ps", "batch_size", "global_batch", "epochs", "train_limit",
            "seed", "status", "steps", "steady_examples_per_sec", "examples_per_sec",
            "train_seconds", "wall_seconds", "test_accuracy", "test_loss", "step_ms"] + PARTS
           + ["logged_steps", "error"])
@@ -66,6 +72,7 @@ def parse_args(argv):
                     "--quick: 12000)")
     ap.add_argument("--batch-size", type=int, default=128, help="per worker (default 128)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeats", type=int, help="runs per (mode, W) (default 3; --quick: 1)")
     ap.add_argument("--run-timeout", type=float, help="seconds per run (default: from the "
                     "configuration, at least 120)")
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "build", "bin"))
@@ -77,6 +84,8 @@ def parse_args(argv):
         a.epochs = 1 if a.quick else 3
     if a.train_limit is None:
         a.train_limit = 12000 if a.quick else 0
+    if a.repeats is None:
+        a.repeats = 1 if a.quick else 3
     try:
         a.workers = [int(w) for w in a.workers.split(",") if w]
     except ValueError:
@@ -85,8 +94,9 @@ def parse_args(argv):
     bad = [m for m in a.modes if m not in MODES]
     if bad or not a.modes:
         ap.error(f"--modes: one or more of {','.join(MODES)} (not {','.join(bad)})")
-    if not a.workers or min(a.workers) < 1 or a.ps < 1 or a.epochs < 1 or a.batch_size < 1:
-        ap.error("--workers, --ps, --epochs and --batch-size must be >= 1")
+    if not a.workers or min(a.workers) < 1 or a.ps < 1 or a.epochs < 1 or a.batch_size < 1 \
+            or a.repeats < 1:
+        ap.error("--workers, --ps, --epochs, --batch-size and --repeats must be >= 1")
     if a.run_timeout is None:
         # Generous: 2-core machine, up to 4 workers oversubscribing it.
         examples = (a.train_limit or 60000) * a.epochs
@@ -142,9 +152,9 @@ def tail(path, n=600):
     return " | ".join(said[-4:] or lines[-4:])[-n:]
 
 
-def run_one(a, mode, w):
-    """One launcher run; a CSV row (status ok or failed)."""
-    d = os.path.join(a.out, "runs", f"{mode}-w{w}")
+def run_one(a, mode, w, k):
+    """Repeat k of one launcher run; a CSV row (status ok or failed)."""
+    d = os.path.join(a.out, "runs", f"{mode}-w{w}" + (f"-r{k}" if a.repeats > 1 else ""))
     os.makedirs(d, exist_ok=True)
     summary, log, out = (os.path.join(d, n) for n in ("summary.json", "steps.jsonl", "output.txt"))
     for name in os.listdir(d):
@@ -156,7 +166,7 @@ def run_one(a, mode, w):
         argv += ["--ps", str(a.ps)]
     if a.train_limit:
         argv += ["--train-limit", str(a.train_limit)]
-    row = {"mode": mode, "workers": w, "ps": a.ps if mode.startswith("ps") else 0,
+    row = {"mode": mode, "workers": w, "repeat": k, "ps": a.ps if mode.startswith("ps") else 0,
            "batch_size": a.batch_size, "global_batch": a.batch_size * w, "epochs": a.epochs,
            "train_limit": a.train_limit or 60000, "seed": a.seed, "status": "failed", "error": ""}
     t0 = time.monotonic()
@@ -193,14 +203,34 @@ def run_one(a, mode, w):
     return row
 
 
+def median_runs(rows):
+    """Per (mode, W): the ok run with the median examples/s (the lower one of an even
+    count), with ex_min / ex_max over the ok repeats and the count of failed ones."""
+    out = []
+    for key in dict.fromkeys((r["mode"], r["workers"]) for r in rows):
+        runs = [r for r in rows if (r["mode"], r["workers"]) == key]
+        ok = sorted((r for r in runs if r["status"] == "ok"),
+                    key=lambda r: r["steady_examples_per_sec"])
+        failed = len(runs) - len(ok)
+        m = dict(ok[(len(ok) - 1) // 2]) if ok else dict(runs[-1])
+        if ok:
+            m["ex_min"] = ok[0]["steady_examples_per_sec"]
+            m["ex_max"] = ok[-1]["steady_examples_per_sec"]
+        m["status"] = "ok" if not failed else f"{failed} of {len(runs)} failed"
+        m["runs"] = len(runs)
+        out.append(m)
+    return out
+
+
 def table(rows):
-    head = ["mode", "W", "examples/s", "step ms", "compute", "comm", "update", "data wait",
+    head = ["mode", "W", "examples/s", "range", "step ms", "compute", "comm", "update", "data wait",
             "other", "test acc", "train s", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) not in (None, "") else "-"
     for r in rows:
         lines.append("| " + " | ".join([
             r["mode"], str(r["workers"]), f(r, "steady_examples_per_sec", ",.0f"),
+            f"{r['ex_min']:,.0f}–{r['ex_max']:,.0f}" if r["runs"] > 1 and "ex_min" in r else "-",
             f(r, "step_ms", ".2f"), *(f(r, k, ".2f") for k in PARTS),
             f(r, "test_accuracy", ".4f"), f(r, "train_seconds", ".1f"), r["status"]]) + " |")
     return "\n".join(lines) + "\n"
@@ -214,19 +244,22 @@ def plot(rows, path, title):
         import matplotlib.pyplot as plt
     except ImportError as e:
         return f"plot skipped: cannot import matplotlib ({e})"
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if "ex_min" in r]
     modes = list(dict.fromkeys(r["mode"] for r in ok))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8),
                                    gridspec_kw={"width_ratios": [1, 1.6]})
     for m in modes:
         rs = [r for r in ok if r["mode"] == m]
-        ax1.plot([r["workers"] for r in rs], [r["steady_examples_per_sec"] for r in rs],
-                 marker="o", label=m)
+        y = [r["steady_examples_per_sec"] for r in rs]
+        ax1.errorbar([r["workers"] for r in rs], y, marker="o", label=m, capsize=3,
+                     yerr=[[v - r["ex_min"] for v, r in zip(y, rs)],
+                           [r["ex_max"] - v for v, r in zip(y, rs)]])
         for r in rs:
             ax1.annotate(f"{r['test_accuracy']:.3f}", (r["workers"], r["steady_examples_per_sec"]),
                          textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax1.set_xlabel("workers")
-    ax1.set_ylabel("examples/s (steady)")
+    ax1.set_ylabel("examples/s (steady; median, bars: range)"
+                   if any(r["runs"] > 1 for r in ok) else "examples/s (steady)")
     ax1.set_xticks(sorted({r["workers"] for r in ok}))
     ax1.set_ylim(bottom=0)
     ax1.grid(alpha=0.3)
@@ -267,17 +300,19 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     rows = []
     t0 = time.monotonic()
-    for mode in a.modes:
-        for w in a.workers:
-            print(f"compare: {mode} W={w} ...", file=sys.stderr, flush=True)
-            r = run_one(a, mode, w)
-            rows.append(r)
-            if r["status"] == "ok":
-                print(f"compare: {mode} W={w}: {r['steady_examples_per_sec']:,.0f} ex/s, "
-                      f"{r['step_ms']:.2f} ms/step, acc {r['test_accuracy']:.4f} "
-                      f"({r['wall_seconds']:.1f} s)", file=sys.stderr, flush=True)
-            else:
-                print(f"compare: {mode} W={w} FAILED: {r['error']}", file=sys.stderr, flush=True)
+    for k in range(1, a.repeats + 1):
+        for mode in a.modes:
+            for w in a.workers:
+                name = f"{mode} W={w}" + (f" ({k}/{a.repeats})" if a.repeats > 1 else "")
+                print(f"compare: {name} ...", file=sys.stderr, flush=True)
+                r = run_one(a, mode, w, k)
+                rows.append(r)
+                if r["status"] == "ok":
+                    print(f"compare: {name}: {r['steady_examples_per_sec']:,.0f} ex/s, "
+                          f"{r['step_ms']:.2f} ms/step, acc {r['test_accuracy']:.4f} "
+                          f"({r['wall_seconds']:.1f} s)", file=sys.stderr, flush=True)
+                else:
+                    print(f"compare: {name} FAILED: {r['error']}", file=sys.stderr, flush=True)
     csv_path, md_path, png_path = (os.path.join(a.out, n)
                                    for n in ("results.csv", "results.md", "results.png"))
     with open(csv_path, "w", newline="") as f:
@@ -286,20 +321,25 @@ def main(argv=None):
         wr.writerows(rows)
     config = (f"{a.train_limit or 60000} training images, {a.epochs} epoch(s), batch "
               f"{a.batch_size} per worker, seed {a.seed}, {a.ps} PS in PS modes")
+    if a.repeats > 1:
+        config += f", {a.repeats} repeats"
+    med = median_runs(rows)
     md = (f"Configuration: {config}. Times in ms per step, means over all workers' steps "
-          f"after the first {WARMUP:.0%}; examples/s is the chief's steady rate.\n\n"
-          + table(rows))
+          f"after the first {WARMUP:.0%}; examples/s is the chief's steady rate"
+          + ("; per (mode, W) the run with the median examples/s, and the range over the "
+             "repeats" if a.repeats > 1 else "") + ".\n\n" + table(med))
     with open(md_path, "w") as f:
         f.write(md)
     if os.path.exists(png_path):
         os.remove(png_path)
-    note = None if a.no_plot else plot(rows, png_path, "pstrain: " + config)
+    note = None if a.no_plot else plot(med, png_path, "pstrain: " + config)
     if a.no_plot:
         note = "plot skipped: --no-plot"
     print(md)
     if note:
         print(f"compare: {note}", file=sys.stderr)
-    failed = [f"{r['mode']}-w{r['workers']}" for r in rows if r["status"] != "ok"]
+    failed = [f"{r['mode']}-w{r['workers']}" + (f"-r{r['repeat']}" if a.repeats > 1 else "")
+              for r in rows if r["status"] != "ok"]
     print(json.dumps({"runs": len(rows), "failed": failed, "csv": csv_path, "table": md_path,
                       "plot": png_path if os.path.exists(png_path) else None,
                       "seconds": round(time.monotonic() - t0, 1)}))

@@ -24,7 +24,7 @@ def quick(bin_dir, tmp):
     out = os.path.join(tmp, "out")
     p = run([sys.executable, DRIVER, "--bin-dir", bin_dir, "--workers", "1,2", "--modes",
              "ps-sync,allreduce", "--train-limit", "6000", "--epochs", "1", "--batch-size", "128",
-             "--run-timeout", "90", "--out", out], timeout=300)
+             "--repeats", "1", "--run-timeout", "90", "--out", out], timeout=300)
     last = json.loads(p.stdout.strip().splitlines()[-1])
     check(last["runs"] == 4 and last["failed"] == [], f"the final JSON line: 4 runs, none failed "
           f"({last})")
