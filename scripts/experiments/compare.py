@@ -4,7 +4,7 @@
   compare.py [--workers 1,2,3,4] [--modes ps-sync,ps-async,allreduce] [--ps N]
              [--epochs E] [--train-limit N] [--batch-size B] [--seed S]
              [--repeats R] [--run-timeout S] [--bin-dir DIR] [--out DIR] [--quick]
-             [--no-plot]
+             [--no-plot] [--from-csv FILE]
 
 Every run is scripts/launch.py with the same seed, the same per-worker batch size
 and the same data, with --summary and --log into OUT/runs/<mode>-w<W>/. From the
@@ -34,7 +34,8 @@ Writes OUT/results.csv (one row per run), OUT/results.md (a Markdown table) and
 OUT/results.png (matplotlib, Agg; skipped with a note when it cannot be
 imported), prints the table and a final JSON line. A run that fails or passes
 --run-timeout is recorded with status=failed and the tail of its output; the
-others go on, and the exit status is 1 when any failed.
+others go on, and the exit status is 1 when any failed. --from-csv FILE runs
+nothing: it writes the table and the plot of an earlier results.csv into OUT.
 """
 import argparse
 import csv
@@ -79,6 +80,7 @@ def parse_args(argv):
     ap.add_argument("--out", default="compare-out")
     ap.add_argument("--quick", action="store_true", help="a small configuration (~2 min)")
     ap.add_argument("--no-plot", action="store_true", help="CSV and table only")
+    ap.add_argument("--from-csv", metavar="FILE", help="no runs: table and plot of FILE")
     a = ap.parse_args(argv)
     if a.epochs is None:
         a.epochs = 1 if a.quick else 3
@@ -101,7 +103,7 @@ def parse_args(argv):
         # Generous: 2-core machine, up to 4 workers oversubscribing it.
         examples = (a.train_limit or 60000) * a.epochs
         a.run_timeout = max(120.0, 60.0 + examples / 1000.0)
-    if not os.path.exists(os.path.join(a.bin_dir, "pstrain")):
+    if not a.from_csv and not os.path.exists(os.path.join(a.bin_dir, "pstrain")):
         ap.error(f"no pstrain in {a.bin_dir}: build first (scripts/build.sh build)")
     return a
 
@@ -203,6 +205,20 @@ def run_one(a, mode, w, k):
     return row
 
 
+def read_csv(path):
+    """The rows of an earlier results.csv, numbers as numbers."""
+    def num(v):
+        for t in (int, float):
+            try:
+                return t(v)
+            except ValueError:
+                pass
+        return v
+    with open(path, newline="") as f:
+        return [{k: v if k in ("mode", "status", "error") else num(v) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+
+
 def median_runs(rows):
     """Per (mode, W): the ok run with the median examples/s (the lower one of an even
     count), with ex_min / ex_max over the ok repeats and the count of failed ones."""
@@ -254,9 +270,10 @@ def plot(rows, path, title):
         ax1.errorbar([r["workers"] for r in rs], y, marker="o", label=m, capsize=3,
                      yerr=[[v - r["ex_min"] for v, r in zip(y, rs)],
                            [r["ex_max"] - v for v, r in zip(y, rs)]])
-        for r in rs:
+        for r in rs:  # one offset per mode, so that the labels do not overlap
             ax1.annotate(f"{r['test_accuracy']:.3f}", (r["workers"], r["steady_examples_per_sec"]),
-                         textcoords="offset points", xytext=(4, 4), fontsize=7)
+                         textcoords="offset points", xytext=(5, 6 - 9 * modes.index(m)),
+                         fontsize=7, color=ax1.get_lines()[-1].get_color())
     ax1.set_xlabel("workers")
     ax1.set_ylabel("examples/s (steady; median, bars: range)"
                    if any(r["runs"] > 1 for r in ok) else "examples/s (steady)")
@@ -298,9 +315,9 @@ def plot(rows, path, title):
 def main(argv=None):
     a = parse_args(argv if argv is not None else sys.argv[1:])
     os.makedirs(a.out, exist_ok=True)
-    rows = []
+    rows = read_csv(a.from_csv) if a.from_csv else []
     t0 = time.monotonic()
-    for k in range(1, a.repeats + 1):
+    for k in range(1, 0 if a.from_csv else a.repeats + 1):
         for mode in a.modes:
             for w in a.workers:
                 name = f"{mode} W={w}" + (f" ({k}/{a.repeats})" if a.repeats > 1 else "")
@@ -315,19 +332,26 @@ def main(argv=None):
                     print(f"compare: {name} FAILED: {r['error']}", file=sys.stderr, flush=True)
     csv_path, md_path, png_path = (os.path.join(a.out, n)
                                    for n in ("results.csv", "results.md", "results.png"))
-    with open(csv_path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        wr.writeheader()
-        wr.writerows(rows)
-    config = (f"{a.train_limit or 60000} training images, {a.epochs} epoch(s), batch "
-              f"{a.batch_size} per worker, seed {a.seed}, {a.ps} PS in PS modes")
-    if a.repeats > 1:
-        config += f", {a.repeats} repeats"
+    if a.from_csv:
+        csv_path = a.from_csv
+    else:
+        with open(csv_path, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            wr.writeheader()
+            wr.writerows(rows)
+    if not rows:
+        sys.exit(f"compare: no rows in {a.from_csv}")
+    r0, repeats = rows[0], max(r["repeat"] for r in rows)
+    config = (f"{r0['train_limit']} training images, {r0['epochs']} epoch(s), batch "
+              f"{r0['batch_size']} per worker, seed {r0['seed']}, "
+              f"{max(r['ps'] for r in rows)} PS in PS modes")
+    if repeats > 1:
+        config += f", {repeats} repeats"
     med = median_runs(rows)
     md = (f"Configuration: {config}. Times in ms per step, means over all workers' steps "
           f"after the first {WARMUP:.0%}; examples/s is the chief's steady rate"
           + ("; per (mode, W) the run with the median examples/s, and the range over the "
-             "repeats" if a.repeats > 1 else "") + ".\n\n" + table(med))
+             "repeats" if repeats > 1 else "") + ".\n\n" + table(med))
     with open(md_path, "w") as f:
         f.write(md)
     if os.path.exists(png_path):
@@ -338,7 +362,7 @@ def main(argv=None):
     print(md)
     if note:
         print(f"compare: {note}", file=sys.stderr)
-    failed = [f"{r['mode']}-w{r['workers']}" + (f"-r{r['repeat']}" if a.repeats > 1 else "")
+    failed = [f"{r['mode']}-w{r['workers']}" + (f"-r{r['repeat']}" if repeats > 1 else "")
               for r in rows if r["status"] != "ok"]
     print(json.dumps({"runs": len(rows), "failed": failed, "csv": csv_path, "table": md_path,
                       "plot": png_path if os.path.exists(png_path) else None,
