@@ -7,12 +7,14 @@
              [--no-plot] [--from-csv FILE]
 
 Every run is scripts/launch.py with the same seed, the same per-worker batch size
-and the same data, with --summary and --log into OUT/runs/<mode>-w<W>/. From the
+and the same data, with --summary and --log into OUT/runs/<mode>-w<W>[-r<k>]/. From the
 chief's summary: steady examples/s and the final test accuracy; from the per-step
 logs of ALL workers (the first 5% of steps skipped as warm-up), the mean time per
 step split into
 
-  compute        compute_ms + local_reduce_ms  (forward, backward, local reduce)
+  compute        compute_ms + local_reduce_ms  (forward, backward, local reduce;
+                 PS sync sends finished gradient pieces during the backward pass,
+                 so that sending counts here)
   communication  comm_ms: allreduce, the ring; PS, the push/pull wait (in sync
                  mode it includes waiting for the slowest worker, and the
                  optimizer run on the PS shards)
@@ -193,8 +195,8 @@ def run_one(a, mode, w, k):
     try:
         s = json.load(open(summary))
         logs = [log] + [f"{log}.worker{i}" for i in range(1, w)]
-        row.update({k: round(v, 4) if isinstance(v, float) else v
-                    for k, v in step_means(logs).items()})
+        row.update({key: round(v, 4) if isinstance(v, float) else v
+                    for key, v in step_means(logs).items()})
         row.update(steps=s["steps"], steady_examples_per_sec=round(s["steady_examples_per_sec"], 1),
                    examples_per_sec=round(s["examples_per_sec"], 1),
                    train_seconds=round(s["seconds"], 3),

@@ -2,12 +2,13 @@
 """The comparison driver (scripts/experiments/compare.py) end to end, very small.
 
   compare_check.py BIN_DIR quick   ps-sync and allreduce with 1 and 2 workers on 6000
-                                   images (batch 128: at 64 a step is ~2 ms and the
-                                   unattributed rest, see compare.py, nears 20%): one CSV row per run, each ok with positive
+                                   images: one CSV row per run, each ok with positive
                                    examples/s, test accuracy > 0.3, and compute +
                                    communication + update + data wait within 20% of
                                    step_ms; the table is written, and the PNG too
                                    when matplotlib can be imported (not required)
+Batch 128, not 64: at 64 a step takes ~2 ms and the time no phase measures (compare.py,
+"other") came near 20% of it on the busy 2-core machine.
 """
 import csv
 import importlib.util
