@@ -6,7 +6,9 @@
                                    examples/s, test accuracy > 0.3, and compute +
                                    communication + update + data wait within 20% of
                                    step_ms; the table is written, and the PNG too
-                                   when matplotlib can be imported (not required)
+                                   when matplotlib can be imported (not required);
+                                   a run past --run-timeout is a failed row, with the
+                                   launcher's words, and the exit status is 1
 Batch 128, not 64: at 64 a step takes ~2 ms and the time no phase measures (compare.py,
 "other") came near 20% of it on the busy 2-core machine.
 """
@@ -55,6 +57,15 @@ def quick(bin_dir, tmp):
     else:
         check(not os.path.exists(png) and "plot skipped" in p.stderr,
               "no matplotlib: the plot is skipped, saying so, and the run still passes")
+
+    out = os.path.join(tmp, "late")
+    p = run([sys.executable, DRIVER, "--bin-dir", bin_dir, "--workers", "1", "--modes",
+             "allreduce", "--train-limit", "6000", "--epochs", "500", "--repeats", "1",
+             "--run-timeout", "3", "--no-plot", "--out", out], expect_ok=False, timeout=120)
+    rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+    check(p.returncode == 1 and len(rows) == 1 and rows[0]["status"] == "failed" and
+          "exceeded --timeout" in rows[0]["error"],
+          f"a run past --run-timeout: exit 1, a failed row naming the timeout ({rows[0]['error']})")
 
 
 if __name__ == "__main__":
