@@ -15,7 +15,10 @@
  *    arrives, and never again, so replies may reference finished partitions
  *    of pending before it is published.
  *  - pcount[i] == number of workers w with contrib[w * nparts + i] set;
- *    acc's partition i holds their sum (the first is copied, later added).
+ *    acc's partition i holds their sum (the first is copied, later added;
+ *    with 3 or more workers in sync mode each is staged and the sum is
+ *    taken in rank order once all are in, so it does not depend on the
+ *    arrival order and sync runs are reproducible bit for bit).
  *  - pdone[i] iff partition i is final in pending; ndone counts them;
  *    pending is NULL iff ndone == 0.
  *  - Every whole-shard waiter has min_version > version; every partition
@@ -123,6 +126,9 @@ struct ps_shard {
     int inited;
     ps_shard_config cfg;
     float *acc, *slots;
+    float *stage; /* W >= 3, sync: each worker's gradient ([w * numel + off]),
+                   * summed in rank order once all are in, so the sum does not
+                   * depend on arrival order (with 2 it cannot: a+b == b+a). */
     int64_t version;
     uint8_t *contrib; /* [worker * nparts + i]: contributed to this step. */
     int *pcount;      /* Per partition: contributions this step. */
@@ -176,6 +182,8 @@ int ps_shard_create(const cm_model *model, const cm_placement *pl, int index, ps
 
 /* Free what setup() allocated (not the snapshots). */
 static void free_state(ps_shard *s) {
+    free(s->stage);
+    s->stage = NULL;
     free(s->acc);
     free(s->slots);
     free(s->contrib);
@@ -331,6 +339,10 @@ static void setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, cons
             memset(dst, 0, p->count * sizeof(float));
         else
             cm_var_init(&s->model->vars[p->var], cfg->seed, p->begin, p->count, dst);
+    }
+    if (cfg->sync == PS_SYNC && cfg->num_workers >= 3) {
+        s->stage = cm_alloc_aligned((size_t)cfg->num_workers * n * sizeof(float));
+        if (!s->stage) abort();
     }
     s->contrib = cm_calloc((size_t)cfg->num_workers * (size_t)(s->nparts ? s->nparts : 1), 1);
     s->pcount = cm_calloc((size_t)s->nparts + 1, sizeof *s->pcount);
@@ -566,14 +578,25 @@ int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, i
     for (int i = 0; i < ngrads && !old; i++) {
         int li = s->local_of[grads[i].part];
         if (mine[li]) continue;
-        float *dst = s->acc + s->part_off[li];
-        size_t n = s->part_off[li + 1] - s->part_off[li];
-        if (s->pcount[li] == 0)
+        size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
+        float *dst = s->acc + off;
+        if (s->stage)
+            memcpy(s->stage + (size_t)worker * s->numel + off, grads[i].data, n * sizeof(float));
+        else if (s->pcount[li] == 0)
             memcpy(dst, grads[i].data, n * sizeof(float));
         else
             ps_wire_load_add(dst, grads[i].data, n);
         mine[li] = 1;
-        if (++s->pcount[li] == s->cfg.num_workers) old = finish_part(s, li);
+        if (++s->pcount[li] == s->cfg.num_workers) {
+            if (s->stage) { /* In rank order: the same sum whatever the arrival order. */
+                memcpy(dst, s->stage + off, n * sizeof(float));
+                for (int w = 1; w < s->cfg.num_workers; w++) {
+                    const float *restrict g = s->stage + (size_t)w * s->numel + off;
+                    for (size_t k = 0; k < n; k++) dst[k] += g[k];
+                }
+            }
+            old = finish_part(s, li);
+        }
     }
     if (s->nparts == 0) {
         /* A shard that owns nothing still counts its workers' steps. */

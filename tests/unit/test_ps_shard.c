@@ -541,6 +541,56 @@ static void test_sync_mean_sgd_exact(void **state) {
     expect_stats(f->s, 2, 4, 0, 0, 0, 0);
 }
 
+/* Gradients whose float sums depend on the order of addition. */
+static void grad_rough(float *full, size_t n, int worker) {
+    static const float scale[3] = {1e-3f, 7.0f, 3e3f};
+    for (size_t i = 0; i < n; i++)
+        full[i] = scale[(i + (size_t)worker) % 3] * (float)(1.0 + 0.37 * (double)i + 0.11 * worker) /
+                  (float)(3 + worker);
+}
+
+/* With 3 workers the shard's sum must not depend on the order the pushes
+ * arrive in (it sums in rank order), so sync runs are reproducible. */
+static void test_sync_sum_independent_of_arrival_order(void **state) {
+    fixture *f = *state;
+    static const int orders[3][3] = {{0, 1, 2}, {2, 1, 0}, {1, 2, 0}};
+    float g[3][MAXN], got[3][MAXN];
+    for (int w = 0; w < 3; w++) grad_rough(g[w], f->m->numel, w);
+    /* Negative control: these values do sum differently in another order. */
+    int differs = 0;
+    for (int pi = 0; pi < f->nparts; pi++) { /* Over this shard's elements. */
+        const cm_partition *p = &f->pl->parts[f->parts[pi]];
+        for (size_t i = p->offset; i < p->offset + p->count; i++) {
+            volatile float a = g[0][i] + g[1][i], b = g[2][i] + g[1][i];
+            volatile float x = a + g[2][i], y = b + g[0][i];
+            differs |= x != y;
+        }
+    }
+    assert_true(differs);
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 3, PS_SYNC, PS_AGG_SUM);
+    for (int o = 0; o < 3; o++) {
+        ps_shard *sh = NULL;
+        assert_int_equal(ps_shard_create(f->m, f->pl, 0, &sh), CM_OK);
+        char err[256] = "";
+        int64_t v = -1;
+        assert_int_equal(ps_shard_init(sh, &c, &v, err, sizeof err), CM_OK);
+        for (int k = 0; k < 3; k++) {
+            push_buf pb;
+            int w = orders[o][k];
+            push_make(f, g[w], &pb);
+            assert_int_equal(ps_shard_push(sh, w, 0, pb.g, pb.n, &v, err, sizeof err),
+                             PS_PUSH_OK);
+        }
+        assert_int_equal(v, 1);
+        ps_snapshot *snap = pull_now(sh, 1);
+        assert_non_null(snap);
+        values_of(f, snap, got[o]);
+        ps_snapshot_unref(snap);
+        ps_shard_destroy(sh);
+        if (o > 0) assert_memory_equal(got[o], got[0], f->m->numel * sizeof(float));
+    }
+}
+
 static void test_duplicate_push_not_counted(void **state) {
     fixture *f = *state;
     ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
@@ -1414,6 +1464,7 @@ int main(void) {
         T(test_initial_values),
         T(test_init_from_values_is_its_own_config),
         T(test_sync_mean_sgd_exact),
+        T(test_sync_sum_independent_of_arrival_order),
         T(test_duplicate_push_not_counted),
         T(test_stale_and_early_counted),
         T(test_negative_step_before_any_push),
