@@ -1,4 +1,4 @@
-/* wk_trainer.c - the training loop of local mode, with progress and logs.
+/* wk_trainer.c - the training loop of every mode, with progress, logs and recovery.
  * SPDX-License-Identifier: MIT
  */
 #include "worker/wk_trainer.h"

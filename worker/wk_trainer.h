@@ -3,9 +3,11 @@
  *
  * wk_train_run() loads the data, starts the prefetch thread, builds the local
  * replicas, and runs steps of: next batch -> gradients on D replicas ->
- * local reduce -> synchronise (nothing in local mode) -> apply the optimizer.
- * It prints progress, writes the per-step JSON log and the summary, and
- * evaluates on the test set at the end of every epoch.
+ * local reduce -> synchronise (wk_sync: apply here, push/pull to the PS, or
+ * ring AllReduce then apply). It starts at the step the mode says (a resumed
+ * run), resumes where the cluster rolled back to after a PS restart, prints
+ * progress, writes the per-step JSON log and the summary, and evaluates on
+ * the test set at the end of every epoch.
  */
 #ifndef WK_TRAINER_H
 #define WK_TRAINER_H
@@ -16,7 +18,7 @@
 #include "common/cm_model.h"
 
 typedef struct wk_train_cfg {
-    const char *mode;        /* "local" or "ps" ("allreduce" comes later). */
+    const char *mode;        /* "local", "ps" or "allreduce". */
     int epochs;              /* Passes over the training set (default 10). */
     int batch_size;          /* Examples per step and worker (default 128). */
     float lr;                /* Learning rate (default: 1e-3 adam, 0.05 otherwise). */
