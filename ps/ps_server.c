@@ -827,9 +827,7 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
      * state is already the one asked for (the common case of a restart). */
     int as_restored = s->recovering && st.version == v;
     pthread_mutex_unlock(&s->mu);
-    if (as_restored) {
-        if (s->store) rc = st_store_drop_newer(s->store, v, err, errlen);
-    } else if (load) {
+    if (!as_restored && load) {
         ps_shard_config sc;
         params = state_buffer(s, 1);
         slots = state_buffer(s, 2);
@@ -844,7 +842,7 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
             rc = CM_ECORRUPT;
         }
     }
-    if (rc == CM_OK && s->store && !as_restored) rc = st_store_drop_newer(s->store, v, err, errlen);
+    if (rc == CM_OK && s->store) rc = st_store_drop_newer(s->store, v, err, errlen);
     if (rc == CM_OK && !as_restored)
         rc = ps_shard_rollback(s->shard, v, params,
                                ps_optim_nslots(have.optim.kind) && load ? slots : NULL, err,

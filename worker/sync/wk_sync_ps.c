@@ -300,14 +300,14 @@ static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, flo
 }
 
 /* The chief, now and then: tell the shards which generations every shard
- * has committed, so older ones can go (a shard alone cannot know). */
+ * had committed at the last look (a shard alone cannot know), so older
+ * ones can go, and take the new lists for the next time: one round. */
 static void maybe_gc(psync *p) {
     if (!p->cfg.is_chief || cm_now() - p->last_gc < 5.0) return;
     p->last_gc = cm_now();
     char err[256];
-    if (ps_client_checkpoints(p->client, -1, p->ck, err, sizeof err) != CM_OK) return;
     int64_t v = newest_common(p);
-    if (v > 0) ps_client_checkpoints(p->client, v, p->ck, err, sizeof err);
+    ps_client_checkpoints(p->client, v > 0 ? v : -1, p->ck, err, sizeof err);
 }
 
 static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync_times *t) {
