@@ -396,6 +396,24 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     return rc;
 }
 
+void ps_tickets_abandon(ps_ticket **tickets, int n) {
+    if (n <= 0) return;
+    ps_client *c = tickets[0]->c;
+    pthread_mutex_lock(&c->mu);
+    for (int k = 0; k < n; k++)
+        while (tickets[k]->segs) pthread_cond_wait(&c->cv, &c->mu);
+    for (int k = 0; k < n; k++) {
+        if (tickets[k]->calls) {
+            tickets[k]->orphan = 1;
+            c->orphans++;
+            tickets[k] = NULL;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    for (int k = 0; k < n; k++)
+        if (tickets[k]) ticket_free(tickets[k]);
+}
+
 int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen) {
     return ps_tickets_wait(&t, 1, version, err, errlen);
 }

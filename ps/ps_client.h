@@ -99,6 +99,13 @@ int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen);
  * dropped. Either way the buffers are the caller's again on return. */
 int ps_tickets_wait(ps_ticket **t, int n, int64_t *version, char *err, size_t errlen);
 
+/* Give up on n tickets without waiting for their replies: returns once the
+ * buffers are the caller's again (no push is still being sent from them);
+ * calls still in flight become orphans whose replies are dropped. The
+ * tickets are freed (an orphan by its last completion). For a caller that
+ * failed and must not wait until these calls' deadlines. */
+void ps_tickets_abandon(ps_ticket **t, int n);
+
 /* Recovery epoch sent with every request (see proto/ps.proto, Cluster);
  * 0, the default, means not tracked. */
 void ps_client_set_epoch(ps_client *c, uint64_t epoch);

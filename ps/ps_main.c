@@ -43,7 +43,9 @@ static void usage(FILE *f) {
             "  --min-partition-bytes N    placement's minimum partition (default 262144)\n"
             "  --vector N                 serve a single vector of N floats instead of the\n"
             "                             MLP (the push/pull benchmark's model)\n"
-            "  --threads N                gRPC threads (default 2)\n"
+            "  --threads N                gRPC threads (default: 1 on machines with up to\n"
+            "                             4 CPUs, where a second thread only contends with\n"
+            "                             the first and with the workers; 2 otherwise)\n"
             "  --max-message-mb N         gRPC message limit (default 64)\n"
             "  --data-dir DIR             keep this shard's checkpoints in DIR/shard-<i>\n"
             "                             and restore the newest one on start\n"
@@ -72,7 +74,7 @@ int main(int argc, char **argv) {
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
     long long ckpt_every = 0;
     int ckpt_nice = 10;
-    int task_index = -1, threads = 2, max_mb = 64, nsizes = 4;
+    int task_index = -1, threads = 0, max_mb = 64, nsizes = 4;
     int sizes[CM_MLP_MAX_SIZES] = {784, 256, 128, 10};
     long min_part = (long)CM_PLACEMENT_MIN_PART_BYTES, vector = 0;
     int c;
@@ -99,12 +101,13 @@ int main(int argc, char **argv) {
         default: usage(stderr); return 1;
         }
     }
-    if (optind < argc || min_part < 1 || threads < 1 || threads > 64 || max_mb < 1 ||
+    if (optind < argc || min_part < 1 || threads < 0 || threads > 64 || max_mb < 1 ||
         max_mb > 2047 || ckpt_every < 0 || (ckpt_every > 0 && !data_dir) || ckpt_nice < 0 ||
         ckpt_nice > 19) {
         fprintf(stderr, "psserver: bad arguments (see --help)\n");
         return 1;
     }
+    if (threads == 0) threads = ps_server_default_threads();
     cm_mem_keep_freed();
     char err[512];
     cm_cluster *cl = NULL;

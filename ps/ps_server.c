@@ -29,6 +29,12 @@
 #include "ps/ps_wire.h"
 #include "storage/st_store.h"
 
+
+int ps_server_default_threads(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 4 ? 2 : 1;
+}
+
 /* A checkpoint handed to the writer thread: the snapshot of 'version'
  * (a reference) and a copy of the slots at that version. */
 typedef struct ckpt_job {
@@ -936,7 +942,7 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
         s->writer_started = 1;
         ps_shard_set_publish_hook(s->shard, cfg->checkpoint_every, on_publish, s);
     }
-    rpc_server_opts o = {.threads = cfg->threads > 0 ? cfg->threads : 2,
+    rpc_server_opts o = {.threads = cfg->threads > 0 ? cfg->threads : ps_server_default_threads(),
                          .max_message = cfg->max_message};
     if ((rc = rpc_server_create(&o, &s->rpc)) != CM_OK) goto fail;
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Initialize", on_init, s);

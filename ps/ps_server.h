@@ -19,11 +19,18 @@
 
 typedef struct ps_server ps_server;
 
+/* The default number of gRPC threads: 1 on machines with up to 4 online
+ * CPUs, 2 otherwise. On 2 cores a second thread measured worse: the main
+ * job's PS step went from 0.46-0.49 ms of overhead over local mode with one
+ * thread to 0.75-0.79 ms with two (bench/ps_overhead.py), as the threads
+ * take turns at every event and compete with the workers. */
+int ps_server_default_threads(void);
+
 typedef struct ps_server_cfg {
     const cm_model *model;        /* Borrowed; outlives the server. */
     const cm_placement *placement; /* Borrowed; outlives the server. */
     int shard;                    /* This process's shard index. */
-    int threads;                  /* gRPC threads (0 = 2). */
+    int threads;                  /* gRPC threads (0 = ps_server_default_threads()). */
     int max_message;              /* Bytes (0 = RPC_DEFAULT_MAX_MESSAGE). */
     /* Checkpoints: this shard's store directory (NULL: none; its parent
      * must exist) and how often (every checkpoint_every versions; 0: never,

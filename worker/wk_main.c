@@ -81,6 +81,10 @@ static void usage(FILE *f) {
             "  --no-overlap              sync PS mode: push the whole gradient after the\n"
             "                            backward pass instead of each partition as soon\n"
             "                            as it is computed\n"
+            "  --no-pipeline             sync PS mode with overlap: wait for the whole new\n"
+            "                            version at the end of a step instead of letting the\n"
+            "                            next forward pass wait for each piece of the first\n"
+            "                            layer's kernel as it needs it\n"
             "  --no-nccl                 allreduce mode on GPUs: average over the TCP ring,\n"
             "                            not NCCL (e.g. workers sharing one GPU, which\n"
             "                            NCCL refuses); every worker must agree\n"
@@ -120,7 +124,7 @@ int main(int argc, char **argv) {
         O_MODE = 256, O_EPOCHS, O_BATCH, O_LR, O_OPT, O_SEED, O_THREADS, O_DEVICES, O_LAYERS,
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
-        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_EVAL_EVERY,
+        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL
     };
@@ -160,6 +164,7 @@ int main(int argc, char **argv) {
         {"fault-rank", required_argument, 0, O_FAULT_RANK},
         {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
         {"no-overlap", no_argument, 0, O_NO_OVERLAP},
+        {"no-pipeline", no_argument, 0, O_NO_PIPELINE},
         {"no-nccl", no_argument, 0, O_NO_NCCL},
         {"eval-every", required_argument, 0, O_EVAL_EVERY},
         {"export", required_argument, 0, O_EXPORT},
@@ -311,6 +316,7 @@ int main(int argc, char **argv) {
             break;
         case O_SEPARATE_PULL: cfg.separate_pull = 1; break;
         case O_NO_OVERLAP: cfg.no_overlap = 1; break;
+        case O_NO_PIPELINE: cfg.no_pipeline = 1; break;
         case O_NO_NCCL: cfg.no_nccl = 1; break;
         case O_EVAL_EVERY:
             if (parse_long("--eval-every", optarg, 1, 1L << 40, &v)) return 2;

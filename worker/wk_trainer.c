@@ -439,6 +439,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             .connect_timeout_ms = cfg->connect_timeout_ms ? cfg->connect_timeout_ms : 30000,
             .separate_pull = cfg->separate_pull,
             .overlap = !cfg->no_overlap && !cfg->async && !cfg->separate_pull,
+            .no_pipeline = cfg->no_pipeline,
             .fault_zero_gradient = cfg->fault_zero_gradient &&
                                    (cfg->fault_rank < 0 || cfg->fault_rank == rank),
             .global_batch = (unsigned)B,
@@ -553,15 +554,20 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         int64_t epoch = b->epoch;
         size_t n = b->n;
         wk_prefetch_release(pf, b);
-        if (status != CM_OK) {
+        /* With hook->need the forward pass waited for the last pieces of
+         * this step's parameters (PS mode's pipelined pull): a failure there
+         * is the mode's, with its message, and a rollback is recovered from
+         * as one seen by step(). */
+        int from_sync = hook && hook->need && sync->err[0];
+        if (status != CM_OK && !(status == CM_EABORTED && from_sync)) {
             cm_error("gradient computation failed at step %lld: %s", (long long)step,
-                     cm_strerror(status));
+                     from_sync ? sync->err : cm_strerror(status));
             goto out;
         }
         if (!hook && grad_scale != 1.0f)
             for (size_t i = 0; i < numel; i++) grad[i] *= grad_scale;
         wk_sync_times st = {0};
-        status = sync->ops->step(sync, step, grad, params, &st);
+        if (status == CM_OK) status = sync->ops->step(sync, step, grad, params, &st);
         if (status == CM_EABORTED && sync->ops->recover) {
             /* The cluster rolls back (a PS restarted from its checkpoint):
              * resume where every shard agrees, with the data of that step. */
@@ -570,10 +576,11 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
                 cm_error("step %lld: recovery failed: %s", (long long)step, sync->err);
                 goto out;
             }
-            cm_warn("step %lld: the cluster rolled back; resuming at step %lld (%lld step%s "
+            cm_warn("step %lld: the cluster rolled back%s; resuming at step %lld (%lld step%s "
                     "redone)",
-                    (long long)step, (long long)resume, (long long)(step - resume),
-                    step - resume == 1 ? "" : "s");
+                    (long long)step,
+                    from_sync ? " (seen by the forward pass, waiting for the parameters)" : "",
+                    (long long)resume, (long long)(step - resume), step - resume == 1 ? "" : "s");
             result->rollbacks++;
             result->steps_redone += step - resume;
             wk_prefetch_stop(pf);
@@ -616,7 +623,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
                     "\"comm_ms\":%.4f,\"push_ms\":%.4f,\"pull_ms\":%.4f,\"apply_ms\":%.4f,"
                     "\"step_ms\":%.4f}\n",
                     (long long)step, (long long)epoch, n, loss / (double)n, (t1 - t0) * 1e3,
-                    pt.compute * 1e3, pt.local_reduce * 1e3, (st.push + st.pull) * 1e3,
+                    (pt.compute - st.pull_in_compute) * 1e3, pt.local_reduce * 1e3, (st.push + st.pull) * 1e3,
                     st.push * 1e3, st.pull * 1e3, st.apply * 1e3, (t3 - t0) * 1e3);
         int epoch_end = step % (int64_t)spe == 0 || step == total;
         if (epoch_end) {
@@ -624,6 +631,10 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             result->final_train_loss = epoch_loss / (double)epoch_n;
             if (is_chief && (!cfg->async || step < total)) {
                 /* In async mode the final evaluation waits for all workers. */
+                if (sync->ops->settle && (status = sync->ops->settle(sync)) != CM_OK) {
+                    cm_error("step %lld: %s", (long long)step, sync->err);
+                    goto out;
+                }
                 status = wk_replicas_evaluate(reps, &test, &acc, &tl);
                 if (status != CM_OK) goto out;
                 result->test_accuracy = acc;

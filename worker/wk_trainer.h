@@ -59,6 +59,9 @@ typedef struct wk_train_cfg {
     int separate_pull;         /* Push then Pull instead of one PushPull. */
     int no_overlap;            /* Sync PS: push after the backward pass, not
                                 * each partition as soon as it is final. */
+    int no_pipeline;           /* Sync PS with overlap: wait for the whole
+                                * version at the end of each step, not piece
+                                * by piece in the next forward pass. */
     int no_nccl;               /* Allreduce on GPUs: the TCP ring, not NCCL. */
     int64_t eval_every;        /* Evaluator task: versions between evaluations
                                 * (0 = 500). */

@@ -201,47 +201,157 @@ static void on_ready(void *ud, int var, size_t rb, size_t re) {
     if (var == 0) h->kernel0_pieces++;
 }
 
+/* The hook tests' set-up: an 11-7-6-4 MLP, a batch of 5, parameters p
+ * (seed 7), the plain gradient g, and splits of the first kernel in 3
+ * pieces (rows 0-4, 4-8, 8-11). */
+typedef struct hook_fixture {
+    cm_model *m;
+    wk_device *dev;
+    wk_mlp *net;
+    float *p, *g;
+    float x[5 * 11];
+    int32_t y[5];
+    size_t sp0[4];
+    const size_t *splits[6];
+    int nsplits[6];
+} hook_fixture;
+enum { HOOK_N = 5 };
+
+static void fixture_init(hook_fixture *f) {
+    int sizes[] = {11, 7, 6, 4};
+    memset(f, 0, sizeof *f);
+    assert_int_equal(cm_model_create_mlp(sizes, 4, &f->m), CM_OK);
+    f->dev = wk_device_cpu_create(0);
+    assert_int_equal(wk_mlp_create(f->m, f->dev, HOOK_N, &f->net), CM_OK);
+    f->p = malloc(f->m->numel * sizeof(float));
+    f->g = malloc(f->m->numel * sizeof(float));
+    cm_model_init(f->m, 7, f->p);
+    random_batch(13, HOOK_N, 11, 4, f->x, f->y);
+    assert_int_equal(wk_mlp_gradient(f->net, f->p, f->x, f->y, HOOK_N, f->g, NULL, NULL, NULL),
+                     CM_OK);
+    const size_t sp[] = {0, 4, 8, 11};
+    memcpy(f->sp0, sp, sizeof sp);
+    f->splits[0] = f->sp0;
+    f->nsplits[0] = 4;
+}
+
+static void fixture_free(hook_fixture *f) {
+    free(f->p);
+    free(f->g);
+    wk_mlp_destroy(f->net);
+    wk_device_destroy(f->dev);
+    cm_model_destroy(f->m);
+}
+
 /* With a hook that splits the first kernel into 3 row pieces, the gradient
  * equals the unsplit one (within float rounding of the GEMM blocking), every
  * element is announced exactly once, and its value never changes after. */
 static void test_gradient_hook_pieces(void **state) {
     (void)state;
-    int sizes[] = {11, 7, 6, 4};
-    const int n = 5;
-    cm_model *m;
-    assert_int_equal(cm_model_create_mlp(sizes, 4, &m), CM_OK);
-    wk_device *dev = wk_device_cpu_create(0);
-    wk_mlp *net;
-    assert_int_equal(wk_mlp_create(m, dev, n, &net), CM_OK);
-    float *p = malloc(m->numel * sizeof(float)), *g = malloc(m->numel * sizeof(float));
+    hook_fixture f;
+    fixture_init(&f);
+    const cm_model *m = f.m;
     float *g2 = malloc(m->numel * sizeof(float)), *seen = malloc(m->numel * sizeof(float));
     int *count = calloc(m->numel, sizeof(int));
-    cm_model_init(m, 7, p);
-    float x[5 * 11];
-    int32_t y[5];
-    random_batch(13, n, 11, 4, x, y);
-    assert_int_equal(wk_mlp_gradient(net, p, x, y, n, g, NULL, NULL, NULL), CM_OK);
-    size_t sp0[] = {0, 4, 8, 11};
-    const size_t *splits[6] = {sp0};
-    int nsplits[6] = {4};
     hook_log h = {.m = m, .grad = g2, .seen = seen, .count = count};
-    wk_grad_hook hook = {.ready = on_ready, .ud = &h, .splits = splits, .nsplits = nsplits};
-    assert_int_equal(wk_mlp_gradient(net, p, x, y, n, g2, NULL, NULL, &hook), CM_OK);
+    wk_grad_hook hook = {.ready = on_ready, .ud = &h, .splits = f.splits, .nsplits = f.nsplits};
+    assert_int_equal(wk_mlp_gradient(f.net, f.p, f.x, f.y, HOOK_N, g2, NULL, NULL, &hook), CM_OK);
     assert_int_equal(h.kernel0_pieces, 3);
     assert_int_equal(h.calls, 3 + 5);
     for (size_t i = 0; i < m->numel; i++) {
         assert_int_equal(count[i], 1);
         assert_memory_equal(&seen[i], &g2[i], sizeof(float));
     }
-    assert_true(norm_rel(g2, g, m->numel) < 1e-6);
-    free(p);
-    free(g);
+    assert_true(norm_rel(g2, f.g, m->numel) < 1e-6);
     free(g2);
     free(seen);
     free(count);
-    wk_mlp_destroy(net);
-    wk_device_destroy(dev);
-    cm_model_destroy(m);
+    fixture_free(&f);
+}
+
+/* need(): the forward pass may read a part of params only after asking for
+ * it. The test keeps the true values aside and writes NaN over params; each
+ * need() copies the asked rows in. If the forward pass read any row before
+ * asking, NaN would reach the gradient. Every element is asked for exactly
+ * once before the first announcement of the step, the first kernel in its
+ * 3 pieces in order, and the gradient equals the plain one (within the
+ * rounding of summing the first layer piece by piece). */
+typedef struct need_log {
+    const cm_model *m;
+    const float *truth;
+    float *params;
+    int *asked;     /* Per element: times asked for. */
+    int pieces;     /* Of var 0. */
+    size_t next_row; /* Of var 0: pieces come in row order. */
+    int ready_calls;
+    int asked_after_ready;
+    int fail_at;    /* Return CM_EABORTED at this call (0 = never). */
+    int calls;
+} need_log;
+
+static int on_need(void *ud, int var, size_t rb, size_t re) {
+    need_log *h = ud;
+    h->calls++;
+    if (h->fail_at && h->calls == h->fail_at) return CM_EABORTED;
+    const cm_var *v = &h->m->vars[var];
+    size_t rows = v->ndims >= 1 ? (size_t)v->dims[0] : 1, row = v->numel / rows;
+    assert_true(rb < re && re <= rows);
+    if (h->ready_calls) h->asked_after_ready++;
+    if (var == 0) {
+        assert_int_equal(rb, h->next_row);
+        h->next_row = re;
+        h->pieces++;
+    }
+    size_t a = v->offset + rb * row, b = v->offset + re * row;
+    for (size_t i = a; i < b; i++) {
+        h->asked[i]++;
+        h->params[i] = h->truth[i];
+    }
+    return CM_OK;
+}
+
+static void on_ready_count(void *ud, int var, size_t rb, size_t re) {
+    (void)var;
+    (void)rb;
+    (void)re;
+    ((need_log *)ud)->ready_calls++;
+}
+
+static void test_gradient_need_pieces(void **state) {
+    (void)state;
+    hook_fixture f;
+    fixture_init(&f);
+    const cm_model *m = f.m;
+    float *p = malloc(m->numel * sizeof(float)), *g2 = malloc(m->numel * sizeof(float));
+    int *asked = calloc(m->numel, sizeof(int));
+    for (size_t i = 0; i < m->numel; i++) p[i] = NAN;
+    need_log h = {.m = m, .truth = f.p, .params = p, .asked = asked};
+    wk_grad_hook hook = {.ready = on_ready_count, .ud = &h, .splits = f.splits,
+                         .nsplits = f.nsplits, .need = on_need};
+    double loss = 0.0;
+    assert_int_equal(wk_mlp_gradient(f.net, p, f.x, f.y, HOOK_N, g2, &loss, NULL, &hook), CM_OK);
+    assert_int_equal(h.pieces, 3);
+    assert_int_equal(h.next_row, 11);
+    assert_int_equal(h.asked_after_ready, 0);
+    for (size_t i = 0; i < m->numel; i++) {
+        assert_int_equal(asked[i], 1);
+        assert_false(isnan(g2[i]));
+    }
+    assert_false(isnan(loss));
+    assert_true(norm_rel(g2, f.g, m->numel) < 1e-6);
+
+    /* A failing need() ends the gradient with its status. */
+    for (size_t i = 0; i < m->numel; i++) p[i] = NAN;
+    need_log fail = {.m = m, .truth = f.p, .params = p, .asked = asked, .fail_at = 2};
+    hook.ud = &fail;
+    assert_int_equal(wk_mlp_gradient(f.net, p, f.x, f.y, HOOK_N, g2, NULL, NULL, &hook),
+                     CM_EABORTED);
+    assert_int_equal(fail.calls, 2);
+    assert_int_equal(fail.ready_calls, 0);
+    free(p);
+    free(g2);
+    free(asked);
+    fixture_free(&f);
 }
 
 int main(void) {
@@ -250,6 +360,7 @@ int main(void) {
         cmocka_unit_test(test_three_replicas_equal_one),
         cmocka_unit_test(test_bad_batch_sizes),
         cmocka_unit_test(test_gradient_hook_pieces),
+        cmocka_unit_test(test_gradient_need_pieces),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -68,25 +68,55 @@ static const float *bias_of(const wk_mlp *net, const float *params, int i) {
     return params + net->model->vars[2 * i + 1].offset;
 }
 
-/* Forward to the logits (left in act[nlayers]). */
-static void forward(wk_mlp *net, const float *params, const float *x, int n) {
+static size_t rows_of(const cm_model *m, int var) {
+    const cm_var *v = &m->vars[var];
+    return v->ndims >= 1 && v->dims[0] >= 1 ? (size_t)v->dims[0] : 1;
+}
+
+/* hook->need for all of variable var (CM_OK without one). */
+static int need_var(const wk_grad_hook *hook, const cm_model *m, int var) {
+    return hook && hook->need ? hook->need(hook->ud, var, 0, rows_of(m, var)) : CM_OK;
+}
+
+/* Forward to the logits (left in act[nlayers]). With hook->need, every
+ * variable is asked for before it is read, and the first kernel piece by
+ * piece: z_0 = sum_k x[:, a_k:b_k) W_0[a_k:b_k), accumulated in order. */
+static int forward(wk_mlp *net, const float *params, const float *x, int n,
+                   const wk_grad_hook *hook) {
     const wk_device_ops *o = net->dev->ops;
-    const int *s = net->model->sizes;
+    const cm_model *m = net->model;
+    const int *s = m->sizes;
     const float *in = x;
+    int rc;
     for (int i = 0; i < net->nlayers; i++) {
         float *z = net->act[i + 1];
-        o->gemm(net->dev, 0, 0, n, s[i + 1], s[i], 1.0f, in, s[i], kernel_of(net, params, i),
-                s[i + 1], 0.0f, z, s[i + 1]);
+        const float *w = kernel_of(net, params, i);
+        int np = i == 0 && hook && hook->need && hook->splits && hook->nsplits
+                     ? hook->nsplits[0]
+                     : 0;
+        if (np >= 3) {
+            const size_t *sp = hook->splits[0];
+            for (int k = 0; k + 1 < np; k++) {
+                int a = (int)sp[k], b = (int)sp[k + 1];
+                if ((rc = hook->need(hook->ud, 0, (size_t)a, (size_t)b)) != CM_OK) return rc;
+                o->gemm(net->dev, 0, 0, n, s[1], b - a, 1.0f, in + a, s[0],
+                        w + (size_t)a * (size_t)s[1], s[1], k == 0 ? 0.0f : 1.0f, z, s[1]);
+            }
+        } else {
+            if ((rc = need_var(hook, m, 2 * i)) != CM_OK) return rc;
+            o->gemm(net->dev, 0, 0, n, s[i + 1], s[i], 1.0f, in, s[i], w, s[i + 1], 0.0f, z,
+                    s[i + 1]);
+        }
+        if ((rc = need_var(hook, m, 2 * i + 1)) != CM_OK) return rc;
         o->bias_add(net->dev, n, s[i + 1], z, bias_of(net, params, i));
         if (i + 1 < net->nlayers) o->relu(net->dev, (size_t)n * (size_t)s[i + 1], z, z);
         in = z;
     }
+    return CM_OK;
 }
 
 static void announce(const wk_grad_hook *hook, const cm_model *m, int var) {
-    const cm_var *v = &m->vars[var];
-    size_t rows = v->ndims >= 1 && v->dims[0] >= 1 ? (size_t)v->dims[0] : 1;
-    if (hook) hook->ready(hook->ud, var, 0, rows);
+    if (hook) hook->ready(hook->ud, var, 0, rows_of(m, var));
 }
 
 int wk_mlp_gradient(wk_mlp *net, const float *params, const float *x, const int32_t *y, int n,
@@ -95,7 +125,11 @@ int wk_mlp_gradient(wk_mlp *net, const float *params, const float *x, const int3
     const wk_device_ops *o = net->dev->ops;
     const int *s = net->model->sizes;
     const int L = net->nlayers;
-    forward(net, params, x, n);
+    int rc = forward(net, params, x, n, hook);
+    if (rc != CM_OK) {
+        wk_device_sync(net->dev);
+        return rc;
+    }
     float *dz = net->delta[0];
     o->softmax_xent(net->dev, n, s[L], net->act[L], y, 1.0f / (float)n, dz, loss_sum, correct);
     for (int i = L - 1; i >= 0; i--) {
@@ -137,7 +171,7 @@ int wk_mlp_evaluate(wk_mlp *net, const float *params, const float *x, const int3
                     double *loss_sum, int64_t *correct) {
     if (n < 1 || n > net->max_batch) return CM_EINVAL;
     const int L = net->nlayers;
-    forward(net, params, x, n);
+    forward(net, params, x, n, NULL);
     net->dev->ops->softmax_xent(net->dev, n, net->model->sizes[L], net->act[L], y, 0.0f,
                                 net->delta[0], loss_sum, correct);
     return wk_device_sync(net->dev);

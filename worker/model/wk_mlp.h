@@ -33,6 +33,14 @@ typedef struct wk_grad_hook {
      * pieces. NULL, or nsplits[var] < 3: in one piece. */
     const size_t *const *splits;
     const int *nsplits;
+    /* Optional: called by the forward pass before it reads rows
+     * [row_begin, row_end) of variable 'var' in params; returns once they
+     * hold their final values (CM_OK), or an error status, which ends the
+     * gradient with that status. With it, the first layer's kernel is read
+     * in the same row pieces (splits[0]), each after its own need(), so the
+     * previous step's pull of the later pieces (PS mode's pipelined pull)
+     * overlaps the forward pass of the earlier ones. */
+    int (*need)(void *ud, int var, size_t row_begin, size_t row_end);
 } wk_grad_hook;
 
 /* Workspace for 'model' (borrowed, must outlive the net) on 'dev'

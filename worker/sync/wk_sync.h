@@ -22,6 +22,9 @@ typedef struct wk_sync wk_sync;
 
 typedef struct wk_sync_times {
     double push, pull; /* Seconds in communication (ps mode). */
+    double pull_in_compute; /* Of pull: the part spent inside the gradient
+                             * computation (the forward pass waiting for
+                             * pieces of the parameters, pipelined pull). */
     double apply;      /* Seconds applying the optimizer locally. */
 } wk_sync_times;
 
@@ -55,6 +58,11 @@ typedef struct wk_sync_ops {
      * cluster on where training resumes: *resume_step, and params are the
      * parameters for it. Bounded in time; an error ends the run. */
     int (*recover)(wk_sync *s, int64_t failed_step, int64_t *resume_step, float *params);
+    /* Optional: make params whole. After a step with an overlap hook, PS
+     * mode may leave the first kernel's pieces still arriving for the next
+     * gradient's forward pass to wait for (wk_grad_hook.need); anything else
+     * that reads params between steps (evaluation) calls this first. */
+    int (*settle)(wk_sync *s);
 } wk_sync_ops;
 
 struct wk_sync {
@@ -82,6 +90,9 @@ typedef struct wk_sync_ps_cfg {
     int overlap;             /* Sync: push each partition as soon as the
                               * backward pass has computed it (the overlap
                               * op), one PushPull per group of partitions. */
+    int no_pipeline;         /* With overlap: step() waits for every piece
+                              * instead of leaving the first kernel's last
+                              * pieces to the next forward pass. */
     /* Where the data stands at a step (kept by the shards, so a resumed run
      * must use the same). */
     unsigned global_batch;

@@ -385,7 +385,7 @@ static void ar_destroy(wk_sync *s) {
 }
 
 static const wk_sync_ops ar_ops = {"allreduce", ar_begin, ar_step, ar_end, ar_finish,
-                                   ar_destroy,  NULL,     NULL};
+                                   ar_destroy,  NULL,     NULL,   NULL};
 
 int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
                              size_t errlen) {

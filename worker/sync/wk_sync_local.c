@@ -52,7 +52,7 @@ static void local_destroy(wk_sync *s) {
 }
 
 static const wk_sync_ops local_ops = {"local", local_begin, local_step, local_end, local_finish,
-                                      local_destroy, NULL, NULL};
+                                      local_destroy, NULL, NULL, NULL};
 
 wk_sync *wk_sync_local_create(const cm_model *m, const ps_optim_cfg *opt, uint64_t seed) {
     local *l = cm_calloc(1, sizeof *l);

@@ -17,6 +17,13 @@
  * worse on 2 cores (the early calls then went out late). The shards apply each partition as soon
  * as all workers gave it and answer with its new values, so the push, the
  * apply and the reply of early partitions hide behind the remaining compute.
+ *
+ * Pipelined pull: the first layer's kernel is computed last in the backward
+ * pass but read first in the next forward pass. So step() waits for every
+ * ticket except those carrying its pieces and returns; the next step's
+ * forward pass asks for each piece before it reads it (wk_grad_hook.need),
+ * so the round trip of the last pieces overlaps the forward GEMM of the
+ * first. Anything else that reads params first calls settle().
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +64,17 @@ typedef struct psync {
     size_t ready_bytes;
     ps_ticket **tickets;
     int ntickets;
+    int *part_ticket;            /* Per partition: index into tickets. */
+    /* Pipelined pull: tickets step() left in flight (they carry pieces of
+     * the first kernel), and per partition the index of its ticket there
+     * (-1: none pending). */
+    ps_ticket **pend;
+    int npend;
+    int *part_pend;
+    uint8_t *defer;              /* Per ticket index: left pending. */
+    int pend_rc;                 /* A settle's error for the next step(). */
+    double need_wait;            /* Seconds the forward pass waited for pieces. */
+    int pipeline;                /* Pipelined pull on (see the top). */
     ps_shard_checkpoints *ck; /* Per shard: the last Checkpoints answer. */
     float *init_values;       /* The chief's copy of --init-from's values: a
                                * PS restarted without a checkpoint needs them
@@ -73,8 +91,11 @@ static void send_ready(psync *p) {
     if (ps_client_push_pull_parts(p->client, p->step, p->grad, p->params, p->ready, p->nready,
                                   &t) != CM_OK)
         abort();
+    for (int i = 0; i < p->nready; i++) {
+        p->sent[p->ready[i]] = 1;
+        p->part_ticket[p->ready[i]] = p->ntickets;
+    }
     p->tickets[p->ntickets++] = t;
-    for (int i = 0; i < p->nready; i++) p->sent[p->ready[i]] = 1;
     p->nready = 0;
     p->ready_bytes = 0;
 }
@@ -102,11 +123,71 @@ static void on_ready(void *ud, int var, size_t row_begin, size_t row_end) {
     if (p->ready_bytes >= OVERLAP_FLUSH_BYTES) send_ready(p);
 }
 
+/* Wait for the pending tickets; on an error the rest are abandoned (see
+ * abandon_pending) and the error returned with its message. */
+static void abandon_pending(psync *p);
+static int settle_all(psync *p) {
+    for (int i = 0; i < p->npend; i++) {
+        if (!p->pend[i]) continue;
+        int rc = ps_ticket_wait(p->pend[i], NULL, p->base.err, sizeof p->base.err);
+        p->pend[i] = NULL;
+        if (rc != CM_OK) {
+            abandon_pending(p);
+            return rc;
+        }
+    }
+    p->npend = 0;
+    for (int id = 0; id < p->pl->nparts; id++) p->part_pend[id] = -1;
+    return CM_OK;
+}
+
+/* After a failure: give the pending tickets up (their late replies are
+ * dropped) rather than wait for them; a shard may hold them until its
+ * deadline, waiting for workers that are recovering. */
+static void abandon_pending(psync *p) {
+    int n = 0;
+    for (int i = 0; i < p->npend; i++)
+        if (p->pend[i]) p->pend[n++] = p->pend[i];
+    ps_tickets_abandon(p->pend, n);
+    p->npend = 0;
+    for (int id = 0; id < p->pl->nparts; id++) p->part_pend[id] = -1;
+}
+
+static int ps_settle(wk_sync *s) { return settle_all((psync *)s); }
+
+/* wk_grad_hook.need: wait for the pending tickets that carry rows
+ * [row_begin, row_end) of var. On an error the others are abandoned. */
+static int on_need(void *ud, int var, size_t row_begin, size_t row_end) {
+    psync *p = ud;
+    if (p->npend == 0) return CM_OK;
+    for (int k = 0; k < p->var_nparts[var]; k++) {
+        uint32_t id = (uint32_t)(p->var_part0[var] + k);
+        const cm_partition *part = &p->pl->parts[id];
+        int i = p->part_pend[id];
+        if (i < 0 || part->row_end <= row_begin || part->row_begin >= row_end || !p->pend[i])
+            continue;
+        double t0 = cm_now();
+        int rc = ps_ticket_wait(p->pend[i], NULL, p->base.err, sizeof p->base.err);
+        p->need_wait += cm_now() - t0;
+        p->pend[i] = NULL;
+        if (rc != CM_OK) {
+            abandon_pending(p);
+            return rc;
+        }
+    }
+    return CM_OK;
+}
+
 static const wk_grad_hook *ps_overlap(wk_sync *s, int64_t step, float *grad, float *params,
                                       float scale) {
     psync *p = (psync *)s;
     if (!p->cfg.overlap || p->cfg.async || p->cfg.separate_pull || p->cfg.fault_zero_gradient)
         return NULL;
+    /* The pending pieces of the last step land in the buffers of that step:
+     * other buffers cannot wait for them piece by piece (cannot happen with
+     * the trainer; an error shows in step()). */
+    if (p->npend && (params != p->params || grad != p->grad)) p->pend_rc = settle_all(p);
+    s->err[0] = '\0';
     p->active = 1;
     p->step = step;
     p->grad = grad;
@@ -131,11 +212,43 @@ static int wait_tickets(psync *p) {
 
 static int overlap_finish(psync *p, wk_sync_times *t) {
     double t0 = cm_now();
+    /* The last step's pieces: the forward pass asked for all of them, so
+     * this only waits if it could not. */
+    int rc0 = settle_all(p);
+    if (rc0 == CM_OK) rc0 = p->pend_rc;
+    p->pend_rc = CM_OK;
+    if (rc0 != CM_OK) {
+        ps_tickets_abandon(p->tickets, p->ntickets);
+        p->ntickets = 0;
+        p->active = 0;
+        return rc0;
+    }
     for (int id = 0; id < p->pl->nparts; id++) mark_ready(p, (uint32_t)id);
     send_ready(p);
+    if (p->pipeline) {
+        /* Leave the tickets that carry the first kernel's pieces in flight
+         * (see the top of this file); wait for the rest. */
+        int keep = 0;
+        for (int i = 0; i < p->ntickets; i++) p->defer[i] = 0;
+        for (int k = 0; k < p->var_nparts[0]; k++)
+            p->defer[p->part_ticket[p->var_part0[0] + k]] = 1;
+        for (int i = 0; i < p->ntickets; i++) {
+            if (p->defer[i]) {
+                p->pend[p->npend] = p->tickets[i];
+                for (int id = 0; id < p->pl->nparts; id++)
+                    if (p->part_ticket[id] == i) p->part_pend[id] = p->npend;
+                p->npend++;
+            } else {
+                p->tickets[keep++] = p->tickets[i];
+            }
+        }
+        p->ntickets = keep;
+    }
     int rc = wait_tickets(p);
-    t->push = cm_now() - t0; /* The part of the communication not hidden. */
-    t->pull = 0.0;
+    if (rc != CM_OK) abandon_pending(p);
+    t->push = cm_now() - t0; /* The part of the communication not hidden... */
+    t->pull = t->pull_in_compute = p->need_wait; /* ...and the forward pass's wait. */
+    p->need_wait = 0.0;
     return rc;
 }
 
@@ -287,7 +400,11 @@ static int ps_begin(wk_sync *s, float *params, int64_t *first_step) {
 
 static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, float *params) {
     psync *p = (psync *)s;
+    char why[sizeof s->err];
+    memcpy(why, s->err, sizeof why);
     if (p->active) wait_tickets(p);
+    abandon_pending(p);
+    memcpy(s->err, why, sizeof why);
     cm_warn("step %lld: %s", (long long)failed_step, s->err);
     uint64_t old = ps_client_epoch(p->client);
     int64_t v = 0;
@@ -318,6 +435,8 @@ static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync
         return rc;
     }
     if (p->active) wait_tickets(p); /* Cannot happen with the trainer. */
+    int rc0 = settle_all(p);
+    if (rc0 != CM_OK) return rc0;
     if (p->cfg.fault_zero_gradient) memset(grad, 0, p->cfg.model->numel * sizeof(float));
     double t0 = cm_now();
     ps_ticket *tk;
@@ -343,7 +462,8 @@ static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync
 
 static int ps_end(wk_sync *s, int64_t steps, float *params) {
     psync *p = (psync *)s;
-    if (!p->cfg.is_chief || !p->cfg.async) return CM_OK;
+    int rc0 = settle_all(p);
+    if (rc0 != CM_OK || !p->cfg.is_chief || !p->cfg.async) return rc0;
     /* Async: wait until every worker's last push (step steps - 1) is in on
      * every shard, then take the final parameters. Bounded by the call
      * deadline. (Per-worker steps, not push counts: a restarted shard's
@@ -383,6 +503,7 @@ static void ps_destroy(wk_sync *s) {
     /* A step that failed between its first early push and step(): its
      * calls still reference the buffers and the client. */
     if (p->active) wait_tickets(p);
+    if (p->pend) abandon_pending(p);
     ps_client_close(p->client);
     if (p->splits)
         for (int v = 0; v < p->cfg.model->nvars; v++) free(p->splits[v]);
@@ -394,6 +515,10 @@ static void ps_destroy(wk_sync *s) {
     free(p->sent);
     free(p->ready);
     free(p->tickets);
+    free(p->part_ticket);
+    free(p->pend);
+    free(p->part_pend);
+    free(p->defer);
     free(p->ck);
     free(p->init_values);
     cm_placement_destroy(p->pl);
@@ -402,13 +527,15 @@ static void ps_destroy(wk_sync *s) {
 
 int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *version) {
     psync *p = (psync *)s;
+    int rc = settle_all(p);
+    if (rc != CM_OK) return rc;
     ps_ticket *tk;
     ps_client_pull(p->client, min_version, params, &tk);
     return ps_ticket_wait(tk, version, s->err, sizeof s->err);
 }
 
-static const wk_sync_ops ps_ops = {"ps",       ps_begin,   ps_step,   ps_end,
-                                   ps_finish,  ps_destroy, ps_overlap, ps_recover};
+static const wk_sync_ops ps_ops = {"ps",       ps_begin,   ps_step,    ps_end,    ps_finish,
+                                   ps_destroy, ps_overlap, ps_recover, ps_settle};
 
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen) {
     *out = NULL;
@@ -449,12 +576,21 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
         }
         p->nsplits[v] = k + 1;
     }
+    /* Pipelined pull where the forward pass reads the first kernel in
+     * pieces (two or more partitions). */
+    p->pipeline = cfg->overlap && !cfg->no_pipeline && p->var_nparts[0] >= 2;
     p->hook = (wk_grad_hook){.ready = on_ready, .ud = p,
-                             .splits = (const size_t *const *)p->splits, .nsplits = p->nsplits};
+                             .splits = (const size_t *const *)p->splits, .nsplits = p->nsplits,
+                             .need = p->pipeline ? on_need : NULL};
     p->announced = cm_calloc((size_t)np, 1);
     p->sent = cm_calloc((size_t)np, 1);
     p->ready = cm_calloc((size_t)np, sizeof *p->ready);
     p->tickets = cm_calloc((size_t)np, sizeof *p->tickets);
+    p->part_ticket = cm_calloc((size_t)np, sizeof *p->part_ticket);
+    p->pend = cm_calloc((size_t)np, sizeof *p->pend);
+    p->part_pend = cm_calloc((size_t)np, sizeof *p->part_pend);
+    p->defer = cm_calloc((size_t)np, sizeof *p->defer);
+    for (int id = 0; id < np; id++) p->part_pend[id] = -1;
     p->ck = cm_calloc((size_t)cfg->nps, sizeof *p->ck);
     if (cfg->init_values && cfg->is_chief) {
         p->init_values = cm_malloc(m->numel * sizeof(float));
