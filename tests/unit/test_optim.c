@@ -131,6 +131,56 @@ static void test_partition_update_equals_whole(void **state) {
     assert_memory_equal(w1, w2, sizeof w1);
 }
 
+/* The kernels are built twice on x86-64 (SSE2 and AVX2, picked at load
+ * time); whichever runs must give exactly what the scalar formula gives in
+ * float: same operations, same order, no FMA. 1031 elements cover full
+ * vectors and a tail, with and without aliasing of w_in and w_out. */
+#define NB 1031
+static void test_kernels_bit_identical_to_scalar(void **state) {
+    (void)state;
+    static float w[NB], wo[NB], g[NB], sl[2 * NB], rw[NB], rm[NB], rv[NB];
+    cm_rng r;
+    cm_rng_init(&r, 7);
+    for (int i = 0; i < NB; i++) {
+        w[i] = rw[i] = 2.0f * cm_rng_uniform(&r) - 1.0f;
+        sl[i] = rm[i] = 0.0f;
+        sl[NB + i] = rv[i] = 0.0f;
+    }
+    ps_optim_cfg c = ps_optim_defaults(PS_OPTIM_ADAM, 1e-3f);
+    for (int t = 1; t <= 20; t++) {
+        for (int i = 0; i < NB; i++) g[i] = 0.02f * cm_rng_uniform(&r) - 0.01f;
+        if (t % 2)
+            ps_optim_apply(&c, t, w, g, sl, NB);
+        else {
+            ps_optim_apply_to(&c, t, w, wo, g, sl, NB);
+            memcpy(w, wo, sizeof w);
+        }
+        const float c1 = (float)(1.0 / (1.0 - pow((double)0.9f, (double)t)));
+        const float c2 = (float)(1.0 / (1.0 - pow((double)0.999f, (double)t)));
+        const float b1 = 0.9f, b2 = 0.999f, lr = 1e-3f, eps = 1e-8f;
+        for (int i = 0; i < NB; i++) {
+            volatile float m = b1 * rm[i] + (1.0f - b1) * g[i];
+            volatile float v = b2 * rv[i] + (1.0f - b2) * g[i] * g[i];
+            rm[i] = m;
+            rv[i] = v;
+            volatile float step = lr * (rm[i] * c1);
+            volatile float den = sqrtf(rv[i] * c2) + eps;
+            rw[i] = rw[i] - step / den;
+        }
+        assert_memory_equal(w, rw, sizeof w);
+        assert_memory_equal(sl, rm, sizeof rm);
+        assert_memory_equal(sl + NB, rv, sizeof rv);
+    }
+    /* SGD the same way. */
+    ps_optim_cfg sg = ps_optim_defaults(PS_OPTIM_SGD, 0.05f);
+    ps_optim_apply(&sg, 1, w, g, NULL, NB);
+    for (int i = 0; i < NB; i++) {
+        volatile float d = 0.05f * g[i];
+        rw[i] = rw[i] - d;
+    }
+    assert_memory_equal(w, rw, sizeof w);
+}
+
 static void test_names(void **state) {
     (void)state;
     assert_int_equal(ps_optim_parse("sgd"), PS_OPTIM_SGD);
@@ -147,6 +197,7 @@ int main(void) {
         cmocka_unit_test(test_adam_constant_gradient),
         cmocka_unit_test(test_adam_and_momentum_varying_gradient),
         cmocka_unit_test(test_partition_update_equals_whole),
+        cmocka_unit_test(test_kernels_bit_identical_to_scalar),
         cmocka_unit_test(test_names),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
