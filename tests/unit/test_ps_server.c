@@ -684,6 +684,25 @@ static void test_bad_push_contents(void **state) {
     expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, "DTYPE_FLOAT32", NULL);
     expect_unchanged(0, F.init);
 
+    /* An unknown dtype; bfloat16 with float32's length, and with an odd one. */
+    raw_push_make(&rp, 1, 0, g);
+    rp.t[rp.kern].dtype = 7;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    snprintf(want, sizeof want, "partition %u (%s part %d): dtype 7", rp.t[rp.kern].part, kname,
+             kp->index);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, want, "DTYPE_BFLOAT16", NULL);
+    raw_push_make(&rp, 1, 0, g);
+    rp.t[rp.kern].dtype = PSRPC__DTYPE__DTYPE_BFLOAT16;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    snprintf(want, sizeof want, "%zu data bytes, expected %zu (%zu bfloat16)", kp->count * 4,
+             kp->count * 2, kp->count);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, want, NULL);
+    rp.t[rp.kern].data.len = kp->count * 2 + 1;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    snprintf(want, sizeof want, "%zu data bytes, expected %zu", kp->count * 2 + 1, kp->count * 2);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, want, NULL);
+    expect_unchanged(0, F.init);
+
     /* Unknown partition id. */
     raw_push_make(&rp, 1, 0, g);
     rp.t[0].part = 1000;
@@ -737,7 +756,7 @@ static void test_bad_push_contents(void **state) {
     expect_unchanged(0, F.init);
 
     Psrpc__StatsReply *st = raw_stats();
-    assert_int_equal(st->bad_requests, 10);
+    assert_int_equal(st->bad_requests, 13);
     assert_int_equal(st->pushes, 1);
     psrpc__stats_reply__free_unpacked(st, NULL);
 
