@@ -3,7 +3,11 @@
  *
  * A ticket has one sub-call per shard. It counts its calls in flight and
  * its zero-copy segments not yet released (the caller's buffer is free
- * once both are 0). Completions run on the rpc client thread; retries are
+ * once both are 0). With cfg.wire_bf16 a push sends, zero-copy, the
+ * ticket's own bfloat16 copy of the pushed partitions ('wire', converted
+ * once when the ticket is made, so retries resend it), which goes with the
+ * ticket: only after its segments are released and its calls are done,
+ * whether it is waited for, abandoned or orphaned. Completions run on the rpc client thread; retries are
  * issued by the waiting thread, after a backoff, so the client thread never
  * sleeps. Every ticket of a client shares the client's lock and condition,
  * so one thread can wait for several tickets at once (ps_tickets_wait) and
@@ -55,6 +59,8 @@ typedef struct sub {
     int nparts;            /* Partitions this sub-call pushes / expects. */
     const uint32_t *parts; /* Placement ids: the client's list for the
                             * whole shard, or the ticket's 'own'. */
+    size_t wire_at; /* bf16: where this sub-call's partitions start in
+                     * the ticket's 'wire', in the order of 'parts'. */
     int attempts;
     double retry_at; /* When to retry an UNAVAILABLE attempt (0: not yet set). */
     int code; /* gRPC status of the last attempt; -1 while in flight. */
@@ -77,11 +83,13 @@ struct ps_ticket {
     int nsubs;
     sub *subs;
     uint32_t *own; /* Partition lists of a partial push-pull. */
+    uint16_t *wire; /* bf16 pushes: the pushed partitions, sub by sub. */
 };
 
 static void ticket_free(ps_ticket *t) {
     free(t->subs);
     free(t->own);
+    free(t->wire);
     free(t);
 }
 
@@ -196,10 +204,17 @@ static void issue(ps_ticket *t, sub *s) {
         req.cluster = &cl;
         req.step = t->step;
         ps_wire_put_message(&w, &req.base);
+        size_t at = s->wire_at;
         for (int i = 0; i < s->nparts; i++) {
             const cm_partition *p = &c->cfg.placement->parts[s->parts[i]];
-            ps_wire_put_part(&w, 3, c->cfg.model, c->cfg.placement, s->parts[i],
-                             t->grad + p->offset, release_seg, t);
+            if (t->wire) {
+                ps_wire_put_part_bf16(&w, 3, c->cfg.model, c->cfg.placement, s->parts[i],
+                                      t->wire + at, release_seg, t);
+                at += p->count;
+            } else {
+                ps_wire_put_part(&w, 3, c->cfg.model, c->cfg.placement, s->parts[i],
+                                 t->grad + p->offset, release_seg, t);
+            }
         }
     } else {
         method = "/psrpc.Ps/Pull";
@@ -231,9 +246,33 @@ static ps_ticket *ticket_new(ps_client *c, int op, int64_t step) {
     return t;
 }
 
+/* bf16 pushes: convert the partitions every sub-call pushes into the
+ * ticket's 'wire' (once: retries resend it) and set each sub's wire_at.
+ * fp32 pushes send t->grad in place and need nothing here. */
+static void ticket_convert(ps_ticket *t) {
+    ps_client *c = t->c;
+    if (!c->cfg.wire_bf16) return;
+    const cm_partition *parts = c->cfg.placement->parts;
+    size_t total = 0;
+    for (int i = 0; i < t->nsubs; i++)
+        for (int k = 0; k < t->subs[i].nparts; k++) total += parts[t->subs[i].parts[k]].count;
+    t->wire = cm_malloc((total ? total : 1) * sizeof *t->wire);
+    size_t at = 0;
+    for (int i = 0; i < t->nsubs; i++) {
+        sub *s = &t->subs[i];
+        s->wire_at = at;
+        for (int k = 0; k < s->nparts; k++) {
+            const cm_partition *p = &parts[s->parts[k]];
+            ps_wire_bf16_from_f32(t->wire + at, t->grad + p->offset, p->count);
+            at += p->count;
+        }
+    }
+}
+
 int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **out) {
     ps_ticket *t = ticket_new(c, OP_PUSH, step);
     t->grad = grad;
+    ticket_convert(t);
     for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
     *out = t;
     return CM_OK;
@@ -244,6 +283,7 @@ int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *pa
     ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step);
     t->grad = grad;
     t->params = params;
+    ticket_convert(t);
     for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
     *out = t;
     return CM_OK;
@@ -285,6 +325,7 @@ int ps_client_push_pull_parts(ps_client *c, int64_t step, const float *grad, flo
     }
     t->nsubs = k;
     free(seen);
+    ticket_convert(t);
     for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
     *out = t;
     return CM_OK;

@@ -38,6 +38,13 @@ typedef struct ps_client_cfg {
     int64_t deadline_ms;           /* Per call (0 = 60000). */
     int64_t connect_timeout_ms;    /* Retrying UNAVAILABLE (0 = 30000). */
     int max_message;               /* Bytes (0 = the rpc default, 64 MiB). */
+    int wire_bf16;                 /* Push gradients as bfloat16 (rounded to
+                                    * nearest even, ps_wire_bf16_from_f32):
+                                    * half the bytes. Each push converts the
+                                    * pushed partitions into a buffer of its
+                                    * own ticket and sends that; 0 = float32,
+                                    * sent zero-copy from the caller's. Pulls
+                                    * are float32 either way. */
 } ps_client_cfg;
 
 /* What the chief initialises the shards with (psrpc.InitRequest). */
@@ -63,7 +70,8 @@ void ps_client_close(ps_client *c);
  * Adopts the shards' recovery epoch (1 for fresh shards). */
 int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errlen);
 
-/* Push 'grad' (model->numel floats) as this rank's gradient for 'step'. */
+/* Push 'grad' (model->numel floats) as this rank's gradient for 'step'
+ * (as bfloat16 with cfg.wire_bf16, converted before this returns). */
 int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **t);
 
 /* Pull every partition at version >= min_version into params. */

@@ -29,6 +29,10 @@
 #include "ps/ps_wire.h"
 #include "storage/st_store.h"
 
+_Static_assert((int)PS_DTYPE_FLOAT32 == (int)PSRPC__DTYPE__DTYPE_FLOAT32 &&
+                   (int)PS_DTYPE_BFLOAT16 == (int)PSRPC__DTYPE__DTYPE_BFLOAT16,
+               "ps_grad.dtype takes psrpc.DType's numbers");
+
 
 int ps_server_default_threads(void) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -268,7 +272,7 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
     for (int i = 0; i < m.ntensors; i++) {
         const ps_wire_tensor *t = &m.tensors[i];
         g[i] = (ps_grad){.part = t->meta->part,
-                         .dtype_ok = t->meta->dtype == PSRPC__DTYPE__DTYPE_FLOAT32,
+                         .dtype = (int)t->meta->dtype, /* ps_shard checks it. */
                          .nshape = (int)t->meta->n_shape,
                          .shape = t->meta->shape,
                          .data = t->data,

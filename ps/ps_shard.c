@@ -15,8 +15,9 @@
  *    arrives, and never again, so replies may reference finished partitions
  *    of pending before it is published.
  *  - pcount[i] == number of workers w with contrib[w * nparts + i] set;
- *    acc's partition i holds their sum (the first is copied, later added;
- *    with 3 or more workers in sync mode each is staged and the sum is
+ *    acc's partition i holds their sum (the first is copied, later added,
+ *    each widened to float32 on the way if it came as bfloat16; with 3 or
+ *    more workers in sync mode each is staged, as float32, and the sum is
  *    taken in rank order once all are in, so it does not depend on the
  *    arrival order and sync runs are reproducible bit for bit).
  *  - pdone[i] iff partition i is final in pending; ndone counts them;
@@ -394,6 +395,25 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
     return CM_OK;
 }
 
+/* Bytes a value of a (valid) pushed dtype takes on the wire. */
+static size_t dtype_size(int dtype) { return dtype == PS_DTYPE_BFLOAT16 ? 2 : sizeof(float); }
+
+/* dst = g's n values as float32 (g validated: the first contribution). */
+static void grad_load(float *dst, const ps_grad *g, size_t n) {
+    if (g->dtype == PS_DTYPE_BFLOAT16)
+        ps_wire_load_bf16(dst, g->data, n);
+    else
+        memcpy(dst, g->data, n * sizeof(float));
+}
+
+/* dst += g's n values, widened to float32. */
+static void grad_add(float *dst, const ps_grad *g, size_t n) {
+    if (g->dtype == PS_DTYPE_BFLOAT16)
+        ps_wire_load_add_bf16(dst, g->data, n);
+    else
+        ps_wire_load_add(dst, g->data, n);
+}
+
 /* Check a push's tensors against the placement (no lock needed: the layout
  * is immutable). */
 static int validate(const ps_shard *s, const ps_grad *g, int ng, char *err, size_t errlen) {
@@ -424,9 +444,11 @@ static int validate(const ps_shard *s, const ps_grad *g, int ng, char *err, size
         } else if (seen[li]) {
             cm_seterr(err, errlen, "partition %u appears twice in one push", x->part);
             rc = PS_PUSH_INVALID;
-        } else if (!x->dtype_ok) {
-            cm_seterr(err, errlen, "partition %u (%s): dtype must be DTYPE_FLOAT32", x->part,
-                      v->name);
+        } else if (x->dtype != PS_DTYPE_FLOAT32 && x->dtype != PS_DTYPE_BFLOAT16) {
+            cm_seterr(err, errlen,
+                      "partition %u (%s part %d): dtype %d, must be DTYPE_FLOAT32 (1) or "
+                      "DTYPE_BFLOAT16 (2)",
+                      x->part, v->name, p->index, x->dtype);
             rc = PS_PUSH_INVALID;
         } else {
             seen[li] = 1;
@@ -443,10 +465,11 @@ static int validate(const ps_shard *s, const ps_grad *g, int ng, char *err, size
                 cm_seterr(err, errlen, "partition %u (%s part %d): shape must be %s", x->part,
                           v->name, p->index, want);
                 rc = PS_PUSH_INVALID;
-            } else if (x->len != p->count * sizeof(float)) {
+            } else if (x->len != p->count * dtype_size(x->dtype)) {
                 cm_seterr(err, errlen,
-                          "partition %u (%s part %d): %zu data bytes, expected %zu (%zu float32)",
-                          x->part, v->name, p->index, x->len, p->count * sizeof(float), p->count);
+                          "partition %u (%s part %d): %zu data bytes, expected %zu (%zu %s)",
+                          x->part, v->name, p->index, x->len, p->count * dtype_size(x->dtype),
+                          p->count, x->dtype == PS_DTYPE_BFLOAT16 ? "bfloat16" : "float32");
                 rc = PS_PUSH_INVALID;
             }
         }
@@ -496,7 +519,7 @@ static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
     for (int i = 0; i < ngrads; i++) {
         int li = s->local_of[grads[i].part];
         size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
-        memcpy(s->acc + off, grads[i].data, n * sizeof(float));
+        grad_load(s->acc + off, &grads[i], n);
         apply_part(s, li, 1, next);
         pushed[li] = 1;
     }
@@ -581,11 +604,11 @@ int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, i
         size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
         float *dst = s->acc + off;
         if (s->stage)
-            memcpy(s->stage + (size_t)worker * s->numel + off, grads[i].data, n * sizeof(float));
+            grad_load(s->stage + (size_t)worker * s->numel + off, &grads[i], n);
         else if (s->pcount[li] == 0)
-            memcpy(dst, grads[i].data, n * sizeof(float));
+            grad_load(dst, &grads[i], n);
         else
-            ps_wire_load_add(dst, grads[i].data, n);
+            grad_add(dst, &grads[i], n);
         mine[li] = 1;
         if (++s->pcount[li] == s->cfg.num_workers) {
             if (s->stage) { /* In rank order: the same sum whatever the arrival order. */

@@ -13,6 +13,9 @@
  * (a partition reply can be sent then); when every partition is done the
  * version becomes t + 1. In async mode every push is applied at once (its
  * partitions; the others are unchanged) and bumps the version.
+ * A gradient comes as float32 or bfloat16 (ps_grad.dtype), each widened to
+ * float32 as it arrives, so workers of one step may mix them; the sums, the
+ * optimizer and the snapshots are float32.
  *
  * Pushes in sync mode, from worker w for step t at version v:
  *   t == v, some partition new    accepted: the new partitions are counted,
@@ -63,13 +66,18 @@ typedef struct ps_shard_config {
                          * as version 0), this is their XXH64. */
 } ps_shard_config;
 
+/* The dtypes a pushed gradient may have: psrpc.DType's numbers. */
+enum ps_dtype { PS_DTYPE_FLOAT32 = 1, PS_DTYPE_BFLOAT16 = 2 };
+
 /* One gradient of a push: partition id (placement) and its values. */
 typedef struct ps_grad {
     uint32_t part;
-    int dtype_ok;          /* 1 if the sender said float32. */
+    int dtype;             /* As sent: PS_DTYPE_*; anything else is refused. */
     int nshape;
     const uint64_t *shape; /* As sent. */
-    const uint8_t *data;   /* Raw little-endian float32, maybe unaligned. */
+    const uint8_t *data;   /* Raw little-endian float32 (4 bytes a value) or
+                            * bfloat16 (2), maybe unaligned; widened to
+                            * float32 as it is accumulated. */
     size_t len;            /* Bytes. */
 } ps_grad;
 

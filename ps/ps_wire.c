@@ -119,13 +119,29 @@ void ps_wire_part_meta(const cm_model *m, const cm_placement *pl, uint32_t part,
     t->shape = shape;
 }
 
-void ps_wire_put_part(ps_wire_writer *w, uint32_t field, const cm_model *m,
-                      const cm_placement *pl, uint32_t part, const float *data,
-                      void (*release)(void *), void *ud) {
+/* Partition 'part' as a Tensor of 'dtype', 'vsize' bytes a value. */
+static void put_part_as(ps_wire_writer *w, uint32_t field, const cm_model *m,
+                        const cm_placement *pl, uint32_t part, Psrpc__DType dtype,
+                        const void *data, size_t vsize, void (*release)(void *), void *ud) {
     uint64_t shape[CM_VAR_MAX_DIMS];
     Psrpc__Tensor t;
     ps_wire_part_meta(m, pl, part, shape, &t);
-    ps_wire_put_tensor(w, field, &t, data, pl->parts[part].count * sizeof(float), release, ud);
+    t.dtype = dtype;
+    ps_wire_put_tensor(w, field, &t, data, pl->parts[part].count * vsize, release, ud);
+}
+
+void ps_wire_put_part(ps_wire_writer *w, uint32_t field, const cm_model *m,
+                      const cm_placement *pl, uint32_t part, const float *data,
+                      void (*release)(void *), void *ud) {
+    put_part_as(w, field, m, pl, part, PSRPC__DTYPE__DTYPE_FLOAT32, data, sizeof(float), release,
+                ud);
+}
+
+void ps_wire_put_part_bf16(ps_wire_writer *w, uint32_t field, const cm_model *m,
+                           const cm_placement *pl, uint32_t part, const uint16_t *data,
+                           void (*release)(void *), void *ud) {
+    put_part_as(w, field, m, pl, part, PSRPC__DTYPE__DTYPE_BFLOAT16, data, sizeof(uint16_t),
+                release, ud);
 }
 
 const rpc_seg *ps_wire_segs(ps_wire_writer *w, int *nsegs) {
@@ -287,6 +303,40 @@ void ps_wire_load_add(float *dst, const uint8_t *src, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float v;
         memcpy(&v, src + 4 * i, sizeof v);
+        dst[i] += v;
+    }
+}
+
+void ps_wire_bf16_from_f32(uint16_t *restrict dst, const float *restrict src, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &src[i], sizeof u);
+        /* Adding 0x7fff plus the lowest kept bit carries into the kept bits
+         * exactly when the dropped half is above 0x8000, or equal to it and
+         * the kept value is odd. No finite value or infinity overflows 32
+         * bits; NaNs are taken apart instead (they could become inf). */
+        uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        uint32_t quiet_nan = (u >> 16) | 0x40u;
+        dst[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+    }
+}
+
+void ps_wire_load_bf16(float *restrict dst, const uint8_t *restrict src, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * i, sizeof h);
+        uint32_t u = (uint32_t)h << 16;
+        memcpy(&dst[i], &u, sizeof u);
+    }
+}
+
+void ps_wire_load_add_bf16(float *restrict dst, const uint8_t *restrict src, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * i, sizeof h);
+        uint32_t u = (uint32_t)h << 16;
+        float v;
+        memcpy(&v, &u, sizeof v);
         dst[i] += v;
     }
 }

@@ -55,6 +55,13 @@ void ps_wire_put_tensor(ps_wire_writer *w, uint32_t field, const Psrpc__Tensor *
 void ps_wire_part_meta(const cm_model *m, const cm_placement *pl, uint32_t part,
                        uint64_t shape[CM_VAR_MAX_DIMS], Psrpc__Tensor *t);
 
+/* The same as a bfloat16 Tensor (pushed gradients only): 'data' holds
+ * the partition's count values (2 bytes each, from ps_wire_bf16_from_f32),
+ * sent in place. */
+void ps_wire_put_part_bf16(ps_wire_writer *w, uint32_t field, const cm_model *m,
+                           const cm_placement *pl, uint32_t part, const uint16_t *data,
+                           void (*release)(void *), void *ud);
+
 /* Append partition 'part' of the placement as a float32 Tensor of its
  * shape (rows of the partition, then the variable's other dimensions), with
  * 'data' (the partition's count floats) sent in place as in
@@ -104,5 +111,24 @@ uint64_t ps_wire_identity(const cm_model *m, const cm_placement *pl, char *desc,
 
 /* dst[i] += value i of src (n floats, src possibly unaligned). */
 void ps_wire_load_add(float *dst, const uint8_t *src, size_t n);
+
+/* ------------------------------------------------------------ bfloat16
+ * Pushed gradients may travel as bfloat16 (DTYPE_BFLOAT16): the upper 16
+ * bits of the float32, so widening is exact and only the narrowing rounds.
+ * Narrowing rounds to nearest, ties to even (as torch and the CUDA
+ * __float2bfloat16 do): finite values that round past the largest bf16
+ * become +-inf, infinities stay infinities, and a NaN stays a NaN (its sign
+ * and upper payload bits kept, the quiet bit set) instead of rounding into
+ * an infinity. The loops have no branches in their bodies (the compiler
+ * vectorises them). */
+
+/* dst[i] = src[i] as bfloat16 bits (n values; the buffers must not overlap). */
+void ps_wire_bf16_from_f32(uint16_t *restrict dst, const float *restrict src, size_t n);
+
+/* dst[i] = value i of src (n bfloat16, src possibly unaligned) as float32. */
+void ps_wire_load_bf16(float *restrict dst, const uint8_t *restrict src, size_t n);
+
+/* dst[i] += value i of src (n bfloat16, src possibly unaligned). */
+void ps_wire_load_add_bf16(float *restrict dst, const uint8_t *restrict src, size_t n);
 
 #endif /* PS_WIRE_H */

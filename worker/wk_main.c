@@ -85,6 +85,10 @@ static void usage(FILE *f) {
             "                            version at the end of a step instead of letting the\n"
             "                            next forward pass wait for each piece of the first\n"
             "                            layer's kernel as it needs it\n"
+            "  --wire-dtype fp32|bf16    PS mode: push gradients as float32 (default) or\n"
+            "                            bfloat16 (rounded to nearest even: half the bytes\n"
+            "                            pushed; pulls, the PS's sums, optimizer and\n"
+            "                            weights stay fp32; any device, the CPU too)\n"
             "  --no-nccl                 allreduce mode on GPUs: average over the TCP ring,\n"
             "                            not NCCL (e.g. workers sharing one GPU, which\n"
             "                            NCCL refuses); every worker must agree\n"
@@ -126,7 +130,7 @@ int main(int argc, char **argv) {
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
-        O_GPU_DEVICES, O_PRECISION, O_NO_NCCL
+        O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -172,6 +176,7 @@ int main(int argc, char **argv) {
         {"eval-only", no_argument, 0, O_EVAL_ONLY},
         {"devices", required_argument, 0, O_GPU_DEVICES},
         {"precision", required_argument, 0, O_PRECISION},
+        {"wire-dtype", required_argument, 0, O_WIRE_DTYPE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -332,6 +337,13 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "pstrain: --precision must be fp32 or bf16, got '%s'\n", optarg);
                 return 2;
             }
+            break;
+        case O_WIRE_DTYPE:
+            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16")) {
+                fprintf(stderr, "pstrain: --wire-dtype must be fp32 or bf16, got '%s'\n", optarg);
+                return 2;
+            }
+            cfg.wire_bf16 = !strcmp(optarg, "bf16");
             break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;

@@ -60,7 +60,7 @@ static void fmt_duration(double s, char *buf, size_t len) {
 static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, int nps,
                          const wk_train_result *r, int ndevs, int on_gpu) {
     json_t *o = json_pack("{s:s, s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:s, s:f, s:I,"
-                          " s:i, s:i, s:f, s:i, s:s, s:i, s:I, s:s, s:i, s:s}",
+                          " s:i, s:i, s:f, s:i, s:s, s:i, s:I, s:s, s:i, s:s, s:s}",
                           "mode", cfg->mode, "test_accuracy", r->test_accuracy, "test_loss",
                           r->test_loss, "steps", (json_int_t)r->steps, "examples_per_sec",
                           r->examples_per_sec, "seconds", r->seconds, "final_train_loss",
@@ -73,7 +73,8 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
                           cfg->async ? "async" : "sync", "rollbacks", r->rollbacks,
                           "steps_redone", (json_int_t)r->steps_redone, "device",
                           on_gpu ? "cuda" : "cpu", "devices", ndevs, "precision",
-                          wk_precision_name(cfg->precision));
+                          wk_precision_name(cfg->precision), "wire_dtype",
+                          cfg->wire_bf16 ? "bf16" : "fp32");
     if (!o) return CM_ENOMEM;
     int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;
     json_decref(o);
@@ -125,6 +126,11 @@ static int check_cfg(const wk_train_cfg *cfg) {
                      cm_task_type_name(c->task_type), c->task_index);
             return CM_EUNSUPPORTED;
         }
+    }
+    if (cfg->wire_bf16 && strcmp(cfg->mode, "ps") != 0) {
+        cm_error("--wire-dtype bf16 is for --mode ps (the gradients pushed to the PS); this "
+                 "run is --mode %s", cfg->mode);
+        return CM_EINVAL;
     }
     if (cfg->epochs < 1) return cm_error("--epochs must be >= 1"), CM_EINVAL;
     if (cfg->batch_size < 1) return cm_error("--batch-size must be >= 1"), CM_EINVAL;
@@ -440,6 +446,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
             .separate_pull = cfg->separate_pull,
             .overlap = !cfg->no_overlap && !cfg->async && !cfg->separate_pull,
             .no_pipeline = cfg->no_pipeline,
+            .wire_bf16 = cfg->wire_bf16,
             .fault_zero_gradient = cfg->fault_zero_gradient &&
                                    (cfg->fault_rank < 0 || cfg->fault_rank == rank),
             .global_batch = (unsigned)B,
@@ -510,10 +517,12 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
                 rank, W, is_chief ? " (chief)" : "", numel, ps_optim_name(opt.kind), (double)lr,
                 cfg->batch_size, B, threads, threads == 1 ? "" : "s", (long long)total);
     else if (is_ps)
-        cm_info("training %s (%s): rank %d of %d workers%s, %d PS, %zu parameters, %s lr %g, "
+        cm_info("training %s (%s%s): rank %d of %d workers%s, %d PS, %zu parameters, %s lr %g, "
                 "batch %d per worker (%zu global) on %d %s device%s, %d BLAS thread%s, %lld "
                 "steps",
-                cfg->mode, cfg->async ? "async" : "sync", rank, W, is_chief ? " (chief)" : "",
+                cfg->mode, cfg->async ? "async" : "sync",
+                cfg->wire_bf16 ? ", bf16 gradients on the wire" : "", rank, W,
+                is_chief ? " (chief)" : "",
                 nps, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, B, D,
                 on_gpu ? (cfg->precision == WK_PRECISION_BF16 ? "gpu (bf16)" : "gpu") : "cpu",
                 D == 1 ? "" : "s", threads, threads == 1 ? "" : "s", (long long)total);

@@ -63,6 +63,9 @@ typedef struct wk_train_cfg {
                                 * version at the end of each step, not piece
                                 * by piece in the next forward pass. */
     int no_nccl;               /* Allreduce on GPUs: the TCP ring, not NCCL. */
+    int wire_bf16;             /* PS mode: push gradients as bfloat16 (RNE),
+                                * half the bytes; pulls and the PS stay fp32
+                                * (--wire-dtype bf16; any device). */
     int64_t eval_every;        /* Evaluator task: versions between evaluations
                                 * (0 = 500). */
     int64_t recovery_timeout_ms; /* Waiting for the cluster to agree after a

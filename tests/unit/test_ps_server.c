@@ -31,6 +31,8 @@
 #include "ps/ps_wire.h"
 #include "storage/st_store.h"
 
+#include "bf16_grads.h"
+
 /* ===== Helpers ===== */
 
 #define CHECK(x)                                                                  \
@@ -597,6 +599,118 @@ static void test_client_push_pull_parts(void **state) {
     fx_stop();
 }
 
+/* ===== bfloat16 pushes ===== */
+
+static ps_client *open_bf16_client(int rank) {
+    ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = rank,
+                        .deadline_ms = DEADLINE, .connect_timeout_ms = 2000, .wire_bf16 = 1};
+    ps_client *c = NULL;
+    char err[256] = "";
+    if (ps_client_open(&cc, &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    return c;
+}
+
+/* ref -= LR * (a + b) / 2, as the shard computes it. */
+static void ref_apply(float *ref, const float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++) ref[i] = ref[i] - LR * ((a[i] + b[i]) / 2.0f);
+}
+
+/* Clients with wire_bf16 through every push path: Push and PushPull of the
+ * whole gradient, the partial push-pulls of the overlap (one partition,
+ * then the rest over both shards), mixed with a float32 worker in one
+ * step, and a push-pull abandoned while its call waits (the ticket's bf16
+ * buffer must outlive it; ASan checks). Each step's values are, bit for
+ * bit, those of the float32 gradients rounded to bfloat16. */
+static void test_client_bf16_pushes(void **state) {
+    (void)state;
+    fx_start(0);
+    size_t n = F.m->numel;
+    float *ref = malloc(n * sizeof *ref), *g0 = malloc(n * sizeof *g0),
+          *g1 = malloc(n * sizeof *g1), *r0 = malloc(n * sizeof *r0),
+          *r1 = malloc(n * sizeof *r1), *p0 = malloc(n * sizeof *p0),
+          *p1 = malloc(n * sizeof *p1), *plain = malloc(n * sizeof *plain);
+    assert_true(ref && g0 && g1 && r0 && r1 && p0 && p1 && plain);
+    memcpy(ref, F.init, n * sizeof *ref);
+    init_ok();
+    ps_client *b0 = open_bf16_client(0), *b1 = open_bf16_client(1);
+    char err[512] = "";
+    int64_t v = -1;
+    int np = F.pl->nparts;
+    uint32_t first = 0, *rest = malloc((size_t)np * sizeof *rest);
+    assert_non_null(rest);
+    for (int i = 1; i < np; i++) rest[i - 1] = (uint32_t)i;
+
+    /* Step 0, mixed: rank 0 pushes float32, rank 1 push-pulls bfloat16. */
+    grad_fine(g0, n, 0, 0);
+    grad_fine(g1, n, 1, 0);
+    memcpy(r1, g1, n * sizeof *r1);
+    bf16_round(r1, n);
+    size_t rounded = 0;
+    for (size_t i = 0; i < n; i++) rounded += r1[i] != g1[i];
+    assert_true(rounded > n / 2);
+    ps_ticket *t0 = NULL, *t1 = NULL;
+    assert_int_equal(ps_client_push(F.cli[0], 0, g0, &t0), CM_OK);
+    assert_int_equal(ps_client_push_pull(b1, 0, g1, p1, &t1), CM_OK);
+    if (ps_ticket_wait(t0, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    if (ps_ticket_wait(t1, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(v, 1);
+    memcpy(plain, ref, n * sizeof *plain);
+    ref_apply(plain, g0, g1, n);
+    ref_apply(ref, g0, r1, n);
+    expect_same(ref, p1, n);
+    size_t differ = 0;
+    for (size_t i = 0; i < n; i++) differ += plain[i] != p1[i];
+    assert_true(differ > n / 2); /* Rounding was not lost on the way. */
+
+    /* Step 1, both bfloat16: rank 0 in two partial push-pulls, rank 1 a Push. */
+    grad_fine(g0, n, 0, 1);
+    grad_fine(g1, n, 1, 1);
+    memcpy(r0, g0, n * sizeof *r0);
+    memcpy(r1, g1, n * sizeof *r1);
+    bf16_round(r0, n);
+    bf16_round(r1, n);
+    ps_ticket *a = NULL, *b = NULL;
+    memset(p0, 0xff, n * sizeof *p0);
+    assert_int_equal(ps_client_push_pull_parts(b0, 1, g0, p0, &first, 1, &a), CM_OK);
+    assert_int_equal(ps_client_push_pull_parts(b0, 1, g0, p0, rest, np - 1, &b), CM_OK);
+    assert_int_equal(ps_client_push(b1, 1, g1, &t1), CM_OK);
+    ps_ticket *all[3] = {a, b, t1};
+    if (ps_tickets_wait(all, 3, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ref_apply(ref, r0, r1, n);
+    expect_same(ref, p0, n);
+    expect_values(2, 2, ref);
+
+    /* Step 2: rank 1's bfloat16 push-pull waits for rank 0 and is abandoned;
+     * its push was sent, so rank 0's float32 push completes the step. */
+    grad_fine(g0, n, 0, 2);
+    grad_fine(g1, n, 1, 2);
+    memcpy(r1, g1, n * sizeof *r1);
+    bf16_round(r1, n);
+    assert_int_equal(ps_client_push_pull(b1, 2, g1, p1, &t1), CM_OK);
+    ps_tickets_abandon(&t1, 1);
+    memset(g1, 0xff, n * sizeof *g1); /* The caller's buffer is free again. */
+    assert_int_equal(ps_client_push(F.cli[0], 2, g0, &t0), CM_OK);
+    if (ps_ticket_wait(t0, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ref_apply(ref, g0, r1, n);
+    expect_values(3, 3, ref);
+
+    ps_client_stats st = stats();
+    assert_int_equal(st.bad_requests, 0);
+    assert_int_equal(st.pushes, 4 + (1 + 2 + 2) + 4); /* Sub-calls, step by step. */
+    ps_client_close(b0); /* Waits for the orphan's reply. */
+    ps_client_close(b1);
+    free(rest);
+    free(ref);
+    free(g0);
+    free(g1);
+    free(r0);
+    free(r1);
+    free(p0);
+    free(p1);
+    free(plain);
+    fx_stop();
+}
+
 /* ===== Bad input over raw gRPC ===== */
 
 static void test_malformed_bytes(void **state) {
@@ -684,6 +798,25 @@ static void test_bad_push_contents(void **state) {
     expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, "DTYPE_FLOAT32", NULL);
     expect_unchanged(0, F.init);
 
+    /* An unknown dtype; bfloat16 with float32's length, and with an odd one. */
+    raw_push_make(&rp, 1, 0, g);
+    rp.t[rp.kern].dtype = 7;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    snprintf(want, sizeof want, "partition %u (%s part %d): dtype 7", rp.t[rp.kern].part, kname,
+             kp->index);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, want, "DTYPE_BFLOAT16", NULL);
+    raw_push_make(&rp, 1, 0, g);
+    rp.t[rp.kern].dtype = PSRPC__DTYPE__DTYPE_BFLOAT16;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    snprintf(want, sizeof want, "%zu data bytes, expected %zu (%zu bfloat16)", kp->count * 4,
+             kp->count * 2, kp->count);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, want, NULL);
+    rp.t[rp.kern].data.len = kp->count * 2 + 1;
+    code = raw_msg("/psrpc.Ps/Push", &rp.req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    snprintf(want, sizeof want, "%zu data bytes, expected %zu", kp->count * 2 + 1, kp->count * 2);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, kname, want, NULL);
+    expect_unchanged(0, F.init);
+
     /* Unknown partition id. */
     raw_push_make(&rp, 1, 0, g);
     rp.t[0].part = 1000;
@@ -737,7 +870,7 @@ static void test_bad_push_contents(void **state) {
     expect_unchanged(0, F.init);
 
     Psrpc__StatsReply *st = raw_stats();
-    assert_int_equal(st->bad_requests, 10);
+    assert_int_equal(st->bad_requests, 13);
     assert_int_equal(st->pushes, 1);
     psrpc__stats_reply__free_unpacked(st, NULL);
 
@@ -1336,6 +1469,7 @@ int main(void) {
         cmocka_unit_test(test_create_and_start_errors),
         cmocka_unit_test(test_client_happy_path),
         cmocka_unit_test(test_client_push_pull_parts),
+        cmocka_unit_test(test_client_bf16_pushes),
         cmocka_unit_test(test_malformed_bytes),
         cmocka_unit_test(test_bad_push_contents),
         cmocka_unit_test(test_wrong_cluster),

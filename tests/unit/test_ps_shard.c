@@ -14,6 +14,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,9 @@
 #include "common/cm_status.h"
 #include "ps/ps_optim.h"
 #include "ps/ps_shard.h"
+#include "ps/ps_wire.h"
+
+#include "bf16_grads.h"
 
 /* ===== Helpers ===== */
 
@@ -113,7 +117,7 @@ typedef struct push_buf {
     int n;
 } push_buf;
 
-static void push_make(const fixture *f, const float *full, push_buf *pb) {
+static void push_make_as(const fixture *f, const float *full, int dtype, push_buf *pb) {
     memset(pb, 0, sizeof *pb);
     size_t off = 1;
     for (int i = 0; i < f->nparts; i++) {
@@ -121,16 +125,28 @@ static void push_make(const fixture *f, const float *full, push_buf *pb) {
         const cm_var *v = &f->m->vars[p->var];
         pb->shape[i][0] = p->row_end - p->row_begin;
         for (int d = 1; d < v->ndims; d++) pb->shape[i][d] = (uint64_t)v->dims[d];
-        memcpy(pb->raw + off, full + p->offset, p->count * sizeof(float));
+        size_t len = p->count * sizeof(float);
+        if (dtype == PS_DTYPE_BFLOAT16) {
+            uint16_t h[MAXN];
+            ps_wire_bf16_from_f32(h, full + p->offset, p->count);
+            len = p->count * sizeof(uint16_t);
+            memcpy(pb->raw + off, h, len);
+        } else {
+            memcpy(pb->raw + off, full + p->offset, len);
+        }
         pb->g[i] = (ps_grad){.part = f->parts[i],
-                             .dtype_ok = 1,
+                             .dtype = dtype,
                              .nshape = v->ndims,
                              .shape = pb->shape[i],
                              .data = pb->raw + off,
-                             .len = p->count * sizeof(float)};
-        off += p->count * sizeof(float);
+                             .len = len};
+        off += len;
     }
     pb->n = f->nparts;
+}
+
+static void push_make(const fixture *f, const float *full, push_buf *pb) {
+    push_make_as(f, full, PS_DTYPE_FLOAT32, pb);
 }
 
 /* Push the deterministic gradient of (worker, step); returns the result. */
@@ -858,6 +874,9 @@ typedef enum {
     BAD_NO_PARTS,
     BAD_WORKER_HIGH,
     BAD_WORKER_NEG,
+    BAD_DTYPE_UNKNOWN,
+    BAD_BF16_F32_LEN,
+    BAD_BF16_ODD_LEN,
     BAD_COUNT
 } bad_kind;
 
@@ -910,9 +929,11 @@ static int corrupt(const fixture *f, push_buf *pb, bad_kind k, char *want, size_
         snprintf(want, wlen, "%zu data bytes, expected %zu", kp->count * 4 + 1, kp->count * 4);
         break;
     case BAD_DTYPE:
-        pb->g[kern].dtype_ok = 0;
-        snprintf(want, wlen, "partition %u (%s): dtype must be DTYPE_FLOAT32", pb->g[kern].part,
-                 kname);
+        pb->g[kern].dtype = 0;
+        snprintf(want, wlen,
+                 "partition %u (%s part %d): dtype 0, must be DTYPE_FLOAT32 (1) or "
+                 "DTYPE_BFLOAT16 (2)",
+                 pb->g[kern].part, kname, kp->index);
         break;
     case BAD_DUP_PART:
         pb->g[1] = pb->g[0];
@@ -935,6 +956,22 @@ static int corrupt(const fixture *f, push_buf *pb, bad_kind k, char *want, size_
     case BAD_WORKER_NEG:
         worker = -1;
         snprintf(want, wlen, "worker rank -1 out of range");
+        break;
+    case BAD_DTYPE_UNKNOWN:
+        pb->g[kern].dtype = 7;
+        snprintf(want, wlen, "partition %u (%s part %d): dtype 7, must be", pb->g[kern].part,
+                 kname, kp->index);
+        break;
+    case BAD_BF16_F32_LEN: /* Said bfloat16, sent float32's length. */
+        pb->g[kern].dtype = PS_DTYPE_BFLOAT16;
+        snprintf(want, wlen, "partition %u (%s part %d): %zu data bytes, expected %zu (%zu bfloat16)",
+                 pb->g[kern].part, kname, kp->index, kp->count * 4, kp->count * 2, kp->count);
+        break;
+    case BAD_BF16_ODD_LEN:
+        pb->g[kern].dtype = PS_DTYPE_BFLOAT16;
+        pb->g[kern].len = kp->count * 2 + 1;
+        snprintf(want, wlen, "(%s part %d): %zu data bytes, expected %zu (%zu bfloat16)", kname,
+                 kp->index, kp->count * 2 + 1, kp->count * 2, kp->count);
         break;
     case BAD_COUNT: break;
     }
@@ -1046,6 +1083,192 @@ static void test_sum_add_exact(void **state) {
     own_only(f, want);
     assert_int_equal(values(f, got), 3);
     expect_same(want, got, f->m->numel);
+}
+
+/* ===== bfloat16 gradients ===== */
+
+static float f_of(uint32_t u) {
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* Round to bfloat16 one value at a time, and through the vector loop. */
+static uint16_t bf16_one(uint32_t u) {
+    float x = f_of(u);
+    uint16_t h;
+    ps_wire_bf16_from_f32(&h, &x, 1);
+    return h;
+}
+
+/* An independent reference: of the two bf16 neighbours (truncation and one
+ * unit away from zero, 2^128 standing for the infinity past the largest),
+ * the nearer in double, the even one on a tie. Finite inputs only. */
+static uint16_t bf16_ref(uint32_t u) {
+    uint32_t lo = u & 0xffff0000u, hi = lo + 0x10000u;
+    double x = (double)f_of(u), vlo = (double)f_of(lo);
+    double vhi = (hi & 0x7f800000u) == 0x7f800000u ? copysign(ldexp(1.0, 128), x)
+                                                     : (double)f_of(hi);
+    double dlo = fabs(x - vlo), dhi = fabs(vhi - x);
+    if (dlo < dhi || (dlo == dhi && !((lo >> 16) & 1u))) return (uint16_t)(lo >> 16);
+    return (uint16_t)(hi >> 16);
+}
+
+static void test_bf16_rounding(void **state) {
+    (void)state;
+    static const struct { uint32_t in; uint16_t out; const char *what; } cases[] = {
+        {0x3f800000u, 0x3f80, "1.0 is exact"},
+        {0x3f807fffu, 0x3f80, "below half an ulp: down"},
+        {0x3f808001u, 0x3f81, "above half an ulp: up"},
+        {0x3f808000u, 0x3f80, "tie, even below: down"},
+        {0x3f818000u, 0x3f82, "tie, odd below: up to even"},
+        {0x3fffffffu, 0x4000, "1.99999988 rounds up into the next exponent (2.0)"},
+        {0x3fff8000u, 0x4000, "tie, odd below, carries into the exponent"},
+        {0x7f7f7fffu, 0x7f7f, "just under the largest bf16 stays finite"},
+        {0x7f7fffffu, 0x7f80, "FLT_MAX rounds to +inf"},
+        {0xbf800000u, 0xbf80, "-1.0"},
+        {0xbf808000u, 0xbf80, "negative tie, even: toward zero"},
+        {0xbf818000u, 0xbf82, "negative tie, odd: away from zero"},
+        {0xbfffffffu, 0xc000, "negative, into the next exponent (-2.0)"},
+        {0xff7fffffu, 0xff80, "-FLT_MAX rounds to -inf"},
+        {0x00000000u, 0x0000, "+0"},
+        {0x80000000u, 0x8000, "-0 keeps its sign"},
+        {0x00018000u, 0x0002, "subnormal tie, odd: up"},
+        {0x00008000u, 0x0000, "subnormal tie, even: to +0"},
+        {0x7f800000u, 0x7f80, "+inf"},
+        {0xff800000u, 0xff80, "-inf"},
+        {0x7fc00000u, 0x7fc0, "quiet NaN"},
+        {0x7f800001u, 0x7fc0, "NaN with low payload only: not inf"},
+        {0x7fbfffffu, 0x7fff, "signalling NaN, payload all ones: quieted"},
+        {0xffffffffu, 0xffff, "negative NaN all ones: does not wrap to 0"},
+        {0x7fffffffu, 0x7fff, "NaN all ones"},
+    };
+    enum { NC = sizeof cases / sizeof cases[0] };
+    /* 3 copies one float past alignment: the loop's vector body and tail. */
+    float in[3 * NC + 1];
+    uint16_t out[3 * NC + 1];
+    for (int r = 0; r < 3; r++)
+        for (int k = 0; k < NC; k++) in[1 + r * NC + k] = f_of(cases[k].in);
+    ps_wire_bf16_from_f32(out + 1, in + 1, 3 * NC);
+    for (int k = 0; k < NC; k++) {
+        uint16_t one = bf16_one(cases[k].in);
+        if (one != cases[k].out)
+            fail_msg("%s: 0x%08x -> 0x%04x, want 0x%04x", cases[k].what, cases[k].in, one,
+                     cases[k].out);
+        for (int r = 0; r < 3; r++)
+            if (out[1 + r * NC + k] != cases[k].out)
+                fail_msg("%s (copy %d in the loop): 0x%04x, want 0x%04x", cases[k].what, r,
+                         out[1 + r * NC + k], cases[k].out);
+    }
+    /* Widening is exact and NaN stays NaN: read back from an odd address. */
+    uint8_t raw[2 * NC + 1];
+    memcpy(raw + 1, out + 1, 2 * NC);
+    float back[NC], sum[NC];
+    ps_wire_load_bf16(back, raw + 1, NC);
+    for (int k = 0; k < NC; k++) {
+        uint32_t bits;
+        memcpy(&bits, &back[k], sizeof bits);
+        assert_int_equal(bits, (uint32_t)cases[k].out << 16);
+        if (isnan(f_of(cases[k].in))) assert_true(isnan(back[k]));
+        if (isinf(f_of(cases[k].in))) assert_true(isinf(back[k]));
+        sum[k] = 0.25f;
+    }
+    ps_wire_load_add_bf16(sum, raw + 1, NC);
+    for (int k = 0; k < NC; k++) {
+        float want = 0.25f + back[k];
+        if (memcmp(&want, &sum[k], sizeof want) != 0 && !(isnan(want) && isnan(sum[k])))
+            fail_msg("%s: 0.25 + %g gave %g", cases[k].what, (double)back[k], (double)sum[k]);
+    }
+    /* 200,000 random finite bit patterns against the reference. */
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    for (int i = 0; i < 200000; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        uint32_t u = (uint32_t)(x >> 16);
+        if ((u & 0x7f800000u) == 0x7f800000u) continue;
+        uint16_t got = bf16_one(u), want = bf16_ref(u);
+        if (got != want) fail_msg("0x%08x -> 0x%04x, reference 0x%04x", u, got, want);
+    }
+}
+
+static void shard_values(const fixture *f, ps_shard *s, float *full) {
+    ps_snapshot *snap = pull_now(s, 0);
+    values_of(f, snap, full);
+    ps_snapshot_unref(snap);
+}
+
+static void push_as(const fixture *f, ps_shard *s, int worker, int64_t step, const float *g,
+                    int dtype) {
+    push_buf pb;
+    char err[256] = "";
+    int64_t v;
+    push_make_as(f, g, dtype, &pb);
+    int rc = ps_shard_push(s, worker, step, pb.g, pb.n, &v, err, sizeof err);
+    if (rc != PS_PUSH_OK) fail_msg("push of worker %d step %lld: %d %s", worker,
+                                   (long long)step, rc, err);
+}
+
+/* A shard fed bfloat16 by the workers whose bit is set in 'bf16_workers'
+ * (float32 by the others) holds, bit for bit, what a shard fed float32 of
+ * the same gradients rounded to bfloat16 holds; and not what float32 of
+ * the unrounded ones gives, so rounding is seen. Sync with 2 workers
+ * (first contribution copied, the second added, whichever has which
+ * dtype), 3 workers (staged in rank order) and async; three optimizers. */
+static void test_bf16_push_equals_fp32_of_rounded(void **state) {
+    fixture *f = *state;
+    static const struct { int kind, workers, sync; unsigned bf16_workers; } runs[] = {
+        {PS_OPTIM_SGD, 2, PS_SYNC, 3u},      /* Both bf16. */
+        {PS_OPTIM_SGD, 2, PS_SYNC, 2u},      /* Mixed: worker 0 fp32, worker 1 bf16. */
+        {PS_OPTIM_SGD, 2, PS_SYNC, 1u},      /* Mixed, the bf16 one arrives first. */
+        {PS_OPTIM_ADAM, 3, PS_SYNC, 5u},     /* Staged, mixed. */
+        {PS_OPTIM_MOMENTUM, 2, PS_ASYNC, 3u}, /* Async. */
+    };
+    size_t n = f->m->numel;
+    for (size_t r = 0; r < sizeof runs / sizeof runs[0]; r++) {
+        ps_shard *a, *b, *plain;
+        assert_int_equal(ps_shard_create(f->m, f->pl, 0, &a), CM_OK);
+        assert_int_equal(ps_shard_create(f->m, f->pl, 0, &b), CM_OK);
+        assert_int_equal(ps_shard_create(f->m, f->pl, 0, &plain), CM_OK);
+        ps_shard_config c = cfg_make(runs[r].kind, runs[r].workers, runs[r].sync, PS_AGG_MEAN);
+        char err[256];
+        int64_t v;
+        assert_int_equal(ps_shard_init(a, &c, &v, err, sizeof err), CM_OK);
+        assert_int_equal(ps_shard_init(b, &c, &v, err, sizeof err), CM_OK);
+        assert_int_equal(ps_shard_init(plain, &c, &v, err, sizeof err), CM_OK);
+        for (int64_t t = 0; t < 3; t++) {
+            for (int w = 0; w < runs[r].workers; w++) {
+                float g[MAXN], rounded[MAXN];
+                grad_fine(g, n, w, t);
+                memcpy(rounded, g, n * sizeof *g);
+                int bf = (runs[r].bf16_workers >> w) & 1u;
+                if (bf) bf16_round(rounded, n);
+                push_as(f, a, w, t, g, bf ? PS_DTYPE_BFLOAT16 : PS_DTYPE_FLOAT32);
+                push_as(f, b, w, t, rounded, PS_DTYPE_FLOAT32);
+                push_as(f, plain, w, t, g, PS_DTYPE_FLOAT32);
+            }
+            float va[MAXN], vb[MAXN], vp[MAXN];
+            shard_values(f, a, va);
+            shard_values(f, b, vb);
+            shard_values(f, plain, vp);
+            expect_same(vb, va, n);
+            /* After the first step: Adam's first update is about lr * sign(g),
+             * which rounding rarely changes. */
+            int differ = 0;
+            for (size_t i = 0; i < n; i++) differ += va[i] != vp[i];
+            if (t > 0 && differ < (int)(n / 4))
+                fail_msg("run %zu step %lld: only %d of %zu values differ from unrounded "
+                         "float32 pushes",
+                         r, (long long)t, differ, n);
+        }
+        ps_shard_stats st;
+        ps_shard_stats_get(a, &st);
+        assert_int_equal(st.version, runs[r].sync == PS_SYNC ? 3 : 3 * runs[r].workers);
+        assert_int_equal(st.bad_requests, 0);
+        ps_shard_destroy(a);
+        ps_shard_destroy(b);
+        ps_shard_destroy(plain);
+    }
 }
 
 /* ===== Shutdown ===== */
@@ -1474,6 +1697,8 @@ int main(void) {
         T(test_invalid_pushes_leave_state_unchanged),
         T(test_async_applies_each_push),
         T(test_sum_add_exact),
+        T(test_bf16_rounding),
+        T(test_bf16_push_equals_fp32_of_rounded),
         T(test_abort_waiters),
         T(test_destroy_answers_waiters),
         T(test_concurrent_sync_pushes),

@@ -93,6 +93,7 @@ typedef struct wk_sync_ps_cfg {
     int no_pipeline;         /* With overlap: step() waits for every piece
                               * instead of leaving the first kernel's last
                               * pieces to the next forward pass. */
+    int wire_bf16;           /* Push gradients as bfloat16 (ps_client_cfg). */
     /* Where the data stands at a step (kept by the shards, so a resumed run
      * must use the same). */
     unsigned global_batch;

@@ -550,7 +550,8 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
     }
     ps_client_cfg cc = {.model = cfg->model, .placement = p->pl, .ps_addrs = cfg->ps_addrs,
                         .rank = cfg->rank, .deadline_ms = cfg->deadline_ms,
-                        .connect_timeout_ms = cfg->connect_timeout_ms};
+                        .connect_timeout_ms = cfg->connect_timeout_ms,
+                        .wire_bf16 = cfg->wire_bf16};
     if ((rc = ps_client_open(&cc, &p->client, err, errlen)) != CM_OK) {
         ps_destroy(&p->base);
         return rc;
