@@ -10,7 +10,11 @@ step time of each run's per-step log (warm-up steps dropped); and psbench's
 --extra adds pstrain flags to the PS runs (e.g. --extra=--no-overlap).
 Prints one JSON line:
   overhead_ms = PS step - local step, tcp_ms = plain-TCP push+pull of the
-  model's bytes, ratio = overhead_ms / tcp_ms (target: <= 1.5).
+  model's bytes, ratio = overhead_ms / tcp_ms (target: <= 1.5) from the
+  medians; ratio_per_repeat and its median: the same ratio within each repeat
+  (load on a shared machine drifts over minutes: their spread shows it).
+The PS checkpoints every 100 versions, the launcher's default; add
+--extra="--checkpoint-every 1000000" for the service without durability.
 """
 import argparse
 import json
@@ -59,6 +63,9 @@ def main():
             row = json.loads(out.strip().splitlines()[-1])
             tcp.append(row["tcp_push_ms"] + row["tcp_pull_ms"])
             grpc.append(row["push_ms"] + row["pull_ms"])
+    # Per repeat (local, PS and TCP measured minutes apart at most): these
+    # machines' load drifts over minutes, so the spread says how much.
+    per = [(p_["step_ms"] - l_["step_ms"]) / t_ for l_, p_, t_ in zip(local, ps, tcp)]
     loc = st.median(r["step_ms"] for r in local)
     pss = st.median(r["step_ms"] for r in ps)
     tcp_ms = st.median(tcp)
@@ -70,7 +77,9 @@ def main():
         "ps_comm_ms": round(st.median(r["comm_ms"] for r in ps), 4),
         "overhead_ms": round(over, 4), "model_bytes": MODEL_BYTES,
         "tcp_push_pull_ms": round(tcp_ms, 4), "grpc_vector_push_pull_ms": round(st.median(grpc), 4),
-        "ratio_to_tcp": round(over / tcp_ms, 3), "target_ratio": 1.5}))
+        "ratio_to_tcp": round(over / tcp_ms, 3),
+        "ratio_per_repeat": [round(x, 3) for x in per],
+        "ratio_median_of_repeats": round(st.median(per), 3), "target_ratio": 1.5}))
 
 
 if __name__ == "__main__":
