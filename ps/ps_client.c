@@ -349,6 +349,25 @@ static void sub_error(const ps_ticket *t, const sub *s, char *err, size_t errlen
               s->msg);
 }
 
+/* With c->mu held (released on return): wait until no segment of the
+ * tickets is in use, so the buffers are the caller's again; tickets with
+ * calls still in flight become orphans (freed by their last completion),
+ * the others are freed here. */
+static void abandon_locked(ps_client *c, ps_ticket **tickets, int n) {
+    for (int k = 0; k < n; k++)
+        while (tickets[k]->segs) pthread_cond_wait(&c->cv, &c->mu);
+    for (int k = 0; k < n; k++) {
+        if (tickets[k]->calls) {
+            tickets[k]->orphan = 1;
+            c->orphans++;
+            tickets[k] = NULL;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    for (int k = 0; k < n; k++)
+        if (tickets[k]) ticket_free(tickets[k]);
+}
+
 int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, size_t errlen) {
     if (n <= 0) return CM_OK;
     ps_client *c = tickets[0]->c;
@@ -400,24 +419,9 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     free(again);
     int rc = CM_OK;
     if (aborted) {
-        rc = CM_EABORTED;
         sub_error(aborted_t, aborted, err, errlen);
-        /* The buffers are the caller's again once no segment is in use;
-         * calls still waiting become orphans. */
-        for (int k = 0; k < n; k++)
-            while (tickets[k]->segs) pthread_cond_wait(&c->cv, &c->mu);
-        for (int k = 0; k < n; k++) {
-            ps_ticket *t = tickets[k];
-            if (t->calls) {
-                t->orphan = 1;
-                c->orphans++;
-                tickets[k] = NULL;
-            }
-        }
-        pthread_mutex_unlock(&c->mu);
-        for (int k = 0; k < n; k++)
-            if (tickets[k]) ticket_free(tickets[k]);
-        return rc;
+        abandon_locked(c, tickets, n);
+        return CM_EABORTED;
     }
     pthread_mutex_unlock(&c->mu);
     int64_t vmin = INT64_MAX;
@@ -441,18 +445,7 @@ void ps_tickets_abandon(ps_ticket **tickets, int n) {
     if (n <= 0) return;
     ps_client *c = tickets[0]->c;
     pthread_mutex_lock(&c->mu);
-    for (int k = 0; k < n; k++)
-        while (tickets[k]->segs) pthread_cond_wait(&c->cv, &c->mu);
-    for (int k = 0; k < n; k++) {
-        if (tickets[k]->calls) {
-            tickets[k]->orphan = 1;
-            c->orphans++;
-            tickets[k] = NULL;
-        }
-    }
-    pthread_mutex_unlock(&c->mu);
-    for (int k = 0; k < n; k++)
-        if (tickets[k]) ticket_free(tickets[k]);
+    abandon_locked(c, tickets, n);
 }
 
 int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen) {

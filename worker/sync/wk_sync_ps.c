@@ -123,22 +123,9 @@ static void on_ready(void *ud, int var, size_t row_begin, size_t row_end) {
     if (p->ready_bytes >= OVERLAP_FLUSH_BYTES) send_ready(p);
 }
 
-/* Wait for the pending tickets; on an error the rest are abandoned (see
- * abandon_pending) and the error returned with its message. */
-static void abandon_pending(psync *p);
-static int settle_all(psync *p) {
-    for (int i = 0; i < p->npend; i++) {
-        if (!p->pend[i]) continue;
-        int rc = ps_ticket_wait(p->pend[i], NULL, p->base.err, sizeof p->base.err);
-        p->pend[i] = NULL;
-        if (rc != CM_OK) {
-            abandon_pending(p);
-            return rc;
-        }
-    }
+static void pend_clear(psync *p) {
     p->npend = 0;
     for (int id = 0; id < p->pl->nparts; id++) p->part_pend[id] = -1;
-    return CM_OK;
 }
 
 /* After a failure: give the pending tickets up (their late replies are
@@ -149,14 +136,33 @@ static void abandon_pending(psync *p) {
     for (int i = 0; i < p->npend; i++)
         if (p->pend[i]) p->pend[n++] = p->pend[i];
     ps_tickets_abandon(p->pend, n);
-    p->npend = 0;
-    for (int id = 0; id < p->pl->nparts; id++) p->part_pend[id] = -1;
+    pend_clear(p);
+}
+
+/* Wait for pending ticket i (if still pending); on an error the others
+ * are abandoned and the error returned with its message. */
+static int wait_pend(psync *p, int i) {
+    if (!p->pend[i]) return CM_OK;
+    int rc = ps_ticket_wait(p->pend[i], NULL, p->base.err, sizeof p->base.err);
+    p->pend[i] = NULL;
+    if (rc != CM_OK) abandon_pending(p);
+    return rc;
+}
+
+/* Wait for every pending ticket (see wait_pend). */
+static int settle_all(psync *p) {
+    for (int i = 0; i < p->npend; i++) {
+        int rc = wait_pend(p, i);
+        if (rc != CM_OK) return rc;
+    }
+    pend_clear(p);
+    return CM_OK;
 }
 
 static int ps_settle(wk_sync *s) { return settle_all((psync *)s); }
 
 /* wk_grad_hook.need: wait for the pending tickets that carry rows
- * [row_begin, row_end) of var. On an error the others are abandoned. */
+ * [row_begin, row_end) of var. */
 static int on_need(void *ud, int var, size_t row_begin, size_t row_end) {
     psync *p = ud;
     if (p->npend == 0) return CM_OK;
@@ -164,16 +170,11 @@ static int on_need(void *ud, int var, size_t row_begin, size_t row_end) {
         uint32_t id = (uint32_t)(p->var_part0[var] + k);
         const cm_partition *part = &p->pl->parts[id];
         int i = p->part_pend[id];
-        if (i < 0 || part->row_end <= row_begin || part->row_begin >= row_end || !p->pend[i])
-            continue;
+        if (i < 0 || part->row_end <= row_begin || part->row_begin >= row_end) continue;
         double t0 = cm_now();
-        int rc = ps_ticket_wait(p->pend[i], NULL, p->base.err, sizeof p->base.err);
+        int rc = wait_pend(p, i);
         p->need_wait += cm_now() - t0;
-        p->pend[i] = NULL;
-        if (rc != CM_OK) {
-            abandon_pending(p);
-            return rc;
-        }
+        if (rc != CM_OK) return rc;
     }
     return CM_OK;
 }
