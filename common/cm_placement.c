@@ -34,6 +34,7 @@ static void var_rows(const cm_var *v, size_t *rows, size_t *row_size) {
  * variable, which lets a worker send a large variable's gradient in pieces
  * while the rest of it is still being computed. */
 static size_t var_nparts(const cm_var *v, size_t min_part_bytes) {
+    if (v->kind == CM_VAR_TABLE) return 0; /* Rows are placed by id. */
     size_t rows, row_size;
     var_rows(v, &rows, &row_size);
     size_t p = v->numel * sizeof(float) / min_part_bytes;
@@ -131,6 +132,13 @@ int cm_placement_create(const cm_model *m, int nshards, size_t min_part_bytes,
 fail:
     cm_placement_destroy(p);
     return CM_EINVAL;
+}
+
+int cm_row_shard(int table, uint64_t id, int nshards) {
+    if (nshards <= 1) return 0;
+    uint64_t h = cm_mix64(id ^ cm_mix64((uint64_t)table + 0x7461626c65ULL));
+    /* Lemire's multiply-shift: unbiased enough, no division. */
+    return (int)(((unsigned __int128)h * (uint64_t)nshards) >> 64);
 }
 
 void cm_placement_destroy(cm_placement *p) {

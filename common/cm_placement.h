@@ -17,6 +17,11 @@
  *
  * Partitions are numbered in (variable, partition) order; that number is the
  * partition id used on the wire. A cm_placement is immutable.
+ *
+ * Embedding tables have no partitions: row 'id' of table t lives on shard
+ * cm_row_shard(t, id, nshards), a 64-bit mix of (t, id) reduced to
+ * [0, nshards) by a multiply-shift. Never id mod n: bucketized integers and
+ * hashed categorical values are correlated with their low bits.
  */
 #ifndef CM_PLACEMENT_H
 #define CM_PLACEMENT_H
@@ -57,5 +62,9 @@ typedef struct cm_placement {
 int cm_placement_create(const cm_model *m, int nshards, size_t min_part_bytes,
                         cm_placement **out);
 void cm_placement_destroy(cm_placement *p);
+
+/* The shard of row 'id' of table 't' (the table's index among the model's
+ * tables, cm_var.table). Pure; 0 when nshards <= 1. */
+int cm_row_shard(int table, uint64_t id, int nshards);
 
 #endif /* CM_PLACEMENT_H */

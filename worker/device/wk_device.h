@@ -2,7 +2,9 @@
  * SPDX-License-Identifier: MIT
  *
  * A device owns memory and runs the few operations the models need: GEMM,
- * bias add, ReLU, softmax cross-entropy, column sums and a weighted sum. The
+ * bias add, ReLU, softmax cross-entropy, column sums and a weighted sum; for
+ * sparse models, gathering and scatter-adding embedding rows, the
+ * factorization machine's term and the logistic loss. The
  * CPU backend (wk_device_cpu.c, OpenBLAS) is always built; the CUDA backend
  * (wk_device_cuda.h) plugs in behind the same table. Matrices are row-major
  * float32.
@@ -53,6 +55,36 @@ typedef struct wk_device_ops {
     void (*axpby)(wk_device *d, size_t n, float alpha, const float *x, float beta, float *y);
     int (*sync)(wk_device *d);
     void (*destroy)(wk_device *d);
+    /* ---- Sparse models (embedding rows and factorization machines). ---- */
+    /* y[0..n) = value. */
+    void (*fill)(wk_device *d, size_t n, float value, float *y);
+    /* Gather columns [col0, col0 + ncols) of rows: for i < n,
+     * out[i * out_ld + j] = rows[idx[i] * row_dim + col0 + j], j < ncols. */
+    void (*gather_rows)(wk_device *d, int n, const int32_t *idx, const float *rows, int row_dim,
+                        int col0, int ncols, float *out, int out_ld);
+    /* The reverse, summing: for i < n (in order on the CPU, so the result
+     * is deterministic there), rows[idx[i] * row_dim + col0 + j] +=
+     * src[i * src_ld + j], j < ncols. */
+    void (*scatter_add_rows)(wk_device *d, int n, const int32_t *idx, const float *src,
+                             int src_ld, int ncols, float *rows, int row_dim, int col0);
+    /* Factorization machine's second-order term over n examples of F
+     * fields with k factors, v laid out n x F x k:
+     * out[e] = 0.5 * sum_j [ (sum_f v[e,f,j])^2 - sum_f v[e,f,j]^2 ]. */
+    void (*fm_forward)(wk_device *d, int n, int F, int k, const float *v, float *out);
+    /* Its gradient: dv[e,f,j] = dout[e] * (sum_g v[e,g,j] - v[e,f,j]). */
+    void (*fm_backward)(wk_device *d, int n, int F, int k, const float *v, const float *dout,
+                        float *dv);
+    /* out[r] = sum over c of x[r * ld + c], c < cols (r < rows). */
+    void (*row_sum)(wk_device *d, int rows, int cols, const float *x, int ld, float *out);
+    /* Binary logistic loss of n logits against 0/1 labels: p = sigmoid(z),
+     * dlogits[i] = (p - y) * scale (may alias logits), probs[i] = p (probs
+     * may be NULL); adds to the host doubles *loss_sum the summed logloss
+     * -[y log p + (1 - y) log(1 - p)] computed stably from z, and to
+     * *correct the count of (p >= 0.5) == y. Either host pointer may be
+     * NULL. */
+    void (*sigmoid_xent)(wk_device *d, int n, const float *logits, const int32_t *labels,
+                         float scale, float *dlogits, float *probs, double *loss_sum,
+                         int64_t *correct);
 } wk_device_ops;
 
 struct wk_device {

@@ -185,3 +185,32 @@ double wk_mlp_gemm_flops(const cm_model *model, int n) {
     }
     return f;
 }
+
+/* ------------------------------------------------------------ model ops */
+
+static int ops_create(const cm_model *model, wk_device *dev, int max_batch, wk_model **out) {
+    return wk_mlp_create(model, dev, max_batch, (wk_mlp **)out);
+}
+
+static void ops_destroy(wk_model *net) { wk_mlp_destroy((wk_mlp *)net); }
+
+static int ops_gradient(wk_model *net, const float *params, const wk_dev_batch *b, float *grad,
+                        float *row_grad, double *loss_sum, int64_t *correct,
+                        const wk_grad_hook *hook) {
+    (void)row_grad;
+    return wk_mlp_gradient((wk_mlp *)net, params, b->x, b->y, b->n, grad, loss_sum, correct,
+                           hook);
+}
+
+static int ops_evaluate(wk_model *net, const float *params, const wk_dev_batch *b,
+                        double *loss_sum, int64_t *correct, float *probs) {
+    (void)probs;
+    return wk_mlp_evaluate((wk_mlp *)net, params, b->x, b->y, b->n, loss_sum, correct);
+}
+
+const wk_model_ops wk_mlp_ops = {.name = "mlp",
+                                 .create = ops_create,
+                                 .destroy = ops_destroy,
+                                 .gradient = ops_gradient,
+                                 .evaluate = ops_evaluate,
+                                 .flops = wk_mlp_gemm_flops};

@@ -14,34 +14,13 @@
 
 #include "common/cm_model.h"
 #include "worker/device/wk_device.h"
+#include "worker/model/wk_model.h"
 
 typedef struct wk_mlp wk_mlp;
 
-/* Told during the backward pass when part of the gradient is final, so a
- * caller can send it while the rest is computed (PS mode's overlap). Only
- * for host-visible devices whose operations complete before they return
- * (the CPU backend): 'ready' may read the range at once. */
-typedef struct wk_grad_hook {
-    /* Rows [row_begin, row_end) of variable 'var' in grad are final: this
-     * call will neither write nor read them again, and will not read that
-     * variable's parameters again either. */
-    void (*ready)(void *ud, int var, size_t row_begin, size_t row_end);
-    void *ud;
-    /* Optional, per variable: row boundaries splits[var][0..nsplits[var])
-     * (ascending, from 0 to the variable's rows) at which the first
-     * layer's kernel gradient, computed last, is computed and announced in
-     * pieces. NULL, or nsplits[var] < 3: in one piece. */
-    const size_t *const *splits;
-    const int *nsplits;
-    /* Optional: called by the forward pass before it reads rows
-     * [row_begin, row_end) of variable 'var' in params; returns once they
-     * hold their final values (CM_OK), or an error status, which ends the
-     * gradient with that status. With it, the first layer's kernel is read
-     * in the same row pieces (splits[0]), each after its own need(), so the
-     * previous step's pull of the later pieces (PS mode's pipelined pull)
-     * overlaps the forward pass of the earlier ones. */
-    int (*need)(void *ud, int var, size_t row_begin, size_t row_end);
-} wk_grad_hook;
+/* The MLP as a model kind ("mlp"): its ops table (wk_model.h) over the
+ * functions below; a wk_model of it is a wk_mlp. */
+extern const wk_model_ops wk_mlp_ops;
 
 /* Workspace for 'model' (borrowed, must outlive the net) on 'dev'
  * (borrowed). Returns CM_EINVAL if the model is not an MLP or max_batch < 1,

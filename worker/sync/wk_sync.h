@@ -16,7 +16,7 @@
 
 #include "common/cm_model.h"
 #include "ps/ps_optim.h"
-#include "worker/model/wk_mlp.h"
+#include "worker/model/wk_model.h"
 
 typedef struct wk_sync wk_sync;
 

@@ -1,0 +1,91 @@
+/* ps_rows.h - embedding rows in memory: a hash map per table from id to a row slot.
+ * SPDX-License-Identifier: MIT
+ *
+ * The row store of a PS shard, and of a worker that keeps whole tables
+ * (local and collective modes), so every mode runs the same code on rows.
+ * For every table of the model (cm_model's tables), an open-addressing hash
+ * map (linear probing, power-of-two capacity, grown at 70 % load) maps a
+ * 64-bit id to a slot in a slab of fixed-size rows: the row's dim values,
+ * then its optimizer slots (nslots x dim floats) side by side, so one row's
+ * update touches one contiguous run of memory. Slabs grow in chunks of
+ * PS_ROWS_CHUNK rows that never move, and no row is allocated on its own.
+ * Each row also keeps its update count (for lazy Adam's bias correction).
+ *
+ * A row exists once it is first trained (created by a training read or an
+ * update) with its initial values cm_row_init(seed, table, id) and zeroed
+ * slots; an evaluation read of a missing row gives those initial values
+ * without creating it.
+ *
+ * Row-wise optimizers (ps_optim): a row's update is ps_optim_apply over its
+ * dim values with t = the row's own update count + 1 (lazy: rows not in a
+ * step are not touched, and Adam corrects each row's bias with its own
+ * count). Adagrad, Adam and SGD; momentum works too.
+ *
+ * Not thread-safe: the owner serialises calls (a shard under its lock).
+ */
+#ifndef PS_ROWS_H
+#define PS_ROWS_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/cm_model.h"
+#include "ps/ps_optim.h"
+
+#define PS_ROWS_CHUNK 4096
+
+typedef struct ps_rows ps_rows;
+
+/* A store for the tables of 'model' (borrowed; must outlive the store),
+ * updated with 'optim' (copied), initial values from 'seed'. A model
+ * without tables gives an empty store (every call with a table index is
+ * then a caller bug). Never fails (aborts on OOM). Release with
+ * ps_rows_destroy() (NULL is a no-op). */
+ps_rows *ps_rows_create(const cm_model *model, const ps_optim_cfg *optim, uint64_t seed);
+void ps_rows_destroy(ps_rows *r);
+
+/* Drop every row of every table (a rollback to the initial values). */
+void ps_rows_clear(ps_rows *r);
+
+/* Floats per row of table t (its dim), and optimizer slots per value. */
+int ps_rows_dim(const ps_rows *r, int table);
+int ps_rows_nslots(const ps_rows *r);
+
+/* Rows that exist in table t, and in all tables. */
+size_t ps_rows_count(const ps_rows *r, int table);
+size_t ps_rows_total(const ps_rows *r);
+
+/* Bytes held (slabs, maps and update counts). */
+size_t ps_rows_bytes(const ps_rows *r);
+
+/* The values of rows ids[0..n) of table t into out (n x dim floats, row i
+ * at out + i * dim). create = 1 (a read for training): a missing row is
+ * created with its initial values. create = 0 (evaluation): a missing row
+ * reads as its initial values and is not created. Ids may repeat. */
+void ps_rows_read(ps_rows *r, int table, const uint64_t *ids, size_t n, int create, float *out);
+
+/* One optimizer step on rows ids[0..n) of table t (distinct ids; a repeated
+ * id is a caller bug) with gradients g (n x dim, row i at g + i * dim),
+ * each multiplied by 'scale' first (1.0f: as given). A missing row is
+ * created first. Each row's update count goes up by one. */
+void ps_rows_apply(ps_rows *r, int table, const uint64_t *ids, size_t n, const float *g,
+                   float scale);
+
+/* The row of 'id' in table t, or NULL if it does not exist: its dim values
+ * followed by its nslots x dim slot values, and *count (may be NULL) its
+ * update count. Valid until the next call that may create rows. */
+float *ps_rows_find(ps_rows *r, int table, uint64_t id, int64_t *count);
+
+/* Checkpoints and export. Visit every row of table t (in slot order: the
+ * order rows were created), calling fn with its id, its dim values, its
+ * slots (nslots x dim) and its update count; fn returns CM_OK to go on or
+ * a negative CM_E* to stop, which is returned. */
+typedef int (*ps_rows_visit_fn)(void *ud, uint64_t id, const float *values, const float *slots,
+                                int64_t count);
+int ps_rows_visit(const ps_rows *r, int table, ps_rows_visit_fn fn, void *ud);
+
+/* Restore: insert or overwrite row 'id' of table t with these values,
+ * slots (nslots x dim; NULL: zeros) and update count. */
+void ps_rows_put(ps_rows *r, int table, uint64_t id, const float *values, const float *slots,
+                 int64_t count);
+
+#endif /* PS_ROWS_H */

@@ -1,0 +1,2 @@
+/* tools/ctr_planted.c - placeholder: being written. */
+typedef int ctr_planted_placeholder;

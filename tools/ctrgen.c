@@ -1,0 +1,2 @@
+/* ctrgen - placeholder. */
+int main(void) { return 1; }

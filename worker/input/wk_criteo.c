@@ -1,0 +1,2 @@
+/* worker/input/wk_criteo.c - placeholder: being written. */
+typedef int wk_criteo_placeholder;
