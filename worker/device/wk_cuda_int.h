@@ -30,6 +30,23 @@ cudaError_t wk__cuda_softmax_xent(cudaStream_t s, int rows, int classes, const f
 cudaError_t wk__cuda_col_sum(cudaStream_t s, int rows, int cols, const float *x, float *out);
 cudaError_t wk__cuda_axpby(cudaStream_t s, size_t n, float alpha, const float *x, float beta,
                            float *y);
+cudaError_t wk__cuda_fill(cudaStream_t s, size_t n, float value, float *y);
+cudaError_t wk__cuda_gather_rows(cudaStream_t s, int n, const int32_t *idx, const float *rows,
+                                 int row_dim, int col0, int ncols, float *out, int out_ld);
+/* With atomicAdd: positions sharing a row add in no fixed order. */
+cudaError_t wk__cuda_scatter_add_rows(cudaStream_t s, int n, const int32_t *idx,
+                                      const float *src, int src_ld, int ncols, float *rows,
+                                      int row_dim, int col0);
+cudaError_t wk__cuda_fm_forward(cudaStream_t s, int n, int F, int k, const float *v, float *out);
+cudaError_t wk__cuda_fm_backward(cudaStream_t s, int n, int F, int k, const float *v,
+                                 const float *dout, float *dv);
+cudaError_t wk__cuda_row_sum(cudaStream_t s, int rows, int cols, const float *x, int ld,
+                             float *out);
+/* acc as for softmax_xent; probs may be NULL. */
+cudaError_t wk__cuda_sigmoid_xent(cudaStream_t s, int n, const float *logits,
+                                  const int32_t *labels, float scale, float *dlogits,
+                                  float *probs, double *loss_acc,
+                                  unsigned long long *correct_acc);
 /* dst (rows x cols, row stride cols) = bf16(src (rows x cols, row stride
  * ld)); dst is __nv_bfloat16, passed as void. */
 cudaError_t wk__cuda_to_bf16(cudaStream_t s, int rows, int cols, const float *src, int ld,

@@ -63,8 +63,9 @@ typedef struct wk_device_ops {
     void (*gather_rows)(wk_device *d, int n, const int32_t *idx, const float *rows, int row_dim,
                         int col0, int ncols, float *out, int out_ld);
     /* The reverse, summing: for i < n (in order on the CPU, so the result
-     * is deterministic there), rows[idx[i] * row_dim + col0 + j] +=
-     * src[i * src_ld + j], j < ncols. */
+     * is deterministic there; CUDA adds with atomics, in no fixed order, so
+     * rows shared by several positions are not bit-for-bit reproducible),
+     * rows[idx[i] * row_dim + col0 + j] += src[i * src_ld + j], j < ncols. */
     void (*scatter_add_rows)(wk_device *d, int n, const int32_t *idx, const float *src,
                              int src_ld, int ncols, float *rows, int row_dim, int col0);
     /* Factorization machine's second-order term over n examples of F
@@ -79,9 +80,9 @@ typedef struct wk_device_ops {
     /* Binary logistic loss of n logits against 0/1 labels: p = sigmoid(z),
      * dlogits[i] = (p - y) * scale (may alias logits), probs[i] = p (probs
      * may be NULL); adds to the host doubles *loss_sum the summed logloss
-     * -[y log p + (1 - y) log(1 - p)] computed stably from z, and to
-     * *correct the count of (p >= 0.5) == y. Either host pointer may be
-     * NULL. */
+     * -[y log p + (1 - y) log(1 - p)] computed stably from z (finite for
+     * any finite z), and to *correct the count of (p >= 0.5) == y, p in
+     * double. Either host pointer may be NULL. */
     void (*sigmoid_xent)(wk_device *d, int n, const float *logits, const int32_t *labels,
                          float scale, float *dlogits, float *probs, double *loss_sum,
                          int64_t *correct);

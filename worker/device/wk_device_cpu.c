@@ -126,6 +126,130 @@ static void cpu_axpby(wk_device *d, size_t n, float alpha, const float *x, float
     }
 }
 
+/* ---- Sparse models. Every loop runs in a fixed order, so the CPU's
+ * results are deterministic (the staged device gives the same bits). */
+
+static void cpu_fill(wk_device *d, size_t n, float value, float *y) {
+    (void)d;
+    for (size_t i = 0; i < n; i++) y[i] = value;
+}
+
+static void cpu_gather_rows(wk_device *d, int n, const int32_t *idx, const float *rows,
+                            int row_dim, int col0, int ncols, float *out, int out_ld) {
+    (void)d;
+    for (int i = 0; i < n; i++) {
+        const float *restrict src = rows + (size_t)idx[i] * (size_t)row_dim + (size_t)col0;
+        float *restrict dst = out + (size_t)i * (size_t)out_ld;
+        for (int j = 0; j < ncols; j++) dst[j] = src[j];
+    }
+}
+
+static void cpu_scatter_add_rows(wk_device *d, int n, const int32_t *idx, const float *src,
+                                 int src_ld, int ncols, float *rows, int row_dim, int col0) {
+    (void)d;
+    /* In order of i: positions that share a row add to it one after another,
+     * so the sum's rounding is the same on every run. */
+    for (int i = 0; i < n; i++) {
+        const float *restrict s = src + (size_t)i * (size_t)src_ld;
+        float *restrict dst = rows + (size_t)idx[i] * (size_t)row_dim + (size_t)col0;
+        for (int j = 0; j < ncols; j++) dst[j] += s[j];
+    }
+}
+
+/* The factors are summed in double, in chunks of FM_CHUNK columns so the
+ * sums live in registers/stack and the f loop's inner j loop vectorises:
+ * (sum v)^2 - sum v^2 cancels, and double keeps the difference exact to
+ * float precision. The order (f ascending per column, columns ascending)
+ * is the one the CUDA kernel uses. */
+enum { FM_CHUNK = 64 };
+
+static void cpu_fm_forward(wk_device *d, int n, int F, int k, const float *v, float *out) {
+    (void)d;
+    const size_t ex = (size_t)F * (size_t)k;
+    for (int e = 0; e < n; e++) {
+        const float *ve = v + (size_t)e * ex;
+        double total = 0.0;
+        for (int j0 = 0; j0 < k; j0 += FM_CHUNK) {
+            int w = k - j0 < FM_CHUNK ? k - j0 : FM_CHUNK;
+            double s[FM_CHUNK] = {0}, q[FM_CHUNK] = {0};
+            for (int f = 0; f < F; f++) {
+                const float *restrict x = ve + (size_t)f * (size_t)k + (size_t)j0;
+                for (int j = 0; j < w; j++) {
+                    s[j] += (double)x[j];
+                    q[j] += (double)x[j] * (double)x[j];
+                }
+            }
+            for (int j = 0; j < w; j++) total += s[j] * s[j] - q[j];
+        }
+        out[e] = (float)(0.5 * total);
+    }
+}
+
+static void cpu_fm_backward(wk_device *d, int n, int F, int k, const float *v,
+                            const float *dout, float *dv) {
+    (void)d;
+    const size_t ex = (size_t)F * (size_t)k;
+    for (int e = 0; e < n; e++) {
+        const float *ve = v + (size_t)e * ex;
+        float *dve = dv + (size_t)e * ex;
+        const double g = (double)dout[e];
+        for (int j0 = 0; j0 < k; j0 += FM_CHUNK) {
+            int w = k - j0 < FM_CHUNK ? k - j0 : FM_CHUNK;
+            double s[FM_CHUNK] = {0};
+            for (int f = 0; f < F; f++) {
+                const float *restrict x = ve + (size_t)f * (size_t)k + (size_t)j0;
+                for (int j = 0; j < w; j++) s[j] += (double)x[j];
+            }
+            for (int f = 0; f < F; f++) {
+                const float *restrict x = ve + (size_t)f * (size_t)k + (size_t)j0;
+                float *restrict y = dve + (size_t)f * (size_t)k + (size_t)j0;
+                for (int j = 0; j < w; j++) y[j] = (float)(g * (s[j] - (double)x[j]));
+            }
+        }
+    }
+}
+
+static void cpu_row_sum(wk_device *d, int rows, int cols, const float *x, int ld, float *out) {
+    (void)d;
+    /* Left to right in float, as the CUDA kernel's thread per row does. */
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + (size_t)r * (size_t)ld;
+        float s = 0.0f;
+        for (int c = 0; c < cols; c++) s += row[c];
+        out[r] = s;
+    }
+}
+
+/* One logit z against label y: returns the logloss, computed from z as
+ * log1p(exp(-|z|)) + max(z, 0) - y z so it stays finite for any finite z;
+ * p = sigmoid(z) from the same exp(-|z|) (never overflows). The CUDA
+ * kernel has the same function (wk_cuda_kernels.cu). */
+static double sigmoid_xent_one(float z, int32_t y, float scale, float *dz, float *p, int *right) {
+    double zd = z, e = exp(-fabs(zd));
+    double pd = zd >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+    *p = (float)pd;
+    *dz = (float)(pd - (double)y) * scale;
+    *right = (pd >= 0.5) == (y != 0);
+    return log1p(e) + (zd > 0.0 ? zd : 0.0) - (double)y * zd;
+}
+
+static void cpu_sigmoid_xent(wk_device *d, int n, const float *logits, const int32_t *labels,
+                             float scale, float *dlogits, float *probs, double *loss_sum,
+                             int64_t *correct) {
+    (void)d;
+    double loss = 0.0;
+    int64_t right = 0;
+    for (int i = 0; i < n; i++) {
+        int ok;
+        float p;
+        loss += sigmoid_xent_one(logits[i], labels[i], scale, &dlogits[i], &p, &ok);
+        if (probs) probs[i] = p;
+        right += ok;
+    }
+    if (loss_sum) *loss_sum += loss;
+    if (correct) *correct += right;
+}
+
 static int cpu_sync(wk_device *d) {
     (void)d;
     return CM_OK;
@@ -148,6 +272,13 @@ static const wk_device_ops cpu_ops = {
     .axpby = cpu_axpby,
     .sync = cpu_sync,
     .destroy = cpu_destroy,
+    .fill = cpu_fill,
+    .gather_rows = cpu_gather_rows,
+    .scatter_add_rows = cpu_scatter_add_rows,
+    .fm_forward = cpu_fm_forward,
+    .fm_backward = cpu_fm_backward,
+    .row_sum = cpu_row_sum,
+    .sigmoid_xent = cpu_sigmoid_xent,
 };
 
 static wk_device *cpu_device(const wk_device_ops *ops, int host_visible, int index) {

@@ -26,8 +26,9 @@ typedef struct cuda_impl {
     cudaStream_t stream;
     cublasHandle_t blas;
     int status; /* First error since the last sync (CM_OK if none). */
-    /* softmax_xent's device accumulators (loss double, correct count) and
-     * their pinned landing place, added at sync to the pending targets. */
+    /* The loss ops' (softmax_xent, sigmoid_xent) device accumulators (loss
+     * double, correct count) and their pinned landing place, added at sync
+     * to the pending targets. */
     void *acc_dev;
     void *acc_host;
     double *pending_loss;
@@ -171,28 +172,57 @@ static void cuda_relu_backward(wk_device *d, size_t n, const float *y, const flo
 
 static int cuda_sync(wk_device *d);
 
-static void cuda_softmax_xent(wk_device *d, int rows, int classes, float *logits,
-                              const int32_t *labels, float scale, float *dlogits,
-                              double *loss_sum, int64_t *correct) {
+/* The device accumulators a loss op adds to, for the host targets
+ * (loss_sum, correct) (either NULL): one set of host targets at a time, so
+ * a call naming others flushes the pending sums first. 0 if the op may
+ * run; its kernel then gets *loss_acc and *correct_acc (NULL where the
+ * host target is) and, once queued, acc_queued() records the targets. */
+static int acc_enter(wk_device *d, double *loss_sum, int64_t *correct, double **loss_acc,
+                     unsigned long long **correct_acc) {
     cuda_impl *c = impl_of(d);
-    /* One set of host targets at a time: others flush the pending sums. */
     if (c->acc_pending && (c->pending_loss != loss_sum || c->pending_correct != correct)) {
         int st = cuda_sync(d);
         if (st != CM_OK) c->status = st;
     }
-    if (enter(c)) return;
-    double *loss_acc = loss_sum ? (double *)c->acc_dev : NULL;
-    unsigned long long *correct_acc =
-        correct ? (unsigned long long *)((char *)c->acc_dev + 8) : NULL;
-    if (check_cuda(c, wk__cuda_softmax_xent(c->stream, rows, classes, logits, labels, scale,
-                                            dlogits, loss_acc, correct_acc),
-                   "softmax_xent"))
-        return;
+    if (enter(c)) return -1;
+    *loss_acc = loss_sum ? (double *)c->acc_dev : NULL;
+    *correct_acc = correct ? (unsigned long long *)((char *)c->acc_dev + 8) : NULL;
+    return 0;
+}
+
+/* The sums for (loss_sum, correct) are on the device, added at sync. */
+static void acc_queued(cuda_impl *c, double *loss_sum, int64_t *correct) {
     if (loss_sum || correct) {
         c->pending_loss = loss_sum;
         c->pending_correct = correct;
         c->acc_pending = 1;
     }
+}
+
+static void cuda_softmax_xent(wk_device *d, int rows, int classes, float *logits,
+                              const int32_t *labels, float scale, float *dlogits,
+                              double *loss_sum, int64_t *correct) {
+    cuda_impl *c = impl_of(d);
+    double *loss_acc;
+    unsigned long long *correct_acc;
+    if (acc_enter(d, loss_sum, correct, &loss_acc, &correct_acc)) return;
+    if (!check_cuda(c, wk__cuda_softmax_xent(c->stream, rows, classes, logits, labels, scale,
+                                             dlogits, loss_acc, correct_acc),
+                    "softmax_xent"))
+        acc_queued(c, loss_sum, correct);
+}
+
+static void cuda_sigmoid_xent(wk_device *d, int n, const float *logits, const int32_t *labels,
+                              float scale, float *dlogits, float *probs, double *loss_sum,
+                              int64_t *correct) {
+    cuda_impl *c = impl_of(d);
+    double *loss_acc;
+    unsigned long long *correct_acc;
+    if (acc_enter(d, loss_sum, correct, &loss_acc, &correct_acc)) return;
+    if (!check_cuda(c, wk__cuda_sigmoid_xent(c->stream, n, logits, labels, scale, dlogits, probs,
+                                             loss_acc, correct_acc),
+                    "sigmoid_xent"))
+        acc_queued(c, loss_sum, correct);
 }
 
 static void cuda_col_sum(wk_device *d, int rows, int cols, const float *x, float *out) {
@@ -206,6 +236,52 @@ static void cuda_axpby(wk_device *d, size_t n, float alpha, const float *x, floa
     cuda_impl *c = impl_of(d);
     if (enter(c)) return;
     check_cuda(c, wk__cuda_axpby(c->stream, n, alpha, x, beta, y), "axpby");
+}
+
+static void cuda_fill(wk_device *d, size_t n, float value, float *y) {
+    cuda_impl *c = impl_of(d);
+    if (enter(c)) return;
+    check_cuda(c, wk__cuda_fill(c->stream, n, value, y), "fill");
+}
+
+static void cuda_gather_rows(wk_device *d, int n, const int32_t *idx, const float *rows,
+                             int row_dim, int col0, int ncols, float *out, int out_ld) {
+    cuda_impl *c = impl_of(d);
+    if (enter(c)) return;
+    check_cuda(c,
+               wk__cuda_gather_rows(c->stream, n, idx, rows, row_dim, col0, ncols, out, out_ld),
+               "gather_rows");
+}
+
+/* Atomic adds: not bit-for-bit reproducible where positions share a row
+ * (see wk_cuda_kernels.cu). */
+static void cuda_scatter_add_rows(wk_device *d, int n, const int32_t *idx, const float *src,
+                                  int src_ld, int ncols, float *rows, int row_dim, int col0) {
+    cuda_impl *c = impl_of(d);
+    if (enter(c)) return;
+    check_cuda(c,
+               wk__cuda_scatter_add_rows(c->stream, n, idx, src, src_ld, ncols, rows, row_dim,
+                                         col0),
+               "scatter_add_rows");
+}
+
+static void cuda_fm_forward(wk_device *d, int n, int F, int k, const float *v, float *out) {
+    cuda_impl *c = impl_of(d);
+    if (enter(c)) return;
+    check_cuda(c, wk__cuda_fm_forward(c->stream, n, F, k, v, out), "fm_forward");
+}
+
+static void cuda_fm_backward(wk_device *d, int n, int F, int k, const float *v,
+                             const float *dout, float *dv) {
+    cuda_impl *c = impl_of(d);
+    if (enter(c)) return;
+    check_cuda(c, wk__cuda_fm_backward(c->stream, n, F, k, v, dout, dv), "fm_backward");
+}
+
+static void cuda_row_sum(wk_device *d, int rows, int cols, const float *x, int ld, float *out) {
+    cuda_impl *c = impl_of(d);
+    if (enter(c)) return;
+    check_cuda(c, wk__cuda_row_sum(c->stream, rows, cols, x, ld, out), "row_sum");
 }
 
 static int cuda_sync(wk_device *d) {
@@ -269,6 +345,13 @@ static const wk_device_ops cuda_ops = {
     .axpby = cuda_axpby,
     .sync = cuda_sync,
     .destroy = cuda_destroy,
+    .fill = cuda_fill,
+    .gather_rows = cuda_gather_rows,
+    .scatter_add_rows = cuda_scatter_add_rows,
+    .fm_forward = cuda_fm_forward,
+    .fm_backward = cuda_fm_backward,
+    .row_sum = cuda_row_sum,
+    .sigmoid_xent = cuda_sigmoid_xent,
 };
 
 int wk_device_cuda_count(char *err, size_t errlen) {

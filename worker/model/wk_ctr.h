@@ -13,6 +13,12 @@
  * Logistic regression, rows of 1 float: logit = lr/bias + sum_f w_f.
  * Loss: logloss of sigmoid(logit) against the 0/1 label, averaged over the
  * batch; the row gradients are summed over the positions that read a row.
+ * The gradient hook is honoured by whole dense variables (splits are
+ * ignored): need() for every one before the forward pass reads any,
+ * ready() for every one once the gradient is complete; NULL is fine.
+ * Runs on any wk_device (CPU, staged, CUDA); create() returns CM_EINVAL
+ * for a model whose kind is not "deepfm" or "lr" or whose variables are
+ * not laid out as cm_model_create_deepfm/lr lay them out.
  */
 #ifndef WK_CTR_H
 #define WK_CTR_H
