@@ -1,4 +1,4 @@
-/* ps_optim.c - SGD, momentum and Adam over float arrays.
+/* ps_optim.c - SGD, momentum, Adam and Adagrad over float arrays.
  * SPDX-License-Identifier: MIT
  *
  * Loops are written so gcc vectorises them at -O2/-O3 (restrict pointers, no
@@ -11,7 +11,9 @@
 
 ps_optim_cfg ps_optim_defaults(int kind, float lr) {
     ps_optim_cfg c = {.kind = kind, .lr = lr, .momentum = 0.9f, .beta1 = 0.9f,
-                      .beta2 = 0.999f, .epsilon = 1e-8f};
+                      .beta2 = 0.999f, .epsilon = 1e-8f, .initial_accumulator = 0.1f};
+    /* TensorFlow's (Keras) Adagrad default; Adam keeps its 1e-8. */
+    if (kind == PS_OPTIM_ADAGRAD) c.epsilon = 1e-7f;
     return c;
 }
 
@@ -20,6 +22,7 @@ int ps_optim_parse(const char *name) {
     if (!strcmp(name, "momentum")) return PS_OPTIM_MOMENTUM;
     if (!strcmp(name, "adam")) return PS_OPTIM_ADAM;
     if (!strcmp(name, "add")) return PS_OPTIM_ADD;
+    if (!strcmp(name, "adagrad")) return PS_OPTIM_ADAGRAD;
     return -1;
 }
 
@@ -29,13 +32,15 @@ const char *ps_optim_name(int kind) {
     case PS_OPTIM_MOMENTUM: return "momentum";
     case PS_OPTIM_ADAM: return "adam";
     case PS_OPTIM_ADD: return "add";
+    case PS_OPTIM_ADAGRAD: return "adagrad";
     }
     return "unknown";
 }
 
 int ps_optim_nslots(int kind) {
     switch (kind) {
-    case PS_OPTIM_MOMENTUM: return 1;
+    case PS_OPTIM_MOMENTUM:
+    case PS_OPTIM_ADAGRAD: return 1;
     case PS_OPTIM_ADAM: return 2;
     default: return 0;
     }
@@ -84,6 +89,15 @@ PS_OPTIM_CLONES static void adam(const ps_optim_cfg *c, int64_t t, const float *
     }
 }
 
+/* s holds acc - init (slots start zeroed), so the accumulator is s + init. */
+PS_OPTIM_CLONES static void adagrad(float lr, float init, float eps, const float *wi, float *wo,
+                                    const float *restrict g, float *restrict s, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        s[i] = s[i] + g[i] * g[i];
+        wo[i] = wi[i] - lr * g[i] / (sqrtf(s[i] + init) + eps);
+    }
+}
+
 void ps_optim_apply_strided(const ps_optim_cfg *cfg, int64_t t, const float *w_in, float *w_out,
                             const float *g, float *slots, size_t slot_stride, size_t n) {
     switch (cfg->kind) {
@@ -93,6 +107,9 @@ void ps_optim_apply_strided(const ps_optim_cfg *cfg, int64_t t, const float *w_i
         adam(cfg, t < 1 ? 1 : t, w_in, w_out, g, slots, slots + slot_stride, n);
         break;
     case PS_OPTIM_ADD: add(w_in, w_out, g, n); break;
+    case PS_OPTIM_ADAGRAD:
+        adagrad(cfg->lr, cfg->initial_accumulator, cfg->epsilon, w_in, w_out, g, slots, n);
+        break;
     }
 }
 

@@ -11,6 +11,11 @@
  *   momentum: a = mu * a + g;  w -= lr * a              (TensorFlow's Momentum)
  *   adam:     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
  *             w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+ *   adagrad:  acc += g^2;  w -= lr * g / (sqrt(acc) + eps)   (TensorFlow's Adagrad,
+ *             acc starting at initial_accumulator; t is not used)
+ *
+ * Slots start zeroed for every optimizer, so Adagrad's slot holds
+ * acc - initial_accumulator and the update uses (slot + initial_accumulator).
  */
 #ifndef PS_OPTIM_H
 #define PS_OPTIM_H
@@ -21,7 +26,8 @@ enum ps_optim_kind {
     PS_OPTIM_SGD = 0,
     PS_OPTIM_MOMENTUM = 1,
     PS_OPTIM_ADAM = 2,
-    PS_OPTIM_ADD = 3 /* w += g: no learning rate; benchmarks and tests. */
+    PS_OPTIM_ADD = 3, /* w += g: no learning rate; benchmarks and tests. */
+    PS_OPTIM_ADAGRAD = 4
 };
 
 typedef struct ps_optim_cfg {
@@ -30,13 +36,14 @@ typedef struct ps_optim_cfg {
     float momentum;   /* mu, for momentum (default 0.9). */
     float beta1;      /* Adam (default 0.9). */
     float beta2;      /* Adam (default 0.999). */
-    float epsilon;    /* Adam (default 1e-8). */
+    float epsilon;    /* Adam (default 1e-8), Adagrad (default 1e-7). */
+    float initial_accumulator; /* Adagrad's acc before the first step (default 0.1). */
 } ps_optim_cfg;
 
 /* Defaults for 'kind' with learning rate 'lr'. */
 ps_optim_cfg ps_optim_defaults(int kind, float lr);
 
-/* "sgd" | "momentum" | "adam" | "add" -> kind, or -1. */
+/* "sgd" | "momentum" | "adam" | "add" | "adagrad" -> kind, or -1. */
 int ps_optim_parse(const char *name);
 const char *ps_optim_name(int kind);
 

@@ -1,4 +1,4 @@
-/* test_optim.c - SGD, momentum and Adam against independent references.
+/* test_optim.c - SGD, momentum, Adam and Adagrad against independent references.
  * SPDX-License-Identifier: MIT
  *
  * References: closed forms for a constant gradient (derived by hand, see each
@@ -84,10 +84,88 @@ static void test_adam_constant_gradient(void **state) {
     assert_true(rel_err(w, ref, N) < 1e-5);
 }
 
-/* Varying gradients against a double-precision recurrence. */
-static void test_adam_and_momentum_varying_gradient(void **state) {
+/* Two Adagrad steps by hand (lr 0.1, acc_0 0.1, eps 1e-7), in double:
+ *   w = 1, g = 0.5:   acc = 0.1 + 0.25 = 0.35,     w = 1 - 0.05 / (sqrt(0.35) + eps)
+ *                                                    = 0.91548458881286
+ *        g = -0.25:   acc = 0.35 + 0.0625 = 0.4125, w += 0.025 / (sqrt(0.4125) + eps)
+ *                                                    = 0.95440952996033
+ *   w = -0.75, g = -2: acc = 4.1,      w = -0.65122704521309
+ *        g = 0.125:   acc = 4.115625, w = -0.65738862523698
+ * and the slot holds acc - 0.1 (0.3125 and 4.015625 after two steps). */
+static void test_adagrad_two_steps_by_hand(void **state) {
     (void)state;
-    for (int kind = PS_OPTIM_MOMENTUM; kind <= PS_OPTIM_ADAM; kind++) {
+    float w[2] = {1.0f, -0.75f}, s[2] = {0.0f, 0.0f};
+    const float g1[2] = {0.5f, -2.0f}, g2[2] = {-0.25f, 0.125f};
+    ps_optim_cfg c = ps_optim_defaults(PS_OPTIM_ADAGRAD, 0.1f);
+    assert_int_equal(ps_optim_nslots(PS_OPTIM_ADAGRAD), 1);
+    assert_true(c.initial_accumulator == 0.1f && c.epsilon == 1e-7f);
+    ps_optim_apply(&c, 1, w, g1, s, 2);
+    assert_float_equal(w[0], 0.91548458881286, 1e-6);
+    assert_float_equal(w[1], -0.65122704521309, 1e-6);
+    ps_optim_apply(&c, 2, w, g2, s, 2);
+    assert_float_equal(w[0], 0.95440952996033, 1e-6);
+    assert_float_equal(w[1], -0.65738862523698, 1e-6);
+    assert_float_equal(s[0], 0.3125, 1e-6);
+    assert_float_equal(s[1], 4.015625, 1e-6);
+}
+
+/* Constant gradient g: acc_t = acc_0 + t g^2, so
+ * w_k = w_0 - lr g sum_{t=1..k} 1 / (sqrt(acc_0 + t g^2) + eps). */
+static void test_adagrad_constant_gradient(void **state) {
+    (void)state;
+    float w[N], g[N], slots[N] = {0};
+    double ref[N];
+    fill(w, g, 6);
+    const double lr = 0.05, a0 = 0.1, eps = 1e-7;
+    const int k = 60;
+    ps_optim_cfg c = ps_optim_defaults(PS_OPTIM_ADAGRAD, (float)lr);
+    for (int i = 0; i < N; i++) {
+        double gi = g[i], sum = 0.0;
+        for (int t = 1; t <= k; t++) sum += 1.0 / (sqrt(a0 + t * gi * gi) + eps);
+        ref[i] = (double)w[i] - lr * gi * sum;
+    }
+    for (int t = 1; t <= k; t++) ps_optim_apply(&c, t, w, g, slots, N);
+    assert_true(rel_err(w, ref, N) < 1e-5);
+}
+
+/* The slot starts at zero and holds acc - initial_accumulator: the same
+ * trajectory, within float rounding, as TensorFlow's accumulator started at
+ * initial_accumulator (here 0.1 and, to see the value is used, 2.5). */
+static void test_adagrad_zeroed_slot_equals_initial_accumulator(void **state) {
+    (void)state;
+    const float inits[2] = {0.1f, 2.5f};
+    for (int j = 0; j < 2; j++) {
+        float w[N], g[N], slots[N] = {0}, tw[N], acc[N];
+        fill(w, g, 8);
+        for (int i = 0; i < N; i++) {
+            tw[i] = w[i];
+            acc[i] = inits[j];
+        }
+        ps_optim_cfg c = ps_optim_defaults(PS_OPTIM_ADAGRAD, 0.02f);
+        c.initial_accumulator = inits[j];
+        cm_rng r;
+        cm_rng_init(&r, 11);
+        for (int t = 1; t <= 30; t++) {
+            for (int i = 0; i < N; i++) g[i] = 2.0f * cm_rng_uniform(&r) - 1.0f;
+            ps_optim_apply(&c, t, w, g, slots, N);
+            for (int i = 0; i < N; i++) { /* TensorFlow's form, in float */
+                acc[i] += g[i] * g[i];
+                tw[i] -= 0.02f * g[i] / (sqrtf(acc[i]) + 1e-7f);
+            }
+        }
+        for (int i = 0; i < N; i++) {
+            assert_float_equal(w[i], tw[i], 1e-6f * (1.0f + fabsf(tw[i])));
+            assert_float_equal(slots[i] + inits[j], acc[i], 1e-5f * acc[i]);
+        }
+    }
+}
+
+/* Varying gradients against a double-precision recurrence. */
+static void test_varying_gradient(void **state) {
+    (void)state;
+    const int kinds[] = {PS_OPTIM_MOMENTUM, PS_OPTIM_ADAM, PS_OPTIM_ADAGRAD};
+    for (int k = 0; k < 3; k++) {
+        const int kind = kinds[k];
         float w[N], g[N], slots[2 * N] = {0};
         double rw[N], m[N] = {0}, v[N] = {0};
         fill(w, g, 4);
@@ -103,6 +181,9 @@ static void test_adam_and_momentum_varying_gradient(void **state) {
                 if (kind == PS_OPTIM_MOMENTUM) {
                     m[i] = 0.9 * m[i] + gi;
                     rw[i] -= 0.01 * m[i];
+                } else if (kind == PS_OPTIM_ADAGRAD) {
+                    m[i] += gi * gi; /* acc - 0.1, as the slot holds it */
+                    rw[i] -= 0.01 * gi / (sqrt(m[i] + 0.1) + 1e-7);
                 } else {
                     m[i] = 0.9 * m[i] + 0.1 * gi;
                     v[i] = 0.999 * v[i] + 0.001 * gi * gi;
@@ -119,16 +200,19 @@ static void test_adam_and_momentum_varying_gradient(void **state) {
  * there: what lets a PS shard own a partition of a variable. */
 static void test_partition_update_equals_whole(void **state) {
     (void)state;
-    float w1[N], w2[N], g[N], s1[2 * N] = {0}, s2a[2 * 20] = {0}, s2b[2 * (N - 20)] = {0};
-    fill(w1, g, 5);
-    memcpy(w2, w1, sizeof w1);
-    ps_optim_cfg c = ps_optim_defaults(PS_OPTIM_ADAM, 0.01f);
-    for (int t = 1; t <= 5; t++) {
-        ps_optim_apply(&c, t, w1, g, s1, N);
-        ps_optim_apply(&c, t, w2, g, s2a, 20);
-        ps_optim_apply(&c, t, w2 + 20, g + 20, s2b, N - 20);
+    const int kinds[] = {PS_OPTIM_ADAM, PS_OPTIM_ADAGRAD};
+    for (int k = 0; k < 2; k++) {
+        float w1[N], w2[N], g[N], s1[2 * N] = {0}, s2a[2 * 20] = {0}, s2b[2 * (N - 20)] = {0};
+        fill(w1, g, 5);
+        memcpy(w2, w1, sizeof w1);
+        ps_optim_cfg c = ps_optim_defaults(kinds[k], 0.01f);
+        for (int t = 1; t <= 5; t++) {
+            ps_optim_apply(&c, t, w1, g, s1, N);
+            ps_optim_apply(&c, t, w2, g, s2a, 20);
+            ps_optim_apply(&c, t, w2 + 20, g + 20, s2b, N - 20);
+        }
+        assert_memory_equal(w1, w2, sizeof w1);
     }
-    assert_memory_equal(w1, w2, sizeof w1);
 }
 
 /* The kernels are built twice on x86-64 (SSE2 and AVX2, picked at load
@@ -179,6 +263,36 @@ static void test_kernels_bit_identical_to_scalar(void **state) {
         rw[i] = rw[i] - d;
     }
     assert_memory_equal(w, rw, sizeof w);
+
+    /* Adagrad the same way, through each entry point in turn; the strided
+     * one updates the two halves of the array as two partitions of it. */
+    ps_optim_cfg ag = ps_optim_defaults(PS_OPTIM_ADAGRAD, 0.05f);
+    const float init = 0.1f, lr = 0.05f, eps = 1e-7f;
+    memset(sl, 0, sizeof sl);
+    memset(rm, 0, sizeof rm);
+    for (int t = 1; t <= 9; t++) {
+        for (int i = 0; i < NB; i++) g[i] = 0.2f * cm_rng_uniform(&r) - 0.1f;
+        if (t % 3 == 0)
+            ps_optim_apply(&ag, t, w, g, sl, NB);
+        else if (t % 3 == 1) {
+            ps_optim_apply_to(&ag, t, w, wo, g, sl, NB);
+            memcpy(w, wo, sizeof w);
+        } else {
+            const size_t h = NB / 2;
+            ps_optim_apply_strided(&ag, t, w, wo, g, sl, NB, h);
+            ps_optim_apply_strided(&ag, t, w + h, wo + h, g + h, sl + h, NB, NB - h);
+            memcpy(w, wo, sizeof w);
+        }
+        for (int i = 0; i < NB; i++) {
+            volatile float a = rm[i] + g[i] * g[i];
+            rm[i] = a;
+            volatile float step = lr * g[i];
+            volatile float den = sqrtf(rm[i] + init) + eps;
+            rw[i] = rw[i] - step / den;
+        }
+        assert_memory_equal(w, rw, sizeof w);
+        assert_memory_equal(sl, rm, sizeof rm);
+    }
 }
 
 static void test_names(void **state) {
@@ -186,8 +300,14 @@ static void test_names(void **state) {
     assert_int_equal(ps_optim_parse("sgd"), PS_OPTIM_SGD);
     assert_int_equal(ps_optim_parse("momentum"), PS_OPTIM_MOMENTUM);
     assert_int_equal(ps_optim_parse("adam"), PS_OPTIM_ADAM);
+    assert_int_equal(ps_optim_parse("adagrad"), PS_OPTIM_ADAGRAD);
+    assert_int_equal(PS_OPTIM_ADAGRAD, 4);
     assert_int_equal(ps_optim_parse("rmsprop"), -1);
     assert_string_equal(ps_optim_name(PS_OPTIM_ADAM), "adam");
+    assert_string_equal(ps_optim_name(PS_OPTIM_ADAGRAD), "adagrad");
+    /* Adagrad's epsilon default is TensorFlow's; Adam keeps its own. */
+    assert_true(ps_optim_defaults(PS_OPTIM_ADAGRAD, 1.0f).epsilon == 1e-7f);
+    assert_true(ps_optim_defaults(PS_OPTIM_ADAM, 1.0f).epsilon == 1e-8f);
 }
 
 int main(void) {
@@ -195,7 +315,10 @@ int main(void) {
         cmocka_unit_test(test_sgd_constant_gradient),
         cmocka_unit_test(test_momentum_constant_gradient),
         cmocka_unit_test(test_adam_constant_gradient),
-        cmocka_unit_test(test_adam_and_momentum_varying_gradient),
+        cmocka_unit_test(test_adagrad_two_steps_by_hand),
+        cmocka_unit_test(test_adagrad_constant_gradient),
+        cmocka_unit_test(test_adagrad_zeroed_slot_equals_initial_accumulator),
+        cmocka_unit_test(test_varying_gradient),
         cmocka_unit_test(test_partition_update_equals_whole),
         cmocka_unit_test(test_kernels_bit_identical_to_scalar),
         cmocka_unit_test(test_names),
