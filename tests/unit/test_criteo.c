@@ -1,4 +1,4 @@
-/* test_criteo.c - unit tests for the Criteo reader.
+/* test_criteo.c - unit tests for the Criteo reader and the AUC / logloss metrics.
  * SPDX-License-Identifier: MIT
  *
  * Lines are checked through wk_criteo_parse_line (every kind of good and
@@ -6,6 +6,8 @@
  * temporary directory the group teardown removes) through the streaming
  * reader: counts, warnings naming file and line, the bad-line threshold,
  * two files as one stream, rewind, buffer boundaries and missing files.
+ * cm_auc and cm_logloss are checked on hand cases with ties and against an
+ * O(n^2) pairwise count.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -15,6 +17,7 @@
 
 #include <fcntl.h>
 #include <ftw.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +25,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "common/cm_auc.h"
 #include "common/cm_rng.h"
 #include "common/cm_status.h"
 #include "worker/input/wk_criteo.h"
@@ -622,6 +626,85 @@ static void test_gzip_and_errors(void **state) {
     assert_int_equal(wk_criteo_open(paths, 0, NULL, &r, err, sizeof err), CM_EINVAL);
 }
 
+/* ===== AUC and logloss ===== */
+
+/* The pairwise definition: over all (positive, negative) pairs, 1 when the
+ * positive scores higher, 1/2 on a tie. */
+static double auc_pairs(const float *s, const int32_t *y, size_t n) {
+    double wins = 0, pairs = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!y[i]) continue;
+        for (size_t j = 0; j < n; j++) {
+            if (y[j]) continue;
+            pairs++;
+            wins += s[i] > s[j] ? 1.0 : s[i] == s[j] ? 0.5 : 0.0;
+        }
+    }
+    return pairs ? wins / pairs : NAN;
+}
+
+static void test_auc_hand(void **state) {
+    (void)state;
+    const int32_t y[] = {0, 0, 1, 1};
+    const float perfect[] = {0.1f, 0.2f, 0.8f, 0.9f};
+    const float reversed[] = {0.9f, 0.8f, 0.2f, 0.1f};
+    const float tied[] = {0.5f, 0.5f, 0.5f, 0.5f};
+    const float mixed[] = {0.1f, 0.4f, 0.35f, 0.8f}; /* 3 of 4 pairs */
+    const float halftie[] = {0.1f, 0.5f, 0.5f, 0.9f}; /* 3 wins + 1 tie: 3.5 / 4 */
+    assert_true(cm_auc(perfect, y, 4) == 1.0);
+    assert_true(cm_auc(reversed, y, 4) == 0.0);
+    assert_true(cm_auc(tied, y, 4) == 0.5);
+    assert_true(cm_auc(mixed, y, 4) == 0.75);
+    assert_true(cm_auc(halftie, y, 4) == 0.875);
+    /* Labels other than 0 count as positive; -0 ties +0. */
+    const int32_t y2[] = {0, 7, 0, 1};
+    const float zeros[] = {0.0f, -0.0f, -1.0f, 2.0f}; /* (tie, win) + (win, win) = 3.5 / 4 */
+    assert_true(cm_auc(zeros, y2, 4) == 0.875);
+    /* All labels equal, or nothing: NaN. */
+    const int32_t ones[] = {1, 1, 1, 1};
+    assert_true(isnan(cm_auc(perfect, ones, 4)));
+    assert_true(isnan(cm_auc(perfect, y, 0)));
+    assert_true(isnan(cm_auc(perfect, y, 1)));
+}
+
+/* Random scores with many ties (a few distinct values) and without,
+ * against the pairwise count. */
+static void test_auc_random(void **state) {
+    (void)state;
+    enum { N = 2000 };
+    float *s = malloc(N * sizeof *s);
+    int32_t *y = malloc(N * sizeof *y);
+    assert_non_null(s);
+    assert_non_null(y);
+    cm_rng g;
+    cm_rng_init(&g, 9);
+    for (int round = 0; round < 6; round++) {
+        size_t n = round < 3 ? N : 37;
+        for (size_t i = 0; i < n; i++) {
+            y[i] = cm_rng_uniform(&g) < 0.3f;
+            float u = cm_rng_uniform(&g) - 0.5f + (y[i] ? 0.3f : 0.0f);
+            s[i] = round % 2 ? u : (float)(int)(u * 8.0f) / 8.0f; /* coarse: ties */
+        }
+        double want = auc_pairs(s, y, n), got = cm_auc(s, y, n);
+        assert_true(fabs(want - got) < 1e-12);
+        assert_true(got > 0.55 && got < 1.0);
+    }
+    free(s);
+    free(y);
+}
+
+static void test_logloss(void **state) {
+    (void)state;
+    const int32_t y[] = {1, 0, 1, 0};
+    const float p[] = {0.8f, 0.3f, 0.5f, 0.0f}; /* the last is clipped to 1e-7 */
+    double want = -(log(0.8f) + log1p(-0.3f) + log(0.5) + log1p(-1e-7)) / 4.0;
+    assert_true(fabs(cm_logloss(p, y, 4) - want) < 1e-12);
+    const float sure[] = {1.0f, 0.0f};
+    const int32_t wrong[] = {0, 1};
+    assert_true(fabs(cm_logloss(sure, wrong, 2) - (-log(1e-7))) < 1e-9);
+    assert_true(isnan(cm_logloss(p, y, 0)));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_id_mapping),
@@ -633,6 +716,9 @@ int main(void) {
         cmocka_unit_test(test_two_files_and_rewind),
         cmocka_unit_test(test_long_lines),
         cmocka_unit_test(test_gzip_and_errors),
+        cmocka_unit_test(test_auc_hand),
+        cmocka_unit_test(test_auc_random),
+        cmocka_unit_test(test_logloss),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
