@@ -15,6 +15,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -452,6 +454,33 @@ static void tmp_path_in(char *out, size_t n, const char *dir, const char *name) 
     snprintf(out, n, "%s/.%s.%ld.tmp", dir, name, (long)getpid());
 }
 
+/* Remove the temporary files of generators that died in dir (killed
+ * half-way: up to a whole train.txt each). A file whose pid is alive
+ * belongs to a generator still at work, and stays. */
+static void remove_stale_tmp(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        static const char *names[] = {"train.txt", "test.txt", "meta.json"};
+        for (int i = 0; i < 3; i++) {
+            size_t n = strlen(names[i]);
+            if (e->d_name[0] != '.' || strncmp(e->d_name + 1, names[i], n) != 0 ||
+                e->d_name[1 + n] != '.')
+                continue;
+            char *end;
+            long pid = strtol(e->d_name + 2 + n, &end, 10);
+            if (end == e->d_name + 2 + n || strcmp(end, ".tmp") != 0 || pid <= 0) continue;
+            if (pid != (long)getpid() && kill((pid_t)pid, 0) != 0 && errno == ESRCH) {
+                char path[4096];
+                path_in(path, sizeof path, dir, e->d_name);
+                unlink(path);
+            }
+        }
+    }
+    closedir(d);
+}
+
 /* Flush f to disk and close it. */
 static int close_synced(FILE *f, const char *path, char *err, size_t errlen) {
     int bad = fflush(f) != 0 || fsync(fileno(f)) != 0;
@@ -562,6 +591,7 @@ int ctr_generate(const ctr_planted *m, const char *dir, ctr_progress_fn progress
                  ctr_summary *sum, char *err, size_t errlen) {
     int rc = make_dirs(dir, err, errlen);
     if (rc != CM_OK) return rc;
+    remove_stale_tmp(dir);
     enum { TRAIN, TEST, META };
     static const char *names[] = {"train.txt", "test.txt", "meta.json"};
     char tmp[3][4096], fin[3][4096];

@@ -151,11 +151,12 @@ typedef struct ctr_summary {
 typedef void (*ctr_progress_fn)(void *ud, const char *split, uint64_t done, uint64_t total);
 
 /* Write dir/train.txt, dir/test.txt and dir/meta.json (dir and its parents
- * are created). Each file is written under a temporary name, flushed to
- * disk and renamed; an old meta.json goes first and the new one comes
- * last, so a directory with a meta.json holds a complete data set of
- * those knobs. progress may be NULL; sum may be NULL. CM_EIO naming the
- * file. */
+ * are created). Each file is written under a temporary name
+ * (.NAME.PID.tmp), flushed to disk and renamed; an old meta.json goes
+ * first and the new one comes last, so a directory with a meta.json holds
+ * a complete data set of those knobs. Temporary files of generators that
+ * died are removed first. progress may be NULL; sum may be NULL. CM_EIO
+ * naming the file. */
 int ctr_generate(const ctr_planted *m, const char *dir, ctr_progress_fn progress, void *ud,
                  ctr_summary *sum, char *err, size_t errlen);
 

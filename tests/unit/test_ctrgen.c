@@ -108,6 +108,12 @@ static double meta_real(json_t *meta, const char *key) {
     return json_number_value(v);
 }
 
+static void touch(const char *path) {
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fclose(f);
+}
+
 static int file_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0;
@@ -253,7 +259,8 @@ static void test_reuse_check(void **state) {
 
 /* A generation that fails half-way through replacing a data set leaves no
  * meta.json (the old one goes first), so the directory does not look
- * complete; nor does it leave its temporary files. */
+ * complete; nor does it leave its temporary files. Those of a generator
+ * that was killed are removed by the next one. */
 static void test_failed_replace(void **state) {
     (void)state;
     ctr_knobs k;
@@ -267,9 +274,7 @@ static void test_failed_replace(void **state) {
     assert_int_equal(mkdir(p, 0700), 0);
     char inner[600];
     snprintf(inner, sizeof inner, "%s/x", p);
-    FILE *f = fopen(inner, "w");
-    assert_non_null(f);
-    fclose(f);
+    touch(inner);
     k.seed = 22;
     ctr_planted *m = NULL;
     char err[512];
@@ -290,6 +295,25 @@ static void test_failed_replace(void **state) {
     assert_int_equal(fscanf(ls, "%d", &entries), 1);
     pclose(ls);
     assert_int_equal(entries, 2);
+
+    /* A dead generator's temporary file is removed by the next run; a live
+     * one's (pid 1 never exits) stays. */
+    char dead[600], live[600];
+    snprintf(dead, sizeof dead, "%s/.train.txt.999999999.tmp", dir);
+    snprintf(live, sizeof live, "%s/.test.txt.1.tmp", dir);
+    touch(dead);
+    touch(live);
+    k.seed = 23;
+    path_of(p, sizeof p, dir, "test.txt/x");
+    assert_int_equal(unlink(p), 0);
+    path_of(p, sizeof p, dir, "test.txt");
+    assert_int_equal(rmdir(p), 0);
+    assert_int_equal(ctr_planted_create(&k, &m, err, sizeof err), CM_OK);
+    assert_int_equal(ctr_generate(m, dir, NULL, NULL, NULL, err, sizeof err), CM_OK);
+    ctr_planted_destroy(m);
+    assert_false(file_exists(dead));
+    assert_true(file_exists(live));
+    assert_int_equal(ctr_meta_matches(dir, &k), 1);
 
     /* A directory that cannot be created. */
     path_of(p, sizeof p, dir, "train.txt/sub");
