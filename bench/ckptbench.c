@@ -8,13 +8,13 @@
  *     options, keys and batch size as st_store, every batch synced), in
  *     fresh directories, alternating which goes first; target: checkpoint
  *     rate >= 0.8x the raw rate (median of the repeats' own ratios).
- *  2. step: a psserver of S MiB (--vector) and a client here doing sync
+ *  2. step: a psserver of S MiB (a vector model) and a client here doing sync
  *     push-pull steps back to back (1 worker): the median step with no
  *     checkpointing (a server without --data-dir) against the median of
  *     the steps that overlap a checkpoint being written (a server with
  *     --checkpoint-every K; when each checkpoint ran comes from its log
  *     line); target: a rise of <= 5 %.
- *  3. recovery: a psserver of R MB (--vector) writes one checkpoint and is
+ *  3. recovery: a psserver of R MB (a vector model) writes one checkpoint and is
  *     shut down; then the time from starting psserver on that directory to
  *     the first Stats answered (which must report the restored version);
  *     the server's own open / load / restore split comes from its log.
@@ -287,13 +287,12 @@ static void *server_reader(void *arg) {
 
 static int server_reap_by(server *s, double until) { return bu_reap_by(&s->pid, &s->status, until); }
 
-/* Start psserver for a vector of 'elems' floats on a free port, with the
- * extra arguments 'more' (NULL-terminated). fork + exec, not posix_spawn,
+/* Start psserver on a free port (the model comes with the client's Init),
+ * with the extra arguments 'more' (NULL-terminated). fork + exec, not posix_spawn,
  * so that the child can ask to die with this process; no gRPC channel is
  * open in this process when it forks (GRPC_LEVELDB_FACTS G8). */
-static int server_start(bench *b, server *s, size_t elems, char *const *more, char *err,
-                        size_t errlen) {
-    char ps_hosts[64], worker_hosts[64], nelems[32];
+static int server_start(bench *b, server *s, char *const *more, char *err, size_t errlen) {
+    char ps_hosts[64], worker_hosts[64];
     char *argv[32];
     int n = 0, fds[2];
     memset(s, 0, sizeof *s);
@@ -308,10 +307,7 @@ static int server_start(bench *b, server *s, size_t elems, char *const *more, ch
     s->port = ports[0];
     snprintf(ps_hosts, sizeof ps_hosts, "127.0.0.1:%d", s->port);
     snprintf(worker_hosts, sizeof worker_hosts, "127.0.0.1:%d", ports[1]);
-    snprintf(nelems, sizeof nelems, "%zu", elems);
     argv[n++] = b->psserver;
-    argv[n++] = "--vector";
-    argv[n++] = nelems;
     argv[n++] = "--ps-hosts";
     argv[n++] = ps_hosts;
     argv[n++] = "--worker-hosts";
@@ -391,8 +387,8 @@ static int server_stop(server *s, double timeout_s) {
     return rc;
 }
 
-/* A client of a one-shard vector model of 'elems' floats (the placement
- * psserver computes for --vector with the default minimum partition). */
+/* A client of a one-shard vector model of 'elems' floats, with the default
+ * minimum partition (psserver learns the model from the client's Init). */
 typedef struct client {
     cm_model *model;
     cm_placement *pl;
@@ -451,7 +447,7 @@ static int phase_begin(bench *b, server *s, client *c, size_t elems, char *const
     memset(c, 0, sizeof *c);
     int rc;
     for (int attempt = 1;; attempt++) { /* New ports while the chosen one was taken. */
-        rc = server_start(b, s, elems, more, err, errlen);
+        rc = server_start(b, s, more, err, errlen);
         if (rc == CM_OK) rc = server_wait_listening(b, s, 30.0, err, errlen);
         if (rc != CM_EBUSY || attempt == 5) break;
         server_stop(s, 0.0);
@@ -681,7 +677,7 @@ static int recovery_measure(bench *b, const char *dir, size_t elems, const float
     client c = {0};
     char *more[] = {"--data-dir", (char *)dir, NULL};
     double t0 = cm_now();
-    int rc = server_start(b, &s, elems, more, err, errlen);
+    int rc = server_start(b, &s, more, err, errlen);
     if (rc != CM_OK) return rc;
     if ((rc = server_wait_listening(b, &s, 30.0, err, errlen)) != CM_OK) goto out;
     t->listening_ms = (cm_now() - t0) * 1e3;

@@ -852,14 +852,9 @@ static int port_was_taken(child **srv, int n) {
 static int ps_attempt(driver *d, const bench_cfg *b, phase_result *res, char *err,
                       size_t errlen) {
     child *srv[MAX_PROCS], *w[MAX_PROCS];
-    char ps_hosts[MAX_PROCS * 24], worker_hosts[MAX_PROCS * 24], elems[24], name[32];
+    char ps_hosts[MAX_PROCS * 24], worker_hosts[MAX_PROCS * 24], name[32];
     int rc = CM_EIO, ports[MAX_KIDS], nsrv = 0;
     size_t lp = 0, lw = 0;
-    snprintf(elems, sizeof elems, "%zu", b->bytes / sizeof(float));
-    /* One partition per PS (as the workers compute it). */
-    char minp[24];
-    size_t mp = b->bytes / sizeof(float) * sizeof(float) / (size_t)b->servers;
-    snprintf(minp, sizeof minp, "%zu", mp ? mp : 1);
     if (bu_free_ports(ports, b->servers + b->workers) != CM_OK) {
         cm_seterr(err, errlen, "cannot find free ports: %s", strerror(errno));
         goto fail;
@@ -874,8 +869,7 @@ static int ps_attempt(driver *d, const bench_cfg *b, phase_result *res, char *er
         char idx[24];
         snprintf(idx, sizeof idx, "%d", nsrv);
         snprintf(name, sizeof name, "psserver %d", nsrv);
-        char *argv[] = {d->psserver, "--vector", elems, "--min-partition-bytes", minp,
-                        "--ps-hosts", ps_hosts, "--worker-hosts", worker_hosts,
+        char *argv[] = {d->psserver, "--ps-hosts", ps_hosts, "--worker-hosts", worker_hosts,
                         "--task-index", idx, NULL};
         if (!(srv[nsrv] = spawn(d, name, argv, 0, 0, err, errlen))) goto fail;
         srv[nsrv]->watch = 1;

@@ -25,6 +25,12 @@ void *cm_calloc(size_t count, size_t size) {
     return p;
 }
 
+void *cm_realloc(void *p, size_t n) {
+    void *q = realloc(p, n ? n : 1);
+    if (!q) oom(n);
+    return q;
+}
+
 char *cm_strdup(const char *s) {
     size_t n = strlen(s) + 1;
     char *p = cm_malloc(n);

@@ -13,6 +13,8 @@
 void *cm_malloc(size_t n);
 void *cm_calloc(size_t count, size_t size);
 char *cm_strdup(const char *s);
+/* realloc that aborts on out of memory (n 0 keeps one byte). */
+void *cm_realloc(void *p, size_t n);
 
 /* 64-byte aligned, uninitialised; NULL on failure. Release with free(). */
 void *cm_alloc_aligned(size_t n);

@@ -81,6 +81,7 @@ int cm_placement_create(const cm_model *m, int nshards, size_t min_part_bytes,
         size_t rows, row_size;
         var_rows(var, &rows, &row_size);
         size_t np = var_nparts(var, min_part_bytes);
+        if (np == 0) continue; /* A table: its rows are placed by id. */
         /* The first rows % np partitions get one extra row. */
         size_t base = rows / np, extra = rows % np, row = 0;
         for (size_t i = 0; i < np; i++) {

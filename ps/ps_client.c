@@ -35,11 +35,38 @@
 #include "proto/rpc.h"
 #include "ps/ps_wire.h"
 
-enum { OP_PUSH = 1, OP_PULL = 2, OP_PUSH_PULL = 3 };
+enum { OP_PUSH = 1, OP_PULL = 2, OP_PUSH_PULL = 3, OP_PULL_ROWS = 4 };
+
+/* One shard's share of some rows of a call, grouped by table: entry k is
+ * table tab[k], ids[off[k] .. off[k] + cnt[k]), and pos[] says which row of
+ * the caller's arrays each id is. Pushed gradients are gathered into g
+ * (or g16 for bfloat16) in the same order and sent from there. */
+typedef struct sub_rows {
+    int n;
+    uint32_t *tab;
+    size_t *off, *cnt;
+    uint64_t *ids;
+    uint32_t *pos;
+    size_t total;
+    float *g;
+    uint16_t *g16;
+} sub_rows;
+
+static void sub_rows_free(sub_rows *r) {
+    free(r->tab);
+    free(r->off);
+    free(r->cnt);
+    free(r->ids);
+    free(r->pos);
+    free(r->g);
+    free(r->g16);
+    memset(r, 0, sizeof *r);
+}
 
 struct ps_client {
     ps_client_cfg cfg;
     int nshards;
+    int row_dim; /* The model's widest table row (0 without tables). */
     char **addrs;
     rpc_client *rpc;
     rpc_channel **ch;
@@ -67,6 +94,9 @@ typedef struct sub {
     int cm;   /* CM status after decoding. */
     int64_t version;
     char msg[384];
+    sub_rows push; /* Sparse: row gradients sent to this shard... */
+    sub_rows want; /* ...and rows its reply carries. */
+    int sparse;    /* A sparse step: rows_final is sent. */
 } sub;
 
 struct ps_ticket {
@@ -84,9 +114,16 @@ struct ps_ticket {
     sub *subs;
     uint32_t *own; /* Partition lists of a partial push-pull. */
     uint16_t *wire; /* bf16 pushes: the pushed partitions, sub by sub. */
+    float *row_values; /* Sparse: where the reply's rows go (row u at
+                        * u * row_dim). */
+    int train;
 };
 
 static void ticket_free(ps_ticket *t) {
+    for (int i = 0; i < t->nsubs; i++) {
+        sub_rows_free(&t->subs[i].push);
+        sub_rows_free(&t->subs[i].want);
+    }
     free(t->subs);
     free(t->own);
     free(t->wire);
@@ -121,14 +158,42 @@ static void fill_cluster(ps_client *c, Psrpc__Cluster *cl) {
     cl->epoch = c->epoch;
 }
 
-/* Copy a pull reply from shard sh into params; CM_OK or CM_EINVAL. */
+/* The rows of a reply into the caller's array, by the sub's 'want'. */
+static int take_rows(ps_client *c, const sub_rows *want, const ps_wire_msg *m, float *values,
+                     char *err, size_t errlen) {
+    if (m->nrows != want->n) {
+        cm_seterr(err, errlen, "reply has rows of %d tables, expected %d", m->nrows, want->n);
+        return CM_EINVAL;
+    }
+    for (int k = 0; k < want->n; k++) {
+        const ps_wire_rows *r = &m->rows[k];
+        int dim = c->cfg.model->vars[c->cfg.model->table_var[want->tab[k]]].dim;
+        size_t row_bytes = (size_t)dim * sizeof(float);
+        if (r->meta->table != want->tab[k] || r->meta->dtype != PSRPC__DTYPE__DTYPE_FLOAT32 ||
+            r->len != want->cnt[k] * row_bytes) {
+            cm_seterr(err, errlen, "reply rows %d: table %u, %zu bytes; expected table %u, %zu",
+                      k, r->meta->table, r->len, want->tab[k], want->cnt[k] * row_bytes);
+            return CM_EINVAL;
+        }
+        const uint32_t *pos = want->pos + want->off[k];
+        for (size_t i = 0; i < want->cnt[k]; i++)
+            memcpy(values + (size_t)pos[i] * (size_t)c->row_dim, r->data + i * row_bytes,
+                   row_bytes);
+    }
+    return CM_OK;
+}
+
+/* Copy a pull reply from shard sh into params (and its rows, by 'want',
+ * into values); CM_OK or CM_EINVAL. */
 static int take_pull_reply(ps_client *c, int sh, int nexpect, const uint8_t *buf, size_t len,
-                           float *params, int64_t *version, char *err, size_t errlen) {
+                           float *params, const sub_rows *want, float *values, int64_t *version,
+                           char *err, size_t errlen) {
     ps_wire_msg m;
-    if (ps_wire_decode(&psrpc__pull_reply__descriptor, 2, buf, len, &m, err, errlen))
+    if (ps_wire_decode_rows(&psrpc__pull_reply__descriptor, 2, 3, buf, len, &m, err, errlen))
         return CM_EINVAL;
     int rc = CM_OK;
-    if (m.ntensors != nexpect) {
+    if (want && values) rc = take_rows(c, want, &m, values, err, errlen);
+    if (rc == CM_OK && m.ntensors != nexpect) {
         cm_seterr(err, errlen, "pull reply has %d partitions, expected %d", m.ntensors,
                   nexpect);
         rc = CM_EINVAL;
@@ -160,10 +225,12 @@ static void on_done(void *ud, int code, const char *message, const uint8_t *repl
         /* Nobody waits: the caller's buffers are not ours any more. */
     } else if (code != RPC_OK) {
         snprintf(s->msg, sizeof s->msg, "%s: %s", rpc_status_name(code), message);
-    } else if (t->op == OP_PULL || t->op == OP_PUSH_PULL) {
-        int nexpect = t->op == OP_PULL ? t->c->nparts[s->shard] : s->nparts;
-        s->cm = take_pull_reply(t->c, s->shard, nexpect, reply, len, t->params, &s->version,
-                                s->msg, sizeof s->msg);
+    } else if (t->op == OP_PULL || t->op == OP_PUSH_PULL || t->op == OP_PULL_ROWS) {
+        int nexpect = t->op == OP_PULL ? t->c->nparts[s->shard]
+                      : t->op == OP_PULL_ROWS ? 0
+                                              : s->nparts;
+        s->cm = take_pull_reply(t->c, s->shard, nexpect, reply, len, t->params, &s->want,
+                                t->row_values, &s->version, s->msg, sizeof s->msg);
     } else {
         Psrpc__PushReply *r = psrpc__push_reply__unpack(NULL, len, reply);
         if (r) {
@@ -181,6 +248,13 @@ static void on_done(void *ud, int code, const char *message, const uint8_t *repl
     if (done) ticket_free(t);
 }
 
+/* The ids of 'want' as Rows messages of field 'field' (no values). */
+static void put_want(ps_wire_writer *w, uint32_t field, const sub_rows *want) {
+    for (int k = 0; k < want->n; k++)
+        ps_wire_put_rows(w, field, want->tab[k], want->ids + want->off[k], want->cnt[k],
+                         PSRPC__DTYPE__DTYPE_FLOAT32, NULL, 0, NULL, NULL);
+}
+
 static void issue(ps_ticket *t, sub *s) {
     ps_client *c = t->c;
     int sh = s->shard;
@@ -191,7 +265,7 @@ static void issue(ps_ticket *t, sub *s) {
     s->cm = CM_OK;
     s->msg[0] = 0;
     t->calls++;
-    if (t->op == OP_PUSH || t->op == OP_PUSH_PULL) t->segs += s->nparts;
+    if (t->op == OP_PUSH || t->op == OP_PUSH_PULL) t->segs += s->nparts + s->push.n;
     pthread_mutex_unlock(&c->mu);
     ps_wire_writer w;
     ps_wire_writer_init(&w);
@@ -203,7 +277,25 @@ static void issue(ps_ticket *t, sub *s) {
         Psrpc__PushRequest req = PSRPC__PUSH_REQUEST__INIT;
         req.cluster = &cl;
         req.step = t->step;
+        req.rows_final = s->sparse;
+        req.train = t->train;
         ps_wire_put_message(&w, &req.base);
+        put_want(&w, 6, &s->want);
+        size_t gat = 0;
+        for (int k = 0; k < s->push.n; k++) {
+            int dim = c->cfg.model->vars[c->cfg.model->table_var[s->push.tab[k]]].dim;
+            size_t nv = s->push.cnt[k] * (size_t)dim;
+            const uint64_t *ids = s->push.ids + s->push.off[k];
+            if (s->push.g16)
+                ps_wire_put_rows(&w, 4, s->push.tab[k], ids, s->push.cnt[k],
+                                 PSRPC__DTYPE__DTYPE_BFLOAT16, s->push.g16 + gat,
+                                 nv * sizeof(uint16_t), release_seg, t);
+            else
+                ps_wire_put_rows(&w, 4, s->push.tab[k], ids, s->push.cnt[k],
+                                 PSRPC__DTYPE__DTYPE_FLOAT32, s->push.g + gat,
+                                 nv * sizeof(float), release_seg, t);
+            gat += nv;
+        }
         size_t at = s->wire_at;
         for (int i = 0; i < s->nparts; i++) {
             const cm_partition *p = &c->cfg.placement->parts[s->parts[i]];
@@ -221,7 +313,10 @@ static void issue(ps_ticket *t, sub *s) {
         Psrpc__PullRequest req = PSRPC__PULL_REQUEST__INIT;
         req.cluster = &cl;
         req.min_version = t->step;
+        req.rows_only = t->op == OP_PULL_ROWS;
+        req.train = t->train;
         ps_wire_put_message(&w, &req.base);
+        put_want(&w, 3, &s->want);
     }
     int nsegs;
     const rpc_seg *segs = ps_wire_segs(&w, &nsegs);
@@ -331,6 +426,130 @@ int ps_client_push_pull_parts(ps_client *c, int64_t step, const float *grad, flo
     return CM_OK;
 }
 
+/* Split 'keys' by shard into each sub's 'r' (push: 0 for want, 1 for
+ * gradients, gathered from 'grad' as float32 or bfloat16). */
+static void split_rows(ps_ticket *t, const ps_row_keys *keys, int push, const float *grad) {
+    ps_client *c = t->c;
+    int S = c->nshards, T = keys->ntables;
+    /* Count per (shard, table), then place. */
+    size_t *cnt = cm_calloc((size_t)S * (size_t)T, sizeof *cnt);
+    int *shard_of = NULL;
+    size_t total = keys->tab_begin[T];
+    shard_of = cm_malloc((total ? total : 1) * sizeof *shard_of);
+    for (int tb = 0; tb < T; tb++)
+        for (size_t u = keys->tab_begin[tb]; u < keys->tab_begin[tb + 1]; u++) {
+            int sh = cm_row_shard(tb, keys->ids[u], S);
+            shard_of[u] = sh;
+            cnt[(size_t)sh * (size_t)T + (size_t)tb]++;
+        }
+    for (int sh = 0; sh < S; sh++) {
+        sub_rows *r = push ? &t->subs[sh].push : &t->subs[sh].want;
+        size_t n = 0;
+        int ntab = 0;
+        for (int tb = 0; tb < T; tb++)
+            if (cnt[(size_t)sh * (size_t)T + (size_t)tb]) {
+                n += cnt[(size_t)sh * (size_t)T + (size_t)tb];
+                ntab++;
+            }
+        r->n = ntab;
+        r->total = n;
+        r->tab = cm_calloc((size_t)ntab + 1, sizeof *r->tab);
+        r->off = cm_calloc((size_t)ntab + 1, sizeof *r->off);
+        r->cnt = cm_calloc((size_t)ntab + 1, sizeof *r->cnt);
+        r->ids = cm_malloc((n ? n : 1) * sizeof *r->ids);
+        r->pos = cm_malloc((n ? n : 1) * sizeof *r->pos);
+        size_t at = 0;
+        int k = 0;
+        for (int tb = 0; tb < T; tb++) {
+            size_t m = cnt[(size_t)sh * (size_t)T + (size_t)tb];
+            if (!m) continue;
+            r->tab[k] = (uint32_t)tb;
+            r->off[k] = at;
+            for (size_t u = keys->tab_begin[tb]; u < keys->tab_begin[tb + 1]; u++)
+                if (shard_of[u] == sh) {
+                    r->ids[at] = keys->ids[u];
+                    r->pos[at++] = (uint32_t)u;
+                }
+            r->cnt[k] = at - r->off[k];
+            k++;
+        }
+        if (!push) continue;
+        /* The gradients in the order they are sent. */
+        size_t nv = 0;
+        for (int e = 0; e < r->n; e++)
+            nv += r->cnt[e] * (size_t)c->cfg.model->vars[c->cfg.model->table_var[r->tab[e]]].dim;
+        float *g = cm_malloc((nv ? nv : 1) * sizeof *g);
+        size_t gat = 0;
+        for (int e = 0; e < r->n; e++) {
+            int dim = c->cfg.model->vars[c->cfg.model->table_var[r->tab[e]]].dim;
+            for (size_t i = 0; i < r->cnt[e]; i++) {
+                memcpy(g + gat, grad + (size_t)r->pos[r->off[e] + i] * (size_t)c->row_dim,
+                       (size_t)dim * sizeof *g);
+                gat += (size_t)dim;
+            }
+        }
+        if (c->cfg.wire_bf16) {
+            r->g16 = cm_malloc((nv ? nv : 1) * sizeof *r->g16);
+            ps_wire_bf16_from_f32(r->g16, g, nv);
+            free(g);
+        } else {
+            r->g = g;
+        }
+    }
+    free(cnt);
+    free(shard_of);
+}
+
+int ps_client_push_pull_rows(ps_client *c, int64_t step, const float *grad, float *params,
+                             const ps_row_keys *keys, const float *row_grad,
+                             const ps_row_keys *want, float *want_values, ps_ticket **out) {
+    *out = NULL;
+    if (c->cfg.model->ntables == 0 || (keys && keys->ntables != c->cfg.model->ntables) ||
+        (want && want->ntables != c->cfg.model->ntables) || (keys && !row_grad) ||
+        (want && !want_values))
+        return CM_EINVAL;
+    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step);
+    t->grad = grad;
+    t->params = params;
+    t->row_values = want_values;
+    t->train = 1;
+    ticket_convert(t);
+    for (int i = 0; i < t->nsubs; i++) t->subs[i].sparse = 1;
+    if (keys) split_rows(t, keys, 1, row_grad);
+    if (want) split_rows(t, want, 0, NULL);
+    for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
+    *out = t;
+    return CM_OK;
+}
+
+int ps_client_pull_rows(ps_client *c, int64_t min_version, const ps_row_keys *want,
+                        float *values, int train, ps_ticket **out) {
+    *out = NULL;
+    if (c->cfg.model->ntables == 0 || !want || want->ntables != c->cfg.model->ntables || !values)
+        return CM_EINVAL;
+    ps_ticket *t = ticket_new(c, OP_PULL_ROWS, min_version);
+    t->row_values = values;
+    t->train = train;
+    split_rows(t, want, 0, NULL);
+    /* Only the shards that hold some of the rows. */
+    int k = 0;
+    for (int i = 0; i < t->nsubs; i++) {
+        if (!t->subs[i].want.n) {
+            sub_rows_free(&t->subs[i].want);
+            continue;
+        }
+        if (k != i) {
+            t->subs[k] = t->subs[i];
+            memset(&t->subs[i].want, 0, sizeof t->subs[i].want);
+        }
+        k++;
+    }
+    t->nsubs = k;
+    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
+    *out = t;
+    return CM_OK;
+}
+
 int ps_client_pull(ps_client *c, int64_t min_version, float *params, ps_ticket **out) {
     ps_ticket *t = ticket_new(c, OP_PULL, min_version);
     t->params = params;
@@ -340,7 +559,10 @@ int ps_client_pull(ps_client *c, int64_t min_version, float *params, ps_ticket *
 }
 
 static const char *op_name(int op) {
-    return op == OP_PUSH ? "push" : op == OP_PULL ? "pull" : "push-pull";
+    return op == OP_PUSH        ? "push"
+           : op == OP_PULL      ? "pull"
+           : op == OP_PULL_ROWS ? "row pull"
+                                : "push-pull";
 }
 
 static void sub_error(const ps_ticket *t, const sub *s, char *err, size_t errlen) {
@@ -500,19 +722,29 @@ static ProtobufCMessage *call_unpack(ps_client *c, int sh, const char *method,
     return r;
 }
 
+static Psrpc__OptimizerConfig optim_msg(const ps_optim_cfg *o) {
+    Psrpc__OptimizerConfig m = PSRPC__OPTIMIZER_CONFIG__INIT;
+    m.kind = (char *)ps_optim_name(o->kind);
+    m.lr = o->lr;
+    m.momentum = o->momentum;
+    m.beta1 = o->beta1;
+    m.beta2 = o->beta2;
+    m.epsilon = o->epsilon;
+    m.initial_accumulator = o->initial_accumulator;
+    return m;
+}
+
 int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errlen) {
     Psrpc__Cluster cl;
     fill_cluster(c, &cl);
-    Psrpc__OptimizerConfig oc = PSRPC__OPTIMIZER_CONFIG__INIT;
-    oc.kind = (char *)ps_optim_name(init->optim.kind);
-    oc.lr = init->optim.lr;
-    oc.momentum = init->optim.momentum;
-    oc.beta1 = init->optim.beta1;
-    oc.beta2 = init->optim.beta2;
-    oc.epsilon = init->optim.epsilon;
+    Psrpc__OptimizerConfig oc = optim_msg(&init->optim), toc = optim_msg(&init->table_optim);
+    ps_wire_spec spec;
+    ps_wire_spec_init(&spec, c->cfg.model, c->cfg.placement->min_part_bytes);
     Psrpc__InitRequest req = PSRPC__INIT_REQUEST__INIT;
     req.cluster = &cl;
     req.optimizer = &oc;
+    req.model = &spec.spec;
+    if (c->cfg.model->ntables) req.table_optimizer = &toc;
     req.seed = init->seed;
     req.num_workers = (uint32_t)init->num_workers;
     req.sync = init->async ? PSRPC__SYNC_MODE__SYNC_ASYNC : PSRPC__SYNC_MODE__SYNC_SYNC;
@@ -542,11 +774,15 @@ int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errl
         free(vals);
         free(vptrs);
         free(shapes);
-        if (!r) return rc;
+        if (!r) {
+            ps_wire_spec_free(&spec);
+            return rc;
+        }
         /* Fresh shards all start in epoch 1; restored ones report 0. */
         if (r->epoch > c->epoch && !r->recovering) c->epoch = r->epoch;
         psrpc__init_reply__free_unpacked(r, NULL);
     }
+    ps_wire_spec_free(&spec);
     return CM_OK;
 }
 
@@ -596,6 +832,9 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
         out->early_pushes += r->early_pushes;
         out->pulls += r->pulls;
         out->bad_requests += r->bad_requests;
+        out->rows += r->rows;
+        out->rows_pulled += r->rows_pulled;
+        out->rows_pushed += r->rows_pushed;
         psrpc__stats_reply__free_unpacked(r, NULL);
     }
     return CM_OK;
@@ -615,6 +854,7 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
     if (!c->cfg.deadline_ms) c->cfg.deadline_ms = 60000;
     if (!c->cfg.connect_timeout_ms) c->cfg.connect_timeout_ms = 30000;
     c->nshards = pl->nshards;
+    c->row_dim = cm_model_max_dim(cfg->model);
     c->fingerprint = ps_wire_identity(cfg->model, pl, c->identity, sizeof c->identity);
     c->addrs = cm_calloc((size_t)c->nshards, sizeof *c->addrs);
     c->ch = cm_calloc((size_t)c->nshards, sizeof *c->ch);

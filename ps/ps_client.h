@@ -16,6 +16,10 @@
  *    the error names the PS that could not be reached. Retried pushes are
  *    safe: a shard counts each (worker, step) once.
  *  - Errors return a negative CM_E* and put a message in err.
+ *  - Sparse models (with embedding tables): rows are placed on shards by
+ *    cm_row_shard; ps_client_push_pull_rows pushes a step's row gradients
+ *    with the dense gradient and fetches the next batch's rows in the same
+ *    call, one per shard; ps_client_pull_rows fetches rows alone.
  * A ps_client is used by one thread at a time.
  */
 #ifndef PS_CLIENT_H
@@ -50,6 +54,7 @@ typedef struct ps_client_cfg {
 /* What the chief initialises the shards with (psrpc.InitRequest). */
 typedef struct ps_init_cfg {
     ps_optim_cfg optim;
+    ps_optim_cfg table_optim; /* Row-wise optimizer of the tables (sparse models). */
     uint64_t seed;
     int num_workers;
     int async;     /* 0 = synchronous steps, 1 = apply every push at once. */
@@ -95,6 +100,35 @@ int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *pa
  * unknown or repeated id or nparts < 1. */
 int ps_client_push_pull_parts(ps_client *c, int64_t step, const float *grad, float *params,
                               const uint32_t *parts, int nparts, ps_ticket **t);
+
+/* The unique rows of a sparse step, grouped by table: the ids of table t
+ * are ids[tab_begin[t] .. tab_begin[t + 1]) (ntables is the model's; a
+ * wk_rowset has this shape). Values and gradients of row u are at
+ * u * row_dim of the caller's arrays, row_dim being the model's widest
+ * table dim (cm_model_max_dim). */
+typedef struct ps_row_keys {
+    int ntables;
+    const size_t *tab_begin;
+    const uint64_t *ids;
+} ps_row_keys;
+
+/* A sparse model's step: push 'grad' (every dense partition) and the row
+ * gradients row_grad of 'keys' (NULL: none) for 'step', and pull into
+ * params the dense parameters of the resulting version (step + 1 in sync
+ * mode, the newest in async) and into want_values the values of the rows
+ * 'want' (NULL: none; created if missing) at that version. One call per
+ * shard, every shard (so that each counts this worker's rows of the step).
+ * CM_EINVAL (no ticket) for a model without tables or mismatched keys. */
+int ps_client_push_pull_rows(ps_client *c, int64_t step, const float *grad, float *params,
+                             const ps_row_keys *keys, const float *row_grad,
+                             const ps_row_keys *want, float *want_values, ps_ticket **t);
+
+/* The values of the rows 'want' at version >= min_version into values;
+ * train = 1 creates missing rows (a read for training), 0 does not (they
+ * read as their initial values). Only the shards that hold some of them
+ * are called. */
+int ps_client_pull_rows(ps_client *c, int64_t min_version, const ps_row_keys *want,
+                        float *values, int train, ps_ticket **t);
 
 /* Wait for a ticket and free it. *version (may be NULL) gets the smallest
  * shard version seen. Returns CM_OK or the first error, with a message. */
@@ -148,6 +182,7 @@ typedef struct ps_client_stats {
     int64_t min_version;
     int64_t min_worker_step; /* Over shards and workers (-1: one has not pushed). */
     uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
+    uint64_t rows, rows_pulled, rows_pushed; /* Sparse models. */
 } ps_client_stats;
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen);
 

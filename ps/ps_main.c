@@ -1,9 +1,11 @@
 /* ps_main.c - the psserver command: one PS shard as a process.
  * SPDX-License-Identifier: MIT
  *
- * Reads its task from TF_CONFIG (type "ps"), or from flags, builds the
- * model's variable list and the placement exactly as the workers do, serves
- * until the chief sends Shutdown (or SIGINT/SIGTERM), then exits 0.
+ * Reads its task from TF_CONFIG (type "ps"), or from flags, and serves until
+ * the chief sends Shutdown (or SIGINT/SIGTERM), then exits 0. It needs no
+ * model flag: the model comes with the chief's Initialize (or from the
+ * data directory of a restarted shard), and the placement follows from it
+ * and the number of PS, exactly as the workers compute it.
  * Exit status: 0 after a shutdown, 1 on errors, 3 if the address could not
  * be bound (so a launcher can pick another port and retry).
  */
@@ -38,11 +40,7 @@ static void usage(FILE *f) {
             "  --task-index I             this shard's index in the PS list\n"
             "  --listen ADDR              bind here instead of the PS list's address\n"
             "                             (e.g. 0.0.0.0:5000)\n"
-            "  --layers W,W,...           model layer widths (default 784,256,128,10);\n"
-            "                             must match the workers'\n"
-            "  --min-partition-bytes N    placement's minimum partition (default 262144)\n"
-            "  --vector N                 serve a single vector of N floats instead of the\n"
-            "                             MLP (the push/pull benchmark's model)\n"
+
             "  --threads N                gRPC threads (default: 1 on machines with up to\n"
             "                             4 CPUs, where a second thread only contends with\n"
             "                             the first and with the workers; 2 otherwise)\n"
@@ -61,9 +59,6 @@ int main(int argc, char **argv) {
                                          {"worker-hosts", required_argument, 0, 'w'},
                                          {"task-index", required_argument, 0, 'i'},
                                          {"listen", required_argument, 0, 'l'},
-                                         {"layers", required_argument, 0, 'L'},
-                                         {"min-partition-bytes", required_argument, 0, 'm'},
-                                         {"vector", required_argument, 0, 'V'},
                                          {"threads", required_argument, 0, 't'},
                                          {"max-message-mb", required_argument, 0, 'M'},
                                          {"data-dir", required_argument, 0, 'd'},
@@ -74,9 +69,7 @@ int main(int argc, char **argv) {
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
     long long ckpt_every = 0;
     int ckpt_nice = 10;
-    int task_index = -1, threads = 0, max_mb = 64, nsizes = 4;
-    int sizes[CM_MLP_MAX_SIZES] = {784, 256, 128, 10};
-    long min_part = (long)CM_PLACEMENT_MIN_PART_BYTES, vector = 0;
+    int task_index = -1, threads = 0, max_mb = 64;
     int c;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -84,14 +77,6 @@ int main(int argc, char **argv) {
         case 'w': worker_hosts = optarg; break;
         case 'i': task_index = atoi(optarg); break;
         case 'l': listen = optarg; break;
-        case 'L':
-            if ((nsizes = cm_parse_sizes(optarg, sizes, CM_MLP_MAX_SIZES)) < 0) {
-                fprintf(stderr, "psserver: bad --layers '%s'\n", optarg);
-                return 1;
-            }
-            break;
-        case 'm': min_part = atol(optarg); break;
-        case 'V': vector = atol(optarg); break;
         case 't': threads = atoi(optarg); break;
         case 'M': max_mb = atoi(optarg); break;
         case 'd': data_dir = optarg; break;
@@ -101,7 +86,7 @@ int main(int argc, char **argv) {
         default: usage(stderr); return 1;
         }
     }
-    if (optind < argc || min_part < 1 || threads < 0 || threads > 64 || max_mb < 1 ||
+    if (optind < argc || threads < 0 || threads > 64 || max_mb < 1 ||
         max_mb > 2047 || ckpt_every < 0 || (ckpt_every > 0 && !data_dir) || ckpt_nice < 0 ||
         ckpt_nice > 19) {
         fprintf(stderr, "psserver: bad arguments (see --help)\n");
@@ -138,16 +123,8 @@ int main(int argc, char **argv) {
     snprintf(tag, sizeof tag, "ps %d", cl->task_index);
     cm_log_set_tag(tag);
 
-    cm_model *model = NULL;
-    cm_placement *pl = NULL;
     ps_server *srv = NULL;
     int status = 1;
-    if ((vector > 0 ? cm_model_create_vector((size_t)vector, &model)
-                    : cm_model_create_mlp(sizes, nsizes, &model)) != CM_OK ||
-        cm_placement_create(model, cl->n[CM_TASK_PS], (size_t)min_part, &pl) != CM_OK) {
-        cm_error("cannot build the model or its placement");
-        goto out;
-    }
     char shard_dir[4096];
     if (data_dir) {
         snprintf(shard_dir, sizeof shard_dir, "%s/shard-%d", data_dir, cl->task_index);
@@ -156,7 +133,7 @@ int main(int argc, char **argv) {
             goto out;
         }
     }
-    ps_server_cfg cfg = {.model = model, .placement = pl, .shard = cl->task_index,
+    ps_server_cfg cfg = {.nshards = cl->n[CM_TASK_PS], .shard = cl->task_index,
                          .threads = threads, .max_message = max_mb << 20,
                          .data_dir = data_dir ? shard_dir : NULL,
                          .checkpoint_every = ckpt_every, .checkpoint_nice = ckpt_nice};
@@ -176,8 +153,7 @@ int main(int argc, char **argv) {
         status = rc == CM_EBUSY ? 3 : 1;
         goto out;
     }
-    cm_info("serving shard %d of %d (%d partitions, %zu bytes) on %s, port %d", cl->task_index,
-            pl->nshards, pl->shard_nparts[cl->task_index], pl->shard_bytes[cl->task_index], addr,
+    cm_info("serving shard %d of %d on %s, port %d", cl->task_index, cl->n[CM_TASK_PS], addr,
             port);
     while (!ps_server_wait(srv, 200))
         if (got_signal) ps_server_request_stop(srv, got_signal == SIGINT ? "SIGINT" : "SIGTERM");
@@ -185,8 +161,6 @@ int main(int argc, char **argv) {
     status = 0;
 out:
     ps_server_destroy(srv, 2000);
-    cm_placement_destroy(pl);
-    cm_model_destroy(model);
     cm_cluster_destroy(cl);
     return status;
 }

@@ -7,6 +7,15 @@
  * while a pull waits. PushPull answers with the pushed partitions only, as
  * soon as they are final (ps_shard_pull_parts). Pull replies point into the snapshot (zero-copy); each
  * tensor segment holds a snapshot reference that gRPC releases once sent.
+ *
+ * The model. A server started without one (psserver) learns it from the
+ * chief's first Initialize (its ModelSpec): the placement follows from it
+ * and the number of PS, the request's cluster fingerprint must match what
+ * the server computed, and only then is the shard created. Until then
+ * Push and Pull answer UNAVAILABLE (clients retry), Checkpoints answers
+ * "not initialised", everything else FAILED_PRECONDITION. With a data
+ * directory the model is kept as the store's "model" record, so a
+ * restarted server rebuilds its shard from the directory alone.
  */
 #include "ps/ps_server.h"
 
@@ -47,11 +56,28 @@ typedef struct ckpt_job {
     size_t slots_cap;  /* Floats it holds. */
     int nslots;
     ps_shard_config cfg;
+    /* Tables: a copy of every row at that version, one blob per table
+     * (rows_blob), at rows_off[t] .. rows_off[t + 1] of 'rows'. */
+    uint8_t *rows;
+    size_t rows_len, rows_cap;
+    size_t *rows_off;
 } ckpt_job;
+
+/* Rows of table t go in blob part ROWS_PART | t (kind 0): records of
+ * u64 id, i64 update count, then dim values and nslots * dim slots. */
+#define ROWS_PART 0x80000000u
 
 struct ps_server {
     ps_server_cfg cfg;
+    /* The model, its placement and the shard: set once (at create, or by
+     * the first Initialize) under mu, immutable afterwards; handlers read
+     * 'shard' under mu (get_shard) and may then use the rest. */
     ps_shard *shard;
+    const cm_model *model;
+    const cm_placement *pl;
+    cm_model *own_model; /* Learnt from an Init or the store. */
+    cm_placement *own_pl;
+    uint64_t bad_early; /* Bad requests before there was a shard (mu). */
     rpc_server *rpc;
     uint64_t fingerprint;
     char identity[256];
@@ -80,9 +106,36 @@ struct ps_server {
     int recovering;        /* Restored from disk, waiting for a Rollback. */
 };
 
+static ps_shard *get_shard(ps_server *s) {
+    pthread_mutex_lock(&s->mu);
+    ps_shard *sh = s->shard;
+    pthread_mutex_unlock(&s->mu);
+    return sh;
+}
+
+static void count_bad(ps_server *s) {
+    ps_shard *sh = get_shard(s);
+    if (sh) {
+        ps_shard_count_bad(sh);
+        return;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->bad_early++;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* No shard yet (the model comes with the chief's Initialize): fail the call
+ * and return 0. 'code' UNAVAILABLE lets clients retry until it is there. */
+static int need_shard(ps_server *s, rpc_call *call, int code) {
+    if (get_shard(s)) return 1;
+    rpc_fail(call, code, "PS shard %d is not initialised yet: it learns the model from the "
+             "chief's Initialize", s->cfg.shard);
+    return 0;
+}
+
 static int check_cluster(ps_server *s, rpc_call *call, const Psrpc__Cluster *c) {
     if (c && c->fingerprint == s->fingerprint) return 1;
-    ps_shard_count_bad(s->shard);
+    count_bad(s);
     if (!c)
         rpc_fail(call, RPC_FAILED_PRECONDITION,
                  "request carries no cluster fingerprint; this PS shard %d serves %s",
@@ -182,26 +235,171 @@ fail:
     return rc;
 }
 
+/* An OptimizerConfig as ps_optim_cfg; -1 if its kind is unknown. */
+static int optim_from(const Psrpc__OptimizerConfig *o, ps_optim_cfg *out) {
+    int kind = o ? ps_optim_parse(o->kind) : -1;
+    if (kind < 0) return -1;
+    *out = (ps_optim_cfg){.kind = kind, .lr = o->lr, .momentum = o->momentum, .beta1 = o->beta1,
+                          .beta2 = o->beta2, .epsilon = o->epsilon,
+                          .initial_accumulator = o->initial_accumulator};
+    return 0;
+}
+
+static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+                       const ps_shard_config *cfg, const ps_rows *rows);
+
+/* Make 'model' and 'pl' (the server's own from now on when owned) the
+ * server's and create its shard with the checkpoint hook (mu not held).
+ * CM_EBUSY if a shard exists already (another Init won): then the caller
+ * keeps and frees what it passed. */
+static int adopt_model(ps_server *s, const cm_model *model, const cm_placement *pl, int owned) {
+    ps_shard *sh;
+    int rc = ps_shard_create(model, pl, s->cfg.shard, &sh);
+    if (rc != CM_OK) return rc;
+    if (s->writer_started) ps_shard_set_publish_hook(sh, s->cfg.checkpoint_every, on_publish, s);
+    pthread_mutex_lock(&s->mu);
+    if (s->shard) {
+        pthread_mutex_unlock(&s->mu);
+        ps_shard_destroy(sh);
+        return CM_EBUSY;
+    }
+    s->model = model;
+    s->pl = pl;
+    if (owned) {
+        s->own_model = (cm_model *)model;
+        s->own_pl = (cm_placement *)pl;
+    }
+    s->fingerprint = ps_wire_identity(model, pl, s->identity, sizeof s->identity);
+    s->shard = sh;
+    pthread_mutex_unlock(&s->mu);
+    return CM_OK;
+}
+
+/* The model of the store's "model" record into *model / *pl (owned by the
+ * caller). CM_ENOTFOUND if the store has none. */
+static int store_model(ps_server *s, cm_model **model, cm_placement **pl, char *err,
+                       size_t errlen) {
+    void *rec = NULL;
+    size_t len = 0, min_part = 0;
+    *model = NULL;
+    *pl = NULL;
+    int rc = st_store_get_record(s->store, "model", &rec, &len, err, errlen);
+    if (rc != CM_OK) return rc;
+    Psrpc__ModelSpec *spec = psrpc__model_spec__unpack(NULL, len, rec);
+    free(rec);
+    if (!spec) {
+        cm_seterr(err, errlen, "its model record does not parse");
+        return CM_ECORRUPT;
+    }
+    rc = ps_wire_spec_model(spec, model, &min_part, err, errlen);
+    psrpc__model_spec__free_unpacked(spec, NULL);
+    if (rc == CM_OK && cm_placement_create(*model, s->cfg.nshards, min_part, pl) != CM_OK) {
+        cm_seterr(err, errlen, "cannot place its model on %d PS", s->cfg.nshards);
+        rc = CM_EINVAL;
+    }
+    if (rc != CM_OK) {
+        cm_model_destroy(*model);
+        *model = NULL;
+    }
+    return rc;
+}
+
+/* Keep the model in the store, so that a restart needs no model flag. */
+static int store_put_model(ps_server *s, const cm_model *m, char *err, size_t errlen) {
+    ps_wire_spec sp;
+    ps_wire_spec_init(&sp, m, s->pl->min_part_bytes);
+    size_t n = protobuf_c_message_get_packed_size(&sp.spec.base);
+    uint8_t *b = cm_malloc(n ? n : 1);
+    protobuf_c_message_pack(&sp.spec.base, b);
+    int rc = st_store_put_record(s->store, "model", b, n, err, errlen);
+    free(b);
+    ps_wire_spec_free(&sp);
+    return rc;
+}
+
+/* The first Initialize of a server without a model: learn it from the
+ * request. Returns 1 to go on, or 0 after failing the call. */
+static int learn_model(ps_server *s, rpc_call *call, const Psrpc__InitRequest *r) {
+    char err[640];
+    cm_model *model = NULL;
+    cm_placement *pl = NULL;
+    size_t min_part = 0;
+    if (!r->model) {
+        count_bad(s);
+        rpc_fail(call, RPC_INVALID_ARGUMENT, "PS shard %d has no model yet and this Initialize "
+                 "carries none (InitRequest.model)", s->cfg.shard);
+        return 0;
+    }
+    if (ps_wire_spec_model(r->model, &model, &min_part, err, sizeof err) != CM_OK) {
+        count_bad(s);
+        rpc_fail(call, RPC_INVALID_ARGUMENT, "Initialize: bad model: %s", err);
+        return 0;
+    }
+    if (cm_placement_create(model, s->cfg.nshards, min_part, &pl) != CM_OK) {
+        cm_model_destroy(model);
+        count_bad(s);
+        rpc_fail(call, RPC_INVALID_ARGUMENT, "Initialize: cannot place the model on %d PS",
+                 s->cfg.nshards);
+        return 0;
+    }
+    char desc[256];
+    uint64_t fp = ps_wire_identity(model, pl, desc, sizeof desc);
+    if (!r->cluster || r->cluster->fingerprint != fp) {
+        count_bad(s);
+        rpc_fail(call, RPC_FAILED_PRECONDITION,
+                 "cluster mismatch: the model of this Initialize on this PS's cluster of %d PS "
+                 "is %s [%016llx]; the caller has %s [%016llx]",
+                 s->cfg.nshards, desc, (unsigned long long)fp,
+                 r->cluster && r->cluster->description ? r->cluster->description : "(none)",
+                 r->cluster ? (unsigned long long)r->cluster->fingerprint : 0ULL);
+        cm_placement_destroy(pl);
+        cm_model_destroy(model);
+        return 0;
+    }
+    int rc = adopt_model(s, model, pl, 1);
+    if (rc == CM_EBUSY) { /* Another Init was first: check_cluster decides. */
+        cm_placement_destroy(pl);
+        cm_model_destroy(model);
+        return 1;
+    }
+    if (rc != CM_OK) {
+        cm_placement_destroy(pl);
+        cm_model_destroy(model);
+        rpc_fail(call, RPC_INTERNAL, "PS shard %d cannot create its shard: %s", s->cfg.shard,
+                 cm_strerror(rc));
+        return 0;
+    }
+    if (s->store && store_put_model(s, model, err, sizeof err) != CM_OK)
+        cm_warn("cannot record the model in the store: %s", err);
+    cm_info("serving %s: %d partitions (%zu bytes) of shard %d of %d%s", s->identity,
+            s->pl->shard_nparts[s->cfg.shard], s->pl->shard_bytes[s->cfg.shard], s->cfg.shard,
+            s->cfg.nshards, model->ntables ? ", and the rows of every table placed here" : "");
+    return 1;
+}
+
 static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     Psrpc__InitRequest *r = psrpc__init_request__unpack(NULL, len, req);
     if (!r) {
-        ps_shard_count_bad(s->shard);
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed InitRequest");
         return;
     }
+    if (!get_shard(s) && !learn_model(s, call, r)) goto out;
     if (!check_cluster(s, call, r->cluster)) goto out;
-    int kind = r->optimizer ? ps_optim_parse(r->optimizer->kind) : -1;
-    if (kind < 0) {
-        ps_shard_count_bad(s->shard);
+    ps_optim_cfg optim, table_optim = {0};
+    if (optim_from(r->optimizer, &optim) != 0 ||
+        (s->model->ntables && optim_from(r->table_optimizer, &table_optim) != 0)) {
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "unknown optimizer '%s'",
-                 r->optimizer ? r->optimizer->kind : "(none)");
+                 optim_from(r->optimizer, &optim) != 0
+                     ? (r->optimizer ? r->optimizer->kind : "(none)")
+                     : (r->table_optimizer ? r->table_optimizer->kind : "(no table optimizer)"));
         goto out;
     }
     ps_shard_config cfg = {
-        .optim = {.kind = kind, .lr = r->optimizer->lr, .momentum = r->optimizer->momentum,
-                  .beta1 = r->optimizer->beta1, .beta2 = r->optimizer->beta2,
-                  .epsilon = r->optimizer->epsilon},
+        .optim = optim,
+        .table_optim = table_optim,
         .seed = r->seed,
         .num_workers = (int)r->num_workers,
         .sync = r->sync == PSRPC__SYNC_MODE__SYNC_ASYNC ? PS_ASYNC
@@ -234,7 +432,7 @@ static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     if (rc == CM_EBUSY) {
         rpc_fail(call, RPC_FAILED_PRECONDITION, "%s", err);
     } else if (rc != CM_OK) {
-        ps_shard_count_bad(s->shard);
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "%s", err);
     } else {
         cm_debug("shard %d initialised by rank %u", s->cfg.shard, r->cluster->rank);
@@ -253,20 +451,116 @@ out:
 
 /* ------------------------------------------------------------ Push */
 
+/* Rows a pull answers: what a request's 'want' asks for, decoded, and the
+ * buffer the shard reads them into (all tables back to back), which the
+ * reply's segments share until gRPC is done with them. */
+typedef struct row_answer {
+    int n;                /* Tables asked for. */
+    ps_row_req *rq;       /* n requests, into 'vals'. */
+    uint64_t **ids;       /* n id arrays (owned). */
+    float *vals;
+    int train;
+    int refs;             /* Segments holding vals (atomic). */
+} row_answer;
+
+static void row_answer_free(row_answer *a) {
+    if (!a) return;
+    for (int i = 0; i < a->n; i++) free(a->ids[i]);
+    free(a->ids);
+    free(a->rq);
+    free(a->vals);
+    free(a);
+}
+
+static void row_answer_release(void *ud) {
+    row_answer *a = ud;
+    if (__atomic_sub_fetch(&a->refs, 1, __ATOMIC_ACQ_REL) == 0) row_answer_free(a);
+}
+
+/* Decode want[0..n) (ids only) against the shard: tables that exist, ids
+ * that live here. NULL (after failing the call) if they do not. */
+static row_answer *decode_want(ps_server *s, rpc_call *call, Psrpc__Rows *const *want, size_t n,
+                               int train) {
+    char err[384];
+    row_answer *a = cm_calloc(1, sizeof *a);
+    a->n = (int)n;
+    a->train = train;
+    a->rq = cm_calloc(n ? n : 1, sizeof *a->rq);
+    a->ids = cm_calloc(n ? n : 1, sizeof *a->ids);
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        int dim = ps_shard_row_dim(s->shard, want[i]->table);
+        size_t k = 0;
+        if (dim < 0) {
+            cm_seterr(err, sizeof err, "rows asked of table %u: the model has %d tables",
+                      want[i]->table, s->model->ntables);
+            goto bad;
+        }
+        if (ps_wire_ids(want[i], &a->ids[i], &k, err, sizeof err) != CM_OK) goto bad;
+        for (size_t j = 0; j < k; j++)
+            if (cm_row_shard((int)want[i]->table, a->ids[i][j], s->pl->nshards) != s->cfg.shard) {
+                cm_seterr(err, sizeof err, "row %llu of table %u lives on shard %d, not %d",
+                          (unsigned long long)a->ids[i][j], want[i]->table,
+                          cm_row_shard((int)want[i]->table, a->ids[i][j], s->pl->nshards),
+                          s->cfg.shard);
+                goto bad;
+            }
+        a->rq[i] = (ps_row_req){.table = want[i]->table, .ids = a->ids[i], .n = k};
+        total += k * (size_t)dim;
+    }
+    a->vals = cm_alloc_aligned((total ? total : 1) * sizeof(float));
+    if (!a->vals) abort();
+    total = 0;
+    for (size_t i = 0; i < n; i++) {
+        a->rq[i].out = a->vals + total;
+        total += a->rq[i].n * (size_t)ps_shard_row_dim(s->shard, a->rq[i].table);
+    }
+    return a;
+bad:
+    count_bad(s);
+    rpc_fail(call, RPC_INVALID_ARGUMENT, "%s", err);
+    row_answer_free(a);
+    return NULL;
+}
+
 /* Decode and apply a push. Returns 1 with *step and *version set when it
- * was accepted (or a duplicate); otherwise the call has been failed. */
+ * was accepted (or a duplicate); otherwise the call has been failed. With
+ * 'want' (PushPull), *want gets the rows the reply must carry (NULL for
+ * none) and *async whether the shard applies pushes at once. */
 static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len, int64_t *step,
-                   int64_t *version, int *duplicate, uint32_t **parts, int *nparts) {
+                   int64_t *version, int *duplicate, uint32_t **parts, int *nparts,
+                   row_answer **want, int *with_rows) {
     ps_wire_msg m;
     char err[512];
-    if (ps_wire_decode(&psrpc__push_request__descriptor, 3, req, len, &m, err, sizeof err)) {
-        ps_shard_count_bad(s->shard);
+    if (want) *want = NULL;
+    if (!need_shard(s, call, RPC_UNAVAILABLE)) return 0;
+    if (ps_wire_decode_rows(&psrpc__push_request__descriptor, 3, 4, req, len, &m, err,
+                            sizeof err)) {
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "%s", err);
         return 0;
     }
     Psrpc__PushRequest *r = (Psrpc__PushRequest *)m.msg;
     int ok = 0;
+    ps_row_grad *rg = NULL;
+    uint64_t **rids = NULL;
     if (!check_cluster(s, call, r->cluster) || !check_epoch(s, call, r->cluster)) goto out;
+    if (want && r->n_want && !(*want = decode_want(s, call, r->want, r->n_want, r->train)))
+        goto out;
+    if (with_rows) *with_rows = r->rows_final || m.nrows > 0 || r->n_want > 0;
+    rg = cm_calloc((size_t)m.nrows + 1, sizeof *rg);
+    rids = cm_calloc((size_t)m.nrows + 1, sizeof *rids);
+    for (int i = 0; i < m.nrows; i++) {
+        size_t k;
+        if (ps_wire_ids(m.rows[i].meta, &rids[i], &k, err, sizeof err) != CM_OK) {
+            count_bad(s);
+            rpc_fail(call, RPC_INVALID_ARGUMENT, "%s", err);
+            goto out;
+        }
+        rg[i] = (ps_row_grad){.table = m.rows[i].meta->table, .ids = rids[i], .n = k,
+                              .dtype = (int)m.rows[i].meta->dtype, .data = m.rows[i].data,
+                              .len = m.rows[i].len};
+    }
     ps_grad small[16];
     ps_grad *g = m.ntensors <= 16 ? small : cm_malloc((size_t)m.ntensors * sizeof *g);
     for (int i = 0; i < m.ntensors; i++) {
@@ -284,8 +578,8 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
         *parts = cm_malloc(((size_t)m.ntensors + 1) * sizeof **parts);
         for (int i = 0; i < m.ntensors; i++) (*parts)[i] = g[i].part;
     }
-    int rc = ps_shard_push(s->shard, (int)r->cluster->rank, r->step, g, m.ntensors, version, err,
-                           sizeof err);
+    int rc = ps_shard_push_rows(s->shard, (int)r->cluster->rank, r->step, g, m.ntensors, rg,
+                                m.nrows, r->rows_final, version, err, sizeof err);
     if (g != small) free(g);
     if (rc == PS_PUSH_OK || rc == PS_PUSH_DUPLICATE) {
         *duplicate = rc == PS_PUSH_DUPLICATE;
@@ -299,6 +593,13 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
         }
     }
 out:
+    if (!ok && want) {
+        row_answer_free(*want);
+        *want = NULL;
+    }
+    for (int i = 0; rids && i < m.nrows; i++) free(rids[i]);
+    free(rids);
+    free(rg);
     ps_wire_msg_free(&m);
     return ok;
 }
@@ -308,7 +609,7 @@ static void on_push(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     int64_t step = 0, version = 0;
     int duplicate = 0;
     pthread_rwlock_rdlock(&s->gate);
-    int ok = do_push(s, call, req, len, &step, &version, &duplicate, NULL, NULL);
+    int ok = do_push(s, call, req, len, &step, &version, &duplicate, NULL, NULL, NULL, NULL);
     pthread_rwlock_unlock(&s->gate);
     if (!ok) return;
     Psrpc__PushReply rep = PSRPC__PUSH_REPLY__INIT;
@@ -324,8 +625,10 @@ static void release_snapshot(void *ud) { ps_snapshot_unref(ud); }
 typedef struct pull_ctx {
     ps_server *s;
     rpc_call *call;
-    int nparts;      /* 0: every partition of the shard. */
+    int nparts;      /* 0: every partition of the shard; -1: none. */
     uint32_t *parts; /* Placement ids to answer with (PushPull), owned. */
+    row_answer *rows; /* Rows to answer with (NULL: none), owned until
+                       * the reply's segments release it. */
 } pull_ctx;
 
 static void answer_pull(void *ud, ps_snapshot *snap) {
@@ -334,6 +637,7 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
     rpc_call *call = pc->call;
     if (!snap) {
         free(pc->parts);
+        row_answer_free(pc->rows);
         free(pc);
         pthread_mutex_lock(&s->mu);
         int stopping = s->stopping;
@@ -355,15 +659,28 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
     ps_wire_put_message(&w, &rep.base);
     for (int i = 0; i < nparts; i++) {
         ps_snapshot_ref(snap);
-        ps_wire_put_part(&w, 2, s->cfg.model, s->cfg.placement, parts[i],
+        ps_wire_put_part(&w, 2, s->model, s->pl, parts[i],
                          ps_snapshot_part(snap, ps_shard_local_index(s->shard, parts[i])),
                          release_snapshot, snap);
+    }
+    row_answer *ra = pc->rows;
+    if (ra) {
+        /* The rows were read into ra->vals as the pull was answered; the
+         * segments send them in place and the last release frees them. */
+        __atomic_store_n(&ra->refs, ra->n + 1, __ATOMIC_RELAXED);
+        for (int i = 0; i < ra->n; i++) {
+            const ps_row_req *q = &ra->rq[i];
+            size_t bytes = q->n * (size_t)ps_shard_row_dim(s->shard, q->table) * sizeof(float);
+            ps_wire_put_rows(&w, 3, q->table, q->ids, q->n, PSRPC__DTYPE__DTYPE_FLOAT32, q->out,
+                             bytes, row_answer_release, ra);
+        }
     }
     int nsegs;
     const rpc_seg *segs = ps_wire_segs(&w, &nsegs);
     rpc_reply(call, segs, nsegs);
     ps_wire_writer_free(&w, 0);
     ps_snapshot_unref(snap);
+    if (ra) row_answer_release(ra); /* The reference of this function. */
     free(pc->parts);
     free(pc);
 }
@@ -372,16 +689,25 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     Psrpc__PullRequest *r = psrpc__pull_request__unpack(NULL, len, req);
     if (!r) {
-        ps_shard_count_bad(s->shard);
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed PullRequest");
         return;
     }
     pthread_rwlock_rdlock(&s->gate);
-    if (check_cluster(s, call, r->cluster) && check_epoch(s, call, r->cluster)) {
+    row_answer *ra = NULL;
+    if (need_shard(s, call, RPC_UNAVAILABLE) && check_cluster(s, call, r->cluster) &&
+        check_epoch(s, call, r->cluster) &&
+        (!r->n_want || (ra = decode_want(s, call, r->want, r->n_want, r->train)))) {
         pull_ctx *pc = cm_calloc(1, sizeof *pc);
         pc->s = s;
         pc->call = call;
-        ps_shard_pull(s->shard, r->min_version, answer_pull, pc);
+        pc->nparts = r->rows_only ? -1 : 0;
+        pc->rows = ra;
+        if (ra)
+            ps_shard_pull_rows(s->shard, r->min_version, ra->rq, ra->n, ra->train, answer_pull,
+                               pc);
+        else
+            ps_shard_pull(s->shard, r->min_version, answer_pull, pc);
     }
     pthread_rwlock_unlock(&s->gate);
     psrpc__pull_request__free_unpacked(r, NULL);
@@ -390,10 +716,12 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
 static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     int64_t step = 0, version = 0;
-    int duplicate = 0, nparts = 0;
+    int duplicate = 0, nparts = 0, with_rows = 0;
     uint32_t *parts = NULL;
+    row_answer *ra = NULL;
     pthread_rwlock_rdlock(&s->gate);
-    if (!do_push(s, call, req, len, &step, &version, &duplicate, &parts, &nparts)) {
+    if (!do_push(s, call, req, len, &step, &version, &duplicate, &parts, &nparts, &ra,
+                 &with_rows)) {
         pthread_rwlock_unlock(&s->gate);
         return;
     }
@@ -403,9 +731,15 @@ static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t l
     pull_ctx *pc = cm_calloc(1, sizeof *pc);
     pc->s = s;
     pc->call = call;
-    pc->nparts = nparts;
+    pc->nparts = nparts ? nparts : -1;
     pc->parts = parts;
-    if (ps_shard_is_async(s->shard))
+    pc->rows = ra;
+    if (with_rows) /* A sparse model's step: the pushed partitions and the
+                    * rows asked for, once the whole step is applied. */
+        ps_shard_pull_rows(s->shard, ps_shard_is_async(s->shard) ? 0 : step + 1,
+                           ra ? ra->rq : NULL, ra ? ra->n : 0, ra ? ra->train : 0, answer_pull,
+                           pc);
+    else if (ps_shard_is_async(s->shard))
         ps_shard_pull(s->shard, 0, answer_pull, pc);
     else if (nparts == 0) /* A shard that owns nothing. */
         ps_shard_pull(s->shard, step + 1, answer_pull, pc);
@@ -420,14 +754,17 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
     ps_server *s = ctx;
     Psrpc__StatsRequest *r = psrpc__stats_request__unpack(NULL, len, req);
     if (!r) {
-        ps_shard_count_bad(s->shard);
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed StatsRequest");
         return;
     }
-    if (check_cluster(s, call, r->cluster)) {
+    if (need_shard(s, call, RPC_UNAVAILABLE) && check_cluster(s, call, r->cluster)) {
         ps_shard_stats st;
         ps_shard_stats_get(s->shard, &st);
         Psrpc__StatsReply rep = PSRPC__STATS_REPLY__INIT;
+        rep.rows = st.rows;
+        rep.rows_pulled = st.rows_pulled;
+        rep.rows_pushed = st.rows_pushed;
         rep.version = st.version;
         rep.pushes = st.pushes;
         rep.duplicate_pushes = st.duplicate_pushes;
@@ -447,11 +784,11 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
     ps_server *s = ctx;
     Psrpc__ShutdownRequest *r = psrpc__shutdown_request__unpack(NULL, len, req);
     if (!r) {
-        ps_shard_count_bad(s->shard);
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed ShutdownRequest");
         return;
     }
-    if (check_cluster(s, call, r->cluster)) {
+    if (need_shard(s, call, RPC_FAILED_PRECONDITION) && check_cluster(s, call, r->cluster)) {
         char why[256];
         snprintf(why, sizeof why, "shutdown requested by rank %u: %s", r->cluster->rank,
                  r->reason && r->reason[0] ? r->reason : "(no reason)");
@@ -465,8 +802,10 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
 /* ------------------------------------------------------------ checkpoints */
 
 /* The extra record: the shard's config, little-endian. */
-#define CFG_MAGIC "pscfg2\0\0"
-#define CFG_LEN (8 + 4 + 5 * 4 + 8 + 4 * 4 + 8 + 4 + 8) /* v2: + init_hash, data layout */
+#define CFG_MAGIC "pscfg3\0\0"
+#define CFG_LEN (8 + 17 * 4 + 8 * 4) /* v3: + Adagrad's accumulator, the tables' optimizer */
+#define CFG_MAGIC_V2 "pscfg2\0\0"
+#define CFG_LEN_V2 (8 + 4 + 5 * 4 + 8 + 4 * 4 + 8 + 4 + 8) /* v2: + init_hash, data layout */
 #define CFG_MAGIC_V1 "pscfg1\0\0"
 #define CFG_LEN_V1 (8 + 4 + 5 * 4 + 8 + 4 * 4)
 
@@ -509,15 +848,25 @@ static void cfg_encode(const ps_shard_config *c, uint8_t out[CFG_LEN]) {
     p = put32(p, (uint32_t)(c->init_hash >> 32));
     p = put32(p, c->global_batch);
     p = put32(p, (uint32_t)c->steps_per_epoch);
-    put32(p, (uint32_t)(c->steps_per_epoch >> 32));
+    p = put32(p, (uint32_t)(c->steps_per_epoch >> 32));
+    p = put32(p, fbits(c->optim.initial_accumulator));
+    const ps_optim_cfg *t = &c->table_optim;
+    p = put32(p, (uint32_t)t->kind);
+    p = put32(p, fbits(t->lr));
+    p = put32(p, fbits(t->momentum));
+    p = put32(p, fbits(t->beta1));
+    p = put32(p, fbits(t->beta2));
+    p = put32(p, fbits(t->epsilon));
+    put32(p, fbits(t->initial_accumulator));
 }
 
 static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
     int v1 = len == CFG_LEN_V1 && memcmp(buf, CFG_MAGIC_V1, 8) == 0;
-    if (!v1 && (len != CFG_LEN || memcmp(buf, CFG_MAGIC, 8) != 0)) return CM_ECORRUPT;
+    int v2 = len == CFG_LEN_V2 && memcmp(buf, CFG_MAGIC_V2, 8) == 0;
+    if (!v1 && !v2 && (len != CFG_LEN || memcmp(buf, CFG_MAGIC, 8) != 0)) return CM_ECORRUPT;
     const uint8_t *p = (const uint8_t *)buf + 8;
-    uint32_t v[17] = {0};
-    for (int i = 0; i < (v1 ? 12 : 17); i++) p = get32(p, &v[i]);
+    uint32_t v[25] = {0};
+    for (int i = 0; i < (v1 ? 12 : v2 ? 17 : 25); i++) p = get32(p, &v[i]);
     *c = (ps_shard_config){.optim = {.kind = (int)v[0], .lr = bitsf(v[1]),
                                      .momentum = bitsf(v[2]), .beta1 = bitsf(v[3]),
                                      .beta2 = bitsf(v[4]), .epsilon = bitsf(v[5])},
@@ -529,13 +878,51 @@ static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
                            .init_hash = (uint64_t)v[12] | (uint64_t)v[13] << 32,
                            .global_batch = v[14],
                            .steps_per_epoch = (uint64_t)v[15] | (uint64_t)v[16] << 32};
+    if (!v1 && !v2) {
+        c->optim.initial_accumulator = bitsf(v[17]);
+        c->table_optim = (ps_optim_cfg){.kind = (int)v[18], .lr = bitsf(v[19]),
+                                        .momentum = bitsf(v[20]), .beta1 = bitsf(v[21]),
+                                        .beta2 = bitsf(v[22]), .epsilon = bitsf(v[23]),
+                                        .initial_accumulator = bitsf(v[24])};
+    } else {
+        /* Written before those existed: the defaults they ran with. */
+        c->optim.initial_accumulator = ps_optim_defaults(c->optim.kind, 1.0f).initial_accumulator;
+    }
     return CM_OK;
 }
 
 /* The publish hook (the shard's lock held): hand the version to the writer
  * unless it is still busy with the last one. */
+/* Append rows of one table to the job's buffer (ps_rows_visit callback). */
+typedef struct rows_copy {
+    ckpt_job *job;
+    int dim, nslots;
+} rows_copy;
+
+static int copy_row(void *ud, uint64_t id, const float *values, const float *slots,
+                    int64_t count) {
+    rows_copy *c = ud;
+    ckpt_job *j = c->job;
+    size_t rec = 16 + (size_t)c->dim * (size_t)(1 + c->nslots) * sizeof(float);
+    if (j->rows_len + rec > j->rows_cap) {
+        size_t cap = j->rows_cap ? j->rows_cap : 1 << 20;
+        while (cap < j->rows_len + rec) cap *= 2;
+        j->rows = cm_realloc(j->rows, cap);
+        j->rows_cap = cap;
+    }
+    uint8_t *p = j->rows + j->rows_len;
+    memcpy(p, &id, 8);
+    memcpy(p + 8, &count, 8);
+    memcpy(p + 16, values, (size_t)c->dim * sizeof(float));
+    if (c->nslots)
+        memcpy(p + 16 + (size_t)c->dim * sizeof(float), slots,
+               (size_t)c->dim * (size_t)c->nslots * sizeof(float));
+    j->rows_len += rec;
+    return CM_OK;
+}
+
 static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                       const ps_shard_config *cfg) {
+                       const ps_shard_config *cfg, const ps_rows *rows) {
     ps_server *s = ud;
     pthread_mutex_lock(&s->ck_mu);
     if (s->job.snap || s->ck_stop) {
@@ -554,6 +941,21 @@ static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslo
     if (n && slots) memcpy(s->job.slots, slots, n * sizeof(float));
     s->job.nslots = slots ? nslots : 0;
     s->job.cfg = *cfg;
+    if (rows) {
+        /* A copy of every row, under the shard's lock: the rows change in
+         * place. (Incremental checkpoints of tables larger than memory are
+         * the next step.) */
+        int nt = s->model->ntables;
+        if (!s->job.rows_off) s->job.rows_off = cm_calloc((size_t)nt + 1, sizeof(size_t));
+        s->job.rows_len = 0;
+        for (int t = 0; t < nt; t++) {
+            s->job.rows_off[t] = s->job.rows_len;
+            rows_copy c = {.job = &s->job, .dim = ps_rows_dim(rows, t),
+                           .nslots = ps_rows_nslots(rows)};
+            ps_rows_visit(rows, t, copy_row, &c);
+        }
+        s->job.rows_off[nt] = s->job.rows_len;
+    }
     ps_snapshot_ref(snap);
     s->job.snap = snap;
     pthread_cond_broadcast(&s->ck_cv);
@@ -586,7 +988,8 @@ static void write_job(ps_server *s, const ckpt_job *j) {
     int nparts;
     ps_shard_parts(s->shard, &nparts);
     size_t numel = ps_shard_numel(s->shard);
-    int nblobs = nparts * (1 + j->nslots);
+    int nt = j->rows_off ? s->model->ntables : 0;
+    int nblobs = nparts * (1 + j->nslots) + nt;
     st_blob *b = cm_malloc((size_t)(nblobs ? nblobs : 1) * sizeof *b);
     const uint32_t *parts = ps_shard_parts(s->shard, &nparts);
     int k = 0;
@@ -599,6 +1002,10 @@ static void write_job(ps_server *s, const ckpt_job *j) {
             b[k++] = (st_blob){.part = parts[i], .kind = (uint32_t)sl + 1,
                                .data = j->slots + (size_t)sl * numel + off, .len = len};
     }
+    for (int t = 0; t < nt; t++)
+        b[k++] = (st_blob){.part = ROWS_PART | (uint32_t)t, .kind = ST_KIND_PARAMS,
+                           .data = j->rows + j->rows_off[t],
+                           .len = j->rows_off[t + 1] - j->rows_off[t]};
     uint8_t extra[CFG_LEN];
     cfg_encode(&j->cfg, extra);
     int64_t v = ps_snapshot_version(j->snap);
@@ -659,17 +1066,37 @@ void ps_server_checkpoint_wait(ps_server *s) {
     pthread_mutex_unlock(&s->ck_mu);
 }
 
-/* Gathers a generation's blobs into flat arrays laid out as the shard's. */
+/* Gathers a generation's blobs into flat arrays laid out as the shard's,
+ * and its tables' rows (copies, put into the shard once it holds the
+ * generation's config). */
 typedef struct restore_ctx {
     ps_shard *shard;
+    const cm_model *model;
     float *params, *slots;
     int nslots;
     size_t numel;
     int nseen;
+    uint8_t **rows;   /* Per table: its rows blob (or NULL)... */
+    size_t *rows_len; /* ...and its length. */
 } restore_ctx;
+
+static void restore_ctx_free(restore_ctx *c) {
+    for (int t = 0; c->rows && t < c->model->ntables; t++) free(c->rows[t]);
+    free(c->rows);
+    free(c->rows_len);
+}
 
 static int on_blob(void *ud, uint32_t part, uint32_t kind, const void *data, size_t len) {
     restore_ctx *c = ud;
+    if (part & ROWS_PART) {
+        uint32_t t = part & ~ROWS_PART;
+        if (t >= (uint32_t)c->model->ntables || kind != ST_KIND_PARAMS || c->rows[t])
+            return CM_ECORRUPT;
+        c->rows[t] = cm_malloc(len ? len : 1);
+        memcpy(c->rows[t], data, len);
+        c->rows_len[t] = len;
+        return CM_OK;
+    }
     int li = ps_shard_local_index(c->shard, part);
     if (li < 0 || kind > (uint32_t)c->nslots) return CM_ECORRUPT;
     size_t off = ps_shard_part_offset(c->shard, li);
@@ -684,11 +1111,14 @@ static int on_blob(void *ud, uint32_t part, uint32_t kind, const void *data, siz
 /* Read committed generation v into params and slots (ps_shard_numel floats,
  * and 2 * that: the most any optimizer keeps) and its config into *sc. */
 static int load_generation(ps_server *s, int64_t v, ps_shard_config *sc, float *params,
-                           float *slots, char *err, size_t errlen) {
+                           float *slots, restore_ctx *c_out, char *err, size_t errlen) {
     int nparts;
     ps_shard_parts(s->shard, &nparts);
-    restore_ctx c = {.shard = s->shard, .numel = ps_shard_numel(s->shard), .params = params,
-                     .slots = slots, .nslots = 2};
+    restore_ctx c = {.shard = s->shard, .model = s->model, .numel = ps_shard_numel(s->shard),
+                     .params = params, .slots = slots, .nslots = 2};
+    int nt = s->model->ntables;
+    c.rows = cm_calloc((size_t)nt + 1, sizeof *c.rows);
+    c.rows_len = cm_calloc((size_t)nt + 1, sizeof *c.rows_len);
     void *extra = NULL;
     size_t extra_len = 0;
     int rc = st_store_load(s->store, v, on_blob, &c, &extra, &extra_len, err, errlen);
@@ -701,8 +1131,48 @@ static int load_generation(ps_server *s, int64_t v, ps_shard_config *sc, float *
                   nparts * (1 + ps_optim_nslots(sc->optim.kind)), ps_optim_name(sc->optim.kind));
         rc = CM_ECORRUPT;
     }
+    for (int t = 0; rc == CM_OK && t < nt; t++) {
+        const cm_var *tv = &s->model->vars[s->model->table_var[t]];
+        size_t rec = 16 + (size_t)tv->dim * (size_t)(1 + ps_optim_nslots(sc->table_optim.kind)) *
+                              sizeof(float);
+        if (!c.rows[t] || c.rows_len[t] % rec) {
+            cm_seterr(err, errlen, "the rows of table %s are %s", tv->name,
+                      c.rows[t] ? "not whole records" : "missing");
+            rc = CM_ECORRUPT;
+        }
+    }
     free(extra);
+    if (rc == CM_OK && c_out)
+        *c_out = c;
+    else
+        restore_ctx_free(&c);
     return rc;
+}
+
+/* Put the rows a generation's load stashed into the shard (its config now
+ * the generation's), and free them. */
+static void put_rows(ps_server *s, const ps_shard_config *sc, restore_ctx *c) {
+    int nslots = ps_optim_nslots(sc->table_optim.kind);
+    size_t n = 0;
+    for (int t = 0; t < s->model->ntables; t++) {
+        int dim = s->model->vars[s->model->table_var[t]].dim;
+        size_t rec = 16 + (size_t)dim * (size_t)(1 + nslots) * sizeof(float);
+        float *vals = cm_malloc((size_t)dim * (size_t)(1 + nslots) * sizeof(float));
+        for (size_t at = 0; at + rec <= c->rows_len[t]; at += rec) {
+            const uint8_t *p = c->rows[t] + at;
+            uint64_t id;
+            int64_t count;
+            memcpy(&id, p, 8);
+            memcpy(&count, p + 8, 8);
+            memcpy(vals, p + 16, rec - 16);
+            ps_shard_rows_put(s->shard, (uint32_t)t, id, vals,
+                              nslots ? vals + dim : NULL, count);
+            n++;
+        }
+        free(vals);
+    }
+    if (n) cm_info("restored %zu rows of %d tables", n, s->model->ntables);
+    restore_ctx_free(c);
 }
 
 static float *state_buffer(ps_server *s, int nslots) {
@@ -715,15 +1185,59 @@ static float *state_buffer(ps_server *s, int nslots) {
 /* Open the store and restore its newest generation, if any. A restored
  * shard then waits for the chief's Rollback (recovering): the other shards
  * may hold another version. */
+/* The identity of every PS shard's store: which model it holds is its
+ * "model" record (the model may come with the first Initialize). */
+#define STORE_FINGERPRINT PS_SERVER_STORE_FINGERPRINT
+
+/* The model of a server that has one (cfg.model) against its store's
+ * record: recorded if the store has none, refused if it holds another. */
+static int store_check_model(ps_server *s, char *err, size_t errlen) {
+    cm_model *m = NULL;
+    cm_placement *pl = NULL;
+    int rc = store_model(s, &m, &pl, err, errlen);
+    if (rc == CM_ENOTFOUND) return store_put_model(s, s->model, err, errlen);
+    if (rc != CM_OK) return rc;
+    char desc[256];
+    uint64_t fp = ps_wire_identity(m, pl, desc, sizeof desc);
+    if (fp != s->fingerprint) {
+        cm_seterr(err, errlen, "it was written for %s [%016llx], not for %s [%016llx]", desc,
+                  (unsigned long long)fp, s->identity, (unsigned long long)s->fingerprint);
+        rc = CM_EINVAL;
+    }
+    cm_placement_destroy(pl);
+    cm_model_destroy(m);
+    return rc;
+}
+
 static int open_store(ps_server *s) {
     const ps_server_cfg *cfg = &s->cfg;
     char err[768];
-    st_identity id = {.fingerprint = s->fingerprint, .description = s->identity,
+    st_identity id = {.fingerprint = STORE_FINGERPRINT, .description = PS_SERVER_STORE_DESC,
                       .shard = cfg->shard};
     double t0 = cm_now();
     int rc = st_store_open(NULL, cfg->data_dir, &id, &s->store, err, sizeof err);
     if (rc != CM_OK) {
         cm_error("cannot open the checkpoint store %s: %s", cfg->data_dir, err);
+        return rc;
+    }
+    if (s->model) {
+        rc = store_check_model(s, err, sizeof err);
+    } else {
+        cm_model *m = NULL;
+        cm_placement *pl = NULL;
+        rc = store_model(s, &m, &pl, err, sizeof err);
+        if (rc == CM_ENOTFOUND) {
+            cm_info("no model in %s yet: waiting for the chief's Initialize", cfg->data_dir);
+            return CM_OK;
+        }
+        if (rc == CM_OK && (rc = adopt_model(s, m, pl, 1)) != CM_OK) {
+            cm_placement_destroy(pl);
+            cm_model_destroy(m);
+        }
+        if (rc == CM_OK) cm_info("the store holds %s", s->identity);
+    }
+    if (rc != CM_OK) {
+        cm_error("the checkpoint store %s: %s", cfg->data_dir, err);
         return rc;
     }
     int64_t v;
@@ -739,12 +1253,18 @@ static int open_store(ps_server *s) {
     double t1 = cm_now();
     float *params = state_buffer(s, 1), *slots = state_buffer(s, 2);
     ps_shard_config sc;
-    rc = load_generation(s, v, &sc, params, slots, err, sizeof err);
+    restore_ctx rows;
+    rc = load_generation(s, v, &sc, params, slots, &rows, err, sizeof err);
     double t2 = cm_now();
     /* The buffers become the shard's (ps_shard_restore_owned): a large
      * shard's memory is touched once, not twice. */
-    if (rc == CM_OK)
+    if (rc == CM_OK) {
         rc = ps_shard_restore_owned(s->shard, &sc, v, params, slots, err, sizeof err);
+        if (rc == CM_OK)
+            put_rows(s, &sc, &rows);
+        else
+            restore_ctx_free(&rows);
+    }
     if (rc == CM_OK) params = slots = NULL; /* The shard's now. */
     free(params);
     free(slots);
@@ -767,9 +1287,15 @@ static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t
     ps_server *s = ctx;
     Psrpc__CheckpointsRequest *r = psrpc__checkpoints_request__unpack(NULL, len, req);
     if (!r) {
-        ps_shard_count_bad(s->shard);
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed CheckpointsRequest");
         return;
+    }
+    if (!get_shard(s)) { /* No model yet: nothing to show, nothing to check. */
+        Psrpc__CheckpointsReply rep = PSRPC__CHECKPOINTS_REPLY__INIT;
+        rep.durable = s->store != NULL;
+        reply_packed(call, &rep.base);
+        goto out;
     }
     if (!check_cluster(s, call, r->cluster)) goto out;
     int64_t committed[16];
@@ -837,11 +1363,14 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
      * state is already the one asked for (the common case of a restart). */
     int as_restored = s->recovering && st.version == v;
     pthread_mutex_unlock(&s->mu);
+    ps_shard_config sc;
+    restore_ctx rows = {0};
+    int have_rows = 0;
     if (!as_restored && load) {
-        ps_shard_config sc;
         params = state_buffer(s, 1);
         slots = state_buffer(s, 2);
-        rc = load_generation(s, v, &sc, params, slots, err, errlen);
+        rc = load_generation(s, v, &sc, params, slots, &rows, err, errlen);
+        have_rows = rc == CM_OK;
         if (rc == CM_ENOTFOUND)
             cm_seterr(err, errlen, "PS shard %d has no committed checkpoint of version %lld",
                       s->cfg.shard, (long long)v);
@@ -857,6 +1386,13 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
         rc = ps_shard_rollback(s->shard, v, params,
                                ps_optim_nslots(have.optim.kind) && load ? slots : NULL, err,
                                errlen);
+    /* Before the new epoch opens: no request sees the rows half put. */
+    if (have_rows) {
+        if (rc == CM_OK)
+            put_rows(s, &sc, &rows);
+        else
+            restore_ctx_free(&rows);
+    }
     if (rc == CM_OK) {
         pthread_mutex_lock(&s->mu);
         s->epoch = epoch;
@@ -873,13 +1409,14 @@ static void on_rollback(void *ctx, rpc_call *call, const uint8_t *req, size_t le
     ps_server *s = ctx;
     Psrpc__RollbackRequest *r = psrpc__rollback_request__unpack(NULL, len, req);
     if (!r) {
-        ps_shard_count_bad(s->shard);
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed RollbackRequest");
         return;
     }
-    if (!check_cluster(s, call, r->cluster)) goto out;
+    if (!need_shard(s, call, RPC_FAILED_PRECONDITION) || !check_cluster(s, call, r->cluster))
+        goto out;
     if (r->version < 0 || r->epoch == 0) {
-        ps_shard_count_bad(s->shard);
+        count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "rollback to version %lld in epoch %llu",
                  (long long)r->version, (unsigned long long)r->epoch);
         goto out;
@@ -934,18 +1471,22 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     pthread_rwlock_init(&s->gate, &ga);
     pthread_rwlockattr_destroy(&ga);
     s->gc_floor = -1;
-    s->fingerprint = ps_wire_identity(cfg->model, cfg->placement, s->identity, sizeof s->identity);
-    int rc = ps_shard_create(cfg->model, cfg->placement, cfg->shard, &s->shard);
-    if (rc != CM_OK) goto fail;
-    if (cfg->data_dir && (rc = open_store(s)) != CM_OK) goto fail;
+    if (cfg->model) s->cfg.nshards = cfg->placement->nshards;
+    int rc = CM_EINVAL;
+    if (s->cfg.nshards < 1 || cfg->shard < 0 || cfg->shard >= s->cfg.nshards ||
+        !cfg->model != !cfg->placement) {
+        cm_error("PS shard %d of %d: bad server config", cfg->shard, s->cfg.nshards);
+        goto fail;
+    }
     if (cfg->data_dir && cfg->checkpoint_every > 0) {
         if (pthread_create(&s->writer, NULL, writer_main, s) != 0) {
             rc = CM_ENOMEM;
             goto fail;
         }
         s->writer_started = 1;
-        ps_shard_set_publish_hook(s->shard, cfg->checkpoint_every, on_publish, s);
     }
+    if (cfg->model && (rc = adopt_model(s, cfg->model, cfg->placement, 0)) != CM_OK) goto fail;
+    if (cfg->data_dir && (rc = open_store(s)) != CM_OK) goto fail;
     rpc_server_opts o = {.threads = cfg->threads > 0 ? cfg->threads : ps_server_default_threads(),
                          .max_message = cfg->max_message};
     if ((rc = rpc_server_create(&o, &s->rpc)) != CM_OK) goto fail;
@@ -1004,7 +1545,8 @@ const char *ps_server_stop_reason(ps_server *s) { return s->reason; }
 void ps_server_destroy(ps_server *s, int grace_ms) {
     if (!s) return;
     ps_server_request_stop(s, "server destroyed"); /* Waiting pulls: UNAVAILABLE. */
-    if (s->shard) ps_shard_abort_waiters(s->shard);
+    ps_shard *sh = get_shard(s);
+    if (sh) ps_shard_abort_waiters(sh);
     if (s->rpc) {
         rpc_server_shutdown(s->rpc, grace_ms);
         rpc_server_destroy(s->rpc);
@@ -1016,9 +1558,9 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
         pthread_mutex_lock(&s->mu);
         int recovering = s->recovering;
         pthread_mutex_unlock(&s->mu);
-        if (!recovering) {
+        if (!recovering && sh) {
             ps_server_checkpoint_wait(s);
-            if (ps_shard_publish_now(s->shard)) ps_server_checkpoint_wait(s);
+            if (ps_shard_publish_now(sh)) ps_server_checkpoint_wait(s);
         }
         pthread_mutex_lock(&s->ck_mu);
         s->ck_stop = 1;
@@ -1028,8 +1570,12 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     }
     ps_snapshot_unref(s->job.snap);
     free(s->job.slots);
+    free(s->job.rows);
+    free(s->job.rows_off);
     st_store_close(s->store);
     ps_shard_destroy(s->shard);
+    cm_placement_destroy(s->own_pl);
+    cm_model_destroy(s->own_model);
     pthread_cond_destroy(&s->ck_cv);
     pthread_mutex_destroy(&s->ck_mu);
     pthread_rwlock_destroy(&s->gate);

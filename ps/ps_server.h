@@ -19,6 +19,11 @@
 
 typedef struct ps_server ps_server;
 
+/* The identity of every PS shard's checkpoint store (st_store): the model
+ * it holds is its "model" record. */
+#define PS_SERVER_STORE_FINGERPRINT 0x7073736861726432ULL /* "psshard2" */
+#define PS_SERVER_STORE_DESC "pstrain PS shard"
+
 /* The default number of gRPC threads: 1 on machines with up to 4 online
  * CPUs, 2 otherwise. On 2 cores a second thread measured worse: the main
  * job's PS step went from 0.46-0.49 ms of overhead over local mode with one
@@ -27,8 +32,14 @@ typedef struct ps_server ps_server;
 int ps_server_default_threads(void);
 
 typedef struct ps_server_cfg {
-    const cm_model *model;        /* Borrowed; outlives the server. */
-    const cm_placement *placement; /* Borrowed; outlives the server. */
+    /* The model and its placement (borrowed; outlive the server), or both
+     * NULL: the server learns them from the chief's first Initialize (or
+     * from its data directory's model record) and places them on nshards
+     * PS. */
+    const cm_model *model;
+    const cm_placement *placement;
+    int nshards;                  /* PS in the cluster (with a model: its
+                                   * placement's). */
     int shard;                    /* This process's shard index. */
     int threads;                  /* gRPC threads (0 = ps_server_default_threads()). */
     int max_message;              /* Bytes (0 = RPC_DEFAULT_MAX_MESSAGE). */
@@ -45,10 +56,11 @@ typedef struct ps_server_cfg {
     int checkpoint_nice;
 } ps_server_cfg;
 
-/* With a data_dir, open the shard's store there (identity: the model and
- * placement fingerprint and the shard index) and, if it holds a committed
- * generation, restore the newest one into the shard (logged as "restored
- * version V from DIR"). Checkpoints are then written by one background
+/* With a data_dir, open the shard's store there (identity: a PS shard and
+ * its index; the model is its "model" record, checked against cfg.model or
+ * adopted when there is none) and, if it holds a committed generation,
+ * restore the newest one into the shard, rows of tables included (logged
+ * as "restored version V from DIR"). Checkpoints are then written by one background
  * thread from the published snapshot and a copy of the slots taken at
  * publication; one that comes due while the last is still being written is
  * skipped. Errors are logged here: CM_EINVAL (e.g. a directory of another

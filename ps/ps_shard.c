@@ -39,6 +39,7 @@
 
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
+#include "ps/ps_rowacc.h"
 #include "ps/ps_wire.h"
 
 #define POOL_KEEP 4
@@ -108,6 +109,9 @@ typedef struct waiter {
     void *ud;
     int nparts;    /* 0: the whole shard; else wait for these partitions. */
     int *parts;    /* Local indices, owned. */
+    const ps_row_req *rq; /* Rows to read when answered (borrowed). */
+    int nrq;
+    int train;
     ps_snapshot *snap; /* Set when taken as ready: the reply's reference. */
 } waiter;
 
@@ -141,6 +145,13 @@ struct ps_shard {
     waiter *waiters;
     int nwaiters, capwaiters;
     int closed; /* Set by ps_shard_abort_waiters: pulls fail at once. */
+    /* Rows (a model with tables). */
+    ps_rows *rows;
+    int row_dim_max;
+    ps_rowlist *rstage;    /* Sync: per worker, its row gradients of the step. */
+    uint8_t *rgiven;    /* Sync: per worker, rows_final seen this step. */
+    int rcount;         /* Workers whose rows are in. */
+    ps_rowacc racc;        /* Sums rows before they are applied. */
     ps_shard_stats st;
     /* Set before serving, then read-only. */
     ps_publish_fn hook;
@@ -168,6 +179,7 @@ int ps_shard_create(const cm_model *model, const cm_placement *pl, int index, ps
         s->nparts++;
     }
     s->part_off[s->nparts] = s->numel;
+    s->row_dim_max = cm_model_max_dim(model);
     s->pool = cm_calloc(1, sizeof *s->pool);
     pthread_mutex_init(&s->pool->mu, NULL);
     atomic_init(&s->pool->refs, 1);
@@ -185,6 +197,16 @@ int ps_shard_create(const cm_model *model, const cm_placement *pl, int index, ps
 static void free_state(ps_shard *s) {
     free(s->stage);
     s->stage = NULL;
+    ps_rows_destroy(s->rows);
+    s->rows = NULL;
+    if (s->rstage)
+        for (int w = 0; w < s->cfg.num_workers; w++) ps_rowlist_free(&s->rstage[w]);
+    free(s->rstage);
+    s->rstage = NULL;
+    free(s->rgiven);
+    s->rgiven = NULL;
+    s->rcount = 0;
+    ps_rowacc_free(&s->racc);
     free(s->acc);
     free(s->slots);
     free(s->contrib);
@@ -231,7 +253,8 @@ static ps_snapshot *publish(ps_shard *s, ps_snapshot *snap) {
     ps_snapshot *old = s->current;
     s->current = snap;
     if (s->hook && snap->version > 0 && snap->version % s->hook_every == 0)
-        s->hook(s->hook_ud, snap, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg);
+        s->hook(s->hook_ud, snap, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg,
+                s->rows);
     return old;
 }
 
@@ -255,6 +278,16 @@ static ps_snapshot *satisfies(const ps_shard *s, const waiter *w) {
     return s->pending;
 }
 
+/* A ready waiter's rows into its buffers (mu held). */
+static void read_rows(ps_shard *s, const waiter *w) {
+    for (int i = 0; i < w->nrq; i++) {
+        const ps_row_req *r = &w->rq[i];
+        if (r->n == 0) continue;
+        ps_rows_read(s->rows, (int)r->table, r->ids, r->n, w->train, r->out);
+        s->st.rows_pulled += r->n;
+    }
+}
+
 /* Move the waiters that can be answered into *ready, each holding a
  * reference to its snapshot (mu held). */
 static int take_ready(ps_shard *s, waiter **ready) {
@@ -268,6 +301,7 @@ static int take_ready(ps_shard *s, waiter **ready) {
     for (int i = 0; i < s->nwaiters; i++) {
         ps_snapshot *snap = satisfies(s, &s->waiters[i]);
         if (snap) {
+            read_rows(s, &s->waiters[i]);
             ps_snapshot_ref(snap);
             (*ready)[k] = s->waiters[i];
             (*ready)[k++].snap = snap;
@@ -296,18 +330,28 @@ static int same_config(const ps_shard_config *a, const ps_shard_config *b) {
            a->seed == b->seed && a->num_workers == b->num_workers && a->sync == b->sync &&
            a->aggregate == b->aggregate && a->zero_init == b->zero_init &&
            a->global_batch == b->global_batch && a->steps_per_epoch == b->steps_per_epoch &&
-           a->init_hash == b->init_hash;
+           a->init_hash == b->init_hash && a->optim.initial_accumulator == b->optim.initial_accumulator &&
+           a->table_optim.kind == b->table_optim.kind && a->table_optim.lr == b->table_optim.lr &&
+           a->table_optim.beta1 == b->table_optim.beta1 &&
+           a->table_optim.beta2 == b->table_optim.beta2 &&
+           a->table_optim.epsilon == b->table_optim.epsilon &&
+           a->table_optim.momentum == b->table_optim.momentum &&
+           a->table_optim.initial_accumulator == b->table_optim.initial_accumulator;
 }
 
-static void describe(const ps_shard_config *c, char *buf, size_t len) {
-    char from[40] = "";
+static void describe(const ps_shard *s, const ps_shard_config *c, char *buf, size_t len) {
+    char from[40] = "", tables[64] = "";
     if (c->init_hash)
         snprintf(from, sizeof from, " from-values=%016llx", (unsigned long long)c->init_hash);
-    snprintf(buf, len, "%s lr=%g seed=%llu workers=%d %s %s%s%s global batch %u (%llu steps/epoch)",
+    if (s->model->ntables > 0)
+        snprintf(tables, sizeof tables, " tables %s lr=%g", ps_optim_name(c->table_optim.kind),
+                 (double)c->table_optim.lr);
+    snprintf(buf, len,
+             "%s lr=%g seed=%llu workers=%d %s %s%s%s global batch %u (%llu steps/epoch)%s",
              ps_optim_name(c->optim.kind), (double)c->optim.lr, (unsigned long long)c->seed,
              c->num_workers, c->sync == PS_SYNC ? "sync" : "async",
              c->aggregate == PS_AGG_SUM ? "sum" : "mean", c->zero_init ? " zero-init" : "", from,
-             c->global_batch, (unsigned long long)c->steps_per_epoch);
+             c->global_batch, (unsigned long long)c->steps_per_epoch, tables);
 }
 
 /* Allocate the state for cfg and make 'version' current: its values from
@@ -351,6 +395,15 @@ static void setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, cons
     s->ndone = 0;
     s->last_step = cm_malloc((size_t)cfg->num_workers * sizeof *s->last_step);
     for (int w = 0; w < cfg->num_workers; w++) s->last_step[w] = -1;
+    if (s->model->ntables > 0) {
+        s->rows = ps_rows_create(s->model, &cfg->table_optim, cfg->seed);
+        s->racc.e.dim = s->row_dim_max;
+        if (cfg->sync == PS_SYNC) {
+            s->rstage = cm_calloc((size_t)cfg->num_workers, sizeof *s->rstage);
+            for (int w = 0; w < cfg->num_workers; w++) s->rstage[w].dim = s->row_dim_max;
+            s->rgiven = cm_calloc((size_t)cfg->num_workers, 1);
+        }
+    }
     s->cfg = *cfg;
     s->version = version;
     /* Not publish(): the hook is for versions computed here. */
@@ -362,7 +415,8 @@ static int config_ok(const ps_shard_config *cfg, char *err, size_t errlen) {
     if (cfg->num_workers < 1 || cfg->num_workers > 65536 ||
         (cfg->sync != PS_SYNC && cfg->sync != PS_ASYNC) ||
         (cfg->aggregate != PS_AGG_MEAN && cfg->aggregate != PS_AGG_SUM) || cfg->optim.kind < 0 ||
-        cfg->optim.kind > PS_OPTIM_ADD) {
+        cfg->optim.kind > PS_OPTIM_ADAGRAD || cfg->table_optim.kind < 0 ||
+        cfg->table_optim.kind > PS_OPTIM_ADAGRAD) {
         cm_seterr(err, errlen, "invalid init config");
         return 0;
     }
@@ -377,9 +431,9 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
         int same = same_config(&s->cfg, cfg);
         *version = s->version;
         if (!same) {
-            char have[160], got[160];
-            describe(&s->cfg, have, sizeof have);
-            describe(cfg, got, sizeof got);
+            char have[224], got[224];
+            describe(s, &s->cfg, have, sizeof have);
+            describe(s, cfg, got, sizeof got);
             cm_seterr(err, errlen, "shard %d is already initialised with %s; refusing %s",
                       s->index, have, got);
         }
@@ -478,6 +532,45 @@ static int validate(const ps_shard *s, const ps_grad *g, int ng, char *err, size
     return rc;
 }
 
+/* Check a push's row gradients (no lock: the model is immutable). */
+static int validate_rows(const ps_shard *s, const ps_row_grad *rows, int nrows, int rows_final,
+                         char *err, size_t errlen) {
+    if ((nrows > 0 || rows_final) && s->model->ntables == 0) {
+        cm_seterr(err, errlen, "row gradients pushed, but the model has no tables");
+        return PS_PUSH_INVALID;
+    }
+    for (int r = 0; r < nrows; r++) {
+        const ps_row_grad *x = &rows[r];
+        if (x->table >= (uint32_t)s->model->ntables) {
+            cm_seterr(err, errlen, "rows of table %u: the model has %d tables", x->table,
+                      s->model->ntables);
+            return PS_PUSH_INVALID;
+        }
+        const cm_var *v = &s->model->vars[s->model->table_var[x->table]];
+        if (x->dtype != PS_DTYPE_FLOAT32 && x->dtype != PS_DTYPE_BFLOAT16) {
+            cm_seterr(err, errlen,
+                      "rows of table %u (%s): dtype %d, must be DTYPE_FLOAT32 (1) or "
+                      "DTYPE_BFLOAT16 (2)", x->table, v->name, x->dtype);
+            return PS_PUSH_INVALID;
+        }
+        if (x->len != x->n * (size_t)v->dim * dtype_size(x->dtype)) {
+            cm_seterr(err, errlen,
+                      "rows of table %u (%s): %zu data bytes, expected %zu (%zu ids of dim %d)",
+                      x->table, v->name, x->len, x->n * (size_t)v->dim * dtype_size(x->dtype),
+                      x->n, v->dim);
+            return PS_PUSH_INVALID;
+        }
+        for (size_t i = 0; i < x->n; i++)
+            if (cm_row_shard((int)x->table, x->ids[i], s->pl->nshards) != s->index) {
+                cm_seterr(err, errlen, "row %llu of table %u (%s) belongs to shard %d, not %d",
+                          (unsigned long long)x->ids[i], x->table, v->name,
+                          cm_row_shard((int)x->table, x->ids[i], s->pl->nshards), s->index);
+                return PS_PUSH_INVALID;
+            }
+    }
+    return PS_PUSH_OK;
+}
+
 /* Average partition li's accumulated gradient over 'contributions' (mean
  * mode) and write its version + 1 values into 'next' (mu held). */
 static void apply_part(ps_shard *s, int li, int contributions, float *next) {
@@ -491,22 +584,95 @@ static void apply_part(ps_shard *s, int li, int contributions, float *next) {
                            s->slots ? s->slots + off : NULL, s->numel, n);
 }
 
+/* Apply the accumulated rows (each touched row one optimizer step, its
+ * gradient times 'scale') and empty the accumulator (mu held). */
+static void apply_acc(ps_shard *s, float scale) {
+    const ps_rowlist *e = &s->racc.e;
+    for (size_t i = 0; i < e->n; i++)
+        ps_rows_apply(s->rows, (int)e->tab[i], &e->id[i], 1, e->g + i * (size_t)e->dim, scale);
+    ps_rowacc_reset(&s->racc);
+}
+
+/* Sync: every worker's rows of the step are in. Sum them per row in rank
+ * order and apply them, averaged as dense gradients are (mu held). */
+static void apply_staged_rows(ps_shard *s) {
+    for (int w = 0; w < s->cfg.num_workers; w++) {
+        ps_rowlist *l = &s->rstage[w];
+        for (size_t i = 0; i < l->n; i++)
+            ps_rowacc_add(&s->racc, l->tab[i], l->id[i], (const uint8_t *)(l->g + i * (size_t)l->dim),
+                    ps_rows_dim(s->rows, (int)l->tab[i]), 0);
+        l->n = 0;
+    }
+    float scale = s->cfg.aggregate == PS_AGG_MEAN && s->cfg.num_workers > 1
+                      ? 1.0f / (float)s->cfg.num_workers
+                      : 1.0f;
+    apply_acc(s, scale);
+}
+
+/* Sync: close the step once every partition is final and, with tables,
+ * every worker's rows are in: the rows are applied and version + 1 is
+ * published (mu held). Returns the old snapshot to unref after unlocking,
+ * or NULL. */
+static ps_snapshot *maybe_close(ps_shard *s) {
+    if (s->ndone < s->nparts) return NULL;
+    if (s->rows && s->rcount < s->cfg.num_workers) return NULL;
+    if (s->rows) {
+        apply_staged_rows(s);
+        s->rcount = 0;
+        memset(s->rgiven, 0, (size_t)s->cfg.num_workers);
+    }
+    if (!s->pending) s->pending = snap_new(s, new_buffer(s), s->version + 1);
+    s->version++;
+    ps_snapshot *old = publish(s, s->pending);
+    s->pending = NULL;
+    s->ndone = 0;
+    memset(s->pdone, 0, (size_t)s->nparts + 1);
+    memset(s->pcount, 0, ((size_t)s->nparts + 1) * sizeof *s->pcount);
+    memset(s->contrib, 0, (size_t)s->cfg.num_workers * (size_t)(s->nparts ? s->nparts : 1));
+    return old;
+}
+
 /* Sync: partition li has all W contributions. Apply it into pending and,
- * when it was the last, publish version + 1 (mu held). Returns the old
+ * when the step is complete, publish version + 1 (mu held). Returns the old
  * snapshot to unref after unlocking, or NULL. */
 static ps_snapshot *finish_part(ps_shard *s, int li) {
     if (!s->pending) s->pending = snap_new(s, new_buffer(s), s->version + 1);
     apply_part(s, li, s->cfg.num_workers, s->pending->data);
     s->pdone[li] = 1;
-    if (++s->ndone < s->nparts) return NULL;
-    s->version++;
-    ps_snapshot *old = publish(s, s->pending);
-    s->pending = NULL;
-    s->ndone = 0;
-    memset(s->pdone, 0, (size_t)s->nparts);
-    memset(s->pcount, 0, (size_t)s->nparts * sizeof *s->pcount);
-    memset(s->contrib, 0, (size_t)s->cfg.num_workers * (size_t)s->nparts);
-    return old;
+    ++s->ndone;
+    return maybe_close(s);
+}
+
+/* Add a push's row gradients to the accumulator (mu held). */
+static void acc_rows(ps_shard *s, const ps_row_grad *rows, int nrows) {
+    for (int r = 0; r < nrows; r++) {
+        const ps_row_grad *x = &rows[r];
+        int dim = ps_rows_dim(s->rows, (int)x->table);
+        size_t vb = (size_t)dim * dtype_size(x->dtype);
+        for (size_t i = 0; i < x->n; i++)
+            ps_rowacc_add(&s->racc, x->table, x->ids[i], x->data + i * vb, dim,
+                    x->dtype == PS_DTYPE_BFLOAT16);
+        s->st.rows_pushed += x->n;
+    }
+}
+
+/* Sync: stage worker w's row gradients of the step, as float32 (mu held). */
+static void stage_rows(ps_shard *s, int w, const ps_row_grad *rows, int nrows) {
+    ps_rowlist *l = &s->rstage[w];
+    for (int r = 0; r < nrows; r++) {
+        const ps_row_grad *x = &rows[r];
+        int dim = ps_rows_dim(s->rows, (int)x->table);
+        size_t vb = (size_t)dim * dtype_size(x->dtype);
+        ps_rowlist_reserve(l, x->n);
+        for (size_t i = 0; i < x->n; i++) {
+            size_t k = l->n++;
+            l->tab[k] = x->table;
+            l->id[k] = x->ids[i];
+            grad_load(l->g + k * (size_t)l->dim,
+                      &(ps_grad){.dtype = x->dtype, .data = x->data + i * vb}, (size_t)dim);
+        }
+        s->st.rows_pushed += x->n;
+    }
 }
 
 /* Async: apply the pushed partitions at once and publish version + 1; the
@@ -534,7 +700,16 @@ static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
 
 int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
                   int64_t *version, char *err, size_t errlen) {
-    int rc = validate(s, grads, ngrads, err, errlen);
+    return ps_shard_push_rows(s, worker, step, grads, ngrads, NULL, 0, 0, version, err, errlen);
+}
+
+int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
+                       const ps_row_grad *rows, int nrows, int rows_final, int64_t *version,
+                       char *err, size_t errlen) {
+    int has_rows = nrows > 0 || rows_final;
+    /* A push of rows alone carries no partition. */
+    int rc = ngrads == 0 && has_rows ? PS_PUSH_OK : validate(s, grads, ngrads, err, errlen);
+    if (rc == PS_PUSH_OK) rc = validate_rows(s, rows, nrows, rows_final, err, errlen);
     ps_snapshot *old = NULL;
     waiter *ready = NULL;
     int nready = 0;
@@ -566,8 +741,18 @@ int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, i
         }
         s->st.pushes++;
         s->last_step[worker] = step;
+        if (nrows > 0) {
+            acc_rows(s, rows, nrows);
+            apply_acc(s, 1.0f);
+        }
         old = apply_async(s, grads, ngrads);
         nready = take_ready(s, &ready);
+        goto done;
+    }
+    if (nrows > 0 && !rows_final) {
+        cm_seterr(err, errlen, "sync mode: a worker's row gradients of a step come in one push "
+                  "with rows_final set");
+        rc = PS_PUSH_INVALID;
         goto done;
     }
     if (step > s->version) {
@@ -579,9 +764,10 @@ int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, i
     }
     uint8_t *mine = s->contrib + (size_t)worker * (size_t)(s->nparts ? s->nparts : 1);
     int fresh = 0;
-    if (step == s->version && s->nparts == 0) fresh = !mine[0];
+    if (step == s->version && s->nparts == 0 && !s->rows) fresh = !mine[0];
     if (step == s->version)
         for (int i = 0; i < ngrads; i++) fresh += !mine[s->local_of[grads[i].part]];
+    if (step == s->version && s->rows && has_rows) fresh += !s->rgiven[worker];
     if ((step == s->version && !fresh) || (step < s->version && step == s->last_step[worker])) {
         s->st.duplicate_pushes++;
         rc = PS_PUSH_DUPLICATE;
@@ -621,7 +807,15 @@ int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, i
             old = finish_part(s, li);
         }
     }
-    if (s->nparts == 0) {
+    if (s->rows && has_rows && !s->rgiven[worker]) {
+        /* The worker's rows: staged now; counted once rows_final comes. */
+        stage_rows(s, worker, rows, nrows);
+        if (rows_final) {
+            s->rgiven[worker] = 1;
+            s->rcount++;
+            if (!old) old = maybe_close(s);
+        }
+    } else if (s->nparts == 0 && !s->rows) {
         /* A shard that owns nothing still counts its workers' steps. */
         mine[0] = 1;
         if (++s->pcount[0] == s->cfg.num_workers) {
@@ -647,7 +841,10 @@ static void wait_or_answer(ps_shard *s, waiter w) {
     s->st.pulls++;
     ps_snapshot *snap = s->closed ? NULL : satisfies(s, &w);
     if (s->closed || snap) {
-        if (snap) ps_snapshot_ref(snap);
+        if (snap) {
+            read_rows(s, &w);
+            ps_snapshot_ref(snap);
+        }
         pthread_mutex_unlock(&s->mu);
         free(w.parts);
         w.cb(w.ud, snap);
@@ -665,6 +862,26 @@ static void wait_or_answer(ps_shard *s, waiter w) {
 void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud) {
     pthread_mutex_lock(&s->mu);
     wait_or_answer(s, (waiter){.min_version = min_version, .cb = cb, .ud = ud});
+}
+
+void ps_shard_pull_rows(ps_shard *s, int64_t min_version, const ps_row_req *rq, int nrq,
+                        int train, ps_pull_cb cb, void *ud) {
+    pthread_mutex_lock(&s->mu);
+    wait_or_answer(s, (waiter){.min_version = min_version, .cb = cb, .ud = ud, .rq = rq,
+                               .nrq = s->model->ntables ? nrq : 0, .train = train});
+}
+
+int ps_shard_row_dim(const ps_shard *s, uint32_t table) {
+    if (table >= (uint32_t)s->model->ntables) return -1;
+    return s->model->vars[s->model->table_var[table]].dim;
+}
+
+void ps_shard_rows_put(ps_shard *s, uint32_t table, uint64_t id, const float *values,
+                       const float *slots, int64_t count) {
+    pthread_mutex_lock(&s->mu);
+    if (s->rows && table < (uint32_t)s->model->ntables)
+        ps_rows_put(s->rows, (int)table, id, values, slots, count);
+    pthread_mutex_unlock(&s->mu);
 }
 
 int ps_shard_pull_parts(ps_shard *s, int64_t step, const uint32_t *parts, int nparts,
@@ -717,6 +934,7 @@ void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     pthread_mutex_lock(&s->mu);
     *out = s->st;
     out->version = s->version;
+    out->rows = s->rows ? ps_rows_total(s->rows) : 0;
     out->min_worker_step = -1;
     if (s->inited && s->cfg.num_workers > 0) {
         out->min_worker_step = s->last_step[0];
@@ -819,7 +1037,8 @@ int ps_shard_publish_now(ps_shard *s) {
     pthread_mutex_lock(&s->mu);
     int ok = s->inited && s->hook && !s->pending;
     if (ok)
-        s->hook(s->hook_ud, s->current, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg);
+        s->hook(s->hook_ud, s->current, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg,
+                s->rows);
     pthread_mutex_unlock(&s->mu);
     return ok;
 }

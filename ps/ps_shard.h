@@ -45,6 +45,7 @@
 #include "common/cm_model.h"
 #include "common/cm_placement.h"
 #include "ps/ps_optim.h"
+#include "ps/ps_rows.h"
 
 typedef struct ps_shard ps_shard;
 
@@ -64,6 +65,8 @@ typedef struct ps_shard_config {
     uint64_t steps_per_epoch;
     uint64_t init_hash; /* Nonzero: started from given values (restored
                          * as version 0), this is their XXH64. */
+    ps_optim_cfg table_optim; /* Row-wise optimizer of the tables (a model
+                               * with tables only). */
 } ps_shard_config;
 
 /* The dtypes a pushed gradient may have: psrpc.DType's numbers. */
@@ -99,9 +102,29 @@ enum {
     PS_PUSH_NOT_READY = -103 /* FAILED_PRECONDITION: not initialised */
 };
 
+/* One table's row gradients in a push. */
+typedef struct ps_row_grad {
+    uint32_t table;        /* The table's index among the model's tables. */
+    const uint64_t *ids;   /* n ids (a repeated one is summed). */
+    size_t n;
+    int dtype;             /* PS_DTYPE_*, as for ps_grad. */
+    const uint8_t *data;   /* n x dim values, maybe unaligned. */
+    size_t len;            /* Bytes. */
+} ps_row_grad;
+
+/* One table's rows a pull asks for: their values go to out (n x dim
+ * floats) when the pull is answered. */
+typedef struct ps_row_req {
+    uint32_t table;
+    const uint64_t *ids;
+    size_t n;
+    float *out;
+} ps_row_req;
+
 typedef struct ps_shard_stats {
     int64_t version;
     uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
+    uint64_t rows, rows_pulled, rows_pushed; /* Rows held, answered, received. */
     int nparts;
     size_t bytes;
     int64_t min_worker_step; /* Lowest last pushed step over workers (-1: some
@@ -135,6 +158,16 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
 int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
                   int64_t *version, char *err, size_t errlen);
 
+/* The same, with row gradients (a model with tables; rows_final: this
+ * worker's rows of 'step' are complete, see the top). Row tables, dtypes
+ * and lengths are validated with the rest. */
+int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
+                       const ps_row_grad *rows, int nrows, int rows_final, int64_t *version,
+                       char *err, size_t errlen);
+
+/* The row dim of table t, or -1 if the model has no such table. */
+int ps_shard_row_dim(const ps_shard *s, uint32_t table);
+
 /* Called with a snapshot reference the callee owns (unref when done), or
  * with NULL when the shard shuts down before the version exists. */
 typedef void (*ps_pull_cb)(void *ud, ps_snapshot *snap);
@@ -143,6 +176,15 @@ typedef void (*ps_pull_cb)(void *ud, ps_snapshot *snap);
  * thread, if it exists, else later on the thread whose push creates it
  * (never with the shard's lock held). */
 void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud);
+
+/* ps_shard_pull that also reads rows rq[0..nrq) (tables checked by the
+ * caller with ps_shard_row_dim; rq must stay valid until cb runs) into
+ * their 'out' buffers, under the shard's lock, just before cb is called
+ * with the snapshot (cb NULL snapshot: not read). train = 1 creates
+ * missing rows (a read for training); 0 reads them as their initial
+ * values. */
+void ps_shard_pull_rows(ps_shard *s, int64_t min_version, const ps_row_req *rq, int nrq,
+                        int train, ps_pull_cb cb, void *ud);
 
 /* Ask for the values of 'parts' (placement ids, owned by this shard) at
  * version step + 1: cb runs as ps_shard_pull's, as soon as those partitions
@@ -181,9 +223,11 @@ size_t ps_shard_part_offset(const ps_shard *s, int i);
  * the optimizer slots at v (nslots arrays of ps_shard_numel floats, slot k
  * of local partition i at slots[k * numel + offset(i)]; NULL when there are
  * none), valid only during the call since the optimizer updates them in
- * place, and 'cfg' the shard's config. */
+ * place, 'cfg' the shard's config, and 'rows' the shard's rows at v (NULL
+ * without tables), also valid only during the call (a checkpoint copies
+ * them). */
 typedef void (*ps_publish_fn)(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                              const ps_shard_config *cfg);
+                              const ps_shard_config *cfg, const ps_rows *rows);
 
 /* Install the hook (every > 0) or remove it (fn NULL). Set it before the
  * shard serves. */
@@ -216,6 +260,13 @@ int ps_shard_publish_now(ps_shard *s);
 
 /* The config, if initialised: returns 1 and fills *cfg, else 0. */
 int ps_shard_config_get(ps_shard *s, ps_shard_config *cfg);
+
+/* Restore and rollback of rows: put row 'id' of table t (values, slots
+ * as ps_rows_put; count its update count) into an initialised shard. Call
+ * right after ps_shard_restore* or ps_shard_rollback, before the shard
+ * serves the restored version (the server holds its requests back). */
+void ps_shard_rows_put(ps_shard *s, uint32_t table, uint64_t id, const float *values,
+                       const float *slots, int64_t count);
 /* The same, taking ownership instead of copying: 'params' (numel floats)
  * and 'slots' (NULL, or room for the optimizer's slots laid out as above)
  * come from cm_alloc_aligned and belong to the shard once this returns

@@ -144,6 +144,19 @@ void ps_wire_put_part_bf16(ps_wire_writer *w, uint32_t field, const cm_model *m,
                 release, ud);
 }
 
+void ps_wire_put_rows(ps_wire_writer *w, uint32_t field, uint32_t table, const uint64_t *ids,
+                      size_t n, Psrpc__DType dtype, const void *data, size_t len,
+                      void (*release)(void *), void *ud) {
+    /* Rows and Tensor both carry their values as field 15, last: the same
+     * framing, another message inside. */
+    Psrpc__Rows r = PSRPC__ROWS__INIT;
+    r.table = table;
+    r.ids.data = (uint8_t *)ids;
+    r.ids.len = n * sizeof *ids;
+    r.dtype = dtype;
+    ps_wire_put_tensor(w, field, (const Psrpc__Tensor *)(const void *)&r, data, len, release, ud);
+}
+
 const rpc_seg *ps_wire_segs(ps_wire_writer *w, int *nsegs) {
     for (int i = 0; i < w->nsegs; i++)
         if (w->small_off[i] != SIZE_MAX) w->segs[i].data = w->small + w->small_off[i];
@@ -217,15 +230,47 @@ void ps_wire_msg_free(ps_wire_msg *m) {
     if (m->msg) protobuf_c_message_free_unpacked(m->msg, NULL);
     for (int i = 0; i < m->ntensors; i++)
         if (m->tensors[i].meta) psrpc__tensor__free_unpacked(m->tensors[i].meta, NULL);
+    for (int i = 0; i < m->nrows; i++)
+        if (m->rows[i].meta) psrpc__rows__free_unpacked(m->rows[i].meta, NULL);
     free(m->tensors);
+    free(m->rows);
     memset(m, 0, sizeof *m);
+}
+
+/* Split one embedded message at payload into its data field (15) and the
+ * rest, which goes to 'meta'. Returns 0, or -1 if malformed. */
+static int split_data(const uint8_t *payload, uint64_t plen, buf *meta, const uint8_t **data,
+                      size_t *dlen_out) {
+    meta->len = 0;
+    const uint8_t *q = payload, *tend = payload + plen;
+    while (q < tend) {
+        const uint8_t *fs = q;
+        uint64_t k2, dlen = 0;
+        const uint8_t *dp = NULL;
+        if (get_varint(&q, tend, &k2) || (k2 >> 3) == 0 ||
+            skip_field(&q, tend, (int)(k2 & 7), &dp, &dlen))
+            return -1;
+        if ((k2 >> 3) == DATA_FIELD && (k2 & 7) == WT_LEN) {
+            *data = dp;
+            *dlen_out = (size_t)dlen;
+        } else {
+            buf_append(meta, fs, (size_t)(q - fs));
+        }
+    }
+    return 0;
 }
 
 int ps_wire_decode(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
                    const uint8_t *in, size_t len, ps_wire_msg *out, char *err, size_t errlen) {
+    return ps_wire_decode_rows(desc, tensor_field, 0, in, len, out, err, errlen);
+}
+
+int ps_wire_decode_rows(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
+                        uint32_t rows_field, const uint8_t *in, size_t len, ps_wire_msg *out,
+                        char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     buf rest = {0}, meta = {0};
-    int cap = 0;
+    int cap = 0, rcap = 0;
     const uint8_t *p = in, *end = in + len;
     const char *why = NULL;
     while (p < end) {
@@ -241,6 +286,29 @@ int ps_wire_decode(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field
         if (num == 0 || skip_field(&p, end, wt, &payload, &plen)) {
             why = "truncated or malformed field";
             goto fail;
+        }
+        if (rows_field && num == rows_field) {
+            if (wt != WT_LEN) {
+                why = "rows field with the wrong wire type";
+                goto fail;
+            }
+            if (out->nrows == rcap) {
+                rcap = rcap ? 2 * rcap : 8;
+                out->rows = realloc(out->rows, (size_t)rcap * sizeof *out->rows);
+                if (!out->rows) abort();
+            }
+            ps_wire_rows *r = &out->rows[out->nrows++];
+            memset(r, 0, sizeof *r);
+            if (split_data(payload, plen, &meta, &r->data, &r->len)) {
+                why = "malformed rows";
+                goto fail;
+            }
+            r->meta = psrpc__rows__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
+            if (!r->meta) {
+                why = "rows fields do not parse";
+                goto fail;
+            }
+            continue;
         }
         if (num != tensor_field) {
             buf_append(&rest, field_start, (size_t)(p - field_start));
@@ -258,23 +326,9 @@ int ps_wire_decode(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field
         }
         ps_wire_tensor *t = &out->tensors[out->ntensors++];
         memset(t, 0, sizeof *t);
-        meta.len = 0;
-        const uint8_t *q = payload, *tend = payload + plen;
-        while (q < tend) {
-            const uint8_t *fs = q;
-            uint64_t k2, dlen = 0;
-            const uint8_t *dp = NULL;
-            if (get_varint(&q, tend, &k2) || (k2 >> 3) == 0 ||
-                skip_field(&q, tend, (int)(k2 & 7), &dp, &dlen)) {
-                why = "malformed tensor";
-                goto fail;
-            }
-            if ((k2 >> 3) == DATA_FIELD && (k2 & 7) == WT_LEN) {
-                t->data = dp;
-                t->len = (size_t)dlen;
-            } else {
-                buf_append(&meta, fs, (size_t)(q - fs));
-            }
+        if (split_data(payload, plen, &meta, &t->data, &t->len)) {
+            why = "malformed tensor";
+            goto fail;
         }
         t->meta = psrpc__tensor__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
         if (!t->meta) {
@@ -341,14 +395,148 @@ void ps_wire_load_add_bf16(float *restrict dst, const uint8_t *restrict src, siz
     }
 }
 
-uint64_t ps_wire_identity(const cm_model *m, const cm_placement *pl, char *desc, size_t len) {
+int ps_wire_ids(const Psrpc__Rows *r, uint64_t **ids, size_t *n, char *err, size_t errlen) {
+    *ids = NULL;
+    *n = 0;
+    if (r->ids.len % sizeof(uint64_t)) {
+        cm_seterr(err, errlen, "rows of table %u: %zu id bytes, not a multiple of 8", r->table,
+                  r->ids.len);
+        return CM_EINVAL;
+    }
+    *n = r->ids.len / sizeof(uint64_t);
+    if (*n == 0) return CM_OK;
+    /* Little-endian on the wire and (static check below) in memory. */
+    *ids = cm_alloc_aligned(*n * sizeof **ids);
+    if (!*ids) abort();
+    memcpy(*ids, r->ids.data, r->ids.len);
+    return CM_OK;
+}
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the wire format is little-endian");
+
+/* ------------------------------------------------------------ the model */
+
+void ps_wire_spec_init(ps_wire_spec *sp, const cm_model *m, size_t min_part_bytes) {
+    memset(sp, 0, sizeof *sp);
+    int nv = m->nvars;
+    sp->vars = cm_calloc((size_t)nv, sizeof *sp->vars);
+    sp->ptrs = cm_calloc((size_t)nv, sizeof *sp->ptrs);
+    sp->shapes = cm_calloc((size_t)nv * CM_VAR_MAX_DIMS, sizeof *sp->shapes);
+    for (int i = 0; i < nv; i++) {
+        const cm_var *v = &m->vars[i];
+        Psrpc__Variable *x = &sp->vars[i];
+        psrpc__variable__init(x);
+        x->name = (char *)v->name;
+        x->kind = v->kind == CM_VAR_TABLE ? PSRPC__VAR_KIND__VAR_TABLE
+                                          : PSRPC__VAR_KIND__VAR_DENSE;
+        if (v->kind == CM_VAR_TABLE) {
+            x->dim = (uint32_t)v->dim;
+        } else {
+            uint64_t *shape = sp->shapes + (size_t)i * CM_VAR_MAX_DIMS;
+            for (int d = 0; d < v->ndims; d++) shape[d] = (uint64_t)v->dims[d];
+            x->n_shape = (size_t)v->ndims;
+            x->shape = shape;
+        }
+        x->init = (uint32_t)v->init;
+        x->init_scale = v->init_scale;
+        x->fan_in = (uint64_t)v->fan_in;
+        x->fan_out = (uint64_t)v->fan_out;
+        sp->ptrs[i] = x;
+    }
+    psrpc__model_spec__init(&sp->spec);
+    sp->spec.kind = (char *)m->kind;
+    ps_wire_describe(m, sp->desc, sizeof sp->desc);
+    sp->spec.description = sp->desc;
+    sp->spec.n_vars = (size_t)nv;
+    sp->spec.vars = sp->ptrs;
+    sp->spec.min_part_bytes = min_part_bytes;
+    for (int i = 0; i < m->nsizes && i < CM_MLP_MAX_SIZES; i++) sp->sizes[i] = (uint32_t)m->sizes[i];
+    sp->spec.n_sizes = (size_t)(m->nsizes < CM_MLP_MAX_SIZES ? m->nsizes : CM_MLP_MAX_SIZES);
+    sp->spec.sizes = sp->sizes;
+}
+
+void ps_wire_spec_free(ps_wire_spec *sp) {
+    free(sp->vars);
+    free(sp->ptrs);
+    free(sp->shapes);
+    memset(sp, 0, sizeof *sp);
+}
+
+int ps_wire_spec_model(const Psrpc__ModelSpec *spec, cm_model **out, size_t *min_part_bytes,
+                       char *err, size_t errlen) {
+    *out = NULL;
+    if (!spec || spec->n_vars < 1 || spec->n_vars > (1u << 16)) {
+        cm_seterr(err, errlen, "the model has %zu variables (1 to 65536)",
+                  spec ? spec->n_vars : (size_t)0);
+        return CM_EINVAL;
+    }
+    if (spec->min_part_bytes < 4 || spec->min_part_bytes > ((uint64_t)1 << 40)) {
+        cm_seterr(err, errlen, "minimum partition of %llu bytes is out of range",
+                  (unsigned long long)spec->min_part_bytes);
+        return CM_EINVAL;
+    }
+    cm_var *vars = cm_calloc(spec->n_vars, sizeof *vars);
+    int rc = CM_OK;
+    for (size_t i = 0; i < spec->n_vars && rc == CM_OK; i++) {
+        const Psrpc__Variable *x = spec->vars[i];
+        cm_var *v = &vars[i];
+        if (!x->name || strlen(x->name) >= sizeof v->name) {
+            cm_seterr(err, errlen, "variable %zu: name missing or longer than %zu bytes", i,
+                      sizeof v->name - 1);
+            rc = CM_EINVAL;
+            break;
+        }
+        snprintf(v->name, sizeof v->name, "%s", x->name);
+        v->init = (int)(x->init > 100 ? 100 : x->init);
+        v->init_scale = x->init_scale;
+        v->fan_in = x->fan_in > (1ULL << 40) ? -1 : (int64_t)x->fan_in;
+        v->fan_out = x->fan_out > (1ULL << 40) ? -1 : (int64_t)x->fan_out;
+        if (x->kind == PSRPC__VAR_KIND__VAR_TABLE) {
+            v->kind = CM_VAR_TABLE;
+            v->dim = x->dim > 65536 ? -1 : (int)x->dim;
+        } else if (x->kind == PSRPC__VAR_KIND__VAR_DENSE) {
+            if (x->n_shape > CM_VAR_MAX_DIMS) {
+                cm_seterr(err, errlen, "variable %s: %zu dimensions (at most %d)", v->name,
+                          x->n_shape, CM_VAR_MAX_DIMS);
+                rc = CM_EINVAL;
+                break;
+            }
+            v->ndims = (int)x->n_shape;
+            for (int d = 0; d < v->ndims; d++)
+                v->dims[d] = x->shape[d] > (1ULL << 40) ? -1 : (int64_t)x->shape[d];
+        } else {
+            v->kind = -1;
+        }
+    }
+    if (rc == CM_OK)
+        rc = cm_model_create_from_vars(spec->kind ? spec->kind : "", vars, (int)spec->n_vars,
+                                       out, err, errlen);
+    free(vars);
+    if (rc == CM_OK) {
+        *min_part_bytes = (size_t)spec->min_part_bytes;
+        /* For descriptions only (the fingerprint covers the variables). */
+        cm_model *m = *out;
+        for (size_t i = 0; i < spec->n_sizes && i < CM_MLP_MAX_SIZES; i++)
+            m->sizes[m->nsizes++] = spec->sizes[i] > (1u << 24) ? 0 : (int)spec->sizes[i];
+    }
+    return rc;
+}
+
+void ps_wire_describe(const cm_model *m, char *desc, size_t len) {
     int n = snprintf(desc, len, "%s ", m->kind);
+    if (m->ntables > 0 && n > 0 && (size_t)n < len)
+        n += snprintf(desc + n, len - (size_t)n, "%d tables of %d, %zu dense%s", m->ntables,
+                      cm_model_max_dim(m), m->numel, m->nsizes ? " " : "");
     if (!strcmp(m->kind, "vector"))
         n += snprintf(desc + n, len - (size_t)n, "%zu", m->numel);
     else
         for (int i = 0; i < m->nsizes && n > 0 && (size_t)n < len; i++)
             n += snprintf(desc + n, len - (size_t)n, "%s%d", i ? "," : "", m->sizes[i]);
-    if (n > 0 && (size_t)n < len)
+}
+
+uint64_t ps_wire_identity(const cm_model *m, const cm_placement *pl, char *desc, size_t len) {
+    ps_wire_describe(m, desc, len);
+    int n = (int)strlen(desc);
+    if ((size_t)n < len)
         snprintf(desc + n, len - (size_t)n, " on %d PS (min partition %zu B)", pl->nshards,
                  pl->min_part_bytes);
     return pl->fingerprint;

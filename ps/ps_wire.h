@@ -70,6 +70,14 @@ void ps_wire_put_part(ps_wire_writer *w, uint32_t field, const cm_model *m,
                       const cm_placement *pl, uint32_t part, const float *data,
                       void (*release)(void *), void *ud);
 
+/* Append one Rows message as top-level field 'field': table 't', the n ids
+ * (packed into the message), and 'len' bytes of values at 'data' sent in
+ * place (dtype: PSRPC__DTYPE__DTYPE_FLOAT32 or _BFLOAT16; len 0 for a
+ * request of ids only), released as in ps_wire_put_tensor. */
+void ps_wire_put_rows(ps_wire_writer *w, uint32_t field, uint32_t table, const uint64_t *ids,
+                      size_t n, Psrpc__DType dtype, const void *data, size_t len,
+                      void (*release)(void *), void *ud);
+
 /* The segments to hand to rpc_call_start/rpc_reply; valid until the writer
  * is reset or freed. */
 const rpc_seg *ps_wire_segs(ps_wire_writer *w, int *nsegs);
@@ -90,24 +98,68 @@ typedef struct ps_wire_tensor {
     size_t len;
 } ps_wire_tensor;
 
+typedef struct ps_wire_rows {
+    Psrpc__Rows *meta;   /* Table, ids (copied), dtype; data empty. */
+    const uint8_t *data; /* Into the received buffer; may be unaligned. */
+    size_t len;
+} ps_wire_rows;
+
 typedef struct ps_wire_msg {
-    ProtobufCMessage *msg; /* Everything but the tensors. */
+    ProtobufCMessage *msg; /* Everything but the tensors and rows. */
     int ntensors;
     ps_wire_tensor *tensors;
+    int nrows;
+    ps_wire_rows *rows;
 } ps_wire_msg;
 
 /* Decode 'buf' as a message of type 'desc' whose repeated Tensor field is
- * number 'tensor_field'. Returns CM_OK or CM_EINVAL (message in err). The
- * result borrows 'buf' for the data pointers; free with ps_wire_msg_free. */
+ * number 'tensor_field' and whose repeated Rows field with values is
+ * number 'rows_field' (0: none). Returns CM_OK or CM_EINVAL (message in
+ * err). The result borrows 'buf' for the data pointers; free with
+ * ps_wire_msg_free. */
+int ps_wire_decode_rows(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
+                        uint32_t rows_field, const uint8_t *buf, size_t len, ps_wire_msg *out,
+                        char *err, size_t errlen);
 int ps_wire_decode(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
                    const uint8_t *buf, size_t len, ps_wire_msg *out, char *err, size_t errlen);
 void ps_wire_msg_free(ps_wire_msg *m);
 
+/* The ids of a Rows message: CM_OK with *n of them copied into *ids (an
+ * aligned array to free(); NULL when there are none), or CM_EINVAL when the
+ * bytes are not a whole number of uint64 (message in err). */
+int ps_wire_ids(const Psrpc__Rows *r, uint64_t **ids, size_t *n, char *err, size_t errlen);
+
+/* ------------------------------------------------------------ the model */
+
+/* A ModelSpec of m (every variable) and the placement's minimum partition,
+ * for an InitRequest. The spec and what it points to live in *sp until
+ * ps_wire_spec_free(sp). */
+typedef struct ps_wire_spec {
+    Psrpc__ModelSpec spec;
+    Psrpc__Variable *vars;
+    Psrpc__Variable **ptrs;
+    uint64_t *shapes; /* CM_VAR_MAX_DIMS per variable. */
+    uint32_t sizes[CM_MLP_MAX_SIZES];
+    char desc[256];
+} ps_wire_spec;
+void ps_wire_spec_init(ps_wire_spec *sp, const cm_model *m, size_t min_part_bytes);
+void ps_wire_spec_free(ps_wire_spec *sp);
+
+/* The model a ModelSpec describes, and its minimum partition. CM_EINVAL
+ * (naming the fault in err) for a spec that is not a valid model. */
+int ps_wire_spec_model(const Psrpc__ModelSpec *spec, cm_model **out, size_t *min_part_bytes,
+                       char *err, size_t errlen);
+
 /* The identity every request carries: a fingerprint of the model, the
  * number of PS and the placement (placement->fingerprint covers all three)
  * and the same in words, e.g. "mlp 784,256,128,10 on 2 PS (min partition
- * 262144 B)", written to desc. */
+ * 262144 B)" or "deepfm 39 tables of 11, 400,400,400 on 2 PS (...)",
+ * written to desc. */
 uint64_t ps_wire_identity(const cm_model *m, const cm_placement *pl, char *desc, size_t len);
+
+/* The model alone in words: "mlp 784,256,128,10", "deepfm 39 tables of 11,
+ * 476001 dense 400,400,400". */
+void ps_wire_describe(const cm_model *m, char *desc, size_t len);
 
 /* dst[i] += value i of src (n floats, src possibly unaligned). */
 void ps_wire_load_add(float *dst, const uint8_t *src, size_t n);

@@ -18,8 +18,8 @@ goes on. When a worker fails, or a PS for good, the launcher names it, stops
 the others by PID and exits non-zero; it never leaves a process behind.
 --chaos-kill-ps STEP kills one PS (chosen by --chaos-seed) with SIGKILL once
 the chief has logged step STEP, to test exactly that. Options it does not
-know go to pstrain (and the model options --layers / --min-partition-bytes
-to psserver too); --log FILE gives worker i > 0 FILE.worker<i>.
+know go to pstrain (psserver needs none: the chief's Initialize tells every
+shard the model); --log FILE gives worker i > 0 FILE.worker<i>.
 """
 import argparse
 import json
@@ -85,15 +85,9 @@ class Cluster:
         ps = [f"127.0.0.1:{p}" for p in ports[: a.ps]]
         workers = [f"127.0.0.1:{p}" for p in ports[a.ps:]]
         cluster = {"ps": ps, "worker": workers} if ps else {"worker": workers}
-        model_args = []
-        it = iter(self.extra)
-        for x in it:  # pass model options to the PS too
-            key = x.split("=")[0]
-            if key in ("--layers", "--min-partition-bytes"):
-                model_args += [x] if "=" in x else [x, next(it, "")]
         ps_args = ["--data-dir", a.checkpoint_dir, "--checkpoint-every", str(a.checkpoint_every)]
         for i in range(a.ps):
-            self.spawn(f"ps {i}", [os.path.join(a.bin_dir, "psserver")] + model_args + ps_args,
+            self.spawn(f"ps {i}", [os.path.join(a.bin_dir, "psserver")] + ps_args,
                        {"cluster": cluster, "task": {"type": "ps", "index": i}})
         # A PS that cannot bind exits at once: give them a moment to say so.
         deadline = time.monotonic() + 1.0

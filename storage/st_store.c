@@ -419,6 +419,63 @@ fail:
     return rc;
 }
 
+/* ===== Records ===== */
+
+/* A record's key: "r" then its name, apart from the generations' keys. The
+ * value is the bytes followed by their XXH64, so a damaged record is
+ * refused rather than read. */
+static size_t record_key(uint8_t *k, size_t cap, const char *name) {
+    size_t n = strnlen(name, cap - 1);
+    k[0] = 'r';
+    memcpy(k + 1, name, n);
+    return n + 1;
+}
+
+int st_store_put_record(st_store *s, const char *name, const void *data, size_t len, char *err,
+                        size_t errlen) {
+    uint8_t k[72];
+    size_t kl = record_key(k, sizeof k, name);
+    uint8_t *v = cm_malloc(len + 8);
+    if (len) memcpy(v, data, len);
+    put_be64(v + len, xxh64(data, len, HASH_SEED));
+    pthread_mutex_lock(&s->mu);
+    char *e = NULL;
+    leveldb_put(s->db, s->wsync, (const char *)k, kl, (const char *)v, len + 8, &e);
+    pthread_mutex_unlock(&s->mu);
+    free(v);
+    if (e) {
+        cm_seterr(err, errlen, "store %s: writing record %s failed: %s", s->dir, name, e);
+        leveldb_free(e);
+        return CM_EIO;
+    }
+    return CM_OK;
+}
+
+int st_store_get_record(st_store *s, const char *name, void **data, size_t *len, char *err,
+                        size_t errlen) {
+    uint8_t k[72];
+    size_t kl = record_key(k, sizeof k, name);
+    char *val = NULL;
+    size_t vlen = 0;
+    *data = NULL;
+    *len = 0;
+    pthread_mutex_lock(&s->mu);
+    int rc = db_get(s, k, kl, &val, &vlen, err, errlen);
+    pthread_mutex_unlock(&s->mu);
+    if (rc != CM_OK) return rc;
+    if (!val) return CM_ENOTFOUND;
+    if (vlen < 8 || get_be64((const uint8_t *)val + vlen - 8) != xxh64(val, vlen - 8, HASH_SEED)) {
+        leveldb_free(val);
+        cm_seterr(err, errlen, "store %s: record %s is corrupt", s->dir, name);
+        return CM_ECORRUPT;
+    }
+    *data = cm_malloc(vlen - 8 + 1);
+    memcpy(*data, val, vlen - 8);
+    *len = vlen - 8;
+    leveldb_free(val);
+    return CM_OK;
+}
+
 /* ===== Open and close ===== */
 
 int st_store_open(const st_options *o, const char *dir, const st_identity *id, st_store **out,

@@ -25,6 +25,7 @@
  *   "m" "identity"                  who the directory belongs to
  *   'g' ver64 part32 kind32 chunk32 one chunk (<= 1 MiB) of one blob
  *   'c' ver64                       the commit record of a generation
+ *   'r' name                        a named record (st_store_put_record)
  * The commit record lists every blob with its length and a 64-bit hash
  * (XXH64) of its bytes, holds the extra record, and ends with a hash of
  * itself. Blob chunks are written first, in synced WriteBatches of about
@@ -89,6 +90,16 @@ typedef struct st_blob {
 int st_store_open(const st_options *o, const char *dir, const st_identity *id, st_store **out,
                   char *err, size_t errlen);
 void st_store_close(st_store *s);
+
+/* A named record of the store's own, outside the generations (e.g. the
+ * model a PS shard serves): written with a synced put, replacing any
+ * earlier one, its bytes checked by a hash when read. Names up to 64
+ * bytes. get: *data is a copy to free() (CM_ENOTFOUND if there is no such
+ * record, CM_ECORRUPT if its hash fails). */
+int st_store_put_record(st_store *s, const char *name, const void *data, size_t len, char *err,
+                        size_t errlen);
+int st_store_get_record(st_store *s, const char *name, void **data, size_t *len, char *err,
+                        size_t errlen);
 
 /* Write generation 'version': every blob, then the commit record, durably
  * (both synced). Blobs may come in any order but each (part, kind) at most

@@ -121,14 +121,29 @@ def bad_input(bin_dir, tmp):
              "--data-dir", os.path.join(tmp, "none")], expect_ok=False)
     check(p.returncode != 0 and "dataset-fashion-mnist" in p.stderr,
           "missing data files are an error in PS mode too")
-    # A PS built for another model refuses the worker, naming both sides.
+    # psserver takes no model flag: it learns the model from the chief's
+    # Initialize, and keeps it in its data directory. Started again there, it
+    # refuses a worker of another model, naming both sides, and stays up.
     port = free_port()
-    ps = subprocess.Popen([psserver, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts",
-                           "127.0.0.1:1", "--task-index", "0", "--layers", "784,64,10"],
-                          stderr=subprocess.PIPE, text=True)
+    hosts = ["--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
+             "--task-index", "0"]
+    p = run([psserver, *hosts, "--layers", "784,64,10"], expect_ok=False)
+    check(p.returncode != 0 and "--layers" in p.stderr, "psserver has no model flag")
+    data = os.path.join(tmp, "model-dir")
+    ps = subprocess.Popen([psserver, *hosts, "--data-dir", data], stderr=subprocess.PIPE,
+                          text=True)
     try:
-        p = run([pstrain, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
-                 "--task-index", "0", "--train-limit", "1000", "--test-limit", "100",
+        run([pstrain, *hosts, "--layers", "784,64,10", "--max-steps", "2", "--train-limit",
+             "1000", "--test-limit", "100", "--quiet", "--connect-timeout-ms", "10000"])
+        ps.wait(timeout=30)
+    finally:
+        if ps.poll() is None:
+            ps.kill()
+            ps.wait()
+    ps = subprocess.Popen([psserver, *hosts, "--data-dir", data], stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        p = run([pstrain, *hosts, "--train-limit", "1000", "--test-limit", "100",
                  "--connect-timeout-ms", "10000"], expect_ok=False)
         check(p.returncode != 0 and "FAILED_PRECONDITION" in p.stderr and
               "784,64,10" in p.stderr and "784,256,128,10" in p.stderr,
@@ -204,6 +219,16 @@ def wait_for_line(path, pattern, proc, timeout=60):
     return None
 
 
+def stop(ps):
+    """SIGTERM a PS started here, SIGKILL if it does not exit within 20 s."""
+    ps.send_signal(signal.SIGTERM)
+    try:
+        ps.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        ps.kill()
+        ps.wait()
+
+
 def restart(bin_dir, tmp):
     pstrain, psserver = os.path.join(bin_dir, "pstrain"), os.path.join(bin_dir, "psserver")
     data = os.path.join(tmp, "ckpt")
@@ -241,18 +266,21 @@ def restart(bin_dir, tmp):
               f"a PS started again restores version {done[-1]}: {line}")
         check(ps.poll() is None, "...and serves")
     finally:
-        ps.send_signal(signal.SIGTERM)
-        try:
-            ps.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            ps.kill()
-            ps.wait()
+        stop(ps)
     check(ps.returncode == 0, "the restored PS exits 0 on SIGTERM")
-    # Another model on that directory is refused, naming both.
-    p = run([psserver, *hosts, "--data-dir", data, "--layers", "784,64,10"], expect_ok=False,
-            timeout=30)
-    check(p.returncode != 0 and "784,64,10" in p.stderr and "784,256,128,10" in p.stderr,
-          f"a PS of another model refuses the directory, naming both: {p.stderr.strip()}")
+    # The directory holds the model: a PS started on it serves that model
+    # and refuses a chief of another, naming both.
+    with open(log2, "w") as f:
+        ps = subprocess.Popen([psserver, *hosts, "--data-dir", data], stderr=f)
+    try:
+        p = run([pstrain, *hosts, "--layers", "784,64,10", "--max-steps", "2", "--train-limit",
+                 "1000", "--test-limit", "100", "--quiet", "--connect-timeout-ms", "20000"],
+                expect_ok=False, timeout=60)
+        check(p.returncode != 0 and "784,64,10" in p.stderr and "784,256,128,10" in p.stderr,
+              f"a PS restored from the directory refuses another model, naming both: "
+              f"{p.stderr.strip()[-300:]}")
+    finally:
+        stop(ps)
 
 
 def model_data(path):

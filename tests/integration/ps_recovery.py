@@ -97,7 +97,7 @@ def resume(bin_dir, tmp):
           "a restart with another batch size is refused, naming both configs")
     p = launch(bin_dir, *COMMON, "--layers", "784,64,10", "--checkpoint-dir", d, expect_ok=False)
     out = p.stdout + p.stderr
-    check(p.returncode != 0 and "was written for" in out,
+    check(p.returncode != 0 and "cluster mismatch" in out and "784,64,10" in out,
           "a restart with another model is refused, naming what the directory holds")
 
 

@@ -1581,7 +1581,9 @@ typedef struct hook_rec {
 } hook_rec;
 
 static void rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                     const ps_shard_config *cfg) {
+                     const ps_shard_config *cfg,
+                     const ps_rows *rows) {
+    (void)rows;
     hook_rec *r = ud;
     CHECK(r->calls < 8);
     r->versions[r->calls++] = ps_snapshot_version(snap);
