@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -407,6 +408,7 @@ static int write_eval_summary(const char *path, const char *model_path,
 
 int wk_export_eval_run(const wk_train_cfg *cfg, wk_train_result *result) {
     memset(result, 0, sizeof *result);
+    result->test_auc = result->bayes_auc = NAN;
     result->is_chief = 1;
     result->workers = 1;
     if (!cfg->init_from) {

@@ -3,6 +3,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +19,20 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: pstrain [options]\n"
-            "Train an MLP classifier on Fashion-MNIST.\n\n"
+            "Train an MLP classifier on Fashion-MNIST, or a click-through-rate model\n"
+            "(DeepFM, logistic regression) on data in the Criteo format.\n\n"
+            "  --model mlp|deepfm|lr     the model (default mlp: Fashion-MNIST; deepfm and\n"
+            "                            lr read --data-dir DIR/train.txt and test.txt in\n"
+            "                            the Criteo format, e.g. from scripts/make-ctr-data)\n"
+            "  --emb-dim K               deepfm: embedding width (default 10)\n"
+            "  --hidden W,W,...          deepfm: DNN hidden layers (default 400,400,400;\n"
+            "                            0 for none)\n"
+            "  --table-optimizer NAME    row-wise optimizer of the embedding tables: adagrad\n"
+            "                            | adam (lazy: each row its own step count) | sgd\n"
+            "                            (default adagrad)\n"
+            "  --table-lr X              its learning rate (default 0.05)\n"
+            "  --max-bad-lines N         click data: fail once more than N malformed lines\n"
+            "                            were skipped (default 1000)\n"
             "  --mode local|ps|allreduce local: train in this process; ps: a worker of a PS\n"
             "                            cluster; allreduce: a worker of a ring AllReduce\n"
             "                            (no PS; every worker keeps a replica) (default: ps\n"
@@ -26,7 +40,7 @@ static void usage(FILE *f) {
             "  --epochs N                passes over the training set (default 10)\n"
             "  --batch-size N            examples per step and worker (default 128)\n"
             "  --lr X                    learning rate (default 0.001 adam, 0.05 sgd/momentum)\n"
-            "  --optimizer NAME          sgd | momentum | adam (default adam)\n"
+            "  --optimizer NAME          sgd | momentum | adam | adagrad (default adam)\n"
             "  --seed N                  initialisation and data order (default 1)\n"
             "  --threads N               BLAS threads (default: all cores with one local\n"
             "                            device, else 1)\n"
@@ -35,9 +49,11 @@ static void usage(FILE *f) {
             "                            (default auto: every usable GPU, else the CPU)\n"
             "  --precision fp32|bf16     GPU compute: bf16 GEMM operands, fp32 weights and\n"
             "                            accumulation (default fp32; GPUs only)\n"
-            "  --layers W,W,...          layer widths, input first (default 784,256,128,10)\n"
-            "  --data-dir DIR            IDX files (default: $PS_DATA_DIR or\n"
-            "                            /usr/share/datasets/fashion-mnist)\n"
+            "  --layers W,W,...          mlp: layer widths, input first (default\n"
+            "                            784,256,128,10)\n"
+            "  --data-dir DIR            mlp: IDX files (default: $PS_DATA_DIR or\n"
+            "                            /usr/share/datasets/fashion-mnist); deepfm, lr:\n"
+            "                            train.txt and test.txt (default $PS_CTR_DATA)\n"
             "  --train-limit N           use the first N training examples only\n"
             "  --test-limit N            evaluate on the first N test examples only\n"
             "  --max-steps N             stop after N steps\n"
@@ -123,17 +139,53 @@ static int parse_double(const char *opt, const char *s, double lo, double *out) 
     return 0;
 }
 
-int main(int argc, char **argv) {
+/* What the command line says beyond wk_train_cfg: the cluster flags. */
+typedef struct cli {
+    const char *lists[CM_TASK_NTYPES];
+    int task_type, task_index, mode_given;
+} cli;
+
+/* "400,400,400" (or "0": none) into cfg's hidden layers; -1 if bad. */
+static int parse_hidden(const char *s, wk_train_cfg *cfg) {
+    if (!strcmp(s, "0")) {
+        cfg->nhidden = 0;
+        return 0;
+    }
+    int n = 0;
+    for (const char *p = s;;) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (errno || end == p || v < 1 || v > 1 << 16 || n >= CM_MLP_MAX_SIZES - 2) return -1;
+        cfg->hidden[n++] = (int)v;
+        if (*end == '\0') break;
+        if (*end != ',') return -1;
+        p = end + 1;
+    }
+    cfg->nhidden = n;
+    return 0;
+}
+
+/* Options into cfg and c. Returns -1 to go on, else the exit status
+ * (0 after --help, 2 for a bad option, with a message). */
+static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
     enum {
         O_MODE = 256, O_EPOCHS, O_BATCH, O_LR, O_OPT, O_SEED, O_THREADS, O_DEVICES, O_LAYERS,
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
-        O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE
+        O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
+        O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
+        {"model", required_argument, 0, O_MODEL},
+        {"emb-dim", required_argument, 0, O_EMB_DIM},
+        {"hidden", required_argument, 0, O_HIDDEN},
+        {"table-optimizer", required_argument, 0, O_TABLE_OPT},
+        {"table-lr", required_argument, 0, O_TABLE_LR},
+        {"max-bad-lines", required_argument, 0, O_MAX_BAD},
         {"checkpoint-dir", required_argument, 0, O_CKPT_DIR},
         {"checkpoint-every", required_argument, 0, O_CKPT_EVERY},
         {"epochs", required_argument, 0, O_EPOCHS},
@@ -180,16 +232,51 @@ int main(int argc, char **argv) {
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
-    cm_mem_keep_freed();
     wk_train_cfg cfg;
     wk_train_cfg_defaults(&cfg);
     int c;
     long v;
     double dv;
-    const char *lists[CM_TASK_NTYPES] = {0};
+    const char **lists = cl->lists;
     int task_type = -1, task_index = -1, mode_given = 0;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
+        case O_MODEL:
+            if (strcmp(optarg, "mlp") && strcmp(optarg, "deepfm") && strcmp(optarg, "lr")) {
+                fprintf(stderr, "pstrain: --model must be mlp, deepfm or lr, got '%s'\n", optarg);
+                return 2;
+            }
+            cfg.model = optarg;
+            break;
+        case O_EMB_DIM:
+            if (parse_long("--emb-dim", optarg, 1, 4096, &v)) return 2;
+            cfg.emb_dim = (int)v;
+            break;
+        case O_HIDDEN:
+            if (parse_hidden(optarg, &cfg)) {
+                fprintf(stderr, "pstrain: --hidden needs up to %d positive widths like "
+                                "400,400,400 (or 0), got '%s'\n", CM_MLP_MAX_SIZES - 2, optarg);
+                return 2;
+            }
+            break;
+        case O_TABLE_OPT: {
+            int k = ps_optim_parse(optarg);
+            if (k != PS_OPTIM_ADAGRAD && k != PS_OPTIM_ADAM && k != PS_OPTIM_SGD) {
+                fprintf(stderr, "pstrain: --table-optimizer must be adagrad, adam or sgd, got "
+                                "'%s'\n", optarg);
+                return 2;
+            }
+            cfg.table_optimizer = k;
+            break;
+        }
+        case O_TABLE_LR:
+            if (parse_double("--table-lr", optarg, 1e-12, &dv)) return 2;
+            cfg.table_lr = (float)dv;
+            break;
+        case O_MAX_BAD:
+            if (parse_long("--max-bad-lines", optarg, 0, 1L << 40, &v)) return 2;
+            cfg.max_bad_lines = (uint64_t)v;
+            break;
         case O_MODE:
             if (strcmp(optarg, "local") && strcmp(optarg, "ps") && strcmp(optarg, "allreduce")) {
                 fprintf(stderr, "pstrain: --mode must be local, ps or allreduce, got '%s'\n",
@@ -213,7 +300,8 @@ int main(int argc, char **argv) {
             break;
         case O_OPT:
             if ((cfg.optimizer = ps_optim_parse(optarg)) < 0) {
-                fprintf(stderr, "pstrain: --optimizer must be sgd, momentum or adam, got '%s'\n",
+                fprintf(stderr,
+                        "pstrain: --optimizer must be sgd, momentum, adam or adagrad, got '%s'\n",
                         optarg);
                 return 2;
             }
@@ -354,16 +442,29 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (cfg.optimizer == PS_OPTIM_ADD) {
-        fprintf(stderr, "pstrain: --optimizer must be sgd, momentum or adam\n");
+        fprintf(stderr, "pstrain: --optimizer must be sgd, momentum, adam or adagrad\n");
         return 2;
     }
     if (cfg.eval_only && !cfg.init_from) {
         fprintf(stderr, "pstrain: --eval-only needs --init-from FILE\n");
         return 2;
     }
-    /* The cluster: TF_CONFIG, then flags on top. */
+    cl->task_type = task_type;
+    cl->task_index = task_index;
+    cl->mode_given = mode_given;
+    *cfg_out = cfg;
+    return -1;
+}
+
+/* The cluster: TF_CONFIG, then the flags on top; sets cfg->mode to ps when
+ * a cluster is given without --mode, and the log tag. *out NULL when the
+ * run needs none. Returns 0, or 2 after a message. */
+static int load_cluster(const cli *cl, wk_train_cfg *cfg, cm_cluster **out) {
+    const char *const *lists = cl->lists;
+    int task_type = cl->task_type, task_index = cl->task_index;
     char err[512];
     cm_cluster *cluster = NULL;
+    *out = NULL;
     int rc = cm_cluster_from_env(&cluster, err, sizeof err);
     int have_cluster = rc == CM_OK || lists[CM_TASK_PS];
     if (rc != CM_OK && rc != CM_ENOTFOUND) {
@@ -380,8 +481,8 @@ int main(int argc, char **argv) {
     if (task_type >= 0 || task_index >= 0)
         cm_cluster_set_task(cluster, task_type >= 0 ? task_type : cluster->task_type,
                             task_index >= 0 ? task_index : 0);
-    if (!mode_given && have_cluster) cfg.mode = "ps";
-    if ((!strcmp(cfg.mode, "ps") || !strcmp(cfg.mode, "allreduce")) && !cfg.eval_only) {
+    if (!cl->mode_given && have_cluster) cfg->mode = "ps";
+    if ((!strcmp(cfg->mode, "ps") || !strcmp(cfg->mode, "allreduce")) && !cfg->eval_only) {
         if (cluster->task_type < 0) /* --task-index alone: a worker. */
             cm_cluster_set_task(cluster, CM_TASK_WORKER,
                                 cluster->task_index >= 0 ? cluster->task_index : 0);
@@ -394,8 +495,66 @@ int main(int argc, char **argv) {
         snprintf(tag, sizeof tag, "%s %d", cm_task_type_name(cluster->task_type),
                  cluster->task_index);
         cm_log_set_tag(tag);
-        cfg.cluster = cluster;
+        cfg->cluster = cluster;
     }
+    *out = cluster;
+    return 0;
+}
+
+/* The last line of the run on stdout. */
+static void print_result(const wk_train_cfg *cfg, const wk_train_result *res) {
+    const wk_train_result r = *res;
+    int ctr = !isnan(r.test_auc);
+    char bayes[64] = "";
+    if (ctr && !isnan(r.bayes_auc))
+        snprintf(bayes, sizeof bayes, " (Bayes optimum %.4f)", r.bayes_auc);
+    if (cfg->eval_only) {
+        if (ctr)
+            printf("test auc %.4f%s logloss %.4f on %zu test examples of the model in %s (%lld "
+                   "steps)\n",
+                   r.test_auc, bayes, r.test_loss, r.test_examples, cfg->init_from,
+                   (long long)r.steps);
+        else
+            printf("test accuracy %.4f (loss %.4f) on %zu test images of the model in %s (%lld "
+                   "steps)\n",
+                   r.test_accuracy, r.test_loss, r.test_examples, cfg->init_from,
+                   (long long)r.steps);
+        return;
+    }
+    if (r.rank < 0) {
+        printf("evaluator: last evaluation at version %lld: test accuracy %.4f (loss %.4f) on %zu "
+               "test images\n",
+               (long long)r.steps, r.test_accuracy, r.test_loss, r.test_examples);
+        return;
+    }
+    if (!strcmp(cfg->mode, "allreduce")) /* Every replica says what it holds. */
+        printf("replica of rank %d: parameters checksum %016llx\n", r.rank,
+               (unsigned long long)r.params_checksum);
+    if (!r.is_chief) {
+        printf("worker rank %d of %d finished %lld steps in %.1f s (%.0f examples/s overall)\n",
+               r.rank, r.workers, (long long)r.steps, r.seconds, r.examples_per_sec);
+        return;
+    }
+    if (ctr)
+        printf("test auc %.4f%s logloss %.4f accuracy %.4f on %zu test examples after %lld steps "
+               "in %.1f s (%.0f examples/s, %.0f unique rows a batch)\n",
+               r.test_auc, bayes, r.test_loss, r.test_accuracy, r.test_examples,
+               (long long)r.steps, r.seconds, r.examples_per_sec, r.unique_ids_per_batch);
+    else
+        printf("test accuracy %.4f (loss %.4f) on %zu test images after %lld steps in %.1f s "
+               "(%.0f examples/s)\n",
+               r.test_accuracy, r.test_loss, r.test_examples, (long long)r.steps, r.seconds,
+               r.examples_per_sec);
+}
+
+int main(int argc, char **argv) {
+    cm_mem_keep_freed();
+    wk_train_cfg cfg;
+    cli cl = {{0}, -1, -1, 0};
+    int rc = parse_args(argc, argv, &cfg, &cl);
+    if (rc >= 0) return rc;
+    cm_cluster *cluster = NULL;
+    if ((rc = load_cluster(&cl, &cfg, &cluster)) != 0) return rc;
     wk_train_result r;
     int status = wk_train_run(&cfg, &r);
     cm_cluster_destroy(cluster);
@@ -403,29 +562,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "pstrain: failed: %s\n", cm_strerror(status));
         return 1;
     }
-    if (cfg.eval_only) {
-        printf("test accuracy %.4f (loss %.4f) on %zu test images of the model in %s (%lld "
-               "steps)\n",
-               r.test_accuracy, r.test_loss, r.test_examples, cfg.init_from, (long long)r.steps);
-        return 0;
-    }
-    if (r.rank < 0) {
-        printf("evaluator: last evaluation at version %lld: test accuracy %.4f (loss %.4f) on %zu "
-               "test images\n",
-               (long long)r.steps, r.test_accuracy, r.test_loss, r.test_examples);
-        return 0;
-    }
-    if (!strcmp(cfg.mode, "allreduce")) /* Every replica says what it holds. */
-        printf("replica of rank %d: parameters checksum %016llx\n", r.rank,
-               (unsigned long long)r.params_checksum);
-    if (!r.is_chief) {
-        printf("worker rank %d of %d finished %lld steps in %.1f s (%.0f examples/s overall)\n",
-               r.rank, r.workers, (long long)r.steps, r.seconds, r.examples_per_sec);
-        return 0;
-    }
-    printf("test accuracy %.4f (loss %.4f) on %zu test images after %lld steps in %.1f s "
-           "(%.0f examples/s)\n",
-           r.test_accuracy, r.test_loss, r.test_examples, (long long)r.steps, r.seconds,
-           r.examples_per_sec);
+    print_result(&cfg, &r);
     return 0;
 }

@@ -21,7 +21,7 @@
 #include "common/cm_model.h"
 #include "worker/device/wk_device.h"
 #include "worker/input/wk_dataset.h"
-#include "worker/model/wk_mlp.h"
+#include "worker/model/wk_model.h"
 
 typedef struct wk_replicas wk_replicas;
 
@@ -47,12 +47,34 @@ int wk_replicas_count(const wk_replicas *rs);
  * devices receive a copy. */
 int wk_replicas_set_params(wk_replicas *rs, const float *params);
 
-/* Mean gradient of the batch (x: n rows of host floats, y: n labels, with
- * 1 <= n <= max_batch) into grad (host, model->numel floats). Adds the
+/* The embedding rows of a sparse model's batch (host memory): the values
+ * of its unique rows (nrows x row_dim, wk_model_row_dim) and, for every
+ * (example, field), the index of its row (n x nfields, example-major). */
+typedef struct wk_rows_in {
+    const int32_t *inv;
+    const float *rows;
+    size_t nrows;
+} wk_rows_in;
+
+/* Mean gradient of the batch (x: n rows of host floats for dense models,
+ * NULL for sparse ones; y: n labels; sp: the rows, sparse models only;
+ * 1 <= n <= max_batch) into grad (host, model->numel floats) and, for
+ * sparse models, row_grad (host, sp->nrows x row_dim floats: the gradient
+ * of each unique row, summed over the examples that read it). Adds the
  * summed loss and correct count to *loss_sum / *correct (either may be
  * NULL) and fills *times if not NULL. */
-int wk_replicas_gradient(wk_replicas *rs, const float *x, const int32_t *y, int n, float *grad,
-                         double *loss_sum, int64_t *correct, wk_phase_times *times);
+int wk_replicas_gradient(wk_replicas *rs, const float *x, const int32_t *y, int n,
+                         const wk_rows_in *sp, float *grad, float *row_grad, double *loss_sum,
+                         int64_t *correct, wk_phase_times *times);
+
+/* Forward only on replica 0 for n <= wk_replicas_eval_max() examples
+ * (inputs as for wk_replicas_gradient): adds the summed loss and correct
+ * count; probs (host, n floats, may be NULL) gets binary models'
+ * predicted probabilities. */
+int wk_replicas_evaluate_batch(wk_replicas *rs, const float *x, const int32_t *y, int n,
+                               const wk_rows_in *sp, double *loss_sum, int64_t *correct,
+                               float *probs);
+int wk_replicas_eval_max(const wk_replicas *rs);
 
 /* 1 if a gradient hook can be used: one replica on a host-visible device,
  * whose gradient goes straight to the caller's buffer. With several
@@ -64,8 +86,8 @@ int wk_replicas_can_hook(const wk_replicas *rs);
  * caller's grad buffer. */
 void wk_replicas_set_hook(wk_replicas *rs, const wk_grad_hook *hook);
 
-/* Accuracy and mean loss over all of 'data' with the current parameters,
- * using replica 0 in batches of up to max_batch. */
+/* Dense image models: accuracy and mean loss over all of 'data' with the
+ * current parameters, using replica 0. */
 int wk_replicas_evaluate(wk_replicas *rs, const wk_dataset *data, double *accuracy,
                          double *mean_loss);
 

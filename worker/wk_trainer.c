@@ -5,12 +5,14 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <xxhash.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "common/cm_auc.h"
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_placement.h"
@@ -19,6 +21,7 @@
 #include "ps/ps_optim.h"
 #include "worker/device/wk_device.h"
 #include "worker/device/wk_device_cuda.h"
+#include "worker/input/wk_ctrdata.h"
 #include "worker/input/wk_dataset.h"
 #include "worker/input/wk_order.h"
 #include "worker/input/wk_prefetch.h"
@@ -29,6 +32,13 @@
 void wk_train_cfg_defaults(wk_train_cfg *cfg) {
     memset(cfg, 0, sizeof *cfg);
     cfg->mode = "local";
+    cfg->model = "mlp";
+    cfg->emb_dim = 10;
+    cfg->nhidden = 3;
+    cfg->hidden[0] = cfg->hidden[1] = cfg->hidden[2] = 400;
+    cfg->table_optimizer = PS_OPTIM_ADAGRAD;
+    cfg->table_lr = 0.05f;
+    cfg->max_bad_lines = 1000;
     cfg->epochs = 10;
     cfg->batch_size = 128;
     cfg->lr = 0.0f; /* Chosen by optimizer in wk_train_run. */
@@ -76,6 +86,16 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
                           wk_precision_name(cfg->precision), "wire_dtype",
                           cfg->wire_bf16 ? "bf16" : "fp32");
     if (!o) return CM_ENOMEM;
+    json_object_set_new(o, "model", json_string(cfg->model));
+    if (!isnan(r->test_auc)) {
+        json_object_set_new(o, "auc", json_real(r->test_auc));
+        json_object_set_new(o, "logloss", json_real(r->test_loss));
+        json_object_set_new(o, "bayes_auc", isnan(r->bayes_auc) ? json_null()
+                                                                 : json_real(r->bayes_auc));
+        json_object_set_new(o, "rows_pulled_per_sec", json_real(r->rows_pulled_per_sec));
+        json_object_set_new(o, "unique_ids_per_batch", json_real(r->unique_ids_per_batch));
+        json_object_set_new(o, "table_optimizer", json_string(ps_optim_name(cfg->table_optimizer)));
+    }
     int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;
     json_decref(o);
     if (rc != CM_OK) cm_error("cannot write summary %s: %s", path, strerror(errno));
@@ -132,6 +152,12 @@ static int check_cfg(const wk_train_cfg *cfg) {
                  "run is --mode %s", cfg->mode);
         return CM_EINVAL;
     }
+    if (strcmp(cfg->model, "mlp") != 0 && strcmp(cfg->model, "deepfm") != 0 &&
+        strcmp(cfg->model, "lr") != 0) {
+        cm_error("--model must be mlp, deepfm or lr, not %s", cfg->model);
+        return CM_EINVAL;
+    }
+    if (cfg->table_lr <= 0.0f) return cm_error("--table-lr must be > 0"), CM_EINVAL;
     if (cfg->epochs < 1) return cm_error("--epochs must be >= 1"), CM_EINVAL;
     if (cfg->batch_size < 1) return cm_error("--batch-size must be >= 1"), CM_EINVAL;
     if (cfg->local_devices < 1 || cfg->local_devices > 64)
@@ -162,6 +188,12 @@ static int evaluate_run(const wk_train_cfg *cfg, wk_train_result *result) {
     int status = wk_dataset_load(dir, "t10k", cfg->test_limit, &test, err, sizeof err);
     if (status != CM_OK) {
         cm_error("%s", err);
+        goto out;
+    }
+    if (strcmp(cfg->model, "mlp") != 0) {
+        cm_error("an evaluator task evaluates the mlp model only (this run: --model %s); the "
+                 "chief evaluates click models at the end of every epoch", cfg->model);
+        status = CM_EUNSUPPORTED;
         goto out;
     }
     if ((status = cm_model_create_mlp(cfg->sizes, cfg->nsizes, &model)) != CM_OK) goto out;
@@ -332,222 +364,463 @@ static int open_devices(const wk_train_cfg *cfg, wk_device **devs, int *ndevs, i
     return CM_OK;
 }
 
-int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
-    if (cfg->eval_only) return wk_export_eval_run(cfg, result);
-    int status = check_cfg(cfg);
+int wk_train_model_create(const wk_train_cfg *cfg, cm_model **out) {
+    const char *kind = cfg->model ? cfg->model : "mlp";
+    int rc = CM_EINVAL;
+    if (!strcmp(kind, "mlp")) {
+        if ((rc = cm_model_create_mlp(cfg->sizes, cfg->nsizes, out)) != CM_OK)
+            cm_error("bad layer sizes");
+        return rc;
+    }
+    cm_ctr_spec sp = {.nfields = WK_CRITEO_NFIELDS, .emb_dim = cfg->emb_dim,
+                      .nhidden = cfg->nhidden};
+    memcpy(sp.hidden, cfg->hidden, sizeof sp.hidden);
+    if (!strcmp(kind, "deepfm"))
+        rc = cm_model_create_deepfm(&sp, out);
+    else if (!strcmp(kind, "lr"))
+        rc = cm_model_create_lr(&sp, out);
+    else
+        cm_error("unknown model %s (mlp, deepfm or lr)", kind);
+    if (rc != CM_OK && (!strcmp(kind, "deepfm") || !strcmp(kind, "lr")))
+        cm_error("bad %s sizes (--emb-dim %d, %d hidden layers)", kind, cfg->emb_dim,
+                 cfg->nhidden);
+    return rc;
+}
+
+/* ------------------------------------------------------------ one run
+ *
+ * wk_train_run in named steps, each logging its own errors:
+ *   open_devices -> load_data -> open_sync -> begin_training -> train_loop
+ *   -> finish_training, then cleanup. The state they share is a 'run'. */
+
+typedef struct run {
+    const wk_train_cfg *cfg;
+    wk_train_result *result;
+    int is_ps, is_ar, dist, W, rank, is_chief, nps;
+    size_t B; /* Global batch. */
+    /* Data: images, or click logs. */
+    wk_dataset train, test;
+    wk_ctrdata ctr;
+    cm_model *model;
+    int sparse;  /* The model reads embedding rows. */
+    int row_dim;
+    wk_device *devs[64];
+    int D, on_gpu, threads;
+    wk_replicas *reps;
+    wk_prefetch_cfg pcfg;
+    wk_prefetch *pf;
+    wk_sync *sync;
+    float *params, *grad;
+    /* Sparse models: row values of the current and the next batch, and
+     * the current batch's row gradients. */
+    float *vals[2], *row_grad;
+    float lr;
+    ps_optim_cfg opt, table_opt;
+    int64_t spe, total, first_step;
+    int slice;
+    float grad_scale;
+    FILE *log;
+    const char **ar_addrs;
+    int began;
+    /* Sparse models: rows fetched for training, and steps counted. */
+    double rows_pulled;
+    int64_t sparse_steps;
+} run;
+
+/* Devices, BLAS threads and the optimizers' settings. */
+static int setup_compute(run *r) {
+    const wk_train_cfg *cfg = r->cfg;
+    int status = open_devices(cfg, r->devs, &r->D, &r->on_gpu);
     if (status != CM_OK) return status;
-    if (!strcmp(cfg->mode, "ps") && cfg->cluster->task_type == CM_TASK_EVALUATOR) {
-        memset(result, 0, sizeof *result);
-        result->rank = -1;
-        return evaluate_run(cfg, result);
+    if (r->D > cfg->batch_size) {
+        cm_error("%d devices exceed the batch of %d examples per worker", r->D, cfg->batch_size);
+        return CM_EINVAL;
     }
-    memset(result, 0, sizeof *result);
-    const int is_ps = !strcmp(cfg->mode, "ps");
-    const int is_ar = !strcmp(cfg->mode, "allreduce");
-    const int dist = is_ps || is_ar; /* Several worker processes. */
-    const int W = dist ? cm_cluster_num_trainers(cfg->cluster) : 1;
-    const int rank = dist ? cm_cluster_rank(cfg->cluster) : 0;
-    const int is_chief = dist ? cm_cluster_is_chief(cfg->cluster) : 1;
-    const int nps = is_ps ? cfg->cluster->n[CM_TASK_PS] : 0;
-    const size_t B = (size_t)cfg->batch_size * (size_t)W; /* Global batch. */
-    result->is_chief = is_chief;
-    result->rank = rank;
-    result->workers = W;
-    const char *dir = cfg->data_dir ? cfg->data_dir : wk_dataset_default_dir();
-    wk_dataset train = {0}, test = {0};
-    cm_model *model = NULL;
-    wk_device *devs[64] = {0};
-    wk_replicas *reps = NULL;
-    wk_prefetch *pf = NULL;
-    wk_sync *sync = NULL;
-    float *params = NULL, *grad = NULL;
-    const char **ar_addrs = NULL; /* Allreduce: the workers' addresses by rank. */
-    FILE *log = NULL;
+    r->lr = cfg->lr > 0.0f ? cfg->lr : (cfg->optimizer == PS_OPTIM_ADAM ? 1e-3f : 0.05f);
+    r->opt = ps_optim_defaults(cfg->optimizer, r->lr);
+    r->table_opt = ps_optim_defaults(cfg->table_optimizer, cfg->table_lr);
+    r->threads = cfg->threads > 0 ? cfg->threads
+                                  : (r->D == 1 && !r->dist ? (int)sysconf(_SC_NPROCESSORS_ONLN) : 1);
+    wk_device_cpu_set_threads(r->threads);
+    return CM_OK;
+}
+
+/* The model, the data it trains on, and the schedule (steps per epoch,
+ * total steps, this worker's slice of every batch). */
+static int load_data(run *r) {
+    const wk_train_cfg *cfg = r->cfg;
     char err[512];
-    int D = 0, on_gpu = 0;
-    int began = 0;
-    if ((status = open_devices(cfg, devs, &D, &on_gpu)) != CM_OK) return status;
-    if (D > cfg->batch_size) {
-        cm_error("%d devices exceed the batch of %d examples per worker", D, cfg->batch_size);
-        status = CM_EINVAL;
-        goto out;
-    }
-
-    float lr = cfg->lr > 0.0f ? cfg->lr : (cfg->optimizer == PS_OPTIM_ADAM ? 1e-3f : 0.05f);
-    ps_optim_cfg opt = ps_optim_defaults(cfg->optimizer, lr);
-    int threads = cfg->threads > 0 ? cfg->threads
-                                   : (D == 1 && !dist ? (int)sysconf(_SC_NPROCESSORS_ONLN) : 1);
-    wk_device_cpu_set_threads(threads);
-
+    int status = wk_train_model_create(cfg, &r->model);
+    if (status != CM_OK) return status;
+    r->sparse = wk_model_is_sparse(r->model);
+    r->row_dim = wk_model_row_dim(r->model);
     double t_load = cm_now();
-    if ((status = wk_dataset_load(dir, "train", cfg->train_limit, &train, err, sizeof err)) !=
-            CM_OK ||
-        (status = wk_dataset_load(dir, "t10k", cfg->test_limit, &test, err, sizeof err)) !=
-            CM_OK) {
-        cm_error("%s", err);
-        goto out;
+    size_t n_train, n_test;
+    const char *dir;
+    if (r->sparse) {
+        dir = cfg->data_dir ? cfg->data_dir : wk_ctrdata_default_dir();
+        wk_criteo_opts co = {.max_bad_lines = cfg->max_bad_lines};
+        if ((status = wk_ctrdata_load(dir, cfg->train_limit, cfg->test_limit, &co, &r->ctr, err,
+                                      sizeof err)) != CM_OK) {
+            cm_error("%s", err);
+            return status;
+        }
+        n_train = r->ctr.n_train;
+        n_test = r->ctr.n_test;
+        r->result->bayes_auc = r->ctr.bayes_auc;
+    } else {
+        dir = cfg->data_dir ? cfg->data_dir : wk_dataset_default_dir();
+        if ((status = wk_dataset_load(dir, "train", cfg->train_limit, &r->train, err,
+                                      sizeof err)) != CM_OK ||
+            (status = wk_dataset_load(dir, "t10k", cfg->test_limit, &r->test, err,
+                                      sizeof err)) != CM_OK) {
+            cm_error("%s", err);
+            return status;
+        }
+        const cm_model *m = r->model;
+        if (r->train.dim != (size_t)m->sizes[0] || r->test.dim != r->train.dim ||
+            r->train.nclasses > m->sizes[m->nsizes - 1] ||
+            r->test.nclasses > m->sizes[m->nsizes - 1]) {
+            cm_error("data (%zu inputs, %d classes) does not fit the model (%d inputs, %d "
+                     "classes)",
+                     r->train.dim, r->train.nclasses, m->sizes[0], m->sizes[m->nsizes - 1]);
+            return CM_EINVAL;
+        }
+        n_train = r->train.n;
+        n_test = r->test.n;
     }
-    if ((status = cm_model_create_mlp(cfg->sizes, cfg->nsizes, &model)) != CM_OK) {
-        cm_error("bad layer sizes");
-        goto out;
+    r->spe = (int64_t)wk_order_steps_per_epoch(n_train, r->B);
+    if (r->spe == 0) {
+        cm_error("the global batch (%zu = %d workers x %d) exceeds the %zu training examples",
+                 r->B, r->W, cfg->batch_size, n_train);
+        return CM_EINVAL;
     }
-    if (train.dim != (size_t)model->sizes[0] || test.dim != train.dim ||
-        train.nclasses > model->sizes[model->nsizes - 1] ||
-        test.nclasses > model->sizes[model->nsizes - 1]) {
-        cm_error("data (%zu inputs, %d classes) does not fit the model (%d inputs, %d classes)",
-                 train.dim, train.nclasses, model->sizes[0], model->sizes[model->nsizes - 1]);
-        status = CM_EINVAL;
-        goto out;
-    }
-    size_t spe = wk_order_steps_per_epoch(train.n, B);
-    if (spe == 0) {
-        cm_error("the global batch (%zu = %d workers x %d) exceeds the %zu training examples", B,
-                 W, cfg->batch_size, train.n);
-        status = CM_EINVAL;
-        goto out;
-    }
-    int64_t total = (int64_t)spe * cfg->epochs;
-    if (cfg->max_steps > 0 && cfg->max_steps < total) total = cfg->max_steps;
-    cm_info("loaded %zu training and %zu test examples from %s in %.2f s", train.n, test.n, dir,
-            cm_now() - t_load);
-
+    r->total = r->spe * cfg->epochs;
+    if (cfg->max_steps > 0 && cfg->max_steps < r->total) r->total = cfg->max_steps;
+    cm_info("loaded %zu training and %zu test examples from %s in %.2f s%s", n_train, n_test, dir,
+            cm_now() - t_load, r->sparse ? " (training lines counted; they stream)" : "");
+    if (r->sparse && (r->ctr.bad_train || r->ctr.bad_test))
+        cm_warn("skipped %llu bad training and %llu bad test lines",
+                (unsigned long long)r->ctr.bad_train, (unsigned long long)r->ctr.bad_test);
     size_t lo, hi;
-    wk_order_slice(B, rank, W, &lo, &hi);
-    const int slice = (int)(hi - lo);
+    wk_order_slice(r->B, r->rank, r->W, &lo, &hi);
+    r->slice = (int)(hi - lo);
     /* Pushed gradients are means over each worker's slice; weighting them by
      * slice size keeps the PS's plain average equal to the global batch's
      * mean gradient when B is not a multiple of W. */
-    const float grad_scale = (float)((double)slice * W / (double)B);
+    r->grad_scale = (float)((double)r->slice * r->W / (double)r->B);
+    size_t numel = r->model->numel;
+    r->params = cm_alloc_aligned((numel ? numel : 1) * sizeof(float));
+    r->grad = cm_alloc_aligned((numel ? numel : 1) * sizeof(float));
+    if (!r->params || !r->grad) return CM_ENOMEM;
+    if (r->sparse) {
+        size_t nv = (size_t)(r->slice ? r->slice : 1) * (size_t)r->model->nfields *
+                    (size_t)r->row_dim;
+        r->vals[0] = cm_alloc_aligned(nv * sizeof(float));
+        r->vals[1] = cm_alloc_aligned(nv * sizeof(float));
+        r->row_grad = cm_alloc_aligned(nv * sizeof(float));
+        if (!r->vals[0] || !r->vals[1] || !r->row_grad) return CM_ENOMEM;
+    }
+    return CM_OK;
+}
 
-    status = CM_ENOMEM;
-    size_t numel = model->numel;
-    params = cm_alloc_aligned(numel * sizeof(float));
-    grad = cm_alloc_aligned(numel * sizeof(float));
-    if (!params || !grad) goto out;
-    /* --init-from: the file's values, staged in grad until the first step. */
-    if (cfg->init_from && (status = wk_export_load_init(cfg->init_from, model, grad)) != CM_OK)
-        goto out;
-    const float *init_values = cfg->init_from ? grad : NULL;
-    if (is_ps) {
+/* The mode: local, PS or allreduce. */
+static int open_sync(run *r, const float *init_values) {
+    const wk_train_cfg *cfg = r->cfg;
+    char err[512];
+    int status;
+    int fault = cfg->fault_zero_gradient && (cfg->fault_rank < 0 || cfg->fault_rank == r->rank);
+    if (r->is_ps) {
         wk_sync_ps_cfg pc = {
-            .model = model,
+            .model = r->model,
             .min_part_bytes = cfg->min_part_bytes ? cfg->min_part_bytes
                                                   : CM_PLACEMENT_MIN_PART_BYTES,
             .ps_addrs = (const char *const *)cfg->cluster->addrs[CM_TASK_PS],
-            .nps = nps,
-            .rank = rank,
-            .nworkers = W,
-            .is_chief = is_chief,
-            .optim = opt,
+            .nps = r->nps,
+            .rank = r->rank,
+            .nworkers = r->W,
+            .is_chief = r->is_chief,
+            .optim = r->opt,
+            .table_optim = r->table_opt,
             .seed = cfg->seed,
             .async = cfg->async,
             .deadline_ms = cfg->deadline_ms ? cfg->deadline_ms : 60000,
             .connect_timeout_ms = cfg->connect_timeout_ms ? cfg->connect_timeout_ms : 30000,
             .separate_pull = cfg->separate_pull,
-            .overlap = !cfg->no_overlap && !cfg->async && !cfg->separate_pull,
+            .overlap = !cfg->no_overlap && !cfg->async && !cfg->separate_pull && !r->sparse,
             .no_pipeline = cfg->no_pipeline,
             .wire_bf16 = cfg->wire_bf16,
-            .fault_zero_gradient = cfg->fault_zero_gradient &&
-                                   (cfg->fault_rank < 0 || cfg->fault_rank == rank),
-            .global_batch = (unsigned)B,
-            .steps_per_epoch = spe,
+            .fault_zero_gradient = fault,
+            .global_batch = (unsigned)r->B,
+            .steps_per_epoch = (uint64_t)r->spe,
             .recovery_timeout_ms = cfg->recovery_timeout_ms,
             .init_values = init_values};
-        if ((status = wk_sync_ps_create(&pc, &sync, err, sizeof err)) != CM_OK) {
+        if ((status = wk_sync_ps_create(&pc, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
-            goto out;
+            return status;
         }
-    } else if (is_ar) {
-        ar_addrs = cm_calloc((size_t)W, sizeof *ar_addrs);
-        for (int r = 0; r < W; r++) ar_addrs[r] = cm_cluster_trainer_addr(cfg->cluster, r);
-        wk_sync_ar_cfg ac = {
-            .model = model,
-            .worker_addrs = ar_addrs,
-            .rank = rank,
-            .nworkers = W,
-            .is_chief = is_chief,
-            .optim = opt,
-            .seed = cfg->seed,
-            .global_batch = (unsigned)B,
-            .timeout_ms = cfg->deadline_ms,
-            .connect_timeout_ms = cfg->connect_timeout_ms,
-            .fault_zero_gradient = cfg->fault_zero_gradient &&
-                                   (cfg->fault_rank < 0 || cfg->fault_rank == rank),
-            .init_values = init_values,
-            .checkpoint_dir = cfg->checkpoint_dir,
-            .checkpoint_every = cfg->checkpoint_every,
-            .gpu = on_gpu && !cfg->no_nccl ? devs[0] : NULL};
-        if ((status = wk_sync_allreduce_create(&ac, &sync, err, sizeof err)) != CM_OK) {
+    } else if (r->is_ar) {
+        r->ar_addrs = cm_calloc((size_t)r->W, sizeof *r->ar_addrs);
+        for (int k = 0; k < r->W; k++) r->ar_addrs[k] = cm_cluster_trainer_addr(cfg->cluster, k);
+        wk_sync_ar_cfg ac = {.model = r->model,
+                             .worker_addrs = r->ar_addrs,
+                             .rank = r->rank,
+                             .nworkers = r->W,
+                             .is_chief = r->is_chief,
+                             .optim = r->opt,
+                             .table_optim = r->table_opt,
+                             .seed = cfg->seed,
+                             .global_batch = (unsigned)r->B,
+                             .timeout_ms = cfg->deadline_ms,
+                             .connect_timeout_ms = cfg->connect_timeout_ms,
+                             .fault_zero_gradient = fault,
+                             .init_values = init_values,
+                             .checkpoint_dir = cfg->checkpoint_dir,
+                             .checkpoint_every = cfg->checkpoint_every,
+                             .gpu = r->on_gpu && !cfg->no_nccl ? r->devs[0] : NULL};
+        if ((status = wk_sync_allreduce_create(&ac, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
-            goto out;
+            return status;
         }
     } else {
-        sync = wk_sync_local_create(model, &opt, cfg->seed);
+        r->sync = wk_sync_local_create(r->model, &r->opt, &r->table_opt, r->cfg->seed);
     }
-    int64_t first_step = 0;
-    if ((status = sync->ops->begin(sync, params, &first_step)) != CM_OK) {
-        cm_error("cannot get the initial parameters: %s", sync->err);
-        goto out;
+    return CM_OK;
+}
+
+static void log_start(const run *r) {
+    const wk_train_cfg *cfg = r->cfg;
+    const char *dev = r->on_gpu ? (cfg->precision == WK_PRECISION_BF16 ? "gpu (bf16)" : "gpu")
+                                : "cpu";
+    char what[256];
+    if (r->sparse)
+        snprintf(what, sizeof what, "%s (%d tables of %d floats a row, %zu dense parameters; "
+                 "tables: %s lr %g)", r->model->kind, r->model->ntables, r->row_dim,
+                 r->model->numel, ps_optim_name(r->table_opt.kind), (double)r->table_opt.lr);
+    else
+        snprintf(what, sizeof what, "%zu parameters", r->model->numel);
+    const char *th = r->threads == 1 ? "" : "s";
+    if (r->is_ar)
+        cm_info("training allreduce: rank %d of %d workers%s, %s, %s lr %g, batch %d per "
+                "worker (%zu global), %d BLAS thread%s, %lld steps",
+                r->rank, r->W, r->is_chief ? " (chief)" : "", what, ps_optim_name(r->opt.kind),
+                (double)r->lr, cfg->batch_size, r->B, r->threads, th, (long long)r->total);
+    else if (r->is_ps)
+        cm_info("training %s (%s%s): rank %d of %d workers%s, %d PS, %s, %s lr %g, batch %d "
+                "per worker (%zu global) on %d %s device%s, %d BLAS thread%s, %lld steps",
+                cfg->mode, cfg->async ? "async" : "sync",
+                cfg->wire_bf16 ? ", bf16 gradients on the wire" : "", r->rank, r->W,
+                r->is_chief ? " (chief)" : "", r->nps, what, ps_optim_name(r->opt.kind),
+                (double)r->lr, cfg->batch_size, r->B, r->D, dev, r->D == 1 ? "" : "s",
+                r->threads, th, (long long)r->total);
+    else
+        cm_info("training %s: %s, %s lr %g, batch %d on %d %s replica%s, %d BLAS thread%s, "
+                "%lld steps (%lld per epoch)",
+                cfg->mode, what, ps_optim_name(r->opt.kind), (double)r->lr, cfg->batch_size,
+                r->D, dev, r->D == 1 ? "" : "s", r->threads, th, (long long)r->total,
+                (long long)r->spe);
+}
+
+/* Initial parameters (the mode's begin), the replicas, the reader thread
+ * and the step log. */
+static int begin_training(run *r, const float *init_values) {
+    const wk_train_cfg *cfg = r->cfg;
+    int status;
+    if ((status = r->sync->ops->begin(r->sync, r->params, &r->first_step)) != CM_OK) {
+        cm_error("cannot get the initial parameters: %s", r->sync->err);
+        return status;
     }
-    if (first_step >= total) {
+    if (r->first_step >= r->total) {
         cm_error("the checkpoint is at step %lld, past the %lld steps of this run: nothing to "
                  "do (start on fresh checkpoint directories for a new run)",
-                 (long long)first_step, (long long)total);
-        status = CM_EINVAL;
-        goto out;
+                 (long long)r->first_step, (long long)r->total);
+        return CM_EINVAL;
     }
-    began = 1;
-    if (init_values && !dist) memcpy(params, init_values, numel * sizeof(float));
-    if (is_chief && cfg->init_out && (status = write_params(cfg->init_out, params, numel)) != CM_OK)
-        goto out;
-    if ((status = wk_replicas_create(model, devs, D, slice, &reps)) != CM_OK) goto out;
-    if ((status = wk_replicas_set_params(reps, params)) != CM_OK) goto out;
-    wk_prefetch_cfg pcfg = {.data = &train, .seed = cfg->seed, .global_batch = B, .rank = rank,
-                            .nranks = W, .first_step = first_step,
-                            .nsteps = total - first_step, .depth = 4};
-    if ((status = wk_prefetch_start(&pcfg, &pf)) != CM_OK) goto out;
-    if (cfg->log_path && !(log = fopen(cfg->log_path, "w"))) {
+    r->began = 1;
+    size_t numel = r->model->numel;
+    if (init_values && !r->dist) memcpy(r->params, init_values, numel * sizeof(float));
+    if (r->is_chief && cfg->init_out &&
+        (status = write_params(cfg->init_out, r->params, numel)) != CM_OK)
+        return status;
+    if ((status = wk_replicas_create(r->model, r->devs, r->D, r->slice, &r->reps)) != CM_OK ||
+        (status = wk_replicas_set_params(r->reps, r->params)) != CM_OK)
+        return status;
+    r->pcfg = (wk_prefetch_cfg){.data = r->sparse ? NULL : &r->train,
+                                .ctr = r->sparse ? &r->ctr : NULL,
+                                .field_table = r->model->field_table,
+                                .ntables = r->model->ntables,
+                                .seed = cfg->seed,
+                                .global_batch = r->B,
+                                .rank = r->rank,
+                                .nranks = r->W,
+                                .first_step = r->first_step,
+                                .nsteps = r->total - r->first_step,
+                                .depth = 4};
+    if ((status = wk_prefetch_start(&r->pcfg, &r->pf)) != CM_OK) return status;
+    if (cfg->log_path && !(r->log = fopen(cfg->log_path, "w"))) {
         cm_error("cannot open --log %s: %s", cfg->log_path, strerror(errno));
-        status = CM_EIO;
-        goto out;
+        return CM_EIO;
     }
-    if (is_ar)
-        cm_info("training allreduce: rank %d of %d workers%s, %zu parameters, %s lr %g, batch %d "
-                "per worker (%zu global), %d BLAS thread%s, %lld steps",
-                rank, W, is_chief ? " (chief)" : "", numel, ps_optim_name(opt.kind), (double)lr,
-                cfg->batch_size, B, threads, threads == 1 ? "" : "s", (long long)total);
-    else if (is_ps)
-        cm_info("training %s (%s%s): rank %d of %d workers%s, %d PS, %zu parameters, %s lr %g, "
-                "batch %d per worker (%zu global) on %d %s device%s, %d BLAS thread%s, %lld "
-                "steps",
-                cfg->mode, cfg->async ? "async" : "sync",
-                cfg->wire_bf16 ? ", bf16 gradients on the wire" : "", rank, W,
-                is_chief ? " (chief)" : "",
-                nps, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, B, D,
-                on_gpu ? (cfg->precision == WK_PRECISION_BF16 ? "gpu (bf16)" : "gpu") : "cpu",
-                D == 1 ? "" : "s", threads, threads == 1 ? "" : "s", (long long)total);
-    else
-        cm_info("training %s: %zu parameters, %s lr %g, batch %d on %d %s replica%s, %d BLAS "
-                "thread%s, %lld steps (%zu per epoch)",
-                cfg->mode, numel, ps_optim_name(opt.kind), (double)lr, cfg->batch_size, D,
-                on_gpu ? (cfg->precision == WK_PRECISION_BF16 ? "gpu (bf16)" : "gpu") : "cpu",
-                D == 1 ? "" : "s", threads, threads == 1 ? "" : "s", (long long)total, spe);
+    log_start(r);
+    return CM_OK;
+}
 
+/* ------------------------------------------------------------ evaluation */
+
+typedef struct eval_result {
+    double accuracy, loss, auc;
+} eval_result;
+
+/* Click models: AUC, logloss and accuracy over the test set, whose rows
+ * are read (never created) as of version 'version'. */
+static int evaluate_ctr(run *r, int64_t version, eval_result *out) {
+    const size_t F = WK_CRITEO_NFIELDS, n = r->ctr.n_test;
+    size_t chunk = (size_t)wk_replicas_eval_max(r->reps);
+    wk_rowset keys;
+    float *vals = cm_alloc_aligned(chunk * F * (size_t)r->row_dim * sizeof(float));
+    float *probs = cm_alloc_aligned(n * sizeof(float));
+    int status = wk_rowset_init(&keys, chunk, (int)F, r->model->ntables);
+    if (!vals || !probs) status = CM_ENOMEM;
+    double loss = 0.0;
+    int64_t right = 0;
+    for (size_t at = 0; at < n && status == CM_OK; at += chunk) {
+        size_t m = n - at < chunk ? n - at : chunk;
+        const uint64_t *ids = r->ctr.test_ids + at * F;
+        wk_rowset_build(&keys, ids, m, r->model->field_table);
+        if ((status = r->sync->ops->rows(r->sync, version, &keys, vals, 0)) != CM_OK) {
+            cm_error("evaluation: cannot read the test set's rows: %s", r->sync->err);
+            break;
+        }
+        wk_rows_in sp = {.inv = keys.inv, .rows = vals, .nrows = keys.nuniq};
+        status = wk_replicas_evaluate_batch(r->reps, NULL, r->ctr.test_labels + at, (int)m, &sp,
+                                            &loss, &right, probs + at);
+    }
+    if (status == CM_OK) {
+        out->auc = cm_auc(probs, r->ctr.test_labels, n);
+        out->loss = loss / (double)n;
+        out->accuracy = (double)right / (double)n;
+    }
+    wk_rowset_free(&keys);
+    free(vals);
+    free(probs);
+    return status;
+}
+
+/* The chief's evaluation of the parameters of version 'version'. */
+static int evaluate(run *r, int64_t version, eval_result *out) {
+    out->auc = NAN;
+    int status;
+    if (r->sync->ops->settle && (status = r->sync->ops->settle(r->sync)) != CM_OK) {
+        cm_error("step %lld: %s", (long long)version, r->sync->err);
+        return status;
+    }
+    if ((status = wk_replicas_set_params(r->reps, r->params)) != CM_OK) return status;
+    if (r->sparse) return evaluate_ctr(r, version, out);
+    return wk_replicas_evaluate(r->reps, &r->test, &out->accuracy, &out->loss);
+}
+
+static void report_eval(const run *r, int64_t epoch, double train_loss, double train_acc,
+                        const eval_result *e) {
+    if (r->cfg->progress_every < 0) return;
+    if (r->sparse) {
+        char bayes[64] = "";
+        if (!isnan(r->ctr.bayes_auc))
+            snprintf(bayes, sizeof bayes, " (Bayes optimum %.4f)", r->ctr.bayes_auc);
+        cm_info("epoch %lld/%d done: train logloss %.4f | test auc %.4f%s logloss %.4f acc %.4f",
+                (long long)epoch + 1, r->cfg->epochs, train_loss, e->auc, bayes, e->loss,
+                e->accuracy);
+    } else {
+        cm_info("epoch %lld/%d done: train loss %.4f acc %.4f | test loss %.4f acc %.4f",
+                (long long)epoch + 1, r->cfg->epochs, train_loss, train_acc, e->loss,
+                e->accuracy);
+    }
+}
+
+static void keep_eval(run *r, const eval_result *e) {
+    r->result->test_accuracy = e->accuracy;
+    r->result->test_loss = e->loss;
+    r->result->test_auc = e->auc;
+}
+
+/* ------------------------------------------------------------ the loop */
+
+/* Sparse models: the rows of batch b for version 'version' into vals. */
+static int fetch_rows(run *r, const wk_batch *b, int64_t version, float *vals) {
+    int status = r->sync->ops->rows(r->sync, version, &b->rows, vals, 1);
+    if (status == CM_OK) r->rows_pulled += (double)b->rows.nuniq;
+    return status;
+}
+
+static int next_batch(run *r, int64_t step, wk_batch **b) {
+    int status = wk_prefetch_next(r->pf, b);
+    if (status != CM_OK) {
+        const char *why = wk_prefetch_error(r->pf);
+        cm_error("input pipeline ended early at step %lld: %s", (long long)step,
+                 *why ? why : cm_strerror(status));
+    }
+    return status;
+}
+
+/* After a rollback: the reader thread again from 'resume'. */
+static int restart_input(run *r, int64_t resume) {
+    wk_prefetch_stop(r->pf);
+    r->pf = NULL;
+    r->pcfg.first_step = resume;
+    r->pcfg.nsteps = r->total - resume;
+    int status = wk_prefetch_start(&r->pcfg, &r->pf);
+    if (status == CM_OK) status = wk_replicas_set_params(r->reps, r->params);
+    return status;
+}
+
+/* After CM_EABORTED at 'step': agree with the cluster on where to resume
+ * (*resume, with r->params its parameters) and restart the input there. */
+static int recover(run *r, int64_t step, int from_sync, int64_t *resume) {
+    int status;
+    *resume = step;
+    if ((status = r->sync->ops->recover(r->sync, step, resume, r->params)) != CM_OK) {
+        cm_error("step %lld: recovery failed: %s", (long long)step, r->sync->err);
+        return status;
+    }
+    cm_warn("step %lld: the cluster rolled back%s; resuming at step %lld (%lld step%s redone)",
+            (long long)step,
+            from_sync ? " (seen by the forward pass, waiting for the parameters)" : "",
+            (long long)*resume, (long long)(step - *resume), step - *resume == 1 ? "" : "s");
+    r->result->rollbacks++;
+    r->result->steps_redone += step - *resume;
+    return restart_input(r, *resume);
+}
+
+static int train_loop(run *r) {
+    const wk_train_cfg *cfg = r->cfg;
+    wk_train_result *result = r->result;
+    const size_t numel = r->model->numel;
     double t_start = cm_now(), t_print = t_start;
     double window_loss = 0.0, epoch_loss = 0.0;
     int64_t window_n = 0, epoch_n = 0, epoch_correct = 0;
-    int64_t step = first_step;
+    int64_t step = r->first_step;
     double eval_seconds = 0.0;
-    int64_t warm_steps = total / 20 < 50 ? total / 20 : 50;
+    int64_t warm_steps = r->total / 20 < 50 ? r->total / 20 : 50;
     double t_warm = t_start, eval_warm = 0.0;
-    while (step < total) {
+    double uniq_sum = 0.0;
+    int status;
+    /* Sparse models hold the current batch and, during step(), the next
+     * one (whose rows the mode may fetch with this step's push). */
+    wk_batch *b = NULL, *nb = NULL;
+    int cur = 0;
+    while (step < r->total) {
         double t0 = cm_now();
-        wk_batch *b = NULL;
-        status = wk_prefetch_next(pf, &b);
-        if (status != CM_OK) {
-            cm_error("input pipeline ended early at step %lld: %s", (long long)step,
-                     cm_strerror(status));
-            goto out;
+        if (!b) {
+            if ((status = next_batch(r, step, &b)) != CM_OK) return status;
+            if (r->sparse && (status = fetch_rows(r, b, step, r->vals[cur])) != CM_OK) {
+                if (status != CM_EABORTED || !r->sync->ops->recover) {
+                    cm_error("step %lld: cannot read the batch's rows: %s", (long long)step,
+                             r->sync->err);
+                    return status;
+                }
+                b = NULL; /* Released by the input's restart. */
+                if ((status = recover(r, step, 0, &step)) != CM_OK) return status;
+                continue;
+            }
         }
         double t1 = cm_now();
         double loss = 0.0;
@@ -556,63 +829,75 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         /* Overlap: the mode may send parts of the gradient as the backward
          * pass finishes them; it then applies grad_scale itself. */
         const wk_grad_hook *hook = NULL;
-        if (sync->ops->overlap && wk_replicas_can_hook(reps))
-            hook = sync->ops->overlap(sync, step, grad, params, grad_scale);
-        wk_replicas_set_hook(reps, hook);
-        status = wk_replicas_gradient(reps, b->x, b->y, (int)b->n, grad, &loss, &correct, &pt);
+        if (r->sync->ops->overlap && wk_replicas_can_hook(r->reps))
+            hook = r->sync->ops->overlap(r->sync, step, r->grad, r->params, r->grad_scale);
+        wk_replicas_set_hook(r->reps, hook);
+        wk_rows_in sp_in = {.inv = b->rows.inv, .rows = r->vals[cur], .nrows = b->rows.nuniq};
+        status = wk_replicas_gradient(r->reps, b->x, b->y, (int)b->n, r->sparse ? &sp_in : NULL,
+                                      r->grad, r->row_grad, &loss, &correct, &pt);
         int64_t epoch = b->epoch;
         size_t n = b->n;
-        wk_prefetch_release(pf, b);
         /* With hook->need the forward pass waited for the last pieces of
          * this step's parameters (PS mode's pipelined pull): a failure there
          * is the mode's, with its message, and a rollback is recovered from
          * as one seen by step(). */
-        int from_sync = hook && hook->need && sync->err[0];
+        int from_sync = hook && hook->need && r->sync->err[0];
         if (status != CM_OK && !(status == CM_EABORTED && from_sync)) {
             cm_error("gradient computation failed at step %lld: %s", (long long)step,
-                     from_sync ? sync->err : cm_strerror(status));
-            goto out;
+                     from_sync ? r->sync->err : cm_strerror(status));
+            return status;
         }
-        if (!hook && grad_scale != 1.0f)
-            for (size_t i = 0; i < numel; i++) grad[i] *= grad_scale;
+        if (!hook && r->grad_scale != 1.0f)
+            for (size_t i = 0; i < numel; i++) r->grad[i] *= r->grad_scale;
+        wk_sparse_step sp = {0};
+        if (r->sparse) {
+            size_t nr = b->rows.nuniq * (size_t)r->row_dim;
+            if (r->grad_scale != 1.0f)
+                for (size_t i = 0; i < nr; i++) r->row_grad[i] *= r->grad_scale;
+            uniq_sum += (double)b->rows.nuniq;
+            r->sparse_steps++;
+            if (status == CM_OK && step + 1 < r->total &&
+                (status = next_batch(r, step + 1, &nb)) != CM_OK)
+                return status;
+            sp = (wk_sparse_step){.keys = &b->rows, .row_grad = r->row_grad,
+                                  .next = nb ? &nb->rows : NULL, .next_values = r->vals[!cur]};
+        }
         wk_sync_times st = {0};
-        if (status == CM_OK) status = sync->ops->step(sync, step, grad, params, &st);
-        if (status == CM_EABORTED && sync->ops->recover) {
+        if (status == CM_OK)
+            status = r->sync->ops->step(r->sync, step, r->grad, r->params, r->sparse ? &sp : NULL,
+                                        &st);
+        if (status == CM_OK || !r->sync->ops->recover) {
+            wk_prefetch_release(r->pf, b);
+            b = NULL;
+        }
+        if (status == CM_OK && nb) {
+            if (sp.next_done)
+                r->rows_pulled += (double)nb->rows.nuniq;
+            else
+                status = fetch_rows(r, nb, step + 1, r->vals[!cur]);
+            b = nb;
+            nb = NULL;
+            cur = !cur;
+        }
+        if (status == CM_EABORTED && r->sync->ops->recover) {
             /* The cluster rolls back (a PS restarted from its checkpoint):
-             * resume where every shard agrees, with the data of that step. */
-            int64_t resume = step;
-            if ((status = sync->ops->recover(sync, step, &resume, params)) != CM_OK) {
-                cm_error("step %lld: recovery failed: %s", (long long)step, sync->err);
-                goto out;
-            }
-            cm_warn("step %lld: the cluster rolled back%s; resuming at step %lld (%lld step%s "
-                    "redone)",
-                    (long long)step,
-                    from_sync ? " (seen by the forward pass, waiting for the parameters)" : "",
-                    (long long)resume, (long long)(step - resume), step - resume == 1 ? "" : "s");
-            result->rollbacks++;
-            result->steps_redone += step - resume;
-            wk_prefetch_stop(pf);
-            pf = NULL;
-            pcfg.first_step = resume;
-            pcfg.nsteps = total - resume;
-            if ((status = wk_prefetch_start(&pcfg, &pf)) != CM_OK ||
-                (status = wk_replicas_set_params(reps, params)) != CM_OK)
-                goto out;
-            step = resume;
+             * resume where every shard agrees, with the data of that step.
+             * Batches still held go with the reader thread. */
+            b = nb = NULL;
+            if ((status = recover(r, step, from_sync, &step)) != CM_OK) return status;
             continue;
         }
         if (status != CM_OK) {
-            cm_error("step %lld failed: %s", (long long)step, sync->err);
-            goto out;
+            cm_error("step %lld failed: %s", (long long)step, r->sync->err);
+            return status;
         }
         /* The new parameters reach the replicas: nothing to do on the CPU
          * (they read 'params' in place), an upload (and a broadcast) on
          * GPUs. */
-        if ((status = wk_replicas_set_params(reps, params)) != CM_OK) {
+        if ((status = wk_replicas_set_params(r->reps, r->params)) != CM_OK) {
             cm_error("step %lld: cannot copy the parameters to the devices: %s", (long long)step,
                      cm_strerror(status));
-            goto out;
+            return status;
         }
         double t3 = cm_now();
         step++;
@@ -625,102 +910,156 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
         epoch_loss += loss;
         epoch_n += (int64_t)n;
         epoch_correct += correct;
-        if (log)
-            fprintf(log,
+        if (r->log)
+            fprintf(r->log,
                     "{\"step\":%lld,\"epoch\":%lld,\"examples\":%zu,\"loss\":%.6f,"
                     "\"data_wait_ms\":%.4f,\"compute_ms\":%.4f,\"local_reduce_ms\":%.4f,"
                     "\"comm_ms\":%.4f,\"push_ms\":%.4f,\"pull_ms\":%.4f,\"apply_ms\":%.4f,"
                     "\"step_ms\":%.4f}\n",
                     (long long)step, (long long)epoch, n, loss / (double)n, (t1 - t0) * 1e3,
-                    (pt.compute - st.pull_in_compute) * 1e3, pt.local_reduce * 1e3, (st.push + st.pull) * 1e3,
-                    st.push * 1e3, st.pull * 1e3, st.apply * 1e3, (t3 - t0) * 1e3);
-        int epoch_end = step % (int64_t)spe == 0 || step == total;
+                    (pt.compute - st.pull_in_compute) * 1e3, pt.local_reduce * 1e3,
+                    (st.push + st.pull) * 1e3, st.push * 1e3, st.pull * 1e3, st.apply * 1e3,
+                    (t3 - t0) * 1e3);
+        int epoch_end = step % r->spe == 0 || step == r->total;
         if (epoch_end) {
-            double te = cm_now(), acc = 0.0, tl = 0.0;
+            double te = cm_now();
             result->final_train_loss = epoch_loss / (double)epoch_n;
-            if (is_chief && (!cfg->async || step < total)) {
+            if (r->is_chief && (!cfg->async || step < r->total)) {
                 /* In async mode the final evaluation waits for all workers. */
-                if (sync->ops->settle && (status = sync->ops->settle(sync)) != CM_OK) {
-                    cm_error("step %lld: %s", (long long)step, sync->err);
-                    goto out;
-                }
-                status = wk_replicas_evaluate(reps, &test, &acc, &tl);
-                if (status != CM_OK) goto out;
-                result->test_accuracy = acc;
-                result->test_loss = tl;
-                if (cfg->progress_every >= 0)
-                    cm_info("epoch %lld/%d done: train loss %.4f acc %.4f | test loss %.4f acc "
-                            "%.4f",
-                            (long long)epoch + 1, cfg->epochs, epoch_loss / (double)epoch_n,
-                            (double)epoch_correct / (double)epoch_n, tl, acc);
+                eval_result e;
+                if ((status = evaluate(r, step, &e)) != CM_OK) return status;
+                keep_eval(r, &e);
+                report_eval(r, epoch, epoch_loss / (double)epoch_n,
+                            (double)epoch_correct / (double)epoch_n, &e);
             }
             eval_seconds += cm_now() - te;
             epoch_loss = 0.0;
             epoch_n = epoch_correct = 0;
         }
         double now = cm_now();
-        if (cfg->progress_every >= 0 && (now - t_print >= cfg->progress_every || step == total) &&
-            window_n > 0) {
+        if (cfg->progress_every >= 0 &&
+            (now - t_print >= cfg->progress_every || step == r->total) && window_n > 0) {
             double train_s = now - t_start - eval_seconds;
-            double eps = (double)step * (double)B / train_s;
+            double eps = (double)(step - r->first_step) * (double)r->B / train_s;
             char el[32], left[32];
             fmt_duration(now - t_start, el, sizeof el);
-            fmt_duration((double)(total - step) * (train_s / (double)step), left, sizeof left);
+            fmt_duration((double)(r->total - step) * (train_s / (double)(step - r->first_step)),
+                         left, sizeof left);
             cm_info("step %lld/%lld epoch %lld/%d loss %.4f | %.0f ex/s | elapsed %s left %s",
-                    (long long)step, (long long)total, (long long)epoch + 1, cfg->epochs,
+                    (long long)step, (long long)r->total, (long long)epoch + 1, cfg->epochs,
                     window_loss / (double)window_n, eps, el, left);
             window_loss = 0.0;
             window_n = 0;
             t_print = now;
         }
     }
+    if (b) wk_prefetch_release(r->pf, b);
     result->steps = step;
     result->seconds = cm_now() - t_start - eval_seconds;
-    result->examples_per_sec = (double)step * (double)B / result->seconds;
+    result->examples_per_sec = (double)(step - r->first_step) * (double)r->B / result->seconds;
     result->steady_examples_per_sec =
-        (double)(step - warm_steps) * (double)B /
+        (double)(step - warm_steps) * (double)r->B /
         (cm_now() - t_warm - (eval_seconds - eval_warm));
-    result->test_examples = test.n;
-    if ((status = sync->ops->end(sync, step, params)) != CM_OK) {
-        cm_error("cannot get the final parameters: %s", sync->err);
-        goto out;
+    if (r->sparse) {
+        result->rows_pulled_per_sec = r->rows_pulled / result->seconds;
+        result->unique_ids_per_batch = r->sparse_steps ? uniq_sum / (double)r->sparse_steps : 0;
     }
-    result->params_checksum = XXH64(params, numel * sizeof(float), 0);
-    if (is_chief && is_ps && cfg->async) {
-        if ((status = wk_replicas_set_params(reps, params)) != CM_OK ||
-            (status = wk_replicas_evaluate(reps, &test, &result->test_accuracy,
-                                           &result->test_loss)) != CM_OK)
-            goto out;
+    return CM_OK;
+}
+
+/* The final parameters, the async chief's last evaluation, summary,
+ * parameters and export. */
+static int finish_training(run *r) {
+    const wk_train_cfg *cfg = r->cfg;
+    wk_train_result *result = r->result;
+    size_t numel = r->model->numel;
+    int status;
+    result->test_examples = r->sparse ? r->ctr.n_test : r->test.n;
+    if ((status = r->sync->ops->end(r->sync, result->steps, r->params)) != CM_OK) {
+        cm_error("cannot get the final parameters: %s", r->sync->err);
+        return status;
     }
-    status = CM_OK;
+    result->params_checksum = XXH64(r->params, numel * sizeof(float), 0);
+    if (r->is_chief && r->is_ps && cfg->async) {
+        eval_result e;
+        if ((status = evaluate(r, result->steps, &e)) != CM_OK) return status;
+        keep_eval(r, &e);
+    }
     /* Only the chief reports: in PS mode every worker gets the same flags. */
-    if (is_chief && cfg->summary_path)
-        status = write_summary(cfg->summary_path, cfg, lr, nps, result, D, on_gpu);
-    if (is_chief && status == CM_OK && cfg->params_out)
-        status = write_params(cfg->params_out, params, numel);
-    if (is_chief && status == CM_OK && cfg->export_path)
-        status = wk_export_save_run(cfg->export_path, cfg, model, params, result);
-out:
-    if (sync && began) {
-        int rc = sync->ops->finish(sync, status == CM_OK);
+    if (r->is_chief && cfg->summary_path &&
+        (status = write_summary(cfg->summary_path, cfg, r->lr, r->nps, result, r->D,
+                                r->on_gpu)) != CM_OK)
+        return status;
+    if (r->is_chief && cfg->params_out &&
+        (status = write_params(cfg->params_out, r->params, numel)) != CM_OK)
+        return status;
+    if (r->is_chief && cfg->export_path &&
+        (status = wk_export_save_run(cfg->export_path, cfg, r->model, r->params, result)) != CM_OK)
+        return status;
+    return CM_OK;
+}
+
+static int cleanup(run *r, int status) {
+    if (r->sync && r->began) {
+        int rc = r->sync->ops->finish(r->sync, status == CM_OK);
         if (rc != CM_OK) {
-            cm_error("%s", sync->err);
+            cm_error("%s", r->sync->err);
             if (status == CM_OK) status = rc;
         }
     }
-    if (log && fclose(log) != 0 && status == CM_OK) {
-        cm_error("error writing --log %s", cfg->log_path);
+    if (r->log && fclose(r->log) != 0 && status == CM_OK) {
+        cm_error("error writing --log %s", r->cfg->log_path);
         status = CM_EIO;
     }
-    wk_prefetch_stop(pf);
-    wk_replicas_destroy(reps);
-    for (int d = 0; d < D; d++) wk_device_destroy(devs[d]);
-    wk_sync_destroy(sync);
-    free(ar_addrs);
-    free(params);
-    free(grad);
-    cm_model_destroy(model);
-    wk_dataset_free(&train);
-    wk_dataset_free(&test);
+    wk_prefetch_stop(r->pf);
+    wk_replicas_destroy(r->reps);
+    for (int d = 0; d < r->D; d++) wk_device_destroy(r->devs[d]);
+    wk_sync_destroy(r->sync);
+    free(r->ar_addrs);
+    free(r->params);
+    free(r->grad);
+    free(r->vals[0]);
+    free(r->vals[1]);
+    free(r->row_grad);
+    cm_model_destroy(r->model);
+    wk_dataset_free(&r->train);
+    wk_dataset_free(&r->test);
+    wk_ctrdata_free(&r->ctr);
     return status;
+}
+
+int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
+    if (cfg->eval_only) return wk_export_eval_run(cfg, result);
+    int status = check_cfg(cfg);
+    if (status != CM_OK) return status;
+    memset(result, 0, sizeof *result);
+    result->test_auc = result->bayes_auc = NAN;
+    if (!strcmp(cfg->mode, "ps") && cfg->cluster->task_type == CM_TASK_EVALUATOR) {
+        result->rank = -1;
+        return evaluate_run(cfg, result);
+    }
+    run r = {.cfg = cfg, .result = result};
+    r.is_ps = !strcmp(cfg->mode, "ps");
+    r.is_ar = !strcmp(cfg->mode, "allreduce");
+    r.dist = r.is_ps || r.is_ar; /* Several worker processes. */
+    r.W = r.dist ? cm_cluster_num_trainers(cfg->cluster) : 1;
+    r.rank = r.dist ? cm_cluster_rank(cfg->cluster) : 0;
+    r.is_chief = r.dist ? cm_cluster_is_chief(cfg->cluster) : 1;
+    r.nps = r.is_ps ? cfg->cluster->n[CM_TASK_PS] : 0;
+    r.B = (size_t)cfg->batch_size * (size_t)r.W;
+    result->is_chief = r.is_chief;
+    result->rank = r.rank;
+    result->workers = r.W;
+    if ((status = setup_compute(&r)) != CM_OK || (status = load_data(&r)) != CM_OK)
+        return cleanup(&r, status);
+    /* --init-from: the file's values, staged in grad until the first step. */
+    if (cfg->init_from &&
+        (status = wk_export_load_init(cfg->init_from, r.model, r.grad)) != CM_OK)
+        return cleanup(&r, status);
+    const float *init_values = cfg->init_from ? r.grad : NULL;
+    if ((status = open_sync(&r, init_values)) == CM_OK &&
+        (status = begin_training(&r, init_values)) == CM_OK &&
+        (status = train_loop(&r)) == CM_OK)
+        status = finish_training(&r);
+    return cleanup(&r, status);
 }

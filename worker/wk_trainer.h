@@ -19,6 +19,14 @@
 
 typedef struct wk_train_cfg {
     const char *mode;        /* "local", "ps" or "allreduce". */
+    const char *model;       /* "mlp" (default: Fashion-MNIST), "deepfm" or
+                              * "lr" (click data in the Criteo format). */
+    int emb_dim;             /* deepfm: embedding width k (default 10). */
+    int nhidden;             /* deepfm: DNN hidden layers (default 400,400,400). */
+    int hidden[CM_MLP_MAX_SIZES];
+    int table_optimizer;     /* Row-wise optimizer of the tables (default adagrad). */
+    float table_lr;          /* Its learning rate (default 0.05). */
+    uint64_t max_bad_lines;  /* Click data: bad lines tolerated (default 1000). */
     int epochs;              /* Passes over the training set (default 10). */
     int batch_size;          /* Examples per step and worker (default 128). */
     float lr;                /* Learning rate (default: 1e-3 adam, 0.05 otherwise). */
@@ -36,7 +44,8 @@ typedef struct wk_train_cfg {
                               * only; see wk_device_cuda.h). */
     int nsizes;              /* Layer widths (default 784,256,128,10). */
     int sizes[CM_MLP_MAX_SIZES];
-    const char *data_dir;    /* NULL = wk_dataset_default_dir(). */
+    const char *data_dir;    /* NULL = wk_dataset_default_dir() (images) or
+                              * wk_ctrdata_default_dir() (clicks). */
     size_t train_limit;      /* Use only the first N training examples (0 = all). */
     size_t test_limit;       /* Evaluate on the first N test examples (0 = all). */
     int64_t max_steps;       /* Stop after this many steps (0 = all epochs). */
@@ -87,7 +96,12 @@ typedef struct wk_train_result {
     size_t test_examples;
     double final_train_loss; /* Mean loss over the last epoch's steps. */
     double test_accuracy;
-    double test_loss;
+    double test_loss;        /* Mean loss (click models: the logloss). */
+    double test_auc;         /* Click models (NaN otherwise). */
+    double bayes_auc;        /* Click models: the data's Bayes optimum, when
+                              * its metadata says (NaN otherwise). */
+    double rows_pulled_per_sec;   /* Sparse models: rows fetched for training. */
+    double unique_ids_per_batch;  /* Sparse models: mean unique rows a step. */
     int rollbacks;           /* Times the cluster rolled back (PS restarts). */
     int64_t steps_redone;    /* Steps computed again because of them. */
     uint64_t params_checksum; /* XXH64 of the final parameters (replicas of
@@ -96,6 +110,11 @@ typedef struct wk_train_result {
 
 /* Fill *cfg with the defaults above. */
 void wk_train_cfg_defaults(wk_train_cfg *cfg);
+
+/* The model cfg describes (cfg->model with its sizes). CM_EINVAL, with a
+ * message logged, for an unknown kind or bad sizes. Release with
+ * cm_model_destroy(). */
+int wk_train_model_create(const wk_train_cfg *cfg, cm_model **out);
 
 /* Run training as configured. Returns CM_OK, or an error after logging a
  * message that says what failed (bad option values give CM_EINVAL, a missing

@@ -117,7 +117,7 @@ static void test_three_replicas_equal_one(void **state) {
         assert_int_equal(wk_replicas_set_params(rs, p), CM_OK);
         double loss = 0.0;
         wk_phase_times t;
-        assert_int_equal(wk_replicas_gradient(rs, x, y, n, g, &loss, NULL, &t), CM_OK);
+        assert_int_equal(wk_replicas_gradient(rs, x, y, n, NULL, g, NULL, &loss, NULL, &t), CM_OK);
         assert_true(loss > 0.0);
         ps_optim_cfg c = ps_optim_defaults(PS_OPTIM_SGD, 0.1f);
         ps_optim_apply(&c, 1, p, g, slots, m->numel);

@@ -16,6 +16,7 @@
 
 #include "common/cm_model.h"
 #include "ps/ps_optim.h"
+#include "worker/input/wk_rowset.h"
 #include "worker/model/wk_model.h"
 
 typedef struct wk_sync wk_sync;
@@ -28,14 +29,36 @@ typedef struct wk_sync_times {
     double apply;      /* Seconds applying the optimizer locally. */
 } wk_sync_times;
 
+/* Sparse models: what a step pushes and pulls besides the dense vectors.
+ * Row values and gradients are laid out by the rowset: unique row u at
+ * u * row_dim (wk_model_row_dim: every table of a sparse model has that
+ * dim). */
+typedef struct wk_sparse_step {
+    const wk_rowset *keys;  /* This step's unique rows... */
+    float *row_grad;        /* ...and their gradients (scaled as grad is). */
+    const wk_rowset *next;  /* The next step's rows (NULL: unknown, or none):
+                             * a mode may fetch their values for version
+                             * step + 1 with this step's push... */
+    float *next_values;     /* ...into here, */
+    int next_done;          /* and then sets this (out) to 1. */
+} wk_sparse_step;
+
 typedef struct wk_sync_ops {
     const char *name;
     /* Initial parameters into params (model->numel floats), and the step
      * training starts at (0, or where a resumed run stands). */
     int (*begin)(wk_sync *s, float *params, int64_t *first_step);
     /* grad: this worker's gradient for 'step' (may be modified); params:
-     * out, the parameters for step + 1. */
-    int (*step)(wk_sync *s, int64_t step, float *grad, float *params, wk_sync_times *t);
+     * out, the parameters for step + 1. sp: the rows of a sparse model's
+     * step (NULL for dense models). */
+    int (*step)(wk_sync *s, int64_t step, float *grad, float *params, wk_sparse_step *sp,
+                wk_sync_times *t);
+    /* Sparse models: the values of the unique rows 'keys' into values
+     * (keys->nuniq x row_dim) as of version 'version' (the parameters step
+     * 'version' trains with). train = 1: a read for training (missing rows
+     * are created); 0: an evaluation read (missing rows read as their
+     * initial values and are not created). */
+    int (*rows)(wk_sync *s, int64_t version, const wk_rowset *keys, float *values, int train);
     /* Final parameters after 'steps' steps of every worker. */
     int (*end)(wk_sync *s, int64_t steps, float *params);
     /* After evaluation; ok = 0 when the run failed. */
@@ -70,8 +93,10 @@ struct wk_sync {
     char err[512]; /* Message of the last failure. */
 };
 
-/* Local mode: the optimizer runs here. */
-wk_sync *wk_sync_local_create(const cm_model *m, const ps_optim_cfg *opt, uint64_t seed);
+/* Local mode: the optimizer runs here; a sparse model's tables are kept
+ * whole here (ps_rows) and updated with table_opt. */
+wk_sync *wk_sync_local_create(const cm_model *m, const ps_optim_cfg *opt,
+                              const ps_optim_cfg *table_opt, uint64_t seed);
 
 /* PS mode (see wk_sync_ps.c). */
 typedef struct wk_sync_ps_cfg {
@@ -81,6 +106,7 @@ typedef struct wk_sync_ps_cfg {
     int nps;
     int rank, nworkers, is_chief;
     ps_optim_cfg optim;
+    ps_optim_cfg table_optim; /* Row-wise, for the tables (sparse models). */
     uint64_t seed;
     int async;
     int64_t deadline_ms, connect_timeout_ms;
@@ -109,6 +135,14 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
  * read); *version gets the version pulled. */
 int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *version);
 
+/* Whole tables kept by the worker (local and collective modes), by
+ * rowset: read the rows of 'keys' into values (row u at u * row_dim), and
+ * apply their gradients (same layout) with the store's optimizer. */
+struct ps_rows;
+void wk_rows_read(struct ps_rows *r, const wk_rowset *keys, int row_dim, int train,
+                  float *values);
+void wk_rows_apply(struct ps_rows *r, const wk_rowset *keys, int row_dim, const float *grads);
+
 static inline void wk_sync_destroy(wk_sync *s) {
     if (s) s->ops->destroy(s);
 }
@@ -122,6 +156,7 @@ typedef struct wk_sync_ar_cfg {
                                       * serves the rendezvous. */
     int rank, nworkers, is_chief;
     ps_optim_cfg optim;
+    ps_optim_cfg table_optim; /* Row-wise, for the tables (sparse models). */
     uint64_t seed;
     unsigned global_batch;
     int64_t timeout_ms;         /* A peer making no progress (0 = 60000). */

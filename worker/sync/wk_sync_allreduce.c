@@ -21,6 +21,19 @@
  * stay identical. GPU and CPU workers cannot mix: the rendezvous
  * fingerprint differs.
  *
+ * Sparse models: every worker keeps the whole tables too (ps_rows, as local
+ * mode does), like TensorFlow's MirroredStrategy, which all-gathers the
+ * IndexedSlices of sparse gradients: step() first sums the counts of
+ * every rank's unique rows (a W-float allreduce), then each rank's rows
+ * (ids, tables and gradients, raw bytes) travel around the ring in one
+ * broadcast per rank, and every rank sums them per row in rank order,
+ * averages over the workers and applies the row-wise optimizer: the same
+ * inputs in the same order on every rank, so the tables stay identical.
+ * The hybrid (tables on PS processes, dense over the ring) needs PS
+ * processes, which this mode exists to do without. Tables are not in this
+ * mode's checkpoints (a run with tables refuses a checkpoint directory), and
+ * NCCL is not used for them (GPU workers with tables need --no-nccl).
+ *
  * Checkpoints (the chief, with a checkpoint directory): every K steps a copy
  * of the parameters and optimizer slots goes to a writer thread that stores
  * it as a generation of a durable store (storage/st_store) whose extra
@@ -39,6 +52,8 @@
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
+#include "ps/ps_rowacc.h"
+#include "ps/ps_rows.h"
 #include "storage/st_store.h"
 #include "worker/device/wk_device_cuda.h"
 #include "worker/device/wk_nccl_world.h"
@@ -67,7 +82,99 @@ typedef struct arsync {
     int busy, stop;  /* Protected by mu: a job is being written; shut down. */
     int64_t job_step;
     float *job;      /* Params then slots: (1 + nslots) * n floats. */
+    /* Sparse models. */
+    ps_rows *rows;   /* The whole tables. */
+    int row_dim;
+    float *counts;   /* nworkers: unique rows of each rank this step. */
+    float **blocks;  /* nworkers: each rank's rows (see pack_rows). */
+    size_t *block_cap;
+    ps_rowacc acc;
 } arsync;
+
+/* A rank's rows as floats for the ring: per row two floats with the id's
+ * raw bits, one with the table's, then row_dim gradient values. The ring
+ * broadcast copies bytes, so the bits arrive unchanged. */
+#define ROW_HDR 3
+
+static size_t row_rec(const arsync *a) { return ROW_HDR + (size_t)a->row_dim; }
+
+static float *block_for(arsync *a, int r, size_t nrows) {
+    size_t need = (nrows ? nrows : 1) * row_rec(a);
+    if (need > a->block_cap[r]) {
+        free(a->blocks[r]);
+        a->blocks[r] = cm_alloc_aligned(need * sizeof(float));
+        if (!a->blocks[r]) abort();
+        a->block_cap[r] = need;
+    }
+    return a->blocks[r];
+}
+
+static void pack_rows(arsync *a, const wk_rowset *keys, const float *grads, float *out) {
+    size_t rec = row_rec(a);
+    for (int t = 0; t < keys->ntables; t++)
+        for (size_t u = keys->tab_begin[t]; u < keys->tab_begin[t + 1]; u++) {
+            float *p = out + u * rec;
+            uint32_t tab = (uint32_t)t;
+            memcpy(p, &keys->ids[u], 8);
+            memcpy(p + 2, &tab, 4);
+            memcpy(p + ROW_HDR, grads + u * (size_t)a->row_dim, (size_t)a->row_dim * sizeof(float));
+        }
+}
+
+/* Every rank's row gradients to every rank, summed per row in rank order
+ * and applied (averaged over the workers) to this replica's tables. */
+static int exchange_rows(arsync *a, int64_t step, const wk_sparse_step *sp) {
+    const int W = a->cfg.nworkers;
+    int rc;
+    memset(a->counts, 0, (size_t)W * sizeof(float));
+    a->counts[a->cfg.rank] = (float)sp->keys->nuniq; /* Exact: < 2^24 rows. */
+    if ((rc = wk_ring_allreduce(a->ring, a->counts, (size_t)W, step, 0)) != CM_OK) goto fail;
+    size_t rec = row_rec(a);
+    for (int r = 0; r < W; r++) {
+        size_t nr = (size_t)a->counts[r];
+        float *b = block_for(a, r, nr);
+        if (r == a->cfg.rank) pack_rows(a, sp->keys, sp->row_grad, b);
+        if (nr && W > 1 && (rc = wk_ring_broadcast(a->ring, b, nr * rec, step, r)) != CM_OK)
+            goto fail;
+    }
+    for (int r = 0; r < W; r++) {
+        const float *b = a->blocks[r];
+        for (size_t i = 0; i < (size_t)a->counts[r]; i++) {
+            const float *p = b + i * rec;
+            uint64_t id;
+            uint32_t tab;
+            memcpy(&id, p, 8);
+            memcpy(&tab, p + 2, 4);
+            if (tab >= (uint32_t)a->cfg.model->ntables) {
+                snprintf(a->base.err, sizeof a->base.err,
+                         "rows of step %lld from rank %d name table %u of %d", (long long)step, r,
+                         tab, a->cfg.model->ntables);
+                return CM_EPROTO;
+            }
+            ps_rowacc_add(&a->acc, tab, id, (const uint8_t *)(p + ROW_HDR),
+                          ps_rows_dim(a->rows, (int)tab), 0);
+        }
+    }
+    const ps_rowlist *e = &a->acc.e;
+    float scale = 1.0f / (float)W;
+    for (size_t i = 0; i < e->n; i++)
+        ps_rows_apply(a->rows, (int)e->tab[i], &e->id[i], 1, e->g + i * (size_t)e->dim, scale);
+    ps_rowacc_reset(&a->acc);
+    return CM_OK;
+fail:
+    snprintf(a->base.err, sizeof a->base.err, "row exchange of step %lld: %s", (long long)step,
+             wk_ring_error(a->ring));
+    return rc;
+}
+
+static int ar_rows(wk_sync *s, int64_t version, const wk_rowset *keys, float *values,
+                   int train) {
+    (void)version;
+    arsync *a = (arsync *)s;
+    if (!a->rows) return CM_EINVAL;
+    wk_rows_read(a->rows, keys, a->row_dim, train, values);
+    return CM_OK;
+}
 
 /* The extra record of a generation: what must match to resume. */
 typedef struct ar_extra {
@@ -317,9 +424,13 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
     return CM_OK;
 }
 
-static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync_times *t) {
+static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sparse_step *sp,
+                   wk_sync_times *t) {
     arsync *a = (arsync *)s;
-    if (a->cfg.fault_zero_gradient) memset(grad, 0, a->n * sizeof(float));
+    if (a->cfg.fault_zero_gradient) {
+        memset(grad, 0, a->n * sizeof(float));
+        if (sp) memset(sp->row_grad, 0, sp->keys->nuniq * (size_t)a->row_dim * sizeof(float));
+    }
     double t0 = cm_now();
     int rc;
     if (a->world) {
@@ -331,9 +442,14 @@ static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync
             snprintf(s->err, sizeof s->err, "allreduce of step %lld: %s", (long long)step,
                      wk_ring_error(a->ring));
     }
+    if (rc == CM_OK && sp && a->rows) rc = exchange_rows(a, step, sp);
     double t1 = cm_now();
     if (rc != CM_OK) return rc;
     ps_optim_apply(&a->cfg.optim, step + 1, params, grad, a->slots, a->n);
+    if (sp && sp->next && a->rows) {
+        wk_rows_read(a->rows, sp->next, a->row_dim, 1, sp->next_values);
+        sp->next_done = 1;
+    }
     t->push = t1 - t0;
     t->apply = cm_now() - t1;
     if (a->writer_started && (step + 1) % a->cfg.checkpoint_every == 0)
@@ -381,11 +497,22 @@ static void ar_destroy(wk_sync *s) {
     pthread_mutex_destroy(&a->mu);
     free(a->job);
     free(a->slots);
+    ps_rows_destroy(a->rows);
+    for (int r = 0; a->blocks && r < a->cfg.nworkers; r++) free(a->blocks[r]);
+    free(a->blocks);
+    free(a->block_cap);
+    free(a->counts);
+    ps_rowacc_free(&a->acc);
     free(a);
 }
 
-static const wk_sync_ops ar_ops = {"allreduce", ar_begin, ar_step, ar_end, ar_finish,
-                                   ar_destroy,  NULL,     NULL,   NULL};
+static const wk_sync_ops ar_ops = {.name = "allreduce",
+                                   .begin = ar_begin,
+                                   .step = ar_step,
+                                   .rows = ar_rows,
+                                   .end = ar_end,
+                                   .finish = ar_finish,
+                                   .destroy = ar_destroy};
 
 int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
                              size_t errlen) {
@@ -413,8 +540,25 @@ int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err
     for (int i = 0; i < cfg->model->nsizes; i++)
         snprintf(layers + strlen(layers), sizeof layers - strlen(layers), "%s%d", i ? "," : "",
                  cfg->model->sizes[i]);
-    snprintf(a->description, sizeof a->description, "mlp %s, allreduce over %d workers%s", layers,
-             cfg->nworkers, a->use_nccl ? " (NCCL on GPUs)" : "");
+    snprintf(a->description, sizeof a->description, "%s %s, allreduce over %d workers%s",
+             cfg->model->kind, layers, cfg->nworkers, a->use_nccl ? " (NCCL on GPUs)" : "");
+    if (cfg->model->ntables > 0) {
+        if (a->use_nccl || cfg->checkpoint_dir) {
+            cm_seterr(err, errlen, "allreduce mode with embedding tables (--model %s): %s",
+                      cfg->model->kind,
+                      a->use_nccl ? "the rows go over the TCP ring, not NCCL: add --no-nccl"
+                                  : "checkpoints of tables are not written in this mode "
+                                    "(run without --checkpoint-dir, or in PS mode)");
+            ar_destroy(&a->base);
+            return CM_EUNSUPPORTED;
+        }
+        a->rows = ps_rows_create(cfg->model, &cfg->table_optim, cfg->seed);
+        a->row_dim = cm_model_max_dim(cfg->model);
+        a->counts = cm_calloc((size_t)cfg->nworkers, sizeof *a->counts);
+        a->blocks = cm_calloc((size_t)cfg->nworkers, sizeof *a->blocks);
+        a->block_cap = cm_calloc((size_t)cfg->nworkers, sizeof *a->block_cap);
+        a->acc.e.dim = a->row_dim;
+    }
     if (cfg->is_chief && cfg->checkpoint_dir && cfg->checkpoint_every > 0) {
         a->job = cm_alloc_aligned((1 + (size_t)a->nslots) * a->n * sizeof(float));
         if (!a->job || pthread_create(&a->writer, NULL, writer_main, a) != 0) {

@@ -260,7 +260,8 @@ static int64_t recovery_timeout_ms(const psync *p) {
 }
 
 static ps_init_cfg init_cfg(const psync *p) {
-    return (ps_init_cfg){.optim = p->cfg.optim, .seed = p->cfg.seed,
+    return (ps_init_cfg){.optim = p->cfg.optim, .table_optim = p->cfg.table_optim,
+                         .seed = p->cfg.seed,
                          .num_workers = p->cfg.nworkers, .async = p->cfg.async,
                          .global_batch = p->cfg.global_batch,
                          .steps_per_epoch = p->cfg.steps_per_epoch,
@@ -428,8 +429,58 @@ static void maybe_gc(psync *p) {
     ps_client_checkpoints(p->client, v > 0 ? v : -1, p->ck, err, sizeof err);
 }
 
-static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sync_times *t) {
+static ps_row_keys row_keys(const wk_rowset *r) {
+    return (ps_row_keys){.ntables = r->ntables, .tab_begin = r->tab_begin, .ids = r->ids};
+}
+
+/* A sparse model's step: one PushPull per shard carries the dense
+ * gradient, the rows' gradients and the next batch's row ids, and brings
+ * back the next version's parameters and those rows. */
+static int sparse_step(psync *p, int64_t step, float *grad, float *params, wk_sparse_step *sp,
+                       wk_sync_times *t) {
+    if (p->cfg.fault_zero_gradient) {
+        memset(grad, 0, p->cfg.model->numel * sizeof(float));
+        memset(sp->row_grad, 0,
+               sp->keys->nuniq * (size_t)cm_model_max_dim(p->cfg.model) * sizeof(float));
+    }
+    double t0 = cm_now();
+    ps_row_keys keys = row_keys(sp->keys), next;
+    if (sp->next) next = row_keys(sp->next);
+    ps_ticket *tk;
+    int rc = ps_client_push_pull_rows(p->client, step, grad, params, &keys, sp->row_grad,
+                                      sp->next ? &next : NULL, sp->next_values, &tk);
+    if (rc != CM_OK) {
+        snprintf(p->base.err, sizeof p->base.err, "bad sparse step (model without tables?)");
+        return rc;
+    }
+    rc = ps_ticket_wait(tk, NULL, p->base.err, sizeof p->base.err);
+    t->push = cm_now() - t0;
+    t->pull = 0.0;
+    if (rc == CM_OK) {
+        sp->next_done = sp->next != NULL;
+        maybe_gc(p);
+    }
+    return rc;
+}
+
+static int ps_rows(wk_sync *s, int64_t version, const wk_rowset *keys, float *values,
+                   int train) {
     psync *p = (psync *)s;
+    if (keys->nuniq == 0) return CM_OK;
+    ps_row_keys k = row_keys(keys);
+    ps_ticket *tk;
+    int rc = ps_client_pull_rows(p->client, p->cfg.async ? 0 : version, &k, values, train, &tk);
+    if (rc != CM_OK) {
+        snprintf(s->err, sizeof s->err, "bad row pull (model without tables?)");
+        return rc;
+    }
+    return ps_ticket_wait(tk, NULL, s->err, sizeof s->err);
+}
+
+static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sparse_step *sp,
+                   wk_sync_times *t) {
+    psync *p = (psync *)s;
+    if (sp) return sparse_step(p, step, grad, params, sp, t);
     if (p->active && p->step == step && p->grad == grad && p->params == params) {
         int rc = overlap_finish(p, t);
         if (rc == CM_OK) maybe_gc(p);
@@ -535,8 +586,16 @@ int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *ver
     return ps_ticket_wait(tk, version, s->err, sizeof s->err);
 }
 
-static const wk_sync_ops ps_ops = {"ps",       ps_begin,   ps_step,    ps_end,    ps_finish,
-                                   ps_destroy, ps_overlap, ps_recover, ps_settle};
+static const wk_sync_ops ps_ops = {.name = "ps",
+                                   .begin = ps_begin,
+                                   .step = ps_step,
+                                   .rows = ps_rows,
+                                   .end = ps_end,
+                                   .finish = ps_finish,
+                                   .destroy = ps_destroy,
+                                   .overlap = ps_overlap,
+                                   .recover = ps_recover,
+                                   .settle = ps_settle};
 
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen) {
     *out = NULL;
