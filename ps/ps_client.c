@@ -786,6 +786,61 @@ int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errl
     return CM_OK;
 }
 
+int ps_client_dump_rows(ps_client *c, int shard, int table, uint64_t from, size_t max,
+                        uint64_t **ids, float **vals, size_t *n, uint64_t *next, char *err,
+                        size_t errlen) {
+    *ids = NULL;
+    *vals = NULL;
+    *n = 0;
+    *next = 0;
+    if (shard < 0 || shard >= c->nshards || table < 0 || table >= c->cfg.model->ntables) {
+        cm_seterr(err, errlen, "dump of table %d from PS %d: no such table or PS", table, shard);
+        return CM_EINVAL;
+    }
+    Psrpc__Cluster cl;
+    fill_cluster(c, &cl);
+    Psrpc__PullRequest req = PSRPC__PULL_REQUEST__INIT;
+    req.cluster = &cl;
+    req.dump = 1;
+    req.dump_table = (uint32_t)table;
+    req.dump_from = from;
+    req.dump_max = max > 0xffffffffu ? 0xffffffffu : (uint32_t)max;
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    char msg[768];
+    int code = call_shard(c, shard, "/psrpc.Ps/Pull", &req.base, 1, &reply, &len, msg,
+                          sizeof msg);
+    if (code != RPC_OK) {
+        free(reply);
+        cm_seterr(err, errlen, "dump of table %d from PS %d (%s) failed: %s: %s", table, shard,
+                  c->addrs[shard], rpc_status_name(code), msg);
+        return rpc_status_to_cm(code);
+    }
+    ps_wire_msg m;
+    int rc = ps_wire_decode_rows(&psrpc__pull_reply__descriptor, 2, 3, reply, len, &m, err,
+                                 errlen);
+    int dim = c->cfg.model->vars[c->cfg.model->table_var[table]].dim;
+    if (rc == CM_OK) {
+        size_t k = 0;
+        if (m.nrows != 1 || m.rows[0].meta->table != (uint32_t)table ||
+            ps_wire_ids(m.rows[0].meta, ids, &k, err, errlen) != CM_OK ||
+            m.rows[0].len != k * (size_t)dim * sizeof(float)) {
+            cm_seterr(err, errlen, "malformed dump reply from PS %d", shard);
+            free(*ids);
+            *ids = NULL;
+            rc = CM_EINVAL;
+        } else {
+            *vals = cm_malloc((k ? k : 1) * (size_t)dim * sizeof(float));
+            memcpy(*vals, m.rows[0].data, m.rows[0].len);
+            *n = k;
+            *next = ((Psrpc__PullReply *)m.msg)->dump_next;
+        }
+        ps_wire_msg_free(&m);
+    }
+    free(reply);
+    return rc;
+}
+
 int ps_client_shutdown_servers(ps_client *c, const char *reason, char *err, size_t errlen) {
     Psrpc__Cluster cl;
     fill_cluster(c, &cl);

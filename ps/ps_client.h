@@ -130,6 +130,15 @@ int ps_client_push_pull_rows(ps_client *c, int64_t step, const float *grad, floa
 int ps_client_pull_rows(ps_client *c, int64_t min_version, const ps_row_keys *want,
                         float *values, int train, ps_ticket **t);
 
+/* Export: a page of the rows of table 'table' that exist on PS 'shard',
+ * from the from-th (in their order of creation) up to max of them (the
+ * server may return fewer). Blocking. *ids and *vals (n x dim floats) are
+ * new arrays to free(); *next is where the next page starts, 0 after the
+ * last. Meant for after training (rows created meanwhile may shift). */
+int ps_client_dump_rows(ps_client *c, int shard, int table, uint64_t from, size_t max,
+                        uint64_t **ids, float **vals, size_t *n, uint64_t *next, char *err,
+                        size_t errlen);
+
 /* Wait for a ticket and free it. *version (may be NULL) gets the smallest
  * shard version seen. Returns CM_OK or the first error, with a message. */
 int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen);

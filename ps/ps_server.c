@@ -685,12 +685,55 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
     free(pc);
 }
 
+/* A page of one table's rows, for export (PullRequest.dump). */
+static void answer_dump(ps_server *s, rpc_call *call, const Psrpc__PullRequest *r) {
+    int dim = ps_shard_row_dim(s->shard, r->dump_table);
+    /* Pages stay well inside the message limit. */
+    size_t max = r->dump_max ? r->dump_max : 65536;
+    size_t cap = (size_t)(s->cfg.max_message ? s->cfg.max_message : (64 << 20)) / 2 /
+                 ((size_t)(dim > 0 ? dim : 1) * sizeof(float) + 8);
+    if (max > cap) max = cap;
+    if (dim < 0) {
+        count_bad(s);
+        rpc_fail(call, RPC_INVALID_ARGUMENT, "dump of table %u: the model has %d tables",
+                 r->dump_table, s->model->ntables);
+        return;
+    }
+    uint64_t *ids = cm_malloc(max * sizeof *ids);
+    float *vals = cm_alloc_aligned(max * (size_t)dim * sizeof(float) + 64);
+    if (!vals) abort();
+    uint64_t next = 0;
+    size_t n = ps_shard_dump_rows(s->shard, r->dump_table, r->dump_from, max, ids, vals, &next);
+    ps_shard_stats st;
+    ps_shard_stats_get(s->shard, &st);
+    Psrpc__PullReply rep = PSRPC__PULL_REPLY__INIT;
+    rep.version = st.version;
+    rep.dump_next = next;
+    ps_wire_writer w;
+    ps_wire_writer_init(&w);
+    ps_wire_put_message(&w, &rep.base);
+    ps_wire_put_rows(&w, 3, r->dump_table, ids, n, PSRPC__DTYPE__DTYPE_FLOAT32, vals,
+                     n * (size_t)dim * sizeof(float), NULL, NULL);
+    int nsegs;
+    const rpc_seg *segs = ps_wire_segs(&w, &nsegs);
+    rpc_reply(call, segs, nsegs); /* Copies what it sends before returning. */
+    ps_wire_writer_free(&w, 0);
+    free(ids);
+    free(vals);
+}
+
 static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     Psrpc__PullRequest *r = psrpc__pull_request__unpack(NULL, len, req);
     if (!r) {
         count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed PullRequest");
+        return;
+    }
+    if (r->dump) {
+        if (need_shard(s, call, RPC_UNAVAILABLE) && check_cluster(s, call, r->cluster))
+            answer_dump(s, call, r);
+        psrpc__pull_request__free_unpacked(r, NULL);
         return;
     }
     pthread_rwlock_rdlock(&s->gate);

@@ -871,6 +871,40 @@ void ps_shard_pull_rows(ps_shard *s, int64_t min_version, const ps_row_req *rq, 
                                .nrq = s->model->ntables ? nrq : 0, .train = train});
 }
 
+typedef struct dump_ctx {
+    uint64_t skip, seen;
+    size_t max, n;
+    int dim;
+    uint64_t *ids;
+    float *vals;
+} dump_ctx;
+
+static int dump_row(void *ud, uint64_t id, const float *values, const float *slots,
+                    int64_t count) {
+    (void)slots;
+    (void)count;
+    dump_ctx *c = ud;
+    if (c->seen++ < c->skip) return CM_OK;
+    if (c->n == c->max) return CM_EAGAIN; /* A page is full: stop. */
+    c->ids[c->n] = id;
+    memcpy(c->vals + c->n * (size_t)c->dim, values, (size_t)c->dim * sizeof(float));
+    c->n++;
+    return CM_OK;
+}
+
+size_t ps_shard_dump_rows(ps_shard *s, uint32_t table, uint64_t from, size_t max, uint64_t *ids,
+                          float *vals, uint64_t *next) {
+    *next = 0;
+    if (table >= (uint32_t)s->model->ntables || max == 0) return 0;
+    dump_ctx c = {.skip = from, .max = max, .ids = ids, .vals = vals,
+                  .dim = ps_shard_row_dim(s, table)};
+    pthread_mutex_lock(&s->mu);
+    int more = s->rows && ps_rows_visit(s->rows, (int)table, dump_row, &c) == CM_EAGAIN;
+    pthread_mutex_unlock(&s->mu);
+    if (more) *next = from + c.n;
+    return c.n;
+}
+
 int ps_shard_row_dim(const ps_shard *s, uint32_t table) {
     if (table >= (uint32_t)s->model->ntables) return -1;
     return s->model->vars[s->model->table_var[table]].dim;

@@ -165,6 +165,14 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
                        const ps_row_grad *rows, int nrows, int rows_final, int64_t *version,
                        char *err, size_t errlen);
 
+/* Export: the rows of table t that exist here, from the from-th in their
+ * order of creation, up to max of them: ids into ids[], values (dim each)
+ * into vals[]. Returns how many (0 past the end); *next is where the next
+ * page starts, 0 when this one reached the end. Consistent only while no
+ * row is created (after training). */
+size_t ps_shard_dump_rows(ps_shard *s, uint32_t table, uint64_t from, size_t max, uint64_t *ids,
+                          float *vals, uint64_t *next);
+
 /* The row dim of table t, or -1 if the model has no such table. */
 int ps_shard_row_dim(const ps_shard *s, uint32_t table);
 

@@ -967,6 +967,14 @@ static int train_loop(run *r) {
     return CM_OK;
 }
 
+/* --export of a sparse model: its rows, from wherever the mode keeps them. */
+static int export_rows(void *ud, int table,
+                       int (*emit)(void *, uint64_t, const float *, const float *, int64_t),
+                       void *emit_ud) {
+    run *r = ud;
+    return r->sync->ops->dump_rows(r->sync, table, emit, emit_ud);
+}
+
 /* The final parameters, the async chief's last evaluation, summary,
  * parameters and export. */
 static int finish_training(run *r) {
@@ -994,7 +1002,8 @@ static int finish_training(run *r) {
         (status = write_params(cfg->params_out, r->params, numel)) != CM_OK)
         return status;
     if (r->is_chief && cfg->export_path &&
-        (status = wk_export_save_run(cfg->export_path, cfg, r->model, r->params, result)) != CM_OK)
+        (status = wk_export_save_run(cfg->export_path, cfg, r->model, r->params, export_rows, r,
+                                     result)) != CM_OK)
         return status;
     return CM_OK;
 }
@@ -1026,6 +1035,44 @@ static int cleanup(run *r, int status) {
     wk_dataset_free(&r->test);
     wk_ctrdata_free(&r->ctr);
     return status;
+}
+
+int wk_train_eval_tables(const wk_train_cfg *cfg, const cm_model *model, const float *params,
+                         const wk_export_table *tables, uint64_t seed,
+                         wk_train_result *result) {
+    run r = {.cfg = cfg, .result = result, .W = 1, .is_chief = 1, .D = 1};
+    char err[512];
+    const char *dir = cfg->data_dir ? cfg->data_dir : wk_ctrdata_default_dir();
+    wk_criteo_opts co = {.max_bad_lines = cfg->max_bad_lines};
+    int status = wk_ctrdata_load_test(dir, cfg->test_limit, &co, &r.ctr, err, sizeof err);
+    if (status != CM_OK) {
+        cm_error("%s", err);
+        return status;
+    }
+    result->bayes_auc = r.ctr.bayes_auc;
+    r.sparse = 1;
+    r.row_dim = wk_model_row_dim(model);
+    ps_optim_cfg any = ps_optim_defaults(PS_OPTIM_SGD, 1.0f);
+    r.sync = wk_sync_local_create(model, &any, &any, seed);
+    for (int t = 0; t < model->ntables && status == CM_OK; t++)
+        status = wk_sync_local_put_rows(r.sync, t, tables[t].ids, tables[t].values, tables[t].n);
+    wk_device_cpu_set_threads(cfg->threads > 0 ? cfg->threads : 1);
+    r.devs[0] = wk_device_cpu_create(0);
+    r.params = cm_alloc_aligned((model->numel ? model->numel : 1) * sizeof(float));
+    if (!r.params) status = CM_ENOMEM;
+    if (status == CM_OK) {
+        memcpy(r.params, params, model->numel * sizeof(float));
+        status = wk_replicas_create(model, r.devs, 1, cfg->batch_size, &r.reps);
+    }
+    /* The model is the caller's: evaluate with a borrowed one. */
+    r.model = (cm_model *)model;
+    eval_result e;
+    if (status == CM_OK && (status = evaluate(&r, 0, &e)) == CM_OK) {
+        keep_eval(&r, &e);
+        result->test_examples = r.ctr.n_test;
+    }
+    r.model = NULL;
+    return cleanup(&r, status);
 }
 
 int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {

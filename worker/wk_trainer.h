@@ -116,6 +116,14 @@ void wk_train_cfg_defaults(wk_train_cfg *cfg);
  * cm_model_destroy(). */
 int wk_train_model_create(const wk_train_cfg *cfg, cm_model **out);
 
+/* --eval-only of a model with tables (the file's model, dense params and
+ * tables' rows, all borrowed; rows never trained read as their initial
+ * values of 'seed'): AUC and logloss on cfg's click data test set. */
+struct wk_export_table;
+int wk_train_eval_tables(const wk_train_cfg *cfg, const cm_model *model, const float *params,
+                         const struct wk_export_table *tables, uint64_t seed,
+                         wk_train_result *result);
+
 /* Run training as configured. Returns CM_OK, or an error after logging a
  * message that says what failed (bad option values give CM_EINVAL, a missing
  * or broken data set the reader's code). */

@@ -170,10 +170,81 @@ static void test_wrong_magic_and_version_refused(void **state) {
     spit(f->path, b, len);
     expect_refused(f, CM_ECORRUPT, "not a pstrain model file");
     b[0] = 'P';
+    b[8] = 3;
+    spit(f->path, b, len);
+    expect_refused(f, CM_EUNSUPPORTED, "format version 3");
+    /* Version 2 is for models with tables: an mlp in it is refused. */
     b[8] = 2;
     spit(f->path, b, len);
-    expect_refused(f, CM_EUNSUPPORTED, "format version 2");
+    expect_refused(f, CM_ECORRUPT, "format version 2 does not fit");
     free(b);
+}
+
+/* A DeepFM's rows: table t holds rows id 1000 t + k (k < 3 + t) of values
+ * id + j / 8 (a rows callback of wk_export_write_tables). */
+static int fake_rows(void *ud, int table,
+                     int (*emit)(void *, uint64_t, const float *, const float *, int64_t),
+                     void *emit_ud) {
+    const cm_model *m = ud;
+    int dim = m->vars[m->table_var[table]].dim;
+    float v[16];
+    for (int k = 0; k < 3 + table; k++) {
+        uint64_t id = 1000u * (uint64_t)table + (uint64_t)k;
+        for (int j = 0; j < dim; j++) v[j] = (float)id + (float)j / 8.0f;
+        int rc = emit(emit_ud, id, v, NULL, 0);
+        if (rc != CM_OK) return rc;
+    }
+    return CM_OK;
+}
+
+static void test_tables_round_trip(void **state) {
+    fixture *f = *state;
+    cm_ctr_spec sp = {.nfields = 4, .emb_dim = 3, .nhidden = 1, .hidden = {5}};
+    cm_model *m = NULL;
+    assert_int_equal(cm_model_create_deepfm(&sp, &m), CM_OK);
+    float *params = calloc(m->numel, sizeof(float));
+    for (size_t i = 0; i < m->numel; i++) params[i] = (float)i / 3.0f;
+    wk_export_meta meta = {.steps = 9, .seed = 3, .test_auc = 0.75};
+    snprintf(meta.mode, sizeof meta.mode, "ps");
+    char err[512];
+    /* A model with tables needs its rows. */
+    assert_int_equal(wk_export_write(f->path, m, params, &meta, err, sizeof err), CM_EINVAL);
+    assert_int_equal(wk_export_write_tables(f->path, m, params, fake_rows, m, &meta, err,
+                                            sizeof err),
+                     CM_OK);
+    wk_export_info info;
+    float *p = NULL;
+    wk_export_table *t = NULL;
+    assert_int_equal(wk_export_read_tables(f->path, &info, &p, &t, err, sizeof err), CM_OK);
+    assert_string_equal(info.kind, "deepfm");
+    assert_int_equal(info.ntables, 4);
+    assert_int_equal(info.ctr.emb_dim, 3);
+    assert_int_equal(info.ctr.nhidden, 1);
+    assert_true(info.fingerprint == cm_model_fingerprint(m));
+    assert_true(info.meta.test_auc == 0.75);
+    assert_memory_equal(p, params, m->numel * sizeof(float));
+    for (int tb = 0; tb < 4; tb++) {
+        assert_int_equal(t[tb].n, 3 + tb);
+        assert_int_equal(t[tb].dim, 4);
+        for (size_t k = 0; k < t[tb].n; k++) {
+            assert_true(t[tb].ids[k] == 1000u * (uint64_t)tb + k);
+            assert_true(t[tb].values[k * 4 + 2] == (float)t[tb].ids[k] + 0.25f);
+        }
+    }
+    wk_export_tables_free(t, info.ntables);
+    free(p);
+    /* Damaged rows fail the checksum; a cut file is refused too. */
+    size_t len;
+    uint8_t *b = slurp(f->path, &len);
+    b[len - 20] ^= 1;
+    spit(f->path, b, len);
+    expect_refused(f, CM_ECORRUPT, "checksum");
+    b[len - 20] ^= 1;
+    spit(f->path, b, len - 9);
+    expect_refused(f, CM_ECORRUPT, "");
+    free(b);
+    free(params);
+    cm_model_destroy(m);
 }
 
 /* A well-formed file (correct checksum) around any header text. */
@@ -245,6 +316,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_truncated_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_flipped_byte_fails_checksum, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wrong_magic_and_version_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tables_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_headers_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_write_to_missing_dir_fails_cleanly, setup, teardown),
     };

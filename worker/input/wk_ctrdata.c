@@ -80,8 +80,21 @@ static int scan(const char *path, size_t limit, const wk_criteo_opts *opts, uint
     return CM_OK;
 }
 
+static int load(const char *dir, int with_train, size_t train_limit, size_t test_limit,
+                const wk_criteo_opts *opts, wk_ctrdata *out, char *err, size_t errlen);
+
 int wk_ctrdata_load(const char *dir, size_t train_limit, size_t test_limit,
                     const wk_criteo_opts *opts, wk_ctrdata *out, char *err, size_t errlen) {
+    return load(dir, 1, train_limit, test_limit, opts, out, err, errlen);
+}
+
+int wk_ctrdata_load_test(const char *dir, size_t test_limit, const wk_criteo_opts *opts,
+                         wk_ctrdata *out, char *err, size_t errlen) {
+    return load(dir, 0, 0, test_limit, opts, out, err, errlen);
+}
+
+static int load(const char *dir, int with_train, size_t train_limit, size_t test_limit,
+                const wk_criteo_opts *opts, wk_ctrdata *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     if (!dir) {
         cm_seterr(err, errlen, "no click data directory given (--data-dir, or $PS_CTR_DATA); "
@@ -103,8 +116,9 @@ int wk_ctrdata_load(const char *dir, size_t train_limit, size_t test_limit,
         return CM_ENOTFOUND;
     }
     if (opts) out->opts = *opts;
-    int rc = scan(out->train_path, train_limit, &out->opts, NULL, NULL, &out->n_train,
-                  &out->bad_train, err, errlen);
+    int rc = with_train ? scan(out->train_path, train_limit, &out->opts, NULL, NULL,
+                               &out->n_train, &out->bad_train, err, errlen)
+                        : CM_OK;
     if (rc == CM_OK)
         rc = scan(test_path, test_limit, &out->opts, &out->test_ids, &out->test_labels,
                   &out->n_test, &out->bad_test, err, errlen);

@@ -49,4 +49,9 @@ int wk_ctrdata_load(const char *dir, size_t train_limit, size_t test_limit,
                     const wk_criteo_opts *opts, wk_ctrdata *out, char *err, size_t errlen);
 void wk_ctrdata_free(wk_ctrdata *d); /* Zeroed is fine. */
 
+/* The test set alone (evaluation of an exported model): the training file
+ * is not read (n_train 0). */
+int wk_ctrdata_load_test(const char *dir, size_t test_limit, const wk_criteo_opts *opts,
+                         wk_ctrdata *out, char *err, size_t errlen);
+
 #endif /* WK_CTRDATA_H */

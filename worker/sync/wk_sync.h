@@ -59,6 +59,14 @@ typedef struct wk_sync_ops {
      * are created); 0: an evaluation read (missing rows read as their
      * initial values and are not created). */
     int (*rows)(wk_sync *s, int64_t version, const wk_rowset *keys, float *values, int train);
+    /* Sparse models, after end(): every row of table 'table' that exists
+     * (wherever the mode keeps it), one call of fn each with its id and
+     * values (slots and count: NULL and 0 where the mode does not have
+     * them); fn's error stops it. Export. */
+    int (*dump_rows)(wk_sync *s, int table,
+                     int (*fn)(void *ud, uint64_t id, const float *values, const float *slots,
+                               int64_t count),
+                     void *ud);
     /* Final parameters after 'steps' steps of every worker. */
     int (*end)(wk_sync *s, int64_t steps, float *params);
     /* After evaluation; ok = 0 when the run failed. */
@@ -134,6 +142,11 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
 /* PS mode only: pull version >= min_version into params (an evaluator's
  * read); *version gets the version pulled. */
 int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *version);
+
+/* Local mode, before the first step: put rows of table 'table' (n ids, n x
+ * dim values) into the tables (--eval-only of an exported model). */
+int wk_sync_local_put_rows(wk_sync *s, int table, const uint64_t *ids, const float *values,
+                           size_t n);
 
 /* Whole tables kept by the worker (local and collective modes), by
  * rowset: read the rows of 'keys' into values (row u at u * row_dim), and

@@ -167,6 +167,11 @@ fail:
     return rc;
 }
 
+static int ar_dump(wk_sync *s, int table, ps_rows_visit_fn fn, void *ud) {
+    arsync *a = (arsync *)s;
+    return a->rows ? ps_rows_visit(a->rows, table, fn, ud) : CM_EINVAL;
+}
+
 static int ar_rows(wk_sync *s, int64_t version, const wk_rowset *keys, float *values,
                    int train) {
     (void)version;
@@ -510,6 +515,7 @@ static const wk_sync_ops ar_ops = {.name = "allreduce",
                                    .begin = ar_begin,
                                    .step = ar_step,
                                    .rows = ar_rows,
+                                   .dump_rows = ar_dump,
                                    .end = ar_end,
                                    .finish = ar_finish,
                                    .destroy = ar_destroy};

@@ -71,6 +71,11 @@ static int local_rows(wk_sync *s, int64_t version, const wk_rowset *keys, float 
     return CM_OK;
 }
 
+static int local_dump(wk_sync *s, int table, ps_rows_visit_fn fn, void *ud) {
+    local *l = (local *)s;
+    return l->rows ? ps_rows_visit(l->rows, table, fn, ud) : CM_EINVAL;
+}
+
 static int local_end(wk_sync *s, int64_t steps, float *params) {
     (void)s;
     (void)steps;
@@ -91,10 +96,21 @@ static void local_destroy(wk_sync *s) {
     free(l);
 }
 
+int wk_sync_local_put_rows(wk_sync *s, int table, const uint64_t *ids, const float *values,
+                           size_t n) {
+    local *l = (local *)s;
+    if (!l->rows || table < 0 || table >= l->model->ntables) return CM_EINVAL;
+    int dim = ps_rows_dim(l->rows, table);
+    for (size_t i = 0; i < n; i++)
+        ps_rows_put(l->rows, table, ids[i], values + i * (size_t)dim, NULL, 0);
+    return CM_OK;
+}
+
 static const wk_sync_ops local_ops = {.name = "local",
                                       .begin = local_begin,
                                       .step = local_step,
                                       .rows = local_rows,
+                                      .dump_rows = local_dump,
                                       .end = local_end,
                                       .finish = local_finish,
                                       .destroy = local_destroy};

@@ -477,6 +477,32 @@ static int ps_rows(wk_sync *s, int64_t version, const wk_rowset *keys, float *va
     return ps_ticket_wait(tk, NULL, s->err, sizeof s->err);
 }
 
+/* Every row of a table, page by page from every shard. */
+static int ps_dump(wk_sync *s, int table,
+                   int (*fn)(void *ud, uint64_t id, const float *values, const float *slots,
+                             int64_t count),
+                   void *ud) {
+    psync *p = (psync *)s;
+    int dim = p->cfg.model->vars[p->cfg.model->table_var[table]].dim;
+    for (int sh = 0; sh < p->cfg.nps; sh++) {
+        uint64_t from = 0, next;
+        do {
+            uint64_t *ids;
+            float *vals;
+            size_t n;
+            int rc = ps_client_dump_rows(p->client, sh, table, from, 65536, &ids, &vals, &n,
+                                         &next, s->err, sizeof s->err);
+            for (size_t i = 0; rc == CM_OK && i < n; i++)
+                rc = fn(ud, ids[i], vals + i * (size_t)dim, NULL, 0);
+            free(ids);
+            free(vals);
+            if (rc != CM_OK) return rc;
+            from = next;
+        } while (next != 0);
+    }
+    return CM_OK;
+}
+
 static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sparse_step *sp,
                    wk_sync_times *t) {
     psync *p = (psync *)s;
@@ -590,6 +616,7 @@ static const wk_sync_ops ps_ops = {.name = "ps",
                                    .begin = ps_begin,
                                    .step = ps_step,
                                    .rows = ps_rows,
+                                   .dump_rows = ps_dump,
                                    .end = ps_end,
                                    .finish = ps_finish,
                                    .destroy = ps_destroy,
