@@ -15,7 +15,12 @@
 #include <string.h>
 #include <time.h>
 
+#include <stdio.h>
+#include <unistd.h>
+
 #include "common/cm_status.h"
+#include "worker/input/wk_criteo.h"
+#include "worker/input/wk_ctrdata.h"
 #include "worker/input/wk_dataset.h"
 #include "worker/input/wk_order.h"
 #include "worker/input/wk_prefetch.h"
@@ -340,8 +345,150 @@ static void test_prefetch_rejects_bad_cfg(void **state) {
     wk_dataset_free(&d);
 }
 
+/* ===== Click data ===== */
+
+/* A click data directory of n training lines: line i has label i % 2 and
+ * categorical feature C1 = i + 1 (so its id tells lines apart; integers are
+ * bucketized), the rest constant;
+ * 'bad' lines (wrong field count) after every 'bad_every'-th good line. */
+static void write_clicks(const char *dir, size_t n, size_t bad_every) {
+    char path[256];
+    snprintf(path, sizeof path, "%s/train.txt", dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    for (size_t i = 0; i < n; i++) {
+        fprintf(f, "%zu", i % 2);
+        for (int k = 0; k < WK_CRITEO_NINT; k++) fprintf(f, "\t%d", k);
+        fprintf(f, "\t%zx", i + 1);
+        for (int k = 1; k < WK_CRITEO_NCAT; k++) fprintf(f, "\t%08x", 0x1000 + k);
+        fputc('\n', f);
+        if (bad_every && (i + 1) % bad_every == 0) fputs("1\t2\n", f);
+    }
+    fclose(f);
+    snprintf(path, sizeof path, "%s/test.txt", dir);
+    f = fopen(path, "w");
+    assert_non_null(f);
+    fputs("1\t5", f);
+    for (int k = 1; k < WK_CRITEO_NINT; k++) fprintf(f, "\t%d", k);
+    for (int k = 0; k < WK_CRITEO_NCAT; k++) fprintf(f, "\t%08x", k);
+    fputc('\n', f);
+    fclose(f);
+}
+
+static const int field_table[WK_CRITEO_NFIELDS] = {
+    0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+    20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38};
+
+static wk_prefetch *start_clicks(const wk_ctrdata *c, size_t B, int rank, int nranks,
+                                 int64_t first, int64_t nsteps) {
+    wk_prefetch_cfg cfg = {.ctr = c, .field_table = field_table,
+                           .ntables = WK_CRITEO_NFIELDS, .global_batch = B, .rank = rank,
+                           .nranks = nranks, .first_step = first, .nsteps = nsteps, .depth = 3};
+    wk_prefetch *p = NULL;
+    assert_int_equal(wk_prefetch_start(&cfg, &p), CM_OK);
+    return p;
+}
+
+/* The line number a click example came from: its C1 value, through the id. */
+static size_t line_of(const uint64_t *ids) {
+    for (size_t i = 0; i < 1000; i++)
+        if (wk_criteo_cat_id(WK_CRITEO_NINT, i + 1, 0) == ids[WK_CRITEO_NINT]) return i;
+    fail_msg("no line has id %llu", (unsigned long long)ids[WK_CRITEO_NINT]);
+    return 0;
+}
+
+static void test_prefetch_clicks_ranks_resume_and_two_held(void **state) {
+    (void)state;
+    char dir[] = "/tmp/test_order_clicks_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    write_clicks(dir, 100, 0);
+    wk_ctrdata c;
+    char err[256];
+    assert_int_equal(wk_ctrdata_load(dir, 0, 0, NULL, &c, err, sizeof err), CM_OK);
+    assert_int_equal(c.n_train, 100);
+    /* B = 7 over W = 2 (slices of 4 and 3): 14 steps an epoch, 2 lines
+     * dropped; 30 steps cross two epoch ends. Rank 1 starts at step 9. */
+    const size_t B = 7;
+    wk_prefetch *r0 = start_clicks(&c, B, 0, 2, 0, 30), *r1 = start_clicks(&c, B, 1, 2, 9, 21);
+    wk_batch *a, *b, *held = NULL;
+    for (int64_t s = 0; s < 30; s++) {
+        assert_int_equal(wk_prefetch_next(r0, &a), CM_OK);
+        assert_int_equal(a->n, 4);
+        assert_null(a->x);
+        size_t first = (size_t)(s % 14) * B;
+        for (size_t k = 0; k < a->n; k++) {
+            assert_int_equal(line_of(a->ids + k * WK_CRITEO_NFIELDS), first + k);
+            assert_int_equal(a->y[k], (int32_t)((first + k) % 2));
+        }
+        /* Every field's row is a row of the set, and the map points to it. */
+        assert_int_equal(a->rows.n, 4);
+        for (size_t p = 0; p < 4 * WK_CRITEO_NFIELDS; p++)
+            assert_true(a->rows.ids[a->rows.inv[p]] == a->ids[p]);
+        assert_int_equal(a->epoch, s / 14);
+        if (s >= 9) {
+            /* The resumed rank holds two batches at once, as PS mode does. */
+            assert_int_equal(wk_prefetch_next(r1, &b), CM_OK);
+            if (held) wk_prefetch_release(r1, held);
+            assert_int_equal(b->step, s);
+            assert_int_equal(b->n, 3);
+            for (size_t k = 0; k < b->n; k++)
+                assert_int_equal(line_of(b->ids + k * WK_CRITEO_NFIELDS), first + 4 + k);
+            held = b;
+        }
+        wk_prefetch_release(r0, a);
+    }
+    wk_prefetch_release(r1, held);
+    assert_int_equal(wk_prefetch_next(r0, &a), CM_ESHUTDOWN);
+    wk_prefetch_stop(r0);
+    wk_prefetch_stop(r1);
+    wk_ctrdata_free(&c);
+    char path[256];
+    snprintf(path, sizeof path, "%s/train.txt", dir);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/test.txt", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
+static void test_prefetch_clicks_error_surfaces(void **state) {
+    (void)state;
+    char dir[] = "/tmp/test_order_clicks_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    write_clicks(dir, 60, 0);
+    wk_ctrdata c;
+    char err[256], path[256];
+    assert_int_equal(wk_ctrdata_load(dir, 0, 0, NULL, &c, err, sizeof err), CM_OK);
+    /* The file shrinks after the count: the reader says so, not a hang. */
+    snprintf(path, sizeof path, "%s/train.txt", dir);
+    assert_int_equal(truncate(path, 400), 0);
+    wk_prefetch *p = start_clicks(&c, 10, 0, 1, 0, 6);
+    wk_batch *b;
+    int rc;
+    while ((rc = wk_prefetch_next(p, &b)) == CM_OK) wk_prefetch_release(p, b);
+    assert_int_equal(rc, CM_ECORRUPT);
+    assert_non_null(strstr(wk_prefetch_error(p), "ended after"));
+    wk_prefetch_stop(p);
+    wk_ctrdata_free(&c);
+    /* Bad lines past the threshold fail the load, naming the file. */
+    write_clicks(dir, 60, 10);
+    wk_criteo_opts o = {.max_bad_lines = 3, .warn_limit = -1};
+    assert_int_equal(wk_ctrdata_load(dir, 0, 0, &o, &c, err, sizeof err), CM_ECORRUPT);
+    assert_non_null(strstr(err, "train.txt"));
+    o.max_bad_lines = 10;
+    assert_int_equal(wk_ctrdata_load(dir, 0, 0, &o, &c, err, sizeof err), CM_OK);
+    assert_int_equal(c.n_train, 60);
+    assert_int_equal(c.bad_train, 6);
+    wk_ctrdata_free(&c);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/test.txt", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_prefetch_clicks_ranks_resume_and_two_held),
+        cmocka_unit_test(test_prefetch_clicks_error_surfaces),
         cmocka_unit_test(test_epoch_is_permutation),
         cmocka_unit_test(test_epoch_is_deterministic),
         cmocka_unit_test(test_steps_per_epoch),
