@@ -60,10 +60,10 @@ void ctr_knobs_default(ctr_knobs *k) {
                      .int_missing = 0.1,
                      .int_negative = 0.02,
                      .k = 4,
-                     .sigma_w = 0.195,
-                     .sigma_v = 0.125,
-                     .rank_scale = 1000,
-                     .tail_decay = 0.5,
+                     .sigma_w = 0.23,
+                     .sigma_v = 0.14,
+                     .rank_scale = 30,
+                     .tail_decay = 1.0,
                      .pos_rate = 0.25};
 }
 

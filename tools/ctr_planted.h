@@ -68,10 +68,10 @@ typedef struct ctr_knobs {
     double int_missing;     /* 0.1: I fields miss at 0, 0.5, 1, 1.5 or 2 times this */
     double int_negative;    /* 0.02: rate of -1/-2 in I2 and I10 */
     int k;                  /* 4: factors per feature (k_true, 1..CTR_K_MAX) */
-    double sigma_w;         /* 0.195: first-order weights' scale */
-    double sigma_v;         /* 0.125: factors' scale */
-    double rank_scale;      /* 1000: ranks below this keep most of their weight */
-    double tail_decay;      /* 0.5: the exponent of g over the ranks above */
+    double sigma_w;         /* 0.23: first-order weights' scale */
+    double sigma_v;         /* 0.14: factors' scale */
+    double rank_scale;      /* 30: ranks below this keep most of their weight */
+    double tail_decay;      /* 1.0: the exponent of g over the ranks above */
     double pos_rate;        /* 0.25: b0 is solved for this */
 } ctr_knobs;
 

@@ -30,16 +30,20 @@ static void usage(FILE *f) {
             "  --table-optimizer NAME    row-wise optimizer of the embedding tables: adagrad\n"
             "                            | adam (lazy: each row its own step count) | sgd\n"
             "                            (default adagrad)\n"
-            "  --table-lr X              its learning rate (default 0.05)\n"
+            "  --table-lr X              its learning rate (default 0.3)\n"
             "  --max-bad-lines N         click data: fail once more than N malformed lines\n"
             "                            were skipped (default 1000)\n"
             "  --mode local|ps|allreduce local: train in this process; ps: a worker of a PS\n"
             "                            cluster; allreduce: a worker of a ring AllReduce\n"
             "                            (no PS; every worker keeps a replica) (default: ps\n"
             "                            when TF_CONFIG or --ps-hosts is given, else local)\n"
-            "  --epochs N                passes over the training set (default 10)\n"
-            "  --batch-size N            examples per step and worker (default 128)\n"
-            "  --lr X                    learning rate (default 0.001 adam, 0.05 sgd/momentum)\n"
+            "  --epochs N                passes over the training set (default 10; click\n"
+            "                            models 2)\n"
+            "  --batch-size N            examples per step and worker (default 128; click\n"
+            "                            models 512)\n"
+            "  --lr X                    learning rate of the dense variables (default 0.001\n"
+            "                            adam, 0.05 sgd/momentum/adagrad; click models with\n"
+            "                            adam 0.0001)\n"
             "  --optimizer NAME          sgd | momentum | adam | adagrad (default adam)\n"
             "  --seed N                  initialisation and data order (default 1)\n"
             "  --threads N               BLAS threads (default: all cores with one local\n"
@@ -145,6 +149,11 @@ typedef struct cli {
     int task_type, task_index, mode_given;
 } cli;
 
+/* Click models' defaults for what the command line did not say: 2 epochs
+ * of 512 examples a worker (the planted data set's 2 M rows; measured in
+ * docs/BENCHMARKS.md), where the MLP has 10 of 128. */
+enum { CTR_EPOCHS = 2, CTR_BATCH = 512 };
+
 /* "400,400,400" (or "0": none) into cfg's hidden layers; -1 if bad. */
 static int parse_hidden(const char *s, wk_train_cfg *cfg) {
     if (!strcmp(s, "0")) {
@@ -238,8 +247,10 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
     long v;
     double dv;
     const char **lists = cl->lists;
-    int task_type = -1, task_index = -1, mode_given = 0;
+    int task_type = -1, task_index = -1, mode_given = 0, epochs_given = 0, batch_given = 0;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        epochs_given |= c == O_EPOCHS;
+        batch_given |= c == O_BATCH;
         switch (c) {
         case O_MODEL:
             if (strcmp(optarg, "mlp") && strcmp(optarg, "deepfm") && strcmp(optarg, "lr")) {
@@ -448,6 +459,10 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
     if (cfg.eval_only && !cfg.init_from) {
         fprintf(stderr, "pstrain: --eval-only needs --init-from FILE\n");
         return 2;
+    }
+    if (strcmp(cfg.model, "mlp") != 0) {
+        if (!epochs_given) cfg.epochs = CTR_EPOCHS;
+        if (!batch_given) cfg.batch_size = CTR_BATCH;
     }
     cl->task_type = task_type;
     cl->task_index = task_index;

@@ -37,7 +37,7 @@ void wk_train_cfg_defaults(wk_train_cfg *cfg) {
     cfg->nhidden = 3;
     cfg->hidden[0] = cfg->hidden[1] = cfg->hidden[2] = 400;
     cfg->table_optimizer = PS_OPTIM_ADAGRAD;
-    cfg->table_lr = 0.05f;
+    cfg->table_lr = 0.3f;
     cfg->max_bad_lines = 1000;
     cfg->epochs = 10;
     cfg->batch_size = 128;
@@ -436,7 +436,13 @@ static int setup_compute(run *r) {
         cm_error("%d devices exceed the batch of %d examples per worker", r->D, cfg->batch_size);
         return CM_EINVAL;
     }
-    r->lr = cfg->lr > 0.0f ? cfg->lr : (cfg->optimizer == PS_OPTIM_ADAM ? 1e-3f : 0.05f);
+    /* Adam on a click model's DNN: slower than on the MLP, so that it
+     * corrects the factorization machine rather than overfit the rows it
+     * reads (measured: docs/BENCHMARKS.md, "DeepFM"). */
+    int ctr = cfg->model && strcmp(cfg->model, "mlp") != 0;
+    r->lr = cfg->lr > 0.0f ? cfg->lr
+            : cfg->optimizer == PS_OPTIM_ADAM ? (ctr ? 1e-4f : 1e-3f)
+                                              : 0.05f;
     r->opt = ps_optim_defaults(cfg->optimizer, r->lr);
     r->table_opt = ps_optim_defaults(cfg->table_optimizer, cfg->table_lr);
     r->threads = cfg->threads > 0 ? cfg->threads

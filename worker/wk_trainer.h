@@ -25,11 +25,12 @@ typedef struct wk_train_cfg {
     int nhidden;             /* deepfm: DNN hidden layers (default 400,400,400). */
     int hidden[CM_MLP_MAX_SIZES];
     int table_optimizer;     /* Row-wise optimizer of the tables (default adagrad). */
-    float table_lr;          /* Its learning rate (default 0.05). */
+    float table_lr;          /* Its learning rate (default 0.3). */
     uint64_t max_bad_lines;  /* Click data: bad lines tolerated (default 1000). */
     int epochs;              /* Passes over the training set (default 10). */
     int batch_size;          /* Examples per step and worker (default 128). */
-    float lr;                /* Learning rate (default: 1e-3 adam, 0.05 otherwise). */
+    float lr;                /* Learning rate (default: 1e-3 adam, 1e-4 adam on
+                              * click models, 0.05 otherwise). */
     int optimizer;           /* enum ps_optim_kind (default adam). */
     uint64_t seed;           /* Initialisation and data order (default 1). */
     int threads;             /* BLAS threads; 0 = cores when D = 1, else 1. */
