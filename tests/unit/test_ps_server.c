@@ -2105,6 +2105,141 @@ static void test_sparse_restart_from_data_dir(void **state) {
     assert_int_equal(system(cmd), 0);
 }
 
+/* ===== ps_wire: the model spec ===== */
+
+/* spec_init -> pack -> unpack -> spec_model gives the same model: the same
+ * fingerprint, description, variables and minimum partition. */
+static void spec_round_trip(const cm_model *m, size_t min_part) {
+    ps_wire_spec sp;
+    ps_wire_spec_init(&sp, m, min_part);
+    size_t len = protobuf_c_message_get_packed_size(&sp.spec.base);
+    uint8_t *buf = malloc(len ? len : 1);
+    assert_non_null(buf);
+    protobuf_c_message_pack(&sp.spec.base, buf);
+    ps_wire_spec_free(&sp);
+    Psrpc__ModelSpec *spec = psrpc__model_spec__unpack(NULL, len, buf);
+    free(buf);
+    assert_non_null(spec);
+    cm_model *got = NULL;
+    size_t got_min = 0;
+    char err[256] = "";
+    if (ps_wire_spec_model(spec, &got, &got_min, err, sizeof err) != CM_OK)
+        fail_msg("%s: %s", m->kind, err);
+    psrpc__model_spec__free_unpacked(spec, NULL);
+    assert_int_equal(got_min, min_part);
+    assert_true(cm_model_fingerprint(got) == cm_model_fingerprint(m));
+    char a[256], b[256];
+    ps_wire_describe(m, a, sizeof a);
+    ps_wire_describe(got, b, sizeof b);
+    assert_string_equal(a, b);
+    assert_int_equal(got->nvars, m->nvars);
+    assert_int_equal(got->numel, m->numel);
+    assert_int_equal(got->ntables, m->ntables);
+    for (int i = 0; i < m->nvars; i++) {
+        const cm_var *x = &m->vars[i], *y = &got->vars[i];
+        assert_string_equal(x->name, y->name);
+        assert_int_equal(x->kind, y->kind);
+        assert_int_equal(x->dim, y->dim);
+        assert_int_equal(x->offset, y->offset);
+        assert_int_equal(x->init, y->init);
+        assert_int_equal(x->fan_in, y->fan_in);
+        assert_int_equal(x->fan_out, y->fan_out);
+        assert_true(x->init_scale == y->init_scale);
+    }
+    /* Equal placements too, so every process agrees on the cluster. */
+    cm_placement *p1 = NULL, *p2 = NULL;
+    assert_int_equal(cm_placement_create(m, 3, min_part, &p1), CM_OK);
+    assert_int_equal(cm_placement_create(got, 3, min_part, &p2), CM_OK);
+    char d1[256], d2[256];
+    assert_true(ps_wire_identity(m, p1, d1, sizeof d1) == ps_wire_identity(got, p2, d2, sizeof d2));
+    assert_string_equal(d1, d2);
+    cm_placement_destroy(p1);
+    cm_placement_destroy(p2);
+    cm_model_destroy(got);
+}
+
+static void test_wire_spec_round_trip(void **state) {
+    (void)state;
+    static const int sizes[] = {784, 64, 10};
+    cm_model *m = NULL;
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &m), CM_OK);
+    spec_round_trip(m, MIN_PART);
+    char d[256];
+    ps_wire_describe(m, d, sizeof d);
+    assert_string_equal(d, "mlp 784,64,10");
+    cm_model_destroy(m);
+    m = sparse_model();
+    spec_round_trip(m, SP_MIN_PART);
+    ps_wire_describe(m, d, sizeof d);
+    assert_string_equal(d, "deepfm 3 tables of 4, 90 dense 8");
+    cm_model_destroy(m);
+    cm_ctr_spec sp = {.nfields = 5, .emb_init_scale = 0.03f};
+    assert_int_equal(cm_model_create_lr(&sp, &m), CM_OK);
+    spec_round_trip(m, 1024);
+    ps_wire_describe(m, d, sizeof d);
+    assert_string_equal(d, "lr 5 tables of 1, 1 dense");
+    cm_model_destroy(m);
+    assert_int_equal(cm_model_create_vector(1000, &m), CM_OK);
+    spec_round_trip(m, 4096);
+    cm_model_destroy(m);
+}
+
+/* Malformed specs are refused with a message, nothing created. */
+static void test_wire_spec_malformed(void **state) {
+    (void)state;
+    cm_model *dm = sparse_model();
+    enum { NO_VARS, HUGE_DIM, HUGE_NUMEL, TOO_MANY_DIMS, TABLE_DIM0, TABLE_DIM_HUGE, NAME_LONG,
+           NAME_NULL, DUP_NAME, BAD_KIND, BAD_INIT, GLOROT_NO_FAN, HUGE_FAN, MIN_PART_0,
+           MIN_PART_HUGE, NO_KIND, NCASES };
+    static const char *const wants[NCASES] = {
+        "0 variables", "dimension 0 is -1", "too large", "5 dimensions", "dim 0 out of range",
+        "out of range", "longer than 63 bytes", "name missing", "appears twice",
+        "unknown kind", "unknown initialiser", "Glorot needs", "Glorot needs",
+        "minimum partition of 0 bytes", "minimum partition", "bad model kind"};
+    for (int k = 0; k < NCASES; k++) {
+        ps_wire_spec sp;
+        ps_wire_spec_init(&sp, dm, SP_MIN_PART);
+        Psrpc__Variable *tv = &sp.vars[0];              /* field0 */
+        Psrpc__Variable *kv = &sp.vars[SP_NT + 1];      /* dnn0/kernel */
+        assert_int_equal(kv->n_shape, 2);
+        uint64_t shape5[5] = {1, 2, 3, 4, 5};
+        char longname[80];
+        memset(longname, 'x', 64);
+        longname[64] = 0;
+        switch (k) {
+        case NO_VARS: sp.spec.n_vars = 0; break;
+        case HUGE_DIM: kv->shape[0] = (uint64_t)1 << 41; break;
+        case HUGE_NUMEL: kv->shape[0] = kv->shape[1] = (uint64_t)1 << 20; break;
+        case TOO_MANY_DIMS: kv->n_shape = 5; kv->shape = shape5; break;
+        case TABLE_DIM0: tv->dim = 0; break;
+        case TABLE_DIM_HUGE: tv->dim = 1u << 20; break;
+        case NAME_LONG: tv->name = longname; break;
+        case NAME_NULL: tv->name = NULL; break;
+        case DUP_NAME: tv->name = kv->name; break;
+        case BAD_KIND: kv->kind = (Psrpc__VarKind)5; break;
+        case BAD_INIT: kv->init = 7; break;
+        case GLOROT_NO_FAN: kv->fan_in = 0; break;
+        case HUGE_FAN: kv->fan_out = (uint64_t)1 << 50; break;
+        case MIN_PART_0: sp.spec.min_part_bytes = 0; break;
+        case MIN_PART_HUGE: sp.spec.min_part_bytes = (uint64_t)1 << 41; break;
+        case NO_KIND: sp.spec.kind = ""; break;
+        }
+        cm_model *m = (cm_model *)1;
+        size_t mp = 0;
+        char err[256] = "";
+        int rc = ps_wire_spec_model(&sp.spec, &m, &mp, err, sizeof err);
+        if (rc != CM_EINVAL || m != NULL || !strstr(err, wants[k]))
+            fail_msg("case %d: rc %d, '%s', want '%s'", k, rc, err, wants[k]);
+        ps_wire_spec_free(&sp);
+    }
+    cm_model *m = (cm_model *)1;
+    size_t mp = 0;
+    char err[256] = "";
+    assert_int_equal(ps_wire_spec_model(NULL, &m, &mp, err, sizeof err), CM_EINVAL);
+    assert_null(m);
+    cm_model_destroy(dm);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_create_and_start_errors),
@@ -2125,6 +2260,8 @@ int main(void) {
         cmocka_unit_test(test_sparse_round_trip),
         cmocka_unit_test(test_sparse_malformed_requests),
         cmocka_unit_test(test_sparse_restart_from_data_dir),
+        cmocka_unit_test(test_wire_spec_round_trip),
+        cmocka_unit_test(test_wire_spec_malformed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
