@@ -7,6 +7,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,9 +65,12 @@ static size_t var_rows(const cm_var *v) { return v->ndims >= 1 ? (size_t)v->dims
 /* Checks every structural property of p against m: partitions in
  * (var, index) order, split along dim 0 into near-equal row counts as the
  * header's formula says, every element owned exactly once, consistent
- * offsets, and per-shard totals that match the partitions. */
+ * offsets, and per-shard totals that match the partitions. Tables have
+ * none. */
 static void check_placement(const cm_model *m, const cm_placement *p) {
-    assert_true(p->nparts >= m->nvars);
+    int ndense = 0;
+    for (int v = 0; v < m->nvars; v++) ndense += m->vars[v].kind == CM_VAR_DENSE;
+    assert_true(p->nparts >= ndense);
     unsigned char *owned = calloc(m->numel ? m->numel : 1, 1);
     assert_non_null(owned);
     size_t *bytes = calloc((size_t)p->nshards, sizeof *bytes);
@@ -77,6 +81,7 @@ static void check_placement(const cm_model *m, const cm_placement *p) {
     int k = 0;
     for (int v = 0; v < m->nvars; v++) {
         const cm_var *var = &m->vars[v];
+        if (var->kind == CM_VAR_TABLE) continue;
         size_t rows = var_rows(var), row_size = var->numel / rows;
         /* The header's formula, computed independently. */
         size_t expect_np = var->numel * sizeof(float) / p->min_part_bytes;
@@ -371,6 +376,138 @@ static void test_bad_args(void **state) {
     cm_model_destroy(m);
 }
 
+
+/* ===== Rows of embedding tables ===== */
+
+/* Pure and in range; one shard (or fewer) is always shard 0. */
+static void test_row_shard_deterministic_in_range(void **state) {
+    (void)state;
+    static const int shards[] = {2, 3, 4, 5, 7, 8, 16, 100};
+    for (size_t k = 0; k < sizeof shards / sizeof shards[0]; k++) {
+        int S = shards[k];
+        int used[100] = {0};
+        for (int t = 0; t < 4; t++)
+            for (uint64_t i = 0; i < 3000; i++) {
+                uint64_t id = (i & 1) ? UINT64_MAX - i : i;
+                int sh = cm_row_shard(t, id, S);
+                assert_true(sh >= 0 && sh < S);
+                assert_int_equal(cm_row_shard(t, id, S), sh);
+                used[sh] = 1;
+            }
+        for (int sh = 0; sh < S; sh++) assert_true(used[sh]);
+    }
+    for (uint64_t id = 0; id < 100; id++) {
+        assert_int_equal(cm_row_shard(0, id * 7919, 1), 0);
+        assert_int_equal(cm_row_shard(3, id, 0), 0);
+        assert_int_equal(cm_row_shard(3, id, -2), 0);
+    }
+}
+
+/* Chi-square of the counts of ids over S shards against uniform, and its
+ * bound: df + 8 sd + 8 (df = S - 1, sd = sqrt(2 df)), generous since the
+ * mapping is fixed (no flakes), yet far below what a biased map gives. */
+static double chi2(const uint64_t *count, int S, uint64_t n) {
+    double e = (double)n / S, c = 0.0;
+    for (int s = 0; s < S; s++) c += ((double)count[s] - e) * ((double)count[s] - e) / e;
+    return c;
+}
+
+static void expect_uniform(const char *what, int table, int S, uint64_t first, uint64_t stride,
+                           uint64_t n) {
+    uint64_t count[64] = {0};
+    for (uint64_t i = 0; i < n; i++) count[cm_row_shard(table, first + i * stride, S)]++;
+    double c = chi2(count, S, n), df = S - 1, bound = df + 8.0 * sqrt(2.0 * df) + 8.0;
+    if (c > bound)
+        fail_msg("%s: table %d, %d shards, ids %llu + %llu i (%llu): chi2 %.1f > %.1f", what,
+                 table, S, (unsigned long long)first, (unsigned long long)stride,
+                 (unsigned long long)n, c, bound);
+}
+
+/* Bucketized integers are small consecutive numbers; hashed categorical
+ * values may share their low bits or have only high ones: each spreads
+ * roughly uniformly over the shards (never id mod n). */
+static void test_row_shard_uniform(void **state) {
+    (void)state;
+    static const int shards[] = {2, 3, 4, 8, 13, 16, 64};
+    for (size_t k = 0; k < sizeof shards / sizeof shards[0]; k++) {
+        int S = shards[k];
+        for (int t = 0; t < 5; t++) {
+            expect_uniform("sequential", t, S, 0, 1, 200 * (uint64_t)S);
+            expect_uniform("sequential from 1000", t, S, 1000, 1, 200 * (uint64_t)S);
+            expect_uniform("stride 2", t, S, 0, 2, 200 * (uint64_t)S);
+            expect_uniform("stride S", t, S, 0, (uint64_t)S, 200 * (uint64_t)S);
+            expect_uniform("stride 1024", t, S, 5, 1024, 200 * (uint64_t)S);
+            expect_uniform("high bits", t, S, 0, (uint64_t)1 << 40, 200 * (uint64_t)S);
+        }
+    }
+    /* Small ranges too: 40 consecutive ids over 2 shards are not all on
+     * one side. */
+    for (uint64_t start = 0; start < 400; start += 40) {
+        int on0 = 0;
+        for (uint64_t id = start; id < start + 40; id++) on0 += cm_row_shard(0, id, 2) == 0;
+        assert_true(on0 >= 8 && on0 <= 32);
+    }
+}
+
+/* Tables are placed independently: the same id is on another shard for
+ * another table about as often as chance says ((S - 1) / S), so one hot id
+ * of every field does not land on one PS. */
+static void test_row_shard_tables_differ(void **state) {
+    (void)state;
+    static const int shards[] = {2, 4, 8};
+    for (size_t k = 0; k < sizeof shards / sizeof shards[0]; k++) {
+        int S = shards[k];
+        for (int t = 1; t < 6; t++) {
+            int differ = 0, n = 4000;
+            for (uint64_t id = 0; id < (uint64_t)n; id++)
+                differ += cm_row_shard(0, id, S) != cm_row_shard(t, id, S);
+            double p = (double)differ / n, want = (double)(S - 1) / S;
+            if (fabs(p - want) > 0.05)
+                fail_msg("tables 0 and %d over %d shards: %.3f of ids differ, want %.3f", t, S,
+                         p, want);
+        }
+    }
+}
+
+/* Tables get no partitions: a DeepFM's placement covers its dense
+ * variables exactly, and the model fingerprint still covers the tables. */
+static void test_tables_have_no_partitions(void **state) {
+    (void)state;
+    cm_ctr_spec sp = {.nfields = 4, .emb_dim = 8, .nhidden = 1, .hidden = {16}};
+    cm_model *m = NULL;
+    assert_int_equal(cm_model_create_deepfm(&sp, &m), CM_OK);
+    cm_placement *p = NULL;
+    assert_int_equal(cm_placement_create(m, 3, 64, &p), CM_OK);
+    size_t covered = 0;
+    for (int i = 0; i < p->nparts; i++) {
+        assert_int_equal(m->vars[p->parts[i].var].kind, CM_VAR_DENSE);
+        covered += p->parts[i].count;
+    }
+    assert_int_equal(covered, m->numel);
+    check_placement(m, p);
+    sp.emb_dim = 9; /* Other tables, other dense sizes: another placement. */
+    cm_model *m2 = NULL;
+    cm_placement *p2 = NULL;
+    assert_int_equal(cm_model_create_deepfm(&sp, &m2), CM_OK);
+    assert_int_equal(cm_placement_create(m2, 3, 64, &p2), CM_OK);
+    assert_true(p->fingerprint != p2->fingerprint);
+    cm_placement_destroy(p2);
+    cm_model_destroy(m2);
+    /* Only the table's init scale differs: same partitions, other
+     * fingerprint. */
+    sp.emb_dim = 8;
+    sp.emb_init_scale = 0.5f;
+    assert_int_equal(cm_model_create_deepfm(&sp, &m2), CM_OK);
+    assert_int_equal(cm_placement_create(m2, 3, 64, &p2), CM_OK);
+    assert_int_equal(p2->nparts, p->nparts);
+    assert_memory_equal(p2->parts, p->parts, (size_t)p->nparts * sizeof *p->parts);
+    assert_true(p->fingerprint != p2->fingerprint);
+    cm_placement_destroy(p2);
+    cm_model_destroy(m2);
+    cm_placement_destroy(p);
+    cm_model_destroy(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_deterministic),
@@ -380,6 +517,10 @@ int main(void) {
         cmocka_unit_test(test_variables_smaller_than_shards),
         cmocka_unit_test(test_one_shard),
         cmocka_unit_test(test_bad_args),
+        cmocka_unit_test(test_row_shard_deterministic_in_range),
+        cmocka_unit_test(test_row_shard_uniform),
+        cmocka_unit_test(test_row_shard_tables_differ),
+        cmocka_unit_test(test_tables_have_no_partitions),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

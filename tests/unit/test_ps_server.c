@@ -27,6 +27,7 @@
 #include "proto/rpc.h"
 #include "ps/ps_client.h"
 #include "ps/ps_optim.h"
+#include "ps/ps_rows.h"
 #include "ps/ps_server.h"
 #include "ps/ps_wire.h"
 #include "storage/st_store.h"
@@ -135,29 +136,30 @@ static fixture F;
 static const char *fx_data_dir;
 static int64_t fx_every;
 
-static void fx_start(int max_message) {
-    static const int sizes[] = {784, 64, 10};
+/* Start shard i's server with sc (F's model and placement, or none). */
+static void fx_serve(int i, ps_server_cfg *sc) {
     fixture *f = &F;
-    memset(f, 0, sizeof *f);
-    assert_int_equal(cm_model_create_mlp(sizes, 3, &f->m), CM_OK);
-    assert_int_equal(cm_placement_create(f->m, 2, MIN_PART, &f->pl), CM_OK);
+    char dir[512];
+    if (fx_data_dir) snprintf(dir, sizeof dir, "%s/shard-%d", fx_data_dir, i);
+    sc->shard = i;
+    sc->data_dir = fx_data_dir ? dir : NULL;
+    sc->checkpoint_every = fx_every;
+    assert_int_equal(ps_server_create(sc, &f->srv[i]), CM_OK);
+    int port = 0;
+    assert_int_equal(ps_server_start(f->srv[i], "127.0.0.1:0", &port), CM_OK);
+    assert_true(port > 0);
+    snprintf(f->addr[i], sizeof f->addr[i], "127.0.0.1:%d", port);
+    f->addrs[i] = f->addr[i];
+}
+
+/* Clients of F's model for ranks 0 and 1 (retrying unavailable shards for
+ * connect_ms), the raw channel to shard 0 and the initial values. */
+static void fx_connect(int64_t connect_ms) {
+    fixture *f = &F;
     f->fp = ps_wire_identity(f->m, f->pl, f->desc, sizeof f->desc);
-    for (int i = 0; i < 2; i++) {
-        char dir[512];
-        if (fx_data_dir) snprintf(dir, sizeof dir, "%s/shard-%d", fx_data_dir, i);
-        ps_server_cfg sc = {.model = f->m, .placement = f->pl, .shard = i,
-                            .max_message = max_message, .data_dir = fx_data_dir ? dir : NULL,
-                            .checkpoint_every = fx_every};
-        assert_int_equal(ps_server_create(&sc, &f->srv[i]), CM_OK);
-        int port = 0;
-        assert_int_equal(ps_server_start(f->srv[i], "127.0.0.1:0", &port), CM_OK);
-        assert_true(port > 0);
-        snprintf(f->addr[i], sizeof f->addr[i], "127.0.0.1:%d", port);
-        f->addrs[i] = f->addr[i];
-    }
     for (int r = 0; r < 2; r++) {
         ps_client_cfg cc = {.model = f->m, .placement = f->pl, .ps_addrs = f->addrs, .rank = r,
-                            .deadline_ms = DEADLINE, .connect_timeout_ms = 2000};
+                            .deadline_ms = DEADLINE, .connect_timeout_ms = connect_ms};
         char err[256] = "";
         if (ps_client_open(&cc, &f->cli[r], err, sizeof err) != CM_OK) fail_msg("%s", err);
     }
@@ -167,6 +169,19 @@ static void fx_start(int max_message) {
     f->init = malloc(f->m->numel * sizeof(float));
     assert_non_null(f->init);
     cm_model_init(f->m, SEED, f->init);
+}
+
+static void fx_start(int max_message) {
+    static const int sizes[] = {784, 64, 10};
+    fixture *f = &F;
+    memset(f, 0, sizeof *f);
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &f->m), CM_OK);
+    assert_int_equal(cm_placement_create(f->m, 2, MIN_PART, &f->pl), CM_OK);
+    for (int i = 0; i < 2; i++) {
+        ps_server_cfg sc = {.model = f->m, .placement = f->pl, .max_message = max_message};
+        fx_serve(i, &sc);
+    }
+    fx_connect(2000);
 }
 
 /* Stop everything; the servers must go away promptly. */
@@ -1463,6 +1478,768 @@ static void test_init_from_values(void **state) {
     assert_int_equal(system(cmd), 0);
 }
 
+/* ===== Sparse models: a server that learns the model =====
+ *
+ * fx_start_sparse starts both shards WITHOUT a model (cfg.model NULL,
+ * nshards 2): they learn a DeepFM (3 fields, k 3: rows of 4; one hidden
+ * layer of 8) from the chief's Initialize. Workers' batches touch rows of
+ * both shards; the reference is a local replay: dense SGD of the mean, and
+ * a ps_rows store of the same model with per-row sums over ranks, times
+ * 1/2, through the same row-wise optimizer (Adagrad).
+ */
+
+#define SP_MIN_PART 64u /* Bytes: the kernels are split. */
+#define SP_NT 3         /* Tables. */
+#define SP_DIM 4        /* Their rows. */
+#define SP_NB 6         /* Rows per table in a batch. */
+
+static ps_init_cfg sparse_init_cfg(void) {
+    ps_init_cfg c = init_cfg();
+    c.table_optim = ps_optim_defaults(PS_OPTIM_ADAGRAD, LR);
+    return c;
+}
+
+static cm_model *sparse_model(void) {
+    cm_ctr_spec sp = {.nfields = SP_NT, .emb_dim = SP_DIM - 1, .nhidden = 1, .hidden = {8}};
+    cm_model *m = NULL;
+    assert_int_equal(cm_model_create_deepfm(&sp, &m), CM_OK);
+    return m;
+}
+
+/* Both shards without a model (checkpointed as fx_data_dir and fx_every
+ * say), clients of the DeepFM for ranks 0 and 1 retrying unavailable
+ * shards for connect_ms. */
+static void fx_start_sparse(int64_t connect_ms) {
+    fixture *f = &F;
+    memset(f, 0, sizeof *f);
+    f->m = sparse_model();
+    assert_int_equal(cm_placement_create(f->m, 2, SP_MIN_PART, &f->pl), CM_OK);
+    for (int i = 0; i < 2; i++) {
+        ps_server_cfg sc = {.nshards = 2};
+        fx_serve(i, &sc);
+    }
+    fx_connect(connect_ms);
+}
+
+static void sparse_init_ok(void) {
+    ps_init_cfg c = sparse_init_cfg();
+    char err[512] = "";
+    if (ps_client_init(F.cli[0], &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
+}
+
+/* The local replay of a sparse run: its own model (it outlives the
+ * servers' restarts), the rows and the dense values (initially F.init). */
+typedef struct sparse_ref {
+    cm_model *m;
+    ps_rows *rows;
+    float *dense;
+} sparse_ref;
+
+static sparse_ref sparse_ref_new(void) {
+    ps_init_cfg ic = sparse_init_cfg();
+    sparse_ref r = {.m = sparse_model()};
+    r.rows = ps_rows_create(r.m, &ic.table_optim, SEED);
+    r.dense = malloc(r.m->numel * sizeof *r.dense);
+    assert_non_null(r.dense);
+    memcpy(r.dense, F.init, r.m->numel * sizeof *r.dense);
+    return r;
+}
+
+static void sparse_ref_free(sparse_ref *r) {
+    ps_rows_destroy(r->rows);
+    cm_model_destroy(r->m);
+    free(r->dense);
+}
+
+/* One worker's batch: SP_NB distinct ids per table (both shards' rows),
+ * grouped by table as ps_row_keys wants, and their gradients (multiples of
+ * 1/16, SP_DIM a row). */
+typedef struct batch {
+    size_t tab_begin[SP_NT + 1];
+    uint64_t ids[SP_NT * SP_NB];
+    float g[SP_NT * SP_NB * SP_DIM];
+    ps_row_keys keys;
+} batch;
+
+static void batch_fill(batch *b, int worker, int64_t step) {
+    size_t u = 0;
+    for (int t = 0; t < SP_NT; t++) {
+        b->tab_begin[t] = u;
+        for (int i = 0; i < SP_NB; i++, u++) {
+            uint64_t id = (uint64_t)((worker * 5 + step * 3 + i * 2) % 30) + (uint64_t)t * 1000;
+            b->ids[u] = id;
+            for (int j = 0; j < SP_DIM; j++)
+                b->g[u * SP_DIM + (size_t)j] =
+                    (float)((int)((id * 3 + (uint64_t)j * 5 + (uint64_t)worker * 7 +
+                                   (uint64_t)step * 11 + (uint64_t)t * 13) %
+                                  17) -
+                            8) /
+                    16.0f;
+        }
+    }
+    b->tab_begin[SP_NT] = u;
+    b->keys = (ps_row_keys){.ntables = SP_NT, .tab_begin = b->tab_begin, .ids = b->ids};
+}
+
+/* The reference rows after one sync step of both workers' batches. */
+static void replay_step(ps_rows *ref, const batch *b0, const batch *b1) {
+    for (int t = 0; t < SP_NT; t++) {
+        for (size_t u = b0->tab_begin[t]; u < b0->tab_begin[t + 1]; u++) {
+            float sum[SP_DIM];
+            memcpy(sum, &b0->g[u * SP_DIM], sizeof sum);
+            for (size_t k = b1->tab_begin[t]; k < b1->tab_begin[t + 1]; k++)
+                if (b1->ids[k] == b0->ids[u])
+                    for (int j = 0; j < SP_DIM; j++) sum[j] += b1->g[k * SP_DIM + (size_t)j];
+            ps_rows_apply(ref, t, &b0->ids[u], 1, sum, 0.5f);
+        }
+        for (size_t k = b1->tab_begin[t]; k < b1->tab_begin[t + 1]; k++) {
+            int in0 = 0;
+            for (size_t u = b0->tab_begin[t]; u < b0->tab_begin[t + 1]; u++)
+                in0 |= b0->ids[u] == b1->ids[k];
+            if (!in0) ps_rows_apply(ref, t, &b1->ids[k], 1, &b1->g[k * SP_DIM], 0.5f);
+        }
+    }
+}
+
+/* The rows of 'keys' in ref (create: as a training read) into out. */
+static void ref_read(ps_rows *ref, const ps_row_keys *keys, int create, float *out) {
+    for (int t = 0; t < SP_NT; t++)
+        ps_rows_read(ref, t, keys->ids + keys->tab_begin[t],
+                     keys->tab_begin[t + 1] - keys->tab_begin[t], create,
+                     out + keys->tab_begin[t] * SP_DIM);
+}
+
+/* Sync step 'step' of both ranks through push_pull_rows: each pushes its
+ * batch and asks for its next batch's rows; dense params, wanted rows and
+ * versions must equal the replay, which this advances (dense in dref). */
+static void sparse_step_as(int64_t step, int with_want, ps_rows *ref, float *dref) {
+    size_t n = F.m->numel;
+    static batch b[2], want[2];
+    float *g[2], *params[2], vals[2][SP_NT * SP_NB * SP_DIM];
+    ps_ticket *t[2];
+    for (int r = 0; r < 2; r++) {
+        batch_fill(&b[r], r, step);
+        batch_fill(&want[r], r, step + 1);
+        g[r] = malloc(n * sizeof(float));
+        params[r] = malloc(n * sizeof(float));
+        assert_true(g[r] && params[r]);
+        grad_fill(g[r], n, r, step);
+        int rc = ps_client_push_pull_rows(F.cli[r], step, g[r], params[r], &b[r].keys, b[r].g,
+                                          with_want ? &want[r].keys : NULL,
+                                          with_want ? vals[r] : NULL, &t[r]);
+        assert_int_equal(rc, CM_OK);
+    }
+    for (int r = 0; r < 2; r++) {
+        char err[512] = "";
+        int64_t v = -1;
+        if (ps_ticket_wait(t[r], &v, err, sizeof err) != CM_OK) fail_msg("rank %d: %s", r, err);
+        assert_int_equal(v, step + 1);
+    }
+    ref_step(dref, step);
+    replay_step(ref, &b[0], &b[1]);
+    for (int r = 0; r < 2; r++) {
+        expect_same(dref, params[r], n);
+        if (with_want) {
+            float w[SP_NT * SP_NB * SP_DIM];
+            ref_read(ref, &want[r].keys, 1, w);
+            expect_same(w, vals[r], SP_NT * SP_NB * SP_DIM);
+        }
+        free(g[r]);
+        free(params[r]);
+    }
+}
+
+static void sparse_step(int64_t step, ps_rows *ref, float *dref) {
+    sparse_step_as(step, 1, ref, dref);
+}
+
+/* Every row of every table, by client dumps of both shards in pages of
+ * 'page', equals ref's: the same set, each row once, on its shard. */
+static void expect_dumps(ps_rows *ref, size_t page) {
+    for (int t = 0; t < SP_NT; t++) {
+        size_t total = 0;
+        for (int sh = 0; sh < 2; sh++) {
+            uint64_t from = 0, next = 0;
+            do {
+                uint64_t *ids = NULL;
+                float *vals = NULL;
+                size_t k = 0;
+                char err[512] = "";
+                if (ps_client_dump_rows(F.cli[1], sh, t, from, page, &ids, &vals, &k, &next, err,
+                                        sizeof err) != CM_OK)
+                    fail_msg("dump: %s", err);
+                assert_true(k <= page);
+                for (size_t i = 0; i < k; i++) {
+                    assert_int_equal(cm_row_shard(t, ids[i], 2), sh);
+                    const float *want = ps_rows_find(ref, t, ids[i], NULL);
+                    if (!want) fail_msg("table %d: row %llu should not exist", t,
+                                        (unsigned long long)ids[i]);
+                    expect_same(want, vals + i * SP_DIM, SP_DIM);
+                }
+                total += k;
+                from = next;
+                free(ids);
+                free(vals);
+            } while (next != 0);
+        }
+        /* Each row once: as many as the reference holds, all found there. */
+        if (total != ps_rows_count(ref, t))
+            fail_msg("table %d: %zu rows dumped, the reference holds %zu", t, total,
+                     ps_rows_count(ref, t));
+    }
+}
+
+/* Before the chief's Initialize a model-less server serves nothing: pushes
+ * and pulls fail UNAVAILABLE (quickly with a short connect timeout),
+ * Checkpoints says not initialised; an Initialize without a model, with a
+ * bad one, or whose cluster fingerprint does not match its model on this
+ * cluster is refused and changes nothing; a good one makes the shards
+ * serve; a second chief with another model is then refused, naming both. */
+static void test_sparse_learns_model_from_init(void **state) {
+    (void)state;
+    fx_start_sparse(300);
+    size_t n = F.m->numel;
+    float *buf = calloc(n, sizeof(float));
+    float vals[SP_NT * SP_NB * SP_DIM];
+    assert_non_null(buf);
+    char err[1024] = "";
+    ps_ticket *t = NULL;
+    batch b;
+    batch_fill(&b, 0, 0);
+    for (int op = 0; op < 3; op++) {
+        int64_t t0 = now_ms();
+        if (op == 0) assert_int_equal(ps_client_pull(F.cli[0], 0, buf, &t), CM_OK);
+        if (op == 1) assert_int_equal(ps_client_push(F.cli[0], 0, buf, &t), CM_OK);
+        if (op == 2)
+            assert_int_equal(ps_client_pull_rows(F.cli[0], 0, &b.keys, vals, 0, &t), CM_OK);
+        assert_int_equal(ps_ticket_wait(t, NULL, err, sizeof err), CM_EUNAVAIL);
+        if (!strstr(err, "UNAVAILABLE") || !strstr(err, "not initialised yet"))
+            fail_msg("op %d: %s", op, err);
+        assert_true(now_ms() - t0 < 4000);
+    }
+    ps_shard_checkpoints ck[2];
+    if (ps_client_checkpoints(F.cli[0], -1, ck, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    for (int i = 0; i < 2; i++) {
+        assert_false(ck[i].initialised);
+        assert_false(ck[i].durable);
+        assert_false(ck[i].recovering);
+    }
+    char msg[1024] = "";
+    Psrpc__Cluster cl = good_cluster();
+    Psrpc__StatsRequest sr = PSRPC__STATS_REQUEST__INIT;
+    sr.cluster = &cl;
+    int code = raw_msg("/psrpc.Ps/Stats", &sr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_UNAVAILABLE, "not initialised yet", NULL);
+
+    /* Bad Initializes. */
+    Psrpc__OptimizerConfig oc = PSRPC__OPTIMIZER_CONFIG__INIT, toc = PSRPC__OPTIMIZER_CONFIG__INIT;
+    oc.kind = "sgd";
+    oc.lr = LR;
+    toc.kind = "adagrad";
+    toc.lr = LR;
+    Psrpc__InitRequest ir = PSRPC__INIT_REQUEST__INIT;
+    ir.cluster = &cl;
+    ir.optimizer = &oc;
+    ir.table_optimizer = &toc;
+    ir.seed = SEED;
+    ir.num_workers = 2;
+    ir.sync = PSRPC__SYNC_MODE__SYNC_SYNC;
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "carries none", NULL);
+    ps_wire_spec spec;
+    ps_wire_spec_init(&spec, F.m, SP_MIN_PART);
+    ir.model = &spec.spec;
+    spec.spec.n_vars = 0;
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "bad model", "0 variables", NULL);
+    spec.spec.n_vars = (size_t)F.m->nvars;
+    /* The caller thinks of 3 PS: its fingerprint is not this cluster's. */
+    cm_placement *p3 = NULL;
+    assert_int_equal(cm_placement_create(F.m, 3, SP_MIN_PART, &p3), CM_OK);
+    char desc3[256];
+    Psrpc__Cluster cl3 = PSRPC__CLUSTER__INIT;
+    cl3.fingerprint = ps_wire_identity(F.m, p3, desc3, sizeof desc3);
+    cl3.description = desc3;
+    ir.cluster = &cl3;
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "cluster mismatch", F.desc, desc3,
+                "deepfm 3 tables of 4", "on 2 PS", "on 3 PS", NULL);
+    cm_placement_destroy(p3);
+    /* The right fingerprint for another model than the one sent. */
+    ir.cluster = &cl;
+    spec.vars[0].dim = 5;
+    code = raw_msg("/psrpc.Ps/Initialize", &ir.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_FAILED_PRECONDITION, "cluster mismatch", "tables of 5", F.desc,
+                NULL);
+    spec.vars[0].dim = SP_DIM;
+    if (ps_client_checkpoints(F.cli[0], -1, ck, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_false(ck[0].initialised);
+    code = raw_msg("/psrpc.Ps/Stats", &sr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_UNAVAILABLE, "not initialised yet", NULL);
+
+    ps_wire_spec_free(&spec);
+    /* A good one: both shards serve, in epoch 1. */
+    sparse_init_ok();
+    assert_int_equal(ps_client_epoch(F.cli[0]), 1);
+    if (ps_client_checkpoints(F.cli[0], -1, ck, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_true(ck[0].initialised && ck[1].initialised);
+    expect_values(0, 0, F.init);
+    assert_int_equal(ps_client_pull_rows(F.cli[1], 0, &b.keys, vals, 0, &t), CM_OK);
+    if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    for (int tb = 0; tb < SP_NT; tb++)
+        for (size_t u = b.tab_begin[tb]; u < b.tab_begin[tb + 1]; u++) {
+            float want[SP_DIM];
+            cm_row_init(&F.m->vars[F.m->table_var[tb]], SEED, b.ids[u], want);
+            expect_same(want, vals + u * SP_DIM, SP_DIM);
+        }
+
+    /* A second chief with another model (LR on the same inputs). */
+    cm_ctr_spec lsp = {.nfields = SP_NT};
+    cm_model *lr = NULL;
+    cm_placement *lpl = NULL;
+    assert_int_equal(cm_model_create_lr(&lsp, &lr), CM_OK);
+    assert_int_equal(cm_placement_create(lr, 2, SP_MIN_PART, &lpl), CM_OK);
+    ps_client_cfg cc = {.model = lr, .placement = lpl, .ps_addrs = F.addrs, .rank = 0,
+                        .deadline_ms = DEADLINE, .connect_timeout_ms = 300};
+    ps_client *other = NULL;
+    if (ps_client_open(&cc, &other, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ps_init_cfg ic = sparse_init_cfg();
+    assert_int_equal(ps_client_init(other, &ic, err, sizeof err), CM_EINVAL);
+    if (!strstr(err, "FAILED_PRECONDITION") || !strstr(err, "cluster mismatch") ||
+        !strstr(err, "deepfm 3 tables of 4") || !strstr(err, "lr 3 tables of 1"))
+        fail_msg("%s", err);
+    ps_client_close(other);
+    cm_placement_destroy(lpl);
+    cm_model_destroy(lr);
+    expect_values(0, 0, F.init);
+    free(buf);
+    fx_stop();
+}
+
+/* push_pull_rows and pull_rows over 2 shards equal the local replay, step
+ * after step; an evaluation pull creates nothing, a training pull does;
+ * the dumps through the client hold every row once. */
+static void test_sparse_round_trip(void **state) {
+    (void)state;
+    fx_start_sparse(2000);
+    sparse_init_ok();
+    sparse_ref R = sparse_ref_new();
+    ps_rows *ref = R.rows;
+    float *dref = R.dense;
+    for (int64_t step = 0; step < 3; step++) sparse_step(step, ref, dref);
+    expect_values(3, 3, dref);
+    ps_client_stats st;
+    char err[512] = "";
+    if (ps_client_stats_get(F.cli[0], &st, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(st.rows, ps_rows_total(ref));
+    assert_int_equal(st.min_version, 3);
+
+    /* Evaluation reads of rows seen and never seen: values, nothing made. */
+    batch e;
+    batch_fill(&e, 3, 9);
+    for (int i = 0; i < SP_NB; i++) e.ids[i] += 500; /* Table 0: rows nobody trained. */
+    float got[SP_NT * SP_NB * SP_DIM], want[SP_NT * SP_NB * SP_DIM];
+    ps_ticket *t = NULL;
+    assert_int_equal(ps_client_pull_rows(F.cli[1], 3, &e.keys, got, 0, &t), CM_OK);
+    int64_t v = -1;
+    if (ps_ticket_wait(t, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(v, 3);
+    ref_read(ref, &e.keys, 0, want);
+    expect_same(want, got, SP_NT * SP_NB * SP_DIM);
+    ps_client_stats st2;
+    if (ps_client_stats_get(F.cli[0], &st2, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(st2.rows, st.rows);
+    assert_true(st2.rows_pulled > st.rows_pulled);
+    /* A training read creates them, with the same values. */
+    assert_int_equal(ps_client_pull_rows(F.cli[1], 0, &e.keys, got, 1, &t), CM_OK);
+    if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ref_read(ref, &e.keys, 1, want);
+    expect_same(want, got, SP_NT * SP_NB * SP_DIM);
+    if (ps_client_stats_get(F.cli[0], &st2, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(st2.rows, ps_rows_total(ref));
+    assert_true(st2.rows > st.rows);
+    /* A pull of rows of one table only calls the shards that hold them. */
+    size_t one_begin[SP_NT + 1] = {0, 1, 1, 1};
+    uint64_t one_id = e.ids[0];
+    ps_row_keys one = {.ntables = SP_NT, .tab_begin = one_begin, .ids = &one_id};
+    assert_int_equal(ps_client_pull_rows(F.cli[1], 0, &one, got, 0, &t), CM_OK);
+    if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    expect_same(want, got, SP_DIM);
+
+    expect_dumps(ref, 5);
+    expect_dumps(ref, 1000);
+    /* Bad client arguments: no ticket. */
+    assert_int_equal(ps_client_pull_rows(F.cli[1], 0, NULL, got, 0, &t), CM_EINVAL);
+    assert_null(t);
+    batch bad = e;
+    bad.keys.ntables = 2;
+    assert_int_equal(ps_client_pull_rows(F.cli[1], 0, &bad.keys, got, 0, &t), CM_EINVAL);
+    assert_int_equal(ps_client_push_pull_rows(F.cli[1], 3, dref, dref, &bad.keys, bad.g, NULL,
+                                              NULL, &t),
+                     CM_EINVAL);
+    uint64_t *ids = NULL;
+    float *vals = NULL;
+    size_t k = 0;
+    uint64_t next = 0;
+    assert_int_equal(ps_client_dump_rows(F.cli[1], 2, 0, 0, 10, &ids, &vals, &k, &next, err,
+                                         sizeof err),
+                     CM_EINVAL);
+    assert_int_equal(ps_client_dump_rows(F.cli[1], 0, SP_NT, 0, 10, &ids, &vals, &k, &next, err,
+                                         sizeof err),
+                     CM_EINVAL);
+    sparse_ref_free(&R);
+    fx_stop();
+}
+
+/* Rows messages for raw requests: ids as bytes, values float32. */
+typedef struct raw_rows {
+    Psrpc__Rows r[4];
+    Psrpc__Rows *rp[4];
+    uint64_t ids[4][4];
+    float vals[4][4 * SP_DIM];
+} raw_rows;
+
+static void raw_rows_add(raw_rows *rr, size_t *n, uint32_t table, const uint64_t *ids, size_t k,
+                         int with_values) {
+    size_t i = (*n)++;
+    CHECK(i < 4 && k <= 4);
+    psrpc__rows__init(&rr->r[i]);
+    rr->r[i].table = table;
+    memcpy(rr->ids[i], ids, k * sizeof *ids);
+    rr->r[i].ids.data = (uint8_t *)rr->ids[i];
+    rr->r[i].ids.len = k * sizeof *ids;
+    rr->r[i].dtype = PSRPC__DTYPE__DTYPE_FLOAT32;
+    if (with_values) {
+        for (size_t j = 0; j < k * SP_DIM; j++) rr->vals[i][j] = 0.25f;
+        rr->r[i].data.data = (uint8_t *)rr->vals[i];
+        rr->r[i].data.len = k * SP_DIM * sizeof(float);
+    }
+    rr->rp[i] = &rr->r[i];
+}
+
+/* Malformed sparse requests are INVALID_ARGUMENT, and the server stays up
+ * with its version, rows and values as they were. */
+static void test_sparse_malformed_requests(void **state) {
+    (void)state;
+    fx_start_sparse(2000);
+    sparse_init_ok();
+    sparse_ref R = sparse_ref_new();
+    ps_rows *ref = R.rows;
+    float *dref = R.dense;
+    sparse_step(0, ref, dref);
+    Psrpc__StatsReply *st0 = raw_stats();
+    assert_int_equal(st0->version, 1);
+    /* Ids of each shard. */
+    uint64_t mine[4], theirs[4];
+    for (uint64_t id = 0, a = 0, o = 0; a < 4 || o < 4; id++) {
+        if (cm_row_shard(0, id, 2) == 0 && a < 4) mine[a++] = id;
+        if (cm_row_shard(0, id, 2) == 1 && o < 4) theirs[o++] = id;
+    }
+    Psrpc__Cluster cl = good_cluster();
+    cl.rank = 1;
+    char msg[1024];
+    int code, nbad = 0;
+    enum { IDS_BYTES, TABLE, OTHER_SHARD, NOT_FINAL, SHORT_DATA, NPUSH };
+    for (int k = 0; k < NPUSH; k++) {
+        raw_rows rr;
+        size_t nr = 0;
+        Psrpc__PushRequest req = PSRPC__PUSH_REQUEST__INIT;
+        req.cluster = &cl;
+        req.step = 1;
+        req.rows_final = 1;
+        raw_rows_add(&rr, &nr, 0, mine, 2, 1);
+        const char *want = NULL;
+        switch (k) {
+        case IDS_BYTES: rr.r[0].ids.len = 12; want = "12 id bytes, not a multiple of 8"; break;
+        case TABLE: rr.r[0].table = 7; want = "rows of table 7: the model has 3 tables"; break;
+        case OTHER_SHARD:
+            rr.ids[0][1] = theirs[0];
+            want = "belongs to shard 1, not 0";
+            break;
+        case NOT_FINAL: req.rows_final = 0; want = "rows_final"; break;
+        case SHORT_DATA: rr.r[0].data.len -= 2; want = "data bytes, expected"; break;
+        }
+        req.n_rows = nr;
+        req.rows = rr.rp;
+        for (int pp = 0; pp < 2; pp++) {
+            code = raw_msg(pp ? "/psrpc.Ps/PushPull" : "/psrpc.Ps/Push", &req.base, DEADLINE,
+                           msg, sizeof msg, NULL, NULL);
+            expect_fail(code, msg, RPC_INVALID_ARGUMENT, want, NULL);
+            nbad++;
+        }
+    }
+    /* Wants: a Pull's and a (good) PushPull's, refused before the push. */
+    enum { W_IDS_BYTES, W_TABLE, W_OTHER_SHARD, NWANT };
+    for (int k = 0; k < NWANT; k++) {
+        raw_rows rr;
+        size_t nr = 0;
+        raw_rows_add(&rr, &nr, 0, mine, 3, 0);
+        const char *want = NULL;
+        switch (k) {
+        case W_IDS_BYTES: rr.r[0].ids.len = 7; want = "not a multiple of 8"; break;
+        case W_TABLE: rr.r[0].table = 9; want = "rows asked of table 9: the model has 3"; break;
+        case W_OTHER_SHARD:
+            rr.ids[0][2] = theirs[1];
+            want = "lives on shard 1, not 0";
+            break;
+        }
+        Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+        pr.cluster = &cl;
+        pr.min_version = 1;
+        pr.rows_only = 1;
+        pr.n_want = nr;
+        pr.want = rr.rp;
+        code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+        expect_fail(code, msg, RPC_INVALID_ARGUMENT, want, NULL);
+        nbad++;
+        raw_rows good;
+        size_t ng = 0;
+        raw_rows_add(&good, &ng, 0, mine, 2, 1);
+        Psrpc__PushRequest req = PSRPC__PUSH_REQUEST__INIT;
+        req.cluster = &cl;
+        req.step = 1;
+        req.rows_final = 1;
+        req.n_rows = ng;
+        req.rows = good.rp;
+        req.n_want = nr;
+        req.want = rr.rp;
+        code = raw_msg("/psrpc.Ps/PushPull", &req.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+        expect_fail(code, msg, RPC_INVALID_ARGUMENT, want, NULL);
+        nbad++;
+    }
+    /* A dump of a table that does not exist. */
+    Psrpc__PullRequest dr = PSRPC__PULL_REQUEST__INIT;
+    dr.cluster = &cl;
+    dr.dump = 1;
+    dr.dump_table = 5;
+    code = raw_msg("/psrpc.Ps/Pull", &dr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "dump of table 5: the model has 3 tables", NULL);
+    nbad++;
+
+    /* Up and unchanged. */
+    Psrpc__StatsReply *st1 = raw_stats();
+    assert_int_equal(st1->version, st0->version);
+    assert_int_equal(st1->rows, st0->rows);
+    assert_int_equal(st1->rows_pushed, st0->rows_pushed);
+    assert_int_equal(st1->pushes, st0->pushes);
+    assert_int_equal(st1->bad_requests, st0->bad_requests + (uint64_t)nbad);
+    psrpc__stats_reply__free_unpacked(st0, NULL);
+    psrpc__stats_reply__free_unpacked(st1, NULL);
+    assert_int_equal(ps_server_wait(F.srv[0], 0), 0);
+    expect_values(1, 1, dref);
+    expect_dumps(ref, 100);
+    /* And the step goes on: rank 1's malformed pushes were not counted. */
+    sparse_step(1, ref, dref);
+    expect_dumps(ref, 100);
+    sparse_ref_free(&R);
+    fx_stop();
+}
+
+/* With a data directory the model is kept as the store's record: servers
+ * restarted without a model serve the same one, restore the rows of their
+ * last checkpoint (dumped as they were), and after the chief's rollback go
+ * on exactly as the replay. */
+static void test_sparse_restart_from_data_dir(void **state) {
+    (void)state;
+    char dir[] = "/tmp/test_ps_server_sparse.XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    fx_data_dir = dir;
+    fx_every = 1;
+    fx_start_sparse(2000);
+    sparse_init_ok();
+    sparse_ref R = sparse_ref_new();
+    ps_rows *ref = R.rows;
+    float *dref = R.dense;
+    for (int64_t step = 0; step < 2; step++) {
+        /* The last step reads no rows for the next: a training read after
+         * the last checkpoint creates rows it does not hold (their initial
+         * values: nothing is lost but their existence). */
+        sparse_step_as(step, step < 1, ref, dref);
+        ps_server_checkpoint_wait(F.srv[0]);
+        ps_server_checkpoint_wait(F.srv[1]);
+    }
+    expect_dumps(ref, 7);
+    fx_stop();
+
+    fx_start_sparse(2000);
+    ps_shard_checkpoints ck[2];
+    char err[512] = "";
+    /* The cluster fingerprint of the DeepFM is accepted: the same model. */
+    if (ps_client_checkpoints(F.cli[0], -1, ck, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    for (int i = 0; i < 2; i++) {
+        assert_true(ck[i].initialised && ck[i].recovering && ck[i].durable);
+        assert_int_equal(ck[i].version, 2);
+    }
+    expect_dumps(ref, 7);
+    ps_client_stats st;
+    if (ps_client_stats_get(F.cli[0], &st, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(st.rows, ps_rows_total(ref));
+    /* The same Init is accepted (restored config), then the rollback. */
+    sparse_init_ok();
+    if (ps_client_rollback(F.cli[0], 2, 2, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ps_client_set_epoch(F.cli[1], 2);
+    expect_values(2, 2, dref);
+    sparse_step(2, ref, dref);
+    expect_dumps(ref, 7);
+    fx_stop();
+    fx_data_dir = NULL;
+    fx_every = 0;
+
+    /* A server given another model on that directory is refused. */
+    cm_ctr_spec lsp = {.nfields = SP_NT};
+    cm_model *lr = NULL;
+    cm_placement *lpl = NULL;
+    assert_int_equal(cm_model_create_lr(&lsp, &lr), CM_OK);
+    assert_int_equal(cm_placement_create(lr, 2, SP_MIN_PART, &lpl), CM_OK);
+    char sdir[512];
+    snprintf(sdir, sizeof sdir, "%s/shard-0", dir);
+    ps_server_cfg sc = {.model = lr, .placement = lpl, .shard = 0, .data_dir = sdir};
+    ps_server *s = (ps_server *)1;
+    assert_int_equal(ps_server_create(&sc, &s), CM_EINVAL);
+    assert_null(s);
+    cm_placement_destroy(lpl);
+    cm_model_destroy(lr);
+    sparse_ref_free(&R);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+/* ===== ps_wire: the model spec ===== */
+
+/* spec_init -> pack -> unpack -> spec_model gives the same model: the same
+ * fingerprint, description, variables and minimum partition. */
+static void spec_round_trip(const cm_model *m, size_t min_part) {
+    ps_wire_spec sp;
+    ps_wire_spec_init(&sp, m, min_part);
+    size_t len = protobuf_c_message_get_packed_size(&sp.spec.base);
+    uint8_t *buf = malloc(len ? len : 1);
+    assert_non_null(buf);
+    protobuf_c_message_pack(&sp.spec.base, buf);
+    ps_wire_spec_free(&sp);
+    Psrpc__ModelSpec *spec = psrpc__model_spec__unpack(NULL, len, buf);
+    free(buf);
+    assert_non_null(spec);
+    cm_model *got = NULL;
+    size_t got_min = 0;
+    char err[256] = "";
+    if (ps_wire_spec_model(spec, &got, &got_min, err, sizeof err) != CM_OK)
+        fail_msg("%s: %s", m->kind, err);
+    psrpc__model_spec__free_unpacked(spec, NULL);
+    assert_int_equal(got_min, min_part);
+    assert_true(cm_model_fingerprint(got) == cm_model_fingerprint(m));
+    char a[256], b[256];
+    ps_wire_describe(m, a, sizeof a);
+    ps_wire_describe(got, b, sizeof b);
+    assert_string_equal(a, b);
+    assert_int_equal(got->nvars, m->nvars);
+    assert_int_equal(got->numel, m->numel);
+    assert_int_equal(got->ntables, m->ntables);
+    for (int i = 0; i < m->nvars; i++) {
+        const cm_var *x = &m->vars[i], *y = &got->vars[i];
+        assert_string_equal(x->name, y->name);
+        assert_int_equal(x->kind, y->kind);
+        assert_int_equal(x->dim, y->dim);
+        assert_int_equal(x->offset, y->offset);
+        assert_int_equal(x->init, y->init);
+        assert_int_equal(x->fan_in, y->fan_in);
+        assert_int_equal(x->fan_out, y->fan_out);
+        assert_true(x->init_scale == y->init_scale);
+    }
+    /* Equal placements too, so every process agrees on the cluster. */
+    cm_placement *p1 = NULL, *p2 = NULL;
+    assert_int_equal(cm_placement_create(m, 3, min_part, &p1), CM_OK);
+    assert_int_equal(cm_placement_create(got, 3, min_part, &p2), CM_OK);
+    char d1[256], d2[256];
+    assert_true(ps_wire_identity(m, p1, d1, sizeof d1) == ps_wire_identity(got, p2, d2, sizeof d2));
+    assert_string_equal(d1, d2);
+    cm_placement_destroy(p1);
+    cm_placement_destroy(p2);
+    cm_model_destroy(got);
+}
+
+static void test_wire_spec_round_trip(void **state) {
+    (void)state;
+    static const int sizes[] = {784, 64, 10};
+    cm_model *m = NULL;
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &m), CM_OK);
+    spec_round_trip(m, MIN_PART);
+    char d[256];
+    ps_wire_describe(m, d, sizeof d);
+    assert_string_equal(d, "mlp 784,64,10");
+    cm_model_destroy(m);
+    m = sparse_model();
+    spec_round_trip(m, SP_MIN_PART);
+    ps_wire_describe(m, d, sizeof d);
+    assert_string_equal(d, "deepfm 3 tables of 4, 90 dense 8");
+    cm_model_destroy(m);
+    cm_ctr_spec sp = {.nfields = 5, .emb_init_scale = 0.03f};
+    assert_int_equal(cm_model_create_lr(&sp, &m), CM_OK);
+    spec_round_trip(m, 1024);
+    ps_wire_describe(m, d, sizeof d);
+    assert_string_equal(d, "lr 5 tables of 1, 1 dense");
+    cm_model_destroy(m);
+    assert_int_equal(cm_model_create_vector(1000, &m), CM_OK);
+    spec_round_trip(m, 4096);
+    cm_model_destroy(m);
+}
+
+/* Malformed specs are refused with a message, nothing created. */
+static void test_wire_spec_malformed(void **state) {
+    (void)state;
+    cm_model *dm = sparse_model();
+    enum { NO_VARS, HUGE_DIM, HUGE_NUMEL, TOO_MANY_DIMS, TABLE_DIM0, TABLE_DIM_HUGE, NAME_LONG,
+           NAME_NULL, DUP_NAME, BAD_KIND, BAD_INIT, GLOROT_NO_FAN, HUGE_FAN, MIN_PART_0,
+           MIN_PART_HUGE, NO_KIND, NCASES };
+    static const char *const wants[NCASES] = {
+        "0 variables", "dimension 0 is -1", "too large", "5 dimensions", "dim 0 out of range",
+        "out of range", "longer than 63 bytes", "name missing", "appears twice",
+        "unknown kind", "unknown initialiser", "Glorot needs", "Glorot needs",
+        "minimum partition of 0 bytes", "minimum partition", "bad model kind"};
+    for (int k = 0; k < NCASES; k++) {
+        ps_wire_spec sp;
+        ps_wire_spec_init(&sp, dm, SP_MIN_PART);
+        Psrpc__Variable *tv = &sp.vars[0];              /* field0 */
+        Psrpc__Variable *kv = &sp.vars[SP_NT + 1];      /* dnn0/kernel */
+        assert_int_equal(kv->n_shape, 2);
+        uint64_t shape5[5] = {1, 2, 3, 4, 5};
+        char longname[80];
+        memset(longname, 'x', 64);
+        longname[64] = 0;
+        switch (k) {
+        case NO_VARS: sp.spec.n_vars = 0; break;
+        case HUGE_DIM: kv->shape[0] = (uint64_t)1 << 41; break;
+        case HUGE_NUMEL: kv->shape[0] = kv->shape[1] = (uint64_t)1 << 20; break;
+        case TOO_MANY_DIMS: kv->n_shape = 5; kv->shape = shape5; break;
+        case TABLE_DIM0: tv->dim = 0; break;
+        case TABLE_DIM_HUGE: tv->dim = 1u << 20; break;
+        case NAME_LONG: tv->name = longname; break;
+        case NAME_NULL: tv->name = NULL; break;
+        case DUP_NAME: tv->name = kv->name; break;
+        case BAD_KIND: kv->kind = (Psrpc__VarKind)5; break;
+        case BAD_INIT: kv->init = 7; break;
+        case GLOROT_NO_FAN: kv->fan_in = 0; break;
+        case HUGE_FAN: kv->fan_out = (uint64_t)1 << 50; break;
+        case MIN_PART_0: sp.spec.min_part_bytes = 0; break;
+        case MIN_PART_HUGE: sp.spec.min_part_bytes = (uint64_t)1 << 41; break;
+        case NO_KIND: sp.spec.kind = ""; break;
+        }
+        cm_model *m = (cm_model *)1;
+        size_t mp = 0;
+        char err[256] = "";
+        int rc = ps_wire_spec_model(&sp.spec, &m, &mp, err, sizeof err);
+        if (rc != CM_EINVAL || m != NULL || !strstr(err, wants[k]))
+            fail_msg("case %d: rc %d, '%s', want '%s'", k, rc, err, wants[k]);
+        ps_wire_spec_free(&sp);
+    }
+    cm_model *m = (cm_model *)1;
+    size_t mp = 0;
+    char err[256] = "";
+    assert_int_equal(ps_wire_spec_model(NULL, &m, &mp, err, sizeof err), CM_EINVAL);
+    assert_null(m);
+    cm_model_destroy(dm);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_create_and_start_errors),
@@ -1479,6 +2256,12 @@ int main(void) {
         cmocka_unit_test(test_checkpoint_restore),
         cmocka_unit_test(test_init_from_values),
         cmocka_unit_test(test_destroy_with_waiting_pull),
+        cmocka_unit_test(test_sparse_learns_model_from_init),
+        cmocka_unit_test(test_sparse_round_trip),
+        cmocka_unit_test(test_sparse_malformed_requests),
+        cmocka_unit_test(test_sparse_restart_from_data_dir),
+        cmocka_unit_test(test_wire_spec_round_trip),
+        cmocka_unit_test(test_wire_spec_malformed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

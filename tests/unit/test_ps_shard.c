@@ -52,12 +52,19 @@ static void sleep_ms(int ms) {
     nanosleep(&ts, NULL);
 }
 
+#define NTAB 3  /* Tables of the rows fixture (rx_setup). */
+#define NRID 64 /* Ids of each table on shard 0 it keeps. */
+
 typedef struct fixture {
     cm_model *m;
     cm_placement *pl;
     ps_shard *s; /* Shard 0. */
     int nparts;
     const uint32_t *parts;
+    /* The rows fixture only: ids of each table that live on shard 0, and
+     * some that live on shard 1. */
+    uint64_t rid[NTAB][NRID];
+    uint64_t other[NTAB][4];
 } fixture;
 
 static int fx_setup(void **state) {
@@ -1580,11 +1587,20 @@ typedef struct hook_rec {
     ps_shard_config cfg;
 } hook_rec;
 
+/* A snapshot of shard s as its flat array (what a checkpoint keeps). */
+static void snapshot_flat(const ps_shard *s, const ps_snapshot *snap, float *flat) {
+    int nparts;
+    ps_shard_parts(s, &nparts);
+    for (int i = 0; i < nparts; i++)
+        memcpy(flat + ps_shard_part_offset(s, i), ps_snapshot_part(snap, i),
+               (ps_shard_part_offset(s, i + 1) - ps_shard_part_offset(s, i)) * sizeof(float));
+}
+
 static void rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
                      const ps_shard_config *cfg,
                      const ps_rows *rows) {
-    (void)rows;
     hook_rec *r = ud;
+    CHECK(rows == NULL); /* A model without tables. */
     CHECK(r->calls < 8);
     r->versions[r->calls++] = ps_snapshot_version(snap);
     ps_snapshot_unref(r->snap);
@@ -1620,10 +1636,7 @@ static void test_checkpoint_hook_and_restore(void **state) {
      * forward the same way: both must then compute version 5 bit for bit. */
     size_t numel = ps_shard_numel(f->s);
     float params[MAXN];
-    for (int i = 0; i < f->nparts; i++)
-        memcpy(params + ps_shard_part_offset(f->s, i), ps_snapshot_part(r.snap, i),
-               (ps_shard_part_offset(f->s, i + 1) - ps_shard_part_offset(f->s, i)) *
-                   sizeof(float));
+    snapshot_flat(f->s, r.snap, params);
     ps_shard *orig = f->s;
     ps_shard *fresh = NULL;
     assert_int_equal(ps_shard_create(f->m, f->pl, 0, &fresh), CM_OK);
@@ -1679,6 +1692,979 @@ static void test_checkpoint_hook_and_restore(void **state) {
     ps_shard_destroy(fresh);
 }
 
+/* ===== Rows of embedding tables =====
+ *
+ * The rows fixture: tables emb_a (dim 4), emb_b (dim 2) and emb_c (dim 7)
+ * between dense w [6,3] and b [3], placed on 2 shards with a 16-byte
+ * minimum partition (w is split); shard 0 is driven. Row gradients are
+ * multiples of 1/16 in [-0.5, 0.5] (exact in bfloat16). The reference for
+ * rows is a ps_rows store of the same model, optimizer and seed, given per
+ * (table, id) the workers' gradients summed in rank order (each worker's in
+ * the order it pushed them) and scaled as the shard scales them (mean: 1/W).
+ */
+
+#define RDIM 8 /* Widest row of the rows fixture. */
+#define MAXE 64 /* Row entries of one push, at most. */
+static const int rdims[NTAB] = {4, 2, 7};
+
+static int rx_setup(void **state) {
+    fixture *f = calloc(1, sizeof *f);
+    assert_non_null(f);
+    cm_var v[5];
+    memset(v, 0, sizeof v);
+    const char *names[5] = {"emb_a", "w", "emb_b", "b", "emb_c"};
+    for (int i = 0; i < 5; i++) snprintf(v[i].name, sizeof v[i].name, "%s", names[i]);
+    for (int t = 0, i = 0; i < 5; i += 2, t++) {
+        v[i].kind = CM_VAR_TABLE;
+        v[i].dim = rdims[t];
+        v[i].init = CM_INIT_UNIFORM;
+        v[i].init_scale = 0.125f;
+    }
+    v[1] = (cm_var){.kind = CM_VAR_DENSE, .ndims = 2, .dims = {6, 3},
+                    .init = CM_INIT_GLOROT_UNIFORM, .fan_in = 6, .fan_out = 3};
+    snprintf(v[1].name, sizeof v[1].name, "w");
+    v[3] = (cm_var){.kind = CM_VAR_DENSE, .ndims = 1, .dims = {3}, .init = CM_INIT_ZERO};
+    snprintf(v[3].name, sizeof v[3].name, "b");
+    char err[256] = "";
+    if (cm_model_create_from_vars("rows", v, 5, &f->m, err, sizeof err) != CM_OK)
+        fail_msg("%s", err);
+    assert_int_equal(f->m->ntables, NTAB);
+    assert_int_equal(cm_model_max_dim(f->m), 7);
+    assert_int_equal(cm_placement_create(f->m, 2, 16, &f->pl), CM_OK);
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &f->s), CM_OK);
+    f->parts = ps_shard_parts(f->s, &f->nparts);
+    assert_true(f->nparts >= 2 && f->nparts <= MAXP);
+    for (int t = 0; t < NTAB; t++) {
+        assert_int_equal(ps_shard_row_dim(f->s, (uint32_t)t), rdims[t]);
+        int k = 0, o = 0;
+        for (uint64_t id = 0; k < NRID || o < 4; id++) {
+            int sh = cm_row_shard(t, id, 2);
+            if (sh == 0 && k < NRID) f->rid[t][k++] = id;
+            if (sh == 1 && o < 4) f->other[t][o++] = id;
+        }
+    }
+    assert_int_equal(ps_shard_row_dim(f->s, NTAB), -1);
+    *state = f;
+    return 0;
+}
+
+/* One row gradient entry of a push. */
+typedef struct rent {
+    uint32_t t;
+    uint64_t id;
+    float g[RDIM];
+} rent;
+
+/* A worker's entries, in push order. */
+typedef struct rlist {
+    rent e[MAXE];
+    int n;
+} rlist;
+
+static void rlist_add(rlist *l, uint32_t t, uint64_t id, const float *g) {
+    CHECK(l->n < MAXE);
+    rent *e = &l->e[l->n++];
+    memset(e, 0, sizeof *e);
+    e->t = t;
+    e->id = id;
+    memcpy(e->g, g, (size_t)rdims[t] * sizeof(float));
+}
+
+/* The deterministic row gradients of (worker, step): for every table five
+ * of its first 24 shard-0 ids, overlapping between workers and steps, and
+ * table 0's first id once more at the end (a repeat within a push). */
+static void rlist_fill(const fixture *f, rlist *l, int worker, int64_t step) {
+    l->n = 0;
+    for (uint32_t t = 0; t < NTAB; t++)
+        for (int i = 0; i < 5; i++) {
+            uint64_t id = f->rid[t][(size_t)(worker * 3 + step * 5 + i * 4) % 24];
+            float g[RDIM];
+            for (int j = 0; j < rdims[t]; j++)
+                g[j] = (float)((int)((id * 3 + (uint64_t)j * 5 + (uint64_t)worker * 7 +
+                                      (uint64_t)step * 11 + t * 13) % 17) - 8) / 16.0f;
+            rlist_add(l, t, id, g);
+        }
+    rlist_add(l, 0, l->e[0].id, l->e[1].g);
+}
+
+/* A list as ps_row_grads: one per run of entries of one table, data copied
+ * to odd addresses, float32 or bfloat16. */
+typedef struct rows_buf {
+    ps_row_grad r[MAXE];
+    uint64_t ids[MAXE];
+    uint8_t raw[1 + MAXE * RDIM * 4 + 64];
+    int n;
+} rows_buf;
+
+static void rows_make(const rlist *l, int dtype, rows_buf *rb) {
+    memset(rb, 0, sizeof *rb);
+    size_t off = 1, vsize = dtype == PS_DTYPE_BFLOAT16 ? 2 : 4;
+    for (int i = 0; i < l->n; i++) {
+        const rent *e = &l->e[i];
+        size_t len = (size_t)rdims[e->t] * vsize;
+        if (dtype == PS_DTYPE_BFLOAT16) {
+            uint16_t h[RDIM];
+            ps_wire_bf16_from_f32(h, e->g, (size_t)rdims[e->t]);
+            memcpy(rb->raw + off, h, len);
+        } else {
+            memcpy(rb->raw + off, e->g, len);
+        }
+        rb->ids[i] = e->id;
+        if (rb->n > 0 && rb->r[rb->n - 1].table == e->t) {
+            rb->r[rb->n - 1].n++;
+            rb->r[rb->n - 1].len += len;
+        } else {
+            rb->r[rb->n++] = (ps_row_grad){.table = e->t, .ids = &rb->ids[i], .n = 1,
+                                          .dtype = dtype, .data = rb->raw + off, .len = len};
+        }
+        off += len;
+    }
+}
+
+/* Push worker w's step: the first 'ndense' partitions of its dense
+ * gradient (-1: every one) and its rows 'l' (NULL: none) as 'dtype',
+ * rows_final as given. */
+static int push_rows_as(fixture *f, ps_shard *s, int w, int64_t step, int ndense,
+                        const rlist *l, int dtype, int final, int64_t *version, char *err,
+                        size_t errlen) {
+    float g[MAXN];
+    push_buf pb;
+    rows_buf rb;
+    grad_fill(g, f->m->numel, w, step);
+    push_make(f, g, &pb);
+    rows_make(l ? l : &(rlist){.n = 0}, dtype, &rb);
+    return ps_shard_push_rows(s, w, step, pb.g, ndense < 0 ? pb.n : ndense, rb.r, rb.n, final,
+                              version, err, errlen);
+}
+
+/* The same, float32 rows and every partition (dense) or none. */
+static int push_rows(fixture *f, ps_shard *s, int w, int64_t step, int dense, const rlist *l,
+                     int final, int64_t *version, char *err, size_t errlen) {
+    return push_rows_as(f, s, w, step, dense ? -1 : 0, l, PS_DTYPE_FLOAT32, final, version,
+                        err, errlen);
+}
+
+static void push_rows_ok(fixture *f, ps_shard *s, int w, int64_t step, int dense,
+                         const rlist *l, int final, int want, int64_t want_version) {
+    char err[256] = "";
+    int64_t v = -1;
+    int rc = push_rows(f, s, w, step, dense, l, final, &v, err, sizeof err);
+    if (rc != want) fail_msg("worker %d step %lld: rc %d, want %d: %s", w, (long long)step, rc,
+                             want, err);
+    assert_int_equal(v, want_version);
+}
+
+/* The reference step: sum per (table, id) over lists[0..W) in order (rank
+ * order, then push order), apply each sum once, times scale. */
+static void replay(ps_rows *ref, const rlist *const *lists, int W, float scale) {
+    static rent keys[4 * MAXE];
+    int nk = 0;
+    for (int w = 0; w < W; w++)
+        for (int i = 0; i < lists[w]->n; i++) {
+            const rent *e = &lists[w]->e[i];
+            int k = 0;
+            while (k < nk && !(keys[k].t == e->t && keys[k].id == e->id)) k++;
+            if (k == nk) {
+                keys[nk++] = *e;
+            } else {
+                for (int j = 0; j < rdims[e->t]; j++) keys[k].g[j] += e->g[j];
+            }
+        }
+    for (int k = 0; k < nk; k++) ps_rows_apply(ref, (int)keys[k].t, &keys[k].id, 1, keys[k].g, scale);
+}
+
+/* Every row of shard s, by dump, equals ref's (same set, same bits). */
+static void expect_rows(ps_shard *s, ps_rows *ref) {
+    static uint64_t ids[1024];
+    static float vals[1024 * RDIM];
+    for (int t = 0; t < NTAB; t++) {
+        uint64_t next = 1;
+        size_t n = ps_shard_dump_rows(s, (uint32_t)t, 0, 1024, ids, vals, &next);
+        assert_int_equal(next, 0);
+        if (n != ps_rows_count(ref, t))
+            fail_msg("table %d: %zu rows, want %zu", t, n, ps_rows_count(ref, t));
+        for (size_t i = 0; i < n; i++) {
+            const float *want = ps_rows_find(ref, t, ids[i], NULL);
+            if (!want) fail_msg("table %d: row %llu should not exist", t, (unsigned long long)ids[i]);
+            for (int j = 0; j < rdims[t]; j++)
+                if (memcmp(&want[j], &vals[i * (size_t)rdims[t] + (size_t)j], 4))
+                    fail_msg("table %d row %llu value %d: want %.9g got %.9g", t,
+                             (unsigned long long)ids[i], j, (double)want[j],
+                             (double)vals[i * (size_t)rdims[t] + (size_t)j]);
+        }
+    }
+}
+
+static ps_shard_config rcfg(int workers, int sync, int table_kind) {
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, workers, sync, PS_AGG_MEAN);
+    c.table_optim = ps_optim_defaults(table_kind, 0.5f);
+    return c;
+}
+
+static void init_on(ps_shard *s, const ps_shard_config *c) {
+    char err[256] = "";
+    int64_t v = -1;
+    if (ps_shard_init(s, c, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+}
+
+/* Initialise f->s with c, fill both workers' row lists of step 0 and push
+ * worker 0's (dense and rows, final). */
+static void start_step0(fixture *f, const ps_shard_config *c, rlist *l0, rlist *l1) {
+    init_on(f->s, c);
+    rlist_fill(f, l0, 0, 0);
+    rlist_fill(f, l1, 1, 0);
+    push_rows_ok(f, f->s, 0, 0, 1, l0, 1, PS_PUSH_OK, 0);
+}
+
+/* Shard s holds exactly the rows of step 0 of two workers (mean). */
+static void expect_step0_rows(fixture *f, ps_shard *s, const ps_shard_config *c,
+                              const rlist *l0, const rlist *l1) {
+    ps_rows *ref = ps_rows_create(f->m, &c->table_optim, SEED);
+    const rlist *ls[2] = {l0, l1};
+    replay(ref, ls, 2, 0.5f);
+    expect_rows(s, ref);
+    ps_rows_destroy(ref);
+}
+
+/* (a) Sync, 2 workers: step 0 closes only once both workers' rows are in
+ * (rows_final) and every dense partition has both contributions, in either
+ * order; a pull of rows at version 1 waits for it and then reads the rows
+ * after the step; dense values and rows equal the references (mean). */
+static void test_rows_sync_step_closes_when_all_in(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(2, PS_SYNC, PS_OPTIM_ADAGRAD);
+    init_on(f->s, &c);
+    ps_rows *ref = ps_rows_create(f->m, &c.table_optim, SEED);
+    rlist l0, l1;
+    rlist_fill(f, &l0, 0, 0);
+    rlist_fill(f, &l1, 1, 0);
+    /* A pull of version 1's rows, waiting. */
+    uint64_t want_ids[3] = {l0.e[0].id, l1.e[0].id, f->rid[0][40]};
+    float out[3 * 4];
+    memset(out, 0, sizeof out);
+    ps_row_req rq = {.table = 0, .ids = want_ids, .n = 3, .out = out};
+    catcher w;
+    catcher_init(&w);
+    ps_shard_pull_rows(f->s, 1, &rq, 1, 0, catch_cb, &w);
+    assert_int_equal(catcher_calls(&w), 0);
+
+    push_rows_ok(f, f->s, 0, 0, 1, &l0, 1, PS_PUSH_OK, 0);
+    push_rows_ok(f, f->s, 1, 0, 1, NULL, 0, PS_PUSH_OK, 0); /* Dense only. */
+    /* Every partition has both contributions, but worker 1's rows are not
+     * in: the step stays open and nothing of the rows is applied. */
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.version, 0);
+    assert_int_equal(st.rows, 0);
+    assert_int_equal(st.rows_pushed, (uint64_t)l0.n);
+    assert_int_equal(catcher_calls(&w), 0);
+    push_rows_ok(f, f->s, 1, 0, 0, &l1, 1, PS_PUSH_OK, 1); /* Rows alone: closes it. */
+    assert_int_equal(catcher_calls(&w), 1);
+    assert_int_equal(ps_snapshot_version(w.snap), 1);
+    const rlist *ls[2] = {&l0, &l1};
+    replay(ref, ls, 2, 0.5f);
+    expect_rows(f->s, ref);
+    float want[3 * 4];
+    ps_rows_read(ref, 0, want_ids, 3, 0, want);
+    expect_same(want, out, 12);
+    float d_ref[MAXN], d_got[MAXN];
+    initial(f, d_ref);
+    ref_sgd_mean(f, d_ref, 2, 0);
+    assert_int_equal(values(f, d_got), 1);
+    expect_same(d_ref, d_got, f->m->numel);
+    catcher_deinit(&w);
+
+    /* Step 1 the other way round: rows first, dense partitions last, some
+     * of them in a second push. */
+    rlist_fill(f, &l0, 0, 1);
+    rlist_fill(f, &l1, 1, 1);
+    push_rows_ok(f, f->s, 1, 1, 0, &l1, 1, PS_PUSH_OK, 1);
+    push_rows_ok(f, f->s, 0, 1, 0, &l0, 1, PS_PUSH_OK, 1);
+    push_rows_ok(f, f->s, 1, 1, 1, NULL, 0, PS_PUSH_OK, 1);
+    int64_t v = -1;
+    assert_int_equal(push_range(f, f->s, 0, 1, 0, 1, &v), PS_PUSH_OK);
+    assert_int_equal(v, 1); /* The other partitions are still missing. */
+    assert_int_equal(push_range(f, f->s, 0, 1, 1, f->nparts, &v), PS_PUSH_OK);
+    assert_int_equal(v, 2);
+    replay(ref, ls, 2, 0.5f);
+    expect_rows(f->s, ref);
+    ref_sgd_mean(f, d_ref, 2, 1);
+    assert_int_equal(values(f, d_got), 2);
+    expect_same(d_ref, d_got, f->m->numel);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.rows, ps_rows_total(ref));
+    assert_int_equal(st.rows_pushed, 2 * (uint64_t)(l0.n + l1.n));
+    ps_rows_destroy(ref);
+}
+
+/* Row gradients whose float sum depends on the order of the terms. */
+static void order_sensitive(const fixture *f, rlist *l, int worker) {
+    static const float tiny = 0x1p-25f;
+    static const float v[3][4] = {{1.0f, tiny, -1.0f, 0.5f},
+                                  {tiny, 1.0f, tiny, 0.25f},
+                                  {-1.0f, -1.0f, 1.0f, tiny}};
+    l->n = 0;
+    rlist_add(l, 0, f->rid[0][0], v[worker]);
+    rlist_add(l, 0, f->rid[0][1], v[(worker + 1) % 3]);
+    rlist_add(l, 0, f->rid[0][0], v[(worker + 2) % 3]); /* Repeat in one push. */
+    float g2[2] = {v[worker][0], v[worker][1]};
+    rlist_add(l, 1, f->rid[1][worker], g2); /* One worker's row only. */
+    rlist_add(l, 1, f->rid[1][5], g2);
+}
+
+/* (b) Sync, 3 workers: whatever order their pushes arrive in, the rows are
+ * bit for bit the same: the rank-order sum (which another order does not
+ * give for these values). */
+static void test_rows_sync_rank_order_sum(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(3, PS_SYNC, PS_OPTIM_SGD);
+    c.table_optim.lr = 1.0f;
+    rlist l[3];
+    for (int w = 0; w < 3; w++) order_sensitive(f, &l[w], w);
+    ps_rows *ref = ps_rows_create(f->m, &c.table_optim, SEED);
+    const rlist *ls[3] = {&l[0], &l[1], &l[2]};
+    replay(ref, ls, 3, 1.0f / 3.0f);
+    /* Summed in arrival order 2, 0, 1 instead, some row differs. */
+    ps_rows *alt = ps_rows_create(f->m, &c.table_optim, SEED);
+    const rlist *alt_ls[3] = {&l[2], &l[0], &l[1]};
+    replay(alt, alt_ls, 3, 1.0f / 3.0f);
+    const float *a = ps_rows_find(ref, 0, f->rid[0][0], NULL);
+    const float *b = ps_rows_find(alt, 0, f->rid[0][0], NULL);
+    assert_memory_not_equal(a, b, 4 * sizeof(float));
+    ps_rows_destroy(alt);
+
+    static const int orders[][3] = {{0, 1, 2}, {2, 0, 1}, {1, 2, 0}, {2, 1, 0}};
+    for (size_t k = 0; k < sizeof orders / sizeof orders[0]; k++) {
+        ps_shard *s = NULL;
+        assert_int_equal(ps_shard_create(f->m, f->pl, 0, &s), CM_OK);
+        init_on(s, &c);
+        for (int i = 0; i < 3; i++) {
+            int w = orders[k][i];
+            push_rows_ok(f, s, w, 0, 1, &l[w], 1, PS_PUSH_OK, i == 2 ? 1 : 0);
+        }
+        expect_rows(s, ref);
+        ps_shard_destroy(s);
+    }
+    ps_rows_destroy(ref);
+}
+
+/* (c) Retries: a push again (before or after the step closes) is a
+ * duplicate, acknowledged and not counted; rows sent once with new dense
+ * partitions are counted once. */
+static void test_rows_duplicate_not_counted(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(2, PS_SYNC, PS_OPTIM_ADAGRAD);
+    rlist l0, l1;
+    start_step0(f, &c, &l0, &l1);
+    push_rows_ok(f, f->s, 0, 0, 1, &l0, 1, PS_PUSH_DUPLICATE, 0); /* The same again. */
+    push_rows_ok(f, f->s, 0, 0, 0, &l0, 1, PS_PUSH_DUPLICATE, 0); /* Its rows again. */
+    push_rows_ok(f, f->s, 0, 0, 0, NULL, 1, PS_PUSH_DUPLICATE, 0); /* rows_final again. */
+    push_rows_ok(f, f->s, 1, 0, 1, NULL, 0, PS_PUSH_OK, 0);
+    push_rows_ok(f, f->s, 1, 0, 1, NULL, 0, PS_PUSH_DUPLICATE, 0);
+    /* Dense parts already given, rows new: counted for the rows only. */
+    push_rows_ok(f, f->s, 1, 0, 1, &l1, 1, PS_PUSH_OK, 1);
+    /* Retries after the step closed (a lost reply). */
+    push_rows_ok(f, f->s, 1, 0, 1, &l1, 1, PS_PUSH_DUPLICATE, 1);
+    push_rows_ok(f, f->s, 0, 0, 1, &l0, 1, PS_PUSH_DUPLICATE, 1);
+    expect_step0_rows(f, f->s, &c, &l0, &l1);
+    float d_ref[MAXN], d_got[MAXN];
+    initial(f, d_ref);
+    ref_sgd_mean(f, d_ref, 2, 0);
+    assert_int_equal(values(f, d_got), 1);
+    expect_same(d_ref, d_got, f->m->numel);
+    expect_stats(f->s, 1, 3, 6, 0, 0, 0);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.rows_pushed, (uint64_t)(l0.n + l1.n));
+}
+
+/* A shard's observable state: version, counters, dense values, every row. */
+typedef struct rstate {
+    ps_shard_stats st;
+    float dense[MAXN];
+    size_t n[NTAB];
+    uint64_t ids[NTAB][256];
+    float vals[NTAB][256 * RDIM];
+} rstate;
+
+static void rstate_get(fixture *f, ps_shard *s, rstate *r) {
+    memset(r, 0, sizeof *r);
+    ps_shard_stats_get(s, &r->st);
+    ps_shard *keep = f->s;
+    f->s = s;
+    values(f, r->dense);
+    f->s = keep;
+    for (int t = 0; t < NTAB; t++) {
+        uint64_t next = 1;
+        r->n[t] = ps_shard_dump_rows(s, (uint32_t)t, 0, 256, r->ids[t], r->vals[t], &next);
+        assert_int_equal(next, 0);
+    }
+}
+
+/* The same state, but bad_requests (pulls: the reads of rstate_get) grown
+ * by 'bad'. */
+static void expect_rstate(fixture *f, ps_shard *s, const rstate *before, uint64_t bad) {
+    static rstate now;
+    rstate_get(f, s, &now);
+    assert_int_equal(now.st.version, before->st.version);
+    assert_int_equal(now.st.pushes, before->st.pushes);
+    assert_int_equal(now.st.duplicate_pushes, before->st.duplicate_pushes);
+    assert_int_equal(now.st.rows, before->st.rows);
+    assert_int_equal(now.st.rows_pushed, before->st.rows_pushed);
+    assert_int_equal(now.st.min_worker_step, before->st.min_worker_step);
+    assert_int_equal(now.st.bad_requests, before->st.bad_requests + bad);
+    expect_same(before->dense, now.dense, f->m->numel);
+    for (int t = 0; t < NTAB; t++) {
+        assert_int_equal(now.n[t], before->n[t]);
+        assert_memory_equal(now.ids[t], before->ids[t], now.n[t] * sizeof(uint64_t));
+        expect_same(before->vals[t], now.vals[t], now.n[t] * (size_t)rdims[t]);
+    }
+}
+
+/* (d) Sync: rows without rows_final are refused (a worker's rows of a step
+ * come in one push) and change nothing, its dense partitions included. */
+static void test_rows_sync_need_final(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(2, PS_SYNC, PS_OPTIM_ADAGRAD);
+    rlist l0, l1, junk;
+    start_step0(f, &c, &l0, &l1);
+    rlist_fill(f, &junk, 1, 7);
+    static rstate before;
+    rstate_get(f, f->s, &before);
+    char err[256] = "";
+    int64_t v = -1;
+    assert_int_equal(push_rows(f, f->s, 1, 0, 1, &junk, 0, &v, err, sizeof err),
+                     PS_PUSH_INVALID);
+    assert_non_null(strstr(err, "rows_final"));
+    assert_int_equal(v, 0);
+    assert_int_equal(push_rows(f, f->s, 1, 0, 0, &junk, 0, &v, err, sizeof err),
+                     PS_PUSH_INVALID);
+    expect_rstate(f, f->s, &before, 2);
+    /* Worker 1 was not counted: its good push is accepted and closes the
+     * step with its real rows. */
+    push_rows_ok(f, f->s, 1, 0, 1, &l1, 1, PS_PUSH_OK, 1);
+    expect_step0_rows(f, f->s, &c, &l0, &l1);
+}
+
+/* (e) Validation: every bad row push is refused with a message naming the
+ * fault and leaves the shard as it was; bfloat16 rows are accepted and
+ * widened exactly; a model without tables refuses rows. */
+static void test_rows_validation(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(2, PS_SYNC, PS_OPTIM_ADAGRAD);
+    rlist l0, l1;
+    start_step0(f, &c, &l0, &l1);
+    static rstate before;
+    rstate_get(f, f->s, &before);
+    enum { TABLE, SHORT, LONG, BF16_LEN, DTYPE0, DTYPE3, OTHER_SHARD, NCASES };
+    for (int k = 0; k < NCASES; k++) {
+        float g[MAXN];
+        push_buf pb;
+        rows_buf rb;
+        grad_fill(g, f->m->numel, 1, 0);
+        push_make(f, g, &pb);
+        rows_make(&l1, PS_DTYPE_FLOAT32, &rb);
+        ps_row_grad *x = &rb.r[1]; /* Table 1 (dim 2). */
+        assert_int_equal(x->table, 1);
+        const char *want = NULL;
+        char buf[128];
+        switch (k) {
+        case TABLE: x->table = NTAB; want = "rows of table 3: the model has 3 tables"; break;
+        case SHORT:
+            x->len -= 4;
+            snprintf(buf, sizeof buf, "rows of table 1 (emb_b): %zu data bytes, expected %zu",
+                     x->n * 8 - 4, x->n * 8);
+            want = buf;
+            break;
+        case LONG: x->len += 1; want = "data bytes, expected"; break;
+        case BF16_LEN:
+            x->dtype = PS_DTYPE_BFLOAT16;
+            snprintf(buf, sizeof buf, "%zu data bytes, expected %zu (%zu ids of dim 2)", x->n * 8,
+                     x->n * 4, x->n);
+            want = buf;
+            break;
+        case DTYPE0: x->dtype = 0; want = "rows of table 1 (emb_b): dtype 0, must be"; break;
+        case DTYPE3: x->dtype = 3; want = "dtype 3"; break;
+        case OTHER_SHARD:
+            rb.ids[(size_t)(x->ids - rb.ids) + 1] = f->other[1][2];
+            snprintf(buf, sizeof buf, "row %llu of table 1 (emb_b) belongs to shard 1, not 0",
+                     (unsigned long long)f->other[1][2]);
+            want = buf;
+            break;
+        }
+        char err[256] = "";
+        int64_t v = -1;
+        for (int dense = 0; dense < 2; dense++) {
+            int rc = ps_shard_push_rows(f->s, 1, 0, pb.g, dense ? pb.n : 0, rb.r, rb.n, 1, &v,
+                                        err, sizeof err);
+            if (rc != PS_PUSH_INVALID || !strstr(err, want))
+                fail_msg("case %d: rc %d '%s', want '%s'", k, rc, err, want);
+            assert_int_equal(v, 0);
+        }
+    }
+    expect_rstate(f, f->s, &before, 2 * NCASES);
+
+    /* The good push, as bfloat16: the same rows as float32 would give (the
+     * values are exact in bfloat16). */
+    char err[256] = "";
+    int64_t v = -1;
+    assert_int_equal(push_rows_as(f, f->s, 1, 0, -1, &l1, PS_DTYPE_BFLOAT16, 1, &v, err,
+                                  sizeof err),
+                     PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    expect_step0_rows(f, f->s, &c, &l0, &l1);
+    /* Values that are not bfloat16-exact arrive rounded, not garbage. */
+    rlist r0, r1;
+    r0.n = r1.n = 0;
+    float odd[4] = {1.0f + 0x1p-10f, -3.0f - 0x1p-12f, 0x1p-30f, 1000.1f};
+    rlist_add(&r0, 0, f->rid[0][50], odd);
+    rlist_add(&r1, 0, f->rid[0][50], odd);
+    push_rows_ok(f, f->s, 0, 1, 1, &r0, 1, PS_PUSH_OK, 1);
+    assert_int_equal(push_rows_as(f, f->s, 1, 1, -1, &r1, PS_DTYPE_BFLOAT16, 1, &v, err,
+                                  sizeof err),
+                     PS_PUSH_OK);
+    assert_int_equal(v, 2);
+    uint16_t h[4];
+    ps_wire_bf16_from_f32(h, odd, 4);
+    for (int j = 0; j < 4; j++) {
+        uint32_t u = (uint32_t)h[j] << 16;
+        memcpy(&r1.e[0].g[j], &u, 4);
+    }
+    ps_rows *ref = ps_rows_create(f->m, &c.table_optim, SEED);
+    const rlist *ls[2] = {&l0, &l1}, *ls2[2] = {&r0, &r1};
+    replay(ref, ls, 2, 0.5f);
+    replay(ref, ls2, 2, 0.5f);
+    expect_rows(f->s, ref);
+    ps_rows_destroy(ref);
+}
+
+/* A model without tables refuses rows and rows_final, changing nothing. */
+static void test_rows_refused_without_tables(void **state) {
+    fixture *f = *state; /* The MLP fixture. */
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    int64_t v = -1;
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    float before[MAXN], after[MAXN], g[MAXN];
+    values(f, before);
+    grad_fill(g, f->m->numel, 1, 0);
+    push_buf pb;
+    push_make(f, g, &pb);
+    uint64_t id = 3;
+    float row[4] = {1, 2, 3, 4};
+    ps_row_grad rg = {.table = 0, .ids = &id, .n = 1, .dtype = PS_DTYPE_FLOAT32,
+                      .data = (const uint8_t *)row, .len = sizeof row};
+    char err[256] = "";
+    assert_int_equal(ps_shard_push_rows(f->s, 1, 0, pb.g, pb.n, &rg, 1, 1, &v, err, sizeof err),
+                     PS_PUSH_INVALID);
+    assert_non_null(strstr(err, "the model has no tables"));
+    assert_int_equal(ps_shard_push_rows(f->s, 1, 0, pb.g, pb.n, NULL, 0, 1, &v, err, sizeof err),
+                     PS_PUSH_INVALID);
+    assert_int_equal(ps_shard_push_rows(f->s, 1, 0, NULL, 0, NULL, 0, 1, &v, err, sizeof err),
+                     PS_PUSH_INVALID);
+    assert_int_equal(values(f, after), 0);
+    expect_same(before, after, f->m->numel);
+    expect_stats(f->s, 0, 1, 0, 0, 0, 3);
+    assert_int_equal(ps_shard_row_dim(f->s, 0), -1);
+    uint64_t ids[4], next = 9;
+    float vals[16];
+    assert_int_equal(ps_shard_dump_rows(f->s, 0, 0, 4, ids, vals, &next), 0);
+    assert_int_equal(next, 0);
+    /* Worker 1's dense push was never counted. */
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    assert_int_equal(v, 1);
+}
+
+/* (f) Async: each push's rows are applied at once (as given, no mean), a
+ * repeated id in one push summed into one update, rows_final not needed;
+ * a retry is a duplicate and applies nothing. */
+static void test_rows_async(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(2, PS_ASYNC, PS_OPTIM_ADAM);
+    init_on(f->s, &c);
+    ps_rows *ref = ps_rows_create(f->m, &c.table_optim, SEED);
+    float d_ref[MAXN], d_got[MAXN], g[MAXN];
+    initial(f, d_ref);
+    const struct {
+        int w;
+        int64_t step;
+        int dense, final;
+    } seq[] = {{0, 0, 0, 0}, {1, 0, 1, 1}, {1, 1, 1, 0}, {0, 3, 1, 0}};
+    for (int k = 0; k < 4; k++) {
+        rlist l;
+        rlist_fill(f, &l, seq[k].w, seq[k].step);
+        push_rows_ok(f, f->s, seq[k].w, seq[k].step, seq[k].dense, &l, seq[k].final,
+                     PS_PUSH_OK, k + 1);
+        const rlist *ls[1] = {&l};
+        replay(ref, ls, 1, 1.0f);
+        expect_rows(f->s, ref);
+        if (seq[k].dense) {
+            grad_fill(g, f->m->numel, seq[k].w, seq[k].step);
+            for (size_t i = 0; i < f->m->numel; i++) d_ref[i] = d_ref[i] - LR * g[i];
+            own_only(f, d_ref);
+        }
+        assert_int_equal(values(f, d_got), k + 1);
+        expect_same(d_ref, d_got, f->m->numel);
+    }
+    /* Retries. */
+    rlist l;
+    rlist_fill(f, &l, 0, 0);
+    push_rows_ok(f, f->s, 0, 0, 0, &l, 0, PS_PUSH_DUPLICATE, 4);
+    push_rows_ok(f, f->s, 1, 1, 1, &l, 0, PS_PUSH_DUPLICATE, 4);
+    expect_rows(f->s, ref);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.duplicate_pushes, 2);
+    assert_int_equal(st.rows, ps_rows_total(ref));
+    ps_rows_destroy(ref);
+
+    /* One push with the same row twice: one optimizer step with the sum. */
+    ps_shard *s = NULL;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &s), CM_OK);
+    init_on(s, &c);
+    ref = ps_rows_create(f->m, &c.table_optim, SEED);
+    rlist twice = {.n = 0};
+    float a[4] = {0.5f, -0.25f, 0.125f, 1.0f}, b[4] = {0.25f, 0.25f, -0.5f, -1.0f};
+    rlist_add(&twice, 0, f->rid[0][3], a);
+    rlist_add(&twice, 0, f->rid[0][3], b);
+    push_rows_ok(f, s, 0, 0, 0, &twice, 0, PS_PUSH_OK, 1);
+    float sum[4];
+    for (int j = 0; j < 4; j++) sum[j] = a[j] + b[j];
+    ps_rows_apply(ref, 0, &f->rid[0][3], 1, sum, 1.0f);
+    expect_rows(s, ref);
+    ps_rows_destroy(ref);
+    ps_shard_destroy(s);
+}
+
+/* Read rows of table t at once (the pull must be answered on this thread). */
+static int64_t pull_rows_now(ps_shard *s, int64_t min_version, uint32_t t, const uint64_t *ids,
+                             size_t n, int train, float *out) {
+    ps_row_req rq = {.table = t, .ids = ids, .n = n, .out = out};
+    catcher c;
+    catcher_init(&c);
+    ps_shard_pull_rows(s, min_version, &rq, 1, train, catch_cb, &c);
+    assert_int_equal(c.calls, 1);
+    assert_non_null(c.snap);
+    int64_t v = ps_snapshot_version(c.snap);
+    catcher_deinit(&c);
+    return v;
+}
+
+/* (g) An evaluation read (train 0) gives cm_row_init's values and creates
+ * nothing; a training read (train 1) gives the same and creates the rows;
+ * a read of version v + 1 waits until the step closes and reads the rows
+ * after it. */
+static void test_rows_pull(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(1, PS_SYNC, PS_OPTIM_ADAGRAD);
+    init_on(f->s, &c);
+    const cm_var *tv0 = &f->m->vars[f->m->table_var[0]];
+    const cm_var *tv2 = &f->m->vars[f->m->table_var[2]];
+    uint64_t ids[3] = {f->rid[0][2], f->rid[0][9], f->rid[0][2]};
+    float out[3 * 4], want[3 * 4], out2[7], want2[7];
+    for (int i = 0; i < 3; i++) cm_row_init(tv0, SEED, ids[i], want + 4 * i);
+    cm_row_init(tv2, SEED, f->rid[2][0], want2);
+    assert_int_equal(pull_rows_now(f->s, 0, 0, ids, 3, 0, out), 0);
+    expect_same(want, out, 12);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.rows, 0);
+    assert_int_equal(st.rows_pulled, 3);
+    /* Two tables in one pull, training: created, same values. */
+    ps_row_req rq[2] = {{.table = 0, .ids = ids, .n = 3, .out = out},
+                        {.table = 2, .ids = &f->rid[2][0], .n = 1, .out = out2}};
+    catcher cc;
+    catcher_init(&cc);
+    ps_shard_pull_rows(f->s, 0, rq, 2, 1, catch_cb, &cc);
+    assert_int_equal(cc.calls, 1);
+    catcher_deinit(&cc);
+    expect_same(want, out, 12);
+    expect_same(want2, out2, 7);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.rows, 3); /* Two of table 0 (one repeated), one of table 2. */
+    assert_int_equal(st.rows_pulled, 7);
+
+    /* A pull of version 1 waits for the step. */
+    ps_rows *ref = ps_rows_create(f->m, &c.table_optim, SEED);
+    ps_rows_read(ref, 0, ids, 3, 1, want);
+    ps_rows_read(ref, 2, &f->rid[2][0], 1, 1, want2);
+    rlist l = {.n = 0};
+    float g[4] = {0.5f, -0.5f, 0.25f, 0.0f};
+    rlist_add(&l, 0, ids[0], g);
+    rlist_add(&l, 0, f->rid[0][20], g); /* Not created before. */
+    uint64_t later[2] = {ids[0], f->rid[0][20]};
+    float lout[8];
+    memset(lout, 0, sizeof lout);
+    ps_row_req lrq = {.table = 0, .ids = later, .n = 2, .out = lout};
+    catcher w;
+    catcher_init(&w);
+    ps_shard_pull_rows(f->s, 1, &lrq, 1, 0, catch_cb, &w);
+    char err[256] = "";
+    int64_t v = -1;
+    /* Rows and one partition: the other partitions are still missing. */
+    assert_int_equal(push_rows_as(f, f->s, 0, 0, 1, &l, PS_DTYPE_FLOAT32, 1, &v, err,
+                                  sizeof err),
+                     PS_PUSH_OK);
+    assert_int_equal(v, 0);
+    assert_int_equal(catcher_calls(&w), 0);
+    /* Meanwhile reads of version 0 see the rows before the step. */
+    assert_int_equal(pull_rows_now(f->s, 0, 0, later, 1, 0, out), 0);
+    expect_same(want, out, 4);
+    assert_int_equal(push_range(f, f->s, 0, 0, 1, f->nparts, &v), PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    assert_int_equal(catcher_calls(&w), 1);
+    assert_int_equal(ps_snapshot_version(w.snap), 1);
+    catcher_deinit(&w);
+    const rlist *ls[1] = {&l};
+    replay(ref, ls, 1, 1.0f);
+    float lwant[8];
+    ps_rows_read(ref, 0, later, 2, 0, lwant);
+    expect_same(lwant, lout, 8);
+    expect_rows(f->s, ref);
+    /* An evaluation read of a row never trained still creates nothing. */
+    uint64_t fresh = f->rid[0][60];
+    assert_int_equal(pull_rows_now(f->s, 0, 0, &fresh, 1, 0, out), 1);
+    cm_row_init(tv0, SEED, fresh, want);
+    expect_same(want, out, 4);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.rows, ps_rows_total(ref));
+    /* A shard shut down answers a waiting row pull with NULL, unread. */
+    catcher_init(&w);
+    memset(lout, 0x5a, sizeof lout);
+    ps_shard_pull_rows(f->s, 5, &lrq, 1, 1, catch_cb, &w);
+    ps_shard_abort_waiters(f->s);
+    assert_int_equal(w.calls, 1);
+    assert_int_equal(w.nulls, 1);
+    for (int j = 0; j < 8; j++) {
+        uint32_t u;
+        memcpy(&u, &lout[j], 4);
+        assert_int_equal(u, 0x5a5a5a5au);
+    }
+    catcher_deinit(&w);
+    ps_rows_destroy(ref);
+}
+
+/* The publish hook's copy of the rows (what a checkpoint keeps). */
+typedef struct rows_rec {
+    int calls;
+    int64_t versions[8];
+    ps_snapshot *snap;
+    float slots[MAXN];
+    size_t numel;
+    size_t nrows[NTAB];
+    uint64_t ids[NTAB][256];
+    float vals[NTAB][256 * RDIM];
+    float rslots[NTAB][256 * 2 * RDIM];
+    int64_t counts[NTAB][256];
+    int nslots;
+    int t; /* The table being visited. */
+} rows_rec;
+
+static int rec_row(void *ud, uint64_t id, const float *values, const float *slots,
+                   int64_t count) {
+    rows_rec *r = ud;
+    int t = r->t, dim = rdims[t];
+    size_t k = r->nrows[t]++;
+    CHECK(k < 256);
+    r->ids[t][k] = id;
+    memcpy(&r->vals[t][k * (size_t)dim], values, (size_t)dim * sizeof(float));
+    memcpy(&r->rslots[t][k * 2 * (size_t)dim], slots,
+           (size_t)(r->nslots * dim) * sizeof(float));
+    r->counts[t][k] = count;
+    return CM_OK;
+}
+
+static void rows_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+                      const ps_shard_config *cfg, const ps_rows *rows) {
+    (void)cfg;
+    rows_rec *r = ud;
+    CHECK(rows != NULL);
+    CHECK(r->calls < 8);
+    r->versions[r->calls++] = ps_snapshot_version(snap);
+    ps_snapshot_unref(r->snap);
+    ps_snapshot_ref(snap);
+    r->snap = snap;
+    CHECK(nslots == 0 && slots == NULL); /* Dense SGD keeps none. */
+    r->nslots = ps_rows_nslots(rows);
+    for (int t = 0; t < NTAB; t++) {
+        r->nrows[t] = 0;
+        r->t = t;
+        CHECK(ps_rows_visit(rows, t, rec_row, r) == CM_OK);
+    }
+}
+
+static void rows_put_all(ps_shard *s, const rows_rec *r) {
+    for (int t = 0; t < NTAB; t++)
+        for (size_t k = 0; k < r->nrows[t]; k++)
+            ps_shard_rows_put(s, (uint32_t)t, r->ids[t][k], &r->vals[t][k * (size_t)rdims[t]],
+                              &r->rslots[t][k * 2 * (size_t)rdims[t]], r->counts[t][k]);
+}
+
+/* Run sync steps [from, to) of 2 workers on s (dense and rows). */
+static void run_steps(fixture *f, ps_shard *s, int64_t from, int64_t to) {
+    for (int64_t t = from; t < to; t++) {
+        rlist l0, l1;
+        rlist_fill(f, &l0, 0, t);
+        rlist_fill(f, &l1, 1, t);
+        push_rows_ok(f, s, 0, t, 1, &l0, 1, PS_PUSH_OK, t);
+        push_rows_ok(f, s, 1, t, 1, &l1, 1, PS_PUSH_OK, t + 1);
+    }
+}
+
+/* (h) The publish hook gets the rows at checkpoint versions; a rollback
+ * clears the rows and ps_shard_rows_put brings them back (values, slots,
+ * Adam's per-row counts), so the next step is bit for bit the original's;
+ * a fresh shard restored the same way agrees too. */
+static void test_rows_hook_rollback_restore(void **state) {
+    fixture *f = *state;
+    static rows_rec r;
+    memset(&r, 0, sizeof r);
+    ps_shard_set_publish_hook(f->s, 2, rows_hook, &r);
+    ps_shard_config c = rcfg(2, PS_SYNC, PS_OPTIM_ADAM);
+    init_on(f->s, &c);
+    run_steps(f, f->s, 0, 4);
+    assert_int_equal(r.calls, 2);
+    assert_int_equal(r.versions[0], 2);
+    assert_int_equal(r.versions[1], 4);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(r.nrows[0] + r.nrows[1] + r.nrows[2], st.rows);
+    assert_int_equal(r.nslots, 2);
+    /* Counts differ between rows (lazy Adam): the restore must keep them. */
+    int64_t cmin = INT64_MAX, cmax = 0;
+    for (size_t k = 0; k < r.nrows[0]; k++) {
+        if (r.counts[0][k] < cmin) cmin = r.counts[0][k];
+        if (r.counts[0][k] > cmax) cmax = r.counts[0][k];
+    }
+    assert_true(cmin >= 1 && cmax > cmin);
+    size_t numel = ps_shard_numel(f->s);
+    float params[MAXN];
+    snapshot_flat(f->s, r.snap, params);
+    static rows_rec v4;
+    memcpy(&v4, &r, sizeof v4);
+    v4.snap = NULL;
+    static rstate at4, at5;
+    rstate_get(f, f->s, &at4);
+    run_steps(f, f->s, 4, 5);
+    rstate_get(f, f->s, &at5);
+
+    /* Back to 0: no rows, initial values. */
+    char err[256] = "";
+    assert_int_equal(ps_shard_rollback(f->s, 0, NULL, NULL, err, sizeof err), CM_OK);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.version, 0);
+    assert_int_equal(st.rows, 0);
+    float out[4], want[4];
+    assert_int_equal(pull_rows_now(f->s, 0, 0, &v4.ids[0][0], 1, 0, out), 0);
+    cm_row_init(&f->m->vars[f->m->table_var[0]], SEED, v4.ids[0][0], want);
+    expect_same(want, out, 4);
+    /* Back to 4: dense from the snapshot, rows put back. */
+    assert_int_equal(ps_shard_rollback(f->s, 4, params, NULL, err, sizeof err), CM_OK);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.rows, 0);
+    rows_put_all(f->s, &v4);
+    static rstate now;
+    rstate_get(f, f->s, &now);
+    assert_int_equal(now.st.version, 4);
+    for (int t = 0; t < NTAB; t++) {
+        assert_int_equal(now.n[t], at4.n[t]);
+        assert_memory_equal(now.ids[t], at4.ids[t], now.n[t] * sizeof(uint64_t));
+        expect_same(at4.vals[t], now.vals[t], now.n[t] * (size_t)rdims[t]);
+    }
+    run_steps(f, f->s, 4, 5);
+    rstate_get(f, f->s, &now);
+    expect_same(at5.dense, now.dense, f->m->numel);
+    for (int t = 0; t < NTAB; t++) {
+        assert_int_equal(now.n[t], at5.n[t]);
+        assert_memory_equal(now.ids[t], at5.ids[t], now.n[t] * sizeof(uint64_t));
+        expect_same(at5.vals[t], now.vals[t], now.n[t] * (size_t)rdims[t]);
+    }
+    /* A fresh shard restored from version 4 the same way. */
+    ps_shard *fresh = NULL;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &fresh), CM_OK);
+    assert_int_equal(ps_shard_restore(fresh, &c, 4, params, NULL, err, sizeof err), CM_OK);
+    assert_int_equal(numel, ps_shard_numel(fresh));
+    rows_put_all(fresh, &v4);
+    run_steps(f, fresh, 4, 5);
+    rstate_get(f, fresh, &now);
+    expect_same(at5.dense, now.dense, f->m->numel);
+    for (int t = 0; t < NTAB; t++) {
+        assert_int_equal(now.n[t], at5.n[t]);
+        expect_same(at5.vals[t], now.vals[t], now.n[t] * (size_t)rdims[t]);
+    }
+    ps_shard_destroy(fresh);
+    /* The final checkpoint (publish_now) gets the rows too. */
+    int before = r.calls;
+    assert_int_equal(ps_shard_publish_now(f->s), 1);
+    assert_int_equal(r.calls, before + 1);
+    assert_int_equal(r.versions[before], 5);
+    ps_snapshot_unref(r.snap);
+    r.snap = NULL;
+    ps_shard_set_publish_hook(f->s, 0, NULL, NULL);
+}
+
+/* dump_rows pages (from, max, next) cover every row exactly once, in the
+ * order rows were created, with their values. */
+static void test_rows_dump_pages(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(2, PS_SYNC, PS_OPTIM_ADAGRAD);
+    init_on(f->s, &c);
+    run_steps(f, f->s, 0, 6);
+    /* More rows: a training read creates them. */
+    float tmp[NRID * RDIM];
+    assert_int_equal(pull_rows_now(f->s, 0, 0, f->rid[0], NRID, 1, tmp), 6);
+    static rstate all;
+    rstate_get(f, f->s, &all);
+    assert_int_equal(all.n[0], NRID);
+    for (int t = 0; t < NTAB; t++) {
+        size_t n = all.n[t], dim = (size_t)rdims[t];
+        assert_true(n >= 10);
+        static const size_t sizes[] = {1, 3, 7, 9};
+        for (size_t k = 0; k < 4 + 3; k++) {
+            /* Pages of several sizes, and of exactly n, n - 1 and n + 1. */
+            size_t max = k < 4 ? sizes[k] : n - 1 + (k - 4);
+            uint64_t from = 0, ids[256];
+            float vals[256 * RDIM];
+            size_t got = 0;
+            for (int page = 0;; page++) {
+                uint64_t next = 12345;
+                size_t m = ps_shard_dump_rows(f->s, (uint32_t)t, from, max, ids, vals, &next);
+                assert_true(m <= max);
+                assert_int_equal(m, got + max <= n ? max : n - got);
+                assert_memory_equal(ids, all.ids[t] + got, m * sizeof(uint64_t));
+                expect_same(all.vals[t] + got * dim, vals, m * dim);
+                got += m;
+                if (got < n) {
+                    assert_int_equal(next, got);
+                } else {
+                    assert_int_equal(next, 0);
+                    break;
+                }
+                from = next;
+                assert_true(page < 300);
+            }
+            assert_int_equal(got, n);
+        }
+        /* Every id once, and the values of an evaluation read. */
+        for (size_t i = 0; i < n; i++)
+            for (size_t j = i + 1; j < n; j++) assert_true(all.ids[t][i] != all.ids[t][j]);
+        float rv[256 * RDIM];
+        pull_rows_now(f->s, 0, (uint32_t)t, all.ids[t], n, 0, rv);
+        expect_same(rv, all.vals[t], n * dim);
+    }
+    /* Past the end, max 0, no such table: nothing, next 0. */
+    uint64_t ids[4], next = 7;
+    float vals[4 * RDIM];
+    assert_int_equal(ps_shard_dump_rows(f->s, 0, NRID, 4, ids, vals, &next), 0);
+    assert_int_equal(next, 0);
+    next = 7;
+    assert_int_equal(ps_shard_dump_rows(f->s, 0, 0, 0, ids, vals, &next), 0);
+    assert_int_equal(next, 0);
+    next = 7;
+    assert_int_equal(ps_shard_dump_rows(f->s, NTAB, 0, 4, ids, vals, &next), 0);
+    assert_int_equal(next, 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, fx_setup, fx_teardown)
@@ -1708,6 +2694,18 @@ int main(void) {
         T(test_partial_waiter_aborted),
         T(test_partial_push_async),
         T(test_checkpoint_hook_and_restore),
+        T(test_rows_refused_without_tables),
+#define R(fn) cmocka_unit_test_setup_teardown(fn, rx_setup, fx_teardown)
+        R(test_rows_sync_step_closes_when_all_in),
+        R(test_rows_sync_rank_order_sum),
+        R(test_rows_duplicate_not_counted),
+        R(test_rows_sync_need_final),
+        R(test_rows_validation),
+        R(test_rows_async),
+        R(test_rows_pull),
+        R(test_rows_hook_rollback_restore),
+        R(test_rows_dump_pages),
+#undef R
         /* Last: under ASan a failure here ends the process. */
         T(test_snapshot_outlives_shard),
 #undef T
