@@ -139,6 +139,11 @@ int cm_model_create_from_vars(const char *kind, const cm_var *vars, int nvars, c
             return CM_EINVAL;
         }
         if (v->kind == CM_VAR_TABLE) {
+            if (v->init == CM_INIT_GLOROT_UNIFORM) {
+                cm_seterr(err, errlen, "table %s: rows start at zeros or uniform, not Glorot",
+                          v->name);
+                return CM_EINVAL;
+            }
             if (v->dim < 1 || v->dim > 65536) {
                 cm_seterr(err, errlen, "table %s: dim %d out of range 1..65536", v->name, v->dim);
                 return CM_EINVAL;
@@ -262,6 +267,13 @@ uint64_t cm_model_fingerprint(const cm_model *m) {
         h = cm_hash_bytes(&v->ndims, sizeof v->ndims, h);
         h = cm_hash_bytes(v->dims, sizeof(int64_t) * (size_t)v->ndims, h);
         h = cm_hash_bytes(&v->init, sizeof v->init, h);
+        /* Glorot fans other than the kernel's (in, out) shape change the
+         * initial values; the usual ones keep the fingerprints they had. */
+        if (v->init == CM_INIT_GLOROT_UNIFORM && v->ndims >= 1 &&
+            (v->fan_in != v->dims[0] || v->fan_out != v->dims[v->ndims - 1])) {
+            int64_t fans[2] = {v->fan_in, v->fan_out};
+            h = cm_hash_bytes(fans, sizeof fans, h);
+        }
         if (v->kind == CM_VAR_TABLE || v->init == CM_INIT_UNIFORM) {
             /* Dense-only models keep the fingerprints they always had. */
             int32_t k[2] = {v->kind, v->dim};

@@ -61,6 +61,7 @@ typedef struct ckpt_job {
     uint8_t *rows;
     size_t rows_len, rows_cap;
     size_t *rows_off;
+    size_t rows_total; /* Rows in it. */
 } ckpt_job;
 
 /* Rows of table t go in blob part ROWS_PART | t (kind 0): records of
@@ -97,6 +98,8 @@ struct ps_server {
     int64_t gc_floor;      /* Protected by ck_mu: every shard has committed
                             * this version (the chief says so), -1 unknown. */
     int gc_pending;        /* Protected by ck_mu: the floor rose; collect. */
+    size_t committed_rows; /* Rows in the newest committed generation (the
+                            * writer's, or the restore's before it runs). */
     /* Recovery. Push, PushPull and Pull handlers hold 'gate' shared from
      * their epoch check until they are registered with the shard; Rollback
      * holds it exclusively, so no request of an old epoch reaches the new
@@ -410,7 +413,7 @@ static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         .global_batch = r->global_batch,
         .steps_per_epoch = r->steps_per_epoch,
     };
-    char err[640];
+    char err[1280];
     int64_t version = 0;
     float *vals = NULL;
     int rc;
@@ -998,6 +1001,7 @@ static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslo
             ps_rows_visit(rows, t, copy_row, &c);
         }
         s->job.rows_off[nt] = s->job.rows_len;
+        s->job.rows_total = ps_rows_total(rows);
     }
     ps_snapshot_ref(snap);
     s->job.snap = snap;
@@ -1054,8 +1058,12 @@ static void write_job(ps_server *s, const ckpt_job *j) {
     int64_t v = ps_snapshot_version(j->snap);
     char err[512];
     int64_t newest;
-    if (st_store_latest(s->store, &newest, err, sizeof err) == CM_OK && newest >= v) {
-        free(b); /* Already there (a final checkpoint of a checkpointed version). */
+    if (st_store_latest(s->store, &newest, err, sizeof err) == CM_OK && newest >= v &&
+        (!nt || newest > v || j->rows_total == s->committed_rows)) {
+        /* Already there (a final checkpoint of a checkpointed version).
+         * Unless rows were created since (training reads create them after
+         * the version was published): then version v is written again. */
+        free(b);
         return;
     }
     double t0 = cm_now();
@@ -1065,6 +1073,7 @@ static void write_job(ps_server *s, const ckpt_job *j) {
         cm_error("checkpoint of version %lld failed: %s", (long long)v, err);
         return;
     }
+    s->committed_rows = j->rows_total;
     gc(s);
     cm_info("checkpoint of version %lld committed in %.0f ms", (long long)v,
             (cm_now() - t0) * 1e3);
@@ -1215,6 +1224,7 @@ static void put_rows(ps_server *s, const ps_shard_config *sc, restore_ctx *c) {
         free(vals);
     }
     if (n) cm_info("restored %zu rows of %d tables", n, s->model->ntables);
+    s->committed_rows = n;
     restore_ctx_free(c);
 }
 

@@ -339,19 +339,30 @@ static int same_config(const ps_shard_config *a, const ps_shard_config *b) {
            a->table_optim.initial_accumulator == b->table_optim.initial_accumulator;
 }
 
+/* An optimizer's settings beyond its kind and rate, so that two configs
+ * that differ read differently. */
+static void describe_more(const ps_optim_cfg *o, char *buf, size_t len) {
+    snprintf(buf, len, "mom=%g b1=%g b2=%g eps=%g acc0=%g", (double)o->momentum,
+             (double)o->beta1, (double)o->beta2, (double)o->epsilon,
+             (double)o->initial_accumulator);
+}
+
 static void describe(const ps_shard *s, const ps_shard_config *c, char *buf, size_t len) {
-    char from[40] = "", tables[64] = "";
+    char from[40] = "", tables[192] = "", more[128], tmore[128];
     if (c->init_hash)
         snprintf(from, sizeof from, " from-values=%016llx", (unsigned long long)c->init_hash);
-    if (s->model->ntables > 0)
-        snprintf(tables, sizeof tables, " tables %s lr=%g", ps_optim_name(c->table_optim.kind),
-                 (double)c->table_optim.lr);
+    describe_more(&c->optim, more, sizeof more);
+    if (s->model->ntables > 0) {
+        describe_more(&c->table_optim, tmore, sizeof tmore);
+        snprintf(tables, sizeof tables, "; tables %s lr=%g (%s)",
+                 ps_optim_name(c->table_optim.kind), (double)c->table_optim.lr, tmore);
+    }
     snprintf(buf, len,
-             "%s lr=%g seed=%llu workers=%d %s %s%s%s global batch %u (%llu steps/epoch)%s",
+             "%s lr=%g seed=%llu workers=%d %s %s%s%s global batch %u (%llu steps/epoch) (%s)%s",
              ps_optim_name(c->optim.kind), (double)c->optim.lr, (unsigned long long)c->seed,
              c->num_workers, c->sync == PS_SYNC ? "sync" : "async",
              c->aggregate == PS_AGG_SUM ? "sum" : "mean", c->zero_init ? " zero-init" : "", from,
-             c->global_batch, (unsigned long long)c->steps_per_epoch, tables);
+             c->global_batch, (unsigned long long)c->steps_per_epoch, more, tables);
 }
 
 /* Allocate the state for cfg and make 'version' current: its values from
@@ -431,7 +442,7 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
         int same = same_config(&s->cfg, cfg);
         *version = s->version;
         if (!same) {
-            char have[224], got[224];
+            char have[512], got[512];
             describe(s, &s->cfg, have, sizeof have);
             describe(s, cfg, got, sizeof got);
             cm_seterr(err, errlen, "shard %d is already initialised with %s; refusing %s",
@@ -506,7 +517,9 @@ static int validate(const ps_shard *s, const ps_grad *g, int ng, char *err, size
             rc = PS_PUSH_INVALID;
         } else {
             seen[li] = 1;
-            int shape_ok = x->nshape == v->ndims && x->shape[0] == p->row_end - p->row_begin;
+            /* A scalar (0 dimensions) has an empty shape: no shape[0]. */
+            int shape_ok = x->nshape == v->ndims &&
+                           (v->ndims == 0 || x->shape[0] == p->row_end - p->row_begin);
             for (int d = 1; shape_ok && d < v->ndims; d++)
                 shape_ok = x->shape[d] == (uint64_t)v->dims[d];
             if (!shape_ok) {

@@ -36,6 +36,24 @@
  * one while it is pending) and never again; replies reference it
  * (zero-copy) and release it when sent, so a reply never reads values being
  * written. Snapshot buffers are recycled.
+ *
+ * Embedding rows (a model with tables). The shard keeps the rows placed on
+ * it (cm_row_shard) in a ps_rows store; a row is created when it is first
+ * read for training (a pull with train set) or updated. A push may carry
+ * row gradients (ps_row_grad: a table's ids and their gradients, float32
+ * or bfloat16; a repeated id is summed); rows_final says the worker's rows
+ * of that step are all there. In sync mode a worker's rows of a step come
+ * in one push with rows_final (rows without it are refused), staged; the
+ * step closes once every worker sent rows_final and every partition is
+ * done: then the staged gradients are summed per row in rank order (so the
+ * result does not depend on arrival order), scaled by 1 / W in mean mode
+ * (as dense gradients are), and each touched row gets one step of the
+ * tables' row-wise optimizer (with its own step count); only then does
+ * the version become t + 1. A dense-only push of such a model counts for
+ * its partitions only. Async mode applies a push's rows at once. Rows are
+ * read for a pull (ps_shard_pull_rows) under the shard's lock when the pull
+ * is answered: the rows as of the version answered; train = 0 reads a
+ * missing row as its initial values without creating it.
  */
 #ifndef PS_SHARD_H
 #define PS_SHARD_H

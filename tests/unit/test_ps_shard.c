@@ -2665,8 +2665,41 @@ static void test_rows_dump_pages(void **state) {
     assert_int_equal(next, 0);
 }
 
+/* A model with a scalar variable (0 dimensions, an empty shape on the
+ * wire): a push of it is validated without reading a shape it has not. */
+static void test_scalar_variable_push(void **state) {
+    (void)state;
+    cm_var v = {.kind = CM_VAR_DENSE, .ndims = 0, .init = CM_INIT_ZERO};
+    snprintf(v.name, sizeof v.name, "scale");
+    char err[256];
+    cm_model *m = NULL;
+    cm_placement *pl = NULL;
+    ps_shard *s = NULL;
+    assert_int_equal(cm_model_create_from_vars("mine", &v, 1, &m, err, sizeof err), CM_OK);
+    assert_int_equal(m->numel, 1);
+    assert_int_equal(cm_placement_create(m, 1, 1024, &pl), CM_OK);
+    assert_int_equal(ps_shard_create(m, pl, 0, &s), CM_OK);
+    ps_shard_config c = {.optim = ps_optim_defaults(PS_OPTIM_SGD, 0.5f), .num_workers = 1,
+                         .sync = PS_SYNC};
+    int64_t ver;
+    assert_int_equal(ps_shard_init(s, &c, &ver, err, sizeof err), CM_OK);
+    float g = 1.0f;
+    uint64_t one = 1;
+    ps_grad bad = {.part = 0, .dtype = PS_DTYPE_FLOAT32, .nshape = 1, .shape = &one,
+                   .data = (const uint8_t *)&g, .len = 4};
+    assert_int_equal(ps_shard_push(s, 0, 0, &bad, 1, &ver, err, sizeof err), PS_PUSH_INVALID);
+    ps_grad pg = {.part = 0, .dtype = PS_DTYPE_FLOAT32, .nshape = 0, .shape = NULL,
+                  .data = (const uint8_t *)&g, .len = 4};
+    assert_int_equal(ps_shard_push(s, 0, 0, &pg, 1, &ver, err, sizeof err), PS_PUSH_OK);
+    assert_int_equal(ver, 1);
+    ps_shard_destroy(s);
+    cm_placement_destroy(pl);
+    cm_model_destroy(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_scalar_variable_push),
 #define T(fn) cmocka_unit_test_setup_teardown(fn, fx_setup, fx_teardown)
         T(test_layout_splits_kernels),
         T(test_push_refused_before_init),
