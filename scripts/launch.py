@@ -289,17 +289,23 @@ def run(args, extra):
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    for attempt in range(5):
-        if cluster.start():
-            break
-        say("a PS port was taken meanwhile; restarting on new ports")
+    try:
+        for attempt in range(5):
+            if cluster.start():
+                break
+            say("a PS port was taken meanwhile; restarting on new ports")
+            cluster.stop()
+        else:
+            say("could not bind the PS ports after 5 attempts")
+            return 1
+        say(f"started {args.ps} PS and {args.workers} workers ({args.mode}) on 127.0.0.1 (pids "
+            + ", ".join(f"{n}: {p.pid}" for n, p in cluster.procs) + ")")
+        return cluster.supervise(args.timeout)
+    except BaseException:
+        # Whatever went wrong here (a binary that cannot be started, an
+        # interrupt), no process of the cluster outlives the launcher.
         cluster.stop()
-    else:
-        say("could not bind the PS ports after 5 attempts")
-        return 1
-    say(f"started {args.ps} PS and {args.workers} workers ({args.mode}) on 127.0.0.1 (pids "
-        + ", ".join(f"{n}: {p.pid}" for n, p in cluster.procs) + ")")
-    return cluster.supervise(args.timeout)
+        raise
 
 
 if __name__ == "__main__":
