@@ -9,6 +9,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -168,6 +169,65 @@ int bu_split_list(const char *csv, char **copy, char **out, int max) {
         out[n++] = t;
     }
     return n;
+}
+
+/* One connection of bu_tcp_serve and its thread. */
+typedef struct bu_conn {
+    void (*serve)(void *ctx, int fd, int listen_fd);
+    void *ctx;
+    int fd, listen_fd;
+    pthread_t th;
+} bu_conn;
+
+static void *conn_run(void *arg) {
+    bu_conn *c = arg;
+    c->serve(c->ctx, c->fd, c->listen_fd);
+    return NULL;
+}
+
+int bu_tcp_serve(const char *who, void (*serve)(void *ctx, int fd, int listen_fd), void *ctx) {
+    bu_conn conns[BU_MAX_CONNS];
+    int nconns = 0, listen_fd;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof a;
+    if ((listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0 ||
+        bind(listen_fd, (struct sockaddr *)&a, sizeof a) || listen(listen_fd, 64) ||
+        getsockname(listen_fd, (struct sockaddr *)&a, &alen)) {
+        perror(who);
+        if (listen_fd >= 0) close(listen_fd);
+        return 1;
+    }
+    printf("{\"port\":%d}\n", ntohs(a.sin_port));
+    fflush(stdout);
+    while (nconns < BU_MAX_CONNS) {
+        int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0 && errno == EINTR) continue;
+        if (fd < 0) break; /* Shut down by a connection. */
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        bu_conn *c = &conns[nconns];
+        *c = (bu_conn){.serve = serve, .ctx = ctx, .fd = fd, .listen_fd = listen_fd};
+        if (pthread_create(&c->th, NULL, conn_run, c)) {
+            close(fd);
+            continue;
+        }
+        nconns++;
+    }
+    /* Wake connections still open (their workers are done) and wait. */
+    for (int i = 0; i < nconns; i++) {
+        shutdown(conns[i].fd, SHUT_RDWR);
+        pthread_join(conns[i].th, NULL);
+        close(conns[i].fd);
+    }
+    close(listen_fd);
+    return 0;
+}
+
+void bu_print_json_string(const char *s) {
+    putchar('"');
+    for (const char *p = s; *p; p++)
+        putchar(*p == '"' ? '\'' : *p == '\\' || (unsigned char)*p < 0x20 ? ' ' : *p);
+    putchar('"');
 }
 
 /* ================================================== driver: processes */
@@ -462,7 +522,8 @@ static int port_was_taken(bu_child **srv, int n) {
     return 0;
 }
 
-int bu_servers_exit(bu_driver *d, bu_child **srv, int n, char *err, size_t errlen) {
+/* Servers srv[0..n) must now exit 0 on their own (within 30 s). */
+static int servers_exit(bu_driver *d, bu_child **srv, int n, char *err, size_t errlen) {
     for (int i = 0; i < n; i++) {
         srv[i]->watch = 0;
         int rc = bu_expect_exit(d, srv[i], 30.0, err, errlen);
@@ -505,7 +566,7 @@ static int ps_attempt(bu_driver *d, int servers, int workers,
     if ((rc = wait_listening(d, srv, ports, servers, err, errlen)) != CM_OK) goto fail;
     if ((rc = run(ctx, d, ps_hosts, err, errlen)) != CM_OK) goto fail;
     /* The workers asked every PS to shut down. */
-    if ((rc = bu_servers_exit(d, srv, servers, err, errlen)) != CM_OK) goto fail;
+    if ((rc = servers_exit(d, srv, servers, err, errlen)) != CM_OK) goto fail;
     bu_stop_all(d);
     return CM_OK;
 fail:
@@ -529,8 +590,11 @@ int bu_ps_phase(bu_driver *d, int servers, int workers,
     }
 }
 
-bu_child *bu_start_tcp_server(bu_driver *d, const char *name, char *const argv[], int *port,
-                              char *err, size_t errlen) {
+/* Start a server of this binary (argv) that picks its own port on
+ * 127.0.0.1 and prints {"port":N}; it is watched. NULL with a message in
+ * err on failure. */
+static bu_child *start_tcp_server(bu_driver *d, const char *name, char *const argv[], int *port,
+                                  char *err, size_t errlen) {
     char line[256];
     bu_child *k = bu_spawn(d, name, argv, 0, 1, err, errlen);
     if (!k) return NULL;
@@ -541,6 +605,30 @@ bu_child *bu_start_tcp_server(bu_driver *d, const char *name, char *const argv[]
         return NULL;
     }
     return k;
+}
+
+int bu_tcp_phase(bu_driver *d, int servers, char *const *server_argv[],
+                 int (*run)(void *ctx, bu_driver *d, const char *ports, char *err,
+                            size_t errlen),
+                 void *ctx, char *err, size_t errlen) {
+    bu_child *srv[BU_MAX_PROCS];
+    char ports[BU_MAX_PROCS * 8] = "", name[32];
+    size_t lp = 0;
+    int rc = CM_EIO;
+    for (int i = 0; i < servers; i++) {
+        int port;
+        snprintf(name, sizeof name, "tcp-server %d", i);
+        if (!(srv[i] = start_tcp_server(d, name, server_argv[i], &port, err, errlen))) goto fail;
+        lp += (size_t)snprintf(ports + lp, sizeof ports - lp, "%s%d", i ? "," : "", port);
+    }
+    if ((rc = run(ctx, d, ports, err, errlen)) != CM_OK) goto fail;
+    /* The workers stopped every server. */
+    if ((rc = servers_exit(d, srv, servers, err, errlen)) != CM_OK) goto fail;
+    bu_stop_all(d);
+    return CM_OK;
+fail:
+    bu_stop_all(d);
+    return rc;
 }
 
 /* ================================================== load */
@@ -587,11 +675,16 @@ void bu_cpu_sample_take(const bu_driver *d, bu_cpu_sample *s) {
     }
     /* user nice system idle iowait irq softirq steal: all but idle and
      * iowait are busy. */
-    s->busy_s = (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) /
-                (double)sysconf(_SC_CLK_TCK);
+    double tick = 1.0 / (double)sysconf(_SC_CLK_TCK);
+    int nread = 2;
+    s->busy_s = (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) * tick;
     s->ours_s = proc_cpu_s(0);
     for (int i = 0; i < d->nkids; i++)
-        if (d->kids[i].pid > 0) s->ours_s += proc_cpu_s(d->kids[i].pid);
+        if (d->kids[i].pid > 0) {
+            s->ours_s += proc_cpu_s(d->kids[i].pid);
+            nread++;
+        }
+    s->res_s = nread * tick;
 }
 
 double bu_cpu_others_s(const bu_cpu_sample *a, const bu_cpu_sample *b) {

@@ -58,6 +58,20 @@ int bu_read_command(const char *want);
  * max pieces; returns the count, or -1 if there are more. */
 int bu_split_list(const char *csv, char **copy, char **out, int max);
 
+/* A plain-TCP reference server: listen on 127.0.0.1 (a port of its own,
+ * printed on stdout as {"port":N}) and serve each connection (at most
+ * BU_MAX_CONNS, TCP_NODELAY) on a thread of its own with serve(ctx, fd,
+ * listen_fd) until one of them calls shutdown(listen_fd, SHUT_RDWR); then
+ * wake the connections still open, join them and close every socket.
+ * Returns 0, or 1 after a message on stderr naming 'who'. */
+#define BU_MAX_CONNS 64
+int bu_tcp_serve(const char *who, void (*serve)(void *ctx, int fd, int listen_fd), void *ctx);
+
+/* s on stdout as a JSON string: quoted, each double quote as a single
+ * one, each backslash or control character as a space (error messages in
+ * a verdict). */
+void bu_print_json_string(const char *s);
+
 /* ================================================== driver: processes */
 
 #define BU_MAX_PROCS 16 /* Servers or workers of one configuration. */
@@ -153,14 +167,16 @@ int bu_ps_phase(bu_driver *d, int servers, int workers,
                            size_t errlen),
                 void *ctx, char *err, size_t errlen);
 
-/* Start a server of this binary (argv) that picks its own port on
- * 127.0.0.1 and prints {"port":N}; it is watched. NULL with a message in
- * err on failure. */
-bu_child *bu_start_tcp_server(bu_driver *d, const char *name, char *const argv[], int *port,
-                              char *err, size_t errlen);
-
-/* Servers srv[0..n) must now exit 0 on their own (within 30 s). */
-int bu_servers_exit(bu_driver *d, bu_child **srv, int n, char *err, size_t errlen);
+/* The plain-TCP phase: start servers 0..S-1 of this binary (server i runs
+ * server_argv[i]; each picks its own port on 127.0.0.1 and prints it, as
+ * bu_tcp_serve does; watched), then call run(ctx, d, ports) with their
+ * ports as "p0,p1,..." to start and run the workers, which must have
+ * stopped every server: each must then exit 0 within 30 s. All children
+ * are stopped by PID at the end. */
+int bu_tcp_phase(bu_driver *d, int servers, char *const *server_argv[],
+                 int (*run)(void *ctx, bu_driver *d, const char *ports, char *err,
+                            size_t errlen),
+                 void *ctx, char *err, size_t errlen);
 
 /* ================================================== load */
 
@@ -176,6 +192,8 @@ typedef struct bu_cpu_sample {
     double busy_s; /* All cores' non-idle time since boot. */
     double ours_s; /* This process and d's live children. */
     double load1;  /* bu_load_average() */
+    double res_s;  /* The clock tick times the counters read: how far
+                    * others' time between two samples may be off. */
 } bu_cpu_sample;
 
 void bu_cpu_sample_take(const bu_driver *d, bu_cpu_sample *s);

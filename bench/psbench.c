@@ -8,10 +8,7 @@
  * against. One binary, four roles, re-executed with posix_spawn (never
  * forked: GRPC_LEVELDB_FACTS G8): driver, worker, tcp-server, tcp-worker.
  */
-#include <errno.h>
 #include <getopt.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -205,18 +202,7 @@ typedef struct tcp_store {
     float *v;
     size_t n;
     pthread_rwlock_t lock;
-    int listen_fd;
 } tcp_store;
-
-/* One accepted connection and its thread; the main thread closes fd after
- * joining the thread. */
-typedef struct tcp_conn {
-    tcp_store *st;
-    int fd;
-    pthread_t th;
-} tcp_conn;
-
-#define MAX_CONNS 64
 
 static void add_into(float *restrict dst, const float *restrict src, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] += src[i];
@@ -224,79 +210,44 @@ static void add_into(float *restrict dst, const float *restrict src, size_t n) {
 
 /* Serve one connection: 'P' + slice -> add, answer 'A'; 'L' -> the slice;
  * 'Q' -> answer 'A' and stop the server. */
-static void *tcp_conn_run(void *arg) {
-    tcp_conn *cn = arg;
-    tcp_store *st = cn->st;
+static void tcp_serve(void *ctx, int fd, int listen_fd) {
+    tcp_store *st = ctx;
     size_t bytes = st->n * sizeof(float);
     float *in = cm_alloc_aligned(bytes);
     if (in) memset(in, 0, bytes);
     const char ack = 'A';
     char op;
-    while (in && bu_recv_all(cn->fd, &op, 1) == 0) {
+    while (in && bu_recv_all(fd, &op, 1) == 0) {
         if (op == 'P') {
-            if (bu_recv_all(cn->fd, in, bytes)) break;
+            if (bu_recv_all(fd, in, bytes)) break;
             pthread_rwlock_wrlock(&st->lock);
             add_into(st->v, in, st->n);
             pthread_rwlock_unlock(&st->lock);
-            if (bu_send_all(cn->fd, &ack, 1, 0)) break;
+            if (bu_send_all(fd, &ack, 1, 0)) break;
         } else if (op == 'L') {
             pthread_rwlock_rdlock(&st->lock);
-            int rc = bu_send_all(cn->fd, st->v, bytes, 0);
+            int rc = bu_send_all(fd, st->v, bytes, 0);
             pthread_rwlock_unlock(&st->lock);
             if (rc) break;
         } else {
             /* 'Q' (or garbage): wake the accept loop, which ends the server. */
-            if (op == 'Q') bu_send_all(cn->fd, &ack, 1, 0);
-            shutdown(st->listen_fd, SHUT_RDWR);
+            if (op == 'Q') bu_send_all(fd, &ack, 1, 0);
+            shutdown(listen_fd, SHUT_RDWR);
             break;
         }
     }
     free(in);
-    return NULL;
 }
 
 static int tcp_server_main(const opts *o) {
-    int status = 1, nconns = 0;
-    tcp_conn conns[MAX_CONNS];
-    tcp_store st = {.n = o->elems, .listen_fd = -1};
+    int status = 1;
+    tcp_store st = {.n = o->elems};
     pthread_rwlock_init(&st.lock, NULL);
     st.v = cm_alloc_aligned(st.n * sizeof(float));
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t alen = sizeof a;
-    if (!st.v) goto fail;
-    memset(st.v, 0, st.n * sizeof(float));
-    if ((st.listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0 ||
-        bind(st.listen_fd, (struct sockaddr *)&a, sizeof a) ||
-        listen(st.listen_fd, 64) ||
-        getsockname(st.listen_fd, (struct sockaddr *)&a, &alen)) {
-        perror("psbench tcp-server");
-        goto fail;
+    if (st.v) {
+        memset(st.v, 0, st.n * sizeof(float));
+        status = bu_tcp_serve("psbench tcp-server", tcp_serve, &st);
     }
-    printf("{\"port\":%d}\n", ntohs(a.sin_port));
-    fflush(stdout);
-    while (nconns < MAX_CONNS) {
-        int fd = accept4(st.listen_fd, NULL, NULL, SOCK_CLOEXEC);
-        if (fd < 0 && errno == EINTR) continue;
-        if (fd < 0) break; /* Shut down by a 'Q'. */
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        tcp_conn *cn = &conns[nconns];
-        *cn = (tcp_conn){.st = &st, .fd = fd};
-        if (pthread_create(&cn->th, NULL, tcp_conn_run, cn)) {
-            close(fd);
-            continue;
-        }
-        nconns++;
-    }
-    status = 0;
-fail:
-    /* Wake connections still open (their workers are done) and wait. */
-    for (int i = 0; i < nconns; i++) {
-        shutdown(conns[i].fd, SHUT_RDWR);
-        pthread_join(conns[i].th, NULL);
-        close(conns[i].fd);
-    }
-    if (st.listen_fd >= 0) close(st.listen_fd);
     pthread_rwlock_destroy(&st.lock);
     free(st.v);
     return status;
@@ -514,53 +465,42 @@ static int run_workers(bu_driver *d, bu_child **w, int nw, phase_result *res, ch
     return bu_workers_finish(d, w, nw, err, errlen);
 }
 
-/* What the PS phase's workers need (bu_ps_phase's callback). */
-typedef struct ps_run {
+/* A phase's workers (bu_ps_phase's and bu_tcp_phase's callback): this
+ * binary as 'role', told the servers by addr_opt. */
+typedef struct phase_run {
     const bench_cfg *b;
+    const char *role, *addr_opt;
     phase_result *res;
-} ps_run;
+} phase_run;
 
-static int ps_workers(void *ctx, bu_driver *d, const char *ps_hosts, char *err, size_t errlen) {
-    ps_run *pr = ctx;
+static int phase_workers(void *ctx, bu_driver *d, const char *addrs, char *err, size_t errlen) {
+    phase_run *pr = ctx;
     bu_child *w[BU_MAX_PROCS];
-    int rc = spawn_workers(d, pr->b, "worker", "--ps-addrs", ps_hosts, w, err, errlen);
+    int rc = spawn_workers(d, pr->b, pr->role, pr->addr_opt, addrs, w, err, errlen);
     return rc != CM_OK ? rc : run_workers(d, w, pr->b->workers, pr->res, err, errlen);
 }
 
 /* The PS phase: S psserver processes, W workers over ps_client. */
 static int run_ps(bu_driver *d, const bench_cfg *b, phase_result *res, char *err, size_t errlen) {
-    ps_run pr = {.b = b, .res = res};
-    return bu_ps_phase(d, b->servers, b->workers, ps_workers, &pr, err, errlen);
+    phase_run pr = {.b = b, .role = "worker", .addr_opt = "--ps-addrs", .res = res};
+    return bu_ps_phase(d, b->servers, b->workers, phase_workers, &pr, err, errlen);
 }
 
-/* The plain-TCP phase: S tcp-server processes, W tcp-worker processes. */
+/* The plain-TCP phase: S tcp-server processes (each its slice of the
+ * vector), W tcp-worker processes. */
 static int run_tcp(bu_driver *d, const bench_cfg *b, phase_result *res, char *err,
                    size_t errlen) {
-    bu_child *srv[BU_MAX_PROCS], *w[BU_MAX_PROCS];
-    char tcp_ports[BU_MAX_PROCS * 8] = "", name[32];
-    size_t n = b->bytes / sizeof(float), lp = 0;
-    int rc = CM_EIO;
+    char elems[BU_MAX_PROCS][24], *argv[BU_MAX_PROCS][6], *const *argvs[BU_MAX_PROCS];
+    size_t n = b->bytes / sizeof(float);
     for (int i = 0; i < b->servers; i++) {
-        char elems[24];
-        int port;
-        snprintf(elems, sizeof elems, "%zu",
+        snprintf(elems[i], sizeof elems[i], "%zu",
                  slice_begin(n, b->servers, i + 1) - slice_begin(n, b->servers, i));
-        snprintf(name, sizeof name, "tcp-server %d", i);
-        char *argv[] = {d->exe, "--role", "tcp-server", "--elems", elems, NULL};
-        if (!(srv[i] = bu_start_tcp_server(d, name, argv, &port, err, errlen))) goto fail;
-        lp += (size_t)snprintf(tcp_ports + lp, sizeof tcp_ports - lp, "%s%d", i ? "," : "", port);
+        char *a[] = {d->exe, "--role", "tcp-server", "--elems", elems[i], NULL};
+        memcpy(argv[i], a, sizeof a);
+        argvs[i] = argv[i];
     }
-    if ((rc = spawn_workers(d, b, "tcp-worker", "--tcp-ports", tcp_ports, w, err, errlen)) !=
-            CM_OK ||
-        (rc = run_workers(d, w, b->workers, res, err, errlen)) != CM_OK)
-        goto fail;
-    /* Worker 0 sent every server its 'Q'. */
-    if ((rc = bu_servers_exit(d, srv, b->servers, err, errlen)) != CM_OK) goto fail;
-    bu_stop_all(d);
-    return CM_OK;
-fail:
-    bu_stop_all(d);
-    return rc;
+    phase_run pr = {.b = b, .role = "tcp-worker", .addr_opt = "--tcp-ports", .res = res};
+    return bu_tcp_phase(d, b->servers, argvs, phase_workers, &pr, err, errlen);
 }
 
 /* ================================================== driver: report */
@@ -615,11 +555,10 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
         else
             printf(",\"pslite_gbps\":null,\"ratio_to_pslite\":null");
     }
-    /* The verdict is "ok" or an error message, made safe for a JSON string. */
-    printf(",\"check\":\"");
-    for (const char *p = check; *p; p++)
-        putchar(*p == '"' ? '\'' : *p == '\\' || (unsigned char)*p < 0x20 ? ' ' : *p);
-    printf("\"}\n");
+    /* The verdict is "ok" or an error message. */
+    printf(",\"check\":");
+    bu_print_json_string(check);
+    printf("}\n");
     fflush(stdout);
 }
 
