@@ -62,7 +62,7 @@ static const struct {
     {2, 2, 1, 16 << 20, 1.78},
 };
 
-/* ================================================== sockets and lines */
+/* ================================================== helpers */
 
 /* The first element of a[0..n) that differs from 'want', or n. */
 static size_t find_mismatch(const float *a, size_t n, float want) {
