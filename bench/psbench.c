@@ -8,22 +8,14 @@
  * against. One binary, four roles, re-executed with posix_spawn (never
  * forked: GRPC_LEVELDB_FACTS G8): driver, worker, tcp-server, tcp-worker.
  */
-#include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
-#include <limits.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "bench/bench_util.h"
@@ -35,18 +27,8 @@
 #include "ps/ps_client.h"
 #include "ps/ps_optim.h"
 
-extern char **environ;
-
-#define MAX_PROCS 16 /* Servers or workers of one configuration. */
-#define MAX_KIDS (2 * MAX_PROCS)
 #define MAX_LIST 16  /* Entries of --sizes, --shapes, --modes. */
 #define MAX_REPEATS 15
-#define PORT_TAKEN 3 /* psserver's exit status when it cannot bind. */
-
-/* Set by the driver's signal handler; every wait of the driver checks it. */
-static volatile sig_atomic_t got_signal;
-
-static void on_signal(int sig) { got_signal = sig; }
 
 /* Options of every role; the driver passes the role ones to its children. */
 typedef struct opts {
@@ -66,6 +48,7 @@ typedef struct phase_result {
     double window_s; /* The slowest worker's timed window. */
     double push_ms;  /* Mean over workers of the mean push time. */
     double pull_ms;
+    int nw;          /* Workers (while the lines are summed). */
 } phase_result;
 
 /* ps-lite's figures from the reference table (GB/s, push + pull). */
@@ -79,57 +62,12 @@ static const struct {
     {2, 2, 1, 16 << 20, 1.78},
 };
 
-/* ================================================== sockets and lines */
-
-static int send_all(int fd, const void *p, size_t n, int flags) {
-    const char *c = p;
-    while (n > 0) {
-        ssize_t k = send(fd, c, n, flags | MSG_NOSIGNAL);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return -1;
-        c += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
-static int recv_all(int fd, void *p, size_t n) {
-    char *c = p;
-    while (n > 0) {
-        ssize_t k = recv(fd, c, n, MSG_WAITALL);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return -1;
-        c += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
-/* Read one line from stdin (the driver's commands); 0 on success. */
-static int read_command(const char *want) {
-    char line[64];
-    if (!fgets(line, sizeof line, stdin)) return -1;
-    line[strcspn(line, "\n")] = 0;
-    return strcmp(line, want) ? -1 : 0;
-}
+/* ================================================== helpers */
 
 /* The first element of a[0..n) that differs from 'want', or n. */
 static size_t find_mismatch(const float *a, size_t n, float want) {
     for (size_t i = 0; i < n; i++)
         if (a[i] != want) return i;
-    return n;
-}
-
-/* Split "a,b,c" (copied into 'copy', which the caller frees) into at most
- * max pieces; returns the count, or -1 if there are more. */
-static int split_list(const char *csv, char **copy, char **out, int max) {
-    *copy = cm_strdup(csv);
-    int n = 0;
-    char *save = NULL;
-    for (char *t = strtok_r(*copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-        if (n == max) return -1;
-        out[n++] = t;
-    }
     return n;
 }
 
@@ -148,7 +86,7 @@ static size_t slice_begin(size_t n, int s, int i) {
  * driver's "check" (every worker has finished by then) and stops the PS. */
 static int ps_worker_main(const opts *o) {
     int status = 1, nps = 0;
-    char err[512] = "", *copy = NULL, *addrs[MAX_PROCS];
+    char err[512] = "", *copy = NULL, *addrs[BU_MAX_PROCS];
     cm_model *model = NULL;
     cm_placement *pl = NULL;
     ps_client *c = NULL;
@@ -157,7 +95,7 @@ static int ps_worker_main(const opts *o) {
     size_t n = o->elems;
     int total = o->warmup + o->iters;
     int64_t version = 0;
-    if ((nps = split_list(o->ps_addrs ? o->ps_addrs : "", &copy, addrs, MAX_PROCS)) < 1) {
+    if ((nps = bu_split_list(o->ps_addrs ? o->ps_addrs : "", &copy, addrs, BU_MAX_PROCS)) < 1) {
         snprintf(err, sizeof err, "bad --ps-addrs");
         goto fail;
     }
@@ -193,7 +131,7 @@ static int ps_worker_main(const opts *o) {
     if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) goto fail;
     printf("{\"ready\":%d}\n", o->rank);
     fflush(stdout);
-    if (read_command("go")) {
+    if (bu_read_command("go")) {
         snprintf(err, sizeof err, "no \"go\" from the driver");
         goto fail;
     }
@@ -224,7 +162,7 @@ static int ps_worker_main(const opts *o) {
            tprev - tstart, push_s * 1e3 / timed, pull_s * 1e3 / timed);
     fflush(stdout);
     if (o->rank == 0) {
-        if (read_command("check")) {
+        if (bu_read_command("check")) {
             snprintf(err, sizeof err, "no \"check\" from the driver");
             goto fail;
         }
@@ -264,18 +202,7 @@ typedef struct tcp_store {
     float *v;
     size_t n;
     pthread_rwlock_t lock;
-    int listen_fd;
 } tcp_store;
-
-/* One accepted connection and its thread; the main thread closes fd after
- * joining the thread. */
-typedef struct tcp_conn {
-    tcp_store *st;
-    int fd;
-    pthread_t th;
-} tcp_conn;
-
-#define MAX_CONNS 64
 
 static void add_into(float *restrict dst, const float *restrict src, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] += src[i];
@@ -283,79 +210,44 @@ static void add_into(float *restrict dst, const float *restrict src, size_t n) {
 
 /* Serve one connection: 'P' + slice -> add, answer 'A'; 'L' -> the slice;
  * 'Q' -> answer 'A' and stop the server. */
-static void *tcp_conn_run(void *arg) {
-    tcp_conn *cn = arg;
-    tcp_store *st = cn->st;
+static void tcp_serve(void *ctx, int fd, int listen_fd) {
+    tcp_store *st = ctx;
     size_t bytes = st->n * sizeof(float);
     float *in = cm_alloc_aligned(bytes);
     if (in) memset(in, 0, bytes);
     const char ack = 'A';
     char op;
-    while (in && recv_all(cn->fd, &op, 1) == 0) {
+    while (in && bu_recv_all(fd, &op, 1) == 0) {
         if (op == 'P') {
-            if (recv_all(cn->fd, in, bytes)) break;
+            if (bu_recv_all(fd, in, bytes)) break;
             pthread_rwlock_wrlock(&st->lock);
             add_into(st->v, in, st->n);
             pthread_rwlock_unlock(&st->lock);
-            if (send_all(cn->fd, &ack, 1, 0)) break;
+            if (bu_send_all(fd, &ack, 1, 0)) break;
         } else if (op == 'L') {
             pthread_rwlock_rdlock(&st->lock);
-            int rc = send_all(cn->fd, st->v, bytes, 0);
+            int rc = bu_send_all(fd, st->v, bytes, 0);
             pthread_rwlock_unlock(&st->lock);
             if (rc) break;
         } else {
             /* 'Q' (or garbage): wake the accept loop, which ends the server. */
-            if (op == 'Q') send_all(cn->fd, &ack, 1, 0);
-            shutdown(st->listen_fd, SHUT_RDWR);
+            if (op == 'Q') bu_send_all(fd, &ack, 1, 0);
+            shutdown(listen_fd, SHUT_RDWR);
             break;
         }
     }
     free(in);
-    return NULL;
 }
 
 static int tcp_server_main(const opts *o) {
-    int status = 1, nconns = 0;
-    tcp_conn conns[MAX_CONNS];
-    tcp_store st = {.n = o->elems, .listen_fd = -1};
+    int status = 1;
+    tcp_store st = {.n = o->elems};
     pthread_rwlock_init(&st.lock, NULL);
     st.v = cm_alloc_aligned(st.n * sizeof(float));
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t alen = sizeof a;
-    if (!st.v) goto fail;
-    memset(st.v, 0, st.n * sizeof(float));
-    if ((st.listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0 ||
-        bind(st.listen_fd, (struct sockaddr *)&a, sizeof a) ||
-        listen(st.listen_fd, 64) ||
-        getsockname(st.listen_fd, (struct sockaddr *)&a, &alen)) {
-        perror("psbench tcp-server");
-        goto fail;
+    if (st.v) {
+        memset(st.v, 0, st.n * sizeof(float));
+        status = bu_tcp_serve("psbench tcp-server", tcp_serve, &st);
     }
-    printf("{\"port\":%d}\n", ntohs(a.sin_port));
-    fflush(stdout);
-    while (nconns < MAX_CONNS) {
-        int fd = accept4(st.listen_fd, NULL, NULL, SOCK_CLOEXEC);
-        if (fd < 0 && errno == EINTR) continue;
-        if (fd < 0) break; /* Shut down by a 'Q'. */
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        tcp_conn *cn = &conns[nconns];
-        *cn = (tcp_conn){.st = &st, .fd = fd};
-        if (pthread_create(&cn->th, NULL, tcp_conn_run, cn)) {
-            close(fd);
-            continue;
-        }
-        nconns++;
-    }
-    status = 0;
-fail:
-    /* Wake connections still open (their workers are done) and wait. */
-    for (int i = 0; i < nconns; i++) {
-        shutdown(conns[i].fd, SHUT_RDWR);
-        pthread_join(conns[i].th, NULL);
-        close(conns[i].fd);
-    }
-    if (st.listen_fd >= 0) close(st.listen_fd);
     pthread_rwlock_destroy(&st.lock);
     free(st.v);
     return status;
@@ -378,15 +270,15 @@ typedef struct tcp_link {
 static int tcp_push(tcp_link *l) {
     const char op = 'P';
     char ack = 0;
-    if (send_all(l->fd, &op, 1, MSG_MORE) || send_all(l->fd, l->src, l->n * sizeof(float), 0) ||
-        recv_all(l->fd, &ack, 1) || ack != 'A')
+    if (bu_send_all(l->fd, &op, 1, MSG_MORE) || bu_send_all(l->fd, l->src, l->n * sizeof(float), 0) ||
+        bu_recv_all(l->fd, &ack, 1) || ack != 'A')
         return -1;
     return 0;
 }
 
 static int tcp_pull(tcp_link *l) {
     const char op = 'L';
-    if (send_all(l->fd, &op, 1, 0) || recv_all(l->fd, l->dst, l->n * sizeof(float))) return -1;
+    if (bu_send_all(l->fd, &op, 1, 0) || bu_recv_all(l->fd, l->dst, l->n * sizeof(float))) return -1;
     return 0;
 }
 
@@ -403,46 +295,29 @@ static void *tcp_link_run(void *arg) {
     return NULL;
 }
 
-static int tcp_connect(int port) {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    for (int attempt = 0; attempt < 100; attempt++) {
-        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0) return -1;
-        if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
-            int one = 1;
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-            return fd;
-        }
-        close(fd);
-        usleep(20000);
-    }
-    return -1;
-}
-
 static int tcp_worker_main(const opts *o) {
     int status = 1, ns = 0, nthreads = 0, barrier_up = 0;
-    char err[256] = "", *copy = NULL, *ports[MAX_PROCS];
-    tcp_link links[MAX_PROCS];
+    char err[256] = "", *copy = NULL, *ports[BU_MAX_PROCS];
+    tcp_link links[BU_MAX_PROCS];
     pthread_barrier_t bar;
     size_t n = o->elems;
     int total = o->warmup + o->iters;
     float *ones = cm_alloc_aligned(n * sizeof(float)), *buf = cm_alloc_aligned(n * sizeof(float));
     memset(links, 0, sizeof links);
-    for (int i = 0; i < MAX_PROCS; i++) links[i].fd = -1;
+    for (int i = 0; i < BU_MAX_PROCS; i++) links[i].fd = -1;
     if (!ones || !buf) {
         snprintf(err, sizeof err, "out of memory for %zu floats", n);
         goto fail;
     }
     for (size_t i = 0; i < n; i++) ones[i] = 1.0f;
     memset(buf, 0, n * sizeof(float));
-    if ((ns = split_list(o->tcp_ports ? o->tcp_ports : "", &copy, ports, MAX_PROCS)) < 1) {
+    if ((ns = bu_split_list(o->tcp_ports ? o->tcp_ports : "", &copy, ports, BU_MAX_PROCS)) < 1) {
         snprintf(err, sizeof err, "bad --tcp-ports");
         goto fail;
     }
     for (int i = 0; i < ns; i++) {
         size_t b = slice_begin(n, ns, i), e = slice_begin(n, ns, i + 1);
-        links[i] = (tcp_link){.fd = tcp_connect(atoi(ports[i])), .src = ones + b, .dst = buf + b,
+        links[i] = (tcp_link){.fd = bu_tcp_connect(atoi(ports[i])), .src = ones + b, .dst = buf + b,
                               .n = e - b, .total = total, .bar = &bar};
         if (links[i].fd < 0) {
             snprintf(err, sizeof err, "cannot connect to 127.0.0.1:%s", ports[i]);
@@ -451,7 +326,7 @@ static int tcp_worker_main(const opts *o) {
     }
     printf("{\"ready\":%d}\n", o->rank);
     fflush(stdout);
-    if (read_command("go")) {
+    if (bu_read_command("go")) {
         snprintf(err, sizeof err, "no \"go\" from the driver");
         goto fail;
     }
@@ -492,7 +367,7 @@ static int tcp_worker_main(const opts *o) {
            tprev - tstart, push_s * 1e3 / timed, pull_s * 1e3 / timed);
     fflush(stdout);
     if (o->rank == 0) {
-        if (read_command("check")) {
+        if (bu_read_command("check")) {
             snprintf(err, sizeof err, "no \"check\" from the driver");
             goto fail;
         }
@@ -513,7 +388,7 @@ static int tcp_worker_main(const opts *o) {
         for (int i = 0; i < ns; i++) {
             const char op = 'Q';
             char ack = 0;
-            if (send_all(links[i].fd, &op, 1, 0) || recv_all(links[i].fd, &ack, 1)) {
+            if (bu_send_all(links[i].fd, &op, 1, 0) || bu_recv_all(links[i].fd, &ack, 1)) {
                 snprintf(err, sizeof err, "cannot stop the server on port %s", ports[i]);
                 goto fail;
             }
@@ -523,293 +398,16 @@ static int tcp_worker_main(const opts *o) {
 fail:
     if (status) fprintf(stderr, "psbench tcp-worker %d: %s\n", o->rank, err);
     /* On failure, closing the sockets ends the link threads' I/O. */
-    for (int i = 0; i < MAX_PROCS; i++)
+    for (int i = 0; i < BU_MAX_PROCS; i++)
         if (links[i].fd >= 0) shutdown(links[i].fd, SHUT_RDWR);
     for (; nthreads > 0; nthreads--) pthread_join(links[nthreads - 1].th, NULL);
-    for (int i = 0; i < MAX_PROCS; i++)
+    for (int i = 0; i < BU_MAX_PROCS; i++)
         if (links[i].fd >= 0) close(links[i].fd);
     if (barrier_up) pthread_barrier_destroy(&bar);
     free(copy);
     free(ones);
     free(buf);
     return status;
-}
-
-/* ================================================== driver: processes */
-
-/* A child process and the driver's ends of its pipes. */
-typedef struct child {
-    char name[32];  /* "ps 0", "worker 1", for messages. */
-    pid_t pid;      /* 0 once reaped. */
-    int in_fd;      /* Its stdin, or -1. */
-    int out_fd;     /* Its stdout, or -1. */
-    int watch;      /* A server: its exit before the end is a failure. */
-    int status;     /* waitpid() status once reaped. */
-    char buf[1024]; /* Output not yet split into lines. */
-    size_t len;
-} child;
-
-/* The driver's state: used by one thread. */
-typedef struct driver {
-    char exe[PATH_MAX];      /* This binary, re-executed for the roles. */
-    char psserver[PATH_MAX]; /* The PS binary. */
-    double deadline;         /* cm_now() by which the whole run must end. */
-    child kids[MAX_KIDS];    /* The current phase's processes. */
-    int nkids;
-} driver;
-
-static void describe_status(int status, char *buf, size_t len) {
-    if (WIFEXITED(status))
-        snprintf(buf, len, "exit status %d", WEXITSTATUS(status));
-    else if (WIFSIGNALED(status))
-        snprintf(buf, len, "killed by signal %d", WTERMSIG(status));
-    else
-        snprintf(buf, len, "status %#x", status);
-}
-
-/* Start argv[0] with stdin and/or stdout piped to the driver. Returns the
- * new child, or NULL with a message in err. */
-static child *spawn(driver *d, const char *name, char *const argv[], int pipe_in, int pipe_out,
-                    char *err, size_t errlen) {
-    int in[2] = {-1, -1}, out[2] = {-1, -1};
-    child *k = NULL;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    if (d->nkids == MAX_KIDS) {
-        cm_seterr(err, errlen, "too many processes");
-        goto fail;
-    }
-    if ((pipe_in && pipe2(in, O_CLOEXEC)) || (pipe_out && pipe2(out, O_CLOEXEC))) {
-        cm_seterr(err, errlen, "pipe: %s", strerror(errno));
-        goto fail;
-    }
-    if (pipe_in) posix_spawn_file_actions_adddup2(&fa, in[0], 0);
-    if (pipe_out) posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-    k = &d->kids[d->nkids];
-    memset(k, 0, sizeof *k);
-    snprintf(k->name, sizeof k->name, "%s", name);
-    k->in_fd = k->out_fd = -1;
-    int rc = posix_spawn(&k->pid, argv[0], &fa, NULL, argv, environ);
-    if (rc) {
-        cm_seterr(err, errlen, "cannot start %s (%s): %s", name, argv[0], strerror(rc));
-        k = NULL;
-        goto fail;
-    }
-    d->nkids++;
-    if (pipe_in) {
-        close(in[0]);
-        k->in_fd = in[1];
-    }
-    if (pipe_out) {
-        close(out[1]);
-        k->out_fd = out[0];
-    }
-    posix_spawn_file_actions_destroy(&fa);
-    return k;
-fail:
-    for (int i = 0; i < 2; i++) {
-        if (in[i] >= 0) close(in[i]);
-        if (out[i] >= 0) close(out[i]);
-    }
-    posix_spawn_file_actions_destroy(&fa);
-    return NULL;
-}
-
-/* Reap k if it has exited by 'until' (a cm_now() value). 1 if reaped. */
-static int reap_by(child *k, double until) { return bu_reap_by(&k->pid, &k->status, until); }
-
-/* Stop every child of the phase by its PID (SIGTERM, then SIGKILL after
- * two seconds), reap them all and close their pipes. */
-static void stop_all(driver *d) {
-    for (int i = 0; i < d->nkids; i++)
-        if (d->kids[i].pid > 0) kill(d->kids[i].pid, SIGTERM);
-    double until = cm_now() + 2.0;
-    for (int i = 0; i < d->nkids; i++) {
-        child *k = &d->kids[i];
-        if (!reap_by(k, until)) {
-            kill(k->pid, SIGKILL);
-            while (waitpid(k->pid, &k->status, 0) < 0 && errno == EINTR) {
-            }
-            k->pid = 0;
-        }
-    }
-    for (int i = 0; i < d->nkids; i++) {
-        if (d->kids[i].in_fd >= 0) close(d->kids[i].in_fd);
-        if (d->kids[i].out_fd >= 0) close(d->kids[i].out_fd);
-    }
-    d->nkids = 0;
-}
-
-/* Wait up to timeout_s (and the run's deadline) for k to exit with status
- * 0. Returns CM_OK, or an error with a message. */
-static int expect_exit(driver *d, child *k, double timeout_s, char *err, size_t errlen) {
-    double until = cm_now() + timeout_s;
-    if (until > d->deadline) until = d->deadline;
-    if (!reap_by(k, until)) {
-        cm_seterr(err, errlen, "%s did not exit", k->name);
-        return CM_ETIMEDOUT;
-    }
-    if (!WIFEXITED(k->status) || WEXITSTATUS(k->status) != 0) {
-        char why[64];
-        describe_status(k->status, why, sizeof why);
-        cm_seterr(err, errlen, "%s failed (%s)", k->name, why);
-        return CM_EIO;
-    }
-    return CM_OK;
-}
-
-/* A watched child (a server) that exited early is a failure. */
-static int check_watched(driver *d, char *err, size_t errlen) {
-    for (int i = 0; i < d->nkids; i++) {
-        child *k = &d->kids[i];
-        if (!k->watch || k->pid <= 0 || !reap_by(k, 0.0)) continue;
-        char why[64];
-        describe_status(k->status, why, sizeof why);
-        cm_seterr(err, errlen, "%s exited early (%s)", k->name, why);
-        return CM_EIO;
-    }
-    return CM_OK;
-}
-
-/* The next complete stdout line of any of ks[0..n), into line. Returns the
- * index in ks, or -1 with a message (timeout, signal, a child that closed
- * its output, a watched child that exited). */
-static int next_line(driver *d, child **ks, int n, char *line, size_t cap, char *err,
-                     size_t errlen) {
-    for (;;) {
-        for (int i = 0; i < n; i++) {
-            child *k = ks[i];
-            char *nl = memchr(k->buf, '\n', k->len);
-            if (!nl) continue;
-            size_t m = (size_t)(nl - k->buf);
-            snprintf(line, cap, "%.*s", (int)m, k->buf);
-            k->len -= m + 1;
-            memmove(k->buf, nl + 1, k->len);
-            return i;
-        }
-        double left = d->deadline - cm_now();
-        if (got_signal) {
-            cm_seterr(err, errlen, "interrupted by signal %d", (int)got_signal);
-            return -1;
-        }
-        if (left <= 0) {
-            cm_seterr(err, errlen, "the run passed its --timeout");
-            return -1;
-        }
-        if (check_watched(d, err, errlen)) return -1;
-        struct pollfd pf[MAX_KIDS];
-        for (int i = 0; i < n; i++) pf[i] = (struct pollfd){.fd = ks[i]->out_fd, .events = POLLIN};
-        int r = poll(pf, (nfds_t)n, left < 0.1 ? (int)(left * 1e3) + 1 : 100);
-        if (r < 0 && errno != EINTR) {
-            cm_seterr(err, errlen, "poll: %s", strerror(errno));
-            return -1;
-        }
-        for (int i = 0; r > 0 && i < n; i++) {
-            if (!pf[i].revents) continue;
-            child *k = ks[i];
-            ssize_t got = read(k->out_fd, k->buf + k->len, sizeof k->buf - k->len);
-            if (got > 0) {
-                k->len += (size_t)got;
-                if (k->len == sizeof k->buf && !memchr(k->buf, '\n', k->len)) {
-                    cm_seterr(err, errlen, "%s wrote a line that is too long", k->name);
-                    return -1;
-                }
-            } else if (got == 0 || errno != EINTR) {
-                char why[64] = "still running";
-                if (reap_by(k, cm_now() + 1.0)) describe_status(k->status, why, sizeof why);
-                cm_seterr(err, errlen, "%s stopped answering (%s)", k->name, why);
-                return -1;
-            }
-        }
-    }
-}
-
-static int send_command(child *k, const char *cmd, char *err, size_t errlen) {
-    if (write(k->in_fd, cmd, strlen(cmd)) != (ssize_t)strlen(cmd)) {
-        cm_seterr(err, errlen, "cannot write to %s: %s", k->name, strerror(errno));
-        return CM_EIO;
-    }
-    return CM_OK;
-}
-
-/* The worker protocol: W "ready" lines, "go" to all, W timing lines, then
- * "check" to worker 0 and its verdict; then every worker must exit 0. */
-static int run_workers(driver *d, child **w, int nw, phase_result *res, char *err,
-                       size_t errlen) {
-    child *pending[MAX_PROCS];
-    char line[1024];
-    int npending = nw, rank, rc = CM_EIO;
-    memcpy(pending, w, (size_t)nw * sizeof *w);
-    for (int got = 0; got < nw; got++) {
-        int i = next_line(d, pending, npending, line, sizeof line, err, errlen);
-        if (i < 0) goto fail;
-        if (sscanf(line, "{\"ready\":%d}", &rank) != 1) {
-            cm_seterr(err, errlen, "%s said '%s' instead of ready", pending[i]->name, line);
-            goto fail;
-        }
-    }
-    for (int i = 0; i < nw; i++)
-        if ((rc = send_command(w[i], "go\n", err, errlen)) != CM_OK) goto fail;
-    rc = CM_EIO;
-    *res = (phase_result){0};
-    while (npending > 0) {
-        int i = next_line(d, pending, npending, line, sizeof line, err, errlen);
-        double win, push, pull;
-        if (i < 0) goto fail;
-        if (sscanf(line, "{\"rank\":%d,\"window_s\":%lf,\"push_ms\":%lf,\"pull_ms\":%lf}", &rank,
-                   &win, &push, &pull) != 4) {
-            cm_seterr(err, errlen, "%s said '%s' instead of its timings", pending[i]->name, line);
-            goto fail;
-        }
-        if (win > res->window_s) res->window_s = win;
-        res->push_ms += push / nw;
-        res->pull_ms += pull / nw;
-        pending[i] = pending[--npending];
-    }
-    if ((rc = send_command(w[0], "check\n", err, errlen)) != CM_OK) goto fail;
-    rc = CM_EIO;
-    if (next_line(d, w, 1, line, sizeof line, err, errlen) < 0) goto fail;
-    if (strncmp(line, "{\"check\":\"ok\"", 13)) {
-        cm_seterr(err, errlen, "result check failed: %s", line);
-        rc = CM_ECORRUPT;
-        goto fail;
-    }
-    for (int i = 0; i < nw; i++)
-        if ((rc = expect_exit(d, w[i], 30.0, err, errlen)) != CM_OK) goto fail;
-    return CM_OK;
-fail:
-    return rc;
-}
-
-/* Wait until every PS accepts connections. CM_EBUSY if one could not bind
- * its port (exit status 3: pick new ports and start again). */
-static int wait_listening(driver *d, child **srv, const int *ports, int n, char *err,
-                          size_t errlen) {
-    int up[MAX_PROCS] = {0}, nup = 0;
-    double until = cm_now() + 30.0;
-    while (nup < n) {
-        for (int i = 0; i < n; i++) {
-            if (!reap_by(srv[i], 0.0)) continue;
-            if (WIFEXITED(srv[i]->status) && WEXITSTATUS(srv[i]->status) == PORT_TAKEN)
-                return CM_EBUSY;
-            char why[64];
-            describe_status(srv[i]->status, why, sizeof why);
-            cm_seterr(err, errlen, "%s failed to start (%s)", srv[i]->name, why);
-            return CM_EIO;
-        }
-        for (int i = 0; i < n; i++)
-            if (!up[i] && bu_port_accepts(ports[i])) {
-                up[i] = 1;
-                nup++;
-            }
-        if (nup == n) break;
-        if (got_signal || cm_now() > until || cm_now() > d->deadline) {
-            cm_seterr(err, errlen, "the PS did not start listening");
-            return CM_ETIMEDOUT;
-        }
-        usleep(5000);
-    }
-    return CM_OK;
 }
 
 /* ================================================== driver: phases */
@@ -820,148 +418,89 @@ typedef struct bench_cfg {
     int warmup, iters;
 } bench_cfg;
 
-/* Arguments common to both kinds of worker, into argv from index at. */
-static int worker_args(const bench_cfg *b, int rank, char nums[][24], char **argv, int at) {
-    snprintf(nums[0], 24, "%d", rank);
-    snprintf(nums[1], 24, "%d", b->workers);
-    snprintf(nums[2], 24, "%zu", b->bytes / sizeof(float));
-    snprintf(nums[3], 24, "%d", b->warmup);
-    snprintf(nums[4], 24, "%d", b->iters);
-    const char *fixed[] = {"--rank", nums[0], "--workers", nums[1], "--elems", nums[2],
-                           "--warmup", nums[3], "--iters", nums[4], "--mode",
-                           b->sync ? "sync" : "async"};
-    for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++) argv[at++] = (char *)fixed[i];
-    return at;
+/* Start the W workers of a phase: this binary as 'role', told where the
+ * servers are by addr_opt addrs. CM_OK, or CM_EIO with a message. */
+static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, const char *addr_opt,
+                         const char *addrs, bu_child **w, char *err, size_t errlen) {
+    for (int r = 0; r < b->workers; r++) {
+        char nums[5][24], name[32];
+        snprintf(nums[0], 24, "%d", r);
+        snprintf(nums[1], 24, "%d", b->workers);
+        snprintf(nums[2], 24, "%zu", b->bytes / sizeof(float));
+        snprintf(nums[3], 24, "%d", b->warmup);
+        snprintf(nums[4], 24, "%d", b->iters);
+        char *argv[] = {d->exe, "--role", (char *)role, "--rank", nums[0], "--workers", nums[1],
+                        "--elems", nums[2], "--warmup", nums[3], "--iters", nums[4], "--mode",
+                        b->sync ? "sync" : "async", (char *)addr_opt, (char *)addrs, NULL};
+        snprintf(name, sizeof name, "%s %d", role, r);
+        if (!(w[r] = bu_spawn(d, name, argv, 1, 1, err, errlen))) return CM_EIO;
+    }
+    return CM_OK;
 }
 
-/* 1 if a PS of this attempt exited with PORT_TAKEN (waiting up to half a
- * second for it: it exits right after its bind fails). */
-static int port_was_taken(child **srv, int n) {
-    double until = cm_now() + 0.5;
-    for (int i = 0; i < n; i++)
-        if (reap_by(srv[i], until) && WIFEXITED(srv[i]->status) &&
-            WEXITSTATUS(srv[i]->status) == PORT_TAKEN)
-            return 1;
+/* A worker's timing line, added into the phase_result ctx. */
+static int add_timings(void *ctx, int i, const char *line) {
+    phase_result *res = ctx;
+    int rank, nw = res->nw;
+    double win, push, pull;
+    (void)i;
+    if (sscanf(line, "{\"rank\":%d,\"window_s\":%lf,\"push_ms\":%lf,\"pull_ms\":%lf}", &rank, &win,
+               &push, &pull) != 4)
+        return -1;
+    if (win > res->window_s) res->window_s = win;
+    res->push_ms += push / nw;
+    res->pull_ms += pull / nw;
     return 0;
 }
 
-/* One attempt of the PS phase on fresh ports: S psserver processes, then W
- * workers over ps_client. Returns CM_EBUSY if a PS found its port taken (a
- * connect to the port may have reached the other listener first, so this
- * is checked after any failure, not only while waiting for the PS). */
-static int ps_attempt(driver *d, const bench_cfg *b, phase_result *res, char *err,
-                      size_t errlen) {
-    child *srv[MAX_PROCS], *w[MAX_PROCS];
-    char ps_hosts[MAX_PROCS * 24], worker_hosts[MAX_PROCS * 24], name[32];
-    int rc = CM_EIO, ports[MAX_KIDS], nsrv = 0;
-    size_t lp = 0, lw = 0;
-    if (bu_free_ports(ports, b->servers + b->workers) != CM_OK) {
-        cm_seterr(err, errlen, "cannot find free ports: %s", strerror(errno));
-        goto fail;
-    }
-    for (int i = 0; i < b->servers; i++)
-        lp += (size_t)snprintf(ps_hosts + lp, sizeof ps_hosts - lp, "%s127.0.0.1:%d",
-                               i ? "," : "", ports[i]);
-    for (int i = 0; i < b->workers; i++)
-        lw += (size_t)snprintf(worker_hosts + lw, sizeof worker_hosts - lw, "%s127.0.0.1:%d",
-                               i ? "," : "", ports[b->servers + i]);
-    for (; nsrv < b->servers; nsrv++) {
-        char idx[24];
-        snprintf(idx, sizeof idx, "%d", nsrv);
-        snprintf(name, sizeof name, "psserver %d", nsrv);
-        char *argv[] = {d->psserver, "--ps-hosts", ps_hosts, "--worker-hosts", worker_hosts,
-                        "--task-index", idx, NULL};
-        if (!(srv[nsrv] = spawn(d, name, argv, 0, 0, err, errlen))) goto fail;
-        srv[nsrv]->watch = 1;
-    }
-    if ((rc = wait_listening(d, srv, ports, b->servers, err, errlen)) != CM_OK) goto fail;
-    rc = CM_EIO;
-    for (int r = 0; r < b->workers; r++) {
-        char nums[5][24], *argv[24];
-        int at = 0;
-        argv[at++] = d->exe;
-        argv[at++] = "--role";
-        argv[at++] = "worker";
-        at = worker_args(b, r, nums, argv, at);
-        argv[at++] = "--ps-addrs";
-        argv[at++] = ps_hosts;
-        argv[at] = NULL;
-        snprintf(name, sizeof name, "worker %d", r);
-        if (!(w[r] = spawn(d, name, argv, 1, 1, err, errlen))) goto fail;
-    }
-    if ((rc = run_workers(d, w, b->workers, res, err, errlen)) != CM_OK) goto fail;
-    /* Worker 0 asked every PS to shut down. */
-    for (int i = 0; i < b->servers; i++) {
-        srv[i]->watch = 0;
-        if ((rc = expect_exit(d, srv[i], 30.0, err, errlen)) != CM_OK) goto fail;
-    }
-    stop_all(d);
-    return CM_OK;
-fail:
-    if (rc != CM_EBUSY && !got_signal && port_was_taken(srv, nsrv)) rc = CM_EBUSY;
-    stop_all(d);
-    return rc;
+/* The worker protocol: W "ready" lines, "go" to all, W timing lines, then
+ * "check" to worker 0 and its verdict; then every worker must exit 0. */
+static int run_workers(bu_driver *d, bu_child **w, int nw, phase_result *res, char *err,
+                       size_t errlen) {
+    int rc;
+    *res = (phase_result){.nw = nw};
+    if ((rc = bu_workers_ready(d, w, nw, NULL, NULL, err, errlen)) != CM_OK ||
+        (rc = bu_workers_round(d, w, nw, add_timings, res, err, errlen)) != CM_OK)
+        return rc;
+    return bu_workers_finish(d, w, nw, err, errlen);
 }
 
-/* The PS phase, on new ports while a PS finds its port taken (5 tries). */
-static int run_ps(driver *d, const bench_cfg *b, phase_result *res, char *err, size_t errlen) {
-    for (int attempt = 1;; attempt++) {
-        int rc = ps_attempt(d, b, res, err, errlen);
-        if (rc != CM_EBUSY) return rc;
-        fprintf(stderr, "psbench: a PS port was taken; starting again on new ports\n");
-        if (attempt == 5) {
-            cm_seterr(err, errlen, "a PS found its port taken 5 times in a row");
-            return CM_EBUSY;
-        }
-    }
+/* A phase's workers (bu_ps_phase's and bu_tcp_phase's callback): this
+ * binary as 'role', told the servers by addr_opt. */
+typedef struct phase_run {
+    const bench_cfg *b;
+    const char *role, *addr_opt;
+    phase_result *res;
+} phase_run;
+
+static int phase_workers(void *ctx, bu_driver *d, const char *addrs, char *err, size_t errlen) {
+    phase_run *pr = ctx;
+    bu_child *w[BU_MAX_PROCS];
+    int rc = spawn_workers(d, pr->b, pr->role, pr->addr_opt, addrs, w, err, errlen);
+    return rc != CM_OK ? rc : run_workers(d, w, pr->b->workers, pr->res, err, errlen);
 }
 
-/* The plain-TCP phase: S tcp-server processes, W tcp-worker processes. */
-static int run_tcp(driver *d, const bench_cfg *b, phase_result *res, char *err, size_t errlen) {
-    child *srv[MAX_PROCS], *w[MAX_PROCS];
-    char tcp_ports[MAX_PROCS * 8] = "", line[256], name[32];
-    size_t n = b->bytes / sizeof(float), lp = 0;
-    int rc = CM_EIO;
+/* The PS phase: S psserver processes, W workers over ps_client. */
+static int run_ps(bu_driver *d, const bench_cfg *b, phase_result *res, char *err, size_t errlen) {
+    phase_run pr = {.b = b, .role = "worker", .addr_opt = "--ps-addrs", .res = res};
+    return bu_ps_phase(d, b->servers, b->workers, phase_workers, &pr, err, errlen);
+}
+
+/* The plain-TCP phase: S tcp-server processes (each its slice of the
+ * vector), W tcp-worker processes. */
+static int run_tcp(bu_driver *d, const bench_cfg *b, phase_result *res, char *err,
+                   size_t errlen) {
+    char elems[BU_MAX_PROCS][24], *argv[BU_MAX_PROCS][6], *const *argvs[BU_MAX_PROCS];
+    size_t n = b->bytes / sizeof(float);
     for (int i = 0; i < b->servers; i++) {
-        char elems[24];
-        int port;
-        snprintf(elems, sizeof elems, "%zu",
+        snprintf(elems[i], sizeof elems[i], "%zu",
                  slice_begin(n, b->servers, i + 1) - slice_begin(n, b->servers, i));
-        snprintf(name, sizeof name, "tcp-server %d", i);
-        char *argv[] = {d->exe, "--role", "tcp-server", "--elems", elems, NULL};
-        if (!(srv[i] = spawn(d, name, argv, 0, 1, err, errlen))) goto fail;
-        srv[i]->watch = 1;
-        if (next_line(d, &srv[i], 1, line, sizeof line, err, errlen) < 0) goto fail;
-        if (sscanf(line, "{\"port\":%d}", &port) != 1) {
-            cm_seterr(err, errlen, "%s said '%s' instead of its port", name, line);
-            goto fail;
-        }
-        lp += (size_t)snprintf(tcp_ports + lp, sizeof tcp_ports - lp, "%s%d", i ? "," : "", port);
+        char *a[] = {d->exe, "--role", "tcp-server", "--elems", elems[i], NULL};
+        memcpy(argv[i], a, sizeof a);
+        argvs[i] = argv[i];
     }
-    for (int r = 0; r < b->workers; r++) {
-        char nums[5][24], *argv[24];
-        int at = 0;
-        argv[at++] = d->exe;
-        argv[at++] = "--role";
-        argv[at++] = "tcp-worker";
-        at = worker_args(b, r, nums, argv, at);
-        argv[at++] = "--tcp-ports";
-        argv[at++] = tcp_ports;
-        argv[at] = NULL;
-        snprintf(name, sizeof name, "tcp-worker %d", r);
-        if (!(w[r] = spawn(d, name, argv, 1, 1, err, errlen))) goto fail;
-    }
-    if ((rc = run_workers(d, w, b->workers, res, err, errlen)) != CM_OK) goto fail;
-    /* Worker 0 sent every server its 'Q'. */
-    for (int i = 0; i < b->servers; i++) {
-        srv[i]->watch = 0;
-        if ((rc = expect_exit(d, srv[i], 30.0, err, errlen)) != CM_OK) goto fail;
-    }
-    stop_all(d);
-    return CM_OK;
-fail:
-    stop_all(d);
-    return rc;
+    phase_run pr = {.b = b, .role = "tcp-worker", .addr_opt = "--tcp-ports", .res = res};
+    return bu_tcp_phase(d, b->servers, argvs, phase_workers, &pr, err, errlen);
 }
 
 /* ================================================== driver: report */
@@ -1016,11 +555,10 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
         else
             printf(",\"pslite_gbps\":null,\"ratio_to_pslite\":null");
     }
-    /* The verdict is "ok" or an error message, made safe for a JSON string. */
-    printf(",\"check\":\"");
-    for (const char *p = check; *p; p++)
-        putchar(*p == '"' ? '\'' : *p == '\\' || (unsigned char)*p < 0x20 ? ' ' : *p);
-    printf("\"}\n");
+    /* The verdict is "ok" or an error message. */
+    printf(",\"check\":");
+    bu_print_json_string(check);
+    printf("}\n");
     fflush(stdout);
 }
 
@@ -1062,7 +600,7 @@ static int parse_cfg(const opts *o, const char *shape, const char *mode, const c
                      bench_cfg *b) {
     *b = (bench_cfg){0};
     if (sscanf(shape, "%dx%d", &b->servers, &b->workers) != 2 || b->servers < 1 ||
-        b->workers < 1 || b->servers > MAX_PROCS || b->workers > MAX_PROCS ||
+        b->workers < 1 || b->servers > BU_MAX_PROCS || b->workers > BU_MAX_PROCS ||
         (strcmp(mode, "sync") && strcmp(mode, "async")) || parse_size(size, &b->bytes) ||
         b->bytes / sizeof(float) < (size_t)b->servers) {
         fprintf(stderr, "psbench: bad configuration %s %s %s\n", shape, mode, size);
@@ -1080,7 +618,7 @@ static int parse_cfg(const opts *o, const char *shape, const char *mode, const c
 
 /* Run one configuration o->repeats times (PS phase, then TCP phase) and
  * print its line. Returns 0, or -1 if a run failed or its check did. */
-static int run_config(driver *d, const opts *o, const bench_cfg *b) {
+static int run_config(bu_driver *d, const opts *o, const bench_cfg *b) {
     phase_result ps[MAX_REPEATS], tcp[MAX_REPEATS];
     char err[512] = "ok";
     const char *mode = b->sync ? "sync" : "async";
@@ -1102,31 +640,14 @@ static int run_config(driver *d, const opts *o, const bench_cfg *b) {
 }
 
 static int driver_main(const opts *o) {
-    driver *d = cm_calloc(1, sizeof *d);
+    bu_driver *d = cm_calloc(1, sizeof *d);
     char *copies[3] = {NULL, NULL, NULL}, *shapes[MAX_LIST], *modes[MAX_LIST], *sizes[MAX_LIST];
     bench_cfg *cfgs = NULL;
     int status = 1, ncfgs = 0, failures = 0;
-    ssize_t len = readlink("/proc/self/exe", d->exe, sizeof d->exe - 1);
-    if (len <= 0) {
-        perror("psbench: /proc/self/exe");
-        goto fail;
-    }
-    d->exe[len] = 0;
-    if (o->bin_dir) {
-        snprintf(d->psserver, sizeof d->psserver, "%s/psserver", o->bin_dir);
-    } else {
-        /* The build puts bench/psbench beside bin/psserver. */
-        int dirlen = (int)(strrchr(d->exe, '/') - d->exe);
-        if (dirlen > PATH_MAX - 32) dirlen = PATH_MAX - 32;
-        snprintf(d->psserver, sizeof d->psserver, "%.*s/../bin/psserver", dirlen, d->exe);
-    }
-    if (access(d->psserver, X_OK)) {
-        fprintf(stderr, "psbench: %s: %s (see --bin-dir)\n", d->psserver, strerror(errno));
-        goto fail;
-    }
-    int nshapes = split_list(o->shapes ? o->shapes : "1x1,2x2", &copies[0], shapes, MAX_LIST);
-    int nmodes = split_list(o->modes ? o->modes : "async,sync", &copies[1], modes, MAX_LIST);
-    int nsizes = split_list(o->sizes ? o->sizes : "4K,1M,16M", &copies[2], sizes, MAX_LIST);
+    if (bu_driver_init(d, "psbench", o->bin_dir)) goto fail;
+    int nshapes = bu_split_list(o->shapes ? o->shapes : "1x1,2x2", &copies[0], shapes, MAX_LIST);
+    int nmodes = bu_split_list(o->modes ? o->modes : "async,sync", &copies[1], modes, MAX_LIST);
+    int nsizes = bu_split_list(o->sizes ? o->sizes : "4K,1M,16M", &copies[2], sizes, MAX_LIST);
     if (nshapes < 1 || nmodes < 1 || nsizes < 1) {
         fprintf(stderr, "psbench: empty or too long --shapes, --modes or --sizes\n");
         goto fail;
@@ -1139,13 +660,13 @@ static int driver_main(const opts *o) {
                 if (parse_cfg(o, shapes[si], modes[mi], sizes[zi], &cfgs[ncfgs++])) goto fail;
     /* Children log only warnings unless the caller asked otherwise. */
     setenv("PS_LOG_LEVEL", "warn", 0);
-    bu_catch_signals(on_signal);
+    bu_catch_signals(bu_on_signal);
     d->deadline = cm_now() + o->timeout_s;
-    for (int i = 0; i < ncfgs && !got_signal && cm_now() < d->deadline; i++)
+    for (int i = 0; i < ncfgs && !bu_got_signal && cm_now() < d->deadline; i++)
         if (run_config(d, o, &cfgs[i])) failures++;
-    status = failures || got_signal || cm_now() >= d->deadline ? 1 : 0;
+    status = failures || bu_got_signal || cm_now() >= d->deadline ? 1 : 0;
 fail:
-    stop_all(d);
+    bu_stop_all(d);
     for (int i = 0; i < 3; i++) free(copies[i]);
     free(cfgs);
     free(d);
