@@ -79,17 +79,6 @@ typedef struct bench {
     double write_ratio, step_rise_pct, recovery_ms;
 } bench;
 
-/* The 1-minute load average (other jobs on a shared machine), or -1. */
-static double load_average(void) {
-    double l = -1.0;
-    FILE *f = fopen("/proc/loadavg", "r");
-    if (f) {
-        if (fscanf(f, "%lf", &l) != 1) l = -1.0;
-        fclose(f);
-    }
-    return l;
-}
-
 static int out_of_time(const bench *b) { return got_signal || cm_now() > b->deadline; }
 
 static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
@@ -882,7 +871,7 @@ int main(int argc, char **argv) {
     unsetenv("PS_LOG_LEVEL");
     bu_catch_signals(on_signal);
     b->deadline = cm_now() + o.timeout_s;
-    double load0 = load_average();
+    double load0 = bu_load_average();
     b->write_ratio = b->recovery_ms = -1.0;
     b->step_rise_pct = -1e9;
     int rcw = CM_OK, rcs = CM_OK, rcr = CM_OK;
@@ -900,7 +889,7 @@ int main(int argc, char **argv) {
              b->recovery_ms, b->recovery_ms < 500.0 ? "true" : "false");
     printf("{\"summary\":\"ckptbench\",\"write_ge_0.8x_raw\":%s,\"step_rise_le_5pct\":%s,"
            "\"recovery_lt_500ms\":%s,\"load_average\":[%.2f,%.2f],\"status\":\"%s\"}\n",
-           v[0], v[1], v[2], load0, load_average(), status ? "failed" : "ok");
+           v[0], v[1], v[2], load0, bu_load_average(), status ? "failed" : "ok");
     rm_tree(b->tmp);
     free(b);
     return status;

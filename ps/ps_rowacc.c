@@ -82,7 +82,62 @@ void ps_rowacc_reset(ps_rowacc *a) {
     a->e.n = 0;
 }
 
+void ps_rowacc_each_table(ps_rowacc *a, int ntables, const int *dims, ps_rowacc_table_fn fn,
+                          void *ud) {
+    const ps_rowlist *e = &a->e;
+    if (e->n == 0) return;
+    if (a->ncount < ntables) {
+        free(a->count);
+        free(a->goff);
+        a->count = cm_calloc((size_t)ntables + 1, sizeof *a->count);
+        a->goff = cm_calloc((size_t)ntables + 1, sizeof *a->goff);
+        a->ncount = ntables;
+    }
+    memset(a->count, 0, (size_t)ntables * sizeof *a->count);
+    for (size_t i = 0; i < e->n; i++) a->count[e->tab[i]]++;
+    if (e->n > a->scap) {
+        a->scap = e->n;
+        a->ids = cm_realloc(a->ids, a->scap * sizeof *a->ids);
+        a->g = cm_realloc(a->g, a->scap * (size_t)e->dim * sizeof *a->g);
+    }
+    /* A stable counting sort by table, packed at each table's dim: the
+     * offsets first (count becomes each table's next slot), one pass. */
+    size_t at = 0, goff = 0;
+    for (int t = 0; t < ntables; t++) {
+        size_t n = a->count[t];
+        a->count[t] = at;
+        at += n;
+    }
+    /* Gradient offsets follow the ids' order with each table's own dim. */
+    size_t *goffs = a->goff;
+    for (int t = 0; t < ntables; t++) {
+        goffs[t] = goff;
+        size_t next = t + 1 < ntables ? a->count[t + 1] : at;
+        goff += (next - a->count[t]) * (size_t)dims[t];
+    }
+    for (size_t i = 0; i < e->n; i++) {
+        uint32_t t = e->tab[i];
+        size_t k = a->count[t]++, d = (size_t)dims[t];
+        a->ids[k] = e->id[i];
+        memcpy(a->g + goffs[t], e->g + i * (size_t)e->dim, d * sizeof(float));
+        goffs[t] += d;
+    }
+    /* count[t] is now the end of table t's ids; goffs[t] the end of its
+     * gradients. */
+    size_t begin = 0, gbegin = 0;
+    for (int t = 0; t < ntables; t++) {
+        size_t end = a->count[t];
+        if (end > begin) fn(ud, (uint32_t)t, a->ids + begin, end - begin, a->g + gbegin);
+        gbegin = goffs[t];
+        begin = end;
+    }
+}
+
 void ps_rowacc_free(ps_rowacc *a) {
+    free(a->count);
+    free(a->goff);
+    free(a->ids);
+    free(a->g);
     ps_rowlist_free(&a->e);
     free(a->map);
     memset(a, 0, sizeof *a);

@@ -32,11 +32,28 @@ typedef struct ps_rowacc {
     ps_rowlist e;    /* The sums, in first-seen order. */
     size_t mcap;     /* Map capacity (power of two, > 2 * entries). */
     int32_t *map;    /* Entry index + 1, or 0 for empty. */
+    /* Scratch of ps_rowacc_each_table. */
+    size_t *count;   /* Per table. */
+    size_t *goff;    /* Per table. */
+    int ncount;
+    uint64_t *ids;
+    float *g;
+    size_t scap;
 } ps_rowacc;
 
 /* Add the n values at g (float32, or bfloat16 when bf16; maybe unaligned)
  * to the entry of (tab, id), creating it with them. */
 void ps_rowacc_add(ps_rowacc *a, uint32_t tab, uint64_t id, const uint8_t *g, int n, int bf16);
+
+/* The sums grouped by table, for row stores that work a table at a time:
+ * for each table t < ntables with entries, in table order, fn(ud, t, ids,
+ * n, g) with the table's ids (in first-seen order) and their gradients
+ * packed at dims[t] floats each (scratch of the accumulator, valid during
+ * the call). */
+typedef void (*ps_rowacc_table_fn)(void *ud, uint32_t table, const uint64_t *ids, size_t n,
+                                   const float *g);
+void ps_rowacc_each_table(ps_rowacc *a, int ntables, const int *dims, ps_rowacc_table_fn fn,
+                          void *ud);
 
 /* Empty it (O(entries)); the memory stays for the next use. */
 void ps_rowacc_reset(ps_rowacc *a);

@@ -148,6 +148,7 @@ struct ps_shard {
     /* Rows (a model with tables). */
     ps_rows *rows;
     int row_dim_max;
+    int *table_dims;    /* Per table: its dim. */
     ps_rowlist *rstage;    /* Sync: per worker, its row gradients of the step. */
     uint8_t *rgiven;    /* Sync: per worker, rows_final seen this step. */
     int rcount;         /* Workers whose rows are in. */
@@ -180,6 +181,8 @@ int ps_shard_create(const cm_model *model, const cm_placement *pl, int index, ps
     }
     s->part_off[s->nparts] = s->numel;
     s->row_dim_max = cm_model_max_dim(model);
+    s->table_dims = cm_calloc((size_t)model->ntables + 1, sizeof *s->table_dims);
+    for (int t = 0; t < model->ntables; t++) s->table_dims[t] = model->vars[model->table_var[t]].dim;
     s->pool = cm_calloc(1, sizeof *s->pool);
     pthread_mutex_init(&s->pool->mu, NULL);
     atomic_init(&s->pool->refs, 1);
@@ -227,6 +230,7 @@ void ps_shard_destroy(ps_shard *s) {
     free(s->parts);
     free(s->part_off);
     free(s->local_of);
+    free(s->table_dims);
     free(s);
 }
 
@@ -597,12 +601,23 @@ static void apply_part(ps_shard *s, int li, int contributions, float *next) {
                            s->slots ? s->slots + off : NULL, s->numel, n);
 }
 
+typedef struct apply_ctx {
+    ps_rows *rows;
+    float scale;
+} apply_ctx;
+
+static void apply_table(void *ud, uint32_t table, const uint64_t *ids, size_t n,
+                        const float *g) {
+    apply_ctx *c = ud;
+    ps_rows_apply(c->rows, (int)table, ids, n, g, c->scale);
+}
+
 /* Apply the accumulated rows (each touched row one optimizer step, its
- * gradient times 'scale') and empty the accumulator (mu held). */
+ * gradient times 'scale'), a table at a time (the row store looks the ids
+ * of a call up ahead), and empty the accumulator (mu held). */
 static void apply_acc(ps_shard *s, float scale) {
-    const ps_rowlist *e = &s->racc.e;
-    for (size_t i = 0; i < e->n; i++)
-        ps_rows_apply(s->rows, (int)e->tab[i], &e->id[i], 1, e->g + i * (size_t)e->dim, scale);
+    apply_ctx c = {.rows = s->rows, .scale = scale};
+    ps_rowacc_each_table(&s->racc, s->model->ntables, s->table_dims, apply_table, &c);
     ps_rowacc_reset(&s->racc);
 }
 

@@ -89,6 +89,8 @@ typedef struct arsync {
     float **blocks;  /* nworkers: each rank's rows (see pack_rows). */
     size_t *block_cap;
     ps_rowacc acc;
+    int *table_dims;
+    float apply_scale;
 } arsync;
 
 /* A rank's rows as floats for the ring: per row two floats with the id's
@@ -119,6 +121,12 @@ static void pack_rows(arsync *a, const wk_rowset *keys, const float *grads, floa
             memcpy(p + 2, &tab, 4);
             memcpy(p + ROW_HDR, grads + u * (size_t)a->row_dim, (size_t)a->row_dim * sizeof(float));
         }
+}
+
+static void apply_table(void *ud, uint32_t table, const uint64_t *ids, size_t n,
+                        const float *g) {
+    arsync *a = ud;
+    ps_rows_apply(a->rows, (int)table, ids, n, g, a->apply_scale);
 }
 
 /* Every rank's row gradients to every rank, summed per row in rank order
@@ -155,10 +163,8 @@ static int exchange_rows(arsync *a, int64_t step, const wk_sparse_step *sp) {
                           ps_rows_dim(a->rows, (int)tab), 0);
         }
     }
-    const ps_rowlist *e = &a->acc.e;
-    float scale = 1.0f / (float)W;
-    for (size_t i = 0; i < e->n; i++)
-        ps_rows_apply(a->rows, (int)e->tab[i], &e->id[i], 1, e->g + i * (size_t)e->dim, scale);
+    a->apply_scale = 1.0f / (float)W;
+    ps_rowacc_each_table(&a->acc, a->cfg.model->ntables, a->table_dims, apply_table, a);
     ps_rowacc_reset(&a->acc);
     return CM_OK;
 fail:
@@ -508,6 +514,7 @@ static void ar_destroy(wk_sync *s) {
     free(a->block_cap);
     free(a->counts);
     ps_rowacc_free(&a->acc);
+    free(a->table_dims);
     free(a);
 }
 
@@ -564,6 +571,9 @@ int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err
         a->blocks = cm_calloc((size_t)cfg->nworkers, sizeof *a->blocks);
         a->block_cap = cm_calloc((size_t)cfg->nworkers, sizeof *a->block_cap);
         a->acc.e.dim = a->row_dim;
+        a->table_dims = cm_calloc((size_t)cfg->model->ntables, sizeof *a->table_dims);
+        for (int t = 0; t < cfg->model->ntables; t++)
+            a->table_dims[t] = cfg->model->vars[cfg->model->table_var[t]].dim;
     }
     if (cfg->is_chief && cfg->checkpoint_dir && cfg->checkpoint_every > 0) {
         a->job = cm_alloc_aligned((1 + (size_t)a->nslots) * a->n * sizeof(float));
