@@ -694,7 +694,8 @@ static int evaluate_ctr(run *r, int64_t version, eval_result *out) {
         const uint64_t *ids = r->ctr.test_ids + at * F;
         wk_rowset_build(&keys, ids, m, r->model->field_table);
         if ((status = r->sync->ops->rows(r->sync, version, &keys, vals, 0)) != CM_OK) {
-            cm_error("evaluation: cannot read the test set's rows: %s", r->sync->err);
+            if (status != CM_EABORTED) /* A rollback: the caller recovers. */
+                cm_error("evaluation: cannot read the test set's rows: %s", r->sync->err);
             break;
         }
         wk_rows_in sp = {.inv = keys.inv, .rows = vals, .nrows = keys.nuniq};
@@ -717,7 +718,8 @@ static int evaluate(run *r, int64_t version, eval_result *out) {
     out->auc = NAN;
     int status;
     if (r->sync->ops->settle && (status = r->sync->ops->settle(r->sync)) != CM_OK) {
-        cm_error("step %lld: %s", (long long)version, r->sync->err);
+        if (status != CM_EABORTED) /* A rollback: the caller recovers. */
+            cm_error("step %lld: %s", (long long)version, r->sync->err);
         return status;
     }
     if ((status = wk_replicas_set_params(r->reps, r->params)) != CM_OK) return status;
@@ -933,7 +935,17 @@ static int train_loop(run *r) {
             if (r->is_chief && (!cfg->async || step < r->total)) {
                 /* In async mode the final evaluation waits for all workers. */
                 eval_result e;
-                if ((status = evaluate(r, step, &e)) != CM_OK) return status;
+                if ((status = evaluate(r, step, &e)) != CM_OK) {
+                    /* A PS restarted while the chief evaluated: recover
+                     * as from a failed step, and evaluate when the
+                     * redone steps reach the epoch's end again. */
+                    if (status != CM_EABORTED || !r->sync->ops->recover) return status;
+                    eval_seconds += cm_now() - te;
+                    epoch_loss = 0.0;
+                    epoch_n = epoch_correct = 0;
+                    if ((status = recover(r, step, 0, &step)) != CM_OK) return status;
+                    continue;
+                }
                 keep_eval(r, &e);
                 report_eval(r, epoch, epoch_loss / (double)epoch_n,
                             (double)epoch_correct / (double)epoch_n, &e);
