@@ -46,8 +46,15 @@
  *     success=0 -> freed (the call died before the request arrived).
  *   HELD       the application owns the call.
  *     rpc_reply / rpc_fail -> FINISHING: batch 2 = [SEND_MESSAGE] +
- *                 SEND_STATUS_FROM_SERVER + RECV_CLOSE_ON_SERVER (finish).
- *   FINISHING  batch 2 is pending; its completion frees the call.
+ *                 SEND_STATUS_FROM_SERVER (finish).
+ *   FINISHING  batch 2 is pending; its completion drops its reference.
+ *   Besides, from on_accept on, a batch of its own, RECV_CLOSE_ON_SERVER
+ *   (tag: the call's 'closer'), completes once the call is over on the wire:
+ *   answered, or its client cancelled, disconnected or passed its deadline.
+ *   If the call is still HELD then, the application hears of it
+ *   (on_cancel), so that a parked Pull is not kept for a client that is
+ *   gone. A call has two references while both are outstanding (the state
+ *   chain and the closer), and is freed when the last one is dropped.
  *
  *   Server: CREATED --rpc_server_start--> RUNNING --rpc_server_shutdown-->
  *   STOPPING --(drained, threads joined)--> STOPPED. Shutdown steps:
@@ -62,7 +69,9 @@
  *    context after that (G3): another CQ thread may complete and free it
  *    before the start function returns.
  *  - nrequests counts REQUESTED contexts, ncalls accepted contexts not yet
- *    freed (RECEIVING, HELD, FINISHING), nheld the HELD ones.
+ *    freed (RECEIVING, HELD, FINISHING, or waiting for the closer), nheld
+ *    the HELD ones. A call's state moves HELD -> FINISHING under mu, where
+ *    the closer reads it.
  *  - The CQ is shut down only after the shutdown tag was seen and
  *    nrequests == ncalls == 0 (G4), so no grpc_call_start_batch can meet a
  *    shut-down queue: rpc_reply works until the very end of shutdown.
@@ -297,7 +306,11 @@ typedef struct method_entry {
     char *name;
     rpc_handler fn;
     void *ctx;
+    int level; /* RPC_AUTH_* a caller needs. */
 } method_entry;
+
+/* What a completion-queue tag is: every tag struct starts with this. */
+enum { TAG_CALL = 1, TAG_CLOSER = 2, TAG_SHUTDOWN = 3 };
 
 /* Thread-safety: the fields above 'mu' are written before the threads start
  * and only read afterwards, except server/cq/threads (shutdown's thread). */
@@ -309,7 +322,13 @@ struct rpc_server {
     grpc_server *server;       /* NULL until started. */
     grpc_completion_queue *cq; /* NULL until started. */
     pthread_t *threads;
-    char shutdown_tag; /* Its address is the shutdown_and_notify tag. */
+    int shutdown_tag; /* TAG_SHUTDOWN; its address is the shutdown_and_notify tag. */
+    /* Authentication: "Bearer <token>" as sent (NULL: no authentication). */
+    char *bearer, *admin_bearer;
+    grpc_server_credentials *creds; /* TLS, or insecure. */
+    int max_held, max_streams, idle_ms;
+    rpc_cancel_fn on_cancel;
+    void *cancel_ctx;
 
     pthread_mutex_t mu;
     pthread_cond_t cv; /* CLOCK_MONOTONIC; broadcast on any change below. */
@@ -319,13 +338,25 @@ struct rpc_server {
     int ncalls;
     int nheld;
     int shutdown_seen;
+    rpc_server_stats st;
+    uint64_t refusals_logged;
 };
 
 /* One call, from grpc_server_request_call to its last batch. The fields
  * belong to whichever thread moves the call to its next state. */
+typedef struct closer {
+    int kind; /* TAG_CLOSER */
+    struct rpc_call *call;
+} closer;
+
 struct rpc_call {
+    int kind; /* TAG_CALL */
     rpc_server *srv;
     int state;
+    atomic_int refs; /* The state chain's and the closer's. */
+    closer close;
+    int level;       /* RPC_AUTH_* of its token. */
+    void *app;
     grpc_call *call;
     grpc_call_details details;
     grpc_metadata_array md;
@@ -337,7 +368,9 @@ struct rpc_call {
     char *peer;    /* gpr_malloc'd, lazily. */
 };
 
+/* Drop a reference; the last one frees the call. */
 static void call_free(rpc_call *c) {
+    if (atomic_fetch_sub(&c->refs, 1) != 1) return;
     rpc_server *s = c->srv;
     int was_request = c->state == CALL_REQUESTED;
     if (c->call) grpc_call_unref(c->call);
@@ -369,8 +402,11 @@ static void request_one(rpc_server *s) {
     pthread_mutex_unlock(&s->mu);
 
     rpc_call *c = cm_calloc(1, sizeof *c);
+    c->kind = TAG_CALL;
     c->srv = s;
     c->state = CALL_REQUESTED;
+    atomic_init(&c->refs, 1);
+    c->close = (closer){.kind = TAG_CLOSER, .call = c};
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
     grpc_call_error e =
@@ -401,11 +437,9 @@ static void finish(rpc_call *c, grpc_byte_buffer *bb, int code, char *text) {
         ops[n].data.send_status_from_server.status_details = &c->status_details;
     }
     n++;
-    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
-    c->state = CALL_FINISHING;
 
     pthread_mutex_lock(&s->mu);
+    c->state = CALL_FINISHING;
     s->nheld--;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
@@ -418,11 +452,63 @@ static void finish(rpc_call *c, grpc_byte_buffer *bb, int code, char *text) {
     }
 }
 
-static void hold(rpc_call *c) {
+/* The call now belongs to the application; returns the calls held. */
+static int hold(rpc_call *c) {
     pthread_mutex_lock(&c->srv->mu);
     c->state = CALL_HELD;
-    c->srv->nheld++;
+    int n = ++c->srv->nheld;
     pthread_mutex_unlock(&c->srv->mu);
+    return n;
+}
+
+/* Bytes a and b equal, in time that depends on their lengths only. */
+static int same_secret(const char *a, size_t alen, const char *b, size_t blen) {
+    unsigned char diff = alen != blen;
+    size_t n = alen < blen ? alen : blen;
+    for (size_t i = 0; i < n; i++) diff |= (unsigned char)(a[i] ^ b[i]);
+    return diff == 0;
+}
+
+/* The level the call's "authorization" metadata gives. */
+static int call_level(const rpc_server *s, const grpc_metadata_array *md) {
+    if (!s->bearer) return RPC_AUTH_ADMIN;
+    int level = RPC_AUTH_NONE;
+    for (size_t i = 0; i < md->count; i++) {
+        if (grpc_slice_str_cmp(md->metadata[i].key, "authorization") != 0) continue;
+        const char *v = (const char *)GRPC_SLICE_START_PTR(md->metadata[i].value);
+        size_t n = GRPC_SLICE_LENGTH(md->metadata[i].value);
+        /* Both compared, whatever the first says. */
+        int admin = s->admin_bearer &&
+                    same_secret(v, n, s->admin_bearer, strlen(s->admin_bearer));
+        int worker = same_secret(v, n, s->bearer, strlen(s->bearer));
+        if (admin) level = RPC_AUTH_ADMIN;
+        else if (worker && level < RPC_AUTH_WORKER) level = RPC_AUTH_WORKER;
+    }
+    return level;
+}
+
+/* Count a refusal and log it with the peer (the first 20, then every
+ * 1000th: a flood must not flood the log too). */
+static void count_refusal(rpc_server *s, rpc_call *c, int code, const char *why) {
+    pthread_mutex_lock(&s->mu);
+    if (code == RPC_UNAUTHENTICATED) s->st.unauthenticated++;
+    else if (code == RPC_PERMISSION_DENIED) s->st.denied++;
+    else s->st.exhausted++;
+    uint64_t k = ++s->refusals_logged;
+    pthread_mutex_unlock(&s->mu);
+    if (k <= 20 || k % 1000 == 0) {
+        char *method = grpc_slice_to_c_string(c->details.method);
+        cm_warn("refused %s from %s: %s (%s; %llu refusals so far)", method, rpc_call_peer(c),
+                rpc_status_name(code), why, (unsigned long long)k);
+        gpr_free(method);
+    }
+}
+
+void rpc_server_stats_get(rpc_server *s, rpc_server_stats *out) {
+    pthread_mutex_lock(&s->mu);
+    *out = s->st;
+    out->held = s->nheld;
+    pthread_mutex_unlock(&s->mu);
 }
 
 void rpc_reply(rpc_call *call, const rpc_seg *segs, int nsegs) {
@@ -457,6 +543,23 @@ const char *rpc_call_peer(rpc_call *call) {
     return call->peer;
 }
 
+int rpc_call_level(const rpc_call *call) { return call->level; }
+void rpc_call_set_app(rpc_call *call, void *app) { call->app = app; }
+void *rpc_call_app(const rpc_call *call) { return call->app; }
+
+/* The closer's completion: the call is over on the wire. */
+static void on_close(rpc_call *c) {
+    rpc_server *s = c->srv;
+    pthread_mutex_lock(&s->mu);
+    int held = c->state == CALL_HELD;
+    if (held && c->cancelled) s->st.cancelled_held++;
+    pthread_mutex_unlock(&s->mu);
+    /* Our reference keeps the call's memory; the application decides
+     * whether it still owns the call (it may be finishing it elsewhere). */
+    if (held && c->cancelled && s->on_cancel) s->on_cancel(s->cancel_ctx, c);
+    call_free(c);
+}
+
 static void on_accept(rpc_call *c, int success) {
     rpc_server *s = c->srv;
     if (!success) { /* Shutdown failed the pending request. */
@@ -468,6 +571,18 @@ static void on_accept(rpc_call *c, int success) {
     s->ncalls++;
     pthread_mutex_unlock(&s->mu);
     request_one(s);
+
+    /* The closer first (a reference of its own): it completes when the
+     * call is over on the wire, whatever happens to the rest. */
+    atomic_fetch_add(&c->refs, 1);
+    grpc_op cop;
+    memset(&cop, 0, sizeof cop);
+    cop.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    cop.data.recv_close_on_server.cancelled = &c->cancelled;
+    if (grpc_call_start_batch(c->call, &cop, 1, &c->close, NULL) != GRPC_CALL_OK) {
+        cm_error("rpc: cannot watch the call's close");
+        atomic_fetch_sub(&c->refs, 1);
+    }
 
     grpc_op ops[2];
     memset(ops, 0, sizeof ops);
@@ -495,8 +610,28 @@ static void on_received(rpc_call *c, int success) {
     }
     grpc_byte_buffer *bb = c->recv;
     c->recv = NULL;
-    const method_entry *m = find_method(c->srv, c->details.method);
-    hold(c);
+    rpc_server *s = c->srv;
+    const method_entry *m = find_method(s, c->details.method);
+    c->level = call_level(s, &c->md);
+    int held = hold(c);
+    const char *refused = NULL;
+    int code = RPC_OK;
+    /* Unknown methods too: a stranger learns nothing, not even which exist. */
+    if (c->level < (m ? m->level : RPC_AUTH_WORKER)) {
+        code = c->level == RPC_AUTH_NONE ? RPC_UNAUTHENTICATED : RPC_PERMISSION_DENIED;
+        refused = code == RPC_UNAUTHENTICATED ? "missing or wrong token"
+                                              : "this call needs the admin's token";
+    } else if (m && held > s->max_held) {
+        code = RPC_RESOURCE_EXHAUSTED;
+        refused = "too many calls in progress on this server";
+    }
+    if (refused) {
+        count_refusal(s, c, code, refused);
+        m = NULL;
+        if (bb) grpc_byte_buffer_destroy(bb);
+        rpc_fail(c, code, "%s", refused);
+        return;
+    }
     if (!m) {
         char *name = grpc_slice_to_c_string(c->details.method);
         if (bb) grpc_byte_buffer_destroy(bb);
@@ -524,11 +659,16 @@ static void *server_thread(void *arg) {
         grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
         if (ev.type != GRPC_OP_COMPLETE) continue;
-        if (ev.tag == &s->shutdown_tag) {
+        int kind = *(const int *)ev.tag;
+        if (kind == TAG_SHUTDOWN) {
             pthread_mutex_lock(&s->mu);
             s->shutdown_seen = 1;
             pthread_cond_broadcast(&s->cv);
             pthread_mutex_unlock(&s->mu);
+            continue;
+        }
+        if (kind == TAG_CLOSER) {
+            on_close(((closer *)ev.tag)->call);
             continue;
         }
         rpc_call *c = ev.tag;
@@ -542,35 +682,113 @@ static void *server_thread(void *arg) {
     return NULL;
 }
 
+/* A whole (small) file as a string (malloc'd), or NULL after logging. */
+static char *read_pem(const char *what, const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        cm_error("rpc: cannot read the %s %s: %s", what, path, strerror(errno));
+        return NULL;
+    }
+    char *buf = cm_malloc(1 << 20);
+    size_t n = fread(buf, 1, (1 << 20) - 1, f);
+    int bad = ferror(f) || n == 0 || !feof(f);
+    fclose(f);
+    if (bad) {
+        cm_error("rpc: the %s %s is empty, unreadable or over 1 MiB", what, path);
+        free(buf);
+        return NULL;
+    }
+    buf[n] = 0;
+    return buf;
+}
+
+static char *bearer_of(const char *token) {
+    size_t n = strlen(token) + 8;
+    char *b = cm_malloc(n);
+    snprintf(b, n, "Bearer %s", token);
+    return b;
+}
+
+/* TLS server credentials from PEM files (mutual with a CA), or NULL after
+ * logging. */
+static grpc_server_credentials *server_tls(const rpc_server_opts *o) {
+    char *cert = read_pem("TLS certificate", o->tls_cert);
+    char *key = o->tls_key ? read_pem("TLS key", o->tls_key) : NULL;
+    char *ca = o->tls_ca ? read_pem("TLS CA", o->tls_ca) : NULL;
+    grpc_server_credentials *cr = NULL;
+    if (!o->tls_key) cm_error("rpc: a TLS certificate needs its key");
+    if (cert && key && (!o->tls_ca || ca)) {
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
+        cr = grpc_ssl_server_credentials_create_ex(
+            ca, &pair, 1,
+            ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+               : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+        if (!cr) cm_error("rpc: gRPC refused the TLS certificate, key or CA");
+    }
+    free(cert);
+    free(key);
+    free(ca);
+    return cr;
+}
+
 int rpc_server_create(const rpc_server_opts *opts, rpc_server **out) {
     rpc_server_opts o = {0};
     if (opts) o = *opts;
     *out = NULL;
-    if (o.threads < 0 || o.max_message < 0) return CM_EINVAL;
+    if (o.threads < 0 || o.max_message < 0 || o.max_held < 0 || o.max_streams < 0 ||
+        o.idle_ms < 0)
+        return CM_EINVAL;
+    if ((o.token && strlen(o.token) < 16) || (o.admin_token && strlen(o.admin_token) < 16) ||
+        (o.admin_token && !o.token)) {
+        cm_error("rpc: tokens must be at least 16 bytes, and an admin token needs a worker "
+                 "token");
+        return CM_EINVAL;
+    }
+    rpc_init();
+    grpc_server_credentials *creds = o.tls_cert ? server_tls(&o)
+                                                : grpc_insecure_server_credentials_create();
+    if (!creds) {
+        rpc_shutdown();
+        return CM_EINVAL;
+    }
     rpc_server *s = cm_calloc(1, sizeof *s);
     s->nthreads = o.threads ? o.threads : 2;
     s->max_message = o.max_message ? o.max_message : RPC_DEFAULT_MAX_MESSAGE;
     s->state = SRV_CREATED;
+    s->shutdown_tag = TAG_SHUTDOWN;
+    s->creds = creds;
+    s->bearer = o.token ? bearer_of(o.token) : NULL;
+    s->admin_bearer = o.admin_token ? bearer_of(o.admin_token) : NULL;
+    s->max_held = o.max_held ? o.max_held : 20000;
+    s->max_streams = o.max_streams ? o.max_streams : 256;
+    s->idle_ms = o.idle_ms ? o.idle_ms : 600000;
+    s->on_cancel = o.on_cancel;
+    s->cancel_ctx = o.cancel_ctx;
     pthread_mutex_init(&s->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&s->cv, &ca);
     pthread_condattr_destroy(&ca);
-    rpc_init();
     *out = s;
     return CM_OK;
 }
 
 int rpc_server_add_method(rpc_server *s, const char *name, rpc_handler fn, void *ctx) {
-    if (!s || !name || !fn) return CM_EINVAL;
+    return rpc_server_add_method_level(s, name, RPC_AUTH_WORKER, fn, ctx);
+}
+
+int rpc_server_add_method_level(rpc_server *s, const char *name, int level, rpc_handler fn,
+                                void *ctx) {
+    if (!s || !name || !fn || level < RPC_AUTH_NONE || level > RPC_AUTH_ADMIN) return CM_EINVAL;
     if (s->state != SRV_CREATED) return CM_EBUSY;
     for (int i = 0; i < s->nmethods; i++)
         if (!strcmp(s->methods[i].name, name)) return CM_EINVAL;
     method_entry *m = realloc(s->methods, (size_t)(s->nmethods + 1) * sizeof *m);
     if (!m) return CM_ENOMEM;
     s->methods = m;
-    s->methods[s->nmethods++] = (method_entry){cm_strdup(name), fn, ctx};
+    s->methods[s->nmethods++] = (method_entry){cm_strdup(name), fn, ctx, level};
     return CM_OK;
 }
 
@@ -602,19 +820,22 @@ int rpc_server_start(rpc_server *s, const char *addr, int *port) {
         cm_error("rpc: bad server address '%s'", addr ? addr : "(null)");
         return CM_EINVAL;
     }
-    grpc_arg a[5];
+    grpc_arg a[8];
     arg_int(&a[0], GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, s->max_message);
     arg_int(&a[1], GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, s->max_message);
     arg_int(&a[2], GRPC_ARG_ALLOW_REUSEPORT, 0); /* G11 */
     /* Accept the clients' keepalive pings (G7). */
     arg_int(&a[3], GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
     arg_int(&a[4], GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    /* Only the identity encoding: a compressed request is refused before it
+     * is inflated (1 MiB of gzip could become 1 GiB). */
+    arg_int(&a[5], GRPC_COMPRESSION_CHANNEL_ENABLED_ALGORITHMS_BITSET, 1);
+    arg_int(&a[6], GRPC_ARG_MAX_CONCURRENT_STREAMS, s->max_streams);
+    arg_int(&a[7], GRPC_ARG_MAX_CONNECTION_IDLE_MS, s->idle_ms);
     grpc_channel_args args = {sizeof a / sizeof a[0], a};
 
     grpc_server *gs = grpc_server_create(&args, NULL);
-    grpc_server_credentials *cr = grpc_insecure_server_credentials_create();
-    int bound = grpc_server_add_http2_port(gs, addr, cr);
-    grpc_server_credentials_release(cr);
+    int bound = grpc_server_add_http2_port(gs, addr, s->creds);
     if (bound == 0) {
         /* gRPC does not say why; usually the port is taken. */
         cm_error("rpc: cannot listen on '%s' (port in use, or not a local address)", addr);
@@ -698,6 +919,9 @@ void rpc_server_destroy(rpc_server *s) {
     for (int i = 0; i < s->nmethods; i++) free(s->methods[i].name);
     free(s->methods);
     free(s->threads);
+    free(s->bearer);
+    free(s->admin_bearer);
+    if (s->creds) grpc_server_credentials_release(s->creds);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
     free(s);
@@ -710,6 +934,9 @@ void rpc_server_destroy(rpc_server *s) {
 
 struct rpc_client {
     int max_message;
+    char *bearer, *admin_bearer; /* "Bearer <token>" (NULL: none). */
+    grpc_channel_credentials *creds; /* TLS, or insecure. */
+    char *server_name;               /* TLS target name override. */
     grpc_completion_queue *cq;
     pthread_t thread;
     atomic_int ncalls;    /* Started, 'done' not yet returned. */
@@ -732,6 +959,7 @@ typedef struct ccall {
     grpc_byte_buffer *recv;
     grpc_metadata_array init_md;
     grpc_metadata_array trail_md;
+    grpc_metadata auth; /* Sent: the token (valid until completion). */
     grpc_status_code status;
     grpc_slice details;
     const char *error_string;
@@ -806,14 +1034,51 @@ static void *client_thread(void *arg) {
     return NULL;
 }
 
+static void client_free(rpc_client *c) {
+    grpc_channel_credentials_release(c->creds);
+    free(c->bearer);
+    free(c->admin_bearer);
+    free(c->server_name);
+    free(c);
+    rpc_shutdown();
+}
+
+/* TLS channel credentials from PEM files, or NULL after logging. */
+static grpc_channel_credentials *client_tls(const rpc_client_opts *o) {
+    char *ca = read_pem("TLS CA", o->tls_ca);
+    char *cert = o->tls_cert ? read_pem("TLS certificate", o->tls_cert) : NULL;
+    char *key = o->tls_key ? read_pem("TLS key", o->tls_key) : NULL;
+    grpc_channel_credentials *cr = NULL;
+    if (!o->tls_cert != !o->tls_key)
+        cm_error("rpc: a client certificate and its key go together");
+    else if (ca && (!o->tls_cert || (cert && key))) {
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
+        cr = grpc_ssl_credentials_create(ca, cert ? &pair : NULL, NULL, NULL);
+        if (!cr) cm_error("rpc: gRPC refused the TLS CA, certificate or key");
+    }
+    free(ca);
+    free(cert);
+    free(key);
+    return cr;
+}
+
 int rpc_client_create(const rpc_client_opts *opts, rpc_client **out) {
     rpc_client_opts o = {0};
     if (opts) o = *opts;
     *out = NULL;
     if (o.max_message < 0) return CM_EINVAL;
     rpc_init();
+    grpc_channel_credentials *creds = o.tls_ca ? client_tls(&o) : grpc_insecure_credentials_create();
+    if (!creds) {
+        rpc_shutdown();
+        return CM_EINVAL;
+    }
     rpc_client *c = cm_calloc(1, sizeof *c);
     c->max_message = o.max_message ? o.max_message : RPC_DEFAULT_MAX_MESSAGE;
+    c->creds = creds;
+    c->bearer = o.token ? bearer_of(o.token) : NULL;
+    c->admin_bearer = o.admin_token ? bearer_of(o.admin_token) : NULL;
+    c->server_name = o.tls_server_name ? cm_strdup(o.tls_server_name) : NULL;
     atomic_init(&c->ncalls, 0);
     atomic_init(&c->nchannels, 0);
     c->cq = grpc_completion_queue_create_for_next(NULL);
@@ -830,8 +1095,7 @@ fail:
            GRPC_QUEUE_SHUTDOWN) {
     }
     grpc_completion_queue_destroy(c->cq);
-    free(c);
-    rpc_shutdown();
+    client_free(c);
     return CM_ENOMEM;
 }
 
@@ -846,14 +1110,13 @@ void rpc_client_destroy(rpc_client *c) {
     grpc_completion_queue_shutdown(c->cq);
     pthread_join(c->thread, NULL);
     grpc_completion_queue_destroy(c->cq);
-    free(c);
-    rpc_shutdown();
+    client_free(c);
 }
 
 int rpc_channel_open(rpc_client *c, const char *target, rpc_channel **out) {
     *out = NULL;
     if (!c || !target || !*target) return CM_EINVAL;
-    grpc_arg a[8];
+    grpc_arg a[9];
     arg_int(&a[0], GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, c->max_message);
     arg_int(&a[1], GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, c->max_message);
     /* Keepalive (G7): ping an idle connection every 20 s, give it 20 s to
@@ -866,10 +1129,15 @@ int rpc_channel_open(rpc_client *c, const char *target, rpc_channel **out) {
     /* Reconnect quickly to a restarted server (defaults: 1 s, up to 120 s). */
     arg_int(&a[6], GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 250);
     arg_int(&a[7], GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-    grpc_channel_args args = {sizeof a / sizeof a[0], a};
-    grpc_channel_credentials *cr = grpc_insecure_credentials_create();
-    grpc_channel *gch = grpc_channel_create(target, cr, &args);
-    grpc_channel_credentials_release(cr);
+    size_t na = 8;
+    if (c->server_name) {
+        a[8].type = GRPC_ARG_STRING;
+        a[8].key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+        a[8].value.string = c->server_name;
+        na = 9;
+    }
+    grpc_channel_args args = {na, a};
+    grpc_channel *gch = grpc_channel_create(target, c->creds, &args);
     if (!gch) {
         cm_error("rpc: cannot create a channel to '%s'", target);
         return CM_EINVAL;
@@ -939,6 +1207,13 @@ void rpc_call_start(rpc_channel *ch, const char *method, const rpc_seg *segs, in
     grpc_op ops[6];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    const char *bearer = (flags & RPC_ADMIN) && c->admin_bearer ? c->admin_bearer : c->bearer;
+    if (bearer) {
+        cc->auth.key = grpc_slice_from_static_string("authorization");
+        cc->auth.value = grpc_slice_from_static_string(bearer);
+        ops[0].data.send_initial_metadata.count = 1;
+        ops[0].data.send_initial_metadata.metadata = &cc->auth;
+    }
     if (flags & RPC_WAIT_FOR_READY)
         ops[0].flags = GRPC_INITIAL_METADATA_WAIT_FOR_READY |
                        GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET;

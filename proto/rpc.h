@@ -17,6 +17,21 @@
  *    RPC_RESOURCE_EXHAUSTED on the side that sees it.
  *  - Servers refuse to share a port (SO_REUSEPORT off): binding a port that
  *    is taken fails with CM_EBUSY instead of silently splitting traffic.
+ *  - Authentication: a server given tokens refuses, before any handler
+ *    runs, every call whose "authorization: Bearer <token>" metadata is
+ *    missing or matches neither token (RPC_UNAUTHENTICATED, a message that
+ *    says nothing about the service), and a call with the worker token to a
+ *    method registered for the admin (RPC_PERMISSION_DENIED). Tokens are
+ *    compared in constant time; refusals are counted and logged with the
+ *    peer's address. TLS (gRPC's own SSL credentials) is optional, mutual
+ *    when the server is given a CA.
+ *  - Bounds: compressed requests are refused (only the identity encoding is
+ *    enabled, so a small request cannot inflate); calls held by the
+ *    application (a Pull waiting for a version) are capped per server
+ *    (RPC_RESOURCE_EXHAUSTED beyond) and, through HTTP/2's concurrent
+ *    streams, per connection; a held call whose client cancels, disconnects
+ *    or passes its deadline is reported to the application (on_cancel) so
+ *    it can let go of it; idle connections are closed.
  *
  * Threads: a server runs 'threads' completion-queue threads that call the
  * handlers; a client runs one completion-queue thread that calls the 'done'
@@ -101,18 +116,65 @@ typedef struct rpc_call rpc_call; /* One incoming call. */
  * this way without holding a thread). */
 typedef void (*rpc_handler)(void *ctx, rpc_call *call, const uint8_t *req, size_t len);
 
+/* Who a call comes from, by its token (rpc_call_level). A server without
+ * tokens treats every call as RPC_AUTH_ADMIN. */
+enum { RPC_AUTH_NONE = 0, RPC_AUTH_WORKER = 1, RPC_AUTH_ADMIN = 2 };
+
+/* A held call's client went away (cancelled, disconnected, deadline
+ * passed), called on a server thread while the application still holds
+ * it: the application should finish it (rpc_fail) if it can find it,
+ * promptly; it may already be finishing it on another thread, so it must
+ * arbitrate (e.g. remove it from its own waiting list under a lock, and
+ * finish it only if it was there). */
+typedef void (*rpc_cancel_fn)(void *ctx, rpc_call *call);
+
 typedef struct rpc_server_opts {
     int threads;         /* Completion-queue threads (default 2). */
     int max_message;     /* Bytes; 0 = RPC_DEFAULT_MAX_MESSAGE. */
+    /* Authentication (NULL: none): the tokens (at least 16 bytes). */
+    const char *token;       /* Workers' calls. */
+    const char *admin_token; /* The admin's (the chief's); may be NULL. */
+    /* TLS (NULL cert: plaintext): PEM file paths. With ca, clients must
+     * present a certificate it signed (mutual TLS). */
+    const char *tls_cert, *tls_key, *tls_ca;
+    int max_held;        /* Calls held at once (0 = 20000). */
+    int max_streams;     /* Concurrent calls per connection (0 = 256). */
+    int idle_ms;         /* Close connections idle this long (0 = 600000). */
+    rpc_cancel_fn on_cancel; /* May be NULL. */
+    void *cancel_ctx;
 } rpc_server_opts;
 
+/* What the server refused before any handler ran. */
+typedef struct rpc_server_stats {
+    uint64_t unauthenticated; /* No or a wrong token. */
+    uint64_t denied;          /* The worker token on an admin method. */
+    uint64_t exhausted;       /* Over max_held. */
+    uint64_t cancelled_held;  /* Held calls whose client went away. */
+    int held;                 /* Calls held now. */
+} rpc_server_stats;
+void rpc_server_stats_get(rpc_server *s, rpc_server_stats *out);
+
 /* Create a server (not yet listening). opts may be NULL. *out NULL on
- * error. */
+ * error: CM_EINVAL (logged) for a token under 16 bytes or a TLS file that
+ * cannot be read. */
 int rpc_server_create(const rpc_server_opts *opts, rpc_server **out);
 
-/* Register 'method' (full name, e.g. "/psrpc.Ps/Push"; copied). Calls to
- * any other method are answered RPC_UNIMPLEMENTED. Before start only. */
+/* Register 'method' (full name, e.g. "/psrpc.Ps/Push"; copied) for callers
+ * of at least 'level' (RPC_AUTH_WORKER or _ADMIN). Calls to any other
+ * method are answered RPC_UNIMPLEMENTED. Before start only.
+ * rpc_server_add_method registers for RPC_AUTH_WORKER. */
+int rpc_server_add_method_level(rpc_server *s, const char *method, int level, rpc_handler fn,
+                                void *ctx);
 int rpc_server_add_method(rpc_server *s, const char *method, rpc_handler fn, void *ctx);
+
+/* The level a call's token gives (RPC_AUTH_*), for handlers whose
+ * requests differ in what they need (e.g. a Checkpoints that deletes). */
+int rpc_call_level(const rpc_call *call);
+
+/* A pointer of the application's own, kept with a held call (e.g. its
+ * waiting Pull), for on_cancel. */
+void rpc_call_set_app(rpc_call *call, void *app);
+void *rpc_call_app(const rpc_call *call);
 
 /* Listen on 'addr' ("127.0.0.1:0" picks a free port) and start the threads.
  * *port receives the bound port. Returns CM_EBUSY if the address cannot be
@@ -159,8 +221,17 @@ typedef void (*rpc_done)(void *ud, int code, const char *message, const uint8_t 
 
 typedef struct rpc_client_opts {
     int max_message; /* Bytes; 0 = RPC_DEFAULT_MAX_MESSAGE. */
+    /* Sent with every call as "authorization: Bearer <token>" (NULL: none);
+     * calls started with RPC_ADMIN send admin_token instead (when set). */
+    const char *token, *admin_token;
+    /* TLS (NULL ca: plaintext): the CA that signed the servers' certificates
+     * (PEM file) and, for mutual TLS, this client's certificate and key. */
+    const char *tls_ca, *tls_cert, *tls_key;
+    /* The name the servers' certificates carry (NULL: the target's host). */
+    const char *tls_server_name;
 } rpc_client_opts;
 
+/* CM_EINVAL (a message logged) for a TLS file that cannot be read. */
 int rpc_client_create(const rpc_client_opts *opts, rpc_client **out);
 
 /* Destroy the client: every channel must be closed and every call done
@@ -176,7 +247,9 @@ const char *rpc_channel_target(const rpc_channel *ch);
 enum {
     /* Wait (up to the deadline) for the server to come up instead of
      * failing at once with RPC_UNAVAILABLE. */
-    RPC_WAIT_FOR_READY = 1
+    RPC_WAIT_FOR_READY = 1,
+    /* An administrative call: send the client's admin token. */
+    RPC_ADMIN = 2
 };
 
 /* Start a unary call of 'method' with the concatenation of segs as the

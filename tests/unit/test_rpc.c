@@ -140,7 +140,7 @@ static void fx_start(fixture *f, int srv_max, int cli_max, int threads) {
     memset(f, 0, sizeof *f);
     atomic_store(&srv_releases, 0);
     held.n = 0;
-    rpc_server_opts so = {threads, srv_max};
+    rpc_server_opts so = {.threads = threads, .max_message = srv_max};
     assert_int_equal(rpc_server_create(&so, &f->srv), CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Echo", h_echo, NULL), CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Fail", h_fail,
@@ -153,7 +153,7 @@ static void fx_start(fixture *f, int srv_max, int cli_max, int threads) {
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Big", h_big, NULL), CM_OK);
     assert_int_equal(rpc_server_start(f->srv, "127.0.0.1:0", &f->port), CM_OK);
     assert_true(f->port > 0);
-    rpc_client_opts co = {cli_max};
+    rpc_client_opts co = {.max_message = cli_max};
     assert_int_equal(rpc_client_create(&co, &f->cli), CM_OK);
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", f->port);
@@ -274,7 +274,7 @@ static void test_lifecycle_and_misuse(void **state) {
     rpc_server_shutdown(s, 0); /* Idempotent. */
     rpc_server_destroy(s);
 
-    rpc_server_opts bad = {-1, 0};
+    rpc_server_opts bad = {.threads = -1};
     assert_int_equal(rpc_server_create(&bad, &s), CM_EINVAL);
     assert_null(s);
 
