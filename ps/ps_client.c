@@ -683,9 +683,15 @@ static int call_shard(ps_client *c, int sh, const char *method, const ProtobufCM
     protobuf_c_message_pack(req, buf);
     double start = cm_now();
     int code;
+    /* The administrative calls carry the admin's token (when this client
+     * has one). A Checkpoints that deletes is one too. */
+    int admin = !strcmp(method, "/psrpc.Ps/Initialize") || !strcmp(method, "/psrpc.Ps/Rollback") ||
+                !strcmp(method, "/psrpc.Ps/Shutdown") ||
+                (!strcmp(method, "/psrpc.Ps/Checkpoints") &&
+                 ((const Psrpc__CheckpointsRequest *)(const void *)req)->keep_from >= 0);
     for (int attempt = 0;; attempt++) {
-        code = rpc_call_sync(c->ch[sh], method, buf, n, c->cfg.deadline_ms, 0, reply, len, msg,
-                             msglen);
+        code = rpc_call_sync(c->ch[sh], method, buf, n, c->cfg.deadline_ms, admin ? RPC_ADMIN : 0,
+                             reply, len, msg, msglen);
         if (!retry || code != RPC_UNAVAILABLE ||
             (cm_now() - start) * 1e3 >= (double)c->cfg.connect_timeout_ms)
             break;
@@ -890,6 +896,11 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
         out->rows += r->rows;
         out->rows_pulled += r->rows_pulled;
         out->rows_pushed += r->rows_pushed;
+        out->parked_pulls += r->parked_pulls;
+        out->cancelled_pulls += r->cancelled_pulls;
+        out->refused_unauthenticated += r->refused_unauthenticated;
+        out->refused_denied += r->refused_denied;
+        out->refused_exhausted += r->refused_exhausted;
         psrpc__stats_reply__free_unpacked(r, NULL);
     }
     return CM_OK;
@@ -924,7 +935,13 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
         int s = pl->parts[i].shard;
         c->parts[s][c->nparts[s]++] = (uint32_t)i;
     }
-    rpc_client_opts o = {.max_message = cfg->max_message};
+    rpc_client_opts o = {.max_message = cfg->max_message,
+                         .token = cfg->auth_token,
+                         .admin_token = cfg->admin_token,
+                         .tls_ca = cfg->tls_ca,
+                         .tls_cert = cfg->tls_cert,
+                         .tls_key = cfg->tls_key,
+                         .tls_server_name = cfg->tls_server_name};
     int rc = rpc_client_create(&o, &c->rpc);
     if (rc != CM_OK) {
         cm_seterr(err, errlen, "cannot create the gRPC client");

@@ -49,6 +49,14 @@ typedef struct ps_client_cfg {
                                     * own ticket and sends that; 0 = float32,
                                     * sent zero-copy from the caller's. Pulls
                                     * are float32 either way. */
+    /* Security: the token every call carries and the admin's, for
+     * Initialize, Rollback, Shutdown and deleting checkpoints (contents,
+     * not paths; NULL: none); TLS: the CA that signed the PS's certificates
+     * (PEM path; NULL: plaintext), this client's certificate and key for
+     * mutual TLS, and the name on the PS's certificates when it is not the
+     * address's host. */
+    const char *auth_token, *admin_token;
+    const char *tls_ca, *tls_cert, *tls_key, *tls_server_name;
 } ps_client_cfg;
 
 /* What the chief initialises the shards with (psrpc.InitRequest). */
@@ -192,6 +200,11 @@ typedef struct ps_client_stats {
     int64_t min_worker_step; /* Over shards and workers (-1: one has not pushed). */
     uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
     uint64_t rows, rows_pulled, rows_pushed; /* Sparse models. */
+    /* Bounds and security: pulls parked now, parked calls whose client
+     * went away, calls refused for no or a wrong token, for the worker
+     * token on an administrative method, and over the held-call limit. */
+    uint64_t parked_pulls, cancelled_pulls;
+    uint64_t refused_unauthenticated, refused_denied, refused_exhausted;
 } ps_client_stats;
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen);
 

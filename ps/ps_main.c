@@ -23,6 +23,7 @@
 #include "common/cm_model.h"
 #include "common/cm_placement.h"
 #include "common/cm_status.h"
+#include "common/cm_token.h"
 #include "ps/ps_server.h"
 
 static volatile sig_atomic_t got_signal;
@@ -51,6 +52,19 @@ static void usage(FILE *f) {
             "  --checkpoint-nice N        nice value of the checkpoint writer thread, 0-19\n"
             "                             (default 10: the handlers keep the cores they\n"
             "                             need; checkpoints take longer where they are busy)\n"
+            "\nSecurity (see the README's \"Security model\"):\n"
+            "  --auth-token-file F        refuse every call without the token in F (first\n"
+            "                             line, 16-512 bytes) or the admin's\n"
+            "  --admin-token-file F       the token Initialize, Rollback, Shutdown and a\n"
+            "                             Checkpoints that deletes need (the chief's);\n"
+            "                             default: the auth token (anyone with it is admin)\n"
+            "  --tls-cert F --tls-key F   serve TLS with this PEM certificate chain and key\n"
+            "  --tls-ca F                 and require client certificates signed by this CA\n"
+            "  --max-parked-pulls N       Pulls waiting for a version at once (default\n"
+            "                             4096); more get RESOURCE_EXHAUSTED\n"
+            "  --max-held N               calls in progress at once (default 20000)\n"
+            "  --max-streams N            concurrent calls per connection (default 256)\n"
+            "  --idle-timeout-ms N        close connections idle this long (default 600000)\n"
             "  -h, --help                 this text\n");
 }
 
@@ -64,12 +78,24 @@ int main(int argc, char **argv) {
                                          {"data-dir", required_argument, 0, 'd'},
                                          {"checkpoint-every", required_argument, 0, 'k'},
                                          {"checkpoint-nice", required_argument, 0, 'n'},
+                                         {"auth-token-file", required_argument, 0, 'A'},
+                                         {"admin-token-file", required_argument, 0, 'B'},
+                                         {"tls-cert", required_argument, 0, 'C'},
+                                         {"tls-key", required_argument, 0, 'K'},
+                                         {"tls-ca", required_argument, 0, 'R'},
+                                         {"max-held", required_argument, 0, 'H'},
+                                         {"max-parked-pulls", required_argument, 0, 'P'},
+                                         {"max-streams", required_argument, 0, 'S'},
+                                         {"idle-timeout-ms", required_argument, 0, 'I'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
     long long ckpt_every = 0;
     int ckpt_nice = 10;
     int task_index = -1, threads = 0, max_mb = 64;
+    const char *auth_file = NULL, *admin_file = NULL, *tls_cert = NULL, *tls_key = NULL,
+               *tls_ca = NULL;
+    long max_held = 0, max_streams = 0, idle_ms = 0, max_parked = 0;
     int c;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -82,16 +108,44 @@ int main(int argc, char **argv) {
         case 'd': data_dir = optarg; break;
         case 'k': ckpt_every = atoll(optarg); break;
         case 'n': ckpt_nice = atoi(optarg); break;
+        case 'A': auth_file = optarg; break;
+        case 'B': admin_file = optarg; break;
+        case 'C': tls_cert = optarg; break;
+        case 'K': tls_key = optarg; break;
+        case 'R': tls_ca = optarg; break;
+        case 'H': max_held = atol(optarg); break;
+        case 'P': max_parked = atol(optarg); break;
+        case 'S': max_streams = atol(optarg); break;
+        case 'I': idle_ms = atol(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 1;
         }
     }
     if (optind < argc || threads < 0 || threads > 64 || max_mb < 1 ||
         max_mb > 2047 || ckpt_every < 0 || (ckpt_every > 0 && !data_dir) || ckpt_nice < 0 ||
-        ckpt_nice > 19) {
+        ckpt_nice > 19 || max_held < 0 || max_held > 1000000 || max_parked < 0 ||
+        max_parked > 1000000 || max_streams < 0 ||
+        max_streams > 100000 || idle_ms < 0 || idle_ms > 86400000L) {
         fprintf(stderr, "psserver: bad arguments (see --help)\n");
         return 1;
     }
+    if (!tls_cert != !tls_key || (tls_ca && !tls_cert)) {
+        fprintf(stderr, "psserver: --tls-cert and --tls-key go together, and --tls-ca needs "
+                        "them (see --help)\n");
+        return 1;
+    }
+    if (admin_file && !auth_file) {
+        fprintf(stderr, "psserver: --admin-token-file needs --auth-token-file (the workers' "
+                        "token)\n");
+        return 1;
+    }
+    cm_security sec = {0};
+    char terr[600];
+    if (cm_security_load(&sec, auth_file, admin_file, terr, sizeof terr) != CM_OK) {
+        fprintf(stderr, "psserver: %s\n", terr);
+        return 1;
+    }
+    if (auth_file && !admin_file) memcpy(sec.admin_token, sec.token, sizeof sec.token);
     if (threads == 0) threads = ps_server_default_threads();
     cm_mem_keep_freed();
     char err[512];
@@ -136,7 +190,12 @@ int main(int argc, char **argv) {
     ps_server_cfg cfg = {.nshards = cl->n[CM_TASK_PS], .shard = cl->task_index,
                          .threads = threads, .max_message = max_mb << 20,
                          .data_dir = data_dir ? shard_dir : NULL,
-                         .checkpoint_every = ckpt_every, .checkpoint_nice = ckpt_nice};
+                         .checkpoint_every = ckpt_every, .checkpoint_nice = ckpt_nice,
+                         .auth_token = cm_security_token(&sec),
+                         .admin_token = cm_security_admin(&sec),
+                         .tls_cert = tls_cert, .tls_key = tls_key, .tls_ca = tls_ca,
+                         .max_parked = (int)max_parked, .max_held = (int)max_held, .max_streams = (int)max_streams,
+                         .idle_ms = (int)idle_ms};
     /* Before the restore, which logs "restored version": a SIGTERM from then
      * on is a clean stop, not a death by signal. */
     struct sigaction sa;
@@ -153,8 +212,15 @@ int main(int argc, char **argv) {
         status = rc == CM_EBUSY ? 3 : 1;
         goto out;
     }
-    cm_info("serving shard %d of %d on %s, port %d", cl->task_index, cl->n[CM_TASK_PS], addr,
-            port);
+    cm_info("serving shard %d of %d on %s, port %d (%s, %s)", cl->task_index,
+            cl->n[CM_TASK_PS], addr, port,
+            !auth_file ? "no authentication"
+            : admin_file ? "tokens: workers and admin"
+                         : "one token for workers and admin",
+            tls_ca ? "mutual TLS" : tls_cert ? "TLS" : "plaintext");
+    if (!auth_file && strncmp(addr, "127.", 4) != 0 && strncmp(addr, "localhost", 9) != 0)
+        cm_warn("listening on %s without --auth-token-file: anyone who reaches the port can "
+                "push, pull, roll back and shut this shard down", addr);
     while (!ps_server_wait(srv, 200))
         if (got_signal) ps_server_request_stop(srv, got_signal == SIGINT ? "SIGINT" : "SIGTERM");
     cm_info("stopping: %s", ps_server_stop_reason(srv));

@@ -4,7 +4,8 @@
   launch.py [--mode ps|local] [--ps N] [--workers N] [--evaluator] [--bin-dir DIR]
             [--checkpoint-dir DIR] [--checkpoint-every K] [--max-ps-restarts N]
             [--chaos-kill-ps STEP [--chaos-seed S]]
-            [--timeout S] [--verbose] [pstrain options...]
+            [--timeout S] [--verbose] [--no-auth | --auth-token-file F
+            [--admin-token-file F]] [pstrain options...]
 
 PS mode starts N psserver processes and N pstrain workers, each with its own
 TF_CONFIG (worker 0 is the chief). Ports are picked free; if a PS finds its
@@ -20,11 +21,19 @@ the others by PID and exits non-zero; it never leaves a process behind.
 the chief has logged step STEP, to test exactly that. Options it does not
 know go to pstrain (psserver needs none: the chief's Initialize tells every
 shard the model); --log FILE gives worker i > 0 FILE.worker<i>.
+
+Every run is authenticated: the launcher makes two random tokens (files of
+mode 0600 in a private temporary directory, removed at the end), gives the
+PS both, the chief both, and the other workers and the evaluator the
+workers' token only, so that no process but the chief can initialise, roll
+back or shut down a shard (--auth-token-file/--admin-token-file: use these
+instead; --no-auth: none, as before).
 """
 import argparse
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -86,6 +95,8 @@ class Cluster:
         workers = [f"127.0.0.1:{p}" for p in ports[a.ps:]]
         cluster = {"ps": ps, "worker": workers} if ps else {"worker": workers}
         ps_args = ["--data-dir", a.checkpoint_dir, "--checkpoint-every", str(a.checkpoint_every)]
+        ps_args += a.auth_ps
+        base_extra = a.auth_worker + list(self.extra)
         for i in range(a.ps):
             self.spawn(f"ps {i}", [os.path.join(a.bin_dir, "psserver")] + ps_args,
                        {"cluster": cluster, "task": {"type": "ps", "index": i}})
@@ -100,10 +111,10 @@ class Cluster:
                 return False
         if a.evaluator:
             self.spawn("evaluator", [os.path.join(a.bin_dir, "pstrain"), "--mode", "ps"]
-                       + self.extra, {"cluster": cluster, "task": {"type": "evaluator",
+                       + base_extra, {"cluster": cluster, "task": {"type": "evaluator",
                                                                    "index": 0}})
         log = None
-        extra = list(self.extra)
+        extra = list(base_extra)
         for k, x in enumerate(extra):
             if x == "--log" and k + 1 < len(extra):
                 log = extra[k + 1]
@@ -118,7 +129,7 @@ class Cluster:
             extra += ["--checkpoint-dir", os.path.join(a.checkpoint_dir, "allreduce-chief"),
                       "--checkpoint-every", str(a.checkpoint_every)]
         for i in range(a.workers):
-            wargs = ["--mode", a.mode] + own_log(extra, i)
+            wargs = ["--mode", a.mode] + (a.auth_chief if i == 0 else []) + own_log(extra, i)
             if i > 0 and not a.verbose:
                 wargs.append("--quiet")
             self.spawn(f"worker {i}", [os.path.join(a.bin_dir, "pstrain")] + wargs,
@@ -252,6 +263,10 @@ def main():
     ap.add_argument("--chaos-kill-ps", type=int, metavar="STEP",
                     help="SIGKILL one PS once the chief has logged this step")
     ap.add_argument("--chaos-seed", type=int, default=1, help="which PS --chaos-kill-ps kills")
+    ap.add_argument("--no-auth", action="store_true",
+                    help="no tokens: anyone who reaches the ports may call the PS")
+    ap.add_argument("--auth-token-file", help="the workers' token (default: a new one)")
+    ap.add_argument("--admin-token-file", help="the chief's token (default: a new one)")
     ap.add_argument("--launcher-help", action="store_true")
     args, extra = ap.parse_known_args()
     if args.launcher_help:
@@ -272,11 +287,37 @@ def main():
     args.user_checkpoint_dir = args.checkpoint_dir is not None
     if args.checkpoint_dir is None:
         tmp = args.checkpoint_dir = tempfile.mkdtemp(prefix="pstrain-ps-")
+    secret_dir = None
     try:
+        if args.no_auth and (args.auth_token_file or args.admin_token_file):
+            ap.error("--no-auth and a token file do not go together")
+        if args.no_auth:
+            auth, admin = None, None
+        elif args.auth_token_file:
+            auth, admin = args.auth_token_file, args.admin_token_file or args.auth_token_file
+        else:
+            secret_dir = tempfile.mkdtemp(prefix="pstrain-secrets-")  # mode 0700
+            auth, admin = (write_token(secret_dir, n) for n in ("worker.token", "admin.token"))
+        args.auth_ps, args.auth_worker, args.auth_chief = [], [], []
+        if auth:
+            args.auth_ps = ["--auth-token-file", auth, "--admin-token-file", admin]
+            args.auth_worker = ["--auth-token-file", auth]
+            args.auth_chief = ["--admin-token-file", admin]
         return run(args, extra)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+        if secret_dir:
+            shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+def write_token(directory, name):
+    """A new random token in directory/name (mode 0600); returns the path."""
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path
 
 
 def run(args, extra):

@@ -12,6 +12,7 @@
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
+#include "common/cm_token.h"
 #include "ps/ps_optim.h"
 #include "worker/device/wk_device_cuda.h"
 #include "worker/wk_trainer.h"
@@ -116,6 +117,17 @@ static void usage(FILE *f) {
             "                            GPUs are (uploads, downloads, host reduce)\n"
             "  --fault zero-gradient     test hook: push zeros instead of the gradient\n"
             "  --fault-rank R            ...on rank R only (default: every rank)\n"
+            "\nSecurity (PS and allreduce modes; see the README's \"Security model\"):\n"
+            "  --auth-token-file F       send the token in F (first line) with every call;\n"
+            "                            the PS (and the chief's rendezvous) refuse calls\n"
+            "                            without it\n"
+            "  --admin-token-file F      the chief: the token for Initialize, Rollback and\n"
+            "                            Shutdown (the PS's --admin-token-file)\n"
+            "  --tls-ca F                use TLS, trusting servers signed by this CA (PEM)\n"
+            "  --tls-cert F --tls-key F  this task's certificate and key (PEM): for mutual\n"
+            "                            TLS, and the chief's rendezvous serves TLS with them\n"
+            "  --tls-server-name NAME    the name on the servers' certificates, when it is\n"
+            "                            not the host in their addresses\n"
             "  -h, --help                this text\n");
 }
 
@@ -143,10 +155,12 @@ static int parse_double(const char *opt, const char *s, double lo, double *out) 
     return 0;
 }
 
-/* What the command line says beyond wk_train_cfg: the cluster flags. */
+/* What the command line says beyond wk_train_cfg: the cluster flags and
+ * the credentials (cfg.sec points at sec when there are any). */
 typedef struct cli {
     const char *lists[CM_TASK_NTYPES];
     int task_type, task_index, mode_given;
+    cm_security sec;
 } cli;
 
 /* Click models' defaults for what the command line did not say: 2 epochs
@@ -182,6 +196,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_MODE = 256, O_EPOCHS, O_BATCH, O_LR, O_OPT, O_SEED, O_THREADS, O_DEVICES, O_LAYERS,
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
+        O_AUTH_TOKEN, O_ADMIN_TOKEN, O_TLS_CA, O_TLS_CERT, O_TLS_KEY, O_TLS_NAME,
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
@@ -238,6 +253,12 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"devices", required_argument, 0, O_GPU_DEVICES},
         {"precision", required_argument, 0, O_PRECISION},
         {"wire-dtype", required_argument, 0, O_WIRE_DTYPE},
+        {"auth-token-file", required_argument, 0, O_AUTH_TOKEN},
+        {"admin-token-file", required_argument, 0, O_ADMIN_TOKEN},
+        {"tls-ca", required_argument, 0, O_TLS_CA},
+        {"tls-cert", required_argument, 0, O_TLS_CERT},
+        {"tls-key", required_argument, 0, O_TLS_KEY},
+        {"tls-server-name", required_argument, 0, O_TLS_NAME},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -248,6 +269,8 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
     double dv;
     const char **lists = cl->lists;
     int task_type = -1, task_index = -1, mode_given = 0, epochs_given = 0, batch_given = 0;
+    const char *auth_file = NULL, *admin_file = NULL;
+    cm_security sec = {0};
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         epochs_given |= c == O_EPOCHS;
         batch_given |= c == O_BATCH;
@@ -407,6 +430,12 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
             cfg.recovery_timeout_ms = v;
             break;
         case O_CKPT_DIR: cfg.checkpoint_dir = optarg; break;
+        case O_AUTH_TOKEN: auth_file = optarg; break;
+        case O_ADMIN_TOKEN: admin_file = optarg; break;
+        case O_TLS_CA: sec.tls_ca = optarg; break;
+        case O_TLS_CERT: sec.tls_cert = optarg; break;
+        case O_TLS_KEY: sec.tls_key = optarg; break;
+        case O_TLS_NAME: sec.tls_server_name = optarg; break;
         case O_CKPT_EVERY:
             if (parse_long("--checkpoint-every", optarg, 0, 1L << 40, &v)) return 2;
             cfg.checkpoint_every = v;
@@ -452,6 +481,20 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         fprintf(stderr, "pstrain: unexpected argument '%s' (see --help)\n", argv[optind]);
         return 2;
     }
+    if (!sec.tls_cert != !sec.tls_key) {
+        fprintf(stderr, "pstrain: --tls-cert and --tls-key go together\n");
+        return 2;
+    }
+    if ((sec.tls_cert || sec.tls_server_name) && !sec.tls_ca) {
+        fprintf(stderr, "pstrain: --tls-cert and --tls-server-name need --tls-ca (the CA "
+                        "that signed the servers' certificates)\n");
+        return 2;
+    }
+    char terr[600];
+    if (cm_security_load(&sec, auth_file, admin_file, terr, sizeof terr) != CM_OK) {
+        fprintf(stderr, "pstrain: %s\n", terr);
+        return 2;
+    }
     if (cfg.optimizer == PS_OPTIM_ADD) {
         fprintf(stderr, "pstrain: --optimizer must be sgd, momentum, adam or adagrad\n");
         return 2;
@@ -467,6 +510,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
     cl->task_type = task_type;
     cl->task_index = task_index;
     cl->mode_given = mode_given;
+    cl->sec = sec;
     *cfg_out = cfg;
     return -1;
 }
@@ -565,9 +609,10 @@ static void print_result(const wk_train_cfg *cfg, const wk_train_result *res) {
 int main(int argc, char **argv) {
     cm_mem_keep_freed();
     wk_train_cfg cfg;
-    cli cl = {{0}, -1, -1, 0};
+    cli cl = {.task_type = -1, .task_index = -1};
     int rc = parse_args(argc, argv, &cfg, &cl);
     if (rc >= 0) return rc;
+    if (cl.sec.token[0] || cl.sec.admin_token[0] || cl.sec.tls_ca) cfg.sec = &cl.sec;
     cm_cluster *cluster = NULL;
     if ((rc = load_cluster(&cl, &cfg, &cluster)) != 0) return rc;
     wk_train_result r;

@@ -212,7 +212,8 @@ static int evaluate_run(const wk_train_cfg *cfg, wk_train_result *result) {
         .nworkers = W,
         .deadline_ms = cfg->deadline_ms ? cfg->deadline_ms : 60000,
         /* Short: the PS going away is how training's end shows here. */
-        .connect_timeout_ms = cfg->connect_timeout_ms ? cfg->connect_timeout_ms : 5000};
+        .connect_timeout_ms = cfg->connect_timeout_ms ? cfg->connect_timeout_ms : 5000,
+        .sec = cfg->sec};
     if ((status = wk_sync_ps_create(&pc, &sync, err, sizeof err)) != CM_OK) {
         cm_error("%s", err);
         goto out;
@@ -560,7 +561,8 @@ static int open_sync(run *r, const float *init_values) {
             .global_batch = (unsigned)r->B,
             .steps_per_epoch = (uint64_t)r->spe,
             .recovery_timeout_ms = cfg->recovery_timeout_ms,
-            .init_values = init_values};
+            .init_values = init_values,
+            .sec = cfg->sec};
         if ((status = wk_sync_ps_create(&pc, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             return status;
@@ -583,7 +585,8 @@ static int open_sync(run *r, const float *init_values) {
                              .init_values = init_values,
                              .checkpoint_dir = cfg->checkpoint_dir,
                              .checkpoint_every = cfg->checkpoint_every,
-                             .gpu = r->on_gpu && !cfg->no_nccl ? r->devs[0] : NULL};
+                             .gpu = r->on_gpu && !cfg->no_nccl ? r->devs[0] : NULL,
+                             .sec = cfg->sec};
         if ((status = wk_sync_allreduce_create(&ac, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             return status;

@@ -73,6 +73,10 @@ typedef struct wk_train_cfg {
                                 * version at the end of each step, not piece
                                 * by piece in the next forward pass. */
     int no_nccl;               /* Allreduce on GPUs: the TCP ring, not NCCL. */
+    const struct cm_security *sec; /* PS and allreduce modes: the token every
+                                    * call carries, the admin token the chief's
+                                    * Initialize/Rollback/Shutdown carry, TLS
+                                    * (borrowed; NULL: none). */
     int wire_bf16;             /* PS mode: push gradients as bfloat16 (RNE),
                                 * half the bytes; pulls and the PS stay fp32
                                 * (--wire-dtype bf16; any device). */

@@ -35,7 +35,7 @@ static void *join_main(void *arg) {
     joiner *j = arg;
     char me[64];
     snprintf(me, sizeof me, "127.0.0.1:%d", 40000 + j->rank);
-    j->rc = wk_rdv_join(j->chief, j->rank, 2, FP, "test", me, 10000, &j->r, j->err,
+    j->rc = wk_rdv_join(j->chief, j->rank, 2, FP, "test", me, 10000, NULL, &j->r, j->err,
                         sizeof j->err);
     return NULL;
 }
@@ -54,7 +54,7 @@ static void run(const uint8_t *id, size_t len) {
     char chief[64], err[512];
     free_addr(chief, sizeof chief);
     wk_rdv_server *s = NULL;
-    assert_int_equal(wk_rdv_server_start(chief, 2, FP, "test", 77, 5, id, len, &s, err,
+    assert_int_equal(wk_rdv_server_start(chief, 2, FP, "test", 77, 5, id, len, NULL, &s, err,
                                          sizeof err),
                      CM_OK);
     joiner j[2];
@@ -97,7 +97,7 @@ static void test_oversized_nccl_id_refused(void **state) {
     char chief[64], err[512] = "";
     free_addr(chief, sizeof chief);
     wk_rdv_server *s = NULL;
-    assert_int_equal(wk_rdv_server_start(chief, 2, FP, "test", 1, 0, id, sizeof id, &s, err,
+    assert_int_equal(wk_rdv_server_start(chief, 2, FP, "test", 1, 0, id, sizeof id, NULL, &s, err,
                                          sizeof err),
                      CM_EINVAL);
     assert_null(s);

@@ -11,6 +11,7 @@
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
+#include "common/cm_token.h"
 #include "common/cm_time.h"
 #include "proto/ps.pb-c.h"
 #include "proto/rpc.h"
@@ -100,8 +101,9 @@ static void on_join(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
 
 int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprint,
                         const char *description, uint64_t job_id, int64_t start_step,
-                        const uint8_t *nccl_id, size_t nccl_id_len, wk_rdv_server **out,
-                        char *err, size_t errlen) {
+                        const uint8_t *nccl_id, size_t nccl_id_len,
+                        const cm_security *sec, wk_rdv_server **out, char *err,
+                        size_t errlen) {
     *out = NULL;
     if (nranks < 1 || nccl_id_len > WK_RDV_NCCL_ID_MAX || (nccl_id_len && !nccl_id)) {
         cm_seterr(err, errlen, "rendezvous of %d ranks, NCCL id of %zu bytes", nranks,
@@ -119,7 +121,11 @@ int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprin
     pthread_mutex_init(&s->mu, NULL);
     s->addrs = cm_calloc((size_t)nranks, sizeof *s->addrs);
     s->calls = cm_calloc((size_t)nranks, sizeof *s->calls);
-    rpc_server_opts o = {.threads = 1};
+    rpc_server_opts o = {.threads = 1,
+                         .token = cm_security_token(sec),
+                         .tls_cert = sec ? sec->tls_cert : NULL,
+                         .tls_key = sec ? sec->tls_key : NULL,
+                         .tls_ca = sec && sec->tls_cert ? sec->tls_ca : NULL};
     int rc = rpc_server_create(&o, &s->rpc);
     if (rc == CM_OK) rc = rpc_server_add_method(s->rpc, JOIN_METHOD, on_join, s);
     int port = 0;
@@ -179,7 +185,7 @@ void wk_rdv_server_destroy(wk_rdv_server *s) {
 
 int wk_rdv_join(const char *chief_addr, int rank, int nranks, uint64_t fingerprint,
                 const char *description, const char *ring_addr, int64_t timeout_ms,
-                wk_rdv_result *out, char *err, size_t errlen) {
+                const cm_security *sec, wk_rdv_result *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     Psrpc__JoinRequest req = PSRPC__JOIN_REQUEST__INIT;
     req.fingerprint = fingerprint;
@@ -192,7 +198,12 @@ int wk_rdv_join(const char *chief_addr, int rank, int nranks, uint64_t fingerpri
     protobuf_c_message_pack(&req.base, buf);
     rpc_client *cli = NULL;
     rpc_channel *ch = NULL;
-    int rc = rpc_client_create(NULL, &cli);
+    rpc_client_opts co = {.token = cm_security_token(sec),
+                          .tls_ca = sec ? sec->tls_ca : NULL,
+                          .tls_cert = sec ? sec->tls_cert : NULL,
+                          .tls_key = sec ? sec->tls_key : NULL,
+                          .tls_server_name = sec ? sec->tls_server_name : NULL};
+    int rc = rpc_client_create(&co, &cli);
     if (rc == CM_OK) rc = rpc_channel_open(cli, chief_addr, &ch);
     if (rc != CM_OK) {
         cm_seterr(err, errlen, "rendezvous: bad chief address '%s'", chief_addr);

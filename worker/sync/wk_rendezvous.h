@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 typedef struct wk_rdv_server wk_rdv_server;
+struct cm_security;
 
 #define WK_RDV_NCCL_ID_MAX 128 /* WK_NCCL_ID_BYTES */
 
@@ -32,22 +33,28 @@ typedef struct wk_rdv_result {
 /* The chief: serve Join on listen_addr ("host:port") for nranks ranks of a
  * job whose fingerprint/description are given; nccl_id (nccl_id_len <=
  * WK_RDV_NCCL_ID_MAX bytes, copied; NULL/0 for none) goes to every rank.
+ * sec (NULL: none): the workers' token every Join must carry, and the
+ * chief's TLS certificate and key (with a CA: clients must show theirs).
  * Returns CM_EBUSY if the
  * address cannot be bound. Release with wk_rdv_server_destroy (which fails
  * calls still waiting). */
 int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprint,
                         const char *description, uint64_t job_id, int64_t start_step,
-                        const uint8_t *nccl_id, size_t nccl_id_len, wk_rdv_server **out, char *err, size_t errlen);
+                        const uint8_t *nccl_id, size_t nccl_id_len,
+                        const struct cm_security *sec, wk_rdv_server **out, char *err,
+                        size_t errlen);
 void wk_rdv_server_destroy(wk_rdv_server *s);
 
 /* "k of n workers joined; missing ranks ..." into buf; returns k. */
 int wk_rdv_server_describe(wk_rdv_server *s, char *buf, size_t len);
 
 /* Any rank: join at chief_addr (retried until it is up) and wait, at most
- * timeout_ms in all, until every rank has joined. */
+ * timeout_ms in all, until every rank has joined; with sec's token and TLS
+ * (NULL: none). */
 int wk_rdv_join(const char *chief_addr, int rank, int nranks, uint64_t fingerprint,
                 const char *description, const char *ring_addr, int64_t timeout_ms,
-                wk_rdv_result *out, char *err, size_t errlen);
+                const struct cm_security *sec, wk_rdv_result *out, char *err,
+                size_t errlen);
 void wk_rdv_result_free(wk_rdv_result *r);
 
 #endif /* WK_RENDEZVOUS_H */

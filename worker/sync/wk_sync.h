@@ -136,6 +136,7 @@ typedef struct wk_sync_ps_cfg {
     const float *init_values; /* The chief: initialise the shards with these
                                * (model->numel floats, copied) instead of
                                * from seed. */
+    const struct cm_security *sec; /* Tokens and TLS (borrowed; NULL: none). */
 } wk_sync_ps_cfg;
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 
@@ -183,6 +184,8 @@ typedef struct wk_sync_ar_cfg {
                                  * the gradient is averaged by one NCCL
                                  * communicator over every worker's GPU
                                  * (wk_nccl_world), not by the TCP ring. */
+    const struct cm_security *sec; /* The rendezvous's token and TLS (NULL:
+                                    * none). */
 } wk_sync_ar_cfg;
 int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
                              size_t errlen);

@@ -45,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -371,9 +372,13 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
             if ((rc = wk_nccl_world_id(nccl_id, s->err, sizeof s->err)) != CM_OK) return rc;
             nccl_id_len = sizeof nccl_id;
         }
-        uint64_t job = a->fingerprint ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(cm_now() * 1e6);
+        /* Random: the ring's handshakes check it, and only ranks that joined
+         * (with the token, when there is one) learn it. */
+        uint64_t job = 0;
+        if (getrandom(&job, sizeof job, 0) != (ssize_t)sizeof job || !job)
+            job = a->fingerprint ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(cm_now() * 1e6);
         rc = wk_rdv_server_start(c->worker_addrs[0], c->nworkers, a->fingerprint,
-                                 a->description, job, start, nccl_id, nccl_id_len, &a->rdv,
+                                 a->description, job, start, nccl_id, nccl_id_len, c->sec, &a->rdv,
                                  s->err, sizeof s->err);
         if (rc != CM_OK) return rc;
     }
@@ -385,7 +390,7 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
     snprintf(ring_addr, sizeof ring_addr, "%s:%d", host, wk_ring_listener_port(l));
     wk_rdv_result rr;
     rc = wk_rdv_join(c->worker_addrs[0], c->rank, c->nworkers, a->fingerprint, a->description,
-                     ring_addr, c->connect_timeout_ms, &rr, s->err, sizeof s->err);
+                     ring_addr, c->connect_timeout_ms, c->sec, &rr, s->err, sizeof s->err);
     if (rc == CM_OK) {
         wk_ring_opts o;
         wk_ring_opts_default(&o);

@@ -34,6 +34,7 @@
 #include "common/cm_mem.h"
 #include "common/cm_placement.h"
 #include "common/cm_status.h"
+#include "common/cm_token.h"
 #include "common/cm_time.h"
 #include "ps/ps_client.h"
 #include "storage/st_store.h"
@@ -638,7 +639,13 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
     ps_client_cfg cc = {.model = cfg->model, .placement = p->pl, .ps_addrs = cfg->ps_addrs,
                         .rank = cfg->rank, .deadline_ms = cfg->deadline_ms,
                         .connect_timeout_ms = cfg->connect_timeout_ms,
-                        .wire_bf16 = cfg->wire_bf16};
+                        .wire_bf16 = cfg->wire_bf16,
+                        .auth_token = cm_security_token(cfg->sec),
+                        .admin_token = cfg->is_chief ? cm_security_admin(cfg->sec) : NULL,
+                        .tls_ca = cfg->sec ? cfg->sec->tls_ca : NULL,
+                        .tls_cert = cfg->sec ? cfg->sec->tls_cert : NULL,
+                        .tls_key = cfg->sec ? cfg->sec->tls_key : NULL,
+                        .tls_server_name = cfg->sec ? cfg->sec->tls_server_name : NULL};
     if ((rc = ps_client_open(&cc, &p->client, err, errlen)) != CM_OK) {
         ps_destroy(&p->base);
         return rc;
