@@ -544,6 +544,12 @@ const char *rpc_call_peer(rpc_call *call) {
 }
 
 int rpc_call_level(const rpc_call *call) { return call->level; }
+
+void rpc_deny(rpc_call *call, const char *why) {
+    if (!call) return;
+    count_refusal(call->srv, call, RPC_PERMISSION_DENIED, why);
+    rpc_fail(call, RPC_PERMISSION_DENIED, "%s", why);
+}
 void rpc_call_set_app(rpc_call *call, void *app) { call->app = app; }
 void *rpc_call_app(const rpc_call *call) { return call->app; }
 
@@ -937,6 +943,7 @@ struct rpc_client {
     char *bearer, *admin_bearer; /* "Bearer <token>" (NULL: none). */
     grpc_channel_credentials *creds; /* TLS, or insecure. */
     char *server_name;               /* TLS target name override. */
+    int test_gzip;                   /* rpc_client_opts.test_gzip. */
     grpc_completion_queue *cq;
     pthread_t thread;
     atomic_int ncalls;    /* Started, 'done' not yet returned. */
@@ -1079,6 +1086,7 @@ int rpc_client_create(const rpc_client_opts *opts, rpc_client **out) {
     c->bearer = o.token ? bearer_of(o.token) : NULL;
     c->admin_bearer = o.admin_token ? bearer_of(o.admin_token) : NULL;
     c->server_name = o.tls_server_name ? cm_strdup(o.tls_server_name) : NULL;
+    c->test_gzip = o.test_gzip;
     atomic_init(&c->ncalls, 0);
     atomic_init(&c->nchannels, 0);
     c->cq = grpc_completion_queue_create_for_next(NULL);
@@ -1116,7 +1124,7 @@ void rpc_client_destroy(rpc_client *c) {
 int rpc_channel_open(rpc_client *c, const char *target, rpc_channel **out) {
     *out = NULL;
     if (!c || !target || !*target) return CM_EINVAL;
-    grpc_arg a[9];
+    grpc_arg a[10];
     arg_int(&a[0], GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, c->max_message);
     arg_int(&a[1], GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, c->max_message);
     /* Keepalive (G7): ping an idle connection every 20 s, give it 20 s to
@@ -1136,6 +1144,8 @@ int rpc_channel_open(rpc_client *c, const char *target, rpc_channel **out) {
         a[8].value.string = c->server_name;
         na = 9;
     }
+    if (c->test_gzip)
+        arg_int(&a[na++], GRPC_COMPRESSION_CHANNEL_DEFAULT_ALGORITHM, GRPC_COMPRESS_GZIP);
     grpc_channel_args args = {na, a};
     grpc_channel *gch = grpc_channel_create(target, c->creds, &args);
     if (!gch) {

@@ -171,6 +171,10 @@ int rpc_server_add_method(rpc_server *s, const char *method, rpc_handler fn, voi
  * requests differ in what they need (e.g. a Checkpoints that deletes). */
 int rpc_call_level(const rpc_call *call);
 
+/* Finish a call that needs more than rpc_call_level gives with
+ * PERMISSION_DENIED, counted and logged as the layer's own refusals. */
+void rpc_deny(rpc_call *call, const char *why);
+
 /* A pointer of the application's own, kept with a held call (e.g. its
  * waiting Pull), for on_cancel. */
 void rpc_call_set_app(rpc_call *call, void *app);
@@ -229,6 +233,7 @@ typedef struct rpc_client_opts {
     const char *tls_ca, *tls_cert, *tls_key;
     /* The name the servers' certificates carry (NULL: the target's host). */
     const char *tls_server_name;
+    int test_gzip; /* Test hook: gzip every request (our servers refuse it). */
 } rpc_client_opts;
 
 /* CM_EINVAL (a message logged) for a TLS file that cannot be read. */

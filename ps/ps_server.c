@@ -127,6 +127,19 @@ static void count_bad(ps_server *s) {
     pthread_mutex_unlock(&s->mu);
 }
 
+/* Refuse a request with more fields and elements than any honest one has
+ * (PS_WIRE_MAX_ELEMS) before protobuf-c unpacks it: 63 MiB of empty
+ * tensors would otherwise cost gigabytes and seconds of the handler. */
+static int admit(ps_server *s, rpc_call *call, const ProtobufCMessageDescriptor *d,
+                 const uint8_t *req, size_t len) {
+    char err[256];
+    int rc = ps_wire_check_elems(d, req, len, PS_WIRE_MAX_ELEMS, err, sizeof err);
+    if (rc != CM_ENOMEM) return 1; /* Malformed: the decoder says precisely how. */
+    count_bad(s);
+    rpc_fail(call, RPC_RESOURCE_EXHAUSTED, "%s", err);
+    return 0;
+}
+
 /* No shard yet (the model comes with the chief's Initialize): fail the call
  * and return 0. 'code' UNAVAILABLE lets clients retry until it is there. */
 static int need_shard(ps_server *s, rpc_call *call, int code) {
@@ -382,6 +395,7 @@ static int learn_model(ps_server *s, rpc_call *call, const Psrpc__InitRequest *r
 
 static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
+    if (!admit(s, call, &psrpc__init_request__descriptor, req, len)) return;
     Psrpc__InitRequest *r = psrpc__init_request__unpack(NULL, len, req);
     if (!r) {
         count_bad(s);
@@ -536,7 +550,9 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
     ps_wire_msg m;
     char err[512];
     if (want) *want = NULL;
-    if (!need_shard(s, call, RPC_UNAVAILABLE)) return 0;
+    if (!need_shard(s, call, RPC_UNAVAILABLE) ||
+        !admit(s, call, &psrpc__push_request__descriptor, req, len))
+        return 0;
     if (ps_wire_decode_rows(&psrpc__push_request__descriptor, 3, 4, req, len, &m, err,
                             sizeof err)) {
         count_bad(s);
@@ -725,8 +741,36 @@ static void answer_dump(ps_server *s, rpc_call *call, const Psrpc__PullRequest *
     free(vals);
 }
 
+/* A Pull waits for min_version; one that could never come would hold its
+ * call (and its memory) until the client goes away. The versions a run
+ * reaches are its steps, far fewer than PS_PULL_MAX_AHEAD beyond now. */
+#define PS_PULL_MAX_AHEAD (INT64_C(1) << 24)
+static int check_reach(ps_server *s, rpc_call *call, int64_t min_version) {
+    if (min_version <= PS_PULL_MAX_AHEAD) return 1;
+    ps_shard_stats st;
+    ps_shard_stats_get(s->shard, &st);
+    if (min_version - st.version <= PS_PULL_MAX_AHEAD) return 1;
+    count_bad(s);
+    rpc_fail(call, RPC_OUT_OF_RANGE,
+             "min_version %lld is more than %lld versions ahead of the shard's %lld",
+             (long long)min_version, (long long)PS_PULL_MAX_AHEAD, (long long)st.version);
+    return 0;
+}
+
+/* A Pull that would wait while max_parked already do is refused: a client
+ * could otherwise hold any number of calls (and their memory). PushPull's
+ * waits are not counted against it: only the workers' steps make them. */
+static int check_room(ps_server *s, rpc_call *call, int64_t min_version) {
+    int max = s->cfg.max_parked ? s->cfg.max_parked : PS_SERVER_MAX_PARKED;
+    if (!ps_shard_park_full(s->shard, min_version, max)) return 1;
+    rpc_fail(call, RPC_RESOURCE_EXHAUSTED,
+             "%d pulls already wait for versions of this shard (--max-parked-pulls)", max);
+    return 0;
+}
+
 static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
+    if (!admit(s, call, &psrpc__pull_request__descriptor, req, len)) return;
     Psrpc__PullRequest *r = psrpc__pull_request__unpack(NULL, len, req);
     if (!r) {
         count_bad(s);
@@ -742,7 +786,8 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     pthread_rwlock_rdlock(&s->gate);
     row_answer *ra = NULL;
     if (need_shard(s, call, RPC_UNAVAILABLE) && check_cluster(s, call, r->cluster) &&
-        check_epoch(s, call, r->cluster) &&
+        check_epoch(s, call, r->cluster) && check_reach(s, call, r->min_version) &&
+        check_room(s, call, r->min_version) &&
         (!r->n_want || (ra = decode_want(s, call, r->want, r->n_want, r->train)))) {
         pull_ctx *pc = cm_calloc(1, sizeof *pc);
         pc->s = s;
@@ -794,10 +839,27 @@ static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t l
     pthread_rwlock_unlock(&s->gate);
 }
 
+/* A parked pull's client went away: forget it, unless it is being
+ * answered (then the answer finishes the call). */
+static int pull_of_call(void *ud, void *call) { return ((pull_ctx *)ud)->call == call; }
+
+static void on_cancel(void *ctx, rpc_call *call) {
+    ps_server *s = ctx;
+    ps_shard *sh = get_shard(s);
+    void *ud;
+    if (!sh || !ps_shard_cancel_pull(sh, pull_of_call, call, &ud)) return;
+    pull_ctx *pc = ud;
+    free(pc->parts);
+    row_answer_free(pc->rows);
+    free(pc);
+    rpc_fail(call, RPC_CANCELLED, "the client went away");
+}
+
 /* ------------------------------------------------------------ Stats, Shutdown */
 
 static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
+    if (!admit(s, call, &psrpc__stats_request__descriptor, req, len)) return;
     Psrpc__StatsRequest *r = psrpc__stats_request__unpack(NULL, len, req);
     if (!r) {
         count_bad(s);
@@ -811,6 +873,13 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.rows = st.rows;
         rep.rows_pulled = st.rows_pulled;
         rep.rows_pushed = st.rows_pushed;
+        rpc_server_stats rs;
+        rpc_server_stats_get(s->rpc, &rs);
+        rep.parked_pulls = (uint32_t)st.parked;
+        rep.refused_unauthenticated = rs.unauthenticated;
+        rep.refused_denied = rs.denied;
+        rep.refused_exhausted = rs.exhausted + st.parked_refused;
+        rep.cancelled_pulls = rs.cancelled_held;
         rep.version = st.version;
         rep.pushes = st.pushes;
         rep.duplicate_pushes = st.duplicate_pushes;
@@ -828,6 +897,7 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
 
 static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
+    if (!admit(s, call, &psrpc__shutdown_request__descriptor, req, len)) return;
     Psrpc__ShutdownRequest *r = psrpc__shutdown_request__unpack(NULL, len, req);
     if (!r) {
         count_bad(s);
@@ -1338,6 +1408,7 @@ static int open_store(ps_server *s) {
 
 static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
+    if (!admit(s, call, &psrpc__checkpoints_request__descriptor, req, len)) return;
     Psrpc__CheckpointsRequest *r = psrpc__checkpoints_request__unpack(NULL, len, req);
     if (!r) {
         count_bad(s);
@@ -1351,6 +1422,10 @@ static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t
         goto out;
     }
     if (!check_cluster(s, call, r->cluster)) goto out;
+    if (r->keep_from >= 0 && rpc_call_level(call) < RPC_AUTH_ADMIN) {
+        rpc_deny(call, "deleting checkpoints (keep_from) needs the admin's token");
+        goto out;
+    }
     int64_t committed[16];
     int n = 0;
     if (s->store) {
@@ -1460,6 +1535,7 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
 
 static void on_rollback(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
+    if (!admit(s, call, &psrpc__rollback_request__descriptor, req, len)) return;
     Psrpc__RollbackRequest *r = psrpc__rollback_request__unpack(NULL, len, req);
     if (!r) {
         count_bad(s);
@@ -1541,16 +1617,26 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     if (cfg->model && (rc = adopt_model(s, cfg->model, cfg->placement, 0)) != CM_OK) goto fail;
     if (cfg->data_dir && (rc = open_store(s)) != CM_OK) goto fail;
     rpc_server_opts o = {.threads = cfg->threads > 0 ? cfg->threads : ps_server_default_threads(),
-                         .max_message = cfg->max_message};
+                         .max_message = cfg->max_message,
+                         .token = cfg->auth_token,
+                         .admin_token = cfg->admin_token,
+                         .tls_cert = cfg->tls_cert,
+                         .tls_key = cfg->tls_key,
+                         .tls_ca = cfg->tls_ca,
+                         .max_held = cfg->max_held,
+                         .max_streams = cfg->max_streams,
+                         .idle_ms = cfg->idle_ms,
+                         .on_cancel = on_cancel,
+                         .cancel_ctx = s};
     if ((rc = rpc_server_create(&o, &s->rpc)) != CM_OK) goto fail;
-    rpc_server_add_method(s->rpc, "/psrpc.Ps/Initialize", on_init, s);
+    rpc_server_add_method_level(s->rpc, "/psrpc.Ps/Initialize", RPC_AUTH_ADMIN, on_init, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Push", on_push, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Pull", on_pull, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/PushPull", on_push_pull, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Stats", on_stats, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Checkpoints", on_checkpoints, s);
-    rpc_server_add_method(s->rpc, "/psrpc.Ps/Rollback", on_rollback, s);
-    rpc_server_add_method(s->rpc, "/psrpc.Ps/Shutdown", on_shutdown, s);
+    rpc_server_add_method_level(s->rpc, "/psrpc.Ps/Rollback", RPC_AUTH_ADMIN, on_rollback, s);
+    rpc_server_add_method_level(s->rpc, "/psrpc.Ps/Shutdown", RPC_AUTH_ADMIN, on_shutdown, s);
     *out = s;
     return CM_OK;
 fail:

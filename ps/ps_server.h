@@ -31,6 +31,11 @@ typedef struct ps_server ps_server;
  * take turns at every event and compete with the workers. */
 int ps_server_default_threads(void);
 
+/* Parked Pulls a shard holds at most by default: an honest cluster parks
+ * about one per worker and evaluator; each costs about 14 KB of gRPC call
+ * state while it waits. */
+#define PS_SERVER_MAX_PARKED 4096
+
 typedef struct ps_server_cfg {
     /* The model and its placement (borrowed; outlive the server), or both
      * NULL: the server learns them from the chief's first Initialize (or
@@ -54,6 +59,19 @@ typedef struct ps_server_cfg {
      * need and checkpoints take longer (and are skipped more often) where
      * the cores are busy. */
     int checkpoint_nice;
+    /* Security (proto/rpc.h): the workers' and the admin's tokens (their
+     * contents; NULL: no authentication, anyone who reaches the port may
+     * do anything), and TLS (PEM file paths; NULL cert: plaintext; with a
+     * CA, mutual TLS). Initialize, Rollback, Shutdown and a Checkpoints
+     * that deletes generations need the admin's token. */
+    const char *auth_token, *admin_token;
+    const char *tls_cert, *tls_key, *tls_ca;
+    /* Bounds: Pulls waiting for a version at once (0: PS_SERVER_MAX_PARKED;
+     * more get RESOURCE_EXHAUSTED), and (0: the rpc layer's defaults) calls
+     * in progress at once, concurrent calls per connection (which bounds
+     * one connection's parked Pulls), idle connection timeout. */
+    int max_parked;
+    int max_held, max_streams, idle_ms;
 } ps_server_cfg;
 
 /* With a data_dir, open the shard's store there (identity: a PS shard and

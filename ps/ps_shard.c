@@ -887,6 +887,14 @@ static void wait_or_answer(ps_shard *s, waiter w) {
     pthread_mutex_unlock(&s->mu);
 }
 
+int ps_shard_park_full(ps_shard *s, int64_t min_version, int max) {
+    pthread_mutex_lock(&s->mu);
+    int full = max > 0 && min_version > s->version && s->nwaiters >= max;
+    if (full) s->st.parked_refused++;
+    pthread_mutex_unlock(&s->mu);
+    return full;
+}
+
 void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud) {
     pthread_mutex_lock(&s->mu);
     wait_or_answer(s, (waiter){.min_version = min_version, .cb = cb, .ud = ud});
@@ -967,6 +975,21 @@ int ps_shard_local_index(const ps_shard *s, uint32_t part) {
     return part < (uint32_t)s->pl->nparts ? s->local_of[part] : -1;
 }
 
+int ps_shard_cancel_pull(ps_shard *s, int (*match)(void *ud, void *arg), void *arg, void **ud) {
+    int found = 0;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < s->nwaiters; i++) {
+        if (!match(s->waiters[i].ud, arg)) continue;
+        *ud = s->waiters[i].ud;
+        free(s->waiters[i].parts);
+        s->waiters[i] = s->waiters[--s->nwaiters];
+        found = 1;
+        break;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return found;
+}
+
 void ps_shard_abort_waiters(ps_shard *s) {
     pthread_mutex_lock(&s->mu);
     waiter *w = s->waiters;
@@ -997,6 +1020,7 @@ void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     *out = s->st;
     out->version = s->version;
     out->rows = s->rows ? ps_rows_total(s->rows) : 0;
+    out->parked = s->nwaiters;
     out->min_worker_step = -1;
     if (s->inited && s->cfg.num_workers > 0) {
         out->min_worker_step = s->last_step[0];

@@ -143,6 +143,8 @@ typedef struct ps_shard_stats {
     int64_t version;
     uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
     uint64_t rows, rows_pulled, rows_pushed; /* Rows held, answered, received. */
+    int parked;              /* Pulls waiting for a version now. */
+    uint64_t parked_refused; /* Pulls refused: too many waited. */
     int nparts;
     size_t bytes;
     int64_t min_worker_step; /* Lowest last pushed step over workers (-1: some
@@ -203,6 +205,11 @@ typedef void (*ps_pull_cb)(void *ud, ps_snapshot *snap);
  * (never with the shard's lock held). */
 void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud);
 
+/* Whether a pull of min_version would wait while 'max' pulls already do
+ * (max 0: never full); a full answer is counted as parked_refused, for the
+ * caller refuses the pull. */
+int ps_shard_park_full(ps_shard *s, int64_t min_version, int max);
+
 /* ps_shard_pull that also reads rows rq[0..nrq) (tables checked by the
  * caller with ps_shard_row_dim; rq must stay valid until cb runs) into
  * their 'out' buffers, under the shard's lock, just before cb is called
@@ -223,6 +230,11 @@ int ps_shard_pull_parts(ps_shard *s, int64_t step, const uint32_t *parts, int np
 /* The local index (for ps_snapshot_part) of placement partition 'part', or
  * -1 if this shard does not own it. */
 int ps_shard_local_index(const ps_shard *s, uint32_t part);
+
+/* Forget the first waiting pull for which match(its ud, arg) is true (its
+ * client went away), without calling its callback: returns 1 and its ud in
+ * *ud, or 0 if none waits (it may be being answered). */
+int ps_shard_cancel_pull(ps_shard *s, int (*match)(void *ud, void *arg), void *arg, void **ud);
 
 /* Answer every waiting pull with NULL, and every later one too (shutdown). */
 void ps_shard_abort_waiters(ps_shard *s);

@@ -541,3 +541,67 @@ uint64_t ps_wire_identity(const cm_model *m, const cm_placement *pl, char *desc,
                  pl->min_part_bytes);
     return pl->fingerprint;
 }
+
+/* ------------------------------------------------------------ element budget */
+
+/* Elements of a packed repeated scalar field of type t in plen bytes. */
+static uint64_t packed_count(ProtobufCType t, const uint8_t *p, uint64_t plen) {
+    switch (t) {
+    case PROTOBUF_C_TYPE_SFIXED32:
+    case PROTOBUF_C_TYPE_FIXED32:
+    case PROTOBUF_C_TYPE_FLOAT: return plen / 4;
+    case PROTOBUF_C_TYPE_SFIXED64:
+    case PROTOBUF_C_TYPE_FIXED64:
+    case PROTOBUF_C_TYPE_DOUBLE: return plen / 8;
+    default: { /* Varints: one per byte without the continuation bit. */
+        uint64_t n = 0;
+        for (uint64_t i = 0; i < plen; i++) n += !(p[i] & 0x80);
+        return n;
+    }
+    }
+}
+
+static int count_elems(const ProtobufCMessageDescriptor *d, const uint8_t *p,
+                       const uint8_t *end, int depth, uint64_t max, uint64_t *count) {
+    if (depth > 8) return -1; /* Our messages nest 3 deep. */
+    while (p < end) {
+        uint64_t key, plen = 0;
+        const uint8_t *payload = NULL;
+        if (get_varint(&p, end, &key)) return -1;
+        int wt = (int)(key & 7);
+        if ((key >> 3) == 0 || (key >> 3) > UINT32_MAX ||
+            skip_field(&p, end, wt, &payload, &plen))
+            return -1;
+        /* Every occurrence may cost an allocation (a repeated element, an
+         * unknown field kept, a string replaced). */
+        if (++*count > max) return 1;
+        const ProtobufCFieldDescriptor *f =
+            protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3));
+        if (!f || wt != WT_LEN) continue;
+        if (f->type == PROTOBUF_C_TYPE_MESSAGE) {
+            int rc = count_elems(f->descriptor, payload, payload + plen, depth + 1, max, count);
+            if (rc) return rc;
+        } else if (f->label == PROTOBUF_C_LABEL_REPEATED && f->type != PROTOBUF_C_TYPE_STRING &&
+                   f->type != PROTOBUF_C_TYPE_BYTES) {
+            *count += packed_count(f->type, payload, plen);
+            if (*count > max) return 1;
+        }
+    }
+    return 0;
+}
+
+int ps_wire_check_elems(const ProtobufCMessageDescriptor *desc, const uint8_t *in, size_t len,
+                        uint64_t max, char *err, size_t errlen) {
+    uint64_t count = 0;
+    int rc = count_elems(desc, in, in + len, 0, max, &count);
+    if (rc < 0) {
+        cm_seterr(err, errlen, "malformed %s", desc->short_name);
+        return CM_EINVAL;
+    }
+    if (rc > 0) {
+        cm_seterr(err, errlen, "%s with more than %llu fields and elements: refused before "
+                  "decoding", desc->short_name, (unsigned long long)max);
+        return CM_ENOMEM;
+    }
+    return CM_OK;
+}

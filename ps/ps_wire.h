@@ -124,6 +124,16 @@ int ps_wire_decode(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field
                    const uint8_t *buf, size_t len, ps_wire_msg *out, char *err, size_t errlen);
 void ps_wire_msg_free(ps_wire_msg *m);
 
+/* Before decoding untrusted bytes as a message of type desc: walk its
+ * fields (into embedded messages) without allocating, and count every
+ * field occurrence and every element of packed repeated fields, each of
+ * which may cost the decoder an allocation. CM_OK within max; CM_ENOMEM
+ * beyond (message in err), so that a small message cannot unpack into
+ * gigabytes; CM_EINVAL if the bytes are not a message. */
+#define PS_WIRE_MAX_ELEMS 262144
+int ps_wire_check_elems(const ProtobufCMessageDescriptor *desc, const uint8_t *buf, size_t len,
+                        uint64_t max, char *err, size_t errlen);
+
 /* The ids of a Rows message: CM_OK with *n of them copied into *ids (an
  * aligned array to free(); NULL when there are none), or CM_EINVAL when the
  * bytes are not a whole number of uint64 (message in err). */
