@@ -186,6 +186,10 @@ typedef struct ps_row_req {
 
 typedef struct ps_shard_stats {
     int64_t version;
+    /* Pushes taken (a push dropped by skip_nonfinite is counted in
+     * nonfinite_pushes only), retries, refused as stale or early, pulls,
+     * and requests refused as invalid (a non-finite push refused counts
+     * here and in nonfinite_pushes). */
     uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
     uint64_t rows, rows_pulled, rows_pushed; /* Rows held, answered, received. */
     int nparts;
