@@ -901,6 +901,9 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
         out->refused_unauthenticated += r->refused_unauthenticated;
         out->refused_denied += r->refused_denied;
         out->refused_exhausted += r->refused_exhausted;
+        out->nonfinite_pushes += r->nonfinite_pushes;
+        out->mem_bytes += r->mem_bytes;
+        out->mem_limit += r->mem_limit;
         psrpc__stats_reply__free_unpacked(r, NULL);
     }
     return CM_OK;

@@ -205,6 +205,8 @@ typedef struct ps_client_stats {
      * token on an administrative method, and over the held-call limit. */
     uint64_t parked_pulls, cancelled_pulls;
     uint64_t refused_unauthenticated, refused_denied, refused_exhausted;
+    uint64_t nonfinite_pushes;     /* Refused (or dropped) for NaN/inf. */
+    uint64_t mem_bytes, mem_limit; /* The shards' memory and limits. */
 } ps_client_stats;
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen);
 

@@ -65,6 +65,14 @@ static void usage(FILE *f) {
             "  --max-held N               calls in progress at once (default 20000)\n"
             "  --max-streams N            concurrent calls per connection (default 256)\n"
             "  --idle-timeout-ms N        close connections idle this long (default 600000)\n"
+            "\nValues and memory:\n"
+            "  --skip-nonfinite           drop pushes with NaN/inf (counted) instead of\n"
+            "                             refusing them with INVALID_ARGUMENT\n"
+            "  --memory-limit-mb N        the shard's memory; an Initialize or push that\n"
+            "                             needs more gets RESOURCE_EXHAUSTED (default: half\n"
+            "                             of the machine's or the cgroup's memory)\n"
+            "  --max-step-ahead N         async: refuse a push more than N steps past its\n"
+            "                             worker's last (default 1048576)\n"
             "  -h, --help                 this text\n");
 }
 
@@ -85,6 +93,9 @@ int main(int argc, char **argv) {
                                          {"tls-ca", required_argument, 0, 'R'},
                                          {"max-held", required_argument, 0, 'H'},
                                          {"max-parked-pulls", required_argument, 0, 'P'},
+                                         {"skip-nonfinite", no_argument, 0, 'N'},
+                                         {"memory-limit-mb", required_argument, 0, 'L'},
+                                         {"max-step-ahead", required_argument, 0, 'E'},
                                          {"max-streams", required_argument, 0, 'S'},
                                          {"idle-timeout-ms", required_argument, 0, 'I'},
                                          {"help", no_argument, 0, 'h'},
@@ -96,6 +107,8 @@ int main(int argc, char **argv) {
     const char *auth_file = NULL, *admin_file = NULL, *tls_cert = NULL, *tls_key = NULL,
                *tls_ca = NULL;
     long max_held = 0, max_streams = 0, idle_ms = 0, max_parked = 0;
+    int skip_nonfinite = 0;
+    long long mem_mb = 0, max_ahead = 0;
     int c;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -115,6 +128,9 @@ int main(int argc, char **argv) {
         case 'R': tls_ca = optarg; break;
         case 'H': max_held = atol(optarg); break;
         case 'P': max_parked = atol(optarg); break;
+        case 'N': skip_nonfinite = 1; break;
+        case 'L': mem_mb = atoll(optarg); break;
+        case 'E': max_ahead = atoll(optarg); break;
         case 'S': max_streams = atol(optarg); break;
         case 'I': idle_ms = atol(optarg); break;
         case 'h': usage(stdout); return 0;
@@ -124,7 +140,7 @@ int main(int argc, char **argv) {
     if (optind < argc || threads < 0 || threads > 64 || max_mb < 1 ||
         max_mb > 2047 || ckpt_every < 0 || (ckpt_every > 0 && !data_dir) || ckpt_nice < 0 ||
         ckpt_nice > 19 || max_held < 0 || max_held > 1000000 || max_parked < 0 ||
-        max_parked > 1000000 || max_streams < 0 ||
+        max_parked > 1000000 || mem_mb < 0 || mem_mb > (1LL << 30) || max_ahead < 0 || max_streams < 0 ||
         max_streams > 100000 || idle_ms < 0 || idle_ms > 86400000L) {
         fprintf(stderr, "psserver: bad arguments (see --help)\n");
         return 1;
@@ -195,7 +211,8 @@ int main(int argc, char **argv) {
                          .admin_token = cm_security_admin(&sec),
                          .tls_cert = tls_cert, .tls_key = tls_key, .tls_ca = tls_ca,
                          .max_parked = (int)max_parked, .max_held = (int)max_held, .max_streams = (int)max_streams,
-                         .idle_ms = (int)idle_ms};
+                         .idle_ms = (int)idle_ms, .skip_nonfinite = skip_nonfinite,
+                         .memory_limit = (size_t)mem_mb << 20, .max_step_ahead = max_ahead};
     /* Before the restore, which logs "restored version": a SIGTERM from then
      * on is a clean stop, not a death by signal. */
     struct sigaction sa;

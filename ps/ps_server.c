@@ -272,6 +272,9 @@ static int adopt_model(ps_server *s, const cm_model *model, const cm_placement *
     ps_shard *sh;
     int rc = ps_shard_create(model, pl, s->cfg.shard, &sh);
     if (rc != CM_OK) return rc;
+    ps_shard_set_skip_nonfinite(sh, s->cfg.skip_nonfinite);
+    ps_shard_set_memory_limit(sh, s->cfg.memory_limit);
+    if (s->cfg.max_step_ahead > 0) ps_shard_set_max_step_ahead(sh, s->cfg.max_step_ahead);
     if (s->writer_started) ps_shard_set_publish_hook(sh, s->cfg.checkpoint_every, on_publish, s);
     pthread_mutex_lock(&s->mu);
     if (s->shard) {
@@ -448,6 +451,9 @@ static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     }
     if (rc == CM_EBUSY) {
         rpc_fail(call, RPC_FAILED_PRECONDITION, "%s", err);
+    } else if (rc == CM_ENOMEM) {
+        count_bad(s);
+        rpc_fail(call, RPC_RESOURCE_EXHAUSTED, "%s", err);
     } else if (rc != CM_OK) {
         count_bad(s);
         rpc_fail(call, RPC_INVALID_ARGUMENT, "%s", err);
@@ -604,7 +610,10 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
         *duplicate = rc == PS_PUSH_DUPLICATE;
         ok = 1;
     } else {
-        rpc_fail(call, rc == PS_PUSH_INVALID ? RPC_INVALID_ARGUMENT : RPC_FAILED_PRECONDITION,
+        rpc_fail(call,
+                 rc == PS_PUSH_INVALID ? RPC_INVALID_ARGUMENT
+                 : rc == PS_PUSH_NOMEM ? RPC_RESOURCE_EXHAUSTED
+                                       : RPC_FAILED_PRECONDITION,
                  "%s", err);
         if (parts) {
             free(*parts);
@@ -880,6 +889,9 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.refused_denied = rs.denied;
         rep.refused_exhausted = rs.exhausted + st.parked_refused;
         rep.cancelled_pulls = rs.cancelled_held;
+        rep.nonfinite_pushes = st.nonfinite_pushes;
+        rep.mem_bytes = st.mem_bytes;
+        rep.mem_limit = st.mem_limit;
         rep.version = st.version;
         rep.pushes = st.pushes;
         rep.duplicate_pushes = st.duplicate_pushes;

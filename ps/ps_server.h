@@ -72,6 +72,14 @@ typedef struct ps_server_cfg {
      * one connection's parked Pulls), idle connection timeout. */
     int max_parked;
     int max_held, max_streams, idle_ms;
+    /* Values: drop (and count) pushes with NaN/inf instead of refusing
+     * them with INVALID_ARGUMENT; the shard's memory (bytes; 0:
+     * ps_shard_default_memory_limit(), half the machine's or cgroup's);
+     * how far past its last step an async push may be (0:
+     * PS_SHARD_MAX_STEP_AHEAD). */
+    int skip_nonfinite;
+    size_t memory_limit;
+    int64_t max_step_ahead;
 } ps_server_cfg;
 
 /* With a data_dir, open the shard's store there (identity: a PS shard and

@@ -22,6 +22,17 @@
  *    arrival order and sync runs are reproducible bit for bit).
  *  - pdone[i] iff partition i is final in pending; ndone counts them;
  *    pending is NULL iff ndone == 0.
+ *  - acc's partition i while pcount[i] == 0 (and async, always), and worker
+ *    w's staging slot while w has not given i, are scratch: a push reads
+ *    its gradients into them and checks them for NaN and infinity in that
+ *    one pass (load_dense) before it counts anything, so a push refused
+ *    for its values leaves the shard as it was.
+ *  - spare, when set, is a buffer for the next version: a push takes it
+ *    before it changes anything, so that running out of memory refuses the
+ *    push (PS_PUSH_NOMEM) instead of aborting half way.
+ *  - mem_state + mem_staged + the rows' bytes (mem_used) is what counts
+ *    against mem_limit: setup() refuses a config whose state is over it,
+ *    a push rows that could take it over.
  *  - Every whole-shard waiter has min_version > version; every partition
  *    waiter has min_version == version + 1 and some partition not done.
  * The publish hook (checkpoints) runs inside publish(), mu held, for the
@@ -31,11 +42,13 @@
  */
 #include "ps/ps_shard.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
@@ -154,6 +167,15 @@ struct ps_shard {
     int rcount;         /* Workers whose rows are in. */
     ps_rowacc racc;        /* Sums rows before they are applied. */
     ps_shard_stats st;
+    float *spare;       /* A buffer for the next version, taken before a push
+                         * changes anything (see reserve_buffer). */
+    size_t mem_state;   /* Bytes of the state of cfg (state_bytes). */
+    size_t mem_staged;  /* Sync: bytes of the rows staged (capacity). */
+    int64_t step_hw;    /* Highest step accepted, kept across rollbacks. */
+    /* Settings of the server. */
+    size_t mem_limit;
+    int64_t max_ahead;
+    int skip_nonfinite;
     /* Set before serving, then read-only. */
     ps_publish_fn hook;
     void *hook_ud;
@@ -192,8 +214,166 @@ int ps_shard_create(const cm_model *model, const cm_placement *pl, int index, ps
     pthread_mutex_init(&s->mu, NULL);
     s->st.nparts = s->nparts;
     s->st.bytes = s->numel * sizeof(float);
+    s->step_hw = -1;
+    s->mem_limit = ps_shard_default_memory_limit();
+    s->max_ahead = PS_SHARD_MAX_STEP_AHEAD;
     *out = s;
     return CM_OK;
+}
+
+/* The limit of a cgroup (v2, then v1) of this process, or 0. */
+static uint64_t cgroup_limit(void) {
+    static const char *const files[] = {"/sys/fs/cgroup/memory.max",
+                                        "/sys/fs/cgroup/memory/memory.limit_in_bytes"};
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        FILE *f = fopen(files[i], "r");
+        if (!f) continue;
+        unsigned long long v = 0;
+        int ok = fscanf(f, "%llu", &v) == 1; /* "max": no limit. */
+        fclose(f);
+        if (ok && v > 0) return v;
+    }
+    return 0;
+}
+
+size_t ps_shard_default_memory_limit(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    uint64_t mem = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 0;
+    uint64_t cg = cgroup_limit();
+    if (cg && (!mem || cg < mem)) mem = cg;
+    if (!mem) return (size_t)8 << 30;
+    mem /= 2;
+    return mem > SIZE_MAX ? SIZE_MAX : (size_t)mem;
+}
+
+void ps_shard_set_memory_limit(ps_shard *s, size_t bytes) {
+    pthread_mutex_lock(&s->mu);
+    s->mem_limit = bytes ? bytes : ps_shard_default_memory_limit();
+    pthread_mutex_unlock(&s->mu);
+}
+
+void ps_shard_set_skip_nonfinite(ps_shard *s, int skip) {
+    pthread_mutex_lock(&s->mu);
+    s->skip_nonfinite = skip != 0;
+    pthread_mutex_unlock(&s->mu);
+}
+
+void ps_shard_set_max_step_ahead(ps_shard *s, int64_t steps) {
+    pthread_mutex_lock(&s->mu);
+    s->max_ahead = steps > 0 ? steps : PS_SHARD_MAX_STEP_AHEAD;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ------------------------------------------------------------ memory */
+
+static size_t mul_sat(size_t a, size_t b) {
+    size_t r;
+    return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+
+static size_t add_sat(size_t a, size_t b) { return a > SIZE_MAX - b ? SIZE_MAX : a + b; }
+
+/* "12.5 MiB". */
+static const char *fmt_bytes(size_t b, char *buf, size_t len) {
+    static const char *const unit[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    double v = (double)b;
+    int u = 0;
+    while (v >= 1024.0 && u < 6) {
+        v /= 1024.0;
+        u++;
+    }
+    if (u == 0)
+        snprintf(buf, len, "%zu B", b);
+    else
+        snprintf(buf, len, "%.1f %s", v, unit[u]);
+    return buf;
+}
+
+/* What the state of a config takes: what setup() allocates, and the buffer
+ * of the next version. */
+typedef struct state_size {
+    size_t values;  /* One copy of the shard's values. */
+    size_t params;  /* The current version and the next one's buffer. */
+    size_t acc, slots, stage, book, total;
+} state_size;
+
+static void state_bytes(const ps_shard *s, const ps_shard_config *cfg, state_size *z) {
+    size_t n = s->numel ? s->numel : 1, W = (size_t)cfg->num_workers;
+    size_t np = (size_t)(s->nparts ? s->nparts : 1);
+    int sync_rows = s->model->ntables > 0 && cfg->sync == PS_SYNC;
+    z->values = mul_sat(n, sizeof(float));
+    z->params = mul_sat(z->values, 2);
+    z->acc = z->values;
+    z->slots = mul_sat(z->values, (size_t)ps_optim_nslots(cfg->optim.kind));
+    z->stage = cfg->sync == PS_SYNC && cfg->num_workers >= 3 ? mul_sat(z->values, W) : 0;
+    /* contrib, last_step, rstage and rgiven per worker; pcount, pdone. */
+    z->book = add_sat(mul_sat(W, add_sat(np, sizeof(int64_t) +
+                                                 (sync_rows ? sizeof(ps_rowlist) + 1 : 0))),
+                      mul_sat(np + 1, sizeof(int) + 1));
+    z->total = add_sat(add_sat(add_sat(z->params, z->acc), add_sat(z->slots, z->stage)), z->book);
+}
+
+/* Bytes of a row list entry of 'dim' floats. */
+static size_t entry_bytes(int dim) {
+    return sizeof(uint32_t) + sizeof(uint64_t) + (size_t)dim * sizeof(float);
+}
+
+/* Bytes of a row list's arrays. */
+static size_t rowlist_bytes(const ps_rowlist *l) { return mul_sat(l->cap, entry_bytes(l->dim)); }
+
+/* Memory counted against the limit now (mu held, initialised). */
+static size_t mem_used(const ps_shard *s) {
+    size_t b = add_sat(s->mem_state, s->mem_staged);
+    if (s->rows) {
+        const ps_rowacc *a = &s->racc;
+        b = add_sat(b, ps_rows_bytes(s->rows));
+        b = add_sat(b, rowlist_bytes(&a->e));
+        b = add_sat(b, mul_sat(a->mcap, sizeof *a->map));
+        b = add_sat(b, mul_sat(a->scap, sizeof(uint64_t) + (size_t)a->e.dim * sizeof(float)));
+    }
+    return b;
+}
+
+/* Bytes the row store may grow by to hold n more rows of table t: their
+ * values, slots, id and count, their share of the map (at most 2 / 0.7
+ * entries a row) and a chunk of rows the store may start (mu held). */
+static size_t row_growth(const ps_shard *s, uint32_t t, size_t n) {
+    size_t row = (size_t)s->table_dims[t] * (size_t)(1 + ps_rows_nslots(s->rows)) * sizeof(float) +
+                 2 * sizeof(uint64_t);
+    return add_sat(mul_sat(n, row + 3 * 2 * sizeof(uint64_t)), mul_sat(PS_ROWS_CHUNK, row));
+}
+
+/* Bytes a row list grows by when 'more' entries are added. */
+static size_t rowlist_growth(const ps_rowlist *l, size_t more) {
+    if (l->n + more <= l->cap) return 0;
+    size_t cap = l->cap ? l->cap : 256;
+    while (cap < l->n + more) cap = cap > SIZE_MAX / 2 ? SIZE_MAX : cap * 2;
+    return mul_sat(cap - l->cap, entry_bytes(l->dim));
+}
+
+/* Whether worker w's push of these rows keeps the shard within its memory
+ * limit: the rows it may create, the staging (sync) and the accumulator's
+ * entries (an upper bound: rows that exist are counted as new). Else 0
+ * with a message (mu held). */
+static int rows_fit(const ps_shard *s, int w, const ps_row_grad *rows, int nrows, char *err,
+                    size_t errlen) {
+    if (!s->rows || nrows == 0) return 1;
+    size_t n = 0, more = 0;
+    for (int r = 0; r < nrows; r++) {
+        n = add_sat(n, rows[r].n);
+        more = add_sat(more, row_growth(s, rows[r].table, rows[r].n));
+    }
+    if (s->cfg.sync == PS_SYNC) more = add_sat(more, rowlist_growth(&s->rstage[w], n));
+    more = add_sat(more, rowlist_growth(&s->racc.e, n));
+    size_t used = mem_used(s);
+    if (add_sat(used, more) <= s->mem_limit) return 1;
+    char a[32], b[32], c[32];
+    cm_seterr(err, errlen,
+              "shard %d: %zu rows from worker %d could take %s more, and it holds %s of its "
+              "memory limit of %s",
+              s->index, n, w, fmt_bytes(more, a, sizeof a), fmt_bytes(used, b, sizeof b),
+              fmt_bytes(s->mem_limit, c, sizeof c));
+    return 0;
 }
 
 /* Free what setup() allocated (not the snapshots). */
@@ -216,6 +396,11 @@ static void free_state(ps_shard *s) {
     free(s->pcount);
     free(s->pdone);
     free(s->last_step);
+    s->acc = s->slots = NULL;
+    s->contrib = s->pdone = NULL;
+    s->pcount = NULL;
+    s->last_step = NULL;
+    s->mem_staged = 0;
 }
 
 void ps_shard_destroy(ps_shard *s) {
@@ -224,6 +409,7 @@ void ps_shard_destroy(ps_shard *s) {
     ps_snapshot_unref(s->current);
     ps_snapshot_unref(s->pending);
     free_state(s);
+    free(s->spare);
     free(s->waiters);
     pthread_mutex_destroy(&s->mu);
     pool_unref(s->pool);
@@ -262,10 +448,20 @@ static ps_snapshot *publish(ps_shard *s, ps_snapshot *snap) {
     return old;
 }
 
-/* A buffer for the next version. A PS that cannot hold its state cannot go
- * on, so running out of memory here aborts. */
+/* Make sure a buffer for the next version is at hand (mu held): a push
+ * calls this before it changes anything, and fails cleanly without one. */
+static int reserve_buffer(ps_shard *s) {
+    if (!s->spare) s->spare = pool_get(s->pool);
+    return s->spare != NULL;
+}
+
+/* A buffer for the next version: the one reserved (mu held). Every path
+ * that gets here reserved it first; without one, a PS that cannot hold its
+ * state cannot go on, so this aborts. */
 static float *new_buffer(ps_shard *s) {
-    float *b = pool_get(s->pool);
+    float *b = s->spare;
+    s->spare = NULL;
+    if (!b) b = pool_get(s->pool);
     if (!b) abort();
     return b;
 }
@@ -287,7 +483,11 @@ static void read_rows(ps_shard *s, const waiter *w) {
     for (int i = 0; i < w->nrq; i++) {
         const ps_row_req *r = &w->rq[i];
         if (r->n == 0) continue;
-        ps_rows_read(s->rows, (int)r->table, r->ids, r->n, w->train, r->out);
+        /* Beyond the memory limit missing rows are not created: they read
+         * as their initial values all the same. */
+        int create = w->train &&
+                     add_sat(mem_used(s), row_growth(s, r->table, r->n)) <= s->mem_limit;
+        ps_rows_read(s->rows, (int)r->table, r->ids, r->n, create, r->out);
         s->st.rows_pulled += r->n;
     }
 }
@@ -369,23 +569,15 @@ static void describe(const ps_shard *s, const ps_shard_config *c, char *buf, siz
              c->global_batch, (unsigned long long)c->steps_per_epoch, more, tables);
 }
 
-/* Allocate the state for cfg and make 'version' current: its values from
- * 'params' and the slots from 'slots' when given (a restore), else from
- * cfg->seed and zeros (mu held, not initialised). */
-/* Initial state: 'params' and 'slots' (or the config's initialisers when
- * NULL) are copied, unless 'owned' is set: then they are cm_alloc_aligned
- * buffers that become the first snapshot's buffer and the slots as they are
- * (a restore of a large shard then touches its memory once, not twice). */
-static void setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const float *params,
-                  const float *slots, float *owned_params, float *owned_slots) {
+/* ------------------------------------------------------------ set-up */
+
+/* The values of version 'version' into cur and the slots, from 'params'
+ * and 'slots' when given (not NULL), else from cfg->seed (or zeros) and
+ * zeros; owned: they are already in place (mu held). */
+static void fill_state(ps_shard *s, const ps_shard_config *cfg, float *cur, const float *params,
+                       const float *slots, int owned_params, int owned_slots) {
     size_t n = s->numel ? s->numel : 1;
     int nslots = ps_optim_nslots(cfg->optim.kind);
-    float *cur = owned_params ? owned_params : new_buffer(s);
-    s->acc = cm_alloc_aligned(n * sizeof(float));
-    s->slots = !nslots ? NULL
-               : owned_slots ? owned_slots
-                             : cm_alloc_aligned((size_t)nslots * n * sizeof(float));
-    if (!s->acc || (nslots && !s->slots)) abort();
     if (nslots && slots)
         memcpy(s->slots, slots, (size_t)nslots * n * sizeof(float));
     else if (nslots && !owned_slots)
@@ -400,39 +592,167 @@ static void setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, cons
         else
             cm_var_init(&s->model->vars[p->var], cfg->seed, p->begin, p->count, dst);
     }
-    if (cfg->sync == PS_SYNC && cfg->num_workers >= 3) {
-        s->stage = cm_alloc_aligned((size_t)cfg->num_workers * n * sizeof(float));
-        if (!s->stage) abort();
+}
+
+/* Allocate the state for cfg and make 'version' current: its values from
+ * 'params' and the slots from 'slots' when given (a restore), else from
+ * cfg->seed and zeros (mu held, not initialised). Unless 'owned' is set:
+ * then owned_params and owned_slots are cm_alloc_aligned buffers that become
+ * the first snapshot's buffer and the slots as they are (a restore of a
+ * large shard then touches its memory once, not twice). The state's size is
+ * checked against the memory limit first, and every allocation is checked:
+ * CM_ENOMEM with a message, nothing changed (the owned buffers still the
+ * caller's). */
+static int setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const float *params,
+                 const float *slots, float *owned_params, float *owned_slots, char *err,
+                 size_t errlen) {
+    state_size z;
+    state_bytes(s, cfg, &z);
+    char a[32], b[32], c[32], d[32], e[32], f[32], g[32];
+    if (z.total > s->mem_limit) {
+        char stage[128] = "";
+        if (z.stage)
+            snprintf(stage, sizeof stage, ", sync staging %d x %s = %s", cfg->num_workers,
+                     fmt_bytes(z.values, a, sizeof a), fmt_bytes(z.stage, b, sizeof b));
+        cm_seterr(err, errlen,
+                  "shard %d: %s with %d workers needs %s (values %s twice, accumulator %s, "
+                  "optimizer slots %s%s, bookkeeping %s), over the shard's memory limit of %s",
+                  s->index, cfg->sync == PS_SYNC ? "sync mode" : "async mode",
+                  cfg->num_workers, fmt_bytes(z.total, c, sizeof c),
+                  fmt_bytes(z.values, d, sizeof d), fmt_bytes(z.acc, e, sizeof e),
+                  fmt_bytes(z.slots, f, sizeof f), stage, fmt_bytes(z.book, g, sizeof g),
+                  fmt_bytes(s->mem_limit, a, sizeof a));
+        return CM_ENOMEM;
     }
-    s->contrib = cm_calloc((size_t)cfg->num_workers * (size_t)(s->nparts ? s->nparts : 1), 1);
-    s->pcount = cm_calloc((size_t)s->nparts + 1, sizeof *s->pcount);
-    s->pdone = cm_calloc((size_t)s->nparts + 1, 1);
+    size_t n = s->numel ? s->numel : 1, W = (size_t)cfg->num_workers;
+    size_t np = (size_t)(s->nparts ? s->nparts : 1);
+    int nslots = ps_optim_nslots(cfg->optim.kind);
+    int sync_rows = s->model->ntables > 0 && cfg->sync == PS_SYNC;
+    float *cur = owned_params ? owned_params : pool_get(s->pool);
+    float *acc = cm_alloc_aligned(n * sizeof(float));
+    float *sl = !nslots ? NULL
+                : owned_slots ? owned_slots
+                              : cm_alloc_aligned((size_t)nslots * n * sizeof(float));
+    float *stage = z.stage ? cm_alloc_aligned(z.stage) : NULL;
+    uint8_t *contrib = calloc(W * np, 1);
+    int *pcount = calloc((size_t)s->nparts + 1, sizeof *pcount);
+    uint8_t *pdone = calloc((size_t)s->nparts + 1, 1);
+    int64_t *last = malloc(W * sizeof *last);
+    ps_rowlist *rstage = sync_rows ? calloc(W, sizeof *rstage) : NULL;
+    uint8_t *rgiven = sync_rows ? calloc(W, 1) : NULL;
+    if (!cur || !acc || (nslots && !sl) || (z.stage && !stage) || !contrib || !pcount || !pdone ||
+        !last || (sync_rows && (!rstage || !rgiven))) {
+        if (cur && cur != owned_params) pool_put(s->pool, cur);
+        if (sl != owned_slots) free(sl);
+        free(acc);
+        free(stage);
+        free(contrib);
+        free(pcount);
+        free(pdone);
+        free(last);
+        free(rstage);
+        free(rgiven);
+        cm_seterr(err, errlen, "shard %d: cannot allocate the %s its state needs", s->index,
+                  fmt_bytes(z.total, a, sizeof a));
+        return CM_ENOMEM;
+    }
+    s->acc = acc;
+    s->slots = sl;
+    s->stage = stage;
+    s->contrib = contrib;
+    s->pcount = pcount;
+    s->pdone = pdone;
     s->ndone = 0;
-    s->last_step = cm_malloc((size_t)cfg->num_workers * sizeof *s->last_step);
-    for (int w = 0; w < cfg->num_workers; w++) s->last_step[w] = -1;
+    s->last_step = last;
+    for (size_t w = 0; w < W; w++) s->last_step[w] = -1;
+    s->rstage = rstage;
+    s->rgiven = rgiven;
+    for (size_t w = 0; rstage && w < W; w++) rstage[w].dim = s->row_dim_max;
+    s->mem_staged = 0;
     if (s->model->ntables > 0) {
         s->rows = ps_rows_create(s->model, &cfg->table_optim, cfg->seed);
         s->racc.e.dim = s->row_dim_max;
-        if (cfg->sync == PS_SYNC) {
-            s->rstage = cm_calloc((size_t)cfg->num_workers, sizeof *s->rstage);
-            for (int w = 0; w < cfg->num_workers; w++) s->rstage[w].dim = s->row_dim_max;
-            s->rgiven = cm_calloc((size_t)cfg->num_workers, 1);
-        }
     }
     s->cfg = *cfg;
+    fill_state(s, cfg, cur, params, slots, owned_params != NULL, owned_slots != NULL);
+    s->mem_state = z.total;
     s->version = version;
     /* Not publish(): the hook is for versions computed here. */
     s->current = snap_new(s, cur, version);
     s->inited = 1;
+    return CM_OK;
 }
 
-static int config_ok(const ps_shard_config *cfg, char *err, size_t errlen) {
-    if (cfg->num_workers < 1 || cfg->num_workers > 65536 ||
-        (cfg->sync != PS_SYNC && cfg->sync != PS_ASYNC) ||
-        (cfg->aggregate != PS_AGG_MEAN && cfg->aggregate != PS_AGG_SUM) || cfg->optim.kind < 0 ||
-        cfg->optim.kind > PS_OPTIM_ADAGRAD || cfg->table_optim.kind < 0 ||
-        cfg->table_optim.kind > PS_OPTIM_ADAGRAD) {
-        cm_seterr(err, errlen, "invalid init config");
+/* ------------------------------------------------------------ config */
+
+/* One optimizer's settings ('which': "optimizer" or "table optimizer"):
+ * every value finite (one that is not would also never compare equal to
+ * itself, so a retried Init would be refused), and in range where the kind
+ * uses it. */
+static int optim_ok(const ps_optim_cfg *o, const char *which, char *err, size_t errlen) {
+    if (o->kind < 0 || o->kind > PS_OPTIM_ADAGRAD) {
+        cm_seterr(err, errlen, "invalid init config: %s kind %d (must be 0 to %d)", which,
+                  o->kind, PS_OPTIM_ADAGRAD);
+        return 0;
+    }
+    const char *kind = ps_optim_name(o->kind);
+    const struct {
+        const char *name;
+        float v;
+    } f[] = {{"lr", o->lr},           {"momentum", o->momentum},
+             {"beta1", o->beta1},     {"beta2", o->beta2},
+             {"epsilon", o->epsilon}, {"initial_accumulator", o->initial_accumulator}};
+    for (size_t i = 0; i < sizeof f / sizeof *f; i++)
+        if (!isfinite(f[i].v)) {
+            cm_seterr(err, errlen, "invalid init config: %s (%s) %s %g, must be finite", which,
+                      kind, f[i].name, (double)f[i].v);
+            return 0;
+        }
+    const char *bad = NULL, *want = NULL;
+    float v = 0.0f;
+    if (o->kind != PS_OPTIM_ADD && !(o->lr > 0.0f)) {
+        bad = "lr", v = o->lr, want = "> 0";
+    } else if (o->kind == PS_OPTIM_MOMENTUM && !(o->momentum >= 0.0f && o->momentum < 1.0f)) {
+        bad = "momentum", v = o->momentum, want = "in [0, 1)";
+    } else if (o->kind == PS_OPTIM_ADAM && !(o->beta1 > 0.0f && o->beta1 < 1.0f)) {
+        bad = "beta1", v = o->beta1, want = "in (0, 1)";
+    } else if (o->kind == PS_OPTIM_ADAM && !(o->beta2 > 0.0f && o->beta2 < 1.0f)) {
+        bad = "beta2", v = o->beta2, want = "in (0, 1)";
+    } else if ((o->kind == PS_OPTIM_ADAM || o->kind == PS_OPTIM_ADAGRAD) && !(o->epsilon > 0.0f)) {
+        bad = "epsilon", v = o->epsilon, want = "> 0";
+    } else if (o->kind == PS_OPTIM_ADAGRAD && !(o->initial_accumulator >= 0.0f)) {
+        bad = "initial_accumulator", v = o->initial_accumulator, want = ">= 0";
+    }
+    if (bad) {
+        cm_seterr(err, errlen, "invalid init config: %s (%s) %s %g, must be %s", which, kind, bad,
+                  (double)v, want);
+        return 0;
+    }
+    return 1;
+}
+
+static int config_ok(const ps_shard *s, const ps_shard_config *cfg, char *err, size_t errlen) {
+    if (cfg->num_workers < 1 || cfg->num_workers > PS_SHARD_MAX_WORKERS) {
+        cm_seterr(err, errlen, "invalid init config: num_workers %d (must be 1 to %d)",
+                  cfg->num_workers, PS_SHARD_MAX_WORKERS);
+        return 0;
+    }
+    if (cfg->sync != PS_SYNC && cfg->sync != PS_ASYNC) {
+        cm_seterr(err, errlen, "invalid init config: sync mode %d (must be %d, sync, or %d, async)",
+                  cfg->sync, PS_SYNC, PS_ASYNC);
+        return 0;
+    }
+    if (cfg->aggregate != PS_AGG_MEAN && cfg->aggregate != PS_AGG_SUM) {
+        cm_seterr(err, errlen, "invalid init config: aggregate %d (must be %d, mean, or %d, sum)",
+                  cfg->aggregate, PS_AGG_MEAN, PS_AGG_SUM);
+        return 0;
+    }
+    if (!optim_ok(&cfg->optim, "optimizer", err, errlen)) return 0;
+    /* Only a model with tables uses (and is sent) the table optimizer. */
+    if (s->model->ntables > 0) return optim_ok(&cfg->table_optim, "table optimizer", err, errlen);
+    if (cfg->table_optim.kind < 0 || cfg->table_optim.kind > PS_OPTIM_ADAGRAD) {
+        cm_seterr(err, errlen, "invalid init config: table optimizer kind %d",
+                  cfg->table_optim.kind);
         return 0;
     }
     return 1;
@@ -440,7 +760,7 @@ static int config_ok(const ps_shard_config *cfg, char *err, size_t errlen) {
 
 int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, char *err,
                   size_t errlen) {
-    if (!config_ok(cfg, err, errlen)) return CM_EINVAL;
+    if (!config_ok(s, cfg, err, errlen)) return CM_EINVAL;
     pthread_mutex_lock(&s->mu);
     if (s->inited) {
         int same = same_config(&s->cfg, cfg);
@@ -455,7 +775,12 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
         pthread_mutex_unlock(&s->mu);
         return same ? CM_OK : CM_EBUSY;
     }
-    setup(s, cfg, 0, NULL, NULL, NULL, NULL);
+    int rc = setup(s, cfg, 0, NULL, NULL, NULL, NULL, err, errlen);
+    if (rc != CM_OK) {
+        *version = 0;
+        pthread_mutex_unlock(&s->mu);
+        return rc;
+    }
     *version = 0;
     waiter *ready;
     int nready = take_ready(s, &ready);
@@ -588,6 +913,161 @@ static int validate_rows(const ps_shard *s, const ps_row_grad *rows, int nrows, 
     return PS_PUSH_OK;
 }
 
+/* ------------------------------------------------------------ values */
+
+/* Values per block of the scans: each block is checked without a branch
+ * (so the loop vectorises), and one with a bad value is then read value by
+ * value. */
+#define SCAN_BLOCK 8192
+
+/* Whether any of n float32 at p (little-endian, maybe unaligned) is NaN or
+ * infinite, i.e. has all its exponent bits set: adding one to such an
+ * exponent carries into the sign bit, and no other exponent does. */
+static int any_nonfinite_f32(const uint8_t *restrict p, size_t n) {
+    uint32_t acc = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, p + 4 * i, sizeof u);
+        acc |= (u & 0x7f800000u) + 0x00800000u;
+    }
+    return (acc & 0x80000000u) != 0;
+}
+
+/* The same for bfloat16 (the upper half of a float32). */
+static int any_nonfinite_bf16(const uint8_t *restrict p, size_t n) {
+    uint32_t acc = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, p + 2 * i, sizeof h);
+        acc |= ((uint32_t)h & 0x7f80u) + 0x0080u;
+    }
+    return (acc & 0x8000u) != 0;
+}
+
+/* Value i of p (as dtype) as float32 bits. */
+static uint32_t bits_at(const uint8_t *p, size_t i, int dtype) {
+    uint32_t u;
+    if (dtype == PS_DTYPE_BFLOAT16) {
+        uint16_t h;
+        memcpy(&h, p + 2 * i, sizeof h);
+        u = (uint32_t)h << 16;
+    } else {
+        memcpy(&u, p + 4 * i, sizeof u);
+    }
+    return u;
+}
+
+/* The index of the first NaN or infinity among the n values (dtype) at p,
+ * or n if there is none. */
+static size_t first_nonfinite(const uint8_t *p, size_t n, int dtype) {
+    size_t es = dtype_size(dtype);
+    for (size_t b = 0; b < n; b += SCAN_BLOCK) {
+        size_t m = n - b < SCAN_BLOCK ? n - b : SCAN_BLOCK;
+        if (!(dtype == PS_DTYPE_BFLOAT16 ? any_nonfinite_bf16(p + b * es, m)
+                                          : any_nonfinite_f32(p + b * es, m)))
+            continue;
+        for (size_t i = b; i < b + m; i++)
+            if ((bits_at(p, i, dtype) & 0x7f800000u) == 0x7f800000u) return i;
+    }
+    return n;
+}
+
+static const char *nonfinite_name(uint32_t u) {
+    return u & 0x007fffffu ? "nan" : u >> 31 ? "-inf" : "inf";
+}
+
+/* dst = the n float32 at p, as grad_load, in the same pass the check: 1 if
+ * one is NaN or infinite (dst holds them all the same). */
+static int load_check_f32(float *restrict dst, const uint8_t *restrict p, size_t n) {
+    uint32_t acc = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, p + 4 * i, sizeof u);
+        acc |= (u & 0x7f800000u) + 0x00800000u;
+        memcpy(&dst[i], &u, sizeof u);
+    }
+    return (acc & 0x80000000u) != 0;
+}
+
+/* The same from bfloat16, widened as ps_wire_load_bf16 does. */
+static int load_check_bf16(float *restrict dst, const uint8_t *restrict p, size_t n) {
+    uint32_t acc = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, p + 2 * i, sizeof h);
+        acc |= ((uint32_t)h & 0x7f80u) + 0x0080u;
+        uint32_t u = (uint32_t)h << 16;
+        memcpy(&dst[i], &u, sizeof u);
+    }
+    return (acc & 0x8000u) != 0;
+}
+
+static int grad_load_check(float *dst, const ps_grad *g, size_t n) {
+    return g->dtype == PS_DTYPE_BFLOAT16 ? load_check_bf16(dst, g->data, n)
+                                         : load_check_f32(dst, g->data, n);
+}
+
+/* The message for a partition's gradient with a NaN or an infinity. */
+static void nonfinite_part_msg(const ps_shard *s, const ps_grad *g, char *err, size_t errlen) {
+    size_t n = g->len / dtype_size(g->dtype), k = first_nonfinite(g->data, n, g->dtype);
+    const cm_partition *p = &s->pl->parts[g->part];
+    cm_seterr(err, errlen,
+              "partition %u (%s part %d): non-finite gradient: %s at element %zu of %zu (%s)",
+              g->part, s->model->vars[p->var].name, p->index,
+              k < n ? nonfinite_name(bits_at(g->data, k, g->dtype)) : "?", k, n,
+              g->dtype == PS_DTYPE_BFLOAT16 ? "bfloat16" : "float32");
+}
+
+/* Whether a (validated) push's rows carry a NaN or an infinity: 1 with a
+ * message naming the first (no lock: reads the request only). */
+static int scan_rows(const ps_shard *s, const ps_row_grad *rows, int nrows, char *err,
+                     size_t errlen) {
+    for (int r = 0; r < nrows; r++) {
+        const ps_row_grad *x = &rows[r];
+        size_t n = x->len / dtype_size(x->dtype);
+        size_t k = first_nonfinite(x->data, n, x->dtype);
+        if (k == n) continue;
+        size_t dim = (size_t)s->table_dims[x->table];
+        cm_seterr(err, errlen,
+                  "rows of table %u (%s): non-finite gradient: %s at row %zu (id %llu), "
+                  "element %zu (%s)",
+                  x->table, s->model->vars[s->model->table_var[x->table]].name,
+                  nonfinite_name(bits_at(x->data, k, x->dtype)), k / dim,
+                  (unsigned long long)x->ids[k / dim], k % dim,
+                  x->dtype == PS_DTYPE_BFLOAT16 ? "bfloat16" : "float32");
+        return 1;
+    }
+    return 0;
+}
+
+/* The first pass over a push's dense gradients (mu held): each partition
+ * it gives anew is read into its scratch, checked on the way (one read of
+ * the gradient, not two): in async mode (mine NULL) acc; in sync mode the
+ * worker's staging slot, or acc where it is the partition's first
+ * contribution; one that will be added to acc (sync, the second of 2
+ * workers) is only checked. Nothing is counted, so a push refused now
+ * leaves the shard as it was. Returns the index in grads of the first
+ * partition with a NaN or infinity, or -1. */
+static int load_dense(ps_shard *s, int worker, const ps_grad *grads, int ngrads,
+                      const uint8_t *mine) {
+    for (int i = 0; i < ngrads; i++) {
+        int li = s->local_of[grads[i].part];
+        if (mine && mine[li]) continue;
+        size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
+        int bad;
+        if (mine && s->stage)
+            bad = grad_load_check(s->stage + (size_t)worker * s->numel + off, &grads[i], n);
+        else if (!mine || s->pcount[li] == 0)
+            bad = grad_load_check(s->acc + off, &grads[i], n);
+        else
+            bad = first_nonfinite(grads[i].data, n, grads[i].dtype) < n;
+        if (bad) return i;
+    }
+    return -1;
+}
+
+/* ------------------------------------------------------------ applying */
+
 /* Average partition li's accumulated gradient over 'contributions' (mean
  * mode) and write its version + 1 values into 'next' (mu held). */
 static void apply_part(ps_shard *s, int li, int contributions, float *next) {
@@ -687,6 +1167,7 @@ static void acc_rows(ps_shard *s, const ps_row_grad *rows, int nrows) {
 /* Sync: stage worker w's row gradients of the step, as float32 (mu held). */
 static void stage_rows(ps_shard *s, int w, const ps_row_grad *rows, int nrows) {
     ps_rowlist *l = &s->rstage[w];
+    s->mem_staged -= rowlist_bytes(l);
     for (int r = 0; r < nrows; r++) {
         const ps_row_grad *x = &rows[r];
         int dim = ps_rows_dim(s->rows, (int)x->table);
@@ -701,10 +1182,12 @@ static void stage_rows(ps_shard *s, int w, const ps_row_grad *rows, int nrows) {
         }
         s->st.rows_pushed += x->n;
     }
+    s->mem_staged += rowlist_bytes(l);
 }
 
-/* Async: apply the pushed partitions at once and publish version + 1; the
- * others carry over unchanged (mu held). Returns the old snapshot. */
+/* Async: apply the pushed partitions (in acc: load_dense) at once and
+ * publish version + 1; the others carry over unchanged (mu held). Returns
+ * the old snapshot. */
 static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
     float *next = new_buffer(s);
     uint8_t small[256];
@@ -712,8 +1195,6 @@ static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
     memset(pushed, 0, (size_t)s->nparts);
     for (int i = 0; i < ngrads; i++) {
         int li = s->local_of[grads[i].part];
-        size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
-        grad_load(s->acc + off, &grads[i], n);
         apply_part(s, li, 1, next);
         pushed[li] = 1;
     }
@@ -724,6 +1205,27 @@ static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
     if (pushed != small) free(pushed);
     s->version++;
     return publish(s, snap_new(s, next, s->version));
+}
+
+/* A push about to be taken: its dense values into their scratch and
+ * checked (load_dense), its rows checked before (bad_rows, message nf).
+ * With a NaN or infinity: refused (PS_PUSH_INVALID, counted), or with
+ * skip_nonfinite *drop set; else PS_PUSH_OK (mu held). */
+static int check_values(ps_shard *s, int worker, const ps_grad *grads, int ngrads,
+                        const uint8_t *mine, int bad_rows, const char *nf, int *drop, char *err,
+                        size_t errlen) {
+    int bad = load_dense(s, worker, grads, ngrads, mine);
+    if (bad < 0 && !bad_rows) return PS_PUSH_OK;
+    if (s->skip_nonfinite) {
+        *drop = 1;
+        return PS_PUSH_OK;
+    }
+    if (bad >= 0)
+        nonfinite_part_msg(s, &grads[bad], err, errlen);
+    else
+        cm_seterr(err, errlen, "%s", nf);
+    s->st.nonfinite_pushes++;
+    return PS_PUSH_INVALID;
 }
 
 int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
@@ -738,6 +1240,11 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
     /* A push of rows alone carries no partition. */
     int rc = ngrads == 0 && has_rows ? PS_PUSH_OK : validate(s, grads, ngrads, err, errlen);
     if (rc == PS_PUSH_OK) rc = validate_rows(s, rows, nrows, rows_final, err, errlen);
+    /* The rows' values, before the lock: the scan reads the request only
+     * (the dense values are checked as they are read, load_dense). */
+    char nf[320];
+    int bad_rows = rc == PS_PUSH_OK && scan_rows(s, rows, nrows, nf, sizeof nf);
+    int drop = 0; /* skip_nonfinite: taken, but nothing of it applied. */
     ps_snapshot *old = NULL;
     waiter *ready = NULL;
     int nready = 0;
@@ -767,8 +1274,42 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
             rc = PS_PUSH_DUPLICATE;
             goto done;
         }
-        s->st.pushes++;
+        /* Steps go up one a push: one far ahead is bogus, and taken it
+         * would make every later push of the worker a "duplicate". */
+        int64_t ref = s->last_step[worker] >= 0 ? s->last_step[worker]
+                      : s->step_hw > s->version  ? s->step_hw
+                                                 : s->version;
+        if (step - ref > s->max_ahead) {
+            cm_seterr(err, errlen,
+                      "step %lld from worker %d is too far ahead: async steps may run at most "
+                      "%lld past the worker's last one (%lld), or for its first push past "
+                      "shard %d's version %lld and the highest step it took (%lld)",
+                      (long long)step, worker, (long long)s->max_ahead,
+                      (long long)s->last_step[worker], s->index, (long long)s->version,
+                      (long long)s->step_hw);
+            rc = PS_PUSH_INVALID;
+            goto done;
+        }
+        if ((rc = check_values(s, worker, grads, ngrads, NULL, bad_rows, nf, &drop, err,
+                               errlen)) != PS_PUSH_OK)
+            goto done;
+        if (!drop && !reserve_buffer(s)) {
+            cm_seterr(err, errlen, "shard %d: cannot allocate the next version's values",
+                      s->index);
+            rc = PS_PUSH_NOMEM;
+            goto done;
+        }
+        if (!drop && !rows_fit(s, worker, rows, nrows, err, errlen)) {
+            rc = PS_PUSH_NOMEM;
+            goto done;
+        }
         s->last_step[worker] = step;
+        if (step > s->step_hw) s->step_hw = step;
+        if (drop) {
+            s->st.nonfinite_pushes++;
+            goto done;
+        }
+        s->st.pushes++;
         if (nrows > 0) {
             acc_rows(s, rows, nrows);
             apply_acc(s, 1.0f);
@@ -808,20 +1349,41 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
         rc = PS_PUSH_STALE;
         goto done;
     }
+    if ((rc = check_values(s, worker, grads, ngrads, mine, bad_rows, nf, &drop, err, errlen)) !=
+        PS_PUSH_OK)
+        goto done;
+    /* Whatever this push completes needs the next version's buffer, and
+     * its rows memory: both are checked before anything changes. */
+    if (!reserve_buffer(s)) {
+        cm_seterr(err, errlen, "shard %d: cannot allocate the next version's values", s->index);
+        rc = PS_PUSH_NOMEM;
+        goto done;
+    }
+    if (!drop && s->rows && has_rows && !s->rgiven[worker] &&
+        !rows_fit(s, worker, rows, nrows, err, errlen)) {
+        rc = PS_PUSH_NOMEM;
+        goto done;
+    }
     /* Partitions this worker already gave for this step are not counted
-     * again; the others are added, and each that is now complete applied. */
-    s->st.pushes++;
+     * again; the others are added, and each that is now complete applied.
+     * A dropped push (non-finite, skip_nonfinite) gives zeros: the step
+     * still needs every worker's contribution. */
+    if (drop)
+        s->st.nonfinite_pushes++;
+    else
+        s->st.pushes++;
     s->last_step[worker] = step;
     for (int i = 0; i < ngrads && !old; i++) {
         int li = s->local_of[grads[i].part];
         if (mine[li]) continue;
         size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
         float *dst = s->acc + off;
-        if (s->stage)
-            grad_load(s->stage + (size_t)worker * s->numel + off, &grads[i], n);
-        else if (s->pcount[li] == 0)
-            grad_load(dst, &grads[i], n);
-        else
+        /* Loaded into its staging slot or acc already (load_dense). */
+        if (drop && s->stage)
+            memset(s->stage + (size_t)worker * s->numel + off, 0, n * sizeof(float));
+        else if (drop && s->pcount[li] == 0)
+            memset(dst, 0, n * sizeof(float));
+        else if (!drop && !s->stage && s->pcount[li] > 0)
             grad_add(dst, &grads[i], n);
         mine[li] = 1;
         if (++s->pcount[li] == s->cfg.num_workers) {
@@ -837,7 +1399,7 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
     }
     if (s->rows && has_rows && !s->rgiven[worker]) {
         /* The worker's rows: staged now; counted once rows_final comes. */
-        stage_rows(s, worker, rows, nrows);
+        stage_rows(s, worker, rows, drop ? 0 : nrows);
         if (rows_final) {
             s->rgiven[worker] = 1;
             s->rcount++;
@@ -956,7 +1518,7 @@ void ps_shard_rows_put(ps_shard *s, uint32_t table, uint64_t id, const float *va
 
 int ps_shard_pull_parts(ps_shard *s, int64_t step, const uint32_t *parts, int nparts,
                         ps_pull_cb cb, void *ud) {
-    if (step < 0 || nparts < 1 || nparts > s->nparts) return CM_EINVAL;
+    if (step < 0 || step == INT64_MAX || nparts < 1 || nparts > s->nparts) return CM_EINVAL;
     int *local = cm_malloc((size_t)nparts * sizeof *local);
     for (int i = 0; i < nparts; i++) {
         if (parts[i] >= (uint32_t)s->pl->nparts || s->local_of[parts[i]] < 0) {
@@ -1021,6 +1583,8 @@ void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     out->version = s->version;
     out->rows = s->rows ? ps_rows_total(s->rows) : 0;
     out->parked = s->nwaiters;
+    out->mem_bytes = s->inited ? mem_used(s) : 0;
+    out->mem_limit = s->mem_limit;
     out->min_worker_step = -1;
     if (s->inited && s->cfg.num_workers > 0) {
         out->min_worker_step = s->last_step[0];
@@ -1045,7 +1609,7 @@ void ps_shard_set_publish_hook(ps_shard *s, int64_t every, ps_publish_fn fn, voi
 static int restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
                    const float *params, const float *slots, float *owned_params,
                    float *owned_slots, char *err, size_t errlen) {
-    if (!config_ok(cfg, err, errlen)) return CM_EINVAL;
+    if (!config_ok(s, cfg, err, errlen)) return CM_EINVAL;
     if (version < 0) {
         cm_seterr(err, errlen, "cannot restore version %lld", (long long)version);
         return CM_EINVAL;
@@ -1056,7 +1620,11 @@ static int restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
         cm_seterr(err, errlen, "shard %d is already initialised", s->index);
         return CM_EBUSY;
     }
-    setup(s, cfg, version, params, slots, owned_params, owned_slots);
+    int rc = setup(s, cfg, version, params, slots, owned_params, owned_slots, err, errlen);
+    if (rc != CM_OK) {
+        pthread_mutex_unlock(&s->mu);
+        return rc;
+    }
     waiter *ready;
     int nready = take_ready(s, &ready);
     pthread_mutex_unlock(&s->mu);
@@ -1093,16 +1661,38 @@ int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const f
         cm_seterr(err, errlen, "shard %d is not initialised", s->index);
         return CM_EINVAL;
     }
+    /* The buffer of the version first: without it nothing changes. */
+    float *cur = s->spare ? s->spare : pool_get(s->pool);
+    if (!cur) {
+        pthread_mutex_unlock(&s->mu);
+        cm_seterr(err, errlen, "shard %d: cannot allocate the values of version %lld", s->index,
+                  (long long)version);
+        return CM_ENOMEM;
+    }
+    s->spare = NULL;
     waiter *w = s->waiters;
     int nw = s->nwaiters;
     s->waiters = NULL;
     s->nwaiters = s->capwaiters = 0;
     ps_snapshot *old_cur = s->current, *old_pending = s->pending;
-    s->current = s->pending = NULL;
-    free_state(s);
-    ps_shard_config cfg = s->cfg;
-    s->inited = 0;
-    setup(s, &cfg, version, params, slots, NULL, NULL);
+    /* The same config: the state is reset in place, its memory kept. */
+    size_t W = (size_t)s->cfg.num_workers, np = (size_t)(s->nparts ? s->nparts : 1);
+    memset(s->contrib, 0, W * np);
+    memset(s->pcount, 0, ((size_t)s->nparts + 1) * sizeof *s->pcount);
+    memset(s->pdone, 0, (size_t)s->nparts + 1);
+    s->ndone = 0;
+    for (size_t k = 0; k < W; k++) s->last_step[k] = -1;
+    if (s->rows) {
+        ps_rows_clear(s->rows);
+        ps_rowacc_reset(&s->racc);
+        for (size_t k = 0; s->rstage && k < W; k++) s->rstage[k].n = 0;
+        if (s->rgiven) memset(s->rgiven, 0, W);
+        s->rcount = 0;
+    }
+    fill_state(s, &s->cfg, cur, params, slots, 0, 0);
+    s->version = version;
+    s->pending = NULL;
+    s->current = snap_new(s, cur, version);
     pthread_mutex_unlock(&s->mu);
     ps_snapshot_unref(old_cur);
     ps_snapshot_unref(old_pending);

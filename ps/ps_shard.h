@@ -25,7 +25,37 @@
  *   t <  v otherwise              stale: refused, counted
  *   t >  v                        early: refused, counted
  * In async mode a push is applied at once unless its step is not above the
- * worker's last one (a retry: duplicate). Steps below 0 are invalid.
+ * worker's last one (a retry: duplicate). Steps below 0 are invalid, and so,
+ * in async mode, is a step more than max_step_ahead (ps_shard_set_max_step_
+ * ahead, default PS_SHARD_MAX_STEP_AHEAD) above the worker's last step, or,
+ * for its first push since init, restore or rollback, above both the
+ * shard's version and the highest step the shard has accepted from anyone
+ * since it was created: one bogus step cannot make every later push of its
+ * worker a "duplicate".
+ *
+ * Values a client controls. A pushed gradient with a NaN or an infinity
+ * (float32 or bfloat16, dense or rows) is refused (PS_PUSH_INVALID, naming
+ * the partition or table and the first bad element; the shard unchanged)
+ * and counted in nonfinite_pushes (and bad_requests). With skip_nonfinite
+ * set (ps_shard_set_skip_nonfinite) such a push is dropped instead and
+ * answered OK, counted in nonfinite_pushes: in async mode nothing of it is
+ * applied (its step counts as the worker's last, so a retry is a
+ * duplicate); in sync mode the step must still close, so it stands for the
+ * worker's contribution with a zero gradient (its partitions add zeros, its
+ * rows none). Optimizer settings are checked at init and restore (finite;
+ * lr > 0 except for add; momentum in [0, 1); Adam's betas in (0, 1);
+ * epsilon > 0 for Adam and Adagrad; Adagrad's initial accumulator >= 0),
+ * and num_workers is 1 to PS_SHARD_MAX_WORKERS.
+ * Memory: the state a config needs (parameters and the next version's
+ * buffer, accumulator, optimizer slots, the per-worker staging of sync
+ * mode, per-worker bookkeeping) is computed before anything is allocated
+ * and refused (CM_ENOMEM, with the sizes) beyond the shard's memory limit
+ * (ps_shard_set_memory_limit; default ps_shard_default_memory_limit()).
+ * Rows (the row store, sync staging, the accumulator) grow with pushes: a
+ * push whose rows could take the total beyond the limit is refused
+ * (PS_PUSH_NOMEM), and a training read then reads missing rows as their
+ * initial values without creating them (the same values). Snapshots still
+ * referenced by replies being sent are not counted.
  * Pulls: answered with the newest snapshot once version >= min_version.
  * Partition pulls (ps_shard_pull_parts): answered as soon as the given
  * partitions of version step + 1 are final, possibly before the version is
@@ -87,6 +117,20 @@ typedef struct ps_shard_config {
                                * with tables only). */
 } ps_shard_config;
 
+/* The most workers a config may have. 4096: far above any cluster this PS
+ * is run in (a sync step waits for all of them), and the per-worker state
+ * (staging, bookkeeping) stays bounded; more is refused as invalid. */
+#define PS_SHARD_MAX_WORKERS 4096
+
+/* The default async step bound (see the top): 2^20 steps. A worker's steps
+ * go up by one a push; they run ahead of its last step here only by pushes
+ * that went to other shards, and ahead of the version (a worker's first
+ * push after a restore) only by the pushes a restore to an older
+ * checkpoint lost (about the checkpoint interval): far below this. A bogus
+ * step up to it costs its worker at most that many steps' pushes, instead
+ * of all of them. */
+#define PS_SHARD_MAX_STEP_AHEAD ((int64_t)1 << 20)
+
 /* The dtypes a pushed gradient may have: psrpc.DType's numbers. */
 enum ps_dtype { PS_DTYPE_FLOAT32 = 1, PS_DTYPE_BFLOAT16 = 2 };
 
@@ -117,7 +161,8 @@ enum {
     PS_PUSH_STALE = -100,   /* FAILED_PRECONDITION */
     PS_PUSH_EARLY = -101,   /* FAILED_PRECONDITION */
     PS_PUSH_INVALID = -102, /* INVALID_ARGUMENT: shape, dtype, partition */
-    PS_PUSH_NOT_READY = -103 /* FAILED_PRECONDITION: not initialised */
+    PS_PUSH_NOT_READY = -103, /* FAILED_PRECONDITION: not initialised */
+    PS_PUSH_NOMEM = -104      /* RESOURCE_EXHAUSTED: over the memory limit */
 };
 
 /* One table's row gradients in a push. */
@@ -141,6 +186,10 @@ typedef struct ps_row_req {
 
 typedef struct ps_shard_stats {
     int64_t version;
+    /* Pushes taken (a push dropped by skip_nonfinite is counted in
+     * nonfinite_pushes only), retries, refused as stale or early, pulls,
+     * and requests refused as invalid (a non-finite push refused counts
+     * here and in nonfinite_pushes). */
     uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
     uint64_t rows, rows_pulled, rows_pushed; /* Rows held, answered, received. */
     int parked;              /* Pulls waiting for a version now. */
@@ -149,6 +198,11 @@ typedef struct ps_shard_stats {
     size_t bytes;
     int64_t min_worker_step; /* Lowest last pushed step over workers (-1: some
                               * worker has not pushed since init or restart). */
+    uint64_t nonfinite_pushes; /* With a NaN or infinity: refused, or dropped
+                                * (skip_nonfinite). */
+    size_t mem_bytes, mem_limit; /* Memory counted against the limit (the
+                                  * state of the config, rows, staging), and
+                                  * the limit. */
 } ps_shard_stats;
 
 /* The shard 'index' of 'placement' for 'model' (both borrowed; they must
@@ -156,6 +210,24 @@ typedef struct ps_shard_stats {
  * wait. Returns CM_EINVAL, CM_ENOMEM; *out NULL on error. */
 int ps_shard_create(const cm_model *model, const cm_placement *placement, int index,
                     ps_shard **out);
+
+/* The default memory limit of a shard: half the memory of the machine (the
+ * smaller of its physical memory and the cgroup's limit, when there is
+ * one), leaving the other half to what the limit does not count: the
+ * checkpoint writer's copy of the parameters and slots, replies in flight,
+ * message buffers. 8 GiB if neither can be read. */
+size_t ps_shard_default_memory_limit(void);
+
+/* Settings of the server (not of the Init config, which clients send):
+ * set them before the shard serves; they apply to later calls.
+ * The memory limit in bytes (0: the default); an Init or restore beyond it
+ * is refused with CM_ENOMEM. */
+void ps_shard_set_memory_limit(ps_shard *s, size_t bytes);
+/* Drop pushes with non-finite values instead of refusing them (see the
+ * top). */
+void ps_shard_set_skip_nonfinite(ps_shard *s, int skip);
+/* The async step bound (<= 0: PS_SHARD_MAX_STEP_AHEAD). */
+void ps_shard_set_max_step_ahead(ps_shard *s, int64_t steps);
 
 /* Fail every waiting pull (callback with NULL) and free. NULL is a no-op.
  * The caller must ensure no other call is in progress. */
@@ -166,15 +238,19 @@ const uint32_t *ps_shard_parts(const ps_shard *s, int *nparts);
 
 /* Initialise (values from cfg->seed) or, if already initialised with the
  * same config, do nothing. A different config is refused: CM_EBUSY with a
- * message naming both. *version receives the current version. */
+ * message naming both. An invalid config gives CM_EINVAL, one whose state
+ * would exceed the memory limit (or cannot be allocated) CM_ENOMEM, each
+ * with a message naming the field or the sizes; the shard is then
+ * unchanged. *version receives the current version. */
 int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, char *err,
                   size_t errlen);
 
 /* Push worker 'worker's gradients for 'step': 1 to nparts of the shard's
  * partitions, each at most once in a request. Everything is
- * validated before anything changes: on error the shard is unchanged.
- * Returns PS_PUSH_OK or PS_PUSH_DUPLICATE (with *version set), or a
- * negative PS_PUSH_* with a message in err. */
+ * validated before anything changes, the values included (no NaN or
+ * infinity): on error the shard is unchanged. Returns PS_PUSH_OK or
+ * PS_PUSH_DUPLICATE (with *version set), or a negative PS_PUSH_* with a
+ * message in err. */
 int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
                   int64_t *version, char *err, size_t errlen);
 
@@ -223,7 +299,8 @@ void ps_shard_pull_rows(ps_shard *s, int64_t min_version, const ps_row_req *rq, 
  * version step + 1: cb runs as ps_shard_pull's, as soon as those partitions
  * are final (in sync mode that may be before version step + 1 is published;
  * the snapshot passed may then be read at those partitions only). Returns
- * CM_EINVAL (cb never runs) for a partition this shard does not own. */
+ * CM_EINVAL (cb never runs) for a partition this shard does not own, or a
+ * step below 0 or at INT64_MAX. */
 int ps_shard_pull_parts(ps_shard *s, int64_t step, const uint32_t *parts, int nparts,
                         ps_pull_cb cb, void *ud);
 
@@ -277,7 +354,8 @@ void ps_shard_set_publish_hook(ps_shard *s, int64_t every, ps_publish_fn fn, voi
  * The shard then counts as initialised with cfg (ps_shard_init with the
  * same config is OK, another CM_EBUSY). The hook is not called for this
  * version. CM_EBUSY if already initialised, CM_EINVAL for a bad config or
- * version; on error the shard is unchanged. */
+ * version, CM_ENOMEM over the memory limit; on error the shard is
+ * unchanged. */
 int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
                      const float *params, const float *slots, char *err, size_t errlen);
 
@@ -286,7 +364,9 @@ int ps_shard_restore(ps_shard *s, const ps_shard_config *cfg, int64_t version,
  * values of its config again). Every waiting pull is answered with NULL
  * (the server fails them with ABORTED), contributions of the step in
  * progress are dropped, and the per-worker push history is reset. The
- * config stays. CM_EINVAL if not initialised or for a bad version. */
+ * config stays, and so does the state's memory (reset in place). CM_EINVAL
+ * if not initialised or for a bad version, CM_ENOMEM if the buffer of the
+ * version cannot be allocated; on error the shard is unchanged. */
 int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const float *slots,
                       char *err, size_t errlen);
 

@@ -8,6 +8,8 @@
   security_mode.py BIN_DIR PROBE bounds   parked pulls capped and released when the
                                           client goes away; gzip, decoder bombs and
                                           unreachable versions refused cheaply
+  security_mode.py BIN_DIR PROBE values   NaN/inf pushes refused (or skipped), an
+                                          Initialize over the memory limit refused
 
 PROBE is tests/tools/ps_probe (one call, one JSON line).
 """
@@ -343,8 +345,56 @@ def bounds(bin_dir, probe, tmp):
         ps.stop()
 
 
+def values(bin_dir, probe, tmp):
+    wtok, atok = token_file(tmp, "worker.token"), token_file(tmp, "admin.token")
+    worker = ["--token-file", wtok]
+    admin = worker + ["--admin-token-file", atok]
+    ps = PS(bin_dir, tmp, "--auth-token-file", wtok, "--admin-token-file", atok,
+            "--memory-limit-mb", "64", name="values")
+    try:
+        P = Probe(probe, ps.addr)
+        big = ["--layers", "784,256,10"]
+        r = P(admin + big, "init", 65536)
+        check(refused(r, "INVALID_ARGUMENT"), f"num_workers 65536 is refused ({r['msg'][-70:]})")
+        r = P(admin + big, "init", 4096)
+        check(refused(r, "RESOURCE_EXHAUSTED"),
+              f"an Initialize needing more than 64 MB is refused ({r['msg'][-90:]})")
+        check(ps.alive(), "...and the process lives")
+        check(P(admin + big, "init", 1)["ok"] == 1, "...and serves: an Initialize that fits")
+        before = P(worker + big, "pull")
+        for bad in ("nan", "inf"):
+            r = P(worker + big, "push", 0, bad)
+            check(refused(r, "INVALID_ARGUMENT") and "partition" in r["msg"],
+                  f"a {bad} push is refused, naming the partition ({r['msg'][-80:]})")
+        after = P(worker + big, "pull")
+        check(after["version"] == 0 and after["sum"] == before["sum"],
+              "...and the parameters are unchanged")
+        st = P(worker + big, "stats")
+        check(st["nonfinite_pushes"] == 2 and 0 < st["mem_bytes"] <= st["mem_limit"] == 64 << 20,
+              f"counted: {st['nonfinite_pushes']} non-finite pushes, {st['mem_bytes']} of "
+              f"{st['mem_limit']} bytes")
+        check(P(worker + big, "push", 0, 0.5)["ok"] == 1 and
+              P(worker + big, "pull")["version"] == 1, "an honest push still makes version 1")
+    finally:
+        ps.stop()
+    ps = PS(bin_dir, tmp, "--auth-token-file", wtok, "--admin-token-file", atok,
+            "--skip-nonfinite", name="skip")
+    try:
+        P = Probe(probe, ps.addr)
+        check(P(admin, "init")["ok"] == 1, "--skip-nonfinite: initialised")
+        before = P(worker, "pull")
+        check(P(worker, "push", 0, "nan")["ok"] == 1, "a NaN push is answered OK")
+        after = P(worker, "pull")
+        st = P(worker, "stats")
+        check(after["version"] == 1 and after["sum"] == before["sum"] and
+              st["nonfinite_pushes"] == 1,
+              "...counted, and its step closes without it (parameters unchanged)")
+    finally:
+        ps.stop()
+
+
 def main():
-    scenarios = {"auth": auth, "tls": tls, "bounds": bounds}
+    scenarios = {"auth": auth, "tls": tls, "bounds": bounds, "values": values}
     if len(sys.argv) != 4 or sys.argv[3] not in scenarios:
         sys.exit(__doc__)
     with tempfile.TemporaryDirectory(prefix="security.") as tmp:

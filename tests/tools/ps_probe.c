@@ -30,8 +30,8 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: ps_probe --addr H:P [--token-file F] [--admin-token-file F]\n"
             "                [--tls-ca F [--tls-cert F --tls-key F] [--tls-server-name N]]\n"
-            "                [--deadline-ms N] COMMAND [ARGS]\n"
-            "commands (model: mlp 4,3 on one shard):\n"
+            "                [--deadline-ms N] [--layers A,B,...] COMMAND [ARGS]\n"
+            "commands (model: mlp --layers, default 4,3, on one shard):\n"
             "  init [WORKERS]          initialise the shard (sgd, lr 0.1, seed 1)\n"
             "  stats                   the shard's counters\n"
             "  push STEP VALUE|nan|inf push a gradient of VALUE everywhere as rank 0\n"
@@ -77,11 +77,13 @@ int main(int argc, char **argv) {
                                          {"tls-key", required_argument, 0, 'K'},
                                          {"tls-server-name", required_argument, 0, 'n'},
                                          {"deadline-ms", required_argument, 0, 'd'},
+                                         {"layers", required_argument, 0, 'l'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *addr = NULL, *token_file = NULL, *admin_file = NULL;
     cm_security sec = {0};
     long deadline = 10000;
+    int sizes[8] = {4, 3}, nsizes = 2;
     int c;
     while ((c = getopt_long(argc, argv, "+h", opts, NULL)) != -1) {
         switch (c) {
@@ -93,6 +95,12 @@ int main(int argc, char **argv) {
         case 'K': sec.tls_key = optarg; break;
         case 'n': sec.tls_server_name = optarg; break;
         case 'd': deadline = atol(optarg); break;
+        case 'l': {
+            nsizes = 0;
+            for (char *tok = strtok(optarg, ","); tok && nsizes < 8; tok = strtok(NULL, ","))
+                sizes[nsizes++] = atoi(tok);
+            break;
+        }
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -149,10 +157,9 @@ int main(int argc, char **argv) {
         return 0;
     }
 
-    const int sizes[] = {4, 3};
     cm_model *model = NULL;
     cm_placement *pl = NULL;
-    if (cm_model_create_mlp(sizes, 2, &model) != CM_OK ||
+    if (cm_model_create_mlp(sizes, nsizes, &model) != CM_OK ||
         cm_placement_create(model, 1, CM_PLACEMENT_MIN_PART_BYTES, &pl) != CM_OK) {
         fprintf(stderr, "ps_probe: cannot make the model\n");
         return 2;
@@ -192,10 +199,12 @@ int main(int argc, char **argv) {
                      "\"version\":%" PRId64 ",\"pushes\":%" PRIu64 ",\"pulls\":%" PRIu64
                      ",\"bad_requests\":%" PRIu64 ",\"parked_pulls\":%" PRIu64
                      ",\"cancelled_pulls\":%" PRIu64 ",\"refused_unauthenticated\":%" PRIu64
-                     ",\"refused_denied\":%" PRIu64 ",\"refused_exhausted\":%" PRIu64,
+                     ",\"refused_denied\":%" PRIu64 ",\"refused_exhausted\":%" PRIu64
+                     ",\"nonfinite_pushes\":%" PRIu64 ",\"mem_bytes\":%" PRIu64
+                     ",\"mem_limit\":%" PRIu64,
                      st.min_version, st.pushes, st.pulls, st.bad_requests, st.parked_pulls,
                      st.cancelled_pulls, st.refused_unauthenticated, st.refused_denied,
-                     st.refused_exhausted);
+                     st.refused_exhausted, st.nonfinite_pushes, st.mem_bytes, st.mem_limit);
         report(cmd, rc, err, extra);
     } else if (!strcmp(cmd, "push") && nargs == 2) {
         float v = !strcmp(args[1], "nan")   ? NAN

@@ -2101,18 +2101,27 @@ static void rstate_get(fixture *f, ps_shard *s, rstate *r) {
     }
 }
 
+/* The same counters (pulls aside: reads change them), but bad_requests
+ * grown by 'bad'. */
+static void expect_counters(const ps_shard_stats *now, const ps_shard_stats *before,
+                            uint64_t bad) {
+    assert_int_equal(now->version, before->version);
+    assert_int_equal(now->pushes, before->pushes);
+    assert_int_equal(now->duplicate_pushes, before->duplicate_pushes);
+    assert_int_equal(now->stale_pushes, before->stale_pushes);
+    assert_int_equal(now->early_pushes, before->early_pushes);
+    assert_int_equal(now->rows, before->rows);
+    assert_int_equal(now->rows_pushed, before->rows_pushed);
+    assert_int_equal(now->min_worker_step, before->min_worker_step);
+    assert_int_equal(now->bad_requests, before->bad_requests + bad);
+}
+
 /* The same state, but bad_requests (pulls: the reads of rstate_get) grown
  * by 'bad'. */
 static void expect_rstate(fixture *f, ps_shard *s, const rstate *before, uint64_t bad) {
     static rstate now;
     rstate_get(f, s, &now);
-    assert_int_equal(now.st.version, before->st.version);
-    assert_int_equal(now.st.pushes, before->st.pushes);
-    assert_int_equal(now.st.duplicate_pushes, before->st.duplicate_pushes);
-    assert_int_equal(now.st.rows, before->st.rows);
-    assert_int_equal(now.st.rows_pushed, before->st.rows_pushed);
-    assert_int_equal(now.st.min_worker_step, before->st.min_worker_step);
-    assert_int_equal(now.st.bad_requests, before->st.bad_requests + bad);
+    expect_counters(&now.st, &before->st, bad);
     expect_same(before->dense, now.dense, f->m->numel);
     for (int t = 0; t < NTAB; t++) {
         assert_int_equal(now.n[t], before->n[t]);
@@ -2697,6 +2706,605 @@ static void test_scalar_variable_push(void **state) {
     cm_model_destroy(m);
 }
 
+/* ===== Values and sizes a client controls ===== */
+
+/* Overwrite value j of gradient k of a push with the float32 bits u (or,
+ * for a bfloat16 gradient, the bfloat16 bits h). */
+static void poke_f32(push_buf *pb, int k, size_t j, uint32_t u) {
+    uint8_t *p = pb->raw + (pb->g[k].data - pb->raw) + 4 * j;
+    memcpy(p, &u, 4);
+}
+
+static void poke_bf16(push_buf *pb, int k, size_t j, uint16_t h) {
+    uint8_t *p = pb->raw + (pb->g[k].data - pb->raw) + 2 * j;
+    memcpy(p, &h, 2);
+}
+
+/* A shard's observable dense state: its values (bit for bit) and stats. */
+typedef struct dstate {
+    float vals[MAXN];
+    ps_shard_stats st;
+} dstate;
+
+static void dstate_get(fixture *f, dstate *d) {
+    memset(d, 0, sizeof *d);
+    values(f, d->vals);
+    ps_shard_stats_get(f->s, &d->st);
+}
+
+/* The same as before, but bad_requests grown by 'bad' and nonfinite_pushes
+ * by 'nonfinite'. */
+static void expect_dstate(fixture *f, const dstate *before, uint64_t bad, uint64_t nonfinite) {
+    dstate now;
+    dstate_get(f, &now);
+    expect_same(before->vals, now.vals, f->m->numel);
+    expect_counters(&now.st, &before->st, bad);
+    assert_int_equal(now.st.nonfinite_pushes, before->st.nonfinite_pushes + nonfinite);
+}
+
+/* A fresh shard 0 in place of f->s (its partition list is the shard's). */
+static void renew(fixture *f) {
+    ps_shard_destroy(f->s);
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &f->s), CM_OK);
+    f->parts = ps_shard_parts(f->s, &f->nparts);
+}
+
+/* Push (worker, step) and expect rc, with 'want' in the message if given. */
+static void push_expect(fixture *f, int worker, int64_t step, int want, const char *msg) {
+    char err[512] = "";
+    int64_t v = -1;
+    float g[MAXN];
+    push_buf pb;
+    grad_fill(g, f->m->numel, worker, step);
+    push_make(f, g, &pb);
+    int rc = ps_shard_push(f->s, worker, step, pb.g, pb.n, &v, err, sizeof err);
+    if (rc != want || (msg && !strstr(err, msg)))
+        fail_msg("worker %d step %lld: rc %d '%s', want %d '%s'", worker, (long long)step, rc,
+                 err, want, msg ? msg : "");
+}
+
+/* Async: a step far ahead is refused and changes nothing, so the worker's
+ * later pushes are not taken for retries; the bound is max_step_ahead past
+ * the worker's last step, or for its first push past the version and the
+ * highest step taken (which a rollback keeps). */
+static void test_async_step_bound(void **state) {
+    fixture *f = *state;
+    assert_int_equal(PS_SHARD_MAX_STEP_AHEAD, (int64_t)1 << 20);
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_ASYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    /* The default bound: from version 0, step 2^20 is the last one taken. */
+    push_expect(f, 0, ((int64_t)1 << 20) + 1, PS_PUSH_INVALID, "too far ahead");
+    push_expect(f, 0, (int64_t)1 << 20, PS_PUSH_OK, NULL);
+    /* From the worker's last step (2^20). */
+    push_expect(f, 0, ((int64_t)2 << 20) + 1, PS_PUSH_INVALID, "too far ahead");
+    ps_shard_rollback(f->s, 0, NULL, NULL, NULL, 0);
+
+    ps_shard_set_max_step_ahead(f->s, 10);
+    push_expect(f, 0, 0, PS_PUSH_OK, NULL); /* Version 1. */
+    static const int64_t bogus[] = {INT64_MAX, (int64_t)1 << 62, 1LL << 40,
+                                    ((int64_t)1 << 20) + 11};
+    for (size_t k = 0; k < sizeof bogus / sizeof *bogus; k++) {
+        dstate before;
+        dstate_get(f, &before);
+        char msg[128];
+        snprintf(msg, sizeof msg, "step %lld from worker 1 is too far ahead", (long long)bogus[k]);
+        push_expect(f, 1, bogus[k], PS_PUSH_INVALID, msg);
+        expect_dstate(f, &before, 1, 0);
+    }
+    /* Worker 1's real steps are taken (not "duplicates"): its first push
+     * may run 10 past max(version 1, highest step 2^20 before the
+     * rollback: the last bogus step is 11 past it)... */
+    push_expect(f, 1, ((int64_t)1 << 20) + 10, PS_PUSH_OK, NULL);
+    /* ... then 10 past its own last step. */
+    push_expect(f, 1, ((int64_t)1 << 20) + 21, PS_PUSH_INVALID, "too far ahead");
+    push_expect(f, 1, ((int64_t)1 << 20) + 20, PS_PUSH_OK, NULL);
+    push_expect(f, 1, ((int64_t)1 << 20) + 20, PS_PUSH_DUPLICATE, NULL);
+    /* Worker 0's last step is 0. */
+    push_expect(f, 0, 11, PS_PUSH_INVALID, "the worker's last one (0)");
+    push_expect(f, 0, 10, PS_PUSH_OK, NULL);
+    float ref[MAXN], got[MAXN], g[MAXN];
+    initial(f, ref);
+    const struct { int w; int64_t step; } seq[] = {
+        {0, 0}, {1, ((int64_t)1 << 20) + 10}, {1, ((int64_t)1 << 20) + 20}, {0, 10}};
+    for (int k = 0; k < 4; k++) {
+        grad_fill(g, f->m->numel, seq[k].w, seq[k].step);
+        for (size_t i = 0; i < f->m->numel; i++) ref[i] = ref[i] - LR * g[i];
+    }
+    own_only(f, ref);
+    assert_int_equal(values(f, got), 4);
+    expect_same(ref, got, f->m->numel);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.pushes, 5);
+    assert_int_equal(st.bad_requests, 8);
+    assert_int_equal(st.nonfinite_pushes, 0);
+    /* Partition pulls: a step whose version + 1 does not exist is invalid. */
+    assert_int_equal(ps_shard_pull_parts(f->s, INT64_MAX, f->parts, 1, catch_cb, NULL),
+                     CM_EINVAL);
+}
+
+/* The bits of a value that must be refused, as float32 and bfloat16. */
+typedef struct badval {
+    uint32_t f32;
+    uint16_t bf16;
+    const char *name;
+} badval;
+
+static const badval badvals[] = {{0x7fc00000u, 0x7fc0u, "nan"},
+                                 {0xffc00001u, 0xffc1u, "nan"},
+                                 {0x7f800000u, 0x7f80u, "inf"},
+                                 {0xff800000u, 0xff80u, "-inf"}};
+
+/* The modes a bad push is tried in: who has pushed before, and where the
+ * gradient goes (sync 2: worker 1 is added to worker 0's sum in acc, or
+ * worker 0 is the first; sync 3: the staging; async: acc). */
+enum { M_SYNC2_SECOND, M_SYNC2_FIRST, M_SYNC3, M_ASYNC, M_COUNT };
+
+static ps_shard_config mode_cfg(int m) {
+    return cfg_make(PS_OPTIM_MOMENTUM, m == M_SYNC3 ? 3 : 2, m == M_ASYNC ? PS_ASYNC : PS_SYNC,
+                    PS_AGG_SUM);
+}
+
+/* A NaN or infinity in a pushed gradient (float32 or bfloat16, any
+ * partition, any place) is refused with a message naming the partition,
+ * the value and its index, and changes nothing: the good pushes after it
+ * give exactly what they give without it. Finite extremes are taken. */
+static void test_nonfinite_dense_refused(void **state) {
+    fixture *f = *state;
+    for (int m = 0; m < M_COUNT; m++)
+        for (int dt = 0; dt < 2; dt++) {
+            int dtype = dt ? PS_DTYPE_BFLOAT16 : PS_DTYPE_FLOAT32;
+            renew(f);
+            ps_shard_config c = mode_cfg(m);
+            init_ok(f, &c);
+            /* The reference: the same good pushes on a shard that never saw
+             * a bad one. */
+            ps_shard *ref = NULL;
+            assert_int_equal(ps_shard_create(f->m, f->pl, 0, &ref), CM_OK);
+            init_on(ref, &c);
+            int bad_worker = m == M_SYNC2_FIRST ? 0 : 1;
+            float g[MAXN];
+            int64_t v;
+            char err[512];
+            if (m != M_SYNC2_FIRST) {
+                grad_fill(g, f->m->numel, 0, 0);
+                push_as(f, f->s, 0, 0, g, dtype);
+                push_as(f, ref, 0, 0, g, dtype);
+            }
+            grad_fill(g, f->m->numel, bad_worker, 0);
+            for (size_t b = 0; b < sizeof badvals / sizeof *badvals; b++)
+                for (int k = 0; k < f->nparts; k++) {
+                    push_buf pb;
+                    push_make_as(f, g, dtype, &pb);
+                    const cm_partition *p = &f->pl->parts[pb.g[k].part];
+                    size_t j = (b + (size_t)k) % 2 ? p->count - 1 : (p->count / 3);
+                    if (dt)
+                        poke_bf16(&pb, k, j, badvals[b].bf16);
+                    else
+                        poke_f32(&pb, k, j, badvals[b].f32);
+                    dstate before;
+                    dstate_get(f, &before);
+                    char want[256];
+                    snprintf(want, sizeof want,
+                             "partition %u (%s part %d): non-finite gradient: %s at element "
+                             "%zu of %zu (%s)",
+                             pb.g[k].part, f->m->vars[p->var].name, p->index, badvals[b].name, j,
+                             p->count, dt ? "bfloat16" : "float32");
+                    v = -1;
+                    int rc = ps_shard_push(f->s, bad_worker, 0, pb.g, pb.n, &v, err, sizeof err);
+                    if (rc != PS_PUSH_INVALID || !strstr(err, want))
+                        fail_msg("mode %d dtype %d value %zu part %d: rc %d '%s', want '%s'", m,
+                                 dtype, b, k, rc, err, want);
+                    assert_int_equal(v, m == M_ASYNC ? 1 : 0);
+                    expect_dstate(f, &before, 1, 1);
+                }
+            /* Finite extremes are values like any other. */
+            float big[MAXN];
+            grad_fill(big, f->m->numel, 2, 0);
+            push_buf pb;
+            push_make_as(f, big, dtype, &pb);
+            if (dt) {
+                poke_bf16(&pb, 0, 0, 0x7f7fu); /* The largest finite bfloat16. */
+                poke_bf16(&pb, 1, 0, 0x0001u); /* A subnormal. */
+            } else {
+                poke_f32(&pb, 0, 0, 0x7f7fffffu); /* FLT_MAX. */
+                poke_f32(&pb, 1, 0, 0x80000001u); /* A negative subnormal. */
+            }
+            /* The rest of the step, on both shards alike. */
+            for (int w = 0; w < c.num_workers; w++) {
+                if (m != M_SYNC2_FIRST && w == 0) continue;
+                ps_grad *gs = pb.g;
+                push_buf good;
+                if (w != 2) {
+                    grad_fill(g, f->m->numel, w, 0);
+                    push_make_as(f, g, dtype, &good);
+                    gs = good.g;
+                }
+                int rc = ps_shard_push(f->s, w, 0, gs, pb.n, &v, err, sizeof err);
+                if (rc != PS_PUSH_OK) fail_msg("mode %d worker %d: %d %s", m, w, rc, err);
+                assert_int_equal(ps_shard_push(ref, w, 0, gs, pb.n, &v, err, sizeof err),
+                                 PS_PUSH_OK);
+            }
+            if (m == M_ASYNC) {
+                assert_int_equal(ps_shard_push(f->s, 0, 1, pb.g, pb.n, &v, err, sizeof err),
+                                 PS_PUSH_OK);
+                assert_int_equal(ps_shard_push(ref, 0, 1, pb.g, pb.n, &v, err, sizeof err),
+                                 PS_PUSH_OK);
+            }
+            float want[MAXN], got[MAXN];
+            shard_values(f, ref, want);
+            int64_t ver = values(f, got);
+            assert_int_equal(ver, m == M_ASYNC ? 3 : 1);
+            expect_same(want, got, f->m->numel);
+            ps_shard_stats st;
+            ps_shard_stats_get(f->s, &st);
+            assert_int_equal(st.nonfinite_pushes, 4 * (uint64_t)f->nparts);
+            ps_shard_destroy(ref);
+        }
+}
+
+/* skip_nonfinite: a push with a NaN is answered OK and counted. Sync: it
+ * stands for the worker's contribution with zeros (the step closes);
+ * async: nothing of it is applied, and a retry is a duplicate. */
+static void test_nonfinite_skipped(void **state) {
+    fixture *f = *state;
+    for (int m = 0; m < M_COUNT; m++) {
+        renew(f);
+        ps_shard_set_skip_nonfinite(f->s, 1);
+        ps_shard_config c = cfg_make(PS_OPTIM_SGD, m == M_SYNC3 ? 3 : 2,
+                                     m == M_ASYNC ? PS_ASYNC : PS_SYNC, PS_AGG_MEAN);
+        init_ok(f, &c);
+        int bad_worker = m == M_SYNC2_FIRST ? 0 : 1;
+        float g[MAXN], ref[MAXN], got[MAXN];
+        int64_t v = -1;
+        char err[256] = "";
+        initial(f, ref);
+        /* The good workers' pushes; the bad one's in the middle. */
+        for (int w = 0; w < c.num_workers; w++) {
+            grad_fill(g, f->m->numel, w, 0);
+            push_buf pb;
+            push_make_as(f, g, m == M_SYNC3 ? PS_DTYPE_BFLOAT16 : PS_DTYPE_FLOAT32, &pb);
+            if (w == bad_worker) {
+                if (m == M_SYNC3)
+                    poke_bf16(&pb, 1, 2, 0x7f80u);
+                else
+                    poke_f32(&pb, 1, 2, 0x7fc00000u);
+            }
+            assert_int_equal(ps_shard_push(f->s, w, 0, pb.g, pb.n, &v, err, sizeof err),
+                             PS_PUSH_OK);
+            if (w == bad_worker) {
+                /* A retry: not counted again. */
+                assert_int_equal(ps_shard_push(f->s, w, 0, pb.g, pb.n, &v, err, sizeof err),
+                                 PS_PUSH_DUPLICATE);
+                continue;
+            }
+            if (m == M_ASYNC)
+                for (size_t i = 0; i < f->m->numel; i++) ref[i] = ref[i] - LR * g[i];
+        }
+        if (m != M_ASYNC) {
+            /* The mean over W, the bad worker's gradient as zeros. */
+            float sum[MAXN];
+            memset(sum, 0, sizeof sum);
+            for (int w = 0; w < c.num_workers; w++) {
+                if (w == bad_worker) continue;
+                grad_fill(g, f->m->numel, w, 0);
+                for (size_t i = 0; i < f->m->numel; i++) sum[i] += g[i];
+            }
+            float scale = 1.0f / (float)c.num_workers; /* As the shard scales. */
+            for (size_t i = 0; i < f->m->numel; i++) ref[i] = ref[i] - LR * (sum[i] * scale);
+        }
+        own_only(f, ref);
+        assert_int_equal(values(f, got), 1);
+        expect_same(ref, got, f->m->numel);
+        ps_shard_stats st;
+        ps_shard_stats_get(f->s, &st);
+        assert_int_equal(st.nonfinite_pushes, 1);
+        assert_int_equal(st.pushes, (uint64_t)c.num_workers - 1);
+        assert_int_equal(st.duplicate_pushes, 1);
+        assert_int_equal(st.bad_requests, 0);
+    }
+}
+
+/* Rows: a NaN or infinity in a row gradient (float32 or bfloat16) is
+ * refused naming the table, row, id and element, and changes nothing (the
+ * push's dense partitions included); with skip_nonfinite the push is
+ * dropped: the step closes without its rows and with zeros for its dense
+ * gradient. */
+static void test_rows_nonfinite(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(2, PS_SYNC, PS_OPTIM_ADAGRAD);
+    rlist l0, l1;
+    start_step0(f, &c, &l0, &l1);
+    static rstate before;
+    rstate_get(f, f->s, &before);
+    for (int dt = 0; dt < 2; dt++)
+        for (int k = 0; k < 2; k++) {
+            float g[MAXN];
+            push_buf pb;
+            rows_buf rb;
+            grad_fill(g, f->m->numel, 1, 0);
+            push_make(f, g, &pb);
+            rows_make(&l1, dt ? PS_DTYPE_BFLOAT16 : PS_DTYPE_FLOAT32, &rb);
+            ps_row_grad *x = &rb.r[1]; /* Table 1 (emb_b, dim 2). */
+            assert_int_equal(x->table, 1);
+            size_t row = k ? x->n - 1 : 2, el = k ? 0 : 1, vs = dt ? 2 : 4;
+            uint8_t *p = rb.raw + (x->data - rb.raw) + (row * 2 + el) * vs;
+            if (dt)
+                memcpy(p, &(uint16_t){k ? 0xff80u : 0x7fc0u}, 2);
+            else
+                memcpy(p, &(uint32_t){k ? 0xff800000u : 0x7fc00000u}, 4);
+            char want[256], err[256] = "";
+            snprintf(want, sizeof want,
+                     "rows of table 1 (emb_b): non-finite gradient: %s at row %zu (id %llu), "
+                     "element %zu (%s)",
+                     k ? "-inf" : "nan", row, (unsigned long long)x->ids[row], el,
+                     dt ? "bfloat16" : "float32");
+            int64_t v = -1;
+            for (int dense = 0; dense < 2; dense++) {
+                int rc = ps_shard_push_rows(f->s, 1, 0, pb.g, dense ? pb.n : 0, rb.r, rb.n, 1,
+                                            &v, err, sizeof err);
+                if (rc != PS_PUSH_INVALID || !strstr(err, want))
+                    fail_msg("dtype %d case %d: rc %d '%s', want '%s'", dt, k, rc, err, want);
+                assert_int_equal(v, 0);
+            }
+        }
+    expect_rstate(f, f->s, &before, 8);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.nonfinite_pushes, 8);
+
+    /* Skipped: worker 1's push counts for the step with zeros and no rows. */
+    ps_shard_set_skip_nonfinite(f->s, 1);
+    float g[MAXN];
+    push_buf pb;
+    rows_buf rb;
+    grad_fill(g, f->m->numel, 1, 0);
+    push_make(f, g, &pb);
+    rows_make(&l1, PS_DTYPE_BFLOAT16, &rb);
+    memcpy(rb.raw + (rb.r[2].data - rb.raw), &(uint16_t){0x7f81u}, 2);
+    char err[256] = "";
+    int64_t v = -1;
+    assert_int_equal(ps_shard_push_rows(f->s, 1, 0, pb.g, pb.n, rb.r, rb.n, 1, &v, err,
+                                        sizeof err),
+                     PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    ps_rows *ref = ps_rows_create(f->m, &c.table_optim, SEED);
+    const rlist *ls[1] = {&l0};
+    replay(ref, ls, 1, 0.5f);
+    expect_rows(f->s, ref);
+    ps_rows_destroy(ref);
+    float d_ref[MAXN], d_got[MAXN];
+    initial(f, d_ref);
+    grad_fill(g, f->m->numel, 0, 0);
+    for (size_t i = 0; i < f->m->numel; i++) d_ref[i] = d_ref[i] - LR * (g[i] / 2.0f);
+    own_only(f, d_ref);
+    assert_int_equal(values(f, d_got), 1);
+    expect_same(d_ref, d_got, f->m->numel);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.nonfinite_pushes, 9);
+    assert_int_equal(st.rows_pushed, before.st.rows_pushed);
+
+    /* Async: refused, nothing applied. */
+    ps_shard *s = NULL;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &s), CM_OK);
+    ps_shard_config ca = rcfg(2, PS_ASYNC, PS_OPTIM_ADAM);
+    init_on(s, &ca);
+    static rstate abefore;
+    rstate_get(f, s, &abefore);
+    rows_make(&l1, PS_DTYPE_FLOAT32, &rb);
+    memcpy(rb.raw + (rb.r[0].data - rb.raw) + 4, &(uint32_t){0x7f800000u}, 4);
+    assert_int_equal(ps_shard_push_rows(s, 1, 0, pb.g, pb.n, rb.r, rb.n, 0, &v, err, sizeof err),
+                     PS_PUSH_INVALID);
+    assert_non_null(strstr(err, "rows of table 0 (emb_a): non-finite gradient: inf at row 0"));
+    expect_rstate(f, s, &abefore, 1);
+    ps_shard_destroy(s);
+}
+
+/* Init with config c must be refused as invalid with 'want' in the
+ * message, leaving the shard uninitialised. */
+static void init_refused(ps_shard *s, const ps_shard_config *c, const char *want) {
+    char err[512] = "";
+    int64_t v = -1;
+    int rc = ps_shard_init(s, c, &v, err, sizeof err);
+    if (rc != CM_EINVAL || !strstr(err, want))
+        fail_msg("init: rc %d '%s', want CM_EINVAL '%s'", rc, err, want);
+    ps_shard_config got;
+    assert_false(ps_shard_config_get(s, &got));
+}
+
+/* Optimizer settings are checked, for the dense and the tables' optimizer,
+ * at init and at restore, and so is num_workers. */
+static void test_config_validated(void **state) {
+    fixture *f = *state;
+    const struct {
+        int kind;
+        int field; /* 0 lr, 1 momentum, 2 beta1, 3 beta2, 4 epsilon, 5 acc0 */
+        float v;
+        const char *want; /* NULL: accepted */
+    } cases[] = {
+        {PS_OPTIM_SGD, 0, NAN, "optimizer (sgd) lr nan, must be finite"},
+        {PS_OPTIM_SGD, 0, INFINITY, "optimizer (sgd) lr inf, must be finite"},
+        {PS_OPTIM_SGD, 0, 0.0f, "optimizer (sgd) lr 0, must be > 0"},
+        {PS_OPTIM_ADAM, 0, -0.5f, "optimizer (adam) lr -0.5, must be > 0"},
+        {PS_OPTIM_MOMENTUM, 1, 1.0f, "optimizer (momentum) momentum 1, must be in [0, 1)"},
+        {PS_OPTIM_MOMENTUM, 1, -0.25f, "momentum -0.25, must be in [0, 1)"},
+        {PS_OPTIM_ADAM, 2, 0.0f, "optimizer (adam) beta1 0, must be in (0, 1)"},
+        {PS_OPTIM_ADAM, 2, 1.0f, "beta1 1, must be in (0, 1)"},
+        {PS_OPTIM_ADAM, 3, 1.5f, "beta2 1.5, must be in (0, 1)"},
+        {PS_OPTIM_ADAM, 3, -INFINITY, "beta2 -inf, must be finite"},
+        {PS_OPTIM_ADAM, 4, 0.0f, "optimizer (adam) epsilon 0, must be > 0"},
+        {PS_OPTIM_ADAGRAD, 4, -1e-7f, "optimizer (adagrad) epsilon -1e-07, must be > 0"},
+        {PS_OPTIM_ADAGRAD, 5, -0.5f, "initial_accumulator -0.5, must be >= 0"},
+        {PS_OPTIM_ADAGRAD, 5, NAN, "initial_accumulator nan, must be finite"},
+        /* Unused by the kind: any finite value. */
+        {PS_OPTIM_SGD, 1, NAN, "optimizer (sgd) momentum nan, must be finite"},
+        {PS_OPTIM_SGD, 2, 0.0f, NULL},
+        {PS_OPTIM_SGD, 4, -3.0f, NULL},
+        {PS_OPTIM_ADD, 0, 0.0f, NULL},
+        {PS_OPTIM_ADAGRAD, 5, 0.0f, NULL},
+        {PS_OPTIM_MOMENTUM, 1, 0.0f, NULL},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        renew(f);
+        ps_shard_config c = cfg_make(cases[k].kind, 2, PS_SYNC, PS_AGG_MEAN);
+        float *fld[] = {&c.optim.lr, &c.optim.momentum, &c.optim.beta1, &c.optim.beta2,
+                        &c.optim.epsilon, &c.optim.initial_accumulator};
+        *fld[cases[k].field] = cases[k].v;
+        if (cases[k].want) {
+            init_refused(f->s, &c, cases[k].want);
+            /* A restore from a checkpoint with it too. */
+            float params[MAXN] = {0};
+            char err[512] = "";
+            assert_int_equal(ps_shard_restore(f->s, &c, 3, params, NULL, err, sizeof err),
+                             CM_EINVAL);
+            if (!strstr(err, cases[k].want)) fail_msg("restore: '%s'", err);
+            int64_t v = -1;
+            assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_NOT_READY);
+        } else {
+            init_ok(f, &c);
+        }
+    }
+    /* num_workers. */
+    renew(f);
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 65536, PS_SYNC, PS_AGG_MEAN);
+    init_refused(f->s, &c, "invalid init config: num_workers 65536 (must be 1 to 4096)");
+    c.num_workers = PS_SHARD_MAX_WORKERS + 1;
+    init_refused(f->s, &c, "num_workers 4097");
+    c.num_workers = 0;
+    init_refused(f->s, &c, "num_workers 0");
+    c.num_workers = PS_SHARD_MAX_WORKERS;
+    init_ok(f, &c);
+
+    /* The tables' optimizer, on a model with tables only. */
+    c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    c.table_optim = (ps_optim_cfg){.kind = PS_OPTIM_ADAM, .lr = 0.0f, .beta2 = 7.0f};
+    renew(f);
+    init_ok(f, &c); /* The MLP has no tables: not used. */
+    cm_var tv[2];
+    memset(tv, 0, sizeof tv);
+    snprintf(tv[0].name, sizeof tv[0].name, "emb");
+    tv[0].kind = CM_VAR_TABLE;
+    tv[0].dim = 4;
+    tv[0].init = CM_INIT_ZERO;
+    tv[1] = (cm_var){.kind = CM_VAR_DENSE, .ndims = 1, .dims = {3}, .init = CM_INIT_ZERO};
+    snprintf(tv[1].name, sizeof tv[1].name, "b");
+    char err[256];
+    cm_model *m = NULL;
+    cm_placement *pl = NULL;
+    ps_shard *s = NULL;
+    if (cm_model_create_from_vars("t", tv, 2, &m, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(cm_placement_create(m, 1, 1024, &pl), CM_OK);
+    assert_int_equal(ps_shard_create(m, pl, 0, &s), CM_OK);
+    c.table_optim = ps_optim_defaults(PS_OPTIM_ADAM, 0.5f);
+    c.table_optim.beta2 = 1.0f;
+    init_refused(s, &c, "invalid init config: table optimizer (adam) beta2 1, must be in (0, 1)");
+    c.table_optim = ps_optim_defaults(PS_OPTIM_ADAGRAD, NAN);
+    init_refused(s, &c, "table optimizer (adagrad) lr nan");
+    c.table_optim = ps_optim_defaults(PS_OPTIM_ADAGRAD, 0.5f);
+    init_on(s, &c);
+    ps_shard_destroy(s);
+    cm_placement_destroy(pl);
+    cm_model_destroy(m);
+}
+
+/* Memory: a config whose state is over the shard's limit is refused before
+ * anything is allocated (init, restore, restore_owned), with the sizes; the
+ * limit is exact (the state the stats report fits a limit of that many
+ * bytes, and not one less). */
+static void test_memory_limit(void **state) {
+    fixture *f = *state;
+    assert_true(ps_shard_default_memory_limit() >= ((size_t)64 << 20));
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.mem_limit, ps_shard_default_memory_limit());
+    assert_int_equal(st.mem_bytes, 0);
+    /* What sync with 4096 workers takes here (staging 4096 x the shard). */
+    ps_shard_config c = cfg_make(PS_OPTIM_ADAM, PS_SHARD_MAX_WORKERS, PS_SYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    ps_shard_stats_get(f->s, &st);
+    size_t need = st.mem_bytes, numel = ps_shard_numel(f->s);
+    assert_true(need >= (PS_SHARD_MAX_WORKERS + 5) * numel * sizeof(float));
+    for (int k = 0; k < 2; k++) {
+        renew(f);
+        ps_shard_set_memory_limit(f->s, need - (size_t)(1 - k));
+        char err[512] = "";
+        int64_t v = -1;
+        int rc = ps_shard_init(f->s, &c, &v, err, sizeof err);
+        if (k == 1) {
+            assert_int_equal(rc, CM_OK);
+            break;
+        }
+        if (rc != CM_ENOMEM || !strstr(err, "shard 0: sync mode with 4096 workers needs") ||
+            !strstr(err, "sync staging 4096 x") || !strstr(err, "over the shard's memory limit"))
+            fail_msg("rc %d '%s'", rc, err);
+        ps_shard_config got;
+        assert_false(ps_shard_config_get(f->s, &got));
+        assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_NOT_READY);
+        /* Restores too; restore_owned leaves the buffers to the caller. */
+        float params[MAXN] = {0};
+        assert_int_equal(ps_shard_restore(f->s, &c, 7, params, NULL, err, sizeof err),
+                         CM_ENOMEM);
+        float *own = cm_alloc_aligned(numel * sizeof(float));
+        float *slots = cm_alloc_aligned(2 * numel * sizeof(float));
+        assert_int_equal(ps_shard_restore_owned(f->s, &c, 7, own, slots, err, sizeof err),
+                         CM_ENOMEM);
+        free(own);
+        free(slots);
+        assert_false(ps_shard_config_get(f->s, &got));
+        /* Async needs no staging: it fits. */
+        ps_shard_config a = c;
+        a.sync = PS_ASYNC;
+        init_ok(f, &a);
+    }
+    /* A limit of 0 is the default again. */
+    ps_shard_set_memory_limit(f->s, 0);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.mem_limit, ps_shard_default_memory_limit());
+}
+
+/* Rows grow with pushes: a push whose rows could take the shard past its
+ * limit is refused (PS_PUSH_NOMEM) and changes nothing; a training read
+ * then reads missing rows without creating them (the same values). */
+static void test_rows_memory_limit(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = rcfg(2, PS_SYNC, PS_OPTIM_ADAGRAD);
+    init_on(f->s, &c);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    /* Room for the state and less than a chunk of rows more. */
+    ps_shard_set_memory_limit(f->s, st.mem_bytes + 1024);
+    rlist l0, l1;
+    rlist_fill(f, &l0, 0, 0);
+    rlist_fill(f, &l1, 1, 0);
+    static rstate before;
+    rstate_get(f, f->s, &before);
+    char err[256] = "";
+    int64_t v = -1;
+    assert_int_equal(push_rows(f, f->s, 0, 0, 1, &l0, 1, &v, err, sizeof err), PS_PUSH_NOMEM);
+    if (!strstr(err, "rows from worker 0 could take") || !strstr(err, "memory limit"))
+        fail_msg("'%s'", err);
+    expect_rstate(f, f->s, &before, 0);
+    /* A training read of missing rows: their initial values, not created. */
+    const cm_var *tv = &f->m->vars[f->m->table_var[0]];
+    float out[4], want[4];
+    cm_row_init(tv, SEED, f->rid[0][5], want);
+    assert_int_equal(pull_rows_now(f->s, 0, 0, &f->rid[0][5], 1, 1, out), 0);
+    expect_same(want, out, 4);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.rows, 0);
+    /* With room, the same pushes go through, and the read creates. */
+    ps_shard_set_memory_limit(f->s, 0);
+    push_rows_ok(f, f->s, 0, 0, 1, &l0, 1, PS_PUSH_OK, 0);
+    push_rows_ok(f, f->s, 1, 0, 1, &l1, 1, PS_PUSH_OK, 1);
+    expect_step0_rows(f, f->s, &c, &l0, &l1);
+    ps_shard_stats_get(f->s, &st);
+    uint64_t rows = st.rows;
+    assert_int_equal(pull_rows_now(f->s, 1, 0, &f->rid[0][60], 1, 1, out), 1);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.rows, rows + 1);
+    assert_true(st.mem_bytes > before.st.mem_bytes);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_scalar_variable_push),
@@ -2728,6 +3336,11 @@ int main(void) {
         T(test_partial_push_async),
         T(test_checkpoint_hook_and_restore),
         T(test_rows_refused_without_tables),
+        T(test_async_step_bound),
+        T(test_nonfinite_dense_refused),
+        T(test_nonfinite_skipped),
+        T(test_config_validated),
+        T(test_memory_limit),
 #define R(fn) cmocka_unit_test_setup_teardown(fn, rx_setup, fx_teardown)
         R(test_rows_sync_step_closes_when_all_in),
         R(test_rows_sync_rank_order_sum),
@@ -2738,6 +3351,8 @@ int main(void) {
         R(test_rows_pull),
         R(test_rows_hook_rollback_restore),
         R(test_rows_dump_pages),
+        R(test_rows_nonfinite),
+        R(test_rows_memory_limit),
 #undef R
         /* Last: under ASan a failure here ends the process. */
         T(test_snapshot_outlives_shard),
