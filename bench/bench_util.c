@@ -558,8 +558,9 @@ static int ps_attempt(bu_driver *d, int servers, int workers,
         char idx[24];
         snprintf(idx, sizeof idx, "%d", nsrv);
         snprintf(name, sizeof name, "psserver %d", nsrv);
-        char *argv[] = {d->psserver, "--ps-hosts", ps_hosts, "--worker-hosts", worker_hosts,
-                        "--task-index", idx, NULL};
+        char *argv[20] = {d->psserver, "--ps-hosts", ps_hosts, "--worker-hosts", worker_hosts,
+                          "--task-index", idx, NULL};
+        for (int k = 0; d->ps_extra[k] && k < 8; k++) argv[7 + k] = d->ps_extra[k];
         if (!(srv[nsrv] = bu_spawn(d, name, argv, 0, 0, err, errlen))) goto fail;
         srv[nsrv]->watch = 1;
     }

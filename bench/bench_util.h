@@ -98,6 +98,8 @@ typedef struct bu_driver {
     double deadline;         /* cm_now() by which the whole run must end. */
     bu_child kids[BU_MAX_KIDS]; /* The current phase's processes. */
     int nkids;
+    char *ps_extra[9];          /* More psserver arguments (NULL-terminated;
+                                 * e.g. a token file and TLS files). */
 } bu_driver;
 
 /* Fill d->exe (/proc/self/exe) and d->psserver (bin_dir/psserver, or

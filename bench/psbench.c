@@ -8,14 +8,20 @@
  * against. One binary, four roles, re-executed with posix_spawn (never
  * forked: GRPC_LEVELDB_FACTS G8): driver, worker, tcp-server, tcp-worker.
  */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <spawn.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "bench/bench_util.h"
@@ -24,6 +30,7 @@
 #include "common/cm_placement.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
+#include "common/cm_token.h"
 #include "ps/ps_client.h"
 #include "ps/ps_optim.h"
 
@@ -41,6 +48,9 @@ typedef struct opts {
     int rank, workers, sync;
     size_t elems;
     const char *ps_addrs, *tcp_ports;
+    /* Security: the driver's list (none, token, tls) and a worker's files. */
+    const char *security;
+    const char *token_file, *tls_ca;
 } opts;
 
 /* One timed phase (PS or TCP) of one configuration, over all workers. */
@@ -109,8 +119,12 @@ static int ps_worker_main(const opts *o) {
                  "partition each", n, nps);
         goto fail;
     }
+    cm_security sec = {.tls_ca = o->tls_ca};
+    if (cm_security_load(&sec, o->token_file, NULL, err, sizeof err) != CM_OK) goto fail;
     ps_client_cfg cfg = {.model = model, .placement = pl, .ps_addrs = (const char *const *)addrs,
-                         .rank = o->rank, .deadline_ms = 60000, .connect_timeout_ms = 30000};
+                         .rank = o->rank, .deadline_ms = 60000, .connect_timeout_ms = 30000,
+                         .auth_token = cm_security_token(&sec),
+                         .admin_token = cm_security_token(&sec), .tls_ca = o->tls_ca};
     if (ps_client_open(&cfg, &c, err, sizeof err) != CM_OK) goto fail;
     if (o->rank == 0) {
         ps_init_cfg init = {.optim = ps_optim_defaults(PS_OPTIM_ADD, 0.0f), .seed = 1,
@@ -412,11 +426,24 @@ fail:
 
 /* ================================================== driver: phases */
 
+enum { SEC_NONE, SEC_TOKEN, SEC_TLS };
+static const char *const sec_names[] = {"none", "token", "tls"};
+
 typedef struct bench_cfg {
     int servers, workers, sync;
     size_t bytes;
     int warmup, iters;
+    int security; /* SEC_*: the PS phase's; other than none, each run also
+                   * has a PS phase without, the reference of its cost. */
 } bench_cfg;
+
+/* The files of the security modes (a random token; a CA and the PS's
+ * certificate for 127.0.0.1, made with the openssl command), in a private
+ * directory made by the driver. */
+typedef struct sec_files {
+    char dir[256], token[300], ca[300], cert[300], key[300];
+} sec_files;
+static sec_files g_sec;
 
 /* Start the W workers of a phase: this binary as 'role', told where the
  * servers are by addr_opt addrs. CM_OK, or CM_EIO with a message. */
@@ -429,9 +456,20 @@ static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, con
         snprintf(nums[2], 24, "%zu", b->bytes / sizeof(float));
         snprintf(nums[3], 24, "%d", b->warmup);
         snprintf(nums[4], 24, "%d", b->iters);
-        char *argv[] = {d->exe, "--role", (char *)role, "--rank", nums[0], "--workers", nums[1],
-                        "--elems", nums[2], "--warmup", nums[3], "--iters", nums[4], "--mode",
-                        b->sync ? "sync" : "async", (char *)addr_opt, (char *)addrs, NULL};
+        char *argv[24] = {d->exe, "--role", (char *)role, "--rank", nums[0], "--workers",
+                          nums[1], "--elems", nums[2], "--warmup", nums[3], "--iters", nums[4],
+                          "--mode", b->sync ? "sync" : "async", (char *)addr_opt, (char *)addrs,
+                          NULL};
+        int k = 17;
+        if (!strcmp(role, "worker") && b->security >= SEC_TOKEN) {
+            argv[k++] = "--token-file";
+            argv[k++] = g_sec.token;
+        }
+        if (!strcmp(role, "worker") && b->security == SEC_TLS) {
+            argv[k++] = "--tls-ca";
+            argv[k++] = g_sec.ca;
+        }
+        argv[k] = NULL;
         snprintf(name, sizeof name, "%s %d", role, r);
         if (!(w[r] = bu_spawn(d, name, argv, 1, 1, err, errlen))) return CM_EIO;
     }
@@ -480,10 +518,102 @@ static int phase_workers(void *ctx, bu_driver *d, const char *addrs, char *err, 
     return rc != CM_OK ? rc : run_workers(d, w, pr->b->workers, pr->res, err, errlen);
 }
 
-/* The PS phase: S psserver processes, W workers over ps_client. */
+/* The PS phase: S psserver processes, W workers over ps_client, with the
+ * configuration's security. */
 static int run_ps(bu_driver *d, const bench_cfg *b, phase_result *res, char *err, size_t errlen) {
     phase_run pr = {.b = b, .role = "worker", .addr_opt = "--ps-addrs", .res = res};
-    return bu_ps_phase(d, b->servers, b->workers, phase_workers, &pr, err, errlen);
+    int k = 0;
+    if (b->security >= SEC_TOKEN) {
+        d->ps_extra[k++] = "--auth-token-file";
+        d->ps_extra[k++] = g_sec.token;
+    }
+    if (b->security == SEC_TLS) {
+        d->ps_extra[k++] = "--tls-cert";
+        d->ps_extra[k++] = g_sec.cert;
+        d->ps_extra[k++] = "--tls-key";
+        d->ps_extra[k++] = g_sec.key;
+    }
+    d->ps_extra[k] = NULL;
+    int rc = bu_ps_phase(d, b->servers, b->workers, phase_workers, &pr, err, errlen);
+    d->ps_extra[0] = NULL;
+    return rc;
+}
+
+extern char **environ;
+
+/* Run argv (a command on the PATH) and wait; 0 if it exited 0. */
+static int run_cmd(char *const argv[]) {
+    pid_t pid;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+    int rc = posix_spawnp(&pid, argv[0], &fa, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    int status = 0;
+    if (rc != 0 || waitpid(pid, &status, 0) != pid) return -1;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -1;
+}
+
+/* Make g_sec's files (the TLS ones only when tls is set). 0, or -1 after a
+ * message. */
+static int make_sec_files(int tls) {
+    const char *tmp = getenv("TMPDIR");
+    snprintf(g_sec.dir, sizeof g_sec.dir, "%s/psbench-sec-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(g_sec.dir)) {
+        fprintf(stderr, "psbench: cannot make a directory for the token: %s\n", strerror(errno));
+        return -1;
+    }
+    snprintf(g_sec.token, sizeof g_sec.token, "%s/token", g_sec.dir);
+    uint8_t raw[24];
+    char hex[64];
+    int fd = open(g_sec.token, O_WRONLY | O_CREAT | O_EXCL, 0600);
+    if (fd < 0 || getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw) {
+        fprintf(stderr, "psbench: cannot write %s\n", g_sec.token);
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    for (size_t i = 0; i < sizeof raw; i++) snprintf(hex + 2 * i, 3, "%02x", raw[i]);
+    hex[2 * sizeof raw] = '\n';
+    ssize_t w = write(fd, hex, 2 * sizeof raw + 1);
+    close(fd);
+    if (w != (ssize_t)(2 * sizeof raw + 1)) return -1;
+    if (!tls) return 0;
+    char cakey[300], ext[300], csr[300], subj_ext[] = "subjectAltName=IP:127.0.0.1";
+    snprintf(g_sec.ca, sizeof g_sec.ca, "%s/ca.pem", g_sec.dir);
+    snprintf(cakey, sizeof cakey, "%s/ca.key", g_sec.dir);
+    snprintf(g_sec.cert, sizeof g_sec.cert, "%s/server.pem", g_sec.dir);
+    snprintf(g_sec.key, sizeof g_sec.key, "%s/server.key", g_sec.dir);
+    snprintf(csr, sizeof csr, "%s/server.csr", g_sec.dir);
+    snprintf(ext, sizeof ext, "%s/server.ext", g_sec.dir);
+    FILE *f = fopen(ext, "w");
+    if (!f || fprintf(f, "%s\n", subj_ext) < 0 || fclose(f) != 0) return -1;
+    char *ca[] = {"openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                  "-subj", "/CN=psbench CA", "-keyout", cakey, "-out", g_sec.ca, NULL};
+    char *req[] = {"openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj",
+                   "/CN=127.0.0.1", "-keyout", g_sec.key, "-out", csr, NULL};
+    char *sign[] = {"openssl", "x509", "-req", "-in", csr, "-CA", g_sec.ca, "-CAkey", cakey,
+                    "-CAcreateserial", "-days", "1", "-out", g_sec.cert, "-extfile", ext, NULL};
+    if (run_cmd(ca) || run_cmd(req) || run_cmd(sign)) {
+        fprintf(stderr, "psbench: the openssl command could not make a test CA (install "
+                        "openssl: scripts/install-deps.sh)\n");
+        return -1;
+    }
+    return 0;
+}
+
+static void remove_sec_files(void) {
+    if (!g_sec.dir[0]) return;
+    DIR *dir = opendir(g_sec.dir);
+    struct dirent *e;
+    char path[600];
+    while (dir && (e = readdir(dir)))
+        if (e->d_name[0] != '.') {
+            snprintf(path, sizeof path, "%s/%s", g_sec.dir, e->d_name);
+            unlink(path);
+        }
+    if (dir) closedir(dir);
+    rmdir(g_sec.dir);
 }
 
 /* The plain-TCP phase: S tcp-server processes (each its slice of the
@@ -521,14 +651,15 @@ static double pslite_gbps(const bench_cfg *b) {
  * and the ratio to TCP as the median of the runs' own ratios (each run's two
  * phases are seconds apart, so a burst of load on a shared machine mostly
  * cancels out of its ratio). */
-static void report(const bench_cfg *b, const phase_result *ps, const phase_result *tcp, int nrep,
-                   const char *check) {
+static void report(const bench_cfg *b, const phase_result *ps, const phase_result *plain,
+                   const phase_result *tcp, int nrep, const double load[2], const char *check) {
     double g[MAX_REPEATS], tg[MAX_REPEATS], ratio[MAX_REPEATS], push[MAX_REPEATS],
         pull[MAX_REPEATS], tpush[MAX_REPEATS], tpull[MAX_REPEATS];
     printf("{\"bench\":\"psbench\",\"servers\":%d,\"workers\":%d,\"mode\":\"%s\","
-           "\"bytes\":%zu,\"warmup\":%d,\"iters\":%d,\"runs\":%d",
+           "\"bytes\":%zu,\"warmup\":%d,\"iters\":%d,\"runs\":%d,\"security\":\"%s\"",
            b->servers, b->workers, b->sync ? "sync" : "async", b->bytes, b->warmup, b->iters,
-           nrep);
+           nrep, sec_names[b->security]);
+    printf(",\"load1_start\":%.2f,\"load1_end\":%.2f", load[0], load[1]);
     if (nrep > 0) {
         for (int i = 0; i < nrep; i++) {
             g[i] = gbps_of(b, &ps[i]);
@@ -550,6 +681,15 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
                "\"ratio_to_tcp\":%.3f",
                gm, g[0], g[nrep - 1], ops, bu_median(push, nrep), bu_median(pull, nrep), tgm, tg[0],
                tg[nrep - 1], bu_median(tpush, nrep), bu_median(tpull, nrep), bu_median(ratio, nrep));
+        if (b->security != SEC_NONE) { /* The cost, run by run against its own plain phase. */
+            double pg[MAX_REPEATS], cost[MAX_REPEATS];
+            for (int i = 0; i < nrep; i++) {
+                pg[i] = gbps_of(b, &plain[i]);
+                cost[i] = 1.0 - gbps_of(b, &ps[i]) / pg[i];
+            }
+            printf(",\"plain_gbps\":%.4f,\"security_cost\":%.4f", bu_median(pg, nrep),
+                   bu_median(cost, nrep));
+        }
         if (ref > 0)
             printf(",\"pslite_gbps\":%.3f,\"ratio_to_pslite\":%.3f", ref, gm / ref);
         else
@@ -590,6 +730,11 @@ static void usage(FILE *f) {
             "  --quick              a tenth of the timed iterations (smoke runs)\n"
             "  --warmup N, --iters N  override the warm-up and timed iterations\n"
             "  --timeout S          bound on the whole run, seconds (default 1800)\n"
+            "  --security S,...     none, token (every call carries a token, the PS checks\n"
+            "                       it), tls (token and TLS, a throwaway CA made with the\n"
+            "                       openssl command); default none. Other than none, each\n"
+            "                       run also times the PS without, and the line says the\n"
+            "                       cost (security_cost: 1 - secured / plain throughput)\n"
             "  --bin-dir DIR        where psserver is (default <this binary's dir>/../bin)\n"
             "  -h, --help           this text\n");
 }
@@ -597,8 +742,15 @@ static void usage(FILE *f) {
 /* One configuration from its three list entries, with the reference's
  * iteration counts for its size class. Returns 0, or -1 if it is invalid. */
 static int parse_cfg(const opts *o, const char *shape, const char *mode, const char *size,
-                     bench_cfg *b) {
+                     const char *security, bench_cfg *b) {
     *b = (bench_cfg){0};
+    b->security = -1;
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(security, sec_names[i])) b->security = i;
+    if (b->security < 0) {
+        fprintf(stderr, "psbench: --security takes none, token and tls, not '%s'\n", security);
+        return -1;
+    }
     if (sscanf(shape, "%dx%d", &b->servers, &b->workers) != 2 || b->servers < 1 ||
         b->workers < 1 || b->servers > BU_MAX_PROCS || b->workers > BU_MAX_PROCS ||
         (strcmp(mode, "sync") && strcmp(mode, "async")) || parse_size(size, &b->bytes) ||
@@ -619,45 +771,61 @@ static int parse_cfg(const opts *o, const char *shape, const char *mode, const c
 /* Run one configuration o->repeats times (PS phase, then TCP phase) and
  * print its line. Returns 0, or -1 if a run failed or its check did. */
 static int run_config(bu_driver *d, const opts *o, const bench_cfg *b) {
-    phase_result ps[MAX_REPEATS], tcp[MAX_REPEATS];
+    phase_result ps[MAX_REPEATS], plain[MAX_REPEATS], tcp[MAX_REPEATS];
     char err[512] = "ok";
     const char *mode = b->sync ? "sync" : "async";
+    bench_cfg nb = *b;
+    nb.security = SEC_NONE;
+    double load[2] = {bu_load_average(), 0};
     int nrep = 0;
     for (; nrep < o->repeats; nrep++) {
-        if (run_ps(d, b, &ps[nrep], err, sizeof err) != CM_OK ||
+        /* With security, its plain twin first, so that each run holds its
+         * own reference (alternating phases: a burst of load hits both). */
+        if ((b->security != SEC_NONE && run_ps(d, &nb, &plain[nrep], err, sizeof err) != CM_OK) ||
+            run_ps(d, b, &ps[nrep], err, sizeof err) != CM_OK ||
             run_tcp(d, b, &tcp[nrep], err, sizeof err) != CM_OK)
             break;
-        fprintf(stderr, "psbench: %dx%d %s %zu B run %d/%d: PS %.3f GB/s, TCP %.3f GB/s\n",
-                b->servers, b->workers, mode, b->bytes, nrep + 1, o->repeats,
-                gbps_of(b, &ps[nrep]), gbps_of(b, &tcp[nrep]));
+        fprintf(stderr, "psbench: %dx%d %s %zu B %s run %d/%d: PS %.3f GB/s, TCP %.3f GB/s\n",
+                b->servers, b->workers, mode, b->bytes, sec_names[b->security], nrep + 1,
+                o->repeats, gbps_of(b, &ps[nrep]), gbps_of(b, &tcp[nrep]));
     }
     int failed = nrep < o->repeats;
     if (failed)
         fprintf(stderr, "psbench: %dx%d %s %zu B: %s\n", b->servers, b->workers, mode, b->bytes,
                 err);
-    report(b, ps, tcp, failed ? 0 : nrep, err);
+    load[1] = bu_load_average();
+    report(b, ps, plain, tcp, failed ? 0 : nrep, load, err);
     return failed ? -1 : 0;
 }
 
 static int driver_main(const opts *o) {
     bu_driver *d = cm_calloc(1, sizeof *d);
-    char *copies[3] = {NULL, NULL, NULL}, *shapes[MAX_LIST], *modes[MAX_LIST], *sizes[MAX_LIST];
+    char *copies[4] = {NULL, NULL, NULL, NULL}, *shapes[MAX_LIST], *modes[MAX_LIST],
+         *sizes[MAX_LIST], *secs[MAX_LIST];
     bench_cfg *cfgs = NULL;
     int status = 1, ncfgs = 0, failures = 0;
     if (bu_driver_init(d, "psbench", o->bin_dir)) goto fail;
     int nshapes = bu_split_list(o->shapes ? o->shapes : "1x1,2x2", &copies[0], shapes, MAX_LIST);
     int nmodes = bu_split_list(o->modes ? o->modes : "async,sync", &copies[1], modes, MAX_LIST);
     int nsizes = bu_split_list(o->sizes ? o->sizes : "4K,1M,16M", &copies[2], sizes, MAX_LIST);
-    if (nshapes < 1 || nmodes < 1 || nsizes < 1) {
-        fprintf(stderr, "psbench: empty or too long --shapes, --modes or --sizes\n");
+    int nsecs = bu_split_list(o->security ? o->security : "none", &copies[3], secs, MAX_LIST);
+    if (nshapes < 1 || nmodes < 1 || nsizes < 1 || nsecs < 1) {
+        fprintf(stderr, "psbench: empty or too long --shapes, --modes, --sizes or --security\n");
         goto fail;
     }
     /* Every configuration is checked before the first one runs. */
-    cfgs = cm_calloc((size_t)(nshapes * nmodes * nsizes), sizeof *cfgs);
+    cfgs = cm_calloc((size_t)(nshapes * nmodes * nsizes * nsecs), sizeof *cfgs);
+    int want_token = 0, want_tls = 0;
     for (int si = 0; si < nshapes; si++)
         for (int mi = 0; mi < nmodes; mi++)
             for (int zi = 0; zi < nsizes; zi++)
-                if (parse_cfg(o, shapes[si], modes[mi], sizes[zi], &cfgs[ncfgs++])) goto fail;
+                for (int ki = 0; ki < nsecs; ki++) {
+                    bench_cfg *b = &cfgs[ncfgs++];
+                    if (parse_cfg(o, shapes[si], modes[mi], sizes[zi], secs[ki], b)) goto fail;
+                    want_token |= b->security != SEC_NONE;
+                    want_tls |= b->security == SEC_TLS;
+                }
+    if (want_token && make_sec_files(want_tls)) goto fail;
     /* Children log only warnings unless the caller asked otherwise. */
     setenv("PS_LOG_LEVEL", "warn", 0);
     bu_catch_signals(bu_on_signal);
@@ -667,7 +835,8 @@ static int driver_main(const opts *o) {
     status = failures || bu_got_signal || cm_now() >= d->deadline ? 1 : 0;
 fail:
     bu_stop_all(d);
-    for (int i = 0; i < 3; i++) free(copies[i]);
+    remove_sec_files();
+    for (int i = 0; i < 4; i++) free(copies[i]);
     free(cfgs);
     free(d);
     return status;
@@ -683,6 +852,8 @@ int main(int argc, char **argv) {
         {"rank", required_argument, 0, 'k'},     {"workers", required_argument, 0, 'w'},
         {"mode", required_argument, 0, 'M'},     {"elems", required_argument, 0, 'e'},
         {"ps-addrs", required_argument, 0, 'p'}, {"tcp-ports", required_argument, 0, 't'},
+        {"security", required_argument, 0, 'S'}, {"token-file", required_argument, 0, 'F'},
+        {"tls-ca", required_argument, 0, 'C'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     opts o = {.repeats = 1, .warmup = -1, .timeout_s = 1800.0, .workers = 1};
     cm_mem_keep_freed(); /* As psserver and pstrain do. */
@@ -705,6 +876,9 @@ int main(int argc, char **argv) {
         case 'e': o.elems = (size_t)strtoull(optarg, NULL, 10); break;
         case 'p': o.ps_addrs = optarg; break;
         case 't': o.tcp_ports = optarg; break;
+        case 'S': o.security = optarg; break;
+        case 'F': o.token_file = optarg; break;
+        case 'C': o.tls_ca = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

@@ -19,6 +19,7 @@ PACKAGES=(
   libgrpc-dev                        # gRPC C core: PS <-> worker RPC (proto/rpc.c)
   libprotobuf-c-dev protobuf-c-compiler  # proto/ps.proto messages (protoc-c at build time)
   python3                            # integration test drivers, experiment scripts
+  openssl                            # tests and psbench --security tls: a throwaway CA
   dataset-fashion-mnist              # the training data
 )
 [ $# -gt 0 ] && PACKAGES=("$@")
