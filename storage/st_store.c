@@ -8,11 +8,16 @@
  */
 #include "storage/st_store.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <leveldb/c.h>
 #include <xxhash.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
@@ -173,6 +178,12 @@ fail:
 }
 
 /* ===== LevelDB helpers ===== */
+
+/* LevelDB reports what it found damaged as "Corruption: ...": CM_ECORRUPT;
+ * its other errors are CM_EIO. */
+static int ldb_code(const char *e) {
+    return strncmp(e, "Corruption:", 11) == 0 ? CM_ECORRUPT : CM_EIO;
+}
 
 /* Write 'b' (sync or not); CM_EIO with a message naming 'what'. */
 static int db_write(st_store *s, leveldb_writebatch_t *b, int sync, const char *what, char *err,
@@ -478,18 +489,57 @@ int st_store_get_record(st_store *s, const char *name, void **data, size_t *len,
 
 /* ===== Open and close ===== */
 
-int st_store_open(const st_options *o, const char *dir, const st_identity *id, st_store **out,
-                  char *err, size_t errlen) {
-    static const st_options defaults;
-    st_store *s = NULL;
-    int rc = CM_EINVAL;
-    *out = NULL;
-    if (!o) o = &defaults;
-    if (!dir || !*dir || !id || id->shard < 0) {
-        cm_seterr(err, errlen, "st_store_open: invalid argument");
-        goto fail;
+/* LevelDB's files that hold no data: a directory with nothing else in it
+ * is empty, so a crash in a store's very first open does not make its
+ * directory look like a lost database. */
+static int bookkeeping_file(const char *name) {
+    return strcmp(name, "LOCK") == 0 || strcmp(name, "LOG") == 0 || strcmp(name, "LOG.old") == 0;
+}
+
+/* The names LevelDB gives the files of a database. */
+static int leveldb_file(const char *name) {
+    size_t n = strlen(name);
+    if (strcmp(name, "CURRENT") == 0 || strncmp(name, "MANIFEST-", 9) == 0) return 1;
+    return n > 4 && (strcmp(name + n - 4, ".ldb") == 0 || strcmp(name + n - 4, ".sst") == 0 ||
+                     strcmp(name + n - 4, ".log") == 0);
+}
+
+/* What 'dir' holds, looked at before LevelDB touches it. */
+typedef struct dir_info {
+    int exists;
+    int files;     /* Entries other than ".", ".." and bookkeeping files. */
+    int ldb_files; /* Of which LevelDB's (leveldb_file). */
+    int current;   /* Whether CURRENT is one of them. */
+    char first[256]; /* The name of one of them, for messages. */
+} dir_info;
+
+static int dir_probe(const char *dir, dir_info *d, char *err, size_t errlen) {
+    memset(d, 0, sizeof *d);
+    DIR *dh = opendir(dir);
+    if (!dh) {
+        if (errno == ENOENT) return CM_OK;
+        cm_seterr(err, errlen, "store %s: cannot read the directory: %s", dir, strerror(errno));
+        return CM_EIO;
     }
-    s = cm_calloc(1, sizeof *s);
+    d->exists = 1;
+    const struct dirent *e;
+    while ((e = readdir(dh)) != NULL) {
+        const char *name = e->d_name;
+        if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0 || bookkeeping_file(name)) continue;
+        d->files++;
+        d->ldb_files += leveldb_file(name);
+        d->current |= strcmp(name, "CURRENT") == 0;
+        if (!d->first[0]) snprintf(d->first, sizeof d->first, "%s", name);
+    }
+    closedir(dh);
+    return CM_OK;
+}
+
+/* A store for 'dir' with LevelDB's options set; not open yet. */
+static st_store *store_new(const st_options *o, const char *dir) {
+    static const st_options defaults;
+    if (!o) o = &defaults;
+    st_store *s = cm_calloc(1, sizeof *s);
     s->dir = cm_strdup(dir);
     s->batch_bytes = o->batch_bytes ? o->batch_bytes : DEFAULT_BATCH;
     s->before_commit = o->before_commit;
@@ -498,7 +548,6 @@ int st_store_open(const st_options *o, const char *dir, const st_identity *id, s
     s->mu_init = 1;
 
     s->opts = leveldb_options_create();
-    leveldb_options_set_create_if_missing(s->opts, 1);
     size_t wbuf = o->write_buffer_size ? o->write_buffer_size : DEFAULT_BUFFER;
     size_t fsize = o->max_file_size ? o->max_file_size : DEFAULT_BUFFER;
     leveldb_options_set_write_buffer_size(s->opts, wbuf);
@@ -510,21 +559,142 @@ int st_store_open(const st_options *o, const char *dir, const st_identity *id, s
     s->rscan = leveldb_readoptions_create();
     leveldb_readoptions_set_fill_cache(s->rscan, 0);
     s->rpoint = leveldb_readoptions_create();
+    return s;
+}
 
+/* Open the database of s, creating it only when 'create'. A database that
+ * LevelDB refuses to open as damaged or missing ("Corruption: ...", e.g. a
+ * CURRENT naming a lost MANIFEST or missing table files; "Invalid argument:
+ * ...", e.g. no CURRENT) is CM_ECORRUPT, with the remedy; the rest CM_EIO. */
+static int store_open_db(st_store *s, int create, char *err, size_t errlen) {
     char *e = NULL;
-    s->db = leveldb_open(s->opts, dir, &e);
-    if (e) {
-        cm_seterr(err, errlen, "cannot open store %s: %s", dir, e);
-        leveldb_free(e);
-        s->db = NULL;
-        rc = CM_EIO;
+    leveldb_options_set_create_if_missing(s->opts, create);
+    s->db = leveldb_open(s->opts, s->dir, &e);
+    if (!e) return CM_OK;
+    int rc = ldb_code(e) == CM_ECORRUPT || strncmp(e, "Invalid argument:", 17) == 0 ? CM_ECORRUPT
+                                                                                     : CM_EIO;
+    if (rc == CM_ECORRUPT)
+        cm_seterr(err, errlen, "cannot open store %s: %s; to rebuild its database from the "
+                  "files that can still be read, run: psserver --repair %s", s->dir, e, s->dir);
+    else
+        cm_seterr(err, errlen, "cannot open store %s: %s", s->dir, e);
+    leveldb_free(e);
+    s->db = NULL;
+    return rc;
+}
+
+int st_store_open(const st_options *o, const char *dir, const st_identity *id, st_store **out,
+                  char *err, size_t errlen) {
+    st_store *s = NULL;
+    int rc = CM_EINVAL;
+    *out = NULL;
+    if (!dir || !*dir || !id || id->shard < 0) {
+        cm_seterr(err, errlen, "st_store_open: invalid argument");
         goto fail;
     }
+    /* LevelDB's create_if_missing takes a directory without CURRENT for a
+     * new database, and then deletes every table file it finds there as
+     * obsolete: a lost CURRENT would cost every generation, silently. So
+     * only a directory without files may become a new store, and one with
+     * files is left as it is, before LevelDB sees it (its open rotates the
+     * LOG file even when it then refuses). */
+    dir_info d;
+    rc = dir_probe(dir, &d, err, errlen);
+    if (rc != CM_OK) goto fail;
+    if (d.files > 0 && !d.current) {
+        cm_seterr(err, errlen, "store %s holds %d file%s (%s%s) but no LevelDB CURRENT file, so "
+                  "no database that LevelDB can open; refusing to create a new store over them "
+                  "(that would delete them). To rebuild the database from its table and log "
+                  "files, run: psserver --repair %s", dir, d.files, d.files == 1 ? "" : "s",
+                  d.first, d.files > 1 ? ", ..." : "", dir);
+        rc = CM_ECORRUPT;
+        goto fail;
+    }
+    s = store_new(o, dir);
+    rc = store_open_db(s, d.files == 0, err, errlen);
+    if (rc != CM_OK) goto fail;
     rc = identity_open(s, id, err, errlen);
     if (rc != CM_OK) goto fail;
     *out = s;
     return CM_OK;
 fail:
+    st_store_close(s);
+    return rc;
+}
+
+/* LevelDB's repair does not take the database's lock: take it as LevelDB
+ * does (an fcntl lock on 'dir'/LOCK), so that a store open in another
+ * process is not rebuilt under its feet. Closing *fd releases it (and any
+ * other lock of this process on the file, hence no store of 'dir' may be
+ * open in this process). */
+static int lock_dir(const char *dir, int *fd, char *err, size_t errlen) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/LOCK", dir);
+    *fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (*fd < 0) {
+        cm_seterr(err, errlen, "store %s: cannot open %s: %s", dir, path, strerror(errno));
+        return CM_EIO;
+    }
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    if (fcntl(*fd, F_SETLK, &fl) != 0) {
+        cm_seterr(err, errlen, "store %s is in use by another process (%s: %s)", dir, path,
+                  strerror(errno));
+        close(*fd);
+        *fd = -1;
+        return CM_EIO;
+    }
+    return CM_OK;
+}
+
+int st_store_repair(const char *dir, char *err, size_t errlen) {
+    if (!dir || !*dir) {
+        cm_seterr(err, errlen, "st_store_repair: invalid argument");
+        return CM_EINVAL;
+    }
+    dir_info d;
+    int rc = dir_probe(dir, &d, err, errlen);
+    if (rc != CM_OK) return rc;
+    if (!d.exists) {
+        cm_seterr(err, errlen, "store %s: no such directory", dir);
+        return CM_ENOTFOUND;
+    }
+    if (d.ldb_files == 0) {
+        cm_seterr(err, errlen, "%s holds no LevelDB file, so nothing to repair (a data directory "
+                  "holds one store per shard: repair %s/shard-<i>)", dir, dir);
+        return CM_ENOTFOUND;
+    }
+    int fd;
+    rc = lock_dir(dir, &fd, err, errlen);
+    if (rc != CM_OK) return rc;
+    st_store *s = store_new(NULL, dir);
+    char *e = NULL;
+    leveldb_repair_db(s->opts, dir, &e);
+    close(fd); /* Before LevelDB takes the lock again for the open. */
+    if (e) {
+        rc = ldb_code(e);
+        cm_seterr(err, errlen, "cannot repair store %s: %s", dir, e);
+        leveldb_free(e);
+        goto out;
+    }
+    rc = store_open_db(s, 0, err, errlen);
+    if (rc != CM_OK) goto out;
+    char *val = NULL;
+    size_t vlen = 0;
+    rc = db_get(s, (const uint8_t *)IDENTITY_KEY, sizeof IDENTITY_KEY - 1, &val, &vlen, err,
+                errlen);
+    if (rc != CM_OK) goto out;
+    if (!val) {
+        cm_seterr(err, errlen, "store %s was repaired, but its identity record did not survive "
+                  "(or it never was a checkpoint store): it cannot be opened as a store", dir);
+        rc = CM_ECORRUPT;
+        goto out;
+    }
+    leveldb_free(val);
+    ver_list l;
+    rc = list_versions(s, 'c', 1, &l, err, errlen);
+    if (rc == CM_OK) rc = l.n;
+    free(l.v);
+out:
     st_store_close(s);
     return rc;
 }

@@ -80,13 +80,22 @@ typedef struct st_blob {
     size_t len;
 } st_blob;
 
-/* Open the store in 'dir', creating the directory's database if missing
- * (LevelDB creates the last path component only). A new store records 'id';
- * an existing one must have been created with the same fingerprint and
- * shard, else CM_EINVAL with a message naming what the directory holds and
- * what was asked for. CM_EIO for LevelDB errors (e.g. the directory is in
- * use by another process), CM_ECORRUPT for a database that is not a store.
- * On success *out owns the store; release with st_store_close(). */
+/* Open the store in 'dir'. A missing or empty directory (empty but for
+ * LevelDB's LOCK, LOG and LOG.old, which hold no data) becomes a new store
+ * (LevelDB creates the last path component only), which records 'id'. A
+ * directory with other files is opened only as the LevelDB database they
+ * must be: without a CURRENT file, or one that LevelDB refuses (e.g. a
+ * CURRENT naming a lost MANIFEST, or missing table files), it is
+ * CM_ECORRUPT with a message naming what is missing and the remedy
+ * (st_store_repair, `psserver --repair DIR`), and nothing is created over
+ * it. Without CURRENT its files are left exactly as they were; LevelDB
+ * itself rotates LOG to LOG.old and may create LOCK when it gets to
+ * refuse. An existing store must have been created with the same
+ * fingerprint and shard, else CM_EINVAL with a message naming what the
+ * directory holds and what was asked for. CM_EIO for other LevelDB errors
+ * (e.g. the directory is in use by another process), CM_ECORRUPT for a
+ * database that is not a store. On success *out owns the store; release
+ * with st_store_close(). */
 int st_store_open(const st_options *o, const char *dir, const st_identity *id, st_store **out,
                   char *err, size_t errlen);
 void st_store_close(st_store *s);
@@ -151,6 +160,24 @@ int st_store_drop_older(st_store *s, int64_t keep_from, char *err, size_t errlen
  * 'version', so that a generation from an abandoned history can never be
  * mistaken for one of the new history. Commit records go first (synced). */
 int st_store_drop_newer(st_store *s, int64_t version, char *err, size_t errlen);
+
+/* Rebuild the LevelDB database in 'dir' from whatever of its files can be
+ * read (leveldb_repair_db): for a directory st_store_open refuses, e.g. one
+ * whose CURRENT file was lost. LevelDB keeps every record of the readable
+ * table and log files (a deleted key stays deleted, unless the file with
+ * its deletion is the unreadable one), writes a new MANIFEST and CURRENT,
+ * and moves what it cannot read (and the old MANIFESTs) to 'dir'/lost; its
+ * LOG file says what it did. Every generation whose records survive comes
+ * back committed; one that lost records is then refused when loaded
+ * (CM_ECORRUPT). The directory's
+ * lock is taken first (LevelDB's repair takes none): a store open in
+ * another process is CM_EIO, untouched; one open in this process is not
+ * detected and must not be. Returns the number of committed generations
+ * the repaired store holds (>= 0); CM_ENOTFOUND if 'dir' is missing or
+ * holds no LevelDB file (a data directory rather than one of its shard
+ * directories, say); CM_ECORRUPT if the repaired database has no identity
+ * record, so st_store_open would still refuse it; CM_EIO. */
+int st_store_repair(const char *dir, char *err, size_t errlen);
 
 /* The rollback rule. versions[i] lists shard i's committed versions
  * (counts[i] of them, in any order, e.g. from st_store_committed). Returns

@@ -5,7 +5,8 @@
  * Crashes are real: a forked child writes a checkpoint and SIGKILLs itself
  * through the store's before_commit hook. Damage is done through LevelDB's
  * own C API with the store closed, since one process must never open a
- * database twice (LevelDB pitfall L1).
+ * database twice (LevelDB pitfall L1), or to the files themselves: a lost
+ * CURRENT, a CURRENT naming a lost MANIFEST.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -13,12 +14,14 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <ftw.h>
 #include <leveldb/c.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -588,6 +591,291 @@ static void test_corrupt_blob_is_detected(void **state) {
     set_free(&b);
 }
 
+/* ===== Damaged directories and repair ===== */
+
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The sorted names in 'dir' (without "." and ".."): *n of them, each and
+ * the array to free(). */
+static char **dir_names(const char *dir, int *n) {
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    char **names = NULL;
+    int cap = 0;
+    *n = 0;
+    const struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        if (*n == cap) {
+            cap = cap ? 2 * cap : 16;
+            names = realloc(names, (size_t)cap * sizeof *names);
+            assert_non_null(names);
+        }
+        names[(*n)++] = strdup(e->d_name);
+    }
+    closedir(d);
+    qsort(names, (size_t)*n, sizeof *names, cmp_str);
+    return names;
+}
+
+static void names_free(char **names, int n) {
+    for (int i = 0; i < n; i++) free(names[i]);
+    free(names);
+}
+
+/* The bytes of a file; *len of them; free(). */
+static uint8_t *slurp(const char *path, size_t *len) {
+    FILE *fp = fopen(path, "rb");
+    assert_non_null(fp);
+    assert_int_equal(fseek(fp, 0, SEEK_END), 0);
+    long n = ftell(fp);
+    assert_true(n >= 0);
+    rewind(fp);
+    uint8_t *b = malloc((size_t)n + 1);
+    assert_non_null(b);
+    assert_int_equal(fread(b, 1, (size_t)n, fp), (size_t)n);
+    fclose(fp);
+    *len = (size_t)n;
+    return b;
+}
+
+/* LevelDB's bookkeeping files, which a refused open may touch. */
+static int bookkeeping(const char *name) {
+    return strcmp(name, "LOCK") == 0 || strncmp(name, "LOG", 3) == 0;
+}
+
+/* Every file of 'dir' (but the bookkeeping ones, with 'data_only'; only
+ * those named with 'suffix', unless it is NULL), name and bytes, in one
+ * buffer: two snapshots are equal iff the listing and every file's
+ * contents are. free(). */
+static uint8_t *dir_snapshot(const char *dir, int data_only, const char *suffix, size_t *len) {
+    int n;
+    char **names = dir_names(dir, &n);
+    size_t cap = 1 << 16, at = 0;
+    uint8_t *snap = malloc(cap);
+    assert_non_null(snap);
+    for (int i = 0; i < n; i++) {
+        size_t nl = strlen(names[i]);
+        if (data_only && bookkeeping(names[i])) continue;
+        if (suffix && (nl < strlen(suffix) || strcmp(names[i] + nl - strlen(suffix), suffix)))
+            continue;
+        char path[512];
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        struct stat st;
+        assert_int_equal(stat(path, &st), 0);
+        size_t flen = 0;
+        uint8_t *bytes = S_ISREG(st.st_mode) ? slurp(path, &flen) : NULL; /* lost/: a name. */
+        size_t need = strlen(names[i]) + 1 + sizeof flen + flen;
+        while (at + need > cap) {
+            cap *= 2;
+            snap = realloc(snap, cap);
+            assert_non_null(snap);
+        }
+        memcpy(snap + at, names[i], strlen(names[i]) + 1);
+        at += strlen(names[i]) + 1;
+        memcpy(snap + at, &flen, sizeof flen);
+        at += sizeof flen;
+        if (flen) memcpy(snap + at, bytes, flen);
+        at += flen;
+        free(bytes);
+    }
+    names_free(names, n);
+    *len = at;
+    return snap;
+}
+
+static void expect_same_snapshot(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen) {
+    assert_int_equal(alen, blen);
+    assert_memory_equal(a, b, alen);
+}
+
+/* Whether 'dir' holds a file named with this suffix. */
+static int has_file_ending(const char *dir, const char *suffix) {
+    int n, found = 0;
+    char **names = dir_names(dir, &n);
+    for (int i = 0; i < n && !found; i++) {
+        size_t l = strlen(names[i]), sl = strlen(suffix);
+        found = l >= sl && strcmp(names[i] + l - sl, suffix) == 0;
+    }
+    names_free(names, n);
+    return found;
+}
+
+static void path_in(char *buf, size_t cap, const char *dir, const char *name) {
+    snprintf(buf, cap, "%s/%s", dir, name);
+}
+
+/* Two generations, partly in table files (a 1 MiB write buffer makes
+ * LevelDB flush while they are written), partly in the log; 'current'
+ * gets the path of the CURRENT file. */
+static void two_generations(const char *dir, blobset *b1, blobset *b2, char current[160]) {
+    set_add(b1, 0, 0, 3 * MIB, 31);
+    set_add(b1, 0, 1, 3 * MIB, 32);
+    set_add(b1, 1, 0, 200, 33);
+    set_add(b2, 0, 0, 3 * MIB, 41);
+    set_add(b2, 0, 1, 3 * MIB, 42);
+    set_add(b2, 1, 0, 200, 43);
+    st_options o = {.write_buffer_size = MIB};
+    st_store *s = open_ok(dir, &o);
+    checkpoint_ok(s, 1, b1, "one");
+    checkpoint_ok(s, 2, b2, "two");
+    st_store_close(s);
+    assert_true(has_file_ending(dir, ".ldb"));
+    path_in(current, 160, dir, "CURRENT");
+}
+
+static void test_lost_current_is_refused_untouched(void **state) {
+    fixture *f = *state;
+    blobset b1 = {0}, b2 = {0};
+    char current[160];
+    two_generations(f->db, &b1, &b2, current);
+    assert_int_equal(unlink(current), 0);
+
+    size_t before_len, after_len;
+    uint8_t *before = dir_snapshot(f->db, 0, NULL, &before_len);
+    char err[1024] = "";
+    st_store *s = (st_store *)&err; /* Must come back NULL. */
+    assert_int_equal(st_store_open(NULL, f->db, &ID, &s, err, sizeof err), CM_ECORRUPT);
+    assert_null(s);
+    assert_non_null(strstr(err, f->db));
+    assert_non_null(strstr(err, "no LevelDB CURRENT file"));
+    assert_non_null(strstr(err, "psserver --repair"));
+    /* Not a byte changed, not a file added or removed (LOCK and LOG too). */
+    uint8_t *after = dir_snapshot(f->db, 0, NULL, &after_len);
+    expect_same_snapshot(before, before_len, after, after_len);
+    free(after);
+    /* Again: a refusal is not a one-off. */
+    assert_int_equal(st_store_open(NULL, f->db, &ID, &s, err, sizeof err), CM_ECORRUPT);
+    after = dir_snapshot(f->db, 0, NULL, &after_len);
+    expect_same_snapshot(before, before_len, after, after_len);
+    free(after);
+    free(before);
+
+    /* The repair rebuilds it: both generations come back, whole. */
+    err[0] = '\0';
+    int n = st_store_repair(f->db, err, sizeof err);
+    if (n < 0) fprintf(stderr, "repair: %s\n", err);
+    assert_int_equal(n, 2);
+    s = open_ok(f->db, NULL);
+    expect_committed(s, (const int64_t[]){2, 1}, 2);
+    expect_load(s, 1, &b1, "one");
+    expect_load(s, 2, &b2, "two");
+    /* And it goes on as a store. */
+    checkpoint_ok(s, 3, &b1, "three");
+    st_store_close(s);
+    s = open_ok(f->db, NULL);
+    expect_committed(s, (const int64_t[]){3, 2, 1}, 3);
+    st_store_close(s);
+    set_free(&b1);
+    set_free(&b2);
+}
+
+static void test_missing_or_empty_dir_is_new_store(void **state) {
+    fixture *f = *state;
+    /* An empty directory (made by someone else) becomes a store... */
+    assert_int_equal(mkdir(f->db, 0700), 0);
+    st_store *s = open_ok(f->db, NULL);
+    expect_committed(s, NULL, 0);
+    st_store_close(s);
+    /* ...as does one holding only LevelDB's LOCK and LOG (a crash in the
+     * very first open), and a missing one (the fixtures' usual case). */
+    char other[128], lock[160];
+    snprintf(other, sizeof other, "%s/other", f->tmp);
+    assert_int_equal(mkdir(other, 0700), 0);
+    path_in(lock, sizeof lock, other, "LOCK");
+    FILE *fp = fopen(lock, "w");
+    assert_non_null(fp);
+    fclose(fp);
+    s = open_ok(other, NULL);
+    st_store_close(s);
+    /* Any other file, though, is refused, untouched. */
+    snprintf(other, sizeof other, "%s/notes", f->tmp);
+    assert_int_equal(mkdir(other, 0700), 0);
+    path_in(lock, sizeof lock, other, "README");
+    fp = fopen(lock, "w");
+    assert_non_null(fp);
+    fputs("mine\n", fp);
+    fclose(fp);
+    char err[1024] = "";
+    assert_int_equal(st_store_open(NULL, other, &ID, &s, err, sizeof err), CM_ECORRUPT);
+    assert_non_null(strstr(err, "1 file (README)"));
+    int n;
+    char **names = dir_names(other, &n);
+    assert_int_equal(n, 1);
+    names_free(names, n);
+    /* Nothing to repair there, nor in a directory of stores, nor in none. */
+    assert_int_equal(st_store_repair(other, err, sizeof err), CM_ENOTFOUND);
+    assert_non_null(strstr(err, "no LevelDB file"));
+    assert_int_equal(st_store_repair(f->tmp, err, sizeof err), CM_ENOTFOUND);
+    assert_non_null(strstr(err, "shard-<i>"));
+    snprintf(other, sizeof other, "%s/nowhere", f->tmp);
+    assert_int_equal(st_store_repair(other, err, sizeof err), CM_ENOTFOUND);
+    assert_non_null(strstr(err, "no such directory"));
+    assert_int_equal(access(other, F_OK), -1); /* Not created either. */
+}
+
+static void test_refused_by_leveldb_then_repaired(void **state) {
+    fixture *f = *state;
+    blobset b1 = {0}, b2 = {0};
+    char current[160];
+    two_generations(f->db, &b1, &b2, current);
+    /* CURRENT names a MANIFEST that is gone. */
+    FILE *fp = fopen(current, "w");
+    assert_non_null(fp);
+    fputs("MANIFEST-999999\n", fp);
+    fclose(fp);
+
+    size_t before_len, after_len;
+    uint8_t *before = dir_snapshot(f->db, 1, NULL, &before_len);
+    char err[1024] = "";
+    st_store *s = NULL;
+    assert_int_equal(st_store_open(NULL, f->db, &ID, &s, err, sizeof err), CM_ECORRUPT);
+    assert_null(s);
+    assert_non_null(strstr(err, "MANIFEST-999999"));
+    assert_non_null(strstr(err, "psserver --repair"));
+    /* LevelDB itself rotated its LOG; every data file is as it was. */
+    uint8_t *after = dir_snapshot(f->db, 1, NULL, &after_len);
+    expect_same_snapshot(before, before_len, after, after_len);
+    free(before);
+    free(after);
+
+    assert_int_equal(st_store_repair(f->db, err, sizeof err), 2);
+    s = open_ok(f->db, NULL);
+    expect_committed(s, (const int64_t[]){2, 1}, 2);
+    expect_load(s, 1, &b1, "one");
+    expect_load(s, 2, &b2, "two");
+    st_store_close(s);
+    /* A store open in another process is not repaired under its feet
+     * (LevelDB's repair takes no lock of its own). */
+    s = open_ok(f->db, NULL);
+    checkpoint_ok(s, 3, &b1, "three"); /* In the log, which a repair would rewrite. */
+    /* Its log: what a repair would turn into a table file (compactions,
+     * which may run now, leave it alone). */
+    before = dir_snapshot(f->db, 1, ".log", &before_len);
+    assert_true(before_len > 3 * MIB);
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        char e2[512] = "";
+        int rc = st_store_repair(f->db, e2, sizeof e2);
+        _exit(rc == CM_EIO && strstr(e2, "in use by another process") ? 0 : 1);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    after = dir_snapshot(f->db, 1, ".log", &after_len);
+    expect_same_snapshot(before, before_len, after, after_len);
+    free(before);
+    free(after);
+    expect_load(s, 3, &b1, "three");
+    st_store_close(s);
+    set_free(&b1);
+    set_free(&b2);
+}
+
 /* ===== The rollback rule ===== */
 
 static void test_newest_common(void **state) {
@@ -625,6 +913,9 @@ int main(void) {
         T(test_crash_before_commit_keeps_previous),
         T(test_drop_older_removes_crash_leftovers),
         T(test_corrupt_blob_is_detected),
+        T(test_lost_current_is_refused_untouched),
+        T(test_missing_or_empty_dir_is_new_store),
+        T(test_refused_by_leveldb_then_repaired),
         cmocka_unit_test(test_newest_common),
 #undef T
     };
