@@ -147,21 +147,48 @@ static uint8_t *commit_encode(const commit_rec *c, size_t *len) {
     return b;
 }
 
+static int cmp_blob_meta(const void *a, const void *b) {
+    const blob_meta *x = a, *y = b;
+    if (x->part != y->part) return x->part < y->part ? -1 : 1;
+    if (x->kind != y->kind) return x->kind < y->kind ? -1 : 1;
+    return 0;
+}
+
 /* Decode and verify 'b' (the record of 'version'). Returns CM_OK, with
- * c->blobs to free(), or CM_ECORRUPT with c->blobs NULL. */
-static int commit_decode(const uint8_t *b, size_t n, int64_t version, commit_rec *c) {
+ * c->blobs sorted by (part, kind) to free(), or CM_ECORRUPT with c->blobs
+ * NULL and what is wrong in 'why' (which may be NULL): a record that lists
+ * a blob twice is refused, even with a hash that matches, since a load
+ * would then never hand over some other blob the caller expects. */
+static int commit_decode(const uint8_t *b, size_t n, int64_t version, commit_rec *c, char *why,
+                         size_t whylen) {
     memset(c, 0, sizeof *c);
-    if (n < COMMIT_HEADER + 8) goto fail;
-    if (get_be64(b + n - 8) != xxh64(b, n - 8, HASH_SEED)) goto fail;
-    if (get_be32(b) != COMMIT_MAGIC || get_be64(b + 4) != (uint64_t)version) goto fail;
+    if (n < COMMIT_HEADER + 8) {
+        cm_seterr(why, whylen, "is truncated (%zu bytes)", n);
+        goto fail;
+    }
+    if (get_be64(b + n - 8) != xxh64(b, n - 8, HASH_SEED)) {
+        cm_seterr(why, whylen, "fails its checksum");
+        goto fail;
+    }
+    if (get_be32(b) != COMMIT_MAGIC || get_be64(b + 4) != (uint64_t)version) {
+        cm_seterr(why, whylen, "is not a commit record of this version");
+        goto fail;
+    }
     c->version = version;
     c->chunk = get_be32(b + 12);
     c->nblobs = get_be32(b + 16);
     c->extra_len = get_be32(b + 20);
-    if (c->chunk == 0) goto fail;
-    /* nblobs < 2^32 and extra_len < 2^32, so this cannot overflow. */
-    if ((uint64_t)COMMIT_HEADER + (uint64_t)c->nblobs * COMMIT_ENTRY + c->extra_len + 8 != n)
+    if (c->chunk == 0) {
+        cm_seterr(why, whylen, "has a chunk size of 0");
         goto fail;
+    }
+    /* nblobs < 2^32 and extra_len < 2^32, so this cannot overflow. */
+    uint64_t want = (uint64_t)COMMIT_HEADER + (uint64_t)c->nblobs * COMMIT_ENTRY + c->extra_len + 8;
+    if (want != n) {
+        cm_seterr(why, whylen, "is %zu bytes, not the %llu its header implies", n,
+                  (unsigned long long)want);
+        goto fail;
+    }
     c->blobs = cm_calloc(c->nblobs, sizeof *c->blobs);
     const uint8_t *p = b + COMMIT_HEADER;
     for (uint32_t i = 0; i < c->nblobs; i++, p += COMMIT_ENTRY) {
@@ -171,6 +198,17 @@ static int commit_decode(const uint8_t *b, size_t n, int64_t version, commit_rec
         c->blobs[i].hash = get_be64(p + 16);
     }
     c->extra = p;
+    /* st_store_checkpoint writes them sorted; a record written otherwise
+     * is read in that order all the same. */
+    qsort(c->blobs, c->nblobs, sizeof *c->blobs, cmp_blob_meta);
+    for (uint32_t i = 1; i < c->nblobs; i++) {
+        if (cmp_blob_meta(&c->blobs[i - 1], &c->blobs[i]) == 0) {
+            cm_seterr(why, whylen, "lists part %u kind %u twice", c->blobs[i].part,
+                      c->blobs[i].kind);
+            free(c->blobs);
+            goto fail;
+        }
+    }
     return CM_OK;
 fail:
     memset(c, 0, sizeof *c);
@@ -271,10 +309,12 @@ static int list_versions(st_store *s, char type, int verify, ver_list *out, char
             size_t vlen;
             const uint8_t *val = (const uint8_t *)leveldb_iter_value(it, &vlen);
             commit_rec c = {0};
-            ok = klen == VER_KEY_LEN && commit_decode(val, vlen, (int64_t)v, &c) == CM_OK;
+            char why[128] = "has a key of the wrong length";
+            ok = klen == VER_KEY_LEN &&
+                 commit_decode(val, vlen, (int64_t)v, &c, why, sizeof why) == CM_OK;
             free(c.blobs);
-            if (!ok) cm_warn("store %s: commit record of version %lld is corrupt; ignored",
-                             s->dir, (long long)v);
+            if (!ok) cm_warn("store %s: the commit record of version %lld %s; ignored", s->dir,
+                             (long long)v, why);
         }
         if (ok) ver_push(out, (int64_t)v);
         if (v == (uint64_t)INT64_MAX) break;
@@ -714,13 +754,6 @@ void st_store_close(st_store *s) {
 
 /* ===== Checkpoint ===== */
 
-static int cmp_blob_meta(const void *a, const void *b) {
-    const blob_meta *x = a, *y = b;
-    if (x->part != y->part) return x->part < y->part ? -1 : 1;
-    if (x->kind != y->kind) return x->kind < y->kind ? -1 : 1;
-    return 0;
-}
-
 /* Check the arguments and return the blob list sorted by (part, kind),
  * with 'hash' holding each blob's index in 'blobs' for now. */
 static int checkpoint_plan(int64_t version, const st_blob *blobs, int nblobs, const void *extra,
@@ -894,7 +927,8 @@ int st_store_latest(st_store *s, int64_t *version, char *err, size_t errlen) {
 
 /* Read blob 'm' of 'version' (chunk size 'chunk') into 'buf' and check its
  * length and hash. The iterator is positioned by a seek on the first chunk,
- * then steps through the others, whose keys must follow exactly. */
+ * then steps through the others, whose keys must follow exactly; no
+ * further chunk of the blob may follow them. */
 static int load_blob(st_store *s, leveldb_iterator_t *it, int64_t version, uint32_t chunk,
                      const blob_meta *m, uint8_t *buf, char *err, size_t errlen) {
     uint8_t k[GEN_KEY_LEN];
@@ -927,6 +961,19 @@ static int load_blob(st_store *s, leveldb_iterator_t *it, int64_t version, uint3
         off += vlen;
         c++;
     } while (off < m->len);
+    /* A chunk more: the blob on disk is longer than its record says. */
+    leveldb_iter_next(it);
+    size_t klen = 0;
+    const char *key = leveldb_iter_valid(it) ? leveldb_iter_key(it, &klen) : NULL;
+    if (!key) {
+        int rc = iter_status(s, it, err, errlen);
+        if (rc != CM_OK) return rc;
+    } else if (klen >= GEN_KEY_LEN - 4 && memcmp(key, k, GEN_KEY_LEN - 4) == 0) {
+        cm_seterr(err, errlen, "store %s: version %lld, part %u kind %u: a chunk follows the %u "
+                  "that its %llu bytes take", s->dir, (long long)version, m->part, m->kind, c,
+                  (unsigned long long)m->len);
+        return CM_ECORRUPT;
+    }
     if (xxh64(buf, m->len, HASH_SEED) != m->hash) {
         cm_seterr(err, errlen, "store %s: version %lld, part %u kind %u (%llu bytes) fails its "
                   "checksum", s->dir, (long long)version, m->part, m->kind,
@@ -961,10 +1008,11 @@ int st_store_load(st_store *s, int64_t version, st_blob_fn fn, void *ud, void **
         rc = CM_ENOTFOUND;
         goto fail;
     }
-    rc = commit_decode((const uint8_t *)val, vlen, version, &c);
+    char why[128];
+    rc = commit_decode((const uint8_t *)val, vlen, version, &c, why, sizeof why);
     if (rc != CM_OK) {
-        cm_seterr(err, errlen, "store %s: the commit record of version %lld is corrupt", s->dir,
-                  (long long)version);
+        cm_seterr(err, errlen, "store %s: the commit record of version %lld %s", s->dir,
+                  (long long)version, why);
         goto fail;
     }
     uint64_t max = 0;

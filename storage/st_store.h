@@ -124,7 +124,7 @@ int st_store_checkpoint(st_store *s, int64_t version, const st_blob *blobs, int 
 /* The committed versions, newest first: up to 'max' are written to
  * 'versions' (which may be NULL when max is 0). Returns how many there are
  * in all (which may exceed max), or a negative CM_E*. A commit record that
- * fails its own checksum is not counted. */
+ * fails its own checksum or lists a (part, kind) twice is not counted. */
 int st_store_committed(st_store *s, int64_t *versions, int max, char *err, size_t errlen);
 
 /* The newest committed version in *version, or CM_ENOTFOUND if none. */
@@ -139,10 +139,12 @@ typedef int (*st_blob_fn)(void *ud, uint32_t part, uint32_t kind, const void *da
  * 'extra' is not NULL set *extra to a copy of the extra record (release
  * with free(); NULL when it is empty) and *extra_len to its length.
  * Every blob is checked against its hash before 'fn' sees it.
- * Returns CM_ENOTFOUND if 'version' is not committed, CM_ECORRUPT if a blob
- * is missing, has the wrong length or fails its hash, CM_ENOMEM, CM_EIO.
- * On error 'fn' may already have run for earlier blobs: the caller must
- * discard what it received, and *extra is NULL. */
+ * Returns CM_ENOTFOUND if 'version' is not committed; CM_ECORRUPT if its
+ * commit record fails its checksum or lists a (part, kind) twice, or a
+ * blob has a chunk missing, of the wrong length or one too many, or fails
+ * its hash; CM_ENOMEM, CM_EIO. On error 'fn' may already have run for
+ * earlier blobs: the caller must discard what it received, and *extra is
+ * NULL. */
 int st_store_load(st_store *s, int64_t version, st_blob_fn fn, void *ud, void **extra,
                   size_t *extra_len, char *err, size_t errlen);
 

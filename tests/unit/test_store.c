@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "common/cm_rng.h"
 #include "common/cm_status.h"
@@ -591,6 +592,95 @@ static void test_corrupt_blob_is_detected(void **state) {
     set_free(&b);
 }
 
+/* A commit record as st_store.h lays it out, hash and all, put in place
+ * of version 'version''s (the store closed). */
+typedef struct rec_entry {
+    uint32_t part, kind;
+    uint64_t len, hash;
+} rec_entry;
+
+static void put_commit(const char *dir, int64_t version, const rec_entry *e, int n) {
+    size_t len = 24 + (size_t)n * 24 + 8;
+    uint8_t *r = calloc(1, len);
+    be(r, 0x50534331u, 4);
+    be(r + 4, (uint64_t)version, 8);
+    be(r + 12, MIB, 4);
+    be(r + 16, (uint64_t)n, 4);
+    be(r + 20, 0, 4);
+    for (int i = 0; i < n; i++) {
+        uint8_t *p = r + 24 + 24 * i;
+        be(p, e[i].part, 4);
+        be(p + 4, e[i].kind, 4);
+        be(p + 8, e[i].len, 8);
+        be(p + 16, e[i].hash, 8);
+    }
+    be(r + len - 8, XXH64(r, len - 8, 0x73745f73746f7265ULL), 8);
+    uint8_t k[9] = {'c'};
+    be(k + 1, (uint64_t)version, 8);
+    leveldb_t *db = raw_open(dir);
+    leveldb_writeoptions_t *wo = leveldb_writeoptions_create();
+    char *err = NULL;
+    leveldb_put(db, wo, (const char *)k, sizeof k, (const char *)r, len, &err);
+    assert_null(err);
+    leveldb_writeoptions_destroy(wo);
+    leveldb_close(db);
+    free(r);
+}
+
+static uint64_t blob_hash(const st_blob *b, size_t len) {
+    return (uint64_t)XXH64(b->data, len, 0x73745f73746f7265ULL);
+}
+
+/* Open, expect version 1 refused by load with 'msg', close. */
+static void expect_load_refused(const char *dir, const char *msg) {
+    st_store *s = open_ok(dir, NULL);
+    char err[512] = "";
+    got g = {.fail_at = -1};
+    assert_int_equal(st_store_load(s, 1, collect, &g, NULL, NULL, err, sizeof err), CM_ECORRUPT);
+    if (!strstr(err, msg)) fprintf(stderr, "load: %s (expected \"%s\")\n", err, msg);
+    assert_non_null(strstr(err, msg));
+    got_free(&g);
+    st_store_close(s);
+}
+
+static void test_commit_record_is_checked(void **state) {
+    fixture *f = *state;
+    blobset b = {0};
+    set_add(&b, 0, 0, 2 * MIB, 51);
+    set_add(&b, 0, 1, 2 * MIB, 52);
+    st_store *s = open_ok(f->db, NULL);
+    checkpoint_ok(s, 1, &b, NULL);
+    st_store_close(s);
+    const rec_entry p0 = {0, 0, 2 * MIB, blob_hash(&b.b[0], 2 * MIB)};
+    const rec_entry p1 = {0, 1, 2 * MIB, blob_hash(&b.b[1], 2 * MIB)};
+
+    /* Written by hand (blobs listed out of order): it loads, in order. */
+    put_commit(f->db, 1, (const rec_entry[]){p1, p0}, 2);
+    s = open_ok(f->db, NULL);
+    expect_load(s, 1, &b, NULL);
+    st_store_close(s);
+
+    /* The parameters twice, the slot not at all: a sound hash, but refused,
+     * and not offered as committed. */
+    put_commit(f->db, 1, (const rec_entry[]){p0, p0}, 2);
+    expect_load_refused(f->db, "the commit record of version 1 lists part 0 kind 0 twice");
+    s = open_ok(f->db, NULL);
+    expect_committed(s, NULL, 0);
+    st_store_close(s);
+
+    /* A blob listed that was never written. */
+    put_commit(f->db, 1, (const rec_entry[]){p0, p1, {5, 0, 100, 1}}, 3);
+    expect_load_refused(f->db, "version 1, part 5 kind 0: chunk 0 is missing");
+    /* A length one byte short of the blob's: its last chunk is too long. */
+    put_commit(f->db, 1, (const rec_entry[]){p0, {0, 1, 2 * MIB - 1, p1.hash}}, 2);
+    expect_load_refused(f->db, "part 0 kind 1: chunk 1 has 1048576 bytes, expected 1048575");
+    /* A length a chunk short, with the hash of what it covers: every byte
+     * listed checks out, but a chunk follows. */
+    put_commit(f->db, 1, (const rec_entry[]){p0, {0, 1, MIB, blob_hash(&b.b[1], MIB)}}, 2);
+    expect_load_refused(f->db, "part 0 kind 1: a chunk follows the 1 that its 1048576 bytes take");
+    set_free(&b);
+}
+
 /* ===== Damaged directories and repair ===== */
 
 static int cmp_str(const void *a, const void *b) {
@@ -913,6 +1003,7 @@ int main(void) {
         T(test_crash_before_commit_keeps_previous),
         T(test_drop_older_removes_crash_leftovers),
         T(test_corrupt_blob_is_detected),
+        T(test_commit_record_is_checked),
         T(test_lost_current_is_refused_untouched),
         T(test_missing_or_empty_dir_is_new_store),
         T(test_refused_by_leveldb_then_repaired),
