@@ -65,6 +65,9 @@ struct st_store {
     /* Serialises every public call, so that a checkpoint, a load and a
      * garbage collection never interleave. */
     pthread_mutex_t mu;
+    /* Under mu: the generations found damaged, newest first. */
+    st_damage *damaged;
+    int ndamaged, damaged_cap;
 };
 
 /* ===== Encoding ===== */
@@ -215,6 +218,40 @@ fail:
     return CM_ECORRUPT;
 }
 
+/* ===== Damaged generations ===== */
+
+/* The list is short (a store keeps a few generations) and kept newest
+ * first; s->mu is held by every caller. */
+static int damage_find(const st_store *s, int64_t v) {
+    for (int i = 0; i < s->ndamaged; i++)
+        if (s->damaged[i].version == v) return i;
+    return -1;
+}
+
+static int damage_has(const st_store *s, int64_t v) { return damage_find(s, v) >= 0; }
+
+static void damage_mark(st_store *s, int64_t v, const char *why) {
+    int i = damage_find(s, v);
+    if (i < 0) {
+        if (s->ndamaged == s->damaged_cap) {
+            s->damaged_cap = s->damaged_cap ? 2 * s->damaged_cap : 4;
+            s->damaged = cm_realloc(s->damaged, (size_t)s->damaged_cap * sizeof *s->damaged);
+        }
+        for (i = s->ndamaged; i > 0 && s->damaged[i - 1].version < v; i--)
+            s->damaged[i] = s->damaged[i - 1];
+        s->ndamaged++;
+        s->damaged[i].version = v;
+    }
+    snprintf(s->damaged[i].why, sizeof s->damaged[i].why, "%s", why);
+}
+
+static void damage_forget(st_store *s, int64_t v) {
+    int i = damage_find(s, v);
+    if (i < 0) return;
+    memmove(&s->damaged[i], &s->damaged[i + 1], (size_t)(s->ndamaged - i - 1) * sizeof *s->damaged);
+    s->ndamaged--;
+}
+
 /* ===== LevelDB helpers ===== */
 
 /* LevelDB reports what it found damaged as "Corruption: ...": CM_ECORRUPT;
@@ -242,22 +279,24 @@ static int db_get(st_store *s, const uint8_t *key, size_t klen, char **val, size
     char *e = NULL;
     *val = leveldb_get(s->db, s->rpoint, (const char *)key, klen, vlen, &e);
     if (e) {
+        int rc = ldb_code(e);
         cm_seterr(err, errlen, "store %s: read failed: %s", s->dir, e);
         leveldb_free(e);
         *val = NULL;
-        return CM_EIO;
+        return rc;
     }
     return CM_OK;
 }
 
-/* CM_EIO if the iterator hit an error. */
+/* CM_ECORRUPT or CM_EIO if the iterator hit an error. */
 static int iter_status(st_store *s, leveldb_iterator_t *it, char *err, size_t errlen) {
     char *e = NULL;
     leveldb_iter_get_error(it, &e);
     if (e) {
+        int rc = ldb_code(e);
         cm_seterr(err, errlen, "store %s: read failed: %s", s->dir, e);
         leveldb_free(e);
-        return CM_EIO;
+        return rc;
     }
     return CM_OK;
 }
@@ -363,7 +402,8 @@ fail:
 
 /* Remove the commit records of 'versions' in one synced batch, then their
  * generations' chunks. Records go first so that a crash in between leaves
- * uncommitted garbage, never a commit without its data. */
+ * uncommitted garbage, never a commit without its data. A dropped
+ * generation is no longer listed as damaged. */
 static int drop_versions(st_store *s, const ver_list *commits, const ver_list *gens, char *err,
                          size_t errlen) {
     int rc = CM_OK;
@@ -378,6 +418,7 @@ static int drop_versions(st_store *s, const ver_list *commits, const ver_list *g
         leveldb_writebatch_destroy(b);
         if (rc != CM_OK) goto fail;
     }
+    for (int i = 0; i < commits->n; i++) damage_forget(s, commits->v[i]);
     for (int i = 0; i < gens->n; i++) {
         ver_key(k, 'g', gens->v[i]);
         rc = delete_prefix(s, k, sizeof k, err, errlen);
@@ -748,6 +789,7 @@ void st_store_close(st_store *s) {
     if (s->rscan) leveldb_readoptions_destroy(s->rscan);
     if (s->rpoint) leveldb_readoptions_destroy(s->rpoint);
     if (s->mu_init) pthread_mutex_destroy(&s->mu);
+    free(s->damaged);
     free(s->dir);
     free(s);
 }
@@ -874,6 +916,7 @@ int st_store_checkpoint(st_store *s, int64_t version, const st_blob *blobs, int 
     pthread_mutex_lock(&s->mu);
     rc = checkpoint_clear(s, version, err, errlen);
     if (rc != CM_OK) goto fail;
+    damage_forget(s, version); /* Whatever was damaged is gone. */
     rc = checkpoint_blobs(s, version, blobs, plan, nblobs, err, errlen);
     if (rc != CM_OK) goto fail;
     if (s->before_commit) s->before_commit(s->hook_ud);
@@ -904,11 +947,15 @@ int st_store_committed(st_store *s, int64_t *versions, int max, char *err, size_
     ver_list l;
     pthread_mutex_lock(&s->mu);
     int rc = list_versions(s, 'c', 1, &l, err, errlen);
+    int n = 0;
+    for (int i = l.n - 1; rc == CM_OK && i >= 0; i--) {
+        if (damage_has(s, l.v[i])) continue;
+        if (n < max) versions[n] = l.v[i];
+        n++;
+    }
     pthread_mutex_unlock(&s->mu);
-    if (rc != CM_OK) return rc;
-    for (int i = 0; i < l.n && i < max; i++) versions[i] = l.v[l.n - 1 - i];
     free(l.v);
-    return l.n;
+    return rc != CM_OK ? rc : n;
 }
 
 int st_store_latest(st_store *s, int64_t *version, char *err, size_t errlen) {
@@ -925,15 +972,40 @@ int st_store_latest(st_store *s, int64_t *version, char *err, size_t errlen) {
 
 /* ===== Load ===== */
 
-/* Read blob 'm' of 'version' (chunk size 'chunk') into 'buf' and check its
- * length and hash. The iterator is positioned by a seek on the first chunk,
- * then steps through the others, whose keys must follow exactly; no
- * further chunk of the blob may follow them. */
-static int load_blob(st_store *s, leveldb_iterator_t *it, int64_t version, uint32_t chunk,
-                     const blob_meta *m, uint8_t *buf, char *err, size_t errlen) {
+/* Read and decode the commit record of 'version' into *c (c->blobs to
+ * free(), and *val, into which c->extra points, to leveldb_free()). */
+static int commit_read(st_store *s, int64_t version, commit_rec *c, char **val, char *err,
+                       size_t errlen) {
+    uint8_t k[VER_KEY_LEN];
+    size_t vlen = 0;
+    memset(c, 0, sizeof *c);
+    ver_key(k, 'c', version);
+    int rc = db_get(s, k, sizeof k, val, &vlen, err, errlen);
+    if (rc != CM_OK) return rc;
+    if (!*val) {
+        cm_seterr(err, errlen, "store %s: version %lld is not committed", s->dir,
+                  (long long)version);
+        return CM_ENOTFOUND;
+    }
+    char why[128];
+    rc = commit_decode((const uint8_t *)*val, vlen, version, c, why, sizeof why);
+    if (rc != CM_OK)
+        cm_seterr(err, errlen, "store %s: the commit record of version %lld %s", s->dir,
+                  (long long)version, why);
+    return rc;
+}
+
+/* Read blob 'm' of 'version' (chunk size 'chunk'): its chunks must follow
+ * each other exactly, with the lengths its length implies, and no further
+ * chunk of it may follow. They are hashed as they come and, unless 'buf'
+ * is NULL, copied into it. The iterator is positioned by a seek on the
+ * first chunk, then steps through the others. */
+static int scan_blob(st_store *s, leveldb_iterator_t *it, XXH64_state_t *h, int64_t version,
+                     uint32_t chunk, const blob_meta *m, uint8_t *buf, char *err, size_t errlen) {
     uint8_t k[GEN_KEY_LEN];
     uint64_t off = 0;
     uint32_t c = 0;
+    XXH64_reset(h, HASH_SEED);
     do {
         gen_key(k, version, m->part, m->kind, c);
         if (c == 0)
@@ -957,7 +1029,8 @@ static int load_blob(st_store *s, leveldb_iterator_t *it, int64_t version, uint3
                       vlen, (unsigned long long)want);
             return CM_ECORRUPT;
         }
-        if (vlen) memcpy(buf + off, val, vlen);
+        XXH64_update(h, val, vlen);
+        if (buf && vlen) memcpy(buf + off, val, vlen);
         off += vlen;
         c++;
     } while (off < m->len);
@@ -974,7 +1047,7 @@ static int load_blob(st_store *s, leveldb_iterator_t *it, int64_t version, uint3
                   (unsigned long long)m->len);
         return CM_ECORRUPT;
     }
-    if (xxh64(buf, m->len, HASH_SEED) != m->hash) {
+    if ((uint64_t)XXH64_digest(h) != m->hash) {
         cm_seterr(err, errlen, "store %s: version %lld, part %u kind %u (%llu bytes) fails its "
                   "checksum", s->dir, (long long)version, m->part, m->kind,
                   (unsigned long long)m->len);
@@ -983,56 +1056,51 @@ static int load_blob(st_store *s, leveldb_iterator_t *it, int64_t version, uint3
     return CM_OK;
 }
 
-int st_store_load(st_store *s, int64_t version, st_blob_fn fn, void *ud, void **extra,
-                  size_t *extra_len, char *err, size_t errlen) {
+/* Read committed generation 'version' (s->mu held) and check its commit
+ * record and every blob. With 'fn', hand each blob over, in a buffer the
+ * size of the largest, and copy the extra record out (st_store_load);
+ * without, only check (st_store_verify). The verdict is remembered
+ * (damage_mark, damage_forget); a refusal by 'fn' is the caller's and is
+ * not a verdict. */
+static int read_generation(st_store *s, int64_t version, st_blob_fn fn, void *ud, void **extra,
+                           size_t *extra_len, char *err, size_t errlen) {
+    char msg[sizeof ((st_damage *)0)->why] = "";
     char *val = NULL;
-    size_t vlen = 0;
     commit_rec c = {0};
     uint8_t *buf = NULL;
     leveldb_iterator_t *it = NULL;
-    int rc = CM_EINVAL;
-    if (extra) *extra = NULL;
-    if (extra_len) *extra_len = 0;
-    if (version < 0 || !fn) {
-        cm_seterr(err, errlen, "st_store_load: invalid argument");
-        return rc;
-    }
-    pthread_mutex_lock(&s->mu);
-    uint8_t k[VER_KEY_LEN];
-    ver_key(k, 'c', version);
-    rc = db_get(s, k, sizeof k, &val, &vlen, err, errlen);
+    XXH64_state_t *h = NULL;
+    int by_caller = 0;
+    int rc = commit_read(s, version, &c, &val, msg, sizeof msg);
     if (rc != CM_OK) goto fail;
-    if (!val) {
-        cm_seterr(err, errlen, "store %s: version %lld is not committed", s->dir,
-                  (long long)version);
-        rc = CM_ENOTFOUND;
-        goto fail;
+    if (fn) {
+        uint64_t max = 0;
+        for (uint32_t i = 0; i < c.nblobs; i++)
+            if (c.blobs[i].len > max) max = c.blobs[i].len;
+        buf = max <= SIZE_MAX ? cm_alloc_aligned((size_t)max) : NULL;
+        if (!buf) {
+            cm_seterr(msg, sizeof msg, "store %s: no memory for a %llu-byte blob", s->dir,
+                      (unsigned long long)max);
+            rc = CM_ENOMEM;
+            goto fail;
+        }
     }
-    char why[128];
-    rc = commit_decode((const uint8_t *)val, vlen, version, &c, why, sizeof why);
-    if (rc != CM_OK) {
-        cm_seterr(err, errlen, "store %s: the commit record of version %lld %s", s->dir,
-                  (long long)version, why);
-        goto fail;
-    }
-    uint64_t max = 0;
-    for (uint32_t i = 0; i < c.nblobs; i++)
-        if (c.blobs[i].len > max) max = c.blobs[i].len;
-    buf = max <= SIZE_MAX ? cm_alloc_aligned((size_t)max) : NULL;
-    if (!buf) {
-        cm_seterr(err, errlen, "store %s: no memory for a %llu-byte blob", s->dir,
-                  (unsigned long long)max);
+    h = XXH64_createState();
+    if (!h) {
+        cm_seterr(msg, sizeof msg, "store %s: no memory for a hash state", s->dir);
         rc = CM_ENOMEM;
         goto fail;
     }
     it = leveldb_create_iterator(s->db, s->rscan);
     for (uint32_t i = 0; i < c.nblobs; i++) {
         const blob_meta *m = &c.blobs[i];
-        rc = load_blob(s, it, version, c.chunk, m, buf, err, errlen);
+        rc = scan_blob(s, it, h, version, c.chunk, m, buf, msg, sizeof msg);
         if (rc != CM_OK) goto fail;
+        if (!fn) continue;
         rc = fn(ud, m->part, m->kind, buf, (size_t)m->len);
         if (rc != CM_OK) {
-            cm_seterr(err, errlen, "store %s: version %lld, part %u kind %u refused by the "
+            by_caller = 1;
+            cm_seterr(msg, sizeof msg, "store %s: version %lld, part %u kind %u refused by the "
                       "caller: %s", s->dir, (long long)version, m->part, m->kind,
                       cm_strerror(rc));
             goto fail;
@@ -1044,12 +1112,92 @@ int st_store_load(st_store *s, int64_t version, st_blob_fn fn, void *ud, void **
     }
     if (extra_len) *extra_len = c.extra_len;
 fail:
-    pthread_mutex_unlock(&s->mu);
+    if (rc == CM_ECORRUPT && !by_caller) damage_mark(s, version, msg);
+    if (rc == CM_OK) damage_forget(s, version);
+    if (rc != CM_OK) cm_seterr(err, errlen, "%s", msg);
     if (it) leveldb_iter_destroy(it);
+    if (h) XXH64_freeState(h);
     free(buf);
     free(c.blobs);
     if (val) leveldb_free(val);
     return rc;
+}
+
+int st_store_load(st_store *s, int64_t version, st_blob_fn fn, void *ud, void **extra,
+                  size_t *extra_len, char *err, size_t errlen) {
+    if (extra) *extra = NULL;
+    if (extra_len) *extra_len = 0;
+    if (version < 0 || !fn) {
+        cm_seterr(err, errlen, "st_store_load: invalid argument");
+        return CM_EINVAL;
+    }
+    pthread_mutex_lock(&s->mu);
+    int rc = read_generation(s, version, fn, ud, extra, extra_len, err, errlen);
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+int st_store_verify(st_store *s, int64_t version, char *err, size_t errlen) {
+    if (version < 0) {
+        cm_seterr(err, errlen, "st_store_verify: invalid argument");
+        return CM_EINVAL;
+    }
+    pthread_mutex_lock(&s->mu);
+    int rc = read_generation(s, version, NULL, NULL, NULL, NULL, err, errlen);
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+int st_store_newest_intact(st_store *s, int64_t *version, char *err, size_t errlen) {
+    ver_list raw;
+    int ncommitted = 0;
+    pthread_mutex_lock(&s->mu);
+    /* Every commit record, those that do not decode too: they are damage
+     * to report, and st_store_committed leaves them out anyway. */
+    int rc = list_versions(s, 'c', 0, &raw, err, errlen);
+    for (int i = raw.n - 1; rc == CM_OK && i >= 0; i--) {
+        int64_t v = raw.v[i];
+        ncommitted++;
+        if (damage_has(s, v)) continue; /* Reported when it was found. */
+        char why[sizeof ((st_damage *)0)->why];
+        int r = read_generation(s, v, NULL, NULL, NULL, NULL, why, sizeof why);
+        if (r == CM_OK) {
+            *version = v;
+            goto out;
+        }
+        if (r == CM_ENOTFOUND) { /* Not a commit record's key after all. */
+            ncommitted--;
+            continue;
+        }
+        if (r != CM_ECORRUPT) {
+            cm_seterr(err, errlen, "%s", why);
+            rc = r;
+            goto out;
+        }
+        cm_warn("%s: generation %lld skipped (left on disk), trying older ones", why,
+                (long long)v);
+    }
+    if (rc != CM_OK) goto out;
+    if (ncommitted == 0) {
+        cm_seterr(err, errlen, "store %s has no committed checkpoint", s->dir);
+        rc = CM_ENOTFOUND;
+    } else {
+        cm_seterr(err, errlen, "store %s: none of its %d committed generations is intact; the "
+                  "newest: %s", s->dir, ncommitted, s->ndamaged ? s->damaged[0].why : "?");
+        rc = CM_ECORRUPT;
+    }
+out:
+    pthread_mutex_unlock(&s->mu);
+    free(raw.v);
+    return rc;
+}
+
+int st_store_damaged(st_store *s, st_damage *out, int max) {
+    pthread_mutex_lock(&s->mu);
+    int n = s->ndamaged;
+    for (int i = 0; i < n && i < max; i++) out[i] = s->damaged[i];
+    pthread_mutex_unlock(&s->mu);
+    return n;
 }
 
 /* ===== Garbage collection and rollback ===== */
@@ -1059,11 +1207,16 @@ int st_store_drop_older(st_store *s, int64_t keep_from, char *err, size_t errlen
     pthread_mutex_lock(&s->mu);
     int rc = list_versions(s, 'c', 1, &ok, err, errlen);
     if (rc != CM_OK) goto fail;
-    if (ok.n == 0) goto fail; /* Nothing committed: nothing to keep or drop. */
-    int64_t newest = ok.v[ok.n - 1];
+    /* The newest committed generation not known to be damaged: what must
+     * stay. A damaged one is not a leftover to collect, only old. */
+    int64_t newest = -1;
+    for (int i = ok.n - 1; i >= 0 && newest < 0; i--)
+        if (!damage_has(s, ok.v[i])) newest = ok.v[i];
+    if (newest < 0) goto fail; /* Nothing intact committed: nothing to keep or drop. */
     if (keep_from > newest) {
         cm_seterr(err, errlen, "store %s: cannot drop generations older than %lld: the newest "
-                  "committed one is %lld", s->dir, (long long)keep_from, (long long)newest);
+                  "committed one is %lld%s", s->dir, (long long)keep_from, (long long)newest,
+                  newest < ok.v[ok.n - 1] ? " (newer ones are damaged)" : "");
         rc = CM_EINVAL;
         goto fail;
     }
@@ -1072,10 +1225,12 @@ int st_store_drop_older(st_store *s, int64_t keep_from, char *err, size_t errlen
     rc = list_versions(s, 'g', 0, &gens, err, errlen);
     if (rc != CM_OK) goto fail;
     for (int i = 0; i < raw.n; i++)
-        if (raw.v[i] < keep_from || (raw.v[i] < newest && !ver_has(&ok, raw.v[i])))
+        if (raw.v[i] < keep_from ||
+            (raw.v[i] < newest && !ver_has(&ok, raw.v[i]) && !damage_has(s, raw.v[i])))
             ver_push(&dc, raw.v[i]);
     for (int i = 0; i < gens.n; i++)
-        if (gens.v[i] < keep_from || (gens.v[i] < newest && !ver_has(&ok, gens.v[i])))
+        if (gens.v[i] < keep_from ||
+            (gens.v[i] < newest && !ver_has(&ok, gens.v[i]) && !damage_has(s, gens.v[i])))
             ver_push(&dg, gens.v[i]);
     rc = drop_versions(s, &dc, &dg, err, errlen);
 fail:

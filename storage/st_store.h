@@ -124,10 +124,14 @@ int st_store_checkpoint(st_store *s, int64_t version, const st_blob *blobs, int 
 /* The committed versions, newest first: up to 'max' are written to
  * 'versions' (which may be NULL when max is 0). Returns how many there are
  * in all (which may exceed max), or a negative CM_E*. A commit record that
- * fails its own checksum or lists a (part, kind) twice is not counted. */
+ * fails its own checksum or lists a (part, kind) twice is not counted, nor
+ * is a generation this store has found damaged (st_store_damaged), so that
+ * a shard never offers a version it cannot load. */
 int st_store_committed(st_store *s, int64_t *versions, int max, char *err, size_t errlen);
 
-/* The newest committed version in *version, or CM_ENOTFOUND if none. */
+/* The newest committed version in *version, or CM_ENOTFOUND if none. It
+ * reads the commit records only: its blobs may still turn out damaged when
+ * loaded (see st_store_newest_intact). */
 int st_store_latest(st_store *s, int64_t *version, char *err, size_t errlen);
 
 /* Called once per blob by st_store_load, in (part, kind) order. 'data' is
@@ -142,19 +146,53 @@ typedef int (*st_blob_fn)(void *ud, uint32_t part, uint32_t kind, const void *da
  * Returns CM_ENOTFOUND if 'version' is not committed; CM_ECORRUPT if its
  * commit record fails its checksum or lists a (part, kind) twice, or a
  * blob has a chunk missing, of the wrong length or one too many, or fails
- * its hash; CM_ENOMEM, CM_EIO. On error 'fn' may already have run for
- * earlier blobs: the caller must discard what it received, and *extra is
- * NULL. */
+ * its hash (the generation is then remembered as damaged, see
+ * st_store_damaged); CM_ENOMEM, CM_EIO. On error 'fn' may already have
+ * run for earlier blobs: the caller must discard what it received, and
+ * *extra is NULL. */
 int st_store_load(st_store *s, int64_t version, st_blob_fn fn, void *ud, void **extra,
                   size_t *extra_len, char *err, size_t errlen);
+
+/* Check committed generation 'version' as st_store_load would, without
+ * handing its blobs to anyone: every blob is read and hashed (about as
+ * long as a load; no buffer of a blob's size is needed). CM_OK if it is
+ * intact; CM_ECORRUPT with a message naming the version and the blob
+ * (which is then remembered as damaged); CM_ENOTFOUND if it is not
+ * committed; CM_EIO. */
+int st_store_verify(st_store *s, int64_t version, char *err, size_t errlen);
+
+/* The fallback on start: the newest committed generation whose commit
+ * record and every blob verify (st_store_verify), in *version. The newer
+ * ones that fail are skipped: each is logged once as a warning (its version
+ * and why), remembered as damaged (st_store_damaged; st_store_committed
+ * and st_store_latest then leave it out) and left on disk, never deleted
+ * here. Returns CM_ENOTFOUND if nothing is committed, CM_ECORRUPT if there
+ * are committed generations but none is intact (the message names the
+ * newest and why), CM_EIO. Costs a read of every generation it tries, so
+ * a restore that loads *version afterwards reads that one twice. */
+int st_store_newest_intact(st_store *s, int64_t *version, char *err, size_t errlen);
+
+/* A generation found damaged by st_store_verify, st_store_newest_intact or
+ * st_store_load since the store was opened (it is not recorded on disk). */
+typedef struct st_damage {
+    int64_t version;
+    char why[384]; /* The error message of the check that failed. */
+} st_damage;
+
+/* The generations found damaged, newest first: up to 'max' are written to
+ * 'out' (which may be NULL when max is 0). Returns how many there are.
+ * A damaged generation stops being listed once it is replaced
+ * (st_store_checkpoint) or dropped. */
+int st_store_damaged(st_store *s, st_damage *out, int max);
 
 /* Garbage collection, once every shard has committed 'keep_from' or newer:
  * delete the generations (committed or not) older than 'keep_from', and the
  * uncommitted leftovers of crashed checkpoints below the newest committed
  * version. Refuses (CM_EINVAL, nothing deleted) if 'keep_from' is newer than
- * the newest committed version, which would leave no generation; with no
- * committed generation at all it does nothing. Commit
- * records are removed first (synced), so a crash part-way leaves only
+ * the newest committed version not known to be damaged, which would leave
+ * no intact generation; with no such generation it does nothing. A
+ * damaged generation is deleted only for being older than 'keep_from'.
+ * Commit records are removed first (synced), so a crash part-way leaves only
  * uncommitted leftovers that the next call removes. */
 int st_store_drop_older(st_store *s, int64_t keep_from, char *err, size_t errlen);
 
@@ -171,7 +209,7 @@ int st_store_drop_newer(st_store *s, int64_t version, char *err, size_t errlen);
  * and moves what it cannot read (and the old MANIFESTs) to 'dir'/lost; its
  * LOG file says what it did. Every generation whose records survive comes
  * back committed; one that lost records is then refused when loaded
- * (CM_ECORRUPT). The directory's
+ * (CM_ECORRUPT) and skipped by st_store_newest_intact. The directory's
  * lock is taken first (LevelDB's repair takes none): a store open in
  * another process is CM_EIO, untouched; one open in this process is not
  * detected and must not be. Returns the number of committed generations

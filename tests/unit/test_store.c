@@ -6,7 +6,7 @@
  * through the store's before_commit hook. Damage is done through LevelDB's
  * own C API with the store closed, since one process must never open a
  * database twice (LevelDB pitfall L1), or to the files themselves: a lost
- * CURRENT, a CURRENT naming a lost MANIFEST.
+ * CURRENT, a CURRENT naming a lost MANIFEST, a bit flipped in a table file.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -563,6 +563,12 @@ static void test_corrupt_blob_is_detected(void **state) {
     assert_non_null(strstr(err, "part 2 kind 0"));
     assert_non_null(strstr(err, "checksum"));
     got_free(&g);
+    /* Found damaged by the load: no longer offered as committed. */
+    st_damage d;
+    assert_int_equal(st_store_damaged(s, &d, 1), 1);
+    assert_int_equal(d.version, 1);
+    assert_string_equal(d.why, err);
+    expect_committed(s, NULL, 0);
     st_store_close(s);
 
     /* A missing chunk. */
@@ -666,6 +672,11 @@ static void test_commit_record_is_checked(void **state) {
     expect_load_refused(f->db, "the commit record of version 1 lists part 0 kind 0 twice");
     s = open_ok(f->db, NULL);
     expect_committed(s, NULL, 0);
+    char err[512] = "";
+    int64_t v = -1;
+    assert_int_equal(st_store_newest_intact(s, &v, err, sizeof err), CM_ECORRUPT);
+    assert_non_null(strstr(err, "none of its 1 committed generations is intact"));
+    assert_non_null(strstr(err, "twice"));
     st_store_close(s);
 
     /* A blob listed that was never written. */
@@ -852,6 +863,9 @@ static void test_lost_current_is_refused_untouched(void **state) {
     expect_committed(s, (const int64_t[]){2, 1}, 2);
     expect_load(s, 1, &b1, "one");
     expect_load(s, 2, &b2, "two");
+    int64_t v = -1;
+    assert_int_equal(st_store_newest_intact(s, &v, err, sizeof err), CM_OK);
+    assert_int_equal(v, 2);
     /* And it goes on as a store. */
     checkpoint_ok(s, 3, &b1, "three");
     st_store_close(s);
@@ -966,6 +980,103 @@ static void test_refused_by_leveldb_then_repaired(void **state) {
     set_free(&b2);
 }
 
+/* ===== Damaged generations and the fallback ===== */
+
+/* Flip one bit of the only copy of blob bytes 'at' in the table files of
+ * 'dir' (the store closed): the bytes are found by their contents, so the
+ * flip lands in a value, where only the store's hash can notice it. */
+static void flip_bit_in_tables(const char *dir, const uint8_t *at, size_t n) {
+    int nn, hits = 0;
+    char **names = dir_names(dir, &nn);
+    for (int i = 0; i < nn; i++) {
+        size_t l = strlen(names[i]);
+        if (l < 4 || strcmp(names[i] + l - 4, ".ldb") != 0) continue;
+        char path[512];
+        path_in(path, sizeof path, dir, names[i]);
+        size_t flen;
+        uint8_t *bytes = slurp(path, &flen);
+        for (size_t off = 0; off + n <= flen; off++) {
+            if (memcmp(bytes + off, at, n) != 0) continue;
+            hits++;
+            FILE *fp = fopen(path, "r+b");
+            assert_non_null(fp);
+            uint8_t b = bytes[off + n / 2] ^ 0x08;
+            assert_int_equal(fseek(fp, (long)(off + n / 2), SEEK_SET), 0);
+            assert_int_equal(fwrite(&b, 1, 1, fp), 1);
+            fclose(fp);
+        }
+        free(bytes);
+    }
+    names_free(names, nn);
+    assert_int_equal(hits, 1);
+}
+
+static void test_flipped_bit_falls_back(void **state) {
+    fixture *f = *state;
+    blobset b[3];
+    memset(b, 0, sizeof b);
+    st_store *s = open_ok(f->db, NULL);
+    for (int g = 0; g < 3; g++) {
+        set_add(&b[g], 0, 0, 2 * MIB, 100 + 10 * (uint64_t)g);
+        set_add(&b[g], 0, 1, 2 * MIB, 101 + 10 * (uint64_t)g);
+        set_add(&b[g], 1, 0, 100, 102 + 10 * (uint64_t)g);
+        checkpoint_ok(s, g + 1, &b[g], NULL);
+    }
+    st_store_close(s);
+    /* Opened once more, LevelDB writes its log out as a table file. */
+    s = open_ok(f->db, NULL);
+    st_store_close(s);
+    const uint8_t *newest = b[2].b[1].data; /* Version 3, part 0 kind 1. */
+    flip_bit_in_tables(f->db, newest + MIB + 4321, 64);
+
+    s = open_ok(f->db, NULL);
+    int64_t v = -1;
+    assert_int_equal(st_store_latest(s, &v, NULL, 0), CM_OK);
+    assert_int_equal(v, 3); /* Its commit record is fine... */
+    char err[512] = "";
+    assert_int_equal(st_store_newest_intact(s, &v, err, sizeof err), CM_OK);
+    assert_int_equal(v, 2); /* ...but not its blob: the one before it is. */
+    st_damage d[4];
+    assert_int_equal(st_store_damaged(s, d, 4), 1);
+    assert_int_equal(d[0].version, 3);
+    assert_non_null(strstr(d[0].why, "version 3, part 0 kind 1"));
+    assert_non_null(strstr(d[0].why, "checksum"));
+    /* A damaged generation is not offered, nor loadable; the others are. */
+    expect_committed(s, (const int64_t[]){2, 1}, 2);
+    assert_int_equal(st_store_latest(s, &v, NULL, 0), CM_OK);
+    assert_int_equal(v, 2);
+    got g = {.fail_at = -1};
+    assert_int_equal(st_store_load(s, 3, collect, &g, NULL, NULL, err, sizeof err), CM_ECORRUPT);
+    got_free(&g);
+    assert_int_equal(st_store_verify(s, 3, err, sizeof err), CM_ECORRUPT);
+    assert_non_null(strstr(err, "part 0 kind 1"));
+    assert_int_equal(st_store_verify(s, 2, err, sizeof err), CM_OK);
+    expect_load(s, 2, &b[1], NULL);
+    assert_int_equal(st_store_newest_intact(s, &v, err, sizeof err), CM_OK);
+    assert_int_equal(v, 2);
+    /* Never deleted by the fallback, nor by a collection that would leave
+     * only it; one that keeps the intact version 2 drops version 1 only. */
+    assert_int_equal(st_store_drop_older(s, 3, err, sizeof err), CM_EINVAL);
+    assert_non_null(strstr(err, "newer ones are damaged"));
+    assert_int_equal(st_store_drop_older(s, 2, err, sizeof err), CM_OK);
+    expect_committed(s, (const int64_t[]){2}, 1);
+    st_store_close(s);
+    assert_int_equal(raw_count_generation(f->db, 3), 5);
+    assert_int_equal(raw_count_generation(f->db, 1), 0);
+
+    /* Written again, version 3 is whole and offered again. */
+    s = open_ok(f->db, NULL);
+    assert_int_equal(st_store_newest_intact(s, &v, err, sizeof err), CM_OK);
+    assert_int_equal(v, 2);
+    checkpoint_ok(s, 3, &b[2], NULL);
+    assert_int_equal(st_store_damaged(s, NULL, 0), 0);
+    expect_committed(s, (const int64_t[]){3, 2}, 2);
+    assert_int_equal(st_store_newest_intact(s, &v, err, sizeof err), CM_OK);
+    assert_int_equal(v, 3);
+    st_store_close(s);
+    for (int i = 0; i < 3; i++) set_free(&b[i]);
+}
+
 /* ===== The rollback rule ===== */
 
 static void test_newest_common(void **state) {
@@ -1007,6 +1118,7 @@ int main(void) {
         T(test_lost_current_is_refused_untouched),
         T(test_missing_or_empty_dir_is_new_store),
         T(test_refused_by_leveldb_then_repaired),
+        T(test_flipped_bit_falls_back),
         cmocka_unit_test(test_newest_common),
 #undef T
     };
