@@ -25,10 +25,27 @@
 #include "common/cm_status.h"
 #include "common/cm_token.h"
 #include "ps/ps_server.h"
+#include "storage/st_store.h"
 
 static volatile sig_atomic_t got_signal;
 
 static void on_signal(int sig) { got_signal = sig; }
+
+/* psserver --repair DIR: st_store_repair, said on stdout (0) or stderr (1).
+ * A long-only option: its value is no letter that another option could take too. */
+#define OPT_REPAIR 0x100
+static int repair(const char *dir) {
+    char err[1024];
+    int n = st_store_repair(dir, err, sizeof err);
+    if (n < 0) {
+        fprintf(stderr, "psserver: cannot repair %s: %s\n", dir, err);
+        return 1;
+    }
+    printf("psserver: repaired %s: %d committed checkpoint%s kept (LevelDB's account: %s/LOG, "
+           "what it could not read: %s/lost); start psserver on it as before\n",
+           dir, n, n == 1 ? "" : "s", dir, dir);
+    return 0;
+}
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -48,6 +65,10 @@ static void usage(FILE *f) {
             "  --max-message-mb N         gRPC message limit (default 64)\n"
             "  --data-dir DIR             keep this shard's checkpoints in DIR/shard-<i>\n"
             "                             and restore the newest one on start\n"
+            "  --repair DIR               rebuild the checkpoint store of one shard in DIR\n"
+            "                             (e.g. DATA/shard-0) from the files it can read, when\n"
+            "                             psserver refuses it (e.g. its CURRENT file lost);\n"
+            "                             then exit\n"
             "  --checkpoint-every K       checkpoint every K versions (default 0: never)\n"
             "  --checkpoint-nice N        nice value of the checkpoint writer thread, 0-19\n"
             "                             (default 10: the handlers keep the cores they\n"
@@ -84,6 +105,7 @@ int main(int argc, char **argv) {
                                          {"threads", required_argument, 0, 't'},
                                          {"max-message-mb", required_argument, 0, 'M'},
                                          {"data-dir", required_argument, 0, 'd'},
+                                         {"repair", required_argument, 0, OPT_REPAIR},
                                          {"checkpoint-every", required_argument, 0, 'k'},
                                          {"checkpoint-nice", required_argument, 0, 'n'},
                                          {"auth-token-file", required_argument, 0, 'A'},
@@ -119,6 +141,7 @@ int main(int argc, char **argv) {
         case 't': threads = atoi(optarg); break;
         case 'M': max_mb = atoi(optarg); break;
         case 'd': data_dir = optarg; break;
+        case OPT_REPAIR: return repair(optarg);
         case 'k': ckpt_every = atoll(optarg); break;
         case 'n': ckpt_nice = atoi(optarg); break;
         case 'A': auth_file = optarg; break;

@@ -80,13 +80,22 @@ typedef struct st_blob {
     size_t len;
 } st_blob;
 
-/* Open the store in 'dir', creating the directory's database if missing
- * (LevelDB creates the last path component only). A new store records 'id';
- * an existing one must have been created with the same fingerprint and
- * shard, else CM_EINVAL with a message naming what the directory holds and
- * what was asked for. CM_EIO for LevelDB errors (e.g. the directory is in
- * use by another process), CM_ECORRUPT for a database that is not a store.
- * On success *out owns the store; release with st_store_close(). */
+/* Open the store in 'dir'. A missing or empty directory (empty but for
+ * LevelDB's LOCK, LOG and LOG.old, which hold no data) becomes a new store
+ * (LevelDB creates the last path component only), which records 'id'. A
+ * directory with other files is opened only as the LevelDB database they
+ * must be: without a CURRENT file, or one that LevelDB refuses (e.g. a
+ * CURRENT naming a lost MANIFEST, or missing table files), it is
+ * CM_ECORRUPT with a message naming what is missing and the remedy
+ * (st_store_repair, `psserver --repair DIR`), and nothing is created over
+ * it. Without CURRENT its files are left exactly as they were; LevelDB
+ * itself rotates LOG to LOG.old and may create LOCK when it gets to
+ * refuse. An existing store must have been created with the same
+ * fingerprint and shard, else CM_EINVAL with a message naming what the
+ * directory holds and what was asked for. CM_EIO for other LevelDB errors
+ * (e.g. the directory is in use by another process), CM_ECORRUPT for a
+ * database that is not a store. On success *out owns the store; release
+ * with st_store_close(). */
 int st_store_open(const st_options *o, const char *dir, const st_identity *id, st_store **out,
                   char *err, size_t errlen);
 void st_store_close(st_store *s);
@@ -115,10 +124,14 @@ int st_store_checkpoint(st_store *s, int64_t version, const st_blob *blobs, int 
 /* The committed versions, newest first: up to 'max' are written to
  * 'versions' (which may be NULL when max is 0). Returns how many there are
  * in all (which may exceed max), or a negative CM_E*. A commit record that
- * fails its own checksum is not counted. */
+ * fails its own checksum or lists a (part, kind) twice is not counted, nor
+ * is a generation this store has found damaged (st_store_damaged), so that
+ * a shard never offers a version it cannot load. */
 int st_store_committed(st_store *s, int64_t *versions, int max, char *err, size_t errlen);
 
-/* The newest committed version in *version, or CM_ENOTFOUND if none. */
+/* The newest committed version in *version, or CM_ENOTFOUND if none. It
+ * reads the commit records only: its blobs may still turn out damaged when
+ * loaded (see st_store_newest_intact). */
 int st_store_latest(st_store *s, int64_t *version, char *err, size_t errlen);
 
 /* Called once per blob by st_store_load, in (part, kind) order. 'data' is
@@ -130,20 +143,56 @@ typedef int (*st_blob_fn)(void *ud, uint32_t part, uint32_t kind, const void *da
  * 'extra' is not NULL set *extra to a copy of the extra record (release
  * with free(); NULL when it is empty) and *extra_len to its length.
  * Every blob is checked against its hash before 'fn' sees it.
- * Returns CM_ENOTFOUND if 'version' is not committed, CM_ECORRUPT if a blob
- * is missing, has the wrong length or fails its hash, CM_ENOMEM, CM_EIO.
- * On error 'fn' may already have run for earlier blobs: the caller must
- * discard what it received, and *extra is NULL. */
+ * Returns CM_ENOTFOUND if 'version' is not committed; CM_ECORRUPT if its
+ * commit record fails its checksum or lists a (part, kind) twice, or a
+ * blob has a chunk missing, of the wrong length or one too many, or fails
+ * its hash (the generation is then remembered as damaged, see
+ * st_store_damaged); CM_ENOMEM, CM_EIO. On error 'fn' may already have
+ * run for earlier blobs: the caller must discard what it received, and
+ * *extra is NULL. */
 int st_store_load(st_store *s, int64_t version, st_blob_fn fn, void *ud, void **extra,
                   size_t *extra_len, char *err, size_t errlen);
+
+/* Check committed generation 'version' as st_store_load would, without
+ * handing its blobs to anyone: every blob is read and hashed (about as
+ * long as a load; no buffer of a blob's size is needed). CM_OK if it is
+ * intact; CM_ECORRUPT with a message naming the version and the blob
+ * (which is then remembered as damaged); CM_ENOTFOUND if it is not
+ * committed; CM_EIO. */
+int st_store_verify(st_store *s, int64_t version, char *err, size_t errlen);
+
+/* The fallback on start: the newest committed generation whose commit
+ * record and every blob verify (st_store_verify), in *version. The newer
+ * ones that fail are skipped: each is logged once as a warning (its version
+ * and why), remembered as damaged (st_store_damaged; st_store_committed
+ * and st_store_latest then leave it out) and left on disk, never deleted
+ * here. Returns CM_ENOTFOUND if nothing is committed, CM_ECORRUPT if there
+ * are committed generations but none is intact (the message names the
+ * newest and why), CM_EIO. Costs a read of every generation it tries, so
+ * a restore that loads *version afterwards reads that one twice. */
+int st_store_newest_intact(st_store *s, int64_t *version, char *err, size_t errlen);
+
+/* A generation found damaged by st_store_verify, st_store_newest_intact or
+ * st_store_load since the store was opened (it is not recorded on disk). */
+typedef struct st_damage {
+    int64_t version;
+    char why[384]; /* The error message of the check that failed. */
+} st_damage;
+
+/* The generations found damaged, newest first: up to 'max' are written to
+ * 'out' (which may be NULL when max is 0). Returns how many there are.
+ * A damaged generation stops being listed once it is replaced
+ * (st_store_checkpoint) or dropped. */
+int st_store_damaged(st_store *s, st_damage *out, int max);
 
 /* Garbage collection, once every shard has committed 'keep_from' or newer:
  * delete the generations (committed or not) older than 'keep_from', and the
  * uncommitted leftovers of crashed checkpoints below the newest committed
  * version. Refuses (CM_EINVAL, nothing deleted) if 'keep_from' is newer than
- * the newest committed version, which would leave no generation; with no
- * committed generation at all it does nothing. Commit
- * records are removed first (synced), so a crash part-way leaves only
+ * the newest committed version not known to be damaged, which would leave
+ * no intact generation; with no such generation it does nothing. A
+ * damaged generation is deleted only for being older than 'keep_from'.
+ * Commit records are removed first (synced), so a crash part-way leaves only
  * uncommitted leftovers that the next call removes. */
 int st_store_drop_older(st_store *s, int64_t keep_from, char *err, size_t errlen);
 
@@ -151,6 +200,24 @@ int st_store_drop_older(st_store *s, int64_t keep_from, char *err, size_t errlen
  * 'version', so that a generation from an abandoned history can never be
  * mistaken for one of the new history. Commit records go first (synced). */
 int st_store_drop_newer(st_store *s, int64_t version, char *err, size_t errlen);
+
+/* Rebuild the LevelDB database in 'dir' from whatever of its files can be
+ * read (leveldb_repair_db): for a directory st_store_open refuses, e.g. one
+ * whose CURRENT file was lost. LevelDB keeps every record of the readable
+ * table and log files (a deleted key stays deleted, unless the file with
+ * its deletion is the unreadable one), writes a new MANIFEST and CURRENT,
+ * and moves what it cannot read (and the old MANIFESTs) to 'dir'/lost; its
+ * LOG file says what it did. Every generation whose records survive comes
+ * back committed; one that lost records is then refused when loaded
+ * (CM_ECORRUPT) and skipped by st_store_newest_intact. The directory's
+ * lock is taken first (LevelDB's repair takes none): a store open in
+ * another process is CM_EIO, untouched; one open in this process is not
+ * detected and must not be. Returns the number of committed generations
+ * the repaired store holds (>= 0); CM_ENOTFOUND if 'dir' is missing or
+ * holds no LevelDB file (a data directory rather than one of its shard
+ * directories, say); CM_ECORRUPT if the repaired database has no identity
+ * record, so st_store_open would still refuse it; CM_EIO. */
+int st_store_repair(const char *dir, char *err, size_t errlen);
 
 /* The rollback rule. versions[i] lists shard i's committed versions
  * (counts[i] of them, in any order, e.g. from st_store_committed). Returns
