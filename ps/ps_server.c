@@ -1376,7 +1376,10 @@ static int open_store(ps_server *s) {
         return rc;
     }
     int64_t v;
-    rc = st_store_latest(s->store, &v, err, sizeof err);
+    /* The newest generation that reads back intact: a damaged newer one is
+     * named in the log, left on disk, and not offered to the chief, whose
+     * rollback then takes the newest version every shard has. */
+    rc = st_store_newest_intact(s->store, &v, err, sizeof err);
     if (rc == CM_ENOTFOUND) {
         cm_info("no checkpoint in %s yet", cfg->data_dir);
         return CM_OK;
