@@ -3,7 +3,9 @@
  *
  * Every test runs an in-process server on 127.0.0.1:0 and a client in the
  * same process. Zero-copy segments count their release() calls, which must
- * each run exactly once. Every wait is bounded.
+ * each run exactly once. Every wait is bounded. test_cancel_on_disconnect
+ * runs this program again as a client process (--hold-client PORT), and
+ * test_stress_cancel_race runs only with RPC_STRESS=1 in the environment.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,15 +14,20 @@
 #include <cmocka.h>
 
 #include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "common/cm_status.h"
 #include "proto/rpc.h"
+
+extern char **environ;
 
 /* ===== Helpers ===== */
 
@@ -65,7 +72,7 @@ static void srv_release(void *ud) {
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    rpc_call *calls[16];
+    rpc_call *calls[4096]; /* test_stress_cancel_race holds hundreds at once. */
     int n;
 } held = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, {0}, 0};
 
@@ -82,6 +89,37 @@ static rpc_call *wait_held(int ms) {
     pthread_mutex_unlock(&held.mu);
     return c;
 }
+
+/* Remove 'call' from the held list; 1 if it was there (the arbitration
+ * rpc_cancel_fn asks for: whoever takes it finishes it). */
+static int held_take(rpc_call *call) {
+    int found = 0;
+    pthread_mutex_lock(&held.mu);
+    for (int i = 0; i < held.n && !found; i++)
+        if (held.calls[i] == call) {
+            held.calls[i] = held.calls[--held.n];
+            found = 1;
+        }
+    pthread_mutex_unlock(&held.mu);
+    return found;
+}
+
+static int held_count(void) {
+    pthread_mutex_lock(&held.mu);
+    int n = held.n;
+    pthread_mutex_unlock(&held.mu);
+    return n;
+}
+
+/* Wait until held_count() == want (up to ms); returns the last count. */
+static int wait_held_count(int want, int ms) {
+    int64_t end = now_ms() + ms;
+    while (held_count() != want && now_ms() < end) sleep_ms(2);
+    return held_count();
+}
+
+/* rpc_call_app of every held call (h_hold sets it). */
+static int hold_app;
 
 static char last_peer[128];
 
@@ -109,7 +147,9 @@ static void h_hold(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     (void)ctx;
     (void)req;
     (void)len;
+    rpc_call_set_app(call, &hold_app); /* Before another thread can see it. */
     pthread_mutex_lock(&held.mu);
+    CHECK(held.n < (int)(sizeof held.calls / sizeof held.calls[0]));
     held.calls[held.n++] = call;
     pthread_cond_broadcast(&held.cv);
     pthread_mutex_unlock(&held.mu);
@@ -127,6 +167,43 @@ static void h_big(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     rpc_reply(call, &seg, 1);
 }
 
+/* Handlers that ran: a refused call must leave it alone. */
+static atomic_int level_runs;
+
+/* Reply with one byte: rpc_call_level. */
+static void h_level(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
+    (void)ctx;
+    (void)req;
+    (void)len;
+    atomic_fetch_add(&level_runs, 1);
+    snprintf(last_peer, sizeof last_peer, "%s", rpc_call_peer(call));
+    uint8_t level = (uint8_t)rpc_call_level(call);
+    rpc_seg seg = {&level, 1, NULL, NULL};
+    rpc_reply(call, &seg, 1);
+}
+
+/* A request this caller may not make, whatever its token got it in for. */
+static void h_deny(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
+    (void)ctx;
+    (void)req;
+    (void)len;
+    atomic_fetch_add(&level_runs, 1);
+    rpc_deny(call, "this request needs more");
+}
+
+/* on_cancel: counts its calls (ctx), and fails the call if the held list
+ * still had it, as rpc_cancel_fn asks. */
+static atomic_int cancel_hooks, cancel_fails;
+static void on_cancel_hook(void *ctx, rpc_call *call) {
+    CHECK(ctx == &cancel_hooks);
+    CHECK(rpc_call_app(call) == &hold_app);
+    atomic_fetch_add(&cancel_hooks, 1);
+    if (held_take(call)) {
+        rpc_fail(call, RPC_CANCELLED, "the client went away");
+        atomic_fetch_add(&cancel_fails, 1);
+    }
+}
+
 /* ===== Fixture ===== */
 
 typedef struct fixture {
@@ -136,12 +213,29 @@ typedef struct fixture {
     rpc_channel *ch;
 } fixture;
 
-static void fx_start(fixture *f, int srv_max, int cli_max, int threads) {
+/* A client of f's server (token/admin_token may be NULL). */
+static void client_open(const fixture *f, const rpc_client_opts *co, rpc_client **cli,
+                        rpc_channel **ch) {
+    assert_int_equal(rpc_client_create(co, cli), CM_OK);
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%d", f->port);
+    assert_int_equal(rpc_channel_open(*cli, target, ch), CM_OK);
+    assert_string_equal(rpc_channel_target(*ch), target);
+}
+
+static void client_close(rpc_client *cli, rpc_channel *ch) {
+    rpc_channel_close(ch);
+    rpc_client_destroy(cli);
+}
+
+static void fx_start_opts(fixture *f, const rpc_server_opts *so, const rpc_client_opts *co) {
     memset(f, 0, sizeof *f);
     atomic_store(&srv_releases, 0);
+    atomic_store(&level_runs, 0);
+    atomic_store(&cancel_hooks, 0);
+    atomic_store(&cancel_fails, 0);
     held.n = 0;
-    rpc_server_opts so = {.threads = threads, .max_message = srv_max};
-    assert_int_equal(rpc_server_create(&so, &f->srv), CM_OK);
+    assert_int_equal(rpc_server_create(so, &f->srv), CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Echo", h_echo, NULL), CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Fail", h_fail,
                                            (void *)(intptr_t)RPC_INVALID_ARGUMENT),
@@ -151,19 +245,23 @@ static void fx_start(fixture *f, int srv_max, int cli_max, int threads) {
         CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Hold", h_hold, NULL), CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Big", h_big, NULL), CM_OK);
+    assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Level", h_level, NULL), CM_OK);
+    assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Deny", h_deny, NULL), CM_OK);
+    assert_int_equal(
+        rpc_server_add_method_level(f->srv, "/t.T/Admin", RPC_AUTH_ADMIN, h_level, NULL), CM_OK);
     assert_int_equal(rpc_server_start(f->srv, "127.0.0.1:0", &f->port), CM_OK);
     assert_true(f->port > 0);
+    client_open(f, co, &f->cli, &f->ch);
+}
+
+static void fx_start(fixture *f, int srv_max, int cli_max, int threads) {
+    rpc_server_opts so = {.threads = threads, .max_message = srv_max};
     rpc_client_opts co = {.max_message = cli_max};
-    assert_int_equal(rpc_client_create(&co, &f->cli), CM_OK);
-    char target[64];
-    snprintf(target, sizeof target, "127.0.0.1:%d", f->port);
-    assert_int_equal(rpc_channel_open(f->cli, target, &f->ch), CM_OK);
-    assert_string_equal(rpc_channel_target(f->ch), target);
+    fx_start_opts(f, &so, &co);
 }
 
 static void fx_stop(fixture *f) {
-    rpc_channel_close(f->ch);
-    rpc_client_destroy(f->cli);
+    client_close(f->cli, f->ch);
     int64_t t0 = now_ms();
     rpc_server_shutdown(f->srv, 100);
     assert_true(now_ms() - t0 < 3000);
@@ -728,7 +826,509 @@ static void test_call_that_cannot_start(void **state) {
     fx_stop(&f);
 }
 
-int main(void) {
+/* ----- Authentication, bounds, cancellation ----- */
+
+#define TOKEN "worker-token-0123456789"
+#define ADMIN_TOKEN "admin-token-9876543210"
+
+/* Call 'method' (flags) on ch: the status must be 'want', the reply on
+ * RPC_OK the level 'want_level', and h_level/h_deny must have run for
+ * exactly the calls that got through. err receives the message. */
+static void expect_call(rpc_channel *ch, const char *method, int flags, int want, int want_level,
+                        char *err, size_t errlen) {
+    int runs = atomic_load(&level_runs);
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    int code = rpc_call_sync(ch, method, "x", 1, 5000, flags, &reply, &len, err, errlen);
+    if (code != want)
+        fail_msg("%s (flags %d): %s \"%s\", expected %s", method, flags, rpc_status_name(code),
+                 err, rpc_status_name(want));
+    if (code == RPC_OK) {
+        assert_int_equal(len, 1);
+        assert_int_equal(reply[0], want_level);
+    }
+    free(reply);
+    /* h_deny's own PERMISSION_DENIED is the one /t.T/Deny can get. */
+    int ran = code == RPC_OK || (code == RPC_PERMISSION_DENIED && !strcmp(method, "/t.T/Deny"));
+    assert_int_equal(atomic_load(&level_runs), runs + ran);
+}
+
+static void expect_stats(rpc_server *s, uint64_t unauthenticated, uint64_t denied,
+                         uint64_t exhausted, uint64_t cancelled_held, int held_now) {
+    rpc_server_stats st;
+    memset(&st, 0xff, sizeof st);
+    rpc_server_stats_get(s, &st);
+    assert_int_equal(st.unauthenticated, unauthenticated);
+    assert_int_equal(st.denied, denied);
+    assert_int_equal(st.exhausted, exhausted);
+    assert_int_equal(st.cancelled_held, cancelled_held);
+    assert_int_equal(st.held, held_now);
+}
+
+static void test_auth_levels(void **state) {
+    (void)state;
+    fixture f;
+    rpc_server_opts so = {.token = TOKEN, .admin_token = ADMIN_TOKEN};
+    fx_start_opts(&f, &so, NULL); /* The fixture's client sends no token. */
+    char err[256];
+    uint64_t unauth = 0, denied = 0;
+
+    /* No token: refused before any handler, unknown methods alike (a
+     * stranger learns nothing about which exist), in words that name
+     * neither the method nor the service. */
+    static const char *const methods[] = {"/t.T/Level", "/t.T/Admin", "/t.T/Deny", "/t.T/Hold",
+                                          "/t.T/Nope"};
+    for (int i = 0; i < 5; i++) {
+        for (int flags = 0; flags <= RPC_ADMIN; flags += RPC_ADMIN) {
+            expect_call(f.ch, methods[i], flags, RPC_UNAUTHENTICATED, 0, err, sizeof err);
+            unauth++;
+            assert_null(strstr(err, "t.T"));
+            assert_null(strstr(err, methods[i] + 5));
+        }
+    }
+    assert_int_equal(held_count(), 0);
+    expect_stats(f.srv, unauth, 0, 0, 0, 0);
+
+    /* Wrong tokens: the last byte changed (same length), one byte short,
+     * one byte long, the first byte's case, empty; and a chief whose
+     * admin token is wrong by a byte (its worker token is right). */
+    static const rpc_client_opts wrong[] = {
+        {.token = "worker-token-0123456788"},
+        {.token = "worker-token-012345678"},
+        {.token = "worker-token-01234567890"},
+        {.token = "Worker-token-0123456789"},
+        {.token = ""},
+        {.token = TOKEN, .admin_token = "admin-token-9876543211"},
+    };
+    for (size_t i = 0; i < sizeof wrong / sizeof wrong[0]; i++) {
+        rpc_client *c;
+        rpc_channel *ch;
+        client_open(&f, &wrong[i], &c, &ch);
+        if (wrong[i].admin_token) {
+            expect_call(ch, "/t.T/Level", 0, RPC_OK, RPC_AUTH_WORKER, err, sizeof err);
+        } else {
+            expect_call(ch, "/t.T/Level", 0, RPC_UNAUTHENTICATED, 0, err, sizeof err);
+            unauth++;
+            expect_call(ch, "/t.T/Nope", 0, RPC_UNAUTHENTICATED, 0, err, sizeof err);
+            unauth++;
+        }
+        expect_call(ch, "/t.T/Admin", RPC_ADMIN, RPC_UNAUTHENTICATED, 0, err, sizeof err);
+        unauth++;
+        client_close(c, ch);
+    }
+    expect_stats(f.srv, unauth, 0, 0, 0, 0);
+
+    /* The worker's token: worker methods, not the admin's. */
+    rpc_client *wc;
+    rpc_channel *wch;
+    rpc_client_opts wo = {.token = TOKEN};
+    client_open(&f, &wo, &wc, &wch);
+    expect_call(wch, "/t.T/Level", 0, RPC_OK, RPC_AUTH_WORKER, err, sizeof err);
+    expect_call(wch, "/t.T/Admin", 0, RPC_PERMISSION_DENIED, 0, err, sizeof err);
+    denied++;
+    assert_null(strstr(err, "t.T"));
+    /* RPC_ADMIN without an admin token sends the worker's. */
+    expect_call(wch, "/t.T/Admin", RPC_ADMIN, RPC_PERMISSION_DENIED, 0, err, sizeof err);
+    denied++;
+    expect_call(wch, "/t.T/Level", RPC_ADMIN, RPC_OK, RPC_AUTH_WORKER, err, sizeof err);
+    /* Known to be a caller now: an unknown method is named as such. */
+    expect_call(wch, "/t.T/Nope", 0, RPC_UNIMPLEMENTED, 0, err, sizeof err);
+    assert_non_null(strstr(err, "/t.T/Nope"));
+    /* A handler's own refusal counts with the layer's. */
+    expect_call(wch, "/t.T/Deny", 0, RPC_PERMISSION_DENIED, 0, err, sizeof err);
+    denied++;
+    assert_string_equal(err, "this request needs more");
+    expect_stats(f.srv, unauth, denied, 0, 0, 0);
+    client_close(wc, wch);
+
+    /* The chief: its admin token only on RPC_ADMIN calls. */
+    rpc_client *ac;
+    rpc_channel *ach;
+    rpc_client_opts ao = {.token = TOKEN, .admin_token = ADMIN_TOKEN};
+    client_open(&f, &ao, &ac, &ach);
+    expect_call(ach, "/t.T/Level", 0, RPC_OK, RPC_AUTH_WORKER, err, sizeof err);
+    expect_call(ach, "/t.T/Level", RPC_ADMIN, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    expect_call(ach, "/t.T/Admin", RPC_ADMIN, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    expect_call(ach, "/t.T/Admin", 0, RPC_PERMISSION_DENIED, 0, err, sizeof err);
+    denied++;
+    expect_call(ach, "/t.T/Nope", RPC_ADMIN, RPC_UNIMPLEMENTED, 0, err, sizeof err);
+    client_close(ac, ach);
+
+    /* The admin token as a client's only token: admin on every call. */
+    rpc_client_opts ao2 = {.token = ADMIN_TOKEN};
+    client_open(&f, &ao2, &ac, &ach);
+    expect_call(ach, "/t.T/Admin", 0, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    client_close(ac, ach);
+
+    expect_stats(f.srv, unauth, denied, 0, 0, 0);
+    fx_stop(&f);
+}
+
+/* A server without tokens: every call is the admin's, tokens sent or not. */
+static void test_auth_none(void **state) {
+    (void)state;
+    fixture f;
+    fx_start(&f, 0, 0, 0);
+    char err[256];
+    expect_call(f.ch, "/t.T/Level", 0, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    expect_call(f.ch, "/t.T/Admin", 0, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    expect_call(f.ch, "/t.T/Nope", 0, RPC_UNIMPLEMENTED, 0, err, sizeof err);
+    rpc_client *c;
+    rpc_channel *ch;
+    rpc_client_opts co = {.token = "some-token-nobody-checks"};
+    client_open(&f, &co, &c, &ch);
+    expect_call(ch, "/t.T/Admin", 0, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    client_close(c, ch);
+    expect_stats(f.srv, 0, 0, 0, 0, 0);
+    fx_stop(&f);
+}
+
+static void test_server_opts_checked(void **state) {
+    (void)state;
+    rpc_init();
+    static const rpc_server_opts bad[] = {
+        {.token = "fifteen-bytes!!"},
+        {.token = ""},
+        {.token = TOKEN, .admin_token = "fifteen-bytes!!"},
+        {.admin_token = ADMIN_TOKEN}, /* An admin token needs a worker token. */
+        {.max_held = -1},
+        {.max_streams = -1},
+        {.idle_ms = -1},
+        {.tls_cert = "/nonexistent/cert.pem", .tls_key = "/nonexistent/key.pem"},
+        {.tls_cert = "/nonexistent/cert.pem"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        rpc_server *s = (rpc_server *)&s;
+        if (rpc_server_create(&bad[i], &s) != CM_EINVAL) fail_msg("server options #%zu taken", i);
+        assert_null(s);
+    }
+    /* Exactly 16 bytes is enough. */
+    rpc_server *s;
+    rpc_server_opts ok = {.token = "sixteen-bytes!!!", .admin_token = "sixteen-bytes-2!"};
+    assert_int_equal(rpc_server_create(&ok, &s), CM_OK);
+    assert_int_equal(rpc_server_add_method_level(s, "/t.T/A", RPC_AUTH_ADMIN + 1, h_level, NULL),
+                     CM_EINVAL);
+    assert_int_equal(rpc_server_add_method_level(s, "/t.T/A", -1, h_level, NULL), CM_EINVAL);
+    assert_int_equal(rpc_server_add_method_level(s, "/t.T/A", RPC_AUTH_ADMIN, h_level, NULL),
+                     CM_OK);
+    rpc_server_destroy(s);
+
+    rpc_client *c = (rpc_client *)&c;
+    rpc_client_opts co = {.tls_ca = "/nonexistent/ca.pem"};
+    assert_int_equal(rpc_client_create(&co, &c), CM_EINVAL);
+    assert_null(c);
+    rpc_shutdown();
+}
+
+/* A gzip'd request (1 MiB of zeros: about 1 KiB on the wire) is refused
+ * before it is inflated, and at once. */
+static void test_compressed_request_refused(void **state) {
+    (void)state;
+    fixture f;
+    fx_start(&f, 0, 0, 0);
+    rpc_client *gz;
+    rpc_channel *gch;
+    rpc_client_opts co = {.test_gzip = 1};
+    client_open(&f, &co, &gz, &gch);
+    size_t n = 1 << 20;
+    uint8_t *zeros = calloc(1, n);
+    assert_non_null(zeros);
+    char err[256];
+    for (int i = 0; i < 2; i++) { /* A new connection, then the same one. */
+        int64_t t0 = now_ms();
+        int code = rpc_call_sync(gch, "/t.T/Level", zeros, n, 5000, 0, NULL, NULL, err, sizeof err);
+        int64_t took = now_ms() - t0;
+        print_message("gzip request: %s \"%s\" after %lld ms\n", rpc_status_name(code), err,
+                      (long long)took);
+        assert_int_not_equal(code, RPC_OK);
+        assert_int_not_equal(code, RPC_DEADLINE_EXCEEDED);
+        assert_true(took < 2000);
+        assert_int_equal(atomic_load(&level_runs), 0);
+    }
+    /* The same request, not compressed, is served. */
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    assert_int_equal(
+        rpc_call_sync(f.ch, "/t.T/Level", zeros, n, 5000, 0, &reply, &len, err, sizeof err),
+        RPC_OK);
+    assert_int_equal(atomic_load(&level_runs), 1);
+    free(reply);
+    free(zeros);
+    client_close(gz, gch);
+    fx_stop(&f);
+}
+
+static void fx_start_cancel(fixture *f, int max_held) {
+    rpc_server_opts so = {.max_held = max_held, .on_cancel = on_cancel_hook,
+                          .cancel_ctx = &cancel_hooks};
+    fx_start_opts(f, &so, NULL);
+}
+
+/* Start n calls of /t.T/Hold on ch; their outcomes go to r[0..n). */
+static void hold_start(rpc_channel *ch, result *r, int n, int64_t deadline_ms) {
+    rpc_seg x = {"x", 1, NULL, NULL};
+    for (int i = 0; i < n; i++) {
+        result_init(&r[i]);
+        rpc_call_start(ch, "/t.T/Hold", &x, 1, deadline_ms, 0, on_done, &r[i]);
+    }
+}
+
+/* Answer n held calls, the one held last first. */
+static void answer_held(int n) {
+    for (int i = 0; i < n; i++) {
+        rpc_call *call = wait_held(3000);
+        assert_non_null(call);
+        assert_ptr_equal(rpc_call_app(call), &hold_app);
+        rpc_reply(call, NULL, 0);
+    }
+}
+
+/* r[0..n) must end with 'want'. */
+static void results_expect(result *r, int n, int want) {
+    for (int i = 0; i < n; i++) {
+        int code = result_wait(&r[i], 3000);
+        if (code != want) fail_msg("call %d: %d %s, expected %s", i, code, r[i].msg,
+                                   rpc_status_name(want));
+        result_deinit(&r[i]);
+    }
+}
+
+/* One call held for hold_ms, then answered (no other call held). */
+static void hold_and_answer(rpc_channel *ch, int hold_ms) {
+    result r;
+    hold_start(ch, &r, 1, 5000);
+    assert_int_equal(wait_held_count(1, 3000), 1);
+    sleep_ms(hold_ms);
+    answer_held(1);
+    results_expect(&r, 1, RPC_OK);
+}
+
+/* The one call held was handed back by on_cancel, once, within 3 s. */
+static void expect_handed_back(const fixture *f, int64_t t0, const char *what) {
+    assert_int_equal(wait_count(&cancel_fails, 1, 3000), 1);
+    print_message("%s: on_cancel done after %lld ms\n", what, (long long)(now_ms() - t0));
+    assert_int_equal(held_count(), 0);
+    sleep_ms(50);
+    assert_int_equal(atomic_load(&cancel_hooks), 1);
+    expect_stats(f->srv, 0, 0, 0, 1, 0);
+}
+
+/* A held call whose deadline passes is handed back through on_cancel; a
+ * held call the application answers is not. */
+static void test_cancel_on_deadline(void **state) {
+    (void)state;
+    fixture f;
+    fx_start_cancel(&f, 0);
+    hold_and_answer(f.ch, 0);
+    result r;
+    int64_t t0 = now_ms();
+    hold_start(f.ch, &r, 1, 300);
+    assert_int_equal(wait_held_count(1, 3000), 1);
+    results_expect(&r, 1, RPC_DEADLINE_EXCEEDED);
+    expect_handed_back(&f, t0, "deadline 300 ms");
+    fx_stop(&f); /* Would wait forever for a call still held. */
+}
+
+/* A client that closes its channel with a call held (gRPC lets the call
+ * run on to its deadline, here 500 ms): on_cancel, and nothing leaks. */
+static void test_cancel_on_channel_close(void **state) {
+    (void)state;
+    fixture f;
+    fx_start_cancel(&f, 0);
+    rpc_client *c;
+    rpc_channel *ch;
+    client_open(&f, NULL, &c, &ch);
+    result r;
+    hold_start(ch, &r, 1, 500);
+    assert_int_equal(wait_held_count(1, 3000), 1);
+    int64_t t0 = now_ms();
+    rpc_channel_close(ch);
+    int code = result_wait(&r, 3000);
+    print_message("channel closed: the call ended %s after %lld ms\n", rpc_status_name(code),
+                  (long long)(now_ms() - t0));
+    assert_int_not_equal(code, -1);
+    assert_int_not_equal(code, RPC_OK);
+    result_deinit(&r);
+    rpc_client_destroy(c);
+    expect_handed_back(&f, t0, "channel closed");
+    fx_stop(&f);
+}
+
+/* The child process of test_cancel_on_disconnect (main's --hold-client):
+ * one call to /t.T/Hold on 127.0.0.1:port, then wait to be killed. */
+static void child_done(void *ud, int code, const char *message, const uint8_t *reply,
+                       size_t len) {
+    (void)ud;
+    (void)reply;
+    (void)len;
+    fprintf(stderr, "hold client: the call ended: %s %s\n", rpc_status_name(code), message);
+    _exit(3);
+}
+
+static int hold_client_main(const char *port) {
+    rpc_client *c;
+    rpc_channel *ch;
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%s", port);
+    if (rpc_client_create(NULL, &c) != CM_OK || rpc_channel_open(c, target, &ch) != CM_OK)
+        return 2;
+    rpc_seg x = {"x", 1, NULL, NULL};
+    rpc_call_start(ch, "/t.T/Hold", &x, 1, 20000, 0, child_done, NULL);
+    sleep_ms(20000);
+    return 4;
+}
+
+/* A client process that dies with a call held: on_cancel once the
+ * connection drops, long before the call's deadline (20 s). */
+static void test_cancel_on_disconnect(void **state) {
+    (void)state;
+    fixture f;
+    fx_start_cancel(&f, 0);
+    char port[16];
+    snprintf(port, sizeof port, "%d", f.port);
+    char *argv[] = {"/proc/self/exe", "--hold-client", port, NULL};
+    pid_t pid;
+    assert_int_equal(posix_spawn(&pid, "/proc/self/exe", NULL, NULL, argv, environ), 0);
+    int held_n = wait_held_count(1, 10000);
+    int64_t t0 = now_ms();
+    kill(pid, SIGKILL);
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_int_equal(held_n, 1);
+    assert_true(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL); /* Its call was open. */
+    expect_handed_back(&f, t0, "client killed");
+    fx_stop(&f);
+}
+
+/* max_held: the call over the cap is refused, counted, and the cap frees
+ * up as held calls are answered. */
+static void test_max_held(void **state) {
+    (void)state;
+    fixture f;
+    fx_start_cancel(&f, 4);
+    result r[4];
+    hold_start(f.ch, r, 4, 5000);
+    assert_int_equal(wait_held_count(4, 3000), 4);
+    expect_stats(f.srv, 0, 0, 0, 0, 4);
+    char err[256];
+    int64_t t0 = now_ms();
+    int code = rpc_call_sync(f.ch, "/t.T/Hold", "x", 1, 3000, 0, NULL, NULL, err, sizeof err);
+    assert_int_equal(code, RPC_RESOURCE_EXHAUSTED);
+    assert_true(now_ms() - t0 < 1000);
+    assert_int_equal(held_count(), 4); /* Its handler did not run. */
+    expect_stats(f.srv, 0, 0, 1, 0, 4);
+    answer_held(4);
+    results_expect(r, 4, RPC_OK);
+    expect_stats(f.srv, 0, 0, 1, 0, 0);
+    /* Room again. */
+    hold_and_answer(f.ch, 0);
+    expect_call(f.ch, "/t.T/Level", 0, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    expect_stats(f.srv, 0, 0, 1, 0, 0);
+    assert_int_equal(atomic_load(&cancel_hooks), 0);
+    fx_stop(&f);
+}
+
+/* idle_ms: a connection without calls for that long is closed, and the
+ * next call comes on a new one (from another client port); a call in
+ * progress keeps it open. */
+static void test_idle_connection_closed(void **state) {
+    (void)state;
+    fixture f;
+    rpc_server_opts so = {.idle_ms = 200};
+    fx_start_opts(&f, &so, NULL);
+    char err[256], first[sizeof last_peer];
+    expect_call(f.ch, "/t.T/Level", 0, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    snprintf(first, sizeof first, "%s", last_peer);
+    hold_and_answer(f.ch, 600);
+    expect_call(f.ch, "/t.T/Level", 0, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    assert_string_equal(last_peer, first);
+
+    sleep_ms(700);
+    expect_call(f.ch, "/t.T/Level", 0, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    print_message("idle: %s, then %s\n", first, last_peer);
+    assert_string_not_equal(last_peer, first);
+    fx_stop(&f);
+}
+
+/* max_streams: a connection carries that many calls at once; the next
+ * waits on the client's side until one ends. Other connections are not
+ * affected. */
+static void test_max_streams(void **state) {
+    (void)state;
+    fixture f;
+    rpc_server_opts so = {.max_streams = 2};
+    fx_start_opts(&f, &so, NULL);
+    char err[256];
+    /* Connected, the server's settings known. */
+    expect_call(f.ch, "/t.T/Level", 0, RPC_OK, RPC_AUTH_ADMIN, err, sizeof err);
+    result r[4];
+    hold_start(f.ch, r, 3, 5000);
+    assert_int_equal(wait_held_count(2, 3000), 2);
+    sleep_ms(300);
+    assert_int_equal(held_count(), 2);
+    /* Another connection gets its call through. (Other channel arguments:
+     * gRPC shares one connection between channels with the same ones.) */
+    rpc_client *c2;
+    rpc_channel *ch2;
+    rpc_client_opts co2 = {.max_message = 1 << 20};
+    client_open(&f, &co2, &c2, &ch2);
+    hold_start(ch2, &r[3], 1, 5000);
+    assert_int_equal(wait_held_count(3, 3000), 3);
+    answer_held(1); /* The last one held: c2's. */
+    results_expect(&r[3], 1, RPC_OK);
+    /* One answered on the first connection: the waiting one comes in. */
+    answer_held(1);
+    assert_int_equal(wait_held_count(2, 3000), 2);
+    answer_held(2);
+    results_expect(r, 3, RPC_OK);
+    client_close(c2, ch2);
+    fx_stop(&f);
+}
+
+/* Counts finished calls: ud is an atomic_int. */
+static void count_done(void *ud, int code, const char *message, const uint8_t *reply,
+                       size_t len) {
+    (void)code;
+    (void)message;
+    (void)reply;
+    (void)len;
+    atomic_fetch_add((atomic_int *)ud, 1);
+}
+
+/* Opt-in (RPC_STRESS=1 in the environment; about 2 s a round): calls whose
+ * deadlines (1 to 7 ms) pass about when they reach the server, on 4
+ * server threads. Every held call whose client is gone must come back
+ * through on_cancel; one whose closer completes before the handler holds
+ * it (on_close sees it RECEIVING) never does. */
+static void test_stress_cancel_race(void **state) {
+    (void)state;
+    if (!getenv("RPC_STRESS")) skip();
+    fixture f;
+    rpc_server_opts so = {.threads = 4, .on_cancel = on_cancel_hook, .cancel_ctx = &cancel_hooks};
+    fx_start_opts(&f, &so, NULL);
+    rpc_seg x = {"x", 1, NULL, NULL};
+    int stuck = 0;
+    for (int round = 0; round < 5 && !stuck; round++) {
+        atomic_int finished;
+        atomic_init(&finished, 0);
+        int n = 20000;
+        for (int i = 0; i < n; i++) {
+            rpc_call_start(f.ch, "/t.T/Hold", &x, 1, 1 + i % 7, 0, count_done, &finished);
+            if (i % 50 == 49) sleep_ms(1);
+        }
+        assert_int_equal(wait_count(&finished, n, 30000), n);
+        sleep_ms(1000);
+        stuck = held_count();
+        print_message("after round %d: %d calls handed back by on_cancel, %d never\n", round,
+                      atomic_load(&cancel_hooks), stuck);
+    }
+    for (rpc_call *call; (call = wait_held(0));) rpc_fail(call, RPC_CANCELLED, "released");
+    assert_int_equal(stuck, 0);
+    fx_stop(&f);
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "--hold-client")) return hold_client_main(argv[2]);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_status_table),
         cmocka_unit_test(test_lifecycle_and_misuse),
@@ -746,6 +1346,17 @@ int main(void) {
         cmocka_unit_test(test_many_concurrent_calls),
         cmocka_unit_test(test_shutdown_with_held_call),
         cmocka_unit_test(test_call_that_cannot_start),
+        cmocka_unit_test(test_auth_levels),
+        cmocka_unit_test(test_auth_none),
+        cmocka_unit_test(test_server_opts_checked),
+        cmocka_unit_test(test_compressed_request_refused),
+        cmocka_unit_test(test_cancel_on_deadline),
+        cmocka_unit_test(test_cancel_on_channel_close),
+        cmocka_unit_test(test_cancel_on_disconnect),
+        cmocka_unit_test(test_max_held),
+        cmocka_unit_test(test_idle_connection_closed),
+        cmocka_unit_test(test_max_streams),
+        cmocka_unit_test(test_stress_cancel_race),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
