@@ -365,6 +365,10 @@ struct rpc_call {
     grpc_slice status_details; /* Batch 2. */
     int has_details;
     int cancelled; /* RECV_CLOSE_ON_SERVER. */
+    /* Under srv->mu: the closer completed (the call is over on the wire),
+     * the handler is running, and a cancellation seen while it ran is
+     * still to be reported when it returns. */
+    int closed, in_handler, cancel_pending;
     char *peer;    /* gpr_malloc'd, lazily. */
 };
 
@@ -553,11 +557,17 @@ void rpc_deny(rpc_call *call, const char *why) {
 void rpc_call_set_app(rpc_call *call, void *app) { call->app = app; }
 void *rpc_call_app(const rpc_call *call) { return call->app; }
 
-/* The closer's completion: the call is over on the wire. */
+/* The closer's completion: the call is over on the wire. It may come on
+ * another thread before the request's (then on_received fails the call
+ * without running its handler) or while the handler runs (then the
+ * cancellation is reported when the handler returns, once the application
+ * has put the call wherever it keeps it). */
 static void on_close(rpc_call *c) {
     rpc_server *s = c->srv;
     pthread_mutex_lock(&s->mu);
-    int held = c->state == CALL_HELD;
+    c->closed = 1;
+    int held = c->state == CALL_HELD && !c->in_handler;
+    if (c->state == CALL_HELD && c->in_handler && c->cancelled) c->cancel_pending = 1;
     if (held && c->cancelled) s->st.cancelled_held++;
     pthread_mutex_unlock(&s->mu);
     /* Our reference keeps the call's memory; the application decides
@@ -649,14 +659,34 @@ static void on_received(rpc_call *c, int success) {
         rpc_fail(c, RPC_INVALID_ARGUMENT, "no request message");
         return;
     }
+    /* A client gone before its call reached us: no handler. */
+    pthread_mutex_lock(&s->mu);
+    int gone = c->closed && c->cancelled;
+    if (gone) s->st.cancelled_held++;
+    c->in_handler = !gone;
+    pthread_mutex_unlock(&s->mu);
+    if (gone) {
+        grpc_byte_buffer_destroy(bb);
+        rpc_fail(c, RPC_CANCELLED, "the client went away");
+        return;
+    }
     flat f;
     int rc = flat_init(&f, bb);
+    atomic_fetch_add(&c->refs, 1); /* 'c' stays readable through the handler. */
     if (rc == RPC_OK)
-        m->fn(m->ctx, c, f.p, f.len); /* 'c' may be freed from here on. */
+        m->fn(m->ctx, c, f.p, f.len); /* The call may be finished from here on. */
     else
         rpc_fail(c, rc, "cannot read the request message");
     flat_deinit(&f);
     grpc_byte_buffer_destroy(bb);
+    pthread_mutex_lock(&s->mu);
+    c->in_handler = 0;
+    int report = c->cancel_pending && c->state == CALL_HELD;
+    c->cancel_pending = 0;
+    if (report) s->st.cancelled_held++;
+    pthread_mutex_unlock(&s->mu);
+    if (report && s->on_cancel) s->on_cancel(s->cancel_ctx, c);
+    call_free(c); /* The handler's reference. */
 }
 
 static void *server_thread(void *arg) {
