@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "common/cm_status.h"
+#include "common/cm_token.h"
 #include "worker/sync/wk_rendezvous.h"
 #include "worker/sync/wk_ring.h"
 
@@ -25,6 +26,7 @@
 typedef struct joiner {
     pthread_t t;
     const char *chief;
+    const cm_security *sec;
     int rank;
     int rc;
     wk_rdv_result r;
@@ -35,7 +37,7 @@ static void *join_main(void *arg) {
     joiner *j = arg;
     char me[64];
     snprintf(me, sizeof me, "127.0.0.1:%d", 40000 + j->rank);
-    j->rc = wk_rdv_join(j->chief, j->rank, 2, FP, "test", me, 10000, NULL, &j->r, j->err,
+    j->rc = wk_rdv_join(j->chief, j->rank, 2, FP, "test", me, 10000, j->sec, &j->r, j->err,
                         sizeof j->err);
     return NULL;
 }
@@ -104,11 +106,51 @@ static void test_oversized_nccl_id_refused(void **state) {
     assert_non_null(strstr(err, "NCCL id of 129 bytes"));
 }
 
+/* With a token: a Join without it (or with another) is refused at once,
+ * and the ranks that have it rendezvous as before. */
+static void test_token_required(void **state) {
+    (void)state;
+    char chief[64], err[512] = "";
+    free_addr(chief, sizeof chief);
+    cm_security good = {.token = "the-workers-token-0123456789"};
+    cm_security bad = {.token = "the-workers-token-0123456780"};
+    wk_rdv_server *s = NULL;
+    assert_int_equal(wk_rdv_server_start(chief, 2, FP, "test", 9, 0, NULL, 0, &good, &s, err,
+                                         sizeof err),
+                     CM_OK);
+    const cm_security *strangers[] = {NULL, &bad};
+    for (int k = 0; k < 2; k++) {
+        wk_rdv_result r;
+        err[0] = 0;
+        int rc = wk_rdv_join(chief, 0, 2, FP, "test", "127.0.0.1:1", 10000, strangers[k], &r, err,
+                             sizeof err);
+        assert_int_not_equal(rc, CM_OK);
+        assert_non_null(strstr(err, "UNAUTHENTICATED"));
+        assert_null(strstr(err, "DEADLINE")); /* Refused, not left waiting. */
+    }
+    joiner j[2];
+    memset(j, 0, sizeof j);
+    for (int r = 0; r < 2; r++) {
+        j[r].chief = chief;
+        j[r].rank = r;
+        j[r].sec = &good;
+        assert_int_equal(pthread_create(&j[r].t, NULL, join_main, &j[r]), 0);
+    }
+    for (int r = 0; r < 2; r++) pthread_join(j[r].t, NULL);
+    for (int r = 0; r < 2; r++) {
+        assert_int_equal(j[r].rc, CM_OK);
+        assert_int_equal(j[r].r.job_id, 9);
+        wk_rdv_result_free(&j[r].r);
+    }
+    wk_rdv_server_destroy(s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nccl_id_reaches_every_rank),
         cmocka_unit_test(test_no_nccl_id),
         cmocka_unit_test(test_oversized_nccl_id_refused),
+        cmocka_unit_test(test_token_required),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
