@@ -856,7 +856,7 @@ int rpc_server_start(rpc_server *s, const char *addr, int *port) {
         cm_error("rpc: bad server address '%s'", addr ? addr : "(null)");
         return CM_EINVAL;
     }
-    grpc_arg a[8];
+    grpc_arg a[10];
     arg_int(&a[0], GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, s->max_message);
     arg_int(&a[1], GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, s->max_message);
     arg_int(&a[2], GRPC_ARG_ALLOW_REUSEPORT, 0); /* G11 */
@@ -868,6 +868,10 @@ int rpc_server_start(rpc_server *s, const char *addr, int *port) {
     arg_int(&a[5], GRPC_COMPRESSION_CHANNEL_ENABLED_ALGORITHMS_BITSET, 1);
     arg_int(&a[6], GRPC_ARG_MAX_CONCURRENT_STREAMS, s->max_streams);
     arg_int(&a[7], GRPC_ARG_MAX_CONNECTION_IDLE_MS, s->idle_ms);
+    /* Half-open connections (a client machine gone without a FIN): ping
+     * every minute, close after 20 s without an answer. */
+    arg_int(&a[8], GRPC_ARG_KEEPALIVE_TIME_MS, 60000);
+    arg_int(&a[9], GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
     grpc_channel_args args = {sizeof a / sizeof a[0], a};
 
     grpc_server *gs = grpc_server_create(&args, NULL);
