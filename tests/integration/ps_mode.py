@@ -76,7 +76,7 @@ def learns(bin_dir, tmp):
         s = os.path.join(tmp, f"{mode}.json")
         p = launch(bin_dir, "--ps", "2", "--workers", "2", "--sync", mode, "--train-limit",
                    "10000", "--epochs", "1", "--batch-size", "64", "--threads", "1",
-                   "--summary", s, "--evaluator", "--eval-every", "20", "--test-limit", "2000")
+                   "--summary", s, "--evaluator", "--eval-every", "5", "--test-limit", "2000")
         j = json.load(open(s))
         check(j["mode"] == "ps" and j["workers"] == 2 and j["ps"] == 2 and j["sync"] == mode,
               f"{mode}: the summary names PS mode, 2 workers, 2 PS")
