@@ -130,6 +130,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     for (size_t i = 0; i < n; i++) buf[i] = (float)i * 0.5f - (float)rank;
     int rc = mode == 1 ? wk_ring_allreduce(r, buf, n, step, arg)
                        : wk_ring_broadcast(r, buf, n, step, arg);
+    if (getenv("FUZZ_TRACE"))
+        fprintf(stderr, "fuzz_ring: %s of %zu floats as rank %d of %d: %s %s\n",
+                mode == 1 ? "allreduce" : "broadcast", n, rank, nranks, cm_strerror(rc),
+                wk_ring_error(r));
     /* Errors are sticky, and say something. */
     if (rc != CM_OK && (wk_ring_status(r) != rc || !wk_ring_error(r)[0] ||
                         wk_ring_allreduce(r, buf, n, step, arg) != rc))

@@ -54,12 +54,10 @@ run_one() {
   [ -d /dev/shm ] && [ -w /dev/shm ] || base="$build"
   tmp=$(mktemp -d "$base/psfuzz-$t.XXXXXX")
   [ -f "fuzz/$t.dict" ] && extra+=("-dict=fuzz/$t.dict")
-  # A damaged commit record may claim a blob of any size: its allocation
-  # fails (CM_ENOMEM) as in production instead of counting as a crash.
   # LevelDB's caches and memtables keep what an input allocated, so every
   # input would pay a whole-heap leak scan (5 times slower): leaks are
   # looked for at exit only there.
-  [ "$t" = fuzz_store ] && extra+=("-malloc_limit_mb=1048576" "-detect_leaks=0")
+  [ "$t" = fuzz_store ] && extra+=("-detect_leaks=0")
   local rc=0
   FUZZ_TMPDIR="$tmp" "$build/fuzz/$t" -max_total_time="$secs" -close_fd_mask=2 \
     -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 \
