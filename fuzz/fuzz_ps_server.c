@@ -9,6 +9,11 @@
  * every call is finished exactly once, and before the server is gone (the
  * stub), and every reply parses as its method's reply message.
  *
+ * Built a second time with FZ_DURABLE as fuzz_ps_durable: the server then
+ * has a fresh data directory per input and checkpoints every version (a
+ * writer thread, LevelDB), so Rollback loads generations, Checkpoints
+ * collects old ones and the publish hook runs; slower, hence apart.
+ *
  * One limit of the harness's own: an Initialize whose model has more than
  * FZ_MAX_NUMEL dense floats or rows wider than FZ_MAX_DIM is not sent (a
  * server's memory follows the model the chief sends it, on purpose; the
@@ -100,6 +105,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                          .shard = c.shard,
                          .threads = 1,
                          .max_message = 1 << 20};
+#ifdef FZ_DURABLE
+    static char dir[600];
+    if (!dir[0]) snprintf(dir, sizeof dir, "%s/ps", fz_tmpdir());
+    fz_rmtree(dir);
+    cfg.data_dir = dir;
+    cfg.checkpoint_every = 1;
+#endif
     ps_server *s;
     int port;
     if (ps_server_create(&cfg, &s) != CM_OK || ps_server_start(s, "fuzz:0", &port) != CM_OK)

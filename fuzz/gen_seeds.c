@@ -81,8 +81,14 @@ static void small(ps_seq *q, int method, int64_t a, uint64_t b) {
     rec(q, method);
 }
 
+/* The handler seeds serve both PS targets (fuzz_ps_durable: the same
+ * harness with a data directory). */
+static void ps_seed(const char *name, fz_buf *b) {
+    seed("fuzz_ps_durable", name, b->p, b->len);
+    seed_buf("fuzz_ps_server", name, b);
+}
+
 static void ps_seeds(void) {
-    const char *T = "fuzz_ps_server";
     ps_seq q = {0};
     /* MLP, one shard, sync: the whole cycle. */
     seq_start(&q, FZ_MODEL_MLP, 1, 0, 0);
@@ -93,7 +99,7 @@ static void ps_seeds(void) {
     small(&q, FZ_STATS, 0, 0);
     small(&q, FZ_CHECKPOINTS, -1, 0);
     small(&q, FZ_SHUTDOWN, 0, 0);
-    seed_buf(T, "mlp_sync_cycle", &q.out);
+    ps_seed("mlp_sync_cycle", &q.out);
     /* MLP on 2 shards (shard 1), async Adam, 2 workers, bf16, a pull that waits. */
     seq_start(&q, FZ_MODEL_MLP, 2, 1, 0);
     init(&q, &(fz_init){.optim = "adam", .async = 1, .workers = 2});
@@ -102,14 +108,14 @@ static void ps_seeds(void) {
     push(&q, FZ_PUSHPULL, &(fz_push){.rank = 0, .step = 0});
     push(&q, FZ_PUSH, &(fz_push){.rank = 1, .step = 1});
     small(&q, FZ_STATS, 0, 0);
-    seed_buf(T, "mlp_async_adam_bf16", &q.out);
+    ps_seed("mlp_async_adam_bf16", &q.out);
     /* MLP sync with 3 workers (staged sums), momentum. */
     seq_start(&q, FZ_MODEL_MLP, 1, 0, 0);
     init(&q, &(fz_init){.optim = "momentum", .workers = 3});
     for (uint32_t r = 0; r < 3; r++) push(&q, FZ_PUSH, &(fz_push){.rank = r, .step = 0});
     push(&q, FZ_PUSH, &(fz_push){.rank = 2, .step = 0}); /* duplicate */
     pull(&q, &(fz_pull){.min_version = 1});
-    seed_buf(T, "mlp_sync_3workers", &q.out);
+    ps_seed("mlp_sync_3workers", &q.out);
     /* DeepFM on 2 shards (shard 0): rows, wants, dumps. */
     seq_start(&q, FZ_MODEL_DEEPFM, 2, 0, 0);
     init(&q, &(fz_init){.optim = "sgd", .table_optim = "adagrad", .workers = 1});
@@ -120,26 +126,26 @@ static void ps_seeds(void) {
     pull(&q, &(fz_pull){.dump = 1, .dump_table = 1, .dump_max = 2});
     push(&q, FZ_PUSH, &(fz_push){.step = 1, .rows = 2, .rows_final = 1, .bf16 = 1});
     small(&q, FZ_STATS, 0, 0);
-    seed_buf(T, "deepfm_rows", &q.out);
+    ps_seed("deepfm_rows", &q.out);
     /* Logistic regression, async, Adam rows. */
     seq_start(&q, FZ_MODEL_LR, 1, 0, 0);
     init(&q, &(fz_init){.optim = "adam", .table_optim = "adam", .async = 1, .workers = 2});
     push(&q, FZ_PUSHPULL, &(fz_push){.rank = 1, .step = 0, .rows = 4, .rows_final = 1, .want = 4});
     pull(&q, &(fz_pull){.dump = 1, .dump_table = 0});
-    seed_buf(T, "lr_async", &q.out);
+    ps_seed("lr_async", &q.out);
     /* No model: learnt from the Initialize (MLP on 2 shards, DeepFM on 1). */
     seq_start(&q, FZ_MODEL_MLP, 2, 0, 1);
     init(&q, &(fz_init){.optim = "sgd", .workers = 1, .with_spec = 1});
     push(&q, FZ_PUSH, &(fz_push){.step = 0});
     pull(&q, &(fz_pull){.min_version = 1});
     small(&q, FZ_CHECKPOINTS, 0, 0);
-    seed_buf(T, "learn_mlp", &q.out);
+    ps_seed("learn_mlp", &q.out);
     seq_start(&q, FZ_MODEL_DEEPFM, 1, 0, 1);
     small(&q, FZ_CHECKPOINTS, 0, 0); /* before the model */
     push(&q, FZ_PUSH, &(fz_push){.step = 0});
     init(&q, &(fz_init){.optim = "adagrad", .table_optim = "sgd", .workers = 1, .with_spec = 1});
     push(&q, FZ_PUSHPULL, &(fz_push){.step = 0, .rows = 2, .rows_final = 1, .want = 1});
-    seed_buf(T, "learn_deepfm", &q.out);
+    ps_seed("learn_deepfm", &q.out);
     /* Rollback and epochs. */
     seq_start(&q, FZ_MODEL_MLP, 1, 0, 0);
     init(&q, &(fz_init){.optim = "sgd", .workers = 1});
@@ -149,13 +155,13 @@ static void ps_seeds(void) {
     push(&q, FZ_PUSH, &(fz_push){.epoch = 2, .step = 0});
     push(&q, FZ_PUSH, &(fz_push){.epoch = 1, .step = 1});
     small(&q, FZ_ROLLBACK, 1, 3);
-    seed_buf(T, "rollback", &q.out);
+    ps_seed("rollback", &q.out);
     /* Initial values (--init-from), then a rollback to them. */
     seq_start(&q, FZ_MODEL_MLP, 2, 0, 0);
     init(&q, &(fz_init){.optim = "sgd", .workers = 1, .with_values = 1});
     pull(&q, &(fz_pull){.min_version = 0});
     small(&q, FZ_ROLLBACK, 0, 2);
-    seed_buf(T, "init_values", &q.out);
+    ps_seed("init_values", &q.out);
     /* Requests before any Initialize, an unknown method, an empty one. */
     seq_start(&q, FZ_MODEL_DEEPFM, 1, 0, 0);
     push(&q, FZ_PUSH, &(fz_push){.step = 0, .rows = 1});
@@ -163,7 +169,26 @@ static void ps_seeds(void) {
     small(&q, FZ_ROLLBACK, 0, 1);
     rec(&q, FZ_UNKNOWN);
     rec(&q, FZ_STATS);
-    seed_buf(T, "uninitialised", &q.out);
+    ps_seed("uninitialised", &q.out);
+    /* With checkpoints (fuzz_ps_durable): a rollback that loads one, and a
+     * DeepFM shard's rows restored, then old generations collected. */
+    seq_start(&q, FZ_MODEL_MLP, 1, 0, 0);
+    init(&q, &(fz_init){.optim = "adam", .workers = 1});
+    push(&q, FZ_PUSH, &(fz_push){.step = 0});
+    push(&q, FZ_PUSH, &(fz_push){.step = 1});
+    small(&q, FZ_CHECKPOINTS, -1, 0);
+    small(&q, FZ_ROLLBACK, 1, 2);
+    push(&q, FZ_PUSH, &(fz_push){.epoch = 2, .step = 1});
+    small(&q, FZ_CHECKPOINTS, 2, 0);
+    seed_buf("fuzz_ps_durable", "rollback_load", &q.out);
+    seq_start(&q, FZ_MODEL_DEEPFM, 1, 0, 0);
+    init(&q, &(fz_init){.optim = "sgd", .table_optim = "adam", .async = 1, .workers = 1});
+    push(&q, FZ_PUSHPULL, &(fz_push){.step = 0, .rows = 3, .rows_final = 1, .want = 2, .train = 1});
+    push(&q, FZ_PUSHPULL, &(fz_push){.step = 1, .rows = 2, .rows_final = 1, .want = 3, .train = 1});
+    small(&q, FZ_ROLLBACK, 1, 2);
+    pull(&q, &(fz_pull){.dump = 1, .dump_table = 2});
+    small(&q, FZ_CHECKPOINTS, 1, 0);
+    seed_buf("fuzz_ps_durable", "rollback_rows", &q.out);
     free(q.out.p);
     free(q.msg.p);
 }
@@ -487,6 +512,14 @@ static void input_seeds(void) {
         fz_buf_put(&b, line, strlen(line));
         seed_buf("fuzz_criteo", mode == 1 ? "file" : "file_gz", &b);
     }
+    mode = 3;
+    fz_buf_put(&b, &mode, 1);
+    const char *meta = "{\"bayes_auc\": 0.81, \"bayes_logloss\": 0.45, \"seed\": 1}";
+    fz_buf_put(&b, meta, strlen(meta) + 1);
+    fz_buf_put(&b, line, strlen(line));
+    fz_buf_put(&b, "\n", 1);
+    fz_buf_put(&b, line, strlen(line));
+    seed_buf("fuzz_criteo", "data_dir", &b);
     free(b.p);
     static const char *tf[] = {
         "{\"cluster\": {\"chief\": [\"host0:2222\"], \"worker\": [\"host1:2222\", \"host2:2222\"], "

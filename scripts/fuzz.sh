@@ -41,8 +41,8 @@ secs=${1:-60}
 [ $# -gt 0 ] && shift
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(fuzz_ps_server fuzz_wire fuzz_store fuzz_tf_config fuzz_idx fuzz_criteo fuzz_ring
-           fuzz_rendezvous)
+  targets=(fuzz_ps_server fuzz_ps_durable fuzz_wire fuzz_store fuzz_tf_config fuzz_idx
+           fuzz_criteo fuzz_ring fuzz_rendezvous)
 fi
 
 # One target: its summary line on stdout, its log in $build/logs/<target>.log.
@@ -54,10 +54,11 @@ run_one() {
   [ -d /dev/shm ] && [ -w /dev/shm ] || base="$build"
   tmp=$(mktemp -d "$base/psfuzz-$t.XXXXXX")
   [ -f "fuzz/$t.dict" ] && extra+=("-dict=fuzz/$t.dict")
-  # LevelDB's caches and memtables keep what an input allocated, so every
+  # LevelDB's caches and memtables (the store, the durable PS) keep what
+  # an input allocated, so every
   # input would pay a whole-heap leak scan (5 times slower): leaks are
   # looked for at exit only there.
-  [ "$t" = fuzz_store ] && extra+=("-detect_leaks=0")
+  case $t in fuzz_store | fuzz_ps_durable) extra+=("-detect_leaks=0") ;; esac
   local rc=0
   FUZZ_TMPDIR="$tmp" "$build/fuzz/$t" -max_total_time="$secs" -close_fd_mask=2 \
     -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 \
