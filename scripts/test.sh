@@ -19,13 +19,13 @@ echo "== tests (asan+ubsan)"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:protect_shadow_gap=0 \
    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
    ctest --output-on-failure -j "$jobs") || status=1
-# A bounded run of every fuzz target (7 s each, about a minute in all):
+# A bounded run of every fuzz target (6 s each, about a minute in all):
 # scripts/fuzz.sh builds build-fuzz with clang and fails on a crash.
-echo "== fuzz (7 s a target)"
+echo "== fuzz (6 s a target)"
 if command -v clang >/dev/null &&
    echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }' |
      clang -fsanitize=fuzzer -x c - -o /dev/null 2>/dev/null; then
-  ./scripts/fuzz.sh 7 || status=1
+  ./scripts/fuzz.sh 6 || status=1
 else
   echo "fuzz: SKIPPED: clang or its libFuzzer is not installed (scripts/install-deps.sh" \
        "installs clang and libclang-rt-14-dev)"
