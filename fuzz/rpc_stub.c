@@ -164,8 +164,9 @@ rpc_call *rpc_stub_invoke(rpc_server *s, const char *name, const uint8_t *req, s
         rpc_fail(c, RPC_UNIMPLEMENTED, "no method %s", name);
         return c;
     }
-    /* The handler's own copy, exactly len bytes: reading past it or
-     * keeping it after the handler returns is an ASan report. */
+    /* The handler's own copy, exactly len bytes (an empty request points
+     * just past a 1-byte block): reading past it or keeping it after the
+     * handler returns is an ASan report. */
     uint8_t *copy = cm_malloc(len ? len : 1);
     if (len) memcpy(copy, req, len);
     m->fn(m->ctx, c, len ? copy : copy + 1, len);

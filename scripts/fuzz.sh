@@ -85,6 +85,7 @@ run_one() {
 
 status=0
 jobs=${FUZZ_JOBS:-1}
+mkdir -p "$build/logs"
 pids=()
 for t in "${targets[@]}"; do
   if [ "$jobs" -le 1 ]; then
