@@ -165,7 +165,7 @@ static int commit_decode(const uint8_t *b, size_t n, int64_t version, commit_rec
         c->blobs[i].len = get_be64(p + 8);
         c->blobs[i].hash = get_be64(p + 16);
         /* Each (part, kind) once, in order, as st_store_checkpoint writes
-         * them and st_store_load promises them (found by fuzz/fuzz_store). */
+         * them and st_store_load promises them (seen writing fuzz/fuzz_store). */
         const blob_meta *a = &c->blobs[i - (i > 0)], *m = &c->blobs[i];
         if (i > 0 && (a->part > m->part || (a->part == m->part && a->kind >= m->kind))) {
             free(c->blobs);
