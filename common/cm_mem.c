@@ -4,6 +4,7 @@
 #include "common/cm_mem.h"
 
 #include <malloc.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +41,9 @@ char *cm_strdup(const char *s) {
 
 void *cm_alloc_aligned(size_t n) {
     void *p = NULL;
+    /* Rounding must not wrap: n near SIZE_MAX (a length read from a damaged
+     * file) would get a 64-byte buffer (seen writing fuzz/fuzz_store). */
+    if (n > SIZE_MAX - 63) return NULL;
     size_t rounded = (n + 63) & ~(size_t)63;
     if (posix_memalign(&p, 64, rounded ? rounded : 64) != 0) return NULL;
     return p;

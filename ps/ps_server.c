@@ -1133,7 +1133,8 @@ static void write_job(ps_server *s, const ckpt_job *j) {
     }
     for (int t = 0; t < nt; t++)
         b[k++] = (st_blob){.part = ROWS_PART | (uint32_t)t, .kind = ST_KIND_PARAMS,
-                           .data = j->rows + j->rows_off[t],
+                           /* No rows yet: no buffer, and NULL + 0 is undefined. */
+                           .data = j->rows ? j->rows + j->rows_off[t] : NULL,
                            .len = j->rows_off[t + 1] - j->rows_off[t]};
     uint8_t extra[CFG_LEN];
     cfg_encode(&j->cfg, extra);

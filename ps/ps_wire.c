@@ -43,8 +43,11 @@ static int get_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
 
 void ps_wire_writer_init(ps_wire_writer *w) { memset(w, 0, sizeof *w); }
 
+/* Room for n more bytes of small fields. Also allocates when n is 0 and
+ * nothing is there yet: an empty message (a PullReply of version 0) must
+ * not compute NULL + 0, which is undefined (clang's UBSan reports it). */
 static uint8_t *small_reserve(ps_wire_writer *w, size_t n) {
-    if (w->small_len + n > w->small_cap) {
+    if (!w->small || w->small_len + n > w->small_cap) {
         size_t cap = w->small_cap ? w->small_cap : 256;
         while (cap < w->small_len + n) cap *= 2;
         uint8_t *s = realloc(w->small, cap);

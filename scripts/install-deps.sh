@@ -18,6 +18,7 @@ PACKAGES=(
   libleveldb-dev                     # checkpoint store (storage/st_store.c)
   libgrpc-dev                        # gRPC C core: PS <-> worker RPC (proto/rpc.c)
   libprotobuf-c-dev protobuf-c-compiler  # proto/ps.proto messages (protoc-c at build time)
+  clang libclang-rt-14-dev           # fuzz/: libFuzzer, clang's ASan/UBSan (scripts/fuzz.sh)
   python3                            # integration test drivers, experiment scripts
   openssl                            # tests and psbench --security tls: a throwaway CA
   dataset-fashion-mnist              # the training data

@@ -202,7 +202,8 @@ static int commit_decode(const uint8_t *b, size_t n, int64_t version, commit_rec
     }
     c->extra = p;
     /* st_store_checkpoint writes them sorted; a record written otherwise
-     * is read in that order all the same. */
+     * is read in that order all the same, and one listing a (part, kind)
+     * twice is corrupt (fuzz/corpus/fuzz_store/regress_blob_order). */
     qsort(c->blobs, c->nblobs, sizeof *c->blobs, cmp_blob_meta);
     for (uint32_t i = 1; i < c->nblobs; i++) {
         if (cmp_blob_meta(&c->blobs[i - 1], &c->blobs[i]) == 0) {

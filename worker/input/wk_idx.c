@@ -31,6 +31,9 @@
  * pieces of this size. */
 #define IDX_READ_CHUNK ((size_t)1 << 30)
 
+/* The data buffer's first size; it doubles while more data comes. */
+#define IDX_FIRST_BUFFER ((size_t)1 << 20)
+
 
 /* Read up to n bytes. *got is what was read; fewer than n means end of file
  * or an error, which the caller tells apart with check_stream(). */
@@ -208,15 +211,27 @@ int wk_idx_read(const char *path, wk_idx *out, char *err, size_t errlen) {
     rc = read_header(f, path, &idx, &nbytes, err, errlen);
     if (rc != CM_OK) goto fail;
 
-    idx.data = cm_alloc_aligned((size_t)nbytes);
-    if (!idx.data) {
-        cm_seterr(err, errlen, "%s: out of memory for %llu data bytes", path,
-                (unsigned long long)nbytes);
-        rc = CM_ENOMEM;
-        goto fail;
+    /* The buffer grows as the data arrives (doubling from 1 MiB), so that a
+     * damaged header in a short file costs what the file holds, not the
+     * 4 GiB it may claim (found by fuzz/fuzz_idx). */
+    size_t cap = nbytes < IDX_FIRST_BUFFER ? (size_t)nbytes : IDX_FIRST_BUFFER, got = 0;
+    for (;;) {
+        uint8_t *p = cm_alloc_aligned(cap);
+        if (!p) {
+            cm_seterr(err, errlen, "%s: out of memory for %llu data bytes", path,
+                    (unsigned long long)nbytes);
+            rc = CM_ENOMEM;
+            goto fail;
+        }
+        if (got) memcpy(p, idx.data, got);
+        free(idx.data);
+        idx.data = p;
+        size_t n;
+        read_some(f, idx.data + got, cap - got, &n);
+        got += n;
+        if (got < cap || cap == nbytes) break;
+        cap = nbytes / 2 < cap ? (size_t)nbytes : 2 * cap;
     }
-    size_t got;
-    read_some(f, idx.data, (size_t)nbytes, &got);
     rc = check_stream(f, path, err, errlen);
     if (rc != CM_OK) goto fail;
     if (got < nbytes) {

@@ -69,7 +69,9 @@ static void on_join(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
                  s->description, (unsigned long long)s->fingerprint, r->rank,
                  r->description && r->description[0] ? r->description : "(no description)",
                  r->nranks, (unsigned long long)r->fingerprint);
-    } else if ((int)r->rank >= s->nranks || !r->ring_addr || !r->ring_addr[0]) {
+    } else if (r->rank >= (uint32_t)s->nranks || !r->ring_addr || !r->ring_addr[0]) {
+        /* Unsigned: a rank of 2^31 or more must not become a negative
+         * index (found by fuzz/fuzz_rendezvous). */
         rpc_fail(call, RPC_INVALID_ARGUMENT, "rendezvous: rank %u of %d, address '%s'",
                  r->rank, s->nranks, r->ring_addr ? r->ring_addr : "");
     } else {

@@ -1,0 +1,152 @@
+/* fuzz_ring.c - the ring AllReduce's framing (worker/sync/wk_ring.c): the
+ * handshake hellos and the chunk stream a neighbour sends.
+ * SPDX-License-Identifier: MIT
+ *
+ * wk_ring.c is included here, so that the harness can build a ring whose
+ * connections are socketpairs and play its neighbours: the previous rank's
+ * bytes are the input (then end of file), and what the ring sends to the
+ * next rank is read and dropped by a thread. The collective runs exactly
+ * as in a real ring (pump_recv, check_hdr, run_plan).
+ *
+ * Input: a 15-byte header, then the stream.
+ *   [0] mode: 0 the handshake, 1 allreduce, 2 broadcast (mod 3)
+ *   [1] nranks 2..8    [2] rank (mod nranks)    [3] chunk: 1..256 floats
+ *   [4..6) n floats (u16, mod 2048)    [6..14) step (i64)
+ *   [14] allreduce: average (bit 0); broadcast: the root (mod nranks)
+ * The handshake mode reads the stream's first 24 bytes as the hello of a
+ * connection to this rank's listener (accept_one, over loopback TCP) and
+ * the next 24 as the next rank's answer (check_next).
+ */
+#include "worker/sync/wk_ring.c"
+
+#include <pthread.h>
+#include <sys/socket.h>
+
+#include "fuzz/fz_util.h"
+
+#define FZ_JOB 0x66757a7a72696e67ULL /* "fuzzring" */
+#define HDR 15
+#define MAX_STREAM (64 << 10) /* Fits a socketpair's buffer: written at once. */
+
+
+static wk_ring_listener *listener;
+
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc, (void)argv;
+    fz_logs_init();
+    char err[256];
+    if (wk_ring_listen("127.0.0.1", 0, &listener, err, sizeof err) != CM_OK) {
+        fprintf(stderr, "fuzz_ring: %s\n", err);
+        abort();
+    }
+    return 0;
+}
+
+static void *drain(void *arg) {
+    int fd = *(int *)arg;
+    char buf[16384];
+    while (read(fd, buf, sizeof buf) > 0) {
+    }
+    return NULL;
+}
+
+static void sockpair(int sv[2]) {
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) abort();
+}
+
+static void feed(int fd, const uint8_t *p, size_t n) {
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w <= 0) abort();
+        p += w;
+        n -= (size_t)w;
+    }
+    shutdown(fd, SHUT_WR);
+}
+
+static void handshake_mode(wk_ring *r, const uint8_t *s, size_t n) {
+    char err[512], refused[256] = "";
+    /* A connection to the listener that sends the first 24 bytes. */
+    int c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)listener->port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (c < 0 || connect(c, (struct sockaddr *)&a, sizeof a) != 0) {
+        /* The machine's trouble (ports, descriptors), not the ring's. */
+        perror("fuzz_ring: connect to the listener");
+        if (c >= 0) close(c);
+        return;
+    }
+    size_t first = n < WK_RING__HELLO_BYTES ? n : WK_RING__HELLO_BYTES;
+    feed(c, s, first);
+    double deadline = cm_now() + 1.0;
+    int rc = accept_one(r, listener, deadline, refused, sizeof refused);
+    if (rc == CM_OK) {
+        if (r->recv_fd < 0) abort();
+        close(r->recv_fd);
+        r->recv_fd = -1;
+    }
+    close(c);
+    /* The next rank's answer: the next 24 bytes. */
+    int sv[2];
+    sockpair(sv);
+    r->send_fd = sv[0];
+    feed(sv[1], s + first, n - first < WK_RING__HELLO_BYTES ? n - first : WK_RING__HELLO_BYTES);
+    (void)check_next(r, deadline, err, sizeof err);
+    close(sv[1]);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    if (size < HDR) return 0;
+    int mode = data[0] % 3, nranks = 2 + data[1] % 7, rank = data[2] % nranks;
+    size_t chunk = 1 + (size_t)data[3], n = ((size_t)data[4] | (size_t)data[5] << 8) % 2048;
+    int64_t step;
+    memcpy(&step, data + 6, 8);
+    int arg = mode == 2 ? data[14] % nranks : data[14] & 1;
+    const uint8_t *s = data + HDR;
+    size_t slen = size - HDR < MAX_STREAM ? size - HDR : MAX_STREAM;
+
+    wk_ring *r = cm_calloc(1, sizeof *r);
+    r->rank = rank;
+    r->nranks = nranks;
+    wk_ring_opts_default(&r->opts);
+    r->opts.job_id = FZ_JOB;
+    r->opts.timeout_ms = 2000; /* Never reached: the stream ends in EOF. */
+    r->chunk_elems = chunk;
+    r->send_fd = r->recv_fd = -1;
+    snprintf(r->next_addr, sizeof r->next_addr, "next.fuzz:2");
+    snprintf(r->prev_addr, sizeof r->prev_addr, "prev.fuzz:1");
+    r->sends = cm_calloc(2 * (size_t)nranks, sizeof *r->sends);
+    r->recvs = cm_calloc(2 * (size_t)nranks, sizeof *r->recvs);
+    r->scratch = cm_alloc_aligned(chunk * sizeof(float));
+    if (mode == 0) {
+        handshake_mode(r, s, slen);
+        wk_ring_destroy(r);
+        return 0;
+    }
+    int to_next[2], from_prev[2];
+    sockpair(to_next);
+    sockpair(from_prev);
+    r->send_fd = to_next[0];
+    r->recv_fd = from_prev[0];
+    pthread_t t;
+    if (pthread_create(&t, NULL, drain, &to_next[1]) != 0) abort();
+    feed(from_prev[1], s, slen);
+    float *buf = cm_malloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) buf[i] = (float)i * 0.5f - (float)rank;
+    int rc = mode == 1 ? wk_ring_allreduce(r, buf, n, step, arg)
+                       : wk_ring_broadcast(r, buf, n, step, arg);
+    if (getenv("FUZZ_TRACE"))
+        fprintf(stderr, "fuzz_ring: %s of %zu floats as rank %d of %d: %s %s\n",
+                mode == 1 ? "allreduce" : "broadcast", n, rank, nranks, cm_strerror(rc),
+                wk_ring_error(r));
+    /* Errors are sticky, and say something. */
+    if (rc != CM_OK && (wk_ring_status(r) != rc || !wk_ring_error(r)[0] ||
+                        wk_ring_allreduce(r, buf, n, step, arg) != rc))
+        abort();
+    free(buf);
+    wk_ring_destroy(r); /* Closes to_next[0]: the drain sees the end. */
+    pthread_join(t, NULL);
+    close(to_next[1]);
+    close(from_prev[1]);
+    return 0;
+}
