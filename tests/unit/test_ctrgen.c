@@ -15,6 +15,8 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "tests/unit/tu_tmpdir.h"
+
 #include <ftw.h>
 #include <jansson.h>
 #include <math.h>
@@ -29,26 +31,17 @@
 #include "tools/ctr_planted.h"
 #include "worker/input/wk_criteo.h"
 
-static char tmpdir[64];
 
 /* ===== Helpers ===== */
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
 static int group_setup(void **state) {
     (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/test_ctrgen.XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return tu_tmpdir_create("test_ctrgen");
 }
 
 static int group_teardown(void **state) {
     (void)state;
-    return nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    return tu_tmpdir_remove();
 }
 
 static void path_of(char *out, size_t n, const char *dir, const char *name) {
