@@ -94,6 +94,13 @@ static void usage(FILE *f) {
             "                             of the machine's or the cgroup's memory)\n"
             "  --max-step-ahead N         async: refuse a push more than N steps past its\n"
             "                             worker's last (default 1048576)\n"
+            "\nEmbedding tables larger than memory:\n"
+            "  --memory-mb X              keep at most X MiB of embedding rows (values and\n"
+            "                             optimizer state) in memory, the others in a\n"
+            "                             LevelDB row store on disk (default: all in memory)\n"
+            "  --rows-dir DIR             the row store's directory, emptied at start\n"
+            "                             (default: DATA_DIR/rows-<i> with --data-dir, else a\n"
+            "                             private directory under $TMPDIR, removed at exit)\n"
             "  -h, --help                 this text\n");
 }
 
@@ -120,6 +127,8 @@ int main(int argc, char **argv) {
                                          {"max-step-ahead", required_argument, 0, 'E'},
                                          {"max-streams", required_argument, 0, 'S'},
                                          {"idle-timeout-ms", required_argument, 0, 'I'},
+                                         {"memory-mb", required_argument, 0, 'm'},
+                                         {"rows-dir", required_argument, 0, 'r'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
@@ -131,6 +140,8 @@ int main(int argc, char **argv) {
     long max_held = 0, max_streams = 0, idle_ms = 0, max_parked = 0;
     int skip_nonfinite = 0;
     long long mem_mb = 0, max_ahead = 0;
+    double rows_mb = 0.0;
+    const char *rows_dir = NULL;
     int c;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
@@ -156,6 +167,8 @@ int main(int argc, char **argv) {
         case 'E': max_ahead = atoll(optarg); break;
         case 'S': max_streams = atol(optarg); break;
         case 'I': idle_ms = atol(optarg); break;
+        case 'm': rows_mb = atof(optarg); break;
+        case 'r': rows_dir = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 1;
         }
@@ -164,7 +177,8 @@ int main(int argc, char **argv) {
         max_mb > 2047 || ckpt_every < 0 || (ckpt_every > 0 && !data_dir) || ckpt_nice < 0 ||
         ckpt_nice > 19 || max_held < 0 || max_held > 1000000 || max_parked < 0 ||
         max_parked > 1000000 || mem_mb < 0 || mem_mb > (1LL << 30) || max_ahead < 0 || max_streams < 0 ||
-        max_streams > 100000 || idle_ms < 0 || idle_ms > 86400000L) {
+        max_streams > 100000 || idle_ms < 0 || idle_ms > 86400000L || !(rows_mb >= 0.0) ||
+        rows_mb > (double)(1LL << 30) || (rows_dir && rows_mb == 0.0)) {
         fprintf(stderr, "psserver: bad arguments (see --help)\n");
         return 1;
     }
@@ -218,9 +232,11 @@ int main(int argc, char **argv) {
 
     ps_server *srv = NULL;
     int status = 1;
-    char shard_dir[4096];
+    char shard_dir[4096], rows_default[4096];
     if (data_dir) {
         snprintf(shard_dir, sizeof shard_dir, "%s/shard-%d", data_dir, cl->task_index);
+        snprintf(rows_default, sizeof rows_default, "%s/rows-%d", data_dir, cl->task_index);
+        if (rows_mb > 0.0 && !rows_dir) rows_dir = rows_default;
         if (mkdir(data_dir, 0777) != 0 && errno != EEXIST) {
             cm_error("cannot create %s: %s", data_dir, strerror(errno));
             goto out;
@@ -235,7 +251,8 @@ int main(int argc, char **argv) {
                          .tls_cert = tls_cert, .tls_key = tls_key, .tls_ca = tls_ca,
                          .max_parked = (int)max_parked, .max_held = (int)max_held, .max_streams = (int)max_streams,
                          .idle_ms = (int)idle_ms, .skip_nonfinite = skip_nonfinite,
-                         .memory_limit = (size_t)mem_mb << 20, .max_step_ahead = max_ahead};
+                         .memory_limit = (size_t)mem_mb << 20, .max_step_ahead = max_ahead,
+                         .rows_memory = (size_t)(rows_mb * (1 << 20)), .rows_dir = rows_dir};
     /* Before the restore, which logs "restored version": a SIGTERM from then
      * on is a clean stop, not a death by signal. */
     struct sigaction sa;

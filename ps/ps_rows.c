@@ -22,10 +22,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/cm_mem.h"
 #include "common/cm_rng.h"
 #include "common/cm_status.h"
+#include "storage/st_rowdb.h"
 
 _Static_assert((PS_ROWS_CHUNK & (PS_ROWS_CHUNK - 1)) == 0, "PS_ROWS_CHUNK: a power of two");
 
@@ -49,7 +51,14 @@ typedef struct chunk {
     float *rows;     /* PS_ROWS_CHUNK x stride floats; also the allocation. */
     uint64_t *ids;   /* Each row's id (visits and rehashes). */
     int64_t *counts; /* Each row's update count. */
+    uint8_t *flags;  /* Each slot's F_* bits. */
 } chunk;
+
+/* A slot's flags. F_FREE: no row (evicted; on the table's free list). The
+ * others matter with a row budget only: F_REF, used since the clock hand
+ * last passed (CLOCK eviction); F_DIRTY, changed since it was last
+ * written to the row store; F_DISK, the row store has a copy. */
+enum { F_REF = 1, F_DIRTY = 2, F_DISK = 4, F_FREE = 8 };
 
 typedef struct rtable {
     const cm_var *var;
@@ -57,9 +66,15 @@ typedef struct rtable {
     size_t stride; /* Floats per row: dim values, then nslots x dim slots. */
     entry *map;
     size_t cap;    /* Map entries: a power of two >= MAP_MIN. */
-    size_t nrows;  /* Rows 0 .. nrows-1 exist, in creation order. */
+    size_t nrows;  /* Slots 0 .. nrows-1 are in use or free (F_FREE). */
     chunk *chunks;
     size_t nchunks, chunks_cap;
+    size_t *free_rows; /* Free slots, reused first. */
+    size_t nfree, free_cap;
+    /* With a row budget: the clock hand, rows in the row store, and rows
+     * both there and here. */
+    size_t hand, ndisk, nboth;
+    size_t row_cost; /* Bytes a resident row counts against the budget. */
 } rtable;
 
 struct ps_rows {
@@ -70,6 +85,11 @@ struct ps_rows {
     rtable *tables;
     float *scaled; /* One gradient row times 'scale' (the largest dim). */
     int max_dim;
+    /* A row budget (ps_rows_set_spill): rows beyond it live in db. */
+    st_rowdb *db;
+    size_t budget;
+    int trim_next;            /* The table the next eviction looks at first. */
+    ps_rows_spill_stats stats;
 };
 
 /* Chunks are cache-line aligned (cm_alloc_aligned) so a row whose size is a
@@ -86,7 +106,7 @@ static void *alloc_chunk(size_t n) {
 
 static size_t chunk_bytes(const rtable *t) {
     return (size_t)PS_ROWS_CHUNK *
-           (t->stride * sizeof(float) + sizeof(uint64_t) + sizeof(int64_t));
+           (t->stride * sizeof(float) + sizeof(uint64_t) + sizeof(int64_t) + 1);
 }
 
 static inline rtable *tab(const ps_rows *r, int t) {
@@ -105,6 +125,17 @@ static inline float *row_at(const rtable *t, size_t row) {
 static inline int64_t *count_at(const rtable *t, size_t row) {
     return &chunk_of(t, row)->counts[row % PS_ROWS_CHUNK];
 }
+
+static inline uint8_t *flags_at(const rtable *t, size_t row) {
+    return &chunk_of(t, row)->flags[row % PS_ROWS_CHUNK];
+}
+
+static inline uint64_t id_at(const rtable *t, size_t row) {
+    return chunk_of(t, row)->ids[row % PS_ROWS_CHUNK];
+}
+
+/* Rows in memory. */
+static inline size_t live(const rtable *t) { return t->nrows - t->nfree; }
 
 static inline size_t home(const rtable *t, uint64_t id) {
     return (size_t)cm_mix64(id) & (t->cap - 1);
@@ -190,6 +221,7 @@ static void map_grow(rtable *t) {
         size_t first = c * PS_ROWS_CHUNK, end = t->nrows - first;
         if (end > PS_ROWS_CHUNK) end = PS_ROWS_CHUNK;
         for (size_t k = 0; k < end; k++) {
+            if (t->chunks[c].flags[k] & F_FREE) continue;
             entry *e = probe(t, ids[k]);
             e->id = ids[k];
             e->ref = first + k + 1;
@@ -197,8 +229,17 @@ static void map_grow(rtable *t) {
     }
 }
 
-/* A new row at the end (its values, slots and count not yet written). */
+/* A new row in a free slot or at the end (its values, slots and count not
+ * yet written; flags: new, so not in the row store). */
 static size_t add_row(rtable *t, entry *e, uint64_t id) {
+    if (t->nfree) {
+        size_t row = t->free_rows[--t->nfree];
+        e->id = id;
+        e->ref = row + 1;
+        chunk_of(t, row)->ids[row % PS_ROWS_CHUNK] = id;
+        *flags_at(t, row) = F_REF | F_DIRTY;
+        return row;
+    }
     size_t row = t->nrows;
     if (row % PS_ROWS_CHUNK == 0 && row / PS_ROWS_CHUNK == t->nchunks) {
         if (t->nchunks == t->chunks_cap) {
@@ -212,11 +253,13 @@ static size_t add_row(rtable *t, entry *e, uint64_t id) {
         c->rows = alloc_chunk(chunk_bytes(t));
         c->ids = (uint64_t *)(c->rows + (size_t)PS_ROWS_CHUNK * t->stride);
         c->counts = (int64_t *)(c->ids + PS_ROWS_CHUNK);
+        c->flags = (uint8_t *)(c->counts + PS_ROWS_CHUNK);
     }
     t->nrows = row + 1;
     e->id = id;
     e->ref = row + 1;
     chunk_of(t, row)->ids[row % PS_ROWS_CHUNK] = id;
+    *flags_at(t, row) = F_REF | F_DIRTY;
     return row;
 }
 
@@ -228,7 +271,7 @@ static size_t find_or_add(rtable *t, uint64_t id, int *created) {
         return e->ref - 1;
     }
     /* Grow before the insert that would pass 70 % load. */
-    if ((t->nrows + 1) * 10 > t->cap * 7) {
+    if ((live(t) + 1) * 10 > t->cap * 7) {
         map_grow(t);
         e = probe(t, id);
     }
@@ -249,14 +292,178 @@ static size_t find_or_create(const ps_rows *r, rtable *t, uint64_t id) {
     return row;
 }
 
+/* ------------------------------------------------------------ row budget */
+
+/* A failure of the row store (a full disk, an unwritable directory):
+ * rows would be lost, so the process stops, naming the store and the
+ * error; its supervisor restarts it and the cluster rolls back to the
+ * newest checkpoint. */
+static void spill_fatal(const ps_rows *r, const char *what, const char *err) {
+    fprintf(stderr, "fatal: the row store %s: %s: %s; stopping (rows beyond --memory-mb "
+            "would be lost)\n", st_rowdb_path(r->db), what, err);
+    fflush(stderr);
+    _exit(1);
+}
+
+/* Remove map entry e (linear probing: the entries after it that would no
+ * longer be found move back). */
+static void map_delete(rtable *t, entry *e) {
+    const size_t mask = t->cap - 1;
+    size_t i = (size_t)(e - t->map), j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        if (!t->map[j].ref) break;
+        size_t k = home(t, t->map[j].id);
+        /* Entry j may fill hole i unless its home lies cyclically in (i, j]. */
+        int stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
+        if (!stays) {
+            t->map[i] = t->map[j];
+            i = j;
+        }
+    }
+    t->map[i].ref = 0;
+    t->map[i].id = 0;
+}
+
+static size_t resident_bytes(const ps_rows *r) {
+    size_t b = 0;
+    for (int i = 0; i < r->ntables; i++) b += live(&r->tables[i]) * r->tables[i].row_cost;
+    return b;
+}
+
+/* Evict one row of table ti by CLOCK: the first the hand finds not used
+ * since it last passed. Returns 0 if the table has no row. */
+static int evict_one(ps_rows *r, int ti) {
+    rtable *t = &r->tables[ti];
+    if (!live(t)) return 0;
+    for (;;) {
+        size_t row = t->hand;
+        t->hand = t->hand + 1 < t->nrows ? t->hand + 1 : 0;
+        uint8_t *f = flags_at(t, row);
+        if (*f & F_FREE) continue;
+        if (*f & F_REF) {
+            *f &= (uint8_t)~F_REF;
+            continue;
+        }
+        const uint64_t id = id_at(t, row);
+        if ((*f & F_DIRTY) || !(*f & F_DISK))
+            st_rowdb_put(r->db, ti, id, *count_at(t, row), row_at(t, row), t->stride);
+        if (*f & F_DISK)
+            t->nboth--;
+        else
+            t->ndisk++;
+        map_delete(t, probe(t, id));
+        *f = F_FREE;
+        if (t->nfree == t->free_cap) {
+            t->free_cap = t->free_cap ? 2 * t->free_cap : 256;
+            t->free_rows = cm_realloc(t->free_rows, t->free_cap * sizeof *t->free_rows);
+        }
+        t->free_rows[t->nfree++] = row;
+        r->stats.evictions++;
+        return 1;
+    }
+}
+
+/* Back under the budget: evict (tables in turn) down to 90 % of it, so
+ * that evictions come in batches, and write them. */
+static void trim(ps_rows *r) {
+    if (!r->db || resident_bytes(r) <= r->budget) return;
+    const size_t target = r->budget / 10 * 9;
+    int idle = 0;
+    while (resident_bytes(r) > target && idle < r->ntables) {
+        int ti = r->trim_next;
+        r->trim_next = (r->trim_next + 1) % r->ntables;
+        idle = evict_one(r, ti) ? 0 : idle + 1;
+    }
+    char err[512];
+    if (st_rowdb_flush(r->db, err, sizeof err) != CM_OK) spill_fatal(r, "evicting rows", err);
+}
+
+/* Row id of table ti from the row store into memory: its slot, or NONE if
+ * the store does not have it. */
+static size_t load(ps_rows *r, int ti, uint64_t id) {
+    rtable *t = &r->tables[ti];
+    if (t->ndisk == t->nboth) return NONE; /* Every stored row is here. */
+    int created;
+    size_t row = find_or_add(t, id, &created);
+    assert(created);
+    char err[512];
+    int64_t count;
+    int rc = st_rowdb_get(r->db, ti, id, &count, row_at(t, row), t->stride, err, sizeof err);
+    if (rc < 0) spill_fatal(r, "reading a row", err);
+    if (rc == 0) { /* Not there after all: the slot goes back. */
+        map_delete(t, probe(t, id));
+        *flags_at(t, row) = F_FREE;
+        if (t->nfree == t->free_cap) {
+            t->free_cap = t->free_cap ? 2 * t->free_cap : 256;
+            t->free_rows = cm_realloc(t->free_rows, t->free_cap * sizeof *t->free_rows);
+        }
+        t->free_rows[t->nfree++] = row;
+        return NONE;
+    }
+    *count_at(t, row) = count;
+    *flags_at(t, row) = F_REF | F_DISK;
+    t->nboth++;
+    r->stats.loads++;
+    return row;
+}
+
+/* Before a batch on table ti: every id's row that is in the row store is
+ * brought into memory, and every row of the batch is marked used (and
+ * changed, for an update), so the batch itself runs as without a budget
+ * and the eviction after it spares the rows it just used last. */
+static void prepare(ps_rows *r, int ti, const uint64_t *ids, size_t n, int update) {
+    rtable *t = &r->tables[ti];
+    const uint8_t mark = (uint8_t)(F_REF | (update ? F_DIRTY : 0));
+    for (size_t i = 0; i < n; i++) {
+        const entry *e = probe(t, ids[i]);
+        size_t row = e->ref ? e->ref - 1 : NONE;
+        if (row != NONE) {
+            r->stats.hits++;
+        } else {
+            r->stats.misses++;
+            row = load(r, ti, ids[i]);
+        }
+        if (row != NONE) *flags_at(t, row) |= mark;
+    }
+}
+
+void ps_rows_set_spill(ps_rows *r, struct st_rowdb *db, size_t budget_bytes) {
+    assert(ps_rows_total(r) == 0);
+    r->db = db;
+    r->budget = budget_bytes;
+    char err[512];
+    if (st_rowdb_clear(db, err, sizeof err) != CM_OK) spill_fatal(r, "emptying", err);
+}
+
+void ps_rows_spill_stats_get(const ps_rows *r, ps_rows_spill_stats *out) {
+    *out = r->stats;
+    out->resident = out->on_disk = 0;
+    for (int i = 0; i < r->ntables; i++) {
+        out->resident += live(&r->tables[i]);
+        out->on_disk += r->tables[i].ndisk;
+    }
+    out->resident_bytes = resident_bytes(r);
+    out->budget = r->budget;
+    if (r->db) {
+        st_rowdb_stats ds;
+        st_rowdb_stats_get(r->db, &ds);
+        out->bytes_written = ds.bytes_written;
+    }
+}
+
 static void table_free(rtable *t) {
     for (size_t c = 0; c < t->nchunks; c++) free(t->chunks[c].rows);
     free(t->chunks);
     free(t->map);
+    free(t->free_rows);
     t->chunks = NULL;
     t->nchunks = t->chunks_cap = t->nrows = 0;
     t->map = NULL;
     t->cap = 0;
+    t->free_rows = NULL;
+    t->nfree = t->free_cap = 0;
+    t->hand = t->ndisk = t->nboth = 0;
 }
 
 ps_rows *ps_rows_create(const cm_model *model, const ps_optim_cfg *optim, uint64_t seed) {
@@ -271,6 +478,9 @@ ps_rows *ps_rows_create(const cm_model *model, const ps_optim_cfg *optim, uint64
         t->var = &model->vars[model->table_var[i]];
         t->dim = t->var->dim;
         t->stride = (size_t)t->dim * (size_t)(1 + r->nslots);
+        /* Its floats, id, count and flags, and two map entries (the map
+         * stays under 70 % load and doubles). */
+        t->row_cost = t->stride * sizeof(float) + 17 + 2 * sizeof(entry);
         map_init(t, MAP_MIN);
     }
     r->max_dim = cm_model_max_dim(model);
@@ -293,17 +503,23 @@ void ps_rows_clear(ps_rows *r) {
         table_free(&r->tables[i]);
         map_init(&r->tables[i], MAP_MIN);
     }
+    char err[512];
+    if (r->db && st_rowdb_clear(r->db, err, sizeof err) != CM_OK)
+        spill_fatal(r, "dropping every row", err);
 }
 
 int ps_rows_dim(const ps_rows *r, int table) { return tab(r, table)->dim; }
 
 int ps_rows_nslots(const ps_rows *r) { return r->nslots; }
 
-size_t ps_rows_count(const ps_rows *r, int table) { return tab(r, table)->nrows; }
+size_t ps_rows_count(const ps_rows *r, int table) {
+    const rtable *t = tab(r, table);
+    return live(t) + t->ndisk - t->nboth;
+}
 
 size_t ps_rows_total(const ps_rows *r) {
     size_t n = 0;
-    for (int i = 0; i < r->ntables; i++) n += r->tables[i].nrows;
+    for (int i = 0; i < r->ntables; i++) n += ps_rows_count(r, i);
     return n;
 }
 
@@ -313,7 +529,7 @@ size_t ps_rows_bytes(const ps_rows *r) {
     for (int i = 0; i < r->ntables; i++) {
         const rtable *t = &r->tables[i];
         b += t->cap * sizeof *t->map + t->chunks_cap * sizeof *t->chunks +
-             t->nchunks * chunk_bytes(t);
+             t->nchunks * chunk_bytes(t) + t->free_cap * sizeof *t->free_rows;
     }
     return b;
 }
@@ -321,6 +537,7 @@ size_t ps_rows_bytes(const ps_rows *r) {
 void ps_rows_read(ps_rows *r, int table, const uint64_t *ids, size_t n, int create, float *out) {
     rtable *t = tab(r, table);
     const size_t dim = (size_t)t->dim;
+    if (r->db) prepare(r, table, ids, n, 0);
     batch b;
     batch_start(&b, t, ids, n, 0);
     for (size_t i = 0; i < n; i++) {
@@ -335,12 +552,14 @@ void ps_rows_read(ps_rows *r, int table, const uint64_t *ids, size_t n, int crea
         else
             cm_row_init(t->var, r->seed, ids[i], o);
     }
+    trim(r);
 }
 
 void ps_rows_apply(ps_rows *r, int table, const uint64_t *ids, size_t n, const float *g,
                    float scale) {
     rtable *t = tab(r, table);
     const size_t dim = (size_t)t->dim;
+    if (r->db) prepare(r, table, ids, n, 1);
     batch b;
     batch_start(&b, t, ids, n, 1);
     for (size_t i = 0; i < n; i++) {
@@ -357,14 +576,31 @@ void ps_rows_apply(ps_rows *r, int table, const uint64_t *ids, size_t n, const f
         ps_optim_apply(&r->optim, *count + 1, p, gi, p + dim, dim);
         *count += 1;
     }
+    trim(r);
 }
 
 float *ps_rows_find(ps_rows *r, int table, uint64_t id, int64_t *count) {
     const rtable *t = tab(r, table);
     const entry *e = probe(t, id);
-    if (!e->ref) return NULL;
-    if (count) *count = *count_at(t, e->ref - 1);
-    return row_at(t, e->ref - 1);
+    size_t row = e->ref ? e->ref - 1 : NONE;
+    if (row == NONE && r->db) row = load(r, table, id);
+    if (row == NONE) return NULL;
+    *flags_at(t, row) |= F_REF | F_DIRTY; /* The caller may write it. */
+    if (count) *count = *count_at(t, row);
+    return row_at(t, row);
+}
+
+/* The rows only the row store has (a ps_rows_visit). */
+typedef struct disk_visit {
+    const rtable *t;
+    ps_rows_visit_fn fn;
+    void *ud;
+} disk_visit;
+
+static int visit_stored(void *ud, uint64_t id, int64_t count, const float *row) {
+    const disk_visit *v = ud;
+    if (probe(v->t, id)->ref) return CM_OK; /* Seen in memory (newer there). */
+    return v->fn(v->ud, id, row, row + v->t->dim, count);
 }
 
 int ps_rows_visit(const ps_rows *r, int table, ps_rows_visit_fn fn, void *ud) {
@@ -373,19 +609,30 @@ int ps_rows_visit(const ps_rows *r, int table, ps_rows_visit_fn fn, void *ud) {
     for (size_t row = 0; row < t->nrows; row++) {
         const chunk *c = chunk_of(t, row);
         const size_t k = row % PS_ROWS_CHUNK;
+        if (c->flags[k] & F_FREE) continue;
         const float *p = c->rows + k * t->stride;
         int rc = fn(ud, c->ids[k], p, p + dim, c->counts[k]);
         if (rc != CM_OK) return rc;
     }
-    return CM_OK;
+    if (!r->db || t->ndisk == t->nboth) return CM_OK;
+    disk_visit v = {t, fn, ud};
+    char err[512];
+    int rc = st_rowdb_visit(r->db, table, t->stride, visit_stored, &v, err, sizeof err);
+    if (rc == CM_EIO || rc == CM_ECORRUPT) spill_fatal(r, "reading the rows", err);
+    return rc;
 }
 
 void ps_rows_put(ps_rows *r, int table, uint64_t id, const float *values, const float *slots,
                  int64_t count) {
     rtable *t = tab(r, table);
     const size_t dim = (size_t)t->dim, nslot_floats = t->stride - dim;
+    /* With a row budget, a stored copy is loaded first so that the row is
+     * counted once (it is overwritten below). */
+    size_t row = NONE;
+    if (r->db && !probe(t, id)->ref) row = load(r, table, id);
     int created;
-    size_t row = find_or_add(t, id, &created);
+    if (row == NONE) row = find_or_add(t, id, &created);
+    *flags_at(t, row) |= F_REF | F_DIRTY;
     float *p = row_at(t, row);
     memcpy(p, values, dim * sizeof *p);
     if (slots)
@@ -393,4 +640,5 @@ void ps_rows_put(ps_rows *r, int table, uint64_t id, const float *values, const 
     else
         memset(p + dim, 0, nslot_floats * sizeof *p);
     *count_at(t, row) = count;
+    trim(r);
 }

@@ -21,6 +21,14 @@
  * step are not touched, and Adam corrects each row's bias with its own
  * count). Adagrad, Adam and SGD; momentum works too.
  *
+ * A row budget (ps_rows_set_spill): rows in memory are a cache of at most
+ * budget bytes; the rest live in a row store on disk (storage/st_rowdb.h).
+ * A batch first brings the rows it names that are stored into memory (one
+ * lookup each), then runs as without a budget, then evicts rows not used
+ * lately (CLOCK) down to 90 % of the budget, writing those changed since
+ * they were last stored in one batch. A failure of the row store stops the
+ * process with a message naming it (rows would be lost otherwise).
+ *
  * Not thread-safe: the owner serialises calls (a shard under its lock).
  */
 #ifndef PS_ROWS_H
@@ -43,6 +51,22 @@ typedef struct ps_rows ps_rows;
 ps_rows *ps_rows_create(const cm_model *model, const ps_optim_cfg *optim, uint64_t seed);
 void ps_rows_destroy(ps_rows *r);
 
+/* Keep at most budget_bytes of rows (values, slots, counts and their map
+ * entries) in memory, the others in db (borrowed: it must outlive r; what
+ * it holds is dropped). Before the first row. */
+struct st_rowdb;
+void ps_rows_set_spill(ps_rows *r, struct st_rowdb *db, size_t budget_bytes);
+
+/* The cache's counters (zero without a budget but resident rows). */
+typedef struct ps_rows_spill_stats {
+    uint64_t resident, on_disk;      /* Rows in memory; rows the store holds. */
+    uint64_t hits, misses;           /* Batch rows found in memory, or not. */
+    uint64_t loads, evictions;       /* Rows read from the store; evicted. */
+    uint64_t bytes_written;          /* To the store. */
+    size_t resident_bytes, budget;
+} ps_rows_spill_stats;
+void ps_rows_spill_stats_get(const ps_rows *r, ps_rows_spill_stats *out);
+
 /* Drop every row of every table (a rollback to the initial values). */
 void ps_rows_clear(ps_rows *r);
 
@@ -50,11 +74,11 @@ void ps_rows_clear(ps_rows *r);
 int ps_rows_dim(const ps_rows *r, int table);
 int ps_rows_nslots(const ps_rows *r);
 
-/* Rows that exist in table t, and in all tables. */
+/* Rows that exist in table t, and in all tables (in memory or stored). */
 size_t ps_rows_count(const ps_rows *r, int table);
 size_t ps_rows_total(const ps_rows *r);
 
-/* Bytes held (slabs, maps and update counts). */
+/* Bytes held in memory (slabs, maps and update counts). */
 size_t ps_rows_bytes(const ps_rows *r);
 
 /* The values of rows ids[0..n) of table t into out (n x dim floats, row i
@@ -72,11 +96,12 @@ void ps_rows_apply(ps_rows *r, int table, const uint64_t *ids, size_t n, const f
 
 /* The row of 'id' in table t, or NULL if it does not exist: its dim values
  * followed by its nslots x dim slot values, and *count (may be NULL) its
- * update count. Valid until the next call that may create rows. */
+ * update count. Valid until the next call that may create rows (or, with
+ * a budget, evict them). */
 float *ps_rows_find(ps_rows *r, int table, uint64_t id, int64_t *count);
 
-/* Checkpoints and export. Visit every row of table t (in slot order: the
- * order rows were created), calling fn with its id, its dim values, its
+/* Checkpoints and export. Visit every row of table t (those in memory in
+ * slot order, then, with a budget, those only stored, by id), calling fn with its id, its dim values, its
  * slots (nslots x dim) and its update count; fn returns CM_OK to go on or
  * a negative CM_E* to stop, which is returned. */
 typedef int (*ps_rows_visit_fn)(void *ud, uint64_t id, const float *values, const float *slots,

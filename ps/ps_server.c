@@ -36,6 +36,7 @@
 #include "proto/rpc.h"
 #include "ps/ps_shard.h"
 #include "ps/ps_wire.h"
+#include "storage/st_rowdb.h"
 #include "storage/st_store.h"
 
 _Static_assert((int)PS_DTYPE_FLOAT32 == (int)PSRPC__DTYPE__DTYPE_FLOAT32 &&
@@ -80,6 +81,8 @@ struct ps_server {
     cm_placement *own_pl;
     uint64_t bad_early; /* Bad requests before there was a shard (mu). */
     rpc_server *rpc;
+    st_rowdb *rowdb;         /* Rows beyond cfg.rows_memory (NULL: none). */
+    char rows_tmp[256];      /* A private row store directory to remove. */
     uint64_t fingerprint;
     char identity[256];
     pthread_mutex_t mu;
@@ -274,6 +277,7 @@ static int adopt_model(ps_server *s, const cm_model *model, const cm_placement *
     if (rc != CM_OK) return rc;
     ps_shard_set_skip_nonfinite(sh, s->cfg.skip_nonfinite);
     ps_shard_set_memory_limit(sh, s->cfg.memory_limit);
+    if (s->rowdb) ps_shard_set_row_spill(sh, s->rowdb, s->cfg.rows_memory);
     if (s->cfg.max_step_ahead > 0) ps_shard_set_max_step_ahead(sh, s->cfg.max_step_ahead);
     if (s->writer_started) ps_shard_set_publish_hook(sh, s->cfg.checkpoint_every, on_publish, s);
     pthread_mutex_lock(&s->mu);
@@ -892,6 +896,13 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.nonfinite_pushes = st.nonfinite_pushes;
         rep.mem_bytes = st.mem_bytes;
         rep.mem_limit = st.mem_limit;
+        rep.rows_resident = st.row_cache.resident;
+        rep.rows_on_disk = st.row_cache.on_disk;
+        rep.row_hits = st.row_cache.hits;
+        rep.row_misses = st.row_cache.misses;
+        rep.row_evictions = st.row_cache.evictions;
+        rep.row_bytes_written = st.row_cache.bytes_written;
+        rep.rows_budget = st.row_cache.budget;
         rep.version = st.version;
         rep.pushes = st.pushes;
         rep.duplicate_pushes = st.duplicate_pushes;
@@ -1601,6 +1612,51 @@ out:
 
 /* ------------------------------------------------------------ lifecycle */
 
+/* One line on the row cache of a row budget. */
+static void log_row_cache(ps_shard *sh, const char *when) {
+    ps_shard_stats st;
+    ps_shard_stats_get(sh, &st);
+    const ps_rows_spill_stats *c = &st.row_cache;
+    const uint64_t looked = c->hits + c->misses;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    cm_info("row cache %s: %llu rows, %llu in memory (%.2f of %.2f MiB), %llu in the row store; "
+            "hit rate %.1f %% of %llu rows asked for, %llu read back, %llu evicted, %.1f MiB "
+            "written; peak RSS %.1f MiB", when, (unsigned long long)st.rows,
+            (unsigned long long)c->resident,
+            (double)c->resident_bytes / (1 << 20), (double)c->budget / (1 << 20),
+            (unsigned long long)c->on_disk, looked ? 100.0 * (double)c->hits / (double)looked : 0.0,
+            (unsigned long long)looked, (unsigned long long)c->loads,
+            (unsigned long long)c->evictions, (double)c->bytes_written / (1 << 20),
+            (double)ru.ru_maxrss / 1024.0);
+}
+
+/* The row store of a row budget: cfg.rows_dir, or a private directory. */
+static int open_rows(ps_server *s) {
+    const char *dir = s->cfg.rows_dir;
+    if (!dir) {
+        const char *tmp = getenv("TMPDIR");
+        snprintf(s->rows_tmp, sizeof s->rows_tmp, "%s/psserver-rows.XXXXXX",
+                 tmp && *tmp ? tmp : "/tmp");
+        if (!mkdtemp(s->rows_tmp)) {
+            cm_error("cannot create a directory for the row store (%s): %s", s->rows_tmp,
+                     strerror(errno));
+            s->rows_tmp[0] = '\0';
+            return CM_EIO;
+        }
+        dir = s->rows_tmp;
+    }
+    char err[512];
+    int rc = st_rowdb_open(dir, &s->rowdb, err, sizeof err);
+    if (rc != CM_OK) {
+        cm_error("%s", err);
+        return rc;
+    }
+    cm_info("embedding rows beyond %.1f MiB of memory go to %s",
+            (double)s->cfg.rows_memory / (1 << 20), dir);
+    return CM_OK;
+}
+
 int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     *out = NULL;
     ps_server *s = cm_calloc(1, sizeof *s);
@@ -1630,6 +1686,7 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
         }
         s->writer_started = 1;
     }
+    if (cfg->rows_memory && (rc = open_rows(s)) != CM_OK) goto fail;
     if (cfg->model && (rc = adopt_model(s, cfg->model, cfg->placement, 0)) != CM_OK) goto fail;
     if (cfg->data_dir && (rc = open_store(s)) != CM_OK) goto fail;
     rpc_server_opts o = {.threads = cfg->threads > 0 ? cfg->threads : ps_server_default_threads(),
@@ -1728,7 +1785,10 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     free(s->job.rows);
     free(s->job.rows_off);
     st_store_close(s->store);
+    if (s->rowdb && sh) log_row_cache(sh, "at exit");
     ps_shard_destroy(s->shard);
+    st_rowdb_close(s->rowdb);
+    if (s->rows_tmp[0]) st_rowdb_remove(s->rows_tmp);
     cm_placement_destroy(s->own_pl);
     cm_model_destroy(s->own_model);
     pthread_cond_destroy(&s->ck_cv);

@@ -80,6 +80,13 @@ typedef struct ps_server_cfg {
     int skip_nonfinite;
     size_t memory_limit;
     int64_t max_step_ahead;
+    /* Embedding rows beyond memory: at most rows_memory bytes of rows in
+     * memory (0: every row in memory), the others in a row store
+     * (storage/st_rowdb.h) at rows_dir (NULL: a private directory under
+     * $TMPDIR, removed at destroy). Scratch: emptied when opened; a
+     * restarted shard restores its rows from its checkpoints. */
+    size_t rows_memory;
+    const char *rows_dir;
 } ps_server_cfg;
 
 /* With a data_dir, open the shard's store there (identity: a PS shard and

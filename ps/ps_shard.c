@@ -174,6 +174,8 @@ struct ps_shard {
     int64_t step_hw;    /* Highest step accepted, kept across rollbacks. */
     /* Settings of the server. */
     size_t mem_limit;
+    struct st_rowdb *rowdb; /* Rows beyond row_budget bytes (NULL: none). */
+    size_t row_budget;
     int64_t max_ahead;
     int skip_nonfinite;
     /* Set before serving, then read-only. */
@@ -249,6 +251,13 @@ size_t ps_shard_default_memory_limit(void) {
 void ps_shard_set_memory_limit(ps_shard *s, size_t bytes) {
     pthread_mutex_lock(&s->mu);
     s->mem_limit = bytes ? bytes : ps_shard_default_memory_limit();
+    pthread_mutex_unlock(&s->mu);
+}
+
+void ps_shard_set_row_spill(ps_shard *s, struct st_rowdb *db, size_t budget) {
+    pthread_mutex_lock(&s->mu);
+    s->rowdb = budget ? db : NULL;
+    s->row_budget = budget;
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -671,6 +680,7 @@ static int setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const
     s->mem_staged = 0;
     if (s->model->ntables > 0) {
         s->rows = ps_rows_create(s->model, &cfg->table_optim, cfg->seed);
+        if (s->rowdb) ps_rows_set_spill(s->rows, s->rowdb, s->row_budget);
         s->racc.e.dim = s->row_dim_max;
     }
     s->cfg = *cfg;
@@ -1585,6 +1595,7 @@ void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     out->parked = s->nwaiters;
     out->mem_bytes = s->inited ? mem_used(s) : 0;
     out->mem_limit = s->mem_limit;
+    if (s->rows) ps_rows_spill_stats_get(s->rows, &out->row_cache);
     out->min_worker_step = -1;
     if (s->inited && s->cfg.num_workers > 0) {
         out->min_worker_step = s->last_step[0];

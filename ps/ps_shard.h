@@ -203,6 +203,8 @@ typedef struct ps_shard_stats {
     size_t mem_bytes, mem_limit; /* Memory counted against the limit (the
                                   * state of the config, rows, staging), and
                                   * the limit. */
+    ps_rows_spill_stats row_cache; /* Rows in memory and stored (with a row
+                                    * budget: ps_shard_set_row_spill). */
 } ps_shard_stats;
 
 /* The shard 'index' of 'placement' for 'model' (both borrowed; they must
@@ -223,6 +225,12 @@ size_t ps_shard_default_memory_limit(void);
  * The memory limit in bytes (0: the default); an Init or restore beyond it
  * is refused with CM_ENOMEM. */
 void ps_shard_set_memory_limit(ps_shard *s, size_t bytes);
+/* Embedding rows beyond memory: at most budget bytes of rows in memory,
+ * the others in db (borrowed: it must outlive the shard; its rows are
+ * dropped whenever the shard's are, at Init and rollback). budget 0: every
+ * row in memory. Before the shard is initialised. */
+struct st_rowdb;
+void ps_shard_set_row_spill(ps_shard *s, struct st_rowdb *db, size_t budget);
 /* Drop pushes with non-finite values instead of refusing them (see the
  * top). */
 void ps_shard_set_skip_nonfinite(ps_shard *s, int skip);

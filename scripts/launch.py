@@ -3,6 +3,7 @@
 
   launch.py [--mode ps|local] [--ps N] [--workers N] [--evaluator] [--bin-dir DIR]
             [--checkpoint-dir DIR] [--checkpoint-every K] [--max-ps-restarts N]
+            [--ps-memory-mb X]
             [--chaos-kill-ps STEP [--chaos-seed S]]
             [--timeout S] [--verbose] [--no-auth | --auth-token-file F
             [--admin-token-file F]] [pstrain options...]
@@ -96,6 +97,8 @@ class Cluster:
         cluster = {"ps": ps, "worker": workers} if ps else {"worker": workers}
         ps_args = ["--data-dir", a.checkpoint_dir, "--checkpoint-every", str(a.checkpoint_every)]
         ps_args += a.auth_ps
+        if a.ps_memory_mb:
+            ps_args += ["--memory-mb", str(a.ps_memory_mb)]
         base_extra = a.auth_worker + list(self.extra)
         for i in range(a.ps):
             self.spawn(f"ps {i}", [os.path.join(a.bin_dir, "psserver")] + ps_args,
@@ -267,6 +270,9 @@ def main():
                     help="no tokens: anyone who reaches the ports may call the PS")
     ap.add_argument("--auth-token-file", help="the workers' token (default: a new one)")
     ap.add_argument("--admin-token-file", help="the chief's token (default: a new one)")
+    ap.add_argument("--ps-memory-mb", type=float, metavar="X",
+                    help="each PS keeps at most X MiB of embedding rows in memory, the rest "
+                         "in a row store on disk (psserver --memory-mb)")
     ap.add_argument("--launcher-help", action="store_true")
     args, extra = ap.parse_known_args()
     if args.launcher_help:

@@ -12,6 +12,12 @@
                                    bit-identical to an undisturbed one
   ctr_mode.py BIN_DIR export       an exported DeepFM evaluates to the same AUC with
                                    --eval-only, in local and PS mode
+  ctr_mode.py BIN_DIR beyond-memory  each PS keeps at most 0.2 MiB of rows in memory
+                                   (--ps-memory-mb), a tenth of what it holds, the rest
+                                   in its row store on disk: the run ends bit-identical
+                                   to one with every row in memory (AUC, dense
+                                   parameters, every exported row), also with a PS
+                                   SIGKILLed mid-run
   ctr_mode.py BIN_DIR bad-input    bad lines (counted, skipped, then a clear failure
                                    past --max-bad-lines), a missing data directory,
                                    options that do not fit a click model
@@ -21,6 +27,7 @@ under a timeout, and is stopped by PID.
 """
 import json
 import os
+import re
 import struct
 
 from itest import check, launch, params, rel_diff, run
@@ -168,6 +175,50 @@ def recovery(bin_dir, tmp):
           f"the checkpoint, the later steps redone)")
 
 
+ROW_CACHE = re.compile(r"ps (\d) info: row cache at exit: (\d+) rows, (\d+) in memory \(([\d.]+) of "
+                       r"([\d.]+) MiB\), (\d+) in the row store; hit rate ([\d.]+) %.*?(\d+) "
+                       r"evicted.*peak RSS ([\d.]+) MiB")
+
+
+def beyond_memory(bin_dir, tmp):
+    data = make_data(bin_dir, tmp)
+    common = ["--ps", "2", "--workers", "2", *MODEL, "--data-dir", data, "--batch-size", "64",
+              "--epochs", "1", "--checkpoint-every", "40"]
+    runs = {}
+    for name, extra in (("in memory", []), ("budget", ["--ps-memory-mb", "0.2"]),
+                        ("budget, PS killed", ["--ps-memory-mb", "0.2", "--chaos-kill-ps",
+                                               "120", "--chaos-seed", "1"])):
+        tag = name.split(",")[0].replace(" ", "_") + ("_kill" if "killed" in name else "")
+        out = {k: os.path.join(tmp, f"{tag}.{k}") for k in ("json", "bin", "pst")}
+        p = launch(bin_dir, *common, *extra, "--summary", out["json"], "--params-out",
+                   out["bin"], "--export", out["pst"])
+        caches = ROW_CACHE.findall(p.stderr)
+        runs[name] = (summary(out["json"]), params(out["bin"]), read_export(out["pst"])[2],
+                      caches, p.stderr)
+    ref_s, ref_p, ref_rows, ref_caches, _ = runs["in memory"]
+    check(not ref_caches, "without --ps-memory-mb no PS has a row cache")
+    s, p, rows, caches, _ = runs["budget"]
+    check(len(caches) == 2, f"each PS reports its row cache at exit ({len(caches)} lines)")
+    for ps, total, resident, used_mib, budget_mib, stored, hit, evicted, rss in caches:
+        total = int(total)
+        check(float(used_mib) <= float(budget_mib) == 0.2 and int(evicted) > 0 and
+              total >= 10 * int(resident),
+              f"PS {ps}: {resident} rows in memory ({used_mib} of {budget_mib} MiB), "
+              f"{total} rows in all ({total / int(resident):.0f}x), hit rate {hit} %, "
+              f"{evicted} evictions, peak RSS {rss} MiB")
+    check(abs(s["auc"] - ref_s["auc"]) <= 0.002 and p == ref_p,
+          f"the same run with every row in memory: AUC {s['auc']:.4f} vs {ref_s['auc']:.4f}, "
+          f"dense parameters bit-identical")
+    check(rows == ref_rows, f"so are all {sum(len(r) for r in ref_rows.values())} exported "
+          f"table rows (read back from the row stores)")
+    s, p, rows, caches, err = runs["budget, PS killed"]
+    check("SIGKILL" in err and s["rollbacks"] >= 1,
+          f"with the budget, a PS killed mid-run comes back ({s['rollbacks']} rollback, its "
+          f"rows restored through the row cache)")
+    check(p == ref_p and rows == ref_rows and s["auc"] == ref_s["auc"],
+          "and that run too ends bit-identical to the one in memory")
+
+
 def export(bin_dir, tmp):
     data = make_data(bin_dir, tmp)
     common = [*MODEL, "--data-dir", data, "--epochs", "1", "--batch-size", "128", "--quiet"]
@@ -232,4 +283,5 @@ def bad_input(bin_dir, tmp):
 if __name__ == "__main__":
     from itest import main
     main(__doc__, {"equivalence": equivalence, "learns": learns, "recovery": recovery,
-                   "export": export, "bad-input": bad_input}, "ctr_mode.")
+                   "export": export, "bad-input": bad_input, "beyond-memory": beyond_memory},
+         "ctr_mode.")

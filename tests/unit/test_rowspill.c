@@ -1,0 +1,334 @@
+/* test_rowspill.c - embedding rows beyond memory: ps_rows with a row budget
+ * over a LevelDB row store (storage/st_rowdb).
+ * SPDX-License-Identifier: MIT
+ *
+ * The reference is the same store without a budget, given the same calls:
+ * every row (values, optimizer slots, update count) must be bit-identical,
+ * whichever tier it was in, while the rows in memory stay within the
+ * budget. Also: the row store's key order, reads for evaluation of rows
+ * that are only stored, clear, restore (put) over stored rows, and that
+ * CLOCK keeps rows used on every batch in memory.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include "tests/unit/tu_tmpdir.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/cm_model.h"
+#include "common/cm_rng.h"
+#include "common/cm_status.h"
+#include "ps/ps_rows.h"
+#include "storage/st_rowdb.h"
+
+#define SEED 99
+#define DIM 8
+
+
+static int group_setup(void **state) {
+    (void)state;
+    return tu_tmpdir_create("test_rowspill");
+}
+
+static int group_teardown(void **state) {
+    (void)state;
+    return tu_tmpdir_remove();
+}
+
+/* Two tables of DIM floats a row (after a dense variable). */
+static cm_model *make_model(void) {
+    cm_var vars[3];
+    memset(vars, 0, sizeof vars);
+    snprintf(vars[0].name, sizeof vars[0].name, "bias");
+    vars[0].kind = CM_VAR_DENSE;
+    vars[0].ndims = 1;
+    vars[0].dims[0] = 1;
+    for (int t = 0; t < 2; t++) {
+        cm_var *v = &vars[1 + t];
+        snprintf(v->name, sizeof v->name, "emb%d", t);
+        v->kind = CM_VAR_TABLE;
+        v->ndims = 1;
+        v->dims[0] = DIM;
+        v->dim = DIM;
+        v->init = CM_INIT_UNIFORM;
+        v->init_scale = 0.05f;
+    }
+    cm_model *m = NULL;
+    char err[128];
+    assert_int_equal(cm_model_create_from_vars("spill", vars, 3, &m, err, sizeof err), CM_OK);
+    return m;
+}
+
+/* A store with a budget of 'rows' rows of the model (and its row store in
+ * the temporary directory), and the same without a budget. */
+typedef struct pair {
+    cm_model *m;
+    st_rowdb *db;
+    ps_rows *small, *ref;
+    size_t budget;
+} pair;
+
+static pair make_pair(int kind, size_t rows) {
+    pair p = {.m = make_model()};
+    ps_optim_cfg oc = ps_optim_defaults(kind, 0.1f);
+    p.small = ps_rows_create(p.m, &oc, SEED);
+    p.ref = ps_rows_create(p.m, &oc, SEED);
+    char dir[128], err[256];
+    snprintf(dir, sizeof dir, "%s/rows", tmpdir);
+    assert_int_equal(st_rowdb_open(dir, &p.db, err, sizeof err), CM_OK);
+    /* One row's cost as ps_rows counts it: floats, id, count, flags and two
+     * map entries. */
+    size_t cost = (size_t)DIM * (size_t)(1 + ps_rows_nslots(p.small)) * 4 + 17 + 32;
+    p.budget = rows * cost;
+    ps_rows_set_spill(p.small, p.db, p.budget);
+    return p;
+}
+
+static void free_pair(pair *p) {
+    ps_rows_destroy(p->small);
+    ps_rows_destroy(p->ref);
+    st_rowdb_close(p->db);
+    cm_model_destroy(p->m);
+}
+
+/* Batches of distinct ids drawn from a skewed range (some hot, many cold),
+ * applied (and read for training) on both stores. */
+static void train(pair *p, cm_rng *rng, int batches, size_t n, uint64_t range) {
+    uint64_t *ids = malloc(n * sizeof *ids);
+    float *g = malloc(n * DIM * sizeof *g), *a = malloc(n * DIM * sizeof *a),
+          *b = malloc(n * DIM * sizeof *b);
+    for (int it = 0; it < batches; it++) {
+        int table = it % 2;
+        size_t k = 0;
+        while (k < n) {
+            uint64_t r = cm_rng_next(rng);
+            /* Half the ids from 64 hot ones, the rest spread (scrambled). */
+            uint64_t id = (r & 1) ? (r >> 8) % 64 : ((r >> 8) % range) * 0x9E3779B97F4A7C15ull;
+            int dup = 0;
+            for (size_t j = 0; j < k; j++) dup |= ids[j] == id;
+            if (!dup) ids[k++] = id;
+        }
+        ps_rows_read(p->small, table, ids, n, 1, a);
+        ps_rows_read(p->ref, table, ids, n, 1, b);
+        assert_memory_equal(a, b, n * DIM * sizeof *a);
+        for (size_t i = 0; i < n * DIM; i++) g[i] = (float)(cm_rng_uniform(rng) - 0.5);
+        ps_rows_apply(p->small, table, ids, n, g, 0.5f);
+        ps_rows_apply(p->ref, table, ids, n, g, 0.5f);
+        ps_rows_spill_stats st;
+        ps_rows_spill_stats_get(p->small, &st);
+        assert_true(st.resident_bytes <= p->budget);
+    }
+    free(ids);
+    free(g);
+    free(a);
+    free(b);
+}
+
+/* Every row of the reference, found bit-identical in the budgeted store
+ * (and the counts agree). */
+typedef struct cmp_ctx {
+    ps_rows *other;
+    int table, nslots;
+    size_t seen;
+} cmp_ctx;
+
+static int compare_row(void *ud, uint64_t id, const float *values, const float *slots,
+                       int64_t count) {
+    cmp_ctx *c = ud;
+    int64_t oc = -1;
+    const float *o = ps_rows_find(c->other, c->table, id, &oc);
+    assert_non_null(o);
+    assert_memory_equal(o, values, DIM * sizeof(float));
+    if (c->nslots) assert_memory_equal(o + DIM, slots, (size_t)c->nslots * DIM * sizeof(float));
+    assert_int_equal(oc, count);
+    c->seen++;
+    return CM_OK;
+}
+
+static void assert_same_rows(pair *p) {
+    for (int t = 0; t < 2; t++) {
+        assert_int_equal(ps_rows_count(p->small, t), ps_rows_count(p->ref, t));
+        /* Visiting the budgeted store (memory, then stored rows) against
+         * finds in the reference, and the other way round (finds in the
+         * budgeted store load stored rows). */
+        cmp_ctx c = {.other = p->ref, .table = t, .nslots = ps_rows_nslots(p->ref)};
+        assert_int_equal(ps_rows_visit(p->small, t, compare_row, &c), CM_OK);
+        assert_int_equal(c.seen, ps_rows_count(p->ref, t));
+        cmp_ctx d = {.other = p->small, .table = t, .nslots = ps_rows_nslots(p->ref)};
+        assert_int_equal(ps_rows_visit(p->ref, t, compare_row, &d), CM_OK);
+        assert_int_equal(d.seen, ps_rows_count(p->ref, t));
+    }
+}
+
+/* Adam (two slots, a per-row step count) and Adagrad: 40 batches of 200
+ * rows from 20,000 ids through a budget of 300 rows. */
+static void check_optimizer(int kind) {
+    pair p = make_pair(kind, 300);
+    cm_rng rng;
+    cm_rng_init(&rng, 7);
+    train(&p, &rng, 40, 200, 20000);
+    ps_rows_spill_stats st;
+    ps_rows_spill_stats_get(p.small, &st);
+    assert_true(st.evictions > 1000);
+    assert_true(st.loads > 100);  /* Rows read back from the store. */
+    assert_true(st.on_disk > 1000);
+    assert_true(st.bytes_written > 0);
+    assert_true(st.resident <= 300);
+    assert_true(ps_rows_total(p.ref) > 3000);
+    assert_same_rows(&p);
+    free_pair(&p);
+}
+
+static void test_adam_rows_bit_identical(void **state) {
+    (void)state;
+    check_optimizer(PS_OPTIM_ADAM);
+}
+
+static void test_adagrad_rows_bit_identical(void **state) {
+    (void)state;
+    check_optimizer(PS_OPTIM_ADAGRAD);
+}
+
+/* An evaluation read of a row that is only stored gives its stored values,
+ * not its initial ones; of a row that never existed, the initial values. */
+static void test_eval_read_of_stored_row(void **state) {
+    (void)state;
+    pair p = make_pair(PS_OPTIM_SGD, 10);
+    cm_rng rng;
+    cm_rng_init(&rng, 8);
+    train(&p, &rng, 10, 50, 5000);
+    uint64_t ids[256];
+    size_t n = 0;
+    for (uint64_t id = 0; n < 256 && id < 64; id++) ids[n++] = id; /* hot ids */
+    for (uint64_t k = 0; n < 256; k++) ids[n++] = (k + 100000) * 0x9E3779B97F4A7C15ull;
+    float a[256 * DIM], b[256 * DIM];
+    ps_rows_read(p.small, 0, ids, n, 0, a);
+    ps_rows_read(p.ref, 0, ids, n, 0, b);
+    assert_memory_equal(a, b, sizeof a);
+    assert_int_equal(ps_rows_count(p.small, 0), ps_rows_count(p.ref, 0)); /* none created */
+    free_pair(&p);
+}
+
+/* Clear drops stored rows too; restore (put) over stored rows counts each
+ * row once and the newest values win. */
+static void test_clear_and_put(void **state) {
+    (void)state;
+    pair p = make_pair(PS_OPTIM_ADAGRAD, 20);
+    cm_rng rng;
+    cm_rng_init(&rng, 9);
+    train(&p, &rng, 6, 100, 3000);
+    assert_true(ps_rows_total(p.small) > 100);
+    ps_rows_clear(p.small);
+    ps_rows_clear(p.ref);
+    assert_int_equal(ps_rows_total(p.small), 0);
+    float v[DIM], s[DIM], out[DIM];
+    for (int round = 0; round < 2; round++)
+        for (uint64_t id = 0; id < 500; id++) {
+            for (int j = 0; j < DIM; j++) v[j] = (float)(id * 10 + (uint64_t)round) + (float)j;
+            for (int j = 0; j < DIM; j++) s[j] = (float)round;
+            ps_rows_put(p.small, 1, id, v, s, (int64_t)round);
+        }
+    assert_int_equal(ps_rows_count(p.small, 1), 500);
+    ps_rows_spill_stats st;
+    ps_rows_spill_stats_get(p.small, &st);
+    assert_true(st.on_disk >= 480);
+    for (uint64_t id = 0; id < 500; id += 37) {
+        ps_rows_read(p.small, 1, &id, 1, 0, out);
+        assert_true(out[0] == (float)(id * 10 + 1));
+        int64_t count = 0;
+        const float *r = ps_rows_find(p.small, 1, id, &count);
+        assert_non_null(r);
+        assert_int_equal(count, 1);
+        assert_true(r[DIM] == 1.0f); /* the slot of the second put */
+    }
+    free_pair(&p);
+}
+
+/* Rows used in every batch stay in memory (CLOCK): after the warm-up, the
+ * hot rows of each batch are hits. */
+static void test_clock_keeps_hot_rows(void **state) {
+    (void)state;
+    pair p = make_pair(PS_OPTIM_SGD, 200);
+    enum { HOT = 50, COLD = 50 };
+    uint64_t ids[HOT + COLD];
+    float out[(HOT + COLD) * DIM];
+    ps_rows_spill_stats before, after;
+    for (int it = 0; it < 100; it++) {
+        for (int i = 0; i < HOT; i++) ids[i] = (uint64_t)i;
+        for (int i = 0; i < COLD; i++) ids[HOT + i] = 1000 + (uint64_t)(it * COLD + i);
+        if (it == 50) ps_rows_spill_stats_get(p.small, &before);
+        ps_rows_read(p.small, 0, ids, HOT + COLD, 1, out);
+    }
+    ps_rows_spill_stats_get(p.small, &after);
+    /* 50 batches: every cold row is new (a miss); the hot ones are hits
+     * but for a few (CLOCK gives a new row the same second chance as a
+     * used one, so a sweep that goes round once now and then takes a hot
+     * row: 20 of 2,500 here). */
+    const uint64_t hot_misses = after.misses - before.misses - 50 * COLD;
+    assert_true(after.misses - before.misses >= 50 * COLD);
+    assert_true(hot_misses <= 50 * HOT / 50);
+    assert_int_equal(after.hits - before.hits, 50 * HOT - hot_misses);
+    assert_true(after.evictions > 2000);
+    free_pair(&p);
+}
+
+/* One table's keys sort together, ids ascending (big-endian). */
+static void test_key_order(void **state) {
+    (void)state;
+    const struct {
+        int table;
+        uint64_t id;
+    } k[] = {{0, 0}, {0, 1}, {0, 255}, {0, 256}, {0, UINT64_MAX - 1}, {0, UINT64_MAX},
+             {1, 0}, {1, 7}, {2, 0}};
+    const size_t n = sizeof k / sizeof k[0];
+    for (size_t i = 0; i + 1 < n; i++) {
+        uint8_t a[ST_ROWDB_KEY], b[ST_ROWDB_KEY];
+        st_rowdb_key(k[i].table, k[i].id, a);
+        st_rowdb_key(k[i + 1].table, k[i + 1].id, b);
+        assert_true(memcmp(a, b, ST_ROWDB_KEY) < 0);
+    }
+}
+
+/* A row store opened on a directory that held one starts empty. */
+static void test_open_empties(void **state) {
+    (void)state;
+    char dir[128], err[256];
+    snprintf(dir, sizeof dir, "%s/again", tmpdir);
+    st_rowdb *db;
+    assert_int_equal(st_rowdb_open(dir, &db, err, sizeof err), CM_OK);
+    float row[4] = {1, 2, 3, 4}, got[4];
+    int64_t count = 0;
+    st_rowdb_put(db, 0, 42, 3, row, 4);
+    assert_int_equal(st_rowdb_flush(db, err, sizeof err), CM_OK);
+    assert_int_equal(st_rowdb_get(db, 0, 42, &count, got, 4, err, sizeof err), 1);
+    assert_memory_equal(got, row, sizeof row);
+    assert_int_equal(count, 3);
+    assert_int_equal(st_rowdb_get(db, 0, 42, &count, got, 3, err, sizeof err), CM_ECORRUPT);
+    st_rowdb_close(db);
+    assert_int_equal(st_rowdb_open(dir, &db, err, sizeof err), CM_OK);
+    assert_int_equal(st_rowdb_get(db, 0, 42, &count, got, 4, err, sizeof err), 0);
+    st_rowdb_close(db);
+    /* A path that cannot be a directory: an error naming it. */
+    snprintf(dir, sizeof dir, "%s/again/CURRENT/x", tmpdir);
+    assert_int_equal(st_rowdb_open(dir, &db, err, sizeof err), CM_EIO);
+    assert_non_null(strstr(err, dir));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_adam_rows_bit_identical),
+        cmocka_unit_test(test_adagrad_rows_bit_identical),
+        cmocka_unit_test(test_eval_read_of_stored_row),
+        cmocka_unit_test(test_clear_and_put),
+        cmocka_unit_test(test_clock_keeps_hot_rows),
+        cmocka_unit_test(test_key_order),
+        cmocka_unit_test(test_open_empties),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
