@@ -94,57 +94,6 @@ static size_t table_quota(const opts *o, int t) {
  * pulls alone. */
 static int op_steps(const opts *o) { return o->warmup + o->iters; }
 
-/* Zipf(s) over ids 0..n-1 (id k with probability ~ (k + 1)^-s), by
- * rejection-inversion (Hoermann and Derflinger 1996, as Apache Commons
- * RNG's RejectionInversionZipfSampler): O(1) per draw, no table. */
-typedef struct zipf {
-    double s, hx1, hn, sq;
-    uint64_t n;
-} zipf;
-
-static double zipf_helper1(double x) { /* log1p(x) / x */
-    return fabs(x) > 1e-8 ? log1p(x) / x : 1.0 - x * (0.5 - x * (1.0 / 3.0 - 0.25 * x));
-}
-
-static double zipf_helper2(double x) { /* expm1(x) / x */
-    return fabs(x) > 1e-8 ? expm1(x) / x : 1.0 + x * 0.5 * (1.0 + x / 3.0 * (1.0 + 0.25 * x));
-}
-
-static double zipf_h(const zipf *z, double x) { return exp(-z->s * log(x)); }
-
-static double zipf_hint(const zipf *z, double x) {
-    double lx = log(x);
-    return zipf_helper2((1.0 - z->s) * lx) * lx;
-}
-
-static double zipf_hint_inv(const zipf *z, double x) {
-    double t = x * (1.0 - z->s);
-    if (t < -1.0) t = -1.0;
-    return exp(zipf_helper1(t) * x);
-}
-
-static void zipf_init(zipf *z, uint64_t n, double s) {
-    z->n = n;
-    z->s = s;
-    z->hx1 = zipf_hint(z, 1.5) - 1.0;
-    z->hn = zipf_hint(z, (double)n + 0.5);
-    z->sq = 2.0 - zipf_hint_inv(z, zipf_hint(z, 2.5) - zipf_h(z, 2.0));
-}
-
-/* A draw from stream 'key', using uniforms counter, counter + 1, ... (*counter
- * is advanced past them). */
-static uint64_t zipf_draw(const zipf *z, uint64_t key, uint64_t *counter) {
-    for (;;) {
-        double u01 = (double)(cm_rand64(key, (*counter)++) >> 11) * 0x1p-53;
-        double u = z->hn + u01 * (z->hx1 - z->hn);
-        double x = zipf_hint_inv(z, u);
-        double k = floor(x + 0.5);
-        if (k < 1.0) k = 1.0;
-        else if (k > (double)z->n) k = (double)z->n;
-        if (k - x <= z->sq || u >= zipf_hint(z, k + 0.5) - zipf_h(z, k)) return (uint64_t)k - 1;
-    }
-}
-
 /* A set of 64-bit ids, each with an index (insertion order); cleared in
  * O(1) by a new stamp. */
 typedef struct idmap {
@@ -199,7 +148,7 @@ static uint32_t idmap_put(idmap *m, uint64_t key, uint32_t *n, int *fresh) {
  * ids drawn Zipf, in the order first drawn, into ids (o->rows) grouped by
  * table (tab_begin, o->tables + 1). Returns the draws it took, or -1 if a
  * table's quota could not be met (an id space too small for it). */
-static long gen_keys(const opts *o, const zipf *z, idmap *seen, int rank, int step,
+static long gen_keys(const opts *o, const bu_zipf *z, idmap *seen, int rank, int step,
                      size_t *tab_begin, uint64_t *ids) {
     long draws = 0;
     size_t at = 0;
@@ -212,7 +161,7 @@ static long gen_keys(const opts *o, const zipf *z, idmap *seen, int rank, int st
         tab_begin[t] = at;
         for (uint64_t c = 0; n < want;) {
             if (c > 1000 * (uint64_t)want + 1000) return -1;
-            uint64_t id = zipf_draw(z, key, &c);
+            uint64_t id = bu_zipf_draw(z, key, &c);
             int fresh;
             idmap_put(seen, id, &n, &fresh);
             if (fresh) ids[at++] = id;
@@ -237,7 +186,7 @@ static int grad_of(const opts *o, int step, int rank) {
 
 /* A worker's whole run, generated before it is timed. */
 typedef struct workload {
-    zipf z;
+    bu_zipf z;
     idmap seen;
     int nsets;         /* 2 * op_steps + 1 key sets. */
     size_t *tab_begin; /* nsets x (tables + 1). */
@@ -249,7 +198,7 @@ typedef struct workload {
 static int workload_init(workload *w, const opts *o, char *err, size_t errlen) {
     memset(w, 0, sizeof *w);
     w->nsets = 2 * op_steps(o) + 1;
-    zipf_init(&w->z, (uint64_t)o->ids, o->zipf);
+    bu_zipf_init(&w->z, (uint64_t)o->ids, o->zipf);
     idmap_init(&w->seen, table_quota(o, 0));
     w->tab_begin = cm_malloc((size_t)w->nsets * (size_t)(o->tables + 1) * sizeof *w->tab_begin);
     w->ids = cm_malloc((size_t)w->nsets * (size_t)o->rows * sizeof *w->ids);
