@@ -101,6 +101,11 @@ static void usage(FILE *f) {
             "  --rows-dir DIR             the row store's directory, emptied at start\n"
             "                             (default: DATA_DIR/rows-<i> with --data-dir, else a\n"
             "                             private directory under $TMPDIR, removed at exit)\n"
+            "  --admit-after K            create a row only once training pulls found it\n"
+            "                             missing K times (1-255; counted in a 4 MiB\n"
+            "                             count-min sketch); until then it reads as its\n"
+            "                             initial values and its gradients are dropped\n"
+            "  --expire-after-steps T     drop rows unused for T versions (default: never)\n"
             "  -h, --help                 this text\n");
 }
 
@@ -129,6 +134,8 @@ int main(int argc, char **argv) {
                                          {"idle-timeout-ms", required_argument, 0, 'I'},
                                          {"memory-mb", required_argument, 0, 'm'},
                                          {"rows-dir", required_argument, 0, 'r'},
+                                         {"admit-after", required_argument, 0, 'a'},
+                                         {"expire-after-steps", required_argument, 0, 'x'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
@@ -141,6 +148,8 @@ int main(int argc, char **argv) {
     int skip_nonfinite = 0;
     long long mem_mb = 0, max_ahead = 0;
     double rows_mb = 0.0;
+    int admit_after = 0;
+    long long expire_after = 0;
     const char *rows_dir = NULL;
     int c;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -169,6 +178,8 @@ int main(int argc, char **argv) {
         case 'I': idle_ms = atol(optarg); break;
         case 'm': rows_mb = atof(optarg); break;
         case 'r': rows_dir = optarg; break;
+        case 'a': admit_after = atoi(optarg); break;
+        case 'x': expire_after = atoll(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 1;
         }
@@ -178,7 +189,8 @@ int main(int argc, char **argv) {
         ckpt_nice > 19 || max_held < 0 || max_held > 1000000 || max_parked < 0 ||
         max_parked > 1000000 || mem_mb < 0 || mem_mb > (1LL << 30) || max_ahead < 0 || max_streams < 0 ||
         max_streams > 100000 || idle_ms < 0 || idle_ms > 86400000L || !(rows_mb >= 0.0) ||
-        rows_mb > (double)(1LL << 30) || (rows_dir && rows_mb == 0.0)) {
+        rows_mb > (double)(1LL << 30) || (rows_dir && rows_mb == 0.0) || admit_after < 0 ||
+        admit_after > 255 || expire_after < 0) {
         fprintf(stderr, "psserver: bad arguments (see --help)\n");
         return 1;
     }
@@ -252,7 +264,8 @@ int main(int argc, char **argv) {
                          .max_parked = (int)max_parked, .max_held = (int)max_held, .max_streams = (int)max_streams,
                          .idle_ms = (int)idle_ms, .skip_nonfinite = skip_nonfinite,
                          .memory_limit = (size_t)mem_mb << 20, .max_step_ahead = max_ahead,
-                         .rows_memory = (size_t)(rows_mb * (1 << 20)), .rows_dir = rows_dir};
+                         .rows_memory = (size_t)(rows_mb * (1 << 20)), .rows_dir = rows_dir,
+                         .admit_after = admit_after, .expire_after = expire_after};
     /* Before the restore, which logs "restored version": a SIGTERM from then
      * on is a clean stop, not a death by signal. */
     struct sigaction sa;

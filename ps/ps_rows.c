@@ -52,6 +52,7 @@ typedef struct chunk {
     uint64_t *ids;   /* Each row's id (visits and rehashes). */
     int64_t *counts; /* Each row's update count. */
     uint8_t *flags;  /* Each slot's F_* bits. */
+    int64_t *last;   /* With expiry: the step each row was last used. */
 } chunk;
 
 /* A slot's flags. F_FREE: no row (evicted; on the table's free list). The
@@ -75,6 +76,8 @@ typedef struct rtable {
      * both there and here. */
     size_t hand, ndisk, nboth;
     size_t row_cost; /* Bytes a resident row counts against the budget. */
+    int track;       /* Rows keep the step they were last used (expiry). */
+    int64_t now;     /* The step (ps_rows_set_step). */
 } rtable;
 
 struct ps_rows {
@@ -90,7 +93,17 @@ struct ps_rows {
     size_t budget;
     int trim_next;            /* The table the next eviction looks at first. */
     ps_rows_spill_stats stats;
+    /* Admission (ps_rows_set_admission): a count-min sketch of training
+     * reads of missing rows, SKETCH_ROWS rows of sketch_mask + 1 counters. */
+    int admit_after;
+    uint8_t *sketch;
+    size_t sketch_mask;
+    /* Expiry (ps_rows_set_expiry). */
+    int64_t expire_after, step, swept;
 };
+
+#define SKETCH_ROWS 4
+#define SKETCH_WIDTH ((size_t)1 << 20)
 
 /* Chunks are cache-line aligned (cm_alloc_aligned) so a row whose size is a
  * multiple of a line (dim 16: 64, 128 or 192 bytes) spans no more lines
@@ -105,8 +118,8 @@ static void *alloc_chunk(size_t n) {
 }
 
 static size_t chunk_bytes(const rtable *t) {
-    return (size_t)PS_ROWS_CHUNK *
-           (t->stride * sizeof(float) + sizeof(uint64_t) + sizeof(int64_t) + 1);
+    return (size_t)PS_ROWS_CHUNK * (t->stride * sizeof(float) + sizeof(uint64_t) +
+                                    sizeof(int64_t) + 1 + (t->track ? sizeof(int64_t) : 0));
 }
 
 static inline rtable *tab(const ps_rows *r, int t) {
@@ -128,6 +141,10 @@ static inline int64_t *count_at(const rtable *t, size_t row) {
 
 static inline uint8_t *flags_at(const rtable *t, size_t row) {
     return &chunk_of(t, row)->flags[row % PS_ROWS_CHUNK];
+}
+
+static inline int64_t *last_at(const rtable *t, size_t row) {
+    return &chunk_of(t, row)->last[row % PS_ROWS_CHUNK];
 }
 
 static inline uint64_t id_at(const rtable *t, size_t row) {
@@ -238,6 +255,7 @@ static size_t add_row(rtable *t, entry *e, uint64_t id) {
         e->ref = row + 1;
         chunk_of(t, row)->ids[row % PS_ROWS_CHUNK] = id;
         *flags_at(t, row) = F_REF | F_DIRTY;
+        if (t->track) chunk_of(t, row)->last[row % PS_ROWS_CHUNK] = t->now;
         return row;
     }
     size_t row = t->nrows;
@@ -254,12 +272,15 @@ static size_t add_row(rtable *t, entry *e, uint64_t id) {
         c->ids = (uint64_t *)(c->rows + (size_t)PS_ROWS_CHUNK * t->stride);
         c->counts = (int64_t *)(c->ids + PS_ROWS_CHUNK);
         c->flags = (uint8_t *)(c->counts + PS_ROWS_CHUNK);
+        /* PS_ROWS_CHUNK flag bytes keep the next array 8-byte aligned. */
+        c->last = t->track ? (int64_t *)(c->flags + PS_ROWS_CHUNK) : NULL;
     }
     t->nrows = row + 1;
     e->id = id;
     e->ref = row + 1;
     chunk_of(t, row)->ids[row % PS_ROWS_CHUNK] = id;
     *flags_at(t, row) = F_REF | F_DIRTY;
+    if (t->track) chunk_of(t, row)->last[row % PS_ROWS_CHUNK] = t->now;
     return row;
 }
 
@@ -325,6 +346,18 @@ static void map_delete(rtable *t, entry *e) {
     t->map[i].id = 0;
 }
 
+/* Row slot 'row' (in memory) is removed: its map entry goes, the slot
+ * becomes free. */
+static void drop_slot(rtable *t, size_t row) {
+    map_delete(t, probe(t, id_at(t, row)));
+    *flags_at(t, row) = F_FREE;
+    if (t->nfree == t->free_cap) {
+        t->free_cap = t->free_cap ? 2 * t->free_cap : 256;
+        t->free_rows = cm_realloc(t->free_rows, t->free_cap * sizeof *t->free_rows);
+    }
+    t->free_rows[t->nfree++] = row;
+}
+
 static size_t resident_bytes(const ps_rows *r) {
     size_t b = 0;
     for (int i = 0; i < r->ntables; i++) b += live(&r->tables[i]) * r->tables[i].row_cost;
@@ -347,18 +380,13 @@ static int evict_one(ps_rows *r, int ti) {
         }
         const uint64_t id = id_at(t, row);
         if ((*f & F_DIRTY) || !(*f & F_DISK))
-            st_rowdb_put(r->db, ti, id, *count_at(t, row), row_at(t, row), t->stride);
+            st_rowdb_put(r->db, ti, id, *count_at(t, row), t->track ? *last_at(t, row) : 0,
+                         row_at(t, row), t->stride);
         if (*f & F_DISK)
             t->nboth--;
         else
             t->ndisk++;
-        map_delete(t, probe(t, id));
-        *f = F_FREE;
-        if (t->nfree == t->free_cap) {
-            t->free_cap = t->free_cap ? 2 * t->free_cap : 256;
-            t->free_rows = cm_realloc(t->free_rows, t->free_cap * sizeof *t->free_rows);
-        }
-        t->free_rows[t->nfree++] = row;
+        drop_slot(t, row);
         r->stats.evictions++;
         return 1;
     }
@@ -388,33 +416,60 @@ static size_t load(ps_rows *r, int ti, uint64_t id) {
     size_t row = find_or_add(t, id, &created);
     assert(created);
     char err[512];
-    int64_t count;
-    int rc = st_rowdb_get(r->db, ti, id, &count, row_at(t, row), t->stride, err, sizeof err);
+    int64_t count, last;
+    int rc = st_rowdb_get(r->db, ti, id, &count, &last, row_at(t, row), t->stride, err,
+                          sizeof err);
     if (rc < 0) spill_fatal(r, "reading a row", err);
     if (rc == 0) { /* Not there after all: the slot goes back. */
-        map_delete(t, probe(t, id));
-        *flags_at(t, row) = F_FREE;
-        if (t->nfree == t->free_cap) {
-            t->free_cap = t->free_cap ? 2 * t->free_cap : 256;
-            t->free_rows = cm_realloc(t->free_rows, t->free_cap * sizeof *t->free_rows);
-        }
-        t->free_rows[t->nfree++] = row;
+        drop_slot(t, row);
         return NONE;
     }
     *count_at(t, row) = count;
+    if (t->track) *last_at(t, row) = last;
     *flags_at(t, row) = F_REF | F_DISK;
     t->nboth++;
     r->stats.loads++;
     return row;
 }
 
+/* Admission: the count-min sketch's estimate of how often (table, id) was
+ * read for training while missing, after adding one if 'add'
+ * (conservative update: only the smallest counters go up). */
+static int sketch_count(ps_rows *r, int ti, uint64_t id, int add) {
+    size_t at[SKETCH_ROWS];
+    int est = 255;
+    for (int k = 0; k < SKETCH_ROWS; k++) {
+        uint64_t h = cm_mix64(id ^ cm_mix64(((uint64_t)ti << 8 | (uint64_t)k) + r->seed));
+        at[k] = (size_t)k * (r->sketch_mask + 1) + (size_t)(h & r->sketch_mask);
+        if (r->sketch[at[k]] < est) est = r->sketch[at[k]];
+    }
+    if (add && est < 255) {
+        est++;
+        for (int k = 0; k < SKETCH_ROWS; k++)
+            if (r->sketch[at[k]] < est) r->sketch[at[k]] = (uint8_t)est;
+    }
+    return est;
+}
+
+/* What a batch does, for prepare(). */
+enum { B_EVAL = 0, B_TRAIN_READ = 1, B_APPLY = 2 };
+
+/* Whether a batch needs prepare(): a row budget, admission or expiry. */
+static inline int needs_prepare(const ps_rows *r) {
+    return r->db || r->admit_after > 1 || r->expire_after > 0;
+}
+
 /* Before a batch on table ti: every id's row that is in the row store is
  * brought into memory, and every row of the batch is marked used (and
- * changed, for an update), so the batch itself runs as without a budget
- * and the eviction after it spares the rows it just used last. */
-static void prepare(ps_rows *r, int ti, const uint64_t *ids, size_t n, int update) {
+ * changed, for an update; with expiry, used at this step), so the batch
+ * itself runs as without a budget and the eviction after it spares the
+ * rows it just used last. With admission, a training read counts each
+ * missing id and creates the rows seen often enough here (the batch then
+ * reads without creating). */
+static void prepare(ps_rows *r, int ti, const uint64_t *ids, size_t n, int what) {
     rtable *t = &r->tables[ti];
-    const uint8_t mark = (uint8_t)(F_REF | (update ? F_DIRTY : 0));
+    const uint8_t mark = (uint8_t)(F_REF | (what == B_APPLY ? F_DIRTY : 0));
+    const int admit = r->admit_after > 1 && what == B_TRAIN_READ;
     for (size_t i = 0; i < n; i++) {
         const entry *e = probe(t, ids[i]);
         size_t row = e->ref ? e->ref - 1 : NONE;
@@ -422,9 +477,103 @@ static void prepare(ps_rows *r, int ti, const uint64_t *ids, size_t n, int updat
             r->stats.hits++;
         } else {
             r->stats.misses++;
-            row = load(r, ti, ids[i]);
+            if (r->db) row = load(r, ti, ids[i]);
+            if (row == NONE && admit) {
+                if (sketch_count(r, ti, ids[i], 1) >= r->admit_after)
+                    row = find_or_create(r, t, ids[i]);
+                else
+                    r->stats.not_admitted++;
+            }
         }
-        if (row != NONE) *flags_at(t, row) |= mark;
+        if (row != NONE) {
+            *flags_at(t, row) |= mark;
+            if (t->track) *last_at(t, row) = t->now;
+        }
+    }
+}
+
+/* Expiry: rows not used for expire_after steps go, from memory and from
+ * the row store. */
+typedef struct stale_ctx {
+    const rtable *t;
+    int64_t cutoff;
+    uint64_t *ids;
+    size_t n, cap;
+} stale_ctx;
+
+static int find_stale(void *ud, uint64_t id, int64_t count, int64_t last, const float *row) {
+    (void)count, (void)row;
+    stale_ctx *c = ud;
+    if (last >= c->cutoff || probe(c->t, id)->ref) return CM_OK; /* In memory: seen there. */
+    if (c->n == c->cap) {
+        c->cap = c->cap ? 2 * c->cap : 1024;
+        c->ids = cm_realloc(c->ids, c->cap * sizeof *c->ids);
+    }
+    c->ids[c->n++] = id;
+    return CM_OK;
+}
+
+static void expire(ps_rows *r) {
+    const int64_t cutoff = r->step - r->expire_after;
+    char err[512];
+    for (int ti = 0; ti < r->ntables; ti++) {
+        rtable *t = &r->tables[ti];
+        for (size_t row = 0; row < t->nrows; row++) {
+            uint8_t f = *flags_at(t, row);
+            if ((f & F_FREE) || *last_at(t, row) >= cutoff) continue;
+            if (f & F_DISK) {
+                st_rowdb_del(r->db, ti, id_at(t, row));
+                t->nboth--;
+                t->ndisk--;
+            }
+            drop_slot(t, row);
+            r->stats.expired++;
+        }
+        if (r->db && t->ndisk > t->nboth) {
+            /* The removals above first, so the visit does not see them. */
+            if (st_rowdb_flush(r->db, err, sizeof err) != CM_OK)
+                spill_fatal(r, "removing expired rows", err);
+            stale_ctx c = {.t = t, .cutoff = cutoff};
+            int rc = st_rowdb_visit(r->db, ti, t->stride, find_stale, &c, err, sizeof err);
+            if (rc != CM_OK) spill_fatal(r, "reading the rows", err);
+            for (size_t i = 0; i < c.n; i++) st_rowdb_del(r->db, ti, c.ids[i]);
+            t->ndisk -= c.n;
+            r->stats.expired += c.n;
+            free(c.ids);
+        }
+    }
+    if (r->db && st_rowdb_flush(r->db, err, sizeof err) != CM_OK)
+        spill_fatal(r, "removing expired rows", err);
+}
+
+void ps_rows_set_admission(ps_rows *r, int k) {
+    assert(ps_rows_total(r) == 0 && k >= 0 && k <= 255);
+    r->admit_after = k;
+    free(r->sketch);
+    r->sketch = NULL;
+    if (k > 1) {
+        r->sketch_mask = SKETCH_WIDTH - 1;
+        r->sketch = cm_calloc(SKETCH_ROWS * SKETCH_WIDTH, 1);
+    }
+}
+
+void ps_rows_set_expiry(ps_rows *r, int64_t steps) {
+    assert(ps_rows_total(r) == 0 && steps >= 0);
+    r->expire_after = steps;
+    for (int i = 0; i < r->ntables; i++) r->tables[i].track = steps > 0;
+}
+
+void ps_rows_set_step(ps_rows *r, int64_t step) {
+    r->step = step;
+    if (step < r->swept) r->swept = step; /* A rollback. */
+    for (int i = 0; i < r->ntables; i++) r->tables[i].now = step;
+    if (r->expire_after <= 0) return;
+    /* A sweep every quarter of the expiry period: a row goes between
+     * expire_after and 1.25 x expire_after steps after its last use. */
+    int64_t every = r->expire_after / 4 > 0 ? r->expire_after / 4 : 1;
+    if (step - r->swept >= every) {
+        r->swept = step;
+        expire(r);
     }
 }
 
@@ -493,6 +642,7 @@ void ps_rows_destroy(ps_rows *r) {
     for (int i = 0; i < r->ntables; i++) table_free(&r->tables[i]);
     free(r->tables);
     free(r->scaled);
+    free(r->sketch);
     free(r);
 }
 
@@ -506,6 +656,7 @@ void ps_rows_clear(ps_rows *r) {
     char err[512];
     if (r->db && st_rowdb_clear(r->db, err, sizeof err) != CM_OK)
         spill_fatal(r, "dropping every row", err);
+    if (r->sketch) memset(r->sketch, 0, SKETCH_ROWS * (r->sketch_mask + 1));
 }
 
 int ps_rows_dim(const ps_rows *r, int table) { return tab(r, table)->dim; }
@@ -531,13 +682,17 @@ size_t ps_rows_bytes(const ps_rows *r) {
         b += t->cap * sizeof *t->map + t->chunks_cap * sizeof *t->chunks +
              t->nchunks * chunk_bytes(t) + t->free_cap * sizeof *t->free_rows;
     }
+    if (r->sketch) b += SKETCH_ROWS * (r->sketch_mask + 1);
     return b;
 }
 
 void ps_rows_read(ps_rows *r, int table, const uint64_t *ids, size_t n, int create, float *out) {
     rtable *t = tab(r, table);
     const size_t dim = (size_t)t->dim;
-    if (r->db) prepare(r, table, ids, n, 0);
+    if (needs_prepare(r)) {
+        prepare(r, table, ids, n, create ? B_TRAIN_READ : B_EVAL);
+        if (r->admit_after > 1) create = 0; /* prepare created what is admitted. */
+    }
     batch b;
     batch_start(&b, t, ids, n, 0);
     for (size_t i = 0; i < n; i++) {
@@ -559,12 +714,19 @@ void ps_rows_apply(ps_rows *r, int table, const uint64_t *ids, size_t n, const f
                    float scale) {
     rtable *t = tab(r, table);
     const size_t dim = (size_t)t->dim;
-    if (r->db) prepare(r, table, ids, n, 1);
+    if (needs_prepare(r)) prepare(r, table, ids, n, B_APPLY);
     batch b;
     batch_start(&b, t, ids, n, 1);
     for (size_t i = 0; i < n; i++) {
         size_t row = batch_next(&b, i);
-        if (row == NONE) row = find_or_create(r, t, ids[i]);
+        if (row == NONE) {
+            /* Not admitted yet: its gradient is dropped. */
+            if (r->admit_after > 1 && sketch_count(r, table, ids[i], 0) < r->admit_after) {
+                r->stats.dropped_updates++;
+                continue;
+            }
+            row = find_or_create(r, t, ids[i]);
+        }
         float *p = row_at(t, row);
         int64_t *count = count_at(t, row);
         const float *gi = g + i * dim;
@@ -597,7 +759,8 @@ typedef struct disk_visit {
     void *ud;
 } disk_visit;
 
-static int visit_stored(void *ud, uint64_t id, int64_t count, const float *row) {
+static int visit_stored(void *ud, uint64_t id, int64_t count, int64_t last, const float *row) {
+    (void)last;
     const disk_visit *v = ud;
     if (probe(v->t, id)->ref) return CM_OK; /* Seen in memory (newer there). */
     return v->fn(v->ud, id, row, row + v->t->dim, count);

@@ -57,13 +57,36 @@ void ps_rows_destroy(ps_rows *r);
 struct st_rowdb;
 void ps_rows_set_spill(ps_rows *r, struct st_rowdb *db, size_t budget_bytes);
 
-/* The cache's counters (zero without a budget but resident rows). */
+/* Admission: with k > 1, a row is created only once a training read has
+ * found it missing k times (counted in a count-min sketch of 4 x 2^20
+ * one-byte counters, 4 MiB, so an id may be admitted early when it
+ * collides with frequent ones; never late); until then reads give its
+ * initial values and its gradients are dropped. The counts start again at
+ * ps_rows_clear (a rollback). k 0 or 1: every row is created at once.
+ * Before the first row. */
+void ps_rows_set_admission(ps_rows *r, int k);
+
+/* Expiry: with steps > 0, a row not used (read or updated) for that many
+ * steps of ps_rows_set_step is dropped, from memory and from the row
+ * store, at the next sweep (every steps / 4): it comes back with its
+ * initial values if used again. Rows restored by ps_rows_put count as used
+ * then. Costs 8 bytes a row. Before the first row. */
+void ps_rows_set_expiry(ps_rows *r, int64_t steps);
+
+/* The step (a PS shard: its version) for expiry; may sweep. */
+void ps_rows_set_step(ps_rows *r, int64_t step);
+
+/* The store's counters (a row budget, admission, expiry; zero where not
+ * set, but resident rows). */
 typedef struct ps_rows_spill_stats {
     uint64_t resident, on_disk;      /* Rows in memory; rows the store holds. */
     uint64_t hits, misses;           /* Batch rows found in memory, or not. */
     uint64_t loads, evictions;       /* Rows read from the store; evicted. */
     uint64_t bytes_written;          /* To the store. */
     size_t resident_bytes, budget;
+    uint64_t not_admitted;           /* Training reads of rows not admitted yet. */
+    uint64_t dropped_updates;        /* Row gradients of rows not admitted. */
+    uint64_t expired;                /* Rows dropped by expiry. */
 } ps_rows_spill_stats;
 void ps_rows_spill_stats_get(const ps_rows *r, ps_rows_spill_stats *out);
 

@@ -278,6 +278,7 @@ static int adopt_model(ps_server *s, const cm_model *model, const cm_placement *
     ps_shard_set_skip_nonfinite(sh, s->cfg.skip_nonfinite);
     ps_shard_set_memory_limit(sh, s->cfg.memory_limit);
     if (s->rowdb) ps_shard_set_row_spill(sh, s->rowdb, s->cfg.rows_memory);
+    ps_shard_set_row_admission(sh, s->cfg.admit_after, s->cfg.expire_after);
     if (s->cfg.max_step_ahead > 0) ps_shard_set_max_step_ahead(sh, s->cfg.max_step_ahead);
     if (s->writer_started) ps_shard_set_publish_hook(sh, s->cfg.checkpoint_every, on_publish, s);
     pthread_mutex_lock(&s->mu);
@@ -903,6 +904,9 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.row_evictions = st.row_cache.evictions;
         rep.row_bytes_written = st.row_cache.bytes_written;
         rep.rows_budget = st.row_cache.budget;
+        rep.rows_not_admitted = st.row_cache.not_admitted;
+        rep.row_updates_dropped = st.row_cache.dropped_updates;
+        rep.rows_expired = st.row_cache.expired;
         rep.version = st.version;
         rep.pushes = st.pushes;
         rep.duplicate_pushes = st.duplicate_pushes;
@@ -1622,13 +1626,15 @@ static void log_row_cache(ps_shard *sh, const char *when) {
     getrusage(RUSAGE_SELF, &ru);
     cm_info("row cache %s: %llu rows, %llu in memory (%.2f of %.2f MiB), %llu in the row store; "
             "hit rate %.1f %% of %llu rows asked for, %llu read back, %llu evicted, %.1f MiB "
-            "written; peak RSS %.1f MiB", when, (unsigned long long)st.rows,
+            "written; %llu reads not admitted, %llu updates dropped, %llu rows expired; "
+            "peak RSS %.1f MiB", when, (unsigned long long)st.rows,
             (unsigned long long)c->resident,
             (double)c->resident_bytes / (1 << 20), (double)c->budget / (1 << 20),
             (unsigned long long)c->on_disk, looked ? 100.0 * (double)c->hits / (double)looked : 0.0,
             (unsigned long long)looked, (unsigned long long)c->loads,
             (unsigned long long)c->evictions, (double)c->bytes_written / (1 << 20),
-            (double)ru.ru_maxrss / 1024.0);
+            (unsigned long long)c->not_admitted, (unsigned long long)c->dropped_updates,
+            (unsigned long long)c->expired, (double)ru.ru_maxrss / 1024.0);
 }
 
 /* The row store of a row budget: cfg.rows_dir, or a private directory. */
@@ -1785,7 +1791,8 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     free(s->job.rows);
     free(s->job.rows_off);
     st_store_close(s->store);
-    if (s->rowdb && sh) log_row_cache(sh, "at exit");
+    if ((s->rowdb || s->cfg.admit_after > 1 || s->cfg.expire_after > 0) && sh)
+        log_row_cache(sh, "at exit");
     ps_shard_destroy(s->shard);
     st_rowdb_close(s->rowdb);
     if (s->rows_tmp[0]) st_rowdb_remove(s->rows_tmp);

@@ -87,6 +87,11 @@ typedef struct ps_server_cfg {
      * restarted shard restores its rows from its checkpoints. */
     size_t rows_memory;
     const char *rows_dir;
+    /* Rows created only once training reads found them missing admit_after
+     * times (0, 1: at once), and dropped after expire_after versions unused
+     * (0: never); see ps/ps_rows.h. */
+    int admit_after;
+    int64_t expire_after;
 } ps_server_cfg;
 
 /* With a data_dir, open the shard's store there (identity: a PS shard and

@@ -176,6 +176,8 @@ struct ps_shard {
     size_t mem_limit;
     struct st_rowdb *rowdb; /* Rows beyond row_budget bytes (NULL: none). */
     size_t row_budget;
+    int admit_after;        /* Row admission and expiry (ps_rows.h). */
+    int64_t expire_after;
     int64_t max_ahead;
     int skip_nonfinite;
     /* Set before serving, then read-only. */
@@ -258,6 +260,13 @@ void ps_shard_set_row_spill(ps_shard *s, struct st_rowdb *db, size_t budget) {
     pthread_mutex_lock(&s->mu);
     s->rowdb = budget ? db : NULL;
     s->row_budget = budget;
+    pthread_mutex_unlock(&s->mu);
+}
+
+void ps_shard_set_row_admission(ps_shard *s, int k, int64_t expire_after) {
+    pthread_mutex_lock(&s->mu);
+    s->admit_after = k;
+    s->expire_after = expire_after;
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -451,6 +460,7 @@ static ps_snapshot *snap_new(ps_shard *s, float *data, int64_t version) {
 static ps_snapshot *publish(ps_shard *s, ps_snapshot *snap) {
     ps_snapshot *old = s->current;
     s->current = snap;
+    if (s->rows) ps_rows_set_step(s->rows, snap->version); /* Row expiry. */
     if (s->hook && snap->version > 0 && snap->version % s->hook_every == 0)
         s->hook(s->hook_ud, snap, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg,
                 s->rows);
@@ -681,6 +691,9 @@ static int setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const
     if (s->model->ntables > 0) {
         s->rows = ps_rows_create(s->model, &cfg->table_optim, cfg->seed);
         if (s->rowdb) ps_rows_set_spill(s->rows, s->rowdb, s->row_budget);
+        ps_rows_set_admission(s->rows, s->admit_after);
+        ps_rows_set_expiry(s->rows, s->expire_after);
+        ps_rows_set_step(s->rows, version);
         s->racc.e.dim = s->row_dim_max;
     }
     s->cfg = *cfg;
@@ -1702,6 +1715,7 @@ int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const f
     }
     fill_state(s, &s->cfg, cur, params, slots, 0, 0);
     s->version = version;
+    if (s->rows) ps_rows_set_step(s->rows, version);
     s->pending = NULL;
     s->current = snap_new(s, cur, version);
     pthread_mutex_unlock(&s->mu);

@@ -231,6 +231,10 @@ void ps_shard_set_memory_limit(ps_shard *s, size_t bytes);
  * row in memory. Before the shard is initialised. */
 struct st_rowdb;
 void ps_shard_set_row_spill(ps_shard *s, struct st_rowdb *db, size_t budget);
+/* Rows created only once seen k times (0, 1: at once), and dropped after
+ * expire_after versions unused (0: never); ps_rows_set_admission and
+ * ps_rows_set_expiry. Before the shard is initialised. */
+void ps_shard_set_row_admission(ps_shard *s, int k, int64_t expire_after);
 /* Drop pushes with non-finite values instead of refusing them (see the
  * top). */
 void ps_shard_set_skip_nonfinite(ps_shard *s, int skip);

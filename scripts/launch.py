@@ -3,7 +3,7 @@
 
   launch.py [--mode ps|local] [--ps N] [--workers N] [--evaluator] [--bin-dir DIR]
             [--checkpoint-dir DIR] [--checkpoint-every K] [--max-ps-restarts N]
-            [--ps-memory-mb X]
+            [--ps-memory-mb X] [--ps-arg ARG]...
             [--chaos-kill-ps STEP [--chaos-seed S]]
             [--timeout S] [--verbose] [--no-auth | --auth-token-file F
             [--admin-token-file F]] [pstrain options...]
@@ -99,6 +99,7 @@ class Cluster:
         ps_args += a.auth_ps
         if a.ps_memory_mb:
             ps_args += ["--memory-mb", str(a.ps_memory_mb)]
+        ps_args += a.ps_arg
         base_extra = a.auth_worker + list(self.extra)
         for i in range(a.ps):
             self.spawn(f"ps {i}", [os.path.join(a.bin_dir, "psserver")] + ps_args,
@@ -273,6 +274,9 @@ def main():
     ap.add_argument("--ps-memory-mb", type=float, metavar="X",
                     help="each PS keeps at most X MiB of embedding rows in memory, the rest "
                          "in a row store on disk (psserver --memory-mb)")
+    ap.add_argument("--ps-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to every psserver (repeat for more, e.g. --ps-arg=--admit-after "
+                         "--ps-arg=2)")
     ap.add_argument("--launcher-help", action="store_true")
     args, extra = ap.parse_known_args()
     if args.launcher_help:

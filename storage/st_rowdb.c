@@ -140,21 +140,31 @@ void st_rowdb_remove(const char *dir) {
     rmdir(dir);
 }
 
-void st_rowdb_put(st_rowdb *r, int table, uint64_t id, int64_t count, const float *row,
-                  size_t nfloats) {
+#define HEAD 16 /* count, last */
+
+void st_rowdb_put(st_rowdb *r, int table, uint64_t id, int64_t count, int64_t last,
+                  const float *row, size_t nfloats) {
     uint8_t key[ST_ROWDB_KEY];
     st_rowdb_key(table, id, key);
-    size_t n = 8 + nfloats * sizeof(float);
+    size_t n = HEAD + nfloats * sizeof(float);
     if (n > r->val_cap) {
         free(r->val);
         r->val = cm_malloc(n);
         r->val_cap = n;
     }
     memcpy(r->val, &count, 8);
-    memcpy(r->val + 8, row, nfloats * sizeof(float));
+    memcpy(r->val + 8, &last, 8);
+    memcpy(r->val + HEAD, row, nfloats * sizeof(float));
     leveldb_writebatch_put(r->batch, (const char *)key, sizeof key, (const char *)r->val, n);
     r->batch_bytes += sizeof key + n;
     r->stats.puts++;
+}
+
+void st_rowdb_del(st_rowdb *r, int table, uint64_t id) {
+    uint8_t key[ST_ROWDB_KEY];
+    st_rowdb_key(table, id, key);
+    leveldb_writebatch_delete(r->batch, (const char *)key, sizeof key);
+    r->batch_bytes += sizeof key;
 }
 
 int st_rowdb_flush(st_rowdb *r, char *err, size_t errlen) {
@@ -168,8 +178,8 @@ int st_rowdb_flush(st_rowdb *r, char *err, size_t errlen) {
     return CM_OK;
 }
 
-int st_rowdb_get(st_rowdb *r, int table, uint64_t id, int64_t *count, float *row,
-                 size_t nfloats, char *err, size_t errlen) {
+int st_rowdb_get(st_rowdb *r, int table, uint64_t id, int64_t *count, int64_t *last,
+                 float *row, size_t nfloats, char *err, size_t errlen) {
     uint8_t key[ST_ROWDB_KEY];
     st_rowdb_key(table, id, key);
     char *lerr = NULL;
@@ -179,13 +189,14 @@ int st_rowdb_get(st_rowdb *r, int table, uint64_t id, int64_t *count, float *row
     if (lerr) return fail(lerr, err, errlen, "cannot read a row from", r->path);
     if (!v) return 0;
     int rc = 1;
-    if (n != 8 + nfloats * sizeof(float)) {
+    if (n != HEAD + nfloats * sizeof(float)) {
         cm_seterr(err, errlen, "the row store %s: row %llu of table %d is %zu bytes, not %zu",
-                  r->path, (unsigned long long)id, table, n, 8 + nfloats * sizeof(float));
+                  r->path, (unsigned long long)id, table, n, HEAD + nfloats * sizeof(float));
         rc = CM_ECORRUPT;
     } else {
         memcpy(count, v, 8);
-        memcpy(row, v + 8, nfloats * sizeof(float));
+        memcpy(last, v + 8, 8);
+        memcpy(row, v + HEAD, nfloats * sizeof(float));
         r->stats.found++;
     }
     leveldb_free(v);
@@ -205,16 +216,17 @@ int st_rowdb_visit(st_rowdb *r, int table, size_t nfloats, st_rowdb_visit_fn fn,
         const uint8_t *k = (const uint8_t *)leveldb_iter_key(it, &klen);
         if (klen != ST_ROWDB_KEY || get_be32(k) != (uint32_t)table) break;
         const char *v = leveldb_iter_value(it, &vlen);
-        if (vlen != 8 + nfloats * sizeof(float)) {
+        if (vlen != HEAD + nfloats * sizeof(float)) {
             cm_seterr(err, errlen, "the row store %s: a row of table %d is %zu bytes, not %zu",
-                      r->path, table, vlen, 8 + nfloats * sizeof(float));
+                      r->path, table, vlen, HEAD + nfloats * sizeof(float));
             rc = CM_ECORRUPT;
             break;
         }
-        int64_t count;
+        int64_t count, last;
         memcpy(&count, v, 8);
-        memcpy(row, v + 8, nfloats * sizeof(float)); /* Aligned for the callback. */
-        if ((rc = fn(ud, get_be64(k + 4), count, row)) != CM_OK) break;
+        memcpy(&last, v + 8, 8);
+        memcpy(row, v + HEAD, nfloats * sizeof(float)); /* Aligned for the callback. */
+        if ((rc = fn(ud, get_be64(k + 4), count, last, row)) != CM_OK) break;
     }
     char *lerr = NULL;
     leveldb_iter_get_error(it, &lerr);

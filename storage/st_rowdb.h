@@ -4,7 +4,8 @@
  *
  * A key is (table, id), 12 bytes big-endian, so one table's rows sort
  * together, ids ascending (st_rowdb_key). A value is the row as ps_rows
- * keeps it: its update count (8 bytes) then its floats, raw. LevelDB's
+ * keeps it: its update count and the step it was last used (8 bytes each,
+ * host order), then its floats, raw. LevelDB's
  * bloom filter (10 bits a key) answers most lookups of ids that were never
  * written without reading a block.
  *
@@ -36,21 +37,24 @@ void st_rowdb_remove(const char *dir);
 /* The key of (table, id). */
 void st_rowdb_key(int table, uint64_t id, uint8_t key[ST_ROWDB_KEY]);
 
-/* Queue a write of row (table, id): count, then nfloats floats. */
-void st_rowdb_put(st_rowdb *db, int table, uint64_t id, int64_t count, const float *row,
-                  size_t nfloats);
+/* Queue a write of row (table, id): its count, last step and nfloats
+ * floats; or its removal. */
+void st_rowdb_put(st_rowdb *db, int table, uint64_t id, int64_t count, int64_t last,
+                  const float *row, size_t nfloats);
+void st_rowdb_del(st_rowdb *db, int table, uint64_t id);
 /* Write what was queued. CM_EIO with LevelDB's message in err. */
 int st_rowdb_flush(st_rowdb *db, char *err, size_t errlen);
 
-/* Row (table, id) into count and row (nfloats floats): 1 if found, 0 if
- * not, CM_ECORRUPT for a value of another size, CM_EIO (err says). */
-int st_rowdb_get(st_rowdb *db, int table, uint64_t id, int64_t *count, float *row,
-                 size_t nfloats, char *err, size_t errlen);
+/* Row (table, id) into count, last and row (nfloats floats): 1 if found,
+ * 0 if not, CM_ECORRUPT for a value of another size, CM_EIO (err says). */
+int st_rowdb_get(st_rowdb *db, int table, uint64_t id, int64_t *count, int64_t *last,
+                 float *row, size_t nfloats, char *err, size_t errlen);
 
 /* Every row of table t in id order; fn returns CM_OK to go on or a
  * negative CM_E* to stop, which is returned. Rows of another size than
  * nfloats give CM_ECORRUPT. */
-typedef int (*st_rowdb_visit_fn)(void *ud, uint64_t id, int64_t count, const float *row);
+typedef int (*st_rowdb_visit_fn)(void *ud, uint64_t id, int64_t count, int64_t last,
+                                 const float *row);
 int st_rowdb_visit(st_rowdb *db, int table, size_t nfloats, st_rowdb_visit_fn fn, void *ud,
                    char *err, size_t errlen);
 

@@ -17,7 +17,8 @@
                                    in its row store on disk: the run ends bit-identical
                                    to one with every row in memory (AUC, dense
                                    parameters, every exported row), also with a PS
-                                   SIGKILLed mid-run
+                                   SIGKILLed mid-run; and with row admission and
+                                   expiry, fewer rows that still learn
   ctr_mode.py BIN_DIR bad-input    bad lines (counted, skipped, then a clear failure
                                    past --max-bad-lines), a missing data directory,
                                    options that do not fit a click model
@@ -178,6 +179,8 @@ def recovery(bin_dir, tmp):
 ROW_CACHE = re.compile(r"ps (\d) info: row cache at exit: (\d+) rows, (\d+) in memory \(([\d.]+) of "
                        r"([\d.]+) MiB\), (\d+) in the row store; hit rate ([\d.]+) %.*?(\d+) "
                        r"evicted.*peak RSS ([\d.]+) MiB")
+ADMISSION = re.compile(r"ps (\d) info: row cache at exit: (\d+) rows.*; (\d+) reads not admitted, "
+                       r"(\d+) updates dropped, (\d+) rows expired")
 
 
 def beyond_memory(bin_dir, tmp):
@@ -217,6 +220,20 @@ def beyond_memory(bin_dir, tmp):
           f"rows restored through the row cache)")
     check(p == ref_p and rows == ref_rows and s["auc"] == ref_s["auc"],
           "and that run too ends bit-identical to the one in memory")
+    # Admission after 2 sightings and expiry after 60 versions (of 187), with the budget.
+    out = os.path.join(tmp, "admit.json")
+    p = launch(bin_dir, *common, "--ps-memory-mb", "0.2", "--ps-arg=--admit-after",
+               "--ps-arg=2", "--ps-arg=--expire-after-steps", "--ps-arg=60", "--summary", out)
+    s, lines = summary(out), ADMISSION.findall(p.stderr)
+    ref_total = sum(len(r) for r in ref_rows.values())
+    total = sum(int(x[1]) for x in lines)
+    check(len(lines) == 2 and all(int(x[2]) > 0 and int(x[3]) > 0 and int(x[4]) > 0
+                                  for x in lines),
+          f"admission and expiry at work: {[x[2:] for x in lines]} (reads not admitted, "
+          f"updates dropped, rows expired per PS)")
+    check(total < ref_total // 2 and s["auc"] > ref_s["auc"] - 0.05,
+          f"{total} rows instead of {ref_total}, AUC {s['auc']:.4f} (all rows: "
+          f"{ref_s['auc']:.4f})")
 
 
 def export(bin_dir, tmp):

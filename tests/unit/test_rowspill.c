@@ -278,6 +278,86 @@ static void test_clock_keeps_hot_rows(void **state) {
     free_pair(&p);
 }
 
+/* Admission after 3 training reads: before, reads give initial values
+ * and gradients are dropped; then the row is created and trained. A count
+ * is never under the truth (count-min), so every id read 3 times is in. */
+static void test_admission(void **state) {
+    (void)state;
+    cm_model *m = make_model();
+    ps_optim_cfg oc = ps_optim_defaults(PS_OPTIM_SGD, 0.5f);
+    ps_rows *r = ps_rows_create(m, &oc, SEED);
+    ps_rows_set_admission(r, 3);
+    uint64_t id = 12345;
+    float v[DIM], init[DIM], g[DIM];
+    for (int j = 0; j < DIM; j++) g[j] = 1.0f;
+    cm_row_init(&m->vars[m->table_var[0]], SEED, id, init);
+    for (int seen = 1; seen <= 2; seen++) {
+        ps_rows_read(r, 0, &id, 1, 1, v);
+        assert_memory_equal(v, init, sizeof v);
+        ps_rows_apply(r, 0, &id, 1, g, 1.0f);
+        assert_int_equal(ps_rows_total(r), 0);
+    }
+    ps_rows_read(r, 0, &id, 1, 1, v); /* the third: admitted */
+    assert_int_equal(ps_rows_total(r), 1);
+    ps_rows_apply(r, 0, &id, 1, g, 1.0f);
+    ps_rows_read(r, 0, &id, 1, 0, v);
+    assert_true(v[0] == init[0] - 0.5f);
+    ps_rows_spill_stats st;
+    ps_rows_spill_stats_get(r, &st);
+    assert_int_equal(st.not_admitted, 2);
+    assert_int_equal(st.dropped_updates, 2);
+    /* 5,000 ids read three times each (in three batches): all admitted. */
+    enum { N = 5000 };
+    static uint64_t ids[N];
+    static float out[N * DIM];
+    for (int i = 0; i < N; i++) ids[i] = 1000000 + (uint64_t)i * 7919;
+    for (int k = 0; k < 3; k++) ps_rows_read(r, 1, ids, N, 1, out);
+    assert_int_equal(ps_rows_count(r, 1), N);
+    ps_rows_clear(r); /* counts start again */
+    ps_rows_read(r, 1, ids, N, 1, out);
+    assert_true(ps_rows_count(r, 1) < N / 100); /* only collisions with nothing: ~0 */
+    ps_rows_destroy(r);
+    cm_model_destroy(m);
+}
+
+/* Expiry after 8 steps, with a row budget so that expired rows are found
+ * in memory and in the row store: a row used every step stays, rows used
+ * once go (and read as their initial values after). */
+static void test_expiry(void **state) {
+    (void)state;
+    pair p = make_pair(PS_OPTIM_SGD, 50);
+    ps_rows_set_expiry(p.small, 8);
+    uint64_t hot = 7, cold[400];
+    float out[400 * DIM], g[400 * DIM];
+    for (size_t i = 0; i < 400 * DIM; i++) g[i] = 0.25f;
+    for (int i = 0; i < 400; i++) cold[i] = 5000 + (uint64_t)i;
+    ps_rows_set_step(p.small, 1);
+    ps_rows_read(p.small, 0, cold, 400, 1, out); /* 400 rows at step 1, most evicted */
+    ps_rows_apply(p.small, 0, cold, 400, g, 1.0f);
+    ps_rows_spill_stats st;
+    ps_rows_spill_stats_get(p.small, &st);
+    assert_true(st.on_disk > 300 && st.resident < 60);
+    for (int64_t step = 2; step <= 12; step++) {
+        ps_rows_set_step(p.small, step);
+        ps_rows_read(p.small, 0, &hot, 1, 1, out);
+        ps_rows_apply(p.small, 0, &hot, 1, g, 1.0f);
+        if (step <= 9) assert_int_equal(ps_rows_count(p.small, 0), 401);
+    }
+    /* 1 + 8 < 12, and a sweep ran at step 12 (every 2 steps). */
+    assert_int_equal(ps_rows_count(p.small, 0), 1);
+    ps_rows_spill_stats_get(p.small, &st);
+    assert_int_equal(st.expired, 400);
+    assert_int_equal(st.on_disk, 0);
+    int64_t count = 0;
+    assert_non_null(ps_rows_find(p.small, 0, hot, &count));
+    assert_int_equal(count, 11);
+    float init[DIM];
+    cm_row_init(&p.m->vars[p.m->table_var[0]], SEED, cold[3], init);
+    ps_rows_read(p.small, 0, &cold[3], 1, 0, out);
+    assert_memory_equal(out, init, sizeof init);
+    free_pair(&p);
+}
+
 /* One table's keys sort together, ids ascending (big-endian). */
 static void test_key_order(void **state) {
     (void)state;
@@ -303,16 +383,22 @@ static void test_open_empties(void **state) {
     st_rowdb *db;
     assert_int_equal(st_rowdb_open(dir, &db, err, sizeof err), CM_OK);
     float row[4] = {1, 2, 3, 4}, got[4];
-    int64_t count = 0;
-    st_rowdb_put(db, 0, 42, 3, row, 4);
+    int64_t count = 0, last = 0;
+    st_rowdb_put(db, 0, 42, 3, 17, row, 4);
+    st_rowdb_put(db, 0, 43, 1, 1, row, 4);
     assert_int_equal(st_rowdb_flush(db, err, sizeof err), CM_OK);
-    assert_int_equal(st_rowdb_get(db, 0, 42, &count, got, 4, err, sizeof err), 1);
+    assert_int_equal(st_rowdb_get(db, 0, 42, &count, &last, got, 4, err, sizeof err), 1);
     assert_memory_equal(got, row, sizeof row);
     assert_int_equal(count, 3);
-    assert_int_equal(st_rowdb_get(db, 0, 42, &count, got, 3, err, sizeof err), CM_ECORRUPT);
+    assert_int_equal(last, 17);
+    assert_int_equal(st_rowdb_get(db, 0, 42, &count, &last, got, 3, err, sizeof err),
+                     CM_ECORRUPT);
+    st_rowdb_del(db, 0, 43);
+    assert_int_equal(st_rowdb_flush(db, err, sizeof err), CM_OK);
+    assert_int_equal(st_rowdb_get(db, 0, 43, &count, &last, got, 4, err, sizeof err), 0);
     st_rowdb_close(db);
     assert_int_equal(st_rowdb_open(dir, &db, err, sizeof err), CM_OK);
-    assert_int_equal(st_rowdb_get(db, 0, 42, &count, got, 4, err, sizeof err), 0);
+    assert_int_equal(st_rowdb_get(db, 0, 42, &count, &last, got, 4, err, sizeof err), 0);
     st_rowdb_close(db);
     /* A path that cannot be a directory: an error naming it. */
     snprintf(dir, sizeof dir, "%s/again/CURRENT/x", tmpdir);
@@ -327,6 +413,8 @@ int main(void) {
         cmocka_unit_test(test_eval_read_of_stored_row),
         cmocka_unit_test(test_clear_and_put),
         cmocka_unit_test(test_clock_keeps_hot_rows),
+        cmocka_unit_test(test_admission),
+        cmocka_unit_test(test_expiry),
         cmocka_unit_test(test_key_order),
         cmocka_unit_test(test_open_empties),
     };
