@@ -20,7 +20,6 @@
 #include <unistd.h>
 
 #include "common/cm_mem.h"
-#include "common/cm_rng.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
 
@@ -692,47 +691,4 @@ void bu_cpu_sample_take(const bu_driver *d, bu_cpu_sample *s) {
 double bu_cpu_others_s(const bu_cpu_sample *a, const bu_cpu_sample *b) {
     double o = (b->busy_s - a->busy_s) - (b->ours_s - a->ours_s);
     return o > 0.0 ? o : 0.0;
-}
-
-/* ================================================== Zipf ids (rejection-inversion) */
-
-static double zipf_helper1(double x) { /* log1p(x) / x */
-    return fabs(x) > 1e-8 ? log1p(x) / x : 1.0 - x * (0.5 - x * (1.0 / 3.0 - 0.25 * x));
-}
-
-static double zipf_helper2(double x) { /* expm1(x) / x */
-    return fabs(x) > 1e-8 ? expm1(x) / x : 1.0 + x * 0.5 * (1.0 + x / 3.0 * (1.0 + 0.25 * x));
-}
-
-static double zipf_h(const bu_zipf *z, double x) { return exp(-z->s * log(x)); }
-
-static double zipf_hint(const bu_zipf *z, double x) {
-    double lx = log(x);
-    return zipf_helper2((1.0 - z->s) * lx) * lx;
-}
-
-static double zipf_hint_inv(const bu_zipf *z, double x) {
-    double t = x * (1.0 - z->s);
-    if (t < -1.0) t = -1.0;
-    return exp(zipf_helper1(t) * x);
-}
-
-void bu_zipf_init(bu_zipf *z, uint64_t n, double s) {
-    z->n = n;
-    z->s = s;
-    z->hx1 = zipf_hint(z, 1.5) - 1.0;
-    z->hn = zipf_hint(z, (double)n + 0.5);
-    z->sq = 2.0 - zipf_hint_inv(z, zipf_hint(z, 2.5) - zipf_h(z, 2.0));
-}
-
-uint64_t bu_zipf_draw(const bu_zipf *z, uint64_t key, uint64_t *counter) {
-    for (;;) {
-        double u01 = (double)(cm_rand64(key, (*counter)++) >> 11) * 0x1p-53;
-        double u = z->hn + u01 * (z->hx1 - z->hn);
-        double x = zipf_hint_inv(z, u);
-        double k = floor(x + 0.5);
-        if (k < 1.0) k = 1.0;
-        else if (k > (double)z->n) k = (double)z->n;
-        if (k - x <= z->sq || u >= zipf_hint(z, k + 0.5) - zipf_h(z, k)) return (uint64_t)k - 1;
-    }
 }

@@ -8,7 +8,6 @@
 #include <limits.h>
 #include <signal.h>
 #include <stddef.h>
-#include <stdint.h>
 #include <sys/types.h>
 
 /* qsort comparator for doubles, ascending. */
@@ -203,19 +202,5 @@ void bu_cpu_sample_take(const bu_driver *d, bu_cpu_sample *s);
 
 /* CPU seconds other processes used between a and b (>= 0). */
 double bu_cpu_others_s(const bu_cpu_sample *a, const bu_cpu_sample *b);
-
-/* ================================================== Zipf ids */
-
-/* Zipf(s) over ids 0..n-1 (id k with probability ~ (k + 1)^-s), by
- * rejection-inversion (Hoermann and Derflinger 1996, as Apache Commons
- * RNG's RejectionInversionZipfSampler): O(1) per draw, no table. */
-typedef struct bu_zipf {
-    double s, hx1, hn, sq;
-    uint64_t n;
-} bu_zipf;
-void bu_zipf_init(bu_zipf *z, uint64_t n, double s);
-/* A draw from stream 'key', using uniforms counter, counter + 1, ... (*counter
- * is advanced past them). */
-uint64_t bu_zipf_draw(const bu_zipf *z, uint64_t key, uint64_t *counter);
 
 #endif /* BENCH_UTIL_H */

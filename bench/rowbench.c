@@ -39,6 +39,7 @@
 #include "common/cm_time.h"
 #include "ps/ps_optim.h"
 #include "ps/ps_rows.h"
+#include "tools/ctr_planted.h"
 #include "storage/st_rowdb.h"
 
 #define SEED 20261204u
@@ -52,7 +53,7 @@ typedef struct opts {
 
 /* Step s's unique ids (a pure function of the seed and s) into ids;
  * set: scratch of cap (a power of two >= 2 x rows) entries. */
-static void step_ids(const opts *o, const bu_zipf *z, int step, uint64_t *ids, uint64_t *set,
+static void step_ids(const opts *o, const ctr_zipf *z, int step, uint64_t *ids, uint64_t *set,
                      size_t cap) {
     uint64_t counter = (uint64_t)step << 32;
     memset(set, 0, cap * sizeof *set);
@@ -60,7 +61,7 @@ static void step_ids(const opts *o, const bu_zipf *z, int step, uint64_t *ids, u
     while (n < o->rows) {
         /* Scrambled so that popular ids are not small numbers; +1 keeps 0
          * free as the set's empty mark. */
-        uint64_t id = (bu_zipf_draw(z, SEED, &counter) + 1) * 0x9E3779B97F4A7C15ull;
+        uint64_t id = (ctr_zipf_draw(z, SEED, &counter) + 1) * 0x9E3779B97F4A7C15ull;
         size_t i = (size_t)cm_mix64(id) & (cap - 1);
         while (set[i] && set[i] != id) i = (i + 1) & (cap - 1);
         if (set[i]) continue;
@@ -270,8 +271,8 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
-    bu_zipf z;
-    bu_zipf_init(&z, (uint64_t)o.ids, o.zipf);
+    ctr_zipf z;
+    ctr_zipf_init(&z, (uint64_t)o.ids, o.zipf);
     uint64_t **ids = cm_malloc((size_t)o.steps * sizeof *ids);
     size_t cap = 16;
     while (cap < 2 * (size_t)o.rows) cap <<= 1;

@@ -53,6 +53,7 @@
 #include "ps/ps_client.h"
 #include "ps/ps_optim.h"
 #include "ps/ps_rows.h"
+#include "tools/ctr_planted.h"
 
 #define MAX_LIST 16     /* Entries of --dims, --shapes. */
 #define MAX_ROUNDS 15
@@ -148,7 +149,7 @@ static uint32_t idmap_put(idmap *m, uint64_t key, uint32_t *n, int *fresh) {
  * ids drawn Zipf, in the order first drawn, into ids (o->rows) grouped by
  * table (tab_begin, o->tables + 1). Returns the draws it took, or -1 if a
  * table's quota could not be met (an id space too small for it). */
-static long gen_keys(const opts *o, const bu_zipf *z, idmap *seen, int rank, int step,
+static long gen_keys(const opts *o, const ctr_zipf *z, idmap *seen, int rank, int step,
                      size_t *tab_begin, uint64_t *ids) {
     long draws = 0;
     size_t at = 0;
@@ -161,7 +162,7 @@ static long gen_keys(const opts *o, const bu_zipf *z, idmap *seen, int rank, int
         tab_begin[t] = at;
         for (uint64_t c = 0; n < want;) {
             if (c > 1000 * (uint64_t)want + 1000) return -1;
-            uint64_t id = bu_zipf_draw(z, key, &c);
+            uint64_t id = ctr_zipf_draw(z, key, &c);
             int fresh;
             idmap_put(seen, id, &n, &fresh);
             if (fresh) ids[at++] = id;
@@ -186,7 +187,7 @@ static int grad_of(const opts *o, int step, int rank) {
 
 /* A worker's whole run, generated before it is timed. */
 typedef struct workload {
-    bu_zipf z;
+    ctr_zipf z;
     idmap seen;
     int nsets;         /* 2 * op_steps + 1 key sets. */
     size_t *tab_begin; /* nsets x (tables + 1). */
@@ -198,7 +199,7 @@ typedef struct workload {
 static int workload_init(workload *w, const opts *o, char *err, size_t errlen) {
     memset(w, 0, sizeof *w);
     w->nsets = 2 * op_steps(o) + 1;
-    bu_zipf_init(&w->z, (uint64_t)o->ids, o->zipf);
+    ctr_zipf_init(&w->z, (uint64_t)o->ids, o->zipf);
     idmap_init(&w->seen, table_quota(o, 0));
     w->tab_begin = cm_malloc((size_t)w->nsets * (size_t)(o->tables + 1) * sizeof *w->tab_begin);
     w->ids = cm_malloc((size_t)w->nsets * (size_t)o->rows * sizeof *w->ids);
