@@ -31,7 +31,7 @@ import os
 import re
 import struct
 
-from itest import check, launch, params, rel_diff, run
+from itest import check, free_ports, launch, params, rel_diff, run
 
 GEN = ["--train-rows", "24000", "--test-rows", "6000", "--seed", "3"]
 # Small enough for seconds on 2 cores, large enough that steps touch shared rows.
@@ -220,6 +220,17 @@ def beyond_memory(bin_dir, tmp):
           f"rows restored through the row cache)")
     check(p == ref_p and rows == ref_rows and s["auc"] == ref_s["auc"],
           "and that run too ends bit-identical to the one in memory")
+    # A row store that cannot be made: psserver stops at once, naming it.
+    blocker = os.path.join(tmp, "a-file")
+    open(blocker, "w").close()
+    ports = free_ports(2)
+    p = run([os.path.join(bin_dir, "psserver"), "--ps-hosts", f"127.0.0.1:{ports[0]}",
+             "--worker-hosts", f"127.0.0.1:{ports[1]}", "--task-index", "0", "--memory-mb", "1",
+             "--rows-dir", os.path.join(blocker, "rows")], expect_ok=False)
+    check(p.returncode != 0 and os.path.join(blocker, "rows") in p.stderr and
+          "Not a directory" in p.stderr,
+          f"an impossible --rows-dir stops psserver with a message naming it: "
+          f"{p.stderr.strip().splitlines()[-1]}")
     # Admission after 2 sightings and expiry after 60 versions (of 187), with the budget.
     out = os.path.join(tmp, "admit.json")
     p = launch(bin_dir, *common, "--ps-memory-mb", "0.2", "--ps-arg=--admit-after",
