@@ -904,6 +904,16 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
         out->nonfinite_pushes += r->nonfinite_pushes;
         out->mem_bytes += r->mem_bytes;
         out->mem_limit += r->mem_limit;
+        out->rows_resident += r->rows_resident;
+        out->rows_on_disk += r->rows_on_disk;
+        out->row_hits += r->row_hits;
+        out->row_misses += r->row_misses;
+        out->row_evictions += r->row_evictions;
+        out->row_bytes_written += r->row_bytes_written;
+        out->rows_budget += r->rows_budget;
+        out->rows_not_admitted += r->rows_not_admitted;
+        out->row_updates_dropped += r->row_updates_dropped;
+        out->rows_expired += r->rows_expired;
         psrpc__stats_reply__free_unpacked(r, NULL);
     }
     return CM_OK;

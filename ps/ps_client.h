@@ -207,6 +207,11 @@ typedef struct ps_client_stats {
     uint64_t refused_unauthenticated, refused_denied, refused_exhausted;
     uint64_t nonfinite_pushes;     /* Refused (or dropped) for NaN/inf. */
     uint64_t mem_bytes, mem_limit; /* The shards' memory and limits. */
+    /* Embedding rows beyond memory, admission, expiry (psserver
+     * --memory-mb, --admit-after, --expire-after-steps), over shards. */
+    uint64_t rows_resident, rows_on_disk, row_hits, row_misses, row_evictions;
+    uint64_t row_bytes_written, rows_budget;
+    uint64_t rows_not_admitted, row_updates_dropped, rows_expired;
 } ps_client_stats;
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen);
 

@@ -18,6 +18,7 @@
 #include "common/cm_placement.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
+#include "ps/ps_client.h"
 #include "ps/ps_optim.h"
 #include "worker/device/wk_device.h"
 #include "worker/device/wk_device_cuda.h"
@@ -95,6 +96,20 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
         json_object_set_new(o, "rows_pulled_per_sec", json_real(r->rows_pulled_per_sec));
         json_object_set_new(o, "unique_ids_per_batch", json_real(r->unique_ids_per_batch));
         json_object_set_new(o, "table_optimizer", json_string(ps_optim_name(cfg->table_optimizer)));
+    }
+    if (r->ps_rows.valid) {
+        const uint64_t asked = r->ps_rows.hits + r->ps_rows.misses;
+        json_t *p = json_pack(
+            "{s:I, s:I, s:I, s:f, s:I, s:f, s:f, s:I, s:I, s:I}", "rows",
+            (json_int_t)r->ps_rows.rows, "in_memory", (json_int_t)r->ps_rows.resident,
+            "in_row_stores", (json_int_t)r->ps_rows.on_disk, "hit_rate",
+            asked ? (double)r->ps_rows.hits / (double)asked : 0.0, "evictions",
+            (json_int_t)r->ps_rows.evictions, "mb_written",
+            (double)r->ps_rows.bytes_written / (1 << 20), "budget_mb",
+            (double)r->ps_rows.budget / (1 << 20), "reads_not_admitted",
+            (json_int_t)r->ps_rows.not_admitted, "updates_dropped",
+            (json_int_t)r->ps_rows.updates_dropped, "expired", (json_int_t)r->ps_rows.expired);
+        if (p) json_object_set_new(o, "ps_rows", p);
     }
     int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;
     json_decref(o);
@@ -996,6 +1011,40 @@ static int export_rows(void *ud, int table,
     return r->sync->ops->dump_rows(r->sync, table, emit, emit_ud);
 }
 
+/* The shards' row counters into the result, and a line when a row budget,
+ * admission or expiry is at work. Counters only: a failure is logged, not
+ * fatal. */
+static void ps_rows_report(run *r) {
+    ps_client_stats st;
+    if (r->sync->ops->row_stats(r->sync, &st) != CM_OK) {
+        cm_warn("cannot read the PS shards' row counters: %s", r->sync->err);
+        return;
+    }
+    wk_train_result *res = r->result;
+    res->ps_rows.valid = 1;
+    res->ps_rows.rows = st.rows;
+    res->ps_rows.resident = st.rows_resident;
+    res->ps_rows.on_disk = st.rows_on_disk;
+    res->ps_rows.hits = st.row_hits;
+    res->ps_rows.misses = st.row_misses;
+    res->ps_rows.evictions = st.row_evictions;
+    res->ps_rows.bytes_written = st.row_bytes_written;
+    res->ps_rows.budget = st.rows_budget;
+    res->ps_rows.not_admitted = st.rows_not_admitted;
+    res->ps_rows.updates_dropped = st.row_updates_dropped;
+    res->ps_rows.expired = st.rows_expired;
+    if (!st.rows_budget && !st.rows_not_admitted && !st.rows_expired) return;
+    const uint64_t asked = st.row_hits + st.row_misses;
+    cm_info("PS rows: %llu, %llu in memory (budgets %.1f MiB), %llu in the row stores; %.1f %% "
+            "of rows asked for found in memory, %llu evicted, %.1f MiB written; %llu reads "
+            "not admitted, %llu rows expired", (unsigned long long)st.rows,
+            (unsigned long long)st.rows_resident, (double)st.rows_budget / (1 << 20),
+            (unsigned long long)st.rows_on_disk,
+            asked ? 100.0 * (double)st.row_hits / (double)asked : 0.0,
+            (unsigned long long)st.row_evictions, (double)st.row_bytes_written / (1 << 20),
+            (unsigned long long)st.rows_not_admitted, (unsigned long long)st.rows_expired);
+}
+
 /* The final parameters, the async chief's last evaluation, summary,
  * parameters and export. */
 static int finish_training(run *r) {
@@ -1009,6 +1058,7 @@ static int finish_training(run *r) {
         return status;
     }
     result->params_checksum = XXH64(r->params, numel * sizeof(float), 0);
+    if (r->is_chief && r->sparse && r->sync->ops->row_stats) ps_rows_report(r);
     if (r->is_chief && r->is_ps && cfg->async) {
         eval_result e;
         if ((status = evaluate(r, result->steps, &e)) != CM_OK) return status;

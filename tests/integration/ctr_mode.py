@@ -209,6 +209,11 @@ def beyond_memory(bin_dir, tmp):
               f"PS {ps}: {resident} rows in memory ({used_mib} of {budget_mib} MiB), "
               f"{total} rows in all ({total / int(resident):.0f}x), hit rate {hit} %, "
               f"{evicted} evictions, peak RSS {rss} MiB")
+    pr = s["ps_rows"]
+    check(abs(pr["budget_mb"] - 0.4) < 1e-6 and pr["rows"] == sum(int(c[1]) for c in caches) and
+          pr["in_row_stores"] > 10 * pr["in_memory"] and 0 < pr["hit_rate"] < 1 and
+          pr["evictions"] > 0 and ref_s["ps_rows"]["budget_mb"] == 0,
+          f"the chief's summary reports the shards' rows: {pr}")
     check(abs(s["auc"] - ref_s["auc"]) <= 0.002 and p == ref_p,
           f"the same run with every row in memory: AUC {s['auc']:.4f} vs {ref_s['auc']:.4f}, "
           f"dense parameters bit-identical")

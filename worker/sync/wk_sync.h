@@ -43,6 +43,8 @@ typedef struct wk_sparse_step {
     int next_done;          /* and then sets this (out) to 1. */
 } wk_sparse_step;
 
+struct ps_client_stats;
+
 typedef struct wk_sync_ops {
     const char *name;
     /* Initial parameters into params (model->numel floats), and the step
@@ -94,6 +96,9 @@ typedef struct wk_sync_ops {
      * gradient's forward pass to wait for (wk_grad_hook.need); anything else
      * that reads params between steps (evaluation) calls this first. */
     int (*settle)(wk_sync *s);
+    /* Optional (PS mode): the shards' row counters, summed, after end()
+     * and before finish() (which stops the shards). */
+    int (*row_stats)(wk_sync *s, struct ps_client_stats *out);
 } wk_sync_ops;
 
 struct wk_sync {

@@ -613,6 +613,11 @@ int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *ver
     return ps_ticket_wait(tk, version, s->err, sizeof s->err);
 }
 
+static int ps_row_stats(wk_sync *s, ps_client_stats *out) {
+    psync *p = (psync *)s;
+    return ps_client_stats_get(p->client, out, s->err, sizeof s->err);
+}
+
 static const wk_sync_ops ps_ops = {.name = "ps",
                                    .begin = ps_begin,
                                    .step = ps_step,
@@ -623,7 +628,8 @@ static const wk_sync_ops ps_ops = {.name = "ps",
                                    .destroy = ps_destroy,
                                    .overlap = ps_overlap,
                                    .recover = ps_recover,
-                                   .settle = ps_settle};
+                                   .settle = ps_settle,
+                                   .row_stats = ps_row_stats};
 
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen) {
     *out = NULL;
