@@ -49,6 +49,7 @@ typedef struct opts {
     long long ids;
     double zipf;
     const char *ratios, *dir;
+    st_rowdb_opts db; /* LevelDB's sizes, for the row stores and the reference. */
 } opts;
 
 /* Step s's unique ids (a pure function of the seed and s) into ids;
@@ -164,12 +165,12 @@ static double raw_leveldb(const opts *o, ps_rows *ref, const char *dir, uint64_t
                           size_t *found) {
     leveldb_options_t *opt = leveldb_options_create();
     leveldb_options_set_create_if_missing(opt, 1);
-    leveldb_options_set_write_buffer_size(opt, 4u << 20);
-    leveldb_options_set_max_file_size(opt, 16u << 20);
+    leveldb_options_set_write_buffer_size(opt, o->db.write_buffer);
+    leveldb_options_set_max_file_size(opt, o->db.max_file);
     leveldb_options_set_compression(opt, leveldb_no_compression);
     leveldb_filterpolicy_t *fp = leveldb_filterpolicy_create_bloom(10);
     leveldb_options_set_filter_policy(opt, fp);
-    leveldb_cache_t *cache = leveldb_cache_create_lru(8u << 20);
+    leveldb_cache_t *cache = leveldb_cache_create_lru(o->db.block_cache);
     leveldb_options_set_cache(opt, cache);
     char *err = NULL;
     leveldb_destroy_db(opt, dir, &err);
@@ -222,17 +223,23 @@ static void usage(FILE *f) {
             "  --zipf S         Zipf exponent of the ids (default 1.05)\n"
             "  --ratios LIST    table / budget ratios (default 1,4,10)\n"
             "  --dir DIR        where the row stores go (default: a directory under $TMPDIR)\n"
+            "  --write-buffer-mb N, --block-cache-mb N, --max-file-mb N\n"
+            "                   LevelDB's sizes (default: the row store's, 4, 8, 16)\n"
             "  --quick          a few seconds (smoke test)\n");
 }
 
 int main(int argc, char **argv) {
     opts o = {.dim = 16, .rows = 4096, .steps = 400, .ids = 4000000, .zipf = 1.05,
-              .ratios = "1,4,10"};
+              .ratios = "1,4,10",
+              .db = {ST_ROWDB_WRITE_BUFFER, ST_ROWDB_BLOCK_CACHE, ST_ROWDB_MAX_FILE}};
     static const struct option lo[] = {
         {"dim", required_argument, 0, 'd'},   {"rows", required_argument, 0, 'u'},
         {"steps", required_argument, 0, 's'}, {"ids", required_argument, 0, 'n'},
         {"zipf", required_argument, 0, 'z'},  {"ratios", required_argument, 0, 'r'},
         {"dir", required_argument, 0, 'D'},   {"quick", no_argument, 0, 'q'},
+        {"write-buffer-mb", required_argument, 0, 'B'},
+        {"block-cache-mb", required_argument, 0, 'C'},
+        {"max-file-mb", required_argument, 0, 'F'},
         {"help", no_argument, 0, 'h'},        {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
@@ -244,13 +251,17 @@ int main(int argc, char **argv) {
         case 'z': o.zipf = atof(optarg); break;
         case 'r': o.ratios = optarg; break;
         case 'D': o.dir = optarg; break;
+        case 'B': o.db.write_buffer = (size_t)atoi(optarg) << 20; break;
+        case 'C': o.db.block_cache = (size_t)atoi(optarg) << 20; break;
+        case 'F': o.db.max_file = (size_t)atoi(optarg) << 20; break;
         case 'q': o.steps = 40, o.rows = 1024, o.ids = 200000; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
     }
     if (optind < argc || o.dim < 1 || o.dim > 1024 || o.rows < 1 || o.rows > 1 << 20 ||
-        o.steps < 1 || o.ids < 1 || !(o.zipf > 0.0 && o.zipf < 10.0)) {
+        o.steps < 1 || o.ids < 1 || !(o.zipf > 0.0 && o.zipf < 10.0) || !o.db.write_buffer ||
+        !o.db.block_cache || !o.db.max_file) {
         fprintf(stderr, "rowbench: bad arguments (see --help)\n");
         return 2;
     }
@@ -300,9 +311,11 @@ int main(int argc, char **argv) {
     double raw_gps = raw_leveldb(&o, ref, raw_dir, ids, &found);
     printf("{\"bench\":\"rowbench\",\"config\":\"in_memory\",\"dim\":%d,\"rows_per_step\":%d,"
            "\"steps\":%d,\"ids\":%lld,\"zipf\":%g,\"table_rows\":%zu,\"table_mb\":%.2f,"
+           "\"write_buffer_mb\":%zu,\"block_cache_mb\":%zu,\"max_file_mb\":%zu,"
            "\"rows_per_sec\":%.0f,\"leveldb_gets_per_sec\":%.0f,\"leveldb_found\":%zu,"
            "\"load1_start\":%.2f,\"load1_end\":%.2f}\n",
-           o.dim, o.rows, o.steps, o.ids, o.zipf, total, table_mb, mem_rps, raw_gps, found,
+           o.dim, o.rows, o.steps, o.ids, o.zipf, total, table_mb, o.db.write_buffer >> 20,
+           o.db.block_cache >> 20, o.db.max_file >> 20, mem_rps, raw_gps, found,
            load0, bu_load_average());
     fflush(stdout);
     int failed = 0;
@@ -315,7 +328,7 @@ int main(int argc, char **argv) {
         char dir[600], err[512];
         snprintf(dir, sizeof dir, "%s/rows", tmp);
         st_rowdb *db;
-        if (st_rowdb_open(dir, &db, err, sizeof err) != CM_OK) {
+        if (st_rowdb_open_with(dir, &o.db, &db, err, sizeof err) != CM_OK) {
             fprintf(stderr, "rowbench: %s\n", err);
             return 1;
         }

@@ -19,12 +19,9 @@
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
 
-/* Memory LevelDB may hold, part of the shard's memory beyond its row
- * budget: one memtable being written and one being flushed, and the block
- * cache (see docs/ARCHITECTURE.md, "Rows beyond memory"). */
-#define WRITE_BUFFER (4u << 20)
-#define BLOCK_CACHE (8u << 20)
-#define MAX_FILE (16u << 20)
+/* The defaults (st_rowdb.h): memory LevelDB may hold beyond the shard's
+ * row budget is one memtable being written and one being flushed, and the
+ * block cache; chosen with bench/rowbench (docs/BENCHMARKS.md). */
 
 struct st_rowdb {
     char *path;
@@ -85,7 +82,15 @@ static int db_destroy(st_rowdb *r, char *err, size_t errlen) {
 }
 
 int st_rowdb_open(const char *dir, st_rowdb **out, char *err, size_t errlen) {
+    return st_rowdb_open_with(dir, NULL, out, err, errlen);
+}
+
+int st_rowdb_open_with(const char *dir, const st_rowdb_opts *o, st_rowdb **out, char *err,
+                       size_t errlen) {
     *out = NULL;
+    const size_t wb = o && o->write_buffer ? o->write_buffer : ST_ROWDB_WRITE_BUFFER,
+                 bc = o && o->block_cache ? o->block_cache : ST_ROWDB_BLOCK_CACHE,
+                 mf = o && o->max_file ? o->max_file : ST_ROWDB_MAX_FILE;
     if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
         cm_seterr(err, errlen, "cannot create the row store %s: %s", dir, strerror(errno));
         return CM_EIO;
@@ -94,12 +99,12 @@ int st_rowdb_open(const char *dir, st_rowdb **out, char *err, size_t errlen) {
     r->path = cm_strdup(dir);
     r->opt = leveldb_options_create();
     leveldb_options_set_create_if_missing(r->opt, 1);
-    leveldb_options_set_write_buffer_size(r->opt, WRITE_BUFFER);
-    leveldb_options_set_max_file_size(r->opt, MAX_FILE);
+    leveldb_options_set_write_buffer_size(r->opt, wb);
+    leveldb_options_set_max_file_size(r->opt, mf);
     leveldb_options_set_compression(r->opt, leveldb_no_compression); /* Floats. */
     r->filter = leveldb_filterpolicy_create_bloom(10);
     leveldb_options_set_filter_policy(r->opt, r->filter);
-    r->cache = leveldb_cache_create_lru(BLOCK_CACHE);
+    r->cache = leveldb_cache_create_lru(bc);
     leveldb_options_set_cache(r->opt, r->cache);
     r->ro = leveldb_readoptions_create();
     r->wo = leveldb_writeoptions_create();

@@ -29,6 +29,16 @@ typedef struct st_rowdb st_rowdb;
  * first). CM_EIO with the path and LevelDB's message in err. Release with
  * st_rowdb_close (NULL is a no-op), which keeps the files. */
 int st_rowdb_open(const char *dir, st_rowdb **out, char *err, size_t errlen);
+/* The same with LevelDB's sizes (bytes; 0: the default of each): the
+ * memtable (LevelDB holds up to two), the block cache, the table files. */
+typedef struct st_rowdb_opts {
+    size_t write_buffer, block_cache, max_file;
+} st_rowdb_opts;
+#define ST_ROWDB_WRITE_BUFFER ((size_t)4 << 20)
+#define ST_ROWDB_BLOCK_CACHE ((size_t)8 << 20)
+#define ST_ROWDB_MAX_FILE ((size_t)16 << 20)
+int st_rowdb_open_with(const char *dir, const st_rowdb_opts *opts, st_rowdb **out, char *err,
+                       size_t errlen);
 void st_rowdb_close(st_rowdb *db);
 const char *st_rowdb_path(const st_rowdb *db);
 /* Remove a (closed) row store and its directory, if empty then. */
