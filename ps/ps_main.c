@@ -184,14 +184,27 @@ int main(int argc, char **argv) {
         default: usage(stderr); return 1;
         }
     }
-    if (optind < argc || threads < 0 || threads > 64 || max_mb < 1 ||
-        max_mb > 2047 || ckpt_every < 0 || (ckpt_every > 0 && !data_dir) || ckpt_nice < 0 ||
-        ckpt_nice > 19 || max_held < 0 || max_held > 1000000 || max_parked < 0 ||
-        max_parked > 1000000 || mem_mb < 0 || mem_mb > (1LL << 30) || max_ahead < 0 || max_streams < 0 ||
-        max_streams > 100000 || idle_ms < 0 || idle_ms > 86400000L || !(rows_mb >= 0.0) ||
-        rows_mb > (double)(1LL << 30) || (rows_dir && rows_mb == 0.0) || admit_after < 0 ||
-        admit_after > 255 || expire_after < 0) {
-        fprintf(stderr, "psserver: bad arguments (see --help)\n");
+    /* Each bad value named, with what is allowed. */
+    const char *bad =
+        optind < argc                                       ? "an argument that is not an option"
+        : threads < 0 || threads > 64                       ? "--threads: 1-64"
+        : max_mb < 1 || max_mb > 2047                       ? "--max-message-mb: 1-2047"
+        : ckpt_every < 0                                    ? "--checkpoint-every: >= 0"
+        : ckpt_every > 0 && !data_dir                       ? "--checkpoint-every needs --data-dir"
+        : ckpt_nice < 0 || ckpt_nice > 19                   ? "--checkpoint-nice: 0-19"
+        : max_held < 0 || max_held > 1000000                ? "--max-held: 0-1000000"
+        : max_parked < 0 || max_parked > 1000000            ? "--max-parked-pulls: 0-1000000"
+        : mem_mb < 0 || mem_mb > (1LL << 30)                ? "--memory-limit-mb: 0-2^30"
+        : max_ahead < 0                                     ? "--max-step-ahead: >= 0"
+        : max_streams < 0 || max_streams > 100000           ? "--max-streams: 0-100000"
+        : idle_ms < 0 || idle_ms > 86400000L                ? "--idle-timeout-ms: 0-86400000"
+        : !(rows_mb >= 0.0) || rows_mb > (double)(1LL << 30) ? "--memory-mb: 0-2^30"
+        : rows_dir && rows_mb == 0.0                        ? "--rows-dir needs --memory-mb"
+        : admit_after < 0 || admit_after > 255              ? "--admit-after: 0-255"
+        : expire_after < 0                                  ? "--expire-after-steps: >= 0"
+                                                            : NULL;
+    if (bad) {
+        fprintf(stderr, "psserver: bad arguments: %s (see --help)\n", bad);
         return 1;
     }
     if (!tls_cert != !tls_key || (tls_ca && !tls_cert)) {

@@ -236,6 +236,12 @@ def beyond_memory(bin_dir, tmp):
           "Not a directory" in p.stderr,
           f"an impossible --rows-dir stops psserver with a message naming it: "
           f"{p.stderr.strip().splitlines()[-1]}")
+    for flags, name in ((["--admit-after", "300"], "--admit-after"),
+                        (["--memory-mb", "-1"], "--memory-mb"),
+                        (["--rows-dir", tmp], "--rows-dir needs --memory-mb")):
+        p = run([os.path.join(bin_dir, "psserver"), *flags], expect_ok=False)
+        check(p.returncode == 1 and name in p.stderr,
+              f"psserver {' '.join(flags)} is refused naming the flag: {p.stderr.strip()}")
     # Admission after 2 sightings and expiry after 60 versions (of 187), with the budget.
     out = os.path.join(tmp, "admit.json")
     p = launch(bin_dir, *common, "--ps-memory-mb", "0.2", "--ps-arg=--admit-after",
