@@ -279,7 +279,7 @@ static int server_reap_by(server *s, double until) { return bu_reap_by(&s->pid, 
 /* Start psserver on a free port (the model comes with the client's Init),
  * with the extra arguments 'more' (NULL-terminated). fork + exec, not posix_spawn,
  * so that the child can ask to die with this process; no gRPC channel is
- * open in this process when it forks (GRPC_LEVELDB_FACTS G8). */
+ * open in this process when it forks (docs/GRPC_LEVELDB_NOTES.md G8). */
 static int server_start(bench *b, server *s, char *const *more, char *err, size_t errlen) {
     char ps_hosts[64], worker_hosts[64];
     char *argv[32];

@@ -1,12 +1,12 @@
 /* psbench.c - the dense push-then-pull benchmark of the PS, against plain TCP.
  * SPDX-License-Identifier: MIT
  *
- * ps-lite's reference workload (shared/docs/BENCHMARKS.md): S psserver and W
+ * ps-lite's reference workload (its dense push-then-pull test): S psserver and W
  * worker processes on 127.0.0.1; each worker pushes B bytes of 1.0 over the
  * shards, waits, pulls them back, one request in flight. The same shape then
  * moves the same bytes over plain TCP, the reference the result is stated
  * against. One binary, four roles, re-executed with posix_spawn (never
- * forked: GRPC_LEVELDB_FACTS G8): driver, worker, tcp-server, tcp-worker.
+ * forked: docs/GRPC_LEVELDB_NOTES.md G8): driver, worker, tcp-server, tcp-worker.
  */
 #include <dirent.h>
 #include <errno.h>

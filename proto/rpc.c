@@ -2,8 +2,8 @@
  * SPDX-License-Identifier: MIT
  *
  * The only file that includes <grpc/...>. The contract is in rpc.h; the
- * pitfalls referred to as G1..G13 are those of
- * shared/docs/GRPC_LEVELDB_FACTS.md, section 7.
+ * behaviour of gRPC 1.51 referred to as G1..G13 is described in
+ * docs/GRPC_LEVELDB_NOTES.md.
  */
 #include "proto/rpc.h"
 

@@ -25,8 +25,8 @@
 /* ===== Constants ===== */
 
 #define MIB ((size_t)1 << 20)
-#define DEFAULT_BUFFER (64 * MIB) /* Tuned options, GRPC_LEVELDB_FACTS L5. */
-#define DEFAULT_BATCH MIB         /* Synced batch size, pitfall L4. */
+#define DEFAULT_BUFFER (64 * MIB) /* Tuned options, docs/GRPC_LEVELDB_NOTES.md L5. */
+#define DEFAULT_BATCH MIB         /* Synced batch size, docs/GRPC_LEVELDB_NOTES.md L4. */
 #define CHUNK ((uint32_t)MIB)     /* Largest value: one blob chunk. */
 
 #define IDENTITY_MAGIC 0x50534931u /* "PSI1" */
