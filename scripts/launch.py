@@ -12,7 +12,8 @@ PS mode starts N psserver processes and N pstrain workers, each with its own
 TF_CONFIG (worker 0 is the chief). Ports are picked free; if a PS finds its
 port taken meanwhile (exit status 3) the whole cluster is restarted on new
 ports. The PS processes checkpoint every K versions into DIR/shard-<i> (a
-temporary directory, removed at the end, when --checkpoint-dir is not given). A PS
+temporary directory when --checkpoint-dir is not given: removed at the end of
+a run that succeeds, kept and named, to resume from, when one fails). A PS
 that dies is started again on the same port and directory (up to
 --max-ps-restarts times each); it restores its newest checkpoint, the chief
 rolls every shard back to the newest version they all have, and training
@@ -298,6 +299,7 @@ def main():
     if args.checkpoint_dir is None:
         tmp = args.checkpoint_dir = tempfile.mkdtemp(prefix="pstrain-ps-")
     secret_dir = None
+    rc = 1
     try:
         if args.no_auth and (args.auth_token_file or args.admin_token_file):
             ap.error("--no-auth and a token file do not go together")
@@ -313,12 +315,26 @@ def main():
             args.auth_ps = ["--auth-token-file", auth, "--admin-token-file", admin]
             args.auth_worker = ["--auth-token-file", auth]
             args.auth_chief = ["--admin-token-file", admin]
-        return run(args, extra)
+        rc = run(args, extra)
+        return rc
     finally:
-        if tmp:
+        if tmp and rc != 0 and has_checkpoints(tmp):
+            # A failed run's checkpoints are consistent: keep them to resume from.
+            say(f"the checkpoints of this failed run are kept in {tmp}: run the same command "
+                f"with --checkpoint-dir {tmp} to resume from them (or remove it)")
+        elif tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         if secret_dir:
             shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+def has_checkpoints(directory):
+    """Whether a shard directory under directory holds a checkpoint store."""
+    try:
+        return any(os.path.exists(os.path.join(directory, d, "CURRENT"))
+                   for d in os.listdir(directory) if d.startswith("shard-"))
+    except OSError:
+        return False
 
 
 def write_token(directory, name):

@@ -17,6 +17,8 @@ Every process listens on 127.0.0.1, runs under a timeout, and is stopped by PID.
 import json
 import os
 import random
+import re
+import shutil
 
 from itest import check, launch, main
 
@@ -89,6 +91,18 @@ def resume(bin_dir, tmp):
     check(same_bytes(d + ".params", ref_params),
           "its final parameters equal an uninterrupted run's (same data position)")
     check(abs(s["test_accuracy"] - ref["test_accuracy"]) <= 1e-9, "and so does its accuracy")
+    # A run that fails without --checkpoint-dir keeps its checkpoints (a PS killed and
+    # not restarted: the launcher stops the cluster) and says where; a run resumes from them.
+    p = launch(bin_dir, *COMMON, "--max-ps-restarts", "0", "--chaos-kill-ps", str(K + 10),
+               expect_ok=False)
+    m = re.search(r"checkpoints of this failed run are kept in (\S+):", p.stderr)
+    kept = m.group(1) if m else ""
+    check(p.returncode != 0 and m and os.path.exists(os.path.join(kept, "shard-0", "CURRENT")),
+          f"a failed run keeps its checkpoints and names them: {kept}")
+    p = launch(bin_dir, *COMMON, "--checkpoint-dir", kept, "--summary", kept + ".json")
+    check("resuming at step" in p.stdout + p.stderr and summary(kept + ".json")["steps"] == STEPS,
+          "a run resumes from them and ends")
+    shutil.rmtree(kept, ignore_errors=True)
     # The shards remember the run: another global batch is refused.
     args = [a if a != "64" else "32" for a in COMMON]
     p = launch(bin_dir, *args, "--checkpoint-dir", d, expect_ok=False)
