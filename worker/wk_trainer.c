@@ -961,6 +961,10 @@ static int train_loop(run *r) {
                     eval_seconds += cm_now() - te;
                     epoch_loss = 0.0;
                     epoch_n = epoch_correct = 0;
+                    /* The batch held for the next step (a sparse model's,
+                     * its rows already fetched) goes with the reader
+                     * thread: the loop reads the resume step's afresh. */
+                    b = NULL;
                     if ((status = recover(r, step, 0, &step)) != CM_OK) return status;
                     continue;
                 }

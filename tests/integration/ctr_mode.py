@@ -161,19 +161,25 @@ def recovery(bin_dir, tmp):
               "--epochs", "2", "--checkpoint-every", "10", "--quiet"]
     ref_p, ref_m = os.path.join(tmp, "ref.bin"), os.path.join(tmp, "ref.pst")
     launch(bin_dir, *common, "--params-out", ref_p, "--export", ref_m)
-    out_p, out_m = os.path.join(tmp, "kill.bin"), os.path.join(tmp, "kill.pst")
-    p = launch(bin_dir, *common, "--chaos-kill-ps", "150", "--chaos-seed", "2", "--summary",
-               os.path.join(tmp, "kill.json"), "--params-out", out_p, "--export", out_m)
-    s = summary(os.path.join(tmp, "kill.json"))
-    check("SIGKILL" in p.stderr and s["rollbacks"] >= 1,
-          f"a PS was killed mid-run and the cluster rolled back ({s['rollbacks']} rollback, "
-          f"{s['steps_redone']} steps redone)")
-    check(params(out_p) == params(ref_p),
-          "the dense parameters end bit-identical to an undisturbed run's")
-    _, _, rk = read_export(out_m)
     _, _, rr = read_export(ref_m)
-    check(rk == rr, f"so do all {sum(len(r) for r in rr.values())} table rows (restored from "
-          f"the checkpoint, the later steps redone)")
+    # Killed at step 150, and at 175: then the chief mostly notices the rollback in its
+    # evaluation at the end of epoch 1 (step 187), whose path used to keep the batch it
+    # held for step 187 across the restart of the input and fail the run (7 of 8 runs).
+    for at in ("150", "175"):
+        out_p, out_m = (os.path.join(tmp, f"kill{at}.{x}") for x in ("bin", "pst"))
+        p = launch(bin_dir, *common, "--chaos-kill-ps", at, "--chaos-seed", "2", "--summary",
+                   os.path.join(tmp, "kill.json"), "--params-out", out_p, "--export", out_m)
+        s = summary(os.path.join(tmp, "kill.json"))
+        seen = re.findall(r"step (\d+): the cluster rolled back", p.stderr)
+        check("SIGKILL" in p.stderr and s["rollbacks"] >= 1,
+              f"kill at {at}: a PS was killed mid-run and the cluster rolled back "
+              f"({s['rollbacks']} rollback seen at step {', '.join(sorted(set(seen)))}, "
+              f"{s['steps_redone']} steps redone)")
+        check(params(out_p) == params(ref_p),
+              "the dense parameters end bit-identical to an undisturbed run's")
+        _, _, rk = read_export(out_m)
+        check(rk == rr, f"so do all {sum(len(r) for r in rr.values())} table rows (restored "
+              f"from the checkpoint, the later steps redone)")
 
 
 ROW_CACHE = re.compile(r"ps (\d) info: row cache at exit: (\d+) rows, (\d+) in memory \(([\d.]+) of "
