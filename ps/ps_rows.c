@@ -468,7 +468,9 @@ static inline int needs_prepare(const ps_rows *r) {
  * reads without creating). */
 static void prepare(ps_rows *r, int ti, const uint64_t *ids, size_t n, int what) {
     rtable *t = &r->tables[ti];
-    const uint8_t mark = (uint8_t)(F_REF | (what == B_APPLY ? F_DIRTY : 0));
+    /* With expiry a use changes the row's last step, which the row store
+     * must get too when the row is evicted: it is then changed. */
+    const uint8_t mark = (uint8_t)(F_REF | (what == B_APPLY || t->track ? F_DIRTY : 0));
     const int admit = r->admit_after > 1 && what == B_TRAIN_READ;
     for (size_t i = 0; i < n; i++) {
         const entry *e = probe(t, ids[i]);
@@ -560,7 +562,12 @@ void ps_rows_set_admission(ps_rows *r, int k) {
 void ps_rows_set_expiry(ps_rows *r, int64_t steps) {
     assert(ps_rows_total(r) == 0 && steps >= 0);
     r->expire_after = steps;
-    for (int i = 0; i < r->ntables; i++) r->tables[i].track = steps > 0;
+    for (int i = 0; i < r->ntables; i++) {
+        rtable *t = &r->tables[i];
+        if (t->track != (steps > 0)) /* The last step counts against a budget. */
+            t->row_cost += steps > 0 ? sizeof(int64_t) : (size_t)0 - sizeof(int64_t);
+        t->track = steps > 0;
+    }
 }
 
 void ps_rows_set_step(ps_rows *r, int64_t step) {
@@ -748,6 +755,7 @@ float *ps_rows_find(ps_rows *r, int table, uint64_t id, int64_t *count) {
     if (row == NONE && r->db) row = load(r, table, id);
     if (row == NONE) return NULL;
     *flags_at(t, row) |= F_REF | F_DIRTY; /* The caller may write it. */
+    if (t->track) *last_at(t, row) = t->now;
     if (count) *count = *count_at(t, row);
     return row_at(t, row);
 }
@@ -779,7 +787,7 @@ int ps_rows_visit(const ps_rows *r, int table, ps_rows_visit_fn fn, void *ud) {
     }
     if (!r->db || t->ndisk == t->nboth) return CM_OK;
     disk_visit v = {t, fn, ud};
-    char err[512];
+    char err[512] = "a callback failed";
     int rc = st_rowdb_visit(r->db, table, t->stride, visit_stored, &v, err, sizeof err);
     if (rc == CM_EIO || rc == CM_ECORRUPT) spill_fatal(r, "reading the rows", err);
     return rc;
@@ -796,6 +804,7 @@ void ps_rows_put(ps_rows *r, int table, uint64_t id, const float *values, const 
     int created;
     if (row == NONE) row = find_or_add(t, id, &created);
     *flags_at(t, row) |= F_REF | F_DIRTY;
+    if (t->track) *last_at(t, row) = t->now; /* Restored: used now. */
     float *p = row_at(t, row);
     memcpy(p, values, dim * sizeof *p);
     if (slots)

@@ -358,6 +358,37 @@ static void test_expiry(void **state) {
     free_pair(&p);
 }
 
+/* A row only read (not updated) since it was loaded from the row store is
+ * used all the same: evicted again, its new last step goes with it, and
+ * expiry counts from there, as it would with the row in memory. */
+static void test_expiry_counts_reads_of_stored_rows(void **state) {
+    (void)state;
+    pair p = make_pair(PS_OPTIM_SGD, 20);
+    ps_rows_set_expiry(p.small, 8);
+    uint64_t a = 42, filler[100];
+    float out[100 * DIM], g[100 * DIM];
+    for (size_t i = 0; i < 100 * DIM; i++) g[i] = 0.5f;
+    ps_rows_set_step(p.small, 1);
+    ps_rows_read(p.small, 0, &a, 1, 1, out);
+    ps_rows_apply(p.small, 0, &a, 1, g, 1.0f);
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < 100; i++) filler[i] = 1000 + (uint64_t)(round * 100 + i);
+        if (round == 1) { /* step 6: a training read of a, stored by now */
+            ps_rows_set_step(p.small, 6);
+            ps_rows_read(p.small, 0, &a, 1, 1, out);
+        }
+        ps_rows_read(p.small, 0, filler, 100, 1, out); /* evict a (CLOCK: within two) */
+    }
+    ps_rows_spill_stats st;
+    ps_rows_spill_stats_get(p.small, &st);
+    assert_true(st.loads >= 1 && st.resident < 30);
+    ps_rows_set_step(p.small, 12); /* a sweep: cutoff 4 < 6 */
+    int64_t count = -1;
+    assert_non_null(ps_rows_find(p.small, 0, a, &count));
+    assert_int_equal(count, 1);
+    free_pair(&p);
+}
+
 /* One table's keys sort together, ids ascending (big-endian). */
 static void test_key_order(void **state) {
     (void)state;
@@ -415,6 +446,7 @@ int main(void) {
         cmocka_unit_test(test_clock_keeps_hot_rows),
         cmocka_unit_test(test_admission),
         cmocka_unit_test(test_expiry),
+        cmocka_unit_test(test_expiry_counts_reads_of_stored_rows),
         cmocka_unit_test(test_key_order),
         cmocka_unit_test(test_open_empties),
     };
