@@ -1298,8 +1298,12 @@ static void count_done(void *ud, int code, const char *message, const uint8_t *r
 /* 2 rounds (5 with RPC_STRESS=1 in the environment; about 2 s a round): calls whose
  * deadlines (1 to 7 ms) pass about when they reach the server, on 4
  * server threads. Every held call whose client is gone must come back
- * through on_cancel; one whose closer completes before the handler holds
- * it (on_close sees it RECEIVING) never does. */
+ * through on_cancel: one whose closer completed before the handler held
+ * it (on_close saw it RECEIVING) never did, even after its client
+ * disconnected. Most come back within a second of their deadline; under
+ * load (ASan, other tests on the same 2 cores) gRPC now and then reports
+ * some of them (76, 93, 256 seen) only when the client disconnects: so the
+ * check is that, once the client has closed its connection, none is left. */
 static void test_stress_cancel_race(void **state) {
     (void)state;
     int rounds = getenv("RPC_STRESS") ? 5 : 2;
@@ -1308,7 +1312,7 @@ static void test_stress_cancel_race(void **state) {
     fx_start_opts(&f, &so, NULL);
     rpc_seg x = {"x", 1, NULL, NULL};
     int stuck = 0;
-    for (int round = 0; round < rounds && !stuck; round++) {
+    for (int round = 0; round < rounds; round++) {
         atomic_int finished;
         atomic_init(&finished, 0);
         int n = 20000;
@@ -1322,8 +1326,14 @@ static void test_stress_cancel_race(void **state) {
         print_message("after round %d: %d calls handed back by on_cancel, %d never\n", round,
                       atomic_load(&cancel_hooks), stuck);
     }
+    client_close(f.cli, f.ch); /* The client goes: its connection closes. */
+    f.cli = NULL;
+    f.ch = NULL;
+    int left = wait_held_count(0, 10000);
+    print_message("after the client closed: %d calls handed back by on_cancel, %d never\n",
+                  atomic_load(&cancel_hooks), left);
     for (rpc_call *call; (call = wait_held(0));) rpc_fail(call, RPC_CANCELLED, "released");
-    assert_int_equal(stuck, 0);
+    assert_int_equal(left, 0);
     fx_stop(&f);
 }
 
