@@ -18,7 +18,6 @@
 #include "common/cm_placement.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
-#include "ps/ps_client.h"
 #include "ps/ps_optim.h"
 #include "worker/device/wk_device.h"
 #include "worker/device/wk_device_cuda.h"
@@ -97,18 +96,19 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
         json_object_set_new(o, "unique_ids_per_batch", json_real(r->unique_ids_per_batch));
         json_object_set_new(o, "table_optimizer", json_string(ps_optim_name(cfg->table_optimizer)));
     }
-    if (r->ps_rows.valid) {
-        const uint64_t asked = r->ps_rows.hits + r->ps_rows.misses;
+    if (r->ps_stats_valid) {
+        const ps_client_stats *st = &r->ps_stats;
+        const uint64_t asked = st->row_hits + st->row_misses;
         json_t *p = json_pack(
             "{s:I, s:I, s:I, s:f, s:I, s:f, s:f, s:I, s:I, s:I}", "rows",
-            (json_int_t)r->ps_rows.rows, "in_memory", (json_int_t)r->ps_rows.resident,
-            "in_row_stores", (json_int_t)r->ps_rows.on_disk, "hit_rate",
-            asked ? (double)r->ps_rows.hits / (double)asked : 0.0, "evictions",
-            (json_int_t)r->ps_rows.evictions, "mb_written",
-            (double)r->ps_rows.bytes_written / (1 << 20), "budget_mb",
-            (double)r->ps_rows.budget / (1 << 20), "reads_not_admitted",
-            (json_int_t)r->ps_rows.not_admitted, "updates_dropped",
-            (json_int_t)r->ps_rows.updates_dropped, "expired", (json_int_t)r->ps_rows.expired);
+            (json_int_t)st->rows, "in_memory", (json_int_t)st->rows_resident, "in_row_stores",
+            (json_int_t)st->rows_on_disk, "hit_rate",
+            asked ? (double)st->row_hits / (double)asked : 0.0, "evictions",
+            (json_int_t)st->row_evictions, "mb_written",
+            (double)st->row_bytes_written / (1 << 20), "budget_mb",
+            (double)st->rows_budget / (1 << 20), "reads_not_admitted",
+            (json_int_t)st->rows_not_admitted, "updates_dropped",
+            (json_int_t)st->row_updates_dropped, "expired", (json_int_t)st->rows_expired);
         if (p) json_object_set_new(o, "ps_rows", p);
     }
     int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;
@@ -1019,24 +1019,13 @@ static int export_rows(void *ud, int table,
  * admission or expiry is at work. Counters only: a failure is logged, not
  * fatal. */
 static void ps_rows_report(run *r) {
-    ps_client_stats st;
-    if (r->sync->ops->row_stats(r->sync, &st) != CM_OK) {
+    wk_train_result *res = r->result;
+    if (r->sync->ops->row_stats(r->sync, &res->ps_stats) != CM_OK) {
         cm_warn("cannot read the PS shards' row counters: %s", r->sync->err);
         return;
     }
-    wk_train_result *res = r->result;
-    res->ps_rows.valid = 1;
-    res->ps_rows.rows = st.rows;
-    res->ps_rows.resident = st.rows_resident;
-    res->ps_rows.on_disk = st.rows_on_disk;
-    res->ps_rows.hits = st.row_hits;
-    res->ps_rows.misses = st.row_misses;
-    res->ps_rows.evictions = st.row_evictions;
-    res->ps_rows.bytes_written = st.row_bytes_written;
-    res->ps_rows.budget = st.rows_budget;
-    res->ps_rows.not_admitted = st.rows_not_admitted;
-    res->ps_rows.updates_dropped = st.row_updates_dropped;
-    res->ps_rows.expired = st.rows_expired;
+    res->ps_stats_valid = 1;
+    const ps_client_stats st = res->ps_stats;
     if (!st.rows_budget && !st.rows_not_admitted && !st.rows_expired) return;
     const uint64_t asked = st.row_hits + st.row_misses;
     cm_info("PS rows: %llu, %llu in memory (budgets %.1f MiB), %llu in the row stores; %.1f %% "

@@ -16,6 +16,7 @@
 
 #include "common/cm_cluster.h"
 #include "common/cm_model.h"
+#include "ps/ps_client.h"
 
 typedef struct wk_train_cfg {
     const char *mode;        /* "local", "ps" or "allreduce". */
@@ -111,15 +112,11 @@ typedef struct wk_train_result {
     int64_t steps_redone;    /* Steps computed again because of them. */
     uint64_t params_checksum; /* XXH64 of the final parameters (replicas of
                                * allreduce mode must agree). */
-    /* PS mode, the chief, click models: the shards' rows at the end, summed
-     * (valid = 1): in memory and in their row stores (--memory-mb), the
-     * share of rows asked for found in memory, evictions, bytes written to
-     * the row stores, the budgets; admission and expiry counters. */
-    struct {
-        int valid;
-        uint64_t rows, resident, on_disk, hits, misses, evictions, bytes_written, budget;
-        uint64_t not_admitted, updates_dropped, expired;
-    } ps_rows;
+    /* PS mode, the chief, click models: the shards' counters at the end,
+     * summed (ps_stats_valid = 1), for their rows: in memory and in their
+     * row stores (--memory-mb), admission and expiry. */
+    int ps_stats_valid;
+    ps_client_stats ps_stats;
 } wk_train_result;
 
 /* Fill *cfg with the defaults above. */
