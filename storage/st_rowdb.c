@@ -33,6 +33,7 @@ struct st_rowdb {
     leveldb_writeoptions_t *wo;
     leveldb_writebatch_t *batch;
     size_t batch_bytes;
+    int written; /* Something was flushed since the store was emptied. */
     uint8_t *val; /* One value being written (grown). */
     size_t val_cap;
     st_rowdb_stats stats;
@@ -178,6 +179,7 @@ int st_rowdb_flush(st_rowdb *r, char *err, size_t errlen) {
     leveldb_write(r->db, r->wo, r->batch, &lerr);
     if (lerr) return fail(lerr, err, errlen, "cannot write rows to", r->path);
     leveldb_writebatch_clear(r->batch);
+    r->written = 1;
     r->stats.bytes_written += r->batch_bytes;
     r->batch_bytes = 0;
     return CM_OK;
@@ -245,10 +247,12 @@ int st_rowdb_visit(st_rowdb *r, int table, size_t nfloats, st_rowdb_visit_fn fn,
 int st_rowdb_clear(st_rowdb *r, char *err, size_t errlen) {
     leveldb_writebatch_clear(r->batch);
     r->batch_bytes = 0;
-    leveldb_close(r->db);
+    if (r->db && !r->written) return CM_OK; /* Empty already (opened or cleared so). */
+    if (r->db) leveldb_close(r->db);
     r->db = NULL;
     int rc = db_destroy(r, err, errlen);
     if (rc == CM_OK) rc = db_open(r, err, errlen);
+    if (rc == CM_OK) r->written = 0;
     return rc;
 }
 
