@@ -914,6 +914,8 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
         out->rows_not_admitted += r->rows_not_admitted;
         out->row_updates_dropped += r->row_updates_dropped;
         out->rows_expired += r->rows_expired;
+        out->ckpt_rows += r->ckpt_rows;
+        out->ckpt_row_bytes += r->ckpt_row_bytes;
         psrpc__stats_reply__free_unpacked(r, NULL);
     }
     return CM_OK;

@@ -212,6 +212,9 @@ typedef struct ps_client_stats {
     uint64_t rows_resident, rows_on_disk, row_hits, row_misses, row_evictions;
     uint64_t row_bytes_written, rows_budget;
     uint64_t rows_not_admitted, row_updates_dropped, rows_expired;
+    /* The newest checkpoint's rows (changed since the one before) and their
+     * bytes written to the row stores, over shards. */
+    uint64_t ckpt_rows, ckpt_row_bytes;
 } ps_client_stats;
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen);
 

@@ -98,8 +98,9 @@ static void usage(FILE *f) {
             "  --memory-mb X              keep at most X MiB of embedding rows (values and\n"
             "                             optimizer state) in memory, the others in a\n"
             "                             LevelDB row store on disk (default: all in memory)\n"
-            "  --rows-dir DIR             the row store's directory, emptied at start\n"
-            "                             (default: DATA_DIR/rows-<i> with --data-dir, else a\n"
+            "  --rows-dir DIR             the row store's directory: with --data-dir the\n"
+            "                             checkpoints' rows too, kept (default DATA_DIR/rows-<i>);\n"
+            "                             else scratch, emptied at start (default: a\n"
             "                             private directory under $TMPDIR, removed at exit)\n"
             "  --admit-after K            create a row only once training pulls found it\n"
             "                             missing K times (1-255; counted in a 4 MiB\n"
@@ -199,7 +200,7 @@ int main(int argc, char **argv) {
         : max_streams < 0 || max_streams > 100000           ? "--max-streams: 0-100000"
         : idle_ms < 0 || idle_ms > 86400000L                ? "--idle-timeout-ms: 0-86400000"
         : !(rows_mb >= 0.0) || rows_mb > (double)(1LL << 30) ? "--memory-mb: 0-2^30"
-        : rows_dir && rows_mb == 0.0                        ? "--rows-dir needs --memory-mb"
+        : rows_dir && rows_mb == 0.0 && !data_dir           ? "--rows-dir needs --memory-mb or --data-dir"
         : admit_after < 0 || admit_after > 255              ? "--admit-after: 0-255"
         : expire_after < 0                                  ? "--expire-after-steps: >= 0"
                                                             : NULL;
@@ -261,7 +262,7 @@ int main(int argc, char **argv) {
     if (data_dir) {
         snprintf(shard_dir, sizeof shard_dir, "%s/shard-%d", data_dir, cl->task_index);
         snprintf(rows_default, sizeof rows_default, "%s/rows-%d", data_dir, cl->task_index);
-        if (rows_mb > 0.0 && !rows_dir) rows_dir = rows_default;
+        if (!rows_dir) rows_dir = rows_default;
         if (mkdir(data_dir, 0777) != 0 && errno != EEXIST) {
             cm_error("cannot create %s: %s", data_dir, strerror(errno));
             goto out;

@@ -56,10 +56,13 @@ typedef struct chunk {
 } chunk;
 
 /* A slot's flags. F_FREE: no row (evicted; on the table's free list). The
- * others matter with a row budget only: F_REF, used since the clock hand
+ * others matter with a row store only: F_REF, used since the clock hand
  * last passed (CLOCK eviction); F_DIRTY, changed since it was last
- * written to the row store; F_DISK, the row store has a copy. */
-enum { F_REF = 1, F_DIRTY = 2, F_DISK = 4, F_FREE = 8 };
+ * written to the row store or copied for a checkpoint; F_DISK, the row
+ * store has a copy (or will have: F_PEND); F_PEND, copied for the
+ * checkpoint being written, which may not have written it yet, so an
+ * eviction writes it all the same (until the next checkpoint's copy). */
+enum { F_REF = 1, F_DIRTY = 2, F_DISK = 4, F_FREE = 8, F_PEND = 16 };
 
 typedef struct rtable {
     const cm_var *var;
@@ -379,9 +382,11 @@ static int evict_one(ps_rows *r, int ti) {
             continue;
         }
         const uint64_t id = id_at(t, row);
-        if ((*f & F_DIRTY) || !(*f & F_DISK))
-            st_rowdb_put(r->db, ti, id, *count_at(t, row), t->track ? *last_at(t, row) : 0,
-                         row_at(t, row), t->stride);
+        /* Tagged with the version being computed: a checkpoint of an
+         * earlier one must not see it. */
+        if ((*f & (F_DIRTY | F_PEND)) || !(*f & F_DISK))
+            st_rowdb_put(r->db, ti, id, r->step + 1, *count_at(t, row),
+                         t->track ? *last_at(t, row) : 0, row_at(t, row), t->stride);
         if (*f & F_DISK)
             t->nboth--;
         else
@@ -492,6 +497,7 @@ static void prepare(ps_rows *r, int ti, const uint64_t *ids, size_t n, int what)
             if (t->track) *last_at(t, row) = t->now;
         }
     }
+    if (r->db) st_rowdb_read_done(r->db);
 }
 
 /* Expiry: rows not used for expire_after steps go, from memory and from
@@ -524,7 +530,7 @@ static void expire(ps_rows *r) {
             uint8_t f = *flags_at(t, row);
             if ((f & F_FREE) || *last_at(t, row) >= cutoff) continue;
             if (f & F_DISK) {
-                st_rowdb_del(r->db, ti, id_at(t, row));
+                st_rowdb_del(r->db, ti, id_at(t, row), r->step);
                 t->nboth--;
                 t->ndisk--;
             }
@@ -538,7 +544,7 @@ static void expire(ps_rows *r) {
             stale_ctx c = {.t = t, .cutoff = cutoff};
             int rc = st_rowdb_visit(r->db, ti, t->stride, find_stale, &c, err, sizeof err);
             if (rc != CM_OK) spill_fatal(r, "reading the rows", err);
-            for (size_t i = 0; i < c.n; i++) st_rowdb_del(r->db, ti, c.ids[i]);
+            for (size_t i = 0; i < c.n; i++) st_rowdb_del(r->db, ti, c.ids[i], r->step);
             t->ndisk -= c.n;
             r->stats.expired += c.n;
             free(c.ids);
@@ -587,9 +593,7 @@ void ps_rows_set_step(ps_rows *r, int64_t step) {
 void ps_rows_set_spill(ps_rows *r, struct st_rowdb *db, size_t budget_bytes) {
     assert(ps_rows_total(r) == 0);
     r->db = db;
-    r->budget = budget_bytes;
-    char err[512];
-    if (st_rowdb_clear(db, err, sizeof err) != CM_OK) spill_fatal(r, "emptying", err);
+    r->budget = budget_bytes ? budget_bytes : SIZE_MAX;
 }
 
 void ps_rows_spill_stats_get(const ps_rows *r, ps_rows_spill_stats *out) {
@@ -600,7 +604,7 @@ void ps_rows_spill_stats_get(const ps_rows *r, ps_rows_spill_stats *out) {
         out->on_disk += r->tables[i].ndisk;
     }
     out->resident_bytes = resident_bytes(r);
-    out->budget = r->budget;
+    out->budget = r->budget == SIZE_MAX ? 0 : r->budget;
     if (r->db) {
         st_rowdb_stats ds;
         st_rowdb_stats_get(r->db, &ds);
@@ -655,15 +659,42 @@ void ps_rows_destroy(ps_rows *r) {
 
 /* Memory goes back too: a rollback is rare, and the rows that come back
  * (restored or retrained) may be far fewer. */
-void ps_rows_clear(ps_rows *r) {
+void ps_rows_reset(ps_rows *r, int64_t version, const uint64_t *stored) {
     for (int i = 0; i < r->ntables; i++) {
         table_free(&r->tables[i]);
         map_init(&r->tables[i], MAP_MIN);
     }
     char err[512];
-    if (r->db && st_rowdb_clear(r->db, err, sizeof err) != CM_OK)
-        spill_fatal(r, "dropping every row", err);
+    if (r->db) {
+        if (st_rowdb_fork(r->db, stored ? version : -1, err, sizeof err) != CM_OK)
+            spill_fatal(r, "rolling back", err);
+        for (int i = 0; stored && i < r->ntables; i++) r->tables[i].ndisk = stored[i];
+    }
     if (r->sketch) memset(r->sketch, 0, SKETCH_ROWS * (r->sketch_mask + 1));
+}
+
+void ps_rows_clear(ps_rows *r) { ps_rows_reset(r, -1, NULL); }
+
+size_t ps_rows_checkpoint(ps_rows *r, ps_rows_ckpt_fn fn, void *ud) {
+    size_t n = 0;
+    for (int ti = 0; ti < r->ntables; ti++) {
+        rtable *t = &r->tables[ti];
+        for (size_t row = 0; row < t->nrows; row++) {
+            uint8_t *f = flags_at(t, row);
+            if (*f & F_FREE) continue;
+            *f &= (uint8_t)~F_PEND; /* The last checkpoint was written. */
+            if (!(*f & F_DIRTY) && (*f & F_DISK)) continue;
+            fn(ud, ti, id_at(t, row), *count_at(t, row), t->track ? *last_at(t, row) : 0,
+               row_at(t, row));
+            if (!(*f & F_DISK)) {
+                t->ndisk++;
+                t->nboth++;
+            }
+            *f = (uint8_t)((*f & ~F_DIRTY) | F_PEND | F_DISK);
+            n++;
+        }
+    }
+    return n;
 }
 
 int ps_rows_dim(const ps_rows *r, int table) { return tab(r, table)->dim; }

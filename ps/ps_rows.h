@@ -52,8 +52,10 @@ ps_rows *ps_rows_create(const cm_model *model, const ps_optim_cfg *optim, uint64
 void ps_rows_destroy(ps_rows *r);
 
 /* Keep at most budget_bytes of rows (values, slots, counts and their map
- * entries) in memory, the others in db (borrowed: it must outlive r; what
- * it holds is dropped). Before the first row. */
+ * entries; 0: no limit) in memory, the others in db (borrowed: it must
+ * outlive r). Evicted rows are written tagged with the version being
+ * computed (the step + 1). Before the first row; then ps_rows_reset says
+ * what db holds (ps_rows_clear: nothing). */
 struct st_rowdb;
 void ps_rows_set_spill(ps_rows *r, struct st_rowdb *db, size_t budget_bytes);
 
@@ -90,8 +92,26 @@ typedef struct ps_rows_spill_stats {
 } ps_rows_spill_stats;
 void ps_rows_spill_stats_get(const ps_rows *r, ps_rows_spill_stats *out);
 
-/* Drop every row of every table (a rollback to the initial values). */
+/* Drop every row in memory (nothing is written) and, with a row store,
+ * make its state that of 'version': it forks there (st_rowdb_fork), and
+ * stored[t] (counts of a checkpoint of 'version', one per table) rows of
+ * table t are then there, none in memory. stored NULL: no row at all (a
+ * rollback to the initial values; the store forks at -1). */
+void ps_rows_reset(ps_rows *r, int64_t version, const uint64_t *stored);
+/* ps_rows_reset(r, -1, NULL). */
 void ps_rows_clear(ps_rows *r);
+
+/* An incremental checkpoint, with a row store, when 'version' was
+ * published (the step): fn gets every row in memory changed since the last
+ * call (or never stored): its table, id, count, last step and row (dim
+ * values, then nslots x dim slots). The caller writes them to the store
+ * tagged 'version' (and synced) before the checkpoint commits, and before
+ * the next call: rows copied here and evicted before that are written again
+ * by the eviction. Rows only in the store are there already (tagged <=
+ * the version). Returns the rows given to fn. */
+typedef void (*ps_rows_ckpt_fn)(void *ud, int table, uint64_t id, int64_t count, int64_t last,
+                                const float *row);
+size_t ps_rows_checkpoint(ps_rows *r, ps_rows_ckpt_fn fn, void *ud);
 
 /* Floats per row of table t (its dim), and optimizer slots per value. */
 int ps_rows_dim(const ps_rows *r, int table);

@@ -20,6 +20,7 @@
 #include "ps/ps_server.h"
 
 #include <errno.h>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,6 +32,7 @@
 
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
+#include "common/cm_rng.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
 #include "proto/rpc.h"
@@ -57,17 +59,23 @@ typedef struct ckpt_job {
     size_t slots_cap;  /* Floats it holds. */
     int nslots;
     ps_shard_config cfg;
-    /* Tables: a copy of every row at that version, one blob per table
-     * (rows_blob), at rows_off[t] .. rows_off[t + 1] of 'rows'. */
+    /* Tables: the rows changed since the last checkpoint (ps_rows_checkpoint),
+     * records of ROW_HEAD bytes (table, floats, id, count, last) and the
+     * floats, for the row store; and every table's row count then. */
     uint8_t *rows;
     size_t rows_len, rows_cap;
-    size_t *rows_off;
-    size_t rows_total; /* Rows in it. */
+    size_t nrows;
+    uint64_t *counts; /* NULL: no tables. */
 } ckpt_job;
+#define ROW_HEAD 32
 
-/* Rows of table t go in blob part ROWS_PART | t (kind 0): records of
- * u64 id, i64 update count, then dim values and nslots * dim slots. */
+/* A checkpoint's rows: blob part ROWS_PART | t. Kind ROWS_COUNT (8 bytes,
+ * little-endian): table t's row count, the rows being in the row store
+ * (st_rowdb, tagged <= the version). Kind 0, written before the row store
+ * held checkpoints and still read: every row of table t, records of u64 id,
+ * i64 update count, then dim values and nslots * dim slots. */
 #define ROWS_PART 0x80000000u
+#define ROWS_COUNT 1u
 
 struct ps_server {
     ps_server_cfg cfg;
@@ -83,6 +91,7 @@ struct ps_server {
     rpc_server *rpc;
     st_rowdb *rowdb;         /* Rows beyond cfg.rows_memory (NULL: none). */
     char rows_tmp[256];      /* A private row store directory to remove. */
+    char *own_data_dir, *own_rows_dir; /* Copies of cfg's. */
     uint64_t fingerprint;
     char identity[256];
     pthread_mutex_t mu;
@@ -101,8 +110,9 @@ struct ps_server {
     int64_t gc_floor;      /* Protected by ck_mu: every shard has committed
                             * this version (the chief says so), -1 unknown. */
     int gc_pending;        /* Protected by ck_mu: the floor rose; collect. */
-    size_t committed_rows; /* Rows in the newest committed generation (the
-                            * writer's, or the restore's before it runs). */
+    /* The writer's: the last checkpoint's rows and their bytes, and the row
+     * store's puts at its last compaction (read under ck_mu). */
+    uint64_t ck_rows, ck_row_bytes, ck_total, compact_puts;
     /* Recovery. Push, PushPull and Pull handlers hold 'gate' shared from
      * their epoch check until they are registered with the shard; Rollback
      * holds it exclusively, so no request of an old epoch reaches the new
@@ -265,7 +275,54 @@ static int optim_from(const Psrpc__OptimizerConfig *o, ps_optim_cfg *out) {
 }
 
 static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                       const ps_shard_config *cfg, const ps_rows *rows);
+                       const ps_shard_config *cfg, ps_rows *rows);
+
+/* The row store of a model with tables (mu held, no shard yet): with a
+ * data directory a durable one, the checkpoints' rows (cfg.rows_dir, else
+ * DATA_DIR-rows), emptied when the checkpoint store holds no generation;
+ * else, with a row budget, a scratch one in cfg.rows_dir or a private
+ * directory. None otherwise: every row in memory. */
+static int open_rows(ps_server *s, const cm_model *model, uint64_t fingerprint) {
+    if (s->rowdb || model->ntables == 0 || (!s->cfg.data_dir && !s->cfg.rows_memory))
+        return CM_OK;
+    const char *dir = s->cfg.rows_dir;
+    char def[4200];
+    if (!dir && s->cfg.data_dir) {
+        snprintf(def, sizeof def, "%s-rows", s->cfg.data_dir);
+        dir = def;
+    } else if (!dir) {
+        const char *tmp = getenv("TMPDIR");
+        snprintf(s->rows_tmp, sizeof s->rows_tmp, "%s/psserver-rows.XXXXXX",
+                 tmp && *tmp ? tmp : "/tmp");
+        if (!mkdtemp(s->rows_tmp)) {
+            cm_error("cannot create a directory for the row store (%s): %s", s->rows_tmp,
+                     strerror(errno));
+            s->rows_tmp[0] = '\0';
+            return CM_EIO;
+        }
+        dir = s->rows_tmp;
+    }
+    st_rowdb_opts o = {.durable = s->cfg.data_dir != NULL,
+                       .identity = cm_mix64(fingerprint ^ cm_mix64((uint64_t)s->cfg.shard + 1))};
+    char err[768];
+    int rc = st_rowdb_open_with(dir, &o, &s->rowdb, err, sizeof err);
+    int64_t v;
+    if (rc == CM_OK && o.durable && s->store &&
+        st_store_latest(s->store, &v, err, sizeof err) == CM_ENOTFOUND)
+        rc = st_rowdb_clear(s->rowdb, err, sizeof err);
+    if (rc != CM_OK) {
+        cm_error("%s", err);
+        st_rowdb_close(s->rowdb);
+        s->rowdb = NULL;
+        return rc;
+    }
+    if (s->cfg.rows_memory)
+        cm_info("embedding rows beyond %.1f MiB of memory go to %s",
+                (double)s->cfg.rows_memory / (1 << 20), dir);
+    else
+        cm_info("embedding rows: all in memory, checkpointed to %s", dir);
+    return CM_OK;
+}
 
 /* Make 'model' and 'pl' (the server's own from now on when owned) the
  * server's and create its shard with the checkpoint hook (mu not held).
@@ -273,7 +330,11 @@ static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslo
  * keeps and frees what it passed. */
 static int adopt_model(ps_server *s, const cm_model *model, const cm_placement *pl, int owned) {
     ps_shard *sh;
-    int rc = ps_shard_create(model, pl, s->cfg.shard, &sh);
+    pthread_mutex_lock(&s->mu);
+    int rc = s->shard ? CM_EBUSY : open_rows(s, model, pl->fingerprint);
+    pthread_mutex_unlock(&s->mu);
+    if (rc != CM_OK) return rc;
+    rc = ps_shard_create(model, pl, s->cfg.shard, &sh);
     if (rc != CM_OK) return rc;
     ps_shard_set_skip_nonfinite(sh, s->cfg.skip_nonfinite);
     ps_shard_set_memory_limit(sh, s->cfg.memory_limit);
@@ -907,6 +968,10 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.rows_not_admitted = st.row_cache.not_admitted;
         rep.row_updates_dropped = st.row_cache.dropped_updates;
         rep.rows_expired = st.row_cache.expired;
+        pthread_mutex_lock(&s->ck_mu);
+        rep.ckpt_rows = s->ck_rows;
+        rep.ckpt_row_bytes = s->ck_row_bytes;
+        pthread_mutex_unlock(&s->ck_mu);
         rep.version = st.version;
         rep.pushes = st.pushes;
         rep.duplicate_pushes = st.duplicate_pushes;
@@ -1034,19 +1099,18 @@ static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
     return CM_OK;
 }
 
-/* The publish hook (the shard's lock held): hand the version to the writer
- * unless it is still busy with the last one. */
-/* Append rows of one table to the job's buffer (ps_rows_visit callback). */
+/* A changed row into the job's buffer (ps_rows_checkpoint callback). */
 typedef struct rows_copy {
     ckpt_job *job;
-    int dim, nslots;
+    const ps_rows *rows;
 } rows_copy;
 
-static int copy_row(void *ud, uint64_t id, const float *values, const float *slots,
-                    int64_t count) {
+static void copy_row(void *ud, int table, uint64_t id, int64_t count, int64_t last,
+                     const float *row) {
     rows_copy *c = ud;
     ckpt_job *j = c->job;
-    size_t rec = 16 + (size_t)c->dim * (size_t)(1 + c->nslots) * sizeof(float);
+    uint32_t nf = (uint32_t)ps_rows_dim(c->rows, table) * (uint32_t)(1 + ps_rows_nslots(c->rows));
+    size_t rec = ROW_HEAD + (size_t)nf * sizeof(float);
     if (j->rows_len + rec > j->rows_cap) {
         size_t cap = j->rows_cap ? j->rows_cap : 1 << 20;
         while (cap < j->rows_len + rec) cap *= 2;
@@ -1054,18 +1118,21 @@ static int copy_row(void *ud, uint64_t id, const float *values, const float *slo
         j->rows_cap = cap;
     }
     uint8_t *p = j->rows + j->rows_len;
-    memcpy(p, &id, 8);
-    memcpy(p + 8, &count, 8);
-    memcpy(p + 16, values, (size_t)c->dim * sizeof(float));
-    if (c->nslots)
-        memcpy(p + 16 + (size_t)c->dim * sizeof(float), slots,
-               (size_t)c->dim * (size_t)c->nslots * sizeof(float));
+    uint32_t t = (uint32_t)table;
+    memcpy(p, &t, 4);
+    memcpy(p + 4, &nf, 4);
+    memcpy(p + 8, &id, 8);
+    memcpy(p + 16, &count, 8);
+    memcpy(p + 24, &last, 8);
+    memcpy(p + ROW_HEAD, row, (size_t)nf * sizeof(float));
     j->rows_len += rec;
-    return CM_OK;
+    j->nrows++;
 }
 
+/* The publish hook (the shard's lock held): hand the version to the writer
+ * unless it is still busy with the last one. */
 static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                       const ps_shard_config *cfg, const ps_rows *rows) {
+                       const ps_shard_config *cfg, ps_rows *rows) {
     ps_server *s = ud;
     pthread_mutex_lock(&s->ck_mu);
     if (s->job.snap || s->ck_stop) {
@@ -1084,21 +1151,17 @@ static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslo
     if (n && slots) memcpy(s->job.slots, slots, n * sizeof(float));
     s->job.nslots = slots ? nslots : 0;
     s->job.cfg = *cfg;
+    s->job.rows_len = 0;
+    s->job.nrows = 0;
     if (rows) {
-        /* A copy of every row, under the shard's lock: the rows change in
-         * place. (Incremental checkpoints of tables larger than memory are
-         * the next step.) */
+        /* Only the rows changed since the last checkpoint: the others are
+         * in the row store already (an adopted model with tables always
+         * has one when it checkpoints). */
         int nt = s->model->ntables;
-        if (!s->job.rows_off) s->job.rows_off = cm_calloc((size_t)nt + 1, sizeof(size_t));
-        s->job.rows_len = 0;
-        for (int t = 0; t < nt; t++) {
-            s->job.rows_off[t] = s->job.rows_len;
-            rows_copy c = {.job = &s->job, .dim = ps_rows_dim(rows, t),
-                           .nslots = ps_rows_nslots(rows)};
-            ps_rows_visit(rows, t, copy_row, &c);
-        }
-        s->job.rows_off[nt] = s->job.rows_len;
-        s->job.rows_total = ps_rows_total(rows);
+        if (!s->job.counts) s->job.counts = cm_calloc((size_t)nt + 1, sizeof *s->job.counts);
+        rows_copy c = {.job = &s->job, .rows = rows};
+        ps_rows_checkpoint(rows, copy_row, &c);
+        for (int t = 0; t < nt; t++) s->job.counts[t] = ps_rows_count(rows, t);
     }
     ps_snapshot_ref(snap);
     s->job.snap = snap;
@@ -1122,19 +1185,91 @@ static void gc(ps_server *s) {
     int64_t keep = floor;
     if (keep > committed[0]) keep = committed[0];
     if (n > GC_KEEP_MAX && committed[GC_KEEP_MAX - 1] > keep) keep = committed[GC_KEEP_MAX - 1];
-    if (keep > 0 && st_store_drop_older(s->store, keep, err, sizeof err) != CM_OK)
+    if (keep <= 0) return;
+    if (st_store_drop_older(s->store, keep, err, sizeof err) != CM_OK) {
         cm_warn("cannot drop checkpoints older than %lld: %s", (long long)keep, err);
+        return;
+    }
+    /* The row store's entries no generation from 'keep' on reads: once as
+     * many rows were written since the last time as the tables hold (at
+     * least 64 Ki), so a compaction's read of every entry costs O(1) a
+     * write. */
+    if (!s->rowdb) return;
+    st_rowdb_stats rs;
+    st_rowdb_stats_get(s->rowdb, &rs);
+    pthread_mutex_lock(&s->ck_mu);
+    uint64_t since = rs.puts - s->compact_puts, rows = s->ck_total;
+    pthread_mutex_unlock(&s->ck_mu);
+    if (since < (rows > (1u << 16) ? rows : (1u << 16))) return;
+    double t0 = cm_now();
+    int64_t gone = st_rowdb_compact(s->rowdb, keep, err, sizeof err);
+    if (gone < 0) {
+        cm_warn("cannot compact the row store: %s", err);
+        return;
+    }
+    pthread_mutex_lock(&s->ck_mu);
+    s->compact_puts = rs.puts;
+    pthread_mutex_unlock(&s->ck_mu);
+    cm_info("row store compacted below version %lld: %lld entries dropped in %.0f ms",
+            (long long)keep, (long long)gone, (cm_now() - t0) * 1e3);
+}
+
+/* A checkpoint's rows could not be written: they were handed over as
+ * written (ps_rows_checkpoint), so going on would lose them. The process
+ * stops; its supervisor restarts it and the cluster rolls back. */
+static void rows_fatal(ps_server *s, int64_t v, const char *err) {
+    fprintf(stderr, "fatal: checkpoint of version %lld: the row store %s: %s; stopping (its "
+            "rows would be lost)\n", (long long)v, st_rowdb_path(s->rowdb), err);
+    fflush(stderr);
+    _exit(1);
+}
+
+/* The job's changed rows into the row store, tagged v, and every write
+ * before them (evictions tagged <= v) made durable. */
+static uint64_t write_rows(ps_server *s, const ckpt_job *j, int64_t v) {
+    st_rowdb_batch *b = st_rowdb_batch_create();
+    char err[512];
+    uint64_t bytes = 0;
+    for (size_t at = 0; at < j->rows_len;) {
+        const uint8_t *p = j->rows + at;
+        uint32_t t, nf;
+        uint64_t id;
+        int64_t count, last;
+        memcpy(&t, p, 4);
+        memcpy(&nf, p + 4, 4);
+        memcpy(&id, p + 8, 8);
+        memcpy(&count, p + 16, 8);
+        memcpy(&last, p + 24, 8);
+        st_rowdb_batch_put(s->rowdb, b, (int)t, id, v, count, last,
+                           (const float *)(const void *)(p + ROW_HEAD), nf);
+        at += ROW_HEAD + (size_t)nf * sizeof(float);
+        /* Batches of about 4 MiB: LevelDB's memtable takes a batch whole. */
+        if (st_rowdb_batch_bytes(b) >= ((size_t)4 << 20)) {
+            bytes += st_rowdb_batch_bytes(b);
+            if (st_rowdb_write(s->rowdb, b, 0, err, sizeof err) != CM_OK) rows_fatal(s, v, err);
+        }
+    }
+    /* Always one synced write, even of no row. */
+    st_rowdb_batch_mark(s->rowdb, b, v);
+    bytes += st_rowdb_batch_bytes(b);
+    if (st_rowdb_write(s->rowdb, b, 1, err, sizeof err) != CM_OK ||
+        st_rowdb_sync(s->rowdb, err, sizeof err) != CM_OK)
+        rows_fatal(s, v, err);
+    st_rowdb_batch_destroy(b);
+    return bytes;
 }
 
 /* Write one job (ck_mu not held: the job is the writer's while snap is
- * set). Errors are logged; training goes on. */
+ * set). Errors of the checkpoint store are logged and training goes on
+ * (the next checkpoint tries again); the row store's stop the process. */
 static void write_job(ps_server *s, const ckpt_job *j) {
     int nparts;
     ps_shard_parts(s->shard, &nparts);
     size_t numel = ps_shard_numel(s->shard);
-    int nt = j->rows_off ? s->model->ntables : 0;
+    int nt = j->counts ? s->model->ntables : 0;
     int nblobs = nparts * (1 + j->nslots) + nt;
     st_blob *b = cm_malloc((size_t)(nblobs ? nblobs : 1) * sizeof *b);
+    uint8_t *counts = cm_malloc((size_t)(nt ? nt : 1) * 8);
     const uint32_t *parts = ps_shard_parts(s->shard, &nparts);
     int k = 0;
     for (int i = 0; i < nparts; i++) {
@@ -1146,35 +1281,48 @@ static void write_job(ps_server *s, const ckpt_job *j) {
             b[k++] = (st_blob){.part = parts[i], .kind = (uint32_t)sl + 1,
                                .data = j->slots + (size_t)sl * numel + off, .len = len};
     }
-    for (int t = 0; t < nt; t++)
-        b[k++] = (st_blob){.part = ROWS_PART | (uint32_t)t, .kind = ST_KIND_PARAMS,
-                           /* No rows yet: no buffer, and NULL + 0 is undefined. */
-                           .data = j->rows ? j->rows + j->rows_off[t] : NULL,
-                           .len = j->rows_off[t + 1] - j->rows_off[t]};
+    for (int t = 0; t < nt; t++) {
+        for (int i = 0; i < 8; i++) counts[8 * t + i] = (uint8_t)(j->counts[t] >> (8 * i));
+        b[k++] = (st_blob){.part = ROWS_PART | (uint32_t)t, .kind = ROWS_COUNT,
+                           .data = counts + 8 * t, .len = 8};
+    }
     uint8_t extra[CFG_LEN];
     cfg_encode(&j->cfg, extra);
     int64_t v = ps_snapshot_version(j->snap);
     char err[512];
     int64_t newest;
-    if (st_store_latest(s->store, &newest, err, sizeof err) == CM_OK && newest >= v &&
-        (!nt || newest > v || j->rows_total == s->committed_rows)) {
+    if (!j->nrows && st_store_latest(s->store, &newest, err, sizeof err) == CM_OK &&
+        newest >= v) {
         /* Already there (a final checkpoint of a checkpointed version).
-         * Unless rows were created since (training reads create them after
-         * the version was published): then version v is written again. */
+         * Unless rows changed since (training reads create rows after the
+         * version was published): then version v is written again. */
         free(b);
+        free(counts);
         return;
     }
     double t0 = cm_now();
+    uint64_t row_bytes = nt ? write_rows(s, j, v) : 0;
     int rc = st_store_checkpoint(s->store, v, b, nblobs, extra, sizeof extra, err, sizeof err);
     free(b);
+    free(counts);
     if (rc != CM_OK) {
         cm_error("checkpoint of version %lld failed: %s", (long long)v, err);
         return;
     }
-    s->committed_rows = j->rows_total;
+    pthread_mutex_lock(&s->ck_mu);
+    s->ck_rows = j->nrows;
+    s->ck_row_bytes = row_bytes;
+    s->ck_total = 0;
+    for (int t = 0; t < nt; t++) s->ck_total += j->counts[t];
+    pthread_mutex_unlock(&s->ck_mu);
     gc(s);
-    cm_info("checkpoint of version %lld committed in %.0f ms", (long long)v,
-            (cm_now() - t0) * 1e3);
+    if (nt)
+        cm_info("checkpoint of version %lld committed in %.0f ms (%zu rows changed, %.1f MiB "
+                "to the row store)",
+                (long long)v, (cm_now() - t0) * 1e3, j->nrows, (double)row_bytes / (1 << 20));
+    else
+        cm_info("checkpoint of version %lld committed in %.0f ms", (long long)v,
+                (cm_now() - t0) * 1e3);
 }
 
 static void *writer_main(void *arg) {
@@ -1227,21 +1375,34 @@ typedef struct restore_ctx {
     size_t numel;
     int nseen;
     uint8_t **rows;   /* Per table: its rows blob (or NULL)... */
-    size_t *rows_len; /* ...and its length. */
+    size_t *rows_len; /* ...and its length (an older checkpoint), */
+    uint64_t *counts; /* or its row count, the rows in the row store. */
+    uint8_t *have_count;
+    int in_store;     /* The generation's rows are in the row store. */
 } restore_ctx;
 
 static void restore_ctx_free(restore_ctx *c) {
     for (int t = 0; c->rows && t < c->model->ntables; t++) free(c->rows[t]);
     free(c->rows);
     free(c->rows_len);
+    free(c->counts);
+    free(c->have_count);
 }
 
 static int on_blob(void *ud, uint32_t part, uint32_t kind, const void *data, size_t len) {
     restore_ctx *c = ud;
     if (part & ROWS_PART) {
         uint32_t t = part & ~ROWS_PART;
-        if (t >= (uint32_t)c->model->ntables || kind != ST_KIND_PARAMS || c->rows[t])
+        if (t >= (uint32_t)c->model->ntables || c->rows[t] || c->have_count[t])
             return CM_ECORRUPT;
+        if (kind == ROWS_COUNT) {
+            if (len != 8) return CM_ECORRUPT;
+            const uint8_t *p = data;
+            for (int i = 0; i < 8; i++) c->counts[t] |= (uint64_t)p[i] << (8 * i);
+            c->have_count[t] = 1;
+            return CM_OK;
+        }
+        if (kind != ST_KIND_PARAMS) return CM_ECORRUPT;
         c->rows[t] = cm_malloc(len ? len : 1);
         memcpy(c->rows[t], data, len);
         c->rows_len[t] = len;
@@ -1269,6 +1430,8 @@ static int load_generation(ps_server *s, int64_t v, ps_shard_config *sc, float *
     int nt = s->model->ntables;
     c.rows = cm_calloc((size_t)nt + 1, sizeof *c.rows);
     c.rows_len = cm_calloc((size_t)nt + 1, sizeof *c.rows_len);
+    c.counts = cm_calloc((size_t)nt + 1, sizeof *c.counts);
+    c.have_count = cm_calloc((size_t)nt + 1, 1);
     void *extra = NULL;
     size_t extra_len = 0;
     int rc = st_store_load(s->store, v, on_blob, &c, &extra, &extra_len, err, errlen);
@@ -1281,8 +1444,22 @@ static int load_generation(ps_server *s, int64_t v, ps_shard_config *sc, float *
                   nparts * (1 + ps_optim_nslots(sc->optim.kind)), ps_optim_name(sc->optim.kind));
         rc = CM_ECORRUPT;
     }
+    c.in_store = nt > 0 && c.have_count[0];
     for (int t = 0; rc == CM_OK && t < nt; t++) {
         const cm_var *tv = &s->model->vars[s->model->table_var[t]];
+        if (c.in_store != c.have_count[t]) {
+            cm_seterr(err, errlen, "table %s has %s", tv->name,
+                      c.in_store ? "no row count" : "a row count and no rows");
+            rc = CM_ECORRUPT;
+            continue;
+        }
+        if (c.in_store) {
+            if (!s->rowdb) {
+                cm_seterr(err, errlen, "its rows are in a row store, and this server has none");
+                rc = CM_EINVAL;
+            }
+            continue;
+        }
         size_t rec = 16 + (size_t)tv->dim * (size_t)(1 + ps_optim_nslots(sc->table_optim.kind)) *
                               sizeof(float);
         if (!c.rows[t] || c.rows_len[t] % rec) {
@@ -1322,7 +1499,12 @@ static void put_rows(ps_server *s, const ps_shard_config *sc, restore_ctx *c) {
         free(vals);
     }
     if (n) cm_info("restored %zu rows of %d tables", n, s->model->ntables);
-    s->committed_rows = n;
+    if (c->in_store) {
+        uint64_t total = 0;
+        for (int t = 0; t < s->model->ntables; t++) total += c->counts[t];
+        cm_info("%llu rows of %d tables stay in the row store %s, read when used",
+                (unsigned long long)total, s->model->ntables, st_rowdb_path(s->rowdb));
+    }
     restore_ctx_free(c);
 }
 
@@ -1398,7 +1580,10 @@ static int open_store(ps_server *s) {
     rc = st_store_newest_intact(s->store, &v, err, sizeof err);
     if (rc == CM_ENOTFOUND) {
         cm_info("no checkpoint in %s yet", cfg->data_dir);
-        return CM_OK;
+        /* Rows of no generation: from a run that never committed one. */
+        if (s->rowdb && (rc = st_rowdb_clear(s->rowdb, err, sizeof err)) != CM_OK)
+            cm_error("%s", err);
+        return rc == CM_ENOTFOUND ? CM_OK : rc;
     }
     if (rc != CM_OK) {
         cm_error("cannot read the checkpoints in %s: %s", cfg->data_dir, err);
@@ -1413,6 +1598,7 @@ static int open_store(ps_server *s) {
     /* The buffers become the shard's (ps_shard_restore_owned): a large
      * shard's memory is touched once, not twice. */
     if (rc == CM_OK) {
+        ps_shard_rows_from_store(s->shard, v, rows.in_store ? rows.counts : NULL);
         rc = ps_shard_restore_owned(s->shard, &sc, v, params, slots, err, sizeof err);
         if (rc == CM_OK)
             put_rows(s, &sc, &rows);
@@ -1542,6 +1728,8 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
     }
     if (rc == CM_OK && s->store) rc = st_store_drop_newer(s->store, v, err, errlen);
     if (rc == CM_OK && !as_restored)
+        ps_shard_rows_from_store(s->shard, v, have_rows && rows.in_store ? rows.counts : NULL);
+    if (rc == CM_OK && !as_restored)
         rc = ps_shard_rollback(s->shard, v, params,
                                ps_optim_nslots(have.optim.kind) && load ? slots : NULL, err,
                                errlen);
@@ -1637,36 +1825,19 @@ static void log_row_cache(ps_shard *sh, const char *when) {
             (unsigned long long)c->expired, (double)ru.ru_maxrss / 1024.0);
 }
 
-/* The row store of a row budget: cfg.rows_dir, or a private directory. */
-static int open_rows(ps_server *s) {
-    const char *dir = s->cfg.rows_dir;
-    if (!dir) {
-        const char *tmp = getenv("TMPDIR");
-        snprintf(s->rows_tmp, sizeof s->rows_tmp, "%s/psserver-rows.XXXXXX",
-                 tmp && *tmp ? tmp : "/tmp");
-        if (!mkdtemp(s->rows_tmp)) {
-            cm_error("cannot create a directory for the row store (%s): %s", s->rows_tmp,
-                     strerror(errno));
-            s->rows_tmp[0] = '\0';
-            return CM_EIO;
-        }
-        dir = s->rows_tmp;
-    }
-    char err[512];
-    int rc = st_rowdb_open(dir, &s->rowdb, err, sizeof err);
-    if (rc != CM_OK) {
-        cm_error("%s", err);
-        return rc;
-    }
-    cm_info("embedding rows beyond %.1f MiB of memory go to %s",
-            (double)s->cfg.rows_memory / (1 << 20), dir);
-    return CM_OK;
-}
-
 int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     *out = NULL;
     ps_server *s = cm_calloc(1, sizeof *s);
     s->cfg = *cfg;
+    /* Kept: the row store opens when the model comes (an Init, later). */
+    if (cfg->data_dir) s->cfg.data_dir = s->own_data_dir = cm_strdup(cfg->data_dir);
+    if (cfg->rows_dir) s->cfg.rows_dir = s->own_rows_dir = cm_strdup(cfg->rows_dir);
+    if (cfg->rows_dir && mkdir(cfg->rows_dir, 0700) != 0 && errno != EEXIST) {
+        /* Now, not when the model comes: a bad flag fails at start. */
+        cm_error("cannot create the row store %s: %s", cfg->rows_dir, strerror(errno));
+        ps_server_destroy(s, 0);
+        return CM_EIO;
+    }
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     pthread_mutex_init(&s->ck_mu, NULL);
@@ -1692,7 +1863,6 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
         }
         s->writer_started = 1;
     }
-    if (cfg->rows_memory && (rc = open_rows(s)) != CM_OK) goto fail;
     if (cfg->model && (rc = adopt_model(s, cfg->model, cfg->placement, 0)) != CM_OK) goto fail;
     if (cfg->data_dir && (rc = open_store(s)) != CM_OK) goto fail;
     rpc_server_opts o = {.threads = cfg->threads > 0 ? cfg->threads : ps_server_default_threads(),
@@ -1789,7 +1959,7 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     ps_snapshot_unref(s->job.snap);
     free(s->job.slots);
     free(s->job.rows);
-    free(s->job.rows_off);
+    free(s->job.counts);
     st_store_close(s->store);
     if ((s->rowdb || s->cfg.admit_after > 1 || s->cfg.expire_after > 0) && sh)
         log_row_cache(sh, "at exit");
@@ -1798,6 +1968,8 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     if (s->rows_tmp[0]) st_rowdb_remove(s->rows_tmp);
     cm_placement_destroy(s->own_pl);
     cm_model_destroy(s->own_model);
+    free(s->own_data_dir);
+    free(s->own_rows_dir);
     pthread_cond_destroy(&s->ck_cv);
     pthread_mutex_destroy(&s->ck_mu);
     pthread_rwlock_destroy(&s->gate);

@@ -80,11 +80,15 @@ typedef struct ps_server_cfg {
     int skip_nonfinite;
     size_t memory_limit;
     int64_t max_step_ahead;
-    /* Embedding rows beyond memory: at most rows_memory bytes of rows in
-     * memory (0: every row in memory), the others in a row store
-     * (storage/st_rowdb.h) at rows_dir (NULL: a private directory under
-     * $TMPDIR, removed at destroy). Scratch: emptied when opened; a
-     * restarted shard restores its rows from its checkpoints. */
+    /* Embedding rows: at most rows_memory bytes of rows in memory (0: no
+     * limit), the others in a row store (storage/st_rowdb.h) at rows_dir.
+     * With a data_dir the row store is durable (default rows_dir:
+     * DATA_DIR-rows) and also holds the checkpoints' rows: a checkpoint
+     * writes the rows changed since the last one, and a restarted shard
+     * reads rows from it when they are used instead of loading the table.
+     * Without one, only with rows_memory: scratch, emptied when opened
+     * (NULL rows_dir: a private directory under $TMPDIR, removed at
+     * destroy). A model without tables has none. */
     size_t rows_memory;
     const char *rows_dir;
     /* Rows created only once training reads found them missing admit_after

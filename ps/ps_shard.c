@@ -176,6 +176,12 @@ struct ps_shard {
     size_t mem_limit;
     struct st_rowdb *rowdb; /* Rows beyond row_budget bytes (NULL: none). */
     size_t row_budget;
+    /* What the row store holds for the next setup or rollback
+     * (ps_shard_rows_from_store): rows_at's checkpoint, rows_stored[t]
+     * rows of table t; rows_have 0: nothing. */
+    int rows_have;
+    int64_t rows_at;
+    uint64_t *rows_stored;
     int admit_after;        /* Row admission and expiry (ps_rows.h). */
     int64_t expire_after;
     int64_t max_ahead;
@@ -258,9 +264,30 @@ void ps_shard_set_memory_limit(ps_shard *s, size_t bytes) {
 
 void ps_shard_set_row_spill(ps_shard *s, struct st_rowdb *db, size_t budget) {
     pthread_mutex_lock(&s->mu);
-    s->rowdb = budget ? db : NULL;
+    s->rowdb = db;
     s->row_budget = budget;
     pthread_mutex_unlock(&s->mu);
+}
+
+void ps_shard_rows_from_store(ps_shard *s, int64_t version, const uint64_t *counts) {
+    pthread_mutex_lock(&s->mu);
+    free(s->rows_stored);
+    s->rows_stored = NULL;
+    s->rows_have = counts != NULL;
+    s->rows_at = version;
+    if (counts) {
+        size_t n = (size_t)(s->model->ntables > 0 ? s->model->ntables : 1);
+        s->rows_stored = cm_malloc(n * sizeof *s->rows_stored);
+        memcpy(s->rows_stored, counts, (size_t)s->model->ntables * sizeof *counts);
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* The rows as the row store holds them for this setup or rollback (mu
+ * held): what ps_shard_rows_from_store said, once; else nothing. */
+static void rows_reset(ps_shard *s) {
+    ps_rows_reset(s->rows, s->rows_at, s->rows_have ? s->rows_stored : NULL);
+    s->rows_have = 0;
 }
 
 void ps_shard_set_row_admission(ps_shard *s, int k, int64_t expire_after) {
@@ -399,6 +426,7 @@ static void free_state(ps_shard *s) {
     free(s->stage);
     s->stage = NULL;
     ps_rows_destroy(s->rows);
+    free(s->rows_stored);
     s->rows = NULL;
     if (s->rstage)
         for (int w = 0; w < s->cfg.num_workers; w++) ps_rowlist_free(&s->rstage[w]);
@@ -694,6 +722,7 @@ static int setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const
         ps_rows_set_admission(s->rows, s->admit_after);
         ps_rows_set_expiry(s->rows, s->expire_after);
         ps_rows_set_step(s->rows, version);
+        rows_reset(s);
         s->racc.e.dim = s->row_dim_max;
     }
     s->cfg = *cfg;
@@ -1707,7 +1736,7 @@ int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const f
     s->ndone = 0;
     for (size_t k = 0; k < W; k++) s->last_step[k] = -1;
     if (s->rows) {
-        ps_rows_clear(s->rows);
+        rows_reset(s);
         ps_rowacc_reset(&s->racc);
         for (size_t k = 0; s->rstage && k < W; k++) s->rstage[k].n = 0;
         if (s->rgiven) memset(s->rgiven, 0, W);

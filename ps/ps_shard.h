@@ -225,12 +225,17 @@ size_t ps_shard_default_memory_limit(void);
  * The memory limit in bytes (0: the default); an Init or restore beyond it
  * is refused with CM_ENOMEM. */
 void ps_shard_set_memory_limit(ps_shard *s, size_t bytes);
-/* Embedding rows beyond memory: at most budget bytes of rows in memory,
- * the others in db (borrowed: it must outlive the shard; its rows are
- * dropped whenever the shard's are, at Init and rollback). budget 0: every
- * row in memory. Before the shard is initialised. */
+/* Embedding rows in a row store (storage/st_rowdb.h): at most budget
+ * bytes of rows in memory (0: no limit), the others in db (borrowed: it
+ * must outlive the shard). At Init and rollback the rows start as
+ * ps_shard_rows_from_store said, else empty (the store forks at -1).
+ * Before the shard is initialised. */
 struct st_rowdb;
 void ps_shard_set_row_spill(ps_shard *s, struct st_rowdb *db, size_t budget);
+/* For the next restore, Init or rollback (once): the row store holds the
+ * rows of the checkpoint of 'version', counts[t] of table t (copied; one
+ * per table); NULL: no rows (the initial values). */
+void ps_shard_rows_from_store(ps_shard *s, int64_t version, const uint64_t *counts);
 /* Rows created only once seen k times (0, 1: at once), and dropped after
  * expire_after versions unused (0: never); ps_rows_set_admission and
  * ps_rows_set_expiry. Before the shard is initialised. */
@@ -352,9 +357,9 @@ size_t ps_shard_part_offset(const ps_shard *s, int i);
  * none), valid only during the call since the optimizer updates them in
  * place, 'cfg' the shard's config, and 'rows' the shard's rows at v (NULL
  * without tables), also valid only during the call (a checkpoint copies
- * them). */
+ * the rows changed since the last one: ps_rows_checkpoint). */
 typedef void (*ps_publish_fn)(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                              const ps_shard_config *cfg, const ps_rows *rows);
+                              const ps_shard_config *cfg, ps_rows *rows);
 
 /* Install the hook (every > 0) or remove it (fn NULL). Set it before the
  * shard serves. */

@@ -100,7 +100,7 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
         const ps_client_stats *st = &r->ps_stats;
         const uint64_t asked = st->row_hits + st->row_misses;
         json_t *p = json_pack(
-            "{s:I, s:I, s:I, s:f, s:I, s:f, s:f, s:I, s:I, s:I}", "rows",
+            "{s:I, s:I, s:I, s:f, s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:f}", "rows",
             (json_int_t)st->rows, "in_memory", (json_int_t)st->rows_resident, "in_row_stores",
             (json_int_t)st->rows_on_disk, "hit_rate",
             asked ? (double)st->row_hits / (double)asked : 0.0, "evictions",
@@ -108,7 +108,9 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
             (double)st->row_bytes_written / (1 << 20), "budget_mb",
             (double)st->rows_budget / (1 << 20), "reads_not_admitted",
             (json_int_t)st->rows_not_admitted, "updates_dropped",
-            (json_int_t)st->row_updates_dropped, "expired", (json_int_t)st->rows_expired);
+            (json_int_t)st->row_updates_dropped, "expired", (json_int_t)st->rows_expired,
+            "last_checkpoint_rows", (json_int_t)st->ckpt_rows, "last_checkpoint_mb",
+            (double)st->ckpt_row_bytes / (1 << 20));
         if (p) json_object_set_new(o, "ps_rows", p);
     }
     int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;
@@ -1026,16 +1028,18 @@ static void ps_rows_report(run *r) {
     }
     res->ps_stats_valid = 1;
     const ps_client_stats st = res->ps_stats;
-    if (!st.rows_budget && !st.rows_not_admitted && !st.rows_expired) return;
+    if (!st.rows_budget && !st.rows_not_admitted && !st.rows_expired && !st.ckpt_rows) return;
     const uint64_t asked = st.row_hits + st.row_misses;
     cm_info("PS rows: %llu, %llu in memory (budgets %.1f MiB), %llu in the row stores; %.1f %% "
             "of rows asked for found in memory, %llu evicted, %.1f MiB written; %llu reads "
-            "not admitted, %llu rows expired", (unsigned long long)st.rows,
+            "not admitted, %llu rows expired; the last checkpoint wrote %llu rows (%.1f MiB)",
+            (unsigned long long)st.rows,
             (unsigned long long)st.rows_resident, (double)st.rows_budget / (1 << 20),
             (unsigned long long)st.rows_on_disk,
             asked ? 100.0 * (double)st.row_hits / (double)asked : 0.0,
             (unsigned long long)st.row_evictions, (double)st.row_bytes_written / (1 << 20),
-            (unsigned long long)st.rows_not_admitted, (unsigned long long)st.rows_expired);
+            (unsigned long long)st.rows_not_admitted, (unsigned long long)st.rows_expired,
+            (unsigned long long)st.ckpt_rows, (double)st.ckpt_row_bytes / (1 << 20));
 }
 
 /* The final parameters, the async chief's last evaluation, summary,

@@ -205,7 +205,10 @@ def beyond_memory(bin_dir, tmp):
         runs[name] = (summary(out["json"]), params(out["bin"]), read_export(out["pst"])[2],
                       caches, p.stderr)
     ref_s, ref_p, ref_rows, ref_caches, _ = runs["in memory"]
-    check(not ref_caches, "without --ps-memory-mb no PS has a row cache")
+    check(len(ref_caches) == 2 and all(int(c[7]) == 0 and c[1] == c[2] for c in ref_caches),
+          f"without --ps-memory-mb every row stays in memory (the row store holds the "
+          f"checkpoints' rows): {[(c[1], c[2], c[7]) for c in ref_caches]} (rows, in memory, "
+          f"evicted)")
     s, p, rows, caches, _ = runs["budget"]
     check(len(caches) == 2, f"each PS reports its row cache at exit ({len(caches)} lines)")
     for ps, total, resident, used_mib, budget_mib, stored, hit, evicted, rss in caches:
@@ -244,7 +247,7 @@ def beyond_memory(bin_dir, tmp):
           f"{p.stderr.strip().splitlines()[-1]}")
     for flags, name in ((["--admit-after", "300"], "--admit-after"),
                         (["--memory-mb", "-1"], "--memory-mb"),
-                        (["--rows-dir", tmp], "--rows-dir needs --memory-mb")):
+                        (["--rows-dir", tmp], "--rows-dir needs --memory-mb or --data-dir")):
         p = run([os.path.join(bin_dir, "psserver"), *flags], expect_ok=False)
         check(p.returncode == 1 and name in p.stderr,
               f"psserver {' '.join(flags)} is refused naming the flag: {p.stderr.strip()}")

@@ -1598,7 +1598,7 @@ static void snapshot_flat(const ps_shard *s, const ps_snapshot *snap, float *fla
 
 static void rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
                      const ps_shard_config *cfg,
-                     const ps_rows *rows) {
+                     ps_rows *rows) {
     hook_rec *r = ud;
     CHECK(rows == NULL); /* A model without tables. */
     CHECK(r->calls < 8);
@@ -2484,7 +2484,7 @@ static int rec_row(void *ud, uint64_t id, const float *values, const float *slot
 }
 
 static void rows_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                      const ps_shard_config *cfg, const ps_rows *rows) {
+                      const ps_shard_config *cfg, ps_rows *rows) {
     (void)cfg;
     rows_rec *r = ud;
     CHECK(rows != NULL);

@@ -389,24 +389,54 @@ static void test_expiry_counts_reads_of_stored_rows(void **state) {
     free_pair(&p);
 }
 
-/* One table's keys sort together, ids ascending (big-endian). */
+static int count_rows(void *ud, uint64_t id, int64_t count, int64_t last, const float *row) {
+    (void)id, (void)count, (void)last, (void)row;
+    (*(int *)ud)++;
+    return CM_OK;
+}
+
+typedef struct put_ctx {
+    ps_rows *dst;
+    int table;
+} put_ctx;
+
+static int put_into(void *ud, uint64_t id, const float *values, const float *slots,
+                    int64_t count) {
+    const put_ctx *c = ud;
+    ps_rows_put(c->dst, c->table, id, values, slots, count);
+    return CM_OK;
+}
+
+/* Every row of src into dst (no budget). */
+static void copy_all(ps_rows *src, ps_rows *dst) {
+    for (int t = 0; t < 2; t++) {
+        put_ctx c = {dst, t};
+        assert_int_equal(ps_rows_visit(src, t, put_into, &c), CM_OK);
+    }
+}
+
+/* One table's keys sort together, ids ascending (big-endian), and a row's
+ * entries newest first: later epochs, then higher versions. */
 static void test_key_order(void **state) {
     (void)state;
     const struct {
         int table;
         uint64_t id;
-    } k[] = {{0, 0}, {0, 1}, {0, 255}, {0, 256}, {0, UINT64_MAX - 1}, {0, UINT64_MAX},
-             {1, 0}, {1, 7}, {2, 0}};
+        uint32_t epoch;
+        int64_t version;
+    } k[] = {{0, 0, 0, 0},         {0, 1, 2, 3},   {0, 1, 2, 2},         {0, 1, 1, 100},
+             {0, 1, 0, INT64_MAX - 1}, {0, 1, 0, 0}, {0, 1, 0, -1},       {0, 255, 0, 0},
+             {0, 256, 0, 0},       {0, UINT64_MAX, 0, 0}, {1, 0, 7, 7},   {2, 0, 0, 0}};
     const size_t n = sizeof k / sizeof k[0];
     for (size_t i = 0; i + 1 < n; i++) {
         uint8_t a[ST_ROWDB_KEY], b[ST_ROWDB_KEY];
-        st_rowdb_key(k[i].table, k[i].id, a);
-        st_rowdb_key(k[i + 1].table, k[i + 1].id, b);
+        st_rowdb_key(k[i].table, k[i].id, k[i].epoch, k[i].version, a);
+        st_rowdb_key(k[i + 1].table, k[i + 1].id, k[i + 1].epoch, k[i + 1].version, b);
         assert_true(memcmp(a, b, ST_ROWDB_KEY) < 0);
     }
 }
 
-/* A row store opened on a directory that held one starts empty. */
+/* A scratch row store opened on a directory that held one starts empty. */
 static void test_open_empties(void **state) {
     (void)state;
     char dir[128], err[256];
@@ -415,8 +445,8 @@ static void test_open_empties(void **state) {
     assert_int_equal(st_rowdb_open(dir, &db, err, sizeof err), CM_OK);
     float row[4] = {1, 2, 3, 4}, got[4];
     int64_t count = 0, last = 0;
-    st_rowdb_put(db, 0, 42, 3, 17, row, 4);
-    st_rowdb_put(db, 0, 43, 1, 1, row, 4);
+    st_rowdb_put(db, 0, 42, 1, 3, 17, row, 4);
+    st_rowdb_put(db, 0, 43, 1, 1, 1, row, 4);
     assert_int_equal(st_rowdb_flush(db, err, sizeof err), CM_OK);
     assert_int_equal(st_rowdb_get(db, 0, 42, &count, &last, got, 4, err, sizeof err), 1);
     assert_memory_equal(got, row, sizeof row);
@@ -424,7 +454,7 @@ static void test_open_empties(void **state) {
     assert_int_equal(last, 17);
     assert_int_equal(st_rowdb_get(db, 0, 42, &count, &last, got, 3, err, sizeof err),
                      CM_ECORRUPT);
-    st_rowdb_del(db, 0, 43);
+    st_rowdb_del(db, 0, 43, 2);
     assert_int_equal(st_rowdb_flush(db, err, sizeof err), CM_OK);
     assert_int_equal(st_rowdb_get(db, 0, 43, &count, &last, got, 4, err, sizeof err), 0);
     st_rowdb_close(db);
@@ -435,6 +465,190 @@ static void test_open_empties(void **state) {
     snprintf(dir, sizeof dir, "%s/again/CURRENT/x", tmpdir);
     assert_int_equal(st_rowdb_open(dir, &db, err, sizeof err), CM_EIO);
     assert_non_null(strstr(err, dir));
+}
+
+/* Row 7's first value at 'db' as a float (-1: none). */
+static float value_of(st_rowdb *db, uint64_t id) {
+    float got[2];
+    int64_t count, last;
+    char err[256];
+    int rc = st_rowdb_get(db, 0, id, &count, &last, got, 2, err, sizeof err);
+    assert_true(rc == 0 || rc == 1);
+    return rc ? got[0] : -1.0f;
+}
+
+static void put_value(st_rowdb *db, uint64_t id, int64_t version, float v) {
+    float row[2] = {v, v};
+    char err[256];
+    st_rowdb_put(db, 0, id, version, 1, version, row, 2);
+    assert_int_equal(st_rowdb_flush(db, err, sizeof err), CM_OK);
+}
+
+static st_rowdb *open_durable(const char *dir, uint64_t identity) {
+    st_rowdb_opts o = {.durable = 1, .identity = identity};
+    st_rowdb *db;
+    char err[512];
+    assert_int_equal(st_rowdb_open_with(dir, &o, &db, err, sizeof err), CM_OK);
+    return db;
+}
+
+/* The rollback rule on incremental generations: a row changed in g1 and
+ * g3, rolled back to g2, reads g1's value; the abandoned g3 stays out of
+ * sight after later writes, a reopen, and a second rollback; forking at -1
+ * hides everything. */
+static void test_rollback_rule(void **state) {
+    (void)state;
+    char dir[128], err[512];
+    snprintf(dir, sizeof dir, "%s/durable", tmpdir);
+    st_rowdb *db = open_durable(dir, 11);
+    assert_int_equal(st_rowdb_epoch(db), 0);
+    put_value(db, 7, 1, 1.0f);
+    put_value(db, 8, 2, 20.0f);
+    put_value(db, 7, 3, 3.0f);
+    assert_true(value_of(db, 7) == 3.0f);
+    assert_int_equal(st_rowdb_fork(db, 2, err, sizeof err), CM_OK); /* back to g2 */
+    assert_true(value_of(db, 7) == 1.0f);
+    assert_true(value_of(db, 8) == 20.0f);
+    put_value(db, 8, 4, 40.0f); /* the new history's g4 */
+    assert_true(value_of(db, 8) == 40.0f);
+    /* Durable: the epochs survive a reopen. */
+    st_rowdb_close(db);
+    db = open_durable(dir, 11);
+    assert_int_equal(st_rowdb_epoch(db), 1);
+    assert_true(value_of(db, 7) == 1.0f);
+    assert_true(value_of(db, 8) == 40.0f);
+    /* Back to g3 of the new history: g4 goes, and the old history's g3
+     * (abandoned at the first fork) does not come back. */
+    assert_int_equal(st_rowdb_fork(db, 3, err, sizeof err), CM_OK);
+    assert_true(value_of(db, 7) == 1.0f);
+    assert_true(value_of(db, 8) == 20.0f);
+    /* A removal hides older values; a visit skips it. */
+    st_rowdb_del(db, 0, 8, 5);
+    assert_int_equal(st_rowdb_flush(db, err, sizeof err), CM_OK);
+    assert_true(value_of(db, 8) == -1.0f);
+    int n = 0;
+    assert_int_equal(st_rowdb_visit(db, 0, 2, count_rows, &n, err, sizeof err), CM_OK);
+    assert_int_equal(n, 1);
+    /* Another model's or shard's rows are refused, naming the directory. */
+    st_rowdb_close(db);
+    st_rowdb_opts o = {.durable = 1, .identity = 12};
+    assert_int_equal(st_rowdb_open_with(dir, &o, &db, err, sizeof err), CM_EINVAL);
+    assert_non_null(strstr(err, dir));
+    db = open_durable(dir, 11);
+    assert_int_equal(st_rowdb_fork(db, -1, err, sizeof err), CM_OK);
+    assert_true(value_of(db, 7) == -1.0f);
+    st_rowdb_close(db);
+    st_rowdb_remove(dir);
+}
+
+/* Compaction keeps what a restore of 'keep' or newer reads, nothing else. */
+static void test_compact(void **state) {
+    (void)state;
+    char dir[128], err[512];
+    snprintf(dir, sizeof dir, "%s/compact", tmpdir);
+    st_rowdb *db = open_durable(dir, 5);
+    put_value(db, 1, 1, 1.0f);
+    put_value(db, 1, 2, 2.0f);
+    put_value(db, 1, 3, 3.0f);
+    put_value(db, 2, 1, 10.0f); /* only an old entry: kept (g2 and g3 read it) */
+    put_value(db, 3, 1, 100.0f);
+    st_rowdb_del(db, 0, 3, 2); /* removed at 2: nothing of it is needed */
+    assert_int_equal(st_rowdb_flush(db, err, sizeof err), CM_OK);
+    put_value(db, 4, 3, 1000.0f);
+    assert_int_equal(st_rowdb_fork(db, 2, err, sizeof err), CM_OK); /* 4 @ 3 abandoned */
+    put_value(db, 1, 4, 4.0f);
+    /* Entries: 1@1 (dropped), 1@2 (kept: newest <= 2), 1@3 (abandoned), 1@4,
+     * 2@1 (kept), 3@1 and 3@2 (dropped), 4@3 (abandoned). */
+    assert_int_equal(st_rowdb_compact(db, 2, err, sizeof err), 5);
+    assert_true(value_of(db, 1) == 4.0f);
+    assert_true(value_of(db, 2) == 10.0f);
+    assert_true(value_of(db, 3) == -1.0f);
+    assert_true(value_of(db, 4) == -1.0f);
+    assert_int_equal(st_rowdb_fork(db, 2, err, sizeof err), CM_OK); /* g2 again */
+    assert_true(value_of(db, 1) == 2.0f);
+    assert_true(value_of(db, 2) == 10.0f);
+    assert_int_equal(st_rowdb_compact(db, 2, err, sizeof err), 1); /* 1@4 */
+    st_rowdb_stats st;
+    st_rowdb_stats_get(db, &st);
+    assert_int_equal(st.compacted, 6);
+    st_rowdb_close(db);
+    st_rowdb_remove(dir);
+}
+
+/* Incremental checkpoints through ps_rows: each writes only the rows
+ * changed since the last, and a new ps_rows over the store, reset to a
+ * checkpoint's version and counts (a restart), reads every row of that
+ * version bit-identically, though rows were evicted and changed after it. */
+typedef struct ckpt_writer {
+    st_rowdb *db;
+    st_rowdb_batch *b;
+    int64_t version;
+    size_t n;
+} ckpt_writer;
+
+static void write_ckpt_row(void *ud, int table, uint64_t id, int64_t count, int64_t last,
+                           const float *row) {
+    ckpt_writer *w = ud;
+    st_rowdb_batch_put(w->db, w->b, table, id, w->version, count, last, row, 2 * DIM);
+    w->n++;
+}
+
+static size_t checkpoint(ps_rows *r, st_rowdb *db, int64_t v, uint64_t counts[2]) {
+    ps_rows_set_step(r, v);
+    ckpt_writer w = {.db = db, .b = st_rowdb_batch_create(), .version = v};
+    size_t n = ps_rows_checkpoint(r, write_ckpt_row, &w);
+    char err[256];
+    assert_int_equal(st_rowdb_write(db, w.b, 1, err, sizeof err), CM_OK);
+    st_rowdb_batch_destroy(w.b);
+    for (int t = 0; t < 2; t++) counts[t] = ps_rows_count(r, t);
+    assert_int_equal(n, w.n);
+    return n;
+}
+
+static void test_incremental_checkpoint(void **state) {
+    (void)state;
+    pair p = make_pair(PS_OPTIM_ADAGRAD, 300);
+    st_rowdb_close(p.db);
+    char dir[128];
+    snprintf(dir, sizeof dir, "%s/ckpt", tmpdir);
+    p.db = open_durable(dir, 3);
+    ps_rows_set_spill(p.small, p.db, p.budget);
+    ps_rows_clear(p.small);
+    cm_rng rng;
+    cm_rng_init(&rng, 5);
+    train(&p, &rng, 20, 200, 5000);
+    uint64_t counts[2], counts2[2];
+    size_t first = checkpoint(p.small, p.db, 20, counts);
+    assert_true(first > 0 && first <= 300); /* only rows in memory are copied */
+    /* The state at 20: the reference's (which has every row). */
+    ps_optim_cfg oc = ps_optim_defaults(PS_OPTIM_ADAGRAD, 0.1f);
+    ps_rows *at20 = ps_rows_create(p.m, &oc, SEED);
+    copy_all(p.ref, at20);
+    /* A few rows change: the next checkpoint writes about those only. */
+    uint64_t few[5] = {1, 2, 3, 4, 5};
+    float g[5 * DIM];
+    for (int i = 0; i < 5 * DIM; i++) g[i] = 0.25f;
+    ps_rows_apply(p.small, 0, few, 5, g, 1.0f);
+    ps_rows_apply(p.ref, 0, few, 5, g, 1.0f);
+    assert_int_equal(checkpoint(p.small, p.db, 21, counts2), 5);
+    /* More training after 21 (evicting changed rows, tagged > 21). */
+    ps_rows_set_step(p.small, 22);
+    train(&p, &rng, 10, 200, 5000);
+    ps_rows_destroy(p.small);
+    /* Restart at 20: rows read on demand equal the state at 20. */
+    p.small = ps_rows_create(p.m, &oc, SEED);
+    ps_rows_set_spill(p.small, p.db, p.budget);
+    ps_rows_reset(p.small, 20, counts);
+    for (int t = 0; t < 2; t++) {
+        assert_int_equal(ps_rows_count(p.small, t), counts[t]);
+        assert_int_equal(ps_rows_count(p.small, t), ps_rows_count(at20, t));
+        cmp_ctx c = {.other = p.small, .table = t, .nslots = 1};
+        assert_int_equal(ps_rows_visit(at20, t, compare_row, &c), CM_OK);
+        assert_int_equal(c.seen, counts[t]);
+    }
+    ps_rows_destroy(at20);
+    free_pair(&p);
+    st_rowdb_remove(dir);
 }
 
 int main(void) {
@@ -449,6 +663,9 @@ int main(void) {
         cmocka_unit_test(test_expiry_counts_reads_of_stored_rows),
         cmocka_unit_test(test_key_order),
         cmocka_unit_test(test_open_empties),
+        cmocka_unit_test(test_rollback_rule),
+        cmocka_unit_test(test_compact),
+        cmocka_unit_test(test_incremental_checkpoint),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
