@@ -113,6 +113,7 @@ struct ps_server {
     /* The writer's: the last checkpoint's rows and their bytes, and the row
      * store's puts at its last compaction (read under ck_mu). */
     uint64_t ck_rows, ck_row_bytes, ck_total, compact_puts;
+    double peak_anon; /* MiB (sample_anon; under ck_mu). */
     /* Recovery. Push, PushPull and Pull handlers hold 'gate' shared from
      * their epoch check until they are registered with the shard; Rollback
      * holds it exclusively, so no request of an old epoch reaches the new
@@ -1214,6 +1215,30 @@ static void gc(ps_server *s) {
             (long long)keep, (long long)gone, (cm_now() - t0) * 1e3);
 }
 
+/* This process's anonymous resident memory (RssAnon in /proc/self/status,
+ * MiB; 0 if unreadable): the heap and stacks, without the file pages
+ * mapped in, which for LevelDB's table files (it maps them to read them)
+ * are page cache the kernel can take back. */
+static double rss_anon_mib(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    double kib = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "RssAnon: %lf", &kib) == 1) break;
+    fclose(f);
+    return kib / 1024.0;
+}
+
+/* The highest anonymous RSS seen at a sample (after every checkpoint, when
+ * its copy of the changed rows is largest, and at exit). */
+static void sample_anon(ps_server *s) {
+    double a = rss_anon_mib();
+    pthread_mutex_lock(&s->ck_mu);
+    if (a > s->peak_anon) s->peak_anon = a;
+    pthread_mutex_unlock(&s->ck_mu);
+}
+
 /* A checkpoint's rows could not be written: they were handed over as
  * written (ps_rows_checkpoint), so going on would lose them. The process
  * stops; its supervisor restarts it and the cluster rolls back. */
@@ -1316,6 +1341,7 @@ static void write_job(ps_server *s, const ckpt_job *j) {
     for (int t = 0; t < nt; t++) s->ck_total += j->counts[t];
     pthread_mutex_unlock(&s->ck_mu);
     gc(s);
+    sample_anon(s);
     if (nt)
         cm_info("checkpoint of version %lld committed in %.0f ms (%zu rows changed, %.1f MiB "
                 "to the row store)",
@@ -1805,7 +1831,7 @@ out:
 /* ------------------------------------------------------------ lifecycle */
 
 /* One line on the row cache of a row budget. */
-static void log_row_cache(ps_shard *sh, const char *when) {
+static void log_row_cache(ps_server *s, ps_shard *sh, const char *when) {
     ps_shard_stats st;
     ps_shard_stats_get(sh, &st);
     const ps_rows_spill_stats *c = &st.row_cache;
@@ -1815,14 +1841,15 @@ static void log_row_cache(ps_shard *sh, const char *when) {
     cm_info("row cache %s: %llu rows, %llu in memory (%.2f of %.2f MiB), %llu in the row store; "
             "hit rate %.1f %% of %llu rows asked for, %llu read back, %llu evicted, %.1f MiB "
             "written; %llu reads not admitted, %llu updates dropped, %llu rows expired; "
-            "peak RSS %.1f MiB", when, (unsigned long long)st.rows,
+            "peak RSS %.1f MiB (anonymous: %.1f MiB at most at the samples)", when,
+            (unsigned long long)st.rows,
             (unsigned long long)c->resident,
             (double)c->resident_bytes / (1 << 20), (double)c->budget / (1 << 20),
             (unsigned long long)c->on_disk, looked ? 100.0 * (double)c->hits / (double)looked : 0.0,
             (unsigned long long)looked, (unsigned long long)c->loads,
             (unsigned long long)c->evictions, (double)c->bytes_written / (1 << 20),
             (unsigned long long)c->not_admitted, (unsigned long long)c->dropped_updates,
-            (unsigned long long)c->expired, (double)ru.ru_maxrss / 1024.0);
+            (unsigned long long)c->expired, (double)ru.ru_maxrss / 1024.0, s->peak_anon);
 }
 
 int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
@@ -1956,13 +1983,14 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
         pthread_mutex_unlock(&s->ck_mu);
         pthread_join(s->writer, NULL);
     }
+    sample_anon(s); /* Before the checkpoint buffers go. */
     ps_snapshot_unref(s->job.snap);
     free(s->job.slots);
     free(s->job.rows);
     free(s->job.counts);
     st_store_close(s->store);
     if ((s->rowdb || s->cfg.admit_after > 1 || s->cfg.expire_after > 0) && sh)
-        log_row_cache(sh, "at exit");
+        log_row_cache(s, sh, "at exit");
     ps_shard_destroy(s->shard);
     st_rowdb_close(s->rowdb);
     if (s->rows_tmp[0]) st_rowdb_remove(s->rows_tmp);

@@ -17,9 +17,13 @@
 
 #include "tests/unit/tu_tmpdir.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "common/cm_model.h"
 #include "common/cm_rng.h"
@@ -651,6 +655,56 @@ static void test_incremental_checkpoint(void **state) {
     st_rowdb_remove(dir);
 }
 
+/* A full disk while evicting (here: a file size limit, so LevelDB's log
+ * write fails with EFBIG): the process stops with status 1 and a message
+ * naming the row store and the error, instead of losing the rows. */
+static void test_full_disk_stops(void **state) {
+    (void)state;
+    char dir[128];
+    snprintf(dir, sizeof dir, "%s/full", tmpdir);
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        close(fds[0]);
+        dup2(fds[1], 2);
+        signal(SIGXFSZ, SIG_IGN);
+        struct rlimit lim = {256 << 10, 256 << 10};
+        setrlimit(RLIMIT_FSIZE, &lim);
+        cm_model *m = make_model();
+        ps_optim_cfg oc = ps_optim_defaults(PS_OPTIM_ADAGRAD, 0.1f);
+        ps_rows *r = ps_rows_create(m, &oc, SEED);
+        st_rowdb *db;
+        char err[256];
+        if (st_rowdb_open(dir, &db, err, sizeof err) != CM_OK) _exit(3);
+        ps_rows_set_spill(r, db, 64 << 10);
+        uint64_t ids[512];
+        float out[512 * DIM];
+        for (uint64_t b = 0; b < 100000; b++) { /* 20 MiB of rows through 256 KiB files */
+            for (int i = 0; i < 512; i++) ids[i] = b * 512 + (uint64_t)i;
+            ps_rows_read(r, 0, ids, 512, 1, out);
+        }
+        _exit(4); /* never stopped */
+    }
+    close(fds[1]);
+    char buf[4096] = "";
+    size_t n = 0;
+    ssize_t k;
+    while ((k = read(fds[0], buf + n, sizeof buf - 1 - n)) > 0) n += (size_t)k;
+    buf[n] = '\0';
+    close(fds[0]);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 1);
+    assert_non_null(strstr(buf, dir));
+    assert_non_null(strstr(buf, "evicting rows"));
+    assert_non_null(strstr(buf, "File too large"));
+    st_rowdb_remove(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adam_rows_bit_identical),
@@ -666,6 +720,7 @@ int main(void) {
         cmocka_unit_test(test_rollback_rule),
         cmocka_unit_test(test_compact),
         cmocka_unit_test(test_incremental_checkpoint),
+        cmocka_unit_test(test_full_disk_stops),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
