@@ -113,6 +113,7 @@ struct ps_server {
     /* The writer's: the last checkpoint's rows and their bytes, and the row
      * store's puts at its last compaction (read under ck_mu). */
     uint64_t ck_rows, ck_row_bytes, ck_total, compact_puts;
+    int64_t compact_keep; /* The 'keep' of the last compaction. */
     double peak_anon; /* MiB (sample_anon; under ck_mu). */
     /* Recovery. Push, PushPull and Pull handlers hold 'gate' shared from
      * their epoch check until they are registered with the shard; Rollback
@@ -1200,8 +1201,11 @@ static void gc(ps_server *s) {
     st_rowdb_stats_get(s->rowdb, &rs);
     pthread_mutex_lock(&s->ck_mu);
     uint64_t since = rs.puts - s->compact_puts, rows = s->ck_total;
+    int64_t last_keep = s->compact_keep;
     pthread_mutex_unlock(&s->ck_mu);
-    if (since < (rows > (1u << 16) ? rows : (1u << 16))) return;
+    /* Nothing more to drop below the same 'keep' but what later rollbacks
+     * abandoned (rare). */
+    if (keep <= last_keep || since < (rows > (1u << 16) ? rows : (1u << 16))) return;
     double t0 = cm_now();
     int64_t gone = st_rowdb_compact(s->rowdb, keep, err, sizeof err);
     if (gone < 0) {
@@ -1210,6 +1214,7 @@ static void gc(ps_server *s) {
     }
     pthread_mutex_lock(&s->ck_mu);
     s->compact_puts = rs.puts;
+    s->compact_keep = keep;
     pthread_mutex_unlock(&s->ck_mu);
     cm_info("row store compacted below version %lld: %lld entries dropped in %.0f ms",
             (long long)keep, (long long)gone, (cm_now() - t0) * 1e3);
