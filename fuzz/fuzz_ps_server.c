@@ -109,9 +109,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                          .threads = 1,
                          .max_message = 1 << 20};
 #ifdef FZ_DURABLE
-    static char dir[600];
+    static char dir[600], rows[620];
     if (!dir[0]) snprintf(dir, sizeof dir, "%s/ps", fz_tmpdir());
+    if (!rows[0]) snprintf(rows, sizeof rows, "%s-rows", dir); /* The row store's default. */
     fz_rmtree(dir);
+    fz_rmtree(rows);
     cfg.data_dir = dir;
     cfg.checkpoint_every = 1;
 #endif

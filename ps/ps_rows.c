@@ -62,7 +62,9 @@ typedef struct chunk {
  * store has a copy (or will have: F_PEND); F_PEND, copied for the
  * checkpoint being written, which may not have written it yet, so an
  * eviction writes it all the same (until the next checkpoint's copy). */
-enum { F_REF = 1, F_DIRTY = 2, F_DISK = 4, F_FREE = 8, F_PEND = 16 };
+enum { F_REF = 1, F_DIRTY = 2, F_DISK = 4, F_FREE = 8, F_PEND = 16, F_FETCHED = 32 };
+/* F_FETCHED: loaded by ps_rows_fetch_end, not used since: its first use
+ * counts as a miss (it was one; only the read moved off the lock). */
 
 typedef struct rtable {
     const cm_var *var;
@@ -103,7 +105,17 @@ struct ps_rows {
     size_t sketch_mask;
     /* Expiry (ps_rows_set_expiry). */
     int64_t expire_after, step, swept;
+    /* The rows this owner wrote to (or removed from) the row store, the last
+     * WRING of them at wring[k % WRING] for write k, and the resets: what a
+     * read off the lock (ps_rows_fetch) checks its snapshot against. */
+    struct wrec {
+        uint64_t id;
+        int table;
+    } *wring;
+    uint64_t written, resets;
 };
+
+#define WRING ((uint64_t)1 << 16)
 
 #define SKETCH_ROWS 4
 #define SKETCH_WIDTH ((size_t)1 << 20)
@@ -329,6 +341,13 @@ static void spill_fatal(const ps_rows *r, const char *what, const char *err) {
     _exit(1);
 }
 
+/* Row (ti, id) was written to the row store or removed from it. */
+static inline void log_write(ps_rows *r, int ti, uint64_t id) {
+    struct wrec *w = &r->wring[r->written++ % WRING];
+    w->id = id;
+    w->table = ti;
+}
+
 /* Remove map entry e (linear probing: the entries after it that would no
  * longer be found move back). */
 static void map_delete(rtable *t, entry *e) {
@@ -384,9 +403,11 @@ static int evict_one(ps_rows *r, int ti) {
         const uint64_t id = id_at(t, row);
         /* Tagged with the version being computed: a checkpoint of an
          * earlier one must not see it. */
-        if ((*f & (F_DIRTY | F_PEND)) || !(*f & F_DISK))
+        if ((*f & (F_DIRTY | F_PEND)) || !(*f & F_DISK)) {
             st_rowdb_put(r->db, ti, id, r->step + 1, *count_at(t, row),
                          t->track ? *last_at(t, row) : 0, row_at(t, row), t->stride);
+            log_write(r, ti, id);
+        }
         if (*f & F_DISK)
             t->nboth--;
         else
@@ -481,7 +502,13 @@ static void prepare(ps_rows *r, int ti, const uint64_t *ids, size_t n, int what)
         const entry *e = probe(t, ids[i]);
         size_t row = e->ref ? e->ref - 1 : NONE;
         if (row != NONE) {
-            r->stats.hits++;
+            uint8_t *f = flags_at(t, row);
+            if (*f & F_FETCHED) {
+                *f &= (uint8_t)~F_FETCHED;
+                r->stats.misses++;
+            } else {
+                r->stats.hits++;
+            }
         } else {
             r->stats.misses++;
             if (r->db) row = load(r, ti, ids[i]);
@@ -531,6 +558,7 @@ static void expire(ps_rows *r) {
             if ((f & F_FREE) || *last_at(t, row) >= cutoff) continue;
             if (f & F_DISK) {
                 st_rowdb_del(r->db, ti, id_at(t, row), r->step);
+                log_write(r, ti, id_at(t, row));
                 t->nboth--;
                 t->ndisk--;
             }
@@ -544,7 +572,10 @@ static void expire(ps_rows *r) {
             stale_ctx c = {.t = t, .cutoff = cutoff};
             int rc = st_rowdb_visit(r->db, ti, t->stride, find_stale, &c, err, sizeof err);
             if (rc != CM_OK) spill_fatal(r, "reading the rows", err);
-            for (size_t i = 0; i < c.n; i++) st_rowdb_del(r->db, ti, c.ids[i], r->step);
+            for (size_t i = 0; i < c.n; i++) {
+                st_rowdb_del(r->db, ti, c.ids[i], r->step);
+                log_write(r, ti, c.ids[i]);
+            }
             t->ndisk -= c.n;
             r->stats.expired += c.n;
             free(c.ids);
@@ -594,6 +625,7 @@ void ps_rows_set_spill(ps_rows *r, struct st_rowdb *db, size_t budget_bytes) {
     assert(ps_rows_total(r) == 0);
     r->db = db;
     r->budget = budget_bytes ? budget_bytes : SIZE_MAX;
+    if (!r->wring) r->wring = cm_malloc(WRING * sizeof *r->wring);
 }
 
 void ps_rows_spill_stats_get(const ps_rows *r, ps_rows_spill_stats *out) {
@@ -654,12 +686,14 @@ void ps_rows_destroy(ps_rows *r) {
     free(r->tables);
     free(r->scaled);
     free(r->sketch);
+    free(r->wring);
     free(r);
 }
 
 /* Memory goes back too: a rollback is rare, and the rows that come back
  * (restored or retrained) may be far fewer. */
 void ps_rows_reset(ps_rows *r, int64_t version, const uint64_t *stored) {
+    r->resets++;
     for (int i = 0; i < r->ntables; i++) {
         table_free(&r->tables[i]);
         map_init(&r->tables[i], MAP_MIN);
@@ -844,4 +878,129 @@ void ps_rows_put(ps_rows *r, int table, uint64_t id, const float *values, const 
         memset(p + dim, 0, nslot_floats * sizeof *p);
     *count_at(t, row) = count;
     trim(r);
+}
+
+/* ------------------------------------------------------------ reads off the lock */
+
+struct ps_rows_fetch {
+    int table;
+    size_t stride, n;
+    uint64_t *ids;
+    float *vals;
+    int64_t *counts, *lasts;
+    uint8_t *found;
+    uint64_t written, resets;
+    st_rowdb_reader *rd;
+    int rc;
+    char err[256];
+};
+
+ps_rows_fetch *ps_rows_fetch_begin(ps_rows *r, int table, const uint64_t *ids, size_t n) {
+    if (!r->db || n == 0) return NULL;
+    rtable *t = tab(r, table);
+    if (t->ndisk == t->nboth) return NULL; /* Every stored row is here. */
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) m += !probe(t, ids[i])->ref;
+    if (!m) return NULL;
+    ps_rows_fetch *f = cm_calloc(1, sizeof *f);
+    f->table = table;
+    f->stride = t->stride;
+    f->ids = cm_malloc(m * sizeof *f->ids);
+    for (size_t i = 0; i < n; i++)
+        if (!probe(t, ids[i])->ref) f->ids[f->n++] = ids[i];
+    f->vals = cm_malloc(m * t->stride * sizeof *f->vals);
+    f->counts = cm_malloc(m * sizeof *f->counts);
+    f->lasts = cm_malloc(m * sizeof *f->lasts);
+    f->found = cm_calloc(m, 1);
+    f->written = r->written;
+    f->resets = r->resets;
+    f->rd = st_rowdb_reader_open(r->db);
+    return f;
+}
+
+void ps_rows_fetch_read(ps_rows_fetch *f) {
+    if (!f || !f->rd) return;
+    for (size_t i = 0; i < f->n; i++) {
+        int rc = st_rowdb_reader_get(f->rd, f->table, f->ids[i], &f->counts[i], &f->lasts[i],
+                                     f->vals + i * f->stride, f->stride, f->err, sizeof f->err);
+        if (rc < 0) {
+            f->rc = rc;
+            break;
+        }
+        f->found[i] = (uint8_t)rc;
+    }
+    st_rowdb_reader_close(f->rd);
+    f->rd = NULL;
+}
+
+/* The rows written since write 'from': a set of (table, id), open
+ * addressing over mixed keys. */
+typedef struct wset {
+    struct wrec *e;
+    uint8_t *used;
+    size_t mask;
+} wset;
+
+static uint64_t wkey(int table, uint64_t id) { return cm_mix64(id ^ ((uint64_t)table << 40)); }
+
+static void wset_build(wset *w, const ps_rows *r, uint64_t from) {
+    size_t k = (size_t)(r->written - from), cap = 16;
+    while (cap < 2 * k) cap *= 2;
+    w->e = cm_malloc(cap * sizeof *w->e);
+    w->used = cm_calloc(cap, 1);
+    w->mask = cap - 1;
+    for (uint64_t x = from; x < r->written; x++) {
+        const struct wrec *src = &r->wring[x % WRING];
+        size_t i = (size_t)wkey(src->table, src->id) & w->mask;
+        while (w->used[i] && !(w->e[i].id == src->id && w->e[i].table == src->table))
+            i = (i + 1) & w->mask;
+        w->used[i] = 1;
+        w->e[i] = *src;
+    }
+}
+
+static int wset_has(const wset *w, int table, uint64_t id) {
+    size_t i = (size_t)wkey(table, id) & w->mask;
+    for (; w->used[i]; i = (i + 1) & w->mask)
+        if (w->e[i].id == id && w->e[i].table == table) return 1;
+    return 0;
+}
+
+size_t ps_rows_fetch_end(ps_rows *r, ps_rows_fetch *f) {
+    if (!f) return 0;
+    if (f->rd) ps_rows_fetch_read(f); /* Not read off the lock: now then. */
+    if (f->rc < 0) spill_fatal(r, "reading rows", f->err);
+    size_t got = 0;
+    /* Put only if nothing could have made the copy stale: no reset since,
+     * and the row not written since (an eviction after a load and an
+     * update, say); beyond WRING writes, none (prepare reads them). */
+    if (f->resets == r->resets && r->written - f->written <= WRING) {
+        rtable *t = tab(r, f->table);
+        wset w;
+        wset_build(&w, r, f->written);
+        for (size_t i = 0; i < f->n; i++) {
+            if (!f->found[i] || probe(t, f->ids[i])->ref || wset_has(&w, f->table, f->ids[i]))
+                continue;
+            int created;
+            size_t row = find_or_add(t, f->ids[i], &created);
+            assert(created);
+            memcpy(row_at(t, row), f->vals + i * f->stride, f->stride * sizeof(float));
+            *count_at(t, row) = f->counts[i];
+            if (t->track) *last_at(t, row) = t->now; /* Used now: its request's. */
+            *flags_at(t, row) = (uint8_t)(F_REF | F_DISK | F_FETCHED | (t->track ? F_DIRTY : 0));
+            t->nboth++;
+            r->stats.loads++;
+            got++;
+        }
+        free(w.e);
+        free(w.used);
+    }
+    free(f->ids);
+    free(f->vals);
+    free(f->counts);
+    free(f->lasts);
+    free(f->found);
+    free(f);
+    trim(r);
+    return got;
 }

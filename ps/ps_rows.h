@@ -156,4 +156,19 @@ int ps_rows_visit(const ps_rows *r, int table, ps_rows_visit_fn fn, void *ud);
 void ps_rows_put(ps_rows *r, int table, uint64_t id, const float *values, const float *slots,
                  int64_t count);
 
+/* Reads of stored rows off the owner's lock, in three calls: under the
+ * lock, ps_rows_fetch_begin notes which of ids[0..n) of table t are not in
+ * memory and opens a reader on the row store (NULL: none to read, or no
+ * store); without the lock, ps_rows_fetch_read reads them (touching
+ * nothing of r); under the lock again, ps_rows_fetch_end puts into memory
+ * those the store had that are still missing and were not written to the
+ * store since (else a later read under the lock gets them), frees f (NULL
+ * is a no-op) and returns how many it put. A row so loaded counts as a
+ * miss at its first use, as it would have been. A store error stops the
+ * process, as other row store errors do. */
+typedef struct ps_rows_fetch ps_rows_fetch;
+ps_rows_fetch *ps_rows_fetch_begin(ps_rows *r, int table, const uint64_t *ids, size_t n);
+void ps_rows_fetch_read(ps_rows_fetch *f);
+size_t ps_rows_fetch_end(ps_rows *r, ps_rows_fetch *f);
+
 #endif /* PS_ROWS_H */

@@ -115,6 +115,9 @@ struct ps_server {
     uint64_t ck_rows, ck_row_bytes, ck_total, compact_puts;
     int64_t compact_keep; /* The 'keep' of the last compaction. */
     double peak_anon; /* MiB (sample_anon; under ck_mu). */
+    double rc_start;  /* When the server was created. */
+    double rc_at;     /* The last row cache report (log_row_cache; under ck_mu)... */
+    uint64_t rc_misses, rc_evictions; /* ...and its counts. */
     /* Recovery. Push, PushPull and Pull handlers hold 'gate' shared from
      * their epoch check until they are registered with the shard; Rollback
      * holds it exclusively, so no request of an old epoch reaches the new
@@ -1244,6 +1247,8 @@ static void sample_anon(ps_server *s) {
     pthread_mutex_unlock(&s->ck_mu);
 }
 
+static void log_row_cache(ps_server *s, ps_shard *sh, const char *when, int whole);
+
 /* A checkpoint's rows could not be written: they were handed over as
  * written (ps_rows_checkpoint), so going on would lose them. The process
  * stops; its supervisor restarts it and the cluster rolls back. */
@@ -1347,6 +1352,14 @@ static void write_job(ps_server *s, const ckpt_job *j) {
     pthread_mutex_unlock(&s->ck_mu);
     gc(s);
     sample_anon(s);
+    if (s->cfg.rows_memory && nt) {
+        pthread_mutex_lock(&s->ck_mu);
+        int due = cm_now() - s->rc_at >= 30.0;
+        pthread_mutex_unlock(&s->ck_mu);
+        char when[48];
+        snprintf(when, sizeof when, "at version %lld", (long long)v);
+        if (due) log_row_cache(s, s->shard, when, 0);
+    }
     if (nt)
         cm_info("checkpoint of version %lld committed in %.0f ms (%zu rows changed, %.1f MiB "
                 "to the row store)",
@@ -1836,25 +1849,41 @@ out:
 /* ------------------------------------------------------------ lifecycle */
 
 /* One line on the row cache of a row budget. */
-static void log_row_cache(ps_server *s, ps_shard *sh, const char *when) {
+/* 'whole': rates over the server's life (at exit), else since the last
+ * report. */
+static void log_row_cache(ps_server *s, ps_shard *sh, const char *when, int whole) {
     ps_shard_stats st;
     ps_shard_stats_get(sh, &st);
     const ps_rows_spill_stats *c = &st.row_cache;
     const uint64_t looked = c->hits + c->misses;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
+    /* Rates since the last report (or the start). */
+    pthread_mutex_lock(&s->ck_mu);
+    if (whole) s->rc_at = s->rc_start, s->rc_misses = s->rc_evictions = 0;
+    const double now = cm_now(), dt = now - s->rc_at;
+    const double mps = dt > 0 ? (double)(c->misses - s->rc_misses) / dt : 0,
+                 eps = dt > 0 ? (double)(c->evictions - s->rc_evictions) / dt : 0;
+    s->rc_at = now;
+    s->rc_misses = c->misses;
+    s->rc_evictions = c->evictions;
+    const double peak_anon = s->peak_anon;
+    pthread_mutex_unlock(&s->ck_mu);
     cm_info("row cache %s: %llu rows, %llu in memory (%.2f of %.2f MiB), %llu in the row store; "
-            "hit rate %.1f %% of %llu rows asked for, %llu read back, %llu evicted, %.1f MiB "
+            "hit rate %.1f %% of %llu rows asked for, %llu read back (%llu off the lock), %llu "
+            "evicted, %.1f MiB "
             "written; %llu reads not admitted, %llu updates dropped, %llu rows expired; "
-            "peak RSS %.1f MiB (anonymous: %.1f MiB at most at the samples)", when,
+            "peak RSS %.1f MiB (anonymous: %.1f MiB at most at the samples); %.0f misses/s, "
+            "%.0f evictions/s over the last %.0f s", when,
             (unsigned long long)st.rows,
             (unsigned long long)c->resident,
             (double)c->resident_bytes / (1 << 20), (double)c->budget / (1 << 20),
             (unsigned long long)c->on_disk, looked ? 100.0 * (double)c->hits / (double)looked : 0.0,
             (unsigned long long)looked, (unsigned long long)c->loads,
-            (unsigned long long)c->evictions, (double)c->bytes_written / (1 << 20),
+            (unsigned long long)st.rows_prefetched, (unsigned long long)c->evictions, (double)c->bytes_written / (1 << 20),
             (unsigned long long)c->not_admitted, (unsigned long long)c->dropped_updates,
-            (unsigned long long)c->expired, (double)ru.ru_maxrss / 1024.0, s->peak_anon);
+            (unsigned long long)c->expired, (double)ru.ru_maxrss / 1024.0, peak_anon, mps, eps,
+            dt);
 }
 
 int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
@@ -1881,6 +1910,7 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     pthread_rwlock_init(&s->gate, &ga);
     pthread_rwlockattr_destroy(&ga);
     s->gc_floor = -1;
+    s->rc_at = s->rc_start = cm_now();
     if (cfg->model) s->cfg.nshards = cfg->placement->nshards;
     int rc = CM_EINVAL;
     if (s->cfg.nshards < 1 || cfg->shard < 0 || cfg->shard >= s->cfg.nshards ||
@@ -1995,7 +2025,7 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     free(s->job.counts);
     st_store_close(s->store);
     if ((s->rowdb || s->cfg.admit_after > 1 || s->cfg.expire_after > 0) && sh)
-        log_row_cache(s, sh, "at exit");
+        log_row_cache(s, sh, "at exit", 1);
     ps_shard_destroy(s->shard);
     st_rowdb_close(s->rowdb);
     if (s->rows_tmp[0]) st_rowdb_remove(s->rows_tmp);

@@ -1280,6 +1280,40 @@ static int check_values(ps_shard *s, int worker, const ps_grad *grads, int ngrad
     return PS_PUSH_INVALID;
 }
 
+/* The rows of a request that are only in the row store, brought into
+ * memory with their disk reads off the shard's lock (ps_rows_fetch), so
+ * that other requests are served meanwhile; the request then finds them
+ * in memory. Not under mu. */
+typedef struct fetch_req {
+    uint32_t table;
+    const uint64_t *ids;
+    size_t n;
+} fetch_req;
+
+static void fetch_stored_rows(ps_shard *s, const fetch_req *q, int nq) {
+    if (nq <= 0) return;
+    ps_rows_fetch *stack[16];
+    ps_rows_fetch **f = nq <= 16 ? stack : cm_malloc((size_t)nq * sizeof *f);
+    int any = 0;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < nq; i++) {
+        f[i] = s->inited && s->rows && s->rowdb && q[i].table < (uint32_t)s->model->ntables
+                   ? ps_rows_fetch_begin(s->rows, (int)q[i].table, q[i].ids, q[i].n)
+                   : NULL;
+        any |= f[i] != NULL;
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (any) {
+        for (int i = 0; i < nq; i++) ps_rows_fetch_read(f[i]);
+        pthread_mutex_lock(&s->mu);
+        /* s->rows outlives the shard's init: a rollback in between resets
+         * it, which ps_rows_fetch_end notices. */
+        for (int i = 0; i < nq; i++) s->st.rows_prefetched += ps_rows_fetch_end(s->rows, f[i]);
+        pthread_mutex_unlock(&s->mu);
+    }
+    if (f != stack) free(f);
+}
+
 int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
                   int64_t *version, char *err, size_t errlen) {
     return ps_shard_push_rows(s, worker, step, grads, ngrads, NULL, 0, 0, version, err, errlen);
@@ -1296,6 +1330,13 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
      * (the dense values are checked as they are read, load_dense). */
     char nf[320];
     int bad_rows = rc == PS_PUSH_OK && scan_rows(s, rows, nrows, nf, sizeof nf);
+    if (rc == PS_PUSH_OK && !bad_rows && nrows > 0 && s->rowdb) {
+        fetch_req stack[16];
+        fetch_req *q = nrows <= 16 ? stack : cm_malloc((size_t)nrows * sizeof *q);
+        for (int i = 0; i < nrows; i++) q[i] = (fetch_req){rows[i].table, rows[i].ids, rows[i].n};
+        fetch_stored_rows(s, q, nrows);
+        if (q != stack) free(q);
+    }
     int drop = 0; /* skip_nonfinite: taken, but nothing of it applied. */
     ps_snapshot *old = NULL;
     waiter *ready = NULL;
@@ -1516,6 +1557,13 @@ void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud) {
 
 void ps_shard_pull_rows(ps_shard *s, int64_t min_version, const ps_row_req *rq, int nrq,
                         int train, ps_pull_cb cb, void *ud) {
+    if (s->rowdb && nrq > 0) {
+        fetch_req stack[16];
+        fetch_req *q = nrq <= 16 ? stack : cm_malloc((size_t)nrq * sizeof *q);
+        for (int i = 0; i < nrq; i++) q[i] = (fetch_req){rq[i].table, rq[i].ids, rq[i].n};
+        fetch_stored_rows(s, q, nrq);
+        if (q != stack) free(q);
+    }
     pthread_mutex_lock(&s->mu);
     wait_or_answer(s, (waiter){.min_version = min_version, .cb = cb, .ud = ud, .rq = rq,
                                .nrq = s->model->ntables ? nrq : 0, .train = train});

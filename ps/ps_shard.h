@@ -192,6 +192,7 @@ typedef struct ps_shard_stats {
      * here and in nonfinite_pushes). */
     uint64_t pushes, duplicate_pushes, stale_pushes, early_pushes, pulls, bad_requests;
     uint64_t rows, rows_pulled, rows_pushed; /* Rows held, answered, received. */
+    uint64_t rows_prefetched; /* Read from the row store off the lock. */
     int parked;              /* Pulls waiting for a version now. */
     uint64_t parked_refused; /* Pulls refused: too many waited. */
     int nparts;

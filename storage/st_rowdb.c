@@ -89,8 +89,12 @@ void st_rowdb_key(int table, uint64_t id, uint32_t epoch, int64_t version,
 static uint32_t key_epoch(const uint8_t *k) { return ~get_be32(k + 12); }
 static int64_t key_version(const uint8_t *k) { return (int64_t)~get_be64(k + 16) - 1; }
 
+static int visible_in(uint32_t epoch, const int64_t *limit, uint32_t e, int64_t v) {
+    return e <= epoch && v <= limit[e];
+}
+
 static int visible(const st_rowdb *r, uint32_t e, int64_t v) {
-    return e <= r->epoch && v <= r->limit[e];
+    return visible_in(r->epoch, r->limit, e, v);
 }
 
 /* LevelDB's error into err, freed. */
@@ -403,36 +407,35 @@ int st_rowdb_flush(st_rowdb *r, char *err, size_t errlen) {
 
 /* ------------------------------------------------------------ reads */
 
-/* The value of the first visible entry of the row the iterator is at
- * (positioned at or before its first entry), or NULL: *found 1 with *vlen,
- * or 0 when the row has no visible entry. */
-static const char *first_visible(const st_rowdb *r, leveldb_iterator_t *it,
+/* The value of the first entry visible in (epoch, limit) of the row the
+ * iterator is at (positioned at or before its first entry), with its
+ * length, or NULL when the row has none. */
+static const char *first_visible(uint32_t epoch, const int64_t *limit, leveldb_iterator_t *it,
                                  const uint8_t prefix[PREFIX], size_t *vlen) {
     for (; leveldb_iter_valid(it); leveldb_iter_next(it)) {
         size_t klen;
         const uint8_t *k = (const uint8_t *)leveldb_iter_key(it, &klen);
         if (klen != ST_ROWDB_KEY || memcmp(k, prefix, PREFIX) != 0) return NULL;
-        if (visible(r, key_epoch(k), key_version(k))) return leveldb_iter_value(it, vlen);
+        if (visible_in(epoch, limit, key_epoch(k), key_version(k)))
+            return leveldb_iter_value(it, vlen);
     }
     return NULL;
 }
 
-int st_rowdb_get(st_rowdb *r, int table, uint64_t id, int64_t *count, int64_t *last,
-                 float *row, size_t nfloats, char *err, size_t errlen) {
+/* A read through iterator it (see st_rowdb_get). */
+static int get_with(st_rowdb *r, leveldb_iterator_t *it, uint32_t epoch, const int64_t *limit,
+                    int table, uint64_t id, int64_t *count, int64_t *last, float *row,
+                    size_t nfloats, char *err, size_t errlen) {
     uint8_t prefix[PREFIX];
     put_be32(prefix, (uint32_t)table);
     put_be64(prefix + 4, id);
     atomic_fetch_add_explicit(&r->gets, 1, memory_order_relaxed);
-    if (!r->it) r->it = leveldb_create_iterator(r->db, r->ro);
-    leveldb_iter_seek(r->it, (const char *)prefix, PREFIX);
+    leveldb_iter_seek(it, (const char *)prefix, PREFIX);
     size_t n = 0;
-    const char *v = first_visible(r, r->it, prefix, &n);
+    const char *v = first_visible(epoch, limit, it, prefix, &n);
     char *lerr = NULL;
-    leveldb_iter_get_error(r->it, &lerr);
-    if (lerr) {
-        drop_reader(r);
-        return fail(lerr, err, errlen, "cannot read a row from", r->path);
-    }
+    leveldb_iter_get_error(it, &lerr);
+    if (lerr) return fail(lerr, err, errlen, "cannot read a row from", r->path);
     if (!v || n == 0) return 0;
     if (n != HEAD + nfloats * sizeof(float)) {
         cm_seterr(err, errlen, "the row store %s: row %llu of table %d is %zu bytes, not %zu",
@@ -444,6 +447,45 @@ int st_rowdb_get(st_rowdb *r, int table, uint64_t id, int64_t *count, int64_t *l
     memcpy(row, v + HEAD, nfloats * sizeof(float));
     atomic_fetch_add_explicit(&r->found, 1, memory_order_relaxed);
     return 1;
+}
+
+int st_rowdb_get(st_rowdb *r, int table, uint64_t id, int64_t *count, int64_t *last,
+                 float *row, size_t nfloats, char *err, size_t errlen) {
+    if (!r->it) r->it = leveldb_create_iterator(r->db, r->ro);
+    int rc = get_with(r, r->it, r->epoch, r->limit, table, id, count, last, row, nfloats, err,
+                      errlen);
+    if (rc == CM_EIO) drop_reader(r);
+    return rc;
+}
+
+struct st_rowdb_reader {
+    st_rowdb *db;
+    leveldb_iterator_t *it;
+    uint32_t epoch;
+    int64_t *limit; /* A copy: a fork may replace the store's. */
+};
+
+st_rowdb_reader *st_rowdb_reader_open(st_rowdb *r) {
+    st_rowdb_reader *rd = cm_calloc(1, sizeof *rd);
+    rd->db = r;
+    rd->it = leveldb_create_iterator(r->db, r->ro);
+    rd->epoch = r->epoch;
+    rd->limit = cm_malloc(((size_t)r->epoch + 1) * sizeof *rd->limit);
+    memcpy(rd->limit, r->limit, ((size_t)r->epoch + 1) * sizeof *rd->limit);
+    return rd;
+}
+
+int st_rowdb_reader_get(st_rowdb_reader *rd, int table, uint64_t id, int64_t *count,
+                        int64_t *last, float *row, size_t nfloats, char *err, size_t errlen) {
+    return get_with(rd->db, rd->it, rd->epoch, rd->limit, table, id, count, last, row, nfloats,
+                    err, errlen);
+}
+
+void st_rowdb_reader_close(st_rowdb_reader *rd) {
+    if (!rd) return;
+    leveldb_iter_destroy(rd->it);
+    free(rd->limit);
+    free(rd);
 }
 
 void st_rowdb_read_done(st_rowdb *r) { drop_reader(r); }

@@ -25,9 +25,10 @@
  * Meta records (epoch list, identity) live under table 0xffffffff.
  *
  * Threads: one owner (a shard under its lock) makes every call but these,
- * which another thread (the checkpoint writer) may make at the same time:
- * st_rowdb_batch_* and st_rowdb_write on its own batch, st_rowdb_compact,
- * st_rowdb_stats_get. st_rowdb_fork and st_rowdb_clear must not run while
+ * which other threads may make at the same time: st_rowdb_batch_* and
+ * st_rowdb_write on their own batch, st_rowdb_sync, st_rowdb_compact (the
+ * checkpoint writer), st_rowdb_reader_get and _close (reads off the
+ * owner's lock), st_rowdb_stats_get. st_rowdb_fork and st_rowdb_clear must not run while
  * that thread is inside st_rowdb_compact or st_rowdb_write.
  */
 #ifndef ST_ROWDB_H
@@ -116,6 +117,16 @@ int st_rowdb_flush(st_rowdb *db, char *err, size_t errlen);
 int st_rowdb_get(st_rowdb *db, int table, uint64_t id, int64_t *count, int64_t *last,
                  float *row, size_t nfloats, char *err, size_t errlen);
 void st_rowdb_read_done(st_rowdb *db);
+
+/* Reads off the owner's thread: a reader sees the store as it was when the
+ * owner opened it (a LevelDB iterator, and a copy of the epochs), whatever
+ * is written or forked since; st_rowdb_reader_get and _close may then run
+ * on any one thread at a time. The store must outlive the reader. */
+typedef struct st_rowdb_reader st_rowdb_reader;
+st_rowdb_reader *st_rowdb_reader_open(st_rowdb *db);
+int st_rowdb_reader_get(st_rowdb_reader *rd, int table, uint64_t id, int64_t *count,
+                        int64_t *last, float *row, size_t nfloats, char *err, size_t errlen);
+void st_rowdb_reader_close(st_rowdb_reader *rd);
 
 /* Every row of table t (newest visible entries, removals left out) in id
  * order; fn returns CM_OK to go on or a negative CM_E* to stop, which is

@@ -100,7 +100,7 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
         const ps_client_stats *st = &r->ps_stats;
         const uint64_t asked = st->row_hits + st->row_misses;
         json_t *p = json_pack(
-            "{s:I, s:I, s:I, s:f, s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:f}", "rows",
+            "{s:I, s:I, s:I, s:f, s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:f, s:f, s:f}", "rows",
             (json_int_t)st->rows, "in_memory", (json_int_t)st->rows_resident, "in_row_stores",
             (json_int_t)st->rows_on_disk, "hit_rate",
             asked ? (double)st->row_hits / (double)asked : 0.0, "evictions",
@@ -110,7 +110,9 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
             (json_int_t)st->rows_not_admitted, "updates_dropped",
             (json_int_t)st->row_updates_dropped, "expired", (json_int_t)st->rows_expired,
             "last_checkpoint_rows", (json_int_t)st->ckpt_rows, "last_checkpoint_mb",
-            (double)st->ckpt_row_bytes / (1 << 20));
+            (double)st->ckpt_row_bytes / (1 << 20), "misses_per_sec",
+            r->seconds > 0 ? (double)st->row_misses / r->seconds : 0.0, "evictions_per_sec",
+            r->seconds > 0 ? (double)st->row_evictions / r->seconds : 0.0);
         if (p) json_object_set_new(o, "ps_rows", p);
     }
     int rc = json_dump_file(o, path, JSON_INDENT(2)) == 0 ? CM_OK : CM_EIO;

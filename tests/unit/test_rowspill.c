@@ -705,6 +705,59 @@ static void test_full_disk_stops(void **state) {
     st_rowdb_remove(dir);
 }
 
+/* Stored rows read off the owner's lock (ps_rows_fetch): those still
+ * missing are put into memory, except any written since the reader's
+ * snapshot (here: rows loaded, updated and evicted again between begin and
+ * end, whose snapshot copy is stale), and nothing after a reset; the rows
+ * stay bit-identical to the reference. */
+typedef struct ids_ctx {
+    uint64_t ids[400];
+    size_t n;
+} ids_ctx;
+
+static int collect_id(void *ud, uint64_t id, const float *values, const float *slots,
+                      int64_t count) {
+    (void)values, (void)slots, (void)count;
+    ids_ctx *c = ud;
+    if (c->n < 400) c->ids[c->n++] = id;
+    return CM_OK;
+}
+
+static void test_fetch_off_lock(void **state) {
+    (void)state;
+    pair p = make_pair(PS_OPTIM_ADAGRAD, 100);
+    cm_rng rng;
+    cm_rng_init(&rng, 21);
+    train(&p, &rng, 10, 200, 5000);
+    ids_ctx c = {.n = 0};
+    ps_rows_visit(p.ref, 0, collect_id, &c);
+    assert_int_equal(c.n, 400);
+    ps_rows_fetch *f = ps_rows_fetch_begin(p.small, 0, c.ids, c.n);
+    assert_non_null(f);
+    /* Meanwhile the first 50 are updated and then evicted by more batches. */
+    float g[50 * DIM];
+    for (int i = 0; i < 50 * DIM; i++) g[i] = 0.5f;
+    ps_rows_apply(p.small, 0, c.ids, 50, g, 1.0f);
+    ps_rows_apply(p.ref, 0, c.ids, 50, g, 1.0f);
+    train(&p, &rng, 4, 200, 5000);
+    ps_rows_fetch_read(f);
+    size_t got = ps_rows_fetch_end(p.small, f);
+    assert_true(got > 0);
+    assert_same_rows(&p);
+    /* A reset between begin and end: nothing is put. */
+    ps_rows_clear(p.small);
+    ps_rows_clear(p.ref);
+    train(&p, &rng, 10, 200, 5000);
+    f = ps_rows_fetch_begin(p.small, 1, c.ids, c.n);
+    assert_non_null(f);
+    ps_rows_clear(p.small);
+    ps_rows_clear(p.ref);
+    ps_rows_fetch_read(f);
+    assert_int_equal(ps_rows_fetch_end(p.small, f), 0);
+    assert_int_equal(ps_rows_total(p.small), 0);
+    free_pair(&p);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adam_rows_bit_identical),
@@ -721,6 +774,7 @@ int main(void) {
         cmocka_unit_test(test_compact),
         cmocka_unit_test(test_incremental_checkpoint),
         cmocka_unit_test(test_full_disk_stops),
+        cmocka_unit_test(test_fetch_off_lock),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
