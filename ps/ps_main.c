@@ -279,7 +279,8 @@ int main(int argc, char **argv) {
                          .idle_ms = (int)idle_ms, .skip_nonfinite = skip_nonfinite,
                          .memory_limit = (size_t)mem_mb << 20, .max_step_ahead = max_ahead,
                          .rows_memory = (size_t)(rows_mb * (1 << 20)), .rows_dir = rows_dir,
-                         .admit_after = admit_after, .expire_after = expire_after};
+                         .admit_after = admit_after, .expire_after = expire_after,
+                         .num_workers = cm_cluster_num_trainers(cl)};
     /* Before the restore, which logs "restored version": a SIGTERM from then
      * on is a clean stop, not a death by signal. */
     struct sigaction sa;

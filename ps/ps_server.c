@@ -478,6 +478,19 @@ static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     }
     if (!get_shard(s) && !learn_model(s, call, r)) goto out;
     if (!check_cluster(s, call, r->cluster)) goto out;
+    if (s->cfg.num_workers > 0 && r->num_workers != (uint32_t)s->cfg.num_workers) {
+        /* The chief's cluster has another number of training ranks than
+         * this PS's: in sync mode the shards would wait for workers that do
+         * not exist (or miss some). */
+        count_bad(s);
+        rpc_fail(call, RPC_FAILED_PRECONDITION,
+                 "cluster mismatch: PS shard %d was started for %d training workers (its "
+                 "TF_CONFIG or --worker-hosts), the chief (rank %u) initialises it for %u; "
+                 "start every task with the same cluster",
+                 s->cfg.shard, s->cfg.num_workers, r->cluster ? r->cluster->rank : 0,
+                 r->num_workers);
+        goto out;
+    }
     ps_optim_cfg optim, table_optim = {0};
     if (optim_from(r->optimizer, &optim) != 0 ||
         (s->model->ntables && optim_from(r->table_optimizer, &table_optim) != 0)) {

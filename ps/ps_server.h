@@ -96,6 +96,10 @@ typedef struct ps_server_cfg {
      * (0: never); see ps/ps_rows.h. */
     int admit_after;
     int64_t expire_after;
+    /* The training ranks (chief and workers) of the cluster this PS was
+     * started in (TF_CONFIG or --worker-hosts): an Initialize for another
+     * number is refused (FAILED_PRECONDITION, naming both). 0: any. */
+    int num_workers;
 } ps_server_cfg;
 
 /* With a data_dir, open the shard's store there (identity: a PS shard and

@@ -167,6 +167,27 @@ def bad_input(bin_dir, tmp):
         ps.send_signal(signal.SIGTERM)
         ps.wait(timeout=20)
     check(ps.returncode == 0, "the PS exits 0 on SIGTERM")
+    # D8: a PS started for 2 workers refuses a chief that initialises it for 3 (it used to
+    # accept, and the chief then waited 60 s at step 0 for workers that did not exist).
+    port = free_port()
+    ps = subprocess.Popen([psserver, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts",
+                           "127.0.0.1:1,127.0.0.1:2", "--task-index", "0"],
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        p = run([pstrain, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts",
+                 "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", "--task-index", "0", "--train-limit",
+                 "1000", "--test-limit", "100", "--connect-timeout-ms", "10000"],
+                expect_ok=False)
+        took = time.monotonic() - t0
+        check(p.returncode != 0 and "started for 2 training workers" in p.stderr and
+              "for 3" in p.stderr and took < 20,
+              f"a chief of another cluster shape is refused at Init, both counts named, in "
+              f"{took:.1f} s")
+        check(ps.poll() is None, "the PS stays up after refusing it")
+    finally:
+        ps.send_signal(signal.SIGTERM)
+        ps.wait(timeout=20)
     # A taken port: psserver exits 3, which the launcher answers with new ports.
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
