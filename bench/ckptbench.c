@@ -451,7 +451,7 @@ static int phase_begin(bench *b, server *s, client *c, size_t elems, char *const
  * shut down and expect it to exit 0 within timeout_s; else stop it at once.
  * Closes the client. Returns rc or the first error of the shutdown. */
 static int phase_end(server *s, client *c, int rc, double timeout_s, char *err, size_t errlen) {
-    if (rc == CM_OK) rc = ps_client_shutdown_servers(c->c, "ckptbench: phase done", err, errlen);
+    if (rc == CM_OK) rc = ps_client_shutdown_servers(c->c, "ckptbench: phase done", 0, err, errlen);
     client_close(c);
     int stop = server_stop(s, rc == CM_OK ? timeout_s : 0.0);
     if (rc == CM_OK && stop != CM_OK) {

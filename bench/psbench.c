@@ -190,7 +190,7 @@ static int ps_worker_main(const opts *o) {
         else
             printf("{\"check\":\"ok\",\"version\":%lld}\n", (long long)version);
         fflush(stdout);
-        if (ps_client_shutdown_servers(c, "psbench done", err, sizeof err) != CM_OK) goto fail;
+        if (ps_client_shutdown_servers(c, "psbench done", 0, err, sizeof err) != CM_OK) goto fail;
     }
     status = 0;
 fail:

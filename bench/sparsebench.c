@@ -476,7 +476,7 @@ static int ps_check(void *ctx, char *err, size_t errlen) {
                      keys.tab_begin[tb + 1] - keys.tab_begin[tb], 0,
                      want + keys.tab_begin[tb] * (size_t)o->dim);
     /* The PS stop first: a failed check must not leave them to the driver. */
-    rc = ps_client_shutdown_servers(p->c, "sparsebench done", err, errlen);
+    rc = ps_client_shutdown_servers(p->c, "sparsebench done", 0, err, errlen);
     float dense_want = (float)o->workers * (float)n;
     uint64_t pushed_want = (uint64_t)o->workers * (uint64_t)n * (uint64_t)o->rows;
     if (rows_differ(&keys, p->values, want, o->dim)) {

@@ -39,4 +39,16 @@ const char *cm_strerror(int status);
 void cm_seterr(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* Process exit statuses of psserver and pstrain (docs/ARCHITECTURE.md, "Exit
+ * statuses"), in the convention supervisors read (Kubeflow's TFJob
+ * ExitCode policy: 1-127 permanent, 128-255 retryable): a restart as is
+ * fails again for 1-127, may succeed for 128 and up (signals are 128 + N). */
+enum {
+    CM_EXIT_OK = 0,
+    CM_EXIT_FAILED = 1, /* The run failed (a corrupt store, another model, ...). */
+    CM_EXIT_CONFIG = 2, /* Bad arguments or configuration (flags, TF_CONFIG, files). */
+    CM_EXIT_PORT = 3,   /* psserver: its address could not be bound. */
+    CM_EXIT_RETRY = 138 /* An I/O failure while running (a full disk, say): retry. */
+};
+
 #endif /* CM_STATUS_H */

@@ -847,12 +847,14 @@ int ps_client_dump_rows(ps_client *c, int shard, int table, uint64_t from, size_
     return rc;
 }
 
-int ps_client_shutdown_servers(ps_client *c, const char *reason, char *err, size_t errlen) {
+int ps_client_shutdown_servers(ps_client *c, const char *reason, int failed, char *err,
+                               size_t errlen) {
     Psrpc__Cluster cl;
     fill_cluster(c, &cl);
     Psrpc__ShutdownRequest req = PSRPC__SHUTDOWN_REQUEST__INIT;
     req.cluster = &cl;
     req.reason = (char *)(reason ? reason : "");
+    req.failed = failed != 0;
     int rc = CM_OK;
     for (int i = 0; i < c->nshards; i++) {
         uint8_t *reply = NULL;

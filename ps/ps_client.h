@@ -192,7 +192,8 @@ int ps_client_rollback(ps_client *c, int64_t version, uint64_t epoch, char *err,
                        size_t errlen);
 
 /* Ask every shard to shut down (the chief, at the end). Blocking. */
-int ps_client_shutdown_servers(ps_client *c, const char *reason, char *err, size_t errlen);
+int ps_client_shutdown_servers(ps_client *c, const char *reason, int failed, char *err,
+                               size_t errlen);
 
 /* Per-shard counters (psrpc.StatsReply), summed over shards. */
 typedef struct ps_client_stats {

@@ -182,7 +182,7 @@ int main(int argc, char **argv) {
         case 'a': admit_after = atoi(optarg); break;
         case 'x': expire_after = atoll(optarg); break;
         case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 1;
+        default: usage(stderr); return CM_EXIT_CONFIG;
         }
     }
     /* Each bad value named, with what is allowed. */
@@ -206,23 +206,23 @@ int main(int argc, char **argv) {
                                                             : NULL;
     if (bad) {
         fprintf(stderr, "psserver: bad arguments: %s (see --help)\n", bad);
-        return 1;
+        return CM_EXIT_CONFIG;
     }
     if (!tls_cert != !tls_key || (tls_ca && !tls_cert)) {
         fprintf(stderr, "psserver: --tls-cert and --tls-key go together, and --tls-ca needs "
                         "them (see --help)\n");
-        return 1;
+        return CM_EXIT_CONFIG;
     }
     if (admin_file && !auth_file) {
         fprintf(stderr, "psserver: --admin-token-file needs --auth-token-file (the workers' "
                         "token)\n");
-        return 1;
+        return CM_EXIT_CONFIG;
     }
     cm_security sec = {0};
     char terr[600];
     if (cm_security_load(&sec, auth_file, admin_file, terr, sizeof terr) != CM_OK) {
         fprintf(stderr, "psserver: %s\n", terr);
-        return 1;
+        return CM_EXIT_CONFIG;
     }
     if (auth_file && !admin_file) memcpy(sec.admin_token, sec.token, sizeof sec.token);
     if (threads == 0) threads = ps_server_default_threads();
@@ -232,25 +232,25 @@ int main(int argc, char **argv) {
     int rc = cm_cluster_from_env(&cl, err, sizeof err);
     if (rc != CM_OK && rc != CM_ENOTFOUND) {
         fprintf(stderr, "psserver: %s\n", err);
-        return 1;
+        return CM_EXIT_CONFIG;
     }
     if ((ps_hosts && cm_cluster_set_list(cl, CM_TASK_PS, ps_hosts, err, sizeof err)) ||
         (worker_hosts && cm_cluster_set_list(cl, CM_TASK_WORKER, worker_hosts, err, sizeof err))) {
         fprintf(stderr, "psserver: %s\n", err);
         cm_cluster_destroy(cl);
-        return 1;
+        return CM_EXIT_CONFIG;
     }
     if (task_index >= 0) cm_cluster_set_task(cl, CM_TASK_PS, task_index);
     if (cm_cluster_validate(cl, err, sizeof err) != CM_OK) {
         fprintf(stderr, "psserver: %s\n", err);
         cm_cluster_destroy(cl);
-        return 1;
+        return CM_EXIT_CONFIG;
     }
     if (cl->task_type != CM_TASK_PS) {
         fprintf(stderr, "psserver: this task is %s:%d, not a ps task\n",
                 cm_task_type_name(cl->task_type), cl->task_index);
         cm_cluster_destroy(cl);
-        return 1;
+        return CM_EXIT_CONFIG;
     }
     char tag[32];
     snprintf(tag, sizeof tag, "ps %d", cl->task_index);
@@ -294,7 +294,7 @@ int main(int argc, char **argv) {
     rc = ps_server_start(srv, addr, &port);
     if (rc != CM_OK) {
         cm_error("cannot listen on %s: %s", addr, cm_strerror(rc));
-        status = rc == CM_EBUSY ? 3 : 1;
+        status = rc == CM_EBUSY ? CM_EXIT_PORT : CM_EXIT_FAILED;
         goto out;
     }
     cm_info("serving shard %d of %d on %s, port %d (%s, %s)", cl->task_index,
@@ -309,7 +309,8 @@ int main(int argc, char **argv) {
     while (!ps_server_wait(srv, 200))
         if (got_signal) ps_server_request_stop(srv, got_signal == SIGINT ? "SIGINT" : "SIGTERM");
     cm_info("stopping: %s", ps_server_stop_reason(srv));
-    status = 0;
+    /* Told the run failed: not a success for whoever watches this process. */
+    status = ps_server_stop_failed(srv) ? CM_EXIT_FAILED : CM_EXIT_OK;
 out:
     ps_server_destroy(srv, 2000);
     cm_cluster_destroy(cl);

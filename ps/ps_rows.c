@@ -338,7 +338,7 @@ static void spill_fatal(const ps_rows *r, const char *what, const char *err) {
     fprintf(stderr, "fatal: the row store %s: %s: %s; stopping (rows beyond --memory-mb "
             "would be lost)\n", st_rowdb_path(r->db), what, err);
     fflush(stderr);
-    _exit(1);
+    _exit(CM_EXIT_RETRY);
 }
 
 /* Row (ti, id) was written to the row store or removed from it. */

@@ -99,6 +99,7 @@ struct ps_server {
     /* Protected by mu. */
     int stopping;
     char reason[256];
+    int stop_failed; /* The Shutdown said the run failed. */
     /* Checkpoints. */
     st_store *store;
     pthread_t writer;
@@ -1020,6 +1021,11 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
                  r->reason && r->reason[0] ? r->reason : "(no reason)");
         Psrpc__ShutdownReply rep = PSRPC__SHUTDOWN_REPLY__INIT;
         reply_packed(call, &rep.base);
+        if (r->failed) {
+            pthread_mutex_lock(&s->mu);
+            s->stop_failed = 1;
+            pthread_mutex_unlock(&s->mu);
+        }
         ps_server_request_stop(s, why);
     }
     psrpc__shutdown_request__free_unpacked(r, NULL);
@@ -1269,7 +1275,7 @@ static void rows_fatal(ps_server *s, int64_t v, const char *err) {
     fprintf(stderr, "fatal: checkpoint of version %lld: the row store %s: %s; stopping (its "
             "rows would be lost)\n", (long long)v, st_rowdb_path(s->rowdb), err);
     fflush(stderr);
-    _exit(1);
+    _exit(CM_EXIT_RETRY);
 }
 
 /* The job's changed rows into the row store, tagged v, and every write
@@ -2004,6 +2010,13 @@ void ps_server_request_stop(ps_server *s, const char *reason) {
 }
 
 const char *ps_server_stop_reason(ps_server *s) { return s->reason; }
+
+int ps_server_stop_failed(ps_server *s) {
+    pthread_mutex_lock(&s->mu);
+    int f = s->stop_failed;
+    pthread_mutex_unlock(&s->mu);
+    return f;
+}
 
 void ps_server_destroy(ps_server *s, int grace_ms) {
     if (!s) return;

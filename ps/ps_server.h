@@ -127,6 +127,9 @@ void ps_server_request_stop(ps_server *s, const char *reason);
 /* Why it stopped ("" if it did not). */
 const char *ps_server_stop_reason(ps_server *s);
 
+/* Whether the Shutdown that stopped it said the run failed. */
+int ps_server_stop_failed(ps_server *s);
+
 /* Wait until no checkpoint is being written (returns at once without
  * checkpoints). One that comes due meanwhile is waited for too. */
 void ps_server_checkpoint_wait(ps_server *s);

@@ -14,8 +14,10 @@ port taken meanwhile (exit status 3) the whole cluster is restarted on new
 ports. The PS processes checkpoint every K versions into DIR/shard-<i> (a
 temporary directory when --checkpoint-dir is not given: removed at the end of
 a run that succeeds, kept and named, to resume from, when one fails). A PS
-that dies is started again on the same port and directory (up to
---max-ps-restarts times each); it restores its newest checkpoint, the chief
+that dies (a signal, or an exit status of 128 or more: retryable) is started
+again on the same port and directory (up to --max-ps-restarts times each);
+one that exits 1-127 (bad configuration, a failure a restart would repeat) is
+not, and the run stops naming why. A restarted PS restores its newest checkpoint, the chief
 rolls every shard back to the newest version they all have, and training
 goes on. When a worker fails, or a PS for good, the launcher names it, stops
 the others by PID and exits non-zero; it never leaves a process behind.
@@ -44,7 +46,17 @@ import sys
 import tempfile
 import time
 
-PORT_TAKEN = 3  # psserver's exit status when it cannot bind
+# Exit statuses (common/cm_status.h, docs/ARCHITECTURE.md "Exit statuses"): 1-127 are
+# permanent (a restart as is fails again), 128 and up retryable (signals: 128 + N, which
+# Python reports as -N). psserver exits 3 when it cannot bind its port.
+PORT_TAKEN = 3
+EXIT_MEANING = {1: "the run failed", 2: "bad arguments or configuration",
+                3: "its port is taken", 138: "an I/O failure while running"}
+
+
+def retryable(rc):
+    """Whether a process that exited with rc may succeed if started again."""
+    return rc < 0 or rc >= 128
 
 
 def free_ports(n):
@@ -218,7 +230,7 @@ class Cluster:
                 rc = p.poll()
                 if rc is None:
                     running += 1
-                elif (rc != 0 and name.startswith("ps ") and chief_done is None
+                elif (retryable(rc) and name.startswith("ps ") and chief_done is None
                       and self.restarts.get(name, 0) < self.args.max_ps_restarts):
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
                     self.restarts[name] = self.restarts.get(name, 0) + 1
@@ -228,6 +240,8 @@ class Cluster:
                     running += 1
                 elif rc != 0:
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
+                    if name.startswith("ps ") and not retryable(rc) and rc != PORT_TAKEN:
+                        what += f" ({EXIT_MEANING.get(rc, 'a permanent failure')}: not restarted)"
                     say(f"{name} (pid {p.pid}) exited with {what}; stopping the cluster")
                     self.stop()
                     return 1

@@ -263,7 +263,7 @@ def beyond_memory(bin_dir, tmp):
                         (["--memory-mb", "-1"], "--memory-mb"),
                         (["--rows-dir", tmp], "--rows-dir needs --memory-mb or --data-dir")):
         p = run([os.path.join(bin_dir, "psserver"), *flags], expect_ok=False)
-        check(p.returncode == 1 and name in p.stderr,
+        check(p.returncode == 2 and name in p.stderr,
               f"psserver {' '.join(flags)} is refused naming the flag: {p.stderr.strip()}")
     # Admission after 2 sightings and expiry after 60 versions (of 187), with the budget.
     out = os.path.join(tmp, "admit.json")

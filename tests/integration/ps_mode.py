@@ -188,6 +188,14 @@ def bad_input(bin_dir, tmp):
     finally:
         ps.send_signal(signal.SIGTERM)
         ps.wait(timeout=20)
+    # A PS that exits with a configuration error (2) is not restarted: it would fail again.
+    t0 = time.monotonic()
+    p = run([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "60", "--quiet",
+             "--train-limit", "1000", "--ps-arg=--admit-after", "--ps-arg=300"], expect_ok=False)
+    took = time.monotonic() - t0
+    check(p.returncode != 0 and "status 2 (bad arguments or configuration: not restarted)" in
+          p.stderr and "started it again" not in p.stderr and took < 30,
+          f"the launcher does not restart a PS after a configuration error ({took:.1f} s)")
     # A taken port: psserver exits 3, which the launcher answers with new ports.
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))

@@ -168,7 +168,8 @@ def auth(bin_dir, probe, tmp):
     p = subprocess.run([os.path.join(bin_dir, "psserver"), "--ps-hosts", "127.0.0.1:1",
                         "--task-index", "0", "--auth-token-file", short],
                        capture_output=True, text=True, timeout=DEADLINE)
-    check(p.returncode == 1 and "8 bytes" in p.stderr, "psserver refuses a short token")
+    check(p.returncode == 2 and "8 bytes" in p.stderr,
+          "psserver refuses a short token (exit 2: configuration)")
     p = subprocess.run([os.path.join(bin_dir, "pstrain"), "--auth-token-file",
                         os.path.join(tmp, "missing")], capture_output=True, text=True,
                        timeout=DEADLINE)

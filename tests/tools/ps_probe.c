@@ -242,7 +242,7 @@ int main(int argc, char **argv) {
                                 sizeof err);
         report(cmd, rc, err, NULL);
     } else if (!strcmp(cmd, "shutdown") && nargs == 0) {
-        rc = ps_client_shutdown_servers(cl, "ps_probe", err, sizeof err);
+        rc = ps_client_shutdown_servers(cl, "ps_probe", 0, err, sizeof err);
         report(cmd, rc, err, NULL);
     } else if (!strcmp(cmd, "flood") && nargs == 3) {
         long n = atol(args[0]);

@@ -1157,7 +1157,7 @@ static void test_shutdown_request(void **state) {
     sleep_ms(50);
     char err[512] = "";
     int64_t t0 = now_ms();
-    if (ps_client_shutdown_servers(F.cli[0], "training done", err, sizeof err) != CM_OK)
+    if (ps_client_shutdown_servers(F.cli[0], "training done", 0, err, sizeof err) != CM_OK)
         fail_msg("%s", err);
     pthread_join(th, NULL);
     assert_int_equal(w.rc, 1);
@@ -1167,10 +1167,20 @@ static void test_shutdown_request(void **state) {
         const char *why = ps_server_stop_reason(F.srv[i]);
         assert_non_null(strstr(why, "shutdown requested by rank 0"));
         assert_non_null(strstr(why, "training done"));
+        assert_int_equal(ps_server_stop_failed(F.srv[i]), 0);
     }
     /* Stopping does not stop serving until destroy. */
     Psrpc__StatsReply *st = raw_stats();
     psrpc__stats_reply__free_unpacked(st, NULL);
+    fx_stop();
+    /* A run that failed says so: psserver then exits 1. */
+    fx_start(0);
+    if (ps_client_shutdown_servers(F.cli[0], "training failed", 1, err, sizeof err) != CM_OK)
+        fail_msg("%s", err);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(ps_server_wait(F.srv[i], 2000), 1);
+        assert_int_equal(ps_server_stop_failed(F.srv[i]), 1);
+    }
     fx_stop();
 }
 

@@ -698,7 +698,7 @@ static void test_full_disk_stops(void **state) {
     int status;
     assert_int_equal(waitpid(pid, &status, 0), pid);
     assert_true(WIFEXITED(status));
-    assert_int_equal(WEXITSTATUS(status), 1);
+    assert_int_equal(WEXITSTATUS(status), CM_EXIT_RETRY);
     assert_non_null(strstr(buf, dir));
     assert_non_null(strstr(buf, "evicting rows"));
     assert_non_null(strstr(buf, "File too large"));

@@ -570,7 +570,7 @@ static int ps_end(wk_sync *s, int64_t steps, float *params) {
 static int ps_finish(wk_sync *s, int ok) {
     psync *p = (psync *)s;
     if (!p->cfg.is_chief) return CM_OK;
-    int rc = ps_client_shutdown_servers(p->client, ok ? "training finished" : "training failed",
+    int rc = ps_client_shutdown_servers(p->client, ok ? "training finished" : "training failed", !ok,
                                         s->err, sizeof s->err);
     if (rc == CM_OK) cm_info("asked %d PS shard%s to shut down", p->cfg.nps,
                              p->cfg.nps == 1 ? "" : "s");
