@@ -860,8 +860,10 @@ int ps_client_shutdown_servers(ps_client *c, const char *reason, int failed, cha
         uint8_t *reply = NULL;
         size_t len = 0;
         char msg[512];
-        /* No retries: a PS that is already gone needs no shutdown. */
-        int code = call_shard(c, i, "/psrpc.Ps/Shutdown", &req.base, 0, &reply, &len, msg,
+        /* Retried while unavailable (for the connect timeout): a PS being
+         * restarted (killed after the last step) must still be told, or it
+         * waits for a rollback that never comes. */
+        int code = call_shard(c, i, "/psrpc.Ps/Shutdown", &req.base, 1, &reply, &len, msg,
                               sizeof msg);
         free(reply);
         if (code != RPC_OK && rc == CM_OK) {

@@ -192,6 +192,8 @@ int ps_client_rollback(ps_client *c, int64_t version, uint64_t epoch, char *err,
                        size_t errlen);
 
 /* Ask every shard to shut down (the chief, at the end). Blocking. */
+/* Retries a shard that is unavailable for the connect timeout (one being
+ * restarted must be told too); failed: the run failed (psserver exits 1). */
 int ps_client_shutdown_servers(ps_client *c, const char *reason, int failed, char *err,
                                size_t errlen);
 

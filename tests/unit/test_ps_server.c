@@ -1184,6 +1184,34 @@ static void test_shutdown_request(void **state) {
     fx_stop();
 }
 
+/* D3 (issue 14): a shard being restarted when the chief shuts the cluster
+ * down still gets the Shutdown (retried while unavailable). */
+static void *restart_shard1(void *arg) {
+    (void)arg;
+    sleep_ms(400);
+    ps_server_cfg sc = {.nshards = 2, .model = F.m, .placement = F.pl, .shard = 1};
+    assert_int_equal(ps_server_create(&sc, &F.srv[1]), CM_OK);
+    int port = 0;
+    assert_int_equal(ps_server_start(F.srv[1], F.addr[1], &port), CM_OK);
+    return NULL;
+}
+
+static void test_shutdown_reaches_restarted_shard(void **state) {
+    (void)state;
+    fx_start(0);
+    destroy_promptly(F.srv[1]);
+    F.srv[1] = NULL;
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, restart_shard1, NULL), 0);
+    char err[512] = "";
+    int rc = ps_client_shutdown_servers(F.cli[0], "training finished", 0, err, sizeof err);
+    pthread_join(th, NULL);
+    if (rc != CM_OK) fail_msg("%s", err);
+    assert_int_equal(ps_server_wait(F.srv[1], 2000), 1);
+    assert_non_null(strstr(ps_server_stop_reason(F.srv[1]), "training finished"));
+    fx_stop();
+}
+
 typedef struct result {
     pthread_mutex_t mu;
     int finished;
@@ -2263,6 +2291,7 @@ int main(void) {
         cmocka_unit_test(test_out_of_step_pushes),
         cmocka_unit_test(test_pull_deadline_then_clean_shutdown),
         cmocka_unit_test(test_shutdown_request),
+        cmocka_unit_test(test_shutdown_reaches_restarted_shard),
         cmocka_unit_test(test_checkpoint_restore),
         cmocka_unit_test(test_init_from_values),
         cmocka_unit_test(test_destroy_with_waiting_pull),

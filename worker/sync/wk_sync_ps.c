@@ -574,6 +574,12 @@ static int ps_finish(wk_sync *s, int ok) {
                                         s->err, sizeof s->err);
     if (rc == CM_OK) cm_info("asked %d PS shard%s to shut down", p->cfg.nps,
                              p->cfg.nps == 1 ? "" : "s");
+    if (rc != CM_OK && ok) {
+        /* The run is done and its results are written: a shard that could
+         * not be told (gone, or not back in time) does not undo that. */
+        cm_warn("training finished, but %s", s->err);
+        rc = CM_OK;
+    }
     return rc;
 }
 
