@@ -1359,6 +1359,17 @@ static void write_job(ps_server *s, const ckpt_job *j) {
     int rc = st_store_checkpoint(s->store, v, b, nblobs, extra, sizeof extra, err, sizeof err);
     free(b);
     free(counts);
+    if (rc == CM_EIO) {
+        /* A write error (a full disk, a failing device): going on would
+         * train with nothing durable behind it, and end "successfully"
+         * with no checkpoint. Stop, retryably: the supervisor restarts
+         * this PS, the cluster rolls back, and it fails again for good if
+         * the cause stays. */
+        fprintf(stderr, "fatal: checkpoint of version %lld failed: %s; stopping (training on "
+                "would keep nothing durable)\n", (long long)v, err);
+        fflush(stderr);
+        _exit(CM_EXIT_RETRY);
+    }
     if (rc != CM_OK) {
         cm_error("checkpoint of version %lld failed: %s", (long long)v, err);
         return;

@@ -202,5 +202,35 @@ def flipped_bit(bin_dir, tmp):
           f"a worker started on it resumes at step {older} and trains to {newest + 5}")
 
 
+def full_disk(bin_dir, tmp):
+    """D4 (issue 14): a checkpoint that cannot be written (a full disk; here a file size limit,
+    so LevelDB's writes fail with EFBIG) stops the PS with the retryable status 138 and a
+    message naming the store, instead of training on and exiting 0 with nothing committed."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, 512 << 10))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Kept ignored across exec.
+
+    shard = Shard(bin_dir, tmp)
+    log = os.path.join(tmp, "full.log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([shard.psserver, *shard.hosts, "--data-dir", shard.data,
+                                 "--checkpoint-every", "5"], stderr=f, preexec_fn=limit)
+    try:
+        p = run([shard.pstrain, *shard.hosts, "--max-steps", "20", "--train-limit", "3000",
+                 "--test-limit", "500", "--threads", "1", "--quiet", "--connect-timeout-ms",
+                 "3000"], expect_ok=False, timeout=120)
+        proc.wait(timeout=60)
+    finally:
+        halt(proc)
+    out = open(log).read()
+    check(proc.returncode == 138 and "fatal: checkpoint of version 5 failed" in out and
+          shard.dir in out, f"the PS stops with status 138 naming the store: "
+          f"{out.strip().splitlines()[-1] if out.strip() else '(no output)'}")
+    check(p.returncode != 0, "and the worker does not finish as if all were well")
+
+
 if __name__ == "__main__":
-    main(__doc__, {"current-lost": current_lost, "flipped-bit": flipped_bit}, "store_mode.")
+    main(__doc__, {"current-lost": current_lost, "flipped-bit": flipped_bit,
+                   "full-disk": full_disk}, "store_mode.")
