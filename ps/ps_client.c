@@ -875,6 +875,27 @@ int ps_client_shutdown_servers(ps_client *c, const char *reason, int failed, cha
     return rc;
 }
 
+int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_t errlen) {
+    Psrpc__Cluster cl;
+    fill_cluster(c, &cl);
+    Psrpc__StatsRequest req = PSRPC__STATS_REQUEST__INIT;
+    req.cluster = &cl;
+    int nw = 0;
+    for (int i = 0; i < c->nshards; i++) {
+        int rc;
+        Psrpc__StatsReply *r = (Psrpc__StatsReply *)call_unpack(
+            c, i, "/psrpc.Ps/Stats", &req.base, &psrpc__stats_reply__descriptor, "stats", &rc,
+            err, errlen);
+        if (!r) return rc;
+        int n = (int)r->n_worker_steps;
+        if (i == 0 || n > nw) nw = n;
+        for (int w = 0; w < n && w < max; w++)
+            if (i == 0 || r->worker_steps[w] < out[w]) out[w] = r->worker_steps[w];
+        psrpc__stats_reply__free_unpacked(r, NULL);
+    }
+    return nw;
+}
+
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     out->min_version = INT64_MAX;

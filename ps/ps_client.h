@@ -221,4 +221,9 @@ typedef struct ps_client_stats {
 } ps_client_stats;
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen);
 
+/* Each worker rank's last pushed step as every shard has it (the lowest
+ * over shards; -1: some shard has none from it) into out (at most max);
+ * returns the number of workers, or a negative CM_E* with err. */
+int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_t errlen);
+
 #endif /* PS_CLIENT_H */

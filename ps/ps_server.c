@@ -991,6 +991,10 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.ckpt_rows = s->ck_rows;
         rep.ckpt_row_bytes = s->ck_row_bytes;
         pthread_mutex_unlock(&s->ck_mu);
+        int64_t wsteps[1024];
+        int nw = ps_shard_worker_steps(s->shard, wsteps, 1024);
+        rep.n_worker_steps = (size_t)(nw < 1024 ? nw : 1024);
+        rep.worker_steps = wsteps;
         rep.version = st.version;
         rep.pushes = st.pushes;
         rep.duplicate_pushes = st.duplicate_pushes;

@@ -1677,6 +1677,14 @@ void ps_shard_count_bad(ps_shard *s) {
     pthread_mutex_unlock(&s->mu);
 }
 
+int ps_shard_worker_steps(ps_shard *s, int64_t *out, int max) {
+    pthread_mutex_lock(&s->mu);
+    int w = s->inited ? s->cfg.num_workers : 0;
+    for (int i = 0; i < w && i < max; i++) out[i] = s->last_step[i];
+    pthread_mutex_unlock(&s->mu);
+    return w;
+}
+
 void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     pthread_mutex_lock(&s->mu);
     *out = s->st;

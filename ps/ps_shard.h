@@ -208,6 +208,10 @@ typedef struct ps_shard_stats {
                                     * budget: ps_shard_set_row_spill). */
 } ps_shard_stats;
 
+/* Each worker rank's last pushed step (-1: none since Init or restart) into
+ * out (at most max); returns the number of workers (0 before Init). */
+int ps_shard_worker_steps(ps_shard *s, int64_t *out, int max);
+
 /* The shard 'index' of 'placement' for 'model' (both borrowed; they must
  * outlive the shard). Not initialised yet: pushes are refused and pulls
  * wait. Returns CM_EINVAL, CM_ENOMEM; *out NULL on error. */

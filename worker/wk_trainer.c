@@ -557,6 +557,8 @@ static int open_sync(run *r, const float *init_values) {
     int status;
     int fault = cfg->fault_zero_gradient && (cfg->fault_rank < 0 || cfg->fault_rank == r->rank);
     if (r->is_ps) {
+        r->ar_addrs = cm_calloc((size_t)r->W, sizeof *r->ar_addrs);
+        for (int k = 0; k < r->W; k++) r->ar_addrs[k] = cm_cluster_trainer_addr(cfg->cluster, k);
         wk_sync_ps_cfg pc = {
             .model = r->model,
             .min_part_bytes = cfg->min_part_bytes ? cfg->min_part_bytes
@@ -581,7 +583,8 @@ static int open_sync(run *r, const float *init_values) {
             .steps_per_epoch = (uint64_t)r->spe,
             .recovery_timeout_ms = cfg->recovery_timeout_ms,
             .init_values = init_values,
-            .sec = cfg->sec};
+            .sec = cfg->sec,
+            .worker_addrs = r->ar_addrs};
         if ((status = wk_sync_ps_create(&pc, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             return status;

@@ -188,6 +188,24 @@ def bad_input(bin_dir, tmp):
     finally:
         ps.send_signal(signal.SIGTERM)
         ps.wait(timeout=20)
+    # A sync step whose deadline passes because another worker never pushes names that worker
+    # (its rank, address and last step), not only DEADLINE_EXCEEDED (issue 14).
+    port, wport = free_port(), free_port()
+    hosts = ["--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts",
+             f"127.0.0.1:1,127.0.0.1:{wport}"]
+    ps = subprocess.Popen([psserver, *hosts, "--task-index", "0"], stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        p = run([pstrain, *hosts, "--task-index", "0", "--train-limit", "1000", "--test-limit",
+                 "100", "--rpc-timeout-ms", "3000", "--connect-timeout-ms", "10000"],
+                expect_ok=False)
+        check(p.returncode != 0 and "DEADLINE_EXCEEDED" in p.stderr and
+              f"rank 1 (127.0.0.1:{wport}) (no push yet)" in p.stderr,
+              "a sync step that times out names the worker that did not push: " +
+              next((l for l in p.stderr.splitlines() if "still wait" in l), "(none)")[-160:])
+    finally:
+        ps.send_signal(signal.SIGTERM)
+        ps.wait(timeout=20)
     # A PS that exits with a configuration error (2) is not restarted: it would fail again.
     t0 = time.monotonic()
     p = run([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "60", "--quiet",

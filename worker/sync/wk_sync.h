@@ -142,6 +142,8 @@ typedef struct wk_sync_ps_cfg {
                                * (model->numel floats, copied) instead of
                                * from seed. */
     const struct cm_security *sec; /* Tokens and TLS (borrowed; NULL: none). */
+    const char *const *worker_addrs; /* nworkers, by rank (NULL: unknown): named
+                                      * when a sync step waits for them. */
 } wk_sync_ps_cfg;
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 

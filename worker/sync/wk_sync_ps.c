@@ -504,8 +504,51 @@ static int ps_dump(wk_sync *s, int table,
     return CM_OK;
 }
 
+static int step_inner(wk_sync *s, int64_t step, float *grad, float *params, wk_sparse_step *sp,
+                      wk_sync_times *t);
+
+/* A sync step that timed out waits for workers that do not push: name
+ * them (rank, address, the last step every shard has from them) in the
+ * error, instead of a bare DEADLINE_EXCEEDED. */
+static void name_missing_workers(psync *p, int64_t step) {
+    int64_t last[64];
+    char err[256];
+    int nw = ps_client_worker_steps(p->client, last, 64, err, sizeof err);
+    if (nw <= 0) return;
+    char who[700] = "";
+    size_t at = 0;
+    int nmiss = 0;
+    for (int w = 0; w < nw && w < 64; w++) {
+        if (w == p->cfg.rank || last[w] >= step) continue;
+        const char *addr = p->cfg.worker_addrs ? p->cfg.worker_addrs[w] : NULL;
+        char seen[48];
+        if (last[w] < 0)
+            snprintf(seen, sizeof seen, "no push yet");
+        else
+            snprintf(seen, sizeof seen, "last pushed step %lld", (long long)last[w]);
+        int n = snprintf(who + at, sizeof who - at, "%srank %d%s%s%s (%s)", nmiss ? ", " : "",
+                         w, addr ? " (" : "", addr ? addr : "", addr ? ")" : "", seen);
+        if (n < 0 || (size_t)n >= sizeof who - at) break;
+        at += (size_t)n;
+        nmiss++;
+    }
+    if (!nmiss) return;
+    size_t len = strlen(p->base.err);
+    snprintf(p->base.err + len, sizeof p->base.err - len,
+             "; the shards still wait for step %lld of %s: %s not running?", (long long)step,
+             who, nmiss == 1 ? "is it" : "are they");
+}
+
 static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sparse_step *sp,
                    wk_sync_times *t) {
+    psync *p = (psync *)s;
+    int rc = step_inner(s, step, grad, params, sp, t);
+    if (rc == CM_ETIMEDOUT && !p->cfg.async) name_missing_workers(p, step);
+    return rc;
+}
+
+static int step_inner(wk_sync *s, int64_t step, float *grad, float *params, wk_sparse_step *sp,
+                      wk_sync_times *t) {
     psync *p = (psync *)s;
     if (sp) return sparse_step(p, step, grad, params, sp, t);
     if (p->active && p->step == step && p->grad == grad && p->params == params) {
