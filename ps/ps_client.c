@@ -875,17 +875,23 @@ int ps_client_shutdown_servers(ps_client *c, const char *reason, int failed, cha
     return rc;
 }
 
-int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_t errlen) {
+/* Shard i's StatsReply (free with psrpc__stats_reply__free_unpacked), or
+ * NULL with *rc and err (call_unpack). */
+static Psrpc__StatsReply *shard_stats(ps_client *c, int i, int *rc, char *err, size_t errlen) {
     Psrpc__Cluster cl;
     fill_cluster(c, &cl);
     Psrpc__StatsRequest req = PSRPC__STATS_REQUEST__INIT;
     req.cluster = &cl;
+    return (Psrpc__StatsReply *)call_unpack(c, i, "/psrpc.Ps/Stats", &req.base,
+                                            &psrpc__stats_reply__descriptor, "stats", rc, err,
+                                            errlen);
+}
+
+int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_t errlen) {
     int nw = 0;
     for (int i = 0; i < c->nshards; i++) {
         int rc;
-        Psrpc__StatsReply *r = (Psrpc__StatsReply *)call_unpack(
-            c, i, "/psrpc.Ps/Stats", &req.base, &psrpc__stats_reply__descriptor, "stats", &rc,
-            err, errlen);
+        Psrpc__StatsReply *r = shard_stats(c, i, &rc, err, errlen);
         if (!r) return rc;
         int n = (int)r->n_worker_steps;
         if (i == 0 || n > nw) nw = n;
@@ -899,15 +905,9 @@ int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     out->min_version = INT64_MAX;
-    Psrpc__Cluster cl;
-    fill_cluster(c, &cl);
-    Psrpc__StatsRequest req = PSRPC__STATS_REQUEST__INIT;
-    req.cluster = &cl;
     for (int i = 0; i < c->nshards; i++) {
         int rc;
-        Psrpc__StatsReply *r = (Psrpc__StatsReply *)call_unpack(
-            c, i, "/psrpc.Ps/Stats", &req.base, &psrpc__stats_reply__descriptor, "stats", &rc,
-            err, errlen);
+        Psrpc__StatsReply *r = shard_stats(c, i, &rc, err, errlen);
         if (!r) return rc;
         if (r->version < out->min_version) out->min_version = r->version;
         if (i == 0 || r->min_worker_step < out->min_worker_step)
