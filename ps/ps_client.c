@@ -117,6 +117,7 @@ struct ps_ticket {
     float *row_values; /* Sparse: where the reply's rows go (row u at
                         * u * row_dim). */
     int train;
+    int or_final; /* A pull also answered at shutdown (ps_client_pull_final). */
 };
 
 static void ticket_free(ps_ticket *t) {
@@ -315,6 +316,7 @@ static void issue(ps_ticket *t, sub *s) {
         req.min_version = t->step;
         req.rows_only = t->op == OP_PULL_ROWS;
         req.train = t->train;
+        req.or_final = t->or_final;
         ps_wire_put_message(&w, &req.base);
         put_want(&w, 3, &s->want);
     }
@@ -546,6 +548,15 @@ int ps_client_pull_rows(ps_client *c, int64_t min_version, const ps_row_keys *wa
     }
     t->nsubs = k;
     for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
+    *out = t;
+    return CM_OK;
+}
+
+int ps_client_pull_final(ps_client *c, int64_t min_version, float *params, ps_ticket **out) {
+    ps_ticket *t = ticket_new(c, OP_PULL, min_version);
+    t->params = params;
+    t->or_final = 1;
+    for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
     *out = t;
     return CM_OK;
 }

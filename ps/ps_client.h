@@ -89,6 +89,10 @@ int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **t)
 
 /* Pull every partition at version >= min_version into params. */
 int ps_client_pull(ps_client *c, int64_t min_version, float *params, ps_ticket **t);
+/* The same, but a shard that shuts down first answers with its last
+ * version, which may be below min_version (an evaluator's pull: the final
+ * version gets evaluated). */
+int ps_client_pull_final(ps_client *c, int64_t min_version, float *params, ps_ticket **t);
 
 /* Push 'grad' for 'step' and, in the same call, pull the parameters that
  * result into params: version step + 1 in sync mode, the newest in async

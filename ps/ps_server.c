@@ -891,6 +891,8 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         if (ra)
             ps_shard_pull_rows(s->shard, r->min_version, ra->rq, ra->n, ra->train, answer_pull,
                                pc);
+        else if (r->or_final && !r->rows_only)
+            ps_shard_pull_final(s->shard, r->min_version, answer_pull, pc);
         else
             ps_shard_pull(s->shard, r->min_version, answer_pull, pc);
     }

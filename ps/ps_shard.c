@@ -126,6 +126,7 @@ typedef struct waiter {
     int nrq;
     int train;
     ps_snapshot *snap; /* Set when taken as ready: the reply's reference. */
+    int or_final;      /* Answered at shutdown with the last version. */
 } waiter;
 
 struct ps_shard {
@@ -1555,6 +1556,11 @@ void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud) {
     wait_or_answer(s, (waiter){.min_version = min_version, .cb = cb, .ud = ud});
 }
 
+void ps_shard_pull_final(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud) {
+    pthread_mutex_lock(&s->mu);
+    wait_or_answer(s, (waiter){.min_version = min_version, .cb = cb, .ud = ud, .or_final = 1});
+}
+
 void ps_shard_pull_rows(ps_shard *s, int64_t min_version, const ps_row_req *rq, int nrq,
                         int train, ps_pull_cb cb, void *ud) {
     if (s->rowdb && nrq > 0) {
@@ -1659,8 +1665,16 @@ void ps_shard_abort_waiters(ps_shard *s) {
     s->waiters = NULL;
     s->nwaiters = s->capwaiters = 0;
     s->closed = 1;
+    /* A pull that asked for it gets the last version (an evaluator's, so
+     * that the final one is evaluated); the others fail. */
+    for (int i = 0; i < n; i++) {
+        w[i].snap = NULL;
+        if (w[i].or_final && s->inited && s->current && !w[i].nparts && !w[i].nrq) {
+            ps_snapshot_ref(s->current);
+            w[i].snap = s->current;
+        }
+    }
     pthread_mutex_unlock(&s->mu);
-    for (int i = 0; i < n; i++) w[i].snap = NULL;
     answer(w, n);
 }
 

@@ -302,6 +302,9 @@ typedef void (*ps_pull_cb)(void *ud, ps_snapshot *snap);
  * thread, if it exists, else later on the thread whose push creates it
  * (never with the shard's lock held). */
 void ps_shard_pull(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud);
+/* The same, and answered at shutdown with the last version (which may be
+ * below min_version) instead of NULL: an evaluator's read. */
+void ps_shard_pull_final(ps_shard *s, int64_t min_version, ps_pull_cb cb, void *ud);
 
 /* Whether a pull of min_version would wait while 'max' pulls already do
  * (max 0: never full); a full answer is counted as parked_refused, for the
@@ -335,7 +338,8 @@ int ps_shard_local_index(const ps_shard *s, uint32_t part);
  * *ud, or 0 if none waits (it may be being answered). */
 int ps_shard_cancel_pull(ps_shard *s, int (*match)(void *ud, void *arg), void *arg, void **ud);
 
-/* Answer every waiting pull with NULL, and every later one too (shutdown). */
+/* Answer every waiting pull with NULL (those of ps_shard_pull_final with
+ * the last version), and every later one with NULL (shutdown). */
 void ps_shard_abort_waiters(ps_shard *s);
 
 /* 1 if initialised in async mode. */

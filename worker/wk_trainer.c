@@ -261,6 +261,14 @@ static int evaluate_run(const wk_train_cfg *cfg, wk_train_result *result) {
             }
         }
         aborted_since = 0.0;
+        /* Below what was asked for: the shards shut down and answered with
+         * their last version (training is over). */
+        const int final = status == CM_OK && version < want;
+        if (final && evaluated && version == result->steps) {
+            cm_info("the shards shut down at version %lld, evaluated already: training is over",
+                    (long long)version);
+            break;
+        }
         if (status != CM_OK) {
             if (evaluated) {
                 cm_info("the PS went away after version %lld: training is over (%s)",
@@ -284,6 +292,11 @@ static int evaluate_run(const wk_train_cfg *cfg, wk_train_result *result) {
             fprintf(log, "{\"version\":%lld,\"test_accuracy\":%.6f,\"test_loss\":%.6f}\n",
                     (long long)version, acc, loss);
             fflush(log);
+        }
+        if (final) {
+            cm_info("the shards shut down at version %lld: training is over, its final version "
+                    "evaluated", (long long)version);
+            break;
         }
         want = version + every;
     }

@@ -148,7 +148,8 @@ typedef struct wk_sync_ps_cfg {
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 
 /* PS mode only: pull version >= min_version into params (an evaluator's
- * read); *version gets the version pulled. */
+ * read); *version gets the version pulled, which is below min_version when
+ * the shards shut down first (training ended: that is its last version). */
 int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *version);
 
 /* Local mode, before the first step: put rows of table 'table' (n ids, n x

@@ -658,7 +658,7 @@ int wk_sync_ps_pull(wk_sync *s, int64_t min_version, float *params, int64_t *ver
     int rc = settle_all(p);
     if (rc != CM_OK) return rc;
     ps_ticket *tk;
-    ps_client_pull(p->client, min_version, params, &tk);
+    ps_client_pull_final(p->client, min_version, params, &tk);
     return ps_ticket_wait(tk, version, s->err, sizeof s->err);
 }
 
