@@ -70,7 +70,7 @@ static void fmt_duration(double s, char *buf, size_t len) {
 static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, int nps,
                          const wk_train_result *r, int ndevs, int on_gpu) {
     json_t *o = json_pack("{s:s, s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:s, s:f, s:I,"
-                          " s:i, s:i, s:f, s:i, s:s, s:i, s:I, s:s, s:i, s:s, s:s}",
+                          " s:i, s:i, s:f, s:i, s:s, s:i, s:I, s:I, s:s, s:i, s:s, s:s}",
                           "mode", cfg->mode, "test_accuracy", r->test_accuracy, "test_loss",
                           r->test_loss, "steps", (json_int_t)r->steps, "examples_per_sec",
                           r->examples_per_sec, "seconds", r->seconds, "final_train_loss",
@@ -81,7 +81,8 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
                           wk_device_cpu_threads(), "steady_examples_per_sec",
                           r->steady_examples_per_sec, "rank", r->rank, "sync",
                           cfg->async ? "async" : "sync", "rollbacks", r->rollbacks,
-                          "steps_redone", (json_int_t)r->steps_redone, "device",
+                          "steps_redone", (json_int_t)r->steps_redone, "versions_lost",
+                          (json_int_t)r->versions_lost, "device",
                           on_gpu ? "cuda" : "cpu", "devices", ndevs, "precision",
                           wk_precision_name(cfg->precision), "wire_dtype",
                           cfg->wire_bf16 ? "bf16" : "fp32");
@@ -833,6 +834,7 @@ static int recover(run *r, int64_t step, int from_sync, int64_t *resume) {
             (long long)*resume, (long long)(step - *resume), step - *resume == 1 ? "" : "s");
     r->result->rollbacks++;
     r->result->steps_redone += step - *resume;
+    r->result->versions_lost = r->sync->versions_lost;
     return restart_input(r, *resume);
 }
 

@@ -75,6 +75,18 @@ def kill(bin_dir, tmp):
           f"{ref['test_accuracy']:.4f} (within 0.5 points)")
     check(same_bytes(d + ".params", ref_params),
           "final parameters are bit-identical to the undisturbed run's")
+    check(s["versions_lost"] >= 1, f"the summary counts the versions rolled back "
+          f"({s['versions_lost']})")
+    # Async: each worker carries on from its own step (nothing is redone), so what a kill
+    # costs shows as versions lost, which the summary now says (it said 0 redone only).
+    d = os.path.join(tmp, "chaos-async")
+    p = launch(bin_dir, *COMMON, "--sync", "async", "--checkpoint-dir", d, "--chaos-kill-ps",
+               str(at), "--chaos-seed", str(seed), "--summary", d + ".json")
+    s = summary(d + ".json")
+    check("chaos: killed ps" in p.stdout + p.stderr and s["rollbacks"] >= 1 and
+          s["steps"] == STEPS and s["steps_redone"] == 0 and s["versions_lost"] >= 1,
+          f"async: a PS killed after step {at}: {s['rollbacks']} rollback, "
+          f"{s['versions_lost']} versions (updates) lost, {s['steps_redone']} steps redone")
 
 
 def resume(bin_dir, tmp):

@@ -104,6 +104,9 @@ typedef struct wk_sync_ops {
 struct wk_sync {
     const wk_sync_ops *ops;
     char err[512]; /* Message of the last failure. */
+    /* Versions a rollback took back, over the run (recover; the chief's
+     * count): in async mode the updates lost, which no step redoes. */
+    int64_t versions_lost;
 };
 
 /* Local mode: the optimizer runs here; a sparse model's tables are kept

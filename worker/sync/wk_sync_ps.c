@@ -339,8 +339,13 @@ static int chief_sync(psync *p, int64_t *version) {
                 p->ck[i].recovering ? "restarted at" : "at", (long long)p->ck[i].version,
                 (unsigned long long)p->ck[i].epoch,
                 p->ck[i].ncommitted ? (long long)p->ck[i].committed[0] : -1LL);
-    cm_warn("rolling the cluster back to version %lld (epoch %llu)", (long long)v,
-            (unsigned long long)epoch);
+    int64_t newest = v;
+    for (int i = 0; i < p->cfg.nps; i++)
+        if (p->ck[i].version > newest) newest = p->ck[i].version;
+    p->base.versions_lost += newest - v;
+    cm_warn("rolling the cluster back to version %lld (epoch %llu): %lld version%s lost",
+            (long long)v, (unsigned long long)epoch, (long long)(newest - v),
+            newest - v == 1 ? "" : "s");
     rc = ps_client_rollback(p->client, v, epoch, p->base.err, sizeof p->base.err);
     if (rc != CM_OK) return rc;
     *version = v;
