@@ -1036,13 +1036,14 @@ void ps_client_close(ps_client *c) {
 void ps_client_set_epoch(ps_client *c, uint64_t epoch) { c->epoch = epoch; }
 uint64_t ps_client_epoch(const ps_client *c) { return c->epoch; }
 
-int ps_client_checkpoints(ps_client *c, int64_t keep_from, ps_shard_checkpoints *out,
-                          char *err, size_t errlen) {
+static int checkpoints(ps_client *c, int64_t keep_from, int abort_waiting,
+                       ps_shard_checkpoints *out, char *err, size_t errlen) {
     Psrpc__Cluster cl;
     fill_cluster(c, &cl);
     Psrpc__CheckpointsRequest req = PSRPC__CHECKPOINTS_REQUEST__INIT;
     req.cluster = &cl;
     req.keep_from = keep_from;
+    req.abort_waiting = abort_waiting != 0;
     for (int i = 0; i < c->nshards; i++) {
         int rc;
         Psrpc__CheckpointsReply *r = (Psrpc__CheckpointsReply *)call_unpack(
@@ -1062,6 +1063,15 @@ int ps_client_checkpoints(ps_client *c, int64_t keep_from, ps_shard_checkpoints 
         psrpc__checkpoints_reply__free_unpacked(r, NULL);
     }
     return CM_OK;
+}
+
+int ps_client_checkpoints(ps_client *c, int64_t keep_from, ps_shard_checkpoints *out,
+                          char *err, size_t errlen) {
+    return checkpoints(c, keep_from, 0, out, err, errlen);
+}
+
+int ps_client_abort_waiting(ps_client *c, ps_shard_checkpoints *out, char *err, size_t errlen) {
+    return checkpoints(c, -1, 1, out, err, errlen);
 }
 
 int ps_client_rollback(ps_client *c, int64_t version, uint64_t epoch, char *err,

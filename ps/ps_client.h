@@ -190,6 +190,12 @@ typedef struct ps_shard_checkpoints {
 int ps_client_checkpoints(ps_client *c, int64_t keep_from, ps_shard_checkpoints *out,
                           char *err, size_t errlen);
 
+/* A worker started again that finds the shards at different versions (a
+ * step its predecessor half pushed, which cannot complete): every shard
+ * answers its waiting pulls ABORTED, so that the chief rolls back; out as
+ * ps_client_checkpoints. Needs only the workers' token. */
+int ps_client_abort_waiting(ps_client *c, ps_shard_checkpoints *out, char *err, size_t errlen);
+
 /* Roll every shard back to committed 'version' (0: the initial values) in
  * recovery epoch 'epoch' (> every shard's), then use that epoch. */
 int ps_client_rollback(ps_client *c, int64_t version, uint64_t epoch, char *err,

@@ -100,6 +100,12 @@ struct ps_server {
     int stopping;
     char reason[256];
     int stop_failed; /* The Shutdown said the run failed. */
+    /* An evaluator's pulls were seen; a Shutdown then defers the stop until
+     * its final pull is answered (final_answers) or stop_after passes. */
+    int evaluator_seen, finishing;
+    uint64_t final_answers;
+    double stop_after;
+    char pending_reason[256];
     /* Checkpoints. */
     st_store *store;
     pthread_t writer;
@@ -742,12 +748,22 @@ typedef struct pull_ctx {
     uint32_t *parts; /* Placement ids to answer with (PushPull), owned. */
     row_answer *rows; /* Rows to answer with (NULL: none), owned until
                        * the reply's segments release it. */
+    int or_final;     /* An evaluator's pull (PullRequest.or_final). */
 } pull_ctx;
+
+/* How long a Shutdown waits for an evaluator's pull of the final version. */
+#define FINAL_GRACE_S 3.0
 
 static void answer_pull(void *ud, ps_snapshot *snap) {
     pull_ctx *pc = ud;
     ps_server *s = pc->s;
     rpc_call *call = pc->call;
+    if (pc->or_final && snap) { /* The evaluator has the final version: stop now. */
+        pthread_mutex_lock(&s->mu);
+        if (s->finishing) s->final_answers++;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+    }
     if (!snap) {
         free(pc->parts);
         row_answer_free(pc->rows);
@@ -758,8 +774,9 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
         if (stopping)
             rpc_fail(call, RPC_UNAVAILABLE, "PS shard %d is shutting down", s->cfg.shard);
         else
-            rpc_fail(call, RPC_ABORTED, "PS shard %d rolled back while this call waited",
-                     s->cfg.shard);
+            rpc_fail(call, RPC_ABORTED,
+                     "PS shard %d rolled back, or abandoned the step this call waited for (a "
+                     "worker rejoined with it half pushed)", s->cfg.shard);
         return;
     }
     int nparts = pc->nparts;
@@ -888,6 +905,12 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         pc->call = call;
         pc->nparts = r->rows_only ? -1 : 0;
         pc->rows = ra;
+        pc->or_final = r->or_final && !r->rows_only && !ra;
+        if (pc->or_final) {
+            pthread_mutex_lock(&s->mu);
+            s->evaluator_seen = 1;
+            pthread_mutex_unlock(&s->mu);
+        }
         if (ra)
             ps_shard_pull_rows(s->shard, r->min_version, ra->rq, ra->n, ra->train, answer_pull,
                                pc);
@@ -1027,12 +1050,20 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
                  r->reason && r->reason[0] ? r->reason : "(no reason)");
         Psrpc__ShutdownReply rep = PSRPC__SHUTDOWN_REPLY__INIT;
         reply_packed(call, &rep.base);
-        if (r->failed) {
-            pthread_mutex_lock(&s->mu);
-            s->stop_failed = 1;
-            pthread_mutex_unlock(&s->mu);
+        pthread_mutex_lock(&s->mu);
+        if (r->failed) s->stop_failed = 1;
+        /* An evaluator pulls now and then: its pull of the final version
+         * may still be on its way (it evaluates the one before). Keep
+         * serving it for up to FINAL_GRACE_S before stopping. */
+        int wait_eval = s->evaluator_seen && !r->failed && !s->stopping;
+        if (wait_eval) {
+            s->finishing = 1;
+            s->stop_after = cm_now() + FINAL_GRACE_S;
+            snprintf(s->pending_reason, sizeof s->pending_reason, "%s", why);
         }
-        ps_server_request_stop(s, why);
+        pthread_mutex_unlock(&s->mu);
+        ps_shard_finish(s->shard);
+        if (!wait_eval) ps_server_request_stop(s, why);
     }
     psrpc__shutdown_request__free_unpacked(r, NULL);
 }
@@ -1723,6 +1754,11 @@ static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t
         rpc_deny(call, "deleting checkpoints (keep_from) needs the admin's token");
         goto out;
     }
+    if (r->abort_waiting) {
+        int n = ps_shard_abort_pending(s->shard);
+        cm_warn("rank %u rejoined and found a step half pushed: %d waiting pull%s answered "
+                "ABORTED, for the chief to roll back", r->cluster->rank, n, n == 1 ? "" : "s");
+    }
     int64_t committed[16];
     int n = 0;
     if (s->store) {
@@ -1995,21 +2031,31 @@ int ps_server_start(ps_server *s, const char *addr, int *port) {
     return rpc_server_start(s->rpc, addr, port);
 }
 
+/* A stop the Shutdown deferred for the evaluator (mu held): due once it
+ * has the final version or FINAL_GRACE_S passed. */
+static int stop_due(ps_server *s) {
+    if (!s->stopping && s->stop_after > 0 &&
+        (s->final_answers > 0 || cm_now() >= s->stop_after)) {
+        s->stopping = 1;
+        snprintf(s->reason, sizeof s->reason, "%s", s->pending_reason);
+        pthread_cond_broadcast(&s->cv);
+    }
+    return s->stopping;
+}
+
 int ps_server_wait(ps_server *s, int timeout_ms) {
     pthread_mutex_lock(&s->mu);
-    if (timeout_ms < 0) {
-        while (!s->stopping) pthread_cond_wait(&s->cv, &s->mu);
-    } else if (!s->stopping) {
+    double until = timeout_ms < 0 ? 1e300 : cm_now() + timeout_ms / 1e3;
+    while (!stop_due(s)) {
+        double now = cm_now(), slice = until - now;
+        if (slice <= 0) break;
+        if (slice > 0.05) slice = 0.05; /* A deferred stop is checked often. */
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += timeout_ms / 1000;
-        ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
-        while (!s->stopping && pthread_cond_timedwait(&s->cv, &s->mu, &ts) != ETIMEDOUT) {
-        }
+        long ns = ts.tv_nsec + (long)(slice * 1e9);
+        ts.tv_sec += ns / 1000000000L;
+        ts.tv_nsec = ns % 1000000000L;
+        pthread_cond_timedwait(&s->cv, &s->mu, &ts);
     }
     int stopping = s->stopping;
     pthread_mutex_unlock(&s->mu);

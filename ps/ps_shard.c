@@ -159,6 +159,7 @@ struct ps_shard {
     waiter *waiters;
     int nwaiters, capwaiters;
     int closed; /* Set by ps_shard_abort_waiters: pulls fail at once. */
+    int finished; /* ps_shard_finish: or_final pulls get the last version. */
     /* Rows (a model with tables). */
     ps_rows *rows;
     int row_dim_max;
@@ -1524,6 +1525,9 @@ done:
 static void wait_or_answer(ps_shard *s, waiter w) {
     s->st.pulls++;
     ps_snapshot *snap = s->closed ? NULL : satisfies(s, &w);
+    /* Training is over: an evaluator's pull gets the last version now. */
+    if (!snap && !s->closed && s->finished && w.or_final && s->current && !w.nparts && !w.nrq)
+        snap = s->current;
     if (s->closed || snap) {
         if (snap) {
             read_rows(s, &w);
@@ -1658,25 +1662,53 @@ int ps_shard_cancel_pull(ps_shard *s, int (*match)(void *ud, void *arg), void *a
     return found;
 }
 
-void ps_shard_abort_waiters(ps_shard *s) {
+/* Answer the waiting pulls (NULL: they fail); closing (shutdown): later
+ * ones too, and those of ps_shard_pull_final get the last version (an
+ * evaluator's, so that the final one is evaluated). Returns how many. */
+static int drop_waiters(ps_shard *s, int closing) {
     pthread_mutex_lock(&s->mu);
     waiter *w = s->waiters;
     int n = s->nwaiters;
     s->waiters = NULL;
     s->nwaiters = s->capwaiters = 0;
-    s->closed = 1;
-    /* A pull that asked for it gets the last version (an evaluator's, so
-     * that the final one is evaluated); the others fail. */
+    if (closing) s->closed = 1;
     for (int i = 0; i < n; i++) {
         w[i].snap = NULL;
-        if (w[i].or_final && s->inited && s->current && !w[i].nparts && !w[i].nrq) {
+        if (closing && w[i].or_final && s->inited && s->current && !w[i].nparts && !w[i].nrq) {
             ps_snapshot_ref(s->current);
             w[i].snap = s->current;
         }
     }
     pthread_mutex_unlock(&s->mu);
     answer(w, n);
+    return n;
 }
+
+int ps_shard_abort_pending(ps_shard *s) { return drop_waiters(s, 0); }
+
+void ps_shard_finish(ps_shard *s) {
+    pthread_mutex_lock(&s->mu);
+    s->finished = 1;
+    waiter *ready = NULL;
+    int n = 0;
+    for (int i = 0; i < s->nwaiters;) {
+        waiter *w = &s->waiters[i];
+        if (w->or_final && s->inited && s->current && !w->nparts && !w->nrq) {
+            ready = realloc(ready, (size_t)(n + 1) * sizeof *ready);
+            if (!ready) abort();
+            ps_snapshot_ref(s->current);
+            w->snap = s->current;
+            ready[n++] = *w;
+            s->waiters[i] = s->waiters[--s->nwaiters];
+        } else {
+            i++;
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    answer(ready, n);
+}
+
+void ps_shard_abort_waiters(ps_shard *s) { drop_waiters(s, 1); }
 
 int ps_shard_is_async(ps_shard *s) {
     pthread_mutex_lock(&s->mu);

@@ -338,6 +338,15 @@ int ps_shard_local_index(const ps_shard *s, uint32_t part);
  * *ud, or 0 if none waits (it may be being answered). */
 int ps_shard_cancel_pull(ps_shard *s, int (*match)(void *ud, void *arg), void *arg, void **ud);
 
+/* Answer the pulls waiting now with NULL (the server: ABORTED), the shard
+ * staying open: a step that can never complete (a worker rejoined after
+ * dying with it half pushed). Returns how many. */
+int ps_shard_abort_pending(ps_shard *s);
+
+/* Training is over (the chief's Shutdown): the pulls of ps_shard_pull_final
+ * waiting now, and later ones, are answered at once with the last version. */
+void ps_shard_finish(ps_shard *s);
+
 /* Answer every waiting pull with NULL (those of ps_shard_pull_final with
  * the last version), and every later one with NULL (shutdown). */
 void ps_shard_abort_waiters(ps_shard *s);

@@ -19,10 +19,14 @@ again on the same port and directory (up to --max-ps-restarts times each);
 one that exits 1-127 (bad configuration, a failure a restart would repeat) is
 not, and the run stops naming why. A restarted PS restores its newest checkpoint, the chief
 rolls every shard back to the newest version they all have, and training
-goes on. When a worker fails, or a PS for good, the launcher names it, stops
-the others by PID and exits non-zero; it never leaves a process behind.
+goes on. In PS mode a worker that dies the same way (the chief included) is
+started again too (up to --max-worker-restarts times each): it rejoins at the
+shards' version (sync; async: after its own last step the shards have) and
+its place in the data. When a process fails for good, the launcher names it,
+stops the others by PID and exits non-zero; it never leaves a process behind.
 --chaos-kill-ps STEP kills one PS (chosen by --chaos-seed) with SIGKILL once
-the chief has logged step STEP, to test exactly that. Options it does not
+the chief has logged step STEP, to test exactly that; --chaos-kill-worker STEP
+a worker. Options it does not
 know go to pstrain (psserver needs none: the chief's Initialize tells every
 shard the model); --log FILE gives worker i > 0 FILE.worker<i>.
 
@@ -137,7 +141,7 @@ class Cluster:
                 log = extra[k + 1]
             elif x.startswith("--log="):
                 log = x.split("=", 1)[1]
-        if log is None and a.chaos_kill_ps is not None:
+        if log is None and (a.chaos_kill_ps is not None or a.chaos_kill_worker is not None):
             log = os.path.join(a.checkpoint_dir, "chief-log.jsonl")
             extra += ["--log", log]
         self.chief_log = log
@@ -159,7 +163,7 @@ class Cluster:
         self.procs.append((name, subprocess.Popen(argv, env=env)))
 
     def respawn(self, k):
-        """Start process k (a PS that died) again, same port and directory."""
+        """Start process k (a PS or a worker that died) again, same port, directory, TF_CONFIG."""
         name, old = self.procs[k]
         argv, tf_config = self.spec[name]
         env = dict(os.environ, TF_CONFIG=json.dumps(tf_config))
@@ -193,16 +197,20 @@ class Cluster:
 
     def chaos(self):
         a = self.args
-        if a.chaos_kill_ps is None or self.chaos_done:
+        at = a.chaos_kill_ps if a.chaos_kill_ps is not None else a.chaos_kill_worker
+        if at is None or self.chaos_done:
             return
         step = self.chief_step()
-        if step < a.chaos_kill_ps:
+        if step < at:
             return
-        i = random.Random(a.chaos_seed).randrange(a.ps)
+        if a.chaos_kill_ps is not None:
+            victim = f"ps {random.Random(a.chaos_seed).randrange(a.ps)}"
+        else:  # Any worker, the chief (worker 0) included.
+            victim = f"worker {random.Random(a.chaos_seed).randrange(a.workers)}"
         for name, p in self.procs:
-            if name == f"ps {i}" and p.poll() is None:
+            if name == victim and p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)
-                say(f"chaos: killed ps {i} (pid {p.pid}) with SIGKILL after the chief's "
+                say(f"chaos: killed {victim} (pid {p.pid}) with SIGKILL after the chief's "
                     f"step {step}")
         self.chaos_done = True
 
@@ -230,13 +238,19 @@ class Cluster:
                 rc = p.poll()
                 if rc is None:
                     running += 1
-                elif (retryable(rc) and name.startswith("ps ") and chief_done is None
-                      and self.restarts.get(name, 0) < self.args.max_ps_restarts):
+                elif (retryable(rc) and chief_done is None
+                      and (name.startswith("ps ") or
+                           (name.startswith("worker ") and self.args.mode == "ps"))
+                      and self.restarts.get(name, 0) < (self.args.max_ps_restarts
+                                                        if name.startswith("ps ")
+                                                        else self.args.max_worker_restarts)):
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
                     self.restarts[name] = self.restarts.get(name, 0) + 1
                     p = self.respawn(k)
+                    most = (self.args.max_ps_restarts if name.startswith("ps ")
+                            else self.args.max_worker_restarts)
                     say(f"{name} exited with {what}; started it again (pid {p.pid}, restart "
-                        f"{self.restarts[name]} of {self.args.max_ps_restarts})")
+                        f"{self.restarts[name]} of {most})")
                     running += 1
                 elif rc != 0:
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
@@ -279,8 +293,14 @@ def main():
                     help="PS versions between checkpoints (default 100)")
     ap.add_argument("--max-ps-restarts", type=int, default=3,
                     help="times a dead PS is started again (default 3)")
+    ap.add_argument("--max-worker-restarts", type=int, default=3,
+                    help="PS mode: times a dead worker is started again; it rejoins at the "
+                         "shards' version (default 3; 0: a dead worker ends the run)")
     ap.add_argument("--chaos-kill-ps", type=int, metavar="STEP",
                     help="SIGKILL one PS once the chief has logged this step")
+    ap.add_argument("--chaos-kill-worker", type=int, metavar="STEP",
+                    help="SIGKILL one worker (chosen by --chaos-seed; worker 0 is the chief) "
+                         "once the chief has logged this step")
     ap.add_argument("--chaos-seed", type=int, default=1, help="which PS --chaos-kill-ps kills")
     ap.add_argument("--no-auth", action="store_true",
                     help="no tokens: anyone who reaches the ports may call the PS")

@@ -231,9 +231,11 @@ def bad_input(bin_dir, tmp):
         holder.close()
     check(p.returncode == 3 and f"127.0.0.1:{port}" in p.stderr,
           "a PS whose port is taken exits with status 3, naming the address")
-    # A worker killed mid-run: the launcher names it and stops the rest.
+    # A worker killed mid-run, with no restarts allowed: the launcher names it and stops the
+    # rest (ps_recovery worker-kill: with restarts, it rejoins).
     proc = subprocess.Popen([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "120",
-                             "--epochs", "5", "--quiet", "--train-limit", "20000"],
+                             "--epochs", "5", "--quiet", "--train-limit", "20000",
+                             "--max-worker-restarts", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pids = None
     deadline = time.monotonic() + 60

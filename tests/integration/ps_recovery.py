@@ -8,6 +8,8 @@
                                   the accuracy of an undisturbed run with the same seed
                                   (sync mode is deterministic: with bit-identical
                                   parameters, in fact)
+  ps_recovery.py BIN_DIR worker-kill  SIGKILL a worker (then the chief) mid-run: the launcher
+                                  starts it again, it rejoins, and the run ends bit-identical
   ps_recovery.py BIN_DIR resume   a run stopped after some steps and started again on
                                   the same directories resumes at that step and data
                                   position and ends where an uninterrupted run does; a
@@ -19,8 +21,9 @@ import os
 import random
 import re
 import shutil
+import sys
 
-from itest import check, launch, main
+from itest import LAUNCH, check, launch, main, run
 
 K = 20  # checkpoint interval
 # What a kill can cost: the steps since the newest checkpoint every shard
@@ -89,6 +92,57 @@ def kill(bin_dir, tmp):
           f"{s['versions_lost']} versions (updates) lost, {s['steps_redone']} steps redone")
 
 
+def worker_kill(bin_dir, tmp):
+    """A worker SIGKILLed mid-run (a non-chief one, then the chief) is started again by the
+    launcher and rejoins at the shards' version and its place in the data: the run finishes
+    by itself, bit-identical to the undisturbed run (sync PS mode)."""
+    ref, ref_params = reference(bin_dir, tmp)
+    seed = int(os.environ.get("PS_CHAOS_SEED", "20261205"))
+    at = random.Random(seed).randrange(K + 5, STEPS - 15)
+    for who, chaos_seed in (("worker 1", 5), ("worker 0", 1)):  # --chaos-seed picks the worker
+        d = os.path.join(tmp, who.replace(" ", ""))
+        p = launch(bin_dir, *COMMON, "--checkpoint-dir", d, "--chaos-kill-worker", str(at),
+                   "--chaos-seed", str(chaos_seed), "--summary", d + ".json", "--params-out",
+                   d + ".params")
+        out = p.stdout + p.stderr
+        check(f"chaos: killed {who}" in out and f"{who} exited with signal 9; started it again"
+              in out, f"{who} was killed after step {at} and started again")
+        s = summary(d + ".json")
+        check(s["steps"] == STEPS and s["test_accuracy"] == ref["test_accuracy"] and
+              same_bytes(d + ".params", ref_params),
+              f"{who}: the run finished all {STEPS} steps, bit-identical to the undisturbed run "
+              f"(accuracy {s['test_accuracy']:.4f}; {s['seconds']:.2f} s of training against "
+              f"{ref['seconds']:.2f})")
+    # A worker that dies with a step half pushed (to PS 0 only: PSTRAIN_TEST_HALF_STEP, with
+    # --no-overlap): that step can never complete, and PS 0 no longer has the version it
+    # needs. The successor sees the shards at two versions and asks them to abort their
+    # waiting pulls; the chief rolls the cluster back; the run still ends bit-identical.
+    d = os.path.join(tmp, "half")
+    ref_half = d + "-ref.params"
+    launch(bin_dir, *COMMON, "--no-overlap", "--checkpoint-dir", d + "-ref", "--params-out",
+           ref_half)
+    mark = os.path.join(tmp, "half.done")
+    p = run([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "200", *COMMON,
+             "--no-overlap", "--checkpoint-dir", d, "--params-out", d + ".params"],
+            env={"PSTRAIN_TEST_HALF_STEP": f"{at}:1:{mark}"})
+    out = p.stdout + p.stderr
+    check(f"test: step {at} pushed to PS 0 only" in out and "a step half pushed" in out and
+          "rolling the cluster back" in out and same_bytes(d + ".params", ref_half),
+          f"a worker that died with step {at} half pushed: its successor had the step aborted, "
+          f"the chief rolled back, and the run ended bit-identical")
+    # Async: the worker started again goes on after the last step the shards have from it.
+    d = os.path.join(tmp, "async")
+    p = launch(bin_dir, *COMMON, "--sync", "async", "--checkpoint-dir", d, "--chaos-kill-worker",
+               str(at), "--chaos-seed", "5", "--summary", d + ".json", "--verbose")
+    out = p.stdout + p.stderr
+    m = re.search(r"worker 1 info: rejoining at step (\d+)", out)
+    s = summary(d + ".json")
+    check("chaos: killed worker 1" in out and m is not None and int(m.group(1)) > 0 and
+          s["steps"] == STEPS and s["test_accuracy"] > ref["test_accuracy"] - 0.02,
+          f"async: worker 1 rejoined at step {m.group(1) if m else '?'} and the run finished "
+          f"(accuracy {s['test_accuracy']:.4f})")
+
+
 def resume(bin_dir, tmp):
     ref, ref_params = reference(bin_dir, tmp)
     d = os.path.join(tmp, "resume")
@@ -128,4 +182,4 @@ def resume(bin_dir, tmp):
 
 
 if __name__ == "__main__":
-    main(__doc__, {"kill": kill, "resume": resume}, "ps_recovery.")
+    main(__doc__, {"kill": kill, "worker-kill": worker_kill, "resume": resume}, "ps_recovery.")

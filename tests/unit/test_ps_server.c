@@ -1212,6 +1212,43 @@ static void test_shutdown_reaches_restarted_shard(void **state) {
     fx_stop();
 }
 
+/* Issue 14: worker 1 dies with step 0 pushed to shard 0 only, so shard 0
+ * reaches version 1 and shard 1 waits for it forever (worker 0's pull
+ * there). Its successor sees the versions differ and asks the shards to
+ * abort their waiting pulls: worker 0's step fails ABORTED (the chief then
+ * rolls back), and the shards stay up. */
+static void test_abort_waiting_after_half_step(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    size_t n = F.m->numel;
+    float *g = calloc(n, sizeof *g), *p0 = calloc(n, sizeof *p0), *p1 = calloc(n, sizeof *p1);
+    assert_true(g && p0 && p1);
+    uint32_t on0[64];
+    int n0 = 0;
+    for (int i = 0; i < F.pl->nparts && n0 < 64; i++)
+        if (F.pl->parts[i].shard == 0) on0[n0++] = (uint32_t)i;
+    assert_true(n0 > 0 && n0 < F.pl->nparts);
+    char err[512] = "";
+    ps_ticket *w0 = NULL, *w1 = NULL;
+    assert_int_equal(ps_client_push_pull(F.cli[0], 0, g, p0, &w0), CM_OK);
+    assert_int_equal(ps_client_push_pull_parts(F.cli[1], 0, g, p1, on0, n0, &w1), CM_OK);
+    if (ps_ticket_wait(w1, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ps_shard_checkpoints ck[2];
+    if (ps_client_checkpoints(F.cli[1], -1, ck, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(ck[0].version, 1);
+    assert_int_equal(ck[1].version, 0);
+    if (ps_client_abort_waiting(F.cli[1], ck, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(ps_ticket_wait(w0, NULL, err, sizeof err), CM_EABORTED);
+    assert_non_null(strstr(err, "abandoned the step"));
+    assert_int_equal(ps_server_wait(F.srv[0], 0), 0);
+    assert_int_equal(ps_server_wait(F.srv[1], 0), 0);
+    free(g);
+    free(p0);
+    free(p1);
+    fx_stop();
+}
+
 typedef struct result {
     pthread_mutex_t mu;
     int finished;
@@ -2292,6 +2329,7 @@ int main(void) {
         cmocka_unit_test(test_pull_deadline_then_clean_shutdown),
         cmocka_unit_test(test_shutdown_request),
         cmocka_unit_test(test_shutdown_reaches_restarted_shard),
+        cmocka_unit_test(test_abort_waiting_after_half_step),
         cmocka_unit_test(test_checkpoint_restore),
         cmocka_unit_test(test_init_from_values),
         cmocka_unit_test(test_destroy_with_waiting_pull),

@@ -25,6 +25,8 @@
  * so the round trip of the last pieces overlaps the forward GEMM of the
  * first. Anything else that reads params first calls settle().
  */
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -298,7 +300,9 @@ static int consistent(const psync *p, int64_t *version, uint64_t *epoch) {
 
 static int pull_version(psync *p, int64_t version, float *params) {
     ps_ticket *t;
-    ps_client_pull(p->client, version, params, &t);
+    /* Async shards move on their own: each one's newest (a version one
+     * shard has may never come to another, e.g. at the end of a run). */
+    ps_client_pull(p->client, p->cfg.async ? 0 : version, params, &t);
     return ps_ticket_wait(t, NULL, p->base.err, sizeof p->base.err);
 }
 
@@ -354,8 +358,23 @@ static int chief_sync(psync *p, int64_t *version) {
 
 /* A worker that is not the chief: wait until the chief has made the
  * cluster consistent (bounded), then adopt its epoch and version. */
+/* Sync: the shards serve different versions of one epoch, none restarted:
+ * a step that some shards finished and others wait for. */
+static int half_step(const psync *p) {
+    if (p->cfg.async) return 0;
+    int mixed = 0;
+    for (int i = 0; i < p->cfg.nps; i++) {
+        const ps_shard_checkpoints *c = &p->ck[i];
+        if (!c->initialised || c->recovering || c->epoch == 0 || c->epoch != p->ck[0].epoch)
+            return 0;
+        mixed |= c->version != p->ck[0].version;
+    }
+    return mixed;
+}
+
 static int worker_sync(psync *p, uint64_t old_epoch, int64_t *version) {
     double start = cm_now(), said = start;
+    int half = 0, asked = 0;
     for (;;) {
         int rc = ps_client_checkpoints(p->client, -1, p->ck, p->base.err, sizeof p->base.err);
         if (rc != CM_OK) return rc;
@@ -363,6 +382,25 @@ static int worker_sync(psync *p, uint64_t old_epoch, int64_t *version) {
         if (consistent(p, version, &epoch) && (epoch != old_epoch || old_epoch == 0)) {
             ps_client_set_epoch(p->client, epoch);
             return CM_OK;
+        }
+        /* Joining (this process started again after one died): a step half
+         * pushed by the dead one never completes, and the version it needs
+         * is gone where it did. Seen for a while (not a step finishing on
+         * one shard before another), it asks the shards to abort the pulls
+         * that wait for it; the chief then rolls the cluster back. */
+        half = old_epoch == 0 && half_step(p) ? half + 1 : 0;
+        if (half >= 4 && !asked) {
+            int64_t lo = p->ck[0].version, hi = lo;
+            for (int i = 1; i < p->cfg.nps; i++) {
+                if (p->ck[i].version < lo) lo = p->ck[i].version;
+                if (p->ck[i].version > hi) hi = p->ck[i].version;
+            }
+            cm_warn("the PS shards stand at versions %lld to %lld: a step half pushed before "
+                    "this worker started again; asking them to abort it, for the chief to roll "
+                    "back", (long long)lo, (long long)hi);
+            rc = ps_client_abort_waiting(p->client, p->ck, p->base.err, sizeof p->base.err);
+            if (rc != CM_OK) return rc;
+            asked = 1;
         }
         double now = cm_now();
         if ((now - start) * 1e3 > (double)recovery_timeout_ms(p)) {
@@ -401,6 +439,19 @@ static int ps_begin(wk_sync *s, float *params, int64_t *first_step) {
                 p->cfg.steps_per_epoch ? (long long)(v / (int64_t)p->cfg.steps_per_epoch) + 1
                                        : 0LL);
         if (!p->cfg.async) *first_step = v;
+    }
+    if (rc == CM_OK && p->cfg.async && p->cfg.rank < 64) {
+        /* Async steps are each worker's own: a worker started again (its
+         * process died) goes on after the last step every shard has from
+         * it, not from the start of its data. */
+        int64_t last[64];
+        char err[256];
+        int nw = ps_client_worker_steps(p->client, last, p->cfg.rank + 1, err, sizeof err);
+        if (nw > p->cfg.rank && last[p->cfg.rank] >= 0) {
+            *first_step = last[p->cfg.rank] + 1;
+            cm_info("rejoining at step %lld (the shards have this worker's steps up to %lld)",
+                    (long long)*first_step, (long long)last[p->cfg.rank]);
+        }
     }
     p->initialised = rc == CM_OK;
     return rc;
@@ -552,6 +603,31 @@ static int ps_step(wk_sync *s, int64_t step, float *grad, float *params, wk_spar
     return rc;
 }
 
+/* Test hook, PSTRAIN_TEST_HALF_STEP=STEP:RANK:FILE: the worker of that
+ * rank pushes step STEP to the first shard only, waits for its reply (the
+ * step is then final there), and dies by SIGKILL, once (FILE marks it
+ * done): a step half pushed, which its successor must get the cluster out
+ * of (worker_sync). Dense steps without --overlap. */
+static void test_half_step(psync *p, int64_t step, float *grad, float *params) {
+    const char *e = getenv("PSTRAIN_TEST_HALF_STEP");
+    long long at;
+    int rank, n = 0;
+    char file[512];
+    if (!e || sscanf(e, "%lld:%d:%511s", &at, &rank, file) != 3 || at != step ||
+        rank != p->cfg.rank || access(file, F_OK) == 0)
+        return;
+    int fd = open(file, O_CREAT | O_WRONLY, 0600);
+    if (fd >= 0) close(fd);
+    uint32_t *parts = cm_malloc((size_t)p->pl->nparts * sizeof *parts);
+    for (int i = 0; i < p->pl->nparts; i++)
+        if (p->pl->parts[i].shard == 0) parts[n++] = (uint32_t)i;
+    ps_ticket *t;
+    if (n && ps_client_push_pull_parts(p->client, step, grad, params, parts, n, &t) == CM_OK)
+        ps_ticket_wait(t, NULL, p->base.err, sizeof p->base.err);
+    cm_warn("test: step %lld pushed to PS 0 only; dying", (long long)step);
+    raise(SIGKILL);
+}
+
 static int step_inner(wk_sync *s, int64_t step, float *grad, float *params, wk_sparse_step *sp,
                       wk_sync_times *t) {
     psync *p = (psync *)s;
@@ -565,6 +641,7 @@ static int step_inner(wk_sync *s, int64_t step, float *grad, float *params, wk_s
     int rc0 = settle_all(p);
     if (rc0 != CM_OK) return rc0;
     if (p->cfg.fault_zero_gradient) memset(grad, 0, p->cfg.model->numel * sizeof(float));
+    if (!p->cfg.async) test_half_step(p, step, grad, params);
     double t0 = cm_now();
     ps_ticket *tk;
     if (p->cfg.separate_pull) {
