@@ -3,8 +3,8 @@
 
   launch.py [--mode ps|local] [--ps N] [--workers N] [--evaluator] [--bin-dir DIR]
             [--checkpoint-dir DIR] [--checkpoint-every K] [--max-ps-restarts N]
-            [--ps-memory-mb X] [--ps-arg ARG]...
-            [--chaos-kill-ps STEP [--chaos-seed S]]
+            [--max-worker-restarts N] [--ps-memory-mb X] [--ps-arg ARG]...
+            [--chaos-kill-ps STEP | --chaos-kill-worker STEP [--chaos-seed S]]
             [--timeout S] [--verbose] [--no-auth | --auth-token-file F
             [--admin-token-file F]] [pstrain options...]
 
