@@ -240,7 +240,40 @@ fail:
 /* Appends the JSON list 'list' (named 'key' in messages) to c's list of
  * 'type'. Returns CM_OK or CM_EINVAL with err set. */
 static int append_list(cm_cluster *c, int type, const char *key, json_t *list, char *err,
+                       size_t errlen);
+
+/* The dynamic form, {"0": "host:port", "1": ...}: taken as the list when
+ * its keys are exactly 0 .. n-1. TensorFlow also allows a sparse one
+ * (only the tasks this one talks to), which cannot do here: the number of
+ * workers sets the data split and every sync step. */
+static int append_dict(cm_cluster *c, int type, const char *key, json_t *dict, char *err,
                        size_t errlen) {
+    size_t n = json_object_size(dict);
+    json_t *list = json_array();
+    int rc = CM_OK;
+    for (size_t i = 0; i < n && rc == CM_OK; i++) {
+        char idx[24];
+        snprintf(idx, sizeof idx, "%zu", i);
+        json_t *v = json_object_get(dict, idx);
+        if (!v) {
+            cm_seterr(err, errlen,
+                      PREFIX "cluster \"%s\" lists %zu task%s but not task %zu (a sparse "
+                      "cluster): every task of the job must be listed, indices 0 to %zu, since "
+                      "their number sets the data split and the sync steps",
+                      key, n, n == 1 ? "" : "s", i, n ? n - 1 : 0);
+            rc = CM_EINVAL;
+        } else {
+            json_array_append(list, v);
+        }
+    }
+    if (rc == CM_OK) rc = append_list(c, type, key, list, err, errlen);
+    json_decref(list);
+    return rc;
+}
+
+static int append_list(cm_cluster *c, int type, const char *key, json_t *list, char *err,
+                       size_t errlen) {
+    if (json_is_object(list)) return append_dict(c, type, key, list, err, errlen);
     if (!json_is_array(list)) {
         cm_seterr(err, errlen, PREFIX "cluster \"%s\" is not a list of \"host:port\" strings",
                   key);

@@ -37,6 +37,24 @@ static cm_cluster *parse_ok(const char *json) {
 
 /* ===== Valid forms ===== */
 
+/* The dynamic form {"0": ..., "1": ...} is the list in index order; a sparse
+ * one (indices missing) is refused, naming the first missing index. */
+static void test_dict_form(void **state) {
+    (void)state;
+    cm_cluster *c = parse_ok("{\"cluster\": {\"worker\": {\"1\": \"b:2\", \"0\": \"a:1\"}, "
+                             "\"ps\": {\"0\": \"p:3\"}}, \"task\": {\"type\": \"worker\", "
+                             "\"index\": 1}}");
+    assert_int_equal(c->n[CM_TASK_WORKER], 2);
+    assert_string_equal(c->addrs[CM_TASK_WORKER][0], "a:1");
+    assert_string_equal(c->addrs[CM_TASK_WORKER][1], "b:2");
+    assert_int_equal(c->n[CM_TASK_PS], 1);
+    assert_int_equal(cm_cluster_rank(c), 1);
+    cm_cluster_destroy(c);
+    expect_invalid("{\"cluster\": {\"worker\": {\"1\": \"b:2\"}, \"ps\": [\"p:3\"]}, "
+                   "\"task\": {\"type\": \"worker\", \"index\": 1}}",
+                   "not task 0", "sparse");
+}
+
 static void test_tf_chief_workers_ps(void **state) {
     (void)state;
     cm_cluster *c = parse_ok("{\"cluster\": {\"chief\": [\"host0:2222\"],"
@@ -447,6 +465,7 @@ static void test_from_env(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tf_chief_workers_ps),
+        cmocka_unit_test(test_dict_form),
         cmocka_unit_test(test_without_chief_worker0_is_chief),
         cmocka_unit_test(test_kubeflow_master_and_environment),
         cmocka_unit_test(test_evaluator_not_in_cluster),
