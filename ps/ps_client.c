@@ -552,21 +552,22 @@ int ps_client_pull_rows(ps_client *c, int64_t min_version, const ps_row_keys *wa
     return CM_OK;
 }
 
-int ps_client_pull_final(ps_client *c, int64_t min_version, float *params, ps_ticket **out) {
+static int pull(ps_client *c, int64_t min_version, float *params, int or_final,
+                ps_ticket **out) {
     ps_ticket *t = ticket_new(c, OP_PULL, min_version);
     t->params = params;
-    t->or_final = 1;
+    t->or_final = or_final;
     for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
     *out = t;
     return CM_OK;
 }
 
+int ps_client_pull_final(ps_client *c, int64_t min_version, float *params, ps_ticket **out) {
+    return pull(c, min_version, params, 1, out);
+}
+
 int ps_client_pull(ps_client *c, int64_t min_version, float *params, ps_ticket **out) {
-    ps_ticket *t = ticket_new(c, OP_PULL, min_version);
-    t->params = params;
-    for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
-    *out = t;
-    return CM_OK;
+    return pull(c, min_version, params, 0, out);
 }
 
 static const char *op_name(int op) {

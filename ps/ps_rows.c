@@ -887,7 +887,7 @@ struct ps_rows_fetch {
     size_t stride, n;
     uint64_t *ids;
     float *vals;
-    int64_t *counts, *lasts;
+    int64_t *counts;
     uint8_t *found;
     uint64_t written, resets;
     st_rowdb_reader *rd;
@@ -910,7 +910,6 @@ ps_rows_fetch *ps_rows_fetch_begin(ps_rows *r, int table, const uint64_t *ids, s
         if (!probe(t, ids[i])->ref) f->ids[f->n++] = ids[i];
     f->vals = cm_malloc(m * t->stride * sizeof *f->vals);
     f->counts = cm_malloc(m * sizeof *f->counts);
-    f->lasts = cm_malloc(m * sizeof *f->lasts);
     f->found = cm_calloc(m, 1);
     f->written = r->written;
     f->resets = r->resets;
@@ -920,8 +919,9 @@ ps_rows_fetch *ps_rows_fetch_begin(ps_rows *r, int table, const uint64_t *ids, s
 
 void ps_rows_fetch_read(ps_rows_fetch *f) {
     if (!f || !f->rd) return;
+    int64_t last; /* Not kept: a row put now counts as used now. */
     for (size_t i = 0; i < f->n; i++) {
-        int rc = st_rowdb_reader_get(f->rd, f->table, f->ids[i], &f->counts[i], &f->lasts[i],
+        int rc = st_rowdb_reader_get(f->rd, f->table, f->ids[i], &f->counts[i], &last,
                                      f->vals + i * f->stride, f->stride, f->err, sizeof f->err);
         if (rc < 0) {
             f->rc = rc;
@@ -998,7 +998,6 @@ size_t ps_rows_fetch_end(ps_rows *r, ps_rows_fetch *f) {
     free(f->ids);
     free(f->vals);
     free(f->counts);
-    free(f->lasts);
     free(f->found);
     free(f);
     trim(r);

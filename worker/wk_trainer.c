@@ -570,9 +570,11 @@ static int open_sync(run *r, const float *init_values) {
     char err[512];
     int status;
     int fault = cfg->fault_zero_gradient && (cfg->fault_rank < 0 || cfg->fault_rank == r->rank);
-    if (r->is_ps) {
+    if (r->is_ps || r->is_ar) { /* Every rank's address: the ring's peers, or named in errors. */
         r->ar_addrs = cm_calloc((size_t)r->W, sizeof *r->ar_addrs);
         for (int k = 0; k < r->W; k++) r->ar_addrs[k] = cm_cluster_trainer_addr(cfg->cluster, k);
+    }
+    if (r->is_ps) {
         wk_sync_ps_cfg pc = {
             .model = r->model,
             .min_part_bytes = cfg->min_part_bytes ? cfg->min_part_bytes
@@ -604,8 +606,6 @@ static int open_sync(run *r, const float *init_values) {
             return status;
         }
     } else if (r->is_ar) {
-        r->ar_addrs = cm_calloc((size_t)r->W, sizeof *r->ar_addrs);
-        for (int k = 0; k < r->W; k++) r->ar_addrs[k] = cm_cluster_trainer_addr(cfg->cluster, k);
         wk_sync_ar_cfg ac = {.model = r->model,
                              .worker_addrs = r->ar_addrs,
                              .rank = r->rank,
