@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Start a local training cluster on 127.0.0.1 and supervise it.
 
-  launch.py [--mode ps|local] [--ps N] [--workers N] [--evaluator] [--bin-dir DIR]
+  launch.py [--mode ps|allreduce|local] [--ps N] [--workers N] [--evaluator] [--bin-dir DIR]
             [--checkpoint-dir DIR] [--checkpoint-every K] [--max-ps-restarts N]
             [--max-worker-restarts N] [--ps-memory-mb X] [--ps-arg ARG]...
             [--chaos-kill-ps STEP | --chaos-kill-worker STEP [--chaos-seed S]]
@@ -22,7 +22,10 @@ rolls every shard back to the newest version they all have, and training
 goes on. In PS mode a worker that dies the same way (the chief included) is
 started again too (up to --max-worker-restarts times each): it rejoins at the
 shards' version (sync; async: after its own last step the shards have) and
-its place in the data. When a process fails for good, the launcher names it,
+its place in the data. In allreduce mode a dead worker is started again the
+same way: the survivors form the ring again with it (pstrain's
+--worker-timeout and --min-workers say how long they wait for it and whether
+they may go on without it), and it takes their parameters. When a process fails for good, the launcher names it,
 stops the others by PID and exits non-zero; it never leaves a process behind.
 --chaos-kill-ps STEP kills one PS (chosen by --chaos-seed) with SIGKILL once
 the chief has logged step STEP, to test exactly that; --chaos-kill-worker STEP
@@ -240,7 +243,7 @@ class Cluster:
                     running += 1
                 elif (retryable(rc) and chief_done is None
                       and (name.startswith("ps ") or
-                           (name.startswith("worker ") and self.args.mode == "ps"))
+                           (name.startswith("worker ") and self.args.mode != "local"))
                       and self.restarts.get(name, 0) < (self.args.max_ps_restarts
                                                         if name.startswith("ps ")
                                                         else self.args.max_worker_restarts)):

@@ -97,6 +97,11 @@ static void usage(FILE *f) {
             "                            the final one)\n"
             "  --recovery-timeout-ms N   how long to wait for the cluster to roll back after a\n"
             "                            PS restarted from its checkpoint (default 120000)\n"
+            "  --worker-timeout S        allreduce: after a worker died, how long the others\n"
+            "                            wait for its replacement (default 60)\n"
+            "  --min-workers N           allreduce: once that wait ran out, go on in a smaller\n"
+            "                            ring if at least N workers are left (default: every\n"
+            "                            worker, i.e. the run fails naming the missing ones)\n"
             "  --separate-pull           Push, wait, then Pull (two round trips a step)\n"
             "                            instead of one PushPull call per shard\n"
             "  --no-overlap              sync PS mode: push the whole gradient after the\n"
@@ -198,7 +203,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_AUTH_TOKEN, O_ADMIN_TOKEN, O_TLS_CA, O_TLS_CERT, O_TLS_KEY, O_TLS_NAME,
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
-        O_RECOVERY_TIMEOUT, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
+        O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
         O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD
     };
@@ -240,6 +245,8 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"rpc-timeout-ms", required_argument, 0, O_RPC_TIMEOUT},
         {"connect-timeout-ms", required_argument, 0, O_CONNECT_TIMEOUT},
         {"recovery-timeout-ms", required_argument, 0, O_RECOVERY_TIMEOUT},
+        {"worker-timeout", required_argument, 0, O_WORKER_TIMEOUT},
+        {"min-workers", required_argument, 0, O_MIN_WORKERS},
         {"fault", required_argument, 0, O_FAULT},
         {"fault-rank", required_argument, 0, O_FAULT_RANK},
         {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
@@ -424,6 +431,14 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         case O_CONNECT_TIMEOUT:
             if (parse_long("--connect-timeout-ms", optarg, 1, 1L << 40, &v)) return 2;
             cfg.connect_timeout_ms = v;
+            break;
+        case O_WORKER_TIMEOUT:
+            if (parse_double("--worker-timeout", optarg, 0.001, &dv)) return 2;
+            cfg.worker_timeout_ms = (int64_t)(dv * 1e3);
+            break;
+        case O_MIN_WORKERS:
+            if (parse_long("--min-workers", optarg, 1, 1 << 20, &v)) return 2;
+            cfg.min_workers = (int)v;
             break;
         case O_RECOVERY_TIMEOUT:
             if (parse_long("--recovery-timeout-ms", optarg, 1, 1L << 40, &v)) return 2;
@@ -618,6 +633,7 @@ int main(int argc, char **argv) {
     wk_train_result r;
     int status = wk_train_run(&cfg, &r);
     cm_cluster_destroy(cluster);
+    if (status == CM_ESHUTDOWN && r.run_ended) return 0;
     if (status != CM_OK) {
         fprintf(stderr, "pstrain: failed: %s\n", cm_strerror(status));
         return 1;

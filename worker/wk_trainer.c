@@ -451,7 +451,8 @@ typedef struct run {
     float lr;
     ps_optim_cfg opt, table_opt;
     int64_t spe, total, first_step;
-    int slice;
+    int slice;     /* This worker's examples of each global batch... */
+    int max_slice; /* ...at most (an elastic ring that lost ranks: more). */
     float grad_scale;
     FILE *log;
     const char **ar_addrs;
@@ -549,6 +550,11 @@ static int load_data(run *r) {
      * slice size keeps the PS's plain average equal to the global batch's
      * mean gradient when B is not a multiple of W. */
     r->grad_scale = (float)((double)r->slice * r->W / (double)r->B);
+    r->max_slice = r->slice;
+    if (r->is_ar && !r->sparse && cfg->min_workers > 0 && cfg->min_workers < r->W) {
+        wk_order_slice(r->B, 0, cfg->min_workers, &lo, &hi); /* Rank 0's is the largest. */
+        r->max_slice = (int)(hi - lo);
+    }
     size_t numel = r->model->numel;
     r->params = cm_alloc_aligned((numel ? numel : 1) * sizeof(float));
     r->grad = cm_alloc_aligned((numel ? numel : 1) * sizeof(float));
@@ -606,6 +612,11 @@ static int open_sync(run *r, const float *init_values) {
             return status;
         }
     } else if (r->is_ar) {
+        if (cfg->min_workers > r->W) {
+            cm_error("--min-workers %d exceeds the %d workers of the cluster", cfg->min_workers,
+                     r->W);
+            return CM_EINVAL;
+        }
         wk_sync_ar_cfg ac = {.model = r->model,
                              .worker_addrs = r->ar_addrs,
                              .rank = r->rank,
@@ -622,7 +633,9 @@ static int open_sync(run *r, const float *init_values) {
                              .checkpoint_dir = cfg->checkpoint_dir,
                              .checkpoint_every = cfg->checkpoint_every,
                              .gpu = r->on_gpu && !cfg->no_nccl ? r->devs[0] : NULL,
-                             .sec = cfg->sec};
+                             .sec = cfg->sec,
+                             .min_workers = cfg->min_workers,
+                             .worker_timeout_ms = cfg->worker_timeout_ms};
         if ((status = wk_sync_allreduce_create(&ac, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             return status;
@@ -666,12 +679,40 @@ static void log_start(const run *r) {
                 (long long)r->spe);
 }
 
+/* Collective mode: split each global batch by the current ring (an
+ * elastic ring may have formed without a dead rank): this worker's place
+ * and the ring's size go to the reader thread's config. */
+static int apply_membership(run *r) {
+    int pos = r->sync->nmembers ? r->sync->member : r->rank;
+    int n = r->sync->nmembers ? r->sync->nmembers : r->W;
+    size_t lo, hi;
+    wk_order_slice(r->B, pos, n, &lo, &hi);
+    if ((int)(hi - lo) > r->max_slice) {
+        cm_error("a ring of %d workers gives this one %zu examples a step, more than the %d "
+                 "it was sized for (--min-workers)", n, hi - lo, r->max_slice);
+        return CM_EINVAL;
+    }
+    if (n != r->W)
+        cm_warn("training on in a ring of %d of %d workers: this one takes %zu of every %zu "
+                "examples (place %d)", n, r->W, hi - lo, r->B, pos);
+    r->slice = (int)(hi - lo);
+    r->grad_scale = (float)((double)r->slice * n / (double)r->B);
+    r->pcfg.rank = pos;
+    r->pcfg.nranks = n;
+    return CM_OK;
+}
+
 /* Initial parameters (the mode's begin), the replicas, the reader thread
  * and the step log. */
 static int begin_training(run *r, const float *init_values) {
     const wk_train_cfg *cfg = r->cfg;
     int status;
     if ((status = r->sync->ops->begin(r->sync, r->params, &r->first_step)) != CM_OK) {
+        if (status == CM_ESHUTDOWN && r->is_ar) { /* A replacement that came too late. */
+            cm_warn("%s: nothing left to do", r->sync->err);
+            r->result->run_ended = 1;
+            return status;
+        }
         cm_error("cannot get the initial parameters: %s", r->sync->err);
         return status;
     }
@@ -687,7 +728,9 @@ static int begin_training(run *r, const float *init_values) {
     if (r->is_chief && cfg->init_out &&
         (status = write_params(cfg->init_out, r->params, numel)) != CM_OK)
         return status;
-    if ((status = wk_replicas_create(r->model, r->devs, r->D, r->slice, &r->reps)) != CM_OK ||
+    if ((status = apply_membership(r)) != CM_OK) return status;
+    int pos = r->pcfg.rank, npos = r->pcfg.nranks;
+    if ((status = wk_replicas_create(r->model, r->devs, r->D, r->max_slice, &r->reps)) != CM_OK ||
         (status = wk_replicas_set_params(r->reps, r->params)) != CM_OK)
         return status;
     r->pcfg = (wk_prefetch_cfg){.data = r->sparse ? NULL : &r->train,
@@ -696,8 +739,8 @@ static int begin_training(run *r, const float *init_values) {
                                 .ntables = r->model->ntables,
                                 .seed = cfg->seed,
                                 .global_batch = r->B,
-                                .rank = r->rank,
-                                .nranks = r->W,
+                                .rank = pos,
+                                .nranks = npos,
                                 .first_step = r->first_step,
                                 .nsteps = r->total - r->first_step,
                                 .depth = 4};
@@ -828,12 +871,17 @@ static int recover(run *r, int64_t step, int from_sync, int64_t *resume) {
         cm_error("step %lld: recovery failed: %s", (long long)step, r->sync->err);
         return status;
     }
-    cm_warn("step %lld: the cluster rolled back%s; resuming at step %lld (%lld step%s redone)",
-            (long long)step,
-            from_sync ? " (seen by the forward pass, waiting for the parameters)" : "",
-            (long long)*resume, (long long)(step - *resume), step - *resume == 1 ? "" : "s");
+    if ((status = apply_membership(r)) != CM_OK) return status;
+    if (r->is_ar)
+        cm_warn("step %lld: the ring formed again (%s); resuming at step %lld", (long long)step,
+                r->sync->err, (long long)*resume);
+    else
+        cm_warn("step %lld: the cluster rolled back%s; resuming at step %lld (%lld step%s "
+                "redone)", (long long)step,
+                from_sync ? " (seen by the forward pass, waiting for the parameters)" : "",
+                (long long)*resume, (long long)(step - *resume), step - *resume == 1 ? "" : "s");
     r->result->rollbacks++;
-    r->result->steps_redone += step - *resume;
+    if (step > *resume) r->result->steps_redone += step - *resume;
     r->result->versions_lost = r->sync->versions_lost;
     return restart_input(r, *resume);
 }

@@ -88,6 +88,11 @@ typedef struct wk_train_cfg {
     /* Allreduce mode: the chief's checkpoints (NULL: none). */
     const char *checkpoint_dir;
     int64_t checkpoint_every;  /* Steps between them (0: only the final one). */
+    /* Allreduce mode on CPU rings: after a worker dies, wait this long for
+     * its replacement (0 = 60000 ms), then go on without it if at least
+     * min_workers are left (0 = every worker: wait only). */
+    int64_t worker_timeout_ms;
+    int min_workers;
 } wk_train_cfg;
 
 typedef struct wk_train_result {
@@ -119,6 +124,9 @@ typedef struct wk_train_result {
      * row stores (--memory-mb), admission and expiry. */
     int ps_stats_valid;
     ps_client_stats ps_stats;
+    int run_ended;           /* Allreduce: this worker (started again) came
+                              * after the run had ended; wk_train_run
+                              * returned CM_ESHUTDOWN and nothing is wrong. */
 } wk_train_result;
 
 /* Fill *cfg with the defaults above. */

@@ -15,6 +15,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/cm_status.h"
 #include "common/cm_token.h"
@@ -28,6 +29,7 @@ typedef struct joiner {
     const char *chief;
     const cm_security *sec;
     int rank;
+    const wk_rdv_state *st; /* NULL: a plain Join. */
     int rc;
     wk_rdv_result r;
     char err[512];
@@ -37,9 +39,17 @@ static void *join_main(void *arg) {
     joiner *j = arg;
     char me[64];
     snprintf(me, sizeof me, "127.0.0.1:%d", 40000 + j->rank);
-    j->rc = wk_rdv_join(j->chief, j->rank, 2, FP, "test", me, 10000, j->sec, &j->r, j->err,
-                        sizeof j->err);
+    j->rc = wk_rdv_join_state(j->chief, j->rank, 2, FP, "test", me, j->st, 10000, j->sec, &j->r,
+                              j->err, sizeof j->err);
     return NULL;
+}
+
+static void start_joiner(joiner *j, const char *chief, int rank, const wk_rdv_state *st) {
+    memset(j, 0, sizeof *j);
+    j->chief = chief;
+    j->rank = rank;
+    j->st = st;
+    assert_int_equal(pthread_create(&j->t, NULL, join_main, j), 0);
 }
 
 /* A local address nothing listens on (bound, then closed). */
@@ -91,6 +101,105 @@ static void test_nccl_id_reaches_every_rank(void **state) {
 static void test_no_nccl_id(void **state) {
     (void)state;
     run(NULL, 0);
+}
+
+/* A chief's server of 2 ranks on a free address (into chief), elastic
+ * with (min_ranks, wait_ms). */
+static wk_rdv_server *elastic_server(char *chief, size_t len, int min_ranks, int64_t wait_ms) {
+    char err[512];
+    free_addr(chief, len);
+    wk_rdv_server *s = NULL;
+    assert_int_equal(wk_rdv_server_start(chief, 2, FP, "test", 77, 0, NULL, 0, NULL, &s, err,
+                                         sizeof err),
+                     CM_OK);
+    wk_rdv_server_set_elastic(s, min_ranks, wait_ms);
+    return s;
+}
+
+/* Elastic rings: generations, the newest state as root, a smaller ring
+ * after the wait, the waiting flag, the end of the run. */
+static void test_elastic_generations(void **state) {
+    (void)state;
+    char chief[64];
+    wk_rdv_server *s = elastic_server(chief, sizeof chief, 1, 300);
+    joiner j[2];
+    /* Ring 1: the chief holds the state of step 0, rank 1 none. */
+    wk_rdv_state chief_st = {.has_state = 1, .step = 0};
+    start_joiner(&j[0], chief, 0, &chief_st);
+    start_joiner(&j[1], chief, 1, NULL);
+    for (int r = 0; r < 2; r++) pthread_join(j[r].t, NULL);
+    uint64_t job1 = j[0].r.job_id;
+    for (int r = 0; r < 2; r++) {
+        assert_int_equal(j[r].rc, CM_OK);
+        assert_int_equal(j[r].r.nranks, 2);
+        assert_int_equal(j[r].r.position, r);
+        assert_int_equal(j[r].r.root, 0);
+        assert_int_equal(j[r].r.generation, 1);
+        wk_rdv_result_free(&j[r].r);
+    }
+    /* Rank 1 is gone: the chief's rejoin forms a ring of 1 after the wait. */
+    wk_rdv_state st7 = {.has_state = 1, .step = 7, .rejoin = 1};
+    start_joiner(&j[0], chief, 0, &st7);
+    pthread_join(j[0].t, NULL);
+    assert_int_equal(j[0].rc, CM_OK);
+    assert_int_equal(j[0].r.nranks, 1);
+    assert_int_equal(j[0].r.members[0], 0);
+    assert_int_equal(j[0].r.start_step, 7);
+    assert_int_equal(j[0].r.generation, 2);
+    assert_true(j[0].r.job_id != job1); /* Ranks of ring 1 are refused by ring 2. */
+    wk_rdv_result_free(&j[0].r);
+    /* Rank 1 comes back without state: the chief sees it waiting and joins
+     * with the state of step 9, which every member takes. */
+    assert_int_equal(wk_rdv_server_waiting(s), 0);
+    start_joiner(&j[1], chief, 1, NULL);
+    for (int i = 0; i < 200 && !wk_rdv_server_waiting(s); i++) usleep(10000);
+    assert_int_equal(wk_rdv_server_waiting(s), 1);
+    wk_rdv_state st9 = {.has_state = 1, .step = 9, .rejoin = 1};
+    start_joiner(&j[0], chief, 0, &st9);
+    for (int r = 0; r < 2; r++) pthread_join(j[r].t, NULL);
+    for (int r = 0; r < 2; r++) {
+        assert_int_equal(j[r].rc, CM_OK);
+        assert_int_equal(j[r].r.nranks, 2);
+        assert_int_equal(j[r].r.root, 0);
+        assert_int_equal(j[r].r.start_step, 9);
+        assert_int_equal(j[r].r.generation, 3);
+        wk_rdv_result_free(&j[r].r);
+    }
+    /* Both survive with different steps (one finished step 11, one failed
+     * in it): the newest state wins, whoever holds it. */
+    wk_rdv_state st11 = {.has_state = 1, .step = 11, .rejoin = 1};
+    wk_rdv_state st12 = {.has_state = 1, .step = 12, .rejoin = 1};
+    start_joiner(&j[0], chief, 0, &st11);
+    start_joiner(&j[1], chief, 1, &st12);
+    for (int r = 0; r < 2; r++) pthread_join(j[r].t, NULL);
+    for (int r = 0; r < 2; r++) {
+        assert_int_equal(j[r].rc, CM_OK);
+        assert_int_equal(j[r].r.root, 1);
+        assert_int_equal(j[r].r.start_step, 12);
+        wk_rdv_result_free(&j[r].r);
+    }
+    /* The run ended: a late replacement is told so at once. */
+    wk_rdv_server_end(s, 20);
+    start_joiner(&j[1], chief, 1, NULL);
+    pthread_join(j[1].t, NULL);
+    assert_int_equal(j[1].rc, CM_ESHUTDOWN);
+    assert_non_null(strstr(j[1].err, "the run ended at step 20"));
+    wk_rdv_server_destroy(s);
+}
+
+/* Whole rings only (the default): a survivor that waited in vain is told
+ * which rank is missing. */
+static void test_rejoin_names_missing_rank(void **state) {
+    (void)state;
+    char chief[64];
+    wk_rdv_server *s = elastic_server(chief, sizeof chief, 2, 200);
+    joiner j;
+    wk_rdv_state st = {.has_state = 1, .step = 3, .rejoin = 1};
+    start_joiner(&j, chief, 0, &st);
+    pthread_join(j.t, NULL);
+    assert_int_equal(j.rc, CM_EUNAVAIL);
+    assert_non_null(strstr(j.err, "ranks 1 to join again"));
+    wk_rdv_server_destroy(s);
 }
 
 static void test_oversized_nccl_id_refused(void **state) {
@@ -150,6 +259,8 @@ int main(void) {
         cmocka_unit_test(test_nccl_id_reaches_every_rank),
         cmocka_unit_test(test_no_nccl_id),
         cmocka_unit_test(test_oversized_nccl_id_refused),
+        cmocka_unit_test(test_elastic_generations),
+        cmocka_unit_test(test_rejoin_names_missing_rank),
         cmocka_unit_test(test_token_required),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

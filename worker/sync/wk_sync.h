@@ -107,6 +107,11 @@ struct wk_sync {
     /* Versions a rollback took back, over the run (recover; the chief's
      * count): in async mode the updates lost, which no step redoes. */
     int64_t versions_lost;
+    /* Collective mode: this worker's place in the current ring and the
+     * ring's size (0: the mode's rank and worker count hold). An elastic
+     * ring may form without a dead rank; the trainer then splits each
+     * global batch by these (begin and recover set them). */
+    int member, nmembers;
 };
 
 /* Local mode: the optimizer runs here; a sparse model's tables are kept
@@ -197,6 +202,13 @@ typedef struct wk_sync_ar_cfg {
                                  * (wk_nccl_world), not by the TCP ring. */
     const struct cm_security *sec; /* The rendezvous's token and TLS (NULL:
                                     * none). */
+    /* Elastic rings (CPU rings of dense models): after a rank dies, the
+     * survivors wait worker_timeout_ms for its replacement, then go on
+     * with the ranks that joined if they are at least min_workers (0 or
+     * nworkers: only whole rings, so the run fails naming the missing rank
+     * once the wait ran out). */
+    int min_workers;
+    int64_t worker_timeout_ms;  /* 0 = 60000. */
 } wk_sync_ar_cfg;
 int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
                              size_t errlen);

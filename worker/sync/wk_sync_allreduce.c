@@ -72,6 +72,9 @@ typedef struct arsync {
     char description[256];
     wk_rdv_server *rdv;
     wk_ring *ring;
+    int elastic;           /* A dead rank's ring forms again (CPU ring, dense). */
+    int *members;          /* The current ring's ranks (nworkers capacity). */
+    int root_rank;         /* Whose state the current ring took. */
     int use_nccl;          /* GPU workers with NCCL: the gradient goes there. */
     wk_nccl_world *world;  /* Set up by begin() when use_nccl. */
     /* Checkpoints (chief). */
@@ -353,6 +356,76 @@ static void host_of(const char *addr, char *host, size_t len) {
     host[n] = 0;
 }
 
+/* Join the next ring at the chief's rendezvous (within timeout_ms), connect
+ * it and take its root's state into params (and the optimizer slots when
+ * the run is past step 0). *start: the step that state is for. *joined:
+ * whether the rendezvous answered (a failure after it means a member died
+ * while the ring formed). */
+static int form_ring(arsync *a, float *params, const wk_rdv_state *st, int64_t timeout_ms,
+                     int64_t *start, uint8_t *nccl_id, size_t *nccl_id_len, int *joined) {
+    wk_sync *s = &a->base;
+    const wk_sync_ar_cfg *c = &a->cfg;
+    *joined = 0;
+    wk_ring_destroy(a->ring);
+    a->ring = NULL;
+    char host[256], ring_addr[300];
+    host_of(c->worker_addrs[c->rank], host, sizeof host);
+    wk_ring_listener *l = NULL;
+    int rc = wk_ring_listen(host, 0, &l, s->err, sizeof s->err);
+    if (rc != CM_OK) return rc;
+    snprintf(ring_addr, sizeof ring_addr, "%s:%d", host, wk_ring_listener_port(l));
+    wk_rdv_result rr;
+    int root = 0;
+    rc = wk_rdv_join_state(c->worker_addrs[0], c->rank, c->nworkers, a->fingerprint,
+                           a->description, ring_addr, st, timeout_ms, c->sec, &rr, s->err,
+                           sizeof s->err);
+    if (rc == CM_OK) {
+        *joined = 1;
+        wk_ring_opts o;
+        wk_ring_opts_default(&o);
+        o.job_id = rr.job_id;
+        o.timeout_ms = (int)c->timeout_ms;
+        o.connect_timeout_ms = (int)c->connect_timeout_ms;
+        rc = wk_ring_connect(l, rr.position, rr.nranks, (const char *const *)rr.ring_addrs, &o,
+                             &a->ring, s->err, sizeof s->err);
+        *start = rr.start_step;
+        root = rr.root;
+        a->root_rank = rr.members[root];
+        s->member = rr.position;
+        s->nmembers = rr.nranks;
+        memcpy(a->members, rr.members, (size_t)rr.nranks * sizeof *a->members);
+        if (rr.nccl_id_len == WK_NCCL_ID_BYTES) memcpy(nccl_id, rr.nccl_id, rr.nccl_id_len);
+        *nccl_id_len = rr.nccl_id_len;
+        if (rr.generation > 1 || rr.nranks < c->nworkers) {
+            char who[256] = "";
+            for (int i = 0; i < rr.nranks && strlen(who) + 16 < sizeof who; i++)
+                snprintf(who + strlen(who), sizeof who - strlen(who), "%s%d", i ? "," : "",
+                         rr.members[i]);
+            cm_info("ring %u: %d of %d workers (ranks %s), this one at place %d; state of rank "
+                    "%d at step %lld",
+                    rr.generation, rr.nranks, c->nworkers, who, rr.position, rr.members[root],
+                    (long long)rr.start_step);
+        }
+        wk_rdv_result_free(&rr);
+    } else if (a->rdv) {
+        char m[300];
+        wk_rdv_server_describe(a->rdv, m, sizeof m);
+        size_t at = strlen(s->err);
+        snprintf(s->err + at, sizeof s->err - at, ": %s", m);
+    }
+    wk_ring_listener_destroy(l);
+    if (rc != CM_OK) return rc;
+    /* The root's replica (and, past step 0, its optimizer state) for all. */
+    rc = wk_ring_broadcast(a->ring, params, a->n, -1, root);
+    if (rc == CM_OK && *start > 0 && a->nslots)
+        rc = wk_ring_broadcast(a->ring, a->slots, (size_t)a->nslots * a->n, -2, root);
+    if (rc != CM_OK) {
+        snprintf(s->err, sizeof s->err, "%s", wk_ring_error(a->ring));
+        return rc;
+    }
+    return CM_OK;
+}
+
 static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
     arsync *a = (arsync *)s;
     const wk_sync_ar_cfg *c = &a->cfg;
@@ -381,44 +454,14 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
                                  a->description, job, start, nccl_id, nccl_id_len, c->sec, &a->rdv,
                                  s->err, sizeof s->err);
         if (rc != CM_OK) return rc;
+        if (a->elastic) wk_rdv_server_set_elastic(a->rdv, c->min_workers, c->worker_timeout_ms);
     }
-    char host[256], ring_addr[300];
-    host_of(c->worker_addrs[c->rank], host, sizeof host);
-    wk_ring_listener *l = NULL;
-    rc = wk_ring_listen(host, 0, &l, s->err, sizeof s->err);
+    /* The chief holds the run's state (its checkpoint, or the initial
+     * parameters); a restarted worker holds none and takes the survivors'. */
+    wk_rdv_state st = {.has_state = c->is_chief, .step = start};
+    int joined;
+    rc = form_ring(a, params, &st, c->connect_timeout_ms, &start, nccl_id, &nccl_id_len, &joined);
     if (rc != CM_OK) return rc;
-    snprintf(ring_addr, sizeof ring_addr, "%s:%d", host, wk_ring_listener_port(l));
-    wk_rdv_result rr;
-    rc = wk_rdv_join(c->worker_addrs[0], c->rank, c->nworkers, a->fingerprint, a->description,
-                     ring_addr, c->connect_timeout_ms, c->sec, &rr, s->err, sizeof s->err);
-    if (rc == CM_OK) {
-        wk_ring_opts o;
-        wk_ring_opts_default(&o);
-        o.job_id = rr.job_id;
-        o.timeout_ms = (int)c->timeout_ms;
-        o.connect_timeout_ms = (int)c->connect_timeout_ms;
-        rc = wk_ring_connect(l, c->rank, c->nworkers, (const char *const *)rr.ring_addrs, &o,
-                             &a->ring, s->err, sizeof s->err);
-        start = rr.start_step;
-        nccl_id_len = rr.nccl_id_len;
-        if (nccl_id_len == sizeof nccl_id) memcpy(nccl_id, rr.nccl_id, nccl_id_len);
-        wk_rdv_result_free(&rr);
-    } else if (a->rdv) {
-        char m[300];
-        wk_rdv_server_describe(a->rdv, m, sizeof m);
-        size_t at = strlen(s->err);
-        snprintf(s->err + at, sizeof s->err - at, ": %s", m);
-    }
-    wk_ring_listener_destroy(l);
-    if (rc != CM_OK) return rc;
-    /* The chief's replica (and, when resuming, its optimizer state) for all. */
-    rc = wk_ring_broadcast(a->ring, params, a->n, -1, 0);
-    if (rc == CM_OK && start > 0 && a->nslots)
-        rc = wk_ring_broadcast(a->ring, a->slots, (size_t)a->nslots * a->n, -2, 0);
-    if (rc != CM_OK) {
-        snprintf(s->err, sizeof s->err, "%s", wk_ring_error(a->ring));
-        return rc;
-    }
     if (a->use_nccl) {
         if (nccl_id_len != sizeof nccl_id) {
             snprintf(s->err, sizeof s->err, "rendezvous: the chief sent no NCCL id");
@@ -433,11 +476,48 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
         cm_info("NCCL communicator of %d ranks up in %.0f ms (this rank on GPU %d)",
                 c->nworkers, (cm_now() - t0) * 1e3, gpu);
     }
-    cm_info("ring of %d workers up%s", c->nworkers,
-            start > 0 ? "; resuming from the chief's checkpoint" : "");
+    cm_info("ring of %d workers up%s", s->nmembers,
+            start == 0                   ? ""
+            : a->root_rank == c->rank    ? "; resuming from the chief's checkpoint"
+                                         : "; resuming where the others stand");
     if (start > 0) cm_info("resuming at step %lld", (long long)start);
     *first_step = start;
     return CM_OK;
+}
+
+/* After a step failed with CM_EABORTED (a rank died, or one waits to join):
+ * form the ring again with the ranks that join and take the newest state.
+ * This rank's params are for failed_step (a step that failed here was not
+ * applied); a rank that finished it holds failed_step + 1's, which wins. */
+static int ar_recover(wk_sync *s, int64_t failed_step, int64_t *resume, float *params) {
+    arsync *a = (arsync *)s;
+    const wk_sync_ar_cfg *c = &a->cfg;
+    double deadline = cm_now() + (double)(c->worker_timeout_ms + c->connect_timeout_ms) / 1e3;
+    for (int attempt = 1;; attempt++) {
+        int64_t left = (int64_t)((deadline - cm_now()) * 1e3);
+        if (left <= 0) return CM_ETIMEDOUT; /* s->err: the last attempt's failure. */
+        wk_rdv_state st = {.has_state = 1, .step = failed_step, .rejoin = 1};
+        uint8_t id[WK_NCCL_ID_BYTES];
+        size_t idlen = 0;
+        int joined, rc;
+        rc = form_ring(a, params, &st, left, resume, id, &idlen, &joined);
+        if (rc == CM_OK) return CM_OK;
+        if (!joined) return rc; /* The rendezvous's own error names who is missing. */
+        /* Someone died while the ring formed: again. */
+        cm_warn("ring formation %d failed (%s); joining again", attempt, s->err);
+        usleep(100 * 1000);
+    }
+}
+
+/* An elastic ring failed at 'step': close this rank's sockets at once (its
+ * neighbours see it and fail too, so every survivor meets at the
+ * rendezvous) and let the trainer recover (ar_recover). */
+static int ring_lost(arsync *a, int64_t step) {
+    snprintf(a->base.err, sizeof a->base.err, "allreduce of step %lld: %s", (long long)step,
+             wk_ring_error(a->ring));
+    wk_ring_destroy(a->ring);
+    a->ring = NULL;
+    return CM_EABORTED;
 }
 
 static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_sparse_step *sp,
@@ -449,6 +529,16 @@ static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_spar
     }
     double t0 = cm_now();
     int rc;
+    if (a->elastic && s->nmembers < a->cfg.nworkers) {
+        /* A smaller ring: does a rank wait to join (the chief knows)? */
+        float back = a->rdv && wk_rdv_server_waiting(a->rdv) ? 1.0f : 0.0f;
+        rc = wk_ring_allreduce(a->ring, &back, 1, step, 0);
+        if (rc == CM_OK && back > 0.0f) {
+            snprintf(s->err, sizeof s->err, "a worker waits to join: the ring forms again");
+            return CM_EABORTED;
+        }
+        if (rc != CM_OK) return ring_lost(a, step);
+    }
     if (a->world) {
         rc = wk_nccl_world_allreduce_host(a->world, grad, a->n, 1, step);
         if (rc != CM_OK) snprintf(s->err, sizeof s->err, "%s", wk_nccl_world_error(a->world));
@@ -460,7 +550,7 @@ static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_spar
     }
     if (rc == CM_OK && sp && a->rows) rc = exchange_rows(a, step, sp);
     double t1 = cm_now();
-    if (rc != CM_OK) return rc;
+    if (rc != CM_OK) return a->elastic ? ring_lost(a, step) : rc;
     ps_optim_apply(&a->cfg.optim, step + 1, params, grad, a->slots, a->n);
     if (sp && sp->next && a->rows) {
         wk_rows_read(a->rows, sp->next, a->row_dim, 1, sp->next_values);
@@ -475,6 +565,7 @@ static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_spar
 
 static int ar_end(wk_sync *s, int64_t steps, float *params) {
     arsync *a = (arsync *)s;
+    if (a->rdv) wk_rdv_server_end(a->rdv, steps); /* A late replacement stops at once. */
     if (a->store) { /* The final state, so a run started again loses nothing. */
         if (a->writer_started) checkpoint_wait(a);
         int64_t newest;
@@ -520,6 +611,7 @@ static void ar_destroy(wk_sync *s) {
     free(a->counts);
     ps_rowacc_free(&a->acc);
     free(a->table_dims);
+    free(a->members);
     free(a);
 }
 
@@ -530,7 +622,8 @@ static const wk_sync_ops ar_ops = {.name = "allreduce",
                                    .dump_rows = ar_dump,
                                    .end = ar_end,
                                    .finish = ar_finish,
-                                   .destroy = ar_destroy};
+                                   .destroy = ar_destroy,
+                                   .recover = ar_recover};
 
 int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
                              size_t errlen) {
@@ -544,6 +637,10 @@ int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err
     a->cfg = *cfg;
     if (a->cfg.timeout_ms <= 0) a->cfg.timeout_ms = 60000;
     if (a->cfg.connect_timeout_ms <= 0) a->cfg.connect_timeout_ms = 60000;
+    if (a->cfg.worker_timeout_ms <= 0) a->cfg.worker_timeout_ms = 60000;
+    if (a->cfg.min_workers <= 0 || a->cfg.min_workers > cfg->nworkers)
+        a->cfg.min_workers = cfg->nworkers;
+    a->members = cm_calloc((size_t)cfg->nworkers, sizeof *a->members);
     a->n = cfg->model->numel;
     a->nslots = ps_optim_nslots(cfg->optim.kind);
     if (a->nslots) a->slots = cm_calloc((size_t)a->nslots * a->n, sizeof(float));
@@ -590,6 +687,12 @@ int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err
         a->writer_started = 1;
     }
     if (!cfg->is_chief) a->cfg.checkpoint_dir = NULL;
+    /* NCCL's communicator has a fixed size, and the tables are not copied
+     * to a replacement: those runs fail on a lost rank, as before. */
+    a->elastic = cfg->nworkers > 1 && !a->use_nccl && !a->rows;
+    if (a->cfg.min_workers < cfg->nworkers && !a->elastic)
+        cm_warn("allreduce: --min-workers has no effect with %s: a lost worker ends the run",
+                a->use_nccl ? "NCCL" : "embedding tables");
     *out = &a->base;
     return CM_OK;
 }
