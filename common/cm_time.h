@@ -12,4 +12,18 @@ static inline double cm_now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* The CLOCK_REALTIME instant 'ms' milliseconds from now: the deadline of a
+ * pthread_cond_timedwait (whose condition variable uses that clock). */
+static inline struct timespec cm_realtime_in_ms(long ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
+}
+
 #endif /* CM_TIME_H */

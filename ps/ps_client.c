@@ -78,6 +78,7 @@ struct ps_client {
     pthread_mutex_t mu; /* Every ticket's state. */
     pthread_cond_t cv;  /* Broadcast on every completion and release. */
     int orphans;        /* Abandoned tickets with calls in flight. */
+    int orphan_segs;    /* Their zero-copy segments not yet released. */
 };
 
 typedef struct sub {
@@ -146,6 +147,7 @@ static void release_seg(void *ud) {
     ps_client *c = t->c;
     pthread_mutex_lock(&c->mu);
     t->segs--;
+    if (t->orphan) c->orphan_segs--;
     int done = ticket_settle(t);
     pthread_mutex_unlock(&c->mu);
     if (done) ticket_free(t);
@@ -587,13 +589,14 @@ static void sub_error(const ps_ticket *t, const sub *s, char *err, size_t errlen
  * tickets is in use, so the buffers are the caller's again; tickets with
  * calls still in flight become orphans (freed by their last completion),
  * the others are freed here. */
-static void abandon_locked(ps_client *c, ps_ticket **tickets, int n) {
-    for (int k = 0; k < n; k++)
+static void abandon_locked(ps_client *c, ps_ticket **tickets, int n, int wait_segs) {
+    for (int k = 0; k < n && wait_segs; k++)
         while (tickets[k]->segs) pthread_cond_wait(&c->cv, &c->mu);
     for (int k = 0; k < n; k++) {
-        if (tickets[k]->calls) {
+        if (tickets[k]->calls || tickets[k]->segs) {
             tickets[k]->orphan = 1;
             c->orphans++;
+            c->orphan_segs += tickets[k]->segs;
             tickets[k] = NULL;
         }
     }
@@ -653,8 +656,11 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     free(again);
     int rc = CM_OK;
     if (aborted) {
+        /* Not waiting for the other calls' segments: a call parked at a
+         * shard that waits for a worker being recovered is answered only
+         * once the cluster rolled back (ps_client_quiesce after that). */
         sub_error(aborted_t, aborted, err, errlen);
-        abandon_locked(c, tickets, n);
+        abandon_locked(c, tickets, n, 0);
         return CM_EABORTED;
     }
     pthread_mutex_unlock(&c->mu);
@@ -679,7 +685,26 @@ void ps_tickets_abandon(ps_ticket **tickets, int n) {
     if (n <= 0) return;
     ps_client *c = tickets[0]->c;
     pthread_mutex_lock(&c->mu);
-    abandon_locked(c, tickets, n);
+    abandon_locked(c, tickets, n, 1);
+}
+
+void ps_tickets_drop(ps_ticket **tickets, int n) {
+    if (n <= 0) return;
+    ps_client *c = tickets[0]->c;
+    pthread_mutex_lock(&c->mu);
+    abandon_locked(c, tickets, n, 0);
+}
+
+int ps_client_quiesce(ps_client *c, int64_t timeout_ms) {
+    double deadline = cm_now() + (double)timeout_ms / 1e3;
+    pthread_mutex_lock(&c->mu);
+    while (c->orphan_segs > 0 && cm_now() < deadline) {
+        struct timespec ts = cm_realtime_in_ms(50);
+        pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+    }
+    int left = c->orphan_segs;
+    pthread_mutex_unlock(&c->mu);
+    return left > 0 ? CM_ETIMEDOUT : CM_OK;
 }
 
 int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen) {

@@ -156,10 +156,13 @@ int ps_client_dump_rows(ps_client *c, int shard, int table, uint64_t from, size_
 int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen);
 
 /* Wait for n tickets together (retrying each shard's UNAVAILABLE calls on
- * its own backoff) and free them all. When a shard answers ABORTED (the
- * cluster is rolling back) this returns CM_EABORTED at once, without
- * waiting for the other calls: they are abandoned, and their replies are
- * dropped. Either way the buffers are the caller's again on return. */
+ * its own backoff) and free them all; the buffers are the caller's again
+ * on return. When a shard answers ABORTED (the cluster is rolling back)
+ * this returns CM_EABORTED at once, without waiting for the other calls:
+ * they are dropped (ps_tickets_drop), so their pushes' buffers are the
+ * caller's again only after ps_client_quiesce (a call parked at a shard
+ * that waits for a worker being recovered ends only when the cluster
+ * rolled back). */
 int ps_tickets_wait(ps_ticket **t, int n, int64_t *version, char *err, size_t errlen);
 
 /* Give up on n tickets without waiting for their replies: returns once the
@@ -168,6 +171,15 @@ int ps_tickets_wait(ps_ticket **t, int n, int64_t *version, char *err, size_t er
  * tickets are freed (an orphan by its last completion). For a caller that
  * failed and must not wait until these calls' deadlines. */
 void ps_tickets_abandon(ps_ticket **t, int n);
+
+/* As ps_tickets_abandon, without waiting: the buffers of pushes still
+ * being sent are the caller's again only after ps_client_quiesce. */
+void ps_tickets_drop(ps_ticket **t, int n);
+
+/* Wait (at most timeout_ms) until no dropped ticket sends from its
+ * buffers any more. CM_OK, or CM_ETIMEDOUT (the buffers must then not be
+ * written or freed before ps_client_close, which waits for everything). */
+int ps_client_quiesce(ps_client *c, int64_t timeout_ms);
 
 /* Recovery epoch sent with every request (see proto/ps.proto, Cluster);
  * 0, the default, means not tracked. */

@@ -4,7 +4,8 @@
   launch.py [--mode ps|allreduce|local] [--ps N] [--workers N] [--evaluator] [--bin-dir DIR]
             [--checkpoint-dir DIR] [--checkpoint-every K] [--max-ps-restarts N]
             [--max-worker-restarts N] [--ps-memory-mb X] [--ps-arg ARG]...
-            [--chaos-kill-ps STEP | --chaos-kill-worker STEP [--chaos-seed S]]
+            [--chaos-kill-ps STEP | --chaos-kill-worker STEP [--chaos-seed S]
+             | --chaos-kill WHEN:WHO[,WHO...]]
             [--timeout S] [--verbose] [--no-auth | --auth-token-file F
             [--admin-token-file F]] [pstrain options...]
 
@@ -29,7 +30,9 @@ they may go on without it), and it takes their parameters. When a process fails 
 stops the others by PID and exits non-zero; it never leaves a process behind.
 --chaos-kill-ps STEP kills one PS (chosen by --chaos-seed) with SIGKILL once
 the chief has logged step STEP, to test exactly that; --chaos-kill-worker STEP
-a worker. Options it does not
+a worker; --chaos-kill WHEN:WHO,... the named processes together (WHO: ps<i> or
+worker<i>, worker0 being the chief; WHEN: a step of the chief's, or @SECONDS
+after the start, e.g. 40:ps1,worker1 or @0.5:worker0). Options it does not
 know go to pstrain (psserver needs none: the chief's Initialize tells every
 shard the model); --log FILE gives worker i > 0 FILE.worker<i>.
 
@@ -44,6 +47,7 @@ import argparse
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -106,9 +110,12 @@ class Cluster:
         self.restarts = {}  # PS name -> times started again
         self.chief_log = None
         self.chaos_done = False
+        self.started = time.monotonic()
+        self.excused = set()  # died after the chief finished: the run's result stands
 
     def start(self):
         a = self.args
+        self.started = time.monotonic()
         if a.mode == "allreduce":
             a.ps = 0  # no PS: the workers reduce among themselves
         ports = free_ports(a.ps + a.workers)
@@ -144,7 +151,8 @@ class Cluster:
                 log = extra[k + 1]
             elif x.startswith("--log="):
                 log = x.split("=", 1)[1]
-        if log is None and (a.chaos_kill_ps is not None or a.chaos_kill_worker is not None):
+        if log is None and (a.chaos_kill_ps is not None or a.chaos_kill_worker is not None
+                            or a.chaos_kill is not None):
             log = os.path.join(a.checkpoint_dir, "chief-log.jsonl")
             extra += ["--log", log]
         self.chief_log = log
@@ -200,21 +208,31 @@ class Cluster:
 
     def chaos(self):
         a = self.args
-        at = a.chaos_kill_ps if a.chaos_kill_ps is not None else a.chaos_kill_worker
-        if at is None or self.chaos_done:
+        if self.chaos_done:
             return
-        step = self.chief_step()
-        if step < at:
-            return
-        if a.chaos_kill_ps is not None:
-            victim = f"ps {random.Random(a.chaos_seed).randrange(a.ps)}"
-        else:  # Any worker, the chief (worker 0) included.
-            victim = f"worker {random.Random(a.chaos_seed).randrange(a.workers)}"
+        if a.chaos_kill is not None:
+            when, victims = a.chaos_kill
+        else:
+            when = a.chaos_kill_ps if a.chaos_kill_ps is not None else a.chaos_kill_worker
+            if when is None:
+                return
+            if a.chaos_kill_ps is not None:
+                victims = [f"ps {random.Random(a.chaos_seed).randrange(a.ps)}"]
+            else:  # Any worker, the chief (worker 0) included.
+                victims = [f"worker {random.Random(a.chaos_seed).randrange(a.workers)}"]
+        if isinstance(when, float):  # @SECONDS after the start
+            if time.monotonic() - self.started < when:
+                return
+            what = f"{time.monotonic() - self.started:.2f} s after the start"
+        else:
+            step = self.chief_step()
+            if step < when:
+                return
+            what = f"after the chief's step {step}"
         for name, p in self.procs:
-            if name == victim and p.poll() is None:
+            if name in victims and p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)
-                say(f"chaos: killed {victim} (pid {p.pid}) with SIGKILL after the chief's "
-                    f"step {step}")
+                say(f"chaos: killed {name} (pid {p.pid}) with SIGKILL {what}")
         self.chaos_done = True
 
     def stop(self, grace=5.0):
@@ -241,6 +259,35 @@ class Cluster:
                 rc = p.poll()
                 if rc is None:
                     running += 1
+                elif name in self.excused:
+                    pass
+                elif chief_done is not None and retryable(rc) and name != "worker 0":
+                    # The chief finished (it exited 0, its summary is written): a
+                    # process that dies now (shutting down) does not undo that.
+                    what = f"signal {-rc}" if rc < 0 else f"status {rc}"
+                    say(f"{name} (pid {p.pid}) exited with {what} after the chief finished; "
+                        "the run's result stands" + (" (that shard's final checkpoint may be "
+                                                     "missing)" if name.startswith("ps ") else ""))
+                    self.excused.add(name)
+                elif (name == "worker 0" and retryable(rc) and
+                      all(q.poll() == 0 for n, q in self.procs if n != name)):
+                    # Every other task ended cleanly (PS processes only do on the
+                    # chief's "training finished"): the training is over, and a
+                    # new chief would find no one to work with.
+                    what = f"signal {-rc}" if rc < 0 else f"status {rc}"
+                    if self.args.mode == "ps":
+                        # The chief writes its outputs before it shuts the shards
+                        # down, and a shard exits 0 only then.
+                        say(f"the chief (pid {p.pid}) exited with {what} after it had shut the "
+                            "PS down: its outputs were written; the run is complete")
+                        self.excused.add(name)
+                        continue
+                    say(f"the chief (pid {p.pid}) exited with {what} after every other worker "
+                        "had finished: the training is complete, but the chief's final outputs "
+                        "(summary, --params-out, --export, its last checkpoint) may be missing; "
+                        "not restarted")
+                    self.stop()
+                    return 1
                 elif (retryable(rc) and chief_done is None
                       and (name.startswith("ps ") or
                            (name.startswith("worker ") and self.args.mode != "local"))
@@ -271,6 +318,21 @@ class Cluster:
                 say(f"the run exceeded --timeout {timeout:.0f} s; stopping the cluster")
                 self.stop()
                 return 1
+            if chief_done is not None and now - chief_done > 2:
+                # A worker started again just as the run ended (it died after its
+                # last step) has nothing to do: its peers are gone. Stop it.
+                for name, p in self.procs:
+                    if (name.startswith("worker ") and self.restarts.get(name) and
+                            name not in self.excused and p.poll() is None):
+                        say(f"{name} (pid {p.pid}) was started again as the run ended: "
+                            "nothing left for it to do; stopping it")
+                        p.terminate()
+                        try:
+                            p.wait(timeout=5)
+                        except subprocess.TimeoutExpired:
+                            p.kill()
+                            p.wait()
+                        self.excused.add(name)
             if chief_done is not None and now - chief_done > 60:
                 left = [n for n, p in self.procs if p.poll() is None]
                 say(f"the chief finished but {', '.join(left)} did not exit within 60 s; "
@@ -305,6 +367,9 @@ def main():
                     help="SIGKILL one worker (chosen by --chaos-seed; worker 0 is the chief) "
                          "once the chief has logged this step")
     ap.add_argument("--chaos-seed", type=int, default=1, help="which PS --chaos-kill-ps kills")
+    ap.add_argument("--chaos-kill", type=parse_chaos, metavar="WHEN:WHO[,WHO...]",
+                    help="SIGKILL the named processes together (ps<i>, worker<i>) once the chief "
+                         "has logged step WHEN, or WHEN=@SECONDS after the start")
     ap.add_argument("--no-auth", action="store_true",
                     help="no tokens: anyone who reaches the ports may call the PS")
     ap.add_argument("--auth-token-file", help="the workers' token (default: a new one)")
@@ -363,6 +428,19 @@ def main():
             shutil.rmtree(tmp, ignore_errors=True)
         if secret_dir:
             shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+def parse_chaos(spec):
+    """'40:ps1,worker0' -> (40, ['ps 1', 'worker 0']); '@0.5:worker1' -> (0.5, [...])."""
+    when, _, who = spec.partition(":")
+    m = [re.fullmatch(r"(ps|worker)(\d+)", w.strip()) for w in who.split(",")]
+    if not who or not all(m):
+        raise argparse.ArgumentTypeError(f"'{spec}': WHEN:WHO[,WHO...], WHO ps<i> or worker<i>")
+    try:
+        at = float(when[1:]) if when.startswith("@") else int(when)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{spec}': WHEN is a step or @SECONDS")
+    return at, [f"{x.group(1)} {x.group(2)}" for x in m]
 
 
 def has_checkpoints(directory):

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
@@ -139,13 +140,7 @@ static void *ticker_main(void *arg) {
     wk_rdv_server *s = arg;
     pthread_mutex_lock(&s->mu);
     while (!s->closing) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 50 * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
+        struct timespec ts = cm_realtime_in_ms(50);
         pthread_cond_timedwait(&s->cv, &s->mu, &ts);
         if (!s->closing && s->joined) maybe_answer(s);
     }
@@ -400,9 +395,21 @@ int wk_rdv_join_state(const char *chief_addr, int rank, int nranks, uint64_t fin
     uint8_t *reply = NULL;
     size_t rlen = 0;
     char msg[512];
-    /* Wait for the chief to come up, then for everyone, within one deadline. */
-    int code = rpc_call_sync(ch, JOIN_METHOD, buf, n, timeout_ms, RPC_WAIT_FOR_READY, &reply,
-                             &rlen, msg, sizeof msg);
+    /* Wait for the chief to come up, then for everyone, within one deadline.
+     * A chief that dies while the call waits (UNAVAILABLE: the connection
+     * closed) may be started again by its supervisor: join it then. */
+    double deadline = cm_now() + (double)timeout_ms / 1e3;
+    int code;
+    for (;;) {
+        int64_t left = (int64_t)((deadline - cm_now()) * 1e3);
+        code = rpc_call_sync(ch, JOIN_METHOD, buf, n, left > 1 ? left : 1, RPC_WAIT_FOR_READY,
+                             &reply, &rlen, msg, sizeof msg);
+        if (code != RPC_UNAVAILABLE || cm_now() + 0.1 >= deadline ||
+            strstr(msg, "gave up") || strstr(msg, "is stopping"))
+            break;
+        cm_debug("rendezvous: the chief %s went away (%s); joining again", chief_addr, msg);
+        usleep(100 * 1000);
+    }
     if (code == RPC_OUT_OF_RANGE) {
         cm_seterr(err, errlen, "%s (the chief %s)", msg, chief_addr);
         rc = CM_ESHUTDOWN;

@@ -459,9 +459,19 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
     /* The chief holds the run's state (its checkpoint, or the initial
      * parameters); a restarted worker holds none and takes the survivors'. */
     wk_rdv_state st = {.has_state = c->is_chief, .step = start};
-    int joined;
-    rc = form_ring(a, params, &st, c->connect_timeout_ms, &start, nccl_id, &nccl_id_len, &joined);
-    if (rc != CM_OK) return rc;
+    double deadline = cm_now() + (double)c->connect_timeout_ms / 1e3;
+    for (int attempt = 1;; attempt++) {
+        int joined;
+        int64_t left = (int64_t)((deadline - cm_now()) * 1e3);
+        rc = form_ring(a, params, &st, left > 1 ? left : 1, &start, nccl_id, &nccl_id_len,
+                       &joined);
+        if (rc == CM_OK) break;
+        /* A member died while the first ring formed (the chief, say, to be
+         * started again): an elastic ring forms again, as in ar_recover. */
+        if (!joined || !a->elastic || cm_now() >= deadline) return rc;
+        cm_warn("ring formation %d failed (%s); joining again", attempt, s->err);
+        usleep(100 * 1000);
+    }
     if (a->use_nccl) {
         if (nccl_id_len != sizeof nccl_id) {
             snprintf(s->err, sizeof s->err, "rendezvous: the chief sent no NCCL id");

@@ -138,7 +138,9 @@ static void abandon_pending(psync *p) {
     int n = 0;
     for (int i = 0; i < p->npend; i++)
         if (p->pend[i]) p->pend[n++] = p->pend[i];
-    ps_tickets_abandon(p->pend, n);
+    /* Without waiting for sends (ps_tickets_drop): recovery quiesces the
+     * client before the buffers are reused, and closing it waits. */
+    ps_tickets_drop(p->pend, n);
     pend_clear(p);
 }
 
@@ -221,8 +223,8 @@ static int overlap_finish(psync *p, wk_sync_times *t) {
     int rc0 = settle_all(p);
     if (rc0 == CM_OK) rc0 = p->pend_rc;
     p->pend_rc = CM_OK;
-    if (rc0 != CM_OK) {
-        ps_tickets_abandon(p->tickets, p->ntickets);
+    if (rc0 != CM_OK) { /* Recovery (or the client's close) waits for the sends. */
+        ps_tickets_drop(p->tickets, p->ntickets);
         p->ntickets = 0;
         p->active = 0;
         return rc0;
@@ -461,7 +463,12 @@ static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, flo
     psync *p = (psync *)s;
     char why[sizeof s->err];
     memcpy(why, s->err, sizeof why);
-    if (p->active) wait_tickets(p);
+    /* Drop what is in flight without waiting: a call parked at a shard
+     * that waits for a worker being recovered ends only with the rollback
+     * below; the gradient's buffers are reused only after the quiesce. */
+    if (p->active) ps_tickets_drop(p->tickets, p->ntickets);
+    p->ntickets = 0;
+    p->active = 0;
     abandon_pending(p);
     memcpy(s->err, why, sizeof why);
     cm_warn("step %lld: %s", (long long)failed_step, s->err);
@@ -469,6 +476,11 @@ static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, flo
     int64_t v = 0;
     int rc = p->cfg.is_chief ? chief_sync(p, &v) : worker_sync(p, old, &v);
     if (rc == CM_OK) rc = pull_version(p, v, params);
+    if (rc == CM_OK && ps_client_quiesce(p->client, p->cfg.deadline_ms) != CM_OK) {
+        snprintf(s->err, sizeof s->err, "calls of the failed step still send its gradient "
+                 "after %lld ms", (long long)p->cfg.deadline_ms);
+        rc = CM_ETIMEDOUT;
+    }
     if (rc != CM_OK) return rc;
     /* Async steps are each worker's own: carry on from the failed one. */
     *resume_step = p->cfg.async ? failed_step : v;
