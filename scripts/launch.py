@@ -261,9 +261,12 @@ class Cluster:
                     running += 1
                 elif name in self.excused:
                     pass
-                elif chief_done is not None and retryable(rc) and name != "worker 0":
+                elif chief_done is not None and name != "worker 0" and (
+                        retryable(rc) or name.startswith("worker ")):
                     # The chief finished (it exited 0, its summary is written): a
-                    # process that dies now (shutting down) does not undo that.
+                    # process that dies now (shutting down), or a worker that came up
+                    # after the end (a finished run started again: the chief shut
+                    # the PS down before it arrived), does not undo that.
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
                     say(f"{name} (pid {p.pid}) exited with {what} after the chief finished; "
                         "the run's result stands" + (" (that shard's final checkpoint may be "

@@ -716,12 +716,15 @@ static int begin_training(run *r, const float *init_values) {
         cm_error("cannot get the initial parameters: %s", r->sync->err);
         return status;
     }
-    if (r->first_step >= r->total) {
+    if (r->first_step > r->total) {
         cm_error("the checkpoint is at step %lld, past the %lld steps of this run: nothing to "
                  "do (start on fresh checkpoint directories for a new run)",
                  (long long)r->first_step, (long long)r->total);
         return CM_EINVAL;
     }
+    if (r->first_step == r->total) /* E.g. a chief started again after its last step. */
+        cm_warn("the run is already at its last step (%lld): nothing to train%s",
+                (long long)r->total, r->is_chief ? "; evaluating the final parameters" : "");
     r->began = 1;
     size_t numel = r->model->numel;
     if (init_values && !r->dist) memcpy(r->params, init_values, numel * sizeof(float));
@@ -903,6 +906,14 @@ static int train_loop(run *r) {
      * one (whose rows the mode may fetch with this step's push). */
     wk_batch *b = NULL, *nb = NULL;
     int cur = 0;
+    if (step >= r->total && r->is_chief && !(r->is_ps && cfg->async)) {
+        /* Nothing to train (a finished run started again): the final
+         * evaluation only (PS async mode has it in finish_training). */
+        eval_result e;
+        if ((status = evaluate(r, step, &e)) != CM_OK) return status;
+        keep_eval(r, &e);
+        report_eval(r, (step - 1) / r->spe, NAN, NAN, &e);
+    }
     while (step < r->total) {
         double t0 = cm_now();
         if (!b) {
@@ -1065,6 +1076,7 @@ static int train_loop(run *r) {
     }
     if (b) wk_prefetch_release(r->pf, b);
     result->steps = step;
+    if (step == r->first_step) return CM_OK; /* Nothing trained: no rates. */
     result->seconds = cm_now() - t_start - eval_seconds;
     result->examples_per_sec = (double)(step - r->first_step) * (double)r->B / result->seconds;
     result->steady_examples_per_sec =

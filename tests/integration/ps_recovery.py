@@ -157,6 +157,17 @@ def resume(bin_dir, tmp):
     check(same_bytes(d + ".params", ref_params),
           "its final parameters equal an uninterrupted run's (same data position)")
     check(abs(s["test_accuracy"] - ref["test_accuracy"]) <= 1e-9, "and so does its accuracy")
+    # Started again on the finished directory, nothing is left to train: the chief
+    # evaluates the final version, writes its outputs and the run exits 0 (a worker
+    # that comes after the chief shut the PS down is excused by the launcher).
+    p = launch(bin_dir, *COMMON, "--checkpoint-dir", d, "--summary", d + "-again.json",
+               "--connect-timeout-ms", "3000")
+    out = p.stdout + p.stderr
+    again = summary(d + "-again.json")
+    check("nothing to train" in out and again["steps"] == STEPS and
+          abs(again["test_accuracy"] - s["test_accuracy"]) <= 1e-9,
+          f"a finished run started again exits 0 and reports the final accuracy "
+          f"{again['test_accuracy']:.4f} again")
     # A run that fails without --checkpoint-dir keeps its checkpoints (a PS killed and
     # not restarted: the launcher stops the cluster) and says where; a run resumes from them.
     p = launch(bin_dir, *COMMON, "--max-ps-restarts", "0", "--chaos-kill-ps", str(K + 10),
