@@ -23,7 +23,8 @@
     XX(ESHUTDOWN, -10, "shut down")                               \
     XX(EUNSUPPORTED, -11, "not supported")                        \
     XX(EABORTED, -12, "aborted: the cluster rolled back")         \
-    XX(EPROTO, -13, "protocol error")
+    XX(EPROTO, -13, "protocol error")                             \
+    XX(ESKIPPED, -14, "skipped: the step closed without this worker")
 
 enum {
 #define XX(name, code, text) CM_##name = (code),

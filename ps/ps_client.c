@@ -223,7 +223,10 @@ static void on_done(void *ud, int code, const char *message, const uint8_t *repl
     ps_ticket *t = s->t;
     ps_client *c = t->c;
     pthread_mutex_lock(&c->mu);
-    s->cm = rpc_status_to_cm(code);
+    /* OUT_OF_RANGE on a push: backup sync closed the step without us. */
+    s->cm = code == RPC_OUT_OF_RANGE && (t->op == OP_PUSH || t->op == OP_PUSH_PULL)
+                ? CM_ESKIPPED
+                : rpc_status_to_cm(code);
     if (t->orphan) {
         /* Nobody waits: the caller's buffers are not ours any more. */
     } else if (code != RPC_OK) {
@@ -623,7 +626,7 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
                 sub *s = &t->subs[i];
                 if (s->code == -1) {
                     busy = 1;
-                } else if (s->code == RPC_ABORTED) {
+                } else if (s->code == RPC_ABORTED || s->cm == CM_ESKIPPED) {
                     aborted = s;
                     aborted_t = t;
                     break;
@@ -660,8 +663,9 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
          * shard that waits for a worker being recovered is answered only
          * once the cluster rolled back (ps_client_quiesce after that). */
         sub_error(aborted_t, aborted, err, errlen);
+        int skipped = aborted->cm == CM_ESKIPPED; /* Read before the tickets go. */
         abandon_locked(c, tickets, n, 0);
-        return CM_EABORTED;
+        return skipped ? CM_ESKIPPED : CM_EABORTED;
     }
     pthread_mutex_unlock(&c->mu);
     int64_t vmin = INT64_MAX;
@@ -791,6 +795,9 @@ int ps_client_init(ps_client *c, const ps_init_cfg *init, char *err, size_t errl
     req.seed = init->seed;
     req.num_workers = (uint32_t)init->num_workers;
     req.sync = init->async ? PSRPC__SYNC_MODE__SYNC_ASYNC : PSRPC__SYNC_MODE__SYNC_SYNC;
+    req.backup_ms = init->backup_ms > 0 && init->backup_ms < UINT32_MAX ? (uint32_t)init->backup_ms
+                    : init->backup_ms > 0                              ? UINT32_MAX
+                                                                      : 0;
     req.aggregate = init->sum ? PSRPC__AGGREGATE__AGGREGATE_SUM : PSRPC__AGGREGATE__AGGREGATE_MEAN;
     req.zero_init = init->zero_init;
     req.global_batch = init->global_batch;

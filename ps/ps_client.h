@@ -66,6 +66,10 @@ typedef struct ps_init_cfg {
     uint64_t seed;
     int num_workers;
     int async;     /* 0 = synchronous steps, 1 = apply every push at once. */
+    int64_t backup_ms; /* Sync: > 0 is backup sync (psrpc.InitRequest.backup_ms):
+                        * a step closes after this long without the workers
+                        * that have not pushed; their pushes then fail with
+                        * CM_ESKIPPED. */
     int sum;       /* 0 = average the workers' gradients, 1 = sum them. */
     int zero_init; /* Start at zeros (benchmarks). */
     /* Where the data stands at a version (kept in checkpoints so that a

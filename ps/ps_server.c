@@ -520,6 +520,7 @@ static void on_init(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         .zero_init = r->zero_init,
         .global_batch = r->global_batch,
         .steps_per_epoch = r->steps_per_epoch,
+        .backup_ms = r->backup_ms,
     };
     char err[1280];
     int64_t version = 0;
@@ -702,9 +703,10 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
         ok = 1;
     } else {
         rpc_fail(call,
-                 rc == PS_PUSH_INVALID ? RPC_INVALID_ARGUMENT
-                 : rc == PS_PUSH_NOMEM ? RPC_RESOURCE_EXHAUSTED
-                                       : RPC_FAILED_PRECONDITION,
+                 rc == PS_PUSH_INVALID   ? RPC_INVALID_ARGUMENT
+                 : rc == PS_PUSH_NOMEM   ? RPC_RESOURCE_EXHAUSTED
+                 : rc == PS_PUSH_SKIPPED ? RPC_OUT_OF_RANGE
+                                         : RPC_FAILED_PRECONDITION,
                  "%s", err);
         if (parts) {
             free(*parts);
@@ -1024,6 +1026,7 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.pushes = st.pushes;
         rep.duplicate_pushes = st.duplicate_pushes;
         rep.stale_pushes = st.stale_pushes;
+        rep.backup_closes = st.backup_closes;
         rep.early_pushes = st.early_pushes;
         rep.pulls = st.pulls;
         rep.bad_requests = st.bad_requests;
@@ -1071,8 +1074,10 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
 /* ------------------------------------------------------------ checkpoints */
 
 /* The extra record: the shard's config, little-endian. */
-#define CFG_MAGIC "pscfg3\0\0"
-#define CFG_LEN (8 + 17 * 4 + 8 * 4) /* v3: + Adagrad's accumulator, the tables' optimizer */
+#define CFG_MAGIC "pscfg4\0\0"
+#define CFG_LEN (8 + 17 * 4 + 8 * 4 + 4) /* v4: + backup sync's ms */
+#define CFG_MAGIC_V3 "pscfg3\0\0"
+#define CFG_LEN_V3 (8 + 17 * 4 + 8 * 4) /* v3: + Adagrad's accumulator, the tables' optimizer */
 #define CFG_MAGIC_V2 "pscfg2\0\0"
 #define CFG_LEN_V2 (8 + 4 + 5 * 4 + 8 + 4 * 4 + 8 + 4 + 8) /* v2: + init_hash, data layout */
 #define CFG_MAGIC_V1 "pscfg1\0\0"
@@ -1126,16 +1131,19 @@ static void cfg_encode(const ps_shard_config *c, uint8_t out[CFG_LEN]) {
     p = put32(p, fbits(t->beta1));
     p = put32(p, fbits(t->beta2));
     p = put32(p, fbits(t->epsilon));
-    put32(p, fbits(t->initial_accumulator));
+    p = put32(p, fbits(t->initial_accumulator));
+    put32(p, (uint32_t)c->backup_ms);
 }
 
 static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
     int v1 = len == CFG_LEN_V1 && memcmp(buf, CFG_MAGIC_V1, 8) == 0;
     int v2 = len == CFG_LEN_V2 && memcmp(buf, CFG_MAGIC_V2, 8) == 0;
-    if (!v1 && !v2 && (len != CFG_LEN || memcmp(buf, CFG_MAGIC, 8) != 0)) return CM_ECORRUPT;
+    int v3 = len == CFG_LEN_V3 && memcmp(buf, CFG_MAGIC_V3, 8) == 0;
+    if (!v1 && !v2 && !v3 && (len != CFG_LEN || memcmp(buf, CFG_MAGIC, 8) != 0))
+        return CM_ECORRUPT;
     const uint8_t *p = (const uint8_t *)buf + 8;
-    uint32_t v[25] = {0};
-    for (int i = 0; i < (v1 ? 12 : v2 ? 17 : 25); i++) p = get32(p, &v[i]);
+    uint32_t v[26] = {0};
+    for (int i = 0; i < (v1 ? 12 : v2 ? 17 : v3 ? 25 : 26); i++) p = get32(p, &v[i]);
     *c = (ps_shard_config){.optim = {.kind = (int)v[0], .lr = bitsf(v[1]),
                                      .momentum = bitsf(v[2]), .beta1 = bitsf(v[3]),
                                      .beta2 = bitsf(v[4]), .epsilon = bitsf(v[5])},
@@ -1146,7 +1154,8 @@ static int cfg_decode(const void *buf, size_t len, ps_shard_config *c) {
                            .zero_init = (int)v[11],
                            .init_hash = (uint64_t)v[12] | (uint64_t)v[13] << 32,
                            .global_batch = v[14],
-                           .steps_per_epoch = (uint64_t)v[15] | (uint64_t)v[16] << 32};
+                           .steps_per_epoch = (uint64_t)v[15] | (uint64_t)v[16] << 32,
+                           .backup_ms = v[25]};
     if (!v1 && !v2) {
         c->optim.initial_accumulator = bitsf(v[17]);
         c->table_optim = (ps_optim_cfg){.kind = (int)v[18], .lr = bitsf(v[19]),
@@ -2050,6 +2059,18 @@ int ps_server_wait(ps_server *s, int timeout_ms) {
         double now = cm_now(), slice = until - now;
         if (slice <= 0) break;
         if (slice > 0.05) slice = 0.05; /* A deferred stop is checked often. */
+        /* Backup sync's deadline (outside mu: a close publishes a version,
+         * whose checkpoint hook takes mu). */
+        ps_shard *sh = s->shard; /* Set once, under mu, at the first Init. */
+        pthread_mutex_unlock(&s->mu);
+        int64_t bstep;
+        double waited;
+        char who[256];
+        if (sh && ps_shard_tick(sh, &bstep, &waited, who, sizeof who))
+            cm_warn("step %lld closed after %.0f ms without %s%s (--sync backup): averaged "
+                    "over the workers that pushed", (long long)bstep, waited * 1e3,
+                    who[0] ? "workers " : "the workers already absent", who);
+        pthread_mutex_lock(&s->mu);
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         long ns = ts.tv_nsec + (long)(slice * 1e9);

@@ -52,6 +52,7 @@
 
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
+#include "common/cm_time.h"
 #include "ps/ps_rowacc.h"
 #include "ps/ps_wire.h"
 
@@ -171,6 +172,13 @@ struct ps_shard {
     ps_shard_stats st;
     float *spare;       /* A buffer for the next version, taken before a push
                          * changes anything (see reserve_buffer). */
+    /* Backup sync (cfg.backup_ms > 0): workers that gave nothing to a step
+     * closed without them; the next steps close without waiting for them
+     * until one of their pushes comes (a stale one too: it is alive). */
+    uint8_t absent[PS_SHARD_MAX_WORKERS];
+    int nabsent;
+    double open_since;  /* When the open step's first contribution came (0: none). */
+    int closing_partial; /* close_partial is closing the step. */
     size_t mem_state;   /* Bytes of the state of cfg (state_bytes). */
     size_t mem_staged;  /* Sync: bytes of the rows staged (capacity). */
     int64_t step_hw;    /* Highest step accepted, kept across rollbacks. */
@@ -589,7 +597,8 @@ static int same_config(const ps_shard_config *a, const ps_shard_config *b) {
            a->table_optim.beta2 == b->table_optim.beta2 &&
            a->table_optim.epsilon == b->table_optim.epsilon &&
            a->table_optim.momentum == b->table_optim.momentum &&
-           a->table_optim.initial_accumulator == b->table_optim.initial_accumulator;
+           a->table_optim.initial_accumulator == b->table_optim.initial_accumulator &&
+           a->backup_ms == b->backup_ms;
 }
 
 /* An optimizer's settings beyond its kind and rate, so that two configs
@@ -613,7 +622,8 @@ static void describe(const ps_shard *s, const ps_shard_config *c, char *buf, siz
     snprintf(buf, len,
              "%s lr=%g seed=%llu workers=%d %s %s%s%s global batch %u (%llu steps/epoch) (%s)%s",
              ps_optim_name(c->optim.kind), (double)c->optim.lr, (unsigned long long)c->seed,
-             c->num_workers, c->sync == PS_SYNC ? "sync" : "async",
+             c->num_workers,
+             c->sync != PS_SYNC ? "async" : c->backup_ms > 0 ? "backup-sync" : "sync",
              c->aggregate == PS_AGG_SUM ? "sum" : "mean", c->zero_init ? " zero-init" : "", from,
              c->global_batch, (unsigned long long)c->steps_per_epoch, more, tables);
 }
@@ -712,6 +722,9 @@ static int setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const
     s->pcount = pcount;
     s->pdone = pdone;
     s->ndone = 0;
+    memset(s->absent, 0, sizeof s->absent);
+    s->nabsent = 0;
+    s->open_since = 0;
     s->last_step = last;
     for (size_t w = 0; w < W; w++) s->last_step[w] = -1;
     s->rstage = rstage;
@@ -799,6 +812,11 @@ static int config_ok(const ps_shard *s, const ps_shard_config *cfg, char *err, s
     if (cfg->aggregate != PS_AGG_MEAN && cfg->aggregate != PS_AGG_SUM) {
         cm_seterr(err, errlen, "invalid init config: aggregate %d (must be %d, mean, or %d, sum)",
                   cfg->aggregate, PS_AGG_MEAN, PS_AGG_SUM);
+        return 0;
+    }
+    if (cfg->backup_ms < 0 || (cfg->backup_ms > 0 && cfg->sync != PS_SYNC)) {
+        cm_seterr(err, errlen, "invalid init config: backup after %lld ms (must be >= 0, and 0 "
+                  "in async mode)", (long long)cfg->backup_ms);
         return 0;
     }
     if (!optim_ok(&cfg->optim, "optimizer", err, errlen)) return 0;
@@ -1155,6 +1173,10 @@ static void apply_acc(ps_shard *s, float scale) {
     ps_rowacc_reset(&s->racc);
 }
 
+/* Sync: the contributions a partition (and the rows) of the step wait for:
+ * every worker, less those backup sync marked absent (mu held). */
+static int need(const ps_shard *s) { return s->cfg.num_workers - s->nabsent; }
+
 /* Sync: every worker's rows of the step are in. Sum them per row in rank
  * order and apply them, averaged as dense gradients are (mu held). */
 static void apply_staged_rows(ps_shard *s) {
@@ -1165,9 +1187,10 @@ static void apply_staged_rows(ps_shard *s) {
                     ps_rows_dim(s->rows, (int)l->tab[i]), 0);
         l->n = 0;
     }
-    float scale = s->cfg.aggregate == PS_AGG_MEAN && s->cfg.num_workers > 1
-                      ? 1.0f / (float)s->cfg.num_workers
-                      : 1.0f;
+    /* Averaged over the workers whose rows came (all but after a backup
+     * close). */
+    int n = s->rcount > 0 ? s->rcount : 1;
+    float scale = s->cfg.aggregate == PS_AGG_MEAN && n > 1 ? 1.0f / (float)n : 1.0f;
     apply_acc(s, scale);
 }
 
@@ -1177,7 +1200,7 @@ static void apply_staged_rows(ps_shard *s) {
  * or NULL. */
 static ps_snapshot *maybe_close(ps_shard *s) {
     if (s->ndone < s->nparts) return NULL;
-    if (s->rows && s->rcount < s->cfg.num_workers) return NULL;
+    if (s->rows && s->rcount < need(s) && !s->closing_partial) return NULL;
     if (s->rows) {
         apply_staged_rows(s);
         s->rcount = 0;
@@ -1185,6 +1208,7 @@ static ps_snapshot *maybe_close(ps_shard *s) {
     }
     if (!s->pending) s->pending = snap_new(s, new_buffer(s), s->version + 1);
     s->version++;
+    s->open_since = 0;
     ps_snapshot *old = publish(s, s->pending);
     s->pending = NULL;
     s->ndone = 0;
@@ -1194,12 +1218,30 @@ static ps_snapshot *maybe_close(ps_shard *s) {
     return old;
 }
 
+/* Sync, 3 or more workers: partition li's staged gradients of the workers
+ * that gave it, summed into acc in rank order (the same sum whatever the
+ * arrival order; mu held). */
+static void sum_staged(ps_shard *s, int li) {
+    size_t off = s->part_off[li], n = s->part_off[li + 1] - off, np = (size_t)s->nparts;
+    float *restrict dst = s->acc + off;
+    int first = 1;
+    for (int w = 0; w < s->cfg.num_workers; w++) {
+        if (!s->contrib[(size_t)w * np + (size_t)li]) continue;
+        const float *restrict g = s->stage + (size_t)w * s->numel + off;
+        if (first)
+            memcpy(dst, g, n * sizeof(float));
+        else
+            for (size_t k = 0; k < n; k++) dst[k] += g[k];
+        first = 0;
+    }
+}
+
 /* Sync: partition li has all W contributions. Apply it into pending and,
  * when the step is complete, publish version + 1 (mu held). Returns the old
  * snapshot to unref after unlocking, or NULL. */
 static ps_snapshot *finish_part(ps_shard *s, int li) {
     if (!s->pending) s->pending = snap_new(s, new_buffer(s), s->version + 1);
-    apply_part(s, li, s->cfg.num_workers, s->pending->data);
+    apply_part(s, li, s->pcount[li], s->pending->data);
     s->pdone[li] = 1;
     ++s->ndone;
     return maybe_close(s);
@@ -1438,9 +1480,20 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
         goto done;
     }
     if (step < s->version) {
+        s->st.stale_pushes++;
+        if (s->cfg.backup_ms > 0) { /* Alive after all: the next step waits for it. */
+            if (s->absent[worker]) {
+                s->absent[worker] = 0;
+                s->nabsent--;
+            }
+            cm_seterr(err, errlen, "step %lld closed without worker %d (backup sync); shard %d "
+                      "is at version %lld", (long long)step, worker, s->index,
+                      (long long)s->version);
+            rc = PS_PUSH_SKIPPED;
+            goto done;
+        }
         cm_seterr(err, errlen, "stale push: step %lld from worker %d, shard %d is at version "
                   "%lld", (long long)step, worker, s->index, (long long)s->version);
-        s->st.stale_pushes++;
         rc = PS_PUSH_STALE;
         goto done;
     }
@@ -1468,9 +1521,14 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
     else
         s->st.pushes++;
     s->last_step[worker] = step;
+    if (s->absent[worker]) { /* Back (backup sync): the steps wait for it again. */
+        s->absent[worker] = 0;
+        s->nabsent--;
+    }
+    if (s->open_since == 0) s->open_since = cm_now();
     for (int i = 0; i < ngrads && !old; i++) {
         int li = s->local_of[grads[i].part];
-        if (mine[li]) continue;
+        if (mine[li] || s->pdone[li]) continue; /* pdone: closed without it (backup). */
         size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
         float *dst = s->acc + off;
         /* Loaded into its staging slot or acc already (load_dense). */
@@ -1481,14 +1539,8 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
         else if (!drop && !s->stage && s->pcount[li] > 0)
             grad_add(dst, &grads[i], n);
         mine[li] = 1;
-        if (++s->pcount[li] == s->cfg.num_workers) {
-            if (s->stage) { /* In rank order: the same sum whatever the arrival order. */
-                memcpy(dst, s->stage + off, n * sizeof(float));
-                for (int w = 1; w < s->cfg.num_workers; w++) {
-                    const float *restrict g = s->stage + (size_t)w * s->numel + off;
-                    for (size_t k = 0; k < n; k++) dst[k] += g[k];
-                }
-            }
+        if (++s->pcount[li] >= need(s)) {
+            if (s->stage) sum_staged(s, li);
             old = finish_part(s, li);
         }
     }
@@ -1503,10 +1555,11 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
     } else if (s->nparts == 0 && !s->rows) {
         /* A shard that owns nothing still counts its workers' steps. */
         mine[0] = 1;
-        if (++s->pcount[0] == s->cfg.num_workers) {
+        if (++s->pcount[0] >= need(s)) {
             s->version++;
             old = publish(s, snap_new(s, new_buffer(s), s->version));
             s->pcount[0] = 0;
+            s->open_since = 0;
             memset(s->contrib, 0, (size_t)s->cfg.num_workers);
         }
     }
@@ -1710,6 +1763,67 @@ void ps_shard_finish(ps_shard *s) {
 
 void ps_shard_abort_waiters(ps_shard *s) { drop_waiters(s, 1); }
 
+/* Backup sync: close the open step with what came (mu held): each
+ * partition not yet final is averaged over its contributions (one with none
+ * keeps its values), the rows over the workers whose rows came; workers
+ * that gave nothing become absent. Returns the old snapshot to unref. */
+static ps_snapshot *close_partial(ps_shard *s, char *who, size_t wlen) {
+    size_t np = (size_t)(s->nparts ? s->nparts : 1), at = 0;
+    who[0] = 0;
+    for (int w = 0; w < s->cfg.num_workers; w++) {
+        int gave = s->rows && s->rgiven[w];
+        for (size_t i = 0; i < np && !gave; i++) gave = s->contrib[(size_t)w * np + i];
+        if (gave || s->absent[w]) continue;
+        s->absent[w] = 1;
+        s->nabsent++;
+        if (at + 12 < wlen) at += (size_t)snprintf(who + at, wlen - at, "%s%d", at ? "," : "", w);
+    }
+    if (s->nparts == 0 && !s->rows) {
+        s->version++;
+        ps_snapshot *old = publish(s, snap_new(s, new_buffer(s), s->version));
+        s->pcount[0] = 0;
+        s->open_since = 0;
+        memset(s->contrib, 0, (size_t)s->cfg.num_workers);
+        return old;
+    }
+    if (!s->pending) s->pending = snap_new(s, new_buffer(s), s->version + 1);
+    for (int li = 0; li < s->nparts; li++) {
+        if (s->pdone[li]) continue;
+        size_t off = s->part_off[li], n = s->part_off[li + 1] - off;
+        if (s->pcount[li] == 0) {
+            memcpy(s->pending->data + off, s->current->data + off, n * sizeof(float));
+        } else {
+            if (s->stage) sum_staged(s, li);
+            apply_part(s, li, s->pcount[li], s->pending->data);
+        }
+        s->pdone[li] = 1;
+        s->ndone++;
+    }
+    s->closing_partial = 1;
+    ps_snapshot *old = maybe_close(s);
+    s->closing_partial = 0;
+    return old;
+}
+
+int ps_shard_tick(ps_shard *s, int64_t *step, double *waited, char *who, size_t wlen) {
+    pthread_mutex_lock(&s->mu);
+    if (!s->inited || s->cfg.sync != PS_SYNC || s->cfg.backup_ms <= 0 || s->open_since == 0 ||
+        (cm_now() - s->open_since) * 1e3 < (double)s->cfg.backup_ms) {
+        pthread_mutex_unlock(&s->mu);
+        return 0;
+    }
+    *step = s->version;
+    *waited = cm_now() - s->open_since;
+    ps_snapshot *old = close_partial(s, who, wlen);
+    s->st.backup_closes++;
+    waiter *ready = NULL;
+    int nready = take_ready(s, &ready);
+    pthread_mutex_unlock(&s->mu);
+    answer(ready, nready);
+    ps_snapshot_unref(old);
+    return 1;
+}
+
 int ps_shard_is_async(ps_shard *s) {
     pthread_mutex_lock(&s->mu);
     int a = s->inited && s->cfg.sync == PS_ASYNC;
@@ -1836,6 +1950,9 @@ int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const f
     memset(s->pcount, 0, ((size_t)s->nparts + 1) * sizeof *s->pcount);
     memset(s->pdone, 0, (size_t)s->nparts + 1);
     s->ndone = 0;
+    memset(s->absent, 0, sizeof s->absent);
+    s->nabsent = 0;
+    s->open_since = 0;
     for (size_t k = 0; k < W; k++) s->last_step[k] = -1;
     if (s->rows) {
         rows_reset(s);

@@ -115,6 +115,14 @@ typedef struct ps_shard_config {
                          * as version 0), this is their XXH64. */
     ps_optim_cfg table_optim; /* Row-wise optimizer of the tables (a model
                                * with tables only). */
+    /* Sync mode: > 0 is backup sync (TensorFlow's replicas_to_aggregate
+     * with a deadline): a step open this many ms since its first
+     * contribution closes with the workers that gave (each partition
+     * averaged over its contributions); the workers that gave nothing are
+     * absent, and the next steps do not wait for them until one of their
+     * pushes comes. Their late pushes get PS_PUSH_SKIPPED. The close
+     * happens in ps_shard_tick. 0: every step waits for every worker. */
+    int64_t backup_ms;
 } ps_shard_config;
 
 /* The most workers a config may have. 4096: far above any cluster this PS
@@ -162,7 +170,9 @@ enum {
     PS_PUSH_EARLY = -101,   /* FAILED_PRECONDITION */
     PS_PUSH_INVALID = -102, /* INVALID_ARGUMENT: shape, dtype, partition */
     PS_PUSH_NOT_READY = -103, /* FAILED_PRECONDITION: not initialised */
-    PS_PUSH_NOMEM = -104      /* RESOURCE_EXHAUSTED: over the memory limit */
+    PS_PUSH_NOMEM = -104,     /* RESOURCE_EXHAUSTED: over the memory limit */
+    PS_PUSH_SKIPPED = -105    /* OUT_OF_RANGE: backup sync closed the step
+                               * without this worker (a stale push there) */
 };
 
 /* One table's row gradients in a push. */
@@ -206,6 +216,7 @@ typedef struct ps_shard_stats {
                                   * the limit. */
     ps_rows_spill_stats row_cache; /* Rows in memory and stored (with a row
                                     * budget: ps_shard_set_row_spill). */
+    uint64_t backup_closes; /* Steps backup sync closed without some worker. */
 } ps_shard_stats;
 
 /* Each worker rank's last pushed step (-1: none since Init or restart) into
@@ -350,6 +361,12 @@ void ps_shard_finish(ps_shard *s);
 /* Answer every waiting pull with NULL (those of ps_shard_pull_final with
  * the last version), and every later one with NULL (shutdown). */
 void ps_shard_abort_waiters(ps_shard *s);
+
+/* Backup sync: close the open step without the missing workers once it
+ * has waited cfg.backup_ms. Returns 1 when it did, with the step, how long
+ * it waited (s) and the workers newly absent ("2,5"; may be empty) for the
+ * caller to log; 0 otherwise. Call it often (psserver: every 50 ms). */
+int ps_shard_tick(ps_shard *s, int64_t *step, double *waited, char *who, size_t wlen);
 
 /* 1 if initialised in async mode. */
 int ps_shard_is_async(ps_shard *s);

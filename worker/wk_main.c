@@ -86,8 +86,10 @@ static void usage(FILE *f) {
             "                            never pushes, and ends with the PS)\n"
             "  --eval-every N            evaluator: versions between evaluations (500)\n"
             "  --task-index I            this task's index\n"
-            "  --sync sync|async         apply steps when all workers pushed (default),\n"
-            "                            or every push at once\n"
+            "  --sync sync|async|backup  apply steps when all workers pushed (default),\n"
+            "                            every push at once, or (backup) when all pushed\n"
+            "                            or --worker-timeout passed: then with the workers\n"
+            "                            that did (TensorFlow's replicas_to_aggregate)\n"
             "  --min-partition-bytes N   placement's minimum partition (default 262144)\n"
             "  --rpc-timeout-ms N        deadline of every call (default 60000)\n"
             "  --connect-timeout-ms N    how long to retry an unreachable PS (default 30000)\n"
@@ -98,7 +100,8 @@ static void usage(FILE *f) {
             "  --recovery-timeout-ms N   how long to wait for the cluster to roll back after a\n"
             "                            PS restarted from its checkpoint (default 120000)\n"
             "  --worker-timeout S        allreduce: after a worker died, how long the others\n"
-            "                            wait for its replacement (default 60)\n"
+            "                            wait for its replacement (default 60); --sync\n"
+            "                            backup: how long a step waits (default 10)\n"
             "  --min-workers N           allreduce: once that wait ran out, go on in a smaller\n"
             "                            ring if at least N workers are left (default: every\n"
             "                            worker, i.e. the run fails naming the missing ones)\n"
@@ -414,11 +417,13 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
             task_index = (int)v;
             break;
         case O_SYNC:
-            if (strcmp(optarg, "sync") && strcmp(optarg, "async")) {
-                fprintf(stderr, "pstrain: --sync must be sync or async, got '%s'\n", optarg);
+            if (strcmp(optarg, "sync") && strcmp(optarg, "async") && strcmp(optarg, "backup")) {
+                fprintf(stderr, "pstrain: --sync must be sync, async or backup, got '%s'\n",
+                        optarg);
                 return 2;
             }
             cfg.async = !strcmp(optarg, "async");
+            cfg.backup_sync = !strcmp(optarg, "backup");
             break;
         case O_MIN_PART:
             if (parse_long("--min-partition-bytes", optarg, 1, 1L << 40, &v)) return 2;

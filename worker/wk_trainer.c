@@ -80,7 +80,8 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
                           (json_int_t)cfg->seed, "epochs", cfg->epochs, "threads",
                           wk_device_cpu_threads(), "steady_examples_per_sec",
                           r->steady_examples_per_sec, "rank", r->rank, "sync",
-                          cfg->async ? "async" : "sync", "rollbacks", r->rollbacks,
+                          cfg->async ? "async" : cfg->backup_sync ? "backup" : "sync",
+                          "rollbacks", r->rollbacks,
                           "steps_redone", (json_int_t)r->steps_redone, "versions_lost",
                           (json_int_t)r->versions_lost, "device",
                           on_gpu ? "cuda" : "cpu", "devices", ndevs, "precision",
@@ -606,7 +607,10 @@ static int open_sync(run *r, const float *init_values) {
             .recovery_timeout_ms = cfg->recovery_timeout_ms,
             .init_values = init_values,
             .sec = cfg->sec,
-            .worker_addrs = r->ar_addrs};
+            .worker_addrs = r->ar_addrs,
+            .backup_ms = !cfg->backup_sync       ? 0
+                         : cfg->worker_timeout_ms ? cfg->worker_timeout_ms
+                                                  : 10000};
         if ((status = wk_sync_ps_create(&pc, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             return status;
@@ -666,7 +670,7 @@ static void log_start(const run *r) {
     else if (r->is_ps)
         cm_info("training %s (%s%s): rank %d of %d workers%s, %d PS, %s, %s lr %g, batch %d "
                 "per worker (%zu global) on %d %s device%s, %d BLAS thread%s, %lld steps",
-                cfg->mode, cfg->async ? "async" : "sync",
+                cfg->mode, cfg->async ? "async" : cfg->backup_sync ? "backup sync" : "sync",
                 cfg->wire_bf16 ? ", bf16 gradients on the wire" : "", r->rank, r->W,
                 r->is_chief ? " (chief)" : "", r->nps, what, ps_optim_name(r->opt.kind),
                 (double)r->lr, cfg->batch_size, r->B, r->D, dev, r->D == 1 ? "" : "s",
@@ -878,6 +882,8 @@ static int recover(run *r, int64_t step, int from_sync, int64_t *resume) {
     if (r->is_ar)
         cm_warn("step %lld: the ring formed again (%s); resuming at step %lld", (long long)step,
                 r->sync->err, (long long)*resume);
+    else if (*resume > step)
+        cm_warn("step %lld: %s", (long long)step, r->sync->err);
     else
         cm_warn("step %lld: the cluster rolled back%s; resuming at step %lld (%lld step%s "
                 "redone)", (long long)step,

@@ -93,6 +93,9 @@ typedef struct wk_train_cfg {
      * min_workers are left (0 = every worker: wait only). */
     int64_t worker_timeout_ms;
     int min_workers;
+    /* PS mode, sync: backup sync (--sync backup): the shards close a step
+     * after worker_timeout_ms (0 = 10000) with the workers that pushed. */
+    int backup_sync;
 } wk_train_cfg;
 
 typedef struct wk_train_result {

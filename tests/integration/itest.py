@@ -46,6 +46,15 @@ def rel_diff(p0, a, b):
     return num / math.sqrt(sum(x * x for x in db))
 
 
+def lines_in(path):
+    """Lines in a file (a step log being written), 0 while it does not exist."""
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
 def free_ports(n):
     """n distinct ports of 127.0.0.1 that were free a moment ago."""
     socks = [socket.socket() for _ in range(n)]

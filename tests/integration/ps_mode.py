@@ -104,7 +104,9 @@ def learns(bin_dir, tmp):
         # with their last version when they shut down (issue 14).
         check(evals[-1] == j["steps"] and
               f"evaluator: last evaluation at version {j['steps']}" in p.stdout,
-              f"{mode}: the evaluator's last evaluation is of the final version {j['steps']}")
+              f"{mode}: the evaluator's last evaluation is of the final version {j['steps']}"
+              + ("" if evals[-1] == j["steps"] else "\n" + "\n".join(
+                  l for l in p.stderr.splitlines()[-60:] if "checkpoint of" not in l)))
 
 
 def free_port():

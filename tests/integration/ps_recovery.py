@@ -14,6 +14,12 @@
                                   the same directories resumes at that step and data
                                   position and ends where an uninterrupted run does; a
                                   restart with another batch size or model is refused
+  ps_recovery.py BIN_DIR backup   --sync backup: with every worker there it ends
+                                  bit-identical to sync mode; with a worker killed (not
+                                  restarted) the shards close each step without it after
+                                  --worker-timeout and the others finish; a worker stopped
+                                  (SIGSTOP) past the timeout and continued skips ahead to the
+                                  shards' version and finishes too
 Every process listens on 127.0.0.1, runs under a timeout, and is stopped by PID.
 """
 import json
@@ -23,7 +29,7 @@ import re
 import shutil
 import sys
 
-from itest import LAUNCH, check, launch, main, run
+from itest import LAUNCH, check, launch, lines_in, main, run
 
 K = 20  # checkpoint interval
 # What a kill can cost: the steps since the newest checkpoint every shard
@@ -192,5 +198,95 @@ def resume(bin_dir, tmp):
           "a restart with another model is refused, naming what the directory holds")
 
 
+def start_cluster(bin_dir, tmp, tag, nps, nworkers, extra):
+    """psserver and pstrain processes started directly (no launcher, so that a dead
+    worker is not replaced): [(name, Popen, output file)]."""
+    import subprocess
+    from itest import free_ports
+    ports = free_ports(nps + nworkers)
+    cluster = {"ps": [f"127.0.0.1:{p}" for p in ports[:nps]],
+               "worker": [f"127.0.0.1:{p}" for p in ports[nps:]]}
+    procs = []
+    for kind, n, argv in (("ps", nps, [os.path.join(bin_dir, "psserver")]),
+                          ("worker", nworkers, [os.path.join(bin_dir, "pstrain"), "--mode", "ps",
+                                                *extra])):
+        for i in range(n):
+            out = os.path.join(tmp, f"{tag}-{kind}{i}.out")
+            if kind == "worker":  # each its own step log: TAG-worker<i>.jsonl
+                argv = argv[:3] + ["--log", os.path.join(tmp, f"{tag}-worker{i}.jsonl")] + extra
+            env = dict(os.environ, TF_CONFIG=json.dumps(
+                {"cluster": cluster, "task": {"type": kind, "index": i}}))
+            with open(out, "w") as o:
+                procs.append((f"{kind}{i}", subprocess.Popen(argv, env=env, stdout=o,
+                                                            stderr=subprocess.STDOUT), out))
+    return procs
+
+
+def wait_all(procs, timeout):
+    import subprocess
+    import time
+    end = time.monotonic() + timeout
+    for _, p, _ in procs:
+        try:
+            p.wait(timeout=max(1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return {n: p.returncode for n, p, _ in procs}
+
+
+def backup(bin_dir, tmp):
+    import signal
+    import time
+    f = lambda name: os.path.join(tmp, name)
+    job = ["--train-limit", "12000", "--test-limit", "2000", "--epochs", "2", "--batch-size",
+           "32", "--seed", "7", "--threads", "1"]
+    # Nobody missing: backup sync is sync, bit for bit.
+    for mode in ("sync", "backup"):
+        launch(bin_dir, "--ps", "2", "--workers", "3", "--sync", mode, *job, "--worker-timeout",
+               "2", "--params-out", f(mode + ".params"), "--summary", f(mode + ".json"))
+    check(same_bytes(f("sync.params"), f("backup.params")),
+          "with every worker there, --sync backup ends bit-identical to --sync sync")
+    ref = summary(f("sync.json"))
+    total = ref["steps"]
+    # Worker 2 killed for good: each shard waits --worker-timeout once, then closes
+    # the steps with workers 0 and 1; the run finishes.
+    procs = start_cluster(bin_dir, tmp, "dead", 2, 3, ["--sync", "backup", *job,
+                                                        "--worker-timeout", "1", "--summary",
+                                                        f("dead.json")])
+    t0 = time.monotonic()
+    while lines_in(f("dead-worker0.jsonl")) < 40 and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    procs[4][1].send_signal(signal.SIGKILL)  # worker2
+    rcs = wait_all(procs, 120)
+    took = time.monotonic() - t0
+    outs = {n: open(o).read() for n, _, o in procs}
+    check(all(rcs[n] == 0 for n in ("ps0", "ps1", "worker0", "worker1")),
+          f"a worker killed and not replaced: the others finish ({rcs}, {took:.1f} s)")
+    check(all("without workers 2 (--sync backup)" in outs[n] for n in ("ps0", "ps1")),
+          "each shard closed a step without worker 2 after the timeout, and said so")
+    s = summary(f("dead.json"))
+    check(s["steps"] == total and s["test_accuracy"] > ref["test_accuracy"] - 0.03,
+          f"the run ends at step {total}, test accuracy {s['test_accuracy']:.4f} (sync "
+          f"{ref['test_accuracy']:.4f})")
+    # Worker 1 stopped past the timeout and continued: its push is late, it skips
+    # ahead to the shards' version, and everyone finishes.
+    procs = start_cluster(bin_dir, tmp, "slow", 1, 3, ["--sync", "backup", *job, "--epochs",
+                                                        "10", "--worker-timeout", "0.5"])
+    t0 = time.monotonic()
+    while lines_in(f("slow-worker0.jsonl")) < 40 and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    procs[2][1].send_signal(signal.SIGSTOP)  # worker1
+    time.sleep(1.5)
+    procs[2][1].send_signal(signal.SIGCONT)
+    rcs = wait_all(procs, 120)
+    outs = {n: open(o).read() for n, _, o in procs}
+    check(all(rc == 0 for rc in rcs.values()), f"a worker stopped for 1.5 s finishes: {rcs}"
+          + ("" if all(rc == 0 for rc in rcs.values()) else "\n" + "\n".join(outs.values())))
+    check("without this worker (--sync backup): skipping to their version" in outs["worker1"],
+          "it skipped ahead to the shards' version")
+
+
 if __name__ == "__main__":
-    main(__doc__, {"kill": kill, "worker-kill": worker_kill, "resume": resume}, "ps_recovery.")
+    main(__doc__, {"kill": kill, "worker-kill": worker_kill, "resume": resume,
+                   "backup": backup}, "ps_recovery.")

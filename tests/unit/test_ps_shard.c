@@ -564,6 +564,60 @@ static void test_sync_mean_sgd_exact(void **state) {
     expect_stats(f->s, 2, 4, 0, 0, 0, 0);
 }
 
+/* Backup sync: a step closes after backup_ms with the workers that pushed
+ * (their mean), the missing one is absent (the next step does not wait
+ * for it), its late push is PS_PUSH_SKIPPED and makes the steps wait for
+ * it again; nothing closes before the deadline. */
+static void test_backup_sync(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 3, PS_SYNC, PS_AGG_MEAN);
+    c.backup_ms = 100;
+    init_ok(f, &c);
+    float ref[MAXN], got[MAXN];
+    initial(f, ref);
+    int64_t v = -1, step;
+    double waited;
+    char who[64];
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
+    assert_int_equal(ps_shard_tick(f->s, &step, &waited, who, sizeof who), 0);
+    assert_int_equal(values(f, got), 0); /* Before the deadline: waits for worker 2. */
+    sleep_ms(130);
+    assert_int_equal(ps_shard_tick(f->s, &step, &waited, who, sizeof who), 1);
+    assert_int_equal(step, 0);
+    assert_true(waited >= 0.1);
+    assert_string_equal(who, "2");
+    ref_sgd_mean(f, ref, 2, 0); /* The mean of workers 0 and 1. */
+    assert_int_equal(values(f, got), 1);
+    expect_same(ref, got, f->m->numel);
+    /* Worker 2 absent: step 1 closes with 0 and 1, no waiting. */
+    assert_int_equal(push_step(f, 1, 1, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 0, 1, &v), PS_PUSH_OK);
+    assert_int_equal(v, 2);
+    ref_sgd_mean(f, ref, 2, 1);
+    assert_int_equal(values(f, got), 2);
+    expect_same(ref, got, f->m->numel);
+    /* Its late push: skipped, and it counts again from now on. */
+    assert_int_equal(push_step(f, 2, 0, &v), PS_PUSH_SKIPPED);
+    assert_int_equal(push_step(f, 0, 2, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 1, 2, &v), PS_PUSH_OK);
+    assert_int_equal(v, 2); /* Waiting for worker 2 again. */
+    assert_int_equal(push_step(f, 2, 2, &v), PS_PUSH_OK);
+    assert_int_equal(v, 3);
+    ref_sgd_mean(f, ref, 3, 2);
+    assert_int_equal(values(f, got), 3);
+    expect_same(ref, got, f->m->numel);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.backup_closes, 1);
+    /* Not in async mode. */
+    ps_shard_config bad = cfg_make(PS_OPTIM_SGD, 3, PS_ASYNC, PS_AGG_MEAN);
+    bad.backup_ms = 100;
+    char err[256] = "";
+    int64_t v0;
+    assert_int_not_equal(ps_shard_init(f->s, &bad, &v0, err, sizeof err), CM_OK);
+}
+
 /* Gradients whose float sums depend on the order of addition. */
 static void grad_rough(float *full, size_t n, int worker) {
     static const float scale[3] = {1e-3f, 7.0f, 3e3f};
@@ -3316,6 +3370,7 @@ int main(void) {
         T(test_initial_values),
         T(test_init_from_values_is_its_own_config),
         T(test_sync_mean_sgd_exact),
+        T(test_backup_sync),
         T(test_sync_sum_independent_of_arrival_order),
         T(test_duplicate_push_not_counted),
         T(test_stale_and_early_counted),

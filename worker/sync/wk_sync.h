@@ -152,6 +152,10 @@ typedef struct wk_sync_ps_cfg {
     const struct cm_security *sec; /* Tokens and TLS (borrowed; NULL: none). */
     const char *const *worker_addrs; /* nworkers, by rank (NULL: unknown): named
                                       * when a sync step waits for them. */
+    int64_t backup_ms; /* Sync: > 0 is backup sync (--sync backup): the shards
+                        * close a step after this long without the workers
+                        * that have not pushed; such a worker skips ahead to
+                        * the shards' version. */
 } wk_sync_ps_cfg;
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 

@@ -48,6 +48,7 @@
 
 typedef struct psync {
     wk_sync base;
+    int skipped; /* Backup sync: the last step closed without this worker. */
     wk_sync_ps_cfg cfg;
     cm_placement *pl;
     ps_client *client;
@@ -268,6 +269,7 @@ static ps_init_cfg init_cfg(const psync *p) {
     return (ps_init_cfg){.optim = p->cfg.optim, .table_optim = p->cfg.table_optim,
                          .seed = p->cfg.seed,
                          .num_workers = p->cfg.nworkers, .async = p->cfg.async,
+                         .backup_ms = p->cfg.async ? 0 : p->cfg.backup_ms,
                          .global_batch = p->cfg.global_batch,
                          .steps_per_epoch = p->cfg.steps_per_epoch,
                          .values = p->cfg.init_values};
@@ -471,6 +473,27 @@ static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, flo
     p->active = 0;
     abandon_pending(p);
     memcpy(s->err, why, sizeof why);
+    if (p->skipped) {
+        /* Backup sync closed the step without this worker: no rollback, the
+         * shards' newest version (each shard's: they may be a step apart)
+         * and its step. */
+        p->skipped = 0;
+        ps_ticket *t;
+        int64_t v = failed_step + 1;
+        ps_client_pull(p->client, v, params, &t);
+        int rc = ps_ticket_wait(t, &v, s->err, sizeof s->err);
+        if (rc == CM_OK && ps_client_quiesce(p->client, p->cfg.deadline_ms) != CM_OK) {
+            snprintf(s->err, sizeof s->err, "calls of the skipped step still send its "
+                     "gradient after %lld ms", (long long)p->cfg.deadline_ms);
+            rc = CM_ETIMEDOUT;
+        }
+        if (rc != CM_OK) return rc;
+        snprintf(s->err, sizeof s->err, "the shards closed step %lld without this worker "
+                 "(--sync backup): skipping to their version %lld", (long long)failed_step,
+                 (long long)v);
+        *resume_step = v;
+        return CM_OK;
+    }
     cm_warn("step %lld: %s", (long long)failed_step, s->err);
     uint64_t old = ps_client_epoch(p->client);
     int64_t v = 0;
@@ -761,9 +784,23 @@ static int ps_row_stats(wk_sync *s, ps_client_stats *out) {
     return ps_client_stats_get(p->client, out, s->err, sizeof s->err);
 }
 
+/* Backup sync: a push the shards refused because the step closed without
+ * this worker is a recovery without a rollback (ps_recover: skip ahead to
+ * the shards' version). */
+static int ps_step_or_skip(wk_sync *s, int64_t step, float *grad, float *params,
+                           wk_sparse_step *sp, wk_sync_times *t) {
+    psync *p = (psync *)s;
+    int rc = ps_step(s, step, grad, params, sp, t);
+    if (rc == CM_ESKIPPED) {
+        p->skipped = 1;
+        rc = CM_EABORTED;
+    }
+    return rc;
+}
+
 static const wk_sync_ops ps_ops = {.name = "ps",
                                    .begin = ps_begin,
-                                   .step = ps_step,
+                                   .step = ps_step_or_skip,
                                    .rows = ps_rows,
                                    .dump_rows = ps_dump,
                                    .end = ps_end,
