@@ -261,7 +261,7 @@ class Cluster:
                     running += 1
                 elif name in self.excused:
                     pass
-                elif chief_done is not None and name != "worker 0" and (
+                elif chief_done is not None and rc != 0 and name != "worker 0" and (
                         retryable(rc) or name.startswith("worker ")):
                     # The chief finished (it exited 0, its summary is written): a
                     # process that dies now (shutting down), or a worker that came up

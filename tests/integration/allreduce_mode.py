@@ -66,7 +66,9 @@ def learns(bin_dir, tmp):
     f = lambda name: os.path.join(tmp, name)
     args = ["--mode", "allreduce", "--workers", "2", "--train-limit", "10000", "--epochs", "1",
             "--batch-size", "64", "--threads", "1", "--test-limit", "2000", "--seed", "3"]
-    launch(bin_dir, *args, "--summary", f("s.json"), "--params-out", f("ref.bin"))
+    p = launch(bin_dir, *args, "--summary", f("s.json"), "--params-out", f("ref.bin"))
+    check("after the chief finished" not in p.stderr,
+          "workers that exit 0 after the chief are not reported as failures")
     j = json.load(open(f("s.json")))
     check(j["mode"] == "allreduce" and j["workers"] == 2 and j["steps"] == 10000 // 128,
           f"the summary names allreduce, 2 workers, {j['steps']} steps")
