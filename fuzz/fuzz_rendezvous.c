@@ -6,8 +6,10 @@
  * records (fz_util.h): method 0 is a Join with the record's bytes, 1 asks
  * for the server's description, anything else calls a method the server
  * does not have. Checked: every call is finished exactly once (the stub),
- * and a Join answered OK holds every rank's address, the job id and the
- * start step the chief was given.
+ * and a Join answered OK holds every rank's address in rank order, its
+ * ring's generation and job id, and a root among the members. (Joins may
+ * carry state and form ring after ring; the start step is then a joiner's,
+ * so it is not checked here: test_rendezvous checks it.)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,11 +34,15 @@ static void check_reply(const rpc_call *c, int nranks) {
     size_t n;
     const uint8_t *b = rpc_stub_reply(c, &n);
     Psrpc__JoinReply *r = psrpc__join_reply__unpack(NULL, n, b);
-    if (!r || (int)r->n_ring_addrs != nranks || r->job_id != FZ_RDV_JOB ||
-        r->start_step != FZ_RDV_STEP || r->nccl_id.len != 4)
+    /* Whole rings only (no wk_rdv_server_set_elastic): every rank, in
+     * order; the job id of the ring's generation; the root a member. */
+    if (!r || (int)r->n_ring_addrs != nranks || (int)r->n_members != nranks ||
+        r->generation < 1 || r->root >= r->n_members ||
+        r->job_id != (FZ_RDV_JOB ^ (0x9e3779b97f4a7c15ull * (uint64_t)(r->generation - 1))) ||
+        r->nccl_id.len != 4)
         abort();
     for (int i = 0; i < nranks; i++)
-        if (!r->ring_addrs[i] || !r->ring_addrs[i][0]) abort();
+        if (!r->ring_addrs[i] || !r->ring_addrs[i][0] || r->members[i] != (uint32_t)i) abort();
     psrpc__join_reply__free_unpacked(r, NULL);
 }
 

@@ -2067,9 +2067,10 @@ int ps_server_wait(ps_server *s, int timeout_ms) {
         double waited;
         char who[256];
         if (sh && ps_shard_tick(sh, &bstep, &waited, who, sizeof who))
-            cm_warn("step %lld closed after %.0f ms without %s%s (--sync backup): averaged "
-                    "over the workers that pushed", (long long)bstep, waited * 1e3,
-                    who[0] ? "workers " : "the workers already absent", who);
+            cm_warn("step %lld closed after %.0f ms %s%s (--sync backup): each partition "
+                    "averaged over the workers that pushed it", (long long)bstep, waited * 1e3,
+                    who[0] ? "without workers " : "with some partitions' gradients missing",
+                    who);
         pthread_mutex_lock(&s->mu);
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);

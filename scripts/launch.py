@@ -23,7 +23,8 @@ rolls every shard back to the newest version they all have, and training
 goes on. In PS mode a worker that dies the same way (the chief included) is
 started again too (up to --max-worker-restarts times each): it rejoins at the
 shards' version (sync; async: after its own last step the shards have) and
-its place in the data. In allreduce mode a dead worker is started again the
+its place in the data (with pstrain's --sync backup, a worker not started
+again is left out: the shards close the steps without it). In allreduce mode a dead worker is started again the
 same way: the survivors form the ring again with it (pstrain's
 --worker-timeout and --min-workers say how long they wait for it and whether
 they may go on without it), and it takes their parameters. When a process fails for good, the launcher names it,
@@ -190,6 +191,13 @@ class Cluster:
         self.procs[k] = (name, p)
         return p
 
+    def backup_sync(self):
+        """Whether the workers run --sync backup (a dead worker need not stop the run)."""
+        x = self.extra
+        return self.args.mode == "ps" and any(
+            a == "--sync=backup" or (a == "--sync" and k + 1 < len(x) and x[k + 1] == "backup")
+            for k, a in enumerate(x))
+
     def chief_step(self):
         """The last step the chief logged, or -1."""
         try:
@@ -305,6 +313,13 @@ class Cluster:
                     say(f"{name} exited with {what}; started it again (pid {p.pid}, restart "
                         f"{self.restarts[name]} of {most})")
                     running += 1
+                elif (rc != 0 and self.backup_sync() and name.startswith("worker ")
+                      and name != "worker 0"):
+                    # Backup sync: the shards close the steps without it.
+                    what = f"signal {-rc}" if rc < 0 else f"status {rc}"
+                    say(f"{name} (pid {p.pid}) exited with {what} and is not started again; "
+                        "the others go on without it (--sync backup)")
+                    self.excused.add(name)
                 elif rc != 0:
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
                     if name.startswith("ps ") and not retryable(rc) and rc != PORT_TAKEN:

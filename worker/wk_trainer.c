@@ -552,7 +552,7 @@ static int load_data(run *r) {
      * mean gradient when B is not a multiple of W. */
     r->grad_scale = (float)((double)r->slice * r->W / (double)r->B);
     r->max_slice = r->slice;
-    if (r->is_ar && !r->sparse && cfg->min_workers > 0 && cfg->min_workers < r->W) {
+    if (r->is_ar && cfg->min_workers > 0 && cfg->min_workers < r->W) {
         wk_order_slice(r->B, 0, cfg->min_workers, &lo, &hi); /* Rank 0's is the largest. */
         r->max_slice = (int)(hi - lo);
     }
@@ -561,7 +561,7 @@ static int load_data(run *r) {
     r->grad = cm_alloc_aligned((numel ? numel : 1) * sizeof(float));
     if (!r->params || !r->grad) return CM_ENOMEM;
     if (r->sparse) {
-        size_t nv = (size_t)(r->slice ? r->slice : 1) * (size_t)r->model->nfields *
+        size_t nv = (size_t)(r->max_slice ? r->max_slice : 1) * (size_t)r->model->nfields *
                     (size_t)r->row_dim;
         r->vals[0] = cm_alloc_aligned(nv * sizeof(float));
         r->vals[1] = cm_alloc_aligned(nv * sizeof(float));

@@ -285,6 +285,13 @@ def backup(bin_dir, tmp):
           + ("" if all(rc == 0 for rc in rcs.values()) else "\n" + "\n".join(outs.values())))
     check("without this worker (--sync backup): skipping to their version" in outs["worker1"],
           "it skipped ahead to the shards' version")
+    # The launcher, told not to restart workers, lets the others go on without one.
+    p = launch(bin_dir, "--ps", "2", "--workers", "3", "--sync", "backup", *job,
+               "--worker-timeout", "1", "--max-worker-restarts", "0", "--chaos-kill-worker", "40",
+               "--chaos-seed", "5", "--summary", f("launched.json"))
+    check("the others go on without it (--sync backup)" in p.stderr and
+          summary(f("launched.json"))["steps"] == total,
+          "under the launcher (--max-worker-restarts 0) the run goes on without the dead worker")
 
 
 if __name__ == "__main__":

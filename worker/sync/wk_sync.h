@@ -206,7 +206,7 @@ typedef struct wk_sync_ar_cfg {
                                  * (wk_nccl_world), not by the TCP ring. */
     const struct cm_security *sec; /* The rendezvous's token and TLS (NULL:
                                     * none). */
-    /* Elastic rings (CPU rings of dense models): after a rank dies, the
+    /* Elastic rings (CPU rings, not NCCL): after a rank dies, the
      * survivors wait worker_timeout_ms for its replacement, then go on
      * with the ranks that joined if they are at least min_workers (0 or
      * nworkers: only whole rings, so the run fails naming the missing rank

@@ -40,6 +40,14 @@
  * record holds the step and the run's config. A run started again on the
  * directory resumes at the newest generation: the rendezvous hands out its
  * step and the ring broadcasts its parameters and slots.
+ *
+ * Elastic rings (CPU): a step whose ring failed is not applied; the rank
+ * closes its sockets (the failure cascades) and recover joins the chief's
+ * rendezvous again with the step its state is for. The next ring is every
+ * rank (a restarted one joins without state) or, after --worker-timeout,
+ * at least --min-workers; its root (the newest state) broadcasts
+ * parameters, slots and tables, and each member takes its place's slice of
+ * the global batch (docs/ARCHITECTURE.md, "Elastic rings").
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -136,16 +144,16 @@ static void apply_table(void *ud, uint32_t table, const uint64_t *ids, size_t n,
 /* Every rank's row gradients to every rank, summed per row in rank order
  * and applied (averaged over the workers) to this replica's tables. */
 static int exchange_rows(arsync *a, int64_t step, const wk_sparse_step *sp) {
-    const int W = a->cfg.nworkers;
+    const int W = a->base.nmembers, me = a->base.member; /* The current ring. */
     int rc;
     memset(a->counts, 0, (size_t)W * sizeof(float));
-    a->counts[a->cfg.rank] = (float)sp->keys->nuniq; /* Exact: < 2^24 rows. */
+    a->counts[me] = (float)sp->keys->nuniq; /* Exact: < 2^24 rows. */
     if ((rc = wk_ring_allreduce(a->ring, a->counts, (size_t)W, step, 0)) != CM_OK) goto fail;
     size_t rec = row_rec(a);
     for (int r = 0; r < W; r++) {
         size_t nr = (size_t)a->counts[r];
         float *b = block_for(a, r, nr);
-        if (r == a->cfg.rank) pack_rows(a, sp->keys, sp->row_grad, b);
+        if (r == me) pack_rows(a, sp->keys, sp->row_grad, b);
         if (nr && W > 1 && (rc = wk_ring_broadcast(a->ring, b, nr * rec, step, r)) != CM_OK)
             goto fail;
     }
@@ -356,6 +364,73 @@ static void host_of(const char *addr, char *host, size_t len) {
     host[n] = 0;
 }
 
+/* A table row for the ring: id (2 floats of raw bits), update count (2),
+ * values (dim), slots (nslots x dim). */
+typedef struct table_pack {
+    arsync *a;
+    float *buf;
+    size_t at, rec;
+} table_pack;
+
+static int pack_table_row(void *ud, uint64_t id, const float *values, const float *slots,
+                          int64_t count) {
+    table_pack *p = ud;
+    float *o = p->buf + p->at;
+    size_t dim = (p->rec - 4) / (size_t)(1 + ps_rows_nslots(p->a->rows));
+    memcpy(o, &id, 8);
+    memcpy(o + 2, &count, 8);
+    memcpy(o + 4, values, dim * sizeof(float));
+    if (slots) memcpy(o + 4 + dim, slots, (p->rec - 4 - dim) * sizeof(float));
+    else memset(o + 4 + dim, 0, (p->rec - 4 - dim) * sizeof(float));
+    p->at += p->rec;
+    return CM_OK;
+}
+
+/* Elastic rings of a model with tables: every member takes the root's
+ * whole tables (a newcomer has none; a survivor that failed in the step the
+ * root finished is one step behind). Table by table: the row count (raw
+ * bits), then the rows; the others' tables are replaced. */
+static int broadcast_tables(arsync *a, int root) {
+    int me = a->base.member, rc = CM_OK;
+    ps_rows *fresh = me == root ? NULL : ps_rows_create(a->cfg.model, &a->cfg.table_optim,
+                                                        a->cfg.seed);
+    for (int t = 0; t < a->cfg.model->ntables && rc == CM_OK; t++) {
+        size_t dim = (size_t)ps_rows_dim(a->rows, t);
+        size_t rec = 4 + dim * (size_t)(1 + ps_rows_nslots(a->rows));
+        uint64_t nrows = me == root ? (uint64_t)ps_rows_count(a->rows, t) : 0;
+        float hdr[2];
+        memcpy(hdr, &nrows, 8);
+        if ((rc = wk_ring_broadcast(a->ring, hdr, 2, -3, root)) != CM_OK) break;
+        memcpy(&nrows, hdr, 8);
+        float *buf = cm_alloc_aligned((nrows ? nrows : 1) * rec * sizeof(float));
+        if (!buf) abort();
+        if (me == root) {
+            table_pack p = {.a = a, .buf = buf, .rec = rec};
+            ps_rows_visit(a->rows, t, pack_table_row, &p);
+        }
+        rc = wk_ring_broadcast(a->ring, buf, (size_t)nrows * rec, -4, root);
+        for (uint64_t i = 0; rc == CM_OK && fresh && i < nrows; i++) {
+            const float *o = buf + i * rec;
+            uint64_t id;
+            int64_t count;
+            memcpy(&id, o, 8);
+            memcpy(&count, o + 2, 8);
+            ps_rows_put(fresh, t, id, o + 4, o + 4 + dim, count);
+        }
+        free(buf);
+    }
+    if (rc != CM_OK) {
+        ps_rows_destroy(fresh);
+        snprintf(a->base.err, sizeof a->base.err, "%s", wk_ring_error(a->ring));
+        return rc;
+    }
+    if (fresh) {
+        ps_rows_destroy(a->rows);
+        a->rows = fresh;
+    }
+    return CM_OK;
+}
+
 /* Join the next ring at the chief's rendezvous (within timeout_ms), connect
  * it and take its root's state into params (and the optimizer slots when
  * the run is past step 0). *start: the step that state is for. *joined:
@@ -415,10 +490,12 @@ static int form_ring(arsync *a, float *params, const wk_rdv_state *st, int64_t t
     }
     wk_ring_listener_destroy(l);
     if (rc != CM_OK) return rc;
-    /* The root's replica (and, past step 0, its optimizer state) for all. */
+    /* The root's replica (and, past step 0, its optimizer state and its
+     * tables) for all. */
     rc = wk_ring_broadcast(a->ring, params, a->n, -1, root);
     if (rc == CM_OK && *start > 0 && a->nslots)
         rc = wk_ring_broadcast(a->ring, a->slots, (size_t)a->nslots * a->n, -2, root);
+    if (rc == CM_OK && *start > 0 && a->rows) rc = broadcast_tables(a, root);
     if (rc != CM_OK) {
         snprintf(s->err, sizeof s->err, "%s", wk_ring_error(a->ring));
         return rc;
@@ -699,10 +776,9 @@ int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err
     if (!cfg->is_chief) a->cfg.checkpoint_dir = NULL;
     /* NCCL's communicator has a fixed size, and the tables are not copied
      * to a replacement: those runs fail on a lost rank, as before. */
-    a->elastic = cfg->nworkers > 1 && !a->use_nccl && !a->rows;
+    a->elastic = cfg->nworkers > 1 && !a->use_nccl;
     if (a->cfg.min_workers < cfg->nworkers && !a->elastic)
-        cm_warn("allreduce: --min-workers has no effect with %s: a lost worker ends the run",
-                a->use_nccl ? "NCCL" : "embedding tables");
+        cm_warn("allreduce: --min-workers has no effect with NCCL: a lost worker ends the run");
     *out = &a->base;
     return CM_OK;
 }
