@@ -15,19 +15,20 @@ undisturbed run is the reference, measured first in the same session.
 A run passes when it exits 0 within 3x its reference's time, and:
   sync PS    its final parameters are bit-identical to the reference's;
   async PS   the updates lost (summary versions_lost: versions the rollback
-             took back, which async mode does not redo) are below twice the
-             checkpoint interval: the interval since the last committed
-             checkpoint, plus the versions applied while the next one was
-             being written when the kill came (its accuracy is reported, not
-             checked: async runs differ from each other anyway);
+             took back, which async mode does not redo) are at most
+             MAX_LOST = 2K + 8: the interval since the last committed
+             checkpoint, plus one more when the kill came while the next was
+             being written (its accuracy is reported, not checked: async
+             runs differ from each other anyway);
   allreduce  test accuracy is within 0.5 points of the reference.
 A kill planned past the end of the run kills nothing; such runs are counted
 apart (killed = 0).
 Results: a table on stdout, DIR/chaos.csv (one row per run) and
 DIR/chaos.json (the totals); without --out the directory is removed after a
 run where everything passed. Exit status 1 when any run failed, hung or
-broke its bound. --plan quick runs a fixed set of six kills (each victim
-class once) instead of random ones: the test suite's fault-injection check.
+broke its bound. --plan quick runs ten kills, each victim class of each mode
+once, at steps drawn from --seed, instead of random ones: the test suite's
+fault-injection check.
 """
 import argparse
 import csv
@@ -45,10 +46,19 @@ LAUNCH = os.path.join(HERE, "..", "launch.py")
 JOB = ["--epochs", "3", "--train-limit", "12000", "--test-limit", "2000", "--batch-size", "64",
        "--threads", "1", "--seed", "11"]
 CKPT_EVERY = 20
-# (mode, victims, when) of --plan quick: every victim class once, fixed steps.
-QUICK = [("sync", ["ps1"], 60), ("sync", ["worker0"], 90), ("sync", ["ps0", "worker1"], 120),
-         ("async", ["worker1"], 80), ("allreduce", ["worker0"], 100),
-         ("allreduce", ["worker2"], 150)]
+# What a PS kill may cost in async mode (as tests/integration/ps_recovery.py bounds
+# the steps redone in sync mode): the versions since the newest checkpoint every
+# shard committed, < K, plus K when the kill lands while the next one is written
+# (or the busy writer skipped one), plus the steps between the launcher's look at
+# the chief's log and the kill.
+MAX_LOST = 2 * CKPT_EVERY + 8
+# (mode, victims) of --plan quick: each PS, the chief, another worker and a PS with a
+# worker in sync mode; a PS, the chief and another worker in async mode; the chief,
+# another worker and two workers in allreduce mode; each at a step drawn from --seed.
+QUICK = [("sync", ["ps1"]), ("sync", ["worker0"]), ("sync", ["worker1"]),
+         ("sync", ["ps0", "worker1"]), ("async", ["ps0"]), ("async", ["worker0"]),
+         ("async", ["worker1"]), ("allreduce", ["worker0"]), ("allreduce", ["worker2"]),
+         ("allreduce", ["worker1", "worker2"])]
 
 
 def cluster_args(mode):
@@ -87,9 +97,9 @@ def launch(args, mode, tag, out, extra, timeout):
 
 def plan(args):
     """[(mode, victims, when)]: when is a step (int) or seconds from the start (float)."""
-    if args.plan == "quick":
-        return [q for q in QUICK if q[0] in args.modes]
     rng = random.Random(args.seed)
+    if args.plan == "quick":  # Steps 10 % to 90 % into the run.
+        return [(m, v, ("step", rng.uniform(0.1, 0.9))) for m, v in QUICK if m in args.modes]
     runs = []
     for _ in range(args.runs):
         mode = rng.choice(args.modes)
@@ -162,8 +172,8 @@ def main():
         if rc == 0 and summ:
             if mode == "sync" and prm != rprm:
                 why.append("parameters differ from the undisturbed run")
-            if mode == "async" and summ.get("versions_lost", 0) >= 2 * CKPT_EVERY:
-                why.append(f"{summ['versions_lost']} updates lost >= 2 x {CKPT_EVERY}")
+            if mode == "async" and summ.get("versions_lost", 0) > MAX_LOST:
+                why.append(f"{summ['versions_lost']} updates lost > {MAX_LOST}")
             if mode == "allreduce" and abs(acc - rsumm["test_accuracy"]) > 0.005:
                 why.append("accuracy off by more than 0.5 points")
         row = {"run": i, "mode": mode, "victims": "+".join(victims),
