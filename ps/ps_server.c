@@ -751,6 +751,7 @@ typedef struct pull_ctx {
     row_answer *rows; /* Rows to answer with (NULL: none), owned until
                        * the reply's segments release it. */
     int or_final;     /* An evaluator's pull (PullRequest.or_final). */
+    int64_t min_version; /* What it asked for. */
 } pull_ctx;
 
 /* How long a Shutdown waits for an evaluator's pull of the final version. */
@@ -760,7 +761,11 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
     pull_ctx *pc = ud;
     ps_server *s = pc->s;
     rpc_call *call = pc->call;
-    if (pc->or_final && snap) { /* The evaluator has the final version: stop now. */
+    /* The evaluator has the final version (answered below what it asked:
+     * only the end of training does that): stop now. An answer it asked for
+     * may come after the Shutdown too (another shard still a version
+     * behind), and then its pull of the final version is still to come. */
+    if (pc->or_final && snap && ps_snapshot_version(snap) < pc->min_version) {
         pthread_mutex_lock(&s->mu);
         if (s->finishing) s->final_answers++;
         pthread_cond_broadcast(&s->cv);
@@ -908,6 +913,7 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         pc->nparts = r->rows_only ? -1 : 0;
         pc->rows = ra;
         pc->or_final = r->or_final && !r->rows_only && !ra;
+        pc->min_version = r->min_version;
         if (pc->or_final) {
             pthread_mutex_lock(&s->mu);
             s->evaluator_seen = 1;
