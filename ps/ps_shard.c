@@ -1766,13 +1766,18 @@ void ps_shard_abort_waiters(ps_shard *s) { drop_waiters(s, 1); }
 /* Backup sync: close the open step with what came (mu held): each
  * partition not yet final is averaged over its contributions (one with none
  * keeps its values), the rows over the workers whose rows came; workers
- * that gave nothing become absent. Returns the old snapshot to unref. */
+ * that did not give all of it become absent. Returns the old snapshot to
+ * unref. */
 static ps_snapshot *close_partial(ps_shard *s, char *who, size_t wlen) {
     size_t np = (size_t)(s->nparts ? s->nparts : 1), at = 0;
     who[0] = 0;
     for (int w = 0; w < s->cfg.num_workers; w++) {
-        int gave = s->rows && s->rgiven[w];
-        for (size_t i = 0; i < np && !gave; i++) gave = s->contrib[(size_t)w * np + i];
+        /* Whoever did not give all of the step (a worker that died half way
+         * through its pushes too) is absent: not waited for again. */
+        int gave = !s->rows || s->rgiven[w];
+        for (size_t i = 0; i < (size_t)s->nparts && gave; i++)
+            gave = s->contrib[(size_t)w * np + i];
+        if (s->nparts == 0 && !s->rows) gave = s->contrib[w];
         if (gave || s->absent[w]) continue;
         s->absent[w] = 1;
         s->nabsent++;

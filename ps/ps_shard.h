@@ -118,9 +118,9 @@ typedef struct ps_shard_config {
     /* Sync mode: > 0 is backup sync (TensorFlow's replicas_to_aggregate
      * with a deadline): a step open this many ms since its first
      * contribution closes with the workers that gave (each partition
-     * averaged over its contributions); the workers that gave nothing are
-     * absent, and the next steps do not wait for them until one of their
-     * pushes comes. Their late pushes get PS_PUSH_SKIPPED. The close
+     * averaged over its contributions); the workers that did not give all
+     * of it are absent, and the next steps do not wait for them until one
+     * of their pushes comes. Their late pushes get PS_PUSH_SKIPPED. The close
      * happens in ps_shard_tick. 0: every step waits for every worker. */
     int64_t backup_ms;
 } ps_shard_config;
