@@ -8,8 +8,9 @@
                                   the accuracy of an undisturbed run with the same seed
                                   (sync mode is deterministic: with bit-identical
                                   parameters, in fact)
-  ps_recovery.py BIN_DIR worker-kill  SIGKILL a worker (then the chief) mid-run: the launcher
-                                  starts it again, it rejoins, and the run ends bit-identical
+  ps_recovery.py BIN_DIR worker-kill  SIGKILL a worker (then the chief; then a PS and a worker
+                                  together) mid-run: the launcher starts them again, they
+                                  rejoin, and the run ends bit-identical
   ps_recovery.py BIN_DIR resume   a run stopped after some steps and started again on
                                   the same directories resumes at that step and data
                                   position and ends where an uninterrupted run does; a
@@ -147,6 +148,18 @@ def worker_kill(bin_dir, tmp):
           s["steps"] == STEPS and s["test_accuracy"] > ref["test_accuracy"] - 0.02,
           f"async: worker 1 rejoined at step {m.group(1) if m else '?'} and the run finished "
           f"(accuracy {s['test_accuracy']:.4f})")
+    # A PS and a worker killed together. The dead worker may have pushed its step to
+    # the killed shard only: the chief's call then waits at the live shard for that
+    # worker, never sees the restart, and the new worker waits for the rollback. It
+    # asks the shards to abort their waiting pulls (about half the runs need it).
+    d = os.path.join(tmp, "ps-and-worker")
+    p = launch(bin_dir, *COMMON, "--checkpoint-dir", d, "--chaos-kill", f"{at}:ps1,worker1",
+               "--summary", d + ".json", "--params-out", d + ".params")
+    out = p.stdout + p.stderr
+    check("chaos: killed ps 1" in out and "chaos: killed worker 1" in out and
+          same_bytes(d + ".params", ref_params),
+          "a PS and a worker killed together: the run finishes bit-identical"
+          + (" (the new worker had to free the chief)" if "abort their waiting" in out else ""))
 
 
 def resume(bin_dir, tmp):

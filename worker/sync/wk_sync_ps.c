@@ -378,7 +378,7 @@ static int half_step(const psync *p) {
 
 static int worker_sync(psync *p, uint64_t old_epoch, int64_t *version) {
     double start = cm_now(), said = start;
-    int half = 0, asked = 0;
+    int half = 0, rec = 0, asked = 0;
     for (;;) {
         int rc = ps_client_checkpoints(p->client, -1, p->ck, p->base.err, sizeof p->base.err);
         if (rc != CM_OK) return rc;
@@ -393,6 +393,23 @@ static int worker_sync(psync *p, uint64_t old_epoch, int64_t *version) {
          * one shard before another), it asks the shards to abort the pulls
          * that wait for it; the chief then rolls the cluster back. */
         half = old_epoch == 0 && half_step(p) ? half + 1 : 0;
+        /* Joining while a shard that restarted too waits for the chief's
+         * rollback: the chief may not see it, its calls parked at a live
+         * shard that waits for this worker's step (the dead one pushed it
+         * to the restarted shard only). Left so for a second, the same
+         * abort frees the chief. */
+        int restarted = -1;
+        for (int i = 0; i < p->cfg.nps && old_epoch == 0; i++)
+            if (p->ck[i].recovering) restarted = i;
+        rec = restarted >= 0 ? rec + 1 : 0;
+        if (rec >= 20 && !asked) {
+            cm_warn("PS shard %d restarted and waits for the chief's rollback, which has not "
+                    "come for a second (the chief may wait for this worker's step elsewhere): "
+                    "asking the shards to abort their waiting pulls", restarted);
+            rc = ps_client_abort_waiting(p->client, p->ck, p->base.err, sizeof p->base.err);
+            if (rc != CM_OK) return rc;
+            asked = 1;
+        }
         if (half >= 4 && !asked) {
             int64_t lo = p->ck[0].version, hi = lo;
             for (int i = 1; i < p->cfg.nps; i++) {
