@@ -34,6 +34,7 @@ static void on_signal(int sig) { got_signal = sig; }
 /* psserver --repair DIR: st_store_repair, said on stdout (0) or stderr (1).
  * A long-only option: its value is no letter that another option could take too. */
 #define OPT_REPAIR 0x100
+#define OPT_CKPT_SYNC 0x101
 static int repair(const char *dir) {
     char err[1024];
     int n = st_store_repair(dir, err, sizeof err);
@@ -70,6 +71,9 @@ static void usage(FILE *f) {
             "                             psserver refuses it (e.g. its CURRENT file lost);\n"
             "                             then exit\n"
             "  --checkpoint-every K       checkpoint every K versions (default 0: never)\n"
+            "  --checkpoint-sync          pushes wait while a checkpoint is written: a crash\n"
+            "                             loses at most --checkpoint-every versions (a stall\n"
+            "                             per checkpoint; default: the writer runs beside)\n"
             "  --checkpoint-nice N        nice value of the checkpoint writer thread, 0-19\n"
             "                             (default 10: the handlers keep the cores they\n"
             "                             need; checkpoints take longer where they are busy)\n"
@@ -121,6 +125,7 @@ int main(int argc, char **argv) {
                                          {"repair", required_argument, 0, OPT_REPAIR},
                                          {"checkpoint-every", required_argument, 0, 'k'},
                                          {"checkpoint-nice", required_argument, 0, 'n'},
+                                         {"checkpoint-sync", no_argument, 0, OPT_CKPT_SYNC},
                                          {"auth-token-file", required_argument, 0, 'A'},
                                          {"admin-token-file", required_argument, 0, 'B'},
                                          {"tls-cert", required_argument, 0, 'C'},
@@ -142,6 +147,7 @@ int main(int argc, char **argv) {
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
     long long ckpt_every = 0;
     int ckpt_nice = 10;
+    int ckpt_sync = 0;
     int task_index = -1, threads = 0, max_mb = 64;
     const char *auth_file = NULL, *admin_file = NULL, *tls_cert = NULL, *tls_key = NULL,
                *tls_ca = NULL;
@@ -165,6 +171,7 @@ int main(int argc, char **argv) {
         case OPT_REPAIR: return repair(optarg);
         case 'k': ckpt_every = atoll(optarg); break;
         case 'n': ckpt_nice = atoi(optarg); break;
+        case OPT_CKPT_SYNC: ckpt_sync = 1; break;
         case 'A': auth_file = optarg; break;
         case 'B': admin_file = optarg; break;
         case 'C': tls_cert = optarg; break;
@@ -272,6 +279,7 @@ int main(int argc, char **argv) {
                          .threads = threads, .max_message = max_mb << 20,
                          .data_dir = data_dir ? shard_dir : NULL,
                          .checkpoint_every = ckpt_every, .checkpoint_nice = ckpt_nice,
+                         .checkpoint_sync = ckpt_sync,
                          .auth_token = cm_security_token(&sec),
                          .admin_token = cm_security_admin(&sec),
                          .tls_cert = tls_cert, .tls_key = tls_key, .tls_ca = tls_ca,

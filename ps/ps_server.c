@@ -354,6 +354,7 @@ static int adopt_model(ps_server *s, const cm_model *model, const cm_placement *
     ps_shard_set_row_admission(sh, s->cfg.admit_after, s->cfg.expire_after);
     if (s->cfg.max_step_ahead > 0) ps_shard_set_max_step_ahead(sh, s->cfg.max_step_ahead);
     if (s->writer_started) ps_shard_set_publish_hook(sh, s->cfg.checkpoint_every, on_publish, s);
+    if (s->writer_started && s->cfg.checkpoint_sync) ps_shard_set_freeze(sh, 1);
     pthread_mutex_lock(&s->mu);
     if (s->shard) {
         pthread_mutex_unlock(&s->mu);
@@ -695,8 +696,21 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
         *parts = cm_malloc(((size_t)m.ntensors + 1) * sizeof **parts);
         for (int i = 0; i < m.ntensors; i++) (*parts)[i] = g[i].part;
     }
-    int rc = ps_shard_push_rows(s->shard, (int)r->cluster->rank, r->step, g, m.ntensors, rg,
+    int rc;
+    for (;;) {
+        rc = ps_shard_push_rows(s->shard, (int)r->cluster->rank, r->step, g, m.ntensors, rg,
                                 m.nrows, r->rows_final, version, err, sizeof err);
+        if (rc != PS_PUSH_BUSY) break;
+        /* --checkpoint-sync: the shard waits for its checkpoint writer. */
+        pthread_mutex_lock(&s->ck_mu);
+        while (s->job.snap && !s->ck_stop) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
+        int stopping = s->ck_stop;
+        pthread_mutex_unlock(&s->ck_mu);
+        if (stopping) {
+            snprintf(err, sizeof err, "shard %d is stopping", s->cfg.shard);
+            break; /* PS_PUSH_BUSY: UNAVAILABLE below. */
+        }
+    }
     if (g != small) free(g);
     if (rc == PS_PUSH_OK || rc == PS_PUSH_DUPLICATE) {
         *duplicate = rc == PS_PUSH_DUPLICATE;
@@ -706,6 +720,7 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
                  rc == PS_PUSH_INVALID   ? RPC_INVALID_ARGUMENT
                  : rc == PS_PUSH_NOMEM   ? RPC_RESOURCE_EXHAUSTED
                  : rc == PS_PUSH_SKIPPED ? RPC_OUT_OF_RANGE
+                 : rc == PS_PUSH_BUSY    ? RPC_UNAVAILABLE
                                          : RPC_FAILED_PRECONDITION,
                  "%s", err);
         if (parts) {
@@ -1475,6 +1490,7 @@ static void *writer_main(void *arg) {
         pthread_mutex_unlock(&s->ck_mu);
         write_job(s, &j);
         ps_snapshot_unref(j.snap);
+        if (s->cfg.checkpoint_sync) ps_shard_thaw(s->shard); /* Not under ck_mu: see on_publish. */
         pthread_mutex_lock(&s->ck_mu);
         s->job.snap = NULL;
         pthread_cond_broadcast(&s->ck_cv); /* ps_server_checkpoint_wait */

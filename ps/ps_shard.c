@@ -179,6 +179,8 @@ struct ps_shard {
     int nabsent;
     double open_since;  /* When the open step's first contribution came (0: none). */
     int closing_partial; /* close_partial is closing the step. */
+    int freeze_on_hook;  /* ps_shard_set_freeze: the hook's versions freeze... */
+    int frozen;          /* ...until ps_shard_thaw: pushes get PS_PUSH_BUSY. */
     size_t mem_state;   /* Bytes of the state of cfg (state_bytes). */
     size_t mem_staged;  /* Sync: bytes of the rows staged (capacity). */
     int64_t step_hw;    /* Highest step accepted, kept across rollbacks. */
@@ -499,9 +501,11 @@ static ps_snapshot *publish(ps_shard *s, ps_snapshot *snap) {
     ps_snapshot *old = s->current;
     s->current = snap;
     if (s->rows) ps_rows_set_step(s->rows, snap->version); /* Row expiry. */
-    if (s->hook && snap->version > 0 && snap->version % s->hook_every == 0)
+    if (s->hook && snap->version > 0 && snap->version % s->hook_every == 0) {
         s->hook(s->hook_ud, snap, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg,
                 s->rows);
+        if (s->freeze_on_hook) s->frozen = 1;
+    }
     return old;
 }
 
@@ -1393,6 +1397,12 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
         rc = PS_PUSH_NOT_READY;
         goto done;
     }
+    if (s->frozen) {
+        cm_seterr(err, errlen, "shard %d is writing the checkpoint of version %lld", s->index,
+                  (long long)s->version);
+        rc = PS_PUSH_BUSY;
+        goto done;
+    }
     if (worker < 0 || worker >= s->cfg.num_workers) {
         cm_seterr(err, errlen, "worker rank %d out of range: the shard expects %d workers",
                   worker, s->cfg.num_workers);
@@ -1985,6 +1995,19 @@ int ps_shard_config_get(ps_shard *s, ps_shard_config *cfg) {
     if (ok) *cfg = s->cfg;
     pthread_mutex_unlock(&s->mu);
     return ok;
+}
+
+void ps_shard_set_freeze(ps_shard *s, int on) {
+    pthread_mutex_lock(&s->mu);
+    s->freeze_on_hook = on;
+    if (!on) s->frozen = 0;
+    pthread_mutex_unlock(&s->mu);
+}
+
+void ps_shard_thaw(ps_shard *s) {
+    pthread_mutex_lock(&s->mu);
+    s->frozen = 0;
+    pthread_mutex_unlock(&s->mu);
 }
 
 int ps_shard_publish_now(ps_shard *s) {

@@ -171,8 +171,10 @@ enum {
     PS_PUSH_INVALID = -102, /* INVALID_ARGUMENT: shape, dtype, partition */
     PS_PUSH_NOT_READY = -103, /* FAILED_PRECONDITION: not initialised */
     PS_PUSH_NOMEM = -104,     /* RESOURCE_EXHAUSTED: over the memory limit */
-    PS_PUSH_SKIPPED = -105    /* OUT_OF_RANGE: backup sync closed the step
+    PS_PUSH_SKIPPED = -105,   /* OUT_OF_RANGE: backup sync closed the step
                                * without this worker (a stale push there) */
+    PS_PUSH_BUSY = -106       /* Not taken: a checkpoint is being written
+                               * (ps_shard_set_freeze); wait and push again */
 };
 
 /* One table's row gradients in a push. */
@@ -361,6 +363,14 @@ void ps_shard_finish(ps_shard *s);
 /* Answer every waiting pull with NULL (those of ps_shard_pull_final with
  * the last version), and every later one with NULL (shutdown). */
 void ps_shard_abort_waiters(ps_shard *s);
+
+/* Synchronous checkpoints: with on set, each version that calls the
+ * publish hook freezes the shard: pushes get PS_PUSH_BUSY (nothing taken)
+ * until ps_shard_thaw, which the checkpoint writer calls once that
+ * generation is committed. A crash then loses at most the hook's interval
+ * of versions. */
+void ps_shard_set_freeze(ps_shard *s, int on);
+void ps_shard_thaw(ps_shard *s);
 
 /* Backup sync: close the open step without the missing workers once it
  * has waited cfg.backup_ms. Returns 1 when it did, with the step, how long

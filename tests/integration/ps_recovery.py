@@ -7,7 +7,8 @@
                                   (see MAX_REDONE), and end with
                                   the accuracy of an undisturbed run with the same seed
                                   (sync mode is deterministic: with bit-identical
-                                  parameters, in fact)
+                                  parameters, in fact); async, also with psserver
+                                  --checkpoint-sync (at most K + 8 versions lost)
   ps_recovery.py BIN_DIR worker-kill  SIGKILL a worker (then the chief; then a PS and a worker
                                   together) mid-run: the launcher starts them again, they
                                   rejoin, and the run ends bit-identical
@@ -97,6 +98,17 @@ def kill(bin_dir, tmp):
           s["steps"] == STEPS and s["steps_redone"] == 0 and s["versions_lost"] >= 1,
           f"async: a PS killed after step {at}: {s['rollbacks']} rollback, "
           f"{s['versions_lost']} versions (updates) lost, {s['steps_redone']} steps redone")
+    # psserver --checkpoint-sync: pushes wait while a checkpoint is written, so the killed
+    # shard loses at most K versions; the rollback to a version every shard committed
+    # adds only the other shard's few versions past it.
+    d = os.path.join(tmp, "chaos-async-sync-ckpt")
+    p = launch(bin_dir, *COMMON, "--sync", "async", "--ps-arg=--checkpoint-sync",
+               "--checkpoint-dir", d, "--chaos-kill-ps", str(at), "--chaos-seed", str(seed),
+               "--summary", d + ".json")
+    s = summary(d + ".json")
+    check("chaos: killed ps" in p.stdout + p.stderr and s["steps"] == STEPS and
+          1 <= s["versions_lost"] <= K + 8,
+          f"async, --checkpoint-sync: {s['versions_lost']} versions lost (at most {K} + 8)")
 
 
 def worker_kill(bin_dir, tmp):

@@ -1666,6 +1666,39 @@ static void rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots
     memcpy(r->slots, slots, (size_t)nslots * r->numel * sizeof(float));
 }
 
+/* Synchronous checkpoints: the hook's version freezes the shard (pushes
+ * get PS_PUSH_BUSY and change nothing) until it is thawed. */
+static int freeze_hook_calls;
+static void count_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+                       const ps_shard_config *cfg, ps_rows *rows) {
+    (void)ud, (void)snap, (void)slots, (void)nslots, (void)cfg, (void)rows;
+    freeze_hook_calls++;
+}
+
+static void test_checkpoint_freeze(void **state) {
+    fixture *f = *state;
+    freeze_hook_calls = 0;
+    ps_shard_set_publish_hook(f->s, 2, count_hook, NULL);
+    ps_shard_set_freeze(f->s, 1);
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 1, PS_ASYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    int64_t v = -1;
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 0, 1, &v), PS_PUSH_OK); /* Version 2: the hook, frozen. */
+    assert_int_equal(v, 2);
+    assert_int_equal(freeze_hook_calls, 1);
+    float before[MAXN], after[MAXN];
+    assert_int_equal(values(f, before), 2);
+    assert_int_equal(push_step(f, 0, 2, &v), PS_PUSH_BUSY);
+    assert_int_equal(values(f, after), 2); /* Nothing taken. */
+    expect_same(before, after, f->m->numel);
+    ps_shard_thaw(f->s);
+    assert_int_equal(push_step(f, 0, 2, &v), PS_PUSH_OK); /* The same push, again. */
+    assert_int_equal(v, 3);
+    ps_shard_set_freeze(f->s, 0);
+    ps_shard_set_publish_hook(f->s, 0, NULL, NULL);
+}
+
 static void test_checkpoint_hook_and_restore(void **state) {
     fixture *f = *state;
     static hook_rec r;
@@ -3371,6 +3404,7 @@ int main(void) {
         T(test_init_from_values_is_its_own_config),
         T(test_sync_mean_sgd_exact),
         T(test_backup_sync),
+        T(test_checkpoint_freeze),
         T(test_sync_sum_independent_of_arrival_order),
         T(test_duplicate_push_not_counted),
         T(test_stale_and_early_counted),
