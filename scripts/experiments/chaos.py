@@ -2,7 +2,7 @@
 """Kill processes of a training cluster at random and check that every run still ends well.
 
   chaos.py [--runs N] [--seed S] [--bin-dir DIR] [--out DIR] [--plan quick]
-           [--modes sync,async,allreduce]
+           [--modes sync,async,allreduce] [--ps-arg=ARG ...]
 
 Each run is one launcher run (scripts/launch.py) of a small job (the MLP on
 Fashion-MNIST, 2 PS x 2 workers, or 3 workers in allreduce mode) in which
@@ -79,7 +79,8 @@ def launch(args, mode, tag, out, extra, timeout):
         if os.path.exists(f):
             os.remove(f)
     argv = [sys.executable, LAUNCH, "--bin-dir", args.bin_dir, "--timeout", str(int(timeout)),
-            "--checkpoint-every", str(CKPT_EVERY), *cluster_args(mode), *JOB, "--summary", summ,
+            "--checkpoint-every", str(CKPT_EVERY), *cluster_args(mode),
+            *[f"--ps-arg={x}" for x in args.ps_arg if mode != "allreduce"], *JOB, "--summary", summ,
             "--params-out", prm, *extra]
     t0 = time.monotonic()
     try:
@@ -135,6 +136,8 @@ def main():
     ap.add_argument("--out", help="results directory (default: a new temporary one)")
     ap.add_argument("--plan", choices=["random", "quick"], default="random")
     ap.add_argument("--modes", default="sync,async,allreduce")
+    ap.add_argument("--ps-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to every psserver (e.g. --ps-arg=--checkpoint-sync)")
     args = ap.parse_args()
     args.modes = args.modes.split(",")
     out = args.out or tempfile.mkdtemp(prefix="chaos-")
