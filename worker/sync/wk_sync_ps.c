@@ -393,13 +393,15 @@ static int worker_sync(psync *p, uint64_t old_epoch, int64_t *version) {
          * one shard before another), it asks the shards to abort the pulls
          * that wait for it; the chief then rolls the cluster back. */
         half = old_epoch == 0 && half_step(p) ? half + 1 : 0;
-        /* Joining while a shard that restarted too waits for the chief's
-         * rollback: the chief may not see it, its calls parked at a live
-         * shard that waits for this worker's step (the dead one pushed it
-         * to the restarted shard only). Left so for a second, the same
-         * abort frees the chief. */
+        /* A shard restarted and waits for the chief's rollback, which does
+         * not come: the chief may not see the restart, its calls parked at
+         * a live shard that waits for this worker's step (a joining worker
+         * whose predecessor pushed it to the restarted shard only; or this
+         * one, which dropped its step when the restarted shard refused it,
+         * while the chief waits for a piece of the next version elsewhere).
+         * Left so for a second, the same abort frees the chief. */
         int restarted = -1;
-        for (int i = 0; i < p->cfg.nps && old_epoch == 0; i++)
+        for (int i = 0; i < p->cfg.nps; i++)
             if (p->ck[i].recovering) restarted = i;
         rec = restarted >= 0 ? rec + 1 : 0;
         if (rec >= 20 && !asked) {
