@@ -178,7 +178,6 @@ struct ps_shard {
     uint8_t absent[PS_SHARD_MAX_WORKERS];
     int nabsent;
     double open_since;  /* When the open step's first contribution came (0: none). */
-    int closing_partial; /* close_partial is closing the step. */
     int freeze_on_hook;  /* ps_shard_set_freeze: the hook's versions freeze... */
     int frozen;          /* ...until ps_shard_thaw: pushes get PS_PUSH_BUSY. */
     size_t mem_state;   /* Bytes of the state of cfg (state_bytes). */
@@ -1204,7 +1203,7 @@ static void apply_staged_rows(ps_shard *s) {
  * or NULL. */
 static ps_snapshot *maybe_close(ps_shard *s) {
     if (s->ndone < s->nparts) return NULL;
-    if (s->rows && s->rcount < need(s) && !s->closing_partial) return NULL;
+    if (s->rows && s->rcount < need(s)) return NULL;
     if (s->rows) {
         apply_staged_rows(s);
         s->rcount = 0;
@@ -1220,6 +1219,25 @@ static ps_snapshot *maybe_close(ps_shard *s) {
     memset(s->pcount, 0, ((size_t)s->nparts + 1) * sizeof *s->pcount);
     memset(s->contrib, 0, (size_t)s->cfg.num_workers * (size_t)(s->nparts ? s->nparts : 1));
     return old;
+}
+
+/* Sync, a shard that owns nothing (no partition, no table): the step's
+ * version is published as it comes (mu held). Returns the old snapshot. */
+static ps_snapshot *close_empty(ps_shard *s) {
+    s->version++;
+    ps_snapshot *old = publish(s, snap_new(s, new_buffer(s), s->version));
+    s->pcount[0] = 0;
+    s->open_since = 0;
+    memset(s->contrib, 0, (size_t)s->cfg.num_workers);
+    return old;
+}
+
+/* Backup sync: worker w pushed, so it is alive; steps wait for it again
+ * (mu held). */
+static void present(ps_shard *s, int w) {
+    if (!s->absent[w]) return;
+    s->absent[w] = 0;
+    s->nabsent--;
 }
 
 /* Sync, 3 or more workers: partition li's staged gradients of the workers
@@ -1492,10 +1510,7 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
     if (step < s->version) {
         s->st.stale_pushes++;
         if (s->cfg.backup_ms > 0) { /* Alive after all: the next step waits for it. */
-            if (s->absent[worker]) {
-                s->absent[worker] = 0;
-                s->nabsent--;
-            }
+            present(s, worker);
             cm_seterr(err, errlen, "step %lld closed without worker %d (backup sync); shard %d "
                       "is at version %lld", (long long)step, worker, s->index,
                       (long long)s->version);
@@ -1531,10 +1546,7 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
     else
         s->st.pushes++;
     s->last_step[worker] = step;
-    if (s->absent[worker]) { /* Back (backup sync): the steps wait for it again. */
-        s->absent[worker] = 0;
-        s->nabsent--;
-    }
+    present(s, worker);
     if (s->open_since == 0) s->open_since = cm_now();
     for (int i = 0; i < ngrads && !old; i++) {
         int li = s->local_of[grads[i].part];
@@ -1565,13 +1577,7 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
     } else if (s->nparts == 0 && !s->rows) {
         /* A shard that owns nothing still counts its workers' steps. */
         mine[0] = 1;
-        if (++s->pcount[0] >= need(s)) {
-            s->version++;
-            old = publish(s, snap_new(s, new_buffer(s), s->version));
-            s->pcount[0] = 0;
-            s->open_since = 0;
-            memset(s->contrib, 0, (size_t)s->cfg.num_workers);
-        }
+        if (++s->pcount[0] >= need(s)) old = close_empty(s);
     }
     nready = take_ready(s, &ready);
 done:
@@ -1793,14 +1799,7 @@ static ps_snapshot *close_partial(ps_shard *s, char *who, size_t wlen) {
         s->nabsent++;
         if (at + 12 < wlen) at += (size_t)snprintf(who + at, wlen - at, "%s%d", at ? "," : "", w);
     }
-    if (s->nparts == 0 && !s->rows) {
-        s->version++;
-        ps_snapshot *old = publish(s, snap_new(s, new_buffer(s), s->version));
-        s->pcount[0] = 0;
-        s->open_since = 0;
-        memset(s->contrib, 0, (size_t)s->cfg.num_workers);
-        return old;
-    }
+    if (s->nparts == 0 && !s->rows) return close_empty(s);
     if (!s->pending) s->pending = snap_new(s, new_buffer(s), s->version + 1);
     for (int li = 0; li < s->nparts; li++) {
         if (s->pdone[li]) continue;
@@ -1814,10 +1813,8 @@ static ps_snapshot *close_partial(ps_shard *s, char *who, size_t wlen) {
         s->pdone[li] = 1;
         s->ndone++;
     }
-    s->closing_partial = 1;
-    ps_snapshot *old = maybe_close(s);
-    s->closing_partial = 0;
-    return old;
+    /* The rows wait for need() workers: every one not absent gave them. */
+    return maybe_close(s);
 }
 
 int ps_shard_tick(ps_shard *s, int64_t *step, double *waited, char *who, size_t wlen) {

@@ -546,11 +546,7 @@ static int load_data(run *r) {
                 (unsigned long long)r->ctr.bad_train, (unsigned long long)r->ctr.bad_test);
     size_t lo, hi;
     wk_order_slice(r->B, r->rank, r->W, &lo, &hi);
-    r->slice = (int)(hi - lo);
-    /* Pushed gradients are means over each worker's slice; weighting them by
-     * slice size keeps the PS's plain average equal to the global batch's
-     * mean gradient when B is not a multiple of W. */
-    r->grad_scale = (float)((double)r->slice * r->W / (double)r->B);
+    r->slice = (int)(hi - lo); /* Set again, with grad_scale, by apply_membership. */
     r->max_slice = r->slice;
     if (r->is_ar && cfg->min_workers > 0 && cfg->min_workers < r->W) {
         wk_order_slice(r->B, 0, cfg->min_workers, &lo, &hi); /* Rank 0's is the largest. */
@@ -700,6 +696,9 @@ static int apply_membership(run *r) {
         cm_warn("training on in a ring of %d of %d workers: this one takes %zu of every %zu "
                 "examples (place %d)", n, r->W, hi - lo, r->B, pos);
     r->slice = (int)(hi - lo);
+    /* Pushed gradients are means over each worker's slice; weighting them by
+     * slice size keeps the plain average (PS or ring) equal to the global
+     * batch's mean gradient when B is not a multiple of the workers. */
     r->grad_scale = (float)((double)r->slice * n / (double)r->B);
     r->pcfg.rank = pos;
     r->pcfg.nranks = n;

@@ -35,7 +35,7 @@ struct wk_rdv_server {
     /* Protected by mu: the Joins of the next ring. */
     char **addrs;     /* Per rank: joined address, or NULL. */
     rpc_call **calls; /* Per rank: the Join waiting for the others. */
-    int *has_state, *rejoin;
+    int *has_state;
     int64_t *step;
     int joined;
     double survivor_since; /* When the first survivor joined (0: none yet). */
@@ -45,6 +45,19 @@ struct wk_rdv_server {
     int closing;      /* Destroy has begun: refuse new Joins. */
     int64_t ended;    /* The run ended at this step (-1: it goes on). */
 };
+
+/* Forget the Joins collected (their calls answered or failed by the
+ * caller): the next ring starts empty (mu held). */
+static void clear_pending(wk_rdv_server *s) {
+    for (int r = 0; r < s->nranks; r++) {
+        s->calls[r] = NULL;
+        free(s->addrs[r]);
+        s->addrs[r] = NULL;
+        s->has_state[r] = 0;
+    }
+    s->joined = 0;
+    s->survivor_since = 0;
+}
 
 /* Reply to every waiting Join with the ring of the ranks that joined, and
  * start collecting the next one (mu held). */
@@ -84,17 +97,11 @@ static void answer_all(wk_rdv_server *s) {
         cm_info("rendezvous: ring %u formed: %zu of %d workers, at step %lld", s->generation,
                 m, s->nranks, (long long)start);
     for (int r = 0; r < s->nranks; r++) {
-        if (s->calls[r]) {
-            rpc_seg seg = {.data = buf, .len = n};
-            rpc_reply(s->calls[r], &seg, 1);
-            s->calls[r] = NULL;
-        }
-        free(s->addrs[r]);
-        s->addrs[r] = NULL;
-        s->has_state[r] = s->rejoin[r] = 0;
+        if (!s->calls[r]) continue;
+        rpc_seg seg = {.data = buf, .len = n};
+        rpc_reply(s->calls[r], &seg, 1);
     }
-    s->joined = 0;
-    s->survivor_since = 0;
+    clear_pending(s);
     free(buf);
     free(addrs);
     free(members);
@@ -122,18 +129,13 @@ static void maybe_answer(wk_rdv_server *s) {
             "joined; the ring may not be smaller than %d%s)",
             (long long)s->wait_ms, m, s->joined, s->nranks, s->min_ranks,
             s->addrs[0] ? "" : " and needs the chief");
-    for (int r = 0; r < s->nranks; r++) {
+    for (int r = 0; r < s->nranks; r++)
         if (s->calls[r])
             rpc_fail(s->calls[r], RPC_UNAVAILABLE,
                      "rendezvous: gave up after %lld ms waiting for ranks %s to join again "
                      "(%d of %d joined; --min-workers %d)",
                      (long long)s->wait_ms, m, s->joined, s->nranks, s->min_ranks);
-        s->calls[r] = NULL;
-        free(s->addrs[r]);
-        s->addrs[r] = NULL;
-    }
-    s->joined = 0;
-    s->survivor_since = 0;
+    clear_pending(s);
 }
 
 static void *ticker_main(void *arg) {
@@ -160,15 +162,11 @@ void wk_rdv_server_set_elastic(wk_rdv_server *s, int min_ranks, int64_t wait_ms)
 void wk_rdv_server_end(wk_rdv_server *s, int64_t step) {
     pthread_mutex_lock(&s->mu);
     s->ended = step < 0 ? 0 : step;
-    for (int r = 0; r < s->nranks; r++) {
+    for (int r = 0; r < s->nranks; r++)
         if (s->calls[r])
             rpc_fail(s->calls[r], RPC_OUT_OF_RANGE, "rendezvous: the run ended at step %lld",
                      (long long)s->ended);
-        s->calls[r] = NULL;
-        free(s->addrs[r]);
-        s->addrs[r] = NULL;
-    }
-    s->joined = 0;
+    clear_pending(s);
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -227,7 +225,6 @@ static void on_join(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         s->calls[k] = call;
         s->has_state[k] = r->has_state;
         s->step[k] = r->step;
-        s->rejoin[k] = r->rejoin;
         cm_debug("rendezvous: rank %d joined from %s (%d of %d)", k, r->ring_addr, s->joined,
                  s->nranks);
         maybe_answer(s);
@@ -263,7 +260,6 @@ int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprin
     s->addrs = cm_calloc((size_t)nranks, sizeof *s->addrs);
     s->calls = cm_calloc((size_t)nranks, sizeof *s->calls);
     s->has_state = cm_calloc((size_t)nranks, sizeof *s->has_state);
-    s->rejoin = cm_calloc((size_t)nranks, sizeof *s->rejoin);
     s->step = cm_calloc((size_t)nranks, sizeof *s->step);
     rpc_server_opts o = {.threads = 1,
                          .token = cm_security_token(sec),
@@ -326,7 +322,6 @@ void wk_rdv_server_destroy(wk_rdv_server *s) {
     free(s->addrs);
     free(s->calls);
     free(s->has_state);
-    free(s->rejoin);
     free(s->step);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);

@@ -80,8 +80,7 @@ typedef struct arsync {
     char description[256];
     wk_rdv_server *rdv;
     wk_ring *ring;
-    int elastic;           /* A dead rank's ring forms again (CPU ring, dense). */
-    int *members;          /* The current ring's ranks (nworkers capacity). */
+    int elastic;           /* A dead rank's ring forms again (CPU rings). */
     int root_rank;         /* Whose state the current ring took. */
     int use_nccl;          /* GPU workers with NCCL: the gradient goes there. */
     wk_nccl_world *world;  /* Set up by begin() when use_nccl. */
@@ -367,22 +366,20 @@ static void host_of(const char *addr, char *host, size_t len) {
 /* A table row for the ring: id (2 floats of raw bits), update count (2),
  * values (dim), slots (nslots x dim). */
 typedef struct table_pack {
-    arsync *a;
-    float *buf;
-    size_t at, rec;
+    float *at;          /* The next record. */
+    size_t dim, nslot;  /* Floats of values and of slots a row. */
 } table_pack;
 
 static int pack_table_row(void *ud, uint64_t id, const float *values, const float *slots,
                           int64_t count) {
     table_pack *p = ud;
-    float *o = p->buf + p->at;
-    size_t dim = (p->rec - 4) / (size_t)(1 + ps_rows_nslots(p->a->rows));
+    float *o = p->at;
     memcpy(o, &id, 8);
     memcpy(o + 2, &count, 8);
-    memcpy(o + 4, values, dim * sizeof(float));
-    if (slots) memcpy(o + 4 + dim, slots, (p->rec - 4 - dim) * sizeof(float));
-    else memset(o + 4 + dim, 0, (p->rec - 4 - dim) * sizeof(float));
-    p->at += p->rec;
+    memcpy(o + 4, values, p->dim * sizeof(float));
+    if (slots) memcpy(o + 4 + p->dim, slots, p->nslot * sizeof(float));
+    else memset(o + 4 + p->dim, 0, p->nslot * sizeof(float));
+    p->at += 4 + p->dim + p->nslot;
     return CM_OK;
 }
 
@@ -396,7 +393,7 @@ static int broadcast_tables(arsync *a, int root) {
                                                         a->cfg.seed);
     for (int t = 0; t < a->cfg.model->ntables && rc == CM_OK; t++) {
         size_t dim = (size_t)ps_rows_dim(a->rows, t);
-        size_t rec = 4 + dim * (size_t)(1 + ps_rows_nslots(a->rows));
+        size_t nslot = dim * (size_t)ps_rows_nslots(a->rows), rec = 4 + dim + nslot;
         uint64_t nrows = me == root ? (uint64_t)ps_rows_count(a->rows, t) : 0;
         float hdr[2];
         memcpy(hdr, &nrows, 8);
@@ -405,7 +402,7 @@ static int broadcast_tables(arsync *a, int root) {
         float *buf = cm_alloc_aligned((nrows ? nrows : 1) * rec * sizeof(float));
         if (!buf) abort();
         if (me == root) {
-            table_pack p = {.a = a, .buf = buf, .rec = rec};
+            table_pack p = {.at = buf, .dim = dim, .nslot = nslot};
             ps_rows_visit(a->rows, t, pack_table_row, &p);
         }
         rc = wk_ring_broadcast(a->ring, buf, (size_t)nrows * rec, -4, root);
@@ -429,6 +426,28 @@ static int broadcast_tables(arsync *a, int root) {
         a->rows = fresh;
     }
     return CM_OK;
+}
+
+static int form_ring(arsync *a, float *params, const wk_rdv_state *st, int64_t timeout_ms,
+                     int64_t *start, uint8_t *nccl_id, size_t *nccl_id_len, int *joined);
+
+/* form_ring until it succeeds, within timeout_ms in all: a member that dies
+ * after the rendezvous answered (the ring did not connect, or its broadcast
+ * failed) makes it join again when 'again' is set (elastic rings); a
+ * failed rendezvous is returned at once (its error names who is missing). */
+static int form_ring_retrying(arsync *a, float *params, const wk_rdv_state *st,
+                              int64_t timeout_ms, int again, int64_t *start, uint8_t *nccl_id,
+                              size_t *nccl_id_len) {
+    double deadline = cm_now() + (double)timeout_ms / 1e3;
+    for (int attempt = 1;; attempt++) {
+        int64_t left = (int64_t)((deadline - cm_now()) * 1e3);
+        int joined;
+        int rc = form_ring(a, params, st, left > 1 ? left : 1, start, nccl_id, nccl_id_len,
+                           &joined);
+        if (rc == CM_OK || !joined || !again || cm_now() >= deadline) return rc;
+        cm_warn("ring formation %d failed (%s); joining again", attempt, a->base.err);
+        usleep(100 * 1000);
+    }
 }
 
 /* Join the next ring at the chief's rendezvous (within timeout_ms), connect
@@ -468,7 +487,6 @@ static int form_ring(arsync *a, float *params, const wk_rdv_state *st, int64_t t
         a->root_rank = rr.members[root];
         s->member = rr.position;
         s->nmembers = rr.nranks;
-        memcpy(a->members, rr.members, (size_t)rr.nranks * sizeof *a->members);
         if (rr.nccl_id_len == WK_NCCL_ID_BYTES) memcpy(nccl_id, rr.nccl_id, rr.nccl_id_len);
         *nccl_id_len = rr.nccl_id_len;
         if (rr.generation > 1 || rr.nranks < c->nworkers) {
@@ -536,19 +554,11 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
     /* The chief holds the run's state (its checkpoint, or the initial
      * parameters); a restarted worker holds none and takes the survivors'. */
     wk_rdv_state st = {.has_state = c->is_chief, .step = start};
-    double deadline = cm_now() + (double)c->connect_timeout_ms / 1e3;
-    for (int attempt = 1;; attempt++) {
-        int joined;
-        int64_t left = (int64_t)((deadline - cm_now()) * 1e3);
-        rc = form_ring(a, params, &st, left > 1 ? left : 1, &start, nccl_id, &nccl_id_len,
-                       &joined);
-        if (rc == CM_OK) break;
-        /* A member died while the first ring formed (the chief, say, to be
-         * started again): an elastic ring forms again, as in ar_recover. */
-        if (!joined || !a->elastic || cm_now() >= deadline) return rc;
-        cm_warn("ring formation %d failed (%s); joining again", attempt, s->err);
-        usleep(100 * 1000);
-    }
+    /* A member that dies while the first ring forms (the chief, say, to be
+     * started again): an elastic ring forms again, as in ar_recover. */
+    rc = form_ring_retrying(a, params, &st, c->connect_timeout_ms, a->elastic, &start, nccl_id,
+                            &nccl_id_len);
+    if (rc != CM_OK) return rc;
     if (a->use_nccl) {
         if (nccl_id_len != sizeof nccl_id) {
             snprintf(s->err, sizeof s->err, "rendezvous: the chief sent no NCCL id");
@@ -579,21 +589,11 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
 static int ar_recover(wk_sync *s, int64_t failed_step, int64_t *resume, float *params) {
     arsync *a = (arsync *)s;
     const wk_sync_ar_cfg *c = &a->cfg;
-    double deadline = cm_now() + (double)(c->worker_timeout_ms + c->connect_timeout_ms) / 1e3;
-    for (int attempt = 1;; attempt++) {
-        int64_t left = (int64_t)((deadline - cm_now()) * 1e3);
-        if (left <= 0) return CM_ETIMEDOUT; /* s->err: the last attempt's failure. */
-        wk_rdv_state st = {.has_state = 1, .step = failed_step, .rejoin = 1};
-        uint8_t id[WK_NCCL_ID_BYTES];
-        size_t idlen = 0;
-        int joined, rc;
-        rc = form_ring(a, params, &st, left, resume, id, &idlen, &joined);
-        if (rc == CM_OK) return CM_OK;
-        if (!joined) return rc; /* The rendezvous's own error names who is missing. */
-        /* Someone died while the ring formed: again. */
-        cm_warn("ring formation %d failed (%s); joining again", attempt, s->err);
-        usleep(100 * 1000);
-    }
+    wk_rdv_state st = {.has_state = 1, .step = failed_step, .rejoin = 1};
+    uint8_t id[WK_NCCL_ID_BYTES];
+    size_t idlen = 0;
+    return form_ring_retrying(a, params, &st, c->worker_timeout_ms + c->connect_timeout_ms, 1,
+                              resume, id, &idlen);
 }
 
 /* An elastic ring failed at 'step': close this rank's sockets at once (its
@@ -698,7 +698,6 @@ static void ar_destroy(wk_sync *s) {
     free(a->counts);
     ps_rowacc_free(&a->acc);
     free(a->table_dims);
-    free(a->members);
     free(a);
 }
 
@@ -727,7 +726,6 @@ int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err
     if (a->cfg.worker_timeout_ms <= 0) a->cfg.worker_timeout_ms = 60000;
     if (a->cfg.min_workers <= 0 || a->cfg.min_workers > cfg->nworkers)
         a->cfg.min_workers = cfg->nworkers;
-    a->members = cm_calloc((size_t)cfg->nworkers, sizeof *a->members);
     a->n = cfg->model->numel;
     a->nslots = ps_optim_nslots(cfg->optim.kind);
     if (a->nslots) a->slots = cm_calloc((size_t)a->nslots * a->n, sizeof(float));

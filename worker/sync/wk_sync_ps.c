@@ -480,6 +480,15 @@ static int ps_begin(wk_sync *s, float *params, int64_t *first_step) {
     return rc;
 }
 
+/* After a recovery's pulls: the dropped tickets no longer send from the
+ * gradient's buffers, so the next step may write them. */
+static int quiesce(psync *p, const char *what) {
+    if (ps_client_quiesce(p->client, p->cfg.deadline_ms) == CM_OK) return CM_OK;
+    snprintf(p->base.err, sizeof p->base.err, "calls of the %s step still send its gradient "
+             "after %lld ms", what, (long long)p->cfg.deadline_ms);
+    return CM_ETIMEDOUT;
+}
+
 static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, float *params) {
     psync *p = (psync *)s;
     char why[sizeof s->err];
@@ -501,11 +510,7 @@ static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, flo
         int64_t v = failed_step + 1;
         ps_client_pull(p->client, v, params, &t);
         int rc = ps_ticket_wait(t, &v, s->err, sizeof s->err);
-        if (rc == CM_OK && ps_client_quiesce(p->client, p->cfg.deadline_ms) != CM_OK) {
-            snprintf(s->err, sizeof s->err, "calls of the skipped step still send its "
-                     "gradient after %lld ms", (long long)p->cfg.deadline_ms);
-            rc = CM_ETIMEDOUT;
-        }
+        if (rc == CM_OK) rc = quiesce(p, "skipped");
         if (rc != CM_OK) return rc;
         snprintf(s->err, sizeof s->err, "the shards closed step %lld without this worker "
                  "(--sync backup): skipping to their version %lld", (long long)failed_step,
@@ -518,11 +523,7 @@ static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, flo
     int64_t v = 0;
     int rc = p->cfg.is_chief ? chief_sync(p, &v) : worker_sync(p, old, &v);
     if (rc == CM_OK) rc = pull_version(p, v, params);
-    if (rc == CM_OK && ps_client_quiesce(p->client, p->cfg.deadline_ms) != CM_OK) {
-        snprintf(s->err, sizeof s->err, "calls of the failed step still send its gradient "
-                 "after %lld ms", (long long)p->cfg.deadline_ms);
-        rc = CM_ETIMEDOUT;
-    }
+    if (rc == CM_OK) rc = quiesce(p, "failed");
     if (rc != CM_OK) return rc;
     /* Async steps are each worker's own: carry on from the failed one. */
     *resume_step = p->cfg.async ? failed_step : v;
