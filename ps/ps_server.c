@@ -66,6 +66,8 @@ typedef struct ckpt_job {
     size_t rows_len, rows_cap;
     size_t nrows;
     uint64_t *counts; /* NULL: no tables. */
+    int64_t *wsteps;  /* Each worker's last step at the version... */
+    int nworkers;     /* ...of this many (cfg.num_workers). */
 } ckpt_job;
 #define ROW_HEAD 32
 
@@ -76,6 +78,10 @@ typedef struct ckpt_job {
  * i64 update count, then dim values and nslots * dim slots. */
 #define ROWS_PART 0x80000000u
 #define ROWS_COUNT 1u
+/* The workers' positions: blob part STEPS_PART, kind 0, one i64 (little-
+ * endian) per worker: its last step the shard took by the version, -1 none.
+ * Older checkpoints have none: the positions are then unknown (-1). */
+#define STEPS_PART 0x7fffffffu
 
 struct ps_server {
     ps_server_cfg cfg;
@@ -287,7 +293,7 @@ static int optim_from(const Psrpc__OptimizerConfig *o, ps_optim_cfg *out) {
 }
 
 static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                       const ps_shard_config *cfg, ps_rows *rows);
+                       const ps_shard_config *cfg, ps_rows *rows, const int64_t *worker_steps);
 
 /* The row store of a model with tables (mu held, no shard yet): with a
  * data directory a durable one, the checkpoints' rows (cfg.rows_dir, else
@@ -1223,7 +1229,7 @@ static void copy_row(void *ud, int table, uint64_t id, int64_t count, int64_t la
 /* The publish hook (the shard's lock held): hand the version to the writer
  * unless it is still busy with the last one. */
 static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                       const ps_shard_config *cfg, ps_rows *rows) {
+                       const ps_shard_config *cfg, ps_rows *rows, const int64_t *worker_steps) {
     ps_server *s = ud;
     pthread_mutex_lock(&s->ck_mu);
     if (s->job.snap || s->ck_stop) {
@@ -1242,6 +1248,9 @@ static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslo
     if (n && slots) memcpy(s->job.slots, slots, n * sizeof(float));
     s->job.nslots = slots ? nslots : 0;
     s->job.cfg = *cfg;
+    if (!s->job.wsteps) s->job.wsteps = cm_calloc((size_t)cfg->num_workers + 1, sizeof(int64_t));
+    s->job.nworkers = cfg->num_workers; /* The config never changes once set. */
+    memcpy(s->job.wsteps, worker_steps, (size_t)cfg->num_workers * sizeof(int64_t));
     s->job.rows_len = 0;
     s->job.nrows = 0;
     if (rows) {
@@ -1388,9 +1397,9 @@ static void write_job(ps_server *s, const ckpt_job *j) {
     ps_shard_parts(s->shard, &nparts);
     size_t numel = ps_shard_numel(s->shard);
     int nt = j->counts ? s->model->ntables : 0;
-    int nblobs = nparts * (1 + j->nslots) + nt;
-    st_blob *b = cm_malloc((size_t)(nblobs ? nblobs : 1) * sizeof *b);
-    uint8_t *counts = cm_malloc((size_t)(nt ? nt : 1) * 8);
+    int nblobs = nparts * (1 + j->nslots) + nt + 1;
+    st_blob *b = cm_malloc((size_t)nblobs * sizeof *b);
+    uint8_t *counts = cm_malloc((size_t)(nt + j->nworkers + 1) * 8);
     const uint32_t *parts = ps_shard_parts(s->shard, &nparts);
     int k = 0;
     for (int i = 0; i < nparts; i++) {
@@ -1407,6 +1416,11 @@ static void write_job(ps_server *s, const ckpt_job *j) {
         b[k++] = (st_blob){.part = ROWS_PART | (uint32_t)t, .kind = ROWS_COUNT,
                            .data = counts + 8 * t, .len = 8};
     }
+    uint8_t *steps = counts + 8 * (size_t)nt;
+    for (int w = 0; w < j->nworkers; w++)
+        for (int i = 0; i < 8; i++) steps[8 * w + i] = (uint8_t)((uint64_t)j->wsteps[w] >> (8 * i));
+    b[k++] = (st_blob){.part = STEPS_PART, .kind = ST_KIND_PARAMS, .data = steps,
+                       .len = 8 * (size_t)j->nworkers};
     uint8_t extra[CFG_LEN];
     cfg_encode(&j->cfg, extra);
     int64_t v = ps_snapshot_version(j->snap);
@@ -1521,6 +1535,8 @@ typedef struct restore_ctx {
     uint64_t *counts; /* or its row count, the rows in the row store. */
     uint8_t *have_count;
     int in_store;     /* The generation's rows are in the row store. */
+    int64_t *wsteps;  /* The workers' positions (STEPS_PART), NULL none... */
+    int nwsteps;      /* ...and how many. */
 } restore_ctx;
 
 static void restore_ctx_free(restore_ctx *c) {
@@ -1529,10 +1545,24 @@ static void restore_ctx_free(restore_ctx *c) {
     free(c->rows_len);
     free(c->counts);
     free(c->have_count);
+    free(c->wsteps);
+    c->wsteps = NULL;
 }
 
 static int on_blob(void *ud, uint32_t part, uint32_t kind, const void *data, size_t len) {
     restore_ctx *c = ud;
+    if (part == STEPS_PART) {
+        if (kind != ST_KIND_PARAMS || len % 8 || len > 8 * 65536 || c->wsteps) return CM_ECORRUPT;
+        c->nwsteps = (int)(len / 8);
+        c->wsteps = cm_calloc((size_t)c->nwsteps + 1, sizeof *c->wsteps);
+        const uint8_t *p = data;
+        for (int w = 0; w < c->nwsteps; w++) {
+            uint64_t x = 0;
+            for (int i = 0; i < 8; i++) x |= (uint64_t)p[8 * w + i] << (8 * i);
+            c->wsteps[w] = (int64_t)x;
+        }
+        return CM_OK;
+    }
     if (part & ROWS_PART) {
         uint32_t t = part & ~ROWS_PART;
         if (t >= (uint32_t)c->model->ntables || c->rows[t] || c->have_count[t])
@@ -1581,6 +1611,10 @@ static int load_generation(ps_server *s, int64_t v, ps_shard_config *sc, float *
         cm_seterr(err, errlen, "its config record is not one this server wrote");
         rc = CM_ECORRUPT;
     }
+    if (rc == CM_OK && c.wsteps && c.nwsteps != sc->num_workers) {
+        cm_seterr(err, errlen, "positions of %d workers, expected %d", c.nwsteps, sc->num_workers);
+        rc = CM_ECORRUPT;
+    }
     if (rc == CM_OK && c.nseen != nparts * (1 + ps_optim_nslots(sc->optim.kind))) {
         cm_seterr(err, errlen, "%d blobs, expected %d for %s", c.nseen,
                   nparts * (1 + ps_optim_nslots(sc->optim.kind)), ps_optim_name(sc->optim.kind));
@@ -1618,9 +1652,10 @@ static int load_generation(ps_server *s, int64_t v, ps_shard_config *sc, float *
     return rc;
 }
 
-/* Put the rows a generation's load stashed into the shard (its config now
- * the generation's), and free them. */
+/* Put the workers' positions and the rows a generation's load stashed into
+ * the shard (its config now the generation's), and free them. */
 static void put_rows(ps_server *s, const ps_shard_config *sc, restore_ctx *c) {
+    if (c->wsteps) ps_shard_set_worker_steps(s->shard, c->wsteps, c->nwsteps);
     int nslots = ps_optim_nslots(sc->table_optim.kind);
     size_t n = 0;
     for (int t = 0; t < s->model->ntables; t++) {
@@ -2156,6 +2191,7 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     free(s->job.slots);
     free(s->job.rows);
     free(s->job.counts);
+    free(s->job.wsteps);
     st_store_close(s->store);
     if ((s->rowdb || s->cfg.admit_after > 1 || s->cfg.expire_after > 0) && sh)
         log_row_cache(s, sh, "at exit", 1);

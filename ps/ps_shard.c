@@ -502,7 +502,7 @@ static ps_snapshot *publish(ps_shard *s, ps_snapshot *snap) {
     if (s->rows) ps_rows_set_step(s->rows, snap->version); /* Row expiry. */
     if (s->hook && snap->version > 0 && snap->version % s->hook_every == 0) {
         s->hook(s->hook_ud, snap, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg,
-                s->rows);
+                s->rows, s->last_step);
         if (s->freeze_on_hook) s->frozen = 1;
     }
     return old;
@@ -1849,6 +1849,15 @@ void ps_shard_count_bad(ps_shard *s) {
     pthread_mutex_unlock(&s->mu);
 }
 
+void ps_shard_set_worker_steps(ps_shard *s, const int64_t *steps, int n) {
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; s->inited && i < n && i < s->cfg.num_workers; i++) {
+        s->last_step[i] = steps[i];
+        if (steps[i] > s->step_hw) s->step_hw = steps[i];
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
 int ps_shard_worker_steps(ps_shard *s, int64_t *out, int max) {
     pthread_mutex_lock(&s->mu);
     int w = s->inited ? s->cfg.num_workers : 0;
@@ -2012,7 +2021,7 @@ int ps_shard_publish_now(ps_shard *s) {
     int ok = s->inited && s->hook && !s->pending;
     if (ok)
         s->hook(s->hook_ud, s->current, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg,
-                s->rows);
+                s->rows, s->last_step);
     pthread_mutex_unlock(&s->mu);
     return ok;
 }

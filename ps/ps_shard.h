@@ -402,9 +402,13 @@ size_t ps_shard_part_offset(const ps_shard *s, int i);
  * none), valid only during the call since the optimizer updates them in
  * place, 'cfg' the shard's config, and 'rows' the shard's rows at v (NULL
  * without tables), also valid only during the call (a checkpoint copies
- * the rows changed since the last one: ps_rows_checkpoint). */
+ * the rows changed since the last one: ps_rows_checkpoint); 'worker_steps'
+ * (cfg->num_workers entries, valid during the call) each worker's last step
+ * the shard took by v, -1 for none: where each worker stands in its data at
+ * v, which an async worker started again resumes after. */
 typedef void (*ps_publish_fn)(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                              const ps_shard_config *cfg, ps_rows *rows);
+                              const ps_shard_config *cfg, ps_rows *rows,
+                              const int64_t *worker_steps);
 
 /* Install the hook (every > 0) or remove it (fn NULL). Set it before the
  * shard serves. */
@@ -440,6 +444,14 @@ int ps_shard_publish_now(ps_shard *s);
 
 /* The config, if initialised: returns 1 and fills *cfg, else 0. */
 int ps_shard_config_get(ps_shard *s, ps_shard_config *cfg);
+
+/* Restore and rollback of the workers' positions: each worker's last step
+ * as the checkpoint's hook had it (n entries, at most the config's workers;
+ * -1 none). Call right after ps_shard_restore* or ps_shard_rollback (which
+ * forget them), before the shard serves: an async shard then refuses those
+ * steps as duplicates, and an async worker started again resumes after
+ * them instead of at the start of its data. */
+void ps_shard_set_worker_steps(ps_shard *s, const int64_t *steps, int n);
 
 /* Restore and rollback of rows: put row 'id' of table t (values, slots
  * as ps_rows_put; count its update count) into an initialised shard. Call

@@ -263,12 +263,26 @@ class Cluster:
         while True:
             running = 0
             self.chaos()
+            # PS mode: a shard exits 0 only on the chief's "training finished",
+            # which the chief sends after writing its outputs.
+            shut_down = self.args.mode == "ps" and any(
+                n.startswith("ps ") and q.poll() == 0 for n, q in self.procs)
             for k, (name, p) in enumerate(self.procs):
                 rc = p.poll()
                 if rc is None:
                     running += 1
                 elif name in self.excused:
                     pass
+                elif shut_down and retryable(rc) and chief_done is None:
+                    # Killed after the chief had shut the PS down (before it
+                    # exited, or before this shard did): the run is complete; a
+                    # process started again would find no one to work with.
+                    what = f"signal {-rc}" if rc < 0 else f"status {rc}"
+                    say(f"{name} (pid {p.pid}) exited with {what} after the chief had shut the "
+                        "PS down: its outputs were written; the run is complete"
+                        + (" (that shard's final checkpoint may be missing)"
+                           if name.startswith("ps ") else ""))
+                    self.excused.add(name)
                 elif chief_done is not None and rc != 0 and name != "worker 0" and (
                         retryable(rc) or name.startswith("worker ")):
                     # The chief finished (it exited 0, its summary is written): a
@@ -282,17 +296,9 @@ class Cluster:
                     self.excused.add(name)
                 elif (name == "worker 0" and retryable(rc) and
                       all(q.poll() == 0 for n, q in self.procs if n != name)):
-                    # Every other task ended cleanly (PS processes only do on the
-                    # chief's "training finished"): the training is over, and a
-                    # new chief would find no one to work with.
+                    # Allreduce: every other worker ended cleanly: the training
+                    # is over, and a new chief would find no one to work with.
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
-                    if self.args.mode == "ps":
-                        # The chief writes its outputs before it shuts the shards
-                        # down, and a shard exits 0 only then.
-                        say(f"the chief (pid {p.pid}) exited with {what} after it had shut the "
-                            "PS down: its outputs were written; the run is complete")
-                        self.excused.add(name)
-                        continue
                     say(f"the chief (pid {p.pid}) exited with {what} after every other worker "
                         "had finished: the training is complete, but the chief's final outputs "
                         "(summary, --params-out, --export, its last checkpoint) may be missing; "

@@ -606,7 +606,8 @@ static int open_sync(run *r, const float *init_values) {
             .worker_addrs = r->ar_addrs,
             .backup_ms = !cfg->backup_sync       ? 0
                          : cfg->worker_timeout_ms ? cfg->worker_timeout_ms
-                                                  : 10000};
+                                                  : 10000,
+            .end_wait_ms = cfg->worker_timeout_ms};
         if ((status = wk_sync_ps_create(&pc, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             return status;
@@ -1139,6 +1140,7 @@ static int finish_training(run *r) {
         cm_error("cannot get the final parameters: %s", r->sync->err);
         return status;
     }
+    result->versions_lost = r->sync->versions_lost; /* The end may count more. */
     result->params_checksum = XXH64(r->params, numel * sizeof(float), 0);
     if (r->is_chief && r->sparse && r->sync->ops->row_stats) ps_rows_report(r);
     if (r->is_chief && r->is_ps && cfg->async) {

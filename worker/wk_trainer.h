@@ -90,7 +90,9 @@ typedef struct wk_train_cfg {
     int64_t checkpoint_every;  /* Steps between them (0: only the final one). */
     /* Allreduce mode on CPU rings: after a worker dies, wait this long for
      * its replacement (0 = 60000 ms), then go on without it if at least
-     * min_workers are left (0 = every worker: wait only). */
+     * min_workers are left (0 = every worker: wait only). PS mode, async:
+     * how long the chief's final wait for the others' last steps waits
+     * while none moves on (0 = 10000 ms). */
     int64_t worker_timeout_ms;
     int min_workers;
     /* PS mode, sync: backup sync (--sync backup): the shards close a step

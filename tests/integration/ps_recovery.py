@@ -29,9 +29,11 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
+import time
 
-from itest import LAUNCH, check, launch, lines_in, main, run
+from itest import LAUNCH, check, free_ports, launch, lines_in, main, run
 
 K = 20  # checkpoint interval
 # What a kill can cost: the steps since the newest checkpoint every shard
@@ -160,6 +162,22 @@ def worker_kill(bin_dir, tmp):
           s["steps"] == STEPS and s["test_accuracy"] > ref["test_accuracy"] - 0.02,
           f"async: worker 1 rejoined at step {m.group(1) if m else '?'} and the run finished "
           f"(accuracy {s['test_accuracy']:.4f})")
+    # Async, the chief and a PS killed together: the chief started again resumes after
+    # its last step in the checkpoint (the workers' positions are part of it), not at
+    # the start of its data.
+    d = os.path.join(tmp, "async-chief-and-ps")
+    p = launch(bin_dir, *COMMON, "--sync", "async", "--checkpoint-dir", d, "--chaos-kill",
+               f"{at}:ps0,worker0", "--summary", d + ".json", "--verbose")
+    out = p.stdout + p.stderr
+    m = re.search(r"worker 0 info: rejoining at step (\d+)", out)
+    s = summary(d + ".json")
+    check("chaos: killed worker 0" in out and "chaos: killed ps 0" in out and m is not None
+          and int(m.group(1)) > 0 and s["steps"] == STEPS and
+          s["test_accuracy"] > ref["test_accuracy"] - 0.1,  # async: the kill's timing shows
+          f"async, the chief and a PS killed together after step {at}: the chief resumed at "
+          f"step {m.group(1) if m else '?'} and the run finished (accuracy "
+          f"{s['test_accuracy']:.4f})")
+    async_end(bin_dir, tmp)
     # A PS and a worker killed together. The dead worker may have pushed its step to
     # the killed shard only: the chief's call then waits at the live shard for that
     # worker, never sees the restart, and the new worker waits for the rollback. It
@@ -172,6 +190,43 @@ def worker_kill(bin_dir, tmp):
           same_bytes(d + ".params", ref_params),
           "a PS and a worker killed together: the run finishes bit-identical"
           + (" (the new worker had to free the chief)" if "abort their waiting" in out else ""))
+
+
+def async_end(bin_dir, tmp):
+    """Async: the chief's final wait for the others' last steps ends, naming them,
+    once none moved on for --worker-timeout (a rollback can take the last steps of
+    a worker that had finished: it never pushes them again). Here worker 1 simply
+    stops 30 steps early (--max-steps 10 against the chief's 40)."""
+    ports = free_ports(3)
+    hosts = ["--ps-hosts", f"127.0.0.1:{ports[0]}", "--worker-hosts",
+             f"127.0.0.1:{ports[1]},127.0.0.1:{ports[2]}"]
+    common = ["--sync", "async", "--train-limit", "3000", "--test-limit", "500", "--threads",
+              "1", "--connect-timeout-ms", "20000", "--quiet"]
+    logs = [open(os.path.join(tmp, f"async-end.{n}.log"), "w") for n in ("ps", "w1")]
+    ps = subprocess.Popen([os.path.join(bin_dir, "psserver"), *hosts, "--task-index", "0"],
+                          stderr=logs[0])
+    w1 = subprocess.Popen([os.path.join(bin_dir, "pstrain"), *hosts, "--task-index", "1",
+                           "--max-steps", "10", *common], stderr=logs[1],
+                          stdout=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        p = run([os.path.join(bin_dir, "pstrain"), *hosts, "--task-index", "0", "--max-steps",
+                 "40", "--worker-timeout", "1", *common], expect_ok=False, timeout=120)
+        took = time.monotonic() - t0
+        w1.wait(timeout=30)
+        ps.wait(timeout=30)
+    finally:
+        for q in (w1, ps):
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+        for f in logs:
+            f.close()
+    check(p.returncode == 0 and "from rank 1 at step 9 (of 39)" in p.stderr and took < 30 and
+          ps.returncode == 0,
+          f"async: the chief's final wait gave up on worker 1 (stopped at step 9 of 39) after "
+          f"--worker-timeout 1 and the run ended ({took:.1f} s)"
+          + ("" if p.returncode == 0 else f":\n{p.stderr[-1500:]}"))
 
 
 def resume(bin_dir, tmp):

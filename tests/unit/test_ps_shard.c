@@ -1639,6 +1639,7 @@ typedef struct hook_rec {
     int nslots;
     size_t numel; /* Set before: the slots' stride. */
     ps_shard_config cfg;
+    int64_t wsteps[4]; /* The workers' last steps at the last call. */
 } hook_rec;
 
 /* A snapshot of shard s as its flat array (what a checkpoint keeps). */
@@ -1652,7 +1653,7 @@ static void snapshot_flat(const ps_shard *s, const ps_snapshot *snap, float *fla
 
 static void rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
                      const ps_shard_config *cfg,
-                     ps_rows *rows) {
+                     ps_rows *rows, const int64_t *worker_steps) {
     hook_rec *r = ud;
     CHECK(rows == NULL); /* A model without tables. */
     CHECK(r->calls < 8);
@@ -1664,14 +1665,17 @@ static void rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots
     r->cfg = *cfg;
     CHECK(slots != NULL && nslots == 2);
     memcpy(r->slots, slots, (size_t)nslots * r->numel * sizeof(float));
+    CHECK(cfg->num_workers <= 4);
+    memcpy(r->wsteps, worker_steps, (size_t)cfg->num_workers * sizeof *worker_steps);
 }
 
 /* Synchronous checkpoints: the hook's version freezes the shard (pushes
  * get PS_PUSH_BUSY and change nothing) until it is thawed. */
 static int freeze_hook_calls;
 static void count_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                       const ps_shard_config *cfg, ps_rows *rows) {
-    (void)ud, (void)snap, (void)slots, (void)nslots, (void)cfg, (void)rows;
+                       const ps_shard_config *cfg, ps_rows *rows,
+                       const int64_t *worker_steps) {
+    (void)ud, (void)snap, (void)slots, (void)nslots, (void)cfg, (void)rows, (void)worker_steps;
     freeze_hook_calls++;
 }
 
@@ -1777,6 +1781,49 @@ static void test_checkpoint_hook_and_restore(void **state) {
     ps_shard_destroy(adopted);
     ps_snapshot_unref(r.snap);
     ps_shard_destroy(fresh);
+}
+
+/* Async: the hook gets each worker's last step at the checkpoint's version;
+ * a rollback forgets them (the pushes after it would be taken again) and
+ * ps_shard_set_worker_steps brings them back: those steps are duplicates,
+ * the next ones are taken, and the positions read back are the hook's. */
+static void test_checkpoint_worker_steps(void **state) {
+    fixture *f = *state;
+    static hook_rec r;
+    memset(&r, 0, sizeof r);
+    r.numel = ps_shard_numel(f->s);
+    ps_shard_set_publish_hook(f->s, 2, rec_hook, &r);
+    ps_shard_config c = cfg_make(PS_OPTIM_ADAM, 2, PS_ASYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    int64_t v = -1, got[4];
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK); /* Version 2. */
+    assert_int_equal(push_step(f, 0, 1, &v), PS_PUSH_OK);
+    assert_int_equal(push_step(f, 0, 2, &v), PS_PUSH_OK); /* Version 4. */
+    assert_int_equal(push_step(f, 0, 3, &v), PS_PUSH_OK);
+    assert_int_equal(v, 5);
+    assert_int_equal(r.calls, 2);
+    assert_int_equal(r.versions[1], 4);
+    assert_int_equal(r.wsteps[0], 2);
+    assert_int_equal(r.wsteps[1], 0);
+    float params[MAXN];
+    snapshot_flat(f->s, r.snap, params);
+    char err[256] = "";
+    assert_int_equal(ps_shard_rollback(f->s, 4, params, r.slots, err, sizeof err), CM_OK);
+    assert_int_equal(ps_shard_worker_steps(f->s, got, 4), 2);
+    assert_int_equal(got[0], -1); /* Forgotten by the rollback... */
+    ps_shard_set_worker_steps(f->s, r.wsteps, 2);
+    assert_int_equal(ps_shard_worker_steps(f->s, got, 4), 2);
+    assert_int_equal(got[0], 2); /* ...and back. */
+    assert_int_equal(got[1], 0);
+    assert_int_equal(push_step(f, 0, 2, &v), PS_PUSH_DUPLICATE);
+    assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_DUPLICATE);
+    assert_int_equal(push_step(f, 0, 3, &v), PS_PUSH_OK);
+    assert_int_equal(v, 5);
+    assert_int_equal(push_step(f, 1, 1, &v), PS_PUSH_OK);
+    assert_int_equal(v, 6);
+    ps_shard_set_publish_hook(f->s, 0, NULL, NULL);
+    ps_snapshot_unref(r.snap);
 }
 
 /* ===== Rows of embedding tables =====
@@ -2571,8 +2618,9 @@ static int rec_row(void *ud, uint64_t id, const float *values, const float *slot
 }
 
 static void rows_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                      const ps_shard_config *cfg, ps_rows *rows) {
-    (void)cfg;
+                      const ps_shard_config *cfg, ps_rows *rows,
+                      const int64_t *worker_steps) {
+    (void)cfg, (void)worker_steps;
     rows_rec *r = ud;
     CHECK(rows != NULL);
     CHECK(r->calls < 8);
@@ -3424,6 +3472,7 @@ int main(void) {
         T(test_partial_waiter_aborted),
         T(test_partial_push_async),
         T(test_checkpoint_hook_and_restore),
+        T(test_checkpoint_worker_steps),
         T(test_rows_refused_without_tables),
         T(test_async_step_bound),
         T(test_nonfinite_dense_refused),

@@ -105,7 +105,8 @@ struct wk_sync {
     const wk_sync_ops *ops;
     char err[512]; /* Message of the last failure. */
     /* Versions a rollback took back, over the run (recover; the chief's
-     * count): in async mode the updates lost, which no step redoes. */
+     * count): in async mode the updates lost, which no step redoes, and
+     * the steps of the workers the final wait gave up on. */
     int64_t versions_lost;
     /* Collective mode: this worker's place in the current ring and the
      * ring's size (0: the mode's rank and worker count hold). An elastic
@@ -156,6 +157,11 @@ typedef struct wk_sync_ps_cfg {
                         * close a step after this long without the workers
                         * that have not pushed; such a worker skips ahead to
                         * the shards' version. */
+    int64_t end_wait_ms; /* Async, the chief: how long its final wait for the
+                          * other workers' last pushes waits while none of
+                          * them moves on (0 = 10000); then it evaluates
+                          * without them (a rollback may have taken the last
+                          * steps of a worker that had finished). */
 } wk_sync_ps_cfg;
 int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_t errlen);
 

@@ -724,21 +724,41 @@ static int ps_end(wk_sync *s, int64_t steps, float *params) {
     int rc0 = settle_all(p);
     if (rc0 != CM_OK || !p->cfg.is_chief || !p->cfg.async) return rc0;
     /* Async: wait until every worker's last push (step steps - 1) is in on
-     * every shard, then take the final parameters. Bounded by the call
-     * deadline. (Per-worker steps, not push counts: a restarted shard's
-     * counters start again at 0.) */
-    double start = cm_now();
+     * every shard, then take the final parameters. (Per-worker steps, not
+     * push counts: a restarted shard's counters start again at 0.) A worker
+     * that finished before a rollback took its last steps never pushes them
+     * again: while no worker behind moves on for end_wait_ms, the wait ends
+     * without them, naming them. */
+    int64_t limit = p->cfg.end_wait_ms > 0 ? p->cfg.end_wait_ms : 10000;
+    double moved = cm_now();
+    int64_t sum = -1;
     for (;;) {
-        ps_client_stats st;
-        int rc = ps_client_stats_get(p->client, &st, s->err, sizeof s->err);
-        if (rc != CM_OK) return rc;
-        if (st.min_worker_step >= steps - 1) break;
-        if ((cm_now() - start) * 1e3 > (double)p->cfg.deadline_ms) {
-            snprintf(s->err, sizeof s->err,
-                     "async: a worker's last push is step %lld, not %lld, after %lld ms",
-                     (long long)st.min_worker_step, (long long)(steps - 1),
-                     (long long)p->cfg.deadline_ms);
-            return CM_ETIMEDOUT;
+        int64_t last[64];
+        int nw = ps_client_worker_steps(p->client, last, 64, s->err, sizeof s->err);
+        if (nw < 0) return nw;
+        int64_t behind = 0;
+        for (int w = 0; w < nw && w < 64; w++)
+            if (last[w] < steps - 1) behind += last[w] + 2;
+        if (!behind) break;
+        if (behind != sum) {
+            sum = behind;
+            moved = cm_now();
+        } else if ((cm_now() - moved) * 1e3 > (double)limit) {
+            char who[512] = "";
+            size_t at = 0;
+            for (int w = 0; w < nw && w < 64; w++) {
+                if (last[w] >= steps - 1) continue;
+                p->base.versions_lost += steps - 1 - last[w]; /* Their pushes never came. */
+                int n = snprintf(who + at, sizeof who - at, "%srank %d at step %lld",
+                                 at ? ", " : "", w, (long long)last[w]);
+                if (n < 0 || (size_t)n >= sizeof who - at) break;
+                at += (size_t)n;
+            }
+            cm_warn("async: the shards have no step past %lld ms ago from %s (of %lld): "
+                    "evaluating without their remaining steps (a rollback took the last "
+                    "steps of a worker that had finished, or it stopped early or is gone)",
+                    (long long)limit, who, (long long)(steps - 1));
+            break;
         }
         usleep(20000);
     }
