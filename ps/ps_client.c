@@ -983,6 +983,7 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
         out->rows_not_admitted += r->rows_not_admitted;
         out->row_updates_dropped += r->row_updates_dropped;
         out->rows_expired += r->rows_expired;
+        if (r->updates_lost > out->updates_lost_max) out->updates_lost_max = r->updates_lost;
         out->ckpt_rows += r->ckpt_rows;
         out->ckpt_row_bytes += r->ckpt_row_bytes;
         psrpc__stats_reply__free_unpacked(r, NULL);

@@ -244,6 +244,9 @@ typedef struct ps_client_stats {
     /* The newest checkpoint's rows (changed since the one before) and their
      * bytes written to the row stores, over shards. */
     uint64_t ckpt_rows, ckpt_row_bytes;
+    /* Async: the most updates any shard lost to rollbacks (pushes a
+     * rollback took and no worker pushed again; since each shard's start). */
+    uint64_t updates_lost_max;
 } ps_client_stats;
 int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t errlen);
 

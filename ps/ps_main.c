@@ -35,6 +35,7 @@ static void on_signal(int sig) { got_signal = sig; }
  * A long-only option: its value is no letter that another option could take too. */
 #define OPT_REPAIR 0x100
 #define OPT_CKPT_SYNC 0x101
+#define OPT_CKPT_ASYNC 0x102
 static int repair(const char *dir) {
     char err[1024];
     int n = st_store_repair(dir, err, sizeof err);
@@ -71,9 +72,13 @@ static void usage(FILE *f) {
             "                             psserver refuses it (e.g. its CURRENT file lost);\n"
             "                             then exit\n"
             "  --checkpoint-every K       checkpoint every K versions (default 0: never)\n"
-            "  --checkpoint-sync          pushes wait while a checkpoint is written: a crash\n"
-            "                             loses at most --checkpoint-every versions (a stall\n"
-            "                             per checkpoint; default: the writer runs beside)\n"
+            "  --checkpoint-sync          (default) pushes wait while a checkpoint is\n"
+            "                             written: a crash loses at most --checkpoint-every\n"
+            "                             versions, plus the steps in flight (a stall of one\n"
+            "                             write per checkpoint)\n"
+            "  --checkpoint-async         pushes go on while a checkpoint is written, and one\n"
+            "                             due meanwhile is skipped: no stall, but a crash may\n"
+            "                             lose twice --checkpoint-every versions or more\n"
             "  --checkpoint-nice N        nice value of the checkpoint writer thread, 0-19\n"
             "                             (default 10: the handlers keep the cores they\n"
             "                             need; checkpoints take longer where they are busy)\n"
@@ -126,6 +131,7 @@ int main(int argc, char **argv) {
                                          {"checkpoint-every", required_argument, 0, 'k'},
                                          {"checkpoint-nice", required_argument, 0, 'n'},
                                          {"checkpoint-sync", no_argument, 0, OPT_CKPT_SYNC},
+                                         {"checkpoint-async", no_argument, 0, OPT_CKPT_ASYNC},
                                          {"auth-token-file", required_argument, 0, 'A'},
                                          {"admin-token-file", required_argument, 0, 'B'},
                                          {"tls-cert", required_argument, 0, 'C'},
@@ -147,7 +153,7 @@ int main(int argc, char **argv) {
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
     long long ckpt_every = 0;
     int ckpt_nice = 10;
-    int ckpt_sync = 0;
+    int ckpt_sync = 1;
     int task_index = -1, threads = 0, max_mb = 64;
     const char *auth_file = NULL, *admin_file = NULL, *tls_cert = NULL, *tls_key = NULL,
                *tls_ca = NULL;
@@ -172,6 +178,7 @@ int main(int argc, char **argv) {
         case 'k': ckpt_every = atoll(optarg); break;
         case 'n': ckpt_nice = atoi(optarg); break;
         case OPT_CKPT_SYNC: ckpt_sync = 1; break;
+        case OPT_CKPT_ASYNC: ckpt_sync = 0; break;
         case 'A': auth_file = optarg; break;
         case 'B': admin_file = optarg; break;
         case 'C': tls_cert = optarg; break;

@@ -1054,6 +1054,7 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.duplicate_pushes = st.duplicate_pushes;
         rep.stale_pushes = st.stale_pushes;
         rep.backup_closes = st.backup_closes;
+        rep.updates_lost = st.updates_lost;
         rep.early_pushes = st.early_pushes;
         rep.pulls = st.pulls;
         rep.bad_requests = st.bad_requests;

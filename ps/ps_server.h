@@ -62,8 +62,9 @@ typedef struct ps_server_cfg {
     /* Synchronous checkpoints: pushes wait while a checkpoint is being
      * written (ps_shard_set_freeze), so a crash loses at most
      * checkpoint_every versions, at the cost of a stall per checkpoint.
-     * Default off: the writer runs beside the pushes, and a crash during a
-     * write loses the versions since the checkpoint before. */
+     * 0 (psserver --checkpoint-async; psserver's default is 1): the writer
+     * runs beside the pushes, and a crash during a write loses the versions
+     * since the checkpoint before. */
     int checkpoint_sync;
     /* Security (proto/rpc.h): the workers' and the admin's tokens (their
      * contents; NULL: no authentication, anyone who reaches the port may

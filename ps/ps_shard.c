@@ -1468,6 +1468,8 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
             rc = PS_PUSH_NOMEM;
             goto done;
         }
+        if (s->last_step[worker] >= 0 && step > s->last_step[worker] + 1)
+            s->st.updates_lost += (uint64_t)(step - s->last_step[worker] - 1);
         s->last_step[worker] = step;
         if (step > s->step_hw) s->step_hw = step;
         if (drop) {

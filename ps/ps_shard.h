@@ -219,6 +219,10 @@ typedef struct ps_shard_stats {
     ps_rows_spill_stats row_cache; /* Rows in memory and stored (with a row
                                     * budget: ps_shard_set_row_spill). */
     uint64_t backup_closes; /* Steps backup sync closed without some worker. */
+    /* Async: a worker's steps that a rollback took from this shard and that
+     * were not pushed again (the gap before its first push after it; a
+     * worker's async steps are otherwise consecutive). */
+    uint64_t updates_lost;
 } ps_shard_stats;
 
 /* Each worker rank's last pushed step (-1: none since Init or restart) into

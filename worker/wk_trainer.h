@@ -121,7 +121,8 @@ typedef struct wk_train_result {
     int rollbacks;           /* Times the cluster rolled back (PS restarts). */
     int64_t steps_redone;    /* Steps computed again because of them. */
     int64_t versions_lost;   /* Versions the rollbacks took back (the chief's
-                              * count; async: updates lost, not redone). */
+                              * count; async: updates lost, not redone: see
+                              * wk_sync.versions_lost). */
     uint64_t params_checksum; /* XXH64 of the final parameters (replicas of
                                * allreduce mode must agree). */
     /* PS mode, the chief, click models: the shards' counters at the end,

@@ -1786,7 +1786,8 @@ static void test_checkpoint_hook_and_restore(void **state) {
 /* Async: the hook gets each worker's last step at the checkpoint's version;
  * a rollback forgets them (the pushes after it would be taken again) and
  * ps_shard_set_worker_steps brings them back: those steps are duplicates,
- * the next ones are taken, and the positions read back are the hook's. */
+ * the next ones are taken, and the positions read back are the hook's. A
+ * gap in a worker's steps counts as updates lost. */
 static void test_checkpoint_worker_steps(void **state) {
     fixture *f = *state;
     static hook_rec r;
@@ -1822,6 +1823,14 @@ static void test_checkpoint_worker_steps(void **state) {
     assert_int_equal(v, 5);
     assert_int_equal(push_step(f, 1, 1, &v), PS_PUSH_OK);
     assert_int_equal(v, 6);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.updates_lost, 0); /* Consecutive steps: nothing lost. */
+    /* Worker 1 resumes at step 4: its steps 2 and 3 (taken by a rollback,
+     * say) are counted as lost. */
+    assert_int_equal(push_step(f, 1, 4, &v), PS_PUSH_OK);
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.updates_lost, 2);
     ps_shard_set_publish_hook(f->s, 0, NULL, NULL);
     ps_snapshot_unref(r.snap);
 }

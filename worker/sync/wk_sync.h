@@ -104,9 +104,11 @@ typedef struct wk_sync_ops {
 struct wk_sync {
     const wk_sync_ops *ops;
     char err[512]; /* Message of the last failure. */
-    /* Versions a rollback took back, over the run (recover; the chief's
-     * count): in async mode the updates lost, which no step redoes, and
-     * the steps of the workers the final wait gave up on. */
+    /* Sync: versions the rollbacks took back, over the run (recover; the
+     * chief's count; the steps are redone). Async: the updates lost, which
+     * no step redoes (the most any shard counted: pushes a rollback took
+     * and no worker pushed again), and the steps of the workers the final
+     * wait gave up on. */
     int64_t versions_lost;
     /* Collective mode: this worker's place in the current ring and the
      * ring's size (0: the mode's rank and worker count hold). An elastic

@@ -350,8 +350,8 @@ static int chief_sync(psync *p, int64_t *version) {
     int64_t newest = v;
     for (int i = 0; i < p->cfg.nps; i++)
         if (p->ck[i].version > newest) newest = p->ck[i].version;
-    p->base.versions_lost += newest - v;
-    cm_warn("rolling the cluster back to version %lld (epoch %llu): %lld version%s lost",
+    if (!p->cfg.async) p->base.versions_lost += newest - v; /* Async: the shards count. */
+    cm_warn("rolling the cluster back to version %lld (epoch %llu): %lld version%s taken back",
             (long long)v, (unsigned long long)epoch, (long long)(newest - v),
             newest - v == 1 ? "" : "s");
     rc = ps_client_rollback(p->client, v, epoch, p->base.err, sizeof p->base.err);
@@ -762,6 +762,12 @@ static int ps_end(wk_sync *s, int64_t steps, float *params) {
         }
         usleep(20000);
     }
+    /* The updates the rollbacks took for good, as the shards counted them
+     * (a push in flight, applied on one shard and taken back, is pushed
+     * again when its worker resumes at that step: not lost). */
+    ps_client_stats st;
+    if (ps_client_stats_get(p->client, &st, s->err, sizeof s->err) == CM_OK)
+        p->base.versions_lost += (int64_t)st.updates_lost_max;
     ps_ticket *tk;
     ps_client_pull(p->client, 0, params, &tk);
     return ps_ticket_wait(tk, NULL, s->err, sizeof s->err);
