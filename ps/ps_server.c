@@ -120,6 +120,9 @@ struct ps_server {
     pthread_cond_t ck_cv;
     ckpt_job job;          /* Protected by ck_mu; busy while job.snap. */
     int ck_stop;           /* Protected by ck_mu. */
+    int thawing;           /* Protected by ck_mu: the writer has finished a
+                            * checkpoint and thaws the shard (--checkpoint-
+                            * sync); handlers wait for it. */
     int64_t gc_floor;      /* Protected by ck_mu: every shard has committed
                             * this version (the chief says so), -1 unknown. */
     int gc_pending;        /* Protected by ck_mu: the floor rose; collect. */
@@ -709,7 +712,7 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
         if (rc != PS_PUSH_BUSY) break;
         /* --checkpoint-sync: the shard waits for its checkpoint writer. */
         pthread_mutex_lock(&s->ck_mu);
-        while (s->job.snap && !s->ck_stop) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
+        while ((s->job.snap || s->thawing) && !s->ck_stop) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
         int stopping = s->ck_stop;
         pthread_mutex_unlock(&s->ck_mu);
         if (stopping) {
@@ -1505,10 +1508,22 @@ static void *writer_main(void *arg) {
         pthread_mutex_unlock(&s->ck_mu);
         write_job(s, &j);
         ps_snapshot_unref(j.snap);
-        if (s->cfg.checkpoint_sync) ps_shard_thaw(s->shard); /* Not under ck_mu: see on_publish. */
+        /* The job is done before the shard thaws: a shard thawed first could
+         * reach its next checkpoint while this thread (at a low priority) has
+         * not said so yet, and that checkpoint would be skipped, the shard
+         * frozen with no writer to thaw it. The thaw is not under ck_mu (see
+         * on_publish); the handlers wait for it (thawing). */
         pthread_mutex_lock(&s->ck_mu);
         s->job.snap = NULL;
+        s->thawing = s->cfg.checkpoint_sync;
         pthread_cond_broadcast(&s->ck_cv); /* ps_server_checkpoint_wait */
+        if (s->thawing) {
+            pthread_mutex_unlock(&s->ck_mu);
+            ps_shard_thaw(s->shard);
+            pthread_mutex_lock(&s->ck_mu);
+            s->thawing = 0;
+            pthread_cond_broadcast(&s->ck_cv);
+        }
     }
     pthread_mutex_unlock(&s->ck_mu);
     return NULL;
