@@ -41,7 +41,7 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: allreduce [--ranks 2,3,4] [--sizes %s] [--repeats 3]\n"
             "                 [--chunk-bytes 262144] [--sock-buf BYTES] [--spin-us 0]\n"
-            "                 [--timeout-s 300]\n"
+            "                 [--transport tcp|shm] [--timeout-s 300]\n"
             "One JSON line per (ranks, size) on stdout.\n",
             ar_default_sizes);
 }
@@ -50,7 +50,7 @@ static int parse(int argc, char **argv, opts *o) {
     static const struct option lo[] = {{"ranks", 1, 0, 'r'},       {"sizes", 1, 0, 's'},
                                        {"repeats", 1, 0, 'R'},     {"chunk-bytes", 1, 0, 'c'},
                                        {"sock-buf", 1, 0, 'b'},    {"timeout-s", 1, 0, 't'},
-                                       {"spin-us", 1, 0, 'S'},
+                                       {"spin-us", 1, 0, 'S'},     {"transport", 1, 0, 'T'},
                                        {"help", 0, 0, 'h'},        {0, 0, 0, 0}};
     const char *ranks = "2,3,4", *sizes = ar_default_sizes;
     wk_ring_opts_default(&o->ring);
@@ -67,6 +67,14 @@ static int parse(int argc, char **argv, opts *o) {
         case 'b': o->ring.sock_buf_bytes = atoi(optarg); break;
         case 't': o->timeout_s = atoi(optarg); break;
         case 'S': o->ring.spin_us = atoi(optarg); break;
+        case 'T':
+            if (!strcmp(optarg, "tcp"))
+                o->ring.transport = WK_RING_TCP;
+            else if (!strcmp(optarg, "shm"))
+                o->ring.transport = WK_RING_SHM;
+            else
+                return CM_EINVAL;
+            break;
         case 'h': usage(stdout); exit(0);
         default: return CM_EINVAL;
         }
@@ -125,8 +133,8 @@ static int run_size(wk_ring *ring, const opts *o, float *buf, size_t bytes) {
     snprintf(extra, sizeof extra, ",\"chunk_bytes\":%zu,\"sock_buf\":%d,\"spin_us\":%d",
              o->ring.chunk_bytes, o->ring.sock_buf_bytes, o->ring.spin_us);
     if (rank == 0)
-        ar_print("ring", "tcp", n, bytes, iters, o->repeats, ar_median(t, o->repeats), ok,
-                 extra);
+        ar_print("ring", o->ring.transport == WK_RING_SHM ? "shm" : "tcp", n, bytes, iters,
+                 o->repeats, ar_median(t, o->repeats), ok, extra);
     return ok ? CM_OK : CM_ECORRUPT;
 }
 

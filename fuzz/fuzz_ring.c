@@ -9,13 +9,20 @@
  * as in a real ring (pump_recv, check_hdr, run_plan).
  *
  * Input: a 15-byte header, then the stream.
- *   [0] mode: 0 the handshake, 1 allreduce, 2 broadcast (mod 3)
+ *   [0] mode: 0 the handshake, 1 allreduce, 2 broadcast, 3 the transport
+ *       negotiation, 4 allreduce receiving through shared memory (mod 5)
  *   [1] nranks 2..8    [2] rank (mod nranks)    [3] chunk: 1..256 floats
  *   [4..6) n floats (u16, mod 2048)    [6..14) step (i64)
  *   [14] allreduce: average (bit 0); broadcast: the root (mod nranks)
  * The handshake mode reads the stream's first 24 bytes as the hello of a
  * connection to this rank's listener (accept_one, over loopback TCP) and
- * the next 24 as the next rank's answer (check_next).
+ * the next 24 as the next rank's answer (check_next). The negotiation mode
+ * reads the first 72 bytes as the previous rank's offer and the next 8 as
+ * the next rank's answer (negotiate). The shared-memory mode puts the stream
+ * into the slots of a receive link (each slot: a 40-byte header from the
+ * stream, then as much payload as the header says and the slot holds), up
+ * to its 8 slots, publishes them, and closes the connection that watches
+ * the previous rank: the collective takes what is there, then fails.
  */
 #include "worker/sync/wk_ring.c"
 
@@ -95,13 +102,62 @@ static void handshake_mode(wk_ring *r, const uint8_t *s, size_t n) {
     close(sv[1]);
 }
 
+static void negotiate_mode(wk_ring *r, const uint8_t *s, size_t n) {
+    int to_next[2], from_prev[2];
+    sockpair(to_next);
+    sockpair(from_prev);
+    r->send_fd = to_next[0];
+    r->recv_fd = from_prev[0];
+    r->opts.transport = WK_RING_AUTO;
+    size_t first = n < WK_RING__OFFER_BYTES ? n : WK_RING__OFFER_BYTES;
+    feed(from_prev[1], s, first);
+    feed(to_next[1], s + first,
+         n - first < WK_RING__ANSWER_BYTES ? n - first : WK_RING__ANSWER_BYTES);
+    char err[512];
+    int rc = negotiate(r, cm_now() + 1.0, err, sizeof err);
+    /* No offer names an object this harness can map (its host is this
+     * machine's hash only by chance, its name one of ours never). */
+    if (rc == CM_OK && r->rx) abort();
+    close(to_next[1]);
+    close(from_prev[1]);
+}
+
+/* The receive link in shared memory, its slots filled from the stream. */
+static void fill_slots(wk_ring *r, const uint8_t *s, size_t n) {
+    char why[256];
+    shm_link *L;
+    if (shm_create(r, &L, why, sizeof why) != CM_OK) {
+        fprintf(stderr, "fuzz_ring: %s\n", why); /* The machine's trouble. */
+        return;
+    }
+    shm_unlink(L->name);
+    L->named = 0;
+    size_t at = 0, k = 0, cap = L->stride - WK_RING__SLOT_PAYLOAD;
+    while (k < L->nslots && at + WK_RING__HDR_BYTES <= n) {
+        unsigned char *slot = L->slots + k * L->stride;
+        memcpy(slot, s + at, WK_RING__HDR_BYTES);
+        at += WK_RING__HDR_BYTES;
+        wk_ring__hdr h;
+        wk_ring__hdr_unpack(slot, &h);
+        size_t take = h.len < cap ? h.len : cap;
+        if (take > n - at) take = n - at;
+        memcpy(slot + WK_RING__SLOT_PAYLOAD, s + at, take);
+        at += take;
+        k++;
+    }
+    atomic_store(&L->c->head, (uint64_t)k);
+    r->rx = L;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < HDR) return 0;
-    int mode = data[0] % 3, nranks = 2 + data[1] % 7, rank = data[2] % nranks;
+    int mode = data[0] % 5, nranks = 2 + data[1] % 7, rank = data[2] % nranks;
     size_t chunk = 1 + (size_t)data[3], n = ((size_t)data[4] | (size_t)data[5] << 8) % 2048;
     int64_t step;
     memcpy(&step, data + 6, 8);
     int arg = mode == 2 ? data[14] % nranks : data[14] & 1;
+    int shm = mode == 4;
+    if (shm) mode = 1;
     const uint8_t *s = data + HDR;
     size_t slen = size - HDR < MAX_STREAM ? size - HDR : MAX_STREAM;
 
@@ -118,8 +174,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     r->sends = cm_calloc(2 * (size_t)nranks, sizeof *r->sends);
     r->recvs = cm_calloc(2 * (size_t)nranks, sizeof *r->recvs);
     r->scratch = cm_alloc_aligned(chunk * sizeof(float));
-    if (mode == 0) {
-        handshake_mode(r, s, slen);
+    if (mode == 0 || mode == 3) {
+        if (mode == 0)
+            handshake_mode(r, s, slen);
+        else
+            negotiate_mode(r, s, slen);
         wk_ring_destroy(r);
         return 0;
     }
@@ -130,7 +189,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     r->recv_fd = from_prev[0];
     pthread_t t;
     if (pthread_create(&t, NULL, drain, &to_next[1]) != 0) abort();
-    feed(from_prev[1], s, slen);
+    if (shm)
+        fill_slots(r, s, slen);
+    feed(from_prev[1], s, shm ? 0 : slen); /* Shared memory: the connection only ends. */
     float *buf = cm_malloc((n ? n : 1) * sizeof(float));
     for (size_t i = 0; i < n; i++) buf[i] = (float)i * 0.5f - (float)rank;
     int rc = mode == 1 ? wk_ring_allreduce(r, buf, n, step, arg)

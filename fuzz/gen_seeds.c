@@ -458,6 +458,34 @@ static void ring_seeds(void) {
         snprintf(name, sizeof name, "allreduce_%d_of_%d", r, N);
         seed_buf(T, name, &b);
     }
+    /* The same allreduce received through shared-memory slots (8 of them). */
+    ring_header(&b, 4, 3, 1, 2, 7, 12, 0);
+    for (int k = 0; k < 4; k++) {
+        size_t off, len;
+        segment(7, 3, ((1 - 1 - k) % 3 + 3) % 3, &off, &len);
+        ring_chunks(&b, WK_RING__OP_ALLREDUCE, k, off, len, 2, 12, 7, 0);
+    }
+    seed_buf(T, "allreduce_shm_1_of_3", &b);
+    /* The transport negotiation: an offer from another host, an answer. */
+    ring_header(&b, 3, 3, 1, 4, 0, 0, 0);
+    {
+        unsigned char o[WK_RING__OFFER_BYTES] = {0}, a[WK_RING__ANSWER_BYTES];
+        uint32_t m = WK_RING__OFFER_MAGIC, want = 1, slots = 8, am = WK_RING__ANSWER_MAGIC,
+                 use = 1;
+        uint64_t host = 0x1234, cookie = 99, stride = 128;
+        memcpy(o, &m, 4);
+        memcpy(o + 4, &want, 4);
+        memcpy(o + 8, &host, 8);
+        memcpy(o + 16, &cookie, 8);
+        memcpy(o + 24, &stride, 8);
+        memcpy(o + 32, &slots, 4);
+        memcpy(o + 40, "/pstrain-ring-1-00000000", 24);
+        memcpy(a, &am, 4);
+        memcpy(a + 4, &use, 4);
+        fz_buf_put(&b, o, sizeof o);
+        fz_buf_put(&b, a, sizeof a);
+    }
+    seed_buf(T, "negotiate", &b);
     /* Broadcast from root 0 as rank 1 of 3 receives it. */
     ring_header(&b, 2, 3, 1, 8, 20, 5, 0);
     ring_chunks(&b, WK_RING__OP_BROADCAST, 0, 0, 20, 8, 5, 20, 0);

@@ -15,6 +15,7 @@
 #include "common/cm_token.h"
 #include "ps/ps_optim.h"
 #include "worker/device/wk_device_cuda.h"
+#include "worker/sync/wk_ring.h"
 #include "worker/wk_trainer.h"
 
 static void usage(FILE *f) {
@@ -107,6 +108,10 @@ static void usage(FILE *f) {
             "  --min-workers N           allreduce: once that wait ran out, go on in a smaller\n"
             "                            ring if at least N workers are left (default: every\n"
             "                            worker, i.e. the run fails naming the missing ones)\n"
+            "  --ring-transport T        allreduce on CPUs: tcp, shm (shared memory between\n"
+            "                            workers on one host, or fail) or auto (default:\n"
+            "                            shared memory with a neighbour on this host, TCP\n"
+            "                            with the others); every worker must use tcp or not\n"
             "  --separate-pull           Push, wait, then Pull (two round trips a step)\n"
             "                            instead of one PushPull call per shard\n"
             "  --no-overlap              sync PS mode: push the whole gradient after the\n"
@@ -210,7 +215,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
-        O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD
+        O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -252,6 +257,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"recovery-timeout-ms", required_argument, 0, O_RECOVERY_TIMEOUT},
         {"worker-timeout", required_argument, 0, O_WORKER_TIMEOUT},
         {"min-workers", required_argument, 0, O_MIN_WORKERS},
+        {"ring-transport", required_argument, 0, O_RING_TRANSPORT},
         {"fault", required_argument, 0, O_FAULT},
         {"fault-rank", required_argument, 0, O_FAULT_RANK},
         {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
@@ -442,6 +448,19 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         case O_WORKER_TIMEOUT:
             if (parse_double("--worker-timeout", optarg, 0.001, &dv)) return 2;
             cfg.worker_timeout_ms = (int64_t)(dv * 1e3);
+            break;
+        case O_RING_TRANSPORT:
+            if (!strcmp(optarg, "tcp")) {
+                cfg.ring_transport = WK_RING_TCP;
+            } else if (!strcmp(optarg, "shm")) {
+                cfg.ring_transport = WK_RING_SHM;
+            } else if (!strcmp(optarg, "auto")) {
+                cfg.ring_transport = WK_RING_AUTO;
+            } else {
+                fprintf(stderr, "pstrain: --ring-transport: tcp, shm or auto, not '%s'\n",
+                        optarg);
+                return 2;
+            }
             break;
         case O_MIN_WORKERS:
             if (parse_long("--min-workers", optarg, 1, 1 << 20, &v)) return 2;

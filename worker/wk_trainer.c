@@ -25,6 +25,7 @@
 #include "worker/input/wk_dataset.h"
 #include "worker/input/wk_order.h"
 #include "worker/input/wk_prefetch.h"
+#include "worker/sync/wk_ring.h"
 #include "worker/sync/wk_sync.h"
 #include "worker/wk_export.h"
 #include "worker/wk_replicas.h"
@@ -53,6 +54,7 @@ void wk_train_cfg_defaults(wk_train_cfg *cfg) {
     cfg->sizes[3] = 10;
     cfg->progress_every = 2.0;
     cfg->fault_rank = -1;
+    cfg->ring_transport = WK_RING_AUTO;
 }
 
 static void fmt_duration(double s, char *buf, size_t len) {
@@ -636,7 +638,8 @@ static int open_sync(run *r, const float *init_values) {
                              .gpu = r->on_gpu && !cfg->no_nccl ? r->devs[0] : NULL,
                              .sec = cfg->sec,
                              .min_workers = cfg->min_workers,
-                             .worker_timeout_ms = cfg->worker_timeout_ms};
+                             .worker_timeout_ms = cfg->worker_timeout_ms,
+                             .ring_transport = cfg->ring_transport};
         if ((status = wk_sync_allreduce_create(&ac, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             return status;

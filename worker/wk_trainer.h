@@ -95,6 +95,9 @@ typedef struct wk_train_cfg {
      * while none moves on (0 = 10000 ms). */
     int64_t worker_timeout_ms;
     int min_workers;
+    /* Allreduce mode: the CPU ring's transport (WK_RING_TCP, WK_RING_AUTO:
+     * shared memory between workers on one host, WK_RING_SHM). */
+    int ring_transport;
     /* PS mode, sync: backup sync (--sync backup): the shards close a step
      * after worker_timeout_ms (0 = 10000) with the workers that pushed. */
     int backup_sync;

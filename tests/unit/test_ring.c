@@ -5,7 +5,9 @@
  * inputs must sum exactly, random ones match a double-precision reference,
  * and every rank must end bit-identical. Misbehaving peers are played with
  * raw sockets speaking the wire format of wk_ring_int.h. Every wait is
- * bounded by the ring's own timeouts.
+ * bounded by the ring's own timeouts. The same sums and broadcasts run again
+ * over the shared-memory transport, whose peers are also forked processes
+ * killed by SIGKILL (the survivor must fail, not hang).
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -22,7 +24,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -59,6 +63,10 @@ static void *rank_main(void *p) {
                                     sizeof c->err);
     if (c->connect_rc == CM_OK) {
         c->rc = CM_OK;
+        /* A ring asked for shared memory uses it on both links. */
+        if (c->opts && c->opts->transport == WK_RING_SHM && c->nranks > 1 &&
+            strcmp(wk_ring_transport(ring), "shm") != 0)
+            c->bad++;
         c->work(c, ring);
         if (c->rc != CM_OK) snprintf(c->err, sizeof c->err, "%s", wk_ring_error(ring));
     }
@@ -104,10 +112,14 @@ static void expect_all_ok(const rank_ctx *ctx, int n) {
     }
 }
 
+/* The transport the correctness tests use (the shm variants set it). */
+static int g_transport = WK_RING_TCP;
+
 static void small_timeouts(wk_ring_opts *o) {
     wk_ring_opts_default(o);
     o->timeout_ms = 10000;
     o->connect_timeout_ms = 10000;
+    o->transport = g_transport;
 }
 
 /* ===== Exact sums of integer-valued inputs ===== */
@@ -598,6 +610,146 @@ static void test_peer_silent_times_out(void **state) {
     assert_true(s.t >= 0.25 && s.t < 3.0);
 }
 
+/* ===== Shared memory ===== */
+
+static void test_shm_sums_and_broadcast(void **state) {
+    (void)state;
+    g_transport = WK_RING_SHM;
+    check_int_sums(0, 1);
+    check_int_sums(12, 0);
+    check_random(0);
+    check_random(1); /* With spinning. */
+    test_broadcast(state);
+    g_transport = WK_RING_TCP;
+}
+
+/* Auto on one host is shared memory; tcp against auto is refused at the
+ * handshake, naming the versions, instead of misreading the negotiation. */
+typedef struct transports {
+    int t[2];
+} transports;
+
+static void *transport_rank(void *p) {
+    rank_ctx *c = p;
+    const transports *t = c->arg;
+    wk_ring_opts o = *c->opts;
+    o.transport = t->t[c->rank];
+    wk_ring *ring = NULL;
+    c->connect_rc = wk_ring_connect(c->l, c->rank, 2, c->addrs, &o, &ring, c->err,
+                                    sizeof c->err);
+    if (ring) snprintf(c->err, sizeof c->err, "%s", wk_ring_transport(ring));
+    wk_ring_destroy(ring);
+    return NULL;
+}
+
+static void two_ranks_with(int t0, int t1, rank_ctx ctx[2]) {
+    wk_ring_opts o;
+    small_timeouts(&o);
+    o.connect_timeout_ms = 3000;
+    transports t = {{t0, t1}};
+    wk_ring_listener *ls[2];
+    char a[2][64];
+    const char *addrs[2] = {a[0], a[1]};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++) listen_at(0, &ls[i], a[i]);
+    for (int i = 0; i < 2; i++) {
+        ctx[i] = (rank_ctx){.rank = i, .nranks = 2, .l = ls[i], .addrs = addrs, .opts = &o,
+                            .arg = &t};
+        assert_int_equal(pthread_create(&th[i], NULL, transport_rank, &ctx[i]), 0);
+    }
+    for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < 2; i++) wk_ring_listener_destroy(ls[i]);
+}
+
+static void test_shm_auto_and_mismatch(void **state) {
+    (void)state;
+    rank_ctx ctx[2];
+    two_ranks_with(WK_RING_AUTO, WK_RING_AUTO, ctx);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(ctx[i].connect_rc, CM_OK);
+        assert_string_equal(ctx[i].err, "shm");
+    }
+    two_ranks_with(WK_RING_AUTO, WK_RING_SHM, ctx);
+    for (int i = 0; i < 2; i++) assert_string_equal(ctx[i].err, "shm");
+    double t0 = cm_now();
+    two_ranks_with(WK_RING_TCP, WK_RING_AUTO, ctx);
+    for (int i = 0; i < 2; i++) {
+        assert_int_not_equal(ctx[i].connect_rc, CM_OK);
+        assert_non_null(strstr(ctx[i].err, "version"));
+    }
+    assert_true(cm_now() - t0 < 2.5); /* Refused, not timed out. */
+}
+
+/* A rank of a shared-memory ring killed (SIGKILL: no clean-up at all) while
+ * its neighbour waits on the bells, before its first chunk and in the middle
+ * of a collective: the survivor's collective fails (EOF on the connection
+ * that watches the peer) within a second, naming the peer, and the slots'
+ * objects are gone from /dev/shm. */
+static void shm_kill_case(int die_after_floats) {
+    wk_ring_opts o;
+    wk_ring_opts_default(&o);
+    o.transport = WK_RING_SHM;
+    o.timeout_ms = 20000; /* A hang would show as this timeout. */
+    o.chunk_bytes = 4096;
+    wk_ring_listener *ls[2];
+    char a[2][64];
+    const char *addrs[2] = {a[0], a[1]};
+    for (int i = 0; i < 2; i++) listen_at(0, &ls[i], a[i]);
+    size_t n = 1 << 20;
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) { /* Rank 1: join, reduce a part (or nothing), die. */
+        wk_ring *ring = NULL;
+        char err[256];
+        if (wk_ring_connect(ls[1], 1, 2, addrs, &o, &ring, err, sizeof err) != CM_OK) _exit(3);
+        if (die_after_floats > 0) {
+            float *x = calloc((size_t)die_after_floats, sizeof *x);
+            /* A smaller allreduce than rank 0's: rank 1 stops taking part
+             * once it has reduced its own, mid-way through rank 0's. */
+            (void)wk_ring_allreduce(ring, x, (size_t)die_after_floats, 0, 0);
+        }
+        raise(SIGKILL);
+        _exit(4);
+    }
+    wk_ring *ring = NULL;
+    char err[256];
+    assert_int_equal(wk_ring_connect(ls[0], 0, 2, addrs, &o, &ring, err, sizeof err), CM_OK);
+    assert_string_equal(wk_ring_transport(ring), "shm");
+    float *x = calloc(n, sizeof *x);
+    double t0 = cm_now();
+    int rc = wk_ring_allreduce(ring, x, n, 0, 0);
+    double took = cm_now() - t0;
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    assert_int_not_equal(rc, CM_OK);
+    if (took >= 1.0 || !strstr(wk_ring_error(ring), "rank 1"))
+        fail_msg("rc %d after %.3f s: %s", rc, took, wk_ring_error(ring));
+    wk_ring_destroy(ring);
+    free(x);
+    for (int i = 0; i < 2; i++) wk_ring_listener_destroy(ls[i]);
+    /* Both names were unlinked once mapped: no object of this process or
+     * the child is left. */
+    char path[64];
+    snprintf(path, sizeof path, "/dev/shm/pstrain-ring-%d-", (int)getpid());
+    FILE *ls_ = popen("ls /dev/shm", "r");
+    char line[256];
+    while (ls_ && fgets(line, sizeof line, ls_)) {
+        char mine[64], child[64];
+        snprintf(mine, sizeof mine, "pstrain-ring-%d-", (int)getpid());
+        snprintf(child, sizeof child, "pstrain-ring-%d-", (int)pid);
+        assert_null(strstr(line, mine));
+        assert_null(strstr(line, child));
+    }
+    if (ls_) pclose(ls_);
+}
+
+static void test_shm_peer_killed(void **state) {
+    (void)state;
+    shm_kill_case(0);        /* Dies before the first chunk. */
+    shm_kill_case(1 << 16);  /* Dies in the middle of rank 0's collective. */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_single_rank_and_bad_args),
@@ -615,6 +767,9 @@ int main(void) {
         cmocka_unit_test(test_chunk_wrong_offset),
         cmocka_unit_test(test_peer_closes),
         cmocka_unit_test(test_peer_silent_times_out),
+        cmocka_unit_test(test_shm_sums_and_broadcast),
+        cmocka_unit_test(test_shm_auto_and_mismatch),
+        cmocka_unit_test(test_shm_peer_killed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,4 +1,5 @@
-/* wk_ring.c - ring AllReduce and broadcast over plain TCP (wk_ring.h).
+/* wk_ring.c - ring AllReduce and broadcast over TCP or shared memory
+ * (wk_ring.h).
  * SPDX-License-Identifier: MIT
  *
  * Design. A collective is a plan of "ring steps" run by one thread over two
@@ -30,6 +31,20 @@
  * Buffer safety: a chunk is overwritten by a later recv step only after it
  * went once around the ring, i.e. after this rank's send of it completed.
  *
+ * Shared memory (a link whose two ends share a host): the sender's object
+ * holds a control block and SHM_SLOTS slots of one chunk each. The sender
+ * writes a chunk's header and payload into slot head % SHM_SLOTS and
+ * publishes head + 1 (release); the receiver checks the header, reduces or
+ * copies straight from the slot into its buffer, and publishes tail + 1.
+ * A side with nothing to do sleeps on the other's bell (futex_waitv on
+ * both links at once) after saying so in a waiting flag, and a side that
+ * moves a counter rings the bell (a futex wake only when the flag is set):
+ * the flag is set before the bell is read, the bell is bumped before the
+ * flag is read, so no wake-up is lost. The TCP connection stays open:
+ * every sleep is at most 20 ms, after which the connections are looked at,
+ * and EOF on one (the peer died, or dropped the ring) fails the collective
+ * as on TCP.
+ *
  * States: CONNECTED -> (collective ok) CONNECTED, -> (any failure) FAILED,
  * which is sticky (r->status, r->err).
  */
@@ -45,7 +60,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
+#include <stdatomic.h>
+#include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -70,11 +91,40 @@ typedef struct ring_step {
     int mode;        /* Recv: MODE_*. */
 } ring_step;
 
+/* A shared-memory link's control block, at the start of its object. The
+ * counters and bells of each side sit on their own cache lines. */
+typedef struct shm_ctl {
+    uint32_t magic, nslots;
+    uint64_t cookie, slot_bytes; /* Slot stride: payload at WK_RING__SLOT_PAYLOAD. */
+    char pad0[64 - 24];
+    _Atomic uint64_t head;         /* Slots published by the sender. */
+    _Atomic uint32_t data_bell;    /* Bumped with head; the receiver sleeps on it... */
+    _Atomic uint32_t rx_waiting;   /* ...after setting this. */
+    char pad1[64 - 16];
+    _Atomic uint64_t tail;         /* Slots released by the receiver. */
+    _Atomic uint32_t space_bell;   /* Bumped with tail; the sender sleeps on it... */
+    _Atomic uint32_t tx_waiting;   /* ...after setting this. */
+    char pad2[64 - 16];
+} shm_ctl;
+#define SHM_CTL_BYTES 4096
+#define SHM_SLOTS 8
+#define SHM_MAGIC 0x4d485352u /* "RSHM" */
+
+typedef struct shm_link {
+    shm_ctl *c;
+    unsigned char *slots;
+    size_t stride, nslots, map_len;
+    uint64_t pos; /* This side's counter: head (sender) or tail (receiver). */
+    char name[WK_RING__SHM_NAME];
+    int named; /* The sender still has to unlink the name. */
+} shm_link;
+
 struct wk_ring {
     int rank, nranks;
     wk_ring_opts opts;
     size_t chunk_elems;
     int send_fd, recv_fd;           /* To rank+1, from rank-1; -1 if none. */
+    shm_link *tx, *rx;              /* Shared-memory links (NULL: TCP). */
     char next_addr[ADDR_LEN];       /* Listening addresses of those peers. */
     char prev_addr[ADDR_LEN];
     float *scratch;                 /* chunk_elems floats. */
@@ -107,7 +157,8 @@ void wk_ring_opts_default(wk_ring_opts *o) {
                         .connect_timeout_ms = 30000,
                         .chunk_bytes = 256 << 10,
                         .sock_buf_bytes = 0,
-                        .spin_us = 0};
+                        .spin_us = 0,
+                        .transport = WK_RING_TCP};
 }
 
 /* ===================================================== wire format */
@@ -292,8 +343,13 @@ static int io_full(int fd, int writing, void *buf, size_t len, double deadline,
 
 /* ===================================================== handshake */
 
+/* Version 2 says a transport negotiation follows the hellos. */
+static uint32_t my_version(const wk_ring *r) {
+    return r->opts.transport == WK_RING_TCP ? WK_RING__VERSION : WK_RING__VERSION_NEGOTIATE;
+}
+
 static void my_hello(const wk_ring *r, unsigned char out[WK_RING__HELLO_BYTES]) {
-    wk_ring__hello h = {WK_RING__HELLO_MAGIC, WK_RING__VERSION, r->opts.job_id,
+    wk_ring__hello h = {WK_RING__HELLO_MAGIC, my_version(r), r->opts.job_id,
                         (uint32_t)r->nranks, (uint32_t)r->rank};
     wk_ring__hello_pack(&h, out);
 }
@@ -303,9 +359,10 @@ static const char *hello_mismatch(const wk_ring *r, const wk_ring__hello *h, int
                                   char *buf, size_t len) {
     if (h->magic != WK_RING__HELLO_MAGIC) {
         snprintf(buf, len, "not a wk_ring peer (magic 0x%08x)", h->magic);
-    } else if (h->version != WK_RING__VERSION) {
-        snprintf(buf, len, "protocol version %u, this rank speaks %u", h->version,
-                 WK_RING__VERSION);
+    } else if (h->version != my_version(r)) {
+        snprintf(buf, len, "protocol version %u, this rank speaks %u (version 2: a ring "
+                 "transport other than tcp; every rank must use tcp, or none)", h->version,
+                 my_version(r));
     } else if (h->job_id != r->opts.job_id || h->nranks != (uint32_t)r->nranks ||
                h->rank != (uint32_t)want) {
         snprintf(buf, len,
@@ -462,6 +519,219 @@ static int handshake(wk_ring *r, wk_ring_listener *l, double deadline, char *err
     return CM_ETIMEDOUT;
 }
 
+/* ===================================================== shared memory */
+
+static void shm_destroy(shm_link *L) {
+    if (!L) return;
+    if (L->c) munmap(L->c, L->map_len);
+    if (L->named) shm_unlink(L->name);
+    free(L);
+}
+
+static size_t shm_stride(size_t chunk_elems) {
+    size_t b = WK_RING__SLOT_PAYLOAD + chunk_elems * sizeof(float);
+    return (b + 63) & ~(size_t)63;
+}
+
+/* Which host and shared-memory mount this process sees: ranks with the same
+ * value can open each other's POSIX shared-memory objects. 0: unknown. */
+static uint64_t host_id(void) {
+    char boot[64] = "";
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (f) {
+        if (!fgets(boot, sizeof boot, f)) boot[0] = 0;
+        fclose(f);
+    }
+    struct stat st;
+    if (!boot[0] || stat("/dev/shm", &st) != 0) return 0;
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (const char *p = boot; *p; p++) h = (h ^ (unsigned char)*p) * 1099511628211ull;
+    uint64_t ids[2] = {(uint64_t)st.st_dev, (uint64_t)st.st_ino};
+    const unsigned char *b = (const unsigned char *)ids;
+    for (size_t i = 0; i < sizeof ids; i++) h = (h ^ b[i]) * 1099511628211ull;
+    return h ? h : 1;
+}
+
+/* The sender's end: a new object of SHM_SLOTS chunk slots, mapped, named. */
+static int shm_create(const wk_ring *r, shm_link **out, char *why, size_t wlen) {
+    *out = NULL;
+    shm_link *L = cm_calloc(1, sizeof *L);
+    L->nslots = SHM_SLOTS;
+    L->stride = shm_stride(r->chunk_elems);
+    L->map_len = SHM_CTL_BYTES + L->nslots * L->stride;
+    uint64_t cookie = 0;
+    if (getrandom(&cookie, sizeof cookie, 0) != (ssize_t)sizeof cookie)
+        cookie = (uint64_t)cm_now() * 1000003u ^ (uint64_t)getpid();
+    snprintf(L->name, sizeof L->name, "/pstrain-ring-%d-%08x", (int)getpid(),
+             (unsigned)(cookie >> 32));
+    int fd = shm_open(L->name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        snprintf(why, wlen, "shm_open %s: %s", L->name, strerror(errno));
+        free(L);
+        return CM_EIO;
+    }
+    L->named = 1;
+    void *m = MAP_FAILED;
+    if (ftruncate(fd, (off_t)L->map_len) == 0)
+        m = mmap(NULL, L->map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (m == MAP_FAILED) snprintf(why, wlen, "%zu bytes of %s: %s", L->map_len, L->name,
+                                  strerror(errno));
+    close(fd);
+    if (m == MAP_FAILED) {
+        shm_destroy(L);
+        return CM_EIO;
+    }
+    L->c = m;
+    L->slots = (unsigned char *)m + SHM_CTL_BYTES;
+    L->c->nslots = (uint32_t)L->nslots;
+    L->c->cookie = cookie;
+    L->c->slot_bytes = L->stride;
+    L->c->magic = SHM_MAGIC;
+    *out = L;
+    return CM_OK;
+}
+
+/* The receiver's end: map the object the sender offered, if it is that one
+ * and its slots hold this rank's chunks. */
+static int shm_open_offer(const wk_ring *r, const char *name, uint64_t cookie, uint64_t stride,
+                          uint32_t nslots, shm_link **out, char *why, size_t wlen) {
+    *out = NULL;
+    if (stride != shm_stride(r->chunk_elems) || nslots == 0 || nslots > 1024) {
+        snprintf(why, wlen, "slots of %llu bytes, this rank's chunks need %zu",
+                 (unsigned long long)stride, shm_stride(r->chunk_elems));
+        return CM_EINVAL;
+    }
+    size_t len = SHM_CTL_BYTES + (size_t)nslots * stride;
+    int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(why, wlen, "shm_open %s: %s", name, strerror(errno));
+        return CM_EIO;
+    }
+    struct stat st;
+    void *m = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && (size_t)st.st_size == len)
+        m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    shm_ctl *c = m;
+    if (m == MAP_FAILED || c->magic != SHM_MAGIC || c->cookie != cookie ||
+        c->slot_bytes != stride || c->nslots != nslots) {
+        snprintf(why, wlen, "%s is not the object offered", name);
+        if (m != MAP_FAILED) munmap(m, len);
+        return CM_EPROTO;
+    }
+    shm_link *L = cm_calloc(1, sizeof *L);
+    L->c = c;
+    L->slots = (unsigned char *)m + SHM_CTL_BYTES;
+    L->nslots = nslots;
+    L->stride = stride;
+    L->map_len = len;
+    *out = L;
+    return CM_OK;
+}
+
+static void put_name(unsigned char *p, const char *name) {
+    memset(p, 0, WK_RING__SHM_NAME);
+    memcpy(p, name, strnlen(name, WK_RING__SHM_NAME - 1));
+}
+
+/* Version 2, after the hellos: offer the next rank a shared-memory link
+ * and answer the previous rank's offer (see wk_ring_int.h). Every rank
+ * writes its offer before it reads, so the ring cannot deadlock. */
+static int negotiate(wk_ring *r, double deadline, char *err, size_t errlen) {
+    int next = (r->rank + 1) % r->nranks, prev = (r->rank + r->nranks - 1) % r->nranks;
+    uint64_t host = host_id();
+    char why_tx[256] = "", why_rx[256] = "";
+    shm_link *mine = NULL;
+    if (!host)
+        snprintf(why_tx, sizeof why_tx, "no boot id or /dev/shm here");
+    else
+        (void)shm_create(r, &mine, why_tx, sizeof why_tx);
+    unsigned char o[WK_RING__OFFER_BYTES] = {0};
+    uint32_t magic = WK_RING__OFFER_MAGIC, want = mine != NULL;
+    uint64_t cookie = mine ? mine->c->cookie : 0, stride = mine ? mine->stride : 0;
+    uint32_t nslots = mine ? (uint32_t)mine->nslots : 0;
+    memcpy(o, &magic, 4);
+    memcpy(o + 4, &want, 4);
+    memcpy(o + 8, &host, 8);
+    memcpy(o + 16, &cookie, 8);
+    memcpy(o + 24, &stride, 8);
+    memcpy(o + 32, &nslots, 4);
+    put_name(o + 40, mine ? mine->name : "");
+    const char *io_why = "";
+    int rc = io_full(r->send_fd, 1, o, sizeof o, deadline, &io_why);
+    unsigned char in[WK_RING__OFFER_BYTES];
+    if (rc == CM_OK) rc = io_full(r->recv_fd, 0, in, sizeof in, deadline, &io_why);
+    if (rc != CM_OK) {
+        cm_seterr(err, errlen, "rank %d: transport negotiation with its neighbours: %s",
+                  r->rank, rc == CM_ETIMEDOUT ? "timed out" : io_why);
+        shm_destroy(mine);
+        return rc;
+    }
+    uint32_t omagic, owant, onslots;
+    uint64_t ohost, ocookie, ostride;
+    char oname[WK_RING__SHM_NAME];
+    memcpy(&omagic, in, 4);
+    memcpy(&owant, in + 4, 4);
+    memcpy(&ohost, in + 8, 8);
+    memcpy(&ocookie, in + 16, 8);
+    memcpy(&ostride, in + 24, 8);
+    memcpy(&onslots, in + 32, 4);
+    memcpy(oname, in + 40, WK_RING__SHM_NAME);
+    oname[WK_RING__SHM_NAME - 1] = 0;
+    if (omagic != WK_RING__OFFER_MAGIC) {
+        cm_seterr(err, errlen, "rank %d: rank %d (%s) sent no transport offer (magic 0x%08x)",
+                  r->rank, prev, r->prev_addr, omagic);
+        shm_destroy(mine);
+        return CM_EPROTO;
+    }
+    if (!owant)
+        snprintf(why_rx, sizeof why_rx, "it offered none");
+    else if (!host || ohost != host)
+        snprintf(why_rx, sizeof why_rx, "another host or /dev/shm");
+    else
+        (void)shm_open_offer(r, oname, ocookie, ostride, onslots, &r->rx, why_rx, sizeof why_rx);
+    unsigned char a[WK_RING__ANSWER_BYTES], b[WK_RING__ANSWER_BYTES];
+    uint32_t amagic = WK_RING__ANSWER_MAGIC, use = r->rx != NULL;
+    memcpy(a, &amagic, 4);
+    memcpy(a + 4, &use, 4);
+    rc = io_full(r->recv_fd, 1, a, sizeof a, deadline, &io_why);
+    if (rc == CM_OK) rc = io_full(r->send_fd, 0, b, sizeof b, deadline, &io_why);
+    if (mine) { /* Both ends have it mapped now, or never will. */
+        shm_unlink(mine->name);
+        mine->named = 0;
+    }
+    if (rc != CM_OK) {
+        cm_seterr(err, errlen, "rank %d: transport negotiation with its neighbours: %s",
+                  r->rank, rc == CM_ETIMEDOUT ? "timed out" : io_why);
+        shm_destroy(mine);
+        return rc;
+    }
+    uint32_t bmagic, buse;
+    memcpy(&bmagic, b, 4);
+    memcpy(&buse, b + 4, 4);
+    if (bmagic != WK_RING__ANSWER_MAGIC) {
+        cm_seterr(err, errlen, "rank %d: rank %d (%s) sent no transport answer (magic 0x%08x)",
+                  r->rank, next, r->next_addr, bmagic);
+        shm_destroy(mine);
+        return CM_EPROTO;
+    }
+    if (buse && mine)
+        r->tx = mine;
+    else {
+        if (mine) snprintf(why_tx, sizeof why_tx, "rank %d could not map it", next);
+        shm_destroy(mine);
+    }
+    if (r->opts.transport == WK_RING_SHM && (!r->tx || !r->rx)) {
+        cm_seterr(err, errlen, "rank %d: shared memory with rank %d (%s) is not possible: %s",
+                  r->rank, r->tx ? prev : next, r->tx ? r->prev_addr : r->next_addr,
+                  r->tx ? why_rx : why_tx);
+        return CM_EUNSUPPORTED;
+    }
+    if (!r->tx && want)
+        cm_debug("rank %d: TCP to rank %d: %s", r->rank, next, why_tx);
+    return CM_OK;
+}
+
 int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const *addrs,
                     const wk_ring_opts *opts, wk_ring **out, char *err, size_t errlen) {
     *out = NULL;
@@ -473,7 +743,8 @@ int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const
     }
     if (nranks < 1 || nranks > MAX_RANKS || rank < 0 || rank >= nranks ||
         (nranks > 1 && (!l || !addrs)) || o.timeout_ms <= 0 || o.connect_timeout_ms <= 0 ||
-        o.chunk_bytes > (1u << 30) || o.sock_buf_bytes < 0 || o.spin_us < 0) {
+        o.chunk_bytes > (1u << 30) || o.sock_buf_bytes < 0 || o.spin_us < 0 ||
+        o.transport < WK_RING_TCP || o.transport > WK_RING_SHM) {
         cm_seterr(err, errlen, "wk_ring_connect: bad arguments (rank %d of %d)", rank, nranks);
         return CM_EINVAL;
     }
@@ -508,6 +779,8 @@ int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const
         double deadline = cm_now() + o.connect_timeout_ms * 1e-3;
         if ((rc = connect_next(r, deadline, err, errlen)) != CM_OK ||
             (rc = handshake(r, l, deadline, err, errlen)) != CM_OK)
+            goto fail;
+        if (o.transport != WK_RING_TCP && (rc = negotiate(r, deadline, err, errlen)) != CM_OK)
             goto fail;
     }
     *out = r;
@@ -583,8 +856,40 @@ static void chunk_msg(struct msghdr *mh, struct iovec iov[2], unsigned char *hdr
     *mh = (struct msghdr){.msg_iov = iov, .msg_iovlen = (size_t)niov};
 }
 
+/* Wake the other side if it said it sleeps (see the design note). */
+static void ring_bell(_Atomic uint32_t *bell, _Atomic uint32_t *waiting) {
+    atomic_fetch_add(bell, 1);
+    if (atomic_load(waiting))
+        syscall(SYS_futex, (uint32_t *)bell, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+/* Shared memory: every ready chunk that has a free slot goes in. */
+static int pump_send_shm(run *x, int *progress) {
+    wk_ring *r = x->r;
+    shm_link *L = r->tx;
+    for (;;) {
+        skip_empty(r->sends, x->nsend, &x->sk, &x->spos);
+        if (x->sk == x->nsend) return CM_OK;
+        const ring_step *s = &r->sends[x->sk];
+        size_t clen = chunk_len(x, s, x->spos), plen = clen * sizeof(float);
+        if (!send_ready(x, clen)) return CM_OK;
+        if (L->pos - atomic_load_explicit(&L->c->tail, memory_order_acquire) >= L->nslots)
+            return CM_OK;
+        unsigned char *slot = L->slots + (L->pos % L->nslots) * L->stride;
+        wk_ring__hdr h = {WK_RING__CHUNK_MAGIC, (uint16_t)x->op, (uint16_t)x->sk,
+                          x->step, x->n, s->off + x->spos, (uint32_t)plen, x->arg};
+        wk_ring__hdr_pack(&h, slot);
+        memcpy(slot + WK_RING__SLOT_PAYLOAD, x->data + s->off + x->spos, plen);
+        atomic_store_explicit(&L->c->head, ++L->pos, memory_order_release);
+        ring_bell(&L->c->data_bell, &L->c->rx_waiting);
+        *progress = 1;
+        x->spos += clen;
+    }
+}
+
 static int pump_send(run *x, int *progress) {
     wk_ring *r = x->r;
+    if (r->tx) return pump_send_shm(x, progress);
     for (;;) {
         skip_empty(r->sends, x->nsend, &x->sk, &x->spos);
         if (x->sk == x->nsend) return CM_OK;
@@ -646,8 +951,36 @@ static int check_hdr(run *x, const ring_step *s, size_t clen) {
                 clen * sizeof(float));
 }
 
+/* Shared memory: every published chunk is checked and reduced (or copied)
+ * straight from its slot, which is then released. */
+static int pump_recv_shm(run *x, int *progress) {
+    wk_ring *r = x->r;
+    shm_link *L = r->rx;
+    for (;;) {
+        skip_empty(r->recvs, x->nrecv, &x->rk, &x->rpos);
+        if (x->rk == x->nrecv) return CM_OK;
+        if (atomic_load_explicit(&L->c->head, memory_order_acquire) == L->pos) return CM_OK;
+        const ring_step *s = &r->recvs[x->rk];
+        size_t clen = chunk_len(x, s, x->rpos);
+        const unsigned char *slot = L->slots + (L->pos % L->nslots) * L->stride;
+        memcpy(x->rhdr, slot, WK_RING__HDR_BYTES);
+        int rc = check_hdr(x, s, clen);
+        if (rc != CM_OK) return rc;
+        float *dst = x->data + s->off + x->rpos;
+        const float *src = (const float *)(const void *)(slot + WK_RING__SLOT_PAYLOAD);
+        if (s->mode == MODE_ADD) add_into(dst, src, clen);
+        if (s->mode == MODE_ADD_DIV) add_div_into(dst, src, clen, (float)r->nranks);
+        if (s->mode == MODE_COPY) memcpy(dst, src, clen * sizeof(float));
+        atomic_store_explicit(&L->c->tail, ++L->pos, memory_order_release);
+        ring_bell(&L->c->space_bell, &L->c->tx_waiting);
+        *progress = 1;
+        x->rpos += clen;
+    }
+}
+
 static int pump_recv(run *x, int *progress) {
     wk_ring *r = x->r;
+    if (r->rx) return pump_recv_shm(x, progress);
     for (;;) {
         skip_empty(r->recvs, x->nrecv, &x->rk, &x->rpos);
         if (x->rk == x->nrecv) return CM_OK;
@@ -683,10 +1016,87 @@ static int pump_recv(run *x, int *progress) {
     }
 }
 
+/* Nothing moved for opts.timeout_ms: name the neighbour waited for. */
+static int stalled(run *x, int recv_done) {
+    wk_ring *r = x->r;
+    if (!recv_done)
+        return fail(r, CM_ETIMEDOUT, "no data from rank %d (%s) for %d ms in %s step %lld",
+                    prev_rank(r), r->prev_addr, r->opts.timeout_ms, op_name(x->op),
+                    (long long)x->step);
+    return fail(r, CM_ETIMEDOUT, "rank %d (%s) took no data for %d ms in %s step %lld",
+                next_rank(r), r->next_addr, r->opts.timeout_ms, op_name(x->op),
+                (long long)x->step);
+}
+
+/* Nothing moved and a link is shared memory: sleep on the bells of the
+ * links that can unblock this rank (data in, a free slot out) for at most
+ * 20 ms (1 ms while a TCP link also waits), then look at the connections:
+ * data or room on a TCP link, and EOF (or any byte) on a shared-memory
+ * link's connection, whose peer then died or dropped the ring. */
+static int shm_wait(run *x, int recv_done, int send_done, int want_out) {
+    wk_ring *r = x->r;
+    struct futex_waitv w[2];
+    int n = 0, ready = 0;
+    int tcp_waits = (!recv_done && !r->rx) || (want_out && !r->tx);
+    if (!recv_done && r->rx) {
+        shm_ctl *c = r->rx->c;
+        uint32_t b = atomic_load(&c->data_bell);
+        atomic_store(&c->rx_waiting, 1);
+        if (atomic_load(&c->head) != r->rx->pos) ready = 1;
+        w[n++] = (struct futex_waitv){.val = b, .uaddr = (uintptr_t)&c->data_bell,
+                                      .flags = FUTEX_32};
+    }
+    if (want_out && r->tx) {
+        shm_ctl *c = r->tx->c;
+        uint32_t b = atomic_load(&c->space_bell);
+        atomic_store(&c->tx_waiting, 1);
+        if (r->tx->pos - atomic_load(&c->tail) < r->tx->nslots) ready = 1;
+        w[n++] = (struct futex_waitv){.val = b, .uaddr = (uintptr_t)&c->space_bell,
+                                      .flags = FUTEX_32};
+    }
+    int wait_ms = tcp_waits ? 1 : 20;
+    if (n && !ready) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += (long)wait_ms * 1000000L;
+        ts.tv_sec += ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+        if (syscall(SYS_futex_waitv, w, n, 0, &ts, CLOCK_MONOTONIC) < 0 && errno == ENOSYS)
+            usleep(100); /* A kernel before 5.16: look again soon. */
+    }
+    if (r->rx) atomic_store(&r->rx->c->rx_waiting, 0);
+    if (r->tx) atomic_store(&r->tx->c->tx_waiting, 0);
+    /* A neighbour that finished its part may close its end: the previous
+     * rank once it sent everything (its last chunks may still be in the
+     * slots: they are taken first), the next one only once it took all this
+     * rank sends. So an EOF counts while this side still waits for data
+     * that is not there, or still has chunks to send. */
+    struct pollfd pf[2];
+    int np = 0;
+    if (!recv_done)
+        pf[np++] = (struct pollfd){.fd = r->recv_fd,
+                                   .events = r->rx ? POLLIN | POLLRDHUP : POLLIN};
+    if ((r->tx && !send_done) || (!r->tx && want_out))
+        pf[np++] = (struct pollfd){.fd = r->send_fd,
+                                   .events = r->tx ? POLLIN | POLLRDHUP : POLLOUT};
+    int p = poll(pf, (nfds_t)np, n ? 0 : wait_ms);
+    if (p < 0 && errno != EINTR) return fail(r, CM_EIO, "poll: %s", strerror(errno));
+    for (int i = 0; p > 0 && i < np; i++) {
+        int rx = pf[i].fd == r->recv_fd;
+        if (!pf[i].revents || !(rx ? r->rx : r->tx)) continue;
+        if (rx && atomic_load(&r->rx->c->head) != r->rx->pos) continue; /* Take those first. */
+        return fail(r, CM_EUNAVAIL, "rank %d (%s) closed the connection during %s step %lld",
+                    rx ? prev_rank(r) : next_rank(r), rx ? r->prev_addr : r->next_addr,
+                    op_name(x->op), (long long)x->step);
+    }
+    return CM_OK;
+}
+
 /* Run the plan in r->sends / r->recvs until both sides are done. */
 static int run_plan(run *x) {
     wk_ring *r = x->r;
     double spin = r->opts.spin_us * 1e-6, last = spin > 0 ? cm_now() : 0;
+    double moved = (r->tx || r->rx) ? cm_now() : 0;
     for (;;) {
         int progress = 0, rc;
         if ((rc = pump_recv(x, &progress)) != CM_OK || (rc = pump_send(x, &progress)) != CM_OK)
@@ -695,9 +1105,16 @@ static int run_plan(run *x) {
         if (recv_done && send_done) return CM_OK;
         if (progress) {
             if (spin > 0) last = cm_now();
+            if (moved > 0) moved = cm_now();
             continue;
         }
         if (spin > 0 && cm_now() - last < spin) continue;
+        if (r->tx || r->rx) {
+            int want_out = !send_done && send_ready(x, chunk_len(x, &r->sends[x->sk], x->spos));
+            if ((rc = shm_wait(x, recv_done, send_done, want_out)) != CM_OK) return rc;
+            if ((cm_now() - moved) * 1e3 <= r->opts.timeout_ms) continue;
+            return stalled(x, recv_done);
+        }
         struct pollfd pf[2];
         int np = 0;
         if (!recv_done) pf[np++] = (struct pollfd){.fd = r->recv_fd, .events = POLLIN};
@@ -709,14 +1126,7 @@ static int run_plan(run *x) {
         int p = poll(pf, (nfds_t)np, r->opts.timeout_ms);
         if (p < 0 && errno != EINTR)
             return fail(r, CM_EIO, "poll: %s", strerror(errno));
-        if (p == 0 && !recv_done)
-            return fail(r, CM_ETIMEDOUT, "no data from rank %d (%s) for %d ms in %s step %lld",
-                        prev_rank(r), r->prev_addr, r->opts.timeout_ms, op_name(x->op),
-                        (long long)x->step);
-        if (p == 0)
-            return fail(r, CM_ETIMEDOUT, "rank %d (%s) took no data for %d ms in %s step %lld",
-                        next_rank(r), r->next_addr, r->opts.timeout_ms, op_name(x->op),
-                        (long long)x->step);
+        if (p == 0) return stalled(x, recv_done);
     }
 }
 
@@ -773,6 +1183,10 @@ int wk_ring_broadcast(wk_ring *r, float *data, size_t n, int64_t step, int root)
 
 int wk_ring_rank(const wk_ring *r) { return r->rank; }
 int wk_ring_size(const wk_ring *r) { return r->nranks; }
+const char *wk_ring_transport(const wk_ring *r) {
+    if (r->nranks == 1) return "none";
+    return r->tx && r->rx ? "shm" : r->tx || r->rx ? "tcp+shm" : "tcp";
+}
 int wk_ring_status(const wk_ring *r) { return r->status; }
 const char *wk_ring_error(const wk_ring *r) { return r->err; }
 
@@ -780,6 +1194,8 @@ void wk_ring_destroy(wk_ring *r) {
     if (!r) return;
     if (r->send_fd >= 0) close(r->send_fd);
     if (r->recv_fd >= 0) close(r->recv_fd);
+    shm_destroy(r->tx);
+    shm_destroy(r->rx);
     free(r->scratch);
     free(r->sends);
     free(r->recvs);

@@ -1,9 +1,13 @@
-/* wk_ring.h - ring AllReduce over plain TCP: the CPU data plane of
- * collective mode.
+/* wk_ring.h - ring AllReduce over TCP or shared memory: the CPU data plane
+ * of collective mode.
  * SPDX-License-Identifier: MIT
  *
  * N ranks form a ring: rank r sends to r+1 and receives from r-1 (mod N),
- * one TCP connection per direction. Bringing a ring up takes two calls, so
+ * one TCP connection per direction. Between two ranks on the same host
+ * (transport WK_RING_SHM or WK_RING_AUTO) the data goes through a shared-
+ * memory ring of chunk slots instead (one copy in, the reduction reading
+ * straight from the slot; futex wake-ups), the TCP connection staying as
+ * the handshake and as the watch on the peer's life. Bringing a ring up takes two calls, so
  * that a rendezvous can hand out addresses in between:
  *
  *     wk_ring_listen("127.0.0.1", 0, &l, err, sizeof err);   // every rank
@@ -53,7 +57,14 @@ typedef struct wk_ring_opts {
      * sleeping in poll(): saves a wake-up per chunk on small messages, costs
      * CPU when ranks outnumber cores. 0: always sleep. */
     int spin_us;
+    /* WK_RING_TCP: TCP only (the default). WK_RING_AUTO: shared memory with
+     * a neighbour on the same host (same boot and the same /dev/shm), TCP
+     * with the others. WK_RING_SHM: shared memory or fail. Every rank must
+     * use TCP or not (the handshake says which, and refuses a mismatch). */
+    int transport;
 } wk_ring_opts;
+
+enum { WK_RING_TCP = 0, WK_RING_AUTO = 1, WK_RING_SHM = 2 };
 
 /* Defaults: job_id 0, timeout 30 s, connect timeout 30 s, chunk 256 KiB,
  * kernel socket buffers. */
@@ -102,6 +113,9 @@ int wk_ring_broadcast(wk_ring *r, float *data, size_t n, int64_t step, int root)
 
 int wk_ring_rank(const wk_ring *r);
 int wk_ring_size(const wk_ring *r);
+/* How this rank's two links carry data: "tcp", "shm" (both shared memory)
+ * or "tcp+shm"; "none" for a single rank. Owned by the library. */
+const char *wk_ring_transport(const wk_ring *r);
 /* CM_OK, or the sticky status of the first failure. */
 int wk_ring_status(const wk_ring *r);
 /* The message of the first failure ("" when none); owned by the ring. */

@@ -7,6 +7,17 @@
  *
  * Hello, 24 bytes, sent by both ends of a new connection (connector first):
  *   u32 magic "WRH1" | u32 version | u64 job_id | u32 nranks | u32 rank
+ * Version 1: TCP only. Version 2: after both hellos of both connections,
+ * each link negotiates its transport on its connection: the sender offers
+ *   u32 magic "WRS1" | u32 want (0/1) | u64 host (boot id and /dev/shm) |
+ *   u64 cookie | u64 slot bytes | u32 slots | u32 0 | char name[32]
+ * (a POSIX shared-memory object it created, WK_RING__SHM_* layout), and the
+ * receiver answers
+ *   u32 magic "WRA1" | u32 use (0/1)
+ * having mapped the object and found the cookie in it (use = 1), or not.
+ * On use the sender unlinks the name (both have it mapped) and chunks go
+ * through the slots, the header as below then the payload at offset 64;
+ * else they go over the connection as in version 1.
  *
  * Chunk header, 40 bytes, before every chunk's payload:
  *   u32 magic "WRC1" | u16 op | u16 ring step k | i64 step |
@@ -26,8 +37,15 @@
 #define WK_RING__HELLO_MAGIC 0x31485257u /* "WRH1" */
 #define WK_RING__CHUNK_MAGIC 0x31435257u /* "WRC1" */
 #define WK_RING__VERSION 1u
+#define WK_RING__VERSION_NEGOTIATE 2u
 #define WK_RING__HELLO_BYTES 24
 #define WK_RING__HDR_BYTES 40
+#define WK_RING__OFFER_MAGIC 0x31535257u /* "WRS1" */
+#define WK_RING__ANSWER_MAGIC 0x31415257u /* "WRA1" */
+#define WK_RING__OFFER_BYTES 72
+#define WK_RING__ANSWER_BYTES 8
+#define WK_RING__SHM_NAME 32
+#define WK_RING__SLOT_PAYLOAD 64 /* Offset of a slot's payload. */
 
 enum { WK_RING__OP_ALLREDUCE = 1, WK_RING__OP_BROADCAST = 2 };
 

@@ -221,6 +221,9 @@ typedef struct wk_sync_ar_cfg {
      * once the wait ran out). */
     int min_workers;
     int64_t worker_timeout_ms;  /* 0 = 60000. */
+    /* The CPU ring's transport (wk_ring_opts.transport): WK_RING_AUTO uses
+     * shared memory between ranks on one host. */
+    int ring_transport;
 } wk_sync_ar_cfg;
 int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
                              size_t errlen);
