@@ -30,6 +30,7 @@
 #include "common/cm_status.h"
 #include "fuzz/fz_util.h"
 #include "fuzz/rpc_stub.h"
+#include "proto/health.pb-c.h"
 #include "proto/ps.pb-c.h"
 #include "ps/ps_server.h"
 #include "ps/ps_wire.h"
@@ -82,6 +83,7 @@ static void check_reply(int method, const rpc_call *c) {
     case FZ_CHECKPOINTS: d = &psrpc__checkpoints_reply__descriptor; break;
     case FZ_ROLLBACK: d = &psrpc__rollback_reply__descriptor; break;
     case FZ_SHUTDOWN: d = &psrpc__shutdown_reply__descriptor; break;
+    case FZ_HEALTH: d = &grpc__health__v1__health_check_response__descriptor; break;
     case FZ_PULL:
     case FZ_PUSHPULL: {
         ps_wire_msg m;

@@ -58,7 +58,8 @@ uint8_t fz_ps_config_encode(fz_ps_config c) {
 const char *const fz_methods[FZ_NMETHODS] = {
     "/psrpc.Ps/Initialize", "/psrpc.Ps/Push",     "/psrpc.Ps/Pull",
     "/psrpc.Ps/PushPull",   "/psrpc.Ps/Stats",    "/psrpc.Ps/Checkpoints",
-    "/psrpc.Ps/Rollback",   "/psrpc.Ps/Shutdown", "/psrpc.Ps/NoSuchMethod"};
+    "/psrpc.Ps/Rollback",   "/psrpc.Ps/Shutdown", "/psrpc.Ps/NoSuchMethod",
+    "/grpc.health.v1.Health/Check"};
 
 int fz_next_record(fz_reader *r, int *method, const uint8_t **data, size_t *len) {
     if (r->p >= r->end) return 0;

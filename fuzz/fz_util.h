@@ -50,11 +50,11 @@ typedef struct fz_ps_config {
 fz_ps_config fz_ps_config_decode(uint8_t b);
 uint8_t fz_ps_config_encode(fz_ps_config c);
 
-/* The PS methods, by a record's method byte modulo FZ_NMETHODS (the last
- * is a method the server does not have). */
-#define FZ_NMETHODS 9
+/* The PS methods, by a record's method byte modulo FZ_NMETHODS (FZ_UNKNOWN
+ * is a method the server does not have; FZ_HEALTH the gRPC health check). */
+#define FZ_NMETHODS 10
 enum { FZ_INIT, FZ_PUSH, FZ_PULL, FZ_PUSHPULL, FZ_STATS, FZ_CHECKPOINTS, FZ_ROLLBACK,
-       FZ_SHUTDOWN, FZ_UNKNOWN };
+       FZ_SHUTDOWN, FZ_UNKNOWN, FZ_HEALTH };
 extern const char *const fz_methods[FZ_NMETHODS];
 
 /* Reading a record sequence. */

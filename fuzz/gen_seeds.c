@@ -170,6 +170,14 @@ static void ps_seeds(void) {
     rec(&q, FZ_UNKNOWN);
     rec(&q, FZ_STATS);
     ps_seed("uninitialised", &q.out);
+    /* The gRPC health check: the service asked about, or none. */
+    seq_start(&q, FZ_MODEL_MLP, 1, 0, 0);
+    rec(&q, FZ_HEALTH);
+    fz_buf_put(&q.msg, "\x0a\x08psrpc.Ps", 10); /* service = "psrpc.Ps" */
+    rec(&q, FZ_HEALTH);
+    fz_buf_put(&q.msg, "\x0a\x03" "foo", 5);
+    rec(&q, FZ_HEALTH);
+    ps_seed("health", &q.out);
     /* Parked pulls whose clients go away (on_cancel), and the admin's
      * requests with the workers' token (refused). */
     seq_start(&q, FZ_MODEL_MLP, 1, 0, 0);

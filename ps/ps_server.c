@@ -35,6 +35,7 @@
 #include "common/cm_rng.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
+#include "proto/health.pb-c.h"
 #include "proto/rpc.h"
 #include "ps/ps_shard.h"
 #include "ps/ps_wire.h"
@@ -1017,10 +1018,20 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed StatsRequest");
         return;
     }
-    if (need_shard(s, call, RPC_UNAVAILABLE) && check_cluster(s, call, r->cluster)) {
+    /* A tool (psctl) may read the counters without the fingerprint, and
+     * gets an answer before the model came too. */
+    if (!r->cluster && !get_shard(s)) {
+        Psrpc__StatsReply rep = PSRPC__STATS_REPLY__INIT;
+        rep.shard = (uint32_t)s->cfg.shard;
+        rep.identity = (char *)"(no model yet: waiting for the chief's Initialize)";
+        reply_packed(call, &rep.base);
+    } else if (need_shard(s, call, RPC_UNAVAILABLE) &&
+        (!r->cluster || check_cluster(s, call, r->cluster))) {
         ps_shard_stats st;
         ps_shard_stats_get(s->shard, &st);
         Psrpc__StatsReply rep = PSRPC__STATS_REPLY__INIT;
+        rep.shard = (uint32_t)s->cfg.shard;
+        rep.identity = s->identity;
         rep.rows = st.rows;
         rep.rows_pulled = st.rows_pulled;
         rep.rows_pushed = st.rows_pushed;
@@ -1816,6 +1827,34 @@ static int open_store(ps_server *s) {
 
 /* ------------------------------------------------------------ recovery */
 
+/* grpc.health.v1.Health/Check, for anyone (Kubernetes' gRPC probes carry no
+ * token): SERVING while the shard takes calls (also while it waits for the
+ * chief's Initialize, which must reach it), NOT_SERVING while it waits for
+ * the chief's rollback after a restart, and while it stops. Service "" or
+ * "psrpc.Ps"; another is NOT_FOUND, as the protocol says. */
+static void on_health(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
+    ps_server *s = ctx;
+    Grpc__Health__V1__HealthCheckRequest *r =
+        grpc__health__v1__health_check_request__unpack(NULL, len, req);
+    if (!r) {
+        count_bad(s);
+        rpc_fail(call, RPC_INVALID_ARGUMENT, "malformed HealthCheckRequest");
+        return;
+    }
+    if (r->service && r->service[0] && strcmp(r->service, "psrpc.Ps") != 0) {
+        rpc_fail(call, RPC_NOT_FOUND, "unknown service");
+    } else {
+        pthread_mutex_lock(&s->mu);
+        int serving = !s->recovering && !s->stopping;
+        pthread_mutex_unlock(&s->mu);
+        Grpc__Health__V1__HealthCheckResponse rep = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+        rep.status = serving ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                             : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+        reply_packed(call, &rep.base);
+    }
+    grpc__health__v1__health_check_request__free_unpacked(r, NULL);
+}
+
 static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     if (!admit(s, call, &psrpc__checkpoints_request__descriptor, req, len)) return;
@@ -1831,7 +1870,10 @@ static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t
         reply_packed(call, &rep.base);
         goto out;
     }
-    if (!check_cluster(s, call, r->cluster)) goto out;
+    /* A tool (psctl) may look without the cluster's fingerprint; changing
+     * anything (keep_from, abort_waiting) needs it. */
+    int look = !r->cluster && r->keep_from < 0 && !r->abort_waiting;
+    if (!look && !check_cluster(s, call, r->cluster)) goto out;
     if (r->keep_from >= 0 && rpc_call_level(call) < RPC_AUTH_ADMIN) {
         rpc_deny(call, "deleting checkpoints (keep_from) needs the admin's token");
         goto out;
@@ -2100,6 +2142,8 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     rpc_server_add_method(s->rpc, "/psrpc.Ps/PushPull", on_push_pull, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Stats", on_stats, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Checkpoints", on_checkpoints, s);
+    rpc_server_add_method_level(s->rpc, "/grpc.health.v1.Health/Check", RPC_AUTH_NONE, on_health,
+                                s);
     rpc_server_add_method_level(s->rpc, "/psrpc.Ps/Rollback", RPC_AUTH_ADMIN, on_rollback, s);
     rpc_server_add_method_level(s->rpc, "/psrpc.Ps/Shutdown", RPC_AUTH_ADMIN, on_shutdown, s);
     *out = s;

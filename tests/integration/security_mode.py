@@ -10,6 +10,10 @@
                                           unreachable versions refused cheaply
   security_mode.py BIN_DIR PROBE values   NaN/inf pushes refused (or skipped), an
                                           Initialize over the memory limit refused
+  security_mode.py BIN_DIR PROBE psctl    psctl health (no token: the gRPC health
+                                          service; NOT_SERVING while a restarted shard
+                                          waits for its rollback), stats and checkpoints
+                                          (with the token) against a live shard
 
 PROBE is tests/tools/ps_probe (one call, one JSON line).
 """
@@ -394,8 +398,74 @@ def values(bin_dir, probe, tmp):
         ps.stop()
 
 
+def psctl(bin_dir, probe, tmp):
+    wtok, atok = token_file(tmp, "worker.token"), token_file(tmp, "admin.token")
+    data = os.path.join(tmp, "data")
+    flags = ["--auth-token-file", wtok, "--admin-token-file", atok, "--data-dir", data,
+             "--checkpoint-every", "2"]
+    worker, admin = ["--token-file", wtok], ["--token-file", wtok, "--admin-token-file", atok]
+
+    def ctl(addr, *args):
+        return subprocess.run([os.path.join(bin_dir, "psctl"), *args[:1], addr, *args[1:]],
+                              capture_output=True, text=True, timeout=DEADLINE)
+
+    ps = PS(bin_dir, tmp, *flags)
+    try:
+        h = ctl(ps.addr, "health")
+        check(h.returncode == 0 and h.stdout.strip() == "status:SERVING",
+              f"psctl health without a token: SERVING, exit 0 ({h.stdout.strip()!r})")
+        r = ctl(ps.addr, "stats")
+        check(r.returncode == 1 and "token" in r.stderr,
+              f"psctl stats without the token is refused, exit 1 ({r.stderr.strip()!r})")
+        r = ctl(ps.addr, "stats", "--auth-token-file", wtok)
+        check(r.returncode == 0 and "no model yet" in r.stdout,
+              "psctl stats before the chief's Initialize says so")
+        P = Probe(probe, ps.addr)
+        check(P(admin, "init")["ok"] == 1, "a shard initialised (ps_probe, the admin's token)")
+        for step in range(5):
+            check(P(worker, "push", step, 1.0)["ok"] == 1, f"push {step}")
+        r = ctl(ps.addr, "stats", "--auth-token-file", wtok, "--json")
+        st = json.loads(r.stdout)
+        check(r.returncode == 0 and st["version"] == 5 and st["pushes"] == 5 and
+              st["shard"] == 0 and "mlp 4,3" in st["identity"],
+              f"psctl stats --json: version {st['version']}, {st['pushes']} pushes, "
+              f"{st['identity']!r}")
+        r = ctl(ps.addr, "stats", "--auth-token-file", wtok)
+        check("pushes:5" in r.stdout.splitlines() and "version:5" in r.stdout.splitlines(),
+              "psctl stats prints name:value lines")
+        r = ctl(ps.addr, "checkpoints", "--auth-token-file", wtok, "--json")
+        ck = json.loads(r.stdout)
+        check(r.returncode == 0 and ck["durable"] and 4 in ck["committed"] and
+              not ck["recovering"], f"psctl checkpoints: committed {ck['committed']}")
+        ps.proc.kill()  # SIGKILL: the next one restores and waits for a rollback
+        ps.proc.wait()
+    finally:
+        ps.stop()
+    ps = PS(bin_dir, tmp, *flags, name="ps2")
+    try:
+        h = ctl(ps.addr, "health")
+        check(h.returncode == 1 and h.stdout.strip() == "status:NOT_SERVING",
+              f"a shard restored from its checkpoint, waiting for the chief's rollback: "
+              f"NOT_SERVING, exit 1 ({h.stdout.strip()!r})")
+        r = ctl(ps.addr, "checkpoints", "--auth-token-file", wtok, "--json")
+        ck = json.loads(r.stdout)
+        check(ck["recovering"] and ck["version"] == 4, f"...psctl checkpoints says recovering "
+              f"at version {ck['version']}")
+        check(P.__class__(probe, ps.addr)(admin, "rollback", 4, 1)["ok"] == 1,
+              "the chief's rollback (ps_probe)")
+        h = ctl(ps.addr, "health")
+        check(h.returncode == 0 and h.stdout.strip() == "status:SERVING", "SERVING again")
+        h = ctl(ps.addr, "health", "--service", "other.Service")
+        check(h.returncode == 1 and "unknown service" in h.stderr,
+              "another service name: NOT_FOUND, exit 1")
+    finally:
+        ps.stop()
+    h = ctl(ps.addr, "health", "--timeout-ms", "300")
+    check(h.returncode == 3, f"a shard that is gone: exit 3 ({h.stderr.strip()!r})")
+
+
 def main():
-    scenarios = {"auth": auth, "tls": tls, "bounds": bounds, "values": values}
+    scenarios = {"auth": auth, "tls": tls, "bounds": bounds, "values": values, "psctl": psctl}
     if len(sys.argv) != 4 or sys.argv[3] not in scenarios:
         sys.exit(__doc__)
     with tempfile.TemporaryDirectory(prefix="security.") as tmp:
