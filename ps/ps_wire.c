@@ -531,6 +531,8 @@ void ps_wire_describe(const cm_model *m, char *desc, size_t len) {
                       cm_model_max_dim(m), m->numel, m->nsizes ? " " : "");
     if (!strcmp(m->kind, "vector"))
         n += snprintf(desc + n, len - (size_t)n, "%zu", m->numel);
+    else if (!m->nsizes && !m->ntables && n > 0 && (size_t)n < len) /* A user's own model. */
+        n += snprintf(desc + n, len - (size_t)n, "%d variables, %zu floats", m->nvars, m->numel);
     else
         for (int i = 0; i < m->nsizes && n > 0 && (size_t)n < len; i++)
             n += snprintf(desc + n, len - (size_t)n, "%s%d", i ? "," : "", m->sizes[i]);
