@@ -45,27 +45,38 @@ PST_EXPORT void pst_options_default(pst_options *o) {
     o->connect_timeout_ms = 30000;
 }
 
+/* "host:port" with a port of 1-65535. */
+static int host_port(const char *s) {
+    const char *c = strrchr(s, ':');
+    if (!c || c == s || !c[1]) return 0;
+    char *end;
+    long port = strtol(c + 1, &end, 10);
+    return *end == 0 && port >= 1 && port <= 65535;
+}
+
+/* "host:port,host:port,..." into a new array of strings. */
 static int split_hosts(const char *list, char ***out, int *n) {
     *out = NULL;
     *n = 0;
-    if (!list || !*list) return CM_EINVAL;
+    if (!list) return CM_EINVAL;
     char **v = NULL;
-    int cnt = 0;
-    const char *p = list;
-    while (*p) {
+    int cnt = 0, rc = CM_OK;
+    for (const char *p = list;;) {
         const char *e = strchr(p, ',');
         size_t len = e ? (size_t)(e - p) : strlen(p);
-        if (len == 0 || len > 255) {
-            for (int i = 0; i < cnt; i++) free(v[i]);
-            free(v);
-            return CM_EINVAL;
-        }
         v = cm_realloc(v, (size_t)(cnt + 1) * sizeof *v);
         v[cnt] = cm_malloc(len + 1);
         memcpy(v[cnt], p, len);
         v[cnt][len] = 0;
         cnt++;
-        p = e ? e + 1 : p + len;
+        if (len == 0 || len > 255 || !host_port(v[cnt - 1])) rc = CM_EINVAL;
+        if (!e || rc != CM_OK) break;
+        p = e + 1;
+    }
+    if (rc != CM_OK) {
+        for (int i = 0; i < cnt; i++) free(v[i]);
+        free(v);
+        return rc;
     }
     *out = v;
     *n = cnt;

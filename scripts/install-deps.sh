@@ -20,6 +20,7 @@ PACKAGES=(
   libprotobuf-c-dev protobuf-c-compiler  # proto/ps.proto messages (protoc-c at build time)
   clang libclang-rt-14-dev           # fuzz/: libFuzzer, clang's ASan/UBSan (scripts/fuzz.sh)
   python3                            # integration test drivers, experiment scripts
+  python3-numpy                      # the Python client package (python/pstrain) and its test
   openssl                            # tests and psbench --security tls: a throwaway CA
   dataset-fashion-mnist              # the training data
 )

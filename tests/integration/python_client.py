@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""The Python package (python/pstrain) against a real psserver.
+
+  python_client.py SOURCE_DIR BIN_DIR LIB
+
+LIB is the build's libpstrain.so. Runs with a Python that has numpy: this one, or
+Debian's /usr/bin/python3 with python3-numpy (scripts/install-deps.sh installs it);
+neither is a failure. Checks: errors raise pstrain.Error with the library's message,
+wrong arrays raise ValueError, step() writes into the array given (no copy) and pull()
+says the version; then examples/numpy_loop.py trains as two workers with tokens, and
+every process exits 0. With a sanitizer build the ASan runtime is preloaded.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from itest import check, free_ports  # noqa: E402
+
+TIMEOUT = 120
+CHECKS = r'''
+import sys, numpy as np, pstrain
+ps = sys.argv[1]
+try:
+    pstrain.Client("no-port-list,", [("w", 4)])
+    sys.exit("a bad host list was taken")
+except pstrain.Error as e:
+    assert "ps_hosts" in str(e) and e.code < 0, e
+c = pstrain.Client(ps, [("w", 5), ("b", 2)], num_workers=1, lr=0.5,
+                   auth_token_file=sys.argv[2], admin_token_file=sys.argv[3])
+assert c.numel == 7
+c.init(np.arange(7, dtype=np.float32))
+p, v = c.pull(0)
+assert v == 0 and np.array_equal(p, np.arange(7, dtype=np.float32)), (v, p)
+out = np.zeros(7, np.float32)
+r = c.step(0, np.ones(7, np.float32), out=out)
+assert r is out and np.allclose(out, np.arange(7) - 0.5), out  # sgd: w - lr * g, in place
+for bad in (np.ones(6, np.float32), ):
+    try:
+        c.step(1, bad)
+        sys.exit("a gradient of the wrong size was taken")
+    except ValueError:
+        pass
+try:
+    c.step(1, np.ones(7, np.float32), out=np.zeros(7, np.float64))
+    sys.exit("a float64 output array was taken")
+except ValueError:
+    pass
+p = c.step(1, np.ones(7))  # float64 gradient: converted once, then sent
+_, v = c.pull(2)
+assert v == 2, v
+c.shutdown()
+c.close()
+print("checks ok")
+'''
+
+
+def python_with_numpy():
+    for exe in (sys.executable, "/usr/bin/python3"):
+        if exe and os.path.exists(exe) and subprocess.run(
+                [exe, "-c", "import numpy"], capture_output=True).returncode == 0:
+            return exe
+    sys.exit("FAIL: no Python with numpy (scripts/install-deps.sh installs python3-numpy)")
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit(__doc__)
+    src, bin_dir, lib = sys.argv[1:]
+    py = python_with_numpy()
+    env = dict(os.environ, PSTRAIN_LIB=lib, PYTHONPATH=os.path.join(src, "python"))
+    needed = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True).stdout
+    if "libasan" in needed:  # The ASan runtime must come first.
+        asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                              text=True).stdout.strip()
+        env.update(LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0")
+    sys.path.insert(0, os.path.join(src, "scripts"))
+    with tempfile.TemporaryDirectory(prefix="pyclient.") as tmp:
+        toks = []
+        for name in ("worker.token", "admin.token"):
+            path = os.path.join(tmp, name)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(os.urandom(24).hex() + "\n")
+            toks.append(path)
+        for workers, script in ((1, None), (2, os.path.join(src, "examples", "numpy_loop.py"))):
+            ps_port, *wports = free_ports(1 + workers)
+            addr = f"127.0.0.1:{ps_port}"
+            log = open(os.path.join(tmp, f"ps{workers}.log"), "w")
+            ps = subprocess.Popen([os.path.join(bin_dir, "psserver"), "--ps-hosts", addr,
+                                   "--worker-hosts", ",".join(f"127.0.0.1:{p}" for p in wports),
+                                   "--task-index", "0", "--auth-token-file", toks[0],
+                                   "--admin-token-file", toks[1]], stderr=log)
+            procs = []
+            try:
+                if script is None:
+                    r = subprocess.run([py, "-c", CHECKS, addr, *toks], env=env,
+                                       capture_output=True, text=True, timeout=TIMEOUT)
+                    check(r.returncode == 0 and "checks ok" in r.stdout,
+                          "pstrain.Client: errors, array checks, in-place step, pull's version"
+                          + ("" if r.returncode == 0 else f":\n{r.stdout}\n{r.stderr}"))
+                else:
+                    args = [py, script, "--ps-hosts", addr, "--workers", "2", "--token-file",
+                            toks[0]]
+                    procs.append(subprocess.Popen([*args, "--rank", "1"], env=env, text=True,
+                                                  stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT))
+                    r = subprocess.run([*args, "--rank", "0", "--admin-token-file", toks[1]],
+                                       env=env, capture_output=True, text=True,
+                                       timeout=TIMEOUT)
+                    out1, _ = procs[0].communicate(timeout=TIMEOUT)
+                    last = [x for x in r.stdout.splitlines() if "after" in x]
+                    check(r.returncode == 0 and procs[0].returncode == 0,
+                          "examples/numpy_loop.py trained as two workers: "
+                          + (last[-1] if last else "")
+                          + ("" if r.returncode == 0 and procs[0].returncode == 0 else
+                             f"\n{r.stdout}\n{r.stderr}\n{out1}"))
+                if r.returncode == 0:
+                    ps.wait(timeout=30)
+            finally:
+                for p in (*procs, ps):
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                log.close()
+            check(ps.returncode == 0, "psserver exited 0 on the chief's shutdown")
+    print("PASS")
+
+
+if __name__ == "__main__":
+    main()
