@@ -264,12 +264,29 @@ class Cluster:
             running = 0
             self.chaos()
             # PS mode: a shard exits 0 only on the chief's "training finished",
-            # which the chief sends after writing its outputs.
-            shut_down = self.args.mode == "ps" and any(
-                n.startswith("ps ") and q.poll() == 0 for n, q in self.procs)
+            # which the chief sends after writing its outputs. Allreduce mode: a
+            # worker exits 0 only after the ring's last barrier, which the chief
+            # enters after writing its outputs.
+            shut_down = any(q.poll() == 0 and (n.startswith("ps ") if self.args.mode == "ps"
+                                               else self.args.mode == "allreduce" and
+                                               n.startswith("worker ") and n != "worker 0")
+                            for n, q in self.procs)
             for k, (name, p) in enumerate(self.procs):
                 rc = p.poll()
-                if rc is None:
+                if rc is None and shut_down and self.restarts.get(name) and \
+                        name not in self.excused:
+                    # Started again just before the run turned out complete (its
+                    # peers finished): nothing left for it to do.
+                    say(f"{name} (pid {p.pid}) was started again, but the run is complete; "
+                        "stopping it")
+                    p.terminate()
+                    try:
+                        p.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+                    self.excused.add(name)
+                elif rc is None:
                     running += 1
                 elif name in self.excused:
                     pass
@@ -278,8 +295,10 @@ class Cluster:
                     # exited, or before this shard did): the run is complete; a
                     # process started again would find no one to work with.
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
-                    say(f"{name} (pid {p.pid}) exited with {what} after the chief had shut the "
-                        "PS down: its outputs were written; the run is complete"
+                    say(f"{name} (pid {p.pid}) exited with {what} after the chief had "
+                        + ("shut the PS down" if self.args.mode == "ps" else
+                           "passed the ring's last barrier")
+                        + ": its outputs were written; the run is complete"
                         + (" (that shard's final checkpoint may be missing)"
                            if name.startswith("ps ") else ""))
                     self.excused.add(name)

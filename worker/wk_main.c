@@ -657,6 +657,7 @@ int main(int argc, char **argv) {
     cm_cluster *cluster = NULL;
     if ((rc = load_cluster(&cl, &cfg, &cluster)) != 0) return rc;
     wk_train_result r;
+    cfg.report = print_result; /* The last line, before the cluster is let go. */
     int status = wk_train_run(&cfg, &r);
     cm_cluster_destroy(cluster);
     if (status == CM_ESHUTDOWN && r.run_ended) return 0;
@@ -664,6 +665,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "pstrain: failed: %s\n", cm_strerror(status));
         return 1;
     }
-    print_result(&cfg, &r);
+    if (!r.reported) print_result(&cfg, &r);
     return 0;
 }

@@ -4,8 +4,10 @@
 #include "worker/wk_trainer.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <xxhash.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1133,6 +1135,19 @@ static void ps_rows_report(run *r) {
 
 /* The final parameters, the async chief's last evaluation, summary,
  * parameters and export. */
+
+/* Test hook, PSTRAIN_TEST_DIE_BEFORE_OUTPUTS=FILE: the chief dies by SIGKILL
+ * after its last step, before it writes any output, once (FILE marks it
+ * done): what allreduce mode's last barrier must get the run out of. */
+static void test_die_before_outputs(void) {
+    const char *file = getenv("PSTRAIN_TEST_DIE_BEFORE_OUTPUTS");
+    if (!file || access(file, F_OK) == 0) return;
+    int fd = open(file, O_CREAT | O_WRONLY, 0600);
+    if (fd >= 0) close(fd);
+    fprintf(stderr, "test: the chief dies before its outputs\n");
+    raise(SIGKILL);
+}
+
 static int finish_training(run *r) {
     const wk_train_cfg *cfg = r->cfg;
     wk_train_result *result = r->result;
@@ -1151,6 +1166,7 @@ static int finish_training(run *r) {
         if ((status = evaluate(r, result->steps, &e)) != CM_OK) return status;
         keep_eval(r, &e);
     }
+    if (r->is_chief) test_die_before_outputs();
     /* Only the chief reports: in PS mode every worker gets the same flags. */
     if (r->is_chief && cfg->summary_path &&
         (status = write_summary(cfg->summary_path, cfg, r->lr, r->nps, result, r->D,
@@ -1163,6 +1179,11 @@ static int finish_training(run *r) {
         (status = wk_export_save_run(cfg->export_path, cfg, r->model, r->params, export_rows, r,
                                      result)) != CM_OK)
         return status;
+    if (cfg->report) {
+        cfg->report(cfg, result);
+        fflush(stdout);
+        result->reported = 1;
+    }
     return CM_OK;
 }
 
@@ -1234,10 +1255,10 @@ int wk_train_eval_tables(const wk_train_cfg *cfg, const cm_model *model, const f
 }
 
 int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
+    memset(result, 0, sizeof *result);
     if (cfg->eval_only) return wk_export_eval_run(cfg, result);
     int status = check_cfg(cfg);
     if (status != CM_OK) return status;
-    memset(result, 0, sizeof *result);
     result->test_auc = result->bayes_auc = NAN;
     if (!strcmp(cfg->mode, "ps") && cfg->cluster->task_type == CM_TASK_EVALUATOR) {
         result->rank = -1;

@@ -18,6 +18,8 @@
 #include "common/cm_model.h"
 #include "ps/ps_client.h"
 
+struct wk_train_result;
+
 typedef struct wk_train_cfg {
     const char *mode;        /* "local", "ps" or "allreduce". */
     const char *model;       /* "mlp" (default: Fashion-MNIST), "deepfm" or
@@ -101,6 +103,11 @@ typedef struct wk_train_cfg {
     /* PS mode, sync: backup sync (--sync backup): the shards close a step
      * after worker_timeout_ms (0 = 10000) with the workers that pushed. */
     int backup_sync;
+    /* Called once with the result as soon as the run's outputs are written
+     * (summary, --params-out, --export), before the mode lets its cluster go
+     * (allreduce: the ring's last barrier, after which a chief killed is not
+     * started again); stdout is flushed after it. NULL: none. */
+    void (*report)(const struct wk_train_cfg *cfg, const struct wk_train_result *r);
 } wk_train_cfg;
 
 typedef struct wk_train_result {
@@ -136,6 +143,7 @@ typedef struct wk_train_result {
     int run_ended;           /* Allreduce: this worker (started again) came
                               * after the run had ended; wk_train_run
                               * returned CM_ESHUTDOWN and nothing is wrong. */
+    int reported;            /* cfg->report was called. */
 } wk_train_result;
 
 /* Fill *cfg with the defaults above. */

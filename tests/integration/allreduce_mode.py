@@ -11,9 +11,11 @@
   allreduce_mode.py BIN_DIR elastic      a worker killed mid-run (the chief, another one): the
                                          launcher starts it again, the ring forms again with
                                          it and the run ends as an undisturbed one does (test
-                                         accuracy within 0.5 points, replicas identical); not
-                                         restarted, with --min-workers 2 the survivors go on in
-                                         a ring of 2, and take the worker back when it returns
+                                         accuracy within 0.5 points, replicas identical); the
+                                         chief killed after the last step, before its outputs
+                                         (the others wait at the last barrier); not restarted,
+                                         with --min-workers 2 the survivors go on in a ring of 2,
+                                         and take the worker back when it returns
   allreduce_mode.py BIN_DIR bad-input    a worker that never joins, a worker killed mid-run
                                          and not replaced: the others fail with a clear error
                                          naming it in bounded time
@@ -24,9 +26,10 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
-from itest import TIMEOUT, check, free_ports, launch, lines_in, main, params, rel_diff
+from itest import LAUNCH, TIMEOUT, check, free_ports, launch, lines_in, main, params, rel_diff, run
 
 
 def checksums(out):
@@ -168,6 +171,20 @@ def elastic(bin_dir, tmp):
         acc = summary(f(f"s{seed}.json"))["test_accuracy"]
         check(abs(acc - ref) <= 0.005, f"test accuracy {acc:.4f} is within 0.5 points of the "
               f"undisturbed run's {ref:.4f}")
+    # The chief dies after the last step, before any output: the others hold the
+    # final state at the ring's last barrier, the chief started again takes it,
+    # evaluates and writes the outputs, and everyone exits 0.
+    mark = f("die.mark")
+    p = run([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "200", "--mode",
+             "allreduce", "--workers", "3", *ELASTIC, "--summary", f("die.json")],
+            env={"PSTRAIN_TEST_DIE_BEFORE_OUTPUTS": mark})
+    out = p.stdout + p.stderr
+    sums = checksums(out)
+    acc = summary(f("die.json"))["test_accuracy"]
+    check("the chief dies before its outputs" in out and "nothing to train" in out and
+          len(sums) == 3 and len(set(sums.values())) == 1 and abs(acc - ref) <= 1e-9,
+          f"the chief killed after the last step, before its outputs: started again, it took "
+          f"the others' final state and wrote them (accuracy {acc:.4f}, the reference's)")
     # Not restarted: with --min-workers 2 the survivors go on in a ring of 2
     # after --worker-timeout, with the same global batch; the worker started
     # again later is taken back into a ring of 3.

@@ -610,6 +610,30 @@ static void test_peer_silent_times_out(void **state) {
     assert_true(s.t >= 0.25 && s.t < 3.0);
 }
 
+/* A rendezvous hands out the addresses of listeners that exist: with
+ * peers_listening a refused connection means the peer is gone, and
+ * wk_ring_connect fails at once instead of retrying for connect_timeout_ms. */
+static void test_peers_listening_fail_fast(void **state) {
+    (void)state;
+    wk_ring_opts o;
+    small_timeouts(&o);
+    o.peers_listening = 1;
+    wk_ring_listener *ls[2];
+    char a[2][64];
+    const char *addrs[2] = {a[0], a[1]};
+    for (int i = 0; i < 2; i++) listen_at(0, &ls[i], a[i]);
+    wk_ring_listener_destroy(ls[1]); /* Rank 1 died after it listened. */
+    wk_ring *ring = NULL;
+    char err[512];
+    double t0 = cm_now();
+    int rc = wk_ring_connect(ls[0], 0, 2, addrs, &o, &ring, err, sizeof err);
+    assert_int_equal(rc, CM_EUNAVAIL);
+    assert_null(ring);
+    assert_non_null(strstr(err, "gone"));
+    assert_true(cm_now() - t0 < 2.0);
+    wk_ring_listener_destroy(ls[0]);
+}
+
 /* ===== Shared memory ===== */
 
 static void test_shm_sums_and_broadcast(void **state) {
@@ -767,6 +791,7 @@ int main(void) {
         cmocka_unit_test(test_chunk_wrong_offset),
         cmocka_unit_test(test_peer_closes),
         cmocka_unit_test(test_peer_silent_times_out),
+        cmocka_unit_test(test_peers_listening_fail_fast),
         cmocka_unit_test(test_shm_sums_and_broadcast),
         cmocka_unit_test(test_shm_auto_and_mismatch),
         cmocka_unit_test(test_shm_peer_killed),

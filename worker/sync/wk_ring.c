@@ -389,6 +389,7 @@ static int connect_next(wk_ring *r, double deadline, char *err, size_t errlen) {
             break;
         }
         set_sockopts(fd, r->opts.sock_buf_bytes);
+        int refused = 0;
         if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) break;
         if (errno == EINPROGRESS) {
             int w = wait_fd(fd, POLLOUT, deadline), soerr = 0;
@@ -396,11 +397,17 @@ static int connect_next(wk_ring *r, double deadline, char *err, size_t errlen) {
             if (w > 0 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) == 0 && soerr == 0)
                 break;
             last = w == 0 ? "timed out" : strerror(soerr ? soerr : errno);
+            refused = soerr == ECONNREFUSED;
         } else {
             last = strerror(errno);
+            refused = errno == ECONNREFUSED;
         }
         close(fd);
         fd = -1;
+        if (refused && r->opts.peers_listening) {
+            last = "connection refused: its listener is gone (the process died?)";
+            break;
+        }
         int left = ms_left(deadline);
         if (left <= 0) break;
         sleep_ms(backoff < left ? backoff : left);
@@ -493,12 +500,20 @@ static int handshake(wk_ring *r, wk_ring_listener *l, double deadline, char *err
         struct pollfd pf[2];
         int np = 0;
         if (!have_prev) pf[np++] = (struct pollfd){.fd = l->fd, .events = POLLIN};
-        if (!have_next) pf[np++] = (struct pollfd){.fd = r->send_fd, .events = POLLIN};
+        /* After its answer, the next rank says nothing more: its connection
+         * becoming readable means it closed (it failed, or died). */
+        if (!have_next || r->opts.peers_listening)
+            pf[np++] = (struct pollfd){.fd = r->send_fd, .events = POLLIN | POLLRDHUP};
         int p = poll(pf, (nfds_t)np, ms_left(deadline));
         if (p < 0 && errno == EINTR) continue;
         if (p <= 0) break;
         for (int i = 0; i < np; i++) {
             if (!pf[i].revents) continue;
+            if (pf[i].fd == r->send_fd && have_next) {
+                cm_seterr(err, errlen, "rank %d: rank %d (%s) closed its connection while the "
+                          "ring formed", r->rank, (r->rank + 1) % r->nranks, r->next_addr);
+                return CM_EUNAVAIL;
+            }
             if (pf[i].fd == r->send_fd) {
                 if ((rc = check_next(r, deadline, err, errlen)) != CM_OK) return rc;
                 have_next = 1;

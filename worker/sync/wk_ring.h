@@ -62,6 +62,12 @@ typedef struct wk_ring_opts {
      * with the others. WK_RING_SHM: shared memory or fail. Every rank must
      * use TCP or not (the handshake says which, and refuses a mismatch). */
     int transport;
+    /* Every peer listened before wk_ring_connect was called (a rendezvous
+     * handed out the addresses of listeners that exist): a refused
+     * connection then means the peer is gone and fails at once, as does
+     * a neighbour that closes its connection while the ring forms, instead
+     * of waiting connect_timeout_ms for a peer that will not come. */
+    int peers_listening;
 } wk_ring_opts;
 
 enum { WK_RING_TCP = 0, WK_RING_AUTO = 1, WK_RING_SHM = 2 };

@@ -81,6 +81,8 @@ typedef struct arsync {
     wk_rdv_server *rdv;
     wk_ring *ring;
     int elastic;           /* A dead rank's ring forms again (CPU rings). */
+    int64_t end_step;      /* The run's last step (end), and the parameters... */
+    float *end_params;     /* ...the trainer holds until finish (borrowed). */
     int root_rank;         /* Whose state the current ring took. */
     int use_nccl;          /* GPU workers with NCCL: the gradient goes there. */
     wk_nccl_world *world;  /* Set up by begin() when use_nccl. */
@@ -481,6 +483,7 @@ static int form_ring(arsync *a, float *params, const wk_rdv_state *st, int64_t t
         o.timeout_ms = (int)c->timeout_ms;
         o.connect_timeout_ms = (int)c->connect_timeout_ms;
         o.transport = c->ring_transport;
+        o.peers_listening = 1; /* Every rank listened before it joined. */
         rc = wk_ring_connect(l, rr.position, rr.nranks, (const char *const *)rr.ring_addrs, &o,
                              &a->ring, s->err, sizeof s->err);
         *start = rr.start_step;
@@ -653,7 +656,8 @@ static int ar_step(wk_sync *s, int64_t step, float *grad, float *params, wk_spar
 
 static int ar_end(wk_sync *s, int64_t steps, float *params) {
     arsync *a = (arsync *)s;
-    if (a->rdv) wk_rdv_server_end(a->rdv, steps); /* A late replacement stops at once. */
+    a->end_step = steps;
+    a->end_params = params;
     if (a->store) { /* The final state, so a run started again loses nothing. */
         if (a->writer_started) checkpoint_wait(a);
         int64_t newest;
@@ -667,12 +671,57 @@ static int ar_end(wk_sync *s, int64_t steps, float *params) {
 /* The communicator goes before the trainer destroys its devices: finalised
  * with the others after a good run, aborted after a failed one (its peers
  * may be gone). */
+/* The last act of an elastic ring, once the chief wrote its outputs: a
+ * one-float allreduce. Until it completes the other ranks keep the final
+ * state, so a chief that dies before its outputs are written (and any rank
+ * with it) is started again, joins, takes that state from a survivor (the
+ * newest: the run's last step), has nothing to train, evaluates, writes the
+ * outputs and comes here too. The chief's outputs exist once it gets here:
+ * if the barrier fails for it (another rank died), the run is complete. A
+ * rank whose barrier fails joins again: a new ring with the chief started
+ * again, or "the run ended" from a chief that finished. */
+static int end_barrier(arsync *a) {
+    const wk_sync_ar_cfg *c = &a->cfg;
+    for (int attempt = 1;; attempt++) {
+        float one = 1.0f;
+        if (a->ring && wk_ring_allreduce(a->ring, &one, 1, a->end_step + 1, 0) == CM_OK)
+            return CM_OK;
+        if (c->is_chief) {
+            cm_warn("a worker left the ring after the last step (%s); the run is complete",
+                    a->ring ? wk_ring_error(a->ring) : "no ring");
+            return CM_OK;
+        }
+        cm_warn("the ring broke after the last step (%s): joining again, so that a chief "
+                "started again can finish the run", a->ring ? wk_ring_error(a->ring) : "no ring");
+        wk_ring_destroy(a->ring);
+        a->ring = NULL;
+        if (attempt > 3) {
+            snprintf(a->base.err, sizeof a->base.err, "the ring broke after the last step %d "
+                     "times", attempt);
+            return CM_EUNAVAIL;
+        }
+        wk_rdv_state st = {.has_state = 1, .step = a->end_step, .rejoin = 1};
+        uint8_t id[WK_NCCL_ID_BYTES];
+        size_t idlen = 0;
+        int64_t resume;
+        int rc = form_ring_retrying(a, a->end_params, &st,
+                                    c->worker_timeout_ms + c->connect_timeout_ms, 1, &resume, id,
+                                    &idlen);
+        if (rc == CM_ESHUTDOWN) return CM_OK; /* The chief finished: "the run ended". */
+        if (rc != CM_OK) return rc;
+    }
+}
+
 static int ar_finish(wk_sync *s, int ok) {
     arsync *a = (arsync *)s;
     if (!ok) wk_nccl_world_abort(a->world);
     wk_nccl_world_destroy(a->world);
     a->world = NULL;
-    return CM_OK;
+    int rc = CM_OK;
+    if (ok && a->elastic && a->end_params) rc = end_barrier(a);
+    /* A replacement that comes now is told the run ended (and exits 0). */
+    if (a->rdv && ok) wk_rdv_server_end(a->rdv, a->end_step);
+    return rc;
 }
 
 static void ar_destroy(wk_sync *s) {
