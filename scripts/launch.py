@@ -243,6 +243,17 @@ class Cluster:
                 say(f"chaos: killed {name} (pid {p.pid}) with SIGKILL {what}")
         self.chaos_done = True
 
+    def retire(self, name, p, why):
+        """Stop one process started again that has nothing left to do (by PID)."""
+        say(f"{name} (pid {p.pid}) {why}; stopping it")
+        p.terminate()
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        self.excused.add(name)
+
     def stop(self, grace=5.0):
         for _, p in self.procs:
             if p.poll() is None:
@@ -277,15 +288,7 @@ class Cluster:
                         name not in self.excused:
                     # Started again just before the run turned out complete (its
                     # peers finished): nothing left for it to do.
-                    say(f"{name} (pid {p.pid}) was started again, but the run is complete; "
-                        "stopping it")
-                    p.terminate()
-                    try:
-                        p.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
-                    self.excused.add(name)
+                    self.retire(name, p, "was started again, but the run is complete")
                 elif rc is None:
                     running += 1
                 elif name in self.excused:
@@ -367,15 +370,8 @@ class Cluster:
                 for name, p in self.procs:
                     if (name.startswith("worker ") and self.restarts.get(name) and
                             name not in self.excused and p.poll() is None):
-                        say(f"{name} (pid {p.pid}) was started again as the run ended: "
-                            "nothing left for it to do; stopping it")
-                        p.terminate()
-                        try:
-                            p.wait(timeout=5)
-                        except subprocess.TimeoutExpired:
-                            p.kill()
-                            p.wait()
-                        self.excused.add(name)
+                        self.retire(name, p, "was started again as the run ended: nothing "
+                                    "left for it to do")
             if chief_done is not None and now - chief_done > 60:
                 left = [n for n, p in self.procs if p.poll() is None]
                 say(f"the chief finished but {', '.join(left)} did not exit within 60 s; "
