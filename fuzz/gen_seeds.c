@@ -477,17 +477,12 @@ static void ring_seeds(void) {
     /* The transport negotiation: an offer from another host, an answer. */
     ring_header(&b, 3, 3, 1, 4, 0, 0, 0);
     {
-        unsigned char o[WK_RING__OFFER_BYTES] = {0}, a[WK_RING__ANSWER_BYTES];
-        uint32_t m = WK_RING__OFFER_MAGIC, want = 1, slots = 8, am = WK_RING__ANSWER_MAGIC,
-                 use = 1;
-        uint64_t host = 0x1234, cookie = 99, stride = 128;
-        memcpy(o, &m, 4);
-        memcpy(o + 4, &want, 4);
-        memcpy(o + 8, &host, 8);
-        memcpy(o + 16, &cookie, 8);
-        memcpy(o + 24, &stride, 8);
-        memcpy(o + 32, &slots, 4);
-        memcpy(o + 40, "/pstrain-ring-1-00000000", 24);
+        wk_ring__offer of = {.magic = WK_RING__OFFER_MAGIC, .want = 1, .host = 0x1234,
+                             .cookie = 99, .slot_bytes = 128, .nslots = 8,
+                             .name = "/pstrain-ring-1-00000000"};
+        unsigned char o[WK_RING__OFFER_BYTES], a[WK_RING__ANSWER_BYTES];
+        uint32_t am = WK_RING__ANSWER_MAGIC, use = 1;
+        wk_ring__offer_pack(&of, o);
         memcpy(a, &am, 4);
         memcpy(a + 4, &use, 4);
         fz_buf_put(&b, o, sizeof o);

@@ -318,8 +318,9 @@ class Cluster:
                     self.excused.add(name)
                 elif (name == "worker 0" and retryable(rc) and
                       all(q.poll() == 0 for n, q in self.procs if n != name)):
-                    # Allreduce: every other worker ended cleanly: the training
-                    # is over, and a new chief would find no one to work with.
+                    # Only a chief without peers gets here now (local mode, or
+                    # allreduce with one worker): with peers, their exit 0 already
+                    # said the run is complete (shut_down, above).
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
                     say(f"the chief (pid {p.pid}) exited with {what} after every other worker "
                         "had finished: the training is complete, but the chief's final outputs "

@@ -192,6 +192,28 @@ void wk_ring__hello_unpack(const unsigned char in[WK_RING__HELLO_BYTES], wk_ring
     h->rank = get32(in + 20);
 }
 
+void wk_ring__offer_pack(const wk_ring__offer *o, unsigned char out[WK_RING__OFFER_BYTES]) {
+    memset(out, 0, WK_RING__OFFER_BYTES);
+    put32(out, o->magic);
+    put32(out + 4, o->want);
+    put64(out + 8, o->host);
+    put64(out + 16, o->cookie);
+    put64(out + 24, o->slot_bytes);
+    put32(out + 32, o->nslots);
+    memcpy(out + 40, o->name, strnlen(o->name, WK_RING__SHM_NAME - 1));
+}
+
+void wk_ring__offer_unpack(const unsigned char in[WK_RING__OFFER_BYTES], wk_ring__offer *o) {
+    o->magic = get32(in);
+    o->want = get32(in + 4);
+    o->host = get64(in + 8);
+    o->cookie = get64(in + 16);
+    o->slot_bytes = get64(in + 24);
+    o->nslots = get32(in + 32);
+    memcpy(o->name, in + 40, WK_RING__SHM_NAME);
+    o->name[WK_RING__SHM_NAME - 1] = 0;
+}
+
 void wk_ring__hdr_pack(const wk_ring__hdr *h, unsigned char out[WK_RING__HDR_BYTES]) {
     put32(out, h->magic);
     put32(out + 4, (uint32_t)h->op | (uint32_t)h->k << 16);
@@ -644,11 +666,6 @@ static int shm_open_offer(const wk_ring *r, const char *name, uint64_t cookie, u
     return CM_OK;
 }
 
-static void put_name(unsigned char *p, const char *name) {
-    memset(p, 0, WK_RING__SHM_NAME);
-    memcpy(p, name, strnlen(name, WK_RING__SHM_NAME - 1));
-}
-
 /* Version 2, after the hellos: offer the next rank a shared-memory link
  * and answer the previous rank's offer (see wk_ring_int.h). Every rank
  * writes its offer before it reads, so the ring cannot deadlock. */
@@ -661,17 +678,15 @@ static int negotiate(wk_ring *r, double deadline, char *err, size_t errlen) {
         snprintf(why_tx, sizeof why_tx, "no boot id or /dev/shm here");
     else
         (void)shm_create(r, &mine, why_tx, sizeof why_tx);
-    unsigned char o[WK_RING__OFFER_BYTES] = {0};
-    uint32_t magic = WK_RING__OFFER_MAGIC, want = mine != NULL;
-    uint64_t cookie = mine ? mine->c->cookie : 0, stride = mine ? mine->stride : 0;
-    uint32_t nslots = mine ? (uint32_t)mine->nslots : 0;
-    memcpy(o, &magic, 4);
-    memcpy(o + 4, &want, 4);
-    memcpy(o + 8, &host, 8);
-    memcpy(o + 16, &cookie, 8);
-    memcpy(o + 24, &stride, 8);
-    memcpy(o + 32, &nslots, 4);
-    put_name(o + 40, mine ? mine->name : "");
+    wk_ring__offer mo = {.magic = WK_RING__OFFER_MAGIC, .want = mine != NULL, .host = host};
+    if (mine) {
+        mo.cookie = mine->c->cookie;
+        mo.slot_bytes = mine->stride;
+        mo.nslots = (uint32_t)mine->nslots;
+        memcpy(mo.name, mine->name, sizeof mo.name);
+    }
+    unsigned char o[WK_RING__OFFER_BYTES];
+    wk_ring__offer_pack(&mo, o);
     const char *io_why = "";
     int rc = io_full(r->send_fd, 1, o, sizeof o, deadline, &io_why);
     unsigned char in[WK_RING__OFFER_BYTES];
@@ -682,29 +697,21 @@ static int negotiate(wk_ring *r, double deadline, char *err, size_t errlen) {
         shm_destroy(mine);
         return rc;
     }
-    uint32_t omagic, owant, onslots;
-    uint64_t ohost, ocookie, ostride;
-    char oname[WK_RING__SHM_NAME];
-    memcpy(&omagic, in, 4);
-    memcpy(&owant, in + 4, 4);
-    memcpy(&ohost, in + 8, 8);
-    memcpy(&ocookie, in + 16, 8);
-    memcpy(&ostride, in + 24, 8);
-    memcpy(&onslots, in + 32, 4);
-    memcpy(oname, in + 40, WK_RING__SHM_NAME);
-    oname[WK_RING__SHM_NAME - 1] = 0;
-    if (omagic != WK_RING__OFFER_MAGIC) {
+    wk_ring__offer po;
+    wk_ring__offer_unpack(in, &po);
+    if (po.magic != WK_RING__OFFER_MAGIC) {
         cm_seterr(err, errlen, "rank %d: rank %d (%s) sent no transport offer (magic 0x%08x)",
-                  r->rank, prev, r->prev_addr, omagic);
+                  r->rank, prev, r->prev_addr, po.magic);
         shm_destroy(mine);
         return CM_EPROTO;
     }
-    if (!owant)
+    if (!po.want)
         snprintf(why_rx, sizeof why_rx, "it offered none");
-    else if (!host || ohost != host)
+    else if (!host || po.host != host)
         snprintf(why_rx, sizeof why_rx, "another host or /dev/shm");
     else
-        (void)shm_open_offer(r, oname, ocookie, ostride, onslots, &r->rx, why_rx, sizeof why_rx);
+        (void)shm_open_offer(r, po.name, po.cookie, po.slot_bytes, po.nslots, &r->rx, why_rx,
+                             sizeof why_rx);
     unsigned char a[WK_RING__ANSWER_BYTES], b[WK_RING__ANSWER_BYTES];
     uint32_t amagic = WK_RING__ANSWER_MAGIC, use = r->rx != NULL;
     memcpy(a, &amagic, 4);
@@ -742,7 +749,7 @@ static int negotiate(wk_ring *r, double deadline, char *err, size_t errlen) {
                   r->tx ? why_rx : why_tx);
         return CM_EUNSUPPORTED;
     }
-    if (!r->tx && want)
+    if (!r->tx && mo.want)
         cm_debug("rank %d: TCP to rank %d: %s", r->rank, next, why_tx);
     return CM_OK;
 }

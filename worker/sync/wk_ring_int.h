@@ -65,6 +65,17 @@ typedef struct wk_ring__hdr {
 
 void wk_ring__hello_pack(const wk_ring__hello *h, unsigned char out[WK_RING__HELLO_BYTES]);
 void wk_ring__hello_unpack(const unsigned char in[WK_RING__HELLO_BYTES], wk_ring__hello *h);
+/* The shared-memory offer (version 2's negotiation); name is NUL-terminated
+ * (unpack terminates it whatever came). */
+typedef struct wk_ring__offer {
+    uint32_t magic, want;
+    uint64_t host, cookie, slot_bytes;
+    uint32_t nslots;
+    char name[WK_RING__SHM_NAME];
+} wk_ring__offer;
+
+void wk_ring__offer_pack(const wk_ring__offer *o, unsigned char out[WK_RING__OFFER_BYTES]);
+void wk_ring__offer_unpack(const unsigned char in[WK_RING__OFFER_BYTES], wk_ring__offer *o);
 void wk_ring__hdr_pack(const wk_ring__hdr *h, unsigned char out[WK_RING__HDR_BYTES]);
 void wk_ring__hdr_unpack(const unsigned char in[WK_RING__HDR_BYTES], wk_ring__hdr *h);
 
