@@ -123,7 +123,11 @@ struct ps_server {
     int ck_stop;           /* Protected by ck_mu. */
     int thawing;           /* Protected by ck_mu: the writer has finished a
                             * checkpoint and thaws the shard (--checkpoint-
-                            * sync); handlers wait for it. */
+                            * sync, or a deferred one); handlers wait for it. */
+    int64_t deferred;      /* Protected by ck_mu: --checkpoint-async, the
+                            * version (> 0) due while the writer was busy:
+                            * the shard is frozen there until the writer
+                            * takes it. */
     int64_t gc_floor;      /* Protected by ck_mu: every shard has committed
                             * this version (the chief says so), -1 unknown. */
     int gc_pending;        /* Protected by ck_mu: the floor rose; collect. */
@@ -296,8 +300,8 @@ static int optim_from(const Psrpc__OptimizerConfig *o, ps_optim_cfg *out) {
     return 0;
 }
 
-static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                       const ps_shard_config *cfg, ps_rows *rows, const int64_t *worker_steps);
+static int on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+                      const ps_shard_config *cfg, ps_rows *rows, const int64_t *worker_steps);
 
 /* The row store of a model with tables (mu held, no shard yet): with a
  * data directory a durable one, the checkpoints' rows (cfg.rows_dir, else
@@ -364,7 +368,6 @@ static int adopt_model(ps_server *s, const cm_model *model, const cm_placement *
     ps_shard_set_row_admission(sh, s->cfg.admit_after, s->cfg.expire_after);
     if (s->cfg.max_step_ahead > 0) ps_shard_set_max_step_ahead(sh, s->cfg.max_step_ahead);
     if (s->writer_started) ps_shard_set_publish_hook(sh, s->cfg.checkpoint_every, on_publish, s);
-    if (s->writer_started && s->cfg.checkpoint_sync) ps_shard_set_freeze(sh, 1);
     pthread_mutex_lock(&s->mu);
     if (s->shard) {
         pthread_mutex_unlock(&s->mu);
@@ -711,9 +714,11 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
         rc = ps_shard_push_rows(s->shard, (int)r->cluster->rank, r->step, g, m.ntensors, rg,
                                 m.nrows, r->rows_final, version, err, sizeof err);
         if (rc != PS_PUSH_BUSY) break;
-        /* --checkpoint-sync: the shard waits for its checkpoint writer. */
+        /* Frozen for a checkpoint: wait for the writer to thaw it. */
         pthread_mutex_lock(&s->ck_mu);
-        while ((s->job.snap || s->thawing) && !s->ck_stop) pthread_cond_wait(&s->ck_cv, &s->ck_mu);
+        while (((s->cfg.checkpoint_sync && s->job.snap) || s->deferred || s->thawing) &&
+               !s->ck_stop)
+            pthread_cond_wait(&s->ck_cv, &s->ck_mu);
         int stopping = s->ck_stop;
         pthread_mutex_unlock(&s->ck_mu);
         if (stopping) {
@@ -1242,16 +1247,28 @@ static void copy_row(void *ud, int table, uint64_t id, int64_t count, int64_t la
 }
 
 /* The publish hook (the shard's lock held): hand the version to the writer
- * unless it is still busy with the last one. */
-static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                       const ps_shard_config *cfg, ps_rows *rows, const int64_t *worker_steps) {
+ * and freeze the shard until it is committed (--checkpoint-sync). With
+ * --checkpoint-async the shard goes on, unless the writer is still busy
+ * with the last one: then the shard freezes at this version, which the
+ * writer takes next (on_publish again, through ps_shard_publish_now), so a
+ * crash never loses more than two intervals. */
+static int on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+                      const ps_shard_config *cfg, ps_rows *rows, const int64_t *worker_steps) {
     ps_server *s = ud;
+    int64_t v = ps_snapshot_version(snap);
     pthread_mutex_lock(&s->ck_mu);
-    if (s->job.snap || s->ck_stop) {
-        cm_debug("checkpoint of version %lld skipped: the last one is still being written",
-                 (long long)ps_snapshot_version(snap));
+    if (s->ck_stop) {
         pthread_mutex_unlock(&s->ck_mu);
-        return;
+        return 0;
+    }
+    if (s->job.snap) {
+        /* Only --checkpoint-async gets here (a synchronous shard is frozen
+         * until the writer is done), and only at a hook's version. */
+        cm_debug("checkpoint of version %lld waits: version %lld is still being written",
+                 (long long)v, (long long)ps_snapshot_version(s->job.snap));
+        s->deferred = v;
+        pthread_mutex_unlock(&s->ck_mu);
+        return 1;
     }
     size_t n = (size_t)nslots * ps_shard_numel(s->shard);
     if (n > s->job.slots_cap) {
@@ -1282,6 +1299,7 @@ static void on_publish(void *ud, ps_snapshot *snap, const float *slots, int nslo
     s->job.snap = snap;
     pthread_cond_broadcast(&s->ck_cv);
     pthread_mutex_unlock(&s->ck_mu);
+    return s->cfg.checkpoint_sync;
 }
 
 /* Drop the generations every shard has superseded: those older than the
@@ -1521,15 +1539,23 @@ static void *writer_main(void *arg) {
         ps_snapshot_unref(j.snap);
         /* The job is done before the shard thaws: a shard thawed first could
          * reach its next checkpoint while this thread (at a low priority) has
-         * not said so yet, and that checkpoint would be skipped, the shard
-         * frozen with no writer to thaw it. The thaw is not under ck_mu (see
-         * on_publish); the handlers wait for it (thawing). */
+         * not said so yet, and that checkpoint would wait for a writer that
+         * is not coming. The thaw is not under ck_mu (see on_publish); the
+         * handlers wait for it (thawing). A version put off while this one
+         * was written (deferred) is taken now, before the shard thaws. */
         pthread_mutex_lock(&s->ck_mu);
         s->job.snap = NULL;
-        s->thawing = s->cfg.checkpoint_sync;
+        int64_t deferred = s->deferred;
+        s->deferred = 0;
+        s->thawing = s->cfg.checkpoint_sync || deferred;
         pthread_cond_broadcast(&s->ck_cv); /* ps_server_checkpoint_wait */
         if (s->thawing) {
             pthread_mutex_unlock(&s->ck_mu);
+            /* Frozen at 'deferred'; publish_now declines only with a sync
+             * step half applied (then the next checkpoint is the one). */
+            if (deferred && !ps_shard_publish_now(s->shard))
+                cm_debug("checkpoint of version %lld skipped: a step is half applied",
+                         (long long)deferred);
             ps_shard_thaw(s->shard);
             pthread_mutex_lock(&s->ck_mu);
             s->thawing = 0;
@@ -1542,7 +1568,7 @@ static void *writer_main(void *arg) {
 
 void ps_server_checkpoint_wait(ps_server *s) {
     pthread_mutex_lock(&s->ck_mu);
-    while (s->job.snap || (s->gc_pending && s->writer_started))
+    while (s->job.snap || s->deferred || s->thawing || (s->gc_pending && s->writer_started))
         pthread_cond_wait(&s->ck_cv, &s->ck_mu);
     pthread_mutex_unlock(&s->ck_mu);
 }

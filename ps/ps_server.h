@@ -56,15 +56,15 @@ typedef struct ps_server_cfg {
     /* The checkpoint writer thread's nice value (0..19; 0 leaves it as
      * is). LevelDB's compaction thread inherits it when the writer's
      * writes start it. With a high value the handlers keep the cores they
-     * need and checkpoints take longer (and are skipped more often) where
-     * the cores are busy. */
+     * need and checkpoints take longer where the cores are busy. */
     int checkpoint_nice;
     /* Synchronous checkpoints: pushes wait while a checkpoint is being
-     * written (ps_shard_set_freeze), so a crash loses at most
-     * checkpoint_every versions, at the cost of a stall per checkpoint.
-     * 0 (psserver --checkpoint-async; psserver's default is 1): the writer
-     * runs beside the pushes, and a crash during a write loses the versions
-     * since the checkpoint before. */
+     * written, so a crash loses at most checkpoint_every versions, at the
+     * cost of a stall per checkpoint. 0 (psserver --checkpoint-async;
+     * psserver's default is 1): the writer runs beside the pushes; a
+     * checkpoint due while the last is still being written waits for it,
+     * pushes held meanwhile, so a crash loses less than twice
+     * checkpoint_every versions (plus the pushes in flight). */
     int checkpoint_sync;
     /* Security (proto/rpc.h): the workers' and the admin's tokens (their
      * contents; NULL: no authentication, anyone who reaches the port may

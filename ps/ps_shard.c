@@ -178,8 +178,8 @@ struct ps_shard {
     uint8_t absent[PS_SHARD_MAX_WORKERS];
     int nabsent;
     double open_since;  /* When the open step's first contribution came (0: none). */
-    int freeze_on_hook;  /* ps_shard_set_freeze: the hook's versions freeze... */
-    int frozen;          /* ...until ps_shard_thaw: pushes get PS_PUSH_BUSY. */
+    int frozen;          /* The hook asked, until ps_shard_thaw: pushes get
+                          * PS_PUSH_BUSY. */
     size_t mem_state;   /* Bytes of the state of cfg (state_bytes). */
     size_t mem_staged;  /* Sync: bytes of the rows staged (capacity). */
     int64_t step_hw;    /* Highest step accepted, kept across rollbacks. */
@@ -501,9 +501,9 @@ static ps_snapshot *publish(ps_shard *s, ps_snapshot *snap) {
     s->current = snap;
     if (s->rows) ps_rows_set_step(s->rows, snap->version); /* Row expiry. */
     if (s->hook && snap->version > 0 && snap->version % s->hook_every == 0) {
-        s->hook(s->hook_ud, snap, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg,
-                s->rows, s->last_step);
-        if (s->freeze_on_hook) s->frozen = 1;
+        if (s->hook(s->hook_ud, snap, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg,
+                    s->rows, s->last_step))
+            s->frozen = 1;
     }
     return old;
 }
@@ -2005,13 +2005,6 @@ int ps_shard_config_get(ps_shard *s, ps_shard_config *cfg) {
     return ok;
 }
 
-void ps_shard_set_freeze(ps_shard *s, int on) {
-    pthread_mutex_lock(&s->mu);
-    s->freeze_on_hook = on;
-    if (!on) s->frozen = 0;
-    pthread_mutex_unlock(&s->mu);
-}
-
 void ps_shard_thaw(ps_shard *s) {
     pthread_mutex_lock(&s->mu);
     s->frozen = 0;
@@ -2022,8 +2015,8 @@ int ps_shard_publish_now(ps_shard *s) {
     pthread_mutex_lock(&s->mu);
     int ok = s->inited && s->hook && !s->pending;
     if (ok)
-        s->hook(s->hook_ud, s->current, s->slots, ps_optim_nslots(s->cfg.optim.kind), &s->cfg,
-                s->rows, s->last_step);
+        (void)s->hook(s->hook_ud, s->current, s->slots, ps_optim_nslots(s->cfg.optim.kind),
+                      &s->cfg, s->rows, s->last_step);
     pthread_mutex_unlock(&s->mu);
     return ok;
 }

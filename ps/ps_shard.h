@@ -173,8 +173,8 @@ enum {
     PS_PUSH_NOMEM = -104,     /* RESOURCE_EXHAUSTED: over the memory limit */
     PS_PUSH_SKIPPED = -105,   /* OUT_OF_RANGE: backup sync closed the step
                                * without this worker (a stale push there) */
-    PS_PUSH_BUSY = -106       /* Not taken: a checkpoint is being written
-                               * (ps_shard_set_freeze); wait and push again */
+    PS_PUSH_BUSY = -106       /* Not taken: frozen for a checkpoint (see
+                               * ps_publish_fn); wait and push again */
 };
 
 /* One table's row gradients in a push. */
@@ -368,12 +368,8 @@ void ps_shard_finish(ps_shard *s);
  * the last version), and every later one with NULL (shutdown). */
 void ps_shard_abort_waiters(ps_shard *s);
 
-/* Synchronous checkpoints: with on set, each version that calls the
- * publish hook freezes the shard: pushes get PS_PUSH_BUSY (nothing taken)
- * until ps_shard_thaw, which the checkpoint writer calls once that
- * generation is committed. A crash then loses at most the hook's interval
- * of versions. */
-void ps_shard_set_freeze(ps_shard *s, int on);
+/* End a freeze the publish hook asked for (see ps_publish_fn): pushes are
+ * taken again. */
 void ps_shard_thaw(ps_shard *s);
 
 /* Backup sync: close the open step without the missing workers once it
@@ -409,8 +405,13 @@ size_t ps_shard_part_offset(const ps_shard *s, int i);
  * the rows changed since the last one: ps_rows_checkpoint); 'worker_steps'
  * (cfg->num_workers entries, valid during the call) each worker's last step
  * the shard took by v, -1 for none: where each worker stands in its data at
- * v, which an async worker started again resumes after. */
-typedef void (*ps_publish_fn)(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+ * v, which an async worker started again resumes after.
+ * Returns nonzero to freeze the shard at v: pushes then get PS_PUSH_BUSY
+ * (nothing taken) until ps_shard_thaw. A checkpoint writer freezes each
+ * version it takes (synchronous checkpoints: a crash loses at most the
+ * hook's interval), or one it cannot take yet because the last is still
+ * being written (so it never falls more than one interval behind). */
+typedef int (*ps_publish_fn)(void *ud, ps_snapshot *snap, const float *slots, int nslots,
                               const ps_shard_config *cfg, ps_rows *rows,
                               const int64_t *worker_steps);
 
@@ -441,9 +442,10 @@ int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const f
                       char *err, size_t errlen);
 
 /* Call the publish hook now with the current version (a final checkpoint
- * at shutdown), if there is a hook, the shard is initialised and no step
- * is half applied (the slots then belong to the current version). Returns
- * 1 if it called the hook. */
+ * at shutdown, or one the hook put off), if there is a hook, the shard is
+ * initialised and no step is half applied (the slots then belong to the
+ * current version). The hook's answer freezes nothing here. Returns 1 if
+ * it called the hook. */
 int ps_shard_publish_now(ps_shard *s);
 
 /* The config, if initialised: returns 1 and fills *cfg, else 0. */

@@ -19,10 +19,10 @@ A run passes when it exits 0 within 3x its reference's time, and:
   async PS   the updates lost (summary versions_lost: the pushes a rollback
              took from a shard and no worker pushed again, as the shards count
              them) are at most K, the checkpoint interval (psserver waits for
-             each checkpoint by default), or 2K + 8 with
+             each checkpoint by default), or 2K with
              --ps-arg=--checkpoint-async (the interval since the last committed
              checkpoint, plus one more when the kill came while the next was
-             being written); its accuracy is reported, not checked: async runs
+             being written; 2K + 1 versions in sync mode); its accuracy is reported, not checked: async runs
              differ from each other anyway;
   allreduce  test accuracy is within 0.5 points of the reference.
 A kill planned past the end of the run kills nothing; such runs are counted
@@ -59,11 +59,10 @@ def max_lost(ps_args, mode):
     async runs lose at most K updates, and sync runs roll back at most K + 1 versions
     (a shard that committed may have applied the next step). With
     --checkpoint-async the versions since the newest checkpoint every shard committed
-    are < K, plus K when the kill lands while the next one is written (or the busy
-    writer skipped one), plus the steps between the launcher's look at the chief's log
-    and the kill."""
+    are < K, plus K when the kill lands while the next one is written (one due while
+    the writer is still busy holds the shard until the writer takes it)."""
     if "--checkpoint-async" in ps_args:
-        return 2 * CKPT_EVERY + 8
+        return 2 * CKPT_EVERY + (mode == "sync")
     return CKPT_EVERY + (mode == "sync")
 # (mode, victims) of --plan quick: each PS, the chief, another worker and a PS with a
 # worker in sync mode; a PS, the chief and another worker in async mode; the chief,

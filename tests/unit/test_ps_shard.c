@@ -1651,7 +1651,7 @@ static void snapshot_flat(const ps_shard *s, const ps_snapshot *snap, float *fla
                (ps_shard_part_offset(s, i + 1) - ps_shard_part_offset(s, i)) * sizeof(float));
 }
 
-static void rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+static int rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
                      const ps_shard_config *cfg,
                      ps_rows *rows, const int64_t *worker_steps) {
     hook_rec *r = ud;
@@ -1667,23 +1667,24 @@ static void rec_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots
     memcpy(r->slots, slots, (size_t)nslots * r->numel * sizeof(float));
     CHECK(cfg->num_workers <= 4);
     memcpy(r->wsteps, worker_steps, (size_t)cfg->num_workers * sizeof *worker_steps);
+    return 0;
 }
 
 /* Synchronous checkpoints: the hook's version freezes the shard (pushes
  * get PS_PUSH_BUSY and change nothing) until it is thawed. */
 static int freeze_hook_calls;
-static void count_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
-                       const ps_shard_config *cfg, ps_rows *rows,
-                       const int64_t *worker_steps) {
+static int count_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+                      const ps_shard_config *cfg, ps_rows *rows,
+                      const int64_t *worker_steps) {
     (void)ud, (void)snap, (void)slots, (void)nslots, (void)cfg, (void)rows, (void)worker_steps;
     freeze_hook_calls++;
+    return 1; /* Freeze. */
 }
 
 static void test_checkpoint_freeze(void **state) {
     fixture *f = *state;
     freeze_hook_calls = 0;
     ps_shard_set_publish_hook(f->s, 2, count_hook, NULL);
-    ps_shard_set_freeze(f->s, 1);
     ps_shard_config c = cfg_make(PS_OPTIM_SGD, 1, PS_ASYNC, PS_AGG_MEAN);
     init_ok(f, &c);
     int64_t v = -1;
@@ -1699,7 +1700,10 @@ static void test_checkpoint_freeze(void **state) {
     ps_shard_thaw(f->s);
     assert_int_equal(push_step(f, 0, 2, &v), PS_PUSH_OK); /* The same push, again. */
     assert_int_equal(v, 3);
-    ps_shard_set_freeze(f->s, 0);
+    /* publish_now calls the hook but freezes nothing. */
+    assert_int_equal(ps_shard_publish_now(f->s), 1);
+    assert_int_equal(freeze_hook_calls, 2);
+    assert_int_equal(push_step(f, 0, 3, &v), PS_PUSH_OK);
     ps_shard_set_publish_hook(f->s, 0, NULL, NULL);
 }
 
@@ -2626,7 +2630,7 @@ static int rec_row(void *ud, uint64_t id, const float *values, const float *slot
     return CM_OK;
 }
 
-static void rows_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
+static int rows_hook(void *ud, ps_snapshot *snap, const float *slots, int nslots,
                       const ps_shard_config *cfg, ps_rows *rows,
                       const int64_t *worker_steps) {
     (void)cfg, (void)worker_steps;
@@ -2644,6 +2648,7 @@ static void rows_hook(void *ud, ps_snapshot *snap, const float *slots, int nslot
         r->t = t;
         CHECK(ps_rows_visit(rows, t, rec_row, r) == CM_OK);
     }
+    return 0;
 }
 
 static void rows_put_all(ps_shard *s, const rows_rec *r) {
