@@ -23,6 +23,7 @@ PACKAGES=(
   python3-numpy                      # the Python client package (python/pstrain) and its test
   openssl                            # tests and psbench --security tls: a throwaway CA
   dataset-fashion-mnist              # the training data
+  iproute2                           # ip netns, tc: the emulated cluster (scripts/experiments/netcluster.py)
 )
 [ $# -gt 0 ] && PACKAGES=("$@")
 
