@@ -40,13 +40,15 @@ import argparse
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from launch import write_token  # noqa: E402  (the same tokens as a local cluster's)
 
 SUBNET = "10.88.0"
 PORT = 5000
@@ -249,14 +251,6 @@ class NetCluster:
 
 
 # ------------------------------------------------------------------ commands
-def write_token(d, name):
-    path = os.path.join(d, name)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    return path
-
-
 def cmd_run(a, extra):
     """A PS or allreduce cluster in the namespaces; the chief's exit status."""
     nps = a.ps if a.mode == "ps" else 0
