@@ -49,25 +49,15 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from launch import write_token  # noqa: E402  (the same tokens as a local cluster's)
+from costmodel import PRESETS, rate_bits  # noqa: E402
 
 SUBNET = "10.88.0"
 PORT = 5000
-PRESETS = {"1g": "1gbit", "10g": "10gbit", "100m": "100mbit"}
 UNSUPPORTED = 77
 
 
 class Unsupported(Exception):
     """Namespaces cannot be made here (not root, or not permitted)."""
-
-
-def rate_bits(rate):
-    """tc's rate ('100mbit', '1gbit', '10gbit', '500kbit', or bits/s as a number) in bit/s."""
-    rate = PRESETS.get(rate, rate)
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit)?", rate.strip().lower())
-    if not m:
-        raise ValueError(f"bad rate {rate!r}: want e.g. 100mbit, 1gbit or 10gbit")
-    scale = {"bit": 1, None: 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
-    return float(m.group(1)) * scale
 
 
 def _ip(*args, check=True):

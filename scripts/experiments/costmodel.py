@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""A cost model of one training step: PS (sync, async) and ring AllReduce.
+
+  costmodel.py --mode ps_sync|ps_async|allreduce --nodes N [--devices G]
+               [--ps S] [--layout separate|colocated] --model-mb M [--rows-mb R]
+               [--wire fp32|bf16] --rate RATE [--latency-ms L] [--compute-ms C]
+               [--input-ms I] [--prefetch] [--intra-gbps B] [--overlap F]
+               [--batch-per-device E]
+
+prints one JSON object: the step's parts (s), its time, examples/s, and the
+speedup and scaling efficiency against one device with no communication.
+
+The parameters are the run's flags, never fitted to measurements:
+
+  M   the dense model, in MB (10^6 bytes) of fp32 (--wire bf16 halves it on the
+      wire); R the embedding rows a node pushes, and pulls, per step (PS only:
+      rows are already in wire bytes); an allreduce replica moves M.
+  B   each node's NIC, bytes/s each way (full duplex), from --rate.
+  L   one-way latency between two nodes.
+  C   a device's compute per step; I the input per step (a node's pipeline);
+      with --prefetch input overlaps compute (max(C, I)), else C + I.
+  G   devices per node: their gradients are reduced inside the node first
+      (ring reduce + broadcast over --intra-gbps, NVLink-like: 2(G-1)/G M / B_in),
+      then one push (or one ring rank) per node: the hierarchical case.
+  F   the fraction of communication hidden behind compute (0: none).
+
+Per mode, with N worker nodes and S PS:
+  ps_sync    push then pull, each bound by its busiest NIC: separate layout
+             (PS on nodes of their own) max(M', N M'/S) / B, M' = wire M + R;
+             colocated (PS i on worker node i) the shard nodes' traffic
+             max(M'(S-1)/S, (N-1) M'/S) and M' for a node with no shard;
+             plus 4L (two request/reply exchanges).
+  ps_async   each worker cycles compute + its own push and pull (2 M'/B + 4L);
+             the shards bound the rate: a shard's NIC carries N M'/S each way
+             per cycle (separate; colocated adds the node's own traffic).
+  allreduce  ring over the N nodes: 2(N-1)/N M / B + 2(N-1) L.
+step = compute part + intra-node reduce + (1 - F) communication (async: the
+larger of a worker's cycle and the shards' bound).
+"""
+import argparse
+import json
+import re
+import sys
+
+MODES = ("ps_sync", "ps_async", "allreduce")
+
+
+PRESETS = {"100m": "100mbit", "1g": "1gbit", "10g": "10gbit"}
+
+
+def rate_bits(rate):
+    """tc's rate ('100mbit', '1gbit', '10gbit', '500kbit', presets 1g/10g, or bits/s): bit/s."""
+    rate = PRESETS.get(str(rate), str(rate))
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit)?", rate.strip().lower())
+    if not m:
+        raise ValueError(f"bad rate {rate!r}: want e.g. 100mbit, 1gbit or 10gbit")
+    return float(m.group(1)) * {"bit": 1, None: 1, "kbit": 1e3, "mbit": 1e6,
+                                "gbit": 1e9}[m.group(2)]
+
+
+def rate_bytes(rate):
+    return rate_bits(rate) / 8
+
+
+def ps_phase_bytes(n, s, mw, layout):
+    """Bytes over the busiest NIC, one direction, in one push (or pull) phase of a sync step."""
+    if layout == "separate":
+        return max(mw, n * mw / s)
+    if s > n:
+        raise ValueError("colocated: at most one PS per worker node")
+    shard_node = max(mw * (s - 1) / s, (n - 1) * mw / s)
+    return shard_node if s == n else max(shard_node, mw)
+
+
+def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1, rows_bytes=0.0,
+         wire=1.0, latency_s=0.0, compute_s=0.0, input_s=0.0, prefetch=False, intra_Bps=None,
+         overlap=0.0, batch_per_device=128):
+    """The model's step: a dict of its parts (seconds) and throughput."""
+    if mode not in MODES:
+        raise ValueError(f"mode: one of {MODES}")
+    if nodes < 1 or devices < 1 or ps < 1 or not 0 <= overlap <= 1:
+        raise ValueError("nodes, devices, ps >= 1; overlap in [0, 1]")
+    n, g, m = nodes, devices, model_bytes * wire
+    work = max(compute_s, input_s) if prefetch else compute_s + input_s
+    intra = 0.0
+    if g > 1:
+        if not intra_Bps:
+            raise ValueError("devices > 1 needs the intra-node bandwidth")
+        intra = 2 * (g - 1) / g * m / intra_Bps
+    out = {"mode": mode, "nodes": n, "devices": g, "compute": compute_s, "input": input_s,
+           "work": work, "intra": intra}
+    if mode == "allreduce":
+        comm = 2 * (n - 1) / n * m / link_Bps if n > 1 else 0.0
+        lat = 2 * (n - 1) * latency_s
+        out.update(transfer=comm, latency=lat, step=work + intra + (1 - overlap) * (comm + lat))
+    else:
+        mw = m + rows_bytes
+        lat = 4 * latency_s
+        if mode == "ps_sync":
+            comm = 2 * ps_phase_bytes(n, ps, mw, layout) / link_Bps
+            out.update(transfer=comm, latency=lat,
+                       step=work + intra + (1 - overlap) * (comm + lat))
+        else:
+            own = 2 * mw / link_Bps
+            cycle = work + intra + (1 - overlap) * (own + lat)
+            if layout == "separate":
+                shard = n * mw / ps
+            else:
+                if ps > n:
+                    raise ValueError("colocated: at most one PS per worker node")
+                shard = mw * (ps - 1) / ps + (n - 1) * mw / ps
+            bound = shard / link_Bps
+            out.update(transfer=own, latency=lat, shard_bound=bound, step=max(cycle, bound))
+    base = work  # one device, nothing to send
+    out["examples_per_s"] = n * g * batch_per_device / out["step"] if out["step"] > 0 else 0.0
+    out["speedup"] = n * g * base / out["step"] if out["step"] > 0 else float(n * g)
+    out["efficiency"] = out["speedup"] / (n * g)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--mode", choices=MODES, required=True)
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--ps", type=int, default=1)
+    ap.add_argument("--layout", choices=["separate", "colocated"], default="separate")
+    ap.add_argument("--model-mb", type=float, required=True)
+    ap.add_argument("--rows-mb", type=float, default=0.0)
+    ap.add_argument("--wire", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--rate", required=True, help="each node's NIC: 100mbit, 1gbit, 10gbit")
+    ap.add_argument("--latency-ms", type=float, default=0.0)
+    ap.add_argument("--compute-ms", type=float, default=0.0)
+    ap.add_argument("--input-ms", type=float, default=0.0)
+    ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument("--intra-gbps", type=float, default=0.0, help="GB/s between a node's devices")
+    ap.add_argument("--overlap", type=float, default=0.0)
+    ap.add_argument("--batch-per-device", type=int, default=128)
+    a = ap.parse_args()
+    try:
+        r = step(a.mode, a.nodes, a.model_mb * 1e6, rate_bytes(a.rate), ps=a.ps, layout=a.layout,
+                 devices=a.devices, rows_bytes=a.rows_mb * 1e6,
+                 wire=0.5 if a.wire == "bf16" else 1.0, latency_s=a.latency_ms / 1e3,
+                 compute_s=a.compute_ms / 1e3, input_s=a.input_ms / 1e3, prefetch=a.prefetch,
+                 intra_Bps=a.intra_gbps * 1e9 or None, overlap=a.overlap,
+                 batch_per_device=a.batch_per_device)
+    except ValueError as e:
+        ap.error(str(e))
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

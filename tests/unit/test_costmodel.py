@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""scripts/experiments/costmodel.py against hand-computed cases."""
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "scripts", "experiments"))
+import costmodel as cm  # noqa: E402
+
+MB100 = 100e6
+GBE = cm.rate_bytes("1gbit")  # 125e6 bytes/s
+
+
+class Rates(unittest.TestCase):
+    def test_rates(self):
+        self.assertEqual(cm.rate_bits("100mbit"), 1e8)
+        self.assertEqual(cm.rate_bits("10g"), 1e10)
+        self.assertEqual(cm.rate_bytes("1gbit"), 125e6)
+        self.assertEqual(cm.rate_bits("2500"), 2500)
+        with self.assertRaises(ValueError):
+            cm.rate_bits("fast")
+
+
+class PsSync(unittest.TestCase):
+    def test_one_worker_one_ps(self):
+        # 100 MB at 125 MB/s: 0.8 s each way ("about a second on 1 GbE").
+        r = cm.step("ps_sync", 1, MB100, GBE)
+        self.assertAlmostEqual(r["transfer"], 1.6)
+        self.assertAlmostEqual(r["step"], 1.6)
+
+    def test_one_ps_is_the_bottleneck(self):
+        # 4 workers into 1 PS: its NIC takes 400 MB per phase.
+        self.assertAlmostEqual(cm.step("ps_sync", 4, MB100, GBE, ps=1)["step"], 6.4)
+        # 4 PS: each takes 100 MB, as much as a worker sends.
+        self.assertAlmostEqual(cm.step("ps_sync", 4, MB100, GBE, ps=4)["step"], 1.6)
+
+    def test_colocated(self):
+        # PS on every node: a node sends 3/4 of its gradient, receives 3 x 1/4.
+        r = cm.step("ps_sync", 4, MB100, GBE, ps=4, layout="colocated")
+        self.assertAlmostEqual(r["step"], 2 * 0.75 * 0.8)
+        # 2 PS on 4 nodes: a shard node receives 3 x 1/2 of a model.
+        r = cm.step("ps_sync", 4, MB100, GBE, ps=2, layout="colocated")
+        self.assertAlmostEqual(r["step"], 2 * 1.5 * 0.8)
+        with self.assertRaises(ValueError):
+            cm.step("ps_sync", 2, MB100, GBE, ps=3, layout="colocated")
+
+    def test_latency_rows_wire_overlap(self):
+        r = cm.step("ps_sync", 1, MB100, GBE, latency_s=0.001)
+        self.assertAlmostEqual(r["latency"], 0.004)
+        self.assertAlmostEqual(r["step"], 1.604)
+        # bf16 halves the dense bytes; rows are added as they are.
+        r = cm.step("ps_sync", 1, MB100, GBE, wire=0.5, rows_bytes=25e6)
+        self.assertAlmostEqual(r["step"], 2 * 75e6 / 125e6)
+        r = cm.step("ps_sync", 1, MB100, GBE, compute_s=1.0, overlap=0.5)
+        self.assertAlmostEqual(r["step"], 1.0 + 0.8)
+
+
+class PsAsync(unittest.TestCase):
+    def test_worker_or_shard_bound(self):
+        # A worker's cycle: 1 s compute + 0.8 s push + 0.8 s pull.
+        # One PS serving 4 workers: 400 MB each way per cycle, 3.2 s.
+        r = cm.step("ps_async", 4, MB100, GBE, ps=1, compute_s=1.0)
+        self.assertAlmostEqual(r["shard_bound"], 3.2)
+        self.assertAlmostEqual(r["step"], 3.2)
+        r = cm.step("ps_async", 4, MB100, GBE, ps=2, compute_s=1.0)
+        self.assertAlmostEqual(r["step"], 2.6)
+        # Colocated: a shard node carries its own 1/2 out plus 3 x 1/2 to the others.
+        r = cm.step("ps_async", 4, MB100, GBE, ps=2, layout="colocated", compute_s=1.0)
+        self.assertAlmostEqual(r["shard_bound"], 2.0 * 0.8)
+
+
+class AllReduce(unittest.TestCase):
+    def test_ring(self):
+        # 2(n-1)/n of the model over each link, 2(n-1) latency hops.
+        r = cm.step("allreduce", 4, MB100, GBE, latency_s=0.001)
+        self.assertAlmostEqual(r["transfer"], 1.5 * 0.8)
+        self.assertAlmostEqual(r["latency"], 0.006)
+        self.assertEqual(cm.step("allreduce", 1, MB100, GBE)["transfer"], 0.0)
+        # The ring's volume per node is bounded by 2 M whatever n; the PS's grows.
+        r8 = cm.step("allreduce", 8, MB100, GBE)["transfer"]
+        self.assertAlmostEqual(r8, 2 * 7 / 8 * 0.8)
+
+
+class Node(unittest.TestCase):
+    def test_prefetch(self):
+        self.assertAlmostEqual(cm.step("allreduce", 1, 0, GBE, compute_s=0.010,
+                                       input_s=0.006)["step"], 0.016)
+        self.assertAlmostEqual(cm.step("allreduce", 1, 0, GBE, compute_s=0.010, input_s=0.006,
+                                       prefetch=True)["step"], 0.010)
+
+    def test_intra_node_reduce(self):
+        # 8 devices, 100 MB over 100 GB/s: 2 x 7/8 x 1 ms.
+        r = cm.step("allreduce", 1, MB100, GBE, devices=8, intra_Bps=100e9)
+        self.assertAlmostEqual(r["intra"], 1.75e-3)
+        with self.assertRaises(ValueError):
+            cm.step("allreduce", 1, MB100, GBE, devices=8)
+
+    def test_speedup(self):
+        # Nothing to send: linear.
+        r = cm.step("allreduce", 8, 0, GBE, compute_s=1.0, batch_per_device=64)
+        self.assertAlmostEqual(r["speedup"], 8.0)
+        self.assertAlmostEqual(r["efficiency"], 1.0)
+        self.assertAlmostEqual(r["examples_per_s"], 8 * 64)
+        # 8 nodes x 8 devices, 1 s compute, 1.4 s ring + 1.75 ms in the node.
+        r = cm.step("allreduce", 8, MB100, GBE, devices=8, intra_Bps=100e9, compute_s=1.0)
+        self.assertAlmostEqual(r["speedup"], 64 * 1.0 / (1.0 + 1.75e-3 + 1.4))
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
