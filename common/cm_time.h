@@ -26,4 +26,16 @@ static inline struct timespec cm_realtime_in_ms(long ms) {
     return ts;
 }
 
+/* Sleep until the monotonic instant t (cm_now()'s clock); at once if it
+ * has passed. Signals do not cut it short. */
+static inline void cm_sleep_until(double t) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)t;
+    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) ts.tv_nsec = 999999999L;
+    if (ts.tv_nsec < 0) ts.tv_nsec = 0;
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) != 0) {
+    }
+}
+
 #endif /* CM_TIME_H */

@@ -128,6 +128,23 @@ static void usage(FILE *f) {
             "  --no-nccl                 allreduce mode on GPUs: average over the TCP ring,\n"
             "                            not NCCL (e.g. workers sharing one GPU, which\n"
             "                            NCCL refuses); every worker must agree\n"
+            "\nScaling experiments (scripts/experiments/scaling.sh):\n"
+            "  --devices sim[:N]         N (default 1) simulated devices: each step's\n"
+            "                            gradient takes the time below, asleep, and is a\n"
+            "                            fixed pattern of the model's size (everything after\n"
+            "                            it is real); the accuracy means nothing\n"
+            "  --sim-tflops X            a device's speed: the model's FLOPs on its slice\n"
+            "                            of the batch take FLOPs / X e12 seconds; or\n"
+            "  --sim-step-ms X           every gradient takes X ms\n"
+            "  --sim-intra-gbps X        GB/s between a worker's devices: the local reduce\n"
+            "                            takes 2(N-1)/N of the gradient over that (default:\n"
+            "                            free)\n"
+            "  --sim-input-ms X          preparing a batch takes at least X ms\n"
+            "  --no-prefetch             gather each batch when the step asks for it,\n"
+            "                            instead of ahead of it on a reader thread\n"
+            "  --model-mb X              mlp: 784,H,H,10 with H making about X MB of\n"
+            "                            parameters\n"
+            "\n"
             "  --devices staged          test hook: --local-devices CPU replicas driven as\n"
             "                            GPUs are (uploads, downloads, host reduce)\n"
             "  --fault zero-gradient     test hook: push zeros instead of the gradient\n"
@@ -215,7 +232,8 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
-        O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT
+        O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT, O_SIM_TFLOPS, O_SIM_STEP_MS,
+        O_SIM_INTRA, O_SIM_INPUT, O_NO_PREFETCH, O_MODEL_MB
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -235,6 +253,12 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"threads", required_argument, 0, O_THREADS},
         {"local-devices", required_argument, 0, O_DEVICES},
         {"layers", required_argument, 0, O_LAYERS},
+        {"model-mb", required_argument, 0, O_MODEL_MB},
+        {"sim-tflops", required_argument, 0, O_SIM_TFLOPS},
+        {"sim-step-ms", required_argument, 0, O_SIM_STEP_MS},
+        {"sim-intra-gbps", required_argument, 0, O_SIM_INTRA},
+        {"sim-input-ms", required_argument, 0, O_SIM_INPUT},
+        {"no-prefetch", no_argument, 0, O_NO_PREFETCH},
         {"data-dir", required_argument, 0, O_DATA},
         {"train-limit", required_argument, 0, O_TRAIN_LIMIT},
         {"test-limit", required_argument, 0, O_TEST_LIMIT},
@@ -382,6 +406,38 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
             cfg.nsizes = n;
             break;
         }
+        case O_MODEL_MB: {
+            /* An MLP of about X MB: 784 -> H -> H -> 10, H from
+             * H^2 + 796 H + 10 = X * 1e6 / 4 (the widths it gets are
+             * logged with the parameter count). */
+            if (parse_double("--model-mb", optarg, 0.1, &dv) || dv > 4000) {
+                if (dv > 4000) fprintf(stderr, "pstrain: --model-mb is at most 4000\n");
+                return 2;
+            }
+            double p = dv * 1e6 / 4.0, h = (-796.0 + sqrt(796.0 * 796.0 + 4.0 * (p - 10))) / 2;
+            int w = h < 1 ? 1 : (int)(h + 0.5);
+            int sizes[4] = {784, w, w, 10};
+            memcpy(cfg.sizes, sizes, sizeof sizes);
+            cfg.nsizes = 4;
+            break;
+        }
+        case O_SIM_TFLOPS:
+            if (parse_double("--sim-tflops", optarg, 1e-6, &dv)) return 2;
+            cfg.sim.tflops = dv;
+            break;
+        case O_SIM_STEP_MS:
+            if (parse_double("--sim-step-ms", optarg, 1e-3, &dv)) return 2;
+            cfg.sim.step_ms = dv;
+            break;
+        case O_SIM_INTRA:
+            if (parse_double("--sim-intra-gbps", optarg, 1e-3, &dv)) return 2;
+            cfg.sim.intra_gbps = dv;
+            break;
+        case O_SIM_INPUT:
+            if (parse_double("--sim-input-ms", optarg, 0.0, &dv)) return 2;
+            cfg.sim_input_s = dv * 1e-3;
+            break;
+        case O_NO_PREFETCH: cfg.no_prefetch = 1; break;
         case O_DATA: cfg.data_dir = optarg; break;
         case O_TRAIN_LIMIT:
             if (parse_long("--train-limit", optarg, 1, 1L << 40, &v)) return 2;
@@ -540,6 +596,21 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         fprintf(stderr, "pstrain: --optimizer must be sgd, momentum, adam or adagrad\n");
         return 2;
     }
+    if (wk_train_simulated(&cfg)) {
+        if (wk_train_sim_devices(&cfg) < 1) {
+            fprintf(stderr, "pstrain: --devices sim:N needs N in 1..64, got '%s'\n", cfg.devices);
+            return 2;
+        }
+        if ((cfg.sim.tflops > 0) == (cfg.sim.step_ms > 0)) {
+            fprintf(stderr, "pstrain: --devices sim needs one of --sim-tflops X or "
+                            "--sim-step-ms X\n");
+            return 2;
+        }
+    } else if (cfg.sim.tflops > 0 || cfg.sim.step_ms > 0 || cfg.sim.intra_gbps > 0) {
+        fprintf(stderr, "pstrain: --sim-tflops, --sim-step-ms and --sim-intra-gbps go with "
+                        "--devices sim\n");
+        return 2;
+    }
     if (cfg.eval_only && !cfg.init_from) {
         fprintf(stderr, "pstrain: --eval-only needs --init-from FILE\n");
         return 2;
@@ -635,7 +706,12 @@ static void print_result(const wk_train_cfg *cfg, const wk_train_result *res) {
                r.rank, r.workers, (long long)r.steps, r.seconds, r.examples_per_sec);
         return;
     }
-    if (ctr)
+    if (wk_train_simulated(cfg))
+        printf("simulated devices (--devices %s): %lld steps in %.1f s (%.0f examples/s, %.0f "
+               "steady); no accuracy: the gradients are a fixed pattern\n",
+               cfg->devices, (long long)r.steps, r.seconds, r.examples_per_sec,
+               r.steady_examples_per_sec);
+    else if (ctr)
         printf("test auc %.4f%s logloss %.4f accuracy %.4f on %zu test examples after %lld steps "
                "in %.1f s (%.0f examples/s, %.0f unique rows a batch)\n",
                r.test_auc, bayes, r.test_loss, r.test_accuracy, r.test_examples,

@@ -25,6 +25,7 @@
 #include "worker/device/wk_device_cuda.h"
 #include "worker/input/wk_order.h"
 #include "worker/model/wk_model.h"
+#include "worker/model/wk_sim.h"
 #ifdef WK_HAVE_NCCL
 #include "worker/device/wk_nccl.h"
 #endif
@@ -76,6 +77,8 @@ struct wk_replicas {
     int row_dim;      /* floats per row, */
     size_t max_rows;  /* and rows a batch may need (max_batch * nfields). */
     const wk_grad_hook *hook; /* For replica 0 when it writes directly. */
+    wk_sim *sim;      /* Simulated devices (wk_replicas_create_sim): the
+                       * reps then have no device, model or buffers. */
     replica *reps;
     float *host_scratch; /* Download buffer for non-host-visible devices
                           * (wk_cuda_host_alloc: pinned when it can be). */
@@ -240,8 +243,35 @@ fail:
     return status;
 }
 
+int wk_replicas_create_sim(const cm_model *model, const wk_sim_cfg *cfg, int ndevs, int max_batch,
+                           wk_replicas **out) {
+    *out = NULL;
+    if (ndevs < 1 || max_batch < 1 || !wk_model_ops_for(model)) return CM_EINVAL;
+    wk_sim *sim;
+    int status = wk_sim_create(model, cfg, ndevs, max_batch, &sim);
+    if (status != CM_OK) return status;
+    wk_replicas *rs = cm_calloc(1, sizeof *rs);
+    rs->model = model;
+    rs->mops = wk_model_ops_for(model);
+    rs->sim = sim;
+    rs->ndevs = ndevs;
+    rs->max_batch = max_batch;
+    rs->slice_max = (max_batch + ndevs - 1) / ndevs;
+    rs->nfields = model->nfields;
+    rs->in_dim = rs->nfields == 0 && model->nsizes > 0 ? (size_t)model->sizes[0] : 0;
+    rs->row_dim = wk_model_row_dim(model);
+    rs->max_rows = (size_t)max_batch * (size_t)rs->nfields;
+    rs->reps = cm_calloc((size_t)ndevs, sizeof *rs->reps); /* No device: see destroy. */
+    pthread_mutex_init(&rs->mu, NULL);
+    pthread_cond_init(&rs->cv, NULL);
+    pthread_cond_init(&rs->done_cv, NULL);
+    *out = rs;
+    return CM_OK;
+}
+
 void wk_replicas_destroy(wk_replicas *rs) {
     if (!rs) return;
+    wk_sim_destroy(rs->sim);
     pthread_mutex_lock(&rs->mu);
     rs->stopping = 1;
     pthread_cond_broadcast(&rs->cv);
@@ -277,6 +307,7 @@ void wk_replicas_destroy(wk_replicas *rs) {
 int wk_replicas_count(const wk_replicas *rs) { return rs->ndevs; }
 
 int wk_replicas_can_hook(const wk_replicas *rs) {
+    if (rs->sim) return rs->ndevs == 1;
     return rs->ndevs == 1 && rs->reps[0].dev->host_visible;
 }
 
@@ -295,6 +326,7 @@ static int sync_all(wk_replicas *rs) {
 #endif
 
 int wk_replicas_set_params(wk_replicas *rs, const float *params) {
+    if (rs->sim) return CM_OK; /* Simulated devices read nothing. */
     size_t pbytes = rs->model->numel * sizeof(float);
 #ifdef WK_HAVE_NCCL
     if (rs->nccl) {
@@ -395,6 +427,16 @@ int wk_replicas_gradient(wk_replicas *rs, const float *x, const int32_t *y, int 
     if (n < 1 || n > rs->max_batch) return CM_EINVAL;
     if (rs->nfields && (!sp || sp->nrows > rs->max_rows || !row_grad)) return CM_EINVAL;
     int nrows = rs->nfields ? (int)sp->nrows : 0;
+    if (rs->sim) {
+        double t0 = cm_now(), red = wk_sim_reduce_seconds(rs->sim, (size_t)nrows);
+        int status = wk_sim_gradient(rs->sim, n, grad, row_grad, (size_t)nrows,
+                                     wk_replicas_can_hook(rs) ? rs->hook : NULL);
+        if (times) {
+            times->local_reduce = red;
+            times->compute = cm_now() - t0 - red;
+        }
+        return status;
+    }
     for (int d = 0; d < rs->ndevs; d++) {
         size_t lo, hi;
         wk_order_slice((size_t)n, d, rs->ndevs, &lo, &hi);
@@ -455,6 +497,12 @@ int wk_replicas_evaluate_batch(wk_replicas *rs, const float *x, const int32_t *y
     replica *r = &rs->reps[0];
     if (n < 1 || n > rs->slice_max) return CM_EINVAL;
     if (rs->nfields && (!sp || sp->nrows > rs->max_rows)) return CM_EINVAL;
+    if (rs->sim) {
+        /* Nothing is computed: no loss, nothing right, a coin's odds. */
+        if (probs)
+            for (int i = 0; i < n; i++) probs[i] = 0.5f;
+        return CM_OK;
+    }
     r->x = x;
     r->y = y;
     r->n = n;

@@ -22,6 +22,7 @@
 #include "worker/device/wk_device.h"
 #include "worker/input/wk_dataset.h"
 #include "worker/model/wk_model.h"
+#include "worker/model/wk_sim.h"
 
 typedef struct wk_replicas wk_replicas;
 
@@ -38,6 +39,15 @@ typedef struct wk_phase_times {
 int wk_replicas_create(const cm_model *model, wk_device **devs, int ndevs, int max_batch,
                        wk_replicas **out);
 void wk_replicas_destroy(wk_replicas *rs);
+
+/* ndevs simulated devices instead (wk_sim.h: cfg is copied): gradients
+ * take the simulated time and come out as the simulator's pattern, straight
+ * into the caller's buffers (a hook, with one device, hears of them as
+ * the real backward pass would tell it); set_params reads nothing;
+ * evaluation computes nothing (loss 0, nothing correct, probabilities
+ * 0.5). CM_EINVAL for a bad config. */
+int wk_replicas_create_sim(const cm_model *model, const wk_sim_cfg *cfg, int ndevs, int max_batch,
+                           wk_replicas **out);
 
 int wk_replicas_count(const wk_replicas *rs);
 

@@ -88,11 +88,23 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
                           "rollbacks", r->rollbacks,
                           "steps_redone", (json_int_t)r->steps_redone, "versions_lost",
                           (json_int_t)r->versions_lost, "device",
-                          on_gpu ? "cuda" : "cpu", "devices", ndevs, "precision",
+                          wk_train_simulated(cfg) ? "sim" : on_gpu ? "cuda" : "cpu", "devices",
+                          ndevs, "precision",
                           wk_precision_name(cfg->precision), "wire_dtype",
                           cfg->wire_bf16 ? "bf16" : "fp32");
     if (!o) return CM_ENOMEM;
     json_object_set_new(o, "model", json_string(cfg->model));
+    json_object_set_new(o, "numel", json_integer((json_int_t)r->numel));
+    json_object_set_new(o, "prefetch", json_boolean(!cfg->no_prefetch));
+    json_object_set_new(o, "simulated", json_boolean(wk_train_simulated(cfg)));
+    if (wk_train_simulated(cfg)) {
+        /* The accuracy of a simulated run means nothing: its gradients are
+         * a fixed pattern. */
+        json_t *sim = json_pack("{s:f, s:f, s:f, s:f}", "tflops", cfg->sim.tflops, "step_ms",
+                                cfg->sim.step_ms, "intra_gbps", cfg->sim.intra_gbps, "input_ms",
+                                cfg->sim_input_s * 1e3);
+        if (sim) json_object_set_new(o, "sim", sim);
+    }
     if (!isnan(r->test_auc)) {
         json_object_set_new(o, "auc", json_real(r->test_auc));
         json_object_set_new(o, "logloss", json_real(r->test_loss));
@@ -339,12 +351,43 @@ static int parse_indices(const char *s, int *idx, int max) {
  * devices that are used like GPUs, a test hook). On success devs[0..
  * *ndevs) are created (the caller destroys them); on error, after logging,
  * none is left. */
+int wk_train_sim_devices(const wk_train_cfg *cfg) {
+    if (!wk_train_simulated(cfg)) return 0;
+    if (cfg->devices[3] == '\0') return 1;
+    char *end;
+    long n = strtol(cfg->devices + 4, &end, 10);
+    return end == cfg->devices + 4 || *end || n < 1 || n > 64 ? -1 : (int)n;
+}
+
 static int open_devices(const wk_train_cfg *cfg, wk_device **devs, int *ndevs, int *on_gpu) {
     const char *spec = cfg->devices ? cfg->devices : "auto";
     char why[512];
     int idx[64], n = 0;
     *ndevs = 0;
     *on_gpu = 0;
+    if (wk_train_simulated(cfg)) {
+        /* Simulated devices: no wk_device at all (the replicas sleep). */
+        int nd = wk_train_sim_devices(cfg);
+        if (nd < 1) {
+            cm_error("--devices sim:N needs N in 1..64; got '%s'", spec);
+            return CM_EINVAL;
+        }
+        if ((cfg->sim.tflops > 0) == (cfg->sim.step_ms > 0)) {
+            cm_error("--devices sim needs one of --sim-tflops X or --sim-step-ms X");
+            return CM_EINVAL;
+        }
+        if (cfg->local_devices > 1) {
+            cm_error("--devices sim:N sets the simulated devices; drop --local-devices");
+            return CM_EINVAL;
+        }
+        memset(devs, 0, (size_t)nd * sizeof *devs);
+        *ndevs = nd;
+        return CM_OK;
+    }
+    if (cfg->sim.tflops > 0 || cfg->sim.step_ms > 0 || cfg->sim.intra_gbps > 0) {
+        cm_error("--sim-tflops, --sim-step-ms and --sim-intra-gbps go with --devices sim");
+        return CM_EINVAL;
+    }
     int staged = !strcmp(spec, "staged");
     if (strcmp(spec, "cpu") != 0 && !staged) {
         int ngpu = wk_device_cuda_count(why, sizeof why);
@@ -654,8 +697,14 @@ static int open_sync(run *r, const float *init_values) {
 
 static void log_start(const run *r) {
     const wk_train_cfg *cfg = r->cfg;
-    const char *dev = r->on_gpu ? (cfg->precision == WK_PRECISION_BF16 ? "gpu (bf16)" : "gpu")
-                                : "cpu";
+    char simdev[96];
+    if (wk_train_simulated(cfg))
+        snprintf(simdev, sizeof simdev, "simulated (%g %s)",
+                 cfg->sim.tflops > 0 ? cfg->sim.tflops : cfg->sim.step_ms,
+                 cfg->sim.tflops > 0 ? "TFLOPS" : "ms a step");
+    const char *dev = wk_train_simulated(cfg) ? simdev
+                      : r->on_gpu ? (cfg->precision == WK_PRECISION_BF16 ? "gpu (bf16)" : "gpu")
+                                  : "cpu";
     char what[256];
     if (r->sparse)
         snprintf(what, sizeof what, "%s (%d tables of %d floats a row, %zu dense parameters; "
@@ -742,9 +791,16 @@ static int begin_training(run *r, const float *init_values) {
         return status;
     if ((status = apply_membership(r)) != CM_OK) return status;
     int pos = r->pcfg.rank, npos = r->pcfg.nranks;
-    if ((status = wk_replicas_create(r->model, r->devs, r->D, r->max_slice, &r->reps)) != CM_OK ||
-        (status = wk_replicas_set_params(r->reps, r->params)) != CM_OK)
+    if (wk_train_simulated(cfg)) {
+        wk_sim_cfg sc = {.tflops = cfg->sim.tflops, .step_ms = cfg->sim.step_ms,
+                         .intra_gbps = cfg->sim.intra_gbps, .seed = cfg->seed};
+        status = wk_replicas_create_sim(r->model, &sc, r->D, r->max_slice, &r->reps);
+        if (status != CM_OK) return status;
+    } else if ((status = wk_replicas_create(r->model, r->devs, r->D, r->max_slice, &r->reps)) !=
+               CM_OK) {
         return status;
+    }
+    if ((status = wk_replicas_set_params(r->reps, r->params)) != CM_OK) return status;
     r->pcfg = (wk_prefetch_cfg){.data = r->sparse ? NULL : &r->train,
                                 .ctr = r->sparse ? &r->ctr : NULL,
                                 .field_table = r->model->field_table,
@@ -755,7 +811,9 @@ static int begin_training(run *r, const float *init_values) {
                                 .nranks = npos,
                                 .first_step = r->first_step,
                                 .nsteps = r->total - r->first_step,
-                                .depth = 4};
+                                .depth = 4,
+                                .on_demand = cfg->no_prefetch,
+                                .input_delay_s = cfg->sim_input_s};
     if ((status = wk_prefetch_start(&r->pcfg, &r->pf)) != CM_OK) return status;
     if (cfg->log_path && !(r->log = fopen(cfg->log_path, "w"))) {
         cm_error("cannot open --log %s: %s", cfg->log_path, strerror(errno));
@@ -1160,6 +1218,7 @@ static int finish_training(run *r) {
     }
     result->versions_lost = r->sync->versions_lost; /* The end may count more. */
     result->params_checksum = XXH64(r->params, numel * sizeof(float), 0);
+    result->numel = numel;
     if (r->is_chief && r->sparse && r->sync->ops->row_stats) ps_rows_report(r);
     if (r->is_chief && r->is_ps && cfg->async) {
         eval_result e;

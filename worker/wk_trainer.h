@@ -43,7 +43,9 @@ typedef struct wk_train_cfg {
                               * "all": every GPU (an error without one);
                               * "cpu"; or GPU indices "0,1". Test hook:
                               * "staged", local_devices CPU devices used
-                              * as GPUs are (wk_device_cpu_staged_create). */
+                              * as GPUs are (wk_device_cpu_staged_create).
+                              * "sim" or "sim:N": N (default 1) simulated
+                              * devices (wk_sim.h, with sim below). */
     int precision;           /* WK_PRECISION_FP32 (default) or _BF16 (GPUs
                               * only; see wk_device_cuda.h). */
     int nsizes;              /* Layer widths (default 784,256,128,10). */
@@ -103,12 +105,31 @@ typedef struct wk_train_cfg {
     /* PS mode, sync: backup sync (--sync backup): the shards close a step
      * after worker_timeout_ms (0 = 10000) with the workers that pushed. */
     int backup_sync;
+    /* Scaling experiments: the simulated devices of --devices sim
+     * (tflops or step_ms, intra_gbps; the run's seed picks the gradients'
+     * pattern), a simulated input cost per batch (s; 0 none), and no
+     * reading ahead (the step waits for its batch to be gathered). */
+    struct {
+        double tflops, step_ms, intra_gbps;
+    } sim;
+    double sim_input_s;
+    int no_prefetch;
     /* Called once with the result as soon as the run's outputs are written
      * (summary, --params-out, --export), before the mode lets its cluster go
      * (allreduce: the ring's last barrier, after which a chief killed is not
      * started again); stdout is flushed after it. NULL: none. */
     void (*report)(const struct wk_train_cfg *cfg, const struct wk_train_result *r);
 } wk_train_cfg;
+
+/* 1 if cfg asks for simulated devices (--devices sim[:N]). */
+static inline int wk_train_simulated(const wk_train_cfg *cfg) {
+    return cfg->devices && cfg->devices[0] == 's' && cfg->devices[1] == 'i' &&
+           cfg->devices[2] == 'm' && (cfg->devices[3] == '\0' || cfg->devices[3] == ':');
+}
+
+/* How many simulated devices --devices sim[:N] asks for: N (1 for "sim"),
+ * -1 for an N outside 1..64 or not a number, 0 without sim. */
+int wk_train_sim_devices(const wk_train_cfg *cfg);
 
 typedef struct wk_train_result {
     int is_chief;            /* Only the chief evaluates (and evaluator tasks,
@@ -133,6 +154,7 @@ typedef struct wk_train_result {
     int64_t versions_lost;   /* Versions the rollbacks took back (the chief's
                               * count; async: updates lost, not redone: see
                               * wk_sync.versions_lost). */
+    size_t numel;             /* Dense parameters. */
     uint64_t params_checksum; /* XXH64 of the final parameters (replicas of
                                * allreduce mode must agree). */
     /* PS mode, the chief, click models: the shards' counters at the end,

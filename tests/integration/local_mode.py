@@ -7,6 +7,9 @@
   local_mode.py BIN export      --export, then --eval-only and --init-from use the file
   local_mode.py BIN staged      CPU devices driven as GPUs are (--devices staged: uploads,
                                 downloads, host reduce) train to the same weights, bit for bit
+  local_mode.py BIN sim         --devices sim: steps take the simulated time, the gradients
+                                are deterministic and of the model's size, the summary says
+                                simulated; --model-mb, --sim-input-ms and --no-prefetch
 Each scenario is bounded in time and exits non-zero on failure.
 """
 import gzip
@@ -198,6 +201,50 @@ def export(bin_, tmp):
     check(p.returncode != 0 and "--init-from" in p.stderr, "--eval-only needs --init-from")
 
 
+def sim(bin_, tmp):
+    base = ["--devices", "sim", "--epochs", "1", "--train-limit", "2560", "--test-limit", "200",
+            "--max-steps", "10", "--quiet"]
+    out = []
+    for k in range(2):
+        s, pout = os.path.join(tmp, f"s{k}.json"), os.path.join(tmp, f"p{k}.bin")
+        run(bin_, *base, "--sim-step-ms", "30", "--summary", s, "--params-out", pout,
+            "--init-out", os.path.join(tmp, "init.bin"))
+        out.append((json.load(open(s)), open(pout, "rb").read()))
+    sm = out[0][0]
+    check(sm["simulated"] is True and sm["device"] == "sim" and sm["devices"] == 1,
+          f"the summary says simulated ({sm['device']}, {sm['devices']} device)")
+    check(sm["steps"] == 10 and sm["seconds"] >= 10 * 0.030,
+          f"10 steps of 30 ms took {sm['seconds']:.3f} s (at least 0.3)")
+    init = open(os.path.join(tmp, "init.bin"), "rb").read()
+    check(out[0][1] == out[1][1] and out[0][1] != init and len(init) == 4 * sm["numel"],
+          "two runs end bit-identical, moved from the initial weights (deterministic, "
+          f"{sm['numel']} parameters' gradients)")
+    # A 10 MB MLP: about 2.5 M floats.
+    s = os.path.join(tmp, "mb.json")
+    run(bin_, *base, "--sim-tflops", "10", "--sim-intra-gbps", "50", "--model-mb", "10",
+        "--summary", s)
+    mb = json.load(open(s))
+    check(abs(mb["numel"] * 4 / 10e6 - 1) < 0.01 and mb["sim"]["tflops"] == 10,
+          f"--model-mb 10: {mb['numel']} parameters ({mb['numel'] * 4 / 1e6:.2f} MB)")
+    # Input costs 40 ms a batch, a step 40 ms: read ahead they overlap, not without.
+    secs = {}
+    for flag in ([], ["--no-prefetch"]):
+        s = os.path.join(tmp, "in.json")
+        run(bin_, *base, "--sim-step-ms", "40", "--sim-input-ms", "40", "--summary", s, *flag)
+        secs[bool(flag)] = json.load(open(s))["seconds"]
+    check(secs[True] >= 10 * 0.070 and secs[False] < 0.8 * secs[True],
+          f"--sim-input-ms 40 with steps of 40 ms: {secs[False]:.2f} s prefetched, "
+          f"{secs[True]:.2f} s with --no-prefetch (10 x 80 ms in series)")
+    p = run(bin_, *base, expect_ok=False)
+    check(p.returncode == 2 and "--sim-tflops" in p.stderr,
+          "--devices sim without a speed is refused, naming the flags")
+    p = run(bin_, "--sim-step-ms", "5", "--max-steps", "1", expect_ok=False)
+    check(p.returncode == 2 and "--devices sim" in p.stderr,
+          "--sim-step-ms without --devices sim is refused")
+    p = run(bin_, *base, "--sim-step-ms", "5", "--devices", "sim:0", expect_ok=False)
+    check(p.returncode == 2 and "sim:N" in p.stderr, "--devices sim:0 is refused")
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
@@ -205,7 +252,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="pstest-")
     try:
         {"learns": learns, "devices": devices, "bad-input": bad_input,
-         "export": export, "staged": staged}[scenario](bin_, tmp)
+         "export": export, "staged": staged, "sim": sim}[scenario](bin_, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("PASS", scenario)

@@ -37,6 +37,7 @@
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
+#include "common/cm_time.h"
 #include "worker/input/wk_order.h"
 
 #define PREFETCH_DEFAULT_DEPTH 4
@@ -69,7 +70,9 @@ struct wk_prefetch {
     int sync_inited;
     pthread_mutex_t mu;
     pthread_cond_t can_take; /* Signalled when 'ready' grows or 'done' is set. */
-    pthread_cond_t can_fill; /* Signalled when 'ready' shrinks or 'stopping' is set. */
+    pthread_cond_t can_fill; /* Signalled when 'ready' shrinks, 'asked' grows or
+                              * 'stopping' is set. */
+    int64_t asked;           /* on_demand: batches wk_prefetch_next asked for. */
     /* Protected by mu. */
     int head;     /* Oldest READY or HELD slot. */
     int ready;    /* READY + HELD slots. */
@@ -149,13 +152,16 @@ static void *producer_main(void *arg) {
     wk_prefetch *p = arg;
     for (int64_t i = 0; i < p->cfg.nsteps; i++) {
         pthread_mutex_lock(&p->mu);
-        while (p->ready == p->depth && !p->stopping) pthread_cond_wait(&p->can_fill, &p->mu);
+        while ((p->ready == p->depth || (p->cfg.on_demand && p->asked <= i)) && !p->stopping)
+            pthread_cond_wait(&p->can_fill, &p->mu);
         int stopping = p->stopping;
         pthread_mutex_unlock(&p->mu);
         if (stopping) break;
 
+        double t0 = cm_now();
         int rc = p->reader ? fill_clicks(p, &p->slots[p->tail], p->cfg.first_step + i)
                            : fill_images(p, &p->slots[p->tail], p->cfg.first_step + i);
+        if (p->cfg.input_delay_s > 0) cm_sleep_until(t0 + p->cfg.input_delay_s);
         if (rc != CM_OK) {
             pthread_mutex_lock(&p->mu);
             p->error = rc;
@@ -284,6 +290,10 @@ int wk_prefetch_next(wk_prefetch *p, wk_batch **out) {
     if (p->held >= p->max_held) {
         pthread_mutex_unlock(&p->mu);
         return CM_EBUSY;
+    }
+    if (p->cfg.on_demand) {
+        p->asked++;
+        pthread_cond_signal(&p->can_fill);
     }
     while (p->ready == p->held && !p->done) pthread_cond_wait(&p->can_take, &p->mu);
     int rc = p->error != CM_OK ? p->error : CM_ESHUTDOWN;

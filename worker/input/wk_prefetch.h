@@ -49,6 +49,13 @@ typedef struct wk_prefetch_cfg {
     int64_t first_step;     /* Resume point (0 for a fresh run). */
     int64_t nsteps;         /* How many steps to produce. */
     int depth;              /* Queue capacity in batches (>= 1; 0 means 4). */
+    int on_demand;          /* 1: no reading ahead: each batch is gathered
+                             * only once wk_prefetch_next asks for it (the
+                             * step waits for its input; pstrain
+                             * --no-prefetch). */
+    double input_delay_s;   /* > 0: preparing a batch takes at least this
+                             * long (a simulated input pipeline, pstrain
+                             * --sim-input-ms). */
 } wk_prefetch_cfg;
 
 typedef struct wk_prefetch wk_prefetch;
