@@ -241,85 +241,117 @@ class NetCluster:
 
 
 # ------------------------------------------------------------------ commands
-def cmd_run(a, extra):
-    """A PS or allreduce cluster in the namespaces; the chief's exit status."""
-    nps = a.ps if a.mode == "ps" else 0
-    if a.layout == "separate":
-        need = nps + a.workers
-        ps_node = list(range(nps))
-        w_node = list(range(nps, nps + a.workers))
-    else:
-        if nps > a.workers:
-            sys.exit("netcluster: --layout colocated needs --ps <= --workers")
-        need = a.workers
-        ps_node = list(range(nps))
-        w_node = list(range(a.workers))
-    nodes = a.nodes or need
-    if nodes < need:
-        sys.exit(f"netcluster: {nps} PS and {a.workers} workers ({a.layout}) need {need} nodes")
+def place(mode, nps, nworkers, layout):
+    """(nodes needed, the node of each PS, the node of each worker)."""
+    nps = nps if mode == "ps" else 0
+    if layout == "separate":
+        return nps + nworkers, list(range(nps)), list(range(nps, nps + nworkers))
+    if nps > nworkers:
+        raise ValueError("--layout colocated needs --ps <= --workers")
+    return nworkers, list(range(nps)), list(range(nworkers))
+
+
+def train(c, bin_dir, mode, nps, nworkers, layout, worker_args, logs, timeout,
+          chief_args=(), ps_args=()):
+    """Run a PS or allreduce cluster in c's nodes until the chief exits; its status.
+
+    Tokens are fresh (a private directory, removed after); process i's output goes to
+    logs/ps<i>.log and logs/worker<i>.log. The PS processes keep their checkpoints
+    under logs/data. Returns (status, seconds): 124 when timeout passed, the first
+    failing process's status when one failed first."""
+    nps = nps if mode == "ps" else 0
+    _, ps_node, w_node = place(mode, nps, nworkers, layout)
     secret = tempfile.mkdtemp(prefix="netcluster-")
+    started = []
     try:
         auth, admin = write_token(secret, "worker.token"), write_token(secret, "admin.token")
+        ps = [f"{c.addr(n)}:{PORT}" for n in ps_node]
+        wk = [f"{c.addr(n)}:{PORT + 1}" for n in w_node]
+        cluster = {"worker": wk, **({"ps": ps} if ps else {})}
+        os.makedirs(logs, exist_ok=True)
+
+        def start(node, argv, task, log):
+            env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": task}))
+            f = open(os.path.join(logs, log), "w")
+            p = c.popen(node, argv, env=env, stdout=f, stderr=subprocess.STDOUT)
+            started.append((log, p, f))
+            return p
+
+        t0 = time.monotonic()
+        for i, n in enumerate(ps_node):
+            start(n, [os.path.join(bin_dir, "psserver"), "--auth-token-file", auth,
+                      "--admin-token-file", admin, "--data-dir", os.path.join(logs, "data"),
+                      *ps_args], {"type": "ps", "index": i}, f"ps{i}.log")
+        chief = None
+        for i, n in enumerate(w_node):
+            argv = [os.path.join(bin_dir, "pstrain"), "--mode", mode, "--auth-token-file", auth]
+            argv += (["--admin-token-file", admin, *chief_args] if i == 0 else ["--quiet"])
+            p = start(n, argv + list(worker_args), {"type": "worker", "index": i},
+                      f"worker{i}.log")
+            chief = chief or p
+        deadline = t0 + timeout
+        rc = None
+        while time.monotonic() < deadline:
+            failed = [(log, p.returncode) for log, p, _ in started
+                      if p.poll() is not None and p.returncode != 0]
+            if failed:
+                c.say(f"{failed[0][0]} exited with status {failed[0][1]}")
+                rc = failed[0][1] if failed[0][1] > 0 else 1
+                break
+            if chief.poll() is not None:
+                rc = chief.returncode
+                break
+            time.sleep(0.05)
+        if rc is None:
+            c.say(f"timed out after {timeout:g} s")
+            rc = 124
+        secs = time.monotonic() - t0
+        # The PS processes exit after the chief's Shutdown; give them a moment.
+        end = time.monotonic() + 10
+        for _, p, _ in started:
+            try:
+                p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return rc, secs
+    finally:
+        for _, p, f in started:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            f.close()
+        shutil.rmtree(secret, ignore_errors=True)
+
+
+def cmd_run(a, extra):
+    """A PS or allreduce cluster in the namespaces; the chief's exit status."""
+    try:
+        need, _, _ = place(a.mode, a.ps, a.workers, a.layout)
+    except ValueError as e:
+        sys.exit(f"netcluster: {e}")
+    nodes = a.nodes or need
+    if nodes < need:
+        sys.exit(f"netcluster: {a.ps} PS and {a.workers} workers ({a.layout}) need {need} nodes")
+    logs = a.keep_logs or tempfile.mkdtemp(prefix="netcluster-logs-")
+    try:
         with NetCluster(nodes, a.rate, a.delay_ms) as c:
-            ps = [f"{c.addr(n)}:{PORT}" for n in ps_node]
-            wk = [f"{c.addr(n)}:{PORT + 1}" for n in w_node]
-            cluster = {"worker": wk, **({"ps": ps} if ps else {})}
-            logs = a.keep_logs or secret
-            os.makedirs(logs, exist_ok=True)
-            started = []
-
-            def start(node, argv, task, log):
-                env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": task}))
-                f = open(os.path.join(logs, log), "w")
-                p = c.popen(node, argv, env=env, stdout=f, stderr=subprocess.STDOUT)
-                started.append((log, p, f))
-                return p
-
-            for i, n in enumerate(ps_node):
-                start(n, [os.path.join(a.bin_dir, "psserver"), "--auth-token-file", auth,
-                          "--admin-token-file", admin, "--data-dir",
-                          os.path.join(secret, "data"), *a.ps_arg],
-                      {"type": "ps", "index": i}, f"ps{i}.log")
-            chief = None
-            for i, n in enumerate(w_node):
-                argv = [os.path.join(a.bin_dir, "pstrain"), "--mode", a.mode,
-                        "--auth-token-file", auth] + (["--admin-token-file", admin]
-                                                      if i == 0 else ["--quiet"]) + extra
-                p = start(n, argv, {"type": "worker", "index": i}, f"worker{i}.log")
-                chief = chief or p
+            nps = a.ps if a.mode == "ps" else 0
             c.say(f"{nodes} nodes at {c.rate}" +
                   (f", {a.delay_ms:g} ms delay" if c.delay_emulated else "") +
-                  f": {nps} PS, {a.workers} workers ({a.layout}), logs in {logs}")
-            deadline = time.monotonic() + a.timeout
-            rc = None
-            while rc is None and time.monotonic() < deadline:
-                failed = [(log, p.returncode) for log, p, _ in started
-                          if p.poll() is not None and p.returncode != 0]
-                if failed:
-                    c.say(f"{failed[0][0]} exited with status {failed[0][1]}")
-                    rc = failed[0][1] or 1
-                    break
-                if chief.poll() is not None:
-                    rc = chief.returncode
-                    break
-                time.sleep(0.1)
-            if rc is None:
-                c.say(f"timed out after {a.timeout:g} s")
-                rc = 124
-            # The PS processes exit after the chief's Shutdown; give them a moment.
-            end = time.monotonic() + 10
-            for _, p, _ in started:
-                try:
-                    p.wait(timeout=max(0.1, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            for log, p, f in started:
-                f.close()
+                  f": {nps} PS, {a.workers} workers ({a.layout})" +
+                  (f", logs in {logs}" if a.keep_logs else ""))
+            rc, _ = train(c, a.bin_dir, a.mode, a.ps, a.workers, a.layout, extra, logs,
+                          a.timeout, ps_args=a.ps_arg)
             with open(os.path.join(logs, "worker0.log")) as f:
                 sys.stdout.write(f.read())
             return rc
     finally:
-        shutil.rmtree(secret, ignore_errors=True)
+        if not a.keep_logs:
+            shutil.rmtree(logs, ignore_errors=True)
 
 
 def cmd_check(a):
