@@ -13,28 +13,6 @@
 # minutes on 2 cores); --quick: 12000 images, 1 epoch, 1 repeat (about 30 s).
 # Exit status 1 when any run failed.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-if [ ! -x "$root/build/bin/pstrain" ] || [ ! -x "$root/build/bin/psserver" ]; then
-  echo "compare: building the release tree (build/)" >&2
-  "$root/scripts/build.sh" build -DCMAKE_BUILD_TYPE=Release
-fi
-# python3-matplotlib is for Debian's interpreter (/usr/bin/python3), which need
-# not be the python3 on the PATH (pyenv, a virtualenv): use one that has it.
-py=python3
-with_matplotlib() {
-  local c
-  for c in python3 /usr/bin/python3; do
-    if command -v "$c" >/dev/null && "$c" -c 'import matplotlib' 2>/dev/null; then
-      py=$c
-      return 0
-    fi
-  done
-  return 1
-}
-if ! with_matplotlib; then
-  echo "compare: matplotlib missing; installing python3-matplotlib" >&2
-  if ! { "$root/scripts/install-deps.sh" python3-matplotlib && with_matplotlib; }; then
-    echo "compare: no python3 with matplotlib; the plot will be skipped" >&2
-  fi
-fi
+. "$(dirname "$0")/common.sh"
+exp_setup compare
 exec "$py" "$root/scripts/experiments/compare.py" --bin-dir "$root/build/bin" "$@"

@@ -12,9 +12,10 @@ speedup and scaling efficiency against one device with no communication.
 
 The parameters are the run's flags, never fitted to measurements:
 
-  M   the dense model, in MB (10^6 bytes) of fp32 (--wire bf16 halves it on the
-      wire); R the embedding rows a node pushes, and pulls, per step (PS only:
-      rows are already in wire bytes); an allreduce replica moves M.
+  M   the dense model, in MB (10^6 bytes) of fp32; --wire bf16 halves what a
+      PS worker pushes (pstrain --wire-dtype bf16: gradients only; pulls stay
+      fp32, and so does the ring); R the embedding rows a node pushes, and
+      pulls, per step (in wire bytes); an allreduce replica moves M.
   B   each node's NIC, bytes/s each way (full duplex), from --rate.
   L   one-way latency between two nodes.
   C   a device's compute per step; I the input per step (a node's pipeline);
@@ -26,14 +27,26 @@ The parameters are the run's flags, never fitted to measurements:
 
 Per mode, with N worker nodes and S PS:
   ps_sync    push then pull, each bound by its busiest NIC: separate layout
-             (PS on nodes of their own) max(M', N M'/S) / B, M' = wire M + R;
-             colocated (PS i on worker node i) the shard nodes' traffic
-             max(M'(S-1)/S, (N-1) M'/S) and M' for a node with no shard;
-             plus 4L (two request/reply exchanges).
-  ps_async   each worker cycles compute + its own push and pull (2 M'/B + 4L);
-             the shards bound the rate: a shard's NIC carries N M'/S each way
-             per cycle (separate; colocated adds the node's own traffic).
-  allreduce  ring over the N nodes: 2(N-1)/N M / B + 2(N-1) L.
+             (PS on nodes of their own) max(X, N X/S) / B for X = wire M + R
+             pushed, then X = M + R pulled; colocated (PS i on worker node i)
+             the shard nodes' traffic max(X(S-1)/S, (N-1) X/S), and X for a
+             node with no shard; plus 4L (two request/reply exchanges).
+  ps_async   a closed queueing network solved by mean value analysis: each of
+             the N workers cycles through compute (a delay: work + 4L), then
+             its push through each shard's ingress and its pull through each
+             shard's egress, 2S queues of demand X/(S B) each (X pushed or
+             pulled; the S pieces go out at once, so a worker's own NIC, X/B,
+             is their sum); the workers' transfers share a shard's NIC. MVA is
+             exact for product-form networks; these transfers are closer to
+             deterministic, and measured cycles run 5-20 % above it (the
+             workers drift into step with each other); async_low and
+             async_high bound it: workers never in step (max(a worker's cycle
+             alone, the shard's bound)) and always in step (work + N (X_push +
+             X_pull) / (S B)). Colocated layout: the bound max(a worker's
+             cycle alone, a shard node's bytes / B).
+  allreduce  ring over the N nodes: 2(N-1)/N M / B + 2(N-1) L; embedding rows
+             (every replica keeps the whole tables) go round as an all-gather
+             of each node's R: (N-1) R / B more.
 step = compute part + intra-node reduce + (1 - F) communication (async: the
 larger of a worker's cycle and the shards' bound).
 """
@@ -72,6 +85,18 @@ def ps_phase_bytes(n, s, mw, layout):
     return shard_node if s == n else max(shard_node, mw)
 
 
+def mva_cycle(n, think, demands):
+    """Mean value analysis of a closed network: n customers, a delay of 'think' seconds and
+    queues of the given service demands (seconds a visit); the mean cycle time."""
+    q = [0.0] * len(demands)
+    cycle = think + sum(demands)
+    for k in range(1, n + 1):
+        r = [d * (1 + qi) for d, qi in zip(demands, q)]
+        cycle = think + sum(r)
+        q = [k / cycle * ri for ri in r]
+    return cycle
+
+
 def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1, rows_bytes=0.0,
          wire=1.0, latency_s=0.0, compute_s=0.0, input_s=0.0, prefetch=False, intra_Bps=None,
          overlap=0.0, batch_per_device=128):
@@ -80,7 +105,7 @@ def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1,
         raise ValueError(f"mode: one of {MODES}")
     if nodes < 1 or devices < 1 or ps < 1 or not 0 <= overlap <= 1:
         raise ValueError("nodes, devices, ps >= 1; overlap in [0, 1]")
-    n, g, m = nodes, devices, model_bytes * wire
+    n, g, m = nodes, devices, model_bytes
     work = max(compute_s, input_s) if prefetch else compute_s + input_s
     intra = 0.0
     if g > 1:
@@ -90,27 +115,36 @@ def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1,
     out = {"mode": mode, "nodes": n, "devices": g, "compute": compute_s, "input": input_s,
            "work": work, "intra": intra}
     if mode == "allreduce":
-        comm = 2 * (n - 1) / n * m / link_Bps if n > 1 else 0.0
+        comm = (2 * (n - 1) / n * m + (n - 1) * rows_bytes) / link_Bps if n > 1 else 0.0
         lat = 2 * (n - 1) * latency_s
         out.update(transfer=comm, latency=lat, step=work + intra + (1 - overlap) * (comm + lat))
     else:
-        mw = m + rows_bytes
+        push = model_bytes * wire + rows_bytes
+        pull = model_bytes + rows_bytes
         lat = 4 * latency_s
         if mode == "ps_sync":
-            comm = 2 * ps_phase_bytes(n, ps, mw, layout) / link_Bps
+            comm = (ps_phase_bytes(n, ps, push, layout) +
+                    ps_phase_bytes(n, ps, pull, layout)) / link_Bps
             out.update(transfer=comm, latency=lat,
                        step=work + intra + (1 - overlap) * (comm + lat))
         else:
-            own = 2 * mw / link_Bps
-            cycle = work + intra + (1 - overlap) * (own + lat)
+            own = (push + pull) / link_Bps
             if layout == "separate":
-                shard = n * mw / ps
+                cycle = mva_cycle(n, work + intra + lat, [push / (ps * link_Bps)] * ps +
+                                  [pull / (ps * link_Bps)] * ps)
+                bound = n * max(push, pull) / (ps * link_Bps)
             else:
                 if ps > n:
                     raise ValueError("colocated: at most one PS per worker node")
-                shard = mw * (ps - 1) / ps + (n - 1) * mw / ps
-            bound = shard / link_Bps
-            out.update(transfer=own, latency=lat, shard_bound=bound, step=max(cycle, bound))
+                x = max(push, pull)
+                bound = (x * (ps - 1) / ps + (n - 1) * x / ps) / link_Bps
+                cycle = max(work + intra + (1 - overlap) * (own + lat), bound)
+            # Bounds: workers never in step (each alone on the wire, or the shard
+            # saturated) and always in step (every transfer shared by all N).
+            low = max(work + intra + lat + own, bound)
+            high = work + intra + lat + n * (push + pull) / (ps * link_Bps)
+            out.update(transfer=own, latency=lat, shard_bound=bound, step=cycle, async_low=low,
+                       async_high=max(high, low))
     base = work  # one device, nothing to send
     out["examples_per_s"] = n * g * batch_per_device / out["step"] if out["step"] > 0 else 0.0
     out["speedup"] = n * g * base / out["step"] if out["step"] > 0 else float(n * g)

@@ -252,11 +252,12 @@ def place(mode, nps, nworkers, layout):
 
 
 def train(c, bin_dir, mode, nps, nworkers, layout, worker_args, logs, timeout,
-          chief_args=(), ps_args=()):
+          chief_args=(), ps_args=(), step_logs=False):
     """Run a PS or allreduce cluster in c's nodes until the chief exits; its status.
 
     Tokens are fresh (a private directory, removed after); process i's output goes to
-    logs/ps<i>.log and logs/worker<i>.log. The PS processes keep their checkpoints
+    logs/ps<i>.log and logs/worker<i>.log (with step_logs, worker i's per-step JSON
+    log to logs/steps-worker<i>.jsonl). The PS processes keep their checkpoints
     under logs/data. Returns (status, seconds): 124 when timeout passed, the first
     failing process's status when one failed first."""
     nps = nps if mode == "ps" else 0
@@ -282,10 +283,17 @@ def train(c, bin_dir, mode, nps, nworkers, layout, worker_args, logs, timeout,
             start(n, [os.path.join(bin_dir, "psserver"), "--auth-token-file", auth,
                       "--admin-token-file", admin, "--data-dir", os.path.join(logs, "data"),
                       *ps_args], {"type": "ps", "index": i}, f"ps{i}.log")
+        worker_args = list(worker_args)
+        if mode == "allreduce" and not any(x.startswith("--ring-transport") for x in worker_args):
+            # The nodes share this host: 'auto' would pick shared memory between them,
+            # past the shaped links.
+            worker_args += ["--ring-transport", "tcp"]
         chief = None
         for i, n in enumerate(w_node):
             argv = [os.path.join(bin_dir, "pstrain"), "--mode", mode, "--auth-token-file", auth]
             argv += (["--admin-token-file", admin, *chief_args] if i == 0 else ["--quiet"])
+            if step_logs:
+                argv += ["--log", os.path.join(logs, f"steps-worker{i}.jsonl")]
             p = start(n, argv + list(worker_args), {"type": "worker", "index": i},
                       f"worker{i}.log")
             chief = chief or p

@@ -49,22 +49,45 @@ class PsSync(unittest.TestCase):
         r = cm.step("ps_sync", 1, MB100, GBE, latency_s=0.001)
         self.assertAlmostEqual(r["latency"], 0.004)
         self.assertAlmostEqual(r["step"], 1.604)
-        # bf16 halves the dense bytes; rows are added as they are.
+        # bf16 halves the gradient pushed, not the parameters pulled; rows
+        # go both ways as they are.
         r = cm.step("ps_sync", 1, MB100, GBE, wire=0.5, rows_bytes=25e6)
-        self.assertAlmostEqual(r["step"], 2 * 75e6 / 125e6)
+        self.assertAlmostEqual(r["step"], (75e6 + 125e6) / 125e6)
+        r = cm.step("ps_async", 2, MB100, GBE, wire=0.5, compute_s=1.0)
+        self.assertAlmostEqual(r["transfer"], 150e6 / 125e6)
+        self.assertAlmostEqual(r["shard_bound"], 2 * 100e6 / 125e6)
+        # The ring sends fp32 whatever the PS wire says.
+        self.assertAlmostEqual(cm.step("allreduce", 2, MB100, GBE, wire=0.5)["transfer"], 0.8)
         r = cm.step("ps_sync", 1, MB100, GBE, compute_s=1.0, overlap=0.5)
         self.assertAlmostEqual(r["step"], 1.0 + 0.8)
 
 
 class PsAsync(unittest.TestCase):
-    def test_worker_or_shard_bound(self):
-        # A worker's cycle: 1 s compute + 0.8 s push + 0.8 s pull.
-        # One PS serving 4 workers: 400 MB each way per cycle, 3.2 s.
-        r = cm.step("ps_async", 4, MB100, GBE, ps=1, compute_s=1.0)
-        self.assertAlmostEqual(r["shard_bound"], 3.2)
-        self.assertAlmostEqual(r["step"], 3.2)
-        r = cm.step("ps_async", 4, MB100, GBE, ps=2, compute_s=1.0)
+    def test_mva(self):
+        # One worker: no one to share with: compute + push + pull.
+        r = cm.step("ps_async", 1, MB100, GBE, ps=1, compute_s=1.0)
         self.assertAlmostEqual(r["step"], 2.6)
+        # Two workers, one PS (MVA by hand): alone, each queue holds 0.8 / 2.6 of a
+        # worker; the second worker finds that many ahead: 0.8 x (1 + 0.8 / 2.6)
+        # at each of the two queues.
+        r = cm.step("ps_async", 2, MB100, GBE, ps=1, compute_s=1.0)
+        self.assertAlmostEqual(r["step"], 1.0 + 2 * 0.8 * (1 + 0.8 / 2.6))
+        # Between workers never in step (each alone: 2.6 s) and always (every
+        # transfer shared by both: 1 + 2 x 1.6 s).
+        self.assertAlmostEqual(r["async_low"], 2.6)
+        self.assertAlmostEqual(r["async_high"], 4.2)
+        self.assertTrue(r["async_low"] < r["step"] < r["async_high"])
+        # Many workers on one PS: the shard's NIC is the bound, approached from above.
+        r = cm.step("ps_async", 16, MB100, GBE, ps=1, compute_s=1.0)
+        self.assertAlmostEqual(r["shard_bound"], 16 * 0.8)
+        self.assertGreater(r["step"], r["shard_bound"])
+        self.assertLess(r["step"], r["shard_bound"] * 1.1)
+        # Two PS: four queues of half the demand.
+        self.assertAlmostEqual(cm.mva_cycle(1, 1.0, [0.4] * 4), 2.6)
+        r = cm.step("ps_async", 4, MB100, GBE, ps=2, compute_s=1.0)
+        self.assertAlmostEqual(r["step"], cm.mva_cycle(4, 1.0, [0.4] * 4))
+        self.assertLess(r["step"], cm.step("ps_async", 4, MB100, GBE, ps=1,
+                                           compute_s=1.0)["step"])
         # Colocated: a shard node carries its own 1/2 out plus 3 x 1/2 to the others.
         r = cm.step("ps_async", 4, MB100, GBE, ps=2, layout="colocated", compute_s=1.0)
         self.assertAlmostEqual(r["shard_bound"], 2.0 * 0.8)
@@ -77,6 +100,9 @@ class AllReduce(unittest.TestCase):
         self.assertAlmostEqual(r["transfer"], 1.5 * 0.8)
         self.assertAlmostEqual(r["latency"], 0.006)
         self.assertEqual(cm.step("allreduce", 1, MB100, GBE)["transfer"], 0.0)
+        # Rows: each node's go round to every other: (n - 1) R more.
+        r = cm.step("allreduce", 4, MB100, GBE, rows_bytes=10e6)
+        self.assertAlmostEqual(r["transfer"], 1.5 * 0.8 + 3 * 10e6 / 125e6)
         # The ring's volume per node is bounded by 2 M whatever n; the PS's grows.
         r8 = cm.step("allreduce", 8, MB100, GBE)["transfer"]
         self.assertAlmostEqual(r8, 2 * 7 / 8 * 0.8)
