@@ -112,6 +112,9 @@ static void usage(FILE *f) {
             "                            workers on one host, or fail) or auto (default:\n"
             "                            shared memory with a neighbour on this host, TCP\n"
             "                            with the others); every worker must use tcp or not\n"
+            "  --max-message-mb N        gRPC message limit with the PS (default 64; a\n"
+            "                            shard's parameters travel in one message: raise\n"
+            "                            it, and psserver's, for shards larger than that)\n"
             "  --separate-pull           Push, wait, then Pull (two round trips a step)\n"
             "                            instead of one PushPull call per shard\n"
             "  --no-overlap              sync PS mode: push the whole gradient after the\n"
@@ -233,7 +236,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
         O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT, O_SIM_TFLOPS, O_SIM_STEP_MS,
-        O_SIM_INTRA, O_SIM_INPUT, O_NO_PREFETCH, O_MODEL_MB
+        O_SIM_INTRA, O_SIM_INPUT, O_NO_PREFETCH, O_MODEL_MB, O_MAX_MESSAGE
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -254,6 +257,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"local-devices", required_argument, 0, O_DEVICES},
         {"layers", required_argument, 0, O_LAYERS},
         {"model-mb", required_argument, 0, O_MODEL_MB},
+        {"max-message-mb", required_argument, 0, O_MAX_MESSAGE},
         {"sim-tflops", required_argument, 0, O_SIM_TFLOPS},
         {"sim-step-ms", required_argument, 0, O_SIM_STEP_MS},
         {"sim-intra-gbps", required_argument, 0, O_SIM_INTRA},
@@ -438,6 +442,10 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
             cfg.sim_input_s = dv * 1e-3;
             break;
         case O_NO_PREFETCH: cfg.no_prefetch = 1; break;
+        case O_MAX_MESSAGE:
+            if (parse_long("--max-message-mb", optarg, 1, 2047, &v)) return 2;
+            cfg.max_message_mb = (int)v;
+            break;
         case O_DATA: cfg.data_dir = optarg; break;
         case O_TRAIN_LIMIT:
             if (parse_long("--train-limit", optarg, 1, 1L << 40, &v)) return 2;

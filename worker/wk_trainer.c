@@ -248,6 +248,7 @@ static int evaluate_run(const wk_train_cfg *cfg, wk_train_result *result) {
         .rank = W, /* Not a training rank: a shard refuses its pushes. */
         .nworkers = W,
         .deadline_ms = cfg->deadline_ms ? cfg->deadline_ms : 60000,
+        .max_message = cfg->max_message_mb << 20,
         /* Short: the PS going away is how training's end shows here. */
         .connect_timeout_ms = cfg->connect_timeout_ms ? cfg->connect_timeout_ms : 5000,
         .sec = cfg->sec};
@@ -639,6 +640,7 @@ static int open_sync(run *r, const float *init_values) {
             .seed = cfg->seed,
             .async = cfg->async,
             .deadline_ms = cfg->deadline_ms ? cfg->deadline_ms : 60000,
+            .max_message = cfg->max_message_mb << 20,
             .connect_timeout_ms = cfg->connect_timeout_ms ? cfg->connect_timeout_ms : 30000,
             .separate_pull = cfg->separate_pull,
             .overlap = !cfg->no_overlap && !cfg->async && !cfg->separate_pull && !r->sparse,

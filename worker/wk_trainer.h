@@ -68,6 +68,7 @@ typedef struct wk_train_cfg {
     int async;                 /* Apply every push at once (default sync). */
     size_t min_part_bytes;     /* Placement (0 = CM_PLACEMENT_MIN_PART_BYTES). */
     int64_t deadline_ms;       /* Per RPC (0 = 60000). */
+    int max_message_mb;        /* gRPC message limit with the PS (0 = 64). */
     int64_t connect_timeout_ms; /* Retrying an unreachable PS (0 = 30000). */
     int fault_zero_gradient;   /* Test hook: push zeros (negative controls)... */
     int fault_rank;            /* ...on this rank only (-1 = every rank). */

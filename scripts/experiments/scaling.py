@@ -231,6 +231,11 @@ def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
         wargs += ["--sim-input-ms", f"{p['input_ms'] * d:g}"]
     if not p["prefetch"]:
         wargs.append("--no-prefetch")
+    ps_args = []
+    if mode == "ps" and p["model"] == "mlp" and p["model_mb"] / nps > 60:
+        # A shard's parameters travel in one message: allow it on both sides.
+        ps_args = ["--max-message-mb", "512"]
+        wargs += ps_args
     if mode == "ps":
         wargs += ["--sync", "async" if p["mode"] == "ps_async" else "sync", "--no-overlap"]
         if p["wire"] == "bf16":
@@ -244,7 +249,7 @@ def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
             t0 = time.monotonic()
             rc, _ = netcluster.train(c, bin_dir, mode, nps, p["nodes"], "separate", wargs,
                                      rundir, timeout, chief_args=["--summary", summ],
-                                     step_logs=True)
+                                     ps_args=ps_args, step_logs=True)
             t1 = time.monotonic()
     finally:
         sampler.stop.set()

@@ -137,6 +137,18 @@ def bad_input(bin_dir, tmp):
     check(p.returncode != 0 and f"127.0.0.1:{port}" in p.stderr and "UNAVAILABLE" in p.stderr,
           f"an unreachable PS is an error naming it, after bounded retries ({took:.1f} s)")
     check(took < 30, "...within a bounded time")
+    # A shard larger than one gRPC message (100 MB on one PS): refused before any
+    # call, naming both flags; with the limit raised it gets as far as the (absent) PS.
+    big = ["--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
+           "--task-index", "0", "--model-mb", "100", "--connect-timeout-ms", "500",
+           "--train-limit", "1000", "--test-limit", "100"]
+    p = run([pstrain, *big], expect_ok=False)
+    check(p.returncode != 0 and "pstrain --max-message-mb" in p.stderr and
+          "psserver --max-message-mb" in p.stderr and "UNAVAILABLE" not in p.stderr,
+          "a shard over the message limit is refused up front, naming the fix")
+    p = run([pstrain, *big, "--max-message-mb", "128"], expect_ok=False)
+    check(p.returncode != 0 and "UNAVAILABLE" in p.stderr and "max-message" not in p.stderr,
+          "--max-message-mb 128 lets it through to the PS")
     # Missing data set files in PS mode.
     p = run([pstrain, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
              "--data-dir", os.path.join(tmp, "none")], expect_ok=False)

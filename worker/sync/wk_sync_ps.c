@@ -35,6 +35,7 @@
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_placement.h"
+#include "proto/rpc.h"
 #include "common/cm_status.h"
 #include "common/cm_token.h"
 #include "common/cm_time.h"
@@ -868,8 +869,28 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
         free(p);
         return rc;
     }
+    /* A shard's dense parameters travel in one message each way: refuse a
+     * placement that cannot, rather than fail at the first pull with gRPC's
+     * "larger than max". Per partition its tensor's framing; 4 KiB for the
+     * rest of the message. */
+    size_t limit = cfg->max_message > 0 ? (size_t)cfg->max_message : RPC_DEFAULT_MAX_MESSAGE;
+    for (int s = 0; s < p->pl->nshards; s++) {
+        size_t need = p->pl->shard_bytes[s] + (size_t)p->pl->shard_nparts[s] * 64 + 4096;
+        if (need > limit) {
+            cm_seterr(err, errlen,
+                      "PS shard %d would hold %.1f MB of parameters, more than one message may "
+                      "carry (%.0f MiB): use more PS processes, or raise the limit on both sides "
+                      "(pstrain --max-message-mb and psserver --max-message-mb, %zu or more)",
+                      s, (double)p->pl->shard_bytes[s] / 1e6, (double)limit / (1 << 20),
+                      (need >> 20) + 1);
+            cm_placement_destroy(p->pl);
+            free(p);
+            return CM_EINVAL;
+        }
+    }
     ps_client_cfg cc = {.model = cfg->model, .placement = p->pl, .ps_addrs = cfg->ps_addrs,
                         .rank = cfg->rank, .deadline_ms = cfg->deadline_ms,
+                        .max_message = cfg->max_message,
                         .connect_timeout_ms = cfg->connect_timeout_ms,
                         .wire_bf16 = cfg->wire_bf16,
                         .auth_token = cm_security_token(cfg->sec),
