@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 
 #include "common/cm_cluster.h"
+#include "common/cm_http.h"
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_model.h"
@@ -36,6 +37,7 @@ static void on_signal(int sig) { got_signal = sig; }
 #define OPT_REPAIR 0x100
 #define OPT_CKPT_SYNC 0x101
 #define OPT_CKPT_ASYNC 0x102
+#define OPT_METRICS 0x103
 static int repair(const char *dir) {
     char err[1024];
     int n = st_store_repair(dir, err, sizeof err);
@@ -117,14 +119,21 @@ static void usage(FILE *f) {
             "                             count-min sketch); until then it reads as its\n"
             "                             initial values and its gradients are dropped\n"
             "  --expire-after-steps T     drop rows unused for T versions (default: never)\n"
+            "\nObserving:\n"
+            "  --metrics-listen HOST:PORT serve Prometheus metrics at http://HOST:PORT/metrics\n"
+            "                             (plain HTTP, no token: counters only; bind it where\n"
+            "                             only the scraper reaches)\n"
             "  -h, --help                 this text\n");
 }
+
+static char *render_metrics(void *ud, size_t *len) { return ps_server_metrics(ud, len); }
 
 int main(int argc, char **argv) {
     static const struct option opts[] = {{"ps-hosts", required_argument, 0, 'p'},
                                          {"worker-hosts", required_argument, 0, 'w'},
                                          {"task-index", required_argument, 0, 'i'},
                                          {"listen", required_argument, 0, 'l'},
+                                         {"metrics-listen", required_argument, 0, OPT_METRICS},
                                          {"threads", required_argument, 0, 't'},
                                          {"max-message-mb", required_argument, 0, 'M'},
                                          {"data-dir", required_argument, 0, 'd'},
@@ -152,6 +161,7 @@ int main(int argc, char **argv) {
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *ps_hosts = NULL, *worker_hosts = NULL, *listen = NULL, *data_dir = NULL;
+    const char *metrics_addr = NULL;
     long long ckpt_every = 0;
     int ckpt_nice = 10;
     int ckpt_sync = 1;
@@ -172,6 +182,7 @@ int main(int argc, char **argv) {
         case 'w': worker_hosts = optarg; break;
         case 'i': task_index = atoi(optarg); break;
         case 'l': listen = optarg; break;
+        case OPT_METRICS: metrics_addr = optarg; break;
         case 't': threads = atoi(optarg); break;
         case 'M': max_mb = atoi(optarg); break;
         case 'd': data_dir = optarg; break;
@@ -272,6 +283,7 @@ int main(int argc, char **argv) {
     cm_log_set_tag(tag);
 
     ps_server *srv = NULL;
+    cm_http *metrics = NULL;
     int status = 1;
     char shard_dir[4096], rows_default[4096];
     if (data_dir) {
@@ -322,12 +334,25 @@ int main(int argc, char **argv) {
     if (!auth_file && strncmp(addr, "127.", 4) != 0 && strncmp(addr, "localhost", 9) != 0)
         cm_warn("listening on %s without --auth-token-file: anyone who reaches the port can "
                 "push, pull, roll back and shut this shard down", addr);
+    if (metrics_addr) {
+        char merr[256];
+        int mport = 0;
+        int mrc = cm_http_start(metrics_addr, render_metrics, srv, &metrics, &mport, merr,
+                                sizeof merr);
+        if (mrc != CM_OK) {
+            cm_error("--metrics-listen: %s", merr);
+            status = mrc == CM_EBUSY ? CM_EXIT_PORT : CM_EXIT_CONFIG;
+            goto out;
+        }
+        cm_info("metrics on http://%s/metrics (port %d)", metrics_addr, mport);
+    }
     while (!ps_server_wait(srv, 200))
         if (got_signal) ps_server_request_stop(srv, got_signal == SIGINT ? "SIGINT" : "SIGTERM");
     cm_info("stopping: %s", ps_server_stop_reason(srv));
     /* Told the run failed: not a success for whoever watches this process. */
     status = ps_server_stop_failed(srv) ? CM_EXIT_FAILED : CM_EXIT_OK;
 out:
+    cm_http_stop(metrics); /* No scrape reads the server after this. */
     ps_server_destroy(srv, 2000);
     cm_cluster_destroy(cl);
     return status;

@@ -32,6 +32,7 @@
 
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
+#include "common/cm_prom.h"
 #include "common/cm_rng.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
@@ -86,6 +87,11 @@ typedef struct ckpt_job {
 
 struct ps_server {
     ps_server_cfg cfg;
+    /* Metrics (ps_server_metrics; lock-free): the time to take a push, a
+     * checkpoint's write, rollbacks done, the last checkpoint's bytes. */
+    cm_hist push_hist, ckpt_hist;
+    _Atomic uint64_t rollbacks;
+    _Atomic uint64_t ckpt_bytes;
     /* The model, its placement and the shard: set once (at create, or by
      * the first Initialize) under mu, immutable afterwards; handlers read
      * 'shard' under mu (get_shard) and may then use the rest. */
@@ -759,10 +765,12 @@ static void on_push(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     int64_t step = 0, version = 0;
     int duplicate = 0;
+    double t0 = cm_now();
     pthread_rwlock_rdlock(&s->gate);
     int ok = do_push(s, call, req, len, &step, &version, &duplicate, NULL, NULL, NULL, NULL);
     pthread_rwlock_unlock(&s->gate);
     if (!ok) return;
+    cm_hist_add(&s->push_hist, cm_now() - t0);
     Psrpc__PushReply rep = PSRPC__PUSH_REPLY__INIT;
     rep.version = version;
     rep.duplicate = duplicate;
@@ -967,12 +975,14 @@ static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t l
     int duplicate = 0, nparts = 0, with_rows = 0;
     uint32_t *parts = NULL;
     row_answer *ra = NULL;
+    double t0 = cm_now();
     pthread_rwlock_rdlock(&s->gate);
     if (!do_push(s, call, req, len, &step, &version, &duplicate, &parts, &nparts, &ra,
                  &with_rows)) {
         pthread_rwlock_unlock(&s->gate);
         return;
     }
+    cm_hist_add(&s->push_hist, cm_now() - t0);
     /* The reply carries the pushed partitions: in sync mode as soon as they
      * are final for step + 1 (maybe before the rest of the shard), in async
      * mode at once, from the newest version. */
@@ -1488,6 +1498,9 @@ static void write_job(ps_server *s, const ckpt_job *j) {
         cm_error("checkpoint of version %lld failed: %s", (long long)v, err);
         return;
     }
+    cm_hist_add(&s->ckpt_hist, cm_now() - t0);
+    atomic_store(&s->ckpt_bytes, (uint64_t)numel * sizeof(float) * (uint64_t)(1 + j->nslots) +
+                                     row_bytes);
     pthread_mutex_lock(&s->ck_mu);
     s->ck_rows = j->nrows;
     s->ck_row_bytes = row_bytes;
@@ -2044,6 +2057,7 @@ static void on_rollback(void *ctx, rpc_call *call, const uint8_t *req, size_t le
     if (!same) {
         double t0 = cm_now();
         rc = rollback(s, r->version, r->epoch, err, sizeof err);
+        if (rc == CM_OK) atomic_fetch_add(&s->rollbacks, 1);
         if (rc == CM_OK)
             cm_info("rolled back to version %lld in epoch %llu (rank %u asked; %.0f ms)",
                     (long long)r->version, (unsigned long long)r->epoch, r->cluster->rank,
@@ -2294,4 +2308,90 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
     free(s);
+}
+
+/* ------------------------------------------------------------ metrics */
+
+char *ps_server_metrics(ps_server *s, size_t *len) {
+    char *buf = NULL;
+    size_t n = 0;
+    FILE *f = open_memstream(&buf, &n);
+    if (!f) return NULL;
+    char lb[32];
+    snprintf(lb, sizeof lb, "shard=\"%d\"", s->cfg.shard);
+    pthread_mutex_lock(&s->mu);
+    int serving = !s->recovering && !s->stopping;
+    pthread_mutex_unlock(&s->mu);
+    cm_prom_family(f, "pstrain_ps_up", "gauge",
+                   "1 while the shard serves, 0 while it recovers or stops (as the gRPC health "
+                   "service says)");
+    cm_prom_sample(f, "pstrain_ps_up", lb, serving);
+    ps_shard *sh = get_shard(s);
+    ps_shard_stats st;
+    memset(&st, 0, sizeof st);
+    if (sh) ps_shard_stats_get(sh, &st);
+    rpc_server_stats rs;
+    memset(&rs, 0, sizeof rs);
+    if (s->rpc) rpc_server_stats_get(s->rpc, &rs);
+    struct {
+        const char *name, *type, *help;
+        double v;
+    } m[] = {
+        {"pstrain_ps_version", "gauge", "the shard's current version (steps applied)",
+         (double)st.version},
+        {"pstrain_ps_pushes_total", "counter", "pushes taken", (double)st.pushes},
+        {"pstrain_ps_duplicate_pushes_total", "counter", "retried pushes already counted",
+         (double)st.duplicate_pushes},
+        {"pstrain_ps_stale_pushes_total", "counter", "pushes refused as stale or early",
+         (double)(st.stale_pushes + st.early_pushes)},
+        {"pstrain_ps_nonfinite_pushes_total", "counter", "pushes with a NaN or an infinity",
+         (double)st.nonfinite_pushes},
+        {"pstrain_ps_pulls_total", "counter", "pulls answered", (double)st.pulls},
+        {"pstrain_ps_parked_pulls", "gauge", "pulls waiting for a version now",
+         (double)st.parked},
+        {"pstrain_ps_bad_requests_total", "counter", "requests refused as malformed or invalid",
+         (double)st.bad_requests},
+        {"pstrain_ps_unauthenticated_total", "counter", "calls refused without a valid token",
+         (double)rs.unauthenticated},
+        {"pstrain_ps_denied_total", "counter", "admin calls refused to a worker's token",
+         (double)rs.denied},
+        {"pstrain_ps_exhausted_total", "counter",
+         "calls refused for lack of room (held calls, parked pulls)",
+         (double)(rs.exhausted + st.parked_refused)},
+        {"pstrain_ps_parameter_bytes", "gauge", "bytes of dense parameters the shard owns",
+         (double)st.bytes},
+        {"pstrain_ps_memory_bytes", "gauge", "memory counted against the shard's limit",
+         (double)st.mem_bytes},
+        {"pstrain_ps_memory_limit_bytes", "gauge", "the shard's memory limit",
+         (double)st.mem_limit},
+        {"pstrain_ps_rows", "gauge", "embedding rows held", (double)st.rows},
+        {"pstrain_ps_rows_pulled_total", "counter", "embedding rows answered",
+         (double)st.rows_pulled},
+        {"pstrain_ps_rows_pushed_total", "counter", "embedding row gradients received",
+         (double)st.rows_pushed},
+        {"pstrain_ps_backup_closes_total", "counter",
+         "steps backup sync closed without some worker", (double)st.backup_closes},
+        {"pstrain_ps_updates_lost_total", "counter",
+         "async updates a rollback took and no worker pushed again", (double)st.updates_lost},
+        {"pstrain_ps_rollbacks_total", "counter", "rollbacks to a checkpoint (recoveries)",
+         (double)atomic_load(&s->rollbacks)},
+        {"pstrain_ps_checkpoint_bytes", "gauge", "bytes the last checkpoint wrote",
+         (double)atomic_load(&s->ckpt_bytes)},
+    };
+    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
+        cm_prom_family(f, m[i].name, m[i].type, m[i].help);
+        cm_prom_sample(f, m[i].name, lb, m[i].v);
+    }
+    cm_prom_family(f, "pstrain_ps_push_seconds", "histogram",
+                   "time to take a push: decode, checks, apply (not the pull it may carry)");
+    cm_prom_hist(f, "pstrain_ps_push_seconds", lb, &s->push_hist);
+    cm_prom_family(f, "pstrain_ps_checkpoint_seconds", "histogram",
+                   "time to write and commit a checkpoint");
+    cm_prom_hist(f, "pstrain_ps_checkpoint_seconds", lb, &s->ckpt_hist);
+    if (fclose(f) != 0) {
+        free(buf);
+        return NULL;
+    }
+    *len = n;
+    return buf;
 }

@@ -141,6 +141,13 @@ int ps_server_stop_failed(ps_server *s);
  * checkpoints). One that comes due meanwhile is waited for too. */
 void ps_server_checkpoint_wait(ps_server *s);
 
+/* The shard's metrics in Prometheus's text format (malloc'd, *len its
+ * length; NULL without memory): counters and gauges of its Stats, the time
+ * to take a push and to write a checkpoint (histograms), rollbacks; every
+ * sample labelled with the shard. Thread-safe; for psserver
+ * --metrics-listen (cm_http). */
+char *ps_server_metrics(ps_server *s, size_t *len);
+
 /* Fail waiting pulls, let replies in flight finish (up to grace_ms), finish
  * a checkpoint being written, stop and free. NULL is a no-op. */
 void ps_server_destroy(ps_server *s, int grace_ms);

@@ -12,6 +12,8 @@ PACKAGES=(
   build-essential cmake pkg-config   # toolchain
   libopenblas-dev                    # CPU GEMM (worker device backend)
   libjansson-dev                     # JSON: summaries, TF_CONFIG
+  libmicrohttpd-dev                  # HTTP: psserver --metrics-listen (Prometheus)
+  prometheus                         # tests: promtool check metrics, a real scrape
   zlib1g-dev                         # gzip'd IDX files
   libcmocka-dev                      # unit tests
   libxxhash-dev                      # checkpoint checksums (XXH64)

@@ -246,12 +246,7 @@ class Cluster:
     def retire(self, name, p, why):
         """Stop one process started again that has nothing left to do (by PID)."""
         say(f"{name} (pid {p.pid}) {why}; stopping it")
-        p.terminate()
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p)
         self.excused.add(name)
 
     def stop(self, grace=5.0):
@@ -490,6 +485,17 @@ def has_checkpoints(directory):
                    for d in os.listdir(directory) if d.startswith("shard-"))
     except OSError:
         return False
+
+
+def stop_process(p, timeout=5):
+    """Stop a child by its PID: SIGTERM, then SIGKILL after timeout seconds; reaped."""
+    if p.poll() is None:
+        p.terminate()
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
 
 
 def write_token(directory, name):

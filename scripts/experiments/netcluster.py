@@ -48,7 +48,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from launch import write_token  # noqa: E402  (the same tokens as a local cluster's)
+from launch import stop_process, write_token  # noqa: E402  (as a local cluster's)
 from costmodel import PRESETS, rate_bits  # noqa: E402
 
 SUBNET = "10.88.0"
@@ -324,13 +324,7 @@ def train(c, bin_dir, mode, nps, nworkers, layout, worker_args, logs, timeout,
         return rc, secs
     finally:
         for _, p, f in started:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p)
             f.close()
         shutil.rmtree(secret, ignore_errors=True)
 

@@ -9,6 +9,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCH = os.path.join(HERE, "..", "..", "scripts", "launch.py")
+sys.path.insert(0, os.path.dirname(LAUNCH))
+from launch import stop_process  # noqa: E402,F401  (stop a child by PID)
 TIMEOUT = 240
 
 
