@@ -4,6 +4,7 @@
 #include "common/cm_prom.h"
 
 #include <math.h>
+#include <stdlib.h>
 
 const double cm_hist_bounds[CM_HIST_NBUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                  0.1,    0.25,  0.5,    1,     2.5,   5,    10};
@@ -14,6 +15,22 @@ void cm_hist_add(cm_hist *h, double seconds) {
     while (i < CM_HIST_NBUCKETS && seconds > cm_hist_bounds[i]) i++;
     atomic_fetch_add_explicit(&h->bucket[i], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->sum_ns, (uint64_t)(seconds * 1e9), memory_order_relaxed);
+}
+
+int cm_prom_begin(cm_prom_doc *d) {
+    d->buf = NULL;
+    d->n = 0;
+    d->f = open_memstream(&d->buf, &d->n);
+    return d->f != NULL;
+}
+
+char *cm_prom_end(cm_prom_doc *d, size_t *len) {
+    if (fclose(d->f) != 0) {
+        free(d->buf);
+        return NULL;
+    }
+    *len = d->n;
+    return d->buf;
 }
 
 void cm_prom_family(FILE *f, const char *name, const char *type, const char *help) {

@@ -25,6 +25,17 @@ typedef struct cm_hist {
 /* Count one observation of 'seconds' (negative counts as 0). */
 void cm_hist_add(cm_hist *h, double seconds);
 
+/* A document being written: cm_prom_begin opens d->f (an open_memstream;
+ * 0 without memory), cm_prom_end closes it and returns the text (malloc'd,
+ * *len its length; NULL on failure). */
+typedef struct cm_prom_doc {
+    FILE *f;
+    char *buf;
+    size_t n;
+} cm_prom_doc;
+int cm_prom_begin(cm_prom_doc *d);
+char *cm_prom_end(cm_prom_doc *d, size_t *len);
+
 /* "# HELP name help\n# TYPE name type\n". */
 void cm_prom_family(FILE *f, const char *name, const char *type, const char *help);
 

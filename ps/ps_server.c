@@ -2313,10 +2313,9 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
 /* ------------------------------------------------------------ metrics */
 
 char *ps_server_metrics(ps_server *s, size_t *len) {
-    char *buf = NULL;
-    size_t n = 0;
-    FILE *f = open_memstream(&buf, &n);
-    if (!f) return NULL;
+    cm_prom_doc doc;
+    if (!cm_prom_begin(&doc)) return NULL;
+    FILE *f = doc.f;
     char lb[32];
     snprintf(lb, sizeof lb, "shard=\"%d\"", s->cfg.shard);
     pthread_mutex_lock(&s->mu);
@@ -2388,10 +2387,5 @@ char *ps_server_metrics(ps_server *s, size_t *len) {
     cm_prom_family(f, "pstrain_ps_checkpoint_seconds", "histogram",
                    "time to write and commit a checkpoint");
     cm_prom_hist(f, "pstrain_ps_checkpoint_seconds", lb, &s->ckpt_hist);
-    if (fclose(f) != 0) {
-        free(buf);
-        return NULL;
-    }
-    *len = n;
-    return buf;
+    return cm_prom_end(&doc, len);
 }

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "common/cm_cluster.h"
+#include "common/cm_http.h"
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
@@ -16,6 +17,7 @@
 #include "ps/ps_optim.h"
 #include "worker/device/wk_device_cuda.h"
 #include "worker/sync/wk_ring.h"
+#include "worker/wk_metrics.h"
 #include "worker/wk_trainer.h"
 
 static void usage(FILE *f) {
@@ -64,6 +66,8 @@ static void usage(FILE *f) {
             "  --test-limit N            evaluate on the first N test examples only\n"
             "  --max-steps N             stop after N steps\n"
             "  --progress-every SECONDS  progress line interval (default 2; 0 every step)\n"
+            "  --metrics-listen H:P      serve Prometheus metrics at http://H:P/metrics: steps,\n"
+            "                            examples, the step time and its split, the loss\n"
             "  --quiet                   no progress lines\n"
             "  --summary FILE            write a JSON summary of the run\n"
             "  --log FILE                write one JSON line per step with its time split\n"
@@ -194,6 +198,7 @@ static int parse_double(const char *opt, const char *s, double lo, double *out) 
  * the credentials (cfg.sec points at sec when there are any). */
 typedef struct cli {
     const char *lists[CM_TASK_NTYPES];
+    const char *metrics_addr; /* --metrics-listen */
     int task_type, task_index, mode_given;
     cm_security sec;
 } cli;
@@ -236,7 +241,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
         O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT, O_SIM_TFLOPS, O_SIM_STEP_MS,
-        O_SIM_INTRA, O_SIM_INPUT, O_NO_PREFETCH, O_MODEL_MB, O_MAX_MESSAGE
+        O_SIM_INTRA, O_SIM_INPUT, O_NO_PREFETCH, O_MODEL_MB, O_MAX_MESSAGE, O_METRICS
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -258,6 +263,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"layers", required_argument, 0, O_LAYERS},
         {"model-mb", required_argument, 0, O_MODEL_MB},
         {"max-message-mb", required_argument, 0, O_MAX_MESSAGE},
+        {"metrics-listen", required_argument, 0, O_METRICS},
         {"sim-tflops", required_argument, 0, O_SIM_TFLOPS},
         {"sim-step-ms", required_argument, 0, O_SIM_STEP_MS},
         {"sim-intra-gbps", required_argument, 0, O_SIM_INTRA},
@@ -442,6 +448,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
             cfg.sim_input_s = dv * 1e-3;
             break;
         case O_NO_PREFETCH: cfg.no_prefetch = 1; break;
+        case O_METRICS: cl->metrics_addr = optarg; break;
         case O_MAX_MESSAGE:
             if (parse_long("--max-message-mb", optarg, 1, 2047, &v)) return 2;
             cfg.max_message_mb = (int)v;
@@ -731,6 +738,8 @@ static void print_result(const wk_train_cfg *cfg, const wk_train_result *res) {
                r.examples_per_sec);
 }
 
+static char *render_metrics(void *ud, size_t *len) { return wk_metrics_render(ud, len); }
+
 int main(int argc, char **argv) {
     cm_mem_keep_freed();
     wk_train_cfg cfg;
@@ -742,7 +751,23 @@ int main(int argc, char **argv) {
     if ((rc = load_cluster(&cl, &cfg, &cluster)) != 0) return rc;
     wk_train_result r;
     cfg.report = print_result; /* The last line, before the cluster is let go. */
+    static wk_metrics metrics;
+    cm_http *http = NULL;
+    if (cl.metrics_addr) {
+        char err[256];
+        int port = 0;
+        rc = cm_http_start(cl.metrics_addr, render_metrics, &metrics, &http, &port, err,
+                           sizeof err);
+        if (rc != CM_OK) {
+            fprintf(stderr, "pstrain: --metrics-listen: %s\n", err);
+            cm_cluster_destroy(cluster);
+            return rc == CM_EBUSY ? CM_EXIT_PORT : CM_EXIT_CONFIG;
+        }
+        cm_info("metrics on http://%s/metrics (port %d)", cl.metrics_addr, port);
+        cfg.metrics = &metrics;
+    }
     int status = wk_train_run(&cfg, &r);
+    cm_http_stop(http);
     cm_cluster_destroy(cluster);
     if (status == CM_ESHUTDOWN && r.run_ended) return 0;
     if (status != CM_OK) {

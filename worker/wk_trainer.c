@@ -27,6 +27,7 @@
 #include "worker/input/wk_dataset.h"
 #include "worker/input/wk_order.h"
 #include "worker/input/wk_prefetch.h"
+#include "worker/wk_metrics.h"
 #include "worker/sync/wk_ring.h"
 #include "worker/sync/wk_sync.h"
 #include "worker/wk_export.h"
@@ -1098,6 +1099,9 @@ static int train_loop(run *r) {
                     (pt.compute - st.pull_in_compute) * 1e3, pt.local_reduce * 1e3,
                     (st.push + st.pull) * 1e3, st.push * 1e3, st.pull * 1e3, st.apply * 1e3,
                     (t3 - t0) * 1e3);
+        if (cfg->metrics)
+            wk_metrics_step(cfg->metrics, (uint64_t)n, t3 - t0, t1 - t0, pt.compute - st.pull_in_compute + pt.local_reduce,
+                            st.push + st.pull, st.apply, n ? loss / (double)n : 0.0);
         int epoch_end = step % r->spe == 0 || step == r->total;
         if (epoch_end) {
             double te = cm_now();
@@ -1337,6 +1341,7 @@ int wk_train_run(const wk_train_cfg *cfg, wk_train_result *result) {
     result->is_chief = r.is_chief;
     result->rank = r.rank;
     result->workers = r.W;
+    if (cfg->metrics) wk_metrics_set_rank(cfg->metrics, r.rank);
     if ((status = setup_compute(&r)) != CM_OK || (status = load_data(&r)) != CM_OK)
         return cleanup(&r, status);
     /* --init-from: the file's values, staged in grad until the first step. */

@@ -115,6 +115,8 @@ typedef struct wk_train_cfg {
     } sim;
     double sim_input_s;
     int no_prefetch;
+    /* pstrain --metrics-listen: every step is added here (NULL: none). */
+    struct wk_metrics *metrics;
     /* Called once with the result as soon as the run's outputs are written
      * (summary, --params-out, --export), before the mode lets its cluster go
      * (allreduce: the ring's last barrier, after which a chief killed is not

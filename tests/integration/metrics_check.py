@@ -5,6 +5,9 @@
                                         counts them (pushes, version, the push-time
                                         histogram), 404 and 405 elsewhere; a bad or taken
                                         address is refused at start (status 2, 3)
+  metrics_check.py BIN_DIR worker       pstrain --metrics-listen: a simulated run's steps,
+                                        examples, step-time histogram and compute time as
+                                        they happen
   metrics_check.py BIN_DIR prometheus   `promtool check metrics` passes on a scrape, and
                                         Debian's real prometheus scrapes a shard and answers
                                         a query for its pushes through its HTTP API (exits
@@ -125,6 +128,43 @@ def endpoint(bin_dir, tmp):
     check(r.returncode == 3 and "--metrics-listen" in r.stderr, "a taken port: status 3")
 
 
+def worker(bin_dir, tmp):
+    """pstrain --metrics-listen: a simulated run's steps as they happen."""
+    mport = free_ports(1)[0]
+    p = subprocess.Popen([os.path.join(bin_dir, "pstrain"), "--metrics-listen",
+                          f"127.0.0.1:{mport}", "--devices", "sim", "--sim-step-ms", "30",
+                          "--max-steps", "60", "--epochs", "1", "--train-limit", "12800",
+                          "--test-limit", "200", "--quiet"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        m, deadline = {}, time.monotonic() + 60
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                m = samples(get(f"http://127.0.0.1:{mport}/metrics")[2])
+            except (urllib.error.URLError, ConnectionError):
+                m = {}
+            if m.get('pstrain_worker_steps_total{rank="0"}', 0) >= 10:
+                text = get(f"http://127.0.0.1:{mport}/metrics")[2]
+                break
+            time.sleep(0.1)
+        lb = '{rank="0"}'
+        steps = m.get("pstrain_worker_steps_total" + lb, 0)
+        check(10 <= steps < 60, f"a running worker's steps are counted ({steps:g})")
+        check(m["pstrain_worker_examples_total" + lb] >= 128 * steps and
+              m["pstrain_worker_step_seconds_count" + lb] >= steps and
+              m["pstrain_worker_compute_seconds_total" + lb] >= 0.9 * 0.030 * steps,
+              "examples (128 a step), the step-time histogram and the compute time (30 ms "
+              "simulated a step) follow the steps")
+        if os.access(PROMTOOL, os.X_OK):
+            r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True,
+                               text=True, timeout=60)
+            check(r.returncode == 0, f"promtool check metrics passes on a worker's: "
+                                     f"{r.stdout.strip()} {r.stderr.strip()}")
+    finally:
+        out = p.communicate(timeout=60)[0]
+    check(p.returncode == 0 and "60 steps" in out, "the run finishes")
+
+
 def prometheus(bin_dir, tmp):
     if not (os.access(PROMETHEUS, os.X_OK) and os.access(PROMTOOL, os.X_OK)):
         print("SKIP: no prometheus/promtool (Debian's prometheus package; "
@@ -173,4 +213,5 @@ def prometheus(bin_dir, tmp):
 
 
 if __name__ == "__main__":
-    main(__doc__, {"endpoint": endpoint, "prometheus": prometheus}, "pstrain-metrics-")
+    main(__doc__, {"endpoint": endpoint, "worker": worker, "prometheus": prometheus},
+         "pstrain-metrics-")
