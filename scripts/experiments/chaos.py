@@ -22,8 +22,8 @@ A run passes when it exits 0 within 3x its reference's time, and:
              each checkpoint by default), or 2K with
              --ps-arg=--checkpoint-async (the interval since the last committed
              checkpoint, plus one more when the kill came while the next was
-             being written; 2K + 1 versions in sync mode); its accuracy is reported, not checked: async runs
-             differ from each other anyway;
+             being written; 2K + 1 versions in sync mode); its accuracy is
+             reported, not checked: async runs differ from each other anyway;
   allreduce  test accuracy is within 0.5 points of the reference.
 A kill planned past the end of the run kills nothing; such runs are counted
 apart (killed = 0).
