@@ -937,6 +937,12 @@ int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_
         int rc;
         Psrpc__StatsReply *r = shard_stats(c, i, &rc, err, errlen);
         if (!r) return rc;
+        if (r->recovering) {
+            cm_seterr(err, errlen, "PS shard %d restarted from its checkpoint of version %lld and "
+                      "waits for the chief to roll the cluster back", i, (long long)r->version);
+            psrpc__stats_reply__free_unpacked(r, NULL);
+            return CM_EABORTED;
+        }
         int n = (int)r->n_worker_steps;
         if (i == 0 || n > nw) nw = n;
         for (int w = 0; w < n && w < max; w++)

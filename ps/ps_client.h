@@ -252,7 +252,9 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
 
 /* Each worker rank's last pushed step as every shard has it (the lowest
  * over shards; -1: some shard has none from it) into out (at most max);
- * returns the number of workers, or a negative CM_E* with err. */
+ * returns the number of workers, or a negative CM_E* with err: CM_EABORTED
+ * when a shard restarted from its checkpoint and waits for the chief's
+ * rollback. */
 int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_t errlen);
 
 #endif /* PS_CLIENT_H */

@@ -1090,6 +1090,9 @@ static void on_stats(void *ctx, rpc_call *call, const uint8_t *req, size_t len) 
         rep.num_parts = (uint32_t)st.nparts;
         rep.bytes = st.bytes;
         rep.min_worker_step = st.min_worker_step;
+        pthread_mutex_lock(&s->mu);
+        rep.recovering = s->recovering;
+        pthread_mutex_unlock(&s->mu);
         reply_packed(call, &rep.base);
     }
     psrpc__stats_request__free_unpacked(r, NULL);

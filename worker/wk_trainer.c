@@ -1218,9 +1218,20 @@ static int finish_training(run *r) {
     size_t numel = r->model->numel;
     int status;
     result->test_examples = r->sparse ? r->ctr.n_test : r->test.n;
-    if ((status = r->sync->ops->end(r->sync, result->steps, r->params)) != CM_OK) {
-        cm_error("cannot get the final parameters: %s", r->sync->err);
-        return status;
+    while ((status = r->sync->ops->end(r->sync, result->steps, r->params)) != CM_OK) {
+        /* A PS restarted after this worker's last step (async: the chief
+         * waits for the others'): roll back, and train again from where
+         * the checkpoint has this worker. */
+        int64_t resume;
+        if (status != CM_EABORTED || !r->sync->ops->recover) {
+            cm_error("cannot get the final parameters: %s", r->sync->err);
+            return status;
+        }
+        if ((status = recover(r, result->steps, 0, &resume)) != CM_OK) return status;
+        if (resume < r->total) {
+            r->first_step = resume;
+            if ((status = train_loop(r)) != CM_OK) return status;
+        }
     }
     result->versions_lost = r->sync->versions_lost; /* The end may count more. */
     result->params_checksum = XXH64(r->params, numel * sizeof(float), 0);

@@ -729,7 +729,9 @@ static int ps_end(wk_sync *s, int64_t steps, float *params) {
      * push counts: a restarted shard's counters start again at 0.) A worker
      * that finished before a rollback took its last steps never pushes them
      * again: while no worker behind moves on for end_wait_ms, the wait ends
-     * without them, naming them. */
+     * without them, naming them. A shard that restarted meanwhile ends the
+     * wait with CM_EABORTED: the trainer recovers (this chief rolls the
+     * cluster back) and trains again from where the checkpoint has it. */
     int64_t limit = p->cfg.end_wait_ms > 0 ? p->cfg.end_wait_ms : 10000;
     double moved = cm_now();
     int64_t sum = -1;
