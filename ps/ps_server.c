@@ -956,11 +956,7 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         pc->rows = ra;
         pc->or_final = r->or_final && !r->rows_only && !ra;
         pc->min_version = r->min_version;
-        ps_shard_config sc;
-        if (pc->or_final && ps_shard_config_get(s->shard, &sc) &&
-            r->cluster->rank >= (uint32_t)sc.num_workers) {
-            /* An evaluator's (the training workers' final pulls are
-             * counted apart: see on_shutdown). */
+        if (pc->or_final) {
             pthread_mutex_lock(&s->mu);
             s->evaluator_seen = 1;
             pthread_mutex_unlock(&s->mu);
