@@ -113,14 +113,10 @@ struct ps_server {
     int stopping;
     char reason[256];
     int stop_failed; /* The Shutdown said the run failed. */
-    /* A Shutdown defers the stop until the final pulls of the other
-     * training workers (they wait for the run's end: a rollback may still
-     * need them) and of an evaluator, if one was seen, are answered
-     * (final_answers >= final_needed) or stop_after passes: a pull that
-     * comes just after the Shutdown is answered, not refused by a closed
-     * port and retried. */
+    /* An evaluator's pulls were seen; a Shutdown then defers the stop until
+     * its final pull is answered (final_answers) or stop_after passes. */
     int evaluator_seen, finishing;
-    uint64_t final_answers, final_needed;
+    uint64_t final_answers;
     double stop_after;
     char pending_reason[256];
     /* Checkpoints. */
@@ -1117,19 +1113,13 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
                  r->reason && r->reason[0] ? r->reason : "(no reason)");
         Psrpc__ShutdownReply rep = PSRPC__SHUTDOWN_REPLY__INIT;
         reply_packed(call, &rep.base);
-        /* (The shard's lock is not taken under mu: answer_pull takes mu.) */
-        ps_shard_config sc;
-        int others = ps_shard_config_get(s->shard, &sc) ? sc.num_workers - 1 : 0;
-        if (others < 0) others = 0;
         pthread_mutex_lock(&s->mu);
         if (r->failed) s->stop_failed = 1;
         /* An evaluator pulls now and then: its pull of the final version
-         * may still be on its way (it evaluates the one before); the other
-         * training workers' final pulls too. Keep serving them for up to
-         * FINAL_GRACE_S before stopping. */
-        int wait_eval = (s->evaluator_seen || others > 0) && !r->failed && !s->stopping;
+         * may still be on its way (it evaluates the one before). Keep
+         * serving it for up to FINAL_GRACE_S before stopping. */
+        int wait_eval = s->evaluator_seen && !r->failed && !s->stopping;
         if (wait_eval) {
-            s->final_needed = (uint64_t)others + (s->evaluator_seen ? 1 : 0);
             s->finishing = 1;
             s->stop_after = cm_now() + FINAL_GRACE_S;
             snprintf(s->pending_reason, sizeof s->pending_reason, "%s", why);
@@ -2214,7 +2204,7 @@ int ps_server_start(ps_server *s, const char *addr, int *port) {
  * has the final version or FINAL_GRACE_S passed. */
 static int stop_due(ps_server *s) {
     if (!s->stopping && s->stop_after > 0 &&
-        (s->final_answers >= s->final_needed || cm_now() >= s->stop_after)) {
+        (s->final_answers > 0 || cm_now() >= s->stop_after)) {
         s->stopping = 1;
         snprintf(s->reason, sizeof s->reason, "%s", s->pending_reason);
         pthread_cond_broadcast(&s->cv);
