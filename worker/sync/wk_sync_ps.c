@@ -720,31 +720,9 @@ static int step_inner(wk_sync *s, int64_t step, float *grad, float *params, wk_s
     return rc;
 }
 
-/* A training worker other than the chief, its last step in: wait for the
- * run's end (the chief's Shutdown answers a pull_final parked on every
- * shard) rather than exit, so that a rollback after its last step (a PS
- * restarted before the chief ended the run) finds it to redo the steps
- * taken back: CM_EABORTED then, and the trainer recovers. A shard that went
- * away for good (the run ended while this asked) counts as the end. */
-static int wait_run_end(psync *p, float *params) {
-    for (;;) {
-        ps_client_stats st;
-        int rc = ps_client_stats_get(p->client, &st, p->base.err, sizeof p->base.err);
-        if (rc != CM_OK) return rc == CM_EABORTED ? rc : CM_OK;
-        ps_ticket *tk;
-        /* A version no step reaches: answered at Shutdown (with the last). */
-        ps_client_pull_final(p->client, st.min_version + (INT64_C(1) << 23), params, &tk);
-        rc = ps_ticket_wait(tk, NULL, p->base.err, sizeof p->base.err);
-        if (rc == CM_OK || rc == CM_EABORTED) return rc;
-        if (rc != CM_ETIMEDOUT) return CM_OK; /* The shards are gone: the run is over. */
-    }
-}
-
 static int ps_end(wk_sync *s, int64_t steps, float *params) {
     psync *p = (psync *)s;
     int rc0 = settle_all(p);
-    if (rc0 == CM_OK && !p->cfg.is_chief && p->cfg.rank < p->cfg.nworkers)
-        return wait_run_end(p, params);
     if (rc0 != CM_OK || !p->cfg.is_chief || !p->cfg.async) return rc0;
     /* Async: wait until every worker's last push (step steps - 1) is in on
      * every shard, then take the final parameters. (Per-worker steps, not
@@ -763,15 +741,8 @@ static int ps_end(wk_sync *s, int64_t steps, float *params) {
         if (nw < 0) return nw;
         int64_t behind = 0;
         for (int w = 0; w < nw && w < 64; w++)
-            if (w != p->cfg.rank && last[w] < steps - 1) behind += last[w] + 2;
-        if (!behind) {
-            /* This chief's own pushes are all done; those a rollback took
-             * after its last step are lost (async redoes nothing), and no
-             * shard counts them: no push of its follows. */
-            if (p->cfg.rank < nw && p->cfg.rank < 64 && last[p->cfg.rank] < steps - 1)
-                p->base.versions_lost += steps - 1 - last[p->cfg.rank];
-            break;
-        }
+            if (last[w] < steps - 1) behind += last[w] + 2;
+        if (!behind) break;
         if (behind != sum) {
             sum = behind;
             moved = cm_now();
@@ -779,7 +750,7 @@ static int ps_end(wk_sync *s, int64_t steps, float *params) {
             char who[512] = "";
             size_t at = 0;
             for (int w = 0; w < nw && w < 64; w++) {
-                if (last[w] >= steps - 1) continue; /* The chief's own, too. */
+                if (last[w] >= steps - 1) continue;
                 p->base.versions_lost += steps - 1 - last[w]; /* Their pushes never came. */
                 int n = snprintf(who + at, sizeof who - at, "%srank %d at step %lld",
                                  at ? ", " : "", w, (long long)last[w]);
