@@ -822,6 +822,9 @@ static int begin_training(run *r, const float *init_values) {
         cm_error("cannot open --log %s: %s", cfg->log_path, strerror(errno));
         return CM_EIO;
     }
+    /* A line a step, as it happens: for whoever follows the file (the
+     * launcher's chaos option kills at a step it reads there). */
+    if (r->log) setvbuf(r->log, NULL, _IOLBF, 0);
     log_start(r);
     return CM_OK;
 }
@@ -1212,12 +1215,24 @@ static void test_die_before_outputs(void) {
     raise(SIGKILL);
 }
 
+/* Test hook, PSTRAIN_TEST_END_DELAY_MS=N: the chief waits N ms after its
+ * last step before it ends the run, so that a test can kill processes
+ * there (before the final commit). */
+static void test_end_delay(void) {
+    const char *v = getenv("PSTRAIN_TEST_END_DELAY_MS");
+    long ms = v ? strtol(v, NULL, 10) : 0;
+    if (ms <= 0 || ms > 60000) return;
+    fprintf(stderr, "test: the chief waits %ld ms before it ends the run\n", ms);
+    usleep((useconds_t)ms * 1000);
+}
+
 static int finish_training(run *r) {
     const wk_train_cfg *cfg = r->cfg;
     wk_train_result *result = r->result;
     size_t numel = r->model->numel;
     int status;
     result->test_examples = r->sparse ? r->ctr.n_test : r->test.n;
+    if (r->is_chief) test_end_delay();
     while ((status = r->sync->ops->end(r->sync, result->steps, r->params)) != CM_OK) {
         /* A PS restarted after this worker's last step (async: the chief
          * waits for the others'): roll back, and train again from where
