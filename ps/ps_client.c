@@ -729,7 +729,8 @@ static int call_shard(ps_client *c, int sh, const char *method, const ProtobufCM
     int admin = !strcmp(method, "/psrpc.Ps/Initialize") || !strcmp(method, "/psrpc.Ps/Rollback") ||
                 !strcmp(method, "/psrpc.Ps/Shutdown") ||
                 (!strcmp(method, "/psrpc.Ps/Checkpoints") &&
-                 ((const Psrpc__CheckpointsRequest *)(const void *)req)->keep_from >= 0);
+                 (((const Psrpc__CheckpointsRequest *)(const void *)req)->keep_from >= 0 ||
+                  ((const Psrpc__CheckpointsRequest *)(const void *)req)->commit));
     for (int attempt = 0;; attempt++) {
         code = rpc_call_sync(c->ch[sh], method, buf, n, c->cfg.deadline_ms, admin ? RPC_ADMIN : 0,
                              reply, len, msg, msglen);
@@ -1076,42 +1077,62 @@ void ps_client_close(ps_client *c) {
 void ps_client_set_epoch(ps_client *c, uint64_t epoch) { c->epoch = epoch; }
 uint64_t ps_client_epoch(const ps_client *c) { return c->epoch; }
 
-static int checkpoints(ps_client *c, int64_t keep_from, int abort_waiting,
-                       ps_shard_checkpoints *out, char *err, size_t errlen) {
+/* Shard i's checkpoints into *o (call_unpack: retries an unreachable one). */
+static int checkpoints_one(ps_client *c, int i, int64_t keep_from, int abort_waiting, int commit,
+                           ps_shard_checkpoints *o, char *err, size_t errlen) {
     Psrpc__Cluster cl;
     fill_cluster(c, &cl);
     Psrpc__CheckpointsRequest req = PSRPC__CHECKPOINTS_REQUEST__INIT;
     req.cluster = &cl;
     req.keep_from = keep_from;
     req.abort_waiting = abort_waiting != 0;
+    req.commit = commit != 0;
+    int rc;
+    Psrpc__CheckpointsReply *r = (Psrpc__CheckpointsReply *)call_unpack(
+        c, i, "/psrpc.Ps/Checkpoints", &req.base, &psrpc__checkpoints_reply__descriptor,
+        commit ? "the final commit" : "checkpoints", &rc, err, errlen);
+    if (!r) return rc;
+    memset(o, 0, sizeof *o);
+    o->version = r->version;
+    o->epoch = r->epoch;
+    o->recovering = r->recovering;
+    o->initialised = r->initialised;
+    o->durable = r->durable;
+    o->ncommitted = r->n_committed < PS_MAX_COMMITTED ? (int)r->n_committed : PS_MAX_COMMITTED;
+    for (int k = 0; k < o->ncommitted; k++) o->committed[k] = r->committed[k];
+    psrpc__checkpoints_reply__free_unpacked(r, NULL);
+    return CM_OK;
+}
+
+static int checkpoints(ps_client *c, int64_t keep_from, int abort_waiting, int commit,
+                       ps_shard_checkpoints *out, char *err, size_t errlen) {
     for (int i = 0; i < c->nshards; i++) {
-        int rc;
-        Psrpc__CheckpointsReply *r = (Psrpc__CheckpointsReply *)call_unpack(
-            c, i, "/psrpc.Ps/Checkpoints", &req.base, &psrpc__checkpoints_reply__descriptor,
-            "checkpoints", &rc, err, errlen);
-        if (!r) return rc;
-        ps_shard_checkpoints *o = &out[i];
-        memset(o, 0, sizeof *o);
-        o->version = r->version;
-        o->epoch = r->epoch;
-        o->recovering = r->recovering;
-        o->initialised = r->initialised;
-        o->durable = r->durable;
-        o->ncommitted = r->n_committed < PS_MAX_COMMITTED ? (int)r->n_committed
-                                                           : PS_MAX_COMMITTED;
-        for (int k = 0; k < o->ncommitted; k++) o->committed[k] = r->committed[k];
-        psrpc__checkpoints_reply__free_unpacked(r, NULL);
+        int rc = checkpoints_one(c, i, keep_from, abort_waiting, commit, &out[i], err, errlen);
+        if (rc != CM_OK) return rc;
     }
     return CM_OK;
 }
 
 int ps_client_checkpoints(ps_client *c, int64_t keep_from, ps_shard_checkpoints *out,
                           char *err, size_t errlen) {
-    return checkpoints(c, keep_from, 0, out, err, errlen);
+    return checkpoints(c, keep_from, 0, 0, out, err, errlen);
+}
+
+int ps_client_checkpoints_shard(ps_client *c, int shard, ps_shard_checkpoints *out, char *err,
+                                size_t errlen) {
+    if (shard < 0 || shard >= c->nshards) {
+        cm_seterr(err, errlen, "no PS shard %d (of %d)", shard, c->nshards);
+        return CM_EINVAL;
+    }
+    return checkpoints_one(c, shard, -1, 0, 0, out, err, errlen);
+}
+
+int ps_client_commit_final(ps_client *c, ps_shard_checkpoints *out, char *err, size_t errlen) {
+    return checkpoints(c, -1, 0, 1, out, err, errlen);
 }
 
 int ps_client_abort_waiting(ps_client *c, ps_shard_checkpoints *out, char *err, size_t errlen) {
-    return checkpoints(c, -1, 1, out, err, errlen);
+    return checkpoints(c, -1, 1, 0, out, err, errlen);
 }
 
 int ps_client_rollback(ps_client *c, int64_t version, uint64_t epoch, char *err,

@@ -206,6 +206,17 @@ typedef struct ps_shard_checkpoints {
 int ps_client_checkpoints(ps_client *c, int64_t keep_from, ps_shard_checkpoints *out,
                           char *err, size_t errlen);
 
+/* One shard's checkpoints (as ps_client_checkpoints, nothing dropped). */
+int ps_client_checkpoints_shard(ps_client *c, int shard, ps_shard_checkpoints *out, char *err,
+                                size_t errlen);
+
+/* The chief, at the end of the run: every shard commits the version it
+ * serves (a checkpoint of it) before answering, and keeps it as the run's
+ * last; out as ps_client_checkpoints. A shard that restarted and waits for
+ * a rollback commits nothing and says recovering. Needs the admin's token
+ * when the cluster has tokens. */
+int ps_client_commit_final(ps_client *c, ps_shard_checkpoints *out, char *err, size_t errlen);
+
 /* A worker started again that finds the shards at different versions (a
  * step its predecessor half pushed, which cannot complete): every shard
  * answers its waiting pulls ABORTED, so that the chief rolls back; out as

@@ -117,6 +117,13 @@ struct ps_server {
      * its final pull is answered (final_answers) or stop_after passes. */
     int evaluator_seen, finishing;
     uint64_t final_answers;
+    /* The run's end (sync): the version the chief's commit made durable
+     * (-1: none yet), and the other training workers that have seen it
+     * (bit = rank, ranks < 64): a Shutdown waits for them too, so that a
+     * worker waiting for the end finds this shard still up. */
+    int64_t final_commit;
+    uint64_t told;
+    int told_needed;
     double stop_after;
     char pending_reason[256];
     /* Checkpoints. */
@@ -1113,12 +1120,23 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
                  r->reason && r->reason[0] ? r->reason : "(no reason)");
         Psrpc__ShutdownReply rep = PSRPC__SHUTDOWN_REPLY__INIT;
         reply_packed(call, &rep.base);
+        /* (The shard's lock is not taken under mu: a publish takes mu.) */
+        ps_shard_config sc;
+        int sync = ps_shard_config_get(s->shard, &sc) && sc.sync;
         pthread_mutex_lock(&s->mu);
         if (r->failed) s->stop_failed = 1;
+        /* Sync, after the chief's final commit: the other training workers
+         * wait for it (a Checkpoints now and then) before they exit. */
+        int others = 0;
+        if (sync && s->final_commit >= 0 && !r->failed)
+            others = sc.num_workers - 1 < 63 ? (int)sc.num_workers - 1 : 63;
+        s->told_needed = others;
         /* An evaluator pulls now and then: its pull of the final version
          * may still be on its way (it evaluates the one before). Keep
-         * serving it for up to FINAL_GRACE_S before stopping. */
-        int wait_eval = s->evaluator_seen && !r->failed && !s->stopping;
+         * serving it, and the workers' last looks, for up to FINAL_GRACE_S
+         * before stopping. */
+        int wait_eval = (s->evaluator_seen || __builtin_popcountll(s->told) < others) &&
+                        !r->failed && !s->stopping;
         if (wait_eval) {
             s->finishing = 1;
             s->stop_after = cm_now() + FINAL_GRACE_S;
@@ -1897,6 +1915,51 @@ static void on_health(void *ctx, rpc_call *call, const uint8_t *req, size_t len)
     grpc__health__v1__health_check_request__free_unpacked(r, NULL);
 }
 
+/* CheckpointsRequest.commit, the chief at the end of the run: make the
+ * version being served durable (a checkpoint of it, unless it has one)
+ * before the reply, and remember it as the run's last. Not while
+ * recovering (the reply says so; the chief then rolls back). Returns 0
+ * after failing the call. */
+static int commit_final(ps_server *s, rpc_call *call) {
+    pthread_rwlock_rdlock(&s->gate); /* No rollback meanwhile. */
+    pthread_mutex_lock(&s->mu);
+    int recovering = s->recovering;
+    pthread_mutex_unlock(&s->mu);
+    if (!recovering && s->store && s->writer_started) {
+        ps_server_checkpoint_wait(s);
+        if (ps_shard_publish_now(s->shard)) ps_server_checkpoint_wait(s);
+    }
+    ps_shard_stats st;
+    ps_shard_stats_get(s->shard, &st);
+    int64_t newest = -1;
+    char err[512];
+    int rc = CM_OK;
+    if (!recovering && s->store) {
+        rc = st_store_latest(s->store, &newest, err, sizeof err);
+        if (rc == CM_OK && newest < st.version) {
+            cm_seterr(err, sizeof err, "its newest checkpoint is of version %lld, not %lld "
+                      "(a step is still open)", (long long)newest, (long long)st.version);
+            rc = CM_EINVAL;
+        }
+    }
+    if (!recovering && rc == CM_OK) {
+        pthread_mutex_lock(&s->mu);
+        s->final_commit = st.version;
+        s->told = 0;
+        pthread_mutex_unlock(&s->mu);
+        cm_info("version %lld committed as the run's last (the chief's end)",
+                (long long)st.version);
+    }
+    pthread_rwlock_unlock(&s->gate);
+    if (rc != CM_OK && rc != CM_ENOTFOUND) {
+        rpc_fail(call, rc == CM_EINVAL ? RPC_FAILED_PRECONDITION : RPC_INTERNAL,
+                 "PS shard %d cannot commit version %lld: %s", s->cfg.shard,
+                 (long long)st.version, err);
+        return 0;
+    }
+    return 1;
+}
+
 static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     if (!admit(s, call, &psrpc__checkpoints_request__descriptor, req, len)) return;
@@ -1914,7 +1977,7 @@ static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t
     }
     /* A tool (psctl) may look without the cluster's fingerprint; changing
      * anything (keep_from, abort_waiting) needs it. */
-    int look = !r->cluster && r->keep_from < 0 && !r->abort_waiting;
+    int look = !r->cluster && r->keep_from < 0 && !r->abort_waiting && !r->commit;
     if (!look && !check_cluster(s, call, r->cluster)) goto out;
     if (r->keep_from >= 0 && rpc_call_level(call) < RPC_AUTH_ADMIN) {
         rpc_deny(call, "deleting checkpoints (keep_from) needs the admin's token");
@@ -1925,6 +1988,11 @@ static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t
         cm_warn("rank %u rejoined and found a step half pushed: %d waiting pull%s answered "
                 "ABORTED, for the chief to roll back", r->cluster->rank, n, n == 1 ? "" : "s");
     }
+    if (r->commit && rpc_call_level(call) < RPC_AUTH_ADMIN) {
+        rpc_deny(call, "committing the final version (commit) needs the admin's token");
+        goto out;
+    }
+    if (r->commit && !commit_final(s, call)) goto out;
     int64_t committed[16];
     int n = 0;
     if (s->store) {
@@ -1958,6 +2026,13 @@ static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t
     pthread_mutex_lock(&s->mu);
     rep.epoch = s->epoch;
     rep.recovering = s->recovering;
+    /* A training worker (not the chief) that sees the final commit: a
+     * deferred stop need not wait for it any longer. */
+    if (!r->commit && r->cluster && r->cluster->rank > 0 && r->cluster->rank < 64 &&
+        s->final_commit >= 0 && (!s->store || (n > 0 && committed[0] >= s->final_commit))) {
+        s->told |= UINT64_C(1) << r->cluster->rank;
+        pthread_cond_broadcast(&s->cv);
+    }
     pthread_mutex_unlock(&s->mu);
     reply_packed(call, &rep.base);
 out:
@@ -2129,6 +2204,7 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     *out = NULL;
     ps_server *s = cm_calloc(1, sizeof *s);
     s->cfg = *cfg;
+    s->final_commit = -1;
     /* Kept: the row store opens when the model comes (an Init, later). */
     if (cfg->data_dir) s->cfg.data_dir = s->own_data_dir = cm_strdup(cfg->data_dir);
     if (cfg->rows_dir) s->cfg.rows_dir = s->own_rows_dir = cm_strdup(cfg->rows_dir);
@@ -2200,11 +2276,14 @@ int ps_server_start(ps_server *s, const char *addr, int *port) {
     return rpc_server_start(s->rpc, addr, port);
 }
 
-/* A stop the Shutdown deferred for the evaluator (mu held): due once it
- * has the final version or FINAL_GRACE_S passed. */
+/* A stop the Shutdown deferred (mu held): due once the evaluator, if one
+ * was seen, has the final version and the other training workers have
+ * seen the final commit, or FINAL_GRACE_S passed. */
 static int stop_due(ps_server *s) {
+    int told = __builtin_popcountll(s->told);
     if (!s->stopping && s->stop_after > 0 &&
-        (s->final_answers > 0 || cm_now() >= s->stop_after)) {
+        (((s->final_answers > 0 || !s->evaluator_seen) && told >= s->told_needed) ||
+         cm_now() >= s->stop_after)) {
         s->stopping = 1;
         snprintf(s->reason, sizeof s->reason, "%s", s->pending_reason);
         pthread_cond_broadcast(&s->cv);

@@ -189,6 +189,7 @@ def worker_kill(bin_dir, tmp):
           f"step {m.group(1) if m else '?'} and the run finished (accuracy "
           f"{s['test_accuracy']:.4f})")
     async_end(bin_dir, tmp)
+    sync_end(bin_dir, tmp, ref_params)
     # A PS and a worker killed together. The dead worker may have pushed its step to
     # the killed shard only: the chief's call then waits at the live shard for that
     # worker, never sees the restart, and the new worker waits for the rollback. It
@@ -201,6 +202,29 @@ def worker_kill(bin_dir, tmp):
           same_bytes(d + ".params", ref_params),
           "a PS and a worker killed together: the run finishes bit-identical"
           + (" (the new worker had to free the chief)" if "abort their waiting" in out else ""))
+
+
+def sync_end(bin_dir, tmp, ref_params):
+    """Sync: the chief and a PS killed at the chief's last step, when worker 1 has
+    done its last step too. The restarted PS restores an older checkpoint, so the
+    restarted chief rolls the cluster back and needs worker 1 to train those steps
+    again: worker 1 must not have exited (it waits until every shard has committed
+    the run's last version). The run ends bit-identical."""
+    d = os.path.join(tmp, "sync-end")
+    # PSTRAIN_TEST_END_DELAY_MS holds the chief 1 s after its last step: the kill lands
+    # there, before the chief's final commit.
+    p = run([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "90", *COMMON,
+             "--checkpoint-dir", d, "--chaos-kill", f"{STEPS}:ps0,worker0", "--summary",
+             d + ".json", "--params-out", d + ".params", "--verbose"],
+            env={"PSTRAIN_TEST_END_DELAY_MS": "1000"})
+    out = p.stdout + p.stderr
+    s = summary(d + ".json")
+    check("chaos: killed worker 0" in out and "chaos: killed ps 0" in out and
+          "test: the chief waits" in out and "rolled back to version 80" in out and
+          s["steps"] == STEPS and same_bytes(d + ".params", ref_params),
+          f"sync, the chief and a PS killed at the chief's last step ({STEPS}): worker 1 "
+          "waited for the run's end, trained the steps the rollback took again, and the run "
+          "ended bit-identical")
 
 
 def async_end(bin_dir, tmp):

@@ -720,10 +720,101 @@ static int step_inner(wk_sync *s, int64_t step, float *grad, float *params, wk_s
     return rc;
 }
 
+/* The chief, its final parameters in: every shard commits its version as
+ * the run's last (a checkpoint of it) before anything is written out. A
+ * shard that restarted after the last step (it waits for a rollback)
+ * commits nothing: CM_EABORTED, and the trainer recovers, rolls the cluster
+ * back and trains the lost steps again, with the other workers (sync: they
+ * wait for this commit, wait_run_end). */
+static int commit_end(psync *p, int64_t steps) {
+    wk_sync *s = &p->base;
+    int rc = ps_client_commit_final(p->client, p->ck, s->err, sizeof s->err);
+    if (rc != CM_OK) return rc;
+    for (int i = 0; i < p->cfg.nps; i++) {
+        const ps_shard_checkpoints *c = &p->ck[i];
+        if (c->recovering) {
+            snprintf(s->err, sizeof s->err, "PS shard %d restarted after the last step, from its "
+                     "checkpoint of version %lld: rolling back to train the steps it lost again",
+                     i, (long long)c->version);
+            return CM_EABORTED;
+        }
+        if (!p->cfg.async && c->version != steps) {
+            snprintf(s->err, sizeof s->err, "PS shard %d ends at version %lld, not %lld",
+                     i, (long long)c->version, (long long)steps);
+            return CM_EINVAL;
+        }
+    }
+    return CM_OK;
+}
+
+/* A sync training worker other than the chief, its last step in: the
+ * chief may still roll the cluster back (a PS restarted before the chief
+ * ended the run) and need this worker to train the steps taken back. Wait
+ * until every shard has committed the last version (the chief's
+ * commit_end: from then on no restart can take it back) and return CM_OK;
+ * CM_EABORTED when a shard restarted from an older checkpoint or the
+ * cluster rolled back (the trainer recovers and trains on). A shard without
+ * checkpoints (no --data-dir) cannot take anything back: nothing to wait
+ * for. Bounded by the recovery timeout. */
+static int wait_run_end(psync *p, int64_t steps) {
+    wk_sync *s = &p->base;
+    if (steps <= 0) return CM_OK;
+    int n = p->cfg.nps, left = n, rc = CM_OK;
+    char *done = cm_calloc((size_t)n, 1);
+    uint64_t epoch = ps_client_epoch(p->client);
+    int64_t limit = p->cfg.recovery_timeout_ms > 0 ? p->cfg.recovery_timeout_ms : 120000;
+    double start = cm_now(), said = start;
+    while (left > 0) {
+        for (int i = 0; i < n && rc == CM_OK; i++) {
+            if (done[i]) continue;
+            ps_shard_checkpoints c;
+            /* (An unreachable shard is retried for the connect timeout.) */
+            if ((rc = ps_client_checkpoints_shard(p->client, i, &c, s->err, sizeof s->err)) !=
+                CM_OK)
+                break;
+            if (!c.durable || (c.ncommitted > 0 && c.committed[0] >= steps)) {
+                done[i] = 1;
+                left--;
+            } else if (c.recovering) {
+                snprintf(s->err, sizeof s->err, "PS shard %d restarted from its checkpoint of "
+                         "version %lld before the chief ended the run: the steps after it are "
+                         "trained again", i, (long long)c.version);
+                rc = CM_EABORTED;
+            } else if (epoch && c.epoch && c.epoch != epoch) {
+                snprintf(s->err, sizeof s->err, "the cluster rolled back (PS shard %d is at "
+                         "version %lld of epoch %llu) before the chief ended the run",
+                         i, (long long)c.version, (unsigned long long)c.epoch);
+                rc = CM_EABORTED;
+            }
+        }
+        if (rc != CM_OK || left == 0) break;
+        double now = cm_now();
+        if ((now - start) * 1e3 > (double)limit) {
+            snprintf(s->err, sizeof s->err, "the chief did not end the run within %lld ms of "
+                     "this worker's last step (%d of %d PS shards have not committed version "
+                     "%lld; --recovery-timeout-ms)", (long long)limit, left, n,
+                     (long long)steps);
+            rc = CM_ETIMEDOUT;
+            break;
+        }
+        if (now - said >= 10.0) {
+            said = now;
+            cm_info("waiting for the chief to end the run (%d of %d PS shards have not committed "
+                    "version %lld yet, %.0f s)", left, n, (long long)steps, now - start);
+        }
+        usleep(50000);
+    }
+    free(done);
+    return rc;
+}
+
 static int ps_end(wk_sync *s, int64_t steps, float *params) {
     psync *p = (psync *)s;
     int rc0 = settle_all(p);
-    if (rc0 != CM_OK || !p->cfg.is_chief || !p->cfg.async) return rc0;
+    if (rc0 != CM_OK) return rc0;
+    if (!p->cfg.is_chief)
+        return !p->cfg.async && p->cfg.rank < p->cfg.nworkers ? wait_run_end(p, steps) : CM_OK;
+    if (!p->cfg.async) return commit_end(p, steps);
     /* Async: wait until every worker's last push (step steps - 1) is in on
      * every shard, then take the final parameters. (Per-worker steps, not
      * push counts: a restarted shard's counters start again at 0.) A worker
@@ -773,7 +864,8 @@ static int ps_end(wk_sync *s, int64_t steps, float *params) {
         p->base.versions_lost += (int64_t)st.updates_lost_max;
     ps_ticket *tk;
     ps_client_pull(p->client, 0, params, &tk);
-    return ps_ticket_wait(tk, NULL, s->err, sizeof s->err);
+    int rc = ps_ticket_wait(tk, NULL, s->err, sizeof s->err);
+    return rc == CM_OK ? commit_end(p, steps) : rc;
 }
 
 static int ps_finish(wk_sync *s, int ok) {
