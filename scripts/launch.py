@@ -362,12 +362,19 @@ class Cluster:
                 return 1
             if chief_done is not None and now - chief_done > 2:
                 # A worker started again just as the run ended (it died after its
-                # last step) has nothing to do: its peers are gone. Stop it.
+                # last step) has nothing to do: its peers are gone. Nor has any
+                # worker once every PS is gone too (one waiting for a shard that
+                # was killed as it shut down would retry it for its connect
+                # timeout). Stop it.
+                ps_gone = self.args.mode == "ps" and all(
+                    q.poll() is not None for n, q in self.procs if n.startswith("ps "))
                 for name, p in self.procs:
-                    if (name.startswith("worker ") and self.restarts.get(name) and
+                    if (name.startswith("worker ") and (self.restarts.get(name) or ps_gone) and
                             name not in self.excused and p.poll() is None):
                         self.retire(name, p, "was started again as the run ended: nothing "
-                                    "left for it to do")
+                                    "left for it to do" if self.restarts.get(name) else
+                                    "still runs, but the chief and every PS have finished: "
+                                    "nothing left for it to do")
             if chief_done is not None and now - chief_done > 60:
                 left = [n for n, p in self.procs if p.poll() is None]
                 say(f"the chief finished but {', '.join(left)} did not exit within 60 s; "
