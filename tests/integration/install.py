@@ -4,9 +4,10 @@
   install.py SOURCE_DIR BUILD_DIR
 
 Installs BUILD_DIR into a staging prefix, checks what is there (the programs,
-libpstrain.so exporting only pst_*, the one public header, a pkg-config file),
-builds examples/train_loop.c with `pkg-config --cflags --libs pstrain` only,
-and runs it as two workers against the installed psserver: both must train
+libpstrain.so and libpstrain.a exporting only pst_*, the one public header, a
+pkg-config file), builds examples/train_loop.c with `pkg-config --cflags --libs
+pstrain` only, and again against libpstrain.a (`pkg-config --static`), and runs
+the two as two workers against the installed psserver: both must train
 the planted linear model (loss below a hundredth of its start) and every
 process must exit 0. Servers listen on 127.0.0.1 and are stopped by PID.
 """
@@ -52,6 +53,13 @@ def main():
         exported = sorted({s.split("@")[0] for s in syms if re.match(r"^[a-z_]+@", s)})
         check(exported and all(s.startswith("pst_") for s in exported),
               f"it exports the pst_* API only ({len(exported)} functions)")
+        static = os.path.join(stage, "lib", "libpstrain.a")
+        check(os.path.exists(static), "the static client library lib/libpstrain.a")
+        syms = subprocess.run(["nm", "-g", "--defined-only", static], capture_output=True,
+                              text=True, check=True).stdout.split("\n")
+        glob_ = sorted({ln.split()[-1] for ln in syms if len(ln.split()) == 3})
+        check(glob_ and all(s.startswith("pst_") for s in glob_),
+              f"libpstrain.a defines the pst_* API only ({len(glob_)} global symbols)")
         env = dict(os.environ, PKG_CONFIG_PATH=os.path.join(stage, "lib", "pkgconfig"))
         flags = subprocess.run(["pkg-config", "--cflags", "--libs", "pstrain"], env=env,
                                capture_output=True, text=True, check=True).stdout.split()
@@ -62,6 +70,23 @@ def main():
                              "-o", prog], capture_output=True, text=True, timeout=TIMEOUT)
         check(cc.returncode == 0, "examples/train_loop.c builds with pkg-config's flags only"
               + ("" if cc.returncode == 0 else f":\n{cc.stderr}"))
+        # The same program linked with libpstrain.a (pkg-config --static for what it needs):
+        # it runs as the second worker, so the static library is exercised too.
+        cflags = subprocess.run(["pkg-config", "--cflags", "pstrain"], env=env,
+                                capture_output=True, text=True, check=True).stdout.split()
+        slibs = subprocess.run(["pkg-config", "--static", "--libs-only-l", "pstrain"], env=env,
+                               capture_output=True, text=True, check=True).stdout.split()
+        prog_static = os.path.join(tmp, "train_loop_static")
+        cc = subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-Wall", "-Wextra",
+                             "-Werror", *sanitizer_flags(os.path.join(stage, "lib", "libpstrain.so")),
+                             *cflags, os.path.join(src, "examples", "train_loop.c"), static,
+                             *[f for f in slibs if f != "-lpstrain"], "-lm", "-o", prog_static],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+        needed = subprocess.run(["readelf", "-d", prog_static], capture_output=True,
+                                text=True).stdout if cc.returncode == 0 else ""
+        check(cc.returncode == 0 and "libpstrain" not in needed,
+              "examples/train_loop.c links libpstrain.a with pkg-config --static's libraries"
+              + ("" if cc.returncode == 0 else f":\n{cc.stderr}"))
         ps_port, w0, w1 = free_ports(3)
         hosts = ["--ps-hosts", f"127.0.0.1:{ps_port}", "--worker-hosts",
                  f"127.0.0.1:{w0},127.0.0.1:{w1}", "--task-index", "0"]
@@ -71,7 +96,8 @@ def main():
         try:
             args = [prog, "--ps-hosts", f"127.0.0.1:{ps_port}", "--workers", "2", "--steps",
                     "300"]
-            other = subprocess.Popen([*args, "--rank", "1"], env=env, stdout=subprocess.PIPE,
+            other = subprocess.Popen([prog_static, *args[1:], "--rank", "1"], env=env,
+                                     stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
             chief = subprocess.run([*args, "--rank", "0"], env=env, capture_output=True,
                                    text=True, timeout=TIMEOUT)
