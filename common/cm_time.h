@@ -3,6 +3,7 @@
  */
 #ifndef CM_TIME_H
 #define CM_TIME_H
+#include <errno.h>
 #include <time.h>
 
 /* Seconds on the monotonic clock; only differences are meaningful. */
@@ -34,7 +35,9 @@ static inline void cm_sleep_until(double t) {
     ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
     if (ts.tv_nsec >= 1000000000L) ts.tv_nsec = 999999999L;
     if (ts.tv_nsec < 0) ts.tv_nsec = 0;
-    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) != 0) {
+    /* (clock_nanosleep returns the error; only a signal is worth a retry:
+     * EINVAL, a time out of range, would spin.) */
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
     }
 }
 

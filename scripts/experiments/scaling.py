@@ -190,7 +190,8 @@ class CpuSampler(threading.Thread):
 
 
 def step_times(log):
-    """(time seen, record) of each line of the chief's per-step log, as it is written."""
+    """The records of the chief's per-step log (one JSON object a line), in order; what
+    it could read when the file is missing or a line is cut short."""
     out = []
     try:
         with open(log) as f:
