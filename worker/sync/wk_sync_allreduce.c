@@ -262,19 +262,23 @@ static void *writer_main(void *arg) {
     return NULL;
 }
 
-/* Hand step's state to the writer unless it is still busy (then skip). */
+/* Hand step's state to the writer; if it is still writing the last one,
+ * wait for it first (the step stalls) rather than skip this one: a skipped
+ * checkpoint would let a crash lose any number of intervals, a slow writer
+ * (a loaded machine) behind. So at most two intervals are ever lost. */
 static void checkpoint_async(arsync *a, int64_t step, const float *params) {
     pthread_mutex_lock(&a->mu);
-    if (!a->busy) {
-        memcpy(a->job, params, a->n * sizeof(float));
-        if (a->nslots) memcpy(a->job + a->n, a->slots, (size_t)a->nslots * a->n * sizeof(float));
-        a->job_step = step;
-        a->busy = 1;
-        pthread_cond_broadcast(&a->cv);
-    } else {
-        cm_debug("checkpoint of step %lld skipped: the last one is still being written",
-                 (long long)step);
+    if (a->busy) {
+        double t0 = cm_now();
+        while (a->busy) pthread_cond_wait(&a->cv, &a->mu);
+        cm_debug("checkpoint of step %lld waited %.0f ms for the last one to be written",
+                 (long long)step, (cm_now() - t0) * 1e3);
     }
+    memcpy(a->job, params, a->n * sizeof(float));
+    if (a->nslots) memcpy(a->job + a->n, a->slots, (size_t)a->nslots * a->n * sizeof(float));
+    a->job_step = step;
+    a->busy = 1;
+    pthread_cond_broadcast(&a->cv);
     pthread_mutex_unlock(&a->mu);
 }
 
