@@ -89,7 +89,7 @@ struct ps_server {
     ps_server_cfg cfg;
     /* Metrics (ps_server_metrics; lock-free): the time to take a push, a
      * checkpoint's write, rollbacks done, the last checkpoint's bytes. */
-    cm_hist push_hist, ckpt_hist;
+    cm_hist push_hist, pull_hist, ckpt_hist;
     _Atomic uint64_t rollbacks;
     _Atomic uint64_t ckpt_bytes;
     /* The model, its placement and the shard: set once (at create, or by
@@ -797,6 +797,7 @@ typedef struct pull_ctx {
                        * the reply's segments release it. */
     int or_final;     /* An evaluator's pull (PullRequest.or_final). */
     int64_t min_version; /* What it asked for. */
+    double t0;        /* When it came (PushPull: when its push was taken). */
 } pull_ctx;
 
 /* How long a Shutdown waits for an evaluator's pull of the final version. */
@@ -831,6 +832,7 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
                      "worker rejoined with it half pushed)", s->cfg.shard);
         return;
     }
+    cm_hist_add(&s->pull_hist, cm_now() - pc->t0); /* Parked time included. */
     int nparts = pc->nparts;
     const uint32_t *parts = pc->parts;
     if (!nparts) parts = ps_shard_parts(s->shard, &nparts);
@@ -946,6 +948,7 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         psrpc__pull_request__free_unpacked(r, NULL);
         return;
     }
+    double t0 = cm_now();
     pthread_rwlock_rdlock(&s->gate);
     row_answer *ra = NULL;
     if (need_shard(s, call, RPC_UNAVAILABLE) && check_cluster(s, call, r->cluster) &&
@@ -959,6 +962,7 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         pc->rows = ra;
         pc->or_final = r->or_final && !r->rows_only && !ra;
         pc->min_version = r->min_version;
+        pc->t0 = t0;
         if (pc->or_final) {
             pthread_mutex_lock(&s->mu);
             s->evaluator_seen = 1;
@@ -989,7 +993,8 @@ static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t l
         pthread_rwlock_unlock(&s->gate);
         return;
     }
-    cm_hist_add(&s->push_hist, cm_now() - t0);
+    double t1 = cm_now();
+    cm_hist_add(&s->push_hist, t1 - t0);
     /* The reply carries the pushed partitions: in sync mode as soon as they
      * are final for step + 1 (maybe before the rest of the shard), in async
      * mode at once, from the newest version. */
@@ -999,6 +1004,7 @@ static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t l
     pc->nparts = nparts ? nparts : -1;
     pc->parts = parts;
     pc->rows = ra;
+    pc->t0 = t1;
     if (with_rows) /* A sparse model's step: the pushed partitions and the
                     * rows asked for, once the whole step is applied. */
         ps_shard_pull_rows(s->shard, ps_shard_is_async(s->shard) ? 0 : step + 1,
@@ -2466,6 +2472,10 @@ char *ps_server_metrics(ps_server *s, size_t *len) {
     cm_prom_family(f, "pstrain_ps_push_seconds", "histogram",
                    "time to take a push: decode, checks, apply (not the pull it may carry)");
     cm_prom_hist(f, "pstrain_ps_push_seconds", lb, &s->push_hist);
+    cm_prom_family(f, "pstrain_ps_pull_seconds", "histogram",
+                   "time from a pull's arrival (a PushPull: its push taken) to its answer, "
+                   "waiting for the version included");
+    cm_prom_hist(f, "pstrain_ps_pull_seconds", lb, &s->pull_hist);
     cm_prom_family(f, "pstrain_ps_checkpoint_seconds", "histogram",
                    "time to write and commit a checkpoint");
     cm_prom_hist(f, "pstrain_ps_checkpoint_seconds", lb, &s->ckpt_hist);

@@ -101,6 +101,14 @@ def endpoint(bin_dir, tmp):
               "the push-time histogram has the 3 pushes (count, +Inf bucket, sum > 0)")
         buckets = [v for k, v in m.items() if k.startswith("pstrain_ps_push_seconds_bucket")]
         check(buckets == sorted(buckets), "its buckets are cumulative")
+        pulls0 = m.get("pstrain_ps_pull_seconds_count" + lb, -1)
+        for _ in range(2):
+            r = subprocess.run(sh.probe + ["pull", "3"], capture_output=True, text=True)
+            check(r.returncode == 0, f"pull: {r.stdout.strip()}")
+        m = samples(get(sh.url())[2])
+        check(pulls0 >= 0 and m["pstrain_ps_pull_seconds_count" + lb] == pulls0 + 2 and
+              m['pstrain_ps_pull_seconds_bucket{shard="0",le="+Inf"}'] == pulls0 + 2,
+              f"the pull-time histogram counts the 2 pulls made ({pulls0:g} before)")
         check(m["pstrain_ps_parameter_bytes" + lb] == (4 * 3 + 3) * 4,
               "the shard's parameter bytes (ps_probe's 4,3 MLP: 60)")
         check(get(sh.url("/nope"))[0] == 404 and get(sh.url(), "POST")[0] == 405,
