@@ -532,6 +532,45 @@ static int servers_exit(bu_driver *d, bu_child **srv, int n, char *err, size_t e
     return CM_OK;
 }
 
+/* The metrics scraper of a PS phase (bu_driver.scrape_ms). */
+typedef struct scraper {
+    bu_driver *d;
+    const int *ports;
+    int n;
+    volatile int stop;
+} scraper;
+
+/* One GET /metrics of 127.0.0.1:port, read to the end; 1 if it said 200. */
+static int scrape_once(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return 0;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int ok = 0;
+    static const char req[] = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+        write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1)) {
+        char buf[16384];
+        ssize_t n, total = 0;
+        while ((n = read(fd, buf, sizeof buf)) > 0) {
+            if (!total) ok = n >= 12 && !memcmp(buf + 9, "200", 3);
+            total += n;
+        }
+    }
+    close(fd);
+    return ok;
+}
+
+static void *scraper_main(void *arg) {
+    scraper *sc = arg;
+    while (!sc->stop) {
+        for (int i = 0; i < sc->n; i++)
+            if (scrape_once(sc->ports[i])) __atomic_add_fetch(&sc->d->scrapes, 1, __ATOMIC_RELAXED);
+        usleep((useconds_t)sc->d->scrape_ms * 1000);
+    }
+    return NULL;
+}
+
 /* One attempt of a PS phase on fresh ports. Returns CM_EBUSY if a PS found
  * its port taken (a connect to the port may have reached the other
  * listener first, so this is checked after any failure, not only while
@@ -542,9 +581,11 @@ static int ps_attempt(bu_driver *d, int servers, int workers,
                       void *ctx, char *err, size_t errlen) {
     bu_child *srv[BU_MAX_PROCS];
     char ps_hosts[BU_MAX_PROCS * 24], worker_hosts[BU_MAX_PROCS * 24], name[32];
-    int rc = CM_EIO, ports[BU_MAX_KIDS], nsrv = 0;
+    char maddr[BU_MAX_PROCS][32];
+    int rc = CM_EIO, ports[BU_MAX_KIDS + BU_MAX_PROCS], nsrv = 0;
+    int nm = d->scrape_ms > 0 ? servers : 0;
     size_t lp = 0, lw = 0;
-    if (bu_free_ports(ports, servers + workers) != CM_OK) {
+    if (bu_free_ports(ports, servers + workers + nm) != CM_OK) {
         cm_seterr(err, errlen, "cannot find free ports: %s", strerror(errno));
         goto fail;
     }
@@ -560,12 +601,27 @@ static int ps_attempt(bu_driver *d, int servers, int workers,
         snprintf(name, sizeof name, "psserver %d", nsrv);
         char *argv[20] = {d->psserver, "--ps-hosts", ps_hosts, "--worker-hosts", worker_hosts,
                           "--task-index", idx, NULL};
-        for (int k = 0; d->ps_extra[k] && k < 8; k++) argv[7 + k] = d->ps_extra[k];
+        int k = 0;
+        for (; d->ps_extra[k] && k < 8; k++) argv[7 + k] = d->ps_extra[k];
+        if (nm) {
+            snprintf(maddr[nsrv], sizeof maddr[nsrv], "127.0.0.1:%d",
+                     ports[servers + workers + nsrv]);
+            argv[7 + k] = "--metrics-listen";
+            argv[8 + k] = maddr[nsrv];
+        }
         if (!(srv[nsrv] = bu_spawn(d, name, argv, 0, 0, err, errlen))) goto fail;
         srv[nsrv]->watch = 1;
     }
     if ((rc = wait_listening(d, srv, ports, servers, err, errlen)) != CM_OK) goto fail;
-    if ((rc = run(ctx, d, ps_hosts, err, errlen)) != CM_OK) goto fail;
+    scraper sc = {.d = d, .ports = ports + servers + workers, .n = nm};
+    pthread_t th;
+    int scraping = nm && pthread_create(&th, NULL, scraper_main, &sc) == 0;
+    rc = run(ctx, d, ps_hosts, err, errlen);
+    if (scraping) {
+        sc.stop = 1;
+        pthread_join(th, NULL);
+    }
+    if (rc != CM_OK) goto fail;
     /* The workers asked every PS to shut down. */
     if ((rc = servers_exit(d, srv, servers, err, errlen)) != CM_OK) goto fail;
     bu_stop_all(d);

@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <signal.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /* qsort comparator for doubles, ascending. */
@@ -100,6 +101,11 @@ typedef struct bu_driver {
     int nkids;
     char *ps_extra[9];          /* More psserver arguments (NULL-terminated;
                                  * e.g. a token file and TLS files). */
+    /* > 0: every psserver of a PS phase serves Prometheus metrics
+     * (--metrics-listen on a free port) and a thread of the driver scrapes
+     * each every scrape_ms while the phase's workers run. */
+    int scrape_ms;
+    uint64_t scrapes;           /* Scrapes answered with 200, over the run. */
 } bu_driver;
 
 /* Fill d->exe (/proc/self/exe) and d->psserver (bin_dir/psserver, or

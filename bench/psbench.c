@@ -422,8 +422,13 @@ fail:
 
 /* ================================================== driver: phases */
 
-enum { SEC_NONE, SEC_TOKEN, SEC_TLS };
-static const char *const sec_names[] = {"none", "token", "tls"};
+/* The PS phase's variant: plain, secured (token; token and TLS), or
+ * observed (metrics: each psserver serves Prometheus metrics, scraped every
+ * SCRAPE_MS by the driver). Other than none, each run also times it without,
+ * and the line says the variant's cost. */
+enum { SEC_NONE, SEC_TOKEN, SEC_TLS, SEC_METRICS, SEC_N };
+static const char *const sec_names[] = {"none", "token", "tls", "metrics"};
+#define SCRAPE_MS 100
 
 typedef struct bench_cfg {
     int servers, workers, sync;
@@ -457,7 +462,7 @@ static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, con
                           "--mode", b->sync ? "sync" : "async", (char *)addr_opt, (char *)addrs,
                           NULL};
         int k = 17;
-        if (!strcmp(role, "worker") && b->security >= SEC_TOKEN) {
+        if (!strcmp(role, "worker") && (b->security == SEC_TOKEN || b->security == SEC_TLS)) {
             argv[k++] = "--token-file";
             argv[k++] = g_sec.token;
         }
@@ -526,7 +531,7 @@ static int phase_workers(void *ctx, bu_driver *d, const char *addrs, char *err, 
 static int run_ps(bu_driver *d, const bench_cfg *b, phase_result *res, char *err, size_t errlen) {
     phase_run pr = {.b = b, .role = "worker", .addr_opt = "--ps-addrs", .res = res};
     int k = 0;
-    if (b->security >= SEC_TOKEN) {
+    if (b->security == SEC_TOKEN || b->security == SEC_TLS) {
         d->ps_extra[k++] = "--auth-token-file";
         d->ps_extra[k++] = g_sec.token;
     }
@@ -537,8 +542,10 @@ static int run_ps(bu_driver *d, const bench_cfg *b, phase_result *res, char *err
         d->ps_extra[k++] = g_sec.key;
     }
     d->ps_extra[k] = NULL;
+    d->scrape_ms = b->security == SEC_METRICS ? SCRAPE_MS : 0;
     int rc = bu_ps_phase(d, b->servers, b->workers, phase_workers, &pr, err, errlen);
     d->ps_extra[0] = NULL;
+    d->scrape_ms = 0;
     return rc;
 }
 
@@ -708,8 +715,8 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
                 pg[i] = gbps_of(b, &plain[i]);
                 cost[i] = 1.0 - gbps_of(b, &ps[i]) / pg[i];
             }
-            printf(",\"plain_gbps\":%.4f,\"security_cost\":%.4f", bu_median(pg, nrep),
-                   bu_median(cost, nrep));
+            printf(",\"plain_gbps\":%.4f,\"%s_cost\":%.4f", bu_median(pg, nrep),
+                   b->security == SEC_METRICS ? "metrics" : "security", bu_median(cost, nrep));
         }
     }
     /* The verdict is "ok" or an error message. */
@@ -751,7 +758,10 @@ static void usage(FILE *f) {
             "                       it), tls (token and TLS, a throwaway CA made with the\n"
             "                       openssl command); default none. Other than none, each\n"
             "                       run also times the PS without, and the line says the\n"
-            "                       cost (security_cost: 1 - secured / plain throughput)\n"
+            "                       cost (security_cost: 1 - secured / plain throughput);\n"
+            "                       metrics (not security: each psserver serves Prometheus\n"
+            "                       metrics, scraped every 100 ms during the timed window;\n"
+            "                       metrics_cost likewise)\n"
             "  --bin-dir DIR        where psserver is (default <this binary's dir>/../bin)\n"
             "  -h, --help           this text\n");
 }
@@ -762,10 +772,11 @@ static int parse_cfg(const opts *o, const char *shape, const char *mode, const c
                      const char *security, bench_cfg *b) {
     *b = (bench_cfg){0};
     b->security = -1;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < SEC_N; i++)
         if (!strcmp(security, sec_names[i])) b->security = i;
     if (b->security < 0) {
-        fprintf(stderr, "psbench: --security takes none, token and tls, not '%s'\n", security);
+        fprintf(stderr, "psbench: --security takes none, token, tls and metrics, not '%s'\n",
+                security);
         return -1;
     }
     if (sscanf(shape, "%dx%d", &b->servers, &b->workers) != 2 || b->servers < 1 ||
@@ -807,6 +818,14 @@ static int run_config(bu_driver *d, const opts *o, const bench_cfg *b) {
                 o->repeats, gbps_of(b, &ps[nrep]), gbps_of(b, &tcp[nrep]));
     }
     int failed = nrep < o->repeats;
+    if (!failed && b->security == SEC_METRICS && d->scrapes == 0) {
+        snprintf(err, sizeof err, "no metrics scrape was answered");
+        failed = 1;
+    }
+    if (b->security == SEC_METRICS)
+        fprintf(stderr, "psbench: %llu metrics scrapes answered\n",
+                (unsigned long long)d->scrapes);
+    d->scrapes = 0;
     if (failed)
         fprintf(stderr, "psbench: %dx%d %s %zu B: %s\n", b->servers, b->workers, mode, b->bytes,
                 err);
@@ -839,7 +858,7 @@ static int driver_main(const opts *o) {
                 for (int ki = 0; ki < nsecs; ki++) {
                     bench_cfg *b = &cfgs[ncfgs++];
                     if (parse_cfg(o, shapes[si], modes[mi], sizes[zi], secs[ki], b)) goto fail;
-                    want_token |= b->security != SEC_NONE;
+                    want_token |= b->security == SEC_TOKEN || b->security == SEC_TLS;
                     want_tls |= b->security == SEC_TLS;
                 }
     if (want_token && make_sec_files(want_tls)) goto fail;
