@@ -3,7 +3,7 @@
  *
  * The chief writes it at the end of a run (pstrain --export FILE); a run can
  * start from it (--init-from FILE) and evaluation can run from it alone
- * (--eval-only --init-from FILE). The byte layout (docs/ARCHITECTURE.md,
+ * (--eval-only --init-from FILE). The byte layout (docs/FORMATS.md,
  * "Model export file"), all integers little-endian:
  *
  *   0         8 bytes   magic "PSTMODEL"

@@ -74,7 +74,7 @@ static void usage(FILE *f) {
             "  --params-out FILE         write the final parameters (raw float32)\n"
             "  --init-out FILE           write the initial parameters (raw float32)\n"
             "  --export FILE             the chief writes the trained model to FILE (the\n"
-            "                            model file format of docs/ARCHITECTURE.md)\n"
+            "                            model file format of docs/FORMATS.md)\n"
             "  --init-from FILE          start from the parameters in an exported model\n"
             "                            file instead of the seeded initialisation (its\n"
             "                            layers must match --layers; in PS mode the chief\n"
