@@ -11,7 +11,7 @@
  * A read seeks to the row's 12-byte prefix and takes the first visible
  * entry: LevelDB's bloom filter only serves exact-key Gets, so it is not
  * set; a seek costs about what a Get of a present key does (measured:
- * docs/BENCHMARKS.md, rowbench).
+ * docs/bench-log.md, rowbench).
  */
 #include "storage/st_rowdb.h"
 

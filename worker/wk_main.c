@@ -205,7 +205,7 @@ typedef struct cli {
 
 /* Click models' defaults for what the command line did not say: 2 epochs
  * of 512 examples a worker (the planted data set's 2 M rows; measured in
- * docs/BENCHMARKS.md), where the MLP has 10 of 128. */
+ * docs/bench-log.md, "DeepFM"), where the MLP has 10 of 128. */
 enum { CTR_EPOCHS = 2, CTR_BATCH = 512 };
 
 /* "400,400,400" (or "0": none) into cfg's hidden layers; -1 if bad. */

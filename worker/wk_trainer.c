@@ -523,7 +523,7 @@ static int setup_compute(run *r) {
     }
     /* Adam on a click model's DNN: slower than on the MLP, so that it
      * corrects the factorization machine rather than overfit the rows it
-     * reads (measured: docs/BENCHMARKS.md, "DeepFM"). */
+     * reads (measured: docs/bench-log.md, "DeepFM"). */
     int ctr = cfg->model && strcmp(cfg->model, "mlp") != 0;
     r->lr = cfg->lr > 0.0f ? cfg->lr
             : cfg->optimizer == PS_OPTIM_ADAM ? (ctr ? 1e-4f : 1e-3f)

@@ -210,7 +210,7 @@ ADMISSION = re.compile(r"ps (\d) info: row cache at exit: (\d+) rows.*; (\d+) re
 
 # A shard's anonymous memory without its rows, for this test's small model: gRPC and its
 # threads, the dense state, both LevelDBs' memtables and caches (about 9 MiB measured; the
-# bound for the DeepFM main job is in docs/BENCHMARKS.md).
+# bound for the DeepFM main job is in docs/bench-log.md, "Embedding rows beyond memory").
 ANON_BASE_MIB = 16
 
 
@@ -245,7 +245,7 @@ def beyond_memory(bin_dir, tmp):
               f"PS {ps}: {resident} rows in memory ({used_mib} of {budget_mib} MiB), "
               f"{total} rows in all ({total / int(resident):.0f}x), hit rate {hit} %, "
               f"{evicted} evictions, peak RSS {rss} MiB, anonymous {anon} MiB")
-        # The bound (docs/BENCHMARKS.md): budget + 2 x budget (rows, the checkpoint's copy)
+        # The bound (docs/bench-log.md, "Embedding rows beyond memory"): budget + 2 x budget (rows, the checkpoint's copy)
         # + the process without rows: gRPC, dense state, LevelDB's memtables and caches.
         # Not under AddressSanitizer, whose shadow memory and quarantine are anonymous too.
         if not sanitized:
