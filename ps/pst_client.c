@@ -31,7 +31,7 @@ struct pst_client {
     cm_security sec;
     ps_client *client;
     pst_options o;
-    char optimizer[16];
+    char optimizer[16], table_optimizer[16];
     char tls_ca[4096];
 };
 
@@ -43,6 +43,7 @@ PST_EXPORT void pst_options_default(pst_options *o) {
     o->init_scale = 0.05f;
     o->deadline_ms = 60000;
     o->connect_timeout_ms = 30000;
+    o->table_optimizer = "adagrad";
 }
 
 /* "host:port" with a port of 1-65535. */
@@ -98,10 +99,17 @@ PST_EXPORT int pst_client_create(const pst_options *o, pst_client **out, char *e
     *out = NULL;
     if (!o || o->num_workers < 1 || o->rank < 0 || o->rank >= o->num_workers || !o->vars ||
         o->nvars < 1 || o->nvars > 4096 || !(o->lr > 0.0f) || o->deadline_ms <= 0 ||
-        o->connect_timeout_ms <= 0) {
+        o->connect_timeout_ms <= 0 || o->ntables < 0 || o->ntables > 1024 ||
+        (o->ntables > 0 && !o->tables) || o->table_lr < 0.0f) {
         cm_seterr(err, errlen, "pst_client_create: bad options (rank %d of %d workers, %d "
-                  "variables, lr %g)", o ? o->rank : -1, o ? o->num_workers : 0,
-                  o ? o->nvars : 0, o ? (double)o->lr : 0.0);
+                  "variables, %d tables, lr %g)", o ? o->rank : -1, o ? o->num_workers : 0,
+                  o ? o->nvars : 0, o ? o->ntables : 0, o ? (double)o->lr : 0.0);
+        return CM_EINVAL;
+    }
+    int tkind = ps_optim_parse(o->table_optimizer ? o->table_optimizer : "adagrad");
+    if (tkind < 0 || tkind == PS_OPTIM_ADD) {
+        cm_seterr(err, errlen, "pst_client_create: unknown table optimizer '%s' (sgd, momentum, "
+                  "adam, adagrad)", o->table_optimizer);
         return CM_EINVAL;
     }
     int kind = ps_optim_parse(o->optimizer ? o->optimizer : "sgd");
@@ -114,14 +122,18 @@ PST_EXPORT int pst_client_create(const pst_options *o, pst_client **out, char *e
     c->o = *o;
     snprintf(c->optimizer, sizeof c->optimizer, "%s", o->optimizer ? o->optimizer : "sgd");
     c->o.optimizer = c->optimizer;
+    snprintf(c->table_optimizer, sizeof c->table_optimizer, "%s",
+             o->table_optimizer ? o->table_optimizer : "adagrad");
+    c->o.table_optimizer = c->table_optimizer;
     c->o.vars = NULL; /* Not kept: the model holds the names. */
+    c->o.tables = NULL;
     int rc = split_hosts(o->ps_hosts, &c->addrs, &c->nps);
     if (rc != CM_OK) {
         cm_seterr(err, errlen, "pst_client_create: ps_hosts must be \"host:port,...\", not "
                   "'%s'", o->ps_hosts ? o->ps_hosts : "(null)");
         goto fail;
     }
-    cm_var *vars = cm_calloc((size_t)o->nvars, sizeof *vars);
+    cm_var *vars = cm_calloc((size_t)(o->nvars + o->ntables), sizeof *vars);
     for (int i = 0; i < o->nvars; i++) {
         const pst_var *u = &o->vars[i];
         if (!u->name || strlen(u->name) >= CM_VAR_NAME_MAX || u->numel == 0 ||
@@ -139,7 +151,26 @@ PST_EXPORT int pst_client_create(const pst_options *o, pst_client **out, char *e
         vars[i].init = CM_INIT_UNIFORM;
         vars[i].init_scale = o->init_scale > 0.0f ? o->init_scale : 0.05f;
     }
-    rc = cm_model_create_from_vars("custom", vars, o->nvars, &c->model, err, errlen);
+    for (int t = 0; t < o->ntables; t++) {
+        const pst_table *u = &o->tables[t];
+        cm_var *v = &vars[o->nvars + t];
+        if (!u->name || strlen(u->name) >= CM_VAR_NAME_MAX || u->dim < 1 || u->dim > 65536) {
+            cm_seterr(err, errlen, "pst_client_create: table %d needs a name of 1-%d bytes and "
+                      "a dim of 1-65536", t, CM_VAR_NAME_MAX - 1);
+            free(vars);
+            rc = CM_EINVAL;
+            goto fail;
+        }
+        snprintf(v->name, sizeof v->name, "%s", u->name);
+        v->kind = CM_VAR_TABLE;
+        v->ndims = 1;
+        v->dims[0] = u->dim;
+        v->dim = u->dim;
+        v->init = CM_INIT_UNIFORM;
+        v->init_scale = o->init_scale > 0.0f ? o->init_scale : 0.05f;
+    }
+    rc = cm_model_create_from_vars("custom", vars, o->nvars + o->ntables, &c->model, err,
+                                   errlen);
     free(vars);
     if (rc != CM_OK) goto fail;
     if ((rc = cm_placement_create(c->model, c->nps, MIN_PART_BYTES, &c->pl)) != CM_OK) {
@@ -177,7 +208,78 @@ PST_EXPORT int pst_init(pst_client *c, const float *values, char *err, size_t er
                         .num_workers = c->o.num_workers,
                         .async = c->o.async != 0,
                         .values = values};
+    if (c->model->ntables)
+        init.table_optim = ps_optim_defaults(ps_optim_parse(c->table_optimizer),
+                                             c->o.table_lr > 0.0f ? c->o.table_lr : c->o.lr);
     return ps_client_init(c->client, &init, err, errlen);
+}
+
+PST_EXPORT size_t pst_row_width(const pst_client *c) {
+    return c && c->model->ntables ? (size_t)cm_model_max_dim(c->model) : 0;
+}
+
+/* rows as the internal keys; 0 after a message if they are malformed. */
+static int row_keys(const pst_client *c, const char *fn, const pst_rows *r, ps_row_keys *k,
+                    char *err, size_t errlen) {
+    int nt = c->model->ntables;
+    if (!r->begin || r->begin[0] != 0 || (r->begin[nt] > 0 && !r->ids)) {
+        cm_seterr(err, errlen, "%s: rows need begin[0] = 0 and ids", fn);
+        return 0;
+    }
+    for (int t = 0; t < nt; t++)
+        if (r->begin[t + 1] < r->begin[t]) {
+            cm_seterr(err, errlen, "%s: rows' begin must not decrease (table %d)", fn, t);
+            return 0;
+        }
+    *k = (ps_row_keys){.ntables = nt, .tab_begin = r->begin, .ids = r->ids};
+    return 1;
+}
+
+PST_EXPORT int pst_step_rows(pst_client *c, int64_t step, const float *grad, float *params,
+                             const pst_rows *rows, const float *row_grad, const pst_rows *next,
+                             float *next_values, char *err, size_t errlen) {
+    if (!c || !grad || !params || step < 0 || (rows && !row_grad) || (next && !next_values)) {
+        cm_seterr(err, errlen, "pst_step_rows: bad arguments");
+        return CM_EINVAL;
+    }
+    if (!c->model->ntables) {
+        cm_seterr(err, errlen, "pst_step_rows: the model has no tables (use pst_step)");
+        return CM_EINVAL;
+    }
+    ps_row_keys k, n;
+    if ((rows && !row_keys(c, "pst_step_rows", rows, &k, err, errlen)) ||
+        (next && !row_keys(c, "pst_step_rows", next, &n, err, errlen)))
+        return CM_EINVAL;
+    ps_ticket *t;
+    int rc = ps_client_push_pull_rows(c->client, step, grad, params, rows ? &k : NULL, row_grad,
+                                      next ? &n : NULL, next_values, &t);
+    if (rc != CM_OK) {
+        cm_seterr(err, errlen, "pst_step_rows %lld: cannot start the calls", (long long)step);
+        return rc;
+    }
+    return ps_ticket_wait(t, NULL, err, errlen);
+}
+
+PST_EXPORT int pst_pull_rows(pst_client *c, int64_t min_version, const pst_rows *rows,
+                             float *values, int train, char *err, size_t errlen) {
+    if (!c || !rows || !values || min_version < 0) {
+        cm_seterr(err, errlen, "pst_pull_rows: bad arguments");
+        return CM_EINVAL;
+    }
+    if (!c->model->ntables) {
+        cm_seterr(err, errlen, "pst_pull_rows: the model has no tables");
+        return CM_EINVAL;
+    }
+    ps_row_keys k;
+    if (!row_keys(c, "pst_pull_rows", rows, &k, err, errlen)) return CM_EINVAL;
+    if (k.tab_begin[k.ntables] == 0) return CM_OK;
+    ps_ticket *t;
+    int rc = ps_client_pull_rows(c->client, min_version, &k, values, train != 0, &t);
+    if (rc != CM_OK) {
+        cm_seterr(err, errlen, "pst_pull_rows: cannot start the calls");
+        return rc;
+    }
+    return ps_ticket_wait(t, NULL, err, errlen);
 }
 
 PST_EXPORT int pst_step(pst_client *c, int64_t step, const float *grad, float *params,

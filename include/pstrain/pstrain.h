@@ -32,6 +32,9 @@
  * applied at once. Every call has a deadline; an unreachable PS is retried
  * for o.connect_timeout_ms and then named in the error.
  *
+ * A model may also hold embedding tables (o.tables): rows by 64-bit id,
+ * pushed and pulled by id with pst_step_rows and pst_pull_rows.
+ *
  * Conventions: functions return 0 or a negative error code (CM_E* of the
  * project) and write a message into err (errlen bytes; may be NULL when
  * errlen is 0). A client is used by one thread at a time. Ownership: the
@@ -55,6 +58,27 @@ typedef struct pst_var {
     size_t numel;
 } pst_var;
 
+/* An embedding table: rows of 'dim' floats keyed by any 64-bit id, created
+ * on first use (uniform in +-init_scale, drawn from the seed and the id),
+ * spread over the shards by a hash of the id, and updated row by row with
+ * the table optimizer. A name (unique among variables and tables, < 64
+ * bytes) and dim 1-65536. */
+typedef struct pst_table {
+    const char *name;
+    int dim;
+} pst_table;
+
+/* Rows of the model's tables, grouped by table: ids[begin[t] .. begin[t+1])
+ * are table t's (begin has ntables + 1 entries, begin[0] = 0). The values
+ * or gradients of the i-th id (counting
+ * over all tables) are floats i * pst_row_width() .. + dim of the caller's
+ * array (a narrower table leaves the rest of its slot unused). An id given
+ * twice in one table gets both gradients (they add up). */
+typedef struct pst_rows {
+    const size_t *begin;
+    const uint64_t *ids;
+} pst_rows;
+
 typedef struct pst_options {
     const char *ps_hosts;       /* "host:port,host:port": every PS, in shard order. */
     int rank;                   /* This worker's rank, 0 .. num_workers-1 (0: chief). */
@@ -72,6 +96,13 @@ typedef struct pst_options {
     const char *tls_ca;           /* TLS: the CA's PEM file (NULL: plaintext). */
     int64_t deadline_ms;          /* Per call (default 60000). */
     int64_t connect_timeout_ms;   /* Retrying an unreachable PS (default 30000). */
+    const pst_table *tables;      /* Embedding tables (NULL: none), after the
+                                   * dense variables; steps with rows use
+                                   * pst_step_rows. */
+    int ntables;
+    const char *table_optimizer;  /* The tables' row-wise optimizer (default
+                                   * "adagrad"; sgd, momentum, adam too). */
+    float table_lr;               /* Its learning rate (default: lr). */
 } pst_options;
 
 /* The defaults above, everything else zero or NULL. */
@@ -104,6 +135,26 @@ int pst_step(pst_client *c, int64_t step, const float *grad, float *params, char
  * deadline) into params; *version (may be NULL) gets the version read. */
 int pst_pull(pst_client *c, int64_t min_version, float *params, int64_t *version, char *err,
              size_t errlen);
+
+/* Floats per row slot in pst_rows arrays: the widest table's dim (0 when
+ * the model has no table). */
+size_t pst_row_width(const pst_client *c);
+
+/* A step of a model with tables: push this worker's dense gradient and the
+ * gradients row_grad of the rows 'rows' it used (NULL: none), receive the
+ * dense parameters that result into params (as pst_step) and, when 'next'
+ * is not NULL, the values of the rows 'next' (the next batch's; created if
+ * missing) at that version into next_values. Every worker calls it once per
+ * step, rows or not. */
+int pst_step_rows(pst_client *c, int64_t step, const float *grad, float *params,
+                  const pst_rows *rows, const float *row_grad, const pst_rows *next,
+                  float *next_values, char *err, size_t errlen);
+
+/* The values of 'rows' at version >= min_version into values. train = 1
+ * creates missing rows (a read for training); 0 reads them as their initial
+ * values without creating them (evaluation). */
+int pst_pull_rows(pst_client *c, int64_t min_version, const pst_rows *rows, float *values,
+                  int train, char *err, size_t errlen);
 
 /* The chief, at the end: tell every shard to checkpoint and exit
  * ('failed' != 0: the run failed). */

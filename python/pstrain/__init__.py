@@ -19,6 +19,9 @@ array's memory, parameters are written into the array you pass).
         c.shutdown()
     c.close()
 
+A model with embedding tables (rows by 64-bit id, created on first use) passes
+tables=[("user", 16), ...] and trains with step_rows / pull_rows (see their doc).
+
 The library is found through $PSTRAIN_LIB (a path), else as libpstrain.so.0 on the
 loader's path (LD_LIBRARY_PATH, or an install into the system's library directory).
 """
@@ -43,6 +46,15 @@ class _Var(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("numel", ctypes.c_size_t)]
 
 
+class _Table(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("dim", ctypes.c_int)]
+
+
+class _Rows(ctypes.Structure):
+    _fields_ = [("begin", ctypes.POINTER(ctypes.c_size_t)),
+                ("ids", ctypes.POINTER(ctypes.c_uint64))]
+
+
 class _Options(ctypes.Structure):
     _fields_ = [("ps_hosts", ctypes.c_char_p), ("rank", ctypes.c_int),
                 ("num_workers", ctypes.c_int), ("vars", ctypes.POINTER(_Var)),
@@ -50,7 +62,9 @@ class _Options(ctypes.Structure):
                 ("async_", ctypes.c_int), ("seed", ctypes.c_uint64),
                 ("init_scale", ctypes.c_float), ("auth_token_file", ctypes.c_char_p),
                 ("admin_token_file", ctypes.c_char_p), ("tls_ca", ctypes.c_char_p),
-                ("deadline_ms", ctypes.c_int64), ("connect_timeout_ms", ctypes.c_int64)]
+                ("deadline_ms", ctypes.c_int64), ("connect_timeout_ms", ctypes.c_int64),
+                ("tables", ctypes.POINTER(_Table)), ("ntables", ctypes.c_int),
+                ("table_optimizer", ctypes.c_char_p), ("table_lr", ctypes.c_float)]
 
 
 _lib = None
@@ -75,8 +89,13 @@ def _load():
     lib.pst_step.argtypes = [P, ctypes.c_int64, F, F, *E]
     lib.pst_pull.argtypes = [P, ctypes.c_int64, F, ctypes.POINTER(ctypes.c_int64), *E]
     lib.pst_shutdown.argtypes = [P, ctypes.c_int, *E]
+    lib.pst_row_width.argtypes = [P]
+    lib.pst_row_width.restype = ctypes.c_size_t
+    R = ctypes.POINTER(_Rows)
+    lib.pst_step_rows.argtypes = [P, ctypes.c_int64, F, F, R, F, R, F, *E]
+    lib.pst_pull_rows.argtypes = [P, ctypes.c_int64, R, F, ctypes.c_int, *E]
     for f in (lib.pst_client_create, lib.pst_init, lib.pst_step, lib.pst_pull,
-              lib.pst_shutdown):
+              lib.pst_shutdown, lib.pst_step_rows, lib.pst_pull_rows):
         f.restype = ctypes.c_int
     _lib = lib
     return lib
@@ -96,7 +115,8 @@ class Client:
     def __init__(self, ps_hosts, variables, rank=0, num_workers=1, optimizer="sgd", lr=0.1,
                  asynchronous=False, seed=1, init_scale=0.05, auth_token_file=None,
                  admin_token_file=None, tls_ca=None, deadline_ms=60000,
-                 connect_timeout_ms=30000):
+                 connect_timeout_ms=30000, tables=(), table_optimizer="adagrad",
+                 table_lr=None):
         lib = _load()
         o = _Options()
         lib.pst_options_default(ctypes.byref(o))
@@ -111,12 +131,22 @@ class Client:
         o.init_scale = init_scale
         o.auth_token_file, o.admin_token_file, o.tls_ca = self._keep[4:7]
         o.deadline_ms, o.connect_timeout_ms = deadline_ms, connect_timeout_ms
+        tnames = [_b(n) for n, _ in tables]
+        tabs = (_Table * max(len(tables), 1))(*[_Table(nm, int(d)) for nm, (_, d) in
+                                                 zip(tnames, tables)])
+        self._keep += (tnames, tabs, _b(table_optimizer))
+        if tables:
+            o.tables, o.ntables = tabs, len(tables)
+        o.table_optimizer = self._keep[-1]
+        o.table_lr = 0.0 if table_lr is None else table_lr
+        self.ntables = len(tables)
         self._err = ctypes.create_string_buffer(1024)
         h = ctypes.c_void_p()
         self._check(lib.pst_client_create(ctypes.byref(o), ctypes.byref(h), self._err,
                                           len(self._err)))
         self._h, self._lib, self.rank = h, lib, rank
         self.numel = int(lib.pst_numel(h))
+        self.row_width = int(lib.pst_row_width(h))
 
     def _check(self, rc):
         if rc != 0:
@@ -157,6 +187,69 @@ class Client:
         self._check(self._lib.pst_pull(self._h, min_version, _floats(p), ctypes.byref(v),
                                        self._err, len(self._err)))
         return p, v.value
+
+    def _rows(self, rows, name):
+        """A list of one id array per table as (_Rows, n, kept arrays)."""
+        if self.ntables == 0:
+            raise ValueError("the model has no tables")
+        if len(rows) != self.ntables:
+            raise ValueError(f"{name} needs one id array per table ({self.ntables})")
+        parts = [np.ascontiguousarray(r, dtype=np.uint64).reshape(-1) for r in rows]
+        begin = np.zeros(self.ntables + 1, dtype=np.uintp)
+        begin[1:] = np.cumsum([p.size for p in parts])
+        ids = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+        r = _Rows(begin.ctypes.data_as(ctypes.POINTER(ctypes.c_size_t)),
+                  ids.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64)))
+        return r, int(begin[-1]), (begin, ids)
+
+    def _row_array(self, a, n, name, writable):
+        shape = (n, self.row_width)
+        if a is None:
+            return np.zeros(shape, np.float32)
+        if (not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shape or
+                not a.flags.c_contiguous or (writable and not a.flags.writeable)):
+            if writable:
+                raise ValueError(f"{name} must be a writable C-contiguous float32 array of "
+                                 f"shape {shape}")
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            if a.shape != shape:
+                raise ValueError(f"{name} has shape {a.shape}, not {shape}")
+        return a
+
+    def step_rows(self, step, grad, rows=None, row_grad=None, next_rows=None, out=None,
+                  next_out=None):
+        """A step of a model with tables: push grad (dense) and row_grad, the gradients
+        of the rows 'rows' (one id array per table; row i of row_grad is the i-th id over
+        all tables, row_width floats), get the dense parameters that result (into out) and,
+        with next_rows, those rows' values at that version: (params, next_values)."""
+        g = self._vector(grad, "grad", False)
+        p = self._vector(out, "out", True)
+        rr = rg = nr = nv = None
+        keep = []
+        if rows is not None:
+            rr, n, k = self._rows(rows, "rows")
+            rg = self._row_array(row_grad, n, "row_grad", False)
+            keep += [k, rg]
+        if next_rows is not None:
+            nr, m, k = self._rows(next_rows, "next_rows")
+            nv = self._row_array(next_out, m, "next_out", True)
+            keep.append(k)
+        self._check(self._lib.pst_step_rows(
+            self._h, step, _floats(g), _floats(p), None if rr is None else ctypes.byref(rr),
+            None if rg is None else _floats(rg), None if nr is None else ctypes.byref(nr),
+            None if nv is None else _floats(nv), self._err, len(self._err)))
+        return p, nv
+
+    def pull_rows(self, rows, min_version=0, train=True, out=None):
+        """The values of 'rows' (one id array per table) at version >= min_version, an
+        array of (ids, row_width) floats; train creates missing rows."""
+        r, n, keep = self._rows(rows, "rows")
+        v = self._row_array(out, n, "out", True)
+        if n:
+            self._check(self._lib.pst_pull_rows(self._h, min_version, ctypes.byref(r),
+                                                _floats(v), int(bool(train)), self._err,
+                                                len(self._err)))
+        return v
 
     def shutdown(self, failed=False):
         """The chief, at the end: the shards checkpoint and exit."""

@@ -7,7 +7,8 @@ Installs BUILD_DIR into a staging prefix, checks what is there (the programs,
 libpstrain.so and libpstrain.a exporting only pst_*, the one public header, a
 pkg-config file), builds examples/train_loop.c with `pkg-config --cflags --libs
 pstrain` only, and again against libpstrain.a (`pkg-config --static`), and runs
-the two as two workers against the installed psserver: both must train
+the two as two workers against the installed psserver (then
+examples/embedding_loop.c, a model with embedding tables, likewise): both must train
 the planted linear model (loss below a hundredth of its start) and every
 process must exit 0. Servers listen on 127.0.0.1 and are stopped by PID.
 """
@@ -87,36 +88,51 @@ def main():
         check(cc.returncode == 0 and "libpstrain" not in needed,
               "examples/train_loop.c links libpstrain.a with pkg-config --static's libraries"
               + ("" if cc.returncode == 0 else f":\n{cc.stderr}"))
-        ps_port, w0, w1 = free_ports(3)
-        hosts = ["--ps-hosts", f"127.0.0.1:{ps_port}", "--worker-hosts",
-                 f"127.0.0.1:{w0},127.0.0.1:{w1}", "--task-index", "0"]
         env["LD_LIBRARY_PATH"] = os.path.join(stage, "lib")
-        log = open(os.path.join(tmp, "ps.log"), "w")
-        ps = subprocess.Popen([os.path.join(stage, "bin", "psserver"), *hosts], stderr=log)
-        try:
-            args = [prog, "--ps-hosts", f"127.0.0.1:{ps_port}", "--workers", "2", "--steps",
-                    "300"]
-            other = subprocess.Popen([prog_static, *args[1:], "--rank", "1"], env=env,
-                                     stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-            chief = subprocess.run([*args, "--rank", "0"], env=env, capture_output=True,
-                                   text=True, timeout=TIMEOUT)
-            out1, _ = other.communicate(timeout=TIMEOUT)
-            if chief.returncode == 0:  # It shut the PS down.
-                ps.wait(timeout=30)
-        finally:
-            for p in (other, ps):
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            log.close()
-        last = [line for line in chief.stdout.splitlines() if "after" in line]
-        check(chief.returncode == 0 and other.returncode == 0,
-              f"two workers trained through the installed library: {last[-1] if last else ''}"
-              + ("" if chief.returncode == 0 and other.returncode == 0 else
-                 f"\n{chief.stdout}\n{chief.stderr}\n{out1}"))
-        check(ps.returncode == 0, "the installed psserver exited 0 on the chief's shutdown")
+        two_workers(stage, tmp, env, prog, prog_static, "train_loop")
+        # A model with embedding tables (pst_step_rows, pst_pull_rows), built the same way.
+        prog_emb = os.path.join(tmp, "embedding_loop")
+        cc = subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-Wall", "-Wextra",
+                             "-Werror", *sanitizer_flags(os.path.join(stage, "lib", "libpstrain.so")),
+                             os.path.join(src, "examples", "embedding_loop.c"), *flags, "-lm",
+                             "-o", prog_emb], capture_output=True, text=True, timeout=TIMEOUT)
+        check(cc.returncode == 0, "examples/embedding_loop.c builds with pkg-config's flags only"
+              + ("" if cc.returncode == 0 else f":\n{cc.stderr}"))
+        two_workers(stage, tmp, env, prog_emb, prog_emb, "embedding_loop")
     print("PASS")
+
+
+def two_workers(stage, tmp, env, prog, prog1, name):
+    """prog as the chief and prog1 as worker 1 against the installed psserver: both
+    must reach their loss target and exit 0, and the PS exit 0 on the chief's shutdown."""
+    ps_port, w0, w1 = free_ports(3)
+    hosts = ["--ps-hosts", f"127.0.0.1:{ps_port}", "--worker-hosts",
+             f"127.0.0.1:{w0},127.0.0.1:{w1}", "--task-index", "0"]
+    log = open(os.path.join(tmp, f"ps-{name}.log"), "w")
+    ps = subprocess.Popen([os.path.join(stage, "bin", "psserver"), *hosts], stderr=log)
+    other = None
+    try:
+        args = ["--ps-hosts", f"127.0.0.1:{ps_port}", "--workers", "2"]
+        other = subprocess.Popen([prog1, *args, "--rank", "1"], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        chief = subprocess.run([prog, *args, "--rank", "0"], env=env, capture_output=True,
+                               text=True, timeout=TIMEOUT)
+        out1, _ = other.communicate(timeout=TIMEOUT)
+        if chief.returncode == 0:  # It shut the PS down.
+            ps.wait(timeout=30)
+    finally:
+        for p in (other, ps):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        log.close()
+    last = [line for line in chief.stdout.splitlines() if "after" in line]
+    check(chief.returncode == 0 and other.returncode == 0,
+          f"{name}: two workers trained through the installed library: "
+          f"{last[-1] if last else ''}"
+          + ("" if chief.returncode == 0 and other.returncode == 0 else
+             f"\n{chief.stdout}\n{chief.stderr}\n{out1}"))
+    check(ps.returncode == 0, f"{name}: the installed psserver exited 0 on the chief's shutdown")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ LIB is the build's libpstrain.so. Runs with a Python that has numpy: this one, o
 Debian's /usr/bin/python3 with python3-numpy (scripts/install-deps.sh installs it);
 neither is a failure. Checks: errors raise pstrain.Error with the library's message,
 wrong arrays raise ValueError, step() writes into the array given (no copy) and pull()
-says the version; then examples/numpy_loop.py trains as two workers with tokens, and
+says the version; a model with embedding tables pulls rows by id (created once) and
+step_rows applies their gradients exactly (SGD, lr 1); then examples/numpy_loop.py trains as two workers with tokens, and
 every process exits 0. With a sanitizer build the ASan runtime is preloaded.
 """
 import os
@@ -54,6 +55,47 @@ c.shutdown()
 c.close()
 print("checks ok")
 '''
+TABLE_CHECKS = r'''
+import sys, numpy as np, pstrain
+c = pstrain.Client(sys.argv[1], [("b", 2)], num_workers=1, lr=0.5, tables=[("e", 3), ("f", 1)],
+                   table_optimizer="sgd", table_lr=1.0, auth_token_file=sys.argv[2],
+                   admin_token_file=sys.argv[3])
+assert c.numel == 2 and c.row_width == 3 and c.ntables == 2, (c.numel, c.row_width)
+c.init()
+rows = [np.array([5, 9], np.uint64), np.array([5], np.uint64)]
+v0 = c.pull_rows(rows)
+assert v0.shape == (3, 3) and np.all(np.abs(v0[:, :1]) <= 0.05) and np.any(v0 != 0), v0
+again = c.pull_rows(rows, train=False)
+assert np.array_equal(again, v0), (again, v0)  # the same rows, created once
+p0 = c.pull(0)[0].copy()
+g = np.arange(9, dtype=np.float32).reshape(3, 3)
+params, nxt = c.step_rows(0, np.ones(2, np.float32), rows, g, next_rows=rows)
+assert np.allclose(params, p0 - 0.5), (params, p0)  # the dense part: sgd, lr 0.5
+want = v0 - g  # sgd, lr 1, one worker
+want[2, 1:] = v0[2, 1:]  # table f has dim 1: the rest of its slot is not its
+assert np.allclose(nxt[:, :1], want[:, :1]) and np.allclose(nxt[:2], want[:2]), (nxt, want)
+for bad in ([rows[0]], ):  # one id array for two tables
+    try:
+        c.pull_rows(bad)
+        sys.exit("one id array for two tables was taken")
+    except ValueError:
+        pass
+try:
+    c.step_rows(1, np.ones(2, np.float32), rows, np.ones((2, 3), np.float32))
+    sys.exit("row gradients of the wrong shape were taken")
+except ValueError:
+    pass
+dense = pstrain.Client(sys.argv[1], [("b", 2)], num_workers=1, auth_token_file=sys.argv[2])
+try:
+    dense.pull_rows(rows)
+    sys.exit("rows of a model without tables were taken")
+except ValueError:
+    pass
+dense.close()
+c.shutdown()
+c.close()
+print("table checks ok")
+'''
 
 
 def python_with_numpy():
@@ -83,7 +125,8 @@ def main():
             with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                 f.write(os.urandom(24).hex() + "\n")
             toks.append(path)
-        for workers, script in ((1, None), (2, os.path.join(src, "examples", "numpy_loop.py"))):
+        for workers, script in ((1, None), (1, "tables"),
+                                (2, os.path.join(src, "examples", "numpy_loop.py"))):
             ps_port, *wports = free_ports(1 + workers)
             addr = f"127.0.0.1:{ps_port}"
             log = open(os.path.join(tmp, f"ps{workers}.log"), "w")
@@ -98,6 +141,13 @@ def main():
                                        capture_output=True, text=True, timeout=TIMEOUT)
                     check(r.returncode == 0 and "checks ok" in r.stdout,
                           "pstrain.Client: errors, array checks, in-place step, pull's version"
+                          + ("" if r.returncode == 0 else f":\n{r.stdout}\n{r.stderr}"))
+                elif script == "tables":
+                    r = subprocess.run([py, "-c", TABLE_CHECKS, addr, *toks], env=env,
+                                       capture_output=True, text=True, timeout=TIMEOUT)
+                    check(r.returncode == 0 and "table checks ok" in r.stdout,
+                          "embedding tables: rows created once and pulled by id, step_rows "
+                          "applies the row gradients (sgd: exactly), shapes checked"
                           + ("" if r.returncode == 0 else f":\n{r.stdout}\n{r.stderr}"))
                 else:
                     args = [py, script, "--ps-hosts", addr, "--workers", "2", "--token-file",
