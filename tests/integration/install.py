@@ -64,11 +64,17 @@ def main():
         env = dict(os.environ, PKG_CONFIG_PATH=os.path.join(stage, "lib", "pkgconfig"))
         flags = subprocess.run(["pkg-config", "--cflags", "--libs", "pstrain"], env=env,
                                capture_output=True, text=True, check=True).stdout.split()
+        san = sanitizer_flags(os.path.join(stage, "lib", "libpstrain.so"))
+
+        def build(example, out, link):
+            """examples/EXAMPLE.c against the install; CompletedProcess."""
+            return subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-Wall", "-Wextra",
+                                   "-Werror", *san, os.path.join(src, "examples", example + ".c"),
+                                   *link, "-lm", "-o", out], capture_output=True, text=True,
+                                  timeout=TIMEOUT)
+
         prog = os.path.join(tmp, "train_loop")
-        cc = subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-Wall", "-Wextra",
-                             "-Werror", *sanitizer_flags(os.path.join(stage, "lib", "libpstrain.so")),
-                             os.path.join(src, "examples", "train_loop.c"), *flags, "-lm",
-                             "-o", prog], capture_output=True, text=True, timeout=TIMEOUT)
+        cc = build("train_loop", prog, flags)
         check(cc.returncode == 0, "examples/train_loop.c builds with pkg-config's flags only"
               + ("" if cc.returncode == 0 else f":\n{cc.stderr}"))
         # The same program linked with libpstrain.a (pkg-config --static for what it needs):
@@ -78,11 +84,8 @@ def main():
         slibs = subprocess.run(["pkg-config", "--static", "--libs-only-l", "pstrain"], env=env,
                                capture_output=True, text=True, check=True).stdout.split()
         prog_static = os.path.join(tmp, "train_loop_static")
-        cc = subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-Wall", "-Wextra",
-                             "-Werror", *sanitizer_flags(os.path.join(stage, "lib", "libpstrain.so")),
-                             *cflags, os.path.join(src, "examples", "train_loop.c"), static,
-                             *[f for f in slibs if f != "-lpstrain"], "-lm", "-o", prog_static],
-                            capture_output=True, text=True, timeout=TIMEOUT)
+        cc = build("train_loop", prog_static,
+                   [*cflags, static, *[f for f in slibs if f != "-lpstrain"]])
         needed = subprocess.run(["readelf", "-d", prog_static], capture_output=True,
                                 text=True).stdout if cc.returncode == 0 else ""
         check(cc.returncode == 0 and "libpstrain" not in needed,
@@ -92,10 +95,7 @@ def main():
         two_workers(stage, tmp, env, prog, prog_static, "train_loop")
         # A model with embedding tables (pst_step_rows, pst_pull_rows), built the same way.
         prog_emb = os.path.join(tmp, "embedding_loop")
-        cc = subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-Wall", "-Wextra",
-                             "-Werror", *sanitizer_flags(os.path.join(stage, "lib", "libpstrain.so")),
-                             os.path.join(src, "examples", "embedding_loop.c"), *flags, "-lm",
-                             "-o", prog_emb], capture_output=True, text=True, timeout=TIMEOUT)
+        cc = build("embedding_loop", prog_emb, flags)
         check(cc.returncode == 0, "examples/embedding_loop.c builds with pkg-config's flags only"
               + ("" if cc.returncode == 0 else f":\n{cc.stderr}"))
         two_workers(stage, tmp, env, prog_emb, prog_emb, "embedding_loop")
