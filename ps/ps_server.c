@@ -91,6 +91,9 @@ struct ps_server {
      * checkpoint's write, rollbacks done, the last checkpoint's bytes. */
     cm_hist push_hist, pull_hist, ckpt_hist;
     _Atomic uint64_t rollbacks;
+    /* Bytes of Push, PushPull and Pull requests received, and of the
+     * answers to Pull and PushPull sent (messages, not gRPC's framing). */
+    _Atomic uint64_t bytes_in, bytes_out;
     _Atomic uint64_t ckpt_bytes;
     /* The model, its placement and the shard: set once (at create, or by
      * the first Initialize) under mu, immutable afterwards; handlers read
@@ -770,6 +773,7 @@ out:
 
 static void on_push(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
+    atomic_fetch_add(&s->bytes_in, len);
     int64_t step = 0, version = 0;
     int duplicate = 0;
     double t0 = cm_now();
@@ -861,6 +865,9 @@ static void answer_pull(void *ud, ps_snapshot *snap) {
     }
     int nsegs;
     const rpc_seg *segs = ps_wire_segs(&w, &nsegs);
+    uint64_t out = 0;
+    for (int i = 0; i < nsegs; i++) out += segs[i].len;
+    atomic_fetch_add(&s->bytes_out, out);
     rpc_reply(call, segs, nsegs);
     ps_wire_writer_free(&w, 0);
     ps_snapshot_unref(snap);
@@ -935,6 +942,7 @@ static int check_room(ps_server *s, rpc_call *call, int64_t min_version) {
 
 static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
+    atomic_fetch_add(&s->bytes_in, len);
     if (!admit(s, call, &psrpc__pull_request__descriptor, req, len)) return;
     Psrpc__PullRequest *r = psrpc__pull_request__unpack(NULL, len, req);
     if (!r) {
@@ -982,6 +990,7 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
 
 static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
+    atomic_fetch_add(&s->bytes_in, len);
     int64_t step = 0, version = 0;
     int duplicate = 0, nparts = 0, with_rows = 0;
     uint32_t *parts = NULL;
@@ -2452,6 +2461,11 @@ char *ps_server_metrics(ps_server *s, size_t *len) {
         {"pstrain_ps_memory_limit_bytes", "gauge", "the shard's memory limit",
          (double)st.mem_limit},
         {"pstrain_ps_rows", "gauge", "embedding rows held", (double)st.rows},
+        {"pstrain_ps_received_bytes_total", "counter",
+         "bytes of Push, PushPull and Pull requests received", (double)atomic_load(&s->bytes_in)},
+        {"pstrain_ps_sent_bytes_total", "counter",
+         "bytes of parameters and rows answered to Pull and PushPull",
+         (double)atomic_load(&s->bytes_out)},
         {"pstrain_ps_rows_pulled_total", "counter", "embedding rows answered",
          (double)st.rows_pulled},
         {"pstrain_ps_rows_pushed_total", "counter", "embedding row gradients received",

@@ -109,6 +109,11 @@ def endpoint(bin_dir, tmp):
         check(pulls0 >= 0 and m["pstrain_ps_pull_seconds_count" + lb] == pulls0 + 2 and
               m['pstrain_ps_pull_seconds_bucket{shard="0",le="+Inf"}'] == pulls0 + 2,
               f"the pull-time histogram counts the 2 pulls made ({pulls0:g} before)")
+        check(m["pstrain_ps_received_bytes_total" + lb] >= 3 * 60 and
+              m["pstrain_ps_sent_bytes_total" + lb] >= 2 * 60,
+              f"bytes received ({m['pstrain_ps_received_bytes_total' + lb]:g}: 3 pushes of 60 "
+              f"bytes and more) and sent ({m['pstrain_ps_sent_bytes_total' + lb]:g}: 2 pulls of "
+              "60 and more)")
         check(m["pstrain_ps_parameter_bytes" + lb] == (4 * 3 + 3) * 4,
               "the shard's parameter bytes (ps_probe's 4,3 MLP: 60)")
         check(get(sh.url("/nope"))[0] == 404 and get(sh.url(), "POST")[0] == 405,
