@@ -23,6 +23,7 @@ PACKAGES=(
   clang libclang-rt-14-dev           # fuzz/: libFuzzer, clang's ASan/UBSan (scripts/fuzz.sh)
   python3                            # integration test drivers, experiment scripts
   python3-numpy                      # the Python client package (python/pstrain) and its test
+  python3-venv python3-pip python3-setuptools  # its test: pip install from the source tree
   openssl                            # tests and psbench --security tls: a throwaway CA
   dataset-fashion-mnist              # the training data
   iproute2                           # ip netns, tc: the emulated cluster (scripts/experiments/netcluster.py)

@@ -5,13 +5,16 @@
 
 LIB is the build's libpstrain.so. Runs with a Python that has numpy: this one, or
 Debian's /usr/bin/python3 with python3-numpy (scripts/install-deps.sh installs it);
-neither is a failure. Checks: errors raise pstrain.Error with the library's message,
+neither is a failure. The package is installed with pip from a copy of the source tree
+into a venv (offline: --no-build-isolation --no-index, Debian's setuptools), and the first
+checks import it from there. Checks: errors raise pstrain.Error with the library's message,
 wrong arrays raise ValueError, step() writes into the array given (no copy) and pull()
 says the version; a model with embedding tables pulls rows by id (created once) and
 step_rows applies their gradients exactly (SGD, lr 1); then examples/numpy_loop.py trains as two workers with tokens, and
 every process exits 0. With a sanitizer build the ASan runtime is preloaded.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,7 +112,7 @@ def python_with_numpy():
 def main():
     if len(sys.argv) != 4:
         sys.exit(__doc__)
-    src, bin_dir, lib = sys.argv[1:]
+    src, bin_dir, lib = (os.path.abspath(a) for a in sys.argv[1:])
     py = python_with_numpy()
     env = dict(os.environ, PSTRAIN_LIB=lib, PYTHONPATH=os.path.join(src, "python"))
     needed = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True).stdout
@@ -119,6 +122,21 @@ def main():
         env.update(LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0")
     sys.path.insert(0, os.path.join(src, "scripts"))
     with tempfile.TemporaryDirectory(prefix="pyclient.") as tmp:
+        # pip install from the source tree (a copy: setuptools builds in place), offline,
+        # into a venv that sees the system's numpy; the first checks run from there.
+        venv = os.path.join(tmp, "venv")
+        r = subprocess.run([py, "-m", "venv", "--system-site-packages", venv],
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        pkg = os.path.join(tmp, "python-src")
+        shutil.copytree(os.path.join(src, "python"), pkg)
+        if r.returncode == 0:
+            r = subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install",
+                                "--no-build-isolation", "--no-index", "--no-deps", pkg],
+                               capture_output=True, text=True, timeout=TIMEOUT)
+        check(r.returncode == 0, "pip installs the package from the source tree (offline, "
+              "into a venv)" + ("" if r.returncode == 0 else f":\n{r.stdout}{r.stderr}"))
+        venv_py = os.path.join(venv, "bin", "python")
+        venv_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
         toks = []
         for name in ("worker.token", "admin.token"):
             path = os.path.join(tmp, name)
@@ -137,8 +155,8 @@ def main():
             procs = []
             try:
                 if script is None:
-                    r = subprocess.run([py, "-c", CHECKS, addr, *toks], env=env,
-                                       capture_output=True, text=True, timeout=TIMEOUT)
+                    r = subprocess.run([venv_py, "-c", CHECKS, addr, *toks], env=venv_env,
+                                       capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp)
                     check(r.returncode == 0 and "checks ok" in r.stdout,
                           "pstrain.Client: errors, array checks, in-place step, pull's version"
                           + ("" if r.returncode == 0 else f":\n{r.stdout}\n{r.stderr}"))
