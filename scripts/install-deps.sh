@@ -27,7 +27,7 @@ PACKAGES=(
   openssl                            # tests and psbench --security tls: a throwaway CA
   dataset-fashion-mnist              # the training data
   iproute2                           # ip netns, tc: the emulated cluster (scripts/experiments/netcluster.py)
-  python3-yaml systemd               # tests: the deploy/ manifests and units, checked offline
+  python3-yaml python3-jsonschema systemd  # tests: the deploy/ manifests and units, checked offline
 )
 [ $# -gt 0 ] && PACKAGES=("$@")
 
