@@ -121,11 +121,13 @@ struct ps_server {
     int evaluator_seen, finishing;
     uint64_t final_answers;
     /* The run's end (sync): the version the chief's commit made durable
-     * (-1: none yet), and the other training workers that have seen it
-     * (bit = rank, ranks < 64): a Shutdown waits for them too, so that a
-     * worker waiting for the end finds this shard still up. */
+     * (-1: none yet), and the newest committed version each other training
+     * worker (rank 1-63) was last told by a Checkpoints (-1: none): a
+     * Shutdown waits until the first told_needed of them have seen
+     * final_commit, so that a worker waiting for the end finds this shard
+     * still up. */
     int64_t final_commit;
-    uint64_t told;
+    int64_t seen[64];
     int told_needed;
     double stop_after;
     char pending_reason[256];
@@ -219,6 +221,20 @@ static int check_cluster(ps_server *s, rpc_call *call, const Psrpc__Cluster *c) 
                  c->description && c->description[0] ? c->description : "(no description)",
                  (unsigned long long)c->fingerprint);
     return 0;
+}
+
+/* Checkpoints are kept (a store and its writer: --data-dir with
+ * --checkpoint-every): a restart restores them, so a rollback may take
+ * steps back, and the end of a run is worth committing. */
+static int durable(const ps_server *s) { return s->store != NULL && s->writer_started; }
+
+/* How many of the other training workers (ranks 1 .. told_needed) have
+ * been told a committed version >= final_commit (mu held). */
+static int told_count(const ps_server *s) {
+    int n = 0;
+    for (int r = 1; r <= s->told_needed && r < 64; r++)
+        n += s->final_commit >= 0 && s->seen[r] >= s->final_commit;
+    return n;
 }
 
 /* Refuse a request of another recovery epoch, or any while the shard
@@ -1143,15 +1159,15 @@ static void on_shutdown(void *ctx, rpc_call *call, const uint8_t *req, size_t le
         /* Sync, after the chief's final commit: the other training workers
          * wait for it (a Checkpoints now and then) before they exit. */
         int others = 0;
-        if (sync && s->final_commit >= 0 && !r->failed)
+        if (sync && durable(s) && s->final_commit >= 0 && !r->failed)
             others = sc.num_workers - 1 < 63 ? (int)sc.num_workers - 1 : 63;
         s->told_needed = others;
         /* An evaluator pulls now and then: its pull of the final version
          * may still be on its way (it evaluates the one before). Keep
          * serving it, and the workers' last looks, for up to FINAL_GRACE_S
          * before stopping. */
-        int wait_eval = (s->evaluator_seen || __builtin_popcountll(s->told) < others) &&
-                        !r->failed && !s->stopping;
+        int wait_eval = (s->evaluator_seen || told_count(s) < others) && !r->failed &&
+                        !s->stopping;
         if (wait_eval) {
             s->finishing = 1;
             s->stop_after = cm_now() + FINAL_GRACE_S;
@@ -1940,7 +1956,8 @@ static int commit_final(ps_server *s, rpc_call *call) {
     pthread_mutex_lock(&s->mu);
     int recovering = s->recovering;
     pthread_mutex_unlock(&s->mu);
-    if (!recovering && s->store && s->writer_started) {
+    int keeps = durable(s);
+    if (!recovering && keeps) {
         ps_server_checkpoint_wait(s);
         if (ps_shard_publish_now(s->shard)) ps_server_checkpoint_wait(s);
     }
@@ -1949,24 +1966,27 @@ static int commit_final(ps_server *s, rpc_call *call) {
     int64_t newest = -1;
     char err[512];
     int rc = CM_OK;
-    if (!recovering && s->store) {
+    if (!recovering && keeps) {
         rc = st_store_latest(s->store, &newest, err, sizeof err);
-        if (rc == CM_OK && newest < st.version) {
-            cm_seterr(err, sizeof err, "its newest checkpoint is of version %lld, not %lld "
-                      "(a step is still open)", (long long)newest, (long long)st.version);
+        if (rc == CM_ENOTFOUND && st.version == 0) rc = CM_OK; /* Nothing trained. */
+        else if (rc == CM_ENOTFOUND) newest = -1, rc = CM_OK;
+        if (rc == CM_OK && newest < st.version && st.version > 0) {
+            cm_seterr(err, sizeof err, "no checkpoint of it in the store (the newest is of "
+                      "version %lld): its write failed (see this shard's log) or a step is "
+                      "still open", (long long)newest);
             rc = CM_EINVAL;
         }
     }
     if (!recovering && rc == CM_OK) {
         pthread_mutex_lock(&s->mu);
         s->final_commit = st.version;
-        s->told = 0;
+        pthread_cond_broadcast(&s->cv);
         pthread_mutex_unlock(&s->mu);
-        cm_info("version %lld committed as the run's last (the chief's end)",
-                (long long)st.version);
+        cm_info("version %lld committed as the run's last (the chief's end)%s",
+                (long long)st.version, keeps ? "" : "; no checkpoints are kept here");
     }
     pthread_rwlock_unlock(&s->gate);
-    if (rc != CM_OK && rc != CM_ENOTFOUND) {
+    if (rc != CM_OK) {
         rpc_fail(call, rc == CM_EINVAL ? RPC_FAILED_PRECONDITION : RPC_INTERNAL,
                  "PS shard %d cannot commit version %lld: %s", s->cfg.shard,
                  (long long)st.version, err);
@@ -1986,7 +2006,7 @@ static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t
     }
     if (!get_shard(s)) { /* No model yet: nothing to show, nothing to check. */
         Psrpc__CheckpointsReply rep = PSRPC__CHECKPOINTS_REPLY__INIT;
-        rep.durable = s->store != NULL;
+        rep.durable = durable(s);
         reply_packed(call, &rep.base);
         goto out;
     }
@@ -2037,19 +2057,21 @@ static void on_checkpoints(void *ctx, rpc_call *call, const uint8_t *req, size_t
     rep.n_committed = (size_t)n;
     rep.committed = committed;
     rep.initialised = ps_shard_config_get(s->shard, &sc);
-    rep.durable = s->store != NULL;
+    rep.durable = durable(s);
     pthread_mutex_lock(&s->mu);
     rep.epoch = s->epoch;
     rep.recovering = s->recovering;
-    /* A training worker (not the chief) that sees the final commit: a
-     * deferred stop need not wait for it any longer. */
-    if (!r->commit && r->cluster && r->cluster->rank > 0 && r->cluster->rank < 64 &&
-        s->final_commit >= 0 && (!s->store || (n > 0 && committed[0] >= s->final_commit))) {
-        s->told |= UINT64_C(1) << r->cluster->rank;
-        pthread_cond_broadcast(&s->cv);
-    }
     pthread_mutex_unlock(&s->mu);
     reply_packed(call, &rep.base);
+    /* What a training worker (not the chief) was told, once the reply is on
+     * its way: a deferred stop that this lets go waits for replies being
+     * sent (rpc_server_shutdown's grace), not for calls still in a handler. */
+    if (!r->commit && r->cluster && r->cluster->rank > 0 && r->cluster->rank < 64) {
+        pthread_mutex_lock(&s->mu);
+        s->seen[r->cluster->rank] = n > 0 ? committed[0] : -1;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+    }
 out:
     psrpc__checkpoints_request__free_unpacked(r, NULL);
 }
@@ -2116,6 +2138,7 @@ static int rollback(ps_server *s, int64_t v, uint64_t epoch, char *err, size_t e
         pthread_mutex_lock(&s->mu);
         s->epoch = epoch;
         s->recovering = 0;
+        s->final_commit = -1; /* The run goes on: its end is to come again. */
         pthread_mutex_unlock(&s->mu);
     }
     pthread_rwlock_unlock(&s->gate);
@@ -2220,6 +2243,7 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     ps_server *s = cm_calloc(1, sizeof *s);
     s->cfg = *cfg;
     s->final_commit = -1;
+    for (int i = 0; i < 64; i++) s->seen[i] = -1;
     /* Kept: the row store opens when the model comes (an Init, later). */
     if (cfg->data_dir) s->cfg.data_dir = s->own_data_dir = cm_strdup(cfg->data_dir);
     if (cfg->rows_dir) s->cfg.rows_dir = s->own_rows_dir = cm_strdup(cfg->rows_dir);
@@ -2295,7 +2319,7 @@ int ps_server_start(ps_server *s, const char *addr, int *port) {
  * was seen, has the final version and the other training workers have
  * seen the final commit, or FINAL_GRACE_S passed. */
 static int stop_due(ps_server *s) {
-    int told = __builtin_popcountll(s->told);
+    int told = told_count(s);
     if (!s->stopping && s->stop_after > 0 &&
         (((s->final_answers > 0 || !s->evaluator_seen) && told >= s->told_needed) ||
          cm_now() >= s->stop_after)) {
