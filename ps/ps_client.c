@@ -731,9 +731,16 @@ static int call_shard(ps_client *c, int sh, const char *method, const ProtobufCM
                 (!strcmp(method, "/psrpc.Ps/Checkpoints") &&
                  (((const Psrpc__CheckpointsRequest *)(const void *)req)->keep_from >= 0 ||
                   ((const Psrpc__CheckpointsRequest *)(const void *)req)->commit));
+    /* The chief's final commit writes a checkpoint before it answers: a large
+     * shard's may take longer than a call's deadline (a second commit would
+     * find it written, but the first must not fail the run's end). */
+    int64_t deadline = c->cfg.deadline_ms;
+    if (!strcmp(method, "/psrpc.Ps/Checkpoints") &&
+        ((const Psrpc__CheckpointsRequest *)(const void *)req)->commit && deadline < 600000)
+        deadline = 600000;
     for (int attempt = 0;; attempt++) {
-        code = rpc_call_sync(c->ch[sh], method, buf, n, c->cfg.deadline_ms, admin ? RPC_ADMIN : 0,
-                             reply, len, msg, msglen);
+        code = rpc_call_sync(c->ch[sh], method, buf, n, deadline, admin ? RPC_ADMIN : 0, reply,
+                             len, msg, msglen);
         if (!retry || code != RPC_UNAVAILABLE ||
             (cm_now() - start) * 1e3 >= (double)c->cfg.connect_timeout_ms)
             break;
