@@ -280,9 +280,11 @@ class Cluster:
             for k, (name, p) in enumerate(self.procs):
                 rc = p.poll()
                 if rc is None and shut_down and self.restarts.get(name) and \
-                        name not in self.excused:
+                        name not in self.excused and name != "worker 0":
                     # Started again just before the run turned out complete (its
-                    # peers finished): nothing left for it to do.
+                    # peers finished): nothing left for it to do. (Not the chief:
+                    # a chief started again is the one that ended the run, and
+                    # exits by itself once its end is done.)
                     self.retire(name, p, "was started again, but the run is complete")
                 elif rc is None:
                     running += 1
