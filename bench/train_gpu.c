@@ -270,6 +270,12 @@ int main(int argc, char **argv) {
            ngpu ? "" : "\"");
     fflush(stdout);
     int failed = 0;
+    const char *req = getenv("PS_REQUIRE_GPU");
+    if (ngpu == 0 && req && req[0] == '1') {
+        /* On a machine that is there to measure the GPU, none is a failure. */
+        fprintf(stderr, "train_gpu: PS_REQUIRE_GPU=1 but no usable GPU: %s\n", why);
+        failed = 1;
+    }
     for (int p = 0; p < 2 && ngpu > 0; p++) {
         wk_device *gpu = NULL;
         if (wk_device_cuda_create(0, p, &gpu) != CM_OK) {

@@ -15,6 +15,25 @@
 
 #define GPU_TEST_SKIP 77
 
+/* Line-buffered stdout before main: under ctest stdout is a pipe, and a
+ * test that crashes must not take its last lines with it. */
+__attribute__((constructor)) static void gpu_test_line_buffered(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+}
+
+/* A test that cannot run (no usable GPU, no NCCL in the build): 77, shown
+ * as Skipped; but on a machine that is there to check the GPU
+ * (PS_REQUIRE_GPU=1, set by scripts/gpu-check.sh) a skip would read as
+ * success, so it fails instead. */
+static inline int gpu_test_skip(const char *test) {
+    const char *req = getenv("PS_REQUIRE_GPU");
+    if (req && req[0] == '1') {
+        printf("%s: FAIL: PS_REQUIRE_GPU=1 and this test cannot run here (reason above)\n", test);
+        return 1;
+    }
+    return GPU_TEST_SKIP;
+}
+
 static int gpu_test_failures;
 
 #define CHECK(cond, ...)                                              \

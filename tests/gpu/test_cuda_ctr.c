@@ -359,7 +359,7 @@ static void check_model(wk_device *gpu, wk_device *cpu, int deepfm) {
 }
 
 int main(void) {
-    if (gpu_test_count(TEST) == 0) return GPU_TEST_SKIP;
+    if (gpu_test_count(TEST) == 0) return gpu_test_skip(TEST);
     wk_device *gpu = NULL;
     int st = wk_device_cuda_create(0, WK_PRECISION_FP32, &gpu);
     CHECK(st == CM_OK, "create cuda device 0: %s", cm_strerror(st));

@@ -153,7 +153,7 @@ out:
 }
 
 int main(void) {
-    if (gpu_test_count(TEST) == 0) return GPU_TEST_SKIP;
+    if (gpu_test_count(TEST) == 0) return gpu_test_skip(TEST);
     wk_device *bad = (wk_device *)1;
     CHECK(wk_device_cuda_create(1 << 20, WK_PRECISION_FP32, &bad) == CM_EUNSUPPORTED && !bad,
           "a missing GPU index is refused cleanly");

@@ -134,7 +134,7 @@ int main(int argc, char **argv) {
         wk_device_destroy(cpu);
         return gpu_test_result(TEST);
     }
-    if (gpu_test_count(TEST) == 0) return GPU_TEST_SKIP;
+    if (gpu_test_count(TEST) == 0) return gpu_test_skip(TEST);
     for (int prec = WK_PRECISION_FP32; prec <= WK_PRECISION_BF16; prec++) {
         wk_device *gpu = NULL;
         int st = wk_device_cuda_create(0, prec, &gpu);

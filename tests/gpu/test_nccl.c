@@ -20,10 +20,10 @@ int main(void) {
 #ifndef WK_HAVE_NCCL
     printf("%s: SKIP: this build has no NCCL (not found: set NCCL_ROOT; or PS_WITH_NCCL=OFF)\n",
            TEST);
-    return GPU_TEST_SKIP;
+    return gpu_test_skip(TEST);
 #else
     int ngpu = gpu_test_count(TEST);
-    if (ngpu == 0) return GPU_TEST_SKIP;
+    if (ngpu == 0) return gpu_test_skip(TEST);
     if (ngpu > 8) ngpu = 8;
     printf("%s: NCCL %d, %d rank%s (one per GPU)\n", TEST, wk_nccl_version(), ngpu,
            ngpu == 1 ? "" : "s");

@@ -25,9 +25,9 @@ int main(void) {
         printf("%s: SKIP: this build has no NCCL (not found: set NCCL_ROOT; or "
                "PS_WITH_NCCL=OFF)\n",
                TEST);
-        return GPU_TEST_SKIP;
+        return gpu_test_skip(TEST);
     }
-    if (gpu_test_count(TEST) == 0) return GPU_TEST_SKIP;
+    if (gpu_test_count(TEST) == 0) return gpu_test_skip(TEST);
     const size_t n = 235146 + 7;
     float *host = cm_malloc(n * 4), *want = cm_malloc(n * 4), *back = cm_malloc(n * 4);
     for (size_t i = 0; i < n; i++) want[i] = (float)(i % 1000) * 0.5f - 100.0f;

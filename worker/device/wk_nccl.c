@@ -24,7 +24,7 @@ struct wk_nccl {
 
 static int check(ncclResult_t r, const char *what) {
     if (r == ncclSuccess) return CM_OK;
-    cm_error("nccl: %s: %s", what, ncclGetErrorString(r));
+    cm_error("nccl: %s: %s (%s)", what, ncclGetErrorString(r), ncclGetLastError(NULL));
     return CM_EIO;
 }
 
