@@ -5,7 +5,7 @@
                [--ps S] [--layout separate|colocated] --model-mb M [--rows-mb R]
                [--wire fp32|bf16] --rate RATE [--latency-ms L] [--compute-ms C]
                [--input-ms I] [--prefetch] [--intra-gbps B] [--overlap F]
-               [--batch-per-device E]
+               [--pipeline-first F0] [--batch-per-device E]
 
 prints one JSON object: the step's parts (s), its time, examples/s, and the
 speedup and scaling efficiency against one device with no communication.
@@ -24,6 +24,11 @@ The parameters are the run's flags, never fitted to measurements:
       (ring reduce + broadcast over --intra-gbps, NVLink-like: 2(G-1)/G M / B_in),
       then one push (or one ring rank) per node: the hierarchical case.
   F   the fraction of communication hidden behind compute (0: none).
+  F0  ps_sync as pstrain runs it by default (overlap: each partition pushed
+      as the backward pass makes its gradient; the pipelined pull: the next
+      forward pass waits only for the first layer's pieces), with F0 the first
+      layer's share of the model's bytes (see ps_sync below). Not for
+      several devices a node (their reduce comes after the whole backward).
 
 Per mode, with N worker nodes and S PS:
   ps_sync    push then pull, each bound by its busiest NIC: separate layout
@@ -31,6 +36,14 @@ Per mode, with N worker nodes and S PS:
              pushed, then X = M + R pulled; colocated (PS i on worker node i)
              the shard nodes' traffic max(X(S-1)/S, (N-1) X/S), and X for a
              node with no shard; plus 4L (two request/reply exchanges).
+             With --pipeline-first F0 (the simulated device's schedule: the
+             forward pass C/3, the backward 2C/3 making the gradients last
+             layer first, so the first layer's comes last and is what the
+             next forward needs first): the pushes drain as the backward
+             makes them, max(2C/3, P); the first layer's pull follows, F0 Q,
+             overlapped with its share of the forward, F0 C/3; then the rest
+             of the forward: step = max(2C/3, P) + max(F0 Q, F0 C/3) +
+             (1 - F0) C/3 + 4L (P, Q: the push and pull phases above).
   ps_async   a closed queueing network solved by mean value analysis: each of
              the N workers cycles through compute (a delay: work + 4L), then
              its push through each shard's ingress and its pull through each
@@ -99,7 +112,7 @@ def mva_cycle(n, think, demands):
 
 def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1, rows_bytes=0.0,
          wire=1.0, latency_s=0.0, compute_s=0.0, input_s=0.0, prefetch=False, intra_Bps=None,
-         overlap=0.0, batch_per_device=128):
+         overlap=0.0, batch_per_device=128, pipeline_first=None):
     """The model's step: a dict of its parts (seconds) and throughput."""
     if mode not in MODES:
         raise ValueError(f"mode: one of {MODES}")
@@ -123,10 +136,19 @@ def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1,
         pull = model_bytes + rows_bytes
         lat = 4 * latency_s
         if mode == "ps_sync":
-            comm = (ps_phase_bytes(n, ps, push, layout) +
-                    ps_phase_bytes(n, ps, pull, layout)) / link_Bps
+            p_push = ps_phase_bytes(n, ps, push, layout) / link_Bps
+            q_pull = ps_phase_bytes(n, ps, pull, layout) / link_Bps
+            comm = p_push + q_pull
             out.update(transfer=comm, latency=lat,
                        step=work + intra + (1 - overlap) * (comm + lat))
+            if pipeline_first is not None:
+                if g > 1 or not 0 < pipeline_first <= 1:
+                    raise ValueError("pipeline_first: one device a node, 0 < F0 <= 1")
+                f0, tf = pipeline_first, compute_s / 3
+                tb = compute_s - tf
+                piped = max(tb, p_push) + max(f0 * q_pull, f0 * tf) + (1 - f0) * tf + lat
+                # Input: beside it with prefetching, else before it.
+                out["step"] = max(piped, input_s) if prefetch else piped + input_s
         else:
             own = (push + pull) / link_Bps
             if layout == "separate":
@@ -171,6 +193,7 @@ def main():
     ap.add_argument("--prefetch", action="store_true")
     ap.add_argument("--intra-gbps", type=float, default=0.0, help="GB/s between a node's devices")
     ap.add_argument("--overlap", type=float, default=0.0)
+    ap.add_argument("--pipeline-first", type=float, default=None)
     ap.add_argument("--batch-per-device", type=int, default=128)
     a = ap.parse_args()
     try:
@@ -179,7 +202,7 @@ def main():
                  wire=0.5 if a.wire == "bf16" else 1.0, latency_s=a.latency_ms / 1e3,
                  compute_s=a.compute_ms / 1e3, input_s=a.input_ms / 1e3, prefetch=a.prefetch,
                  intra_Bps=a.intra_gbps * 1e9 or None, overlap=a.overlap,
-                 batch_per_device=a.batch_per_device)
+                 batch_per_device=a.batch_per_device, pipeline_first=a.pipeline_first)
     except ValueError as e:
         ap.error(str(e))
     print(json.dumps(r))

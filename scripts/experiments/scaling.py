@@ -10,8 +10,10 @@ ways), the workers on simulated devices (pstrain --devices sim:G: a step's
 gradient takes --sim-step-ms asleep, no CPU; everything after it is real), an
 MLP of --model-mb MB, SGD (the PS's optimizer pass is cheap next to the wire).
 PS runs push the whole gradient after the backward pass (--no-overlap), as the
-cost model (costmodel.py, overlap 0) assumes; the PS processes have nodes of
-their own (layout separate). Measured: the mean step time of the chief's
+cost model's serial term assumes, except the points of plan G (overlap-*), which
+run pstrain's default (pushes as the backward pass makes each gradient, the
+pipelined pull) against the model's pipelined term (costmodel.py
+--pipeline-first); the PS processes have nodes of their own (layout separate). Measured: the mean step time of the chief's
 per-step log after the first 2 steps (the throughput's; in async mode every
 worker's, averaged, over 3x the steps: their cycles vary as the workers drift in
 and out of step, and the model gives, beside its estimate, the bounds of workers
@@ -35,7 +37,8 @@ The kernel here has no netem: links have no added delay (latency 0 in the model;
 a namespace hop is ~0.05 ms); delay_emulated says so per point.
 
 Plans: full (the default, 46 points, about 20 minutes on 2 cores), quick (3 points,
-about a minute: the test), claims (the configurations of docs/SCALING.md's claims).
+about a minute: the test), claims (the configurations of docs/SCALING.md's claims),
+overlap (plan G alone, 7 points).
 Writes OUT/scaling.csv, OUT/scaling.md, OUT/*.png (matplotlib, when it imports)
 and prints the table and a JSON line of totals. Exit status 1 if a run failed.
 Needs root (network namespaces); exits 77 without it.
@@ -62,16 +65,28 @@ FIELDS = ["name", "mode", "nodes", "devices", "ps", "rate", "dilation", "model_m
           "wire", "prefetch", "input_ms", "step_ms", "intra_gbps", "status", "measured_ms",
           "predicted_ms", "ratio", "comm_ms", "compute_ms", "cpu_busy", "cpu_bound",
           "loadavg_before", "speedup", "predicted_speedup", "delay_emulated", "async_low_ms",
-          "async_high_ms", "model", "rows_mb"]
+          "async_high_ms", "model", "rows_mb", "overlap"]
 
 
 def point(name, mode, nodes, rate="1gbit", ps=1, devices=1, model_mb=10.0, wire="fp32",
           prefetch=True, input_ms=0.0, step_ms=50.0, intra_gbps=0.0, model="mlp",
-          batch_per_device=PER_DEVICE_BATCH, dilate=True):
+          batch_per_device=PER_DEVICE_BATCH, dilate=True, overlap=False):
+    """One configuration. overlap: PS sync as pstrain runs it by default (pushes during
+    the backward pass, the pipelined pull); otherwise --no-overlap."""
     return dict(name=name, mode=mode, nodes=nodes, devices=devices, ps=ps, rate=rate,
                 model_mb=model_mb, wire=wire, prefetch=prefetch, input_ms=input_ms,
                 step_ms=step_ms, intra_gbps=intra_gbps, model=model,
-                batch_per_device=batch_per_device, dilate=dilate)
+                batch_per_device=batch_per_device, dilate=dilate, overlap=overlap)
+
+
+def overlap_points():
+    """G: PS sync with pstrain's default overlap and pipelined pull, against the model's
+    pipelined term: link-bound and compute-bound steps, 1-8 nodes, 1 and 2 PS."""
+    pts = [point(f"overlap-ps_sync-n{n}", "ps_sync", n, overlap=True) for n in (1, 2, 4, 8)]
+    pts.append(point("overlap-ps_sync-n4-s2", "ps_sync", 4, ps=2, overlap=True))
+    pts.append(point("overlap-ps_sync-n2-compute", "ps_sync", 2, step_ms=400.0, overlap=True))
+    pts.append(point("overlap-ps_sync-n4-40mb", "ps_sync", 4, model_mb=40.0, overlap=True))
+    return pts
 
 
 def plan(which):
@@ -82,6 +97,8 @@ def plan(which):
                 point("quick-ar", "allreduce", 2, rate="100mbit", model_mb=2)]
     if which == "claims":
         return claims()
+    if which == "overlap":
+        return overlap_points()
     # A: every mode over 1-8 nodes on 1 and 10 Gbit/s, a 10 MB model, one PS.
     for rate in ("1gbit", "10gbit"):
         for mode in ("ps_sync", "ps_async", "allreduce"):
@@ -202,14 +219,23 @@ def step_times(log):
     return out
 
 
+def first_layer_share(numel):
+    """The first layer's share of an MLP 784,H,H,10 of numel parameters (--model-mb):
+    784 H of H^2 + 796 H + 10."""
+    h = (-796 + (796 ** 2 - 4 * (10 - numel)) ** 0.5) / 2
+    return 784 * h / numel
+
+
 def predict(p, numel, rows_bytes=0.0):
     mode_ps = p["mode"] != "allreduce"
+    piped = first_layer_share(numel) if p.get("overlap") else None
     return costmodel.step(
         p["mode"], p["nodes"], numel * 4.0, costmodel.rate_bytes(p["rate"]),
         ps=p["ps"] if mode_ps else 1, devices=p["devices"], rows_bytes=rows_bytes,
         wire=0.5 if (p["wire"] == "bf16" and mode_ps) else 1.0, compute_s=p["step_ms"] / 1e3,
         input_s=p["input_ms"] / 1e3, prefetch=p["prefetch"],
-        intra_Bps=p["intra_gbps"] * 1e9 or None, batch_per_device=p["batch_per_device"])
+        intra_Bps=p["intra_gbps"] * 1e9 or None, batch_per_device=p["batch_per_device"],
+        pipeline_first=piped)
 
 
 def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
@@ -245,7 +271,9 @@ def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
         ps_args = ["--max-message-mb", "512"]
         wargs += ps_args
     if mode == "ps":
-        wargs += ["--sync", "async" if p["mode"] == "ps_async" else "sync", "--no-overlap"]
+        wargs += ["--sync", "async" if p["mode"] == "ps_async" else "sync"]
+        if not p.get("overlap"):
+            wargs.append("--no-overlap")
         if p["wire"] == "bf16":
             wargs += ["--wire-dtype", "bf16"]
     row = dict(p, dilation=d, status="failed", loadavg_before=os.getloadavg()[0])
@@ -403,7 +431,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--plan", choices=["full", "quick", "claims"], default="full")
+    ap.add_argument("--plan", choices=["full", "quick", "claims", "overlap"], default="full")
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "build", "bin"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=10)

@@ -45,6 +45,25 @@ class PsSync(unittest.TestCase):
         with self.assertRaises(ValueError):
             cm.step("ps_sync", 2, MB100, GBE, ps=3, layout="colocated")
 
+    def test_pipelined_overlap(self):
+        # Compute 0.3 s: forward 0.1, backward 0.2; 100 MB each way at 1 GbE: P = Q = 0.8.
+        # Link-bound: max(0.2, 0.8) + max(0.4 * 0.8, 0.4 * 0.1) + 0.6 * 0.1 = 1.18 (serial: 1.9).
+        r = cm.step("ps_sync", 1, MB100, GBE, compute_s=0.3, pipeline_first=0.4)
+        self.assertAlmostEqual(r["step"], 0.8 + 0.32 + 0.06)
+        # Compute-bound: 3 s of compute (forward 1, backward 2) hides the 0.8 s push, and
+        # the first layer's pull (0.32 s) hides in its share of the forward (0.4 s):
+        # 2 + max(0.32, 0.4) + 0.6 = 3.0, the compute alone.
+        r = cm.step("ps_sync", 1, MB100, GBE, compute_s=3.0, pipeline_first=0.4)
+        self.assertAlmostEqual(r["step"], 3.0)
+        # Never below the compute, never above the serial step.
+        for c in (0.01, 0.3, 1.0, 5.0):
+            for f0 in (0.1, 0.5, 1.0):
+                s = cm.step("ps_sync", 2, MB100, GBE, compute_s=c, pipeline_first=f0)["step"]
+                self.assertGreaterEqual(s, c - 1e-12)
+                self.assertLessEqual(s, cm.step("ps_sync", 2, MB100, GBE, compute_s=c)["step"])
+        with self.assertRaises(ValueError):
+            cm.step("ps_sync", 1, MB100, GBE, devices=2, intra_Bps=1e9, pipeline_first=0.4)
+
     def test_latency_rows_wire_overlap(self):
         r = cm.step("ps_sync", 1, MB100, GBE, latency_s=0.001)
         self.assertAlmostEqual(r["latency"], 0.004)
