@@ -724,20 +724,17 @@ static int call_shard(ps_client *c, int sh, const char *method, const ProtobufCM
     protobuf_c_message_pack(req, buf);
     double start = cm_now();
     int code;
+    const Psrpc__CheckpointsRequest *ck =
+        !strcmp(method, "/psrpc.Ps/Checkpoints") ? (const void *)req : NULL;
     /* The administrative calls carry the admin's token (when this client
-     * has one). A Checkpoints that deletes is one too. */
+     * has one). A Checkpoints that deletes or commits is one too. */
     int admin = !strcmp(method, "/psrpc.Ps/Initialize") || !strcmp(method, "/psrpc.Ps/Rollback") ||
-                !strcmp(method, "/psrpc.Ps/Shutdown") ||
-                (!strcmp(method, "/psrpc.Ps/Checkpoints") &&
-                 (((const Psrpc__CheckpointsRequest *)(const void *)req)->keep_from >= 0 ||
-                  ((const Psrpc__CheckpointsRequest *)(const void *)req)->commit));
+                !strcmp(method, "/psrpc.Ps/Shutdown") || (ck && (ck->keep_from >= 0 || ck->commit));
     /* The chief's final commit writes a checkpoint before it answers: a large
      * shard's may take longer than a call's deadline (a second commit would
      * find it written, but the first must not fail the run's end). */
     int64_t deadline = c->cfg.deadline_ms;
-    if (!strcmp(method, "/psrpc.Ps/Checkpoints") &&
-        ((const Psrpc__CheckpointsRequest *)(const void *)req)->commit && deadline < 600000)
-        deadline = 600000;
+    if (ck && ck->commit && deadline < 600000) deadline = 600000;
     for (int attempt = 0;; attempt++) {
         code = rpc_call_sync(c->ch[sh], method, buf, n, deadline, admin ? RPC_ADMIN : 0, reply,
                              len, msg, msglen);

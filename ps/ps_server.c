@@ -1946,6 +1946,14 @@ static void on_health(void *ctx, rpc_call *call, const uint8_t *req, size_t len)
     grpc__health__v1__health_check_request__free_unpacked(r, NULL);
 }
 
+/* A checkpoint of the version being served, committed before this returns
+ * (none if it has one): the writer's job in progress first, then this one.
+ * The writer must be running. */
+static void checkpoint_current(ps_server *s, ps_shard *sh) {
+    ps_server_checkpoint_wait(s);
+    if (ps_shard_publish_now(sh)) ps_server_checkpoint_wait(s);
+}
+
 /* CheckpointsRequest.commit, the chief at the end of the run: make the
  * version being served durable (a checkpoint of it, unless it has one)
  * before the reply, and remember it as the run's last. Not while
@@ -1957,10 +1965,7 @@ static int commit_final(ps_server *s, rpc_call *call) {
     int recovering = s->recovering;
     pthread_mutex_unlock(&s->mu);
     int keeps = durable(s);
-    if (!recovering && keeps) {
-        ps_server_checkpoint_wait(s);
-        if (ps_shard_publish_now(s->shard)) ps_server_checkpoint_wait(s);
-    }
+    if (!recovering && keeps) checkpoint_current(s, s->shard);
     ps_shard_stats st;
     ps_shard_stats_get(s->shard, &st);
     int64_t newest = -1;
@@ -2397,10 +2402,7 @@ void ps_server_destroy(ps_server *s, int grace_ms) {
         pthread_mutex_lock(&s->mu);
         int recovering = s->recovering;
         pthread_mutex_unlock(&s->mu);
-        if (!recovering && sh) {
-            ps_server_checkpoint_wait(s);
-            if (ps_shard_publish_now(sh)) ps_server_checkpoint_wait(s);
-        }
+        if (!recovering && sh) checkpoint_current(s, sh);
         pthread_mutex_lock(&s->ck_mu);
         s->ck_stop = 1;
         pthread_cond_broadcast(&s->ck_cv);

@@ -21,6 +21,7 @@ systemd (deploy/systemd/*.service): `systemd-analyze verify` on instance 0 of
 each template (the programs pointed at BIN_DIR's), which must print nothing.
 Parts whose tool is missing are reported as skipped; all missing: exit 77.
 """
+import functools
 import glob
 import json
 import os
@@ -176,11 +177,17 @@ def flag(argv, name):
     return argv[argv.index(name) + 1] if name in argv else None
 
 
-def unknown_flags(bin_dir, prog, argv):
-    """The --flags of argv that the real program's --help does not list."""
+@functools.lru_cache(maxsize=None)
+def known_flags(bin_dir, prog):
+    """The --flags the real program's --help lists (run once a program)."""
     text = subprocess.run([os.path.join(bin_dir, prog), "--help"], capture_output=True,
                           text=True, timeout=30)
-    known = set(re.findall(r"--[a-z][a-z0-9-]*", text.stdout + text.stderr))
+    return frozenset(re.findall(r"--[a-z][a-z0-9-]*", text.stdout + text.stderr))
+
+
+def unknown_flags(bin_dir, prog, argv):
+    """The --flags of argv that the real program's --help does not list."""
+    known = known_flags(bin_dir, prog)
     return [a for a in argv if a.startswith("--") and a.split("=")[0] not in known]
 
 
