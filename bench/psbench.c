@@ -38,6 +38,10 @@
 #define MAX_LIST 16  /* Entries of --sizes, --shapes, --modes. */
 #define MAX_REPEATS 15
 
+/* The PS's partitioning and the client's calls (--partition-bytes,
+ * --call-bytes), the same in every process of a run. */
+static long g_part_bytes = 262144, g_call_bytes = 0;
+
 /* Options of every role; the driver passes the role ones to its children. */
 typedef struct opts {
     const char *role; /* NULL for the driver. */
@@ -105,14 +109,14 @@ static int ps_worker_main(const opts *o) {
         snprintf(err, sizeof err, "bad --ps-addrs");
         goto fail;
     }
-    /* One partition per PS: a minimum of bytes / nps splits the vector in
-     * nps (placement no longer caps the split at the shard count). */
-    size_t min_part = n * sizeof(float) / (size_t)nps;
+    /* Partitions of --partition-bytes (the PS's default, as pstrain's), or
+     * with 0 one per PS: a minimum of bytes / nps splits the vector in nps
+     * (placement no longer caps the split at the shard count). */
+    size_t min_part = g_part_bytes > 0 ? (size_t)g_part_bytes : n * sizeof(float) / (size_t)nps;
     if (cm_model_create_vector(n, &model) != CM_OK ||
         cm_placement_create(model, nps, min_part ? min_part : 1, &pl) != CM_OK ||
-        pl->nparts != nps) {
-        snprintf(err, sizeof err, "cannot build the model of %zu floats on %d PS, one "
-                 "partition each", n, nps);
+        (g_part_bytes == 0 && pl->nparts != nps)) {
+        snprintf(err, sizeof err, "cannot build the model of %zu floats on %d PS", n, nps);
         goto fail;
     }
     cm_security sec = {.tls_ca = o->tls_ca};
@@ -120,7 +124,8 @@ static int ps_worker_main(const opts *o) {
     ps_client_cfg cfg = {.model = model, .placement = pl, .ps_addrs = (const char *const *)addrs,
                          .rank = o->rank, .deadline_ms = 60000, .connect_timeout_ms = 30000,
                          .auth_token = cm_security_token(&sec),
-                         .admin_token = cm_security_token(&sec), .tls_ca = o->tls_ca};
+                         .admin_token = cm_security_token(&sec), .tls_ca = o->tls_ca,
+                         .call_bytes = g_call_bytes};
     if (ps_client_open(&cfg, &c, err, sizeof err) != CM_OK) goto fail;
     if (o->rank == 0) {
         ps_init_cfg init = {.optim = ps_optim_defaults(PS_OPTIM_ADD, 0.0f), .seed = 1,
@@ -451,17 +456,19 @@ static sec_files g_sec;
 static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, const char *addr_opt,
                          const char *addrs, bu_child **w, char *err, size_t errlen) {
     for (int r = 0; r < b->workers; r++) {
-        char nums[5][24], name[32];
+        char nums[7][24], name[32];
         snprintf(nums[0], 24, "%d", r);
         snprintf(nums[1], 24, "%d", b->workers);
         snprintf(nums[2], 24, "%zu", b->bytes / sizeof(float));
         snprintf(nums[3], 24, "%d", b->warmup);
         snprintf(nums[4], 24, "%d", b->iters);
-        char *argv[24] = {d->exe, "--role", (char *)role, "--rank", nums[0], "--workers",
+        char *argv[32] = {d->exe, "--role", (char *)role, "--rank", nums[0], "--workers",
                           nums[1], "--elems", nums[2], "--warmup", nums[3], "--iters", nums[4],
                           "--mode", b->sync ? "sync" : "async", (char *)addr_opt, (char *)addrs,
-                          NULL};
-        int k = 17;
+                          "--partition-bytes", nums[5], "--call-bytes", nums[6], NULL};
+        snprintf(nums[5], 24, "%ld", g_part_bytes);
+        snprintf(nums[6], 24, "%ld", g_call_bytes);
+        int k = 21;
         if (!strcmp(role, "worker") && (b->security == SEC_TOKEN || b->security == SEC_TLS)) {
             argv[k++] = "--token-file";
             argv[k++] = g_sec.token;
@@ -661,6 +668,7 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
            "\"bytes\":%zu,\"warmup\":%d,\"iters\":%d,\"runs\":%d,\"security\":\"%s\"",
            b->servers, b->workers, b->sync ? "sync" : "async", b->bytes, b->warmup, b->iters,
            nrep, sec_names[b->security]);
+    printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld", g_part_bytes, g_call_bytes);
     printf(",\"load1_start\":%.2f,\"load1_end\":%.2f", load[0], load[1]);
     /* Runs where others used the cores are left out (all kept if none is
      * clean, and said so). */
@@ -762,6 +770,11 @@ static void usage(FILE *f) {
             "                       metrics (not security: each psserver serves Prometheus\n"
             "                       metrics, scraped every 100 ms during the timed window;\n"
             "                       metrics_cost likewise)\n"
+            "  --partition-bytes N  the PS's partitions of the vector: N bytes each (default\n"
+            "                       262144, the PS's default); 0: one partition a PS\n"
+            "  --call-bytes N       the client's calls: a shard's pushes and pulls of more\n"
+            "                       than N bytes go as several calls at once (default 0:\n"
+            "                       the client's default, 1 MiB); -1: one call a shard\n"
             "  --bin-dir DIR        where psserver is (default <this binary's dir>/../bin)\n"
             "  -h, --help           this text\n");
 }
@@ -890,6 +903,7 @@ int main(int argc, char **argv) {
         {"ps-addrs", required_argument, 0, 'p'}, {"tcp-ports", required_argument, 0, 't'},
         {"security", required_argument, 0, 'S'}, {"token-file", required_argument, 0, 'F'},
         {"tls-ca", required_argument, 0, 'C'},
+        {"partition-bytes", required_argument, 0, 'P'}, {"call-bytes", required_argument, 0, 'B'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     opts o = {.repeats = 1, .warmup = -1, .timeout_s = 1800.0, .workers = 1};
     cm_mem_keep_freed(); /* As psserver and pstrain do. */
@@ -915,11 +929,14 @@ int main(int argc, char **argv) {
         case 'S': o.security = optarg; break;
         case 'F': o.token_file = optarg; break;
         case 'C': o.tls_ca = optarg; break;
+        case 'P': g_part_bytes = atol(optarg); break;
+        case 'B': g_call_bytes = atol(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
     }
-    if (optind < argc || o.repeats < 1 || o.repeats > MAX_REPEATS || o.timeout_s <= 0) {
+    if (optind < argc || o.repeats < 1 || o.repeats > MAX_REPEATS || o.timeout_s <= 0 ||
+        g_part_bytes < 0) {
         usage(stderr);
         return 2;
     }

@@ -8,7 +8,9 @@
  *  1  a PullReply (tensors field 2, rows field 3), as ps_client reads it;
  *  2  a ModelSpec (ps_wire_spec_model, then a placement on 1 to 4 PS and
  *     the identity).
- * Round trips are checked: a decoded message written again with the
+ * Each message is also decoded cut into pieces (ps_wire_decode_pieces, as
+ * the PS reads pushes and the client pull replies) and must decode to the
+ * same. Round trips are checked: a decoded message written again with the
  * writer (ps_wire_put_message/put_tensor, zero-copy segments) decodes to
  * the same tensors and rows, and a spec written back from the model it
  * gave (ps_wire_spec_init) gives a model of the same fingerprint.
@@ -129,6 +131,63 @@ static void spec(const uint8_t *b, size_t n, int nshards) {
     psrpc__model_spec__free_unpacked(sp, NULL);
 }
 
+/* The same bytes cut into pieces (each its own heap block of exactly its
+ * size, so ASan sees a read across a piece's end; sizes of 1 to 'most'
+ * bytes drawn from the bytes themselves) must decode as the flat buffer
+ * did: the same outcome and error, the same fields, tensors and rows. */
+static void pieces_match(const ProtobufCMessageDescriptor *d, uint32_t tf, uint32_t rf,
+                         const uint8_t *b, size_t n, int flat_rc, const ps_wire_msg *flat,
+                         const char *flat_err, size_t most) {
+    rpc_piece *pc = malloc((n ? n : 1) * sizeof *pc);
+    int np = 0;
+    uint64_t x = 0x2545f4914f6cdd1dull ^ n;
+    for (size_t at = 0; at < n;) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        size_t k = 1 + (size_t)(x % most);
+        if (k > n - at) k = n - at;
+        uint8_t *p = malloc(k);
+        memcpy(p, b + at, k);
+        pc[np++] = (rpc_piece){p, k};
+        at += k;
+    }
+    ps_wire_msg m;
+    char err[256] = "";
+    int rc = ps_wire_decode_pieces(d, tf, rf, pc, np, 0, &m, err, sizeof err);
+    if ((rc == CM_OK) != (flat_rc == CM_OK)) fail("pieces: a different outcome than flat");
+    if (rc != CM_OK && strcmp(err, flat_err) != 0) fail("pieces: a different error than flat");
+    if (rc == CM_OK) {
+        if (m.ntensors != flat->ntensors || m.nrows != flat->nrows)
+            fail("pieces: counts differ");
+        size_t a = protobuf_c_message_get_packed_size(m.msg),
+               c = protobuf_c_message_get_packed_size(flat->msg);
+        uint8_t *pa = malloc(a + 1), *pb = malloc(c + 1);
+        protobuf_c_message_pack(m.msg, pa);
+        protobuf_c_message_pack(flat->msg, pb);
+        if (a != c || memcmp(pa, pb, a) != 0) fail("pieces: the small fields differ");
+        free(pa);
+        free(pb);
+        for (int i = 0; i < m.ntensors; i++) {
+            const ps_wire_tensor *t = &m.tensors[i], *f = &flat->tensors[i];
+            size_t sum = 0;
+            for (int k = 0; k < t->npieces; k++) sum += t->pieces[k].len;
+            if (t->len != f->len || sum != t->len || t->meta->part != f->meta->part ||
+                (t->npieces == 1) != (t->data != NULL))
+                fail("pieces: a tensor's size or pieces are wrong");
+            uint8_t *got = malloc(t->len + 1);
+            ps_wire_tensor_copy(got, t);
+            if (t->len && memcmp(got, f->data, t->len) != 0) fail("pieces: a tensor differs");
+            free(got);
+        }
+        for (int i = 0; i < m.nrows; i++)
+            if (m.rows[i].len != flat->rows[i].len ||
+                (m.rows[i].len && memcmp(m.rows[i].data, flat->rows[i].data, m.rows[i].len)))
+                fail("pieces: rows differ");
+        ps_wire_msg_free(&m);
+    }
+    for (int i = 0; i < np; i++) free((void *)pc[i].p);
+    free(pc);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 1) return 0;
     int mode = data[0] % 3;
@@ -139,8 +198,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char err[256];
     ps_wire_msg m;
     if (mode == 0) {
-        if (ps_wire_decode_rows(&psrpc__push_request__descriptor, 3, 4, b, n, &m, err,
-                                sizeof err) == CM_OK) {
+        int rc = ps_wire_decode_rows(&psrpc__push_request__descriptor, 3, 4, b, n, &m, err,
+                                     sizeof err);
+        pieces_match(&psrpc__push_request__descriptor, 3, 4, b, n, rc, &m, err, 1 + data[0] / 3);
+        if (rc == CM_OK) {
             const Psrpc__PushRequest *r = (const Psrpc__PushRequest *)m.msg;
             for (int i = 0; i < m.nrows; i++) ids_of(m.rows[i].meta);
             for (size_t i = 0; i < r->n_want; i++) ids_of(r->want[i]);
@@ -148,8 +209,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             ps_wire_msg_free(&m);
         }
     } else if (mode == 1) {
-        if (ps_wire_decode_rows(&psrpc__pull_reply__descriptor, 2, 3, b, n, &m, err,
-                                sizeof err) == CM_OK) {
+        int rc = ps_wire_decode_rows(&psrpc__pull_reply__descriptor, 2, 3, b, n, &m, err,
+                                     sizeof err);
+        pieces_match(&psrpc__pull_reply__descriptor, 2, 3, b, n, rc, &m, err, 1 + data[0] / 3);
+        if (rc == CM_OK) {
             round_trip(&psrpc__pull_reply__descriptor, 2, 3, &m);
             ps_wire_msg_free(&m);
         }

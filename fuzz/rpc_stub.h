@@ -6,7 +6,9 @@
  * never linked): a server records its methods; rpc_stub_invoke() runs the
  * handler of a method on the caller's thread with a private heap copy of
  * the request (freed when the handler returns, so a handler that keeps a
- * pointer into it is caught by ASan); rpc_reply/rpc_fail record how the
+ * pointer into it is caught by ASan; a handler of pieces gets it cut into
+ * pieces of 1 to 97 bytes, each its own heap block); rpc_reply/rpc_fail
+ * record how the
  * call ended. The rules of rpc.h are checked, and a broken one aborts with
  * a message (libFuzzer reports it as a crash):
  *  - a call is finished exactly once (a second rpc_reply/rpc_fail aborts);

@@ -85,7 +85,9 @@
  * rpc_client_destroy's precondition.
  *
  * Received messages are flattened: a single-slice message is used in place,
- * anything else is copied once into the receiving thread's reusable buffer.
+ * anything else is copied once into the receiving thread's reusable buffer;
+ * handlers and callbacks of the _pieces kind get gRPC's slices in place
+ * instead (no copy).
  */
 
 /* ------------------------------------------------------------------ */
@@ -277,6 +279,46 @@ static void flat_deinit(flat *f) {
     f->has_reader = 0;
 }
 
+/* A received message as pieces in place: gRPC's slices, no copy. */
+typedef struct view {
+    rpc_piece small[16];
+    rpc_piece *p; /* small, or malloc'd for more slices. */
+    int n;
+    size_t len;
+    grpc_byte_buffer_reader r;
+    int has_reader;
+} view;
+
+/* As flat_init; view_deinit() in every case. */
+static int view_init(view *v, grpc_byte_buffer *bb) {
+    memset(v, 0, sizeof *v);
+    v->p = v->small;
+    if (!grpc_byte_buffer_reader_init(&v->r, bb)) return RPC_INTERNAL;
+    v->has_reader = 1;
+    grpc_slice_buffer *sb = &v->r.buffer_out->data.raw.slice_buffer;
+    if (sb->count > sizeof v->small / sizeof v->small[0]) {
+        v->p = malloc(sb->count * sizeof *v->p);
+        if (!v->p) {
+            v->p = v->small;
+            return RPC_RESOURCE_EXHAUSTED;
+        }
+    }
+    for (size_t i = 0; i < sb->count; i++) {
+        size_t n = GRPC_SLICE_LENGTH(sb->slices[i]);
+        if (!n) continue;
+        v->p[v->n++] = (rpc_piece){GRPC_SLICE_START_PTR(sb->slices[i]), n};
+        v->len += n;
+    }
+    return RPC_OK;
+}
+
+static void view_deinit(view *v) {
+    if (v->p != v->small) free(v->p);
+    v->p = v->small;
+    if (v->has_reader) grpc_byte_buffer_reader_destroy(&v->r);
+    v->has_reader = 0;
+}
+
 /* printf into a malloc'd string. */
 static char *vformat(const char *fmt, va_list ap) {
     va_list ap2;
@@ -304,7 +346,8 @@ enum { CALL_REQUESTED, CALL_RECEIVING, CALL_HELD, CALL_FINISHING };
 
 typedef struct method_entry {
     char *name;
-    rpc_handler fn;
+    rpc_handler fn;           /* One of the two. */
+    rpc_handler_pieces fn_pieces;
     void *ctx;
     int level; /* RPC_AUTH_* a caller needs. */
 } method_entry;
@@ -670,14 +713,24 @@ static void on_received(rpc_call *c, int success) {
         rpc_fail(c, RPC_CANCELLED, "the client went away");
         return;
     }
-    flat f;
-    int rc = flat_init(&f, bb);
     atomic_fetch_add(&c->refs, 1); /* 'c' stays readable through the handler. */
-    if (rc == RPC_OK)
-        m->fn(m->ctx, c, f.p, f.len); /* The call may be finished from here on. */
-    else
-        rpc_fail(c, rc, "cannot read the request message");
-    flat_deinit(&f);
+    if (m->fn_pieces) {
+        view v;
+        int rc = view_init(&v, bb);
+        if (rc == RPC_OK)
+            m->fn_pieces(m->ctx, c, v.p, v.n, v.len); /* May finish the call. */
+        else
+            rpc_fail(c, rc, "cannot read the request message");
+        view_deinit(&v);
+    } else {
+        flat f;
+        int rc = flat_init(&f, bb);
+        if (rc == RPC_OK)
+            m->fn(m->ctx, c, f.p, f.len); /* The call may be finished from here on. */
+        else
+            rpc_fail(c, rc, "cannot read the request message");
+        flat_deinit(&f);
+    }
     grpc_byte_buffer_destroy(bb);
     pthread_mutex_lock(&s->mu);
     c->in_handler = 0;
@@ -815,17 +868,28 @@ int rpc_server_add_method(rpc_server *s, const char *name, rpc_handler fn, void 
     return rpc_server_add_method_level(s, name, RPC_AUTH_WORKER, fn, ctx);
 }
 
-int rpc_server_add_method_level(rpc_server *s, const char *name, int level, rpc_handler fn,
-                                void *ctx) {
-    if (!s || !name || !fn || level < RPC_AUTH_NONE || level > RPC_AUTH_ADMIN) return CM_EINVAL;
+static int add_method(rpc_server *s, const char *name, int level, rpc_handler fn,
+                      rpc_handler_pieces fn_pieces, void *ctx) {
+    if (!s || !name || (!fn && !fn_pieces) || level < RPC_AUTH_NONE || level > RPC_AUTH_ADMIN)
+        return CM_EINVAL;
     if (s->state != SRV_CREATED) return CM_EBUSY;
     for (int i = 0; i < s->nmethods; i++)
         if (!strcmp(s->methods[i].name, name)) return CM_EINVAL;
     method_entry *m = realloc(s->methods, (size_t)(s->nmethods + 1) * sizeof *m);
     if (!m) return CM_ENOMEM;
     s->methods = m;
-    s->methods[s->nmethods++] = (method_entry){cm_strdup(name), fn, ctx, level};
+    s->methods[s->nmethods++] = (method_entry){cm_strdup(name), fn, fn_pieces, ctx, level};
     return CM_OK;
+}
+
+int rpc_server_add_method_level(rpc_server *s, const char *name, int level, rpc_handler fn,
+                                void *ctx) {
+    return fn ? add_method(s, name, level, fn, NULL, ctx) : CM_EINVAL;
+}
+
+int rpc_server_add_method_pieces(rpc_server *s, const char *name, int level,
+                                 rpc_handler_pieces fn, void *ctx) {
+    return fn ? add_method(s, name, level, NULL, fn, ctx) : CM_EINVAL;
 }
 
 /* "host:port", "[v6]:port" or "unix:path"; port 0..65535. */
@@ -993,7 +1057,8 @@ struct rpc_channel {
 /* One client call; owned by the client thread once started. */
 typedef struct ccall {
     rpc_client *c;
-    rpc_done done;
+    rpc_done done;               /* One of the two. */
+    rpc_done_pieces done_pieces;
     void *ud;
     grpc_call *call;
     grpc_byte_buffer *send;
@@ -1010,9 +1075,18 @@ typedef struct ccall {
     char *post_msg;
 } ccall;
 
+/* Report a call that has no reply message to whichever callback it has. */
+static void report_fail(rpc_done done, rpc_done_pieces done_pieces, void *ud, int code,
+                        const char *msg) {
+    if (done_pieces)
+        done_pieces(ud, code, msg, NULL, 0, 0);
+    else
+        done(ud, code, msg, NULL, 0);
+}
+
 static void ccall_report(ccall *cc) {
     if (cc->posted) {
-        cc->done(cc->ud, cc->post_code, cc->post_msg, NULL, 0);
+        report_fail(cc->done, cc->done_pieces, cc->ud, cc->post_code, cc->post_msg);
         return;
     }
     char *details = NULL;
@@ -1025,7 +1099,16 @@ static void ccall_report(ccall *cc) {
     if (code != RPC_OK && cc->error_string)
         cm_debug("rpc: call failed: %s", cc->error_string);
     if (code == RPC_OK && !cc->recv) {
-        cc->done(cc->ud, RPC_INTERNAL, "no reply message for a unary call", NULL, 0);
+        report_fail(cc->done, cc->done_pieces, cc->ud, RPC_INTERNAL,
+                    "no reply message for a unary call");
+    } else if (code == RPC_OK && cc->done_pieces) {
+        view v;
+        int rc = view_init(&v, cc->recv);
+        if (rc == RPC_OK)
+            cc->done_pieces(cc->ud, RPC_OK, msg, v.p, v.n, v.len);
+        else
+            cc->done_pieces(cc->ud, rc, "cannot read the reply message", NULL, 0, 0);
+        view_deinit(&v);
     } else if (code == RPC_OK) {
         flat f;
         int rc = flat_init(&f, cc->recv);
@@ -1035,7 +1118,7 @@ static void ccall_report(ccall *cc) {
             cc->done(cc->ud, rc, "cannot read the reply message", NULL, 0);
         flat_deinit(&f);
     } else {
-        cc->done(cc->ud, code, msg, NULL, 0);
+        report_fail(cc->done, cc->done_pieces, cc->ud, code, msg);
     }
     gpr_free(details);
 }
@@ -1215,18 +1298,21 @@ static void post_failure(rpc_channel *ch, ccall *cc, int code, const char *msg) 
                                           ch->c->cq, cc);
 }
 
-void rpc_call_start(rpc_channel *ch, const char *method, const rpc_seg *segs, int nsegs,
-                    int64_t deadline_ms, int flags, rpc_done done, void *ud) {
-    if (!ch || !done) { /* Nowhere to report: a bug in the caller. */
+static void call_start(rpc_channel *ch, const char *method, const rpc_seg *segs, int nsegs,
+                       int64_t deadline_ms, int flags, rpc_done done, rpc_done_pieces done_pieces,
+                       void *ud) {
+    if (!ch || (!done && !done_pieces)) { /* Nowhere to report: a bug in the caller. */
         cm_error("rpc_call_start: %s is NULL", ch ? "done" : "channel");
         release_segs(segs, nsegs);
-        if (done) done(ud, RPC_INTERNAL, "rpc_call_start: no channel", NULL, 0);
+        if (done || done_pieces)
+            report_fail(done, done_pieces, ud, RPC_INTERNAL, "rpc_call_start: no channel");
         return;
     }
     rpc_client *c = ch->c;
     ccall *cc = cm_calloc(1, sizeof *cc);
     cc->c = c;
     cc->done = done;
+    cc->done_pieces = done_pieces;
     cc->ud = ud;
     cc->details = grpc_empty_slice();
     grpc_metadata_array_init(&cc->init_md);
@@ -1285,6 +1371,16 @@ void rpc_call_start(rpc_channel *ch, const char *method, const rpc_seg *segs, in
         cc->send = NULL;
         post_failure(ch, cc, RPC_INTERNAL, "cannot start the call");
     }
+}
+
+void rpc_call_start(rpc_channel *ch, const char *method, const rpc_seg *segs, int nsegs,
+                    int64_t deadline_ms, int flags, rpc_done done, void *ud) {
+    call_start(ch, method, segs, nsegs, deadline_ms, flags, done, NULL, ud);
+}
+
+void rpc_call_start_pieces(rpc_channel *ch, const char *method, const rpc_seg *segs, int nsegs,
+                           int64_t deadline_ms, int flags, rpc_done_pieces done, void *ud) {
+    call_start(ch, method, segs, nsegs, deadline_ms, flags, NULL, done, ud);
 }
 
 /* rpc_call_sync's rendezvous with the client thread. */

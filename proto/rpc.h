@@ -116,6 +116,20 @@ typedef struct rpc_call rpc_call; /* One incoming call. */
  * this way without holding a thread). */
 typedef void (*rpc_handler)(void *ctx, rpc_call *call, const uint8_t *req, size_t len);
 
+/* A received message in place: the bytes of pieces[0], pieces[1], ... in
+ * order (gRPC's slices, no copy), 'len' in all; a piece may end inside any
+ * field or value. */
+typedef struct rpc_piece {
+    const uint8_t *p;
+    size_t len;
+} rpc_piece;
+
+/* A handler that takes the request as pieces (rpc_server_add_method_pieces):
+ * the same rules as rpc_handler; pieces and their bytes are valid only
+ * until it returns. */
+typedef void (*rpc_handler_pieces)(void *ctx, rpc_call *call, const rpc_piece *pieces,
+                                   int npieces, size_t len);
+
 /* Who a call comes from, by its token (rpc_call_level). A server without
  * tokens treats every call as RPC_AUTH_ADMIN. */
 enum { RPC_AUTH_NONE = 0, RPC_AUTH_WORKER = 1, RPC_AUTH_ADMIN = 2 };
@@ -166,6 +180,9 @@ int rpc_server_create(const rpc_server_opts *opts, rpc_server **out);
 int rpc_server_add_method_level(rpc_server *s, const char *method, int level, rpc_handler fn,
                                 void *ctx);
 int rpc_server_add_method(rpc_server *s, const char *method, rpc_handler fn, void *ctx);
+/* The same for a handler of pieces (large requests read without a copy). */
+int rpc_server_add_method_pieces(rpc_server *s, const char *method, int level,
+                                 rpc_handler_pieces fn, void *ctx);
 
 /* The level a call's token gives (RPC_AUTH_*), for handlers whose
  * requests differ in what they need (e.g. a Checkpoints that deletes). */
@@ -223,6 +240,11 @@ typedef struct rpc_channel rpc_channel;
 typedef void (*rpc_done)(void *ud, int code, const char *message, const uint8_t *reply,
                          size_t len);
 
+/* The same with the reply as pieces (rpc_call_start_pieces): valid only
+ * during the callback; npieces 0 and len 0 unless code is RPC_OK. */
+typedef void (*rpc_done_pieces)(void *ud, int code, const char *message,
+                                const rpc_piece *pieces, int npieces, size_t len);
+
 typedef struct rpc_client_opts {
     int max_message; /* Bytes; 0 = RPC_DEFAULT_MAX_MESSAGE. */
     /* Sent with every call as "authorization: Bearer <token>" (NULL: none);
@@ -264,6 +286,11 @@ enum {
  * Takes ownership of zero-copy segments. deadline_ms > 0. Thread-safe. */
 void rpc_call_start(rpc_channel *ch, const char *method, const rpc_seg *segs, int nsegs,
                     int64_t deadline_ms, int flags, rpc_done done, void *ud);
+
+/* rpc_call_start with a 'done' that takes the reply as pieces in place
+ * (large replies read without a copy); otherwise the same. */
+void rpc_call_start_pieces(rpc_channel *ch, const char *method, const rpc_seg *segs, int nsegs,
+                           int64_t deadline_ms, int flags, rpc_done_pieces done, void *ud);
 
 /* A blocking unary call, for tools and tests: returns the gRPC status and
  * fills *reply (malloc'd, free() it) and *len on RPC_OK, or msg (errlen

@@ -74,6 +74,12 @@ struct ps_client {
     char identity[256];
     int *nparts;      /* Per shard. */
     uint32_t **parts; /* Per shard: placement ids. */
+    int ngroups;      /* Dense calls: each shard's partitions in runs of at
+                       * most cfg.call_bytes, one call each. */
+    struct group {
+        int shard, nparts, whole; /* whole: every partition of the shard. */
+        const uint32_t *parts;    /* Into parts[shard]. */
+    } *groups;
     uint64_t epoch;   /* Sent with every request (0 = not tracked). */
     pthread_mutex_t mu; /* Every ticket's state. */
     pthread_cond_t cv;  /* Broadcast on every completion and release. */
@@ -98,6 +104,7 @@ typedef struct sub {
     sub_rows push; /* Sparse: row gradients sent to this shard... */
     sub_rows want; /* ...and rows its reply carries. */
     int sparse;    /* A sparse step: rows_final is sent. */
+    int some;      /* A pull of some of the shard's partitions (parts). */
 } sub;
 
 struct ps_ticket {
@@ -188,11 +195,12 @@ static int take_rows(ps_client *c, const sub_rows *want, const ps_wire_msg *m, f
 
 /* Copy a pull reply from shard sh into params (and its rows, by 'want',
  * into values); CM_OK or CM_EINVAL. */
-static int take_pull_reply(ps_client *c, int sh, int nexpect, const uint8_t *buf, size_t len,
-                           float *params, const sub_rows *want, float *values, int64_t *version,
-                           char *err, size_t errlen) {
+static int take_pull_reply(ps_client *c, int sh, int nexpect, const rpc_piece *reply,
+                           int npieces, float *params, const sub_rows *want, float *values,
+                           int64_t *version, char *err, size_t errlen) {
     ps_wire_msg m;
-    if (ps_wire_decode_rows(&psrpc__pull_reply__descriptor, 2, 3, buf, len, &m, err, errlen))
+    if (ps_wire_decode_pieces(&psrpc__pull_reply__descriptor, 2, 3, reply, npieces, 0, &m, err,
+                              errlen))
         return CM_EINVAL;
     int rc = CM_OK;
     if (want && values) rc = take_rows(c, want, &m, values, err, errlen);
@@ -211,15 +219,18 @@ static int take_pull_reply(ps_client *c, int sh, int nexpect, const uint8_t *buf
             rc = CM_EINVAL;
             break;
         }
-        memcpy(params + c->cfg.placement->parts[id].offset, t->data, t->len);
+        ps_wire_tensor_copy(params + c->cfg.placement->parts[id].offset, t);
     }
     *version = ((Psrpc__PullReply *)m.msg)->version;
     ps_wire_msg_free(&m);
     return rc;
 }
 
-static void on_done(void *ud, int code, const char *message, const uint8_t *reply, size_t len) {
-    sub *s = ud;
+/* A reply, as pieces in place (pulls: the parameters are copied from
+ * gRPC's slices straight into the caller's array) or one flat range
+ * (pushes: flat, pieces NULL). */
+static void done_any(sub *s, int code, const char *message, const rpc_piece *pieces, int npieces,
+                     const uint8_t *reply, size_t len) {
     ps_ticket *t = s->t;
     ps_client *c = t->c;
     pthread_mutex_lock(&c->mu);
@@ -232,10 +243,10 @@ static void on_done(void *ud, int code, const char *message, const uint8_t *repl
     } else if (code != RPC_OK) {
         snprintf(s->msg, sizeof s->msg, "%s: %s", rpc_status_name(code), message);
     } else if (t->op == OP_PULL || t->op == OP_PUSH_PULL || t->op == OP_PULL_ROWS) {
-        int nexpect = t->op == OP_PULL ? t->c->nparts[s->shard]
-                      : t->op == OP_PULL_ROWS ? 0
-                                              : s->nparts;
-        s->cm = take_pull_reply(t->c, s->shard, nexpect, reply, len, t->params, &s->want,
+        int nexpect = t->op == OP_PULL_ROWS ? 0 : s->nparts;
+        rpc_piece one = {reply, len};
+        s->cm = take_pull_reply(t->c, s->shard, nexpect, pieces ? pieces : &one,
+                                pieces ? npieces : len ? 1 : 0, t->params, &s->want,
                                 t->row_values, &s->version, s->msg, sizeof s->msg);
     } else {
         Psrpc__PushReply *r = psrpc__push_reply__unpack(NULL, len, reply);
@@ -252,6 +263,17 @@ static void on_done(void *ud, int code, const char *message, const uint8_t *repl
     int done = ticket_settle(t);
     pthread_mutex_unlock(&c->mu);
     if (done) ticket_free(t);
+}
+
+static void on_done(void *ud, int code, const char *message, const uint8_t *reply, size_t len) {
+    done_any(ud, code, message, NULL, 0, reply, len);
+}
+
+static void on_done_pieces(void *ud, int code, const char *message, const rpc_piece *pieces,
+                           int npieces, size_t len) {
+    static const uint8_t empty[1];
+    (void)len;
+    done_any(ud, code, message, pieces, npieces, empty, 0);
 }
 
 /* The ids of 'want' as Rows messages of field 'field' (no values). */
@@ -322,28 +344,42 @@ static void issue(ps_ticket *t, sub *s) {
         req.rows_only = t->op == OP_PULL_ROWS;
         req.train = t->train;
         req.or_final = t->or_final;
+        if (s->some) {
+            req.n_parts = (size_t)s->nparts;
+            req.parts = (uint32_t *)s->parts;
+        }
         ps_wire_put_message(&w, &req.base);
         put_want(&w, 3, &s->want);
     }
     int nsegs;
     const rpc_seg *segs = ps_wire_segs(&w, &nsegs);
-    rpc_call_start(c->ch[sh], method, segs, nsegs, c->cfg.deadline_ms, 0, on_done, s);
+    if (t->op == OP_PUSH)
+        rpc_call_start(c->ch[sh], method, segs, nsegs, c->cfg.deadline_ms, 0, on_done, s);
+    else
+        rpc_call_start_pieces(c->ch[sh], method, segs, nsegs, c->cfg.deadline_ms, 0,
+                              on_done_pieces, s);
     ps_wire_writer_free(&w, 0);
 }
 
-static ps_ticket *ticket_new(ps_client *c, int op, int64_t step) {
+/* A ticket with one sub-call per shard, or with 'grouped' (dense calls)
+ * one per group: runs of a shard's partitions of at most cfg.call_bytes,
+ * all issued at once. */
+static ps_ticket *ticket_new(ps_client *c, int op, int64_t step, int grouped) {
     ps_ticket *t = cm_calloc(1, sizeof *t);
     t->c = c;
     t->op = op;
     t->step = step;
     t->start = cm_now();
-    t->nsubs = c->nshards;
-    t->subs = cm_calloc((size_t)c->nshards, sizeof *t->subs);
-    for (int i = 0; i < c->nshards; i++) {
-        t->subs[i].t = t;
-        t->subs[i].shard = i;
-        t->subs[i].nparts = c->nparts[i];
-        t->subs[i].parts = c->parts[i];
+    t->nsubs = grouped ? c->ngroups : c->nshards;
+    t->subs = cm_calloc((size_t)t->nsubs, sizeof *t->subs);
+    for (int i = 0; i < t->nsubs; i++) {
+        const struct group *g = grouped ? &c->groups[i] : NULL;
+        sub *s = &t->subs[i];
+        s->t = t;
+        s->shard = g ? g->shard : i;
+        s->nparts = g ? g->nparts : c->nparts[i];
+        s->parts = g ? g->parts : c->parts[i];
+        s->some = g && op == OP_PULL && !g->whole;
     }
     return t;
 }
@@ -372,21 +408,21 @@ static void ticket_convert(ps_ticket *t) {
 }
 
 int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **out) {
-    ps_ticket *t = ticket_new(c, OP_PUSH, step);
+    ps_ticket *t = ticket_new(c, OP_PUSH, step, 1);
     t->grad = grad;
     ticket_convert(t);
-    for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
+    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
     *out = t;
     return CM_OK;
 }
 
 int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *params,
                         ps_ticket **out) {
-    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step);
+    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step, 1);
     t->grad = grad;
     t->params = params;
     ticket_convert(t);
-    for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
+    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
     *out = t;
     return CM_OK;
 }
@@ -406,7 +442,7 @@ int ps_client_push_pull_parts(ps_client *c, int64_t step, const float *grad, flo
         }
         seen[parts[i]] = 1;
     }
-    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step);
+    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step, 0);
     t->grad = grad;
     t->params = params;
     t->own = cm_malloc((size_t)nparts * sizeof *t->own);
@@ -515,7 +551,7 @@ int ps_client_push_pull_rows(ps_client *c, int64_t step, const float *grad, floa
         (want && want->ntables != c->cfg.model->ntables) || (keys && !row_grad) ||
         (want && !want_values))
         return CM_EINVAL;
-    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step);
+    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step, 0);
     t->grad = grad;
     t->params = params;
     t->row_values = want_values;
@@ -534,7 +570,7 @@ int ps_client_pull_rows(ps_client *c, int64_t min_version, const ps_row_keys *wa
     *out = NULL;
     if (c->cfg.model->ntables == 0 || !want || want->ntables != c->cfg.model->ntables || !values)
         return CM_EINVAL;
-    ps_ticket *t = ticket_new(c, OP_PULL_ROWS, min_version);
+    ps_ticket *t = ticket_new(c, OP_PULL_ROWS, min_version, 0);
     t->row_values = values;
     t->train = train;
     split_rows(t, want, 0, NULL);
@@ -559,10 +595,11 @@ int ps_client_pull_rows(ps_client *c, int64_t min_version, const ps_row_keys *wa
 
 static int pull(ps_client *c, int64_t min_version, float *params, int or_final,
                 ps_ticket **out) {
-    ps_ticket *t = ticket_new(c, OP_PULL, min_version);
+    /* An evaluator's final pull goes whole: the shard answers it once. */
+    ps_ticket *t = ticket_new(c, OP_PULL, min_version, !or_final);
     t->params = params;
     t->or_final = or_final;
-    for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
+    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
     *out = t;
     return CM_OK;
 }
@@ -1031,6 +1068,26 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
         int s = pl->parts[i].shard;
         c->parts[s][c->nparts[s]++] = (uint32_t)i;
     }
+    /* Groups: each shard's partitions, in order, cut before a partition
+     * that would take a call past call_bytes (a shard with none: one empty
+     * group, so that every shard is still asked). */
+    long max = cfg->call_bytes ? cfg->call_bytes : PS_CLIENT_CALL_BYTES;
+    c->groups = cm_calloc((size_t)pl->nparts + (size_t)c->nshards, sizeof *c->groups);
+    for (int s = 0; s < c->nshards; s++) {
+        int g0 = c->ngroups;
+        size_t bytes = 0;
+        for (int k = 0; k < c->nparts[s] || k == 0; k++) {
+            size_t b = k < c->nparts[s] ? pl->parts[c->parts[s][k]].count * sizeof(float) : 0;
+            if (c->ngroups == g0 || (max > 0 && c->groups[c->ngroups - 1].nparts > 0 &&
+                                     bytes + b > (size_t)max)) {
+                c->groups[c->ngroups++] = (struct group){.shard = s, .parts = c->parts[s] + k};
+                bytes = 0;
+            }
+            if (k < c->nparts[s]) c->groups[c->ngroups - 1].nparts++;
+            bytes += b;
+        }
+        for (int i = g0; i < c->ngroups; i++) c->groups[i].whole = c->ngroups - g0 == 1;
+    }
     rpc_client_opts o = {.max_message = cfg->max_message,
                          .token = cfg->auth_token,
                          .admin_token = cfg->admin_token,
@@ -1072,6 +1129,7 @@ void ps_client_close(ps_client *c) {
     free(c->ch);
     free(c->addrs);
     free(c->parts);
+    free(c->groups);
     free(c->nparts);
     pthread_cond_destroy(&c->cv);
     pthread_mutex_destroy(&c->mu);

@@ -34,6 +34,8 @@
 typedef struct ps_client ps_client;
 typedef struct ps_ticket ps_ticket;
 
+#define PS_CLIENT_CALL_BYTES (1L << 20)
+
 typedef struct ps_client_cfg {
     const cm_model *model;         /* Borrowed; outlives the client. */
     const cm_placement *placement; /* Borrowed; outlives the client. */
@@ -49,6 +51,16 @@ typedef struct ps_client_cfg {
                                     * own ticket and sends that; 0 = float32,
                                     * sent zero-copy from the caller's. Pulls
                                     * are float32 either way. */
+    long call_bytes;               /* Dense pushes and pulls of a shard that
+                                    * carry more than this many bytes go as
+                                    * several calls at once (whole partitions,
+                                    * at least one a call), so that the PS
+                                    * takes in one while the next is on the
+                                    * wire and the reply of one is copied out
+                                    * while the next comes: 0 =
+                                    * PS_CLIENT_CALL_BYTES (1 MiB: the best
+                                    * of 256 KiB to 4 MiB measured on
+                                    * loopback), < 0 = one call a shard. */
     /* Security: the token every call carries and the admin's, for
      * Initialize, Rollback, Shutdown and deleting checkpoints (contents,
      * not paths; NULL: none); TLS: the CA that signed the PS's certificates

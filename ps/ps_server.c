@@ -688,19 +688,21 @@ bad:
  * was accepted (or a duplicate); otherwise the call has been failed. With
  * 'want' (PushPull), *want gets the rows the reply must carry (NULL for
  * none) and *async whether the shard applies pushes at once. */
-static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len, int64_t *step,
+static int do_push(ps_server *s, rpc_call *call, const rpc_piece *req, int nreq, int64_t *step,
                    int64_t *version, int *duplicate, uint32_t **parts, int *nparts,
                    row_answer **want, int *with_rows) {
     ps_wire_msg m;
     char err[512];
     if (want) *want = NULL;
-    if (!need_shard(s, call, RPC_UNAVAILABLE) ||
-        !admit(s, call, &psrpc__push_request__descriptor, req, len))
-        return 0;
-    if (ps_wire_decode_rows(&psrpc__push_request__descriptor, 3, 4, req, len, &m, err,
-                            sizeof err)) {
+    if (!need_shard(s, call, RPC_UNAVAILABLE)) return 0;
+    /* Read in place (gRPC's slices, no copy); the decoder counts fields and
+     * elements as admit() does before protobuf-c unpacks any. */
+    int drc = ps_wire_decode_pieces(&psrpc__push_request__descriptor, 3, 4, req, nreq,
+                                    PS_WIRE_MAX_ELEMS, &m, err, sizeof err);
+    if (drc != CM_OK) {
         count_bad(s);
-        rpc_fail(call, RPC_INVALID_ARGUMENT, "%s", err);
+        rpc_fail(call, drc == CM_ENOMEM ? RPC_RESOURCE_EXHAUSTED : RPC_INVALID_ARGUMENT, "%s",
+                 err);
         return 0;
     }
     Psrpc__PushRequest *r = (Psrpc__PushRequest *)m.msg;
@@ -733,7 +735,9 @@ static int do_push(ps_server *s, rpc_call *call, const uint8_t *req, size_t len,
                          .nshape = (int)t->meta->n_shape,
                          .shape = t->meta->shape,
                          .data = t->data,
-                         .len = t->len};
+                         .len = t->len,
+                         .pieces = t->pieces,
+                         .npieces = t->npieces};
     }
     *step = r->step;
     if (parts) {
@@ -787,14 +791,14 @@ out:
     return ok;
 }
 
-static void on_push(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
+static void on_push(void *ctx, rpc_call *call, const rpc_piece *req, int nreq, size_t len) {
     ps_server *s = ctx;
     atomic_fetch_add(&s->bytes_in, len);
     int64_t step = 0, version = 0;
     int duplicate = 0;
     double t0 = cm_now();
     pthread_rwlock_rdlock(&s->gate);
-    int ok = do_push(s, call, req, len, &step, &version, &duplicate, NULL, NULL, NULL, NULL);
+    int ok = do_push(s, call, req, nreq, &step, &version, &duplicate, NULL, NULL, NULL, NULL);
     pthread_rwlock_unlock(&s->gate);
     if (!ok) return;
     cm_hist_add(&s->push_hist, cm_now() - t0);
@@ -956,6 +960,32 @@ static int check_room(ps_server *s, rpc_call *call, int64_t min_version) {
     return 0;
 }
 
+/* PullRequest.parts: partitions of this shard, none twice, and not with
+ * or_final (an evaluator's pull is answered once, whole). */
+static int check_pull_parts(ps_server *s, rpc_call *call, const Psrpc__PullRequest *r) {
+    if (!r->n_parts) return 1;
+    const char *why = NULL;
+    uint32_t bad = 0;
+    if (r->or_final) why = "a pull of some partitions cannot be or_final";
+    if (!why && r->n_parts > (size_t)s->pl->nparts) why = "more partitions than the model has";
+    uint8_t *seen = why ? NULL : cm_calloc((size_t)s->pl->nparts, 1);
+    for (size_t i = 0; !why && i < r->n_parts; i++) {
+        bad = r->parts[i];
+        if (bad >= (uint32_t)s->pl->nparts)
+            why = "no such partition";
+        else if (s->pl->parts[bad].shard != s->cfg.shard)
+            why = "the partition belongs to another shard";
+        else if (seen[bad]++)
+            why = "the partition is asked for twice";
+    }
+    free(seen);
+    if (!why) return 1;
+    count_bad(s);
+    rpc_fail(call, RPC_INVALID_ARGUMENT, "pull of partition %u from shard %d: %s", bad,
+             s->cfg.shard, why);
+    return 0;
+}
+
 static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     ps_server *s = ctx;
     atomic_fetch_add(&s->bytes_in, len);
@@ -976,13 +1006,19 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     pthread_rwlock_rdlock(&s->gate);
     row_answer *ra = NULL;
     if (need_shard(s, call, RPC_UNAVAILABLE) && check_cluster(s, call, r->cluster) &&
-        check_epoch(s, call, r->cluster) && check_reach(s, call, r->min_version) &&
+        check_epoch(s, call, r->cluster) && check_pull_parts(s, call, r) &&
+        check_reach(s, call, r->min_version) &&
         check_room(s, call, r->min_version) &&
         (!r->n_want || (ra = decode_want(s, call, r->want, r->n_want, r->train)))) {
         pull_ctx *pc = cm_calloc(1, sizeof *pc);
         pc->s = s;
         pc->call = call;
         pc->nparts = r->rows_only ? -1 : 0;
+        if (r->n_parts && !r->rows_only) {
+            pc->nparts = (int)r->n_parts;
+            pc->parts = cm_malloc(r->n_parts * sizeof *pc->parts);
+            memcpy(pc->parts, r->parts, r->n_parts * sizeof *pc->parts);
+        }
         pc->rows = ra;
         pc->or_final = r->or_final && !r->rows_only && !ra;
         pc->min_version = r->min_version;
@@ -1004,7 +1040,8 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     psrpc__pull_request__free_unpacked(r, NULL);
 }
 
-static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
+static void on_push_pull(void *ctx, rpc_call *call, const rpc_piece *req, int nreq,
+                         size_t len) {
     ps_server *s = ctx;
     atomic_fetch_add(&s->bytes_in, len);
     int64_t step = 0, version = 0;
@@ -1013,7 +1050,7 @@ static void on_push_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t l
     row_answer *ra = NULL;
     double t0 = cm_now();
     pthread_rwlock_rdlock(&s->gate);
-    if (!do_push(s, call, req, len, &step, &version, &duplicate, &parts, &nparts, &ra,
+    if (!do_push(s, call, req, nreq, &step, &version, &duplicate, &parts, &nparts, &ra,
                  &with_rows)) {
         pthread_rwlock_unlock(&s->gate);
         return;
@@ -2300,9 +2337,10 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
                          .cancel_ctx = s};
     if ((rc = rpc_server_create(&o, &s->rpc)) != CM_OK) goto fail;
     rpc_server_add_method_level(s->rpc, "/psrpc.Ps/Initialize", RPC_AUTH_ADMIN, on_init, s);
-    rpc_server_add_method(s->rpc, "/psrpc.Ps/Push", on_push, s);
+    rpc_server_add_method_pieces(s->rpc, "/psrpc.Ps/Push", RPC_AUTH_WORKER, on_push, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Pull", on_pull, s);
-    rpc_server_add_method(s->rpc, "/psrpc.Ps/PushPull", on_push_pull, s);
+    rpc_server_add_method_pieces(s->rpc, "/psrpc.Ps/PushPull", RPC_AUTH_WORKER, on_push_pull,
+                                 s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Stats", on_stats, s);
     rpc_server_add_method(s->rpc, "/psrpc.Ps/Checkpoints", on_checkpoints, s);
     rpc_server_add_method_level(s->rpc, "/grpc.health.v1.Health/Check", RPC_AUTH_NONE, on_health,

@@ -53,6 +53,7 @@
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
+#include "proto/rpc.h"
 #include "ps/ps_rowacc.h"
 #include "ps/ps_wire.h"
 
@@ -867,6 +868,49 @@ int ps_shard_init(ps_shard *s, const ps_shard_config *cfg, int64_t *version, cha
 /* Bytes a value of a (valid) pushed dtype takes on the wire. */
 static size_t dtype_size(int dtype) { return dtype == PS_DTYPE_BFLOAT16 ? 2 : sizeof(float); }
 
+/* Run fn(ud, i, src, m) over g's n values (validated: len is n values) in
+ * runs: values i .. i + m - 1 at src (maybe unaligned), in order. A value
+ * cut between two pieces comes alone, from a bounce buffer. Stops at the
+ * first nonzero return of fn and returns it; 0 when all ran. */
+typedef int (*grad_run_fn)(void *ud, size_t i, const uint8_t *src, size_t m);
+
+static size_t dtype_size(int dtype);
+
+static int grad_runs(const ps_grad *g, size_t n, grad_run_fn fn, void *ud) {
+    if (g->data || !g->npieces) return n ? fn(ud, 0, g->data, n) : 0;
+    size_t es = dtype_size(g->dtype), i = 0, have = 0;
+    uint8_t bounce[sizeof(float)];
+    for (int k = 0; k < g->npieces && i < n; k++) {
+        const uint8_t *p = g->pieces[k].p;
+        size_t len = g->pieces[k].len;
+        if (have) { /* The rest of a cut value. */
+            size_t t = es - have < len ? es - have : len;
+            memcpy(bounce + have, p, t);
+            have += t;
+            p += t;
+            len -= t;
+            if (have < es) continue;
+            int rc = fn(ud, i++, bounce, 1);
+            if (rc) return rc;
+            have = 0;
+        }
+        size_t m = len / es;
+        if (m > n - i) m = n - i;
+        if (m) {
+            int rc = fn(ud, i, p, m);
+            if (rc) return rc;
+            i += m;
+        }
+        p += m * es;
+        len -= m * es;
+        if (len) {
+            memcpy(bounce, p, len < es ? len : es);
+            have = len < es ? len : es;
+        }
+    }
+    return 0;
+}
+
 /* dst = g's n values as float32 (g validated: the first contribution). */
 static void grad_load(float *dst, const ps_grad *g, size_t n) {
     if (g->dtype == PS_DTYPE_BFLOAT16)
@@ -875,12 +919,24 @@ static void grad_load(float *dst, const ps_grad *g, size_t n) {
         memcpy(dst, g->data, n * sizeof(float));
 }
 
+typedef struct run_dst {
+    float *dst;
+    int dtype, bad;
+} run_dst;
+
+static int add_run(void *ud, size_t i, const uint8_t *src, size_t m) {
+    run_dst *d = ud;
+    if (d->dtype == PS_DTYPE_BFLOAT16)
+        ps_wire_load_add_bf16(d->dst + i, src, m);
+    else
+        ps_wire_load_add(d->dst + i, src, m);
+    return 0;
+}
+
 /* dst += g's n values, widened to float32. */
 static void grad_add(float *dst, const ps_grad *g, size_t n) {
-    if (g->dtype == PS_DTYPE_BFLOAT16)
-        ps_wire_load_add_bf16(dst, g->data, n);
-    else
-        ps_wire_load_add(dst, g->data, n);
+    run_dst d = {dst, g->dtype, 0};
+    grad_runs(g, n, add_run, &d);
 }
 
 /* Check a push's tensors against the placement (no lock needed: the layout
@@ -1077,19 +1133,52 @@ static int load_check_bf16(float *restrict dst, const uint8_t *restrict p, size_
     return (acc & 0x8000u) != 0;
 }
 
+static int load_check_run(void *ud, size_t i, const uint8_t *src, size_t m) {
+    run_dst *d = ud;
+    d->bad |= d->dtype == PS_DTYPE_BFLOAT16 ? load_check_bf16(d->dst + i, src, m)
+                                            : load_check_f32(d->dst + i, src, m);
+    return 0;
+}
+
 static int grad_load_check(float *dst, const ps_grad *g, size_t n) {
-    return g->dtype == PS_DTYPE_BFLOAT16 ? load_check_bf16(dst, g->data, n)
-                                         : load_check_f32(dst, g->data, n);
+    run_dst d = {dst, g->dtype, 0};
+    grad_runs(g, n, load_check_run, &d);
+    return d.bad;
+}
+
+typedef struct run_find {
+    int dtype;
+    size_t at;     /* The first non-finite value's index (n: none yet). */
+    uint32_t bits; /* Its float32 bits. */
+} run_find;
+
+static int find_run(void *ud, size_t i, const uint8_t *src, size_t m) {
+    run_find *f = ud;
+    size_t k = first_nonfinite(src, m, f->dtype);
+    if (k == m) return 0;
+    f->at = i + k;
+    f->bits = bits_at(src, k, f->dtype);
+    return 1;
+}
+
+/* The index of g's first NaN or infinity among its n values (n if none),
+ * and its float32 bits in *bits. */
+static size_t grad_first_nonfinite(const ps_grad *g, size_t n, uint32_t *bits) {
+    run_find f = {g->dtype, n, 0};
+    grad_runs(g, n, find_run, &f);
+    if (bits) *bits = f.bits;
+    return f.at;
 }
 
 /* The message for a partition's gradient with a NaN or an infinity. */
 static void nonfinite_part_msg(const ps_shard *s, const ps_grad *g, char *err, size_t errlen) {
-    size_t n = g->len / dtype_size(g->dtype), k = first_nonfinite(g->data, n, g->dtype);
+    uint32_t bits = 0;
+    size_t n = g->len / dtype_size(g->dtype), k = grad_first_nonfinite(g, n, &bits);
     const cm_partition *p = &s->pl->parts[g->part];
     cm_seterr(err, errlen,
               "partition %u (%s part %d): non-finite gradient: %s at element %zu of %zu (%s)",
               g->part, s->model->vars[p->var].name, p->index,
-              k < n ? nonfinite_name(bits_at(g->data, k, g->dtype)) : "?", k, n,
+              k < n ? nonfinite_name(bits) : "?", k, n,
               g->dtype == PS_DTYPE_BFLOAT16 ? "bfloat16" : "float32");
 }
 
@@ -1135,7 +1224,7 @@ static int load_dense(ps_shard *s, int worker, const ps_grad *grads, int ngrads,
         else if (!mine || s->pcount[li] == 0)
             bad = grad_load_check(s->acc + off, &grads[i], n);
         else
-            bad = first_nonfinite(grads[i].data, n, grads[i].dtype) < n;
+            bad = grad_first_nonfinite(&grads[i], n, NULL) < n;
         if (bad) return i;
     }
     return -1;

@@ -150,8 +150,14 @@ typedef struct ps_grad {
     const uint64_t *shape; /* As sent. */
     const uint8_t *data;   /* Raw little-endian float32 (4 bytes a value) or
                             * bfloat16 (2), maybe unaligned; widened to
-                            * float32 as it is accumulated. */
+                            * float32 as it is accumulated. NULL when the
+                            * bytes come as pieces: */
     size_t len;            /* Bytes. */
+    const struct rpc_piece *pieces; /* With data NULL: the len bytes in
+                                     * order, in npieces pieces (as gRPC
+                                     * received them: a value may be cut
+                                     * between two). */
+    int npieces;
 } ps_grad;
 
 /* An immutable copy of the shard's partitions at one version. */

@@ -233,31 +233,123 @@ void ps_wire_msg_free(ps_wire_msg *m) {
     if (m->msg) protobuf_c_message_free_unpacked(m->msg, NULL);
     for (int i = 0; i < m->ntensors; i++)
         if (m->tensors[i].meta) psrpc__tensor__free_unpacked(m->tensors[i].meta, NULL);
-    for (int i = 0; i < m->nrows; i++)
+    for (int i = 0; i < m->nrows; i++) {
         if (m->rows[i].meta) psrpc__rows__free_unpacked(m->rows[i].meta, NULL);
+        free(m->rows[i].own);
+    }
     free(m->tensors);
     free(m->rows);
+    free(m->pieces);
     memset(m, 0, sizeof *m);
 }
 
-/* Split one embedded message at payload into its data field (15) and the
- * rest, which goes to 'meta'. Returns 0, or -1 if malformed. */
-static int split_data(const uint8_t *payload, uint64_t plen, buf *meta, const uint8_t **data,
-                      size_t *dlen_out) {
+void ps_wire_tensor_copy(void *dst, const ps_wire_tensor *t) {
+    uint8_t *d = dst;
+    for (int i = 0; i < t->npieces; i++) {
+        memcpy(d, t->pieces[i].p, t->pieces[i].len);
+        d += t->pieces[i].len;
+    }
+}
+
+/* A reader over pieces: piece i at offset off, absolute position pos, which
+ * must not pass end (a field's or the message's). A copy of a reader is a
+ * saved position. */
+typedef struct rd {
+    const rpc_piece *pc;
+    int n, i;
+    size_t off;
+    uint64_t pos, end;
+} rd;
+
+static void rd_settle(rd *r) {
+    while (r->i < r->n && r->off == r->pc[r->i].len) {
+        r->i++;
+        r->off = 0;
+    }
+}
+
+static int rd_varint(rd *r, uint64_t *v) {
+    uint64_t x = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (r->pos >= r->end) return -1;
+        rd_settle(r);
+        uint8_t b = r->pc[r->i].p[r->off++];
+        r->pos++;
+        x |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v = x;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Pieces of the data fields, grown as they are found. */
+typedef struct piece_store {
+    rpc_piece *p;
+    size_t n, cap;
+} piece_store;
+
+/* Advance n bytes (-1 past end); with 'ps' append them as pieces, with
+ * 'copy' append their bytes. */
+static int rd_take(rd *r, uint64_t n, piece_store *ps, buf *copy) {
+    if (n > r->end - r->pos) return -1;
+    r->pos += n;
+    while (n) {
+        rd_settle(r);
+        size_t k = r->pc[r->i].len - r->off;
+        if (k > n) k = (size_t)n;
+        const uint8_t *p = r->pc[r->i].p + r->off;
+        if (ps) {
+            if (ps->n == ps->cap) {
+                ps->cap = ps->cap ? 2 * ps->cap : 16;
+                ps->p = realloc(ps->p, ps->cap * sizeof *ps->p);
+                if (!ps->p) abort();
+            }
+            ps->p[ps->n++] = (rpc_piece){p, k};
+        }
+        if (copy) buf_append(copy, p, k);
+        r->off += k;
+        n -= k;
+    }
+    return 0;
+}
+
+/* Read one field's key and skip its payload; for a length-delimited field
+ * *payload is a reader of just the payload. 0, or -1 if malformed. */
+static int rd_field(rd *r, uint64_t *key, rd *payload) {
+    uint64_t v;
+    if (rd_varint(r, key) || (*key >> 3) == 0) return -1;
+    switch ((int)(*key & 7)) {
+    case WT_VARINT: return rd_varint(r, &v);
+    case WT_I64: return rd_take(r, 8, NULL, NULL);
+    case WT_I32: return rd_take(r, 4, NULL, NULL);
+    case WT_LEN:
+        if (rd_varint(r, &v) || v > r->end - r->pos) return -1;
+        *payload = *r;
+        payload->end = r->pos + v;
+        return rd_take(r, v, NULL, NULL);
+    }
+    return -1;
+}
+
+/* Split one embedded message (the reader r) into its data field (15: its
+ * pieces appended to ps from *first on, *dlen bytes; the last one wins)
+ * and the rest, which goes to 'meta'. Returns 0, or -1 if malformed. */
+static int split_data(rd r, buf *meta, piece_store *ps, size_t *first, size_t *dlen) {
     meta->len = 0;
-    const uint8_t *q = payload, *tend = payload + plen;
-    while (q < tend) {
-        const uint8_t *fs = q;
-        uint64_t k2, dlen = 0;
-        const uint8_t *dp = NULL;
-        if (get_varint(&q, tend, &k2) || (k2 >> 3) == 0 ||
-            skip_field(&q, tend, (int)(k2 & 7), &dp, &dlen))
-            return -1;
-        if ((k2 >> 3) == DATA_FIELD && (k2 & 7) == WT_LEN) {
-            *data = dp;
-            *dlen_out = (size_t)dlen;
+    *first = ps->n;
+    *dlen = 0;
+    while (r.pos < r.end) {
+        rd fs = r, payload = {0};
+        uint64_t key;
+        if (rd_field(&r, &key, &payload)) return -1;
+        if ((key >> 3) == DATA_FIELD && (key & 7) == WT_LEN) {
+            ps->n = *first;
+            *dlen = payload.end - payload.pos;
+            rd_take(&payload, *dlen, ps, NULL);
         } else {
-            buf_append(meta, fs, (size_t)(q - fs));
+            rd_take(&fs, r.pos - fs.pos, NULL, meta);
         }
     }
     return 0;
@@ -271,25 +363,49 @@ int ps_wire_decode(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field
 int ps_wire_decode_rows(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
                         uint32_t rows_field, const uint8_t *in, size_t len, ps_wire_msg *out,
                         char *err, size_t errlen) {
+    rpc_piece one = {in, len};
+    return ps_wire_decode_pieces(desc, tensor_field, rows_field, &one, len ? 1 : 0, 0, out,
+                                 err, errlen);
+}
+
+static int count_elems(const ProtobufCMessageDescriptor *d, const uint8_t *p,
+                       const uint8_t *end, int depth, uint64_t max, uint64_t *count);
+
+/* Count what protobuf-c is about to unpack (max 0: nothing counted);
+ * 0 within max_elems, 1 beyond, -1 malformed. */
+static int budget(const ProtobufCMessageDescriptor *d, const buf *b, uint64_t max,
+                  uint64_t *count) {
+    if (!max) return 0;
+    if (++*count > max) return 1;
+    return b->len ? count_elems(d, b->p, b->p + b->len, 1, max, count) : 0;
+}
+
+int ps_wire_decode_pieces(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
+                          uint32_t rows_field, const rpc_piece *in, int nin, uint64_t max_elems,
+                          ps_wire_msg *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     buf rest = {0}, meta = {0};
-    int cap = 0, rcap = 0;
-    const uint8_t *p = in, *end = in + len;
+    piece_store ps = {0};
+    size_t *first = NULL; /* Per tensor: its first piece in ps. */
+    int cap = 0, rcap = 0, rc = CM_EINVAL;
+    uint64_t total = 0, count = 0;
+    for (int i = 0; i < nin; i++) total += in[i].len;
+    rd r = {.pc = in, .n = nin, .end = total};
     const char *why = NULL;
-    while (p < end) {
-        const uint8_t *field_start = p;
-        uint64_t key, plen = 0;
-        const uint8_t *payload = NULL;
-        if (get_varint(&p, end, &key)) {
+    while (r.pos < r.end) {
+        rd start = r, payload = {0};
+        uint64_t key;
+        if (rd_varint(&r, &key)) {
             why = "bad field key";
+            goto fail;
+        }
+        r = start;
+        if (rd_field(&r, &key, &payload)) {
+            why = "truncated or malformed field";
             goto fail;
         }
         int wt = (int)(key & 7);
         uint64_t num = key >> 3;
-        if (num == 0 || skip_field(&p, end, wt, &payload, &plen)) {
-            why = "truncated or malformed field";
-            goto fail;
-        }
         if (rows_field && num == rows_field) {
             if (wt != WT_LEN) {
                 why = "rows field with the wrong wire type";
@@ -300,60 +416,105 @@ int ps_wire_decode_rows(const ProtobufCMessageDescriptor *desc, uint32_t tensor_
                 out->rows = realloc(out->rows, (size_t)rcap * sizeof *out->rows);
                 if (!out->rows) abort();
             }
-            ps_wire_rows *r = &out->rows[out->nrows++];
-            memset(r, 0, sizeof *r);
-            if (split_data(payload, plen, &meta, &r->data, &r->len)) {
+            ps_wire_rows *w = &out->rows[out->nrows++];
+            memset(w, 0, sizeof *w);
+            size_t at, n0 = ps.n;
+            if (split_data(payload, &meta, &ps, &at, &w->len)) {
                 why = "malformed rows";
                 goto fail;
             }
-            r->meta = psrpc__rows__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
-            if (!r->meta) {
+            if (ps.n - at == 1) {
+                w->data = ps.p[at].p;
+            } else if (ps.n - at > 1) { /* Rows are read in place: gather them. */
+                w->own = cm_malloc(w->len);
+                size_t off = 0;
+                for (size_t k = at; k < ps.n; k++) {
+                    memcpy(w->own + off, ps.p[k].p, ps.p[k].len);
+                    off += ps.p[k].len;
+                }
+                w->data = w->own;
+            }
+            ps.n = n0;
+            int b = budget(&psrpc__rows__descriptor, &meta, max_elems, &count);
+            if (b > 0) goto over;
+            w->meta = b ? NULL
+                        : psrpc__rows__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
+            if (!w->meta) {
                 why = "rows fields do not parse";
                 goto fail;
             }
             continue;
         }
-        if (num != tensor_field) {
-            buf_append(&rest, field_start, (size_t)(p - field_start));
+        if (num != tensor_field) { /* The whole field, key included, into 'rest'. */
+            rd_take(&start, r.pos - start.pos, NULL, &rest);
             continue;
         }
         if (wt != WT_LEN) {
             why = "tensor field with the wrong wire type";
             goto fail;
         }
-        /* One Tensor: split its data field from the rest. */
         if (out->ntensors == cap) {
             cap = cap ? 2 * cap : 8;
             out->tensors = realloc(out->tensors, (size_t)cap * sizeof *out->tensors);
-            if (!out->tensors) abort();
+            first = realloc(first, (size_t)cap * sizeof *first);
+            if (!out->tensors || !first) abort();
         }
         ps_wire_tensor *t = &out->tensors[out->ntensors++];
         memset(t, 0, sizeof *t);
-        if (split_data(payload, plen, &meta, &t->data, &t->len)) {
+        size_t at;
+        if (split_data(payload, &meta, &ps, &at, &t->len)) {
             why = "malformed tensor";
             goto fail;
         }
-        t->meta = psrpc__tensor__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
+        first[out->ntensors - 1] = at;
+        t->npieces = (int)(ps.n - at);
+        int b = budget(&psrpc__tensor__descriptor, &meta, max_elems, &count);
+        if (b > 0) goto over;
+        t->meta = b ? NULL
+                    : psrpc__tensor__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
         if (!t->meta) {
             why = "tensor fields do not parse";
             goto fail;
         }
     }
-    out->msg = protobuf_c_message_unpack(desc, NULL, rest.len,
-                                         rest.p ? rest.p : (const uint8_t *)"");
+    {
+        int b = max_elems && rest.len
+                    ? count_elems(desc, rest.p, rest.p + rest.len, 0, max_elems, &count)
+                    : 0;
+        if (b > 0) goto over;
+        out->msg = b ? NULL
+                     : protobuf_c_message_unpack(desc, NULL, rest.len,
+                                                 rest.p ? rest.p : (const uint8_t *)"");
+    }
     if (!out->msg) {
         why = "message fields do not parse";
         goto fail;
     }
+    out->pieces = ps.p;
+    ps.p = NULL;
+    for (int i = 0; i < out->ntensors; i++) {
+        ps_wire_tensor *t = &out->tensors[i];
+        t->pieces = t->npieces ? out->pieces + first[i] : NULL;
+        t->data = t->npieces == 1 ? t->pieces[0].p : NULL;
+    }
+    free(first);
     free(rest.p);
     free(meta.p);
     return CM_OK;
+over:
+    cm_seterr(err, errlen, "%s with more than %llu fields and elements: refused before decoding",
+              desc->short_name, (unsigned long long)max_elems);
+    rc = CM_ENOMEM;
+    goto out;
 fail:
     cm_seterr(err, errlen, "malformed %s: %s", desc->short_name, why);
+out:
+    free(first);
+    free(ps.p);
     free(rest.p);
     free(meta.p);
     ps_wire_msg_free(out);
-    return CM_EINVAL;
+    return rc;
 }
 
 void ps_wire_load_add(float *dst, const uint8_t *src, size_t n) {

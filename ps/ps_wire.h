@@ -13,8 +13,9 @@
  *  - Reading: the top-level fields are split; everything but the tensor
  *    field is unpacked by protobuf-c, each tensor's small fields are
  *    unpacked by protobuf-c, and its data is returned as a pointer into the
- *    received buffer. Data pointers may be unaligned: read them with
- *    memcpy (ps_wire_load_add and friends do).
+ *    received buffer, or as pieces of it when the message came in pieces
+ *    (gRPC's slices, read in place). Data pointers may be unaligned: read
+ *    them with memcpy (ps_wire_load_add and friends do).
  * Any malformed input is refused with CM_EINVAL and a message.
  */
 #ifndef PS_WIRE_H
@@ -94,14 +95,21 @@ void ps_wire_writer_free(ps_wire_writer *w, int run_releases);
 
 typedef struct ps_wire_tensor {
     Psrpc__Tensor *meta; /* Small fields (data empty). */
-    const uint8_t *data; /* Into the received buffer; may be unaligned. */
+    const uint8_t *data; /* Into the received buffer; may be unaligned. NULL
+                          * when the data lies in more than one piece
+                          * (ps_wire_decode_pieces) or len is 0. */
     size_t len;
+    const rpc_piece *pieces; /* The data in place, in order: npieces of them
+                              * (1 when data is set, 0 when len is 0). */
+    int npieces;
 } ps_wire_tensor;
 
 typedef struct ps_wire_rows {
     Psrpc__Rows *meta;   /* Table, ids (copied), dtype; data empty. */
-    const uint8_t *data; /* Into the received buffer; may be unaligned. */
+    const uint8_t *data; /* Into the received buffer, or into 'own' when it
+                          * came in several pieces; may be unaligned. */
     size_t len;
+    uint8_t *own; /* The gathered copy, or NULL (freed with the message). */
 } ps_wire_rows;
 
 typedef struct ps_wire_msg {
@@ -110,6 +118,7 @@ typedef struct ps_wire_msg {
     ps_wire_tensor *tensors;
     int nrows;
     ps_wire_rows *rows;
+    rpc_piece *pieces; /* Storage of the tensors' pieces. */
 } ps_wire_msg;
 
 /* Decode 'buf' as a message of type 'desc' whose repeated Tensor field is
@@ -122,7 +131,21 @@ int ps_wire_decode_rows(const ProtobufCMessageDescriptor *desc, uint32_t tensor_
                         char *err, size_t errlen);
 int ps_wire_decode(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
                    const uint8_t *buf, size_t len, ps_wire_msg *out, char *err, size_t errlen);
+
+/* The same for a message received as pieces (rpc_handler_pieces,
+ * rpc_done_pieces) without gathering it: only the small fields are
+ * copied; tensors keep their data as pieces (ps_wire_tensor.pieces), and
+ * rows whose values span pieces are gathered into ps_wire_rows.own.
+ * Fields and elements are counted as by ps_wire_check_elems before
+ * protobuf-c unpacks them: beyond max_elems (0: no limit) the message is
+ * refused with CM_ENOMEM. Borrows the pieces' bytes like ps_wire_decode. */
+int ps_wire_decode_pieces(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
+                          uint32_t rows_field, const rpc_piece *pieces, int npieces,
+                          uint64_t max_elems, ps_wire_msg *out, char *err, size_t errlen);
 void ps_wire_msg_free(ps_wire_msg *m);
+
+/* Copy a decoded tensor's len bytes of data (from its pieces) to dst. */
+void ps_wire_tensor_copy(void *dst, const ps_wire_tensor *t);
 
 /* Before decoding untrusted bytes as a message of type desc: walk its
  * fields (into embedded messages) without allocating, and count every

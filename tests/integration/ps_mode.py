@@ -390,6 +390,8 @@ def init_from(bin_dir, tmp):
           f"the PS chief exports its final parameters: {header['mode']}, {header['steps']} steps")
     p = launch(bin_dir, "--ps", "1", "--workers", "1", *common, "--max-steps", "1",
                "--layers", "784,64,10", "--init-from", model, expect_ok=False)
+    if not (p.returncode != 0 and "784,64,10" in p.stderr and "784,256,128,10" in p.stderr):
+        print(f"status {p.returncode}; stderr:\n{p.stderr[-3000:]}", flush=True)
     check(p.returncode != 0 and "784,64,10" in p.stderr and "784,256,128,10" in p.stderr,
           "a file of another model is refused in PS mode too")
 

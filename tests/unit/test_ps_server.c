@@ -440,6 +440,26 @@ static void test_create_and_start_errors(void **state) {
 
 /* ===== Happy path through ps_client ===== */
 
+/* A raw Pull of shard 0 (of the partitions 'parts', or all with n 0)
+ * that must succeed; the reply, to free_unpacked. */
+static Psrpc__PullReply *raw_pull_ok(int64_t min_version, uint32_t *parts, size_t n) {
+    Psrpc__Cluster cl = good_cluster();
+    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+    pr.cluster = &cl;
+    pr.min_version = min_version;
+    pr.n_parts = n;
+    pr.parts = parts;
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    char msg[512];
+    int code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, &reply, &len);
+    if (code != RPC_OK) fail_msg("raw pull: %s %s", rpc_status_name(code), msg);
+    Psrpc__PullReply *rep = psrpc__pull_reply__unpack(NULL, len, reply);
+    free(reply);
+    assert_non_null(rep);
+    return rep;
+}
+
 static void test_client_happy_path(void **state) {
     (void)state;
     fx_start(0);
@@ -499,18 +519,7 @@ static void test_client_happy_path(void **state) {
 
     /* The raw pull reply is plain protobuf: protobuf-c reads ps_wire's
      * zero-copy framing. */
-    Psrpc__Cluster cl = good_cluster();
-    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
-    pr.cluster = &cl;
-    pr.min_version = 2;
-    uint8_t *reply = NULL;
-    size_t len = 0;
-    char msg[512];
-    assert_int_equal(raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, &reply, &len),
-                     RPC_OK);
-    Psrpc__PullReply *rep = psrpc__pull_reply__unpack(NULL, len, reply);
-    free(reply);
-    assert_non_null(rep);
+    Psrpc__PullReply *rep = raw_pull_ok(2, NULL, 0);
     assert_int_equal(rep->version, 2);
     assert_int_equal(rep->n_params, (size_t)F.pl->shard_nparts[0]);
     for (size_t i = 0; i < rep->n_params; i++) {
@@ -528,6 +537,118 @@ static void test_client_happy_path(void **state) {
     psrpc__pull_reply__free_unpacked(rep, NULL);
     free(pulled);
     free(ref);
+    fx_stop();
+}
+
+/* ===== Large pushes and pulls as several calls ===== */
+
+/* Clients whose calls carry at most one partition (call_bytes 1: a shard's
+ * pushes and pulls go as one call a partition, all at once) train exactly
+ * as whole calls do, through push then pull and through push-pull; the
+ * shards see one push per partition. A Pull naming some partitions
+ * (PullRequest.parts) gets exactly those, in that order; one naming
+ * another shard's, one twice, one that does not exist, or with or_final
+ * is refused with INVALID_ARGUMENT. */
+static void test_client_calls_split(void **state) {
+    (void)state;
+    fx_start(0);
+    size_t n = F.m->numel;
+    float *ref = malloc(n * sizeof *ref), *got = malloc(n * sizeof *got),
+          *g = malloc(n * sizeof *g);
+    assert_true(ref && got && g);
+    memcpy(ref, F.init, n * sizeof *ref);
+    init_ok();
+    assert_true(F.pl->shard_nparts[0] >= 2);
+    ps_client *cl[2];
+    for (int r = 0; r < 2; r++) {
+        ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = r,
+                            .deadline_ms = DEADLINE, .connect_timeout_ms = 2000,
+                            .call_bytes = 1};
+        char err[256] = "";
+        if (ps_client_open(&cc, &cl[r], err, sizeof err) != CM_OK) fail_msg("%s", err);
+    }
+    char err[512] = "";
+    int64_t v = -1;
+    float *g1 = malloc(n * sizeof *g1), *got1 = malloc(n * sizeof *got1);
+    assert_true(g1 && got1);
+    float *grad[2] = {g, g1}, *out[2] = {got, got1};
+    for (int64_t step = 0; step < 4; step++) {
+        ps_ticket *t[2];
+        for (int r = 0; r < 2; r++) grad_fill(grad[r], n, r, step);
+        ref_step(ref, step);
+        if (step < 2) { /* Push, then pull. */
+            for (int r = 0; r < 2; r++) {
+                assert_int_equal(ps_client_push(cl[r], step, grad[r], &t[r]), CM_OK);
+                if (ps_ticket_wait(t[r], &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+            }
+            memset(got, 0xff, n * sizeof *got);
+            assert_int_equal(ps_client_pull(cl[step & 1], step + 1, got, &t[0]), CM_OK);
+            if (ps_ticket_wait(t[0], &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+            assert_int_equal(v, step + 1);
+            expect_same(ref, got, n);
+        } else { /* Push-pull: each reply waits for the other worker's push. */
+            for (int r = 0; r < 2; r++) {
+                memset(out[r], 0xff, n * sizeof *out[r]);
+                assert_int_equal(ps_client_push_pull(cl[r], step, grad[r], out[r], &t[r]), CM_OK);
+            }
+            for (int r = 0; r < 2; r++) {
+                if (ps_ticket_wait(t[r], &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+                assert_int_equal(v, step + 1);
+                expect_same(ref, out[r], n);
+            }
+        }
+    }
+    free(g1);
+    free(got1);
+    /* One push a partition: 4 steps x 2 workers x every partition. */
+    ps_client_stats st = stats();
+    assert_int_equal(st.pushes, (uint64_t)(4 * 2 * F.pl->nparts));
+    assert_int_equal(st.bad_requests, 0);
+
+    /* A raw Pull of some partitions of shard 0, the last first. */
+    int np0 = F.pl->shard_nparts[0];
+    uint32_t mine[2] = {0, 0};
+    int k = 0;
+    for (int i = F.pl->nparts - 1; i >= 0 && k < 2; i--)
+        if (F.pl->parts[i].shard == 0) mine[k++] = (uint32_t)i;
+    assert_int_equal(k, 2);
+    Psrpc__PullReply *rep = raw_pull_ok(4, mine, 2);
+    assert_int_equal(rep->n_params, 2);
+    for (int i = 0; i < 2; i++) {
+        const cm_partition *p = &F.pl->parts[mine[i]];
+        assert_int_equal(rep->params[i]->part, mine[i]);
+        assert_int_equal(rep->params[i]->data.len, p->count * sizeof(float));
+        assert_memory_equal(rep->params[i]->data.data, ref + p->offset, p->count * sizeof(float));
+    }
+    psrpc__pull_reply__free_unpacked(rep, NULL);
+    assert_true(np0 < F.pl->nparts);
+    Psrpc__Cluster c0 = good_cluster();
+    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+    pr.cluster = &c0;
+    pr.min_version = 4;
+    char msg[512];
+    uint32_t other = 0;
+    for (int i = 0; i < F.pl->nparts; i++)
+        if (F.pl->parts[i].shard == 1) other = (uint32_t)i;
+    struct { uint32_t parts[2]; size_t n; int or_final; const char *says; } bad[] = {
+        {{mine[0], other}, 2, 0, "belongs to another shard"},
+        {{mine[0], mine[0]}, 2, 0, "asked for twice"},
+        {{(uint32_t)F.pl->nparts, 0}, 1, 0, "no such partition"},
+        {{mine[0], 0}, 1, 1, "cannot be or_final"},
+    };
+    for (size_t b = 0; b < sizeof bad / sizeof bad[0]; b++) {
+        pr.parts = bad[b].parts;
+        pr.n_parts = bad[b].n;
+        pr.or_final = bad[b].or_final;
+        int code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+        expect_fail(code, msg, RPC_INVALID_ARGUMENT, bad[b].says, NULL);
+    }
+    expect_values(4, 4, ref); /* Nothing changed. */
+    ps_client_close(cl[0]);
+    ps_client_close(cl[1]);
+    free(ref);
+    free(got);
+    free(g);
     fx_stop();
 }
 
@@ -2320,6 +2441,7 @@ int main(void) {
         cmocka_unit_test(test_create_and_start_errors),
         cmocka_unit_test(test_client_happy_path),
         cmocka_unit_test(test_client_push_pull_parts),
+        cmocka_unit_test(test_client_calls_split),
         cmocka_unit_test(test_client_bf16_pushes),
         cmocka_unit_test(test_malformed_bytes),
         cmocka_unit_test(test_bad_push_contents),

@@ -1332,6 +1332,135 @@ static void test_bf16_push_equals_fp32_of_rounded(void **state) {
     }
 }
 
+/* A push whose data comes in pieces, as the PS reads it from gRPC's slices
+ * (ps_grad.pieces): cut every 1 to 7 bytes (values straddle the cuts),
+ * each piece a heap block of its own. With 'guard', each block has 8
+ * bytes of 0xff (a NaN pattern) on either side of the piece, so a read
+ * outside it shows as a refused push or a wrong value; without, the block
+ * is exactly the piece, so ASan sees such a read. */
+typedef struct piece_push {
+    rpc_piece pc[MAXP + 1][4 * MAXN];
+    uint8_t *blocks[(MAXP + 1) * 4 * MAXN];
+    int nblocks;
+} piece_push;
+
+static void cut_into_pieces(push_buf *pb, piece_push *pp, int guard, uint64_t *x) {
+    pp->nblocks = 0;
+    for (int i = 0; i < pb->n; i++) {
+        ps_grad *g = &pb->g[i];
+        int np = 0;
+        for (size_t at = 0; at < g->len;) {
+            *x ^= *x << 13, *x ^= *x >> 7, *x ^= *x << 17;
+            size_t k = 1 + (size_t)(*x % 7);
+            if (k > g->len - at) k = g->len - at;
+            uint8_t *blk = malloc(k + (guard ? 16 : 0));
+            assert_non_null(blk);
+            if (guard) memset(blk, 0xff, k + 16);
+            uint8_t *p = blk + (guard ? 8 : 0);
+            memcpy(p, g->data + at, k);
+            pp->blocks[pp->nblocks++] = blk;
+            pp->pc[i][np++] = (rpc_piece){p, k};
+            at += k;
+        }
+        g->data = NULL;
+        g->pieces = pp->pc[i];
+        g->npieces = np;
+    }
+}
+
+static void piece_push_free(piece_push *pp) {
+    for (int i = 0; i < pp->nblocks; i++) free(pp->blocks[i]);
+    pp->nblocks = 0;
+}
+
+/* Pushes in pieces give, bit for bit, what the same pushes in one range
+ * give: float32 and bfloat16; sync with 1, 2 (first contribution loaded,
+ * the second added) and 3 workers (staged), and async; and a NaN in a value
+ * cut between two pieces is refused with the same message (the same
+ * element) and leaves the shard as it was. */
+static void test_pushes_in_pieces(void **state) {
+    fixture *f = *state;
+    static const struct { int kind, workers, sync, dtype; } runs[] = {
+        {PS_OPTIM_SGD, 1, PS_SYNC, PS_DTYPE_FLOAT32},
+        {PS_OPTIM_SGD, 2, PS_SYNC, PS_DTYPE_FLOAT32},
+        {PS_OPTIM_ADAM, 3, PS_SYNC, PS_DTYPE_FLOAT32},
+        {PS_OPTIM_MOMENTUM, 2, PS_ASYNC, PS_DTYPE_FLOAT32},
+        {PS_OPTIM_SGD, 2, PS_SYNC, PS_DTYPE_BFLOAT16},
+        {PS_OPTIM_ADAM, 3, PS_SYNC, PS_DTYPE_BFLOAT16},
+        {PS_OPTIM_SGD, 1, PS_ASYNC, PS_DTYPE_BFLOAT16},
+    };
+    size_t n = f->m->numel;
+    uint64_t x = 0x853c49e6748fea9bull;
+    static piece_push pp;
+    for (size_t r = 0; r < sizeof runs / sizeof runs[0]; r++) {
+        ps_shard *whole, *cut;
+        assert_int_equal(ps_shard_create(f->m, f->pl, 0, &whole), CM_OK);
+        assert_int_equal(ps_shard_create(f->m, f->pl, 0, &cut), CM_OK);
+        ps_shard_config c = cfg_make(runs[r].kind, runs[r].workers, runs[r].sync, PS_AGG_MEAN);
+        char err[256], err2[256];
+        int64_t v;
+        assert_int_equal(ps_shard_init(whole, &c, &v, err, sizeof err), CM_OK);
+        assert_int_equal(ps_shard_init(cut, &c, &v, err, sizeof err), CM_OK);
+        for (int64_t t = 0; t < 3; t++) {
+            for (int w = 0; w < runs[r].workers; w++) {
+                float g[MAXN];
+                grad_fine(g, n, w, t);
+                push_as(f, whole, w, t, g, runs[r].dtype);
+                push_buf pb;
+                push_make_as(f, g, runs[r].dtype, &pb);
+                cut_into_pieces(&pb, &pp, (int)((r + (size_t)t) & 1), &x);
+                int rc = ps_shard_push(cut, w, t, pb.g, pb.n, &v, err, sizeof err);
+                piece_push_free(&pp);
+                if (rc != PS_PUSH_OK)
+                    fail_msg("run %zu: push in pieces of worker %d step %lld: %d %s", r, w,
+                             (long long)t, rc, err);
+            }
+            float vw[MAXN], vc[MAXN];
+            shard_values(f, whole, vw);
+            shard_values(f, cut, vc);
+            expect_same(vw, vc, n);
+        }
+        /* A NaN in a value cut in two (bytes 1-2 of the value in one piece,
+         * the rest in the next), in the last partition, the same push whole. */
+        float g[MAXN], before[MAXN], after[MAXN];
+        grad_fine(g, n, 0, 3);
+        push_buf pb;
+        push_make_as(f, g, runs[r].dtype, &pb);
+        int last = pb.n - 1;
+        size_t es = runs[r].dtype == PS_DTYPE_BFLOAT16 ? 2 : 4;
+        size_t elems = pb.g[last].len / es, bad = elems / 2;
+        uint8_t nanbytes[4];
+        float nan = NAN;
+        memcpy(nanbytes, &nan, 4);
+        memcpy((uint8_t *)pb.g[last].data + bad * es, nanbytes + (4 - es), es);
+        int rw = ps_shard_push(whole, 0, 3, pb.g, pb.n, &v, err, sizeof err);
+        shard_values(f, cut, before);
+        /* Cut: the bad value's first byte ends a piece. */
+        static rpc_piece three[MAXP + 1][3];
+        push_buf pc = pb;
+        for (int i = 0; i < pc.n; i++) {
+            size_t len = pc.g[i].len, m = i == last ? bad * es + 1 : len / 2;
+            three[i][0] = (rpc_piece){pc.g[i].data, m};
+            three[i][1] = (rpc_piece){pc.g[i].data + m, 1};
+            three[i][2] = (rpc_piece){pc.g[i].data + m + 1, len - m - 1};
+            pc.g[i].data = NULL;
+            pc.g[i].pieces = three[i];
+            pc.g[i].npieces = 3;
+        }
+        int rcut = ps_shard_push(cut, 0, 3, pc.g, pc.n, &v, err2, sizeof err2);
+        assert_int_equal(rw, PS_PUSH_INVALID);
+        assert_int_equal(rcut, PS_PUSH_INVALID);
+        assert_string_equal(err, err2);
+        char want[64];
+        snprintf(want, sizeof want, "nan at element %zu of %zu", bad, elems);
+        if (!strstr(err2, want)) fail_msg("run %zu: '%s' does not say '%s'", r, err2, want);
+        shard_values(f, cut, after);
+        expect_same(before, after, n);
+        ps_shard_destroy(whole);
+        ps_shard_destroy(cut);
+    }
+}
+
 /* ===== Shutdown ===== */
 
 static void test_abort_waiters(void **state) {
@@ -3479,6 +3608,7 @@ int main(void) {
         T(test_sum_add_exact),
         T(test_bf16_rounding),
         T(test_bf16_push_equals_fp32_of_rounded),
+        T(test_pushes_in_pieces),
         T(test_abort_waiters),
         T(test_destroy_answers_waiters),
         T(test_concurrent_sync_pushes),
