@@ -1039,6 +1039,12 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
     return CM_OK;
 }
 
+int ps_client_calls(const ps_client *c, int s) {
+    int n = 0;
+    for (int i = 0; c && i < c->ngroups; i++) n += c->groups[i].shard == s;
+    return n;
+}
+
 int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen) {
     *out = NULL;
     const cm_placement *pl = cfg->placement;

@@ -92,6 +92,12 @@ typedef struct ps_init_cfg {
                           * flat layout; borrowed); NULL = from seed. */
 } ps_init_cfg;
 
+/* The calls a dense push or pull of the whole model makes to shard s: 1,
+ * or more when its partitions carry more than cfg.call_bytes. (In async
+ * mode each call a shard takes is one version.) 0 for a bad s. */
+int ps_client_calls(const ps_client *c, int s);
+
+
 int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen);
 void ps_client_close(ps_client *c);
 

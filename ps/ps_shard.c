@@ -14,7 +14,9 @@
  *    a partition of pending is written once, when its W-th contribution
  *    arrives, and never again, so replies may reference finished partitions
  *    of pending before it is published.
- *  - pcount[i] == number of workers w with contrib[w * nparts + i] set;
+ *  - Async: contrib[w * nparts + i] marks the partitions worker w's last
+ *    step (last_step[w]) gave; a step may come in several calls.
+ *  - Sync: pcount[i] == number of workers w with contrib[w * nparts + i] set;
  *    acc's partition i holds their sum (the first is copied, later added,
  *    each widened to float32 on the way if it came as bfloat16; with 3 or
  *    more workers in sync mode each is staged, as float32, and the sum is
@@ -1522,8 +1524,19 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
         goto done;
     }
     if (s->cfg.sync != PS_SYNC) {
-        if (step <= s->last_step[worker]) {
-            /* A worker's steps only grow: this is a retry of a push applied. */
+        /* A worker's steps only grow, but one step may come in several
+         * calls (a client splits a large push: ps_client_cfg.call_bytes),
+         * each of other partitions: contrib marks those the worker's last
+         * step gave. A push of that step is a retry when it carries one
+         * of them, rows, or nothing; of an earlier step, always. */
+        size_t np = (size_t)(s->nparts ? s->nparts : 1);
+        uint8_t *gave = s->contrib + (size_t)worker * np;
+        int same = step == s->last_step[worker];
+        int retry = step < s->last_step[worker] ||
+                    (same && (ngrads == 0 || nrows > 0 || rows_final));
+        for (int i = 0; same && !retry && i < ngrads; i++)
+            retry = gave[s->local_of[grads[i].part]];
+        if (retry) {
             s->st.duplicate_pushes++;
             rc = PS_PUSH_DUPLICATE;
             goto done;
@@ -1533,7 +1546,7 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
         int64_t ref = s->last_step[worker] >= 0 ? s->last_step[worker]
                       : s->step_hw > s->version  ? s->step_hw
                                                  : s->version;
-        if (step - ref > s->max_ahead) {
+        if (!same && step - ref > s->max_ahead) {
             cm_seterr(err, errlen,
                       "step %lld from worker %d is too far ahead: async steps may run at most "
                       "%lld past the worker's last one (%lld), or for its first push past "
@@ -1560,6 +1573,8 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
         if (s->last_step[worker] >= 0 && step > s->last_step[worker] + 1)
             s->st.updates_lost += (uint64_t)(step - s->last_step[worker] - 1);
         s->last_step[worker] = step;
+        if (!same) memset(gave, 0, np);
+        for (int i = 0; i < ngrads; i++) gave[s->local_of[grads[i].part]] = 1;
         if (step > s->step_hw) s->step_hw = step;
         if (drop) {
             s->st.nonfinite_pushes++;
@@ -1942,9 +1957,13 @@ void ps_shard_count_bad(ps_shard *s) {
 
 void ps_shard_set_worker_steps(ps_shard *s, const int64_t *steps, int n) {
     pthread_mutex_lock(&s->mu);
+    size_t np = (size_t)(s->nparts ? s->nparts : 1);
     for (int i = 0; s->inited && i < n && i < s->cfg.num_workers; i++) {
         s->last_step[i] = steps[i];
         if (steps[i] > s->step_hw) s->step_hw = steps[i];
+        /* Async: every call of that step was taken (sync keeps contrib
+         * for the open step). */
+        if (s->cfg.sync != PS_SYNC) memset(s->contrib + (size_t)i * np, 1, np);
     }
     pthread_mutex_unlock(&s->mu);
 }

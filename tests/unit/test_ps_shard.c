@@ -1461,6 +1461,63 @@ static void test_pushes_in_pieces(void **state) {
     }
 }
 
+/* Async: one step may come in several calls of other partitions (a client
+ * splits a large push): each is taken, one version each, and gives what
+ * one whole push gives; a retry of any call of the step, of an earlier
+ * step, or of a step restored as taken (ps_shard_set_worker_steps) is a
+ * duplicate and changes nothing. */
+static void test_async_step_in_calls(void **state) {
+    fixture *f = *state;
+    size_t n = f->m->numel;
+    ps_shard *whole, *cut;
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &whole), CM_OK);
+    assert_int_equal(ps_shard_create(f->m, f->pl, 0, &cut), CM_OK);
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 1, PS_ASYNC, PS_AGG_MEAN);
+    char err[256] = "";
+    int64_t v;
+    assert_int_equal(ps_shard_init(whole, &c, &v, err, sizeof err), CM_OK);
+    assert_int_equal(ps_shard_init(cut, &c, &v, err, sizeof err), CM_OK);
+    float g[MAXN], vw[MAXN], vc[MAXN];
+    push_buf pb;
+    for (int64_t t = 0; t < 2; t++) {
+        grad_fine(g, n, 0, t);
+        push_as(f, whole, 0, t, g, PS_DTYPE_FLOAT32);
+        push_make(f, g, &pb);
+        assert_int_equal(ps_shard_push(cut, 0, t, pb.g, 1, &v, err, sizeof err), PS_PUSH_OK);
+        assert_int_equal(v, 2 * t + 1);
+        assert_int_equal(ps_shard_push(cut, 0, t, pb.g + 1, pb.n - 1, &v, err, sizeof err),
+                         PS_PUSH_OK);
+        assert_int_equal(v, 2 * t + 2);
+        /* Retries of either call, and of the whole step. */
+        assert_int_equal(ps_shard_push(cut, 0, t, pb.g, 1, &v, err, sizeof err),
+                         PS_PUSH_DUPLICATE);
+        assert_int_equal(ps_shard_push(cut, 0, t, pb.g + 1, pb.n - 1, &v, err, sizeof err),
+                         PS_PUSH_DUPLICATE);
+        assert_int_equal(ps_shard_push(cut, 0, t, pb.g, pb.n, &v, err, sizeof err),
+                         PS_PUSH_DUPLICATE);
+        shard_values(f, whole, vw);
+        shard_values(f, cut, vc);
+        expect_same(vw, vc, n);
+    }
+    /* An earlier step's call, even of a partition it did not give. */
+    assert_int_equal(ps_shard_push(cut, 0, 0, pb.g + 1, 1, &v, err, sizeof err),
+                     PS_PUSH_DUPLICATE);
+    /* Step 2 restored as taken (a shard restarted from its checkpoint). */
+    int64_t steps[1] = {2};
+    ps_shard_set_worker_steps(cut, steps, 1);
+    assert_int_equal(ps_shard_push(cut, 0, 2, pb.g, 1, &v, err, sizeof err), PS_PUSH_DUPLICATE);
+    shard_values(f, cut, vc);
+    expect_same(vw, vc, n);
+    ps_shard_stats st;
+    ps_shard_stats_get(cut, &st);
+    assert_int_equal(st.version, 4);
+    assert_int_equal(st.pushes, 4);
+    assert_int_equal(st.duplicate_pushes, 8);
+    assert_int_equal(st.updates_lost, 0);
+    ps_shard_destroy(whole);
+    ps_shard_destroy(cut);
+}
+
 /* ===== Shutdown ===== */
 
 static void test_abort_waiters(void **state) {
@@ -3609,6 +3666,7 @@ int main(void) {
         T(test_bf16_rounding),
         T(test_bf16_push_equals_fp32_of_rounded),
         T(test_pushes_in_pieces),
+        T(test_async_step_in_calls),
         T(test_abort_waiters),
         T(test_destroy_answers_waiters),
         T(test_concurrent_sync_pushes),
