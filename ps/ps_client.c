@@ -408,7 +408,7 @@ static void ticket_convert(ps_ticket *t) {
 }
 
 int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **out) {
-    ps_ticket *t = ticket_new(c, OP_PUSH, step, 1);
+    ps_ticket *t = ticket_new(c, OP_PUSH, step, !c->cfg.async);
     t->grad = grad;
     ticket_convert(t);
     for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
@@ -418,7 +418,7 @@ int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **ou
 
 int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *params,
                         ps_ticket **out) {
-    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step, 1);
+    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step, !c->cfg.async);
     t->grad = grad;
     t->params = params;
     ticket_convert(t);
@@ -1037,12 +1037,6 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
         psrpc__stats_reply__free_unpacked(r, NULL);
     }
     return CM_OK;
-}
-
-int ps_client_calls(const ps_client *c, int s) {
-    int n = 0;
-    for (int i = 0; c && i < c->ngroups; i++) n += c->groups[i].shard == s;
-    return n;
 }
 
 int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen) {

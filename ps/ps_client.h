@@ -61,6 +61,10 @@ typedef struct ps_client_cfg {
                                     * PS_CLIENT_CALL_BYTES (1 MiB: the best
                                     * of 256 KiB to 4 MiB measured on
                                     * loopback), < 0 = one call a shard. */
+    int async;                     /* The shards run async (every push call a
+                                    * version, which copies the shard's other
+                                    * partitions): pushes go as one call a
+                                    * shard; pulls are still split. */
     /* Security: the token every call carries and the admin's, for
      * Initialize, Rollback, Shutdown and deleting checkpoints (contents,
      * not paths; NULL: none); TLS: the CA that signed the PS's certificates
@@ -91,11 +95,6 @@ typedef struct ps_init_cfg {
     const float *values; /* Or start from these (model->numel floats in the
                           * flat layout; borrowed); NULL = from seed. */
 } ps_init_cfg;
-
-/* The calls a dense push or pull of the whole model makes to shard s: 1,
- * or more when its partitions carry more than cfg.call_bytes. (In async
- * mode each call a shard takes is one version.) 0 for a bad s. */
-int ps_client_calls(const ps_client *c, int s);
 
 
 int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen);

@@ -188,6 +188,7 @@ PST_EXPORT int pst_client_create(const pst_options *o, pst_client **out, char *e
                          .rank = o->rank,
                          .deadline_ms = o->deadline_ms,
                          .connect_timeout_ms = o->connect_timeout_ms,
+                         .async = o->async != 0,
                          .auth_token = cm_security_token(&c->sec),
                          .admin_token = cm_security_admin(&c->sec),
                          .tls_ca = o->tls_ca ? c->tls_ca : NULL};
