@@ -184,6 +184,14 @@ static void pieces_match(const ProtobufCMessageDescriptor *d, uint32_t tf, uint3
                 fail("pieces: rows differ");
         ps_wire_msg_free(&m);
     }
+    /* The element budget refuses (CM_ENOMEM) exactly what the flat check
+     * does, before decoding. */
+    uint64_t max = 1 + (x % 64);
+    char e1[256], e2[256];
+    int want = ps_wire_check_elems(d, b, n, max, e1, sizeof e1) == CM_ENOMEM;
+    rc = ps_wire_decode_pieces(d, tf, rf, pc, np, max, &m, e2, sizeof e2);
+    if ((rc == CM_ENOMEM) != want) fail("pieces: the element budget differs from the flat check");
+    if (rc == CM_OK) ps_wire_msg_free(&m);
     for (int i = 0; i < np; i++) free((void *)pc[i].p);
     free(pc);
 }

@@ -650,7 +650,9 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     ps_client *c = tickets[0]->c;
     const sub *aborted = NULL;
     const ps_ticket *aborted_t = NULL;
-    sub **again = cm_malloc((size_t)n * (size_t)c->nshards * sizeof *again);
+    size_t nsubs = 0; /* A ticket has a sub-call per shard, or per group. */
+    for (int k = 0; k < n; k++) nsubs += (size_t)tickets[k]->nsubs;
+    sub **again = cm_malloc((nsubs ? nsubs : 1) * sizeof *again);
     pthread_mutex_lock(&c->mu);
     for (;;) {
         double now = cm_now(), wake = now + 1.0;
@@ -1069,17 +1071,25 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
         c->parts[s][c->nparts[s]++] = (uint32_t)i;
     }
     /* Groups: each shard's partitions, in order, cut before a partition
-     * that would take a call past call_bytes (a shard with none: one empty
-     * group, so that every shard is still asked). */
+     * that would take a call past call_bytes, or past 1/PS_CLIENT_MAX_CALLS
+     * of the shard's bytes where that is more (a pull's calls may all wait
+     * at the shard, and a shard parks at most --max-parked-pulls); a shard
+     * with none: one empty group, so that every shard is still asked. */
     long max = cfg->call_bytes ? cfg->call_bytes : PS_CLIENT_CALL_BYTES;
     c->groups = cm_calloc((size_t)pl->nparts + (size_t)c->nshards, sizeof *c->groups);
     for (int s = 0; s < c->nshards; s++) {
         int g0 = c->ngroups;
-        size_t bytes = 0;
+        size_t bytes = 0, total = 0, lim = 0;
+        for (int k = 0; k < c->nparts[s]; k++)
+            total += pl->parts[c->parts[s][k]].count * sizeof(float);
+        if (max > 0) {
+            lim = (total + PS_CLIENT_MAX_CALLS - 1) / PS_CLIENT_MAX_CALLS;
+            if (lim < (size_t)max) lim = (size_t)max;
+        }
         for (int k = 0; k < c->nparts[s] || k == 0; k++) {
             size_t b = k < c->nparts[s] ? pl->parts[c->parts[s][k]].count * sizeof(float) : 0;
-            if (c->ngroups == g0 || (max > 0 && c->groups[c->ngroups - 1].nparts > 0 &&
-                                     bytes + b > (size_t)max)) {
+            if (c->ngroups == g0 || (lim > 0 && c->groups[c->ngroups - 1].nparts > 0 &&
+                                     bytes + b > lim)) {
                 c->groups[c->ngroups++] = (struct group){.shard = s, .parts = c->parts[s] + k};
                 bytes = 0;
             }

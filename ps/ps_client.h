@@ -14,7 +14,14 @@
  *  - Every call has a deadline (cfg.deadline_ms). UNAVAILABLE is retried
  *    with exponential backoff until cfg.connect_timeout_ms has passed, then
  *    the error names the PS that could not be reached. Retried pushes are
- *    safe: a shard counts each (worker, step) once.
+ *    safe: a shard counts each (worker, step, partition) once.
+ *  - A shard's share of a dense push or pull of more than cfg.call_bytes
+ *    goes as several calls at once (whole partitions each). The calls of
+ *    one pull may be answered from different versions of the shard where
+ *    versions move on meanwhile (async, an evaluator's pull); the ticket
+ *    reports the lowest. Pulls of some partitions need servers of this
+ *    release (PullRequest.parts): an older one answers with every
+ *    partition and the reply is refused.
  *  - Errors return a negative CM_E* and put a message in err.
  *  - Sparse models (with embedding tables): rows are placed on shards by
  *    cm_row_shard; ps_client_push_pull_rows pushes a step's row gradients
@@ -35,6 +42,7 @@ typedef struct ps_client ps_client;
 typedef struct ps_ticket ps_ticket;
 
 #define PS_CLIENT_CALL_BYTES (1L << 20)
+#define PS_CLIENT_MAX_CALLS 16 /* A shard's dense calls at most (see call_bytes). */
 
 typedef struct ps_client_cfg {
     const cm_model *model;         /* Borrowed; outlives the client. */
@@ -54,7 +62,9 @@ typedef struct ps_client_cfg {
     long call_bytes;               /* Dense pushes and pulls of a shard that
                                     * carry more than this many bytes go as
                                     * several calls at once (whole partitions,
-                                    * at least one a call), so that the PS
+                                    * at least one a call; at most
+                                    * PS_CLIENT_MAX_CALLS a shard, larger
+                                    * calls beyond), so that the PS
                                     * takes in one while the next is on the
                                     * wire and the reply of one is copied out
                                     * while the next comes: 0 =
@@ -117,8 +127,8 @@ int ps_client_pull_final(ps_client *c, int64_t min_version, float *params, ps_ti
 
 /* Push 'grad' for 'step' and, in the same call, pull the parameters that
  * result into params: version step + 1 in sync mode, the newest in async
- * mode. One round trip per shard instead of two. grad and params must not
- * overlap. */
+ * mode. One round trip per call instead of two (a call per shard, or per
+ * call_bytes of it). grad and params must not overlap. */
 int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *params,
                         ps_ticket **t);
 

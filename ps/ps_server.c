@@ -967,6 +967,7 @@ static int check_pull_parts(ps_server *s, rpc_call *call, const Psrpc__PullReque
     const char *why = NULL;
     uint32_t bad = 0;
     if (r->or_final) why = "a pull of some partitions cannot be or_final";
+    else bad = r->parts[0];
     if (!why && r->n_parts > (size_t)s->pl->nparts) why = "more partitions than the model has";
     uint8_t *seen = why ? NULL : cm_calloc((size_t)s->pl->nparts, 1);
     for (size_t i = 0; !why && i < r->n_parts; i++) {

@@ -24,8 +24,10 @@
  *   t <  v, t == w's last push    duplicate (a retry after a lost reply): OK
  *   t <  v otherwise              stale: refused, counted
  *   t >  v                        early: refused, counted
- * In async mode a push is applied at once unless its step is not above the
- * worker's last one (a retry: duplicate). Steps below 0 are invalid, and so,
+ * In async mode a push is applied at once unless it is a retry (duplicate):
+ * its step is below the worker's last one, or equal to it and the push
+ * carries a partition that step already gave, rows, or nothing (one step
+ * may come in several calls of other partitions). Steps below 0 are invalid, and so,
  * in async mode, is a step more than max_step_ahead (ps_shard_set_max_step_
  * ahead, default PS_SHARD_MAX_STEP_AHEAD) above the worker's last step, or,
  * for its first push since init, restore or rollback, above both the

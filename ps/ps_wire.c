@@ -368,16 +368,56 @@ int ps_wire_decode_rows(const ProtobufCMessageDescriptor *desc, uint32_t tensor_
                                  err, errlen);
 }
 
-static int count_elems(const ProtobufCMessageDescriptor *d, const uint8_t *p,
-                       const uint8_t *end, int depth, uint64_t max, uint64_t *count);
+/* Elements of a packed repeated scalar field of type t: the payload r. */
+static uint64_t rd_packed_count(ProtobufCType t, rd r) {
+    uint64_t plen = r.end - r.pos;
+    switch (t) {
+    case PROTOBUF_C_TYPE_SFIXED32:
+    case PROTOBUF_C_TYPE_FIXED32:
+    case PROTOBUF_C_TYPE_FLOAT: return plen / 4;
+    case PROTOBUF_C_TYPE_SFIXED64:
+    case PROTOBUF_C_TYPE_FIXED64:
+    case PROTOBUF_C_TYPE_DOUBLE: return plen / 8;
+    default: { /* Varints: one per byte without the continuation bit. */
+        uint64_t n = 0;
+        while (r.pos < r.end) {
+            rd_settle(&r);
+            size_t k = r.pc[r.i].len - r.off;
+            if (k > r.end - r.pos) k = (size_t)(r.end - r.pos);
+            const uint8_t *p = r.pc[r.i].p + r.off;
+            for (size_t j = 0; j < k; j++) n += !(p[j] & 0x80);
+            r.off += k;
+            r.pos += k;
+        }
+        return n;
+    }
+    }
+}
 
-/* Count what protobuf-c is about to unpack (max 0: nothing counted);
- * 0 within max_elems, 1 beyond, -1 malformed. */
-static int budget(const ProtobufCMessageDescriptor *d, const buf *b, uint64_t max,
-                  uint64_t *count) {
-    if (!max) return 0;
-    if (++*count > max) return 1;
-    return b->len ? count_elems(d, b->p, b->p + b->len, 1, max, count) : 0;
+/* ps_wire_check_elems over pieces, before anything is decoded: every field
+ * occurrence and every packed element, into embedded messages (0 within
+ * max, 1 beyond, -1 malformed: the decoder then says how). */
+static int rd_count_elems(const ProtobufCMessageDescriptor *d, rd r, int depth, uint64_t max,
+                          uint64_t *count) {
+    if (depth > 8) return -1; /* Our messages nest 3 deep. */
+    while (r.pos < r.end) {
+        uint64_t key;
+        rd payload = {0};
+        if (rd_field(&r, &key, &payload) || (key >> 3) > UINT32_MAX) return -1;
+        if (++*count > max) return 1;
+        const ProtobufCFieldDescriptor *f =
+            protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3));
+        if (!f || (key & 7) != WT_LEN) continue;
+        if (f->type == PROTOBUF_C_TYPE_MESSAGE) {
+            int rc = rd_count_elems(f->descriptor, payload, depth + 1, max, count);
+            if (rc) return rc;
+        } else if (f->label == PROTOBUF_C_LABEL_REPEATED && f->type != PROTOBUF_C_TYPE_STRING &&
+                   f->type != PROTOBUF_C_TYPE_BYTES) {
+            *count += rd_packed_count(f->type, payload);
+            if (*count > max) return 1;
+        }
+    }
+    return 0;
 }
 
 int ps_wire_decode_pieces(const ProtobufCMessageDescriptor *desc, uint32_t tensor_field,
@@ -392,6 +432,9 @@ int ps_wire_decode_pieces(const ProtobufCMessageDescriptor *desc, uint32_t tenso
     for (int i = 0; i < nin; i++) total += in[i].len;
     rd r = {.pc = in, .n = nin, .end = total};
     const char *why = NULL;
+    /* The budget first, as ps_wire_check_elems: nothing is allocated for a
+     * message refused for its size. */
+    if (max_elems && rd_count_elems(desc, r, 0, max_elems, &count) > 0) goto over;
     while (r.pos < r.end) {
         rd start = r, payload = {0};
         uint64_t key;
@@ -423,9 +466,12 @@ int ps_wire_decode_pieces(const ProtobufCMessageDescriptor *desc, uint32_t tenso
                 why = "malformed rows";
                 goto fail;
             }
-            if (ps.n - at == 1) {
+            static const uint8_t no_values[1];
+            if (ps.n - at == 0) { /* Ids only: an empty range, not NULL. */
+                w->data = no_values;
+            } else if (ps.n - at == 1) {
                 w->data = ps.p[at].p;
-            } else if (ps.n - at > 1) { /* Rows are read in place: gather them. */
+            } else { /* Rows are read in place: gather them. */
                 w->own = cm_malloc(w->len);
                 size_t off = 0;
                 for (size_t k = at; k < ps.n; k++) {
@@ -435,10 +481,7 @@ int ps_wire_decode_pieces(const ProtobufCMessageDescriptor *desc, uint32_t tenso
                 w->data = w->own;
             }
             ps.n = n0;
-            int b = budget(&psrpc__rows__descriptor, &meta, max_elems, &count);
-            if (b > 0) goto over;
-            w->meta = b ? NULL
-                        : psrpc__rows__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
+            w->meta = psrpc__rows__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
             if (!w->meta) {
                 why = "rows fields do not parse";
                 goto fail;
@@ -468,24 +511,14 @@ int ps_wire_decode_pieces(const ProtobufCMessageDescriptor *desc, uint32_t tenso
         }
         first[out->ntensors - 1] = at;
         t->npieces = (int)(ps.n - at);
-        int b = budget(&psrpc__tensor__descriptor, &meta, max_elems, &count);
-        if (b > 0) goto over;
-        t->meta = b ? NULL
-                    : psrpc__tensor__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
+        t->meta = psrpc__tensor__unpack(NULL, meta.len, meta.p ? meta.p : (const uint8_t *)"");
         if (!t->meta) {
             why = "tensor fields do not parse";
             goto fail;
         }
     }
-    {
-        int b = max_elems && rest.len
-                    ? count_elems(desc, rest.p, rest.p + rest.len, 0, max_elems, &count)
-                    : 0;
-        if (b > 0) goto over;
-        out->msg = b ? NULL
-                     : protobuf_c_message_unpack(desc, NULL, rest.len,
-                                                 rest.p ? rest.p : (const uint8_t *)"");
-    }
+    out->msg = protobuf_c_message_unpack(desc, NULL, rest.len,
+                                         rest.p ? rest.p : (const uint8_t *)"");
     if (!out->msg) {
         why = "message fields do not parse";
         goto fail;

@@ -107,7 +107,8 @@ typedef struct ps_wire_tensor {
 typedef struct ps_wire_rows {
     Psrpc__Rows *meta;   /* Table, ids (copied), dtype; data empty. */
     const uint8_t *data; /* Into the received buffer, or into 'own' when it
-                          * came in several pieces; may be unaligned. */
+                          * came in several pieces; may be unaligned; never
+                          * NULL (len 0: an empty range). */
     size_t len;
     uint8_t *own; /* The gathered copy, or NULL (freed with the message). */
 } ps_wire_rows;

@@ -600,9 +600,31 @@ static void test_client_calls_split(void **state) {
     }
     free(g1);
     free(got1);
-    /* One push a partition: 4 steps x 2 workers x every partition. */
+    /* One push a call: 4 steps x 2 workers x each shard's calls, which are
+     * its partitions in order, cut where a call would pass 1 byte or a
+     * sixteenth of the shard's bytes (PS_CLIENT_MAX_CALLS), whichever is
+     * more: here the small partitions (biases) share a call. */
+    int calls = 0;
+    for (int sh = 0; sh < 2; sh++) {
+        size_t total = 0, bytes = 0;
+        for (int i = 0; i < F.pl->nparts; i++)
+            if (F.pl->parts[i].shard == sh) total += F.pl->parts[i].count * sizeof(float);
+        size_t lim = (total + PS_CLIENT_MAX_CALLS - 1) / PS_CLIENT_MAX_CALLS;
+        int open = 0;
+        for (int i = 0; i < F.pl->nparts; i++) {
+            if (F.pl->parts[i].shard != sh) continue;
+            size_t b = F.pl->parts[i].count * sizeof(float);
+            if (!open || bytes + b > lim) {
+                calls++;
+                open = 1;
+                bytes = 0;
+            }
+            bytes += b;
+        }
+    }
+    assert_true(calls > 2); /* Split: more calls than shards. */
     ps_client_stats st = stats();
-    assert_int_equal(st.pushes, (uint64_t)(4 * 2 * F.pl->nparts));
+    assert_int_equal(st.pushes, (uint64_t)(4 * 2 * calls));
     assert_int_equal(st.bad_requests, 0);
 
     /* A raw Pull of some partitions of shard 0, the last first. */
@@ -644,6 +666,22 @@ static void test_client_calls_split(void **state) {
         expect_fail(code, msg, RPC_INVALID_ARGUMENT, bad[b].says, NULL);
     }
     expect_values(4, 4, ref); /* Nothing changed. */
+    /* Every shard gone: all the split calls of a pull and of a push fail
+     * UNAVAILABLE and are retried together until connect_timeout_ms (more
+     * of them than shards: the retry list holds every one), then the
+     * error names a PS. */
+    for (int i = 0; i < 2; i++) {
+        destroy_promptly(F.srv[i]);
+        F.srv[i] = NULL;
+    }
+    ps_ticket *t = NULL;
+    assert_int_equal(ps_client_pull(cl[0], 0, got, &t), CM_OK);
+    assert_int_not_equal(ps_ticket_wait(t, &v, err, sizeof err), CM_OK);
+    if (!strstr(err, "UNAVAILABLE") || !strstr(err, "pull to PS"))
+        fail_msg("unexpected error: %s", err);
+    assert_int_equal(ps_client_push(cl[1], 4, g, &t), CM_OK);
+    assert_int_not_equal(ps_ticket_wait(t, &v, err, sizeof err), CM_OK);
+    if (!strstr(err, "push to PS")) fail_msg("unexpected error: %s", err);
     ps_client_close(cl[0]);
     ps_client_close(cl[1]);
     free(ref);
