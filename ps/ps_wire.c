@@ -368,30 +368,22 @@ int ps_wire_decode_rows(const ProtobufCMessageDescriptor *desc, uint32_t tensor_
                                  err, errlen);
 }
 
+static int fixed_width(ProtobufCType t);
+
 /* Elements of a packed repeated scalar field of type t: the payload r. */
 static uint64_t rd_packed_count(ProtobufCType t, rd r) {
-    uint64_t plen = r.end - r.pos;
-    switch (t) {
-    case PROTOBUF_C_TYPE_SFIXED32:
-    case PROTOBUF_C_TYPE_FIXED32:
-    case PROTOBUF_C_TYPE_FLOAT: return plen / 4;
-    case PROTOBUF_C_TYPE_SFIXED64:
-    case PROTOBUF_C_TYPE_FIXED64:
-    case PROTOBUF_C_TYPE_DOUBLE: return plen / 8;
-    default: { /* Varints: one per byte without the continuation bit. */
-        uint64_t n = 0;
-        while (r.pos < r.end) {
-            rd_settle(&r);
-            size_t k = r.pc[r.i].len - r.off;
-            if (k > r.end - r.pos) k = (size_t)(r.end - r.pos);
-            const uint8_t *p = r.pc[r.i].p + r.off;
-            for (size_t j = 0; j < k; j++) n += !(p[j] & 0x80);
-            r.off += k;
-            r.pos += k;
-        }
-        return n;
+    if (fixed_width(t)) return (r.end - r.pos) / (uint64_t)fixed_width(t);
+    uint64_t n = 0; /* Varints: one per byte without the continuation bit. */
+    while (r.pos < r.end) {
+        rd_settle(&r);
+        size_t k = r.pc[r.i].len - r.off;
+        if (k > r.end - r.pos) k = (size_t)(r.end - r.pos);
+        const uint8_t *p = r.pc[r.i].p + r.off;
+        for (size_t j = 0; j < k; j++) n += !(p[j] & 0x80);
+        r.off += k;
+        r.pos += k;
     }
-    }
+    return n;
 }
 
 /* ps_wire_check_elems over pieces, before anything is decoded: every field
@@ -743,21 +735,25 @@ uint64_t ps_wire_identity(const cm_model *m, const cm_placement *pl, char *desc,
 
 /* ------------------------------------------------------------ element budget */
 
-/* Elements of a packed repeated scalar field of type t in plen bytes. */
-static uint64_t packed_count(ProtobufCType t, const uint8_t *p, uint64_t plen) {
+/* Bytes an element of packed type t takes when fixed, else 0 (varints). */
+static int fixed_width(ProtobufCType t) {
     switch (t) {
     case PROTOBUF_C_TYPE_SFIXED32:
     case PROTOBUF_C_TYPE_FIXED32:
-    case PROTOBUF_C_TYPE_FLOAT: return plen / 4;
+    case PROTOBUF_C_TYPE_FLOAT: return 4;
     case PROTOBUF_C_TYPE_SFIXED64:
     case PROTOBUF_C_TYPE_FIXED64:
-    case PROTOBUF_C_TYPE_DOUBLE: return plen / 8;
-    default: { /* Varints: one per byte without the continuation bit. */
-        uint64_t n = 0;
-        for (uint64_t i = 0; i < plen; i++) n += !(p[i] & 0x80);
-        return n;
+    case PROTOBUF_C_TYPE_DOUBLE: return 8;
+    default: return 0;
     }
-    }
+}
+
+/* Elements of a packed repeated scalar field of type t in plen bytes. */
+static uint64_t packed_count(ProtobufCType t, const uint8_t *p, uint64_t plen) {
+    if (fixed_width(t)) return plen / (uint64_t)fixed_width(t);
+    uint64_t n = 0; /* Varints: one per byte without the continuation bit. */
+    for (uint64_t i = 0; i < plen; i++) n += !(p[i] & 0x80);
+    return n;
 }
 
 static int count_elems(const ProtobufCMessageDescriptor *d, const uint8_t *p,
