@@ -128,6 +128,10 @@ static void usage(FILE *f) {
             "                            version at the end of a step instead of letting the\n"
             "                            next forward pass wait for each piece of the first\n"
             "                            layer's kernel as it needs it\n"
+            "  --call-bytes N            PS mode: a shard's share of a dense push or pull\n"
+            "                            of more than N bytes goes as several calls at once\n"
+            "                            (whole partitions, at most 16; default 1048576;\n"
+            "                            -1: one call a shard; async pushes: always one)\n"
             "  --wire-dtype fp32|bf16    PS mode: push gradients as float32 (default) or\n"
             "                            bfloat16 (rounded to nearest even: half the bytes\n"
             "                            pushed; pulls, the PS's sums, optimizer and\n"
@@ -237,7 +241,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_AUTH_TOKEN, O_ADMIN_TOKEN, O_TLS_CA, O_TLS_CERT, O_TLS_KEY, O_TLS_NAME,
-        O_SYNC, O_MIN_PART, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
+        O_SYNC, O_MIN_PART, O_CALL_BYTES, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
         O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT, O_SIM_TFLOPS, O_SIM_STEP_MS,
@@ -286,6 +290,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"task-index", required_argument, 0, O_TASK_INDEX},
         {"sync", required_argument, 0, O_SYNC},
         {"min-partition-bytes", required_argument, 0, O_MIN_PART},
+        {"call-bytes", required_argument, 0, O_CALL_BYTES},
         {"rpc-timeout-ms", required_argument, 0, O_RPC_TIMEOUT},
         {"connect-timeout-ms", required_argument, 0, O_CONNECT_TIMEOUT},
         {"recovery-timeout-ms", required_argument, 0, O_RECOVERY_TIMEOUT},
@@ -507,6 +512,10 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         case O_MIN_PART:
             if (parse_long("--min-partition-bytes", optarg, 1, 1L << 40, &v)) return 2;
             cfg.min_part_bytes = (size_t)v;
+            break;
+        case O_CALL_BYTES:
+            if (parse_long("--call-bytes", optarg, -1, 1L << 40, &v)) return 2;
+            cfg.call_bytes = v;
             break;
         case O_RPC_TIMEOUT:
             if (parse_long("--rpc-timeout-ms", optarg, 1, 1L << 40, &v)) return 2;

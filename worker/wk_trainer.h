@@ -83,6 +83,9 @@ typedef struct wk_train_cfg {
                                     * call carries, the admin token the chief's
                                     * Initialize/Rollback/Shutdown carry, TLS
                                     * (borrowed; NULL: none). */
+    long call_bytes;           /* PS mode: a shard's dense calls of more bytes
+                                * split (ps_client_cfg.call_bytes; 0 default,
+                                * < 0 one call a shard). */
     int wire_bf16;             /* PS mode: push gradients as bfloat16 (RNE),
                                 * half the bytes; pulls and the PS stay fp32
                                 * (--wire-dtype bf16; any device). */

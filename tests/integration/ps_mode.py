@@ -54,6 +54,15 @@ def equivalence(bin_dir, tmp):
     check(d <= 1e-4, f"the same with --no-overlap: {d:.2e} <= 1e-4")
     d = rel_diff(p0, pps, params(flat_out))
     check(d <= 1e-5, f"overlap vs --no-overlap: {d:.2e} <= 1e-5")
+    # Each shard's pushes and pulls split into calls of one partition
+    # (--call-bytes below the 64 KiB partitions): the same steps, bit for bit.
+    split_out = os.path.join(tmp, "split.bin")
+    launch(bin_dir, "--ps", "2", "--workers", "2", "--batch-size", "64", *common,
+           "--params-out", split_out, "--min-partition-bytes", "65536", "--no-overlap",
+           "--call-bytes", "16384")
+    check(open(split_out, "rb").read() == open(flat_out, "rb").read(),
+          "--call-bytes 16384 (a call a partition) gives the --no-overlap run's parameters, "
+          "bit for bit")
     # Workers driving devices as GPUs are (uploads, downloads, host reduce of
     # 2 staged replicas each; no overlap) compute the same steps.
     staged_out = os.path.join(tmp, "staged.bin")
