@@ -201,12 +201,54 @@ static grpc_byte_buffer *segs_to_buffer(const rpc_seg *segs, int nsegs) {
     return bb;
 }
 
-/* A received message as one contiguous range [p, p + len). */
-typedef struct flat {
-    const uint8_t *p;
+/* A received message as pieces in place: gRPC's slices, no copy. */
+typedef struct view {
+    rpc_piece small[16];
+    rpc_piece *p; /* small, or malloc'd for more slices. */
+    int n;
     size_t len;
     grpc_byte_buffer_reader r;
     int has_reader;
+} view;
+
+/* Returns RPC_OK, RPC_INTERNAL (undecodable) or RPC_RESOURCE_EXHAUSTED (no
+ * memory). view_deinit() in every case. */
+static int view_init(view *v, grpc_byte_buffer *bb) {
+    memset(v, 0, sizeof *v);
+    v->p = v->small;
+    if (!grpc_byte_buffer_reader_init(&v->r, bb)) return RPC_INTERNAL;
+    v->has_reader = 1;
+    /* buffer_out is the decompressed buffer, or bb itself. */
+    grpc_slice_buffer *sb = &v->r.buffer_out->data.raw.slice_buffer;
+    if (sb->count > sizeof v->small / sizeof v->small[0]) {
+        v->p = malloc(sb->count * sizeof *v->p);
+        if (!v->p) {
+            v->p = v->small;
+            return RPC_RESOURCE_EXHAUSTED;
+        }
+    }
+    for (size_t i = 0; i < sb->count; i++) {
+        size_t n = GRPC_SLICE_LENGTH(sb->slices[i]);
+        if (!n) continue;
+        v->p[v->n++] = (rpc_piece){GRPC_SLICE_START_PTR(sb->slices[i]), n};
+        v->len += n;
+    }
+    return RPC_OK;
+}
+
+static void view_deinit(view *v) {
+    if (v->p != v->small) free(v->p);
+    v->p = v->small;
+    if (v->has_reader) grpc_byte_buffer_reader_destroy(&v->r);
+    v->has_reader = 0;
+}
+
+/* A received message as one contiguous range [p, p + len): its only piece
+ * in place, or its pieces copied into the thread's scratch buffer. */
+typedef struct flat {
+    view v;
+    const uint8_t *p;
+    size_t len;
 } flat;
 
 /* Multi-slice messages are copied into a buffer that belongs to the
@@ -246,27 +288,23 @@ static uint8_t *scratch_get(size_t n) {
     return sc->p;
 }
 
-/* Returns RPC_OK, RPC_INTERNAL (undecodable) or RPC_RESOURCE_EXHAUSTED (no
- * memory for the copy). flat_deinit() in every case. */
+/* As view_init; flat_deinit() in every case. */
 static int flat_init(flat *f, grpc_byte_buffer *bb) {
     static const uint8_t empty[1];
-    memset(f, 0, sizeof *f);
     f->p = empty;
-    if (!grpc_byte_buffer_reader_init(&f->r, bb)) return RPC_INTERNAL;
-    f->has_reader = 1;
-    /* buffer_out is the decompressed buffer, or bb itself. */
-    grpc_slice_buffer *sb = &f->r.buffer_out->data.raw.slice_buffer;
-    if (sb->count == 1) {
-        f->p = GRPC_SLICE_START_PTR(sb->slices[0]);
-        f->len = GRPC_SLICE_LENGTH(sb->slices[0]);
-    } else if (sb->count > 1) {
-        uint8_t *buf = scratch_get(sb->length);
+    f->len = 0;
+    int rc = view_init(&f->v, bb);
+    if (rc != RPC_OK) return rc;
+    if (f->v.n == 1) {
+        f->p = f->v.p[0].p;
+        f->len = f->v.p[0].len;
+    } else if (f->v.n > 1) {
+        uint8_t *buf = scratch_get(f->v.len);
         if (!buf) return RPC_RESOURCE_EXHAUSTED;
         size_t off = 0;
-        for (size_t i = 0; i < sb->count; i++) {
-            size_t n = GRPC_SLICE_LENGTH(sb->slices[i]);
-            memcpy(buf + off, GRPC_SLICE_START_PTR(sb->slices[i]), n);
-            off += n;
+        for (int i = 0; i < f->v.n; i++) {
+            memcpy(buf + off, f->v.p[i].p, f->v.p[i].len);
+            off += f->v.p[i].len;
         }
         f->p = buf;
         f->len = off;
@@ -274,50 +312,7 @@ static int flat_init(flat *f, grpc_byte_buffer *bb) {
     return RPC_OK;
 }
 
-static void flat_deinit(flat *f) {
-    if (f->has_reader) grpc_byte_buffer_reader_destroy(&f->r);
-    f->has_reader = 0;
-}
-
-/* A received message as pieces in place: gRPC's slices, no copy. */
-typedef struct view {
-    rpc_piece small[16];
-    rpc_piece *p; /* small, or malloc'd for more slices. */
-    int n;
-    size_t len;
-    grpc_byte_buffer_reader r;
-    int has_reader;
-} view;
-
-/* As flat_init; view_deinit() in every case. */
-static int view_init(view *v, grpc_byte_buffer *bb) {
-    memset(v, 0, sizeof *v);
-    v->p = v->small;
-    if (!grpc_byte_buffer_reader_init(&v->r, bb)) return RPC_INTERNAL;
-    v->has_reader = 1;
-    grpc_slice_buffer *sb = &v->r.buffer_out->data.raw.slice_buffer;
-    if (sb->count > sizeof v->small / sizeof v->small[0]) {
-        v->p = malloc(sb->count * sizeof *v->p);
-        if (!v->p) {
-            v->p = v->small;
-            return RPC_RESOURCE_EXHAUSTED;
-        }
-    }
-    for (size_t i = 0; i < sb->count; i++) {
-        size_t n = GRPC_SLICE_LENGTH(sb->slices[i]);
-        if (!n) continue;
-        v->p[v->n++] = (rpc_piece){GRPC_SLICE_START_PTR(sb->slices[i]), n};
-        v->len += n;
-    }
-    return RPC_OK;
-}
-
-static void view_deinit(view *v) {
-    if (v->p != v->small) free(v->p);
-    v->p = v->small;
-    if (v->has_reader) grpc_byte_buffer_reader_destroy(&v->r);
-    v->has_reader = 0;
-}
+static void flat_deinit(flat *f) { view_deinit(&f->v); }
 
 /* printf into a malloc'd string. */
 static char *vformat(const char *fmt, va_list ap) {

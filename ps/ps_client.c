@@ -77,8 +77,8 @@ struct ps_client {
     int ngroups;      /* Dense calls: each shard's partitions in runs of at
                        * most cfg.call_bytes, one call each. */
     struct group {
-        int shard, nparts, whole; /* whole: every partition of the shard. */
-        const uint32_t *parts;    /* Into parts[shard]. */
+        int shard, nparts;
+        const uint32_t *parts; /* Into parts[shard]. */
     } *groups;
     uint64_t epoch;   /* Sent with every request (0 = not tracked). */
     pthread_mutex_t mu; /* Every ticket's state. */
@@ -226,11 +226,12 @@ static int take_pull_reply(ps_client *c, int sh, int nexpect, const rpc_piece *r
     return rc;
 }
 
-/* A reply, as pieces in place (pulls: the parameters are copied from
- * gRPC's slices straight into the caller's array) or one flat range
- * (pushes: flat, pieces NULL). */
-static void done_any(sub *s, int code, const char *message, const rpc_piece *pieces, int npieces,
-                     const uint8_t *reply, size_t len) {
+/* A reply, as gRPC's slices in place: a pull's parameters are copied from
+ * them straight into the caller's array. */
+static void on_done(void *ud, int code, const char *message, const rpc_piece *pieces,
+                    int npieces, size_t len) {
+    (void)len;
+    sub *s = ud;
     ps_ticket *t = s->t;
     ps_client *c = t->c;
     pthread_mutex_lock(&c->mu);
@@ -244,18 +245,16 @@ static void done_any(sub *s, int code, const char *message, const rpc_piece *pie
         snprintf(s->msg, sizeof s->msg, "%s: %s", rpc_status_name(code), message);
     } else if (t->op == OP_PULL || t->op == OP_PUSH_PULL || t->op == OP_PULL_ROWS) {
         int nexpect = t->op == OP_PULL_ROWS ? 0 : s->nparts;
-        rpc_piece one = {reply, len};
-        s->cm = take_pull_reply(t->c, s->shard, nexpect, pieces ? pieces : &one,
-                                pieces ? npieces : len ? 1 : 0, t->params, &s->want,
+        s->cm = take_pull_reply(t->c, s->shard, nexpect, pieces, npieces, t->params, &s->want,
                                 t->row_values, &s->version, s->msg, sizeof s->msg);
     } else {
-        Psrpc__PushReply *r = psrpc__push_reply__unpack(NULL, len, reply);
-        if (r) {
-            s->version = r->version;
-            psrpc__push_reply__free_unpacked(r, NULL);
+        ps_wire_msg m; /* A PushReply: no tensors (field 0 is never one). */
+        if (ps_wire_decode_pieces(&psrpc__push_reply__descriptor, 0, 0, pieces, npieces, 0, &m,
+                                  s->msg, sizeof s->msg) == CM_OK) {
+            s->version = ((Psrpc__PushReply *)m.msg)->version;
+            ps_wire_msg_free(&m);
         } else {
             s->cm = CM_EINVAL;
-            snprintf(s->msg, sizeof s->msg, "malformed PushReply");
         }
     }
     s->code = code;
@@ -263,17 +262,6 @@ static void done_any(sub *s, int code, const char *message, const rpc_piece *pie
     int done = ticket_settle(t);
     pthread_mutex_unlock(&c->mu);
     if (done) ticket_free(t);
-}
-
-static void on_done(void *ud, int code, const char *message, const uint8_t *reply, size_t len) {
-    done_any(ud, code, message, NULL, 0, reply, len);
-}
-
-static void on_done_pieces(void *ud, int code, const char *message, const rpc_piece *pieces,
-                           int npieces, size_t len) {
-    static const uint8_t empty[1];
-    (void)len;
-    done_any(ud, code, message, pieces, npieces, empty, 0);
 }
 
 /* The ids of 'want' as Rows messages of field 'field' (no values). */
@@ -353,11 +341,7 @@ static void issue(ps_ticket *t, sub *s) {
     }
     int nsegs;
     const rpc_seg *segs = ps_wire_segs(&w, &nsegs);
-    if (t->op == OP_PUSH)
-        rpc_call_start(c->ch[sh], method, segs, nsegs, c->cfg.deadline_ms, 0, on_done, s);
-    else
-        rpc_call_start_pieces(c->ch[sh], method, segs, nsegs, c->cfg.deadline_ms, 0,
-                              on_done_pieces, s);
+    rpc_call_start_pieces(c->ch[sh], method, segs, nsegs, c->cfg.deadline_ms, 0, on_done, s);
     ps_wire_writer_free(&w, 0);
 }
 
@@ -379,7 +363,7 @@ static ps_ticket *ticket_new(ps_client *c, int op, int64_t step, int grouped) {
         s->shard = g ? g->shard : i;
         s->nparts = g ? g->nparts : c->nparts[i];
         s->parts = g ? g->parts : c->parts[i];
-        s->some = g && op == OP_PULL && !g->whole;
+        s->some = g && op == OP_PULL && g->nparts < c->nparts[g->shard];
     }
     return t;
 }
@@ -1079,11 +1063,9 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
     c->groups = cm_calloc((size_t)pl->nparts + (size_t)c->nshards, sizeof *c->groups);
     for (int s = 0; s < c->nshards; s++) {
         int g0 = c->ngroups;
-        size_t bytes = 0, total = 0, lim = 0;
-        for (int k = 0; k < c->nparts[s]; k++)
-            total += pl->parts[c->parts[s][k]].count * sizeof(float);
+        size_t bytes = 0, lim = 0;
         if (max > 0) {
-            lim = (total + PS_CLIENT_MAX_CALLS - 1) / PS_CLIENT_MAX_CALLS;
+            lim = (pl->shard_bytes[s] + PS_CLIENT_MAX_CALLS - 1) / PS_CLIENT_MAX_CALLS;
             if (lim < (size_t)max) lim = (size_t)max;
         }
         for (int k = 0; k < c->nparts[s] || k == 0; k++) {
@@ -1096,7 +1078,6 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
             if (k < c->nparts[s]) c->groups[c->ngroups - 1].nparts++;
             bytes += b;
         }
-        for (int i = g0; i < c->ngroups; i++) c->groups[i].whole = c->ngroups - g0 == 1;
     }
     rpc_client_opts o = {.max_message = cfg->max_message,
                          .token = cfg->auth_token,

@@ -876,8 +876,6 @@ static size_t dtype_size(int dtype) { return dtype == PS_DTYPE_BFLOAT16 ? 2 : si
  * first nonzero return of fn and returns it; 0 when all ran. */
 typedef int (*grad_run_fn)(void *ud, size_t i, const uint8_t *src, size_t m);
 
-static size_t dtype_size(int dtype);
-
 static int grad_runs(const ps_grad *g, size_t n, grad_run_fn fn, void *ud) {
     if (g->data || !g->npieces) return n ? fn(ud, 0, g->data, n) : 0;
     size_t es = dtype_size(g->dtype), i = 0, have = 0;

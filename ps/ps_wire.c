@@ -24,21 +24,6 @@ static size_t put_varint(uint8_t *p, uint64_t v) {
     return n;
 }
 
-/* Parse a varint at *p (< end). Returns 0 on success. */
-static int get_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
-    uint64_t r = 0;
-    for (int shift = 0; shift < 64; shift += 7) {
-        if (*p >= end) return -1;
-        uint8_t b = *(*p)++;
-        r |= (uint64_t)(b & 0x7f) << shift;
-        if (!(b & 0x80)) {
-            *v = r;
-            return 0;
-        }
-    }
-    return -1;
-}
-
 /* ------------------------------------------------------------ writing */
 
 void ps_wire_writer_init(ps_wire_writer *w) { memset(w, 0, sizeof *w); }
@@ -203,31 +188,6 @@ static void buf_append(buf *b, const uint8_t *src, size_t n) {
     b->len += n;
 }
 
-/* Skip one field's payload of wire type 'wt' at *p. Sets *payload and *plen for
- * length-delimited fields. Returns 0 or -1 if malformed. */
-static int skip_field(const uint8_t **p, const uint8_t *end, int wt, const uint8_t **payload,
-                      uint64_t *plen) {
-    uint64_t v;
-    switch (wt) {
-    case WT_VARINT: return get_varint(p, end, &v);
-    case WT_I64:
-        if (end - *p < 8) return -1;
-        *p += 8;
-        return 0;
-    case WT_I32:
-        if (end - *p < 4) return -1;
-        *p += 4;
-        return 0;
-    case WT_LEN:
-        if (get_varint(p, end, &v) || v > (uint64_t)(end - *p)) return -1;
-        *payload = *p;
-        *plen = v;
-        *p += v;
-        return 0;
-    }
-    return -1;
-}
-
 void ps_wire_msg_free(ps_wire_msg *m) {
     if (!m) return;
     if (m->msg) protobuf_c_message_free_unpacked(m->msg, NULL);
@@ -368,7 +328,18 @@ int ps_wire_decode_rows(const ProtobufCMessageDescriptor *desc, uint32_t tensor_
                                  err, errlen);
 }
 
-static int fixed_width(ProtobufCType t);
+/* Bytes an element of packed type t takes when fixed, else 0 (varints). */
+static int fixed_width(ProtobufCType t) {
+    switch (t) {
+    case PROTOBUF_C_TYPE_SFIXED32:
+    case PROTOBUF_C_TYPE_FIXED32:
+    case PROTOBUF_C_TYPE_FLOAT: return 4;
+    case PROTOBUF_C_TYPE_SFIXED64:
+    case PROTOBUF_C_TYPE_FIXED64:
+    case PROTOBUF_C_TYPE_DOUBLE: return 8;
+    default: return 0;
+    }
+}
 
 /* Elements of a packed repeated scalar field of type t: the payload r. */
 static uint64_t rd_packed_count(ProtobufCType t, rd r) {
@@ -386,9 +357,9 @@ static uint64_t rd_packed_count(ProtobufCType t, rd r) {
     return n;
 }
 
-/* ps_wire_check_elems over pieces, before anything is decoded: every field
- * occurrence and every packed element, into embedded messages (0 within
- * max, 1 beyond, -1 malformed: the decoder then says how). */
+/* The element budget (ps_wire_check_elems, and ps_wire_decode_pieces before
+ * it decodes anything): every field occurrence and every packed element,
+ * into embedded messages (0 within max, 1 beyond, -1 malformed). */
 static int rd_count_elems(const ProtobufCMessageDescriptor *d, rd r, int depth, uint64_t max,
                           uint64_t *count) {
     if (depth > 8) return -1; /* Our messages nest 3 deep. */
@@ -396,6 +367,8 @@ static int rd_count_elems(const ProtobufCMessageDescriptor *d, rd r, int depth, 
         uint64_t key;
         rd payload = {0};
         if (rd_field(&r, &key, &payload) || (key >> 3) > UINT32_MAX) return -1;
+        /* Every occurrence may cost an allocation (a repeated element, an
+         * unknown field kept, a string replaced). */
         if (++*count > max) return 1;
         const ProtobufCFieldDescriptor *f =
             protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3));
@@ -735,60 +708,12 @@ uint64_t ps_wire_identity(const cm_model *m, const cm_placement *pl, char *desc,
 
 /* ------------------------------------------------------------ element budget */
 
-/* Bytes an element of packed type t takes when fixed, else 0 (varints). */
-static int fixed_width(ProtobufCType t) {
-    switch (t) {
-    case PROTOBUF_C_TYPE_SFIXED32:
-    case PROTOBUF_C_TYPE_FIXED32:
-    case PROTOBUF_C_TYPE_FLOAT: return 4;
-    case PROTOBUF_C_TYPE_SFIXED64:
-    case PROTOBUF_C_TYPE_FIXED64:
-    case PROTOBUF_C_TYPE_DOUBLE: return 8;
-    default: return 0;
-    }
-}
-
-/* Elements of a packed repeated scalar field of type t in plen bytes. */
-static uint64_t packed_count(ProtobufCType t, const uint8_t *p, uint64_t plen) {
-    if (fixed_width(t)) return plen / (uint64_t)fixed_width(t);
-    uint64_t n = 0; /* Varints: one per byte without the continuation bit. */
-    for (uint64_t i = 0; i < plen; i++) n += !(p[i] & 0x80);
-    return n;
-}
-
-static int count_elems(const ProtobufCMessageDescriptor *d, const uint8_t *p,
-                       const uint8_t *end, int depth, uint64_t max, uint64_t *count) {
-    if (depth > 8) return -1; /* Our messages nest 3 deep. */
-    while (p < end) {
-        uint64_t key, plen = 0;
-        const uint8_t *payload = NULL;
-        if (get_varint(&p, end, &key)) return -1;
-        int wt = (int)(key & 7);
-        if ((key >> 3) == 0 || (key >> 3) > UINT32_MAX ||
-            skip_field(&p, end, wt, &payload, &plen))
-            return -1;
-        /* Every occurrence may cost an allocation (a repeated element, an
-         * unknown field kept, a string replaced). */
-        if (++*count > max) return 1;
-        const ProtobufCFieldDescriptor *f =
-            protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3));
-        if (!f || wt != WT_LEN) continue;
-        if (f->type == PROTOBUF_C_TYPE_MESSAGE) {
-            int rc = count_elems(f->descriptor, payload, payload + plen, depth + 1, max, count);
-            if (rc) return rc;
-        } else if (f->label == PROTOBUF_C_LABEL_REPEATED && f->type != PROTOBUF_C_TYPE_STRING &&
-                   f->type != PROTOBUF_C_TYPE_BYTES) {
-            *count += packed_count(f->type, payload, plen);
-            if (*count > max) return 1;
-        }
-    }
-    return 0;
-}
-
 int ps_wire_check_elems(const ProtobufCMessageDescriptor *desc, const uint8_t *in, size_t len,
                         uint64_t max, char *err, size_t errlen) {
     uint64_t count = 0;
-    int rc = count_elems(desc, in, in + len, 0, max, &count);
+    rpc_piece one = {in, len};
+    rd r = {.pc = &one, .n = len ? 1 : 0, .end = len};
+    int rc = rd_count_elems(desc, r, 0, max, &count);
     if (rc < 0) {
         cm_seterr(err, errlen, "malformed %s", desc->short_name);
         return CM_EINVAL;
