@@ -1221,14 +1221,18 @@ static void test_die_before_outputs(void) {
     raise(SIGKILL);
 }
 
-/* Test hook, PSTRAIN_TEST_END_DELAY_MS=N: the chief waits N ms after its
+/* Test hooks, PSTRAIN_TEST_END_DELAY_MS=N: the chief waits N ms after its
  * last step before it ends the run, so that a test can kill processes
- * there (before the final commit). */
-static void test_end_delay(void) {
-    const char *v = getenv("PSTRAIN_TEST_END_DELAY_MS");
+ * there (before the final commit); PSTRAIN_TEST_WORKER_END_DELAY_MS=N: a
+ * worker other than the chief does, so that it comes to the run's end
+ * after the chief has shut the PS down. */
+static void test_end_delay(int chief) {
+    const char *v =
+        getenv(chief ? "PSTRAIN_TEST_END_DELAY_MS" : "PSTRAIN_TEST_WORKER_END_DELAY_MS");
     long ms = v ? strtol(v, NULL, 10) : 0;
     if (ms <= 0 || ms > 60000) return;
-    fprintf(stderr, "test: the chief waits %ld ms before it ends the run\n", ms);
+    fprintf(stderr, "test: the %s waits %ld ms before it ends the run\n",
+            chief ? "chief" : "worker", ms);
     usleep((useconds_t)ms * 1000);
 }
 
@@ -1238,7 +1242,7 @@ static int finish_training(run *r) {
     size_t numel = r->model->numel;
     int status;
     result->test_examples = r->sparse ? r->ctr.n_test : r->test.n;
-    if (r->is_chief) test_end_delay();
+    test_end_delay(r->is_chief);
     while ((status = r->sync->ops->end(r->sync, result->steps, r->params)) != CM_OK) {
         /* A PS restarted after this worker's last step (async: the chief
          * waits for the others'): roll back, and train again from where

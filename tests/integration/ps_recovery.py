@@ -197,6 +197,7 @@ def worker_kill(bin_dir, tmp):
           f"step {m.group(1) if m else '?'} and the run finished ({s['versions_lost']} "
           f"versions lost, at most {MAX_LOST_ASYNC + 2}; accuracy {s['test_accuracy']:.4f})")
     async_end(bin_dir, tmp)
+    late_worker_end(bin_dir, tmp)
     sync_end(bin_dir, tmp, ref_params)
     # A PS and a worker killed together. The dead worker may have pushed its step to
     # the killed shard only: the chief's call then waits at the live shard for that
@@ -270,6 +271,47 @@ def async_end(bin_dir, tmp):
           f"async: the chief's final wait gave up on worker 1 (stopped at step 9 of 39) after "
           f"--worker-timeout 1 and the run ended ({took:.1f} s)"
           + ("" if p.returncode == 0 else f":\n{p.stderr[-1500:]}"))
+
+
+def late_worker_end(bin_dir, tmp):
+    """Sync, shards without checkpoints: a worker whose last step comes in after the
+    chief shut the PS down (PSTRAIN_TEST_WORKER_END_DELAY_MS holds it there) exits at
+    once: no shard of its run could take a version back, so there is no end to wait
+    for. (It used to ask the shards, gone, again and again until --recovery-timeout-ms;
+    on emulated 1 Gbit/s links the last pulls come in after the chief's end.)"""
+    ports = free_ports(3)
+    hosts = ["--ps-hosts", f"127.0.0.1:{ports[0]}", "--worker-hosts",
+             f"127.0.0.1:{ports[1]},127.0.0.1:{ports[2]}"]
+    common = ["--train-limit", "3000", "--test-limit", "500", "--threads", "1",
+              "--max-steps", "10", "--recovery-timeout-ms", "60000", "--quiet"]
+    logs = [open(os.path.join(tmp, f"late-end.{n}.log"), "w+") for n in ("ps", "w1")]
+    ps = subprocess.Popen([os.path.join(bin_dir, "psserver"), *hosts, "--task-index", "0"],
+                          stderr=logs[0])
+    w1 = subprocess.Popen([os.path.join(bin_dir, "pstrain"), *hosts, "--task-index", "1",
+                           *common], stderr=logs[1], stdout=subprocess.DEVNULL,
+                          env=dict(os.environ, PSTRAIN_TEST_WORKER_END_DELAY_MS="1500"))
+    took = None
+    try:
+        p = run([os.path.join(bin_dir, "pstrain"), *hosts, "--task-index", "0", *common],
+                expect_ok=False, timeout=120)
+        t0 = time.monotonic()
+        ps.wait(timeout=30)
+        w1.wait(timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        for q in (w1, ps):
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+        logs[1].seek(0)
+        w1_err = logs[1].read()
+        for f in logs:
+            f.close()
+    check(p.returncode == 0 and ps.returncode == 0 and w1.returncode == 0 and
+          "test: the worker waits 1500 ms" in w1_err and took is not None and took < 10,
+          f"sync without checkpoints: worker 1, done after the chief shut the PS down, "
+          f"exited {took if took is None else round(took, 1)} s after the PS, status "
+          f"{w1.returncode}" + ("" if w1.returncode == 0 else f":\n{w1_err[-1500:]}"))
 
 
 def resume(bin_dir, tmp):

@@ -754,14 +754,21 @@ static int commit_end(psync *p, int64_t steps) {
  * commit_end: from then on no restart can take it back) and return CM_OK;
  * CM_EABORTED when a shard restarted from an older checkpoint or the
  * cluster rolled back (the trainer recovers and trains on). A shard without
- * checkpoints (no --data-dir) cannot take anything back: nothing to wait
- * for. Bounded by the recovery timeout (then CM_OK, with a warning: this
- * worker's own steps are done). */
+ * checkpoints (no --data-dir, or no --checkpoint-every) cannot take
+ * anything back: nothing to wait for, and not asked (its last answer said
+ * so; the chief may have shut it down already, and a shard gone would be
+ * asked again until the limit). Bounded by the recovery timeout (then
+ * CM_OK, with a warning: this worker's own steps are done). */
 static int wait_run_end(psync *p, int64_t steps) {
     wk_sync *s = &p->base;
     if (steps <= 0) return CM_OK;
     int n = p->cfg.nps, left = n, rc = CM_OK;
     char *done = cm_calloc((size_t)n, 1);
+    for (int i = 0; i < n; i++)
+        if (!p->ck[i].durable) {
+            done[i] = 1;
+            left--;
+        }
     uint64_t epoch = ps_client_epoch(p->client);
     int64_t limit = p->cfg.recovery_timeout_ms > 0 ? p->cfg.recovery_timeout_ms : 120000;
     double start = cm_now(), said = start;
