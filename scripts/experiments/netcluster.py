@@ -212,6 +212,30 @@ class NetCluster:
                 "delay_ms": self.delay_ms, "delay_emulated": self.delay_emulated,
                 "netem": self.netem}
 
+    def link_stats(self):
+        """Counters since the cluster was made: packets the shaping queues dropped
+        (every tbf, both directions of every link) and, summed over the nodes, TCP's
+        retransmitted segments and retransmission timeouts. A transfer that lost
+        packets at a full queue waits for TCP to recover, which a cost model of ideal
+        links does not have."""
+        drops = 0
+        for ns in [self.hub, *self.names]:
+            out = _tc(ns, "-s", "qdisc", "show", check=False).stdout
+            drops += sum(int(m) for m in re.findall(r"dropped (\d+)", out))
+        retrans = timeouts = 0
+        for i in range(self.nodes):
+            p = self.run(i, ["cat", "/proc/net/snmp", "/proc/net/netstat"], timeout=10,
+                         capture_output=True, text=True)
+            lines = p.stdout.splitlines()
+            for head, vals in zip(lines, lines[1:]):
+                k, v = head.split(), vals.split()
+                if not k or k[0] != v[0] or k[0] not in ("Tcp:", "TcpExt:"):
+                    continue
+                c = dict(zip(k[1:], v[1:]))
+                retrans += int(c.get("RetransSegs", 0))
+                timeouts += int(c.get("TCPTimeouts", 0))
+        return {"link_drops": drops, "tcp_retrans": retrans, "tcp_timeouts": timeouts}
+
     # -------------------------------------------------------------- removal
     def close(self):
         for p in self.procs:

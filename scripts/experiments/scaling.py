@@ -38,7 +38,7 @@ a namespace hop is ~0.05 ms); delay_emulated says so per point.
 
 Plans: full (the default, 46 points, about 20 minutes on 2 cores), quick (3 points,
 about a minute: the test), claims (the configurations of docs/SCALING.md's claims),
-overlap (plan G alone, 7 points).
+overlap (plan G alone, 7 points, and 4 of PS sync in pstrain's split calls).
 Writes OUT/scaling.csv, OUT/scaling.md, OUT/*.png (matplotlib, when it imports)
 and prints the table and a JSON line of totals. Exit status 1 if a run failed.
 Needs root (network namespaces); exits 77 without it.
@@ -65,18 +65,24 @@ FIELDS = ["name", "mode", "nodes", "devices", "ps", "rate", "dilation", "model_m
           "wire", "prefetch", "input_ms", "step_ms", "intra_gbps", "status", "measured_ms",
           "predicted_ms", "ratio", "comm_ms", "compute_ms", "cpu_busy", "cpu_bound",
           "loadavg_before", "speedup", "predicted_speedup", "delay_emulated", "async_low_ms",
-          "async_high_ms", "model", "rows_mb", "overlap"]
+          "async_high_ms", "model", "rows_mb", "overlap", "split", "link_drops", "tcp_retrans",
+          "tcp_timeouts"]
 
 
 def point(name, mode, nodes, rate="1gbit", ps=1, devices=1, model_mb=10.0, wire="fp32",
           prefetch=True, input_ms=0.0, step_ms=50.0, intra_gbps=0.0, model="mlp",
-          batch_per_device=PER_DEVICE_BATCH, dilate=True, overlap=False):
+          batch_per_device=PER_DEVICE_BATCH, dilate=True, overlap=False, split=False):
     """One configuration. overlap: PS sync as pstrain runs it by default (pushes during
-    the backward pass, the pipelined pull); otherwise --no-overlap."""
+    the backward pass, the pipelined pull); otherwise --no-overlap. split: a shard's
+    push and pull go as pstrain's default calls of about 1 MiB, several in flight
+    (a shard answers the pull of a call's partitions while later calls are still
+    being pushed, which the model's serial term does not have); otherwise one call
+    a shard (--call-bytes -1)."""
     return dict(name=name, mode=mode, nodes=nodes, devices=devices, ps=ps, rate=rate,
                 model_mb=model_mb, wire=wire, prefetch=prefetch, input_ms=input_ms,
                 step_ms=step_ms, intra_gbps=intra_gbps, model=model,
-                batch_per_device=batch_per_device, dilate=dilate, overlap=overlap)
+                batch_per_device=batch_per_device, dilate=dilate, overlap=overlap,
+                split=split)
 
 
 def overlap_points():
@@ -86,6 +92,9 @@ def overlap_points():
     pts.append(point("overlap-ps_sync-n4-s2", "ps_sync", 4, ps=2, overlap=True))
     pts.append(point("overlap-ps_sync-n2-compute", "ps_sync", 2, step_ms=400.0, overlap=True))
     pts.append(point("overlap-ps_sync-n4-40mb", "ps_sync", 4, model_mb=40.0, overlap=True))
+    # pstrain's split calls (--call-bytes, 1 MiB) after the backward pass: against the
+    # serial term, which they beat where the pull of early calls overlaps later pushes.
+    pts += [point(f"split-ps_sync-n{n}", "ps_sync", n, split=True) for n in (1, 2, 4, 8)]
     return pts
 
 
@@ -274,6 +283,8 @@ def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
         wargs += ["--sync", "async" if p["mode"] == "ps_async" else "sync"]
         if not p.get("overlap"):
             wargs.append("--no-overlap")
+        if not p.get("split"):
+            wargs += ["--call-bytes", "-1"]
         if p["wire"] == "bf16":
             wargs += ["--wire-dtype", "bf16"]
     row = dict(p, dilation=d, status="failed", loadavg_before=os.getloadavg()[0])
@@ -283,10 +294,13 @@ def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
         with netcluster.NetCluster(need, emu_rate, say=lambda m: None) as c:
             row["delay_emulated"] = c.delay_emulated
             t0 = time.monotonic()
-            rc, _ = netcluster.train(c, bin_dir, mode, nps, p["nodes"], "separate", wargs,
-                                     rundir, timeout, chief_args=["--summary", summ],
-                                     ps_args=ps_args, step_logs=True)
-            t1 = time.monotonic()
+            rc, secs = netcluster.train(c, bin_dir, mode, nps, p["nodes"], "separate", wargs,
+                                        rundir, timeout, chief_args=["--summary", summ],
+                                        ps_args=ps_args, step_logs=True)
+            # The chief's exit: train() returns later, once the PS processes are gone
+            # too (their shutdown grace), and a window ending then is partly idle.
+            t1 = t0 + secs
+            row.update(c.link_stats())
     finally:
         sampler.stop.set()
         sampler.join()

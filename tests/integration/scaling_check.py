@@ -44,6 +44,13 @@ def main():
             ratio = float(r["ratio"])
             check(0.5 <= ratio <= 2.0, f"{r['name']}: measured {r['measured_ms']} ms, model "
                                        f"{r['predicted_ms']} ms (x{ratio}; within a factor 2)")
+        # The links' own record: queue drops and TCP's retransmissions and timeouts
+        # are read for every point.
+        check(all(r[k].isdigit() for r in rows
+                  for k in ("link_drops", "tcp_retrans", "tcp_timeouts")) and
+              all(r["cpu_busy"] not in ("", "None") for r in rows),
+              "every point records the links' drops, retransmissions and timeouts and the "
+              f"CPU: {[(r['link_drops'], r['tcp_retrans'], r['tcp_timeouts']) for r in rows]}")
         ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         mine = [line for line in ns.splitlines() if line.startswith("psnc")]
         check(not any(int(m[4:].split("-")[0]) == p.pid for m in mine),
