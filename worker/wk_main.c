@@ -147,6 +147,9 @@ static void usage(FILE *f) {
             "  --sim-tflops X            a device's speed: the model's FLOPs on its slice\n"
             "                            of the batch take FLOPs / X e12 seconds; or\n"
             "  --sim-step-ms X           every gradient takes X ms\n"
+            "  --sim-jitter F            each gradient takes that time x (1 +- up to F),\n"
+            "                            drawn per worker and step (0 <= F < 1; default 0:\n"
+            "                            exactly)\n"
             "  --sim-intra-gbps X        GB/s between a worker's devices: the local reduce\n"
             "                            takes 2(N-1)/N of the gradient over that (default:\n"
             "                            free)\n"
@@ -245,7 +248,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
         O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT, O_SIM_TFLOPS, O_SIM_STEP_MS,
-        O_SIM_INTRA, O_SIM_INPUT, O_NO_PREFETCH, O_MODEL_MB, O_MAX_MESSAGE, O_METRICS
+        O_SIM_INTRA, O_SIM_JITTER, O_SIM_INPUT, O_NO_PREFETCH, O_MODEL_MB, O_MAX_MESSAGE, O_METRICS
     };
     static const struct option opts[] = {
         {"mode", required_argument, 0, O_MODE},
@@ -271,6 +274,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"sim-tflops", required_argument, 0, O_SIM_TFLOPS},
         {"sim-step-ms", required_argument, 0, O_SIM_STEP_MS},
         {"sim-intra-gbps", required_argument, 0, O_SIM_INTRA},
+        {"sim-jitter", required_argument, 0, O_SIM_JITTER},
         {"sim-input-ms", required_argument, 0, O_SIM_INPUT},
         {"no-prefetch", no_argument, 0, O_NO_PREFETCH},
         {"data-dir", required_argument, 0, O_DATA},
@@ -447,6 +451,15 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         case O_SIM_INTRA:
             if (parse_double("--sim-intra-gbps", optarg, 1e-3, &dv)) return 2;
             cfg.sim.intra_gbps = dv;
+            break;
+        case O_SIM_JITTER:
+            if (parse_double("--sim-jitter", optarg, 0.0, &dv)) return 2;
+            if (dv >= 1) {
+                fprintf(stderr, "pstrain: --sim-jitter needs a fraction below 1, got '%s'\n",
+                        optarg);
+                return 2;
+            }
+            cfg.sim.jitter = dv;
             break;
         case O_SIM_INPUT:
             if (parse_double("--sim-input-ms", optarg, 0.0, &dv)) return 2;
@@ -630,9 +643,10 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
                             "--sim-step-ms X\n");
             return 2;
         }
-    } else if (cfg.sim.tflops > 0 || cfg.sim.step_ms > 0 || cfg.sim.intra_gbps > 0) {
-        fprintf(stderr, "pstrain: --sim-tflops, --sim-step-ms and --sim-intra-gbps go with "
-                        "--devices sim\n");
+    } else if (cfg.sim.tflops > 0 || cfg.sim.step_ms > 0 || cfg.sim.intra_gbps > 0 ||
+               cfg.sim.jitter > 0) {
+        fprintf(stderr, "pstrain: --sim-tflops, --sim-step-ms, --sim-intra-gbps and "
+                        "--sim-jitter go with --devices sim\n");
         return 2;
     }
     if (cfg.eval_only && !cfg.init_from) {

@@ -101,9 +101,9 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
     if (wk_train_simulated(cfg)) {
         /* The accuracy of a simulated run means nothing: its gradients are
          * a fixed pattern. */
-        json_t *sim = json_pack("{s:f, s:f, s:f, s:f}", "tflops", cfg->sim.tflops, "step_ms",
-                                cfg->sim.step_ms, "intra_gbps", cfg->sim.intra_gbps, "input_ms",
-                                cfg->sim_input_s * 1e3);
+        json_t *sim = json_pack("{s:f, s:f, s:f, s:f, s:f}", "tflops", cfg->sim.tflops,
+                                "step_ms", cfg->sim.step_ms, "intra_gbps", cfg->sim.intra_gbps,
+                                "jitter", cfg->sim.jitter, "input_ms", cfg->sim_input_s * 1e3);
         if (sim) json_object_set_new(o, "sim", sim);
     }
     if (!isnan(r->test_auc)) {
@@ -391,8 +391,10 @@ static int open_devices(const wk_train_cfg *cfg, wk_device **devs, int *ndevs, i
         *ndevs = nd;
         return CM_OK;
     }
-    if (cfg->sim.tflops > 0 || cfg->sim.step_ms > 0 || cfg->sim.intra_gbps > 0) {
-        cm_error("--sim-tflops, --sim-step-ms and --sim-intra-gbps go with --devices sim");
+    if (cfg->sim.tflops > 0 || cfg->sim.step_ms > 0 || cfg->sim.intra_gbps > 0 ||
+        cfg->sim.jitter > 0) {
+        cm_error("--sim-tflops, --sim-step-ms, --sim-intra-gbps and --sim-jitter go with "
+                 "--devices sim");
         return CM_EINVAL;
     }
     int staged = !strcmp(spec, "staged");
@@ -802,7 +804,8 @@ static int begin_training(run *r, const float *init_values) {
     int pos = r->pcfg.rank, npos = r->pcfg.nranks;
     if (wk_train_simulated(cfg)) {
         wk_sim_cfg sc = {.tflops = cfg->sim.tflops, .step_ms = cfg->sim.step_ms,
-                         .intra_gbps = cfg->sim.intra_gbps, .seed = cfg->seed};
+                         .intra_gbps = cfg->sim.intra_gbps, .seed = cfg->seed,
+                         .jitter = cfg->sim.jitter, .stream = (uint64_t)pos};
         status = wk_replicas_create_sim(r->model, &sc, r->D, r->max_slice, &r->reps);
         if (status != CM_OK) return status;
     } else if ((status = wk_replicas_create(r->model, r->devs, r->D, r->max_slice, &r->reps)) !=

@@ -110,11 +110,12 @@ typedef struct wk_train_cfg {
      * after worker_timeout_ms (0 = 10000) with the workers that pushed. */
     int backup_sync;
     /* Scaling experiments: the simulated devices of --devices sim
-     * (tflops or step_ms, intra_gbps; the run's seed picks the gradients'
-     * pattern), a simulated input cost per batch (s; 0 none), and no
+     * (tflops or step_ms, intra_gbps, jitter: wk_sim.h; the run's seed
+     * picks the gradients' pattern), a simulated input cost per batch (s; 0
+     * none), and no
      * reading ahead (the step waits for its batch to be gathered). */
     struct {
-        double tflops, step_ms, intra_gbps;
+        double tflops, step_ms, intra_gbps, jitter;
     } sim;
     double sim_input_s;
     int no_prefetch;

@@ -50,9 +50,11 @@ Per mode, with N worker nodes and S PS:
              shard's egress, 2S queues of demand X/(S B) each (X pushed or
              pulled; the S pieces go out at once, so a worker's own NIC, X/B,
              is their sum); the workers' transfers share a shard's NIC. MVA is
-             exact for product-form networks; these transfers are closer to
-             deterministic, and measured cycles run 5-20 % above it (the
-             workers drift into step with each other); async_low and
+             exact for product-form networks and assumes the workers' phases
+             random: devices of exactly equal step times keep whatever offset
+             they start with (nearly in step), which puts a cycle anywhere
+             between the bounds below (scaling.py's async points therefore
+             vary the simulated steps by +-20 %, --sim-jitter); async_low and
              async_high bound it: workers never in step (max(a worker's cycle
              alone, the shard's bound)) and always in step (work + N (X_push +
              X_pull) / (S B)). Colocated layout: the bound max(a worker's

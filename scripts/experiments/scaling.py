@@ -38,7 +38,8 @@ a namespace hop is ~0.05 ms); delay_emulated says so per point.
 
 Plans: full (the default, 46 points, about 20 minutes on 2 cores), quick (3 points,
 about a minute: the test), claims (the configurations of docs/SCALING.md's claims),
-overlap (plan G alone, 7 points, and 4 of PS sync in pstrain's split calls).
+overlap (plan G alone, 7 points, and 4 of PS sync in pstrain's split calls), phase (6
+PS async points on devices without jitter).
 Writes OUT/scaling.csv, OUT/scaling.md, OUT/*.png (matplotlib, when it imports)
 and prints the table and a JSON line of totals. Exit status 1 if a run failed.
 Needs root (network namespaces); exits 77 without it.
@@ -61,28 +62,40 @@ import netcluster  # noqa: E402
 ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
 PER_DEVICE_BATCH = 32
 WARMUP = 2
+# PS async points: simulated step times vary by up to +-20 % (per worker and step).
+# The model's MVA estimate assumes the workers' phases random, as on real devices,
+# whose step times vary; devices that take exactly --sim-step-ms keep whatever
+# offset the workers start with (they start nearly in step), and 30 steps then
+# measure that accident (plan phase). Sync and ring steps wait for every worker,
+# so their points keep exact times (the model has no max-of-N compute term).
+ASYNC_JITTER = 0.2
 FIELDS = ["name", "mode", "nodes", "devices", "ps", "rate", "dilation", "model_mb", "numel",
           "wire", "prefetch", "input_ms", "step_ms", "intra_gbps", "status", "measured_ms",
           "predicted_ms", "ratio", "comm_ms", "compute_ms", "cpu_busy", "cpu_bound",
           "loadavg_before", "speedup", "predicted_speedup", "delay_emulated", "async_low_ms",
-          "async_high_ms", "model", "rows_mb", "overlap", "split", "link_drops", "tcp_retrans",
+          "async_high_ms", "model", "rows_mb", "overlap", "split", "jitter", "link_drops", "tcp_retrans",
           "tcp_timeouts"]
 
 
 def point(name, mode, nodes, rate="1gbit", ps=1, devices=1, model_mb=10.0, wire="fp32",
           prefetch=True, input_ms=0.0, step_ms=50.0, intra_gbps=0.0, model="mlp",
-          batch_per_device=PER_DEVICE_BATCH, dilate=True, overlap=False, split=False):
+          batch_per_device=PER_DEVICE_BATCH, dilate=True, overlap=False, split=False,
+          jitter=None):
     """One configuration. overlap: PS sync as pstrain runs it by default (pushes during
     the backward pass, the pipelined pull); otherwise --no-overlap. split: a shard's
     push and pull go as pstrain's default calls of about 1 MiB, several in flight
     (a shard answers the pull of a call's partitions while later calls are still
     being pushed, which the model's serial term does not have); otherwise one call
-    a shard (--call-bytes -1)."""
+    a shard (--call-bytes -1). jitter: each simulated step takes step_ms (1 +- up to
+    jitter), drawn per worker and step (--sim-jitter); by default ASYNC_JITTER for PS
+    async, 0 for the others."""
+    if jitter is None:
+        jitter = ASYNC_JITTER if mode == "ps_async" else 0.0
     return dict(name=name, mode=mode, nodes=nodes, devices=devices, ps=ps, rate=rate,
                 model_mb=model_mb, wire=wire, prefetch=prefetch, input_ms=input_ms,
                 step_ms=step_ms, intra_gbps=intra_gbps, model=model,
                 batch_per_device=batch_per_device, dilate=dilate, overlap=overlap,
-                split=split)
+                split=split, jitter=jitter)
 
 
 def overlap_points():
@@ -98,6 +111,14 @@ def overlap_points():
     return pts
 
 
+def phase_points():
+    """PS async on deterministic devices (--sim-jitter 0): the workers keep the phase
+    they drift into, so the cycle is one sample between the bounds, not the MVA
+    estimate (which assumes their phases random, as ASYNC_JITTER makes them)."""
+    return [point(f"phase-ps_async-{rate}-n{n}", "ps_async", n, rate=rate, jitter=0.0)
+            for rate in ("1gbit", "10gbit") for n in (2, 4, 8)]
+
+
 def plan(which):
     pts = []
     if which == "quick":
@@ -108,6 +129,8 @@ def plan(which):
         return claims()
     if which == "overlap":
         return overlap_points()
+    if which == "phase":
+        return phase_points()
     # A: every mode over 1-8 nodes on 1 and 10 Gbit/s, a 10 MB model, one PS.
     for rate in ("1gbit", "10gbit"):
         for mode in ("ps_sync", "ps_async", "allreduce"):
@@ -268,6 +291,8 @@ def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
     else:
         wargs += ["--model-mb", f"{p['model_mb']:g}",
                   "--train-limit", str(max(4096, batch * p["nodes"]))]
+    if p.get("jitter"):
+        wargs += ["--sim-jitter", f"{p['jitter']:g}"]
     if p["intra_gbps"]:
         wargs += ["--sim-intra-gbps", f"{p['intra_gbps'] / d:g}"]
     if p["input_ms"]:
@@ -445,7 +470,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--plan", choices=["full", "quick", "claims", "overlap"], default="full")
+    ap.add_argument("--plan", choices=["full", "quick", "claims", "overlap", "phase"], default="full")
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "build", "bin"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=10)

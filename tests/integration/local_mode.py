@@ -219,6 +219,15 @@ def sim(bin_, tmp):
     check(out[0][1] == out[1][1] and out[0][1] != init and len(init) == 4 * sm["numel"],
           "two runs end bit-identical, moved from the initial weights (deterministic, "
           f"{sm['numel']} parameters' gradients)")
+    # Steps of 30 ms +- 50 %: the same gradients, so the same parameters; the summary
+    # says so.
+    s, pout = os.path.join(tmp, "jit.json"), os.path.join(tmp, "jit.bin")
+    run(bin_, *base, "--sim-step-ms", "30", "--sim-jitter", "0.5", "--summary", s,
+        "--params-out", pout)
+    sj = json.load(open(s))
+    check(open(pout, "rb").read() == out[0][1] and sj["sim"]["jitter"] == 0.5 and
+          sj["seconds"] >= 10 * 0.015,
+          f"--sim-jitter 0.5: the same parameters, {sj['seconds']:.3f} s for 10 steps")
     # A 10 MB MLP: about 2.5 M floats.
     s = os.path.join(tmp, "mb.json")
     run(bin_, *base, "--sim-tflops", "10", "--sim-intra-gbps", "50", "--model-mb", "10",
@@ -241,6 +250,11 @@ def sim(bin_, tmp):
     p = run(bin_, "--sim-step-ms", "5", "--max-steps", "1", expect_ok=False)
     check(p.returncode == 2 and "--devices sim" in p.stderr,
           "--sim-step-ms without --devices sim is refused")
+    p = run(bin_, "--sim-jitter", "0.1", "--max-steps", "1", expect_ok=False)
+    check(p.returncode == 2 and "--devices sim" in p.stderr,
+          "--sim-jitter without --devices sim is refused")
+    p = run(bin_, *base, "--sim-step-ms", "5", "--sim-jitter", "1", expect_ok=False)
+    check(p.returncode == 2 and "--sim-jitter" in p.stderr, "--sim-jitter 1 is refused")
     p = run(bin_, *base, "--sim-step-ms", "5", "--devices", "sim:0", expect_ok=False)
     check(p.returncode == 2 and "sim:N" in p.stderr, "--devices sim:0 is refused")
 

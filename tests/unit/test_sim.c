@@ -7,6 +7,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,9 +33,53 @@ static void test_bad_config(void **state) {
     assert_int_equal(wk_sim_create(m, &neither, 1, 8, &s), CM_EINVAL);
     assert_int_equal(wk_sim_create(m, &both, 1, 8, &s), CM_EINVAL);
     assert_int_equal(wk_sim_create(m, &neg, 1, 8, &s), CM_EINVAL);
+    wk_sim_cfg jit = {.step_ms = 1, .jitter = 1.0}, jneg = {.step_ms = 1, .jitter = -0.1};
+    assert_int_equal(wk_sim_create(m, &jit, 1, 8, &s), CM_EINVAL);
+    assert_int_equal(wk_sim_create(m, &jneg, 1, 8, &s), CM_EINVAL);
     assert_null(s);
     wk_replicas *rs;
     assert_int_equal(wk_replicas_create_sim(m, &neither, 2, 8, &rs), CM_EINVAL);
+    cm_model_destroy(m);
+}
+
+/* --sim-jitter: each step's time within T (1 +- F), spread over that range
+ * (mean about T), the same draws for the same seed and worker, others for
+ * another worker; none without jitter. */
+static void test_jitter(void **state) {
+    (void)state;
+    cm_model *m = mlp();
+    wk_sim_cfg c = {.step_ms = 50, .seed = 7, .jitter = 0.2, .stream = 1};
+    wk_sim_cfg other = c, none = c;
+    other.stream = 2;
+    none.jitter = 0;
+    wk_sim *a, *b, *o, *z;
+    assert_int_equal(wk_sim_create(m, &c, 1, 8, &a), CM_OK);
+    assert_int_equal(wk_sim_create(m, &c, 1, 8, &b), CM_OK);
+    assert_int_equal(wk_sim_create(m, &other, 1, 8, &o), CM_OK);
+    assert_int_equal(wk_sim_create(m, &none, 1, 8, &z), CM_OK);
+    double sum = 0, lo = 1, hi = 0;
+    int differ = 0, below = 0, above = 0;
+    const int n = 2000;
+    for (uint64_t k = 0; k < (uint64_t)n; k++) {
+        double t = wk_sim_step_seconds(a, 8, k);
+        assert_true(t >= 0.040 && t <= 0.060);
+        assert_true(t == wk_sim_step_seconds(b, 8, k));
+        differ += t != wk_sim_step_seconds(o, 8, k);
+        assert_true(wk_sim_step_seconds(z, 8, k) == 0.050);
+        below += t < 0.045;
+        above += t > 0.055;
+        sum += t;
+        lo = t < lo ? t : lo;
+        hi = t > hi ? t : hi;
+    }
+    assert_true(differ > n * 9 / 10);
+    assert_true(fabs(sum / n - 0.050) < 0.001);
+    assert_true(lo < 0.041 && hi > 0.059);
+    assert_true(below > n / 5 && above > n / 5); /* A quarter each, uniform. */
+    wk_sim_destroy(a);
+    wk_sim_destroy(b);
+    wk_sim_destroy(o);
+    wk_sim_destroy(z);
     cm_model_destroy(m);
 }
 
@@ -160,6 +205,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bad_config),
         cmocka_unit_test(test_deterministic_and_timed),
+        cmocka_unit_test(test_jitter),
         cmocka_unit_test(test_tflops_and_reduce),
         cmocka_unit_test(test_hook),
     };

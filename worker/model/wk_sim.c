@@ -18,6 +18,7 @@ struct wk_sim {
     wk_sim_cfg cfg;
     int ndevs;
     int row_dim;
+    uint64_t jitter_key, calls; /* The jitter's draws: key, and steps so far. */
     float *pattern;     /* numel floats: every step's dense gradient. */
     float *row_pattern; /* max_rows * row_dim floats. */
 };
@@ -33,7 +34,8 @@ int wk_sim_create(const cm_model *model, const wk_sim_cfg *cfg, int ndevs, int m
     const wk_model_ops *mops = wk_model_ops_for(model);
     if (!mops || ndevs < 1 || max_batch < 1 || cfg->tflops < 0 || cfg->step_ms < 0 ||
         cfg->intra_gbps < 0 || (cfg->tflops > 0) == (cfg->step_ms > 0) ||
-        !isfinite(cfg->tflops) || !isfinite(cfg->step_ms) || !isfinite(cfg->intra_gbps))
+        !isfinite(cfg->tflops) || !isfinite(cfg->step_ms) || !isfinite(cfg->intra_gbps) ||
+        !(cfg->jitter >= 0 && cfg->jitter < 1))
         return CM_EINVAL;
     wk_sim *s = cm_calloc(1, sizeof *s);
     s->model = model;
@@ -41,6 +43,8 @@ int wk_sim_create(const cm_model *model, const wk_sim_cfg *cfg, int ndevs, int m
     s->cfg = *cfg;
     s->ndevs = ndevs;
     s->row_dim = wk_model_row_dim(model);
+    s->jitter_key =
+        cm_hash_str("sim/jitter", cfg->seed ^ (0x9e3779b97f4a7c15ull * (cfg->stream + 1)));
     size_t rows = (size_t)max_batch * (size_t)model->nfields * (size_t)s->row_dim;
     s->pattern = cm_alloc_aligned((model->numel ? model->numel : 1) * sizeof(float));
     s->row_pattern = cm_alloc_aligned((rows ? rows : 1) * sizeof(float));
@@ -65,6 +69,12 @@ double wk_sim_compute_seconds(const wk_sim *s, int n) {
     if (s->cfg.step_ms > 0) return s->cfg.step_ms * 1e-3;
     int slice = (n + s->ndevs - 1) / s->ndevs; /* The largest slice. */
     return s->mops->flops(s->model, slice) / (s->cfg.tflops * 1e12);
+}
+
+double wk_sim_step_seconds(const wk_sim *s, int n, uint64_t k) {
+    double T = wk_sim_compute_seconds(s, n);
+    if (s->cfg.jitter <= 0) return T;
+    return T * (1.0 + s->cfg.jitter * (2.0 * cm_randf(s->jitter_key, k) - 1.0));
 }
 
 double wk_sim_reduce_seconds(const wk_sim *s, size_t nrows) {
@@ -93,7 +103,7 @@ static int pieces(const wk_grad_hook *h, int v, const cm_var *var, const size_t 
 int wk_sim_gradient(wk_sim *s, int n, float *grad, float *row_grad, size_t nrows,
                     const wk_grad_hook *hook) {
     const cm_model *m = s->model;
-    double t = cm_now(), T = wk_sim_compute_seconds(s, n);
+    double t = cm_now(), T = wk_sim_step_seconds(s, n, s->calls++);
     double tf = T / 3.0, tb = T - tf, numel = m->numel ? (double)m->numel : 1.0;
     if (!hook || s->ndevs > 1 || m->nfields > 0 || m->nvars < 1 || !m->vars[0].numel) {
         cm_sleep_until(t + T);

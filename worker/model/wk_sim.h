@@ -30,6 +30,12 @@ typedef struct wk_sim_cfg {
                         * of D > 1 takes 2 (D - 1) / D * bytes / that; 0:
                         * free. */
     uint64_t seed;     /* The gradients' pattern. */
+    double jitter;     /* 0 <= jitter < 1: each gradient takes T (1 + jitter
+                        * (2u - 1)) for u uniform in [0, 1), drawn from
+                        * (seed, stream, the step's count), so devices vary as
+                        * real ones do and workers do not stay in one phase;
+                        * 0: exactly T. The pattern does not change. */
+    uint64_t stream;   /* Which worker: its draws differ from the others'. */
 } wk_sim_cfg;
 
 typedef struct wk_sim wk_sim;
@@ -37,13 +43,18 @@ typedef struct wk_sim wk_sim;
 /* A simulator for 'model' (borrowed: it must outlive the simulator) on
  * ndevs devices, batches up to max_batch examples (sparse models: up to
  * max_batch * nfields rows). CM_EINVAL for a bad config (neither or both
- * of tflops and step_ms, negatives), CM_ENOMEM. */
+ * of tflops and step_ms, negatives, jitter outside [0, 1)), CM_ENOMEM. */
 int wk_sim_create(const cm_model *model, const wk_sim_cfg *cfg, int ndevs, int max_batch,
                   wk_sim **out);
 void wk_sim_destroy(wk_sim *s);
 
-/* The seconds one device takes for a slice of n examples. */
+/* The seconds one device takes for a slice of n examples (the mean, with
+ * jitter). */
 double wk_sim_compute_seconds(const wk_sim *s, int n);
+
+/* The seconds the k-th gradient (k = 0, 1, ...) of a slice of n examples
+ * takes: wk_sim_compute_seconds, times its jitter's draw. */
+double wk_sim_step_seconds(const wk_sim *s, int n, uint64_t k);
 
 /* The seconds of the local reduce (0 with one device). */
 double wk_sim_reduce_seconds(const wk_sim *s, size_t nrows);
