@@ -57,8 +57,11 @@ Per mode, with N worker nodes and S PS:
              vary the simulated steps by +-20 %, --sim-jitter); async_low and
              async_high bound it: workers never in step (max(a worker's cycle
              alone, the shard's bound)) and always in step (work + N (X_push +
-             X_pull) / (S B)). Colocated layout: the bound max(a worker's
-             cycle alone, a shard node's bytes / B).
+             X_pull) / (S B)); alone, a worker's S shard calls overlap on its
+             full-duplex NIC (shard i's pull while pushing to the others), so
+             its cycle alone is at least work + max(X_push + X_pull / S,
+             X_push / S + X_pull) / B. Colocated layout: the bound max(a
+             worker's cycle alone, a shard node's bytes / B).
   allreduce  ring over the N nodes: 2(N-1)/N M / B + 2(N-1) L; embedding rows
              (every replica keeps the whole tables) go round as an all-gather
              of each node's R: (N-1) R / B more.
@@ -164,8 +167,15 @@ def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1,
                 bound = (x * (ps - 1) / ps + (n - 1) * x / ps) / link_Bps
                 cycle = max(work + intra + (1 - overlap) * (own + lat), bound)
             # Bounds: workers never in step (each alone on the wire, or the shard
-            # saturated) and always in step (every transfer shared by all N).
-            low = max(work + intra + lat + own, bound)
+            # saturated) and always in step (every transfer shared by all N). Alone,
+            # a worker's push to one shard may be answered while it still pushes to
+            # the others (its NIC is full duplex): at least its pushes, then one
+            # shard's share of the pull, or one shard's share of the push, then its
+            # pulls.
+            alone = own
+            if layout == "separate":
+                alone = max(push + pull / ps, push / ps + pull) / link_Bps
+            low = max(work + intra + lat + alone, bound)
             high = work + intra + lat + n * (push + pull) / (ps * link_Bps)
             out.update(transfer=own, latency=lat, shard_bound=bound, step=cycle, async_low=low,
                        async_high=max(high, low))

@@ -107,6 +107,12 @@ class PsAsync(unittest.TestCase):
         self.assertAlmostEqual(r["step"], cm.mva_cycle(4, 1.0, [0.4] * 4))
         self.assertLess(r["step"], cm.step("ps_async", 4, MB100, GBE, ps=1,
                                            compute_s=1.0)["step"])
+        # Never in step with two PS: shard 0's pull may come in while the worker
+        # still pushes to shard 1: 0.8 + 0.4 s at least, not 1.6; or the two shards'
+        # saturation (4 x 0.8 / 2) if that is more.
+        self.assertAlmostEqual(r["async_low"], 1.0 + 0.8 + 0.4)
+        r = cm.step("ps_async", 8, MB100, GBE, ps=2, compute_s=1.0)
+        self.assertAlmostEqual(r["async_low"], 8 * 0.8 / 2)
         # Colocated: a shard node carries its own 1/2 out plus 3 x 1/2 to the others.
         r = cm.step("ps_async", 4, MB100, GBE, ps=2, layout="colocated", compute_s=1.0)
         self.assertAlmostEqual(r["shard_bound"], 2.0 * 0.8)
