@@ -5,7 +5,7 @@
                [--ps S] [--layout separate|colocated] --model-mb M [--rows-mb R]
                [--wire fp32|bf16] --rate RATE [--latency-ms L] [--compute-ms C]
                [--input-ms I] [--prefetch] [--intra-gbps B] [--overlap F]
-               [--pipeline-first F0] [--batch-per-device E]
+               [--pipeline-first F0] [--partition-bytes P] [--batch-per-device E]
 
 prints one JSON object: the step's parts (s), its time, examples/s, and the
 speedup and scaling efficiency against one device with no communication.
@@ -44,6 +44,14 @@ Per mode, with N worker nodes and S PS:
              overlapped with its share of the forward, F0 C/3; then the rest
              of the forward: step = max(2C/3, P) + max(F0 Q, F0 C/3) +
              (1 - F0) C/3 + 4L (P, Q: the push and pull phases above).
+             One worker: nothing else gates a partition, so each of the first
+             layer's partitions is pulled as soon as it is pushed (the other
+             direction of the NIC) and the tail after the last push is one
+             partition's pull (--partition-bytes, the PS's 262144): the first
+             layer's pushes start at max(2C/3, (1 - F0) P), take
+             max(F0 P, F0 C/3) with its forward alongside, then one partition
+             and the rest of the forward: step = max(2C/3, (1 - F0) P) +
+             max(F0 P, F0 C/3) + part / B + (1 - F0) C/3 + 4L.
   ps_async   a closed queueing network solved by mean value analysis: each of
              the N workers cycles through compute (a delay: work + 4L), then
              its push through each shard's ingress and its pull through each
@@ -117,7 +125,7 @@ def mva_cycle(n, think, demands):
 
 def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1, rows_bytes=0.0,
          wire=1.0, latency_s=0.0, compute_s=0.0, input_s=0.0, prefetch=False, intra_Bps=None,
-         overlap=0.0, batch_per_device=128, pipeline_first=None):
+         overlap=0.0, batch_per_device=128, pipeline_first=None, partition_bytes=262144):
     """The model's step: a dict of its parts (seconds) and throughput."""
     if mode not in MODES:
         raise ValueError(f"mode: one of {MODES}")
@@ -151,7 +159,11 @@ def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1,
                     raise ValueError("pipeline_first: one device a node, 0 < F0 <= 1")
                 f0, tf = pipeline_first, compute_s / 3
                 tb = compute_s - tf
-                piped = max(tb, p_push) + max(f0 * q_pull, f0 * tf) + (1 - f0) * tf + lat
+                if n == 1:
+                    piped = (max(tb, (1 - f0) * p_push) + max(f0 * p_push, f0 * tf) +
+                             partition_bytes / link_Bps + (1 - f0) * tf + lat)
+                else:
+                    piped = max(tb, p_push) + max(f0 * q_pull, f0 * tf) + (1 - f0) * tf + lat
                 # Input: beside it with prefetching, else before it.
                 out["step"] = max(piped, input_s) if prefetch else piped + input_s
         else:
@@ -206,6 +218,7 @@ def main():
     ap.add_argument("--intra-gbps", type=float, default=0.0, help="GB/s between a node's devices")
     ap.add_argument("--overlap", type=float, default=0.0)
     ap.add_argument("--pipeline-first", type=float, default=None)
+    ap.add_argument("--partition-bytes", type=float, default=262144)
     ap.add_argument("--batch-per-device", type=int, default=128)
     a = ap.parse_args()
     try:
@@ -214,7 +227,8 @@ def main():
                  wire=0.5 if a.wire == "bf16" else 1.0, latency_s=a.latency_ms / 1e3,
                  compute_s=a.compute_ms / 1e3, input_s=a.input_ms / 1e3, prefetch=a.prefetch,
                  intra_Bps=a.intra_gbps * 1e9 or None, overlap=a.overlap,
-                 batch_per_device=a.batch_per_device, pipeline_first=a.pipeline_first)
+                 batch_per_device=a.batch_per_device, pipeline_first=a.pipeline_first,
+                 partition_bytes=a.partition_bytes)
     except ValueError as e:
         ap.error(str(e))
     print(json.dumps(r))

@@ -46,15 +46,30 @@ class PsSync(unittest.TestCase):
             cm.step("ps_sync", 2, MB100, GBE, ps=3, layout="colocated")
 
     def test_pipelined_overlap(self):
-        # Compute 0.3 s: forward 0.1, backward 0.2; 100 MB each way at 1 GbE: P = Q = 0.8.
-        # Link-bound: max(0.2, 0.8) + max(0.4 * 0.8, 0.4 * 0.1) + 0.6 * 0.1 = 1.18 (serial: 1.9).
-        r = cm.step("ps_sync", 1, MB100, GBE, compute_s=0.3, pipeline_first=0.4)
+        # Two workers, 50 MB each, one PS: P = Q = 0.8 s on the PS's NIC. Compute 0.3 s:
+        # forward 0.1, backward 0.2. Link-bound: max(0.2, 0.8) + max(0.4 * 0.8,
+        # 0.4 * 0.1) + 0.6 * 0.1 = 1.18 (serial: 1.9).
+        r = cm.step("ps_sync", 2, MB100 / 2, GBE, compute_s=0.3, pipeline_first=0.4)
         self.assertAlmostEqual(r["step"], 0.8 + 0.32 + 0.06)
         # Compute-bound: 3 s of compute (forward 1, backward 2) hides the 0.8 s push, and
         # the first layer's pull (0.32 s) hides in its share of the forward (0.4 s):
         # 2 + max(0.32, 0.4) + 0.6 = 3.0, the compute alone.
-        r = cm.step("ps_sync", 1, MB100, GBE, compute_s=3.0, pipeline_first=0.4)
+        r = cm.step("ps_sync", 2, MB100 / 2, GBE, compute_s=3.0, pipeline_first=0.4)
         self.assertAlmostEqual(r["step"], 3.0)
+        # One worker, 100 MB: its first layer's partitions come back as they go out.
+        # The other layers' pushes take 0.6 x 0.8 = 0.48 s (past the 0.2 s backward), the
+        # first layer's 0.32 with its forward alongside, then one 256 KiB partition's
+        # pull and the rest of the forward: 0.48 + 0.32 + 0.0021 + 0.06 (not 1.18).
+        part = 262144 / 125e6
+        r = cm.step("ps_sync", 1, MB100, GBE, compute_s=0.3, pipeline_first=0.4)
+        self.assertAlmostEqual(r["step"], 0.48 + 0.32 + part + 0.06)
+        # Compute-bound, one worker: the backward (2 s), the first layer's forward
+        # (0.4 s, longer than its push), a partition, the rest (0.6 s).
+        r = cm.step("ps_sync", 1, MB100, GBE, compute_s=3.0, pipeline_first=0.4)
+        self.assertAlmostEqual(r["step"], 3.0 + part)
+        r = cm.step("ps_sync", 1, MB100, GBE, compute_s=0.3, pipeline_first=0.4,
+                    partition_bytes=4e6)
+        self.assertAlmostEqual(r["step"], 0.48 + 0.32 + 4e6 / 125e6 + 0.06)
         # Never below the compute, never above the serial step.
         for c in (0.01, 0.3, 1.0, 5.0):
             for f0 in (0.1, 0.5, 1.0):
