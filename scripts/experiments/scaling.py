@@ -73,8 +73,8 @@ FIELDS = ["name", "mode", "nodes", "devices", "ps", "rate", "dilation", "model_m
           "wire", "prefetch", "input_ms", "step_ms", "intra_gbps", "status", "measured_ms",
           "predicted_ms", "ratio", "comm_ms", "compute_ms", "cpu_busy", "cpu_bound",
           "loadavg_before", "speedup", "predicted_speedup", "delay_emulated", "async_low_ms",
-          "async_high_ms", "model", "rows_mb", "overlap", "split", "jitter", "link_drops", "tcp_retrans",
-          "tcp_timeouts"]
+          "async_high_ms", "model", "rows_mb", "overlap", "split", "jitter", "link_drops",
+          "tcp_retrans", "tcp_timeouts"]
 
 
 def point(name, mode, nodes, rate="1gbit", ps=1, devices=1, model_mb=10.0, wire="fp32",
@@ -470,7 +470,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--plan", choices=["full", "quick", "claims", "overlap", "phase"], default="full")
+    ap.add_argument("--plan", choices=["full", "quick", "claims", "overlap", "phase"],
+                    default="full")
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "build", "bin"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=10)

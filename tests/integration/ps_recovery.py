@@ -236,38 +236,54 @@ def sync_end(bin_dir, tmp, ref_params):
           "ended bit-identical")
 
 
-def async_end(bin_dir, tmp):
-    """Async: the chief's final wait for the others' last steps ends, naming them,
-    once none moved on for --worker-timeout (a rollback can take the last steps of
-    a worker that had finished: it never pushes them again). Here worker 1 simply
-    stops 30 steps early (--max-steps 10 against the chief's 40)."""
+def one_ps_two_workers(bin_dir, tmp, tag, common, chief_args=(), w1_args=(), w1_env=None):
+    """One psserver and worker 1 started in the background, the chief run to its end on
+    127.0.0.1; then the PS and worker 1 waited for (killed if they do not end). Returns
+    the chief's result, its seconds, the seconds from its exit until the PS and worker 1
+    had both exited, their statuses and worker 1's stderr."""
     ports = free_ports(3)
     hosts = ["--ps-hosts", f"127.0.0.1:{ports[0]}", "--worker-hosts",
              f"127.0.0.1:{ports[1]},127.0.0.1:{ports[2]}"]
-    common = ["--sync", "async", "--train-limit", "3000", "--test-limit", "500", "--threads",
-              "1", "--connect-timeout-ms", "20000", "--quiet"]
-    logs = [open(os.path.join(tmp, f"async-end.{n}.log"), "w") for n in ("ps", "w1")]
+    logs = [open(os.path.join(tmp, f"{tag}.{n}.log"), "w+") for n in ("ps", "w1")]
     ps = subprocess.Popen([os.path.join(bin_dir, "psserver"), *hosts, "--task-index", "0"],
                           stderr=logs[0])
     w1 = subprocess.Popen([os.path.join(bin_dir, "pstrain"), *hosts, "--task-index", "1",
-                           "--max-steps", "10", *common], stderr=logs[1],
-                          stdout=subprocess.DEVNULL)
+                           *w1_args, *common], stderr=logs[1], stdout=subprocess.DEVNULL,
+                          env=dict(os.environ, **(w1_env or {})))
+    chief_s = tail_s = None
     try:
         t0 = time.monotonic()
-        p = run([os.path.join(bin_dir, "pstrain"), *hosts, "--task-index", "0", "--max-steps",
-                 "40", "--worker-timeout", "1", *common], expect_ok=False, timeout=120)
-        took = time.monotonic() - t0
-        w1.wait(timeout=30)
+        p = run([os.path.join(bin_dir, "pstrain"), *hosts, "--task-index", "0", *chief_args,
+                 *common], expect_ok=False, timeout=120)
+        t1 = time.monotonic()
+        chief_s = t1 - t0
         ps.wait(timeout=30)
+        w1.wait(timeout=90)
+        tail_s = time.monotonic() - t1
     finally:
         for q in (w1, ps):
             if q.poll() is None:
                 q.kill()
                 q.wait()
+        logs[1].seek(0)
+        w1_err = logs[1].read()
         for f in logs:
             f.close()
+    return p, chief_s, tail_s, ps.returncode, w1.returncode, w1_err
+
+
+def async_end(bin_dir, tmp):
+    """Async: the chief's final wait for the others' last steps ends, naming them,
+    once none moved on for --worker-timeout (a rollback can take the last steps of
+    a worker that had finished: it never pushes them again). Here worker 1 simply
+    stops 30 steps early (--max-steps 10 against the chief's 40)."""
+    common = ["--sync", "async", "--train-limit", "3000", "--test-limit", "500", "--threads",
+              "1", "--connect-timeout-ms", "20000", "--quiet"]
+    p, took, _, ps_rc, _, _ = one_ps_two_workers(
+        bin_dir, tmp, "async-end", common, chief_args=["--max-steps", "40", "--worker-timeout",
+                                                       "1"], w1_args=["--max-steps", "10"])
     check(p.returncode == 0 and "from rank 1 at step 9 (of 39)" in p.stderr and took < 30 and
-          ps.returncode == 0,
+          ps_rc == 0,
           f"async: the chief's final wait gave up on worker 1 (stopped at step 9 of 39) after "
           f"--worker-timeout 1 and the run ended ({took:.1f} s)"
           + ("" if p.returncode == 0 else f":\n{p.stderr[-1500:]}"))
@@ -279,39 +295,15 @@ def late_worker_end(bin_dir, tmp):
     once: no shard of its run could take a version back, so there is no end to wait
     for. (It used to ask the shards, gone, again and again until --recovery-timeout-ms;
     on emulated 1 Gbit/s links the last pulls come in after the chief's end.)"""
-    ports = free_ports(3)
-    hosts = ["--ps-hosts", f"127.0.0.1:{ports[0]}", "--worker-hosts",
-             f"127.0.0.1:{ports[1]},127.0.0.1:{ports[2]}"]
     common = ["--train-limit", "3000", "--test-limit", "500", "--threads", "1",
               "--max-steps", "10", "--recovery-timeout-ms", "60000", "--quiet"]
-    logs = [open(os.path.join(tmp, f"late-end.{n}.log"), "w+") for n in ("ps", "w1")]
-    ps = subprocess.Popen([os.path.join(bin_dir, "psserver"), *hosts, "--task-index", "0"],
-                          stderr=logs[0])
-    w1 = subprocess.Popen([os.path.join(bin_dir, "pstrain"), *hosts, "--task-index", "1",
-                           *common], stderr=logs[1], stdout=subprocess.DEVNULL,
-                          env=dict(os.environ, PSTRAIN_TEST_WORKER_END_DELAY_MS="1500"))
-    took = None
-    try:
-        p = run([os.path.join(bin_dir, "pstrain"), *hosts, "--task-index", "0", *common],
-                expect_ok=False, timeout=120)
-        t0 = time.monotonic()
-        ps.wait(timeout=30)
-        w1.wait(timeout=90)
-        took = time.monotonic() - t0
-    finally:
-        for q in (w1, ps):
-            if q.poll() is None:
-                q.kill()
-                q.wait()
-        logs[1].seek(0)
-        w1_err = logs[1].read()
-        for f in logs:
-            f.close()
-    check(p.returncode == 0 and ps.returncode == 0 and w1.returncode == 0 and
+    p, _, took, ps_rc, w1_rc, w1_err = one_ps_two_workers(
+        bin_dir, tmp, "late-end", common, w1_env={"PSTRAIN_TEST_WORKER_END_DELAY_MS": "1500"})
+    check(p.returncode == 0 and ps_rc == 0 and w1_rc == 0 and
           "test: the worker waits 1500 ms" in w1_err and took is not None and took < 10,
           f"sync without checkpoints: worker 1, done after the chief shut the PS down, "
-          f"exited {took if took is None else round(took, 1)} s after the PS, status "
-          f"{w1.returncode}" + ("" if w1.returncode == 0 else f":\n{w1_err[-1500:]}"))
+          f"exited {took if took is None else round(took, 1)} s after the chief, status "
+          f"{w1_rc}" + ("" if w1_rc == 0 else f":\n{w1_err[-1500:]}"))
 
 
 def resume(bin_dir, tmp):
