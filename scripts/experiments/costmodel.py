@@ -5,7 +5,8 @@
                [--ps S] [--layout separate|colocated] --model-mb M [--rows-mb R]
                [--wire fp32|bf16] --rate RATE [--latency-ms L] [--compute-ms C]
                [--input-ms I] [--prefetch] [--intra-gbps B] [--overlap F]
-               [--pipeline-first F0] [--partition-bytes P] [--batch-per-device E]
+               [--pipeline-first F0] [--partition-bytes P] [--calls K]
+               [--batch-per-device E]
 
 prints one JSON object: the step's parts (s), its time, examples/s, and the
 speedup and scaling efficiency against one device with no communication.
@@ -52,6 +53,12 @@ Per mode, with N worker nodes and S PS:
              max(F0 P, F0 C/3) with its forward alongside, then one partition
              and the rest of the forward: step = max(2C/3, (1 - F0) P) +
              max(F0 P, F0 C/3) + part / B + (1 - F0) C/3 + 4L.
+             With --calls K (pstrain's split calls, --call-bytes: a shard's
+             share goes as K calls at once, and the shard answers a call's
+             pull once every worker's push of it is in): a two-stage flow
+             shop of K equal jobs, the pushes on one direction of every NIC,
+             the pulls on the other, the calls sent in order: max(P, Q) +
+             min(P, Q) / K + 4L after the work.
   ps_async   a closed queueing network solved by mean value analysis: each of
              the N workers cycles through compute (a delay: work + 4L), then
              its push through each shard's ingress and its pull through each
@@ -64,12 +71,19 @@ Per mode, with N worker nodes and S PS:
              between the bounds below (scaling.py's async points therefore
              vary the simulated steps by +-20 %, --sim-jitter); async_low and
              async_high bound it: workers never in step (max(a worker's cycle
-             alone, the shard's bound)) and always in step (work + N (X_push +
-             X_pull) / (S B)); alone, a worker's S shard calls overlap on its
+             alone, the shard's bound)) and always in step (each phase at its
+             busiest NIC: work + (max(X_push, N X_push / S) + max(X_pull, N
+             X_pull / S)) / B); alone, a worker's S shard calls overlap on its
              full-duplex NIC (shard i's pull while pushing to the others), so
              its cycle alone is at least work + max(X_push + X_pull / S,
-             X_push / S + X_pull) / B. Colocated layout: the bound max(a
-             worker's cycle alone, a shard node's bytes / B).
+             X_push / S + X_pull) / B. The estimate is MVA's cycle, at most
+             async_high: MVA lets a worker's visit to one shard have the whole
+             link and queues its S visits one after the other, where its S
+             pieces really go at once, each at most B / S on its own NIC; with
+             S >= N no shard has more to take than a worker sends, and MVA's
+             queueing there is contention the network does not have.
+             Colocated layout: the bound max(a worker's cycle alone, a shard
+             node's bytes / B).
   allreduce  ring over the N nodes: 2(N-1)/N M / B + 2(N-1) L; embedding rows
              (every replica keeps the whole tables) go round as an all-gather
              of each node's R: (N-1) R / B more.
@@ -125,12 +139,13 @@ def mva_cycle(n, think, demands):
 
 def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1, rows_bytes=0.0,
          wire=1.0, latency_s=0.0, compute_s=0.0, input_s=0.0, prefetch=False, intra_Bps=None,
-         overlap=0.0, batch_per_device=128, pipeline_first=None, partition_bytes=262144):
+         overlap=0.0, batch_per_device=128, pipeline_first=None, partition_bytes=262144,
+         calls=1):
     """The model's step: a dict of its parts (seconds) and throughput."""
     if mode not in MODES:
         raise ValueError(f"mode: one of {MODES}")
-    if nodes < 1 or devices < 1 or ps < 1 or not 0 <= overlap <= 1:
-        raise ValueError("nodes, devices, ps >= 1; overlap in [0, 1]")
+    if nodes < 1 or devices < 1 or ps < 1 or calls < 1 or not 0 <= overlap <= 1:
+        raise ValueError("nodes, devices, ps, calls >= 1; overlap in [0, 1]")
     n, g, m = nodes, devices, model_bytes
     work = max(compute_s, input_s) if prefetch else compute_s + input_s
     intra = 0.0
@@ -152,6 +167,10 @@ def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1,
             p_push = ps_phase_bytes(n, ps, push, layout) / link_Bps
             q_pull = ps_phase_bytes(n, ps, pull, layout) / link_Bps
             comm = p_push + q_pull
+            if calls > 1:
+                if pipeline_first is not None:
+                    raise ValueError("calls: the serial term's (not with pipeline_first)")
+                comm = max(p_push, q_pull) + min(p_push, q_pull) / calls
             out.update(transfer=comm, latency=lat,
                        step=work + intra + (1 - overlap) * (comm + lat))
             if pipeline_first is not None:
@@ -188,9 +207,12 @@ def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1,
             if layout == "separate":
                 alone = max(push + pull / ps, push / ps + pull) / link_Bps
             low = max(work + intra + lat + alone, bound)
-            high = work + intra + lat + n * (push + pull) / (ps * link_Bps)
+            high = max(work + intra + lat + (max(push, n * push / ps) +
+                                             max(pull, n * pull / ps)) / link_Bps, low)
+            if layout == "separate":
+                cycle = min(cycle, high)
             out.update(transfer=own, latency=lat, shard_bound=bound, step=cycle, async_low=low,
-                       async_high=max(high, low))
+                       async_high=high)
     base = work  # one device, nothing to send
     out["examples_per_s"] = n * g * batch_per_device / out["step"] if out["step"] > 0 else 0.0
     out["speedup"] = n * g * base / out["step"] if out["step"] > 0 else float(n * g)
@@ -219,6 +241,8 @@ def main():
     ap.add_argument("--overlap", type=float, default=0.0)
     ap.add_argument("--pipeline-first", type=float, default=None)
     ap.add_argument("--partition-bytes", type=float, default=262144)
+    ap.add_argument("--calls", type=int, default=1,
+                    help="ps_sync: calls a shard's share goes in (pstrain --call-bytes)")
     ap.add_argument("--batch-per-device", type=int, default=128)
     a = ap.parse_args()
     try:
@@ -228,7 +252,7 @@ def main():
                  compute_s=a.compute_ms / 1e3, input_s=a.input_ms / 1e3, prefetch=a.prefetch,
                  intra_Bps=a.intra_gbps * 1e9 or None, overlap=a.overlap,
                  batch_per_device=a.batch_per_device, pipeline_first=a.pipeline_first,
-                 partition_bytes=a.partition_bytes)
+                 partition_bytes=a.partition_bytes, calls=a.calls)
     except ValueError as e:
         ap.error(str(e))
     print(json.dumps(r))

@@ -13,9 +13,11 @@ PS runs push the whole gradient after the backward pass (--no-overlap), as the
 cost model's serial term assumes, except the points of plan G (overlap-*), which
 run pstrain's default (pushes as the backward pass makes each gradient, the
 pipelined pull) against the model's pipelined term (costmodel.py
---pipeline-first); the PS processes have nodes of their own (layout separate). Measured: the mean step time of the chief's
-per-step log after the first 2 steps (the throughput's; in async mode every
-worker's, averaged, over 3x the steps: their cycles vary as the workers drift in
+--pipeline-first), and its split-* points (pstrain's split calls, against the
+model's --calls term); the PS processes have nodes of their own (layout
+separate). Measured: the mean step time of the chief's per-step log after the
+first 2 steps (the throughput's; in async mode every worker's, averaged, over 3x
+the steps: their cycles vary as the workers drift in
 and out of step, and the model gives, beside its estimate, the bounds of workers
 never and always in step: async_low_ms, async_high_ms); predicted:
 costmodel.step() from the run's own flags (nothing fitted).
@@ -32,7 +34,8 @@ A point is marked cpu_bound when the host's CPUs were busier than --cpu-bound
 emulation, not the modelled cluster, was then the limit, and the point is not
 counted as a result. 0.6 and not more: on 2 cores, a host 60 % busy has
 processes waiting for a core much of the time (measured: 10 Gbit/s without
-dilation, 0.73 busy and 1.48x the model; every point at 0.5 or less within 15 %). The host's load average before each run is recorded too.
+dilation, 0.73 busy and 1.48x the model; every point at 0.5 or less within 15 %).
+The host's load average before each run is recorded too.
 The kernel here has no netem: links have no added delay (latency 0 in the model;
 a namespace hop is ~0.05 ms); delay_emulated says so per point.
 
@@ -83,7 +86,8 @@ def point(name, mode, nodes, rate="1gbit", ps=1, devices=1, model_mb=10.0, wire=
           jitter=None):
     """One configuration. overlap: PS sync as pstrain runs it by default (pushes during
     the backward pass, the pipelined pull); otherwise --no-overlap. split: a shard's
-    push and pull go as pstrain's default calls of about 1 MiB, several in flight
+    push and pull go as pstrain's default calls of about 1 MiB (or of this many
+    bytes), several in flight
     (a shard answers the pull of a call's partitions while later calls are still
     being pushed, which the model's serial term does not have); otherwise one call
     a shard (--call-bytes -1). jitter: each simulated step takes step_ms (1 +- up to
@@ -105,8 +109,8 @@ def overlap_points():
     pts.append(point("overlap-ps_sync-n4-s2", "ps_sync", 4, ps=2, overlap=True))
     pts.append(point("overlap-ps_sync-n2-compute", "ps_sync", 2, step_ms=400.0, overlap=True))
     pts.append(point("overlap-ps_sync-n4-40mb", "ps_sync", 4, model_mb=40.0, overlap=True))
-    # pstrain's split calls (--call-bytes, 1 MiB) after the backward pass: against the
-    # serial term, which they beat where the pull of early calls overlaps later pushes.
+    # pstrain's split calls (--call-bytes, 1 MiB) after the backward pass: the pull of
+    # early calls overlaps later pushes (the model's --calls term).
     pts += [point(f"split-ps_sync-n{n}", "ps_sync", n, split=True) for n in (1, 2, 4, 8)]
     return pts
 
@@ -258,16 +262,32 @@ def first_layer_share(numel):
     return 784 * h / numel
 
 
+CALL_BYTES, MAX_CALLS = 1 << 20, 16  # pstrain's --call-bytes default, PS_CLIENT_MAX_CALLS
+
+
+def split_calls(numel, ps, call_bytes=CALL_BYTES):
+    """About how many calls pstrain's --call-bytes makes of a shard's share: runs of
+    whole partitions of at most call_bytes, or 1/16 of the share where that is more."""
+    share = int(numel * 4.0 / ps)
+    return max(1, -(-share // max(call_bytes, -(-share // MAX_CALLS))))
+
+
+def call_bytes(p):
+    """A point's --call-bytes: split True is pstrain's default, a number that many."""
+    return CALL_BYTES if p.get("split") is True else int(p["split"])
+
+
 def predict(p, numel, rows_bytes=0.0):
     mode_ps = p["mode"] != "allreduce"
     piped = first_layer_share(numel) if p.get("overlap") else None
+    calls = split_calls(numel, p["ps"], call_bytes(p)) if p.get("split") and mode_ps else 1
     return costmodel.step(
         p["mode"], p["nodes"], numel * 4.0, costmodel.rate_bytes(p["rate"]),
         ps=p["ps"] if mode_ps else 1, devices=p["devices"], rows_bytes=rows_bytes,
         wire=0.5 if (p["wire"] == "bf16" and mode_ps) else 1.0, compute_s=p["step_ms"] / 1e3,
         input_s=p["input_ms"] / 1e3, prefetch=p["prefetch"],
         intra_Bps=p["intra_gbps"] * 1e9 or None, batch_per_device=p["batch_per_device"],
-        pipeline_first=piped)
+        pipeline_first=piped, calls=calls)
 
 
 def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
@@ -310,6 +330,8 @@ def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
             wargs.append("--no-overlap")
         if not p.get("split"):
             wargs += ["--call-bytes", "-1"]
+        elif p["split"] is not True:
+            wargs += ["--call-bytes", str(call_bytes(p))]
         if p["wire"] == "bf16":
             wargs += ["--wire-dtype", "bf16"]
     row = dict(p, dilation=d, status="failed", loadavg_before=os.getloadavg()[0])

@@ -79,6 +79,24 @@ class PsSync(unittest.TestCase):
         with self.assertRaises(ValueError):
             cm.step("ps_sync", 1, MB100, GBE, devices=2, intra_Bps=1e9, pipeline_first=0.4)
 
+    def test_split_calls(self):
+        # Two workers, 50 MB each, one PS, in 4 calls: the pushes take the PS's
+        # ingress 0.8 s, the pulls its egress 0.8 s; call k's pull goes while calls
+        # k+1.. are pushed: 0.8 + one call's pull (0.2), not 1.6.
+        r = cm.step("ps_sync", 2, MB100 / 2, GBE, compute_s=0.3, calls=4)
+        self.assertAlmostEqual(r["transfer"], 0.8 + 0.2)
+        self.assertAlmostEqual(r["step"], 0.3 + 1.0)
+        # bf16 pushes (0.4 s) behind fp32 pulls (0.8 s): the first call's push, then
+        # the pulls: 0.1 + 0.8.
+        r = cm.step("ps_sync", 2, MB100 / 2, GBE, wire=0.5, calls=4)
+        self.assertAlmostEqual(r["step"], 0.9)
+        # One call: the serial term.
+        self.assertAlmostEqual(cm.step("ps_sync", 2, MB100 / 2, GBE, calls=1)["step"], 1.6)
+        with self.assertRaises(ValueError):
+            cm.step("ps_sync", 2, MB100, GBE, calls=4, pipeline_first=0.4)
+        with self.assertRaises(ValueError):
+            cm.step("ps_sync", 2, MB100, GBE, calls=0)
+
     def test_latency_rows_wire_overlap(self):
         r = cm.step("ps_sync", 1, MB100, GBE, latency_s=0.001)
         self.assertAlmostEqual(r["latency"], 0.004)
@@ -128,6 +146,20 @@ class PsAsync(unittest.TestCase):
         self.assertAlmostEqual(r["async_low"], 1.0 + 0.8 + 0.4)
         r = cm.step("ps_async", 8, MB100, GBE, ps=2, compute_s=1.0)
         self.assertAlmostEqual(r["async_low"], 8 * 0.8 / 2)
+        # As many PS as workers: each shard takes, in step, what one worker sends
+        # (4 x 100 MB / 4), so the workers' own NICs are the bound: 1 + 0.8 + 0.8.
+        # MVA, queueing a worker's four visits one after the other at the full
+        # link's speed, puts contention on top that the network has not.
+        r = cm.step("ps_async", 4, MB100, GBE, ps=4, compute_s=1.0)
+        self.assertAlmostEqual(r["async_high"], 2.6)
+        self.assertGreater(cm.mva_cycle(4, 1.0, [0.2] * 8), 2.6)
+        self.assertAlmostEqual(r["step"], 2.6)
+        self.assertAlmostEqual(r["async_low"], 1.0 + 0.8 + 0.2)
+        # Fewer workers than PS: in step, each worker still sends its whole 0.8 s
+        # each way (not 2 x 1.6 / 4).
+        r = cm.step("ps_async", 2, MB100, GBE, ps=4, compute_s=1.0)
+        self.assertAlmostEqual(r["async_high"], 2.6)
+        self.assertLessEqual(r["step"], 2.6)
         # Colocated: a shard node carries its own 1/2 out plus 3 x 1/2 to the others.
         r = cm.step("ps_async", 4, MB100, GBE, ps=2, layout="colocated", compute_s=1.0)
         self.assertAlmostEqual(r["shard_bound"], 2.0 * 0.8)
