@@ -39,8 +39,8 @@
 #define MAX_REPEATS 15
 
 /* The PS's partitioning and the client's calls (--partition-bytes,
- * --call-bytes), the same in every process of a run. */
-static long g_part_bytes = 262144, g_call_bytes = 0;
+ * --call-bytes, --call-window), the same in every process of a run. */
+static long g_part_bytes = 262144, g_call_bytes = 0, g_call_window = 0;
 
 /* Options of every role; the driver passes the role ones to its children. */
 typedef struct opts {
@@ -125,7 +125,8 @@ static int ps_worker_main(const opts *o) {
                          .rank = o->rank, .deadline_ms = 60000, .connect_timeout_ms = 30000,
                          .auth_token = cm_security_token(&sec),
                          .admin_token = cm_security_token(&sec), .tls_ca = o->tls_ca,
-                         .call_bytes = g_call_bytes, .async = !o->sync};
+                         .call_bytes = g_call_bytes, .call_window = (int)g_call_window,
+                         .async = !o->sync};
     if (ps_client_open(&cfg, &c, err, sizeof err) != CM_OK) goto fail;
     if (o->rank == 0) {
         ps_init_cfg init = {.optim = ps_optim_defaults(PS_OPTIM_ADD, 0.0f), .seed = 1,
@@ -457,7 +458,7 @@ static sec_files g_sec;
 static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, const char *addr_opt,
                          const char *addrs, bu_child **w, char *err, size_t errlen) {
     for (int r = 0; r < b->workers; r++) {
-        char nums[7][24], name[32];
+        char nums[8][24], name[32];
         snprintf(nums[0], 24, "%d", r);
         snprintf(nums[1], 24, "%d", b->workers);
         snprintf(nums[2], 24, "%zu", b->bytes / sizeof(float));
@@ -466,10 +467,12 @@ static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, con
         char *argv[32] = {d->exe, "--role", (char *)role, "--rank", nums[0], "--workers",
                           nums[1], "--elems", nums[2], "--warmup", nums[3], "--iters", nums[4],
                           "--mode", b->sync ? "sync" : "async", (char *)addr_opt, (char *)addrs,
-                          "--partition-bytes", nums[5], "--call-bytes", nums[6], NULL};
+                          "--partition-bytes", nums[5], "--call-bytes", nums[6],
+                          "--call-window", nums[7], NULL};
         snprintf(nums[5], 24, "%ld", g_part_bytes);
         snprintf(nums[6], 24, "%ld", g_call_bytes);
-        int k = 21;
+        snprintf(nums[7], 24, "%ld", g_call_window);
+        int k = 23;
         if (!strcmp(role, "worker") && (b->security == SEC_TOKEN || b->security == SEC_TLS)) {
             argv[k++] = "--token-file";
             argv[k++] = g_sec.token;
@@ -669,7 +672,8 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
            "\"bytes\":%zu,\"warmup\":%d,\"iters\":%d,\"runs\":%d,\"security\":\"%s\"",
            b->servers, b->workers, b->sync ? "sync" : "async", b->bytes, b->warmup, b->iters,
            nrep, sec_names[b->security]);
-    printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld", g_part_bytes, g_call_bytes);
+    printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld,\"call_window\":%ld", g_part_bytes,
+           g_call_bytes, g_call_window);
     printf(",\"load1_start\":%.2f,\"load1_end\":%.2f", load[0], load[1]);
     /* Runs where others used the cores are left out (all kept if none is
      * clean, and said so). */
@@ -776,6 +780,8 @@ static void usage(FILE *f) {
             "  --call-bytes N       the client's calls: a shard's pushes and pulls of more\n"
             "                       than N bytes go as several calls at once (default 0:\n"
             "                       the client's default, 1 MiB); -1: one call a shard\n"
+            "  --call-window N      of a shard's calls, N in flight at once (default 0: the\n"
+            "                       client's default, 3); -1: all at once\n"
             "  --bin-dir DIR        where psserver is (default <this binary's dir>/../bin)\n"
             "  -h, --help           this text\n");
 }
@@ -905,6 +911,7 @@ int main(int argc, char **argv) {
         {"security", required_argument, 0, 'S'}, {"token-file", required_argument, 0, 'F'},
         {"tls-ca", required_argument, 0, 'C'},
         {"partition-bytes", required_argument, 0, 'P'}, {"call-bytes", required_argument, 0, 'B'},
+        {"call-window", required_argument, 0, 'J'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     opts o = {.repeats = 1, .warmup = -1, .timeout_s = 1800.0, .workers = 1};
     cm_mem_keep_freed(); /* As psserver and pstrain do. */
@@ -932,6 +939,7 @@ int main(int argc, char **argv) {
         case 'C': o.tls_ca = optarg; break;
         case 'P': g_part_bytes = atol(optarg); break;
         case 'B': g_call_bytes = atol(optarg); break;
+        case 'J': g_call_window = atol(optarg); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

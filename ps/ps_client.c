@@ -105,6 +105,8 @@ typedef struct sub {
     sub_rows want; /* ...and rows its reply carries. */
     int sparse;    /* A sparse step: rows_final is sent. */
     int some;      /* A pull of some of the shard's partitions (parts). */
+    int queued;    /* Not started: waits for an earlier call of its shard to
+                    * finish (the call window); code is -1 meanwhile. */
 } sub;
 
 struct ps_ticket {
@@ -226,6 +228,8 @@ static int take_pull_reply(ps_client *c, int sh, int nexpect, const rpc_piece *r
     return rc;
 }
 
+static void issue(ps_ticket *t, sub *s, int reserved);
+
 /* A reply, as gRPC's slices in place: a pull's parameters are copied from
  * them straight into the caller's array. */
 static void on_done(void *ud, int code, const char *message, const rpc_piece *pieces,
@@ -258,9 +262,21 @@ static void on_done(void *ud, int code, const char *message, const rpc_piece *pi
         }
     }
     s->code = code;
+    /* The call window: this call's end starts its shard's next queued one
+     * (counted now, so that the ticket cannot settle in between). */
+    sub *next = NULL;
+    for (int i = (int)(s - t->subs) + 1;
+         !t->orphan && i < t->nsubs && t->subs[i].shard == s->shard; i++)
+        if (t->subs[i].queued) {
+            next = &t->subs[i];
+            next->queued = 0;
+            t->calls++;
+            break;
+        }
     t->calls--;
     int done = ticket_settle(t);
     pthread_mutex_unlock(&c->mu);
+    if (next) issue(t, next, 1);
     if (done) ticket_free(t);
 }
 
@@ -271,16 +287,29 @@ static void put_want(ps_wire_writer *w, uint32_t field, const sub_rows *want) {
                          PSRPC__DTYPE__DTYPE_FLOAT32, NULL, 0, NULL, NULL);
 }
 
-static void issue(ps_ticket *t, sub *s) {
+/* Start sub-call s. reserved: t->calls counts it already (on_done, which
+ * starts a queued call from the client's thread, unlocked in between). */
+static void issue(ps_ticket *t, sub *s, int reserved) {
     ps_client *c = t->c;
     int sh = s->shard;
     pthread_mutex_lock(&c->mu);
+    if (t->orphan) {
+        /* Abandoned while it waited in the window: the caller's buffers
+         * are not ours any more, so it never starts. */
+        if (reserved) t->calls--;
+        s->code = RPC_CANCELLED;
+        s->cm = CM_EABORTED;
+        int done = ticket_settle(t);
+        pthread_mutex_unlock(&c->mu);
+        if (done) ticket_free(t);
+        return;
+    }
     s->attempts++;
     s->retry_at = 0.0;
     s->code = -1;
     s->cm = CM_OK;
     s->msg[0] = 0;
-    t->calls++;
+    if (!reserved) t->calls++;
     if (t->op == OP_PUSH || t->op == OP_PUSH_PULL) t->segs += s->nparts + s->push.n;
     pthread_mutex_unlock(&c->mu);
     ps_wire_writer w;
@@ -364,6 +393,16 @@ static ps_ticket *ticket_new(ps_client *c, int op, int64_t step, int grouped) {
         s->nparts = g ? g->nparts : c->nparts[i];
         s->parts = g ? g->parts : c->parts[i];
         s->some = g && op == OP_PULL && g->nparts < c->nparts[g->shard];
+        /* The call window: a shard's first W groups go at once, each end
+         * starts the next, so a call's bytes are not spread thin over all
+         * of them (a call's pull waits for every worker's push of it). */
+        int w = c->cfg.call_window ? c->cfg.call_window : PS_CLIENT_CALL_WINDOW;
+        int k = 0; /* This shard's groups before this one. */
+        while (g && k < i && t->subs[i - 1 - k].shard == s->shard) k++;
+        if (g && w > 0 && k >= w) {
+            s->queued = 1;
+            s->code = -1;
+        }
     }
     return t;
 }
@@ -391,11 +430,23 @@ static void ticket_convert(ps_ticket *t) {
     }
 }
 
+/* Every sub-call not queued behind the call window. Which ones is read
+ * before the first starts: once one has, its end may start (and unqueue)
+ * the next on the client's thread. */
+static void issue_all(ps_ticket *t) {
+    sub **go = cm_malloc((size_t)t->nsubs * sizeof *go);
+    int n = 0;
+    for (int i = 0; i < t->nsubs; i++)
+        if (!t->subs[i].queued) go[n++] = &t->subs[i];
+    for (int i = 0; i < n; i++) issue(t, go[i], 0);
+    free(go);
+}
+
 int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **out) {
     ps_ticket *t = ticket_new(c, OP_PUSH, step, !c->cfg.async);
     t->grad = grad;
     ticket_convert(t);
-    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
+    issue_all(t);
     *out = t;
     return CM_OK;
 }
@@ -406,7 +457,7 @@ int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *pa
     t->grad = grad;
     t->params = params;
     ticket_convert(t);
-    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
+    issue_all(t);
     *out = t;
     return CM_OK;
 }
@@ -448,7 +499,7 @@ int ps_client_push_pull_parts(ps_client *c, int64_t step, const float *grad, flo
     t->nsubs = k;
     free(seen);
     ticket_convert(t);
-    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
+    issue_all(t);
     *out = t;
     return CM_OK;
 }
@@ -544,7 +595,7 @@ int ps_client_push_pull_rows(ps_client *c, int64_t step, const float *grad, floa
     for (int i = 0; i < t->nsubs; i++) t->subs[i].sparse = 1;
     if (keys) split_rows(t, keys, 1, row_grad);
     if (want) split_rows(t, want, 0, NULL);
-    for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i]);
+    for (int i = 0; i < c->nshards; i++) issue(t, &t->subs[i], 0);
     *out = t;
     return CM_OK;
 }
@@ -572,7 +623,7 @@ int ps_client_pull_rows(ps_client *c, int64_t min_version, const ps_row_keys *wa
         k++;
     }
     t->nsubs = k;
-    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
+    issue_all(t);
     *out = t;
     return CM_OK;
 }
@@ -583,7 +634,7 @@ static int pull(ps_client *c, int64_t min_version, float *params, int or_final,
     ps_ticket *t = ticket_new(c, OP_PULL, min_version, !or_final);
     t->params = params;
     t->or_final = or_final;
-    for (int i = 0; i < t->nsubs; i++) issue(t, &t->subs[i]);
+    issue_all(t);
     *out = t;
     return CM_OK;
 }
@@ -669,7 +720,7 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
         if (aborted || !busy) break;
         if (nagain) {
             pthread_mutex_unlock(&c->mu);
-            for (int i = 0; i < nagain; i++) issue(again[i]->t, again[i]);
+            for (int i = 0; i < nagain; i++) issue(again[i]->t, again[i], 0);
             pthread_mutex_lock(&c->mu);
             continue;
         }

@@ -43,6 +43,7 @@ typedef struct ps_ticket ps_ticket;
 
 #define PS_CLIENT_CALL_BYTES (1L << 20)
 #define PS_CLIENT_MAX_CALLS 16 /* A shard's dense calls at most (see call_bytes). */
+#define PS_CLIENT_CALL_WINDOW 3 /* A shard's dense calls in flight (see call_window). */
 
 typedef struct ps_client_cfg {
     const cm_model *model;         /* Borrowed; outlives the client. */
@@ -71,6 +72,19 @@ typedef struct ps_client_cfg {
                                     * PS_CLIENT_CALL_BYTES (1 MiB: the best
                                     * of 256 KiB to 4 MiB measured on
                                     * loopback), < 0 = one call a shard. */
+    int call_window;               /* Of those calls, at most this many of a
+                                    * shard's are in flight at once; each end
+                                    * starts the next, in order. A call's
+                                    * pull waits for every worker's push of
+                                    * it, and calls all at once share a
+                                    * connection's bytes: the worker whose
+                                    * TCP flow runs slowest then holds up
+                                    * every call's reply, and the shard's
+                                    * link idles in the other direction
+                                    * (measured: 4 workers on a 1 Gbit/s
+                                    * link, steps 9 % shorter with 3 than
+                                    * with all). 0 = PS_CLIENT_CALL_WINDOW,
+                                    * < 0 = all at once. */
     int async;                     /* The shards run async (every push call a
                                     * version, which copies the shard's other
                                     * partitions): pushes go as one call a

@@ -190,9 +190,9 @@ static int check_cfg(const wk_train_cfg *cfg) {
                  "run is --mode %s", cfg->mode);
         return CM_EINVAL;
     }
-    if (cfg->call_bytes && strcmp(cfg->mode, "ps") != 0) {
-        cm_error("--call-bytes is for --mode ps (the calls to the PS); this run is --mode %s",
-                 cfg->mode);
+    if ((cfg->call_bytes || cfg->call_window) && strcmp(cfg->mode, "ps") != 0) {
+        cm_error("--call-bytes and --call-window are for --mode ps (the calls to the PS); this "
+                 "run is --mode %s", cfg->mode);
         return CM_EINVAL;
     }
     if (strcmp(cfg->model, "mlp") != 0 && strcmp(cfg->model, "deepfm") != 0 &&
@@ -655,6 +655,7 @@ static int open_sync(run *r, const float *init_values) {
             .no_pipeline = cfg->no_pipeline,
             .wire_bf16 = cfg->wire_bf16,
             .call_bytes = cfg->call_bytes,
+            .call_window = cfg->call_window,
             .fault_zero_gradient = fault,
             .global_batch = (unsigned)r->B,
             .steps_per_epoch = (uint64_t)r->spe,

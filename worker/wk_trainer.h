@@ -86,6 +86,9 @@ typedef struct wk_train_cfg {
     long call_bytes;           /* PS mode: a shard's dense calls of more bytes
                                 * split (ps_client_cfg.call_bytes; 0 default,
                                 * < 0 one call a shard). */
+    int call_window;           /* PS mode: of those, a shard's in flight at
+                                * once (ps_client_cfg.call_window; 0 default,
+                                * < 0 all at once). */
     int wire_bf16;             /* PS mode: push gradients as bfloat16 (RNE),
                                 * half the bytes; pulls and the PS stay fp32
                                 * (--wire-dtype bf16; any device). */

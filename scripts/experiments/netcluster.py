@@ -22,6 +22,12 @@ cost model has to carry the latency.
 
 Rates are tc's: 100mbit, 1gbit, 10gbit (presets 1g and 10g are the same).
 
+TCP congestion control between the nodes is cubic, Linux's default, whatever
+the host uses (--cc; set on each node's route, as a namespace may refuse the
+sysctl): on a host running bbr, 4 flows pushing into one shaped link shared it
+unevenly (the slowest at a median 0.61 of their mean rate, 50 ms windows;
+cubic 0.78), which a sync step's slowest worker pays for.
+
 `run` starts psserver and pstrain processes inside the namespaces, each with a
 TF_CONFIG naming the namespaces' addresses (port 5000 in every node: each
 namespace has its own ports), authenticated with fresh tokens like
@@ -54,6 +60,17 @@ from costmodel import PRESETS, rate_bits  # noqa: E402
 SUBNET = "10.88.0"
 PORT = 5000
 UNSUPPORTED = 77
+
+
+DEFAULT_CC = "cubic"  # Linux's default (see above)
+
+
+def host_cc():
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 class Unsupported(Exception):
@@ -107,7 +124,7 @@ class NetCluster:
     addr(i) is node i's address; popen(i, argv, ...) starts a process inside node i.
     """
 
-    def __init__(self, nodes, rate="1gbit", delay_ms=0.0, say=None):
+    def __init__(self, nodes, rate="1gbit", delay_ms=0.0, say=None, cc=DEFAULT_CC):
         if nodes < 1 or nodes > 250:
             raise ValueError("nodes: 1 to 250")
         self.nodes, self.rate, self.delay_ms = nodes, PRESETS.get(rate, rate), float(delay_ms)
@@ -119,6 +136,7 @@ class NetCluster:
         self.procs = []
         self.netem = False
         self.delay_emulated = False
+        self.cc = cc  # TCP congestion control on the nodes' routes (None: the host's)
         self.say = say or (lambda msg: print(f"netcluster: {msg}", file=sys.stderr, flush=True))
         self._old_handlers = {}
 
@@ -172,6 +190,16 @@ class NetCluster:
             _ip("-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+            if self.cc:
+                # On the subnet's route (per-namespace sysctls may be refused):
+                # both ends of every connection between nodes then use it.
+                p = _ip("-n", ns, "route", "replace", f"{SUBNET}.0/24", "dev", "eth0", "proto",
+                        "kernel", "scope", "link", "src", self.addr(i), "congctl", self.cc,
+                        check=False)
+                if p.returncode != 0:
+                    self.say(f"TCP congestion control {self.cc} refused "
+                             f"({p.stderr.strip()}): the host's, {host_cc()}, instead")
+                    self.cc = None
             _ip("-n", self.hub, "link", "set", f"h{i}", "master", "br0")
             _ip("-n", self.hub, "link", "set", f"h{i}", "up")
             self._shape(ns, "eth0", self.delay_emulated)
@@ -210,7 +238,7 @@ class NetCluster:
     def info(self):
         return {"nodes": self.nodes, "rate": self.rate, "rate_bps": self.rate_bps,
                 "delay_ms": self.delay_ms, "delay_emulated": self.delay_emulated,
-                "netem": self.netem}
+                "netem": self.netem, "cc": self.cc or host_cc()}
 
     def link_stats(self):
         """Counters since the cluster was made: packets the shaping queues dropped
@@ -364,7 +392,7 @@ def cmd_run(a, extra):
         sys.exit(f"netcluster: {a.ps} PS and {a.workers} workers ({a.layout}) need {need} nodes")
     logs = a.keep_logs or tempfile.mkdtemp(prefix="netcluster-logs-")
     try:
-        with NetCluster(nodes, a.rate, a.delay_ms) as c:
+        with NetCluster(nodes, a.rate, a.delay_ms, cc=a.cc or None) as c:
             nps = a.ps if a.mode == "ps" else 0
             c.say(f"{nodes} nodes at {c.rate}" +
                   (f", {a.delay_ms:g} ms delay" if c.delay_emulated else "") +
@@ -382,7 +410,7 @@ def cmd_run(a, extra):
 
 def cmd_check(a):
     """Two nodes at the rate: time MB megabytes one way over TCP (Python sockets)."""
-    with NetCluster(2, a.rate) as c:
+    with NetCluster(2, a.rate, cc=a.cc or None) as c:
         nbytes = int(a.mb * (1 << 20))
         server = ("import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,"
                   "socket.SO_REUSEADDR,1);s.bind(('%s',%d));s.listen(1);print('up',flush=True)\n"
@@ -413,6 +441,9 @@ def main():
     r.add_argument("--nodes", type=int, default=0, help="default: as many as the layout needs")
     r.add_argument("--rate", default="1gbit", help="each node's link: 100mbit, 1gbit, 10gbit")
     r.add_argument("--delay-ms", type=float, default=0.0, help="one-way, where netem exists")
+    r.add_argument("--cc", default=DEFAULT_CC,
+                   help=f"TCP congestion control between the nodes (default {DEFAULT_CC}, "
+                        "Linux's; '' for the host's)")
     r.add_argument("--mode", choices=["ps", "allreduce"], default="ps")
     r.add_argument("--ps", type=int, default=1)
     r.add_argument("--workers", type=int, default=2)
@@ -425,6 +456,7 @@ def main():
     k = sub.add_parser("check", help="shape two nodes and time a transfer between them")
     k.add_argument("--rate", default="100mbit")
     k.add_argument("--mb", type=float, default=10)
+    k.add_argument("--cc", default=DEFAULT_CC, help="as for run")
     sub.add_parser("cleanup", help="remove the namespaces of runs whose process is gone")
     argv = sys.argv[1:]
     extra = []

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Scaling experiments: simulated devices on an emulated cluster, against the cost model.
 
-  scaling.py [--plan full|quick|claims] [--bin-dir DIR] [--out DIR] [--steps K]
-             [--cpu-bound F] [--only SUBSTR] [--no-plot] [--from-csv FILE]
+  scaling.py [--plan full|quick|claims|overlap|phase] [--bin-dir DIR] [--out DIR]
+             [--steps K] [--cpu-bound F] [--only SUBSTR] [--cc CC] [--no-plot]
+             [--from-csv FILE]
 
 Every point is one run of real psserver/pstrain processes in network namespaces
 (netcluster.py: a namespace per node, each node's link shaped to the rate both
@@ -39,7 +40,7 @@ The host's load average before each run is recorded too.
 The kernel here has no netem: links have no added delay (latency 0 in the model;
 a namespace hop is ~0.05 ms); delay_emulated says so per point.
 
-Plans: full (the default, 46 points, about 20 minutes on 2 cores), quick (3 points,
+Plans: full (the default, 46 points, about 8 minutes on 2 cores), quick (3 points,
 about a minute: the test), claims (the configurations of docs/SCALING.md's claims),
 overlap (plan G alone, 7 points, and 4 of PS sync in pstrain's split calls), phase (6
 PS async points on devices without jitter).
@@ -77,7 +78,7 @@ FIELDS = ["name", "mode", "nodes", "devices", "ps", "rate", "dilation", "model_m
           "predicted_ms", "ratio", "comm_ms", "compute_ms", "cpu_busy", "cpu_bound",
           "loadavg_before", "speedup", "predicted_speedup", "delay_emulated", "async_low_ms",
           "async_high_ms", "model", "rows_mb", "overlap", "split", "jitter", "link_drops",
-          "tcp_retrans", "tcp_timeouts"]
+          "tcp_retrans", "tcp_timeouts", "cc"]
 
 
 def point(name, mode, nodes, rate="1gbit", ps=1, devices=1, model_mb=10.0, wire="fp32",
@@ -210,6 +211,7 @@ def ctr_data(out):
 
 
 BIN_DIR = [None]
+CC = [netcluster.DEFAULT_CC]  # TCP congestion control between the nodes (--cc)
 
 
 def dilation(rate):
@@ -338,8 +340,9 @@ def run_point(p, bin_dir, out, steps, cpu_limit, timeout):
     sampler = CpuSampler()
     sampler.start()
     try:
-        with netcluster.NetCluster(need, emu_rate, say=lambda m: None) as c:
+        with netcluster.NetCluster(need, emu_rate, say=lambda m: None, cc=CC[0]) as c:
             row["delay_emulated"] = c.delay_emulated
+            row["cc"] = c.info()["cc"]
             t0 = time.monotonic()
             rc, secs = netcluster.train(c, bin_dir, mode, nps, p["nodes"], "separate", wargs,
                                         rundir, timeout, chief_args=["--summary", summ],
@@ -500,6 +503,8 @@ def main():
     ap.add_argument("--cpu-bound", type=float, default=0.6)
     ap.add_argument("--only", help="run the points whose name contains this")
     ap.add_argument("--run-timeout", type=float, default=300)
+    ap.add_argument("--cc", default=netcluster.DEFAULT_CC,
+                    help="TCP congestion control between the nodes ('' for the host's)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--from-csv", help="run nothing: the table and plots of an earlier CSV")
     a = ap.parse_args()
@@ -524,6 +529,7 @@ def main():
             print("scaling: network namespaces need root", file=sys.stderr)
             return 77
         BIN_DIR[0] = os.path.abspath(a.bin_dir)
+        CC[0] = a.cc or None
         pts = [p for p in plan(a.plan) if not a.only or a.only in p["name"]]
         for i, p in enumerate(pts):
             t = time.monotonic()

@@ -690,6 +690,79 @@ static void test_client_calls_split(void **state) {
     fx_stop();
 }
 
+/* The call window: with call_window 1 a worker's push-pull sends each
+ * shard's first call only, the next when that one ends, and a call ends
+ * once every worker pushed it: so the shards see one push a shard from
+ * worker 0 until worker 1 pushes too. All at once (-1), every call is in
+ * at the shards before worker 1 pushes anything. Either way both workers
+ * get exactly the step's parameters, and the shards see each call once. */
+static void test_client_call_window(void **state) {
+    (void)state;
+    fx_start(0);
+    size_t n = F.m->numel;
+    float *ref = malloc(n * sizeof *ref), *g[2], *out[2];
+    assert_non_null(ref);
+    for (int r = 0; r < 2; r++) {
+        g[r] = malloc(n * sizeof *g[r]);
+        out[r] = malloc(n * sizeof *out[r]);
+        assert_true(g[r] && out[r]);
+    }
+    memcpy(ref, F.init, n * sizeof *ref);
+    init_ok();
+    int windows[2] = {1, -1};
+    ps_client *cl[2][2];
+    for (int k = 0; k < 2; k++)
+        for (int r = 0; r < 2; r++) {
+            ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs,
+                                .rank = r, .deadline_ms = DEADLINE,
+                                .connect_timeout_ms = 2000, .call_bytes = 1,
+                                .call_window = windows[k]};
+            char err[256] = "";
+            if (ps_client_open(&cc, &cl[k][r], err, sizeof err) != CM_OK) fail_msg("%s", err);
+        }
+    /* Calls a push-pull makes: one a partition (biases may share one). */
+    uint64_t before = stats().pushes;
+    ps_ticket *t[2];
+    char err[512] = "";
+    int64_t v = -1;
+    for (int r = 0; r < 2; r++) grad_fill(g[r], n, r, 0);
+    ref_step(ref, 0);
+    for (int r = 0; r < 2; r++)
+        assert_int_equal(ps_client_push_pull(cl[1][r], 0, g[r], out[r], &t[r]), CM_OK);
+    for (int r = 0; r < 2; r++) {
+        if (ps_ticket_wait(t[r], &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+        expect_same(ref, out[r], n);
+    }
+    uint64_t calls = (stats().pushes - before) / 2;
+    assert_true(calls > 2); /* More calls than shards, else nothing is queued. */
+    for (int64_t step = 1; step < 3; step++) {
+        int k = step == 1 ? 0 : 1; /* Window 1, then all at once. */
+        for (int r = 0; r < 2; r++) grad_fill(g[r], n, r, step);
+        ref_step(ref, step);
+        before = stats().pushes;
+        assert_int_equal(ps_client_push_pull(cl[k][0], step, g[0], out[0], &t[0]), CM_OK);
+        uint64_t want = k == 0 ? 2 : calls; /* In flight alone: a call a shard, or all. */
+        for (int i = 0; i < 500 && stats().pushes - before < want; i++) sleep_ms(10);
+        sleep_ms(200); /* Room for any call the window should have held. */
+        assert_int_equal(stats().pushes - before, want);
+        assert_int_equal(ps_client_push_pull(cl[k][1], step, g[1], out[1], &t[1]), CM_OK);
+        for (int r = 0; r < 2; r++) {
+            if (ps_ticket_wait(t[r], &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+            assert_int_equal(v, step + 1);
+            expect_same(ref, out[r], n);
+        }
+        assert_int_equal(stats().pushes - before, 2 * calls);
+    }
+    for (int k = 0; k < 2; k++)
+        for (int r = 0; r < 2; r++) ps_client_close(cl[k][r]);
+    for (int r = 0; r < 2; r++) {
+        free(g[r]);
+        free(out[r]);
+    }
+    free(ref);
+    fx_stop();
+}
+
 /* ===== Partial push-pull (overlap) ===== */
 
 /* Worker 0 sends each step in two partial push-pulls (the first partition,
@@ -2480,6 +2553,7 @@ int main(void) {
         cmocka_unit_test(test_client_happy_path),
         cmocka_unit_test(test_client_push_pull_parts),
         cmocka_unit_test(test_client_calls_split),
+        cmocka_unit_test(test_client_call_window),
         cmocka_unit_test(test_client_bf16_pushes),
         cmocka_unit_test(test_malformed_bytes),
         cmocka_unit_test(test_bad_push_contents),

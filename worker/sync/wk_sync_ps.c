@@ -1001,6 +1001,7 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
                         .wire_bf16 = cfg->wire_bf16,
                         .async = cfg->async,
                         .call_bytes = cfg->call_bytes,
+                        .call_window = cfg->call_window,
                         .auth_token = cm_security_token(cfg->sec),
                         .admin_token = cfg->is_chief ? cm_security_admin(cfg->sec) : NULL,
                         .tls_ca = cfg->sec ? cfg->sec->tls_ca : NULL,
