@@ -107,6 +107,7 @@ typedef struct sub {
     int some;      /* A pull of some of the shard's partitions (parts). */
     int queued;    /* Not started: waits for an earlier call of its shard to
                     * finish (the call window); code is -1 meanwhile. */
+    double first;  /* When its first attempt started (retries count from it). */
 } sub;
 
 struct ps_ticket {
@@ -120,6 +121,7 @@ struct ps_ticket {
     int calls;  /* Sub-calls in flight. */
     int segs;   /* Zero-copy segments not yet released. */
     int orphan; /* Abandoned: drop replies, free on the last completion. */
+    int held;   /* Being abandoned: start no queued call (abandon_locked). */
     int nsubs;
     sub *subs;
     uint32_t *own; /* Partition lists of a partial push-pull. */
@@ -263,16 +265,25 @@ static void on_done(void *ud, int code, const char *message, const rpc_piece *pi
     }
     s->code = code;
     /* The call window: this call's end starts its shard's next queued one
-     * (counted now, so that the ticket cannot settle in between). */
+     * (counted now, so that the ticket cannot settle in between); after a
+     * failure that is not retried, the queued ones fail with it unsent. */
     sub *next = NULL;
+    int go_on = code == RPC_OK || code == RPC_UNAVAILABLE;
     for (int i = (int)(s - t->subs) + 1;
-         !t->orphan && i < t->nsubs && t->subs[i].shard == s->shard; i++)
-        if (t->subs[i].queued) {
-            next = &t->subs[i];
-            next->queued = 0;
+         !t->orphan && !t->held && i < t->nsubs && t->subs[i].shard == s->shard; i++) {
+        sub *q = &t->subs[i];
+        if (!q->queued) continue;
+        q->queued = 0;
+        if (go_on) {
+            next = q;
             t->calls++;
             break;
         }
+        q->code = code;
+        q->cm = s->cm != CM_OK ? s->cm : rpc_status_to_cm(code);
+        snprintf(q->msg, sizeof q->msg, "not sent: an earlier call to this shard failed (%s)",
+                 rpc_status_name(code));
+    }
     t->calls--;
     int done = ticket_settle(t);
     pthread_mutex_unlock(&c->mu);
@@ -293,7 +304,7 @@ static void issue(ps_ticket *t, sub *s, int reserved) {
     ps_client *c = t->c;
     int sh = s->shard;
     pthread_mutex_lock(&c->mu);
-    if (t->orphan) {
+    if (t->orphan || t->held) {
         /* Abandoned while it waited in the window: the caller's buffers
          * are not ours any more, so it never starts. */
         if (reserved) t->calls--;
@@ -304,7 +315,7 @@ static void issue(ps_ticket *t, sub *s, int reserved) {
         if (done) ticket_free(t);
         return;
     }
-    s->attempts++;
+    if (s->attempts++ == 0) s->first = cm_now();
     s->retry_at = 0.0;
     s->code = -1;
     s->cm = CM_OK;
@@ -665,6 +676,8 @@ static void sub_error(const ps_ticket *t, const sub *s, char *err, size_t errlen
  * calls still in flight become orphans (freed by their last completion),
  * the others are freed here. */
 static void abandon_locked(ps_client *c, ps_ticket **tickets, int n, int wait_segs) {
+    /* Waiting below releases mu: no call of these may start meanwhile. */
+    for (int k = 0; k < n; k++) tickets[k]->held = 1;
     for (int k = 0; k < n && wait_segs; k++)
         while (tickets[k]->segs) pthread_cond_wait(&c->cv, &c->mu);
     for (int k = 0; k < n; k++) {
@@ -694,10 +707,12 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
         int busy = 0, nagain = 0;
         for (int k = 0; k < n && !aborted; k++) {
             ps_ticket *t = tickets[k];
-            int may_retry = (now - t->start) * 1e3 < (double)c->cfg.connect_timeout_ms;
             if (t->segs) busy = 1;
             for (int i = 0; i < t->nsubs; i++) {
                 sub *s = &t->subs[i];
+                /* From the sub's own start: the window starts some late. */
+                int may_retry = (now - (s->first > 0 ? s->first : t->start)) * 1e3 <
+                                (double)c->cfg.connect_timeout_ms;
                 if (s->code == -1) {
                     busy = 1;
                 } else if (s->code == RPC_ABORTED || s->cm == CM_ESKIPPED) {

@@ -695,7 +695,8 @@ static void test_client_calls_split(void **state) {
  * once every worker pushed it: so the shards see one push a shard from
  * worker 0 until worker 1 pushes too. All at once (-1), every call is in
  * at the shards before worker 1 pushes anything. Either way both workers
- * get exactly the step's parameters, and the shards see each call once. */
+ * get exactly the step's parameters, and the shards see each call once.
+ * Then a ticket abandoned with calls queued, and a failure. */
 static void test_client_call_window(void **state) {
     (void)state;
     fx_start(0);
@@ -753,6 +754,31 @@ static void test_client_call_window(void **state) {
         }
         assert_int_equal(stats().pushes - before, 2 * calls);
     }
+    /* Abandoned with calls queued: none of them starts, not even when the
+     * calls in flight end (worker 1's first calls complete them), so
+     * worker 1's next calls wait for pushes that never come and fail at
+     * their deadline; that failure sends none of worker 1's queued calls
+     * either: each shard saw at most worker 0's first and worker 1's first
+     * two. */
+    ps_client *ab[2];
+    for (int r = 0; r < 2; r++) {
+        ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = r,
+                            .deadline_ms = 1000, .connect_timeout_ms = 2000, .call_bytes = 1,
+                            .call_window = 1};
+        if (ps_client_open(&cc, &ab[r], err, sizeof err) != CM_OK) fail_msg("%s", err);
+        grad_fill(g[r], n, r, 3);
+    }
+    before = stats().pushes;
+    assert_int_equal(ps_client_push_pull(ab[0], 3, g[0], out[0], &t[0]), CM_OK);
+    for (int i = 0; i < 500 && stats().pushes - before < 2; i++) sleep_ms(10);
+    ps_tickets_abandon(&t[0], 1);
+    assert_int_equal(ps_client_push_pull(ab[1], 3, g[1], out[1], &t[1]), CM_OK);
+    assert_int_not_equal(ps_ticket_wait(t[1], &v, err, sizeof err), CM_OK);
+    if (!strstr(err, "DEADLINE_EXCEEDED")) fail_msg("unexpected error: %s", err);
+    sleep_ms(200);
+    uint64_t sent = stats().pushes - before;
+    assert_true(sent >= 5 && sent <= 6);
+    for (int r = 0; r < 2; r++) ps_client_close(ab[r]);
     for (int k = 0; k < 2; k++)
         for (int r = 0; r < 2; r++) ps_client_close(cl[k][r]);
     for (int r = 0; r < 2; r++) {
