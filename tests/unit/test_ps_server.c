@@ -789,6 +789,37 @@ static void test_client_call_window(void **state) {
     fx_stop();
 }
 
+/* A call that fails and is not retried (here its deadline: worker 1 never
+ * pushes) fails its shard's queued calls with it, unsent: the shards saw
+ * one push a shard, not one per deadline. */
+static void test_client_call_window_failure(void **state) {
+    (void)state;
+    fx_start(0);
+    size_t n = F.m->numel;
+    float *g = malloc(n * sizeof *g), *out = malloc(n * sizeof *out);
+    assert_true(g && out);
+    init_ok();
+    ps_client *cl;
+    ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = 0,
+                        .deadline_ms = 600, .connect_timeout_ms = 2000, .call_bytes = 1,
+                        .call_window = 1};
+    char err[512] = "";
+    if (ps_client_open(&cc, &cl, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    grad_fill(g, n, 0, 0);
+    uint64_t before = stats().pushes;
+    ps_ticket *t;
+    int64_t v = -1;
+    assert_int_equal(ps_client_push_pull(cl, 0, g, out, &t), CM_OK);
+    assert_int_not_equal(ps_ticket_wait(t, &v, err, sizeof err), CM_OK);
+    if (!strstr(err, "DEADLINE_EXCEEDED")) fail_msg("unexpected error: %s", err);
+    sleep_ms(200);
+    assert_int_equal(stats().pushes - before, 2); /* One call a shard (2 shards). */
+    ps_client_close(cl);
+    free(g);
+    free(out);
+    fx_stop();
+}
+
 /* ===== Partial push-pull (overlap) ===== */
 
 /* Worker 0 sends each step in two partial push-pulls (the first partition,
@@ -2580,6 +2611,7 @@ int main(void) {
         cmocka_unit_test(test_client_push_pull_parts),
         cmocka_unit_test(test_client_calls_split),
         cmocka_unit_test(test_client_call_window),
+        cmocka_unit_test(test_client_call_window_failure),
         cmocka_unit_test(test_client_bf16_pushes),
         cmocka_unit_test(test_malformed_bytes),
         cmocka_unit_test(test_bad_push_contents),
