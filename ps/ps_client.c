@@ -105,8 +105,9 @@ typedef struct sub {
     sub_rows want; /* ...and rows its reply carries. */
     int sparse;    /* A sparse step: rows_final is sent. */
     int some;      /* A pull of some of the shard's partitions (parts). */
+    int slot;      /* Grouped: its shard's groups before it in the ticket. */
     int queued;    /* Not started: waits for an earlier call of its shard to
-                    * finish (the call window); code is -1 meanwhile. */
+                    * finish (slot >= the call window); code is -1 meanwhile. */
     double first;  /* When its first attempt started (retries count from it). */
 } sub;
 
@@ -385,6 +386,13 @@ static void issue(ps_ticket *t, sub *s, int reserved) {
     ps_wire_writer_free(&w, 0);
 }
 
+/* The call window: a shard's first W groups go at once, each end starts
+ * the next, so a call's bytes are not spread thin over all of them (a
+ * call's pull waits for every worker's push of it). <= 0: all at once. */
+static int call_window(const ps_client *c) {
+    return c->cfg.call_window ? c->cfg.call_window : PS_CLIENT_CALL_WINDOW;
+}
+
 /* A ticket with one sub-call per shard, or with 'grouped' (dense calls)
  * one per group: runs of a shard's partitions of at most cfg.call_bytes,
  * all issued at once. */
@@ -396,6 +404,7 @@ static ps_ticket *ticket_new(ps_client *c, int op, int64_t step, int grouped) {
     t->start = cm_now();
     t->nsubs = grouped ? c->ngroups : c->nshards;
     t->subs = cm_calloc((size_t)t->nsubs, sizeof *t->subs);
+    int w = call_window(c);
     for (int i = 0; i < t->nsubs; i++) {
         const struct group *g = grouped ? &c->groups[i] : NULL;
         sub *s = &t->subs[i];
@@ -404,13 +413,8 @@ static ps_ticket *ticket_new(ps_client *c, int op, int64_t step, int grouped) {
         s->nparts = g ? g->nparts : c->nparts[i];
         s->parts = g ? g->parts : c->parts[i];
         s->some = g && op == OP_PULL && g->nparts < c->nparts[g->shard];
-        /* The call window: a shard's first W groups go at once, each end
-         * starts the next, so a call's bytes are not spread thin over all
-         * of them (a call's pull waits for every worker's push of it). */
-        int w = c->cfg.call_window ? c->cfg.call_window : PS_CLIENT_CALL_WINDOW;
-        int k = 0; /* This shard's groups before this one. */
-        while (g && k < i && t->subs[i - 1 - k].shard == s->shard) k++;
-        if (g && w > 0 && k >= w) {
+        s->slot = i > 0 && s[-1].shard == s->shard ? s[-1].slot + 1 : 0;
+        if (g && w > 0 && s->slot >= w) {
             s->queued = 1;
             s->code = -1;
         }
@@ -441,16 +445,13 @@ static void ticket_convert(ps_ticket *t) {
     }
 }
 
-/* Every sub-call not queued behind the call window. Which ones is read
- * before the first starts: once one has, its end may start (and unqueue)
- * the next on the client's thread. */
+/* Every sub-call not queued behind the call window: the first W of each
+ * shard (by slot, not by 'queued': once one has started, its end may
+ * unqueue and start the next on the client's thread). */
 static void issue_all(ps_ticket *t) {
-    sub **go = cm_malloc((size_t)t->nsubs * sizeof *go);
-    int n = 0;
+    int w = call_window(t->c);
     for (int i = 0; i < t->nsubs; i++)
-        if (!t->subs[i].queued) go[n++] = &t->subs[i];
-    for (int i = 0; i < n; i++) issue(t, go[i], 0);
-    free(go);
+        if (w <= 0 || t->subs[i].slot < w) issue(t, &t->subs[i], 0);
 }
 
 int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **out) {

@@ -542,6 +542,18 @@ static void test_client_happy_path(void **state) {
 
 /* ===== Large pushes and pulls as several calls ===== */
 
+/* A client whose calls carry at most one partition (call_bytes 1), with
+ * this deadline and call window (0: the default). */
+static ps_client *open_split_client(int rank, int64_t deadline_ms, int window) {
+    ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = rank,
+                        .deadline_ms = deadline_ms, .connect_timeout_ms = 2000,
+                        .call_bytes = 1, .call_window = window};
+    ps_client *c = NULL;
+    char err[256] = "";
+    if (ps_client_open(&cc, &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    return c;
+}
+
 /* Clients whose calls carry at most one partition (call_bytes 1: a shard's
  * pushes and pulls go as one call a partition, all at once) train exactly
  * as whole calls do, through push then pull and through push-pull; the
@@ -560,13 +572,7 @@ static void test_client_calls_split(void **state) {
     init_ok();
     assert_true(F.pl->shard_nparts[0] >= 2);
     ps_client *cl[2];
-    for (int r = 0; r < 2; r++) {
-        ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = r,
-                            .deadline_ms = DEADLINE, .connect_timeout_ms = 2000,
-                            .call_bytes = 1};
-        char err[256] = "";
-        if (ps_client_open(&cc, &cl[r], err, sizeof err) != CM_OK) fail_msg("%s", err);
-    }
+    for (int r = 0; r < 2; r++) cl[r] = open_split_client(r, DEADLINE, 0);
     char err[512] = "";
     int64_t v = -1;
     float *g1 = malloc(n * sizeof *g1), *got1 = malloc(n * sizeof *got1);
@@ -713,14 +719,7 @@ static void test_client_call_window(void **state) {
     int windows[2] = {1, -1};
     ps_client *cl[2][2];
     for (int k = 0; k < 2; k++)
-        for (int r = 0; r < 2; r++) {
-            ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs,
-                                .rank = r, .deadline_ms = DEADLINE,
-                                .connect_timeout_ms = 2000, .call_bytes = 1,
-                                .call_window = windows[k]};
-            char err[256] = "";
-            if (ps_client_open(&cc, &cl[k][r], err, sizeof err) != CM_OK) fail_msg("%s", err);
-        }
+        for (int r = 0; r < 2; r++) cl[k][r] = open_split_client(r, DEADLINE, windows[k]);
     /* Calls a push-pull makes: one a partition (biases may share one). */
     uint64_t before = stats().pushes;
     ps_ticket *t[2];
@@ -762,10 +761,7 @@ static void test_client_call_window(void **state) {
      * two. */
     ps_client *ab[2];
     for (int r = 0; r < 2; r++) {
-        ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = r,
-                            .deadline_ms = 1000, .connect_timeout_ms = 2000, .call_bytes = 1,
-                            .call_window = 1};
-        if (ps_client_open(&cc, &ab[r], err, sizeof err) != CM_OK) fail_msg("%s", err);
+        ab[r] = open_split_client(r, 1000, 1);
         grad_fill(g[r], n, r, 3);
     }
     before = stats().pushes;
@@ -799,12 +795,8 @@ static void test_client_call_window_failure(void **state) {
     float *g = malloc(n * sizeof *g), *out = malloc(n * sizeof *out);
     assert_true(g && out);
     init_ok();
-    ps_client *cl;
-    ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = 0,
-                        .deadline_ms = 600, .connect_timeout_ms = 2000, .call_bytes = 1,
-                        .call_window = 1};
+    ps_client *cl = open_split_client(0, 600, 1);
     char err[512] = "";
-    if (ps_client_open(&cc, &cl, err, sizeof err) != CM_OK) fail_msg("%s", err);
     grad_fill(g, n, 0, 0);
     uint64_t before = stats().pushes;
     ps_ticket *t;
