@@ -386,7 +386,6 @@ int bu_next_line(bu_driver *d, bu_child **ks, int n, char *line, size_t cap, cha
             cm_seterr(err, errlen, "the run passed its --timeout");
             return -1;
         }
-        if (check_watched(d, err, errlen)) return -1;
         struct pollfd pf[BU_MAX_KIDS];
         for (int i = 0; i < n; i++) pf[i] = (struct pollfd){.fd = ks[i]->out_fd, .events = POLLIN};
         int r = poll(pf, (nfds_t)n, left < 0.1 ? (int)(left * 1e3) + 1 : 100);
@@ -394,6 +393,10 @@ int bu_next_line(bu_driver *d, bu_child **ks, int n, char *line, size_t cap, cha
             cm_seterr(err, errlen, "poll: %s", strerror(errno));
             return -1;
         }
+        /* A server gone while nothing more came: lines written before it
+         * left are read first (a worker prints its last line, then stops
+         * the servers, which may exit before this loop reads that line). */
+        if (r == 0 && check_watched(d, err, errlen)) return -1;
         for (int i = 0; r > 0 && i < n; i++) {
             if (!pf[i].revents) continue;
             bu_child *k = ks[i];
