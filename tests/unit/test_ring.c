@@ -37,7 +37,7 @@
 #include "worker/sync/wk_ring_int.h"
 
 #define MAX_N 5
-#define BIG (1048576 + 3) /* Several chunks per segment at 256 KiB. */
+#define BIG (1048576 + 3) /* 4 MiB: several chunks per segment at 1 MiB and 256 KiB. */
 
 /* ===== Running N ranks as threads ===== */
 
@@ -647,6 +647,35 @@ static void test_shm_sums_and_broadcast(void **state) {
     g_transport = WK_RING_TCP;
 }
 
+/* chunk_bytes 0 takes the transport's default chunk; any other value is
+ * kept. */
+static void chunk_work(rank_ctx *c, wk_ring *ring) {
+    if (wk_ring_chunk_bytes(ring) != *(const size_t *)c->arg) c->bad++;
+}
+
+static void test_default_chunk_by_transport(void **state) {
+    (void)state;
+    struct {
+        int transport;
+        size_t chunk, want;
+    } cases[] = {{WK_RING_TCP, 0, WK_RING_TCP_CHUNK},
+                 {WK_RING_SHM, 0, WK_RING_SHM_CHUNK},
+                 {WK_RING_AUTO, 0, WK_RING_SHM_CHUNK},
+                 {WK_RING_TCP, 4096, 4096},
+                 {WK_RING_SHM, 8192, 8192}};
+    assert_true(WK_RING_TCP_CHUNK != WK_RING_SHM_CHUNK);
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        wk_ring_opts o;
+        g_transport = cases[k].transport;
+        small_timeouts(&o);
+        o.chunk_bytes = cases[k].chunk;
+        rank_ctx ctx[2];
+        run_ranks(2, &o, chunk_work, &cases[k].want, ctx);
+        expect_all_ok(ctx, 2);
+    }
+    g_transport = WK_RING_TCP;
+}
+
 /* Auto on one host is shared memory; tcp against auto is refused at the
  * handshake, naming the versions, instead of misreading the negotiation. */
 typedef struct transports {
@@ -797,6 +826,7 @@ int main(void) {
         cmocka_unit_test(test_peers_listening_fail_fast),
         cmocka_unit_test(test_shm_sums_and_broadcast),
         cmocka_unit_test(test_shm_auto_and_mismatch),
+        cmocka_unit_test(test_default_chunk_by_transport),
         cmocka_unit_test(test_shm_peer_killed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -155,7 +155,7 @@ void wk_ring_opts_default(wk_ring_opts *o) {
     *o = (wk_ring_opts){.job_id = 0,
                         .timeout_ms = 30000,
                         .connect_timeout_ms = 30000,
-                        .chunk_bytes = 256 << 10,
+                        .chunk_bytes = 0,
                         .sock_buf_bytes = 0,
                         .spin_us = 0,
                         .transport = WK_RING_TCP};
@@ -776,6 +776,9 @@ int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const
     r->nranks = nranks;
     r->opts = o;
     r->send_fd = r->recv_fd = -1;
+    if (o.chunk_bytes == 0)
+        o.chunk_bytes = o.transport == WK_RING_TCP ? WK_RING_TCP_CHUNK : WK_RING_SHM_CHUNK;
+    r->opts.chunk_bytes = o.chunk_bytes;
     r->chunk_elems = o.chunk_bytes / sizeof(float) ? o.chunk_bytes / sizeof(float) : 1;
     r->sends = cm_calloc(2 * (size_t)nranks, sizeof *r->sends);
     r->recvs = cm_calloc(2 * (size_t)nranks, sizeof *r->recvs);
@@ -1209,6 +1212,7 @@ const char *wk_ring_transport(const wk_ring *r) {
     if (r->nranks == 1) return "none";
     return r->tx && r->rx ? "shm" : r->tx || r->rx ? "tcp+shm" : "tcp";
 }
+size_t wk_ring_chunk_bytes(const wk_ring *r) { return r->chunk_elems * sizeof(float); }
 int wk_ring_status(const wk_ring *r) { return r->status; }
 const char *wk_ring_error(const wk_ring *r) { return r->err; }
 

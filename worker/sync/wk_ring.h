@@ -48,7 +48,10 @@ typedef struct wk_ring_opts {
      * rank and waiting for the previous one; ms. */
     int connect_timeout_ms;
     /* Pipelining unit: each segment of the buffer travels in chunks of at
-     * most this many bytes (rounded down to whole floats, at least one). */
+     * most this many bytes (rounded down to whole floats, at least one).
+     * 0 (the default): by transport, WK_RING_TCP_CHUNK over TCP only,
+     * WK_RING_SHM_CHUNK with shared memory (auto, shm). Every rank must
+     * use the same value (with 0, the same transport does). */
     size_t chunk_bytes;
     /* SO_SNDBUF / SO_RCVBUF of the ring's sockets; 0 keeps the kernel's
      * autotuning. */
@@ -72,8 +75,16 @@ typedef struct wk_ring_opts {
 
 enum { WK_RING_TCP = 0, WK_RING_AUTO = 1, WK_RING_SHM = 2 };
 
-/* Defaults: job_id 0, timeout 30 s, connect timeout 30 s, chunk 256 KiB,
- * kernel socket buffers. */
+/* Default chunks (chunk_bytes 0). Over TCP a chunk costs a header, a
+ * poll() and its wake-ups, so chunks are large: with one chunk a segment
+ * the ring still moves every link at once, and what a chunk less of
+ * pipelining loses is the reduction of one chunk a step. A shared-memory
+ * slot holds one chunk, and smaller slots keep the copy in cache. */
+#define WK_RING_TCP_CHUNK ((size_t)1 << 20)
+#define WK_RING_SHM_CHUNK ((size_t)256 << 10)
+
+/* Defaults: job_id 0, timeout 30 s, connect timeout 30 s, chunk by
+ * transport (0), kernel socket buffers, TCP only. */
 void wk_ring_opts_default(wk_ring_opts *o);
 
 /* ===== Listener ===== */
@@ -122,6 +133,10 @@ int wk_ring_size(const wk_ring *r);
 /* How this rank's two links carry data: "tcp", "shm" (both shared memory)
  * or "tcp+shm"; "none" for a single rank. Owned by the library. */
 const char *wk_ring_transport(const wk_ring *r);
+
+/* The chunk this ring uses, in bytes (chunk_bytes, or the transport's
+ * default for 0). */
+size_t wk_ring_chunk_bytes(const wk_ring *r);
 /* CM_OK, or the sticky status of the first failure. */
 int wk_ring_status(const wk_ring *r);
 /* The message of the first failure ("" when none); owned by the ring. */
