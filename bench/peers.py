@@ -2,7 +2,8 @@
 """peers.py - the PS against ps-lite, live, in the same window.
 
     bench/peers.py --pslite-src DIR [--build-dir build] [--rounds 6]
-                   [--shapes 1x1,2x2] [--sizes 4K,1M,16M] [--mode sync] [--out FILE]
+                   [--shapes 1x1,2x2] [--sizes 4K,1M,16M] [--mode sync]
+                   [--op push-then-pull,push-pull] [--out FILE]
 
 DIR is a source tree of ps-lite (github.com/dmlc/ps-lite; measured with commit 15b8adf):
 its Makefile and include/ps/ps.h. It is copied into BUILD/peers/ps-lite and built there
@@ -11,7 +12,12 @@ with its own Makefile against Debian's libzmq3-dev and libprotobuf-dev/protobuf-
 push-then-pull workload on ps-lite's KVWorker/KVServer) is linked against it. Without
 DIR (or PSLITE_SRC) this prints why and exits 0: the project builds and tests without it.
 
-Every round runs, for each shape and size, psbench (the PS and plain TCP: one run) and
+--op: push-then-pull (a push, then a pull, each waited for: the default) and/or push-pull
+(one request that pushes and pulls back: ZPushPull on ps-lite, ps_client_push_pull on the PS,
+what pstrain's sync steps use; both count a request as a push and a pull, and its bytes
+both ways).
+
+Every round runs, for each op, shape and size, psbench (the PS and plain TCP: one run) and
 ps-lite's cluster (1 scheduler, S servers, W workers on 127.0.0.1, ZeroMQ's TCP van), in
 alternating order from round to round. Iterations are psbench's: 4 KiB 3000 timed + 300
 warm-up, up to 4 MiB 300 + 30, beyond 40 + 5. Each window records the load average and the
@@ -92,10 +98,17 @@ class Window:
 
 
 def build_pslite(src, build_dir):
-    """BUILD/peers/bench_dense, built once; None (with a message) if it cannot be."""
+    """BUILD/peers/bench_dense (ps-lite built once, the program again when its source
+    changed); None (with a message) if it cannot be."""
     out = os.path.join(build_dir, "peers")
     exe = os.path.join(out, "bench_dense")
-    if os.path.exists(exe):
+    prog = os.path.join(HERE, "peers", "pslite_bench_dense.cc")
+    tree = os.path.join(out, "ps-lite")
+    lib = os.path.join(tree, "build", "libps.a")
+    if os.path.exists(exe) and os.path.getmtime(exe) >= os.path.getmtime(prog):
+        return exe
+    if os.path.exists(lib):
+        link_bench(tree, prog, exe)
         return exe
     needs = (("/usr/include/zmq.h", "libzmq3-dev"), ("/usr/bin/protoc", "protobuf-compiler"),
              ("/usr/include/google/protobuf/message.h", "libprotobuf-dev"))
@@ -106,18 +119,20 @@ def build_pslite(src, build_dir):
         if not os.path.exists(f):
             say(f"skipped: ps-lite needs {what}, which could not be installed")
             return None
-    tree = os.path.join(out, "ps-lite")
     if os.path.exists(tree):
         shutil.rmtree(tree)
     shutil.copytree(src, tree)
     say(f"building ps-lite from {src} in {tree} (its Makefile, DEPS_PATH=/usr)")
     subprocess.run(["make", "ps", "DEPS_PATH=/usr", "-j2"], cwd=tree, check=True,
                    stdout=subprocess.DEVNULL)
-    subprocess.run(["g++", "-std=c++11", "-O3", "-msse2", "-pthread", "-I",
-                    os.path.join(tree, "include"), os.path.join(HERE, "peers", "pslite_bench_dense.cc"),
-                    os.path.join(tree, "build", "libps.a"), "-lzmq", "-lprotobuf", "-o", exe],
-                   check=True)
+    link_bench(tree, prog, exe)
     return exe
+
+
+def link_bench(tree, prog, exe):
+    subprocess.run(["g++", "-std=c++11", "-O3", "-msse2", "-pthread", "-I",
+                    os.path.join(tree, "include"), prog, os.path.join(tree, "build", "libps.a"),
+                    "-lzmq", "-lprotobuf", "-o", exe], check=True)
 
 
 def free_port():
@@ -126,13 +141,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_pslite(exe, ns, nw, nbytes, iters, warmup, mode, timeout):
+def run_pslite(exe, ns, nw, nbytes, iters, warmup, mode, op, timeout):
     """One ps-lite cluster; its result dict (ok False with a reason on failure)."""
     port = free_port()
     env = dict(os.environ, DMLC_NUM_SERVER=str(ns), DMLC_NUM_WORKER=str(nw),
                DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port),
                DMLC_NODE_HOST="127.0.0.1")
-    args = [exe, str(nbytes), str(iters), str(warmup), mode, "1"]
+    args = [exe, str(nbytes), str(iters), str(warmup), mode, "1", op]
     procs = []
     for role, n in (("scheduler", 1), ("server", ns), ("worker", nw)):
         for _ in range(n):
@@ -159,8 +174,8 @@ def run_pslite(exe, ns, nw, nbytes, iters, warmup, mode, timeout):
         for line in out.splitlines():
             if line.startswith("RESULT"):
                 rs.append(dict(kv.split("=", 1) for kv in line.split()[1:]))
-    res = {"system": "ps-lite", "servers": ns, "workers": nw, "mode": mode, "bytes": nbytes,
-           "iters": iters, "warmup": warmup}
+    res = {"system": "ps-lite", "servers": ns, "workers": nw, "mode": mode, "op": op,
+           "bytes": nbytes, "iters": iters, "warmup": warmup}
     if failed or len(rs) != nw or any(int(r["verify_bad"]) for r in rs):
         res.update(ok=False, why=failed or f"{len(rs)} of {nw} workers reported, or verify failed")
         return res
@@ -171,12 +186,13 @@ def run_pslite(exe, ns, nw, nbytes, iters, warmup, mode, timeout):
     return res
 
 
-def run_psbench(psbench, ns, nw, nbytes, mode, timeout):
+def run_psbench(psbench, ns, nw, nbytes, mode, op, timeout):
     p = subprocess.run([psbench, "--shapes", f"{ns}x{nw}", "--modes", mode, "--sizes",
-                        str(nbytes), "--repeats", "1", "--timeout", str(timeout)],
+                        str(nbytes), "--repeats", "1", "--timeout", str(timeout), "--op", op],
                        capture_output=True, text=True, timeout=timeout + 30)
     lines = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
-    res = {"system": "psbench", "servers": ns, "workers": nw, "mode": mode, "bytes": nbytes}
+    res = {"system": "psbench", "servers": ns, "workers": nw, "mode": mode, "op": op,
+           "bytes": nbytes}
     if p.returncode != 0 or len(lines) != 1 or lines[0].get("check") != "ok":
         res.update(ok=False, why=(lines[0].get("check") if lines else p.stderr.strip()[-300:]))
         return res
@@ -208,6 +224,8 @@ def main():
     ap.add_argument("--shapes", default="1x1,2x2")
     ap.add_argument("--sizes", default="4K,1M,16M")
     ap.add_argument("--mode", choices=("sync", "async"), default="sync")
+    ap.add_argument("--op", default="push-then-pull",
+                    help="push-then-pull, push-pull, or both (comma-separated)")
     ap.add_argument("--timeout", type=int, default=300, help="bound on one run, seconds")
     ap.add_argument("--out", help="also write the JSON lines here")
     a = ap.parse_args()
@@ -223,6 +241,10 @@ def main():
     exe = build_pslite(os.path.abspath(src), a.build_dir)
     if not exe:
         return 0
+    ops = a.op.split(",")
+    if any(o not in ("push-then-pull", "push-pull") for o in ops):
+        say(f"--op: push-then-pull and/or push-pull, not {a.op}")
+        return 2
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     sizes = [size_of(s) for s in a.sizes.split(",")]
     out = open(a.out, "w") if a.out else None
@@ -237,21 +259,23 @@ def main():
     runs = {}
     failed = 0
     for rnd in range(a.rounds):
-        for ns, nw in shapes:
-            for nbytes in sizes:
-                iters, warmup = iters_for(nbytes)
-                order = ("psbench", "ps-lite") if rnd % 2 == 0 else ("ps-lite", "psbench")
-                for system in order:
-                    with Window() as w:
-                        if system == "psbench":
-                            r = run_psbench(psbench, ns, nw, nbytes, a.mode, a.timeout)
-                        else:
-                            r = run_pslite(exe, ns, nw, nbytes, iters, warmup, a.mode, a.timeout)
-                    r.update(round=rnd, **w.fields())
-                    failed += not r["ok"]
-                    emit(r)
-                    runs.setdefault((ns, nw, nbytes), {}).setdefault(rnd, {})[system] = r
-    for (ns, nw, nbytes), by_round in runs.items():
+        for op in ops:
+            for ns, nw in shapes:
+                for nbytes in sizes:
+                    iters, warmup = iters_for(nbytes)
+                    order = ("psbench", "ps-lite") if rnd % 2 == 0 else ("ps-lite", "psbench")
+                    for system in order:
+                        with Window() as w:
+                            if system == "psbench":
+                                r = run_psbench(psbench, ns, nw, nbytes, a.mode, op, a.timeout)
+                            else:
+                                r = run_pslite(exe, ns, nw, nbytes, iters, warmup, a.mode, op,
+                                               a.timeout)
+                        r.update(round=rnd, **w.fields())
+                        failed += not r["ok"]
+                        emit(r)
+                        runs.setdefault((op, ns, nw, nbytes), {}).setdefault(rnd, {})[system] = r
+    for (op, ns, nw, nbytes), by_round in runs.items():
         keep = [rd for rd in by_round.values()
                 if all(s in rd and rd[s]["ok"] and not rd[s]["busy"] for s in ("psbench", "ps-lite"))]
         ps = [rd["psbench"]["gbps"] for rd in keep]
@@ -260,7 +284,8 @@ def main():
         pl_ops = [rd["ps-lite"]["ops_per_sec"] for rd in keep]
         ps_ops = [rd["psbench"]["ops_per_sec"] for rd in keep]
         sp = {k: spread(v) for k, v in (("psbench", ps), ("tcp", tcp), ("ps-lite", pl))}
-        emit({"summary": True, "servers": ns, "workers": nw, "mode": a.mode, "bytes": nbytes,
+        emit({"summary": True, "op": op, "servers": ns, "workers": nw, "mode": a.mode,
+              "bytes": nbytes,
               "rounds": len(by_round), "rounds_kept": len(keep),
               "ps_gbps": median(ps), "tcp_gbps": median(tcp), "pslite_gbps": median(pl),
               "ps_ops_per_sec": median(ps_ops), "pslite_ops_per_sec": median(pl_ops),

@@ -42,6 +42,11 @@
  * --call-bytes, --call-window), the same in every process of a run. */
 static long g_part_bytes = 262144, g_call_bytes = 0, g_call_window = 0;
 
+/* --op push-pull: each iteration is one request that pushes and pulls back
+ * (ps_client_push_pull, what pstrain's sync steps use; the TCP reference and
+ * ps-lite likewise) instead of a push, then a pull. */
+static int g_pushpull = 0;
+
 /* Options of every role; the driver passes the role ones to its children. */
 typedef struct opts {
     const char *role; /* NULL for the driver. */
@@ -154,11 +159,19 @@ static int ps_worker_main(const opts *o) {
     double tprev = cm_now(), tstart = tprev, push_s = 0.0, pull_s = 0.0;
     for (int it = 0; it < total; it++) {
         if (it == o->warmup) tstart = tprev;
-        ps_client_push(c, it, ones, &t);
-        if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) goto fail;
-        double t1 = cm_now();
-        ps_client_pull(c, o->sync ? it + 1 : 0, buf, &t);
-        if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) goto fail;
+        double t1;
+        if (g_pushpull) {
+            /* Sync: the values of version it + 1; async: the newest. */
+            ps_client_push_pull(c, it, ones, buf, &t);
+            if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) goto fail;
+            t1 = cm_now();
+        } else {
+            ps_client_push(c, it, ones, &t);
+            if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) goto fail;
+            t1 = cm_now();
+            ps_client_pull(c, o->sync ? it + 1 : 0, buf, &t);
+            if (ps_ticket_wait(t, NULL, err, sizeof err) != CM_OK) goto fail;
+        }
         double t2 = cm_now();
         if (it >= o->warmup) {
             push_s += t1 - tprev;
@@ -226,7 +239,8 @@ static void add_into(float *restrict dst, const float *restrict src, size_t n) {
 }
 
 /* Serve one connection: 'P' + slice -> add, answer 'A'; 'L' -> the slice;
- * 'Q' -> answer 'A' and stop the server. */
+ * 'X' + slice -> add, answer the slice; 'Q' -> answer 'A' and stop the
+ * server. */
 static void tcp_serve(void *ctx, int fd, int listen_fd) {
     tcp_store *st = ctx;
     size_t bytes = st->n * sizeof(float);
@@ -235,12 +249,18 @@ static void tcp_serve(void *ctx, int fd, int listen_fd) {
     const char ack = 'A';
     char op;
     while (in && bu_recv_all(fd, &op, 1) == 0) {
-        if (op == 'P') {
+        if (op == 'P' || op == 'X') {
             if (bu_recv_all(fd, in, bytes)) break;
             pthread_rwlock_wrlock(&st->lock);
             add_into(st->v, in, st->n);
             pthread_rwlock_unlock(&st->lock);
-            if (bu_send_all(fd, &ack, 1, 0)) break;
+            if (op == 'P' && bu_send_all(fd, &ack, 1, 0)) break;
+            if (op == 'X') {
+                pthread_rwlock_rdlock(&st->lock);
+                int rc = bu_send_all(fd, st->v, bytes, 0);
+                pthread_rwlock_unlock(&st->lock);
+                if (rc) break;
+            }
         } else if (op == 'L') {
             pthread_rwlock_rdlock(&st->lock);
             int rc = bu_send_all(fd, st->v, bytes, 0);
@@ -299,14 +319,25 @@ static int tcp_pull(tcp_link *l) {
     return 0;
 }
 
-/* Push, barrier, pull, barrier, 'total' times; the main thread is the
- * barrier's last party and takes the times. */
+/* --op push-pull: the slice up, the sum back, one request. */
+static int tcp_push_pull(tcp_link *l) {
+    const char op = 'X';
+    size_t bytes = l->n * sizeof(float);
+    if (bu_send_all(l->fd, &op, 1, MSG_MORE) || bu_send_all(l->fd, l->src, bytes, 0) ||
+        bu_recv_all(l->fd, l->dst, bytes))
+        return -1;
+    return 0;
+}
+
+/* Push, barrier, pull, barrier, 'total' times (push-pull, barrier, barrier
+ * with --op push-pull); the main thread is the barrier's last party and
+ * takes the times. */
 static void *tcp_link_run(void *arg) {
     tcp_link *l = arg;
     for (int it = 0; it < l->total; it++) {
-        if (!l->failed && tcp_push(l)) l->failed = 1;
+        if (!l->failed && (g_pushpull ? tcp_push_pull(l) : tcp_push(l))) l->failed = 1;
         pthread_barrier_wait(l->bar);
-        if (!l->failed && tcp_pull(l)) l->failed = 1;
+        if (!l->failed && !g_pushpull && tcp_pull(l)) l->failed = 1;
         pthread_barrier_wait(l->bar);
     }
     return NULL;
@@ -361,10 +392,12 @@ static int tcp_worker_main(const opts *o) {
     double tprev = cm_now(), tstart = tprev, push_s = 0.0, pull_s = 0.0;
     for (int it = 0; it < total; it++) {
         if (it == o->warmup) tstart = tprev;
-        if (ns == 1 && tcp_push(&links[0])) links[0].failed = 1;
+        if (ns == 1 && (g_pushpull ? tcp_push_pull(&links[0]) : tcp_push(&links[0])))
+            links[0].failed = 1;
         if (ns > 1) pthread_barrier_wait(&bar);
         double t1 = cm_now();
-        if (ns == 1 && !links[0].failed && tcp_pull(&links[0])) links[0].failed = 1;
+        if (ns == 1 && !g_pushpull && !links[0].failed && tcp_pull(&links[0]))
+            links[0].failed = 1;
         if (ns > 1) pthread_barrier_wait(&bar);
         double t2 = cm_now();
         if (it >= o->warmup) {
@@ -468,11 +501,12 @@ static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, con
                           nums[1], "--elems", nums[2], "--warmup", nums[3], "--iters", nums[4],
                           "--mode", b->sync ? "sync" : "async", (char *)addr_opt, (char *)addrs,
                           "--partition-bytes", nums[5], "--call-bytes", nums[6],
-                          "--call-window", nums[7], NULL};
+                          "--call-window", nums[7],
+                          "--op", g_pushpull ? "push-pull" : "push-then-pull", NULL};
         snprintf(nums[5], 24, "%ld", g_part_bytes);
         snprintf(nums[6], 24, "%ld", g_call_bytes);
         snprintf(nums[7], 24, "%ld", g_call_window);
-        int k = 23;
+        int k = 25;
         if (!strcmp(role, "worker") && (b->security == SEC_TOKEN || b->security == SEC_TLS)) {
             argv[k++] = "--token-file";
             argv[k++] = g_sec.token;
@@ -672,8 +706,8 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
            "\"bytes\":%zu,\"warmup\":%d,\"iters\":%d,\"runs\":%d,\"security\":\"%s\"",
            b->servers, b->workers, b->sync ? "sync" : "async", b->bytes, b->warmup, b->iters,
            nrep, sec_names[b->security]);
-    printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld,\"call_window\":%ld", g_part_bytes,
-           g_call_bytes, g_call_window);
+    printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld,\"call_window\":%ld,\"op\":\"%s\"",
+           g_part_bytes, g_call_bytes, g_call_window, g_pushpull ? "push-pull" : "push-then-pull");
     printf(",\"load1_start\":%.2f,\"load1_end\":%.2f", load[0], load[1]);
     /* Runs where others used the cores are left out (all kept if none is
      * clean, and said so). */
@@ -712,7 +746,7 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
             ratio[i] = g[i] / tg[i];
         }
         double gm = bu_median(g, nrep), tgm = bu_median(tg, nrep);
-        double ops = gm * 1e9 / (double)b->bytes; /* Pushes + pulls per second. */
+        double ops = gm * 1e9 / (double)b->bytes; /* Pushes + pulls (a push-pull: 2) a second. */
         qsort(g, (size_t)nrep, sizeof *g, bu_cmp_double);
         qsort(tg, (size_t)nrep, sizeof *tg, bu_cmp_double);
         printf(",\"gbps\":%.4f,\"gbps_min\":%.4f,\"gbps_max\":%.4f,\"ops_per_sec\":%.1f,"
@@ -782,6 +816,12 @@ static void usage(FILE *f) {
             "                       the client's default, 1 MiB); -1: one call a shard\n"
             "  --call-window N      of a shard's calls, N in flight at once (default 0: the\n"
             "                       client's default, 3); -1: all at once\n"
+            "  --op OP              push-then-pull (default): a push, then a pull, each\n"
+            "                       waited for; push-pull: one request that pushes and\n"
+            "                       pulls back (pstrain's sync steps; TCP likewise).\n"
+            "                       gbps counts the bytes both ways either way, and\n"
+            "                       ops_per_sec a push-pull as two (a push and a pull);\n"
+            "                       push_ms is then the whole request, pull_ms 0\n"
             "  --bin-dir DIR        where psserver is (default <this binary's dir>/../bin)\n"
             "  -h, --help           this text\n");
 }
@@ -911,7 +951,7 @@ int main(int argc, char **argv) {
         {"security", required_argument, 0, 'S'}, {"token-file", required_argument, 0, 'F'},
         {"tls-ca", required_argument, 0, 'C'},
         {"partition-bytes", required_argument, 0, 'P'}, {"call-bytes", required_argument, 0, 'B'},
-        {"call-window", required_argument, 0, 'J'},
+        {"call-window", required_argument, 0, 'J'}, {"op", required_argument, 0, 'O'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     opts o = {.repeats = 1, .warmup = -1, .timeout_s = 1800.0, .workers = 1};
     cm_mem_keep_freed(); /* As psserver and pstrain do. */
@@ -940,6 +980,13 @@ int main(int argc, char **argv) {
         case 'P': g_part_bytes = atol(optarg); break;
         case 'B': g_call_bytes = atol(optarg); break;
         case 'J': g_call_window = atol(optarg); break;
+        case 'O':
+            if (strcmp(optarg, "push-pull") && strcmp(optarg, "push-then-pull")) {
+                fprintf(stderr, "psbench: --op: push-then-pull or push-pull, not '%s'\n", optarg);
+                return 2;
+            }
+            g_pushpull = !strcmp(optarg, "push-pull");
+            break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
