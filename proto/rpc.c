@@ -8,6 +8,7 @@
 #include "proto/rpc.h"
 
 #include <assert.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -163,7 +164,23 @@ int rpc_status_to_cm(int code) {
  * uses gRPC until it exits. */
 static pthread_once_t pin_once = PTHREAD_ONCE_INIT;
 
-static void pin_grpc(void) { grpc_init(); }
+/* Debian 12's Abseil is built without NDEBUG, so every absl::Mutex lock in
+ * gRPC also runs its deadlock detector: a global graph of lock ids under a
+ * global lock (docs/GRPC_LEVELDB_NOTES.md G14). Release builds of Abseil
+ * have it off; so does this, through absl::SetMutexDeadlockDetectionMode
+ * (kIgnore = 0), looked up by its mangled name in Debian's inline
+ * namespace. An Abseil without that symbol (another build, another
+ * version) is left as it is. */
+static void absl_no_deadlock_detection(void) {
+    void (*set_mode)(int) = (void (*)(int))dlsym(
+        RTLD_DEFAULT, "_ZN4absl7debian329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE");
+    if (set_mode) set_mode(0);
+}
+
+static void pin_grpc(void) {
+    absl_no_deadlock_detection();
+    grpc_init();
+}
 
 void rpc_init(void) {
     pthread_once(&pin_once, pin_grpc);
