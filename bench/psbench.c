@@ -40,7 +40,7 @@
 
 /* The PS's partitioning and the client's calls (--partition-bytes,
  * --call-bytes, --call-window), the same in every process of a run. */
-static long g_part_bytes = 262144, g_call_bytes = 0, g_call_window = 0;
+static long g_part_bytes = 262144, g_call_bytes = 0, g_call_window = 0, g_spin_us = 0;
 
 /* --op push-pull: each iteration is one request that pushes and pulls back
  * (ps_client_push_pull, what pstrain's sync steps use; the TCP reference and
@@ -131,6 +131,7 @@ static int ps_worker_main(const opts *o) {
                          .auth_token = cm_security_token(&sec),
                          .admin_token = cm_security_token(&sec), .tls_ca = o->tls_ca,
                          .call_bytes = g_call_bytes, .call_window = (int)g_call_window,
+                         .spin_us = (int)g_spin_us,
                          .async = !o->sync};
     if (ps_client_open(&cfg, &c, err, sizeof err) != CM_OK) goto fail;
     if (o->rank == 0) {
@@ -491,22 +492,24 @@ static sec_files g_sec;
 static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, const char *addr_opt,
                          const char *addrs, bu_child **w, char *err, size_t errlen) {
     for (int r = 0; r < b->workers; r++) {
-        char nums[8][24], name[32];
+        char nums[9][24], name[32];
         snprintf(nums[0], 24, "%d", r);
         snprintf(nums[1], 24, "%d", b->workers);
         snprintf(nums[2], 24, "%zu", b->bytes / sizeof(float));
         snprintf(nums[3], 24, "%d", b->warmup);
         snprintf(nums[4], 24, "%d", b->iters);
-        char *argv[32] = {d->exe, "--role", (char *)role, "--rank", nums[0], "--workers",
+        char *argv[40] = {d->exe, "--role", (char *)role, "--rank", nums[0], "--workers",
                           nums[1], "--elems", nums[2], "--warmup", nums[3], "--iters", nums[4],
                           "--mode", b->sync ? "sync" : "async", (char *)addr_opt, (char *)addrs,
                           "--partition-bytes", nums[5], "--call-bytes", nums[6],
                           "--call-window", nums[7],
-                          "--op", g_pushpull ? "push-pull" : "push-then-pull", NULL};
+                          "--op", g_pushpull ? "push-pull" : "push-then-pull",
+                          "--spin-us", nums[8], NULL};
         snprintf(nums[5], 24, "%ld", g_part_bytes);
         snprintf(nums[6], 24, "%ld", g_call_bytes);
         snprintf(nums[7], 24, "%ld", g_call_window);
-        int k = 25;
+        snprintf(nums[8], 24, "%ld", g_spin_us);
+        int k = 27;
         if (!strcmp(role, "worker") && (b->security == SEC_TOKEN || b->security == SEC_TLS)) {
             argv[k++] = "--token-file";
             argv[k++] = g_sec.token;
@@ -706,8 +709,10 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
            "\"bytes\":%zu,\"warmup\":%d,\"iters\":%d,\"runs\":%d,\"security\":\"%s\"",
            b->servers, b->workers, b->sync ? "sync" : "async", b->bytes, b->warmup, b->iters,
            nrep, sec_names[b->security]);
-    printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld,\"call_window\":%ld,\"op\":\"%s\"",
-           g_part_bytes, g_call_bytes, g_call_window, g_pushpull ? "push-pull" : "push-then-pull");
+    printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld,\"call_window\":%ld,\"op\":\"%s\","
+           "\"spin_us\":%ld",
+           g_part_bytes, g_call_bytes, g_call_window, g_pushpull ? "push-pull" : "push-then-pull",
+           g_spin_us);
     printf(",\"load1_start\":%.2f,\"load1_end\":%.2f", load[0], load[1]);
     /* Runs where others used the cores are left out (all kept if none is
      * clean, and said so). */
@@ -822,6 +827,8 @@ static void usage(FILE *f) {
             "                       gbps counts the bytes both ways either way, and\n"
             "                       ops_per_sec a push-pull as two (a push and a pull);\n"
             "                       push_ms is then the whole request, pull_ms 0\n"
+            "  --spin-us N          the client's spin before it sleeps in a wait, µs\n"
+            "                       (ps_client_cfg.spin_us; default 0: none)\n"
             "  --bin-dir DIR        where psserver is (default <this binary's dir>/../bin)\n"
             "  -h, --help           this text\n");
 }
@@ -952,6 +959,7 @@ int main(int argc, char **argv) {
         {"tls-ca", required_argument, 0, 'C'},
         {"partition-bytes", required_argument, 0, 'P'}, {"call-bytes", required_argument, 0, 'B'},
         {"call-window", required_argument, 0, 'J'}, {"op", required_argument, 0, 'O'},
+        {"spin-us", required_argument, 0, 'U'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     opts o = {.repeats = 1, .warmup = -1, .timeout_s = 1800.0, .workers = 1};
     cm_mem_keep_freed(); /* As psserver and pstrain do. */
@@ -980,6 +988,7 @@ int main(int argc, char **argv) {
         case 'P': g_part_bytes = atol(optarg); break;
         case 'B': g_call_bytes = atol(optarg); break;
         case 'J': g_call_window = atol(optarg); break;
+        case 'U': g_spin_us = atol(optarg); break;
         case 'O':
             if (strcmp(optarg, "push-pull") && strcmp(optarg, "push-then-pull")) {
                 fprintf(stderr, "psbench: --op: push-then-pull or push-pull, not '%s'\n", optarg);
@@ -992,7 +1001,7 @@ int main(int argc, char **argv) {
         }
     }
     if (optind < argc || o.repeats < 1 || o.repeats > MAX_REPEATS || o.timeout_s <= 0 ||
-        g_part_bytes < 0) {
+        g_part_bytes < 0 || g_spin_us < 0 || g_spin_us > 1000000) {
         usage(stderr);
         return 2;
     }

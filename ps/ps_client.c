@@ -23,6 +23,8 @@
 #include "ps/ps_client.h"
 
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,6 +87,9 @@ struct ps_client {
     pthread_cond_t cv;  /* Broadcast on every completion and release. */
     int orphans;        /* Abandoned tickets with calls in flight. */
     int orphan_segs;    /* Their zero-copy segments not yet released. */
+    atomic_uint settles;      /* Bumped (under mu) with every broadcast of cv,
+                               * read by a spinning waiter without mu. */
+    uint64_t waits_spun, waits_slept; /* ps_client_wait_counts (under mu). */
 };
 
 typedef struct sub {
@@ -148,6 +153,7 @@ static void ticket_free(ps_ticket *t) {
  * the caller must free the orphan t (after unlocking). */
 static int ticket_settle(ps_ticket *t) {
     ps_client *c = t->c;
+    atomic_fetch_add_explicit(&c->settles, 1, memory_order_release);
     pthread_cond_broadcast(&c->cv);
     if (!t->orphan || t->calls || t->segs) return 0;
     c->orphans--;
@@ -694,9 +700,18 @@ static void abandon_locked(ps_client *c, ps_ticket **tickets, int n, int wait_se
         if (tickets[k]) ticket_free(tickets[k]);
 }
 
+/* cfg.spin_us: until c->settles moves on from gen or 'until' passes,
+ * yielding the core at every turn (mu not held). */
+static void spin_until_settle(ps_client *c, unsigned gen, double until) {
+    while (atomic_load_explicit(&c->settles, memory_order_acquire) == gen && cm_now() < until)
+        sched_yield();
+}
+
 int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, size_t errlen) {
     if (n <= 0) return CM_OK;
     ps_client *c = tickets[0]->c;
+    const double spin_end = c->cfg.spin_us > 0 ? cm_now() + c->cfg.spin_us * 1e-6 : 0;
+    int slept = 0;
     const sub *aborted = NULL;
     const ps_ticket *aborted_t = NULL;
     size_t nsubs = 0; /* A ticket has a sub-call per shard, or per group. */
@@ -740,6 +755,15 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
             pthread_mutex_lock(&c->mu);
             continue;
         }
+        if (now < spin_end) {
+            /* Read under mu, where every settle bumps it. */
+            unsigned gen = atomic_load_explicit(&c->settles, memory_order_relaxed);
+            pthread_mutex_unlock(&c->mu);
+            spin_until_settle(c, gen, spin_end < wake ? spin_end : wake);
+            pthread_mutex_lock(&c->mu);
+            continue;
+        }
+        slept = 1;
         struct timespec ts; /* c->cv waits on the monotonic clock, as cm_now. */
         double until = wake;
         ts.tv_sec = (time_t)until;
@@ -747,6 +771,10 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
         pthread_cond_timedwait(&c->cv, &c->mu, &ts);
     }
     free(again);
+    if (slept)
+        c->waits_slept++;
+    else
+        c->waits_spun++;
     int rc = CM_OK;
     if (aborted) {
         /* Not waiting for the other calls' segments: a call parked at a
@@ -773,6 +801,13 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     }
     if (version) *version = vmin;
     return rc;
+}
+
+void ps_client_wait_counts(ps_client *c, uint64_t *spun, uint64_t *slept) {
+    pthread_mutex_lock(&c->mu);
+    *spun = c->waits_spun;
+    *slept = c->waits_slept;
+    pthread_mutex_unlock(&c->mu);
 }
 
 void ps_tickets_abandon(ps_ticket **tickets, int n) {

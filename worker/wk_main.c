@@ -137,6 +137,11 @@ static void usage(FILE *f) {
             "                            once). A call's pull waits for every worker's\n"
             "                            push of it: fewer at once keep the workers' calls\n"
             "                            in step\n"
+            "  --client-spin-us N        PS mode: a thread waiting for the PS first polls\n"
+            "                            for up to N µs, yielding its core, before it\n"
+            "                            sleeps: no wake-up for a reply that comes\n"
+            "                            meanwhile. Takes a core while it waits: for\n"
+            "                            machines with one to spare (default 0: off)\n"
             "  --wire-dtype fp32|bf16    PS mode: push gradients as float32 (default) or\n"
             "                            bfloat16 (rounded to nearest even: half the bytes\n"
             "                            pushed; pulls, the PS's sums, optimizer and\n"
@@ -249,7 +254,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_AUTH_TOKEN, O_ADMIN_TOKEN, O_TLS_CA, O_TLS_CERT, O_TLS_KEY, O_TLS_NAME,
-        O_SYNC, O_MIN_PART, O_CALL_BYTES, O_CALL_WINDOW, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
+        O_SYNC, O_MIN_PART, O_CALL_BYTES, O_CALL_WINDOW, O_CLIENT_SPIN, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
         O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT, O_SIM_TFLOPS, O_SIM_STEP_MS,
@@ -301,6 +306,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"min-partition-bytes", required_argument, 0, O_MIN_PART},
         {"call-bytes", required_argument, 0, O_CALL_BYTES},
         {"call-window", required_argument, 0, O_CALL_WINDOW},
+        {"client-spin-us", required_argument, 0, O_CLIENT_SPIN},
         {"rpc-timeout-ms", required_argument, 0, O_RPC_TIMEOUT},
         {"connect-timeout-ms", required_argument, 0, O_CONNECT_TIMEOUT},
         {"recovery-timeout-ms", required_argument, 0, O_RECOVERY_TIMEOUT},
@@ -543,6 +549,10 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
                 return 2;
             }
             cfg.call_window = (int)v;
+            break;
+        case O_CLIENT_SPIN:
+            if (parse_long("--client-spin-us", optarg, 0, 1000000, &v)) return 2;
+            cfg.client_spin_us = (int)v;
             break;
         case O_RPC_TIMEOUT:
             if (parse_long("--rpc-timeout-ms", optarg, 1, 1L << 40, &v)) return 2;

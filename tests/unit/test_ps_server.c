@@ -785,6 +785,62 @@ static void test_client_call_window(void **state) {
     fx_stop();
 }
 
+/* cfg.spin_us: a waiter that spins longer than any reply takes never
+ * sleeps, one that does not spin sleeps (unless the reply's round trip
+ * beat it to its wait), and both train exactly. ps_client_wait_counts
+ * counts every wait once. */
+static void test_client_spin(void **state) {
+    (void)state;
+    fx_start(0);
+    size_t n = F.m->numel;
+    float *ref = malloc(n * sizeof *ref), *got = malloc(n * sizeof *got), *g[2];
+    assert_true(ref && got);
+    for (int r = 0; r < 2; r++) assert_non_null(g[r] = malloc(n * sizeof *g[r]));
+    memcpy(ref, F.init, n * sizeof *ref);
+    init_ok();
+    char err[512] = "";
+    int64_t v = -1, step = 0;
+    const int spins[2] = {0, 1000000}, steps = 5;
+    for (int k = 0; k < 2; k++) {
+        ps_client *cl[2];
+        for (int r = 0; r < 2; r++) {
+            ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs,
+                                .rank = r, .deadline_ms = DEADLINE,
+                                .connect_timeout_ms = 2000, .spin_us = spins[k]};
+            if (ps_client_open(&cc, &cl[r], err, sizeof err) != CM_OK) fail_msg("%s", err);
+        }
+        for (int i = 0; i < steps; i++, step++) {
+            ps_ticket *t;
+            ref_step(ref, step);
+            for (int r = 0; r < 2; r++) {
+                grad_fill(g[r], n, r, step);
+                assert_int_equal(ps_client_push(cl[r], step, g[r], &t), CM_OK);
+                if (ps_ticket_wait(t, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+            }
+            memset(got, 0xff, n * sizeof *got);
+            assert_int_equal(ps_client_pull(cl[0], step + 1, got, &t), CM_OK);
+            if (ps_ticket_wait(t, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+            assert_int_equal(v, step + 1);
+            expect_same(ref, got, n);
+        }
+        for (int r = 0; r < 2; r++) {
+            uint64_t spun = 99, slept = 99;
+            ps_client_wait_counts(cl[r], &spun, &slept);
+            uint64_t waits = (uint64_t)steps * (r == 0 ? 2 : 1);
+            assert_int_equal(spun + slept, waits);
+            if (spins[k] > 0)
+                assert_int_equal(slept, 0);
+            else /* Most: a reply can beat a preempted caller to its wait. */
+                assert_true(slept > waits / 2);
+            ps_client_close(cl[r]);
+        }
+    }
+    for (int r = 0; r < 2; r++) free(g[r]);
+    free(ref);
+    free(got);
+    fx_stop();
+}
+
 /* A call that fails and is not retried (here its deadline: worker 1 never
  * pushes) fails its shard's queued calls with it, unsent: the shards saw
  * one push a shard, not one per deadline. */
@@ -2604,6 +2660,7 @@ int main(void) {
         cmocka_unit_test(test_client_calls_split),
         cmocka_unit_test(test_client_call_window),
         cmocka_unit_test(test_client_call_window_failure),
+        cmocka_unit_test(test_client_spin),
         cmocka_unit_test(test_client_bf16_pushes),
         cmocka_unit_test(test_malformed_bytes),
         cmocka_unit_test(test_bad_push_contents),

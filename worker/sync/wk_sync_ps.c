@@ -902,6 +902,12 @@ static void ps_destroy(wk_sync *s) {
      * calls still reference the buffers and the client. */
     if (p->active) wait_tickets(p);
     if (p->pend) abandon_pending(p);
+    if (p->client && p->cfg.spin_us > 0) {
+        uint64_t spun, slept;
+        ps_client_wait_counts(p->client, &spun, &slept);
+        cm_info("waits for the PS: %llu ended while spinning (--client-spin-us %d), %llu slept",
+                (unsigned long long)spun, p->cfg.spin_us, (unsigned long long)slept);
+    }
     ps_client_close(p->client);
     if (p->splits)
         for (int v = 0; v < p->cfg.model->nvars; v++) free(p->splits[v]);
@@ -1002,6 +1008,7 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
                         .async = cfg->async,
                         .call_bytes = cfg->call_bytes,
                         .call_window = cfg->call_window,
+                        .spin_us = cfg->spin_us,
                         .auth_token = cm_security_token(cfg->sec),
                         .admin_token = cfg->is_chief ? cm_security_admin(cfg->sec) : NULL,
                         .tls_ca = cfg->sec ? cfg->sec->tls_ca : NULL,
