@@ -3,7 +3,7 @@
 
     bench/peers.py --pslite-src DIR [--build-dir build] [--rounds 6]
                    [--shapes 1x1,2x2] [--sizes 4K,1M,16M] [--mode sync]
-                   [--op push-then-pull,push-pull] [--out FILE]
+                   [--op push-then-pull,push-pull] [--spin-us N] [--out FILE]
 
 DIR is a source tree of ps-lite (github.com/dmlc/ps-lite; measured with commit 15b8adf):
 its Makefile and include/ps/ps.h. It is copied into BUILD/peers/ps-lite and built there
@@ -16,6 +16,9 @@ DIR (or PSLITE_SRC) this prints why and exits 0: the project builds and tests wi
 (one request that pushes and pulls back: ZPushPull on ps-lite, ps_client_push_pull on the PS,
 what pstrain's sync steps use; both count a request as a push and a pull, and its bytes
 both ways).
+
+--spin-us N: the PS client's spin before it sleeps in a wait (psbench --spin-us,
+pstrain --client-spin-us; default 0: none). ps-lite is run as it is.
 
 Every round runs, for each op, shape and size, psbench (the PS and plain TCP: one run) and
 ps-lite's cluster (1 scheduler, S servers, W workers on 127.0.0.1, ZeroMQ's TCP van), in
@@ -186,13 +189,14 @@ def run_pslite(exe, ns, nw, nbytes, iters, warmup, mode, op, timeout):
     return res
 
 
-def run_psbench(psbench, ns, nw, nbytes, mode, op, timeout):
+def run_psbench(psbench, ns, nw, nbytes, mode, op, spin_us, timeout):
     p = subprocess.run([psbench, "--shapes", f"{ns}x{nw}", "--modes", mode, "--sizes",
-                        str(nbytes), "--repeats", "1", "--timeout", str(timeout), "--op", op],
+                        str(nbytes), "--repeats", "1", "--timeout", str(timeout), "--op", op,
+                        "--spin-us", str(spin_us)],
                        capture_output=True, text=True, timeout=timeout + 30)
     lines = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
     res = {"system": "psbench", "servers": ns, "workers": nw, "mode": mode, "op": op,
-           "bytes": nbytes}
+           "spin_us": spin_us, "bytes": nbytes}
     if p.returncode != 0 or len(lines) != 1 or lines[0].get("check") != "ok":
         res.update(ok=False, why=(lines[0].get("check") if lines else p.stderr.strip()[-300:]))
         return res
@@ -224,6 +228,8 @@ def main():
     ap.add_argument("--shapes", default="1x1,2x2")
     ap.add_argument("--sizes", default="4K,1M,16M")
     ap.add_argument("--mode", choices=("sync", "async"), default="sync")
+    ap.add_argument("--spin-us", type=int, default=0,
+                    help="the PS client's spin before sleeping in a wait (psbench --spin-us)")
     ap.add_argument("--op", default="push-then-pull",
                     help="push-then-pull, push-pull, or both (comma-separated)")
     ap.add_argument("--timeout", type=int, default=300, help="bound on one run, seconds")
@@ -267,7 +273,8 @@ def main():
                     for system in order:
                         with Window() as w:
                             if system == "psbench":
-                                r = run_psbench(psbench, ns, nw, nbytes, a.mode, op, a.timeout)
+                                r = run_psbench(psbench, ns, nw, nbytes, a.mode, op, a.spin_us,
+                                                a.timeout)
                             else:
                                 r = run_pslite(exe, ns, nw, nbytes, iters, warmup, a.mode, op,
                                                a.timeout)
@@ -284,7 +291,8 @@ def main():
         pl_ops = [rd["ps-lite"]["ops_per_sec"] for rd in keep]
         ps_ops = [rd["psbench"]["ops_per_sec"] for rd in keep]
         sp = {k: spread(v) for k, v in (("psbench", ps), ("tcp", tcp), ("ps-lite", pl))}
-        emit({"summary": True, "op": op, "servers": ns, "workers": nw, "mode": a.mode,
+        emit({"summary": True, "op": op, "spin_us": a.spin_us, "servers": ns, "workers": nw,
+              "mode": a.mode,
               "bytes": nbytes,
               "rounds": len(by_round), "rounds_kept": len(keep),
               "ps_gbps": median(ps), "tcp_gbps": median(tcp), "pslite_gbps": median(pl),
