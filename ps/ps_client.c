@@ -89,7 +89,11 @@ struct ps_client {
     int orphan_segs;    /* Their zero-copy segments not yet released. */
     atomic_uint settles;      /* Bumped (under mu) with every broadcast of cv,
                                * read by a spinning waiter without mu. */
-    uint64_t waits_spun, waits_slept; /* ps_client_wait_counts (under mu). */
+    uint64_t waits_spun, waits_slept, spins_in_vain; /* ps_client_wait_counts
+                                                      * (under mu). */
+    int spin_skip, spin_backoff; /* cfg.spin_us: waits left that do not
+                                  * spin, and how many the next spin in
+                                  * vain skips (under mu). */
 };
 
 typedef struct sub {
@@ -710,7 +714,8 @@ static void spin_until_settle(ps_client *c, unsigned gen, double until) {
 int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, size_t errlen) {
     if (n <= 0) return CM_OK;
     ps_client *c = tickets[0]->c;
-    const double spin_end = c->cfg.spin_us > 0 ? cm_now() + c->cfg.spin_us * 1e-6 : 0;
+    const double t0 = cm_now(), spin_s = c->cfg.spin_us * 1e-6;
+    double spin_end = 0; /* Set under mu. */
     int slept = 0;
     const sub *aborted = NULL;
     const ps_ticket *aborted_t = NULL;
@@ -718,6 +723,13 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     for (int k = 0; k < n; k++) nsubs += (size_t)tickets[k]->nsubs;
     sub **again = cm_malloc((nsubs ? nsubs : 1) * sizeof *again);
     pthread_mutex_lock(&c->mu);
+    /* A spin in vain (the wait outlasted it: large messages, a slow peer,
+     * cores all busy) took a core for nothing: the next ones are skipped,
+     * 16, then 32, ... up to 256 waits while spins keep failing. */
+    if (spin_s > 0 && c->spin_skip > 0)
+        c->spin_skip--;
+    else if (spin_s > 0)
+        spin_end = t0 + spin_s;
     for (;;) {
         double now = cm_now(), wake = now + 1.0;
         int busy = 0, nagain = 0;
@@ -775,6 +787,14 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
         c->waits_slept++;
     else
         c->waits_spun++;
+    if (spin_end > 0 && slept) {
+        c->spins_in_vain++;
+        c->spin_backoff = c->spin_backoff ? (c->spin_backoff < 256 ? 2 * c->spin_backoff : 256)
+                                          : 16;
+        c->spin_skip = c->spin_backoff;
+    } else if (spin_end > 0) {
+        c->spin_backoff = 0;
+    }
     int rc = CM_OK;
     if (aborted) {
         /* Not waiting for the other calls' segments: a call parked at a
@@ -803,10 +823,11 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     return rc;
 }
 
-void ps_client_wait_counts(ps_client *c, uint64_t *spun, uint64_t *slept) {
+void ps_client_wait_counts(ps_client *c, uint64_t *spun, uint64_t *slept, uint64_t *in_vain) {
     pthread_mutex_lock(&c->mu);
     *spun = c->waits_spun;
     *slept = c->waits_slept;
+    *in_vain = c->spins_in_vain;
     pthread_mutex_unlock(&c->mu);
 }
 

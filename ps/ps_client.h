@@ -91,7 +91,7 @@ typedef struct ps_client_cfg {
                                     * any other runnable thread, before it
                                     * sleeps: a reply that comes meanwhile
                                     * costs no wake-up (1 PS, 1 worker, 4
-                                    * KiB on loopback: 63-99 % more
+                                    * KiB on loopback: 57-118 % more
                                     * operations a second). It takes a core
                                     * while it waits: for machines with one
                                     * to spare (2 PS and 2 workers on 2
@@ -316,8 +316,11 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
 
 /* This client's waits (ps_ticket_wait, ps_tickets_wait) since it was
  * opened: those that ended without sleeping (while spinning, cfg.spin_us,
- * or settled before the wait began) and those that slept. */
-void ps_client_wait_counts(ps_client *c, uint64_t *spun, uint64_t *slept);
+ * or settled before the wait began), those that slept, and the spins in
+ * vain among those (the wait outlasted the spin). After a spin in vain the
+ * next 16 waits do not spin, after another 32, ... up to 256, until a spin
+ * succeeds. */
+void ps_client_wait_counts(ps_client *c, uint64_t *spun, uint64_t *slept, uint64_t *in_vain);
 
 /* Each worker rank's last pushed step as every shard has it (the lowest
  * over shards; -1: some shard has none from it) into out (at most max);

@@ -787,8 +787,11 @@ static void test_client_call_window(void **state) {
 
 /* cfg.spin_us: a waiter that spins longer than any reply takes never
  * sleeps, one that does not spin sleeps (unless the reply's round trip
- * beat it to its wait), and both train exactly. ps_client_wait_counts
- * counts every wait once. */
+ * beat it to its wait), and all train exactly. ps_client_wait_counts
+ * counts every wait once. A spin of 1 µs is mostly in vain (a reply takes
+ * a round trip, unless its one sched_yield lets the reply in): after the
+ * first in vain the next 16 waits do not spin, so of 10 waits at most one
+ * spins in vain, and a wait sleeps only after it. */
 static void test_client_spin(void **state) {
     (void)state;
     fx_start(0);
@@ -800,8 +803,8 @@ static void test_client_spin(void **state) {
     init_ok();
     char err[512] = "";
     int64_t v = -1, step = 0;
-    const int spins[2] = {0, 1000000}, steps = 5;
-    for (int k = 0; k < 2; k++) {
+    const int spins[3] = {0, 1000000, 1}, steps = 5;
+    for (int k = 0; k < 3; k++) {
         ps_client *cl[2];
         for (int r = 0; r < 2; r++) {
             ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs,
@@ -824,14 +827,22 @@ static void test_client_spin(void **state) {
             expect_same(ref, got, n);
         }
         for (int r = 0; r < 2; r++) {
-            uint64_t spun = 99, slept = 99;
-            ps_client_wait_counts(cl[r], &spun, &slept);
+            uint64_t spun = 99, slept = 99, vain = 99;
+            ps_client_wait_counts(cl[r], &spun, &slept, &vain);
             uint64_t waits = (uint64_t)steps * (r == 0 ? 2 : 1);
             assert_int_equal(spun + slept, waits);
-            if (spins[k] > 0)
+            if (spins[k] == 1000000) {
                 assert_int_equal(slept, 0);
-            else /* Most: a reply can beat a preempted caller to its wait. */
+                assert_int_equal(vain, 0);
+            } else if (spins[k] == 0) { /* Most: a reply can beat a preempted
+                                        * caller to its wait. */
                 assert_true(slept > waits / 2);
+                assert_int_equal(vain, 0);
+            } else { /* Its yield may let the reply in: spins succeed until
+                      * the first in vain, after which none is tried. */
+                assert_true(vain <= 1);
+                assert_int_equal(slept > 0, vain == 1);
+            }
             ps_client_close(cl[r]);
         }
     }

@@ -903,10 +903,11 @@ static void ps_destroy(wk_sync *s) {
     if (p->active) wait_tickets(p);
     if (p->pend) abandon_pending(p);
     if (p->client && p->cfg.spin_us > 0) {
-        uint64_t spun, slept;
-        ps_client_wait_counts(p->client, &spun, &slept);
-        cm_info("waits for the PS: %llu ended while spinning (--client-spin-us %d), %llu slept",
-                (unsigned long long)spun, p->cfg.spin_us, (unsigned long long)slept);
+        uint64_t spun, slept, vain;
+        ps_client_wait_counts(p->client, &spun, &slept, &vain);
+        cm_info("waits for the PS: %llu ended while spinning (--client-spin-us %d), %llu slept "
+                "(%llu after a spin in vain)", (unsigned long long)spun, p->cfg.spin_us,
+                (unsigned long long)slept, (unsigned long long)vain);
     }
     ps_client_close(p->client);
     if (p->splits)
