@@ -91,12 +91,14 @@ typedef struct ps_client_cfg {
                                     * any other runnable thread, before it
                                     * sleeps: a reply that comes meanwhile
                                     * costs no wake-up (1 PS, 1 worker, 4
-                                    * KiB on loopback: 57-118 % more
+                                    * KiB on loopback: 45-57 % more
                                     * operations a second). It takes a core
                                     * while it waits: for machines with one
                                     * to spare (2 PS and 2 workers on 2
-                                    * cores: 9-23 % fewer). 0 (the default)
-                                    * or less: sleep at once. */
+                                    * cores: 2-15 % fewer). After a spin in
+                                    * vain, 16-256 waits skip it
+                                    * (ps_client_wait_counts). 0 (the
+                                    * default) or less: sleep at once. */
     int async;                     /* The shards run async (every push call a
                                     * version, which copies the shard's other
                                     * partitions): pushes go as one call a
