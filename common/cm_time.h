@@ -27,6 +27,18 @@ static inline struct timespec cm_realtime_in_ms(long ms) {
     return ts;
 }
 
+/* The monotonic instant t (cm_now()'s clock) as a timespec: the deadline
+ * of a pthread_cond_timedwait on a condition variable that uses
+ * CLOCK_MONOTONIC (pthread_condattr_setclock). */
+static inline struct timespec cm_monotonic_at(double t) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)t;
+    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) ts.tv_nsec = 999999999L;
+    if (ts.tv_nsec < 0) ts.tv_nsec = 0;
+    return ts;
+}
+
 /* Sleep until the monotonic instant t (cm_now()'s clock); at once if it
  * has passed. Signals do not cut it short. */
 static inline void cm_sleep_until(double t) {

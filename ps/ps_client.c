@@ -716,7 +716,7 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     ps_client *c = tickets[0]->c;
     const double t0 = cm_now(), spin_s = c->cfg.spin_us * 1e-6;
     double spin_end = 0; /* Set under mu. */
-    int slept = 0;
+    int slept = 0, spun = 0;
     const sub *aborted = NULL;
     const ps_ticket *aborted_t = NULL;
     size_t nsubs = 0; /* A ticket has a sub-call per shard, or per group. */
@@ -773,13 +773,12 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
             pthread_mutex_unlock(&c->mu);
             spin_until_settle(c, gen, spin_end < wake ? spin_end : wake);
             pthread_mutex_lock(&c->mu);
+            spun = 1;
             continue;
         }
         slept = 1;
-        struct timespec ts; /* c->cv waits on the monotonic clock, as cm_now. */
-        double until = wake;
-        ts.tv_sec = (time_t)until;
-        ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
+        /* c->cv waits on the monotonic clock, as cm_now. */
+        struct timespec ts = cm_monotonic_at(wake);
         pthread_cond_timedwait(&c->cv, &c->mu, &ts);
     }
     free(again);
@@ -787,12 +786,14 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
         c->waits_slept++;
     else
         c->waits_spun++;
-    if (spin_end > 0 && slept) {
+    /* Only a wait that spun says whether spinning pays: one whose tickets
+     * were settled before it began neither grows nor resets the backoff. */
+    if (spun && slept) {
         c->spins_in_vain++;
         c->spin_backoff = c->spin_backoff ? (c->spin_backoff < 256 ? 2 * c->spin_backoff : 256)
                                           : 16;
         c->spin_skip = c->spin_backoff;
-    } else if (spin_end > 0) {
+    } else if (spun) {
         c->spin_backoff = 0;
     }
     int rc = CM_OK;
@@ -849,7 +850,9 @@ int ps_client_quiesce(ps_client *c, int64_t timeout_ms) {
     double deadline = cm_now() + (double)timeout_ms / 1e3;
     pthread_mutex_lock(&c->mu);
     while (c->orphan_segs > 0 && cm_now() < deadline) {
-        struct timespec ts = cm_realtime_in_ms(50);
+        /* c->cv waits on the monotonic clock: a CLOCK_REALTIME deadline
+         * would lie decades ahead and the timeout would never come. */
+        struct timespec ts = cm_monotonic_at(cm_now() + 0.05);
         pthread_cond_timedwait(&c->cv, &c->mu, &ts);
     }
     int left = c->orphan_segs;
