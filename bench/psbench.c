@@ -47,6 +47,8 @@ static long g_part_bytes = 262144, g_call_bytes = 0, g_call_window = 0, g_spin_u
  * ps-lite likewise) instead of a push, then a pull. */
 static int g_pushpull = 0;
 
+static const char *op_name(void) { return g_pushpull ? "push-pull" : "push-then-pull"; }
+
 /* Options of every role; the driver passes the role ones to its children. */
 typedef struct opts {
     const char *role; /* NULL for the driver. */
@@ -503,7 +505,7 @@ static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, con
                           "--mode", b->sync ? "sync" : "async", (char *)addr_opt, (char *)addrs,
                           "--partition-bytes", nums[5], "--call-bytes", nums[6],
                           "--call-window", nums[7],
-                          "--op", g_pushpull ? "push-pull" : "push-then-pull",
+                          "--op", (char *)op_name(),
                           "--spin-us", nums[8], NULL};
         snprintf(nums[5], 24, "%ld", g_part_bytes);
         snprintf(nums[6], 24, "%ld", g_call_bytes);
@@ -711,7 +713,7 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
            nrep, sec_names[b->security]);
     printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld,\"call_window\":%ld,\"op\":\"%s\","
            "\"spin_us\":%ld",
-           g_part_bytes, g_call_bytes, g_call_window, g_pushpull ? "push-pull" : "push-then-pull",
+           g_part_bytes, g_call_bytes, g_call_window, op_name(),
            g_spin_us);
     printf(",\"load1_start\":%.2f,\"load1_end\":%.2f", load[0], load[1]);
     /* Runs where others used the cores are left out (all kept if none is

@@ -42,11 +42,7 @@ static inline struct timespec cm_monotonic_at(double t) {
 /* Sleep until the monotonic instant t (cm_now()'s clock); at once if it
  * has passed. Signals do not cut it short. */
 static inline void cm_sleep_until(double t) {
-    struct timespec ts;
-    ts.tv_sec = (time_t)t;
-    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
-    if (ts.tv_nsec >= 1000000000L) ts.tv_nsec = 999999999L;
-    if (ts.tv_nsec < 0) ts.tv_nsec = 0;
+    struct timespec ts = cm_monotonic_at(t);
     /* (clock_nanosleep returns the error; only a signal is worth a retry:
      * EINVAL, a time out of range, would spin.) */
     while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {

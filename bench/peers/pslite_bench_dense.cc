@@ -101,11 +101,10 @@ struct DenseServer {
         for (size_t j = 0; j < len; ++j) dst[j] += src[j];
         src += len;
       }
+      if (meta.pull) ++pulls;  // A push-pull.
       if (!g_sync) {
-        if (meta.pull) ++pulls;
         Ack(meta, req.keys, server);
       } else {
-        if (meta.pull) ++pulls;
         held.push_back(meta);
         held_keys.push_back(req.keys);
         if ((int)held.size() == NumWorkers()) {
