@@ -41,6 +41,7 @@
 /* The PS's partitioning and the client's calls (--partition-bytes,
  * --call-bytes, --call-window), the same in every process of a run. */
 static long g_part_bytes = 262144, g_call_bytes = 0, g_call_window = 0, g_spin_us = 0;
+static int g_unary; /* --calls unary */
 
 /* --op push-pull: each iteration is one request that pushes and pulls back
  * (ps_client_push_pull, what pstrain's sync steps use; the TCP reference and
@@ -133,7 +134,7 @@ static int ps_worker_main(const opts *o) {
                          .auth_token = cm_security_token(&sec),
                          .admin_token = cm_security_token(&sec), .tls_ca = o->tls_ca,
                          .call_bytes = g_call_bytes, .call_window = (int)g_call_window,
-                         .spin_us = (int)g_spin_us,
+                         .spin_us = (int)g_spin_us, .unary = g_unary,
                          .async = !o->sync};
     if (ps_client_open(&cfg, &c, err, sizeof err) != CM_OK) goto fail;
     if (o->rank == 0) {
@@ -506,12 +507,13 @@ static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, con
                           "--partition-bytes", nums[5], "--call-bytes", nums[6],
                           "--call-window", nums[7],
                           "--op", (char *)op_name(),
-                          "--spin-us", nums[8], NULL};
+                          "--spin-us", nums[8], "--calls", g_unary ? "unary" : "stream",
+                          NULL};
         snprintf(nums[5], 24, "%ld", g_part_bytes);
         snprintf(nums[6], 24, "%ld", g_call_bytes);
         snprintf(nums[7], 24, "%ld", g_call_window);
         snprintf(nums[8], 24, "%ld", g_spin_us);
-        int k = 27;
+        int k = 29;
         if (!strcmp(role, "worker") && (b->security == SEC_TOKEN || b->security == SEC_TLS)) {
             argv[k++] = "--token-file";
             argv[k++] = g_sec.token;
@@ -712,9 +714,9 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
            b->servers, b->workers, b->sync ? "sync" : "async", b->bytes, b->warmup, b->iters,
            nrep, sec_names[b->security]);
     printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld,\"call_window\":%ld,\"op\":\"%s\","
-           "\"spin_us\":%ld",
+           "\"spin_us\":%ld,\"calls\":\"%s\"",
            g_part_bytes, g_call_bytes, g_call_window, op_name(),
-           g_spin_us);
+           g_spin_us, g_unary ? "unary" : "stream");
     printf(",\"load1_start\":%.2f,\"load1_end\":%.2f", load[0], load[1]);
     /* Runs where others used the cores are left out (all kept if none is
      * clean, and said so). */
@@ -831,6 +833,9 @@ static void usage(FILE *f) {
             "                       push_ms is then the whole request, pull_ms 0\n"
             "  --spin-us N          the client's spin before it sleeps in a wait, µs\n"
             "                       (ps_client_cfg.spin_us; default 0: none)\n"
+            "  --calls C            stream (default): pushes and pulls go on the client's\n"
+            "                       gRPC streams; unary: a gRPC call each\n"
+            "                       (ps_client_cfg.unary)\n"
             "  --bin-dir DIR        where psserver is (default <this binary's dir>/../bin)\n"
             "  -h, --help           this text\n");
 }
@@ -961,7 +966,7 @@ int main(int argc, char **argv) {
         {"tls-ca", required_argument, 0, 'C'},
         {"partition-bytes", required_argument, 0, 'P'}, {"call-bytes", required_argument, 0, 'B'},
         {"call-window", required_argument, 0, 'J'}, {"op", required_argument, 0, 'O'},
-        {"spin-us", required_argument, 0, 'U'},
+        {"spin-us", required_argument, 0, 'U'}, {"calls", required_argument, 0, 'L'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     opts o = {.repeats = 1, .warmup = -1, .timeout_s = 1800.0, .workers = 1};
     cm_mem_keep_freed(); /* As psserver and pstrain do. */
@@ -991,6 +996,13 @@ int main(int argc, char **argv) {
         case 'B': g_call_bytes = atol(optarg); break;
         case 'J': g_call_window = atol(optarg); break;
         case 'U': g_spin_us = atol(optarg); break;
+        case 'L':
+            if (strcmp(optarg, "stream") && strcmp(optarg, "unary")) {
+                fprintf(stderr, "psbench: --calls: stream or unary, not '%s'\n", optarg);
+                return 2;
+            }
+            g_unary = !strcmp(optarg, "unary");
+            break;
         case 'O':
             if (strcmp(optarg, "push-pull") && strcmp(optarg, "push-then-pull")) {
                 fprintf(stderr, "psbench: --op: push-then-pull or push-pull, not '%s'\n", optarg);

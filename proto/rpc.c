@@ -29,6 +29,7 @@
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
+#include "common/cm_time.h"
 
 /* Design
  *
@@ -84,6 +85,19 @@
  * grpc_channel_watch_connectivity_state(deadline in the past), the only
  * public way of putting a tag on a CQ. ncalls/nchannels only check
  * rpc_client_destroy's precondition.
+ *
+ * Streams (RPC_STREAM): the frames are in docs/FORMATS.md, the design in
+ * docs/INTERNALS.md ("Streams"). Server: a call of "<method>/stream" is an
+ * rpc_call with is_stream; each message on it becomes an rpc_call with
+ * 'parent' set, created HELD, whose finish queues a reply frame on the
+ * stream (sub_finish); stream_step picks the stream's next move under mu:
+ * send the first queued reply (one SEND_MESSAGE in flight, tag 'sender'),
+ * or end with the status once the client closed its side and nothing is
+ * left. A stream's refs: its receive chain (parked while the status is
+ * pending), its closer, each of its messages' calls, the send in flight.
+ * Client: cstream per channel, method and flags, its messages (cmsg)
+ * matched to replies by id; tags are cstag (kind CTAG_S*); the client
+ * thread sweeps deadlines every 20 ms while a stream is open.
  *
  * Received messages are flattened: a single-slice message is used in place,
  * anything else is copied once into the receiving thread's reusable buffer;
@@ -198,10 +212,12 @@ static void release_segs(const rpc_seg *segs, int nsegs) {
  * the zero-copy segments: each becomes a refcounted slice whose last unref
  * (by gRPC, or by grpc_byte_buffer_destroy) calls release(ud). Empty
  * zero-copy segments are released at once. */
-static grpc_byte_buffer *segs_to_buffer(const rpc_seg *segs, int nsegs) {
-    grpc_slice stack[8];
-    grpc_slice *sl = nsegs <= 8 ? stack : cm_malloc((size_t)nsegs * sizeof *sl);
+static grpc_byte_buffer *segs_to_buffer_pre(const void *pre, size_t prelen, const rpc_seg *segs,
+                                            int nsegs) {
+    grpc_slice stack[9];
+    grpc_slice *sl = nsegs < 9 ? stack : cm_malloc((size_t)(nsegs + 1) * sizeof *sl);
     size_t n = 0;
+    if (prelen) sl[n++] = grpc_slice_from_copied_buffer(pre, prelen);
     for (int i = 0; i < nsegs; i++) {
         const rpc_seg *g = &segs[i];
         if (g->len == 0) {
@@ -216,6 +232,20 @@ static grpc_byte_buffer *segs_to_buffer(const rpc_seg *segs, int nsegs) {
     for (size_t i = 0; i < n; i++) grpc_slice_unref(sl[i]);
     if (sl != stack) free(sl);
     return bb;
+}
+
+static grpc_byte_buffer *segs_to_buffer(const rpc_seg *segs, int nsegs) {
+    return segs_to_buffer_pre(NULL, 0, segs, nsegs);
+}
+
+/* Little-endian integers of the stream frames. */
+static void put_le(uint8_t *p, uint64_t v, int n) {
+    for (int i = 0; i < n; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint64_t get_le(const uint8_t *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
 }
 
 /* A received message as pieces in place: gRPC's slices, no copy. */
@@ -258,6 +288,26 @@ static void view_deinit(view *v) {
     v->p = v->small;
     if (v->has_reader) grpc_byte_buffer_reader_destroy(&v->r);
     v->has_reader = 0;
+}
+
+/* Take the first n bytes of a view into out (a stream frame's header, which
+ * may span pieces); 0 if the view is shorter. */
+static int view_take(view *v, uint8_t *out, size_t n) {
+    if (v->len < n) return 0;
+    size_t got = 0;
+    int k = 0;
+    while (got < n) {
+        size_t t = n - got < v->p[k].len ? n - got : v->p[k].len;
+        memcpy(out + got, v->p[k].p, t);
+        got += t;
+        v->p[k].p += t;
+        v->p[k].len -= t;
+        if (v->p[k].len == 0) k++;
+    }
+    memmove(v->p, v->p + k, (size_t)(v->n - k) * sizeof *v->p);
+    v->n -= k;
+    v->len -= n;
+    return 1;
 }
 
 /* A received message as one contiguous range [p, p + len): its only piece
@@ -305,28 +355,36 @@ static uint8_t *scratch_get(size_t n) {
     return sc->p;
 }
 
+/* The pieces of a view as one range in *p / *len: in place, or copied
+ * into the thread's scratch buffer. */
+static int view_flat(const view *v, const uint8_t **p, size_t *len) {
+    static const uint8_t empty[1];
+    *p = empty;
+    *len = 0;
+    if (v->n == 1) {
+        *p = v->p[0].p;
+        *len = v->p[0].len;
+    } else if (v->n > 1) {
+        uint8_t *buf = scratch_get(v->len);
+        if (!buf) return RPC_RESOURCE_EXHAUSTED;
+        size_t off = 0;
+        for (int i = 0; i < v->n; i++) {
+            memcpy(buf + off, v->p[i].p, v->p[i].len);
+            off += v->p[i].len;
+        }
+        *p = buf;
+        *len = off;
+    }
+    return RPC_OK;
+}
+
 /* As view_init; flat_deinit() in every case. */
 static int flat_init(flat *f, grpc_byte_buffer *bb) {
     static const uint8_t empty[1];
     f->p = empty;
     f->len = 0;
     int rc = view_init(&f->v, bb);
-    if (rc != RPC_OK) return rc;
-    if (f->v.n == 1) {
-        f->p = f->v.p[0].p;
-        f->len = f->v.p[0].len;
-    } else if (f->v.n > 1) {
-        uint8_t *buf = scratch_get(f->v.len);
-        if (!buf) return RPC_RESOURCE_EXHAUSTED;
-        size_t off = 0;
-        for (int i = 0; i < f->v.n; i++) {
-            memcpy(buf + off, f->v.p[i].p, f->v.p[i].len);
-            off += f->v.p[i].len;
-        }
-        f->p = buf;
-        f->len = off;
-    }
-    return RPC_OK;
+    return rc != RPC_OK ? rc : view_flat(&f->v, &f->p, &f->len);
 }
 
 static void flat_deinit(flat *f) { view_deinit(&f->v); }
@@ -365,7 +423,7 @@ typedef struct method_entry {
 } method_entry;
 
 /* What a completion-queue tag is: every tag struct starts with this. */
-enum { TAG_CALL = 1, TAG_CLOSER = 2, TAG_SHUTDOWN = 3 };
+enum { TAG_CALL = 1, TAG_CLOSER = 2, TAG_SHUTDOWN = 3, TAG_SSEND = 4 };
 
 /* Thread-safety: the fields above 'mu' are written before the threads start
  * and only read afterwards, except server/cq/threads (shutdown's thread). */
@@ -392,6 +450,7 @@ struct rpc_server {
     int nrequests;
     int ncalls;
     int nheld;
+    int nstreams; /* Stream calls among ncalls (never held themselves). */
     int shutdown_seen;
     rpc_server_stats st;
     uint64_t refusals_logged;
@@ -424,14 +483,57 @@ struct rpc_call {
      * the handler is running, and a cancellation seen while it ran is
      * still to be reported when it returns. */
     int closed, in_handler, cancel_pending;
-    char *peer;    /* gpr_malloc'd, lazily. */
+    char *peer;    /* gpr_malloc'd, lazily (a stream's: at accept). */
+    /* Streams (see "Streams" above). A message's call has 'parent' (its
+     * stream, which it holds a reference of) and the id to answer with;
+     * 'sprev'/'snext' link the stream's HELD messages, under srv->mu. */
+    struct rpc_call *parent;
+    uint64_t sub_id;
+    struct rpc_call *sprev, *snext;
+    /* A stream call (is_stream): its method, and under srv->mu the HELD
+     * messages, their count (nsubs: not yet finished), replies waiting for
+     * the one SEND_MESSAGE in flight ('sending'), and how it ends. */
+    int is_stream;
+    const struct method_entry *m;
+    struct rpc_call *held_subs;
+    int nsubs, sending, eos, dead, status_code, status_sent;
+    int parked; /* The chain's reference waits for the status batch. */
+    char *status_text;
+    struct sreply *q_head, *q_tail;
+    grpc_byte_buffer *in_flight;
+    closer sender; /* kind TAG_SSEND: the SEND_MESSAGE batch's tag. */
 };
+
+/* A stream's reply waiting for its turn on the wire. */
+typedef struct sreply {
+    grpc_byte_buffer *bb;
+    struct sreply *next;
+} sreply;
+
+/* Stream frames: a request is its id (8 bytes) and the message; a reply its
+ * id, its status code (4 bytes) and the reply, or the status text. */
+#define STREAM_SUFFIX "/stream"
+enum { SREQ_HDR = 8, SREPLY_HDR = 12 };
 
 /* Drop a reference; the last one frees the call. */
 static void call_free(rpc_call *c) {
     if (atomic_fetch_sub(&c->refs, 1) != 1) return;
+    if (c->parent) { /* A stream's message: its reference of the stream goes too. */
+        rpc_call *p = c->parent;
+        free(c);
+        call_free(p);
+        return;
+    }
     rpc_server *s = c->srv;
-    int was_request = c->state == CALL_REQUESTED;
+    int was_request = c->state == CALL_REQUESTED, was_stream = c->is_stream;
+    for (sreply *r = c->q_head; r;) {
+        sreply *next = r->next;
+        grpc_byte_buffer_destroy(r->bb);
+        free(r);
+        r = next;
+    }
+    if (c->in_flight) grpc_byte_buffer_destroy(c->in_flight);
+    free(c->status_text);
     if (c->call) grpc_call_unref(c->call);
     grpc_call_details_destroy(&c->details);
     grpc_metadata_array_destroy(&c->md);
@@ -445,6 +547,7 @@ static void call_free(rpc_call *c) {
         s->nrequests--;
     else
         s->ncalls--;
+    if (was_stream) s->nstreams--;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     /* 's' may be gone now: rpc_server_shutdown waits for these counts. */
@@ -476,10 +579,16 @@ static void request_one(rpc_server *s) {
     }
 }
 
+static void sub_finish(rpc_call *c, grpc_byte_buffer *bb, int code, const char *text);
+
 /* Start batch 2 on a HELD call. Takes ownership of bb (may be NULL). */
 static void finish(rpc_call *c, grpc_byte_buffer *bb, int code, char *text) {
     rpc_server *s = c->srv;
     assert(c->state == CALL_HELD);
+    if (c->parent) {
+        sub_finish(c, bb, code, text);
+        return;
+    }
     grpc_op ops[3];
     size_t n = 0;
     memset(ops, 0, sizeof ops);
@@ -511,10 +620,13 @@ static void finish(rpc_call *c, grpc_byte_buffer *bb, int code, char *text) {
     }
 }
 
-/* The call now belongs to the application; returns the calls held. */
+/* The call now belongs to the application; returns the calls held. The
+ * receiving thread owns it until the handler returned (in_handler): a
+ * closer meanwhile does not report a call refused before its handler. */
 static int hold(rpc_call *c) {
     pthread_mutex_lock(&c->srv->mu);
     c->state = CALL_HELD;
+    c->in_handler = 1;
     int n = ++c->srv->nheld;
     pthread_mutex_unlock(&c->srv->mu);
     return n;
@@ -549,6 +661,7 @@ static int call_level(const rpc_server *s, const grpc_metadata_array *md) {
 /* Count a refusal and log it with the peer (the first 20, then every
  * 1000th: a flood must not flood the log too). */
 static void count_refusal(rpc_server *s, rpc_call *c, int code, const char *why) {
+    if (c->parent) c = c->parent; /* A stream's message: the stream's method. */
     pthread_mutex_lock(&s->mu);
     if (code == RPC_UNAUTHENTICATED) s->st.unauthenticated++;
     else if (code == RPC_PERMISSION_DENIED) s->st.denied++;
@@ -580,7 +693,13 @@ void rpc_reply(rpc_call *call, const rpc_seg *segs, int nsegs) {
         finish(call, NULL, RPC_INTERNAL, "rpc_reply: bad segment list");
         return;
     }
-    finish(call, segs_to_buffer(segs, nsegs), RPC_OK, NULL);
+    uint8_t hdr[SREPLY_HDR];
+    if (call->parent) {
+        put_le(hdr, call->sub_id, 8);
+        put_le(hdr + 8, RPC_OK, 4);
+    }
+    finish(call, segs_to_buffer_pre(hdr, call->parent ? sizeof hdr : 0, segs, nsegs), RPC_OK,
+           NULL);
 }
 
 void rpc_fail(rpc_call *call, int code, const char *fmt, ...) {
@@ -598,6 +717,7 @@ void rpc_fail(rpc_call *call, int code, const char *fmt, ...) {
 }
 
 const char *rpc_call_peer(rpc_call *call) {
+    if (call->parent) return call->parent->peer;
     if (!call->peer) call->peer = grpc_call_get_peer(call->call);
     return call->peer;
 }
@@ -612,12 +732,348 @@ void rpc_deny(rpc_call *call, const char *why) {
 void rpc_call_set_app(rpc_call *call, void *app) { call->app = app; }
 void *rpc_call_app(const rpc_call *call) { return call->app; }
 
+
+/* Run m's handler on c's request: its pieces in place (a _pieces method),
+ * or one flat range. */
+static void run_handler(const method_entry *m, rpc_call *c, view *v) {
+    if (m->fn_pieces) {
+        m->fn_pieces(m->ctx, c, v->p, v->n, v->len);
+        return;
+    }
+    const uint8_t *p;
+    size_t len;
+    int rc = view_flat(v, &p, &len);
+    if (rc == RPC_OK)
+        m->fn(m->ctx, c, p, len);
+    else
+        rpc_fail(c, rc, "cannot read the request message");
+}
+
+/* The handler returned: a cancellation seen while it ran is reported now
+ * (the application has put the call wherever it keeps it), and the
+ * handler's reference goes. */
+static void handler_done(rpc_call *c) {
+    rpc_server *s = c->srv;
+    pthread_mutex_lock(&s->mu);
+    c->in_handler = 0;
+    int report = c->cancel_pending && c->state == CALL_HELD;
+    c->cancel_pending = 0;
+    if (report) s->st.cancelled_held++;
+    pthread_mutex_unlock(&s->mu);
+    if (report && s->on_cancel) s->on_cancel(s->cancel_ctx, c);
+    call_free(c);
+}
+
+/* ---- Streams, server side ----------------------------------------- */
+
+/* Under srv->mu: the stream's next move once its SEND_MESSAGE is free:
+ * the first queued reply to send (returned; 'sending' and a reference are
+ * taken), or its status once nothing is left (*end). */
+static grpc_byte_buffer *stream_step(rpc_call *p, int *end) {
+    *end = 0;
+    if (p->sending || p->status_sent || p->dead) return NULL;
+    if (p->status_code == RPC_OK && p->q_head) {
+        sreply *r = p->q_head;
+        p->q_head = r->next;
+        if (!p->q_head) p->q_tail = NULL;
+        grpc_byte_buffer *bb = r->bb;
+        free(r);
+        p->in_flight = bb;
+        p->sending = 1;
+        atomic_fetch_add(&p->refs, 1); /* The send's. */
+        return bb;
+    }
+    if (p->status_code != RPC_OK || (p->eos && p->nsubs == 0 && !p->q_head)) {
+        p->status_sent = 1;
+        p->parked = 0;
+        p->state = CALL_FINISHING; /* The status batch's completion frees. */
+        *end = 1;
+    }
+    return NULL;
+}
+
+/* Under srv->mu: the queued replies, to be destroyed outside it (their
+ * release callbacks may take the application's locks). */
+static sreply *stream_take_queue(rpc_call *p) {
+    sreply *q = p->q_head;
+    p->q_head = p->q_tail = NULL;
+    return q;
+}
+
+static void drop_replies(sreply *r) {
+    while (r) {
+        sreply *next = r->next;
+        grpc_byte_buffer_destroy(r->bb);
+        free(r);
+        r = next;
+    }
+}
+
+static void stream_send(rpc_call *p, grpc_byte_buffer *bb) {
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_MESSAGE;
+    op.data.send_message.send_message = bb;
+    if (grpc_call_start_batch(p->call, &op, 1, &p->sender, NULL) != GRPC_CALL_OK) {
+        cm_error("rpc: cannot send on a stream");
+        pthread_mutex_lock(&p->srv->mu);
+        p->in_flight = NULL;
+        p->sending = 0;
+        p->dead = 1;
+        sreply *q = stream_take_queue(p);
+        pthread_mutex_unlock(&p->srv->mu);
+        grpc_byte_buffer_destroy(bb);
+        drop_replies(q);
+        grpc_call_cancel(p->call, NULL);
+        call_free(p);
+    }
+}
+
+/* The status batch; its completion drops the stream's chain reference. */
+static void stream_end(rpc_call *p) {
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    op.data.send_status_from_server.status = (grpc_status_code)p->status_code;
+    if (p->status_text) {
+        p->status_details = grpc_slice_from_copied_string(p->status_text);
+        p->has_details = 1;
+        op.data.send_status_from_server.status_details = &p->status_details;
+    }
+    if (grpc_call_start_batch(p->call, &op, 1, p, NULL) != GRPC_CALL_OK) {
+        cm_error("rpc: cannot end a stream");
+        call_free(p);
+    }
+}
+
+/* Act on stream_step's answer (outside srv->mu). */
+static void stream_go(rpc_call *p, grpc_byte_buffer *bb, int end) {
+    if (bb) stream_send(p, bb);
+    else if (end) stream_end(p);
+}
+
+/* A message of the stream is answered: its reply frame joins the queue. */
+static void sub_finish(rpc_call *c, grpc_byte_buffer *bb, int code, const char *text) {
+    rpc_server *s = c->srv;
+    rpc_call *p = c->parent;
+    if (!bb) {
+        uint8_t hdr[SREPLY_HDR];
+        put_le(hdr, c->sub_id, 8);
+        put_le(hdr + 8, (uint64_t)code, 4);
+        rpc_seg seg = {text ? text : "", text ? strlen(text) : 0, NULL, NULL};
+        bb = segs_to_buffer_pre(hdr, sizeof hdr, &seg, 1);
+    }
+    sreply *r = cm_malloc(sizeof *r);
+    r->bb = bb;
+    r->next = NULL;
+    pthread_mutex_lock(&s->mu);
+    c->state = CALL_FINISHING;
+    s->nheld--;
+    pthread_cond_broadcast(&s->cv);
+    if (c->sprev) c->sprev->snext = c->snext;
+    else p->held_subs = c->snext;
+    if (c->snext) c->snext->sprev = c->sprev;
+    c->sprev = c->snext = NULL;
+    p->nsubs--;
+    sreply *drop = NULL;
+    if (p->dead || p->status_code != RPC_OK) {
+        drop = r;
+    } else if (p->q_tail) {
+        p->q_tail->next = r;
+        p->q_tail = r;
+    } else {
+        p->q_head = p->q_tail = r;
+    }
+    int end;
+    grpc_byte_buffer *next = stream_step(p, &end);
+    pthread_mutex_unlock(&s->mu);
+    drop_replies(drop);
+    stream_go(p, next, end);
+    call_free(c); /* The message's chain reference. */
+}
+
+/* A stream's SEND_MESSAGE completed. */
+static void on_stream_sent(rpc_call *p, int success) {
+    pthread_mutex_lock(&p->srv->mu);
+    grpc_byte_buffer *sent = p->in_flight;
+    p->in_flight = NULL;
+    p->sending = 0;
+    if (!success) p->dead = 1; /* The stream broke; the closer tells the rest. */
+    sreply *q = p->dead ? stream_take_queue(p) : NULL;
+    int end;
+    grpc_byte_buffer *next = stream_step(p, &end);
+    pthread_mutex_unlock(&p->srv->mu);
+    if (sent) grpc_byte_buffer_destroy(sent); /* May run release(). */
+    drop_replies(q);
+    stream_go(p, next, end);
+    call_free(p); /* The send's reference. */
+}
+
+/* End the stream with a non-OK status (a refused or malformed stream):
+ * replies still to come are dropped. */
+static void stream_fail(rpc_call *p, int code, const char *text) {
+    pthread_mutex_lock(&p->srv->mu);
+    p->status_code = code;
+    free(p->status_text);
+    p->status_text = cm_strdup(text);
+    sreply *q = stream_take_queue(p);
+    int gone = p->dead;
+    if (!gone) p->parked = 1;
+    int end;
+    grpc_byte_buffer *next = stream_step(p, &end);
+    pthread_mutex_unlock(&p->srv->mu);
+    drop_replies(q);
+    if (gone) call_free(p); /* No status for a stream that is over. */
+    else stream_go(p, next, end);
+}
+
+/* The stream is over on the wire (its closer): it takes no more replies,
+ * and the application hears of every message it still holds (on_cancel),
+ * so that a parked Pull is not kept for a stream that is gone. */
+static void stream_closed(rpc_call *p) {
+    rpc_server *s = p->srv;
+    pthread_mutex_lock(&s->mu);
+    p->closed = 1;
+    p->dead = 1;
+    int parked = p->parked; /* No status will be sent now. */
+    p->parked = 0;
+    sreply *q = stream_take_queue(p);
+    int n = 0;
+    for (rpc_call *c = p->held_subs; c; c = c->snext) n++;
+    rpc_call **gone = n ? cm_malloc((size_t)n * sizeof *gone) : NULL;
+    int k = 0;
+    for (rpc_call *c = p->held_subs; c; c = c->snext) {
+        if (c->in_handler) {
+            c->cancel_pending = 1;
+            continue;
+        }
+        atomic_fetch_add(&c->refs, 1); /* Readable through on_cancel. */
+        gone[k++] = c;
+        s->st.cancelled_held++;
+    }
+    pthread_mutex_unlock(&s->mu);
+    drop_replies(q);
+    for (int i = 0; i < k; i++) {
+        if (s->on_cancel) s->on_cancel(s->cancel_ctx, gone[i]);
+        call_free(gone[i]);
+    }
+    free(gone);
+    if (parked) call_free(p); /* The chain's. */
+    call_free(p);             /* The closer's. */
+}
+
+static void stream_recv(rpc_call *p) {
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &p->recv;
+    p->state = CALL_RECEIVING;
+    if (grpc_call_start_batch(p->call, &op, 1, p, NULL) != GRPC_CALL_OK) {
+        cm_error("rpc: cannot read from a stream");
+        grpc_call_cancel(p->call, NULL);
+        call_free(p); /* The chain's reference. */
+    }
+}
+
+/* A message arrived on a stream (or it ended): each message becomes a call
+ * of its own for the method's handler, answered by id. */
+static void on_stream_message(rpc_call *p, int success) {
+    rpc_server *s = p->srv;
+    if (!success) { /* Cancelled, disconnected, or an oversized message (G1). */
+        pthread_mutex_lock(&s->mu);
+        p->dead = 1;
+        sreply *q = stream_take_queue(p);
+        pthread_mutex_unlock(&s->mu);
+        drop_replies(q);
+        call_free(p);
+        return;
+    }
+    grpc_byte_buffer *bb = p->recv;
+    p->recv = NULL;
+    if (!bb) { /* The client closed its side (or cancelled the stream, which
+                * gRPC may report so too): answer what is left, then end. */
+        pthread_mutex_lock(&s->mu);
+        p->eos = 1;
+        int gone = p->dead;
+        if (!gone) p->parked = 1;
+        int end;
+        grpc_byte_buffer *next = stream_step(p, &end);
+        pthread_mutex_unlock(&s->mu);
+        if (gone) call_free(p);
+        else stream_go(p, next, end);
+        return;
+    }
+    const method_entry *m = p->m;
+    if (p->level < m->level) {
+        int code = p->level == RPC_AUTH_NONE ? RPC_UNAUTHENTICATED : RPC_PERMISSION_DENIED;
+        const char *why = code == RPC_UNAUTHENTICATED ? "missing or wrong token"
+                                                      : "this call needs the admin's token";
+        count_refusal(s, p, code, why);
+        grpc_byte_buffer_destroy(bb);
+        stream_fail(p, code, why);
+        return;
+    }
+    view v;
+    uint8_t hdr[SREQ_HDR];
+    int rc = view_init(&v, bb);
+    if (rc != RPC_OK || !view_take(&v, hdr, sizeof hdr)) {
+        view_deinit(&v);
+        grpc_byte_buffer_destroy(bb);
+        stream_fail(p, rc != RPC_OK ? rc : RPC_INVALID_ARGUMENT,
+                    rc != RPC_OK ? "cannot read a stream message"
+                                 : "a stream message without its 8-byte id");
+        return;
+    }
+    rpc_call *c = cm_calloc(1, sizeof *c);
+    c->kind = TAG_CALL;
+    c->srv = s;
+    c->parent = p;
+    c->sub_id = get_le(hdr, 8);
+    c->level = p->level;
+    c->state = CALL_HELD;
+    atomic_init(&c->refs, 2); /* The chain's (until finished) and the handler's. */
+    atomic_fetch_add(&p->refs, 1);
+    pthread_mutex_lock(&s->mu);
+    int held = ++s->nheld;
+    c->snext = p->held_subs;
+    if (p->held_subs) p->held_subs->sprev = c;
+    p->held_subs = c;
+    p->nsubs++;
+    /* A stream carries at most max_streams calls at once, as a connection
+     * does (HTTP/2's concurrent streams): one stream cannot park more. */
+    const char *over = held > s->max_held        ? "too many calls in progress on this server"
+                       : p->nsubs > s->max_streams ? "too many calls in progress on this stream"
+                                                   : NULL;
+    int gone = p->dead;
+    /* This thread owns the call until its dispatch is done, refusals
+     * included: a closer meanwhile leaves on_cancel to the end of it (the
+     * application must not hear of a call it never saw). */
+    c->in_handler = 1;
+    pthread_mutex_unlock(&s->mu);
+    stream_recv(p); /* The next message may be handled on another thread. */
+    if (over) {
+        count_refusal(s, c, RPC_RESOURCE_EXHAUSTED, over);
+        rpc_fail(c, RPC_RESOURCE_EXHAUSTED, "%s", over);
+    } else if (gone) {
+        rpc_fail(c, RPC_CANCELLED, "the client went away");
+    } else {
+        run_handler(m, c, &v); /* May finish the call. */
+    }
+    view_deinit(&v);
+    grpc_byte_buffer_destroy(bb);
+    handler_done(c);
+}
+
 /* The closer's completion: the call is over on the wire. It may come on
  * another thread before the request's (then on_received fails the call
  * without running its handler) or while the handler runs (then the
  * cancellation is reported when the handler returns, once the application
  * has put the call wherever it keeps it). */
 static void on_close(rpc_call *c) {
+    if (c->is_stream) {
+        stream_closed(c);
+        return;
+    }
     rpc_server *s = c->srv;
     pthread_mutex_lock(&s->mu);
     c->closed = 1;
@@ -631,15 +1087,37 @@ static void on_close(rpc_call *c) {
     call_free(c);
 }
 
+static const method_entry *find_method(const rpc_server *s, grpc_slice name);
+
+/* "<method>/stream" of a registered method: a stream of its calls. */
+static const method_entry *find_stream_method(const rpc_server *s, grpc_slice name) {
+    size_t n = GRPC_SLICE_LENGTH(name), k = strlen(STREAM_SUFFIX);
+    const char *p = (const char *)GRPC_SLICE_START_PTR(name);
+    if (n <= k || memcmp(p + n - k, STREAM_SUFFIX, k) != 0) return NULL;
+    for (int i = 0; i < s->nmethods; i++)
+        if (strlen(s->methods[i].name) == n - k && !memcmp(s->methods[i].name, p, n - k))
+            return &s->methods[i];
+    return NULL;
+}
+
 static void on_accept(rpc_call *c, int success) {
     rpc_server *s = c->srv;
     if (!success) { /* Shutdown failed the pending request. */
         call_free(c);
         return;
     }
+    const method_entry *sm = find_stream_method(s, c->details.method);
+    if (sm) {
+        c->is_stream = 1;
+        c->m = sm;
+        c->level = call_level(s, &c->md);
+        c->peer = grpc_call_get_peer(c->call);
+        c->sender = (closer){.kind = TAG_SSEND, .call = c};
+    }
     pthread_mutex_lock(&s->mu);
     s->nrequests--;
     s->ncalls++;
+    if (sm) s->nstreams++;
     pthread_mutex_unlock(&s->mu);
     request_one(s);
 
@@ -675,6 +1153,10 @@ static const method_entry *find_method(const rpc_server *s, grpc_slice name) {
 }
 
 static void on_received(rpc_call *c, int success) {
+    if (c->is_stream) {
+        on_stream_message(c, success);
+        return;
+    }
     if (!success) { /* Cancelled, deadline, or an oversized request (G1). */
         call_free(c);
         return;
@@ -726,32 +1208,15 @@ static void on_received(rpc_call *c, int success) {
         return;
     }
     atomic_fetch_add(&c->refs, 1); /* 'c' stays readable through the handler. */
-    if (m->fn_pieces) {
-        view v;
-        int rc = view_init(&v, bb);
-        if (rc == RPC_OK)
-            m->fn_pieces(m->ctx, c, v.p, v.n, v.len); /* May finish the call. */
-        else
-            rpc_fail(c, rc, "cannot read the request message");
-        view_deinit(&v);
-    } else {
-        flat f;
-        int rc = flat_init(&f, bb);
-        if (rc == RPC_OK)
-            m->fn(m->ctx, c, f.p, f.len); /* The call may be finished from here on. */
-        else
-            rpc_fail(c, rc, "cannot read the request message");
-        flat_deinit(&f);
-    }
+    view v;
+    int rc = view_init(&v, bb);
+    if (rc == RPC_OK)
+        run_handler(m, c, &v); /* The call may be finished from here on. */
+    else
+        rpc_fail(c, rc, "cannot read the request message");
+    view_deinit(&v);
     grpc_byte_buffer_destroy(bb);
-    pthread_mutex_lock(&s->mu);
-    c->in_handler = 0;
-    int report = c->cancel_pending && c->state == CALL_HELD;
-    c->cancel_pending = 0;
-    if (report) s->st.cancelled_held++;
-    pthread_mutex_unlock(&s->mu);
-    if (report && s->on_cancel) s->on_cancel(s->cancel_ctx, c);
-    call_free(c); /* The handler's reference. */
+    handler_done(c);
 }
 
 static void *server_thread(void *arg) {
@@ -770,6 +1235,10 @@ static void *server_thread(void *arg) {
         }
         if (kind == TAG_CLOSER) {
             on_close(((closer *)ev.tag)->call);
+            continue;
+        }
+        if (kind == TAG_SSEND) {
+            on_stream_sent(((closer *)ev.tag)->call, ev.success);
             continue;
         }
         rpc_call *c = ev.tag;
@@ -1004,7 +1473,7 @@ void rpc_server_shutdown(rpc_server *s, int grace_ms) {
         }
     }
     pthread_mutex_lock(&s->mu);
-    while (s->ncalls > s->nheld && grace_ms > 0)
+    while (s->ncalls - s->nstreams > s->nheld && grace_ms > 0)
         if (pthread_cond_timedwait(&s->cv, &s->mu, &until) == ETIMEDOUT) break;
     pthread_mutex_unlock(&s->mu);
 
@@ -1012,8 +1481,16 @@ void rpc_server_shutdown(rpc_server *s, int grace_ms) {
      * application still finishes its held calls. */
     grpc_server_cancel_all_calls(s->server);
     pthread_mutex_lock(&s->mu);
-    while (!s->shutdown_seen || s->ncalls > 0 || s->nrequests > 0)
-        pthread_cond_wait(&s->cv, &s->mu);
+    double said = cm_now();
+    while (!s->shutdown_seen || s->ncalls > 0 || s->nrequests > 0) {
+        struct timespec at = cm_monotonic_at(cm_now() + 1.0);
+        pthread_cond_timedwait(&s->cv, &s->mu, &at);
+        if (cm_now() - said >= 5.0) { /* The application still holds calls. */
+            cm_warn("rpc: server shutdown still waits for %d calls (%d held, %d streams)",
+                    s->ncalls, s->nheld, s->nstreams);
+            said = cm_now();
+        }
+    }
     pthread_mutex_unlock(&s->mu);
 
     grpc_completion_queue_shutdown(s->cq);
@@ -1058,6 +1535,11 @@ struct rpc_client {
     pthread_t thread;
     atomic_int ncalls;    /* Started, 'done' not yet returned. */
     atomic_int nchannels; /* Open. */
+    /* Streams (RPC_STREAM): every live one, under mu; ids of messages. */
+    pthread_mutex_t mu;
+    struct cstream *streams;
+    atomic_int nstreams;
+    atomic_uint_fast64_t next_id;
 };
 
 struct rpc_channel {
@@ -1066,8 +1548,15 @@ struct rpc_channel {
     char *target;
 };
 
+/* What a client CQ tag is: every tag struct starts with one of these. */
+enum { CTAG_CALL = 1, CTAG_SOPEN, CTAG_SSEND, CTAG_SRECV, CTAG_SSTATUS, CTAG_KICK };
+
+/* A tag that only wakes the client thread (see stream_call). */
+static const int kick_tag = CTAG_KICK;
+
 /* One client call; owned by the client thread once started. */
 typedef struct ccall {
+    int kind; /* CTAG_CALL */
     rpc_client *c;
     rpc_done done;               /* One of the two. */
     rpc_done_pieces done_pieces;
@@ -1147,12 +1636,436 @@ static void ccall_free(ccall *cc) {
     free(cc);
 }
 
+
+/* ---- Streams, client side ----------------------------------------- */
+
+static void post_failure(rpc_channel *ch, ccall *cc, int code, const char *msg);
+
+/* A call's context, counted in ncalls. */
+static ccall *ccall_new(rpc_client *c, rpc_done done, rpc_done_pieces done_pieces, void *ud) {
+    ccall *cc = cm_calloc(1, sizeof *cc);
+    cc->kind = CTAG_CALL;
+    cc->c = c;
+    cc->done = done;
+    cc->done_pieces = done_pieces;
+    cc->ud = ud;
+    cc->details = grpc_empty_slice();
+    grpc_metadata_array_init(&cc->init_md);
+    grpc_metadata_array_init(&cc->trail_md);
+    atomic_fetch_add(&c->ncalls, 1);
+    return cc;
+}
+
+/* A message on a stream, waiting for its reply (sent or not yet). */
+typedef struct cmsg {
+    uint64_t id;
+    rpc_done done; /* One of the two. */
+    rpc_done_pieces done_pieces;
+    void *ud;
+    double deadline;      /* cm_now()'s clock. */
+    grpc_byte_buffer *bb; /* Until it goes on the wire. */
+    int sent;
+    struct cmsg *next;
+} cmsg;
+
+typedef struct cstag {
+    int kind; /* CTAG_S* */
+    struct cstream *st;
+} cstag;
+
+/* One stream: a long call of "<method>/stream" carrying the calls of one
+ * method (and flags) on one channel. */
+typedef struct cstream {
+    rpc_client *c;
+    const rpc_channel *ch; /* NULL once the channel is closed. */
+    char *method;
+    int flags;
+    grpc_call *call;
+    atomic_int refs; /* One per outstanding batch, and the list's. */
+    cstag t_open, t_send, t_recv, t_status;
+    grpc_metadata auth;
+    grpc_metadata_array init_md, trail_md;
+    grpc_status_code status;
+    grpc_slice details;
+    const char *error_string;
+    grpc_byte_buffer *recv, *in_flight;
+    /* Under c->mu. */
+    cmsg *msgs; /* In the order started. */
+    int started, sending, dead;
+    struct cstream *next;
+} cstream;
+
+static void stream_unref(cstream *st) {
+    if (atomic_fetch_sub(&st->refs, 1) != 1) return;
+    if (st->call) grpc_call_unref(st->call);
+    if (st->recv) grpc_byte_buffer_destroy(st->recv);
+    grpc_metadata_array_destroy(&st->init_md);
+    grpc_metadata_array_destroy(&st->trail_md);
+    grpc_slice_unref(st->details);
+    gpr_free((void *)st->error_string);
+    free(st->method);
+    free(st);
+}
+
+/* Report a message that got no reply, and free it. */
+static void cmsg_fail(rpc_client *c, cmsg *m, int code, const char *msg) {
+    atomic_fetch_sub(&c->ncalls, 1);
+    report_fail(m->done, m->done_pieces, m->ud, code, msg);
+    if (m->bb) grpc_byte_buffer_destroy(m->bb);
+    free(m);
+}
+
+static void stream_over(cstream *st);
+
+/* Put the first message not yet sent on the wire, unless one is. */
+static void stream_pump(cstream *st) {
+    rpc_client *c = st->c;
+    pthread_mutex_lock(&c->mu);
+    cmsg *m = st->msgs;
+    while (m && m->sent) m = m->next;
+    if (!m || st->sending || !st->started || st->dead) {
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    m->sent = 1;
+    grpc_byte_buffer *bb = m->bb;
+    m->bb = NULL;
+    st->in_flight = bb;
+    st->sending = 1;
+    atomic_fetch_add(&st->refs, 1);
+    pthread_mutex_unlock(&c->mu);
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_MESSAGE;
+    op.data.send_message.send_message = bb;
+    if (grpc_call_start_batch(st->call, &op, 1, &st->t_send, NULL) != GRPC_CALL_OK) {
+        cm_error("rpc: cannot send on a stream");
+        pthread_mutex_lock(&c->mu);
+        st->in_flight = NULL;
+        st->sending = 0;
+        pthread_mutex_unlock(&c->mu);
+        grpc_byte_buffer_destroy(bb);
+        grpc_call_cancel(st->call, NULL); /* Its status fails the rest. */
+        stream_unref(st);
+    }
+}
+
+static int stream_post_recv(cstream *st) {
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &st->recv;
+    return grpc_call_start_batch(st->call, &op, 1, &st->t_recv, NULL) == GRPC_CALL_OK;
+}
+
+/* Start a new stream's batches: its metadata, its status, its first read. */
+static void stream_open(cstream *st) {
+    rpc_client *c = st->c;
+    grpc_op ops[2];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    const char *bearer =
+        (st->flags & RPC_ADMIN) && c->admin_bearer ? c->admin_bearer : c->bearer;
+    if (bearer) {
+        st->auth.key = grpc_slice_from_static_string("authorization");
+        st->auth.value = grpc_slice_from_static_string(bearer);
+        ops[0].data.send_initial_metadata.count = 1;
+        ops[0].data.send_initial_metadata.metadata = &st->auth;
+    }
+    if (st->flags & RPC_WAIT_FOR_READY)
+        ops[0].flags = GRPC_INITIAL_METADATA_WAIT_FOR_READY |
+                       GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET;
+    ops[1].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[1].data.recv_initial_metadata.recv_initial_metadata = &st->init_md;
+    atomic_fetch_add(&st->refs, 3);
+    int failed = 0, ok = grpc_call_start_batch(st->call, ops, 2, &st->t_open, NULL) == GRPC_CALL_OK;
+    if (!ok) failed++;
+    grpc_op sop;
+    memset(&sop, 0, sizeof sop);
+    sop.op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    sop.data.recv_status_on_client.trailing_metadata = &st->trail_md;
+    sop.data.recv_status_on_client.status = &st->status;
+    sop.data.recv_status_on_client.status_details = &st->details;
+    sop.data.recv_status_on_client.error_string = &st->error_string;
+    int status_ok =
+        grpc_call_start_batch(st->call, &sop, 1, &st->t_status, NULL) == GRPC_CALL_OK;
+    if (!status_ok) failed++;
+    if (!stream_post_recv(st)) failed++;
+    pthread_mutex_lock(&c->mu);
+    st->started = 1;
+    if (failed) st->dead = 1;
+    pthread_mutex_unlock(&c->mu);
+    if (failed) {
+        /* Not expected (gRPC refuses a batch only for a bug in it). */
+        cm_error("rpc: cannot start a stream of %s", st->method);
+        grpc_call_cancel(st->call, NULL);
+        if (!status_ok) { /* No status will come to end it. */
+            st->status = GRPC_STATUS_INTERNAL;
+            stream_over(st);
+        }
+    }
+    stream_pump(st);
+    while (failed-- > 0) stream_unref(st);
+}
+
+/* rpc_call_start with RPC_STREAM: the message goes on the channel's stream
+ * of the method (opened when there is none). 0 when no stream can be
+ * created (the caller then makes it a unary call). */
+static int stream_call(rpc_channel *ch, const char *method, const rpc_seg *segs, int nsegs,
+                       int64_t deadline_ms, int flags, rpc_done done,
+                       rpc_done_pieces done_pieces, void *ud) {
+    rpc_client *c = ch->c;
+    cmsg *m = cm_calloc(1, sizeof *m);
+    m->id = atomic_fetch_add(&c->next_id, 1);
+    m->done = done;
+    m->done_pieces = done_pieces;
+    m->ud = ud;
+    m->deadline = cm_now() + (double)deadline_ms * 1e-3;
+    /* Before the lock: an empty zero-copy segment is released at once. */
+    uint8_t hdr[SREQ_HDR];
+    put_le(hdr, m->id, 8);
+    m->bb = segs_to_buffer_pre(hdr, sizeof hdr, segs, nsegs);
+    pthread_mutex_lock(&c->mu);
+    cstream *st = c->streams;
+    while (st && (st->ch != ch || st->dead || st->flags != flags || strcmp(st->method, method)))
+        st = st->next;
+    int created = 0, kick = 0;
+    if (!st) {
+        char *path = cm_malloc(strlen(method) + sizeof STREAM_SUFFIX);
+        strcpy(path, method);
+        strcat(path, STREAM_SUFFIX);
+        grpc_slice mslice = grpc_slice_from_copied_string(path);
+        free(path);
+        grpc_call *gc = grpc_channel_create_call(ch->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq,
+                                                 mslice, NULL,
+                                                 gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        grpc_slice_unref(mslice);
+        if (!gc) { /* Not expected; reported on the client thread, as a call. */
+            pthread_mutex_unlock(&c->mu);
+            grpc_byte_buffer_destroy(m->bb); /* Releases the segments. */
+            post_failure(ch, ccall_new(c, done, done_pieces, ud), RPC_INTERNAL,
+                         "cannot create a stream");
+            free(m);
+            return 1;
+        }
+        st = cm_calloc(1, sizeof *st);
+        st->c = c;
+        st->ch = ch;
+        st->method = cm_strdup(method);
+        st->flags = flags;
+        st->call = gc;
+        atomic_init(&st->refs, 1); /* The list's. */
+        st->t_open = (cstag){CTAG_SOPEN, st};
+        st->t_send = (cstag){CTAG_SSEND, st};
+        st->t_recv = (cstag){CTAG_SRECV, st};
+        st->t_status = (cstag){CTAG_SSTATUS, st};
+        grpc_metadata_array_init(&st->init_md);
+        grpc_metadata_array_init(&st->trail_md);
+        st->details = grpc_empty_slice();
+        st->next = c->streams;
+        c->streams = st;
+        /* The first stream: the client thread may sleep without a timeout,
+         * and must now wake for deadlines (a call waiting for a server that
+         * is not up has no other event). */
+        kick = atomic_fetch_add(&c->nstreams, 1) == 0;
+        created = 1;
+    }
+    atomic_fetch_add(&c->ncalls, 1);
+    cmsg **tail = &st->msgs;
+    while (*tail) tail = &(*tail)->next;
+    *tail = m;
+    atomic_fetch_add(&st->refs, 1); /* Kept past the unlock. */
+    pthread_mutex_unlock(&c->mu);
+    if (kick) /* Outside the lock, as every gRPC call that may run callbacks. */
+        grpc_channel_watch_connectivity_state(
+            ch->ch, grpc_channel_check_connectivity_state(ch->ch, 0),
+            gpr_inf_past(GPR_CLOCK_MONOTONIC), c->cq, (void *)&kick_tag);
+    if (created)
+        stream_open(st);
+    else
+        stream_pump(st);
+    stream_unref(st);
+    return 1;
+}
+
+/* Take the message with this id off the stream; NULL if it is gone (its
+ * deadline passed). */
+static cmsg *stream_take(cstream *st, uint64_t id) {
+    pthread_mutex_lock(&st->c->mu);
+    cmsg **pp = &st->msgs;
+    while (*pp && (*pp)->id != id) pp = &(*pp)->next;
+    cmsg *m = *pp;
+    if (m) *pp = m->next;
+    pthread_mutex_unlock(&st->c->mu);
+    return m;
+}
+
+/* A reply frame: answer its message. */
+static void stream_reply(cstream *st, grpc_byte_buffer *bb) {
+    rpc_client *c = st->c;
+    view v;
+    uint8_t hdr[SREPLY_HDR];
+    int rc = view_init(&v, bb);
+    if (rc != RPC_OK || !view_take(&v, hdr, sizeof hdr)) {
+        cm_error("rpc: a malformed reply on a stream of %s", st->method);
+        grpc_call_cancel_with_status(st->call, GRPC_STATUS_INTERNAL,
+                                     "a malformed reply on the stream", NULL);
+        view_deinit(&v);
+        return;
+    }
+    cmsg *m = stream_take(st, get_le(hdr, 8));
+    int code = (int)get_le(hdr + 8, 4);
+    if (m) {
+        atomic_fetch_sub(&c->ncalls, 1);
+        if (code != RPC_OK) {
+            const uint8_t *p;
+            size_t len;
+            char *text = NULL;
+            if (view_flat(&v, &p, &len) == RPC_OK) {
+                text = cm_malloc(len + 1);
+                memcpy(text, p, len);
+                text[len] = 0;
+            }
+            if (code < 0 || code > RPC_UNAUTHENTICATED) code = RPC_UNKNOWN;
+            report_fail(m->done, m->done_pieces, m->ud, code, text ? text : rpc_status_name(code));
+            free(text);
+        } else if (m->done_pieces) {
+            m->done_pieces(m->ud, RPC_OK, "OK", v.p, v.n, v.len);
+        } else {
+            const uint8_t *p;
+            size_t len;
+            rc = view_flat(&v, &p, &len);
+            if (rc == RPC_OK)
+                m->done(m->ud, RPC_OK, "OK", p, len);
+            else
+                m->done(m->ud, rc, "cannot read the reply message", NULL, 0);
+        }
+        free(m);
+    }
+    view_deinit(&v);
+}
+
+/* The stream is over: every message still on it fails with its status. */
+static void stream_over(cstream *st) {
+    rpc_client *c = st->c;
+    pthread_mutex_lock(&c->mu);
+    st->dead = 1;
+    cstream **pp = &c->streams;
+    while (*pp && *pp != st) pp = &(*pp)->next;
+    int listed = *pp == st;
+    if (listed) *pp = st->next;
+    cmsg *m = st->msgs;
+    st->msgs = NULL;
+    pthread_mutex_unlock(&c->mu);
+    if (listed) atomic_fetch_sub(&c->nstreams, 1);
+    int code = (int)st->status;
+    char *details = GRPC_SLICE_LENGTH(st->details) ? grpc_slice_to_c_string(st->details) : NULL;
+    const char *msg = details ? details : rpc_status_name(code);
+    if (code == RPC_OK) {
+        code = RPC_UNAVAILABLE;
+        msg = "the stream ended before the reply";
+    }
+    if (m && st->error_string) cm_debug("rpc: stream failed: %s", st->error_string);
+    while (m) {
+        cmsg *next = m->next;
+        cmsg_fail(c, m, code, msg);
+        m = next;
+    }
+    gpr_free(details);
+    if (listed) stream_unref(st); /* The list's reference. */
+}
+
+static void stream_event(cstag *t, int success) {
+    if (t->kind == CTAG_KICK) return;
+    cstream *st = t->st;
+    switch (t->kind) {
+    case CTAG_SOPEN: break;
+    case CTAG_SSEND: {
+        pthread_mutex_lock(&st->c->mu);
+        grpc_byte_buffer *bb = st->in_flight;
+        st->in_flight = NULL;
+        st->sending = 0;
+        pthread_mutex_unlock(&st->c->mu);
+        if (bb) grpc_byte_buffer_destroy(bb); /* May run release(). */
+        if (success) stream_pump(st);
+        break;
+    }
+    case CTAG_SRECV: {
+        grpc_byte_buffer *bb = success ? st->recv : NULL;
+        st->recv = NULL;
+        if (!bb) break; /* The stream ends; its status follows. */
+        if (stream_post_recv(st)) atomic_fetch_add(&st->refs, 1);
+        else grpc_call_cancel(st->call, NULL);
+        stream_reply(st, bb);
+        grpc_byte_buffer_destroy(bb);
+        break;
+    }
+    case CTAG_SSTATUS: stream_over(st); break;
+    }
+    stream_unref(st); /* The batch's reference. */
+}
+
+/* Fail the messages whose deadline passed, and reset their streams (the
+ * server then lets go of them, as of a unary call past its deadline). */
+static void stream_sweep(rpc_client *c) {
+    double now = cm_now();
+    cmsg *expired = NULL;
+    cstream *reset[16];
+    int nreset = 0;
+    pthread_mutex_lock(&c->mu);
+    for (cstream *st = c->streams; st; st = st->next) {
+        int any = 0;
+        for (cmsg **pp = &st->msgs; *pp;) {
+            cmsg *m = *pp;
+            if (m->deadline > now) {
+                pp = &m->next;
+                continue;
+            }
+            *pp = m->next;
+            m->next = expired;
+            expired = m;
+            any = 1;
+        }
+        if (any && !st->dead && nreset < 16) {
+            st->dead = 1; /* New calls open a new stream. */
+            atomic_fetch_add(&st->refs, 1);
+            reset[nreset++] = st;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    for (int i = 0; i < nreset; i++) {
+        grpc_call_cancel_with_status(reset[i]->call, GRPC_STATUS_DEADLINE_EXCEEDED,
+                                     "Deadline Exceeded", NULL);
+        stream_unref(reset[i]);
+    }
+    while (expired) {
+        cmsg *next = expired->next;
+        cmsg_fail(c, expired, RPC_DEADLINE_EXCEEDED, "Deadline Exceeded");
+        expired = next;
+    }
+}
+
 static void *client_thread(void *arg) {
     rpc_client *c = arg;
+    double next_sweep = 0;
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(c->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        /* While streams are open, wake at least every 20 ms for their
+         * messages' deadlines. */
+        int streams = atomic_load(&c->nstreams) > 0;
+        gpr_timespec until = streams ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                                    gpr_time_from_millis(20, GPR_TIMESPAN))
+                                     : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+        grpc_event ev = grpc_completion_queue_next(c->cq, until, NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+        if (streams && cm_now() >= next_sweep) {
+            stream_sweep(c);
+            next_sweep = cm_now() + 0.02;
+        }
         if (ev.type != GRPC_OP_COMPLETE) continue;
+        if (*(const int *)ev.tag != CTAG_CALL) {
+            stream_event(ev.tag, ev.success);
+            continue;
+        }
         ccall *cc = ev.tag;
         if (!cc->posted && !ev.success) {
             /* Not expected: RECV_STATUS_ON_CLIENT reports failures. */
@@ -1171,6 +2084,7 @@ static void *client_thread(void *arg) {
 }
 
 static void client_free(rpc_client *c) {
+    pthread_mutex_destroy(&c->mu);
     grpc_channel_credentials_release(c->creds);
     free(c->bearer);
     free(c->admin_bearer);
@@ -1218,6 +2132,9 @@ int rpc_client_create(const rpc_client_opts *opts, rpc_client **out) {
     c->test_gzip = o.test_gzip;
     atomic_init(&c->ncalls, 0);
     atomic_init(&c->nchannels, 0);
+    atomic_init(&c->nstreams, 0);
+    atomic_init(&c->next_id, 1);
+    pthread_mutex_init(&c->mu, NULL);
     c->cq = grpc_completion_queue_create_for_next(NULL);
     int rc = pthread_create(&c->thread, NULL, client_thread, c);
     if (rc != 0) {
@@ -1292,6 +2209,22 @@ int rpc_channel_open(rpc_client *c, const char *target, rpc_channel **out) {
 
 void rpc_channel_close(rpc_channel *ch) {
     if (!ch) return;
+    /* Its streams end (their messages fail CANCELLED, as calls in flight). */
+    rpc_client *c = ch->c;
+    for (;;) {
+        pthread_mutex_lock(&c->mu);
+        cstream *st = c->streams;
+        while (st && st->ch != ch) st = st->next;
+        if (st) {
+            st->ch = NULL;
+            st->dead = 1;
+            atomic_fetch_add(&st->refs, 1);
+        }
+        pthread_mutex_unlock(&c->mu);
+        if (!st) break;
+        grpc_call_cancel(st->call, NULL);
+        stream_unref(st);
+    }
     grpc_channel_destroy(ch->ch);
     atomic_fetch_sub(&ch->c->nchannels, 1);
     free(ch->target);
@@ -1321,15 +2254,13 @@ static void call_start(rpc_channel *ch, const char *method, const rpc_seg *segs,
         return;
     }
     rpc_client *c = ch->c;
-    ccall *cc = cm_calloc(1, sizeof *cc);
-    cc->c = c;
-    cc->done = done;
-    cc->done_pieces = done_pieces;
-    cc->ud = ud;
-    cc->details = grpc_empty_slice();
-    grpc_metadata_array_init(&cc->init_md);
-    grpc_metadata_array_init(&cc->trail_md);
-    atomic_fetch_add(&c->ncalls, 1);
+    if ((flags & RPC_STREAM) && method && *method && deadline_ms > 0 && nsegs >= 0 &&
+        (nsegs == 0 || segs) &&
+        stream_call(ch, method, segs, nsegs, deadline_ms, flags & ~RPC_STREAM, done,
+                    done_pieces, ud))
+        return;
+    flags &= ~RPC_STREAM;
+    ccall *cc = ccall_new(c, done, done_pieces, ud);
     if (!method || !*method || deadline_ms <= 0 || nsegs < 0 || (nsegs > 0 && !segs)) {
         cm_error("rpc_call_start: bad arguments (method %s, deadline %lld ms, %d segments)",
                  method ? method : "(null)", (long long)deadline_ms, nsegs);

@@ -1,8 +1,11 @@
 /* rpc.h - the project's one thin layer over the gRPC C core API.
  * SPDX-License-Identifier: MIT
  *
- * Unary calls only. Messages are opaque bytes here (the PS packs them with
- * protobuf-c, proto/ps.proto); this layer moves them, with these rules:
+ * Unary calls, which a client may also send as messages on one long gRPC
+ * stream per channel and method (RPC_STREAM; the server answers them with
+ * the method's handler, as unary calls). Messages are opaque bytes here
+ * (the PS packs them with protobuf-c, proto/ps.proto); this layer moves
+ * them, with these rules:
  *
  *  - Payloads are sent as a list of segments (rpc_seg). A segment with a
  *    'release' callback is sent zero-copy, straight from the caller's memory
@@ -29,9 +32,11 @@
  *    enabled, so a small request cannot inflate); calls held by the
  *    application (a Pull waiting for a version) are capped per server
  *    (RPC_RESOURCE_EXHAUSTED beyond) and, through HTTP/2's concurrent
- *    streams, per connection; a held call whose client cancels, disconnects
- *    or passes its deadline is reported to the application (on_cancel) so
- *    it can let go of it; idle connections are closed.
+ *    streams, per connection (and max_streams per stream of RPC_STREAM
+ *    calls); a held call whose client cancels, disconnects or passes its
+ *    deadline is reported to the application (on_cancel) so it can let go
+ *    of it; idle connections are closed (a connection with a stream open
+ *    is not idle).
  *
  * Threads: a server runs 'threads' completion-queue threads that call the
  * handlers; a client runs one completion-queue thread that calls the 'done'
@@ -152,7 +157,9 @@ typedef struct rpc_server_opts {
      * present a certificate it signed (mutual TLS). */
     const char *tls_cert, *tls_key, *tls_ca;
     int max_held;        /* Calls held at once (0 = 20000). */
-    int max_streams;     /* Concurrent calls per connection (0 = 256). */
+    int max_streams;     /* Concurrent calls per connection (0 = 256), and
+                          * per stream (RPC_STREAM: beyond, a call is
+                          * refused with RPC_RESOURCE_EXHAUSTED). */
     int idle_ms;         /* Close connections idle this long (0 = 600000). */
     rpc_cancel_fn on_cancel; /* May be NULL. */
     void *cancel_ctx;
@@ -276,7 +283,17 @@ enum {
      * failing at once with RPC_UNAVAILABLE. */
     RPC_WAIT_FOR_READY = 1,
     /* An administrative call: send the client's admin token. */
-    RPC_ADMIN = 2
+    RPC_ADMIN = 2,
+    /* Carry the call on the channel's stream of this method (one long gRPC
+     * call of "<method>/stream", opened at the first such call and again
+     * after it ends), which the server answers like unary calls of the
+     * method: the same handler, authentication, limits, held calls and
+     * on_cancel. It saves gRPC's per-call work (a call object, headers and
+     * trailers each way), which is most of a small call's cost. Messages
+     * are answered by id, in any order. A call past its deadline fails
+     * with RPC_DEADLINE_EXCEEDED and resets its stream, so the calls then
+     * on the same stream fail too (as calls on a broken connection). */
+    RPC_STREAM = 4
 };
 
 /* Start a unary call of 'method' with the concatenation of segs as the

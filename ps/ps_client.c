@@ -392,7 +392,8 @@ static void issue(ps_ticket *t, sub *s, int reserved) {
     }
     int nsegs;
     const rpc_seg *segs = ps_wire_segs(&w, &nsegs);
-    rpc_call_start_pieces(c->ch[sh], method, segs, nsegs, c->cfg.deadline_ms, 0, on_done, s);
+    rpc_call_start_pieces(c->ch[sh], method, segs, nsegs, c->cfg.deadline_ms,
+                          c->cfg.unary ? 0 : RPC_STREAM, on_done, s);
     ps_wire_writer_free(&w, 0);
 }
 

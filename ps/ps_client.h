@@ -99,6 +99,15 @@ typedef struct ps_client_cfg {
                                     * vain, 16-256 waits skip it
                                     * (ps_client_wait_counts). 0 (the
                                     * default) or less: sleep at once. */
+    int unary;                     /* 1: every push and pull is a gRPC call
+                                    * of its own. 0 (the default): they go on
+                                    * the channel's streams, one a shard and
+                                    * method (RPC_STREAM), which saves gRPC's
+                                    * per-call work: 1 PS, 1 worker, 4 KiB on
+                                    * loopback, 1.5x the operations a second
+                                    * (docs/bench-log.md). Control calls
+                                    * (Initialize, Checkpoint, ...) are unary
+                                    * either way. */
     int async;                     /* The shards run async (every push call a
                                     * version, which copies the shard's other
                                     * partitions): pushes go as one call a

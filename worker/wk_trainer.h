@@ -90,6 +90,7 @@ typedef struct wk_train_cfg {
                                 * once (ps_client_cfg.call_window; 0 default,
                                 * < 0 all at once). */
     int client_spin_us;        /* PS mode: ps_client_cfg.spin_us (0: off). */
+    int unary_calls;           /* PS mode: ps_client_cfg.unary (1: a gRPC call a request). */
     int wire_bf16;             /* PS mode: push gradients as bfloat16 (RNE),
                                 * half the bytes; pulls and the PS stay fp32
                                 * (--wire-dtype bf16; any device). */

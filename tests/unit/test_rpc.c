@@ -31,6 +31,24 @@
 
 extern char **environ;
 
+/* The tests marked "stream" in main run twice: as unary calls, then with
+ * RPC_STREAM on every call (the same contract, one long call a method). */
+static int g_stream;
+#define rpc_call_start(ch, m, segs, n, dl, fl, done, ud) \
+    (rpc_call_start)(ch, m, segs, n, dl, (fl) | g_stream, done, ud)
+#define rpc_call_sync(ch, m, req, len, dl, fl, ...) \
+    (rpc_call_sync)(ch, m, req, len, dl, (fl) | g_stream, __VA_ARGS__)
+static int stream_on(void **state) {
+    (void)state;
+    g_stream = RPC_STREAM;
+    return 0;
+}
+static int stream_off(void **state) {
+    (void)state;
+    g_stream = 0;
+    return 0;
+}
+
 /* ===== Helpers ===== */
 
 /* For handlers and callbacks: cmocka's asserts only work on the test thread. */
@@ -157,6 +175,24 @@ static void h_hold(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     pthread_mutex_unlock(&held.mu);
 }
 
+/* Calls kept with their one-byte request (test_stream_out_of_order). */
+static struct {
+    pthread_mutex_t mu;
+    rpc_call *calls[8];
+    uint8_t tags[8];
+    int n;
+} tagged = {PTHREAD_MUTEX_INITIALIZER, {0}, {0}, 0};
+
+static void h_hold_tag(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
+    (void)ctx;
+    CHECK(len == 1);
+    pthread_mutex_lock(&tagged.mu);
+    CHECK(tagged.n < 8);
+    tagged.calls[tagged.n] = call;
+    tagged.tags[tagged.n++] = req[0];
+    pthread_mutex_unlock(&tagged.mu);
+}
+
 /* Reply with N zero bytes, N a uint32 in the request. */
 static void h_big(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     (void)ctx;
@@ -247,6 +283,7 @@ static void fx_start_opts(fixture *f, const rpc_server_opts *so, const rpc_clien
         CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Hold", h_hold, NULL), CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Big", h_big, NULL), CM_OK);
+    assert_int_equal(rpc_server_add_method(f->srv, "/t.T/HoldTag", h_hold_tag, NULL), CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Level", h_level, NULL), CM_OK);
     assert_int_equal(rpc_server_add_method(f->srv, "/t.T/Deny", h_deny, NULL), CM_OK);
     assert_int_equal(
@@ -1167,7 +1204,8 @@ static void child_done(void *ud, int code, const char *message, const uint8_t *r
     _exit(3);
 }
 
-static int hold_client_main(const char *port) {
+static int hold_client_main(const char *port, int stream) {
+    g_stream = stream ? RPC_STREAM : 0;
     rpc_client *c;
     rpc_channel *ch;
     char target[64];
@@ -1188,7 +1226,7 @@ static void test_cancel_on_disconnect(void **state) {
     fx_start_cancel(&f, 0);
     char port[16];
     snprintf(port, sizeof port, "%d", f.port);
-    char *argv[] = {"/proc/self/exe", "--hold-client", port, NULL};
+    char *argv[] = {"/proc/self/exe", "--hold-client", port, g_stream ? "stream" : NULL, NULL};
     pid_t pid;
     assert_int_equal(posix_spawn(&pid, "/proc/self/exe", NULL, NULL, argv, environ), 0);
     int held_n = wait_held_count(1, 10000);
@@ -1339,6 +1377,113 @@ static void test_stress_cancel_race(void **state) {
     fx_stop(&f);
 }
 
+/* Calls on one stream answered in the reverse order of their arrival: each
+ * reply reaches its own call (replies go by id, not by order). */
+static void test_stream_out_of_order(void **state) {
+    (void)state;
+    fixture f;
+    fx_start(&f, 0, 0, 0);
+    tagged.n = 0;
+    static const uint8_t tags[] = "abcdef";
+    result r[6];
+    for (int i = 0; i < 6; i++) {
+        result_init(&r[i]);
+        rpc_seg seg = {&tags[i], 1, NULL, NULL};
+        rpc_call_start(f.ch, "/t.T/HoldTag", &seg, 1, 5000, RPC_STREAM, on_done, &r[i]);
+    }
+    int64_t end = now_ms() + 3000;
+    int n = 0;
+    while (now_ms() < end) {
+        pthread_mutex_lock(&tagged.mu);
+        n = tagged.n;
+        pthread_mutex_unlock(&tagged.mu);
+        if (n == 6) break;
+        sleep_ms(2);
+    }
+    assert_int_equal(n, 6);
+    for (int i = 0; i < 6; i++) assert_int_equal(r[i].finished, 0);
+    for (int k = 5; k >= 0; k--) {
+        uint8_t reply[2] = {tagged.tags[k], (uint8_t)('0' + k)};
+        rpc_seg seg = {reply, 2, NULL, NULL};
+        rpc_reply(tagged.calls[k], &seg, 1);
+    }
+    for (int i = 0; i < 6; i++) {
+        assert_int_equal(result_wait(&r[i], 3000), RPC_OK);
+        assert_int_equal(r[i].len, 2);
+        assert_int_equal(r[i].reply[0], tags[i]);
+        result_deinit(&r[i]);
+    }
+    fx_stop(&f);
+}
+
+/* max_streams bounds a stream too: its calls beyond are refused at once,
+ * counted, and room comes back as held calls are answered. */
+static void test_stream_cap(void **state) {
+    (void)state;
+    fixture f;
+    rpc_server_opts so = {.max_streams = 2};
+    fx_start_opts(&f, &so, NULL);
+    result r[3];
+    for (int i = 0; i < 3; i++) {
+        result_init(&r[i]);
+        rpc_seg x = {"x", 1, NULL, NULL};
+        rpc_call_start(f.ch, "/t.T/Hold", &x, 1, 5000, RPC_STREAM, on_done, &r[i]);
+    }
+    assert_int_equal(wait_held_count(2, 3000), 2);
+    int refused = -1;
+    for (int i = 0; i < 3 && refused < 0; i++)
+        if (result_wait(&r[i], i == 2 ? 3000 : 0) == RPC_RESOURCE_EXHAUSTED) refused = i;
+    assert_int_equal(refused, 2);
+    assert_int_equal(held_count(), 2);
+    expect_stats(f.srv, 0, 0, 1, 0, 2);
+    answer_held(2);
+    results_expect(r, 2, RPC_OK);
+    result_deinit(&r[2]);
+    /* Room again on the stream. */
+    result_init(&r[0]);
+    rpc_seg x = {"x", 1, NULL, NULL};
+    rpc_call_start(f.ch, "/t.T/Hold", &x, 1, 5000, RPC_STREAM, on_done, &r[0]);
+    assert_int_equal(wait_held_count(1, 3000), 1);
+    answer_held(1);
+    results_expect(r, 1, RPC_OK);
+    fx_stop(&f);
+}
+
+/* The server reads stream frames as untrusted input: a unary call of a
+ * stream path is a stream of one message, so a message too short for its
+ * id ends it with INVALID_ARGUMENT, and one with an id is answered with the
+ * reply frame (the id, OK, the reply). The server serves on. */
+static void test_stream_frames_checked(void **state) {
+    (void)state;
+    fixture f;
+    fx_start(&f, 0, 0, 0);
+    char err[256];
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    int code = (rpc_call_sync)(f.ch, "/t.T/Echo/stream", "abc", 3, 5000, 0, &reply, &len, err,
+                               sizeof err);
+    assert_int_equal(code, RPC_INVALID_ARGUMENT);
+    assert_non_null(strstr(err, "8-byte id"));
+    static const uint8_t req[11] = {1, 2, 3, 4, 5, 6, 7, 8, 'x', 'y', 'z'};
+    code = (rpc_call_sync)(f.ch, "/t.T/Echo/stream", req, sizeof req, 5000, 0, &reply, &len, err,
+                           sizeof err);
+    if (code != RPC_OK) fail_msg("one-message stream: %s %s", rpc_status_name(code), err);
+    assert_int_equal(len, 15);
+    assert_memory_equal(reply, req, 8);
+    assert_memory_equal(reply + 8, "\0\0\0\0xyz", 7);
+    free(reply);
+    /* Not a stream of a registered method: unknown. */
+    code = (rpc_call_sync)(f.ch, "/t.T/Nope/stream", req, sizeof req, 5000, 0, NULL, NULL, err,
+                           sizeof err);
+    assert_int_equal(code, RPC_UNIMPLEMENTED);
+    code = (rpc_call_sync)(f.ch, "/t.T/Echo", "ok", 2, 5000, RPC_STREAM, &reply, &len, err,
+                           sizeof err);
+    assert_int_equal(code, RPC_OK);
+    assert_int_equal(len, 2);
+    free(reply);
+    fx_stop(&f);
+}
+
 /* After rpc_init, two of gRPC's mutexes (Abseil's, under gpr_mu) taken in
  * both orders: Debian's Abseil, built without NDEBUG, aborts the process
  * for a potential deadlock unless its detector is off (GRPC_LEVELDB_NOTES
@@ -1374,7 +1519,8 @@ static void test_absl_deadlock_detector_off(void **state) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 3 && !strcmp(argv[1], "--hold-client")) return hold_client_main(argv[2]);
+    if ((argc == 3 || argc == 4) && !strcmp(argv[1], "--hold-client"))
+        return hold_client_main(argv[2], argc == 4);
     if (argc == 2 && !strcmp(argv[1], "--lock-order")) return lock_order_main();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_status_table),
@@ -1405,6 +1551,30 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_max_streams),
         cmocka_unit_test(test_stress_cancel_race),
         cmocka_unit_test(test_absl_deadlock_detector_off),
+        cmocka_unit_test(test_stream_out_of_order),
+        cmocka_unit_test(test_stream_frames_checked),
+        cmocka_unit_test(test_stream_cap),
+#define STREAM(t) {#t " (stream)", t, stream_on, stream_off, NULL}
+        STREAM(test_echo_small),
+        STREAM(test_echo_16mib_zero_copy),
+        STREAM(test_deferred_reply),
+        STREAM(test_fail_codes),
+        STREAM(test_unknown_method),
+        STREAM(test_oversized_request),
+        STREAM(test_oversized_reply),
+        STREAM(test_deadline),
+        STREAM(test_no_server),
+        STREAM(test_wait_for_ready_late_server),
+        STREAM(test_many_concurrent_calls),
+        STREAM(test_shutdown_with_held_call),
+        STREAM(test_call_that_cannot_start),
+        STREAM(test_auth_levels),
+        STREAM(test_auth_none),
+        STREAM(test_cancel_on_deadline),
+        STREAM(test_cancel_on_channel_close),
+        STREAM(test_cancel_on_disconnect),
+        STREAM(test_max_held),
+        STREAM(test_stress_cancel_race),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -147,6 +147,7 @@ typedef struct wk_sync_ps_cfg {
     long call_bytes;         /* ps_client_cfg.call_bytes. */
     int call_window;         /* ps_client_cfg.call_window. */
     int spin_us;             /* ps_client_cfg.spin_us. */
+    int unary_calls;         /* ps_client_cfg.unary. */
     int max_message;         /* gRPC message limit in bytes (0: the rpc
                               * default, 64 MiB); the PS must allow as much.
                               * A shard whose parameters do not fit in one
