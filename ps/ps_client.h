@@ -90,8 +90,8 @@ typedef struct ps_client_cfg {
                                     * the whole wait), yielding its core to
                                     * any other runnable thread, before it
                                     * sleeps: a reply that comes meanwhile
-                                    * costs no wake-up (1 PS, 1 worker, 4
-                                    * KiB on loopback: 45-57 % more
+                                    * costs no wake-up (unary calls, 1 PS,
+                                    * 1 worker, 4 KiB on loopback: 45-57 % more
                                     * operations a second). It takes a core
                                     * while it waits: for machines with one
                                     * to spare (2 PS and 2 workers on 2
