@@ -451,6 +451,7 @@ struct rpc_server {
     int ncalls;
     int nheld;
     int nstreams; /* Stream calls among ncalls (never held themselves). */
+    int nheld_subs; /* Stream messages' calls among nheld (not in ncalls). */
     int shutdown_seen;
     rpc_server_stats st;
     uint64_t refusals_logged;
@@ -498,6 +499,11 @@ struct rpc_call {
     struct rpc_call *held_subs;
     int nsubs, sending, eos, dead, status_code, status_sent;
     int parked; /* The chain's reference waits for the status batch. */
+    /* Replies queued or in flight; the receive chain is paused (its
+     * reference kept) while calls in progress and replies not yet sent
+     * reach max_streams: the client then waits on HTTP/2's flow control,
+     * as for a connection's streams, and nothing grows without bound. */
+    int nqueued, recv_paused;
     char *status_text;
     struct sreply *q_head, *q_tail;
     grpc_byte_buffer *in_flight;
@@ -856,6 +862,16 @@ static void stream_go(rpc_call *p, grpc_byte_buffer *bb, int end) {
 static void sub_finish(rpc_call *c, grpc_byte_buffer *bb, int code, const char *text) {
     rpc_server *s = c->srv;
     rpc_call *p = c->parent;
+    char why[96];
+    if (bb && grpc_byte_buffer_length(bb) > (size_t)s->max_message) {
+        /* Over the limit with its frame: this call fails, not the stream. */
+        snprintf(why, sizeof why, "a reply of %zu bytes is over the message limit",
+                 grpc_byte_buffer_length(bb) - SREPLY_HDR);
+        grpc_byte_buffer_destroy(bb);
+        bb = NULL;
+        code = RPC_RESOURCE_EXHAUSTED;
+        text = why;
+    }
     if (!bb) {
         uint8_t hdr[SREPLY_HDR];
         put_le(hdr, c->sub_id, 8);
@@ -869,6 +885,7 @@ static void sub_finish(rpc_call *c, grpc_byte_buffer *bb, int code, const char *
     pthread_mutex_lock(&s->mu);
     c->state = CALL_FINISHING;
     s->nheld--;
+    s->nheld_subs--;
     pthread_cond_broadcast(&s->cv);
     if (c->sprev) c->sprev->snext = c->snext;
     else p->held_subs = c->snext;
@@ -881,8 +898,10 @@ static void sub_finish(rpc_call *c, grpc_byte_buffer *bb, int code, const char *
     } else if (p->q_tail) {
         p->q_tail->next = r;
         p->q_tail = r;
+        p->nqueued++;
     } else {
         p->q_head = p->q_tail = r;
+        p->nqueued++;
     }
     int end;
     grpc_byte_buffer *next = stream_step(p, &end);
@@ -892,20 +911,26 @@ static void sub_finish(rpc_call *c, grpc_byte_buffer *bb, int code, const char *
     call_free(c); /* The message's chain reference. */
 }
 
+static void stream_recv(rpc_call *p);
+
 /* A stream's SEND_MESSAGE completed. */
 static void on_stream_sent(rpc_call *p, int success) {
     pthread_mutex_lock(&p->srv->mu);
     grpc_byte_buffer *sent = p->in_flight;
     p->in_flight = NULL;
     p->sending = 0;
+    p->nqueued--;
     if (!success) p->dead = 1; /* The stream broke; the closer tells the rest. */
     sreply *q = p->dead ? stream_take_queue(p) : NULL;
     int end;
     grpc_byte_buffer *next = stream_step(p, &end);
+    int rearm = p->recv_paused && !p->dead && p->nsubs + p->nqueued < p->srv->max_streams;
+    if (rearm) p->recv_paused = 0;
     pthread_mutex_unlock(&p->srv->mu);
     if (sent) grpc_byte_buffer_destroy(sent); /* May run release(). */
     drop_replies(q);
     stream_go(p, next, end);
+    if (rearm) stream_recv(p); /* The chain's reference goes on with it. */
     call_free(p); /* The send's reference. */
 }
 
@@ -935,8 +960,8 @@ static void stream_closed(rpc_call *p) {
     pthread_mutex_lock(&s->mu);
     p->closed = 1;
     p->dead = 1;
-    int parked = p->parked; /* No status will be sent now. */
-    p->parked = 0;
+    int parked = p->parked || p->recv_paused; /* Nothing will move the chain now. */
+    p->parked = p->recv_paused = 0;
     sreply *q = stream_take_queue(p);
     int n = 0;
     for (rpc_call *c = p->held_subs; c; c = c->snext) n++;
@@ -1039,18 +1064,20 @@ static void on_stream_message(rpc_call *p, int success) {
     if (p->held_subs) p->held_subs->sprev = c;
     p->held_subs = c;
     p->nsubs++;
-    /* A stream carries at most max_streams calls at once, as a connection
-     * does (HTTP/2's concurrent streams): one stream cannot park more. */
-    const char *over = held > s->max_held        ? "too many calls in progress on this server"
-                       : p->nsubs > s->max_streams ? "too many calls in progress on this stream"
-                                                   : NULL;
-    int gone = p->dead;
+    s->nheld_subs++;
+    const char *over = held > s->max_held ? "too many calls in progress on this server" : NULL;
+    /* A stream has at most max_streams calls in progress or replies
+     * unsent, as a connection has streams: beyond, it reads no more. */
+    int arm = p->nsubs + p->nqueued < s->max_streams;
+    int gone = p->dead, drop_chain = !arm && gone; /* Over: the closer ran already. */
+    if (!arm && !gone) p->recv_paused = 1;
     /* This thread owns the call until its dispatch is done, refusals
      * included: a closer meanwhile leaves on_cancel to the end of it (the
      * application must not hear of a call it never saw). */
     c->in_handler = 1;
     pthread_mutex_unlock(&s->mu);
-    stream_recv(p); /* The next message may be handled on another thread. */
+    if (arm) stream_recv(p); /* The next message may be handled on another thread. */
+    if (drop_chain) call_free(p); /* The sub-call still holds one. */
     if (over) {
         count_refusal(s, c, RPC_RESOURCE_EXHAUSTED, over);
         rpc_fail(c, RPC_RESOURCE_EXHAUSTED, "%s", over);
@@ -1473,7 +1500,7 @@ void rpc_server_shutdown(rpc_server *s, int grace_ms) {
         }
     }
     pthread_mutex_lock(&s->mu);
-    while (s->ncalls - s->nstreams > s->nheld && grace_ms > 0)
+    while (s->ncalls - s->nstreams > s->nheld - s->nheld_subs && grace_ms > 0)
         if (pthread_cond_timedwait(&s->cv, &s->mu, &until) == ETIMEDOUT) break;
     pthread_mutex_unlock(&s->mu);
 
@@ -1811,10 +1838,35 @@ static void stream_open(cstream *st) {
 /* rpc_call_start with RPC_STREAM: the message goes on the channel's stream
  * of the method (opened when there is none). 0 when no stream can be
  * created (the caller then makes it a unary call). */
+static cstream *stream_find(rpc_client *c, const rpc_channel *ch, const char *method, int flags) {
+    cstream *st = c->streams;
+    while (st && (st->ch != ch || st->dead || st->flags != flags || strcmp(st->method, method)))
+        st = st->next;
+    return st;
+}
+
+static grpc_call *stream_create_call(rpc_channel *ch, const char *method) {
+    char *path = cm_malloc(strlen(method) + sizeof STREAM_SUFFIX);
+    strcpy(path, method);
+    strcat(path, STREAM_SUFFIX);
+    grpc_slice mslice = grpc_slice_from_copied_string(path);
+    free(path);
+    grpc_call *gc = grpc_channel_create_call(ch->ch, NULL, GRPC_PROPAGATE_DEFAULTS, ch->c->cq,
+                                             mslice, NULL, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+                                             NULL);
+    grpc_slice_unref(mslice);
+    return gc;
+}
+
 static int stream_call(rpc_channel *ch, const char *method, const rpc_seg *segs, int nsegs,
                        int64_t deadline_ms, int flags, rpc_done done,
                        rpc_done_pieces done_pieces, void *ud) {
     rpc_client *c = ch->c;
+    /* A request over the limit with its frame goes as a unary call, which
+     * fails (or fits) alone: on the stream it would end every call on it. */
+    size_t total = SREQ_HDR;
+    for (int i = 0; i < nsegs; i++) total += segs[i].len;
+    if (total > (size_t)c->max_message) return 0;
     cmsg *m = cm_calloc(1, sizeof *m);
     m->id = atomic_fetch_add(&c->next_id, 1);
     m->done = done;
@@ -1826,28 +1878,29 @@ static int stream_call(rpc_channel *ch, const char *method, const rpc_seg *segs,
     put_le(hdr, m->id, 8);
     m->bb = segs_to_buffer_pre(hdr, sizeof hdr, segs, nsegs);
     pthread_mutex_lock(&c->mu);
-    cstream *st = c->streams;
-    while (st && (st->ch != ch || st->dead || st->flags != flags || strcmp(st->method, method)))
-        st = st->next;
+    cstream *st = stream_find(c, ch, method, flags);
+    grpc_call *gc = NULL, *spare = NULL;
     int created = 0, kick = 0;
     if (!st) {
-        char *path = cm_malloc(strlen(method) + sizeof STREAM_SUFFIX);
-        strcpy(path, method);
-        strcat(path, STREAM_SUFFIX);
-        grpc_slice mslice = grpc_slice_from_copied_string(path);
-        free(path);
-        grpc_call *gc = grpc_channel_create_call(ch->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq,
-                                                 mslice, NULL,
-                                                 gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-        grpc_slice_unref(mslice);
+        /* The call is made outside the lock (no gRPC call under it); another
+         * thread may make the stream meanwhile, and then this one is spare. */
+        pthread_mutex_unlock(&c->mu);
+        gc = stream_create_call(ch, method);
         if (!gc) { /* Not expected; reported on the client thread, as a call. */
-            pthread_mutex_unlock(&c->mu);
             grpc_byte_buffer_destroy(m->bb); /* Releases the segments. */
             post_failure(ch, ccall_new(c, done, done_pieces, ud), RPC_INTERNAL,
                          "cannot create a stream");
             free(m);
             return 1;
         }
+        pthread_mutex_lock(&c->mu);
+        st = stream_find(c, ch, method, flags);
+        if (st) {
+            spare = gc;
+            gc = NULL;
+        }
+    }
+    if (!st) {
         st = cm_calloc(1, sizeof *st);
         st->c = c;
         st->ch = ch;
@@ -1876,6 +1929,7 @@ static int stream_call(rpc_channel *ch, const char *method, const rpc_seg *segs,
     *tail = m;
     atomic_fetch_add(&st->refs, 1); /* Kept past the unlock. */
     pthread_mutex_unlock(&c->mu);
+    if (spare) grpc_call_unref(spare);
     if (kick) /* Outside the lock, as every gRPC call that may run callbacks. */
         grpc_channel_watch_connectivity_state(
             ch->ch, grpc_channel_check_connectivity_state(ch->ch, 0),
@@ -2010,8 +2064,8 @@ static void stream_event(cstag *t, int success) {
 static void stream_sweep(rpc_client *c) {
     double now = cm_now();
     cmsg *expired = NULL;
-    cstream *reset[16];
-    int nreset = 0;
+    cstream *reset_small[16], **reset = reset_small;
+    int nreset = 0, cap = 16;
     pthread_mutex_lock(&c->mu);
     for (cstream *st = c->streams; st; st = st->next) {
         int any = 0;
@@ -2026,18 +2080,29 @@ static void stream_sweep(rpc_client *c) {
             expired = m;
             any = 1;
         }
-        if (any && !st->dead && nreset < 16) {
+        if (any && !st->dead) {
+            if (nreset == cap) {
+                cstream **more = cm_malloc((size_t)cap * 2 * sizeof *more);
+                memcpy(more, reset, (size_t)cap * sizeof *more);
+                if (reset != reset_small) free(reset);
+                reset = more;
+                cap *= 2;
+            }
             st->dead = 1; /* New calls open a new stream. */
             atomic_fetch_add(&st->refs, 1);
             reset[nreset++] = st;
         }
     }
     pthread_mutex_unlock(&c->mu);
+    /* The expired calls failed DEADLINE_EXCEEDED here; the others then on
+     * the stream fail as on a broken connection (retried by ps_client). */
     for (int i = 0; i < nreset; i++) {
-        grpc_call_cancel_with_status(reset[i]->call, GRPC_STATUS_DEADLINE_EXCEEDED,
-                                     "Deadline Exceeded", NULL);
+        grpc_call_cancel_with_status(reset[i]->call, GRPC_STATUS_UNAVAILABLE,
+                                     "the stream was reset: a call on it passed its deadline",
+                                     NULL);
         stream_unref(reset[i]);
     }
+    if (reset != reset_small) free(reset);
     while (expired) {
         cmsg *next = expired->next;
         cmsg_fail(c, expired, RPC_DEADLINE_EXCEEDED, "Deadline Exceeded");

@@ -158,8 +158,9 @@ typedef struct rpc_server_opts {
     const char *tls_cert, *tls_key, *tls_ca;
     int max_held;        /* Calls held at once (0 = 20000). */
     int max_streams;     /* Concurrent calls per connection (0 = 256), and
-                          * per stream (RPC_STREAM: beyond, a call is
-                          * refused with RPC_RESOURCE_EXHAUSTED). */
+                          * per stream (RPC_STREAM: with that many in
+                          * progress or unsent, the server reads no more
+                          * of the stream until one is sent). */
     int idle_ms;         /* Close connections idle this long (0 = 600000). */
     rpc_cancel_fn on_cancel; /* May be NULL. */
     void *cancel_ctx;
@@ -292,7 +293,9 @@ enum {
      * trailers each way), which is most of a small call's cost. Messages
      * are answered by id, in any order. A call past its deadline fails
      * with RPC_DEADLINE_EXCEEDED and resets its stream, so the calls then
-     * on the same stream fail too (as calls on a broken connection). */
+     * on the same stream fail RPC_UNAVAILABLE (as on a broken connection).
+     * A request over the message limit with its 8-byte frame goes as a
+     * unary call instead. */
     RPC_STREAM = 4
 };
 
