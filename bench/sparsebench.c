@@ -75,6 +75,7 @@ typedef struct opts {
     /* Driver. */
     const char *dims, *shapes, *bin_dir;
     int quick, rounds;
+    int unary; /* --calls unary: ps_client_cfg.unary */
     double timeout_s;
     /* The workload (every role) and the worker's place. */
     int tables, rows, dim, warmup, iters, optim, rank, workers;
@@ -528,7 +529,8 @@ static int ps_worker_main(const opts *o) {
     p.table_optim = ps_optim_defaults(o->optim, TABLE_LR);
     ps_client_cfg cfg = {.model = p.model, .placement = p.pl,
                          .ps_addrs = (const char *const *)addrs, .rank = o->rank,
-                         .deadline_ms = 60000, .connect_timeout_ms = 30000};
+                         .deadline_ms = 60000, .connect_timeout_ms = 30000,
+                         .unary = o->unary};
     if (ps_client_open(&cfg, &p.c, err, sizeof err) != CM_OK) goto fail;
     if (o->rank == 0) {
         ps_init_cfg init = {.optim = ps_optim_defaults(PS_OPTIM_ADD, 0.0f),
@@ -994,8 +996,8 @@ static int spawn_workers(bu_driver *d, const opts *o, const bench_cfg *b, const 
         char *argv[] = {d->exe, "--role", (char *)role, "--rank", nums[0], "--workers", nums[1],
                         "--dims", nums[2], "--tables", nums[3], "--rows", nums[4], "--ids",
                         nums[5], "--zipf", nums[6], "--warmup", nums[7], "--iters", nums[8],
-                        "--optim", (char *)ps_optim_name(o->optim), (char *)addr_opt,
-                        (char *)addrs, NULL};
+                        "--optim", (char *)ps_optim_name(o->optim), "--calls",
+                        o->unary ? "unary" : "stream", (char *)addr_opt, (char *)addrs, NULL};
         snprintf(name, sizeof name, "%s %d", role, r);
         if (!(w[r] = bu_spawn(d, name, argv, 1, 1, err, errlen))) return CM_EIO;
     }
@@ -1125,9 +1127,10 @@ static void report_config(const opts *o, const bench_cfg *b, const phase_result 
     printf("{\"bench\":\"sparsebench\",\"record\":\"config\",\"dim\":%d,\"servers\":%d,"
            "\"workers\":%d,\"mode\":\"sync\",\"tables\":%d,\"unique_rows_per_step\":%d,"
            "\"ids_per_table\":%lld,\"zipf\":%g,\"table_optim\":\"%s\",\"warmup\":%d,\"iters\":%d,"
-           "\"rounds\":%d",
+           "\"rounds\":%d,\"calls\":\"%s\"",
            b->dim, b->servers, b->workers, o->tables, o->rows, o->ids, o->zipf,
-           ps_optim_name(o->optim), o->warmup, o->iters, s->nrounds);
+           ps_optim_name(o->optim), o->warmup, o->iters, s->nrounds,
+           o->unary ? "unary" : "stream");
     if (s->nrounds > 0) {
         printf(",\"draws_per_step\":%.1f,\"push_rows_per_s\":%.1f,\"pull_rows_per_s\":%.1f,"
                "\"push_pull_mb_per_s\":%.2f,\"push_pull_ms_p50\":%.4f,\"push_pull_ms_p90\":%.4f,"
@@ -1185,6 +1188,8 @@ static void usage(FILE *f) {
             "  --warmup N, --iters N  steps per op, untimed and timed (default 50, 1000)\n"
             "  --quick              a smoke run: 1024 rows, 3 + 30 steps, 1 round\n"
             "  --timeout S          bound on the whole run, seconds (default 1800)\n"
+            "  --calls C            stream (default): the client's calls go on its gRPC\n"
+            "                       streams; unary: a gRPC call each (ps_client_cfg.unary)\n"
             "  --bin-dir DIR        where psserver is (default <this binary's dir>/../bin)\n"
             "  -h, --help           this text\n");
 }
@@ -1329,7 +1334,8 @@ int main(int argc, char **argv) {
         {"timeout", required_argument, 0, 't'},  {"bin-dir", required_argument, 0, 'b'},
         {"rank", required_argument, 0, 'k'},     {"workers", required_argument, 0, 'w'},
         {"ps-addrs", required_argument, 0, 'p'}, {"tcp-ports", required_argument, 0, 'P'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+        {"calls", required_argument, 0, 'L'},    {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     opts o = {.rounds = -1, .tables = 8, .rows = -1, .ids = 1000000, .zipf = 1.1, .warmup = -1,
               .iters = -1, .optim = PS_OPTIM_ADAGRAD, .timeout_s = 1800.0, .workers = 1};
     cm_mem_keep_freed(); /* As psserver and pstrain do. */
@@ -1354,6 +1360,13 @@ int main(int argc, char **argv) {
         case 'w': o.workers = atoi(optarg); break;
         case 'p': o.ps_addrs = optarg; break;
         case 'P': o.tcp_ports = optarg; break;
+        case 'L':
+            if (strcmp(optarg, "stream") && strcmp(optarg, "unary")) {
+                fprintf(stderr, "sparsebench: --calls: stream or unary, not '%s'\n", optarg);
+                return 2;
+            }
+            o.unary = !strcmp(optarg, "unary");
+            break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
