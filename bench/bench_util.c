@@ -153,6 +153,15 @@ int bu_tcp_connect(int port) {
     return -1;
 }
 
+int bu_parse_calls(const char *prog, const char *arg, int *unary) {
+    if (strcmp(arg, "stream") && strcmp(arg, "unary")) {
+        fprintf(stderr, "%s: --calls: stream or unary, not '%s'\n", prog, arg);
+        return -1;
+    }
+    *unary = !strcmp(arg, "unary");
+    return 0;
+}
+
 int bu_read_command(const char *want) {
     char line[64];
     if (!fgets(line, sizeof line, stdin)) return -1;

@@ -52,6 +52,10 @@ int bu_recv_all(int fd, void *p, size_t n);
  * two seconds while nothing listens yet), or -1. */
 int bu_tcp_connect(int port);
 
+/* --calls stream|unary (ps_client_cfg.unary): *unary set, 0; or -1 after
+ * telling stderr what 'prog' takes. */
+int bu_parse_calls(const char *prog, const char *arg, int *unary);
+
 /* Read one line from stdin (the driver's commands); 0 if it is 'want'. */
 int bu_read_command(const char *want);
 

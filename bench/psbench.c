@@ -997,11 +997,7 @@ int main(int argc, char **argv) {
         case 'J': g_call_window = atol(optarg); break;
         case 'U': g_spin_us = atol(optarg); break;
         case 'L':
-            if (strcmp(optarg, "stream") && strcmp(optarg, "unary")) {
-                fprintf(stderr, "psbench: --calls: stream or unary, not '%s'\n", optarg);
-                return 2;
-            }
-            g_unary = !strcmp(optarg, "unary");
+            if (bu_parse_calls("psbench", optarg, &g_unary)) return 2;
             break;
         case 'O':
             if (strcmp(optarg, "push-pull") && strcmp(optarg, "push-then-pull")) {

@@ -1361,11 +1361,7 @@ int main(int argc, char **argv) {
         case 'p': o.ps_addrs = optarg; break;
         case 'P': o.tcp_ports = optarg; break;
         case 'L':
-            if (strcmp(optarg, "stream") && strcmp(optarg, "unary")) {
-                fprintf(stderr, "sparsebench: --calls: stream or unary, not '%s'\n", optarg);
-                return 2;
-            }
-            o.unary = !strcmp(optarg, "unary");
+            if (bu_parse_calls("sparsebench", optarg, &o.unary)) return 2;
             break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;

@@ -310,18 +310,11 @@ static int view_take(view *v, uint8_t *out, size_t n) {
     return 1;
 }
 
-/* A received message as one contiguous range [p, p + len): its only piece
- * in place, or its pieces copied into the thread's scratch buffer. */
-typedef struct flat {
-    view v;
-    const uint8_t *p;
-    size_t len;
-} flat;
-
-/* Multi-slice messages are copied into a buffer that belongs to the
- * receiving thread and is reused for every message it receives: a fresh
- * malloc per message would cost a page fault per 4 KiB (about 13 ms for
- * 16 MiB). A flat is only alive on its own thread, one at a time. */
+/* Multi-slice messages read flat (view_flat) are copied into a buffer that
+ * belongs to the receiving thread and is reused for every message it
+ * receives: a fresh malloc per message would cost a page fault per 4 KiB
+ * (about 13 ms for 16 MiB). A flat range is only alive on its own thread,
+ * one at a time. */
 typedef struct scratch {
     uint8_t *p;
     size_t cap;
@@ -377,17 +370,6 @@ static int view_flat(const view *v, const uint8_t **p, size_t *len) {
     }
     return RPC_OK;
 }
-
-/* As view_init; flat_deinit() in every case. */
-static int flat_init(flat *f, grpc_byte_buffer *bb) {
-    static const uint8_t empty[1];
-    f->p = empty;
-    f->len = 0;
-    int rc = view_init(&f->v, bb);
-    return rc != RPC_OK ? rc : view_flat(&f->v, &f->p, &f->len);
-}
-
-static void flat_deinit(flat *f) { view_deinit(&f->v); }
 
 /* printf into a malloc'd string. */
 static char *vformat(const char *fmt, va_list ap) {
@@ -662,6 +644,15 @@ static int call_level(const rpc_server *s, const grpc_metadata_array *md) {
         else if (worker && level < RPC_AUTH_WORKER) level = RPC_AUTH_WORKER;
     }
     return level;
+}
+
+/* Why a caller of 'level' may not call a method that needs 'need' (and
+ * the code in *code), or NULL if it may. */
+static const char *level_refusal(int level, int need, int *code) {
+    if (level >= need) return NULL;
+    *code = level == RPC_AUTH_NONE ? RPC_UNAUTHENTICATED : RPC_PERMISSION_DENIED;
+    return *code == RPC_UNAUTHENTICATED ? "missing or wrong token"
+                                        : "this call needs the admin's token";
 }
 
 /* Count a refusal and log it with the peer (the first 20, then every
@@ -1029,10 +1020,9 @@ static void on_stream_message(rpc_call *p, int success) {
         return;
     }
     const method_entry *m = p->m;
-    if (p->level < m->level) {
-        int code = p->level == RPC_AUTH_NONE ? RPC_UNAUTHENTICATED : RPC_PERMISSION_DENIED;
-        const char *why = code == RPC_UNAUTHENTICATED ? "missing or wrong token"
-                                                      : "this call needs the admin's token";
+    int code;
+    const char *why = level_refusal(p->level, m->level, &code);
+    if (why) {
         count_refusal(s, p, code, why);
         grpc_byte_buffer_destroy(bb);
         stream_fail(p, code, why);
@@ -1194,14 +1184,10 @@ static void on_received(rpc_call *c, int success) {
     const method_entry *m = find_method(s, c->details.method);
     c->level = call_level(s, &c->md);
     int held = hold(c);
-    const char *refused = NULL;
     int code = RPC_OK;
     /* Unknown methods too: a stranger learns nothing, not even which exist. */
-    if (c->level < (m ? m->level : RPC_AUTH_WORKER)) {
-        code = c->level == RPC_AUTH_NONE ? RPC_UNAUTHENTICATED : RPC_PERMISSION_DENIED;
-        refused = code == RPC_UNAUTHENTICATED ? "missing or wrong token"
-                                              : "this call needs the admin's token";
-    } else if (m && held > s->max_held) {
+    const char *refused = level_refusal(c->level, m ? m->level : RPC_AUTH_WORKER, &code);
+    if (!refused && m && held > s->max_held) {
         code = RPC_RESOURCE_EXHAUSTED;
         refused = "too many calls in progress on this server";
     }
@@ -1612,6 +1598,40 @@ static void report_fail(rpc_done done, rpc_done_pieces done_pieces, void *ud, in
         done(ud, code, msg, NULL, 0);
 }
 
+/* Hand an OK reply (a view of it) to whichever callback there is: its
+ * pieces in place, or one flat range. */
+static void report_reply(rpc_done done, rpc_done_pieces done_pieces, void *ud, const char *msg,
+                         view *v) {
+    if (done_pieces) {
+        done_pieces(ud, RPC_OK, msg, v->p, v->n, v->len);
+        return;
+    }
+    const uint8_t *p;
+    size_t len;
+    int rc = view_flat(v, &p, &len);
+    if (rc == RPC_OK)
+        done(ud, RPC_OK, msg, p, len);
+    else
+        done(ud, rc, "cannot read the reply message", NULL, 0);
+}
+
+/* The initial metadata op of a call or stream: the token for its flags
+ * (the admin's with RPC_ADMIN, when the client has one), wait-for-ready.
+ * 'auth' must live until the op completes. */
+static void send_md_op(const rpc_client *c, int flags, grpc_metadata *auth, grpc_op *op) {
+    op->op = GRPC_OP_SEND_INITIAL_METADATA;
+    const char *bearer = (flags & RPC_ADMIN) && c->admin_bearer ? c->admin_bearer : c->bearer;
+    if (bearer) {
+        auth->key = grpc_slice_from_static_string("authorization");
+        auth->value = grpc_slice_from_static_string(bearer);
+        op->data.send_initial_metadata.count = 1;
+        op->data.send_initial_metadata.metadata = auth;
+    }
+    if (flags & RPC_WAIT_FOR_READY)
+        op->flags = GRPC_INITIAL_METADATA_WAIT_FOR_READY |
+                    GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET;
+}
+
 static void ccall_report(ccall *cc) {
     if (cc->posted) {
         report_fail(cc->done, cc->done_pieces, cc->ud, cc->post_code, cc->post_msg);
@@ -1629,22 +1649,14 @@ static void ccall_report(ccall *cc) {
     if (code == RPC_OK && !cc->recv) {
         report_fail(cc->done, cc->done_pieces, cc->ud, RPC_INTERNAL,
                     "no reply message for a unary call");
-    } else if (code == RPC_OK && cc->done_pieces) {
+    } else if (code == RPC_OK) {
         view v;
         int rc = view_init(&v, cc->recv);
         if (rc == RPC_OK)
-            cc->done_pieces(cc->ud, RPC_OK, msg, v.p, v.n, v.len);
+            report_reply(cc->done, cc->done_pieces, cc->ud, msg, &v);
         else
-            cc->done_pieces(cc->ud, rc, "cannot read the reply message", NULL, 0, 0);
+            report_fail(cc->done, cc->done_pieces, cc->ud, rc, "cannot read the reply message");
         view_deinit(&v);
-    } else if (code == RPC_OK) {
-        flat f;
-        int rc = flat_init(&f, cc->recv);
-        if (rc == RPC_OK)
-            cc->done(cc->ud, RPC_OK, msg, f.p, f.len);
-        else
-            cc->done(cc->ud, rc, "cannot read the reply message", NULL, 0);
-        flat_deinit(&f);
     } else {
         report_fail(cc->done, cc->done_pieces, cc->ud, code, msg);
     }
@@ -1790,18 +1802,7 @@ static void stream_open(cstream *st) {
     rpc_client *c = st->c;
     grpc_op ops[2];
     memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    const char *bearer =
-        (st->flags & RPC_ADMIN) && c->admin_bearer ? c->admin_bearer : c->bearer;
-    if (bearer) {
-        st->auth.key = grpc_slice_from_static_string("authorization");
-        st->auth.value = grpc_slice_from_static_string(bearer);
-        ops[0].data.send_initial_metadata.count = 1;
-        ops[0].data.send_initial_metadata.metadata = &st->auth;
-    }
-    if (st->flags & RPC_WAIT_FOR_READY)
-        ops[0].flags = GRPC_INITIAL_METADATA_WAIT_FOR_READY |
-                       GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET;
+    send_md_op(c, st->flags, &st->auth, &ops[0]);
     ops[1].op = GRPC_OP_RECV_INITIAL_METADATA;
     ops[1].data.recv_initial_metadata.recv_initial_metadata = &st->init_md;
     atomic_fetch_add(&st->refs, 3);
@@ -1983,16 +1984,8 @@ static void stream_reply(cstream *st, grpc_byte_buffer *bb) {
             if (code < 0 || code > RPC_UNAUTHENTICATED) code = RPC_UNKNOWN;
             report_fail(m->done, m->done_pieces, m->ud, code, text ? text : rpc_status_name(code));
             free(text);
-        } else if (m->done_pieces) {
-            m->done_pieces(m->ud, RPC_OK, "OK", v.p, v.n, v.len);
         } else {
-            const uint8_t *p;
-            size_t len;
-            rc = view_flat(&v, &p, &len);
-            if (rc == RPC_OK)
-                m->done(m->ud, RPC_OK, "OK", p, len);
-            else
-                m->done(m->ud, rc, "cannot read the reply message", NULL, 0);
+            report_reply(m->done, m->done_pieces, m->ud, "OK", &v);
         }
         free(m);
     }
@@ -2344,17 +2337,7 @@ static void call_start(rpc_channel *ch, const char *method, const rpc_seg *segs,
 
     grpc_op ops[6];
     memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    const char *bearer = (flags & RPC_ADMIN) && c->admin_bearer ? c->admin_bearer : c->bearer;
-    if (bearer) {
-        cc->auth.key = grpc_slice_from_static_string("authorization");
-        cc->auth.value = grpc_slice_from_static_string(bearer);
-        ops[0].data.send_initial_metadata.count = 1;
-        ops[0].data.send_initial_metadata.metadata = &cc->auth;
-    }
-    if (flags & RPC_WAIT_FOR_READY)
-        ops[0].flags = GRPC_INITIAL_METADATA_WAIT_FOR_READY |
-                       GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET;
+    send_md_op(c, flags, &cc->auth, &ops[0]);
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = cc->send;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
