@@ -41,9 +41,11 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: allreduce [--ranks 2,3,4] [--sizes %s] [--repeats 3]\n"
             "                 [--chunk-bytes 0] [--sock-buf BYTES] [--spin-us 0]\n"
-            "                 [--transport tcp|shm] [--timeout-s 300]\n"
+            "                 [--transport tcp|shm] [--algorithm auto|ring|hd]\n"
+            "                 [--timeout-s 300]\n"
             "--chunk-bytes 0: the ring's default for the transport (1 MiB over tcp,\n"
-            "256 KiB with shm). One JSON line per (ranks, size) on stdout.\n",
+            "256 KiB with shm). --algorithm auto: halving-doubling with 4, 8, ... ranks\n"
+            "over tcp, else the ring. One JSON line per (ranks, size) on stdout.\n",
             ar_default_sizes);
 }
 
@@ -52,7 +54,8 @@ static int parse(int argc, char **argv, opts *o) {
                                        {"repeats", 1, 0, 'R'},     {"chunk-bytes", 1, 0, 'c'},
                                        {"sock-buf", 1, 0, 'b'},    {"timeout-s", 1, 0, 't'},
                                        {"spin-us", 1, 0, 'S'},     {"transport", 1, 0, 'T'},
-                                       {"help", 0, 0, 'h'},        {0, 0, 0, 0}};
+                                       {"algorithm", 1, 0, 'A'},   {"help", 0, 0, 'h'},
+                                       {0, 0, 0, 0}};
     const char *ranks = "2,3,4", *sizes = ar_default_sizes;
     wk_ring_opts_default(&o->ring);
     o->ring.job_id = (uint64_t)getpid();
@@ -73,6 +76,16 @@ static int parse(int argc, char **argv, opts *o) {
                 o->ring.transport = WK_RING_TCP;
             else if (!strcmp(optarg, "shm"))
                 o->ring.transport = WK_RING_SHM;
+            else
+                return CM_EINVAL;
+            break;
+        case 'A':
+            if (!strcmp(optarg, "ring"))
+                o->ring.algorithm = WK_RING_ALG_RING;
+            else if (!strcmp(optarg, "hd"))
+                o->ring.algorithm = WK_RING_ALG_HD;
+            else if (!strcmp(optarg, "auto"))
+                o->ring.algorithm = WK_RING_ALG_AUTO;
             else
                 return CM_EINVAL;
             break;
@@ -130,9 +143,11 @@ static int run_size(wk_ring *ring, const opts *o, float *buf, size_t bytes) {
             if ((rc = wk_ring_allreduce(ring, buf, count, next_step++, 0)) != CM_OK) return rc;
         if ((rc = slowest(ring, (cm_now() - t0) / iters, &t[w])) != CM_OK) return rc;
     }
-    char extra[128];
-    snprintf(extra, sizeof extra, ",\"chunk_bytes\":%zu,\"sock_buf\":%d,\"spin_us\":%d",
-             wk_ring_chunk_bytes(ring), o->ring.sock_buf_bytes, o->ring.spin_us);
+    char extra[192];
+    snprintf(extra, sizeof extra,
+             ",\"chunk_bytes\":%zu,\"sock_buf\":%d,\"spin_us\":%d,\"algorithm\":\"%s\"",
+             wk_ring_chunk_bytes(ring), o->ring.sock_buf_bytes, o->ring.spin_us,
+             wk_ring_algorithm(ring, count));
     if (rank == 0)
         ar_print("ring", o->ring.transport == WK_RING_SHM ? "shm" : "tcp", n, bytes, iters,
                  o->repeats, ar_median(t, o->repeats), ok, extra);

@@ -116,6 +116,10 @@ static void usage(FILE *f) {
             "                            workers on one host, or fail) or auto (default:\n"
             "                            shared memory with a neighbour on this host, TCP\n"
             "                            with the others); every worker must use tcp or not\n"
+            "  --ring-algorithm A        allreduce on CPUs: ring, hd (halving-doubling: 4, 8,\n"
+            "                            16 ... workers over tcp) or auto (default: hd up\n"
+            "                            to 4 MiB of gradients where it can run, else ring);\n"
+            "                            every worker must ask for hd or none\n"
             "  --max-message-mb N        gRPC message limit with the PS (default 64; a\n"
             "                            shard's parameters travel in one message: raise\n"
             "                            it, and psserver's, for shards larger than that)\n"
@@ -261,7 +265,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_SYNC, O_MIN_PART, O_CALL_BYTES, O_CALL_WINDOW, O_CLIENT_SPIN, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_UNARY_CALLS, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
-        O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT, O_SIM_TFLOPS, O_SIM_STEP_MS,
+        O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT, O_RING_ALGORITHM, O_SIM_TFLOPS, O_SIM_STEP_MS,
         O_SIM_INTRA, O_SIM_JITTER, O_SIM_INPUT, O_NO_PREFETCH, O_MODEL_MB, O_MAX_MESSAGE, O_METRICS
     };
     static const struct option opts[] = {
@@ -317,6 +321,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"worker-timeout", required_argument, 0, O_WORKER_TIMEOUT},
         {"min-workers", required_argument, 0, O_MIN_WORKERS},
         {"ring-transport", required_argument, 0, O_RING_TRANSPORT},
+        {"ring-algorithm", required_argument, 0, O_RING_ALGORITHM},
         {"fault", required_argument, 0, O_FAULT},
         {"fault-rank", required_argument, 0, O_FAULT_RANK},
         {"separate-pull", no_argument, 0, O_SEPARATE_PULL},
@@ -580,6 +585,19 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
                 cfg.ring_transport = WK_RING_AUTO;
             } else {
                 fprintf(stderr, "pstrain: --ring-transport: tcp, shm or auto, not '%s'\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        case O_RING_ALGORITHM:
+            if (!strcmp(optarg, "ring")) {
+                cfg.ring_algorithm = WK_RING_ALG_RING;
+            } else if (!strcmp(optarg, "hd")) {
+                cfg.ring_algorithm = WK_RING_ALG_HD;
+            } else if (!strcmp(optarg, "auto")) {
+                cfg.ring_algorithm = WK_RING_ALG_AUTO;
+            } else {
+                fprintf(stderr, "pstrain: --ring-algorithm: ring, hd or auto, not '%s'\n",
                         optarg);
                 return 2;
             }

@@ -58,6 +58,7 @@ void wk_train_cfg_defaults(wk_train_cfg *cfg) {
     cfg->progress_every = 2.0;
     cfg->fault_rank = -1;
     cfg->ring_transport = WK_RING_AUTO;
+    cfg->ring_algorithm = WK_RING_ALG_AUTO;
 }
 
 static void fmt_duration(double s, char *buf, size_t len) {
@@ -699,7 +700,8 @@ static int open_sync(run *r, const float *init_values) {
                              .sec = cfg->sec,
                              .min_workers = cfg->min_workers,
                              .worker_timeout_ms = cfg->worker_timeout_ms,
-                             .ring_transport = cfg->ring_transport};
+                             .ring_transport = cfg->ring_transport,
+                             .ring_algorithm = cfg->ring_algorithm};
         if ((status = wk_sync_allreduce_create(&ac, &r->sync, err, sizeof err)) != CM_OK) {
             cm_error("%s", err);
             return status;

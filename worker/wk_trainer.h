@@ -111,6 +111,7 @@ typedef struct wk_train_cfg {
     /* Allreduce mode: the CPU ring's transport (WK_RING_TCP, WK_RING_AUTO:
      * shared memory between workers on one host, WK_RING_SHM). */
     int ring_transport;
+    int ring_algorithm; /* wk_ring_opts.algorithm */
     /* PS mode, sync: backup sync (--sync backup): the shards close a step
      * after worker_timeout_ms (0 = 10000) with the workers that pushed. */
     int backup_sync;

@@ -3,7 +3,8 @@
 
   allreduce_mode.py BIN_DIR equivalence  3 workers: allreduce and sync PS change the parameters
                                          alike over k steps (and as local mode with the same
-                                         global batch), every replica ends bit-identical; a
+                                         global batch; so do 4 workers with halving-doubling),
+                                         every replica ends bit-identical; a
                                          negative control (worker 1 reduces zeros) must fail
   allreduce_mode.py BIN_DIR learns       a short run learns; a run stopped and started again
                                          on the chief's checkpoint directory resumes and ends
@@ -58,6 +59,18 @@ def equivalence(bin_dir, tmp):
           f"steps do: |d-dref|/|dref| = {d:.2e} <= 1e-4")
     d = rel_diff(p0, ar, local)
     check(d <= 1e-4, f"...and as 6 local steps of 192: {d:.2e} <= 1e-4")
+    # Four workers over TCP: halving-doubling instead of the ring, the same steps.
+    p = launch(bin_dir, "--mode", "allreduce", "--workers", "4", "--batch-size", "48", *COMMON,
+               "--ring-transport", "tcp", "--ring-algorithm", "hd", "--init-out", f("init4.bin"),
+               "--params-out", f("hd.bin"))
+    sums = checksums(p.stdout)
+    check(len(sums) == 4 and len(set(sums.values())) == 1,
+          f"halving-doubling: all 4 replicas hold bit-identical parameters: {sums}")
+    check("tcp, halving-doubling" in p.stdout + p.stderr,
+          "the workers say the ring runs halving-doubling")
+    d = rel_diff(params(f("init4.bin")), params(f("hd.bin")), local)
+    check(d <= 1e-4, f"6 halving-doubling steps (4 workers x 48) change the parameters as 6 "
+          f"local steps of 192: {d:.2e} <= 1e-4")
     launch(bin_dir, "--mode", "allreduce", "--workers", "3", "--batch-size", "64", *COMMON,
            "--params-out", f("bad.bin"), "--fault", "zero-gradient", "--fault-rank", "1")
     d = rel_diff(p0, params(f("bad.bin")), ps)

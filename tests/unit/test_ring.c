@@ -7,7 +7,8 @@
  * raw sockets speaking the wire format of wk_ring_int.h. Every wait is
  * bounded by the ring's own timeouts. The same sums and broadcasts run again
  * over the shared-memory transport, whose peers are also forked processes
- * killed by SIGKILL (the survivor must fail, not hang).
+ * killed by SIGKILL (the survivor must fail, not hang), and with the
+ * halving-doubling algorithm on 4 and 8 ranks.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -36,7 +37,8 @@
 #include "worker/sync/wk_ring.h"
 #include "worker/sync/wk_ring_int.h"
 
-#define MAX_N 5
+#define MAX_N 8
+#define RING_MAX_N 5 /* The ring's sweeps: 1 .. 5 ranks. */
 #define BIG (1048576 + 3) /* 4 MiB: several chunks per segment at 1 MiB and 256 KiB. */
 
 /* ===== Running N ranks as threads ===== */
@@ -112,14 +114,24 @@ static void expect_all_ok(const rank_ctx *ctx, int n) {
     }
 }
 
-/* The transport the correctness tests use (the shm variants set it). */
+/* The transport and algorithm the correctness tests use (the shm and
+ * halving-doubling variants set them). */
 static int g_transport = WK_RING_TCP;
+static int g_algorithm = WK_RING_ALG_RING;
 
 static void small_timeouts(wk_ring_opts *o) {
     wk_ring_opts_default(o);
     o->timeout_ms = 10000;
     o->connect_timeout_ms = 10000;
     o->transport = g_transport;
+    o->algorithm = g_algorithm;
+}
+
+/* The rank counts a sweep covers: 1 .. 5 for the ring, 4 and 8 for
+ * halving-doubling (which needs a power of two >= 4). */
+static int sweep_has(int n, int from) {
+    if (g_algorithm == WK_RING_ALG_HD) return n == 4 || n == 8;
+    return n >= from && n <= RING_MAX_N;
 }
 
 /* ===== Exact sums of integer-valued inputs ===== */
@@ -155,6 +167,7 @@ static void check_int_sums(size_t chunk_bytes, int with_big) {
     if (chunk_bytes) o.chunk_bytes = chunk_bytes;
     rank_ctx ctx[MAX_N];
     for (int n = 1; n <= MAX_N; n++) {
+        if (!sweep_has(n, 1)) continue;
         size_t sizes[] = {0, 1, 7, (size_t)(n * 1000 + (n > 1 ? n - 1 : 0)), BIG};
         for (size_t k = 0; k < sizeof sizes / sizeof sizes[0] - !with_big; k++) {
             int_job j = {sizes[k], sizes[k] == BIG ? 2 : 3};
@@ -207,6 +220,7 @@ static void check_random(int average) {
     o.spin_us = average ? 20 : 0; /* Both ways of waiting. */
     rank_ctx ctx[MAX_N];
     for (int n = 2; n <= MAX_N; n++) {
+        if (!sweep_has(n, 2)) continue;
         rnd_job j = {.average = average};
         for (int r = 0; r < n; r++)
             for (int s = 0; s < RND_STEPS; s++) j.out[r][s] = malloc(RND_N * sizeof(float));
@@ -634,6 +648,151 @@ static void test_peers_listening_fail_fast(void **state) {
     wk_ring_listener_destroy(ls[0]);
 }
 
+/* ===== Halving-doubling ===== */
+
+static void test_hd_sums_and_means(void **state) {
+    (void)state;
+    g_algorithm = WK_RING_ALG_HD;
+    check_int_sums(0, 1);
+    check_int_sums(12, 0); /* Steps overlap chunk by chunk. */
+    check_random(0);
+    check_random(1);
+    g_algorithm = WK_RING_ALG_RING;
+}
+
+/* What each rank ran, by size: auto takes halving-doubling up to
+ * WK_RING_HD_MAX on 4 and 8 ranks over TCP, the ring otherwise; broadcast
+ * still works on a halving-doubling ring. */
+typedef struct alg_job {
+    size_t n;
+    const char *want;
+} alg_job;
+
+static void alg_work(rank_ctx *c, wk_ring *ring) {
+    const alg_job *j = c->arg;
+    c->bad += strcmp(wk_ring_algorithm(ring, j->n), j->want) != 0;
+    float *x = malloc(j->n * sizeof *x);
+    for (size_t i = 0; i < j->n; i++) x[i] = int_input(c->rank, i, 0);
+    c->rc = wk_ring_allreduce(ring, x, j->n, 7, 0);
+    for (size_t i = 0; i < j->n && c->rc == CM_OK; i++) {
+        float want = 0;
+        for (int r = 0; r < c->nranks; r++) want += int_input(r, i, 0);
+        c->bad += x[i] != want;
+    }
+    if (c->rc == CM_OK) {
+        for (size_t i = 0; i < j->n; i++) x[i] = c->rank == 1 ? (float)i : 0;
+        c->rc = wk_ring_broadcast(ring, x, j->n, 8, 1);
+        for (size_t i = 0; i < j->n && c->rc == CM_OK; i++) c->bad += x[i] != (float)i;
+    }
+    free(x);
+}
+
+static void test_hd_auto_choice(void **state) {
+    (void)state;
+    size_t limit = WK_RING_HD_MAX / sizeof(float);
+    struct {
+        int n, transport;
+        size_t floats;
+        const char *want;
+    } cases[] = {{4, WK_RING_TCP, 1000, "halving-doubling"},
+                 {4, WK_RING_TCP, limit, "halving-doubling"},
+                 {4, WK_RING_TCP, limit + 1, "ring"},
+                 {8, WK_RING_TCP, 5000, "halving-doubling"},
+                 {3, WK_RING_TCP, 1000, "ring"},
+                 {2, WK_RING_TCP, 1000, "ring"},
+                 {4, WK_RING_SHM, 1000, "ring"}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        wk_ring_opts o;
+        small_timeouts(&o);
+        o.algorithm = WK_RING_ALG_AUTO;
+        o.transport = cases[k].transport;
+        alg_job j = {cases[k].floats, cases[k].want};
+        rank_ctx ctx[MAX_N];
+        run_ranks(cases[k].n, &o, alg_work, &j, ctx);
+        expect_all_ok(ctx, cases[k].n);
+    }
+}
+
+/* Asking for halving-doubling where it cannot run is an error at once;
+ * ranks that disagree on it fail at connect, naming the algorithms. */
+static void *alg_rank(void *p) {
+    rank_ctx *c = p;
+    wk_ring_opts o = *c->opts;
+    o.algorithm = ((const int *)c->arg)[c->rank];
+    wk_ring *ring = NULL;
+    c->connect_rc = wk_ring_connect(c->l, c->rank, c->nranks, c->addrs, &o, &ring, c->err,
+                                    sizeof c->err);
+    wk_ring_destroy(ring);
+    return NULL;
+}
+
+static void test_hd_refused_where_it_cannot_run(void **state) {
+    (void)state;
+    wk_ring_listener *ls[4];
+    char a[4][64];
+    const char *addrs[4] = {a[0], a[1], a[2], a[3]};
+    char err[256];
+    wk_ring *ring = NULL;
+    for (int i = 0; i < 4; i++) listen_at(0, &ls[i], a[i]);
+    wk_ring_opts o;
+    small_timeouts(&o);
+    o.algorithm = WK_RING_ALG_HD;
+    assert_int_equal(wk_ring_connect(ls[0], 0, 3, addrs, &o, &ring, err, sizeof err),
+                     CM_EINVAL);
+    assert_non_null(strstr(err, "halving-doubling"));
+    o.transport = WK_RING_AUTO;
+    assert_int_equal(wk_ring_connect(ls[0], 0, 4, addrs, &o, &ring, err, sizeof err),
+                     CM_EINVAL);
+    assert_null(ring);
+    /* Rank 2 asks for the ring, the others for halving-doubling. */
+    small_timeouts(&o);
+    o.connect_timeout_ms = 5000;
+    int algs[4] = {WK_RING_ALG_HD, WK_RING_ALG_HD, WK_RING_ALG_RING, WK_RING_ALG_HD};
+    rank_ctx ctx[4];
+    pthread_t th[4];
+    double t0 = cm_now();
+    for (int i = 0; i < 4; i++) {
+        ctx[i] = (rank_ctx){.rank = i, .nranks = 4, .l = ls[i], .addrs = addrs, .opts = &o,
+                            .arg = algs};
+        assert_int_equal(pthread_create(&th[i], NULL, alg_rank, &ctx[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(ctx[i].connect_rc, CM_EINVAL);
+        assert_non_null(strstr(ctx[i].err, i == 2 ? "rank 2 asks for the ring" : "rank 2 for ring"));
+    }
+    assert_true(cm_now() - t0 < 4.0); /* Refused, not timed out. */
+    for (int i = 0; i < 4; i++) wk_ring_listener_destroy(ls[i]);
+}
+
+/* A rank that leaves (closes every link) in the middle of halving-doubling:
+ * the others fail naming a rank instead of waiting, well within their
+ * timeout. */
+static void hd_leave_work(rank_ctx *c, wk_ring *ring) {
+    if (c->rank == 3) return; /* rank_main destroys its ring: every link closes. */
+    size_t n = 1 << 20;
+    float *x = calloc(n, sizeof *x);
+    c->rc = wk_ring_allreduce(ring, x, n, 1, 0);
+    free(x);
+}
+
+static void test_hd_rank_leaves(void **state) {
+    (void)state;
+    wk_ring_opts o;
+    g_algorithm = WK_RING_ALG_HD;
+    small_timeouts(&o);
+    g_algorithm = WK_RING_ALG_RING;
+    rank_ctx ctx[4];
+    double t0 = cm_now();
+    run_ranks(4, &o, hd_leave_work, NULL, ctx);
+    assert_true(cm_now() - t0 < 5.0);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(ctx[i].connect_rc, CM_OK);
+        assert_int_equal(ctx[i].rc, CM_EUNAVAIL);
+        assert_non_null(strstr(ctx[i].err, "rank "));
+    }
+}
+
 /* ===== Shared memory ===== */
 
 static void test_shm_sums_and_broadcast(void **state) {
@@ -814,6 +973,10 @@ int main(void) {
         cmocka_unit_test(test_random_sum_close_and_identical),
         cmocka_unit_test(test_random_mean_close_and_identical),
         cmocka_unit_test(test_broadcast),
+        cmocka_unit_test(test_hd_sums_and_means),
+        cmocka_unit_test(test_hd_auto_choice),
+        cmocka_unit_test(test_hd_refused_where_it_cannot_run),
+        cmocka_unit_test(test_hd_rank_leaves),
         cmocka_unit_test(test_wrong_job_refused),
         cmocka_unit_test(test_mismatched_average_refused),
         cmocka_unit_test(test_connect_gives_up_naming_the_peer),

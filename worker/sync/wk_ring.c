@@ -25,6 +25,11 @@
  * the socket buffers hold. Every rank's final segment is a copy of its
  * owner's bytes, so all ranks end bit-identical.
  *
+ * Halving-doubling (N a power of two >= 4, TCP): the same plan machinery
+ * with 2 log2 N steps, each on the link to one partner (plan_hd). Links
+ * other than the ring's (rank ^ d, d >= 2) are set up after the ring, once
+ * every rank agreed on the algorithm (settle_algorithm).
+ *
  * Broadcast from root: one step over the whole buffer; the root sends, the
  * others copy and forward (dep 0), except the root's left neighbour.
  *
@@ -85,9 +90,14 @@ struct wk_ring_listener {
 
 enum { MODE_ADD, MODE_ADD_DIV, MODE_COPY };
 
+/* A step's connection: to rank+1, from rank-1, or the halving-doubling
+ * link LINK_X + j to rank ^ (2 << j). */
+enum { LINK_NEXT = 0, LINK_PREV = 1, LINK_X = 2 };
+
 typedef struct ring_step {
     size_t off, len; /* Floats of the buffer. */
-    int dep;         /* Send: the recv step it waits for, or -1. */
+    int link;        /* LINK_*. */
+    int dep;         /* Send: the recv step whose range holds it, or -1. */
     int mode;        /* Recv: MODE_*. */
 } ring_step;
 
@@ -127,6 +137,11 @@ struct wk_ring {
     shm_link *tx, *rx;              /* Shared-memory links (NULL: TCP). */
     char next_addr[ADDR_LEN];       /* Listening addresses of those peers. */
     char prev_addr[ADDR_LEN];
+    int hd;                         /* Halving-doubling links are up... */
+    size_t hd_max;                  /* ...and used up to this many bytes. */
+    int nx;                         /* Its extra links: xfd[j] to rank ^ (2 << j), */
+    int *xfd;                       /* -1 if none, */
+    char (*xaddr)[ADDR_LEN];        /* listening at xaddr[j]. */
     float *scratch;                 /* chunk_elems floats. */
     ring_step *sends, *recvs;       /* 2 * nranks each. */
     int status;                     /* CM_OK, or the first failure. */
@@ -158,7 +173,8 @@ void wk_ring_opts_default(wk_ring_opts *o) {
                         .chunk_bytes = 0,
                         .sock_buf_bytes = 0,
                         .spin_us = 0,
-                        .transport = WK_RING_TCP};
+                        .transport = WK_RING_TCP,
+                        .algorithm = WK_RING_ALG_AUTO};
 }
 
 /* ===================================================== wire format */
@@ -397,10 +413,13 @@ static const char *hello_mismatch(const wk_ring *r, const wk_ring__hello *h, int
     return buf;
 }
 
-/* Connect to the next rank (retrying with backoff) and send our hello. */
-static int connect_next(wk_ring *r, double deadline, char *err, size_t errlen) {
+/* Connect to rank 'peer' at addr (retrying with backoff) and send our
+ * hello; *fdp holds the socket as soon as there is one (the caller closes
+ * it on failure too). */
+static int dial(wk_ring *r, const char *addr, int peer, int *fdp, double deadline, char *err,
+                size_t errlen) {
     struct addrinfo *ai = NULL;
-    int rc = resolve(r->next_addr, &ai, err, errlen);
+    int rc = resolve(addr, &ai, err, errlen);
     if (rc != CM_OK) return rc;
     int backoff = 10, fd = -1;
     const char *last = "no attempt";
@@ -438,29 +457,31 @@ static int connect_next(wk_ring *r, double deadline, char *err, size_t errlen) {
     freeaddrinfo(ai);
     if (fd < 0) {
         cm_seterr(err, errlen, "rank %d: cannot connect to rank %d at %s within %d ms: %s",
-                  r->rank, (r->rank + 1) % r->nranks, r->next_addr,
-                  r->opts.connect_timeout_ms, last);
+                  r->rank, peer, addr, r->opts.connect_timeout_ms, last);
         return CM_EUNAVAIL;
     }
-    r->send_fd = fd;
+    *fdp = fd;
     unsigned char hello[WK_RING__HELLO_BYTES];
     my_hello(r, hello);
     if ((rc = io_full(fd, 1, hello, sizeof hello, deadline, &last)) != CM_OK) {
-        cm_seterr(err, errlen, "rank %d: sending the handshake to rank %d at %s: %s",
-                  r->rank, (r->rank + 1) % r->nranks, r->next_addr,
-                  rc == CM_ETIMEDOUT ? "timed out" : last);
+        cm_seterr(err, errlen, "rank %d: sending the handshake to rank %d at %s: %s", r->rank,
+                  peer, addr, rc == CM_ETIMEDOUT ? "timed out" : last);
         return rc;
     }
     return CM_OK;
 }
 
-/* Accept one connection on l and read its hello: CM_OK with r->recv_fd set
- * if it is the previous rank of this job; CM_EAGAIN if it was refused (why
- * in refused). Every hello is answered with ours, so that a refused peer can
- * say whom it met. */
-static int accept_one(wk_ring *r, wk_ring_listener *l, double deadline, char *refused,
-                      size_t rlen) {
-    int prev = (r->rank + r->nranks - 1) % r->nranks;
+static int connect_next(wk_ring *r, double deadline, char *err, size_t errlen) {
+    return dial(r, r->next_addr, (r->rank + 1) % r->nranks, &r->send_fd, deadline, err,
+                errlen);
+}
+
+/* Accept one connection on l and read its hello: CM_OK with *fdp and
+ * *which set if it is rank want[*which] of this job (want[i] < 0: no
+ * longer wanted); CM_EAGAIN if it was refused (why in refused). Every hello
+ * is answered with ours, so that a refused peer can say whom it met. */
+static int accept_from(wk_ring *r, wk_ring_listener *l, const int *want, int nwant,
+                       double deadline, int *which, int *fdp, char *refused, size_t rlen) {
     int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) return CM_EAGAIN; /* EAGAIN, ECONNABORTED: wait again. */
     set_sockopts(fd, r->opts.sock_buf_bytes);
@@ -477,9 +498,14 @@ static int accept_one(wk_ring *r, wk_ring_listener *l, double deadline, char *re
         wk_ring__hello_unpack(buf, &h);
         my_hello(r, mine);
         (void)io_full(fd, 1, mine, sizeof mine, cm_now() + 1.0, &why);
-        const char *bad = hello_mismatch(r, &h, prev, msg, sizeof msg);
+        int w = -1;
+        for (int i = 0; i < nwant; i++)
+            if (want[i] >= 0 && (w < 0 || (uint32_t)want[i] == h.rank)) w = i;
+        const char *bad = w < 0 ? "no connection is expected"
+                                : hello_mismatch(r, &h, want[w], msg, sizeof msg);
         if (!bad) {
-            r->recv_fd = fd;
+            *which = w;
+            *fdp = fd;
             return CM_OK;
         }
         snprintf(refused, rlen, "refused a connection: %s", bad);
@@ -489,26 +515,38 @@ static int accept_one(wk_ring *r, wk_ring_listener *l, double deadline, char *re
     return CM_EAGAIN;
 }
 
-/* Read the next rank's answer to our hello. */
-static int check_next(wk_ring *r, double deadline, char *err, size_t errlen) {
-    int next = (r->rank + 1) % r->nranks;
+/* The previous rank's connection: CM_OK with r->recv_fd set. */
+static int accept_one(wk_ring *r, wk_ring_listener *l, double deadline, char *refused,
+                      size_t rlen) {
+    int prev = (r->rank + r->nranks - 1) % r->nranks, which;
+    return accept_from(r, l, &prev, 1, deadline, &which, &r->recv_fd, refused, rlen);
+}
+
+/* Read the answer of rank 'peer' (at addr) to the hello we sent on fd. */
+static int check_answer(wk_ring *r, int fd, int peer, const char *addr, double deadline,
+                        char *err, size_t errlen) {
     unsigned char buf[WK_RING__HELLO_BYTES];
     const char *why;
-    int rc = io_full(r->send_fd, 0, buf, sizeof buf, deadline, &why);
+    int rc = io_full(fd, 0, buf, sizeof buf, deadline, &why);
     if (rc != CM_OK) {
-        cm_seterr(err, errlen, "rank %d: no handshake from rank %d at %s: %s", r->rank, next,
-                  r->next_addr, rc == CM_ETIMEDOUT ? "timed out" : why);
+        cm_seterr(err, errlen, "rank %d: no handshake from rank %d at %s: %s", r->rank, peer,
+                  addr, rc == CM_ETIMEDOUT ? "timed out" : why);
         return rc;
     }
     wk_ring__hello h;
     char msg[200];
     wk_ring__hello_unpack(buf, &h);
-    const char *bad = hello_mismatch(r, &h, next, msg, sizeof msg);
+    const char *bad = hello_mismatch(r, &h, peer, msg, sizeof msg);
     if (bad) {
-        cm_seterr(err, errlen, "rank %d: wrong peer at %s: %s", r->rank, r->next_addr, bad);
+        cm_seterr(err, errlen, "rank %d: wrong peer at %s: %s", r->rank, addr, bad);
         return CM_EPROTO;
     }
     return CM_OK;
+}
+
+static int check_next(wk_ring *r, double deadline, char *err, size_t errlen) {
+    return check_answer(r, r->send_fd, (r->rank + 1) % r->nranks, r->next_addr, deadline, err,
+                        errlen);
 }
 
 /* After our hello went out: accept the previous rank and read the next
@@ -754,6 +792,120 @@ static int negotiate(wk_ring *r, double deadline, char *err, size_t errlen) {
     return CM_OK;
 }
 
+/* ===================================================== halving-doubling links */
+
+static const char *alg_name(int alg) {
+    return alg == WK_RING_ALG_HD ? "halving-doubling" : alg == WK_RING_ALG_AUTO ? "auto" : "ring";
+}
+
+static int is_pow2(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+/* Settle the algorithm with every rank: a small allreduce over the ring in
+ * which rank i fills slot i with 1 + its algorithm * 2 + 8 if it has a
+ * shared-memory link. Every rank then sees the same slots and makes the
+ * same choice; having every rank's slot also says that every rank is done
+ * forming the ring (its listener takes no ring connection any more). */
+static int settle_algorithm(wk_ring *r, double deadline, char *err, size_t errlen) {
+    int N = r->nranks;
+    float *slot = cm_calloc((size_t)N, sizeof *slot);
+    slot[r->rank] = (float)(1 + r->opts.algorithm * 2 + (r->tx || r->rx ? 8 : 0));
+    int saved = r->opts.timeout_ms, left = ms_left(deadline);
+    r->opts.timeout_ms = left > 0 ? left : 1;
+    int rc = wk_ring_allreduce(r, slot, (size_t)N, -1, 0);
+    r->opts.timeout_ms = saved;
+    if (rc != CM_OK) {
+        cm_seterr(err, errlen, "agreeing on the allreduce algorithm: %s", r->err);
+        free(slot);
+        return rc;
+    }
+    int all_auto = 1, all_hd = 1, shm = 0;
+    for (int i = 0; i < N; i++) {
+        int v = (int)slot[i], alg = (v >> 1) & 3;
+        if (v < 1 || v > 15 || alg > WK_RING_ALG_HD) {
+            cm_seterr(err, errlen, "rank %d: agreeing on the allreduce algorithm: rank %d sent "
+                      "%g", r->rank, i, (double)slot[i]);
+            free(slot);
+            return r->status = CM_EPROTO;
+        }
+        if (alg != r->opts.algorithm &&
+            (alg == WK_RING_ALG_HD || r->opts.algorithm == WK_RING_ALG_HD)) {
+            cm_seterr(err, errlen, "rank %d asks for the %s algorithm, rank %d for %s: every "
+                      "rank must ask for halving-doubling, or none", r->rank,
+                      alg_name(r->opts.algorithm), i, alg_name(alg));
+            free(slot);
+            return r->status = CM_EINVAL;
+        }
+        all_auto &= alg == WK_RING_ALG_AUTO;
+        all_hd &= alg == WK_RING_ALG_HD;
+        shm |= (v & 8) != 0;
+    }
+    free(slot);
+    r->hd = all_hd || (all_auto && !shm);
+    r->hd_max = all_hd ? SIZE_MAX : WK_RING_HD_MAX;
+    return CM_OK;
+}
+
+/* Connect to the halving-doubling partners r^d above this rank and accept
+ * those below it (d = 2, 4, ... N/2; d = 1 is a ring neighbour). Dials
+ * first: a connection waits in the partner's listen queue, and the hello
+ * in its socket buffer, until the partner accepts, so no rank waits on
+ * another's order. */
+static int connect_partners(wk_ring *r, wk_ring_listener *l, const char *const *addrs,
+                            double deadline, char *err, size_t errlen) {
+    int N = r->nranks, nx = 0;
+    while ((2 << nx) < N) nx++;
+    r->nx = nx;
+    r->xfd = cm_malloc((size_t)nx * sizeof *r->xfd);
+    r->xaddr = cm_calloc((size_t)nx, sizeof *r->xaddr);
+    int *want = cm_malloc((size_t)nx * sizeof *want), pending = 0, rc = CM_OK;
+    for (int j = 0; j < nx; j++) {
+        int p = r->rank ^ (2 << j);
+        r->xfd[j] = -1;
+        want[j] = p < r->rank ? p : -1;
+        pending += p < r->rank;
+        if (!addrs[p] || strlen(addrs[p]) >= ADDR_LEN) {
+            cm_seterr(err, errlen, "wk_ring_connect: missing or overlong address of rank %d", p);
+            rc = CM_EINVAL;
+            goto out;
+        }
+        strcpy(r->xaddr[j], addrs[p]);
+    }
+    for (int j = 0; j < nx; j++)
+        if (want[j] < 0 &&
+            (rc = dial(r, r->xaddr[j], r->rank ^ (2 << j), &r->xfd[j], deadline, err,
+                       errlen)) != CM_OK)
+            goto out;
+    char refused[256] = "";
+    while (pending > 0) {
+        int w = wait_fd(l->fd, POLLIN, deadline), which, fd;
+        if (w <= 0) {
+            int missing = 0;
+            for (int j = 0; j < nx; j++)
+                if (want[j] >= 0) missing = want[j];
+            cm_seterr(err, errlen, "rank %d: rank %d (%s) did not connect its halving-doubling "
+                      "link within %d ms%s%s", r->rank, missing,
+                      addrs[missing], r->opts.connect_timeout_ms, refused[0] ? "; last: " : "",
+                      refused);
+            rc = CM_ETIMEDOUT;
+            goto out;
+        }
+        if (accept_from(r, l, want, nx, deadline, &which, &fd, refused, sizeof refused) ==
+            CM_OK) {
+            r->xfd[which] = fd;
+            want[which] = -1;
+            pending--;
+        }
+    }
+    for (int j = 0; j < nx; j++)
+        if ((r->rank ^ (2 << j)) > r->rank &&
+            (rc = check_answer(r, r->xfd[j], r->rank ^ (2 << j), r->xaddr[j], deadline, err,
+                               errlen)) != CM_OK)
+            goto out;
+out:
+    free(want);
+    return rc;
+}
+
 int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const *addrs,
                     const wk_ring_opts *opts, wk_ring **out, char *err, size_t errlen) {
     *out = NULL;
@@ -766,8 +918,15 @@ int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const
     if (nranks < 1 || nranks > MAX_RANKS || rank < 0 || rank >= nranks ||
         (nranks > 1 && (!l || !addrs)) || o.timeout_ms <= 0 || o.connect_timeout_ms <= 0 ||
         o.chunk_bytes > (1u << 30) || o.sock_buf_bytes < 0 || o.spin_us < 0 ||
-        o.transport < WK_RING_TCP || o.transport > WK_RING_SHM) {
+        o.transport < WK_RING_TCP || o.transport > WK_RING_SHM ||
+        o.algorithm < WK_RING_ALG_RING || o.algorithm > WK_RING_ALG_HD) {
         cm_seterr(err, errlen, "wk_ring_connect: bad arguments (rank %d of %d)", rank, nranks);
+        return CM_EINVAL;
+    }
+    if (o.algorithm == WK_RING_ALG_HD && nranks > 1 &&
+        (!is_pow2(nranks) || nranks < 4 || o.transport != WK_RING_TCP)) {
+        cm_seterr(err, errlen, "wk_ring_connect: the halving-doubling algorithm needs 4, 8, 16 "
+                  "... ranks (not %d) over TCP (transport tcp)", nranks);
         return CM_EINVAL;
     }
     int rc = CM_OK;
@@ -807,6 +966,11 @@ int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const
             goto fail;
         if (o.transport != WK_RING_TCP && (rc = negotiate(r, deadline, err, errlen)) != CM_OK)
             goto fail;
+        if (nranks >= 4 && is_pow2(nranks)) {
+            if ((rc = settle_algorithm(r, deadline, err, errlen)) != CM_OK) goto fail;
+            if (r->hd && (rc = connect_partners(r, l, addrs, deadline, err, errlen)) != CM_OK)
+                goto fail;
+        }
     }
     *out = r;
     return CM_OK;
@@ -840,6 +1004,20 @@ static const char *arg_name(int op) { return op == WK_RING__OP_BROADCAST ? "root
 static int prev_rank(const wk_ring *r) { return (r->rank + r->nranks - 1) % r->nranks; }
 static int next_rank(const wk_ring *r) { return (r->rank + 1) % r->nranks; }
 
+static int link_fd(const wk_ring *r, int link) {
+    return link == LINK_NEXT ? r->send_fd : link == LINK_PREV ? r->recv_fd : r->xfd[link - LINK_X];
+}
+
+static int link_rank(const wk_ring *r, int link) {
+    return link == LINK_NEXT ? next_rank(r) : link == LINK_PREV ? prev_rank(r)
+                                                                : r->rank ^ (2 << (link - LINK_X));
+}
+
+static const char *link_addr(const wk_ring *r, int link) {
+    return link == LINK_NEXT ? r->next_addr : link == LINK_PREV ? r->prev_addr
+                                                                : r->xaddr[link - LINK_X];
+}
+
 static size_t chunk_len(const run *x, const ring_step *s, size_t pos) {
     size_t left = s->len - pos;
     return left < x->r->chunk_elems ? left : x->r->chunk_elems;
@@ -861,10 +1039,14 @@ static void skip_empty(const ring_step *steps, int nsteps, int *k, size_t *pos) 
     }
 }
 
-/* May chunk (sk, spos) go? Its data must have been received. */
+/* May chunk (sk, spos) go? Its data must have been received: a recv step
+ * fills its range in order, and a send step's range lies inside that of
+ * the recv step it depends on. */
 static int send_ready(const run *x, size_t clen) {
-    int dep = x->r->sends[x->sk].dep;
-    return dep < 0 || x->rk > dep || (x->rk == dep && x->rpos >= x->spos + clen);
+    const ring_step *s = &x->r->sends[x->sk];
+    int dep = s->dep;
+    return dep < 0 || x->rk > dep ||
+           (x->rk == dep && x->r->recvs[dep].off + x->rpos >= s->off + x->spos + clen);
 }
 
 /* The rest of a chunk (header, then payload) after 'done' bytes of it. */
@@ -929,12 +1111,12 @@ static int pump_send(run *x, int *progress) {
         struct iovec iov[2];
         struct msghdr mh;
         chunk_msg(&mh, iov, x->shdr, x->sbytes, x->data + s->off + x->spos, plen);
-        ssize_t w = sendmsg(r->send_fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t w = sendmsg(link_fd(r, s->link), &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) return CM_OK;
             if (errno == EINTR) continue;
-            return fail(r, CM_EUNAVAIL, "sending to rank %d (%s): %s", next_rank(r),
-                        r->next_addr, strerror(errno));
+            return fail(r, CM_EUNAVAIL, "sending to rank %d (%s): %s", link_rank(r, s->link),
+                        link_addr(r, s->link), strerror(errno));
         }
         *progress = 1;
         x->sbytes += (size_t)w;
@@ -947,6 +1129,8 @@ static int pump_send(run *x, int *progress) {
 
 static int check_hdr(run *x, const ring_step *s, size_t clen) {
     wk_ring *r = x->r;
+    int from = link_rank(r, s->link);
+    const char *from_addr = link_addr(r, s->link);
     wk_ring__hdr h;
     wk_ring__hdr_unpack(x->rhdr, &h);
     const char *what = NULL;
@@ -954,14 +1138,14 @@ static int check_hdr(run *x, const ring_step *s, size_t clen) {
         what = "not a chunk header";
     } else if (h.op != x->op || h.arg != x->arg) {
         return fail(r, CM_EPROTO, "rank %d (%s) sent a chunk of %s (%s %u) during %s (%s %u)",
-                    prev_rank(r), r->prev_addr, op_name(h.op), arg_name(h.op), h.arg,
+                    from, from_addr, op_name(h.op), arg_name(h.op), h.arg,
                     op_name(x->op), arg_name(x->op), x->arg);
     } else if (h.step != x->step) {
         return fail(r, CM_EPROTO, "rank %d (%s) sent a chunk of step %lld during step %lld",
-                    prev_rank(r), r->prev_addr, (long long)h.step, (long long)x->step);
+                    from, from_addr, (long long)h.step, (long long)x->step);
     } else if (h.count != x->n) {
         return fail(r, CM_EPROTO, "rank %d (%s) reduces %llu floats, this rank %zu",
-                    prev_rank(r), r->prev_addr, (unsigned long long)h.count, x->n);
+                    from, from_addr, (unsigned long long)h.count, x->n);
     } else if (h.k != x->rk || h.offset != s->off + x->rpos) {
         what = "unexpected ring step or offset";
     } else if (h.len != clen * sizeof(float)) {
@@ -971,7 +1155,7 @@ static int check_hdr(run *x, const ring_step *s, size_t clen) {
     return fail(r, CM_EPROTO,
                 "bad chunk from rank %d (%s) in %s step %lld: %s (magic 0x%08x, ring step %u, "
                 "offset %llu, length %u; expected ring step %d, offset %zu, length %zu)",
-                prev_rank(r), r->prev_addr, op_name(x->op), (long long)x->step, what, h.magic,
+                from, from_addr, op_name(x->op), (long long)x->step, what, h.magic,
                 h.k, (unsigned long long)h.offset, h.len, x->rk, s->off + x->rpos,
                 clen * sizeof(float));
 }
@@ -1015,15 +1199,16 @@ static int pump_recv(run *x, int *progress) {
         struct iovec iov[2];
         struct msghdr mh;
         chunk_msg(&mh, iov, x->rhdr, x->rbytes, s->mode == MODE_COPY ? dst : r->scratch, plen);
-        ssize_t g = recvmsg(r->recv_fd, &mh, MSG_DONTWAIT);
+        ssize_t g = recvmsg(link_fd(r, s->link), &mh, MSG_DONTWAIT);
         if (g == 0)
             return fail(r, CM_EUNAVAIL, "rank %d (%s) closed the connection during %s step %lld",
-                        prev_rank(r), r->prev_addr, op_name(x->op), (long long)x->step);
+                        link_rank(r, s->link), link_addr(r, s->link), op_name(x->op),
+                        (long long)x->step);
         if (g < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) return CM_OK;
             if (errno == EINTR) continue;
-            return fail(r, CM_EUNAVAIL, "receiving from rank %d (%s): %s", prev_rank(r),
-                        r->prev_addr, strerror(errno));
+            return fail(r, CM_EUNAVAIL, "receiving from rank %d (%s): %s",
+                        link_rank(r, s->link), link_addr(r, s->link), strerror(errno));
         }
         *progress = 1;
         size_t before = x->rbytes;
@@ -1044,12 +1229,15 @@ static int pump_recv(run *x, int *progress) {
 /* Nothing moved for opts.timeout_ms: name the neighbour waited for. */
 static int stalled(run *x, int recv_done) {
     wk_ring *r = x->r;
-    if (!recv_done)
+    if (!recv_done) {
+        int k = r->recvs[x->rk].link;
         return fail(r, CM_ETIMEDOUT, "no data from rank %d (%s) for %d ms in %s step %lld",
-                    prev_rank(r), r->prev_addr, r->opts.timeout_ms, op_name(x->op),
+                    link_rank(r, k), link_addr(r, k), r->opts.timeout_ms, op_name(x->op),
                     (long long)x->step);
+    }
+    int k = r->sends[x->sk].link;
     return fail(r, CM_ETIMEDOUT, "rank %d (%s) took no data for %d ms in %s step %lld",
-                next_rank(r), r->next_addr, r->opts.timeout_ms, op_name(x->op),
+                link_rank(r, k), link_addr(r, k), r->opts.timeout_ms, op_name(x->op),
                 (long long)x->step);
 }
 
@@ -1142,12 +1330,14 @@ static int run_plan(run *x) {
         }
         struct pollfd pf[2];
         int np = 0;
-        if (!recv_done) pf[np++] = (struct pollfd){.fd = r->recv_fd, .events = POLLIN};
+        if (!recv_done)
+            pf[np++] = (struct pollfd){.fd = link_fd(r, r->recvs[x->rk].link), .events = POLLIN};
         /* Sends waiting for data (not for the socket) need no POLLOUT. */
         int want_out = !send_done &&
                        (x->sbytes > 0 ||
                         send_ready(x, chunk_len(x, &r->sends[x->sk], x->spos)));
-        if (want_out) pf[np++] = (struct pollfd){.fd = r->send_fd, .events = POLLOUT};
+        if (want_out)
+            pf[np++] = (struct pollfd){.fd = link_fd(r, r->sends[x->sk].link), .events = POLLOUT};
         int p = poll(pf, (nfds_t)np, r->opts.timeout_ms);
         if (p < 0 && errno != EINTR)
             return fail(r, CM_EIO, "poll: %s", strerror(errno));
@@ -1170,19 +1360,84 @@ static int start(wk_ring *r, run *x, float *data, size_t n, int64_t step, int op
     return CM_OK;
 }
 
+/* Segments [a, b) as one range of floats. */
+static void segments(size_t n, int nranks, int a, int b, size_t *off, size_t *len) {
+    size_t end, last;
+    segment(n, nranks, a, off, len);
+    segment(n, nranks, b - 1, &end, &last);
+    *len = end + last - *off;
+}
+
+/* The halving-doubling link to rank ^ d: d = 1 is a ring neighbour. */
+static int partner_link(const wk_ring *r, int d) {
+    if (d == 1) return r->rank & 1 ? LINK_PREV : LINK_NEXT;
+    int j = 0;
+    while ((2 << j) != d) j++;
+    return LINK_X + j;
+}
+
+/* Rabenseifner's allreduce on N = 2^m ranks, in segments of the buffer.
+ * Reduce-scatter: for d = N/2 .. 1, this rank and rank^d each keep one
+ * half of their window [lo, hi) of segments (the lower half for the one
+ * whose bit d is clear), send the other half and add what comes into the
+ * kept half; the window ends as segment 'rank', summed over all ranks.
+ * All-gather: for d = 1 .. N/2, each sends its window and copies the
+ * partner's, of the same size, next to it. Every step is one contiguous
+ * range inside the range of the recv step before it, and each of its
+ * chunks waits for the part of that step that it carries (as in the ring,
+ * so steps overlap chunk by chunk). Every segment's final value is made by
+ * its owner and copied to the others, so all ranks end bit-identical.
+ * Buffer safety: a recv step writes only into this rank's window (reduce)
+ * or outside it (gather), which no earlier send step still reads: a region
+ * comes back in the gather only once its owner had this rank's part of it. */
+static void plan_hd(wk_ring *r, run *x, int average) {
+    int N = r->nranks, lo = 0, hi = N, k = 0;
+    for (int d = N / 2; d >= 1; d /= 2, k++) {
+        int mid = (lo + hi) / 2, low = (r->rank & d) == 0, link = partner_link(r, d);
+        ring_step *s = &r->sends[k], *v = &r->recvs[k];
+        *s = (ring_step){.link = link, .dep = k - 1};
+        *v = (ring_step){.link = link, .mode = d == 1 && average ? MODE_ADD_DIV : MODE_ADD};
+        segments(x->n, N, low ? mid : lo, low ? hi : mid, &s->off, &s->len);
+        if (low)
+            hi = mid;
+        else
+            lo = mid;
+        segments(x->n, N, lo, hi, &v->off, &v->len);
+    }
+    for (int d = 1; d < N; d *= 2, k++) {
+        int w = hi - lo, low = (r->rank & d) == 0, link = partner_link(r, d);
+        ring_step *s = &r->sends[k], *v = &r->recvs[k];
+        *s = (ring_step){.link = link, .dep = k - 1};
+        *v = (ring_step){.link = link, .mode = MODE_COPY};
+        segments(x->n, N, lo, hi, &s->off, &s->len);
+        if (low)
+            hi += w;
+        else
+            lo -= w;
+        segments(x->n, N, low ? hi - w : lo, low ? hi : lo + w, &v->off, &v->len);
+    }
+    x->nsend = x->nrecv = k;
+}
+
 int wk_ring_allreduce(wk_ring *r, float *data, size_t n, int64_t step, int average) {
     run x;
     int rc = start(r, &x, data, n, step, WK_RING__OP_ALLREDUCE, average != 0);
     if (rc != CM_OK || r->nranks == 1 || n == 0) return rc;
+    if (r->hd && n * sizeof(float) <= r->hd_max) {
+        plan_hd(r, &x, average);
+        return run_plan(&x);
+    }
     int N = r->nranks;
     x.nsend = x.nrecv = 2 * (N - 1);
     for (int k = 0; k < x.nsend; k++) {
         ring_step *s = &r->sends[k], *v = &r->recvs[k];
+        *s = (ring_step){.link = LINK_NEXT, .dep = k - 1};
+        *v = (ring_step){.link = LINK_PREV,
+                         .mode = k < N - 2    ? MODE_ADD
+                                 : k == N - 2 ? (average ? MODE_ADD_DIV : MODE_ADD)
+                                              : MODE_COPY};
         segment(n, N, ((r->rank - k) % N + N) % N, &s->off, &s->len);
-        s->dep = k - 1;
         segment(n, N, ((r->rank - 1 - k) % N + N) % N, &v->off, &v->len);
-        v->mode = k < N - 2 ? MODE_ADD : k == N - 2 ? (average ? MODE_ADD_DIV : MODE_ADD)
-                                                    : MODE_COPY;
     }
     return run_plan(&x);
 }
@@ -1194,11 +1449,12 @@ int wk_ring_broadcast(wk_ring *r, float *data, size_t n, int64_t step, int root)
     if (root < 0 || root >= r->nranks) return CM_EINVAL;
     if (r->nranks == 1 || n == 0) return CM_OK;
     if (r->rank != root) {
-        r->recvs[0] = (ring_step){.off = 0, .len = n, .mode = MODE_COPY};
+        r->recvs[0] = (ring_step){.off = 0, .len = n, .link = LINK_PREV, .mode = MODE_COPY};
         x.nrecv = 1;
     }
     if (next_rank(r) != root) {
-        r->sends[0] = (ring_step){.off = 0, .len = n, .dep = r->rank == root ? -1 : 0};
+        r->sends[0] = (ring_step){.off = 0, .len = n, .link = LINK_NEXT,
+                                  .dep = r->rank == root ? -1 : 0};
         x.nsend = 1;
     }
     return run_plan(&x);
@@ -1212,6 +1468,9 @@ const char *wk_ring_transport(const wk_ring *r) {
     if (r->nranks == 1) return "none";
     return r->tx && r->rx ? "shm" : r->tx || r->rx ? "tcp+shm" : "tcp";
 }
+const char *wk_ring_algorithm(const wk_ring *r, size_t n) {
+    return r->hd && n * sizeof(float) <= r->hd_max ? "halving-doubling" : "ring";
+}
 size_t wk_ring_chunk_bytes(const wk_ring *r) { return r->chunk_elems * sizeof(float); }
 int wk_ring_status(const wk_ring *r) { return r->status; }
 const char *wk_ring_error(const wk_ring *r) { return r->err; }
@@ -1220,6 +1479,10 @@ void wk_ring_destroy(wk_ring *r) {
     if (!r) return;
     if (r->send_fd >= 0) close(r->send_fd);
     if (r->recv_fd >= 0) close(r->recv_fd);
+    for (int j = 0; j < r->nx; j++)
+        if (r->xfd[j] >= 0) close(r->xfd[j]);
+    free(r->xfd);
+    free(r->xaddr);
     shm_destroy(r->tx);
     shm_destroy(r->rx);
     free(r->scratch);

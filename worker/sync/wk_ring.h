@@ -71,9 +71,27 @@ typedef struct wk_ring_opts {
      * a neighbour that closes its connection while the ring forms, instead
      * of waiting connect_timeout_ms for a peer that will not come. */
     int peers_listening;
+    /* How wk_ring_allreduce moves data. WK_RING_ALG_RING: the ring below,
+     * 2(N-1) steps. WK_RING_ALG_HD: recursive halving then doubling
+     * (Rabenseifner's algorithm: log2 N steps of reduce-scatter with rank
+     * r^d for d = N/2 .. 1, then log2 N of all-gather back out), the same
+     * bytes as the ring in 2 log2 N steps, over log2 N - 1 extra TCP
+     * connections a rank; needs N a power of two >= 4 and transport TCP.
+     * WK_RING_ALG_AUTO (the default): halving-doubling for messages of up
+     * to WK_RING_HD_MAX bytes where it can run (N a power of two >= 4 and
+     * no shared-memory link anywhere in the ring), else the ring. Broadcast always uses the ring. Ranks settle it
+     * together in wk_ring_connect; a rank asking for another algorithm than
+     * the others fails there, naming it. */
+    int algorithm;
 } wk_ring_opts;
 
 enum { WK_RING_TCP = 0, WK_RING_AUTO = 1, WK_RING_SHM = 2 };
+enum { WK_RING_ALG_RING = 0, WK_RING_ALG_AUTO = 1, WK_RING_ALG_HD = 2 };
+/* Auto's limit for halving-doubling: fewer steps win on small and middle
+ * messages; from about 16 MiB the ring's steps, each a quarter of the
+ * buffer or less and pipelined chunk by chunk, were faster (4 ranks over
+ * loopback TCP; docs/BENCHMARKS.md). */
+#define WK_RING_HD_MAX ((size_t)4 << 20)
 
 /* Default chunks (chunk_bytes 0). Over TCP a chunk costs a header, a
  * poll() and its wake-ups, so chunks are large: with one chunk a segment
@@ -84,7 +102,7 @@ enum { WK_RING_TCP = 0, WK_RING_AUTO = 1, WK_RING_SHM = 2 };
 #define WK_RING_SHM_CHUNK ((size_t)256 << 10)
 
 /* Defaults: job_id 0, timeout 30 s, connect timeout 30 s, chunk by
- * transport (0), kernel socket buffers, TCP only. */
+ * transport (0), kernel socket buffers, TCP only, algorithm auto. */
 void wk_ring_opts_default(wk_ring_opts *o);
 
 /* ===== Listener ===== */
@@ -107,7 +125,11 @@ void wk_ring_listener_destroy(wk_ring_listener *l);
  * start with a handshake (magic, protocol version, job id, nranks, rank); a
  * connection from anything but rank-1 of the same job is refused (logged)
  * and the wait goes on; a next rank that is not rank+1 of the same job is
- * an error naming both sides. With nranks == 1 no socket is used and l and
+ * an error naming both sides. Then, with N a power of two >= 4, the ranks
+ * settle the allreduce algorithm in a small allreduce over the ring, and for
+ * halving-doubling each rank connects to its partners r^d (d = 2, 4, ...
+ * N/2) above it and accepts those below it on 'l', with the same handshake.
+ * With nranks == 1 no socket is used and l and
  * addrs may be NULL. l is borrowed (it may be destroyed afterwards); opts
  * may be NULL for the defaults. On success *out owns the ring; release
  * with wk_ring_destroy. */
@@ -120,7 +142,8 @@ int wk_ring_connect(wk_ring_listener *l, int rank, int nranks, const char *const
  * chunk and checked. The result is bit-identical on every rank. The
  * buffer is cut into nranks segments and each segment into chunks;
  * reduce-scatter, then all-gather, pipelined chunk by chunk over
- * non-blocking sockets. n == 0 and nranks == 1 return at once. */
+ * non-blocking sockets (or halving-doubling: wk_ring_algorithm). n == 0
+ * and nranks == 1 return at once. */
 int wk_ring_allreduce(wk_ring *r, float *data, size_t n, int64_t step, int average);
 
 /* In place: every rank ends with root's data[0..n), sent around the ring
@@ -133,6 +156,10 @@ int wk_ring_size(const wk_ring *r);
 /* How this rank's two links carry data: "tcp", "shm" (both shared memory)
  * or "tcp+shm"; "none" for a single rank. Owned by the library. */
 const char *wk_ring_transport(const wk_ring *r);
+
+/* How wk_ring_allreduce runs n floats on this ring: "ring" or
+ * "halving-doubling". Owned by the library. */
+const char *wk_ring_algorithm(const wk_ring *r, size_t n);
 
 /* The chunk this ring uses, in bytes (chunk_bytes, or the transport's
  * default for 0). */

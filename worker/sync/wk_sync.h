@@ -232,6 +232,9 @@ typedef struct wk_sync_ar_cfg {
     /* The CPU ring's transport (wk_ring_opts.transport): WK_RING_AUTO uses
      * shared memory between ranks on one host. */
     int ring_transport;
+    /* Its allreduce algorithm (wk_ring_opts.algorithm; WK_RING_ALG_RING
+     * is 0, so a zeroed config runs the plain ring). */
+    int ring_algorithm;
 } wk_sync_ar_cfg;
 int wk_sync_allreduce_create(const wk_sync_ar_cfg *cfg, wk_sync **out, char *err,
                              size_t errlen);

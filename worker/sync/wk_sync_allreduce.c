@@ -487,6 +487,7 @@ static int form_ring(arsync *a, float *params, const wk_rdv_state *st, int64_t t
         o.timeout_ms = (int)c->timeout_ms;
         o.connect_timeout_ms = (int)c->connect_timeout_ms;
         o.transport = c->ring_transport;
+        o.algorithm = c->ring_algorithm;
         o.peers_listening = 1; /* Every rank listened before it joined. */
         rc = wk_ring_connect(l, rr.position, rr.nranks, (const char *const *)rr.ring_addrs, &o,
                              &a->ring, s->err, sizeof s->err);
@@ -581,7 +582,9 @@ static int ar_begin(wk_sync *s, float *params, int64_t *first_step) {
         cm_info("NCCL communicator of %d ranks up in %.0f ms (this rank on GPU %d)",
                 c->nworkers, (cm_now() - t0) * 1e3, gpu);
     }
-    cm_info("ring of %d workers up (%s)%s", s->nmembers, a->ring ? wk_ring_transport(a->ring) : "-",
+    cm_info("ring of %d workers up (%s, %s)%s", s->nmembers,
+            a->ring ? wk_ring_transport(a->ring) : "-",
+            a->ring ? wk_ring_algorithm(a->ring, a->n) : "-",
             start == 0                   ? ""
             : a->root_rank == c->rank    ? "; resuming from the chief's checkpoint"
                                          : "; resuming where the others stand");
