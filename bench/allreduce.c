@@ -40,7 +40,7 @@ typedef struct opts {
 static void usage(FILE *f) {
     fprintf(f,
             "usage: allreduce [--ranks 2,3,4] [--sizes %s] [--repeats 3]\n"
-            "                 [--chunk-bytes 0] [--sock-buf BYTES] [--spin-us 0]\n"
+            "                 [--chunk-bytes 0] [--sock-buf BYTES] [--spin-us 50]\n"
             "                 [--transport tcp|shm] [--algorithm auto|ring|hd]\n"
             "                 [--timeout-s 300]\n"
             "--chunk-bytes 0: the ring's default for the transport (1 MiB over tcp,\n"

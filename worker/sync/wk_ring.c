@@ -61,6 +61,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -172,7 +173,7 @@ void wk_ring_opts_default(wk_ring_opts *o) {
                         .connect_timeout_ms = 30000,
                         .chunk_bytes = 0,
                         .sock_buf_bytes = 0,
-                        .spin_us = 0,
+                        .spin_us = WK_RING_SPIN_US,
                         .transport = WK_RING_TCP,
                         .algorithm = WK_RING_ALG_AUTO};
 }
@@ -1321,7 +1322,10 @@ static int run_plan(run *x) {
             if (moved > 0) moved = cm_now();
             continue;
         }
-        if (spin > 0 && cm_now() - last < spin) continue;
+        if (spin > 0 && cm_now() - last < spin) {
+            sched_yield(); /* A rank sharing this core runs now, not at our wake-up. */
+            continue;
+        }
         if (r->tx || r->rx) {
             int want_out = !send_done && send_ready(x, chunk_len(x, &r->sends[x->sk], x->spos));
             if ((rc = shm_wait(x, recv_done, send_done, want_out)) != CM_OK) return rc;

@@ -56,9 +56,10 @@ typedef struct wk_ring_opts {
     /* SO_SNDBUF / SO_RCVBUF of the ring's sockets; 0 keeps the kernel's
      * autotuning. */
     int sock_buf_bytes;
-    /* When neither socket can move, keep retrying this long (µs) before
-     * sleeping in poll(): saves a wake-up per chunk on small messages, costs
-     * CPU when ranks outnumber cores. 0: always sleep. */
+    /* When nothing can move, keep retrying this long (µs), yielding the
+     * core between tries (sched_yield), before sleeping in poll() or on a
+     * futex: a sleeping rank's wake-up (an idle core's, in a VM a halted
+     * vCPU's) costs more than a small message. 0: always sleep at once. */
     int spin_us;
     /* WK_RING_TCP: TCP only (the default). WK_RING_AUTO: shared memory with
      * a neighbour on the same host (same boot and the same /dev/shm), TCP
@@ -101,8 +102,14 @@ enum { WK_RING_ALG_RING = 0, WK_RING_ALG_AUTO = 1, WK_RING_ALG_HD = 2 };
 #define WK_RING_TCP_CHUNK ((size_t)1 << 20)
 #define WK_RING_SHM_CHUNK ((size_t)256 << 10)
 
+/* Default spin before a sleep: 50 µs (2 ranks on loopback, 6 Dec 2026:
+ * 4 KiB 3.5x, 64 KiB 2.5x, 1-4 MiB 0-25 % faster over TCP; 2-5x over
+ * shared memory up to 1 MiB; docs/BENCHMARKS.md). */
+#define WK_RING_SPIN_US 50
+
 /* Defaults: job_id 0, timeout 30 s, connect timeout 30 s, chunk by
- * transport (0), kernel socket buffers, TCP only, algorithm auto. */
+ * transport (0), kernel socket buffers, spin WK_RING_SPIN_US, TCP only,
+ * algorithm auto. */
 void wk_ring_opts_default(wk_ring_opts *o);
 
 /* ===== Listener ===== */
