@@ -32,6 +32,7 @@
 #include "common/cm_status.h"
 #include "common/cm_time.h"
 #include "common/cm_token.h"
+#include "proto/rpc.h"
 #include "ps/ps_client.h"
 #include "ps/ps_optim.h"
 
@@ -42,6 +43,8 @@
  * --call-bytes, --call-window), the same in every process of a run. */
 static long g_part_bytes = 262144, g_call_bytes = 0, g_call_window = 0, g_spin_us = 0;
 static int g_unary; /* --calls unary */
+static long g_poll_spin = 0; /* --poll-spin-us: the PS's and the clients' (0: their default). */
+static char g_poll_spin_arg[24];
 
 /* --op push-pull: each iteration is one request that pushes and pulls back
  * (ps_client_push_pull, what pstrain's sync steps use; the TCP reference and
@@ -135,6 +138,7 @@ static int ps_worker_main(const opts *o) {
                          .admin_token = cm_security_token(&sec), .tls_ca = o->tls_ca,
                          .call_bytes = g_call_bytes, .call_window = (int)g_call_window,
                          .spin_us = (int)g_spin_us, .unary = g_unary,
+                         .poll_spin_us = (int)g_poll_spin,
                          .async = !o->sync};
     if (ps_client_open(&cfg, &c, err, sizeof err) != CM_OK) goto fail;
     if (o->rank == 0) {
@@ -495,7 +499,7 @@ static sec_files g_sec;
 static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, const char *addr_opt,
                          const char *addrs, bu_child **w, char *err, size_t errlen) {
     for (int r = 0; r < b->workers; r++) {
-        char nums[9][24], name[32];
+        char nums[10][24], name[32];
         snprintf(nums[0], 24, "%d", r);
         snprintf(nums[1], 24, "%d", b->workers);
         snprintf(nums[2], 24, "%zu", b->bytes / sizeof(float));
@@ -508,12 +512,13 @@ static int spawn_workers(bu_driver *d, const bench_cfg *b, const char *role, con
                           "--call-window", nums[7],
                           "--op", (char *)op_name(),
                           "--spin-us", nums[8], "--calls", g_unary ? "unary" : "stream",
-                          NULL};
+                          "--poll-spin-us", nums[9], NULL};
         snprintf(nums[5], 24, "%ld", g_part_bytes);
         snprintf(nums[6], 24, "%ld", g_call_bytes);
         snprintf(nums[7], 24, "%ld", g_call_window);
         snprintf(nums[8], 24, "%ld", g_spin_us);
-        int k = 29;
+        snprintf(nums[9], 24, "%ld", g_poll_spin);
+        int k = 31;
         if (!strcmp(role, "worker") && (b->security == SEC_TOKEN || b->security == SEC_TLS)) {
             argv[k++] = "--token-file";
             argv[k++] = g_sec.token;
@@ -583,6 +588,11 @@ static int phase_workers(void *ctx, bu_driver *d, const char *addrs, char *err, 
 static int run_ps(bu_driver *d, const bench_cfg *b, phase_result *res, char *err, size_t errlen) {
     phase_run pr = {.b = b, .role = "worker", .addr_opt = "--ps-addrs", .res = res};
     int k = 0;
+    if (g_poll_spin) {
+        snprintf(g_poll_spin_arg, sizeof g_poll_spin_arg, "%ld", g_poll_spin);
+        d->ps_extra[k++] = "--poll-spin-us";
+        d->ps_extra[k++] = g_poll_spin_arg;
+    }
     if (b->security == SEC_TOKEN || b->security == SEC_TLS) {
         d->ps_extra[k++] = "--auth-token-file";
         d->ps_extra[k++] = g_sec.token;
@@ -714,9 +724,10 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
            b->servers, b->workers, b->sync ? "sync" : "async", b->bytes, b->warmup, b->iters,
            nrep, sec_names[b->security]);
     printf(",\"partition_bytes\":%ld,\"call_bytes\":%ld,\"call_window\":%ld,\"op\":\"%s\","
-           "\"spin_us\":%ld,\"calls\":\"%s\"",
+           "\"spin_us\":%ld,\"calls\":\"%s\",\"poll_spin_us\":%ld",
            g_part_bytes, g_call_bytes, g_call_window, op_name(),
-           g_spin_us, g_unary ? "unary" : "stream");
+           g_spin_us, g_unary ? "unary" : "stream",
+           g_poll_spin ? g_poll_spin : (long)RPC_DEFAULT_POLL_SPIN_US);
     printf(",\"load1_start\":%.2f,\"load1_end\":%.2f", load[0], load[1]);
     /* Runs where others used the cores are left out (all kept if none is
      * clean, and said so). */
@@ -833,6 +844,8 @@ static void usage(FILE *f) {
             "                       push_ms is then the whole request, pull_ms 0\n"
             "  --spin-us N          the client's spin before it sleeps in a wait, µs\n"
             "                       (ps_client_cfg.spin_us; default 0: none)\n"
+            "  --poll-spin-us N     the gRPC threads' poll before they sleep, µs, in the\n"
+            "                       PS and the clients (default 0: theirs, 50; -1: none)\n"
             "  --calls C            stream (default): pushes and pulls go on the client's\n"
             "                       gRPC streams; unary: a gRPC call each\n"
             "                       (ps_client_cfg.unary)\n"
@@ -967,6 +980,7 @@ int main(int argc, char **argv) {
         {"partition-bytes", required_argument, 0, 'P'}, {"call-bytes", required_argument, 0, 'B'},
         {"call-window", required_argument, 0, 'J'}, {"op", required_argument, 0, 'O'},
         {"spin-us", required_argument, 0, 'U'}, {"calls", required_argument, 0, 'L'},
+        {"poll-spin-us", required_argument, 0, 'Y'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     opts o = {.repeats = 1, .warmup = -1, .timeout_s = 1800.0, .workers = 1};
     cm_mem_keep_freed(); /* As psserver and pstrain do. */
@@ -996,6 +1010,7 @@ int main(int argc, char **argv) {
         case 'B': g_call_bytes = atol(optarg); break;
         case 'J': g_call_window = atol(optarg); break;
         case 'U': g_spin_us = atol(optarg); break;
+        case 'Y': g_poll_spin = atol(optarg); break;
         case 'L':
             if (bu_parse_calls("psbench", optarg, &g_unary)) return 2;
             break;
@@ -1011,7 +1026,8 @@ int main(int argc, char **argv) {
         }
     }
     if (optind < argc || o.repeats < 1 || o.repeats > MAX_REPEATS || o.timeout_s <= 0 ||
-        g_part_bytes < 0 || g_spin_us < 0 || g_spin_us > 1000000) {
+        g_part_bytes < 0 || g_spin_us < 0 || g_spin_us > 1000000 || g_poll_spin < -1 ||
+        g_poll_spin > 1000000) {
         usage(stderr);
         return 2;
     }

@@ -106,6 +106,13 @@ typedef struct rpc_seg {
 
 /* Default message size limit (both directions, both sides): 64 MiB. */
 #define RPC_DEFAULT_MAX_MESSAGE (64 << 20)
+/* How long a completion-queue thread (the server's, the client's) keeps
+ * polling without blocking, yielding its core between polls, before it
+ * sleeps (opts.poll_spin_us 0). Measured on 2 cores (docs/bench-log.md,
+ * "Completion-queue threads that poll before they sleep"): 4 KiB push
+ * then pull, 1 PS and 1 worker 1.6-2.0x the operations a second, 2 PS and
+ * 2 workers 1.2-1.6x. */
+#define RPC_DEFAULT_POLL_SPIN_US 50
 
 /* ------------------------------------------------------------------ */
 /* Server                                                             */
@@ -162,6 +169,8 @@ typedef struct rpc_server_opts {
                           * progress or unsent, the server reads no more
                           * of the stream until one is sent). */
     int idle_ms;         /* Close connections idle this long (0 = 600000). */
+    int poll_spin_us;    /* Each thread's poll before it sleeps, µs (0 =
+                          * RPC_DEFAULT_POLL_SPIN_US, < 0 = none). */
     rpc_cancel_fn on_cancel; /* May be NULL. */
     void *cancel_ctx;
 } rpc_server_opts;
@@ -264,6 +273,9 @@ typedef struct rpc_client_opts {
     /* The name the servers' certificates carry (NULL: the target's host). */
     const char *tls_server_name;
     int test_gzip; /* Test hook: gzip every request (our servers refuse it). */
+    /* The completion-queue thread's poll before it sleeps, µs (0 =
+     * RPC_DEFAULT_POLL_SPIN_US, < 0 = none). */
+    int poll_spin_us;
 } rpc_client_opts;
 
 /* CM_EINVAL (a message logged) for a TLS file that cannot be read. */

@@ -1212,7 +1212,8 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
                          .tls_ca = cfg->tls_ca,
                          .tls_cert = cfg->tls_cert,
                          .tls_key = cfg->tls_key,
-                         .tls_server_name = cfg->tls_server_name};
+                         .tls_server_name = cfg->tls_server_name,
+                         .poll_spin_us = cfg->poll_spin_us};
     int rc = rpc_client_create(&o, &c->rpc);
     if (rc != CM_OK) {
         cm_seterr(err, errlen, "cannot create the gRPC client");

@@ -99,6 +99,10 @@ typedef struct ps_client_cfg {
                                     * vain, 16-256 waits skip it
                                     * (ps_client_wait_counts). 0 (the
                                     * default) or less: sleep at once. */
+    int poll_spin_us;              /* rpc_client_opts.poll_spin_us: the
+                                    * client's completion-queue thread polls
+                                    * this long before it sleeps (0: 50 µs,
+                                    * -1: none). */
     int unary;                     /* 1: every push and pull is a gRPC call
                                     * of its own. 0 (the default): they go on
                                     * the channel's streams, one a shard and

@@ -99,6 +99,8 @@ static void usage(FILE *f) {
             "  --max-streams N            concurrent calls per connection, and per stream of\n"
             "                             calls (default 256)\n"
             "  --idle-timeout-ms N        close connections idle this long (default 600000)\n"
+            "  --poll-spin-us N           each gRPC thread polls this long, yielding its core,\n"
+            "                             before it sleeps (default 50; -1: sleep at once)\n"
             "\nValues and memory:\n"
             "  --skip-nonfinite           drop pushes with NaN/inf (counted) instead of\n"
             "                             refusing them with INVALID_ARGUMENT\n"
@@ -155,6 +157,7 @@ int main(int argc, char **argv) {
                                          {"max-step-ahead", required_argument, 0, 'E'},
                                          {"max-streams", required_argument, 0, 'S'},
                                          {"idle-timeout-ms", required_argument, 0, 'I'},
+                                         {"poll-spin-us", required_argument, 0, 'Y'},
                                          {"memory-mb", required_argument, 0, 'm'},
                                          {"rows-dir", required_argument, 0, 'r'},
                                          {"admit-after", required_argument, 0, 'a'},
@@ -169,7 +172,7 @@ int main(int argc, char **argv) {
     int task_index = -1, threads = 0, max_mb = 64;
     const char *auth_file = NULL, *admin_file = NULL, *tls_cert = NULL, *tls_key = NULL,
                *tls_ca = NULL;
-    long max_held = 0, max_streams = 0, idle_ms = 0, max_parked = 0;
+    long max_held = 0, max_streams = 0, idle_ms = 0, max_parked = 0, poll_spin = 0;
     int skip_nonfinite = 0;
     long long mem_mb = 0, max_ahead = 0;
     double rows_mb = 0.0;
@@ -204,6 +207,7 @@ int main(int argc, char **argv) {
         case 'E': max_ahead = atoll(optarg); break;
         case 'S': max_streams = atol(optarg); break;
         case 'I': idle_ms = atol(optarg); break;
+        case 'Y': poll_spin = atol(optarg); break;
         case 'm': rows_mb = atof(optarg); break;
         case 'r': rows_dir = optarg; break;
         case 'a': admit_after = atoi(optarg); break;
@@ -226,6 +230,7 @@ int main(int argc, char **argv) {
         : max_ahead < 0                                     ? "--max-step-ahead: >= 0"
         : max_streams < 0 || max_streams > 100000           ? "--max-streams: 0-100000"
         : idle_ms < 0 || idle_ms > 86400000L                ? "--idle-timeout-ms: 0-86400000"
+        : poll_spin < -1 || poll_spin > 1000000             ? "--poll-spin-us: -1-1000000"
         : !(rows_mb >= 0.0) || rows_mb > (double)(1LL << 30) ? "--memory-mb: 0-2^30"
         : rows_dir && rows_mb == 0.0 && !data_dir           ? "--rows-dir needs --memory-mb or --data-dir"
         : admit_after < 0 || admit_after > 255              ? "--admit-after: 0-255"
@@ -305,7 +310,8 @@ int main(int argc, char **argv) {
                          .admin_token = cm_security_admin(&sec),
                          .tls_cert = tls_cert, .tls_key = tls_key, .tls_ca = tls_ca,
                          .max_parked = (int)max_parked, .max_held = (int)max_held, .max_streams = (int)max_streams,
-                         .idle_ms = (int)idle_ms, .skip_nonfinite = skip_nonfinite,
+                         .idle_ms = (int)idle_ms, .poll_spin_us = (int)poll_spin,
+                         .skip_nonfinite = skip_nonfinite,
                          .memory_limit = (size_t)mem_mb << 20, .max_step_ahead = max_ahead,
                          .rows_memory = (size_t)(rows_mb * (1 << 20)), .rows_dir = rows_dir,
                          .admit_after = admit_after, .expire_after = expire_after,

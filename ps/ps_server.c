@@ -2333,6 +2333,7 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
                          .tls_ca = cfg->tls_ca,
                          .max_held = cfg->max_held,
                          .max_streams = cfg->max_streams,
+                         .poll_spin_us = cfg->poll_spin_us,
                          .idle_ms = cfg->idle_ms,
                          .on_cancel = on_cancel,
                          .cancel_ctx = s};

@@ -79,6 +79,7 @@ typedef struct ps_server_cfg {
      * one connection's parked Pulls), idle connection timeout. */
     int max_parked;
     int max_held, max_streams, idle_ms;
+    int poll_spin_us; /* rpc_server_opts.poll_spin_us (0: 50 µs, -1: none). */
     /* Values: drop (and count) pushes with NaN/inf instead of refusing
      * them with INVALID_ARGUMENT; the shard's memory (bytes; 0:
      * ps_shard_default_memory_limit(), half the machine's or cgroup's);

@@ -146,6 +146,9 @@ static void usage(FILE *f) {
             "                            sleeps: no wake-up for a reply that comes\n"
             "                            meanwhile. Takes a core while it waits: for\n"
             "                            machines with one to spare (default 0: off)\n"
+            "  --poll-spin-us N          PS mode: the gRPC client's thread polls this long,\n"
+            "                            yielding its core, before it sleeps (default 50;\n"
+            "                            -1: sleep at once)\n"
             "  --unary-calls             PS mode: every push and pull a gRPC call of its\n"
             "                            own, instead of messages on one gRPC stream a\n"
             "                            shard and method (the default: no per-call work\n"
@@ -262,7 +265,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         O_DATA, O_TRAIN_LIMIT, O_TEST_LIMIT, O_MAX_STEPS, O_PROGRESS, O_QUIET, O_SUMMARY, O_LOG,
         O_PARAMS_OUT, O_INIT_OUT, O_PS_HOSTS, O_WORKER_HOSTS, O_CHIEF_HOST, O_TASK_TYPE, O_TASK_INDEX,
         O_AUTH_TOKEN, O_ADMIN_TOKEN, O_TLS_CA, O_TLS_CERT, O_TLS_KEY, O_TLS_NAME,
-        O_SYNC, O_MIN_PART, O_CALL_BYTES, O_CALL_WINDOW, O_CLIENT_SPIN, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_UNARY_CALLS, O_EVAL_EVERY,
+        O_SYNC, O_MIN_PART, O_CALL_BYTES, O_CALL_WINDOW, O_CLIENT_SPIN, O_RPC_TIMEOUT, O_CONNECT_TIMEOUT, O_FAULT, O_FAULT_RANK, O_SEPARATE_PULL, O_NO_OVERLAP, O_NO_PIPELINE, O_UNARY_CALLS, O_POLL_SPIN, O_EVAL_EVERY,
         O_RECOVERY_TIMEOUT, O_WORKER_TIMEOUT, O_MIN_WORKERS, O_EXPORT, O_INIT_FROM, O_EVAL_ONLY, O_CKPT_DIR, O_CKPT_EVERY,
         O_GPU_DEVICES, O_PRECISION, O_NO_NCCL, O_WIRE_DTYPE, O_MODEL, O_EMB_DIM, O_HIDDEN,
         O_TABLE_OPT, O_TABLE_LR, O_MAX_BAD, O_RING_TRANSPORT, O_RING_ALGORITHM, O_SIM_TFLOPS, O_SIM_STEP_MS,
@@ -328,6 +331,7 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         {"no-overlap", no_argument, 0, O_NO_OVERLAP},
         {"no-pipeline", no_argument, 0, O_NO_PIPELINE},
         {"unary-calls", no_argument, 0, O_UNARY_CALLS},
+        {"poll-spin-us", required_argument, 0, O_POLL_SPIN},
         {"no-nccl", no_argument, 0, O_NO_NCCL},
         {"eval-every", required_argument, 0, O_EVAL_EVERY},
         {"export", required_argument, 0, O_EXPORT},
@@ -632,6 +636,10 @@ static int parse_args(int argc, char **argv, wk_train_cfg *cfg_out, cli *cl) {
         case O_NO_OVERLAP: cfg.no_overlap = 1; break;
         case O_NO_PIPELINE: cfg.no_pipeline = 1; break;
         case O_UNARY_CALLS: cfg.unary_calls = 1; break;
+        case O_POLL_SPIN:
+            if (parse_long("--poll-spin-us", optarg, -1, 1000000, &v)) return 2;
+            cfg.poll_spin_us = (int)v;
+            break;
         case O_NO_NCCL: cfg.no_nccl = 1; break;
         case O_EVAL_EVERY:
             if (parse_long("--eval-every", optarg, 1, 1L << 40, &v)) return 2;

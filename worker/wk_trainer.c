@@ -191,10 +191,11 @@ static int check_cfg(const wk_train_cfg *cfg) {
                  "run is --mode %s", cfg->mode);
         return CM_EINVAL;
     }
-    if ((cfg->call_bytes || cfg->call_window || cfg->client_spin_us || cfg->unary_calls) &&
+    if ((cfg->call_bytes || cfg->call_window || cfg->client_spin_us || cfg->unary_calls ||
+         cfg->poll_spin_us) &&
         strcmp(cfg->mode, "ps") != 0) {
-        cm_error("--call-bytes, --call-window, --client-spin-us and --unary-calls are for --mode "
-                 "ps (the calls to the PS); this run is --mode %s", cfg->mode);
+        cm_error("--call-bytes, --call-window, --client-spin-us, --poll-spin-us and --unary-calls "
+                 "are for --mode ps (the calls to the PS); this run is --mode %s", cfg->mode);
         return CM_EINVAL;
     }
     if (strcmp(cfg->model, "mlp") != 0 && strcmp(cfg->model, "deepfm") != 0 &&
@@ -660,6 +661,7 @@ static int open_sync(run *r, const float *init_values) {
             .call_window = cfg->call_window,
             .spin_us = cfg->client_spin_us,
             .unary_calls = cfg->unary_calls,
+            .poll_spin_us = cfg->poll_spin_us,
             .fault_zero_gradient = fault,
             .global_batch = (unsigned)r->B,
             .steps_per_epoch = (uint64_t)r->spe,

@@ -91,6 +91,7 @@ typedef struct wk_train_cfg {
                                 * < 0 all at once). */
     int client_spin_us;        /* PS mode: ps_client_cfg.spin_us (0: off). */
     int unary_calls;           /* PS mode: ps_client_cfg.unary (1: a gRPC call a request). */
+    int poll_spin_us;          /* PS mode: ps_client_cfg.poll_spin_us (0: 50 µs, -1: none). */
     int wire_bf16;             /* PS mode: push gradients as bfloat16 (RNE),
                                 * half the bytes; pulls and the PS stay fp32
                                 * (--wire-dtype bf16; any device). */

@@ -48,6 +48,17 @@ static int stream_off(void **state) {
     g_stream = 0;
     return 0;
 }
+/* The tests marked "no poll spin" run on streams with every completion-
+ * queue thread sleeping at once (poll_spin_us -1), the other way to wait. */
+static int g_poll_spin;
+static int nospin_on(void **state) {
+    g_poll_spin = -1;
+    return stream_on(state);
+}
+static int nospin_off(void **state) {
+    g_poll_spin = 0;
+    return stream_off(state);
+}
 
 /* ===== Helpers ===== */
 
@@ -294,8 +305,9 @@ static void fx_start_opts(fixture *f, const rpc_server_opts *so, const rpc_clien
 }
 
 static void fx_start(fixture *f, int srv_max, int cli_max, int threads) {
-    rpc_server_opts so = {.threads = threads, .max_message = srv_max};
-    rpc_client_opts co = {.max_message = cli_max};
+    rpc_server_opts so = {.threads = threads, .max_message = srv_max,
+                          .poll_spin_us = g_poll_spin};
+    rpc_client_opts co = {.max_message = cli_max, .poll_spin_us = g_poll_spin};
     fx_start_opts(f, &so, &co);
 }
 
@@ -1584,6 +1596,11 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_stream_cap),
         cmocka_unit_test(test_stream_frame_over_limit),
 #define STREAM(t) {#t " (stream)", t, stream_on, stream_off, NULL}
+#define NOSPIN(t) {#t " (stream, no poll spin)", t, nospin_on, nospin_off, NULL}
+        NOSPIN(test_echo_small),
+        NOSPIN(test_deadline),
+        NOSPIN(test_many_concurrent_calls),
+        NOSPIN(test_shutdown_with_held_call),
         STREAM(test_echo_small),
         STREAM(test_echo_16mib_zero_copy),
         STREAM(test_deferred_reply),

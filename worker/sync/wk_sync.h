@@ -148,6 +148,7 @@ typedef struct wk_sync_ps_cfg {
     int call_window;         /* ps_client_cfg.call_window. */
     int spin_us;             /* ps_client_cfg.spin_us. */
     int unary_calls;         /* ps_client_cfg.unary. */
+    int poll_spin_us;        /* ps_client_cfg.poll_spin_us. */
     int max_message;         /* gRPC message limit in bytes (0: the rpc
                               * default, 64 MiB); the PS must allow as much.
                               * A shard whose parameters do not fit in one

@@ -1011,6 +1011,7 @@ int wk_sync_ps_create(const wk_sync_ps_cfg *cfg, wk_sync **out, char *err, size_
                         .call_window = cfg->call_window,
                         .spin_us = cfg->spin_us,
                         .unary = cfg->unary_calls,
+                        .poll_spin_us = cfg->poll_spin_us,
                         .auth_token = cm_security_token(cfg->sec),
                         .admin_token = cfg->is_chief ? cm_security_admin(cfg->sec) : NULL,
                         .tls_ca = cfg->sec ? cfg->sec->tls_ca : NULL,
