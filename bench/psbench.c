@@ -833,7 +833,7 @@ static void usage(FILE *f) {
             "                       262144, the PS's default); 0: one partition a PS\n"
             "  --call-bytes N       the client's calls: a shard's pushes and pulls of more\n"
             "                       than N bytes go as several calls at once (default 0:\n"
-            "                       the client's default, 1 MiB); -1: one call a shard\n"
+            "                       the client's default, 512 KiB); -1: one call a shard\n"
             "  --call-window N      of a shard's calls, N in flight at once (default 0: the\n"
             "                       client's default, 3); -1: all at once\n"
             "  --op OP              push-then-pull (default): a push, then a pull, each\n"

@@ -41,7 +41,7 @@
 typedef struct ps_client ps_client;
 typedef struct ps_ticket ps_ticket;
 
-#define PS_CLIENT_CALL_BYTES (1L << 20)
+#define PS_CLIENT_CALL_BYTES (512L << 10)
 #define PS_CLIENT_MAX_CALLS 16 /* A shard's dense calls at most (see call_bytes). */
 #define PS_CLIENT_CALL_WINDOW 3 /* A shard's dense calls in flight (see call_window). */
 
@@ -69,9 +69,12 @@ typedef struct ps_client_cfg {
                                     * takes in one while the next is on the
                                     * wire and the reply of one is copied out
                                     * while the next comes: 0 =
-                                    * PS_CLIENT_CALL_BYTES (1 MiB: the best
-                                    * of 256 KiB to 4 MiB measured on
-                                    * loopback), < 0 = one call a shard. */
+                                    * PS_CLIENT_CALL_BYTES (512 KiB: with
+                                    * calls on streams and polling gRPC
+                                    * threads, 1 PS, 1 worker, 1 MiB on
+                                    * loopback, +55-65 % against 1 MiB calls
+                                    * and ahead of 256 KiB; docs/bench-log.md),
+                                    * < 0 = one call a shard. */
     int call_window;               /* Of those calls, at most this many of a
                                     * shard's are in flight at once; each end
                                     * starts the next, in order. A call's

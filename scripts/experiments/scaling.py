@@ -110,7 +110,7 @@ def overlap_points():
     pts.append(point("overlap-ps_sync-n4-s2", "ps_sync", 4, ps=2, overlap=True))
     pts.append(point("overlap-ps_sync-n2-compute", "ps_sync", 2, step_ms=400.0, overlap=True))
     pts.append(point("overlap-ps_sync-n4-40mb", "ps_sync", 4, model_mb=40.0, overlap=True))
-    # pstrain's split calls (--call-bytes, 1 MiB) after the backward pass: the pull of
+    # pstrain's split calls (--call-bytes, 512 KiB) after the backward pass: the pull of
     # early calls overlaps later pushes (the model's --calls term).
     pts += [point(f"split-ps_sync-n{n}", "ps_sync", n, split=True) for n in (1, 2, 4, 8)]
     return pts
@@ -264,7 +264,7 @@ def first_layer_share(numel):
     return 784 * h / numel
 
 
-CALL_BYTES, MAX_CALLS = 1 << 20, 16  # pstrain's --call-bytes default, PS_CLIENT_MAX_CALLS
+CALL_BYTES, MAX_CALLS = 512 << 10, 16  # pstrain's --call-bytes default, PS_CLIENT_MAX_CALLS
 
 
 def split_calls(numel, ps, call_bytes=CALL_BYTES):
