@@ -170,7 +170,8 @@ int main(int argc, char **argv) {
                         .auth_token = cm_security_token(&sec),
                         .admin_token = cm_security_admin(&sec), .tls_ca = sec.tls_ca,
                         .tls_cert = sec.tls_cert, .tls_key = sec.tls_key,
-                        .tls_server_name = sec.tls_server_name};
+                        .tls_server_name = sec.tls_server_name,
+                        .call_bytes = -1}; /* One call: the shard counts what it gets. */
     ps_client *cl = NULL;
     int rc = ps_client_open(&cc, &cl, err, sizeof err);
     if (rc != CM_OK) {
