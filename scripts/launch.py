@@ -31,7 +31,8 @@ they may go on without it), and it takes their parameters. When a process fails 
 stops the others by PID and exits non-zero; it never leaves a process behind.
 --chaos-kill-ps STEP kills one PS (chosen by --chaos-seed) with SIGKILL once
 the chief has logged step STEP, to test exactly that; --chaos-kill-worker STEP
-a worker; --chaos-kill WHEN:WHO,... the named processes together (WHO: ps<i> or
+a worker (one other than the chief once it has also logged a step of its own);
+--chaos-kill WHEN:WHO,... the named processes together (WHO: ps<i> or
 worker<i>, worker0 being the chief; WHEN: a step of the chief's, or @SECONDS
 after the start, e.g. 40:ps1,worker1 or @0.5:worker0). Options it does not
 know go to pstrain (psserver needs none: the chief's Initialize tells every
@@ -198,10 +199,10 @@ class Cluster:
             a == "--sync=backup" or (a == "--sync" and k + 1 < len(x) and x[k + 1] == "backup")
             for k, a in enumerate(x))
 
-    def chief_step(self):
-        """The last step the chief logged, or -1."""
+    def chief_step(self, log=None):
+        """The last step the chief (or the worker writing log) logged, or -1."""
         try:
-            with open(self.chief_log, "rb") as f:
+            with open(log or self.chief_log, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - 4096))
                 lines = f.read().decode(errors="replace").strip().splitlines()
@@ -236,6 +237,14 @@ class Cluster:
             step = self.chief_step()
             if step < when:
                 return
+            # A worker victim must have logged a step of its own too, so that the
+            # shards hold some of its work (async: the chief may run ahead of a
+            # worker that has pushed nothing yet, whose restart then has nothing
+            # to rejoin from).
+            for v in victims:
+                i = int(v.split()[1]) if v.startswith("worker ") else 0
+                if i > 0 and self.chief_step(f"{self.chief_log}.worker{i}") < 1:
+                    return
             what = f"after the chief's step {step}"
         for name, p in self.procs:
             if name in victims and p.poll() is None:
