@@ -1251,6 +1251,11 @@ static grpc_event cq_next_spin(grpc_completion_queue *cq, gpr_timespec until, in
     return grpc_completion_queue_next(cq, until, NULL);
 }
 
+/* opts.poll_spin_us as the thread uses it: 0 the default, < 0 none. */
+static int poll_spin_of(int opt) {
+    return opt == 0 ? RPC_DEFAULT_POLL_SPIN_US : opt > 0 ? opt : 0;
+}
+
 static void *server_thread(void *arg) {
     rpc_server *s = arg;
     for (;;) {
@@ -1357,8 +1362,7 @@ int rpc_server_create(const rpc_server_opts *opts, rpc_server **out) {
     rpc_server *s = cm_calloc(1, sizeof *s);
     s->nthreads = o.threads ? o.threads : 2;
     s->max_message = o.max_message ? o.max_message : RPC_DEFAULT_MAX_MESSAGE;
-    s->poll_spin_us = o.poll_spin_us ? (o.poll_spin_us > 0 ? o.poll_spin_us : 0)
-                                     : RPC_DEFAULT_POLL_SPIN_US;
+    s->poll_spin_us = poll_spin_of(o.poll_spin_us);
     s->state = SRV_CREATED;
     s->shutdown_tag = TAG_SHUTDOWN;
     s->creds = creds;
@@ -2205,8 +2209,7 @@ int rpc_client_create(const rpc_client_opts *opts, rpc_client **out) {
     }
     rpc_client *c = cm_calloc(1, sizeof *c);
     c->max_message = o.max_message ? o.max_message : RPC_DEFAULT_MAX_MESSAGE;
-    c->poll_spin_us = o.poll_spin_us ? (o.poll_spin_us > 0 ? o.poll_spin_us : 0)
-                                     : RPC_DEFAULT_POLL_SPIN_US;
+    c->poll_spin_us = poll_spin_of(o.poll_spin_us);
     c->creds = creds;
     c->bearer = o.token ? bearer_of(o.token) : NULL;
     c->admin_bearer = o.admin_token ? bearer_of(o.admin_token) : NULL;

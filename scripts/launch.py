@@ -199,10 +199,10 @@ class Cluster:
             a == "--sync=backup" or (a == "--sync" and k + 1 < len(x) and x[k + 1] == "backup")
             for k, a in enumerate(x))
 
-    def chief_step(self, log=None):
-        """The last step the chief (or the worker writing log) logged, or -1."""
+    def logged_step(self, log):
+        """The last step logged in a worker's --log file, or -1."""
         try:
-            with open(log or self.chief_log, "rb") as f:
+            with open(log, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - 4096))
                 lines = f.read().decode(errors="replace").strip().splitlines()
@@ -234,7 +234,7 @@ class Cluster:
                 return
             what = f"{time.monotonic() - self.started:.2f} s after the start"
         else:
-            step = self.chief_step()
+            step = self.logged_step(self.chief_log)
             if step < when:
                 return
             # A worker victim must have logged a step of its own too, so that the
@@ -243,7 +243,7 @@ class Cluster:
             # to rejoin from).
             for v in victims:
                 i = int(v.split()[1]) if v.startswith("worker ") else 0
-                if i > 0 and self.chief_step(f"{self.chief_log}.worker{i}") < 1:
+                if i > 0 and self.logged_step(f"{self.chief_log}.worker{i}") < 1:
                     return
             what = f"after the chief's step {step}"
         for name, p in self.procs:

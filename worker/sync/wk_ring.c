@@ -1372,13 +1372,15 @@ static void segments(size_t n, int nranks, int a, int b, size_t *off, size_t *le
     *len = end + last - *off;
 }
 
-/* The halving-doubling link to rank ^ d: d = 1 is a ring neighbour. */
+/* The halving-doubling link to rank ^ d: d = 1 is a ring neighbour, d =
+ * 2 << j the extra link j. */
 static int partner_link(const wk_ring *r, int d) {
     if (d == 1) return r->rank & 1 ? LINK_PREV : LINK_NEXT;
-    int j = 0;
-    while ((2 << j) != d) j++;
-    return LINK_X + j;
+    return LINK_X + __builtin_ctz((unsigned)d) - 1;
 }
+
+/* Does an allreduce of n floats go by halving-doubling? */
+static int hd_for(const wk_ring *r, size_t n) { return r->hd && n * sizeof(float) <= r->hd_max; }
 
 /* Rabenseifner's allreduce on N = 2^m ranks, in segments of the buffer.
  * Reduce-scatter: for d = N/2 .. 1, this rank and rank^d each keep one
@@ -1427,7 +1429,7 @@ int wk_ring_allreduce(wk_ring *r, float *data, size_t n, int64_t step, int avera
     run x;
     int rc = start(r, &x, data, n, step, WK_RING__OP_ALLREDUCE, average != 0);
     if (rc != CM_OK || r->nranks == 1 || n == 0) return rc;
-    if (r->hd && n * sizeof(float) <= r->hd_max) {
+    if (hd_for(r, n)) {
         plan_hd(r, &x, average);
         return run_plan(&x);
     }
@@ -1473,7 +1475,7 @@ const char *wk_ring_transport(const wk_ring *r) {
     return r->tx && r->rx ? "shm" : r->tx || r->rx ? "tcp+shm" : "tcp";
 }
 const char *wk_ring_algorithm(const wk_ring *r, size_t n) {
-    return r->hd && n * sizeof(float) <= r->hd_max ? "halving-doubling" : "ring";
+    return hd_for(r, n) ? "halving-doubling" : "ring";
 }
 size_t wk_ring_chunk_bytes(const wk_ring *r) { return r->chunk_elems * sizeof(float); }
 int wk_ring_status(const wk_ring *r) { return r->status; }
