@@ -91,6 +91,7 @@ struct ps_client {
                                * read by a spinning waiter without mu. */
     uint64_t waits_spun, waits_slept, spins_in_vain; /* ps_client_wait_counts
                                                       * (under mu). */
+    uint64_t wakeups_in_vain; /* ps_client_wakeups_in_vain (under mu). */
     int spin_skip, spin_backoff; /* cfg.spin_us: waits left that do not
                                   * spin, and how many the next spin in
                                   * vain skips (under mu). */
@@ -153,12 +154,18 @@ static void ticket_free(ps_ticket *t) {
     free(t);
 }
 
-/* After a completion or release (mu held): wake the waiter; returns 1 if
- * the caller must free the orphan t (after unlocking). */
-static int ticket_settle(ps_ticket *t) {
+/* After a completion or release (mu held): wake the waiter if 'wake' (an
+ * event it waits for: the ticket's last call or segment, a failure) or the
+ * ticket is being abandoned (abandon_locked waits for its segments); returns 1 if the caller must free the orphan t
+ * (after unlocking). A large push is dozens of calls and segments: waking
+ * the waiter for each only to find the ticket still busy cost a futex
+ * wake and two context switches apiece. */
+static int ticket_settle(ps_ticket *t, int wake) {
     ps_client *c = t->c;
-    atomic_fetch_add_explicit(&c->settles, 1, memory_order_release);
-    pthread_cond_broadcast(&c->cv);
+    if (wake || t->orphan || t->held) {
+        atomic_fetch_add_explicit(&c->settles, 1, memory_order_release);
+        pthread_cond_broadcast(&c->cv);
+    }
     if (!t->orphan || t->calls || t->segs) return 0;
     c->orphans--;
     return 1;
@@ -170,7 +177,7 @@ static void release_seg(void *ud) {
     pthread_mutex_lock(&c->mu);
     t->segs--;
     if (t->orphan) c->orphan_segs--;
-    int done = ticket_settle(t);
+    int done = ticket_settle(t, t->segs == 0 && t->calls == 0);
     pthread_mutex_unlock(&c->mu);
     if (done) ticket_free(t);
 }
@@ -296,7 +303,7 @@ static void on_done(void *ud, int code, const char *message, const rpc_piece *pi
                  rpc_status_name(code));
     }
     t->calls--;
-    int done = ticket_settle(t);
+    int done = ticket_settle(t, (t->calls == 0 && t->segs == 0) || code != RPC_OK || s->cm != CM_OK);
     pthread_mutex_unlock(&c->mu);
     if (next) issue(t, next, 1);
     if (done) ticket_free(t);
@@ -321,7 +328,7 @@ static void issue(ps_ticket *t, sub *s, int reserved) {
         if (reserved) t->calls--;
         s->code = RPC_CANCELLED;
         s->cm = CM_EABORTED;
-        int done = ticket_settle(t);
+        int done = ticket_settle(t, 1);
         pthread_mutex_unlock(&c->mu);
         if (done) ticket_free(t);
         return;
@@ -717,7 +724,7 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     ps_client *c = tickets[0]->c;
     const double t0 = cm_now(), spin_s = c->cfg.spin_us * 1e-6;
     double spin_end = 0; /* Set under mu. */
-    int slept = 0, spun = 0;
+    int slept = 0, spun = 0, woke = 0;
     const sub *aborted = NULL;
     const ps_ticket *aborted_t = NULL;
     size_t nsubs = 0; /* A ticket has a sub-call per shard, or per group. */
@@ -762,6 +769,8 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
             }
         }
         if (aborted || !busy) break;
+        if (woke && !nagain) c->wakeups_in_vain++;
+        woke = 0;
         if (nagain) {
             pthread_mutex_unlock(&c->mu);
             for (int i = 0; i < nagain; i++) issue(again[i]->t, again[i], 0);
@@ -780,7 +789,7 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
         slept = 1;
         /* c->cv waits on the monotonic clock, as cm_now. */
         struct timespec ts = cm_monotonic_at(wake);
-        pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+        woke = pthread_cond_timedwait(&c->cv, &c->mu, &ts) == 0; /* Not a timeout. */
     }
     free(again);
     if (slept)
@@ -831,6 +840,13 @@ void ps_client_wait_counts(ps_client *c, uint64_t *spun, uint64_t *slept, uint64
     *slept = c->waits_slept;
     *in_vain = c->spins_in_vain;
     pthread_mutex_unlock(&c->mu);
+}
+
+uint64_t ps_client_wakeups_in_vain(ps_client *c) {
+    pthread_mutex_lock(&c->mu);
+    uint64_t n = c->wakeups_in_vain;
+    pthread_mutex_unlock(&c->mu);
+    return n;
 }
 
 void ps_tickets_abandon(ps_ticket **tickets, int n) {

@@ -340,6 +340,13 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
  * succeeds. */
 void ps_client_wait_counts(ps_client *c, uint64_t *spun, uint64_t *slept, uint64_t *in_vain);
 
+/* How many times a sleeping wait of this client was woken (not by its
+ * timeout) only to find its tickets still busy. A ticket wakes its waiter
+ * once: when its last call and its last segment are done, or when a call
+ * fails; a spurious wake-up of the condition variable is the only other
+ * way, so this stays near 0 however many calls a ticket makes. */
+uint64_t ps_client_wakeups_in_vain(ps_client *c);
+
 /* Each worker rank's last pushed step as every shard has it (the lowest
  * over shards; -1: some shard has none from it) into out (at most max);
  * returns the number of workers, or a negative CM_E* with err: CM_EABORTED

@@ -785,6 +785,78 @@ static void test_client_call_window(void **state) {
     fx_stop();
 }
 
+typedef struct late_push {
+    ps_client *c;
+    int64_t step;
+    const float *g;
+    float *out;
+    int rc;
+    char err[512];
+} late_push;
+
+/* Worker 1's push-pull of lp->step, 150 ms late. */
+static void *push_pull_late(void *ud) {
+    late_push *lp = ud;
+    sleep_ms(150);
+    ps_ticket *t;
+    int64_t v;
+    lp->rc = ps_client_push_pull(lp->c, lp->step, lp->g, lp->out, &t);
+    if (lp->rc == CM_OK) lp->rc = ps_ticket_wait(t, &v, lp->err, sizeof lp->err);
+    return NULL;
+}
+
+/* A ticket wakes its waiter once, not once a call or a segment: worker 0's
+ * push-pull (one call a partition, all at once) sleeps until worker 1
+ * pushes, 150 ms later; its segments are sent meanwhile and its calls end
+ * after, and the wait is never woken to find the ticket still busy. Both
+ * train exactly. */
+static void test_client_wakes_once(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    size_t n = F.m->numel;
+    float *ref = malloc(n * sizeof *ref), *g[2], *out[2];
+    assert_non_null(ref);
+    for (int r = 0; r < 2; r++) {
+        assert_non_null(g[r] = malloc(n * sizeof *g[r]));
+        assert_non_null(out[r] = malloc(n * sizeof *out[r]));
+    }
+    memcpy(ref, F.init, n * sizeof *ref);
+    ps_client *cl[2];
+    for (int r = 0; r < 2; r++) cl[r] = open_split_client(r, DEADLINE, -1);
+    char err[512] = "";
+    for (int64_t step = 0; step < 3; step++) {
+        ref_step(ref, step);
+        for (int r = 0; r < 2; r++) {
+            grad_fill(g[r], n, r, step);
+            memset(out[r], 0xff, n * sizeof *out[r]);
+        }
+        late_push lp = {.c = cl[1], .step = step, .g = g[1], .out = out[1], .rc = -1};
+        pthread_t th;
+        assert_int_equal(pthread_create(&th, NULL, push_pull_late, &lp), 0);
+        ps_ticket *t;
+        int64_t v = -1;
+        assert_int_equal(ps_client_push_pull(cl[0], step, g[0], out[0], &t), CM_OK);
+        if (ps_ticket_wait(t, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+        assert_int_equal(pthread_join(th, NULL), 0);
+        if (lp.rc != CM_OK) fail_msg("worker 1: %s", lp.err);
+        assert_int_equal(v, step + 1);
+        for (int r = 0; r < 2; r++) expect_same(ref, out[r], n);
+    }
+    uint64_t spun = 0, slept = 0, vain = 0;
+    ps_client_wait_counts(cl[0], &spun, &slept, &vain);
+    assert_int_equal(slept, 3); /* Each wait slept, 150 ms... */
+    assert_int_equal(ps_client_wakeups_in_vain(cl[0]), 0); /* ...woken once. */
+    assert_true(stats().pushes >= 3 * 2 * 3); /* More calls than shards. */
+    for (int r = 0; r < 2; r++) {
+        ps_client_close(cl[r]);
+        free(g[r]);
+        free(out[r]);
+    }
+    free(ref);
+    fx_stop();
+}
+
 /* cfg.spin_us: a waiter that spins longer than any reply takes never
  * sleeps, one that does not spin sleeps (unless the reply's round trip
  * beat it to its wait, which with streams can be every time), and all
@@ -2671,6 +2743,7 @@ int main(void) {
         cmocka_unit_test(test_client_happy_path),
         cmocka_unit_test(test_client_push_pull_parts),
         cmocka_unit_test(test_client_calls_split),
+        cmocka_unit_test(test_client_wakes_once),
         cmocka_unit_test(test_client_call_window),
         cmocka_unit_test(test_client_call_window_failure),
         cmocka_unit_test(test_client_spin),
