@@ -156,15 +156,23 @@ static void ticket_free(ps_ticket *t) {
 
 /* After a completion or release (mu held): wake the waiter if 'wake' (an
  * event it waits for: the ticket's last call or segment, a failure) or the
- * ticket is being abandoned (abandon_locked waits for its segments); returns 1 if the caller must free the orphan t
- * (after unlocking). A large push is dozens of calls and segments: waking
- * the waiter for each only to find the ticket still busy cost a futex
- * wake and two context switches apiece. */
-static int ticket_settle(ps_ticket *t, int wake) {
+ * ticket is being abandoned (abandon_locked waits for its segments).
+ * A large push is dozens of calls and segments: waking the waiter for each
+ * only to find the ticket still busy cost a futex wake and two context
+ * switches apiece. With 'later' (on_done, on the client's thread) the
+ * broadcast of a ticket that is neither orphaned nor held is left to the
+ * caller, after it unlocks (*later = 1): woken under mu, the waiter would
+ * only block on it again. Safe there only: ps_client_close joins that
+ * thread before c goes. Returns 1 if the caller must free the orphan t
+ * (after unlocking). */
+static int ticket_settle(ps_ticket *t, int wake, int *later) {
     ps_client *c = t->c;
     if (wake || t->orphan || t->held) {
         atomic_fetch_add_explicit(&c->settles, 1, memory_order_release);
-        pthread_cond_broadcast(&c->cv);
+        if (later && !t->orphan && !t->held)
+            *later = 1;
+        else
+            pthread_cond_broadcast(&c->cv);
     }
     if (!t->orphan || t->calls || t->segs) return 0;
     c->orphans--;
@@ -177,7 +185,7 @@ static void release_seg(void *ud) {
     pthread_mutex_lock(&c->mu);
     t->segs--;
     if (t->orphan) c->orphan_segs--;
-    int done = ticket_settle(t, t->segs == 0 && t->calls == 0);
+    int done = ticket_settle(t, t->segs == 0 && t->calls == 0, NULL);
     pthread_mutex_unlock(&c->mu);
     if (done) ticket_free(t);
 }
@@ -303,8 +311,11 @@ static void on_done(void *ud, int code, const char *message, const rpc_piece *pi
                  rpc_status_name(code));
     }
     t->calls--;
-    int done = ticket_settle(t, (t->calls == 0 && t->segs == 0) || code != RPC_OK || s->cm != CM_OK);
+    int later = 0;
+    int done = ticket_settle(t, (t->calls == 0 && t->segs == 0) || code != RPC_OK || s->cm != CM_OK,
+                             &later);
     pthread_mutex_unlock(&c->mu);
+    if (later) pthread_cond_broadcast(&c->cv);
     if (next) issue(t, next, 1);
     if (done) ticket_free(t);
 }
@@ -328,7 +339,7 @@ static void issue(ps_ticket *t, sub *s, int reserved) {
         if (reserved) t->calls--;
         s->code = RPC_CANCELLED;
         s->cm = CM_EABORTED;
-        int done = ticket_settle(t, 1);
+        int done = ticket_settle(t, 1, NULL);
         pthread_mutex_unlock(&c->mu);
         if (done) ticket_free(t);
         return;
