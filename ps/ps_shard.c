@@ -180,6 +180,10 @@ struct ps_shard {
      * until one of their pushes comes (a stale one too: it is alive). */
     uint8_t absent[PS_SHARD_MAX_WORKERS];
     int nabsent;
+    /* Backup sync: the last step closed without all of each worker's
+     * contribution (-1: none). The rest of its push, or a retry of a call
+     * of it, is then late (PS_PUSH_SKIPPED), not a duplicate. */
+    int64_t partial_step[PS_SHARD_MAX_WORKERS];
     double open_since;  /* When the open step's first contribution came (0: none). */
     int frozen;          /* The hook asked, until ps_shard_thaw: pushes get
                           * PS_PUSH_BUSY. */
@@ -730,6 +734,7 @@ static int setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const
     s->ndone = 0;
     memset(s->absent, 0, sizeof s->absent);
     s->nabsent = 0;
+    for (size_t w = 0; w < PS_SHARD_MAX_WORKERS; w++) s->partial_step[w] = -1;
     s->open_since = 0;
     s->last_step = last;
     for (size_t w = 0; w < W; w++) s->last_step[w] = -1;
@@ -1606,12 +1611,18 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
     if (step == s->version)
         for (int i = 0; i < ngrads; i++) fresh += !mine[s->local_of[grads[i].part]];
     if (step == s->version && s->rows && has_rows) fresh += !s->rgiven[worker];
+    /* The rest of a push in several calls (or a retry of a call of it)
+     * after backup sync closed the step without the rest: late, not a
+     * duplicate. */
+    if (step < s->version && step == s->last_step[worker] && step == s->partial_step[worker])
+        goto late;
     if ((step == s->version && !fresh) || (step < s->version && step == s->last_step[worker])) {
         s->st.duplicate_pushes++;
         rc = PS_PUSH_DUPLICATE;
         goto done;
     }
     if (step < s->version) {
+    late:
         s->st.stale_pushes++;
         if (s->cfg.backup_ms > 0) { /* Alive after all: the next step waits for it. */
             present(s, worker);
@@ -1898,7 +1909,9 @@ static ps_snapshot *close_partial(ps_shard *s, char *who, size_t wlen) {
         for (size_t i = 0; i < (size_t)s->nparts && gave; i++)
             gave = s->contrib[(size_t)w * np + i];
         if (s->nparts == 0 && !s->rows) gave = s->contrib[w];
-        if (gave || s->absent[w]) continue;
+        if (gave) continue;
+        s->partial_step[w] = s->version;
+        if (s->absent[w]) continue;
         s->absent[w] = 1;
         s->nabsent++;
         if (at + 12 < wlen) at += (size_t)snprintf(who + at, wlen - at, "%s%d", at ? "," : "", w);
@@ -2081,6 +2094,7 @@ int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const f
     s->ndone = 0;
     memset(s->absent, 0, sizeof s->absent);
     s->nabsent = 0;
+    for (size_t k = 0; k < PS_SHARD_MAX_WORKERS; k++) s->partial_step[k] = -1;
     s->open_since = 0;
     for (size_t k = 0; k < W; k++) s->last_step[k] = -1;
     if (s->rows) {

@@ -710,6 +710,50 @@ static void test_backup_sync(void **state) {
     assert_int_not_equal(ps_shard_init(f->s, &bad, &v0, err, sizeof err), CM_OK);
 }
 
+/* Backup sync and a push in several calls: worker 1 gives one partition
+ * of step 0, the step closes without the rest (worker 1 absent), and the
+ * rest comes late: PS_PUSH_SKIPPED (the step closed without it; counted
+ * stale), not a duplicate, and worker 1 counts again from now on, as after
+ * any late push. A retry of the partition that was taken is SKIPPED too,
+ * and one of a complete step stays a duplicate. */
+static void test_backup_sync_split_push(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_SYNC, PS_AGG_MEAN);
+    c.backup_ms = 50;
+    init_ok(f, &c);
+    float g[MAXN];
+    push_buf pb;
+    char err[256] = "", who[64];
+    int64_t v = -1, step;
+    double waited;
+    assert_int_equal(push_step(f, 0, 0, &v), PS_PUSH_OK);
+    grad_fill(g, f->m->numel, 1, 0);
+    push_make(f, g, &pb);
+    assert_int_equal(ps_shard_push(f->s, 1, 0, pb.g, 1, &v, err, sizeof err), PS_PUSH_OK);
+    sleep_ms(80);
+    assert_int_equal(ps_shard_tick(f->s, &step, &waited, who, sizeof who), 1);
+    assert_string_equal(who, "1");
+    float got[MAXN];
+    assert_int_equal(values(f, got), 1);
+    ps_shard_stats before, after;
+    ps_shard_stats_get(f->s, &before);
+    err[0] = 0;
+    assert_int_equal(ps_shard_push(f->s, 1, 0, pb.g + 1, pb.n - 1, &v, err, sizeof err),
+                     PS_PUSH_SKIPPED);
+    assert_non_null(strstr(err, "closed without worker 1"));
+    assert_int_equal(ps_shard_push(f->s, 1, 0, pb.g, 1, &v, err, sizeof err), PS_PUSH_SKIPPED);
+    ps_shard_stats_get(f->s, &after);
+    assert_int_equal(after.duplicate_pushes, before.duplicate_pushes);
+    assert_int_equal(after.stale_pushes, before.stale_pushes + 2);
+    /* Present again: step 1 waits for it. */
+    assert_int_equal(push_step(f, 0, 1, &v), PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    assert_int_equal(push_step(f, 1, 1, &v), PS_PUSH_OK);
+    assert_int_equal(v, 2);
+    /* A retry of a step worker 0 gave whole: a duplicate. */
+    assert_int_equal(push_step(f, 0, 1, &v), PS_PUSH_DUPLICATE);
+}
+
 /* Gradients whose float sums depend on the order of addition. */
 static void grad_rough(float *full, size_t n, int worker) {
     static const float scale[3] = {1e-3f, 7.0f, 3e3f};
@@ -3744,6 +3788,7 @@ int main(void) {
         T(test_init_from_values_is_its_own_config),
         T(test_sync_mean_sgd_exact),
         cmocka_unit_test(test_sync_last_push_applied_exact),
+        T(test_backup_sync_split_push),
         T(test_backup_sync),
         T(test_checkpoint_freeze),
         T(test_sync_sum_independent_of_arrival_order),
