@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cm_addr.h"
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
 
@@ -62,51 +63,10 @@ void cm_cluster_destroy(cm_cluster *c) {
 
 /* ===== Address syntax ===== */
 
-static int is_host_char(char ch) {
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-           ch == '-' || ch == '.' || ch == '_';
-}
-
-static int is_ipv6_char(char ch) {
-    return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') || (ch >= 'A' && ch <= 'F') ||
-           ch == ':' || ch == '.';
-}
-
-/* Checks that 'addr' is host:port, where host is a hostname or IPv4 address
- * or a bracketed IPv6 address, and port is a decimal number in 1..65535.
- * Returns NULL if it is, otherwise a short reason for the message. */
+/* Checks that 'addr' is host:port as cm_addr_split takes it, with a port in
+ * 1..65535. Returns NULL if it is, otherwise a short reason for the message. */
 static const char *address_problem(const char *addr) {
-    const char *colon;
-    if (addr[0] == '[') {
-        const char *close = strchr(addr, ']');
-        if (!close) return "unterminated [IPv6] host";
-        if (close == addr + 1) return "empty host";
-        int has_colon = 0;
-        for (const char *p = addr + 1; p < close; p++) {
-            if (!is_ipv6_char(*p)) return "bad character in [IPv6] host";
-            if (*p == ':') has_colon = 1;
-        }
-        if (!has_colon) return "bad [IPv6] host";
-        if (close[1] != ':') return "missing port";
-        colon = close + 1;
-    } else {
-        colon = strrchr(addr, ':');
-        if (!colon) return "missing port";
-        if (colon == addr) return "empty host";
-        for (const char *p = addr; p < colon; p++)
-            if (!is_host_char(*p)) return "bad character in host (IPv6 needs [brackets])";
-    }
-    const char *port = colon + 1;
-    if (*port == '\0') return "missing port";
-    long value = 0;
-    for (const char *p = port; *p; p++) {
-        if (*p < '0' || *p > '9') return "port is not a number";
-        /* Stop accumulating once out of range so that long inputs cannot
-         * overflow. */
-        if (value <= 65535) value = value * 10 + (*p - '0');
-    }
-    if (value < 1 || value > 65535) return "port out of range 1..65535";
-    return NULL;
+    return cm_addr_split(addr, 1, NULL, 0, NULL);
 }
 
 /* ===== Flag overrides ===== */

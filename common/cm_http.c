@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cm_addr.h"
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
 
@@ -60,17 +61,13 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
 int cm_http_start(const char *addr, cm_http_render_fn render, void *ud, cm_http **out, int *port,
                   char *err, size_t errlen) {
     *out = NULL;
-    const char *colon = addr ? strrchr(addr, ':') : NULL;
     char host[64];
-    char *end;
-    long p = colon ? strtol(colon + 1, &end, 10) : -1;
-    if (!colon || colon == addr || (size_t)(colon - addr) >= sizeof host || !colon[1] || *end ||
-        p < 0 || p > 65535) {
-        cm_seterr(err, errlen, "metrics address '%s': want HOST:PORT", addr ? addr : "");
+    int p = 0;
+    const char *why = cm_addr_split(addr, 0, host, sizeof host, &p);
+    if (why) {
+        cm_seterr(err, errlen, "metrics address '%s': want HOST:PORT (%s)", addr ? addr : "", why);
         return CM_EINVAL;
     }
-    memcpy(host, addr, (size_t)(colon - addr));
-    host[colon - addr] = '\0';
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)p)};
     if (!strcmp(host, "localhost")) strcpy(host, "127.0.0.1");
     if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {

@@ -27,6 +27,7 @@
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 
+#include "common/cm_addr.h"
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_status.h"
@@ -1411,24 +1412,11 @@ int rpc_server_add_method_pieces(rpc_server *s, const char *name, int level,
     return fn ? add_method(s, name, level, NULL, fn, ctx) : CM_EINVAL;
 }
 
-/* "host:port", "[v6]:port" or "unix:path"; port 0..65535. */
+/* "host:port", "[v6]:port" (cm_addr_split) or "unix:path"; port 0..65535. */
 static int addr_ok(const char *a) {
     if (!a || !*a) return 0;
     if (!strncmp(a, "unix:", 5)) return a[5] != 0;
-    const char *colon = strrchr(a, ':');
-    if (!colon || !colon[1] || strlen(colon + 1) > 5) return 0;
-    if (a[0] == '[') {
-        const char *rb = strchr(a, ']');
-        if (!rb || rb + 1 != colon) return 0;
-    } else if (memchr(a, ':', (size_t)(colon - a))) {
-        return 0; /* A bare IPv6 address needs brackets. */
-    }
-    long port = 0;
-    for (const char *p = colon + 1; *p; p++) {
-        if (*p < '0' || *p > '9') return 0;
-        port = port * 10 + (*p - '0');
-    }
-    return port <= 65535;
+    return cm_addr_split(a, 0, NULL, 0, NULL) == NULL;
 }
 
 int rpc_server_start(rpc_server *s, const char *addr, int *port) {

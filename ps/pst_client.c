@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cm_addr.h"
 #include "common/cm_mem.h"
 #include "common/cm_model.h"
 #include "common/cm_placement.h"
@@ -47,13 +48,7 @@ PST_EXPORT void pst_options_default(pst_options *o) {
 }
 
 /* "host:port" with a port of 1-65535. */
-static int host_port(const char *s) {
-    const char *c = strrchr(s, ':');
-    if (!c || c == s || !c[1]) return 0;
-    char *end;
-    long port = strtol(c + 1, &end, 10);
-    return *end == 0 && port >= 1 && port <= 65535;
-}
+static int host_port(const char *s) { return cm_addr_split(s, 1, NULL, 0, NULL) == NULL; }
 
 /* "host:port,host:port,..." into a new array of strings. */
 static int split_hosts(const char *list, char ***out, int *n) {

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cm_addr.h"
 #include "common/cm_cluster.h"
 #include "common/cm_status.h"
 
@@ -321,6 +322,31 @@ static void test_bad_host_port(void **state) {
     cm_cluster_destroy(c);
 }
 
+/* cm_addr_split, which every module's address parsing goes through: the
+ * host without its brackets, the port, port 0 only where min_port allows
+ * it, a host too long for the buffer refused, "unix:" not an address. */
+static void test_addr_split(void **state) {
+    (void)state;
+    char host[16];
+    int port = -1;
+    assert_null(cm_addr_split("127.0.0.1:5000", 1, host, sizeof host, &port));
+    assert_string_equal(host, "127.0.0.1");
+    assert_int_equal(port, 5000);
+    assert_null(cm_addr_split("[::1]:0", 0, host, sizeof host, &port));
+    assert_string_equal(host, "::1");
+    assert_int_equal(port, 0);
+    assert_string_equal(cm_addr_split("[::1]:0", 1, host, sizeof host, &port),
+                        "port out of range 1..65535");
+    assert_string_equal(cm_addr_split("h:65536", 0, NULL, 0, NULL), "port out of range 0..65535");
+    assert_null(cm_addr_split("my-host_1.local:65535", 1, NULL, 0, &port));
+    assert_int_equal(port, 65535);
+    assert_string_equal(cm_addr_split("a-very-long-host-name:1", 1, host, sizeof host, NULL),
+                        "host too long");
+    assert_non_null(cm_addr_split("unix:/tmp/x", 0, NULL, 0, NULL));
+    assert_string_equal(cm_addr_split("", 0, NULL, 0, NULL), "empty address");
+    assert_string_equal(cm_addr_split(NULL, 0, NULL, 0, NULL), "empty address");
+}
+
 static void test_two_chiefs(void **state) {
     (void)state;
     expect_invalid("{\"cluster\": {\"chief\": [\"c:1\", \"c:2\"], \"worker\": [\"w:1\"]},"
@@ -483,6 +509,7 @@ int main(void) {
         cmocka_unit_test(test_flag_overrides),
         cmocka_unit_test(test_flags_over_tf_config),
         cmocka_unit_test(test_from_env),
+        cmocka_unit_test(test_addr_split),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

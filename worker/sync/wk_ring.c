@@ -77,6 +77,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/cm_addr.h"
 #include "common/cm_log.h"
 #include "common/cm_mem.h"
 #include "common/cm_time.h"
@@ -274,23 +275,18 @@ static void set_sockopts(int fd, int buf_bytes) {
     }
 }
 
-/* Split "host:port" or "[v6]:port"; resolve it. */
+/* Split "host:port" or "[v6]:port" (cm_addr_split); resolve it. */
 static int resolve(const char *addr, struct addrinfo **res, char *err, size_t errlen) {
-    char host[ADDR_LEN];
-    const char *colon = strrchr(addr, ':');
-    size_t hl = colon ? (size_t)(colon - addr) : 0;
-    if (!colon || hl == 0 || hl >= sizeof host || !colon[1]) {
-        cm_seterr(err, errlen, "bad address '%s' (want host:port)", addr);
+    char host[ADDR_LEN], port[8];
+    int p = 0;
+    const char *why = cm_addr_split(addr, 0, host, sizeof host, &p);
+    if (why) {
+        cm_seterr(err, errlen, "bad address '%s' (want host:port): %s", addr, why);
         return CM_EINVAL;
     }
-    memcpy(host, addr, hl);
-    host[hl] = 0;
-    if (host[0] == '[' && hl >= 2 && host[hl - 1] == ']') {
-        memmove(host, host + 1, hl - 2);
-        host[hl - 2] = 0;
-    }
+    snprintf(port, sizeof port, "%d", p);
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
-    int rc = getaddrinfo(host, colon + 1, &hints, res);
+    int rc = getaddrinfo(host, port, &hints, res);
     if (rc != 0) {
         cm_seterr(err, errlen, "cannot resolve '%s': %s", addr, gai_strerror(rc));
         return CM_EINVAL;
@@ -308,7 +304,9 @@ int wk_ring_listen(const char *host, int port, wk_ring_listener **out, char *err
         cm_seterr(err, errlen, "bad listen address");
         return CM_EINVAL;
     }
-    snprintf(addr, sizeof addr, "%s:%d", host, port);
+    /* A bare IPv6 host gets its brackets. */
+    int bare6 = strchr(host, ':') && host[0] != '[';
+    snprintf(addr, sizeof addr, bare6 ? "[%s]:%d" : "%s:%d", host, port);
     if ((rc = resolve(addr, &ai, err, errlen)) != CM_OK) return rc;
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
