@@ -10,8 +10,10 @@
  *
  * Input: a 15-byte header, then the stream.
  *   [0] mode: 0 the handshake, 1 allreduce, 2 broadcast, 3 the transport
- *       negotiation, 4 allreduce receiving through shared memory (mod 5)
- *   [1] nranks 2..8    [2] rank (mod nranks)    [3] chunk: 1..256 floats
+ *       negotiation, 4 allreduce receiving through shared memory,
+ *       5 allreduce by halving-doubling (mod 6)
+ *   [1] nranks 2..8 (halving-doubling: 4 or 8 by bit 0)    [2] rank (mod
+ *       nranks)    [3] chunk: 1..256 floats
  *   [4..6) n floats (u16, mod 2048)    [6..14) step (i64)
  *   [14] allreduce: average (bit 0); broadcast: the root (mod nranks)
  * The handshake mode reads the stream's first 24 bytes as the hello of a
@@ -22,7 +24,13 @@
  * into the slots of a receive link (each slot: a 40-byte header from the
  * stream, then as much payload as the header says and the slot holds), up
  * to its 8 slots, publishes them, and closes the connection that watches
- * the previous rank: the collective takes what is there, then fails.
+ * the previous rank: the collective takes what is there, then fails. In
+ * the halving-doubling mode the stream starts with a u16 length for each
+ * link (0 to the next rank, 1 from the previous one, then the extra links
+ * to rank ^ 2, rank ^ 4), and those parts follow in that order (cut short
+ * where the stream ends): each link brings its part from its peer, each
+ * step reading the link of its partner (partner_link), and what the rank
+ * sends on any link is drained.
  */
 #include "worker/sync/wk_ring.c"
 
@@ -151,7 +159,13 @@ static void fill_slots(wk_ring *r, const uint8_t *s, size_t n) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < HDR) return 0;
-    int mode = data[0] % 5, nranks = 2 + data[1] % 7, rank = data[2] % nranks;
+    int mode = data[0] % 6, nranks = 2 + data[1] % 7;
+    int hd = mode == 5;
+    if (hd) {
+        nranks = data[1] & 1 ? 8 : 4;
+        mode = 1;
+    }
+    int rank = data[2] % nranks;
     size_t chunk = 1 + (size_t)data[3], n = ((size_t)data[4] | (size_t)data[5] << 8) % 2048;
     int64_t step;
     memcpy(&step, data + 6, 8);
@@ -182,32 +196,60 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         wk_ring_destroy(r);
         return 0;
     }
-    int to_next[2], from_prev[2];
-    sockpair(to_next);
-    sockpair(from_prev);
-    r->send_fd = to_next[0];
-    r->recv_fd = from_prev[0];
-    pthread_t t;
-    if (pthread_create(&t, NULL, drain, &to_next[1]) != 0) abort();
+    if (hd) {
+        r->hd = 1;
+        r->hd_max = SIZE_MAX;
+        while ((2 << r->nx) < nranks) r->nx++;
+        r->xfd = cm_malloc((size_t)r->nx * sizeof *r->xfd);
+        r->xaddr = cm_calloc((size_t)r->nx, sizeof *r->xaddr);
+        for (int j = 0; j < r->nx; j++) snprintf(r->xaddr[j], ADDR_LEN, "x%d.fuzz:%d", j, 3 + j);
+    }
+    /* Links: 0 to the next rank, 1 from the previous one, 2.. the extra
+     * ones; peer[l][1] is the other rank's end. */
+    int nl = 2 + r->nx, peer[4][2];
+    pthread_t t[4];
+    for (int l = 0; l < nl; l++) {
+        sockpair(peer[l]);
+        if (l == 0)
+            r->send_fd = peer[l][0];
+        else if (l == 1)
+            r->recv_fd = peer[l][0];
+        else
+            r->xfd[l - 2] = peer[l][0];
+        /* The ring reads only from the previous rank, and sends only to the
+         * next: the other ends need no drain. */
+        if ((hd || l != 1) && pthread_create(&t[l], NULL, drain, &peer[l][1]) != 0) abort();
+    }
     if (shm)
         fill_slots(r, s, slen);
-    feed(from_prev[1], s, shm ? 0 : slen); /* Shared memory: the connection only ends. */
+    if (hd) {
+        size_t at = 2 * (size_t)nl < slen ? 2 * (size_t)nl : slen;
+        for (int l = 0; l < nl; l++) {
+            size_t len = 2 * (size_t)l + 1 < at ? (size_t)s[2 * l] | (size_t)s[2 * l + 1] << 8 : 0;
+            if (len > slen - at) len = slen - at;
+            feed(peer[l][1], s + at, len);
+            at += len;
+        }
+    } else {
+        feed(peer[1][1], s, shm ? 0 : slen); /* Shared memory: the end only. */
+    }
     float *buf = cm_malloc((n ? n : 1) * sizeof(float));
     for (size_t i = 0; i < n; i++) buf[i] = (float)i * 0.5f - (float)rank;
     int rc = mode == 1 ? wk_ring_allreduce(r, buf, n, step, arg)
                        : wk_ring_broadcast(r, buf, n, step, arg);
     if (getenv("FUZZ_TRACE"))
         fprintf(stderr, "fuzz_ring: %s of %zu floats as rank %d of %d: %s %s\n",
-                mode == 1 ? "allreduce" : "broadcast", n, rank, nranks, cm_strerror(rc),
-                wk_ring_error(r));
+                mode == 1 ? wk_ring_algorithm(r, n) : "broadcast", n, rank, nranks,
+                cm_strerror(rc), wk_ring_error(r));
     /* Errors are sticky, and say something. */
     if (rc != CM_OK && (wk_ring_status(r) != rc || !wk_ring_error(r)[0] ||
                         wk_ring_allreduce(r, buf, n, step, arg) != rc))
         abort();
     free(buf);
-    wk_ring_destroy(r); /* Closes to_next[0]: the drain sees the end. */
-    pthread_join(t, NULL);
-    close(to_next[1]);
-    close(from_prev[1]);
+    wk_ring_destroy(r); /* Closes our ends: the drains see the end. */
+    for (int l = 0; l < nl; l++) {
+        if (hd || l != 1) pthread_join(t[l], NULL);
+        close(peer[l][1]);
+    }
     return 0;
 }

@@ -438,6 +438,19 @@ static void ring_header(fz_buf *b, int mode, int nranks, int rank, size_t chunk,
     fz_buf_put(b, h, sizeof h);
 }
 
+/* Halving-doubling: what rank r's partner r ^ d sends it in step k,
+ * segments [a, z) of n, onto that partner's link part (as partner_link:
+ * d = 1 the next (0) or previous (1) rank, else extra link 2 + log2(d) - 1). */
+static void hd_recv(fz_buf *part, int r, int d, int k, int a, int z, int N, size_t chunk,
+                    size_t n, int avg) {
+    size_t off, len, end, last;
+    segment(n, N, a, &off, &len);
+    segment(n, N, z - 1, &end, &last);
+    int l = d == 1 ? (r & 1 ? 1 : 0) : 2 + __builtin_ctz((unsigned)d) - 1;
+    ring_chunks(&part[l], WK_RING__OP_ALLREDUCE, k, off, end + last - off, chunk, 12, n,
+                (uint32_t)avg);
+}
+
 static void ring_seeds(void) {
     const char *T = "fuzz_ring";
     fz_buf b = {0};
@@ -493,6 +506,47 @@ static void ring_seeds(void) {
     ring_header(&b, 2, 3, 1, 8, 20, 5, 0);
     ring_chunks(&b, WK_RING__OP_BROADCAST, 0, 0, 20, 8, 5, 20, 0);
     seed_buf(T, "broadcast", &b);
+    /* Halving-doubling as rank r of N: what each partner sends, on its link
+     * (as plan_hd in wk_ring.c), each link's part after the u16 lengths. */
+    static const struct { int N, r; size_t chunk, n; int avg; } hd[] = {
+        {4, 1, 3, 22, 1}, {8, 6, 2, 19, 0}};
+    for (size_t i = 0; i < sizeof hd / sizeof hd[0]; i++) {
+        int N = hd[i].N, r = hd[i].r, lo = 0, hi = N, k = 0, nl = N == 8 ? 4 : 3;
+        fz_buf part[4] = {{0}};
+        for (int d = N / 2; d >= 1; d /= 2, k++) {
+            int mid = (lo + hi) / 2, low = (r & d) == 0;
+            if (low)
+                hi = mid;
+            else
+                lo = mid;
+            hd_recv(part, r, d, k, lo, hi, N, hd[i].chunk, hd[i].n, hd[i].avg);
+        }
+        for (int d = 1; d < N; d *= 2, k++) {
+            int w = hi - lo, low = (r & d) == 0, a, z;
+            if (low) {
+                hi += w;
+                a = hi - w;
+                z = hi;
+            } else {
+                lo -= w;
+                a = lo;
+                z = lo + w;
+            }
+            hd_recv(part, r, d, k, a, z, N, hd[i].chunk, hd[i].n, hd[i].avg);
+        }
+        ring_header(&b, 5, N == 8 ? 3 : 2, r, hd[i].chunk, hd[i].n, 12, hd[i].avg);
+        for (int l = 0; l < nl; l++) {
+            uint8_t len[2] = {(uint8_t)part[l].len, (uint8_t)(part[l].len >> 8)};
+            fz_buf_put(&b, len, 2);
+        }
+        for (int l = 0; l < nl; l++) {
+            fz_buf_put(&b, part[l].p, part[l].len);
+            free(part[l].p);
+        }
+        char name[64];
+        snprintf(name, sizeof name, "allreduce_hd_%d_of_%d", r, N);
+        seed_buf(T, name, &b);
+    }
     free(b.p);
 }
 
