@@ -86,7 +86,10 @@ Per mode, with N worker nodes and S PS:
              node's bytes / B).
   allreduce  ring over the N nodes: 2(N-1)/N M / B + 2(N-1) L; embedding rows
              (every replica keeps the whole tables) go round as an all-gather
-             of each node's R: (N-1) R / B more.
+             of each node's R: (N-1) R / B more. Halving-doubling (pstrain's
+             --ring-algorithm; auto takes it for N = 4, 8, ... and M up to
+             4 MiB, WK_RING_HD_MAX) moves the same bytes in 2 log2(N) steps:
+             2 log2(N) L.
 step = compute part + intra-node reduce + (1 - F) communication (async: the
 larger of a worker's cycle and the shards' bound).
 """
@@ -96,6 +99,8 @@ import re
 import sys
 
 MODES = ("ps_sync", "ps_async", "allreduce")
+ALGORITHMS = ("auto", "ring", "hd")
+HD_MAX_BYTES = 4 << 20  # WK_RING_HD_MAX: auto's halving-doubling limit
 
 
 PRESETS = {"100m": "100mbit", "1g": "1gbit", "10g": "10gbit"}
@@ -140,7 +145,7 @@ def mva_cycle(n, think, demands):
 def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1, rows_bytes=0.0,
          wire=1.0, latency_s=0.0, compute_s=0.0, input_s=0.0, prefetch=False, intra_Bps=None,
          overlap=0.0, batch_per_device=128, pipeline_first=None, partition_bytes=262144,
-         calls=1):
+         calls=1, algorithm="auto"):
     """The model's step: a dict of its parts (seconds) and throughput."""
     if mode not in MODES:
         raise ValueError(f"mode: one of {MODES}")
@@ -156,8 +161,15 @@ def step(mode, nodes, model_bytes, link_Bps, ps=1, layout="separate", devices=1,
     out = {"mode": mode, "nodes": n, "devices": g, "compute": compute_s, "input": input_s,
            "work": work, "intra": intra}
     if mode == "allreduce":
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: one of {ALGORITHMS}")
+        pow2 = n >= 4 and n & (n - 1) == 0
+        if algorithm == "hd" and not pow2:
+            raise ValueError("halving-doubling needs 4, 8, 16, ... nodes")
+        hd = algorithm == "hd" or (algorithm == "auto" and pow2 and m <= HD_MAX_BYTES)
         comm = (2 * (n - 1) / n * m + (n - 1) * rows_bytes) / link_Bps if n > 1 else 0.0
-        lat = 2 * (n - 1) * latency_s
+        lat = 2 * (n.bit_length() - 1 if hd else n - 1) * latency_s
+        out["algorithm"] = "halving-doubling" if hd else "ring"
         out.update(transfer=comm, latency=lat, step=work + intra + (1 - overlap) * (comm + lat))
     else:
         push = model_bytes * wire + rows_bytes
@@ -244,6 +256,8 @@ def main():
     ap.add_argument("--calls", type=int, default=1,
                     help="ps_sync: calls a shard's share goes in (pstrain --call-bytes)")
     ap.add_argument("--batch-per-device", type=int, default=128)
+    ap.add_argument("--algorithm", choices=ALGORITHMS, default="auto",
+                    help="allreduce: pstrain --ring-algorithm")
     a = ap.parse_args()
     try:
         r = step(a.mode, a.nodes, a.model_mb * 1e6, rate_bytes(a.rate), ps=a.ps, layout=a.layout,
@@ -252,7 +266,7 @@ def main():
                  compute_s=a.compute_ms / 1e3, input_s=a.input_ms / 1e3, prefetch=a.prefetch,
                  intra_Bps=a.intra_gbps * 1e9 or None, overlap=a.overlap,
                  batch_per_device=a.batch_per_device, pipeline_first=a.pipeline_first,
-                 partition_bytes=a.partition_bytes, calls=a.calls)
+                 partition_bytes=a.partition_bytes, calls=a.calls, algorithm=a.algorithm)
     except ValueError as e:
         ap.error(str(e))
     print(json.dumps(r))

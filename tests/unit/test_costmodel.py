@@ -179,6 +179,25 @@ class AllReduce(unittest.TestCase):
         r8 = cm.step("allreduce", 8, MB100, GBE)["transfer"]
         self.assertAlmostEqual(r8, 2 * 7 / 8 * 0.8)
 
+    def test_halving_doubling(self):
+        # The same bytes in 2 log2(n) steps: 6 latency hops at 8 nodes, not 14.
+        r = cm.step("allreduce", 8, MB100, GBE, latency_s=0.001, algorithm="hd")
+        self.assertEqual(r["algorithm"], "halving-doubling")
+        self.assertAlmostEqual(r["transfer"], 2 * 7 / 8 * 0.8)
+        self.assertAlmostEqual(r["latency"], 0.006)
+        # auto: as pstrain's, for 4, 8, ... nodes and models up to 4 MiB.
+        small = 4 << 20
+        self.assertEqual(cm.step("allreduce", 4, small, GBE)["algorithm"], "halving-doubling")
+        self.assertAlmostEqual(cm.step("allreduce", 4, small, GBE, latency_s=0.001)["latency"],
+                               0.004)
+        self.assertEqual(cm.step("allreduce", 4, small + 1, GBE)["algorithm"], "ring")
+        self.assertEqual(cm.step("allreduce", 6, small, GBE)["algorithm"], "ring")
+        self.assertEqual(cm.step("allreduce", 2, small, GBE)["algorithm"], "ring")
+        self.assertEqual(cm.step("allreduce", 4, small, GBE, algorithm="ring")["algorithm"],
+                         "ring")
+        with self.assertRaises(ValueError):
+            cm.step("allreduce", 6, MB100, GBE, algorithm="hd")
+
 
 class Node(unittest.TestCase):
     def test_prefetch(self):
