@@ -184,13 +184,32 @@ static pthread_once_t pin_once = PTHREAD_ONCE_INIT;
  * gRPC also runs its deadlock detector: a global graph of lock ids under a
  * global lock (docs/GRPC_LEVELDB_NOTES.md G14). Release builds of Abseil
  * have it off; so does this, through absl::SetMutexDeadlockDetectionMode
- * (kIgnore = 0), looked up by its mangled name in Debian's inline
- * namespace. An Abseil without that symbol (another build, another
- * version) is left as it is. */
+ * (kIgnore = 0), looked up by its mangled name: in Debian's inline
+ * namespace (debian3 in Debian 12; debian1 to debian9 are tried, so a
+ * rebuilt Abseil with the next one still has it off), or in none. An
+ * Abseil without that symbol (another build, another version) is left as
+ * it is, and the log says so. */
+static int absl_detector_off; /* Set once, by pin_grpc. */
+
+int rpc_abseil_detector_off(void) { return absl_detector_off; }
+
 static void absl_no_deadlock_detection(void) {
-    void (*set_mode)(int) = (void (*)(int))dlsym(
-        RTLD_DEFAULT, "_ZN4absl7debian329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE");
-    if (set_mode) set_mode(0);
+    char name[96];
+    void (*set_mode)(int) = NULL;
+    for (int v = 0; v <= 9 && !set_mode; v++) {
+        if (v == 0)
+            snprintf(name, sizeof name, "_ZN4absl29SetMutexDeadlockDetectionModeENS_15OnDeadlockCycleE");
+        else
+            snprintf(name, sizeof name,
+                     "_ZN4absl7debian%d29SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE", v);
+        set_mode = (void (*)(int))dlsym(RTLD_DEFAULT, name);
+    }
+    if (set_mode) {
+        set_mode(0);
+        absl_detector_off = 1;
+    } else
+        cm_debug("rpc: Abseil's SetMutexDeadlockDetectionMode not found; its deadlock detector "
+                 "stays as built");
 }
 
 static void pin_grpc(void) {

@@ -93,6 +93,11 @@ int rpc_status_to_cm(int code);
 void rpc_init(void);
 void rpc_shutdown(void);
 
+/* 1 once rpc_init has turned off Abseil's mutex deadlock detector (Debian
+ * builds Abseil with it on, and every lock gRPC takes then pays for it; see
+ * rpc.c), 0 if that Abseil has no switch to find (or before rpc_init). */
+int rpc_abseil_detector_off(void);
+
 /* One piece of a message to send. */
 typedef struct rpc_seg {
     const void *data;
