@@ -2138,15 +2138,19 @@ static void stream_sweep(rpc_client *c) {
 
 static void *client_thread(void *arg) {
     rpc_client *c = arg;
-    double next_sweep = 0;
+    double next_sweep = 0, last_done = 0;
     for (;;) {
         /* While streams are open, wake at least every 20 ms for their
-         * messages' deadlines. */
+         * messages' deadlines. Poll first only while calls are in flight or
+         * one ended in the last 5 ms (the caller's next call is then likely
+         * on its way): an idle client's wake-ups do not spin. */
         int streams = atomic_load(&c->nstreams) > 0;
         gpr_timespec until = streams ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                                     gpr_time_from_millis(20, GPR_TIMESPAN))
                                      : gpr_inf_future(GPR_CLOCK_MONOTONIC);
-        grpc_event ev = cq_next_spin(c->cq, until, c->poll_spin_us);
+        int warm = atomic_load(&c->ncalls) > 0 || cm_now() - last_done < 0.005;
+        grpc_event ev = cq_next_spin(c->cq, until, warm ? c->poll_spin_us : 0);
+        if (ev.type == GRPC_OP_COMPLETE) last_done = cm_now();
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
         if (streams && cm_now() >= next_sweep) {
             stream_sweep(c);
