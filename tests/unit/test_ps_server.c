@@ -857,6 +857,34 @@ static void test_client_wakes_once(void **state) {
     fx_stop();
 }
 
+/* A client closed as soon as its wait returns, 40 times over: the last
+ * reply's broadcast comes after the client's lock is released (on_done),
+ * and close must still not free the client under it (it joins the thread
+ * that broadcasts; ASan would see a use after free). Every pull, one call a
+ * partition, gets the initial values. */
+static void test_client_close_right_after_wait(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    size_t n = F.m->numel;
+    float *got = malloc(n * sizeof *got);
+    assert_non_null(got);
+    char err[512] = "";
+    for (int k = 0; k < 40; k++) {
+        ps_client *c = open_split_client(k & 1, DEADLINE, -1);
+        ps_ticket *t;
+        int64_t v = -1;
+        memset(got, 0xff, n * sizeof *got);
+        assert_int_equal(ps_client_pull(c, 0, got, &t), CM_OK);
+        if (ps_ticket_wait(t, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+        ps_client_close(c);
+        assert_int_equal(v, 0);
+        expect_same(F.init, got, n);
+    }
+    free(got);
+    fx_stop();
+}
+
 /* cfg.spin_us: a waiter that spins longer than any reply takes never
  * sleeps, one that does not spin sleeps (unless the reply's round trip
  * beat it to its wait, which with streams can be every time), and all
@@ -2744,6 +2772,7 @@ int main(void) {
         cmocka_unit_test(test_client_push_pull_parts),
         cmocka_unit_test(test_client_calls_split),
         cmocka_unit_test(test_client_wakes_once),
+        cmocka_unit_test(test_client_close_right_after_wait),
         cmocka_unit_test(test_client_call_window),
         cmocka_unit_test(test_client_call_window_failure),
         cmocka_unit_test(test_client_spin),
