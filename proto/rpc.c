@@ -2150,11 +2150,12 @@ static void *client_thread(void *arg) {
                                      : gpr_inf_future(GPR_CLOCK_MONOTONIC);
         int warm = atomic_load(&c->ncalls) > 0 || cm_now() - last_done < 0.005;
         grpc_event ev = cq_next_spin(c->cq, until, warm ? c->poll_spin_us : 0);
-        if (ev.type == GRPC_OP_COMPLETE) last_done = cm_now();
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
-        if (streams && cm_now() >= next_sweep) {
+        double now = cm_now();
+        if (ev.type == GRPC_OP_COMPLETE) last_done = now;
+        if (streams && now >= next_sweep) {
             stream_sweep(c);
-            next_sweep = cm_now() + 0.02;
+            next_sweep = now + 0.02;
         }
         if (ev.type != GRPC_OP_COMPLETE) continue;
         if (*(const int *)ev.tag != CTAG_CALL) {

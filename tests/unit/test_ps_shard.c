@@ -124,31 +124,40 @@ typedef struct push_buf {
     int n;
 } push_buf;
 
-static void push_make_as(const fixture *f, const float *full, int dtype, push_buf *pb) {
-    memset(pb, 0, sizeof *pb);
+/* g[i] for each of f->s's partitions of a whole-model vector, its data
+ * written into raw from raw + 1 on (one byte past an aligned address: the
+ * shard reads unaligned values, as from the wire), shapes into shape[i].
+ * bfloat16 partitions: at most MAXN values. */
+static void grads_of(const fixture *f, const float *full, int dtype, uint8_t *raw,
+                       uint64_t (*shape)[CM_VAR_MAX_DIMS], ps_grad *g) {
     size_t off = 1;
     for (int i = 0; i < f->nparts; i++) {
         const cm_partition *p = &f->pl->parts[f->parts[i]];
         const cm_var *v = &f->m->vars[p->var];
-        pb->shape[i][0] = p->row_end - p->row_begin;
-        for (int d = 1; d < v->ndims; d++) pb->shape[i][d] = (uint64_t)v->dims[d];
+        shape[i][0] = p->row_end - p->row_begin;
+        for (int d = 1; d < v->ndims; d++) shape[i][d] = (uint64_t)v->dims[d];
         size_t len = p->count * sizeof(float);
         if (dtype == PS_DTYPE_BFLOAT16) {
             uint16_t h[MAXN];
             ps_wire_bf16_from_f32(h, full + p->offset, p->count);
             len = p->count * sizeof(uint16_t);
-            memcpy(pb->raw + off, h, len);
+            memcpy(raw + off, h, len);
         } else {
-            memcpy(pb->raw + off, full + p->offset, len);
+            memcpy(raw + off, full + p->offset, len);
         }
-        pb->g[i] = (ps_grad){.part = f->parts[i],
-                             .dtype = dtype,
-                             .nshape = v->ndims,
-                             .shape = pb->shape[i],
-                             .data = pb->raw + off,
-                             .len = len};
+        g[i] = (ps_grad){.part = f->parts[i],
+                         .dtype = dtype,
+                         .nshape = v->ndims,
+                         .shape = shape[i],
+                         .data = raw + off,
+                         .len = len};
         off += len;
     }
+}
+
+static void push_make_as(const fixture *f, const float *full, int dtype, push_buf *pb) {
+    memset(pb, 0, sizeof *pb);
+    grads_of(f, full, dtype, pb->raw, pb->shape, pb->g);
     pb->n = f->nparts;
 }
 
@@ -565,22 +574,12 @@ static void test_sync_mean_sgd_exact(void **state) {
 }
 
 /* Push all of f->s's partitions of a whole-model gradient as 'worker',
- * from raw (4 * numel + 1 bytes: the data goes one byte past its start, so
- * the shard reads unaligned floats, as from the wire). */
+ * from raw (4 * numel + 1 bytes; grads_of). */
 static int push_full(fixture *f, int worker, int64_t step, const float *full, uint8_t *raw,
                      int64_t *version) {
     ps_grad pg[MAXP];
     uint64_t shape[MAXP][CM_VAR_MAX_DIMS];
-    for (int i = 0; i < f->nparts; i++) {
-        const cm_partition *p = &f->pl->parts[f->parts[i]];
-        const cm_var *v = &f->m->vars[p->var];
-        shape[i][0] = p->row_end - p->row_begin;
-        for (int d = 1; d < v->ndims; d++) shape[i][d] = (uint64_t)v->dims[d];
-        memcpy(raw + 1 + 4 * p->offset, full + p->offset, 4 * p->count);
-        pg[i] = (ps_grad){.part = f->parts[i], .dtype = PS_DTYPE_FLOAT32, .nshape = v->ndims,
-                          .shape = shape[i], .data = raw + 1 + 4 * p->offset,
-                          .len = 4 * p->count};
-    }
+    grads_of(f, full, PS_DTYPE_FLOAT32, raw, shape, pg);
     char err[256] = "";
     int rc = ps_shard_push(f->s, worker, step, pg, f->nparts, version, err, sizeof err);
     if (rc != PS_PUSH_OK) fprintf(stderr, "push: %s\n", err);
