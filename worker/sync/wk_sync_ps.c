@@ -146,11 +146,21 @@ static void abandon_pending(psync *p) {
     pend_clear(p);
 }
 
+/* Backup sync: a push the shards refused because the step closed without
+ * this worker (CM_ESKIPPED, from any wait of the step: the step's own, or
+ * the next forward pass waiting for its pieces) is a recovery without a
+ * rollback: CM_EABORTED, and ps_recover skips ahead to the shards' version. */
+static int skip_as_abort(psync *p, int rc) {
+    if (rc != CM_ESKIPPED) return rc;
+    p->skipped = 1;
+    return CM_EABORTED;
+}
+
 /* Wait for pending ticket i (if still pending); on an error the others
  * are abandoned and the error returned with its message. */
 static int wait_pend(psync *p, int i) {
     if (!p->pend[i]) return CM_OK;
-    int rc = ps_ticket_wait(p->pend[i], NULL, p->base.err, sizeof p->base.err);
+    int rc = skip_as_abort(p, ps_ticket_wait(p->pend[i], NULL, p->base.err, sizeof p->base.err));
     p->pend[i] = NULL;
     if (rc != CM_OK) abandon_pending(p);
     return rc;
@@ -212,7 +222,8 @@ static const wk_grad_hook *ps_overlap(wk_sync *s, int64_t step, float *grad, flo
 /* Wait for every ticket of the step together (a rollback seen on any of
  * them ends the wait for all); the first error wins. */
 static int wait_tickets(psync *p) {
-    int rc = ps_tickets_wait(p->tickets, p->ntickets, NULL, p->base.err, sizeof p->base.err);
+    int rc = skip_as_abort(
+        p, ps_tickets_wait(p->tickets, p->ntickets, NULL, p->base.err, sizeof p->base.err));
     p->ntickets = 0;
     p->active = 0;
     return rc;
@@ -944,18 +955,11 @@ static int ps_row_stats(wk_sync *s, ps_client_stats *out) {
     return ps_client_stats_get(p->client, out, s->err, sizeof s->err);
 }
 
-/* Backup sync: a push the shards refused because the step closed without
- * this worker is a recovery without a rollback (ps_recover: skip ahead to
- * the shards' version). */
+/* The step's waits that do not go through wait_pend or wait_tickets (see
+ * skip_as_abort). */
 static int ps_step_or_skip(wk_sync *s, int64_t step, float *grad, float *params,
                            wk_sparse_step *sp, wk_sync_times *t) {
-    psync *p = (psync *)s;
-    int rc = ps_step(s, step, grad, params, sp, t);
-    if (rc == CM_ESKIPPED) {
-        p->skipped = 1;
-        rc = CM_EABORTED;
-    }
-    return rc;
+    return skip_as_abort((psync *)s, ps_step(s, step, grad, params, sp, t));
 }
 
 static const wk_sync_ops ps_ops = {.name = "ps",
