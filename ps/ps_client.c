@@ -733,9 +733,13 @@ static void spin_until_settle(ps_client *c, unsigned gen, double until) {
 int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, size_t errlen) {
     if (n <= 0) return CM_OK;
     ps_client *c = tickets[0]->c;
-    const double t0 = cm_now(), spin_s = c->cfg.spin_us * 1e-6;
-    double spin_end = 0; /* Set under mu. */
-    int slept = 0, spun = 0, woke = 0;
+    const double spin_s = c->cfg.spin_us * 1e-6;
+    /* The spin is timed from the first look that finds the tickets busy,
+     * not from the call: a waiter that took longer than the spin to get mu
+     * (a busy machine) still spins once before it sleeps, so a sleep
+     * always follows a spin in vain or a skipped one. */
+    double spin_end = 0;
+    int want_spin = 0, slept = 0, spun = 0, woke = 0;
     const sub *aborted = NULL;
     const ps_ticket *aborted_t = NULL;
     size_t nsubs = 0; /* A ticket has a sub-call per shard, or per group. */
@@ -748,7 +752,7 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     if (spin_s > 0 && c->spin_skip > 0)
         c->spin_skip--;
     else if (spin_s > 0)
-        spin_end = t0 + spin_s;
+        want_spin = 1;
     for (;;) {
         double now = cm_now(), wake = now + 1.0;
         int busy = 0, nagain = 0;
@@ -787,6 +791,10 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
             for (int i = 0; i < nagain; i++) issue(again[i]->t, again[i], 0);
             pthread_mutex_lock(&c->mu);
             continue;
+        }
+        if (want_spin) {
+            want_spin = 0;
+            spin_end = now + spin_s;
         }
         if (now < spin_end) {
             /* Read under mu, where every settle bumps it. */

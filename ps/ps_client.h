@@ -89,8 +89,9 @@ typedef struct ps_client_cfg {
                                     * with all). 0 = PS_CLIENT_CALL_WINDOW,
                                     * < 0 = all at once. */
     int spin_us;                   /* A thread waiting for tickets first
-                                    * polls for up to this long (µs, over
-                                    * the whole wait), yielding its core to
+                                    * polls for up to this long (µs, from
+                                    * when it first finds them busy),
+                                    * yielding its core to
                                     * any other runnable thread, before it
                                     * sleeps: a reply that comes meanwhile
                                     * costs no wake-up (unary calls, 1 PS,
