@@ -146,7 +146,7 @@ static int run_size(wk_ring *ring, const opts *o, float *buf, size_t bytes) {
     char extra[192];
     snprintf(extra, sizeof extra,
              ",\"chunk_bytes\":%zu,\"sock_buf\":%d,\"spin_us\":%d,\"algorithm\":\"%s\"",
-             wk_ring_chunk_bytes(ring), o->ring.sock_buf_bytes, o->ring.spin_us,
+             wk_ring_chunk_bytes(ring, count), o->ring.sock_buf_bytes, o->ring.spin_us,
              wk_ring_algorithm(ring, count));
     if (rank == 0)
         ar_print("ring", o->ring.transport == WK_RING_SHM ? "shm" : "tcp", n, bytes, iters,

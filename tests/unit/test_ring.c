@@ -807,9 +807,20 @@ static void test_shm_sums_and_broadcast(void **state) {
 }
 
 /* chunk_bytes 0 takes the transport's default chunk; any other value is
- * kept. */
+ * kept. Over TCP by default (2 ranks), a ring allreduce whose segments are
+ * longer than half a chunk and shorter than two goes in half chunks; one of
+ * exactly half a chunk, or of two, in whole ones; an explicit chunk is
+ * never halved. */
 static void chunk_work(rank_ctx *c, wk_ring *ring) {
-    if (wk_ring_chunk_bytes(ring) != *(const size_t *)c->arg) c->bad++;
+    size_t want = *(const size_t *)c->arg, f = sizeof(float);
+    if (wk_ring_chunk_bytes(ring, 1) != want) c->bad++;
+    int halves = c->opts->chunk_bytes == 0 && g_transport == WK_RING_TCP;
+    size_t mid[] = {want / f + 2, 2 * want / f, 4 * want / f - 2}; /* Segments of n / 2. */
+    for (size_t k = 0; k < sizeof mid / sizeof mid[0]; k++)
+        if (wk_ring_chunk_bytes(ring, mid[k]) != (halves ? want / 2 : want)) c->bad++;
+    size_t whole[] = {want / f, 4 * want / f, 16 * want / f};
+    for (size_t k = 0; k < sizeof whole / sizeof whole[0]; k++)
+        if (wk_ring_chunk_bytes(ring, whole[k]) != want) c->bad++;
 }
 
 static void test_default_chunk_by_transport(void **state) {

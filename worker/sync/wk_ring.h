@@ -49,9 +49,11 @@ typedef struct wk_ring_opts {
     int connect_timeout_ms;
     /* Pipelining unit: each segment of the buffer travels in chunks of at
      * most this many bytes (rounded down to whole floats, at least one).
-     * 0 (the default): by transport, WK_RING_TCP_CHUNK over TCP only,
-     * WK_RING_SHM_CHUNK with shared memory (auto, shm). Every rank must
-     * use the same value (with 0, the same transport does). */
+     * 0 (the default): by transport, WK_RING_TCP_CHUNK over TCP only
+     * (half of it for ring segments between half a chunk and two:
+     * wk_ring_chunk_bytes), WK_RING_SHM_CHUNK with shared memory (auto,
+     * shm). Every rank must use the same value (with 0, the same transport
+     * does). */
     size_t chunk_bytes;
     /* SO_SNDBUF / SO_RCVBUF of the ring's sockets; 0 keeps the kernel's
      * autotuning. */
@@ -168,9 +170,10 @@ const char *wk_ring_transport(const wk_ring *r);
  * "halving-doubling". Owned by the library. */
 const char *wk_ring_algorithm(const wk_ring *r, size_t n);
 
-/* The chunk this ring uses, in bytes (chunk_bytes, or the transport's
- * default for 0). */
-size_t wk_ring_chunk_bytes(const wk_ring *r);
+/* The chunk an allreduce of n floats travels in on this ring, in bytes:
+ * chunk_bytes, or for 0 the transport's default (over TCP, half of it for
+ * a ring whose segments are between half a chunk and two chunks long). */
+size_t wk_ring_chunk_bytes(const wk_ring *r, size_t n);
 /* CM_OK, or the sticky status of the first failure. */
 int wk_ring_status(const wk_ring *r);
 /* The message of the first failure ("" when none); owned by the ring. */
