@@ -846,6 +846,56 @@ static void test_default_chunk_by_transport(void **state) {
     g_transport = WK_RING_TCP;
 }
 
+static void no_work(rank_ctx *c, wk_ring *ring) {
+    (void)c;
+    (void)ring;
+}
+
+/* A rank of a build before the half chunks (protocol version 1, whose
+ * chunks at 2-3 MiB differ) is refused at the handshake, naming both
+ * versions, instead of failing a collective later. Fake rank 1 speaks
+ * version 1 on both connections. */
+static void test_old_build_refused(void **state) {
+    (void)state;
+    wk_ring_opts o;
+    small_timeouts(&o);
+    o.job_id = 0x01d;
+    o.connect_timeout_ms = 2000;
+    fake_peer f;
+    fake_listen(&f);
+    wk_ring_listener *l;
+    char a[2][64];
+    listen_at(0, &l, a[0]);
+    snprintf(a[1], sizeof a[1], "127.0.0.1:%d", f.port);
+    const char *addrs[2] = {a[0], a[1]};
+    rank_ctx c = {.rank = 0, .nranks = 2, .l = l, .addrs = addrs, .opts = &o,
+                  .work = no_work, .connect_rc = CM_EAGAIN};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, rank_main, &c), 0);
+    unsigned char old[WK_RING__HELLO_BYTES], got[WK_RING__HELLO_BYTES];
+    wk_ring__hello me = {WK_RING__HELLO_MAGIC, 1, o.job_id, 2, 1}, h;
+    wk_ring__hello_pack(&me, old);
+    struct pollfd pf = {.fd = f.listen_fd, .events = POLLIN};
+    assert_int_equal(poll(&pf, 1, 5000), 1);
+    f.in_fd = accept(f.listen_fd, NULL, NULL);
+    assert_true(f.in_fd >= 0);
+    read_exact(f.in_fd, got, sizeof got);
+    wk_ring__hello_unpack(got, &h);
+    assert_int_equal(h.version, WK_RING__VERSION);
+    (void)send(f.in_fd, old, sizeof old, MSG_NOSIGNAL); /* It may have gone. */
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_port = htons((uint16_t)wk_ring_listener_port(l)),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    f.out_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (connect(f.out_fd, (struct sockaddr *)&sa, sizeof sa) == 0)
+        (void)send(f.out_fd, old, sizeof old, MSG_NOSIGNAL);
+    pthread_join(th, NULL);
+    fake_close(&f);
+    wk_ring_listener_destroy(l);
+    assert_int_not_equal(c.connect_rc, CM_OK);
+    if (!strstr(c.err, "protocol version 1, this rank speaks 3")) fail_msg("%s", c.err);
+}
+
 /* Auto on one host is shared memory; tcp against auto is refused at the
  * handshake, naming the versions, instead of misreading the negotiation. */
 typedef struct transports {
@@ -1001,6 +1051,7 @@ int main(void) {
         cmocka_unit_test(test_shm_sums_and_broadcast),
         cmocka_unit_test(test_shm_auto_and_mismatch),
         cmocka_unit_test(test_default_chunk_by_transport),
+        cmocka_unit_test(test_old_build_refused),
         cmocka_unit_test(test_shm_peer_killed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

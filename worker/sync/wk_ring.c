@@ -382,7 +382,7 @@ static int io_full(int fd, int writing, void *buf, size_t len, double deadline,
 
 /* ===================================================== handshake */
 
-/* Version 2 says a transport negotiation follows the hellos. */
+/* Version 4 says a transport negotiation follows the hellos. */
 static uint32_t my_version(const wk_ring *r) {
     return r->opts.transport == WK_RING_TCP ? WK_RING__VERSION : WK_RING__VERSION_NEGOTIATE;
 }
@@ -399,9 +399,9 @@ static const char *hello_mismatch(const wk_ring *r, const wk_ring__hello *h, int
     if (h->magic != WK_RING__HELLO_MAGIC) {
         snprintf(buf, len, "not a wk_ring peer (magic 0x%08x)", h->magic);
     } else if (h->version != my_version(r)) {
-        snprintf(buf, len, "protocol version %u, this rank speaks %u (version 2: a ring "
-                 "transport other than tcp; every rank must use tcp, or none)", h->version,
-                 my_version(r));
+        snprintf(buf, len, "protocol version %u, this rank speaks %u (2, 4: a transport "
+                 "other than tcp; 1, 2: a build before 6 Dec 2026; ranks need the same)",
+                 h->version, my_version(r));
     } else if (h->job_id != r->opts.job_id || h->nranks != (uint32_t)r->nranks ||
                h->rank != (uint32_t)want) {
         snprintf(buf, len,

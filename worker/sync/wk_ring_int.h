@@ -7,7 +7,8 @@
  *
  * Hello, 24 bytes, sent by both ends of a new connection (connector first):
  *   u32 magic "WRH1" | u32 version | u64 job_id | u32 nranks | u32 rank
- * Version 1: TCP only. Version 2: after both hellos of both connections,
+ * Version 3 (1 before the chunk rule of 6 Dec 2026): TCP only. Version 4
+ * (2 before it): after both hellos of both connections,
  * each link negotiates its transport on its connection: the sender offers
  *   u32 magic "WRS1" | u32 want (0/1) | u64 host (boot id and /dev/shm) |
  *   u64 cookie | u64 slot bytes | u32 slots | u32 0 | char name[32]
@@ -17,7 +18,7 @@
  * having mapped the object and found the cookie in it (use = 1), or not.
  * On use the sender unlinks the name (both have it mapped) and chunks go
  * through the slots, the header as below then the payload at offset 64;
- * else they go over the connection as in version 1.
+ * else they go over the connection as in version 3.
  *
  * Chunk header, 40 bytes, before every chunk's payload:
  *   u32 magic "WRC1" | u16 op | u16 ring step k | i64 step |
@@ -36,8 +37,12 @@
 
 #define WK_RING__HELLO_MAGIC 0x31485257u /* "WRH1" */
 #define WK_RING__CHUNK_MAGIC 0x31435257u /* "WRC1" */
-#define WK_RING__VERSION 1u
-#define WK_RING__VERSION_NEGOTIATE 2u
+/* 3 and 4 are 1 and 2 with the chunk rule of 6 Dec 2026 (ring segments
+ * between half a chunk and two go in half chunks, wk_ring_chunk_bytes): a
+ * rank of an older build is refused at the handshake instead of failing
+ * the first collective of 2-3 MiB with a wrong chunk length. */
+#define WK_RING__VERSION 3u
+#define WK_RING__VERSION_NEGOTIATE 4u
 #define WK_RING__HELLO_BYTES 24
 #define WK_RING__HDR_BYTES 40
 #define WK_RING__OFFER_MAGIC 0x31535257u /* "WRS1" */
