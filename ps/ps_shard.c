@@ -10,7 +10,10 @@
  * Invariants, under mu:
  *  - 'current' is the snapshot of the parameters at 'version' (never NULL
  *    once initialised). The optimizer writes the next version out of place,
- *    partition by partition, into 'pending' (sync) or a new buffer (async);
+ *    partition by partition, into 'pending' (sync) or a new buffer (async;
+ *    in place instead when the shard holds the only reference to current:
+ *    every other reference is taken under mu or from a held one, so no
+ *    reader can see a snapshot change);
  *    a partition of pending is written once, when its W-th contribution
  *    arrives, and never again, so replies may reference finished partitions
  *    of pending before it is published.
@@ -1399,8 +1402,20 @@ static void stage_rows(ps_shard *s, int w, const ps_row_grad *rows, int nrows) {
 
 /* Async: apply the pushed partitions (in acc: load_dense) at once and
  * publish version + 1; the others carry over unchanged (mu held). Returns
- * the old snapshot. */
+ * the old snapshot (NULL when the new version was written in place). */
 static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
+    /* No reader holds the current snapshot (references are taken under
+     * mu, or from one already held): write the next version into it in
+     * place. Nobody can see the change, the buffer is already in cache,
+     * and the partitions not pushed need no copy. */
+    if (atomic_load(&s->current->refs) == 1) {
+        for (int i = 0; i < ngrads; i++)
+            apply_part(s, s->local_of[grads[i].part], 1, s->current->data);
+        s->version++;
+        s->current->version = s->version;
+        (void)publish(s, s->current); /* Itself: nothing to unref. */
+        return NULL;
+    }
     float *next = new_buffer(s);
     uint8_t small[256];
     uint8_t *pushed = s->nparts <= 256 ? small : cm_malloc((size_t)s->nparts);

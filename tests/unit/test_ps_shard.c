@@ -1252,6 +1252,45 @@ static void test_async_applies_each_push(void **state) {
     catcher_deinit(&w);
 }
 
+/* Async: a push while a reader holds the current snapshot writes the next
+ * version into a new buffer and leaves the held one as it was; a push
+ * while no one else holds it writes in place (the same buffer, the next
+ * version), and the values are exact either way. */
+static void test_async_in_place_only_when_unheld(void **state) {
+    fixture *f = *state;
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_ASYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    float ref[MAXN], got[MAXN], g[MAXN], held_before[MAXN], held_after[MAXN];
+    initial(f, ref);
+    int64_t v = -1;
+    for (int k = 0; k < 4; k++) {
+        int hold = k % 2 == 0;
+        ps_snapshot *held = pull_now(f->s, 0);
+        const float *before = ps_snapshot_part(held, 0);
+        values_of(f, held, held_before);
+        if (!hold) ps_snapshot_unref(held);
+        assert_int_equal(push_step(f, 0, k, &v), PS_PUSH_OK);
+        assert_int_equal(v, k + 1);
+        grad_fill(g, f->m->numel, 0, k);
+        for (size_t i = 0; i < f->m->numel; i++) ref[i] = ref[i] - LR * g[i];
+        own_only(f, ref);
+        ps_snapshot *now = pull_now(f->s, k + 1);
+        assert_int_equal(ps_snapshot_version(now), k + 1);
+        values_of(f, now, got);
+        expect_same(ref, got, f->m->numel);
+        if (hold) {
+            assert_ptr_not_equal(ps_snapshot_part(now, 0), before);
+            assert_int_equal(ps_snapshot_version(held), k);
+            values_of(f, held, held_after);
+            expect_same(held_before, held_after, f->m->numel);
+            ps_snapshot_unref(held);
+        } else {
+            assert_ptr_equal(ps_snapshot_part(now, 0), before);
+        }
+        ps_snapshot_unref(now);
+    }
+}
+
 static void test_sum_add_exact(void **state) {
     fixture *f = *state;
     ps_shard_config c = cfg_make(PS_OPTIM_ADD, 3, PS_SYNC, PS_AGG_SUM);
@@ -3799,6 +3838,7 @@ int main(void) {
         T(test_snapshot_immutable),
         T(test_invalid_pushes_leave_state_unchanged),
         T(test_async_applies_each_push),
+        T(test_async_in_place_only_when_unheld),
         T(test_sum_add_exact),
         T(test_bf16_rounding),
         T(test_bf16_push_equals_fp32_of_rounded),
