@@ -65,7 +65,9 @@
  * asked partitions of it may be read).
  * A snapshot is a copy of all the shard's partitions at one version whose
  * partitions are each written once (all before it is published, or one by
- * one while it is pending) and never again; replies reference it
+ * one while it is pending) and never again while anyone but the shard holds
+ * a reference (an async push writes the next version into the current
+ * snapshot itself when the shard holds the only one); replies reference it
  * (zero-copy) and release it when sent, so a reply never reads values being
  * written. Snapshot buffers are recycled.
  *
@@ -162,7 +164,8 @@ typedef struct ps_grad {
     int npieces;
 } ps_grad;
 
-/* An immutable copy of the shard's partitions at one version. */
+/* A copy of the shard's partitions at one version, which does not change
+ * while the caller holds a reference (ps_snapshot_ref). */
 typedef struct ps_snapshot ps_snapshot;
 int64_t ps_snapshot_version(const ps_snapshot *s);
 /* The values of the i-th partition this shard owns (see ps_shard_parts). */
