@@ -207,7 +207,7 @@ static int ps_worker_main(const opts *o) {
         ps_client_pull(c, 0, buf, &t);
         if (ps_ticket_wait(t, &version, err, sizeof err) != CM_OK) goto fail;
         float want = (float)o->workers * (float)total;
-        /* Async: a version per push call (one a shard: cfg.async). */
+        /* Async: a version per push (its calls to a shard say step_parts). */
         int64_t want_version = o->sync ? total : (int64_t)o->workers * total;
         size_t bad = find_mismatch(buf, n, want);
         if (bad < n || version != want_version)

@@ -117,6 +117,7 @@ void fz_req_push(fz_buf *out, const cm_model *m, const cm_placement *pl, int sha
     r.step = o->step;
     r.rows_final = o->rows_final;
     r.train = o->train;
+    r.step_parts = o->step_parts;
     ps_wire_put_message(&w, &r.base);
     int k = o->want > 64 ? 64 : o->want, kr = o->rows > 64 ? 64 : o->rows;
     uint64_t *want = cm_calloc((size_t)(m->ntables ? m->ntables : 1) * 64, sizeof *want);
@@ -125,9 +126,12 @@ void fz_req_push(fz_buf *out, const cm_model *m, const cm_placement *pl, int sha
     float *g = values(m->numel + 64 * 64, 0.01f);
     uint16_t *h = cm_malloc((m->numel + 64 * 64) * sizeof *h);
     ps_wire_bf16_from_f32(h, g, m->numel + 64 * 64);
+    int local = -1;
     if (!o->skip_parts)
         for (int p = 0; p < pl->nparts; p++) {
             if (pl->parts[p].shard != shard) continue;
+            local++;
+            if (local < o->part_from || (o->part_to > 0 && local >= o->part_to)) continue;
             if (o->bf16)
                 ps_wire_put_part_bf16(&w, 3, m, pl, (uint32_t)p, h + pl->parts[p].offset, NULL,
                                       NULL);

@@ -38,6 +38,9 @@ typedef struct fz_push {
     int rows_final;
     int want;         /* Row ids asked for per table (PushPull). */
     int train;
+    int part_from, part_to; /* Only the shard's partitions from..to-1 (its
+                             * own order); part_to 0: to the last. */
+    uint32_t step_parts;    /* PushRequest.step_parts (a step in calls). */
 } fz_push;
 
 void fz_req_push(fz_buf *out, const cm_model *m, const cm_placement *pl, int shard,

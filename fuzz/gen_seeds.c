@@ -109,6 +109,20 @@ static void ps_seeds(void) {
     push(&q, FZ_PUSH, &(fz_push){.rank = 1, .step = 1});
     small(&q, FZ_STATS, 0, 0);
     ps_seed("mlp_async_adam_bf16", &q.out);
+    /* MLP async, a step in two calls (step_parts): the first partition,
+     * a retry of it, the rest as a PushPull (the version comes), then a
+     * step whose calls bring more than they said. */
+    seq_start(&q, FZ_MODEL_MLP, 1, 0, 0);
+    init(&q, &(fz_init){.optim = "sgd", .async = 1, .workers = 1});
+    uint32_t np = (uint32_t)q.pl->shard_nparts[0];
+    push(&q, FZ_PUSH, &(fz_push){.step = 0, .part_to = 1, .step_parts = np});
+    push(&q, FZ_PUSH, &(fz_push){.step = 0, .part_to = 1, .step_parts = np});
+    push(&q, FZ_PUSHPULL, &(fz_push){.step = 0, .part_from = 1, .step_parts = np});
+    pull(&q, &(fz_pull){.min_version = 1});
+    push(&q, FZ_PUSH, &(fz_push){.step = 1, .part_to = 1, .step_parts = 1});
+    push(&q, FZ_PUSH, &(fz_push){.step = 1, .part_from = 1, .step_parts = 1});
+    small(&q, FZ_STATS, 0, 0);
+    ps_seed("mlp_async_step_parts", &q.out);
     /* MLP sync with 3 workers (staged sums), momentum. */
     seq_start(&q, FZ_MODEL_MLP, 1, 0, 0);
     init(&q, &(fz_init){.optim = "momentum", .workers = 3});

@@ -364,6 +364,10 @@ static void issue(ps_ticket *t, sub *s, int reserved) {
         req.step = t->step;
         req.rows_final = s->sparse;
         req.train = t->train;
+        /* A step in several calls to this shard: async shards then bump
+         * their version once a step, not once a call. */
+        if (c->cfg.async && !s->sparse && s->nparts < c->nparts[sh])
+            req.step_parts = (uint32_t)c->nparts[sh];
         ps_wire_put_message(&w, &req.base);
         put_want(&w, 6, &s->want);
         size_t gat = 0;
@@ -484,7 +488,7 @@ static void issue_all(ps_ticket *t) {
 }
 
 int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **out) {
-    ps_ticket *t = ticket_new(c, OP_PUSH, step, !c->cfg.async);
+    ps_ticket *t = ticket_new(c, OP_PUSH, step, 1);
     t->grad = grad;
     ticket_convert(t);
     issue_all(t);
@@ -494,7 +498,7 @@ int ps_client_push(ps_client *c, int64_t step, const float *grad, ps_ticket **ou
 
 int ps_client_push_pull(ps_client *c, int64_t step, const float *grad, float *params,
                         ps_ticket **out) {
-    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step, !c->cfg.async);
+    ps_ticket *t = ticket_new(c, OP_PUSH_PULL, step, 1);
     t->grad = grad;
     t->params = params;
     ticket_convert(t);
@@ -839,13 +843,27 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
     int64_t vmin = INT64_MAX;
     for (int k = 0; k < n; k++) {
         ps_ticket *t = tickets[k];
+        /* An async push in several calls to a shard: the call that ended
+         * the step says the version after it, the others the one before
+         * (PushRequest.step_parts), so a shard's calls count by their
+         * highest. Subs are in shard order. */
+        int by_max = t->c->cfg.async && (t->op == OP_PUSH || t->op == OP_PUSH_PULL);
         for (int i = 0; i < t->nsubs; i++) {
             sub *s = &t->subs[i];
             if (s->cm != CM_OK && rc == CM_OK) {
                 rc = s->cm;
                 sub_error(t, s, err, errlen);
             }
-            if (s->version < vmin) vmin = s->version;
+            int64_t v = s->version;
+            while (by_max && i + 1 < t->nsubs && t->subs[i + 1].shard == s->shard) {
+                sub *x = &t->subs[++i];
+                if (x->cm != CM_OK && rc == CM_OK) {
+                    rc = x->cm;
+                    sub_error(t, x, err, errlen);
+                }
+                if (x->version > v) v = x->version;
+            }
+            if (v < vmin) vmin = v;
         }
         ticket_free(t);
     }

@@ -116,10 +116,11 @@ typedef struct ps_client_cfg {
                                     * (docs/bench-log.md). Control calls
                                     * (Initialize, Checkpoint, ...) are unary
                                     * either way. */
-    int async;                     /* The shards run async (every push call a
-                                    * version, which copies the shard's other
-                                    * partitions): pushes go as one call a
-                                    * shard; pulls are still split. */
+    int async;                     /* The shards run async: a push split
+                                    * into several calls to a shard says so
+                                    * (PushRequest.step_parts), so that the
+                                    * shard's version goes up once a step,
+                                    * not once a call. */
     /* Security: the token every call carries and the admin's, for
      * Initialize, Rollback, Shutdown and deleting checkpoints (contents,
      * not paths; NULL: none); TLS: the CA that signed the PS's certificates
@@ -228,7 +229,8 @@ int ps_client_dump_rows(ps_client *c, int shard, int table, uint64_t from, size_
                         size_t errlen);
 
 /* Wait for a ticket and free it. *version (may be NULL) gets the smallest
- * shard version seen. Returns CM_OK or the first error, with a message. */
+ * shard version seen (of an async push's calls to one shard, the highest:
+ * the one that ended the step). Returns CM_OK or the first error, with a message. */
 int ps_ticket_wait(ps_ticket *t, int64_t *version, char *err, size_t errlen);
 
 /* Wait for n tickets together (retrying each shard's UNAVAILABLE calls on

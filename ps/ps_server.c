@@ -20,6 +20,7 @@
 #include "ps/ps_server.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -747,8 +748,10 @@ static int do_push(ps_server *s, rpc_call *call, const rpc_piece *req, int nreq,
     }
     int rc;
     for (;;) {
-        rc = ps_shard_push_rows(s->shard, (int)r->cluster->rank, r->step, g, m.ntensors, rg,
-                                m.nrows, r->rows_final, version, err, sizeof err);
+        rc = ps_shard_push_step(s->shard, (int)r->cluster->rank, r->step,
+                                r->step_parts > INT_MAX ? INT_MAX : (int)r->step_parts, g,
+                                m.ntensors, rg, m.nrows, r->rows_final, version, err,
+                                sizeof err);
         if (rc != PS_PUSH_BUSY) break;
         /* Frozen for a checkpoint: wait for the writer to thaw it. */
         pthread_mutex_lock(&s->ck_mu);

@@ -1400,10 +1400,12 @@ static void stage_rows(ps_shard *s, int w, const ps_row_grad *rows, int nrows) {
     s->mem_staged += rowlist_bytes(l);
 }
 
-/* Async: apply the pushed partitions (in acc: load_dense) at once and
- * publish version + 1; the others carry over unchanged (mu held). Returns
- * the old snapshot (NULL when the new version was written in place). */
-static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
+/* Async: apply the pushed partitions (in acc: load_dense) at once; the
+ * others carry over unchanged. With bump, publish version + 1; without (a
+ * call of a step whose last call is still to come: step_parts), the
+ * values change and the version does not (mu held). Returns the old
+ * snapshot (NULL when the values were written in place). */
+static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads, int bump) {
     /* No reader holds the current snapshot (references are taken under
      * mu, or from one already held): write the next version into it in
      * place. Nobody can see the change, the buffer is already in cache,
@@ -1411,6 +1413,7 @@ static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
     if (atomic_load(&s->current->refs) == 1) {
         for (int i = 0; i < ngrads; i++)
             apply_part(s, s->local_of[grads[i].part], 1, s->current->data);
+        if (!bump) return NULL;
         s->version++;
         s->current->version = s->version;
         (void)publish(s, s->current); /* Itself: nothing to unref. */
@@ -1430,6 +1433,11 @@ static ps_snapshot *apply_async(ps_shard *s, const ps_grad *grads, int ngrads) {
             memcpy(next + s->part_off[li], s->current->data + s->part_off[li],
                    (s->part_off[li + 1] - s->part_off[li]) * sizeof(float));
     if (pushed != small) free(pushed);
+    if (!bump) { /* The same version: no publish hook, no row expiry step. */
+        ps_snapshot *old = s->current;
+        s->current = snap_new(s, next, s->version);
+        return old;
+    }
     s->version++;
     return publish(s, snap_new(s, next, s->version));
 }
@@ -1491,16 +1499,43 @@ static void fetch_stored_rows(ps_shard *s, const fetch_req *q, int nq) {
 
 int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
                   int64_t *version, char *err, size_t errlen) {
-    return ps_shard_push_rows(s, worker, step, grads, ngrads, NULL, 0, 0, version, err, errlen);
+    return ps_shard_push_step(s, worker, step, 0, grads, ngrads, NULL, 0, 0, version, err,
+                              errlen);
 }
 
 int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
                        const ps_row_grad *rows, int nrows, int rows_final, int64_t *version,
                        char *err, size_t errlen) {
+    return ps_shard_push_step(s, worker, step, 0, grads, ngrads, rows, nrows, rows_final,
+                              version, err, errlen);
+}
+
+/* step_parts against the call (no lock: nparts is fixed at create). */
+static int step_parts_ok(const ps_shard *s, int step_parts, int ngrads, int has_rows,
+                         char *err, size_t errlen) {
+    if (step_parts == 0) return PS_PUSH_OK;
+    if (step_parts < ngrads || step_parts > s->nparts) {
+        cm_seterr(err, errlen, "step_parts %d out of range: a call with %d partitions to shard "
+                  "%d (which has %d) must say %d to %d", step_parts, ngrads, s->index,
+                  s->nparts, ngrads, s->nparts);
+        return PS_PUSH_INVALID;
+    }
+    if (has_rows) {
+        cm_seterr(err, errlen, "step_parts with row gradients: a step with rows comes in one "
+                  "call (step_parts 0)");
+        return PS_PUSH_INVALID;
+    }
+    return PS_PUSH_OK;
+}
+
+int ps_shard_push_step(ps_shard *s, int worker, int64_t step, int step_parts,
+                       const ps_grad *grads, int ngrads, const ps_row_grad *rows, int nrows,
+                       int rows_final, int64_t *version, char *err, size_t errlen) {
     int has_rows = nrows > 0 || rows_final;
     /* A push of rows alone carries no partition. */
     int rc = ngrads == 0 && has_rows ? PS_PUSH_OK : validate(s, grads, ngrads, err, errlen);
     if (rc == PS_PUSH_OK) rc = validate_rows(s, rows, nrows, rows_final, err, errlen);
+    if (rc == PS_PUSH_OK) rc = step_parts_ok(s, step_parts, ngrads, has_rows, err, errlen);
     /* The rows' values, before the lock: the scan reads the request only
      * (the dense values are checked as they are read, load_dense). */
     char nf[320];
@@ -1575,10 +1610,23 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
             rc = PS_PUSH_INVALID;
             goto done;
         }
+        /* The version goes up once a step: with step_parts, when the call
+         * that brings the last of them comes (in whatever order the calls
+         * arrive); without, every call. */
+        int given = 0;
+        for (size_t k = 0; same && step_parts > 0 && k < np; k++) given += gave[k];
+        if (step_parts > 0 && given + ngrads > step_parts) {
+            cm_seterr(err, errlen, "worker %d's calls of step %lld carry %d partitions of shard "
+                      "%d, more than their step_parts (%d)", worker, (long long)step,
+                      given + ngrads, s->index, step_parts);
+            rc = PS_PUSH_INVALID;
+            goto done;
+        }
+        int bump = step_parts == 0 || given + ngrads == step_parts;
         if ((rc = check_values(s, worker, grads, ngrads, NULL, bad_rows, nf, &drop, err,
                                errlen)) != PS_PUSH_OK)
             goto done;
-        if (!drop && !reserve_buffer(s)) {
+        if ((!drop || bump) && !reserve_buffer(s)) {
             cm_seterr(err, errlen, "shard %d: cannot allocate the next version's values",
                       s->index);
             rc = PS_PUSH_NOMEM;
@@ -1596,6 +1644,12 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
         if (step > s->step_hw) s->step_hw = step;
         if (drop) {
             s->st.nonfinite_pushes++;
+            /* Nothing of it is applied, but it ends its step: the earlier
+             * calls were applied, and the step counts. */
+            if (step_parts > 0 && bump) {
+                old = apply_async(s, grads, 0, 1);
+                nready = take_ready(s, &ready);
+            }
             goto done;
         }
         s->st.pushes++;
@@ -1603,7 +1657,7 @@ int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *gra
             acc_rows(s, rows, nrows);
             apply_acc(s, 1.0f);
         }
-        old = apply_async(s, grads, ngrads);
+        old = apply_async(s, grads, ngrads, bump);
         nready = take_ready(s, &ready);
         goto done;
     }

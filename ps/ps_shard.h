@@ -12,7 +12,11 @@
  * summed) and the optimizer writes that partition of version t + 1 at once
  * (a partition reply can be sent then); when every partition is done the
  * version becomes t + 1. In async mode every push is applied at once (its
- * partitions; the others are unchanged) and bumps the version.
+ * partitions; the others are unchanged) and bumps the version, once a
+ * step: a step pushed in several calls that say so (ps_shard_push_step's
+ * step_parts) bumps it with the call that completes it, and a pull
+ * between its calls sees it partly applied (as it sees other workers'
+ * pushes between them).
  * A gradient comes as float32 or bfloat16 (ps_grad.dtype), each widened to
  * float32 as it arrives, so workers of one step may mix them; the sums, the
  * optimizer and the snapshots are float32.
@@ -310,6 +314,20 @@ int ps_shard_push(ps_shard *s, int worker, int64_t step, const ps_grad *grads, i
 int ps_shard_push_rows(ps_shard *s, int worker, int64_t step, const ps_grad *grads, int ngrads,
                        const ps_row_grad *rows, int nrows, int rows_final, int64_t *version,
                        char *err, size_t errlen);
+
+/* The same, for a step whose partitions for this shard come in several
+ * calls (a client splits a large push): step_parts is how many partitions
+ * the step carries to this shard over all its calls; 0 (what the two above
+ * pass) means this call is the whole step. In async mode each call is
+ * applied as it comes and the version goes up once, with the call that
+ * brings the last of step_parts (in any order; a dropped call, see
+ * skip_nonfinite, counts); a step whose calls never all come leaves the
+ * version where it was. Sync mode counts partitions, not calls, and only
+ * checks it. PS_PUSH_INVALID: step_parts below this call's partitions,
+ * above the shard's, given with rows, or exceeded by the step's calls. */
+int ps_shard_push_step(ps_shard *s, int worker, int64_t step, int step_parts,
+                       const ps_grad *grads, int ngrads, const ps_row_grad *rows, int nrows,
+                       int rows_final, int64_t *version, char *err, size_t errlen);
 
 /* Export: the rows of table t that exist here, from the from-th in their
  * order of creation, up to max of them: ids into ids[], values (dim each)

@@ -135,7 +135,7 @@ static void usage(FILE *f) {
             "  --call-bytes N            PS mode: a shard's share of a dense push or pull\n"
             "                            of more than N bytes goes as several calls\n"
             "                            (whole partitions, at most 16; default 524288;\n"
-            "                            -1: one call a shard; async pushes: always one)\n"
+            "                            -1: one call a shard)\n"
             "  --call-window N           PS mode: of a shard's calls, N in flight at once;\n"
             "                            each end starts the next (default 3; -1: all at\n"
             "                            once). A call's pull waits for every worker's\n"

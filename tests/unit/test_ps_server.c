@@ -558,6 +558,55 @@ static ps_client *open_split_client(int rank, int64_t deadline_ms, int window) {
     return c;
 }
 
+/* Async, a client whose pushes to a shard go as several calls (call_bytes
+ * 1, PushRequest.step_parts): a step is one version of each shard, not one
+ * a call, through push then pull and push-pull, and each step is one
+ * update of the values, exactly. */
+static void test_client_async_split_one_version(void **state) {
+    (void)state;
+    fx_start(0);
+    size_t n = F.m->numel;
+    float *ref = malloc(n * sizeof *ref), *got = malloc(n * sizeof *got),
+          *g = malloc(n * sizeof *g);
+    assert_true(ref && got && g);
+    memcpy(ref, F.init, n * sizeof *ref);
+    char err[512] = "";
+    ps_init_cfg ic = init_cfg();
+    ic.async = 1;
+    if (ps_client_init(F.cli[0], &ic, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_true(F.pl->shard_nparts[0] >= 2 && F.pl->shard_nparts[1] >= 2);
+    ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = 0,
+                        .deadline_ms = DEADLINE, .connect_timeout_ms = 2000, .call_bytes = 1,
+                        .async = 1};
+    ps_client *c = NULL;
+    if (ps_client_open(&cc, &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    for (int64_t step = 0; step < 4; step++) {
+        ps_ticket *t;
+        int64_t v = -1;
+        grad_fill(g, n, 0, step);
+        for (size_t i = 0; i < n; i++) ref[i] = ref[i] - LR * g[i];
+        memset(got, 0xff, n * sizeof *got);
+        if (step < 2) {
+            assert_int_equal(ps_client_push(c, step, g, &t), CM_OK);
+            if (ps_ticket_wait(t, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+            assert_int_equal(ps_client_pull(c, 0, got, &t), CM_OK);
+        } else {
+            assert_int_equal(ps_client_push_pull(c, step, g, got, &t), CM_OK);
+        }
+        if (ps_ticket_wait(t, &v, err, sizeof err) != CM_OK) fail_msg("%s", err);
+        assert_int_equal(v, step + 1);
+        expect_same(ref, got, n);
+    }
+    ps_client_stats st = stats();
+    assert_true(st.pushes > 4 * 2); /* Split: more calls than shards. */
+    assert_int_equal(st.bad_requests, 0);
+    ps_client_close(c);
+    free(ref);
+    free(got);
+    free(g);
+    fx_stop();
+}
+
 /* Clients whose calls carry at most one partition (call_bytes 1: a shard's
  * pushes and pulls go as one call a partition, all at once) train exactly
  * as whole calls do, through push then pull and through push-pull; the
@@ -2775,6 +2824,7 @@ int main(void) {
         cmocka_unit_test(test_client_happy_path),
         cmocka_unit_test(test_client_push_pull_parts),
         cmocka_unit_test(test_client_calls_split),
+        cmocka_unit_test(test_client_async_split_one_version),
         cmocka_unit_test(test_client_wakes_once),
         cmocka_unit_test(test_client_close_right_after_wait),
         cmocka_unit_test(test_client_call_window),

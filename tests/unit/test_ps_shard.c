@@ -1692,6 +1692,160 @@ static void test_async_step_in_calls(void **state) {
     ps_shard_destroy(cut);
 }
 
+static void poke_f32(push_buf *pb, int k, size_t j, uint32_t u);
+
+/* ref -= LR * g on shard 0's partitions k0 .. k0 + nk - 1 (SGD, one
+ * contribution: what an async push of them applies). */
+static void sgd_parts(const fixture *f, float *ref, const float *g, int k0, int nk) {
+    for (int k = k0; k < k0 + nk; k++) {
+        const cm_partition *p = &f->pl->parts[f->parts[k]];
+        for (size_t i = p->offset; i < p->offset + p->count; i++) ref[i] = ref[i] - LR * g[i];
+    }
+}
+
+/* Async, a step in several calls that say so (step_parts): each call is
+ * applied as it comes, in either order, and the version goes up once, with
+ * the call that completes the step; another worker's whole push between
+ * two calls bumps it as usual; retries are duplicates; a snapshot held
+ * across a call stays as it was; the values are exact. */
+static void test_async_step_parts_one_version(void **state) {
+    fixture *f = *state;
+    size_t n = f->m->numel;
+    int P = f->nparts;
+    assert_true(P >= 2);
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 2, PS_ASYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    char err[256] = "";
+    int64_t v = -1, want = 0;
+    float g0[MAXN], g1[MAXN], ref[MAXN], got[MAXN], held0[MAXN], held1[MAXN];
+    initial(f, ref);
+    for (int64_t t = 0; t < 2; t++) {
+        push_buf pb;
+        grad_fill(g0, n, 0, t);
+        grad_fill(g1, n, 1, t);
+        push_make(f, g0, &pb);
+        /* Step 0: the first partition, then the others; step 1 the other
+         * way round. */
+        int ka = t == 0 ? 0 : 1, na = t == 0 ? 1 : P - 1;
+        int kb = t == 0 ? 1 : 0, nb = t == 0 ? P - 1 : 1;
+        ps_snapshot *held = pull_now(f->s, 0);
+        values_of(f, held, held0);
+        assert_int_equal(ps_shard_push_step(f->s, 0, t, P, pb.g + ka, na, NULL, 0, 0, &v, err,
+                                            sizeof err),
+                         PS_PUSH_OK);
+        assert_int_equal(v, want); /* Applied, not a version yet. */
+        sgd_parts(f, ref, g0, ka, na);
+        assert_int_equal(values(f, got), want);
+        expect_same(ref, got, n);
+        values_of(f, held, held1);
+        expect_same(held0, held1, n);
+        assert_int_equal(ps_snapshot_version(held), want);
+        ps_snapshot_unref(held);
+        /* A retry of that call. */
+        assert_int_equal(ps_shard_push_step(f->s, 0, t, P, pb.g + ka, na, NULL, 0, 0, &v, err,
+                                            sizeof err),
+                         PS_PUSH_DUPLICATE);
+        assert_int_equal(v, want);
+        /* Worker 1's whole step in between: a version of its own. */
+        push_buf pb1;
+        push_make(f, g1, &pb1);
+        assert_int_equal(ps_shard_push(f->s, 1, t, pb1.g, pb1.n, &v, err, sizeof err),
+                         PS_PUSH_OK);
+        assert_int_equal(v, ++want);
+        sgd_parts(f, ref, g1, 0, P);
+        /* The last call: the step's version. */
+        assert_int_equal(ps_shard_push_step(f->s, 0, t, P, pb.g + kb, nb, NULL, 0, 0, &v, err,
+                                            sizeof err),
+                         PS_PUSH_OK);
+        assert_int_equal(v, ++want);
+        sgd_parts(f, ref, g0, kb, nb);
+        assert_int_equal(ps_shard_push_step(f->s, 0, t, P, pb.g + kb, nb, NULL, 0, 0, &v, err,
+                                            sizeof err),
+                         PS_PUSH_DUPLICATE);
+        assert_int_equal(v, want);
+        assert_int_equal(values(f, got), want);
+        expect_same(ref, got, n);
+    }
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.version, 4);
+    assert_int_equal(st.pushes, 6);
+    assert_int_equal(st.duplicate_pushes, 4);
+    assert_int_equal(st.bad_requests, 0);
+}
+
+/* step_parts that cannot be: below the call's partitions, above the
+ * shard's, with rows, or exceeded by the step's calls; each refused with
+ * a message, the shard unchanged. A step's last call dropped for a NaN
+ * (skip_nonfinite) still ends the step: its version comes. */
+static void test_async_step_parts_refused(void **state) {
+    fixture *f = *state;
+    size_t n = f->m->numel;
+    int P = f->nparts;
+    assert_true(P >= 2);
+    ps_shard_set_skip_nonfinite(f->s, 1);
+    ps_shard_config c = cfg_make(PS_OPTIM_SGD, 1, PS_ASYNC, PS_AGG_MEAN);
+    init_ok(f, &c);
+    char err[256] = "";
+    int64_t v = -1;
+    float g[MAXN], ref[MAXN], got[MAXN];
+    initial(f, ref);
+    grad_fill(g, n, 0, 0);
+    push_buf pb;
+    push_make(f, g, &pb);
+    const struct {
+        int step_parts, first, count;
+        const char *says;
+    } bad[] = {{1, 0, 2, "out of range"}, {P + 1, 0, 1, "out of range"}, {-1, 0, 1,
+                                                                           "out of range"}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err[0] = 0;
+        assert_int_equal(ps_shard_push_step(f->s, 0, 0, bad[i].step_parts, pb.g + bad[i].first,
+                                            bad[i].count, NULL, 0, 0, &v, err, sizeof err),
+                         PS_PUSH_INVALID);
+        if (!strstr(err, bad[i].says)) fail_msg("step_parts %d: '%s'", bad[i].step_parts, err);
+    }
+    /* With rows: the fixture's model has no tables, so rows_final alone. */
+    assert_int_equal(ps_shard_push_step(f->s, 0, 0, P, pb.g, 1, NULL, 0, 1, &v, err,
+                                        sizeof err),
+                     PS_PUSH_INVALID);
+    /* A step that says 1 partition (the call completes it), then brings
+     * another: refused, nothing of it applied. */
+    assert_int_equal(ps_shard_push_step(f->s, 0, 0, 1, pb.g, 1, NULL, 0, 0, &v, err,
+                                        sizeof err),
+                     PS_PUSH_OK);
+    assert_int_equal(v, 1);
+    sgd_parts(f, ref, g, 0, 1);
+    err[0] = 0;
+    assert_int_equal(ps_shard_push_step(f->s, 0, 0, 1, pb.g + 1, 1, NULL, 0, 0, &v, err,
+                                        sizeof err),
+                     PS_PUSH_INVALID);
+    if (!strstr(err, "more than their step_parts")) fail_msg("'%s'", err);
+    own_only(f, ref);
+    assert_int_equal(values(f, got), 1);
+    expect_same(ref, got, n);
+    /* Step 1 in two calls, the last with a NaN: dropped, and the step's
+     * version comes all the same; the first call's values stay. */
+    int64_t before = 1;
+    grad_fill(g, n, 0, 1);
+    push_make(f, g, &pb);
+    assert_int_equal(ps_shard_push_step(f->s, 0, 1, P, pb.g, 1, NULL, 0, 0, &v, err,
+                                        sizeof err),
+                     PS_PUSH_OK);
+    assert_int_equal(v, before);
+    sgd_parts(f, ref, g, 0, 1);
+    poke_f32(&pb, 1, 0, 0x7fc00000u);
+    assert_int_equal(ps_shard_push_step(f->s, 0, 1, P, pb.g + 1, P - 1, NULL, 0, 0, &v, err,
+                                        sizeof err),
+                     PS_PUSH_OK);
+    assert_int_equal(v, before + 1);
+    assert_int_equal(values(f, got), before + 1);
+    expect_same(ref, got, n);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.nonfinite_pushes, 1);
+}
+
 /* ===== Shutdown ===== */
 
 static void test_abort_waiters(void **state) {
@@ -3844,6 +3998,8 @@ int main(void) {
         T(test_bf16_push_equals_fp32_of_rounded),
         T(test_pushes_in_pieces),
         T(test_async_step_in_calls),
+        T(test_async_step_parts_one_version),
+        T(test_async_step_parts_refused),
         T(test_abort_waiters),
         T(test_destroy_answers_waiters),
         T(test_concurrent_sync_pushes),
