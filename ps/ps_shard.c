@@ -187,6 +187,10 @@ struct ps_shard {
      * contribution (-1: none). The rest of its push, or a retry of a call
      * of it, is then late (PS_PUSH_SKIPPED), not a duplicate. */
     int64_t partial_step[PS_SHARD_MAX_WORKERS];
+    /* Async: worker w's last step (last_step[w]) came with step_parts and
+     * not all of its calls are in yet; its last complete step is the one
+     * before (ps_shard_worker_steps). */
+    uint8_t step_open[PS_SHARD_MAX_WORKERS];
     double open_since;  /* When the open step's first contribution came (0: none). */
     int frozen;          /* The hook asked, until ps_shard_thaw: pushes get
                           * PS_PUSH_BUSY. */
@@ -738,6 +742,7 @@ static int setup(ps_shard *s, const ps_shard_config *cfg, int64_t version, const
     memset(s->absent, 0, sizeof s->absent);
     s->nabsent = 0;
     for (size_t w = 0; w < PS_SHARD_MAX_WORKERS; w++) s->partial_step[w] = -1;
+    memset(s->step_open, 0, sizeof s->step_open);
     s->open_since = 0;
     s->last_step = last;
     for (size_t w = 0; w < W; w++) s->last_step[w] = -1;
@@ -1641,6 +1646,7 @@ int ps_shard_push_step(ps_shard *s, int worker, int64_t step, int step_parts,
         s->last_step[worker] = step;
         if (!same) memset(gave, 0, np);
         for (int i = 0; i < ngrads; i++) gave[s->local_of[grads[i].part]] = 1;
+        s->step_open[worker] = !bump;
         if (step > s->step_hw) s->step_hw = step;
         if (drop) {
             s->st.nonfinite_pushes++;
@@ -2040,6 +2046,7 @@ void ps_shard_set_worker_steps(ps_shard *s, const int64_t *steps, int n) {
     size_t np = (size_t)(s->nparts ? s->nparts : 1);
     for (int i = 0; s->inited && i < n && i < s->cfg.num_workers; i++) {
         s->last_step[i] = steps[i];
+        s->step_open[i] = 0;
         if (steps[i] > s->step_hw) s->step_hw = steps[i];
         /* Async: every call of that step was taken (sync keeps contrib
          * for the open step). */
@@ -2051,7 +2058,7 @@ void ps_shard_set_worker_steps(ps_shard *s, const int64_t *steps, int n) {
 int ps_shard_worker_steps(ps_shard *s, int64_t *out, int max) {
     pthread_mutex_lock(&s->mu);
     int w = s->inited ? s->cfg.num_workers : 0;
-    for (int i = 0; i < w && i < max; i++) out[i] = s->last_step[i];
+    for (int i = 0; i < w && i < max; i++) out[i] = s->last_step[i] - s->step_open[i];
     pthread_mutex_unlock(&s->mu);
     return w;
 }
@@ -2067,9 +2074,10 @@ void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     if (s->rows) ps_rows_spill_stats_get(s->rows, &out->row_cache);
     out->min_worker_step = -1;
     if (s->inited && s->cfg.num_workers > 0) {
-        out->min_worker_step = s->last_step[0];
+        out->min_worker_step = s->last_step[0] - s->step_open[0];
         for (int w = 1; w < s->cfg.num_workers; w++)
-            if (s->last_step[w] < out->min_worker_step) out->min_worker_step = s->last_step[w];
+            if (s->last_step[w] - s->step_open[w] < out->min_worker_step)
+                out->min_worker_step = s->last_step[w] - s->step_open[w];
     }
     pthread_mutex_unlock(&s->mu);
 }
@@ -2164,6 +2172,7 @@ int ps_shard_rollback(ps_shard *s, int64_t version, const float *params, const f
     memset(s->absent, 0, sizeof s->absent);
     s->nabsent = 0;
     for (size_t k = 0; k < PS_SHARD_MAX_WORKERS; k++) s->partial_step[k] = -1;
+    memset(s->step_open, 0, sizeof s->step_open);
     s->open_since = 0;
     for (size_t k = 0; k < W; k++) s->last_step[k] = -1;
     if (s->rows) {

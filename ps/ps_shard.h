@@ -241,7 +241,12 @@ typedef struct ps_shard_stats {
 } ps_shard_stats;
 
 /* Each worker rank's last pushed step (-1: none since Init or restart) into
- * out (at most max); returns the number of workers (0 before Init). */
+ * out (at most max); returns the number of workers (0 before Init). An
+ * async step in calls (step_parts) counts once all of them are in: a
+ * worker that died between two of them, started again from the step after
+ * this, pushes that step again, and the calls already taken are
+ * duplicates. (Checkpoints record the step itself: what its later calls
+ * brought came after the checkpoint.) */
 int ps_shard_worker_steps(ps_shard *s, int64_t *out, int max);
 
 /* The shard 'index' of 'placement' for 'model' (both borrowed; they must

@@ -1707,7 +1707,10 @@ static void sgd_parts(const fixture *f, float *ref, const float *g, int k0, int 
  * applied as it comes, in either order, and the version goes up once, with
  * the call that completes the step; another worker's whole push between
  * two calls bumps it as usual; retries are duplicates; a snapshot held
- * across a call stays as it was; the values are exact. */
+ * across a call stays as it was; the values are exact. The worker's step
+ * counts (ps_shard_worker_steps) once all its calls are in, so a worker
+ * started again between two calls pushes the step again and only the
+ * missing calls are taken. */
 static void test_async_step_parts_one_version(void **state) {
     fixture *f = *state;
     size_t n = f->m->numel;
@@ -1734,6 +1737,9 @@ static void test_async_step_parts_one_version(void **state) {
                                             sizeof err),
                          PS_PUSH_OK);
         assert_int_equal(v, want); /* Applied, not a version yet. */
+        int64_t steps[2];
+        assert_int_equal(ps_shard_worker_steps(f->s, steps, 2), 2);
+        assert_int_equal(steps[0], t - 1); /* Not complete yet. */
         sgd_parts(f, ref, g0, ka, na);
         assert_int_equal(values(f, got), want);
         expect_same(ref, got, n);
@@ -1759,6 +1765,8 @@ static void test_async_step_parts_one_version(void **state) {
                          PS_PUSH_OK);
         assert_int_equal(v, ++want);
         sgd_parts(f, ref, g0, kb, nb);
+        assert_int_equal(ps_shard_worker_steps(f->s, steps, 2), 2);
+        assert_int_equal(steps[0], t);
         assert_int_equal(ps_shard_push_step(f->s, 0, t, P, pb.g + kb, nb, NULL, 0, 0, &v, err,
                                             sizeof err),
                          PS_PUSH_DUPLICATE);
@@ -1766,12 +1774,36 @@ static void test_async_step_parts_one_version(void **state) {
         assert_int_equal(values(f, got), want);
         expect_same(ref, got, n);
     }
+    /* Worker 0 dies after the first call of step 2 and, started again
+     * after its last complete step (1), pushes step 2 again in the same
+     * calls: the first is a duplicate, the second completes the step. */
+    push_buf pb;
+    grad_fill(g0, n, 0, 2);
+    push_make(f, g0, &pb);
+    assert_int_equal(ps_shard_push_step(f->s, 0, 2, P, pb.g, 1, NULL, 0, 0, &v, err, sizeof err),
+                     PS_PUSH_OK);
+    sgd_parts(f, ref, g0, 0, 1);
+    int64_t steps[2];
+    assert_int_equal(ps_shard_worker_steps(f->s, steps, 2), 2);
+    assert_int_equal(steps[0], 1);
+    assert_int_equal(ps_shard_push_step(f->s, 0, 2, P, pb.g, 1, NULL, 0, 0, &v, err, sizeof err),
+                     PS_PUSH_DUPLICATE);
+    assert_int_equal(ps_shard_push_step(f->s, 0, 2, P, pb.g + 1, P - 1, NULL, 0, 0, &v, err,
+                                        sizeof err),
+                     PS_PUSH_OK);
+    assert_int_equal(v, ++want);
+    sgd_parts(f, ref, g0, 1, P - 1);
+    assert_int_equal(values(f, got), want);
+    expect_same(ref, got, n);
+    assert_int_equal(ps_shard_worker_steps(f->s, steps, 2), 2);
+    assert_int_equal(steps[0], 2);
     ps_shard_stats st;
     ps_shard_stats_get(f->s, &st);
-    assert_int_equal(st.version, 4);
-    assert_int_equal(st.pushes, 6);
-    assert_int_equal(st.duplicate_pushes, 4);
+    assert_int_equal(st.version, 5);
+    assert_int_equal(st.pushes, 8);
+    assert_int_equal(st.duplicate_pushes, 5);
     assert_int_equal(st.bad_requests, 0);
+    assert_int_equal(st.min_worker_step, 1);
 }
 
 /* step_parts that cannot be: below the call's partitions, above the
