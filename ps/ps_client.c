@@ -124,6 +124,9 @@ typedef struct sub {
 struct ps_ticket {
     ps_client *c;
     int op;
+    int grouped; /* Sub-calls are the client's groups (a whole dense push or
+                  * pull, a shard's share maybe in several calls), not one
+                  * a shard. */
     int64_t step;
     const float *grad;
     float *params;
@@ -366,7 +369,7 @@ static void issue(ps_ticket *t, sub *s, int reserved) {
         req.train = t->train;
         /* A step in several calls to this shard: async shards then bump
          * their version once a step, not once a call. */
-        if (c->cfg.async && !s->sparse && s->nparts < c->nparts[sh])
+        if (c->cfg.async && t->grouped && !s->sparse && s->nparts < c->nparts[sh])
             req.step_parts = (uint32_t)c->nparts[sh];
         ps_wire_put_message(&w, &req.base);
         put_want(&w, 6, &s->want);
@@ -435,6 +438,7 @@ static ps_ticket *ticket_new(ps_client *c, int op, int64_t step, int grouped) {
     t->op = op;
     t->step = step;
     t->start = cm_now();
+    t->grouped = grouped;
     t->nsubs = grouped ? c->ngroups : c->nshards;
     t->subs = cm_calloc((size_t)t->nsubs, sizeof *t->subs);
     int w = call_window(c);

@@ -6,10 +6,13 @@
  *         SERVING --ps_shard_push (a partition's last contribution)-->
  *             that partition applied into 'pending' (version + 1)
  *         ... --(the last partition)--> SERVING (v+1): pending published
- *         SERVING --ps_shard_push (async)--> SERVING (v+1)
+ *         SERVING --ps_shard_push (async)--> SERVING (v+1), or SERVING (v) for a
+ *             call of a step in calls that does not complete it (step_parts)
  * Invariants, under mu:
  *  - 'current' is the snapshot of the parameters at 'version' (never NULL
- *    once initialised). The optimizer writes the next version out of place,
+ *    once initialised); in async mode, with the calls of steps in calls
+ *    that are not complete yet applied too (such a call changes the values,
+ *    not the version). The optimizer writes the next version out of place,
  *    partition by partition, into 'pending' (sync) or a new buffer (async;
  *    in place instead when the shard holds the only reference to current:
  *    every other reference is taken under mu or from a held one, so no
@@ -1631,7 +1634,7 @@ int ps_shard_push_step(ps_shard *s, int worker, int64_t step, int step_parts,
         if ((rc = check_values(s, worker, grads, ngrads, NULL, bad_rows, nf, &drop, err,
                                errlen)) != PS_PUSH_OK)
             goto done;
-        if ((!drop || bump) && !reserve_buffer(s)) {
+        if ((!drop || (step_parts > 0 && bump)) && !reserve_buffer(s)) {
             cm_seterr(err, errlen, "shard %d: cannot allocate the next version's values",
                       s->index);
             rc = PS_PUSH_NOMEM;

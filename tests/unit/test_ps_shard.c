@@ -1807,8 +1807,8 @@ static void test_async_step_parts_one_version(void **state) {
 }
 
 /* step_parts that cannot be: below the call's partitions, above the
- * shard's, with rows, or exceeded by the step's calls; each refused with
- * a message, the shard unchanged. A step's last call dropped for a NaN
+ * shard's, or exceeded by the step's calls (with rows: test_rows_async);
+ * each refused with a message, the shard unchanged. A step's last call dropped for a NaN
  * (skip_nonfinite) still ends the step: its version comes. */
 static void test_async_step_parts_refused(void **state) {
     fixture *f = *state;
@@ -1837,10 +1837,11 @@ static void test_async_step_parts_refused(void **state) {
                          PS_PUSH_INVALID);
         if (!strstr(err, bad[i].says)) fail_msg("step_parts %d: '%s'", bad[i].step_parts, err);
     }
-    /* With rows: the fixture's model has no tables, so rows_final alone. */
-    assert_int_equal(ps_shard_push_step(f->s, 0, 0, P, pb.g, 1, NULL, 0, 1, &v, err,
-                                        sizeof err),
-                     PS_PUSH_INVALID);
+    ps_shard_stats st;
+    ps_shard_stats_get(f->s, &st);
+    assert_int_equal(st.version, 0);
+    assert_int_equal(st.bad_requests, 3);
+    assert_int_equal(st.pushes, 0);
     /* A step that says 1 partition (the call completes it), then brings
      * another: refused, nothing of it applied. */
     assert_int_equal(ps_shard_push_step(f->s, 0, 0, 1, pb.g, 1, NULL, 0, 0, &v, err,
@@ -1873,9 +1874,9 @@ static void test_async_step_parts_refused(void **state) {
     assert_int_equal(v, before + 1);
     assert_int_equal(values(f, got), before + 1);
     expect_same(ref, got, n);
-    ps_shard_stats st;
     ps_shard_stats_get(f->s, &st);
     assert_int_equal(st.nonfinite_pushes, 1);
+    assert_int_equal(st.bad_requests, 4);
 }
 
 /* ===== Shutdown ===== */
@@ -3014,6 +3015,25 @@ static void test_rows_async(void **state) {
     push_rows_ok(f, f->s, 0, 0, 0, &l, 0, PS_PUSH_DUPLICATE, 4);
     push_rows_ok(f, f->s, 1, 1, 1, &l, 0, PS_PUSH_DUPLICATE, 4);
     expect_rows(f->s, ref);
+    /* A step in calls (step_parts) carries no rows: refused, nothing
+     * changes. */
+    {
+        push_buf pb;
+        rows_buf rb;
+        char err[256] = "";
+        int64_t v = -1;
+        rlist_fill(f, &l, 0, 4);
+        grad_fill(g, f->m->numel, 0, 4);
+        push_make(f, g, &pb);
+        rows_make(&l, PS_DTYPE_FLOAT32, &rb);
+        assert_int_equal(ps_shard_push_step(f->s, 0, 4, pb.n, pb.g, pb.n, rb.r, rb.n, 0, &v, err,
+                                            sizeof err),
+                         PS_PUSH_INVALID);
+        if (!strstr(err, "step_parts with row gradients")) fail_msg("'%s'", err);
+        expect_rows(f->s, ref);
+        assert_int_equal(values(f, d_got), 4);
+        expect_same(d_ref, d_got, f->m->numel);
+    }
     ps_shard_stats st;
     ps_shard_stats_get(f->s, &st);
     assert_int_equal(st.duplicate_pushes, 2);
