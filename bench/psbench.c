@@ -77,6 +77,9 @@ typedef struct phase_result {
     int nw;          /* Workers (while the lines are summed). */
     double wall_s, others_s; /* The round's wall time, and the CPU time other
                               * processes took meanwhile (bu_cpu_sample). */
+    double cpu_s;            /* The CPU time this benchmark's own processes
+                              * (servers, workers, driver) took in the round:
+                              * warm-up and timed steps, clock ticks. */
 } phase_result;
 
 /* Other processes using more than this many cores during a run's PS or TCP
@@ -561,6 +564,7 @@ static int run_workers(bu_driver *d, bu_child **w, int nw, phase_result *res, ch
     if ((rc = bu_workers_round(d, w, nw, add_timings, res, err, errlen)) != CM_OK) return rc;
     bu_cpu_sample_take(d, &b);
     res->wall_s = b.wall - a.wall;
+    res->cpu_s = b.ours_s - a.ours_s;
     /* Less what the counters' clock ticks may be off by: a short window
      * is not flagged for their rounding. */
     res->others_s = bu_cpu_others_s(&a, &b) - b.res_s;
@@ -711,6 +715,12 @@ static double gbps_of(const bench_cfg *b, const phase_result *r) {
     return (double)b->workers * b->iters * 2.0 * (double)b->bytes / r->window_s * 1e-9;
 }
 
+/* CPU µs the round took per MiB moved (warm-up and timed steps, both ways). */
+static double cpu_us_per_mib(const bench_cfg *b, const phase_result *r) {
+    double mib = (double)b->workers * (b->warmup + b->iters) * 2.0 * (double)b->bytes / 1048576.0;
+    return r->cpu_s * 1e6 / mib;
+}
+
 /* Print the JSON line of one configuration from its nrep runs: medians,
  * and the ratio to TCP as the median of the runs' own ratios (each run's two
  * phases are seconds apart, so a burst of load on a shared machine mostly
@@ -756,7 +766,11 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
     if (plain) plain = plaink;
     nrep = nkeep;
     if (nrep > 0) {
+        double cpu[MAX_REPEATS], tcpu[MAX_REPEATS], cratio[MAX_REPEATS];
         for (int i = 0; i < nrep; i++) {
+            cpu[i] = cpu_us_per_mib(b, &ps[i]);
+            tcpu[i] = cpu_us_per_mib(b, &tcp[i]);
+            cratio[i] = tcpu[i] > 0 ? cpu[i] / tcpu[i] : 0;
             g[i] = gbps_of(b, &ps[i]);
             tg[i] = gbps_of(b, &tcp[i]);
             push[i] = ps[i].push_ms;
@@ -776,6 +790,8 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
                "\"ratio_to_tcp\":%.3f",
                gm, g[0], g[nrep - 1], ops, bu_median(push, nrep), bu_median(pull, nrep), tgm, tg[0],
                tg[nrep - 1], bu_median(tpush, nrep), bu_median(tpull, nrep), bu_median(ratio, nrep));
+        printf(",\"cpu_us_per_mib\":%.1f,\"tcp_cpu_us_per_mib\":%.1f,\"cpu_ratio_to_tcp\":%.3f",
+               bu_median(cpu, nrep), bu_median(tcpu, nrep), bu_median(cratio, nrep));
         if (b->security != SEC_NONE) { /* The cost, run by run against its own plain phase. */
             double pg[MAX_REPEATS], cost[MAX_REPEATS];
             for (int i = 0; i < nrep; i++) {
@@ -813,7 +829,10 @@ static void usage(FILE *f) {
             "usage: psbench [options]\n"
             "The dense push-then-pull workload (S PS x W workers on 127.0.0.1) through\n"
             "psserver + ps_client, and the same bytes over plain TCP in the same run.\n"
-            "Prints one JSON line per configuration; exits 1 if any check failed.\n\n"
+            "Prints one JSON line per configuration; exits 1 if any check failed.\n"
+            "Besides throughput, each line has the CPU time all of the benchmark's\n"
+            "processes took per MiB moved (warm-up and timed steps, both ways; clock\n"
+            "ticks): cpu_us_per_mib for the PS, tcp_cpu_us_per_mib, and their ratio.\n\n"
             "  --shapes SxW,...     servers x workers (default 1x1,2x2)\n"
             "  --modes M,...        async, sync (default both)\n"
             "  --sizes B,...        bytes per request: 4K, 1M, 16M (default all three)\n"
