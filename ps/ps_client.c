@@ -858,16 +858,13 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
                 rc = s->cm;
                 sub_error(t, s, err, errlen);
             }
-            int64_t v = s->version;
-            while (by_max && i + 1 < t->nsubs && t->subs[i + 1].shard == s->shard) {
-                sub *x = &t->subs[++i];
-                if (x->cm != CM_OK && rc == CM_OK) {
-                    rc = x->cm;
-                    sub_error(t, x, err, errlen);
-                }
-                if (x->version > v) v = x->version;
+            sub *next = i + 1 < t->nsubs ? &t->subs[i + 1] : NULL;
+            if (by_max && next && next->shard == s->shard) {
+                /* Carried to the shard's next call; its last one counts. */
+                if (s->version > next->version) next->version = s->version;
+                continue;
             }
-            if (v < vmin) vmin = v;
+            if (s->version < vmin) vmin = s->version;
         }
         ticket_free(t);
     }

@@ -2058,10 +2058,13 @@ void ps_shard_set_worker_steps(ps_shard *s, const int64_t *steps, int n) {
     pthread_mutex_unlock(&s->mu);
 }
 
+/* Worker w's last step with all of its calls in (mu held). */
+static int64_t done_step(const ps_shard *s, int w) { return s->last_step[w] - s->step_open[w]; }
+
 int ps_shard_worker_steps(ps_shard *s, int64_t *out, int max) {
     pthread_mutex_lock(&s->mu);
     int w = s->inited ? s->cfg.num_workers : 0;
-    for (int i = 0; i < w && i < max; i++) out[i] = s->last_step[i] - s->step_open[i];
+    for (int i = 0; i < w && i < max; i++) out[i] = done_step(s, i);
     pthread_mutex_unlock(&s->mu);
     return w;
 }
@@ -2077,10 +2080,9 @@ void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     if (s->rows) ps_rows_spill_stats_get(s->rows, &out->row_cache);
     out->min_worker_step = -1;
     if (s->inited && s->cfg.num_workers > 0) {
-        out->min_worker_step = s->last_step[0] - s->step_open[0];
+        out->min_worker_step = done_step(s, 0);
         for (int w = 1; w < s->cfg.num_workers; w++)
-            if (s->last_step[w] - s->step_open[w] < out->min_worker_step)
-                out->min_worker_step = s->last_step[w] - s->step_open[w];
+            if (done_step(s, w) < out->min_worker_step) out->min_worker_step = done_step(s, w);
     }
     pthread_mutex_unlock(&s->mu);
 }
