@@ -9,6 +9,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "common/cm_simd.h"
+
 ps_optim_cfg ps_optim_defaults(int kind, float lr) {
     ps_optim_cfg c = {.kind = kind, .lr = lr, .momentum = 0.9f, .beta1 = 0.9f,
                       .beta2 = 0.999f, .epsilon = 1e-8f, .initial_accumulator = 0.1f};
@@ -46,17 +48,10 @@ int ps_optim_nslots(int kind) {
     }
 }
 
-/* On x86-64 each kernel is also built for AVX2, chosen at load time (an
- * ifunc), so a build without -march=native still uses 8-wide vectors where
- * the CPU has them. Every operation is elementwise and without FMA
- * contraction (ISO C mode), so both versions give bit-identical results:
- * Adam over the MLP's 235,146 parameters took 0.175 ms with SSE2 and
- * 0.093 ms with AVX2 on the CI machine (best of 2000), same output hash. */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define PS_OPTIM_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PS_OPTIM_CLONES
-#endif
+/* Each kernel is also built for AVX2 (common/cm_simd.h): Adam over the
+ * MLP's 235,146 parameters took 0.175 ms with SSE2 and 0.093 ms with AVX2
+ * on the CI machine (best of 2000), same output hash. */
+#define PS_OPTIM_CLONES CM_SIMD_CLONES
 
 /* Kernels read w_in and write w_out, which are the same array or do not
  * overlap (gcc checks at run time and vectorises both cases). */

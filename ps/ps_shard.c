@@ -59,6 +59,7 @@
 #include <unistd.h>
 
 #include "common/cm_mem.h"
+#include "common/cm_simd.h"
 #include "common/cm_status.h"
 #include "common/cm_time.h"
 #include "proto/rpc.h"
@@ -1070,7 +1071,7 @@ static int validate_rows(const ps_shard *s, const ps_row_grad *rows, int nrows, 
 /* Whether any of n float32 at p (little-endian, maybe unaligned) is NaN or
  * infinite, i.e. has all its exponent bits set: adding one to such an
  * exponent carries into the sign bit, and no other exponent does. */
-static int any_nonfinite_f32(const uint8_t *restrict p, size_t n) {
+CM_SIMD_CLONES static int any_nonfinite_f32(const uint8_t *restrict p, size_t n) {
     uint32_t acc = 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t u;
@@ -1081,7 +1082,7 @@ static int any_nonfinite_f32(const uint8_t *restrict p, size_t n) {
 }
 
 /* The same for bfloat16 (the upper half of a float32). */
-static int any_nonfinite_bf16(const uint8_t *restrict p, size_t n) {
+CM_SIMD_CLONES static int any_nonfinite_bf16(const uint8_t *restrict p, size_t n) {
     uint32_t acc = 0;
     for (size_t i = 0; i < n; i++) {
         uint16_t h;
@@ -1125,7 +1126,7 @@ static const char *nonfinite_name(uint32_t u) {
 
 /* dst = the n float32 at p, as grad_load, in the same pass the check: 1 if
  * one is NaN or infinite (dst holds them all the same). */
-static int load_check_f32(float *restrict dst, const uint8_t *restrict p, size_t n) {
+CM_SIMD_CLONES static int load_check_f32(float *restrict dst, const uint8_t *restrict p, size_t n) {
     uint32_t acc = 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t u;
@@ -1137,7 +1138,7 @@ static int load_check_f32(float *restrict dst, const uint8_t *restrict p, size_t
 }
 
 /* The same from bfloat16, widened as ps_wire_load_bf16 does. */
-static int load_check_bf16(float *restrict dst, const uint8_t *restrict p, size_t n) {
+CM_SIMD_CLONES static int load_check_bf16(float *restrict dst, const uint8_t *restrict p, size_t n) {
     uint32_t acc = 0;
     for (size_t i = 0; i < n; i++) {
         uint16_t h;

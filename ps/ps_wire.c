@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "common/cm_mem.h"
+#include "common/cm_simd.h"
 #include "common/cm_status.h"
 
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
@@ -515,7 +516,10 @@ out:
     return rc;
 }
 
-void ps_wire_load_add(float *dst, const uint8_t *src, size_t n) {
+/* The elementwise kernels are static with AVX2 clones (common/cm_simd.h),
+ * behind plain exported functions: clang 14 emits no ifunc for an exported
+ * function with clones that its own file never calls. */
+CM_SIMD_CLONES static void load_add_k(float *dst, const uint8_t *src, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float v;
         memcpy(&v, src + 4 * i, sizeof v);
@@ -523,7 +527,12 @@ void ps_wire_load_add(float *dst, const uint8_t *src, size_t n) {
     }
 }
 
-void ps_wire_bf16_from_f32(uint16_t *restrict dst, const float *restrict src, size_t n) {
+void ps_wire_load_add(float *dst, const uint8_t *src, size_t n) {
+    load_add_k(dst, src, n);
+}
+
+CM_SIMD_CLONES static void bf16_from_f32_k(uint16_t *restrict dst, const float *restrict src,
+                                           size_t n) {
     for (size_t i = 0; i < n; i++) {
         uint32_t u;
         memcpy(&u, &src[i], sizeof u);
@@ -537,7 +546,11 @@ void ps_wire_bf16_from_f32(uint16_t *restrict dst, const float *restrict src, si
     }
 }
 
-void ps_wire_load_bf16(float *restrict dst, const uint8_t *restrict src, size_t n) {
+void ps_wire_bf16_from_f32(uint16_t *restrict dst, const float *restrict src, size_t n) {
+    bf16_from_f32_k(dst, src, n);
+}
+
+CM_SIMD_CLONES static void load_bf16_k(float *restrict dst, const uint8_t *restrict src, size_t n) {
     for (size_t i = 0; i < n; i++) {
         uint16_t h;
         memcpy(&h, src + 2 * i, sizeof h);
@@ -546,7 +559,12 @@ void ps_wire_load_bf16(float *restrict dst, const uint8_t *restrict src, size_t 
     }
 }
 
-void ps_wire_load_add_bf16(float *restrict dst, const uint8_t *restrict src, size_t n) {
+void ps_wire_load_bf16(float *restrict dst, const uint8_t *restrict src, size_t n) {
+    load_bf16_k(dst, src, n);
+}
+
+CM_SIMD_CLONES static void load_add_bf16_k(float *restrict dst, const uint8_t *restrict src,
+                                           size_t n) {
     for (size_t i = 0; i < n; i++) {
         uint16_t h;
         memcpy(&h, src + 2 * i, sizeof h);
@@ -555,6 +573,10 @@ void ps_wire_load_add_bf16(float *restrict dst, const uint8_t *restrict src, siz
         memcpy(&v, &u, sizeof v);
         dst[i] += v;
     }
+}
+
+void ps_wire_load_add_bf16(float *restrict dst, const uint8_t *restrict src, size_t n) {
+    load_add_bf16_k(dst, src, n);
 }
 
 int ps_wire_ids(const Psrpc__Rows *r, uint64_t **ids, size_t *n, char *err, size_t errlen) {
