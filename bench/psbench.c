@@ -902,8 +902,11 @@ static int parse_cfg(const opts *o, const char *shape, const char *mode, const c
     return 0;
 }
 
-/* Run one configuration o->repeats times (PS phase, then TCP phase) and
- * print its line. Returns 0, or -1 if a run failed or its check did. */
+/* Run one configuration o->repeats times and print its line: each run is a
+ * PS phase and a TCP phase back to back, the PS first in even runs and TCP
+ * first in odd ones, so that a drift of the machine across a run favours
+ * neither (the ratio is the median of the runs' own). Returns 0, or -1 if a
+ * run failed or its check did. */
 static int run_config(bu_driver *d, const opts *o, const bench_cfg *b) {
     phase_result ps[MAX_REPEATS], plain[MAX_REPEATS], tcp[MAX_REPEATS];
     char err[512] = "ok";
@@ -915,9 +918,11 @@ static int run_config(bu_driver *d, const opts *o, const bench_cfg *b) {
     for (; nrep < o->repeats; nrep++) {
         /* With security, its plain twin first, so that each run holds its
          * own reference (alternating phases: a burst of load hits both). */
-        if ((b->security != SEC_NONE && run_ps(d, &nb, &plain[nrep], err, sizeof err) != CM_OK) ||
+        int tcp_first = nrep % 2 == 1;
+        if ((tcp_first && run_tcp(d, b, &tcp[nrep], err, sizeof err) != CM_OK) ||
+            (b->security != SEC_NONE && run_ps(d, &nb, &plain[nrep], err, sizeof err) != CM_OK) ||
             run_ps(d, b, &ps[nrep], err, sizeof err) != CM_OK ||
-            run_tcp(d, b, &tcp[nrep], err, sizeof err) != CM_OK)
+            (!tcp_first && run_tcp(d, b, &tcp[nrep], err, sizeof err) != CM_OK))
             break;
         fprintf(stderr, "psbench: %dx%d %s %zu B %s run %d/%d: PS %.3f GB/s, TCP %.3f GB/s\n",
                 b->servers, b->workers, mode, b->bytes, sec_names[b->security], nrep + 1,
