@@ -26,6 +26,12 @@
 # three launches of one system and none of the other would set the first
 # ratio alone. The summary checks the targets both ways.
 #
+# Every program runs under bench/window.py, which adds to its lines the load
+# average and the cores other processes used meanwhile; a run where others
+# used more than 0.2 cores is flagged ("busy": true) and left out of the
+# medians and the pairs (busy_runs counts them), unless every launch of it
+# was.
+#
 # Installs openmpi-bin and libopenmpi-dev if missing (apt-get, as root or
 # with sudo), builds the MPI reference with mpicc into BUILD_DIR/bench (the
 # CMake build never needs MPI) and bench/allreduce with cmake.
@@ -70,19 +76,19 @@ mpi=(mpirun --allow-run-as-root --oversubscribe)
 # launch can be compared as a pair.
 tag() { sed "s/^{/{\"launch\":$launch,/" | tee -a "$out/$1"; }
 ours_tcp() {
-  "$build/bench/allreduce" --ranks "$n" --sizes "$sizes" --repeats "$repeats" \
+  bench/window.py "$build/bench/allreduce" --ranks "$n" --sizes "$sizes" --repeats "$repeats" \
     ${ring_args[@]+"${ring_args[@]}"} ${tcp_args[@]+"${tcp_args[@]}"} | tag ring
 }
 ours_shm() {
-  "$build/bench/allreduce" --ranks "$n" --sizes "$sizes" --repeats "$repeats" \
+  bench/window.py "$build/bench/allreduce" --ranks "$n" --sizes "$sizes" --repeats "$repeats" \
     --transport shm ${ring_args[@]+"${ring_args[@]}"} | tag ring_shm
 }
 mpi_tcp() {
-  OMPI_MCA_pml=ob1 "${mpi[@]}" -np "$n" --mca btl tcp,self --mca btl_tcp_if_include lo \
+  OMPI_MCA_pml=ob1 bench/window.py "${mpi[@]}" -np "$n" --mca btl tcp,self --mca btl_tcp_if_include lo \
     "$build/bench/allreduce_mpi" --transport tcp --sizes "$sizes" --repeats "$repeats" | tag mpi_tcp
 }
 mpi_shm() {
-  "${mpi[@]}" -np "$n" --mca btl vader,self \
+  bench/window.py "${mpi[@]}" -np "$n" --mca btl vader,self \
     "$build/bench/allreduce_mpi" --transport shm --sizes "$sizes" --repeats "$repeats" | tag mpi_shm
 }
 for launch in $(seq "$launches"); do
@@ -101,8 +107,11 @@ cut -d' ' -f1 /proc/loadavg > "$out/load_end"
 python3 - "$out" <<'EOF'
 import json, sys, os
 d = sys.argv[1]
+busy_runs = {}
 def load(name):
-    """Median over launches of each (n, bytes): the launch with the median busbw."""
+    """Median over launches of each (n, bytes): the launch with the median busbw, among
+    those that were not busy (others used more than 0.2 cores: bench/window.py), or among
+    all when every one was."""
     runs = {}
     for line in open(os.path.join(d, name)):
         if line.startswith("{"):
@@ -110,17 +119,21 @@ def load(name):
             runs.setdefault((r["n"], r["bytes"]), []).append(r)
     rows = {}
     for key, rs in runs.items():
-        rs.sort(key=lambda r: r["busbw_gbs"])
-        rows[key] = dict(rs[len(rs) // 2], launches=len(rs),
-                         busbw_min=rs[0]["busbw_gbs"], busbw_max=rs[-1]["busbw_gbs"],
+        quiet = [r for r in rs if not r.get("busy")]
+        busy_runs[(name,) + key] = len(rs) - len(quiet)
+        use = sorted(quiet or rs, key=lambda r: r["busbw_gbs"])
+        rows[key] = dict(use[len(use) // 2], launches=len(rs), launches_used=len(use),
+                         busbw_min=use[0]["busbw_gbs"], busbw_max=use[-1]["busbw_gbs"],
                          check="ok" if all(r["check"] == "ok" for r in rs) else "bad")
     return rows
 def by_launch(name):
+    """busbw by (n, bytes, launch), busy runs left out (so are their pairs)."""
     out = {}
     for line in open(os.path.join(d, name)):
         if line.startswith("{"):
             r = json.loads(line)
-            out[(r["n"], r["bytes"], r["launch"])] = r["busbw_gbs"]
+            if not r.get("busy"):
+                out[(r["n"], r["bytes"], r["launch"])] = r["busbw_gbs"]
     return out
 def paired(a, b, key):
     """Ours / MPI launch by launch (each pair ran back to back): their median, and all."""
@@ -146,7 +159,10 @@ for key in sorted(ring):
            "ours_shm_range": q and [q["busbw_min"], q["busbw_max"]],
            "mpi_tcp_range": t and [t["busbw_min"], t["busbw_max"]],
            "mpi_shm_range": s and [s["busbw_min"], s["busbw_max"]],
-           "launches": r["launches"], "oversubscribed": r["oversubscribed"]}
+           "launches": r["launches"], "oversubscribed": r["oversubscribed"],
+           "busy_runs": {sys_: busy_runs.get((f,) + key, 0) for sys_, f in
+                         (("ours_tcp", "ring"), ("ours_shm", "ring_shm"),
+                          ("mpi_tcp", "mpi_tcp"), ("mpi_shm", "mpi_shm"))}}
     row["ratio_vs_mpi_tcp_paired"], row["paired_tcp"] = paired(ring_l, tcp_l, key)
     row["ratio_shm_vs_mpi_shm_paired"], row["paired_shm"] = paired(ring_shm_l, shm_l, key)
     print(json.dumps(row))
@@ -172,5 +188,6 @@ print(json.dumps({"summary": "allreduce",
                   "met_shm_paired": bool(target_shm_paired) and min(target_shm_paired) >= 1.0,
                   "min_ratio_shm_paired": min(target_shm_paired) if target_shm_paired else None,
                   "load_start": load[0], "load_end": load[1],
+                  "busy_runs": sum(busy_runs.values()),
                   "all_results_checked_ok": all(c == "ok" for c in checks)}))
 EOF

@@ -24,9 +24,9 @@ Every round runs, for each op, shape and size, psbench (the PS and plain TCP: on
 ps-lite's cluster (1 scheduler, S servers, W workers on 127.0.0.1, ZeroMQ's TCP van), in
 alternating order from round to round. Iterations are psbench's: 4 KiB 3000 timed + 300
 warm-up, up to 4 MiB 300 + 30, beyond 40 + 5. Each window records the load average and the
-CPU time other processes took during it (the machine's busy time from /proc/stat minus the
-benchmark's own processes, from their rusage): a window where others used more than 0.2
-cores is flagged and left out of the medians. Output: one JSON line per run, then one
+CPU time other processes took during it (bench/window.py: the machine's busy time from
+/proc/stat minus the benchmark's own processes, from their rusage): a window where others
+used more than 0.2 cores is flagged and left out of the medians. Output: one JSON line per run, then one
 summary line per configuration: medians of GB/s for the PS, plain TCP and ps-lite, the
 ratios as medians of the per-round ratios (the two runs of a round are seconds apart), and
 each system's spread ((max - min) / median; flagged when over 20 %, i.e. beyond +-10 %).
@@ -34,7 +34,6 @@ each system's spread ((max - min) / median; flagged when over 20 %, i.e. beyond 
 import argparse
 import json
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -43,7 +42,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-BUSY_CORES = 0.2
+sys.path.insert(0, HERE)
+from window import Window  # noqa: E402  (bench/window.py)
 
 
 def say(msg):
@@ -63,41 +63,6 @@ def iters_for(nbytes):
     if nbytes <= 4 << 20:
         return 300, 30
     return 40, 5
-
-
-def cpu_busy_s():
-    """Seconds of CPU time the whole machine spent busy (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()[1:]
-    v = [int(x) for x in fields]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_s():
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-class Window:
-    """Wall time, load and the CPU others took while the benchmark ran."""
-
-    def __enter__(self):
-        self.load0 = os.getloadavg()[0]
-        self.t0, self.busy0, self.kids0 = time.monotonic(), cpu_busy_s(), children_cpu_s()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.monotonic() - self.t0
-        own = children_cpu_s() - self.kids0
-        self.others_cores = max(0.0, (cpu_busy_s() - self.busy0 - own) / self.wall)
-        self.load1 = os.getloadavg()[0]
-        return False
-
-    def fields(self):
-        return {"load1_start": round(self.load0, 2), "load1_end": round(self.load1, 2),
-                "others_cores": round(self.others_cores, 3),
-                "busy": self.others_cores > BUSY_CORES}
 
 
 def build_pslite(src, build_dir):
