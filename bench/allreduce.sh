@@ -108,15 +108,15 @@ python3 - "$out" <<'EOF'
 import json, sys, os
 d = sys.argv[1]
 busy_runs = {}
-def load(name):
+def lines(name):
+    return [json.loads(l) for l in open(os.path.join(d, name)) if l.startswith("{")]
+def load(name, recs):
     """Median over launches of each (n, bytes): the launch with the median busbw, among
     those that were not busy (others used more than 0.2 cores: bench/window.py), or among
     all when every one was."""
     runs = {}
-    for line in open(os.path.join(d, name)):
-        if line.startswith("{"):
-            r = json.loads(line)
-            runs.setdefault((r["n"], r["bytes"]), []).append(r)
+    for r in recs:
+        runs.setdefault((r["n"], r["bytes"]), []).append(r)
     rows = {}
     for key, rs in runs.items():
         quiet = [r for r in rs if not r.get("busy")]
@@ -126,24 +126,18 @@ def load(name):
                          busbw_min=use[0]["busbw_gbs"], busbw_max=use[-1]["busbw_gbs"],
                          check="ok" if all(r["check"] == "ok" for r in rs) else "bad")
     return rows
-def by_launch(name):
+def by_launch(recs):
     """busbw by (n, bytes, launch), busy runs left out (so are their pairs)."""
-    out = {}
-    for line in open(os.path.join(d, name)):
-        if line.startswith("{"):
-            r = json.loads(line)
-            if not r.get("busy"):
-                out[(r["n"], r["bytes"], r["launch"])] = r["busbw_gbs"]
-    return out
+    return {(r["n"], r["bytes"], r["launch"]): r["busbw_gbs"] for r in recs if not r.get("busy")}
 def paired(a, b, key):
     """Ours / MPI launch by launch (each pair ran back to back): their median, and all."""
-    n, size = key
     rs = sorted(round(a[k] / b[k], 3) for k in a if k[:2] == key and k in b and b[k] > 0)
     return (rs[len(rs) // 2] if rs else None), rs
-ring, ring_shm = load("ring"), load("ring_shm")
-tcp, shm = load("mpi_tcp"), load("mpi_shm")
-ring_l, ring_shm_l = by_launch("ring"), by_launch("ring_shm")
-tcp_l, shm_l = by_launch("mpi_tcp"), by_launch("mpi_shm")
+recs = {f: lines(f) for f in ("ring", "ring_shm", "mpi_tcp", "mpi_shm")}
+ring, ring_shm = load("ring", recs["ring"]), load("ring_shm", recs["ring_shm"])
+tcp, shm = load("mpi_tcp", recs["mpi_tcp"]), load("mpi_shm", recs["mpi_shm"])
+ring_l, ring_shm_l = by_launch(recs["ring"]), by_launch(recs["ring_shm"])
+tcp_l, shm_l = by_launch(recs["mpi_tcp"]), by_launch(recs["mpi_shm"])
 target_paired, target_shm_paired = [], []
 target, target_shm = [], []
 for key in sorted(ring):

@@ -48,22 +48,21 @@ int ps_optim_nslots(int kind) {
     }
 }
 
-/* Each kernel is also built for AVX2 (common/cm_simd.h): Adam over the
+/* Each kernel is also built for AVX2 (CM_SIMD_CLONES): Adam over the
  * MLP's 235,146 parameters took 0.175 ms with SSE2 and 0.093 ms with AVX2
  * on the CI machine (best of 2000), same output hash. */
-#define PS_OPTIM_CLONES CM_SIMD_CLONES
 
 /* Kernels read w_in and write w_out, which are the same array or do not
  * overlap (gcc checks at run time and vectorises both cases). */
-PS_OPTIM_CLONES static void sgd(float lr, const float *wi, float *wo, const float *restrict g, size_t n) {
+CM_SIMD_CLONES static void sgd(float lr, const float *wi, float *wo, const float *restrict g, size_t n) {
     for (size_t i = 0; i < n; i++) wo[i] = wi[i] - lr * g[i];
 }
 
-PS_OPTIM_CLONES static void add(const float *wi, float *wo, const float *restrict g, size_t n) {
+CM_SIMD_CLONES static void add(const float *wi, float *wo, const float *restrict g, size_t n) {
     for (size_t i = 0; i < n; i++) wo[i] = wi[i] + g[i];
 }
 
-PS_OPTIM_CLONES static void momentum(float lr, float mu, const float *wi, float *wo, const float *restrict g,
+CM_SIMD_CLONES static void momentum(float lr, float mu, const float *wi, float *wo, const float *restrict g,
                      float *restrict a, size_t n) {
     for (size_t i = 0; i < n; i++) {
         a[i] = mu * a[i] + g[i];
@@ -71,7 +70,7 @@ PS_OPTIM_CLONES static void momentum(float lr, float mu, const float *wi, float 
     }
 }
 
-PS_OPTIM_CLONES static void adam(const ps_optim_cfg *c, int64_t t, const float *wi, float *wo,
+CM_SIMD_CLONES static void adam(const ps_optim_cfg *c, int64_t t, const float *wi, float *wo,
                  const float *restrict g, float *restrict m, float *restrict v, size_t n) {
     /* Bias corrections in double: b^t for large t underflows gracefully. */
     const float c1 = (float)(1.0 / (1.0 - pow((double)c->beta1, (double)t)));
@@ -85,7 +84,7 @@ PS_OPTIM_CLONES static void adam(const ps_optim_cfg *c, int64_t t, const float *
 }
 
 /* s holds acc - init (slots start zeroed), so the accumulator is s + init. */
-PS_OPTIM_CLONES static void adagrad(float lr, float init, float eps, const float *wi, float *wo,
+CM_SIMD_CLONES static void adagrad(float lr, float init, float eps, const float *wi, float *wo,
                                     const float *restrict g, float *restrict s, size_t n) {
     for (size_t i = 0; i < n; i++) {
         s[i] = s[i] + g[i] * g[i];

@@ -2082,8 +2082,10 @@ void ps_shard_stats_get(ps_shard *s, ps_shard_stats *out) {
     out->min_worker_step = -1;
     if (s->inited && s->cfg.num_workers > 0) {
         out->min_worker_step = done_step(s, 0);
-        for (int w = 1; w < s->cfg.num_workers; w++)
-            if (done_step(s, w) < out->min_worker_step) out->min_worker_step = done_step(s, w);
+        for (int w = 1; w < s->cfg.num_workers; w++) {
+            int64_t d = done_step(s, w);
+            if (d < out->min_worker_step) out->min_worker_step = d;
+        }
     }
     pthread_mutex_unlock(&s->mu);
 }

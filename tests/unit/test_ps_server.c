@@ -547,11 +547,11 @@ static void test_client_happy_path(void **state) {
 /* ===== Large pushes and pulls as several calls ===== */
 
 /* A client whose calls carry at most one partition (call_bytes 1), with
- * this deadline and call window (0: the default). */
-static ps_client *open_split_client(int rank, int64_t deadline_ms, int window) {
+ * this deadline and call window (0: the default), for sync or async shards. */
+static ps_client *open_split_client(int rank, int64_t deadline_ms, int window, int async) {
     ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = rank,
                         .deadline_ms = deadline_ms, .connect_timeout_ms = 2000,
-                        .call_bytes = 1, .call_window = window};
+                        .call_bytes = 1, .call_window = window, .async = async};
     ps_client *c = NULL;
     char err[256] = "";
     if (ps_client_open(&cc, &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
@@ -575,11 +575,7 @@ static void test_client_async_split_one_version(void **state) {
     ic.async = 1;
     if (ps_client_init(F.cli[0], &ic, err, sizeof err) != CM_OK) fail_msg("%s", err);
     assert_true(F.pl->shard_nparts[0] >= 2 && F.pl->shard_nparts[1] >= 2);
-    ps_client_cfg cc = {.model = F.m, .placement = F.pl, .ps_addrs = F.addrs, .rank = 0,
-                        .deadline_ms = DEADLINE, .connect_timeout_ms = 2000, .call_bytes = 1,
-                        .async = 1};
-    ps_client *c = NULL;
-    if (ps_client_open(&cc, &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ps_client *c = open_split_client(0, DEADLINE, 0, 1);
     for (int64_t step = 0; step < 4; step++) {
         ps_ticket *t;
         int64_t v = -1;
@@ -625,7 +621,7 @@ static void test_client_calls_split(void **state) {
     init_ok();
     assert_true(F.pl->shard_nparts[0] >= 2);
     ps_client *cl[2];
-    for (int r = 0; r < 2; r++) cl[r] = open_split_client(r, DEADLINE, 0);
+    for (int r = 0; r < 2; r++) cl[r] = open_split_client(r, DEADLINE, 0, 0);
     char err[512] = "";
     int64_t v = -1;
     float *g1 = malloc(n * sizeof *g1), *got1 = malloc(n * sizeof *got1);
@@ -772,7 +768,7 @@ static void test_client_call_window(void **state) {
     int windows[2] = {1, -1};
     ps_client *cl[2][2];
     for (int k = 0; k < 2; k++)
-        for (int r = 0; r < 2; r++) cl[k][r] = open_split_client(r, DEADLINE, windows[k]);
+        for (int r = 0; r < 2; r++) cl[k][r] = open_split_client(r, DEADLINE, windows[k], 0);
     /* Calls a push-pull makes: one a partition (biases may share one). */
     uint64_t before = stats().pushes;
     ps_ticket *t[2];
@@ -814,7 +810,7 @@ static void test_client_call_window(void **state) {
      * two. */
     ps_client *ab[2];
     for (int r = 0; r < 2; r++) {
-        ab[r] = open_split_client(r, 1000, 1);
+        ab[r] = open_split_client(r, 1000, 1, 0);
         grad_fill(g[r], n, r, 3);
     }
     before = stats().pushes;
@@ -876,7 +872,7 @@ static void test_client_wakes_once(void **state) {
     }
     memcpy(ref, F.init, n * sizeof *ref);
     ps_client *cl[2];
-    for (int r = 0; r < 2; r++) cl[r] = open_split_client(r, DEADLINE, -1);
+    for (int r = 0; r < 2; r++) cl[r] = open_split_client(r, DEADLINE, -1, 0);
     char err[512] = "";
     for (int64_t step = 0; step < 3; step++) {
         ref_step(ref, step);
@@ -924,7 +920,7 @@ static void test_client_close_right_after_wait(void **state) {
     assert_non_null(got);
     char err[512] = "";
     for (int k = 0; k < 40; k++) {
-        ps_client *c = open_split_client(k & 1, DEADLINE, -1);
+        ps_client *c = open_split_client(k & 1, DEADLINE, -1, 0);
         ps_ticket *t;
         int64_t v = -1;
         memset(got, 0xff, n * sizeof *got);
@@ -1017,7 +1013,7 @@ static void test_client_call_window_failure(void **state) {
     float *g = malloc(n * sizeof *g), *out = malloc(n * sizeof *out);
     assert_true(g && out);
     init_ok();
-    ps_client *cl = open_split_client(0, 600, 1);
+    ps_client *cl = open_split_client(0, 600, 1, 0);
     char err[512] = "";
     grad_fill(g, n, 0, 0);
     uint64_t before = stats().pushes;
