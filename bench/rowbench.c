@@ -334,7 +334,9 @@ static void usage(FILE *f) {
 int main(int argc, char **argv) {
     opts o = {.dim = 16, .rows = 4096, .steps = 400, .ids = 4000000, .zipf = 1.05,
               .ratios = "1,4,10",
-              .db = {ST_ROWDB_WRITE_BUFFER, ST_ROWDB_BLOCK_CACHE, ST_ROWDB_MAX_FILE}};
+              .db = {.write_buffer = ST_ROWDB_WRITE_BUFFER,
+                     .block_cache = ST_ROWDB_BLOCK_CACHE,
+                     .max_file = ST_ROWDB_MAX_FILE}};
     static const struct option lo[] = {
         {"dim", required_argument, 0, 'd'},   {"rows", required_argument, 0, 'u'},
         {"steps", required_argument, 0, 's'}, {"ids", required_argument, 0, 'n'},
