@@ -97,6 +97,7 @@ static int write_summary(const char *path, const wk_train_cfg *cfg, float lr, in
     if (!o) return CM_ENOMEM;
     json_object_set_new(o, "model", json_string(cfg->model));
     json_object_set_new(o, "numel", json_integer((json_int_t)r->numel));
+    json_object_set_new(o, "blas", json_string(wk_device_cpu_gemm_name()));
     json_object_set_new(o, "prefetch", json_boolean(!cfg->no_prefetch));
     json_object_set_new(o, "simulated", json_boolean(wk_train_simulated(cfg)));
     if (wk_train_simulated(cfg)) {
@@ -731,25 +732,25 @@ static void log_start(const run *r) {
                  r->model->numel, ps_optim_name(r->table_opt.kind), (double)r->table_opt.lr);
     else
         snprintf(what, sizeof what, "%zu parameters", r->model->numel);
-    const char *th = r->threads == 1 ? "" : "s";
+    const char *th = r->threads == 1 ? "" : "s", *blas = wk_device_cpu_gemm_name();
     if (r->is_ar)
         cm_info("training allreduce: rank %d of %d workers%s, %s, %s lr %g, batch %d per "
-                "worker (%zu global), %d BLAS thread%s, %lld steps",
+                "worker (%zu global), %d BLAS thread%s (%s), %lld steps",
                 r->rank, r->W, r->is_chief ? " (chief)" : "", what, ps_optim_name(r->opt.kind),
-                (double)r->lr, cfg->batch_size, r->B, r->threads, th, (long long)r->total);
+                (double)r->lr, cfg->batch_size, r->B, r->threads, th, blas, (long long)r->total);
     else if (r->is_ps)
         cm_info("training %s (%s%s): rank %d of %d workers%s, %d PS, %s, %s lr %g, batch %d "
-                "per worker (%zu global) on %d %s device%s, %d BLAS thread%s, %lld steps",
+                "per worker (%zu global) on %d %s device%s, %d BLAS thread%s (%s), %lld steps",
                 cfg->mode, cfg->async ? "async" : cfg->backup_sync ? "backup sync" : "sync",
                 cfg->wire_bf16 ? ", bf16 gradients on the wire" : "", r->rank, r->W,
                 r->is_chief ? " (chief)" : "", r->nps, what, ps_optim_name(r->opt.kind),
                 (double)r->lr, cfg->batch_size, r->B, r->D, dev, r->D == 1 ? "" : "s",
-                r->threads, th, (long long)r->total);
+                r->threads, th, blas, (long long)r->total);
     else
-        cm_info("training %s: %s, %s lr %g, batch %d on %d %s replica%s, %d BLAS thread%s, "
-                "%lld steps (%lld per epoch)",
+        cm_info("training %s: %s, %s lr %g, batch %d on %d %s replica%s, %d BLAS thread%s "
+                "(%s), %lld steps (%lld per epoch)",
                 cfg->mode, what, ps_optim_name(r->opt.kind), (double)r->lr, cfg->batch_size,
-                r->D, dev, r->D == 1 ? "" : "s", r->threads, th, (long long)r->total,
+                r->D, dev, r->D == 1 ? "" : "s", r->threads, th, blas, (long long)r->total,
                 (long long)r->spe);
 }
 

@@ -48,6 +48,12 @@ def learns(bin_, tmp):
                 "workers", "ps"):
         check(key in s, f"summary has {key}")
     check(s["mode"] == "local" and s["workers"] == 1 and s["ps"] == 0, "summary names local mode")
+    # The BLAS kernels set the last bits of every result: the summary and the
+    # first log line name them ("OpenBLAS 0.3.21, Haswell kernels").
+    blas = s.get("blas", "")
+    check(blas.startswith("OpenBLAS ") and blas.endswith(" kernels") and len(blas) > 18,
+          f"summary names the BLAS kernels: {blas!r}")
+    check(f"({blas})" in p.stderr + p.stdout, "the first log line names the BLAS kernels")
     check(s["steps"] == 10000 // 128, f"steps = 10000 // 128 (remainder dropped): {s['steps']}")
     check(s["test_accuracy"] > 0.6, f"learns: test accuracy {s['test_accuracy']:.4f} > 0.6 "
           "(chance is 0.1)")

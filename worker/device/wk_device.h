@@ -111,8 +111,10 @@ wk_device *wk_device_cpu_staged_create(int index);
 void wk_device_cpu_set_threads(int n);
 int wk_device_cpu_threads(void);
 
-/* What the CPU device's GEMM is: "openblas", or "naive" (a plain loop, in
- * the GPU-only build that has no OpenBLAS). */
+/* What the CPU device's GEMM is: OpenBLAS's version and the kernels it
+ * picked for this CPU ("OpenBLAS 0.3.21, Haswell kernels"; results differ
+ * in the last bits between kernels), or "naive" (a plain loop, in the
+ * GPU-only build that has no OpenBLAS). A static string. */
 const char *wk_device_cpu_gemm_name(void);
 
 static inline void wk_device_destroy(wk_device *d) {

@@ -11,6 +11,8 @@
 #include <cblas.h>
 #endif
 #include <math.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -306,10 +308,22 @@ void wk_device_cpu_set_threads(int n) { openblas_set_num_threads(n < 1 ? 1 : n);
 int wk_device_cpu_threads(void) { return openblas_get_num_threads(); }
 #endif
 
-const char *wk_device_cpu_gemm_name(void) {
 #ifdef WK_NAIVE_GEMM
-    return "naive";
+const char *wk_device_cpu_gemm_name(void) { return "naive"; }
 #else
-    return "openblas";
-#endif
+static char gemm_name[96];
+static void name_gemm(void) {
+    /* "OpenBLAS 0.3.21 NO_LAPACKE DYNAMIC_ARCH ...": its first two words. */
+    const char *cfg = openblas_get_config(), *core = openblas_get_corename();
+    int words = 0;
+    size_t n = 0;
+    while (cfg[n] && !(cfg[n] == ' ' && ++words == 2)) n++;
+    snprintf(gemm_name, sizeof gemm_name, "%.*s, %s kernels", (int)n, cfg, core);
 }
+
+const char *wk_device_cpu_gemm_name(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, name_gemm);
+    return gemm_name;
+}
+#endif
