@@ -256,8 +256,9 @@ def main():
         pl_ops = [rd["ps-lite"]["ops_per_sec"] for rd in keep]
         ps_ops = [rd["psbench"]["ops_per_sec"] for rd in keep]
         sp = {k: spread(v) for k, v in (("psbench", ps), ("tcp", tcp), ("ps-lite", pl))}
+        cpus = len(os.sched_getaffinity(0))
         emit({"summary": True, "op": op, "spin_us": a.spin_us, "servers": ns, "workers": nw,
-              "mode": a.mode,
+              "mode": a.mode, "cpus": cpus, "oversubscribed": ns + nw > cpus,
               "bytes": nbytes,
               "rounds": len(by_round), "rounds_kept": len(keep),
               "ps_gbps": median(ps), "tcp_gbps": median(tcp), "pslite_gbps": median(pl),

@@ -15,6 +15,7 @@
 #include <getopt.h>
 #include <spawn.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -739,6 +740,12 @@ static void report(const bench_cfg *b, const phase_result *ps, const phase_resul
            g_spin_us, g_unary ? "unary" : "stream",
            g_poll_spin ? g_poll_spin : (long)RPC_DEFAULT_POLL_SPIN_US);
     printf(",\"load1_start\":%.2f,\"load1_end\":%.2f", load[0], load[1]);
+    /* More busy processes than cores this run may use: throughput is then
+     * CPU per byte (docs/bench-log.md, "A core per process or not"). */
+    cpu_set_t cpus;
+    int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 0;
+    printf(",\"cpus\":%d,\"oversubscribed\":%s", ncpu,
+           ncpu > 0 && b->servers + b->workers > ncpu ? "true" : "false");
     /* Runs where others used the cores are left out (all kept if none is
      * clean, and said so). */
     int keep[MAX_REPEATS], nkeep = 0;
