@@ -456,6 +456,7 @@ struct rpc_server {
     int nheld;
     int nstreams; /* Stream calls among ncalls (never held themselves). */
     int nheld_subs; /* Stream messages' calls among nheld (not in ncalls). */
+    int nstream_out; /* Stream replies queued or in flight (the streams' nqueued). */
     int shutdown_seen;
     rpc_server_stats st;
     uint64_t refusals_logged;
@@ -536,6 +537,7 @@ static void call_free(rpc_call *c) {
     }
     rpc_server *s = c->srv;
     int was_request = c->state == CALL_REQUESTED, was_stream = c->is_stream;
+    int out = c->nqueued; /* Replies never sent, freed here. */
     for (sreply *r = c->q_head; r;) {
         sreply *next = r->next;
         grpc_byte_buffer_destroy(r->bb);
@@ -558,6 +560,7 @@ static void call_free(rpc_call *c) {
     else
         s->ncalls--;
     if (was_stream) s->nstreams--;
+    s->nstream_out -= out;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     /* 's' may be gone now: rpc_server_shutdown waits for these counts. */
@@ -811,11 +814,21 @@ static grpc_byte_buffer *stream_step(rpc_call *p, int *end) {
     return NULL;
 }
 
+/* Under srv->mu: one reply fewer queued or in flight on the stream. */
+static void stream_out_done(rpc_call *p, int n) {
+    p->nqueued -= n;
+    p->srv->nstream_out -= n;
+    if (n) pthread_cond_broadcast(&p->srv->cv); /* rpc_server_shutdown's grace. */
+}
+
 /* Under srv->mu: the queued replies, to be destroyed outside it (their
  * release callbacks may take the application's locks). */
 static sreply *stream_take_queue(rpc_call *p) {
     sreply *q = p->q_head;
+    int n = 0;
+    for (sreply *r = q; r; r = r->next) n++;
     p->q_head = p->q_tail = NULL;
+    stream_out_done(p, n);
     return q;
 }
 
@@ -839,6 +852,7 @@ static void stream_send(rpc_call *p, grpc_byte_buffer *bb) {
         p->in_flight = NULL;
         p->sending = 0;
         p->dead = 1;
+        stream_out_done(p, 1);
         sreply *q = stream_take_queue(p);
         pthread_mutex_unlock(&p->srv->mu);
         grpc_byte_buffer_destroy(bb);
@@ -908,13 +922,12 @@ static void sub_finish(rpc_call *c, grpc_byte_buffer *bb, int code, const char *
     sreply *drop = NULL;
     if (p->dead || p->status_code != RPC_OK) {
         drop = r;
-    } else if (p->q_tail) {
-        p->q_tail->next = r;
+    } else {
+        if (p->q_tail) p->q_tail->next = r;
+        else p->q_head = r;
         p->q_tail = r;
         p->nqueued++;
-    } else {
-        p->q_head = p->q_tail = r;
-        p->nqueued++;
+        s->nstream_out++;
     }
     int end;
     grpc_byte_buffer *next = stream_step(p, &end);
@@ -932,7 +945,7 @@ static void on_stream_sent(rpc_call *p, int success) {
     grpc_byte_buffer *sent = p->in_flight;
     p->in_flight = NULL;
     p->sending = 0;
-    p->nqueued--;
+    stream_out_done(p, 1);
     if (!success) p->dead = 1; /* The stream broke; the closer tells the rest. */
     sreply *q = p->dead ? stream_take_queue(p) : NULL;
     int end;
@@ -1506,7 +1519,9 @@ void rpc_server_shutdown(rpc_server *s, int grace_ms) {
     /* Stop listening; pending requests complete with success=0. */
     grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
 
-    /* Grace: calls being received or answered may finish normally. */
+    /* Grace: calls being received or answered may finish normally, and
+     * stream replies already given reach the wire (as a unary call's reply
+     * does while it is answered). */
     struct timespec until;
     clock_gettime(CLOCK_MONOTONIC, &until);
     if (grace_ms > 0) {
@@ -1518,7 +1533,8 @@ void rpc_server_shutdown(rpc_server *s, int grace_ms) {
         }
     }
     pthread_mutex_lock(&s->mu);
-    while (s->ncalls - s->nstreams > s->nheld - s->nheld_subs && grace_ms > 0)
+    while ((s->ncalls - s->nstreams > s->nheld - s->nheld_subs || s->nstream_out > 0) &&
+           grace_ms > 0)
         if (pthread_cond_timedwait(&s->cv, &s->mu, &until) == ETIMEDOUT) break;
     pthread_mutex_unlock(&s->mu);
 

@@ -225,7 +225,8 @@ void *rpc_call_app(const rpc_call *call);
 int rpc_server_start(rpc_server *s, const char *addr, int *port);
 
 /* Stop accepting calls, let calls that are being answered finish for up to
- * grace_ms, then cancel the rest. Calls the application still holds (not
+ * grace_ms (replies already given on streams likewise reach the client),
+ * then cancel the rest. Calls the application still holds (not
  * yet finished with rpc_reply/rpc_fail) must be finished by the
  * application; rpc_server_shutdown waits until they are, so another thread
  * must finish them (their clients already got RPC_UNAVAILABLE "Cancelling

@@ -837,16 +837,22 @@ static void *stop_thread(void *arg) {
     return NULL;
 }
 
+/* Start f's server and client and one call that the server holds. */
+static rpc_call *start_held(fixture *f, result *r, int deadline_ms) {
+    fx_start(f, 0, 0, 0);
+    result_init(r);
+    rpc_seg x = {"x", 1, NULL, NULL};
+    rpc_call_start(f->ch, "/t.T/Hold", &x, 1, deadline_ms, 0, on_done, r);
+    rpc_call *call = wait_held(3000);
+    assert_non_null(call);
+    return call;
+}
+
 static void test_shutdown_with_held_call(void **state) {
     (void)state;
     fixture f;
-    fx_start(&f, 0, 0, 0);
     result r;
-    result_init(&r);
-    rpc_seg x = {"x", 1, NULL, NULL};
-    rpc_call_start(f.ch, "/t.T/Hold", &x, 1, 5000, 0, on_done, &r);
-    rpc_call *call = wait_held(3000);
-    assert_non_null(call);
+    rpc_call *call = start_held(&f, &r, 5000);
 
     stopper st = {f.srv, 0};
     pthread_t th;
@@ -866,6 +872,35 @@ static void test_shutdown_with_held_call(void **state) {
     assert_int_equal(atomic_load(&st.done), 1);
     pthread_join(th, NULL);
     assert_int_equal(wait_count(&rel, 1, 2000), 1);
+    result_deinit(&r);
+    fx_stop(&f); /* Shutdown again is a no-op. */
+}
+
+/* A reply given before the shutdown reaches the client within the grace,
+ * on a stream as for a unary call: a 32 MiB reply is still on its way (the
+ * client reads it under HTTP/2 flow control) when rpc_server_shutdown starts,
+ * and the grace waits for it instead of cancelling the stream under it. */
+static void test_shutdown_delivers_given_reply(void **state) {
+    (void)state;
+    fixture f;
+    result r;
+    rpc_call *call = start_held(&f, &r, 10000);
+    size_t n = (size_t)32 << 20;
+    uint8_t *buf = calloc(1, n);
+    assert_non_null(buf);
+    buf[n - 1] = 7;
+    atomic_int rel;
+    atomic_init(&rel, 0);
+    rpc_seg seg = {buf, n, count_release, &rel};
+    rpc_reply(call, &seg, 1);
+    int64_t t0 = now_ms();
+    rpc_server_shutdown(f.srv, 5000);
+    assert_true(now_ms() - t0 < 6000);
+    assert_int_equal(result_wait(&r, 5000), RPC_OK);
+    assert_int_equal(r.len, n);
+    assert_int_equal(r.reply[n - 1], 7);
+    assert_int_equal(wait_count(&rel, 1, 2000), 1);
+    free(buf);
     result_deinit(&r);
     fx_stop(&f); /* Shutdown again is a no-op. */
 }
@@ -1589,6 +1624,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_port_taken),
         cmocka_unit_test(test_many_concurrent_calls),
         cmocka_unit_test(test_shutdown_with_held_call),
+        cmocka_unit_test(test_shutdown_delivers_given_reply),
         cmocka_unit_test(test_call_that_cannot_start),
         cmocka_unit_test(test_auth_levels),
         cmocka_unit_test(test_auth_none),
@@ -1624,6 +1660,8 @@ int main(int argc, char **argv) {
         STREAM(test_wait_for_ready_late_server),
         STREAM(test_many_concurrent_calls),
         STREAM(test_shutdown_with_held_call),
+        STREAM(test_shutdown_delivers_given_reply),
+        NOSPIN(test_shutdown_delivers_given_reply),
         STREAM(test_call_that_cannot_start),
         STREAM(test_auth_levels),
         STREAM(test_auth_none),
