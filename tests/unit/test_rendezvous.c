@@ -30,6 +30,7 @@ typedef struct joiner {
     const cm_security *sec;
     int rank;
     const wk_rdv_state *st; /* NULL: a plain Join. */
+    int deadline_ms;        /* 0: 10 s. */
     int rc;
     wk_rdv_result r;
     char err[512];
@@ -39,8 +40,9 @@ static void *join_main(void *arg) {
     joiner *j = arg;
     char me[64];
     snprintf(me, sizeof me, "127.0.0.1:%d", 40000 + j->rank);
-    j->rc = wk_rdv_join_state(j->chief, j->rank, 2, FP, "test", me, j->st, 10000, j->sec, &j->r,
-                              j->err, sizeof j->err);
+    j->rc = wk_rdv_join_state(j->chief, j->rank, 2, FP, "test", me, j->st,
+                              j->deadline_ms ? j->deadline_ms : 10000, j->sec, &j->r, j->err,
+                              sizeof j->err);
     return NULL;
 }
 
@@ -187,6 +189,34 @@ static void test_elastic_generations(void **state) {
     wk_rdv_server_destroy(s);
 }
 
+/* A Join whose caller gave up (its deadline passed, as when its process
+ * dies) stops counting: the next ring forms without that rank instead of
+ * naming an address nobody listens on. */
+static void test_gone_join_not_counted(void **state) {
+    (void)state;
+    char chief[64];
+    wk_rdv_server *s = elastic_server(chief, sizeof chief, 1, 300);
+    joiner j[2];
+    memset(&j[1], 0, sizeof j[1]);
+    j[1].chief = chief;
+    j[1].rank = 1;
+    j[1].deadline_ms = 300;
+    assert_int_equal(pthread_create(&j[1].t, NULL, join_main, &j[1]), 0);
+    pthread_join(j[1].t, NULL);
+    assert_int_equal(j[1].rc, CM_ETIMEDOUT);
+    for (int i = 0; i < 200 && wk_rdv_server_waiting(s); i++) usleep(10000);
+    assert_int_equal(wk_rdv_server_waiting(s), 0);
+    /* The survivor alone: a ring of 1 after the wait, not rank 1's address. */
+    wk_rdv_state st = {.has_state = 1, .step = 4, .rejoin = 1};
+    start_joiner(&j[0], chief, 0, &st);
+    pthread_join(j[0].t, NULL);
+    assert_int_equal(j[0].rc, CM_OK);
+    assert_int_equal(j[0].r.nranks, 1);
+    assert_int_equal(j[0].r.members[0], 0);
+    wk_rdv_result_free(&j[0].r);
+    wk_rdv_server_destroy(s);
+}
+
 /* Whole rings only (the default): a survivor that waited in vain is told
  * which rank is missing. */
 static void test_rejoin_names_missing_rank(void **state) {
@@ -261,6 +291,7 @@ int main(void) {
         cmocka_unit_test(test_oversized_nccl_id_refused),
         cmocka_unit_test(test_elastic_generations),
         cmocka_unit_test(test_rejoin_names_missing_rank),
+        cmocka_unit_test(test_gone_join_not_counted),
         cmocka_unit_test(test_token_required),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -233,6 +233,26 @@ static void on_join(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
     psrpc__join_request__free_unpacked(r, NULL);
 }
 
+/* A waiting Join's caller went away (its deadline passed, its process
+ * died): it no longer counts toward the next ring, which would otherwise
+ * form with a member that is gone (or make the chief wait for it). */
+static void on_join_cancel(void *ctx, rpc_call *call) {
+    wk_rdv_server *s = ctx;
+    pthread_mutex_lock(&s->mu);
+    for (int r = 0; r < s->nranks; r++) {
+        if (s->calls[r] != call) continue;
+        rpc_fail(call, RPC_CANCELLED, "rendezvous: rank %d's Join was cancelled", r);
+        s->calls[r] = NULL;
+        free(s->addrs[r]);
+        s->addrs[r] = NULL;
+        s->has_state[r] = 0;
+        if (--s->joined == 0) s->survivor_since = 0;
+        cm_debug("rendezvous: rank %d left before the ring formed", r);
+        break;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
 int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprint,
                         const char *description, uint64_t job_id, int64_t start_step,
                         const uint8_t *nccl_id, size_t nccl_id_len,
@@ -265,7 +285,9 @@ int wk_rdv_server_start(const char *listen_addr, int nranks, uint64_t fingerprin
                          .token = cm_security_token(sec),
                          .tls_cert = sec ? sec->tls_cert : NULL,
                          .tls_key = sec ? sec->tls_key : NULL,
-                         .tls_ca = sec && sec->tls_cert ? sec->tls_ca : NULL};
+                         .tls_ca = sec && sec->tls_cert ? sec->tls_ca : NULL,
+                         .on_cancel = on_join_cancel,
+                         .cancel_ctx = s};
     int rc = rpc_server_create(&o, &s->rpc);
     if (rc == CM_OK) rc = rpc_server_add_method(s->rpc, JOIN_METHOD, on_join, s);
     int port = 0;
