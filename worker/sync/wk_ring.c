@@ -858,11 +858,11 @@ static int connect_partners(wk_ring *r, wk_ring_listener *l, const char *const *
     while ((2 << nx) < N) nx++;
     r->nx = nx;
     r->xfd = cm_malloc((size_t)nx * sizeof *r->xfd);
+    for (int j = 0; j < nx; j++) r->xfd[j] = -1; /* Before any exit: destroy closes them. */
     r->xaddr = cm_calloc((size_t)nx, sizeof *r->xaddr);
     int *want = cm_malloc((size_t)nx * sizeof *want), pending = 0, rc = CM_OK;
     for (int j = 0; j < nx; j++) {
         int p = r->rank ^ (2 << j);
-        r->xfd[j] = -1;
         want[j] = p < r->rank ? p : -1;
         pending += p < r->rank;
         if (!addrs[p] || strlen(addrs[p]) >= ADDR_LEN) {
