@@ -118,7 +118,10 @@ typedef struct sub {
     int slot;      /* Grouped: its shard's groups before it in the ticket. */
     int queued;    /* Not started: waits for an earlier call of its shard to
                     * finish (slot >= the call window); code is -1 meanwhile. */
-    double first;  /* When its first attempt started (retries count from it). */
+    double unavailable_since; /* When it first failed UNAVAILABLE (0: never):
+                               * retries count from then, not from its start,
+                               * since a call may wait long at a shard (sync
+                               * steps, parked pulls) before the shard goes. */
 } sub;
 
 struct ps_ticket {
@@ -130,7 +133,6 @@ struct ps_ticket {
     int64_t step;
     const float *grad;
     float *params;
-    double start;
     /* Protected by the client's mu. */
     int calls;  /* Sub-calls in flight. */
     int segs;   /* Zero-copy segments not yet released. */
@@ -347,7 +349,7 @@ static void issue(ps_ticket *t, sub *s, int reserved) {
         if (done) ticket_free(t);
         return;
     }
-    if (s->attempts++ == 0) s->first = cm_now();
+    s->attempts++;
     s->retry_at = 0.0;
     s->code = -1;
     s->cm = CM_OK;
@@ -437,7 +439,6 @@ static ps_ticket *ticket_new(ps_client *c, int op, int64_t step, int grouped) {
     t->c = c;
     t->op = op;
     t->step = step;
-    t->start = cm_now();
     t->grouped = grouped;
     t->nsubs = grouped ? c->ngroups : c->nshards;
     t->subs = cm_calloc((size_t)t->nsubs, sizeof *t->subs);
@@ -769,8 +770,9 @@ int ps_tickets_wait(ps_ticket **tickets, int n, int64_t *version, char *err, siz
             if (t->segs) busy = 1;
             for (int i = 0; i < t->nsubs; i++) {
                 sub *s = &t->subs[i];
-                /* From the sub's own start: the window starts some late. */
-                int may_retry = (now - (s->first > 0 ? s->first : t->start)) * 1e3 <
+                if (s->code == RPC_UNAVAILABLE && s->unavailable_since == 0.0)
+                    s->unavailable_since = now;
+                int may_retry = (now - s->unavailable_since) * 1e3 <
                                 (double)c->cfg.connect_timeout_ms;
                 if (s->code == -1) {
                     busy = 1;

@@ -12,8 +12,9 @@
  *    passed in must stay valid and unchanged (pushes are sent zero-copy from
  *    them; pulls are written into them).
  *  - Every call has a deadline (cfg.deadline_ms). UNAVAILABLE is retried
- *    with exponential backoff until cfg.connect_timeout_ms has passed, then
- *    the error names the PS that could not be reached. Retried pushes are
+ *    with exponential backoff until cfg.connect_timeout_ms has passed since
+ *    the call first got it (however long it had waited at the shard
+ *    before), then the error names the PS that could not be reached. Retried pushes are
  *    safe: a shard counts each (worker, step, partition) once.
  *  - A shard's share of a dense push or pull of more than cfg.call_bytes
  *    goes as several calls at once (whole partitions each). The calls of

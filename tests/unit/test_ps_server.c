@@ -1711,6 +1711,50 @@ static void test_shutdown_reaches_restarted_shard(void **state) {
     fx_stop();
 }
 
+/* A call that waited at its shard longer than connect_timeout_ms (a sync
+ * push-pull parked until the other worker pushes) and then gets UNAVAILABLE
+ * because the shard restarts is still retried: the retry window counts from
+ * the failure, not from the call's start (found by a review; the call used
+ * to fail at once, "failed after 1 attempt", and the other worker then
+ * waited for it until its deadline). */
+static void test_long_parked_call_retried_after_restart(void **state) {
+    (void)state;
+    static const int sizes[] = {784, 64, 10};
+    memset(&F, 0, sizeof F);
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &F.m), CM_OK);
+    assert_int_equal(cm_placement_create(F.m, 2, MIN_PART, &F.pl), CM_OK);
+    for (int i = 0; i < 2; i++) {
+        ps_server_cfg sc = {.model = F.m, .placement = F.pl};
+        fx_serve(i, &sc);
+    }
+    fx_connect(500);
+    init_ok();
+    size_t n = F.m->numel;
+    float *g = calloc(n, sizeof *g), *p0 = calloc(n, sizeof *p0), *p1 = calloc(n, sizeof *p1);
+    assert_true(g && p0 && p1);
+    ps_ticket *w0 = NULL, *w1 = NULL;
+    assert_int_equal(ps_client_push_pull(F.cli[0], 0, g, p0, &w0), CM_OK);
+    sleep_ms(800); /* Parked past connect_timeout_ms: rank 1 has not pushed. */
+    destroy_promptly(F.srv[1]);
+    ps_server_cfg sc = {.model = F.m, .placement = F.pl, .shard = 1};
+    assert_int_equal(ps_server_create(&sc, &F.srv[1]), CM_OK);
+    int port = 0;
+    assert_int_equal(ps_server_start(F.srv[1], F.addr[1], &port), CM_OK);
+    ps_init_cfg c = init_cfg();
+    char err[512] = "";
+    if (ps_client_init(F.cli[1], &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    assert_int_equal(ps_client_push_pull(F.cli[1], 0, g, p1, &w1), CM_OK);
+    int64_t v0 = -1, v1 = -1;
+    if (ps_ticket_wait(w0, &v0, err, sizeof err) != CM_OK) fail_msg("rank 0: %s", err);
+    if (ps_ticket_wait(w1, &v1, err, sizeof err) != CM_OK) fail_msg("rank 1: %s", err);
+    assert_int_equal(v0, 1);
+    assert_int_equal(v1, 1);
+    free(g);
+    free(p0);
+    free(p1);
+    fx_stop();
+}
+
 /* Issue 14: worker 1 dies with step 0 pushed to shard 0 only, so shard 0
  * reaches version 1 and shard 1 waits for it forever (worker 0's pull
  * there). Its successor sees the versions differ and asks the shards to
@@ -2835,6 +2879,7 @@ int main(void) {
         cmocka_unit_test(test_pull_deadline_then_clean_shutdown),
         cmocka_unit_test(test_shutdown_request),
         cmocka_unit_test(test_shutdown_reaches_restarted_shard),
+        cmocka_unit_test(test_long_parked_call_retried_after_restart),
         cmocka_unit_test(test_abort_waiting_after_half_step),
         cmocka_unit_test(test_checkpoint_restore),
         cmocka_unit_test(test_init_from_values),
