@@ -1144,6 +1144,7 @@ static Psrpc__StatsReply *shard_stats(ps_client *c, int i, int *rc, char *err, s
 
 int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_t errlen) {
     int nw = 0;
+    for (int w = 0; w < max; w++) out[w] = INT64_MAX;
     for (int i = 0; i < c->nshards; i++) {
         int rc;
         Psrpc__StatsReply *r = shard_stats(c, i, &rc, err, errlen);
@@ -1155,11 +1156,17 @@ int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_
             return CM_EABORTED;
         }
         int n = (int)r->n_worker_steps;
-        if (i == 0 || n > nw) nw = n;
-        for (int w = 0; w < n && w < max; w++)
-            if (i == 0 || r->worker_steps[w] < out[w]) out[w] = r->worker_steps[w];
+        if (n > nw) nw = n;
+        /* A shard that lists fewer workers (one restarted empty) has none
+         * from the others: -1 for them, whatever other shards say. */
+        for (int w = 0; w < max; w++) {
+            int64_t v = w < n ? r->worker_steps[w] : -1;
+            if (v < out[w]) out[w] = v;
+        }
         psrpc__stats_reply__free_unpacked(r, NULL);
     }
+    if (c->nshards == 0)
+        for (int w = 0; w < max; w++) out[w] = -1;
     return nw;
 }
 

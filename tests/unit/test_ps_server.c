@@ -1755,6 +1755,45 @@ static void test_long_parked_call_retried_after_restart(void **state) {
     fx_stop();
 }
 
+/* Each worker's last step as every shard has it: a shard restarted empty
+ * (no checkpoint) lists no workers, so the answer is -1 for each, whatever
+ * the caller's array held before (found by a review: the function compared
+ * against the caller's uninitialised values). */
+static void test_worker_steps_with_empty_shard(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    size_t n = F.m->numel;
+    float *g = calloc(n, sizeof *g), *p0 = calloc(n, sizeof *p0), *p1 = calloc(n, sizeof *p1);
+    assert_true(g && p0 && p1);
+    ps_ticket *w0 = NULL, *w1 = NULL;
+    char err[512] = "";
+    assert_int_equal(ps_client_push_pull(F.cli[0], 0, g, p0, &w0), CM_OK);
+    assert_int_equal(ps_client_push_pull(F.cli[1], 0, g, p1, &w1), CM_OK);
+    if (ps_ticket_wait(w0, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    if (ps_ticket_wait(w1, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    int64_t out[4] = {123456789, 123456789, 123456789, 123456789};
+    assert_int_equal(ps_client_worker_steps(F.cli[0], out, 4, err, sizeof err), 2);
+    assert_int_equal(out[0], 0);
+    assert_int_equal(out[1], 0);
+    destroy_promptly(F.srv[0]);
+    ps_server_cfg sc = {.model = F.m, .placement = F.pl, .shard = 0};
+    assert_int_equal(ps_server_create(&sc, &F.srv[0]), CM_OK);
+    int port = 0;
+    assert_int_equal(ps_server_start(F.srv[0], F.addr[0], &port), CM_OK);
+    static const int64_t junk[2] = {123456789, -999999};
+    for (int k = 0; k < 2; k++) {
+        for (int w = 0; w < 4; w++) out[w] = junk[k];
+        assert_int_equal(ps_client_worker_steps(F.cli[0], out, 4, err, sizeof err), 2);
+        assert_int_equal(out[0], -1);
+        assert_int_equal(out[1], -1);
+    }
+    free(g);
+    free(p0);
+    free(p1);
+    fx_stop();
+}
+
 /* Issue 14: worker 1 dies with step 0 pushed to shard 0 only, so shard 0
  * reaches version 1 and shard 1 waits for it forever (worker 0's pull
  * there). Its successor sees the versions differ and asks the shards to
@@ -2880,6 +2919,7 @@ int main(void) {
         cmocka_unit_test(test_shutdown_request),
         cmocka_unit_test(test_shutdown_reaches_restarted_shard),
         cmocka_unit_test(test_long_parked_call_retried_after_restart),
+        cmocka_unit_test(test_worker_steps_with_empty_shard),
         cmocka_unit_test(test_abort_waiting_after_half_step),
         cmocka_unit_test(test_checkpoint_restore),
         cmocka_unit_test(test_init_from_values),
