@@ -1214,6 +1214,20 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
     }
     return CM_OK;
 }
+/* The groups the cuts below make of a shard's partitions with limit lim. */
+static int count_groups(const cm_placement *pl, const uint32_t *parts, int nparts, size_t lim) {
+    int n = 1;
+    size_t bytes = 0;
+    for (int k = 0; k < nparts; k++) {
+        size_t b = pl->parts[parts[k]].count * sizeof(float);
+        if (k > 0 && bytes + b > lim) {
+            n++;
+            bytes = 0;
+        }
+        bytes += b;
+    }
+    return n;
+}
 
 int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen) {
     *out = NULL;
@@ -1257,6 +1271,10 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
         if (max > 0) {
             lim = (pl->shard_bytes[s] + PS_CLIENT_MAX_CALLS - 1) / PS_CLIENT_MAX_CALLS;
             if (lim < (size_t)max) lim = (size_t)max;
+            /* Greedy cuts can make up to twice as many groups (partitions
+             * just over half the limit each): raise it until they fit. */
+            while (count_groups(pl, c->parts[s], c->nparts[s], lim) > PS_CLIENT_MAX_CALLS)
+                lim += lim / 4 + 1;
         }
         for (int k = 0; k < c->nparts[s] || k == 0; k++) {
             size_t b = k < c->nparts[s] ? pl->parts[c->parts[s][k]].count * sizeof(float) : 0;

@@ -603,6 +603,36 @@ static void test_client_async_split_one_version(void **state) {
     fx_stop();
 }
 
+/* The calls a client with call_bytes max makes to shard sh: its partitions
+ * in order, cut before one that would take a call past the limit, which is
+ * max or a sixteenth of the shard's bytes, whichever is more, raised by
+ * quarters until there are at most PS_CLIENT_MAX_CALLS calls. */
+static int cut_calls(const cm_placement *pl, int sh, size_t lim) {
+    int n = 0, open = 0;
+    size_t bytes = 0;
+    for (int i = 0; i < pl->nparts; i++) {
+        if (pl->parts[i].shard != sh) continue;
+        size_t b = pl->parts[i].count * sizeof(float);
+        if (!open || bytes + b > lim) {
+            n++;
+            open = 1;
+            bytes = 0;
+        }
+        bytes += b;
+    }
+    return n;
+}
+
+static int shard_calls(const cm_placement *pl, int sh, size_t max) {
+    size_t total = 0;
+    for (int i = 0; i < pl->nparts; i++)
+        if (pl->parts[i].shard == sh) total += pl->parts[i].count * sizeof(float);
+    size_t lim = (total + PS_CLIENT_MAX_CALLS - 1) / PS_CLIENT_MAX_CALLS;
+    if (lim < max) lim = max;
+    while (cut_calls(pl, sh, lim) > PS_CLIENT_MAX_CALLS) lim += lim / 4 + 1;
+    return cut_calls(pl, sh, lim);
+}
+
 /* Clients whose calls carry at most one partition (call_bytes 1: a shard's
  * pushes and pulls go as one call a partition, all at once) train exactly
  * as whole calls do, through push then pull and through push-pull; the
@@ -659,24 +689,7 @@ static void test_client_calls_split(void **state) {
      * its partitions in order, cut where a call would pass 1 byte or a
      * sixteenth of the shard's bytes (PS_CLIENT_MAX_CALLS), whichever is
      * more: here the small partitions (biases) share a call. */
-    int calls = 0;
-    for (int sh = 0; sh < 2; sh++) {
-        size_t total = 0, bytes = 0;
-        for (int i = 0; i < F.pl->nparts; i++)
-            if (F.pl->parts[i].shard == sh) total += F.pl->parts[i].count * sizeof(float);
-        size_t lim = (total + PS_CLIENT_MAX_CALLS - 1) / PS_CLIENT_MAX_CALLS;
-        int open = 0;
-        for (int i = 0; i < F.pl->nparts; i++) {
-            if (F.pl->parts[i].shard != sh) continue;
-            size_t b = F.pl->parts[i].count * sizeof(float);
-            if (!open || bytes + b > lim) {
-                calls++;
-                open = 1;
-                bytes = 0;
-            }
-            bytes += b;
-        }
-    }
+    int calls = shard_calls(F.pl, 0, 1) + shard_calls(F.pl, 1, 1);
     assert_true(calls > 2); /* Split: more calls than shards. */
     ps_client_stats st = stats();
     assert_int_equal(st.pushes, (uint64_t)(4 * 2 * calls));
@@ -1749,6 +1762,48 @@ static void test_long_parked_call_retried_after_restart(void **state) {
     if (ps_ticket_wait(w1, &v1, err, sizeof err) != CM_OK) fail_msg("rank 1: %s", err);
     assert_int_equal(v0, 1);
     assert_int_equal(v1, 1);
+    free(g);
+    free(p0);
+    free(p1);
+    fx_stop();
+}
+
+/* A deep model whose kernels are each just under a call (15 layers of 362
+ * units: 524,176 bytes, one 256 KiB-minimum partition each, and a bias),
+ * on one shard, would be cut into 30 calls by greedy cuts at 512 KiB (a
+ * kernel and its bias are over it): the client raises its limit until a
+ * shard's calls are at most PS_CLIENT_MAX_CALLS (found by a review). */
+static void test_calls_capped_per_shard(void **state) {
+    (void)state;
+    int sizes[CM_MLP_MAX_SIZES];
+    for (int i = 0; i < CM_MLP_MAX_SIZES; i++) sizes[i] = 362;
+    memset(&F, 0, sizeof F);
+    assert_int_equal(cm_model_create_mlp(sizes, CM_MLP_MAX_SIZES, &F.m), CM_OK);
+    assert_int_equal(cm_placement_create(F.m, 1, CM_PLACEMENT_MIN_PART_BYTES, &F.pl), CM_OK);
+    ps_server_cfg sc = {.model = F.m, .placement = F.pl};
+    fx_serve(0, &sc);
+    fx_connect(2000);
+    init_ok();
+    int calls = 0;
+    for (int sh = 0; sh < 1; sh++) {
+        int k = shard_calls(F.pl, sh, PS_CLIENT_CALL_BYTES);
+        assert_true(k >= 1 && k <= PS_CLIENT_MAX_CALLS);
+        /* The case the cap is for: greedy cuts alone make more. */
+        assert_true(cut_calls(F.pl, sh, PS_CLIENT_CALL_BYTES) > PS_CLIENT_MAX_CALLS);
+        calls += k;
+    }
+    size_t n = F.m->numel;
+    float *g = calloc(n, sizeof *g), *p0 = calloc(n, sizeof *p0), *p1 = calloc(n, sizeof *p1);
+    assert_true(g && p0 && p1);
+    ps_ticket *w0 = NULL, *w1 = NULL;
+    char err[512] = "";
+    assert_int_equal(ps_client_push_pull(F.cli[0], 0, g, p0, &w0), CM_OK);
+    assert_int_equal(ps_client_push_pull(F.cli[1], 0, g, p1, &w1), CM_OK);
+    if (ps_ticket_wait(w0, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    if (ps_ticket_wait(w1, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    ps_client_stats st = stats();
+    assert_int_equal(st.pushes, (uint64_t)(2 * calls));
+    expect_same(p0, p1, n);
     free(g);
     free(p0);
     free(p1);
@@ -2920,6 +2975,7 @@ int main(void) {
         cmocka_unit_test(test_shutdown_reaches_restarted_shard),
         cmocka_unit_test(test_long_parked_call_retried_after_restart),
         cmocka_unit_test(test_worker_steps_with_empty_shard),
+        cmocka_unit_test(test_calls_capped_per_shard),
         cmocka_unit_test(test_abort_waiting_after_half_step),
         cmocka_unit_test(test_checkpoint_restore),
         cmocka_unit_test(test_init_from_values),
