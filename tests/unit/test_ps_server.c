@@ -1768,6 +1768,24 @@ static void test_long_parked_call_retried_after_restart(void **state) {
     fx_stop();
 }
 
+/* Step 0 of both workers with zero gradients, push-pull each; the values
+ * each pulled into p[0] and p[1] (n floats, the caller frees them). */
+static void both_step0(float *p[2]) {
+    size_t n = F.m->numel;
+    float *g = calloc(n, sizeof *g);
+    assert_non_null(g);
+    ps_ticket *w[2] = {NULL, NULL};
+    char err[512] = "";
+    for (int r = 0; r < 2; r++) {
+        p[r] = calloc(n, sizeof *p[r]);
+        assert_non_null(p[r]);
+        assert_int_equal(ps_client_push_pull(F.cli[r], 0, g, p[r], &w[r]), CM_OK);
+    }
+    for (int r = 0; r < 2; r++)
+        if (ps_ticket_wait(w[r], NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    free(g);
+}
+
 /* A deep model whose kernels are each just under a call (15 layers of 362
  * units: 524,176 bytes, one 256 KiB-minimum partition each, and a bias),
  * on one shard, would be cut into 30 calls by greedy cuts at 512 KiB (a
@@ -1792,21 +1810,13 @@ static void test_calls_capped_per_shard(void **state) {
         assert_true(cut_calls(F.pl, sh, PS_CLIENT_CALL_BYTES) > PS_CLIENT_MAX_CALLS);
         calls += k;
     }
-    size_t n = F.m->numel;
-    float *g = calloc(n, sizeof *g), *p0 = calloc(n, sizeof *p0), *p1 = calloc(n, sizeof *p1);
-    assert_true(g && p0 && p1);
-    ps_ticket *w0 = NULL, *w1 = NULL;
-    char err[512] = "";
-    assert_int_equal(ps_client_push_pull(F.cli[0], 0, g, p0, &w0), CM_OK);
-    assert_int_equal(ps_client_push_pull(F.cli[1], 0, g, p1, &w1), CM_OK);
-    if (ps_ticket_wait(w0, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
-    if (ps_ticket_wait(w1, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
+    float *p[2];
+    both_step0(p);
     ps_client_stats st = stats();
     assert_int_equal(st.pushes, (uint64_t)(2 * calls));
-    expect_same(p0, p1, n);
-    free(g);
-    free(p0);
-    free(p1);
+    expect_same(p[0], p[1], F.m->numel);
+    free(p[0]);
+    free(p[1]);
     fx_stop();
 }
 
@@ -1818,15 +1828,9 @@ static void test_worker_steps_with_empty_shard(void **state) {
     (void)state;
     fx_start(0);
     init_ok();
-    size_t n = F.m->numel;
-    float *g = calloc(n, sizeof *g), *p0 = calloc(n, sizeof *p0), *p1 = calloc(n, sizeof *p1);
-    assert_true(g && p0 && p1);
-    ps_ticket *w0 = NULL, *w1 = NULL;
+    float *p[2];
+    both_step0(p);
     char err[512] = "";
-    assert_int_equal(ps_client_push_pull(F.cli[0], 0, g, p0, &w0), CM_OK);
-    assert_int_equal(ps_client_push_pull(F.cli[1], 0, g, p1, &w1), CM_OK);
-    if (ps_ticket_wait(w0, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
-    if (ps_ticket_wait(w1, NULL, err, sizeof err) != CM_OK) fail_msg("%s", err);
     int64_t out[4] = {123456789, 123456789, 123456789, 123456789};
     assert_int_equal(ps_client_worker_steps(F.cli[0], out, 4, err, sizeof err), 2);
     assert_int_equal(out[0], 0);
@@ -1843,9 +1847,8 @@ static void test_worker_steps_with_empty_shard(void **state) {
         assert_int_equal(out[0], -1);
         assert_int_equal(out[1], -1);
     }
-    free(g);
-    free(p0);
-    free(p1);
+    free(p[0]);
+    free(p[1]);
     fx_stop();
 }
 
