@@ -518,11 +518,27 @@ static int form_ring(arsync *a, float *params, const wk_rdv_state *st, int64_t t
     wk_ring_listener_destroy(l);
     if (rc != CM_OK) return rc;
     /* The root's replica (and, past step 0, its optimizer state and its
-     * tables) for all. */
+     * tables) for all. The broadcast writes into params and the slots as
+     * it goes: a member that is not the root keeps a copy of its own, put
+     * back if the broadcast fails (the root died in it), so that the next
+     * attempt does not offer a mix of two steps as its state, which a new
+     * root would hand to everyone. The tables are replaced only whole. */
+    size_t nslot = *start > 0 ? (size_t)a->nslots * a->n : 0;
+    float *keep = NULL;
+    if (root != s->member) {
+        keep = cm_malloc((a->n + nslot) * sizeof(float));
+        memcpy(keep, params, a->n * sizeof(float));
+        if (nslot) memcpy(keep + a->n, a->slots, nslot * sizeof(float));
+    }
     rc = wk_ring_broadcast(a->ring, params, a->n, -1, root);
-    if (rc == CM_OK && *start > 0 && a->nslots)
-        rc = wk_ring_broadcast(a->ring, a->slots, (size_t)a->nslots * a->n, -2, root);
+    if (rc == CM_OK && nslot)
+        rc = wk_ring_broadcast(a->ring, a->slots, nslot, -2, root);
     if (rc == CM_OK && *start > 0 && a->rows) rc = broadcast_tables(a, root);
+    if (rc != CM_OK && keep) {
+        memcpy(params, keep, a->n * sizeof(float));
+        if (nslot) memcpy(a->slots, keep + a->n, nslot * sizeof(float));
+    }
+    free(keep);
     if (rc != CM_OK) {
         snprintf(s->err, sizeof s->err, "%s", wk_ring_error(a->ring));
         return rc;
