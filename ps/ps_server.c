@@ -649,7 +649,7 @@ static row_answer *decode_want(ps_server *s, rpc_call *call, Psrpc__Rows *const 
     a->train = train;
     a->rq = cm_calloc(n ? n : 1, sizeof *a->rq);
     a->ids = cm_calloc(n ? n : 1, sizeof *a->ids);
-    size_t total = 0;
+    size_t total = 0, ids_total = 0;
     for (size_t i = 0; i < n; i++) {
         int dim = ps_shard_row_dim(s->shard, want[i]->table);
         size_t k = 0;
@@ -669,6 +669,18 @@ static row_answer *decode_want(ps_server *s, rpc_call *call, Psrpc__Rows *const 
             }
         a->rq[i] = (ps_row_req){.table = want[i]->table, .ids = a->ids[i], .n = k};
         total += k * (size_t)dim;
+        /* The reply carries each id (8 bytes) and its values: one that could
+         * not be sent is refused before its buffer is made (a few bytes of
+         * repeated ids must not cost the PS gigabytes). */
+        size_t limit = (size_t)(s->cfg.max_message ? s->cfg.max_message : RPC_DEFAULT_MAX_MESSAGE);
+        ids_total += k;
+        if (total > limit / sizeof(float) || ids_total > limit / 8 ||
+            total * sizeof(float) + ids_total * 8 > limit) {
+            cm_seterr(err, sizeof err, "the rows asked for (%zu ids, %zu values so far) make a "
+                      "reply over the message limit of %zu bytes: ask in several pulls",
+                      ids_total, total, limit);
+            goto bad;
+        }
     }
     a->vals = cm_alloc_aligned((total ? total : 1) * sizeof(float));
     if (!a->vals) abort();
@@ -2293,12 +2305,6 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     /* Kept: the row store opens when the model comes (an Init, later). */
     if (cfg->data_dir) s->cfg.data_dir = s->own_data_dir = cm_strdup(cfg->data_dir);
     if (cfg->rows_dir) s->cfg.rows_dir = s->own_rows_dir = cm_strdup(cfg->rows_dir);
-    if (cfg->rows_dir && mkdir(cfg->rows_dir, 0700) != 0 && errno != EEXIST) {
-        /* Now, not when the model comes: a bad flag fails at start. */
-        cm_error("cannot create the row store %s: %s", cfg->rows_dir, strerror(errno));
-        ps_server_destroy(s, 0);
-        return CM_EIO;
-    }
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     pthread_mutex_init(&s->ck_mu, NULL);
@@ -2311,11 +2317,17 @@ int ps_server_create(const ps_server_cfg *cfg, ps_server **out) {
     pthread_rwlockattr_destroy(&ga);
     s->gc_floor = -1;
     s->rc_at = s->rc_start = cm_now();
-    if (cfg->model) s->cfg.nshards = cfg->placement->nshards;
+    if (cfg->model && cfg->placement) s->cfg.nshards = cfg->placement->nshards;
     int rc = CM_EINVAL;
     if (s->cfg.nshards < 1 || cfg->shard < 0 || cfg->shard >= s->cfg.nshards ||
         !cfg->model != !cfg->placement) {
         cm_error("PS shard %d of %d: bad server config", cfg->shard, s->cfg.nshards);
+        goto fail;
+    }
+    if (cfg->rows_dir && mkdir(cfg->rows_dir, 0700) != 0 && errno != EEXIST) {
+        /* Now, not when the model comes: a bad flag fails at start. */
+        cm_error("cannot create the row store %s: %s", cfg->rows_dir, strerror(errno));
+        rc = CM_EIO;
         goto fail;
     }
     if (cfg->data_dir && cfg->checkpoint_every > 0) {
@@ -2392,7 +2404,14 @@ int ps_server_wait(ps_server *s, int timeout_ms) {
         int64_t bstep;
         double waited;
         char who[256];
-        if (sh && ps_shard_tick(sh, &bstep, &waited, who, sizeof who))
+        /* Under the gate, as pushes are: a step closing during a Rollback
+         * would publish (and checkpoint) a version of the history being
+         * rolled back, after the rollback dropped the newer checkpoints.
+         * While one runs, this tick is skipped. */
+        int ticked = sh && pthread_rwlock_tryrdlock(&s->gate) == 0;
+        int closed = ticked && ps_shard_tick(sh, &bstep, &waited, who, sizeof who);
+        if (ticked) pthread_rwlock_unlock(&s->gate);
+        if (closed)
             cm_warn("step %lld closed after %.0f ms %s%s (--sync backup): each partition "
                     "averaged over the workers that pushed it", (long long)bstep, waited * 1e3,
                     who[0] ? "without workers " : "with some partitions' gradients missing",

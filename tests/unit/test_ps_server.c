@@ -412,6 +412,14 @@ static void test_create_and_start_errors(void **state) {
     ps_server *s = (ps_server *)1;
     assert_int_equal(ps_server_create(&sc, &s), CM_EINVAL);
     assert_null(s);
+    /* A model without its placement, and a row store that cannot be made:
+     * refused with an error, not a crash. */
+    ps_server_cfg half = {.model = m, .shard = 0};
+    assert_int_equal(ps_server_create(&half, &s), CM_EINVAL);
+    assert_null(s);
+    ps_server_cfg norows = {.model = m, .placement = pl, .rows_dir = "/proc/no/such/dir"};
+    assert_int_equal(ps_server_create(&norows, &s), CM_EIO);
+    assert_null(s);
 
     sc.shard = 0;
     assert_int_equal(ps_server_create(&sc, &s), CM_OK);
@@ -2632,6 +2640,49 @@ static void raw_rows_add(raw_rows *rr, size_t *n, uint32_t table, const uint64_t
     rr->rp[i] = &rr->r[i];
 }
 
+/* A Pull whose wanted rows would make a reply over the message limit (a
+ * few bytes of one id repeated, each asking for a row's values) is refused
+ * before the shard builds it, and the shard stays up: such a reply could
+ * not be sent, and building it cost the PS memory in proportion (found by
+ * a review: a 4 MB request made a 132 MB reply). */
+static void test_sparse_want_over_limit(void **state) {
+    (void)state;
+    memset(&F, 0, sizeof F);
+    F.m = sparse_model();
+    assert_int_equal(cm_placement_create(F.m, 2, SP_MIN_PART, &F.pl), CM_OK);
+    for (int i = 0; i < 2; i++) {
+        ps_server_cfg sc = {.nshards = 2, .max_message = 1 << 20};
+        fx_serve(i, &sc);
+    }
+    fx_connect(2000);
+    sparse_init_ok();
+    uint64_t mine = 0;
+    while (cm_row_shard(0, mine, 2) != 0) mine++;
+    enum { NIDS = 120000 }; /* 960,000 bytes asked; the reply 12 bytes an id at least. */
+    uint64_t *ids = malloc(NIDS * sizeof *ids);
+    assert_non_null(ids);
+    for (int i = 0; i < NIDS; i++) ids[i] = mine;
+    Psrpc__Rows want = PSRPC__ROWS__INIT, *wp = &want;
+    want.table = 0;
+    want.ids.data = (uint8_t *)ids;
+    want.ids.len = NIDS * sizeof *ids;
+    Psrpc__Cluster cl = good_cluster();
+    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+    pr.cluster = &cl;
+    pr.rows_only = 1;
+    pr.n_want = 1;
+    pr.want = &wp;
+    char msg[1024];
+    int code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_INVALID_ARGUMENT, "over the message limit", NULL);
+    /* The same few rows asked once are answered. */
+    want.ids.len = 2 * sizeof *ids;
+    code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    assert_int_equal(code, RPC_OK);
+    free(ids);
+    fx_stop();
+}
+
 /* Malformed sparse requests are INVALID_ARGUMENT, and the server stays up
  * with its version, rows and values as they were. */
 static void test_sparse_malformed_requests(void **state) {
@@ -2979,6 +3030,7 @@ int main(void) {
         cmocka_unit_test(test_long_parked_call_retried_after_restart),
         cmocka_unit_test(test_worker_steps_with_empty_shard),
         cmocka_unit_test(test_calls_capped_per_shard),
+        cmocka_unit_test(test_sparse_want_over_limit),
         cmocka_unit_test(test_abort_waiting_after_half_step),
         cmocka_unit_test(test_checkpoint_restore),
         cmocka_unit_test(test_init_from_values),
