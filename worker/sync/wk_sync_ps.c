@@ -49,7 +49,8 @@
 
 typedef struct psync {
     wk_sync base;
-    int skipped; /* Backup sync: the last step closed without this worker. */
+    int skipped; /* Backup sync: a step closed without this worker... */
+    int64_t skipped_step; /* ...this one: the push the shards refused. */
     wk_sync_ps_cfg cfg;
     cm_placement *pl;
     ps_client *client;
@@ -61,6 +62,7 @@ typedef struct psync {
     wk_grad_hook hook;
     int active;                  /* A step's overlap is in progress. */
     int64_t step;
+    int64_t pend_step;           /* The step whose tickets are pend[]. */
     float *grad, *params, scale;
     uint8_t *announced;          /* Per partition: final (and scaled). */
     uint8_t *sent;               /* Per partition: in a ticket. */
@@ -148,10 +150,13 @@ static void abandon_pending(psync *p) {
 
 /* Backup sync: a push the shards refused because the step closed without
  * this worker (CM_ESKIPPED, from any wait of the step: the step's own, or
- * the next forward pass waiting for its pieces) is a recovery without a
- * rollback: CM_EABORTED, and ps_recover skips ahead to the shards' version. */
-static int skip_as_abort(psync *p, int rc) {
+ * the next forward pass waiting for its pieces, or the end's) is a recovery
+ * without a rollback: CM_EABORTED, and ps_recover skips ahead to the
+ * shards' version after 'step', the step of the refused push (not the step
+ * the trainer was in when the refusal showed: that may be the next one). */
+static int skip_as_abort(psync *p, int rc, int64_t step) {
     if (rc != CM_ESKIPPED) return rc;
+    if (!p->skipped || step < p->skipped_step) p->skipped_step = step;
     p->skipped = 1;
     return CM_EABORTED;
 }
@@ -160,7 +165,8 @@ static int skip_as_abort(psync *p, int rc) {
  * are abandoned and the error returned with its message. */
 static int wait_pend(psync *p, int i) {
     if (!p->pend[i]) return CM_OK;
-    int rc = skip_as_abort(p, ps_ticket_wait(p->pend[i], NULL, p->base.err, sizeof p->base.err));
+    int rc = skip_as_abort(p, ps_ticket_wait(p->pend[i], NULL, p->base.err, sizeof p->base.err),
+                           p->pend_step);
     p->pend[i] = NULL;
     if (rc != CM_OK) abandon_pending(p);
     return rc;
@@ -223,7 +229,8 @@ static const wk_grad_hook *ps_overlap(wk_sync *s, int64_t step, float *grad, flo
  * them ends the wait for all); the first error wins. */
 static int wait_tickets(psync *p) {
     int rc = skip_as_abort(
-        p, ps_tickets_wait(p->tickets, p->ntickets, NULL, p->base.err, sizeof p->base.err));
+        p, ps_tickets_wait(p->tickets, p->ntickets, NULL, p->base.err, sizeof p->base.err),
+        p->step);
     p->ntickets = 0;
     p->active = 0;
     return rc;
@@ -254,6 +261,7 @@ static int overlap_finish(psync *p, wk_sync_times *t) {
         for (int i = 0; i < p->ntickets; i++) {
             if (p->defer[i]) {
                 p->pend[p->npend] = p->tickets[i];
+                p->pend_step = p->step;
                 for (int id = 0; id < p->pl->nparts; id++)
                     if (p->part_ticket[id] == i) p->part_pend[id] = p->npend;
                 p->npend++;
@@ -518,14 +526,15 @@ static int ps_recover(wk_sync *s, int64_t failed_step, int64_t *resume_step, flo
          * shards' newest version (each shard's: they may be a step apart)
          * and its step. */
         p->skipped = 0;
+        int64_t closed = p->skipped_step < failed_step ? p->skipped_step : failed_step;
         ps_ticket *t;
-        int64_t v = failed_step + 1;
+        int64_t v = closed + 1;
         ps_client_pull(p->client, v, params, &t);
         int rc = ps_ticket_wait(t, &v, s->err, sizeof s->err);
         if (rc == CM_OK) rc = quiesce(p, "skipped");
         if (rc != CM_OK) return rc;
         snprintf(s->err, sizeof s->err, "the shards closed step %lld without this worker "
-                 "(--sync backup): skipping to their version %lld", (long long)failed_step,
+                 "(--sync backup): skipping to their version %lld", (long long)closed,
                  (long long)v);
         *resume_step = v;
         return CM_OK;
@@ -959,7 +968,7 @@ static int ps_row_stats(wk_sync *s, ps_client_stats *out) {
  * skip_as_abort). */
 static int ps_step_or_skip(wk_sync *s, int64_t step, float *grad, float *params,
                            wk_sparse_step *sp, wk_sync_times *t) {
-    return skip_as_abort((psync *)s, ps_step(s, step, grad, params, sp, t));
+    return skip_as_abort((psync *)s, ps_step(s, step, grad, params, sp, t), step);
 }
 
 static const wk_sync_ops ps_ops = {.name = "ps",
