@@ -1165,8 +1165,6 @@ int ps_client_worker_steps(ps_client *c, int64_t *out, int max, char *err, size_
         }
         psrpc__stats_reply__free_unpacked(r, NULL);
     }
-    if (c->nshards == 0)
-        for (int w = 0; w < max; w++) out[w] = -1;
     return nw;
 }
 
@@ -1214,20 +1212,6 @@ int ps_client_stats_get(ps_client *c, ps_client_stats *out, char *err, size_t er
     }
     return CM_OK;
 }
-/* The groups the cuts below make of a shard's partitions with limit lim. */
-static int count_groups(const cm_placement *pl, const uint32_t *parts, int nparts, size_t lim) {
-    int n = 1;
-    size_t bytes = 0;
-    for (int k = 0; k < nparts; k++) {
-        size_t b = pl->parts[parts[k]].count * sizeof(float);
-        if (k > 0 && bytes + b > lim) {
-            n++;
-            bytes = 0;
-        }
-        bytes += b;
-    }
-    return n;
-}
 
 int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t errlen) {
     *out = NULL;
@@ -1267,24 +1251,30 @@ int ps_client_open(const ps_client_cfg *cfg, ps_client **out, char *err, size_t 
     c->groups = cm_calloc((size_t)pl->nparts + (size_t)c->nshards, sizeof *c->groups);
     for (int s = 0; s < c->nshards; s++) {
         int g0 = c->ngroups;
-        size_t bytes = 0, lim = 0;
+        size_t lim = 0;
         if (max > 0) {
             lim = (pl->shard_bytes[s] + PS_CLIENT_MAX_CALLS - 1) / PS_CLIENT_MAX_CALLS;
             if (lim < (size_t)max) lim = (size_t)max;
-            /* Greedy cuts can make up to twice as many groups (partitions
-             * just over half the limit each): raise it until they fit. */
-            while (count_groups(pl, c->parts[s], c->nparts[s], lim) > PS_CLIENT_MAX_CALLS)
-                lim += lim / 4 + 1;
         }
-        for (int k = 0; k < c->nparts[s] || k == 0; k++) {
-            size_t b = k < c->nparts[s] ? pl->parts[c->parts[s][k]].count * sizeof(float) : 0;
-            if (c->ngroups == g0 || (lim > 0 && c->groups[c->ngroups - 1].nparts > 0 &&
-                                     bytes + b > lim)) {
-                c->groups[c->ngroups++] = (struct group){.shard = s, .parts = c->parts[s] + k};
-                bytes = 0;
+        /* Greedy cuts can make up to twice PS_CLIENT_MAX_CALLS groups
+         * (partitions just over half the limit each): then the limit is
+         * raised by a quarter and the shard cut again. */
+        for (;;) {
+            size_t bytes = 0;
+            c->ngroups = g0;
+            for (int k = 0; k < c->nparts[s] || k == 0; k++) {
+                size_t b = k < c->nparts[s] ? pl->parts[c->parts[s][k]].count * sizeof(float) : 0;
+                if (c->ngroups == g0 || (lim > 0 && c->groups[c->ngroups - 1].nparts > 0 &&
+                                         bytes + b > lim)) {
+                    c->groups[c->ngroups++] =
+                        (struct group){.shard = s, .parts = c->parts[s] + k};
+                    bytes = 0;
+                }
+                if (k < c->nparts[s]) c->groups[c->ngroups - 1].nparts++;
+                bytes += b;
             }
-            if (k < c->nparts[s]) c->groups[c->ngroups - 1].nparts++;
-            bytes += b;
+            if (lim == 0 || c->ngroups - g0 <= PS_CLIENT_MAX_CALLS) break;
+            lim += lim / 4 + 1;
         }
     }
     rpc_client_opts o = {.max_message = cfg->max_message,

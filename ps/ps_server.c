@@ -649,6 +649,10 @@ static row_answer *decode_want(ps_server *s, rpc_call *call, Psrpc__Rows *const 
     a->train = train;
     a->rq = cm_calloc(n ? n : 1, sizeof *a->rq);
     a->ids = cm_calloc(n ? n : 1, sizeof *a->ids);
+    /* The reply carries each id (8 bytes) and its values: one that could
+     * not be sent is refused before its buffer is made (a few bytes of
+     * repeated ids must not cost the PS gigabytes). */
+    size_t limit = (size_t)(s->cfg.max_message ? s->cfg.max_message : RPC_DEFAULT_MAX_MESSAGE);
     size_t total = 0, ids_total = 0;
     for (size_t i = 0; i < n; i++) {
         int dim = ps_shard_row_dim(s->shard, want[i]->table);
@@ -669,13 +673,8 @@ static row_answer *decode_want(ps_server *s, rpc_call *call, Psrpc__Rows *const 
             }
         a->rq[i] = (ps_row_req){.table = want[i]->table, .ids = a->ids[i], .n = k};
         total += k * (size_t)dim;
-        /* The reply carries each id (8 bytes) and its values: one that could
-         * not be sent is refused before its buffer is made (a few bytes of
-         * repeated ids must not cost the PS gigabytes). */
-        size_t limit = (size_t)(s->cfg.max_message ? s->cfg.max_message : RPC_DEFAULT_MAX_MESSAGE);
         ids_total += k;
-        if (total > limit / sizeof(float) || ids_total > limit / 8 ||
-            total * sizeof(float) + ids_total * 8 > limit) {
+        if (total * sizeof(float) + ids_total * 8 > limit) {
             cm_seterr(err, sizeof err, "the rows asked for (%zu ids, %zu values so far) make a "
                       "reply over the message limit of %zu bytes: ask in several pulls",
                       ids_total, total, limit);

@@ -255,13 +255,13 @@ static int overlap_finish(psync *p, wk_sync_times *t) {
         /* Leave the tickets that carry the first kernel's pieces in flight
          * (see the top of this file); wait for the rest. */
         int keep = 0;
+        p->pend_step = p->step;
         for (int i = 0; i < p->ntickets; i++) p->defer[i] = 0;
         for (int k = 0; k < p->var_nparts[0]; k++)
             p->defer[p->part_ticket[p->var_part0[0] + k]] = 1;
         for (int i = 0; i < p->ntickets; i++) {
             if (p->defer[i]) {
                 p->pend[p->npend] = p->tickets[i];
-                p->pend_step = p->step;
                 for (int id = 0; id < p->pl->nparts; id++)
                     if (p->part_ticket[id] == i) p->part_pend[id] = p->npend;
                 p->npend++;
