@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from window import Window  # noqa: E402  (bench/window.py)
+sys.path.insert(0, os.path.join(HERE, "..", "scripts"))
+from launch import free_ports  # noqa: E402  (outside the ephemeral range)
 
 
 def say(msg):
@@ -103,15 +104,9 @@ def link_bench(tree, prog, exe):
                     "-lzmq", "-lprotobuf", "-o", exe], check=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_pslite(exe, ns, nw, nbytes, iters, warmup, mode, op, timeout):
     """One ps-lite cluster; its result dict (ok False with a reason on failure)."""
-    port = free_port()
+    port = free_ports(1)[0]
     env = dict(os.environ, DMLC_NUM_SERVER=str(ns), DMLC_NUM_WORKER=str(nw),
                DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port),
                DMLC_NODE_HOST="127.0.0.1")

@@ -14,7 +14,6 @@ took during the runs (a busy machine makes the ratio meaningless: the runs are f
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(SRC, "scripts"))
+from launch import free_ports  # noqa: E402  (outside the ephemeral range)
 PY_LOOP = r'''
 import json, sys, time, numpy as np, pstrain
 hosts, n, steps, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 3
@@ -38,14 +39,6 @@ print(json.dumps({"bench": "pst_loop", "impl": "python", "floats": n, "steps": s
 c.shutdown()
 c.close()
 '''
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def busy_ticks():
@@ -75,7 +68,7 @@ def python_with_numpy():
 
 
 def run(impl, build, py, args):
-    port = free_port()
+    port = free_ports(1)[0]
     addr = f"127.0.0.1:{port}"
     ps = subprocess.Popen([os.path.join(build, "bin", "psserver"), "--ps-hosts", addr,
                            "--worker-hosts", "127.0.0.1:1", "--task-index", "0"],

@@ -72,18 +72,49 @@ def retryable(rc):
     return rc < 0 or rc >= 128
 
 
+def ephemeral_range():
+    """The kernel's range for the source ports of outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_ports(n):
-    """n distinct ports that were free a moment ago."""
+    """n distinct ports of 127.0.0.1, free a moment ago, outside the ephemeral range.
+
+    A port the kernel hands out for bind(0) comes from the range it also uses for the
+    source port of every outgoing connection, so between this check and the server's
+    own bind any process's connect() may take it (seen in CI: "address in use" with
+    tests running side by side). Ports below that range are only ever taken by an
+    explicit bind, so the window is closed to everything but another explicit pick."""
+    lo, hi = ephemeral_range()
+    span = (10000, lo) if lo - 10000 >= 4 * n + 1000 else (hi + 1, 65536)
+    if span[1] - span[0] < 4 * n + 100:  # no room outside: the kernel's choice
+        span = None
+    rng = random.SystemRandom()
     socks, ports = [], []
     try:
-        while len(ports) < n:
+        for _ in range(1000 * max(n, 1)):
+            if len(ports) == n:
+                break
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
             socks.append(s)
+            port = rng.randrange(*span) if span else 0
+            if port in ports:
+                continue
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
             ports.append(s.getsockname()[1])
     finally:
         for s in socks:
             s.close()
+    if len(ports) < n:
+        raise RuntimeError(f"found only {len(ports)} of {n} free ports")
     return ports
 
 

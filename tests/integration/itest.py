@@ -1,7 +1,6 @@
 """Helpers shared by the integration scenarios (real processes, bounded in time)."""
 import math
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCH = os.path.join(HERE, "..", "..", "scripts", "launch.py")
 sys.path.insert(0, os.path.dirname(LAUNCH))
-from launch import stop_process  # noqa: E402,F401  (stop a child by PID)
+from launch import free_ports, stop_process  # noqa: E402,F401  (ports; stop a child by PID)
 TIMEOUT = 240
 
 
@@ -55,17 +54,6 @@ def lines_in(path):
             return sum(1 for _ in f)
     except OSError:
         return 0
-
-
-def free_ports(n):
-    """n distinct ports of 127.0.0.1 that were free a moment ago."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def main(doc, scenarios, prefix):

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from itest import LAUNCH, TIMEOUT, check, launch, params, rel_diff, run  # noqa: F401
+from itest import LAUNCH, TIMEOUT, check, free_ports, launch, params, rel_diff, run  # noqa: F401
 
 
 def equivalence(bin_dir, tmp):
@@ -118,14 +118,6 @@ def learns(bin_dir, tmp):
                   l for l in p.stderr.splitlines()[-60:] if "checkpoint of" not in l)))
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def bad_input(bin_dir, tmp):
     pstrain, psserver = os.path.join(bin_dir, "pstrain"), os.path.join(bin_dir, "psserver")
     p = run([pstrain, "--max-steps", "1"], env={"TF_CONFIG": '{"cluster": {"ps": ['},
@@ -137,7 +129,7 @@ def bad_input(bin_dir, tmp):
     p = run([pstrain, "--max-steps", "1"], env={"TF_CONFIG": bad}, expect_ok=False)
     check(p.returncode != 0 and "out of range" in p.stderr, "a task index out of range is refused")
     # A PS that is not there: bounded retries, then an error naming it.
-    port = free_port()
+    port = free_ports(1)[0]
     t0 = time.monotonic()
     p = run([pstrain, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
              "--task-index", "0", "--connect-timeout-ms", "1500", "--train-limit", "1000",
@@ -166,7 +158,7 @@ def bad_input(bin_dir, tmp):
     # psserver takes no model flag: it learns the model from the chief's
     # Initialize, and keeps it in its data directory. Started again there, it
     # refuses a worker of another model, naming both sides, and stays up.
-    port = free_port()
+    port = free_ports(1)[0]
     hosts = ["--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts", "127.0.0.1:1",
              "--task-index", "0"]
     p = run([psserver, *hosts, "--layers", "784,64,10"], expect_ok=False)
@@ -197,7 +189,7 @@ def bad_input(bin_dir, tmp):
     check(ps.returncode == 0, "the PS exits 0 on SIGTERM")
     # D8: a PS started for 2 workers refuses a chief that initialises it for 3 (it used to
     # accept, and the chief then waited 60 s at step 0 for workers that did not exist).
-    port = free_port()
+    port = free_ports(1)[0]
     ps = subprocess.Popen([psserver, "--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts",
                            "127.0.0.1:1,127.0.0.1:2", "--task-index", "0"],
                           stderr=subprocess.PIPE, text=True)
@@ -218,7 +210,7 @@ def bad_input(bin_dir, tmp):
         ps.wait(timeout=20)
     # A sync step whose deadline passes because another worker never pushes names that worker
     # (its rank, address and last step), not only DEADLINE_EXCEEDED (issue 14).
-    port, wport = free_port(), free_port()
+    port, wport = free_ports(1)[0], free_ports(1)[0]
     hosts = ["--ps-hosts", f"127.0.0.1:{port}", "--worker-hosts",
              f"127.0.0.1:1,127.0.0.1:{wport}"]
     ps = subprocess.Popen([psserver, *hosts, "--task-index", "0"], stderr=subprocess.PIPE,
@@ -323,8 +315,8 @@ def stop(ps):
 def restart(bin_dir, tmp):
     pstrain, psserver = os.path.join(bin_dir, "pstrain"), os.path.join(bin_dir, "psserver")
     data = os.path.join(tmp, "ckpt")
-    hosts = ["--ps-hosts", f"127.0.0.1:{free_port()}", "--worker-hosts",
-             f"127.0.0.1:{free_port()}", "--task-index", "0"]
+    hosts = ["--ps-hosts", f"127.0.0.1:{free_ports(1)[0]}", "--worker-hosts",
+             f"127.0.0.1:{free_ports(1)[0]}", "--task-index", "0"]
     log1 = os.path.join(tmp, "ps1.log")
     with open(log1, "w") as f:
         ps = subprocess.Popen([psserver, *hosts, "--data-dir", data, "--checkpoint-every", "5"],
