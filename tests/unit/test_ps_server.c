@@ -30,6 +30,7 @@
 #include "ps/ps_rows.h"
 #include "ps/ps_server.h"
 #include "ps/ps_wire.h"
+#include "tests/unit/tu_port.h"
 #include "storage/st_store.h"
 
 #include "bf16_grads.h"
@@ -145,8 +146,13 @@ static void fx_serve(int i, ps_server_cfg *sc) {
     sc->data_dir = fx_data_dir ? dir : NULL;
     sc->checkpoint_every = fx_every;
     assert_int_equal(ps_server_create(sc, &f->srv[i]), CM_OK);
-    int port = 0;
-    assert_int_equal(ps_server_start(f->srv[i], "127.0.0.1:0", &port), CM_OK);
+    /* Below the ephemeral range (tu_port.h): tests restart shards on it. */
+    int port = 0, rc = CM_EBUSY;
+    for (int k = 0; k < 20 && rc == CM_EBUSY; k++) {
+        snprintf(f->addr[i], sizeof f->addr[i], "127.0.0.1:%d", k < 19 ? tu_free_port() : 0);
+        rc = ps_server_start(f->srv[i], f->addr[i], &port);
+    }
+    assert_int_equal(rc, CM_OK);
     assert_true(port > 0);
     snprintf(f->addr[i], sizeof f->addr[i], "127.0.0.1:%d", port);
     f->addrs[i] = f->addr[i];
