@@ -48,7 +48,7 @@ enum {
     CM_EXIT_OK = 0,
     CM_EXIT_FAILED = 1, /* The run failed (a corrupt store, another model, ...). */
     CM_EXIT_CONFIG = 2, /* Bad arguments or configuration (flags, TF_CONFIG, files). */
-    CM_EXIT_PORT = 3,   /* psserver: its address could not be bound. */
+    CM_EXIT_PORT = 3,   /* An address could not be bound (psserver's, the chief's). */
     CM_EXIT_RETRY = 138 /* An I/O failure while running (a full disk, say): retry. */
 };
 

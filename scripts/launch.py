@@ -63,6 +63,7 @@ import time
 # permanent (a restart as is fails again), 128 and up retryable (signals: 128 + N, which
 # Python reports as -N). psserver exits 3 when it cannot bind its port.
 PORT_TAKEN = 3
+REROLL = "reroll"  # supervise(): the chief's port was taken before anything ran
 EXIT_MEANING = {1: "the run failed", 2: "bad arguments or configuration",
                 3: "its port is taken", 138: "an I/O failure while running"}
 
@@ -386,6 +387,14 @@ class Cluster:
                     say(f"{name} (pid {p.pid}) exited with {what} and is not started again; "
                         "the others go on without it (--sync backup)")
                     self.excused.add(name)
+                elif (rc == PORT_TAKEN and name == "worker 0" and chief_done is None
+                      and not self.restarts and not self.chaos_done):
+                    # Its address (the ring's rendezvous) was taken between the
+                    # pick and its bind: nothing has run yet, so new ports do.
+                    say("the chief could not bind its address (taken meanwhile); "
+                        "restarting the cluster on new ports")
+                    self.stop()
+                    return REROLL
                 elif rc != 0:
                     what = f"signal {-rc}" if rc < 0 else f"status {rc}"
                     if name.startswith("ps ") and not retryable(rc) and rc != PORT_TAKEN:
@@ -568,16 +577,17 @@ def run(args, extra):
     signal.signal(signal.SIGTERM, on_signal)
     try:
         for attempt in range(5):
-            if cluster.start():
-                break
-            say("a PS port was taken meanwhile; restarting on new ports")
-            cluster.stop()
-        else:
-            say("could not bind the PS ports after 5 attempts")
-            return 1
-        say(f"started {args.ps} PS and {args.workers} workers ({args.mode}) on 127.0.0.1 (pids "
-            + ", ".join(f"{n}: {p.pid}" for n, p in cluster.procs) + ")")
-        return cluster.supervise(args.timeout)
+            if not cluster.start():
+                say("a PS port was taken meanwhile; restarting on new ports")
+                cluster.stop()
+                continue
+            say(f"started {args.ps} PS and {args.workers} workers ({args.mode}) on 127.0.0.1 "
+                "(pids " + ", ".join(f"{n}: {p.pid}" for n, p in cluster.procs) + ")")
+            rc = cluster.supervise(args.timeout)
+            if rc != REROLL:
+                return rc
+        say("could not bind the cluster's ports after 5 attempts")
+        return 1
     except BaseException:
         # Whatever went wrong here (a binary that cannot be started, an
         # interrupt), no process of the cluster outlives the launcher.

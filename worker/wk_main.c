@@ -851,7 +851,9 @@ int main(int argc, char **argv) {
     if (status == CM_ESHUTDOWN && r.run_ended) return 0;
     if (status != CM_OK) {
         fprintf(stderr, "pstrain: failed: %s\n", cm_strerror(status));
-        return 1;
+        /* CM_EBUSY comes only from a listener that could not bind (the
+         * chief's rendezvous address): a supervisor may pick new ports. */
+        return status == CM_EBUSY ? CM_EXIT_PORT : CM_EXIT_FAILED;
     }
     if (!r.reported) print_result(&cfg, &r);
     return 0;

@@ -19,13 +19,15 @@
                                          and take the worker back when it returns
   allreduce_mode.py BIN_DIR bad-input    a worker that never joins, a worker killed mid-run
                                          and not replaced: the others fail with a clear error
-                                         naming it in bounded time
+                                         naming it in bounded time; a chief whose address is
+                                         taken exits 3 and the launcher picks new ports
 Every process listens on 127.0.0.1, runs under a timeout, and is stopped by PID.
 """
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,6 +138,40 @@ def bad_input(bin_dir, tmp):
     check(all("not every worker joined" in o for _, o in outs),
           "...and saying not every worker joined" + "".join(f"\n{o}" for _, o in outs
                                                              if "joined" not in o))
+    # The chief's address taken: it exits 3 (CM_EXIT_PORT), naming it.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", free_ports(1)[0]))
+    holder.listen(1)
+    busy = holder.getsockname()[1]
+    hosts = f"127.0.0.1:{busy},127.0.0.1:{free_ports(1)[0]}"
+    p = run([os.path.join(bin_dir, "pstrain"), "--mode", "allreduce", "--worker-hosts", hosts,
+             "--task-index", "0", "--max-steps", "5", "--train-limit", "1000", "--quiet"],
+            expect_ok=False, timeout=60)
+    holder.close()
+    check(p.returncode == 3 and f"cannot listen on 127.0.0.1:{busy}" in p.stderr,
+          f"a chief whose address is taken exits 3, naming it ({p.returncode})"
+          + ("" if p.returncode == 3 else "\n" + p.stderr[-2000:]))
+    # The launcher answers that with new ports: its pstrain here exits 3 the
+    # first time it starts as the chief (as if the port had been taken).
+    fake = os.path.join(tmp, "bin")
+    os.makedirs(fake)
+    mark = os.path.join(tmp, "taken.mark")
+    with open(os.path.join(fake, "pstrain"), "w") as w:
+        w.write(f"""#!/bin/sh
+case "$TF_CONFIG" in
+*'"index": 0'*) [ -e '{mark}' ] || {{ : > '{mark}'; echo 'fake: port taken' >&2; exit 3; }} ;;
+esac
+exec '{os.path.join(os.path.abspath(bin_dir), "pstrain")}' "$@"
+""")
+    os.chmod(os.path.join(fake, "pstrain"), 0o755)
+    os.symlink(os.path.join(os.path.abspath(bin_dir), "psserver"), os.path.join(fake, "psserver"))
+    p = run([sys.executable, LAUNCH, "--bin-dir", fake, "--timeout", "120", "--mode", "allreduce",
+             "--workers", "2", "--max-steps", "5", "--train-limit", "1000", "--quiet"],
+            expect_ok=False)
+    check(p.returncode == 0 and os.path.exists(mark) and
+          "restarting the cluster on new ports" in p.stderr,
+          f"the launcher restarts the cluster on new ports when the chief's was taken "
+          f"({p.returncode})" + ("" if p.returncode == 0 else "\n" + p.stderr[-2000:]))
     # Rank 2 is killed mid-run and nobody starts it again: the others wait
     # --worker-timeout for it, then fail naming it.
     procs = start_workers(bin_dir, 3, [0, 1, 2], ["--rpc-timeout-ms", "3000", "--epochs", "50",
