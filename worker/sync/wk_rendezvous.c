@@ -415,7 +415,7 @@ int wk_rdv_join_state(const char *chief_addr, int rank, int nranks, uint64_t fin
     /* Wait for the chief to come up, then for everyone, within one deadline.
      * A chief that dies while the call waits (UNAVAILABLE: the connection
      * closed) may be started again by its supervisor: join it then. */
-    double deadline = cm_now() + (double)timeout_ms / 1e3;
+    double t0 = cm_now(), deadline = t0 + (double)timeout_ms / 1e3;
     int code;
     for (;;) {
         int64_t left = (int64_t)((deadline - cm_now()) * 1e3);
@@ -434,7 +434,7 @@ int wk_rdv_join_state(const char *chief_addr, int rank, int nranks, uint64_t fin
     }
     if (code != RPC_OK) {
         cm_seterr(err, errlen, "rendezvous at the chief %s failed after %lld ms: %s: %s%s",
-                  chief_addr, (long long)timeout_ms, rpc_status_name(code), msg,
+                  chief_addr, (long long)((cm_now() - t0) * 1e3), rpc_status_name(code), msg,
                   code == RPC_DEADLINE_EXCEEDED ? " (not every worker joined in time)" : "");
         rc = rpc_status_to_cm(code);
         goto out;

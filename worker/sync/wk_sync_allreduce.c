@@ -509,7 +509,9 @@ static int form_ring(arsync *a, float *params, const wk_rdv_state *st, int64_t t
                     (long long)rr.start_step);
         }
         wk_rdv_result_free(&rr);
-    } else if (a->rdv) {
+    } else if (a->rdv && !strstr(s->err, "gave up")) {
+        /* (A rendezvous that gave up has named who joined and who did
+         * not, and forgot them since: its description would say 0.) */
         char m[300];
         wk_rdv_server_describe(a->rdv, m, sizeof m);
         size_t at = strlen(s->err);
