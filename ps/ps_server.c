@@ -1018,6 +1018,16 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         return;
     }
     double t0 = cm_now();
+    if (r->or_final && !r->rows_only) {
+        /* An evaluator that asks before the chief's Initialize comes back
+         * (refused UNAVAILABLE below, it retries): the Shutdown must wait
+         * for it as for one seen later. A training run shorter than its
+         * retry backoff used to end before it was counted, and the
+         * evaluator, having evaluated nothing, failed. */
+        pthread_mutex_lock(&s->mu);
+        if (!s->shard) s->evaluator_seen = 1;
+        pthread_mutex_unlock(&s->mu);
+    }
     pthread_rwlock_rdlock(&s->gate);
     row_answer *ra = NULL;
     if (need_shard(s, call, RPC_UNAVAILABLE) && check_cluster(s, call, r->cluster) &&

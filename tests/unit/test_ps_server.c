@@ -1710,6 +1710,55 @@ static void test_shutdown_request(void **state) {
     fx_stop();
 }
 
+/* An evaluator whose first pull came before the chief's Initialize (refused
+ * UNAVAILABLE; it retries with a backoff up to 1.6 s) is waited for at the
+ * Shutdown like one seen later: a run shorter than the backoff used to stop
+ * the shards first, and the evaluator, which had evaluated nothing, failed
+ * (seen in a fresh-clone run of ps_learns). */
+static void test_evaluator_before_init_waited_for(void **state) {
+    (void)state;
+    static const int sizes[] = {784, 64, 10};
+    memset(&F, 0, sizeof F);
+    assert_int_equal(cm_model_create_mlp(sizes, 3, &F.m), CM_OK);
+    assert_int_equal(cm_placement_create(F.m, 2, MIN_PART, &F.pl), CM_OK);
+    for (int i = 0; i < 2; i++) { /* As psserver starts: the model comes with the Init. */
+        ps_server_cfg sc = {.nshards = 2};
+        fx_serve(i, &sc);
+    }
+    fx_connect(2000);
+    Psrpc__Cluster c0 = good_cluster();
+    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+    pr.cluster = &c0;
+    pr.or_final = 1;
+    pr.min_version = 1;
+    char msg[512];
+    int code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_UNAVAILABLE, "not initialised", NULL);
+    init_ok();
+    char err[512] = "";
+    if (ps_client_shutdown_servers(F.cli[0], "training finished", 0, err, sizeof err) != CM_OK)
+        fail_msg("%s", err);
+    /* Shard 1 never heard of the evaluator: it stops at once. Shard 0
+     * keeps serving for the evaluator's final pull. */
+    assert_int_equal(ps_server_wait(F.srv[1], 2000), 1);
+    assert_int_equal(ps_server_wait(F.srv[0], 300), 0);
+    uint8_t *rep = NULL;
+    size_t rlen = 0;
+    code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, &rep, &rlen);
+    if (code != RPC_OK) fail_msg("the evaluator's pull: %s %s", rpc_status_name(code), msg);
+    Psrpc__PullReply *r = psrpc__pull_reply__unpack(NULL, rlen, rep);
+    free(rep);
+    assert_non_null(r);
+    assert_int_equal(r->version, 0); /* The final version, below min_version. */
+    psrpc__pull_reply__free_unpacked(r, NULL);
+    /* Answered: shard 0 stops now, not at the end of its 3 s grace. */
+    int64_t t0 = now_ms();
+    assert_int_equal(ps_server_wait(F.srv[0], 2000), 1);
+    assert_true(now_ms() - t0 < 1500);
+    assert_non_null(strstr(ps_server_stop_reason(F.srv[0]), "training finished"));
+    fx_stop();
+}
+
 /* D3 (issue 14): a shard being restarted when the chief shuts the cluster
  * down still gets the Shutdown (retried while unavailable). */
 static void *restart_shard1(void *arg) {
@@ -3032,6 +3081,7 @@ int main(void) {
         cmocka_unit_test(test_out_of_step_pushes),
         cmocka_unit_test(test_pull_deadline_then_clean_shutdown),
         cmocka_unit_test(test_shutdown_request),
+        cmocka_unit_test(test_evaluator_before_init_waited_for),
         cmocka_unit_test(test_shutdown_reaches_restarted_shard),
         cmocka_unit_test(test_long_parked_call_retried_after_restart),
         cmocka_unit_test(test_worker_steps_with_empty_shard),
