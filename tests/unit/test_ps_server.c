@@ -177,17 +177,27 @@ static void fx_connect(int64_t connect_ms) {
     cm_model_init(f->m, SEED, f->init);
 }
 
-static void fx_start(int max_message) {
+/* F with the small MLP on 2 shards; their servers configured with the
+ * model (with_model) or, as psserver starts, learning it from the Init. */
+static void fx_start_mlp(int with_model, int max_message, int64_t connect_ms) {
     static const int sizes[] = {784, 64, 10};
     fixture *f = &F;
     memset(f, 0, sizeof *f);
     assert_int_equal(cm_model_create_mlp(sizes, 3, &f->m), CM_OK);
     assert_int_equal(cm_placement_create(f->m, 2, MIN_PART, &f->pl), CM_OK);
     for (int i = 0; i < 2; i++) {
-        ps_server_cfg sc = {.model = f->m, .placement = f->pl, .max_message = max_message};
+        ps_server_cfg sc = {.max_message = max_message, .nshards = 2};
+        if (with_model) {
+            sc.model = f->m;
+            sc.placement = f->pl;
+        }
         fx_serve(i, &sc);
     }
-    fx_connect(2000);
+    fx_connect(connect_ms);
+}
+
+static void fx_start(int max_message) {
+    fx_start_mlp(1, max_message, 2000);
 }
 
 /* Stop everything; the servers must go away promptly. */
@@ -1717,15 +1727,7 @@ static void test_shutdown_request(void **state) {
  * (seen in a fresh-clone run of ps_learns). */
 static void test_evaluator_before_init_waited_for(void **state) {
     (void)state;
-    static const int sizes[] = {784, 64, 10};
-    memset(&F, 0, sizeof F);
-    assert_int_equal(cm_model_create_mlp(sizes, 3, &F.m), CM_OK);
-    assert_int_equal(cm_placement_create(F.m, 2, MIN_PART, &F.pl), CM_OK);
-    for (int i = 0; i < 2; i++) { /* As psserver starts: the model comes with the Init. */
-        ps_server_cfg sc = {.nshards = 2};
-        fx_serve(i, &sc);
-    }
-    fx_connect(2000);
+    fx_start_mlp(0, 0, 2000); /* As psserver starts: the model comes with the Init. */
     Psrpc__Cluster c0 = good_cluster();
     Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
     pr.cluster = &c0;
@@ -1795,15 +1797,7 @@ static void test_shutdown_reaches_restarted_shard(void **state) {
  * waited for it until its deadline). */
 static void test_long_parked_call_retried_after_restart(void **state) {
     (void)state;
-    static const int sizes[] = {784, 64, 10};
-    memset(&F, 0, sizeof F);
-    assert_int_equal(cm_model_create_mlp(sizes, 3, &F.m), CM_OK);
-    assert_int_equal(cm_placement_create(F.m, 2, MIN_PART, &F.pl), CM_OK);
-    for (int i = 0; i < 2; i++) {
-        ps_server_cfg sc = {.model = F.m, .placement = F.pl};
-        fx_serve(i, &sc);
-    }
-    fx_connect(500);
+    fx_start_mlp(1, 0, 500);
     init_ok();
     size_t n = F.m->numel;
     float *g = calloc(n, sizeof *g), *p0 = calloc(n, sizeof *p0), *p1 = calloc(n, sizeof *p1);
