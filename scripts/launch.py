@@ -10,8 +10,9 @@
             [--admin-token-file F]] [pstrain options...]
 
 PS mode starts N psserver processes and N pstrain workers, each with its own
-TF_CONFIG (worker 0 is the chief). Ports are picked free; if a PS finds its
-port taken meanwhile (exit status 3) the whole cluster is restarted on new
+TF_CONFIG (worker 0 is the chief). Ports are picked free, below the kernel's
+ephemeral range; if a PS, or the allreduce chief before anything ran, finds
+its port taken meanwhile (exit status 3) the whole cluster is restarted on new
 ports. The PS processes checkpoint every K versions into DIR/shard-<i> (a
 temporary directory when --checkpoint-dir is not given: removed at the end of
 a run that succeeds, kept and named, to resume from, when one fails). A PS
@@ -96,20 +97,21 @@ def free_ports(n):
     if span[1] - span[0] < 4 * n + 100:  # no room outside: the kernel's choice
         span = None
     rng = random.SystemRandom()
-    socks, ports = [], []
+    socks, ports = [], []  # the picked ones stay bound until all n are found
     try:
         for _ in range(1000 * max(n, 1)):
             if len(ports) == n:
                 break
-            s = socket.socket()
-            socks.append(s)
             port = rng.randrange(*span) if span else 0
             if port in ports:
                 continue
+            s = socket.socket()
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
+                s.close()
                 continue
+            socks.append(s)
             ports.append(s.getsockname()[1])
     finally:
         for s in socks:
@@ -150,6 +152,8 @@ class Cluster:
     def start(self):
         a = self.args
         self.started = time.monotonic()
+        # A fresh start (also after new ports): nothing carried from an attempt before.
+        self.spec, self.restarts, self.excused, self.chaos_done = {}, {}, set(), False
         if a.mode == "allreduce":
             a.ps = 0  # no PS: the workers reduce among themselves
         ports = free_ports(a.ps + a.workers)
@@ -223,6 +227,11 @@ class Cluster:
             time.sleep(0.25)
         self.procs[k] = (name, p)
         return p
+
+    def metrics_port(self):
+        """Whether the workers were given --metrics-listen (a port of the user's)."""
+        return any(a == "--metrics-listen" or a.startswith("--metrics-listen=")
+                   for a in self.extra)
 
     def backup_sync(self):
         """Whether the workers run --sync backup (a dead worker need not stop the run)."""
@@ -303,9 +312,11 @@ class Cluster:
                 p.wait()
         self.procs = []
 
-    def supervise(self, timeout):
-        """0 when every process exits 0; 1 when one fails or time runs out."""
-        start = time.monotonic()
+    def supervise(self, timeout, start=None):
+        """0 when every process exits 0; 1 when one fails or time runs out (timeout
+        seconds from start, by default now); REROLL when the cluster should start again
+        on new ports."""
+        start = time.monotonic() if start is None else start
         chief_done = None
         while True:
             running = 0
@@ -388,9 +399,12 @@ class Cluster:
                         "the others go on without it (--sync backup)")
                     self.excused.add(name)
                 elif (rc == PORT_TAKEN and name == "worker 0" and chief_done is None
+                      and self.args.mode == "allreduce" and not self.metrics_port()
                       and not self.restarts and not self.chaos_done):
-                    # Its address (the ring's rendezvous) was taken between the
-                    # pick and its bind: nothing has run yet, so new ports do.
+                    # Its address (the ring's rendezvous, the one port of ours
+                    # it binds) was taken between the pick and its bind:
+                    # nothing has run yet, so new ports do. (Not with
+                    # --metrics-listen: that port is the user's.)
                     say("the chief could not bind its address (taken meanwhile); "
                         "restarting the cluster on new ports")
                     self.stop()
@@ -576,6 +590,7 @@ def run(args, extra):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        t0 = time.monotonic()  # --timeout covers every attempt
         for attempt in range(5):
             if not cluster.start():
                 say("a PS port was taken meanwhile; restarting on new ports")
@@ -583,7 +598,7 @@ def run(args, extra):
                 continue
             say(f"started {args.ps} PS and {args.workers} workers ({args.mode}) on 127.0.0.1 "
                 "(pids " + ", ".join(f"{n}: {p.pid}" for n, p in cluster.procs) + ")")
-            rc = cluster.supervise(args.timeout)
+            rc = cluster.supervise(args.timeout, t0)
             if rc != REROLL:
                 return rc
         say("could not bind the cluster's ports after 5 attempts")

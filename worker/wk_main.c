@@ -852,7 +852,8 @@ int main(int argc, char **argv) {
     if (status != CM_OK) {
         fprintf(stderr, "pstrain: failed: %s\n", cm_strerror(status));
         /* CM_EBUSY comes only from a listener that could not bind (the
-         * chief's rendezvous address): a supervisor may pick new ports. */
+         * chief's rendezvous address: taken, or, which gRPC does not tell
+         * apart, not local): a supervisor may pick new ports. */
         return status == CM_EBUSY ? CM_EXIT_PORT : CM_EXIT_FAILED;
     }
     if (!r.reported) print_result(&cfg, &r);

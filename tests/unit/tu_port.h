@@ -33,9 +33,12 @@ static inline int tu_free_port(void) {
     }
     static unsigned seed;
     if (!seed) seed = (unsigned)time(NULL) ^ ((unsigned)getpid() << 16);
-    int room = lo - 10000 >= 2000;
+    /* Below the range, else above it (as launch.py's free_ports). */
+    int from = 10000, to = lo;
+    if (to - from < 2000) from = hi + 1, to = 65536;
+    int room = to - from >= 2000;
     for (int k = 0; k < 1000; k++) {
-        int port = room ? 10000 + (int)(rand_r(&seed) % (unsigned)(lo - 10000)) : 0;
+        int port = room ? from + (int)(rand_r(&seed) % (unsigned)(to - from)) : 0;
         int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (fd < 0) return 0;
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),

@@ -287,9 +287,9 @@ int wk_prefetch_next(wk_prefetch *p, wk_batch **out) {
     pthread_mutex_lock(&p->mu);
     /* The caller must release a batch first. */
     assert(p->held < p->max_held);
-    if (p->held >= p->max_held) {
+    if (p->held >= p->max_held) { /* (Not CM_EBUSY: pstrain reads that as a port taken.) */
         pthread_mutex_unlock(&p->mu);
-        return CM_EBUSY;
+        return CM_EINVAL;
     }
     if (p->cfg.on_demand) {
         p->asked++;

@@ -71,7 +71,7 @@ int wk_prefetch_start(const wk_prefetch_cfg *cfg, wk_prefetch **out);
  * that), or the reader's error (e.g. CM_ECORRUPT: too many bad lines; the
  * message is in wk_prefetch_error()). Batches come in step order. At most
  * min(2, depth) batches may be held at a time: asking for more is a bug
- * (it asserts, and returns CM_EBUSY when assertions are off). */
+ * (it asserts, and returns CM_EINVAL when assertions are off). */
 int wk_prefetch_next(wk_prefetch *p, wk_batch **out);
 
 /* Give back the oldest batch held, for reuse. */
