@@ -103,14 +103,15 @@ def learns(bin_dir, tmp):
           "and ends with the parameters of the uninterrupted run, bit for bit")
 
 
-def start_workers(bin_dir, n, ranks, extra):
+def start_workers(bin_dir, n, ranks, extra, log=None):
+    """Ranks of an n-worker ring; with log, rank r's step log is log.<r>."""
     hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(n))
     procs = []
     for r in ranks:
         procs.append(subprocess.Popen(
             [os.path.join(bin_dir, "pstrain"), "--mode", "allreduce", "--worker-hosts", hosts,
-             "--task-index", str(r), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True))
+             "--task-index", str(r), *extra, *(["--log", f"{log}.{r}"] if log else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
 
@@ -174,10 +175,16 @@ exec '{os.path.join(os.path.abspath(bin_dir), "pstrain")}' "$@"
           f"({p.returncode})" + ("" if p.returncode == 0 else "\n" + p.stderr[-2000:]))
     # Rank 2 is killed mid-run and nobody starts it again: the others wait
     # --worker-timeout for it, then fail naming it.
-    procs = start_workers(bin_dir, 3, [0, 1, 2], ["--rpc-timeout-ms", "3000", "--epochs", "50",
+    # (Killed once rank 0 has logged 20 steps, of a run far too long to end
+    # first: a fixed sleep raced the end of the run on a quiet machine.)
+    log = os.path.join(tmp, "killed")
+    procs = start_workers(bin_dir, 3, [0, 1, 2], ["--rpc-timeout-ms", "3000", "--epochs", "5000",
                                                   "--train-limit", "3000", "--quiet",
-                                                  "--worker-timeout", "2"])
-    time.sleep(4.0)
+                                                  "--worker-timeout", "2"], log=log)
+    t0 = time.monotonic()
+    while lines_in(f"{log}.0") < 20 and time.monotonic() - t0 < 60 and \
+            all(p.poll() is None for p in procs):
+        time.sleep(0.01)
     alive = procs[2].poll() is None
     procs[2].send_signal(signal.SIGKILL)
     t0 = time.monotonic()
@@ -185,7 +192,10 @@ exec '{os.path.join(os.path.abspath(bin_dir), "pstrain")}' "$@"
     procs[2].wait()
     took = time.monotonic() - t0
     check(alive and all(rc != 0 for rc, _ in outs),
-          f"a worker killed mid-run: the others exit non-zero ({took:.1f} s after the kill)")
+          f"a worker killed mid-run: the others exit non-zero ({took:.1f} s after the kill)"
+          + ("" if alive and all(rc != 0 for rc, _ in outs) else
+             f"\nrank 2 alive at the kill: {alive}" + "".join(f"\nexit {rc}:\n{o[-3000:]}"
+                                                                for rc, o in outs)))
     check(took < 30, "...within a bounded time")
     check(all("ranks 2 to join again" in o for _, o in outs) and
           all("failed" in o for _, o in outs), "...with an error naming the missing rank"

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from itest import LAUNCH, TIMEOUT, check, free_ports, launch, params, rel_diff, run  # noqa: F401
+from itest import LAUNCH, TIMEOUT, check, free_ports, launch, lines_in, params, rel_diff, run  # noqa: F401,E501
 
 
 def equivalence(bin_dir, tmp):
@@ -248,9 +248,12 @@ def bad_input(bin_dir, tmp):
           "a PS whose port is taken exits with status 3, naming the address")
     # A worker killed mid-run, with no restarts allowed: the launcher names it and stops the
     # rest (ps_recovery worker-kill: with restarts, it rejoins).
+    # (Killed once the chief has logged 20 steps, of a run far too long to end first:
+    # a fixed 1.5 s raced the end of a 5-epoch run on a quiet machine.)
+    log = os.path.join(tmp, "killed.jsonl")
     proc = subprocess.Popen([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "120",
-                             "--epochs", "5", "--quiet", "--train-limit", "20000",
-                             "--max-worker-restarts", "0"],
+                             "--epochs", "500", "--quiet", "--train-limit", "20000",
+                             "--max-worker-restarts", "0", "--log", log],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pids = None
     deadline = time.monotonic() + 60
@@ -263,7 +266,9 @@ def bad_input(bin_dir, tmp):
                         .split(", "))
             break
     check(pids is not None and "worker 1" in pids, "the launcher reports its PIDs")
-    time.sleep(1.5)
+    while lines_in(log) < 20 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    check(proc.poll() is None and lines_in(log) >= 20, "the run trains")
     os.kill(int(pids["worker 1"]), signal.SIGKILL)
     t0 = time.monotonic()
     _, rest = proc.communicate(timeout=60)
