@@ -220,12 +220,12 @@ def sync_end(bin_dir, tmp, ref_params):
     again: worker 1 must not have exited (it waits until every shard has committed
     the run's last version). The run ends bit-identical."""
     d = os.path.join(tmp, "sync-end")
-    # PSTRAIN_TEST_END_DELAY_MS holds the chief 1 s after its last step: the kill lands
-    # there, before the chief's final commit.
+    # PSTRAIN_TEST_END_DELAY_MS holds the chief 3 s after its last step: the kill lands
+    # there, before the chief's final commit (with room for a launcher slow to look).
     p = run([sys.executable, LAUNCH, "--bin-dir", bin_dir, "--timeout", "90", *COMMON,
              "--checkpoint-dir", d, "--chaos-kill", f"{STEPS}:ps0,worker0", "--summary",
              d + ".json", "--params-out", d + ".params", "--verbose"],
-            env={"PSTRAIN_TEST_END_DELAY_MS": "1000"})
+            env={"PSTRAIN_TEST_END_DELAY_MS": "3000"})
     out = p.stdout + p.stderr
     s = summary(d + ".json")
     check("chaos: killed worker 0" in out and "chaos: killed ps 0" in out and

@@ -122,8 +122,11 @@ def auth(bin_dir, probe, tmp):
         check(P(worker, "push", 0, 1.0)["ok"] == 1, "a worker pushes with its token")
         before = P(worker, "pull")
         check(before["ok"] == 1 and before["version"] == 1, "...and pulls version 1")
-        ckpt = P(worker, "checkpoints", -1)
-        check(ckpt["ok"] == 1 and ckpt["committed"] == [1], "version 1 is committed")
+        # (Committed by the shard's writer thread, which the push does not wait for.)
+        ckpt = wait_for("version 1 to be committed", lambda: (
+            lambda c: c if c["ok"] == 1 and c["committed"] else None)(
+                P(worker, "checkpoints", -1)), timeout=30)
+        check(ckpt["committed"] == [1], f"version 1 is committed ({ckpt['committed']})")
         # Every attack, without a token, with a wrong one, and the
         # administrative ones with the workers' token.
         attacks = [

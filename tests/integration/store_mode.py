@@ -220,7 +220,7 @@ def full_disk(bin_dir, tmp):
     try:
         p = run([shard.pstrain, *shard.hosts, "--max-steps", "20", "--train-limit", "3000",
                  "--test-limit", "500", "--threads", "1", "--quiet", "--connect-timeout-ms",
-                 "3000"], expect_ok=False, timeout=120)
+                 "6000"], expect_ok=False, timeout=120)
         proc.wait(timeout=60)
     finally:
         halt(proc)

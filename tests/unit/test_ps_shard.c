@@ -662,7 +662,7 @@ static void test_sync_last_push_applied_exact(void **state) {
 static void test_backup_sync(void **state) {
     fixture *f = *state;
     ps_shard_config c = cfg_make(PS_OPTIM_SGD, 3, PS_SYNC, PS_AGG_MEAN);
-    c.backup_ms = 100;
+    c.backup_ms = 400; /* (The first tick below must come before it, also under load.) */
     init_ok(f, &c);
     float ref[MAXN], got[MAXN];
     initial(f, ref);
@@ -673,10 +673,10 @@ static void test_backup_sync(void **state) {
     assert_int_equal(push_step(f, 1, 0, &v), PS_PUSH_OK);
     assert_int_equal(ps_shard_tick(f->s, &step, &waited, who, sizeof who), 0);
     assert_int_equal(values(f, got), 0); /* Before the deadline: waits for worker 2. */
-    sleep_ms(130);
+    sleep_ms(430);
     assert_int_equal(ps_shard_tick(f->s, &step, &waited, who, sizeof who), 1);
     assert_int_equal(step, 0);
-    assert_true(waited >= 0.1);
+    assert_true(waited >= 0.4);
     assert_string_equal(who, "2");
     ref_sgd_mean(f, ref, 2, 0); /* The mean of workers 0 and 1. */
     assert_int_equal(values(f, got), 1);
