@@ -7,7 +7,8 @@
  *
  * The model is a tiny MLP (4,3) on one shard. Every command prints one JSON
  * line {"cmd":..., "ok":0|1, "status":..., "msg":..., ...} and exits 0 once
- * it has an answer (a refusal is an answer); 2 on a usage error.
+ * it has an answer (a refusal is an answer); 2 on a usage error. push and
+ * pull lines carry "ms", the call's own time (not the process's start).
  */
 #include <getopt.h>
 #include <inttypes.h>
@@ -213,18 +214,22 @@ int main(int argc, char **argv) {
                                             : strtof(args[1], NULL);
         for (size_t i = 0; i < numel; i++) buf[i] = v;
         ps_ticket *t = NULL;
+        double t0 = cm_now();
         rc = ps_client_push(cl, atoll(args[0]), buf, &t);
         if (rc == CM_OK) rc = ps_ticket_wait(t, NULL, err, sizeof err);
-        report(cmd, rc, err, NULL);
+        snprintf(extra, sizeof extra, "\"ms\":%.1f", (cm_now() - t0) * 1e3);
+        report(cmd, rc, err, extra);
     } else if (!strcmp(cmd, "pull") && nargs <= 1) {
         ps_ticket *t = NULL;
         int64_t version = 0;
+        double t0 = cm_now();
         rc = ps_client_pull(cl, nargs ? atoll(args[0]) : 0, buf, &t);
         if (rc == CM_OK) rc = ps_ticket_wait(t, &version, err, sizeof err);
-        double sum = 0;
+        double ms = (cm_now() - t0) * 1e3, sum = 0;
         for (size_t i = 0; i < numel; i++) sum += buf[i];
-        snprintf(extra, sizeof extra, "\"version\":%" PRId64 ",\"sum\":%.9g,\"first\":%.9g",
-                 version, sum, (double)buf[0]);
+        snprintf(extra, sizeof extra,
+                 "\"version\":%" PRId64 ",\"sum\":%.9g,\"first\":%.9g,\"ms\":%.1f", version,
+                 sum, (double)buf[0], ms);
         report(cmd, rc, err, extra);
     } else if (!strcmp(cmd, "checkpoints") && nargs == 1) {
         rc = have_ck ? ps_client_checkpoints(cl, atoll(args[0]), &ck, err, sizeof err)
