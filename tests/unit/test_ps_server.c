@@ -2109,7 +2109,9 @@ static void test_checkpoint_restore(void **state) {
     expect_values(4, 4, ref[4]);
     /* A pull waiting for a version the rollback abandons fails ABORTED. */
     ps_client_pull(F.cli[0], 5, got, &t);
-    sleep_ms(100);
+    for (int k = 0; k < 500 && stats().parked_pulls < 2; k++) /* Parked at both shards. */
+        sleep_ms(10);
+    assert_int_equal(stats().parked_pulls, 2);
     if (ps_client_rollback(F.cli[1], 3, 3, err, sizeof err) != CM_OK) fail_msg("%s", err);
     assert_int_equal(ps_ticket_wait(t, NULL, err, sizeof err), CM_EABORTED);
     assert_non_null(strstr(err, "rolled back"));
