@@ -1018,14 +1018,16 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
         return;
     }
     double t0 = cm_now();
-    if (r->or_final && !r->rows_only) {
-        /* An evaluator that asks before the chief's Initialize comes back
-         * (refused UNAVAILABLE below, it retries): the Shutdown must wait
-         * for it as for one seen later. A training run shorter than its
-         * retry backoff used to end before it was counted, and the
-         * evaluator, having evaluated nothing, failed. */
+    if (r->or_final && !r->rows_only && !r->n_want && !r->n_parts) {
+        /* An evaluator's pull (of this cluster, or before the shard knows
+         * its model) counts at once, also when refused below (before the
+         * chief's Initialize, or during a recovery): it retries, and the
+         * Shutdown must wait for it. A run shorter than its retry backoff
+         * used to end before it was counted, and the evaluator, having
+         * evaluated nothing, failed. */
         pthread_mutex_lock(&s->mu);
-        if (!s->shard) s->evaluator_seen = 1;
+        if (!s->shard || (r->cluster && r->cluster->fingerprint == s->fingerprint))
+            s->evaluator_seen = 1;
         pthread_mutex_unlock(&s->mu);
     }
     pthread_rwlock_rdlock(&s->gate);
@@ -1045,14 +1047,9 @@ static void on_pull(void *ctx, rpc_call *call, const uint8_t *req, size_t len) {
             memcpy(pc->parts, r->parts, r->n_parts * sizeof *pc->parts);
         }
         pc->rows = ra;
-        pc->or_final = r->or_final && !r->rows_only && !ra;
+        pc->or_final = r->or_final && !r->rows_only && !ra; /* (Counted above.) */
         pc->min_version = r->min_version;
         pc->t0 = t0;
-        if (pc->or_final) {
-            pthread_mutex_lock(&s->mu);
-            s->evaluator_seen = 1;
-            pthread_mutex_unlock(&s->mu);
-        }
         if (ra)
             ps_shard_pull_rows(s->shard, r->min_version, ra->rq, ra->n, ra->train, answer_pull,
                                pc);

@@ -1720,6 +1720,29 @@ static void test_shutdown_request(void **state) {
     fx_stop();
 }
 
+/* An evaluator's pull (or_final, of version 1) of the given epoch to shard
+ * 0: the gRPC code, the message in msg, the reply in *rep when rep. */
+static int evaluator_pull(uint64_t epoch, char *msg, size_t msglen, uint8_t **rep,
+                          size_t *rlen) {
+    Psrpc__Cluster c0 = good_cluster();
+    c0.epoch = epoch;
+    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
+    pr.cluster = &c0;
+    pr.or_final = 1;
+    pr.min_version = 1;
+    return raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, msglen, rep, rlen);
+}
+
+/* The chief's Shutdown; then shard 1, which never heard of the evaluator,
+ * stops at once, and shard 0, which did, keeps serving for its final pull. */
+static void shutdown_waits_for_evaluator_at_shard0(void) {
+    char err[512] = "";
+    if (ps_client_shutdown_servers(F.cli[0], "training finished", 0, err, sizeof err) != CM_OK)
+        fail_msg("%s", err);
+    assert_int_equal(ps_server_wait(F.srv[1], 2000), 1);
+    assert_int_equal(ps_server_wait(F.srv[0], 300), 0);
+}
+
 /* An evaluator whose first pull came before the chief's Initialize (refused
  * UNAVAILABLE; it retries with a backoff up to 1.6 s) is waited for at the
  * Shutdown like one seen later: a run shorter than the backoff used to stop
@@ -1728,25 +1751,14 @@ static void test_shutdown_request(void **state) {
 static void test_evaluator_before_init_waited_for(void **state) {
     (void)state;
     fx_start_mlp(0, 0, 2000); /* As psserver starts: the model comes with the Init. */
-    Psrpc__Cluster c0 = good_cluster();
-    Psrpc__PullRequest pr = PSRPC__PULL_REQUEST__INIT;
-    pr.cluster = &c0;
-    pr.or_final = 1;
-    pr.min_version = 1;
     char msg[512];
-    int code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, NULL, NULL);
+    int code = evaluator_pull(0, msg, sizeof msg, NULL, NULL);
     expect_fail(code, msg, RPC_UNAVAILABLE, "not initialised", NULL);
     init_ok();
-    char err[512] = "";
-    if (ps_client_shutdown_servers(F.cli[0], "training finished", 0, err, sizeof err) != CM_OK)
-        fail_msg("%s", err);
-    /* Shard 1 never heard of the evaluator: it stops at once. Shard 0
-     * keeps serving for the evaluator's final pull. */
-    assert_int_equal(ps_server_wait(F.srv[1], 2000), 1);
-    assert_int_equal(ps_server_wait(F.srv[0], 300), 0);
+    shutdown_waits_for_evaluator_at_shard0();
     uint8_t *rep = NULL;
     size_t rlen = 0;
-    code = raw_msg("/psrpc.Ps/Pull", &pr.base, DEADLINE, msg, sizeof msg, &rep, &rlen);
+    code = evaluator_pull(0, msg, sizeof msg, &rep, &rlen);
     if (code != RPC_OK) fail_msg("the evaluator's pull: %s %s", rpc_status_name(code), msg);
     Psrpc__PullReply *r = psrpc__pull_reply__unpack(NULL, rlen, rep);
     free(rep);
@@ -1758,6 +1770,19 @@ static void test_evaluator_before_init_waited_for(void **state) {
     assert_int_equal(ps_server_wait(F.srv[0], 2000), 1);
     assert_true(now_ms() - t0 < 1500);
     assert_non_null(strstr(ps_server_stop_reason(F.srv[0]), "training finished"));
+    fx_stop();
+}
+
+/* The same for an evaluator's pull refused ABORTED (an epoch that is over,
+ * as during a recovery): it retries, so it counts. */
+static void test_evaluator_refused_aborted_waited_for(void **state) {
+    (void)state;
+    fx_start(0);
+    init_ok();
+    char msg[512];
+    int code = evaluator_pull(7, msg, sizeof msg, NULL, NULL);
+    expect_fail(code, msg, RPC_ABORTED, "epoch 7 is over", NULL);
+    shutdown_waits_for_evaluator_at_shard0();
     fx_stop();
 }
 
@@ -3078,6 +3103,7 @@ int main(void) {
         cmocka_unit_test(test_pull_deadline_then_clean_shutdown),
         cmocka_unit_test(test_shutdown_request),
         cmocka_unit_test(test_evaluator_before_init_waited_for),
+        cmocka_unit_test(test_evaluator_refused_aborted_waited_for),
         cmocka_unit_test(test_shutdown_reaches_restarted_shard),
         cmocka_unit_test(test_long_parked_call_retried_after_restart),
         cmocka_unit_test(test_worker_steps_with_empty_shard),
