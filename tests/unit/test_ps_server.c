@@ -200,6 +200,15 @@ static void fx_start(int max_message) {
     fx_start_mlp(1, max_message, 2000);
 }
 
+/* Shard i started again, empty (no data directory), with F's model, on its
+ * address (the one before is gone or destroyed). */
+static void fx_serve_again(int i) {
+    ps_server_cfg sc = {.nshards = 2, .model = F.m, .placement = F.pl, .shard = i};
+    assert_int_equal(ps_server_create(&sc, &F.srv[i]), CM_OK);
+    int port = 0;
+    assert_int_equal(ps_server_start(F.srv[i], F.addr[i], &port), CM_OK);
+}
+
 /* Stop everything; the servers must go away promptly. */
 static void fx_stop(void) {
     fixture *f = &F;
@@ -1791,10 +1800,7 @@ static void test_evaluator_refused_aborted_waited_for(void **state) {
 static void *restart_shard1(void *arg) {
     (void)arg;
     sleep_ms(400);
-    ps_server_cfg sc = {.nshards = 2, .model = F.m, .placement = F.pl, .shard = 1};
-    assert_int_equal(ps_server_create(&sc, &F.srv[1]), CM_OK);
-    int port = 0;
-    assert_int_equal(ps_server_start(F.srv[1], F.addr[1], &port), CM_OK);
+    fx_serve_again(1);
     return NULL;
 }
 
@@ -1831,10 +1837,7 @@ static void test_long_parked_call_retried_after_restart(void **state) {
     assert_int_equal(ps_client_push_pull(F.cli[0], 0, g, p0, &w0), CM_OK);
     sleep_ms(800); /* Parked past connect_timeout_ms: rank 1 has not pushed. */
     destroy_promptly(F.srv[1]);
-    ps_server_cfg sc = {.model = F.m, .placement = F.pl, .shard = 1};
-    assert_int_equal(ps_server_create(&sc, &F.srv[1]), CM_OK);
-    int port = 0;
-    assert_int_equal(ps_server_start(F.srv[1], F.addr[1], &port), CM_OK);
+    fx_serve_again(1);
     ps_init_cfg c = init_cfg();
     char err[512] = "";
     if (ps_client_init(F.cli[1], &c, err, sizeof err) != CM_OK) fail_msg("%s", err);
@@ -1918,10 +1921,7 @@ static void test_worker_steps_with_empty_shard(void **state) {
     assert_int_equal(out[0], 0);
     assert_int_equal(out[1], 0);
     destroy_promptly(F.srv[0]);
-    ps_server_cfg sc = {.model = F.m, .placement = F.pl, .shard = 0};
-    assert_int_equal(ps_server_create(&sc, &F.srv[0]), CM_OK);
-    int port = 0;
-    assert_int_equal(ps_server_start(F.srv[0], F.addr[0], &port), CM_OK);
+    fx_serve_again(0);
     static const int64_t junk[2] = {123456789, -999999};
     for (int k = 0; k < 2; k++) {
         for (int w = 0; w < 4; w++) out[w] = junk[k];

@@ -20,7 +20,7 @@
 #include "common/cm_status.h"
 #include "common/cm_token.h"
 #include "worker/sync/wk_rendezvous.h"
-#include "worker/sync/wk_ring.h"
+#include "tests/unit/tu_port.h"
 
 #define FP 0x1234567890abcdefull
 
@@ -54,13 +54,21 @@ static void start_joiner(joiner *j, const char *chief, int rank, const wk_rdv_st
     assert_int_equal(pthread_create(&j->t, NULL, join_main, j), 0);
 }
 
-/* A local address nothing listens on (bound, then closed). */
+/* A local address nothing listens on, for a chief (tu_port.h). */
 static void free_addr(char *addr, size_t len) {
-    wk_ring_listener *l = NULL;
-    char err[256];
-    assert_int_equal(wk_ring_listen("127.0.0.1", 0, &l, err, sizeof err), CM_OK);
-    snprintf(addr, len, "127.0.0.1:%d", wk_ring_listener_port(l));
-    wk_ring_listener_destroy(l);
+    int port = tu_free_port();
+    assert_true(port > 0);
+    snprintf(addr, len, "127.0.0.1:%d", port);
+}
+
+/* Rank 0 rejoins with st and, after the wait, gets a ring of itself alone
+ * (j->r is the caller's to free). */
+static void expect_chief_alone(joiner *j, const char *chief, const wk_rdv_state *st) {
+    start_joiner(j, chief, 0, st);
+    pthread_join(j->t, NULL);
+    assert_int_equal(j->rc, CM_OK);
+    assert_int_equal(j->r.nranks, 1);
+    assert_int_equal(j->r.members[0], 0);
 }
 
 /* Two ranks join a chief that passes id (len bytes, may be 0). */
@@ -141,11 +149,7 @@ static void test_elastic_generations(void **state) {
     }
     /* Rank 1 is gone: the chief's rejoin forms a ring of 1 after the wait. */
     wk_rdv_state st7 = {.has_state = 1, .step = 7, .rejoin = 1};
-    start_joiner(&j[0], chief, 0, &st7);
-    pthread_join(j[0].t, NULL);
-    assert_int_equal(j[0].rc, CM_OK);
-    assert_int_equal(j[0].r.nranks, 1);
-    assert_int_equal(j[0].r.members[0], 0);
+    expect_chief_alone(&j[0], chief, &st7);
     assert_int_equal(j[0].r.start_step, 7);
     assert_int_equal(j[0].r.generation, 2);
     assert_true(j[0].r.job_id != job1); /* Ranks of ring 1 are refused by ring 2. */
@@ -208,11 +212,7 @@ static void test_gone_join_not_counted(void **state) {
     assert_int_equal(wk_rdv_server_waiting(s), 0);
     /* The survivor alone: a ring of 1 after the wait, not rank 1's address. */
     wk_rdv_state st = {.has_state = 1, .step = 4, .rejoin = 1};
-    start_joiner(&j[0], chief, 0, &st);
-    pthread_join(j[0].t, NULL);
-    assert_int_equal(j[0].rc, CM_OK);
-    assert_int_equal(j[0].r.nranks, 1);
-    assert_int_equal(j[0].r.members[0], 0);
+    expect_chief_alone(&j[0], chief, &st);
     wk_rdv_result_free(&j[0].r);
     wk_rdv_server_destroy(s);
 }

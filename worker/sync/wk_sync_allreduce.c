@@ -509,13 +509,14 @@ static int form_ring(arsync *a, float *params, const wk_rdv_state *st, int64_t t
                     (long long)rr.start_step);
         }
         wk_rdv_result_free(&rr);
-    } else if (a->rdv && !strstr(s->err, "gave up")) {
-        /* (A rendezvous that gave up has named who joined and who did
-         * not, and forgot them since: its description would say 0.) */
+    } else if (a->rdv) {
+        /* Who joined, while the rendezvous still holds Joins (none once
+         * it gave up: its own message named them, and it forgot them). */
         char m[300];
-        wk_rdv_server_describe(a->rdv, m, sizeof m);
-        size_t at = strlen(s->err);
-        snprintf(s->err + at, sizeof s->err - at, ": %s", m);
+        if (wk_rdv_server_describe(a->rdv, m, sizeof m) > 0) {
+            size_t at = strlen(s->err);
+            snprintf(s->err + at, sizeof s->err - at, ": %s", m);
+        }
     }
     wk_ring_listener_destroy(l);
     if (rc != CM_OK) return rc;
